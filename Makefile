@@ -1,0 +1,44 @@
+# Everything (CI included) goes through these targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+PORT_FILE := .mock.port
+
+.PHONY: install run test check format bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pipeline needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast]'
+	@touch $@
+
+install: $(STAMP)
+
+# Start the built-in mock endpoint, run the captioning sample against it, stop the mock.
+run: $(STAMP)
+	@rm -f $(PORT_FILE); rm -rf out/demo-caption; \
+	$(BIN)/pipeline mock --port 0 --port-file $(PORT_FILE) --latency-ms 30 --jitter-ms 60 --quiet & mock=$$!; \
+	trap 'kill $$mock 2>/dev/null; rm -f $(PORT_FILE)' EXIT; \
+	for i in $$(seq 100); do [ -s $(PORT_FILE) ] && break; sleep 0.1; done; \
+	url=http://127.0.0.1:$$(cat $(PORT_FILE))/v1; \
+	echo "Mock endpoint at $$url; running jobs/caption.toml against it"; \
+	$(BIN)/pipeline run jobs/caption.toml --base-url $$url --output out/demo-caption; status=$$?; \
+	echo "Read out/demo-caption/report.md for the usage report."; \
+	exit $$status
+
+check: $(STAMP)
+	$(BIN)/ruff format --check pipeline tests bench
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format pipeline tests bench
+	$(BIN)/ruff check --fix pipeline tests bench
+
+test: check
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

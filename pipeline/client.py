@@ -1,0 +1,234 @@
+"""The only module that speaks HTTP: one aiohttp session, one POST per attempt.
+
+Every answer becomes a `Reply` or one error of `pipeline.errors`; nothing else escapes but
+cancellation. The API key goes into the Authorization header and nowhere else.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import orjson
+
+from pipeline import __version__
+from pipeline.errors import (
+    ConnectionDropped,
+    HTTPStatusError,
+    MalformedResponse,
+    ProviderError,
+    RequestTimeout,
+    RunStopped,
+)
+from pipeline.job import Reply, Request
+from pipeline.sse import StreamAssembler
+
+RATE_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+_ERROR_TEXT_LIMIT = 2000
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` in seconds
+    or as an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def rate_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    if "x-ratelimit-remaining-requests" not in headers and "x-ratelimit-remaining-tokens" not in headers:
+        return None
+    return {k: headers[k] for k in RATE_HEADERS if k in headers}
+
+
+def _error_body(raw: bytes) -> tuple[Any, str]:
+    """The server's error body (parsed when it is JSON) and a one-line message from it."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        text = raw[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")
+        return text, " ".join(text.split())[:300]
+    message = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+        message = message or body.get("message") or body.get("detail")
+    return body, " ".join(str(message or raw[:300].decode("utf-8", "replace")).split())[:300]
+
+
+def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, Any]:
+    """A 200 body is a result only if it is a chat completion without an error in it."""
+    if not isinstance(body, dict):
+        raise MalformedResponse("the answer is not a JSON object", body=body, request_id=request_id)
+    error = body.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        code = error.get("code") if isinstance(error, dict) else None
+        raise ProviderError(
+            f"provider error inside a 200 answer: {message}",
+            provider_code=code,
+            body=body,
+            request_id=request_id,
+        )
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise MalformedResponse(
+            "the answer is not a chat completion: no choices", body=body, request_id=request_id
+        )
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise MalformedResponse(
+                "the answer has a choice that is not an object", body=body, request_id=request_id
+            )
+        if choice.get("finish_reason") == "error":
+            raise ProviderError(
+                "a choice finished with an error", provider_code=None, body=body, request_id=request_id
+            )
+    return body
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self._session = session
+        self._url = f"{base_url}/chat/completions"
+
+    async def complete(self, request: Request) -> Reply:
+        started = time.perf_counter()
+        try:
+            async with self._session.post(self._url, data=request.payload) as resp:
+                request_id = resp.headers.get("x-request-id")
+                if resp.status >= 300:
+                    raw = await resp.content.read(1 << 20)
+                    body, message = _error_body(raw)
+                    raise HTTPStatusError(
+                        f"HTTP {resp.status}: {message}",
+                        status=resp.status,
+                        retry_after=retry_after(resp.headers),
+                        body=body,
+                        request_id=request_id,
+                    )
+                if request.stream:
+                    return await self._read_stream(resp, started, request_id)
+                raw = await resp.read()
+        except TimeoutError:
+            raise RequestTimeout("no complete answer within the timeout") from None
+        except aiohttp.ClientConnectorError as e:
+            raise ConnectionDropped(
+                f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}"
+            ) from None
+        except aiohttp.ClientPayloadError:
+            raise ConnectionDropped("the connection closed in the middle of the answer") from None
+        except aiohttp.ServerDisconnectedError:
+            raise ConnectionDropped("the server closed the connection before answering") from None
+        except aiohttp.ClientError as e:
+            raise ConnectionDropped(f"connection failed: {type(e).__name__}") from None
+        latency = time.perf_counter() - started
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            text = raw[:200].decode("utf-8", "replace")
+            raise MalformedResponse(
+                f"the answer is not JSON: {text!r}", body=text, request_id=request_id
+            ) from None
+        check_completion(body, request_id=request_id)
+        # The body's own bytes go to results.jsonl untouched when they fit on one line.
+        one_line = b"\n" not in raw and b"\r" not in raw
+        return Reply(
+            body=body,
+            raw=raw.strip() if one_line else None,
+            request_id=request_id or body.get("id"),
+            latency=latency,
+        )
+
+    async def _read_stream(
+        self, resp: aiohttp.ClientResponse, started: float, request_id: str | None
+    ) -> Reply:
+        assembler = StreamAssembler()
+        ttft = None
+        try:
+            async for line in resp.content:
+                if assembler.feed_line(line) and ttft is None:
+                    ttft = time.perf_counter() - started
+        except ValueError:
+            raise MalformedResponse("a streamed line is longer than the read buffer") from None
+        body = assembler.completion()
+        return Reply(
+            body=body,
+            raw=None,
+            request_id=request_id or body.get("id"),
+            latency=time.perf_counter() - started,
+            ttft=ttft,
+        )
+
+
+@asynccontextmanager
+async def open_client(
+    base_url: str, *, api_key: str | None, concurrency: int, request_timeout: float
+) -> AsyncIterator[Client]:
+    headers = {"Content-Type": "application/json", "User-Agent": f"pipeline/{__version__}"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=request_timeout),
+        read_bufsize=1 << 20,
+    )
+    try:
+        yield Client(session, base_url)
+    finally:
+        await session.close()
+
+
+async def check_reachable(base_url: str, *, connect_timeout: float = 10.0) -> None:
+    """Fail fast, before any job is sent, when the endpoint's host cannot be reached."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with anyio.fail_after(connect_timeout):
+            stream = await anyio.connect_tcp(host, port)
+            await stream.aclose()
+    except TimeoutError:
+        raise RunStopped(
+            f"cannot reach {host}:{port} within {connect_timeout:.0f}s; check --base-url and the network",
+            code="unreachable",
+        ) from None
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise RunStopped(
+            f"cannot reach {host}:{port} ({reason}); check --base-url and the network",
+            code="unreachable",
+        ) from None

@@ -1,0 +1,114 @@
+"""Every way a run or a request can fail, as one small tree.
+
+    PipelineError
+    ├── SettingsError          the command line or job file is wrong; nothing was sent (exit 2)
+    ├── InputError             one input line cannot become a request (a line in errors.jsonl)
+    ├── RunStopped             the run must stop for a person: key rejected, credits gone,
+    │                          budget reached, endpoint unreachable (exit 3, resumable)
+    └── RequestError           one attempt at one request failed
+        ├── HTTPStatusError    a non-2xx answer; carries the status and the server's error body
+        ├── ProviderError      an `error` object inside a 200 body or a stream chunk,
+        │                      or a choice that finished with reason "error"
+        ├── MalformedResponse  a body that is not a chat completion; a stream cut short
+        ├── InvalidOutput      a completion whose content breaks the job's contract
+        │                      (a verdict that is not valid JSON for its schema)
+        ├── RequestTimeout     no complete answer within the per-request timeout
+        └── ConnectionDropped  the connection failed or closed before the answer was whole
+
+Errors are mapped where the answer arrives (`client`, `verdict`); everything above them
+handles only this tree. Each carries what the retry policy and the error file need:
+`code` (a short stable name), `status`, `retry_after` and the server's `body`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Statuses that say "try again later" rather than "this request is wrong".
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class PipelineError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class SettingsError(PipelineError):
+    """The command line, the job file or the environment is wrong: nothing was sent."""
+
+
+class InputError(PipelineError):
+    """An input line that cannot become a request; `field` names the part at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "invalid_input"):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.code = code
+        self.metadata: Any = None  # the record, when the line was a record
+
+
+class RunStopped(PipelineError):
+    """The run stopped early for a reason a person must deal with; it can be resumed."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestError(PipelineError):
+    """One attempt at one request failed."""
+
+    code = "request_error"
+    transient = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.body = body
+        self.request_id = request_id
+
+
+class HTTPStatusError(RequestError):
+    code = "http_error"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.transient = self.status in TRANSIENT_STATUSES
+
+
+class ProviderError(RequestError):
+    code = "provider_error"
+
+    def __init__(self, message: str, *, provider_code: Any = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.provider_code = provider_code
+        # A numeric code that names a client error (400, 404...) will not get better by
+        # asking again; everything else from upstream (5xx, overloads, timeouts) may.
+        if isinstance(provider_code, int) and 400 <= provider_code < 500:
+            self.transient = provider_code in TRANSIENT_STATUSES
+
+
+class MalformedResponse(RequestError):
+    code = "malformed_response"
+
+
+class InvalidOutput(RequestError):
+    code = "invalid_output"
+
+
+class RequestTimeout(RequestError):
+    code = "timeout"
+
+
+class ConnectionDropped(RequestError):
+    code = "connection_error"

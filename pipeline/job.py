@@ -1,0 +1,69 @@
+"""The nouns that flow through a run: a request in, and exactly one outcome out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Request:
+    """One input line, ready to send."""
+
+    custom_id: str
+    line: int
+    body: dict[str, Any]
+    payload: bytes  # `body` serialised once, sent as is on every attempt
+    metadata: Any = None
+    model: str = ""
+    stream: bool = False
+    prompt_tokens: int = 0  # estimate, for rate limits and budgets
+    max_completion_tokens: int = 0  # worst case over all choices (`max_tokens` times `n`)
+
+    @property
+    def token_estimate(self) -> int:
+        return self.prompt_tokens + self.max_completion_tokens
+
+
+@dataclass(slots=True)
+class Reply:
+    """A chat completion as it came back from the server."""
+
+    body: dict[str, Any]
+    raw: bytes | None  # the body's bytes when they can be copied to the output untouched
+    status: int = 200
+    request_id: str | None = None
+    latency: float = 0.0
+    ttft: float | None = None  # time to first token, streamed requests only
+
+
+@dataclass(slots=True)
+class Success:
+    request: Request
+    reply: Reply
+    attempts: int
+    parsed: Any = None  # a verdict checked against the job's schema
+
+
+@dataclass(slots=True)
+class Failure:
+    """A request that ended failed, or an input line that could not become one."""
+
+    line: int
+    code: str
+    message: str
+    custom_id: str | None = None
+    status: int | None = None
+    body: Any = None
+    request_id: str | None = None
+    attempts: int = 0
+    metadata: Any = None
+    model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_input_error(self) -> bool:
+        return self.attempts == 0
+
+
+Outcome = Success | Failure

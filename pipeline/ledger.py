@@ -1,0 +1,129 @@
+"""The output folder's memory between runs, kept on disk so it never grows in RAM.
+
+`results.jsonl` is the truth about what succeeded; `ledger.sqlite` is its index, plus what
+the results file cannot say. Tables:
+
+- `done`: every custom_id with a line in results.jsonl, up to `results_offset` bytes.
+- `failed`: what errors.jsonl must list (one row per request or input line that ended
+  failed), so the file can be rewritten to list only what is failed now.
+- `seen` (temporary, per run): the ids read so far, to find duplicates in the input.
+- `meta`: the job's fingerprint, `results_offset` and the usage totals of every run.
+
+The index is committed only after the results file is synced up to `results_offset`, so
+after any crash the index is behind the file, never ahead; `reconcile` reads the tail the
+index has not seen yet. A result is therefore never forgotten (paid twice) nor invented.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failed (
+    key TEXT PRIMARY KEY, line INTEGER, kind TEXT, stale INTEGER, record BLOB
+) WITHOUT ROWID;
+"""
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit may be lost on power failure, but the file is never corrupt;
+        # losing a commit only puts the index further behind results.jsonl, which is safe.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA temp_store=FILE")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, line INTEGER)")
+        self._db.execute("BEGIN")
+        self.done_count = self._count("done")
+        self.failed_count = self._count("failed")
+
+    def _count(self, table: str) -> int:
+        row = self._db.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+        finally:
+            self._db.close()
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+
+    # -- meta ------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, orjson.dumps(value)))
+
+    # -- the reader's questions --------------------------------------------------------------
+
+    def is_done(self, custom_id: str) -> bool:
+        if not self.done_count:
+            return False
+        return self._db.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
+
+    def see(self, custom_id: str, line: int) -> int | None:
+        """Note an id read on `line`; if it was read before in this run, the earlier line."""
+        cur = self._db.execute("INSERT OR IGNORE INTO seen (id, line) VALUES (?, ?)", (custom_id, line))
+        if cur.rowcount:
+            return None
+        row = self._db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
+        return int(row[0])
+
+    # -- the writer's records ----------------------------------------------------------------
+
+    def add_done(self, ids: Iterable[str]) -> int:
+        """Index ids as done; returns how many were new."""
+        cur = self._db.executemany("INSERT OR IGNORE INTO done (id) VALUES (?)", ((i,) for i in ids))
+        added = max(cur.rowcount, 0)
+        self.done_count += added
+        return added
+
+    def clear_done(self) -> None:
+        self._db.execute("DELETE FROM done")
+        self.done_count = 0
+
+    def add_failed(self, rows: Iterable[tuple[str, int, str, bytes]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO failed (key, line, kind, stale, record) VALUES (?, ?, ?, 0, ?)",
+            rows,
+        )
+
+    def drop_failed(self, keys: Iterable[str]) -> None:
+        self._db.executemany("DELETE FROM failed WHERE key = ?", ((k,) for k in keys))
+
+    def start_run(self) -> None:
+        """Mark every listed failure as stale until this run meets it again."""
+        self._db.execute("DELETE FROM seen")
+        self._db.execute("UPDATE failed SET stale = 1")
+        self.commit()
+
+    def forget_stale(self, last_line: int) -> None:
+        """After reading up to `last_line`: drop input errors not found again, and
+        request failures whose id is no longer in the input."""
+        self._db.execute("DELETE FROM failed WHERE kind = 'input' AND stale = 1 AND line <= ?", (last_line,))
+        self._db.execute(
+            "DELETE FROM failed WHERE kind = 'request' AND stale = 1 AND line <= ? "
+            "AND key NOT IN (SELECT id FROM seen)",
+            (last_line,),
+        )
+
+    def failures(self) -> Iterator[bytes]:
+        """The error lines errors.jsonl should hold now, in input order."""
+        for (record,) in self._db.execute("SELECT record FROM failed ORDER BY line, key"):
+            yield bytes(record)

@@ -1,0 +1,146 @@
+"""Pacing: requests start evenly spaced at a rate, first come first served.
+
+Two budgets, each a virtual clock in the manner of GCRA (the ATM Forum's generic cell rate
+algorithm): `_next_request` is the earliest time the next request may start, and advances by
+one interval per start; `_next_token` does the same in token units, advanced by each
+request's reserved estimate and moved back or forth by `settle` once the real usage is known.
+A request waits until both clocks and any pool-wide pause allow it.
+
+Waiting is by awaiting: waiters sit in one FIFO queue and one loop timer, set for the exact
+instant the head may go, releases them (after aiolimiter). The queue keeps big requests from
+being starved by small ones. With no limit set and no pause, `acquire` costs one check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+
+class Pacer:
+    def __init__(self, *, rpm: float | None = None, tpm: float | None = None, margin: float = 0.98) -> None:
+        # Pacing a little under the stated limit absorbs the jitter between our clock and the
+        # server's counting window, which would otherwise turn into 429s at the boundaries.
+        self.margin = margin
+        self._request_interval = 0.0
+        self._token_rate = 0.0
+        self._next_request = 0.0
+        self._next_token = 0.0
+        self._paused_until = 0.0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.set_limits(rpm=rpm, tpm=tpm)
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def set_limits(self, *, rpm: float | None, tpm: float | None) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self._request_interval = 60.0 / (rpm * self.margin) if rpm else 0.0
+        self._token_rate = tpm * self.margin / 60.0 if tpm else 0.0
+        self._free = not rpm and not tpm
+        self._reschedule()
+
+    @property
+    def limited(self) -> bool:
+        return not self._free
+
+    # -- the loop's clock ----------------------------------------------------------------------
+
+    def _now(self) -> float:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop.time()
+
+    # -- acquiring -----------------------------------------------------------------------------
+
+    def _ready_at(self, tokens: int) -> float:
+        at = self._paused_until
+        if self._request_interval:
+            at = max(at, self._next_request)
+        if self._token_rate and tokens:
+            at = max(at, self._next_token)
+        return at
+
+    def _take(self, tokens: int, now: float) -> None:
+        # A timer fires a little late; letting the clock catch up by up to one interval
+        # keeps that lateness from adding up into a lower rate.
+        if self._request_interval:
+            self._next_request = (
+                max(self._next_request, now - self._request_interval) + self._request_interval
+            )
+        if self._token_rate and tokens:
+            cost = tokens / self._token_rate
+            self._next_token = max(self._next_token, now - min(cost, 1.0)) + cost
+
+    async def acquire(self, tokens: int = 0) -> None:
+        """Wait for this request's turn; `tokens` is its reserved estimate."""
+        if self._free and not self._paused_until:
+            return
+        now = self._now()
+        if self._paused_until and self._paused_until <= now and not self._waiters:
+            self._paused_until = 0.0
+        if not self._waiters and self._ready_at(tokens) <= now:
+            self._take(tokens, now)
+            return
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append((tokens, future))
+        if len(self._waiters) == 1:
+            self._reschedule()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                # Released, then cancelled before it could start: hand the turn back.
+                self.settle(tokens, 0)
+            raise
+        finally:
+            if self._waiters and self._waiters[0][1] is future:
+                self._reschedule()
+
+    def _release(self) -> None:
+        self._timer = None
+        now = self._now()
+        while self._waiters:
+            tokens, future = self._waiters[0]
+            if future.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if self._ready_at(tokens) > now:
+                break
+            self._waiters.popleft()
+            self._take(tokens, now)
+            future.set_result(None)
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        if not self._waiters or self._loop is None:
+            return
+        at = self._ready_at(self._waiters[0][0])
+        self._timer = self._loop.call_at(at, self._release)
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Correct a token reservation with what the request really used."""
+        if self._token_rate and reserved != used:
+            self._next_token += (used - reserved) / self._token_rate
+            if used < reserved:
+                self._reschedule()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request back for `seconds` (a server's Retry-After for the pool)."""
+        until = self._now() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._reschedule()
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until

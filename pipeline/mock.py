@@ -1,0 +1,545 @@
+"""The built-in OpenAI-compatible endpoint, for demos, tests and the benchmark.
+
+`pipeline mock --port N` serves `POST /v1/chat/completions` (any prefix) with deterministic
+answers: the same messages get the same reply. `usage` is realistic (prompt tokens estimated
+from the text, `cost` at $0.50 / $1.50 per million tokens), `stream: true` answers as SSE,
+`n`, `tools`, `logprobs` and `response_format` with a JSON schema are honoured.
+
+Switches add latency and faults: 5xx, 429 with Retry-After, dropped connections (before the
+answer, or after it was produced, as a real network would), malformed bodies, errors inside a
+200, streams cut short, a request-rate and a token-rate limit counted per second, a key the
+server refuses, credits that run out. Tests start it in-process (`start_mock`); the benchmark
+reads its counters from `GET /mock/stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+PRICE_PROMPT = 0.50  # dollars per million tokens
+PRICE_COMPLETION = 1.50
+WORDS = [
+    "calm",
+    "quiet",
+    "river",
+    "stone",
+    "light",
+    "morning",
+    "field",
+    "green",
+    "warm",
+    "soft",
+    "open",
+    "wide",
+    "slow",
+    "bright",
+    "clear",
+    "deep",
+    "still",
+    "gentle",
+    "broad",
+    "simple",
+]
+
+
+@dataclass
+class MockConfig:
+    latency: float = 0.0  # seconds before answering
+    jitter: float = 0.0  # up to this many seconds more, at random
+    fail_rate: float = 0.0  # 500/502/503
+    rate_429: float = 0.0  # scattered 429s, as an upstream provider sends them
+    retry_after: float = 1.0  # seconds, sent with every 429
+    drop_rate: float = 0.0  # connection closed; half before, half after the answer is made
+    malformed_rate: float = 0.0  # 200 with a body that is not a chat completion
+    error_200_rate: float = 0.0  # 200 with an error object
+    cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
+    rpm: float | None = None  # requests per minute, enforced per one-second window
+    tpm: float | None = None  # tokens per minute (prompt + max_tokens), per one-second window
+    ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
+    api_key: str | None = None  # when set, any other bearer is answered 401
+    credits: int | None = None  # successful answers before every answer is 402
+    cost: bool = True  # report usage.cost
+    script: list[Any] = field(default_factory=list)  # actions taken first, in order
+    record: bool = False  # keep every request body (tests)
+    seed: int = 0
+
+
+@dataclass
+class MockState:
+    config: MockConfig
+    rng: random.Random
+    received: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    answered: Counter[str] = field(default_factory=Counter)  # successes per job (by messages)
+    lost_answers: Counter[str] = field(default_factory=Counter)  # made, then the connection dropped
+    window: int = 0
+    window_requests: int = 0
+    window_tokens: float = 0.0
+    accepted_per_second: Counter[int] = field(default_factory=Counter)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "statuses": dict(self.statuses),
+            "answered": sum(self.answered.values()),
+            "answered_twice": sum(
+                1 for k, v in self.answered.items() if v > 1 and k not in self.lost_answers
+            ),
+            "lost_answers": sum(self.lost_answers.values()),
+            "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+def job_key(body: dict[str, Any]) -> str:
+    return hashlib.blake2b(orjson.dumps(body.get("messages")), digest_size=8).hexdigest()
+
+
+def _text_of(messages: Any) -> str:
+    out = []
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(p.get("text", "") for p in content if isinstance(p, dict))
+    return " ".join(out)
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    count = len(messages) if isinstance(messages, list) else 0
+    return len(_text_of(messages)) // 4 + 4 * count + 3
+
+
+def _instance(schema: Any, h: int, path: str = "") -> Any:
+    """A value that satisfies a (simple) JSON schema, chosen deterministically from `h`."""
+    if not isinstance(schema, dict):
+        return None
+    if schema.get("enum"):
+        return schema["enum"][h % len(schema["enum"])]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        return {k: _instance(v, h >> (i + 1), f"{path}.{k}") for i, (k, v) in enumerate(props.items())}
+    if kind == "array":
+        return [_instance(schema.get("items") or {}, h >> 3, path)]
+    if kind == "boolean":
+        return h % 5 == 0  # about one in five is true, like a flag
+    if kind == "integer":
+        return int(schema.get("minimum", 0)) + h % 5
+    if kind == "number":
+        low = float(schema.get("minimum", 0.0))
+        high = float(schema.get("maximum", low + 1.0))
+        return round(low + (high - low) * ((h % 100) / 100), 2)
+    if kind == "null":
+        return None
+    return f"mock {path.lstrip('.') or 'text'} {h % 1000}"
+
+
+def _content(body: dict[str, Any], h: int, index: int) -> tuple[str, int]:
+    """The reply text for choice `index` and its token count."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or {}
+        text = orjson.dumps(_instance(schema, h + index)).decode()
+        return text, max(len(text) // 4, 1)
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        text = orjson.dumps({"answer": WORDS[h % len(WORDS)]}).decode()
+        return text, max(len(text) // 4, 1)
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 64
+    n_words = max(1, min(int(limit), 12 + (h + index) % 24))
+    words = [WORDS[(h + i * 7 + index) % len(WORDS)] for i in range(n_words)]
+    text = " ".join(words).capitalize() + "."
+    stops = body.get("stop")
+    for stop in stops if isinstance(stops, list) else [stops]:
+        if isinstance(stop, str) and stop and stop in text:
+            text = text[: text.index(stop)]
+    return text, n_words
+
+
+def _tool_call(body: dict[str, Any], h: int) -> dict[str, Any] | None:
+    tools = body.get("tools")
+    choice = body.get("tool_choice", "auto")
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    tool = tools[0]
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        tool = next((t for t in tools if (t.get("function") or {}).get("name") == wanted), tool)
+    function = tool.get("function") or {}
+    arguments = _instance(function.get("parameters") or {"type": "object"}, h) or {}
+    return {
+        "id": f"call_{h % 10**8:08d}",
+        "type": "function",
+        "function": {"name": function.get("name", "tool"), "arguments": orjson.dumps(arguments).decode()},
+    }
+
+
+def completion(body: dict[str, Any], *, cost: bool = True) -> dict[str, Any]:
+    """The deterministic chat completion the mock answers `body` with."""
+    h = int(job_key(body), 16)
+    n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    model = body.get("model")
+    if not model and isinstance(body.get("models"), list) and body["models"]:
+        model = body["models"][0]
+    choices = []
+    completion_tokens = 0
+    tool_call = _tool_call(body, h)
+    for i in range(n):
+        message: dict[str, Any] = {"role": "assistant"}
+        if tool_call is not None:
+            message["content"] = None
+            message["tool_calls"] = [tool_call]
+            completion_tokens += 12
+            reason = "tool_calls"
+        else:
+            text, tokens = _content(body, h, i)
+            message["content"] = text
+            completion_tokens += tokens
+            reason = "stop"
+        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": reason}
+        if body.get("logprobs") and message.get("content"):
+            top = body.get("top_logprobs") or 0
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": word,
+                        "logprob": -0.01 * (j + 1),
+                        "top_logprobs": [{"token": word, "logprob": -0.01 * (j + 1)}] * min(int(top), 1),
+                    }
+                    for j, word in enumerate(message["content"].split()[:8])
+                ]
+            }
+        choices.append(choice)
+    prompt_tokens = estimate_tokens(body)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": prompt_tokens // 2 if h % 4 == 0 else 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+    if cost:
+        usage["cost"] = round((prompt_tokens * PRICE_PROMPT + completion_tokens * PRICE_COMPLETION) / 1e6, 10)
+    return {
+        "id": f"chatcmpl-mock{h % 10**12:012d}",
+        "object": "chat.completion",
+        "created": 1764000000,
+        "model": model or "mock/default",
+        "provider": "mock",
+        "system_fingerprint": f"fp_mock_{body.get('seed', 0)}",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def _chunks(full: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    base = {k: full[k] for k in ("id", "created", "model", "provider")} | {"object": "chat.completion.chunk"}
+    chunks = []
+    for choice in full["choices"]:
+        i = choice["index"]
+        message = choice["message"]
+        chunks.append(
+            {
+                **base,
+                "choices": [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                ],
+            }
+        )
+        if message.get("tool_calls"):
+            call = message["tool_calls"][0]
+            args = call["function"]["arguments"]
+            half = len(args) // 2
+            first = {
+                "index": 0,
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": args[:half]},
+            }
+            chunks.append(
+                {**base, "choices": [{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}]}
+            )
+            rest = {"index": 0, "function": {"arguments": args[half:]}}
+            chunks.append(
+                {**base, "choices": [{"index": i, "delta": {"tool_calls": [rest]}, "finish_reason": None}]}
+            )
+        else:
+            words = (message.get("content") or "").split(" ")
+            step = max(1, math.ceil(len(words) / 4))
+            for j in range(0, len(words), step):
+                piece = " ".join(words[j : j + step]) + (" " if j + step < len(words) else "")
+                delta: dict[str, Any] = {"index": i, "delta": {"content": piece}, "finish_reason": None}
+                if choice.get("logprobs") and j == 0:
+                    delta["logprobs"] = choice["logprobs"]
+                chunks.append({**base, "choices": [delta]})
+        chunks.append(
+            {**base, "choices": [{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}]}
+        )
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": full["usage"]})
+    return chunks
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "type": kind, "code": status}})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+async def _drop(request: web.Request) -> web.StreamResponse:
+    """Close the connection without a whole answer."""
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "application/json", "Content-Length": "4096"}
+    )
+    await response.prepare(request)
+    await response.write(b'{"id": "chatcmpl-dropped", "choi')
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return response
+
+
+class MockServer:
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.state = MockState(config=config, rng=random.Random(config.seed))
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{prefix:.*}chat/completions", self.chat)
+        app.router.add_get("/mock/stats", self.stats)
+        app.router.add_get("/{prefix:.*}models", self.models)
+        return app
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.state.stats()), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = {"object": "list", "data": [{"id": "mock/default", "object": "model"}]}
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+    def _rate_limited(self, body: dict[str, Any]) -> float | None:
+        """Seconds to the next window when this request is over a limit, else None."""
+        cfg, st = self.config, self.state
+        now = time.time()
+        second = int(now)
+        if second != st.window:
+            st.window, st.window_requests, st.window_tokens = second, 0, 0.0
+        wait = max(second + 1 - now, 0.001)
+        if cfg.rpm and st.window_requests + 1 > cfg.rpm / 60:
+            return wait
+        cost = estimate_tokens(body) + int(
+            body.get("max_tokens") or body.get("max_completion_tokens") or 0
+        ) * int(body.get("n") or 1)
+        if cfg.tpm and st.window_tokens + cost > cfg.tpm / 60 and st.window_tokens > 0:
+            return wait
+        st.window_requests += 1
+        st.window_tokens += cost
+        st.accepted_per_second[second] += 1
+        return None
+
+    def _ratelimit_headers(self) -> dict[str, str]:
+        cfg, st = self.config, self.state
+        headers: dict[str, str] = {}
+        if cfg.rpm:
+            per_second = int(cfg.rpm / 60)
+            headers["x-ratelimit-limit-requests"] = str(int(cfg.rpm))
+            headers["x-ratelimit-remaining-requests"] = str(max(per_second - st.window_requests, 0))
+            headers["x-ratelimit-reset-requests"] = f"{max(st.window + 1 - time.time(), 0):.3f}s"
+        if cfg.tpm:
+            headers["x-ratelimit-limit-tokens"] = str(int(cfg.tpm))
+            headers["x-ratelimit-remaining-tokens"] = str(max(int(cfg.tpm / 60 - st.window_tokens), 0))
+            headers["x-ratelimit-reset-tokens"] = f"{max(st.window + 1 - time.time(), 0):.3f}s"
+        return headers
+
+    def _pick(self) -> str | None:
+        cfg, rng = self.config, self.state.rng
+        if cfg.script:
+            action = cfg.script.pop(0)
+            return None if action in (200, "ok") else str(action)
+        roll = rng.random()
+        for name, rate in (
+            ("500", cfg.fail_rate),
+            ("429", cfg.rate_429),
+            ("drop", cfg.drop_rate),
+            ("malformed", cfg.malformed_rate),
+            ("error200", cfg.error_200_rate),
+            ("cut", cfg.cut_stream_rate),
+        ):
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        st = self.state
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        try:
+            response = await self._chat(request)
+        finally:
+            st.in_flight -= 1
+        return response
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        st, cfg = self.state, self.config
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            st.statuses["400"] += 1
+            return _error(400, "the body is not JSON", "invalid_request_error")
+        if cfg.record:
+            st.received.append(body)
+            st.headers.append(dict(request.headers))
+        if cfg.api_key is not None and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
+            st.statuses["401"] += 1
+            return _error(401, "Incorrect API key provided", "authentication_error")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+            st.statuses["400"] += 1
+            return _error(400, "'messages' is required", "invalid_request_error")
+        if cfg.credits is not None and sum(st.answered.values()) >= cfg.credits:
+            st.statuses["402"] += 1
+            return _error(402, "Insufficient credits", "payment_required")
+        if cfg.latency or cfg.jitter:
+            await asyncio.sleep(cfg.latency + (st.rng.random() * cfg.jitter if cfg.jitter else 0.0))
+        wait = self._rate_limited(body) if (cfg.rpm or cfg.tpm) else None
+        if wait is not None:
+            st.statuses["429"] += 1
+            return _error(429, "Rate limit reached", "rate_limit_error", {"Retry-After": f"{wait:.3f}"})
+        action = self._pick()
+        if action is not None and action.isdigit():
+            st.statuses[action] += 1
+            headers = {"Retry-After": f"{cfg.retry_after:g}"} if action == "429" else None
+            kind = "rate_limit_error" if action == "429" else "server_error"
+            return _error(int(action), f"mock fault {action}", kind, headers)
+        if action == "timeout":
+            await asyncio.sleep(3600)
+        key = job_key(body)
+        if action == "drop":
+            st.statuses["drop"] += 1
+            if st.rng.random() < 0.5:
+                # The answer was made (and would be billed) but never reaches the client.
+                st.answered[key] += 1
+                st.lost_answers[key] += 1
+            return await _drop(request)
+        if action == "malformed":
+            st.statuses["malformed"] += 1
+            bad = (
+                b'{"id": "chatcmpl-bad", "choices": [{"index": 0, "mess'
+                if st.rng.random() < 0.5
+                else b'{"object": "list", "data": []}'
+            )
+            return web.Response(body=bad, content_type="application/json")
+        if action == "error200":
+            st.statuses["error200"] += 1
+            err = {"error": {"message": "upstream provider overloaded", "code": 502}}
+            return web.Response(body=orjson.dumps(err), content_type="application/json")
+        full = completion(body, cost=cfg.cost)
+        headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
+        headers["x-request-id"] = f"req-{key}"
+        if body.get("stream") is True:
+            return await self._stream(request, body, full, headers, key, cut=action == "cut")
+        st.statuses["200"] += 1
+        st.answered[key] += 1
+        return web.Response(body=orjson.dumps(full), content_type="application/json", headers=headers)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        full: dict[str, Any],
+        headers: dict[str, str],
+        key: str,
+        *,
+        cut: bool,
+    ) -> web.StreamResponse:
+        st = self.state
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+        )
+        await response.prepare(request)
+        await response.write(b": OPENROUTER PROCESSING\n\n")
+        chunks = _chunks(full, include_usage)
+        if cut:
+            chunks = chunks[: max(len(chunks) // 2, 1)]
+        for chunk in chunks:
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if cut:
+            st.statuses["cut"] += 1
+        else:
+            await response.write(b"data: [DONE]\n\n")
+            st.statuses["200"] += 1
+            st.answered[key] += 1
+        await response.write_eof()
+        return response
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1])
+
+
+def _write_port_file(path: str, port: int) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
+
+
+@asynccontextmanager
+async def start_mock(
+    config: MockConfig | None = None, *, port: int = 0
+) -> AsyncIterator[tuple[str, MockServer]]:
+    """Serve the mock on 127.0.0.1 inside the running loop; yields its base URL and itself."""
+    server = MockServer(config or MockConfig())
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    await site.start()
+    bound = _bound_port(site)
+    try:
+        yield f"http://127.0.0.1:{bound}/v1", server
+    finally:
+        await runner.cleanup()
+
+
+async def serve(
+    config: MockConfig, *, host: str, port: int, port_file: str | None = None, quiet: bool = False
+) -> None:
+    server = MockServer(config)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=True, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = _bound_port(site)
+    if port_file:
+        _write_port_file(port_file, bound)
+    if not quiet:
+        print(f"mock endpoint listening on http://{host}:{bound}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

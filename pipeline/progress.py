@@ -1,0 +1,105 @@
+"""What a person sees while a run goes: a bar on a terminal, else a log line now and then.
+
+Progress is read from the counters a few times a second (a bar) or once a `progress_interval`
+(a log line for cron and CI), never updated per request: the hot path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Never, TextIO
+
+import anyio
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from pipeline.reader import ReadCounts
+    from pipeline.settings import Settings
+    from pipeline.usage import Usage
+    from pipeline.writer import Writer
+
+BAR_REFRESH = 0.25  # seconds
+
+
+def money(value: float | None) -> str:
+    return "cost not reported" if value is None else f"${value:,.4f}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    def __init__(
+        self,
+        settings: Settings,
+        counts: ReadCounts,
+        writer: Writer,
+        usage: Usage,
+        *,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.counts = counts
+        self.writer = writer
+        self.usage = usage
+        self.stream = stream or sys.stderr
+        self.interval = settings.progress_interval
+        self.bar: tqdm[Never] | None = None
+        if not settings.quiet and self.stream.isatty():
+            self.bar = tqdm(total=None, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.05)
+        self.started = time.monotonic()
+        self._cost_before = usage.totals().cost
+        self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
+
+    def done(self) -> int:
+        return self.counts.empty + self.counts.skipped + self.writer.written
+
+    def _figures(self) -> tuple[int, int, float | None]:
+        total = self.usage.totals()
+        failed = self.usage.outcomes.get("failed", 0) + self.usage.outcomes.get("invalid_input", 0)
+        cost = total.cost - self._cost_before if (total.with_cost or total.priced) else None
+        return total.total_tokens, failed - self._failed_before, cost
+
+    def line(self) -> str:
+        done, total = self.done(), self.counts.total
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.writer.written / elapsed
+        tokens, failed, cost = self._figures()
+        of = f"{done:,} of {total:,} done ({done / total:.0%})" if total else f"{done:,} done"
+        eta = ""
+        if total and rate > 0 and done < total:
+            eta = f" | about {duration((total - done) / rate)} left"
+        return (
+            f"pipeline: {of} | {rate:,.1f} req/s | {failed:,} failed | {tokens:,} tokens | {money(cost)}{eta}"
+        )
+
+    async def tick(self) -> None:
+        if self.bar is not None:
+            while True:
+                await anyio.sleep(BAR_REFRESH)
+                self._refresh_bar()
+        else:
+            while True:
+                await anyio.sleep(self.interval)
+                print(self.line(), file=self.stream, flush=True)
+
+    def _refresh_bar(self) -> None:
+        bar = self.bar
+        assert bar is not None
+        if self.counts.total is not None and bar.total != self.counts.total:
+            bar.total = self.counts.total
+        tokens, failed, cost = self._figures()
+        bar.set_postfix_str(f"{tokens:,} tokens, {failed:,} failed, {money(cost)}", refresh=False)
+        bar.update(self.done() - bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self._refresh_bar()
+            self.bar.close()
+            self.bar = None

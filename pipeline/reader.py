@@ -1,0 +1,319 @@
+"""Stream the input file, one line at a time, into requests or input errors.
+
+Three line shapes are accepted (DESIGN.md): an OpenAI Batch API line, a bare request body,
+or, when the job has a `[template]`, a record rendered through it. Every body parameter is
+passed on untouched, unknown ones too. A line without an id gets one derived from its bytes,
+so the same line gets the same id on every run (the n-th identical line gets a `-n` suffix).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import orjson
+from anyio.streams.memory import MemoryObjectSendStream
+
+from pipeline.errors import InputError, SettingsError
+from pipeline.job import Failure, Outcome, Request
+from pipeline.ledger import Ledger
+from pipeline.settings import Settings
+from pipeline.template import Template, compile_template
+from pipeline.tokens import TokenEstimator, max_completion_tokens
+
+BATCH_URL = "/v1/chat/completions"
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
+_NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+_BOOL_FIELDS = ("stream", "logprobs")
+
+
+def open_input(path: Path) -> IO[bytes]:
+    """Open the input for reading, gzip or plain; a missing file is a settings error."""
+    try:
+        if path.is_dir():
+            raise SettingsError(f"input {str(path)!r} is a folder; pass a .jsonl or .jsonl.gz file")
+        f: IO[bytes] = path.open("rb")
+        if f.read(2) == b"\x1f\x8b":
+            f.close()
+            return gzip.open(path, "rb")  # type: ignore[return-value]
+        f.seek(0)
+        return f
+    except FileNotFoundError:
+        raise SettingsError(f"input file {str(path)!r} not found; check --input or the job's input") from None
+    except PermissionError:
+        raise SettingsError(f"input file {str(path)!r} cannot be read: permission denied") from None
+
+
+def count_lines(path: Path) -> int:
+    """Lines in the input, for the progress bar's total; reads in blocks, never whole."""
+    n = 0
+    last = b"\n"
+    with open_input(path) as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with open_input(path) as f:
+        yield from enumerate(f, 1)
+
+
+def _load(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as u:
+            raise InputError(
+                f"bytes at column {u.start + 1} are not UTF-8; save the file as UTF-8",
+                code="not_utf8",
+            ) from None
+        try:
+            # orjson refuses integers beyond 64 bits; the standard library does not.
+            return json.loads(text)
+        except ValueError:
+            raise InputError(f"not valid JSON: {e.msg} at column {e.colno}", code="not_json") from None
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false"}.get(
+        type(value), "null" if value is None else f"a {type(value).__name__}"
+    )
+
+
+def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse what the server would refuse for sure, and say which field and why."""
+    messages = body.get("messages")
+    if messages is None:
+        raise InputError(
+            f"no '{prefix}messages': each request needs a list of messages", field=f"{prefix}messages"
+        )
+    if not isinstance(messages, list) or not messages:
+        what = "empty" if messages == [] else _type_name(messages)
+        raise InputError(
+            f"'{prefix}messages' is {what}; it must be a non-empty list of {{role, content}} objects",
+            field=f"{prefix}messages",
+        )
+    for i, message in enumerate(messages):
+        where = f"{prefix}messages[{i}]"
+        if not isinstance(message, dict):
+            raise InputError(
+                f"'{where}' is {_type_name(message)}; it must be an object with a role", field=where
+            )
+        if not isinstance(message.get("role"), str):
+            raise InputError(f"'{where}.role' is missing or not a string", field=f"{where}.role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InputError(
+                f"'{where}.content' is {_type_name(content)}; it must be a string or a list of parts",
+                field=f"{where}.content",
+            )
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InputError(f"'{prefix}model' must be a string, not {_type_name(model)}", field=f"{prefix}model")
+    for key in _INT_FIELDS:
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InputError(f"'{prefix}{key}' must be a whole number, not {value!r}", field=f"{prefix}{key}")
+    for key in _NUMBER_FIELDS:
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise InputError(f"'{prefix}{key}' must be a number, not {value!r}", field=f"{prefix}{key}")
+    for key in _BOOL_FIELDS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"'{prefix}{key}' must be true or false, not {value!r}", field=f"{prefix}{key}")
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A line turned into a body, before ids are checked against the run's ledger."""
+
+    body: dict[str, Any]
+    custom_id: str | None
+    metadata: Any
+
+
+class LineParser:
+    """Turns one raw input line into a `Request`, or raises `InputError`."""
+
+    def __init__(self, settings: Settings, *, estimate_tokens: bool) -> None:
+        self.defaults = dict(settings.request)
+        self.default_model = settings.default_model
+        self.template: Template | None = None
+        if settings.template is not None:
+            self.template = compile_template(settings.template, where=str(settings.job_file))
+        self.base = settings.input.parent
+        self.estimator = TokenEstimator() if estimate_tokens else None
+
+    def _shape(self, obj: dict[str, Any]) -> Parsed:
+        if self.template is not None:
+            try:
+                messages, custom_id = self.template.render(obj, self.base)
+            except InputError as e:
+                name = obj.get("custom_id", obj.get("id"))
+                if name is not None:
+                    e.message = f"record {name!r}: {e.message}"
+                e.metadata = obj
+                raise
+            if custom_id is None:
+                custom_id = obj.get("custom_id", obj.get("id"))
+            return Parsed({"messages": messages}, custom_id, obj)
+        if "body" in obj and ("url" in obj or "method" in obj or "custom_id" in obj):
+            url = obj.get("url")
+            if url != BATCH_URL:
+                raise InputError(f"Batch line for url {url!r}; only {BATCH_URL} is supported", field="url")
+            method = obj.get("method", "POST")
+            if method != "POST":
+                raise InputError(f"Batch line with method {method!r}; only POST is supported", field="method")
+            body = obj["body"]
+            if not isinstance(body, dict):
+                raise InputError(f"'body' is {_type_name(body)}; it must be a request object", field="body")
+            check_body(body, "body.")
+            return Parsed(body, obj.get("custom_id"), obj.get("metadata"))
+        if "messages" not in obj:
+            raise InputError(
+                "no 'messages': a line must be a request body, an OpenAI Batch line, "
+                "or a record for a job file with a [template]",
+                field="messages",
+            )
+        check_body(obj)
+        custom_id = obj.pop("custom_id", None)
+        return Parsed(obj, custom_id, obj.get("metadata"))
+
+    def parse(self, raw: bytes) -> Parsed:
+        obj = _load(raw)
+        if not isinstance(obj, dict):
+            raise InputError(f"line is {_type_name(obj)}, not a JSON object", code="not_object")
+        parsed = self._shape(obj)
+        custom_id = parsed.custom_id
+        if custom_id is not None:
+            if isinstance(custom_id, int) and not isinstance(custom_id, bool):
+                custom_id = str(custom_id)
+            if not isinstance(custom_id, str) or not custom_id:
+                raise InputError(
+                    f"custom_id must be a non-empty string, not {custom_id!r}", field="custom_id"
+                )
+            parsed.custom_id = custom_id
+        return parsed
+
+    def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
+        body = parsed.body
+        if self.defaults:
+            body = {**self.defaults, **body}
+        model = body.get("model") or self.default_model
+        if not model:
+            raise InputError(
+                'no model: add "model" to the line, or set model in the job file or with --model',
+                field="model",
+            )
+        if "model" not in body:
+            body = {"model": model, **body}
+        stream = body.get("stream") is True
+        if stream:
+            options = body.get("stream_options")
+            if not isinstance(options, dict) or "include_usage" not in options:
+                # Without it a streamed reply carries no usage, and the run cannot be costed.
+                body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+        request = Request(
+            custom_id=custom_id,
+            line=line,
+            body=body,
+            payload=orjson.dumps(body),
+            metadata=parsed.metadata,
+            model=str(model),
+            stream=stream,
+        )
+        if self.estimator is not None:
+            request.prompt_tokens = self.estimator.prompt_tokens(body)
+            request.max_completion_tokens = max_completion_tokens(body)
+        return request
+
+
+def stable_id(raw: bytes) -> str:
+    return "line-" + hashlib.blake2b(raw.strip(), digest_size=8).hexdigest()
+
+
+def input_failure(
+    error: InputError, *, line: int, custom_id: str | None = None, metadata: Any = None
+) -> Failure:
+    return Failure(
+        line=line,
+        code=error.code,
+        message=error.message,
+        custom_id=custom_id,
+        metadata=metadata,
+        extra={"field": error.field} if error.field else {},
+    )
+
+
+@dataclass(slots=True)
+class ReadCounts:
+    total: int | None = None  # lines in the file, once counted
+    read: int = 0  # lines read so far
+    empty: int = 0
+    skipped: int = 0  # already in results.jsonl from an earlier run
+    finished: bool = False  # the whole file was read
+
+
+async def feed(
+    path: Path,
+    parser: LineParser,
+    ledger: Ledger,
+    requests: MemoryObjectSendStream[Request],
+    failures: MemoryObjectSendStream[Outcome],
+    counts: ReadCounts,
+) -> None:
+    """Send every line that is still to do as a request, and every bad line as a failure.
+    Stops early when the receiving side closes (the run stopped dispatching)."""
+    async with requests, failures:
+        for number, raw in lines(path):
+            counts.read = number
+            if not raw.strip():
+                counts.empty += 1
+                continue
+            custom_id: str | None = None
+            parsed: Parsed | None = None
+            try:
+                parsed = parser.parse(raw)
+                custom_id = parsed.custom_id
+                if custom_id is None:
+                    custom_id = stable_id(raw)
+                    n = 1
+                    while ledger.see(custom_id if n == 1 else f"{custom_id}-{n}", number) is not None:
+                        n += 1
+                    custom_id = custom_id if n == 1 else f"{custom_id}-{n}"
+                else:
+                    earlier = ledger.see(custom_id, number)
+                    if earlier is not None:
+                        raise InputError(
+                            f"custom_id {custom_id!r} is already used on line {earlier}; "
+                            "give every line its own custom_id",
+                            field="custom_id",
+                            code="duplicate_custom_id",
+                        )
+                if ledger.is_done(custom_id):
+                    counts.skipped += 1
+                    continue
+                request = parser.request(parsed, custom_id=custom_id, line=number)
+            except InputError as e:
+                metadata = parsed.metadata if parsed is not None else e.metadata
+                try:
+                    await failures.send(input_failure(e, line=number, custom_id=custom_id, metadata=metadata))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+                continue
+            try:
+                await requests.send(request)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+        counts.finished = True

@@ -1,0 +1,187 @@
+"""usage.json for machines and report.md for people, from the usage totals of every run.
+
+Cost is never a silent $0: a figure is the sum of what the server reported (`usage.cost`),
+plus what the job's price table gives for results the server did not cost; results with
+neither are counted and said to be "not reported".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.usage import ModelUsage, Usage
+from pipeline.writer import Redactor, atomic_write
+
+TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _cost(m: ModelUsage) -> dict[str, Any]:
+    return {
+        "total": round(m.cost, 10) if m.with_cost or m.priced else None,
+        "reported_by_server": round(m.cost_reported, 10),
+        "from_price_table": round(m.cost_priced, 10),
+        "requests_reported": m.with_cost,
+        "requests_priced": m.priced,
+        "requests_not_reported": m.without_cost,
+        "source": _source(m),
+    }
+
+
+def _source(m: ModelUsage) -> str:
+    parts = []
+    if m.with_cost:
+        parts.append("server")
+    if m.priced:
+        parts.append("price table")
+    if m.without_cost:
+        parts.append("not reported")
+    return " + ".join(parts) or "none"
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def usage_document(usage: Usage, *, state: dict[str, int], folder: Path) -> dict[str, Any]:
+    """Everything usage.json holds; `state` counts the folder's lines now (results, errors)."""
+    total = usage.totals()
+    wall = sum(float(r.get("wall_seconds", 0.0)) for r in usage.runs)
+    succeeded_events = usage.outcomes.get("succeeded", 0)
+    return {
+        "folder": str(folder),
+        "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "requests": state,
+        "tokens": {k: getattr(total, k) for k in TOKEN_KEYS},
+        "cost": _cost(total),
+        "models": {
+            name: {
+                "requests": m.requests,
+                "choices": m.choices,
+                **{k: getattr(m, k) for k in TOKEN_KEYS},
+                "cost": _cost(m),
+            }
+            for name, m in sorted(usage.models.items())
+        },
+        "requested_models": dict(sorted(usage.requested_models.items())),
+        "outcomes": dict(usage.outcomes),
+        "answers_by_status": dict(sorted(usage.answers.items())),
+        "errors_by_code": dict(sorted(usage.errors.items())),
+        "verdicts": dict(sorted(usage.verdicts.items())),
+        "attempts": usage.attempts,
+        "retries": usage.retries,
+        "latency_seconds": {f"p{q}": _seconds(usage.latency.percentile(q)) for q in (50, 90, 99)},
+        "ttft_seconds": {f"p{q}": _seconds(usage.ttft.percentile(q)) for q in (50, 90, 99)},
+        "wall_seconds": round(wall, 3),
+        "requests_per_second": round(succeeded_events / wall, 3) if wall else None,
+        "tokens_per_second": round(total.total_tokens / wall, 1) if wall else None,
+        "runs": usage.runs,
+    }
+
+
+def _money(value: float | None) -> str:
+    return "not reported" if value is None else f"${value:,.4f}"
+
+
+def _n(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else ("–" if value is None else str(value))
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    req = doc["requests"]
+    cost = doc["cost"]
+    out = [
+        "# Usage report",
+        "",
+        f"Folder `{doc['folder']}`, updated {doc['updated']}, covering {len(doc['runs'])} run(s).",
+        "",
+        "## Requests",
+        "",
+        "| state | lines |",
+        "|---|---:|",
+        *(f"| {k.replace('_', ' ')} | {_n(v)} |" for k, v in req.items()),
+        "",
+        "## Tokens and cost",
+        "",
+        "| model | requests | prompt | completion | total | cached | reasoning | cost | cost source |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, m in doc["models"].items():
+        c = m["cost"]
+        source = c["source"]
+        if c["requests_not_reported"]:
+            source += f" ({c['requests_not_reported']:,} not reported)"
+        out.append(
+            f"| {name} | {m['requests']:,} | "
+            + " | ".join(f"{m[k]:,}" for k in TOKEN_KEYS)
+            + f" | {_money(c['total'])} | {source} |"
+        )
+    t = doc["tokens"]
+    out.append(
+        "| **all** | "
+        + f"{sum(m['requests'] for m in doc['models'].values()):,} | "
+        + " | ".join(f"{t[k]:,}" for k in TOKEN_KEYS)
+        + f" | {_money(cost['total'])} | {cost['source']} |"
+    )
+    if cost["requests_not_reported"]:
+        out += [
+            "",
+            f"{cost['requests_not_reported']:,} result(s) came without a cost from the server and no "
+            "price in the job's [prices] table: their cost is not reported, not zero.",
+        ]
+    out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
+    out += [f"| {k} | {v:,} |" for k, v in doc["answers_by_status"].items()]
+    out += ["", f"Attempts {doc['attempts']:,}, of which retries {doc['retries']:,}."]
+    if doc["errors_by_code"]:
+        out += ["", "## Failures by code", "", "| code | count |", "|---|---:|"]
+        out += [f"| {k} | {v:,} |" for k, v in doc["errors_by_code"].items()]
+    if doc["verdicts"]:
+        out += ["", "## Verdicts", "", "| verdict | count |", "|---|---:|"]
+        out += [f"| {k} | {v:,} |" for k, v in doc["verdicts"].items()]
+    if len(doc["requested_models"]) > 0:
+        out += [
+            "",
+            "## Models asked for and models that answered",
+            "",
+            "| asked -> answered | requests |",
+            "|---|---:|",
+        ]
+        out += [f"| {k} | {v:,} |" for k, v in doc["requested_models"].items()]
+    lat, ttft = doc["latency_seconds"], doc["ttft_seconds"]
+    out += [
+        "",
+        "## Speed",
+        "",
+        "| | p50 | p90 | p99 |",
+        "|---|---:|---:|---:|",
+        "| latency (s) | " + " | ".join(_n(lat[k]) for k in ("p50", "p90", "p99")) + " |",
+    ]
+    if ttft["p50"] is not None:
+        out.append(
+            "| time to first token (s) | " + " | ".join(_n(ttft[k]) for k in ("p50", "p90", "p99")) + " |"
+        )
+    out += [
+        "",
+        f"Wall time {doc['wall_seconds']:,} s over all runs; "
+        f"{_n(doc['requests_per_second'])} requests/s and {_n(doc['tokens_per_second'])} tokens/s.",
+        "",
+        "## Runs",
+        "",
+        "| started | wall (s) | succeeded | failed | invalid input | attempts | exit | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in doc["runs"]:
+        out.append(
+            f"| {r.get('started', '')} | {r.get('wall_seconds', 0):,} | {r.get('succeeded', 0):,} | "
+            f"{r.get('failed', 0):,} | {r.get('invalid_input', 0):,} | {r.get('attempts', 0):,} | "
+            f"{r.get('exit', '')} | {r.get('note', '')} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_reports(folder: Path, doc: dict[str, Any], redact: Redactor) -> None:
+    atomic_write(folder / "usage.json", redact(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"))
+    atomic_write(folder / "report.md", redact(markdown(doc).encode()))

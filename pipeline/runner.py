@@ -1,0 +1,303 @@
+"""A run, end to end: the only place that starts tasks.
+
+outer task group
+├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
+├── writer.sync_forever   fsync + index checkpoint every second
+├── progress.tick         the bar or the log lines
+├── watch_signals         1st SIGINT/SIGTERM: stop dispatching; 2nd: cancel the work
+└── work scope            (cancelled at the end of the grace period, or at once)
+    └── task group
+        ├── reader.feed   input -> [bounded requests stream]; bad lines -> writer
+        └── N x Worker.run
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.client import check_reachable, open_client
+from pipeline.errors import RunStopped, SettingsError
+from pipeline.job import Outcome, Request
+from pipeline.ledger import Ledger
+from pipeline.limits import Pacer
+from pipeline.progress import Progress
+from pipeline.reader import LineParser, ReadCounts, count_lines, feed, open_input
+from pipeline.report import usage_document, write_reports
+from pipeline.retry import RetryPolicy
+from pipeline.settings import Settings, is_loopback
+from pipeline.usage import Usage
+from pipeline.worker import Control, Worker
+from pipeline.writer import LEDGER, Redactor, Writer, lock_folder, move_aside, reconcile
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did, and what the output folder holds now (the same as usage.json)."""
+
+    exit_code: int
+    message: str
+    output: Path
+    succeeded: int  # in this run
+    failed: int  # requests that ended failed in this run
+    invalid_input: int  # bad input lines met in this run
+    skipped: int  # already done by an earlier run
+    pending: int  # lines left to do (interrupted or stopped)
+    usage: dict[str, Any]
+
+    @property
+    def cost(self) -> float | None:
+        total = self.usage["cost"]["total"]
+        return None if total is None else float(total)
+
+
+def _check_key(settings: Settings) -> str | None:
+    key = settings.api_key()
+    if key is None and not is_loopback(settings.base_url):
+        raise SettingsError(
+            f"no API key: set the environment variable {settings.api_key_env} "
+            f"(or name another one with --api-key-env) to the key for {settings.base_url}"
+        )
+    return key
+
+
+def _open_ledger(settings: Settings) -> Ledger:
+    folder = settings.output
+    ledger = Ledger(folder / LEDGER)
+    fingerprint = settings.fingerprint()
+    recorded = ledger.get("job")
+    if recorded is None:
+        ledger.put("job", fingerprint)
+        ledger.commit()
+    elif recorded != fingerprint:
+        differs = [k for k in fingerprint if recorded.get(k) != fingerprint[k]]
+        ledger.close()
+        detail = "; ".join(f"{k} was {recorded.get(k)!r}, now {fingerprint[k]!r}" for k in differs)
+        raise SettingsError(
+            f"{folder} holds the outputs of a different job ({detail}); "
+            "run with --fresh to start over there (old files are moved aside), or choose another --output"
+        )
+    return ledger
+
+
+async def watch_signals(control: Control) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals can only be caught there; the caller owns them
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if control.dispatching:
+                control.interrupted = True
+                control.stop()
+            elif control.work_scope is not None:
+                control.work_scope.cancel()
+
+
+async def run(settings: Settings) -> Summary:
+    """Run a job to the end (or until stopped) and return its summary. Raises
+    `SettingsError` when nothing could be sent because the settings are wrong."""
+    open_input(settings.input).close()
+    api_key = _check_key(settings)
+    try:
+        settings.output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError(f"cannot create the output folder {settings.output}: {e.strerror}") from None
+    with lock_folder(settings.output):
+        if settings.fresh:
+            move_aside(settings.output)
+        ledger = _open_ledger(settings)
+        try:
+            return await _run(settings, ledger, api_key)
+        finally:
+            ledger.close()
+
+
+async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summary:
+    started = time.time()
+    redact = Redactor(api_key)
+    usage = Usage.from_state(ledger.get("usage"))
+    reconcile(settings.output, ledger, usage)
+    ledger.start_run()
+    before = usage.outcomes.copy()
+    attempts_before = usage.attempts
+    writer = Writer(settings.output, ledger, usage, redact)
+    writer.rewrite_errors()
+    counts = ReadCounts()
+    control = Control(grace=settings.grace)
+    parser = LineParser(settings, estimate_tokens=bool(settings.tpm or settings.max_cost))
+    progress = Progress(settings, counts, writer, usage)
+    try:
+        await check_reachable(settings.base_url)
+        async with open_client(
+            settings.base_url,
+            api_key=api_key,
+            concurrency=settings.concurrency,
+            request_timeout=settings.timeout,
+        ) as client:
+            worker = Worker(
+                client=client,
+                retry=RetryPolicy(
+                    max_attempts=settings.max_attempts,
+                    max_time=settings.max_retry_time,
+                    base=settings.backoff_base,
+                    cap=settings.backoff_max,
+                ),
+                pacer=Pacer(rpm=settings.rpm, tpm=settings.tpm),
+                control=control,
+                usage=usage,
+            )
+            await _dispatch(settings, parser, ledger, writer, worker, control, counts, progress)
+    except RunStopped as e:
+        control.stop(e)
+    finally:
+        progress.close()
+        await writer.checkpoint()
+        if counts.finished:
+            ledger.forget_stale(counts.read)
+        failed_now = writer.rewrite_errors()
+        writer.close()
+    return _finish(
+        settings, ledger, usage, writer, control, counts, before, attempts_before, started, failed_now, redact
+    )
+
+
+async def _dispatch(
+    settings: Settings,
+    parser: LineParser,
+    ledger: Ledger,
+    writer: Writer,
+    worker: Worker,
+    control: Control,
+    counts: ReadCounts,
+    progress: Progress,
+) -> None:
+    size = max(2 * settings.concurrency, 16)
+    requests_send: MemoryObjectSendStream[Request]
+    requests_recv: MemoryObjectReceiveStream[Request]
+    requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
+    outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](size)
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(writer.consume, outcomes_recv)
+        outer.start_soon(writer.sync_forever)
+        outer.start_soon(progress.tick)
+        outer.start_soon(watch_signals, control)
+        outer.start_soon(_count_total, settings.input, counts)
+        with anyio.CancelScope() as work_scope:
+            control.work_scope = work_scope
+            async with anyio.create_task_group() as tg:
+                reader_scope = anyio.CancelScope()
+                control.scopes.append(reader_scope)
+                tg.start_soon(
+                    _read,
+                    reader_scope,
+                    settings.input,
+                    parser,
+                    ledger,
+                    requests_send,
+                    outcomes_send.clone(),
+                    counts,
+                )
+                for _ in range(settings.concurrency):
+                    tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone())
+                requests_recv.close()
+                outcomes_send.close()
+        # Everything that will be written has been sent; let the writer drain, then stop.
+        await writer.drained.wait()
+        outer.cancel_scope.cancel()
+
+
+async def _read(scope: anyio.CancelScope, *args: Any) -> None:
+    with scope:
+        await feed(*args)
+
+
+async def _count_total(path: Path, counts: ReadCounts) -> None:
+    counts.total = await anyio.to_thread.run_sync(count_lines, path, abandon_on_cancel=True)
+
+
+def _finish(
+    settings: Settings,
+    ledger: Ledger,
+    usage: Usage,
+    writer: Writer,
+    control: Control,
+    counts: ReadCounts,
+    before: Any,
+    attempts_before: int,
+    started: float,
+    failed_now: int,
+    redact: Redactor,
+) -> Summary:
+    wall = time.time() - started
+    if counts.total is None:
+        counts.total = count_lines(settings.input)
+    delta = usage.outcomes - before
+    total = counts.total
+    pending = (
+        0
+        if counts.finished and control.dispatching
+        else max(total - counts.empty - counts.skipped - writer.written, 0)
+    )
+    if control.interrupted:
+        code, note = 130, "interrupted: run the same command again to resume"
+    elif control.stopped is not None:
+        code, note = 3, control.stopped.args[0]
+    elif failed_now:
+        code, note = 1, f"{failed_now:,} line(s) failed: see {settings.output / 'errors.jsonl'}"
+    else:
+        code, note = 0, "every request succeeded"
+    usage.runs.append(
+        {
+            "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+            "wall_seconds": round(wall, 3),
+            "succeeded": delta.get("succeeded", 0),
+            "failed": delta.get("failed", 0),
+            "invalid_input": delta.get("invalid_input", 0),
+            "skipped": counts.skipped,
+            "pending": pending,
+            "attempts": usage.attempts - attempts_before,
+            "exit": code,
+            "note": redact.text(note),
+        }
+    )
+    ledger.put("usage", usage.state())
+    ledger.commit()
+    state = {
+        "succeeded": ledger.done_count,
+        "failed": failed_now,
+        "pending": pending,
+        "lines": total,
+    }
+    doc = usage_document(usage, state=state, folder=settings.output)
+    write_reports(settings.output, doc, redact)
+    return Summary(
+        exit_code=code,
+        message=redact.text(note),
+        output=settings.output,
+        succeeded=delta.get("succeeded", 0),
+        failed=delta.get("failed", 0),
+        invalid_input=delta.get("invalid_input", 0),
+        skipped=counts.skipped,
+        pending=pending,
+        usage=doc,
+    )
+
+
+def run_sync(settings: Settings) -> Summary:
+    """`run` for code that is not async (a script, an Airflow task)."""
+    try:
+        import uvloop  # noqa: F401
+
+        options: dict[str, Any] = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    return anyio.run(run, settings, backend="asyncio", backend_options=options)

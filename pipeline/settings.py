@@ -1,0 +1,238 @@
+"""One frozen `Settings` for a run, built at the edge from a job file and flags.
+
+A job file is TOML with the same keys as the command line's flags, plus tables:
+`[request]` (defaults merged into every body; a value in the line wins), `[template]`
+(how a record line becomes a request), `[prices]` (dollars per million tokens, per model)
+and `[verdict]` (how a structured reply is checked and counted). Flags override the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.errors import SettingsError
+
+DEFAULT_BASE_URL = "https://api.lumenfall.ai/openai/v1"
+DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Dollars per million tokens."""
+
+    prompt: float
+    completion: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    input: Path
+    output: Path
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = DEFAULT_KEY_ENV
+    model: str | None = None
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+    max_attempts: int = 6
+    max_retry_time: float = 900.0  # seconds one request may spend retrying
+    timeout: float = 300.0  # seconds per attempt
+    max_cost: float | None = None
+    grace: float = 30.0  # seconds in-flight requests get after the first interrupt
+    fresh: bool = False
+    quiet: bool = False
+    # Backoff before retry n is uniform in [0, min(backoff_max, backoff_base * 2**(n-1))],
+    # and never shorter than the server's Retry-After.
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    request: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    template: Mapping[str, Any] | None = None
+    prices: Mapping[str, Price] = field(default_factory=lambda: EMPTY)
+    verdict: Mapping[str, Any] | None = None
+    job_file: Path | None = None
+    progress_interval: float = 60.0  # seconds between log lines when there is no terminal
+
+    def api_key(self) -> str | None:
+        """The key, read from the environment when needed; it is never stored here."""
+        return os.environ.get(self.api_key_env) or None
+
+    @property
+    def default_model(self) -> str | None:
+        model = self.request.get("model", self.model)
+        return model if isinstance(model, str) else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two runs the same job, so that one may resume the other."""
+        return {
+            "input": str(self.input.resolve()),
+            "model": self.default_model,
+            "request": dict(self.request),
+            "template": dict(self.template) if self.template is not None else None,
+        }
+
+
+# Keys a job file may set at the top level, with the type each must have.
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "input": (str,),
+    "output": (str,),
+    "base_url": (str,),
+    "api_key_env": (str,),
+    "model": (str,),
+    "concurrency": (int,),
+    "rpm": (int, float),
+    "tpm": (int, float),
+    "max_attempts": (int,),
+    "max_retry_time": (int, float),
+    "timeout": (int, float),
+    "max_cost": (int, float),
+    "grace": (int, float),
+    "quiet": (bool,),
+    "backoff_base": (int, float),
+    "backoff_max": (int, float),
+}
+_TABLES = ("request", "template", "prices", "verdict")
+_KNOWN = tuple(_SCALARS) + _TABLES
+_SETTING_NAMES = {f.name for f in fields(Settings)}
+
+
+def _unknown(where: str, key: str, known: tuple[str, ...]) -> SettingsError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+    return SettingsError(f"{where}: unknown key '{key}'{hint}")
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """Parse and check a job file; relative paths in it are relative to the file."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: job file not found") from None
+    except OSError as e:
+        raise SettingsError(f"{path}: cannot read the job file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"{path}: not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _KNOWN:
+            raise _unknown(str(path), key, _KNOWN)
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                raise SettingsError(f"{path}: '{key}' must be a table, like [{key}]")
+            out[key] = value
+            continue
+        types = _SCALARS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(t.__name__ for t in types)
+            raise SettingsError(f"{path}: '{key}' must be {want}, not {value!r}")
+        out[key] = value
+    for key in ("input", "output"):
+        if key in out:
+            out[key] = _relative_to(path.parent, out[key])
+    out["job_file"] = path
+    return out
+
+
+def _relative_to(base: Path, value: str) -> str:
+    expanded = Path(os.path.expanduser(value))
+    return str(expanded if expanded.is_absolute() else base / expanded)
+
+
+def _check_prices(where: str, raw: Mapping[str, Any]) -> dict[str, Price]:
+    prices: dict[str, Price] = {}
+    for model, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise SettingsError(
+                f"{where}: [prices] '{model}' must be a table like "
+                "{ prompt = 0.5, completion = 1.5 } (dollars per million tokens)"
+            )
+        for key in entry:
+            if key not in ("prompt", "completion"):
+                raise _unknown(f'{where}: [prices."{model}"]', key, ("prompt", "completion"))
+        try:
+            price = Price(float(entry.get("prompt", 0.0)), float(entry.get("completion", 0.0)))
+        except (TypeError, ValueError):
+            raise SettingsError(
+                f'{where}: [prices."{model}"] prompt and completion must be numbers'
+            ) from None
+        if price.prompt < 0 or price.completion < 0:
+            raise SettingsError(f'{where}: [prices."{model}"] prices cannot be negative')
+        prices[model] = price
+    return prices
+
+
+def check_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(
+            f"base URL {url!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
+        )
+    return url.rstrip("/")
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def build(job_file: Path | None = None, **flags: Any) -> Settings:
+    """Settings from an optional job file and flags (a flag set to None is not given)."""
+    values: dict[str, Any] = read_job_file(job_file) if job_file is not None else {}
+    for key, value in flags.items():
+        if key not in _SETTING_NAMES:
+            raise SettingsError(f"unknown setting '{key}'")
+        if value is not None:
+            values[key] = value
+    where = str(job_file) if job_file is not None else "command line"
+    for key in ("input", "output"):
+        if not values.get(key):
+            flag = f"--{key}"
+            raise SettingsError(f"no {key} given: pass {flag} or set {key} in the job file")
+    today = dt.date.today().isoformat()
+    values["input"] = Path(os.path.expanduser(str(values["input"])))
+    values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
+    values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
+    _check_numbers(values)
+    if "prices" in values:
+        values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))
+    request = dict(values.get("request", {}))
+    if "messages" in request:
+        raise SettingsError(f"{where}: [request] cannot set 'messages'; they come from each line")
+    values["request"] = MappingProxyType(request)
+    if values.get("template") is not None:
+        # Compile once here so that a broken template is a settings error, not N line errors.
+        from pipeline.template import compile_template
+
+        compile_template(values["template"], where=where)
+    return Settings(**values)
+
+
+def _check_numbers(values: dict[str, Any]) -> None:
+    def positive(key: str, *, integer: bool = False) -> None:
+        value = values.get(key)
+        if value is None:
+            return
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+            kind = "a whole number" if integer else "a number"
+            raise SettingsError(f"{key} must be {kind} above 0, not {value!r}")
+
+    positive("concurrency", integer=True)
+    positive("max_attempts", integer=True)
+    for key in ("rpm", "tpm", "timeout", "max_retry_time", "max_cost", "grace"):
+        positive(key)
+    for key in ("backoff_base", "backoff_max"):
+        value = values.get(key)
+        if value is not None and (not isinstance(value, int | float) or value < 0):
+            raise SettingsError(f"{key} must be a number of seconds, 0 or more")

@@ -1,0 +1,173 @@
+"""Assemble a streamed chat completion (server-sent events) into one `chat.completion` body.
+
+Pure functions of the bytes received, so the client only moves bytes and this module can be
+tested on its own. Deltas are joined per choice: strings are concatenated (content, refusal,
+reasoning), lists extended (logprobs, reasoning details), tool calls joined by their index.
+A stream is whole only when every choice has a finish_reason and `[DONE]` arrived.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from pipeline.errors import MalformedResponse, ProviderError
+
+DONE = b"[DONE]"
+
+
+def _merge_tool_calls(into: list[dict[str, Any]], deltas: list[Any]) -> None:
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index", len(into))
+        while len(into) <= index:
+            into.append(
+                {
+                    "index": len(into),
+                    "id": None,
+                    "type": "function",
+                    "function": {"name": "", "arguments": ""},
+                }
+            )
+        call = into[index]
+        for key, value in delta.items():
+            if key == "function" and isinstance(value, dict):
+                function = call["function"]
+                for fkey, fvalue in value.items():
+                    if isinstance(fvalue, str) and isinstance(function.get(fkey), str):
+                        function[fkey] += fvalue
+                    else:
+                        function[fkey] = fvalue
+            elif key != "index" and value is not None:
+                call[key] = value
+
+
+def _merge_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
+    for key, value in delta.items():
+        if value is None:
+            continue
+        if key == "tool_calls" and isinstance(value, list):
+            _merge_tool_calls(message.setdefault("tool_calls", []), value)
+        elif key == "role":
+            message["role"] = value
+        else:
+            old = message.get(key)
+            if isinstance(value, str) and isinstance(old, str):
+                message[key] = old + value
+            elif isinstance(value, list) and isinstance(old, list):
+                old.extend(value)
+            else:
+                message[key] = value
+
+
+class StreamAssembler:
+    """Feed it SSE lines; ask it for the completion when the stream ends."""
+
+    def __init__(self) -> None:
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+        self.started = False  # a first token (or tool call) has arrived
+        self._data: list[bytes] = []
+
+    def feed_line(self, line: bytes) -> bool:
+        """Take one line of the event stream; True when it completed the first token."""
+        line = line.rstrip(b"\r\n")
+        if not line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return False  # a comment, such as ": OPENROUTER PROCESSING"
+        field, _, value = line.partition(b":")
+        if field == b"data":
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+        return False
+
+    def close(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> bool:
+        if not self._data:
+            return False
+        data = b"\n".join(self._data)
+        self._data = []
+        if data.strip() == DONE:
+            self.done = True
+            return False
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise MalformedResponse(f"a streamed chunk is not JSON: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise MalformedResponse("a streamed chunk is not a JSON object")
+        return self.feed(chunk)
+
+    def feed(self, chunk: dict[str, Any]) -> bool:
+        error = chunk.get("error")
+        if error:
+            raise _provider_error(error, "the stream carried an error", chunk)
+        first = False
+        for key, value in chunk.items():
+            if key not in ("choices", "usage", "object") and key not in self.top:
+                self.top[key] = value
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            state = self.choices.get(index)
+            if state is None:
+                state = self.choices[index] = {
+                    "index": index,
+                    "message": {"role": "assistant"},
+                    "finish_reason": None,
+                }
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if not self.started and (
+                    delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+                ):
+                    self.started = first = True
+                _merge_delta(state["message"], delta)
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                merged = state.setdefault("logprobs", {})
+                for key, value in logprobs.items():
+                    if isinstance(value, list):
+                        merged.setdefault(key, []).extend(value)
+                    else:
+                        merged[key] = value
+            reason = choice.get("finish_reason")
+            if reason:
+                if reason == "error":
+                    raise _provider_error(choice.get("error") or {}, "a choice finished with an error", chunk)
+                state["finish_reason"] = reason
+        return first
+
+    def completion(self) -> dict[str, Any]:
+        """The assembled body; a stream cut short is a `MalformedResponse`."""
+        self.close()
+        if not self.done:
+            raise MalformedResponse("the stream ended before [DONE]; the reply is incomplete")
+        if not self.choices:
+            raise MalformedResponse("the stream ended without any choice")
+        unfinished = [i for i, c in self.choices.items() if not c["finish_reason"]]
+        if unfinished:
+            raise MalformedResponse(f"the stream ended without a finish_reason for choice {unfinished[0]}")
+        body: dict[str, Any] = {**self.top, "object": "chat.completion"}
+        body["choices"] = [self.choices[i] for i in sorted(self.choices)]
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body
+
+
+def _provider_error(error: Any, default: str, body: Any) -> ProviderError:
+    if isinstance(error, dict):
+        message = str(error.get("message") or default)
+        code = error.get("code")
+    else:
+        message, code = str(error), None
+    return ProviderError(f"provider error: {message}", provider_code=code, body=body)

@@ -1,0 +1,191 @@
+"""Running totals of a run and of every earlier run into the same folder.
+
+Constant memory whatever the input size: counters per model and per status, and latency
+histograms with logarithmic buckets (5 % wide, so a percentile is within about 2.5 %).
+The whole state round-trips through `state()` / `from_state()`, so it is saved with each
+checkpoint and a resumed run adds to it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.job import Failure, Success
+
+_GROWTH = 1.05
+_LOG_GROWTH = math.log(_GROWTH)
+_MIN = 1e-4  # seconds; faster answers share the first bucket
+
+
+class Histogram:
+    def __init__(self, counts: dict[int, int] | None = None) -> None:
+        self.counts: dict[int, int] = counts or {}
+        self.n = sum(self.counts.values())
+
+    def add(self, seconds: float) -> None:
+        bucket = 0 if seconds <= _MIN else int(math.log(seconds / _MIN) / _LOG_GROWTH) + 1
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        self.n += 1
+
+    def percentile(self, q: float) -> float | None:
+        if not self.n:
+            return None
+        rank = q / 100 * self.n
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                if bucket == 0:
+                    return _MIN
+                # the geometric middle of the bucket
+                return float(_MIN * _GROWTH ** (bucket - 0.5))
+        return None
+
+    def state(self) -> dict[str, int]:
+        return {str(k): v for k, v in self.counts.items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, int] | None) -> Histogram:
+        return cls({int(k): int(v) for k, v in (state or {}).items()})
+
+
+@dataclass
+class ModelUsage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    choices: int = 0
+    cost_reported: float = 0.0  # sum of usage.cost where the server reported one
+    with_cost: int = 0  # results whose cost the server reported
+    cost_priced: float = 0.0  # from the job's price table, for results the server did not cost
+    priced: int = 0  # results costed from the price table
+
+    @property
+    def without_cost(self) -> int:
+        return self.requests - self.with_cost - self.priced
+
+    @property
+    def cost(self) -> float:
+        return self.cost_reported + self.cost_priced
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@dataclass
+class Usage:
+    models: dict[str, ModelUsage] = field(default_factory=dict)
+    outcomes: Counter[str] = field(default_factory=Counter)  # succeeded / failed / invalid_input
+    answers: Counter[str] = field(default_factory=Counter)  # every attempt: "200", "429", "timeout"
+    errors: Counter[str] = field(default_factory=Counter)  # final failures by code
+    requested_models: Counter[str] = field(default_factory=Counter)  # asked for -> see models
+    verdicts: Counter[str] = field(default_factory=Counter)
+    attempts: int = 0
+    retries: int = 0
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    run_started: float = field(default_factory=time.time)
+
+    # -- recording -------------------------------------------------------------------------
+
+    def answer(self, key: str) -> None:
+        self.attempts += 1
+        self.answers[key] += 1
+
+    def add_body(self, body: dict[str, Any], requested: str | None = None) -> tuple[str, float | None]:
+        """Count a completion's usage; returns the model that answered and its reported cost."""
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        name = model or requested or "unknown"
+        raw_usage = body.get("usage")
+        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+        m = self.models.get(name)
+        if m is None:
+            m = self.models[name] = ModelUsage()
+        m.requests += 1
+        m.choices += len(body.get("choices") or ())
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        m.prompt_tokens += prompt
+        m.completion_tokens += completion
+        m.total_tokens += _int(usage.get("total_tokens")) or prompt + completion
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            m.cached_tokens += _int(details.get("cached_tokens"))
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, dict):
+            m.reasoning_tokens += _int(details.get("reasoning_tokens"))
+        cost = usage.get("cost")
+        reported = None
+        if isinstance(cost, int | float) and not isinstance(cost, bool):
+            reported = float(cost)
+            m.cost_reported += reported
+            m.with_cost += 1
+        if requested:
+            self.requested_models[f"{requested} -> {name}"] += 1
+        return name, reported
+
+    def add_success(self, success: Success) -> tuple[str, float | None]:
+        self.outcomes["succeeded"] += 1
+        self.retries += max(success.attempts - 1, 0)
+        self.latency.add(success.reply.latency)
+        if success.reply.ttft is not None:
+            self.ttft.add(success.reply.ttft)
+        return self.add_body(success.reply.body, success.request.model)
+
+    def add_failure(self, failure: Failure) -> None:
+        self.outcomes["invalid_input" if failure.is_input_error else "failed"] += 1
+        self.errors[failure.code] += 1
+        self.retries += max(failure.attempts - 1, 0)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def totals(self) -> ModelUsage:
+        total = ModelUsage()
+        for m in self.models.values():
+            for key, value in asdict(m).items():
+                setattr(total, key, getattr(total, key) + value)
+        return total
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "models": {k: asdict(v) for k, v in self.models.items()},
+            "outcomes": dict(self.outcomes),
+            "answers": dict(self.answers),
+            "errors": dict(self.errors),
+            "requested_models": dict(self.requested_models),
+            "verdicts": dict(self.verdicts),
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "latency": self.latency.state(),
+            "ttft": self.ttft.state(),
+            "runs": self.runs,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> Usage:
+        if not state:
+            return cls()
+        return cls(
+            models={k: ModelUsage(**v) for k, v in state.get("models", {}).items()},
+            outcomes=Counter(state.get("outcomes", {})),
+            answers=Counter(state.get("answers", {})),
+            errors=Counter(state.get("errors", {})),
+            requested_models=Counter(state.get("requested_models", {})),
+            verdicts=Counter(state.get("verdicts", {})),
+            attempts=int(state.get("attempts", 0)),
+            retries=int(state.get("retries", 0)),
+            latency=Histogram.from_state(state.get("latency")),
+            ttft=Histogram.from_state(state.get("ttft")),
+            runs=list(state.get("runs", [])),
+        )

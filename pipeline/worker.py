@@ -1,0 +1,162 @@
+"""A worker takes requests one at a time and turns each into exactly one outcome.
+
+Before every attempt: is the run still dispatching, then the pacer. Around every attempt:
+the retry policy. A request that ends failed is a `Failure` for the writer; a request the run
+abandoned (interrupted, key rejected, budget reached) produces nothing and stays to do for
+the next run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.client import Client
+from pipeline.errors import HTTPStatusError, RequestError, RunStopped
+from pipeline.job import Failure, Outcome, Reply, Request, Success
+from pipeline.limits import Pacer
+from pipeline.retry import RetryPolicy
+from pipeline.usage import Usage
+
+# A 403 can be about one request (a moderation refusal) or about the key; only a streak
+# of them, with nothing succeeding in between, says the key is refused.
+FORBIDDEN_STREAK = 5
+
+
+class Abandoned(Exception):
+    """The run stopped dispatching before this attempt could start."""
+
+
+@dataclass
+class Control:
+    """Whether the run is still sending, and if not, why."""
+
+    dispatching: bool = True
+    stopped: RunStopped | None = None
+    interrupted: bool = False
+    forbidden_streak: int = 0
+    scopes: list[anyio.CancelScope] = field(default_factory=list)  # cancelled on stop
+    work_scope: anyio.CancelScope | None = None
+    grace: float = 30.0
+
+    def stop(self, reason: RunStopped | None = None) -> None:
+        if reason is not None and self.stopped is None:
+            self.stopped = reason
+        if not self.dispatching:
+            return
+        self.dispatching = False
+        for scope in self.scopes:
+            scope.cancel()
+        if self.work_scope is not None:
+            # Requests in flight get a bounded grace period to finish, then are cancelled.
+            self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + self.grace)
+
+
+def answer_key(error: RequestError) -> str:
+    return str(error.status) if isinstance(error, HTTPStatusError) else error.code
+
+
+def _tokens_used(reply: Reply) -> int:
+    usage = reply.body.get("usage")
+    if isinstance(usage, dict):
+        total = usage.get("total_tokens")
+        if isinstance(total, int):
+            return total
+    return 0
+
+
+class Worker:
+    def __init__(
+        self, *, client: Client, retry: RetryPolicy, pacer: Pacer, control: Control, usage: Usage
+    ) -> None:
+        self.client = client
+        self.retry = retry
+        self.pacer = pacer
+        self.control = control
+        self.usage = usage
+
+    async def run(
+        self, requests: MemoryObjectReceiveStream[Request], outcomes: MemoryObjectSendStream[Outcome]
+    ) -> None:
+        async with requests, outcomes:
+            async for request in requests:
+                if not self.control.dispatching:
+                    break
+                outcome = await self.process(request)
+                if outcome is not None:
+                    # Paid for: the writer must get it even if the run is being cancelled.
+                    with anyio.CancelScope(shield=True):
+                        await outcomes.send(outcome)
+
+    async def process(self, request: Request) -> Outcome | None:
+        attempts = 0
+        control, pacer, usage = self.control, self.pacer, self.usage
+
+        async def attempt() -> Reply:
+            nonlocal attempts
+            if not control.dispatching:
+                raise Abandoned
+            reserved = request.token_estimate if pacer.tpm else 0
+            await pacer.acquire(reserved)
+            if not control.dispatching:
+                pacer.settle(reserved, 0)
+                raise Abandoned
+            attempts += 1
+            try:
+                reply = await self.client.complete(request)
+            except RequestError as e:
+                usage.answer(answer_key(e))
+                # A refused request is not counted against the token budget by the server.
+                pacer.settle(reserved, 0 if isinstance(e, HTTPStatusError) else reserved)
+                raise
+            usage.answer("200")
+            pacer.settle(reserved, _tokens_used(reply))
+            control.forbidden_streak = 0
+            return reply
+
+        try:
+            reply = await self.retry.call(attempt)
+        except Abandoned:
+            return None
+        except RequestError as e:
+            if self._stops_run(e):
+                return None
+            return Failure(
+                line=request.line,
+                code=e.code,
+                message=e.message,
+                custom_id=request.custom_id,
+                status=e.status,
+                body=e.body,
+                request_id=e.request_id,
+                attempts=attempts,
+                metadata=request.metadata,
+                model=request.model,
+            )
+        return Success(request=request, reply=reply, attempts=attempts)
+
+    def _stops_run(self, error: RequestError) -> bool:
+        """401 and 402 stop the whole run at once; so does a streak of 403s."""
+        status = error.status if isinstance(error, HTTPStatusError) else None
+        if status == 403:
+            self.control.forbidden_streak += 1
+            if self.control.forbidden_streak < FORBIDDEN_STREAK:
+                return False
+        elif status not in (401, 402):
+            return False
+        if status == 402:
+            message = (
+                f"the server answered 402 ({error.message}): the account is out of credits; "
+                "add credits, then run the same command again to resume"
+            )
+            code = "credits_exhausted"
+        else:
+            message = (
+                f"the server refused the API key ({error.message}); check the key in the "
+                "environment variable named by api_key_env, then run the same command again to resume"
+            )
+            code = "key_rejected"
+        self.control.stop(RunStopped(message, code=code))
+        return True

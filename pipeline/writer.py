@@ -1,0 +1,322 @@
+"""The only task that writes the output folder.
+
+    OUT/results.jsonl   one whole line per success, appended, flushed as written, synced
+                        at least every second and at exit
+    OUT/errors.jsonl    what is failed now: appended as failures come, rewritten at the end
+                        from the ledger so that a job that later succeeds is no longer listed
+    OUT/ledger.sqlite   the index of both (see `pipeline.ledger`)
+    OUT/.lock           held while a run writes here; a second run into the folder is refused
+
+A crash can tear at most the last line of results.jsonl; `Writer.open` repairs it (and any
+line the index has not seen) before a run starts, so no result is read twice or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import orjson
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from pipeline.errors import SettingsError
+from pipeline.job import Failure, Outcome, Success
+from pipeline.ledger import Ledger
+from pipeline.usage import Usage
+
+RESULTS = "results.jsonl"
+ERRORS = "errors.jsonl"
+LEDGER = "ledger.sqlite"
+OUR_FILES = (RESULTS, ERRORS, "usage.json", "report.md", LEDGER, LEDGER + "-wal", LEDGER + "-shm")
+SYNC_EVERY = 1.0  # seconds
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` whole or not at all: a temporary file, synced, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def move_aside(folder: Path) -> Path | None:
+    """`--fresh`: keep the old run's files in OUT/previous-<time>/ instead of deleting them."""
+    present = [name for name in OUR_FILES if (folder / name).exists()]
+    if not present:
+        return None
+    target = folder / time.strftime("previous-%Y%m%d-%H%M%S")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder / time.strftime(f"previous-%Y%m%d-%H%M%S-{n}")
+    target.mkdir()
+    for name in present:
+        shutil.move(str(folder / name), str(target / name))
+    return target
+
+
+def _result_line(success: Success) -> bytes:
+    reply = success.reply
+    body: Any = orjson.Fragment(reply.raw) if reply.raw is not None else reply.body
+    line: dict[str, Any] = {
+        "id": "batch_req_" + os.urandom(12).hex(),
+        "custom_id": success.request.custom_id,
+        "response": {"status_code": reply.status, "request_id": reply.request_id, "body": body},
+        "error": None,
+    }
+    if success.parsed is not None:
+        line["parsed"] = success.parsed
+    if success.request.metadata is not None:
+        line["metadata"] = success.request.metadata
+    return orjson.dumps(line) + b"\n"
+
+
+def _error_line(failure: Failure) -> bytes:
+    error: dict[str, Any] = {"code": failure.code, "message": failure.message, **failure.extra}
+    response = None
+    if failure.status is not None or failure.body is not None:
+        response = {"status_code": failure.status, "request_id": failure.request_id, "body": failure.body}
+    line: dict[str, Any] = {
+        "id": None,
+        "custom_id": failure.custom_id,
+        "response": response,
+        "error": error,
+        "line": failure.line,
+        "attempts": failure.attempts,
+    }
+    if failure.metadata is not None:
+        line["metadata"] = failure.metadata
+    return orjson.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+
+
+def failure_key(failure: Failure) -> str:
+    # Input errors are keyed by line: the same id may be bad twice (a duplicate), and a
+    # fixed line must stop being listed even if its id changed.
+    if failure.is_input_error or failure.custom_id is None:
+        return f"line:{failure.line}"
+    return failure.custom_id
+
+
+class Redactor:
+    """Removes the API key from anything written out, should a server ever echo it."""
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret.encode() if secret and len(secret) >= 6 else None
+
+    def __call__(self, data: bytes) -> bytes:
+        if self._secret is not None and self._secret in data:
+            return data.replace(self._secret, b"[REDACTED]")
+        return data
+
+    def text(self, text: str) -> str:
+        return self(text.encode()).decode()
+
+
+class Writer:
+    def __init__(self, folder: Path, ledger: Ledger, usage: Usage, redact: Redactor) -> None:
+        self.folder = folder
+        self.ledger = ledger
+        self.usage = usage
+        self.redact = redact
+        self.written = 0  # outcomes written in this run
+        self._results: IO[bytes] = (folder / RESULTS).open("ab")
+        self._errors: IO[bytes] = (folder / ERRORS).open("ab")
+        self._done: list[str] = []
+        self._succeeded_keys: list[str] = []
+        self._failed: list[tuple[str, int, str, bytes]] = []
+        self._lock = anyio.Lock()
+        self.drained = anyio.Event()  # set once every sender has closed and all is written
+        self._last_sync = time.monotonic()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, outcomes: list[Outcome]) -> None:
+        results: list[bytes] = []
+        errors: list[bytes] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Success):
+                results.append(self.redact(_result_line(outcome)))
+                self.usage.add_success(outcome)
+                self._done.append(outcome.request.custom_id)
+                if self.ledger.failed_count:
+                    self._succeeded_keys.append(outcome.request.custom_id)
+            else:
+                line = self.redact(_error_line(outcome))
+                errors.append(line)
+                self.usage.add_failure(outcome)
+                kind = "input" if outcome.is_input_error else "request"
+                self._failed.append((failure_key(outcome), outcome.line, kind, line))
+        if results:
+            self._results.write(b"".join(results))
+            self._results.flush()
+        if errors:
+            self._errors.write(b"".join(errors))
+            self._errors.flush()
+        self.written += len(outcomes)
+
+    async def consume(self, outcomes: MemoryObjectReceiveStream[Outcome]) -> None:
+        """Write everything the workers and the reader send, until they all close."""
+        async with outcomes:
+            async for first in outcomes:
+                batch = [first]
+                # Take whatever else is already waiting: one write and flush per batch.
+                with contextlib.suppress(anyio.WouldBlock):
+                    while len(batch) < 1024:
+                        batch.append(outcomes.receive_nowait())
+                self.write(batch)
+                if time.monotonic() - self._last_sync >= SYNC_EVERY:
+                    await self.checkpoint()
+        self.drained.set()
+
+    async def sync_forever(self) -> None:
+        """Sync at least every second even when no outcome arrives to trigger it."""
+        while True:
+            await anyio.sleep(SYNC_EVERY)
+            if time.monotonic() - self._last_sync >= SYNC_EVERY:
+                await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Sync the files, then let the index catch up to what is now on disk."""
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                self._last_sync = time.monotonic()
+                done, self._done = self._done, []
+                succeeded, self._succeeded_keys = self._succeeded_keys, []
+                failed, self._failed = self._failed, []
+                offset = self._results.tell()
+                await anyio.to_thread.run_sync(self._sync_files)
+                self.ledger.add_done(done)
+                self.ledger.add_failed(failed)
+                self.ledger.drop_failed(succeeded)
+                self.ledger.put("results_offset", offset)
+                self.ledger.put("usage", self.usage.state())
+                self.ledger.commit()
+
+    def _sync_files(self) -> None:
+        os.fsync(self._results.fileno())
+        os.fsync(self._errors.fileno())
+
+    def close(self) -> None:
+        self._results.close()
+        self._errors.close()
+
+    def rewrite_errors(self) -> int:
+        """errors.jsonl := what is failed now, in input order (atomically)."""
+        self._errors.close()
+        count = 0
+        tmp = self.folder / f".{ERRORS}.tmp"
+        with tmp.open("wb") as f:
+            for record in self.ledger.failures():
+                f.write(record)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / ERRORS)
+        self._errors = (self.folder / ERRORS).open("ab")
+        return count
+
+
+# -- opening a folder: lock, fingerprint, repair --------------------------------------------------
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path) -> Iterator[None]:
+    with (folder / ".lock").open("a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SettingsError(
+                f"another run is writing to {folder} ({holder}); wait for it or choose another --output"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _valid_result(raw: bytes) -> dict[str, Any] | None:
+    """A whole, well-formed result line, parsed; None for anything torn."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+        return None
+    response = obj.get("response")
+    if not isinstance(response, dict) or not isinstance(response.get("body"), dict):
+        return None
+    return obj
+
+
+def reconcile(folder: Path, ledger: Ledger, usage: Usage) -> tuple[int, int]:
+    """Bring the index up to results.jsonl after any crash: index the lines it has not seen,
+    and cut out torn or duplicate lines. Returns (lines indexed, lines removed)."""
+    path = folder / RESULTS
+    offset = int(ledger.get("results_offset") or 0)
+    size = path.stat().st_size if path.exists() else 0
+    rebuild = size < offset or (offset == 0 and ledger.done_count > 0)
+    if rebuild:
+        # The file is shorter than what the index covers: rebuild the index from it.
+        ledger.clear_done()
+        usage.models.clear()
+        offset = 0
+    indexed = 0
+    bad: list[tuple[int, int]] = []
+    if size > offset:
+        with path.open("rb") as f:
+            f.seek(offset)
+            pos = offset
+            for raw in f:
+                start, pos = pos, pos + len(raw)
+                obj = _valid_result(raw)
+                if obj is None or not ledger.add_done([obj["custom_id"]]):
+                    bad.append((start, pos))
+                    continue
+                indexed += 1
+                ledger.drop_failed([obj["custom_id"]])
+                usage.add_body(obj["response"]["body"])
+                if not rebuild:
+                    usage.outcomes["succeeded"] += 1
+    if bad:
+        _cut(path, offset, bad)
+    ledger.put("results_offset", path.stat().st_size if path.exists() else 0)
+    ledger.put("usage", usage.state())
+    ledger.commit()
+    return indexed, len(bad)
+
+
+def _cut(path: Path, offset: int, bad: list[tuple[int, int]]) -> None:
+    """Remove the byte ranges `bad` (all past `offset`) from the file, keeping the rest."""
+    tmp = path.with_name(f".{path.name}.tail")
+    with path.open("rb") as src, tmp.open("w+b") as keep:
+        pos = offset
+        for start, end in [*bad, (None, None)]:
+            src.seek(pos)
+            keep.write(src.read() if start is None else src.read(start - pos))
+            pos = end if end is not None else pos
+        keep.flush()
+        keep.seek(0)
+        with path.open("r+b") as dst:
+            dst.truncate(offset)
+            dst.seek(offset)
+            shutil.copyfileobj(keep, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+    tmp.unlink()
