@@ -29,13 +29,13 @@ run: $(STAMP)
 	exit $$status
 
 check: $(STAMP)
-	$(BIN)/ruff format --check pipeline tests bench
-	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests $(wildcard bench)
+	$(BIN)/ruff check pipeline tests $(wildcard bench)
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format pipeline tests bench
-	$(BIN)/ruff check --fix pipeline tests bench
+	$(BIN)/ruff format pipeline tests $(wildcard bench)
+	$(BIN)/ruff check --fix pipeline tests $(wildcard bench)
 
 test: check
 	$(BIN)/pytest -q

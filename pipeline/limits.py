@@ -62,16 +62,13 @@ class Pacer:
             at = max(at, self._next_token)
         return at
 
-    def _take(self, tokens: int, now: float) -> None:
-        # A timer fires a little late; letting the clock catch up by up to one interval
-        # keeps that lateness from adding up into a lower rate.
+    def _take(self, tokens: int, start: float) -> None:
+        """Book a start at `start`: the scheduled instant, not when a late timer ran, so
+        timer lateness does not add up into a lower rate."""
         if self._request_interval:
-            self._next_request = (
-                max(self._next_request, now - self._request_interval) + self._request_interval
-            )
+            self._next_request = max(self._next_request, start) + self._request_interval
         if self._token_rate and tokens:
-            cost = tokens / self._token_rate
-            self._next_token = max(self._next_token, now - min(cost, 1.0)) + cost
+            self._next_token = max(self._next_token, start) + tokens / self._token_rate
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for this request's turn; `tokens` is its reserved estimate."""
@@ -107,10 +104,11 @@ class Pacer:
             if future.done():  # cancelled while waiting
                 self._waiters.popleft()
                 continue
-            if self._ready_at(tokens) > now:
+            at = self._ready_at(tokens)
+            if at > now:
                 break
             self._waiters.popleft()
-            self._take(tokens, now)
+            self._take(tokens, at)
             future.set_result(None)
         self._reschedule()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
-import orjson
 from anyio.streams.memory import MemoryObjectSendStream
 
+from pipeline import jsonl
 from pipeline.errors import InputError, SettingsError
 from pipeline.job import Failure, Outcome, Request
 from pipeline.ledger import Ledger
@@ -68,26 +68,31 @@ def lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def _load(raw: bytes) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
+        return jsonl.loads(raw)
+    except ValueError as e:
         try:
-            text = raw.decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError as u:
             raise InputError(
                 f"bytes at column {u.start + 1} are not UTF-8; save the file as UTF-8",
                 code="not_utf8",
             ) from None
-        try:
-            # orjson refuses integers beyond 64 bits; the standard library does not.
-            return json.loads(text)
-        except ValueError:
-            raise InputError(f"not valid JSON: {e.msg} at column {e.colno}", code="not_json") from None
+        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise InputError(f"not valid JSON: {detail}", code="not_json") from None
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "true/false"}.get(
-        type(value), "null" if value is None else f"a {type(value).__name__}"
-    )
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else type(value).__name__
 
 
 def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
@@ -228,7 +233,7 @@ class LineParser:
             custom_id=custom_id,
             line=line,
             body=body,
-            payload=orjson.dumps(body),
+            payload=jsonl.dumps(body),
             metadata=parsed.metadata,
             model=str(model),
             stream=stream,

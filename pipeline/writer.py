@@ -26,6 +26,7 @@ import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from pipeline import jsonl
 from pipeline.errors import SettingsError
 from pipeline.job import Failure, Outcome, Success
 from pipeline.ledger import Ledger
@@ -66,6 +67,8 @@ def move_aside(folder: Path) -> Path | None:
 
 def _result_line(success: Success) -> bytes:
     reply = success.reply
+    # The body's own bytes are copied in as they came; parsed and re-encoded only when they
+    # span lines or the line must go through the slow, lossless encoder (see `jsonl`).
     body: Any = orjson.Fragment(reply.raw) if reply.raw is not None else reply.body
     line: dict[str, Any] = {
         "id": "batch_req_" + os.urandom(12).hex(),
@@ -77,7 +80,11 @@ def _result_line(success: Success) -> bytes:
         line["parsed"] = success.parsed
     if success.request.metadata is not None:
         line["metadata"] = success.request.metadata
-    return orjson.dumps(line) + b"\n"
+    try:
+        return orjson.dumps(line) + b"\n"
+    except TypeError:
+        line["response"]["body"] = reply.body
+        return jsonl.dumps(line) + b"\n"
 
 
 def _error_line(failure: Failure) -> bytes:
@@ -95,7 +102,7 @@ def _error_line(failure: Failure) -> bytes:
     }
     if failure.metadata is not None:
         line["metadata"] = failure.metadata
-    return orjson.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+    return jsonl.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
 def failure_key(failure: Failure) -> str:

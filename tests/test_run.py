@@ -27,7 +27,9 @@ async def test_every_line_is_accounted_for_exactly_once(mock, make_settings, tmp
     assert len(set(ids)) == len(ids)
     assert sorted(e["line"] for e in errors) == [4, 11, 21]
     assert summary.exit_code == 1  # bad lines are failures the user must see
-    assert summary.succeeded == 40 and summary.invalid_input == 3 and summary.pending == 0
+    assert summary.succeeded == 40
+    assert summary.invalid_input == 3
+    assert summary.pending == 0
 
 
 async def test_a_429_then_200_succeeds_after_the_retry_after(mock, make_settings, tmp_path: Path) -> None:
@@ -38,7 +40,8 @@ async def test_a_429_then_200_succeeds_after_the_retry_after(mock, make_settings
     assert summary.exit_code == 0
     assert [r["custom_id"] for r in read_jsonl(tmp_path / "out/results.jsonl")] == ["job-0"]
     assert elapsed >= 1.0
-    assert server.state.statuses["429"] == 1 and server.state.statuses["200"] == 1
+    assert server.state.statuses["429"] == 1
+    assert server.state.statuses["200"] == 1
     usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
     assert usage["answers_by_status"] == {"200": 1, "429": 1}
     assert usage["retries"] == 1

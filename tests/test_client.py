@@ -1,0 +1,39 @@
+"""What the client makes of an answer: Retry-After, and 200s that are not results."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from pipeline.client import check_completion, retry_after
+from pipeline.errors import MalformedResponse, ProviderError
+
+
+def test_retry_after_in_seconds_milliseconds_and_http_dates() -> None:
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after": "0.5"}) == 0.5
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= (retry_after({"retry-after": when}) or 0) <= 31
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({}) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        ({"error": {"message": "boom", "code": 502}}, ProviderError, "boom"),
+        ({"object": "list", "data": []}, MalformedResponse, "no choices"),
+        ([1, 2], MalformedResponse, "not a JSON object"),
+        (
+            {"choices": [{"index": 0, "finish_reason": "error", "message": {}}]},
+            ProviderError,
+            "finished with an error",
+        ),
+    ],
+)
+def test_a_200_that_is_not_a_completion_is_a_failure(body: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        check_completion(body)

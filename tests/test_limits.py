@@ -1,0 +1,131 @@
+"""The pacer on a fake clock: even spacing, first come first served, settle, pause."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from pipeline.limits import Pacer
+
+
+class FakeClock:
+    """Drives the running loop's clock by hand, so rate tests take no real time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.now = 1000.0
+        self.loop = loop
+
+    def time(self) -> float:
+        return self.now
+
+    async def run(self, pacer: Pacer, tasks: list[asyncio.Task[None]]) -> None:
+        """Let the tasks run, jumping the clock to each timer the pacer sets."""
+        for _ in range(10_000):
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if all(t.done() for t in tasks):
+                return
+            timer = pacer._timer
+            assert timer is not None, "a waiter with no timer to wake it would wait forever"
+            self.now = max(self.now, timer.when())
+        raise AssertionError("did not finish")
+
+
+@pytest.fixture
+async def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    loop = asyncio.get_running_loop()
+    fake = FakeClock(loop)
+    monkeypatch.setattr(loop, "time", fake.time)
+    return fake
+
+
+async def starts(clock: FakeClock, pacer: Pacer, costs: list[int]) -> list[tuple[int, float]]:
+    started: list[tuple[int, float]] = []
+
+    async def one(i: int, tokens: int) -> None:
+        await pacer.acquire(tokens)
+        started.append((i, clock.now))
+
+    tasks = []
+    for i, tokens in enumerate(costs):
+        tasks.append(asyncio.ensure_future(one(i, tokens)))
+        await asyncio.sleep(0)  # queue in order
+    await clock.run(pacer, tasks)
+    return started
+
+
+async def test_requests_start_evenly_spaced_at_the_rate(clock: FakeClock) -> None:
+    pacer = Pacer(rpm=600, margin=1.0)
+    times = [t for _, t in await starts(clock, pacer, [0] * 21)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(abs(g - 0.1) < 1e-9 for g in gaps), gaps
+    assert times[-1] - times[0] == pytest.approx(2.0)
+
+
+async def test_the_margin_keeps_the_rate_just_under_the_limit(clock: FakeClock) -> None:
+    pacer = Pacer(rpm=600)
+    times = [t for _, t in await starts(clock, pacer, [0] * 11)]
+    rate = 10 / (times[-1] - times[0])
+    assert 0.97 * 10 <= rate < 10
+
+
+async def test_big_requests_are_not_starved_by_small_ones(clock: FakeClock) -> None:
+    pacer = Pacer(tpm=60_000, margin=1.0)  # 1,000 tokens a second
+    order = [i for i, _ in await starts(clock, pacer, [100, 5000, 100, 100, 100])]
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_token_spacing_follows_the_reservations(clock: FakeClock) -> None:
+    pacer = Pacer(tpm=60_000, margin=1.0)
+    started = await starts(clock, pacer, [500, 500, 2000, 500])
+    times = [t for _, t in started]
+    # each request may start once the tokens reserved before it have been paid for
+    assert [round(t - times[0], 6) for t in times] == [0.0, 0.5, 1.0, 3.0]
+
+
+async def test_settling_below_the_reservation_gives_the_time_back(clock: FakeClock) -> None:
+    pacer = Pacer(tpm=60_000, margin=1.0)
+    await pacer.acquire(3000)  # next may start 3 s later...
+    pacer.settle(3000, 1000)  # ...but it used a third of it
+    t0 = clock.now
+    [(_, t)] = await starts(clock, pacer, [100])
+    assert t - t0 == pytest.approx(1.0)
+
+
+async def test_a_pause_holds_everyone_back(clock: FakeClock) -> None:
+    pacer = Pacer()
+    t0 = clock.now
+    pacer.pause(5.0)
+    times = [t for _, t in await starts(clock, pacer, [0, 0, 0])]
+    assert times == [t0 + 5.0] * 3
+    before = clock.now
+    await pacer.acquire()  # the pause is over: no wait
+    assert clock.now == before
+
+
+async def test_with_no_limit_acquire_never_waits(clock: FakeClock) -> None:
+    pacer = Pacer()
+    for _ in range(1000):
+        await pacer.acquire(10_000)
+    assert pacer._timer is None
+
+
+async def test_a_cancelled_waiter_does_not_hold_up_the_queue(clock: FakeClock) -> None:
+    pacer = Pacer(rpm=60, margin=1.0)
+    await pacer.acquire()
+    doomed = asyncio.ensure_future(pacer.acquire())
+    await asyncio.sleep(0)
+    started: list[float] = []
+
+    async def after() -> None:
+        await pacer.acquire()
+        started.append(clock.now)
+
+    task = asyncio.ensure_future(after())
+    await asyncio.sleep(0)
+    doomed.cancel()
+    t0 = clock.now
+    await clock.run(pacer, [task])
+    assert started == [pytest.approx(t0 + 1.0)]

@@ -1,0 +1,178 @@
+"""The three line shapes, stable ids, and what a bad line turns into."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.errors import InputError, SettingsError
+from pipeline.reader import LineParser, count_lines, lines, stable_id
+from pipeline.settings import build
+
+
+def parser(tmp_path: Path, job: str | None = None, **flags: object) -> LineParser:
+    job_path = None
+    if job is not None:
+        job_path = tmp_path / "job.toml"
+        job_path.write_text(job)
+    flags.setdefault("input", str(tmp_path / "in.jsonl"))
+    flags.setdefault("output", str(tmp_path / "out"))
+    return LineParser(build(job_path, **flags), estimate_tokens=True)
+
+
+def request(p: LineParser, row: object, *, line: int = 1):
+    raw = row if isinstance(row, bytes) else orjson.dumps(row)
+    parsed = p.parse(raw)
+    return p.request(parsed, custom_id=parsed.custom_id or stable_id(raw), line=line)
+
+
+def test_a_batch_api_line(tmp_path: Path) -> None:
+    row = {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10},
+        "metadata": {"k": 1},
+    }
+    r = request(parser(tmp_path), row)
+    assert r.custom_id == "r1"
+    assert r.body == row["body"]
+    assert orjson.loads(r.payload) == row["body"]
+    assert r.metadata == {"k": 1}
+    assert r.max_completion_tokens == 10
+
+
+def test_a_bare_body_keeps_every_parameter_but_custom_id(tmp_path: Path) -> None:
+    row = {"custom_id": "x", "model": "m", "messages": [{"role": "user", "content": "hi"}], "zz_unknown": [1]}
+    r = request(parser(tmp_path), row)
+    assert r.custom_id == "x"
+    assert r.body == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "zz_unknown": [1]}
+
+
+def test_request_defaults_merge_and_the_line_wins(tmp_path: Path) -> None:
+    p = parser(tmp_path, '[request]\nmodel = "default/m"\ntemperature = 0.2\nmax_tokens = 50\n')
+    r = request(p, {"messages": [{"role": "user", "content": "a"}], "temperature": 0.9})
+    assert r.body["model"] == "default/m"
+    assert r.body["temperature"] == 0.9
+    assert r.body["max_tokens"] == 50
+
+
+def test_model_flag_is_the_default_model(tmp_path: Path) -> None:
+    p = parser(tmp_path, model="flag/model")
+    assert request(p, {"messages": [{"role": "user", "content": "a"}]}).body["model"] == "flag/model"
+    assert (
+        request(p, {"model": "line/m", "messages": [{"role": "user", "content": "a"}]}).body["model"]
+        == "line/m"
+    )
+
+
+def test_a_line_without_any_model_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no model") as e:
+        request(parser(tmp_path), {"messages": [{"role": "user", "content": "a"}]})
+    assert e.value.field == "model"
+
+
+def test_stable_ids_are_the_same_on_every_run_and_differ_between_lines() -> None:
+    a = b'{"messages": [{"role": "user", "content": "a"}]}\n'
+    b = b'{"messages": [{"role": "user", "content": "b"}]}\n'
+    assert stable_id(a) == stable_id(a.rstrip())
+    assert stable_id(a) != stable_id(b)
+    assert stable_id(a).startswith("line-")
+
+
+def test_streaming_requests_ask_for_usage(tmp_path: Path) -> None:
+    r = request(parser(tmp_path, model="m"), {"messages": [{"role": "user", "content": "a"}], "stream": True})
+    assert r.stream
+    assert r.body["stream_options"] == {"include_usage": True}
+    kept = {
+        "messages": [{"role": "user", "content": "a"}],
+        "stream": True,
+        "stream_options": {"include_usage": False},
+    }
+    assert request(parser(tmp_path, model="m"), kept).body["stream_options"] == {"include_usage": False}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "field"),
+    [
+        (b"not json", "not valid JSON", None),
+        (b'{"messages": [', "not valid JSON", None),
+        (b"[1, 2]", "not a JSON object", None),
+        (b'"text"', "not a JSON object", None),
+        (b'{"model": "m"}', "no 'messages'", "messages"),
+        (b'{"model": "m", "messages": []}', "'messages' is empty", "messages"),
+        (b'{"model": "m", "messages": "hi"}', "'messages' is a string", "messages"),
+        (b'{"model": "m", "messages": [1]}', "'messages[0]' is a number", "messages[0]"),
+        (b'{"model": "m", "messages": [{"content": "x"}]}', "'messages[0].role'", "messages[0].role"),
+        (
+            b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}',
+            "'model' must be a string",
+            "model",
+        ),
+        (
+            b'{"model": "m", "max_tokens": "10", "messages": [{"role": "user"}]}',
+            "'max_tokens' must be a whole number",
+            "max_tokens",
+        ),
+        (
+            b'{"model": "m", "stream": "yes", "messages": [{"role": "user"}]}',
+            "'stream' must be true or false",
+            "stream",
+        ),
+        (
+            b'{"model": "m", "custom_id": "", "messages": [{"role": "user"}]}',
+            "custom_id must be a non-empty string",
+            "custom_id",
+        ),
+        (b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}', "only /v1/chat/completions", "url"),
+        (b'{"custom_id": "a", "url": "/v1/chat/completions", "body": []}', "'body' is an array", "body"),
+        (
+            b'{"custom_id": "a", "url": "/v1/chat/completions", "body": {"model": "m"}}',
+            "no 'body.messages'",
+            "body.messages",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8", None),
+    ],
+)
+def test_bad_lines_say_what_is_wrong(tmp_path: Path, raw: bytes, message: str, field: str | None) -> None:
+    with pytest.raises(InputError, match=re.escape(message)) as e:
+        request(parser(tmp_path), raw)
+    assert e.value.field == field
+
+
+def test_integers_beyond_64_bits_still_pass_through(tmp_path: Path) -> None:
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed_big": 123456789012345678901234567890}'
+    r = request(parser(tmp_path), raw)
+    assert r.body["seed_big"] == 123456789012345678901234567890
+
+
+def test_lines_are_read_one_by_one_from_plain_and_gzip(tmp_path: Path) -> None:
+    data = b'{"a": 1}\n\n{"b": 2}'
+    plain = tmp_path / "x.jsonl"
+    plain.write_bytes(data)
+    zipped = tmp_path / "x.jsonl.gz"
+    zipped.write_bytes(gzip.compress(data))
+    for path in (plain, zipped):
+        assert [(n, raw.strip()) for n, raw in lines(path)] == [(1, b'{"a": 1}'), (2, b""), (3, b'{"b": 2}')]
+        assert count_lines(path) == 3
+
+
+def test_a_missing_input_is_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        list(lines(tmp_path / "nope.jsonl"))
+
+
+def test_token_estimates_count_prompt_and_worst_case_reply(tmp_path: Path) -> None:
+    row = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hello world " * 50}],
+        "max_tokens": 100,
+        "n": 3,
+    }
+    r = request(parser(tmp_path), row)
+    assert 90 <= r.prompt_tokens <= 130
+    assert r.max_completion_tokens == 300

@@ -1,0 +1,77 @@
+"""Job files and flags: what is accepted, and what is refused with a message that helps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SettingsError
+from pipeline.settings import build
+
+
+def job(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_job_files_are_valid() -> None:
+    root = Path(__file__).parent.parent
+    for path in sorted((root / "jobs").glob("*.toml")):
+        settings = build(path)
+        assert settings.input.exists(), f"{path.name}: sample input missing"
+
+
+def test_paths_are_relative_to_the_job_file_and_flags_win(tmp_path: Path) -> None:
+    path = job(tmp_path, 'input = "data/in.jsonl"\noutput = "out/{date}"\nconcurrency = 4\n')
+    s = build(path, concurrency=9)
+    assert s.input == tmp_path / "data/in.jsonl"
+    assert s.output.parent == tmp_path / "out"
+    assert s.output.name[:2] == "20"  # {date} became today's date
+    assert s.concurrency == 9
+
+
+def test_a_typo_in_a_job_file_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = job(tmp_path, 'input = "a"\noutput = "b"\nconcurency = 4\n')
+    with pytest.raises(SettingsError, match="unknown key 'concurency' \\(did you mean 'concurrency'\\?\\)"):
+        build(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('input = "a"\noutput = "b"\nconcurrency = "many"\n', "'concurrency' must be int"),
+        ('input = "a"\noutput = "b"\nconcurrency = 0\n', "concurrency must be a whole number above 0"),
+        ('input = "a"\noutput = "b"\nrpm = -1\n', "rpm must be a number above 0"),
+        ('input = "a"\noutput = "b"\nbase_url = "ftp://x"\n', "not an http\\(s\\) URL"),
+        ('input = "a"\noutput = "b"\nrequest = 3\n', "'request' must be a table"),
+        ('input = "a"\noutput = "b"\n[request]\nmessages = []\n', "cannot set 'messages'"),
+        ('input = "a"\noutput = "b"\n[template]\nmessage = 1\n', "unknown key 'message' in \\[template\\]"),
+        ('input = "a"\noutput = "b"\n[template]\nid = "{x}"\n', "needs messages"),
+        ('input = "a"\noutput = "b"\n[prices."m"]\nprompt = "cheap"\n', "must be numbers"),
+        ("input = \n", "not valid TOML"),
+    ],
+)
+def test_bad_job_files_are_refused_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build(job(tmp_path, text))
+
+
+def test_input_and_output_are_required(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="no output given: pass --output"):
+        build(input=str(tmp_path / "x"))
+    with pytest.raises(SettingsError, match="no input given"):
+        build(output=str(tmp_path / "x"))
+
+
+def test_a_missing_job_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="job file not found"):
+        build(tmp_path / "missing.toml")
+
+
+def test_the_key_is_not_kept_in_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_KEY", "sk-very-secret-value-123")
+    s = build(input="a", output="b", api_key_env="MY_KEY")
+    assert s.api_key() == "sk-very-secret-value-123"
+    assert "sk-very-secret" not in repr(s)
