@@ -140,7 +140,8 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
         print(
             f"pipeline: exit {summary.exit_code} | {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
             f"{summary.invalid_input:,} invalid, {summary.skipped:,} already done, {summary.pending:,} pending | "
-            f"{tokens['total_tokens']:,} tokens | {cost_text} | {duration(wall)} | {summary.output}",
+            f"{tokens['total_tokens']:,} tokens | {cost_text} | {duration(wall)} | {summary.output} | "
+            f"{summary.message}",
             flush=True,
         )
         return

@@ -7,6 +7,7 @@ cancellation. The API key goes into the Authorization header and nowhere else.
 from __future__ import annotations
 
 import email.utils
+import io
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ RATE_HEADERS = (
     "x-ratelimit-reset-tokens",
 )
 _ERROR_TEXT_LIMIT = 2000
+_BIG_BODY = 1 << 20
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -126,7 +128,9 @@ class Client:
     async def complete(self, request: Request) -> Reply:
         started = time.perf_counter()
         try:
-            async with self._session.post(self._url, data=request.payload) as resp:
+            # aiohttp wants big bodies as a stream, so that sending them cannot block the loop.
+            data = request.payload if len(request.payload) < _BIG_BODY else io.BytesIO(request.payload)
+            async with self._session.post(self._url, data=data) as resp:
                 request_id = resp.headers.get("x-request-id")
                 if resp.status >= 300:
                     raw = await resp.content.read(1 << 20)

@@ -74,6 +74,9 @@ class MockConfig:
     cost: bool = True  # report usage.cost
     script: list[Any] = field(default_factory=list)  # actions taken first, in order
     record: bool = False  # keep every request body (tests)
+    echo_key: bool = (
+        False  # put the caller's Authorization header in error messages, as a careless server would
+    )
     seed: int = 0
 
 
@@ -412,9 +415,11 @@ class MockServer:
         if cfg.record:
             st.received.append(body)
             st.headers.append(dict(request.headers))
-        if cfg.api_key is not None and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
+        auth = request.headers.get("Authorization", "")
+        echo = f" (you sent {auth!r})" if cfg.echo_key else ""
+        if cfg.api_key is not None and auth != f"Bearer {cfg.api_key}":
             st.statuses["401"] += 1
-            return _error(401, "Incorrect API key provided", "authentication_error")
+            return _error(401, f"Incorrect API key provided{echo}", "authentication_error")
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             st.statuses["400"] += 1
             return _error(400, "'messages' is required", "invalid_request_error")
@@ -432,7 +437,7 @@ class MockServer:
             st.statuses[action] += 1
             headers = {"Retry-After": f"{cfg.retry_after:g}"} if action == "429" else None
             kind = "rate_limit_error" if action == "429" else "server_error"
-            return _error(int(action), f"mock fault {action}", kind, headers)
+            return _error(int(action), f"mock fault {action}{echo}", kind, headers)
         if action == "timeout":
             await asyncio.sleep(3600)
         key = job_key(body)

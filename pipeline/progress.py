@@ -14,12 +14,14 @@ import anyio
 from tqdm import tqdm
 
 if TYPE_CHECKING:
+    from pipeline.job import Failure
     from pipeline.reader import ReadCounts
     from pipeline.settings import Settings
     from pipeline.usage import Usage
     from pipeline.writer import Writer
 
 BAR_REFRESH = 0.25  # seconds
+MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all
 
 
 def money(value: float | None) -> str:
@@ -27,9 +29,9 @@ def money(value: float | None) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = int(seconds)
     if seconds < 60:
-        return f"{seconds}s"
+        return f"{seconds:.1f}s"
+    seconds = int(seconds)
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
@@ -50,12 +52,29 @@ class Progress:
         self.usage = usage
         self.stream = stream or sys.stderr
         self.interval = settings.progress_interval
+        self.quiet = settings.quiet
+        self.input = settings.input
+        self.input_errors = 0
         self.bar: tqdm[Never] | None = None
         if not settings.quiet and self.stream.isatty():
             self.bar = tqdm(total=None, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.05)
         self.started = time.monotonic()
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
+
+    def input_error(self, failure: Failure) -> None:
+        """Say where a bad line is, as `file:line: what is wrong`, for the first few."""
+        self.input_errors += 1
+        if self.quiet or self.input_errors > MAX_NOTICES + 1:
+            return
+        if self.input_errors == MAX_NOTICES + 1:
+            text = f"{self.input}: more invalid lines; all are listed in errors.jsonl"
+        else:
+            text = f"{self.input}:{failure.line}: {failure.message}"
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def done(self) -> int:
         return self.counts.empty + self.counts.skipped + self.writer.written

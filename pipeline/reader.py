@@ -61,9 +61,20 @@ def count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-def lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def lines(path: Path, *, max_bytes: int = 1 << 62) -> Iterator[tuple[int, bytes | int]]:
+    """Each line with its number; a line longer than `max_bytes` comes as its length instead,
+    read past in blocks so that it never sits in memory whole."""
     with open_input(path) as f:
-        yield from enumerate(f, 1)
+        number = 0
+        while raw := f.readline(max_bytes + 1):
+            number += 1
+            if len(raw) <= max_bytes or raw.endswith(b"\n"):
+                yield number, raw
+                continue
+            size = len(raw)
+            while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                size += len(more)
+            yield number, size + len(more)
 
 
 def _load(raw: bytes) -> Any:
@@ -158,6 +169,7 @@ class LineParser:
         if settings.template is not None:
             self.template = compile_template(settings.template, where=str(settings.job_file))
         self.base = settings.input.parent
+        self.max_line_bytes = settings.max_line_bytes
         self.estimator = TokenEstimator() if estimate_tokens else None
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
@@ -281,8 +293,17 @@ async def feed(
     """Send every line that is still to do as a request, and every bad line as a failure.
     Stops early when the receiving side closes (the run stopped dispatching)."""
     async with requests, failures:
-        for number, raw in lines(path):
+        for number, raw in lines(path, max_bytes=parser.max_line_bytes):
             counts.read = number
+            if isinstance(raw, int):
+                error = InputError(
+                    f"the line is {raw:,} bytes, over the limit of {parser.max_line_bytes:,}; "
+                    "shrink it (smaller images?) or raise max_line_bytes in the job file",
+                    code="line_too_long",
+                )
+                if not await _send(failures, input_failure(error, line=number)):
+                    return
+                continue
             if not raw.strip():
                 counts.empty += 1
                 continue
@@ -312,13 +333,20 @@ async def feed(
                 request = parser.request(parsed, custom_id=custom_id, line=number)
             except InputError as e:
                 metadata = parsed.metadata if parsed is not None else e.metadata
-                try:
-                    await failures.send(input_failure(e, line=number, custom_id=custom_id, metadata=metadata))
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if not await _send(
+                    failures, input_failure(e, line=number, custom_id=custom_id, metadata=metadata)
+                ):
                     return
                 continue
-            try:
-                await requests.send(request)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if not await _send(requests, request):
                 return
         counts.finished = True
+
+
+async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> bool:
+    """False when the other side is gone: the run stopped dispatching."""
+    try:
+        await stream.send(item)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        return False
+    return True

@@ -135,6 +135,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
     control = Control(grace=settings.grace)
     parser = LineParser(settings, estimate_tokens=bool(settings.tpm or settings.max_cost))
     progress = Progress(settings, counts, writer, usage)
+    writer.on_input_error = progress.input_error
     try:
         await check_reachable(settings.base_url)
         async with open_client(

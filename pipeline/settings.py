@@ -62,6 +62,7 @@ class Settings:
     verdict: Mapping[str, Any] | None = None
     job_file: Path | None = None
     progress_interval: float = 60.0  # seconds between log lines when there is no terminal
+    max_line_bytes: int = 32 * 1024 * 1024  # a longer input line is an input error, not a request
 
     def api_key(self) -> str | None:
         """The key, read from the environment when needed; it is never stored here."""
@@ -100,6 +101,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "quiet": (bool,),
     "backoff_base": (int, float),
     "backoff_max": (int, float),
+    "max_line_bytes": (int,),
 }
 _TABLES = ("request", "template", "prices", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES
@@ -230,6 +232,7 @@ def _check_numbers(values: dict[str, Any]) -> None:
 
     positive("concurrency", integer=True)
     positive("max_attempts", integer=True)
+    positive("max_line_bytes", integer=True)
     for key in ("rpm", "tpm", "timeout", "max_retry_time", "max_cost", "grace"):
         positive(key)
     for key in ("backoff_base", "backoff_max"):

@@ -18,7 +18,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -130,6 +130,7 @@ class Redactor:
 
 class Writer:
     def __init__(self, folder: Path, ledger: Ledger, usage: Usage, redact: Redactor) -> None:
+        self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
         self.folder = folder
         self.ledger = ledger
         self.usage = usage
@@ -161,6 +162,8 @@ class Writer:
                 errors.append(line)
                 self.usage.add_failure(outcome)
                 kind = "input" if outcome.is_input_error else "request"
+                if outcome.is_input_error and self.on_input_error is not None:
+                    self.on_input_error(outcome)
                 self._failed.append((failure_key(outcome), outcome.line, kind, line))
         if results:
             self._results.write(b"".join(results))
@@ -302,28 +305,34 @@ def reconcile(folder: Path, ledger: Ledger, usage: Usage) -> tuple[int, int]:
                 if not rebuild:
                     usage.outcomes["succeeded"] += 1
     if bad:
-        _cut(path, offset, bad)
+        _cut(path, bad)
     ledger.put("results_offset", path.stat().st_size if path.exists() else 0)
     ledger.put("usage", usage.state())
     ledger.commit()
     return indexed, len(bad)
 
 
-def _cut(path: Path, offset: int, bad: list[tuple[int, int]]) -> None:
-    """Remove the byte ranges `bad` (all past `offset`) from the file, keeping the rest."""
-    tmp = path.with_name(f".{path.name}.tail")
-    with path.open("rb") as src, tmp.open("w+b") as keep:
-        pos = offset
-        for start, end in [*bad, (None, None)]:
-            src.seek(pos)
-            keep.write(src.read() if start is None else src.read(start - pos))
-            pos = end if end is not None else pos
-        keep.flush()
-        keep.seek(0)
-        with path.open("r+b") as dst:
-            dst.truncate(offset)
-            dst.seek(offset)
-            shutil.copyfileobj(keep, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-    tmp.unlink()
+def _cut(path: Path, bad: list[tuple[int, int]]) -> None:
+    """Remove the byte ranges `bad` from the file, so that a crash at any moment leaves
+    either the old file or the new one, never a file missing good lines."""
+    size = path.stat().st_size
+    if len(bad) == 1 and bad[0][1] == size:
+        # Only the last line is bad (a torn write): one truncate, nothing else moves.
+        with path.open("r+b") as f:
+            f.truncate(bad[0][0])
+            os.fsync(f.fileno())
+        return
+    tmp = path.with_name(f".{path.name}.repair")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        pos = 0
+        for start, end in [*bad, (size, size)]:
+            remaining = start - pos
+            while remaining > 0:
+                block = src.read(min(remaining, 1 << 20))
+                dst.write(block)
+                remaining -= len(block)
+            src.seek(end)
+            pos = end
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)

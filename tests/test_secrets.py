@@ -1,0 +1,55 @@
+"""The API key leaves the process only in the Authorization header: never in a file, a
+report, a log line or an error message, even when a server echoes it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import FAKE_KEY, bodies, write_jsonl
+from tests.test_cli import pipeline
+
+
+def assert_nowhere(folder: Path, *texts: str) -> None:
+    for text in texts:
+        assert FAKE_KEY not in text
+        assert FAKE_KEY[8:] not in text
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+async def test_an_echoed_key_is_redacted_everywhere(mock, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [*bodies(6), b"{bad line"])
+    out = tmp_path / "out"
+    async with mock(echo_key=True, script=[400, 500, 429, 200, 400], retry_after=0.01) as (url, server):
+        code, stdout, stderr = await pipeline(
+            "run", "--input", str(src), "--output", str(out), "--base-url", url
+        )
+    assert code == 1
+    assert any("Bearer" in h.get("Authorization", "") for h in server.state.headers)
+    errors = (out / "errors.jsonl").read_text()
+    assert "[REDACTED]" in errors  # the server did echo it; we did not write it
+    assert_nowhere(out, stdout, stderr)
+
+
+async def test_a_refused_key_is_not_repeated_in_the_stop_message(mock, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(3))
+    out = tmp_path / "out"
+    async with mock(echo_key=True, api_key="another-key") as (url, _):
+        code, stdout, stderr = await pipeline(
+            "run", "--input", str(src), "--output", str(out), "--base-url", url
+        )
+    assert code == 3
+    assert "refused the API key" in stdout + stderr
+    assert_nowhere(out, stdout, stderr)
+
+
+async def test_quiet_and_progress_lines_hold_no_key(mock, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(3))
+    out = tmp_path / "out"
+    async with mock(echo_key=True, script=[500]) as (url, _):
+        code, stdout, stderr = await pipeline(
+            "run", "--input", str(src), "--output", str(out), "--base-url", url, "--quiet"
+        )
+    assert code == 0
+    assert_nowhere(out, stdout, stderr)
