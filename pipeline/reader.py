@@ -346,7 +346,10 @@ async def feed(
 async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> bool:
     """False when the other side is gone: the run stopped dispatching."""
     try:
-        await stream.send(item)
+        try:
+            stream.send_nowait(item)
+        except anyio.WouldBlock:
+            await stream.send(item)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         return False
     return True

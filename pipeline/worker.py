@@ -80,12 +80,25 @@ class Worker:
     async def run(
         self, requests: MemoryObjectReceiveStream[Request], outcomes: MemoryObjectSendStream[Outcome]
     ) -> None:
+        # The *_nowait calls skip a trip round the event loop when there is no need to
+        # wait; the awaiting calls are there for when there is.
         async with requests, outcomes:
-            async for request in requests:
-                if not self.control.dispatching:
+            while self.control.dispatching:
+                try:
+                    request = requests.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        request = await requests.receive()
+                    except anyio.EndOfStream:
+                        break
+                except anyio.EndOfStream:
                     break
                 outcome = await self.process(request)
-                if outcome is not None:
+                if outcome is None:
+                    continue
+                try:
+                    outcomes.send_nowait(outcome)
+                except anyio.WouldBlock:
                     # Paid for: the writer must get it even if the run is being cancelled.
                     with anyio.CancelScope(shield=True):
                         await outcomes.send(outcome)

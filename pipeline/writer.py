@@ -179,7 +179,7 @@ class Writer:
             async for first in outcomes:
                 batch = [first]
                 # Take whatever else is already waiting: one write and flush per batch.
-                with contextlib.suppress(anyio.WouldBlock):
+                with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
                 self.write(batch)
