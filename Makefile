@@ -40,5 +40,17 @@ format: $(STAMP)
 test: check
 	$(BIN)/pytest -q
 
+# Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	@touch $@
+
+# make bench [SCENARIOS=clean,rpm] [BENCH_ARGS="--requests 2000 --rate-requests 600 --lines 200000"]
+# Scenarios: clean latency faults rpm tpm memory (all by default); figures in bench/out/results.json.
+SCENARIOS ?=
+BENCH_ARGS ?=
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m bench $(SCENARIOS) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -132,6 +132,7 @@ class Client:
             data = request.payload if len(request.payload) < _BIG_BODY else io.BytesIO(request.payload)
             async with self._session.post(self._url, data=data) as resp:
                 request_id = resp.headers.get("x-request-id")
+                limits = rate_headers(resp.headers)
                 if resp.status >= 300:
                     raw = await resp.content.read(1 << 20)
                     body, message = _error_body(raw)
@@ -141,9 +142,12 @@ class Client:
                         retry_after=retry_after(resp.headers),
                         body=body,
                         request_id=request_id,
+                        limits=limits,
                     )
                 if request.stream:
-                    return await self._read_stream(resp, started, request_id)
+                    reply = await self._read_stream(resp, started, request_id)
+                    reply.limits = limits
+                    return reply
                 raw = await resp.read()
         except TimeoutError:
             raise RequestTimeout("no complete answer within the timeout") from None
@@ -173,6 +177,7 @@ class Client:
             raw=raw.strip() if one_line else None,
             request_id=request_id or body.get("id"),
             latency=latency,
+            limits=limits,
         )
 
     async def _read_stream(

@@ -69,6 +69,7 @@ class RequestError(PipelineError):
         retry_after: float | None = None,
         body: Any = None,
         request_id: str | None = None,
+        limits: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -76,6 +77,7 @@ class RequestError(PipelineError):
         self.retry_after = retry_after
         self.body = body
         self.request_id = request_id
+        self.limits = limits  # the x-ratelimit-* headers, when the server sent any
 
 
 class HTTPStatusError(RequestError):

@@ -35,6 +35,7 @@ class Reply:
     request_id: str | None = None
     latency: float = 0.0
     ttft: float | None = None  # time to first token, streamed requests only
+    limits: dict[str, str] | None = None  # the x-ratelimit-* headers, when the server sent any
 
 
 @dataclass(slots=True)

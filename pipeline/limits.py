@@ -18,10 +18,10 @@ from collections import deque
 
 
 class Pacer:
-    def __init__(self, *, rpm: float | None = None, tpm: float | None = None, margin: float = 0.98) -> None:
-        # Pacing a little under the stated limit absorbs the jitter between our clock and the
-        # server's counting window, which would otherwise turn into 429s at the boundaries.
-        self.margin = margin
+    """Starts requests at `request_rate` a second and reserved tokens at `token_rate` a
+    second (either may be None: no limit)."""
+
+    def __init__(self, *, request_rate: float | None = None, token_rate: float | None = None) -> None:
         self._request_interval = 0.0
         self._token_rate = 0.0
         self._next_request = 0.0
@@ -30,20 +30,30 @@ class Pacer:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.set_limits(rpm=rpm, tpm=tpm)
+        self.waits = 0  # acquires that had to queue: tells whether the pacer is what binds
+        self.set_rates(request_rate=request_rate, token_rate=token_rate)
 
     # -- settings ------------------------------------------------------------------------------
 
-    def set_limits(self, *, rpm: float | None, tpm: float | None) -> None:
-        self.rpm, self.tpm = rpm, tpm
-        self._request_interval = 60.0 / (rpm * self.margin) if rpm else 0.0
-        self._token_rate = tpm * self.margin / 60.0 if tpm else 0.0
-        self._free = not rpm and not tpm
+    def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
+        self._request_interval = 1.0 / request_rate if request_rate else 0.0
+        self._token_rate = token_rate or 0.0
+        self._free = not request_rate and not token_rate
         self._reschedule()
 
+    def set_request_rate(self, rate: float | None) -> None:
+        self.set_rates(request_rate=rate, token_rate=self.token_rate)
+
+    def set_token_rate(self, rate: float | None) -> None:
+        self.set_rates(request_rate=self.request_rate, token_rate=rate)
+
     @property
-    def limited(self) -> bool:
-        return not self._free
+    def request_rate(self) -> float | None:
+        return 1.0 / self._request_interval if self._request_interval else None
+
+    @property
+    def token_rate(self) -> float | None:
+        return self._token_rate or None
 
     # -- the loop's clock ----------------------------------------------------------------------
 
@@ -81,6 +91,7 @@ class Pacer:
             self._take(tokens, now)
             return
         assert self._loop is not None
+        self.waits += 1
         future: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append((tokens, future))
         if len(self._waiters) == 1:
@@ -142,3 +153,59 @@ class Pacer:
     @property
     def paused_until(self) -> float:
         return self._paused_until
+
+
+class Window:
+    """At most `size` requests in flight. The size starts small and grows by half with each
+    round trip that succeeds (a gentler TCP slow start: what is in flight when a limit is
+    first met is what gets refused), then by one a round trip; `shrink` halves it, `hold`
+    ends the quick growth. It never exceeds `ceiling` (--concurrency): a server is never hit
+    with everything at once before it has answered anything."""
+
+    def __init__(self, ceiling: int, *, start: int = 16) -> None:
+        self.ceiling = ceiling
+        self.size = float(min(start, ceiling))
+        self.threshold = float(ceiling)  # slow start ends here
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.in_flight < self.size and not self._waiters:
+            self.in_flight += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future  # the slot is counted for us when the future is set
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.size:
+            future = self._waiters.popleft()
+            if not future.done():
+                self.in_flight += 1
+                future.set_result(None)
+
+    def grow(self) -> None:
+        """One request succeeded."""
+        if self.size < self.ceiling:
+            self.size = min(
+                self.size + (0.5 if self.size < self.threshold else 1.0 / self.size), self.ceiling
+            )
+            self._wake()
+
+    def hold(self) -> None:
+        """The server pushed back once: stop growing quickly."""
+        self.threshold = min(self.threshold, self.size)
+
+    def shrink(self) -> None:
+        """The server pushed back: halve the window and grow slowly from there."""
+        self.threshold = max(self.size / 2, 4.0)
+        self.size = self.threshold

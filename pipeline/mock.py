@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import random
 import time
@@ -29,6 +30,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+# aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
+# their connection attempts, and each would wait a second to try again.
+BACKLOG = 4096
 PRICE_PROMPT = 0.50  # dollars per million tokens
 PRICE_COMPLETION = 1.50
 WORDS = [
@@ -67,7 +71,7 @@ class MockConfig:
     error_200_rate: float = 0.0  # 200 with an error object
     cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
     rpm: float | None = None  # requests per minute, enforced per one-second window
-    tpm: float | None = None  # tokens per minute (prompt + max_tokens), per one-second window
+    tpm: float | None = None  # tokens per minute (prompt + completion), per one-second window
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
     api_key: str | None = None  # when set, any other bearer is answered 401
     credits: int | None = None  # successful answers before every answer is 402
@@ -351,9 +355,9 @@ class MockServer:
         wait = max(second + 1 - now, 0.001)
         if cfg.rpm and st.window_requests + 1 > cfg.rpm / 60:
             return wait
-        cost = estimate_tokens(body) + int(
-            body.get("max_tokens") or body.get("max_completion_tokens") or 0
-        ) * int(body.get("n") or 1)
+        # Tokens count as the answer uses them (prompt + completion), the accounting a client
+        # settles its reservations against.
+        cost = completion(body, cost=False)["usage"]["total_tokens"] if cfg.tpm else 0
         if cfg.tpm and st.window_tokens + cost > cfg.tpm / 60 and st.window_tokens > 0:
             return wait
         st.window_requests += 1
@@ -522,7 +526,7 @@ async def start_mock(
     server = MockServer(config or MockConfig())
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, backlog=BACKLOG)
     await site.start()
     bound = _bound_port(site)
     try:
@@ -535,9 +539,12 @@ async def serve(
     config: MockConfig, *, host: str, port: int, port_file: str | None = None, quiet: bool = False
 ) -> None:
     server = MockServer(config)
+    # A client that hangs up mid-answer (killed, timed out, cancelled) is normal here, not an
+    # error worth a traceback.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=True, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=BACKLOG)
     await site.start()
     bound = _bound_port(site)
     if port_file:

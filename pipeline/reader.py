@@ -162,7 +162,7 @@ class Parsed:
 class LineParser:
     """Turns one raw input line into a `Request`, or raises `InputError`."""
 
-    def __init__(self, settings: Settings, *, estimate_tokens: bool) -> None:
+    def __init__(self, settings: Settings, *, exact_tokens: bool = False) -> None:
         self.defaults = dict(settings.request)
         self.default_model = settings.default_model
         self.template: Template | None = None
@@ -170,7 +170,7 @@ class LineParser:
             self.template = compile_template(settings.template, where=str(settings.job_file))
         self.base = settings.input.parent
         self.max_line_bytes = settings.max_line_bytes
-        self.estimator = TokenEstimator() if estimate_tokens else None
+        self.estimator = TokenEstimator(exact=exact_tokens)
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -250,9 +250,8 @@ class LineParser:
             model=str(model),
             stream=stream,
         )
-        if self.estimator is not None:
-            request.prompt_tokens = self.estimator.prompt_tokens(body)
-            request.max_completion_tokens = max_completion_tokens(body)
+        request.prompt_tokens = self.estimator.prompt_tokens(body)
+        request.max_completion_tokens = max_completion_tokens(body)
         return request
 
 

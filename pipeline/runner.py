@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
-from pipeline.client import check_reachable, open_client
+from pipeline.adaptive import MARGIN, RateFinder
+from pipeline.client import Client, check_reachable, open_client
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
 from pipeline.ledger import Ledger
-from pipeline.limits import Pacer
+from pipeline.limits import Pacer, Window
 from pipeline.progress import Progress
 from pipeline.reader import LineParser, ReadCounts, count_lines, feed, open_input
 from pipeline.report import usage_document, write_reports
@@ -122,20 +123,7 @@ async def run(settings: Settings) -> Summary:
 
 
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summary:
-    started = time.time()
-    redact = Redactor(api_key)
-    usage = Usage.from_state(ledger.get("usage"))
-    reconcile(settings.output, ledger, usage)
-    ledger.start_run()
-    before = usage.outcomes.copy()
-    attempts_before = usage.attempts
-    writer = Writer(settings.output, ledger, usage, redact)
-    writer.rewrite_errors()
-    counts = ReadCounts()
-    control = Control(grace=settings.grace)
-    parser = LineParser(settings, estimate_tokens=bool(settings.tpm or settings.max_cost))
-    progress = Progress(settings, counts, writer, usage)
-    writer.on_input_error = progress.input_error
+    job = Run(settings, ledger, api_key)
     try:
         await check_reachable(settings.base_url)
         async with open_client(
@@ -144,153 +132,163 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
             concurrency=settings.concurrency,
             request_timeout=settings.timeout,
         ) as client:
-            worker = Worker(
-                client=client,
-                retry=RetryPolicy(
-                    max_attempts=settings.max_attempts,
-                    max_time=settings.max_retry_time,
-                    base=settings.backoff_base,
-                    cap=settings.backoff_max,
-                ),
-                pacer=Pacer(rpm=settings.rpm, tpm=settings.tpm),
-                control=control,
-                usage=usage,
-            )
-            await _dispatch(settings, parser, ledger, writer, worker, control, counts, progress)
+            await job.dispatch(client)
     except RunStopped as e:
-        control.stop(e)
+        job.control.stop(e)
     finally:
-        progress.close()
-        await writer.checkpoint()
-        if counts.finished:
-            ledger.forget_stale(counts.read)
-        failed_now = writer.rewrite_errors()
-        writer.close()
-    return _finish(
-        settings, ledger, usage, writer, control, counts, before, attempts_before, started, failed_now, redact
-    )
+        failed_now = await job.close()
+    return job.finish(failed_now)
 
 
-async def _dispatch(
-    settings: Settings,
-    parser: LineParser,
-    ledger: Ledger,
-    writer: Writer,
-    worker: Worker,
-    control: Control,
-    counts: ReadCounts,
-    progress: Progress,
-) -> None:
-    size = max(2 * settings.concurrency, 16)
-    requests_send: MemoryObjectSendStream[Request]
-    requests_recv: MemoryObjectReceiveStream[Request]
-    requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
-    outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](size)
-    async with anyio.create_task_group() as outer:
-        outer.start_soon(writer.consume, outcomes_recv)
-        outer.start_soon(writer.sync_forever)
-        outer.start_soon(progress.tick)
-        outer.start_soon(watch_signals, control)
-        outer.start_soon(_count_total, settings.input, counts)
-        with anyio.CancelScope() as work_scope:
-            control.work_scope = work_scope
-            async with anyio.create_task_group() as tg:
-                reader_scope = anyio.CancelScope()
-                control.scopes.append(reader_scope)
-                tg.start_soon(
-                    _read,
-                    reader_scope,
-                    settings.input,
-                    parser,
-                    ledger,
-                    requests_send,
-                    outcomes_send.clone(),
-                    counts,
-                )
-                for _ in range(settings.concurrency):
-                    tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone())
-                requests_recv.close()
-                outcomes_send.close()
-        # Everything that will be written has been sent; let the writer drain, then stop.
-        await writer.drained.wait()
-        outer.cancel_scope.cancel()
+class Run:
+    """One run's state, from the folder opened to the summary returned."""
 
+    def __init__(self, settings: Settings, ledger: Ledger, api_key: str | None) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.started = time.time()
+        self.redact = Redactor(api_key)
+        self.usage = Usage.from_state(ledger.get("usage"))
+        reconcile(settings.output, ledger, self.usage)
+        ledger.start_run()
+        self.before = self.usage.outcomes.copy()
+        self.attempts_before = self.usage.attempts
+        self.writer = Writer(settings.output, ledger, self.usage, self.redact)
+        self.writer.rewrite_errors()
+        self.counts = ReadCounts()
+        self.control = Control(grace=settings.grace)
+        # Exact token counts load a 45 MB vocabulary: only where a token budget needs them.
+        self.parser = LineParser(settings, exact_tokens=bool(settings.tpm or settings.max_cost))
+        self.progress = Progress(settings, self.counts, self.writer, self.usage)
+        self.writer.on_input_error = self.progress.input_error
+        # Pace a little under a stated limit: it absorbs the jitter between our clock and the
+        # server's counting window, which would otherwise turn into 429s at its boundaries.
+        request_rate = settings.rpm / 60 * MARGIN if settings.rpm else None
+        token_rate = settings.tpm / 60 * MARGIN if settings.tpm else None
+        self.pacer = Pacer(request_rate=request_rate, token_rate=token_rate)
+        self.window = Window(settings.concurrency)
+        self.finder = RateFinder(
+            self.pacer, self.window, ceiling=request_rate, tpm_given=token_rate is not None
+        )
+        self.retry = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            max_time=settings.max_retry_time,
+            base=settings.backoff_base,
+            cap=settings.backoff_max,
+        )
 
-async def _read(scope: anyio.CancelScope, *args: Any) -> None:
-    with scope:
-        await feed(*args)
+    async def dispatch(self, client: Client) -> None:
+        settings, control, writer = self.settings, self.control, self.writer
+        worker = Worker(
+            client=client,
+            retry=self.retry,
+            pacer=self.pacer,
+            window=self.window,
+            finder=self.finder,
+            control=control,
+            usage=self.usage,
+        )
+        size = max(2 * settings.concurrency, 16)
+        requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
+        outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](size)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(writer.consume, outcomes_recv)
+            outer.start_soon(writer.sync_forever)
+            outer.start_soon(self.progress.tick)
+            outer.start_soon(watch_signals, control)
+            outer.start_soon(self._count_total)
+            with anyio.CancelScope() as work_scope:
+                control.work_scope = work_scope
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read, requests_send, outcomes_send.clone())
+                    for _ in range(settings.concurrency):
+                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone())
+                    requests_recv.close()
+                    outcomes_send.close()
+            # Everything that will be written has been sent: let the writer drain, then stop.
+            await writer.drained.wait()
+            outer.cancel_scope.cancel()
 
+    async def _read(
+        self, requests: MemoryObjectSendStream[Request], failures: MemoryObjectSendStream[Outcome]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            self.control.scopes.append(scope)  # stopping the run stops the reader at once
+            await feed(self.settings.input, self.parser, self.ledger, requests, failures, self.counts)
 
-async def _count_total(path: Path, counts: ReadCounts) -> None:
-    counts.total = await anyio.to_thread.run_sync(count_lines, path, abandon_on_cancel=True)
+    async def _count_total(self) -> None:
+        total = await anyio.to_thread.run_sync(count_lines, self.settings.input, abandon_on_cancel=True)
+        self.counts.total = total
 
+    async def close(self) -> int:
+        """Write everything down; returns how many lines errors.jsonl lists now."""
+        self.progress.close()
+        await self.writer.checkpoint()
+        if self.counts.finished:
+            self.ledger.forget_stale(self.counts.read)
+        failed_now = self.writer.rewrite_errors()
+        self.writer.close()
+        return failed_now
 
-def _finish(
-    settings: Settings,
-    ledger: Ledger,
-    usage: Usage,
-    writer: Writer,
-    control: Control,
-    counts: ReadCounts,
-    before: Any,
-    attempts_before: int,
-    started: float,
-    failed_now: int,
-    redact: Redactor,
-) -> Summary:
-    wall = time.time() - started
-    if counts.total is None:
-        counts.total = count_lines(settings.input)
-    delta = usage.outcomes - before
-    total = counts.total
-    pending = (
-        0
-        if counts.finished and control.dispatching
-        else max(total - counts.empty - counts.skipped - writer.written, 0)
-    )
-    if control.interrupted:
-        code, note = 130, "interrupted: run the same command again to resume"
-    elif control.stopped is not None:
-        code, note = 3, control.stopped.args[0]
-    elif failed_now:
-        code, note = 1, f"{failed_now:,} line(s) failed: see {settings.output / 'errors.jsonl'}"
-    else:
-        code, note = 0, "every request succeeded"
-    usage.runs.append(
-        {
-            "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+    def finish(self, failed_now: int) -> Summary:
+        settings, control, counts, usage = self.settings, self.control, self.counts, self.usage
+        wall = time.time() - self.started
+        if counts.total is None:
+            counts.total = count_lines(settings.input)
+        delta = usage.outcomes - self.before
+        total = counts.total
+        pending = 0
+        if not (counts.finished and control.dispatching):
+            pending = max(total - counts.empty - counts.skipped - self.writer.written, 0)
+        if control.interrupted:
+            code, note = EXIT_INTERRUPTED, "interrupted: run the same command again to resume"
+        elif control.stopped is not None:
+            code, note = EXIT_STOPPED, control.stopped.args[0]
+        elif failed_now:
+            code, note = (
+                EXIT_FAILURES,
+                f"{failed_now:,} line(s) failed: see {settings.output / 'errors.jsonl'}",
+            )
+        else:
+            code, note = EXIT_OK, "every request succeeded"
+        note = self.redact.text(note)
+        record: dict[str, Any] = {
+            "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
             "wall_seconds": round(wall, 3),
             "succeeded": delta.get("succeeded", 0),
             "failed": delta.get("failed", 0),
             "invalid_input": delta.get("invalid_input", 0),
             "skipped": counts.skipped,
             "pending": pending,
-            "attempts": usage.attempts - attempts_before,
+            "attempts": usage.attempts - self.attempts_before,
+            "rate_cuts": self.finder.cuts,
             "exit": code,
-            "note": redact.text(note),
+            "note": note,
         }
-    )
-    ledger.put("usage", usage.state())
-    ledger.commit()
-    state = {
-        "succeeded": ledger.done_count,
-        "failed": failed_now,
-        "pending": pending,
-        "lines": total,
-    }
-    doc = usage_document(usage, state=state, folder=settings.output)
-    write_reports(settings.output, doc, redact)
-    return Summary(
-        exit_code=code,
-        message=redact.text(note),
-        output=settings.output,
-        succeeded=delta.get("succeeded", 0),
-        failed=delta.get("failed", 0),
-        invalid_input=delta.get("invalid_input", 0),
-        skipped=counts.skipped,
-        pending=pending,
-        usage=doc,
-    )
+        if self.pacer.request_rate is not None:
+            record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
+        usage.runs.append(record)
+        self.ledger.put("usage", usage.state())
+        self.ledger.commit()
+        state = {
+            "succeeded": self.ledger.done_count,
+            "failed": failed_now,
+            "pending": pending,
+            "lines": total,
+        }
+        doc = usage_document(usage, state=state, folder=settings.output)
+        write_reports(settings.output, doc, self.redact)
+        return Summary(
+            exit_code=code,
+            message=note,
+            output=settings.output,
+            succeeded=delta.get("succeeded", 0),
+            failed=delta.get("failed", 0),
+            invalid_input=delta.get("invalid_input", 0),
+            skipped=counts.skipped,
+            pending=pending,
+            usage=doc,
+        )
 
 
 def run_sync(settings: Settings) -> Summary:

@@ -54,8 +54,8 @@ class Settings:
     quiet: bool = False
     # Backoff before retry n is uniform in [0, min(backoff_max, backoff_base * 2**(n-1))],
     # and never shorter than the server's Retry-After.
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    backoff_base: float = 0.25
+    backoff_max: float = 30.0
     request: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     template: Mapping[str, Any] | None = None
     prices: Mapping[str, Price] = field(default_factory=lambda: EMPTY)

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline.adaptive import RateFinder
 from pipeline.client import Client
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
 from pipeline.job import Failure, Outcome, Reply, Request, Success
-from pipeline.limits import Pacer
+from pipeline.limits import Pacer, Window
 from pipeline.retry import RetryPolicy
 from pipeline.usage import Usage
 
@@ -69,11 +70,21 @@ def _tokens_used(reply: Reply) -> int:
 
 class Worker:
     def __init__(
-        self, *, client: Client, retry: RetryPolicy, pacer: Pacer, control: Control, usage: Usage
+        self,
+        *,
+        client: Client,
+        retry: RetryPolicy,
+        pacer: Pacer,
+        window: Window,
+        finder: RateFinder,
+        control: Control,
+        usage: Usage,
     ) -> None:
         self.client = client
         self.retry = retry
         self.pacer = pacer
+        self.window = window
+        self.finder = finder
         self.control = control
         self.usage = usage
 
@@ -111,21 +122,29 @@ class Worker:
             nonlocal attempts
             if not control.dispatching:
                 raise Abandoned
-            reserved = request.token_estimate if pacer.tpm else 0
-            await pacer.acquire(reserved)
-            if not control.dispatching:
-                pacer.settle(reserved, 0)
-                raise Abandoned
-            attempts += 1
+            reserved = request.token_estimate if pacer.token_rate else 0
+            # A slot in flight first, then the start time: so a paced start is not spent
+            # waiting for a slot.
+            await self.window.acquire()
             try:
-                reply = await self.client.complete(request)
-            except RequestError as e:
-                usage.answer(answer_key(e))
-                # A refused request is not counted against the token budget by the server.
-                pacer.settle(reserved, 0 if isinstance(e, HTTPStatusError) else reserved)
-                raise
+                await pacer.acquire(reserved)
+                if not control.dispatching:
+                    pacer.settle(reserved, 0)
+                    raise Abandoned
+                attempts += 1
+                epoch = self.finder.epoch
+                try:
+                    reply = await self.client.complete(request)
+                except RequestError as e:
+                    self._answered_with(e, reserved, epoch)
+                    raise
+            finally:
+                self.window.release()
             usage.answer("200")
             pacer.settle(reserved, _tokens_used(reply))
+            self.finder.success(epoch)
+            if reply.limits:
+                self.finder.headers(reply.limits)
             control.forbidden_streak = 0
             return reply
 
@@ -149,6 +168,17 @@ class Worker:
                 model=request.model,
             )
         return Success(request=request, reply=reply, attempts=attempts)
+
+    def _answered_with(self, error: RequestError, reserved: int, epoch: int) -> None:
+        self.usage.answer(answer_key(error))
+        # A refused request is not counted against the token budget by the server.
+        self.pacer.settle(reserved, 0 if isinstance(error, HTTPStatusError) else reserved)
+        if error.limits:
+            self.finder.headers(error.limits)
+        if error.status in (429, 503) and isinstance(error, HTTPStatusError):
+            self.finder.pushback(error.retry_after, epoch)
+        else:
+            self.finder.failure(epoch)
 
     def _stops_run(self, error: RequestError) -> bool:
         """401 and 402 stop the whole run at once; so does a streak of 403s."""

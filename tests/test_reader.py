@@ -21,7 +21,7 @@ def parser(tmp_path: Path, job: str | None = None, **flags: object) -> LineParse
         job_path.write_text(job)
     flags.setdefault("input", str(tmp_path / "in.jsonl"))
     flags.setdefault("output", str(tmp_path / "out"))
-    return LineParser(build(job_path, **flags), estimate_tokens=True)
+    return LineParser(build(job_path, **flags), exact_tokens=True)
 
 
 def request(p: LineParser, row: object, *, line: int = 1):

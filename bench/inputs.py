@@ -1,0 +1,137 @@
+"""The generated input (bare request bodies, one a line) and the ids a client got back."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.mock import completion
+
+MODEL = "bench/model"
+MAX_TOKENS = 64
+_WORDS = (
+    "harbour",
+    "lantern",
+    "granite",
+    "meadow",
+    "copper",
+    "violet",
+    "orchard",
+    "thunder",
+    "saddle",
+    "pebble",
+    "ember",
+    "quartz",
+    "willow",
+    "beacon",
+    "canyon",
+    "marble",
+    "falcon",
+    "juniper",
+    "velvet",
+    "glacier",
+    "timber",
+    "cobalt",
+    "prairie",
+    "hollow",
+    "summit",
+    "cedar",
+    "ripple",
+    "amber",
+    "tundra",
+    "compass",
+)
+
+
+def _prompt(rng: random.Random, n: int) -> str:
+    words = [f"Describe item {n} in one short paragraph:"]
+    size = len(words[0])
+    while size < 200:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+def custom_id(n: int, width: int) -> str:
+    return f"r-{n:0{width}d}"
+
+
+def input_file(folder: Path, lines: int) -> Path:
+    """`folder/requests-N.jsonl`, written streaming on first use and reused after."""
+    path = folder / f"requests-{lines}.jsonl"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    rng = random.Random(lines)
+    width = max(6, len(str(lines)))
+    with tmp.open("wb", buffering=1 << 20) as out:
+        for n in range(1, lines + 1):
+            body = {
+                "custom_id": custom_id(n, width),
+                "model": MODEL,
+                "messages": [{"role": "user", "content": _prompt(rng, n)}],
+                "max_tokens": MAX_TOKENS,
+            }
+            out.write(orjson.dumps(body) + b"\n")
+    tmp.replace(path)  # only a whole file ever has the final name
+    return path
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def input_ids(path: Path) -> set[str]:
+    return {str(doc["custom_id"]) for doc in _lines(path)}
+
+
+def mean_token_cost(path: Path, sample: int = 2000) -> float:
+    """Tokens the mock's --tpm limit counts per request: what its answer uses (prompt +
+    completion), as the mock computes it."""
+    total = count = 0
+    for doc in _lines(path):
+        total += completion(doc, cost=False)["usage"]["total_tokens"]
+        count += 1
+        if count == sample:
+            break
+    return total / max(count, 1)
+
+
+def _completion(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The chat completion in a result line: pipeline's Batch shape or the naive client's."""
+    response = doc.get("response")
+    if not isinstance(response, dict):
+        return None
+    body = response.get("body", response)
+    return body if isinstance(body, dict) else None
+
+
+def answered_ids(path: Path) -> tuple[set[str], int]:
+    """Ids whose result holds a real completion (a message in a choice), and the count of
+    result lines that do not (an error inside a 200 or a malformed body kept as a result)."""
+    ids: set[str] = set()
+    bad = 0
+    if not path.exists():
+        return ids, bad
+    for doc in _lines(path):
+        body = _completion(doc)
+        choices = body.get("choices") if body else None
+        if (
+            isinstance(choices, list)
+            and choices
+            and isinstance(choices[0], dict)
+            and choices[0].get("message")
+        ):
+            ids.add(str(doc.get("custom_id")))
+        else:
+            bad += 1
+    return ids, bad

@@ -1,0 +1,126 @@
+"""One `pipeline mock` process on 127.0.0.1, started fresh per client run so that its
+counters (GET /mock/stats) are that client's alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+_START_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockFlags:
+    """The mock's switches, as `pipeline mock` spells them."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    fail_rate: float = 0.0
+    rate_429: float = 0.0
+    retry_after: float = 1.0
+    drop_rate: float = 0.0
+    malformed_rate: float = 0.0
+    error_rate: float = 0.0
+    rpm: float | None = None
+    tpm: float | None = None
+    ratelimit_headers: bool = False
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        for name in (
+            "latency_ms",
+            "jitter_ms",
+            "fail_rate",
+            "rate_429",
+            "retry_after",
+            "drop_rate",
+            "malformed_rate",
+            "error_rate",
+        ):
+            out += [f"--{name.replace('_', '-')}", f"{getattr(self, name):g}"]
+        if self.rpm:
+            out += ["--rpm", f"{self.rpm:g}"]
+        if self.tpm:
+            out += ["--tpm", f"{self.tpm:g}"]
+        if self.ratelimit_headers:
+            out.append("--ratelimit-headers")
+        return out
+
+    def describe(self) -> str:
+        parts = [f"latency {self.latency_ms:g} ms"]
+        if self.jitter_ms:
+            parts.append(f"jitter {self.jitter_ms:g} ms")
+        faults = {
+            "5xx": self.fail_rate,
+            "429": self.rate_429,
+            "drops": self.drop_rate,
+            "malformed": self.malformed_rate,
+            "errors in 200": self.error_rate,
+        }
+        parts += [f"{rate:.0%} {name}" for name, rate in faults.items() if rate]
+        if self.rate_429:
+            parts.append(f"Retry-After {self.retry_after:g} s")
+        if self.rpm:
+            parts.append(f"--rpm {self.rpm:g}")
+        if self.tpm:
+            parts.append(f"--tpm {self.tpm:g}")
+        return ", ".join(parts)
+
+
+@dataclass
+class Mock:
+    url: str  # the base URL, ending in /v1
+    process: subprocess.Popen[bytes]
+    stats_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats_url = self.url.removesuffix("/v1") + "/mock/stats"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.stats_url, timeout=10) as response:
+            doc: dict[str, Any] = orjson.loads(response.read())
+        return doc
+
+    def cpu_seconds(self) -> float:
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+@contextmanager
+def running_mock(flags: MockFlags, *, log: Path) -> Iterator[Mock]:
+    """The mock, its output in `log` (aiohttp logs a traceback for every client that hangs up
+    mid-request, as a killed client does)."""
+    with tempfile.TemporaryDirectory(prefix="bench-mock-") as tmp, log.open("wb") as out:
+        port_file = Path(tmp) / "port"
+        cmd = [PIPELINE, "mock", "--port", "0", "--port-file", str(port_file), "--quiet", *flags.args()]
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # The mock announces itself only through the port file, so look for it; a
+            # harness may poll where the product may not.
+            deadline = time.monotonic() + _START_TIMEOUT
+            while not port_file.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"the mock exited with {process.returncode}: {' '.join(cmd)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the mock did not start within {_START_TIMEOUT:g} s")
+                time.sleep(0.05)
+            yield Mock(url=f"http://127.0.0.1:{int(port_file.read_text())}/v1", process=process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,313 @@
+"""The scenarios, each a function of the options and of the scenarios already run (a later one
+compares itself with an earlier one's figures, or runs the reference it needs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from bench.inputs import input_file, mean_token_cost
+from bench.measure import StopWhen, plateau
+from bench.mock import MockFlags
+from bench.report import Check, ScenarioResult
+from bench.runs import BARE, NAIVE, PIPELINE_RUN, Client, ClientRun, Kind, run_client
+
+LATENCY_MS = 50.0
+FAULTS = MockFlags(
+    latency_ms=LATENCY_MS,
+    fail_rate=0.05,
+    rate_429=0.02,
+    retry_after=1.0,
+    drop_rate=0.01,
+    malformed_rate=0.01,
+    error_rate=0.01,
+)
+RPM = 3000.0
+TPM = 300_000.0
+RSS_TARGET_MB = 100.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    out: Path
+    requests: int = 10_000  # clean, latency, faults
+    rate_requests: int = 3_000  # rpm, tpm
+    lines: int = 1_000_000  # memory
+    concurrency: int = 256
+    naive_cap: float = 60.0  # seconds the naive client may load the memory input
+
+
+Done = dict[str, ScenarioResult]
+Scenario = Callable[[Options, Done], ScenarioResult]
+
+
+def _slug(client: Client) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", client.name.lower()).strip("-")
+
+
+@cache
+def _startup_cpu(out: Path, kind: Kind) -> float:
+    """CPU seconds a client spends on an empty input: start-up, imports, shut-down."""
+    print(f"[bench] start-up cost of {kind} (empty input) ...", file=sys.stderr, flush=True)
+    client = Client(name=f"{kind} start-up", kind=kind)
+    empty = input_file(out / "inputs", 0)
+    run = run_client(
+        client, input=empty, flags=MockFlags(), folder=out / "runs" / "startup" / kind, concurrency=1
+    )
+    return run.measurement.cpu
+
+
+def _run(
+    name: str,
+    opts: Options,
+    client: Client,
+    input: Path,
+    flags: MockFlags,
+    *,
+    stop_when: StopWhen | None = None,
+    keep_results: bool = True,
+) -> ClientRun:
+    print(f"[bench] {name}: {client.name} on {input.name} ...", file=sys.stderr, flush=True)
+    run = run_client(
+        client,
+        input=input,
+        flags=flags,
+        folder=opts.out / "runs" / name / _slug(client),
+        concurrency=opts.concurrency,
+        stop_when=stop_when,
+        keep_results=keep_results,
+    )
+    run.startup_cpu = _startup_cpu(opts.out, client.kind)
+    m = run.measurement
+    print(
+        f"[bench]   exit {m.exit_code}, {m.wall:.1f} s, {run.succeeded:,} succeeded, {run.lost:,} lost",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run
+
+
+def _ratio(check: str, a: float, b: float, target: float | None) -> Check:
+    ratio = a / b if b else float("inf")
+    if target is None:
+        return Check(check, f"{ratio:.2f}x")
+    return Check(check, f"{ratio:.2f}x", f"≤ {target:g}x", ratio <= target)
+
+
+def _versus(pipe: ClientRun, other: ClientRun, *, cpu: float | None, wall: float | None) -> list[Check]:
+    who = f"pipeline / {other.client.name}"
+    checks = [_ratio(f"{who}, CPU per request", pipe.cpu_ms_per_request, other.cpu_ms_per_request, cpu)]
+    if pipe.net_cpu_ms_per_request is not None and other.net_cpu_ms_per_request is not None:
+        net = _ratio(
+            f"{who}, CPU per request net of start-up",
+            pipe.net_cpu_ms_per_request,
+            other.net_cpu_ms_per_request,
+            None,
+        )
+        checks.append(net)
+    checks.append(_ratio(f"{who}, wall", pipe.measurement.wall, other.measurement.wall, wall))
+    return checks
+
+
+def _peak(run: ClientRun) -> float:
+    return max(run.measurement.peak_rss_mb, run.measurement.maxrss_mb)
+
+
+def _rss_check(run: ClientRun) -> Check:
+    peak = _peak(run)
+    return Check(
+        f"{run.client.name} peak RSS", f"{peak:.1f} MB", f"≤ {RSS_TARGET_MB:g} MB", peak <= RSS_TARGET_MB
+    )
+
+
+def _lost_check(run: ClientRun) -> Check:
+    return Check(f"{run.client.name} lost jobs", f"{run.lost:,}", "0", run.lost == 0)
+
+
+def _throughput(name: str, title: str, opts: Options, flags: MockFlags) -> ScenarioResult:
+    load = os.getloadavg()
+    input = input_file(opts.out / "inputs", opts.requests)
+    runs = [_run(name, opts, c, input, flags) for c in (BARE, NAIVE, PIPELINE_RUN)]
+    bare, naive, pipe = runs
+    checks = [
+        *_versus(pipe, bare, cpu=1.5, wall=2.0),
+        *_versus(pipe, naive, cpu=None, wall=None),
+        _rss_check(pipe),
+        _lost_check(pipe),
+    ]
+    return ScenarioResult(name, title, runs, checks, load_before=load)
+
+
+def clean(opts: Options, done: Done) -> ScenarioResult:
+    title = f"{opts.requests:,} requests, concurrency {opts.concurrency}, mock: 0 ms, no faults"
+    return _throughput("clean", title, opts, MockFlags())
+
+
+def latency(opts: Options, done: Done) -> ScenarioResult:
+    title = f"{opts.requests:,} requests, concurrency {opts.concurrency}, mock: {LATENCY_MS:g} ms, no faults"
+    return _throughput("latency", title, opts, MockFlags(latency_ms=LATENCY_MS))
+
+
+@dataclass(frozen=True)
+class Reference:
+    run: ClientRun
+    source: str
+    own: bool  # run here, so a row of this scenario's table
+
+
+def _reference(name: str, of: str, opts: Options, done: Done, flags: MockFlags, lines: int) -> Reference:
+    """pipeline's run in scenario `of`, or a run of its own when `of` was not run (or not on
+    `lines` lines) in this session."""
+    earlier = done.get(of)
+    if earlier is not None and earlier.run(PIPELINE_RUN.name).requests == lines:
+        return Reference(earlier.run(PIPELINE_RUN.name), f"the `{of}` scenario's pipeline run", own=False)
+    client = Client(name=f"pipeline ({of} ref.)", kind="pipeline")
+    run = _run(name, opts, client, input_file(opts.out / "inputs", lines), flags)
+    return Reference(run, f"a reference run as in `{of}` (row `{client.name}`)", own=True)
+
+
+def faults(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    title = f"{opts.requests:,} requests, concurrency {opts.concurrency}, mock: {FAULTS.describe()}"
+    input = input_file(opts.out / "inputs", opts.requests)
+    runs = [_run("faults", opts, c, input, FAULTS) for c in (BARE, NAIVE, PIPELINE_RUN)]
+    bare, naive, pipe = runs
+    reference = _reference("faults", "latency", opts, done, MockFlags(latency_ms=LATENCY_MS), opts.requests)
+    ref = reference.run
+    if reference.own:
+        runs.append(ref)
+    checks = [
+        _lost_check(pipe),
+        _ratio(
+            "pipeline wall under faults / without (latency)", pipe.measurement.wall, ref.measurement.wall, 1.3
+        ),
+        Check("pipeline answers paid twice (mock answered_twice)", f"{pipe.mock.get('answered_twice', 0):,}"),
+        *_versus(pipe, bare, cpu=None, wall=None),
+        *_versus(pipe, naive, cpu=None, wall=None),
+        _rss_check(pipe),
+    ]
+    notes = [
+        f"wall without faults from {reference.source}: {ref.measurement.wall:.2f} s",
+        "the bare loop sends each request once and retries nothing: its `lost` is the fault rate",
+        f"mock answers for pipeline: {pipe.mock.get('statuses')}",
+    ]
+    return ScenarioResult("faults", title, runs, checks, notes, load_before=load)
+
+
+def _rate_checks(run: ClientRun, limit: float, *, given: bool) -> list[Check]:
+    rate = run.steady_rate() or 0.0
+    least, most = (0.97, 0.005) if given else (0.90, 0.02)
+    return [
+        Check(
+            f"{run.client.name}: steady rate",
+            f"{rate / limit:.1%} of the limit",
+            f"≥ {least:.0%}",
+            rate >= least * limit,
+        ),
+        Check(
+            f"{run.client.name}: 429s",
+            f"{run.share_429:.2%} of answers",
+            f"≤ {most:.1%}",
+            run.share_429 <= most,
+        ),
+        _lost_check(run),
+    ]
+
+
+def rpm(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    flags = MockFlags(latency_ms=LATENCY_MS, rpm=RPM)
+    title = f"{opts.rate_requests:,} requests, concurrency {opts.concurrency}, mock: {flags.describe()}"
+    input = input_file(opts.out / "inputs", opts.rate_requests)
+    given = Client(name=f"pipeline --rpm {RPM:g}", kind="pipeline", rpm=RPM)
+    unknown = Client(name="pipeline, no --rpm", kind="pipeline")
+    runs = [_run("rpm", opts, c, input, flags) for c in (given, unknown, NAIVE)]
+    limit = RPM / 60
+    checks = [*_rate_checks(runs[0], limit, given=True), *_rate_checks(runs[1], limit, given=False)]
+    notes = [
+        f"limit: {limit:g} requests a second, counted by the mock per wall-clock second",
+        "steady req/s: the mock's accepted requests a second, first and last (partial) seconds left out;"
+        " overall: succeeded / the client's wall time, start-up included",
+    ]
+    return ScenarioResult("rpm", title, runs, checks, notes, limit_per_second=limit, load_before=load)
+
+
+def tpm(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    flags = MockFlags(latency_ms=LATENCY_MS, tpm=TPM)
+    title = f"{opts.rate_requests:,} requests, concurrency {opts.concurrency}, mock: {flags.describe()}"
+    input = input_file(opts.out / "inputs", opts.rate_requests)
+    cost = mean_token_cost(input)
+    given = Client(name=f"pipeline --tpm {TPM:g}", kind="pipeline", tpm=TPM)
+    runs = [_run("tpm", opts, c, input, flags) for c in (given, NAIVE)]
+    limit = TPM / 60 / cost
+    checks = _rate_checks(runs[0], limit, given=True)
+    notes = [
+        f"limit: {TPM / 60:,.0f} tokens a second; the mock counts {cost:.1f} a request (prompt +"
+        f" completion, as its answers use them), so {limit:.1f} requests a second",
+    ]
+    return ScenarioResult("tpm", title, runs, checks, notes, limit_per_second=limit, load_before=load)
+
+
+def memory(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    title = f"{opts.lines:,} lines, concurrency {opts.concurrency}, mock: 0 ms, no faults"
+    started = time.perf_counter()
+    reused = (opts.out / "inputs" / f"requests-{opts.lines}.jsonl").exists()
+    big = input_file(opts.out / "inputs", opts.lines)
+    made = "reused" if reused else f"generated in {time.perf_counter() - started:.0f} s"
+    pipe = _run("memory", opts, PIPELINE_RUN, big, MockFlags(), keep_results=False)
+    reference = _reference("memory", "clean", opts, done, MockFlags(), opts.requests)
+    ref = reference.run
+    naive = _run(
+        "memory", opts, NAIVE, big, MockFlags(), stop_when=plateau(cap=opts.naive_cap), keep_results=False
+    )
+    low, median, high = pipe.measurement.steady()
+    ratio = _peak(pipe) / _peak(ref)
+    checks = [
+        _rss_check(pipe),
+        Check(
+            f"pipeline peak RSS, {opts.lines:,} lines / {ref.requests:,} lines",
+            f"{_peak(pipe):.1f} / {_peak(ref):.1f} MB = {ratio:.2f}x",
+            "≤ 1.10x",
+            ratio <= 1.10,
+        ),
+        _lost_check(pipe),
+    ]
+    samples = ", ".join(f"{t:.0f} s: {mb:.0f} MB" for t, mb in pipe.measurement.timeline(8))
+    loaded = next((e for e in naive.events if e.get("event") == "loaded"), None)
+    notes = [
+        f"input: {big} ({big.stat().st_size / 1e6:,.0f} MB, {made})",
+        f"pipeline RSS after the first 10% of the run: min {low:.1f}, median {median:.1f}, peak {high:.1f} MB",
+        f"pipeline RSS over time: {samples}",
+        f"the {ref.requests:,}-line peak is from {reference.source}",
+        (
+            f"naive client: loaded {loaded['lines']:,} lines in {loaded['seconds']:.1f} s, RSS then {loaded['maxrss_mb']:,.0f} MB;"
+            if loaded
+            else "naive client: never finished loading the file;"
+        )
+        + f" peak {_peak(naive):,.0f} MB after {naive.measurement.wall:.0f} s"
+        + (
+            " (stopped by the harness once RSS stopped growing, or at the cap)"
+            if naive.measurement.killed
+            else ""
+        ),
+    ]
+    runs = [pipe, naive] + ([ref] if reference.own else [])
+    return ScenarioResult("memory", title, runs, checks, notes, load_before=load)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "clean": clean,
+    "latency": latency,
+    "faults": faults,
+    "rpm": rpm,
+    "tpm": tpm,
+    "memory": memory,
+}

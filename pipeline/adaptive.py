@@ -1,0 +1,193 @@
+"""Finding a rate limit nobody stated, the way TCP finds a link's capacity.
+
+The signal is the server pushing back (429, or 503 for overload), read as a trend in the
+answers to what was sent since the last change of pace, never one by one: behind an
+aggregator a scattered 429 from one upstream says little about our own rate and only delays
+its own request (by its Retry-After, in the retry policy).
+
+- A strong trend (15 % of answers pushed back) means the server is saturated. What it lets
+  through meanwhile, the successes per second, *is* its limit: the pool pauses for the
+  Retry-After, the in-flight window halves, and the rate is set just under that limit.
+- Once a limit is known, and ten seconds after any change of pace, the rate creeps up by
+  0.2 % of the limit a second while the pacer is what holds requests back, to learn whether
+  the limit has risen. A mild trend above the
+  known limit (1 %) sets it back just under the limit, with no pause: overshoot stays small,
+  and scattered 429s cannot ratchet the rate down, since it is never cut below the limit.
+- Until a limit is found, requests are not paced at all: one check each, no timer.
+
+Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
+stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+
+from pipeline.limits import Pacer, Window
+
+BUCKET = 0.1  # seconds per bucket of the sliding window
+BUCKETS = 20  # two seconds of answers
+STRONG_SHARE, STRONG_MIN = 0.15, 8  # saturated: a limit is found (or has dropped)
+HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly
+MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
+HOLD = 0.97  # the pace, as a share of the known limit
+STEP = 0.002  # growth a second while probing, as a share of the known limit
+SETTLE = 10.0  # seconds at the new pace after a change, before probing again
+MARGIN = 0.98  # of a limit the server or the user states
+MAX_PAUSE = 120.0
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(value: str) -> float | None:
+    """`x-ratelimit-reset-*` values such as "1s", "6m0s", "20ms" or a plain "0.5"."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    return sum(float(n) * _UNIT[u] for n, u in parts) if parts else None
+
+
+def _per_second(per_minute: str | None) -> float | None:
+    try:
+        value = float(per_minute) if per_minute else 0.0
+    except ValueError:
+        return None
+    return value / 60 * MARGIN if value > 0 else None
+
+
+class RateFinder:
+    def __init__(
+        self,
+        pacer: Pacer,
+        window: Window,
+        *,
+        ceiling: float | None = None,
+        tpm_given: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pacer = pacer
+        self.window = window
+        self.ceiling = ceiling  # requests a second allowed (by the user or the server)
+        self.rpm_given = ceiling is not None
+        self.tpm_given = tpm_given
+        self.clock = clock
+        self.limit: float | None = None  # requests a second the server was seen to accept
+        self.cuts = 0
+        self.epoch = 0  # changes with every change of pace; answers report the one they were sent in
+        self._epoch_start = clock()
+        self._ok = [0] * BUCKETS
+        self._back = [0] * BUCKETS
+        self._all = [0] * BUCKETS
+        self._bucket = 0
+        self._next_step = 0.0
+        self._probe_after = 0.0
+        self._waits = 0
+
+    # -- the sliding window of answers ---------------------------------------------------------
+
+    def _slot(self, now: float) -> int:
+        bucket = int(now / BUCKET)
+        if bucket != self._bucket:
+            for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
+                i = b % BUCKETS
+                self._ok[i] = self._back[i] = self._all[i] = 0
+            self._bucket = bucket
+        return bucket % BUCKETS
+
+    def _new_epoch(self, now: float) -> None:
+        """Judge the new pace on the answers to what is sent at that pace, not before."""
+        self.epoch += 1
+        self._epoch_start = now
+        self._probe_after = now + SETTLE
+        for j in range(BUCKETS):
+            self._ok[j] = self._back[j] = self._all[j] = 0
+
+    def _accepted(self, now: float) -> float:
+        """Successes a second over the window (at least a second, as servers count)."""
+        span = min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
+        return sum(self._ok) / span
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def success(self, epoch: int) -> None:
+        self.window.grow()
+        if epoch != self.epoch:
+            return
+        now = self.clock()
+        i = self._slot(now)
+        self._ok[i] += 1
+        self._all[i] += 1
+        if now >= self._next_step:
+            self._next_step = now + 1.0
+            self._probe(now)
+
+    def failure(self, epoch: int) -> None:
+        """An answer that is neither a success nor pushback (a 500, a timeout...)."""
+        if epoch == self.epoch:
+            self._all[self._slot(self.clock())] += 1
+
+    def pushback(self, retry_after: float | None, epoch: int) -> None:
+        if epoch != self.epoch:
+            return  # sent before the last change of pace
+        now = self.clock()
+        i = self._slot(now)
+        self._back[i] += 1
+        self._all[i] += 1
+        back, total = sum(self._back), sum(self._all)
+        if back >= HOLD_MIN and back >= HOLD_SHARE * total:
+            self.window.hold()  # a trend may be starting: stop the quick growth meanwhile
+        if back >= STRONG_MIN and back >= STRONG_SHARE * total:
+            accepted = self._accepted(now)
+            current = self.pacer.request_rate
+            self.limit = min(accepted, current) if current is not None else accepted
+            self.pacer.set_request_rate(max(self.limit * HOLD, 0.2))
+            pause = min(retry_after if retry_after is not None else 1.0, MAX_PAUSE)
+            self.pacer.pause(pause)
+            self.window.shrink()
+            self.cuts += 1
+            self._new_epoch(now + pause)
+        elif self.limit is not None and back >= MILD_MIN and back >= MILD_SHARE * total:
+            current = self.pacer.request_rate
+            hold = self.limit * HOLD
+            if current is not None and current > hold:
+                self.pacer.set_request_rate(hold)
+                self.cuts += 1
+                self._new_epoch(now)
+
+    def _probe(self, now: float) -> None:
+        binding = self.pacer.waits > self._waits
+        self._waits = self.pacer.waits
+        rate = self.pacer.request_rate
+        if self.limit is None or rate is None or not binding or now < self._probe_after:
+            return
+        if not any(self._back) and now - self._epoch_start >= 1.0:
+            # Everything got through: the server accepts at least this much.
+            self.limit = max(self.limit, self._accepted(now))
+        rate += STEP * self.limit
+        if self.ceiling is not None:
+            rate = min(rate, self.ceiling)
+        self.pacer.set_request_rate(rate)
+
+    def headers(self, headers: Mapping[str, str]) -> None:
+        """Use the limits a server states (per minute, as OpenAI states them) where the user
+        gave none; pause when one is used up, until it resets."""
+        if not self.rpm_given:
+            per_second = _per_second(headers.get("x-ratelimit-limit-requests"))
+            if per_second and per_second != self.ceiling:
+                self.ceiling = per_second
+                self.pacer.set_request_rate(per_second)
+        if not self.tpm_given:
+            per_second = _per_second(headers.get("x-ratelimit-limit-tokens"))
+            if per_second and per_second != self.pacer.token_rate:
+                self.pacer.set_token_rate(per_second)
+        for kind in ("requests", "tokens"):
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            if remaining is not None and remaining.strip() in ("0", "0.0"):
+                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}", ""))
+                if reset:
+                    self.pacer.pause(min(reset, MAX_PAUSE))

@@ -1,0 +1,170 @@
+"""Finding an unstated rate limit from the answers, on a fake clock; and the in-flight window."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+import pipeline
+from pipeline.adaptive import HOLD, SETTLE, STEP, RateFinder, parse_reset
+from pipeline.limits import Pacer, Window
+from tests.conftest import bodies, read_jsonl
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def finder(*, ceiling: float | None = None, size: int = 256) -> tuple[RateFinder, Pacer, Window, Clock]:
+    clock = Clock()
+    pacer = Pacer(request_rate=ceiling)
+    window = Window(size)
+    return RateFinder(pacer, window, ceiling=ceiling, clock=clock), pacer, window, clock
+
+
+def answers(
+    f: RateFinder,
+    clock: Clock,
+    *,
+    seconds: float,
+    rate: float,
+    pushback: float = 0.0,
+    until_cut: bool = False,
+) -> None:
+    """`rate` answers a second for `seconds`, a share `pushback` of them 429s, evenly mixed;
+    with `until_cut`, only until the pace changes (later answers would come after a pause)."""
+    n = int(seconds * rate)
+    owed = 0.0
+    cuts = f.cuts
+    for _ in range(n):
+        if until_cut and f.cuts != cuts:
+            return
+        clock.now += 1 / rate
+        owed += pushback
+        if owed >= 1:
+            owed -= 1
+            f.pushback(1.0, f.epoch)
+        else:
+            f.success(f.epoch)
+
+
+async def test_scattered_429s_never_start_pacing() -> None:
+    f, pacer, window, clock = finder()
+    answers(f, clock, seconds=30, rate=500, pushback=0.03)
+    assert pacer.request_rate is None
+    assert f.cuts == 0
+    assert window.size == 256  # the window grew to the ceiling all the same
+
+
+async def test_a_storm_finds_the_limit_pauses_the_pool_and_halves_the_window() -> None:
+    f, pacer, window, clock = finder()
+    answers(f, clock, seconds=1, rate=50)  # the server lets 50 a second through...
+    loop_now = asyncio.get_running_loop().time()
+    answers(f, clock, seconds=0.2, rate=200, pushback=1.0, until_cut=True)  # ...then refuses the rest
+    assert f.cuts == 1
+    assert f.limit == pytest.approx(50, rel=0.05)
+    assert pacer.request_rate == pytest.approx(50 * HOLD, rel=0.05)
+    assert pacer.paused_until >= loop_now + 1.0  # the Retry-After, for everyone
+    assert window.size < 256
+
+
+async def test_answers_to_requests_sent_before_a_cut_do_not_cut_again() -> None:
+    f, pacer, _, clock = finder()
+    answers(f, clock, seconds=1, rate=50)
+    old = f.epoch
+    answers(f, clock, seconds=0.2, rate=200, pushback=1.0, until_cut=True)
+    rate = pacer.request_rate
+    for _ in range(100):  # the rest of what was in flight comes back refused
+        clock.now += 0.001
+        f.pushback(1.0, old)
+    assert pacer.request_rate == rate
+    assert f.cuts == 1
+
+
+async def test_overshoot_above_a_known_limit_steps_back_without_a_pause() -> None:
+    f, pacer, _, clock = finder()
+    f.limit = 50.0
+    pacer.set_request_rate(52.0)
+    answers(f, clock, seconds=2, rate=52, pushback=0.03)
+    assert pacer.request_rate == pytest.approx(50 * HOLD)
+    assert pacer.paused_until == 0.0
+
+
+async def test_probing_creeps_up_while_the_pacer_binds_and_stops_at_the_ceiling() -> None:
+    f, pacer, _, clock = finder(ceiling=51.0)
+    f.limit = 50.0
+    pacer.set_request_rate(50 * HOLD)
+    f._new_epoch(clock.now)
+    for second in range(40):
+        pacer.waits += 1  # requests are queueing at the pacer
+        answers(f, clock, seconds=1, rate=48)
+        if second == int(SETTLE) - 2:
+            assert pacer.request_rate == pytest.approx(50 * HOLD)  # settling first
+    assert pacer.request_rate == 51.0
+    f2, pacer2, _, clock2 = finder()
+    f2.limit = 50.0
+    pacer2.set_request_rate(40.0)
+    answers(f2, clock2, seconds=SETTLE + 5, rate=40)  # nobody waits: no reason to probe
+    assert pacer2.request_rate == 40.0
+    assert STEP > 0
+
+
+async def test_stated_limits_are_used_and_an_empty_budget_pauses() -> None:
+    f, pacer, _, _ = finder()
+    f.headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "60000"})
+    assert pacer.request_rate == pytest.approx(10 * 0.98)
+    assert pacer.token_rate == pytest.approx(1000 * 0.98)
+    now = asyncio.get_running_loop().time()
+    f.headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
+    assert pacer.paused_until == pytest.approx(now + 1.5, abs=0.1)
+
+
+def test_reset_durations() -> None:
+    assert parse_reset("6m0s") == 360
+    assert parse_reset("20ms") == pytest.approx(0.02)
+    assert parse_reset("1h2m3.5s") == pytest.approx(3723.5)
+    assert parse_reset("0.25") == 0.25
+    assert parse_reset("soon") is None
+
+
+async def test_the_window_starts_small_grows_and_never_passes_the_ceiling() -> None:
+    w = Window(40, start=4)
+    for _ in range(4):
+        await w.acquire()
+    blocked = asyncio.ensure_future(w.acquire())
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    w.grow()  # a success: room for half a request more...
+    w.grow()  # ...and another half
+    await asyncio.sleep(0)
+    assert blocked.done()
+    assert w.in_flight == 5
+    for _ in range(1000):
+        w.grow()
+    assert w.size == 40
+    w.shrink()
+    assert w.size == 20
+
+
+async def test_a_run_finds_an_unstated_limit_without_a_storm(mock, make_settings, tmp_path: Path) -> None:
+    rows = bodies(300)
+    async with mock(rpm=6000, latency=0.02, record=False) as (url, server):
+        started = time.monotonic()
+        summary = await pipeline.run(make_settings(url, rows, concurrency=128))
+        elapsed = time.monotonic() - started
+    assert summary.exit_code == 0
+    assert len(read_jsonl(tmp_path / "out/results.jsonl")) == 300
+    refused = server.state.statuses["429"]
+    assert refused <= 110  # about what the server lets through in its first second, not a storm
+    assert elapsed < 300 / 100 * 1.6  # near the limit's pace: 100 a second
+    usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
+    assert usage["runs"][-1]["rate_cuts"] >= 1
+    assert 5000 <= usage["runs"][-1]["paced_at_rpm"] <= 6000
