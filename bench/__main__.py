@@ -39,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
         "--requests", type=int, default=_env_int("BENCH_REQUESTS", 10_000), help="clean, latency, faults"
     )
     p.add_argument(
+        "--long-requests",
+        type=int,
+        default=_env_int("BENCH_LONG_REQUESTS", 50_000),
+        help="faults: the long pair of pipeline runs (0 skips it)",
+    )
+    p.add_argument(
         "--rate-requests", type=int, default=_env_int("BENCH_RATE_REQUESTS", 3_000), help="rpm, tpm"
     )
     p.add_argument("--lines", type=int, default=_env_int("BENCH_LINES", 1_000_000), help="memory")
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(
         out=args.out.resolve(),
         requests=args.requests,
+        long_requests=args.long_requests,
         rate_requests=args.rate_requests,
         lines=args.lines,
         concurrency=args.concurrency,

@@ -15,6 +15,11 @@ its own request (by its Retry-After, in the retry policy).
   and scattered 429s cannot ratchet the rate down, since it is never cut below the limit.
 - Until a limit is found, requests are not paced at all: one check each, no timer.
 
+When most answers are failures (5xx, dropped connections, timeouts), the endpoint is down
+rather than busy: the pool pauses, for one second and then twice as long each time the
+outage persists (up to a minute), so that each request's few quick retries are spread over
+the outage instead of being spent in its first seconds.
+
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
 """
@@ -35,6 +40,8 @@ MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
 HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing, as a share of the known limit
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
+OUTAGE_SHARE, OUTAGE_MIN = 0.5, 10  # most answers failed: the endpoint is down
+OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
 
@@ -82,7 +89,10 @@ class RateFinder:
         self._epoch_start = clock()
         self._ok = [0] * BUCKETS
         self._back = [0] * BUCKETS
+        self._fail = [0] * BUCKETS
         self._all = [0] * BUCKETS
+        self.outages = 0
+        self._outage_pause = OUTAGE_PAUSE
         self._bucket = 0
         self._next_step = 0.0
         self._probe_after = 0.0
@@ -95,7 +105,7 @@ class RateFinder:
         if bucket != self._bucket:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
-                self._ok[i] = self._back[i] = self._all[i] = 0
+                self._ok[i] = self._back[i] = self._fail[i] = self._all[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
@@ -105,7 +115,7 @@ class RateFinder:
         self._epoch_start = now
         self._probe_after = now + SETTLE
         for j in range(BUCKETS):
-            self._ok[j] = self._back[j] = self._all[j] = 0
+            self._ok[j] = self._back[j] = self._fail[j] = self._all[j] = 0
 
     def _accepted(self, now: float) -> float:
         """Successes a second over the window (at least a second, as servers count)."""
@@ -128,8 +138,21 @@ class RateFinder:
 
     def failure(self, epoch: int) -> None:
         """An answer that is neither a success nor pushback (a 500, a timeout...)."""
-        if epoch == self.epoch:
-            self._all[self._slot(self.clock())] += 1
+        if epoch != self.epoch:
+            return
+        now = self.clock()
+        i = self._slot(now)
+        self._fail[i] += 1
+        self._all[i] += 1
+        failed = sum(self._fail)
+        if failed >= OUTAGE_MIN and failed >= OUTAGE_SHARE * sum(self._all):
+            if sum(self._ok) == 0 and self.outages:
+                self._outage_pause = min(self._outage_pause * 2, OUTAGE_MAX)  # still down
+            else:
+                self._outage_pause = OUTAGE_PAUSE
+            self.outages += 1
+            self.pacer.pause(self._outage_pause)
+            self._new_epoch(now + self._outage_pause)
 
     def pushback(self, retry_after: float | None, epoch: int) -> None:
         if epoch != self.epoch:

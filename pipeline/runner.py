@@ -201,7 +201,9 @@ class Run:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read, requests_send, outcomes_send.clone())
-                    for _ in range(settings.concurrency):
+                    # Twice as many workers as requests may be in flight (the window holds that
+                    # line): a worker waiting out a retry's backoff must not leave a slot idle.
+                    for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone())
                     requests_recv.close()
                     outcomes_send.close()

@@ -54,7 +54,7 @@ class Settings:
     quiet: bool = False
     # Backoff before retry n is uniform in [0, min(backoff_max, backoff_base * 2**(n-1))],
     # and never shorter than the server's Retry-After.
-    backoff_base: float = 0.25
+    backoff_base: float = 0.1
     backoff_max: float = 30.0
     request: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     template: Mapping[str, Any] | None = None

@@ -168,3 +168,38 @@ async def test_a_run_finds_an_unstated_limit_without_a_storm(mock, make_settings
     usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
     assert usage["runs"][-1]["rate_cuts"] >= 1
     assert 5000 <= usage["runs"][-1]["paced_at_rpm"] <= 6000
+
+
+async def test_an_outage_pauses_the_pool_longer_while_it_lasts() -> None:
+    f, pacer, _, clock = finder()
+    answers(f, clock, seconds=1, rate=100)
+    loop = asyncio.get_running_loop()
+    for _ in range(300):  # the endpoint goes down: within a window, most answers fail
+        clock.now += 0.01
+        f.failure(f.epoch)
+        if f.outages:
+            break
+    assert f.outages == 1
+    assert pacer.paused_until == pytest.approx(loop.time() + 1.0, abs=0.1)
+    for _ in range(30):  # still down after the pause
+        clock.now += 0.01
+        f.failure(f.epoch)
+        if f.outages == 2:
+            break
+    assert f.outages == 2
+    assert pacer.paused_until == pytest.approx(loop.time() + 2.0, abs=0.1)
+    assert pacer.request_rate is None  # an outage is not a rate limit
+
+
+async def test_scattered_server_errors_pause_nothing() -> None:
+    f, pacer, _, clock = finder()
+    n = 0
+    for _ in range(5000):
+        clock.now += 0.002
+        n += 1
+        if n % 12 == 0:
+            f.failure(f.epoch)
+        else:
+            f.success(f.epoch)
+    assert f.outages == 0
+    assert pacer.paused_until == 0.0
