@@ -193,10 +193,8 @@ async def test_an_outage_pauses_the_pool_longer_while_it_lasts() -> None:
 
 async def test_scattered_server_errors_pause_nothing() -> None:
     f, pacer, _, clock = finder()
-    n = 0
-    for _ in range(5000):
+    for n in range(1, 5001):
         clock.now += 0.002
-        n += 1
         if n % 12 == 0:
             f.failure(f.epoch)
         else:
