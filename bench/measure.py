@@ -31,7 +31,9 @@ class Measurement:
     cpu_user: float
     cpu_sys: float
     peak_rss_mb: float  # the highest 50 ms sample
-    maxrss_mb: float  # ru_maxrss, the kernel's own high-water mark
+    # ru_maxrss, the kernel's high-water mark; on Linux it includes the forking parent's
+    # memory at exec time, so it is shown but not judged
+    maxrss_mb: float
     killed: bool  # stopped by the harness (see `stop_when`)
     samples: Samples = field(repr=False)
 

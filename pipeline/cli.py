@@ -14,8 +14,9 @@ from typing import Any
 
 import anyio
 
+from pipeline.cost import money
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.progress import duration, money
+from pipeline.progress import duration
 from pipeline.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
 
@@ -83,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary (cron)"
     )
 
+    est = sub.add_parser(
+        "estimate",
+        help="count requests, tokens and cost, sending nothing",
+        description="Read and check every line as run would; count tokens and cost; send nothing.",
+    )
+    _job_arguments(est)
+
     mock = sub.add_parser("mock", help="serve the built-in OpenAI-compatible endpoint")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8080, help="0 picks a free port")
@@ -133,7 +141,7 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
     tokens = doc["tokens"]
     wall = doc["runs"][-1]["wall_seconds"] if doc["runs"] else 0.0
     unreported = cost["requests_not_reported"]
-    cost_text = money(cost["total"]) + (
+    cost_text = money(cost["total"], unknown="cost not reported") + (
         f" ({unreported:,} results without a cost)" if unreported and cost["total"] is not None else ""
     )
     if quiet:
@@ -205,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         return _mock(args)
     try:
         settings = settings_from_args(args)
+        if args.command == "estimate":
+            from pipeline.estimate import estimate, print_estimate
+
+            result = estimate(settings)
+            print_estimate(result)
+            return 1 if result.invalid else 0
         summary = run_sync(settings)
     except SettingsError as e:
         print(f"pipeline: error: {e}", file=sys.stderr)

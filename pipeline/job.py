@@ -44,6 +44,7 @@ class Success:
     reply: Reply
     attempts: int
     parsed: Any = None  # a verdict checked against the job's schema
+    label: str | None = None  # how the report counts that verdict ("flagged: true")
 
 
 @dataclass(slots=True)

@@ -76,7 +76,10 @@ class MockConfig:
     api_key: str | None = None  # when set, any other bearer is answered 401
     credits: int | None = None  # successful answers before every answer is 402
     cost: bool = True  # report usage.cost
-    script: list[Any] = field(default_factory=list)  # actions taken first, in order
+    # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
+    # "malformed", "error200", "cut" or "chatty" (content that ignores response_format).
+    script: list[Any] = field(default_factory=list)
+    chatty_when: str | None = None  # every request whose messages contain this is answered "chatty"
     record: bool = False  # keep every request body (tests)
     echo_key: bool = (
         False  # put the caller's Authorization header in error messages, as a careless server would
@@ -207,8 +210,12 @@ def completion(body: dict[str, Any], *, cost: bool = True) -> dict[str, Any]:
     h = int(job_key(body), 16)
     n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
     model = body.get("model")
-    if not model and isinstance(body.get("models"), list) and body["models"]:
-        model = body["models"][0]
+    fallbacks = body.get("models")
+    if isinstance(fallbacks, list) and fallbacks:
+        # As OpenRouter does: the first model of the list that is up answers. Here a model
+        # whose name says "unavailable" is down.
+        candidates = ([model] if model else []) + [m for m in fallbacks if isinstance(m, str)]
+        model = next((m for m in candidates if "unavailable" not in m), model)
     choices = []
     completion_tokens = 0
     tool_call = _tool_call(body, h)
@@ -465,6 +472,9 @@ class MockServer:
             err = {"error": {"message": "upstream provider overloaded", "code": 502}}
             return web.Response(body=orjson.dumps(err), content_type="application/json")
         full = completion(body, cost=cfg.cost)
+        if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in _text_of(body["messages"])):
+            # A model that ignores the requested format: the answer is billed all the same.
+            full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
         headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
         headers["x-request-id"] = f"req-{key}"
         if body.get("stream") is True:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Never, TextIO
 import anyio
 from tqdm import tqdm
 
+from pipeline.cost import money
+
 if TYPE_CHECKING:
     from pipeline.job import Failure
     from pipeline.reader import ReadCounts
@@ -22,10 +24,6 @@ if TYPE_CHECKING:
 
 BAR_REFRESH = 0.25  # seconds
 MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all
-
-
-def money(value: float | None) -> str:
-    return "cost not reported" if value is None else f"${value:,.4f}"
 
 
 def duration(seconds: float) -> str:
@@ -94,9 +92,7 @@ class Progress:
         eta = ""
         if total and rate > 0 and done < total:
             eta = f" | about {duration((total - done) / rate)} left"
-        return (
-            f"pipeline: {of} | {rate:,.1f} req/s | {failed:,} failed | {tokens:,} tokens | {money(cost)}{eta}"
-        )
+        return f"pipeline: {of} | {rate:,.1f} req/s | {failed:,} failed | {tokens:,} tokens | {money(cost, unknown='cost not reported')}{eta}"
 
     async def tick(self) -> None:
         if self.bar is not None:
@@ -114,7 +110,9 @@ class Progress:
         if self.counts.total is not None and bar.total != self.counts.total:
             bar.total = self.counts.total
         tokens, failed, cost = self._figures()
-        bar.set_postfix_str(f"{tokens:,} tokens, {failed:,} failed, {money(cost)}", refresh=False)
+        bar.set_postfix_str(
+            f"{tokens:,} tokens, {failed:,} failed, {money(cost, unknown='cost not reported')}", refresh=False
+        )
         bar.update(self.done() - bar.n)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -177,7 +177,7 @@ class LineParser:
             try:
                 messages, custom_id = self.template.render(obj, self.base)
             except InputError as e:
-                name = obj.get("custom_id", obj.get("id"))
+                name = self.template.name(obj)
                 if name is not None:
                     e.message = f"record {name!r}: {e.message}"
                 e.metadata = obj
@@ -228,12 +228,15 @@ class LineParser:
         if self.defaults:
             body = {**self.defaults, **body}
         model = body.get("model") or self.default_model
-        if not model:
+        fallbacks = body.get("models")
+        if not model and isinstance(fallbacks, list) and fallbacks and isinstance(fallbacks[0], str):
+            model = fallbacks[0]  # OpenRouter's fallback list stands in for a model
+        elif not model:
             raise InputError(
                 'no model: add "model" to the line, or set model in the job file or with --model',
                 field="model",
             )
-        if "model" not in body:
+        elif "model" not in body:
             body = {"model": model, **body}
         stream = body.get("stream") is True
         if stream:
@@ -281,6 +284,60 @@ class ReadCounts:
     finished: bool = False  # the whole file was read
 
 
+def read_requests(
+    path: Path,
+    parser: LineParser,
+    ledger: Ledger,
+    counts: ReadCounts,
+    *,
+    is_done: Callable[[str], bool] | None = None,
+) -> Iterator[Request | Failure]:
+    """Every line still to do, as a request, and every bad line, as a failure; empty lines
+    and ids already done (`is_done`, by default the ledger's) are counted and skipped."""
+    done = is_done or ledger.is_done
+    for number, raw in lines(path, max_bytes=parser.max_line_bytes):
+        counts.read = number
+        if isinstance(raw, int):
+            error = InputError(
+                f"the line is {raw:,} bytes, over the limit of {parser.max_line_bytes:,}; "
+                "shrink it (smaller images?) or raise max_line_bytes in the job file",
+                code="line_too_long",
+            )
+            yield input_failure(error, line=number)
+            continue
+        if not raw.strip():
+            counts.empty += 1
+            continue
+        custom_id: str | None = None
+        parsed: Parsed | None = None
+        try:
+            parsed = parser.parse(raw)
+            custom_id = parsed.custom_id
+            if custom_id is None:
+                custom_id = stable_id(raw)
+                n = 1
+                while ledger.see(custom_id if n == 1 else f"{custom_id}-{n}", number) is not None:
+                    n += 1
+                custom_id = custom_id if n == 1 else f"{custom_id}-{n}"
+            else:
+                earlier = ledger.see(custom_id, number)
+                if earlier is not None:
+                    raise InputError(
+                        f"custom_id {custom_id!r} is already used on line {earlier}; "
+                        "give every line its own custom_id",
+                        field="custom_id",
+                        code="duplicate_custom_id",
+                    )
+            if done(custom_id):
+                counts.skipped += 1
+                continue
+            yield parser.request(parsed, custom_id=custom_id, line=number)
+        except InputError as e:
+            metadata = parsed.metadata if parsed is not None else e.metadata
+            yield input_failure(e, line=number, custom_id=custom_id, metadata=metadata)
+    counts.finished = True
+
+
 async def feed(
     path: Path,
     parser: LineParser,
@@ -289,57 +346,13 @@ async def feed(
     failures: MemoryObjectSendStream[Outcome],
     counts: ReadCounts,
 ) -> None:
-    """Send every line that is still to do as a request, and every bad line as a failure.
+    """Send every line still to do to the workers, and every bad line to the writer.
     Stops early when the receiving side closes (the run stopped dispatching)."""
     async with requests, failures:
-        for number, raw in lines(path, max_bytes=parser.max_line_bytes):
-            counts.read = number
-            if isinstance(raw, int):
-                error = InputError(
-                    f"the line is {raw:,} bytes, over the limit of {parser.max_line_bytes:,}; "
-                    "shrink it (smaller images?) or raise max_line_bytes in the job file",
-                    code="line_too_long",
-                )
-                if not await _send(failures, input_failure(error, line=number)):
-                    return
-                continue
-            if not raw.strip():
-                counts.empty += 1
-                continue
-            custom_id: str | None = None
-            parsed: Parsed | None = None
-            try:
-                parsed = parser.parse(raw)
-                custom_id = parsed.custom_id
-                if custom_id is None:
-                    custom_id = stable_id(raw)
-                    n = 1
-                    while ledger.see(custom_id if n == 1 else f"{custom_id}-{n}", number) is not None:
-                        n += 1
-                    custom_id = custom_id if n == 1 else f"{custom_id}-{n}"
-                else:
-                    earlier = ledger.see(custom_id, number)
-                    if earlier is not None:
-                        raise InputError(
-                            f"custom_id {custom_id!r} is already used on line {earlier}; "
-                            "give every line its own custom_id",
-                            field="custom_id",
-                            code="duplicate_custom_id",
-                        )
-                if ledger.is_done(custom_id):
-                    counts.skipped += 1
-                    continue
-                request = parser.request(parsed, custom_id=custom_id, line=number)
-            except InputError as e:
-                metadata = parsed.metadata if parsed is not None else e.metadata
-                if not await _send(
-                    failures, input_failure(e, line=number, custom_id=custom_id, metadata=metadata)
-                ):
-                    return
-                continue
-            if not await _send(requests, request):
+        for item in read_requests(path, parser, ledger, counts):
+            stream: MemoryObjectSendStream[Any] = requests if isinstance(item, Request) else failures
+            if not await _send(stream, item):
                 return
-        counts.finished = True
 
 
 async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> bool:

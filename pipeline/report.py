@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from pipeline.cost import money
 from pipeline.usage import ModelUsage, Usage
 from pipeline.writer import Redactor, atomic_write
 
@@ -73,6 +74,7 @@ def usage_document(usage: Usage, *, state: dict[str, int], folder: Path) -> dict
         "verdicts": dict(sorted(usage.verdicts.items())),
         "attempts": usage.attempts,
         "retries": usage.retries,
+        "discarded": usage.discarded,
         "latency_seconds": {f"p{q}": _seconds(usage.latency.percentile(q)) for q in (50, 90, 99)},
         "ttft_seconds": {f"p{q}": _seconds(usage.ttft.percentile(q)) for q in (50, 90, 99)},
         "wall_seconds": round(wall, 3),
@@ -80,10 +82,6 @@ def usage_document(usage: Usage, *, state: dict[str, int], folder: Path) -> dict
         "tokens_per_second": round(total.total_tokens / wall, 1) if wall else None,
         "runs": usage.runs,
     }
-
-
-def _money(value: float | None) -> str:
-    return "not reported" if value is None else f"${value:,.4f}"
 
 
 def _n(value: Any) -> str:
@@ -117,14 +115,14 @@ def markdown(doc: dict[str, Any]) -> str:
         out.append(
             f"| {name} | {m['requests']:,} | "
             + " | ".join(f"{m[k]:,}" for k in TOKEN_KEYS)
-            + f" | {_money(c['total'])} | {source} |"
+            + f" | {money(c['total'])} | {source} |"
         )
     t = doc["tokens"]
     out.append(
         "| **all** | "
         + f"{sum(m['requests'] for m in doc['models'].values()):,} | "
         + " | ".join(f"{t[k]:,}" for k in TOKEN_KEYS)
-        + f" | {_money(cost['total'])} | {cost['source']} |"
+        + f" | {money(cost['total'])} | {cost['source']} |"
     )
     if cost["requests_not_reported"]:
         out += [
@@ -135,6 +133,12 @@ def markdown(doc: dict[str, Any]) -> str:
     out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
     out += [f"| {k} | {v:,} |" for k, v in doc["answers_by_status"].items()]
     out += ["", f"Attempts {doc['attempts']:,}, of which retries {doc['retries']:,}."]
+    if doc["discarded"]:
+        out += [
+            "",
+            f"{doc['discarded']:,} answer(s) broke the verdict schema and were discarded: they were paid "
+            "for, so their tokens and cost are in the totals above.",
+        ]
     if doc["errors_by_code"]:
         out += ["", "## Failures by code", "", "| code | count |", "|---|---:|"]
         out += [f"| {k} | {v:,} |" for k, v in doc["errors_by_code"].items()]

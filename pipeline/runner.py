@@ -26,6 +26,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.adaptive import MARGIN, RateFinder
 from pipeline.client import Client, check_reachable, open_client
+from pipeline.cost import Budget
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
 from pipeline.ledger import Ledger
@@ -36,6 +37,7 @@ from pipeline.report import usage_document, write_reports
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, is_loopback
 from pipeline.usage import Usage
+from pipeline.verdict import compile_verdict
 from pipeline.worker import Control, Worker
 from pipeline.writer import LEDGER, Redactor, Writer, lock_folder, move_aside, reconcile
 
@@ -149,11 +151,11 @@ class Run:
         self.started = time.time()
         self.redact = Redactor(api_key)
         self.usage = Usage.from_state(ledger.get("usage"))
-        reconcile(settings.output, ledger, self.usage)
+        reconcile(settings.output, ledger, self.usage, settings.prices)
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
-        self.writer = Writer(settings.output, ledger, self.usage, self.redact)
+        self.writer = Writer(settings.output, ledger, self.usage, self.redact, settings.prices)
         self.writer.rewrite_errors()
         self.counts = ReadCounts()
         self.control = Control(grace=settings.grace)
@@ -170,6 +172,10 @@ class Run:
         self.finder = RateFinder(
             self.pacer, self.window, ceiling=request_rate, tpm_given=token_rate is not None
         )
+        self.budget = Budget(settings.max_cost, self.usage, settings.prices) if settings.max_cost else None
+        self.verdict = None
+        if settings.verdict is not None:
+            self.verdict = compile_verdict(settings.verdict, settings.request, where=str(settings.job_file))
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             max_time=settings.max_retry_time,
@@ -187,6 +193,8 @@ class Run:
             finder=self.finder,
             control=control,
             usage=self.usage,
+            budget=self.budget,
+            verdict=self.verdict,
         )
         size = max(2 * settings.concurrency, 16)
         requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)

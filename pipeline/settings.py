@@ -148,7 +148,7 @@ def read_job_file(path: Path) -> dict[str, Any]:
 
 def _relative_to(base: Path, value: str) -> str:
     expanded = Path(os.path.expanduser(value))
-    return str(expanded if expanded.is_absolute() else base / expanded)
+    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
 
 
 def _check_prices(where: str, raw: Mapping[str, Any]) -> dict[str, Price]:
@@ -217,6 +217,10 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         from pipeline.template import compile_template
 
         compile_template(values["template"], where=where)
+    if values.get("verdict") is not None:
+        from pipeline.verdict import compile_verdict
+
+        compile_verdict(values["verdict"], values["request"], where=where)
     return Settings(**values)
 
 

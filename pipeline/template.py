@@ -180,6 +180,16 @@ class Template:
     messages: Render
     custom_id: Render | None
 
+    def name(self, record: Mapping[str, Any]) -> str | None:
+        """What to call a record in a message: its id, as far as it can be told."""
+        if self.custom_id is not None:
+            try:
+                return _text(self.custom_id(record, Path()))
+            except InputError:
+                pass
+        name = record.get("custom_id", record.get("id"))
+        return None if name is None else _text(name)
+
     def render(self, record: Mapping[str, Any], base: Path) -> tuple[list[Any], str | None]:
         messages = self.messages(record, base)
         custom_id = None

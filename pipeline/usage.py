@@ -90,6 +90,7 @@ class Usage:
     verdicts: Counter[str] = field(default_factory=Counter)
     attempts: int = 0
     retries: int = 0
+    discarded: int = 0  # answers paid for but not kept (invalid verdicts), in the totals
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -141,6 +142,18 @@ class Usage:
             self.ttft.add(success.reply.ttft)
         return self.add_body(success.reply.body, success.request.model)
 
+    def add_priced(self, model: str, cost: float) -> None:
+        """A result the server did not cost, costed from the job's price table."""
+        m = self.models[model]
+        m.cost_priced += cost
+        m.priced += 1
+
+    def add_discarded(self, body: dict[str, Any], requested: str | None) -> None:
+        """An answer paid for but not kept (a verdict that broke the schema): its tokens and
+        cost count, though it is no result."""
+        self.discarded += 1
+        self.add_body(body, requested)
+
     def add_failure(self, failure: Failure) -> None:
         self.outcomes["invalid_input" if failure.is_input_error else "failed"] += 1
         self.errors[failure.code] += 1
@@ -167,6 +180,7 @@ class Usage:
             "verdicts": dict(self.verdicts),
             "attempts": self.attempts,
             "retries": self.retries,
+            "discarded": self.discarded,
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
@@ -185,6 +199,7 @@ class Usage:
             verdicts=Counter(state.get("verdicts", {})),
             attempts=int(state.get("attempts", 0)),
             retries=int(state.get("retries", 0)),
+            discarded=int(state.get("discarded", 0)),
             latency=Histogram.from_state(state.get("latency")),
             ttft=Histogram.from_state(state.get("ttft")),
             runs=list(state.get("runs", [])),

@@ -9,17 +9,20 @@ the next run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.adaptive import RateFinder
 from pipeline.client import Client
-from pipeline.errors import HTTPStatusError, RequestError, RunStopped
+from pipeline.cost import Budget, money
+from pipeline.errors import HTTPStatusError, InvalidOutput, RequestError, RunStopped
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.limits import Pacer, Window
 from pipeline.retry import RetryPolicy
 from pipeline.usage import Usage
+from pipeline.verdict import Verdict
 
 # A 403 can be about one request (a moderation refusal) or about the key; only a streak
 # of them, with nothing succeeding in between, says the key is refused.
@@ -79,7 +82,11 @@ class Worker:
         finder: RateFinder,
         control: Control,
         usage: Usage,
+        budget: Budget | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
+        self.budget = budget
+        self.verdict = verdict
         self.client = client
         self.retry = retry
         self.pacer = pacer
@@ -115,11 +122,30 @@ class Worker:
                         await outcomes.send(outcome)
 
     async def process(self, request: Request) -> Outcome | None:
-        attempts = 0
+        budget = self.budget
+        if budget is None:
+            return await self._process(request)
+        reservation = await budget.reserve(request)
+        if reservation is None:
+            self.control.stop(
+                RunStopped(
+                    f"the budget is reached: {money(budget.spent)} spent of the {money(budget.cap)} cap "
+                    "(every run into this folder counts); run again with a higher --max-cost to resume",
+                    code="budget_reached",
+                )
+            )
+            return None
+        try:
+            return await self._process(request)
+        finally:
+            budget.release(reservation)
+
+    async def _process(self, request: Request) -> Outcome | None:
+        attempts = invalid = 0
         control, pacer, usage = self.control, self.pacer, self.usage
 
-        async def attempt() -> Reply:
-            nonlocal attempts
+        async def attempt() -> tuple[Reply, Any]:
+            nonlocal attempts, invalid
             if not control.dispatching:
                 raise Abandoned
             reserved = request.token_estimate if pacer.token_rate else 0
@@ -140,16 +166,29 @@ class Worker:
                     raise
             finally:
                 self.window.release()
-            usage.answer("200")
             pacer.settle(reserved, _tokens_used(reply))
             self.finder.success(epoch)
             if reply.limits:
                 self.finder.headers(reply.limits)
             control.forbidden_streak = 0
-            return reply
+            self._charge(reply, request)
+            parsed = None
+            if self.verdict is not None:
+                try:
+                    parsed = self.verdict.check(reply.body)
+                except InvalidOutput as e:
+                    # Paid for, so counted, though no result comes of it.
+                    invalid += 1
+                    usage.answer(e.code)
+                    usage.add_discarded(reply.body, request.model)
+                    e.transient = invalid < self.verdict.max_attempts
+                    e.body, e.request_id = reply.body, reply.request_id
+                    raise
+            usage.answer("200")
+            return reply, parsed
 
         try:
-            reply = await self.retry.call(attempt)
+            reply, parsed = await self.retry.call(attempt)
         except Abandoned:
             return None
         except RequestError as e:
@@ -167,7 +206,23 @@ class Worker:
                 metadata=request.metadata,
                 model=request.model,
             )
-        return Success(request=request, reply=reply, attempts=attempts)
+        label = self.verdict.label(parsed) if self.verdict is not None else None
+        return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+
+    def _charge(self, reply: Reply, request: Request) -> None:
+        """Count an answer against the budget; stop if its cost cannot be told."""
+        if self.budget is None:
+            return
+        if self.budget.charge(reply.body, request.model) is None:
+            model = reply.body.get("model") or request.model
+            self.control.stop(
+                RunStopped(
+                    f"cannot keep to --max-cost: the server reports no cost for {model} and the job "
+                    f'has no price for it; add [prices."{model}"] prompt = ..., completion = ... '
+                    "(dollars per million tokens) to the job file, then run again to resume",
+                    code="budget_unpriced",
+                )
+            )
 
     def _answered_with(self, error: RequestError, reserved: int, epoch: int) -> None:
         self.usage.answer(answer_key(error))

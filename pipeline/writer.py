@@ -18,7 +18,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,9 +27,11 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import jsonl
+from pipeline.cost import price_for, priced
 from pipeline.errors import SettingsError
 from pipeline.job import Failure, Outcome, Success
 from pipeline.ledger import Ledger
+from pipeline.settings import Price
 from pipeline.usage import Usage
 
 RESULTS = "results.jsonl"
@@ -105,6 +107,25 @@ def _error_line(failure: Failure) -> bytes:
     return jsonl.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
+def price_unreported(
+    usage: Usage, prices: Mapping[str, Price], model: str, requested: str | None, body: dict[str, Any]
+) -> None:
+    """Cost a result the server did not, from the job's price table, where it has one."""
+    price = price_for(prices, model) or price_for(prices, requested)
+    if price is not None:
+        raw = body.get("usage")
+        tokens: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+        usage.add_priced(
+            model,
+            priced(
+                price,
+                prompt if isinstance(prompt, int) else 0,
+                completion if isinstance(completion, int) else 0,
+            ),
+        )
+
+
 def failure_key(failure: Failure) -> str:
     # Input errors are keyed by line: the same id may be bad twice (a duplicate), and a
     # fixed line must stop being listed even if its id changed.
@@ -129,7 +150,15 @@ class Redactor:
 
 
 class Writer:
-    def __init__(self, folder: Path, ledger: Ledger, usage: Usage, redact: Redactor) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ledger: Ledger,
+        usage: Usage,
+        redact: Redactor,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
+        self.prices = prices or {}
         self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
         self.folder = folder
         self.ledger = ledger
@@ -153,7 +182,11 @@ class Writer:
         for outcome in outcomes:
             if isinstance(outcome, Success):
                 results.append(self.redact(_result_line(outcome)))
-                self.usage.add_success(outcome)
+                name, reported = self.usage.add_success(outcome)
+                if reported is None:
+                    price_unreported(self.usage, self.prices, name, outcome.request.model, outcome.reply.body)
+                if outcome.label is not None:
+                    self.usage.verdicts[outcome.label] += 1
                 self._done.append(outcome.request.custom_id)
                 if self.ledger.failed_count:
                     self._succeeded_keys.append(outcome.request.custom_id)
@@ -275,7 +308,9 @@ def _valid_result(raw: bytes) -> dict[str, Any] | None:
     return obj
 
 
-def reconcile(folder: Path, ledger: Ledger, usage: Usage) -> tuple[int, int]:
+def reconcile(
+    folder: Path, ledger: Ledger, usage: Usage, prices: Mapping[str, Price] | None = None
+) -> tuple[int, int]:
     """Bring the index up to results.jsonl after any crash: index the lines it has not seen,
     and cut out torn or duplicate lines. Returns (lines indexed, lines removed)."""
     path = folder / RESULTS
@@ -301,7 +336,10 @@ def reconcile(folder: Path, ledger: Ledger, usage: Usage) -> tuple[int, int]:
                     continue
                 indexed += 1
                 ledger.drop_failed([obj["custom_id"]])
-                usage.add_body(obj["response"]["body"])
+                body = obj["response"]["body"]
+                name, reported = usage.add_body(body)
+                if reported is None:
+                    price_unreported(usage, prices or {}, name, None, body)
                 if not rebuild:
                     usage.outcomes["succeeded"] += 1
     if bad:

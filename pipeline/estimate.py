@@ -1,0 +1,147 @@
+"""`pipeline estimate`: read and check every line as `run` would, count the requests, their
+tokens and what they may cost, and send nothing.
+
+Prompt tokens are counted exactly (o200k_base); completion tokens are the most each request
+allows (`max_tokens` times `n`, or 4,096 where it sets no limit). The cost range runs from
+the prompts alone (every reply empty) to every reply at its limit, at the job's `[prices]`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from pipeline.cost import money, price_for, priced
+from pipeline.job import Failure
+from pipeline.ledger import Ledger
+from pipeline.reader import LineParser, ReadCounts, open_input, read_requests
+from pipeline.settings import Settings
+from pipeline.tokens import DEFAULT_MAX_COMPLETION
+from pipeline.writer import LEDGER
+
+MAX_LISTED = 20
+
+
+@dataclass
+class ModelEstimate:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # at most
+    unlimited: int = 0  # requests without max_tokens
+
+
+@dataclass
+class Estimate:
+    settings: Settings
+    counts: ReadCounts = field(default_factory=ReadCounts)
+    models: dict[str, ModelEstimate] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    invalid: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(m.requests for m in self.models.values())
+
+    def cost_range(self, model: str, m: ModelEstimate) -> tuple[float, float] | None:
+        price = price_for(self.settings.prices, model)
+        if price is None:
+            return None
+        return priced(price, m.prompt_tokens, 0), priced(price, m.prompt_tokens, m.completion_tokens)
+
+
+def _done_in(folder: Path) -> Callable[[str], bool] | None:
+    """Ids already in the output folder's results, read without touching the folder."""
+    path = folder / LEDGER
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def is_done(custom_id: str) -> bool:
+        return db.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
+
+    return is_done
+
+
+def estimate(settings: Settings) -> Estimate:
+    open_input(settings.input).close()
+    result = Estimate(settings)
+    parser = LineParser(settings, exact_tokens=True)
+    with tempfile.TemporaryDirectory(prefix="pipeline-estimate-") as scratch:
+        ledger = Ledger(Path(scratch) / "ids.sqlite")  # the ids seen, on disk as in a run
+        try:
+            items = read_requests(
+                settings.input, parser, ledger, result.counts, is_done=_done_in(settings.output)
+            )
+            for item in items:
+                if isinstance(item, Failure):
+                    result.invalid += 1
+                    if len(result.failures) < MAX_LISTED:
+                        result.failures.append(item)
+                    continue
+                m = result.models.setdefault(item.model, ModelEstimate())
+                m.requests += 1
+                m.prompt_tokens += item.prompt_tokens
+                m.completion_tokens += item.max_completion_tokens
+                limit = item.body.get("max_completion_tokens", item.body.get("max_tokens"))
+                m.unlimited += not isinstance(limit, int)
+        finally:
+            ledger.close()
+    return result
+
+
+def print_estimate(result: Estimate, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    settings, counts = result.settings, result.counts
+    for failure in result.failures:
+        print(f"{settings.input}:{failure.line}: {failure.message}", file=err)
+    if result.invalid > len(result.failures):
+        print(f"{settings.input}: {result.invalid - len(result.failures):,} more invalid lines", file=err)
+    print(
+        f"{settings.input}: {counts.read:,} lines: {result.requests:,} requests to send, "
+        f"{counts.skipped:,} already done in {settings.output}, {result.invalid:,} invalid, "
+        f"{counts.empty:,} empty",
+        file=out,
+    )
+    rows = [("model", "requests", "prompt tokens", "completion tokens (at most)", "cost")]
+    total_low = total_high = 0.0
+    unpriced: list[str] = []
+    unlimited = 0
+    for model, m in sorted(result.models.items()):
+        costs = result.cost_range(model, m)
+        if costs is None:
+            unpriced.append(model)
+            cost = "no price"
+        else:
+            total_low += costs[0]
+            total_high += costs[1]
+            cost = f"{money(costs[0])} to {money(costs[1])}"
+        unlimited += m.unlimited
+        rows.append((model, f"{m.requests:,}", f"{m.prompt_tokens:,}", f"{m.completion_tokens:,}", cost))
+    if len(result.models) > 1:
+        prompt = sum(m.prompt_tokens for m in result.models.values())
+        completion = sum(m.completion_tokens for m in result.models.values())
+        cost = f"{money(total_low)} to {money(total_high)}" + (" (priced models only)" if unpriced else "")
+        rows.append(("all", f"{result.requests:,}", f"{prompt:,}", f"{completion:,}", cost))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        cells = (
+            c.ljust(w) if i in (0, 4) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        print(("  " + "  ".join(cells)).rstrip(), file=out)
+    if unlimited:
+        print(
+            f"{unlimited:,} requests set no max_tokens: each is counted at {DEFAULT_MAX_COMPLETION:,} completion "
+            "tokens at most",
+            file=out,
+        )
+    for model in unpriced:
+        print(
+            f'no price for {model}: add [prices."{model}"] prompt = ..., completion = ... '
+            "(dollars per million tokens) to the job file to see its cost",
+            file=out,
+        )
