@@ -6,16 +6,19 @@ aggregator a scattered 429 from one upstream says little about our own rate and 
 its own request (by its Retry-After, in the retry policy).
 
 - A strong trend (15 % of answers pushed back) means the server is saturated. What it lets
-  through meanwhile, the successes per second, *is* its limit: the pool pauses for the
-  Retry-After, the in-flight window halves, and the rate is set just under that limit.
+  through meanwhile *is* its limit: the requests sent less those refused, per second (not the
+  successes, which for a slow model arrive long after the refusals). The pool pauses for the
+  Retry-After, the in-flight window halves, and the rate is set just under that limit. If
+  nearly nothing got through, that says nothing about a limit: the pool only pauses.
 - Once a limit is known, and ten seconds after any change of pace, the rate creeps up by
-  0.2 % of the limit a second while the pacer is what holds requests back, to learn whether
-  the limit has risen. A mild trend above the
+  0.2 % a second while the pacer is what holds requests back, to learn whether the limit
+  has risen. A mild trend above the
   known limit (1 %) sets it back just under the limit, with no pause: overshoot stays small,
   and scattered 429s cannot ratchet the rate down, since it is never cut below the limit.
 - Until a limit is found, requests are not paced at all: one check each, no timer.
 
-When most answers are failures (5xx, dropped connections, timeouts), the endpoint is down
+When most answers are transient failures (5xx, dropped connections, timeouts; a 400 or a
+404 says nothing about the endpoint's health), the endpoint is down
 rather than busy: the pool pauses, for one second and then twice as long each time the
 outage persists (up to a minute), so that each request's few quick retries are spread over
 the outage instead of being spent in its first seconds.
@@ -38,12 +41,13 @@ STRONG_SHARE, STRONG_MIN = 0.15, 8  # saturated: a limit is found (or has droppe
 HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly
 MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
 HOLD = 0.97  # the pace, as a share of the known limit
-STEP = 0.002  # growth a second while probing, as a share of the known limit
+STEP = 0.002  # growth a second while probing
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
 OUTAGE_SHARE, OUTAGE_MIN = 0.5, 10  # most answers failed: the endpoint is down
 OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
+MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -88,10 +92,12 @@ class RateFinder:
         self.epoch = 0  # changes with every change of pace; answers report the one they were sent in
         self._epoch_start = clock()
         self._ok = [0] * BUCKETS
+        self._sent = [0] * BUCKETS
         self._back = [0] * BUCKETS
         self._fail = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self.outages = 0
+        self._unread = False  # the last saturation let too little through to read a limit
         self._outage_pause = OUTAGE_PAUSE
         self._bucket = 0
         self._next_step = 0.0
@@ -105,7 +111,7 @@ class RateFinder:
         if bucket != self._bucket:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
-                self._ok[i] = self._back[i] = self._fail[i] = self._all[i] = 0
+                self._ok[i] = self._sent[i] = self._back[i] = self._fail[i] = self._all[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
@@ -115,12 +121,19 @@ class RateFinder:
         self._epoch_start = now
         self._probe_after = now + SETTLE
         for j in range(BUCKETS):
-            self._ok[j] = self._back[j] = self._fail[j] = self._all[j] = 0
+            self._ok[j] = self._sent[j] = self._back[j] = self._fail[j] = self._all[j] = 0
 
-    def _accepted(self, now: float) -> float:
-        """Successes a second over the window (at least a second, as servers count)."""
+    def _accepted(self, now: float, *, in_flight: int) -> float:
+        """What the server let through a second over the window (at least a second, as
+        servers count): the successes, or, where more, the requests sent less those refused
+        and those still in flight (which may yet be refused)."""
         span = min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
-        return sum(self._ok) / span
+        return max(sum(self._sent) - sum(self._back) - in_flight, sum(self._ok)) / span
+
+    def sent(self, epoch: int) -> None:
+        """A request leaves now."""
+        if epoch == self.epoch:
+            self._sent[self._slot(self.clock())] += 1
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -136,8 +149,13 @@ class RateFinder:
             self._next_step = now + 1.0
             self._probe(now)
 
+    def answered(self, epoch: int) -> None:
+        """An answer that says nothing about the endpoint (a 400 for a bad request)."""
+        if epoch == self.epoch:
+            self._all[self._slot(self.clock())] += 1
+
     def failure(self, epoch: int) -> None:
-        """An answer that is neither a success nor pushback (a 500, a timeout...)."""
+        """A transient failure: a 500, a dropped connection, a timeout..."""
         if epoch != self.epoch:
             return
         now = self.clock()
@@ -165,14 +183,21 @@ class RateFinder:
         if back >= HOLD_MIN and back >= HOLD_SHARE * total:
             self.window.hold()  # a trend may be starting: stop the quick growth meanwhile
         if back >= STRONG_MIN and back >= STRONG_SHARE * total:
-            accepted = self._accepted(now)
-            current = self.pacer.request_rate
-            self.limit = min(accepted, current) if current is not None else accepted
-            self.pacer.set_request_rate(max(self.limit * HOLD, 0.2))
+            accepted = self._accepted(now, in_flight=self.window.in_flight)
+            if accepted < MIN_RATE and self._unread:
+                # Saturated twice with nothing back yet: a slow model behind fast refusals.
+                # Then what was sent and not refused is what the server took.
+                span = min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
+                accepted = (sum(self._sent) - back) / span
+            self._unread = accepted < MIN_RATE
             pause = min(retry_after if retry_after is not None else 1.0, MAX_PAUSE)
             self.pacer.pause(pause)
             self.window.shrink()
             self.cuts += 1
+            if accepted >= MIN_RATE:
+                current = self.pacer.request_rate
+                self.limit = min(accepted, current) if current is not None else accepted
+                self.pacer.set_request_rate(self.limit * HOLD)
             self._new_epoch(now + pause)
         elif self.limit is not None and back >= MILD_MIN and back >= MILD_SHARE * total:
             current = self.pacer.request_rate
@@ -190,8 +215,8 @@ class RateFinder:
             return
         if not any(self._back) and now - self._epoch_start >= 1.0:
             # Everything got through: the server accepts at least this much.
-            self.limit = max(self.limit, self._accepted(now))
-        rate += STEP * self.limit
+            self.limit = max(self.limit, self._accepted(now, in_flight=self.window.in_flight))
+        rate *= 1 + STEP
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         self.pacer.set_request_rate(rate)

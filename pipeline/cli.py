@@ -2,13 +2,14 @@
 
 Exit status (DESIGN.md): 0 every request succeeded; 1 some ended failed; 2 the command or
 job file is wrong and nothing was sent; 3 the run stopped early for a person to act, and can be
-resumed; 130 interrupted, and can be resumed.
+resumed; 130 interrupted, and can be resumed; 70 a bug in pipeline (resumable too).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from pipeline.errors import RunStopped, SettingsError
 from pipeline.progress import duration
 from pipeline.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
+
+EXIT_BUG = 70  # EX_SOFTWARE: neither the user's nor the server's doing
 
 
 def _positive_int(text: str) -> int:
@@ -135,6 +138,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return build(args.job, **flags)
 
 
+def _n(value: int | None) -> str:
+    return "an unknown number of" if value is None else f"{value:,}"
+
+
 def _print_summary(summary: Summary, *, quiet: bool) -> None:
     doc = summary.usage
     cost = doc["cost"]
@@ -147,7 +154,7 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
     if quiet:
         print(
             f"pipeline: exit {summary.exit_code} | {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
-            f"{summary.invalid_input:,} invalid, {summary.skipped:,} already done, {summary.pending:,} pending | "
+            f"{summary.invalid_input:,} invalid, {summary.skipped:,} already done, {_n(summary.pending)} pending | "
             f"{tokens['total_tokens']:,} tokens | {cost_text} | {duration(wall)} | {summary.output} | "
             f"{summary.message}",
             flush=True,
@@ -156,7 +163,7 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
     print(
         f"\nThis run: {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
         f"{summary.invalid_input:,} invalid input lines, {summary.skipped:,} already done, "
-        f"{summary.pending:,} pending, in {duration(wall)}."
+        f"{_n(summary.pending)} pending, in {duration(wall)}."
     )
     req = doc["requests"]
     print(
@@ -229,5 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipeline: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a bug: say so, and do not pass for "some requests failed" (1)
+        traceback.print_exc()
+        print(
+            "pipeline: internal error (the traceback above is a bug worth reporting); what was "
+            "written is safe, and running the same command again resumes",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
     _print_summary(summary, quiet=settings.quiet)
     return summary.exit_code

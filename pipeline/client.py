@@ -134,7 +134,7 @@ class Client:
                 request_id = resp.headers.get("x-request-id")
                 limits = rate_headers(resp.headers)
                 if resp.status >= 300:
-                    raw = await resp.content.read(1 << 20)
+                    raw = await resp.read()
                     body, message = _error_body(raw)
                     raise HTTPStatusError(
                         f"HTTP {resp.status}: {message}",
@@ -144,10 +144,11 @@ class Client:
                         request_id=request_id,
                         limits=limits,
                     )
-                if request.stream:
+                if request.stream and resp.content_type != "application/json":
                     reply = await self._read_stream(resp, started, request_id)
                     reply.limits = limits
                     return reply
+                # (a server that ignores stream: true answers with one JSON body: read as such)
                 raw = await resp.read()
         except TimeoutError:
             raise RequestTimeout("no complete answer within the timeout") from None
@@ -189,9 +190,14 @@ class Client:
             async for line in resp.content:
                 if assembler.feed_line(line) and ttft is None:
                     ttft = time.perf_counter() - started
-        except ValueError:
-            raise MalformedResponse("a streamed line is longer than the read buffer") from None
-        body = assembler.completion()
+            body = assembler.completion()
+        except MalformedResponse:
+            raise
+        except ValueError as e:
+            raise MalformedResponse(f"a streamed answer could not be read: {e}") from None
+        except (TypeError, KeyError, IndexError, AttributeError) as e:
+            # Chunks of shapes no server should send (an index that is a string...).
+            raise MalformedResponse(f"a streamed chunk is not a chat completion chunk: {e!r}") from None
         return Reply(
             body=body,
             raw=None,

@@ -6,9 +6,11 @@ is not known, and said to be so.
 
 The budget (`--max-cost`) covers everything spent into the output folder, every run. Before
 a request is sent it reserves the request's worst case: its estimated prompt plus every
-token its `max_tokens` allows, at the model's price, or at the average cost per token seen so
-far where no price is known. A request whose reservation would take spent plus reserved past
-the cap is not sent, and the run stops (exit 3) with what it spent.
+token its `max_tokens` allows (twice the longest answer seen, where it sets none), at the
+model's price, or at the model's own average cost per token so far where it has no price.
+A request whose reservation would take spent plus reserved past the cap is not sent, and
+the run stops (exit 3) with what it spent. Of a model nothing can price yet, one request at
+a time is sent until an answer tells what it costs.
 """
 
 from __future__ import annotations
@@ -51,93 +53,135 @@ def priced(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
     return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
 
 
-def reported_cost(body: Mapping[str, Any]) -> float | None:
-    usage = body.get("usage")
-    cost = usage.get("cost") if isinstance(usage, dict) else None
-    return float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
-
-
-def _tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+def tokens(body: Mapping[str, Any]) -> tuple[int, int]:
+    """Prompt and completion tokens of an answer, as its `usage` says (0 where it does not)."""
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return 0, 0
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (prompt if isinstance(prompt, int) else 0, completion if isinstance(completion, int) else 0)
+    return (
+        prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0,
+        completion if isinstance(completion, int) and not isinstance(completion, bool) else 0,
+    )
+
+
+def answering_model(body: Mapping[str, Any], requested: str | None) -> str | None:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else requested
+
+
+def answer_cost(
+    body: Mapping[str, Any], prices: Mapping[str, Price], requested: str | None
+) -> tuple[float | None, str | None]:
+    """What an answer cost and where the figure comes from: the server's `usage.cost`, else
+    the price of the model that answered (or, failing that, of the one asked for, since a
+    server may answer with a dated name such as gpt-4o-mini-2024-07-18)."""
+    usage = body.get("usage")
+    cost = usage.get("cost") if isinstance(usage, dict) else None
+    if isinstance(cost, int | float) and not isinstance(cost, bool):
+        return float(cost), "server"
+    price = price_for(prices, answering_model(body, requested)) or price_for(prices, requested)
+    if price is None:
+        return None, None
+    return priced(price, *tokens(body)), "price table"
 
 
 @dataclass(slots=True)
 class Reservation:
     amount: float
-    blind: bool  # nothing told what it could cost: sent alone, to learn
+    model: str | None  # set when nothing told what the model costs: sent alone, to learn
+
+
+@dataclass
+class _Rate:
+    """What one model's answers cost so far, for a cost per token where it has no price."""
+
+    cost: float = 0.0
+    tokens: float = 0.0
+    longest: int = 0  # the most completion tokens one answer used
+
+    @property
+    def per_token(self) -> float | None:
+        return self.cost / self.tokens if self.tokens else None
 
 
 class Budget:
     def __init__(self, cap: float, usage: Usage, prices: Mapping[str, Price]) -> None:
         self.cap = cap
         self.prices = prices
-        totals = usage.totals()
-        costed = totals.with_cost + totals.priced
-        share = costed / totals.requests if totals.requests else 0.0
-        # Cost and tokens of the answers whose cost is known: the average cost per token,
-        # where a model has no price. Earlier runs' results count too.
-        self._known_cost = totals.cost
-        self._known_tokens = totals.total_tokens * share
-        rate = self.per_token
-        unknown = totals.total_tokens - self._known_tokens
-        self.spent = totals.cost + (unknown * rate if rate is not None else 0.0)
+        self.spent = 0.0
         self.reserved = 0.0
-        self._blind = False
-        self._learned: anyio.Event | None = None
-
-    @property
-    def per_token(self) -> float | None:
-        return self._known_cost / self._known_tokens if self._known_tokens else None
+        self._rates: dict[str, _Rate] = {}
+        self._blind: dict[str, anyio.Event] = {}  # models with a request out to learn their cost
+        # Earlier runs into the folder count against the cap, and tell what models cost.
+        for model, m in usage.models.items():
+            costed = m.with_cost + m.priced
+            rate = self._rates[model] = _Rate()
+            if costed:
+                rate.cost = m.cost
+                rate.tokens = m.total_tokens * costed / m.requests
+            unknown_tokens = m.total_tokens - rate.tokens
+            per_token = rate.per_token
+            self.spent += m.cost + (unknown_tokens * per_token if per_token is not None else 0.0)
+        for mapping in usage.requested_models:
+            asked, _, answered = mapping.partition(" -> ")
+            if answered in self._rates and asked not in self._rates:
+                self._rates[asked] = self._rates[answered]
 
     def worst_case(self, request: Request) -> float | None:
+        """The most `request` can cost, or None when nothing tells yet."""
+        completion = request.max_completion_tokens
+        rate = self._rates.get(request.model)
+        if not request.bounded and rate is not None:
+            # No max_tokens: allow twice the longest answer this model gave so far.
+            completion = max(completion, 2 * rate.longest)
         price = price_for(self.prices, request.model)
         if price is not None:
-            return priced(price, request.prompt_tokens, request.max_completion_tokens)
-        rate = self.per_token
-        return None if rate is None else rate * request.token_estimate
+            return priced(price, request.prompt_tokens, completion)
+        per_token = rate.per_token if rate is not None else None
+        return None if per_token is None else per_token * (request.prompt_tokens + completion)
 
     async def reserve(self, request: Request) -> Reservation | None:
         """Hold back the request's worst case; None when that would pass the cap."""
         while (worst := self.worst_case(request)) is None:
-            if not self._blind:
-                # Nothing tells what this model costs yet: send one such request alone,
-                # and let its answer tell.
-                self._blind = True
-                self._learned = anyio.Event()
-                return Reservation(0.0, blind=True)
-            assert self._learned is not None
-            await self._learned.wait()
+            learning = self._blind.get(request.model)
+            if learning is None:
+                # Nothing tells what this model costs yet: send one of its requests alone,
+                # and let the answer tell.
+                self._blind[request.model] = anyio.Event()
+                return Reservation(0.0, request.model)
+            await learning.wait()
         if self.spent + self.reserved + worst > self.cap:
             return None
         self.reserved += worst
-        return Reservation(worst, blind=False)
+        return Reservation(worst, None)
+
+    def covers_another_answer(self) -> bool:
+        """Whether the cap still holds if the request in hand is paid for once more (a
+        verdict retried after an invalid answer that was billed)."""
+        return self.spent + self.reserved <= self.cap
 
     def release(self, reservation: Reservation) -> None:
         self.reserved = max(self.reserved - reservation.amount, 0.0)
-        if reservation.blind:
-            self._blind = False
-            if self._learned is not None:
-                self._learned.set()
+        if reservation.model is not None:
+            learning = self._blind.pop(reservation.model, None)
+            if learning is not None:
+                learning.set()
 
-    def charge(self, body: Mapping[str, Any], model: str | None) -> float | None:
+    def charge(self, body: Mapping[str, Any], requested: str | None) -> float | None:
         """Count an answer the server will bill; returns its cost where it can be told."""
-        prompt, completion = _tokens(body)
-        cost = reported_cost(body)
+        cost, _ = answer_cost(body, self.prices, requested)
+        prompt, completion = tokens(body)
+        names = {requested, answering_model(body, requested)} - {None}
+        rates = [self._rates.setdefault(name, _Rate()) for name in names if name]
+        for rate in {id(r): r for r in rates}.values():
+            rate.longest = max(rate.longest, completion)
+            if cost is not None:
+                rate.cost += cost
+                rate.tokens += prompt + completion
         if cost is None:
-            answered = body.get("model")
-            price = price_for(self.prices, answered if isinstance(answered, str) else model)
-            if price is not None:
-                cost = priced(price, prompt, completion)
-        if cost is not None:
-            self._known_cost += cost
-            self._known_tokens += prompt + completion
-        else:
-            rate = self.per_token
-            cost = None if rate is None else rate * (prompt + completion)
+            known = next((r.per_token for r in rates if r.per_token is not None), None)
+            cost = None if known is None else known * (prompt + completion)
         if cost is not None:
             self.spent += cost
         return cost

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -19,7 +18,7 @@ from typing import TextIO
 from pipeline.cost import money, price_for, priced
 from pipeline.job import Failure
 from pipeline.ledger import Ledger
-from pipeline.reader import LineParser, ReadCounts, open_input, read_requests
+from pipeline.reader import LineParser, ReadCounts, check_input, read_requests
 from pipeline.settings import Settings
 from pipeline.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.writer import LEDGER
@@ -54,30 +53,32 @@ class Estimate:
         return priced(price, m.prompt_tokens, 0), priced(price, m.prompt_tokens, m.completion_tokens)
 
 
-def _done_in(folder: Path) -> Callable[[str], bool] | None:
+def _done_in(folder: Path) -> sqlite3.Connection | None:
     """Ids already in the output folder's results, read without touching the folder."""
     path = folder / LEDGER
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-    def is_done(custom_id: str) -> bool:
-        return db.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
-
-    return is_done
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
 def estimate(settings: Settings) -> Estimate:
-    open_input(settings.input).close()
+    check_input(settings.input)
     result = Estimate(settings)
     parser = LineParser(settings, exact_tokens=True)
+    done = _done_in(settings.output)
+
+    def is_done(custom_id: str) -> bool:
+        if done is None:
+            return False
+        return done.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
+
     with tempfile.TemporaryDirectory(prefix="pipeline-estimate-") as scratch:
         ledger = Ledger(Path(scratch) / "ids.sqlite")  # the ids seen, on disk as in a run
         try:
-            items = read_requests(
-                settings.input, parser, ledger, result.counts, is_done=_done_in(settings.output)
-            )
+            items = read_requests(settings.input, parser, ledger, result.counts, is_done=is_done)
             for item in items:
+                if item is None:
+                    continue
                 if isinstance(item, Failure):
                     result.invalid += 1
                     if len(result.failures) < MAX_LISTED:
@@ -87,10 +88,11 @@ def estimate(settings: Settings) -> Estimate:
                 m.requests += 1
                 m.prompt_tokens += item.prompt_tokens
                 m.completion_tokens += item.max_completion_tokens
-                limit = item.body.get("max_completion_tokens", item.body.get("max_tokens"))
-                m.unlimited += not isinstance(limit, int)
+                m.unlimited += not item.bounded
         finally:
             ledger.close()
+            if done is not None:
+                done.close()
     return result
 
 

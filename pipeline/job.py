@@ -12,13 +12,13 @@ class Request:
 
     custom_id: str
     line: int
-    body: dict[str, Any]
-    payload: bytes  # `body` serialised once, sent as is on every attempt
+    payload: bytes  # the body, serialised once and sent as is on every attempt
     metadata: Any = None
     model: str = ""
     stream: bool = False
     prompt_tokens: int = 0  # estimate, for rate limits and budgets
     max_completion_tokens: int = 0  # worst case over all choices (`max_tokens` times `n`)
+    bounded: bool = True  # the request sets max_tokens (else the worst case is a guess)
 
     @property
     def token_estimate(self) -> int:

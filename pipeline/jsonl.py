@@ -16,6 +16,10 @@ import orjson
 _LONG_NUMBER = re.compile(rb"\d{20}")
 
 
+def slow_path(raw: bytes) -> bool:
+    return _LONG_NUMBER.search(raw) is not None
+
+
 def loads(raw: bytes) -> Any:
     """Parse one JSON document; raises ValueError (orjson's or json's) when it is not JSON."""
     if _LONG_NUMBER.search(raw) is None:

@@ -43,6 +43,7 @@ class Ledger:
         self._db.execute("PRAGMA temp_store=FILE")
         self._db.executescript(_SCHEMA)
         self._db.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, line INTEGER)")
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS copies (base TEXT PRIMARY KEY, n INTEGER)")
         self._db.execute("BEGIN")
         self.done_count = self._count("done")
         self.failed_count = self._count("failed")
@@ -85,6 +86,18 @@ class Ledger:
         row = self._db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
         return int(row[0])
 
+    def see_copy(self, base: str, line: int) -> str:
+        """The id of a line that brings none: `base` (from its bytes), or `base-n` for the
+        n-th identical line, the same on every run since lines come in the same order."""
+        if self.see(base, line) is None:
+            return base
+        row = self._db.execute("SELECT n FROM copies WHERE base = ?", (base,)).fetchone()
+        n = (int(row[0]) if row else 1) + 1
+        while self.see(f"{base}-{n}", line) is not None:
+            n += 1
+        self._db.execute("INSERT OR REPLACE INTO copies (base, n) VALUES (?, ?)", (base, n))
+        return f"{base}-{n}"
+
     # -- the writer's records ----------------------------------------------------------------
 
     def add_done(self, ids: Iterable[str]) -> int:
@@ -110,6 +123,7 @@ class Ledger:
     def start_run(self) -> None:
         """Mark every listed failure as stale until this run meets it again."""
         self._db.execute("DELETE FROM seen")
+        self._db.execute("DELETE FROM copies")
         self._db.execute("UPDATE failed SET stale = 1")
         self.commit()
 
@@ -122,6 +136,10 @@ class Ledger:
             "AND key NOT IN (SELECT id FROM seen)",
             (last_line,),
         )
+
+    def count_failed(self) -> int:
+        self.failed_count = self._count("failed")
+        return self.failed_count
 
     def failures(self) -> Iterator[bytes]:
         """The error lines errors.jsonl should hold now, in input order."""

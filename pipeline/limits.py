@@ -134,6 +134,14 @@ class Pacer:
         at = self._ready_at(self._waiters[0][0])
         self._timer = self._loop.call_at(at, self._release)
 
+    def wake_all(self) -> None:
+        """The run stopped: let every waiter go and find out (no start is booked)."""
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+        self._reschedule()
+
     # -- feedback ------------------------------------------------------------------------------
 
     def settle(self, reserved: int, used: int) -> None:
@@ -188,6 +196,14 @@ class Window:
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight < self.size:
+            future = self._waiters.popleft()
+            if not future.done():
+                self.in_flight += 1
+                future.set_result(None)
+
+    def wake_all(self) -> None:
+        """The run stopped: let every waiter go and find out."""
+        while self._waiters:
             future = self._waiters.popleft()
             if not future.done():
                 self.in_flight += 1

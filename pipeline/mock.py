@@ -77,9 +77,11 @@ class MockConfig:
     credits: int | None = None  # successful answers before every answer is 402
     cost: bool = True  # report usage.cost
     # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
-    # "malformed", "error200", "cut" or "chatty" (content that ignores response_format).
+    # "malformed", "error200", "cut", "chatty" (content that ignores response_format) or
+    # "moderated" (OpenRouter's 403 for flagged input).
     script: list[Any] = field(default_factory=list)
     chatty_when: str | None = None  # every request whose messages contain this is answered "chatty"
+    ignore_stream: bool = False  # answer stream: true with one JSON body, as some servers do
     record: bool = False  # keep every request body (tests)
     echo_key: bool = (
         False  # put the caller's Authorization header in error messages, as a careless server would
@@ -451,6 +453,16 @@ class MockServer:
             return _error(int(action), f"mock fault {action}{echo}", kind, headers)
         if action == "timeout":
             await asyncio.sleep(3600)
+        if action == "moderated":
+            st.statuses["403"] += 1
+            body403 = {
+                "error": {
+                    "code": 403,
+                    "message": "Your chosen model requires moderation and your input was flagged",
+                    "metadata": {"reasons": ["harassment"], "flagged_input": "...", "provider_name": "mock"},
+                }
+            }
+            return web.Response(status=403, body=orjson.dumps(body403), content_type="application/json")
         key = job_key(body)
         if action == "drop":
             st.statuses["drop"] += 1
@@ -477,7 +489,7 @@ class MockServer:
             full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
         headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
         headers["x-request-id"] = f"req-{key}"
-        if body.get("stream") is True:
+        if body.get("stream") is True and not cfg.ignore_stream:
             return await self._stream(request, body, full, headers, key, cut=action == "cut")
         st.statuses["200"] += 1
         st.answered[key] += 1

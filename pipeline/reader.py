@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline import jsonl
-from pipeline.errors import InputError, SettingsError
+from pipeline.errors import InputError, RunStopped, SettingsError
 from pipeline.job import Failure, Outcome, Request
 from pipeline.ledger import Ledger
 from pipeline.settings import Settings
@@ -28,58 +29,100 @@ from pipeline.template import Template, compile_template
 from pipeline.tokens import TokenEstimator, max_completion_tokens
 
 BATCH_URL = "/v1/chat/completions"
+YIELD_EVERY = 1000  # lines
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _BOOL_FIELDS = ("stream", "logprobs")
 
 
+# What reading a plain or gzipped file can raise on bad bytes or a cut-off end.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
 def open_input(path: Path) -> IO[bytes]:
-    """Open the input for reading, gzip or plain; a missing file is a settings error."""
+    """Open the input for reading, gzip or plain (a pipe too: nothing is read twice); a
+    missing or unreadable file is a settings error."""
     try:
         if path.is_dir():
             raise SettingsError(f"input {str(path)!r} is a folder; pass a .jsonl or .jsonl.gz file")
-        f: IO[bytes] = path.open("rb")
-        if f.read(2) == b"\x1f\x8b":
-            f.close()
-            return gzip.open(path, "rb")  # type: ignore[return-value]
-        f.seek(0)
-        return f
+        f = path.open("rb")
     except FileNotFoundError:
         raise SettingsError(f"input file {str(path)!r} not found; check --input or the job's input") from None
-    except PermissionError:
-        raise SettingsError(f"input file {str(path)!r} cannot be read: permission denied") from None
+    except OSError as e:
+        raise SettingsError(f"input file {str(path)!r} cannot be read: {e.strerror}") from None
+    if f.peek(2)[:2] != b"\x1f\x8b":
+        return f
+    unzipped = gzip.GzipFile(fileobj=f, mode="rb")
+    unzipped.myfileobj = f  # type: ignore[assignment]  # closed with it
+    return unzipped  # type: ignore[return-value]
 
 
-def count_lines(path: Path) -> int:
-    """Lines in the input, for the progress bar's total; reads in blocks, never whole."""
+def check_input(path: Path) -> None:
+    """Fail early, as a settings error, on an input that cannot be opened. A pipe is taken
+    on trust: opening it here would take the place of the real reader."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return
+    open_input(path).close()
+
+
+def count_lines(path: Path) -> int | None:
+    """Lines in the input, for the progress bar's total; reads in blocks, never whole. None
+    for a pipe (it can be read only once) or a file that cannot be read to its end."""
+    if not path.is_file():
+        return None
     n = 0
     last = b"\n"
-    with open_input(path) as f:
-        while block := f.read(1 << 20):
-            n += block.count(b"\n")
-            last = block[-1:]
+    try:
+        with open_input(path) as f:
+            while block := f.read(1 << 20):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (*READ_ERRORS, SettingsError):
+        return None
     return n + (last != b"\n")
 
 
 def lines(path: Path, *, max_bytes: int = 1 << 62) -> Iterator[tuple[int, bytes | int]]:
     """Each line with its number; a line longer than `max_bytes` comes as its length instead,
-    read past in blocks so that it never sits in memory whole."""
+    read past in blocks so that it never sits in memory whole. A file that cannot be read on
+    (a .gz cut short, a bad disk) stops the run with what to do; the lines before count."""
     with open_input(path) as f:
         number = 0
-        while raw := f.readline(max_bytes + 1):
-            number += 1
-            if len(raw) <= max_bytes or raw.endswith(b"\n"):
-                yield number, raw
-                continue
-            size = len(raw)
-            while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
-                size += len(more)
-            yield number, size + len(more)
+        try:
+            while raw := f.readline(max_bytes + 1):
+                number += 1
+                if len(raw) <= max_bytes or raw.endswith(b"\n"):
+                    yield number, raw
+                    continue
+                size = len(raw)
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    size += len(more)
+                yield number, size + len(more)
+        except READ_ERRORS as e:
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise RunStopped(
+                f"cannot read {path} after line {number:,} ({reason}); a .gz file cut short? "
+                "Repair or replace the file, then run again: the lines before it are kept",
+                code="input_unreadable",
+            ) from None
+
+
+def _encodable(value: Any) -> Any:
+    """The standard library reads a lone surrogate escape ("\\ud800") that no UTF-8 can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InputError(
+            "the line holds a lone surrogate escape (such as \\ud800), which is not text; fix the text",
+            code="not_utf8",
+        ) from None
+    return value
 
 
 def _load(raw: bytes) -> Any:
     try:
-        return jsonl.loads(raw)
+        value = jsonl.loads(raw)
+        return _encodable(value) if jsonl.slow_path(raw) else value
     except ValueError as e:
         try:
             raw.decode("utf-8")
@@ -154,9 +197,10 @@ def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
 class Parsed:
     """A line turned into a body, before ids are checked against the run's ledger."""
 
-    body: dict[str, Any]
+    body: dict[str, Any] | None  # None until `render` builds it (a record)
     custom_id: str | None
     metadata: Any
+    render: Callable[[], dict[str, Any]] | None = None
 
 
 class LineParser:
@@ -174,17 +218,26 @@ class LineParser:
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
-            try:
-                messages, custom_id = self.template.render(obj, self.base)
-            except InputError as e:
-                name = self.template.name(obj)
+            template, base = self.template, self.base
+
+            def named(error: InputError) -> InputError:
+                name = template.name(obj)
                 if name is not None:
-                    e.message = f"record {name!r}: {e.message}"
-                e.metadata = obj
-                raise
-            if custom_id is None:
-                custom_id = obj.get("custom_id", obj.get("id"))
-            return Parsed({"messages": messages}, custom_id, obj)
+                    error.message = f"record {name!r}: {error.message}"
+                error.metadata = obj
+                return error
+
+            def render() -> dict[str, Any]:
+                try:
+                    return {"messages": template.messages_of(obj, base)}
+                except InputError as e:
+                    raise named(e) from None
+
+            try:
+                custom_id = template.id_of(obj)
+            except InputError as e:
+                raise named(e) from None
+            return Parsed(None, custom_id, obj, render)
         if "body" in obj and ("url" in obj or "method" in obj or "custom_id" in obj):
             url = obj.get("url")
             if url != BATCH_URL:
@@ -225,6 +278,9 @@ class LineParser:
 
     def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
         body = parsed.body
+        if body is None:
+            assert parsed.render is not None
+            body = parsed.render()
         if self.defaults:
             body = {**self.defaults, **body}
         model = body.get("model") or self.default_model
@@ -247,7 +303,6 @@ class LineParser:
         request = Request(
             custom_id=custom_id,
             line=line,
-            body=body,
             payload=jsonl.dumps(body),
             metadata=parsed.metadata,
             model=str(model),
@@ -255,6 +310,8 @@ class LineParser:
         )
         request.prompt_tokens = self.estimator.prompt_tokens(body)
         request.max_completion_tokens = max_completion_tokens(body)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        request.bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
         return request
 
 
@@ -291,12 +348,15 @@ def read_requests(
     counts: ReadCounts,
     *,
     is_done: Callable[[str], bool] | None = None,
-) -> Iterator[Request | Failure]:
+) -> Iterator[Request | Failure | None]:
     """Every line still to do, as a request, and every bad line, as a failure; empty lines
-    and ids already done (`is_done`, by default the ledger's) are counted and skipped."""
+    and ids already done (`is_done`, by default the ledger's) are counted and skipped. Now
+    and then a None, so that a long stretch of skipped lines does not hold the loop."""
     done = is_done or ledger.is_done
     for number, raw in lines(path, max_bytes=parser.max_line_bytes):
         counts.read = number
+        if number % YIELD_EVERY == 0:
+            yield None  # a chance for the loop to run other tasks, even when nothing is sent
         if isinstance(raw, int):
             error = InputError(
                 f"the line is {raw:,} bytes, over the limit of {parser.max_line_bytes:,}; "
@@ -314,11 +374,7 @@ def read_requests(
             parsed = parser.parse(raw)
             custom_id = parsed.custom_id
             if custom_id is None:
-                custom_id = stable_id(raw)
-                n = 1
-                while ledger.see(custom_id if n == 1 else f"{custom_id}-{n}", number) is not None:
-                    n += 1
-                custom_id = custom_id if n == 1 else f"{custom_id}-{n}"
+                custom_id = ledger.see_copy(stable_id(raw), number)
             else:
                 earlier = ledger.see(custom_id, number)
                 if earlier is not None:
@@ -350,6 +406,9 @@ async def feed(
     Stops early when the receiving side closes (the run stopped dispatching)."""
     async with requests, failures:
         for item in read_requests(path, parser, ledger, counts):
+            if item is None:
+                await anyio.lowlevel.checkpoint()
+                continue
             stream: MemoryObjectSendStream[Any] = requests if isinstance(item, Request) else failures
             if not await _send(stream, item):
                 return

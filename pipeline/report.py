@@ -47,7 +47,7 @@ def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def usage_document(usage: Usage, *, state: dict[str, int], folder: Path) -> dict[str, Any]:
+def usage_document(usage: Usage, *, state: dict[str, int | None], folder: Path) -> dict[str, Any]:
     """Everything usage.json holds; `state` counts the folder's lines now (results, errors)."""
     total = usage.totals()
     wall = sum(float(r.get("wall_seconds", 0.0)) for r in usage.runs)

@@ -52,9 +52,11 @@ class RetryPolicy:
             reraise=True,
         )
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def call(
+        self, fn: Callable[[], Awaitable[T]], *, sleep: Callable[[float], Awaitable[None]] | None = None
+    ) -> T:
         """Run `fn` until it succeeds, fails for good, or the attempts or time run out;
-        the last error is raised as it is."""
+        the last error is raised as it is. `sleep` waits between attempts."""
         # Most requests succeed at once: they never meet tenacity, whose bookkeeping costs
         # about 15 µs a call, a tenth of what the HTTP exchange itself costs.
         try:
@@ -71,5 +73,6 @@ class RetryPolicy:
                 raise first.pop()
             return await fn()
 
-        result: Any = await self._retrying(again)
+        retrying = self._retrying if sleep is None else self._retrying.copy(sleep=sleep)
+        result: Any = await retrying(again)
         return result  # type: ignore[no-any-return]

@@ -13,8 +13,10 @@ outer task group
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -26,19 +28,20 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.adaptive import MARGIN, RateFinder
 from pipeline.client import Client, check_reachable, open_client
+from pipeline.control import Control, Crew
 from pipeline.cost import Budget
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
 from pipeline.ledger import Ledger
 from pipeline.limits import Pacer, Window
 from pipeline.progress import Progress
-from pipeline.reader import LineParser, ReadCounts, count_lines, feed, open_input
+from pipeline.reader import LineParser, ReadCounts, check_input, count_lines, feed
 from pipeline.report import usage_document, write_reports
 from pipeline.retry import RetryPolicy
 from pipeline.settings import Settings, is_loopback
 from pipeline.usage import Usage
 from pipeline.verdict import compile_verdict
-from pipeline.worker import Control, Worker
+from pipeline.worker import Worker
 from pipeline.writer import LEDGER, Redactor, Writer, lock_folder, move_aside, reconcile
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -55,7 +58,7 @@ class Summary:
     failed: int  # requests that ended failed in this run
     invalid_input: int  # bad input lines met in this run
     skipped: int  # already done by an earlier run
-    pending: int  # lines left to do (interrupted or stopped)
+    pending: int | None  # lines left to do (interrupted or stopped); None: not known (a pipe)
     usage: dict[str, Any]
 
     @property
@@ -108,7 +111,7 @@ async def watch_signals(control: Control) -> None:
 async def run(settings: Settings) -> Summary:
     """Run a job to the end (or until stopped) and return its summary. Raises
     `SettingsError` when nothing could be sent because the settings are wrong."""
-    open_input(settings.input).close()
+    check_input(settings.input)
     api_key = _check_key(settings)
     try:
         settings.output.mkdir(parents=True, exist_ok=True)
@@ -117,11 +120,25 @@ async def run(settings: Settings) -> Summary:
     with lock_folder(settings.output):
         if settings.fresh:
             move_aside(settings.output)
-        ledger = _open_ledger(settings)
+        try:
+            ledger = _open_ledger(settings)
+        except sqlite3.Error as e:
+            raise RunStopped(
+                f"cannot open {settings.output / LEDGER} ({e}); is the folder writable? Moving the "
+                "file aside rebuilds it from results.jsonl",
+                code="output_unwritable",
+            ) from None
         try:
             return await _run(settings, ledger, api_key)
+        except OSError as e:  # the output folder: full, read-only, gone
+            raise RunStopped(
+                f"cannot write to {settings.output} ({e.strerror or e}); fix that, then run the "
+                "same command again: what was written is kept",
+                code="output_unwritable",
+            ) from None
         finally:
-            ledger.close()
+            with contextlib.suppress(sqlite3.Error):
+                ledger.close()
 
 
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summary:
@@ -163,6 +180,7 @@ class Run:
         self.parser = LineParser(settings, exact_tokens=bool(settings.tpm or settings.max_cost))
         self.progress = Progress(settings, self.counts, self.writer, self.usage)
         self.writer.on_input_error = self.progress.input_error
+        self.writer.on_broken = self._broken
         # Pace a little under a stated limit: it absorbs the jitter between our clock and the
         # server's counting window, which would otherwise turn into 429s at its boundaries.
         request_rate = settings.rpm / 60 * MARGIN if settings.rpm else None
@@ -209,10 +227,13 @@ class Run:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._read, requests_send, outcomes_send.clone())
-                    # Twice as many workers as requests may be in flight (the window holds that
-                    # line): a worker waiting out a retry's backoff must not leave a slot idle.
+                    # Twice as many workers as requests may be in flight, the crew keeping only
+                    # --concurrency of them active: a worker waiting out a retry's backoff
+                    # steps aside for one standing by, so no connection sits idle.
+                    crew = Crew(settings.concurrency)
+                    control.on_stop.append(crew.wake_all)
                     for _ in range(2 * settings.concurrency):
-                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone())
+                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew)
                     requests_recv.close()
                     outcomes_send.close()
             # Everything that will be written has been sent: let the writer drain, then stop.
@@ -223,8 +244,20 @@ class Run:
         self, requests: MemoryObjectSendStream[Request], failures: MemoryObjectSendStream[Outcome]
     ) -> None:
         with anyio.CancelScope() as scope:
-            self.control.scopes.append(scope)  # stopping the run stops the reader at once
-            await feed(self.settings.input, self.parser, self.ledger, requests, failures, self.counts)
+            self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once
+            try:
+                await feed(self.settings.input, self.parser, self.ledger, requests, failures, self.counts)
+            except RunStopped as e:  # the input cannot be read on
+                self.control.stop(e)
+
+    def _broken(self, error: OSError) -> None:
+        self.control.stop(
+            RunStopped(
+                f"cannot write to {self.settings.output} ({error.strerror or error}); free some space "
+                "or fix the folder, then run the same command again: what was written is kept",
+                code="output_unwritable",
+            )
+        )
 
     async def _count_total(self) -> None:
         total = await anyio.to_thread.run_sync(count_lines, self.settings.input, abandon_on_cancel=True)
@@ -236,7 +269,11 @@ class Run:
         await self.writer.checkpoint()
         if self.counts.finished:
             self.ledger.forget_stale(self.counts.read)
-        failed_now = self.writer.rewrite_errors()
+        try:
+            failed_now = self.writer.rewrite_errors()
+        except OSError as e:  # the folder is full: the ledger still knows what failed
+            self.writer.broken = self.writer.broken or e
+            failed_now = self.ledger.count_failed()
         self.writer.close()
         return failed_now
 
@@ -244,12 +281,13 @@ class Run:
         settings, control, counts, usage = self.settings, self.control, self.counts, self.usage
         wall = time.time() - self.started
         if counts.total is None:
-            counts.total = count_lines(settings.input)
+            counts.total = counts.read if counts.finished else count_lines(settings.input)
         delta = usage.outcomes - self.before
         total = counts.total
-        pending = 0
+        pending: int | None = 0
         if not (counts.finished and control.dispatching):
-            pending = max(total - counts.empty - counts.skipped - self.writer.written, 0)
+            accounted = counts.empty + counts.skipped + self.writer.written
+            pending = None if total is None else max(total - accounted, 0)
         if control.interrupted:
             code, note = EXIT_INTERRUPTED, "interrupted: run the same command again to resume"
         elif control.stopped is not None:
@@ -287,7 +325,11 @@ class Run:
             "lines": total,
         }
         doc = usage_document(usage, state=state, folder=settings.output)
-        write_reports(settings.output, doc, self.redact)
+        try:
+            write_reports(settings.output, doc, self.redact)
+        except OSError as e:
+            code = EXIT_STOPPED
+            note = f"{note}; and usage.json and report.md could not be written ({e.strerror or e})"
         return Summary(
             exit_code=code,
             message=note,

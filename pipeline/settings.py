@@ -12,6 +12,7 @@ import datetime as dt
 import difflib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -180,6 +181,10 @@ def check_base_url(url: str) -> str:
         raise SettingsError(
             f"base URL {url!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
         )
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number from 0 to 65535
+    except ValueError:
+        raise SettingsError(f"base URL {url!r} has a port that is not a number from 1 to 65535") from None
     return url.rstrip("/")
 
 
@@ -205,6 +210,13 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     values["input"] = Path(os.path.expanduser(str(values["input"])))
     values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
+    key_env = values.get("api_key_env", DEFAULT_KEY_ENV)
+    if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Never echo it: someone may have passed the key itself.
+        raise SettingsError(
+            "api_key_env must be the name of an environment variable (letters, digits and _), "
+            "such as LUMENFALL_API_KEY; the key itself goes in that variable"
+        )
     _check_numbers(values)
     if "prices" in values:
         values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))

@@ -17,11 +17,20 @@ from pipeline.errors import MalformedResponse, ProviderError
 DONE = b"[DONE]"
 
 
+MAX_INDEX = 128  # choices or tool calls in one answer; beyond it, a server gone wrong
+
+
+def _index(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_INDEX:
+        raise MalformedResponse(f"a streamed chunk has an index that is not a small number: {value!r}")
+    return value
+
+
 def _merge_tool_calls(into: list[dict[str, Any]], deltas: list[Any]) -> None:
     for delta in deltas:
         if not isinstance(delta, dict):
             continue
-        index = delta.get("index", len(into))
+        index = _index(delta.get("index", len(into)))
         while len(into) <= index:
             into.append(
                 {
@@ -34,7 +43,8 @@ def _merge_tool_calls(into: list[dict[str, Any]], deltas: list[Any]) -> None:
         call = into[index]
         for key, value in delta.items():
             if key == "function" and isinstance(value, dict):
-                function = call["function"]
+                function = call["function"] if isinstance(call.get("function"), dict) else {}
+                call["function"] = function
                 for fkey, fvalue in value.items():
                     if isinstance(fvalue, str) and isinstance(function.get(fkey), str):
                         function[fkey] += fvalue
@@ -117,7 +127,7 @@ class StreamAssembler:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            index = choice.get("index", 0)
+            index = _index(choice.get("index", 0))
             state = self.choices.get(index)
             if state is None:
                 state = self.choices[index] = {
@@ -134,12 +144,15 @@ class StreamAssembler:
                 _merge_delta(state["message"], delta)
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):
-                merged = state.setdefault("logprobs", {})
+                merged = state.get("logprobs")
+                if not isinstance(merged, dict):
+                    merged = state["logprobs"] = {}
                 for key, value in logprobs.items():
-                    if isinstance(value, list):
-                        merged.setdefault(key, []).extend(value)
-                    else:
-                        merged[key] = value
+                    earlier = merged.get(key)
+                    if isinstance(value, list) and isinstance(earlier, list):
+                        earlier.extend(value)
+                    elif value is not None or key not in merged:
+                        merged[key] = list(value) if isinstance(value, list) else value
             reason = choice.get("finish_reason")
             if reason:
                 if reason == "error":

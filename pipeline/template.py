@@ -190,12 +190,16 @@ class Template:
         name = record.get("custom_id", record.get("id"))
         return None if name is None else _text(name)
 
-    def render(self, record: Mapping[str, Any], base: Path) -> tuple[list[Any], str | None]:
-        messages = self.messages(record, base)
-        custom_id = None
+    def id_of(self, record: Mapping[str, Any]) -> Any:
+        """The record's custom_id: the template's `id`, else its own custom_id or id. Cheap,
+        so a record already done is skipped before its messages (and images) are built."""
         if self.custom_id is not None:
-            custom_id = _text(self.custom_id(record, base))
-        return messages, custom_id
+            return _text(self.custom_id(record, Path()))
+        return record.get("custom_id", record.get("id"))
+
+    def messages_of(self, record: Mapping[str, Any], base: Path) -> list[Any]:
+        messages: list[Any] = self.messages(record, base)
+        return messages
 
 
 def compile_template(raw: Mapping[str, Any], *, where: str) -> Template:

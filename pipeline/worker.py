@@ -8,7 +8,6 @@ the next run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -16,6 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.adaptive import RateFinder
 from pipeline.client import Client
+from pipeline.control import Control, Crew, Seat
 from pipeline.cost import Budget, money
 from pipeline.errors import HTTPStatusError, InvalidOutput, RequestError, RunStopped
 from pipeline.job import Failure, Outcome, Reply, Request, Success
@@ -33,29 +33,17 @@ class Abandoned(Exception):
     """The run stopped dispatching before this attempt could start."""
 
 
-@dataclass
-class Control:
-    """Whether the run is still sending, and if not, why."""
-
-    dispatching: bool = True
-    stopped: RunStopped | None = None
-    interrupted: bool = False
-    forbidden_streak: int = 0
-    scopes: list[anyio.CancelScope] = field(default_factory=list)  # cancelled on stop
-    work_scope: anyio.CancelScope | None = None
-    grace: float = 30.0
-
-    def stop(self, reason: RunStopped | None = None) -> None:
-        if reason is not None and self.stopped is None:
-            self.stopped = reason
-        if not self.dispatching:
-            return
-        self.dispatching = False
-        for scope in self.scopes:
-            scope.cancel()
-        if self.work_scope is not None:
-            # Requests in flight get a bounded grace period to finish, then are cancelled.
-            self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + self.grace)
+def _refused_content(body: Any) -> bool:
+    """A 403 that refuses the request's content (OpenRouter's moderation: `flagged_input`
+    and `reasons` in the error's metadata), not the key."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    metadata = error.get("metadata")
+    if isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata):
+        return True
+    message = str(error.get("message", "")).lower()
+    return "moderation" in message or "flagged" in message
 
 
 def answer_key(error: RequestError) -> str:
@@ -96,57 +84,65 @@ class Worker:
         self.usage = usage
 
     async def run(
-        self, requests: MemoryObjectReceiveStream[Request], outcomes: MemoryObjectSendStream[Outcome]
+        self,
+        requests: MemoryObjectReceiveStream[Request],
+        outcomes: MemoryObjectSendStream[Outcome],
+        crew: Crew,
     ) -> None:
+        seat = Seat(crew, self.control)
         # The *_nowait calls skip a trip round the event loop when there is no need to
         # wait; the awaiting calls are there for when there is.
         async with requests, outcomes:
-            while self.control.dispatching:
-                try:
-                    request = requests.receive_nowait()
-                except anyio.WouldBlock:
+            await seat.take()
+            try:
+                while self.control.dispatching:
+                    await seat.make_room()
                     try:
-                        request = await requests.receive()
+                        request = requests.receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            request = await requests.receive()
+                        except anyio.EndOfStream:
+                            break
                     except anyio.EndOfStream:
                         break
-                except anyio.EndOfStream:
-                    break
-                outcome = await self.process(request)
-                if outcome is None:
-                    continue
-                try:
-                    outcomes.send_nowait(outcome)
-                except anyio.WouldBlock:
-                    # Paid for: the writer must get it even if the run is being cancelled.
-                    with anyio.CancelScope(shield=True):
-                        await outcomes.send(outcome)
+                    outcome = await self.process(request, seat)
+                    request.payload = b""  # sent for good: let a big body (images) go
+                    if outcome is None:
+                        continue
+                    try:
+                        outcomes.send_nowait(outcome)
+                    except anyio.WouldBlock:
+                        # Paid for: the writer must get it even if the run is being cancelled.
+                        with anyio.CancelScope(shield=True):
+                            await outcomes.send(outcome)
+            finally:
+                seat.give_up()
 
-    async def process(self, request: Request) -> Outcome | None:
+    async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
         budget = self.budget
         if budget is None:
-            return await self._process(request)
+            return await self._process(request, seat)
         reservation = await budget.reserve(request)
         if reservation is None:
-            self.control.stop(
-                RunStopped(
-                    f"the budget is reached: {money(budget.spent)} spent of the {money(budget.cap)} cap "
-                    "(every run into this folder counts); run again with a higher --max-cost to resume",
-                    code="budget_reached",
-                )
-            )
+            self._stop_for_budget()
             return None
         try:
-            return await self._process(request)
+            return await self._process(request, seat)
         finally:
             budget.release(reservation)
 
-    async def _process(self, request: Request) -> Outcome | None:
+    async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
         attempts = invalid = 0
         control, pacer, usage = self.control, self.pacer, self.usage
 
         async def attempt() -> tuple[Reply, Any]:
             nonlocal attempts, invalid
             if not control.dispatching:
+                raise Abandoned
+            if invalid and self.budget is not None and not self.budget.covers_another_answer():
+                # The answer thrown away was billed: another try must still fit the cap.
+                self._stop_for_budget()
                 raise Abandoned
             reserved = request.token_estimate if pacer.token_rate else 0
             # A slot in flight first, then the start time: so a paced start is not spent
@@ -159,6 +155,7 @@ class Worker:
                     raise Abandoned
                 attempts += 1
                 epoch = self.finder.epoch
+                self.finder.sent(epoch)
                 try:
                     reply = await self.client.complete(request)
                 except RequestError as e:
@@ -188,7 +185,7 @@ class Worker:
             return reply, parsed
 
         try:
-            reply, parsed = await self.retry.call(attempt)
+            reply, parsed = await self.retry.call(attempt, sleep=seat.backoff if seat else self.control.nap)
         except Abandoned:
             return None
         except RequestError as e:
@@ -208,6 +205,17 @@ class Worker:
             )
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+
+    def _stop_for_budget(self) -> None:
+        assert self.budget is not None
+        self.control.stop(
+            RunStopped(
+                f"the budget is reached: {money(self.budget.spent)} spent of the "
+                f"{money(self.budget.cap)} cap (every run into this folder counts); run again with "
+                "a higher --max-cost to resume",
+                code="budget_reached",
+            )
+        )
 
     def _charge(self, reply: Reply, request: Request) -> None:
         """Count an answer against the budget; stop if its cost cannot be told."""
@@ -232,12 +240,16 @@ class Worker:
             self.finder.headers(error.limits)
         if error.status in (429, 503) and isinstance(error, HTTPStatusError):
             self.finder.pushback(error.retry_after, epoch)
-        else:
+        elif error.transient:
             self.finder.failure(epoch)
+        else:
+            self.finder.answered(epoch)  # the request's fault, not the endpoint's
 
     def _stops_run(self, error: RequestError) -> bool:
         """401 and 402 stop the whole run at once; so does a streak of 403s."""
         status = error.status if isinstance(error, HTTPStatusError) else None
+        if status == 403 and _refused_content(error.body):
+            return False  # a moderation refusal is about this request, not the key
         if status == 403:
             self.control.forbidden_streak += 1
             if self.control.forbidden_streak < FORBIDDEN_STREAK:

@@ -20,14 +20,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline import jsonl
-from pipeline.cost import price_for, priced
+from pipeline.cost import answer_cost
 from pipeline.errors import SettingsError
 from pipeline.job import Failure, Outcome, Success
 from pipeline.ledger import Ledger
@@ -49,6 +49,24 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def _append(fd: int, data: bytes, size: int) -> int:
+    """Append all of `data` to a file of `size` bytes; returns the new size. If the write
+    fails part way (a full disk), the file is cut back to `size` so no torn line stays."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
+    return size + len(data)
 
 
 def move_aside(folder: Path) -> Path | None:
@@ -111,19 +129,9 @@ def price_unreported(
     usage: Usage, prices: Mapping[str, Price], model: str, requested: str | None, body: dict[str, Any]
 ) -> None:
     """Cost a result the server did not, from the job's price table, where it has one."""
-    price = price_for(prices, model) or price_for(prices, requested)
-    if price is not None:
-        raw = body.get("usage")
-        tokens: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        prompt, completion = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
-        usage.add_priced(
-            model,
-            priced(
-                price,
-                prompt if isinstance(prompt, int) else 0,
-                completion if isinstance(completion, int) else 0,
-            ),
-        )
+    cost, source = answer_cost(body, prices, requested)
+    if cost is not None and source == "price table":
+        usage.add_priced(model, cost)
 
 
 def failure_key(failure: Failure) -> str:
@@ -160,13 +168,19 @@ class Writer:
     ) -> None:
         self.prices = prices or {}
         self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
+        self.on_broken: Callable[[OSError], None] | None = None  # the folder took no more
+        self.broken: OSError | None = None
         self.folder = folder
         self.ledger = ledger
         self.usage = usage
         self.redact = redact
         self.written = 0  # outcomes written in this run
-        self._results: IO[bytes] = (folder / RESULTS).open("ab")
-        self._errors: IO[bytes] = (folder / ERRORS).open("ab")
+        # Plain descriptors, not buffered files: one write per batch, nothing held back that
+        # a failed write could leave half-flushed later.
+        self._results = _open_append(folder / RESULTS)
+        self._errors = _open_append(folder / ERRORS)
+        self._results_size = os.fstat(self._results).st_size
+        self._errors_size = os.fstat(self._errors).st_size
         self._done: list[str] = []
         self._succeeded_keys: list[str] = []
         self._failed: list[tuple[str, int, str, bytes]] = []
@@ -177,33 +191,31 @@ class Writer:
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, outcomes: list[Outcome]) -> None:
-        results: list[bytes] = []
-        errors: list[bytes] = []
-        for outcome in outcomes:
-            if isinstance(outcome, Success):
-                results.append(self.redact(_result_line(outcome)))
-                name, reported = self.usage.add_success(outcome)
+        """Append the outcomes' lines; only once they are in the files are they counted and
+        queued for the index, so a failed write (a full disk) records nothing false."""
+        successes = [o for o in outcomes if isinstance(o, Success)]
+        failures = [o for o in outcomes if isinstance(o, Failure)]
+        if successes:
+            lines = [self.redact(_result_line(s)) for s in successes]
+            self._results_size = _append(self._results, b"".join(lines), self._results_size)
+            for success in successes:
+                name, reported = self.usage.add_success(success)
                 if reported is None:
-                    price_unreported(self.usage, self.prices, name, outcome.request.model, outcome.reply.body)
-                if outcome.label is not None:
-                    self.usage.verdicts[outcome.label] += 1
-                self._done.append(outcome.request.custom_id)
+                    price_unreported(self.usage, self.prices, name, success.request.model, success.reply.body)
+                if success.label is not None:
+                    self.usage.verdicts[success.label] += 1
+                self._done.append(success.request.custom_id)
                 if self.ledger.failed_count:
-                    self._succeeded_keys.append(outcome.request.custom_id)
-            else:
-                line = self.redact(_error_line(outcome))
-                errors.append(line)
-                self.usage.add_failure(outcome)
-                kind = "input" if outcome.is_input_error else "request"
-                if outcome.is_input_error and self.on_input_error is not None:
-                    self.on_input_error(outcome)
-                self._failed.append((failure_key(outcome), outcome.line, kind, line))
-        if results:
-            self._results.write(b"".join(results))
-            self._results.flush()
-        if errors:
-            self._errors.write(b"".join(errors))
-            self._errors.flush()
+                    self._succeeded_keys.append(success.request.custom_id)
+        if failures:
+            lines = [self.redact(_error_line(f)) for f in failures]
+            self._errors_size = _append(self._errors, b"".join(lines), self._errors_size)
+            for failure, line in zip(failures, lines, strict=True):
+                self.usage.add_failure(failure)
+                kind = "input" if failure.is_input_error else "request"
+                self._failed.append((failure_key(failure), failure.line, kind, line))
+                if failure.is_input_error and self.on_input_error is not None:
+                    self.on_input_error(failure)
         self.written += len(outcomes)
 
     async def consume(self, outcomes: MemoryObjectReceiveStream[Outcome]) -> None:
@@ -215,7 +227,15 @@ class Writer:
                 with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
-                self.write(batch)
+                if self.broken is not None:
+                    continue  # the folder cannot take more: drain, so nobody waits on us
+                try:
+                    self.write(batch)
+                except OSError as e:
+                    self.broken = e
+                    if self.on_broken is not None:
+                        self.on_broken(e)
+                    continue
                 if time.monotonic() - self._last_sync >= SYNC_EVERY:
                     await self.checkpoint()
         self.drained.set()
@@ -232,29 +252,32 @@ class Writer:
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 self._last_sync = time.monotonic()
+                # One snapshot: what the files hold now, and the usage that counts exactly
+                # that. The writer may append more while the sync runs; that waits for next time.
                 done, self._done = self._done, []
                 succeeded, self._succeeded_keys = self._succeeded_keys, []
                 failed, self._failed = self._failed, []
-                offset = self._results.tell()
+                offset = self._results_size
+                usage = self.usage.state()
                 await anyio.to_thread.run_sync(self._sync_files)
                 self.ledger.add_done(done)
                 self.ledger.add_failed(failed)
                 self.ledger.drop_failed(succeeded)
                 self.ledger.put("results_offset", offset)
-                self.ledger.put("usage", self.usage.state())
+                self.ledger.put("usage", usage)
                 self.ledger.commit()
 
     def _sync_files(self) -> None:
-        os.fsync(self._results.fileno())
-        os.fsync(self._errors.fileno())
+        os.fsync(self._results)
+        os.fsync(self._errors)
 
     def close(self) -> None:
-        self._results.close()
-        self._errors.close()
+        os.close(self._results)
+        os.close(self._errors)
 
     def rewrite_errors(self) -> int:
         """errors.jsonl := what is failed now, in input order (atomically)."""
-        self._errors.close()
+        os.close(self._errors)
         count = 0
         tmp = self.folder / f".{ERRORS}.tmp"
         with tmp.open("wb") as f:
@@ -264,7 +287,8 @@ class Writer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.folder / ERRORS)
-        self._errors = (self.folder / ERRORS).open("ab")
+        self._errors = _open_append(self.folder / ERRORS)
+        self._errors_size = os.fstat(self._errors).st_size
         return count
 
 

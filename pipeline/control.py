@@ -1,0 +1,137 @@
+"""Who may work, and whether the run still sends.
+
+`Control` is the run's state of dispatch: once stopped (an interrupt, a refused key, a
+budget), nothing new is sent, whatever waits to be sent wakes up to find that out, and what
+is in flight gets a bounded grace period.
+
+`Crew` keeps `size` workers active, the rest standing by. A worker waiting out a retry's
+backoff steps aside so that a stand-by worker takes its place, and steps back in when the
+wait is over (ahead of stand-by workers, and an active worker makes room for it between two
+requests). So backoff never leaves a connection idle, and while nobody retries, nobody
+waits here: an active worker keeps its place from one request to the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+import anyio
+
+from pipeline.errors import RunStopped
+
+
+class Control:
+    def __init__(self, *, grace: float = 30.0) -> None:
+        self.grace = grace
+        self.dispatching = True
+        self.stopped: RunStopped | None = None
+        self.interrupted = False
+        self.forbidden_streak = 0
+        self.work_scope: anyio.CancelScope | None = None
+        self.on_stop: list[Callable[[], None]] = []  # wake whatever waits to send
+        self._stopping = anyio.Event()
+
+    def stop(self, reason: RunStopped | None = None) -> None:
+        if reason is not None and self.stopped is None:
+            self.stopped = reason
+        if not self.dispatching:
+            return
+        self.dispatching = False
+        self._stopping.set()
+        for wake in self.on_stop:
+            wake()
+        if self.work_scope is not None:
+            # Requests in flight get a bounded grace period to finish, then are cancelled.
+            self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + self.grace)
+
+    async def nap(self, seconds: float) -> None:
+        """Sleep `seconds`, or until the run stops dispatching if that comes first."""
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
+
+
+class Crew:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.active = 0
+        self._returning: deque[asyncio.Future[None]] = deque()
+        self._standing_by: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def someone_returning(self) -> bool:
+        return bool(self._returning)
+
+    async def join(self) -> None:
+        """A worker starting: active at once if there is room, else standing by."""
+        if self.active < self.size and not self._returning and not self._standing_by:
+            self.active += 1
+            return
+        await self._wait(self._standing_by)
+
+    async def rejoin(self) -> None:
+        """A worker back from a backoff: ahead of those standing by."""
+        if self.active < self.size and not self._returning:
+            self.active += 1
+            return
+        await self._wait(self._returning)
+
+    def leave(self) -> None:
+        self.active -= 1
+        while self.active < self.size and (self._returning or self._standing_by):
+            future = (self._returning or self._standing_by).popleft()
+            if not future.done():
+                self.active += 1
+                future.set_result(None)
+
+    def wake_all(self) -> None:
+        """The run stopped: let everyone waiting go and find out."""
+        for queue in (self._returning, self._standing_by):
+            while queue:
+                future = queue.popleft()
+                if not future.done():
+                    self.active += 1
+                    future.set_result(None)
+
+    async def _wait(self, queue: deque[asyncio.Future[None]]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(future)
+        try:
+            await future  # the place is counted for us when the future is set
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.leave()
+            raise
+
+
+class Seat:
+    """One worker's place in the crew."""
+
+    def __init__(self, crew: Crew, control: Control) -> None:
+        self.crew = crew
+        self.control = control
+        self.held = False
+
+    async def take(self) -> None:
+        await self.crew.join()
+        self.held = True
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self.crew.leave()
+
+    async def make_room(self) -> None:
+        """Between two requests: let a worker back from a backoff in first."""
+        if self.crew.someone_returning:
+            self.give_up()
+            await self.crew.rejoin()
+            self.held = True
+
+    async def backoff(self, seconds: float) -> None:
+        """A retry's wait, spent out of the crew (and cut short if the run stops)."""
+        self.give_up()
+        await self.control.nap(seconds)
+        await self.crew.rejoin()
+        self.held = True
