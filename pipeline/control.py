@@ -5,10 +5,11 @@ budget), nothing new is sent, whatever waits to be sent wakes up to find that ou
 is in flight gets a bounded grace period.
 
 `Crew` keeps `size` workers active, the rest standing by. A worker waiting out a retry's
-backoff steps aside so that a stand-by worker takes its place, and steps back in when the
-wait is over (ahead of stand-by workers, and an active worker makes room for it between two
-requests). So backoff never leaves a connection idle, and while nobody retries, nobody
-waits here: an active worker keeps its place from one request to the next.
+backoff steps aside so that a stand-by worker takes its place, and steps straight back in
+when the wait is over, its request in hand; the next active worker to finish a request
+steps down to stand by in its stead. So backoff never leaves a connection idle, and while
+nobody retries nobody waits here: an active worker keeps its place from one request to the
+next.
 """
 
 from __future__ import annotations
@@ -56,53 +57,46 @@ class Crew:
     def __init__(self, size: int) -> None:
         self.size = size
         self.active = 0
-        self._returning: deque[asyncio.Future[None]] = deque()
         self._standing_by: deque[asyncio.Future[None]] = deque()
 
     @property
-    def someone_returning(self) -> bool:
-        return bool(self._returning)
+    def crowded(self) -> bool:
+        return self.active > self.size
 
     async def join(self) -> None:
-        """A worker starting: active at once if there is room, else standing by."""
-        if self.active < self.size and not self._returning and not self._standing_by:
+        """A worker without a request: active if there is room, else standing by."""
+        if self.active < self.size and not self._standing_by:
             self.active += 1
             return
-        await self._wait(self._standing_by)
-
-    async def rejoin(self) -> None:
-        """A worker back from a backoff: ahead of those standing by."""
-        if self.active < self.size and not self._returning:
-            self.active += 1
-            return
-        await self._wait(self._returning)
-
-    def leave(self) -> None:
-        self.active -= 1
-        while self.active < self.size and (self._returning or self._standing_by):
-            future = (self._returning or self._standing_by).popleft()
-            if not future.done():
-                self.active += 1
-                future.set_result(None)
-
-    def wake_all(self) -> None:
-        """The run stopped: let everyone waiting go and find out."""
-        for queue in (self._returning, self._standing_by):
-            while queue:
-                future = queue.popleft()
-                if not future.done():
-                    self.active += 1
-                    future.set_result(None)
-
-    async def _wait(self, queue: deque[asyncio.Future[None]]) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(future)
+        self._standing_by.append(future)
         try:
             await future  # the place is counted for us when the future is set
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self.leave()
             raise
+
+    def rejoin(self) -> None:
+        """A worker back from a backoff, its request in hand: in at once, even over the
+        size; the next worker between two requests steps down to make up for it."""
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+        while self.active < self.size and self._standing_by:
+            future = self._standing_by.popleft()
+            if not future.done():
+                self.active += 1
+                future.set_result(None)
+
+    def wake_all(self) -> None:
+        """The run stopped: let everyone standing by go and find out."""
+        while self._standing_by:
+            future = self._standing_by.popleft()
+            if not future.done():
+                self.active += 1
+                future.set_result(None)
 
 
 class Seat:
@@ -123,15 +117,15 @@ class Seat:
             self.crew.leave()
 
     async def make_room(self) -> None:
-        """Between two requests: let a worker back from a backoff in first."""
-        if self.crew.someone_returning:
+        """Between two requests: step down if workers back from a backoff made the crew
+        too many."""
+        if self.crew.crowded:
             self.give_up()
-            await self.crew.rejoin()
-            self.held = True
+            await self.take()
 
     async def backoff(self, seconds: float) -> None:
         """A retry's wait, spent out of the crew (and cut short if the run stops)."""
         self.give_up()
         await self.control.nap(seconds)
-        await self.crew.rejoin()
+        self.crew.rejoin()
         self.held = True
