@@ -17,7 +17,7 @@ its own request (by its Retry-After, in the retry policy).
   and scattered 429s cannot ratchet the rate down, since it is never cut below the limit.
 - Until a limit is found, requests are not paced at all: one check each, no timer.
 
-When most answers are transient failures (5xx, dropped connections, timeouts; a 400 or a
+When nearly every answer is a transient failure (5xx, dropped connections, timeouts; a 400 or a
 404 says nothing about the endpoint's health), the endpoint is down
 rather than busy: the pool pauses, for one second and then twice as long each time the
 outage persists (up to a minute), so that each request's few quick retries are spread over
@@ -43,7 +43,7 @@ MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
 HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
-OUTAGE_SHARE, OUTAGE_MIN = 0.5, 10  # most answers failed: the endpoint is down
+OUTAGE_SHARE, OUTAGE_MIN = 0.8, 10  # nearly every answer failed: the endpoint is down
 OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0

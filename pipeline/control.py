@@ -32,7 +32,7 @@ class Control:
         self.forbidden_streak = 0
         self.work_scope: anyio.CancelScope | None = None
         self.on_stop: list[Callable[[], None]] = []  # wake whatever waits to send
-        self._stopping = anyio.Event()
+        self._napping: set[asyncio.Future[None]] = set()
 
     def stop(self, reason: RunStopped | None = None) -> None:
         if reason is not None and self.stopped is None:
@@ -40,7 +40,9 @@ class Control:
         if not self.dispatching:
             return
         self.dispatching = False
-        self._stopping.set()
+        for future in self._napping:
+            if not future.done():
+                future.set_result(None)
         for wake in self.on_stop:
             wake()
         if self.work_scope is not None:
@@ -48,9 +50,27 @@ class Control:
             self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + self.grace)
 
     async def nap(self, seconds: float) -> None:
-        """Sleep `seconds`, or until the run stops dispatching if that comes first."""
-        with anyio.move_on_after(seconds):
-            await self._stopping.wait()
+        """Sleep `seconds`, or until the run stops dispatching if that comes first.
+
+        A future and one timer, not a cancel scope with a deadline: under uvloop a timer may
+        fire a little before its time, and anyio's deadline check then re-arms it again and
+        again until the clock catches up, a busy loop of up to a millisecond per sleep."""
+        if not self.dispatching:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, future)
+        self._napping.add(future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            self._napping.discard(future)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Crew:

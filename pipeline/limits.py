@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+TIMER_SLACK = 0.001  # seconds
+
 
 class Pacer:
     """Starts requests at `request_rate` a second and reserved tokens at `token_rate` a
@@ -109,7 +111,9 @@ class Pacer:
 
     def _release(self) -> None:
         self._timer = None
-        now = self._now()
+        # uvloop's timers keep milliseconds and may fire that much early: a start due within
+        # that is due now, or the timer would be set again and again until the clock catches up.
+        now = self._now() + TIMER_SLACK
         while self._waiters:
             tokens, future = self._waiters[0]
             if future.done():  # cancelled while waiting
