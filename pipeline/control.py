@@ -15,12 +15,12 @@ next.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable
 
 import anyio
 
 from pipeline.errors import RunStopped
+from pipeline.limits import Slots
 
 
 class Control:
@@ -73,50 +73,17 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class Crew:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.active = 0
-        self._standing_by: deque[asyncio.Future[None]] = deque()
+class Crew(Slots):
+    """`size` workers active; the others stand by in the slots' queue."""
 
     @property
     def crowded(self) -> bool:
-        return self.active > self.size
-
-    async def join(self) -> None:
-        """A worker without a request: active if there is room, else standing by."""
-        if self.active < self.size and not self._standing_by:
-            self.active += 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._standing_by.append(future)
-        try:
-            await future  # the place is counted for us when the future is set
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.leave()
-            raise
+        return self.taken > self.size
 
     def rejoin(self) -> None:
         """A worker back from a backoff, its request in hand: in at once, even over the
         size; the next worker between two requests steps down to make up for it."""
-        self.active += 1
-
-    def leave(self) -> None:
-        self.active -= 1
-        while self.active < self.size and self._standing_by:
-            future = self._standing_by.popleft()
-            if not future.done():
-                self.active += 1
-                future.set_result(None)
-
-    def wake_all(self) -> None:
-        """The run stopped: let everyone standing by go and find out."""
-        while self._standing_by:
-            future = self._standing_by.popleft()
-            if not future.done():
-                self.active += 1
-                future.set_result(None)
+        self.taken += 1
 
 
 class Seat:
@@ -128,13 +95,13 @@ class Seat:
         self.held = False
 
     async def take(self) -> None:
-        await self.crew.join()
+        await self.crew.acquire()
         self.held = True
 
     def give_up(self) -> None:
         if self.held:
             self.held = False
-            self.crew.leave()
+            self.crew.release()
 
     async def make_room(self) -> None:
         """Between two requests: step down if workers back from a backoff made the crew

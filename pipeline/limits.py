@@ -167,23 +167,18 @@ class Pacer:
         return self._paused_until
 
 
-class Window:
-    """At most `size` requests in flight. The size starts small and grows by half with each
-    round trip that succeeds (a gentler TCP slow start: what is in flight when a limit is
-    first met is what gets refused), then by one a round trip; `shrink` halves it, `hold`
-    ends the quick growth. It never exceeds `ceiling` (--concurrency): a server is never hit
-    with everything at once before it has answered anything."""
+class Slots:
+    """At most `size` holders at once; the others wait their turn, first come first served,
+    each on a future set when a slot is counted for it (no polling)."""
 
-    def __init__(self, ceiling: int, *, start: int = 16) -> None:
-        self.ceiling = ceiling
-        self.size = float(min(start, ceiling))
-        self.threshold = float(ceiling)  # slow start ends here
-        self.in_flight = 0
+    def __init__(self, size: float) -> None:
+        self.size = size
+        self.taken = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self) -> None:
-        if self.in_flight < self.size and not self._waiters:
-            self.in_flight += 1
+        if self.taken < self.size and not self._waiters:
+            self.taken += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
@@ -195,14 +190,14 @@ class Window:
             raise
 
     def release(self) -> None:
-        self.in_flight -= 1
+        self.taken -= 1
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.size:
+        while self._waiters and self.taken < self.size:
             future = self._waiters.popleft()
             if not future.done():
-                self.in_flight += 1
+                self.taken += 1
                 future.set_result(None)
 
     def wake_all(self) -> None:
@@ -210,8 +205,25 @@ class Window:
         while self._waiters:
             future = self._waiters.popleft()
             if not future.done():
-                self.in_flight += 1
+                self.taken += 1
                 future.set_result(None)
+
+
+class Window(Slots):
+    """At most `size` requests in flight. The size starts small and grows by half with each
+    round trip that succeeds (a gentler TCP slow start: what is in flight when a limit is
+    first met is what gets refused), then by one a round trip; `shrink` halves it, `hold`
+    ends the quick growth. It never exceeds `ceiling` (--concurrency): a server is never hit
+    with everything at once before it has answered anything."""
+
+    def __init__(self, ceiling: int, *, start: int = 16) -> None:
+        super().__init__(float(min(start, ceiling)))
+        self.ceiling = ceiling
+        self.threshold = float(ceiling)  # slow start ends here
+
+    @property
+    def in_flight(self) -> int:
+        return self.taken
 
     def grow(self) -> None:
         """One request succeeded."""
