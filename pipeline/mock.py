@@ -1,7 +1,7 @@
 """The built-in OpenAI-compatible endpoint, for demos, tests and the benchmark.
 
 `pipeline mock --port N` serves `POST /v1/chat/completions` (any prefix) with deterministic
-answers: the same messages get the same reply. `usage` is realistic (prompt tokens estimated
+answers (`pipeline.mock_answers`): the same messages get the same reply. `usage` is realistic (prompt tokens estimated
 from the text, `cost` at $0.50 / $1.50 per million tokens), `stream: true` answers as SSE,
 `n`, `tools`, `logprobs` and `response_format` with a JSON schema are honoured.
 
@@ -15,9 +15,7 @@ reads its counters from `GET /mock/stats`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
 import random
 import time
 from collections import Counter
@@ -30,33 +28,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeline.mock_answers import completion, job_key, stream_chunks, text_of
+
+__all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
+
 # aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
 # their connection attempts, and each would wait a second to try again.
 BACKLOG = 4096
-PRICE_PROMPT = 0.50  # dollars per million tokens
-PRICE_COMPLETION = 1.50
-WORDS = [
-    "calm",
-    "quiet",
-    "river",
-    "stone",
-    "light",
-    "morning",
-    "field",
-    "green",
-    "warm",
-    "soft",
-    "open",
-    "wide",
-    "slow",
-    "bright",
-    "clear",
-    "deep",
-    "still",
-    "gentle",
-    "broad",
-    "simple",
-]
 
 
 @dataclass
@@ -116,205 +94,6 @@ class MockState:
             "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
             "max_in_flight": self.max_in_flight,
         }
-
-
-def job_key(body: dict[str, Any]) -> str:
-    return hashlib.blake2b(orjson.dumps(body.get("messages")), digest_size=8).hexdigest()
-
-
-def _text_of(messages: Any) -> str:
-    out = []
-    for m in messages if isinstance(messages, list) else ():
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out.extend(p.get("text", "") for p in content if isinstance(p, dict))
-    return " ".join(out)
-
-
-def estimate_tokens(body: dict[str, Any]) -> int:
-    messages = body.get("messages")
-    count = len(messages) if isinstance(messages, list) else 0
-    return len(_text_of(messages)) // 4 + 4 * count + 3
-
-
-def _instance(schema: Any, h: int, path: str = "") -> Any:
-    """A value that satisfies a (simple) JSON schema, chosen deterministically from `h`."""
-    if not isinstance(schema, dict):
-        return None
-    if schema.get("enum"):
-        return schema["enum"][h % len(schema["enum"])]
-    if "const" in schema:
-        return schema["const"]
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties") or {}
-        return {k: _instance(v, h >> (i + 1), f"{path}.{k}") for i, (k, v) in enumerate(props.items())}
-    if kind == "array":
-        return [_instance(schema.get("items") or {}, h >> 3, path)]
-    if kind == "boolean":
-        return h % 5 == 0  # about one in five is true, like a flag
-    if kind == "integer":
-        return int(schema.get("minimum", 0)) + h % 5
-    if kind == "number":
-        low = float(schema.get("minimum", 0.0))
-        high = float(schema.get("maximum", low + 1.0))
-        return round(low + (high - low) * ((h % 100) / 100), 2)
-    if kind == "null":
-        return None
-    return f"mock {path.lstrip('.') or 'text'} {h % 1000}"
-
-
-def _content(body: dict[str, Any], h: int, index: int) -> tuple[str, int]:
-    """The reply text for choice `index` and its token count."""
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema") or {}
-        text = orjson.dumps(_instance(schema, h + index)).decode()
-        return text, max(len(text) // 4, 1)
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        text = orjson.dumps({"answer": WORDS[h % len(WORDS)]}).decode()
-        return text, max(len(text) // 4, 1)
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 64
-    n_words = max(1, min(int(limit), 12 + (h + index) % 24))
-    words = [WORDS[(h + i * 7 + index) % len(WORDS)] for i in range(n_words)]
-    text = " ".join(words).capitalize() + "."
-    stops = body.get("stop")
-    for stop in stops if isinstance(stops, list) else [stops]:
-        if isinstance(stop, str) and stop and stop in text:
-            text = text[: text.index(stop)]
-    return text, n_words
-
-
-def _tool_call(body: dict[str, Any], h: int) -> dict[str, Any] | None:
-    tools = body.get("tools")
-    choice = body.get("tool_choice", "auto")
-    if not isinstance(tools, list) or not tools or choice == "none":
-        return None
-    tool = tools[0]
-    if isinstance(choice, dict):
-        wanted = (choice.get("function") or {}).get("name")
-        tool = next((t for t in tools if (t.get("function") or {}).get("name") == wanted), tool)
-    function = tool.get("function") or {}
-    arguments = _instance(function.get("parameters") or {"type": "object"}, h) or {}
-    return {
-        "id": f"call_{h % 10**8:08d}",
-        "type": "function",
-        "function": {"name": function.get("name", "tool"), "arguments": orjson.dumps(arguments).decode()},
-    }
-
-
-def completion(body: dict[str, Any], *, cost: bool = True) -> dict[str, Any]:
-    """The deterministic chat completion the mock answers `body` with."""
-    h = int(job_key(body), 16)
-    n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
-    model = body.get("model")
-    fallbacks = body.get("models")
-    if isinstance(fallbacks, list) and fallbacks:
-        # As OpenRouter does: the first model of the list that is up answers. Here a model
-        # whose name says "unavailable" is down.
-        candidates = ([model] if model else []) + [m for m in fallbacks if isinstance(m, str)]
-        model = next((m for m in candidates if "unavailable" not in m), model)
-    choices = []
-    completion_tokens = 0
-    tool_call = _tool_call(body, h)
-    for i in range(n):
-        message: dict[str, Any] = {"role": "assistant"}
-        if tool_call is not None:
-            message["content"] = None
-            message["tool_calls"] = [tool_call]
-            completion_tokens += 12
-            reason = "tool_calls"
-        else:
-            text, tokens = _content(body, h, i)
-            message["content"] = text
-            completion_tokens += tokens
-            reason = "stop"
-        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": reason}
-        if body.get("logprobs") and message.get("content"):
-            top = body.get("top_logprobs") or 0
-            choice["logprobs"] = {
-                "content": [
-                    {
-                        "token": word,
-                        "logprob": -0.01 * (j + 1),
-                        "top_logprobs": [{"token": word, "logprob": -0.01 * (j + 1)}] * min(int(top), 1),
-                    }
-                    for j, word in enumerate(message["content"].split()[:8])
-                ]
-            }
-        choices.append(choice)
-    prompt_tokens = estimate_tokens(body)
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": prompt_tokens // 2 if h % 4 == 0 else 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    }
-    if cost:
-        usage["cost"] = round((prompt_tokens * PRICE_PROMPT + completion_tokens * PRICE_COMPLETION) / 1e6, 10)
-    return {
-        "id": f"chatcmpl-mock{h % 10**12:012d}",
-        "object": "chat.completion",
-        "created": 1764000000,
-        "model": model or "mock/default",
-        "provider": "mock",
-        "system_fingerprint": f"fp_mock_{body.get('seed', 0)}",
-        "choices": choices,
-        "usage": usage,
-    }
-
-
-def _chunks(full: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    base = {k: full[k] for k in ("id", "created", "model", "provider")} | {"object": "chat.completion.chunk"}
-    chunks = []
-    for choice in full["choices"]:
-        i = choice["index"]
-        message = choice["message"]
-        chunks.append(
-            {
-                **base,
-                "choices": [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                ],
-            }
-        )
-        if message.get("tool_calls"):
-            call = message["tool_calls"][0]
-            args = call["function"]["arguments"]
-            half = len(args) // 2
-            first = {
-                "index": 0,
-                "id": call["id"],
-                "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": args[:half]},
-            }
-            chunks.append(
-                {**base, "choices": [{"index": i, "delta": {"tool_calls": [first]}, "finish_reason": None}]}
-            )
-            rest = {"index": 0, "function": {"arguments": args[half:]}}
-            chunks.append(
-                {**base, "choices": [{"index": i, "delta": {"tool_calls": [rest]}, "finish_reason": None}]}
-            )
-        else:
-            words = (message.get("content") or "").split(" ")
-            step = max(1, math.ceil(len(words) / 4))
-            for j in range(0, len(words), step):
-                piece = " ".join(words[j : j + step]) + (" " if j + step < len(words) else "")
-                delta: dict[str, Any] = {"index": i, "delta": {"content": piece}, "finish_reason": None}
-                if choice.get("logprobs") and j == 0:
-                    delta["logprobs"] = choice["logprobs"]
-                chunks.append({**base, "choices": [delta]})
-        chunks.append(
-            {**base, "choices": [{"index": i, "delta": {}, "finish_reason": choice["finish_reason"]}]}
-        )
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": full["usage"]})
-    return chunks
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -484,7 +263,7 @@ class MockServer:
             err = {"error": {"message": "upstream provider overloaded", "code": 502}}
             return web.Response(body=orjson.dumps(err), content_type="application/json")
         full = completion(body, cost=cfg.cost)
-        if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in _text_of(body["messages"])):
+        if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in text_of(body["messages"])):
             # A model that ignores the requested format: the answer is billed all the same.
             full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
         headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
@@ -513,7 +292,7 @@ class MockServer:
         )
         await response.prepare(request)
         await response.write(b": OPENROUTER PROCESSING\n\n")
-        chunks = _chunks(full, include_usage)
+        chunks = stream_chunks(full, include_usage)
         if cut:
             chunks = chunks[: max(len(chunks) // 2, 1)]
         for chunk in chunks:
