@@ -16,15 +16,18 @@ import orjson
 _LONG_NUMBER = re.compile(rb"\d{20}")
 
 
-def slow_path(raw: bytes) -> bool:
-    return _LONG_NUMBER.search(raw) is not None
+def parse(raw: bytes) -> tuple[Any, bool]:
+    """One JSON document, and whether it went the slow way (the standard library, which also
+    lets through what orjson refuses, such as a lone surrogate escape). Raises ValueError
+    (orjson's or json's) when it is not JSON."""
+    if _LONG_NUMBER.search(raw) is None:
+        return orjson.loads(raw), False
+    return json.loads(raw), True
 
 
 def loads(raw: bytes) -> Any:
     """Parse one JSON document; raises ValueError (orjson's or json's) when it is not JSON."""
-    if _LONG_NUMBER.search(raw) is None:
-        return orjson.loads(raw)
-    return json.loads(raw)
+    return parse(raw)[0]
 
 
 def dumps(obj: Any, *, option: int = 0) -> bytes:

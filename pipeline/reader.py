@@ -121,8 +121,8 @@ def _encodable(value: Any) -> Any:
 
 def _load(raw: bytes) -> Any:
     try:
-        value = jsonl.loads(raw)
-        return _encodable(value) if jsonl.slow_path(raw) else value
+        value, slow = jsonl.parse(raw)
+        return _encodable(value) if slow else value
     except ValueError as e:
         try:
             raw.decode("utf-8")
@@ -206,7 +206,7 @@ class Parsed:
 class LineParser:
     """Turns one raw input line into a `Request`, or raises `InputError`."""
 
-    def __init__(self, settings: Settings, *, exact_tokens: bool = False) -> None:
+    def __init__(self, settings: Settings, *, exact_tokens: bool = False, every_token: bool = False) -> None:
         self.defaults = dict(settings.request)
         self.default_model = settings.default_model
         self.template: Template | None = None
@@ -214,7 +214,7 @@ class LineParser:
             self.template = compile_template(settings.template, where=str(settings.job_file))
         self.base = settings.input.parent
         self.max_line_bytes = settings.max_line_bytes
-        self.estimator = TokenEstimator(exact=exact_tokens)
+        self.estimator = TokenEstimator(exact=exact_tokens, every=every_token)
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
