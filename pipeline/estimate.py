@@ -64,7 +64,7 @@ def _done_in(folder: Path) -> sqlite3.Connection | None:
 def estimate(settings: Settings) -> Estimate:
     check_input(settings.input)
     result = Estimate(settings)
-    parser = LineParser(settings, exact_tokens=True)
+    parser = LineParser(settings, every_token=True)
     done = _done_in(settings.output)
 
     def is_done(custom_id: str) -> bool:

