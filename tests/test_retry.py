@@ -1,0 +1,120 @@
+"""The retry policy on its own, with a sleep that records instead of waiting."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline.errors import ConnectionDropped, HTTPStatusError, RequestError
+from pipeline.retry import RetryPolicy
+
+
+class Script:
+    """Answers an attempt with the next error of the list, then with "ok"."""
+
+    def __init__(self, *errors: RequestError) -> None:
+        self.errors = list(errors)
+        self.attempts = 0
+        self.slept: list[float] = []
+
+    async def __call__(self) -> str:
+        self.attempts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def status(code: int, retry_after: float | None = None) -> HTTPStatusError:
+    return HTTPStatusError(f"HTTP {code}", status=code, retry_after=retry_after)
+
+
+def policy(
+    *, max_attempts: int = 5, max_time: float = 600.0, base: float = 0.1, cap: float = 30.0
+) -> RetryPolicy:
+    return RetryPolicy(max_attempts=max_attempts, max_time=max_time, base=base, cap=cap)
+
+
+async def test_success_at_once_never_sleeps() -> None:
+    script = Script()
+    assert await policy().call(script, sleep=script.sleep) == "ok"
+    assert (script.attempts, script.slept) == (1, [])
+
+
+async def test_transient_failures_are_retried_with_capped_jittered_backoff() -> None:
+    script = Script(status(500), ConnectionDropped("dropped"), status(503))
+    assert await policy(base=0.1, cap=0.3).call(script, sleep=script.sleep) == "ok"
+    assert script.attempts == 4
+    assert len(script.slept) == 3
+    # full jitter: each wait in [0, min(cap, base * 2 ** n)]
+    for n, slept in enumerate(script.slept):
+        assert 0 <= slept <= min(0.3, 0.1 * 2**n)
+
+
+async def test_retry_after_is_a_floor() -> None:
+    script = Script(status(429, retry_after=7.5))
+    assert await policy().call(script, sleep=script.sleep) == "ok"
+    assert script.slept == [7.5]
+
+
+async def test_a_client_error_is_not_retried() -> None:
+    script = Script(status(400))
+    with pytest.raises(HTTPStatusError) as caught:
+        await policy().call(script, sleep=script.sleep)
+    assert caught.value.status == 400
+    assert (script.attempts, script.slept) == (1, [])
+
+
+async def test_attempts_are_bounded_and_the_last_error_is_raised() -> None:
+    script = Script(status(500), status(502), status(503), status(504), status(500))
+    with pytest.raises(HTTPStatusError) as caught:
+        await policy(max_attempts=3).call(script, sleep=script.sleep)
+    assert script.attempts == 3
+    assert caught.value.status == 503
+
+
+class Clock:
+    """time.monotonic for the policy, moved on only by the recorded sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_total_time_counts_the_coming_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    # Waits of 10 s each within 25 s: two waits fit, the third would end past the bound.
+    script = Script(*(status(429, retry_after=10.0) for _ in range(10)))
+
+    async def sleep(seconds: float) -> None:
+        script.slept.append(seconds)
+        clock.now += seconds
+
+    with pytest.raises(HTTPStatusError):
+        await policy(max_attempts=100, max_time=25.0).call(script, sleep=sleep)
+    assert script.slept == [10.0, 10.0]
+    assert script.attempts == 3
+
+
+async def test_the_total_time_includes_the_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+
+    async def slow_then_fail() -> str:
+        clock.now += 30.0  # a first attempt that took longer than the bound
+        raise status(500)
+
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    with pytest.raises(HTTPStatusError):
+        await policy(max_time=25.0).call(slow_then_fail, sleep=sleep)
+    assert slept == []
