@@ -352,7 +352,8 @@ def read_requests(
     """Every line still to do, as a request, and every bad line, as a failure; empty lines
     and ids already done (`is_done`, by default the ledger's) are counted and skipped. Now
     and then a None, so that a long stretch of skipped lines does not hold the loop."""
-    done = is_done or ledger.is_done
+    # Only ids done by earlier runs can come again: an id of this run is never read twice.
+    done = is_done or (ledger.is_done if ledger.done_count else None)
     for number, raw in lines(path, max_bytes=parser.max_line_bytes):
         counts.read = number
         if number % YIELD_EVERY == 0:
@@ -384,7 +385,7 @@ def read_requests(
                         field="custom_id",
                         code="duplicate_custom_id",
                     )
-            if done(custom_id):
+            if done is not None and done(custom_id):
                 counts.skipped += 1
                 continue
             yield parser.request(parsed, custom_id=custom_id, line=number)
