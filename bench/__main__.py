@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--long-requests",
         type=int,
-        default=_env_int("BENCH_LONG_REQUESTS", 50_000),
+        default=_env_int("BENCH_LONG_REQUESTS", 100_000),
         help="faults: the long pair of pipeline runs (0 skips it)",
     )
     p.add_argument(

@@ -37,7 +37,7 @@ RSS_TARGET_MB = 100.0
 class Options:
     out: Path
     requests: int = 10_000  # clean, latency, faults
-    long_requests: int = 50_000  # faults: pipeline alone, long enough that one Retry-After is not the run
+    long_requests: int = 100_000  # faults: pipeline alone, long enough that a Retry-After is not the run
     rate_requests: int = 3_000  # rpm, tpm
     lines: int = 1_000_000  # memory
     concurrency: int = 256
@@ -176,6 +176,16 @@ def _reference(name: str, of: str, opts: Options, done: Done, flags: MockFlags, 
     return Reference(run, f"a reference run as in `{of}` (row `{client.name}`)", own=True)
 
 
+def _fault_floor(faulty: ClientRun, clean: ClientRun) -> float:
+    """The least `faulty.wall / clean.wall` a client could show: every attempt the mock saw
+    (failed ones too) as cheap as a clean run's request, plus one Retry-After waited at the
+    end, which a 429 to one of the last requests costs whatever the client. (A second 429
+    to its retry, likely when a few dozen retries are in that last second, adds another.)"""
+    statuses: dict[str, int] = faulty.mock.get("statuses", {})
+    attempts = sum(statuses.values()) / max(faulty.requests, 1)
+    return attempts + (FAULTS.retry_after + LATENCY_MS / 1000) / clean.measurement.wall
+
+
 def faults(opts: Options, done: Done) -> ScenarioResult:
     load = os.getloadavg()
     title = f"{opts.requests:,} requests, concurrency {opts.concurrency}, mock: {FAULTS.describe()}"
@@ -186,14 +196,13 @@ def faults(opts: Options, done: Done) -> ScenarioResult:
     ref = reference.run
     if reference.own:
         runs.append(ref)
-    # A 429 near the end of a run must wait out its Retry-After (1 s) whatever the client:
-    # on a run of a few seconds that alone is most of the 1.3x allowed. The long pair shows
-    # the ratio once the run is long compared with one Retry-After.
-    floor = (ref.measurement.wall + FAULTS.retry_after + LATENCY_MS / 1000) / ref.measurement.wall
+    # On a run of a few seconds, one Retry-After at the end is already most of the 1.3x
+    # allowed: the target is judged on the long pair, where it is not.
     checks = [
         _lost_check(pipe),
         _ratio(
-            f"pipeline wall under faults / without, {opts.requests:,} requests (floor {floor:.2f}x)",
+            f"pipeline wall under faults / without, {opts.requests:,} requests "
+            f"(floor {_fault_floor(pipe, ref):.2f}x)",
             pipe.measurement.wall,
             ref.measurement.wall,
             None,
@@ -218,8 +227,12 @@ def faults(opts: Options, done: Done) -> ScenarioResult:
         runs += [clean_long, faults_long]
         checks[1:1] = [
             _lost_check(faults_long),
+            Check(
+                "pipeline, long, faults: answers paid twice", f"{faults_long.mock.get('answered_twice', 0):,}"
+            ),
             _ratio(
-                f"pipeline wall under faults / without, {opts.long_requests:,} requests",
+                f"pipeline wall under faults / without, {opts.long_requests:,} requests "
+                f"(floor {_fault_floor(faults_long, clean_long):.2f}x)",
                 faults_long.measurement.wall,
                 clean_long.measurement.wall,
                 1.3,
@@ -227,8 +240,9 @@ def faults(opts: Options, done: Done) -> ScenarioResult:
         ]
     notes = [
         f"wall without faults from {reference.source}: {ref.measurement.wall:.2f} s",
-        f"floor: a 429 in the last moments of a run waits its Retry-After ({FAULTS.retry_after:g} s), so no"
-        " client that honours it can finish a run of that length under faults faster than that",
+        "floor: what the run would take were every attempt the mock saw (the failed ones too) as cheap"
+        f" as a request of the clean run, plus one Retry-After ({FAULTS.retry_after:g} s) at the end,"
+        " which a 429 to one of the last requests costs any client that honours it",
         "the bare loop sends each request once and retries nothing: its `lost` is the fault rate",
         f"mock answers for pipeline: {pipe.mock.get('statuses')}",
     ]
