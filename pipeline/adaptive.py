@@ -38,7 +38,8 @@ from pipeline.limits import Pacer, Window
 BUCKET = 0.1  # seconds per bucket of the sliding window
 BUCKETS = 20  # two seconds of answers
 STRONG_SHARE, STRONG_MIN = 0.15, 8  # saturated: a limit is found (or has dropped)
-HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly
+HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
+HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
 HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing
@@ -103,6 +104,8 @@ class RateFinder:
         self._next_step = 0.0
         self._probe_after = 0.0
         self._waits = 0
+        self._held: tuple[float, float] | None = None  # since when, and the threshold before
+        self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
 
     # -- the sliding window of answers ---------------------------------------------------------
 
@@ -120,6 +123,7 @@ class RateFinder:
         self.epoch += 1
         self._epoch_start = now
         self._probe_after = now + SETTLE
+        self._hold_spent = False
         for j in range(BUCKETS):
             self._ok[j] = self._sent[j] = self._back[j] = self._fail[j] = self._all[j] = 0
 
@@ -147,6 +151,7 @@ class RateFinder:
         self._all[i] += 1
         if now >= self._next_step:
             self._next_step = now + 1.0
+            self._lapse_hold(now)
             self._probe(now)
 
     def answered(self, epoch: int) -> None:
@@ -181,7 +186,7 @@ class RateFinder:
         self._all[i] += 1
         back, total = sum(self._back), sum(self._all)
         if back >= HOLD_MIN and back >= HOLD_SHARE * total:
-            self.window.hold()  # a trend may be starting: stop the quick growth meanwhile
+            self._hold(now)
         if back >= STRONG_MIN and back >= STRONG_SHARE * total:
             accepted = self._accepted(now, in_flight=self.window.in_flight)
             if accepted < MIN_RATE and self._unread:
@@ -192,6 +197,7 @@ class RateFinder:
             self._unread = accepted < MIN_RATE
             pause = min(retry_after if retry_after is not None else 1.0, MAX_PAUSE)
             self.pacer.pause(pause)
+            self._held = None  # the trend came: the shrink decides from here
             self.window.shrink()
             self.cuts += 1
             if accepted >= MIN_RATE:
@@ -206,6 +212,22 @@ class RateFinder:
                 self.pacer.set_request_rate(hold)
                 self.cuts += 1
                 self._new_epoch(now)
+
+    def _hold(self, now: float) -> None:
+        """Pushback is more than scattered: a trend may be starting. Stop the window's quick
+        growth until it shows; if none does within the sliding window, the pushback is
+        scattered after all (an aggregator's upstreams), and the quick growth resumes for the
+        rest of the epoch, or a few 429s early in a run would leave its window small."""
+        window = self.window
+        if self._held is None and not self._hold_spent and window.threshold > window.size:
+            self._held = (now, window.threshold)
+            window.hold()
+
+    def _lapse_hold(self, now: float) -> None:
+        if self._held is not None and now - self._held[0] >= HOLD_FOR:
+            self.window.threshold = max(self.window.threshold, self._held[1])
+            self._held = None
+            self._hold_spent = True
 
     def _probe(self, now: float) -> None:
         binding = self.pacer.waits > self._waits

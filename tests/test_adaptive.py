@@ -64,6 +64,20 @@ async def test_scattered_429s_never_start_pacing() -> None:
     assert window.size == 256  # the window grew to the ceiling all the same
 
 
+async def test_scattered_429s_early_in_a_run_do_not_leave_the_window_small() -> None:
+    # 10 % of answers refused, from the start, as an aggregator's upstreams may: enough to
+    # stop the window's quick growth for a while, never a trend that cuts anything.
+    f, pacer, _, clock = finder()
+    window = f.window = Window(256, start=16)
+    answers(f, clock, seconds=0.2, rate=500, pushback=0.1)
+    held = window.size
+    assert held < 256
+    answers(f, clock, seconds=4, rate=500, pushback=0.1)
+    assert window.size == 256  # growing by one a round trip from `held` would take minutes
+    assert pacer.request_rate is None
+    assert f.cuts == 0
+
+
 async def test_a_storm_finds_the_limit_pauses_the_pool_and_halves_the_window() -> None:
     f, pacer, window, clock = finder()
     answers(f, clock, seconds=1, rate=50)  # the server lets 50 a second through...
