@@ -23,7 +23,7 @@ import anyio
 
 from pipeline.job import Request
 from pipeline.settings import Price
-from pipeline.usage import Usage
+from pipeline.usage import Usage, answer_tokens
 
 
 def money(value: float | None, *, unknown: str = "not reported") -> str:
@@ -53,18 +53,6 @@ def priced(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
     return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
 
 
-def tokens(body: Mapping[str, Any]) -> tuple[int, int]:
-    """Prompt and completion tokens of an answer, as its `usage` says (0 where it does not)."""
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return 0, 0
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (
-        prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0,
-        completion if isinstance(completion, int) and not isinstance(completion, bool) else 0,
-    )
-
-
 def answering_model(body: Mapping[str, Any], requested: str | None) -> str | None:
     model = body.get("model")
     return model if isinstance(model, str) and model else requested
@@ -83,7 +71,8 @@ def answer_cost(
     price = price_for(prices, answering_model(body, requested)) or price_for(prices, requested)
     if price is None:
         return None, None
-    return priced(price, *tokens(body)), "price table"
+    prompt, completion, _ = answer_tokens(body)
+    return priced(price, prompt, completion), "price table"
 
 
 @dataclass(slots=True)
@@ -171,7 +160,7 @@ class Budget:
     def charge(self, body: Mapping[str, Any], requested: str | None) -> float | None:
         """Count an answer the server will bill; returns its cost where it can be told."""
         cost, _ = answer_cost(body, self.prices, requested)
-        prompt, completion = tokens(body)
+        prompt, completion, _ = answer_tokens(body)
         names = {requested, answering_model(body, requested)} - {None}
         rates = [self._rates.setdefault(name, _Rate()) for name in names if name]
         for rate in {id(r): r for r in rates}.values():

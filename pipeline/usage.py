@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +81,16 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Prompt, completion and total tokens of an answer, as its `usage` says (0 where it
+    says nothing; the total is the sum when it gives none)."""
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    return prompt, completion, _int(usage.get("total_tokens")) or prompt + completion
+
+
 @dataclass
 class Usage:
     models: dict[str, ModelUsage] = field(default_factory=dict)
@@ -113,11 +124,10 @@ class Usage:
             m = self.models[name] = ModelUsage()
         m.requests += 1
         m.choices += len(body.get("choices") or ())
-        prompt = _int(usage.get("prompt_tokens"))
-        completion = _int(usage.get("completion_tokens"))
+        prompt, completion, total = answer_tokens(body)
         m.prompt_tokens += prompt
         m.completion_tokens += completion
-        m.total_tokens += _int(usage.get("total_tokens")) or prompt + completion
+        m.total_tokens += total
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
             m.cached_tokens += _int(details.get("cached_tokens"))

@@ -21,7 +21,7 @@ from pipeline.errors import HTTPStatusError, InvalidOutput, RequestError, RunSto
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.limits import Pacer, Window
 from pipeline.retry import RetryPolicy
-from pipeline.usage import Usage
+from pipeline.usage import Usage, answer_tokens
 from pipeline.verdict import Verdict
 
 # A 403 can be about one request (a moderation refusal) or about the key; only a streak
@@ -48,15 +48,6 @@ def _refused_content(body: Any) -> bool:
 
 def answer_key(error: RequestError) -> str:
     return str(error.status) if isinstance(error, HTTPStatusError) else error.code
-
-
-def _tokens_used(reply: Reply) -> int:
-    usage = reply.body.get("usage")
-    if isinstance(usage, dict):
-        total = usage.get("total_tokens")
-        if isinstance(total, int):
-            return total
-    return 0
 
 
 class Worker:
@@ -163,7 +154,7 @@ class Worker:
                     raise
             finally:
                 self.window.release()
-            pacer.settle(reserved, _tokens_used(reply))
+            pacer.settle(reserved, answer_tokens(reply.body)[2])
             self.finder.success(epoch)
             if reply.limits:
                 self.finder.headers(reply.limits)
