@@ -330,6 +330,11 @@ class Run:
         except OSError as e:
             code = EXIT_STOPPED
             note = f"{note}; and usage.json and report.md could not be written ({e.strerror or e})"
+            # The run's record says how it ended, so the next report tells the same story.
+            record.update(exit=code, note=note)
+            with contextlib.suppress(sqlite3.Error):
+                self.ledger.put("usage", usage.state())
+                self.ledger.commit()
         return Summary(
             exit_code=code,
             message=note,

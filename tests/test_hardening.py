@@ -299,3 +299,28 @@ async def test_an_interrupt_does_not_wait_for_retries_to_wake(mock, tmp_path: Pa
         await proc.communicate()
     assert proc.returncode == 130
     assert time.monotonic() - began < 5  # not the 30 s of Retry-After, nor the grace period
+
+
+async def test_reports_that_cannot_be_written_end_the_run_with_exit_3_on_record(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import runner
+    from pipeline.ledger import Ledger
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_reports", full_disk)
+    async with mock() as (url, _):
+        summary = await pipeline.run(make_settings(url, bodies(20)))
+    assert summary.exit_code == 3
+    assert "usage.json and report.md could not be written (No space left on device)" in summary.message
+    # The ledger's record of the run says the same, so a later report does too.
+    ledger = Ledger(tmp_path / "out" / "ledger.sqlite")
+    try:
+        last = ledger.get("usage")["runs"][-1]
+    finally:
+        ledger.close()
+    assert last["exit"] == 3
+    assert "could not be written" in last["note"]
+    assert last["succeeded"] == 20
