@@ -23,6 +23,14 @@ rather than busy: the pool pauses, for one second and then twice as long each ti
 outage persists (up to a minute), so that each request's few quick retries are spread over
 the outage instead of being spent in its first seconds.
 
+Rising latency is the other sign of a server pushed too hard: it queues rather than refuses.
+But an LLM's latency also rises with longer answers or a busier provider, and cutting the
+window then would only cost throughput. So the sign is read as Little's law has it: once a
+second, the median latency, the mean number in flight and the answers a second are compared
+with their usual values (moving averages of those readings). When more in flight bought no
+more answers, only twice the latency, twice in a row, the extra requests were queueing: the
+window gives up a quarter, then grows by one a round trip again.
+
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
 """
@@ -30,8 +38,10 @@ stated limit becomes the rate, and an exhausted budget pauses the pool until it 
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from pipeline.limits import Pacer, Window
 
@@ -49,6 +59,13 @@ OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
 MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
+LATENCY_SAMPLES = 16  # answers a latency reading needs, at least
+LATENCY_RISE = 2.0  # queueing: latency this many times the usual...
+CROWD_RISE = 1.5  # ...with this many times the usual in flight...
+GAIN_MAX = 1.25  # ...for at most this many times the usual answers a second...
+LATENCY_AFTER = 2  # ...in this many readings in a row
+LATENCY_KEEP = 0.75  # of the window, at such a rise
+LATENCY_MEMORY = 0.1  # weight of each reading in the usual values (about ten seconds)
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -72,6 +89,59 @@ def _per_second(per_minute: str | None) -> float | None:
     return value / 60 * MARGIN if value > 0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class Reading:
+    latency: float  # median, seconds
+    crowd: float  # mean in flight
+    rate: float  # answers a second
+
+    def toward(self, other: Reading, weight: float) -> Reading:
+        return Reading(
+            self.latency + weight * (other.latency - self.latency),
+            self.crowd + weight * (other.crowd - self.crowd),
+            self.rate + weight * (other.rate - self.rate),
+        )
+
+
+class LatencyWatch:
+    """Each second's answers, read against the usual: latency, in flight, answers a second."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.samples: list[float] = []
+        self.crowd = 0  # in flight at each answer, summed
+        self.usual: Reading | None = None
+        self._since = clock()
+        self._high = 0
+
+    def add(self, latency: float, in_flight: int) -> None:
+        self.samples.append(latency)
+        self.crowd += in_flight
+
+    def queueing(self, now: float) -> bool:
+        """Once a second: did more in flight buy only latency, for long enough?"""
+        n = len(self.samples)
+        if n < LATENCY_SAMPLES:
+            return False  # too few to say: keep them for the next reading
+        reading = Reading(statistics.median(self.samples), self.crowd / n, n / max(now - self._since, 1e-3))
+        self.samples.clear()
+        self.crowd = 0
+        self._since = now
+        usual = self.usual
+        self.usual = reading if usual is None else usual.toward(reading, LATENCY_MEMORY)
+        if usual is None or not (
+            reading.latency > LATENCY_RISE * usual.latency
+            and reading.crowd > CROWD_RISE * usual.crowd
+            and reading.rate < GAIN_MAX * usual.rate
+        ):
+            self._high = 0
+            return False
+        self._high += 1
+        if self._high < LATENCY_AFTER:
+            return False
+        self._high = 0
+        return True
+
+
 class RateFinder:
     def __init__(
         self,
@@ -90,6 +160,8 @@ class RateFinder:
         self.clock = clock
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
+        self.latency = LatencyWatch(clock)
+        self.latency_cuts = 0
         self.epoch = 0  # changes with every change of pace; answers report the one they were sent in
         self._epoch_start = clock()
         self._ok = [0] * BUCKETS
@@ -141,8 +213,10 @@ class RateFinder:
 
     # -- answers -------------------------------------------------------------------------------
 
-    def success(self, epoch: int) -> None:
+    def success(self, epoch: int, latency: float | None = None) -> None:
         self.window.grow()
+        if latency is not None:
+            self.latency.add(latency, self.window.in_flight)
         if epoch != self.epoch:
             return
         now = self.clock()
@@ -152,6 +226,7 @@ class RateFinder:
         if now >= self._next_step:
             self._next_step = now + 1.0
             self._lapse_hold(now)
+            self._read_latency(now)
             self._probe(now)
 
     def answered(self, epoch: int) -> None:
@@ -228,6 +303,13 @@ class RateFinder:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None
             self._hold_spent = True
+
+    def _read_latency(self, now: float) -> None:
+        window = self.window
+        # Only while the window holds requests back is the queue ours to shorten.
+        if self.latency.queueing(now) and window.in_flight >= window.size / 2:
+            window.shrink(LATENCY_KEEP)
+            self.latency_cuts += 1
 
     def _probe(self, now: float) -> None:
         binding = self.pacer.waits > self._waits

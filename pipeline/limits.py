@@ -237,7 +237,8 @@ class Window(Slots):
         """The server pushed back once: stop growing quickly."""
         self.threshold = min(self.threshold, self.size)
 
-    def shrink(self) -> None:
-        """The server pushed back: halve the window and grow slowly from there."""
-        self.threshold = max(self.size / 2, 4.0)
+    def shrink(self, keep: float = 0.5) -> None:
+        """The server pushed back: cut the window (by half unless told) and grow slowly
+        from there."""
+        self.threshold = max(self.size * keep, 4.0)
         self.size = self.threshold

@@ -310,6 +310,7 @@ class Run:
             "pending": pending,
             "attempts": usage.attempts - self.attempts_before,
             "rate_cuts": self.finder.cuts,
+            "latency_cuts": self.finder.latency_cuts,
             "exit": code,
             "note": note,
         }

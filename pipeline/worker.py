@@ -155,7 +155,7 @@ class Worker:
             finally:
                 self.window.release()
             pacer.settle(reserved, answer_tokens(reply.body)[2])
-            self.finder.success(epoch)
+            self.finder.success(epoch, reply.latency)
             if reply.limits:
                 self.finder.headers(reply.limits)
             control.forbidden_streak = 0

@@ -78,6 +78,56 @@ async def test_scattered_429s_early_in_a_run_do_not_leave_the_window_small() -> 
     assert f.cuts == 0
 
 
+def latencies(
+    f: RateFinder, clock: Clock, *, seconds: float, spread: list[float], scale: float = 1.0
+) -> None:
+    """100 successes a second, their latencies cycling through `spread` (times `scale`)."""
+    for i in range(int(seconds * 100)):
+        clock.now += 0.01
+        f.success(f.epoch, spread[i % len(spread)] * scale)
+
+
+SPREAD = [0.2, 0.5, 1.0, 3.0, 8.0]  # long and short answers: a median of 1 s
+
+
+async def test_more_in_flight_that_buys_only_latency_cuts_the_window_once() -> None:
+    f, pacer, window, clock = finder(size=64)
+    window.taken = 16
+    latencies(f, clock, seconds=20, spread=SPREAD)
+    assert f.latency_cuts == 0  # answers of every length: no rise
+    # Three times as many in flight, the same answers a second, three times the latency:
+    # the server queues what it cannot yet serve.
+    window.taken = 48
+    latencies(f, clock, seconds=3, spread=SPREAD, scale=3.0)
+    assert f.latency_cuts == 1
+    assert window.size < 64 * 0.8
+    latencies(f, clock, seconds=60, spread=SPREAD, scale=3.0)
+    assert f.latency_cuts == 1  # the new latency is the usual now: no cut after cut
+    assert pacer.request_rate is None  # latency never sets a rate
+    assert f.cuts == 0
+
+
+async def test_a_slower_model_at_the_same_concurrency_cuts_nothing() -> None:
+    # Longer answers, or a busier provider: latency up, nothing more in flight. Cutting the
+    # window would only cost throughput.
+    f, _, window, clock = finder(size=64)
+    window.taken = 48
+    latencies(f, clock, seconds=20, spread=SPREAD)
+    latencies(f, clock, seconds=20, spread=SPREAD, scale=4.0)
+    assert f.latency_cuts == 0
+    assert window.size == 64
+
+
+async def test_rising_latency_cuts_nothing_while_the_window_does_not_bind() -> None:
+    f, _, window, clock = finder(size=64)
+    window.taken = 4
+    latencies(f, clock, seconds=20, spread=SPREAD)
+    window.taken = 12  # more in flight, but far from the window: the queue is not ours
+    latencies(f, clock, seconds=5, spread=SPREAD, scale=4.0)
+    assert f.latency_cuts == 0
+    assert window.size == 64
+
+
 async def test_a_storm_finds_the_limit_pauses_the_pool_and_halves_the_window() -> None:
     f, pacer, window, clock = finder()
     answers(f, clock, seconds=1, rate=50)  # the server lets 50 a second through...
