@@ -38,7 +38,6 @@ stated limit becomes the rate, and an exhausted budget pauses the pool until it 
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -122,7 +121,8 @@ class LatencyWatch:
         n = len(self.samples)
         if n < LATENCY_SAMPLES:
             return False  # too few to say: keep them for the next reading
-        reading = Reading(statistics.median(self.samples), self.crowd / n, n / max(now - self._since, 1e-3))
+        median = sorted(self.samples)[n // 2]
+        reading = Reading(median, self.crowd / n, n / max(now - self._since, 1e-3))
         self.samples.clear()
         self.crowd = 0
         self._since = now

@@ -11,11 +11,12 @@ import time
 from typing import TYPE_CHECKING, Never, TextIO
 
 import anyio
-from tqdm import tqdm
 
 from pipeline.cost import money
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from pipeline.job import Failure
     from pipeline.reader import ReadCounts
     from pipeline.settings import Settings
@@ -55,6 +56,8 @@ class Progress:
         self.input_errors = 0
         self.bar: tqdm[Never] | None = None
         if not settings.quiet and self.stream.isatty():
+            from tqdm import tqdm  # only for a terminal: a nightly run does not import it
+
             self.bar = tqdm(total=None, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.05)
         self.started = time.monotonic()
         self._cost_before = usage.totals().cost

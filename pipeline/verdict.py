@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
 
 from pipeline.errors import InvalidOutput, SettingsError
+
+if TYPE_CHECKING:  # jsonschema takes 30 ms to import: only jobs with a [verdict] pay for it
+    from jsonschema import Draft202012Validator
 
 _KEYS = ("field", "max_attempts", "schema")
 
@@ -50,6 +51,8 @@ class Verdict:
             value = orjson.loads(_unfenced(content))
         except orjson.JSONDecodeError as e:
             raise InvalidOutput(f"the reply is not JSON ({e.msg}): {content[:200]!r}", status=200) from None
+        from jsonschema.exceptions import best_match
+
         error = best_match(self.validator.iter_errors(value))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "the top level"
@@ -90,6 +93,9 @@ def compile_verdict(raw: Mapping[str, Any], request: Mapping[str, Any], *, where
             f"{where}: [verdict] needs a JSON schema: set [request.response_format] with "
             'type = "json_schema" and json_schema.schema, or [verdict] schema'
         )
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
