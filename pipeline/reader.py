@@ -21,6 +21,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline import jsonl
+from pipeline.control import Refill
 from pipeline.errors import InputError, RunStopped, SettingsError
 from pipeline.job import Failure, Outcome, Request
 from pipeline.ledger import Ledger
@@ -29,7 +30,7 @@ from pipeline.template import Template, compile_template
 from pipeline.tokens import TokenEstimator, max_completion_tokens
 
 BATCH_URL = "/v1/chat/completions"
-YIELD_EVERY = 1000  # lines
+YIELD_EVERY = 64  # lines: a refill of the request buffer does not hold the loop for long
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _BOOL_FIELDS = ("stream", "logprobs")
@@ -402,14 +403,24 @@ async def feed(
     requests: MemoryObjectSendStream[Request],
     failures: MemoryObjectSendStream[Outcome],
     counts: ReadCounts,
+    refill: Refill | None = None,
 ) -> None:
     """Send every line still to do to the workers, and every bad line to the writer.
-    Stops early when the receiving side closes (the run stopped dispatching)."""
+    Stops early when the receiving side closes (the run stopped dispatching). With `refill`,
+    a full request buffer is topped up by halves (see `Refill`)."""
     async with requests, failures:
         for item in read_requests(path, parser, ledger, counts):
             if item is None:
                 await anyio.lowlevel.checkpoint()
                 continue
+            if refill is not None and isinstance(item, Request):
+                try:
+                    requests.send_nowait(item)
+                    continue
+                except anyio.WouldBlock:
+                    await refill.room()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
             stream: MemoryObjectSendStream[Any] = requests if isinstance(item, Request) else failures
             if not await _send(stream, item):
                 return

@@ -28,7 +28,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.adaptive import MARGIN, RateFinder
 from pipeline.client import Client, check_reachable, open_client
-from pipeline.control import Control, Crew
+from pipeline.control import Control, Crew, Refill
 from pipeline.cost import Budget
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
@@ -215,6 +215,7 @@ class Run:
             verdict=self.verdict,
         )
         size = max(2 * settings.concurrency, 16)
+        refill = Refill(size // 2)
         requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
         outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](size)
         async with anyio.create_task_group() as outer:
@@ -226,14 +227,14 @@ class Run:
             with anyio.CancelScope() as work_scope:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, requests_send, outcomes_send.clone())
+                    tg.start_soon(self._read, requests_send, outcomes_send.clone(), refill)
                     # Twice as many workers as requests may be in flight, the crew keeping only
                     # --concurrency of them active: a worker waiting out a retry's backoff
                     # steps aside for one standing by, so no connection sits idle.
                     crew = Crew(settings.concurrency)
                     control.on_stop.append(crew.wake_all)
                     for _ in range(2 * settings.concurrency):
-                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew)
+                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()
                     outcomes_send.close()
             # Everything that will be written has been sent: let the writer drain, then stop.
@@ -241,12 +242,17 @@ class Run:
             outer.cancel_scope.cancel()
 
     async def _read(
-        self, requests: MemoryObjectSendStream[Request], failures: MemoryObjectSendStream[Outcome]
+        self,
+        requests: MemoryObjectSendStream[Request],
+        failures: MemoryObjectSendStream[Outcome],
+        refill: Refill,
     ) -> None:
         with anyio.CancelScope() as scope:
             self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once
             try:
-                await feed(self.settings.input, self.parser, self.ledger, requests, failures, self.counts)
+                await feed(
+                    self.settings.input, self.parser, self.ledger, requests, failures, self.counts, refill
+                )
             except RunStopped as e:  # the input cannot be read on
                 self.control.stop(e)
 

@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.adaptive import RateFinder
 from pipeline.client import Client
-from pipeline.control import Control, Crew, Seat
+from pipeline.control import Control, Crew, Refill, Seat
 from pipeline.cost import Budget, money
 from pipeline.errors import HTTPStatusError, InvalidOutput, RequestError, RunStopped
 from pipeline.job import Failure, Outcome, Reply, Request, Success
@@ -79,6 +79,7 @@ class Worker:
         requests: MemoryObjectReceiveStream[Request],
         outcomes: MemoryObjectSendStream[Outcome],
         crew: Crew,
+        refill: Refill | None = None,
     ) -> None:
         seat = Seat(crew, self.control)
         # The *_nowait calls skip a trip round the event loop when there is no need to
@@ -97,6 +98,8 @@ class Worker:
                             break
                     except anyio.EndOfStream:
                         break
+                    if refill is not None and refill.owed:
+                        refill.taken()
                     outcome = await self.process(request, seat)
                     request.payload = b""  # sent for good: let a big body (images) go
                     if outcome is None:

@@ -122,3 +122,37 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_queue(clock: FakeClock) -
     t0 = clock.now
     await clock.run(pacer, [task])
     assert started == [pytest.approx(t0 + 1.0)]
+
+
+async def test_the_reader_waits_for_half_the_buffer_to_be_taken() -> None:
+    from pipeline.control import Refill
+
+    refill = Refill(3)
+    waiting = asyncio.ensure_future(refill.room())
+    await asyncio.sleep(0)
+    assert refill.owed == 3
+    refill.taken()
+    refill.taken()
+    await asyncio.sleep(0)
+    assert not waiting.done()  # two taken of three: still full enough
+    refill.taken()
+    await asyncio.sleep(0)
+    assert waiting.done()
+    assert refill.owed == 0  # nobody waits: workers skip the bookkeeping
+
+
+async def test_a_waiting_reader_can_be_woken_or_cancelled() -> None:
+    from pipeline.control import Refill
+
+    refill = Refill(100)
+    waiting = asyncio.ensure_future(refill.room())
+    await asyncio.sleep(0)
+    refill.wake()
+    await asyncio.sleep(0)
+    assert waiting.done()
+    waiting = asyncio.ensure_future(refill.room())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert refill.owed == 0
