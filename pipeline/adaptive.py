@@ -112,12 +112,23 @@ class LatencyWatch:
         self._since = clock()
         self._high = 0
 
+    def restart(self, at: float) -> None:
+        """A new pace from `at`: readings start over (the usual values stay)."""
+        self.samples.clear()
+        self.crowd = 0
+        self._since = at
+        self._high = 0
+
     def add(self, latency: float, in_flight: int) -> None:
         self.samples.append(latency)
         self.crowd += in_flight
 
     def queueing(self, now: float) -> bool:
         """Once a second: did more in flight buy only latency, for long enough?"""
+        if now < self._since:  # answers to what was sent before a pause that is not over
+            self.samples.clear()
+            self.crowd = 0
+            return False
         n = len(self.samples)
         if n < LATENCY_SAMPLES:
             return False  # too few to say: keep them for the next reading
@@ -165,6 +176,7 @@ class RateFinder:
         self.epoch = 0  # changes with every change of pace; answers report the one they were sent in
         self._epoch_start = clock()
         self._ok = [0] * BUCKETS
+        self._taken = [0] * BUCKETS  # successes of any epoch: what the server counted
         self._sent = [0] * BUCKETS
         self._back = [0] * BUCKETS
         self._fail = [0] * BUCKETS
@@ -187,6 +199,7 @@ class RateFinder:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
                 self._ok[i] = self._sent[i] = self._back[i] = self._fail[i] = self._all[i] = 0
+                self._taken[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
@@ -195,16 +208,29 @@ class RateFinder:
         self.epoch += 1
         self._epoch_start = now
         self._probe_after = now + SETTLE
+        # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
+        self._end_hold()
         self._hold_spent = False
+        self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
             self._ok[j] = self._sent[j] = self._back[j] = self._fail[j] = self._all[j] = 0
 
+    def _span(self, now: float) -> float:
+        """Seconds the window of answers covers: at least one, as servers count."""
+        return min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
+
     def _accepted(self, now: float, *, in_flight: int) -> float:
-        """What the server let through a second over the window (at least a second, as
-        servers count): the successes, or, where more, the requests sent less those refused
-        and those still in flight (which may yet be refused)."""
-        span = min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
-        return max(sum(self._sent) - sum(self._back) - in_flight, sum(self._ok)) / span
+        """What the server let through a second over the window: the requests sent less
+        those refused and those still in flight (which may yet be refused), or, where more,
+        the successes. Those count whenever they were sent: a request sent before a pause
+        that arrives after the server's count restarts takes its share of that count as
+        much as one sent after, and leaving it out halved the limit found."""
+        span = self._span(now)
+        self._slot(now)
+        current = int(now / BUCKET)
+        first = max(int((now - span) / BUCKET), current - BUCKETS + 1)
+        taken = sum(self._taken[b % BUCKETS] for b in range(first, current + 1))
+        return max(sum(self._sent) - sum(self._back) - in_flight, taken) / span
 
     def sent(self, epoch: int) -> None:
         """A request leaves now."""
@@ -217,10 +243,11 @@ class RateFinder:
         self.window.grow()
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
-        if epoch != self.epoch:
-            return
         now = self.clock()
         i = self._slot(now)
+        self._taken[i] += 1
+        if epoch != self.epoch:
+            return
         self._ok[i] += 1
         self._all[i] += 1
         if now >= self._next_step:
@@ -267,8 +294,7 @@ class RateFinder:
             if accepted < MIN_RATE and self._unread:
                 # Saturated twice with nothing back yet: a slow model behind fast refusals.
                 # Then what was sent and not refused is what the server took.
-                span = min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
-                accepted = (sum(self._sent) - back) / span
+                accepted = (sum(self._sent) - back) / self._span(now)
             self._unread = accepted < MIN_RATE
             pause = min(retry_after if retry_after is not None else 1.0, MAX_PAUSE)
             self.pacer.pause(pause)
@@ -287,6 +313,16 @@ class RateFinder:
                 self.pacer.set_request_rate(hold)
                 self.cuts += 1
                 self._new_epoch(now)
+            elif back >= HOLD_MIN and back >= HOLD_SHARE * total and now - self._epoch_start >= 1.0:
+                # More than scattered refusals at the pace the limit allows: the limit was read
+                # too high (a first reading can span two of the server's counting windows).
+                # What got through over this pace's last second is the limit.
+                accepted = self._accepted(now, in_flight=self.window.in_flight)
+                if MIN_RATE <= accepted < self.limit:
+                    self.limit = accepted
+                    self.pacer.set_request_rate(accepted * HOLD)
+                    self.cuts += 1
+                    self._new_epoch(now)
 
     def _hold(self, now: float) -> None:
         """Pushback is more than scattered: a trend may be starting. Stop the window's quick
@@ -300,16 +336,24 @@ class RateFinder:
 
     def _lapse_hold(self, now: float) -> None:
         if self._held is not None and now - self._held[0] >= HOLD_FOR:
+            self._end_hold()
+            self._hold_spent = True
+
+    def _end_hold(self) -> None:
+        """Quick growth again, from where the hold stopped it."""
+        if self._held is not None:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None
-            self._hold_spent = True
 
     def _read_latency(self, now: float) -> None:
         window = self.window
         # Only while the window holds requests back is the queue ours to shorten.
         if self.latency.queueing(now) and window.in_flight >= window.size / 2:
+            self._held = None  # a cut for a reason of its own: a lapsing hold must not undo it
+            before = window.size
             window.shrink(LATENCY_KEEP)
-            self.latency_cuts += 1
+            if window.size < before:
+                self.latency_cuts += 1
 
     def _probe(self, now: float) -> None:
         binding = self.pacer.waits > self._waits

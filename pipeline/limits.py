@@ -240,5 +240,6 @@ class Window(Slots):
     def shrink(self, keep: float = 0.5) -> None:
         """The server pushed back: cut the window (by half unless told) and grow slowly
         from there."""
-        self.threshold = max(self.size * keep, 4.0)
+        # Never below a few (nor, for a window already that small, above where it is).
+        self.threshold = max(self.size * keep, min(4.0, self.size))
         self.size = self.threshold
