@@ -126,8 +126,7 @@ class LatencyWatch:
     def queueing(self, now: float) -> bool:
         """Once a second: did more in flight buy only latency, for long enough?"""
         if now < self._since:  # answers to what was sent before a pause that is not over
-            self.samples.clear()
-            self.crowd = 0
+            self.restart(self._since)
             return False
         n = len(self.samples)
         if n < LATENCY_SAMPLES:
@@ -226,8 +225,7 @@ class RateFinder:
         that arrives after the server's count restarts takes its share of that count as
         much as one sent after, and leaving it out halved the limit found."""
         span = self._span(now)
-        self._slot(now)
-        current = int(now / BUCKET)
+        current = int(now / BUCKET)  # (callers have just moved the window to `now`)
         first = max(int((now - span) / BUCKET), current - BUCKETS + 1)
         taken = sum(self._taken[b % BUCKETS] for b in range(first, current + 1))
         return max(sum(self._sent) - sum(self._back) - in_flight, taken) / span

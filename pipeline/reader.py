@@ -413,25 +413,23 @@ async def feed(
             if item is None:
                 await anyio.lowlevel.checkpoint()
                 continue
-            if refill is not None and isinstance(item, Request):
-                try:
-                    requests.send_nowait(item)
-                    continue
-                except anyio.WouldBlock:
-                    await refill.room()
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    return
-            stream: MemoryObjectSendStream[Any] = requests if isinstance(item, Request) else failures
-            if not await _send(stream, item):
+            sent = (
+                await _send(requests, item, refill)
+                if isinstance(item, Request)
+                else await _send(failures, item)
+            )
+            if not sent:
                 return
 
 
-async def _send(stream: MemoryObjectSendStream[Any], item: Any) -> bool:
+async def _send(stream: MemoryObjectSendStream[Any], item: Any, refill: Refill | None = None) -> bool:
     """False when the other side is gone: the run stopped dispatching."""
     try:
         try:
             stream.send_nowait(item)
         except anyio.WouldBlock:
+            if refill is not None:
+                await refill.room()  # until half the buffer is taken: room for a batch
             await stream.send(item)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
         return False
