@@ -61,9 +61,10 @@ def custom_id(n: int, width: int) -> str:
     return f"r-{n:0{width}d}"
 
 
-def input_file(folder: Path, lines: int) -> Path:
-    """`folder/requests-N.jsonl`, written streaming on first use and reused after."""
-    path = folder / f"requests-{lines}.jsonl"
+def input_file(folder: Path, lines: int, *, stream: bool = False) -> Path:
+    """`folder/requests-N.jsonl` (`-stream` for streamed answers), written streaming on first
+    use and reused after."""
+    path = folder / f"requests-{lines}{'-stream' if stream else ''}.jsonl"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,8 @@ def input_file(folder: Path, lines: int) -> Path:
                 "messages": [{"role": "user", "content": _prompt(rng, n)}],
                 "max_tokens": MAX_TOKENS,
             }
+            if stream:
+                body["stream"] = True
             out.write(orjson.dumps(body) + b"\n")
     tmp.replace(path)  # only a whole file ever has the final name
     return path

@@ -27,14 +27,18 @@ class MockFlags:
 
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
+    latency_max_ms: float | None = None  # each job's latency spread up to this (log scale)
+    refusal_latency_ms: float = 0.0
     fail_rate: float = 0.0
     rate_429: float = 0.0
     retry_after: float = 1.0
     drop_rate: float = 0.0
     malformed_rate: float = 0.0
     error_rate: float = 0.0
+    stall_rate: float = 0.0
     rpm: float | None = None
     tpm: float | None = None
+    limit_style: str = "second"
     ratelimit_headers: bool = False
 
     def args(self) -> list[str]:
@@ -48,8 +52,13 @@ class MockFlags:
             "drop_rate",
             "malformed_rate",
             "error_rate",
+            "refusal_latency_ms",
+            "stall_rate",
         ):
             out += [f"--{name.replace('_', '-')}", f"{getattr(self, name):g}"]
+        if self.latency_max_ms:
+            out += ["--latency-max-ms", f"{self.latency_max_ms:g}"]
+        out += ["--limit-style", self.limit_style]
         if self.rpm:
             out += ["--rpm", f"{self.rpm:g}"]
         if self.tpm:
@@ -59,7 +68,12 @@ class MockFlags:
         return out
 
     def describe(self) -> str:
-        parts = [f"latency {self.latency_ms:g} ms"]
+        if self.latency_max_ms:
+            parts = [f"latency {self.latency_ms / 1000:g} to {self.latency_max_ms / 1000:g} s (log-uniform)"]
+        elif self.latency_ms >= 1000:
+            parts = [f"latency {self.latency_ms / 1000:g} s"]
+        else:
+            parts = [f"latency {self.latency_ms:g} ms"]
         if self.jitter_ms:
             parts.append(f"jitter {self.jitter_ms:g} ms")
         faults = {
@@ -68,12 +82,14 @@ class MockFlags:
             "drops": self.drop_rate,
             "malformed": self.malformed_rate,
             "errors in 200": self.error_rate,
+            "streams stalling": self.stall_rate,
         }
         parts += [f"{rate:.0%} {name}" for name, rate in faults.items() if rate]
         if self.rate_429:
             parts.append(f"Retry-After {self.retry_after:g} s")
         if self.rpm:
-            parts.append(f"--rpm {self.rpm:g}")
+            style = {"second": "counted per second", "minute": "counted per minute", "bucket": "a bucket"}
+            parts.append(f"limit {self.rpm:g}/min, {style.get(self.limit_style, self.limit_style)}")
         if self.tpm:
             parts.append(f"--tpm {self.tpm:g}")
         return ", ".join(parts)

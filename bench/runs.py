@@ -27,6 +27,7 @@ class Client:
     kind: Kind
     rpm: float | None = None  # given to pipeline
     tpm: float | None = None
+    flags: tuple[str, ...] = ()  # more of pipeline's flags
 
     def command(self, *, input: Path, folder: Path, url: str, concurrency: int) -> list[str]:
         common = ["--input", str(input), "--base-url", url, "--concurrency", str(concurrency)]
@@ -37,7 +38,7 @@ class Client:
         limits = (["--rpm", f"{self.rpm:g}"] if self.rpm else []) + (
             ["--tpm", f"{self.tpm:g}"] if self.tpm else []
         )
-        return [PIPELINE, "run", *common, "--output", str(folder / "output"), *limits, "--quiet"]
+        return [PIPELINE, "run", *common, "--output", str(folder / "output"), *limits, *self.flags, "--quiet"]
 
 
 BARE = Client(name="bare aiohttp", kind="bare")

@@ -73,6 +73,7 @@ def _run(
     *,
     stop_when: StopWhen | None = None,
     keep_results: bool = True,
+    concurrency: int | None = None,
 ) -> ClientRun:
     print(f"[bench] {name}: {client.name} on {input.name} ...", file=sys.stderr, flush=True)
     run = run_client(
@@ -80,7 +81,7 @@ def _run(
         input=input,
         flags=flags,
         folder=opts.out / "runs" / name / _slug(client),
-        concurrency=opts.concurrency,
+        concurrency=concurrency or opts.concurrency,
         stop_when=stop_when,
         keep_results=keep_results,
     )

@@ -1,83 +1,78 @@
-"""Finding a rate limit nobody stated, the way TCP finds a link's capacity.
+"""Finding a rate limit nobody stated, from the fast signal.
 
-The signal is the server pushing back (429, or 503 for overload), read as a trend in the
-answers to what was sent since the last change of pace, never one by one: behind an
-aggregator a scattered 429 from one upstream says little about our own rate and only delays
-its own request (by its Retry-After, in the retry policy).
+A refusal (429) comes back in milliseconds; an answer from a model takes seconds. So the
+refusals drive everything here, and answers are never waited for:
 
-- A strong trend (15 % of answers pushed back) means the server is saturated. What it lets
-  through meanwhile *is* its limit: the requests sent less those refused, per second (not the
-  successes, which for a slow model arrive long after the refusals). The pool pauses for the
-  Retry-After, the in-flight window halves, and the rate is set just under that limit. If
-  nearly nothing got through, that says nothing about a limit: the pool only pauses.
-- Once a limit is known, and ten seconds after any change of pace, the rate creeps up by
-  0.2 % a second while the pacer is what holds requests back, to learn whether the limit
-  has risen. A mild trend above the
-  known limit (1 %) sets it back just under the limit, with no pause: overshoot stays small,
-  and scattered 429s cannot ratchet the rate down, since it is never cut below the limit.
-- Until a limit is found, requests are not paced at all: one check each, no timer.
+- **Full.** Once a server's count is full, every request sent after is refused until it has
+  room again: a run of refusals in send order (`SendLog`). A run of three (more when
+  scattered refusals are common) says the server is full; scattered 429s, as an
+  aggregator's upstreams send them, almost never line up so, and only delay their own
+  request (by its Retry-After, in the retry policy).
+- **What it lets through.** At the first such moment, what the server let through in the
+  second before is its limit, as servers count per second at least (a reading can span two
+  of a server's windows and come out too high; the next moment corrects it). At every later
+  one, the rate is read between two such moments: the requests not refused from the moment
+  the server said it would take requests again (its Retry-After) to the moment it was full
+  again, over that time. That holds whether the server counts per fixed window or refills a
+  bucket continuously, and whatever its burst. The pool pauses for the Retry-After, the pace
+  is set at 97 % of the rate read, and the in-flight window opens to --concurrency: the pace
+  bounds the rate, and in flight is whatever the pace and the latency make it.
+- **Above a known limit.** Refusals above the pace the limit allows (1 % of answers) set it
+  back to that pace, with no pause. Refusals of more than 5 % at that pace read the limit
+  again (at most once in SETTLE seconds). Scattered refusals never ratchet the pace down.
+- **Probing.** Ten seconds after a change of pace, while the pacer is what holds requests
+  back, the pace creeps up by 0.2 % a second, to learn whether the limit has risen.
+- Until a limit is found, requests are not paced at all: one check each, no timer. The
+  window (`limits.Window`) grows with time while no refusal comes back, not with answers.
 
 When nearly every answer is a transient failure (5xx, dropped connections, timeouts; a 400 or a
-404 says nothing about the endpoint's health), the endpoint is down
-rather than busy: the pool pauses, for one second and then twice as long each time the
-outage persists (up to a minute), so that each request's few quick retries are spread over
-the outage instead of being spent in its first seconds.
+404 says nothing about the endpoint's health), the endpoint is down rather than busy: the pool
+pauses, for one second and then twice as long each time the outage persists (up to a
+minute), so that each request's few quick retries are spread over the outage instead of being
+spent in its first seconds.
 
-Rising latency is the other sign of a server pushed too hard: it queues rather than refuses.
-But an LLM's latency also rises with longer answers or a busier provider, and cutting the
-window then would only cost throughput. So the sign is read as Little's law has it: once a
-second, the median latency, the mean number in flight and the answers a second are compared
-with their usual values (moving averages of those readings). When more in flight bought no
-more answers, only twice the latency, twice in a row, the extra requests were queueing: the
-window gives up a quarter, then grows by one a round trip again.
+When the server lets nothing through for `give_up` seconds, or a run of refusals asks to wait
+longer than that (a daily quota spent), the run stops (exit 3) with the time to resume.
 
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
+Rising latency at more in flight (a server that queues) gives up a quarter of the window
+(`pipeline.latency`).
 """
 
 from __future__ import annotations
 
-import re
+import datetime as dt
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from pipeline.client import parse_duration
+from pipeline.errors import RunStopped
+from pipeline.latency import LatencyWatch
 from pipeline.limits import Pacer, Window
+from pipeline.sendlog import SIZE, SendLog
 
-BUCKET = 0.1  # seconds per bucket of the sliding window
+BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers
-STRONG_SHARE, STRONG_MIN = 0.15, 8  # saturated: a limit is found (or has dropped)
+RUN = 3  # refusals in a row, in send order: the server is full...
+RUN_MAX = 6  # ...more when scattered refusals are common, so that they never line up so
 HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
-MILD_SHARE, MILD_MIN = 0.01, 2  # overshoot above a known limit
+READ_SHARE, READ_MIN = 0.15, 3  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
-STEP = 0.002  # growth a second while probing
+STEP = 0.002  # growth a second while probing, doubling every SETTLE seconds of it
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
+MAX_FULLS = 64  # moments the server was full kept, to read a rate between the first and the last
+WAIT = 1.0  # seconds to wait when a refusal does not say
 OUTAGE_SHARE, OUTAGE_MIN = 0.8, 10  # nearly every answer failed: the endpoint is down
 OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
 MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
-LATENCY_SAMPLES = 16  # answers a latency reading needs, at least
-LATENCY_RISE = 2.0  # queueing: latency this many times the usual...
-CROWD_RISE = 1.5  # ...with this many times the usual in flight...
-GAIN_MAX = 1.25  # ...for at most this many times the usual answers a second...
-LATENCY_AFTER = 2  # ...in this many readings in a row
-LATENCY_KEEP = 0.75  # of the window, at such a rise
-LATENCY_MEMORY = 0.1  # weight of each reading in the usual values (about ten seconds)
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_reset(value: str) -> float | None:
-    """`x-ratelimit-reset-*` values such as "1s", "6m0s", "20ms" or a plain "0.5"."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    parts = _DURATION.findall(value)
-    return sum(float(n) * _UNIT[u] for n, u in parts) if parts else None
+GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
+LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
 
 
 def _per_second(per_minute: str | None) -> float | None:
@@ -88,68 +83,21 @@ def _per_second(per_minute: str | None) -> float | None:
     return value / 60 * MARGIN if value > 0 else None
 
 
+def _span(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @dataclass(frozen=True, slots=True)
-class Reading:
-    latency: float  # median, seconds
-    crowd: float  # mean in flight
-    rate: float  # answers a second
+class Full:
+    """A moment the server was seen full."""
 
-    def toward(self, other: Reading, weight: float) -> Reading:
-        return Reading(
-            self.latency + weight * (other.latency - self.latency),
-            self.crowd + weight * (other.crowd - self.crowd),
-            self.rate + weight * (other.rate - self.rate),
-        )
-
-
-class LatencyWatch:
-    """Each second's answers, read against the usual: latency, in flight, answers a second."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.samples: list[float] = []
-        self.crowd = 0  # in flight at each answer, summed
-        self.usual: Reading | None = None
-        self._since = clock()
-        self._high = 0
-
-    def restart(self, at: float) -> None:
-        """A new pace from `at`: readings start over (the usual values stay)."""
-        self.samples.clear()
-        self.crowd = 0
-        self._since = at
-        self._high = 0
-
-    def add(self, latency: float, in_flight: int) -> None:
-        self.samples.append(latency)
-        self.crowd += in_flight
-
-    def queueing(self, now: float) -> bool:
-        """Once a second: did more in flight buy only latency, for long enough?"""
-        if now < self._since:  # answers to what was sent before a pause that is not over
-            self.restart(self._since)
-            return False
-        n = len(self.samples)
-        if n < LATENCY_SAMPLES:
-            return False  # too few to say: keep them for the next reading
-        median = sorted(self.samples)[n // 2]
-        reading = Reading(median, self.crowd / n, n / max(now - self._since, 1e-3))
-        self.samples.clear()
-        self.crowd = 0
-        self._since = now
-        usual = self.usual
-        self.usual = reading if usual is None else usual.toward(reading, LATENCY_MEMORY)
-        if usual is None or not (
-            reading.latency > LATENCY_RISE * usual.latency
-            and reading.crowd > CROWD_RISE * usual.crowd
-            and reading.rate < GAIN_MAX * usual.rate
-        ):
-            self._high = 0
-            return False
-        self._high += 1
-        if self._high < LATENCY_AFTER:
-            return False
-        self._high = 0
-        return True
+    at: float  # when the first refused request of the run left
+    seq: int  # that request
+    resume: float  # when the server said it would take requests again
+    after: int  # the first request sent after that
 
 
 class RateFinder:
@@ -160,6 +108,8 @@ class RateFinder:
         *,
         ceiling: float | None = None,
         tpm_given: bool = False,
+        give_up: float = GIVE_UP,
+        stop: Callable[[RunStopped], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pacer = pacer
@@ -167,28 +117,32 @@ class RateFinder:
         self.ceiling = ceiling  # requests a second allowed (by the user or the server)
         self.rpm_given = ceiling is not None
         self.tpm_given = tpm_given
+        self.give_up = give_up
+        self.stop = stop
         self.clock = clock
+        self.log = SendLog()
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.latency = LatencyWatch(clock)
         self.latency_cuts = 0
-        self.epoch = 0  # changes with every change of pace; answers report the one they were sent in
+        self.epoch = 0  # the first request sent at the current pace
         self._epoch_start = clock()
+        self._fulls: deque[Full] = deque()
         self._ok = [0] * BUCKETS
-        self._taken = [0] * BUCKETS  # successes of any epoch: what the server counted
-        self._sent = [0] * BUCKETS
         self._back = [0] * BUCKETS
         self._fail = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self.outages = 0
-        self._unread = False  # the last saturation let too little through to read a limit
         self._outage_pause = OUTAGE_PAUSE
         self._bucket = 0
         self._next_step = 0.0
         self._probe_after = 0.0
+        self._reread_after = 0.0
+        self._sure = False  # the limit was read over a second at least
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
+        self.let_through = clock()  # the last success, or the start
 
     # -- the sliding window of answers ---------------------------------------------------------
 
@@ -197,14 +151,13 @@ class RateFinder:
         if bucket != self._bucket:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
-                self._ok[i] = self._sent[i] = self._back[i] = self._fail[i] = self._all[i] = 0
-                self._taken[i] = 0
+                self._ok[i] = self._back[i] = self._fail[i] = self._all[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
     def _new_epoch(self, now: float) -> None:
         """Judge the new pace on the answers to what is sent at that pace, not before."""
-        self.epoch += 1
+        self.epoch = self.log.next
         self._epoch_start = now
         self._probe_after = now + SETTLE
         # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
@@ -212,40 +165,22 @@ class RateFinder:
         self._hold_spent = False
         self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
-            self._ok[j] = self._sent[j] = self._back[j] = self._fail[j] = self._all[j] = 0
+            self._ok[j] = self._back[j] = self._fail[j] = self._all[j] = 0
 
-    def _span(self, now: float) -> float:
-        """Seconds the window of answers covers: at least one, as servers count."""
-        return min(max(now - self._epoch_start, 1.0), BUCKET * BUCKETS)
-
-    def _accepted(self, now: float, *, in_flight: int) -> float:
-        """What the server let through a second over the window: the requests sent less
-        those refused and those still in flight (which may yet be refused), or, where more,
-        the successes. Those count whenever they were sent: a request sent before a pause
-        that arrives after the server's count restarts takes its share of that count as
-        much as one sent after, and leaving it out halved the limit found."""
-        span = self._span(now)
-        current = int(now / BUCKET)  # (callers have just moved the window to `now`)
-        first = max(int((now - span) / BUCKET), current - BUCKETS + 1)
-        taken = sum(self._taken[b % BUCKETS] for b in range(first, current + 1))
-        return max(sum(self._sent) - sum(self._back) - in_flight, taken) / span
-
-    def sent(self, epoch: int) -> None:
-        """A request leaves now."""
-        if epoch == self.epoch:
-            self._sent[self._slot(self.clock())] += 1
+    def sent(self) -> int:
+        """A request leaves now; returns its ticket, for its answer to bring back."""
+        return self.log.send(self.clock())
 
     # -- answers -------------------------------------------------------------------------------
 
-    def success(self, epoch: int, latency: float | None = None) -> None:
+    def success(self, ticket: int, latency: float | None = None) -> None:
         self.window.grow()
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
-        now = self.clock()
-        i = self._slot(now)
-        self._taken[i] += 1
-        if epoch != self.epoch:
+        now = self.let_through = self.clock()
+        if ticket < self.epoch:
             return
+        i = self._slot(now)
         self._ok[i] += 1
         self._all[i] += 1
         if now >= self._next_step:
@@ -254,14 +189,14 @@ class RateFinder:
             self._read_latency(now)
             self._probe(now)
 
-    def answered(self, epoch: int) -> None:
+    def answered(self, ticket: int) -> None:
         """An answer that says nothing about the endpoint (a 400 for a bad request)."""
-        if epoch == self.epoch:
+        if ticket >= self.epoch:
             self._all[self._slot(self.clock())] += 1
 
-    def failure(self, epoch: int) -> None:
+    def failure(self, ticket: int) -> None:
         """A transient failure: a 500, a dropped connection, a timeout..."""
-        if epoch != self.epoch:
+        if ticket < self.epoch:
             return
         now = self.clock()
         i = self._slot(now)
@@ -277,50 +212,117 @@ class RateFinder:
             self.pacer.pause(self._outage_pause)
             self._new_epoch(now + self._outage_pause)
 
-    def pushback(self, retry_after: float | None, epoch: int) -> None:
-        if epoch != self.epoch:
-            return  # sent before the last change of pace
+    def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
+        """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
+        if now - self.let_through >= self.give_up:
+            self._give_up(now, wait, message)
+        if ticket < self.epoch or not self.log.kept(ticket):
+            return  # sent before the last change of pace
+        self.log.refuse(ticket)
         i = self._slot(now)
+        back, total = sum(self._back), sum(self._all)  # before this one
         self._back[i] += 1
         self._all[i] += 1
-        back, total = sum(self._back), sum(self._all)
+        pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
+        first, last = self.log.run(ticket)
+        first = max(first, self.epoch)  # a run at the pace in force, not one that began before
+        if last - first + 1 >= min(RUN + int(back / max(total, 1) / HOLD_SHARE), RUN_MAX):
+            if wait is not None and wait >= self.give_up:
+                self._give_up(now, wait, message)  # a quota spent for hours, not a rate
+            self._full(now, first, pause)
+            return
+        back, total = back + 1, total + 1
         if back >= HOLD_MIN and back >= HOLD_SHARE * total:
             self._hold(now)
-        if back >= STRONG_MIN and back >= STRONG_SHARE * total:
-            accepted = self._accepted(now, in_flight=self.window.in_flight)
-            if accepted < MIN_RATE and self._unread:
-                # Saturated twice with nothing back yet: a slow model behind fast refusals.
-                # Then what was sent and not refused is what the server took.
-                accepted = (sum(self._sent) - back) / self._span(now)
-            self._unread = accepted < MIN_RATE
-            pause = min(retry_after if retry_after is not None else 1.0, MAX_PAUSE)
-            self.pacer.pause(pause)
-            self._held = None  # the trend came: the shrink decides from here
-            self.window.shrink()
+        if self.limit is not None:
+            self._overshoot(now, ticket, pause, back, total)
+
+    def _full(self, now: float, first: int, pause: float) -> None:
+        """A run of refusals: the server is full."""
+        at = self.log.sent_at(first)
+        rate = self._read(Full(at, first, now + pause, self.log.next), now)
+        self.pacer.pause(pause)
+        self._held = None
+        self.cuts += 1
+        if rate >= MIN_RATE:
+            if self.ceiling is not None:
+                rate = min(rate, self.ceiling / MARGIN)
+            self.limit = rate
+            self.pacer.set_request_rate(rate * HOLD)
+            self.window.open()  # the pace bounds the rate from here
+        else:
+            self.window.shrink()  # nothing got through to read a limit from: just wait
+        self._new_epoch(now + pause)
+
+    def _read(self, full: Full, now: float) -> float:
+        """Requests a second the server lets through, read at the moment `full`; `_sure`
+        says whether it was read over a second at least."""
+        fulls = self._fulls
+        if fulls and full.at - fulls[-1].resume > SETTLE:
+            fulls.clear()  # the server had room for a while since: a new episode
+        oldest = self.log.next - SIZE  # what the send log still holds
+        while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):
+            fulls.popleft()
+        fulls.append(full)
+        if len(fulls) == 1:
+            # What it let through in the second before: servers count per second at least.
+            self._sure = True
+            count, start = self.log.accepted(full.at - 1.0, full.seq)
+            return count / max(full.at - start, 1e-3) if start > full.at - 1.0 else float(count)
+        # Between the first moment kept and this one: from when the server said it would take
+        # requests again to when it was full again, every request it took was one not refused.
+        since = fulls[0]
+        count = self.log.accepted_between(since.after, full.seq)
+        span = full.resume - since.resume
+        self._sure = span >= 1.0
+        return count / max(span, 1e-3)
+
+    def _overshoot(self, now: float, ticket: int, pause: float, back: int, total: int) -> None:
+        """Refusals not in a run, while a limit is known."""
+        assert self.limit is not None
+        current = self.pacer.request_rate
+        hold = self.limit * HOLD
+        if current is not None and current > hold * 1.0001:
+            # Probed past the limit: back under it, no pause (scattered refusals never take
+            # the pace below it).
+            self.pacer.set_request_rate(hold)
             self.cuts += 1
-            if accepted >= MIN_RATE:
-                current = self.pacer.request_rate
-                self.limit = min(accepted, current) if current is not None else accepted
-                self.pacer.set_request_rate(self.limit * HOLD)
-            self._new_epoch(now + pause)
-        elif self.limit is not None and back >= MILD_MIN and back >= MILD_SHARE * total:
-            current = self.pacer.request_rate
-            hold = self.limit * HOLD
-            if current is not None and current > hold:
-                self.pacer.set_request_rate(hold)
-                self.cuts += 1
-                self._new_epoch(now)
-            elif back >= HOLD_MIN and back >= HOLD_SHARE * total and now - self._epoch_start >= 1.0:
-                # More than scattered refusals at the pace the limit allows: the limit was read
-                # too high (a first reading can span two of the server's counting windows).
-                # What got through over this pace's last second is the limit.
-                accepted = self._accepted(now, in_flight=self.window.in_flight)
-                if MIN_RATE <= accepted < self.limit:
-                    self.limit = accepted
-                    self.pacer.set_request_rate(accepted * HOLD)
-                    self.cuts += 1
-                    self._new_epoch(now)
+            self._new_epoch(now)
+            return
+        if self._sure and not (back >= READ_MIN and back >= READ_SHARE * total):
+            return
+        if now - self._epoch_start < 1.0 or now < self._reread_after:
+            return
+        # Refusals at the pace the limit allows: it was read too high, or over too short a
+        # time to be sure. What gets through at this pace tells.
+        self._reread_after = now + SETTLE
+        rate = self._read(Full(self.log.sent_at(ticket), ticket, now + pause, self.log.next), now)
+        if MIN_RATE <= rate < self.limit:
+            self.limit = rate
+            self.pacer.set_request_rate(rate * HOLD)
+            self.cuts += 1
+            self._new_epoch(now)
+
+    def _give_up(self, now: float, wait: float | None, message: str) -> None:
+        """The server lets nothing through for long, or says it will not for long: stop."""
+        if self.stop is None:
+            return
+        said = f" ({message})" if message else ""
+        refused_for = now - self.let_through
+        if wait is not None and wait >= 1.0:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
+            when = f"it asks to wait {_span(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
+        else:
+            when = "it gives no time"
+        self.stop(
+            RunStopped(
+                f"the server refuses every request{said}, for {_span(refused_for)} so far: a rate "
+                f"limit or quota is spent and {when}; run the same command again then to resume",
+                code="rate_limited",
+            )
+        )
+        self.stop = None  # once
 
     def _hold(self, now: float) -> None:
         """Pushback is more than scattered: a trend may be starting. Stop the window's quick
@@ -361,8 +363,11 @@ class RateFinder:
             return
         if not any(self._back) and now - self._epoch_start >= 1.0:
             # Everything got through: the server accepts at least this much.
-            self.limit = max(self.limit, self._accepted(now, in_flight=self.window.in_flight))
-        rate *= 1 + STEP
+            count, _ = self.log.accepted(now - 1.0, self.log.next)
+            self.limit = max(self.limit, float(count))
+        # Slowly at first, then quicker the longer nothing is refused (as CUBIC probes), so a
+        # limit read too low is not kept for minutes.
+        rate *= 1 + STEP * 2 ** min((now - self._probe_after) / SETTLE, 5)
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         self.pacer.set_request_rate(rate)
@@ -375,13 +380,15 @@ class RateFinder:
             if per_second and per_second != self.ceiling:
                 self.ceiling = per_second
                 self.pacer.set_request_rate(per_second)
+                self.window.open()
         if not self.tpm_given:
             per_second = _per_second(headers.get("x-ratelimit-limit-tokens"))
             if per_second and per_second != self.pacer.token_rate:
                 self.pacer.set_token_rate(per_second)
+                self.window.open()
         for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is not None and remaining.strip() in ("0", "0.0"):
-                reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}", ""))
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
                 if reset:
                     self.pacer.pause(min(reset, MAX_PAUSE))

@@ -18,6 +18,7 @@ import anyio
 
 from pipeline.cost import money
 from pipeline.errors import RunStopped, SettingsError
+from pipeline.mock_limits import STYLES
 from pipeline.progress import duration
 from pipeline.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
@@ -67,7 +68,22 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-attempts", type=_positive_int, help="attempts per request, first included (default 6)"
     )
-    p.add_argument("--timeout", type=_positive_float, help="seconds per attempt (default 300)")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        help="seconds an answer that is not streamed may take, whole (default 600: long reasoning "
+        "answers send nothing until they are done)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        help="seconds a streamed answer may send nothing before it is cut and sent again (default 60)",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=_positive_float,
+        help="seconds of nothing but 429s before the run stops with exit 3, to resume later (default 600)",
+    )
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"
     )
@@ -99,8 +115,19 @@ def parser() -> argparse.ArgumentParser:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     mock.add_argument("--port-file", help="write the port here once listening")
-    mock.add_argument("--latency-ms", type=float, default=0.0)
-    mock.add_argument("--jitter-ms", type=float, default=0.0)
+    mock.add_argument("--latency-ms", type=float, default=0.0, help="milliseconds before each answer")
+    mock.add_argument(
+        "--jitter-ms", type=float, default=0.0, help="up to this many milliseconds more, at random"
+    )
+    mock.add_argument(
+        "--latency-max-ms",
+        type=float,
+        help="spread each job's latency from --latency-ms to this, evenly on a log scale "
+        "(short answers and long reasoning ones; a job keeps its own)",
+    )
+    mock.add_argument(
+        "--refusal-latency-ms", type=float, default=0.0, help="milliseconds before a rate limit's 429"
+    )
     mock.add_argument("--fail-rate", type=_rate, default=0.0, help="fraction answered 500")
     mock.add_argument("--rate-429", type=_rate, default=0.0, help="fraction answered 429 at random")
     mock.add_argument("--retry-after", type=float, default=1.0, help="seconds sent with each 429")
@@ -108,8 +135,22 @@ def parser() -> argparse.ArgumentParser:
     mock.add_argument("--malformed-rate", type=_rate, default=0.0, help="fraction of malformed 200 bodies")
     mock.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of errors inside a 200")
     mock.add_argument("--cut-rate", type=_rate, default=0.0, help="fraction of streams cut short")
-    mock.add_argument("--rpm", type=float, help="enforce requests per minute (per one-second window)")
-    mock.add_argument("--tpm", type=float, help="enforce tokens per minute (per one-second window)")
+    mock.add_argument(
+        "--stall-rate",
+        type=_rate,
+        default=0.0,
+        help="fraction of jobs whose first stream stops after one chunk and stays open",
+    )
+    mock.add_argument("--rpm", type=float, help="enforce requests per minute (see --limit-style)")
+    mock.add_argument("--tpm", type=float, help="enforce tokens per minute (per window)")
+    mock.add_argument(
+        "--limit-style",
+        choices=STYLES,
+        default="second",
+        help="second: rpm/60 per wall-clock second; minute: rpm per wall-clock minute; bucket: a "
+        "minute's quota at once, refilled continuously, each 429 saying 'try again in Nms'",
+    )
+    mock.add_argument("--quota", type=int, help="requests, then every one refused until midnight UTC")
     mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
     mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
     mock.add_argument("--seed", type=int, default=0)
@@ -131,6 +172,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "tpm",
             "max_attempts",
             "timeout",
+            "idle_timeout",
+            "give_up_after",
             "max_cost",
             "fresh",
             "quiet",
@@ -182,6 +225,11 @@ def _mock(args: argparse.Namespace) -> int:
     config = MockConfig(
         latency=args.latency_ms / 1000,
         jitter=args.jitter_ms / 1000,
+        latency_max=args.latency_max_ms / 1000 if args.latency_max_ms else None,
+        refusal_latency=args.refusal_latency_ms / 1000,
+        stall_rate=args.stall_rate,
+        limit_style=args.limit_style,
+        quota=args.quota,
         fail_rate=args.fail_rate,
         rate_429=args.rate_429,
         retry_after=args.retry_after,

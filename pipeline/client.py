@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -38,8 +39,24 @@ RATE_HEADERS = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
 )
+CONNECT_TIMEOUT = 30.0  # seconds
 _ERROR_TEXT_LIMIT = 2000
 _BIG_BODY = 1 << 20
+# OpenAI's refusals say when in their message: "Please try again in 71ms." (or "in 1.5s",
+# "in 6m0s"); a server may say nothing else.
+_TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|s|m|h))+)", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)", re.IGNORECASE)
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float | None:
+    """Durations as servers write them: "1s", "6m0s", "20ms", "71ms" or a plain "0.5"."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    return sum(float(n) * _UNIT[u.lower()] for n, u in parts) if parts else None
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:
@@ -63,6 +80,12 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def said_wait(message: str) -> float | None:
+    """Seconds an error message asks to wait ("Please try again in 71ms"), if it says."""
+    found = _TRY_AGAIN.search(message)
+    return parse_duration(found.group(1)) if found else None
 
 
 def rate_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
@@ -121,25 +144,39 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
 
 
 class Client:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, *, timeout: float, idle_timeout: float
+    ) -> None:
         self._session = session
         self._url = f"{base_url}/chat/completions"
+        self._idle = idle_timeout
+        # An answer that is not streamed arrives whole at the end: only a total can bound it.
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
+        # A stream has no total timeout: a long answer that keeps arriving is never cut. One
+        # that sends nothing (not even an SSE comment) for `idle_timeout` has stalled.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=idle_timeout
+        )
 
     async def complete(self, request: Request) -> Reply:
         started = time.perf_counter()
         try:
             # aiohttp wants big bodies as a stream, so that sending them cannot block the loop.
             data = request.payload if len(request.payload) < _BIG_BODY else io.BytesIO(request.payload)
-            async with self._session.post(self._url, data=data) as resp:
+            timeout = self._stream_timeout if request.stream else self._timeout
+            async with self._session.post(self._url, data=data, timeout=timeout) as resp:
                 request_id = resp.headers.get("x-request-id")
                 limits = rate_headers(resp.headers)
                 if resp.status >= 300:
                     raw = await resp.read()
                     body, message = _error_body(raw)
+                    wait = retry_after(resp.headers)
+                    if wait is None and resp.status == 429:
+                        wait = said_wait(message)
                     raise HTTPStatusError(
                         f"HTTP {resp.status}: {message}",
                         status=resp.status,
-                        retry_after=retry_after(resp.headers),
+                        retry_after=wait,
                         body=body,
                         request_id=request_id,
                         limits=limits,
@@ -151,7 +188,11 @@ class Client:
                 # (a server that ignores stream: true answers with one JSON body: read as such)
                 raw = await resp.read()
         except TimeoutError:
-            raise RequestTimeout("no complete answer within the timeout") from None
+            if request.stream:
+                raise ConnectionDropped(
+                    f"the stream stalled: nothing arrived for {self._idle:g}s (--idle-timeout)"
+                ) from None
+            raise RequestTimeout("no complete answer within the timeout (--timeout)") from None
         except aiohttp.ClientConnectorError as e:
             raise ConnectionDropped(
                 f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}"
@@ -209,7 +250,7 @@ class Client:
 
 @asynccontextmanager
 async def open_client(
-    base_url: str, *, api_key: str | None, concurrency: int, request_timeout: float
+    base_url: str, *, api_key: str | None, concurrency: int, request_timeout: float, idle_timeout: float
 ) -> AsyncIterator[Client]:
     headers = {"Content-Type": "application/json", "User-Agent": f"pipeline/{__version__}"}
     if api_key:
@@ -218,11 +259,10 @@ async def open_client(
     session = aiohttp.ClientSession(
         connector=connector,
         headers=headers,
-        timeout=aiohttp.ClientTimeout(total=request_timeout),
         read_bufsize=1 << 20,
     )
     try:
-        yield Client(session, base_url)
+        yield Client(session, base_url, timeout=request_timeout, idle_timeout=idle_timeout)
     finally:
         await session.close()
 

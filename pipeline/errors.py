@@ -60,6 +60,7 @@ class RequestError(PipelineError):
 
     code = "request_error"
     transient = True
+    refusal = False  # a 429: the server asks for later, and no attempt is spent on it
 
     def __init__(
         self,
@@ -86,6 +87,17 @@ class HTTPStatusError(RequestError):
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.transient = self.status in TRANSIENT_STATUSES
+        self.refusal = self.status == 429 and not _quota_spent(self.body)
+        if self.status == 429 and not self.refusal:
+            self.transient = False  # "insufficient_quota": no waiting will help
+
+
+def _quota_spent(body: Any) -> bool:
+    """OpenAI answers 429 with `insufficient_quota` when the account has no credit left."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return "insufficient_quota" in (str(error.get("code")), str(error.get("type")))
 
 
 class ProviderError(RequestError):

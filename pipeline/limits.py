@@ -14,9 +14,11 @@ being starved by small ones. With no limit set and no pause, `acquire` costs one
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 TIMER_SLACK = 0.001  # seconds
+RAMP = 0.25  # seconds for the in-flight window to double while nothing is refused
 
 
 class Pacer:
@@ -210,20 +212,45 @@ class Slots:
 
 
 class Window(Slots):
-    """At most `size` requests in flight. The size starts small and grows by half with each
-    round trip that succeeds (a gentler TCP slow start: what is in flight when a limit is
-    first met is what gets refused), then by one a round trip; `shrink` halves it, `hold`
-    ends the quick growth. It never exceeds `ceiling` (--concurrency): a server is never hit
-    with everything at once before it has answered anything."""
+    """At most `size` requests in flight. The size starts small and, while it holds requests
+    back, doubles every `ramp` seconds, one request at a time (so never a burst): refusals
+    come back in milliseconds, so time without them is what says more may go, however long
+    the answers take. Each success adds half a request too (a gentler TCP slow start), which
+    is quicker when answers are quick. `hold` ends the quick growth (then one a round trip),
+    `shrink` cuts the window, `open` lifts it to the ceiling once a pace bounds the rate. It
+    never exceeds `ceiling` (--concurrency): a server is never hit with everything at once
+    before it has had time to refuse."""
 
-    def __init__(self, ceiling: int, *, start: int = 16) -> None:
+    def __init__(self, ceiling: int, *, start: int = 16, ramp: float = RAMP) -> None:
         super().__init__(float(min(start, ceiling)))
         self.ceiling = ceiling
-        self.threshold = float(ceiling)  # slow start ends here
+        self.threshold = float(ceiling)  # quick growth ends here
+        self.ramp = ramp
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def in_flight(self) -> int:
         return self.taken
+
+    async def acquire(self) -> None:
+        if self.taken < self.size and not self._waiters:
+            self.taken += 1
+            return
+        self._ramp_later()
+        await super().acquire()
+
+    def _ramp_later(self) -> None:
+        if self._timer is None and self.size < self.threshold and self.ramp > 0:
+            delay = self.ramp / (self.size * math.log(2))  # exponential: doubles every `ramp`
+            self._timer = asyncio.get_running_loop().call_later(delay, self._ramp_step)
+
+    def _ramp_step(self) -> None:
+        self._timer = None
+        if self.size < self.threshold:
+            self.size = min(self.size + 1, self.threshold)
+            self._wake()
+        if self._waiters:
+            self._ramp_later()
 
     def grow(self) -> None:
         """One request succeeded."""
@@ -236,6 +263,11 @@ class Window(Slots):
     def hold(self) -> None:
         """The server pushed back once: stop growing quickly."""
         self.threshold = min(self.threshold, self.size)
+
+    def open(self) -> None:
+        """A pace bounds the rate now: let as many fly as it and the latency make."""
+        self.size = self.threshold = float(self.ceiling)
+        self._wake()
 
     def shrink(self, keep: float = 0.5) -> None:
         """The server pushed back: cut the window (by half unless told) and grow slowly

@@ -5,17 +5,19 @@ answers (`pipeline.mock_answers`): the same messages get the same reply. `usage`
 from the text, `cost` at $0.50 / $1.50 per million tokens), `stream: true` answers as SSE,
 `n`, `tools`, `logprobs` and `response_format` with a JSON schema are honoured.
 
-Switches add latency and faults: 5xx, 429 with Retry-After, dropped connections (before the
-answer, or after it was produced, as a real network would), malformed bodies, errors inside a
-200, streams cut short, a request-rate and a token-rate limit counted per second, a key the
-server refuses, credits that run out. Tests start it in-process (`start_mock`); the benchmark
-reads its counters from `GET /mock/stats`.
+Switches add latency (fixed, jittered, or spread from short answers to long reasoning ones,
+the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped connections
+(before the answer, or after it was produced, as a real network would), malformed bodies,
+errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
+them (`pipeline.mock_limits`), a key the server refuses, credits that run out. Tests start it
+in-process (`start_mock`); the benchmark reads its counters from `GET /mock/stats`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -29,6 +31,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.mock_answers import completion, job_key, stream_chunks, text_of
+from pipeline.mock_limits import Limit, Window, make_limits
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
 
@@ -41,6 +44,10 @@ BACKLOG = 4096
 class MockConfig:
     latency: float = 0.0  # seconds before answering
     jitter: float = 0.0  # up to this many seconds more, at random
+    # When set, each job's latency is spread from `latency` to this, evenly on a log scale
+    # (most answers short, a few long), and the same on every try of that job.
+    latency_max: float | None = None
+    refusal_latency: float = 0.0  # seconds before a rate limit's 429
     fail_rate: float = 0.0  # 500/502/503
     rate_429: float = 0.0  # scattered 429s, as an upstream provider sends them
     retry_after: float = 1.0  # seconds, sent with every 429
@@ -48,8 +55,11 @@ class MockConfig:
     malformed_rate: float = 0.0  # 200 with a body that is not a chat completion
     error_200_rate: float = 0.0  # 200 with an error object
     cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
-    rpm: float | None = None  # requests per minute, enforced per one-second window
-    tpm: float | None = None  # tokens per minute (prompt + completion), per one-second window
+    stall_rate: float = 0.0  # share of jobs whose first stream stops sending but stays open
+    rpm: float | None = None  # requests per minute, counted as `limit_style` says
+    tpm: float | None = None  # tokens per minute (prompt + completion), per window
+    limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock_limits)
+    quota: int | None = None  # requests, then every one refused until midnight UTC
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
     api_key: str | None = None  # when set, any other bearer is answered 401
     credits: int | None = None  # successful answers before every answer is 402
@@ -76,10 +86,10 @@ class MockState:
     statuses: Counter[str] = field(default_factory=Counter)
     answered: Counter[str] = field(default_factory=Counter)  # successes per job (by messages)
     lost_answers: Counter[str] = field(default_factory=Counter)  # made, then the connection dropped
-    window: int = 0
-    window_requests: int = 0
-    window_tokens: float = 0.0
+    limits: list[Limit] = field(default_factory=list)
+    stalled: set[str] = field(default_factory=set)
     accepted_per_second: Counter[int] = field(default_factory=Counter)
+    refused_per_second: Counter[int] = field(default_factory=Counter)
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -92,6 +102,7 @@ class MockState:
             ),
             "lost_answers": sum(self.lost_answers.values()),
             "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
+            "refused_per_second": {str(k): v for k, v in sorted(self.refused_per_second.items())},
             "max_in_flight": self.max_in_flight,
         }
 
@@ -118,6 +129,9 @@ class MockServer:
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self.state = MockState(config=config, rng=random.Random(config.seed))
+        self.state.limits = make_limits(
+            style=config.limit_style, rpm=config.rpm, tpm=config.tpm, quota=config.quota
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -133,39 +147,45 @@ class MockServer:
         data = {"object": "list", "data": [{"id": "mock/default", "object": "model"}]}
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
-    def _rate_limited(self, body: dict[str, Any]) -> float | None:
-        """Seconds to the next window when this request is over a limit, else None."""
-        cfg, st = self.config, self.state
+    def _refused(self, body: dict[str, Any]) -> web.Response | None:
+        """A 429 when this request is over a limit (counted on arrival), else None."""
+        st = self.state
         now = time.time()
-        second = int(now)
-        if second != st.window:
-            st.window, st.window_requests, st.window_tokens = second, 0, 0.0
-        wait = max(second + 1 - now, 0.001)
-        if cfg.rpm and st.window_requests + 1 > cfg.rpm / 60:
-            return wait
-        # Tokens count as the answer uses them (prompt + completion), the accounting a client
-        # settles its reservations against.
-        cost = completion(body, cost=False)["usage"]["total_tokens"] if cfg.tpm else 0
-        if cfg.tpm and st.window_tokens + cost > cfg.tpm / 60 and st.window_tokens > 0:
-            return wait
-        st.window_requests += 1
-        st.window_tokens += cost
-        st.accepted_per_second[second] += 1
+        tokens = completion(body, cost=False)["usage"]["total_tokens"] if self.config.tpm else 0.0
+        for limit in st.limits:
+            refusal = limit.admit(now, tokens)
+            if refusal is not None:
+                st.statuses["429"] += 1
+                st.refused_per_second[int(now)] += 1
+                headers = {"Retry-After": f"{refusal.wait:.3f}"} if refusal.header else None
+                return _error(429, refusal.message, "rate_limit_error", headers)
+        st.accepted_per_second[int(now)] += 1
         return None
 
     def _ratelimit_headers(self) -> dict[str, str]:
-        cfg, st = self.config, self.state
+        cfg = self.config
+        window = next((limit for limit in self.state.limits if isinstance(limit, Window)), None)
+        if window is None:
+            return {}
+        requests, tokens, reset = window.remaining(time.time())
         headers: dict[str, str] = {}
-        if cfg.rpm:
-            per_second = int(cfg.rpm / 60)
+        if requests is not None and cfg.rpm:
             headers["x-ratelimit-limit-requests"] = str(int(cfg.rpm))
-            headers["x-ratelimit-remaining-requests"] = str(max(per_second - st.window_requests, 0))
-            headers["x-ratelimit-reset-requests"] = f"{max(st.window + 1 - time.time(), 0):.3f}s"
-        if cfg.tpm:
+            headers["x-ratelimit-remaining-requests"] = str(int(requests))
+            headers["x-ratelimit-reset-requests"] = f"{reset:.3f}s"
+        if tokens is not None and cfg.tpm:
             headers["x-ratelimit-limit-tokens"] = str(int(cfg.tpm))
-            headers["x-ratelimit-remaining-tokens"] = str(max(int(cfg.tpm / 60 - st.window_tokens), 0))
-            headers["x-ratelimit-reset-tokens"] = f"{max(st.window + 1 - time.time(), 0):.3f}s"
+            headers["x-ratelimit-remaining-tokens"] = str(int(tokens))
+            headers["x-ratelimit-reset-tokens"] = f"{reset:.3f}s"
         return headers
+
+    def _latency(self, key: str) -> float:
+        cfg = self.config
+        if cfg.latency_max is not None and cfg.latency_max > cfg.latency > 0:
+            # The job's own draw, so that every client (and every retry) meets the same work.
+            share = int(key[8:16], 16) / 2**32
+            return cfg.latency * math.exp(share * math.log(cfg.latency_max / cfg.latency))
+        return cfg.latency + (self.state.rng.random() * cfg.jitter if cfg.jitter else 0.0)
 
     def _pick(self) -> str | None:
         cfg, rng = self.config, self.state.rng
@@ -218,12 +238,15 @@ class MockServer:
         if cfg.credits is not None and sum(st.answered.values()) >= cfg.credits:
             st.statuses["402"] += 1
             return _error(402, "Insufficient credits", "payment_required")
-        if cfg.latency or cfg.jitter:
-            await asyncio.sleep(cfg.latency + (st.rng.random() * cfg.jitter if cfg.jitter else 0.0))
-        wait = self._rate_limited(body) if (cfg.rpm or cfg.tpm) else None
-        if wait is not None:
-            st.statuses["429"] += 1
-            return _error(429, "Rate limit reached", "rate_limit_error", {"Retry-After": f"{wait:.3f}"})
+        refused = self._refused(body)
+        if refused is not None:
+            if cfg.refusal_latency:
+                await asyncio.sleep(cfg.refusal_latency)
+            return refused
+        key = job_key(body)
+        latency = self._latency(key)
+        if latency:
+            await asyncio.sleep(latency)
         action = self._pick()
         if action is not None and action.isdigit():
             st.statuses[action] += 1
@@ -242,7 +265,6 @@ class MockServer:
                 }
             }
             return web.Response(status=403, body=orjson.dumps(body403), content_type="application/json")
-        key = job_key(body)
         if action == "drop":
             st.statuses["drop"] += 1
             if st.rng.random() < 0.5:
@@ -269,7 +291,10 @@ class MockServer:
         headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
         headers["x-request-id"] = f"req-{key}"
         if body.get("stream") is True and not cfg.ignore_stream:
-            return await self._stream(request, body, full, headers, key, cut=action == "cut")
+            stall = key not in st.stalled and int(key[:8], 16) / 2**32 < cfg.stall_rate
+            if stall:
+                st.stalled.add(key)
+            return await self._stream(request, body, full, headers, key, cut=action == "cut", stall=stall)
         st.statuses["200"] += 1
         st.answered[key] += 1
         return web.Response(body=orjson.dumps(full), content_type="application/json", headers=headers)
@@ -283,6 +308,7 @@ class MockServer:
         key: str,
         *,
         cut: bool,
+        stall: bool = False,
     ) -> web.StreamResponse:
         st = self.state
         options = body.get("stream_options")
@@ -295,6 +321,10 @@ class MockServer:
         chunks = stream_chunks(full, include_usage)
         if cut:
             chunks = chunks[: max(len(chunks) // 2, 1)]
+        if stall:  # the first chunk, then nothing, the connection kept open
+            st.statuses["stall"] += 1
+            await response.write(b"data: " + orjson.dumps(chunks[0]) + b"\n\n")
+            await asyncio.sleep(3600)
         for chunk in chunks:
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if cut:

@@ -5,6 +5,11 @@ answers and provider errors that are not a client error. Never retried: any othe
 Backoff is exponential with full jitter (AWS Architecture Blog, "Exponential Backoff and
 Jitter", 2015), and never shorter than the server's Retry-After. Attempts and total time are
 both bounded; the total counts the coming sleep, so no attempt starts past the deadline.
+
+A refusal (429) is not an error: it means "later", so it spends neither an attempt nor the
+total time. The request waits what the server asks (or backs off when it does not say) and
+is sent again; only a server that lets nothing through for long stops the run (the rate
+finder's `give_up`), and no request fails because it was asked to wait.
 """
 
 from __future__ import annotations
@@ -28,8 +33,18 @@ from pipeline.errors import RequestError
 T = TypeVar("T")
 
 
+MAX_REFUSAL_WAIT = 120.0  # seconds: a longer wait is the run's to decide (it stops)
+
+
 def is_transient(error: BaseException) -> bool:
     return isinstance(error, RequestError) and error.transient
+
+
+def refusal_wait(error: RequestError, refusals: int, *, base: float, cap: float) -> float:
+    """How long a refused request waits: what the server asks, else a jittered backoff."""
+    if error.retry_after is not None:
+        return min(error.retry_after, MAX_REFUSAL_WAIT)
+    return random.uniform(0, min(cap, base * 2 ** (refusals - 1)))
 
 
 def backoff(*, base: float, cap: float) -> Callable[[RetryCallState], float]:
@@ -51,6 +66,7 @@ class RetryPolicy:
 
     def __init__(self, *, max_attempts: int, max_time: float, base: float, cap: float) -> None:
         self._max_attempts = max_attempts
+        self._base, self._cap = base, cap
         self.policy = Retrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(max_attempts) | stop_before_delay(max_time),
@@ -64,20 +80,21 @@ class RetryPolicy:
         """Run `fn` until it succeeds, fails for good, or the attempts or time run out;
         the last error is raised as it is. `sleep` waits between attempts."""
         started = time.monotonic()
+        wait = sleep or anyio.sleep
+        refused = [0.0]  # seconds spent waiting on refusals: not time spent failing
         # Most requests succeed at once, and pay for nothing more than this.
         try:
-            return await fn()
+            return await self._past_refusals(fn, wait, refused)
         except RequestError as e:
             if not e.transient or self._max_attempts == 1:
                 raise
             error = e
         policy = self.policy
         state = RetryCallState(policy, fn=None, args=(), kwargs={})
-        state.start_time = started
-        wait = sleep or anyio.sleep
         try:
             while True:
                 # As tenacity's own loop: should this be retried, after how long, or is it over.
+                state.start_time = started + refused[0]
                 state.set_exception((type(error), error, None))
                 if not policy.retry(state):
                     raise error
@@ -88,10 +105,26 @@ class RetryPolicy:
                 await wait(delay)
                 state.prepare_for_next_attempt()
                 try:
-                    return await fn()
+                    return await self._past_refusals(fn, wait, refused)
                 except RequestError as e:
                     error = e
         finally:
             # The error raised holds this frame in its traceback: let go of it here, or the
             # two keep each other (and the answer's body) alive until the cycle collector runs.
             del error, state
+
+    async def _past_refusals(
+        self, fn: Callable[[], Awaitable[T]], wait: Callable[[float], Awaitable[None]], refused: list[float]
+    ) -> T:
+        """One attempt, sent again for as long as the server refuses it, waiting what it asks."""
+        refusals = 0
+        while True:
+            try:
+                return await fn()
+            except RequestError as e:
+                if not e.refusal:
+                    raise
+                refusals += 1
+                delay = refusal_wait(e, refusals, base=self._base, cap=self._cap)
+            await wait(delay)
+            refused[0] += delay

@@ -150,6 +150,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
             api_key=api_key,
             concurrency=settings.concurrency,
             request_timeout=settings.timeout,
+            idle_timeout=settings.idle_timeout,
         ) as client:
             await job.dispatch(client)
     except RunStopped as e:
@@ -188,7 +189,12 @@ class Run:
         self.pacer = Pacer(request_rate=request_rate, token_rate=token_rate)
         self.window = Window(settings.concurrency)
         self.finder = RateFinder(
-            self.pacer, self.window, ceiling=request_rate, tpm_given=token_rate is not None
+            self.pacer,
+            self.window,
+            ceiling=request_rate,
+            tpm_given=token_rate is not None,
+            give_up=settings.give_up_after,
+            stop=self.control.stop,
         )
         self.budget = Budget(settings.max_cost, self.usage, settings.prices) if settings.max_cost else None
         self.verdict = None

@@ -47,8 +47,12 @@ class Settings:
     rpm: float | None = None
     tpm: float | None = None
     max_attempts: int = 6
-    max_retry_time: float = 900.0  # seconds one request may spend retrying
-    timeout: float = 300.0  # seconds per attempt
+    max_retry_time: float = 900.0  # seconds one request may spend retrying (refusals not counted)
+    # Seconds an answer that is not streamed may take, whole: nothing arrives before it is
+    # done, so only a total can bound it, and it must fit a long reasoning answer.
+    timeout: float = 600.0
+    idle_timeout: float = 60.0  # seconds a stream may send nothing before it counts as stalled
+    give_up_after: float = 600.0  # seconds of nothing but refusals before the run stops (exit 3)
     max_cost: float | None = None
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
@@ -97,6 +101,8 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "max_attempts": (int,),
     "max_retry_time": (int, float),
     "timeout": (int, float),
+    "idle_timeout": (int, float),
+    "give_up_after": (int, float),
     "max_cost": (int, float),
     "grace": (int, float),
     "quiet": (bool,),
@@ -249,7 +255,16 @@ def _check_numbers(values: dict[str, Any]) -> None:
     positive("concurrency", integer=True)
     positive("max_attempts", integer=True)
     positive("max_line_bytes", integer=True)
-    for key in ("rpm", "tpm", "timeout", "max_retry_time", "max_cost", "grace"):
+    for key in (
+        "rpm",
+        "tpm",
+        "timeout",
+        "idle_timeout",
+        "give_up_after",
+        "max_retry_time",
+        "max_cost",
+        "grace",
+    ):
         positive(key)
     for key in ("backoff_base", "backoff_max"):
         value = values.get(key)

@@ -148,17 +148,16 @@ class Worker:
                     pacer.settle(reserved, 0)
                     raise Abandoned
                 attempts += 1
-                epoch = self.finder.epoch
-                self.finder.sent(epoch)
+                ticket = self.finder.sent()
                 try:
                     reply = await self.client.complete(request)
                 except RequestError as e:
-                    self._answered_with(e, reserved, epoch)
+                    self._answered_with(e, reserved, ticket)
                     raise
             finally:
                 self.window.release()
             pacer.settle(reserved, answer_tokens(reply.body)[2])
-            self.finder.success(epoch, reply.latency)
+            self.finder.success(ticket, reply.latency)
             if reply.limits:
                 self.finder.headers(reply.limits)
             control.forbidden_streak = 0
@@ -226,22 +225,25 @@ class Worker:
                 )
             )
 
-    def _answered_with(self, error: RequestError, reserved: int, epoch: int) -> None:
+    def _answered_with(self, error: RequestError, reserved: int, ticket: int) -> None:
         self.usage.answer(answer_key(error))
         # A refused request is not counted against the token budget by the server.
         self.pacer.settle(reserved, 0 if isinstance(error, HTTPStatusError) else reserved)
         if error.limits:
             self.finder.headers(error.limits)
         if error.status in (429, 503) and isinstance(error, HTTPStatusError):
-            self.finder.pushback(error.retry_after, epoch)
+            self.finder.pushback(ticket, error.retry_after, error.message)
         elif error.transient:
-            self.finder.failure(epoch)
+            self.finder.failure(ticket)
         else:
-            self.finder.answered(epoch)  # the request's fault, not the endpoint's
+            self.finder.answered(ticket)  # the request's fault, not the endpoint's
 
     def _stops_run(self, error: RequestError) -> bool:
-        """401 and 402 stop the whole run at once; so does a streak of 403s."""
+        """401 and 402 stop the whole run at once (and a 429 that says the account has no
+        quota left, as OpenAI's `insufficient_quota`); so does a streak of 403s."""
         status = error.status if isinstance(error, HTTPStatusError) else None
+        if status == 429:
+            status = 402  # not a refusal (those are retried), so the quota is spent
         if status == 403 and _refused_content(error.body):
             return False  # a moderation refusal is about this request, not the key
         if status == 403:

@@ -17,11 +17,9 @@ import pytest
 
 import pipeline
 from pipeline import writer as writer_module
-from pipeline.adaptive import RateFinder
 from pipeline.cost import Budget, answer_cost
 from pipeline.errors import MalformedResponse, SettingsError
 from pipeline.job import Request
-from pipeline.limits import Pacer, Window
 from pipeline.settings import Price
 from pipeline.sse import StreamAssembler
 from pipeline.usage import Usage
@@ -96,23 +94,6 @@ async def test_a_retried_answer_that_was_paid_for_must_fit_the_cap() -> None:
     assert budget.covers_another_answer()
     budget.charge(answer("m", 300, 300), "m")  # billed, then thrown away (invalid verdict)
     assert not budget.covers_another_answer()  # another $0.60 would pass the $1 cap
-
-
-# -- rate finding --------------------------------------------------------------------------------
-
-
-async def test_a_storm_that_lets_nothing_through_pauses_without_inventing_a_limit() -> None:
-    now = [1000.0]
-    pacer, window = Pacer(), Window(64)
-    finder = RateFinder(pacer, window, clock=lambda: now[0])
-    epoch = finder.epoch
-    for _ in range(20):  # a slow model behind fast refusals: 429s, and no answer yet
-        now[0] += 0.005
-        finder.sent(epoch)
-        finder.pushback(1.0, epoch)
-    assert finder.cuts == 1
-    assert pacer.request_rate is None  # no limit read from nothing: no crawl at 0.2 a second
-    assert pacer.paused_until > 0
 
 
 async def test_requests_the_server_calls_bad_are_not_an_outage(mock, make_settings, tmp_path: Path) -> None:

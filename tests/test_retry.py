@@ -90,7 +90,7 @@ async def test_total_time_counts_the_coming_sleep(monkeypatch: pytest.MonkeyPatc
     clock = Clock()
     monkeypatch.setattr(time, "monotonic", clock)
     # Waits of 10 s each within 25 s: two waits fit, the third would end past the bound.
-    script = Script(*(status(429, retry_after=10.0) for _ in range(10)))
+    script = Script(*(status(503, retry_after=10.0) for _ in range(10)))
 
     async def sleep(seconds: float) -> None:
         script.slept.append(seconds)
@@ -118,3 +118,44 @@ async def test_the_total_time_includes_the_first_attempt(monkeypatch: pytest.Mon
     with pytest.raises(HTTPStatusError):
         await policy(max_time=25.0).call(slow_then_fail, sleep=sleep)
     assert slept == []
+
+
+async def test_a_refusal_spends_no_attempt() -> None:
+    # "Later" eight times, with two attempts allowed: still a success, not a failure.
+    script = Script(*(status(429, retry_after=0.5) for _ in range(8)))
+    assert await policy(max_attempts=2).call(script, sleep=script.sleep) == "ok"
+    assert script.attempts == 9
+    assert script.slept == [0.5] * 8
+
+
+async def test_time_spent_refused_is_not_time_spent_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    script = Script(*(status(429, retry_after=10.0) for _ in range(10)), status(500), status(500))
+
+    async def sleep(seconds: float) -> None:
+        script.slept.append(seconds)
+        clock.now += seconds
+
+    # 100 s of refusals, then errors: the 25 s bound is for the errors alone.
+    assert await policy(max_time=25.0, base=1.0, cap=1.0).call(script, sleep=sleep) == "ok"
+    assert script.attempts == 13
+
+
+async def test_a_refusal_that_names_no_time_backs_off() -> None:
+    script = Script(status(429), status(429), status(429))
+    assert await policy(max_attempts=1, base=0.1, cap=0.3).call(script, sleep=script.sleep) == "ok"
+    for n, slept in enumerate(script.slept):
+        assert 0 <= slept <= min(0.3, 0.1 * 2**n)
+
+
+async def test_a_429_that_says_the_quota_is_spent_is_not_waited_for() -> None:
+    spent = HTTPStatusError(
+        "HTTP 429: You exceeded your current quota",
+        status=429,
+        body={"error": {"code": "insufficient_quota", "type": "insufficient_quota"}},
+    )
+    script = Script(spent)
+    with pytest.raises(HTTPStatusError):
+        await policy().call(script, sleep=script.sleep)
+    assert (script.attempts, script.slept) == (1, [])

@@ -1,0 +1,128 @@
+"""The mock's rate limits, counted the ways real servers count them.
+
+- `window`: so many requests (and tokens) per fixed window of wall-clock time: one second
+  (rpm/60 a second, as many servers count), or one minute (the whole minute's quota may go
+  at once, then nothing until the next minute). A refusal says when the next window opens.
+- `bucket`: a bucket that holds a minute's quota and refills continuously (a whole minute's
+  requests may go at once, then one every 60/rpm seconds). A refusal says, in its message
+  only, as OpenAI's do, when the next request would fit ("Please try again in 71ms").
+- `quota`: so many requests, then nothing until midnight UTC (a daily quota spent).
+
+Every limit is checked on arrival, before the answer is made: a refusal comes back at once,
+while an answer takes as long as the model does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    wait: float  # seconds until the server would let a request through
+    message: str
+    header: bool = True  # says it in a Retry-After header too, not only in the message
+
+
+class Limit(Protocol):
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        """Count a request arriving at `now` (wall-clock seconds), or refuse it."""
+
+
+class Window:
+    """`requests` and `tokens` per fixed window of `length` seconds (either may be None)."""
+
+    def __init__(self, *, length: float, requests: float | None, tokens: float | None) -> None:
+        self.length = length
+        self.requests = requests
+        self.tokens = tokens
+        self.index = -1
+        self.used_requests = 0
+        self.used_tokens = 0.0
+
+    def _roll(self, now: float) -> None:
+        index = int(now // self.length)
+        if index != self.index:
+            self.index, self.used_requests, self.used_tokens = index, 0, 0.0
+
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        self._roll(now)
+        wait = max((self.index + 1) * self.length - now, 0.001)
+        if self.requests is not None and self.used_requests + 1 > self.requests:
+            return Refusal(wait, "Rate limit reached for requests")
+        # Tokens count as the answer uses them (prompt + completion): the accounting a client
+        # settles its reservations against. A lone request bigger than a window still goes.
+        if self.tokens is not None and self.used_tokens + tokens > self.tokens and self.used_tokens > 0:
+            return Refusal(wait, "Rate limit reached for tokens")
+        self.used_requests += 1
+        self.used_tokens += tokens
+        return None
+
+    def remaining(self, now: float) -> tuple[float | None, float | None, float]:
+        """Requests and tokens left in the current window, and seconds until it resets."""
+        self._roll(now)
+        left_requests = None if self.requests is None else max(self.requests - self.used_requests, 0)
+        left_tokens = None if self.tokens is None else max(self.tokens - self.used_tokens, 0)
+        return left_requests, left_tokens, max((self.index + 1) * self.length - now, 0.0)
+
+
+class Bucket:
+    """Holds `capacity` requests, refilled at `rate` a second."""
+
+    def __init__(self, *, capacity: float, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.level = capacity
+        self.at: float | None = None
+
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        if self.at is not None:
+            self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+        if self.level >= 1:
+            self.level -= 1
+            return None
+        wait = (1 - self.level) / self.rate
+        ms = max(math.ceil(wait * 1000), 1)
+        return Refusal(wait, f"Rate limit reached for requests. Please try again in {ms}ms.", header=False)
+
+
+class Quota:
+    """`total` requests, then every request refused until midnight UTC."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        if self.left > 0:
+            self.left -= 1
+            return None
+        moment = dt.datetime.fromtimestamp(now, dt.UTC)
+        midnight = dt.datetime.combine(moment.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
+        return Refusal((midnight - moment).total_seconds(), "You exceeded your daily quota")
+
+
+STYLES = ("second", "minute", "bucket")
+
+
+def make_limits(*, style: str, rpm: float | None, tpm: float | None, quota: int | None) -> list[Limit]:
+    limits: list[Limit] = []
+    if style == "bucket" and rpm:
+        limits.append(Bucket(capacity=rpm, rate=rpm / 60))
+        rpm = None  # counted by the bucket; tokens, if limited, still per second
+    if rpm or tpm:
+        length = 60.0 if style == "minute" else 1.0
+        share = length / 60
+        limits.append(
+            Window(
+                length=length,
+                requests=rpm * share if rpm else None,
+                tokens=tpm * share if tpm else None,
+            )
+        )
+    if quota is not None:
+        limits.append(Quota(quota))
+    return limits

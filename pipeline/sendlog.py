@@ -1,0 +1,82 @@
+"""The last requests sent, in order: when each left and whether the server refused it.
+
+A rate limit shows in send order, not in the order answers arrive: once a server's count is
+full, every request sent after that is refused until it has room again, a run of refusals,
+while answers to earlier requests may still be arriving seconds later. And what the server
+let through between two moments is the requests sent between them that it did not refuse.
+A ring of fixed size keeps this for the last `SIZE` requests, at the cost of two stores a
+request.
+"""
+
+from __future__ import annotations
+
+SIZE = 1 << 14  # more than are ever in flight at once, and seconds of history at high rates
+MAX_RUN = 64  # a run this long is long enough: no need to look further
+
+
+class SendLog:
+    def __init__(self, size: int = SIZE) -> None:
+        self._size = size
+        self._mask = size - 1
+        self._times = [0.0] * size
+        self._refused = bytearray(size)
+        self.next = 0  # the number the next request sent gets
+
+    def send(self, now: float) -> int:
+        seq = self.next
+        i = seq & self._mask
+        self._times[i] = now
+        self._refused[i] = 0
+        self.next = seq + 1
+        return seq
+
+    def kept(self, seq: int) -> bool:
+        """Whether `seq` is still in the ring."""
+        return self.next - self._size <= seq < self.next
+
+    def sent_at(self, seq: int) -> float:
+        return self._times[seq & self._mask]
+
+    def refuse(self, seq: int) -> None:
+        if self.kept(seq):
+            self._refused[seq & self._mask] = 1
+
+    def run(self, seq: int) -> tuple[int, int]:
+        """The first and last request of the run of refusals `seq` belongs to."""
+        refused, mask = self._refused, self._mask
+        oldest = max(self.next - self._size, 0)
+        first = seq
+        while first > oldest and seq - first < MAX_RUN and refused[(first - 1) & mask]:
+            first -= 1
+        last = seq
+        while last + 1 < self.next and last - seq < MAX_RUN and refused[(last + 1) & mask]:
+            last += 1
+        return first, last
+
+    def accepted_between(self, first: int, before: int) -> int:
+        """Requests from `first` up to `before` (excluded) that were not refused (those that
+        have left the ring not counted)."""
+        first = max(first, self.next - self._size, 0)
+        refused, mask = self._refused, self._mask
+        return sum(1 for seq in range(first, before) if not refused[seq & mask])
+
+    def accepted(self, since: float, before: int) -> tuple[int, float]:
+        """Requests sent from `since` up to request `before` (excluded) that were not refused,
+        and the time the count really starts from (later than `since` when the ring does not
+        reach back that far)."""
+        times, refused, mask = self._times, self._refused, self._mask
+        oldest = max(self.next - self._size, 0)
+        count = 0
+        seq = before - 1
+        start = since
+        while seq >= oldest:
+            i = seq & mask
+            if times[i] < since:
+                break
+            if not refused[i]:
+                count += 1
+            seq -= 1
+        else:
+            if oldest > 0:  # the ring has wrapped: what came before is gone
+                start = max(times[oldest & mask], since)
+        return count, start
