@@ -29,6 +29,7 @@ class Control:
         self.dispatching = True
         self.stopped: RunStopped | None = None
         self.interrupted = False
+        self.in_flight = 0  # requests sent and not yet answered
         self.forbidden_streak = 0
         self.work_scope: anyio.CancelScope | None = None
         self.on_stop: list[Callable[[], None]] = []  # wake whatever waits to send
@@ -48,6 +49,26 @@ class Control:
         if self.work_scope is not None:
             # Requests in flight get a bounded grace period to finish, then are cancelled.
             self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + self.grace)
+
+    def interrupt(self) -> str:
+        """The first Ctrl-C or SIGTERM: nothing new is sent, what is in flight gets the grace
+        period. Returns what to tell the person who pressed it."""
+        self.interrupted = True
+        self.stop()
+        n = self.in_flight
+        if not n:
+            return "pipeline: stopping: nothing is in flight; writing down what was done"
+        return (
+            f"pipeline: stopping: nothing new is sent; {n:,} request{'s' if n != 1 else ''} in flight "
+            f"may finish within {self.grace:g}s; Ctrl-C again cancels them (they stay to do)"
+        )
+
+    def cancel(self) -> str:
+        """The second one: what is in flight is cancelled at once."""
+        if self.work_scope is not None:
+            self.work_scope.cancel()
+        n = self.in_flight
+        return f"pipeline: cancelling {n:,} request{'s' if n != 1 else ''} in flight; they stay to do"
 
     async def nap(self, seconds: float) -> None:
         """Sleep `seconds`, or until the run stops dispatching if that comes first.

@@ -35,6 +35,7 @@ class Pacer:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.waits = 0  # acquires that had to queue: tells whether the pacer is what binds
+        self._closed = False  # the run stopped: nobody waits any more
         self.set_rates(request_rate=request_rate, token_rate=token_rate)
 
     # -- settings ------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class Pacer:
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for this request's turn; `tokens` is its reserved estimate."""
-        if self._free and not self._paused_until:
+        if (self._free and not self._paused_until) or self._closed:
             return
         now = self._now()
         if self._paused_until and self._paused_until <= now and not self._waiters:
@@ -141,7 +142,9 @@ class Pacer:
         self._timer = self._loop.call_at(at, self._release)
 
     def wake_all(self) -> None:
-        """The run stopped: let every waiter go and find out (no start is booked)."""
+        """The run stopped: let every waiter go and find out (no start is booked), and
+        whoever comes later too."""
+        self._closed = True
         while self._waiters:
             _, future = self._waiters.popleft()
             if not future.done():
@@ -177,9 +180,10 @@ class Slots:
         self.size = size
         self.taken = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False  # the run stopped: nobody waits any more
 
     async def acquire(self) -> None:
-        if self.taken < self.size and not self._waiters:
+        if (self.taken < self.size and not self._waiters) or self._closed:
             self.taken += 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -203,7 +207,8 @@ class Slots:
                 future.set_result(None)
 
     def wake_all(self) -> None:
-        """The run stopped: let every waiter go and find out."""
+        """The run stopped: let every waiter go and find out, and whoever comes later too."""
+        self._closed = True
         while self._waiters:
             future = self._waiters.popleft()
             if not future.done():
@@ -233,7 +238,7 @@ class Window(Slots):
         return self.taken
 
     async def acquire(self) -> None:
-        if self.taken < self.size and not self._waiters:
+        if (self.taken < self.size and not self._waiters) or self._closed:
             self.taken += 1
             return
         self._ramp_later()

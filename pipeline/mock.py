@@ -250,7 +250,7 @@ class MockServer:
         action = self._pick()
         if action is not None and action.isdigit():
             st.statuses[action] += 1
-            headers = {"Retry-After": f"{cfg.retry_after:g}"} if action == "429" else None
+            headers = {"Retry-After": f"{cfg.retry_after:g}"} if action in ("429", "503") else None
             kind = "rate_limit_error" if action == "429" else "server_error"
             return _error(int(action), f"mock fault {action}{echo}", kind, headers)
         if action == "timeout":

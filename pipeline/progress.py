@@ -72,6 +72,10 @@ class Progress:
             text = f"{self.input}: more invalid lines; all are listed in errors.jsonl"
         else:
             text = f"{self.input}:{failure.line}: {failure.message}"
+        self.say(text)
+
+    def say(self, text: str) -> None:
+        """A line for the person at the terminal (or the log), now, under the bar."""
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:

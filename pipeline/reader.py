@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import json
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +25,7 @@ from pipeline.control import Refill
 from pipeline.errors import InputError, RunStopped, SettingsError
 from pipeline.job import Failure, Outcome, Request
 from pipeline.ledger import Ledger
+from pipeline.pipe import PipeLines, is_pipe
 from pipeline.settings import Settings
 from pipeline.template import Template, compile_template
 from pipeline.tokens import TokenEstimator, max_completion_tokens
@@ -61,7 +62,7 @@ def open_input(path: Path) -> IO[bytes]:
 def check_input(path: Path) -> None:
     """Fail early, as a settings error, on an input that cannot be opened. A pipe is taken
     on trust: opening it here would take the place of the real reader."""
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if is_pipe(path):
         return
     open_input(path).close()
 
@@ -349,13 +350,19 @@ def read_requests(
     counts: ReadCounts,
     *,
     is_done: Callable[[str], bool] | None = None,
+    source: Iterable[tuple[int, bytes | int] | None] | None = None,
 ) -> Iterator[Request | Failure | None]:
     """Every line still to do, as a request, and every bad line, as a failure; empty lines
     and ids already done (`is_done`, by default the ledger's) are counted and skipped. Now
-    and then a None, so that a long stretch of skipped lines does not hold the loop."""
+    and then a None, so that a long stretch of skipped lines does not hold the loop (and
+    when `source`, the lines, has none ready yet)."""
     # Only ids done by earlier runs can come again: an id of this run is never read twice.
     done = is_done or (ledger.is_done if ledger.done_count else None)
-    for number, raw in lines(path, max_bytes=parser.max_line_bytes):
+    for line in source if source is not None else lines(path, max_bytes=parser.max_line_bytes):
+        if line is None:
+            yield None
+            continue
+        number, raw = line
         counts.read = number
         if number % YIELD_EVERY == 0:
             yield None  # a chance for the loop to run other tasks, even when nothing is sent
@@ -408,10 +415,11 @@ async def feed(
     """Send every line still to do to the workers, and every bad line to the writer.
     Stops early when the receiving side closes (the run stopped dispatching). With `refill`,
     a full request buffer is topped up by halves (see `Refill`)."""
+    pipe = PipeLines(lambda: lines(path, max_bytes=parser.max_line_bytes)) if is_pipe(path) else None
     async with requests, failures:
-        for item in read_requests(path, parser, ledger, counts):
+        for item in read_requests(path, parser, ledger, counts, source=pipe):
             if item is None:
-                await anyio.lowlevel.checkpoint()
+                await (pipe.wait() if pipe is not None else anyio.lowlevel.checkpoint())
                 continue
             sent = (
                 await _send(requests, item, refill)

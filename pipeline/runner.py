@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,16 +97,12 @@ def _open_ledger(settings: Settings) -> Ledger:
     return ledger
 
 
-async def watch_signals(control: Control) -> None:
+async def watch_signals(control: Control, say: Callable[[str], None]) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signals can only be caught there; the caller owns them
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            if control.dispatching:
-                control.interrupted = True
-                control.stop()
-            elif control.work_scope is not None:
-                control.work_scope.cancel()
+            say(control.interrupt() if control.dispatching else control.cancel())
 
 
 async def run(settings: Settings) -> Summary:
@@ -188,6 +185,8 @@ class Run:
         token_rate = settings.tpm / 60 * MARGIN if settings.tpm else None
         self.pacer = Pacer(request_rate=request_rate, token_rate=token_rate)
         self.window = Window(settings.concurrency)
+        if request_rate or token_rate:
+            self.window.open()  # a stated pace bounds the rate from the start
         self.finder = RateFinder(
             self.pacer,
             self.window,
@@ -228,7 +227,7 @@ class Run:
             outer.start_soon(writer.consume, outcomes_recv)
             outer.start_soon(writer.sync_forever)
             outer.start_soon(self.progress.tick)
-            outer.start_soon(watch_signals, control)
+            outer.start_soon(watch_signals, control, self.progress.say)
             outer.start_soon(self._count_total)
             with anyio.CancelScope() as work_scope:
                 control.work_scope = work_scope
@@ -238,7 +237,10 @@ class Run:
                     # --concurrency of them active: a worker waiting out a retry's backoff
                     # steps aside for one standing by, so no connection sits idle.
                     crew = Crew(settings.concurrency)
-                    control.on_stop.append(crew.wake_all)
+                    # Stopping wakes whatever waits to send, so that it finds out at once.
+                    control.on_stop += [crew.wake_all, self.pacer.wake_all, self.window.wake_all]
+                    if self.budget is not None:
+                        control.on_stop.append(self.budget.wake_all)
                     for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()
@@ -299,18 +301,13 @@ class Run:
         pending: int | None = 0
         if not (counts.finished and control.dispatching):
             accounted = counts.empty + counts.skipped + self.writer.written
-            pending = None if total is None else max(total - accounted, 0)
-        if control.interrupted:
-            code, note = EXIT_INTERRUPTED, "interrupted: run the same command again to resume"
-        elif control.stopped is not None:
-            code, note = EXIT_STOPPED, control.stopped.args[0]
-        elif failed_now:
-            code, note = (
-                EXIT_FAILURES,
-                f"{failed_now:,} line(s) failed: see {settings.output / 'errors.jsonl'}",
-            )
-        else:
-            code, note = EXIT_OK, "every request succeeded"
+            if total is not None:
+                pending = max(total - accounted, 0)
+            elif not counts.finished:
+                pending = None  # a pipe not read to its end: how much is left is not known
+        code, note = exit_status(
+            control, pending=pending, failed_now=failed_now, errors_file=settings.output / "errors.jsonl"
+        )
         note = self.redact.text(note)
         record: dict[str, Any] = {
             "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
@@ -359,6 +356,20 @@ class Run:
             pending=pending,
             usage=doc,
         )
+
+
+def exit_status(
+    control: Control, *, pending: int | None, failed_now: int, errors_file: Path
+) -> tuple[int, str]:
+    """How a run ended, as an exit status and a line. Interrupted with nothing left to do is
+    done, not interrupted."""
+    if control.interrupted and pending != 0:
+        return EXIT_INTERRUPTED, "interrupted: run the same command again to resume"
+    if control.stopped is not None:
+        return EXIT_STOPPED, control.stopped.args[0]
+    if failed_now:
+        return EXIT_FAILURES, f"{failed_now:,} line(s) failed: see {errors_file}"
+    return EXIT_OK, "every request succeeded"
 
 
 def run_sync(settings: Settings) -> Summary:

@@ -119,7 +119,8 @@ class Worker:
             return await self._process(request, seat)
         reservation = await budget.reserve(request)
         if reservation is None:
-            self._stop_for_budget()
+            if self.control.dispatching:
+                self._stop_for_budget()
             return None
         try:
             return await self._process(request, seat)
@@ -149,11 +150,14 @@ class Worker:
                     raise Abandoned
                 attempts += 1
                 ticket = self.finder.sent()
+                control.in_flight += 1
                 try:
                     reply = await self.client.complete(request)
                 except RequestError as e:
                     self._answered_with(e, reserved, ticket)
                     raise
+                finally:
+                    control.in_flight -= 1
             finally:
                 self.window.release()
             pacer.settle(reserved, answer_tokens(reply.body)[2])

@@ -313,9 +313,11 @@ async def test_a_run_finds_an_unstated_limit_with_few_refusals(mock, make_settin
         elapsed = time.monotonic() - started
     assert summary.exit_code == 0
     assert len(read_jsonl(tmp_path / "out/results.jsonl")) == 300
-    # One run of refusals, what was on its way when the server filled up (the mock shares
-    # this test's event loop, so its refusals come back slowly), then none: the pace is right.
-    assert len(server.state.refused_per_second) == 1
+    # A run of refusals, what was on its way when the server filled up (the mock shares this
+    # test's event loop, so its refusals come back slowly), and maybe one more to correct a
+    # first reading that spanned two of its seconds; then none: the pace is right.
+    seconds = server.state.refused_per_second
+    assert max(seconds) - min(seconds) <= 1
     assert server.state.statuses["429"] <= 100
     assert elapsed < 300 / 100 * 1.6  # near the limit's pace: 100 a second
     usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
