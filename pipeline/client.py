@@ -27,6 +27,7 @@ from pipeline.errors import (
     ProviderError,
     RequestTimeout,
     RunStopped,
+    SettingsError,
 )
 from pipeline.job import Reply, Request
 from pipeline.sse import StreamAssembler
@@ -265,6 +266,40 @@ async def open_client(
         yield Client(session, base_url, timeout=request_timeout, idle_timeout=idle_timeout)
     finally:
         await session.close()
+
+
+FILES_BESIDE = 64  # open files a run needs besides its connections: outputs, ledger, logs
+
+
+def raise_open_files(concurrency: int | None = None) -> None:
+    """Room for a connection per request in flight: raise the soft limit on open files as
+    far as needed (or, with no concurrency given, as far as the hard limit allows). Where the
+    hard limit is too low, say so now, before anything is sent, not as a crash in flight."""
+    try:
+        import resource
+    except ImportError:  # not on this system (Windows): nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    needed = hard if concurrency is None else concurrency + FILES_BESIDE
+    if soft == unlimited or (needed != unlimited and soft >= needed):
+        return
+    if hard != unlimited and needed > hard:
+        assert concurrency is not None
+        raise SettingsError(
+            f"--concurrency {concurrency:,} needs about {needed:,} open files (a connection each), "
+            f"but this system allows {hard:,} (ulimit -Hn); lower --concurrency to "
+            f"{max(hard - FILES_BESIDE, 1):,} or less, or raise the limit (nofile in "
+            "/etc/security/limits.conf, or LimitNOFILE for a service)"
+        )
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    except (ValueError, OSError) as e:
+        if concurrency is not None:
+            raise SettingsError(
+                f"--concurrency {concurrency:,} needs about {needed:,} open files, and raising the "
+                f"limit from {soft:,} failed ({e}); lower --concurrency or run `ulimit -n {needed}` first"
+            ) from None
 
 
 async def check_reachable(base_url: str, *, connect_timeout: float = 10.0) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeline.client import raise_open_files
 from pipeline.mock_answers import completion, job_key, stream_chunks, text_of
 from pipeline.mock_limits import Limit, Window, make_limits
 
@@ -38,6 +39,7 @@ __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_
 # aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
 # their connection attempts, and each would wait a second to try again.
 BACKLOG = 4096
+KEEP_ALIVE = 0.2  # seconds between the comments of a stream that is thinking
 
 
 @dataclass
@@ -56,6 +58,8 @@ class MockConfig:
     error_200_rate: float = 0.0  # 200 with an error object
     cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
     stall_rate: float = 0.0  # share of jobs whose first stream stops sending but stays open
+    think: float = 0.0  # seconds a stream sends only keep-alive comments before its first chunk
+    chunk_delay: float = 0.0  # seconds between a stream's chunks: a long answer still arriving
     rpm: float | None = None  # requests per minute, counted as `limit_style` says
     tpm: float | None = None  # tokens per minute (prompt + completion), per window
     limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock_limits)
@@ -65,8 +69,9 @@ class MockConfig:
     credits: int | None = None  # successful answers before every answer is 402
     cost: bool = True  # report usage.cost
     # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
-    # "malformed", "error200", "cut", "chatty" (content that ignores response_format) or
-    # "moderated" (OpenRouter's 403 for flagged input).
+    # "malformed", "error200", "cut", "chatty" (content that ignores response_format),
+    # "moderated" (OpenRouter's 403 for flagged input) or "no_quota" (OpenAI's 429 for an
+    # account without credit).
     script: list[Any] = field(default_factory=list)
     chatty_when: str | None = None  # every request whose messages contain this is answered "chatty"
     ignore_stream: bool = False  # answer stream: true with one JSON body, as some servers do
@@ -255,6 +260,10 @@ class MockServer:
             return _error(int(action), f"mock fault {action}{echo}", kind, headers)
         if action == "timeout":
             await asyncio.sleep(3600)
+        if action == "no_quota":  # OpenAI's way of saying the account has no credit left
+            st.statuses["429"] += 1
+            spent = {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}}
+            return web.Response(status=429, body=orjson.dumps(spent), content_type="application/json")
         if action == "moderated":
             st.statuses["403"] += 1
             body403 = {
@@ -318,6 +327,11 @@ class MockServer:
         )
         await response.prepare(request)
         await response.write(b": OPENROUTER PROCESSING\n\n")
+        thought = 0.0
+        while thought < self.config.think:  # a reasoning model, sending comments meanwhile
+            await asyncio.sleep(KEEP_ALIVE)
+            thought += KEEP_ALIVE
+            await response.write(b": OPENROUTER PROCESSING\n\n")
         chunks = stream_chunks(full, include_usage)
         if cut:
             chunks = chunks[: max(len(chunks) // 2, 1)]
@@ -326,6 +340,8 @@ class MockServer:
             await response.write(b"data: " + orjson.dumps(chunks[0]) + b"\n\n")
             await asyncio.sleep(3600)
         for chunk in chunks:
+            if self.config.chunk_delay:
+                await asyncio.sleep(self.config.chunk_delay)
             await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if cut:
             st.statuses["cut"] += 1
@@ -369,6 +385,7 @@ async def start_mock(
 async def serve(
     config: MockConfig, *, host: str, port: int, port_file: str | None = None, quiet: bool = False
 ) -> None:
+    raise_open_files()  # thousands of connections at once, as clients bring them
     server = MockServer(config)
     # A client that hangs up mid-answer (killed, timed out, cancelled) is normal here, not an
     # error worth a traceback.

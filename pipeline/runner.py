@@ -28,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.adaptive import MARGIN, RateFinder
-from pipeline.client import Client, check_reachable, open_client
+from pipeline.client import Client, check_reachable, open_client, raise_open_files
 from pipeline.control import Control, Crew, Refill
 from pipeline.cost import Budget
 from pipeline.errors import RunStopped, SettingsError
@@ -110,6 +110,7 @@ async def run(settings: Settings) -> Summary:
     `SettingsError` when nothing could be sent because the settings are wrong."""
     check_input(settings.input)
     api_key = _check_key(settings)
+    raise_open_files(settings.concurrency)
     try:
         settings.output.mkdir(parents=True, exist_ok=True)
     except OSError as e:

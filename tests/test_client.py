@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.client import check_completion, retry_after
+from pipeline.client import check_completion, retry_after, said_wait
 from pipeline.errors import MalformedResponse, ProviderError
 
 
@@ -19,6 +19,15 @@ def test_retry_after_in_seconds_milliseconds_and_http_dates() -> None:
     assert 28 <= (retry_after({"retry-after": when}) or 0) <= 31
     assert retry_after({"retry-after": "soon"}) is None
     assert retry_after({}) is None
+
+
+def test_a_refusal_that_says_when_in_its_message_only() -> None:
+    # OpenAI's wording; some servers send nothing else.
+    said = "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3. Please try again in 71ms."
+    assert said_wait(said) == pytest.approx(0.071)
+    assert said_wait("Please try again in 1.5s. Visit https://...") == pytest.approx(1.5)
+    assert said_wait("please try again in 6m0s") == pytest.approx(360)
+    assert said_wait("Rate limit reached") is None
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -103,6 +104,32 @@ async def test_exhausted_credits_stop_the_run_and_it_resumes(mock, make_settings
     assert len(server.state.received) == 70
     ids = [r["custom_id"] for r in read_jsonl(tmp_path / "out/results.jsonl")]
     assert sorted(ids) == sorted(r["custom_id"] for r in rows)
+
+
+async def test_a_daily_quota_spent_stops_the_run_with_when_to_resume(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    rows = bodies(100)
+    async with mock(quota=30, latency=0.01) as (url, _):
+        began = time.monotonic()
+        summary = await pipeline.run(make_settings(url, rows, concurrency=4, max_attempts=2))
+        took = time.monotonic() - began
+    assert summary.exit_code == 3
+    assert "quota" in summary.message
+    assert "UTC" in summary.message  # when to come back
+    assert "run the same command again" in summary.message
+    assert took < 5  # at once, not request by request
+    assert summary.failed == 0  # a 429 is "later": nobody's fault, all still to do
+    assert summary.pending == 70
+    assert read_jsonl(tmp_path / "out/errors.jsonl") == []
+
+
+async def test_a_429_for_an_account_without_credit_stops_the_run(mock, make_settings, tmp_path: Path) -> None:
+    async with mock(script=["no_quota"] * 20) as (url, _):
+        summary = await pipeline.run(make_settings(url, bodies(20), concurrency=1))
+    assert summary.exit_code == 3
+    assert "out of credits" in summary.message
+    assert summary.pending == 20
 
 
 async def test_a_streak_of_403s_stops_the_run_but_a_lone_one_does_not(

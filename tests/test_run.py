@@ -61,15 +61,6 @@ async def test_a_400_is_not_retried_and_lands_in_errors(mock, make_settings, tmp
     assert read_jsonl(tmp_path / "out/results.jsonl") == []
 
 
-async def test_a_timeout_is_retried(mock, make_settings, tmp_path: Path) -> None:
-    async with mock(script=["timeout"]) as (url, server):
-        summary = await pipeline.run(make_settings(url, bodies(1), timeout=0.3))
-    assert summary.exit_code == 0
-    assert len(server.state.received) == 2
-    usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
-    assert usage["answers_by_status"] == {"200": 1, "timeout": 1}
-
-
 async def test_unknown_parameters_reach_the_server_untouched(mock, make_settings) -> None:
     body = {
         "custom_id": "odd",
