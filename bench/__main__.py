@@ -12,11 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import real, scenarios
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
-from bench.scenarios import SCENARIOS, Options
+from bench.scenarios import Options, Scenario
 
 OUT = Path(__file__).resolve().parent / "out"
+# The canonical order (a scenario may compare itself with one run before it).
+SCENARIOS: dict[str, Scenario] = {**scenarios.SCENARIOS, **real.SCENARIOS}
 
 
 def _env_int(name: str, default: int) -> int:
@@ -51,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument(
         "--naive-cap", type=float, default=60.0, help="seconds the naive client may spend on the memory input"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help=f"multiply the request counts of {', '.join(real.SCENARIOS)} (0.1: a quick look; default 1)",
     )
     p.add_argument(
         "--out", type=Path, default=OUT, help="inputs, client outputs and results.json (default bench/out)"
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         lines=args.lines,
         concurrency=args.concurrency,
         naive_cap=args.naive_cap,
+        scale=args.scale,
     )
     started = dt.datetime.now(dt.UTC)
     code = _code_state()

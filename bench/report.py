@@ -42,14 +42,20 @@ class ScenarioResult:
     notes: list[str] = field(default_factory=list)
     limit_per_second: float | None = None  # requests a second the mock allows, for the % columns
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # the same per run (by client name) where runs met different limits; a run in neither has no %
+    run_limits: dict[str, float] = field(default_factory=dict)
 
     def run(self, name: str) -> ClientRun:
         return next(r for r in self.runs if r.client.name == name)
+
+    def limit_of(self, run: ClientRun) -> float | None:
+        return self.run_limits.get(run.client.name, self.limit_per_second)
 
     def figures(self) -> dict[str, Any]:
         return {
             "title": self.title,
             "limit_requests_per_second": self.limit_per_second,
+            "run_limits_requests_per_second": self.run_limits,
             "load_average_before": self.load_before,
             "checks": [c.figures() for c in self.checks],
             "notes": self.notes,
@@ -62,6 +68,10 @@ Column = tuple[str, Callable[[ClientRun], str]]
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _share(value: float, limit: float | None) -> str:
+    return "-" if not limit else _pct(value / limit)
 
 
 def _columns(result: ScenarioResult) -> list[Column]:
@@ -84,13 +94,13 @@ def _columns(result: ScenarioResult) -> list[Column]:
         ("paid twice", lambda r: f"{r.mock.get('answered_twice', 0):,}"),
         ("SYN drops", lambda r: "-" if r.listen_overflows is None else f"{r.listen_overflows:,}"),
     ]
-    limit = result.limit_per_second
-    if limit:
+    if result.limit_per_second or result.run_limits:
+        limit = result.limit_of
         columns += [
             ("steady req/s", lambda r: f"{r.steady_rate() or 0:.1f}"),
-            ("% of limit", lambda r: _pct((r.steady_rate() or 0) / limit)),
+            ("% of limit", lambda r: _share(r.steady_rate() or 0, limit(r))),
             ("overall req/s", lambda r: f"{r.succeeded / max(r.measurement.wall, 1e-9):.1f}"),
-            ("overall %", lambda r: _pct(r.succeeded / max(r.measurement.wall, 1e-9) / limit)),
+            ("overall %", lambda r: _share(r.succeeded / max(r.measurement.wall, 1e-9), limit(r))),
         ]
     return columns
 

@@ -4,7 +4,7 @@ A refusal (429) comes back in milliseconds; an answer from a model takes seconds
 refusals drive everything here, and answers are never waited for:
 
 - **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`SendLog`). A run of three (more when
+  room again: a run of refusals in send order (`SendLog`). A run of four (more when
   scattered refusals are common) says the server is full; scattered 429s, as an
   aggregator's upstreams send them, almost never line up so, and only delay their own
   request (by its Retry-After, in the retry policy).
@@ -56,8 +56,11 @@ from pipeline.sendlog import SIZE, SendLog
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers
-RUN = 3  # refusals in a row, in send order: the server is full...
-RUN_MAX = 6  # ...more when scattered refusals are common, so that they never line up so
+# Refusals in a row, in send order: the server is full. Of 2 % scattered refusals, three in a
+# row happen about once in 100,000 requests, four once in 6 million; more when scattered
+# refusals are more common, so that they never line up so.
+RUN, RUN_MAX = 4, 7
+COMMON_AFTER = 50  # answers it takes to tell how common scattered refusals are
 HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 READ_SHARE, READ_MIN = 0.15, 3  # refusals at the limit's pace: it was read too high
@@ -227,7 +230,10 @@ class RateFinder:
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
-        if last - first + 1 >= min(RUN + int(back / max(total, 1) / HOLD_SHARE), RUN_MAX):
+        # How common scattered refusals are, from enough answers to tell (not from the first
+        # few, which at a limit hit at once are all refusals).
+        common = back / total if total >= COMMON_AFTER else 0.0
+        if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
             if wait is not None and wait >= self.give_up:
                 self._give_up(now, wait, message)  # a quota spent for hours, not a rate
             self._full(now, first, pause)
