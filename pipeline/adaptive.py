@@ -142,6 +142,7 @@ class RateFinder:
         self._probe_after = 0.0
         self._reread_after = 0.0
         self._sure = False  # the limit was read over a second at least
+        self._counted: tuple[float, int, float] | None = None  # what the reading counted: from, before, over
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
@@ -220,9 +221,12 @@ class RateFinder:
         now = self.clock()
         if now - self.let_through >= self.give_up:
             self._give_up(now, wait, message)
-        if ticket < self.epoch or not self.log.kept(ticket):
-            return  # sent before the last change of pace
+        if not self.log.kept(ticket):
+            return
+        self._uncount(ticket)
         self.log.refuse(ticket)
+        if ticket < self.epoch:
+            return  # sent before the last change of pace
         i = self._slot(now)
         back, total = sum(self._back), sum(self._all)  # before this one
         self._back[i] += 1
@@ -275,14 +279,30 @@ class RateFinder:
             # What it let through in the second before: servers count per second at least.
             self._sure = True
             count, start = self.log.accepted(full.at - 1.0, full.seq)
-            return count / max(full.at - start, 1e-3) if start > full.at - 1.0 else float(count)
+            span = max(full.at - start, 1e-3) if start > full.at - 1.0 else 1.0
+            self._counted = (start, full.seq, span)
+            return count / span
         # Between the first moment kept and this one: from when the server said it would take
         # requests again to when it was full again, every request it took was one not refused.
         since = fulls[0]
         count = self.log.accepted_between(since.after, full.seq)
-        span = full.resume - since.resume
+        span = max(full.resume - since.resume, 1e-3)
         self._sure = span >= 1.0
-        return count / max(span, 1e-3)
+        self._counted = (self.log.sent_at(since.after), full.seq, span)
+        return count / span
+
+    def _uncount(self, ticket: int) -> None:
+        """A refusal that comes back after the limit was read, for a request the reading
+        counted as let through (answers do not always come back in the order they left):
+        take it out of the reading."""
+        counted = self._counted
+        if counted is None or self.limit is None:
+            return
+        since, before, span = counted
+        if ticket < before and self.log.sent_at(ticket) >= since and not self.log.refused(ticket):
+            self.limit = max(self.limit - 1 / span, MIN_RATE)
+            if self.pacer.request_rate is not None and self.pacer.request_rate > self.limit * HOLD:
+                self.pacer.set_request_rate(self.limit * HOLD)
 
     def _overshoot(self, now: float, ticket: int, pause: float, back: int, total: int) -> None:
         """Refusals not in a run, while a limit is known."""

@@ -37,6 +37,9 @@ class SendLog:
     def sent_at(self, seq: int) -> float:
         return self._times[seq & self._mask]
 
+    def refused(self, seq: int) -> bool:
+        return bool(self._refused[seq & self._mask])
+
     def refuse(self, seq: int) -> None:
         if self.kept(seq):
             self._refused[seq & self._mask] = 1
