@@ -220,13 +220,14 @@ def unstated(opts: Options, done: Done) -> ScenarioResult:
     )
     runs += [without, with_429]
     clean_wall, wall = without.measurement.wall, with_429.measurement.wall
-    bound = SCATTERED.retry_after + SCATTERED_SLACK * clean_wall
+    chain = int(with_429.mock.get("most_refusals_of_a_job", 1)) or 1
+    bound = chain * SCATTERED.retry_after + SCATTERED_SLACK * clean_wall
     checks += [
         Check(
             f"(f) {n:,} requests, {SCATTERED.describe()}: wall with 429s - without",
             f"{wall - clean_wall:.2f} s ({wall:.2f} - {clean_wall:.2f} s)",
-            f"≤ {bound:.2f} s (Retry-After {SCATTERED.retry_after:g} s + {SCATTERED_SLACK:.0%}"
-            f" of {clean_wall:.2f} s)",
+            f"≤ {bound:.2f} s ({chain} Retry-After{'s' if chain > 1 else ''} of {SCATTERED.retry_after:g} s"
+            f" in a row, the most one job met, + {SCATTERED_SLACK:.0%} of {clean_wall:.2f} s)",
             wall - clean_wall <= bound,
         ),
         _lost_check(without),
@@ -239,9 +240,10 @@ def unstated(opts: Options, done: Done) -> ScenarioResult:
         " x-ratelimit headers; pipeline is told nothing and finds it from the 429s",
         STEADY_NOTE,
         "% of limit: each run against its own limit; (f) has none",
-        f"(f) target: one Retry-After ({SCATTERED.retry_after:g} s), which a 429 to one of the last"
-        f" requests costs any client that honours it, plus {SCATTERED_SLACK:.0%} of the wall without"
-        " 429s for the retries",
+        f"(f) target: the Retry-Afters ({SCATTERED.retry_after:g} s each) that the job refused most"
+        " often had to wait in a row, which a client that honours them cannot avoid when that job is"
+        " one of the last (with some 80 retries in the last second, one refused twice is likely),"
+        f" plus {SCATTERED_SLACK:.0%} of the wall without 429s for the retries",
     ]
     return ScenarioResult("unstated", title, runs, checks, notes, load_before=load, run_limits=limits)
 

@@ -8,20 +8,19 @@ refusals drive everything here, and answers are never waited for:
   scattered refusals are common) says the server is full; scattered 429s, as an
   aggregator's upstreams send them, almost never line up so, and only delay their own
   request (by its Retry-After, in the retry policy).
-- **What it lets through.** At the first such moment, what the server let through in the
-  second before is its limit, as servers count per second at least (a reading can span two
-  of a server's windows and come out too high; the next moment corrects it). At every later
-  one, the rate is read between two such moments: the requests not refused from the moment
-  the server said it would take requests again (its Retry-After) to the moment it was full
-  again, over that time. That holds whether the server counts per fixed window or refills a
-  bucket continuously, and whatever its burst. The pool pauses for the Retry-After, the pace
-  is set at 97 % of the rate read, and the in-flight window opens to --concurrency: the pace
-  bounds the rate, and in flight is whatever the pace and the latency make it.
-- **Above a known limit.** Refusals above the pace the limit allows (1 % of answers) set it
-  back to that pace, with no pause. Refusals of more than 5 % at that pace read the limit
-  again (at most once in SETTLE seconds). Scattered refusals never ratchet the pace down.
+- **What it lets through** (`pipeline.capacity`): at the first such moment, what the
+  server let through in the second before; at later ones, what it let through between two
+  moments it was full. The pool pauses for the Retry-After, the pace is set at 97 % of the
+  rate read, and the in-flight window opens to --concurrency: the pace bounds the rate, and
+  in flight is whatever the pace and the latency make it. A refusal that comes back after
+  the reading, for a request it counted as let through, is taken out of it.
+- **Above a known limit.** A refusal while probing above the pace the limit allows sets it
+  back to that pace, with no pause. Refusals at that pace read the limit again (at most
+  once in SETTLE seconds) when it was read over less than a second, or when they are more
+  than 15 % of answers. Scattered refusals never ratchet the pace down.
 - **Probing.** Ten seconds after a change of pace, while the pacer is what holds requests
-  back, the pace creeps up by 0.2 % a second, to learn whether the limit has risen.
+  back, the pace creeps up, by 0.2 % a second at first and twice as fast every ten seconds
+  nothing is refused, to learn whether the limit has risen.
 - Until a limit is found, requests are not paced at all: one check each, no timer. The
   window (`limits.Window`) grows with time while no refusal comes back, not with answers.
 
@@ -44,15 +43,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
+from pipeline.capacity import Capacity
 from pipeline.client import parse_duration
 from pipeline.errors import RunStopped
 from pipeline.latency import LatencyWatch
 from pipeline.limits import Pacer, Window
-from pipeline.sendlog import SIZE, SendLog
+from pipeline.sendlog import SendLog
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers
@@ -67,7 +65,6 @@ READ_SHARE, READ_MIN = 0.15, 3  # refusals at the limit's pace: it was read too 
 HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing, doubling every SETTLE seconds of it
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
-MAX_FULLS = 64  # moments the server was full kept, to read a rate between the first and the last
 WAIT = 1.0  # seconds to wait when a refusal does not say
 OUTAGE_SHARE, OUTAGE_MIN = 0.8, 10  # nearly every answer failed: the endpoint is down
 OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
@@ -93,16 +90,6 @@ def _span(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-@dataclass(frozen=True, slots=True)
-class Full:
-    """A moment the server was seen full."""
-
-    at: float  # when the first refused request of the run left
-    seq: int  # that request
-    resume: float  # when the server said it would take requests again
-    after: int  # the first request sent after that
-
-
 class RateFinder:
     def __init__(
         self,
@@ -124,13 +111,13 @@ class RateFinder:
         self.stop = stop
         self.clock = clock
         self.log = SendLog()
+        self.capacity = Capacity(self.log)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.latency = LatencyWatch(clock)
         self.latency_cuts = 0
         self.epoch = 0  # the first request sent at the current pace
         self._epoch_start = clock()
-        self._fulls: deque[Full] = deque()
         self._ok = [0] * BUCKETS
         self._back = [0] * BUCKETS
         self._fail = [0] * BUCKETS
@@ -141,8 +128,6 @@ class RateFinder:
         self._next_step = 0.0
         self._probe_after = 0.0
         self._reread_after = 0.0
-        self._sure = False  # the limit was read over a second at least
-        self._counted: tuple[float, int, float] | None = None  # what the reading counted: from, before, over
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
@@ -250,8 +235,7 @@ class RateFinder:
 
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
-        at = self.log.sent_at(first)
-        rate = self._read(Full(at, first, now + pause, self.log.next), now)
+        rate = self.capacity.read(self.capacity.full(first, now + pause))
         self.pacer.pause(pause)
         self._held = None
         self.cuts += 1
@@ -265,42 +249,10 @@ class RateFinder:
             self.window.shrink()  # nothing got through to read a limit from: just wait
         self._new_epoch(now + pause)
 
-    def _read(self, full: Full, now: float) -> float:
-        """Requests a second the server lets through, read at the moment `full`; `_sure`
-        says whether it was read over a second at least."""
-        fulls = self._fulls
-        if fulls and full.at - fulls[-1].resume > SETTLE:
-            fulls.clear()  # the server had room for a while since: a new episode
-        oldest = self.log.next - SIZE  # what the send log still holds
-        while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):
-            fulls.popleft()
-        fulls.append(full)
-        if len(fulls) == 1:
-            # What it let through in the second before: servers count per second at least.
-            self._sure = True
-            count, start = self.log.accepted(full.at - 1.0, full.seq)
-            span = max(full.at - start, 1e-3) if start > full.at - 1.0 else 1.0
-            self._counted = (start, full.seq, span)
-            return count / span
-        # Between the first moment kept and this one: from when the server said it would take
-        # requests again to when it was full again, every request it took was one not refused.
-        since = fulls[0]
-        count = self.log.accepted_between(since.after, full.seq)
-        span = max(full.resume - since.resume, 1e-3)
-        self._sure = span >= 1.0
-        self._counted = (self.log.sent_at(since.after), full.seq, span)
-        return count / span
-
     def _uncount(self, ticket: int) -> None:
-        """A refusal that comes back after the limit was read, for a request the reading
-        counted as let through (answers do not always come back in the order they left):
-        take it out of the reading."""
-        counted = self._counted
-        if counted is None or self.limit is None:
-            return
-        since, before, span = counted
-        if ticket < before and self.log.sent_at(ticket) >= since and not self.log.refused(ticket):
-            self.limit = max(self.limit - 1 / span, MIN_RATE)
+        less = self.capacity.uncount(ticket)
+        if less and self.limit is not None:
+            self.limit = max(self.limit - less, MIN_RATE)
             if self.pacer.request_rate is not None and self.pacer.request_rate > self.limit * HOLD:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
@@ -316,14 +268,14 @@ class RateFinder:
             self.cuts += 1
             self._new_epoch(now)
             return
-        if self._sure and not (back >= READ_MIN and back >= READ_SHARE * total):
+        if self.capacity.sure and not (back >= READ_MIN and back >= READ_SHARE * total):
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
             return
         # Refusals at the pace the limit allows: it was read too high, or over too short a
         # time to be sure. What gets through at this pace tells.
         self._reread_after = now + SETTLE
-        rate = self._read(Full(self.log.sent_at(ticket), ticket, now + pause, self.log.next), now)
+        rate = self.capacity.read(self.capacity.full(ticket, now + pause))
         if MIN_RATE <= rate < self.limit:
             self.limit = rate
             self.pacer.set_request_rate(rate * HOLD)

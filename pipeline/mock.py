@@ -95,6 +95,7 @@ class MockState:
     stalled: set[str] = field(default_factory=set)
     accepted_per_second: Counter[int] = field(default_factory=Counter)
     refused_per_second: Counter[int] = field(default_factory=Counter)
+    refused_jobs: Counter[str] = field(default_factory=Counter)  # scattered 429s, per job
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -108,6 +109,8 @@ class MockState:
             "lost_answers": sum(self.lost_answers.values()),
             "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
             "refused_per_second": {str(k): v for k, v in sorted(self.refused_per_second.items())},
+            # the most scattered 429s one job met: the Retry-Afters any client had to wait in a row
+            "most_refusals_of_a_job": max(self.refused_jobs.values(), default=0),
             "max_in_flight": self.max_in_flight,
         }
 
@@ -166,23 +169,6 @@ class MockServer:
                 return _error(429, refusal.message, "rate_limit_error", headers)
         st.accepted_per_second[int(now)] += 1
         return None
-
-    def _ratelimit_headers(self) -> dict[str, str]:
-        cfg = self.config
-        window = next((limit for limit in self.state.limits if isinstance(limit, Window)), None)
-        if window is None:
-            return {}
-        requests, tokens, reset = window.remaining(time.time())
-        headers: dict[str, str] = {}
-        if requests is not None and cfg.rpm:
-            headers["x-ratelimit-limit-requests"] = str(int(cfg.rpm))
-            headers["x-ratelimit-remaining-requests"] = str(int(requests))
-            headers["x-ratelimit-reset-requests"] = f"{reset:.3f}s"
-        if tokens is not None and cfg.tpm:
-            headers["x-ratelimit-limit-tokens"] = str(int(cfg.tpm))
-            headers["x-ratelimit-remaining-tokens"] = str(int(tokens))
-            headers["x-ratelimit-reset-tokens"] = f"{reset:.3f}s"
-        return headers
 
     def _latency(self, key: str) -> float:
         cfg = self.config
@@ -255,6 +241,8 @@ class MockServer:
         action = self._pick()
         if action is not None and action.isdigit():
             st.statuses[action] += 1
+            if action == "429":
+                st.refused_jobs[key] += 1
             headers = {"Retry-After": f"{cfg.retry_after:g}"} if action in ("429", "503") else None
             kind = "rate_limit_error" if action == "429" else "server_error"
             return _error(int(action), f"mock fault {action}{echo}", kind, headers)
@@ -297,7 +285,8 @@ class MockServer:
         if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in text_of(body["messages"])):
             # A model that ignores the requested format: the answer is billed all the same.
             full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
-        headers = self._ratelimit_headers() if cfg.ratelimit_headers else {}
+        window = next((limit for limit in st.limits if isinstance(limit, Window)), None)
+        headers = window.headers(time.time()) if cfg.ratelimit_headers and window is not None else {}
         headers["x-request-id"] = f"req-{key}"
         if body.get("stream") is True and not cfg.ignore_stream:
             stall = key not in st.stalled and int(key[:8], 16) / 2**32 < cfg.stall_rate

@@ -61,12 +61,21 @@ class Window:
         self.used_tokens += tokens
         return None
 
-    def remaining(self, now: float) -> tuple[float | None, float | None, float]:
-        """Requests and tokens left in the current window, and seconds until it resets."""
+    def headers(self, now: float) -> dict[str, str]:
+        """What is left in the current window, as OpenAI states it (x-ratelimit-*, per minute)."""
         self._roll(now)
-        left_requests = None if self.requests is None else max(self.requests - self.used_requests, 0)
-        left_tokens = None if self.tokens is None else max(self.tokens - self.used_tokens, 0)
-        return left_requests, left_tokens, max((self.index + 1) * self.length - now, 0.0)
+        reset = f"{max((self.index + 1) * self.length - now, 0.0):.3f}s"
+        per_minute = 60 / self.length
+        headers: dict[str, str] = {}
+        for kind, limit, used in (
+            ("requests", self.requests, float(self.used_requests)),
+            ("tokens", self.tokens, self.used_tokens),
+        ):
+            if limit is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(int(limit * per_minute))
+                headers[f"x-ratelimit-remaining-{kind}"] = str(int(max(limit - used, 0)))
+                headers[f"x-ratelimit-reset-{kind}"] = reset
+        return headers
 
 
 class Bucket:

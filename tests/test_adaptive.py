@@ -482,3 +482,13 @@ async def test_scattered_server_errors_pause_nothing() -> None:
             f.success(f.sent())
     assert f.outages == 0
     assert pacer.paused_until == 0.0
+
+
+async def test_a_run_paces_at_a_limit_the_server_states(mock, make_settings, tmp_path: Path) -> None:
+    async with mock(rpm=6000, ratelimit_headers=True, latency=0.02, record=False) as (url, server):
+        await asyncio.sleep(1.02 - time.time() % 1)  # early in the mock's second, as above
+        summary = await pipeline.run(make_settings(url, bodies(300), concurrency=64))
+    assert summary.exit_code == 0
+    usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
+    assert usage["runs"][-1]["paced_at_rpm"] == pytest.approx(6000 * 0.98, rel=0.01)
+    assert server.state.statuses["429"] <= 16  # only what went before the first answer told

@@ -1,0 +1,79 @@
+"""What a server lets through, read at the moments it was seen full.
+
+A moment the server is full (a run of refusals, or refusals at a pace it should hold) is a
+`Full`: when the first refused request left, and when the server said it would take requests
+again. At the first such moment, what it let through in the second before is its limit, as
+servers count per second at least; a reading that spans two of a server's windows comes out
+too high, and the next moment corrects it. At every later one, the rate is read between the
+first moment kept and this one: the requests not refused from when the server said it had
+room to when it was full again, over that time. Both ends are moments the server was full,
+so whatever it counts in between, it let through exactly those: that holds for fixed windows
+(per second, per minute) and for a bucket that refills continuously, whatever its burst.
+
+The moments are kept while they follow one another (the server full again within SETTLE
+seconds of having room); after a longer stretch with room, the next moment starts afresh.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pipeline.sendlog import SIZE, SendLog
+
+AGAIN_WITHIN = 10.0  # seconds: full again sooner than this, and the moments are one stretch
+MAX_FULLS = 64  # moments kept, to read over the first and the last
+
+
+@dataclass(frozen=True, slots=True)
+class Full:
+    at: float  # when the first refused request of the run left
+    seq: int  # that request
+    resume: float  # when the server said it would take requests again
+    after: int  # the first request sent after that
+
+
+class Capacity:
+    def __init__(self, log: SendLog) -> None:
+        self.log = log
+        self.sure = False  # the last reading spanned a second at least
+        self._fulls: deque[Full] = deque()
+        self._counted: tuple[float, int, float] | None = None  # the last reading: from, before, over
+
+    def full(self, seq: int, resume: float) -> Full:
+        """The moment request `seq` found the server full; it has room again at `resume`."""
+        return Full(self.log.sent_at(seq), seq, resume, self.log.next)
+
+    def read(self, full: Full) -> float:
+        """Requests a second the server lets through, read at the moment `full`."""
+        fulls = self._fulls
+        if fulls and full.at - fulls[-1].resume > AGAIN_WITHIN:
+            fulls.clear()  # the server had room for a while since: a new stretch
+        oldest = self.log.next - SIZE  # what the send log still holds
+        while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):
+            fulls.popleft()
+        fulls.append(full)
+        if len(fulls) == 1:
+            self.sure = True
+            count, start = self.log.accepted(full.at - 1.0, full.seq)
+            span = max(full.at - start, 1e-3) if start > full.at - 1.0 else 1.0
+            self._counted = (start, full.seq, span)
+            return count / span
+        since = fulls[0]
+        count = self.log.accepted_between(since.after, full.seq)
+        span = max(full.resume - since.resume, 1e-3)
+        self.sure = span >= 1.0
+        self._counted = (self.log.sent_at(since.after), full.seq, span)
+        return count / span
+
+    def uncount(self, seq: int) -> float:
+        """A refusal that comes back after the last reading, for a request it counted as let
+        through (answers do not always come back in the order they left): the requests a
+        second to take off that reading, or 0."""
+        counted = self._counted
+        if counted is None:
+            return 0.0
+        since, before, span = counted
+        if seq < before and self.log.sent_at(seq) >= since and not self.log.refused(seq):
+            return 1 / span
+        return 0.0
