@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,11 @@ import orjson
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
 
 
-async def start(url: str, src: Path, out: Path, *extra: str) -> asyncio.subprocess.Process:
+async def start(
+    url: str, src: Path, out: Path, *extra: str, preexec_fn: Callable[[], None] | None = None
+) -> asyncio.subprocess.Process:
+    """`pipeline run` on `src` into `out`, in a process of its own (`preexec_fn` runs in it
+    before: to set its limits, say)."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -33,6 +38,7 @@ async def start(url: str, src: Path, out: Path, *extra: str) -> asyncio.subproce
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "LUMENFALL_API_KEY": FAKE_KEY},
+        preexec_fn=preexec_fn,
     )
 
 

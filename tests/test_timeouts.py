@@ -4,9 +4,7 @@ high concurrency needs."""
 
 from __future__ import annotations
 
-import asyncio
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pipeline
 from pipeline.client import raise_open_files
 from pipeline.mock_answers import job_key
 from tests.conftest import bodies, read_jsonl, write_jsonl
+from tests.test_crash import start
 
 
 def streamed(n: int) -> list[dict]:
@@ -74,21 +73,8 @@ async def test_a_concurrency_the_open_file_limit_cannot_hold_is_refused_before_s
 ) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(5))
     async with mock() as (url, server):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "out"),
-            "--base-url",
-            url,
-            "--concurrency",
-            "2000",
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: _open_files(256, 256),
+        proc = await start(
+            url, src, tmp_path / "out", "--concurrency", "2000", preexec_fn=lambda: _open_files(256, 256)
         )
         _, stderr = await proc.communicate()
     assert proc.returncode == 2
@@ -104,22 +90,9 @@ async def test_the_open_file_limit_is_raised_where_the_system_allows(mock, tmp_p
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
     async with mock(latency=1.0, record=False) as (url, server):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "out"),
-            "--base-url",
-            url,
-            "--concurrency",
-            "600",
-            "--quiet",
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: _open_files(256, hard),  # a soft limit of 256, as many systems start
+        # A soft limit of 256, as many systems start with.
+        proc = await start(
+            url, src, tmp_path / "out", "--concurrency", "600", preexec_fn=lambda: _open_files(256, hard)
         )
         _, stderr = await proc.communicate()
     assert proc.returncode == 0, stderr.decode()
