@@ -61,7 +61,7 @@ RUN, RUN_MAX = 4, 7
 COMMON_AFTER = 50  # answers it takes to tell how common scattered refusals are
 HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
-READ_SHARE, READ_MIN = 0.15, 3  # refusals at the limit's pace: it was read too high
+READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing, doubling every SETTLE seconds of it
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
@@ -131,7 +131,7 @@ class RateFinder:
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
-        self.let_through = clock()  # the last success, or the start
+        self._refused_since: tuple[float, int] | None = None  # refused since, and from which request
 
     # -- the sliding window of answers ---------------------------------------------------------
 
@@ -166,7 +166,8 @@ class RateFinder:
         self.window.grow()
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
-        now = self.let_through = self.clock()
+        now = self.clock()
+        self._refused_since = None
         if ticket < self.epoch:
             return
         i = self._slot(now)
@@ -204,7 +205,9 @@ class RateFinder:
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
-        if now - self.let_through >= self.give_up:
+        if self._refused_since is None:
+            self._refused_since = (now, self.log.next)
+        elif self._refusing(now):
             self._give_up(now, wait, message)
         if not self.log.kept(ticket):
             return
@@ -231,7 +234,7 @@ class RateFinder:
         if back >= HOLD_MIN and back >= HOLD_SHARE * total:
             self._hold(now)
         if self.limit is not None:
-            self._overshoot(now, ticket, pause, back, total)
+            self._overshoot(now, ticket, back, total)
 
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
@@ -256,7 +259,7 @@ class RateFinder:
             if self.pacer.request_rate is not None and self.pacer.request_rate > self.limit * HOLD:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
-    def _overshoot(self, now: float, ticket: int, pause: float, back: int, total: int) -> None:
+    def _overshoot(self, now: float, ticket: int, back: int, total: int) -> None:
         """Refusals not in a run, while a limit is known."""
         assert self.limit is not None
         current = self.pacer.request_rate
@@ -268,26 +271,41 @@ class RateFinder:
             self.cuts += 1
             self._new_epoch(now)
             return
-        if self.capacity.sure and not (back >= READ_MIN and back >= READ_SHARE * total):
+        many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
+        if self.capacity.sure and not many:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
             return
-        # Refusals at the pace the limit allows: it was read too high, or over too short a
-        # time to be sure. What gets through at this pace tells.
+        # Refusals at the pace the limit allows: it was read over too short a time to be sure,
+        # or too high. What gets through at this pace tells: read up to now (no pause is
+        # taken for a refusal not in a run, so none is counted).
         self._reread_after = now + SETTLE
-        rate = self.capacity.read(self.capacity.full(ticket, now + pause))
+        rate = self.capacity.read(self.capacity.full(ticket, now))
         if MIN_RATE <= rate < self.limit:
             self.limit = rate
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
             self._new_epoch(now)
 
+    def _refusing(self, now: float) -> bool:
+        """Whether the server has let nothing through for `give_up` seconds: only refusals
+        answered since then, and not one request sent since (a second ago or more, time
+        enough to be refused) that it has not refused: an answer still on its way counts."""
+        assert self._refused_since is not None
+        since, first = self._refused_since
+        if now - since < self.give_up:
+            return False
+        if self.log.accepted_in(first, now - 1.0):
+            self._refused_since = (now, self.log.next)  # it did let some through: count afresh
+            return False
+        return True
+
     def _give_up(self, now: float, wait: float | None, message: str) -> None:
         """The server lets nothing through for long, or says it will not for long: stop."""
         if self.stop is None:
             return
         said = f" ({message})" if message else ""
-        refused_for = now - self.let_through
+        refused_for = now - (self._refused_since or (now, 0))[0]
         if wait is not None and wait >= 1.0:
             until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
             when = f"it asks to wait {_span(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
@@ -340,9 +358,13 @@ class RateFinder:
         if self.limit is None or rate is None or not binding or now < self._probe_after:
             return
         if not any(self._back) and now - self._epoch_start >= 1.0:
-            # Everything got through: the server accepts at least this much.
+            # Everything got through: the server accepts at least this much, for now. Only
+            # for now: a bucket lets through what a pace under its refill left in it, then
+            # refuses, so a limit raised so is a guess that the first refusal reads again.
             count, _ = self.log.accepted(now - 1.0, self.log.next)
-            self.limit = max(self.limit, float(count))
+            if count > self.limit:
+                self.limit = float(count)
+                self.capacity.sure = False
         # Slowly at first, then quicker the longer nothing is refused (as CUBIC probes), so a
         # limit read too low is not kept for minutes.
         rate *= 1 + STEP * 2 ** min((now - self._probe_after) / SETTLE, 5)

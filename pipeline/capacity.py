@@ -10,8 +10,9 @@ room to when it was full again, over that time. Both ends are moments the server
 so whatever it counts in between, it let through exactly those: that holds for fixed windows
 (per second, per minute) and for a bucket that refills continuously, whatever its burst.
 
-The moments are kept while they follow one another (the server full again within SETTLE
-seconds of having room); after a longer stretch with room, the next moment starts afresh.
+The moments are kept while they follow one another (the server full again within
+AGAIN_WITHIN seconds of having room); after a longer stretch with room, the next moment
+starts afresh.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pipeline.sendlog import SIZE, SendLog
+from pipeline.sendlog import SendLog
 
 AGAIN_WITHIN = 10.0  # seconds: full again sooner than this, and the moments are one stretch
 MAX_FULLS = 64  # moments kept, to read over the first and the last
@@ -49,7 +50,7 @@ class Capacity:
         fulls = self._fulls
         if fulls and full.at - fulls[-1].resume > AGAIN_WITHIN:
             fulls.clear()  # the server had room for a while since: a new stretch
-        oldest = self.log.next - SIZE  # what the send log still holds
+        oldest = self.log.next - self.log.size  # what the send log still holds
         while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):
             fulls.popleft()
         fulls.append(full)

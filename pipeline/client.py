@@ -188,6 +188,8 @@ class Client:
                     return reply
                 # (a server that ignores stream: true answers with one JSON body: read as such)
                 raw = await resp.read()
+        except aiohttp.ConnectionTimeoutError:
+            raise ConnectionDropped(f"cannot connect within {CONNECT_TIMEOUT:g}s") from None
         except TimeoutError:
             if request.stream:
                 raise ConnectionDropped(

@@ -102,7 +102,6 @@ class Budget:
         self.reserved = 0.0
         self._rates: dict[str, _Rate] = {}
         self._blind: dict[str, anyio.Event] = {}  # models with a request out to learn their cost
-        self.closed = False  # the run stopped
         # Earlier runs into the folder count against the cap, and tell what models cost.
         for model, m in usage.models.items():
             costed = m.with_cost + m.priced
@@ -132,11 +131,8 @@ class Budget:
         return None if per_token is None else per_token * (request.prompt_tokens + completion)
 
     async def reserve(self, request: Request) -> Reservation | None:
-        """Hold back the request's worst case; None when that would pass the cap (or the
-        run stopped while it waited)."""
+        """Hold back the request's worst case; None when that would pass the cap."""
         while (worst := self.worst_case(request)) is None:
-            if self.closed:
-                return None
             learning = self._blind.get(request.model)
             if learning is None:
                 # Nothing tells what this model costs yet: send one of its requests alone,
@@ -148,12 +144,6 @@ class Budget:
             return None
         self.reserved += worst
         return Reservation(worst, None)
-
-    def wake_all(self) -> None:
-        """The run stopped: whoever waits to learn a model's cost finds out at once."""
-        self.closed = True
-        for learning in self._blind.values():
-            learning.set()
 
     def covers_another_answer(self) -> bool:
         """Whether the cap still holds if the request in hand is paid for once more (a

@@ -61,6 +61,7 @@ class RequestError(PipelineError):
     code = "request_error"
     transient = True
     refusal = False  # a 429: the server asks for later, and no attempt is spent on it
+    quota_spent = False  # a 429 that says the account has no credit left
 
     def __init__(
         self,
@@ -87,9 +88,13 @@ class HTTPStatusError(RequestError):
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.transient = self.status in TRANSIENT_STATUSES
-        self.refusal = self.status == 429 and not _quota_spent(self.body)
+        # A 429 means "later", except where it says the account has no credit left (stops
+        # the run) or the request is larger than the limit could ever let through (fails it).
+        self.quota_spent = self.status == 429 and _quota_spent(self.body)
+        too_large = self.status == 429 and "request too large" in message.lower()
+        self.refusal = self.status == 429 and not (self.quota_spent or too_large)
         if self.status == 429 and not self.refusal:
-            self.transient = False  # "insufficient_quota": no waiting will help
+            self.transient = False  # no waiting will help
 
 
 def _quota_spent(body: Any) -> bool:
@@ -110,6 +115,7 @@ class ProviderError(RequestError):
         # asking again; everything else from upstream (5xx, overloads, timeouts) may.
         if isinstance(provider_code, int) and 400 <= provider_code < 500:
             self.transient = provider_code in TRANSIENT_STATUSES
+        self.refusal = provider_code == 429  # "later", from upstream, inside a 200
 
 
 class MalformedResponse(RequestError):

@@ -186,6 +186,7 @@ class Slots:
         if (self.taken < self.size and not self._waiters) or self._closed:
             self.taken += 1
             return
+        self._waiting()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         try:
@@ -194,6 +195,9 @@ class Slots:
             if future.done() and not future.cancelled():
                 self.release()
             raise
+
+    def _waiting(self) -> None:
+        """Someone is about to wait for a slot."""
 
     def release(self) -> None:
         self.taken -= 1
@@ -237,12 +241,8 @@ class Window(Slots):
     def in_flight(self) -> int:
         return self.taken
 
-    async def acquire(self) -> None:
-        if (self.taken < self.size and not self._waiters) or self._closed:
-            self.taken += 1
-            return
-        self._ramp_later()
-        await super().acquire()
+    def _waiting(self) -> None:
+        self._ramp_later()  # it binds: grow with time
 
     def _ramp_later(self) -> None:
         if self._timer is None and self.size < self.threshold and self.ramp > 0:

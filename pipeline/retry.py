@@ -64,9 +64,12 @@ class RetryPolicy:
     per retried request, measured with py-spy on 50,000 requests under the fault mix: 0.8 s
     of the run's 12 s, on a path that a 429 storm makes the hot one."""
 
-    def __init__(self, *, max_attempts: int, max_time: float, base: float, cap: float) -> None:
+    def __init__(
+        self, *, max_attempts: int, max_time: float, base: float, cap: float, max_refused: float = 600.0
+    ) -> None:
         self._max_attempts = max_attempts
         self._base, self._cap = base, cap
+        self._max_refused = max_refused
         self.policy = Retrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(max_attempts) | stop_before_delay(max_time),
@@ -116,8 +119,11 @@ class RetryPolicy:
     async def _past_refusals(
         self, fn: Callable[[], Awaitable[T]], wait: Callable[[float], Awaitable[None]], refused: list[float]
     ) -> T:
-        """One attempt, sent again for as long as the server refuses it, waiting what it asks."""
+        """One attempt, sent again while the server refuses it, waiting what it asks; for
+        `max_refused` seconds at most, as one request may be refused while others go (a model
+        an aggregator cannot serve for now): then it fails, to be tried by the next run."""
         refusals = 0
+        first = 0.0
         while True:
             try:
                 return await fn()
@@ -125,6 +131,12 @@ class RetryPolicy:
                 if not e.refusal:
                     raise
                 refusals += 1
+                now = time.monotonic()
+                first = first or now
                 delay = refusal_wait(e, refusals, base=self._base, cap=self._cap)
+                if now + delay - first > self._max_refused:
+                    e.transient = False
+                    e.message = f"{e.message} (refused for {now - first:.0f}s; the next run tries it again)"
+                    raise
             await wait(delay)
             refused[0] += delay

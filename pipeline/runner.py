@@ -205,6 +205,7 @@ class Run:
             max_time=settings.max_retry_time,
             base=settings.backoff_base,
             cap=settings.backoff_max,
+            max_refused=settings.give_up_after,
         )
 
     async def dispatch(self, client: Client) -> None:
@@ -239,9 +240,9 @@ class Run:
                     # steps aside for one standing by, so no connection sits idle.
                     crew = Crew(settings.concurrency)
                     # Stopping wakes whatever waits to send, so that it finds out at once.
+                    # (A budget's wait for a model's cost ends with the request that learns it,
+                    # which is in flight or in a backoff that stopping ends too.)
                     control.on_stop += [crew.wake_all, self.pacer.wake_all, self.window.wake_all]
-                    if self.budget is not None:
-                        control.on_stop.append(self.budget.wake_all)
                     for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()

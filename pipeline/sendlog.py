@@ -63,6 +63,18 @@ class SendLog:
         refused, mask = self._refused, self._mask
         return sum(1 for seq in range(first, before) if not refused[seq & mask])
 
+    def accepted_in(self, first: int, until: float) -> int:
+        """Requests from `first` on, sent before `until`, that were not refused."""
+        first = max(first, self.next - self._size, 0)
+        times, refused, mask = self._times, self._refused, self._mask
+        return sum(
+            1 for seq in range(first, self.next) if times[seq & mask] < until and not refused[seq & mask]
+        )
+
+    @property
+    def size(self) -> int:
+        return self._size
+
     def accepted(self, since: float, before: int) -> tuple[int, float]:
         """Requests sent from `since` up to request `before` (excluded) that were not refused,
         and the time the count really starts from (later than `since` when the ring does not

@@ -119,8 +119,7 @@ class Worker:
             return await self._process(request, seat)
         reservation = await budget.reserve(request)
         if reservation is None:
-            if self.control.dispatching:
-                self._stop_for_budget()
+            self._stop_for_budget()
             return None
         try:
             return await self._process(request, seat)
@@ -235,7 +234,7 @@ class Worker:
         self.pacer.settle(reserved, 0 if isinstance(error, HTTPStatusError) else reserved)
         if error.limits:
             self.finder.headers(error.limits)
-        if error.status in (429, 503) and isinstance(error, HTTPStatusError):
+        if error.refusal or (error.status == 503 and isinstance(error, HTTPStatusError)):
             self.finder.pushback(ticket, error.retry_after, error.message)
         elif error.transient:
             self.finder.failure(ticket)
@@ -246,8 +245,8 @@ class Worker:
         """401 and 402 stop the whole run at once (and a 429 that says the account has no
         quota left, as OpenAI's `insufficient_quota`); so does a streak of 403s."""
         status = error.status if isinstance(error, HTTPStatusError) else None
-        if status == 429:
-            status = 402  # not a refusal (those are retried), so the quota is spent
+        if error.quota_spent:
+            status = 402
         if status == 403 and _refused_content(error.body):
             return False  # a moderation refusal is about this request, not the key
         if status == 403:
@@ -258,7 +257,7 @@ class Worker:
             return False
         if status == 402:
             message = (
-                f"the server answered 402 ({error.message}): the account is out of credits; "
+                f"the server says the account is out of credits ({error.message}); "
                 "add credits, then run the same command again to resume"
             )
             code = "credits_exhausted"

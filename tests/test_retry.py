@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline.errors import ConnectionDropped, HTTPStatusError, RequestError
+from pipeline.errors import ConnectionDropped, HTTPStatusError, ProviderError, RequestError
 from pipeline.retry import RetryPolicy
 
 
@@ -159,3 +159,43 @@ async def test_a_429_that_says_the_quota_is_spent_is_not_waited_for() -> None:
     with pytest.raises(HTTPStatusError):
         await policy().call(script, sleep=script.sleep)
     assert (script.attempts, script.slept) == (1, [])
+
+
+async def test_a_request_refused_for_longer_than_the_bound_fails_to_be_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One model an aggregator cannot serve for now, while the others go: that request fails
+    # (the next run tries it again) rather than hold the run forever.
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    script = Script(*(status(429, retry_after=60.0) for _ in range(100)))
+
+    async def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    with pytest.raises(HTTPStatusError) as caught:
+        await RetryPolicy(max_attempts=6, max_time=900, base=0.1, cap=30, max_refused=300).call(
+            script, sleep=sleep
+        )
+    assert script.attempts == 6  # refused at 0, 60, ..., 300 s: the next wait would pass the bound
+    assert "refused for 300s" in caught.value.message
+    assert not caught.value.transient
+
+
+async def test_a_429_for_a_request_too_large_for_the_limit_is_not_waited_for() -> None:
+    # OpenAI: "Request too large for gpt-4o ... on tokens per min (TPM): Limit 30000, Requested 36858"
+    too_large = HTTPStatusError(
+        "HTTP 429: Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 36858.",
+        status=429,
+    )
+    script = Script(too_large)
+    with pytest.raises(HTTPStatusError):
+        await policy().call(script, sleep=script.sleep)
+    assert (script.attempts, script.slept) == (1, [])
+
+
+async def test_a_429_inside_a_200_is_a_refusal_too() -> None:
+    upstream = ProviderError("provider error inside a 200 answer: rate limited upstream", provider_code=429)
+    script = Script(*(upstream for _ in range(8)))
+    assert await policy(max_attempts=2).call(script, sleep=script.sleep) == "ok"
+    assert script.attempts == 9

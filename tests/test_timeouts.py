@@ -57,7 +57,10 @@ async def test_an_answer_that_is_not_streamed_is_cut_by_the_total_timeout(
     mock, make_settings, tmp_path: Path
 ) -> None:
     async with mock(script=["timeout"]) as (url, server):
-        summary = await pipeline.run(make_settings(url, bodies(1), timeout=0.3))
+        began = time.monotonic()
+        summary = await pipeline.run(make_settings(url, bodies(1), timeout=0.3, idle_timeout=60.0))
+        took = time.monotonic() - began
+    assert took < 3  # cut at 0.3 s, not at the idle timeout's 60
     assert summary.exit_code == 0
     assert len(server.state.received) == 2
     usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
