@@ -19,8 +19,8 @@ refusals drive everything here, and answers are never waited for:
   once in SETTLE seconds) when it was read over less than a second, or when they are more
   than 15 % of answers. Scattered refusals never ratchet the pace down.
 - **Probing.** Ten seconds after a change of pace, while the pacer is what holds requests
-  back, the pace creeps up, by 0.2 % a second at first and twice as fast every ten seconds
-  nothing is refused, to learn whether the limit has risen.
+  back, the pace creeps up by 0.2 % a second, to learn whether the limit has risen; after a
+  reading over less than a second, twice as fast every ten seconds nothing is refused.
 - Until a limit is found, requests are not paced at all: one check each, no timer. The
   window (`limits.Window`) grows with time while no refusal comes back, not with answers.
 
@@ -63,7 +63,7 @@ HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window q
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
-STEP = 0.002  # growth a second while probing, doubling every SETTLE seconds of it
+STEP = 0.002  # growth a second while probing (doubling every SETTLE seconds of it, when quick)
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
 WAIT = 1.0  # seconds to wait when a refusal does not say
 OUTAGE_SHARE, OUTAGE_MIN = 0.8, 10  # nearly every answer failed: the endpoint is down
@@ -128,6 +128,7 @@ class RateFinder:
         self._next_step = 0.0
         self._probe_after = 0.0
         self._reread_after = 0.0
+        self._quick = False  # probe quickly: the last reading spanned less than a second
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
@@ -239,6 +240,7 @@ class RateFinder:
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
         rate = self.capacity.read(self.capacity.full(first, now + pause))
+        self._quick = not self.capacity.sure
         self.pacer.pause(pause)
         self._held = None
         self.cuts += 1
@@ -281,6 +283,7 @@ class RateFinder:
         # taken for a refusal not in a run, so none is counted).
         self._reread_after = now + SETTLE
         rate = self.capacity.read(self.capacity.full(ticket, now))
+        self._quick = not self.capacity.sure
         if MIN_RATE <= rate < self.limit:
             self.limit = rate
             self.pacer.set_request_rate(rate * HOLD)
@@ -365,9 +368,14 @@ class RateFinder:
             if count > self.limit:
                 self.limit = float(count)
                 self.capacity.sure = False
-        # Slowly at first, then quicker the longer nothing is refused (as CUBIC probes), so a
-        # limit read too low is not kept for minutes.
-        rate *= 1 + STEP * 2 ** min((now - self._probe_after) / SETTLE, 5)
+        # After a reading over less than a second (maybe too low), quicker the longer nothing
+        # is refused (as CUBIC probes), so that it is not kept for minutes. After a sure one
+        # slowly, only to notice a limit raised: a bucket lets a quick probe through for a
+        # long while on what the pace under its refill left in it, then refuses a burst.
+        if self._quick:
+            rate *= 1 + STEP * 2 ** min((now - self._probe_after) / SETTLE, 4)
+        else:
+            rate *= 1 + STEP
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         self.pacer.set_request_rate(rate)
