@@ -66,7 +66,9 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=_positive_float, help="requests per minute the endpoint allows")
     p.add_argument("--tpm", type=_positive_float, help="tokens per minute the endpoint allows")
     p.add_argument(
-        "--max-attempts", type=_positive_int, help="attempts per request, first included (default 6)"
+        "--max-attempts",
+        type=_positive_int,
+        help="attempts per request, first included; a 429 spends none (default 8)",
     )
     p.add_argument(
         "--timeout",

@@ -46,7 +46,7 @@ class Settings:
     concurrency: int = 64
     rpm: float | None = None
     tpm: float | None = None
-    max_attempts: int = 6
+    max_attempts: int = 8  # at 8 % of attempts failing at random, one request in 600 million fails
     max_retry_time: float = 900.0  # seconds one request may spend retrying (refusals not counted)
     # Seconds an answer that is not streamed may take, whole: nothing arrives before it is
     # done, so only a total can bound it, and it must fit a long reasoning answer.
