@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.mock import completion
+from pipeline.mock.server import completion
 
 MODEL = "bench/model"
 MAX_TOKENS = 64

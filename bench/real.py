@@ -18,7 +18,7 @@ from bench.mock import MockFlags
 from bench.report import Check, ScenarioResult
 from bench.runs import BARE, Client, ClientRun
 from bench.scenarios import STEADY_NOTE, Done, Options, Scenario, _lost_check, _rate_targets, _ratio, _run
-from pipeline.mock import job_key
+from pipeline.mock.server import job_key
 
 SLOW_WALL = 1.15  # pipeline wall / bare loop wall, at most
 BUCKET_RPM = 600.0
@@ -79,7 +79,7 @@ SLOW = (
 
 
 def _latencies(input: Path, flags: MockFlags) -> Iterator[float]:
-    """Each job's latency in seconds, as the mock draws it (pipeline.mock.MockServer._latency:
+    """Each job's latency in seconds, as the mock draws it (pipeline.mock.server.MockServer._latency:
     spread by the job's key when latency_max_ms is set; jitter left out)."""
     low = flags.latency_ms / 1000
     high = (flags.latency_max_ms or 0) / 1000

@@ -16,11 +16,11 @@ from typing import Any
 
 import anyio
 
-from pipeline.cost import money
+from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.mock_limits import STYLES
-from pipeline.progress import duration
-from pipeline.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
+from pipeline.mock.limits import STYLES
+from pipeline.run.progress import duration
+from pipeline.run.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
 
 EXIT_BUG = 70  # EX_SOFTWARE: neither the user's nor the server's doing
@@ -222,7 +222,7 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
 
 
 def _mock(args: argparse.Namespace) -> int:
-    from pipeline.mock import MockConfig, serve
+    from pipeline.mock.server import MockConfig, serve
 
     config = MockConfig(
         latency=args.latency_ms / 1000,

@@ -15,17 +15,14 @@
         ├── RequestTimeout     no complete answer within the per-request timeout
         └── ConnectionDropped  the connection failed or closed before the answer was whole
 
-Errors are mapped where the answer arrives (`client`, `verdict`); everything above them
-handles only this tree. Each carries what the retry policy and the error file need:
+Errors are mapped where the answer arrives (`client`, `verdict`), with the meaning of each
+status given by `pipeline.send.status`; everything above them handles only this tree. Each carries what the retry policy and the error file need:
 `code` (a short stable name), `status`, `retry_after` and the server's `body`.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-# Statuses that say "try again later" rather than "this request is wrong".
-TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class PipelineError(Exception):
@@ -83,39 +80,19 @@ class RequestError(PipelineError):
 
 
 class HTTPStatusError(RequestError):
+    """Built by `pipeline.send.status.http_error`, which says what the status means."""
+
     code = "http_error"
-
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.transient = self.status in TRANSIENT_STATUSES
-        # A 429 means "later", except where it says the account has no credit left (stops
-        # the run) or the request is larger than the limit could ever let through (fails it).
-        self.quota_spent = self.status == 429 and _quota_spent(self.body)
-        too_large = self.status == 429 and "request too large" in message.lower()
-        self.refusal = self.status == 429 and not (self.quota_spent or too_large)
-        if self.status == 429 and not self.refusal:
-            self.transient = False  # no waiting will help
-
-
-def _quota_spent(body: Any) -> bool:
-    """OpenAI answers 429 with `insufficient_quota` when the account has no credit left."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return False
-    return "insufficient_quota" in (str(error.get("code")), str(error.get("type")))
 
 
 class ProviderError(RequestError):
+    """Built by `pipeline.send.status.provider_error`, from the upstream's code."""
+
     code = "provider_error"
 
     def __init__(self, message: str, *, provider_code: Any = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.provider_code = provider_code
-        # A numeric code that names a client error (400, 404...) will not get better by
-        # asking again; everything else from upstream (5xx, overloads, timeouts) may.
-        if isinstance(provider_code, int) and 400 <= provider_code < 500:
-            self.transient = provider_code in TRANSIENT_STATUSES
-        self.refusal = provider_code == 429  # "later", from upstream, inside a 200
 
 
 class MalformedResponse(RequestError):

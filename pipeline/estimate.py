@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.cost import money, price_for, priced
+from pipeline.account.cost import money, price_for, priced
+from pipeline.input.reader import LineParser, ReadCounts, read_requests
+from pipeline.input.source import check_input
+from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
-from pipeline.ledger import Ledger
-from pipeline.reader import LineParser, ReadCounts, check_input, read_requests
+from pipeline.output.folder import LEDGER
+from pipeline.output.ledger import Ledger
 from pipeline.settings import Settings
-from pipeline.tokens import DEFAULT_MAX_COMPLETION
-from pipeline.writer import LEDGER
 
 MAX_LISTED = 20
 

@@ -232,11 +232,11 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     values["request"] = MappingProxyType(request)
     if values.get("template") is not None:
         # Compile once here so that a broken template is a settings error, not N line errors.
-        from pipeline.template import compile_template
+        from pipeline.input.template import compile_template
 
         compile_template(values["template"], where=where)
     if values.get("verdict") is not None:
-        from pipeline.verdict import compile_verdict
+        from pipeline.send.verdict import compile_verdict
 
         compile_verdict(values["verdict"], values["request"], where=where)
     return Settings(**values)

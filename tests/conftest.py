@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.mock import MockConfig, MockServer, start_mock
+from pipeline.mock.server import MockConfig, MockServer, start_mock
 from pipeline.settings import Settings, build
 
 FAKE_KEY = "sk-test-SECRET-0123456789abcdefXYZ"

@@ -13,12 +13,12 @@ import orjson
 import pytest
 
 import pipeline
-from pipeline.adaptive import HOLD, SETTLE, STEP, RateFinder
-from pipeline.client import parse_duration as parse_reset
 from pipeline.errors import RunStopped
-from pipeline.limits import Pacer, Window
-from pipeline.mock_limits import Bucket, Limit, Quota, Refusal
-from pipeline.mock_limits import Window as PerWindow
+from pipeline.mock.limits import Bucket, Limit, Quota, Refusal
+from pipeline.mock.limits import Window as PerWindow
+from pipeline.pace.finder import HOLD, SETTLE, STEP, RateFinder
+from pipeline.pace.local import Pacer, Window
+from pipeline.send.client import parse_duration as parse_reset
 from tests.conftest import bodies, read_jsonl
 
 

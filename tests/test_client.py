@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipeline.client import check_completion, retry_after, said_wait
 from pipeline.errors import MalformedResponse, ProviderError
+from pipeline.send.client import check_completion, retry_after, said_wait
 
 
 def test_retry_after_in_seconds_milliseconds_and_http_dates() -> None:

@@ -16,13 +16,13 @@ import orjson
 import pytest
 
 import pipeline
-from pipeline import writer as writer_module
-from pipeline.cost import Budget, answer_cost
+from pipeline.account.cost import Budget, answer_cost
+from pipeline.account.usage import Usage
 from pipeline.errors import MalformedResponse, SettingsError
 from pipeline.job import Request
+from pipeline.output import writer as writer_module
+from pipeline.send.sse import StreamAssembler
 from pipeline.settings import Price
-from pipeline.sse import StreamAssembler
-from pipeline.usage import Usage
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 
@@ -172,7 +172,7 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest
 async def test_a_resumed_catalogue_does_not_read_images_again(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import template
+    from pipeline.input import template
 
     root = Path(__file__).parent.parent
     job = root / "jobs/caption.toml"
@@ -285,8 +285,8 @@ async def test_an_interrupt_does_not_wait_for_retries_to_wake(mock, tmp_path: Pa
 async def test_reports_that_cannot_be_written_end_the_run_with_exit_3_on_record(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import runner
-    from pipeline.ledger import Ledger
+    from pipeline.output.ledger import Ledger
+    from pipeline.run import runner
 
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -151,7 +151,7 @@ async def test_streamed_replies_are_assembled_and_time_to_first_token_reported(
     assert summary.exit_code == 0
     assert all(b["stream_options"] == {"include_usage": True} for b in server.state.received)
     results = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(tmp_path / "out/results.jsonl")}
-    from pipeline.mock import completion
+    from pipeline.mock.server import completion
 
     for i in range(10):
         body = results[f"s{i}"]
@@ -356,7 +356,7 @@ def test_estimate_tells_a_missing_price() -> None:
 
 def test_estimate_counts_ids_already_done_as_skipped(tmp_path: Path) -> None:
     from pipeline.estimate import estimate
-    from pipeline.ledger import Ledger
+    from pipeline.output.ledger import Ledger
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(5))
     (tmp_path / "out").mkdir()

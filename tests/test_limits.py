@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from pipeline.limits import Pacer
+from pipeline.pace.local import Pacer
 
 
 class FakeClock:
@@ -125,7 +125,7 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_queue(clock: FakeClock) -
 
 
 async def test_the_reader_waits_for_half_the_buffer_to_be_taken() -> None:
-    from pipeline.control import Refill
+    from pipeline.run.control import Refill
 
     refill = Refill(3)
     waiting = asyncio.ensure_future(refill.room())
@@ -142,7 +142,7 @@ async def test_the_reader_waits_for_half_the_buffer_to_be_taken() -> None:
 
 
 async def test_a_waiting_reader_can_be_woken_or_cancelled() -> None:
-    from pipeline.control import Refill
+    from pipeline.run.control import Refill
 
     refill = Refill(100)
     waiting = asyncio.ensure_future(refill.room())

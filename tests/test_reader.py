@@ -9,10 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline import jsonl
 from pipeline.errors import InputError, SettingsError
+from pipeline.input import jsonl
+from pipeline.input.reader import LineParser, stable_id
+from pipeline.input.source import count_lines, lines
 from pipeline.job import Request
-from pipeline.reader import LineParser, count_lines, lines, stable_id
 from pipeline.settings import build
 
 
@@ -185,7 +186,7 @@ def test_token_estimates_count_prompt_and_worst_case_reply(tmp_path: Path) -> No
 
 
 def test_estimate_mode_counts_every_prompt_exactly(tmp_path: Path) -> None:
-    from pipeline.tokens import EXACT_FIRST, TokenEstimator
+    from pipeline.input.tokens import EXACT_FIRST, TokenEstimator
 
     sampled, every = TokenEstimator(exact=True), TokenEstimator(every=True)
     short = {"messages": [{"role": "user", "content": "a b c d"}]}

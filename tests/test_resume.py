@@ -64,7 +64,7 @@ async def test_a_torn_last_line_is_repaired_not_read(mock, make_settings, tmp_pa
     torn_id = orjson.loads(lines[-1])["custom_id"]
     results.write_bytes(b"".join(lines[:-1]) + lines[-1][:40])  # a crash in the middle of a write
     # ...and the index never heard of that line
-    from pipeline.ledger import Ledger
+    from pipeline.output.ledger import Ledger
 
     ledger = Ledger(tmp_path / "out/ledger.sqlite")
     ledger._db.execute("DELETE FROM done WHERE id = ?", (torn_id,))
@@ -88,7 +88,7 @@ async def test_lines_the_index_missed_are_picked_up_not_sent_again(
     rows = bodies(6)
     async with mock() as (url, _):
         await pipeline.run(make_settings(url, rows))
-    from pipeline.ledger import Ledger
+    from pipeline.output.ledger import Ledger
 
     ledger = Ledger(tmp_path / "out/ledger.sqlite")
     ledger.clear_done()
@@ -153,7 +153,7 @@ async def test_a_fixed_bad_line_is_no_longer_listed(mock, make_settings, tmp_pat
 
 
 async def test_a_second_run_into_a_busy_folder_is_refused(mock, make_settings, tmp_path: Path) -> None:
-    from pipeline.writer import lock_folder
+    from pipeline.output.folder import lock_folder
 
     (tmp_path / "out").mkdir()
     async with mock() as (url, _):

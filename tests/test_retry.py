@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from pipeline.errors import ConnectionDropped, HTTPStatusError, ProviderError, RequestError
-from pipeline.retry import RetryPolicy
+from pipeline.errors import ConnectionDropped, HTTPStatusError, RequestError
+from pipeline.send.retry import RetryPolicy
+from pipeline.send.status import http_error, provider_error
 
 
 class Script:
@@ -29,7 +30,7 @@ class Script:
 
 
 def status(code: int, retry_after: float | None = None) -> HTTPStatusError:
-    return HTTPStatusError(f"HTTP {code}", status=code, retry_after=retry_after)
+    return http_error(code, "", retry_after=retry_after)
 
 
 def policy(
@@ -150,9 +151,9 @@ async def test_a_refusal_that_names_no_time_backs_off() -> None:
 
 
 async def test_a_429_that_says_the_quota_is_spent_is_not_waited_for() -> None:
-    spent = HTTPStatusError(
-        "HTTP 429: You exceeded your current quota",
-        status=429,
+    spent = http_error(
+        429,
+        "You exceeded your current quota",
         body={"error": {"code": "insufficient_quota", "type": "insufficient_quota"}},
     )
     script = Script(spent)
@@ -184,9 +185,8 @@ async def test_a_request_refused_for_longer_than_the_bound_fails_to_be_tried_aga
 
 async def test_a_429_for_a_request_too_large_for_the_limit_is_not_waited_for() -> None:
     # OpenAI: "Request too large for gpt-4o ... on tokens per min (TPM): Limit 30000, Requested 36858"
-    too_large = HTTPStatusError(
-        "HTTP 429: Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 36858.",
-        status=429,
+    too_large = http_error(
+        429, "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 36858."
     )
     script = Script(too_large)
     with pytest.raises(HTTPStatusError):
@@ -195,7 +195,7 @@ async def test_a_429_for_a_request_too_large_for_the_limit_is_not_waited_for() -
 
 
 async def test_a_429_inside_a_200_is_a_refusal_too() -> None:
-    upstream = ProviderError("provider error inside a 200 answer: rate limited upstream", provider_code=429)
+    upstream = provider_error("provider error inside a 200 answer: rate limited upstream", code=429, body=None)
     script = Script(*(upstream for _ in range(8)))
     assert await policy(max_attempts=2).call(script, sleep=script.sleep) == "ok"
     assert script.attempts == 9

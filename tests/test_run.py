@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 
 import pipeline
-from pipeline.mock import job_key
+from pipeline.mock.server import job_key
 from tests.conftest import FAKE_KEY, bodies, read_jsonl
 
 

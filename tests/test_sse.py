@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from pipeline.errors import MalformedResponse, ProviderError
-from pipeline.sse import StreamAssembler
+from pipeline.send.sse import StreamAssembler
 
 
 def feed(lines: list[bytes]) -> StreamAssembler:

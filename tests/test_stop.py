@@ -13,9 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.control import Control
-from pipeline.limits import Pacer, Window
-from pipeline.runner import EXIT_INTERRUPTED, EXIT_OK, exit_status
+from pipeline.pace.local import Pacer, Window
+from pipeline.run.control import Control
+from pipeline.run.runner import EXIT_INTERRUPTED, EXIT_OK, exit_status
 from tests.conftest import bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 
@@ -35,7 +35,7 @@ async def interrupt(proc: asyncio.subprocess.Process) -> tuple[float, str]:
 async def stopped_while_waiting(
     mock_config: dict, tmp_path: Path, *flags: str, rows: int = 20, settle: float = 1.0
 ) -> tuple[float, str, int, dict]:
-    from pipeline.mock import MockConfig, start_mock
+    from pipeline.mock.server import MockConfig, start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(rows))
     out = tmp_path / "out"
@@ -94,7 +94,7 @@ async def test_a_stop_while_the_budget_learns_a_models_cost_is_quick(tmp_path: P
 
 
 async def test_a_stop_while_the_reader_waits_on_a_pipe_is_quick(tmp_path: Path) -> None:
-    from pipeline.mock import MockConfig, start_mock
+    from pipeline.mock.server import MockConfig, start_mock
 
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
@@ -118,7 +118,7 @@ async def test_a_stop_while_the_reader_waits_on_a_pipe_is_quick(tmp_path: Path) 
 
 
 async def test_the_first_ctrl_c_says_how_many_are_in_flight_and_what_a_second_does(tmp_path: Path) -> None:
-    from pipeline.mock import MockConfig, start_mock
+    from pipeline.mock.server import MockConfig, start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
     async with start_mock(MockConfig(latency=30.0)) as (url, _):

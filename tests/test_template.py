@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InputError, SettingsError
-from pipeline.template import compile_template
+from pipeline.input.template import compile_template
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
 

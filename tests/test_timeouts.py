@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 
 import pipeline
-from pipeline.client import raise_open_files
-from pipeline.mock_answers import job_key
+from pipeline.mock.answers import job_key
+from pipeline.send.client import raise_open_files
 from tests.conftest import bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 

@@ -27,23 +27,27 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from pipeline.adaptive import MARGIN, RateFinder
-from pipeline.client import Client, check_reachable, open_client, raise_open_files
-from pipeline.control import Control, Crew, Refill
-from pipeline.cost import Budget
+from pipeline.account.books import Books
+from pipeline.account.usage import Usage
 from pipeline.errors import RunStopped, SettingsError
+from pipeline.input.reader import LineParser, ReadCounts, feed
+from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
-from pipeline.ledger import Ledger
-from pipeline.limits import Pacer, Window
-from pipeline.progress import Progress
-from pipeline.reader import LineParser, ReadCounts, check_input, count_lines, feed
-from pipeline.report import usage_document, write_reports
-from pipeline.retry import RetryPolicy
+from pipeline.output.folder import LEDGER, lock_folder, move_aside, open_job, reconcile
+from pipeline.output.ledger import Ledger
+from pipeline.output.writer import Redactor, Writer
+from pipeline.pace.finder import MARGIN, RateFinder
+from pipeline.pace.gate import Gate
+from pipeline.pace.local import Pacer, Window
+from pipeline.report.markdown import usage_document, write_reports
+from pipeline.run.control import Control, Crew, Refill
+from pipeline.run.progress import Progress
+from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
+from pipeline.send.retry import RetryPolicy
+from pipeline.send.status import Judge
+from pipeline.send.verdict import compile_verdict
+from pipeline.send.worker import Worker
 from pipeline.settings import Settings, is_loopback
-from pipeline.usage import Usage
-from pipeline.verdict import compile_verdict
-from pipeline.worker import Worker
-from pipeline.writer import LEDGER, Redactor, Writer, lock_folder, move_aside, reconcile
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -78,25 +82,6 @@ def _check_key(settings: Settings) -> str | None:
     return key
 
 
-def _open_ledger(settings: Settings) -> Ledger:
-    folder = settings.output
-    ledger = Ledger(folder / LEDGER)
-    fingerprint = settings.fingerprint()
-    recorded = ledger.get("job")
-    if recorded is None:
-        ledger.put("job", fingerprint)
-        ledger.commit()
-    elif recorded != fingerprint:
-        differs = [k for k in fingerprint if recorded.get(k) != fingerprint[k]]
-        ledger.close()
-        detail = "; ".join(f"{k} was {recorded.get(k)!r}, now {fingerprint[k]!r}" for k in differs)
-        raise SettingsError(
-            f"{folder} holds the outputs of a different job ({detail}); "
-            "run with --fresh to start over there (old files are moved aside), or choose another --output"
-        )
-    return ledger
-
-
 async def watch_signals(control: Control, say: Callable[[str], None]) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signals can only be caught there; the caller owns them
@@ -119,7 +104,7 @@ async def run(settings: Settings) -> Summary:
         if settings.fresh:
             move_aside(settings.output)
         try:
-            ledger = _open_ledger(settings)
+            ledger = open_job(settings.output, settings.fingerprint())
         except sqlite3.Error as e:
             raise RunStopped(
                 f"cannot open {settings.output / LEDGER} ({e}); is the folder writable? Moving the "
@@ -167,11 +152,12 @@ class Run:
         self.started = time.time()
         self.redact = Redactor(api_key)
         self.usage = Usage.from_state(ledger.get("usage"))
-        reconcile(settings.output, ledger, self.usage, settings.prices)
+        self.books = Books(self.usage, settings.prices)
+        reconcile(settings.output, ledger, self.books)
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
-        self.writer = Writer(settings.output, ledger, self.usage, self.redact, settings.prices)
+        self.writer = Writer(settings.output, ledger, self.books, self.redact)
         self.writer.rewrite_errors()
         self.counts = ReadCounts()
         self.control = Control(grace=settings.grace)
@@ -196,7 +182,9 @@ class Run:
             give_up=settings.give_up_after,
             stop=self.control.stop,
         )
-        self.budget = Budget(settings.max_cost, self.usage, settings.prices) if settings.max_cost else None
+        self.gate = Gate(self.pacer, self.window, self.finder)
+        # The budget counts from what the folder holds, repaired: earlier runs count too.
+        self.books.open_budget(settings.max_cost)
         self.verdict = None
         if settings.verdict is not None:
             self.verdict = compile_verdict(settings.verdict, settings.request, where=str(settings.job_file))
@@ -211,14 +199,12 @@ class Run:
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
         worker = Worker(
+            gate=self.gate,
             client=client,
+            judge=Judge(client.url),
             retry=self.retry,
-            pacer=self.pacer,
-            window=self.window,
-            finder=self.finder,
+            books=self.books,
             control=control,
-            usage=self.usage,
-            budget=self.budget,
             verdict=self.verdict,
         )
         size = max(2 * settings.concurrency, 16)
@@ -242,7 +228,7 @@ class Run:
                     # Stopping wakes whatever waits to send, so that it finds out at once.
                     # (A budget's wait for a model's cost ends with the request that learns it,
                     # which is in flight or in a backoff that stopping ends too.)
-                    control.on_stop += [crew.wake_all, self.pacer.wake_all, self.window.wake_all]
+                    control.on_stop += [crew.wake_all, self.gate.wake_all]
                     for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()

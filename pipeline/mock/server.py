@@ -1,7 +1,7 @@
 """The built-in OpenAI-compatible endpoint, for demos, tests and the benchmark.
 
 `pipeline mock --port N` serves `POST /v1/chat/completions` (any prefix) with deterministic
-answers (`pipeline.mock_answers`): the same messages get the same reply. `usage` is realistic (prompt tokens estimated
+answers (`pipeline.mock.answers`): the same messages get the same reply. `usage` is realistic (prompt tokens estimated
 from the text, `cost` at $0.50 / $1.50 per million tokens), `stream: true` answers as SSE,
 `n`, `tools`, `logprobs` and `response_format` with a JSON schema are honoured.
 
@@ -9,7 +9,7 @@ Switches add latency (fixed, jittered, or spread from short answers to long reas
 the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped connections
 (before the answer, or after it was produced, as a real network would), malformed bodies,
 errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
-them (`pipeline.mock_limits`), a key the server refuses, credits that run out. Tests start it
+them (`pipeline.mock.limits`), a key the server refuses, credits that run out. Tests start it
 in-process (`start_mock`); the benchmark reads its counters from `GET /mock/stats`.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeline.client import raise_open_files
-from pipeline.mock_answers import completion, job_key, stream_chunks, text_of
-from pipeline.mock_limits import Limit, Window, make_limits
+from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
+from pipeline.mock.limits import Limit, Window, make_limits
+from pipeline.send.client import raise_open_files
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
 
@@ -62,7 +62,7 @@ class MockConfig:
     chunk_delay: float = 0.0  # seconds between a stream's chunks: a long answer still arriving
     rpm: float | None = None  # requests per minute, counted as `limit_style` says
     tpm: float | None = None  # tokens per minute (prompt + completion), per window
-    limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock_limits)
+    limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock.limits)
     quota: int | None = None  # requests, then every one refused until midnight UTC
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
     api_key: str | None = None  # when set, any other bearer is answered 401

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Never, TextIO
 
 import anyio
 
-from pipeline.cost import money
+from pipeline.account.cost import money
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from pipeline.account.usage import Usage
+    from pipeline.input.reader import ReadCounts
     from pipeline.job import Failure
-    from pipeline.reader import ReadCounts
+    from pipeline.output.writer import Writer
     from pipeline.settings import Settings
-    from pipeline.usage import Usage
-    from pipeline.writer import Writer
 
 BAR_REFRESH = 0.25  # seconds
 MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all

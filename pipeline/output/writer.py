@@ -4,21 +4,19 @@
                         at least every second and at exit
     OUT/errors.jsonl    what is failed now: appended as failures come, rewritten at the end
                         from the ledger so that a job that later succeeds is no longer listed
-    OUT/ledger.sqlite   the index of both (see `pipeline.ledger`)
-    OUT/.lock           held while a run writes here; a second run into the folder is refused
+    OUT/ledger.sqlite   the index of both (see `pipeline.output.ledger`)
 
-A crash can tear at most the last line of results.jsonl; `Writer.open` repairs it (and any
-line the index has not seen) before a run starts, so no result is read twice or lost.
+A crash can tear at most the last line of results.jsonl; `folder.reconcile` repairs it (and
+any line the index has not seen) before a run starts, so no result is read twice or lost.
+Results come in the order they finish, not in input order: `custom_id` ties each to its line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +24,13 @@ import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from pipeline import jsonl
-from pipeline.cost import answer_cost
-from pipeline.errors import SettingsError
+from pipeline.account.books import Books
+from pipeline.input import jsonl
 from pipeline.job import Failure, Outcome, Success
-from pipeline.ledger import Ledger
-from pipeline.settings import Price
-from pipeline.usage import Usage
+from pipeline.output.folder import ERRORS, RESULTS
+from pipeline.output.ledger import Ledger
 
-RESULTS = "results.jsonl"
-ERRORS = "errors.jsonl"
-LEDGER = "ledger.sqlite"
-OUR_FILES = (RESULTS, ERRORS, "usage.json", "report.md", LEDGER, LEDGER + "-wal", LEDGER + "-shm")
 SYNC_EVERY = 1.0  # seconds
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` whole or not at all: a temporary file, synced, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _open_append(path: Path) -> int:
@@ -67,22 +49,6 @@ def _append(fd: int, data: bytes, size: int) -> int:
             os.ftruncate(fd, size)
         raise
     return size + len(data)
-
-
-def move_aside(folder: Path) -> Path | None:
-    """`--fresh`: keep the old run's files in OUT/previous-<time>/ instead of deleting them."""
-    present = [name for name in OUR_FILES if (folder / name).exists()]
-    if not present:
-        return None
-    target = folder / time.strftime("previous-%Y%m%d-%H%M%S")
-    n = 1
-    while target.exists():
-        n += 1
-        target = folder / time.strftime(f"previous-%Y%m%d-%H%M%S-{n}")
-    target.mkdir()
-    for name in present:
-        shutil.move(str(folder / name), str(target / name))
-    return target
 
 
 def _result_line(success: Success) -> bytes:
@@ -125,15 +91,6 @@ def _error_line(failure: Failure) -> bytes:
     return jsonl.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
 
 
-def price_unreported(
-    usage: Usage, prices: Mapping[str, Price], model: str, requested: str | None, body: dict[str, Any]
-) -> None:
-    """Cost a result the server did not, from the job's price table, where it has one."""
-    cost, source = answer_cost(body, prices, requested)
-    if cost is not None and source == "price table":
-        usage.add_priced(model, cost)
-
-
 def failure_key(failure: Failure) -> str:
     # Input errors are keyed by line: the same id may be bad twice (a duplicate), and a
     # fixed line must stop being listed even if its id changed.
@@ -162,17 +119,15 @@ class Writer:
         self,
         folder: Path,
         ledger: Ledger,
-        usage: Usage,
+        books: Books,
         redact: Redactor,
-        prices: Mapping[str, Price] | None = None,
     ) -> None:
-        self.prices = prices or {}
         self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
         self.on_broken: Callable[[OSError], None] | None = None  # the folder took no more
         self.broken: OSError | None = None
         self.folder = folder
         self.ledger = ledger
-        self.usage = usage
+        self.books = books
         self.redact = redact
         self.written = 0  # outcomes written in this run
         # Plain descriptors, not buffered files: one write per batch, nothing held back that
@@ -199,11 +154,7 @@ class Writer:
             lines = [self.redact(_result_line(s)) for s in successes]
             self._results_size = _append(self._results, b"".join(lines), self._results_size)
             for success in successes:
-                name, reported = self.usage.add_success(success)
-                if reported is None:
-                    price_unreported(self.usage, self.prices, name, success.request.model, success.reply.body)
-                if success.label is not None:
-                    self.usage.verdicts[success.label] += 1
+                self.books.kept(success)
                 self._done.append(success.request.custom_id)
                 if self.ledger.failed_count:
                     self._succeeded_keys.append(success.request.custom_id)
@@ -211,7 +162,7 @@ class Writer:
             lines = [self.redact(_error_line(f)) for f in failures]
             self._errors_size = _append(self._errors, b"".join(lines), self._errors_size)
             for failure, line in zip(failures, lines, strict=True):
-                self.usage.add_failure(failure)
+                self.books.failed(failure)
                 kind = "input" if failure.is_input_error else "request"
                 self._failed.append((failure_key(failure), failure.line, kind, line))
                 if failure.is_input_error and self.on_input_error is not None:
@@ -258,7 +209,7 @@ class Writer:
                 succeeded, self._succeeded_keys = self._succeeded_keys, []
                 failed, self._failed = self._failed, []
                 offset = self._results_size
-                usage = self.usage.state()
+                usage = self.books.usage.state()
                 await anyio.to_thread.run_sync(self._sync_files)
                 self.ledger.add_done(done)
                 self.ledger.add_failed(failed)
@@ -290,111 +241,3 @@ class Writer:
         self._errors = _open_append(self.folder / ERRORS)
         self._errors_size = os.fstat(self._errors).st_size
         return count
-
-
-# -- opening a folder: lock, fingerprint, repair --------------------------------------------------
-
-
-@contextlib.contextmanager
-def lock_folder(folder: Path) -> Iterator[None]:
-    with (folder / ".lock").open("a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise SettingsError(
-                f"another run is writing to {folder} ({holder}); wait for it or choose another --output"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _valid_result(raw: bytes) -> dict[str, Any] | None:
-    """A whole, well-formed result line, parsed; None for anything torn."""
-    if not raw.endswith(b"\n"):
-        return None
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
-        return None
-    response = obj.get("response")
-    if not isinstance(response, dict) or not isinstance(response.get("body"), dict):
-        return None
-    return obj
-
-
-def reconcile(
-    folder: Path, ledger: Ledger, usage: Usage, prices: Mapping[str, Price] | None = None
-) -> tuple[int, int]:
-    """Bring the index up to results.jsonl after any crash: index the lines it has not seen,
-    and cut out torn or duplicate lines. Returns (lines indexed, lines removed)."""
-    path = folder / RESULTS
-    offset = int(ledger.get("results_offset") or 0)
-    size = path.stat().st_size if path.exists() else 0
-    rebuild = size < offset or (offset == 0 and ledger.done_count > 0)
-    if rebuild:
-        # The file is shorter than what the index covers: rebuild the index from it.
-        ledger.clear_done()
-        usage.models.clear()
-        offset = 0
-    indexed = 0
-    bad: list[tuple[int, int]] = []
-    if size > offset:
-        with path.open("rb") as f:
-            f.seek(offset)
-            pos = offset
-            for raw in f:
-                start, pos = pos, pos + len(raw)
-                obj = _valid_result(raw)
-                if obj is None or not ledger.add_done([obj["custom_id"]]):
-                    bad.append((start, pos))
-                    continue
-                indexed += 1
-                ledger.drop_failed([obj["custom_id"]])
-                body = obj["response"]["body"]
-                name, reported = usage.add_body(body)
-                if reported is None:
-                    price_unreported(usage, prices or {}, name, None, body)
-                if not rebuild:
-                    usage.outcomes["succeeded"] += 1
-    if bad:
-        _cut(path, bad)
-    ledger.put("results_offset", path.stat().st_size if path.exists() else 0)
-    ledger.put("usage", usage.state())
-    ledger.commit()
-    return indexed, len(bad)
-
-
-def _cut(path: Path, bad: list[tuple[int, int]]) -> None:
-    """Remove the byte ranges `bad` from the file, so that a crash at any moment leaves
-    either the old file or the new one, never a file missing good lines."""
-    size = path.stat().st_size
-    if len(bad) == 1 and bad[0][1] == size:
-        # Only the last line is bad (a torn write): one truncate, nothing else moves.
-        with path.open("r+b") as f:
-            f.truncate(bad[0][0])
-            os.fsync(f.fileno())
-        return
-    tmp = path.with_name(f".{path.name}.repair")
-    with path.open("rb") as src, tmp.open("wb") as dst:
-        pos = 0
-        for start, end in [*bad, (size, size)]:
-            remaining = start - pos
-            while remaining > 0:
-                block = src.read(min(remaining, 1 << 20))
-                dst.write(block)
-                remaining -= len(block)
-            src.seek(end)
-            pos = end
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)

@@ -21,9 +21,9 @@ from typing import Any
 
 import anyio
 
+from pipeline.account.usage import Usage, answer_tokens
 from pipeline.job import Request
 from pipeline.settings import Price
-from pipeline.usage import Usage, answer_tokens
 
 
 def money(value: float | None, *, unknown: str = "not reported") -> str:

@@ -22,15 +22,14 @@ import orjson
 from pipeline import __version__
 from pipeline.errors import (
     ConnectionDropped,
-    HTTPStatusError,
     MalformedResponse,
-    ProviderError,
     RequestTimeout,
     RunStopped,
     SettingsError,
 )
 from pipeline.job import Reply, Request
-from pipeline.sse import StreamAssembler
+from pipeline.send.sse import StreamAssembler
+from pipeline.send.status import http_error, provider_error
 
 RATE_HEADERS = (
     "x-ratelimit-limit-requests",
@@ -121,11 +120,8 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
     if error:
         message = error.get("message") if isinstance(error, dict) else str(error)
         code = error.get("code") if isinstance(error, dict) else None
-        raise ProviderError(
-            f"provider error inside a 200 answer: {message}",
-            provider_code=code,
-            body=body,
-            request_id=request_id,
+        raise provider_error(
+            f"provider error inside a 200 answer: {message}", code=code, body=body, request_id=request_id
         )
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
@@ -138,8 +134,8 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
                 "the answer has a choice that is not an object", body=body, request_id=request_id
             )
         if choice.get("finish_reason") == "error":
-            raise ProviderError(
-                "a choice finished with an error", provider_code=None, body=body, request_id=request_id
+            raise provider_error(
+                "a choice finished with an error", code=None, body=body, request_id=request_id
             )
     return body
 
@@ -149,7 +145,7 @@ class Client:
         self, session: aiohttp.ClientSession, base_url: str, *, timeout: float, idle_timeout: float
     ) -> None:
         self._session = session
-        self._url = f"{base_url}/chat/completions"
+        self.url = f"{base_url}/chat/completions"
         self._idle = idle_timeout
         # An answer that is not streamed arrives whole at the end: only a total can bound it.
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
@@ -165,7 +161,7 @@ class Client:
             # aiohttp wants big bodies as a stream, so that sending them cannot block the loop.
             data = request.payload if len(request.payload) < _BIG_BODY else io.BytesIO(request.payload)
             timeout = self._stream_timeout if request.stream else self._timeout
-            async with self._session.post(self._url, data=data, timeout=timeout) as resp:
+            async with self._session.post(self.url, data=data, timeout=timeout) as resp:
                 request_id = resp.headers.get("x-request-id")
                 limits = rate_headers(resp.headers)
                 if resp.status >= 300:
@@ -174,9 +170,9 @@ class Client:
                     wait = retry_after(resp.headers)
                     if wait is None and resp.status == 429:
                         wait = said_wait(message)
-                    raise HTTPStatusError(
-                        f"HTTP {resp.status}: {message}",
-                        status=resp.status,
+                    raise http_error(
+                        resp.status,
+                        message,
                         retry_after=wait,
                         body=body,
                         request_id=request_id,

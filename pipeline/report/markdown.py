@@ -13,9 +13,10 @@ from typing import Any
 
 import orjson
 
-from pipeline.cost import money
-from pipeline.usage import ModelUsage, Usage
-from pipeline.writer import Redactor, atomic_write
+from pipeline.account.cost import money
+from pipeline.account.usage import ModelUsage, Usage
+from pipeline.output.folder import atomic_write
+from pipeline.output.writer import Redactor
 
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import anyio
 
 from pipeline.errors import RunStopped
-from pipeline.limits import Slots
+from pipeline.pace.local import Slots
 
 
 class Control:
@@ -30,7 +30,6 @@ class Control:
         self.stopped: RunStopped | None = None
         self.interrupted = False
         self.in_flight = 0  # requests sent and not yet answered
-        self.forbidden_streak = 0
         self.work_scope: anyio.CancelScope | None = None
         self.on_stop: list[Callable[[], None]] = []  # wake whatever waits to send
         self._napping: set[asyncio.Future[None]] = set()

@@ -8,105 +8,30 @@ so the same line gets the same id on every run (the n-th identical line gets a `
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from pipeline import jsonl
-from pipeline.control import Refill
-from pipeline.errors import InputError, RunStopped, SettingsError
+from pipeline.errors import InputError
+from pipeline.input import jsonl
+from pipeline.input.body import check_body, type_name
+from pipeline.input.pipe import PipeLines, is_pipe
+from pipeline.input.source import lines
+from pipeline.input.template import Template, compile_template
+from pipeline.input.tokens import TokenEstimator, max_completion_tokens
 from pipeline.job import Failure, Outcome, Request
-from pipeline.ledger import Ledger
-from pipeline.pipe import PipeLines, is_pipe
+from pipeline.output.ledger import Ledger
+from pipeline.run.control import Refill
 from pipeline.settings import Settings
-from pipeline.template import Template, compile_template
-from pipeline.tokens import TokenEstimator, max_completion_tokens
 
 BATCH_URL = "/v1/chat/completions"
 YIELD_EVERY = 64  # lines: a refill of the request buffer does not hold the loop for long
-_INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
-_NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
-_BOOL_FIELDS = ("stream", "logprobs")
-
-
-# What reading a plain or gzipped file can raise on bad bytes or a cut-off end.
-READ_ERRORS = (OSError, EOFError, zlib.error)
-
-
-def open_input(path: Path) -> IO[bytes]:
-    """Open the input for reading, gzip or plain (a pipe too: nothing is read twice); a
-    missing or unreadable file is a settings error."""
-    try:
-        if path.is_dir():
-            raise SettingsError(f"input {str(path)!r} is a folder; pass a .jsonl or .jsonl.gz file")
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise SettingsError(f"input file {str(path)!r} not found; check --input or the job's input") from None
-    except OSError as e:
-        raise SettingsError(f"input file {str(path)!r} cannot be read: {e.strerror}") from None
-    if f.peek(2)[:2] != b"\x1f\x8b":
-        return f
-    unzipped = gzip.GzipFile(fileobj=f, mode="rb")
-    unzipped.myfileobj = f  # type: ignore[assignment]  # closed with it
-    return unzipped  # type: ignore[return-value]
-
-
-def check_input(path: Path) -> None:
-    """Fail early, as a settings error, on an input that cannot be opened. A pipe is taken
-    on trust: opening it here would take the place of the real reader."""
-    if is_pipe(path):
-        return
-    open_input(path).close()
-
-
-def count_lines(path: Path) -> int | None:
-    """Lines in the input, for the progress bar's total; reads in blocks, never whole. None
-    for a pipe (it can be read only once) or a file that cannot be read to its end."""
-    if not path.is_file():
-        return None
-    n = 0
-    last = b"\n"
-    try:
-        with open_input(path) as f:
-            while block := f.read(1 << 20):
-                n += block.count(b"\n")
-                last = block[-1:]
-    except (*READ_ERRORS, SettingsError):
-        return None
-    return n + (last != b"\n")
-
-
-def lines(path: Path, *, max_bytes: int = 1 << 62) -> Iterator[tuple[int, bytes | int]]:
-    """Each line with its number; a line longer than `max_bytes` comes as its length instead,
-    read past in blocks so that it never sits in memory whole. A file that cannot be read on
-    (a .gz cut short, a bad disk) stops the run with what to do; the lines before count."""
-    with open_input(path) as f:
-        number = 0
-        try:
-            while raw := f.readline(max_bytes + 1):
-                number += 1
-                if len(raw) <= max_bytes or raw.endswith(b"\n"):
-                    yield number, raw
-                    continue
-                size = len(raw)
-                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
-                    size += len(more)
-                yield number, size + len(more)
-        except READ_ERRORS as e:
-            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-            raise RunStopped(
-                f"cannot read {path} after line {number:,} ({reason}); a .gz file cut short? "
-                "Repair or replace the file, then run again: the lines before it are kept",
-                code="input_unreadable",
-            ) from None
 
 
 def _encodable(value: Any) -> Any:
@@ -135,64 +60,6 @@ def _load(raw: bytes) -> Any:
             ) from None
         detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
         raise InputError(f"not valid JSON: {detail}", code="not_json") from None
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    return "a string" if isinstance(value, str) else type(value).__name__
-
-
-def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
-    """Refuse what the server would refuse for sure, and say which field and why."""
-    messages = body.get("messages")
-    if messages is None:
-        raise InputError(
-            f"no '{prefix}messages': each request needs a list of messages", field=f"{prefix}messages"
-        )
-    if not isinstance(messages, list) or not messages:
-        what = "empty" if messages == [] else _type_name(messages)
-        raise InputError(
-            f"'{prefix}messages' is {what}; it must be a non-empty list of {{role, content}} objects",
-            field=f"{prefix}messages",
-        )
-    for i, message in enumerate(messages):
-        where = f"{prefix}messages[{i}]"
-        if not isinstance(message, dict):
-            raise InputError(
-                f"'{where}' is {_type_name(message)}; it must be an object with a role", field=where
-            )
-        if not isinstance(message.get("role"), str):
-            raise InputError(f"'{where}.role' is missing or not a string", field=f"{where}.role")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise InputError(
-                f"'{where}.content' is {_type_name(content)}; it must be a string or a list of parts",
-                field=f"{where}.content",
-            )
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise InputError(f"'{prefix}model' must be a string, not {_type_name(model)}", field=f"{prefix}model")
-    for key in _INT_FIELDS:
-        value = body.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise InputError(f"'{prefix}{key}' must be a whole number, not {value!r}", field=f"{prefix}{key}")
-    for key in _NUMBER_FIELDS:
-        value = body.get(key)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-            raise InputError(f"'{prefix}{key}' must be a number, not {value!r}", field=f"{prefix}{key}")
-    for key in _BOOL_FIELDS:
-        value = body.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise InputError(f"'{prefix}{key}' must be true or false, not {value!r}", field=f"{prefix}{key}")
 
 
 @dataclass(slots=True)
@@ -249,7 +116,7 @@ class LineParser:
                 raise InputError(f"Batch line with method {method!r}; only POST is supported", field="method")
             body = obj["body"]
             if not isinstance(body, dict):
-                raise InputError(f"'body' is {_type_name(body)}; it must be a request object", field="body")
+                raise InputError(f"'body' is {type_name(body)}; it must be a request object", field="body")
             check_body(body, "body.")
             return Parsed(body, obj.get("custom_id"), obj.get("metadata"))
         if "messages" not in obj:
@@ -265,7 +132,7 @@ class LineParser:
     def parse(self, raw: bytes) -> Parsed:
         obj = _load(raw)
         if not isinstance(obj, dict):
-            raise InputError(f"line is {_type_name(obj)}, not a JSON object", code="not_object")
+            raise InputError(f"line is {type_name(obj)}, not a JSON object", code="not_object")
         parsed = self._shape(obj)
         custom_id = parsed.custom_id
         if custom_id is not None:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import MalformedResponse, ProviderError
+from pipeline.send.status import provider_error
 
 DONE = b"[DONE]"
 
@@ -183,4 +184,4 @@ def _provider_error(error: Any, default: str, body: Any) -> ProviderError:
         code = error.get("code")
     else:
         message, code = str(error), None
-    return ProviderError(f"provider error: {message}", provider_code=code, body=body)
+    return provider_error(f"provider error: {message}", code=code, body=body)

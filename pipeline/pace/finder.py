@@ -8,7 +8,7 @@ refusals drive everything here, and answers are never waited for:
   scattered refusals are common) says the server is full; scattered 429s, as an
   aggregator's upstreams send them, almost never line up so, and only delay their own
   request (by its Retry-After, in the retry policy).
-- **What it lets through** (`pipeline.capacity`): at the first such moment, what the
+- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what the
   server let through in the second before; at later ones, what it let through between two
   moments it was full. The pool pauses for the Retry-After, the pace is set at 97 % of the
   rate read, and the in-flight window opens to --concurrency: the pace bounds the rate, and
@@ -36,7 +36,7 @@ longer than that (a daily quota spent), the run stops (exit 3) with the time to 
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
 Rising latency at more in flight (a server that queues) gives up a quarter of the window
-(`pipeline.latency`).
+(`pipeline.pace.latency`).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ import datetime as dt
 import time
 from collections.abc import Callable, Mapping
 
-from pipeline.capacity import Capacity
-from pipeline.client import parse_duration
 from pipeline.errors import RunStopped
-from pipeline.latency import LatencyWatch
-from pipeline.limits import Pacer, Window
-from pipeline.sendlog import SendLog
+from pipeline.pace.capacity import Capacity
+from pipeline.pace.latency import LatencyWatch
+from pipeline.pace.local import Pacer, Window
+from pipeline.pace.sendlog import SendLog
+from pipeline.send.client import parse_duration
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from pipeline.sendlog import SendLog
+from pipeline.pace.sendlog import SendLog
 
 AGAIN_WITHIN = 10.0  # seconds: full again sooner than this, and the moments are one stretch
 MAX_FULLS = 64  # moments kept, to read over the first and the last

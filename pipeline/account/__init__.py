@@ -1,0 +1,2 @@
+"""What a run used and spent: tokens, requests and latency (`usage`), prices and the budget
+(`cost`)."""

@@ -1,0 +1,115 @@
+"""The run's books: every count of what was used and spent, kept in one place.
+
+Three parties tell the books what happened, each at its own moment:
+
+- the worker, as answers arrive: every attempt by its answer ("200", "429", "timeout"), and
+  every answer the server will bill, against the budget (a run that cannot keep to its cap
+  must stop before the next request, not when the result is written);
+- the writer, once a result or a failure is in the files: the usage totals that usage.json
+  reports count exactly what the files hold, so a crash never leaves them counting more;
+- the repair after a crash, for result lines the index had not seen.
+
+A result the server did not cost is costed here from the job's price table, whoever reports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.account.cost import Budget, Reservation, answer_cost, money
+from pipeline.account.usage import Usage
+from pipeline.errors import RunStopped
+from pipeline.job import Failure, Request, Success
+from pipeline.settings import Price
+
+
+class Books:
+    def __init__(self, usage: Usage, prices: Mapping[str, Price]) -> None:
+        self.usage = usage
+        self.prices = prices
+        self.budget: Budget | None = None
+
+    def open_budget(self, max_cost: float | None) -> None:
+        """Hold the run to `max_cost`, counting what every earlier run into the folder spent."""
+        self.budget = Budget(max_cost, self.usage, self.prices) if max_cost else None
+
+    # -- the worker, as answers arrive --------------------------------------------------------
+
+    def attempt(self, answer: str) -> None:
+        """One attempt ended with `answer`: "200", a status, or an error code."""
+        self.usage.answer(answer)
+
+    async def reserve(self, request: Request) -> Reservation | RunStopped | None:
+        """Hold the request's worst cost against the cap; a `RunStopped` when it does not
+        fit, None when there is no cap."""
+        if self.budget is None:
+            return None
+        reservation = await self.budget.reserve(request)
+        return self._budget_reached() if reservation is None else reservation
+
+    def release(self, reservation: Reservation | None) -> None:
+        if self.budget is not None and reservation is not None:
+            self.budget.release(reservation)
+
+    def covers_another_answer(self) -> RunStopped | None:
+        """Before trying again a request whose billed answer was thrown away: does the cap
+        still hold if it is paid for once more?"""
+        if self.budget is None or self.budget.covers_another_answer():
+            return None
+        return self._budget_reached()
+
+    def billed(self, body: dict[str, Any], request: Request) -> RunStopped | None:
+        """An answer the server will bill, counted against the cap; a `RunStopped` when its
+        cost cannot be told, so that the cap cannot be kept."""
+        if self.budget is None or self.budget.charge(body, request.model) is not None:
+            return None
+        model = body.get("model") or request.model
+        return RunStopped(
+            f"cannot keep to --max-cost: the server reports no cost for {model} and the job "
+            f'has no price for it; add [prices."{model}"] prompt = ..., completion = ... '
+            "(dollars per million tokens) to the job file, then run again to resume",
+            code="budget_unpriced",
+        )
+
+    def discarded(self, body: dict[str, Any], request: Request) -> None:
+        """An answer paid for but not kept (a verdict that broke the job's schema)."""
+        self.usage.add_discarded(body, request.model)
+        self._price(body, request.model)
+
+    # -- the writer, once an outcome is in the files -----------------------------------------
+
+    def kept(self, success: Success) -> None:
+        self.usage.add_success(success)
+        self._price(success.reply.body, success.request.model)
+        if success.label is not None:
+            self.usage.verdicts[success.label] += 1
+
+    def failed(self, failure: Failure) -> None:
+        self.usage.add_failure(failure)
+
+    # -- the repair, for result lines the index had not seen ---------------------------------
+
+    def recovered(self, body: dict[str, Any], *, count_outcome: bool) -> None:
+        self._price(body, None, add=True)
+        if count_outcome:
+            self.usage.outcomes["succeeded"] += 1
+
+    def _price(self, body: dict[str, Any], requested: str | None, *, add: bool = False) -> None:
+        """Count the body's usage when `add`; then cost it from the price table where the
+        server did not."""
+        if add:
+            self.usage.add_body(body)
+        cost, source = answer_cost(body, self.prices, requested)
+        if cost is not None and source == "price table":
+            name = body.get("model") if isinstance(body.get("model"), str) else None
+            self.usage.add_priced(name or requested or "unknown", cost)
+
+    def _budget_reached(self) -> RunStopped:
+        assert self.budget is not None
+        return RunStopped(
+            f"the budget is reached: {money(self.budget.spent)} spent of the "
+            f"{money(self.budget.cap)} cap (every run into this folder counts); run again with "
+            "a higher --max-cost to resume",
+            code="budget_reached",
+        )

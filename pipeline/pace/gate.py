@@ -1,0 +1,87 @@
+"""The pace's one face to the worker: a request waits at the gate for a slot in flight and a
+start time, and tells the gate how its attempt ended, so that the pace learns from it.
+
+    slot = await gate.enter(tokens)     a slot in the window, then the pacer's start time
+    slot.go()                           the attempt leaves now (or slot.unused(): it does not)
+    slot.answered(latency, headers, used_tokens)   or   slot.failed(error)
+
+This is the seam a shared pace (one limit for several processes) plugs into: another gate
+with the same three calls. Today's gate is local: the pacer and the window of `local`, with
+the rate finder (`finder`) reading what the server lets through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pipeline.errors import HTTPStatusError, RequestError
+from pipeline.pace.finder import RateFinder
+from pipeline.pace.local import Pacer, Window
+from pipeline.send.status import Signal, signal
+
+
+class Slot:
+    """One attempt's place: held from its start until its answer (or error) is in."""
+
+    __slots__ = ("_gate", "reserved", "ticket")
+
+    def __init__(self, gate: Gate, reserved: int) -> None:
+        self._gate = gate
+        self.reserved = reserved  # tokens held back for it by a token pace
+        self.ticket = 0  # its place in the send order, for the rate finder
+
+    def go(self) -> None:
+        self.ticket = self._gate.finder.sent()
+
+    def unused(self) -> None:
+        """The run stopped before the attempt was sent."""
+        gate = self._gate
+        gate.window.release()
+        gate.pacer.settle(self.reserved, 0)
+
+    def answered(self, latency: float, headers: Mapping[str, str] | None, used_tokens: int) -> None:
+        gate = self._gate
+        gate.window.release()
+        gate.pacer.settle(self.reserved, used_tokens)
+        gate.finder.success(self.ticket, latency)
+        if headers:
+            gate.finder.headers(headers)
+
+    def failed(self, error: RequestError) -> None:
+        gate = self._gate
+        gate.window.release()
+        # A request the server refused is not counted against its token budget.
+        gate.pacer.settle(self.reserved, 0 if isinstance(error, HTTPStatusError) else self.reserved)
+        if error.limits:
+            gate.finder.headers(error.limits)
+        meaning = signal(error)
+        if meaning is Signal.PUSHBACK:
+            gate.finder.pushback(self.ticket, error.retry_after, error.message)
+        elif meaning is Signal.FAILURE:
+            gate.finder.failure(self.ticket)
+        else:
+            gate.finder.answered(self.ticket)  # the request's fault, not the endpoint's
+
+
+class Gate:
+    def __init__(self, pacer: Pacer, window: Window, finder: RateFinder) -> None:
+        self.pacer = pacer
+        self.window = window
+        self.finder = finder
+
+    async def enter(self, tokens: int) -> Slot:
+        """Wait for a slot in flight, then for a start time (a slot first, so that a paced
+        start is not spent waiting for a slot). `tokens`: the request's token estimate."""
+        reserved = tokens if self.pacer.token_rate else 0
+        await self.window.acquire()
+        try:
+            await self.pacer.acquire(reserved)
+        except BaseException:
+            self.window.release()
+            raise
+        return Slot(self, reserved)
+
+    def wake_all(self) -> None:
+        """The run stops: whatever waits at the gate finds out at once."""
+        self.pacer.wake_all()
+        self.window.wake_all()

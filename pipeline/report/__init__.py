@@ -1,0 +1,1 @@
+"""usage.json and report.md from the usage totals of every run into a folder."""

@@ -1,0 +1,152 @@
+"""What an answer that is not a result means for the run: the one place that says it.
+
+    429              "later": the request waits as told and goes again; it spends no attempt.
+                     Except: `insufficient_quota` (no credit left) stops the run like a 402,
+                     and "request too large" fails the request (no waiting lets it through).
+    408 409 425      transient: retried, each retry spending an attempt
+    500 502 504
+    503              transient, and the server says it is overloaded: counted like a refusal
+    401, 402         stop the run at once (key refused; no credit), resumable (exit 3)
+    403              a streak of them, nothing succeeding between, stops the run (key refused);
+                     one that refuses the content (a moderation flag) fails that request only
+    404              fails the request; when every answer so far was a 404, the URL or the
+                     model is wrong: after a few, the run stops, naming both
+    other 4xx        the request is wrong: it fails, with the server's message
+    an error in a 200  read as its numeric code where it gives one (an upstream 429 is "later")
+
+Errors are built here from what the client read, so that every error carries its meaning
+(`transient`, `refusal`, `quota_spent`) and the worker, the retry policy and the rate finder
+only read it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pipeline.errors import HTTPStatusError, ProviderError, RequestError, RunStopped
+
+TRANSIENT = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+OVERLOADED = 503
+# A 403 can be about one request (a moderation refusal) or about the key; only a streak of
+# them, with nothing succeeding in between, says the key is refused. So for 404s and the URL.
+STREAK = 5
+
+
+def http_error(
+    status: int,
+    message: str,
+    *,
+    retry_after: float | None = None,
+    body: Any = None,
+    request_id: str | None = None,
+    limits: dict[str, str] | None = None,
+) -> HTTPStatusError:
+    error = HTTPStatusError(
+        f"HTTP {status}: {message}",
+        status=status,
+        retry_after=retry_after,
+        body=body,
+        request_id=request_id,
+        limits=limits,
+    )
+    error.transient = status in TRANSIENT
+    if status == 429:
+        error.quota_spent = _says(body, "insufficient_quota")
+        too_large = "request too large" in message.lower()
+        error.refusal = not (error.quota_spent or too_large)
+        error.transient = error.refusal  # no waiting helps the others
+    return error
+
+
+def provider_error(message: str, *, code: Any, body: Any, request_id: str | None = None) -> ProviderError:
+    """An `error` object inside a 200 body or a stream chunk, as its upstream code says."""
+    error = ProviderError(message, provider_code=code, body=body, request_id=request_id)
+    if isinstance(code, int) and 400 <= code < 500:
+        # A client error (400, 404...) will not get better by asking again; everything else
+        # from upstream (5xx, overloads, timeouts, no code at all) may.
+        error.transient = code in TRANSIENT
+    error.refusal = code == 429  # "later", from upstream
+    return error
+
+
+def _says(body: Any, code: str) -> bool:
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and code in (str(error.get("code")), str(error.get("type")))
+
+
+def _refuses_content(body: Any) -> bool:
+    """A 403 that refuses the request's content (OpenRouter's moderation: `flagged_input`
+    and `reasons` in the error's metadata), not the key."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    metadata = error.get("metadata")
+    if isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata):
+        return True
+    message = str(error.get("message", "")).lower()
+    return "moderation" in message or "flagged" in message
+
+
+class Signal(Enum):
+    """What an attempt that failed tells the rate finder about the endpoint."""
+
+    PUSHBACK = "the server asks for later: full, or overloaded"
+    FAILURE = "the endpoint failed: an outage, if most do"
+    ANSWERED = "the endpoint is fine; the request was at fault"
+
+
+def signal(error: RequestError) -> Signal:
+    if error.refusal or (isinstance(error, HTTPStatusError) and error.status == OVERLOADED):
+        return Signal.PUSHBACK
+    return Signal.FAILURE if error.transient else Signal.ANSWERED
+
+
+def answer_key(error: RequestError) -> str:
+    """How usage.json counts the answer: its status, or the error's code."""
+    return str(error.status) if isinstance(error, HTTPStatusError) else error.code
+
+
+class Judge:
+    """Whether a request's final error is its own, or the whole run's: then the run stops."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.succeeded = False  # any answer in this run
+        self.forbidden = 0  # 403s in a row
+        self.not_found = 0  # 404s while nothing has succeeded
+        self.models: set[str] = set()  # the models the 404s asked for
+
+    def success(self) -> None:
+        self.succeeded = True
+        self.forbidden = 0
+
+    def stops_run(self, error: RequestError, model: str) -> RunStopped | None:
+        status = error.status if isinstance(error, HTTPStatusError) else None
+        if error.quota_spent or status == 402:
+            return RunStopped(
+                f"the server says the account is out of credits ({error.message}); "
+                "add credits, then run the same command again to resume",
+                code="credits_exhausted",
+            )
+        if status == 403 and not _refuses_content(error.body):
+            self.forbidden += 1
+        if status == 401 or (status == 403 and self.forbidden >= STREAK):
+            return RunStopped(
+                f"the server refused the API key ({error.message}); check the key in the "
+                "environment variable named by api_key_env, then run the same command again to resume",
+                code="key_rejected",
+            )
+        if status == 404 and not self.succeeded:
+            self.not_found += 1
+            self.models.add(model)
+            if self.not_found >= STREAK:
+                models = ", ".join(sorted(self.models)[:3])
+                return RunStopped(
+                    f"every answer so far is HTTP 404 Not Found from POST {self.url} (model "
+                    f"{models}): check --base-url (most servers want the path that ends in /v1, "
+                    "without /chat/completions) and the model name; then run the same command "
+                    "again to resume",
+                    code="not_found",
+                )
+        return None

@@ -1,0 +1,197 @@
+"""A worker takes requests one at a time and turns each into exactly one outcome, in four
+steps, each owned by one module:
+
+    pace     `pipeline.pace.gate`: wait for a slot in flight and a start time; tell the pace
+             how the attempt ended
+    send     `pipeline.send.client`: one attempt, its answer read whole
+    judge    `pipeline.send.status` (what a failed answer means), `pipeline.send.verdict` (does
+             the answer keep the job's contract), `pipeline.send.retry` (try again, when)
+    account  `pipeline.account.books`: every attempt, every answer billed, the budget
+
+A request that ends failed is a `Failure` for the writer; a request the run abandoned
+(interrupted, key rejected, budget reached) produces nothing and stays to do for the next run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.account.books import Books
+from pipeline.account.usage import answer_tokens
+from pipeline.errors import InvalidOutput, RequestError, RunStopped
+from pipeline.job import Failure, Outcome, Reply, Request, Success
+from pipeline.pace.gate import Gate
+from pipeline.run.control import Control, Crew, Refill, Seat
+from pipeline.send.client import Client
+from pipeline.send.retry import RetryPolicy
+from pipeline.send.status import Judge, answer_key
+from pipeline.send.verdict import Verdict
+
+
+class Abandoned(Exception):
+    """The run stopped dispatching before this attempt could start."""
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        gate: Gate,
+        client: Client,
+        judge: Judge,
+        retry: RetryPolicy,
+        books: Books,
+        control: Control,
+        verdict: Verdict | None = None,
+    ) -> None:
+        self.gate = gate
+        self.client = client
+        self.judge = judge
+        self.retry = retry
+        self.books = books
+        self.control = control
+        self.verdict = verdict
+
+    async def run(
+        self,
+        requests: MemoryObjectReceiveStream[Request],
+        outcomes: MemoryObjectSendStream[Outcome],
+        crew: Crew,
+        refill: Refill | None = None,
+    ) -> None:
+        seat = Seat(crew, self.control)
+        # The *_nowait calls skip a trip round the event loop when there is no need to
+        # wait; the awaiting calls are there for when there is.
+        async with requests, outcomes:
+            await seat.take()
+            try:
+                while self.control.dispatching:
+                    await seat.make_room()
+                    try:
+                        request = requests.receive_nowait()
+                    except anyio.WouldBlock:
+                        try:
+                            request = await requests.receive()
+                        except anyio.EndOfStream:
+                            break
+                    except anyio.EndOfStream:
+                        break
+                    if refill is not None and refill.owed:
+                        refill.taken()
+                    outcome = await self.process(request, seat)
+                    request.payload = b""  # sent for good: let a big body (images) go
+                    if outcome is None:
+                        continue
+                    try:
+                        outcomes.send_nowait(outcome)
+                    except anyio.WouldBlock:
+                        # Paid for: the writer must get it even if the run is being cancelled.
+                        with anyio.CancelScope(shield=True):
+                            await outcomes.send(outcome)
+            finally:
+                seat.give_up()
+
+    async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
+        held = await self.books.reserve(request)
+        if isinstance(held, RunStopped):
+            self.control.stop(held)
+            return None
+        try:
+            return await self._process(request, seat)
+        finally:
+            self.books.release(held)
+
+    async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
+        attempts = invalid = 0
+
+        async def attempt() -> tuple[Reply, Any]:
+            nonlocal attempts, invalid
+            if invalid:
+                # The answer thrown away was billed: another try must still fit the cap.
+                self._stop_if(self.books.covers_another_answer())
+            try:
+                reply = await self._attempt(request)
+            except RequestError:
+                attempts += 1  # sent, and failed
+                raise
+            attempts += 1
+            try:
+                parsed = self._judge(reply, request)
+            except InvalidOutput as e:
+                invalid += 1
+                e.transient = self.verdict is not None and invalid < self.verdict.max_attempts
+                raise
+            return reply, parsed
+
+        try:
+            reply, parsed = await self.retry.call(attempt, sleep=seat.backoff if seat else self.control.nap)
+        except Abandoned:
+            return None
+        except RequestError as e:
+            stop = self.judge.stops_run(e, request.model)
+            if stop is not None:
+                self.control.stop(stop)
+                return None
+            return Failure(
+                line=request.line,
+                code=e.code,
+                message=e.message,
+                custom_id=request.custom_id,
+                status=e.status,
+                body=e.body,
+                request_id=e.request_id,
+                attempts=attempts,
+                metadata=request.metadata,
+                model=request.model,
+            )
+        label = self.verdict.label(parsed) if self.verdict is not None else None
+        return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+
+    async def _attempt(self, request: Request) -> Reply:
+        """Pace, send, and account for one attempt; the answer, or the error it ended with."""
+        control = self.control
+        if not control.dispatching:
+            raise Abandoned
+        slot = await self.gate.enter(request.token_estimate)  # pace
+        if not control.dispatching:
+            slot.unused()
+            raise Abandoned
+        slot.go()
+        control.in_flight += 1
+        try:
+            reply = await self.client.complete(request)  # send
+        except RequestError as e:
+            slot.failed(e)
+            self.books.attempt(answer_key(e))  # account
+            raise
+        finally:
+            control.in_flight -= 1
+        slot.answered(reply.latency, reply.limits, answer_tokens(reply.body)[2])
+        self.judge.success()
+        stop = self.books.billed(reply.body, request)  # account: billed, kept or not
+        if stop is not None:
+            self.control.stop(stop)  # after this answer, which is paid for and kept
+        return reply
+
+    def _judge(self, reply: Reply, request: Request) -> Any:
+        """Does the answer keep the job's contract? Its parsed verdict, or `InvalidOutput`."""
+        parsed = None
+        if self.verdict is not None:
+            try:
+                parsed = self.verdict.check(reply.body)
+            except InvalidOutput as e:
+                # Paid for, so counted, though no result comes of it.
+                self.books.attempt(e.code)
+                self.books.discarded(reply.body, request)
+                e.body, e.request_id = reply.body, reply.request_id
+                raise
+        self.books.attempt("200")
+        return parsed
+
+    def _stop_if(self, stop: RunStopped | None) -> None:
+        if stop is not None:
+            self.control.stop(stop)
+            raise Abandoned
