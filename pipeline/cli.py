@@ -8,17 +8,17 @@ resumed; 130 interrupted, and can be resumed; 70 a bug in pipeline (resumable to
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import anyio
-
+from pipeline import __version__
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.mock.limits import STYLES
+from pipeline.mock.command import add_mock_command, run_mock
 from pipeline.run.progress import duration
 from pipeline.run.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
@@ -46,22 +46,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1")
-    return value
-
-
 def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
-    p.add_argument("--input", help="the input file: .jsonl or .jsonl.gz")
+    p.add_argument(
+        "--input",
+        help="the input file: .jsonl or .jsonl.gz (or a pipe, such as /dev/stdin: read as it comes)",
+    )
     p.add_argument("--output", help="the output folder; {date} becomes today's date")
     p.add_argument("--base-url", help=f"the endpoint (default {DEFAULT_BASE_URL})")
     p.add_argument(
         "--api-key-env", help=f"the environment variable holding the key (default {DEFAULT_KEY_ENV})"
     )
-    p.add_argument("--model", help="the model for lines that name none")
+    p.add_argument(
+        "--model", help="the model for lines that name none (beats the job file's; a line's own model stays)"
+    )
     p.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (default 64)")
     p.add_argument("--rpm", type=_positive_float, help="requests per minute the endpoint allows")
     p.add_argument("--tpm", type=_positive_float, help="tokens per minute the endpoint allows")
@@ -91,12 +89,51 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+EXIT_STATUSES = """exit status:
+  0    every request succeeded (or there was nothing to do: an empty input, all done before)
+  1    some requests ended failed: see OUT/errors.jsonl; running again tries them again
+  2    the command, the job file or the input is wrong; nothing was sent
+  3    stopped early for a person to act (key refused, credits or budget spent, the endpoint
+       refusing everything or answering 404 only, the folder unwritable): fix that, then run
+       the same command again to resume
+  70   a bug in pipeline: what was written is safe, and running again resumes
+  130  interrupted (Ctrl-C): run the same command again to resume"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line with the next step, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+    def unknown(self, extras: list[str]) -> NoReturn:
+        """Name each flag that is not one, with the one most like it."""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        flag = next((x for x in extras if x.startswith("-")), None)
+        if flag is None:
+            self.error(f"unexpected argument {extras[0]!r}")
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"unknown flag {name}{hint}")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="pipeline", description="Batches of chat completions, run to the end.")
-    sub = top.add_subparsers(dest="command", required=True)
+    top = _Parser(
+        prog="pipeline",
+        description="Batches of chat completions, run to the end.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"pipeline {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="run a job", description="Run every line of the input; resume where a run stopped."
+        "run",
+        help="run a job",
+        description="Run every line of the input; resume where a run stopped.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _job_arguments(run)
     run.add_argument(
@@ -110,53 +147,12 @@ def parser() -> argparse.ArgumentParser:
         "estimate",
         help="count requests, tokens and cost, sending nothing",
         description="Read and check every line as run would; count tokens and cost; send nothing.",
+        epilog="exit status: 0 every line is valid; 1 some lines are not (each is named); 2 the "
+        "command or the job file is wrong",
     )
     _job_arguments(est)
 
-    mock = sub.add_parser("mock", help="serve the built-in OpenAI-compatible endpoint")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    mock.add_argument("--port-file", help="write the port here once listening")
-    mock.add_argument("--latency-ms", type=float, default=0.0, help="milliseconds before each answer")
-    mock.add_argument(
-        "--jitter-ms", type=float, default=0.0, help="up to this many milliseconds more, at random"
-    )
-    mock.add_argument(
-        "--latency-max-ms",
-        type=float,
-        help="spread each job's latency from --latency-ms to this, evenly on a log scale "
-        "(short answers and long reasoning ones; a job keeps its own)",
-    )
-    mock.add_argument(
-        "--refusal-latency-ms", type=float, default=0.0, help="milliseconds before a rate limit's 429"
-    )
-    mock.add_argument("--fail-rate", type=_rate, default=0.0, help="fraction answered 500")
-    mock.add_argument("--rate-429", type=_rate, default=0.0, help="fraction answered 429 at random")
-    mock.add_argument("--retry-after", type=float, default=1.0, help="seconds sent with each 429")
-    mock.add_argument("--drop-rate", type=_rate, default=0.0, help="fraction of connections dropped")
-    mock.add_argument("--malformed-rate", type=_rate, default=0.0, help="fraction of malformed 200 bodies")
-    mock.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of errors inside a 200")
-    mock.add_argument("--cut-rate", type=_rate, default=0.0, help="fraction of streams cut short")
-    mock.add_argument(
-        "--stall-rate",
-        type=_rate,
-        default=0.0,
-        help="fraction of jobs whose first stream stops after one chunk and stays open",
-    )
-    mock.add_argument("--rpm", type=float, help="enforce requests per minute (see --limit-style)")
-    mock.add_argument("--tpm", type=float, help="enforce tokens per minute (per window)")
-    mock.add_argument(
-        "--limit-style",
-        choices=STYLES,
-        default="second",
-        help="second: rpm/60 per wall-clock second; minute: rpm per wall-clock minute; bucket: a "
-        "minute's quota at once, refilled continuously, each 429 saying 'try again in Nms'",
-    )
-    mock.add_argument("--quota", type=int, help="requests, then every one refused until midnight UTC")
-    mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
-    mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
-    mock.add_argument("--seed", type=int, default=0)
-    mock.add_argument("--quiet", action="store_true")
+    add_mock_command(sub)
     return top
 
 
@@ -188,7 +184,7 @@ def _n(value: int | None) -> str:
     return "an unknown number of" if value is None else f"{value:,}"
 
 
-def _print_summary(summary: Summary, *, quiet: bool) -> None:
+def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -> None:
     doc = summary.usage
     cost = doc["cost"]
     tokens = doc["tokens"]
@@ -218,51 +214,12 @@ def _print_summary(summary: Summary, *, quiet: bool) -> None:
         f"{tokens['completion_tokens']:,} completion), {cost_text}."
     )
     print(f"Outputs: {summary.output}/ (results.jsonl, errors.jsonl, usage.json, report.md)")
-    print(summary.message, flush=True)
-
-
-def _mock(args: argparse.Namespace) -> int:
-    from pipeline.mock.server import MockConfig, serve
-
-    config = MockConfig(
-        latency=args.latency_ms / 1000,
-        jitter=args.jitter_ms / 1000,
-        latency_max=args.latency_max_ms / 1000 if args.latency_max_ms else None,
-        refusal_latency=args.refusal_latency_ms / 1000,
-        stall_rate=args.stall_rate,
-        limit_style=args.limit_style,
-        quota=args.quota,
-        fail_rate=args.fail_rate,
-        rate_429=args.rate_429,
-        retry_after=args.retry_after,
-        drop_rate=args.drop_rate,
-        malformed_rate=args.malformed_rate,
-        error_200_rate=args.error_rate,
-        cut_stream_rate=args.cut_rate,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        ratelimit_headers=args.ratelimit_headers,
-        cost=not args.no_cost,
-        seed=args.seed,
-    )
-    options: dict[str, Any] = {}
-    try:
-        import uvloop  # noqa: F401
-
-        options["use_uvloop"] = True
-    except ImportError:
-        pass
-    try:
-        anyio.run(
-            lambda: serve(config, host=args.host, port=args.port, port_file=args.port_file, quiet=args.quiet),
-            backend_options=options,
+    if model_flag and summary.own_model:
+        print(
+            f"{summary.own_model:,} line(s) named a model of their own and kept it; --model sets "
+            "the model of the lines that name none"
         )
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        print(f"pipeline mock: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    print(summary.message, flush=True)
 
 
 def _tune_gc() -> None:
@@ -274,13 +231,26 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    top = parser()
+    args, extras = top.parse_known_args(argv)
+    if extras:
+        commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        command = commands.choices[args.command]
+        assert isinstance(command, _Parser)
+        command.unknown(extras)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     _tune_gc()
     if args.command == "mock":
-        return _mock(args)
+        return run_mock(args)
     try:
         settings = settings_from_args(args)
+        for warning in settings.warnings:
+            print(f"pipeline: warning: {warning}", file=sys.stderr)
         if args.command == "estimate":
             from pipeline.estimate import estimate, print_estimate
 
@@ -305,5 +275,5 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BUG
-    _print_summary(summary, quiet=settings.quiet)
+    _print_summary(summary, quiet=settings.quiet, model_flag=args.model is not None)
     return summary.exit_code

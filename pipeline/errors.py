@@ -42,6 +42,7 @@ class InputError(PipelineError):
         self.field = field
         self.code = code
         self.metadata: Any = None  # the record, when the line was a record
+        self.custom_id: str | None = None  # the id the line named, when it named one
 
 
 class RunStopped(PipelineError):

@@ -66,7 +66,7 @@ def estimate(settings: Settings) -> Estimate:
     check_input(settings.input)
     result = Estimate(settings)
     parser = LineParser(settings, every_token=True)
-    done = _done_in(settings.output)
+    done = _done_in(settings.output) if settings.output is not None else None
 
     def is_done(custom_id: str) -> bool:
         if done is None:
@@ -97,7 +97,8 @@ def estimate(settings: Settings) -> Estimate:
     return result
 
 
-def print_estimate(result: Estimate, *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    out, err = out or sys.stdout, err or sys.stderr  # as they are now, not at import
     settings, counts = result.settings, result.counts
     for failure in result.failures:
         print(f"{settings.input}:{failure.line}: {failure.message}", file=err)
@@ -105,7 +106,8 @@ def print_estimate(result: Estimate, *, out: TextIO = sys.stdout, err: TextIO = 
         print(f"{settings.input}: {result.invalid - len(result.failures):,} more invalid lines", file=err)
     print(
         f"{settings.input}: {counts.read:,} lines: {result.requests:,} requests to send, "
-        f"{counts.skipped:,} already done in {settings.output}, {result.invalid:,} invalid, "
+        + (f"{counts.skipped:,} already done in {settings.output}, " if settings.output is not None else "")
+        + f"{result.invalid:,} invalid, "
         f"{counts.empty:,} empty",
         file=out,
     )

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.errors import SettingsError
+from pipeline.input.body import near_parameter
 
 DEFAULT_BASE_URL = "https://api.lumenfall.ai/openai/v1"
 DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
@@ -39,7 +40,7 @@ class Price:
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     input: Path
-    output: Path
+    output: Path | None = None  # `pipeline estimate` needs none; a run asks for it, as `folder`
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = DEFAULT_KEY_ENV
     model: str | None = None
@@ -68,6 +69,14 @@ class Settings:
     job_file: Path | None = None
     progress_interval: float = 60.0  # seconds between log lines when there is no terminal
     max_line_bytes: int = 32 * 1024 * 1024  # a longer input line is an input error, not a request
+    warnings: tuple[str, ...] = ()  # what looks wrong but may be meant: said before the run
+
+    @property
+    def folder(self) -> Path:
+        """The output folder of a run."""
+        if self.output is None:
+            raise SettingsError("no output given: pass --output or set output in the job file")
+        return self.output
 
     def api_key(self) -> str | None:
         """The key, read from the environment when needed; it is never stored here."""
@@ -208,13 +217,12 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         if value is not None:
             values[key] = value
     where = str(job_file) if job_file is not None else "command line"
-    for key in ("input", "output"):
-        if not values.get(key):
-            flag = f"--{key}"
-            raise SettingsError(f"no {key} given: pass {flag} or set {key} in the job file")
+    if not values.get("input"):
+        raise SettingsError("no input given: pass --input or set input in the job file")
     today = dt.date.today().isoformat()
     values["input"] = Path(os.path.expanduser(str(values["input"])))
-    values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
+    if values.get("output"):
+        values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
     key_env = values.get("api_key_env", DEFAULT_KEY_ENV)
     if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
@@ -227,9 +235,17 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if "prices" in values:
         values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))
     request = dict(values.get("request", {}))
+    if flags.get("model") is not None:
+        request.pop("model", None)  # the flag beats the job file (a line's own model beats both)
     if "messages" in request:
         raise SettingsError(f"{where}: [request] cannot set 'messages'; they come from each line")
     values["request"] = MappingProxyType(request)
+    values["warnings"] = tuple(
+        f"{where}: [request] '{key}' is not a parameter the API knows; did you mean '{near}'? "
+        "(it is sent as written)"
+        for key in request
+        if (near := near_parameter(key)) is not None
+    )
     if values.get("template") is not None:
         # Compile once here so that a broken template is a settings error, not N line errors.
         from pipeline.input.template import compile_template

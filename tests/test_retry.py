@@ -195,7 +195,9 @@ async def test_a_429_for_a_request_too_large_for_the_limit_is_not_waited_for() -
 
 
 async def test_a_429_inside_a_200_is_a_refusal_too() -> None:
-    upstream = provider_error("provider error inside a 200 answer: rate limited upstream", code=429, body=None)
+    upstream = provider_error(
+        "provider error inside a 200 answer: rate limited upstream", code=429, body=None
+    )
     script = Script(*(upstream for _ in range(8)))
     assert await policy(max_attempts=2).call(script, sleep=script.sleep) == "ok"
     assert script.attempts == 9

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+import pipeline
 from pipeline.errors import SettingsError
+from pipeline.estimate import estimate
 from pipeline.settings import build
 
 
@@ -58,9 +60,13 @@ def test_bad_job_files_are_refused_with_the_reason(tmp_path: Path, text: str, me
         build(job(tmp_path, text))
 
 
-def test_input_and_output_are_required(tmp_path: Path) -> None:
+def test_a_run_needs_an_output_folder_and_an_estimate_does_not(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"model": "m", "messages": [{"role": "user", "content": "hi"}]}\n')
+    settings = build(input=str(src))
     with pytest.raises(SettingsError, match="no output given: pass --output"):
-        build(input=str(tmp_path / "x"))
+        pipeline.run_sync(settings)
+    assert estimate(settings).requests == 1
     with pytest.raises(SettingsError, match="no input given"):
         build(output=str(tmp_path / "x"))
 

@@ -84,6 +84,7 @@ class LineParser:
         self.base = settings.input.parent
         self.max_line_bytes = settings.max_line_bytes
         self.estimator = TokenEstimator(exact=exact_tokens, every=every_token)
+        self.own_model = 0  # lines that name a model of their own, not the job's
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -133,7 +134,11 @@ class LineParser:
         obj = _load(raw)
         if not isinstance(obj, dict):
             raise InputError(f"line is {type_name(obj)}, not a JSON object", code="not_object")
-        parsed = self._shape(obj)
+        try:
+            parsed = self._shape(obj)
+        except InputError as e:
+            e.custom_id = self._named_id(obj)  # so errors.jsonl ties the bad line to its id
+            raise
         custom_id = parsed.custom_id
         if custom_id is not None:
             if isinstance(custom_id, int) and not isinstance(custom_id, bool):
@@ -145,11 +150,26 @@ class LineParser:
             parsed.custom_id = custom_id
         return parsed
 
+    def _named_id(self, obj: dict[str, Any]) -> str | None:
+        """The id a line names, read as leniently as can be: for a line that is bad anyway."""
+        named: Any = obj.get("custom_id")
+        if self.template is not None:
+            try:
+                named = self.template.id_of(obj)
+            except InputError:
+                return None
+        if isinstance(named, int) and not isinstance(named, bool):
+            named = str(named)
+        return named if isinstance(named, str) and named else None
+
     def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
         body = parsed.body
         if body is None:
             assert parsed.render is not None
             body = parsed.render()
+        own = body.get("model")
+        if own and own != self.default_model:
+            self.own_model += 1
         if self.defaults:
             body = {**self.defaults, **body}
         model = body.get("model") or self.default_model
@@ -266,7 +286,7 @@ def read_requests(
             yield parser.request(parsed, custom_id=custom_id, line=number)
         except InputError as e:
             metadata = parsed.metadata if parsed is not None else e.metadata
-            yield input_failure(e, line=number, custom_id=custom_id, metadata=metadata)
+            yield input_failure(e, line=number, custom_id=custom_id or e.custom_id, metadata=metadata)
     counts.finished = True
 
 

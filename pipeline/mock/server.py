@@ -67,6 +67,7 @@ class MockConfig:
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
     api_key: str | None = None  # when set, any other bearer is answered 401
     credits: int | None = None  # successful answers before every answer is 402
+    unknown_models: tuple[str, ...] = ()  # answered 404 model_not_found, as a server does
     cost: bool = True  # report usage.cost
     # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
     # "malformed", "error200", "cut", "chatty" (content that ignores response_format),
@@ -226,6 +227,9 @@ class MockServer:
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             st.statuses["400"] += 1
             return _error(400, "'messages' is required", "invalid_request_error")
+        if body.get("model") in cfg.unknown_models:
+            st.statuses["404"] += 1
+            return _error(404, f"The model {body['model']!r} does not exist", "model_not_found")
         if cfg.credits is not None and sum(st.answered.values()) >= cfg.credits:
             st.statuses["402"] += 1
             return _error(402, "Insufficient credits", "payment_required")

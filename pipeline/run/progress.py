@@ -112,15 +112,22 @@ class Progress:
                 print(self.line(), file=self.stream, flush=True)
 
     def _refresh_bar(self) -> None:
-        bar = self.bar
+        """The bar counts this run's work only: lines done by earlier runs (and empty ones)
+        are neither its progress nor its speed, so they leave its total instead."""
+        bar, counts = self.bar, self.counts
         assert bar is not None
-        if self.counts.total is not None and bar.total != self.counts.total:
-            bar.total = self.counts.total
+        written = self.writer.written
+        if counts.total is not None:
+            to_do = max(counts.total - counts.skipped - counts.empty, written)
+            if bar.total != to_do:
+                bar.total = to_do
         tokens, failed, cost = self._figures()
+        before = f", {counts.skipped:,} done before" if counts.skipped else ""
         bar.set_postfix_str(
-            f"{tokens:,} tokens, {failed:,} failed, {money(cost, unknown='cost not reported')}", refresh=False
+            f"{tokens:,} tokens, {failed:,} failed, {money(cost, unknown='cost not reported')}{before}",
+            refresh=False,
         )
-        bar.update(self.done() - bar.n)
+        bar.update(written - bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -65,6 +65,7 @@ class Summary:
     skipped: int  # already done by an earlier run
     pending: int | None  # lines left to do (interrupted or stopped); None: not known (a pipe)
     usage: dict[str, Any]
+    own_model: int = 0  # lines that named a model of their own, which a job's model does not change
 
     @property
     def cost(self) -> float | None:
@@ -93,21 +94,22 @@ async def watch_signals(control: Control, say: Callable[[str], None]) -> None:
 async def run(settings: Settings) -> Summary:
     """Run a job to the end (or until stopped) and return its summary. Raises
     `SettingsError` when nothing could be sent because the settings are wrong."""
+    settings.folder  # noqa: B018 -- raises when no output folder is given
     check_input(settings.input)
     api_key = _check_key(settings)
     raise_open_files(settings.concurrency)
     try:
-        settings.output.mkdir(parents=True, exist_ok=True)
+        settings.folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SettingsError(f"cannot create the output folder {settings.output}: {e.strerror}") from None
-    with lock_folder(settings.output):
+        raise SettingsError(f"cannot create the output folder {settings.folder}: {e.strerror}") from None
+    with lock_folder(settings.folder):
         if settings.fresh:
-            move_aside(settings.output)
+            move_aside(settings.folder)
         try:
-            ledger = open_job(settings.output, settings.fingerprint())
+            ledger = open_job(settings.folder, settings.fingerprint())
         except sqlite3.Error as e:
             raise RunStopped(
-                f"cannot open {settings.output / LEDGER} ({e}); is the folder writable? Moving the "
+                f"cannot open {settings.folder / LEDGER} ({e}); is the folder writable? Moving the "
                 "file aside rebuilds it from results.jsonl",
                 code="output_unwritable",
             ) from None
@@ -115,7 +117,7 @@ async def run(settings: Settings) -> Summary:
             return await _run(settings, ledger, api_key)
         except OSError as e:  # the output folder: full, read-only, gone
             raise RunStopped(
-                f"cannot write to {settings.output} ({e.strerror or e}); fix that, then run the "
+                f"cannot write to {settings.folder} ({e.strerror or e}); fix that, then run the "
                 "same command again: what was written is kept",
                 code="output_unwritable",
             ) from None
@@ -153,11 +155,11 @@ class Run:
         self.redact = Redactor(api_key)
         self.usage = Usage.from_state(ledger.get("usage"))
         self.books = Books(self.usage, settings.prices)
-        reconcile(settings.output, ledger, self.books)
+        reconcile(settings.folder, ledger, self.books)
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
-        self.writer = Writer(settings.output, ledger, self.books, self.redact)
+        self.writer = Writer(settings.folder, ledger, self.books, self.redact)
         self.writer.rewrite_errors()
         self.counts = ReadCounts()
         self.control = Control(grace=settings.grace)
@@ -255,7 +257,7 @@ class Run:
     def _broken(self, error: OSError) -> None:
         self.control.stop(
             RunStopped(
-                f"cannot write to {self.settings.output} ({error.strerror or error}); free some space "
+                f"cannot write to {self.settings.folder} ({error.strerror or error}); free some space "
                 "or fix the folder, then run the same command again: what was written is kept",
                 code="output_unwritable",
             )
@@ -294,8 +296,13 @@ class Run:
             elif not counts.finished:
                 pending = None  # a pipe not read to its end: how much is left is not known
         code, note = exit_status(
-            control, pending=pending, failed_now=failed_now, errors_file=settings.output / "errors.jsonl"
+            control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
         )
+        requests = counts.read - counts.empty
+        if code == EXIT_OK and counts.finished and requests == 0:
+            note = f"nothing to do: {settings.input} has no lines (it is empty); nothing was sent"
+        elif code == EXIT_OK and counts.finished and requests == counts.skipped:
+            note = f"nothing left to do: all {requests:,} lines were done by earlier runs into this folder"
         note = self.redact.text(note)
         record: dict[str, Any] = {
             "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
@@ -322,9 +329,9 @@ class Run:
             "pending": pending,
             "lines": total,
         }
-        doc = usage_document(usage, state=state, folder=settings.output)
+        doc = usage_document(usage, state=state, folder=settings.folder)
         try:
-            write_reports(settings.output, doc, self.redact)
+            write_reports(settings.folder, doc, self.redact)
         except OSError as e:
             code = EXIT_STOPPED
             note = f"{note}; and usage.json and report.md could not be written ({e.strerror or e})"
@@ -336,13 +343,14 @@ class Run:
         return Summary(
             exit_code=code,
             message=note,
-            output=settings.output,
+            output=settings.folder,
             succeeded=delta.get("succeeded", 0),
             failed=delta.get("failed", 0),
             invalid_input=delta.get("invalid_input", 0),
             skipped=counts.skipped,
             pending=pending,
             usage=doc,
+            own_model=self.parser.own_model,
         )
 
 

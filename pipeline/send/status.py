@@ -144,7 +144,7 @@ class Judge:
                 models = ", ".join(sorted(self.models)[:3])
                 return RunStopped(
                     f"every answer so far is HTTP 404 Not Found from POST {self.url} (model "
-                    f"{models}): check --base-url (most servers want the path that ends in /v1, "
+                    f"{models}; the last said {error.message!r}): check --base-url (most servers want the path that ends in /v1, "
                     "without /chat/completions) and the model name; then run the same command "
                     "again to resume",
                     code="not_found",

@@ -1,0 +1,136 @@
+"""`pipeline mock`: the built-in endpoint on the command line, for demos, tests and the
+benchmark. Every fault it can play is a flag, off by default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import anyio
+
+from pipeline.mock.limits import STYLES
+
+EXIT_USAGE = 2
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1")
+    return value
+
+
+def add_mock_command(sub: Any) -> None:
+    mock = sub.add_parser(
+        "mock",
+        help="serve the built-in OpenAI-compatible endpoint",
+        description="Serve POST /v1/chat/completions with made-up answers, for trying pipeline "
+        "without a key; each flag below plays a fault or a limit a real server has.",
+    )
+    mock.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    mock.add_argument(
+        "--port", type=int, default=8080, help="the port to listen on (default 8080); 0 picks a free one"
+    )
+    mock.add_argument("--port-file", help="write the port to this file once listening (with --port 0)")
+    mock.add_argument("--latency-ms", type=float, default=0.0, help="milliseconds before each answer")
+    mock.add_argument(
+        "--jitter-ms", type=float, default=0.0, help="up to this many milliseconds more, at random"
+    )
+    mock.add_argument(
+        "--latency-max-ms",
+        type=float,
+        help="spread each job's latency from --latency-ms to this, evenly on a log scale "
+        "(short answers and long reasoning ones; a job keeps its own)",
+    )
+    mock.add_argument(
+        "--refusal-latency-ms", type=float, default=0.0, help="milliseconds before a rate limit's 429"
+    )
+    mock.add_argument(
+        "--fail-rate", type=_rate, default=0.0, help="fraction answered 500, at random (0 to 1)"
+    )
+    mock.add_argument("--rate-429", type=_rate, default=0.0, help="fraction answered 429 at random")
+    mock.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        help="seconds of the Retry-After sent with each random 429 (default 1)",
+    )
+    mock.add_argument("--drop-rate", type=_rate, default=0.0, help="fraction of connections dropped")
+    mock.add_argument("--malformed-rate", type=_rate, default=0.0, help="fraction of malformed 200 bodies")
+    mock.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of errors inside a 200")
+    mock.add_argument("--cut-rate", type=_rate, default=0.0, help="fraction of streams cut short")
+    mock.add_argument(
+        "--stall-rate",
+        type=_rate,
+        default=0.0,
+        help="fraction of jobs whose first stream stops after one chunk and stays open",
+    )
+    mock.add_argument("--rpm", type=float, help="enforce requests per minute (see --limit-style)")
+    mock.add_argument("--tpm", type=float, help="enforce tokens per minute (per window)")
+    mock.add_argument(
+        "--limit-style",
+        choices=STYLES,
+        default="second",
+        help="second: rpm/60 per wall-clock second; minute: rpm per wall-clock minute; bucket: a "
+        "minute's quota at once, refilled continuously, each 429 saying 'try again in Nms'",
+    )
+    mock.add_argument("--quota", type=int, help="requests, then every one refused until midnight UTC")
+    mock.add_argument(
+        "--unknown-model",
+        action="append",
+        default=[],
+        help="a model answered 404 model_not_found (again for more than one)",
+    )
+    mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
+    mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
+    mock.add_argument("--seed", type=int, default=0, help="seed of the random faults and answers (default 0)")
+    mock.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def run_mock(args: argparse.Namespace) -> int:
+    from pipeline.mock.server import MockConfig, serve
+
+    config = MockConfig(
+        latency=args.latency_ms / 1000,
+        jitter=args.jitter_ms / 1000,
+        latency_max=args.latency_max_ms / 1000 if args.latency_max_ms else None,
+        refusal_latency=args.refusal_latency_ms / 1000,
+        stall_rate=args.stall_rate,
+        limit_style=args.limit_style,
+        quota=args.quota,
+        fail_rate=args.fail_rate,
+        rate_429=args.rate_429,
+        retry_after=args.retry_after,
+        drop_rate=args.drop_rate,
+        malformed_rate=args.malformed_rate,
+        error_200_rate=args.error_rate,
+        cut_stream_rate=args.cut_rate,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        ratelimit_headers=args.ratelimit_headers,
+        unknown_models=tuple(args.unknown_model),
+        cost=not args.no_cost,
+        seed=args.seed,
+    )
+    options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401
+
+        options["use_uvloop"] = True
+    except ImportError:
+        pass
+    try:
+        anyio.run(
+            lambda: serve(config, host=args.host, port=args.port, port_file=args.port_file, quiet=args.quiet),
+            backend_options=options,
+        )
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"pipeline mock: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
