@@ -92,7 +92,8 @@ class Settings:
         return {
             "input": str(self.input.resolve()),
             "model": self.default_model,
-            "request": dict(self.request),
+            # The model is above, wherever it was set (a flag, [request], the top level).
+            "request": {k: v for k, v in self.request.items() if k != "model"},
             "template": dict(self.template) if self.template is not None else None,
         }
 

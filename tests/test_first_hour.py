@@ -226,3 +226,22 @@ async def test_a_bad_line_keeps_the_id_it_named(server, make_settings, tmp_path:
 def test_what_pip_install_leaves_is_ignored_by_git() -> None:
     for path in ("build/lib/pipeline/cli.py", "dist/pipeline-0.1.0.tar.gz", "pipeline.egg-info/PKG-INFO"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+async def test_the_same_model_by_flag_or_by_job_file_is_the_same_job(mock, tmp_path: Path) -> None:
+    job = job_file(tmp_path, '[request]\nmodel = "job/model"\n')
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    async with mock() as (url, _):
+        for extra in ([], ["--model", "job/model"]):
+            code, _, err = await pipeline_cli(
+                "run",
+                str(job),
+                "--input",
+                str(src),
+                "--output",
+                str(tmp_path / "o"),
+                "--base-url",
+                url,
+                *extra,
+            )
+            assert code == 0, err

@@ -178,6 +178,9 @@ def open_job(folder: Path, fingerprint: dict[str, Any]) -> Ledger:
     naming what differs, so that two jobs' results never mix."""
     ledger = Ledger(folder / LEDGER)
     recorded = ledger.get("job")
+    if isinstance(recorded, dict) and isinstance(recorded.get("request"), dict):
+        # Folders made before the model left `request` (it is the fingerprint's `model`).
+        recorded["request"] = {k: v for k, v in recorded["request"].items() if k != "model"}
     if recorded is None:
         ledger.put("job", fingerprint)
         ledger.commit()
