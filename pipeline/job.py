@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.input.images import Pending
 
 
 @dataclass(slots=True)
@@ -19,6 +22,7 @@ class Request:
     prompt_tokens: int = 0  # estimate, for rate limits and budgets
     max_completion_tokens: int = 0  # worst case over all choices (`max_tokens` times `n`)
     bounded: bool = True  # the request sets max_tokens (else the worst case is a guess)
+    images: list[Pending] | None = None  # local images the payload's markers stand for, unread
 
     @property
     def token_estimate(self) -> int:

@@ -179,8 +179,10 @@ async def test_a_resumed_catalogue_does_not_read_images_again(
     async with mock() as (url, _):
         await pipeline.run(make_settings(url, job=job, output=tmp_path / "out"))
         reads: list[Path] = []
-        real = template._data_url
-        monkeypatch.setattr(template, "_data_url", lambda path, **kw: reads.append(path) or real(path, **kw))
+        real = template.look
+        monkeypatch.setattr(
+            template, "look", lambda path, *a, **kw: reads.append(path) or real(path, *a, **kw)
+        )
         summary = await pipeline.run(make_settings(url, job=job, output=tmp_path / "out"))
     assert summary.skipped == 12
     assert reads == []  # a record already done is skipped before its messages are built

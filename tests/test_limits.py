@@ -131,11 +131,11 @@ async def test_the_reader_waits_for_half_the_buffer_to_be_taken() -> None:
     waiting = asyncio.ensure_future(refill.room())
     await asyncio.sleep(0)
     assert refill.owed == 3
-    refill.taken()
-    refill.taken()
+    refill.taken(10)
+    refill.taken(10)
     await asyncio.sleep(0)
     assert not waiting.done()  # two taken of three: still full enough
-    refill.taken()
+    refill.taken(10)
     await asyncio.sleep(0)
     assert waiting.done()
     assert refill.owed == 0  # nobody waits: workers skip the bookkeeping
@@ -156,3 +156,20 @@ async def test_a_waiting_reader_can_be_woken_or_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert refill.owed == 0
+
+
+async def test_the_read_ahead_holds_its_bytes_worth_and_a_bigger_line_alone() -> None:
+    from pipeline.run.control import Refill
+
+    refill = Refill(100, max_bytes=1000)
+    assert refill.fits(5000)  # nothing held: a line bigger than the budget still goes, alone
+    refill.put(5000)
+    assert not refill.fits(1)
+    waiting = asyncio.ensure_future(refill.room(1))
+    await asyncio.sleep(0)
+    refill.taken(5000)
+    await asyncio.sleep(0)
+    assert waiting.done()
+    refill.put(600)
+    assert refill.fits(400)
+    assert not refill.fits(401)

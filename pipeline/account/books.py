@@ -72,6 +72,13 @@ class Books:
             code="budget_unpriced",
         )
 
+    def image(self, read: int, sent: int) -> None:
+        """A local image read (`read` bytes on disk) and sent (`sent` bytes, before base64)."""
+        usage = self.usage
+        usage.images += 1
+        usage.image_bytes_read += read
+        usage.image_bytes_sent += sent
+
     def discarded(self, body: dict[str, Any], request: Request) -> None:
         """An answer paid for but not kept (a verdict that broke the job's schema)."""
         self.usage.add_discarded(body, request.model)

@@ -102,6 +102,9 @@ class Usage:
     attempts: int = 0
     retries: int = 0
     discarded: int = 0  # answers paid for but not kept (invalid verdicts), in the totals
+    images: int = 0  # local images read and sent (each attempt sends the same bytes again)
+    image_bytes_read: int = 0  # their size on disk
+    image_bytes_sent: int = 0  # their size as sent, before base64
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +194,9 @@ class Usage:
             "attempts": self.attempts,
             "retries": self.retries,
             "discarded": self.discarded,
+            "images": self.images,
+            "image_bytes_read": self.image_bytes_read,
+            "image_bytes_sent": self.image_bytes_sent,
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
@@ -210,6 +216,9 @@ class Usage:
             attempts=int(state.get("attempts", 0)),
             retries=int(state.get("retries", 0)),
             discarded=int(state.get("discarded", 0)),
+            images=int(state.get("images", 0)),
+            image_bytes_read=int(state.get("image_bytes_read", 0)),
+            image_bytes_sent=int(state.get("image_bytes_sent", 0)),
             latency=Histogram.from_state(state.get("latency")),
             ttft=Histogram.from_state(state.get("ttft")),
             runs=list(state.get("runs", [])),

@@ -21,9 +21,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from pipeline.errors import InputError
 from pipeline.input import jsonl
 from pipeline.input.body import check_body, type_name
+from pipeline.input.images import Pending
 from pipeline.input.pipe import PipeLines, is_pipe
 from pipeline.input.source import lines
-from pipeline.input.template import Template, compile_template
+from pipeline.input.template import Place, Template, compile_template
 from pipeline.input.tokens import TokenEstimator, max_completion_tokens
 from pipeline.job import Failure, Outcome, Request
 from pipeline.output.ledger import Ledger
@@ -69,7 +70,7 @@ class Parsed:
     body: dict[str, Any] | None  # None until `render` builds it (a record)
     custom_id: str | None
     metadata: Any
-    render: Callable[[], dict[str, Any]] | None = None
+    render: Callable[[], tuple[dict[str, Any], list[Pending]]] | None = None
 
 
 class LineParser:
@@ -82,13 +83,18 @@ class LineParser:
         if settings.template is not None:
             self.template = compile_template(settings.template, where=str(settings.job_file))
         self.base = settings.input.parent
+        # Images must stay under the catalogue's folder: the input's, or the job's image_root.
+        self.image_root = self.base
+        if self.template is not None and self.template.image_root is not None:
+            where = settings.job_file.parent if settings.job_file is not None else Path()
+            self.image_root = where / Path(self.template.image_root).expanduser()
         self.max_line_bytes = settings.max_line_bytes
         self.estimator = TokenEstimator(exact=exact_tokens, every=every_token)
         self.own_model = 0  # lines that name a model of their own, not the job's
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
-            template, base = self.template, self.base
+            template, base, root = self.template, self.base, self.image_root
 
             def named(error: InputError) -> InputError:
                 name = template.name(obj)
@@ -97,9 +103,10 @@ class LineParser:
                 error.metadata = obj
                 return error
 
-            def render() -> dict[str, Any]:
+            def render() -> tuple[dict[str, Any], list[Pending]]:
+                place = Place(base, root)
                 try:
-                    return {"messages": template.messages_of(obj, base)}
+                    return {"messages": template.messages_of(obj, place)}, place.images
                 except InputError as e:
                     raise named(e) from None
 
@@ -164,9 +171,10 @@ class LineParser:
 
     def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
         body = parsed.body
+        images: list[Pending] = []
         if body is None:
             assert parsed.render is not None
-            body = parsed.render()
+            body, images = parsed.render()
         own = body.get("model")
         if own and own != self.default_model:
             self.own_model += 1
@@ -197,7 +205,11 @@ class LineParser:
             model=str(model),
             stream=stream,
         )
-        request.prompt_tokens = self.estimator.prompt_tokens(body)
+        if images:
+            request.images = images
+        request.prompt_tokens = self.estimator.prompt_tokens(
+            body, {image.marker.decode(): image.tokens for image in images} if images else None
+        )
         request.max_completion_tokens = max_completion_tokens(body)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         request.bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
@@ -320,6 +332,11 @@ async def feed(
 async def _send(stream: MemoryObjectSendStream[Any], item: Any, refill: Refill | None = None) -> bool:
     """False when the other side is gone: the run stopped dispatching."""
     try:
+        if refill is not None:
+            size = len(item.payload)
+            while not refill.fits(size):
+                await refill.room(1)  # the buffer holds its bytes' worth: wait for a take
+            refill.put(size)
         try:
             stream.send_nowait(item)
         except anyio.WouldBlock:

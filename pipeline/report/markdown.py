@@ -76,6 +76,11 @@ def usage_document(usage: Usage, *, state: dict[str, int | None], folder: Path) 
         "attempts": usage.attempts,
         "retries": usage.retries,
         "discarded": usage.discarded,
+        "images": {
+            "count": usage.images,
+            "bytes_read": usage.image_bytes_read,
+            "bytes_sent": usage.image_bytes_sent,
+        },
         "latency_seconds": {f"p{q}": _seconds(usage.latency.percentile(q)) for q in (50, 90, 99)},
         "ttft_seconds": {f"p{q}": _seconds(usage.ttft.percentile(q)) for q in (50, 90, 99)},
         "wall_seconds": round(wall, 3),
@@ -139,6 +144,15 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             f"{doc['discarded']:,} answer(s) broke the verdict schema and were discarded: they were paid "
             "for, so their tokens and cost are in the totals above.",
+        ]
+    images = doc["images"]
+    if images["count"]:
+        read, sent = images["bytes_read"], images["bytes_sent"]
+        saved = f", {read / sent:.1f}x less" if sent and read > sent else ""
+        out += [
+            "",
+            f"{images['count']:,} local image(s): {read / 1e6:,.1f} MB read, {sent / 1e6:,.1f} MB sent "
+            f"(before base64){saved}.",
         ]
     if doc["errors_by_code"]:
         out += ["", "## Failures by code", "", "| code | count |", "|---|---:|"]

@@ -14,6 +14,7 @@ A request that ends failed is a `Failure` for the writer; a request the run aban
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
@@ -21,7 +22,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.account.books import Books
 from pipeline.account.usage import answer_tokens
-from pipeline.errors import InvalidOutput, RequestError, RunStopped
+from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
+from pipeline.input.images import encode
+from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.pace.gate import Gate
 from pipeline.run.control import Control, Crew, Refill, Seat
@@ -54,6 +57,8 @@ class Worker:
         self.books = books
         self.control = control
         self.verdict = verdict
+        # Decoding and resizing images: a few threads, as many as there are cores to run them.
+        self._image_threads = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     async def run(
         self,
@@ -79,8 +84,8 @@ class Worker:
                             break
                     except anyio.EndOfStream:
                         break
-                    if refill is not None and refill.owed:
-                        refill.taken()
+                    if refill is not None:
+                        refill.taken(len(request.payload))
                     outcome = await self.process(request, seat)
                     request.payload = b""  # sent for good: let a big body (images) go
                     if outcome is None:
@@ -95,6 +100,13 @@ class Worker:
                 seat.give_up()
 
     async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
+        if request.images is not None:
+            try:
+                await self._fill(request)
+            except InputError as e:  # the record's image: its line fails, the run goes on
+                return input_failure(
+                    e, line=request.line, custom_id=request.custom_id, metadata=request.metadata
+                )
         held = await self.books.reserve(request)
         if isinstance(held, RunStopped):
             self.control.stop(held)
@@ -149,6 +161,17 @@ class Worker:
             )
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+
+    async def _fill(self, request: Request) -> None:
+        """Read, size and encode the request's local images, in threads, into its payload:
+        as late as can be, so that the read-ahead buffer holds records, not images."""
+        images, request.images = request.images or [], None
+        payload = request.payload
+        for image in images:
+            url, read, sent = await anyio.to_thread.run_sync(encode, image, limiter=self._image_threads)
+            payload = payload.replace(image.marker, url, 1)
+            self.books.image(read, sent)
+        request.payload = payload
 
     async def _attempt(self, request: Request) -> Reply:
         """Pace, send, and account for one attempt; the answer, or the error it ended with."""
