@@ -9,8 +9,8 @@ resizing hold no event loop), and the body is let go once the request is sent fo
 
 Sizing (Pillow): the longest side is brought down to `max_side` (by default 512 for
 `detail = "low"`, which is all the model looks at; never up), EXIF orientation applied, and
-the image encoded as `format` at `quality`. An image already small enough, upright and in
-the format asked for goes byte for byte, but is still decoded once: a truncated file, a text
+the image encoded as `format` at `quality`. An image already small enough and upright goes
+byte for byte, whatever its format (re-encoding it would gain nothing), but is decoded once: a truncated file, a text
 file named .png or a decompression bomb is an input error naming the record, and the run
 goes on.
 """
@@ -54,7 +54,7 @@ class Sizing:
     """How an image part's images are sent: as they are (max_side None), or sized."""
 
     max_side: int | None = None
-    format: str | None = None  # "jpeg", "png", "webp"; None: the original's where it can be
+    format: str | None = None  # of a re-encoded image: "jpeg", "png", "webp"; None: as it was
     quality: int = 85
 
     @property
@@ -238,8 +238,7 @@ def _sized(data: bytes, sizing: Sizing, path: Path, field: str) -> tuple[str, by
             original = PIL_FORMATS.get(im.format or "")
             target = _sent_size(im.width, im.height, sizing)
             upright = im.getexif().get(0x0112, 1) == 1
-            wanted = FORMATS[sizing.format] if sizing.format else original
-            if target == im.size and upright and wanted == original:
+            if target == im.size and upright and original is not None:
                 im.load()  # decoded once all the same: a truncated file fails here
                 return None
             if sizing.max_side and im.format == "JPEG":

@@ -18,12 +18,15 @@ import orjson
 EXACT_FIRST = 200
 SAMPLE_EVERY = 50
 # Chat formatting costs a few tokens per message and per reply (OpenAI's cookbook counts 3
-# per message plus 3 to prime the reply); images cost by size and detail, which we cannot
-# see without downloading them: 85 tokens at low detail, a 1024x1024 tile set at high.
+# per message plus 3 to prime the reply). Images cost by size and detail: a local one is
+# counted from its size (`pipeline.input.images.tile_tokens`); one behind a URL cannot be seen
+# without downloading it, so it counts 85 tokens at low detail and, at high or auto, the most
+# any image can cost (fitted into 2,048 x 768: 8 tiles of 170, plus 85), so that a budget
+# and an estimate's upper bound hold.
 PER_MESSAGE = 4
 PER_REPLY = 3
 IMAGE_LOW = 85
-IMAGE_HIGH = 765
+IMAGE_HIGH = 8 * 170 + 85
 # What a reply may cost when the request sets no max_tokens: budgets must assume something.
 DEFAULT_MAX_COMPLETION = 4096
 
