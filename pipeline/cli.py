@@ -87,6 +87,18 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"
     )
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="run shard K of N (K from 1): the lines whose id hashes to K, into OUT/shard-K-of-N/; "
+        "join them with pipeline merge OUT",
+    )
+    p.add_argument(
+        "--shared-limit",
+        metavar="redis://HOST:PORT/DB",
+        help="share one pace with every process of the same account through this Redis; "
+        "--rpm and --tpm are then the account's limits",
+    )
 
 
 EXIT_STATUSES = """exit status:
@@ -152,6 +164,20 @@ def parser() -> argparse.ArgumentParser:
     )
     _job_arguments(est)
 
+    merge = sub.add_parser(
+        "merge",
+        help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
+        description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json and "
+        "report.md, as one process would have written them. Safe to run again.",
+        epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished or of "
+        "another job (each named)",
+    )
+    merge.add_argument("out", type=Path, help="the --output the shards ran with")
+    merge.add_argument(
+        "--partial",
+        action="store_true",
+        help="merge the shards there are, finished or not, and say what is not",
+    )
     add_mock_command(sub)
     return top
 
@@ -173,6 +199,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "idle_timeout",
             "give_up_after",
             "max_cost",
+            "shard",
+            "shared_limit",
             "fresh",
             "quiet",
         )
@@ -222,6 +250,23 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
     print(summary.message, flush=True)
 
 
+def _merge(out: Path, *, partial: bool) -> int:
+    from pipeline.output.merge import merge
+
+    try:
+        merged = merge(out, partial=partial)
+    except SettingsError as e:
+        print(f"pipeline merge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"Merged {merged.shards} shard(s) into {out}/: {merged.results:,} results, {merged.errors:,} "
+        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md)"
+    )
+    for problem in merged.missing:
+        print(f"pipeline merge: partial: {problem}", file=sys.stderr)
+    return 0
+
+
 def _tune_gc() -> None:
     """The command owns its process, so it may tune the cycle collector for a long batch:
     everything imported so far is kept out of its scans, and it runs ten times less often.
@@ -247,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     _tune_gc()
     if args.command == "mock":
         return run_mock(args)
+    if args.command == "merge":
+        return _merge(args.out, partial=args.partial)
     try:
         settings = settings_from_args(args)
         for warning in settings.warnings:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import SettingsError
 from pipeline.input.body import near_parameter
+from pipeline.input.shard import Shard, parse_shard
 
 DEFAULT_BASE_URL = "https://api.lumenfall.ai/openai/v1"
 DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
@@ -70,13 +71,15 @@ class Settings:
     progress_interval: float = 60.0  # seconds between log lines when there is no terminal
     max_line_bytes: int = 32 * 1024 * 1024  # a longer input line is an input error, not a request
     warnings: tuple[str, ...] = ()  # what looks wrong but may be meant: said before the run
+    shard: Shard | None = None  # this process runs one shard of N, into OUT/shard-K-of-N/
+    shared_limit: str | None = None  # redis://HOST:PORT/DB: one pace for every process of the account
 
     @property
     def folder(self) -> Path:
-        """The output folder of a run."""
+        """The output folder of a run (a shard's: OUT/shard-K-of-N/)."""
         if self.output is None:
             raise SettingsError("no output given: pass --output or set output in the job file")
-        return self.output
+        return self.output / self.shard.folder if self.shard is not None else self.output
 
     def api_key(self) -> str | None:
         """The key, read from the environment when needed; it is never stored here."""
@@ -95,6 +98,7 @@ class Settings:
             # The model is above, wherever it was set (a flag, [request], the top level).
             "request": {k: v for k, v in self.request.items() if k != "model"},
             "template": dict(self.template) if self.template is not None else None,
+            **({"shard": [self.shard.k, self.shard.n]} if self.shard is not None else {}),
         }
 
 
@@ -119,6 +123,8 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "backoff_base": (int, float),
     "backoff_max": (int, float),
     "max_line_bytes": (int,),
+    "shard": (str,),
+    "shared_limit": (str,),
 }
 _TABLES = ("request", "template", "prices", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES
@@ -204,6 +210,28 @@ def check_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_store_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise SettingsError(
+            f"shared limit {redacted(url)!r} is not a redis:// URL; pass one like "
+            "--shared-limit redis://127.0.0.1:6379/0"
+        )
+    return url
+
+
+def redacted(url: str) -> str:
+    """A URL fit to print: its password (and a user's token) replaced."""
+    parts = urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.password is not None else "***@"
+    return parts._replace(netloc=user + host).geturl()
+
+
 def is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -233,6 +261,10 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
             "such as LUMENFALL_API_KEY; the key itself goes in that variable"
         )
     _check_numbers(values)
+    if isinstance(values.get("shard"), str):
+        values["shard"] = parse_shard(values["shard"])
+    if values.get("shared_limit") is not None:
+        values["shared_limit"] = check_store_url(str(values["shared_limit"]))
     if "prices" in values:
         values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))
     request = dict(values.get("request", {}))

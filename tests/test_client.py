@@ -46,3 +46,14 @@ def test_a_refusal_that_says_when_in_its_message_only() -> None:
 def test_a_200_that_is_not_a_completion_is_a_failure(body: object, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         check_completion(body)
+
+
+async def test_a_body_of_megabytes_arrives_whole(mock, make_settings) -> None:
+    import pipeline
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(3_000_000))  # 3 MB: sent in slices
+    rows = [{"custom_id": "big", "model": "m", "messages": [{"role": "user", "content": text}]}]
+    async with mock() as (url, server):
+        summary = await pipeline.run(make_settings(url, rows))
+        assert summary.succeeded == 1
+        assert server.state.received[0]["messages"][0]["content"] == text

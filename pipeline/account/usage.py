@@ -46,6 +46,11 @@ class Histogram:
                 return float(_MIN * _GROWTH ** (bucket - 0.5))
         return None
 
+    def merge(self, other: Histogram) -> None:
+        for bucket, count in other.counts.items():
+            self.counts[bucket] = self.counts.get(bucket, 0) + count
+        self.n += other.n
+
     def state(self) -> dict[str, int]:
         return {str(k): v for k, v in self.counts.items()}
 
@@ -171,6 +176,20 @@ class Usage:
         self.outcomes["invalid_input" if failure.is_input_error else "failed"] += 1
         self.errors[failure.code] += 1
         self.retries += max(failure.attempts - 1, 0)
+
+    def add(self, other: Usage, *, label: str) -> None:
+        """Add another folder's totals (a shard's, labelled so in the run list)."""
+        for name, theirs in other.models.items():
+            mine = self.models.setdefault(name, ModelUsage())
+            for key, value in asdict(theirs).items():
+                setattr(mine, key, getattr(mine, key) + value)
+        for counter in ("outcomes", "answers", "errors", "requested_models", "verdicts"):
+            getattr(self, counter).update(getattr(other, counter))
+        for total in ("attempts", "retries", "discarded", "images", "image_bytes_read", "image_bytes_sent"):
+            setattr(self, total, getattr(self, total) + getattr(other, total))
+        self.latency.merge(other.latency)
+        self.ttft.merge(other.ttft)
+        self.runs += [{**run, "shard": label} for run in other.runs]
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -226,6 +226,21 @@ def encode(image: Pending) -> tuple[bytes, int, int]:
     return url, os.path.getsize(path), len(data)
 
 
+def _check_whole(im: Any, data: bytes, path: Path, field: str) -> None:
+    """An image sent as it is must still be whole: a JPEG ends in its end-of-image marker
+    (a truncated one does not), a PNG's chunks all check out; others are decoded."""
+    if im.format == "JPEG":
+        if not data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+            raise _bad(path, field, "the JPEG is truncated (no end-of-image marker)")
+    elif im.format == "PNG":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as fresh:
+            fresh.verify()  # every chunk's CRC, without decoding the pixels
+    else:
+        im.load()
+
+
 def _sized(data: bytes, sizing: Sizing, path: Path, field: str) -> tuple[str, bytes] | None:
     """The image decoded (always: a broken file is caught here) and, where it must change,
     re-encoded; None when it goes as it is."""
@@ -239,15 +254,15 @@ def _sized(data: bytes, sizing: Sizing, path: Path, field: str) -> tuple[str, by
             target = _sent_size(im.width, im.height, sizing)
             upright = im.getexif().get(0x0112, 1) == 1
             if target == im.size and upright and original is not None:
-                im.load()  # decoded once all the same: a truncated file fails here
+                _check_whole(im, data, path, field)
                 return None
-            if sizing.max_side and im.format == "JPEG":
-                # Decode at a reduced scale (1/2 to 1/8) no smaller than needed: far quicker.
-                im.draft("RGB", (sizing.max_side, sizing.max_side))
+            if target != im.size and im.format == "JPEG":
+                # Decode at a reduced scale (1/2 to 1/8) no smaller than the target: far quicker.
+                im.draft("RGB", target)
             im.load()
             out = ImageOps.exif_transpose(im)
             if sizing.max_side:
-                out.thumbnail((sizing.max_side, sizing.max_side), Image.Resampling.LANCZOS)
+                out.thumbnail((sizing.max_side, sizing.max_side), Image.Resampling.BICUBIC)
             fmt = sizing.format or ("png" if original in ("image/png", "image/gif") else "jpeg")
             if fmt == "jpeg" and out.mode not in ("RGB", "L"):
                 out = out.convert("RGB")

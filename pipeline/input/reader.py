@@ -23,6 +23,7 @@ from pipeline.input import jsonl
 from pipeline.input.body import check_body, type_name
 from pipeline.input.images import Pending
 from pipeline.input.pipe import PipeLines, is_pipe
+from pipeline.input.shard import Shard
 from pipeline.input.source import lines
 from pipeline.input.template import Place, Template, compile_template
 from pipeline.input.tokens import TokenEstimator, max_completion_tokens
@@ -91,6 +92,7 @@ class LineParser:
         self.max_line_bytes = settings.max_line_bytes
         self.estimator = TokenEstimator(exact=exact_tokens, every=every_token)
         self.own_model = 0  # lines that name a model of their own, not the job's
+        self.shard = settings.shard
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -239,6 +241,7 @@ class ReadCounts:
     read: int = 0  # lines read so far
     empty: int = 0
     skipped: int = 0  # already in results.jsonl from an earlier run
+    elsewhere: int = 0  # another shard's lines (and, but for shard 1, the bad ones)
     finished: bool = False  # the whole file was read
 
 
@@ -250,6 +253,7 @@ def read_requests(
     *,
     is_done: Callable[[str], bool] | None = None,
     source: Iterable[tuple[int, bytes | int] | None] | None = None,
+    shard: Shard | None = None,
 ) -> Iterator[Request | Failure | None]:
     """Every line still to do, as a request, and every bad line, as a failure; empty lines
     and ids already done (`is_done`, by default the ledger's) are counted and skipped. Now
@@ -266,6 +270,9 @@ def read_requests(
         if number % YIELD_EVERY == 0:
             yield None  # a chance for the loop to run other tasks, even when nothing is sent
         if isinstance(raw, int):
+            if shard is not None and not shard.reports_bad_lines:
+                counts.elsewhere += 1
+                continue
             error = InputError(
                 f"the line is {raw:,} bytes, over the limit of {parser.max_line_bytes:,}; "
                 "shrink it (smaller images?) or raise max_line_bytes in the job file",
@@ -279,11 +286,24 @@ def read_requests(
         custom_id: str | None = None
         parsed: Parsed | None = None
         try:
-            parsed = parser.parse(raw)
+            try:
+                parsed = parser.parse(raw)
+            except InputError:
+                if shard is not None and not shard.reports_bad_lines:
+                    counts.elsewhere += 1
+                    continue
+                raise
             custom_id = parsed.custom_id
             if custom_id is None:
-                custom_id = ledger.see_copy(stable_id(raw), number)
+                derived = stable_id(raw)
+                if shard is not None and not shard.owns(derived):
+                    counts.elsewhere += 1
+                    continue
+                custom_id = ledger.see_copy(derived, number)
             else:
+                if shard is not None and not shard.owns(custom_id):
+                    counts.elsewhere += 1
+                    continue
                 earlier = ledger.see(custom_id, number)
                 if earlier is not None:
                     raise InputError(
@@ -316,7 +336,7 @@ async def feed(
     a full request buffer is topped up by halves (see `Refill`)."""
     pipe = PipeLines(lambda: lines(path, max_bytes=parser.max_line_bytes)) if is_pipe(path) else None
     async with requests, failures:
-        for item in read_requests(path, parser, ledger, counts, source=pipe):
+        for item in read_requests(path, parser, ledger, counts, source=pipe, shard=parser.shard):
             if item is None:
                 await (pipe.wait() if pipe is not None else anyio.lowlevel.checkpoint())
                 continue

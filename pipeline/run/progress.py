@@ -82,7 +82,8 @@ class Progress:
             print(text, file=self.stream, flush=True)
 
     def done(self) -> int:
-        return self.counts.empty + self.counts.skipped + self.writer.written
+        c = self.counts
+        return c.empty + c.skipped + c.elsewhere + self.writer.written
 
     def _figures(self) -> tuple[int, int, float | None]:
         total = self.usage.totals()
@@ -118,7 +119,7 @@ class Progress:
         assert bar is not None
         written = self.writer.written
         if counts.total is not None:
-            to_do = max(counts.total - counts.skipped - counts.empty, written)
+            to_do = max(counts.total - counts.skipped - counts.empty - counts.elsewhere, written)
             if bar.total != to_do:
                 bar.total = to_do
         tokens, failed, cost = self._figures()

@@ -290,7 +290,7 @@ class Run:
         total = counts.total
         pending: int | None = 0
         if not (counts.finished and control.dispatching):
-            accounted = counts.empty + counts.skipped + self.writer.written
+            accounted = counts.empty + counts.skipped + counts.elsewhere + self.writer.written
             if total is not None:
                 pending = max(total - accounted, 0)
             elif not counts.finished:
@@ -298,7 +298,7 @@ class Run:
         code, note = exit_status(
             control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
         )
-        requests = counts.read - counts.empty
+        requests = counts.read - counts.empty - counts.elsewhere
         if code == EXIT_OK and counts.finished and requests == 0:
             note = f"nothing to do: {settings.input} has no lines (it is empty); nothing was sent"
         elif code == EXIT_OK and counts.finished and requests == counts.skipped:
@@ -311,7 +311,9 @@ class Run:
             "failed": delta.get("failed", 0),
             "invalid_input": delta.get("invalid_input", 0),
             "skipped": counts.skipped,
+            **({"shard": str(settings.shard), "elsewhere": counts.elsewhere} if settings.shard else {}),
             "pending": pending,
+            "lines": total,
             "attempts": usage.attempts - self.attempts_before,
             "rate_cuts": self.finder.cuts,
             "latency_cuts": self.finder.latency_cuts,

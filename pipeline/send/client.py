@@ -7,7 +7,6 @@ cancellation. The API key goes into the Authorization header and nowhere else.
 from __future__ import annotations
 
 import email.utils
-import io
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -42,6 +41,7 @@ RATE_HEADERS = (
 CONNECT_TIMEOUT = 30.0  # seconds
 _ERROR_TEXT_LIMIT = 2000
 _BIG_BODY = 1 << 20
+_SLICE = 256 * 1024
 # OpenAI's refusals say when in their message: "Please try again in 71ms." (or "in 1.5s",
 # "in 6m0s"); a server may say nothing else.
 _TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|s|m|h))+)", re.IGNORECASE)
@@ -140,6 +140,34 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
     return body
 
 
+class _BigBody(aiohttp.payload.Payload):
+    """A big body (images) sent in slices of its own bytes: aiohttp's way for big bodies,
+    io.BytesIO, copies the body whole, and with 64 photos in flight that was 200 MB more."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value, content_type="application/json")
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return bytes(self._value)
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        view = memoryview(self._value)
+        end = len(view) if content_length is None else min(len(view), content_length)
+        for start in range(0, end, _SLICE):
+            # The writer waits for the socket to drain past 64 KiB: one slice at a time in
+            # the transport's buffer, and the loop free between slices.
+            await writer.write(view[start : min(start + _SLICE, end)])
+
+
 class Client:
     def __init__(
         self, session: aiohttp.ClientSession, base_url: str, *, timeout: float, idle_timeout: float
@@ -159,7 +187,7 @@ class Client:
         started = time.perf_counter()
         try:
             # aiohttp wants big bodies as a stream, so that sending them cannot block the loop.
-            data = request.payload if len(request.payload) < _BIG_BODY else io.BytesIO(request.payload)
+            data = request.payload if len(request.payload) < _BIG_BODY else _BigBody(request.payload)
             timeout = self._stream_timeout if request.stream else self._timeout
             async with self._session.post(self.url, data=data, timeout=timeout) as resp:
                 request_id = resp.headers.get("x-request-id")
