@@ -168,3 +168,30 @@ def test_sizing_options_are_checked_when_the_job_is_read(tmp_path: Path) -> None
     ):
         with pytest.raises(SettingsError, match=message):
             build(job(tmp_path, **bad), input="in.jsonl")
+
+
+async def test_records_sharing_a_photo_decode_it_once(
+    mock, make_settings, tmp_path: Path, monkeypatch
+) -> None:
+    from pipeline.input import images
+
+    (tmp_path / "shared.jpg").write_bytes(jpeg(2000, 1500))
+    decoded: list[Path] = []
+    real = images._sized
+    monkeypatch.setattr(
+        images,
+        "_sized",
+        lambda data, sizing, path, field: decoded.append(path) or real(data, sizing, path, field),
+    )
+    monkeypatch.setattr(images, "_sized_cache", images._Sized(images.SIZED_CACHE_BYTES))
+    rows = [{"asset_id": f"lang-{i}", "image_path": "shared.jpg"} for i in range(5)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    async with mock() as (url, server):
+        summary = await pipeline.run(
+            make_settings(url, job=job(tmp_path, max_side=300), input=src, concurrency=1)
+        )
+        sent = sent_images(server)
+    assert summary.succeeded == 5
+    assert len(decoded) == 1
+    assert len(set(sent.values())) == 1  # the same bytes each time
+    assert summary.usage["images"]["bytes_read"] == 5 * (tmp_path / "shared.jpg").stat().st_size

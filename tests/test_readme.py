@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,9 @@ def _blocks(*langs: str) -> list[str]:
 def test_every_block_says_what_it_is() -> None:
     assert BLOCKS
     for lang, code in BLOCKS:
-        assert lang in ("sh", "python", "toml", "text", "crontab"), f"a block without a kind:\n{code}"
+        assert lang in ("sh", "python", "toml", "text", "crontab", "yaml", "slurm"), (
+            f"a block without a kind:\n{code}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +67,90 @@ def repo_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run_shell(script: str, cwd: Path, url: str) -> subprocess.CompletedProcess[str]:
-    script = PIPELINE.sub(lambda m: f"{m.group(1).split('#')[0].rstrip()} --base-url {url}", script)
-    env = {**os.environ, "LUMENFALL_API_KEY": FAKE_KEY}
+README_STORE = "redis://127.0.0.1:6379/0"
+
+
+def _pointed(command: str, url: str) -> str:
+    """A pipeline command line, sent to the mock: --base-url added (before a trailing &)."""
+    command = command.split(" #")[0].rstrip()
+    background = command.endswith("&")
+    command = command.rstrip("&").rstrip()
+    return f"{command} --base-url {url}" + (" &" if background else "")
+
+
+def _run_shell(
+    script: str, cwd: Path, url: str, store: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    script = PIPELINE.sub(lambda m: _pointed(m.group(1), url), script)
+    if store is not None:
+        script = script.replace(README_STORE, store)
+    env = {**os.environ, "LUMENFALL_API_KEY": FAKE_KEY, **(env or {})}
+    env["PATH"] = f"{cwd / '.venv/bin'}:{env['PATH']}"
     return subprocess.run(
         ["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
 
 
 @pytest.mark.parametrize("code", _blocks("sh"), ids=lambda code: code.split("\n", 1)[0][:40])
-def test_shell_blocks_run(code: str, repo_copy: Path, mock_url: str) -> None:
+def test_shell_blocks_run(code: str, repo_copy: Path, mock_url: str, request: pytest.FixtureRequest) -> None:
     if code.lstrip().startswith("make"):
         for line in code.splitlines():
             target = line.split("#")[0].split()
             done = subprocess.run(["make", "-n", *target[1:]], cwd=ROOT, capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
         return
-    done = _run_shell(code, repo_copy, mock_url)
+    store = request.getfixturevalue("redis_server").url if README_STORE in code else None
+    done = _run_shell(code, repo_copy, mock_url, store)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _shards_then_merge(
+    commands: list[tuple[str, dict[str, str]]], cwd: Path, url: str, store: str, out: Path
+) -> None:
+    """Run each shard's command at once, as the cluster would, then merge: all 30 lines."""
+    procs = []
+    for script, env in commands:
+        script = PIPELINE.sub(lambda m: _pointed(m.group(1), url), script.replace(README_STORE, store))
+        full = {
+            **os.environ,
+            "LUMENFALL_API_KEY": FAKE_KEY,
+            **env,
+            "PATH": f"{cwd / '.venv/bin'}:{os.environ['PATH']}",
+        }
+        procs.append(subprocess.Popen(["sh", "-c", script], cwd=cwd, env=full))
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(procs)
+    merged = subprocess.run(
+        [str(cwd / ".venv/bin/pipeline"), "merge", str(out)], capture_output=True, text=True
+    )
+    assert merged.returncode == 0, merged.stderr
+    lines = (cwd / "samples/prompts.jsonl").read_text().splitlines()
+    assert len((out / "results.jsonl").read_text().splitlines()) == len([x for x in lines if x.strip()])
+
+
+@pytest.mark.parametrize("code", _blocks("yaml"))
+def test_the_kubernetes_job_runs_its_shards(
+    code: str, repo_copy: Path, mock_url: str, redis_server: Any
+) -> None:
+    found = re.search(r'command: \["sh", "-c", "(.*)"\]', code)
+    assert found, "the Job's command"
+    assert "completionMode: Indexed" in code
+    assert "secretKeyRef" in code
+    assert FAKE_KEY not in code
+    completions = int(re.search(r"completions: (\d+)", code).group(1))  # type: ignore[union-attr]
+    command = found.group(1).replace("/data/", f"{repo_copy}/data/")
+    command = re.sub(r"redis://\S+", README_STORE, command)  # the cluster's Redis: ours here
+    commands = [(command, {"JOB_COMPLETION_INDEX": str(i)}) for i in range(completions)]
+    _shards_then_merge(commands, repo_copy, mock_url, redis_server.url, repo_copy / "data/out/nightly")
+
+
+@pytest.mark.parametrize("code", _blocks("slurm"))
+def test_the_slurm_array_runs_its_shards(
+    code: str, repo_copy: Path, mock_url: str, redis_server: Any
+) -> None:
+    assert "#SBATCH" in code
+    commands = [(code, {"SLURM_ARRAY_TASK_ID": str(k)}) for k in range(1, 5)]
+    _shards_then_merge(commands, repo_copy, mock_url, redis_server.url, repo_copy / "out/sharded")
 
 
 @pytest.mark.parametrize("code", _blocks("crontab"))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ class Pending:
     field: str
     cap: int  # bytes the file may have
     tokens: int  # what the model will bill for it, as it will be sent
+    size: int = 0  # bytes on disk when the reader looked
 
 
 def _check_size(path: Path, cap: int, field: str) -> int:
@@ -166,7 +168,7 @@ def _check_size(path: Path, cap: int, field: str) -> int:
 
 def look(path: Path, sizing: Sizing, detail: str | None, *, field: str, cap: int, marker: bytes) -> Pending:
     """What the reader does: the file is there, an image, this big; nothing kept of it."""
-    _check_size(path, cap, field)
+    size = _check_size(path, cap, field)
     try:
         with path.open("rb") as f:
             head = f.read(16)
@@ -180,7 +182,7 @@ def look(path: Path, sizing: Sizing, detail: str | None, *, field: str, cap: int
     if pillow_available():
         width, height = _header_size(path, field)
     width, height = _sent_size(width, height, sizing)
-    return Pending(marker, path, sizing, field, cap, tile_tokens(width, height, detail))
+    return Pending(marker, path, sizing, field, cap, tile_tokens(width, height, detail), size)
 
 
 def _bad(path: Path, field: str, why: str) -> InputError:
@@ -204,11 +206,75 @@ def _header_size(path: Path, field: str) -> tuple[int, int]:
     return width, height
 
 
+class _Sized:
+    """The images sized lately, by file and sizing, up to `SIZED_CACHE_BYTES` of them: records
+    that share a photo (a caption per language, a product in several listings) decode it
+    once. Only sized images are kept (small); one sent as it is is read again, which is cheap."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._items: OrderedDict[tuple[Any, ...], tuple[str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._working: dict[tuple[Any, ...], threading.Lock] = {}  # one decode per image at a time
+
+    def lock_for(self, key: tuple[Any, ...]) -> threading.Lock:
+        with self._lock:
+            return self._working.setdefault(key, threading.Lock())
+
+    def done(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._working.pop(key, None)
+
+    def get(self, key: tuple[Any, ...]) -> tuple[str, bytes] | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[Any, ...], value: tuple[str, bytes]) -> None:
+        if len(value[1]) > self.limit // 8:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self.held += len(value[1])
+            while self.held > self.limit:
+                _, (_, old) = self._items.popitem(last=False)
+                self.held -= len(old)
+
+
+SIZED_CACHE_BYTES = 16 * 1024 * 1024
+_sized_cache = _Sized(SIZED_CACHE_BYTES)
+
+
 def encode(image: Pending) -> tuple[bytes, int, int]:
     """Read, check, size and encode one image (in a thread): its data URL, the bytes read
-    and the bytes sent."""
+    (the file's size) and the bytes sent."""
     path, field = image.path, image.field
-    _check_size(path, image.cap, field)
+    size = _check_size(path, image.cap, field)
+    key: tuple[Any, ...] | None = None
+    if image.sizing.changes:
+        try:
+            key = (path, path.stat().st_mtime_ns, size, image.sizing)
+        except OSError:
+            key = None
+    if key is None:
+        return _encode(image, size, None)
+    with _sized_cache.lock_for(key):  # a second record of the same photo waits for the first
+        found = _sized_cache.get(key)
+        if found is not None:
+            return _data_url(*found), size, len(found[1])
+        try:
+            return _encode(image, size, key)
+        finally:
+            _sized_cache.done(key)
+
+
+def _encode(image: Pending, size: int, key: tuple[Any, ...] | None) -> tuple[bytes, int, int]:
+    path, field = image.path, image.field
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -222,8 +288,13 @@ def encode(image: Pending) -> tuple[bytes, int, int]:
         sized = _sized(data, image.sizing, path, field)
         if sized is not None:
             kind, data = sized
-    url = b"data:" + kind.encode() + b";base64," + base64.b64encode(data)
-    return url, os.path.getsize(path), len(data)
+            if key is not None:
+                _sized_cache.put(key, sized)
+    return _data_url(kind, data), size, len(data)
+
+
+def _data_url(kind: str, data: bytes) -> bytes:
+    return b"data:" + kind.encode() + b";base64," + base64.b64encode(data)
 
 
 def _check_whole(im: Any, data: bytes, path: Path, field: str) -> None:

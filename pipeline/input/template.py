@@ -163,6 +163,7 @@ class Template:
     messages: Render
     custom_id: Render | None
     image_root: str | None = None  # relative to the job file, as the job file wrote it
+    local_images: bool = False  # an image part may read a file (a `path`)
 
     def name(self, record: Mapping[str, Any]) -> str | None:
         """What to call a record in a message: its id, as far as it can be told."""
@@ -220,4 +221,15 @@ def compile_template(raw: Mapping[str, Any], *, where: str) -> Template:
         messages=_compile(messages, where, cap, images),
         custom_id=_compile_string(id_template) if id_template else None,
         image_root=root,
+        local_images=_has_paths(messages),
     )
+
+
+def _has_paths(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_paths(v) for v in node)
+    if isinstance(node, dict):
+        if node.get("type") == "image":
+            return bool(node.get("path"))
+        return any(_has_paths(v) for v in node.values())
+    return False

@@ -160,6 +160,15 @@ class Pacer:
             if used < reserved:
                 self._reschedule()
 
+    def answered(self) -> None:
+        """An answer came back (a shared pace counts them: see `pipeline.pace.shared`)."""
+
+    async def check(self) -> None:
+        """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
+
+    async def run(self) -> None:
+        """What the pace does for as long as the run goes (a shared one: keep in step)."""
+
     def pause(self, seconds: float) -> None:
         """Hold every request back for `seconds` (a server's Retry-After for the pool)."""
         until = self._now() + seconds

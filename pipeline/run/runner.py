@@ -130,6 +130,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
     job = Run(settings, ledger, api_key)
     try:
         await check_reachable(settings.base_url)
+        await job.pacer.check()
         async with open_client(
             settings.base_url,
             api_key=api_key,
@@ -143,6 +144,27 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
     finally:
         failed_now = await job.close()
     return job.finish(failed_now)
+
+
+def pacer_for(
+    settings: Settings,
+    api_key: str | None,
+    request_rate: float | None,
+    token_rate: float | None,
+    say: Callable[[str], None],
+) -> Pacer:
+    """The run's pacer: its own, or the account's shared one (`--shared-limit`)."""
+    if settings.shared_limit is None:
+        return Pacer(request_rate=request_rate, token_rate=token_rate)
+    from pipeline.pace.shared import SharedPacer, account_key
+
+    return SharedPacer(
+        settings.shared_limit,
+        account_key(settings.base_url, api_key),
+        request_rate=request_rate,
+        token_rate=token_rate,
+        say=say,
+    )
 
 
 class Run:
@@ -172,7 +194,7 @@ class Run:
         # server's counting window, which would otherwise turn into 429s at its boundaries.
         request_rate = settings.rpm / 60 * MARGIN if settings.rpm else None
         token_rate = settings.tpm / 60 * MARGIN if settings.tpm else None
-        self.pacer = Pacer(request_rate=request_rate, token_rate=token_rate)
+        self.pacer = pacer_for(settings, api_key, request_rate, token_rate, self.progress.say)
         self.window = Window(settings.concurrency)
         if request_rate or token_rate:
             self.window.open()  # a stated pace bounds the rate from the start
@@ -208,6 +230,7 @@ class Run:
             books=self.books,
             control=control,
             verdict=self.verdict,
+            fill_ahead=self.parser.template is not None and self.parser.template.local_images,
         )
         size = max(2 * settings.concurrency, 16)
         refill = Refill(size // 2)
@@ -219,6 +242,7 @@ class Run:
             outer.start_soon(self.progress.tick)
             outer.start_soon(watch_signals, control, self.progress.say)
             outer.start_soon(self._count_total)
+            outer.start_soon(self.pacer.run)  # a shared pace keeps in step with its store
             with anyio.CancelScope() as work_scope:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:
@@ -299,8 +323,12 @@ class Run:
             control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
         )
         requests = counts.read - counts.empty - counts.elsewhere
-        if code == EXIT_OK and counts.finished and requests == 0:
+        if code == EXIT_OK and counts.finished and counts.read == counts.empty:
             note = f"nothing to do: {settings.input} has no lines (it is empty); nothing was sent"
+        elif code == EXIT_OK and counts.finished and requests == 0:
+            note = (
+                f"nothing to do in shard {settings.shard}: the {counts.elsewhere:,} lines are other shards'"
+            )
         elif code == EXIT_OK and counts.finished and requests == counts.skipped:
             note = f"nothing left to do: all {requests:,} lines were done by earlier runs into this folder"
         note = self.redact.text(note)

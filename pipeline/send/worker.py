@@ -27,7 +27,7 @@ from pipeline.input.images import encode
 from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.pace.gate import Gate
-from pipeline.run.control import Control, Crew, Refill, Seat
+from pipeline.run.control import READ_AHEAD_BYTES, Control, Crew, Refill, Seat
 from pipeline.send.client import Client
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge, answer_key
@@ -49,6 +49,7 @@ class Worker:
         books: Books,
         control: Control,
         verdict: Verdict | None = None,
+        fill_ahead: bool = False,
     ) -> None:
         self.gate = gate
         self.client = client
@@ -59,6 +60,8 @@ class Worker:
         self.verdict = verdict
         # Decoding and resizing images: a few threads, as many as there are cores to run them.
         self._image_threads = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self.fill_ahead = fill_ahead  # the job has local images: fill them before a seat
+        self._ahead = 0  # bytes of images filled ahead, their workers waiting for a seat
 
     async def run(
         self,
@@ -71,10 +74,14 @@ class Worker:
         # The *_nowait calls skip a trip round the event loop when there is no need to
         # wait; the awaiting calls are there for when there is.
         async with requests, outcomes:
-            await seat.take()
             try:
+                if not self.fill_ahead:
+                    await seat.take()
                 while self.control.dispatching:
-                    await seat.make_room()
+                    if self.fill_ahead:
+                        seat.give_up()  # seats go to workers whose next request is ready
+                    else:
+                        await seat.make_room()
                     try:
                         request = requests.receive_nowait()
                     except anyio.WouldBlock:
@@ -86,7 +93,11 @@ class Worker:
                         break
                     if refill is not None:
                         refill.taken(len(request.payload))
-                    outcome = await self.process(request, seat)
+                    outcome: Outcome | None
+                    if self.fill_ahead:
+                        outcome = await self._ready(request, seat)
+                    else:
+                        outcome = await self.process(request, seat)
                     request.payload = b""  # sent for good: let a big body (images) go
                     if outcome is None:
                         continue
@@ -99,14 +110,32 @@ class Worker:
             finally:
                 seat.give_up()
 
+    async def _ready(self, request: Request, seat: Seat) -> Outcome | None:
+        """A request with local images is filled before its worker takes a seat, so that
+        reading and resizing them overlap the requests in flight instead of adding to their
+        time; as many bytes of them wait ahead as the read-ahead allows."""
+        size = 0
+        failure: Failure | None = None
+        if request.images is not None:
+            size = sum(image.size for image in request.images)
+            if self._ahead == 0 or self._ahead + size <= READ_AHEAD_BYTES:
+                self._ahead += size
+                failure = await self._fill(request)
+            else:
+                size = 0  # filled once seated
+        try:
+            await seat.take()
+        finally:
+            self._ahead -= size
+        if failure is not None:
+            return failure
+        return await self.process(request, seat)
+
     async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
         if request.images is not None:
-            try:
-                await self._fill(request)
-            except InputError as e:  # the record's image: its line fails, the run goes on
-                return input_failure(
-                    e, line=request.line, custom_id=request.custom_id, metadata=request.metadata
-                )
+            failure = await self._fill(request)
+            if failure is not None:
+                return failure
         held = await self.books.reserve(request)
         if isinstance(held, RunStopped):
             self.control.stop(held)
@@ -162,16 +191,21 @@ class Worker:
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
 
-    async def _fill(self, request: Request) -> None:
+    async def _fill(self, request: Request) -> Failure | None:
         """Read, size and encode the request's local images, in threads, into its payload:
-        as late as can be, so that the read-ahead buffer holds records, not images."""
+        as late as can be, so that the read-ahead buffer holds records, not images. A broken
+        image fails its line as an input error, and the run goes on."""
         images, request.images = request.images or [], None
         payload = request.payload
-        for image in images:
-            url, read, sent = await anyio.to_thread.run_sync(encode, image, limiter=self._image_threads)
-            payload = payload.replace(image.marker, url, 1)
-            self.books.image(read, sent)
+        try:
+            for image in images:
+                url, read, sent = await anyio.to_thread.run_sync(encode, image, limiter=self._image_threads)
+                payload = payload.replace(image.marker, url, 1)
+                self.books.image(read, sent)
+        except InputError as e:
+            return input_failure(e, line=request.line, custom_id=request.custom_id, metadata=request.metadata)
         request.payload = payload
+        return None
 
     async def _attempt(self, request: Request) -> Reply:
         """Pace, send, and account for one attempt; the answer, or the error it ended with."""

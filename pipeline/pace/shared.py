@@ -1,0 +1,377 @@
+"""One pace for every process of an account, through Redis (`--shared-limit redis://...`).
+
+The pacer of `local` with its start times leased from a store that every process shares:
+
+- **Leases, not a round trip a request.** The store keeps one virtual clock per account in
+  the manner of GCRA: a process asks for a lease of `n` starts and is given the stretch of
+  the shared timeline from `max(clock, now)` on, `n / rate` long; the clock moves past it.
+  The process spends its starts evenly over that stretch. Stretches never overlap, so the
+  processes together start exactly `rate` requests a second, however many they are; a lease
+  is a tenth of a second of the account's rate, so a call to the store costs nothing next to
+  the requests it covers. Tokens (`--tpm`) are leased the same way.
+- **A limit found once.** With `--rpm`/`--tpm` the rate is the account's, as given. Without,
+  each process's rate finder reads the server as before, from its own requests; the store
+  turns what one process reads into the account's rate by the share of the account's recent
+  answers that process had, and every process paces at it. A pause one process is asked for
+  (a 429 trend, a Retry-After for the pool) is the pool's: every process waits it out.
+- **The store goes away.** Each process goes on alone at its share of the last shared rate
+  (the rate over the processes seen), says so once, and rejoins when the store is back.
+  Nothing is lost; the limit is exceeded by no more than the leases in hand.
+
+The key names the account by a hash of the base URL and the API key, never the key itself,
+and expires when unused. The store's URL is never shown with its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from pipeline.errors import SettingsError
+from pipeline.pace.local import Pacer
+from pipeline.settings import redacted
+
+LEASE_SECONDS = 0.1  # of the account's rate, in one lease
+SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
+RETRY_EVERY = 1.0  # seconds between attempts to reach a store that went away
+KEY_TTL = 600  # seconds an account's state outlives its last process
+ANSWERS_WINDOW = 3  # seconds of answers that tell a process's share of the account's
+
+# One call per lease or sync. Times are the store's (TIME), so machines' clocks never meet.
+_SCRIPT = """
+local key, members, answers = KEYS[1], KEYS[2], KEYS[3]
+local pid = ARGV[1]
+local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
+local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
+local answered, ttl = tonumber(ARGV[8]), tonumber(ARGV[9])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local second = math.floor(now)
+redis.call('HSET', members, pid, tostring(now))
+if answered > 0 then
+  redis.call('HINCRBY', answers, tostring(second), answered)
+end
+local seen, all = 0, redis.call('HGETALL', members)
+for i = 1, #all, 2 do
+  local at = tonumber(all[i + 1])
+  if now - at < 5 then seen = seen + 1 elseif now - at > 60 then redis.call('HDEL', members, all[i]) end
+end
+local recent, counts = 0, redis.call('HGETALL', answers)
+for i = 1, #counts, 2 do
+  local s = tonumber(counts[i])
+  if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1])
+  elseif s < second - 10 then redis.call('HDEL', answers, counts[i]) end
+end
+if found >= 0 then redis.call('HSET', key, 'found', tostring(found)) end
+local rate = given
+if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
+local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
+if pause_for > 0 and now + pause_for > paused then
+  paused = now + pause_for
+  redis.call('HSET', key, 'paused', tostring(paused))
+end
+local start, token_start = -1, -1
+if want > 0 and rate > 0 then
+  start = math.max(tonumber(redis.call('HGET', key, 'clock') or '0'), now, paused)
+  redis.call('HSET', key, 'clock', tostring(start + want / rate))
+end
+if want_tokens > 0 and given_tokens > 0 then
+  token_start = math.max(tonumber(redis.call('HGET', key, 'token_clock') or '0'), now, paused)
+  redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
+end
+redis.call('EXPIRE', key, ttl)
+redis.call('EXPIRE', members, ttl)
+redis.call('EXPIRE', answers, 60)
+return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
+        tostring(seen), tostring(recent)}
+"""
+
+
+def account_key(base_url: str, api_key: str | None) -> str:
+    """The account's name in the store: a hash of where requests go and with which key."""
+    digest = hashlib.sha256(f"{base_url}\0{api_key or ''}".encode()).hexdigest()[:24]
+    return f"pipeline:pace:{digest}"
+
+
+class SharedPacer(Pacer):
+    """A `Pacer` whose starts (and tokens) come from leases of the account's shared pace."""
+
+    def __init__(
+        self,
+        url: str,
+        account: str,
+        *,
+        request_rate: float | None = None,
+        token_rate: float | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.url = url
+        self.account = account
+        self.say = say
+        self.given = request_rate or 0.0  # the account's rates, as given (with the margin)
+        self.given_tokens = token_rate or 0.0
+        self.shared = self.given  # the rate in force for the account, given or found
+        self.members = 1  # processes seen lately
+        self.alone = False  # the store is away: paced locally at our share
+        self._pid = f"{socket.gethostname()}:{os.getpid()}"
+        self._slots: deque[float] = deque()  # leased start times, on the loop's clock
+        self._tokens = 0.0  # leased tokens in hand
+        self._tokens_from = 0.0
+        self._want = 0  # starts wanted from the store now
+        self._want_tokens = 0.0
+        self._found: float | None = None  # a found rate to publish (-1 when none)
+        self._pause_for = 0.0  # a pause to publish
+        self._answered = 0  # answers since the last call: the account's share
+        self._recent: deque[tuple[float, int]] = deque()  # (loop time, answers) of the last seconds
+        self._share = 1.0  # our share of the account's answers, lately
+        self._wake = asyncio.Event()
+        super().__init__(request_rate=request_rate, token_rate=token_rate)
+        self._free = not (self.given or self.given_tokens)
+
+    # -- what the rate finder and the gate see: this process's scale ---------------------------
+
+    def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
+        if not hasattr(self, "shared"):  # the base class, setting up
+            super().set_rates(request_rate=request_rate, token_rate=token_rate)
+            return
+        if not self.given:
+            # What this process read, as the account's rate: by its share of the answers.
+            self._found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
+            self.shared = self._found
+            self._wake.set()
+        self._apply()
+
+    @property
+    def request_rate(self) -> float | None:
+        rate = self.shared * self._share if hasattr(self, "shared") else 0.0
+        return rate or (1.0 / self._request_interval if self._request_interval else None)
+
+    def answered(self) -> None:
+        """An answer came back: counted toward this process's share of the account's."""
+        self._answered += 1
+
+    def pause(self, seconds: float) -> None:
+        super().pause(seconds)
+        self._pause_for = max(self._pause_for, seconds)
+        self._wake.set()
+
+    def settle(self, reserved: int, used: int) -> None:
+        if self.alone or not self.given_tokens:
+            super().settle(reserved, used)
+        elif used < reserved:
+            self._tokens += reserved - used  # back in hand, for our next requests
+            self._reschedule()
+
+    # -- the local pacer's clocks, fed by leases ----------------------------------------------
+
+    def _apply(self) -> None:
+        """Local pacing as the shared state says: leases when the store is there, else our
+        share of the last shared rate."""
+        if self.alone:
+            share = self.shared / max(self.members, 1) if self.shared else 0.0
+            tokens = self.given_tokens / max(self.members, 1) if self.given_tokens else 0.0
+            self._request_interval = 1.0 / share if share else 0.0
+            self._token_rate = tokens
+        else:
+            self._request_interval = 0.0
+            self._token_rate = 0.0
+        self._free = not (self.shared or self.given_tokens)
+        self._reschedule()
+
+    def _ready_at(self, tokens: int) -> float:
+        if self.alone:
+            return super()._ready_at(tokens)
+        at = self._paused_until
+        if self.shared:
+            # A start left unused is gone: spent late, it would add to another's stretch.
+            late = self._now() - 1.0 / self.shared
+            while self._slots and self._slots[0] < late:
+                self._slots.popleft()
+            if not self._slots:
+                self._ask(starts=True)
+                return math.inf
+            at = max(at, self._slots[0])
+        if self.given_tokens and tokens:
+            if self._tokens < tokens:
+                self._ask(tokens=tokens)
+                return math.inf
+            at = max(at, self._tokens_from)
+        return at
+
+    def _take(self, tokens: int, start: float) -> None:
+        if self.alone:
+            super()._take(tokens, start)
+            return
+        if self.shared and self._slots:
+            self._slots.popleft()
+            if len(self._slots) < self._lease() / 2:
+                self._ask(starts=True)  # the next lease before this one runs out
+        if self.given_tokens and tokens:
+            self._tokens -= tokens
+
+    def _reschedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        if not self._waiters or self._loop is None:
+            return
+        at = self._ready_at(self._waiters[0][0])
+        if at != math.inf:
+            self._timer = self._loop.call_at(at, self._release)
+
+    def _lease(self) -> int:
+        return max(1, math.ceil(self.shared * LEASE_SECONDS)) if self.shared else 0
+
+    def _ask(self, *, starts: bool = False, tokens: float = 0.0) -> None:
+        if starts and not self._want:
+            self._want = self._lease()
+        if tokens and not self._want_tokens:
+            self._want_tokens = max(tokens, self.given_tokens * LEASE_SECONDS)
+        self._wake.set()
+
+    # -- the store -------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        try:
+            import redis.asyncio as redis
+        except ImportError:
+            raise SettingsError(
+                "--shared-limit needs the Redis client: pip install 'pipeline[shared]' (make installs it)"
+            ) from None
+        return redis.Redis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    async def check(self) -> None:
+        """The store must be there when the run starts: a wrong URL is said before anything
+        is sent, not found out as a run going alone."""
+        from redis.exceptions import RedisError
+
+        client = self._client()
+        try:
+            await client.ping()
+        except (RedisError, OSError) as e:
+            raise SettingsError(
+                f"cannot reach the shared limit's store {redacted(self.url)} ({_reason(e)}); "
+                "check --shared-limit, or run without it to pace this process alone"
+            ) from None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def run(self) -> None:
+        """Keep in step with the store for as long as the run goes (a task of the run)."""
+        from redis.exceptions import RedisError
+
+        client = self._client()
+        script = client.register_script(_SCRIPT)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            while True:
+                try:
+                    await self._sync(script, loop)
+                except (RedisError, OSError) as e:
+                    self._away(e)
+                    await anyio.sleep(RETRY_EVERY)
+                    continue
+                with anyio.move_on_after(SYNC_EVERY):
+                    await self._wake.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def _sync(self, script: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake.clear()
+        want, want_tokens = self._want, self._want_tokens
+        found, pause_for, answered = self._found, self._pause_for, self._answered
+        sent_at = loop.time()
+        reply = await script(
+            keys=[self.account, f"{self.account}:members", f"{self.account}:answers"],
+            args=[
+                self._pid,
+                want,
+                want_tokens,
+                self.given,
+                self.given_tokens,
+                -1 if found is None else found,
+                pause_for,
+                answered,
+                KEY_TTL,
+            ],
+        )
+        now = loop.time()
+        # Only what was sent is taken off: more may have come while the call was out.
+        self._want -= want
+        self._want_tokens = max(self._want_tokens - want_tokens, 0.0)
+        if self._found == found:
+            self._found = None
+        if self._pause_for == pause_for:
+            self._pause_for = 0.0
+        self._answered -= answered
+        server_now, rate, start, token_start, paused, seen, recent = (float(x) for x in reply)
+        offset = (sent_at + now) / 2 - server_now  # the store's clock on ours
+        self._back()
+        self.members = max(int(seen), 1)
+        self._count_share(now, answered, int(recent))
+        if not self.given:
+            self.shared = rate
+        if paused + offset > self._paused_until:
+            self._paused_until = paused + offset
+        if start >= 0 and rate > 0:
+            first = start + offset
+            self._slots.extend(first + i / rate for i in range(int(want)))
+        if token_start >= 0:
+            self._tokens += want_tokens
+            self._tokens_from = token_start + offset
+        self._apply()
+
+    def _count_share(self, now: float, answered: int, recent: int) -> None:
+        """Our share of the account's answers over the last seconds (the store counts the
+        account's by whole seconds; ours are counted here over the same span)."""
+        self._recent.append((now, answered))
+        while self._recent and self._recent[0][0] < now - ANSWERS_WINDOW - 1:
+            self._recent.popleft()
+        ours = sum(n for at, n in self._recent if at >= now - ANSWERS_WINDOW - 1)
+        if recent >= 20 and ours:
+            self._share = min(1.0, ours / recent)
+        elif self.members > 1:
+            self._share = 1.0 / self.members
+
+    def _away(self, error: BaseException) -> None:
+        if not self.alone:
+            self.alone = True
+            self._slots.clear()
+            self._tokens = 0.0
+            self.say(
+                f"pipeline: the shared limit's store {redacted(self.url)} cannot be reached "
+                f"({_reason(error)}); going on alone at a share of the last shared pace "
+                f"({self._described()}), and rejoining when it is back"
+            )
+            self._apply()
+
+    def _back(self) -> None:
+        if self.alone:
+            self.alone = False
+            self.say(
+                f"pipeline: the shared limit's store {redacted(self.url)} is back; pacing together again"
+            )
+
+    def _described(self) -> str:
+        if not self.shared:
+            return "no pace found yet"
+        return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, without the URL (and so its password) a message may carry."""
+    return type(error).__name__

@@ -1,0 +1,184 @@
+"""One limit for many processes, through a real Redis started on 127.0.0.1 by the test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as redis
+
+import pipeline
+from pipeline.errors import SettingsError
+from pipeline.pace.shared import SharedPacer, account_key
+from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
+from tests.test_crash import start
+
+RATE = 40.0  # requests a second for the account
+
+
+async def _starts(pacers: list[SharedPacer], seconds: float) -> list[tuple[int, float]]:
+    """Every pacer acquiring as fast as it may for `seconds`: (which, when) of each start."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    seen: list[tuple[int, float]] = []
+
+    async def spend(i: int, pacer: SharedPacer) -> None:
+        while loop.time() - began < seconds:
+            await pacer.acquire()
+            seen.append((i, loop.time() - began))
+            await asyncio.sleep(0)
+
+    async with anyio.create_task_group() as tg:
+        for pacer in pacers:
+            tg.start_soon(pacer.run)
+        with anyio.move_on_after(seconds + 1):
+            async with anyio.create_task_group() as spenders:
+                for i, pacer in enumerate(pacers):
+                    spenders.start_soon(spend, i, pacer)
+        tg.cancel_scope.cancel()
+    return [(i, at) for i, at in seen if at < seconds]
+
+
+async def test_four_processes_start_the_accounts_rate_together(redis_server: RedisServer) -> None:
+    account = account_key("http://x/v1", FAKE_KEY)
+    pacers = [SharedPacer(redis_server.url, account, request_rate=RATE, say=lambda _: None) for _ in range(4)]
+    for pacer in pacers:
+        pacer._pid = f"p{id(pacer)}"  # four processes, as the store sees them
+    starts = await _starts(pacers, 4.0)
+    per_second = Counter(int(at) for _, at in starts)
+    # Each second holds the account's rate, no more (a lease's worth of slack), not 4x.
+    for second in (1, 2, 3):
+        assert RATE * 0.9 <= per_second[second] <= RATE + 4, per_second
+    assert {i for i, _ in starts} == {0, 1, 2, 3}  # all of them got their turns
+
+
+async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
+    account = account_key("http://x/v1", FAKE_KEY)
+    assert FAKE_KEY not in account
+    pacer = SharedPacer(redis_server.url, account, request_rate=RATE, say=lambda _: None)
+    await _starts([pacer], 0.5)
+    client: Any = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = [k.decode() for k in await client.keys("*")]
+        assert keys
+        assert all(k.startswith(account) for k in keys)
+        for key in keys:
+            ttl = await client.ttl(key)
+            assert 0 < ttl <= 600  # expires when unused
+            dump = str(await client.hgetall(key))
+            assert FAKE_KEY not in dump
+    finally:
+        await client.aclose()
+
+
+async def test_a_store_that_goes_away_leaves_each_process_its_share(tmp_path: Path) -> None:
+    store = RedisServer(tmp_path / "redis")
+    store.start()
+    said: list[str] = []
+    account = account_key("http://x/v1", FAKE_KEY)
+    pacers = [SharedPacer(store.url, account, request_rate=RATE, say=said.append) for _ in range(2)]
+    for i, pacer in enumerate(pacers):
+        pacer._pid = f"p{i}"
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    seen: list[float] = []
+
+    async def spend(pacer: SharedPacer) -> None:
+        while loop.time() - began < 6:
+            await pacer.acquire()
+            seen.append(loop.time() - began)
+            await asyncio.sleep(0)
+
+    async def outage() -> None:
+        await anyio.sleep(1.5)
+        store.stop()
+        await anyio.sleep(2.0)
+        store.start()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for pacer in pacers:
+                tg.start_soon(pacer.run)
+            tg.start_soon(outage)
+            with anyio.move_on_after(7):
+                async with anyio.create_task_group() as spenders:
+                    for pacer in pacers:
+                        spenders.start_soon(spend, pacer)
+            tg.cancel_scope.cancel()
+    finally:
+        store.stop()
+    per_second = Counter(int(at) for at in seen if at < 6)
+    for second in range(1, 6):
+        assert per_second[second] <= RATE + 6, per_second  # the limit held, store or not
+    assert per_second[2] >= RATE * 0.7  # alone, each at its share: the pace goes on
+    assert per_second[5] >= RATE * 0.7  # together again
+    assert sum("cannot be reached" in s for s in said) == 2  # each said so once
+    assert sum("is back; pacing together" in s for s in said) == 2
+    assert all(store.password is None or store.password not in s for s in said)
+
+
+async def test_shards_share_the_accounts_limit_end_to_end(
+    mock, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(480))
+    out = tmp_path / "out"
+    async with mock(rpm=RATE * 60, latency=0.02) as (url, server):
+        procs = [
+            await start(
+                url,
+                src,
+                out,
+                "--shard",
+                f"{k}/4",
+                "--shared-limit",
+                redis_server.url,
+                "--rpm",
+                f"{RATE * 60:g}",
+            )
+            for k in range(1, 5)
+        ]
+        results = [await proc.communicate() for proc in procs]
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [r[1][-300:] for r in results]
+    assert sum(len(read_jsonl(out / f"shard-{k}-of-4/results.jsonl")) for k in range(1, 5)) == 480
+    assert refused <= 480 * 0.005
+    assert max(accepted.values()) <= RATE  # the mock counts by wall-clock second
+    steady = sorted(accepted.values())[1:-1]
+    assert sum(steady) / len(steady) >= RATE * 0.9  # together near the account's rate, not a quarter
+
+
+async def test_a_password_in_the_store_url_is_never_shown(mock, tmp_path: Path) -> None:
+    store = RedisServer(tmp_path / "redis", password="s3cret-store-pw")
+    store.start()
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
+        async with mock() as (url, _):
+            proc = await start(url, src, tmp_path / "out", "--shared-limit", store.url)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err
+            wrong = store.url.replace(str(store.port), str(store.port + 1))
+            proc = await start(url, src, tmp_path / "out2", "--shared-limit", wrong)
+            out2, err2 = await proc.communicate()
+    finally:
+        store.stop()
+    assert proc.returncode == 2
+    assert b"cannot reach the shared limit's store" in err2
+    text = out + err + out2 + err2
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            text += path.read_bytes()
+    assert b"s3cret-store-pw" not in text
+    assert b"***" in err2
+
+
+def test_a_shared_limit_must_be_a_redis_url() -> None:
+    with pytest.raises(SettingsError, match="not a redis:// URL"):
+        pipeline.settings_from(None, input="x.jsonl", shared_limit="http://user:pw@host/0")
+    with pytest.raises(SettingsError) as caught:
+        pipeline.settings_from(None, input="x.jsonl", shared_limit="memcache://user:pw@host/0")
+    assert "pw" not in str(caught.value).replace("memcache", "")
