@@ -12,14 +12,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import caption, real, scenarios
+from bench import caption, real, scenarios, shards
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
 
 OUT = Path(__file__).resolve().parent / "out"
 # The canonical order (a scenario may compare itself with one run before it).
-SCENARIOS: dict[str, Scenario] = {**scenarios.SCENARIOS, **real.SCENARIOS, **caption.SCENARIOS}
+SCENARIOS: dict[str, Scenario] = {
+    **scenarios.SCENARIOS,
+    **real.SCENARIOS,
+    **caption.SCENARIOS,
+    **shards.SCENARIOS,
+}
 
 
 def _env_int(name: str, default: int) -> int:
