@@ -182,3 +182,47 @@ def test_a_shared_limit_must_be_a_redis_url() -> None:
     with pytest.raises(SettingsError) as caught:
         pipeline.settings_from(None, input="x.jsonl", shared_limit="memcache://user:pw@host/0")
     assert "pw" not in str(caught.value).replace("memcache", "")
+
+
+async def test_shards_through_a_store_outage_lose_nothing_and_hold_the_limit(mock, tmp_path: Path) -> None:
+    store = RedisServer(tmp_path / "redis")
+    store.start()
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(400))
+    out = tmp_path / "out"
+
+    async def outage() -> None:
+        await anyio.sleep(3.0)
+        store.stop()
+        await anyio.sleep(3.0)
+        store.start()  # the same port: the processes rejoin
+
+    try:
+        async with mock(rpm=RATE * 60, latency=0.02) as (url, server):
+            procs = [
+                await start(
+                    url, src, out, "--shard", f"{k}/4", "--shared-limit", store.url, "--rpm", f"{RATE * 60:g}"
+                )
+                for k in range(1, 5)
+            ]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(outage)
+                results = [await proc.communicate() for proc in procs]
+            accepted = dict(server.state.accepted_per_second)
+            refused_by_second = dict(server.state.refused_per_second)
+            refused = sum(refused_by_second.values())
+    finally:
+        store.stop()
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
+    said = b"".join(err for _, err in results) + b"".join(o for o, _ in results)
+    assert said.count(b"cannot be reached") >= 1  # the processes that met the outage said so
+    merged = merge_ids(out)
+    assert sorted(merged) == sorted(f"job-{i}" for i in range(400))  # nothing lost, nothing twice
+    assert max(accepted.values()) <= RATE  # the mock counts by wall-clock second
+    assert refused <= 400 * 0.01, (accepted, dict(refused_by_second))
+
+
+def merge_ids(out: Path) -> list[str]:
+    from pipeline.output.merge import merge
+
+    merge(out)
+    return [r["custom_id"] for r in read_jsonl(out / "results.jsonl")]

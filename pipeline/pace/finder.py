@@ -387,7 +387,7 @@ class RateFinder:
             per_second = _per_second(headers.get("x-ratelimit-limit-requests"))
             if per_second and per_second != self.ceiling:
                 self.ceiling = per_second
-                self.pacer.set_request_rate(per_second)
+                self.pacer.state_request_rate(per_second)
                 self.window.open()
         if not self.tpm_given:
             per_second = _per_second(headers.get("x-ratelimit-limit-tokens"))

@@ -49,6 +49,11 @@ class Pacer:
     def set_request_rate(self, rate: float | None) -> None:
         self.set_rates(request_rate=rate, token_rate=self.token_rate)
 
+    def state_request_rate(self, rate: float) -> None:
+        """The rate the server states in its headers: the account's (a shared pace takes it
+        as given, where a rate read from this process's own requests is its share)."""
+        self.set_request_rate(rate)
+
     def set_token_rate(self, rate: float | None) -> None:
         self.set_rates(request_rate=self.request_rate, token_rate=rate)
 

@@ -40,6 +40,7 @@ from pipeline.pace.local import Pacer
 from pipeline.settings import redacted
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
+LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 RETRY_EVERY = 1.0  # seconds between attempts to reach a store that went away
 KEY_TTL = 600  # seconds an account's state outlives its last process
@@ -131,7 +132,7 @@ class SharedPacer(Pacer):
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
         self._answered = 0  # answers since the last call: the account's share
-        self._recent: deque[tuple[float, int]] = deque()  # (loop time, answers) of the last seconds
+        self._ours: dict[int, int] = {}  # our answers by the store's second they were counted in
         self._share = 1.0  # our share of the account's answers, lately
         self._wake = asyncio.Event()
         super().__init__(request_rate=request_rate, token_rate=token_rate)
@@ -145,10 +146,20 @@ class SharedPacer(Pacer):
             return
         if not self.given:
             # What this process read, as the account's rate: by its share of the answers.
-            self._found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
-            self.shared = self._found
+            found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
+            if self.shared and found > self.shared:
+                # A rise (a finder probing upward) is every process's at once: each takes
+                # its part of it, or N probing processes would climb N times as fast.
+                found = self.shared + (found - self.shared) / max(self.members, 1)
+            self._found = self.shared = found
             self._wake.set()
         self._apply()
+
+    def state_request_rate(self, rate: float) -> None:
+        if not self.given:
+            self._found = self.shared = rate  # the account's, as the server states it
+            self._wake.set()
+            self._apply()
 
     @property
     def request_rate(self) -> float | None:
@@ -192,8 +203,9 @@ class SharedPacer(Pacer):
             return super()._ready_at(tokens)
         at = self._paused_until
         if self.shared:
-            # A start left unused is gone: spent late, it would add to another's stretch.
-            late = self._now() - 1.0 / self.shared
+            # A start left unused is gone: spent late, it would add to another's stretch (a
+            # loop a little behind, on a busy machine, may still use it).
+            late = self._now() - LATE
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
@@ -322,7 +334,7 @@ class SharedPacer(Pacer):
         offset = (sent_at + now) / 2 - server_now  # the store's clock on ours
         self._back()
         self.members = max(int(seen), 1)
-        self._count_share(now, answered, int(recent))
+        self._count_share(int(server_now), answered, int(recent))
         if not self.given:
             self.shared = rate
         if paused + offset > self._paused_until:
@@ -335,13 +347,14 @@ class SharedPacer(Pacer):
             self._tokens_from = token_start + offset
         self._apply()
 
-    def _count_share(self, now: float, answered: int, recent: int) -> None:
-        """Our share of the account's answers over the last seconds (the store counts the
-        account's by whole seconds; ours are counted here over the same span)."""
-        self._recent.append((now, answered))
-        while self._recent and self._recent[0][0] < now - ANSWERS_WINDOW - 1:
-            self._recent.popleft()
-        ours = sum(n for at, n in self._recent if at >= now - ANSWERS_WINDOW - 1)
+    def _count_share(self, second: int, answered: int, recent: int) -> None:
+        """Our share of the account's answers over the last whole seconds: the store counts
+        the account's by the second of each call, and ours are counted here by the same."""
+        if answered:
+            self._ours[second] = self._ours.get(second, 0) + answered
+        for old in [s for s in self._ours if s < second - ANSWERS_WINDOW]:
+            del self._ours[old]
+        ours = sum(n for s, n in self._ours.items() if second - ANSWERS_WINDOW <= s < second)
         if recent >= 20 and ours:
             self._share = min(1.0, ours / recent)
         elif self.members > 1:
@@ -352,6 +365,11 @@ class SharedPacer(Pacer):
             self.alone = True
             self._slots.clear()
             self._tokens = 0.0
+            # The local clocks start now: left at their last use, they would let every
+            # waiter go at once to catch up.
+            now = self._now()
+            self._next_request = max(self._next_request, now)
+            self._next_token = max(self._next_token, now)
             self.say(
                 f"pipeline: the shared limit's store {redacted(self.url)} cannot be reached "
                 f"({_reason(error)}); going on alone at a share of the last shared pace "
