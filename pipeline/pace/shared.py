@@ -42,6 +42,8 @@ from pipeline.settings import redacted
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
 LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
+SYNC_UNPACED = 0.02  # the same while no pace is known
+FIRST_HOLD = 0.97  # of the account's answers in the last whole second, for a first reading
 RETRY_EVERY = 1.0  # seconds between attempts to reach a store that went away
 KEY_TTL = 600  # seconds an account's state outlives its last process
 ANSWERS_WINDOW = 3  # seconds of answers that tell a process's share of the account's
@@ -66,13 +68,15 @@ for i = 1, #all, 2 do
   local at = tonumber(all[i + 1])
   if now - at < 5 then seen = seen + 1 elseif now - at > 60 then redis.call('HDEL', members, all[i]) end
 end
-local recent, counts = 0, redis.call('HGETALL', answers)
+local recent, last, counts = 0, 0, redis.call('HGETALL', answers)
 for i = 1, #counts, 2 do
   local s = tonumber(counts[i])
-  if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1])
-  elseif s < second - 10 then redis.call('HDEL', answers, counts[i]) end
+  if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1]) end
+  if s == second - 1 then last = tonumber(counts[i + 1]) end
+  if s < second - 10 then redis.call('HDEL', answers, counts[i]) end
 end
-if found >= 0 then redis.call('HSET', key, 'found', tostring(found)) end
+if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
+local leads = (redis.call('HGET', key, 'found_by') or pid) == pid
 local rate = given
 if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
 local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
@@ -93,7 +97,7 @@ redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 redis.call('EXPIRE', answers, 60)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), tostring(recent)}
+        tostring(seen), tostring(recent), tostring(last), leads and '1' or '0'}
 """
 
 
@@ -122,6 +126,7 @@ class SharedPacer(Pacer):
         self.given_tokens = token_rate or 0.0
         self.shared = self.given  # the rate in force for the account, given or found
         self.members = 1  # processes seen lately
+        self.leads = True  # whose reading is in force: it alone probes upward, for all
         self.alone = False  # the store is away: paced locally at our share
         self._pid = f"{socket.gethostname()}:{os.getpid()}"
         self._slots: deque[float] = deque()  # leased start times, on the loop's clock
@@ -132,6 +137,7 @@ class SharedPacer(Pacer):
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
         self._answered = 0  # answers since the last call: the account's share
+        self._last = 0  # the account's answers in the last whole second
         self._ours: dict[int, int] = {}  # our answers by the store's second they were counted in
         self._share = 1.0  # our share of the account's answers, lately
         self._wake = asyncio.Event()
@@ -147,10 +153,12 @@ class SharedPacer(Pacer):
         if not self.given:
             # What this process read, as the account's rate: by its share of the answers.
             found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
-            if self.shared and found > self.shared:
-                # A rise (a finder probing upward) is every process's at once: each takes
-                # its part of it, or N probing processes would climb N times as fast.
-                found = self.shared + (found - self.shared) / max(self.members, 1)
+            if found and not self.shared and self._last:
+                # The first reading, just after the server was full: what the account got
+                # through in the last whole second is the better reading of the two.
+                found = max(found, self._last * FIRST_HOLD)
+            if self.shared and found > self.shared and not self.leads:
+                return  # the process whose reading is in force probes for all, or N would climb N times as fast
             self._found = self.shared = found
             self._wake.set()
         self._apply()
@@ -243,7 +251,12 @@ class SharedPacer(Pacer):
             self._timer = self._loop.call_at(at, self._release)
 
     def _lease(self) -> int:
-        return max(1, math.ceil(self.shared * LEASE_SECONDS)) if self.shared else 0
+        """Starts to ask for at once: a tenth of a second of the account's rate, split among
+        the processes, so that together they hold a tenth of a second ahead, not N tenths
+        (what a process that ends holds is lost to the others)."""
+        if not self.shared:
+            return 0
+        return max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1)))
 
     def _ask(self, *, starts: bool = False, tokens: float = 0.0) -> None:
         if starts and not self._want:
@@ -296,7 +309,9 @@ class SharedPacer(Pacer):
                     self._away(e)
                     await anyio.sleep(RETRY_EVERY)
                     continue
-                with anyio.move_on_after(SYNC_EVERY):
+                # Before any pace is known a refusal storm may be under way: a pause one
+                # process is asked for must reach the others at once.
+                with anyio.move_on_after(SYNC_EVERY if self.shared else SYNC_UNPACED):
                     await self._wake.wait()
         finally:
             with anyio.CancelScope(shield=True):
@@ -330,11 +345,12 @@ class SharedPacer(Pacer):
         if self._pause_for == pause_for:
             self._pause_for = 0.0
         self._answered -= answered
-        server_now, rate, start, token_start, paused, seen, recent = (float(x) for x in reply)
+        server_now, rate, start, token_start, paused, seen, recent, last, leads = (float(x) for x in reply)
+        self.leads = bool(leads)
         offset = (sent_at + now) / 2 - server_now  # the store's clock on ours
         self._back()
         self.members = max(int(seen), 1)
-        self._count_share(int(server_now), answered, int(recent))
+        self._count_share(int(server_now), answered, int(recent), int(last))
         if not self.given:
             self.shared = rate
         if paused + offset > self._paused_until:
@@ -347,15 +363,21 @@ class SharedPacer(Pacer):
             self._tokens_from = token_start + offset
         self._apply()
 
-    def _count_share(self, second: int, answered: int, recent: int) -> None:
-        """Our share of the account's answers over the last whole seconds: the store counts
-        the account's by the second of each call, and ours are counted here by the same."""
+    def _count_share(self, second: int, answered: int, recent: int, last: int) -> None:
+        """Our share of the account's answers: over the last whole second where it holds
+        enough to tell (a reading is of the second before the server was full), else over the
+        last three; the store counts the account's by the second of each call, and ours are
+        counted here by the same."""
         if answered:
             self._ours[second] = self._ours.get(second, 0) + answered
         for old in [s for s in self._ours if s < second - ANSWERS_WINDOW]:
             del self._ours[old]
+        self._last = last
+        ours_last = self._ours.get(second - 1, 0)
         ours = sum(n for s, n in self._ours.items() if second - ANSWERS_WINDOW <= s < second)
-        if recent >= 20 and ours:
+        if last >= 10 and ours_last:
+            self._share = min(1.0, ours_last / last)
+        elif recent >= 20 and ours:
             self._share = min(1.0, ours / recent)
         elif self.members > 1:
             self._share = 1.0 / self.members
