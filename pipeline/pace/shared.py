@@ -43,8 +43,10 @@ LEASE_SECONDS = 0.1  # of the account's rate, in one lease
 LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 SYNC_UNPACED = 0.02  # the same while no pace is known
-FIRST_HOLD = 0.97  # of the account's answers in the last whole second, for a first reading
-RETRY_EVERY = 1.0  # seconds between attempts to reach a store that went away
+FIRST_HOLD = 0.97  # of the account's answers in its last whole seconds, as a reading's floor
+BOOT_RATE = 16.0  # starts a second for the account before any limit is known, doubling
+RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
+REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
 KEY_TTL = 600  # seconds an account's state outlives its last process
 ANSWERS_WINDOW = 3  # seconds of answers that tell a process's share of the account's
 
@@ -72,14 +74,26 @@ local recent, last, counts = 0, 0, redis.call('HGETALL', answers)
 for i = 1, #counts, 2 do
   local s = tonumber(counts[i])
   if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1]) end
-  if s == second - 1 then last = tonumber(counts[i + 1]) end
+  if s >= second - 2 and s < second then last = math.max(last, tonumber(counts[i + 1])) end
   if s < second - 10 then redis.call('HDEL', answers, counts[i]) end
 end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
 local leads = (redis.call('HGET', key, 'found_by') or pid) == pid
-local rate = given
-if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
+local rate, booting = given, 0
 local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
+if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
+if rate <= 0 and given <= 0 then
+  -- No limit given and none found yet: the account ramps up as one, from a few starts a
+  -- second, doubling every quarter second while nothing is refused.
+  booting = 1
+  rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[10])
+  local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
+  if paused < now and now - at >= 0.25 then
+    rate = math.min(rate * 2, 100000)
+    at = now
+  end
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(at))
+end
 if pause_for > 0 and now + pause_for > paused then
   paused = now + pause_for
   redis.call('HSET', key, 'paused', tostring(paused))
@@ -97,7 +111,7 @@ redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 redis.call('EXPIRE', answers, 60)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), tostring(recent), tostring(last), leads and '1' or '0'}
+        tostring(seen), tostring(recent), tostring(last), leads and '1' or '0', tostring(booting)}
 """
 
 
@@ -137,12 +151,16 @@ class SharedPacer(Pacer):
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
         self._answered = 0  # answers since the last call: the account's share
-        self._last = 0  # the account's answers in the last whole second
+        self._last = 0  # the account's answers in the busier of the last two whole seconds
+        self._booting = not self.given  # no limit given or found yet: the account ramps up
+        self._resume_at = 0.0  # back from going alone: no leased start before this
+        self._last_start = 0.0  # the last leased start used
+        self._solo_until = 0.0  # just back: leased starts no faster than alone till then
         self._ours: dict[int, int] = {}  # our answers by the store's second they were counted in
         self._share = 1.0  # our share of the account's answers, lately
         self._wake = asyncio.Event()
         super().__init__(request_rate=request_rate, token_rate=token_rate)
-        self._free = not (self.given or self.given_tokens)
+        self._free = False  # given or not, every start is leased (before a limit is found, at the ramp's)
 
     # -- what the rate finder and the gate see: this process's scale ---------------------------
 
@@ -153,11 +171,12 @@ class SharedPacer(Pacer):
         if not self.given:
             # What this process read, as the account's rate: by its share of the answers.
             found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
-            if found and not self.shared and self._last:
-                # The first reading, just after the server was full: what the account got
-                # through in the last whole second is the better reading of the two.
+            if found and self._last:
+                # A reading is made when the server was full: what the whole account got
+                # through in the last whole seconds is then its limit, read without the noise
+                # of scaling one process's count by its share (which alone read 60 to 85 %).
                 found = max(found, self._last * FIRST_HOLD)
-            if self.shared and found > self.shared and not self.leads:
+            if self.shared and found > self.shared and not self.leads and not self._booting:
                 return  # the process whose reading is in force probes for all, or N would climb N times as fast
             self._found = self.shared = found
             self._wake.set()
@@ -203,23 +222,28 @@ class SharedPacer(Pacer):
         else:
             self._request_interval = 0.0
             self._token_rate = 0.0
-        self._free = not (self.shared or self.given_tokens)
+        self._free = not (self.shared or self.given_tokens or (self._booting and not self.alone))
         self._reschedule()
 
     def _ready_at(self, tokens: int) -> float:
         if self.alone:
             return super()._ready_at(tokens)
         at = self._paused_until
+        if self._booting and not self.shared:
+            self._ask(starts=True)  # the first call to the store tells the ramp's rate
+            return math.inf
         if self.shared:
             # A start left unused is gone: spent late, it would add to another's stretch (a
             # loop a little behind, on a busy machine, may still use it).
-            late = self._now() - LATE
+            late = max(self._now() - LATE, self._resume_at)
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
                 self._ask(starts=True)
                 return math.inf
             at = max(at, self._slots[0])
+            if self._solo_until:
+                at = max(at, self._next_request)
         if self.given_tokens and tokens:
             if self._tokens < tokens:
                 self._ask(tokens=tokens)
@@ -232,7 +256,13 @@ class SharedPacer(Pacer):
             super()._take(tokens, start)
             return
         if self.shared and self._slots:
-            self._slots.popleft()
+            self._last_start = self._slots.popleft()
+            if self._solo_until:
+                if start > self._solo_until:
+                    self._solo_until = 0.0
+                else:
+                    share = self.shared / max(self.members, 1)
+                    self._next_request = max(self._next_request, start) + 1.0 / share
             if len(self._slots) < self._lease() / 2:
                 self._ask(starts=True)  # the next lease before this one runs out
         if self.given_tokens and tokens:
@@ -255,7 +285,7 @@ class SharedPacer(Pacer):
         the processes, so that together they hold a tenth of a second ahead, not N tenths
         (what a process that ends holds is lost to the others)."""
         if not self.shared:
-            return 0
+            return 1 if self._booting else 0
         return max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1)))
 
     def _ask(self, *, starts: bool = False, tokens: float = 0.0) -> None:
@@ -334,6 +364,7 @@ class SharedPacer(Pacer):
                 pause_for,
                 answered,
                 KEY_TTL,
+                BOOT_RATE,
             ],
         )
         now = loop.time()
@@ -345,8 +376,11 @@ class SharedPacer(Pacer):
         if self._pause_for == pause_for:
             self._pause_for = 0.0
         self._answered -= answered
-        server_now, rate, start, token_start, paused, seen, recent, last, leads = (float(x) for x in reply)
+        server_now, rate, start, token_start, paused, seen, recent, last, leads, booting = (
+            float(x) for x in reply
+        )
         self.leads = bool(leads)
+        self._booting = bool(booting)
         offset = (sent_at + now) / 2 - server_now  # the store's clock on ours
         self._back()
         self.members = max(int(seen), 1)
@@ -390,7 +424,10 @@ class SharedPacer(Pacer):
             # The local clocks start now: left at their last use, they would let every
             # waiter go at once to catch up.
             now = self._now()
-            self._next_request = max(self._next_request, now)
+            share = self.shared / max(self.members, 1)
+            gap = 1.0 / share if share else 0.0
+            # Alone, the next start keeps its distance from the last leased one.
+            self._next_request = max(self._next_request, now, self._last_start + gap)
             self._next_token = max(self._next_token, now)
             self.say(
                 f"pipeline: the shared limit's store {redacted(self.url)} cannot be reached "
@@ -402,6 +439,11 @@ class SharedPacer(Pacer):
     def _back(self) -> None:
         if self.alone:
             self.alone = False
+            # No leased start before the next one going alone would have allowed: a start
+            # then would come on top of the last ones made alone. And for a while no faster
+            # than alone: the others may not be back yet, and still send their shares alone.
+            self._resume_at = self._next_request
+            self._solo_until = self._now() + REJOIN
             self.say(
                 f"pipeline: the shared limit's store {redacted(self.url)} is back; pacing together again"
             )
