@@ -7,7 +7,8 @@ summary = pipeline.run_sync(settings)      # from code that is not async
 __version__ = "0.1.0"
 
 from pipeline.errors import PipelineError, RunStopped, SettingsError
-from pipeline.run.runner import Summary, run, run_sync
+from pipeline.run.runner import run, run_sync
+from pipeline.run.summary import Summary
 from pipeline.settings import Settings
 from pipeline.settings import build as settings_from
 

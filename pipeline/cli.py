@@ -20,7 +20,8 @@ from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
 from pipeline.run.progress import duration
-from pipeline.run.runner import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary, run_sync
+from pipeline.run.runner import run_sync
+from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
 
 EXIT_BUG = 70  # EX_SOFTWARE: neither the user's nor the server's doing

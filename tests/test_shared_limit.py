@@ -13,7 +13,8 @@ import redis.asyncio as redis
 
 import pipeline
 from pipeline.errors import SettingsError
-from pipeline.pace.shared import SharedPacer, account_key
+from pipeline.pace.shared import SharedPacer
+from pipeline.pace.store import account_key
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 
@@ -218,7 +219,9 @@ async def test_shards_through_a_store_outage_lose_nothing_and_hold_the_limit(moc
     merged = merge_ids(out)
     assert sorted(merged) == sorted(f"job-{i}" for i in range(400))  # nothing lost, nothing twice
     assert max(accepted.values()) <= RATE  # the mock counts by wall-clock second
-    assert refused <= 400 * 0.01, (accepted, dict(refused_by_second))
+    # A refusal or two a process at each switch (alone, then together) at most: the starts
+    # in hand when the store went, or the last ones made alone when it came back.
+    assert refused <= 2 * 4 * 2, (accepted, dict(refused_by_second))
 
 
 def merge_ids(out: Path) -> list[str]:

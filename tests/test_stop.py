@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.pace.local import Pacer, Window
 from pipeline.run.control import Control
-from pipeline.run.runner import EXIT_INTERRUPTED, EXIT_OK, exit_status
+from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, exit_status
 from tests.conftest import bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 

@@ -144,7 +144,8 @@ class Pacer:
         if not self._waiters or self._loop is None:
             return
         at = self._ready_at(self._waiters[0][0])
-        self._timer = self._loop.call_at(at, self._release)
+        if at != math.inf:  # inf: a shared pace waits for its lease, which reschedules
+            self._timer = self._loop.call_at(at, self._release)
 
     def wake_all(self) -> None:
         """The run stopped: let every waiter go and find out (no start is booked), and

@@ -25,18 +25,16 @@ and expires when unused. The store's URL is never shown with its password.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import os
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 
-from pipeline.errors import SettingsError
 from pipeline.pace.local import Pacer
+from pipeline.pace.store import Store, StoreAway
 from pipeline.settings import redacted
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
@@ -44,81 +42,9 @@ LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 SYNC_UNPACED = 0.02  # the same while no pace is known
 FIRST_HOLD = 0.97  # of the account's answers in its last whole seconds, as a reading's floor
-BOOT_RATE = 16.0  # starts a second for the account before any limit is known, doubling
 RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
-KEY_TTL = 600  # seconds an account's state outlives its last process
 ANSWERS_WINDOW = 3  # seconds of answers that tell a process's share of the account's
-
-# One call per lease or sync. Times are the store's (TIME), so machines' clocks never meet.
-_SCRIPT = """
-local key, members, answers = KEYS[1], KEYS[2], KEYS[3]
-local pid = ARGV[1]
-local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
-local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
-local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
-local answered, ttl = tonumber(ARGV[8]), tonumber(ARGV[9])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local second = math.floor(now)
-redis.call('HSET', members, pid, tostring(now))
-if answered > 0 then
-  redis.call('HINCRBY', answers, tostring(second), answered)
-end
-local seen, all = 0, redis.call('HGETALL', members)
-for i = 1, #all, 2 do
-  local at = tonumber(all[i + 1])
-  if now - at < 5 then seen = seen + 1 elseif now - at > 60 then redis.call('HDEL', members, all[i]) end
-end
-local recent, last, counts = 0, 0, redis.call('HGETALL', answers)
-for i = 1, #counts, 2 do
-  local s = tonumber(counts[i])
-  if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1]) end
-  if s >= second - 2 and s < second then last = math.max(last, tonumber(counts[i + 1])) end
-  if s < second - 10 then redis.call('HDEL', answers, counts[i]) end
-end
-if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
-local leads = (redis.call('HGET', key, 'found_by') or pid) == pid
-local rate, booting = given, 0
-local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
-if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
-if rate <= 0 and given <= 0 then
-  -- No limit given and none found yet: the account ramps up as one, from a few starts a
-  -- second, doubling every quarter second while nothing is refused.
-  booting = 1
-  rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[10])
-  local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
-  if paused < now and now - at >= 0.25 then
-    rate = math.min(rate * 2, 100000)
-    at = now
-  end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(at))
-end
-if pause_for > 0 and now + pause_for > paused then
-  paused = now + pause_for
-  redis.call('HSET', key, 'paused', tostring(paused))
-end
-local start, token_start = -1, -1
-if want > 0 and rate > 0 then
-  start = math.max(tonumber(redis.call('HGET', key, 'clock') or '0'), now, paused)
-  redis.call('HSET', key, 'clock', tostring(start + want / rate))
-end
-if want_tokens > 0 and given_tokens > 0 then
-  token_start = math.max(tonumber(redis.call('HGET', key, 'token_clock') or '0'), now, paused)
-  redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
-end
-redis.call('EXPIRE', key, ttl)
-redis.call('EXPIRE', members, ttl)
-redis.call('EXPIRE', answers, 60)
-return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), tostring(recent), tostring(last), leads and '1' or '0', tostring(booting)}
-"""
-
-
-def account_key(base_url: str, api_key: str | None) -> str:
-    """The account's name in the store: a hash of where requests go and with which key."""
-    digest = hashlib.sha256(f"{base_url}\0{api_key or ''}".encode()).hexdigest()[:24]
-    return f"pipeline:pace:{digest}"
 
 
 class SharedPacer(Pacer):
@@ -268,18 +194,6 @@ class SharedPacer(Pacer):
         if self.given_tokens and tokens:
             self._tokens -= tokens
 
-    def _reschedule(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._waiters and self._waiters[0][1].done():
-            self._waiters.popleft()
-        if not self._waiters or self._loop is None:
-            return
-        at = self._ready_at(self._waiters[0][0])
-        if at != math.inf:
-            self._timer = self._loop.call_at(at, self._release)
-
     def _lease(self) -> int:
         """Starts to ask for at once: a tenth of a second of the account's rate, split among
         the processes, so that together they hold a tenth of a second ahead, not N tenths
@@ -297,46 +211,26 @@ class SharedPacer(Pacer):
 
     # -- the store -------------------------------------------------------------------------------
 
-    def _client(self) -> Any:
-        try:
-            import redis.asyncio as redis
-        except ImportError:
-            raise SettingsError(
-                "--shared-limit needs the Redis client: pip install 'pipeline[shared]' (make installs it)"
-            ) from None
-        return redis.Redis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=2.0)
-
     async def check(self) -> None:
         """The store must be there when the run starts: a wrong URL is said before anything
         is sent, not found out as a run going alone."""
-        from redis.exceptions import RedisError
-
-        client = self._client()
+        store = Store(self.url, self.account)
         try:
-            await client.ping()
-        except (RedisError, OSError) as e:
-            raise SettingsError(
-                f"cannot reach the shared limit's store {redacted(self.url)} ({_reason(e)}); "
-                "check --shared-limit, or run without it to pace this process alone"
-            ) from None
+            await store.check()
         finally:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
+            await store.close()
 
     async def run(self) -> None:
         """Keep in step with the store for as long as the run goes (a task of the run)."""
-        from redis.exceptions import RedisError
-
-        client = self._client()
-        script = client.register_script(_SCRIPT)
+        store = Store(self.url, self.account)
         loop = asyncio.get_running_loop()
         self._loop = loop
         try:
             while True:
                 try:
-                    await self._sync(script, loop)
-                except (RedisError, OSError) as e:
-                    self._away(e)
+                    await self._sync(store, loop)
+                except StoreAway as e:
+                    self._away(e.reason)
                     await anyio.sleep(RETRY_EVERY)
                     continue
                 # Before any pace is known a refusal storm may be under way: a pause one
@@ -344,28 +238,22 @@ class SharedPacer(Pacer):
                 with anyio.move_on_after(SYNC_EVERY if self.shared else SYNC_UNPACED):
                     await self._wake.wait()
         finally:
-            with anyio.CancelScope(shield=True):
-                await client.aclose()
+            await store.close()
 
-    async def _sync(self, script: Any, loop: asyncio.AbstractEventLoop) -> None:
+    async def _sync(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         self._wake.clear()
         want, want_tokens = self._want, self._want_tokens
         found, pause_for, answered = self._found, self._pause_for, self._answered
         sent_at = loop.time()
-        reply = await script(
-            keys=[self.account, f"{self.account}:members", f"{self.account}:answers"],
-            args=[
-                self._pid,
-                want,
-                want_tokens,
-                self.given,
-                self.given_tokens,
-                -1 if found is None else found,
-                pause_for,
-                answered,
-                KEY_TTL,
-                BOOT_RATE,
-            ],
+        r = await store.call(
+            self._pid,
+            want=want,
+            want_tokens=want_tokens,
+            given=self.given,
+            given_tokens=self.given_tokens,
+            found=found,
+            pause_for=pause_for,
+            answered=answered,
         )
         now = loop.time()
         # Only what was sent is taken off: more may have come while the call was out.
@@ -376,25 +264,21 @@ class SharedPacer(Pacer):
         if self._pause_for == pause_for:
             self._pause_for = 0.0
         self._answered -= answered
-        server_now, rate, start, token_start, paused, seen, recent, last, leads, booting = (
-            float(x) for x in reply
-        )
-        self.leads = bool(leads)
-        self._booting = bool(booting)
-        offset = (sent_at + now) / 2 - server_now  # the store's clock on ours
+        self.leads, self._booting = r.leads, r.booting
+        offset = (sent_at + now) / 2 - r.now  # the store's clock on ours
         self._back()
-        self.members = max(int(seen), 1)
-        self._count_share(int(server_now), answered, int(recent), int(last))
+        self.members = max(r.members, 1)
+        self._count_share(int(r.now), answered, r.recent, r.last)
         if not self.given:
-            self.shared = rate
-        if paused + offset > self._paused_until:
-            self._paused_until = paused + offset
-        if start >= 0 and rate > 0:
-            first = start + offset
-            self._slots.extend(first + i / rate for i in range(int(want)))
-        if token_start >= 0:
+            self.shared = r.rate
+        if r.paused + offset > self._paused_until:
+            self._paused_until = r.paused + offset
+        if r.start >= 0 and r.rate > 0:
+            first = r.start + offset
+            self._slots.extend(first + i / r.rate for i in range(int(want)))
+        if r.token_start >= 0:
             self._tokens += want_tokens
-            self._tokens_from = token_start + offset
+            self._tokens_from = r.token_start + offset
         self._apply()
 
     def _count_share(self, second: int, answered: int, recent: int, last: int) -> None:
@@ -416,7 +300,7 @@ class SharedPacer(Pacer):
         elif self.members > 1:
             self._share = 1.0 / self.members
 
-    def _away(self, error: BaseException) -> None:
+    def _away(self, reason: str) -> None:
         if not self.alone:
             self.alone = True
             self._slots.clear()
@@ -431,7 +315,7 @@ class SharedPacer(Pacer):
             self._next_token = max(self._next_token, now)
             self.say(
                 f"pipeline: the shared limit's store {redacted(self.url)} cannot be reached "
-                f"({_reason(error)}); going on alone at a share of the last shared pace "
+                f"({reason}); going on alone at a share of the last shared pace "
                 f"({self._described()}), and rejoining when it is back"
             )
             self._apply()
@@ -452,8 +336,3 @@ class SharedPacer(Pacer):
         if not self.shared:
             return "no pace found yet"
         return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
-
-
-def _reason(error: BaseException) -> str:
-    """What went wrong, without the URL (and so its password) a message may carry."""
-    return type(error).__name__

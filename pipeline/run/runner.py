@@ -20,8 +20,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -42,35 +40,13 @@ from pipeline.pace.local import Pacer, Window
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
 from pipeline.run.progress import Progress
+from pipeline.run.summary import EXIT_OK, EXIT_STOPPED, Summary, exit_status
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
 from pipeline.settings import Settings, is_loopback
-
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-@dataclass(frozen=True)
-class Summary:
-    """What a run did, and what the output folder holds now (the same as usage.json)."""
-
-    exit_code: int
-    message: str
-    output: Path
-    succeeded: int  # in this run
-    failed: int  # requests that ended failed in this run
-    invalid_input: int  # bad input lines met in this run
-    skipped: int  # already done by an earlier run
-    pending: int | None  # lines left to do (interrupted or stopped); None: not known (a pipe)
-    usage: dict[str, Any]
-    own_model: int = 0  # lines that named a model of their own, which a job's model does not change
-
-    @property
-    def cost(self) -> float | None:
-        total = self.usage["cost"]["total"]
-        return None if total is None else float(total)
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -156,7 +132,8 @@ def pacer_for(
     """The run's pacer: its own, or the account's shared one (`--shared-limit`)."""
     if settings.shared_limit is None:
         return Pacer(request_rate=request_rate, token_rate=token_rate)
-    from pipeline.pace.shared import SharedPacer, account_key
+    from pipeline.pace.shared import SharedPacer
+    from pipeline.pace.store import account_key
 
     return SharedPacer(
         settings.shared_limit,
@@ -382,20 +359,6 @@ class Run:
             usage=doc,
             own_model=self.parser.own_model,
         )
-
-
-def exit_status(
-    control: Control, *, pending: int | None, failed_now: int, errors_file: Path
-) -> tuple[int, str]:
-    """How a run ended, as an exit status and a line. Interrupted with nothing left to do is
-    done, not interrupted."""
-    if control.interrupted and pending != 0:
-        return EXIT_INTERRUPTED, "interrupted: run the same command again to resume"
-    if control.stopped is not None:
-        return EXIT_STOPPED, control.stopped.args[0]
-    if failed_now:
-        return EXIT_FAILURES, f"{failed_now:,} line(s) failed: see {errors_file}"
-    return EXIT_OK, "every request succeeded"
 
 
 def run_sync(settings: Settings) -> Summary:
