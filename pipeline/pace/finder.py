@@ -50,6 +50,7 @@ from pipeline.pace.capacity import Capacity
 from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.sendlog import SendLog
+from pipeline.run.progress import duration
 from pipeline.send.client import parse_duration
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
@@ -81,13 +82,6 @@ def _per_second(per_minute: str | None) -> float | None:
     except ValueError:
         return None
     return value / 60 * MARGIN if value > 0 else None
-
-
-def _span(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class RateFinder:
@@ -311,12 +305,12 @@ class RateFinder:
         refused_for = now - (self._refused_since or (now, 0))[0]
         if wait is not None and wait >= 1.0:
             until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
-            when = f"it asks to wait {_span(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
+            when = f"it asks to wait {duration(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
         else:
             when = "it gives no time"
         self.stop(
             RunStopped(
-                f"the server refuses every request{said}, for {_span(refused_for)} so far: a rate "
+                f"the server refuses every request{said}, for {duration(refused_for)} so far: a rate "
                 f"limit or quota is spent and {when}; run the same command again then to resume",
                 code="rate_limited",
             )
