@@ -116,17 +116,12 @@ def run_mock(args: argparse.Namespace) -> int:
         cost=not args.no_cost,
         seed=args.seed,
     )
-    options: dict[str, Any] = {}
-    try:
-        import uvloop  # noqa: F401
+    from pipeline.run.runner import loop_options
 
-        options["use_uvloop"] = True
-    except ImportError:
-        pass
     try:
         anyio.run(
             lambda: serve(config, host=args.host, port=args.port, port_file=args.port_file, quiet=args.quiet),
-            backend_options=options,
+            backend_options=loop_options(),
         )
     except KeyboardInterrupt:
         pass

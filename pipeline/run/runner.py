@@ -361,12 +361,15 @@ class Run:
         )
 
 
-def run_sync(settings: Settings) -> Summary:
-    """`run` for code that is not async (a script, an Airflow task)."""
+def loop_options() -> dict[str, Any]:
+    """anyio's asyncio options: uvloop where it is installed (the `fast` extra)."""
     try:
         import uvloop  # noqa: F401
-
-        options: dict[str, Any] = {"use_uvloop": True}
     except ImportError:
-        options = {}
-    return anyio.run(run, settings, backend="asyncio", backend_options=options)
+        return {}
+    return {"use_uvloop": True}
+
+
+def run_sync(settings: Settings) -> Summary:
+    """`run` for code that is not async (a script, an Airflow task)."""
+    return anyio.run(run, settings, backend="asyncio", backend_options=loop_options())
