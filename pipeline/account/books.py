@@ -81,14 +81,12 @@ class Books:
 
     def discarded(self, body: dict[str, Any], request: Request) -> None:
         """An answer paid for but not kept (a verdict that broke the job's schema)."""
-        self.usage.add_discarded(body, request.model)
-        self._price(body, request.model)
+        self._price(self.usage.add_discarded(body, request.model), body, request.model)
 
     # -- the writer, once an outcome is in the files -----------------------------------------
 
     def kept(self, success: Success) -> None:
-        self.usage.add_success(success)
-        self._price(success.reply.body, success.request.model)
+        self._price(self.usage.add_success(success), success.reply.body, success.request.model)
         if success.label is not None:
             self.usage.verdicts[success.label] += 1
 
@@ -98,19 +96,19 @@ class Books:
     # -- the repair, for result lines the index had not seen ---------------------------------
 
     def recovered(self, body: dict[str, Any], *, count_outcome: bool) -> None:
-        self._price(body, None, add=True)
+        self._price(self.usage.add_body(body), body, None)
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def _price(self, body: dict[str, Any], requested: str | None, *, add: bool = False) -> None:
-        """Count the body's usage when `add`; then cost it from the price table where the
-        server did not."""
-        if add:
-            self.usage.add_body(body)
+    def _price(self, counted: tuple[str, float | None], body: dict[str, Any], requested: str | None) -> None:
+        """An answer just counted (`counted`: the model it was counted under and the cost the
+        server reported): cost it from the price table where the server did not."""
+        name, reported = counted
+        if reported is not None:
+            return
         cost, source = answer_cost(body, self.prices, requested)
         if cost is not None and source == "price table":
-            name = body.get("model") if isinstance(body.get("model"), str) else None
-            self.usage.add_priced(name or requested or "unknown", cost)
+            self.usage.add_priced(name, cost)
 
     def _budget_reached(self) -> RunStopped:
         assert self.budget is not None

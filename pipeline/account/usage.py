@@ -166,11 +166,11 @@ class Usage:
         m.cost_priced += cost
         m.priced += 1
 
-    def add_discarded(self, body: dict[str, Any], requested: str | None) -> None:
+    def add_discarded(self, body: dict[str, Any], requested: str | None) -> tuple[str, float | None]:
         """An answer paid for but not kept (a verdict that broke the schema): its tokens and
         cost count, though it is no result."""
         self.discarded += 1
-        self.add_body(body, requested)
+        return self.add_body(body, requested)
 
     def add_failure(self, failure: Failure) -> None:
         self.outcomes["invalid_input" if failure.is_input_error else "failed"] += 1

@@ -74,6 +74,13 @@ class Parsed:
     render: Callable[[], tuple[dict[str, Any], list[Pending]]] | None = None
 
 
+def _as_id(value: Any) -> str | None:
+    """An id as a line may write it (a whole number stands for its digits); None if it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if isinstance(value, str) and value else None
+
+
 class LineParser:
     """Turns one raw input line into a `Request`, or raises `InputError`."""
 
@@ -148,13 +155,11 @@ class LineParser:
         except InputError as e:
             e.custom_id = self._named_id(obj)  # so errors.jsonl ties the bad line to its id
             raise
-        custom_id = parsed.custom_id
-        if custom_id is not None:
-            if isinstance(custom_id, int) and not isinstance(custom_id, bool):
-                custom_id = str(custom_id)
-            if not isinstance(custom_id, str) or not custom_id:
+        if parsed.custom_id is not None:
+            custom_id = _as_id(parsed.custom_id)
+            if custom_id is None:
                 raise InputError(
-                    f"custom_id must be a non-empty string, not {custom_id!r}", field="custom_id"
+                    f"custom_id must be a non-empty string, not {parsed.custom_id!r}", field="custom_id"
                 )
             parsed.custom_id = custom_id
         return parsed
@@ -167,9 +172,7 @@ class LineParser:
                 named = self.template.id_of(obj)
             except InputError:
                 return None
-        if isinstance(named, int) and not isinstance(named, bool):
-            named = str(named)
-        return named if isinstance(named, str) and named else None
+        return _as_id(named)
 
     def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
         body = parsed.body
