@@ -21,6 +21,23 @@ from tests.test_cli import pipeline as pipeline_cli
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def run_into(
+    url: str, src: Path, out: Path, *extra: str, job: Path | None = None
+) -> tuple[int, str, str]:
+    """`pipeline run [JOB] --input SRC --output OUT --base-url URL EXTRA...`, as a user types it."""
+    return await pipeline_cli(
+        "run",
+        *([str(job)] if job else []),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--base-url",
+        url,
+        *extra,
+    )
+
+
 def job_file(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "job.toml"
     path.write_text(text)
@@ -36,18 +53,7 @@ async def test_a_model_flag_beats_the_job_file_and_a_line_keeps_its_own(mock, tm
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     async with mock() as (url, server):
-        code, stdout, err = await pipeline_cli(
-            "run",
-            str(job),
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--base-url",
-            url,
-            "--model",
-            "flag/model",
-        )
+        code, stdout, err = await run_into(url, src, out, "--model", "flag/model", job=job)
         assert code == 0, err
         sent = {body["model"] for body in server.state.received}
         assert sent == {"flag/model", "line/model"}
@@ -55,18 +61,7 @@ async def test_a_model_flag_beats_the_job_file_and_a_line_keeps_its_own(mock, tm
         assert "1 line(s) named a model of their own and kept it" in stdout
 
         # Another model into the same folder is another job: refused, naming the change.
-        code, _, err = await pipeline_cli(
-            "run",
-            str(job),
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--base-url",
-            url,
-            "--model",
-            "other/model",
-        )
+        code, _, err = await run_into(url, src, out, "--model", "other/model", job=job)
     assert code == 2
     assert "model was 'flag/model', now 'other/model'" in err
     assert len(err) < 400
@@ -81,9 +76,7 @@ async def test_a_different_job_names_what_differs_and_nothing_else(mock, tmp_pat
             job = job_file(
                 tmp_path, f'[request]\ntemperature = {temperature}\nsystem_note = "{long_prompt}"\n'
             )
-            code, _, err = await pipeline_cli(
-                "run", str(job), "--input", str(src), "--output", str(out), "--base-url", url
-            )
+            code, _, err = await run_into(url, src, out, job=job)
     assert code == 2
     assert "request.temperature was 0.2, now 0.7" in err
     assert long_prompt not in err  # what did not change is not printed
@@ -101,9 +94,7 @@ async def test_an_empty_input_says_there_was_nothing_to_do(mock, tmp_path: Path)
     src = tmp_path / "empty.jsonl"
     src.write_bytes(b"")
     async with mock() as (url, _):
-        code, out, _ = await pipeline_cli(
-            "run", "--input", str(src), "--output", str(tmp_path / "o"), "--base-url", url
-        )
+        code, out, _ = await run_into(url, src, tmp_path / "o")
         assert code == 0
         assert "nothing to do" in out
         assert "has no lines" in out
@@ -112,9 +103,7 @@ async def test_an_empty_input_says_there_was_nothing_to_do(mock, tmp_path: Path)
         # And a file whose every line an earlier run did says that, not "succeeded".
         full = write_jsonl(tmp_path / "in.jsonl", bodies(4))
         for _ in range(2):
-            code, out, _ = await pipeline_cli(
-                "run", "--input", str(full), "--output", str(tmp_path / "o2"), "--base-url", url
-            )
+            code, out, _ = await run_into(url, full, tmp_path / "o2")
     assert code == 0
     assert "nothing left to do: all 4 lines were done by earlier runs" in out
 
@@ -188,17 +177,7 @@ def test_every_flag_of_every_command_has_a_line_of_help() -> None:
 async def test_an_endpoint_answering_only_404_stops_early_naming_url_and_model(mock, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(300, model="vendor/no-such-model"))
     async with mock(unknown_models=("vendor/no-such-model",)) as (url, _):
-        code, out, err = await pipeline_cli(
-            "run",
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "o"),
-            "--base-url",
-            url,
-            "--concurrency",
-            "4",
-        )
+        code, out, err = await run_into(url, src, tmp_path / "o", "--concurrency", "4")
     assert code == 3
     assert f"POST {url}/chat/completions" in out + err
     assert "vendor/no-such-model" in out + err
@@ -233,15 +212,5 @@ async def test_the_same_model_by_flag_or_by_job_file_is_the_same_job(mock, tmp_p
     src = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     async with mock() as (url, _):
         for extra in ([], ["--model", "job/model"]):
-            code, _, err = await pipeline_cli(
-                "run",
-                str(job),
-                "--input",
-                str(src),
-                "--output",
-                str(tmp_path / "o"),
-                "--base-url",
-                url,
-                *extra,
-            )
+            code, _, err = await run_into(url, src, tmp_path / "o", *extra, job=job)
             assert code == 0, err
