@@ -23,6 +23,9 @@ refusals drive everything here, and answers are never waited for:
   reading over less than a second, twice as fast every ten seconds nothing is refused.
 - Until a limit is found, requests are not paced at all: one check each, no timer. The
   window (`limits.Window`) grows with time while no refusal comes back, not with answers.
+- **Many processes, one account** (a shared pace): each process still watches its own
+  requests, but the moments the server is full are seen, and the limit read, from what
+  the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
 
 When nearly every answer is a transient failure (5xx, dropped connections, timeouts; a 400 or a
 404 says nothing about the endpoint's health), the endpoint is down rather than busy: the pool
@@ -30,8 +33,7 @@ pauses, for one second and then twice as long each time the outage persists (up 
 minute), so that each request's few quick retries are spread over the outage instead of being
 spent in its first seconds.
 
-When the server lets nothing through for `give_up` seconds, or a run of refusals asks to wait
-longer than that (a daily quota spent), the run stops (exit 3) with the time to resume.
+When the server lets nothing through for long, the run stops (`pipeline.pace.giveup`).
 
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
@@ -41,16 +43,15 @@ Rising latency at more in flight (a server that queues) gives up a quarter of th
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import Callable, Mapping
 
 from pipeline.errors import RunStopped
 from pipeline.pace.capacity import Capacity
+from pipeline.pace.giveup import GiveUp
 from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.sendlog import SendLog
-from pipeline.run.progress import duration
 from pipeline.send.client import parse_duration
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
@@ -101,11 +102,10 @@ class RateFinder:
         self.ceiling = ceiling  # requests a second allowed (by the user or the server)
         self.rpm_given = ceiling is not None
         self.tpm_given = tpm_given
-        self.give_up = give_up
-        self.stop = stop
         self.clock = clock
         self.log = SendLog()
         self.capacity = Capacity(self.log)
+        self.giving = GiveUp(self.log, give_up, stop)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.latency = LatencyWatch(clock)
@@ -126,7 +126,8 @@ class RateFinder:
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
-        self._refused_since: tuple[float, int] | None = None  # refused since, and from which request
+        if pacer.reads_account():
+            pacer.watch(self._read)  # moments any process of the account saw it full
 
     # -- the sliding window of answers ---------------------------------------------------------
 
@@ -153,7 +154,9 @@ class RateFinder:
 
     def sent(self) -> int:
         """A request leaves now; returns its ticket, for its answer to bring back."""
-        return self.log.send(self.clock())
+        now = self.clock()
+        self.pacer.sent(now)
+        return self.log.send(now)
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -162,7 +165,7 @@ class RateFinder:
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
         now = self.clock()
-        self._refused_since = None
+        self.giving.accepted()
         if ticket < self.epoch:
             return
         i = self._slot(now)
@@ -200,14 +203,12 @@ class RateFinder:
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
-        if self._refused_since is None:
-            self._refused_since = (now, self.log.next)
-        elif self._refusing(now):
-            self._give_up(now, wait, message)
+        self.giving.refused(now, wait, message)
         if not self.log.kept(ticket):
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
+        self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
         if ticket < self.epoch:
             return  # sent before the last change of pace
         i = self._slot(now)
@@ -221,8 +222,8 @@ class RateFinder:
         # few, which at a limit hit at once are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
-            if wait is not None and wait >= self.give_up:
-                self._give_up(now, wait, message)  # a quota spent for hours, not a rate
+            if wait is not None and wait >= self.giving.give_up:
+                self.giving.now(now, wait, message)  # a quota spent for hours, not a rate
             self._full(now, first, pause)
             return
         back, total = back + 1, total + 1
@@ -233,11 +234,19 @@ class RateFinder:
 
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
-        rate = self.capacity.read(self.capacity.full(first, now + pause))
-        self._quick = not self.capacity.sure
         self.pacer.pause(pause)
         self._held = None
         self.cuts += 1
+        if not self.pacer.reads_account():  # a shared pace's store sees the account full, and reads it
+            self._read(self.capacity.read(self.capacity.full(first, now + pause)), self.capacity.sure)
+        self._new_epoch(now + pause)
+
+    def _read(self, rate: float, sure: bool) -> None:
+        """The limit read at a moment the server was full."""
+        if self.pacer.reads_account():
+            self._new_epoch(self.clock())  # read where another process (or the store) saw it full
+        self.capacity.sure = sure
+        self._quick = not sure
         if rate >= MIN_RATE:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
@@ -246,7 +255,6 @@ class RateFinder:
             self.window.open()  # the pace bounds the rate from here
         else:
             self.window.shrink()  # nothing got through to read a limit from: just wait
-        self._new_epoch(now + pause)
 
     def _uncount(self, ticket: int) -> None:
         less = self.capacity.uncount(ticket)
@@ -276,46 +284,20 @@ class RateFinder:
         # or too high. What gets through at this pace tells: read up to now (no pause is
         # taken for a refusal not in a run, so none is counted).
         self._reread_after = now + SETTLE
-        rate = self.capacity.read(self.capacity.full(ticket, now))
-        self._quick = not self.capacity.sure
-        if MIN_RATE <= rate < self.limit:
+        if self.pacer.reads_account():
+            self.pacer.read_full(self.log.sent_at(ticket), now, self._reread)
+        else:
+            self._reread(self.capacity.read(self.capacity.full(ticket, now)), self.capacity.sure)
+
+    def _reread(self, rate: float, sure: bool) -> None:
+        """The limit read again at its pace: lower than it was read, it is set so."""
+        self.capacity.sure = sure
+        self._quick = not sure
+        if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
-            self._new_epoch(now)
-
-    def _refusing(self, now: float) -> bool:
-        """Whether the server has let nothing through for `give_up` seconds: only refusals
-        answered since then, and not one request sent since (a second ago or more, time
-        enough to be refused) that it has not refused: an answer still on its way counts."""
-        assert self._refused_since is not None
-        since, first = self._refused_since
-        if now - since < self.give_up:
-            return False
-        if self.log.accepted_in(first, now - 1.0):
-            self._refused_since = (now, self.log.next)  # it did let some through: count afresh
-            return False
-        return True
-
-    def _give_up(self, now: float, wait: float | None, message: str) -> None:
-        """The server lets nothing through for long, or says it will not for long: stop."""
-        if self.stop is None:
-            return
-        said = f" ({message})" if message else ""
-        refused_for = now - (self._refused_since or (now, 0))[0]
-        if wait is not None and wait >= 1.0:
-            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
-            when = f"it asks to wait {duration(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
-        else:
-            when = "it gives no time"
-        self.stop(
-            RunStopped(
-                f"the server refuses every request{said}, for {duration(refused_for)} so far: a rate "
-                f"limit or quota is spent and {when}; run the same command again then to resume",
-                code="rate_limited",
-            )
-        )
-        self.stop = None  # once
+            self._new_epoch(self.clock())
 
     def _hold(self, now: float) -> None:
         """Pushback is more than scattered: a trend may be starting. Stop the window's quick

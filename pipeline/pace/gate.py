@@ -43,7 +43,6 @@ class Slot:
         gate = self._gate
         gate.window.release()
         gate.pacer.settle(self.reserved, used_tokens)
-        gate.pacer.answered()
         gate.finder.success(self.ticket, latency)
         if headers:
             gate.finder.headers(headers)

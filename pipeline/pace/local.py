@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 
 TIMER_SLACK = 0.001  # seconds
 RAMP = 0.25  # seconds for the in-flight window to double while nothing is refused
@@ -166,8 +167,25 @@ class Pacer:
             if used < reserved:
                 self._reschedule()
 
-    def answered(self) -> None:
-        """An answer came back (a shared pace counts them: see `pipeline.pace.shared`)."""
+    def reads_account(self) -> bool:
+        """Whether a limit is read from what a whole account sent (a shared pace), not from
+        this process's requests alone: see `read_full`."""
+        return False
+
+    def sent(self, at: float) -> None:
+        """A request left at `at` (a shared pace tells the account's send log)."""
+
+    def refused(self, sent_at: float, resume: float) -> None:
+        """The request that left at `sent_at` was refused, the server having room at `resume`."""
+
+    def watch(self, then: Callable[[float, bool], None]) -> None:
+        """Call `then(rate, sure)` with the account's limit, read at every moment its server
+        is seen full (by any of its processes)."""
+
+    def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
+        """The server was full for the request that left at `at`, with room again at
+        `resume`: read the account's limit there, and call `then(rate, sure)` with it."""
+        raise NotImplementedError("only a shared pace reads an account")
 
     async def check(self) -> None:
         """Before anything is sent: can this pace work? (A shared one: is its store there?)"""

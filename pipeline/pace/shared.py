@@ -10,10 +10,13 @@ The pacer of `local` with its start times leased from a store that every process
   is a tenth of a second of the account's rate, so a call to the store costs nothing next to
   the requests it covers. Tokens (`--tpm`) are leased the same way.
 - **A limit found once.** With `--rpm`/`--tpm` the rate is the account's, as given. Without,
-  each process's rate finder reads the server as before, from its own requests; the store
-  turns what one process reads into the account's rate by the share of the account's recent
-  answers that process had, and every process paces at it. A pause one process is asked for
-  (a 429 trend, a Retry-After for the pool) is the pool's: every process waits it out.
+  each process's rate finder watches its own requests for the moments the server is full,
+  and the limit is read at those moments from what the whole account sent
+  (`pipeline.pace.reading`): every process tells the store what it sent and what was refused,
+  by the hundredth of a second. The rate read is the account's, and every process paces at
+  it; only the process whose reading is in force probes above it, for all. A pause one
+  process is asked for (a 429 trend, a Retry-After for the pool) is the pool's: every
+  process waits it out.
 - **The store goes away.** Each process goes on alone at its share of the last shared rate
   (the rate over the processes seen), says so once, and rejoins when the store is back.
   Nothing is lost; the limit is exceeded by no more than the leases in hand.
@@ -30,10 +33,12 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 
 from pipeline.pace.local import Pacer
+from pipeline.pace.reading import LAG, AccountCapacity, Moment
 from pipeline.pace.store import Store, StoreAway
 from pipeline.settings import redacted
 
@@ -41,10 +46,18 @@ LEASE_SECONDS = 0.1  # of the account's rate, in one lease
 LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 SYNC_UNPACED = 0.02  # the same while no pace is known
-FIRST_HOLD = 0.97  # of the account's answers in its last whole seconds, as a reading's floor
+SYNC_GAP = 0.005  # seconds at least between two calls
+WATCH_AFTER = 3.0  # seconds after the server was full that calls are SYNC_UNPACED apart
 RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
-ANSWERS_WINDOW = 3  # seconds of answers that tell a process's share of the account's
+LOG_MAX = 2_000  # hundredths of the send log held while the store is away
+
+
+@dataclass(slots=True)
+class _Reading:
+    moment: Moment  # on the store's clock
+    due: float  # on ours: when every process has reported up to the moment
+    then: Callable[[float, bool], None]
 
 
 class SharedPacer(Pacer):
@@ -76,14 +89,18 @@ class SharedPacer(Pacer):
         self._want_tokens = 0.0
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
-        self._answered = 0  # answers since the last call: the account's share
-        self._last = 0  # the account's answers in the busier of the last two whole seconds
+        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused]
+        self._offset: float | None = None  # the store's clock on ours, minus ours
+        self._readings: list[_Reading] = []
+        self._capacity = AccountCapacity()
+        self._resume = 0.0  # the latest a refusal said the server has room again (our clock)
+        self._on_full: Callable[[float, bool], None] | None = None
+        self._full_seen: float | None = None  # the account's last full moment we know of
+        self._watch_until = 0.0  # in step quickly till then: the server was full lately
         self._booting = not self.given  # no limit given or found yet: the account ramps up
         self._resume_at = 0.0  # back from going alone: no leased start before this
         self._last_start = 0.0  # the last leased start used
         self._solo_until = 0.0  # just back: leased starts no faster than alone till then
-        self._ours: dict[int, int] = {}  # our answers by the store's second they were counted in
-        self._share = 1.0  # our share of the account's answers, lately
         self._wake = asyncio.Event()
         super().__init__(request_rate=request_rate, token_rate=token_rate)
         self._free = False  # given or not, every start is leased (before a limit is found, at the ramp's)
@@ -95,13 +112,7 @@ class SharedPacer(Pacer):
             super().set_rates(request_rate=request_rate, token_rate=token_rate)
             return
         if not self.given:
-            # What this process read, as the account's rate: by its share of the answers.
-            found = (request_rate or 0.0) / max(self._share, 1e-6) if request_rate else 0.0
-            if found and self._last:
-                # A reading is made when the server was full: what the whole account got
-                # through in the last whole seconds is then its limit, read without the noise
-                # of scaling one process's count by its share (which alone read 60 to 85 %).
-                found = max(found, self._last * FIRST_HOLD)
+            found = request_rate or 0.0  # the account's: readings are of the account
             if self.shared and found > self.shared and not self.leads and not self._booting:
                 return  # the process whose reading is in force probes for all, or N would climb N times as fast
             self._found = self.shared = found
@@ -116,12 +127,40 @@ class SharedPacer(Pacer):
 
     @property
     def request_rate(self) -> float | None:
-        rate = self.shared * self._share if hasattr(self, "shared") else 0.0
+        rate = self.shared if hasattr(self, "shared") else 0.0
         return rate or (1.0 / self._request_interval if self._request_interval else None)
 
-    def answered(self) -> None:
-        """An answer came back: counted toward this process's share of the account's."""
-        self._answered += 1
+    # -- the account's send log, and readings from it ------------------------------------------
+
+    def reads_account(self) -> bool:
+        return not self.given
+
+    def sent(self, at: float) -> None:
+        self._count(at, 0)
+
+    def refused(self, sent_at: float, resume: float) -> None:
+        self._count(sent_at, 1)
+        self._resume = max(self._resume, resume)
+        self._wake.set()  # told at once: a run of refusals across the account shows in the store
+
+    def watch(self, then: Callable[[float, bool], None]) -> None:
+        self._on_full = then
+
+    def _count(self, at: float, which: int) -> None:
+        if self._offset is None or len(self._log) > LOG_MAX:
+            return
+        hundredth = int((at + self._offset) * 100)
+        counts = self._log.get(hundredth)
+        if counts is None:
+            counts = self._log[hundredth] = [0, 0]
+        counts[which] += 1
+
+    def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
+        if self._offset is None or self.alone:
+            return  # alone, the last shared pace holds: there is no account to read
+        moment = Moment(at + self._offset, resume + self._offset)
+        self._readings.append(_Reading(moment, self._now() + LAG, then))
+        self._wake.set()
 
     def pause(self, seconds: float) -> None:
         super().pause(seconds)
@@ -235,26 +274,45 @@ class SharedPacer(Pacer):
                     continue
                 # Before any pace is known a refusal storm may be under way: a pause one
                 # process is asked for must reach the others at once.
-                with anyio.move_on_after(SYNC_EVERY if self.shared else SYNC_UNPACED):
+                await self._read(store, loop)
+                # Before a pace is known, and for a while after the server was full, a run of
+                # refusals may be under way: a pause must reach every process at once.
+                unsure = self._booting or loop.time() < self._watch_until
+                wait = SYNC_UNPACED if unsure or not self.shared else SYNC_EVERY
+                if self._readings:
+                    wait = min(wait, max(min(r.due for r in self._readings) - loop.time(), 0.0))
+                with anyio.move_on_after(wait):
                     await self._wake.wait()
+                await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
         finally:
             await store.close()
 
     async def _sync(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         self._wake.clear()
         want, want_tokens = self._want, self._want_tokens
-        found, pause_for, answered = self._found, self._pause_for, self._answered
+        found, pause_for = self._found, self._pause_for
+        log, self._log = self._log, {}
+        resume, self._resume = self._resume, 0.0
         sent_at = loop.time()
-        r = await store.call(
-            self._pid,
-            want=want,
-            want_tokens=want_tokens,
-            given=self.given,
-            given_tokens=self.given_tokens,
-            found=found,
-            pause_for=pause_for,
-            answered=answered,
-        )
+        try:
+            r = await store.call(
+                self._pid,
+                want=want,
+                want_tokens=want_tokens,
+                given=self.given,
+                given_tokens=self.given_tokens,
+                found=found,
+                pause_for=pause_for,
+                log=" ".join(f"{h} {n} {m}" for h, (n, m) in log.items()),
+                resume=resume + self._offset if resume and self._offset is not None else -1.0,
+            )
+        except StoreAway:
+            for h, (n, m) in log.items():  # told when the store is back
+                counts = self._log.setdefault(h, [0, 0])
+                counts[0] += n
+                counts[1] += m
+            self._resume = max(self._resume, resume)
+            raise
         now = loop.time()
         # Only what was sent is taken off: more may have come while the call was out.
         self._want -= want
@@ -263,12 +321,17 @@ class SharedPacer(Pacer):
             self._found = None
         if self._pause_for == pause_for:
             self._pause_for = 0.0
-        self._answered -= answered
         self.leads, self._booting = r.leads, r.booting
         offset = (sent_at + now) / 2 - r.now  # the store's clock on ours
+        self._offset = -offset
+        if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:
+            moment = Moment(r.full_at, r.full_resume)  # seen full by the account: read it
+            self._readings.append(_Reading(moment, now + LAG, self._on_full))
+        self._full_seen = max(r.full_at, self._full_seen or -1.0)
+        if r.full_at > 0:
+            self._watch_until = max(self._watch_until, r.full_resume + offset + WATCH_AFTER)
         self._back()
         self.members = max(r.members, 1)
-        self._count_share(int(r.now), answered, r.recent, r.last)
         if not self.given:
             self.shared = r.rate
         if r.paused + offset > self._paused_until:
@@ -281,24 +344,13 @@ class SharedPacer(Pacer):
             self._tokens_from = r.token_start + offset
         self._apply()
 
-    def _count_share(self, second: int, answered: int, recent: int, last: int) -> None:
-        """Our share of the account's answers: over the last whole second where it holds
-        enough to tell (a reading is of the second before the server was full), else over the
-        last three; the store counts the account's by the second of each call, and ours are
-        counted here by the same."""
-        if answered:
-            self._ours[second] = self._ours.get(second, 0) + answered
-        for old in [s for s in self._ours if s < second - ANSWERS_WINDOW]:
-            del self._ours[old]
-        self._last = last
-        ours_last = self._ours.get(second - 1, 0)
-        ours = sum(n for s, n in self._ours.items() if second - ANSWERS_WINDOW <= s < second)
-        if last >= 10 and ours_last:
-            self._share = min(1.0, ours_last / last)
-        elif recent >= 20 and ours:
-            self._share = min(1.0, ours / recent)
-        elif self.members > 1:
-            self._share = 1.0 / self.members
+    async def _read(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the moments that are due, from the account's send log."""
+        while self._readings and self._readings[0].due <= loop.time():
+            reading = self._readings.pop(0)
+            read = await self._capacity.read(store, reading.moment)
+            if read is not None and not self.alone:
+                reading.then(*read)
 
     def _away(self, reason: str) -> None:
         if not self.alone:

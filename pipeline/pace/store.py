@@ -1,10 +1,12 @@
-"""The account's shared pace in Redis: its state, and the one call that leases from it.
+"""The account's shared pace in Redis: its state, and the calls that lease from it and read it.
 
 One Lua script a call (a lease, or a sync when no lease is wanted), atomic in the store, on
 the store's own clock (TIME), so that the machines' clocks never meet. Under a key that names
 the account by a hash (never the API key) it keeps the virtual clocks of the account's starts
 and tokens, the rate in force (given, found, or a ramp before either), a pause, the processes
-seen lately and the account's answers by second; everything expires when unused.
+seen lately, and the account's send log: requests sent and refused by the hundredth of a
+second they left in, from every process, so that a limit is read from what the whole account
+sent (`read`). Everything expires when unused.
 """
 
 from __future__ import annotations
@@ -19,55 +21,106 @@ from pipeline.errors import SettingsError
 from pipeline.settings import redacted
 
 KEY_TTL = 600  # seconds an account's state outlives its last process
+LOG_TTL = 180  # seconds the account's send log is kept, a second to a key
 BOOT_RATE = 16.0  # starts a second for the account before any limit is known, doubling
+WATCH = 0.3  # seconds of the account's send log watched for a run of refusals...
+RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
 
 # One call per lease or sync. Times are the store's (TIME), so machines' clocks never meet.
 _SCRIPT = """
-local key, members, answers = KEYS[1], KEYS[2], KEYS[3]
+local key, members = KEYS[1], KEYS[2]
 local pid = ARGV[1]
 local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
-local answered, ttl = tonumber(ARGV[8]), tonumber(ARGV[9])
+local ttl, resume = tonumber(ARGV[8]), tonumber(ARGV[12])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local second = math.floor(now)
+local cs_now = math.floor(now * 100)
 redis.call('HSET', members, pid, tostring(now))
-if answered > 0 then
-  redis.call('HINCRBY', answers, tostring(second), answered)
+-- The send log: "hundredth sent refused" triples, counted under a key a second.
+for cs, sent, refused in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+)') do
+  local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
+  if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
+  if refused ~= '0' then redis.call('HINCRBY', log, 'r' .. cs, refused) end
+  redis.call('EXPIRE', log, ARGV[11])
+end
+-- The log from hundredth `from` on: sent and refused by hundredth.
+local function logged(from)
+  local sent, refused = {}, {}
+  for second = math.floor(from / 100), math.floor(cs_now / 100) do
+    local counts = redis.call('HGETALL', key .. ':log:' .. second)
+    for i = 1, #counts, 2 do
+      local cs = tonumber(string.sub(counts[i], 2))
+      if cs >= from then
+        local into = string.sub(counts[i], 1, 1) == 's' and sent or refused
+        into[cs] = (into[cs] or 0) + tonumber(counts[i + 1])
+      end
+    end
+  end
+  return sent, refused
 end
 local seen, all = 0, redis.call('HGETALL', members)
 for i = 1, #all, 2 do
   local at = tonumber(all[i + 1])
   if now - at < 5 then seen = seen + 1 elseif now - at > 60 then redis.call('HDEL', members, all[i]) end
 end
-local recent, last, counts = 0, 0, redis.call('HGETALL', answers)
-for i = 1, #counts, 2 do
-  local s = tonumber(counts[i])
-  if s >= second - 3 and s < second then recent = recent + tonumber(counts[i + 1]) end
-  if s >= second - 2 and s < second then last = math.max(last, tonumber(counts[i + 1])) end
-  if s < second - 10 then redis.call('HDEL', answers, counts[i]) end
-end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
 local leads = (redis.call('HGET', key, 'found_by') or pid) == pid
 local rate, booting = given, 0
 local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
-if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
-if rate <= 0 and given <= 0 then
-  -- No limit given and none found yet: the account ramps up as one, from a few starts a
-  -- second, doubling every quarter second while nothing is refused.
-  booting = 1
-  rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[10])
-  local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
-  if paused < now and now - at >= 0.25 then
-    rate = math.min(rate * 2, 100000)
-    at = now
-  end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(at))
-end
 if pause_for > 0 and now + pause_for > paused then
   paused = now + pause_for
   redis.call('HSET', key, 'paused', tostring(paused))
+end
+local full_at = tonumber(redis.call('HGET', key, 'full_at') or '-1')
+local full_resume = tonumber(redis.call('HGET', key, 'full_resume') or '-1')
+if given <= 0 then
+  -- The account's server is full: most of what the account sent since its first refusal of
+  -- the last WATCH seconds was refused (refusals come back in milliseconds, and every process
+  -- tells them at once). Each process sees only its own share of such a run: sixteen of
+  -- them would each take sixteen times as long to see one. Refusals whose wait is over
+  -- (the server said when it has room, and that has passed) say nothing of now.
+  if resume > 0 then
+    redis.call('HSET', key, 'resume', tostring(math.max(resume, tonumber(redis.call('HGET', key, 'resume') or '0'))))
+  end
+  local from = math.max(cs_now - math.floor(ARGV[13] * 100), math.ceil(full_resume * 100))
+  local sent, refused = logged(from)
+  local first, n_sent, n_refused = nil, 0, 0
+  for cs, _ in pairs(refused) do if first == nil or cs < first then first = cs end end
+  if first then
+    for cs, n in pairs(sent) do if cs >= first then n_sent = n_sent + n end end
+    for cs, n in pairs(refused) do n_refused = n_refused + n end
+  end
+  local told = tonumber(redis.call('HGET', key, 'resume') or '0')
+  if first and n_refused >= tonumber(ARGV[14]) and n_refused * 2 >= n_sent and told > now then
+    full_at, full_resume = first / 100, told
+    redis.call('HSET', key, 'full_at', tostring(full_at), 'full_resume', tostring(full_resume))
+    if full_resume > paused then
+      paused = full_resume
+      redis.call('HSET', key, 'paused', tostring(paused))
+    end
+  end
+end
+if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
+if rate <= 0 and given <= 0 then
+  -- No limit given and none found yet: the account ramps up as one, from a few starts a
+  -- second, doubling every quarter second while nothing is refused and the account sends
+  -- at half the ramp's rate at least (processes still starting send little of it), and not
+  -- before the limit the refusals tell is read: half a second after a pause.
+  booting = 1
+  rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[9])
+  local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
+  if now - at >= 0.25 then
+    local sent_by, refused_by = logged(math.floor(at * 100))
+    local sent = 0
+    for _, n in pairs(sent_by) do sent = sent + n end
+    if paused + 0.5 < now and next(refused_by) == nil and sent >= rate * (now - at) / 2 then
+      rate = math.min(rate * 2, 100000)
+    end
+    at = now
+  end
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(at))
 end
 local start, token_start = -1, -1
 if want > 0 and rate > 0 then
@@ -80,9 +133,31 @@ if want_tokens > 0 and given_tokens > 0 then
 end
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
-redis.call('EXPIRE', answers, 60)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), tostring(recent), tostring(last), leads and '1' or '0', tostring(booting)}
+        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume)}
+"""
+
+# What the account sent in [from, to), in hundredths, and how much of it was refused; and the
+# hundredth of the first send (-1: none).
+_READ = """
+local from, to = tonumber(ARGV[1]), tonumber(ARGV[2])
+local sent, refused, first = 0, 0, -1
+for second = math.floor(from / 100), math.floor((to - 1) / 100) do
+  local counts = redis.call('HGETALL', KEYS[1] .. ':log:' .. second)
+  for i = 1, #counts, 2 do
+    local cs = tonumber(string.sub(counts[i], 2))
+    if cs >= from and cs < to then
+      local n = tonumber(counts[i + 1])
+      if string.sub(counts[i], 1, 1) == 's' then
+        sent = sent + n
+        if first < 0 or cs < first then first = cs end
+      else
+        refused = refused + n
+      end
+    end
+  end
+end
+return {sent, refused, first}
 """
 
 
@@ -108,10 +183,10 @@ class Reply:
     token_start: float
     paused: float  # the account's pause lasts till then
     members: int  # processes seen lately
-    recent: int  # the account's answers in its last three whole seconds
-    last: int  # the same in the busier of its last two
     leads: bool  # the rate in force is this process's reading
     booting: bool  # no limit given or found: the rate is the ramp's
+    full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
+    full_resume: float  # and the server said it had room again then
 
 
 class Store:
@@ -126,6 +201,7 @@ class Store:
             ) from None
         self._client: Any = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._script = self._client.register_script(_SCRIPT)
+        self._read = self._client.register_script(_READ)
 
     async def check(self) -> None:
         from redis.exceptions import RedisError
@@ -148,11 +224,15 @@ class Store:
         given_tokens: float,
         found: float | None,
         pause_for: float,
-        answered: int,
+        log: str = "",
+        resume: float = -1.0,
     ) -> Reply:
+        """Lease `want` starts and `want_tokens` tokens (either may be 0), publish a rate
+        found and a pause, and add `log` ("hundredth sent refused" triples) to the send log, with
+        the latest time a refusal said the server has room again (`resume`)."""
         from redis.exceptions import RedisError
 
-        keys = [self.account, f"{self.account}:members", f"{self.account}:answers"]
+        keys = [self.account, f"{self.account}:members"]
         args: list[Any] = [
             pid,
             want,
@@ -163,10 +243,14 @@ class Store:
             pause_for,
         ]
         try:
-            raw = await self._script(keys=keys, args=[*args, answered, KEY_TTL, BOOT_RATE])
+            raw = await self._script(
+                keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, resume, WATCH, RUN]
+            )
         except (RedisError, OSError) as e:
             raise StoreAway(type(e).__name__) from None
-        now, rate, start, token_start, paused, members, recent, last, leads, booting = (float(x) for x in raw)
+        now, rate, start, token_start, paused, members, leads, booting, full_at, full_resume = (
+            float(x) for x in raw
+        )
         return Reply(
             now,
             rate,
@@ -174,11 +258,23 @@ class Store:
             token_start,
             paused,
             int(members),
-            int(recent),
-            int(last),
             bool(leads),
             bool(booting),
+            full_at,
+            full_resume,
         )
+
+    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+        """What the account sent from `since` to `until` (the store's clock): how many, how
+        many of them were refused, and when the first of them left (None: none did)."""
+        from redis.exceptions import RedisError
+
+        try:
+            raw = await self._read(keys=[self.account], args=[int(since * 100), int(until * 100)])
+        except (RedisError, OSError) as e:
+            raise StoreAway(type(e).__name__) from None
+        sent, refused, first = (int(x) for x in raw)
+        return sent, refused, (first / 100 if first >= 0 else None)
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):

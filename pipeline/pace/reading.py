@@ -1,0 +1,55 @@
+"""The account's limit, read from what every process of it sent (a shared pace's `Capacity`).
+
+One process of sixteen sends a sixteenth of the account's requests: what it alone saw go
+through before the server was full says little of the account's limit, and scaling it by its
+share of the answers only adds noise. So a shared pace reads the limit from the account's send
+log in the store (`pipeline.pace.store`), at the moments one of its processes found the server
+full, as `Capacity` reads one process's: at the first moment, what the account sent and was
+not refused in the second before; at later ones, between the time the server said it had room
+again and the next moment it was full, over that time. Times are the store's clock.
+
+A moment is read a little after it is seen (`LAG`), once the other processes have told the
+store what they sent up to it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pipeline.pace.capacity import AGAIN_WITHIN, MAX_FULLS
+from pipeline.pace.store import LOG_TTL, Store
+
+LAG = 0.25  # seconds after a moment before it is read: every process has reported by then
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    at: float  # when the first refused request of the run left (the store's clock)
+    resume: float  # when the server said it would take requests again
+
+
+class AccountCapacity:
+    def __init__(self) -> None:
+        self._moments: deque[Moment] = deque()
+
+    async def read(self, store: Store, moment: Moment) -> tuple[float, bool] | None:
+        """Requests a second the account's server lets through, read at `moment`, and whether
+        the reading spans a second at least; None for a moment of the same stretch of
+        refusals as the last one (seen by another process, or by the store)."""
+        moments = self._moments
+        if moments and moment.at < moments[-1].resume:
+            return None
+        if moments and moment.at - moments[-1].resume > AGAIN_WITHIN:
+            moments.clear()  # the server had room for a while since: a new stretch
+        while moments and (moment.at - moments[0].resume > LOG_TTL / 2 or len(moments) >= MAX_FULLS):
+            moments.popleft()
+        moments.append(moment)
+        if len(moments) == 1:
+            sent, refused, first = await store.read(moment.at - 1.0, moment.at)
+            span = moment.at - first if first is not None and first > moment.at - 1.0 else 1.0
+            return (sent - refused) / max(span, 1e-2), True
+        since = moments[0]
+        sent, refused, _ = await store.read(since.resume, moment.at)
+        span = max(moment.resume - since.resume, 1e-2)
+        return (sent - refused) / span, span >= 1.0
