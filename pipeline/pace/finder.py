@@ -331,7 +331,9 @@ class RateFinder:
                 self.latency_cuts += 1
 
     def _probe(self, now: float) -> None:
-        binding = self.pacer.waits > self._waits
+        # The pacer holds requests back: some had to wait for it since, or some wait now
+        # (at the end of a job every request left may be waiting, and none comes to wait).
+        binding = self.pacer.waits > self._waits or self.pacer.holding
         self._waits = self.pacer.waits
         rate = self.pacer.request_rate
         if self.limit is None or rate is None or not binding or now < self._probe_after:

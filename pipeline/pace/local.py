@@ -66,6 +66,11 @@ class Pacer:
     def token_rate(self) -> float | None:
         return self._token_rate or None
 
+    @property
+    def holding(self) -> bool:
+        """Whether requests are waiting for their turn now."""
+        return bool(self._waiters)
+
     # -- the loop's clock ----------------------------------------------------------------------
 
     def _now(self) -> float:

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pipeline.pace.capacity import AGAIN_WITHIN, MAX_FULLS
 from pipeline.pace.store import LOG_TTL, Store
 
-LAG = 0.25  # seconds after a moment before it is read: every process has reported by then
+# The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
+# after the moment was refused, and is taken off with the refusals).
+HUNDREDTH = 0.01
+LAG = 0.06  # seconds after a moment before it is read: every process has reported by then (they call every 20 ms then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +49,13 @@ class AccountCapacity:
             moments.popleft()
         moments.append(moment)
         if len(moments) == 1:
-            sent, refused, first = await store.read(moment.at - 1.0, moment.at)
+            sent, refused, first = await store.read(moment.at - 1.0, moment.at + HUNDREDTH)
             span = moment.at - first if first is not None and first > moment.at - 1.0 else 1.0
             return (sent - refused) / max(span, 1e-2), True
         since = moments[0]
-        sent, refused, _ = await store.read(since.resume, moment.at)
+        sent, refused, _ = await store.read(since.resume, moment.at + HUNDREDTH)
         span = max(moment.resume - since.resume, 1e-2)
-        return (sent - refused) / span, span >= 1.0
+        # Nothing through between two moments close together (a bucket refilling a request at
+        # a time, taken by another account's request or sent a hundredth late): less than
+        # one over that time, read as one, not as nothing.
+        return max(sent - refused, 1) / span, span >= 1.0

@@ -89,11 +89,10 @@ class SharedPacer(Pacer):
         self._want_tokens = 0.0
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
-        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused]
+        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
         self._offset: float | None = None  # the store's clock on ours, minus ours
         self._readings: list[_Reading] = []
         self._capacity = AccountCapacity()
-        self._resume = 0.0  # the latest a refusal said the server has room again (our clock)
         self._on_full: Callable[[float, bool], None] | None = None
         self._full_seen: float | None = None  # the account's last full moment we know of
         self._watch_until = 0.0  # in step quickly till then: the server was full lately
@@ -136,24 +135,29 @@ class SharedPacer(Pacer):
         return not self.given
 
     def sent(self, at: float) -> None:
-        self._count(at, 0)
+        if self._offset is not None and len(self._log) < LOG_MAX:
+            self._counts(at)[0] += 1
 
     def refused(self, sent_at: float, resume: float) -> None:
-        self._count(sent_at, 1)
-        self._resume = max(self._resume, resume)
+        if self._offset is not None and len(self._log) < LOG_MAX:
+            counts = self._counts(sent_at)
+            counts[1] += 1
+            room = int((resume + self._offset) * 100)
+            counts[2] = min(counts[2], room) if counts[2] else room
         self._wake.set()  # told at once: a run of refusals across the account shows in the store
 
     def watch(self, then: Callable[[float, bool], None]) -> None:
         self._on_full = then
 
-    def _count(self, at: float, which: int) -> None:
-        if self._offset is None or len(self._log) > LOG_MAX:
-            return
+    def _counts(self, at: float) -> list[int]:
+        """Sent, refused, and room (the earliest a refusal said the server has room again), of
+        the hundredth of the store's clock that `at` (ours) falls in."""
+        assert self._offset is not None
         hundredth = int((at + self._offset) * 100)
         counts = self._log.get(hundredth)
         if counts is None:
-            counts = self._log[hundredth] = [0, 0]
-        counts[which] += 1
+            counts = self._log[hundredth] = [0, 0, 0]
+        return counts
 
     def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
         if self._offset is None or self.alone:
@@ -292,7 +296,6 @@ class SharedPacer(Pacer):
         want, want_tokens = self._want, self._want_tokens
         found, pause_for = self._found, self._pause_for
         log, self._log = self._log, {}
-        resume, self._resume = self._resume, 0.0
         sent_at = loop.time()
         try:
             r = await store.call(
@@ -303,15 +306,14 @@ class SharedPacer(Pacer):
                 given_tokens=self.given_tokens,
                 found=found,
                 pause_for=pause_for,
-                log=" ".join(f"{h} {n} {m}" for h, (n, m) in log.items()),
-                resume=resume + self._offset if resume and self._offset is not None else -1.0,
+                log=" ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items()),
             )
         except StoreAway:
-            for h, (n, m) in log.items():  # told when the store is back
-                counts = self._log.setdefault(h, [0, 0])
+            for h, (n, m, w) in log.items():  # told when the store is back
+                counts = self._log.setdefault(h, [0, 0, 0])
                 counts[0] += n
                 counts[1] += m
-            self._resume = max(self._resume, resume)
+                counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
             raise
         now = loop.time()
         # Only what was sent is taken off: more may have come while the call was out.
@@ -336,9 +338,13 @@ class SharedPacer(Pacer):
             self.shared = r.rate
         if r.paused + offset > self._paused_until:
             self._paused_until = r.paused + offset
+            if self._booting:
+                # Starts leased at the ramp's rate ran into the limit: spent when the pause
+                # ends they would all go at once, thousands a second.
+                self._slots.clear()
         if r.start >= 0 and r.rate > 0:
             first = r.start + offset
-            self._slots.extend(first + i / r.rate for i in range(int(want)))
+            self._slots.extend(first + i / r.rate for i in range(r.granted))
         if r.token_start >= 0:
             self._tokens += want_tokens
             self._tokens_from = r.token_start + offset

@@ -33,32 +33,36 @@ local pid = ARGV[1]
 local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
-local ttl, resume = tonumber(ARGV[8]), tonumber(ARGV[12])
+local ttl = tonumber(ARGV[8])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 redis.call('HSET', members, pid, tostring(now))
--- The send log: "hundredth sent refused" triples, counted under a key a second.
-for cs, sent, refused in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+)') do
+-- The send log: "hundredth sent refused room" quads, counted under a key a second (room: the
+-- earliest time, in hundredths, that a refusal of a request sent then said the server has
+-- room again; 0: none).
+for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
   if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
   if refused ~= '0' then redis.call('HINCRBY', log, 'r' .. cs, refused) end
+  if room ~= '0' then
+    local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
+    redis.call('HSET', log, 'w' .. cs, math.min(was, tonumber(room)))
+  end
   redis.call('EXPIRE', log, ARGV[11])
 end
--- The log from hundredth `from` on: sent and refused by hundredth.
+-- The log from hundredth `from` on: sent, refused and room by hundredth.
 local function logged(from)
-  local sent, refused = {}, {}
+  local sent, refused, room = {}, {}, {}
+  local kinds = {s = sent, r = refused, w = room}
   for second = math.floor(from / 100), math.floor(cs_now / 100) do
     local counts = redis.call('HGETALL', key .. ':log:' .. second)
     for i = 1, #counts, 2 do
       local cs = tonumber(string.sub(counts[i], 2))
-      if cs >= from then
-        local into = string.sub(counts[i], 1, 1) == 's' and sent or refused
-        into[cs] = (into[cs] or 0) + tonumber(counts[i + 1])
-      end
+      if cs >= from then kinds[string.sub(counts[i], 1, 1)][cs] = tonumber(counts[i + 1]) end
     end
   end
-  return sent, refused
+  return sent, refused, room
 end
 local seen, all = 0, redis.call('HGETALL', members)
 for i = 1, #all, 2 do
@@ -79,22 +83,21 @@ if given <= 0 then
   -- The account's server is full: most of what the account sent since its first refusal of
   -- the last WATCH seconds was refused (refusals come back in milliseconds, and every process
   -- tells them at once). Each process sees only its own share of such a run: sixteen of
-  -- them would each take sixteen times as long to see one. Refusals whose wait is over
-  -- (the server said when it has room, and that has passed) say nothing of now.
-  if resume > 0 then
-    redis.call('HSET', key, 'resume', tostring(math.max(resume, tonumber(redis.call('HGET', key, 'resume') or '0'))))
-  end
-  local from = math.max(cs_now - math.floor(ARGV[13] * 100), math.ceil(full_resume * 100))
-  local sent, refused = logged(from)
+  -- them would each take sixteen times as long to see one. The account pauses till the
+  -- earliest time a refusal of the run said the server has room again (a scattered refusal
+  -- among them may ask for longer).
+  local from = math.max(cs_now - math.floor(ARGV[12] * 100), math.ceil(full_resume * 100))
+  local sent, refused, room = logged(from)
   local first, n_sent, n_refused = nil, 0, 0
   for cs, _ in pairs(refused) do if first == nil or cs < first then first = cs end end
   if first then
     for cs, n in pairs(sent) do if cs >= first then n_sent = n_sent + n end end
     for cs, n in pairs(refused) do n_refused = n_refused + n end
   end
-  local told = tonumber(redis.call('HGET', key, 'resume') or '0')
-  if first and n_refused >= tonumber(ARGV[14]) and n_refused * 2 >= n_sent and told > now then
-    full_at, full_resume = first / 100, told
+  if first and n_refused >= tonumber(ARGV[13]) and n_refused * 2 >= n_sent then
+    local told = nil
+    for _, w in pairs(room) do if told == nil or w < told then told = w end end
+    full_at, full_resume = first / 100, math.max((told or 0) / 100, now)
     redis.call('HSET', key, 'full_at', tostring(full_at), 'full_resume', tostring(full_resume))
     if full_resume > paused then
       paused = full_resume
@@ -124,6 +127,9 @@ if rate <= 0 and given <= 0 then
 end
 local start, token_start = -1, -1
 if want > 0 and rate > 0 then
+  -- No more than a tenth of a second of the rate in force: a lease sized at a rate since cut
+  -- would book the account's clock seconds ahead.
+  want = math.min(want, math.max(1, math.ceil(rate * 0.1)))
   start = math.max(tonumber(redis.call('HGET', key, 'clock') or '0'), now, paused)
   redis.call('HSET', key, 'clock', tostring(start + want / rate))
 end
@@ -134,7 +140,8 @@ end
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume)}
+        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
+        tostring(want)}
 """
 
 # What the account sent in [from, to), in hundredths, and how much of it was refused; and the
@@ -148,10 +155,11 @@ for second = math.floor(from / 100), math.floor((to - 1) / 100) do
     local cs = tonumber(string.sub(counts[i], 2))
     if cs >= from and cs < to then
       local n = tonumber(counts[i + 1])
-      if string.sub(counts[i], 1, 1) == 's' then
+      local kind = string.sub(counts[i], 1, 1)
+      if kind == 's' then
         sent = sent + n
         if first < 0 or cs < first then first = cs end
-      else
+      elseif kind == 'r' then
         refused = refused + n
       end
     end
@@ -187,6 +195,7 @@ class Reply:
     booting: bool  # no limit given or found: the rate is the ramp's
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
+    granted: int  # starts leased (no more than a tenth of a second of the rate)
 
 
 class Store:
@@ -225,11 +234,9 @@ class Store:
         found: float | None,
         pause_for: float,
         log: str = "",
-        resume: float = -1.0,
     ) -> Reply:
         """Lease `want` starts and `want_tokens` tokens (either may be 0), publish a rate
-        found and a pause, and add `log` ("hundredth sent refused" triples) to the send log, with
-        the latest time a refusal said the server has room again (`resume`)."""
+        found and a pause, and add `log` ("hundredth sent refused room" quads) to the send log."""
         from redis.exceptions import RedisError
 
         keys = [self.account, f"{self.account}:members"]
@@ -243,12 +250,10 @@ class Store:
             pause_for,
         ]
         try:
-            raw = await self._script(
-                keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, resume, WATCH, RUN]
-            )
+            raw = await self._script(keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, WATCH, RUN])
         except (RedisError, OSError) as e:
             raise StoreAway(type(e).__name__) from None
-        now, rate, start, token_start, paused, members, leads, booting, full_at, full_resume = (
+        now, rate, start, token_start, paused, members, leads, booting, full_at, full_resume, granted = (
             float(x) for x in raw
         )
         return Reply(
@@ -262,6 +267,7 @@ class Store:
             bool(booting),
             full_at,
             full_resume,
+            int(granted),
         )
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
