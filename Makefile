@@ -25,7 +25,7 @@ run: $(STAMP)
 	url=http://127.0.0.1:$$(cat $(PORT_FILE))/v1; \
 	echo "Mock endpoint at $$url; running jobs/caption.toml against it"; \
 	$(BIN)/pipeline run jobs/caption.toml --base-url $$url --output out/demo-caption; status=$$?; \
-	echo "Read out/demo-caption/report.md for the usage report."; \
+	echo "Open out/demo-caption/report.html for the run over time in charts (report.md: the same totals as text)."; \
 	exit $$status
 
 # The nightly job as four shards on the built-in mock (600 requests a minute), one pace
@@ -62,14 +62,17 @@ format: $(STAMP)
 # apt-get where we are root; elsewhere the command to run is named (the tests that need it
 # skip, and fail when CI is set).
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@for need in redis-server:redis-server chromium:chromium; do \
+	  cmd=$${need%%:*}; pkg=$${need##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "make: installing redis-server (apt-get)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; }; \
+	    echo "make: installing $$pkg (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null; }; \
 	  else \
-	    echo "make: the shared-limit tests need redis-server: sudo apt-get install redis-server (macOS: brew install redis)"; \
-	  fi; }
+	    echo "make: the tests need $$cmd: sudo apt-get install $$pkg (macOS: brew install $${pkg%-server})"; \
+	  fi; \
+	done
 
 test: check system-deps
 	$(BIN)/pytest -q

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -201,6 +203,12 @@ def run_client(
             if usage.exists():
                 doc = orjson.loads(usage.read_bytes())
                 said = {"runs": doc.get("runs", [])[-1:], "requests": doc.get("requests")}
+        page = folder / "output" / "report.html"
+        if page.exists():  # how big the run's report.html is, and how long it takes to draw again
+            said["report_html_bytes"] = page.stat().st_size
+            began = time.perf_counter()
+            subprocess.run([PIPELINE, "report", str(folder / "output")], capture_output=True, check=False)
+            said["report_seconds"] = time.perf_counter() - began
         if not keep_results:  # the memory scenario's outputs run to gigabytes
             shutil.rmtree(folder / "output", ignore_errors=True)
             path.unlink(missing_ok=True)

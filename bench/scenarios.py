@@ -340,6 +340,13 @@ def memory(opts: Options, done: Done) -> ScenarioResult:
         ),
         _lost_check(pipe),
     ]
+    page = pipe.said.get("report_html_bytes")
+    if page is not None:
+        checks.append(Check("its report.html: size", f"{page / 1e6:.2f} MB", "≤ 5 MB", page <= 5e6))
+        drawn = float(pipe.said.get("report_seconds", 0.0))
+        checks.append(
+            Check("its reports drawn again (pipeline report OUT)", f"{drawn:.1f} s", "seconds", drawn <= 10)
+        )
     samples = ", ".join(f"{t:.0f} s: {mb:.0f} MB" for t, mb in pipe.measurement.timeline(8))
     loaded = next((e for e in naive.events if e.get("event") == "loaded"), None)
     notes = [

@@ -179,6 +179,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge the shards there are, finished or not, and say what is not",
     )
+    report = sub.add_parser(
+        "report",
+        help="write OUT's usage.json, report.md and report.html again, sending nothing",
+        description="Rebuild the reports of an output folder from what it holds: a finished run, "
+        "an interrupted or killed one, or a merged set of shards.",
+        epilog="exit status: 0 written; 2 not an output folder",
+    )
+    report.add_argument("out", type=Path, help="the --output a run wrote to")
     add_mock_command(sub)
     return top
 
@@ -268,6 +276,21 @@ def _merge(out: Path, *, partial: bool) -> int:
     return 0
 
 
+def _report(out: Path) -> int:
+    from pipeline.report.rebuild import rebuild
+
+    try:
+        doc = rebuild(out)
+    except SettingsError as e:
+        print(f"pipeline report: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"Wrote {out}/report.html, report.md and usage.json: {len(doc['runs'])} run(s), "
+        f"{doc['requests']['succeeded']:,} results, {doc['requests']['failed']:,} failures"
+    )
+    return 0
+
+
 def _tune_gc() -> None:
     """The command owns its process, so it may tune the cycle collector for a long batch:
     everything imported so far is kept out of its scans, and it runs ten times less often.
@@ -295,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_mock(args)
     if args.command == "merge":
         return _merge(args.out, partial=args.partial)
+    if args.command == "report":
+        return _report(args.out)
     try:
         settings = settings_from_args(args)
         for warning in settings.warnings:

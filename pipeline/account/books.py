@@ -14,20 +14,21 @@ A result the server did not cost is costed here from the job's price table, whoe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
-from pipeline.account.usage import Usage
+from pipeline.account.usage import Usage, answer_tokens
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
 from pipeline.settings import Price
 
 
 class Books:
-    def __init__(self, usage: Usage, prices: Mapping[str, Price]) -> None:
+    def __init__(self, usage: Usage, prices: Mapping[str, Price], redact: Callable[[str], str] = str) -> None:
         self.usage = usage
         self.prices = prices
+        self.redact = redact  # the API key out of what is kept (a failure's message, as echoed)
         self.budget: Budget | None = None
 
     def open_budget(self, max_cost: float | None) -> None:
@@ -36,9 +37,14 @@ class Books:
 
     # -- the worker, as answers arrive --------------------------------------------------------
 
+    def started(self) -> None:
+        """An attempt leaves (the timeline counts them: what was started when)."""
+        self.usage.timeline.started()
+
     def attempt(self, answer: str) -> None:
         """One attempt ended with `answer`: "200", a status, or an error code."""
         self.usage.answer(answer)
+        self.usage.timeline.answer(answer)
 
     async def reserve(self, request: Request) -> Reservation | RunStopped | None:
         """Hold the request's worst cost against the cap; a `RunStopped` when it does not
@@ -87,11 +93,12 @@ class Books:
 
     def kept(self, success: Success) -> None:
         self._price(self.usage.add_success(success), success.reply.body, success.request.model)
+        self.usage.timeline.took(success.reply.latency, success.reply.ttft)
         if success.label is not None:
             self.usage.verdicts[success.label] += 1
 
     def failed(self, failure: Failure) -> None:
-        self.usage.add_failure(failure)
+        self.usage.add_failure(failure, self.redact(failure.message))
 
     # -- the repair, for result lines the index had not seen ---------------------------------
 
@@ -104,11 +111,16 @@ class Books:
         """An answer just counted (`counted`: the model it was counted under and the cost the
         server reported): cost it from the price table where the server did not."""
         name, reported = counted
+        prompt, completion, _ = answer_tokens(body)
         if reported is not None:
+            self.usage.timeline.spent(prompt, completion, reported)
             return
         cost, source = answer_cost(body, self.prices, requested)
         if cost is not None and source == "price table":
             self.usage.add_priced(name, cost)
+            self.usage.timeline.spent(prompt, completion, cost)
+        else:
+            self.usage.timeline.spent(prompt, completion, None)
 
     def _budget_reached(self) -> RunStopped:
         assert self.budget is not None

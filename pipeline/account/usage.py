@@ -8,55 +8,19 @@ checkpoint and a resumed run adds to it instead of starting over.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.account.histogram import Histogram
+from pipeline.account.timeline import Timeline
 from pipeline.job import Failure, Success
 
-_GROWTH = 1.05
-_LOG_GROWTH = math.log(_GROWTH)
-_MIN = 1e-4  # seconds; faster answers share the first bucket
-
-
-class Histogram:
-    def __init__(self, counts: dict[int, int] | None = None) -> None:
-        self.counts: dict[int, int] = counts or {}
-        self.n = sum(self.counts.values())
-
-    def add(self, seconds: float) -> None:
-        bucket = 0 if seconds <= _MIN else int(math.log(seconds / _MIN) / _LOG_GROWTH) + 1
-        self.counts[bucket] = self.counts.get(bucket, 0) + 1
-        self.n += 1
-
-    def percentile(self, q: float) -> float | None:
-        if not self.n:
-            return None
-        rank = q / 100 * self.n
-        seen = 0
-        for bucket in sorted(self.counts):
-            seen += self.counts[bucket]
-            if seen >= rank:
-                if bucket == 0:
-                    return _MIN
-                # the geometric middle of the bucket
-                return float(_MIN * _GROWTH ** (bucket - 0.5))
-        return None
-
-    def merge(self, other: Histogram) -> None:
-        for bucket, count in other.counts.items():
-            self.counts[bucket] = self.counts.get(bucket, 0) + count
-        self.n += other.n
-
-    def state(self) -> dict[str, int]:
-        return {str(k): v for k, v in self.counts.items()}
-
-    @classmethod
-    def from_state(cls, state: dict[str, int] | None) -> Histogram:
-        return cls({int(k): int(v) for k, v in (state or {}).items()})
+SLOWEST = 10  # the slowest requests kept, by id
+MESSAGES = 5  # the commonest messages kept for each failure code
+__all__ = ["Histogram", "ModelUsage", "Usage", "answer_tokens"]
 
 
 @dataclass
@@ -114,6 +78,9 @@ class Usage:
     ttft: Histogram = field(default_factory=Histogram)
     runs: list[dict[str, Any]] = field(default_factory=list)
     run_started: float = field(default_factory=time.time)
+    timeline: Timeline = field(default_factory=Timeline)
+    slowest: list[tuple[float, str]] = field(default_factory=list)  # (latency, custom_id), slowest first
+    messages: dict[str, Counter[str]] = field(default_factory=dict)  # failure code -> commonest messages
 
     # -- recording -------------------------------------------------------------------------
 
@@ -155,7 +122,12 @@ class Usage:
     def add_success(self, success: Success) -> tuple[str, float | None]:
         self.outcomes["succeeded"] += 1
         self.retries += max(success.attempts - 1, 0)
-        self.latency.add(success.reply.latency)
+        latency = success.reply.latency
+        self.latency.add(latency)
+        if len(self.slowest) < SLOWEST or latency > self.slowest[-1][0]:
+            self.slowest = sorted([*self.slowest, (latency, success.request.custom_id)], reverse=True)[
+                :SLOWEST
+            ]
         if success.reply.ttft is not None:
             self.ttft.add(success.reply.ttft)
         return self.add_body(success.reply.body, success.request.model)
@@ -172,9 +144,14 @@ class Usage:
         self.discarded += 1
         return self.add_body(body, requested)
 
-    def add_failure(self, failure: Failure) -> None:
+    def add_failure(self, failure: Failure, message: str) -> None:
+        """A failure, with its message as it may be kept (the API key out of it)."""
         self.outcomes["invalid_input" if failure.is_input_error else "failed"] += 1
         self.errors[failure.code] += 1
+        messages = self.messages.setdefault(failure.code, Counter())
+        message = message[:300]
+        if message in messages or len(messages) < MESSAGES * 4:  # bounded: the commonest come early
+            messages[message] += 1
         self.retries += max(failure.attempts - 1, 0)
 
     def add(self, other: Usage, *, label: str) -> None:
@@ -190,6 +167,10 @@ class Usage:
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
         self.runs += [{**run, "shard": label} for run in other.runs]
+        self.timeline.add(other.timeline.state(), label)
+        self.slowest = sorted([*self.slowest, *other.slowest], reverse=True)[:SLOWEST]
+        for code, counts in other.messages.items():
+            self.messages.setdefault(code, Counter()).update(counts)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -219,6 +200,11 @@ class Usage:
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
+            "timeline": self.timeline.state(),
+            "slowest": [list(s) for s in self.slowest],
+            "messages": {
+                code: dict(counts.most_common(MESSAGES * 4)) for code, counts in self.messages.items()
+            },
         }
 
     @classmethod
@@ -241,4 +227,7 @@ class Usage:
             latency=Histogram.from_state(state.get("latency")),
             ttft=Histogram.from_state(state.get("ttft")),
             runs=list(state.get("runs", [])),
+            timeline=Timeline(list(state.get("timeline", []))),
+            slowest=[(float(s), str(i)) for s, i in state.get("slowest", [])],
+            messages={code: Counter(m) for code, m in state.get("messages", {}).items()},
         )

@@ -25,7 +25,16 @@ from pipeline.output.ledger import Ledger
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
 LEDGER = "ledger.sqlite"
-OUR_FILES = (RESULTS, ERRORS, "usage.json", "report.md", LEDGER, LEDGER + "-wal", LEDGER + "-shm")
+OUR_FILES = (
+    RESULTS,
+    ERRORS,
+    "usage.json",
+    "report.md",
+    "report.html",
+    LEDGER,
+    LEDGER + "-wal",
+    LEDGER + "-shm",
+)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -17,6 +17,7 @@ from pipeline.account.cost import money
 from pipeline.account.usage import ModelUsage, Usage
 from pipeline.output.folder import atomic_write
 from pipeline.output.writer import Redactor
+from pipeline.report.html import html_report
 
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -87,6 +88,11 @@ def usage_document(usage: Usage, *, state: dict[str, int | None], folder: Path) 
         "requests_per_second": round(succeeded_events / wall, 3) if wall else None,
         "tokens_per_second": round(total.total_tokens / wall, 1) if wall else None,
         "runs": usage.runs,
+        "timeline": usage.timeline.state(),
+        "slowest": [list(s) for s in usage.slowest],
+        "error_messages": {
+            code: dict(counts.most_common(5)) for code, counts in sorted(usage.messages.items())
+        },
     }
 
 
@@ -204,3 +210,4 @@ def markdown(doc: dict[str, Any]) -> str:
 def write_reports(folder: Path, doc: dict[str, Any], redact: Redactor) -> None:
     atomic_write(folder / "usage.json", redact(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"))
     atomic_write(folder / "report.md", redact(markdown(doc).encode()))
+    atomic_write(folder / "report.html", redact(html_report(doc).encode()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Never, TextIO
 
 import anyio
@@ -60,6 +61,8 @@ class Progress:
 
             self.bar = tqdm(total=None, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.05)
         self.started = time.monotonic()
+        # In flight, and the pace in force with where it comes from (given, stated, found).
+        self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
 
@@ -91,6 +94,17 @@ class Progress:
         cost = total.cost - self._cost_before if (total.with_cost or total.priced) else None
         return total.total_tokens, failed - self._failed_before, cost
 
+    def _pace(self) -> str:
+        """The pace in force and the 429s of the last minute: a person watching sees the limit
+        being found."""
+        pace = "unpaced"
+        if self.sample is not None:
+            _, rate, kind, _ = self.sample()
+            if rate:
+                pace = f"pace {rate * 60:,.0f}/min ({kind})"
+        refused = self.usage.timeline.recent("429", 60.0)
+        return f"{pace}, {refused:,} 429s in the last minute"
+
     def line(self) -> str:
         done, total = self.done(), self.counts.total
         elapsed = max(time.monotonic() - self.started, 1e-9)
@@ -100,7 +114,10 @@ class Progress:
         eta = ""
         if total and rate > 0 and done < total:
             eta = f" | about {duration((total - done) / rate)} left"
-        return f"pipeline: {of} | {rate:,.1f} req/s | {failed:,} failed | {tokens:,} tokens | {money(cost, unknown='cost not reported')}{eta}"
+        return (
+            f"pipeline: {of} | {rate:,.1f} req/s | {self._pace()} | {failed:,} failed | {tokens:,} tokens | "
+            f"{money(cost, unknown='cost not reported')}{eta}"
+        )
 
     async def tick(self) -> None:
         if self.bar is not None:
@@ -125,7 +142,8 @@ class Progress:
         tokens, failed, cost = self._figures()
         before = f", {counts.skipped:,} done before" if counts.skipped else ""
         bar.set_postfix_str(
-            f"{tokens:,} tokens, {failed:,} failed, {money(cost, unknown='cost not reported')}{before}",
+            f"{self._pace()}, {tokens:,} tokens, {failed:,} failed, "
+            f"{money(cost, unknown='cost not reported')}{before}",
             refresh=False,
         )
         bar.update(written - bar.n)

@@ -153,7 +153,8 @@ class Run:
         self.started = time.time()
         self.redact = Redactor(api_key)
         self.usage = Usage.from_state(ledger.get("usage"))
-        self.books = Books(self.usage, settings.prices)
+        self.books = Books(self.usage, settings.prices, self.redact.text)
+        self.usage.timeline.begin()  # this run's stretch: the repair after a crash counts in it too
         reconcile(settings.folder, ledger, self.books)
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
@@ -184,6 +185,8 @@ class Run:
             stop=self.control.stop,
         )
         self.gate = Gate(self.pacer, self.window, self.finder)
+        self.usage.timeline.sample(self._sample)
+        self.progress.sample = self._sample
         # The budget counts from what the folder holds, repaired: earlier runs count too.
         self.books.open_budget(settings.max_cost)
         self.verdict = None
@@ -196,6 +199,18 @@ class Run:
             cap=settings.backoff_max,
             max_refused=settings.give_up_after,
         )
+
+    def _sample(self) -> tuple[int, float | None, str | None, float | None]:
+        """What the timeline notes as an interval closes: in flight, the pace in force, where
+        it comes from, and the limit it keeps under (requests a second)."""
+        rate = self.pacer.request_rate
+        if not rate:
+            return self.control.in_flight, None, None, None
+        if self.settings.rpm:
+            return self.control.in_flight, rate, "given", self.settings.rpm / 60
+        if self.finder.ceiling is not None:
+            return self.control.in_flight, rate, "stated", self.finder.ceiling / MARGIN
+        return self.control.in_flight, rate, "found", self.finder.limit
 
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
@@ -327,6 +342,7 @@ class Run:
         }
         if self.pacer.request_rate is not None:
             record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
+        usage.timeline.finish()
         usage.runs.append(record)
         self.ledger.put("usage", usage.state())
         self.ledger.commit()

@@ -217,6 +217,7 @@ class Worker:
             slot.unused()
             raise Abandoned
         slot.go()
+        self.books.started()
         control.in_flight += 1
         try:
             reply = await self.client.complete(request)  # send

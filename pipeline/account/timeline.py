@@ -1,0 +1,236 @@
+"""A run over time: what the books count, by the interval it was counted in.
+
+Every count the books make also goes into the interval of wall-clock time it happened in:
+requests started, answers by what they were (the same keys as usage's `answers`: "200",
+"429", "503", "timeout", a verdict's code...), tokens in and out, cost, latency and time to
+first token (percentiles of the interval), and, sampled as each interval closes, requests in
+flight and the pace in force (given, stated by the server, or found). So the intervals of a
+run add up exactly to what the books counted in it.
+
+Intervals are INTERVAL seconds long; a run that has kept MAX_POINTS of them merges them in
+pairs into intervals twice as long, so any run keeps at most that many (a million-line run
+costs a few hundred kilobytes, whatever its length). Each run is a stretch of its own; the
+stretches are saved with the usage totals at every checkpoint, so a crash loses neither
+more nor less of them than of the totals, and `merge` keeps every shard's stretches,
+joined by time in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pipeline.account.histogram import Histogram
+
+INTERVAL = 10.0  # seconds, to start with
+MAX_POINTS = 1000  # intervals a run keeps at most
+
+# What an interval holds, by short keys (a run's stretch is saved at every checkpoint).
+SUMS = ("started", "tokens_in", "tokens_out", "cost", "latency_n")
+# In flight, the pace in force (requests a second), where it comes from, and the limit it keeps to.
+Sample = Callable[[], tuple[int, float | None, str | None, float | None]]
+
+
+def kind(answer: str) -> str:
+    """The chart's kind of an answer key: success, 429, 5xx, invalid (a verdict) or error."""
+    if answer == "200":
+        return "success"
+    if answer == "429":
+        return "429"
+    if len(answer) == 3 and answer.startswith("5") and answer.isdigit():
+        return "5xx"
+    if answer.startswith("invalid"):
+        return "invalid"
+    return "error"
+
+
+def _empty(start: float) -> dict[str, Any]:
+    return {"start": start, "answers": {}, **dict.fromkeys(SUMS, 0)}
+
+
+class Stretch:
+    """One run's intervals."""
+
+    def __init__(self, started: float, length: float = INTERVAL, points: list[dict[str, Any]] | None = None):
+        self.started = started  # wall clock, seconds
+        self.length = length
+        self.points: list[dict[str, Any]] = points or []
+        self._index = -1
+        self._open: dict[str, Any] | None = None
+        self._latency = Histogram()
+        self._ttft = Histogram()
+        self.sample: Sample | None = None
+
+    def at(self, now: float) -> dict[str, Any]:
+        index = int((now - self.started) // self.length)
+        if index != self._index or self._open is None:
+            self.close()
+            self._index = index
+            self._open = _empty(self.started + index * self.length)
+            self.points.append(self._open)
+            if len(self.points) > MAX_POINTS:
+                self._coarsen()
+        return self._open
+
+    def snapshot(self) -> None:
+        """The open interval's percentiles so far, and the time it covers (it stays open)."""
+        point = self._open
+        if point is None:
+            return
+        point["seconds"] = round(min(max(time.time() - point["start"], 0.001), self.length), 3)
+        if self._latency.n:
+            for q in (50, 90, 99):
+                point[f"latency_p{q}"] = self._latency.percentile(q)
+        if self._ttft.n:
+            point["ttft_p50"] = self._ttft.percentile(50)
+
+    def close(self) -> None:
+        """Finish the open interval: its percentiles, and what is in flight at its end."""
+        point = self._open
+        if point is None:
+            return
+        self.snapshot()
+        if self.sample is not None:
+            in_flight, pace, pace_kind, limit = self.sample()
+            point["in_flight"] = in_flight
+            if pace:
+                point["pace"] = pace
+                point["pace_kind"] = pace_kind
+            if limit:
+                point["limit"] = limit
+        self._latency, self._ttft = Histogram(), Histogram()
+        self._open = None
+
+    def _coarsen(self) -> None:
+        """Twice as long intervals, merged in pairs (the percentiles by their counts)."""
+        self.length *= 2
+        merged: list[dict[str, Any]] = []
+        for point in self.points:
+            start = self.started + (point["start"] - self.started) // self.length * self.length
+            if merged and merged[-1]["start"] == start:
+                _add(merged[-1], point)
+            else:
+                merged.append({**point, "start": start, "answers": dict(point["answers"])})
+        self.points = merged
+        self._open = self.points[-1]
+        self._index = int((self._open["start"] - self.started) // self.length)
+
+    def state(self) -> dict[str, Any]:
+        return {"started": self.started, "interval": self.length, "points": self.points}
+
+
+def _add(into: dict[str, Any], point: dict[str, Any]) -> None:
+    n1, n2 = into.get("latency_n", 0), point.get("latency_n", 0)
+    for key in ("latency_p50", "latency_p90", "latency_p99", "ttft_p50"):
+        if key in point:
+            mine = into.get(key)
+            into[key] = point[key] if mine is None else (mine * n1 + point[key] * n2) / max(n1 + n2, 1)
+    for key in (*SUMS, "seconds"):
+        into[key] = into.get(key, 0) + point.get(key, 0)
+    for answer, n in point["answers"].items():
+        into["answers"][answer] = into["answers"].get(answer, 0) + n
+    for key in ("in_flight", "pace", "pace_kind", "limit"):
+        if key in point:
+            into[key] = point[key]  # the later sample
+
+
+class Timeline:
+    """Every run's stretch; the last is this run's, counted into."""
+
+    def __init__(self, stretches: list[dict[str, Any]] | None = None) -> None:
+        self.earlier: list[dict[str, Any]] = stretches or []  # saved states, as they were
+        self.run: Stretch | None = None
+        self.clock: Callable[[], float] = time.time
+
+    def begin(self) -> None:
+        """This run's stretch starts now."""
+        self.run = Stretch(self.clock())
+
+    def sample(self, sample: Sample) -> None:
+        """Where in flight and the pace in force are read, as each interval closes."""
+        if self.run is not None:
+            self.run.sample = sample
+
+    def finish(self) -> None:
+        """The run ends: its last interval is closed (in flight and the pace noted)."""
+        if self.run is not None:
+            self.run.close()
+
+    def _point(self) -> dict[str, Any] | None:
+        return None if self.run is None else self.run.at(self.clock())
+
+    # -- what the books count ------------------------------------------------------------------
+
+    def started(self) -> None:
+        point = self._point()
+        if point is not None:
+            point["started"] += 1
+
+    def answer(self, answer: str) -> None:
+        point = self._point()
+        if point is not None:
+            point["answers"][answer] = point["answers"].get(answer, 0) + 1
+
+    def spent(self, tokens_in: int, tokens_out: int, cost: float | None) -> None:
+        point = self._point()
+        if point is not None:
+            point["tokens_in"] += tokens_in
+            point["tokens_out"] += tokens_out
+            if cost:
+                point["cost"] += cost
+
+    def took(self, latency: float, ttft: float | None) -> None:
+        point = self._point()
+        if point is not None and self.run is not None:
+            point["latency_n"] += 1
+            self.run._latency.add(latency)
+            if ttft is not None:
+                self.run._ttft.add(ttft)
+
+    def recent(self, answer: str, seconds: float) -> int:
+        """Answers `answer` in this run's intervals of about the last `seconds`."""
+        if self.run is None:
+            return 0
+        since = self.clock() - seconds
+        n = 0
+        for point in reversed(self.run.points):
+            if point["start"] + self.run.length <= since:
+                break
+            n += point["answers"].get(answer, 0)
+        return n
+
+    # -- saved and read ------------------------------------------------------------------------
+
+    def state(self) -> list[dict[str, Any]]:
+        if self.run is None:
+            return list(self.earlier)
+        self.run.snapshot()  # the open interval's figures so far
+        return [*self.earlier, self.run.state()]
+
+    def add(self, stretches: Iterable[dict[str, Any]], label: str) -> None:
+        """Another folder's stretches (a shard's), labelled."""
+        self.earlier += [{**stretch, "shard": label} for stretch in stretches]
+
+
+def joined(stretches: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]]]:
+    """Every stretch's intervals on one time axis, summed where they meet (shards running at
+    once): the interval length (the longest of any stretch) and the points, by start."""
+    length = max((float(s.get("interval", INTERVAL)) for s in stretches), default=INTERVAL)
+    by_start: dict[float, dict[str, Any]] = {}
+    for stretch in stretches:
+        for point in stretch.get("points", []):
+            start = point["start"] // length * length
+            into = by_start.get(start)
+            if into is None:
+                by_start[start] = {**point, "start": start, "answers": dict(point["answers"])}
+            else:
+                flying = into.get("in_flight", 0) + point.get("in_flight", 0)  # shards at once
+                seconds = max(into.get("seconds", 0), point.get("seconds", 0))
+                pace = max(into.get("pace") or 0.0, point.get("pace") or 0.0)  # the account's, shared
+                _add(into, point)
+                into["in_flight"] = flying
+                into["seconds"] = seconds
+                if pace:
+                    into["pace"] = pace
+    return length, [by_start[s] for s in sorted(by_start)]

@@ -1,0 +1,206 @@
+"""report.html and the timeline behind it: a run over time, in one file that runs nothing."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+import pipeline
+from pipeline.report.html import html_report
+from tests.conftest import FAKE_KEY, bodies
+
+CHARTS = (
+    "Answers a second by kind, and the pace in force",
+    "Latency percentiles and time to first token",
+    "Requests in flight and started",
+    "Tokens by model",
+    "Cost by model",
+    "Cost by run",
+    "Answers by status (every attempt)",
+    "Failures by code",
+)
+HOSTILE = '<script>alert(1)</script></title>"onload=alert(2) <a href="javascript:alert(3)">x</a>'
+
+
+def _sums(doc: dict[str, Any]) -> dict[str, Any]:
+    answers: dict[str, int] = {}
+    out = {"started": 0, "tokens_in": 0, "tokens_out": 0, "cost": 0.0}
+    for stretch in doc["timeline"]:
+        for point in stretch["points"]:
+            for k in out:
+                out[k] += point[k]
+            for a, n in point["answers"].items():
+                answers[a] = answers.get(a, 0) + n
+    return {**out, "answers": answers}
+
+
+async def test_the_timeline_adds_up_to_the_totals_and_the_report_draws_it(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    rows = bodies(200)
+    async with mock(rpm=1800, fail_rate=0.2, rate_429=0.02, latency=0.01) as (url, _):
+        summary = await pipeline.run(make_settings(url, rows, max_attempts=2))
+    assert summary.failed
+    assert summary.succeeded + summary.failed == 200
+    out = tmp_path / "out"
+    doc = orjson.loads((out / "usage.json").read_bytes())
+    sums = _sums(doc)
+    assert sums["answers"] == doc["answers_by_status"]
+    assert sums["started"] == doc["attempts"]
+    assert sums["tokens_in"] == doc["tokens"]["prompt_tokens"]
+    assert sums["tokens_out"] == doc["tokens"]["completion_tokens"]
+    assert abs(sums["cost"] - doc["cost"]["total"]) < 1e-9
+    paced = [p for s in doc["timeline"] for p in s["points"] if p.get("pace")]
+    assert paced
+    assert {p["pace_kind"] for p in paced} <= {"found", "stated", "given"}
+    page = (out / "report.html").read_text()
+    for title in CHARTS:
+        assert f'alt="{title}"' in page, title
+    assert "<script" not in page
+
+
+async def test_a_resumed_run_is_a_stretch_of_its_own(mock, make_settings, tmp_path: Path) -> None:
+    rows = bodies(40)
+    async with mock(latency=0.0) as (url, _):
+        await pipeline.run(make_settings(url, rows[:20]))
+        await pipeline.run(make_settings(url, rows))
+    doc = orjson.loads((tmp_path / "out" / "usage.json").read_bytes())
+    assert len(doc["timeline"]) == 2
+    assert _sums(doc)["answers"] == doc["answers_by_status"] == {"200": 40}
+
+
+def _doc() -> dict[str, Any]:
+    model = {
+        "requests": 1,
+        "choices": 1,
+        "prompt_tokens": 5,
+        "completion_tokens": 7,
+        "total_tokens": 12,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "cost": {"total": 0.01, "source": "server", "requests_not_reported": 0},
+    }
+    return {
+        "folder": HOSTILE,
+        "updated": "2026-11-29T00:00:00+00:00",
+        "requests": {"succeeded": 1},
+        "cost": {"total": 0.01, "source": "server"},
+        "models": {HOSTILE: model},
+        "answers_by_status": {"200": 1, HOSTILE: 1},
+        "errors_by_code": {HOSTILE: 1},
+        "error_messages": {HOSTILE: {HOSTILE: 1}},
+        "verdicts": {HOSTILE: 1},
+        "slowest": [[1.5, HOSTILE]],
+        "runs": [{"exit": 0, "note": HOSTILE, "started": "2026-11-29T00:00:00+00:00"}],
+        "timeline": [
+            {
+                "started": 1_795_000_000.0,
+                "interval": 10.0,
+                "shard": HOSTILE,
+                "points": [
+                    {
+                        "start": 1_795_000_000.0,
+                        "started": 2,
+                        "answers": {"200": 1, HOSTILE: 1},
+                        "tokens_in": 5,
+                        "tokens_out": 7,
+                        "cost": 0.01,
+                        "latency_n": 1,
+                        "latency_p50": 1.5,
+                        "in_flight": 0,
+                        "pace": 2.0,
+                        "pace_kind": HOSTILE,
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def test_nothing_from_outside_can_run_in_the_report() -> None:
+    page = html_report(_doc())
+    assert "<script" not in page.lower()
+    assert page.count("</title>") == 1  # the page's own
+    assert '"onload=' not in page
+    assert not re.search(r"(href|src)\s*=\s*[\"']?\s*javascript:", page, re.I)
+    assert "&lt;script&gt;" in page  # shown, as text
+    # Every chart is an image of a data: URL (which never runs or fetches), and the page's
+    # policy forbids scripts and requests besides.
+    assert "default-src 'none'" in page
+    assert all(src.startswith("data:image/svg+xml;base64,") for src in re.findall(r'src="([^"]*)"', page))
+
+
+def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    not_one = tmp_path / "nothing"
+    not_one.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", str(not_one)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "not an output folder" in done.stderr
+    assert done.stderr.count("\n") == 1  # one line
+
+
+async def test_pipeline_report_on_finished_and_killed_folders(mock, make_settings, tmp_path: Path) -> None:
+    from tests.test_crash import start
+
+    rows = bodies(200)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    async with mock(latency=0.05) as (url, _):
+        killed = await start(url, src, tmp_path / "killed", "--concurrency", "4")
+        await anyio.sleep(1.5)  # past its first checkpoint (every second): the usage as of then
+        killed.kill()
+        await killed.wait()
+        await pipeline.run(make_settings(url, rows[:30], output=tmp_path / "finished"))
+    for folder in ("killed", "finished"):
+        (tmp_path / folder / "report.html").unlink(missing_ok=True)
+        done = await anyio.run_process(
+            [sys.executable, "-m", "pipeline", "report", str(tmp_path / folder)],
+            check=False,
+            env={"LUMENFALL_API_KEY": FAKE_KEY, "PATH": "/usr/bin:/bin"},
+        )
+        assert done.returncode == 0, done.stderr
+        page = (tmp_path / folder / "report.html").read_text()
+        assert 'alt="Answers a second by kind, and the pace in force"' in page
+        assert (tmp_path / folder / "report.md").exists()
+
+
+async def test_the_log_line_shows_the_pace_and_the_429s_of_the_last_minute(
+    mock, make_settings, capsys
+) -> None:
+    async with mock(rpm=1800, latency=0.01) as (url, _):
+        await pipeline.run(make_settings(url, bodies(150), quiet=False, progress_interval=0.5))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipeline: ")]
+    assert any(
+        re.search(r"pace [\d,]+/min \(found\), [\d,]+ 429s in the last minute", line) for line in lines
+    ), lines
+    assert any(re.search(r"[1-9][\d,]* 429s in the last minute", line) for line in lines), (
+        lines
+    )  # while finding it
+
+
+async def test_a_merged_set_of_shards_joins_their_timelines_by_time(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    from pipeline.output.merge import merge
+    from pipeline.report.rebuild import rebuild
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in bodies(60)))
+    out = tmp_path / "sharded"
+    async with mock(latency=0.01) as (url, _):
+        for k in (1, 2):
+            await pipeline.run(make_settings(url, input=src, output=out, shard=f"{k}/2"))
+    merge(out)
+    (out / "report.html").unlink()
+    doc = rebuild(out)  # what pipeline report OUT does on a merged set
+    assert {s["shard"] for s in doc["timeline"]} == {"1/2", "2/2"}
+    assert _sums(doc)["answers"] == doc["answers_by_status"] == {"200": 60}
+    assert 'alt="Cost by run"' in (out / "report.html").read_text()
