@@ -90,6 +90,11 @@ async def test_moderation_verdicts_are_parsed_checked_and_counted(
     assert usage["discarded"] == 4  # invalid answers were paid for: counted, not kept
     assert usage["models"]["openai/gpt-5.4-mini"]["requests"] == 11
     assert "## Verdicts" in (tmp_path / "out/report.md").read_text()
+    page = (tmp_path / "out/report.html").read_text()
+    assert 'alt="Verdicts"' in page
+    assert "flagged: true" in page or "flagged: false" in page
+    answers = [p["answers"] for s in usage["timeline"] for p in s["points"]]
+    assert sum(a.get("invalid_output", 0) for a in answers) == 4  # the invalid answers, over time
     assert summary.exit_code == 1
 
 

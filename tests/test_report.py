@@ -21,6 +21,7 @@ CHARTS = (
     "Requests in flight and started",
     "Tokens by model",
     "Cost by model",
+    "Tokens by run",
     "Cost by run",
     "Answers by status (every attempt)",
     "Failures by code",

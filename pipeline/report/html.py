@@ -209,6 +209,7 @@ def html_report(doc: dict[str, Any]) -> str:
     parts.append("<h2>Tokens and cost by run</h2>")
     if runs:
         labels = [r[0] for r in runs]
+        parts.append(_bars(labels, [r[1] + r[2] for r in runs], "Tokens by run", "tokens"))
         parts.append(_bars(labels, [r[3] for r in runs], "Cost by run", "$"))
     parts.append(
         _table(
@@ -257,21 +258,29 @@ def html_report(doc: dict[str, Any]) -> str:
 def _by_run(
     doc: dict[str, Any], stretches: list[dict[str, Any]]
 ) -> list[tuple[str, int, int, float, Any, str]]:
-    """Each run (a stretch of the timeline): its label, tokens in and out, cost, exit, note."""
+    """Each run (a stretch of the timeline): its label, tokens in and out, cost, and the exit
+    and note of its run record (none for a run killed before it could write one)."""
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in doc["runs"]:
+        try:
+            started = dt.datetime.fromisoformat(str(run.get("started"))).timestamp()
+        except ValueError:
+            continue
+        records[(str(run.get("shard", "")), round(started))] = run
     out = []
-    runs = doc["runs"]
-    for i, stretch in enumerate(stretches):
+    for stretch in stretches:
         points = stretch.get("points", [])
-        run = runs[i] if i < len(runs) else {}
-        started = dt.datetime.fromtimestamp(stretch["started"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        label = f"{stretch['shard']} {started}" if stretch.get("shard") else started
+        shard = str(stretch.get("shard", ""))
+        second = round(stretch["started"])
+        run = next((records[k] for k in ((shard, second + d) for d in (0, -1, 1)) if k in records), {})
+        when = dt.datetime.fromtimestamp(stretch["started"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         out.append(
             (
-                label,
+                f"{shard} {when}" if shard else when,
                 sum(p["tokens_in"] for p in points),
                 sum(p["tokens_out"] for p in points),
                 sum(p["cost"] for p in points),
-                run.get("exit", ""),
+                run.get("exit", "killed?" if not run else ""),
                 str(run.get("note", "")),
             )
         )
