@@ -168,8 +168,8 @@ def parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge",
         help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
-        description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json and "
-        "report.md, as one process would have written them. Safe to run again.",
+        description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json, "
+        "report.md and report.html, as one process would have written them. Safe to run again.",
         epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished or of "
         "another job (each named)",
     )
@@ -250,7 +250,7 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
         f"{tokens['total_tokens']:,} tokens ({tokens['prompt_tokens']:,} prompt, "
         f"{tokens['completion_tokens']:,} completion), {cost_text}."
     )
-    print(f"Outputs: {summary.output}/ (results.jsonl, errors.jsonl, usage.json, report.md)")
+    print(f"Outputs: {summary.output}/ (results.jsonl, errors.jsonl, usage.json, report.md, report.html)")
     if model_flag and summary.own_model:
         print(
             f"{summary.own_model:,} line(s) named a model of their own and kept it; --model sets "
@@ -269,7 +269,7 @@ def _merge(out: Path, *, partial: bool) -> int:
         return EXIT_USAGE
     print(
         f"Merged {merged.shards} shard(s) into {out}/: {merged.results:,} results, {merged.errors:,} "
-        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md)"
+        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
     )
     for problem in merged.missing:
         print(f"pipeline merge: partial: {problem}", file=sys.stderr)

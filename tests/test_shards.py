@@ -116,7 +116,9 @@ async def test_a_shard_folder_refuses_another_shard(mock, make_settings, tmp_pat
 async def test_a_killed_shard_resumed_merges_exactly_once(mock, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(1500))
     out = tmp_path / "out"
-    async with mock(latency=0.01) as (url, _):
+    # 500 lines a shard at 16 x 40 ms take 1.25 s: the kill lands mid-run, not in the moment
+    # after a shard's last record is written (a shard killed then is finished, and merges).
+    async with mock(latency=0.04) as (url, _):
         procs = [await start(url, src, out, "--shard", f"{k}/3", "--concurrency", "16") for k in (1, 2, 3)]
         await asyncio.sleep(random.uniform(0.3, 1.0))
         procs[1].send_signal(signal.SIGKILL)

@@ -1,7 +1,7 @@
 """`pipeline merge OUT`: join the shards' folders OUT/shard-K-of-N/ into OUT/, as one process
 would have written it: results.jsonl (every shard's lines, copied as they are), errors.jsonl
-(in input order), usage.json and report.md (the shards' totals added, every run of every shard
-in the run list).
+(in input order), usage.json, report.md and report.html (the shards' totals added, every run
+of every shard in the run list, every shard's timeline).
 
 It streams (a million lines in flat memory), replaces each file whole or not at all, so it is
 safe to run again, and refuses, naming them, missing, unfinished or mismatched shards, unless

@@ -357,7 +357,9 @@ class Run:
             write_reports(settings.folder, doc, self.redact)
         except OSError as e:
             code = EXIT_STOPPED
-            note = f"{note}; and usage.json and report.md could not be written ({e.strerror or e})"
+            note = (
+                f"{note}; and usage.json, report.md and report.html could not be written ({e.strerror or e})"
+            )
             # The run's record says how it ended, so the next report tells the same story.
             record.update(exit=code, note=note)
             with contextlib.suppress(sqlite3.Error):
