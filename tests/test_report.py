@@ -199,9 +199,27 @@ async def test_a_merged_set_of_shards_joins_their_timelines_by_time(
     async with mock(latency=0.01) as (url, _):
         for k in (1, 2):
             await pipeline.run(make_settings(url, input=src, output=out, shard=f"{k}/2"))
+    assert rebuild(out)["requests"]["succeeded"] == 60  # not merged yet: counted in the shards
+    assert "killed?" not in (out / "shard-1-of-2" / "report.html").read_text()  # its run is found
     merge(out)
     (out / "report.html").unlink()
     doc = rebuild(out)  # what pipeline report OUT does on a merged set
     assert {s["shard"] for s in doc["timeline"]} == {"1/2", "2/2"}
     assert _sums(doc)["answers"] == doc["answers_by_status"] == {"200": 60}
     assert 'alt="Cost by run"' in (out / "report.html").read_text()
+
+
+def test_intervals_joined_on_a_longer_axis_keep_their_rates() -> None:
+    from pipeline.account.timeline import joined
+
+    def point(start: float, n: int, flying: int) -> dict[str, Any]:
+        return {"start": start, "answers": {"200": n}, "started": n, "seconds": 10.0, "in_flight": flying}
+
+    first = {"started": 0.0, "interval": 10.0, "points": [point(0.0, 100, 10), point(10.0, 100, 10)]}
+    resumed = {"started": 40.0, "interval": 20.0, "points": [{**point(40.0, 200, 10), "seconds": 20.0}]}
+    length, points = joined([first, resumed])
+    assert length == 20.0
+    # One run's two 10 s intervals make one of 20 s: 10 a second, 10 in flight, not 20 and 20.
+    assert [(p["answers"]["200"] / p["seconds"], p["in_flight"]) for p in points] == [(10.0, 10), (10.0, 10)]
+    shards = joined([first, {**first, "shard": "2/2"}])[1]
+    assert [(p["answers"]["200"] / p["seconds"], p["in_flight"]) for p in shards] == [(20.0, 20), (20.0, 20)]

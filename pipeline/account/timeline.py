@@ -213,24 +213,41 @@ class Timeline:
         self.earlier += [{**stretch, "shard": label} for stretch in stretches]
 
 
+def _binned(points: list[dict[str, Any]], length: float) -> dict[float, dict[str, Any]]:
+    """One stretch's points in intervals of `length` (its own, or longer): added up, the
+    later sample kept."""
+    out: dict[float, dict[str, Any]] = {}
+    for point in points:
+        start = point["start"] // length * length
+        into = out.get(start)
+        if into is None:
+            out[start] = {**point, "start": start, "answers": dict(point["answers"])}
+        else:
+            _add(into, point)
+    return out
+
+
 def joined(stretches: list[dict[str, Any]]) -> tuple[float, list[dict[str, Any]]]:
-    """Every stretch's intervals on one time axis, summed where they meet (shards running at
-    once): the interval length (the longest of any stretch) and the points, by start."""
+    """Every stretch's intervals on one time axis (the longest interval of any), summed where
+    stretches meet (shards running at once: their requests in flight added, the account's
+    pace and limit the higher, the time covered the longer): the interval length and the
+    points, by start."""
     length = max((float(s.get("interval", INTERVAL)) for s in stretches), default=INTERVAL)
     by_start: dict[float, dict[str, Any]] = {}
     for stretch in stretches:
-        for point in stretch.get("points", []):
-            start = point["start"] // length * length
+        for start, point in _binned(stretch.get("points", []), length).items():
             into = by_start.get(start)
             if into is None:
-                by_start[start] = {**point, "start": start, "answers": dict(point["answers"])}
-            else:
-                flying = into.get("in_flight", 0) + point.get("in_flight", 0)  # shards at once
-                seconds = max(into.get("seconds", 0), point.get("seconds", 0))
-                pace = max(into.get("pace") or 0.0, point.get("pace") or 0.0)  # the account's, shared
-                _add(into, point)
-                into["in_flight"] = flying
-                into["seconds"] = seconds
-                if pace:
-                    into["pace"] = pace
+                by_start[start] = point
+                continue
+            flying = into.get("in_flight", 0) + point.get("in_flight", 0)
+            seconds = max(into.get("seconds", 0), point.get("seconds", 0))
+            pace = max(into.get("pace") or 0.0, point.get("pace") or 0.0)
+            limit = max(into.get("limit") or 0.0, point.get("limit") or 0.0)
+            _add(into, point)
+            into["in_flight"], into["seconds"] = flying, seconds
+            if pace:
+                into["pace"] = pace
+            if limit:
+                into["limit"] = limit
     return length, [by_start[s] for s in sorted(by_start)]

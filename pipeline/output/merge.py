@@ -56,7 +56,8 @@ class Merged:
     missing: list[str]  # what a partial merge left out
 
 
-def _running(folder: Path) -> bool:
+def running(folder: Path) -> bool:
+    """Whether a run holds the folder's lock now."""
     lock = folder / ".lock"
     if not lock.exists():
         return False
@@ -82,7 +83,7 @@ def _read_shard(path: Path, k: int, n: int) -> ShardFolder:
         ledger.close()
     runs = shard.usage.runs
     last = runs[-1] if runs else None
-    if _running(path):
+    if running(path):
         shard.problem = "is running now"
     elif last is None:
         shard.problem = "has not finished a run (killed?): run it again to finish it"

@@ -276,9 +276,11 @@ class SharedPacer(Pacer):
                     self._away(e.reason)
                     await anyio.sleep(RETRY_EVERY)
                     continue
-                # Before any pace is known a refusal storm may be under way: a pause one
-                # process is asked for must reach the others at once.
-                await self._read(store, loop)
+                try:
+                    await self._read(store, loop)
+                except StoreAway as e:
+                    self._away(e.reason)
+                    continue
                 # Before a pace is known, and for a while after the server was full, a run of
                 # refusals may be under way: a pause must reach every process at once.
                 unsure = self._booting or loop.time() < self._watch_until
@@ -353,8 +355,9 @@ class SharedPacer(Pacer):
     async def _read(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
         """Read the moments that are due, from the account's send log."""
         while self._readings and self._readings[0].due <= loop.time():
-            reading = self._readings.pop(0)
-            read = await self._capacity.read(store, reading.moment)
+            reading = self._readings[0]
+            read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
+            self._readings.pop(0)
             if read is not None and not self.alone:
                 reading.then(*read)
 

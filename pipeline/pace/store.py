@@ -23,7 +23,7 @@ from pipeline.settings import redacted
 KEY_TTL = 600  # seconds an account's state outlives its last process
 LOG_TTL = 180  # seconds the account's send log is kept, a second to a key
 BOOT_RATE = 16.0  # starts a second for the account before any limit is known, doubling
-WATCH = 0.3  # seconds of the account's send log watched for a run of refusals...
+WATCH = 2.0  # seconds of the account's send log watched for a run of refusals...
 RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
 
 # One call per lease or sync. Times are the store's (TIME), so machines' clocks never meet.
@@ -88,15 +88,23 @@ if given <= 0 then
   -- among them may ask for longer).
   local from = math.max(cs_now - math.floor(ARGV[12] * 100), math.ceil(full_resume * 100))
   local sent, refused, room = logged(from)
-  local first, n_sent, n_refused = nil, 0, 0
-  for cs, _ in pairs(refused) do if first == nil or cs < first then first = cs end end
-  if first then
-    for cs, n in pairs(sent) do if cs >= first then n_sent = n_sent + n end end
-    for cs, n in pairs(refused) do n_refused = n_refused + n end
+  -- Back from the latest hundredth: the earliest one from which on at least RUN requests
+  -- were refused, and half of what was sent (a scattered refusal before the run does not
+  -- hold it back, nor do refusals that come back slowly fall out of the window).
+  local hundredths = {}
+  for cs, _ in pairs(sent) do hundredths[#hundredths + 1] = cs end
+  for cs, _ in pairs(refused) do if not sent[cs] then hundredths[#hundredths + 1] = cs end end
+  table.sort(hundredths)
+  local first, told, n_sent, n_refused, low = nil, nil, 0, 0, nil
+  for i = #hundredths, 1, -1 do
+    local cs = hundredths[i]
+    n_sent, n_refused = n_sent + (sent[cs] or 0), n_refused + (refused[cs] or 0)
+    if room[cs] and (low == nil or room[cs] < low) then low = room[cs] end
+    if refused[cs] and n_refused >= tonumber(ARGV[13]) and n_refused * 2 >= n_sent then
+      first, told = cs, low
+    end
   end
-  if first and n_refused >= tonumber(ARGV[13]) and n_refused * 2 >= n_sent then
-    local told = nil
-    for _, w in pairs(room) do if told == nil or w < told then told = w end end
+  if first then
     full_at, full_resume = first / 100, math.max((told or 0) / 100, now)
     redis.call('HSET', key, 'full_at', tostring(full_at), 'full_resume', tostring(full_resume))
     if full_resume > paused then

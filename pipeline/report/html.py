@@ -5,7 +5,8 @@ Charts are pygal's, as SVG: pure Python, a 130 KB install with no dependency, 30
 few megabytes to draw a thousand intervals (Matplotlib took 2 s and 75 MB, more than the
 whole million-line run; Plotly's inlined script alone is 4.8 MB). Each chart is an <img> of
 a data: URL, which a browser never lets run a script or fetch anything, and the page's
-Content-Security-Policy forbids both besides: the page holds no script at all. Everything
+Content-Security-Policy forbids both besides: the page holds no script of its own (pygal's
+SVG carries its configuration in a script element, which inside an <img> is never run). Everything
 from outside (model names, ids, messages, verdicts, notes) is escaped where it is written.
 """
 
@@ -260,19 +261,21 @@ def _by_run(
 ) -> list[tuple[str, int, int, float, Any, str]]:
     """Each run (a stretch of the timeline): its label, tokens in and out, cost, and the exit
     and note of its run record (none for a run killed before it could write one)."""
-    records: dict[tuple[str, int], dict[str, Any]] = {}
+    records: dict[int, list[dict[str, Any]]] = {}  # by the second each started
     for run in doc["runs"]:
         try:
             started = dt.datetime.fromisoformat(str(run.get("started"))).timestamp()
         except ValueError:
             continue
-        records[(str(run.get("shard", "")), round(started))] = run
+        records.setdefault(round(started), []).append(run)
     out = []
     for stretch in stretches:
         points = stretch.get("points", [])
         shard = str(stretch.get("shard", ""))
         second = round(stretch["started"])
-        run = next((records[k] for k in ((shard, second + d) for d in (0, -1, 1)) if k in records), {})
+        near = [r for d in (0, -1, 1) for r in records.get(second + d, [])]
+        # A merged set labels both by shard; a shard's own folder has its runs labelled only.
+        run = next((r for r in near if not shard or str(r.get("shard", "")) == shard), {})
         when = dt.datetime.fromtimestamp(stretch["started"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         out.append(
             (

@@ -1,6 +1,7 @@
 """`pipeline report OUT`: usage.json, report.md and report.html again, from what a folder
 holds, sending nothing: a finished run's folder, an interrupted or killed one (its usage as
-of its last checkpoint, its lines as the files hold them now), or a merged set of shards."""
+of its last checkpoint, its lines as the files hold them now), or a set of shards, merged or
+not yet (counted as the merge counts them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
-from pipeline.output.merge import find_shards
+from pipeline.output.merge import find_shards, running
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
@@ -26,24 +27,51 @@ def _lines(path: Path) -> int:
     return count
 
 
-def _usage(out: Path) -> Usage:
-    if (out / LEDGER).exists():
-        ledger = Ledger(out / LEDGER)
-        try:
-            return Usage.from_state(ledger.get("usage"))
-        finally:
-            ledger.close()
-    shards = [s for s in find_shards(out) if s.job is not None] if any(out.glob("shard-*-of-*")) else []
+def _folder(out: Path) -> tuple[Usage, dict[str, Any]]:
+    """A run's folder: its usage as of its last checkpoint, and its lines now."""
+    if running(out):
+        raise SettingsError(f"a run is writing into {out} now: it writes its reports when it ends")
+    ledger = Ledger(out / LEDGER)
+    try:
+        usage = Usage.from_state(ledger.get("usage"))
+    finally:
+        ledger.close()
+    last = usage.runs[-1] if usage.runs else {}
+    state = {
+        "succeeded": _lines(out / "results.jsonl"),
+        "failed": _lines(out / "errors.jsonl"),
+        "pending": last.get("pending"),
+        "lines": last.get("lines"),
+    }
+    return usage, state
+
+
+def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
+    """A set of shards: their usage added, their lines counted as the merge counts them."""
+    found = find_shards(out) if any(out.glob("shard-*-of-*")) else []
+    shards = [s for s in found if s.job is not None]
     if not shards:
         raise SettingsError(
             f"{out} is not an output folder (no {LEDGER}, no shard-K-of-N folders): give the "
             "--output a run wrote to"
         )
+    busy = [s.name for s in shards if running(s.path)]
+    if busy:
+        raise SettingsError(f"{', '.join(busy)} of {out} running now: each writes its reports when it ends")
     usage = Usage()
     for shard in shards:
         usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
     usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    return usage
+    merged = (out / "results.jsonl").exists()
+    folders = [out] if merged else [s.path for s in shards]
+    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
+    state = {
+        "succeeded": sum(_lines(f / "results.jsonl") for f in folders),
+        "failed": sum(_lines(f / "errors.jsonl") for f in folders),
+        "pending": sum(int(last.get("pending") or 0) for last in lasts),
+        "lines": max((last.get("lines") or 0 for last in lasts), default=0) or None,
+    }
+    return usage, state
 
 
 def rebuild(out: Path) -> dict[str, Any]:
@@ -52,14 +80,7 @@ def rebuild(out: Path) -> dict[str, Any]:
         raise SettingsError(
             f"{out} is not an output folder (no such folder): give the --output a run wrote to"
         )
-    usage = _usage(out)
-    last = usage.runs[-1] if usage.runs else {}
-    state = {
-        "succeeded": _lines(out / "results.jsonl"),
-        "failed": _lines(out / "errors.jsonl"),
-        "pending": last.get("pending"),
-        "lines": last.get("lines"),
-    }
+    usage, state = _folder(out) if (out / LEDGER).exists() else _shards(out)
     doc = usage_document(usage, state=state, folder=out)
     write_reports(out, doc, Redactor(None))
     return doc
