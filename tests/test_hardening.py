@@ -297,7 +297,10 @@ async def test_reports_that_cannot_be_written_end_the_run_with_exit_3_on_record(
     async with mock() as (url, _):
         summary = await pipeline.run(make_settings(url, bodies(20)))
     assert summary.exit_code == 3
-    assert "usage.json, report.md and report.html could not be written (No space left on device)" in summary.message
+    assert (
+        "usage.json, report.md and report.html could not be written (No space left on device)"
+        in summary.message
+    )
     # The ledger's record of the run says the same, so a later report does too.
     ledger = Ledger(tmp_path / "out" / "ledger.sqlite")
     try:

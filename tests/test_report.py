@@ -223,3 +223,20 @@ def test_intervals_joined_on_a_longer_axis_keep_their_rates() -> None:
     assert [(p["answers"]["200"] / p["seconds"], p["in_flight"]) for p in points] == [(10.0, 10), (10.0, 10)]
     shards = joined([first, {**first, "shard": "2/2"}])[1]
     assert [(p["answers"]["200"] / p["seconds"], p["in_flight"]) for p in shards] == [(20.0, 20), (20.0, 20)]
+
+
+def test_latencies_that_differ_by_float_noise_are_drawn() -> None:
+    """pygal's scale never ended on a range of float noise (shards' p50s of
+    0.05282322718449553 and ...552, averaged by count): merge hung drawing it. Drawn in a
+    process of its own, so that a hang fails."""
+    code = (
+        "from tests.test_report import _doc\n"
+        "from pipeline.report.html import html_report\n"
+        "doc = _doc()\n"
+        "p = doc['timeline'][0]['points'][0]\n"
+        "p['latency_p50'] = 0.05282322718449553\n"
+        "doc['timeline'][0]['points'] = [p, {**p, 'start': p['start'] + 10, 'latency_p50': 0.05282322718449552}]\n"
+        "assert 'Latency percentiles' in html_report(doc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

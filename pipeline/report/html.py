@@ -100,12 +100,15 @@ def _line(title: str, axis: str, labels: list[str], series: list[tuple[str, list
         y_title=axis,
         style=_style(tuple(colour for _, _, colour in series)),
         allow_interruptions=True,
+        # pygal steps its scale down by tens while the range is smaller than a few steps: a
+        # range of float noise (a pace of 48.5 and 48.50000001) never ends. A floor ends it.
+        order_min=-4,
     )
     chart.title = title
     chart.x_labels = labels
     chart.x_labels_major = labels[:: max(len(labels) // LABELS, 1)]
     for name, values, _ in series:
-        chart.add(name[:40], values)
+        chart.add(name[:40], [None if v is None else float(f"{v:.6g}") for v in values])
     return _image(chart, title)
 
 
@@ -118,10 +121,11 @@ def _bars(labels: list[str], values: list[float], title: str, axis: str) -> str:
         x_title=axis,
         print_values=True,
         style=_style(),
+        order_min=-4,
     )
     chart.title = title
     chart.x_labels = [str(label)[:60] for label in labels]
-    chart.add(axis, values)
+    chart.add(axis, [float(f"{v:.6g}") for v in values])
     return _image(chart, title)
 
 
