@@ -161,6 +161,19 @@ def _replace(path: Path, lines: Iterator[bytes]) -> int:
     return count
 
 
+def added(shards: list[ShardFolder]) -> tuple[Usage, int, int | None]:
+    """The shards' usage added up (every run labelled by its shard, in the order they
+    started), the lines they left pending, and the input's lines."""
+    usage = Usage()
+    for shard in shards:
+        usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
+    usage.runs.sort(key=lambda r: str(r.get("started", "")))
+    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
+    pending = sum(int(last.get("pending") or 0) for last in lasts)
+    lines = max((last.get("lines") or 0 for last in lasts), default=0) or None
+    return usage, pending, lines
+
+
 def merge(out: Path, *, partial: bool = False) -> Merged:
     shards = find_shards(out)
     problems = _check(shards)
@@ -189,12 +202,7 @@ def merge(out: Path, *, partial: bool = False) -> Merged:
             if (s.path / ERRORS).exists()
         ]
         errors_count = _replace(out / ERRORS, (line for _, line in heapq.merge(*streams, key=lambda t: t[0])))
-    usage = Usage()
-    for shard in shards:
-        usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
-    usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    pending = sum(int(s.usage.runs[-1].get("pending") or 0) for s in shards if s.usage.runs)
-    lines = max((s.usage.runs[-1].get("lines") or 0 for s in shards if s.usage.runs), default=None)
-    state = {"succeeded": results_count, "failed": errors_count, "pending": pending, "lines": lines or None}
+    usage, pending, lines = added(shards)
+    state = {"succeeded": results_count, "failed": errors_count, "pending": pending, "lines": lines}
     write_reports(out, usage_document(usage, state=state, folder=out), Redactor(None))
     return Merged(out, len(shards), results_count, errors_count, pending, problems)

@@ -12,7 +12,7 @@ from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
-from pipeline.output.merge import find_shards, running
+from pipeline.output.merge import added, find_shards, running
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
@@ -58,18 +58,13 @@ def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
     busy = [s.name for s in shards if running(s.path)]
     if busy:
         raise SettingsError(f"{', '.join(busy)} of {out} running now: each writes its reports when it ends")
-    usage = Usage()
-    for shard in shards:
-        usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
-    usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    merged = (out / "results.jsonl").exists()
-    folders = [out] if merged else [s.path for s in shards]
-    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
+    usage, pending, lines = added(shards)
+    folders = [out] if (out / "results.jsonl").exists() else [s.path for s in shards]
     state = {
         "succeeded": sum(_lines(f / "results.jsonl") for f in folders),
         "failed": sum(_lines(f / "errors.jsonl") for f in folders),
-        "pending": sum(int(last.get("pending") or 0) for last in lasts),
-        "lines": max((last.get("lines") or 0 for last in lasts), default=0) or None,
+        "pending": pending,
+        "lines": lines,
     }
     return usage, state
 
