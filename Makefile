@@ -11,7 +11,7 @@ PORT_FILE := .mock.port
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pipeline needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,images,shared]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,images,shared,ray]'
 	@touch $@
 
 install: $(STAMP)
@@ -83,7 +83,7 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	@touch $@
 
 # make bench [SCENARIOS=clean,rpm] [BENCH_ARGS="--requests 2000 --rate-requests 600 --lines 200000"]
-# Scenarios: clean latency faults rpm tpm memory slow unstated bucket stall caption shards (all by default);
+# Scenarios: clean latency faults rpm tpm memory slow unstated bucket stall caption shards cluster (all by default);
 # figures in bench/out/results.json. BENCH_ARGS="--scale 0.1" shrinks the last four.
 SCENARIOS ?=
 BENCH_ARGS ?=

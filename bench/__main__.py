@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import caption, real, scenarios, shards
+from bench import caption, cluster, real, scenarios, shards
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Scenario] = {
     **real.SCENARIOS,
     **caption.SCENARIOS,
     **shards.SCENARIOS,
+    **cluster.SCENARIOS,
 }
 
 

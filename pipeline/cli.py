@@ -21,10 +21,8 @@ from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
-from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
+from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
-
-EXIT_BUG = 70  # EX_SOFTWARE: neither the user's nor the server's doing
 
 
 def _positive_int(text: str) -> int:
@@ -47,7 +45,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _job_arguments(p: argparse.ArgumentParser) -> None:
+def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
     p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
     p.add_argument(
         "--input",
@@ -88,12 +86,13 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"
     )
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="run shard K of N (K from 1): the lines whose id hashes to K, into OUT/shard-K-of-N/; "
-        "join them with pipeline merge OUT",
-    )
+    if shard:
+        p.add_argument(
+            "--shard",
+            metavar="K/N",
+            help="run shard K of N (K from 1): the lines whose id hashes to K, into OUT/shard-K-of-N/; "
+            "join them with pipeline merge OUT",
+        )
     p.add_argument(
         "--shared-limit",
         metavar="redis://HOST:PORT/DB",
@@ -187,12 +186,44 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 written; 2 not an output folder",
     )
     report.add_argument("out", type=Path, help="the --output a run wrote to")
+    cluster = sub.add_parser(
+        "ray",
+        help="run a job as shards on a Ray cluster, one limit for all, merged at the end",
+        description="Run every line of the input as --shards N Ray tasks (OUT/shard-K-of-N/), one "
+        "pace shared by all (a Ray actor, or --shared-limit), then merge them into OUT/. Run the "
+        "same command again to resume. The API key is read on each node, never sent through Ray.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _job_arguments(cluster, shard=False)
+    cluster.add_argument("--shards", type=_positive_int, required=True, help="how many shards (Ray tasks)")
+    cluster.add_argument(
+        "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
+    )
+    cluster.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
+    )
+    cluster.add_argument(
+        "--cpus-per-shard",
+        type=_positive_float,
+        default=0.25,
+        help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
+    )
+    cluster.add_argument(
+        "--fresh", action="store_true", default=None, help="start over: move the old files aside"
+    )
+    cluster.add_argument(
+        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
+    )
     add_mock_command(sub)
     return top
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    flags: dict[str, Any] = {
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         key: getattr(args, key, None)
         for key in (
             "input",
@@ -214,7 +245,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "quiet",
         )
     }
-    return build(args.job, **flags)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return build(args.job, **flags_from_args(args))
 
 
 def _n(value: int | None) -> str:
@@ -324,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         for warning in settings.warnings:
             print(f"pipeline: warning: {warning}", file=sys.stderr)
+        if args.command == "ray":
+            from pipeline.cluster.driver import ray_command
+
+            return ray_command(settings, flags_from_args(args), args.job, args)
         if args.command == "estimate":
             from pipeline.estimate import estimate, print_estimate
 

@@ -33,6 +33,10 @@ class SettingsError(PipelineError):
     """The command line, the job file or the environment is wrong: nothing was sent."""
 
 
+class FolderBusy(SettingsError):
+    """Another run holds the output folder's lock."""
+
+
 class InputError(PipelineError):
     """An input line that cannot become a request; `field` names the part at fault."""
 

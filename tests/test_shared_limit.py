@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.shared import SharedPacer
-from pipeline.pace.store import account_key
+from pipeline.pace.store import Store, account_key
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 
@@ -46,7 +47,12 @@ async def _starts(pacers: list[SharedPacer], seconds: float) -> list[tuple[int, 
 
 async def test_four_processes_start_the_accounts_rate_together(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
-    pacers = [SharedPacer(redis_server.url, account, request_rate=RATE, say=lambda _: None) for _ in range(4)]
+    pacers = [
+        SharedPacer(
+            partial(Store, redis_server.url, account), redis_server.url, request_rate=RATE, say=lambda _: None
+        )
+        for _ in range(4)
+    ]
     for pacer in pacers:
         pacer._pid = f"p{id(pacer)}"  # four processes, as the store sees them
     starts = await _starts(pacers, 4.0)
@@ -60,7 +66,9 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account
-    pacer = SharedPacer(redis_server.url, account, request_rate=RATE, say=lambda _: None)
+    pacer = SharedPacer(
+        partial(Store, redis_server.url, account), redis_server.url, request_rate=RATE, say=lambda _: None
+    )
     await _starts([pacer], 0.5)
     client: Any = redis.Redis.from_url(redis_server.url)
     try:
@@ -81,7 +89,10 @@ async def test_a_store_that_goes_away_leaves_each_process_its_share(tmp_path: Pa
     store.start()
     said: list[str] = []
     account = account_key("http://x/v1", FAKE_KEY)
-    pacers = [SharedPacer(store.url, account, request_rate=RATE, say=said.append) for _ in range(2)]
+    pacers = [
+        SharedPacer(partial(Store, store.url, account), store.url, request_rate=RATE, say=said.append)
+        for _ in range(2)
+    ]
     for i, pacer in enumerate(pacers):
         pacer._pid = f"p{i}"
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from pipeline.account.books import Books
-from pipeline.errors import SettingsError
+from pipeline.errors import FolderBusy, SettingsError
 from pipeline.output.ledger import Ledger
 
 RESULTS = "results.jsonl"
@@ -71,7 +71,7 @@ def lock_folder(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise SettingsError(
+            raise FolderBusy(
                 f"another run is writing to {folder} ({holder}); wait for it or choose another --output"
             ) from None
         f.seek(0)

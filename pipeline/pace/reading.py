@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from pipeline.pace.capacity import AGAIN_WITHIN, MAX_FULLS
-from pipeline.pace.store import LOG_TTL, Store
+from pipeline.pace.store import LOG_TTL, AccountStore
 
 # The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
 # after the moment was refused, and is taken off with the refusals).
@@ -36,7 +36,7 @@ class AccountCapacity:
     def __init__(self) -> None:
         self._moments: deque[Moment] = deque()
 
-    async def read(self, store: Store, moment: Moment) -> tuple[float, bool] | None:
+    async def read(self, store: AccountStore, moment: Moment) -> tuple[float, bool] | None:
         """Requests a second the account's server lets through, read at `moment`, and whether
         the reading spans a second at least; None for a moment of the same stretch of
         refusals as the last one (seen by another process, or by the store)."""

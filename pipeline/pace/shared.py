@@ -39,8 +39,7 @@ import anyio
 
 from pipeline.pace.local import Pacer
 from pipeline.pace.reading import LAG, AccountCapacity, Moment
-from pipeline.pace.store import Store, StoreAway
-from pipeline.settings import redacted
+from pipeline.pace.store import AccountStore, StoreAway
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
 LATE = 0.1  # seconds a leased start may still be used after its time
@@ -65,15 +64,15 @@ class SharedPacer(Pacer):
 
     def __init__(
         self,
-        url: str,
-        account: str,
+        store: Callable[[], AccountStore],
+        shown: str,
         *,
         request_rate: float | None = None,
         token_rate: float | None = None,
         say: Callable[[str], None] = print,
     ) -> None:
-        self.url = url
-        self.account = account
+        self.store = store  # opens a connection to the account's store
+        self.shown = shown  # the store, as said to a person (never with a password)
         self.say = say
         self.given = request_rate or 0.0  # the account's rates, as given (with the margin)
         self.given_tokens = token_rate or 0.0
@@ -257,7 +256,7 @@ class SharedPacer(Pacer):
     async def check(self) -> None:
         """The store must be there when the run starts: a wrong URL is said before anything
         is sent, not found out as a run going alone."""
-        store = Store(self.url, self.account)
+        store = self.store()
         try:
             await store.check()
         finally:
@@ -265,7 +264,7 @@ class SharedPacer(Pacer):
 
     async def run(self) -> None:
         """Keep in step with the store for as long as the run goes (a task of the run)."""
-        store = Store(self.url, self.account)
+        store = self.store()
         loop = asyncio.get_running_loop()
         self._loop = loop
         try:
@@ -293,7 +292,7 @@ class SharedPacer(Pacer):
         finally:
             await store.close()
 
-    async def _sync(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+    async def _sync(self, store: AccountStore, loop: asyncio.AbstractEventLoop) -> None:
         self._wake.clear()
         want, want_tokens = self._want, self._want_tokens
         found, pause_for = self._found, self._pause_for
@@ -352,7 +351,7 @@ class SharedPacer(Pacer):
             self._tokens_from = r.token_start + offset
         self._apply()
 
-    async def _read(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+    async def _read(self, store: AccountStore, loop: asyncio.AbstractEventLoop) -> None:
         """Read the moments that are due, from the account's send log."""
         while self._readings and self._readings[0].due <= loop.time():
             reading = self._readings[0]
@@ -375,7 +374,7 @@ class SharedPacer(Pacer):
             self._next_request = max(self._next_request, now, self._last_start + gap)
             self._next_token = max(self._next_token, now)
             self.say(
-                f"pipeline: the shared limit's store {redacted(self.url)} cannot be reached "
+                f"pipeline: the shared limit's store {self.shown} cannot be reached "
                 f"({reason}); going on alone at a share of the last shared pace "
                 f"({self._described()}), and rejoining when it is back"
             )
@@ -389,9 +388,7 @@ class SharedPacer(Pacer):
             # than alone: the others may not be back yet, and still send their shares alone.
             self._resume_at = self._next_request
             self._solo_until = self._now() + REJOIN
-            self.say(
-                f"pipeline: the shared limit's store {redacted(self.url)} is back; pacing together again"
-            )
+            self.say(f"pipeline: the shared limit's store {self.shown} is back; pacing together again")
 
     def _described(self) -> str:
         if not self.shared:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -204,6 +204,30 @@ class Reply:
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
     granted: int  # starts leased (no more than a tenth of a second of the rate)
+
+
+class AccountStore(Protocol):
+    """Where the account's shared pace is kept: Redis (`Store`), or a Ray actor
+    (`pipeline.pace.actor.ActorStore`). A `SharedPacer` opens one for its run."""
+
+    async def check(self) -> None: ...
+
+    async def call(
+        self,
+        pid: str,
+        *,
+        want: int,
+        want_tokens: float,
+        given: float,
+        given_tokens: float,
+        found: float | None,
+        pause_for: float,
+        log: str = "",
+    ) -> Reply: ...
+
+    async def read(self, since: float, until: float) -> tuple[int, int, float | None]: ...
+
+    async def close(self) -> None: ...
 
 
 class Store:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Never, TextIO
+from typing import TYPE_CHECKING, Any, Never, TextIO
 
 import anyio
 
@@ -63,6 +63,7 @@ class Progress:
         self.started = time.monotonic()
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
+        self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
 
@@ -79,6 +80,8 @@ class Progress:
 
     def say(self, text: str) -> None:
         """A line for the person at the terminal (or the log), now, under the bar."""
+        for hear in self.heard:
+            hear(text)
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -93,6 +96,26 @@ class Progress:
         failed = self.usage.outcomes.get("failed", 0) + self.usage.outcomes.get("invalid_input", 0)
         cost = total.cost - self._cost_before if (total.with_cost or total.priced) else None
         return total.total_tokens, failed - self._failed_before, cost
+
+    def figures(self) -> dict[str, Any]:
+        """Where the run stands, for a driver that shows many runs as one (`pipeline ray`)."""
+        c = self.counts
+        tokens, failed, cost = self._figures()
+        rate, kind = None, None
+        if self.sample is not None:
+            _, rate, kind, _ = self.sample()
+        return {
+            "total": c.total,
+            "empty": c.empty,
+            "done": c.skipped + self.writer.written,  # this shard's lines, done before or now
+            "written": self.writer.written,
+            "tokens": tokens,
+            "failed": failed,
+            "cost": cost,
+            "refused": self.usage.timeline.recent("429", 60.0),
+            "pace": rate,
+            "kind": kind,
+        }
 
     def _pace(self) -> str:
         """The pace in force and the 429s of the last minute: a person watching sees the limit

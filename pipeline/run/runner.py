@@ -4,7 +4,7 @@ outer task group
 ├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
 ├── writer.sync_forever   fsync + index checkpoint every second
 ├── progress.tick         the bar or the log lines
-├── watch_signals         1st SIGINT/SIGTERM: stop dispatching; 2nd: cancel the work
+├── host.watch            1st SIGINT/SIGTERM (or the Ray driver): stop dispatching; 2nd: cancel
 └── work scope            (cancelled at the end of the grace period, or at once)
     └── task group
         ├── reader.feed   input -> [bounded requests stream]; bad lines -> writer
@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import signal
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -36,9 +33,10 @@ from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import MARGIN, RateFinder
 from pipeline.pace.gate import Gate
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Window
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
+from pipeline.run.host import Host
 from pipeline.run.progress import Progress
 from pipeline.run.summary import EXIT_OK, EXIT_STOPPED, Summary, exit_status
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
@@ -59,17 +57,10 @@ def _check_key(settings: Settings) -> str | None:
     return key
 
 
-async def watch_signals(control: Control, say: Callable[[str], None]) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return  # signals can only be caught there; the caller owns them
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            say(control.interrupt() if control.dispatching else control.cancel())
-
-
-async def run(settings: Settings) -> Summary:
+async def run(settings: Settings, host: Host | None = None) -> Summary:
     """Run a job to the end (or until stopped) and return its summary. Raises
-    `SettingsError` when nothing could be sent because the settings are wrong."""
+    `SettingsError` when nothing could be sent because the settings are wrong. `host`: where
+    it runs (a process of its own by default; a shard on a Ray cluster)."""
     settings.folder  # noqa: B018 -- raises when no output folder is given
     check_input(settings.input)
     api_key = _check_key(settings)
@@ -90,7 +81,7 @@ async def run(settings: Settings) -> Summary:
                 code="output_unwritable",
             ) from None
         try:
-            return await _run(settings, ledger, api_key)
+            return await _run(settings, ledger, api_key, host or Host())
         except OSError as e:  # the output folder: full, read-only, gone
             raise RunStopped(
                 f"cannot write to {settings.folder} ({e.strerror or e}); fix that, then run the "
@@ -102,8 +93,8 @@ async def run(settings: Settings) -> Summary:
                 ledger.close()
 
 
-async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summary:
-    job = Run(settings, ledger, api_key)
+async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
+    job = Run(settings, ledger, api_key, host)
     try:
         await check_reachable(settings.base_url)
         await job.pacer.check()
@@ -122,33 +113,12 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None) -> Summa
     return job.finish(failed_now)
 
 
-def pacer_for(
-    settings: Settings,
-    api_key: str | None,
-    request_rate: float | None,
-    token_rate: float | None,
-    say: Callable[[str], None],
-) -> Pacer:
-    """The run's pacer: its own, or the account's shared one (`--shared-limit`)."""
-    if settings.shared_limit is None:
-        return Pacer(request_rate=request_rate, token_rate=token_rate)
-    from pipeline.pace.shared import SharedPacer
-    from pipeline.pace.store import account_key
-
-    return SharedPacer(
-        settings.shared_limit,
-        account_key(settings.base_url, api_key),
-        request_rate=request_rate,
-        token_rate=token_rate,
-        say=say,
-    )
-
-
 class Run:
     """One run's state, from the folder opened to the summary returned."""
 
-    def __init__(self, settings: Settings, ledger: Ledger, api_key: str | None) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> None:
         self.settings = settings
+        self.host = host
         self.ledger = ledger
         self.started = time.time()
         self.redact = Redactor(api_key)
@@ -172,7 +142,7 @@ class Run:
         # server's counting window, which would otherwise turn into 429s at its boundaries.
         request_rate = settings.rpm / 60 * MARGIN if settings.rpm else None
         token_rate = settings.tpm / 60 * MARGIN if settings.tpm else None
-        self.pacer = pacer_for(settings, api_key, request_rate, token_rate, self.progress.say)
+        self.pacer = host.pacer(settings, api_key, request_rate, token_rate, self.progress.say)
         self.window = Window(settings.concurrency)
         if request_rate or token_rate:
             self.window.open()  # a stated pace bounds the rate from the start
@@ -232,7 +202,7 @@ class Run:
             outer.start_soon(writer.consume, outcomes_recv)
             outer.start_soon(writer.sync_forever)
             outer.start_soon(self.progress.tick)
-            outer.start_soon(watch_signals, control, self.progress.say)
+            outer.start_soon(self.host.watch, control, self.progress)
             outer.start_soon(self._count_total)
             outer.start_soon(self.pacer.run)  # a shared pace keeps in step with its store
             with anyio.CancelScope() as work_scope:

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.run.control import Control
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BUG = 70  # EX_SOFTWARE: neither the user's nor the server's doing
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,453 @@
+"""One job three ways (issue 14, point 4): one `pipeline run` process, four local
+`pipeline run --shard K/4 --shared-limit` processes then `pipeline merge`, and `pipeline ray
+--shards 4` on a local Ray cluster the command starts itself; plus Ray finding the limit
+(no --rpm). Each against a fresh mock enforcing 3,000 requests a minute; judged on the mock's
+own count, the merged results, and the CPU every process of the way used.
+
+CPU is counted by a reaper: each command runs under `python -m bench.cluster --reap REPORT --
+CMD...`, a process that makes itself the child subreaper (prctl PR_SET_CHILD_SUBREAPER), so
+every descendant of CMD, even one orphaned or daemonised (Ray's GCS, raylet), ends up waited
+for by it or by its own parent; the reaper's getrusage(RUSAGE_CHILDREN) is then the user + sys
+of the whole tree, the reaper itself left out. Except the children of a process that ignores
+SIGCHLD (Ray's raylet: its workers and actors), which the kernel reaps and counts nowhere: the
+reaper samples the tree every 0.1 s with psutil and adds what each of those used when last seen
+(short by at most 0.1 s of each)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import psutil
+
+from bench.inputs import input_file, input_ids
+from bench.mock import PIPELINE, MockFlags, running_mock
+from bench.report import Check, ScenarioResult
+from bench.runs import ROOT
+from bench.scenarios import Done, Options
+from bench.shards import _redis, _steady
+
+RPM = 3000.0
+LATENCY_MS = 50.0
+REQUESTS = 3000
+SHARDS = 4
+FAKE_KEY = "bench-fake-key"  # the mock asks for none; pipeline reads LUMENFALL_API_KEY
+LINGER = 30.0  # seconds the reaper waits, once CMD exited, for what it left running
+SAMPLE = 0.1  # seconds between the reaper's looks at the process tree
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class Way:
+    key: str
+    name: str
+    ray: bool
+    shards: int  # 1: a single `pipeline run`
+    given: bool  # --rpm 3000 given
+    least: float  # least steady share of the limit
+    most: float  # most 429s, as a share of answers
+
+
+WAYS = (
+    Way("a", "one process, --rpm 3000", ray=False, shards=1, given=True, least=0.95, most=0.005),
+    Way(
+        "b",
+        "4 local shards + redis, --rpm 3000",
+        ray=False,
+        shards=SHARDS,
+        given=True,
+        least=0.95,
+        most=0.005,
+    ),
+    Way("c", "ray --shards 4, --rpm 3000", ray=True, shards=SHARDS, given=True, least=0.95, most=0.005),
+    Way("d", "ray --shards 4, no --rpm", ray=True, shards=SHARDS, given=False, least=0.90, most=0.02),
+)
+
+
+@dataclass
+class Cost:
+    """What one reaped command cost: its exit, its wall until it exited, the CPU of its tree."""
+
+    exit: int
+    wall: float
+    cpu_user: float
+    cpu_sys: float
+    unreaped: float  # CPU of descendants the kernel reaped, as last sampled
+    linger: float  # seconds its descendants ran on after it exited
+    leftovers: int  # descendants still running after LINGER, killed by the reaper
+    start: float  # epoch seconds: started, exited
+    end: float
+
+    @property
+    def cpu(self) -> float:
+        return self.cpu_user + self.cpu_sys + self.unreaped
+
+
+@dataclass
+class Reaped:
+    proc: subprocess.Popen[bytes]
+    report: Path
+
+    def cost(self) -> Cost:
+        self.proc.wait()
+        try:
+            doc = orjson.loads(self.report.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            now = time.time()
+            return Cost(self.proc.returncode, 0.0, 0.0, 0.0, 0.0, 0.0, 0, now, now)
+        return Cost(**doc)
+
+
+def _reaped(cmd: list[str], *, report: Path, log: Path, env: dict[str, str]) -> Reaped:
+    report.unlink(missing_ok=True)
+    wrapper = [sys.executable, "-m", "bench.cluster", "--reap", str(report), "--", *cmd]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            wrapper, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
+    return Reaped(proc, report)
+
+
+def _env(**more: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["LUMENFALL_API_KEY"] = FAKE_KEY
+    return env | more
+
+
+@dataclass
+class Outcome:
+    way: Way
+    requests: int
+    wall: float = 0.0
+    cpu: float = 0.0
+    redis_cpu: float = 0.0  # (b): the redis-server holding the shared limit, counted in cpu
+    unreaped: float = 0.0  # Ray: its workers' CPU, sampled (the kernel reaped them), counted in cpu
+    codes: list[int] = field(default_factory=list)
+    merge: int | None = None  # (b) only: the separate `pipeline merge`
+    steady: float = 0.0
+    share_429: float = 0.0
+    lost: int = 0
+    first_request: float | None = None  # seconds from the start to the mock's first accepted second
+    linger: float = 0.0
+    leftovers: int = 0
+
+    @property
+    def ok_exits(self) -> bool:
+        return set(self.codes) == {0} and self.merge in (None, 0) and self.lost == 0
+
+
+def _redis_cpu() -> float:
+    """The CPU so far of the redis-server this process started (bench.shards._redis)."""
+    total = 0.0
+    for child in psutil.Process().children():
+        try:
+            if child.name() == "redis-server":
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _command(way: Way, input: Path, out: Path, url: str, concurrency: int) -> list[str]:
+    cmd = [PIPELINE, "ray" if way.ray else "run", "--input", str(input), "--output", str(out)]
+    cmd += ["--base-url", url, "--concurrency", str(concurrency), "--quiet"]
+    cmd += ["--rpm", f"{RPM:g}"] if way.given else []
+    return cmd + (["--shards", str(way.shards)] if way.ray else [])
+
+
+def _run(opts: Options, way: Way, requests: int) -> Outcome:
+    print(
+        f"[bench] cluster: ({way.key}) {way.name} on {requests:,} requests ...", file=sys.stderr, flush=True
+    )
+    input = input_file(opts.out / "inputs", requests)
+    folder = opts.out / "runs" / "cluster" / way.key
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    out = folder / "out"
+    got = Outcome(way, requests)
+    costs: list[Cost] = []
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp") if way.ray else None
+    env = _env(RAY_TMPDIR=ray_tmp) if ray_tmp else _env()
+    try:
+        with running_mock(MockFlags(latency_ms=LATENCY_MS, rpm=RPM), log=folder / "mock.log") as mock:
+            base = _command(way, input, out, mock.url, opts.concurrency)
+            if way.ray or way.shards == 1:
+                costs.append(
+                    _reaped(base, report=folder / "cost.json", log=folder / "run.log", env=env).cost()
+                )
+                got.codes = [costs[0].exit]
+                got.wall = costs[0].wall
+                stats = mock.stats()
+            else:
+                with _redis(folder / "redis") as store:
+                    redis_before = _redis_cpu()
+                    shards = [
+                        _reaped(
+                            [*base, "--shard", f"{k}/{way.shards}", "--shared-limit", store],
+                            report=folder / f"cost-{k}.json",
+                            log=folder / f"shard-{k}.log",
+                            env=env,
+                        )
+                        for k in range(1, way.shards + 1)
+                    ]
+                    costs += [s.cost() for s in shards]
+                    got.codes = [c.exit for c in costs]
+                    stats = mock.stats()
+                    merge = _reaped(
+                        [PIPELINE, "merge", str(out)],
+                        report=folder / "cost-merge.json",
+                        log=folder / "merge.log",
+                        env=env,
+                    ).cost()
+                    got.wall = max(c.end for c in costs) - min(c.start for c in costs) + merge.wall
+                    costs.append(merge)
+                    got.merge = merge.exit
+                    got.redis_cpu = _redis_cpu() - redis_before
+    finally:
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    got.cpu = sum(c.cpu for c in costs) + got.redis_cpu
+    got.unreaped = sum(c.unreaped for c in costs)
+    got.linger = max(c.linger for c in costs)
+    got.leftovers = sum(c.leftovers for c in costs)
+    got.steady = _steady(stats)
+    statuses: dict[str, int] = stats.get("statuses", {})
+    got.share_429 = statuses.get("429", 0) / max(sum(statuses.values()), 1)
+    seconds = [int(s) for s in stats.get("accepted_per_second", {})]
+    epoch = min(c.start for c in costs)
+    got.first_request = max(min(seconds) - epoch, 0.0) if seconds else None
+    answered = set()
+    results = out / "results.jsonl"
+    if results.exists():
+        for line in results.read_bytes().splitlines():
+            answered.add(orjson.loads(line)["custom_id"])
+    got.lost = len(input_ids(input) - answered)
+    print(
+        f"[bench]   exits {sorted(set(got.codes))}, merge {got.merge}, {got.wall:.1f} s, "
+        f"CPU {got.cpu:.1f} s, {len(answered):,} results",
+        file=sys.stderr,
+        flush=True,
+    )
+    return got
+
+
+def _table(rows: list[Outcome], limit: float) -> list[str]:
+    header = [
+        "way",
+        "wall s",
+        "CPU s",
+        "CPU ms/req",
+        "1st req s",
+        "steady %",
+        "429s",
+        "exits",
+        "merge",
+        "lost",
+    ]
+    cells = [header] + [
+        [
+            f"({o.way.key}) {o.way.name}",
+            f"{o.wall:.1f}",
+            f"{o.cpu:.1f}",
+            f"{1000 * o.cpu / o.requests:.2f}",
+            "-" if o.first_request is None else f"~{o.first_request:.0f}",
+            f"{o.steady / limit:.1%}",
+            f"{o.share_429:.2%}",
+            ",".join(str(c) for c in sorted(set(o.codes))),
+            "-" if o.merge is None else str(o.merge),
+            f"{o.lost:,}",
+        ]
+        for o in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def cluster(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    limit = RPM / 60
+    n = max(1, round(REQUESTS * opts.scale))
+    rows = [_run(opts, way, n) for way in WAYS]
+    checks: list[Check] = []
+    for o in rows:
+        label = f"({o.way.key}) {o.way.name}"
+        checks += [
+            Check(
+                f"{label}: steady rate",
+                f"{o.steady / limit:.1%} of the limit",
+                f"≥ {o.way.least:.0%}",
+                o.steady >= o.way.least * limit,
+            ),
+            Check(
+                f"{label}: 429s",
+                f"{o.share_429:.2%} of answers",
+                f"≤ {o.way.most:.1%}",
+                o.share_429 <= o.way.most,
+            ),
+            Check(
+                f"{label}: every exit 0, merged, none lost",
+                f"exits {sorted(set(o.codes))}"
+                + ("" if o.merge is None else f", merge {o.merge}")
+                + f", lost {o.lost:,}",
+                "0, 0, 0" if o.merge is not None else "0, 0",
+                o.ok_exits,
+            ),
+            Check(
+                f"{label}: wall, CPU",
+                f"{o.wall:.1f} s (floor {n / limit:.1f} s), CPU {o.cpu:.1f} s = "
+                f"{1000 * o.cpu / n:.2f} ms a request"
+                + (f" (redis-server {o.redis_cpu:.2f} s of it)" if o.redis_cpu else "")
+                + (f" (kernel-reaped Ray workers {o.unreaped:.1f} s of it)" if o.unreaped else "")
+                + (f"; its processes ran on {o.linger:.1f} s after it exited" if o.linger >= 0.5 else "")
+                + (f"; {o.leftovers} left running, killed" if o.leftovers else ""),
+            ),
+        ]
+    title = (
+        f"one job ({n:,} requests) three ways: pipeline run; {SHARDS} × pipeline run --shard K/{SHARDS} "
+        f"--shared-limit + merge; pipeline ray --shards {SHARDS} (a local cluster it starts); mock: latency "
+        f"{LATENCY_MS:g} ms, limit {RPM:g}/min counted per wall-clock second; concurrency {opts.concurrency} "
+        f"per process/shard; {os.cpu_count()} CPUs"
+    )
+    notes = [
+        *_table(rows, limit),
+        "wall: from starting the command(s) until the last exited; for (b) the shards and then "
+        "`pipeline merge`; (c) and (d) merge inside the command",
+        "CPU: user + sys of every process the way started, children included: each command ran "
+        "under a reaper made child subreaper (prctl), whose getrusage(RUSAGE_CHILDREN) counts the "
+        "whole tree, orphans too (os.wait4 on the command alone would miss what outlives it), plus, "
+        "sampled with psutil every 0.1 s, the children the kernel reaps for a parent ignoring "
+        "SIGCHLD (Ray's raylet: its workers and actors); for Ray that is the driver and the local "
+        "cluster it started (GCS, raylet, workers running the shards, the pace actor, the "
+        "coordinator, Ray's agents); for (b) the four shards, the merge and the redis-server over "
+        "the run (psutil); the mock's CPU is never counted",
+        "1st req s: from the start to the first wall-clock second the mock accepted a request "
+        "(whole seconds, so ±1 s): for Ray mostly the cluster starting",
+        "steady %: the mock's accepted requests a second over the whole seconds of the run, first "
+        "and last left out, all processes together",
+    ]
+    return ScenarioResult(
+        "cluster", title, runs=[], checks=checks, notes=notes, limit_per_second=limit, load_before=load
+    )
+
+
+SCENARIOS = {"cluster": cluster}
+
+
+def _ignores_sigchld(pid: int) -> bool:
+    """Whether `pid` has SIGCHLD ignored: its children are then reaped by the kernel, and what
+    they used is counted nowhere (Ray's raylet does this to its workers)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (signal.SIGCHLD - 1)))
+    except OSError:
+        pass
+    return False
+
+
+class _Tree(threading.Thread):
+    """Every SAMPLE seconds, each descendant's CPU (its own and its waited children's) and
+    whether its parent ignores SIGCHLD: the only figure left of a child the kernel reaps."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.last: dict[int, tuple[float, bool]] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(SAMPLE):
+            self.look()
+
+    def look(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error), p.oneshot():
+                    t = p.cpu_times()
+                    self.last[p.pid] = (
+                        t.user + t.system + t.children_user + t.children_system,
+                        _ignores_sigchld(p.ppid()),
+                    )
+
+
+def _reap(report: Path, cmd: list[str]) -> int:
+    """Run `cmd` as this process's child, this process its descendants' subreaper; wait for
+    all of them, then write what they cost to `report`. Exits as `cmd` did."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    tree = _Tree()
+    start, started = time.time(), time.monotonic()
+    main = subprocess.Popen(cmd)
+    tree.start()
+    code: int | None = None
+    ended = started
+    leftovers = 0
+    killed = False
+    reaped: set[int] = set()
+    while True:
+        if code is not None and not killed and time.monotonic() - ended > LINGER:
+            killed = True
+            left = psutil.Process().children(recursive=True)
+            leftovers = len(left)
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        try:
+            pid, status = os.waitpid(-1, 0 if code is None else os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        reaped.add(pid)
+        if pid == main.pid:
+            code = os.waitstatus_to_exitcode(status)
+            main.returncode = code
+            ended = time.monotonic()
+    tree.done.set()
+    tree.join()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert code is not None
+    doc = {
+        "exit": code,
+        "wall": ended - started,
+        "cpu_user": usage.ru_utime,
+        "cpu_sys": usage.ru_stime,
+        # reaped by the kernel (parent ignoring SIGCHLD), not by a parent or by this process
+        "unreaped": sum(cpu for pid, (cpu, lost) in tree.last.items() if lost and pid not in reaped),
+        "linger": time.monotonic() - ended,
+        "leftovers": leftovers,
+        "start": start,
+        "end": start + ended - started,
+    }
+    report.write_bytes(orjson.dumps(doc))
+    return code
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 5 or sys.argv[1] != "--reap" or sys.argv[3] != "--":
+        raise SystemExit("usage: python -m bench.cluster --reap REPORT -- CMD ...")
+    sys.exit(_reap(Path(sys.argv[2]), sys.argv[4:]))

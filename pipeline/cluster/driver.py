@@ -1,0 +1,211 @@
+"""`pipeline ray`: one job as N shards on a Ray cluster, one limit for all, merged at the end.
+
+The driver checks the settings as `run` does, connects to the cluster (`--address`, else
+RAY_ADDRESS, else a local one it starts), checks that every node can do its part
+(`pipeline.cluster.nodes`), then runs each shard as a Ray task (`pipeline.cluster.shard`)
+that Ray runs again if its worker or node dies. It shows the shards as one job, stops them
+on Ctrl-C or SIGTERM as a first Ctrl-C stops one run (a second cancels what is in flight),
+and merges the shards' folders when every shard has ended. Killed, it is run again with the
+same command: each shard resumes from its folder.
+
+Nothing the cluster keeps or shows (the job's runtime environment, the tasks' arguments,
+logs) holds the API key: the shards read it from their nodes' environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from pipeline.cluster.board import Board, Coordinator
+from pipeline.cluster.nodes import check_nodes
+from pipeline.cluster.shard import run_shard
+from pipeline.errors import SettingsError
+from pipeline.output.folder import move_aside
+from pipeline.pace.actor import NAMESPACE
+from pipeline.run.progress import duration
+from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
+from pipeline.settings import Settings, is_loopback
+
+INSTALL = "pipeline ray needs Ray: pip install 'pipeline[ray]' (make installs it)"
+
+
+class _Stops:
+    """Ctrl-C and SIGTERM, counted: the loop acts on them between two looks at the shards."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.asked += 1
+
+
+def connect(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options: dict[str, Any] = {"include_dashboard": False} if address is None else {}
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=False,  # the shards' lines come through the coordinator, named
+            logging_level=logging.WARNING,
+            **options,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"at {address}" if address else "started here"
+        raise SettingsError(
+            f"cannot reach the Ray cluster {where} ({e}); check --address or RAY_ADDRESS"
+        ) from None
+
+
+def _fresh(out: Path) -> None:
+    """`--fresh`: the merged files and every shard's folder go aside together, once, here (a
+    shard run again by Ray must resume, never start over)."""
+    target = move_aside(out)
+    for folder in sorted(out.glob("shard-*-of-*")):
+        if target is None:
+            target = out / folder.name.replace("shard", "previous-shards", 1)
+            target.mkdir()
+        shutil.move(str(folder), str(target / folder.name))
+
+
+def _other_shards(out: Path, n: int) -> None:
+    others = sorted({f.name.rsplit("-of-", 1)[1] for f in out.glob("shard-*-of-*")} - {str(n)})
+    if others:
+        raise SettingsError(
+            f"{out} holds shards of a run in {', '.join(others)}: run with --shards {others[0]} to "
+            "resume them, or with --fresh to start over (they are moved aside)"
+        )
+
+
+def ray_command(settings: Settings, flags: dict[str, Any], job: Path | None, args: Any) -> int:
+    try:
+        import ray
+    except ImportError:
+        print(f"pipeline ray: error: {INSTALL}", file=sys.stderr)
+        return EXIT_USAGE
+    n: int = args.shards
+    out = settings.folder.resolve()  # raises when no output folder is given
+    if settings.shard is not None:
+        raise SettingsError("pipeline ray runs every shard itself: remove shard from the job file")
+    flags = {
+        **flags,
+        "input": str(settings.input.resolve()),
+        "output": str(out),
+        "fresh": None,
+        "quiet": True,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if not settings.fresh:
+        _other_shards(out, n)
+    connect(args.address)
+    try:
+        nodes = check_nodes(
+            out, settings.input.resolve(), settings.api_key_env, need_key=not is_loopback(settings.base_url)
+        )
+        if settings.fresh:
+            _fresh(out)
+        return _drive(settings, flags, job, args, out, n, nodes)
+    finally:
+        ray.shutdown()
+
+
+def _drive(
+    settings: Settings, flags: dict[str, Any], job: Path | None, args: Any, out: Path, n: int, nodes: int
+) -> int:
+    import ray
+
+    coordinator: Any = ray.remote(Coordinator).options(num_cpus=0).remote()
+    task: Any = ray.remote(run_shard)
+    job_text = str(job.resolve()) if job is not None else None
+    pending = {
+        task.options(
+            name=f"pipeline shard {k}/{n}",
+            num_cpus=args.cpus_per_shard,
+            max_retries=args.max_retries,
+            retry_exceptions=False,
+        ).remote(job_text, flags, k, n, os.getcwd(), coordinator): k
+        for k in range(1, n + 1)
+    }
+    board = Board(n, quiet=settings.quiet, interval=settings.progress_interval)
+    board.say(f"pipeline ray: {n} shards of {settings.input} on {nodes} node(s), into {out}/")
+    stops = _Stops()
+    before = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM)}
+    results: dict[int, dict[str, Any]] = {}
+    level = 0
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.25)
+            for ref in ready:
+                k = pending.pop(ref)
+                try:
+                    results[k] = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    results[k] = {
+                        "exit": EXIT_STOPPED,
+                        "message": f"lost ({type(e).__name__}) after every retry",
+                    }
+            with contextlib.suppress(ray.exceptions.RayError):  # shown at the next look
+                board.show(*ray.get(coordinator.take.remote(), timeout=5))
+            if stops.asked > level:
+                level = stops.asked
+                if level <= 2:
+                    coordinator.stop.remote(level)
+                    board.say(
+                        "pipeline ray: stopping every shard: nothing new is sent, what is in flight may "
+                        "finish; Ctrl-C again cancels it"
+                        if level == 1
+                        else "pipeline ray: cancelling what is in flight; Ctrl-C again ends the shards at once"
+                    )
+                else:
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        board.close()
+    return _end(results, out, n, interrupted=level > 0, elapsed=board.elapsed())
+
+
+def _end(results: dict[int, dict[str, Any]], out: Path, n: int, *, interrupted: bool, elapsed: float) -> int:
+    from pipeline.output.merge import merge
+
+    def total(key: str) -> int:
+        return sum(r.get(key) or 0 for r in results.values())
+
+    print(
+        f"\nThis run: {total('succeeded'):,} succeeded, {total('failed'):,} failed, "
+        f"{total('invalid_input'):,} invalid input lines, {total('skipped'):,} already done, "
+        f"{total('pending'):,} pending, in {duration(elapsed)}, over {n} shards."
+    )
+    codes: dict[int, int] = {k: int(r["exit"]) for k, r in results.items()}
+    for k, r in sorted(results.items()):
+        if r["exit"] not in (0, 1):
+            print(f"pipeline ray: shard {k}/{n}: {r['message']}", file=sys.stderr)
+    if interrupted or any(c not in (0, 1) for c in codes.values()):
+        print(
+            f"pipeline ray: not merged: not every shard ended; run the same command again to resume "
+            f"(or `pipeline merge --partial {out}` for what there is)",
+            file=sys.stderr,
+        )
+        if interrupted:
+            return EXIT_INTERRUPTED
+        for code in (EXIT_USAGE, EXIT_BUG, EXIT_STOPPED):
+            if code in codes.values():
+                return code
+        return EXIT_STOPPED
+    merged = merge(out, partial=False)
+    print(
+        f"Merged {merged.shards} shard(s) into {out}/: {merged.results:,} results, {merged.errors:,} "
+        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
+    )
+    return max(codes.values())

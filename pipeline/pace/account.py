@@ -1,0 +1,154 @@
+"""The account's shared pace held by a process (the Ray actor of `pipeline.pace.actor`).
+
+The same state and rules as the Redis script of `pipeline.pace.store`, in Python: one call
+leases starts and tokens, publishes a rate found and a pause, and adds to the account's send
+log; `read` counts what the account sent over a span. The process holding it answers one
+call at a time (an actor's calls are serial), which is what makes each call atomic, as a
+script is in Redis. Its clock is its own `time.time()`, the one clock every caller shares.
+State unused for KEY_TTL is forgotten, as Redis keys expire.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from pipeline.pace.store import KEY_TTL, LOG_TTL, Reply
+
+_Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" -> count (or room)
+
+
+class AccountPace:
+    def __init__(
+        self, *, boot_rate: float, watch: float, run: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.boot_rate = boot_rate
+        self.watch = watch  # seconds of the send log watched for a run of refusals...
+        self.run = run  # ...of at least so many, and half of what was sent: the server is full
+        self.clock = clock
+        self._reset()
+        self._used = 0.0
+
+    def _reset(self) -> None:
+        self.fields: dict[str, float] = {}
+        self.found_by: str | None = None
+        self.members: dict[str, float] = {}
+        self.log: _Log = {}
+
+    def call(
+        self,
+        pid: str,
+        *,
+        want: int,
+        want_tokens: float,
+        given: float,
+        given_tokens: float,
+        found: float | None,
+        pause_for: float,
+        log: str = "",
+    ) -> Reply:
+        now = self.clock()
+        if now - self._used > KEY_TTL:
+            self._reset()
+        self._used = now
+        f = self.fields
+        cs_now = math.floor(now * 100)
+        self.members[pid] = now
+        self._add(log, now)
+        seen = 0
+        for member, at in list(self.members.items()):
+            if now - at < 5:
+                seen += 1
+            elif now - at > 60:
+                del self.members[member]
+        if found is not None:
+            f["found"], self.found_by = found, pid
+        leads = (self.found_by or pid) == pid
+        rate, booting = given, False
+        paused = f.get("paused", 0.0)
+        if pause_for > 0 and now + pause_for > paused:
+            paused = f["paused"] = now + pause_for
+        full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
+        if given <= 0:
+            run = self._full_run(cs_now, full_resume)
+            if run is not None:
+                first, told = run
+                full_at, full_resume = first / 100, max((told or 0) / 100, now)
+                f["full_at"], f["full_resume"] = full_at, full_resume
+                if full_resume > paused:
+                    paused = f["paused"] = full_resume
+        if rate <= 0:
+            rate = f.get("found", 0.0)
+        if rate <= 0 and given <= 0:
+            # The ramp of the Redis script: doubling every quarter second while nothing is
+            # refused and the account sends at half its rate at least, not within half a
+            # second of a pause.
+            booting = True
+            rate = f.get("boot", self.boot_rate)
+            at = f.get("boot_at", now)
+            if now - at >= 0.25:
+                sent_by, refused_by, _ = self._logged(math.floor(at * 100), cs_now // 100 * 100 + 99)
+                if paused + 0.5 < now and not refused_by and sum(sent_by.values()) >= rate * (now - at) / 2:
+                    rate = min(rate * 2, 100_000.0)
+                at = now
+            f["boot"], f["boot_at"] = rate, at
+        start, token_start = -1.0, -1.0
+        if want > 0 and rate > 0:
+            want = min(want, max(1, math.ceil(rate * 0.1)))
+            start = max(f.get("clock", 0.0), now, paused)
+            f["clock"] = start + want / rate
+        if want_tokens > 0 and given_tokens > 0:
+            token_start = max(f.get("token_clock", 0.0), now, paused)
+            f["token_clock"] = token_start + want_tokens / given_tokens
+        return Reply(now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want)
+
+    def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+        """What the account sent from `since` to `until`, how much of it was refused, and when
+        the first of it left."""
+        sent_by, refused_by, _ = self._logged(int(since * 100), int(until * 100) - 1)
+        first = min(sent_by) if sent_by else None
+        return sum(sent_by.values()), sum(refused_by.values()), (first / 100 if first is not None else None)
+
+    def _add(self, log: str, now: float) -> None:
+        parts = log.split()
+        for i in range(0, len(parts) - 3, 4):
+            cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
+            counts = self.log.setdefault(cs // 100, {})
+            if sent:
+                counts[f"s{cs}"] = counts.get(f"s{cs}", 0) + sent
+            if refused:
+                counts[f"r{cs}"] = counts.get(f"r{cs}", 0) + refused
+            if room:
+                counts[f"w{cs}"] = min(counts.get(f"w{cs}", room), room)
+        oldest = int(now) - LOG_TTL
+        for second in [s for s in self.log if s < oldest]:
+            del self.log[second]
+
+    def _logged(self, since: int, until: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+        """Sent, refused and room by hundredth, from hundredth `since` to `until`, both in."""
+        kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}}
+        for second in range(since // 100, until // 100 + 1):
+            for name, n in self.log.get(second, {}).items():
+                cs = int(name[1:])
+                if since <= cs <= until:
+                    kinds[name[0]][cs] = n
+        return kinds["s"], kinds["r"], kinds["w"]
+
+    def _full_run(self, cs_now: int, full_resume: float) -> tuple[int, int | None] | None:
+        """The latest run of refusals, as the Redis script finds it: back from the latest
+        hundredth, the earliest one from which on at least `run` requests were refused and
+        half of what was sent; with the earliest room again its refusals told."""
+        since = max(cs_now - math.floor(self.watch * 100), math.ceil(full_resume * 100))
+        sent, refused, room = self._logged(since, cs_now // 100 * 100 + 99)
+        n_sent = n_refused = 0
+        low: int | None = None
+        found: tuple[int, int | None] | None = None
+        for cs in sorted(sent.keys() | refused.keys(), reverse=True):
+            n_sent += sent.get(cs, 0)
+            n_refused += refused.get(cs, 0)
+            if cs in room and (low is None or room[cs] < low):
+                low = room[cs]
+            if cs in refused and n_refused >= self.run and n_refused * 2 >= n_sent:
+                found = cs, low
+        return found

@@ -1,0 +1,60 @@
+"""Where a run runs, and the two things that decides: the pace it shares, and who stops it.
+
+A process of its own (`Host`): its own pace, or the account's through Redis
+(`--shared-limit`); stopped by Ctrl-C or SIGTERM. A shard on a Ray cluster
+(`pipeline.cluster.shard.ShardHost`): the account's pace in a Ray actor; stopped by the
+driver, to which it reports its progress. Everything else about a run is the same.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from pipeline.pace.local import Pacer
+
+if TYPE_CHECKING:
+    from pipeline.run.control import Control
+    from pipeline.run.progress import Progress
+    from pipeline.settings import Settings
+
+
+class Host:
+    """A run in a process of its own."""
+
+    def pacer(
+        self,
+        settings: Settings,
+        api_key: str | None,
+        request_rate: float | None,
+        token_rate: float | None,
+        say: Callable[[str], None],
+    ) -> Pacer:
+        """The run's pacer: its own, or the account's shared one (`--shared-limit`)."""
+        if settings.shared_limit is None:
+            return Pacer(request_rate=request_rate, token_rate=token_rate)
+        from functools import partial
+
+        from pipeline.pace.shared import SharedPacer
+        from pipeline.pace.store import Store, account_key
+        from pipeline.settings import redacted
+
+        return SharedPacer(
+            partial(Store, settings.shared_limit, account_key(settings.base_url, api_key)),
+            redacted(settings.shared_limit),
+            request_rate=request_rate,
+            token_rate=token_rate,
+            say=say,
+        )
+
+    async def watch(self, control: Control, progress: Progress) -> None:
+        """1st SIGINT/SIGTERM: stop dispatching; 2nd: cancel the work (a task of the run)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be caught there; the caller owns them
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                progress.say(control.interrupt() if control.dispatching else control.cancel())

@@ -1,0 +1,283 @@
+"""`pipeline ray` on a real local Ray cluster of several nodes (`ray.cluster_utils.Cluster`,
+every node on this machine), against the mock: the merge equals one process, the limit is held,
+a node dies, the driver is killed, and the key is nowhere in what Ray keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pipeline
+from pipeline.cli import main
+from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
+
+KEY_ENV = "LUMENFALL_API_KEY"
+RATE = 60.0  # requests a second the mock allows
+
+
+class RayCluster:
+    def __init__(self) -> None:
+        try:
+            from ray.cluster_utils import Cluster
+        except ImportError:
+            if os.environ.get("CI"):
+                raise
+            pytest.skip("Ray is not installed: pip install 'pipeline[ray]' (make installs it)")
+        # Short: Ray's sockets live under it, and a socket's path is 107 bytes at most.
+        self.tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+        self._env = {k: os.environ.get(k) for k in ("RAY_TMPDIR", KEY_ENV)}
+        os.environ["RAY_TMPDIR"] = str(self.tmp)
+        os.environ[KEY_ENV] = FAKE_KEY  # the nodes' environment: where shards read the key
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "include_dashboard": False},
+        )
+        self.nodes: list[Any] = []
+        for _ in range(2):
+            self.add_node()
+        self.address: str = self.cluster.address
+
+    def add_node(self, **args: Any) -> Any:
+        node = self.cluster.add_node(num_cpus=1, **args)
+        self.cluster.wait_for_nodes()
+        self.nodes.append(node)
+        return node
+
+    def remove_node(self, node: Any) -> None:
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.nodes.remove(node)
+
+    def node_running_a_shard(self) -> Any:
+        """A worker node with a shard's task on it (Ray titles its process after the task)."""
+        for node in self.nodes:
+            raylet = node.all_processes["raylet"][0].process.pid
+            if any(b"ray::pipeline shard" in _cmdline(pid) for pid in _descendants(raylet)):
+                return node
+        return None
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+        for k, v in self._env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = RayCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+async def ray_run(url: str, src: Path, out: Path, address: str, *extra: str) -> asyncio.subprocess.Process:
+    """`pipeline ray` with 4 shards, as a driver of its own without the key in its
+    environment: the shards can only have it from their nodes'."""
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline",
+        "ray",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--base-url",
+        url,
+        "--quiet",
+        "--shards",
+        "4",
+        "--address",
+        address,
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
+def ids(path: Path) -> list[str]:
+    return sorted(row["custom_id"] for row in read_jsonl(path))
+
+
+def exactly_once(out: Path, n: int) -> None:
+    """Every line once in the merge, and in no two shards' folders."""
+    each = [i for k in range(1, 5) for i in ids(out / f"shard-{k}-of-4/results.jsonl")]
+    assert len(each) == len(set(each)) == n
+    assert ids(out / "results.jsonl") == sorted(each)
+
+
+def steady(accepted: dict[int, int]) -> float:
+    """Requests a second the server took, past the ramp and the stragglers."""
+    seconds = [accepted[s] for s in sorted(accepted)][2:-2]
+    return sum(seconds) / len(seconds)
+
+
+async def test_four_shards_on_two_nodes_hold_a_stated_limit_and_merge_as_one_process(
+    ray_cluster: RayCluster, mock, make_settings, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(360))
+    async with mock(api_key=FAKE_KEY) as (url, _):
+        one = await pipeline.run(make_settings(url, input=src, output=tmp_path / "one"))
+    async with mock(rpm=RATE * 60, latency=0.02, api_key=FAKE_KEY, echo_key=True) as (url, server):
+        proc = await ray_run(url, src, tmp_path / "out", ray_cluster.address, "--rpm", str(RATE * 60))
+        out, err = await proc.communicate()
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Merged 4 shard(s)" in out
+    exactly_once(tmp_path / "out", 360)
+    assert ids(tmp_path / "out/results.jsonl") == ids(tmp_path / "one/results.jsonl")
+    assert one.succeeded == 360
+    assert pipeline_usage(tmp_path / "out")["tokens"] == pipeline_usage(tmp_path / "one")["tokens"]
+    assert refused <= 2, refused  # given: 0.5 % at most
+    assert steady(accepted) >= RATE * 0.93, accepted
+    # Whatever Ray keeps of the run (its logs, the job's metadata and runtime environment)
+    # never holds the key, nor does any file the run wrote (the mock echoed it back).
+    leaks = [p for p in [*ray_cluster.tmp.rglob("*"), *(tmp_path / "out").rglob("*")] if _holds(p, FAKE_KEY)]
+    assert leaks == []
+    assert FAKE_KEY.encode() not in out + err
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and not path.is_symlink() and text.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
+async def test_four_shards_find_an_unstated_limit_together(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
+    async with mock(rpm=RATE * 60, latency=0.02, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(url, src, tmp_path / "out", ray_cluster.address)
+        _, err = await proc.communicate()
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert proc.returncode == 0, err.decode()[-2000:]
+    exactly_once(tmp_path / "out", 600)
+    assert refused <= 600 * 0.03, refused  # the cluster sees the server full as one
+    assert steady(accepted) >= RATE * 0.85, accepted
+
+
+async def test_a_node_removed_mid_run_loses_and_doubles_nothing(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    spare = ray_cluster.add_node()  # room for the shards Ray runs again
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
+    out = tmp_path / "out"
+    async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        victim = None
+        for _ in range(200):
+            await asyncio.sleep(0.1)
+            if len(server.state.accepted_per_second) >= 4 and (victim := ray_cluster.node_running_a_shard()):
+                break
+        assert victim is not None, "no node was seen running a shard"
+        ray_cluster.remove_node(victim)
+        _, err = await proc.communicate()
+        refused = sum(server.state.refused_per_second.values())
+        accepted = dict(server.state.accepted_per_second)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    exactly_once(out, 600)
+    usage = [pipeline_usage(out / f"shard-{k}-of-4") for k in range(1, 5)]
+    assert max(len(u["timeline"]) for u in usage) >= 2  # a shard was run again (a stretch a run), and resumed
+    assert refused <= 600 * 0.02, refused
+    assert max(accepted.values()) <= RATE * 1.15, accepted  # the limit held through it
+    assert spare is not None
+
+
+def pipeline_usage(folder: Path) -> dict[str, Any]:
+    import orjson
+
+    doc: dict[str, Any] = orjson.loads((folder / "usage.json").read_bytes())
+    return doc
+
+
+async def test_the_driver_killed_and_run_again_loses_and_doubles_nothing(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
+    out = tmp_path / "out"
+    async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        for _ in range(300):
+            if sum(server.state.accepted_per_second.values()) >= 150:
+                break
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        again = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        stdout, err = await again.communicate()
+    assert again.returncode == 0, err.decode()[-2000:]
+    exactly_once(out, 600)
+    assert b"already done" in stdout
+    assert b" 0 already done" not in stdout
+
+
+async def test_a_node_without_the_key_is_named_and_nothing_is_sent(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    keyless = ray_cluster.add_node(env_vars={KEY_ENV: ""})
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
+        async with mock(api_key=FAKE_KEY) as (url, server):
+            proc = await ray_run(url, src, tmp_path / "out", ray_cluster.address)
+            _, err = await proc.communicate()
+            sent = sum(server.state.statuses.values())
+    finally:
+        ray_cluster.remove_node(keyless)
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert f"has no {KEY_ENV} in its environment".encode() in err
+    assert err.count(b"has no") == 1  # that node only
+    assert sent == 0
+
+
+def test_without_ray_it_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
+    code = main(["ray", "--input", str(src), "--output", str(tmp_path / "out"), "--shards", "2"])
+    assert code == 2
+    assert "pip install 'pipeline[ray]'" in capsys.readouterr().err
