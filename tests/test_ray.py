@@ -108,10 +108,14 @@ def ray_cluster() -> Iterator[RayCluster]:
         cluster.shutdown()
 
 
-async def ray_run(url: str, src: Path, out: Path, address: str, *extra: str) -> asyncio.subprocess.Process:
-    """`pipeline ray` with 4 shards, as a driver of its own without the key in its
-    environment: the shards can only have it from their nodes'."""
+async def ray_run(
+    url: str, src: Path, out: Path, address: str, *extra: str, key: bool = False
+) -> asyncio.subprocess.Process:
+    """`pipeline ray` with 4 shards, as a driver of its own; without the key in its
+    environment unless `key`: the shards can only have it from their nodes'."""
     env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    if key:
+        env[KEY_ENV] = FAKE_KEY
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -159,7 +163,9 @@ async def test_four_shards_on_two_nodes_hold_a_stated_limit_and_merge_as_one_pro
     async with mock(api_key=FAKE_KEY) as (url, _):
         one = await pipeline.run(make_settings(url, input=src, output=tmp_path / "one"))
     async with mock(rpm=RATE * 60, latency=0.02, api_key=FAKE_KEY, echo_key=True) as (url, server):
-        proc = await ray_run(url, src, tmp_path / "out", ray_cluster.address, "--rpm", str(RATE * 60))
+        proc = await ray_run(
+            url, src, tmp_path / "out", ray_cluster.address, "--rpm", str(RATE * 60), key=True
+        )
         out, err = await proc.communicate()
         accepted = dict(server.state.accepted_per_second)
         refused = sum(server.state.refused_per_second.values())
@@ -176,6 +182,21 @@ async def test_four_shards_on_two_nodes_hold_a_stated_limit_and_merge_as_one_pro
     leaks = [p for p in [*ray_cluster.tmp.rglob("*"), *(tmp_path / "out").rglob("*")] if _holds(p, FAKE_KEY)]
     assert leaks == []
     assert FAKE_KEY.encode() not in out + err
+    dump = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", JOBS, ray_cluster.address, stdout=asyncio.subprocess.PIPE
+    )
+    jobs, _ = await dump.communicate()
+    assert b"pipeline" in jobs  # the driver's job, with its metadata and runtime environment
+    assert FAKE_KEY.encode() not in jobs
+
+
+# What the cluster keeps of every job (what its dashboard shows): entrypoint, metadata,
+# runtime environment, config.
+JOBS = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print(repr(ray._private.state.jobs()))
+"""
 
 
 def _holds(path: Path, text: str) -> bool:
@@ -196,7 +217,9 @@ async def test_four_shards_find_an_unstated_limit_together(
         refused = sum(server.state.refused_per_second.values())
     assert proc.returncode == 0, err.decode()[-2000:]
     exactly_once(tmp_path / "out", 600)
-    assert refused <= 600 * 0.03, refused  # the cluster sees the server full as one
+    # The cluster sees the server full as one; most of these come while the pace ramps up
+    # (the bench's 3,000 requests see 0.5 %).
+    assert refused <= 600 * 0.03, refused
     assert steady(accepted) >= RATE * 0.85, accepted
 
 
@@ -237,7 +260,7 @@ def pipeline_usage(folder: Path) -> dict[str, Any]:
 async def test_the_driver_killed_and_run_again_loses_and_doubles_nothing(
     ray_cluster: RayCluster, mock, tmp_path: Path
 ) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(420))
     out = tmp_path / "out"
     async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
         proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
@@ -250,7 +273,7 @@ async def test_the_driver_killed_and_run_again_loses_and_doubles_nothing(
         again = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
         stdout, err = await again.communicate()
     assert again.returncode == 0, err.decode()[-2000:]
-    exactly_once(out, 600)
+    exactly_once(out, 420)
     assert b"already done" in stdout
     assert b" 0 already done" not in stdout
 
@@ -281,3 +304,30 @@ def test_without_ray_it_says_how_to_install_it(
     code = main(["ray", "--input", str(src), "--output", str(tmp_path / "out"), "--shards", "2"])
     assert code == 2
     assert "pip install 'pipeline[ray]'" in capsys.readouterr().err
+
+
+async def test_ctrl_c_stops_every_shard_and_the_same_command_resumes(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(420))
+    out = tmp_path / "out"
+    async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        for _ in range(300):
+            if sum(server.state.accepted_per_second.values()) >= 120:
+                break
+            await asyncio.sleep(0.1)
+        assert proc.returncode is None, (await proc.communicate())[1].decode()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = await proc.communicate()
+        stopped_at = sum(server.state.statuses.values())
+        await asyncio.sleep(1.0)
+        assert sum(server.state.statuses.values()) == stopped_at  # every shard stopped sending
+        assert not (out / "results.jsonl").exists()  # not merged: not every shard ended
+        again = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        _, err2 = await again.communicate()
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert b"stopping every shard" in err
+    assert b"run the same command again to resume" in err
+    assert again.returncode == 0, err2.decode()[-2000:]
+    exactly_once(out, 420)

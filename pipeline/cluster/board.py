@@ -66,8 +66,7 @@ class Board:
         for k, f in figures.items():
             self._done[k] = max(self._done.get(k, 0), f["done"])
         done = sum(self._done.values())
-        totals = [f["total"] - f["empty"] for f in figures.values() if f["total"] is not None]
-        total = max(totals) if totals and len(figures) == self.shards else None
+        total = self._total()
         if self.bar is not None:
             if total is not None and self.bar.total != total:
                 self.bar.total = total
@@ -78,6 +77,25 @@ class Board:
             of = f"{done:,} of {total:,} done ({done / total:.0%})" if total else f"{done:,} done"
             elapsed = duration(time.monotonic() - self.started)
             print(f"pipeline ray: {of} in {elapsed} | {self._postfix()}", file=sys.stderr, flush=True)
+
+    def _total(self) -> int | None:
+        """Lines of the input to do (every shard counts them all), once every shard has said."""
+        totals = [f["total"] - f["empty"] for f in self.figures.values() if f["total"] is not None]
+        return max(totals) if totals and len(self.figures) == self.shards else None
+
+    def pending(self, results: dict[int, dict[str, Any]]) -> int | None:
+        """Lines of the input not done: a shard's own count where it ended, else its last report."""
+        total = self._total()
+        if total is None:
+            return None
+        done = 0
+        for k in range(1, self.shards + 1):
+            r = results.get(k, {})
+            if "skipped" in r:
+                done += r["skipped"] + r["succeeded"] + r["failed"] + r["invalid_input"]
+            else:
+                done += self._done.get(k, 0)
+        return max(total - done, 0)
 
     def _postfix(self) -> str:
         figures = list(self.figures.values())

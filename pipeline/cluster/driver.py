@@ -57,7 +57,7 @@ def connect(address: str | None) -> None:
             address=address,
             namespace=NAMESPACE,
             log_to_driver=False,  # the shards' lines come through the coordinator, named
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,  # not Ray's notes on starting a local cluster
             **options,
         )
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -173,10 +173,20 @@ def _drive(
         for s, handler in before.items():
             signal.signal(s, handler)
         board.close()
-    return _end(results, out, n, interrupted=level > 0, elapsed=board.elapsed())
+    return _end(
+        results, out, n, interrupted=level > 0, elapsed=board.elapsed(), pending=board.pending(results)
+    )
 
 
-def _end(results: dict[int, dict[str, Any]], out: Path, n: int, *, interrupted: bool, elapsed: float) -> int:
+def _end(
+    results: dict[int, dict[str, Any]],
+    out: Path,
+    n: int,
+    *,
+    interrupted: bool,
+    elapsed: float,
+    pending: int | None,
+) -> int:
     from pipeline.output.merge import merge
 
     def total(key: str) -> int:
@@ -185,11 +195,11 @@ def _end(results: dict[int, dict[str, Any]], out: Path, n: int, *, interrupted: 
     print(
         f"\nThis run: {total('succeeded'):,} succeeded, {total('failed'):,} failed, "
         f"{total('invalid_input'):,} invalid input lines, {total('skipped'):,} already done, "
-        f"{total('pending'):,} pending, in {duration(elapsed)}, over {n} shards."
+        f"{'an unknown number of' if pending is None else f'{pending:,}'} pending, in {duration(elapsed)}, over {n} shards."
     )
     codes: dict[int, int] = {k: int(r["exit"]) for k, r in results.items()}
     for k, r in sorted(results.items()):
-        if r["exit"] not in (0, 1):
+        if r["exit"] not in (0, 1, EXIT_INTERRUPTED):
             print(f"pipeline ray: shard {k}/{n}: {r['message']}", file=sys.stderr)
     if interrupted or any(c not in (0, 1) for c in codes.values()):
         print(
