@@ -18,7 +18,9 @@ import pytest
 
 import pipeline
 from pipeline.cli import main
-from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
+from pipeline.pace.store import account_key
+from pipeline.settings import check_base_url
+from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 
 KEY_ENV = "LUMENFALL_API_KEY"
 RATE = 60.0  # requests a second the mock allows
@@ -331,3 +333,63 @@ async def test_ctrl_c_stops_every_shard_and_the_same_command_resumes(
     assert b"run the same command again to resume" in err
     assert again.returncode == 0, err2.decode()[-2000:]
     exactly_once(out, 420)
+
+
+KILL_ACTOR = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+ray.kill(ray.get_actor(sys.argv[2], namespace="pipeline"), no_restart=False)
+"""
+
+
+async def test_the_pace_actor_killed_mid_run_shards_go_on_alone_then_rejoin(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(420))
+    out = tmp_path / "out"
+    async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
+        account = account_key(check_base_url(url), FAKE_KEY)
+        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
+        for _ in range(300):
+            if sum(server.state.accepted_per_second.values()) >= 100:
+                break
+            await asyncio.sleep(0.1)
+        killer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILL_ACTOR, ray_cluster.address, account
+        )
+        assert await killer.wait() == 0
+        _, err = await proc.communicate()
+        accepted = dict(server.state.accepted_per_second)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    exactly_once(out, 420)
+    assert b"cannot be reached" in err  # said by the shards, shown by the driver
+    assert b"is back; pacing together again" in err
+    assert max(accepted.values()) <= RATE * 1.1, accepted  # alone, each at its share
+
+
+async def test_a_shared_limit_in_redis_is_the_clusters_pace_too(
+    ray_cluster: RayCluster, redis_server: RedisServer, mock, tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(300))
+    async with mock(rpm=RATE * 60, latency=0.02, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(
+            url,
+            src,
+            tmp_path / "out",
+            ray_cluster.address,
+            "--rpm",
+            str(RATE * 60),
+            "--shared-limit",
+            redis_server.url,
+        )
+        _, err = await proc.communicate()
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert proc.returncode == 0, err.decode()[-2000:]
+    exactly_once(tmp_path / "out", 300)
+    assert refused == 0
+    assert steady(accepted) >= RATE * 0.9, accepted
+    import redis
+
+    keys = [k.decode() for k in redis.Redis.from_url(redis_server.url).keys("pipeline:pace:*")]
+    assert account_key(check_base_url(url), FAKE_KEY) in keys  # the pace was Redis's, not an actor's
