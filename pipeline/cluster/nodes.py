@@ -46,10 +46,10 @@ def _probe(out: str, token: str, input_path: str, key_env: str) -> dict[str, Any
     }
 
 
-def check_nodes(out: Path, input_path: Path, key_env: str, *, need_key: bool) -> int:
+def check_nodes(out: Path, input_path: Path, key_env: str, *, need_key: bool, cpus: float) -> int:
     """Raise `SettingsError` naming each node that cannot run a shard; return how many can.
     `need_key`: the endpoint needs the key (it is not on this machine); if any node has it,
-    every node must."""
+    every node must. `cpus`: what a shard asks for, which some node must have."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

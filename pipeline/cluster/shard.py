@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 REPORT_EVERY = 0.5  # seconds between reports to the driver
 DRIVER_GONE = 10.0  # seconds without an answer from the driver before the shard stops itself
 BUSY_WAIT = 120.0  # seconds a shard run again waits for the attempt before it to let go of the folder
+MARK = ".pipeline-ray"  # in OUT: the driver's token, which a shard must see there before it starts
 
 
 class ShardHost(Host):
@@ -86,6 +87,7 @@ class ShardHost(Host):
                     wanted = await self.coordinator.report.remote(self.k, progress.figures(), said)
                 heard_at = time.monotonic()
             except (TimeoutError, ray.exceptions.RayError):
+                self._said[:0] = said  # told at the next report
                 wanted = 1 if time.monotonic() - heard_at > DRIVER_GONE else level
             if wanted > level:
                 level = wanted
@@ -97,7 +99,7 @@ class ShardHost(Host):
 
 
 def run_shard(
-    job: str | None, flags: dict[str, Any], k: int, n: int, cwd: str, coordinator: Any
+    job: str | None, flags: dict[str, Any], k: int, n: int, cwd: str, coordinator: Any, token: str
 ) -> dict[str, Any]:
     """The task: shard k of n, to its end. Returns its exit status, what it says, and its counts."""
     from pipeline.run.runner import loop_options, run
@@ -105,6 +107,16 @@ def run_shard(
     with contextlib.suppress(OSError):
         os.chdir(cwd)  # relative paths in the job file mean what they meant at the driver
     node = socket.gethostname()
+    try:
+        seen = (Path(flags["output"]) / MARK).read_text() == token
+    except OSError:
+        seen = False
+    if not seen:  # a node that joined after the check, without the shared storage
+        return {
+            "exit": EXIT_USAGE,
+            "message": f"on {node}: {flags['output']} is not the folder the driver wrote to: this "
+            "node does not share its storage; mount it on every node, then run the same command again",
+        }
     try:
         settings = build(Path(job) if job else None, **{**flags, "shard": f"{k}/{n}"})
         host = ShardHost(coordinator, k)

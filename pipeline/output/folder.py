@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,17 +48,23 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def move_aside(folder: Path) -> Path | None:
-    """`--fresh`: keep the old run's files in OUT/previous-<time>/ instead of deleting them."""
-    present = [name for name in OUR_FILES if (folder / name).exists()]
-    if not present:
-        return None
+def aside(folder: Path) -> Path:
+    """A new folder OUT/previous-<time>/ for what `--fresh` moves aside."""
     target = folder / time.strftime("previous-%Y%m%d-%H%M%S")
     n = 1
     while target.exists():
         n += 1
         target = folder / time.strftime(f"previous-%Y%m%d-%H%M%S-{n}")
     target.mkdir()
+    return target
+
+
+def move_aside(folder: Path) -> Path | None:
+    """`--fresh`: keep the old run's files in OUT/previous-<time>/ instead of deleting them."""
+    present = [name for name in OUR_FILES if (folder / name).exists()]
+    if not present:
+        return None
+    target = aside(folder)
     for name in present:
         shutil.move(str(folder / name), str(target / name))
     return target
@@ -76,7 +83,7 @@ def lock_folder(folder: Path) -> Iterator[None]:
             ) from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
         try:
             yield

@@ -106,6 +106,8 @@ class AccountPace:
     def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         """What the account sent from `since` to `until`, how much of it was refused, and when
         the first of it left."""
+        if self.clock() - self._used > KEY_TTL:
+            self._reset()
         sent_by, refused_by, _ = self._logged(int(since * 100), int(until * 100) - 1)
         first = min(sent_by) if sent_by else None
         return sum(sent_by.values()), sum(refused_by.values()), (first / 100 if first is not None else None)
