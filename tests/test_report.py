@@ -238,5 +238,6 @@ def test_latencies_that_differ_by_float_noise_are_drawn() -> None:
         "doc['timeline'][0]['points'] = [p, {**p, 'start': p['start'] + 10, 'latency_p50': 0.05282322718449552}]\n"
         "assert 'Latency percentiles' in html_report(doc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    root = Path(__file__).resolve().parents[1]  # where `tests` imports from, whatever the cwd
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]

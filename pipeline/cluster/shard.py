@@ -104,8 +104,6 @@ def run_shard(
     """The task: shard k of n, to its end. Returns its exit status, what it says, and its counts."""
     from pipeline.run.runner import loop_options, run
 
-    with contextlib.suppress(OSError):
-        os.chdir(cwd)  # relative paths in the job file mean what they meant at the driver
     node = socket.gethostname()
     try:
         seen = (Path(flags["output"]) / MARK).read_text() == token
@@ -117,6 +115,8 @@ def run_shard(
             "message": f"on {node}: {flags['output']} is not the folder the driver wrote to: this "
             "node does not share its storage; mount it on every node, then run the same command again",
         }
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)  # relative paths in the job file mean what they meant at the driver
     try:
         settings = build(Path(job) if job else None, **{**flags, "shard": f"{k}/{n}"})
         host = ShardHost(coordinator, k)
