@@ -1,0 +1,94 @@
+"""The account's shared pace has two homes that must keep the same rules: the Redis script
+(`pipeline.pace.store`) and the Ray actor's Python (`pipeline.pace.account`). The same calls,
+made to both at the same moments, get the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+from pipeline.pace.account import AccountPace
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Reply, Store
+from tests.conftest import RedisServer
+
+CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (two calls apart)
+
+
+def _same(redis: Reply, python: Reply, step: str) -> None:
+    for field in ("rate", "members", "leads", "booting", "granted"):
+        assert getattr(redis, field) == getattr(python, field), (step, field, redis, python)
+    for field in ("start", "token_start", "paused", "full_at", "full_resume"):
+        a, b = getattr(redis, field), getattr(python, field)
+        # A time, or -1 (none), or 0 (never paused): both alike, each against its own clock.
+        a, b = (a - redis.now if a > 1 else a), (b - python.now if b > 1 else b)
+        assert math.isclose(a, b, abs_tol=CLOCK), (step, field, redis, python)
+
+
+def _log(quads: list[tuple[int, int, int, int]]) -> str:
+    return " ".join(f"{cs} {s} {r} {w}" for cs, s, r, w in quads)
+
+
+async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer) -> None:
+    store = Store(redis_server.url, "pipeline:pace:replay")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    base: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
+    base |= {"found": None, "pause_for": 0.0}
+
+    async def both(step: str, pid: str = "a", **call: Any) -> Reply:
+        redis = await store.call(pid, **(base | call))
+        python = held.call(pid, **(base | call))
+        _same(redis, python, step)
+        return python
+
+    try:
+        await both("boot: the ramp's rate, one start leased", want=1)
+        cs = int(time.time() * 100)
+        # Sent well over half the ramp's rate, but one was refused: no doubling.
+        await both("sending, one refused", log=_log([(cs - i, 3, int(i == 0), cs + 50) for i in range(20)]))
+        await asyncio.sleep(0.3)
+        held_back = await both("ramp held back")
+        assert held_back.rate == BOOT_RATE
+        # Sent as much with nothing refused: a quarter second on, it doubles.
+        cs = int(time.time() * 100)
+        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await asyncio.sleep(0.3)
+        doubled = await both("ramp doubled", pid="b", want=50)
+        assert doubled.rate == BOOT_RATE * 2
+        assert doubled.granted == math.ceil(doubled.rate * 0.1)  # a tenth of a second, no more
+        # A run of refusals across the account: full, and every process paused till the
+        # earliest time a refusal said the server has room again (two told of one hundredth).
+        await asyncio.sleep(0.05)
+        cs = int(time.time() * 100)
+        run = [(cs - 3 + i, 2, 2, cs + 300) for i in range(RUN)] + [(cs - 3, 0, 0, cs + 150)]
+        full = await both("full", pid="b", log=_log(run))
+        assert full.full_at > 0
+        assert full.paused >= full.now + 0.5  # the earliest room told: 1.5 s after the run began
+        assert (await store.read(run[0][0] / 100, (cs + 5) / 100)) == held.read(
+            run[0][0] / 100, (cs + 5) / 100
+        )
+        found = await both("a rate found, published", found=25.0, want=10)
+        assert (found.rate, found.leads, found.granted) == (25.0, True, 3)
+        other = await both("another process: not the one whose reading is in force", pid="b")
+        assert not other.leads
+        await both("a pause asked for", pause_for=2.0)
+        await both("a stated rate and tokens", given=10.0, given_tokens=500.0, want=5, want_tokens=100.0)
+    finally:
+        await store.close()
+
+
+async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: RedisServer) -> None:
+    """At least RUN refused, but under half of what was sent since the first of them."""
+    store = Store(redis_server.url, "pipeline:pace:scattered")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    cs = int(time.time() * 100)
+    log = _log([(cs - i, 10, 4, cs + 100) for i in range(RUN)])
+    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
+    call |= {"found": None, "pause_for": 0.0, "log": log}
+    try:
+        redis, python = await store.call("a", **call), held.call("a", **call)
+    finally:
+        await store.close()
+    _same(redis, python, "scattered")
+    assert python.full_at < 0
