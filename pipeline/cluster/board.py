@@ -84,7 +84,11 @@ class Board:
         return max(totals) if totals and len(self.figures) == self.shards else None
 
     def pending(self, results: dict[int, dict[str, Any]]) -> int | None:
-        """Lines of the input not done: a shard's own count where it ended, else its last report."""
+        """Lines of the input not done: the shards' own counts when every one read its input to
+        the end, else the lines not done of those they all read, by their last reports."""
+        ended = [r for r in results.values() if r.get("exit") in (0, 1) and r.get("pending") is not None]
+        if len(ended) == self.shards:
+            return sum(int(r["pending"]) for r in ended)
         total = self._total()
         if total is None:
             return None
