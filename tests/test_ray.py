@@ -461,3 +461,27 @@ def test_a_shard_on_a_node_without_the_shared_folder_refuses_to_start(
     assert result["exit"] == 2
     assert "does not share its storage" in result["message"]
     assert not (out / "shard-1-of-2").exists()
+
+
+def test_a_cluster_that_is_not_there_is_said_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray itself retries an address that answers nothing for ever; cron would never hear."""
+    if not os.environ.get("CI"):
+        pytest.importorskip("ray")
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
+    code = main(
+        [
+            "ray",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--shards",
+            "2",
+            "--address",
+            "127.0.0.1:1",
+        ]
+    )
+    assert code == 2
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err

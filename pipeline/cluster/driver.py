@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -38,6 +39,7 @@ from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_
 from pipeline.settings import Settings, is_loopback
 
 INSTALL = "pipeline ray needs Ray: pip install 'pipeline[ray]' (make installs it)"
+REACH_TIMEOUT = 10.0  # seconds to reach the cluster's address
 START_WAIT = 60.0  # seconds before shards that have not started are named
 
 
@@ -51,10 +53,26 @@ class _Stops:
         self.asked += 1
 
 
+def _reachable(address: str) -> None:
+    """A cluster that is not there is said at once: Ray would retry it for ever, silently."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # ray://, auto: Ray's own to resolve
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=REACH_TIMEOUT).close()
+    except OSError as e:
+        raise SettingsError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or type(e).__name__}); check "
+            "--address or RAY_ADDRESS (the head's IP and GCS port, 6379 by default)"
+        ) from None
+
+
 def connect(address: str | None) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _reachable(address)
     options: dict[str, Any] = {"include_dashboard": False} if address is None else {}
     try:
         ray.init(
