@@ -41,6 +41,9 @@ class Way:
     given: bool  # --rpm 3000 given
     least: float  # least steady share of the limit
     most: float  # most 429s, as a share of answers
+    latency_ms: float = LATENCY_MS  # answers take this long...
+    jitter_ms: float = 0.0  # ...and up to this much more
+    requests: float = 1.0  # of the scenario's requests
 
 
 WAYS = (
@@ -56,6 +59,19 @@ WAYS = (
     ),
     Way("c", "ray --shards 4, --rpm 3000", ray=True, shards=SHARDS, given=True, least=0.95, most=0.005),
     Way("d", "ray --shards 4, no --rpm", ray=True, shards=SHARDS, given=False, least=0.90, most=0.02),
+    # Real models answer in seconds: a pace kept with hundreds of requests in flight.
+    Way(
+        "e",
+        "ray --shards 4, no --rpm, answers in 2 to 10 s",
+        ray=True,
+        shards=SHARDS,
+        given=False,
+        least=0.90,
+        most=0.02,
+        latency_ms=2000.0,
+        jitter_ms=8000.0,
+        requests=0.5,
+    ),
 )
 
 
@@ -121,7 +137,8 @@ def _run(opts: Options, way: Way, requests: int) -> Outcome:
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp") if way.ray else None
     env = _env(RAY_TMPDIR=ray_tmp) if ray_tmp else _env()
     try:
-        with running_mock(MockFlags(latency_ms=LATENCY_MS, rpm=RPM), log=folder / "mock.log") as mock:
+        flags = MockFlags(latency_ms=way.latency_ms, jitter_ms=way.jitter_ms, rpm=RPM)
+        with running_mock(flags, log=folder / "mock.log") as mock:
             base = _command(way, input, out, mock.url, opts.concurrency)
             if way.ray or way.shards == 1:
                 costs.append(
@@ -228,7 +245,7 @@ def cluster(opts: Options, done: Done) -> ScenarioResult:
     load = os.getloadavg()
     limit = RPM / 60
     n = max(1, round(REQUESTS * opts.scale))
-    rows = [_run(opts, way, n) for way in WAYS]
+    rows = [_run(opts, way, max(1, round(n * way.requests))) for way in WAYS]
     checks: list[Check] = []
     for o in rows:
         label = f"({o.way.key}) {o.way.name}"
@@ -266,7 +283,7 @@ def cluster(opts: Options, done: Done) -> ScenarioResult:
     title = (
         f"one job ({n:,} requests) three ways: pipeline run; {SHARDS} × pipeline run --shard K/{SHARDS} "
         f"--shared-limit + merge; pipeline ray --shards {SHARDS} (a local cluster it starts); mock: latency "
-        f"{LATENCY_MS:g} ms, limit {RPM:g}/min counted per wall-clock second; concurrency {opts.concurrency} "
+        f"{LATENCY_MS:g} ms ((e): 2 to 10 s), limit {RPM:g}/min counted per wall-clock second; concurrency {opts.concurrency} "
         f"per process/shard; {os.cpu_count()} CPUs"
     )
     notes = [
