@@ -272,8 +272,8 @@ def cluster(opts: Options, done: Done) -> ScenarioResult:
             ),
             Check(
                 f"{label}: wall, CPU",
-                f"{o.wall:.1f} s (floor {n / limit:.1f} s), CPU {o.cpu:.1f} s = "
-                f"{1000 * o.cpu / n:.2f} ms a request"
+                f"{o.wall:.1f} s (floor {o.requests / limit:.1f} s), CPU {o.cpu:.1f} s = "
+                f"{1000 * o.cpu / o.requests:.2f} ms a request"
                 + (f" (redis-server {o.redis_cpu:.2f} s of it)" if o.redis_cpu else "")
                 + (f" (kernel-reaped Ray workers {o.unreaped:.1f} s of it)" if o.unreaped else "")
                 + (f"; its processes ran on {o.linger:.1f} s after it exited" if o.linger >= 0.5 else "")
@@ -283,7 +283,7 @@ def cluster(opts: Options, done: Done) -> ScenarioResult:
     title = (
         f"one job ({n:,} requests) three ways: pipeline run; {SHARDS} × pipeline run --shard K/{SHARDS} "
         f"--shared-limit + merge; pipeline ray --shards {SHARDS} (a local cluster it starts); mock: latency "
-        f"{LATENCY_MS:g} ms ((e): 2 to 10 s), limit {RPM:g}/min counted per wall-clock second; concurrency {opts.concurrency} "
+        f"{LATENCY_MS:g} ms ((e): 2 to 10 s, half the requests), limit {RPM:g}/min counted per wall-clock second; concurrency {opts.concurrency} "
         f"per process/shard; {os.cpu_count()} CPUs"
     )
     notes = [
