@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -485,3 +486,15 @@ def test_a_cluster_that_is_not_there_is_said_at_once(
     )
     assert code == 2
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_a_plain_run_never_imports_ray() -> None:
+    """Ray is an extra: `pipeline run` (and everything it imports) works without it."""
+    code = (
+        "import sys\n"
+        "import pipeline.cli, pipeline.run.runner, pipeline.run.host, pipeline.pace.shared\n"
+        "import pipeline.pace.actor, pipeline.cluster.driver\n"  # even these only name it
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
