@@ -301,10 +301,7 @@ def _merge(out: Path, *, partial: bool) -> int:
     except SettingsError as e:
         print(f"pipeline merge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(
-        f"Merged {merged.shards} shard(s) into {out}/: {merged.results:,} results, {merged.errors:,} "
-        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
-    )
+    print(merged)
     for problem in merged.missing:
         print(f"pipeline merge: partial: {problem}", file=sys.stderr)
     return 0

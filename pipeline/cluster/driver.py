@@ -33,6 +33,7 @@ from pipeline.cluster.nodes import check_nodes
 from pipeline.cluster.shard import MARK, run_shard
 from pipeline.errors import SettingsError
 from pipeline.output.folder import aside, atomic_write, lock_folder, move_aside
+from pipeline.output.merge import merge, shard_folders
 from pipeline.pace.actor import NAMESPACE
 from pipeline.run.progress import duration
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
@@ -93,7 +94,7 @@ def _fresh(out: Path) -> None:
     """`--fresh`: the merged files and every shard's folder go aside together, once, here (a
     shard run again by Ray must resume, never start over), each shard's folder under its lock:
     a run still writing there is waited for by no one, and refused."""
-    shards = sorted(p for p in out.glob("shard-*-of-*") if p.is_dir())
+    shards = [path for path, _, _ in shard_folders(out)]
     with contextlib.ExitStack() as held:
         for folder in shards:
             held.enter_context(lock_folder(folder))
@@ -105,10 +106,10 @@ def _fresh(out: Path) -> None:
 
 
 def _other_shards(out: Path, n: int) -> None:
-    others = sorted({f.name.rsplit("-of-", 1)[1] for f in out.glob("shard-*-of-*")} - {str(n)})
+    others = sorted({split for _, _, split in shard_folders(out)} - {n})
     if others:
         raise SettingsError(
-            f"{out} holds shards of a run in {', '.join(others)}: run with --shards {others[0]} to "
+            f"{out} holds shards of a run in {', '.join(map(str, others))}: run with --shards {others[0]} to "
             "resume them, or with --fresh to start over (they are moved aside)"
         )
 
@@ -266,8 +267,6 @@ def _end(
     elapsed: float,
     pending: int | None,
 ) -> int:
-    from pipeline.output.merge import merge
-
     def total(key: str) -> int:
         return sum(r.get(key) or 0 for r in results.values())
 
@@ -292,9 +291,5 @@ def _end(
             if code in codes.values():
                 return code
         return EXIT_STOPPED
-    merged = merge(out, partial=False)
-    print(
-        f"Merged {merged.shards} shard(s) into {out}/: {merged.results:,} results, {merged.errors:,} "
-        f"failures, {merged.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
-    )
+    print(merge(out, partial=False))
     return max(codes.values())

@@ -55,6 +55,12 @@ class Merged:
     pending: int
     missing: list[str]  # what a partial merge left out
 
+    def __str__(self) -> str:
+        return (
+            f"Merged {self.shards} shard(s) into {self.folder}/: {self.results:,} results, {self.errors:,} "
+            f"failures, {self.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
+        )
+
 
 def running(folder: Path) -> bool:
     """Whether a run holds the folder's lock now."""
@@ -94,14 +100,20 @@ def _read_shard(path: Path, k: int, n: int) -> ShardFolder:
     return shard
 
 
-def find_shards(out: Path) -> list[ShardFolder]:
-    if not out.is_dir():
-        raise SettingsError(f"{out} is not a folder; pass the --output the shards ran with")
+def shard_folders(out: Path) -> list[tuple[Path, int, int]]:
+    """OUT/shard-K-of-N/ folders, with K and N."""
     found = []
     for entry in sorted(out.iterdir()):
         match = _SHARD.fullmatch(entry.name)
         if match and entry.is_dir():
-            found.append(_read_shard(entry, int(match.group(1)), int(match.group(2))))
+            found.append((entry, int(match.group(1)), int(match.group(2))))
+    return found
+
+
+def find_shards(out: Path) -> list[ShardFolder]:
+    if not out.is_dir():
+        raise SettingsError(f"{out} is not a folder; pass the --output the shards ran with")
+    found = [_read_shard(path, k, n) for path, k, n in shard_folders(out)]
     if not found:
         raise SettingsError(
             f"{out} holds no shard folders (shard-K-of-N/); run pipeline run --shard K/N first"
