@@ -395,26 +395,18 @@ async def test_a_shared_limit_in_redis_is_the_clusters_pace_too(
     assert account_key(check_base_url(url), FAKE_KEY) in keys  # the pace was Redis's, not an actor's
 
 
-def test_a_password_in_the_store_url_never_goes_through_ray(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def ray_main(tmp_path: Path, *extra: str) -> int:
+    """`pipeline ray` on two lines, in this process: for what it refuses before any cluster."""
     if not os.environ.get("CI"):
         pytest.importorskip("ray")
     src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
-    url = "redis://:s3cret-store-pw@127.0.0.1:1/0"
-    code = main(
-        [
-            "ray",
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "out"),
-            "--shards",
-            "2",
-            "--shared-limit",
-            url,
-        ]
-    )
+    return main(["ray", "--input", str(src), "--output", str(tmp_path / "out"), "--shards", "2", *extra])
+
+
+def test_a_password_in_the_store_url_never_goes_through_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = ray_main(tmp_path, "--shared-limit", "redis://:s3cret-store-pw@127.0.0.1:1/0")
     err = capsys.readouterr().err
     assert code == 2
     assert "would reach every node in Ray's task arguments" in err
@@ -468,23 +460,7 @@ def test_a_cluster_that_is_not_there_is_said_at_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ray itself retries an address that answers nothing for ever; cron would never hear."""
-    if not os.environ.get("CI"):
-        pytest.importorskip("ray")
-    src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
-    code = main(
-        [
-            "ray",
-            "--input",
-            str(src),
-            "--output",
-            str(tmp_path / "out"),
-            "--shards",
-            "2",
-            "--address",
-            "127.0.0.1:1",
-        ]
-    )
-    assert code == 2
+    assert ray_main(tmp_path, "--address", "127.0.0.1:1") == 2
     assert "cannot reach the Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
 
 

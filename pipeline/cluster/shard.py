@@ -81,7 +81,8 @@ class ShardHost(Host):
         progress.heard.append(self._said.append)
         level, heard_at = 0, time.monotonic()
         while True:
-            said, self._said[:] = list(self._said), []
+            said = self._said.copy()
+            self._said.clear()
             try:
                 with anyio.fail_after(DRIVER_GONE / 2):
                     wanted = await self.coordinator.report.remote(self.k, progress.figures(), said)

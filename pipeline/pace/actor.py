@@ -26,7 +26,7 @@ CHECK_TIMEOUT = 60.0  # seconds the first call waits for the actor to be placed,
 
 
 class PaceActor:
-    """The actor's body: an `AccountPace`, its calls in and its replies out as plain tuples."""
+    """The actor's body: an `AccountPace`."""
 
     def __init__(self) -> None:
         self.pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
@@ -34,10 +34,8 @@ class PaceActor:
     def ping(self) -> bool:
         return True
 
-    def call(self, pid: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        r = self.pace.call(pid, **kwargs)
-        return (r.now, r.rate, r.start, r.token_start, r.paused, r.members, r.leads, r.booting,
-                r.full_at, r.full_resume, r.granted)  # fmt: skip
+    def call(self, pid: str, kwargs: dict[str, Any]) -> Reply:
+        return self.pace.call(pid, **kwargs)
 
     def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         return self.pace.read(since, until)
@@ -122,8 +120,8 @@ class ActorStore:
             "pause_for": pause_for,
             "log": log,
         }
-        raw = await self._ask("call", pid, kwargs)
-        return Reply(*raw)
+        reply: Reply = await self._ask("call", pid, kwargs)
+        return reply
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         sent, refused, first = await self._ask("read", since, until)
