@@ -236,6 +236,7 @@ async def test_a_node_removed_mid_run_loses_and_doubles_nothing(
     src = write_jsonl(tmp_path / "in.jsonl", bodies(480))
     out = tmp_path / "out"
     async with mock(rpm=RATE * 60, latency=0.05, api_key=FAKE_KEY) as (url, server):
+        account = account_key(check_base_url(url), FAKE_KEY)
         proc = await ray_run(url, src, out, ray_cluster.address, "--rpm", str(RATE * 60))
         victim = None
         for _ in range(200):
@@ -254,6 +255,9 @@ async def test_a_node_removed_mid_run_loses_and_doubles_nothing(
     assert max(len(u["timeline"]) for u in usage) >= 2  # a shard was run again (a stretch a run), and resumed
     assert refused <= 480 * 0.02, seen
     assert max(accepted.values()) <= RATE * 1.15, seen  # the limit held through it
+    # The pace lived through it: made on the driver's node (here the head), not on a worker's.
+    assert await actor_node(ray_cluster.address, account) == ray_cluster.cluster.head_node.node_id
+    assert b"cannot be reached" not in err
     assert spare is not None
 
 
@@ -341,6 +345,23 @@ import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
 ray.kill(ray.get_actor(sys.argv[2], namespace="pipeline"), no_restart=False)
 """
+
+
+# The node the account's pace actor lives on.
+ACTOR_NODE = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+actor = ray.get_actor(sys.argv[2], namespace="pipeline")
+print(ray._private.state.actors(actor._actor_id.hex())["Address"]["NodeID"])
+"""
+
+
+async def actor_node(address: str, account: str) -> str:
+    ask = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ACTOR_NODE, address, account, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await ask.communicate()
+    return out.decode().strip()
 
 
 async def test_the_pace_actor_killed_mid_run_shards_go_on_alone_then_rejoin(

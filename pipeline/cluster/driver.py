@@ -171,7 +171,8 @@ def _drive(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: it lives and dies with the driver, not with another node.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    home = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(home, soft=False)
     coordinator: Any = ray.remote(Coordinator).options(num_cpus=0, scheduling_strategy=here).remote()
     task: Any = ray.remote(run_shard)
     job_text = str(job.resolve()) if job is not None else None
@@ -181,7 +182,7 @@ def _drive(
             num_cpus=args.cpus_per_shard,
             max_retries=args.max_retries,
             retry_exceptions=False,
-        ).remote(job_text, flags, k, n, os.getcwd(), coordinator, token): k
+        ).remote(job_text, flags, k, n, os.getcwd(), coordinator, token, home): k
         for k in range(1, n + 1)
     }
     board = Board(n, quiet=settings.quiet, interval=settings.progress_interval)

@@ -45,9 +45,10 @@ MARK = ".pipeline-ray"  # in OUT: the driver's token, which a shard must see the
 class ShardHost(Host):
     """A run that is shard `k` of a `pipeline ray` job."""
 
-    def __init__(self, coordinator: Any, k: int) -> None:
+    def __init__(self, coordinator: Any, k: int, home: str | None = None) -> None:
         self.coordinator = coordinator
         self.k = k
+        self.home = home  # the driver's node: where the pace actor is made
         self._said: list[str] = []
 
     def pacer(
@@ -66,10 +67,11 @@ class ShardHost(Host):
 
         account = account_key(settings.base_url, api_key)
         return SharedPacer(
-            partial(ActorStore, account),
+            partial(ActorStore, account, self.home),
             f"(the Ray actor {account})",
             request_rate=request_rate,
             token_rate=token_rate,
+            processes=settings.shard.n if settings.shard else 1,
             say=say,
         )
 
@@ -100,7 +102,14 @@ class ShardHost(Host):
 
 
 def run_shard(
-    job: str | None, flags: dict[str, Any], k: int, n: int, cwd: str, coordinator: Any, token: str
+    job: str | None,
+    flags: dict[str, Any],
+    k: int,
+    n: int,
+    cwd: str,
+    coordinator: Any,
+    token: str,
+    home: str | None = None,
 ) -> dict[str, Any]:
     """The task: shard k of n, to its end. Returns its exit status, what it says, and its counts."""
     from pipeline.run.runner import loop_options, run
@@ -120,7 +129,7 @@ def run_shard(
         os.chdir(cwd)  # relative paths in the job file mean what they meant at the driver
     try:
         settings = build(Path(job) if job else None, **{**flags, "shard": f"{k}/{n}"})
-        host = ShardHost(coordinator, k)
+        host = ShardHost(coordinator, k, home)
         deadline = time.monotonic() + BUSY_WAIT
         while True:
             try:

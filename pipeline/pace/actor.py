@@ -2,11 +2,13 @@
 
 One actor per account, named as the Redis key is (a hash of the endpoint and the key, never
 the key), in the namespace "pipeline", so that every shard of every job on the cluster that
-uses the account finds the same one. It is detached (it outlives the driver that made it:
-a driver killed and started again finds the pace where it was) and restarted by Ray when its
-node dies (`max_restarts=-1`), with its state new: the shards go on alone at their share of
-the last pace while it is away (`SharedPacer`'s rule for a store that went away), then
-rejoin. It asks for no CPU: it answers one short call at a time, and those calls being
+uses the account finds the same one. It is made on the driver's node (`home`), the one
+node a run cannot lose without stopping (in a RayJob, the head), not on whichever worker
+node a shard first asked from: the workers are the nodes that come and go. It is detached
+(it outlives the driver that made it: a driver killed and started again finds the pace
+where it was) and restarted by Ray when its node dies (`max_restarts=-1`), elsewhere if
+need be, with its state new: the shards go on alone at their share of the last pace while
+it is away (`SharedPacer`'s rule for a store that went away), then rejoin. It asks for no CPU: it answers one short call at a time, and those calls being
 serial is what makes each one atomic. Importing this module does not import Ray.
 """
 
@@ -41,11 +43,14 @@ class PaceActor:
         return self.pace.read(since, until)
 
 
-def pace_actor(account: str) -> Any:
-    """The account's actor: found by name, or made (detached, restarted when it dies)."""
+def pace_actor(account: str, home: str | None = None) -> Any:
+    """The account's actor: found by name, or made (detached, restarted when it dies), on
+    node `home` while that node lives."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote: Any = ray.remote(PaceActor)
+    place = NodeAffinitySchedulingStrategy(home, soft=True) if home else "DEFAULT"
     return remote.options(
         name=account,
         namespace=NAMESPACE,
@@ -53,19 +58,21 @@ def pace_actor(account: str) -> Any:
         get_if_exists=True,
         max_restarts=-1,
         num_cpus=0,
+        scheduling_strategy=place,
     ).remote()
 
 
 class ActorStore:
     """An `AccountStore` that is the account's Ray actor (see the module's text)."""
 
-    def __init__(self, account: str) -> None:
+    def __init__(self, account: str, home: str | None = None) -> None:
         self.account = account
+        self.home = home  # the node to make it on: the driver's
         self._actor: Any = None
 
     async def _handle(self) -> Any:
         if self._actor is None:
-            self._actor = await anyio.to_thread.run_sync(pace_actor, self.account)
+            self._actor = await anyio.to_thread.run_sync(pace_actor, self.account, self.home)
         return self._actor
 
     async def _ask(self, method: str, *args: Any, within: float = CALL_TIMEOUT) -> Any:

@@ -18,7 +18,8 @@ The pacer of `local` with its start times leased from a store that every process
   process is asked for (a 429 trend, a Retry-After for the pool) is the pool's: every
   process waits it out.
 - **The store goes away.** Each process goes on alone at its share of the last shared rate
-  (the rate over the processes seen), says so once, and rejoins when the store is back.
+  (the rate over the processes seen, or over the job's shards if more), says so once, and
+  rejoins when the store is back.
   Nothing is lost; the limit is exceeded by no more than the leases in hand.
 
 The key names the account by a hash of the base URL and the API key, never the key itself,
@@ -69,6 +70,7 @@ class SharedPacer(Pacer):
         *,
         request_rate: float | None = None,
         token_rate: float | None = None,
+        processes: int = 1,
         say: Callable[[str], None] = print,
     ) -> None:
         self.store = store  # opens a connection to the account's store
@@ -78,6 +80,7 @@ class SharedPacer(Pacer):
         self.given_tokens = token_rate or 0.0
         self.shared = self.given  # the rate in force for the account, given or found
         self.members = 1  # processes seen lately
+        self.processes = processes  # known to share the account: the job's shards
         self.leads = True  # whose reading is in force: it alone probes upward, for all
         self.alone = False  # the store is away: paced locally at our share
         self._pid = f"{socket.gethostname()}:{os.getpid()}"
@@ -183,8 +186,8 @@ class SharedPacer(Pacer):
         """Local pacing as the shared state says: leases when the store is there, else our
         share of the last shared rate."""
         if self.alone:
-            share = self.shared / max(self.members, 1) if self.shared else 0.0
-            tokens = self.given_tokens / max(self.members, 1) if self.given_tokens else 0.0
+            share = self.shared / self._many() if self.shared else 0.0
+            tokens = self.given_tokens / self._many() if self.given_tokens else 0.0
             self._request_interval = 1.0 / share if share else 0.0
             self._token_rate = tokens
         else:
@@ -229,7 +232,7 @@ class SharedPacer(Pacer):
                 if start > self._solo_until:
                     self._solo_until = 0.0
                 else:
-                    share = self.shared / max(self.members, 1)
+                    share = self.shared / self._many()
                     self._next_request = max(self._next_request, start) + 1.0 / share
             if len(self._slots) < self._lease() / 2:
                 self._ask(starts=True)  # the next lease before this one runs out
@@ -368,7 +371,7 @@ class SharedPacer(Pacer):
             # The local clocks start now: left at their last use, they would let every
             # waiter go at once to catch up.
             now = self._now()
-            share = self.shared / max(self.members, 1)
+            share = self.shared / self._many()
             gap = 1.0 / share if share else 0.0
             # Alone, the next start keeps its distance from the last leased one.
             self._next_request = max(self._next_request, now, self._last_start + gap)
@@ -393,4 +396,9 @@ class SharedPacer(Pacer):
     def _described(self) -> str:
         if not self.shared:
             return "no pace found yet"
-        return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
+        return f"{self.shared * 60 / self._many():,.0f} requests a minute of {self.shared * 60:,.0f}"
+
+    def _many(self) -> int:
+        """The processes a share is of: those seen lately, and never fewer than the job's
+        shards (a store just restarted has seen only who came back first)."""
+        return max(self.members, self.processes, 1)

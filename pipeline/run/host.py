@@ -48,6 +48,7 @@ class Host:
             redacted(settings.shared_limit),
             request_rate=request_rate,
             token_rate=token_rate,
+            processes=settings.shard.n if settings.shard else 1,
             say=say,
         )
 
