@@ -79,8 +79,9 @@ class SharedPacer(Pacer):
         self.given = request_rate or 0.0  # the account's rates, as given (with the margin)
         self.given_tokens = token_rate or 0.0
         self.shared = self.given  # the rate in force for the account, given or found
-        self.members = 1  # processes seen lately
-        self.processes = processes  # known to share the account: the job's shards
+        # Processes seen lately, never fewer than the job's shards: a store just restarted has
+        # seen only the one that came back first, and each share is of them all.
+        self.members = self.processes = max(processes, 1)
         self.leads = True  # whose reading is in force: it alone probes upward, for all
         self.alone = False  # the store is away: paced locally at our share
         self._pid = f"{socket.gethostname()}:{os.getpid()}"
@@ -186,8 +187,8 @@ class SharedPacer(Pacer):
         """Local pacing as the shared state says: leases when the store is there, else our
         share of the last shared rate."""
         if self.alone:
-            share = self.shared / self._many() if self.shared else 0.0
-            tokens = self.given_tokens / self._many() if self.given_tokens else 0.0
+            share = self.shared / max(self.members, 1) if self.shared else 0.0
+            tokens = self.given_tokens / max(self.members, 1) if self.given_tokens else 0.0
             self._request_interval = 1.0 / share if share else 0.0
             self._token_rate = tokens
         else:
@@ -232,7 +233,7 @@ class SharedPacer(Pacer):
                 if start > self._solo_until:
                     self._solo_until = 0.0
                 else:
-                    share = self.shared / self._many()
+                    share = self.shared / max(self.members, 1)
                     self._next_request = max(self._next_request, start) + 1.0 / share
             if len(self._slots) < self._lease() / 2:
                 self._ask(starts=True)  # the next lease before this one runs out
@@ -337,7 +338,7 @@ class SharedPacer(Pacer):
         if r.full_at > 0:
             self._watch_until = max(self._watch_until, r.full_resume + offset + WATCH_AFTER)
         self._back()
-        self.members = max(r.members, 1)
+        self.members = max(r.members, self.processes)
         if not self.given:
             self.shared = r.rate
         if r.paused + offset > self._paused_until:
@@ -371,7 +372,7 @@ class SharedPacer(Pacer):
             # The local clocks start now: left at their last use, they would let every
             # waiter go at once to catch up.
             now = self._now()
-            share = self.shared / self._many()
+            share = self.shared / max(self.members, 1)
             gap = 1.0 / share if share else 0.0
             # Alone, the next start keeps its distance from the last leased one.
             self._next_request = max(self._next_request, now, self._last_start + gap)
@@ -396,9 +397,4 @@ class SharedPacer(Pacer):
     def _described(self) -> str:
         if not self.shared:
             return "no pace found yet"
-        return f"{self.shared * 60 / self._many():,.0f} requests a minute of {self.shared * 60:,.0f}"
-
-    def _many(self) -> int:
-        """The processes a share is of: those seen lately, and never fewer than the job's
-        shards (a store just restarted has seen only who came back first)."""
-        return max(self.members, self.processes, 1)
+        return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
