@@ -361,7 +361,29 @@ async def actor_node(address: str, account: str) -> str:
         sys.executable, "-c", ACTOR_NODE, address, account, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await ask.communicate()
-    return out.decode().strip()
+    return out.decode().split()[-1]  # after what Ray itself may print
+
+
+# The pace actor's store, told to make it on a node that is gone.
+HOME_GONE = """
+import sys, anyio, ray
+from pipeline.pace.actor import ActorStore
+ray.init(address=sys.argv[1], logging_level="ERROR")
+store = ActorStore("pipeline:pace:home-gone", home=sys.argv[2])
+anyio.run(store.check)
+print(ray._private.state.actors(store._actor._actor_id.hex())["Address"]["NodeID"])
+"""
+
+
+async def test_a_pace_actor_whose_node_is_gone_is_made_on_another(ray_cluster: RayCluster) -> None:
+    gone = ray_cluster.add_node()
+    ray_cluster.remove_node(gone)
+    ask = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOME_GONE, ray_cluster.address, gone.node_id, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(ask.communicate(), 90)
+    assert ask.returncode == 0
+    assert out.decode().split()[-1] in {n.node_id for n in [ray_cluster.cluster.head_node, *ray_cluster.nodes]}
 
 
 async def test_the_pace_actor_killed_mid_run_shards_go_on_alone_then_rejoin(

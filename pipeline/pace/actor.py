@@ -3,12 +3,13 @@
 One actor per account, named as the Redis key is (a hash of the endpoint and the key, never
 the key), in the namespace "pipeline", so that every shard of every job on the cluster that
 uses the account finds the same one. It is made on the driver's node (`home`), the one
-node a run cannot lose without stopping (in a RayJob, the head), not on whichever worker
-node a shard first asked from: the workers are the nodes that come and go. It is detached
-(it outlives the driver that made it: a driver killed and started again finds the pace
-where it was) and restarted by Ray when its node dies (`max_restarts=-1`), elsewhere if
-need be, with its state new: the shards go on alone at their share of the last pace while
-it is away (`SharedPacer`'s rule for a store that went away), then rejoin. It asks for no CPU: it answers one short call at a time, and those calls being
+node a run cannot lose without stopping (in a RayJob, the head), not on whichever worker a
+shard first asked from: workers are the nodes that come and go. It is detached (it outlives
+the driver that made it: a driver killed and started again finds the pace where it was) and
+restarted by Ray when it dies (`max_restarts=-1`), or made again on another node when its
+own is gone, its state new either way: the shards go on alone at their share of the last
+pace while it is away (`SharedPacer`'s rule for a store that went away), then rejoin.
+It asks for no CPU: it answers one short call at a time, and those calls being
 serial is what makes each one atomic. Importing this module does not import Ray.
 """
 
@@ -45,12 +46,14 @@ class PaceActor:
 
 def pace_actor(account: str, home: str | None = None) -> Any:
     """The account's actor: found by name, or made (detached, restarted when it dies), on
-    node `home` while that node lives."""
+    node `home` if given. Pinned hard: Ray's soft affinity placed it on a worker node at
+    times, the driver's node alive and able. Should `home` die, the actor cannot be placed
+    again there, and is made again anywhere (`ActorStore`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote: Any = ray.remote(PaceActor)
-    place = NodeAffinitySchedulingStrategy(home, soft=True) if home else "DEFAULT"
+    place = NodeAffinitySchedulingStrategy(home, soft=False) if home else "DEFAULT"
     return remote.options(
         name=account,
         namespace=NAMESPACE,
@@ -85,8 +88,10 @@ class ActorStore:
         except TimeoutError:
             raise StoreAway("no answer") from None
         except ray.exceptions.RayError as e:
-            if isinstance(e, ray.exceptions.ActorDiedError):
-                self._actor = None  # gone for good (killed): made again at the next call
+            if isinstance(e, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnschedulableError):
+                # Gone for good (killed, or its node died): made again at the next call,
+                # wherever Ray can.
+                self._actor, self.home = None, None
             raise StoreAway(type(e).__name__) from None
 
     async def check(self) -> None:
