@@ -43,7 +43,17 @@ class RayCluster:
         os.environ[KEY_ENV] = FAKE_KEY  # the nodes' environment: where shards read the key
         self.cluster = Cluster(
             initialize_head=True,
-            head_node_args={"num_cpus": 0, "include_dashboard": False},
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": False,
+                # A node removed is found dead in 2 s, not 15 (Ray's default): the next
+                # driver's check of every node waits for that.
+                "_system_config": {
+                    "health_check_period_ms": 500,
+                    "health_check_timeout_ms": 1000,
+                    "health_check_failure_threshold": 4,
+                },
+            },
         )
         self.nodes: list[Any] = []
         for _ in range(2):
