@@ -150,22 +150,42 @@ def test_a_shard_a_killed_run_left_before_runs_said_so_is_repaired_first(
     assert merged.dropped == {}
 
 
-def test_a_result_twice_in_a_shard_is_merged_once_and_said(finished: tuple[Path, set[str]]) -> None:
-    # A line written twice and indexed past (a bug elsewhere, such as a checkpoint that lost
-    # ids): the shard's own repair cannot see it; the merge keeps one, and says so.
+def test_an_id_twice_in_the_shards_is_merged_once_and_said(finished: tuple[Path, set[str]]) -> None:
+    # Bugs elsewhere, which no repair can see: a result line written twice and indexed past (a
+    # checkpoint that lost ids), a failure listed for an id that is a result, one listed by two
+    # shards. The merge keeps one line an id (the result), and says what it left out.
     out, every = finished
-    shard = out / "shard-2-of-2"
-    again = (shard / "results.jsonl").read_bytes().splitlines(keepends=True)[5]
-    with (shard / "results.jsonl").open("ab") as f:
+    one, two = out / "shard-1-of-2", out / "shard-2-of-2"
+    again = (two / "results.jsonl").read_bytes().splitlines(keepends=True)[5]
+    with (two / "results.jsonl").open("ab") as f:
         f.write(again)
-    ledger = Ledger(shard / "ledger.sqlite")
-    ledger.put("results_offset", (shard / "results.jsonl").stat().st_size)
+    ledger = Ledger(one / "ledger.sqlite")
+    listed_twice = next(row for row in ledger.failed_rows() if row[2] == "request")
+    ledger.close()
+    ledger = Ledger(two / "ledger.sqlite")
+    ledger.put("results_offset", (two / "results.jsonl").stat().st_size)
+    succeeded = orjson.loads(again)["custom_id"]
+    ledger.add_failed([(succeeded, 1, "request", orjson.dumps({"custom_id": succeeded}) + b"\n")])
+    ledger.add_failed([(listed_twice[1], listed_twice[0], "request", listed_twice[3])])
     ledger.close()
     merged = merge(out)
     assert_exactly_once(out, every)
     assert merged.results == len(every) - merged.errors
-    assert merged.dropped == {"results of an id merged before": 1}
-    assert "1 lines left out for ids already merged (1 results of an id merged before)" in str(merged)
+    assert merged.dropped == {"results twice": 1, "failures of ids that are results": 1, "failures twice": 1}
+    assert "; left out 3 line(s) of ids merged already (results twice: 1, " in str(merged)
+
+
+def test_a_shard_whose_results_were_cut_short_is_refused_by_name(finished: tuple[Path, set[str]]) -> None:
+    # Shorter than its index: results it held are gone, and no repair can say which lines
+    # they answered. Its next run sends those again.
+    out, _ = finished
+    results = out / "shard-2-of-2/results.jsonl"
+    results.write_bytes(results.read_bytes()[:-100])
+    with pytest.raises(
+        SettingsError, match=r"shard 2 of 2 has a results\.jsonl shorter than its index"
+    ) as refused:
+        merge(out)
+    assert f"run `pipeline run JOB --shard 2/2 --output {out}` again" in str(refused.value)
 
 
 @pytest.fixture

@@ -63,11 +63,8 @@ class Merged:
             f"failures, {self.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
         )
         if self.dropped:
-            why = ", ".join(f"{n:,} {reason}" for reason, n in self.dropped.items())
-            line += (
-                f"; {sum(self.dropped.values()):,} lines left out for ids already merged ({why}): "
-                "a bug worth reporting"
-            )
+            why = ", ".join(f"{reason}: {n:,}" for reason, n in self.dropped.items())
+            line += f"; left out {sum(self.dropped.values()):,} line(s) of ids merged already ({why}): a bug worth reporting"
         return "\n".join([*(f"pipeline merge: {note}" for note in self.repaired), line])
 
 
@@ -167,7 +164,7 @@ def _results(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) -
                 if custom_id is None or index.first_result(custom_id):
                     yield line
                 else:
-                    dropped["results of an id merged before"] += 1
+                    dropped["results twice"] += 1
 
 
 def _errors(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) -> Iterator[bytes]:
@@ -177,9 +174,9 @@ def _errors(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) ->
         ledgers = [opened.enter_context(contextlib.closing(Ledger(s.path / LEDGER))) for s in shards]
         for _line, key, kind, record in heapq.merge(*(ledger.failed_rows() for ledger in ledgers)):
             if kind == "request" and index.has_result(key):
-                dropped["failures of an id that is a result"] += 1
+                dropped["failures of ids that are results"] += 1
             elif not index.first_failure(key):
-                dropped["failures of a key merged before"] += 1
+                dropped["failures twice"] += 1
             else:
                 yield record
 

@@ -81,14 +81,18 @@ def _lines(path: Path) -> tuple[int, bool]:
     return count, last == b"\n"
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 def _killed(path: Path, ledger: Ledger) -> str | None:
     """How the folder shows that its last run did not end, if it does."""
     mark = ledger.get(OPEN_RUN)
     if isinstance(mark, dict):
         return f"its last run, started {mark.get('started')} by {mark.get('by')}, did not end (killed?)"
     offset = int(ledger.get("results_offset") or 0)
-    size = (path / RESULTS).stat().st_size if (path / RESULTS).exists() else 0
-    if size != offset:
+    size = _size(path / RESULTS)
+    if size > offset:
         return f"its results.jsonl is {size:,} bytes where its index ends at {offset:,} (a run killed?)"
     lines, whole = _lines(path / ERRORS) if (path / ERRORS).exists() else (0, True)
     if (lines, whole) != (ledger.failed_count, True):
@@ -113,6 +117,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
         busy = running(path) if busy is None else busy
         if not busy:
             shard.killed = _killed(path, ledger)
+        offset = int(ledger.get("results_offset") or 0)
     finally:
         ledger.close()
     runs = shard.usage.runs
@@ -125,6 +130,13 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
         pending = last.get("pending")
         left = f"{pending:,} lines pending" if isinstance(pending, int) else "lines pending"
         shard.problem = f"is unfinished ({left}, exit {last.get('exit')}): {shard.again()}"
+    elif _size(path / RESULTS) < offset:
+        # Cut by someone: a repair would forget the results gone, and the lines they answered
+        # would be neither results nor failures. A run sends them again.
+        shard.problem = (
+            f"has a results.jsonl shorter than its index ({_size(path / RESULTS):,} bytes, indexed "
+            f"to {offset:,}): results it held are gone; {shard.again()}"
+        )
     return shard
 
 
