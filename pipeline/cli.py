@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import gc
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
@@ -169,8 +170,8 @@ def parser() -> argparse.ArgumentParser:
         help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
         description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json, "
         "report.md and report.html, as one process would have written them. Safe to run again.",
-        epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished or of "
-        "another job (each named)",
+        epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished, running or "
+        "of another job (each named); 3 OUT could not be written (a full disk): merge again once it can",
     )
     merge.add_argument("out", type=Path, help="the --output the shards ran with")
     merge.add_argument(
@@ -301,6 +302,19 @@ def _merge(out: Path, *, partial: bool) -> int:
     except SettingsError as e:
         print(f"pipeline merge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as e:  # a full disk, a folder not writable
+        print(
+            f"pipeline merge: stopped: cannot merge {out} ({getattr(e, 'strerror', None) or e}); fix that, "
+            "then merge again: each file is replaced whole or not at all",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    except KeyboardInterrupt:
+        print(
+            "pipeline merge: interrupted; merge again: each file is replaced whole or not at all",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(merged)
     for problem in merged.missing:
         print(f"pipeline merge: partial: {problem}", file=sys.stderr)

@@ -97,8 +97,9 @@ async def test_a_merge_refuses_missing_or_unfinished_shards_by_name(
     ledger.put("usage", {**ledger.get("usage"), "runs": []})
     ledger.commit()
     ledger.close()
-    with pytest.raises(SettingsError, match="shard 3 of 4 has not finished a run"):
+    with pytest.raises(SettingsError, match="shard 3 of 4 has not finished a run") as refused:
         merge(out)
+    assert f"run `pipeline run JOB --shard 3/4 --output {out}` again" in str(refused.value)  # the fix
     assert main(["merge", str(out)]) == 2
     assert main(["merge", str(out), "--partial"]) == 0
 

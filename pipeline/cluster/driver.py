@@ -33,7 +33,8 @@ from pipeline.cluster.nodes import check_nodes
 from pipeline.cluster.shard import MARK, run_shard
 from pipeline.errors import SettingsError
 from pipeline.output.folder import aside, atomic_write, lock_folder, move_aside
-from pipeline.output.merge import merge, shard_folders
+from pipeline.output.merge import merge
+from pipeline.output.shards import shard_folders
 from pipeline.pace.actor import NAMESPACE
 from pipeline.run.progress import duration
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE

@@ -8,12 +8,13 @@ holds (a different job is refused, naming what differs), and the repair after a 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import orjson
 
 from pipeline.account.books import Books
 from pipeline.errors import FolderBusy, SettingsError
-from pipeline.output.ledger import Ledger
+from pipeline.output.ledger import OPEN_RUN, Ledger
+from pipeline.settings import Price
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -46,6 +48,26 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_lines(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> int:
+    """Replace `path` whole or not at all with `lines`, streamed (a temporary file named for
+    its writer, synced, then renamed); returns how many."""
+    tmp = path.with_name(f".{path.name}.{suffix}")
+    count = 0
+    try:
+        with tmp.open("wb") as f:
+            for line in lines:
+                f.write(line)
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk keeps no half copy of a big file
+        raise
+    return count
 
 
 def aside(folder: Path) -> Path:
@@ -140,6 +162,38 @@ def reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
     ledger.put("usage", books.usage.state())
     ledger.commit()
     return indexed, len(bad)
+
+
+def open_run_mark(started: float, prices: Mapping[str, Price]) -> dict[str, Any]:
+    """What the ledger's `open_run` holds while a run goes: when and where it began, and the
+    prices it costs answers by (a repair after it is killed costs the answers it finds alike)."""
+    return {
+        "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
+        "by": f"pid {os.getpid()} on {socket.gethostname()}",
+        "prices": {model: [price.prompt, price.completion] for model, price in prices.items()},
+    }
+
+
+def repair(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int, int]:
+    """The repair a run makes at its start, for a folder whose last run was killed: results the
+    index has not seen are indexed, torn or duplicate lines cut, and errors.jsonl rewritten
+    from the ledger (what is failed now: a killed run had rewritten it, then appended). The
+    run is no longer open. Returns (lines indexed, lines cut, failures listed)."""
+    indexed, cut = reconcile(folder, ledger, books)
+    listed = write_lines(folder / ERRORS, ledger.failures(), suffix="repair")
+    ledger.put(OPEN_RUN, None)
+    ledger.commit()
+    return indexed, cut, listed
+
+
+def mark_prices(mark: Any) -> dict[str, Price]:
+    """The prices an `open_run` mark holds (none in a mark that holds none)."""
+    prices = mark.get("prices") if isinstance(mark, dict) else None
+    if not isinstance(prices, dict):
+        return {}
+    return {
+        model: Price(*pair) for model, pair in prices.items() if isinstance(pair, list) and len(pair) == 2
+    }
 
 
 def _cut(path: Path, bad: list[tuple[int, int]]) -> None:

@@ -7,7 +7,9 @@ the results file cannot say. Tables:
 - `failed`: what errors.jsonl must list (one row per request or input line that ended
   failed), so the file can be rewritten to list only what is failed now.
 - `seen` (temporary, per run): the ids read so far, to find duplicates in the input.
-- `meta`: the job's fingerprint, `results_offset` and the usage totals of every run.
+- `meta`: the job's fingerprint, `results_offset`, the usage totals of every run, and
+  `open_run` while a run goes: set before it writes anything, cleared with its end record, so
+  a folder whose last run was killed says so (a merge repairs it first).
 
 The index is committed only after the results file is synced up to `results_offset`, so
 after any crash the index is behind the file, never ahead; `reconcile` reads the tail the
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+OPEN_RUN = "open_run"  # meta: the run that began and has not ended (when, where, its prices)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;
@@ -150,3 +154,10 @@ class Ledger:
         """The error lines errors.jsonl should hold now, in input order."""
         for (record,) in self._db.execute("SELECT record FROM failed ORDER BY line, key"):
             yield bytes(record)
+
+    def failed_rows(self) -> Iterator[tuple[int, str, str, bytes]]:
+        """The same, with each line's number, key (see `writer.failure_key`) and kind."""
+        for line, key, kind, record in self._db.execute(
+            "SELECT line, key, kind, record FROM failed ORDER BY line, key"
+        ):
+            yield int(line), str(key), str(kind), bytes(record)

@@ -1,11 +1,21 @@
 """`pipeline merge OUT`: join the shards' folders OUT/shard-K-of-N/ into OUT/, as one process
-would have written it: results.jsonl (every shard's lines, copied as they are), errors.jsonl
-(in input order), usage.json, report.md and report.html (the shards' totals added, every run
-of every shard in the run list, every shard's timeline).
+would have written it: results.jsonl (every shard's results, each id once), errors.jsonl (what
+each shard's ledger lists as failed now, in input order, never an id that is a result),
+usage.json, report.md and report.html (the shards' totals added, every run of every shard in
+the run list, every shard's timeline).
 
-It streams (a million lines in flat memory), replaces each file whole or not at all, so it is
-safe to run again, and refuses, naming them, missing, unfinished or mismatched shards, unless
-told `partial` (then it joins what is there, and says what is not).
+It streams (a million lines in flat memory: the ids it has written are kept in a temporary
+SQLite file, see `ids`), replaces each file whole or not at all, so it is safe to run again,
+and refuses, naming them, missing, unfinished or mismatched shards, unless told `partial`
+(then it joins what is there, and says what is not). A shard whose last run was killed is
+first repaired as its next run would repair it (see `shards`). Should it still find an id
+twice, it keeps one and says how many it dropped: that is a bug elsewhere, worth reporting.
+
+    OUT/.merge.lock         held while a merge works: a second merge waits for it
+    OUT/.lock               a run's lock, held too: no run writes into OUT mid-merge
+    OUT/shard-K-of-N/.lock  each shard's run lock, held: a shard running now is refused, and
+                            no run starts into one mid-merge
+    OUT/.merge-ids.sqlite   the ids merged so far, removed at the end
 """
 
 from __future__ import annotations
@@ -14,36 +24,26 @@ import contextlib
 import fcntl
 import heapq
 import os
-import re
-from collections.abc import Iterator
+import socket
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import orjson
 
-from pipeline.account.usage import Usage
-from pipeline.errors import SettingsError
-from pipeline.output.folder import ERRORS, LEDGER, RESULTS, differences
+from pipeline.errors import FolderBusy, SettingsError
+from pipeline.output.folder import ERRORS, LEDGER, RESULTS, differences, lock_folder, write_lines
+from pipeline.output.ids import IdIndex
 from pipeline.output.ledger import Ledger
+from pipeline.output.shards import RUNNING, ShardFolder, added, read_shard, repair_shard, shard_folders
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
-_SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
-
-
-@dataclass
-class ShardFolder:
-    path: Path
-    k: int
-    n: int
-    job: dict[str, Any] | None = None
-    usage: Usage = field(default_factory=Usage)
-    problem: str | None = None  # why it cannot be merged as finished
-
-    @property
-    def name(self) -> str:
-        return f"shard {self.k} of {self.n}"
+MERGE_LOCK = ".merge.lock"
+INDEX = ".merge-ids.sqlite"
 
 
 @dataclass(frozen=True)
@@ -54,71 +54,65 @@ class Merged:
     errors: int
     pending: int
     missing: list[str]  # what a partial merge left out
+    repaired: list[str] = field(default_factory=list)  # shards a killed run left, repaired first
+    dropped: dict[str, int] = field(default_factory=dict)  # lines left out, by why
 
     def __str__(self) -> str:
-        return (
+        line = (
             f"Merged {self.shards} shard(s) into {self.folder}/: {self.results:,} results, {self.errors:,} "
             f"failures, {self.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
         )
+        if self.dropped:
+            why = ", ".join(f"{reason}: {n:,}" for reason, n in self.dropped.items())
+            line += f"; left out {sum(self.dropped.values()):,} line(s) of ids merged already ({why}): a bug worth reporting"
+        return "\n".join([*(f"pipeline merge: {note}" for note in self.repaired), line])
 
 
-def running(folder: Path) -> bool:
-    """Whether a run holds the folder's lock now."""
-    lock = folder / ".lock"
-    if not lock.exists():
-        return False
-    with lock.open("a+") as f:
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _holder(lock: Path) -> str:
+    with contextlib.suppress(OSError):
+        return lock.read_text().strip() or "another process"
+    return "another process"
+
+
+@contextlib.contextmanager
+def merging(out: Path, say: Callable[[str], None] = _say) -> Iterator[None]:
+    """OUT's merge lock (another merge's is waited for) and its run lock (a run holding it is
+    refused): each merge alone in OUT, with its temporary files, and no run writing there."""
+    with (out / MERGE_LOCK).open("a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return False
+            say(f"pipeline merge: waiting for another merge of {out} ({_holder(out / MERGE_LOCK)}) to end")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # a merge takes seconds to minutes: wait
+        f.seek(0)
+        f.truncate()
+        f.write(f"pipeline merge, pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            with contextlib.ExitStack() as run_lock:
+                try:
+                    run_lock.enter_context(lock_folder(out))
+                except FolderBusy:
+                    raise SettingsError(
+                        f"cannot merge {out}: a run is writing into {out} itself now "
+                        f"({_holder(out / '.lock')}); wait for it to end, or merge the shards elsewhere"
+                    ) from None
+                yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _read_shard(path: Path, k: int, n: int) -> ShardFolder:
-    shard = ShardFolder(path, k, n)
-    if not (path / LEDGER).exists():
-        shard.problem = "has no ledger.sqlite: it never ran"
-        return shard
-    ledger = Ledger(path / LEDGER)
+def _hold(held: contextlib.ExitStack, path: Path, k: int, n: int) -> ShardFolder:
+    """The shard under its lock, kept until the merge ends; one a run holds is left as it is."""
     try:
-        shard.job = ledger.get("job")
-        shard.usage = Usage.from_state(ledger.get("usage"))
-    finally:
-        ledger.close()
-    runs = shard.usage.runs
-    last = runs[-1] if runs else None
-    if running(path):
-        shard.problem = "is running now"
-    elif last is None:
-        shard.problem = "has not finished a run (killed?): run it again to finish it"
-    elif last.get("pending") != 0 or last.get("exit") not in (0, 1):
-        pending = last.get("pending")
-        left = f"{pending:,} lines pending" if isinstance(pending, int) else "lines pending"
-        shard.problem = f"is unfinished ({left}, exit {last.get('exit')}): run it again to finish it"
-    return shard
-
-
-def shard_folders(out: Path) -> list[tuple[Path, int, int]]:
-    """OUT/shard-K-of-N/ folders, with K and N."""
-    found = []
-    for entry in sorted(out.iterdir()):
-        match = _SHARD.fullmatch(entry.name)
-        if match and entry.is_dir():
-            found.append((entry, int(match.group(1)), int(match.group(2))))
-    return found
-
-
-def find_shards(out: Path) -> list[ShardFolder]:
-    if not out.is_dir():
-        raise SettingsError(f"{out} is not a folder; pass the --output the shards ran with")
-    found = [_read_shard(path, k, n) for path, k, n in shard_folders(out)]
-    if not found:
-        raise SettingsError(
-            f"{out} holds no shard folders (shard-K-of-N/); run pipeline run --shard K/N first"
-        )
-    return found
+        held.enter_context(lock_folder(path))
+    except FolderBusy:
+        return read_shard(path, k, n, busy=True)
+    return read_shard(path, k, n, busy=False)
 
 
 def _check(shards: list[ShardFolder]) -> list[str]:
@@ -151,70 +145,72 @@ def _whole_lines(f: BinaryIO) -> Iterator[bytes]:
             yield line
 
 
-def _line_number(record: bytes) -> int:
+def _custom_id(line: bytes) -> str | None:
     try:
-        line = orjson.loads(record).get("line")
+        custom_id = orjson.loads(line).get("custom_id")
     except (orjson.JSONDecodeError, AttributeError):
-        return 0
-    return line if isinstance(line, int) else 0
+        return None
+    return custom_id if isinstance(custom_id, str) else None
 
 
-def _replace(path: Path, lines: Iterator[bytes]) -> int:
-    """Write the lines to `path` whole or not at all; returns how many."""
-    tmp = path.with_name(f".{path.name}.merge")
-    count = 0
-    with tmp.open("wb") as out:
-        for line in lines:
-            out.write(line)
-            count += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return count
-
-
-def added(shards: list[ShardFolder]) -> tuple[Usage, int, int | None]:
-    """The shards' usage added up (every run labelled by its shard, in the order they
-    started), the lines they left pending, and the input's lines."""
-    usage = Usage()
+def _results(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) -> Iterator[bytes]:
+    """Every shard's result lines, the first of each id only."""
     for shard in shards:
-        usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
-    usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
-    pending = sum(int(last.get("pending") or 0) for last in lasts)
-    lines = max((last.get("lines") or 0 for last in lasts), default=0) or None
-    return usage, pending, lines
+        if not (shard.path / RESULTS).exists():
+            continue
+        with (shard.path / RESULTS).open("rb") as f:
+            for line in _whole_lines(f):
+                custom_id = _custom_id(line)
+                if custom_id is None or index.first_result(custom_id):
+                    yield line
+                else:
+                    dropped["results twice"] += 1
 
 
-def merge(out: Path, *, partial: bool = False) -> Merged:
-    shards = find_shards(out)
-    problems = _check(shards)
-    if problems and not partial:
-        raise SettingsError(
-            f"cannot merge {out}: " + "; ".join(problems) + " (or merge what is there with --partial)"
-        )
-    shards = [s for s in shards if s.job is not None]
-    with contextlib.ExitStack() as files:
-        opened = [
-            files.enter_context((s.path / RESULTS).open("rb")) for s in shards if (s.path / RESULTS).exists()
-        ]
+def _errors(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) -> Iterator[bytes]:
+    """What each shard's ledger lists as failed now, in input order: a failure whose id is a
+    result is left out (the result wins), and so is a second failure of one key."""
+    with contextlib.ExitStack() as opened:
+        ledgers = [opened.enter_context(contextlib.closing(Ledger(s.path / LEDGER))) for s in shards]
+        for _line, key, kind, record in heapq.merge(*(ledger.failed_rows() for ledger in ledgers)):
+            if kind == "request" and index.has_result(key):
+                dropped["failures of ids that are results"] += 1
+            elif not index.first_failure(key):
+                dropped["failures twice"] += 1
+            else:
+                yield record
 
-        def results() -> Iterator[bytes]:
-            for f in opened:
-                yield from _whole_lines(f)
 
-        results_count = _replace(out / RESULTS, results())
-    with contextlib.ExitStack() as files:
-        streams = [
-            (
-                (_line_number(line), line)
-                for line in _whole_lines(files.enter_context((s.path / ERRORS).open("rb")))
+def merge(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say) -> Merged:
+    if not out.is_dir():
+        raise SettingsError(f"{out} is not a folder; pass the --output the shards ran with")
+    with merging(out, say), contextlib.ExitStack() as held:
+        if (out / LEDGER).exists():
+            raise SettingsError(
+                f"cannot merge into {out}: it holds the files of a run that was not sharded "
+                f"({LEDGER}, {RESULTS}), which a merge would replace; move them aside first"
             )
-            for s in shards
-            if (s.path / ERRORS).exists()
-        ]
-        errors_count = _replace(out / ERRORS, (line for _, line in heapq.merge(*streams, key=lambda t: t[0])))
-    usage, pending, lines = added(shards)
-    state = {"succeeded": results_count, "failed": errors_count, "pending": pending, "lines": lines}
-    write_reports(out, usage_document(usage, state=state, folder=out), Redactor(None))
-    return Merged(out, len(shards), results_count, errors_count, pending, problems)
+        found = shard_folders(out)
+        if not found:
+            raise SettingsError(
+                f"{out} holds no shard folders (shard-K-of-N/); run pipeline run --shard K/N first"
+            )
+        shards = [_hold(held, path, k, n) for path, k, n in found]
+        problems = _check(shards)
+        if problems and not partial:
+            raise SettingsError(
+                f"cannot merge {out}: " + "; ".join(problems) + " (or merge what is there with --partial)"
+            )
+        shards = [s for s in shards if s.job is not None and s.problem != RUNNING]
+        repaired = [repair_shard(s) for s in shards if s.killed]
+        dropped: Counter[str] = Counter()
+        index = IdIndex(out / INDEX)
+        try:
+            results = write_lines(out / RESULTS, _results(shards, index, dropped), suffix="merge")
+            errors = write_lines(out / ERRORS, _errors(shards, index, dropped), suffix="merge")
+        finally:
+            index.close()
+        usage, pending, lines = added(shards)
+        state = {"succeeded": results, "failed": errors, "pending": pending, "lines": lines}
+        write_reports(out, usage_document(usage, state=state, folder=out), Redactor(None))
+    return Merged(out, len(shards), results, errors, pending, problems, repaired, dict(dropped))

@@ -5,6 +5,7 @@ not yet (counted as the merge counts them)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
-from pipeline.output.merge import added, find_shards, running
+from pipeline.output.merge import merging
+from pipeline.output.shards import added, find_shards, running, shard_folders
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
@@ -75,7 +77,12 @@ def rebuild(out: Path) -> dict[str, Any]:
         raise SettingsError(
             f"{out} is not an output folder (no such folder): give the --output a run wrote to"
         )
-    usage, state = _folder(out) if (out / LEDGER).exists() else _shards(out)
-    doc = usage_document(usage, state=state, folder=out)
-    write_reports(out, doc, Redactor(None))
+    with contextlib.ExitStack() as held:
+        if not (out / LEDGER).exists() and shard_folders(out):
+            # A set of shards: its reports are a merge's too, written with the same temporary
+            # files, so under the merge's lock (a merge under way is waited for).
+            held.enter_context(merging(out))
+        usage, state = _folder(out) if (out / LEDGER).exists() else _shards(out)
+        doc = usage_document(usage, state=state, folder=out)
+        write_reports(out, doc, Redactor(None))
     return doc

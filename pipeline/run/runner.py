@@ -28,8 +28,8 @@ from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.reader import LineParser, ReadCounts, feed
 from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
-from pipeline.output.folder import LEDGER, lock_folder, move_aside, open_job, reconcile
-from pipeline.output.ledger import Ledger
+from pipeline.output.folder import LEDGER, lock_folder, move_aside, open_job, open_run_mark, reconcile
+from pipeline.output.ledger import OPEN_RUN, Ledger
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import MARGIN, RateFinder
 from pipeline.pace.gate import Gate
@@ -126,6 +126,9 @@ class Run:
         self.books = Books(self.usage, settings.prices, self.redact.text)
         self.usage.timeline.begin()  # this run's stretch: the repair after a crash counts in it too
         reconcile(settings.folder, ledger, self.books)
+        # Set before this run writes a line, cleared with its end record: a merge knows a folder
+        # whose last run was killed (its files not what the ledger lists) and repairs it first.
+        ledger.put(OPEN_RUN, open_run_mark(self.started, settings.prices))
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
@@ -315,6 +318,7 @@ class Run:
         usage.timeline.finish()
         usage.runs.append(record)
         self.ledger.put("usage", usage.state())
+        self.ledger.put(OPEN_RUN, None)
         self.ledger.commit()
         state = {
             "succeeded": self.ledger.done_count,
