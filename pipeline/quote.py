@@ -37,7 +37,7 @@ def quote(value: Any) -> str:
     return _SHORT.repr(value)
 
 
-def text(value: Any, *, limit: int = TEXT_LIMIT) -> str:
+def brief(value: Any, *, limit: int = TEXT_LIMIT) -> str:
     """A message a server wrote, on one line and at most `limit` characters; a value that is
     not a string is quoted."""
     said = value if isinstance(value, str) else quote(value)

@@ -31,6 +31,7 @@ from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import _error_line, _result_line
 from pipeline.settings import build
+from tests.jsontext import deep, dumps
 
 # -- the folder the lines read from ---------------------------------------------------------
 
@@ -91,15 +92,8 @@ VALUES = st.recursive(
 )
 
 
-def _nested(depth: int, kind: str) -> Any:
-    value: Any = 1
-    for _ in range(depth):
-        value = [value] if kind == "list" else {"a": value}
-    return value
-
-
 DEEP = st.builds(
-    _nested,
+    deep,
     st.sampled_from([199, 200, 201, 254, 255, 500, 990, 1000, 1023, 1100]),
     st.sampled_from(["list", "dict"]),
 )
@@ -117,19 +111,10 @@ WILD = sometimes(DEEP, VALUES, one_in=30)  # any value at all, now and then nest
 ANY = st.one_of(VALUES, DEEP)
 
 
-def _dumps(value: Any, ascii_only: bool) -> bytes:
-    """JSON as a careless writer writes it: NaN and Infinity literals, surrogates escaped
-    (ascii) or written raw (invalid UTF-8)."""
-    try:
-        text = json.dumps(value, ensure_ascii=ascii_only, allow_nan=True)
-    except (RecursionError, ValueError):
-        return b"[]"
-    return text.encode("utf-8", "surrogatepass")
-
-
 @st.composite
 def lines_of(draw: st.DrawFn, values: st.SearchStrategy[Any]) -> bytes:
-    return _dumps(draw(values), draw(st.booleans()))
+    # NaN and Infinity literals, surrogates escaped (ascii) or raw (invalid UTF-8)
+    return dumps(draw(values), ascii_only=draw(st.booleans()))
 
 
 # -- the three shapes ---------------------------------------------------------------------------

@@ -1,0 +1,28 @@
+"""JSON text for the properties, as careless writers write it: NaN and Infinity literals, lone
+surrogates escaped or raw (then not UTF-8), and values nested as deep as wanted, deeper than
+`json.dumps` itself can go (about a thousand levels), to reach parsers' limits."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_DEEP = re.compile(rb'"@deep:(\d+):(list|dict)@"')
+
+
+def deep(depth: int, kind: str = "list") -> str:
+    """A value nested `depth` levels: a token that `dumps` writes out as such."""
+    return f"@deep:{depth}:{kind}@"
+
+
+def _nested(match: re.Match[bytes]) -> bytes:
+    depth = int(match.group(1))
+    if match.group(2) == b"list":
+        return b"[" * depth + b"1" + b"]" * depth
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def dumps(value: Any, *, ascii_only: bool = True, nan: bool = True) -> bytes:
+    text = json.dumps(value, ensure_ascii=ascii_only, allow_nan=nan).encode("utf-8", "surrogatepass")
+    return _DEEP.sub(_nested, text)
