@@ -27,7 +27,7 @@ from pipeline.errors import (
 )
 from pipeline.job import Reply, Request
 from pipeline.quote import brief
-from pipeline.send.sse import StreamAssembler
+from pipeline.send.sse import assemble
 from pipeline.send.status import http_error, provider_error
 from pipeline.send.waits import retry_after, said_wait
 
@@ -215,20 +215,13 @@ class Client:
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, started: float, request_id: str | None
     ) -> Reply:
-        assembler = StreamAssembler()
         ttft = None
-        try:
-            async for line in resp.content:
-                if assembler.feed_line(line) and ttft is None:
-                    ttft = time.perf_counter() - started
-            body = assembler.completion()
-        except MalformedResponse:
-            raise
-        except ValueError as e:
-            raise MalformedResponse(f"a streamed answer could not be read: {e}") from None
-        except (TypeError, KeyError, IndexError, AttributeError) as e:
-            # Chunks of shapes no server should send (an index that is a string...).
-            raise MalformedResponse(f"a streamed chunk is not a chat completion chunk: {e!r}") from None
+
+        def first_token() -> None:
+            nonlocal ttft
+            ttft = time.perf_counter() - started
+
+        body = await assemble(resp.content.iter_any(), first_token=first_token)
         return Reply(
             body=body,
             raw=None,
