@@ -243,6 +243,7 @@ DATE = email.utils.formatdate(NOW + 30, usegmt=True)
         ({"retry-after": "5, 7"}, 7.0),
         ({"retry-after": "soon, 3"}, 3.0),
         ({"retry-after": f"{DATE}, {DATE}"}, 30.0),
+        ({"retry-after": f"Wed, 21 Oct 2015 07:28:00 GMT, {DATE}"}, 30.0),
         # a retry-after-ms that says nothing leaves it to Retry-After
         ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
     ],

@@ -103,11 +103,11 @@ def _longest(value: str | None, read: Callable[[str], float | None]) -> float | 
     value = value.strip()
     if not value:
         return None
-    whole = read(value)
-    if whole is not None or "," not in value:
+    whole = read(value)  # (an HTTP date holds a comma of its own)
+    if "," not in value:
         return whole
     waits = [w for part in value.split(",") if (w := read(part.strip())) is not None]
-    return max(waits, default=None)
+    return max([*waits, whole] if whole is not None else waits, default=None)
 
 
 def _values(headers: Mapping[str, str], name: str) -> list[str]:
