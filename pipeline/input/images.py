@@ -18,6 +18,7 @@ goes on.
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import math
 import threading
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, SettingsError
-from pipeline.quote import quote
+from pipeline.quote import brief, quote
 
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 LOW_DETAIL_SIDE = 512  # what OpenAI's `detail: low` looks at
@@ -101,7 +102,8 @@ def locate(raw: str, base: Path, root: Path, field: str) -> Path:
     except (OSError, ValueError, RuntimeError) as e:
         # A NUL byte (ValueError), a symlink loop (RuntimeError on Python 3.11, OSError
         # later), ~someone who is not a user here (RuntimeError): a path no file has.
-        why = "a symlink loop" if "loop" in str(e).lower() else str(e) or type(e).__name__
+        loop = getattr(e, "errno", None) == errno.ELOOP or "symlink loop" in str(e).lower()
+        why = "a symlink loop" if loop else brief(str(e) or type(e).__name__, limit=120)
         raise InputError(f"image {quote(raw)} cannot be found: {why}", field=field) from None
     if not resolved.is_relative_to(root.resolve()):
         raise InputError(
