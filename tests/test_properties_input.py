@@ -31,7 +31,7 @@ from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import _error_line, _result_line
 from pipeline.settings import build
-from tests.jsontext import deep, dumps
+from tests.strategies import deep, dumps, sometimes
 
 # -- the folder the lines read from ---------------------------------------------------------
 
@@ -97,14 +97,6 @@ DEEP = st.builds(
     st.sampled_from([199, 200, 201, 254, 255, 500, 990, 1000, 1023, 1100]),
     st.sampled_from(["list", "dict"]),
 )
-
-
-def sometimes(
-    odd: st.SearchStrategy[Any], usual: st.SearchStrategy[Any], *, one_in: int = 8
-) -> st.SearchStrategy[Any]:
-    """Mostly `usual`, now and then `odd`: a line is bad in one place at a time, mostly, or
-    every line would fail at its first field and the rest would never be read."""
-    return st.sampled_from([False] * (one_in - 1) + [True]).flatmap(lambda rare: odd if rare else usual)
 
 
 WILD = sometimes(DEEP, VALUES, one_in=30)  # any value at all, now and then nested too deep

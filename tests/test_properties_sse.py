@@ -26,7 +26,7 @@ from pipeline.errors import RequestError
 from pipeline.job import Reply, Request, Success
 from pipeline.output.writer import _result_line
 from pipeline.send.sse import assemble
-from tests.jsontext import deep, dumps
+from tests.strategies import deep, dumps, sometimes
 
 READ_BUFFER = 1 << 10  # the client's is 1 MiB; small here, so that a line longer is reached
 
@@ -51,12 +51,6 @@ ODD = st.one_of(
         deep, st.sampled_from([252, 253, 254, 300, 900, 1000, 1023]), st.sampled_from(["list", "dict"])
     ),
 )
-
-
-def sometimes(
-    odd: st.SearchStrategy[Any], usual: st.SearchStrategy[Any], one_in: int = 6
-) -> st.SearchStrategy[Any]:
-    return st.sampled_from([False] * (one_in - 1) + [True]).flatmap(lambda rare: odd if rare else usual)
 
 
 INDEX = sometimes(

@@ -23,7 +23,7 @@ from pipeline.pace.finder import MAX_PAUSE, RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.send.client import RATE_HEADERS, error_for, rate_headers
 from pipeline.send.waits import DAY, parse_duration, retry_after, said_wait
-from tests.jsontext import deep, dumps
+from tests.strategies import deep, dumps
 
 NOW = 1_750_000_000.0  # the wall clock, in epoch seconds, for every example
 
