@@ -13,11 +13,20 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from pipeline.mock.server import MockConfig, MockServer, start_mock
 from pipeline.settings import Settings, build
 
 FAKE_KEY = "sk-test-SECRET-0123456789abcdefXYZ"
+
+# Properties (tests/test_properties_*.py): 500 examples each. In CI the same 500 every run
+# (a fixed seed), nothing written to an examples database, and no deadline: the machine is
+# shared, and a slow example is not a failure. Locally the seed varies, and failures found
+# are kept in .hypothesis/ (not in git) to be tried first next time.
+hypothesis_settings.register_profile("ci", max_examples=500, derandomize=True, database=None, deadline=None)
+hypothesis_settings.register_profile("dev", max_examples=500, deadline=None)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:

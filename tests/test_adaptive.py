@@ -19,7 +19,7 @@ from pipeline.mock.limits import Bucket, Limit, Quota, Refusal
 from pipeline.mock.limits import Window as PerWindow
 from pipeline.pace.finder import HOLD, SETTLE, STEP, RateFinder
 from pipeline.pace.local import Pacer, Window
-from pipeline.send.client import parse_duration as parse_reset
+from pipeline.send.waits import parse_duration as parse_reset
 from tests.conftest import bodies, read_jsonl
 
 
@@ -479,6 +479,27 @@ async def test_stated_limits_are_used_and_an_empty_budget_pauses() -> None:
     assert pacer.token_rate == pytest.approx(1000 * 0.98)
     now = asyncio.get_running_loop().time()
     f.headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"})
+    assert pacer.paused_until == pytest.approx(now + 1.5, abs=0.1)
+
+
+@pytest.mark.parametrize("limit", ["inf", "1e400", "nan", "0.5", "-600", "0", "", "lots"])
+async def test_a_stated_limit_that_is_no_count_is_ignored(limit: str) -> None:
+    # "inf" set an infinite rate; "1e400" too (float() reads it as inf).
+    f, pacer, _, _ = finder()
+    f.headers({"x-ratelimit-limit-requests": limit, "x-ratelimit-limit-tokens": limit})
+    assert pacer.request_rate is None
+    assert pacer.token_rate is None
+
+
+async def test_a_budget_spent_until_a_moment_pauses_until_then() -> None:
+    import time
+
+    f, pacer, _, _ = finder()
+    now = asyncio.get_running_loop().time()
+    reset = str(int(time.time() * 1000) + 1500)  # OpenRouter's way: epoch milliseconds
+    f.headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": reset})
+    assert pacer.paused_until == pytest.approx(now + 1.5, abs=0.1)  # not MAX_PAUSE
+    f.headers({"x-ratelimit-remaining-tokens": "-3", "x-ratelimit-reset-tokens": "nan"})
     assert pacer.paused_until == pytest.approx(now + 1.5, abs=0.1)
 
 

@@ -36,6 +36,16 @@ CASES: dict[str, list[tuple[int, str, str | None, str]]] = {
     ],
     "empty_lines.jsonl": [],
     "batch_wrong_url.jsonl": [(2, "invalid_input", "url", "Batch line for url '/v1/embeddings'")],
+    # Each of these ended the run (exit 70) on every resume: nested 1,000 deep (the standard
+    # library's parser ran out of stack), NaN read by it, stream_options that are not an
+    # object. Its last line, integers past 64 bits in tools and response_format (the token
+    # estimate wrote them with orjson, which refuses them), is a good line.
+    "deep_and_odd.jsonl": [
+        (2, "too_deep", None, "the line is nested more than 200 levels deep"),
+        (3, "too_deep", None, "the line is nested more than 200 levels deep"),
+        (4, "not_json", None, "not valid JSON: NaN is not a number JSON allows"),
+        (5, "invalid_input", "stream_options", "'stream_options' must be an object, not True"),
+    ],
 }
 
 

@@ -148,6 +148,35 @@ async def test_broken_images_are_each_one_input_error_and_the_rest_succeeds(
     assert all(e["error"]["field"] == "image_path" for e in errors.values())
 
 
+async def test_paths_no_file_can_have_are_each_one_input_error_on_every_run(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    # Each of these ended the run as a bug (exit 70), on every resume: a NUL byte in the path
+    # (ValueError), a symlink loop (RuntimeError on Python 3.11), ~ of a user who is not one.
+    catalogue = tmp_path / "catalogue"
+    catalogue.mkdir()
+    (catalogue / "good.jpg").write_bytes(jpeg(80, 60))
+    (catalogue / "loop.jpg").symlink_to("loop.jpg")
+    (catalogue / "ping.jpg").symlink_to("pong.jpg")
+    (catalogue / "pong.jpg").symlink_to("ping.jpg")
+    names = ["good.jpg", "good.jpg\0.txt", "loop.jpg", "ping.jpg", "~no-such-user-here/x.jpg"]
+    rows = [{"asset_id": f"a{i}", "image_path": name} for i, name in enumerate(names)]
+    src = write_jsonl(catalogue / "in.jsonl", rows)
+    for run in range(2):
+        async with mock() as (url, server):
+            summary = await pipeline.run(make_settings(url, job=job(tmp_path, max_side=0), input=src))
+            assert set(sent_images(server)) == ({"a0"} if run == 0 else set())
+        assert summary.exit_code == 1
+        errors = {e["custom_id"]: e for e in read_jsonl(tmp_path / "out/errors.jsonl")}
+        assert set(errors) == {"a1", "a2", "a3", "a4"}
+        for error in errors.values():
+            assert "cannot be found" in error["error"]["message"]
+            assert error["error"]["field"] == "image_path"
+        assert "a symlink loop" in errors["a2"]["error"]["message"]
+        assert "a symlink loop" in errors["a3"]["error"]["message"]
+    assert [r["custom_id"] for r in read_jsonl(tmp_path / "out/results.jsonl")] == ["a0"]
+
+
 def test_estimate_counts_image_tokens_as_openai_bills_them(tmp_path: Path) -> None:
     (tmp_path / "wide.jpg").write_bytes(jpeg(4096, 2048))
     rows = [{"asset_id": "w", "image_path": "wide.jpg"}]

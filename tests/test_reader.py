@@ -157,6 +157,103 @@ def test_integers_beyond_64_bits_still_pass_through(tmp_path: Path) -> None:
     assert sent(r)["seed_big"] == 123456789012345678901234567890
 
 
+def test_integers_beyond_64_bits_in_tools_and_response_format_are_estimated(tmp_path: Path) -> None:
+    # The token estimate wrote these with orjson, which refuses them: a TypeError ended the run.
+    big = 2**64 + 1
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"maximum": big}}}]
+    schema = {"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": -big}}}
+    message = {"role": "assistant", "content": "x", "tool_calls": [{"id": big}]}
+    row = {"model": "m", "messages": [message], "tools": tools, "response_format": schema}
+    r = request(parser(tmp_path), jsonl.dumps(row))
+    assert sent(r)["tools"] == tools
+    assert sent(r)["response_format"] == schema
+    assert r.prompt_tokens > 20
+
+
+@pytest.mark.parametrize("number", [b"1", b"12345678901234567890"])  # orjson's way, and json's
+@pytest.mark.parametrize("kind", ["list", "object"])
+def test_a_line_nested_a_thousand_levels_deep_is_an_input_error(
+    tmp_path: Path, number: bytes, kind: str
+) -> None:
+    # The standard library's parser ran out of stack on it (RecursionError): a crash.
+    inner = b"[" * 1000 + number + b"]" * 1000 if kind == "list" else b'{"a":' * 1000 + number + b"}" * 1000
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": ' + inner + b"}"
+    with pytest.raises(InputError, match="nested more than 200 levels deep") as e:
+        request(parser(tmp_path), raw)
+    assert e.value.code == "too_deep"
+
+
+def test_a_line_nested_as_deep_as_can_be_written_again_goes_through(tmp_path: Path) -> None:
+    deep: object = 1
+    for _ in range(198):
+        deep = [deep]
+    row = {"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": deep, "tools": [deep]}
+    for raw in (orjson.dumps(row), orjson.dumps({**row, "seed": 12345678901234567890})):
+        r = request(parser(tmp_path), raw)
+        assert sent(r)["tools"] == [deep]
+        assert r.metadata == deep
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_numbers_json_does_not_allow_are_refused_whichever_way_the_line_is_read(
+    tmp_path: Path, literal: bytes
+) -> None:
+    # orjson refuses them; the standard library (for lines with a 20-digit number) let them
+    # through, and the body sent held null where the line said NaN.
+    for seed in (b"1", b"12345678901234567890"):
+        raw = (
+            b'{"model": "m", "seed": '
+            + seed
+            + b', "temperature": '
+            + literal
+            + b', "messages": [{"role": "user"}]}'
+        )
+        with pytest.raises(InputError, match="not valid JSON") as e:
+            request(parser(tmp_path), raw)
+        assert e.value.code == "not_json"
+
+
+def test_an_integer_too_long_to_print_is_an_input_error(tmp_path: Path) -> None:
+    raw = b'{"model": "m", "seed": ' + b"9" * 5000 + b', "messages": [{"role": "user"}]}'
+    with pytest.raises(InputError, match="a number of 5,000 digits"):
+        request(parser(tmp_path), raw)
+
+
+def test_stream_options_that_are_not_an_object_are_an_input_error(tmp_path: Path) -> None:
+    # The reader adds include_usage to them: `{**True}` was a TypeError, and a crash.
+    with pytest.raises(InputError, match="'stream_options' must be an object, not True") as e:
+        request(
+            parser(tmp_path, model="m"),
+            {"messages": [{"role": "user"}], "stream": True, "stream_options": True},
+        )
+    assert e.value.field == "stream_options"
+
+
+def test_a_message_quotes_a_bad_value_short(tmp_path: Path) -> None:
+    # repr() of these is megabytes, or fails (an integer past 4,300 digits: ValueError).
+    deep: object = "x" * 1_000_000
+    for _ in range(150):
+        deep = [deep]
+    for value in (deep, "y" * 1_000_000, [10**4000]):
+        row = {"model": "m", "messages": [{"role": "user"}], "max_tokens": value}
+        with pytest.raises(InputError, match="'max_tokens' must be a whole number, not") as e:
+            request(parser(tmp_path), jsonl.dumps(row))
+        assert len(e.value.message) < 300
+
+
+def test_what_no_check_foresaw_fails_the_line_not_the_run(tmp_path: Path) -> None:
+    p = parser(tmp_path, model="m")
+
+    def broken(*_: object) -> int:
+        raise ZeroDivisionError("an estimate gone wrong")
+
+    p.estimator.prompt_tokens = broken  # type: ignore[method-assign]
+    with pytest.raises(InputError, match="ZeroDivisionError: 'an estimate gone wrong'") as e:
+        request(p, {"messages": [{"role": "user", "content": "a"}]})
+    assert e.value.code == "reader_error"
+    assert "a bug in pipeline worth reporting" in e.value.message
+
+
 def test_lines_are_read_one_by_one_from_plain_and_gzip(tmp_path: Path) -> None:
     data = b'{"a": 1}\n\n{"b": 2}'
     plain = tmp_path / "x.jsonl"

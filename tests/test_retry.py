@@ -1,14 +1,20 @@
-"""The retry policy on its own, with a sleep that records instead of waiting."""
+"""The retry policy on its own, with a sleep that records instead of waiting; and what a server
+may say about waiting (Retry-After and its kin), end to end."""
 
 from __future__ import annotations
 
+import email.utils
 import time
 
+import orjson
 import pytest
+from multidict import CIMultiDict
 
-from pipeline.errors import ConnectionDropped, HTTPStatusError, RequestError
+from pipeline.errors import ConnectionDropped, HTTPStatusError, RequestError, RunStopped
+from pipeline.send.client import error_for
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import http_error, provider_error
+from pipeline.send.waits import DAY, parse_duration, retry_after, said_wait
 
 
 class Script:
@@ -201,3 +207,206 @@ async def test_a_429_inside_a_200_is_a_refusal_too() -> None:
     script = Script(*(upstream for _ in range(8)))
     assert await policy(max_attempts=2).call(script, sleep=script.sleep) == "ok"
     assert script.attempts == 9
+
+
+# -- what a server may say about waiting (pipeline.send.waits) -------------------------------------
+
+NOW = 1_750_000_000.0  # the wall clock, in epoch seconds
+DATE = email.utils.formatdate(NOW + 30, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        # not a wait: the retry policy backs off on its own (these ended the run, exit 70, or
+        # retried at once without waiting)
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "1e400"}, None),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after": "-5"}, None),
+        ({"retry-after": ""}, None),
+        ({"retry-after": "soon"}, None),
+        # a moment, as epoch seconds or milliseconds, in either header
+        ({"retry-after": str(int(NOW) + 30)}, 30.0),
+        ({"retry-after": str(int(NOW * 1000) + 1500)}, 1.5),
+        ({"retry-after-ms": str(int(NOW * 1000) + 1500)}, 1.5),
+        ({"retry-after-ms": str(int(NOW) + 30)}, 30.0),
+        ({"retry-after": str(int(NOW * 1000) - 5000)}, 0.0),  # a moment past
+        # HTTP dates: to come, past, without a zone
+        ({"retry-after": DATE}, 30.0),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+        ({"retry-after": email.utils.formatdate(NOW + 60)[:-5] + "-0000"}, 60.0),
+        # past a day: a day; several joined by a proxy: the longest
+        ({"retry-after": "172800"}, DAY),
+        ({"retry-after": "1e12"}, DAY),
+        ({"retry-after": "5, 7"}, 7.0),
+        ({"retry-after": "soon, 3"}, 3.0),
+        ({"retry-after": f"{DATE}, {DATE}"}, 30.0),
+        ({"retry-after": f"Wed, 21 Oct 2015 07:28:00 GMT, {DATE}"}, 30.0),
+        # a retry-after-ms that says nothing leaves it to Retry-After
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+    ],
+)
+def test_what_a_gateway_may_say_in_retry_after(headers: dict[str, str], wait: float | None) -> None:
+    said = retry_after(headers, now=NOW)
+    assert said == (None if wait is None else pytest.approx(wait, abs=0.01))
+
+
+def test_retry_after_sent_twice_is_the_longer() -> None:
+    headers = CIMultiDict([("Retry-After", "2"), ("Retry-After", "9")])
+    assert retry_after(headers, now=NOW) == 9.0
+
+
+@pytest.mark.parametrize(
+    ("message", "wait"),
+    [
+        ("Please try again in 71ms.", 0.071),
+        ("Please retry in 37.6s.", 37.6),  # Gemini's words
+        ("try again in 20 seconds", 20.0),
+        ("try again in 1 minute 30 seconds", 90.0),
+        ("Please try again in 25h.", DAY),
+        ("Please try again in " + "9" * 400 + "s.", None),  # infinite as a float
+        ("try again later", None),
+    ],
+)
+def test_what_a_refusal_may_say_in_its_message(message: str, wait: float | None) -> None:
+    said = said_wait(message)
+    assert said == (None if wait is None else pytest.approx(wait))
+    error = error_for(429, {}, orjson.dumps({"error": {"message": message}}))
+    assert error.retry_after == said
+
+
+def test_an_error_message_nested_a_thousand_deep_is_said_short() -> None:
+    deep = b"[" * 1000 + b"]" * 1000  # repr() of it raised RecursionError: a crash
+    error = error_for(429, {"retry-after": "1"}, b'{"error": {"message": ' + deep + b"}}")
+    assert error.refusal
+    assert error.retry_after == 1.0
+    assert len(error.message) < 400
+
+
+@pytest.mark.parametrize(
+    ("reset", "wait"),
+    [
+        ("6m0s", 360.0),
+        (str(int(NOW * 1000) + 2000), 2.0),  # OpenRouter's reset: epoch milliseconds
+        ("nan", None),
+        ("-1", None),
+        ("1e400", None),
+        ("9999h", DAY),
+    ],
+)
+def test_a_reset_time_as_servers_write_it(reset: str, wait: float | None) -> None:
+    said = parse_duration(reset, now=NOW)
+    assert said == (None if wait is None else pytest.approx(wait, abs=0.01))
+
+
+def test_a_run_of_refusals_that_asks_for_days_stops_the_run_with_a_date() -> None:
+    # Four refusals in a row asking for more than the give-up time: a quota spent. With
+    # "Retry-After: 1e12" the stop message computed a date 31,000 years away: OverflowError.
+    from pipeline.pace.finder import RateFinder
+    from pipeline.pace.local import Pacer, Window
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    class Paused(Pacer):
+        def _now(self) -> float:
+            return 0.0
+
+    stops: list[RunStopped] = []
+    finder = RateFinder(Paused(), Window(8), clock=Clock(), give_up=600.0, stop=stops.append)
+    tickets = [finder.sent() for _ in range(4)]
+    for ticket in tickets:
+        error = error_for(429, {"retry-after": "1e12"}, b"{}")
+        finder.pushback(ticket, error.retry_after, error.message)
+    [stop] = stops
+    assert "it asks to wait 24h00m, until" in str(stop)
+
+
+async def test_a_retry_after_no_wait_can_be_read_from_is_not_a_crash_nor_a_storm(
+    make_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gateway answers four requests in a row 429 (the rate finder's run: the server is
+    # full), each with a Retry-After no wait can be read from, then lets them through. "inf"
+    # and "1e400" ended the run at once (exit 70, OverflowError in the give-up rule); "nan"
+    # retried at once.
+    from aiohttp import web
+
+    import pipeline
+    from pipeline.mock.answers import completion
+    from pipeline.send import retry
+    from tests.scripted import scripted
+
+    waits: list[tuple[float | None, float]] = []
+    real = retry.refusal_wait
+
+    def recorded(error: RequestError, refusals: int, *, base: float, cap: float) -> float:
+        delay = real(error, refusals, base=base, cap=cap)
+        waits.append((error.retry_after, delay))
+        return delay
+
+    monkeypatch.setattr(retry, "refusal_wait", recorded)
+    said = ["inf", "1e400", "nan", "-1"]
+
+    async def answer(request: web.Request, body: dict) -> web.Response:
+        if said:
+            headers = {"Retry-After": said.pop(0)}
+            return web.json_response({"error": {"message": "busy"}}, status=429, headers=headers)
+        return web.json_response(completion(body))
+
+    rows = [
+        {"custom_id": f"r{i}", "model": "m", "messages": [{"role": "user", "content": str(i)}]}
+        for i in range(4)
+    ]
+    async with scripted(answer) as url:
+        summary = await pipeline.run(make_settings(url, rows, backoff_base=0.01, backoff_max=0.05))
+    assert summary.exit_code == 0
+    assert summary.succeeded == 4
+    assert len(waits) == 4
+    for wait, delay in waits:
+        assert wait is None  # nothing read from it: our own backoff, jittered and bounded
+        assert 0.0 <= delay <= 0.05
+
+
+async def test_a_retry_after_in_epoch_milliseconds_is_waited_until(make_settings, monkeypatch) -> None:
+    import time as clock
+
+    from aiohttp import web
+
+    import pipeline
+    from pipeline.mock.answers import completion
+    from pipeline.send import retry
+    from tests.scripted import scripted
+
+    waits: list[float | None] = []
+    real = retry.refusal_wait
+    monkeypatch.setattr(
+        retry, "refusal_wait", lambda error, *a, **k: waits.append(error.retry_after) or real(error, *a, **k)
+    )
+    refused = 0
+
+    async def answer(request: web.Request, body: dict) -> web.Response:
+        nonlocal refused
+        if refused < 4:
+            refused += 1
+            until = str(int(clock.time() * 1000) + 200)  # 0.2 s from now, in epoch milliseconds
+            return web.json_response(
+                {"error": {"message": "busy"}}, status=429, headers={"Retry-After": until}
+            )
+        return web.json_response(completion(body))
+
+    rows = [
+        {"custom_id": f"r{i}", "model": "m", "messages": [{"role": "user", "content": str(i)}]}
+        for i in range(4)
+    ]
+    async with scripted(answer) as url:
+        summary = await pipeline.run(make_settings(url, rows))
+    assert (summary.exit_code, summary.succeeded) == (0, 4)
+    assert len(waits) == 4
+    for said in waits:
+        assert said is not None
+        assert 0.0 < said <= 0.2  # not 1.7e12 seconds

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import AsyncIterator
+
 import orjson
 import pytest
 
 from pipeline.errors import MalformedResponse, ProviderError
-from pipeline.send.sse import StreamAssembler
+from pipeline.send.sse import StreamAssembler, assemble
 
 
 def feed(lines: list[bytes]) -> StreamAssembler:
@@ -105,3 +108,80 @@ def test_an_error_chunk_with_a_client_error_code_is_not_transient() -> None:
     with pytest.raises(ProviderError) as e:
         feed(event({"error": {"message": "overloaded", "code": 503}}))
     assert e.value.transient
+
+
+async def pieces(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def test_a_line_of_megabytes_split_anywhere_is_read_whole() -> None:
+    content = "".join(chr(ord("a") + i % 26) for i in range(3_000_000))
+    data = b"".join(
+        [*event(chunk({"content": content})), *event(chunk({}, finish="stop")), b"data: [DONE]\r\n", b"\r\n"]
+    )
+    cuts = [0, 5, 1_000_000, 1_000_001, len(data) - 3, len(data)]
+    firsts: list[int] = []
+    body = await assemble(
+        pieces(*(data[a:b] for a, b in itertools.pairwise(cuts))),
+        first_token=lambda: firsts.append(1),
+    )
+    assert body["choices"][0]["message"]["content"] == content
+    assert firsts == [1]
+
+
+async def test_a_streamed_answer_of_megabytes_on_one_line_arrives(make_settings, tmp_path) -> None:
+    # aiohttp read a stream by lines, and raised LineTooLong (none of the errors the client
+    # maps) past twice its 1 MiB buffer: an image in a delta ended the run (exit 70).
+    from aiohttp import web
+
+    import pipeline
+    from tests.conftest import read_jsonl
+    from tests.scripted import scripted
+
+    content = "x" * 3_000_000
+
+    async def answer(request: web.Request, body: dict) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for line in [
+            *event(chunk({"content": content})),
+            *event(chunk({}, finish="stop")),
+            b"data: [DONE]\n\n",
+        ]:
+            await response.write(line)
+        return response
+
+    rows = [
+        {"custom_id": "big", "model": "m", "stream": True, "messages": [{"role": "user", "content": "draw"}]}
+    ]
+    async with scripted(answer) as url:
+        summary = await pipeline.run(make_settings(url, rows))
+    assert summary.exit_code == 0
+    [result] = read_jsonl(tmp_path / "out/results.jsonl")
+    assert result["response"]["body"]["choices"][0]["message"]["content"] == content
+
+
+async def test_odd_chunks_are_said_short_and_never_a_crash() -> None:
+    deep = b"[" * 900 + b"]" * 900
+    for bad, message in (
+        (b'{"choices": [{"index": ' + deep + b"}]}", "an index that is not a small number"),
+        (b'{"error": {"message": ' + deep + b', "code": 502}}', "provider error"),
+        (
+            b'{"choices": [{"delta": {"tool_calls": "x"}}]}\n\ndata: {"choices": [{"delta": {"tool_calls": [{}]}}]}',
+            "not a chat completion chunk: AttributeError",
+        ),
+    ):
+        with pytest.raises((MalformedResponse, ProviderError), match=message) as e:
+            await assemble(pieces(b"data: " + bad + b"\n\n"))
+        assert len(e.value.message) < 400
+
+
+async def test_an_answer_nested_too_deep_to_write_again_is_malformed() -> None:
+    # Kept, it made a line of results.jsonl that no run could read back (past orjson's 1,024).
+    deep = b'{"a":' * 1000 + b"1" + b"}" * 1000
+    end = b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": ' + deep + b"}"
+    with pytest.raises(MalformedResponse, match="nested too deep"):
+        await assemble(
+            pieces(*event(chunk({"content": "x"})), b"data: " + end + b"\n\n", b"data: [DONE]\n\n")
+        )

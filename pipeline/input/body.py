@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.quote import quote
 
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
@@ -61,15 +62,26 @@ def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
     for key in _INT_FIELDS:
         value = body.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise InputError(f"'{prefix}{key}' must be a whole number, not {value!r}", field=f"{prefix}{key}")
+            raise InputError(
+                f"'{prefix}{key}' must be a whole number, not {quote(value)}", field=f"{prefix}{key}"
+            )
     for key in _NUMBER_FIELDS:
         value = body.get(key)
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-            raise InputError(f"'{prefix}{key}' must be a number, not {value!r}", field=f"{prefix}{key}")
+            raise InputError(f"'{prefix}{key}' must be a number, not {quote(value)}", field=f"{prefix}{key}")
     for key in _BOOL_FIELDS:
         value = body.get(key)
         if value is not None and not isinstance(value, bool):
-            raise InputError(f"'{prefix}{key}' must be true or false, not {value!r}", field=f"{prefix}{key}")
+            raise InputError(
+                f"'{prefix}{key}' must be true or false, not {quote(value)}", field=f"{prefix}{key}"
+            )
+    # (the reader adds include_usage to it, and a server refuses any other kind anyway)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InputError(
+            f"'{prefix}stream_options' must be an object, not {quote(options)}",
+            field=f"{prefix}stream_options",
+        )
 
 
 # The request parameters of OpenAI's chat completions and of the routers that speak it

@@ -18,6 +18,7 @@ goes on.
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import math
 import threading
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, SettingsError
+from pipeline.quote import brief, quote
 
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 LOW_DETAIL_SIDE = 512  # what OpenAI's `detail: low` looks at
@@ -93,12 +95,19 @@ def sizing_of(part: Mapping[str, Any], defaults: Mapping[str, Any], where: str) 
 
 def locate(raw: str, base: Path, root: Path, field: str) -> Path:
     """The file a record names, which must resolve (symlinks followed) under `root`."""
-    path = Path(raw).expanduser()
-    path = path if path.is_absolute() else base / path
-    resolved = path.resolve()
+    try:
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else base / path
+        resolved = path.resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        # A NUL byte (ValueError), a symlink loop (RuntimeError on Python 3.11, OSError
+        # later), ~someone who is not a user here (RuntimeError): a path no file has.
+        loop = getattr(e, "errno", None) == errno.ELOOP or "symlink loop" in str(e).lower()
+        why = "a symlink loop" if loop else brief(str(e) or type(e).__name__, limit=120)
+        raise InputError(f"image {quote(raw)} cannot be found: {why}", field=field) from None
     if not resolved.is_relative_to(root.resolve()):
         raise InputError(
-            f"image {raw!r} leads outside {root} (through '..', a symlink or an absolute path); "
+            f"image {quote(raw)} leads outside {root} (through '..', a symlink or an absolute path); "
             "images must be under the catalogue's folder, or set image_root in [template]",
             field=field,
             code="image_outside",
@@ -152,14 +161,14 @@ def _check_size(path: Path, cap: int, field: str) -> int:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise InputError(f"image file {str(path)!r} not found", field=field) from None
+        raise InputError(f"image file {quote(str(path))} not found", field=field) from None
     except OSError as e:
-        raise InputError(f"cannot read image {str(path)!r}: {e.strerror}", field=field) from None
+        raise InputError(f"cannot read image {quote(str(path))}: {e.strerror}", field=field) from None
     if path.is_dir():
-        raise InputError(f"image path {str(path)!r} is a folder", field=field)
+        raise InputError(f"image path {quote(str(path))} is a folder", field=field)
     if size > cap:
         raise InputError(
-            f"image {str(path)!r} is {size:,} bytes, over the cap of {cap:,}; shrink it or raise "
+            f"image {quote(str(path))} is {size:,} bytes, over the cap of {cap:,}; shrink it or raise "
             "[template] max_image_bytes",
             field=field,
         )
@@ -173,10 +182,10 @@ def look(path: Path, sizing: Sizing, detail: str | None, *, field: str, cap: int
         with path.open("rb") as f:
             head = f.read(16)
     except OSError as e:
-        raise InputError(f"cannot read image {str(path)!r}: {e.strerror}", field=field) from None
+        raise InputError(f"cannot read image {quote(str(path))}: {e.strerror}", field=field) from None
     if media_type(head) is None:
         raise InputError(
-            f"{str(path)!r} is not a PNG, JPEG, GIF or WebP image", field=field, code="bad_image"
+            f"{quote(str(path))} is not a PNG, JPEG, GIF or WebP image", field=field, code="bad_image"
         )
     width = height = 1024  # a guess where the header cannot be read without Pillow
     if pillow_available():
@@ -186,7 +195,7 @@ def look(path: Path, sizing: Sizing, detail: str | None, *, field: str, cap: int
 
 
 def _bad(path: Path, field: str, why: str) -> InputError:
-    return InputError(f"image {str(path)!r} cannot be read: {why}", field=field, code="bad_image")
+    return InputError(f"image {quote(str(path))} cannot be read: {why}", field=field, code="bad_image")
 
 
 def _header_size(path: Path, field: str) -> tuple[int, int]:
@@ -278,11 +287,11 @@ def _encode(image: Pending, size: int, key: tuple[Any, ...] | None) -> tuple[byt
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise InputError(f"cannot read image {str(path)!r}: {e.strerror}", field=field) from None
+        raise InputError(f"cannot read image {quote(str(path))}: {e.strerror}", field=field) from None
     kind = media_type(data[:16])
     if kind is None:
         raise InputError(
-            f"{str(path)!r} is not a PNG, JPEG, GIF or WebP image", field=field, code="bad_image"
+            f"{quote(str(path))} is not a PNG, JPEG, GIF or WebP image", field=field, code="bad_image"
         )
     if pillow_available():
         sized = _sized(data, image.sizing, path, field)

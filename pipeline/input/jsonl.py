@@ -3,26 +3,121 @@
 orjson reads an integer beyond 64 bits as a float, silently changing a user's parameter, and
 refuses to write one. Such numbers are rare, so lines that may hold one (a run of 20 digits)
 go through the standard library instead, and so does writing what orjson refuses.
+
+Either way a line reads the same: the standard library is made to refuse what orjson
+refuses (NaN, Infinity, a number too big for a float), and neither accepts a document
+nested deeper than `MAX_DEPTH`, so that whatever is read can be written again, inside the
+line of results.jsonl it ends in, by orjson (254 levels at most) or the standard library
+(which recurses, and would run out of stack a few hundred levels further).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from typing import Any
 
 import orjson
 
+from pipeline.errors import InputError
+
 _LONG_NUMBER = re.compile(rb"\d{20}")
+# Far above what any provider accepts (OpenAI's structured outputs: 10 levels), far under
+# what orjson and the standard library can write.
+MAX_DEPTH = 200
+
+
+class TooDeep(ValueError):
+    def __init__(self) -> None:
+        super().__init__(f"nested more than {MAX_DEPTH} levels deep")
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
+def _int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > sys.get_int_max_str_digits() > 0:
+        raise ValueError(f"a number of {digits:,} digits (the most is {sys.get_int_max_str_digits():,})")
+    return int(text)
+
+
+def _deeper(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels (without recursion: it is to guard
+    against recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def parse(raw: bytes) -> tuple[Any, bool]:
     """One JSON document, and whether it went the slow way (the standard library, which also
     lets through what orjson refuses, such as a lone surrogate escape). Raises ValueError
-    (orjson's or json's) when it is not JSON."""
-    if _LONG_NUMBER.search(raw) is None:
-        return orjson.loads(raw), False
-    return json.loads(raw), True
+    (orjson's, json's, or `TooDeep`) when it is not JSON, or nested too deep to write again."""
+    try:
+        if _LONG_NUMBER.search(raw) is None:
+            value, slow = orjson.loads(raw), False
+        else:
+            value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
+            slow = True
+    except RecursionError:
+        raise TooDeep() from None
+    except orjson.JSONDecodeError as e:
+        if e.msg.startswith("depth limit exceeded"):
+            raise TooDeep() from None
+        raise
+    # Only a line with that many brackets can nest that deep: most are never walked.
+    many = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+    if many and isinstance(value, dict | list) and _deeper(value, MAX_DEPTH):
+        raise TooDeep()
+    return value, slow
+
+
+def _encodable(value: Any) -> Any:
+    """The standard library reads a lone surrogate escape ("\\ud800") that no UTF-8 can hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InputError(
+            "the line holds a lone surrogate escape (such as \\ud800), which is not text; fix the text",
+            code="not_utf8",
+        ) from None
+    return value
+
+
+def load_line(raw: bytes) -> Any:
+    """An input line's JSON value, or the `InputError` that says what is wrong with it."""
+    try:
+        value, slow = parse(raw)
+        return _encodable(value) if slow else value
+    except TooDeep as e:
+        raise InputError(f"the line is {e}; flatten it", code="too_deep") from None
+    except ValueError as e:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as u:
+            raise InputError(
+                f"bytes at column {u.start + 1} are not UTF-8; save the file as UTF-8",
+                code="not_utf8",
+            ) from None
+        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise InputError(f"not valid JSON: {detail}", code="not_json") from None
 
 
 def loads(raw: bytes) -> Any:

@@ -9,7 +9,6 @@ so the same line gets the same id on every run (the n-th identical line gets a `
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,39 +28,12 @@ from pipeline.input.template import Place, Template, compile_template
 from pipeline.input.tokens import TokenEstimator, max_completion_tokens
 from pipeline.job import Failure, Outcome, Request
 from pipeline.output.ledger import Ledger
+from pipeline.quote import quote
 from pipeline.run.control import Refill
 from pipeline.settings import Settings
 
 BATCH_URL = "/v1/chat/completions"
 YIELD_EVERY = 64  # lines: a refill of the request buffer does not hold the loop for long
-
-
-def _encodable(value: Any) -> Any:
-    """The standard library reads a lone surrogate escape ("\\ud800") that no UTF-8 can hold."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise InputError(
-            "the line holds a lone surrogate escape (such as \\ud800), which is not text; fix the text",
-            code="not_utf8",
-        ) from None
-    return value
-
-
-def _load(raw: bytes) -> Any:
-    try:
-        value, slow = jsonl.parse(raw)
-        return _encodable(value) if slow else value
-    except ValueError as e:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as u:
-            raise InputError(
-                f"bytes at column {u.start + 1} are not UTF-8; save the file as UTF-8",
-                code="not_utf8",
-            ) from None
-        detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-        raise InputError(f"not valid JSON: {detail}", code="not_json") from None
 
 
 @dataclass(slots=True)
@@ -108,7 +80,7 @@ class LineParser:
             def named(error: InputError) -> InputError:
                 name = template.name(obj)
                 if name is not None:
-                    error.message = f"record {name!r}: {error.message}"
+                    error.message = f"record {quote(name)}: {error.message}"
                 error.metadata = obj
                 return error
 
@@ -127,10 +99,14 @@ class LineParser:
         if "body" in obj and ("url" in obj or "method" in obj or "custom_id" in obj):
             url = obj.get("url")
             if url != BATCH_URL:
-                raise InputError(f"Batch line for url {url!r}; only {BATCH_URL} is supported", field="url")
+                raise InputError(
+                    f"Batch line for url {quote(url)}; only {BATCH_URL} is supported", field="url"
+                )
             method = obj.get("method", "POST")
             if method != "POST":
-                raise InputError(f"Batch line with method {method!r}; only POST is supported", field="method")
+                raise InputError(
+                    f"Batch line with method {quote(method)}; only POST is supported", field="method"
+                )
             body = obj["body"]
             if not isinstance(body, dict):
                 raise InputError(f"'body' is {type_name(body)}; it must be a request object", field="body")
@@ -147,7 +123,23 @@ class LineParser:
         return Parsed(obj, custom_id, obj.get("metadata"))
 
     def parse(self, raw: bytes) -> Parsed:
-        obj = _load(raw)
+        try:
+            return self._parse(raw)
+        except InputError:
+            raise
+        except Exception as e:
+            raise _unforeseen(e) from e
+
+    def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
+        try:
+            return self._request(parsed, custom_id=custom_id, line=line)
+        except InputError:
+            raise
+        except Exception as e:
+            raise _unforeseen(e) from e
+
+    def _parse(self, raw: bytes) -> Parsed:
+        obj = jsonl.load_line(raw)
         if not isinstance(obj, dict):
             raise InputError(f"line is {type_name(obj)}, not a JSON object", code="not_object")
         try:
@@ -159,7 +151,7 @@ class LineParser:
             custom_id = _as_id(parsed.custom_id)
             if custom_id is None:
                 raise InputError(
-                    f"custom_id must be a non-empty string, not {parsed.custom_id!r}", field="custom_id"
+                    f"custom_id must be a non-empty string, not {quote(parsed.custom_id)}", field="custom_id"
                 )
             parsed.custom_id = custom_id
         return parsed
@@ -174,7 +166,7 @@ class LineParser:
                 return None
         return _as_id(named)
 
-    def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
+    def _request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
         body = parsed.body
         images: list[Pending] = []
         if body is None:
@@ -219,6 +211,16 @@ class LineParser:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         request.bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
         return request
+
+
+def _unforeseen(error: Exception) -> InputError:
+    """What no check above foresaw is still one line's failure, not the end of the run (and
+    of every run after it, reading the same line): said as what it is, a bug to report."""
+    return InputError(
+        f"the reader failed on this line ({type(error).__name__}: {quote(str(error))}); "
+        "the run goes on without it; this is a bug in pipeline worth reporting, with the line",
+        code="reader_error",
+    )
 
 
 def stable_id(raw: bytes) -> str:
@@ -310,7 +312,7 @@ def read_requests(
                 earlier = ledger.see(custom_id, number)
                 if earlier is not None:
                     raise InputError(
-                        f"custom_id {custom_id!r} is already used on line {earlier}; "
+                        f"custom_id {quote(custom_id)} is already used on line {earlier}; "
                         "give every line its own custom_id",
                         field="custom_id",
                         code="duplicate_custom_id",

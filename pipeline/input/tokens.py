@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-import orjson
+from pipeline.input import jsonl
 
 EXACT_FIRST = 200
 SAMPLE_EVERY = 50
@@ -62,11 +62,11 @@ def _texts(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> 
         for key in ("name", "tool_calls", "tool_call_id"):
             value = message.get(key)
             if value:
-                yield value if isinstance(value, str) else orjson.dumps(value).decode()
+                yield value if isinstance(value, str) else jsonl.dumps(value).decode()
     for key in ("tools", "functions", "response_format"):
         value = body.get(key)
         if value:
-            yield orjson.dumps(value).decode()
+            yield jsonl.dumps(value).decode()
     yield PER_REPLY
 
 

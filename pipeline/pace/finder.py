@@ -52,7 +52,7 @@ from pipeline.pace.giveup import GiveUp
 from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.sendlog import SendLog
-from pipeline.send.client import parse_duration
+from pipeline.send.waits import parse_duration, per_minute, spent
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers
@@ -77,12 +77,9 @@ GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
 LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
 
 
-def _per_second(per_minute: str | None) -> float | None:
-    try:
-        value = float(per_minute) if per_minute else 0.0
-    except ValueError:
-        return None
-    return value / 60 * MARGIN if value > 0 else None
+def _per_second(stated: str | None) -> float | None:
+    limit = per_minute(stated)
+    return None if limit is None else limit / 60 * MARGIN
 
 
 class RateFinder:
@@ -373,8 +370,7 @@ class RateFinder:
                 self.pacer.set_token_rate(per_second)
                 self.window.open()
         for kind in ("requests", "tokens"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            if remaining is not None and remaining.strip() in ("0", "0.0"):
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+            if spent(headers.get(f"x-ratelimit-remaining-{kind}")):
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 if reset:
                     self.pacer.pause(min(reset, MAX_PAUSE))

@@ -6,8 +6,6 @@ cancellation. The API key goes into the Authorization header and nowhere else.
 
 from __future__ import annotations
 
-import email.utils
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,14 +19,17 @@ import orjson
 from pipeline import __version__
 from pipeline.errors import (
     ConnectionDropped,
+    HTTPStatusError,
     MalformedResponse,
     RequestTimeout,
     RunStopped,
     SettingsError,
 )
 from pipeline.job import Reply, Request
-from pipeline.send.sse import StreamAssembler
+from pipeline.quote import brief
+from pipeline.send.sse import assemble
 from pipeline.send.status import http_error, provider_error
+from pipeline.send.waits import retry_after, said_wait
 
 RATE_HEADERS = (
     "x-ratelimit-limit-requests",
@@ -42,56 +43,29 @@ CONNECT_TIMEOUT = 30.0  # seconds
 _ERROR_TEXT_LIMIT = 2000
 _BIG_BODY = 1 << 20
 _SLICE = 256 * 1024
-# OpenAI's refusals say when in their message: "Please try again in 71ms." (or "in 1.5s",
-# "in 6m0s"); a server may say nothing else.
-_TRY_AGAIN = re.compile(r"try again in ((?:\d+(?:\.\d+)?(?:ms|s|m|h))+)", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)", re.IGNORECASE)
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: str) -> float | None:
-    """Durations as servers write them: "1s", "6m0s", "20ms", "71ms" or a plain "0.5"."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    parts = _DURATION.findall(value)
-    return sum(float(n) * _UNIT[u.lower()] for n, u in parts) if parts else None
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` in seconds
-    or as an HTTP date."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(float(ms) / 1000, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-def said_wait(message: str) -> float | None:
-    """Seconds an error message asks to wait ("Please try again in 71ms"), if it says."""
-    found = _TRY_AGAIN.search(message)
-    return parse_duration(found.group(1)) if found else None
 
 
 def rate_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
     if "x-ratelimit-remaining-requests" not in headers and "x-ratelimit-remaining-tokens" not in headers:
         return None
     return {k: headers[k] for k in RATE_HEADERS if k in headers}
+
+
+def error_for(
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes,
+    *,
+    request_id: str | None = None,
+    limits: dict[str, str] | None = None,
+) -> HTTPStatusError:
+    """A non-2xx answer as its error, with the wait it asks for: its headers say, else (a 429)
+    its message may ("Please try again in 71ms")."""
+    body, message = _error_body(raw)
+    wait = retry_after(headers)
+    if wait is None and status == 429:
+        wait = said_wait(message)
+    return http_error(status, message, retry_after=wait, body=body, request_id=request_id, limits=limits)
 
 
 def _error_body(raw: bytes) -> tuple[Any, str]:
@@ -109,7 +83,7 @@ def _error_body(raw: bytes) -> tuple[Any, str]:
         elif isinstance(error, str):
             message = error
         message = message or body.get("message") or body.get("detail")
-    return body, " ".join(str(message or raw[:300].decode("utf-8", "replace")).split())[:300]
+    return body, brief(message or raw[:300].decode("utf-8", "replace"))
 
 
 def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, Any]:
@@ -194,18 +168,7 @@ class Client:
                 limits = rate_headers(resp.headers)
                 if resp.status >= 300:
                     raw = await resp.read()
-                    body, message = _error_body(raw)
-                    wait = retry_after(resp.headers)
-                    if wait is None and resp.status == 429:
-                        wait = said_wait(message)
-                    raise http_error(
-                        resp.status,
-                        message,
-                        retry_after=wait,
-                        body=body,
-                        request_id=request_id,
-                        limits=limits,
-                    )
+                    raise error_for(resp.status, resp.headers, raw, request_id=request_id, limits=limits)
                 if request.stream and resp.content_type != "application/json":
                     reply = await self._read_stream(resp, started, request_id)
                     reply.limits = limits
@@ -252,20 +215,13 @@ class Client:
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, started: float, request_id: str | None
     ) -> Reply:
-        assembler = StreamAssembler()
         ttft = None
-        try:
-            async for line in resp.content:
-                if assembler.feed_line(line) and ttft is None:
-                    ttft = time.perf_counter() - started
-            body = assembler.completion()
-        except MalformedResponse:
-            raise
-        except ValueError as e:
-            raise MalformedResponse(f"a streamed answer could not be read: {e}") from None
-        except (TypeError, KeyError, IndexError, AttributeError) as e:
-            # Chunks of shapes no server should send (an index that is a string...).
-            raise MalformedResponse(f"a streamed chunk is not a chat completion chunk: {e!r}") from None
+
+        def first_token() -> None:
+            nonlocal ttft
+            ttft = time.perf_counter() - started
+
+        body = await assemble(resp.content.iter_any(), first_token=first_token)
         return Reply(
             body=body,
             raw=None,

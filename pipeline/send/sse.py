@@ -4,15 +4,21 @@ Pure functions of the bytes received, so the client only moves bytes and this mo
 tested on its own. Deltas are joined per choice: strings are concatenated (content, refusal,
 reasoning), lists extended (logprobs, reasoning details), tool calls joined by their index.
 A stream is whole only when every choice has a finish_reason and `[DONE]` arrived.
+
+`assemble` is what the client calls: whatever the stream holds, it returns a completion or
+raises an error of `pipeline.errors` (a stream cut short or of shapes no server should send
+is a `MalformedResponse`; an error the stream carried, a `ProviderError`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedResponse, ProviderError
+from pipeline.errors import MalformedResponse, ProviderError, RequestError
+from pipeline.quote import brief, quote
 from pipeline.send.status import provider_error
 
 DONE = b"[DONE]"
@@ -23,7 +29,7 @@ MAX_INDEX = 128  # choices or tool calls in one answer; beyond it, a server gone
 
 def _index(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_INDEX:
-        raise MalformedResponse(f"a streamed chunk has an index that is not a small number: {value!r}")
+        raise MalformedResponse(f"a streamed chunk has an index that is not a small number: {quote(value)}")
     return value
 
 
@@ -175,13 +181,54 @@ class StreamAssembler:
         body["choices"] = [self.choices[i] for i in sorted(self.choices)]
         if self.usage is not None:
             body["usage"] = self.usage
+        try:
+            orjson.dumps(body)
+        except TypeError:  # (its chunks were read by orjson: only nesting past its 254 levels)
+            # Written out, it could not be read back: results.jsonl must stay readable.
+            raise MalformedResponse("the streamed answer is nested too deep to be kept") from None
         return body
 
 
 def _provider_error(error: Any, default: str, body: Any) -> ProviderError:
     if isinstance(error, dict):
-        message = str(error.get("message") or default)
+        message = brief(error.get("message") or default)
         code = error.get("code")
     else:
-        message, code = str(error), None
+        message, code = brief(error), None
     return provider_error(f"provider error: {message}", code=code, body=body)
+
+
+async def assemble(
+    chunks: AsyncIterable[bytes], *, first_token: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """The completion a stream carries, from its bytes in the pieces they arrive in, calling
+    `first_token` when the first token arrives. Lines are split here, with no bound on their
+    length: aiohttp's own reading by lines raised `LineTooLong` (not one of its client errors)
+    past twice its buffer, and a chunk holding an image is megabytes on one line. What
+    reading raises (a dropped connection, a timeout) goes through for the client to map."""
+    assembler = StreamAssembler()
+    partial: list[bytes] = []  # the start of a line whose end has not arrived
+    try:
+        async for chunk in chunks:
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                partial.append(chunk[start : end + 1])
+                line = b"".join(partial)
+                partial.clear()
+                if assembler.feed_line(line) and first_token is not None:
+                    first_token()
+                start = end + 1
+            if start < len(chunk):
+                partial.append(chunk[start:])
+        if partial:
+            assembler.feed_line(b"".join(partial))  # the last line, without its end
+        return assembler.completion()
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise MalformedResponse(f"a streamed answer could not be read: {brief(str(e))}") from None
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        # Chunks of shapes no server should send (an index that is a string...).
+        raise MalformedResponse(
+            f"a streamed chunk is not a chat completion chunk: {type(e).__name__}: {brief(str(e))}"
+        ) from None
