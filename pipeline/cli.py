@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import gc
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline import __version__
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
+from pipeline.output.device import unwritable
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
@@ -183,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
         help="write OUT's usage.json, report.md and report.html again, sending nothing",
         description="Rebuild the reports of an output folder from what it holds: a finished run, "
         "an interrupted or killed one, or a merged set of shards.",
-        epilog="exit status: 0 written; 2 not an output folder",
+        epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
     )
     report.add_argument("out", type=Path, help="the --output a run wrote to")
     cluster = sub.add_parser(
@@ -301,6 +303,9 @@ def _merge(out: Path, *, partial: bool) -> int:
     except SettingsError as e:
         print(f"pipeline merge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as e:  # each file is replaced whole: nothing half written
+        print(f"pipeline merge: stopped: {unwritable(out, e, again='to merge')}", file=sys.stderr)
+        return EXIT_STOPPED
     print(merged)
     for problem in merged.missing:
         print(f"pipeline merge: partial: {problem}", file=sys.stderr)
@@ -315,6 +320,9 @@ def _report(out: Path) -> int:
     except SettingsError as e:
         print(f"pipeline report: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as e:
+        print(f"pipeline report: stopped: {unwritable(out, e, again='to redraw them')}", file=sys.stderr)
+        return EXIT_STOPPED
     print(
         f"Wrote {out}/report.html, report.md and usage.json: {len(doc['runs'])} run(s), "
         f"{doc['requests']['succeeded']:,} results, {doc['requests']['failed']:,} failures"
