@@ -155,6 +155,8 @@ class Scenario:
     command: Callable[[World], Awaitable[tuple[int, str]]]
     final: Callable[[World], Path]  # the folder whose files must hold every line once
     lines: int = 20
+    again: bool = False  # the command asks for everything again (--fresh): nothing to hold it to
+    new_sites_only: bool = False  # fail only the sites the scenarios before it did not reach
 
 
 async def prepare_fresh(world: World) -> None:
@@ -185,6 +187,17 @@ async def prepare_resume(world: World) -> None:
     world.write_input(world.lines)
 
 
+async def prepare_done(world: World) -> None:
+    world.write_input(world.lines)
+    world.endpoint.begin("prepare")
+    code, message = await run_command(world)
+    assert code == 1, message
+
+
+async def fresh_command(world: World) -> tuple[int, str]:
+    return await run_command(world, fresh=True)
+
+
 async def prepare_shards(world: World) -> None:
     world.write_input(world.lines)
     world.endpoint.begin("prepare")
@@ -204,6 +217,8 @@ async def merge_command(world: World) -> tuple[int, str]:
 SCENARIOS = [
     Scenario("fresh", prepare_fresh, run_command, lambda w: w.out),
     Scenario("resume", prepare_resume, run_command, lambda w: w.out),
+    # Moving the old files aside, then a run like the fresh one: only the moving is new.
+    Scenario("--fresh", prepare_done, fresh_command, lambda w: w.out, again=True, new_sites_only=True),
     Scenario("merge", prepare_shards, merge_command, lambda w: w.out),
 ]
 
@@ -260,6 +275,19 @@ def bought_twice(world: World, kept: list[tuple[str, set[str]]]) -> list[str]:
             again = sorted(t for t in asked if t in {tag_of.get(k) for k in ids})
             if again:
                 problems.append(f"the {label} run asked again for {again}, kept in results.jsonl {before}")
+    return problems
+
+
+def kept_aside(world: World, template: Path) -> list[str]:
+    """--fresh keeps what it moves aside: every file of the folder before it, whole, in one
+    of OUT/previous-*/."""
+    problems = []
+    for before in (template / "out").iterdir():
+        if before.name.startswith("."):
+            continue
+        aside = [p.read_bytes() for p in world.out.glob(f"previous-*/{before.name}")]
+        if before.read_bytes() not in aside:
+            problems.append(f"{before.name} is not kept whole in a previous-* folder")
     return problems
 
 
@@ -322,11 +350,16 @@ async def instance(scenario: Scenario, base: World, template: Path, *targets: Ta
     else:
         problems.append(f"the reruns did not finish: exit {code}: {message}")
     problems += exactly_once(world, scenario.final(world))
-    problems += bought_twice(world, kept)
+    if scenario.again:
+        problems += kept_aside(world, template)
+    else:
+        problems += bought_twice(world, kept)
     return [f"{scenario.name}, {shown(targets)}: {p}" for p in problems]
 
 
-async def exercise(scenario: Scenario, tmp_path: Path, url: str, endpoint: Endpoint, tally: Tally) -> None:
+async def exercise(
+    scenario: Scenario, tmp_path: Path, url: str, endpoint: Endpoint, tally: Tally, done: set[Site]
+) -> None:
     base = World(tmp_path / f"{scenario.name}-base", tmp_path / f"{scenario.name}.jsonl", url, endpoint, [])
     base.lines = job_lines(scenario.lines)
     base.root.mkdir()
@@ -344,20 +377,23 @@ async def exercise(scenario: Scenario, tmp_path: Path, url: str, endpoint: Endpo
 
     # A clean go lists the sites the command reaches, and how often it reaches each.
     await go()
-    clean = Counter(INJECTOR.hits)
+    reached = Counter(INJECTOR.hits)
+    clean = Counter({s: n for s, n in reached.items() if not (scenario.new_sites_only and s in done)})
     tally.sites[scenario.name] = len(clean)
     # Each fails at its first call, and at one mid-way when it is called more often.
     after: dict[Site, Target] = {}  # a site only a fault's way reaches, and that fault
     for site, count in sorted(clean.items()):
         for nth in sorted({1, (count + 1) // 2}):
             for fault in FAULTS:
-                for reached in await go((site, nth, fault)) - clean.keys():
-                    after.setdefault(reached, (site, nth, fault))
+                for other in await go((site, nth, fault)) - reached.keys():
+                    if not (scenario.new_sites_only and other in done):
+                        after.setdefault(other, (site, nth, fault))
     # The writes made while handling a failure (a cut back, a rollback...) fail in turn too.
     tally.after[scenario.name] = len(after)
     for site, first in sorted(after.items()):
         for fault in FAULTS:
             await go(first, (site, 1, fault))
+    done.update(clean, after)
 
 
 async def test_every_write_fails_in_turn_and_every_line_still_ends_once(
@@ -380,8 +416,9 @@ async def test_every_write_fails_in_turn_and_every_line_still_ends_once(
     began = time.monotonic()
     try:
         with installed():
+            done: set[Site] = set()
             for scenario in SCENARIOS:
-                await exercise(scenario, tmp_path, url, endpoint, tally)
+                await exercise(scenario, tmp_path, url, endpoint, tally, done)
     finally:
         await runner.cleanup()
     covered = sum(tally.sites.values()) + sum(tally.after.values())

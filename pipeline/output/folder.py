@@ -104,6 +104,7 @@ def lock_folder(folder: Path) -> Iterator[None]:
         f = (folder / ".lock").open("a+")
     except OSError as e:
         raise stopped(folder, e) from None
+    taken = False
     try:
         try:
             taken = take_lock(f, folder)
@@ -122,8 +123,13 @@ def lock_folder(folder: Path) -> Iterator[None]:
             f.flush()
         yield
     finally:
-        with contextlib.suppress(OSError):
-            f.close()
+        try:
+            if taken:  # let go even if a forked child holds the file open too
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        finally:
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 def stopped(folder: Path, error: OSError | sqlite3.Error) -> RunStopped:
