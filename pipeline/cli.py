@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
-from pipeline.output.device import unwritable
+from pipeline.output.device import NO_LOCKS, no_locks, unwritable
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
@@ -304,6 +304,9 @@ def _merge(out: Path, *, partial: bool) -> int:
         print(f"pipeline merge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, sqlite3.Error) as e:  # each file is replaced whole: nothing half written
+        if isinstance(e, OSError) and e.errno in NO_LOCKS:  # a shard's lock, or OUT's
+            print(f"pipeline merge: error: {no_locks(out, e)}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"pipeline merge: stopped: {unwritable(out, e, again='to merge')}", file=sys.stderr)
         return EXIT_STOPPED
     print(merged)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+import pipeline
+from pipeline.cli import _merge, main
 from pipeline.output.device import Mount, device, mount_of
 from tests.conftest import bodies, write_jsonl
 from tests.test_crash import start, whole_lines
@@ -120,3 +121,23 @@ def test_the_filesystem_of_a_folder_is_named_from_the_mount_table(tmp_path: Path
     with tmpfs(tmp_path / "small", "64k"):
         assert mount_of(tmp_path / "small") == Mount(str(tmp_path / "small"), "tmpfs", "tmpfs")
         assert device(tmp_path / "small").startswith(f"tmpfs mounted at {tmp_path / 'small'}, ")
+        assert mount_of(tmp_path / "small" / "not" / "made") == mount_of(tmp_path / "small")
+
+
+async def test_a_merge_on_a_filesystem_without_locks_is_refused_naming_it(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    async with mock() as (url, _):
+        for k in (1, 2):
+            await pipeline.run(make_settings(url, bodies(6), output=out, shard=f"{k}/2"))
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert _merge(out, partial=False) == 2
+    err = capsys.readouterr().err
+    assert f"cannot lock {out}: its filesystem (" in err
+    assert "use a folder on a local disk for --output" in err
+    assert not (out / "results.jsonl").exists()

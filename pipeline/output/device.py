@@ -32,8 +32,17 @@ def _unescape(field: str) -> str:
     return field
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists (a folder not made yet is on its)."""
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return candidate
+    return path
+
+
 def mount_of(path: Path) -> Mount | None:
-    """The mount `path` lives on, or None where that cannot be told (not Linux, gone)."""
+    """The mount `path` lives on, or None where that cannot be told (not Linux)."""
+    path = _existing(path)
     try:
         dev = os.stat(path).st_dev
         real = os.path.realpath(path)
@@ -71,7 +80,7 @@ def device(path: Path) -> str:
     if mount is not None and mount.source not in ("none", mount.fstype, ""):
         where += f" ({mount.source})"
     with contextlib.suppress(OSError):
-        usage = shutil.disk_usage(path)
+        usage = shutil.disk_usage(_existing(path))
         where += f", {_size(usage.free)} of {_size(usage.total)} free"
     return where
 
