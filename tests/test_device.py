@@ -43,7 +43,8 @@ def tmpfs(path: Path, size: str) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["umount", str(path)], check=False, capture_output=True)
+        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
 async def test_a_full_disk_is_a_stop_and_the_same_command_resumes_once_there_is_room(
