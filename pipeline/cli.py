@@ -20,6 +20,7 @@ from pipeline import __version__
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
+from pipeline.output.device import unwritable
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
@@ -184,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
         help="write OUT's usage.json, report.md and report.html again, sending nothing",
         description="Rebuild the reports of an output folder from what it holds: a finished run, "
         "an interrupted or killed one, or a merged set of shards.",
-        epilog="exit status: 0 written; 2 not an output folder",
+        epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
     )
     report.add_argument("out", type=Path, help="the --output a run wrote to")
     cluster = sub.add_parser(
@@ -295,19 +296,15 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
 
 
 def _merge(out: Path, *, partial: bool) -> int:
-    from pipeline.output.merge import merge
+    from pipeline.output.merge import merge_or_stop
 
     try:
-        merged = merge(out, partial=partial)
+        merged = merge_or_stop(out, partial=partial)
     except SettingsError as e:
         print(f"pipeline merge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, sqlite3.Error) as e:  # a full disk, a folder not writable
-        print(
-            f"pipeline merge: stopped: cannot merge {out} ({getattr(e, 'strerror', None) or e}); fix that, "
-            "then merge again: each file is replaced whole or not at all",
-            file=sys.stderr,
-        )
+    except RunStopped as e:  # OUT or a shard cannot be written: each file is whole, old or new
+        print(f"pipeline merge: stopped: {e}", file=sys.stderr)
         return EXIT_STOPPED
     except KeyboardInterrupt:
         print(
@@ -329,6 +326,12 @@ def _report(out: Path) -> int:
     except SettingsError as e:
         print(f"pipeline report: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as e:
+        print(f"pipeline report: stopped: {unwritable(out, e, again='to redraw them')}", file=sys.stderr)
+        return EXIT_STOPPED
+    except RunStopped as e:
+        print(f"pipeline report: stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     print(
         f"Wrote {out}/report.html, report.md and usage.json: {len(doc['runs'])} run(s), "
         f"{doc['requests']['succeeded']:,} results, {doc['requests']['failed']:,} failures"

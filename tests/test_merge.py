@@ -310,7 +310,8 @@ def test_a_merge_that_cannot_write_stops_and_keeps_no_half_file(
     monkeypatch.setattr(os, "fsync", full)
     assert main(["merge", str(out)]) == 3
     said = capsys.readouterr().err
-    assert f"pipeline merge: stopped: cannot merge {out} (No space left on device)" in said
+    assert f"pipeline merge: stopped: cannot write to {out} (No space left on device" in said
+    assert "then run the same command again to merge" in said
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [".lock", ".merge.lock"]
     assert main(["merge", str(out)]) == 0  # once there is room
     assert_exactly_once(out, every)

@@ -33,7 +33,7 @@ from pipeline.cluster.nodes import check_nodes
 from pipeline.cluster.shard import MARK, run_shard
 from pipeline.errors import SettingsError
 from pipeline.output.folder import aside, atomic_write, lock_folder, move_aside
-from pipeline.output.merge import merge
+from pipeline.output.merge import merge_or_stop
 from pipeline.output.shards import shard_folders
 from pipeline.pace.actor import NAMESPACE
 from pipeline.run.progress import duration
@@ -293,5 +293,5 @@ def _end(
             if code in codes.values():
                 return code
         return EXIT_STOPPED
-    print(merge(out, partial=False))
+    print(merge_or_stop(out, partial=False))  # a folder that cannot be written: exit 3
     return max(codes.values())

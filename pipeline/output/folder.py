@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import os
 import shutil
 import socket
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
 from pipeline.account.books import Books
-from pipeline.errors import FolderBusy, SettingsError
+from pipeline.errors import FolderBusy, RunStopped, SettingsError
+from pipeline.output.device import NO_LOCKS, is_full, no_locks, unwritable
 from pipeline.output.ledger import OPEN_RUN, Ledger
 from pipeline.settings import Price
 
@@ -42,12 +45,12 @@ OUR_FILES = (
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace `path` whole or not at all: a temporary file, synced, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_lines(path, [data])
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def write_lines(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> int:
@@ -64,8 +67,7 @@ def write_lines(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> i
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk keeps no half copy of a big file
+        _remove(tmp)  # a full disk keeps no half copy of a big file
         raise
     return count
 
@@ -92,25 +94,94 @@ def move_aside(folder: Path) -> Path | None:
     return target
 
 
+def take_lock(f: IO[Any], folder: Path) -> bool:
+    """flock `f` (the folder's .lock) at once; False when another process holds it. A
+    filesystem that gives no locks is refused (exit 2), naming it and what to use instead."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in NO_LOCKS:
+            raise SettingsError(no_locks(folder, e)) from None
+        raise
+    return True
+
+
 @contextlib.contextmanager
 def lock_folder(folder: Path) -> Iterator[None]:
-    with (folder / ".lock").open("a+") as f:
+    """Hold the folder's lock. Failing to write the holder's name into it, or to let go of
+    it, is no matter: the lock is the flock, which closing the file releases."""
+    try:
+        f = (folder / ".lock").open("a+")
+    except OSError as e:
+        raise stopped(folder, e) from None
+    taken = False
+    try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            taken = take_lock(f, folder)
+        except OSError as e:
+            raise stopped(folder, e) from None
+        if not taken:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise FolderBusy(
                 f"another run is writing to {folder} ({holder}); wait for it or choose another --output"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
+            )
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+        yield
+    finally:
         try:
-            yield
+            if taken:  # let go even if a forked child holds the file open too
+                with contextlib.suppress(OSError):
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+def stopped(folder: Path, error: OSError | sqlite3.Error) -> RunStopped:
+    return RunStopped(unwritable(folder, error), code="output_unwritable")
+
+
+@contextlib.contextmanager
+def opened(folder: Path, fingerprint: dict[str, Any], *, fresh: bool = False) -> Iterator[Ledger]:
+    """The folder of a run: made, locked, its old files moved aside when `fresh`, its index
+    opened for this job. A write that fails here or in the run inside (OSError, sqlite3.Error)
+    is a stop naming the folder and its device; what a failure left half done in the index
+    is dropped, never committed (a run commits what it keeps as it goes)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_full(e) or e.errno == errno.EIO:
+            raise stopped(folder, e) from None
+        raise SettingsError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    with lock_folder(folder):
+        try:
+            if fresh:
+                move_aside(folder)
+            ledger = open_job(folder, fingerprint)
+        except sqlite3.DatabaseError as e:
+            if is_full(e) or "I/O" in str(e):
+                raise stopped(folder, e) from None
+            raise RunStopped(
+                f"cannot open {folder / LEDGER} ({e}); is the folder writable? Moving the file aside "
+                "rebuilds it from results.jsonl",
+                code="output_unwritable",
+            ) from None
+        except (OSError, sqlite3.Error) as e:
+            raise stopped(folder, e) from None
+        try:
+            yield ledger
+        except (OSError, sqlite3.Error) as e:  # full, failing, read-only, gone
+            raise stopped(folder, e) from None
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                ledger.close(commit=False)
 
 
 def _valid_result(raw: bytes) -> dict[str, Any] | None:
@@ -131,7 +202,18 @@ def _valid_result(raw: bytes) -> dict[str, Any] | None:
 
 def reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
     """Bring the index up to results.jsonl after any crash: index the lines it has not seen,
-    and cut out torn or duplicate lines. Returns (lines indexed, lines removed)."""
+    and cut out torn or duplicate lines. Returns (lines indexed, lines removed). All of it is
+    committed at once or none of it: indexed ids without the offset that covers their lines
+    would make the next repair cut those lines as copies."""
+    try:
+        return _reconcile(folder, ledger, books)
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            ledger.rollback()
+        raise
+
+
+def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
     path = folder / RESULTS
     offset = int(ledger.get("results_offset") or 0)
     size = path.stat().st_size if path.exists() else 0
@@ -180,7 +262,7 @@ def repair(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int, int]:
     from the ledger (what is failed now: a killed run had rewritten it, then appended). The
     run is no longer open. Returns (lines indexed, lines cut, failures listed)."""
     indexed, cut = reconcile(folder, ledger, books)
-    listed = write_lines(folder / ERRORS, ledger.failures(), suffix="repair")
+    listed = write_lines(folder / ERRORS, (record for _, _, record in ledger.failures()), suffix="repair")
     ledger.put(OPEN_RUN, None)
     ledger.commit()
     return indexed, cut, listed
@@ -207,19 +289,23 @@ def _cut(path: Path, bad: list[tuple[int, int]]) -> None:
             os.fsync(f.fileno())
         return
     tmp = path.with_name(f".{path.name}.repair")
-    with path.open("rb") as src, tmp.open("wb") as dst:
-        pos = 0
-        for start, end in [*bad, (size, size)]:
-            remaining = start - pos
-            while remaining > 0:
-                block = src.read(min(remaining, 1 << 20))
-                dst.write(block)
-                remaining -= len(block)
-            src.seek(end)
-            pos = end
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
+    try:
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            pos = 0
+            for start, end in [*bad, (size, size)]:
+                remaining = start - pos
+                while remaining > 0:
+                    block = src.read(min(remaining, 1 << 20))
+                    dst.write(block)
+                    remaining -= len(block)
+                src.seek(end)
+                pos = end
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def _shown(value: Any) -> str:
@@ -247,15 +333,22 @@ def open_job(folder: Path, fingerprint: dict[str, Any]) -> Ledger:
     """The folder's index, for this job: a folder that holds another job's outputs is refused,
     naming what differs, so that two jobs' results never mix."""
     ledger = Ledger(folder / LEDGER)
-    recorded = ledger.get("job")
+    try:
+        recorded = ledger.get("job")
+        if recorded is None:
+            ledger.put("job", fingerprint)
+            ledger.commit()
+            return ledger
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            ledger.close(commit=False)
+        raise
     if isinstance(recorded, dict) and isinstance(recorded.get("request"), dict):
         # Folders made before the model left `request` (it is the fingerprint's `model`).
         recorded["request"] = {k: v for k, v in recorded["request"].items() if k != "model"}
-    if recorded is None:
-        ledger.put("job", fingerprint)
-        ledger.commit()
-    elif recorded != fingerprint:
-        ledger.close()
+    if recorded != fingerprint:
+        with contextlib.suppress(sqlite3.Error):
+            ledger.close(commit=False)
         changed = differences(recorded, fingerprint)
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise SettingsError(

@@ -14,6 +14,11 @@ the results file cannot say. Tables:
 The index is committed only after the results file is synced up to `results_offset`, so
 after any crash the index is behind the file, never ahead; `reconcile` reads the tail the
 index has not seen yet. A result is therefore never forgotten (paid twice) nor invented.
+
+Nothing is committed but by `commit`, whole: a step that fails part way is rolled back
+(`rollback`), and no write ever runs outside a transaction, even after SQLite rolled one back
+by itself (it may, after an I/O error or a full disk). Else a done id could be committed
+without the offset that goes with it, and `reconcile` would then cut its line as a copy.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._prepare()
+            self.done_count = self._count("done")
+            self.failed_count = self._count("failed")
+        except BaseException:
+            self._db.close()  # left open, it would keep a write lock in a long-lived process
+            raise
+        self._committed_done = self.done_count
+
+    def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL: a commit may be lost on power failure, but the file is never corrupt;
         # losing a commit only puts the index further behind results.jsonl, which is safe.
@@ -54,22 +69,45 @@ class Ledger:
         self._db.execute("CREATE TEMP TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, line INTEGER)")
         self._db.execute("CREATE TEMP TABLE IF NOT EXISTS copies (base TEXT PRIMARY KEY, n INTEGER)")
         self._db.execute("BEGIN")
-        self.done_count = self._count("done")
-        self.failed_count = self._count("failed")
 
     def _count(self, table: str) -> int:
         row = self._db.execute(f"SELECT count(*) FROM {table}").fetchone()
         return int(row[0])
 
-    def close(self) -> None:
+    def close(self, *, commit: bool = True) -> None:
+        """Close; with `commit=False` what was not committed is dropped."""
         try:
-            self._db.execute("COMMIT")
+            if commit and self._db.in_transaction:
+                self._db.execute("COMMIT")
         finally:
             self._db.close()
 
     def commit(self) -> None:
-        self._db.execute("COMMIT")
-        self._db.execute("BEGIN")
+        """Commit all since the last commit, or (raising) nothing of it."""
+        try:
+            self._db.execute("COMMIT")
+            self._committed_done = self.done_count
+            self._db.execute("BEGIN")
+        except BaseException:
+            self.rollback()
+            raise
+
+    def rollback(self) -> None:
+        """Forget all since the last commit. Should even that fail, the connection is closed
+        (which rolls back too): every later call then fails, and nothing more is committed."""
+        self.done_count = self._committed_done
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _begun(self) -> sqlite3.Connection:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN")
+        return self._db
 
     # -- meta ------------------------------------------------------------------------------
 
@@ -78,7 +116,9 @@ class Ledger:
         return None if row is None else orjson.loads(row[0])
 
     def put(self, key: str, value: Any) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, orjson.dumps(value)))
+        self._begun().execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, orjson.dumps(value))
+        )
 
     # -- the reader's questions --------------------------------------------------------------
 
@@ -89,7 +129,7 @@ class Ledger:
 
     def see(self, custom_id: str, line: int) -> int | None:
         """Note an id read on `line`; if it was read before in this run, the earlier line."""
-        cur = self._db.execute("INSERT OR IGNORE INTO seen (id, line) VALUES (?, ?)", (custom_id, line))
+        cur = self._begun().execute("INSERT OR IGNORE INTO seen (id, line) VALUES (?, ?)", (custom_id, line))
         if cur.rowcount:
             return None
         row = self._db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
@@ -104,34 +144,34 @@ class Ledger:
         n = (int(row[0]) if row else 1) + 1
         while self.see(f"{base}-{n}", line) is not None:
             n += 1
-        self._db.execute("INSERT OR REPLACE INTO copies (base, n) VALUES (?, ?)", (base, n))
+        self._begun().execute("INSERT OR REPLACE INTO copies (base, n) VALUES (?, ?)", (base, n))
         return f"{base}-{n}"
 
     # -- the writer's records ----------------------------------------------------------------
 
     def add_done(self, ids: Iterable[str]) -> int:
         """Index ids as done; returns how many were new."""
-        cur = self._db.executemany("INSERT OR IGNORE INTO done (id) VALUES (?)", ((i,) for i in ids))
+        cur = self._begun().executemany("INSERT OR IGNORE INTO done (id) VALUES (?)", ((i,) for i in ids))
         added = max(cur.rowcount, 0)
         self.done_count += added
         return added
 
     def clear_done(self) -> None:
-        self._db.execute("DELETE FROM done")
+        self._begun().execute("DELETE FROM done")
         self.done_count = 0
 
     def add_failed(self, rows: Iterable[tuple[str, int, str, bytes]]) -> None:
-        self._db.executemany(
+        self._begun().executemany(
             "INSERT OR REPLACE INTO failed (key, line, kind, stale, record) VALUES (?, ?, ?, 0, ?)",
             rows,
         )
 
     def drop_failed(self, keys: Iterable[str]) -> None:
-        self._db.executemany("DELETE FROM failed WHERE key = ?", ((k,) for k in keys))
+        self._begun().executemany("DELETE FROM failed WHERE key = ?", ((k,) for k in keys))
 
     def start_run(self) -> None:
         """Mark every listed failure as stale until this run meets it again."""
-        self._db.execute("DELETE FROM seen")
+        self._begun().execute("DELETE FROM seen")
         self._db.execute("DELETE FROM copies")
         self._db.execute("UPDATE failed SET stale = 1")
         self.commit()
@@ -139,7 +179,9 @@ class Ledger:
     def forget_stale(self, last_line: int) -> None:
         """After reading up to `last_line`: drop input errors not found again, and
         request failures whose id is no longer in the input."""
-        self._db.execute("DELETE FROM failed WHERE kind = 'input' AND stale = 1 AND line <= ?", (last_line,))
+        self._begun().execute(
+            "DELETE FROM failed WHERE kind = 'input' AND stale = 1 AND line <= ?", (last_line,)
+        )
         self._db.execute(
             "DELETE FROM failed WHERE kind = 'request' AND stale = 1 AND line <= ? "
             "AND key NOT IN (SELECT id FROM seen)",
@@ -150,10 +192,10 @@ class Ledger:
         self.failed_count = self._count("failed")
         return self.failed_count
 
-    def failures(self) -> Iterator[bytes]:
-        """The error lines errors.jsonl should hold now, in input order."""
-        for (record,) in self._db.execute("SELECT record FROM failed ORDER BY line, key"):
-            yield bytes(record)
+    def failures(self) -> Iterator[tuple[int, str, bytes]]:
+        """The error lines errors.jsonl should hold now, in input order: (line, key, record)."""
+        for line, key, record in self._db.execute("SELECT line, key, record FROM failed ORDER BY line, key"):
+            yield int(line), str(key), bytes(record)
 
     def failed_rows(self) -> Iterator[tuple[int, str, str, bytes]]:
         """The same, with each line's number, key (see `writer.failure_key`) and kind."""

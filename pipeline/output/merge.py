@@ -25,6 +25,7 @@ import fcntl
 import heapq
 import os
 import socket
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,7 +35,8 @@ from typing import BinaryIO
 
 import orjson
 
-from pipeline.errors import FolderBusy, SettingsError
+from pipeline.errors import FolderBusy, RunStopped, SettingsError
+from pipeline.output.device import NO_LOCKS, no_locks, unwritable
 from pipeline.output.folder import ERRORS, LEDGER, RESULTS, differences, lock_folder, write_lines
 from pipeline.output.ids import IdIndex
 from pipeline.output.ledger import Ledger
@@ -214,3 +216,15 @@ def merge(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say
         state = {"succeeded": results, "failed": errors, "pending": pending, "lines": lines}
         write_reports(out, usage_document(usage, state=state, folder=out), Redactor(None))
     return Merged(out, len(shards), results, errors, pending, problems, repaired, dict(dropped))
+
+
+def merge_or_stop(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say) -> Merged:
+    """`merge`, with a folder that fails it said as the errors commands end on: one that
+    cannot be written stops (`RunStopped`, exit 3: merge again once it can), one whose
+    filesystem gives no locks is wrong (`SettingsError`, exit 2)."""
+    try:
+        return merge(out, partial=partial, say=say)
+    except (OSError, sqlite3.Error) as e:  # each file is replaced whole: nothing half written
+        if isinstance(e, OSError) and e.errno in NO_LOCKS:  # a shard's lock, or OUT's
+            raise SettingsError(no_locks(out, e)) from None
+        raise RunStopped(unwritable(out, e, again="to merge"), code="output_unwritable") from None

@@ -9,26 +9,33 @@
 A crash can tear at most the last line of results.jsonl; `folder.reconcile` repairs it (and
 any line the index has not seen) before a run starts, so no result is read twice or lost.
 Results come in the order they finish, not in input order: `custom_id` ties each to its line.
+
+A write that fails (a full disk, a failing one) stops the run, and loses nothing: what
+could not be written is kept in memory and tried again, line by line, before the run ends;
+ids leave the queue for the index only once a commit holds them; and after a failed fsync
+nothing more is committed in this run (Linux may have dropped the pages it could not write,
+and says so only once), so the next run's repair reads from the last offset known good.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
-import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.account.books import Books
-from pipeline.input import jsonl
 from pipeline.job import Failure, Outcome, Success
 from pipeline.output.folder import ERRORS, RESULTS
 from pipeline.output.ledger import Ledger
+from pipeline.output.lines import Redactor as Redactor
+from pipeline.output.lines import error_line, failure_key, result_line
 
 SYNC_EVERY = 1.0  # seconds
 
@@ -44,74 +51,41 @@ def _append(fd: int, data: bytes, size: int) -> int:
     try:
         while view:
             view = view[os.write(fd, view) :]
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)
         raise
     return size + len(data)
 
 
-def _result_line(success: Success) -> bytes:
-    reply = success.reply
-    # The body's own bytes are copied in as they came; parsed and re-encoded only when they
-    # span lines or the line must go through the slow, lossless encoder (see `jsonl`).
-    body: Any = orjson.Fragment(reply.raw) if reply.raw is not None else reply.body
-    line: dict[str, Any] = {
-        "id": "batch_req_" + os.urandom(12).hex(),
-        "custom_id": success.request.custom_id,
-        "response": {"status_code": reply.status, "request_id": reply.request_id, "body": body},
-        "error": None,
-    }
-    if success.parsed is not None:
-        line["parsed"] = success.parsed
-    if success.request.metadata is not None:
-        line["metadata"] = success.request.metadata
-    try:
-        return orjson.dumps(line) + b"\n"
-    except TypeError:
-        line["response"]["body"] = reply.body
-        return jsonl.dumps(line) + b"\n"
+class _File:
+    """An output file appended to: its descriptor, and the size its whole lines end at."""
 
+    def __init__(self, path: Path) -> None:
+        self.fd = _open_append(path)
+        try:
+            self.size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.torn = False  # a failed append left bytes it could not cut: append no more
 
-def _error_line(failure: Failure) -> bytes:
-    error: dict[str, Any] = {"code": failure.code, "message": failure.message, **failure.extra}
-    response = None
-    if failure.status is not None or failure.body is not None:
-        response = {"status_code": failure.status, "request_id": failure.request_id, "body": failure.body}
-    line: dict[str, Any] = {
-        "id": None,
-        "custom_id": failure.custom_id,
-        "response": response,
-        "error": error,
-        "line": failure.line,
-        "attempts": failure.attempts,
-    }
-    if failure.metadata is not None:
-        line["metadata"] = failure.metadata
-    return jsonl.dumps(line, option=orjson.OPT_NON_STR_KEYS) + b"\n"
+    def append(self, data: bytes) -> None:
+        if self.torn:
+            raise OSError(f"a failed write left bytes that could not be cut from descriptor {self.fd}")
+        try:
+            self.size = _append(self.fd, data, self.size)
+        except OSError:
+            try:
+                self.torn = os.fstat(self.fd).st_size != self.size
+            except OSError:
+                self.torn = True
+            raise
 
-
-def failure_key(failure: Failure) -> str:
-    # Input errors are keyed by line: the same id may be bad twice (a duplicate), and a
-    # fixed line must stop being listed even if its id changed.
-    if failure.is_input_error or failure.custom_id is None:
-        return f"line:{failure.line}"
-    return failure.custom_id
-
-
-class Redactor:
-    """Removes the API key from anything written out, should a server ever echo it."""
-
-    def __init__(self, secret: str | None) -> None:
-        self._secret = secret.encode() if secret and len(secret) >= 6 else None
-
-    def __call__(self, data: bytes) -> bytes:
-        if self._secret is not None and self._secret in data:
-            return data.replace(self._secret, b"[REDACTED]")
-        return data
-
-    def text(self, text: str) -> str:
-        return self(text.encode()).decode()
+    def close(self) -> None:
+        fd, self.fd, self.torn = self.fd, -1, True
+        if fd >= 0:
+            os.close(fd)
 
 
 class Writer:
@@ -123,22 +97,27 @@ class Writer:
         redact: Redactor,
     ) -> None:
         self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
-        self.on_broken: Callable[[OSError], None] | None = None  # the folder took no more
-        self.broken: OSError | None = None
+        self.on_broken: Callable[[BaseException], None] | None = None  # the folder took no more
+        self.broken: OSError | sqlite3.Error | None = None  # the first write that failed
         self.folder = folder
         self.ledger = ledger
         self.books = books
         self.redact = redact
         self.written = 0  # outcomes written in this run
+        self.unwritten: list[Outcome] = []  # arrived, but a write failed: tried again at the end
         # Plain descriptors, not buffered files: one write per batch, nothing held back that
         # a failed write could leave half-flushed later.
-        self._results = _open_append(folder / RESULTS)
-        self._errors = _open_append(folder / ERRORS)
-        self._results_size = os.fstat(self._results).st_size
-        self._errors_size = os.fstat(self._errors).st_size
+        self._results = _File(folder / RESULTS)
+        try:
+            self._errors = _File(folder / ERRORS)
+        except BaseException:
+            self._results.close()
+            raise
+        # What the files hold that the index does not yet, in the order written.
         self._done: list[str] = []
         self._succeeded_keys: list[str] = []
         self._failed: list[tuple[str, int, str, bytes]] = []
+        self._trusted = True  # no fsync has failed in this run
         self._lock = anyio.Lock()
         self.drained = anyio.Event()  # set once every sender has closed and all is written
         self._last_sync = time.monotonic()
@@ -147,27 +126,49 @@ class Writer:
 
     def write(self, outcomes: list[Outcome]) -> None:
         """Append the outcomes' lines; only once they are in the files are they counted and
-        queued for the index, so a failed write (a full disk) records nothing false."""
+        queued for the index, so a failed write (a full disk) records nothing false. What a
+        failed write did not take is kept in `unwritten`, and the error raised."""
         successes = [o for o in outcomes if isinstance(o, Success)]
         failures = [o for o in outcomes if isinstance(o, Failure)]
-        if successes:
-            lines = [self.redact(_result_line(s)) for s in successes]
-            self._results_size = _append(self._results, b"".join(lines), self._results_size)
-            for success in successes:
-                self.books.kept(success)
-                self._done.append(success.request.custom_id)
-                if self.ledger.failed_count:
-                    self._succeeded_keys.append(success.request.custom_id)
-        if failures:
-            lines = [self.redact(_error_line(f)) for f in failures]
-            self._errors_size = _append(self._errors, b"".join(lines), self._errors_size)
-            for failure, line in zip(failures, lines, strict=True):
-                self.books.failed(failure)
-                kind = "input" if failure.is_input_error else "request"
-                self._failed.append((failure_key(failure), failure.line, kind, line))
-                if failure.is_input_error and self.on_input_error is not None:
-                    self.on_input_error(failure)
-        self.written += len(outcomes)
+        try:
+            if successes:
+                self._write_successes(successes)
+        except OSError:
+            self.unwritten += outcomes
+            raise
+        try:
+            if failures:
+                self._write_failures(failures)
+        except OSError:
+            self.unwritten += failures
+            raise
+
+    def _write_successes(self, successes: list[Success]) -> None:
+        self._results.append(b"".join(self.redact(result_line(s)) for s in successes))
+        for success in successes:
+            self.books.kept(success)
+            self._done.append(success.request.custom_id)
+            if self.ledger.failed_count:
+                self._succeeded_keys.append(success.request.custom_id)
+        self.written += len(successes)
+
+    def _write_failures(self, failures: list[Failure]) -> None:
+        lines = [self.redact(error_line(f)) for f in failures]
+        self._errors.append(b"".join(lines))
+        for failure, line in zip(failures, lines, strict=True):
+            self.books.failed(failure)
+            kind = "input" if failure.is_input_error else "request"
+            self._failed.append((failure_key(failure), failure.line, kind, line))
+            if failure.is_input_error and self.on_input_error is not None:
+                self.on_input_error(failure)
+        self.written += len(failures)
+
+    def fail(self, error: OSError | sqlite3.Error) -> None:
+        """A write to the folder failed: the run is told, and stops dispatching."""
+        if self.broken is None:
+            self.broken = error
+        if self.on_broken is not None:
+            self.on_broken(error)
 
     async def consume(self, outcomes: MemoryObjectReceiveStream[Outcome]) -> None:
         """Write everything the workers and the reader send, until they all close."""
@@ -179,13 +180,14 @@ class Writer:
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
                 if self.broken is not None:
-                    continue  # the folder cannot take more: drain, so nobody waits on us
+                    # The folder takes no more for now: keep what arrives (bounded by what
+                    # was in flight, as nothing new is sent) and drain, so nobody waits on us.
+                    self.unwritten += batch
+                    continue
                 try:
                     self.write(batch)
                 except OSError as e:
-                    self.broken = e
-                    if self.on_broken is not None:
-                        self.on_broken(e)
+                    self.fail(e)
                     continue
                 if time.monotonic() - self._last_sync >= SYNC_EVERY:
                     await self.checkpoint()
@@ -199,45 +201,107 @@ class Writer:
                 await self.checkpoint()
 
     async def checkpoint(self) -> None:
-        """Sync the files, then let the index catch up to what is now on disk."""
+        """Sync the files, then let the index catch up to what is now on disk: in one commit,
+        or not at all (the ids stay queued for the next checkpoint)."""
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 self._last_sync = time.monotonic()
+                if not self._trusted:
+                    return
                 # One snapshot: what the files hold now, and the usage that counts exactly
                 # that. The writer may append more while the sync runs; that waits for next time.
-                done, self._done = self._done, []
-                succeeded, self._succeeded_keys = self._succeeded_keys, []
-                failed, self._failed = self._failed, []
-                offset = self._results_size
+                done, succeeded, failed = len(self._done), len(self._succeeded_keys), len(self._failed)
+                offset = self._results.size
                 usage = self.books.usage.state()
-                await anyio.to_thread.run_sync(self._sync_files)
-                self.ledger.add_done(done)
-                self.ledger.add_failed(failed)
-                self.ledger.drop_failed(succeeded)
-                self.ledger.put("results_offset", offset)
-                self.ledger.put("usage", usage)
-                self.ledger.commit()
+                try:
+                    await anyio.to_thread.run_sync(self._sync_files)
+                except OSError as e:
+                    self._trusted = False
+                    self.fail(e)
+                    return
+                try:
+                    self.ledger.add_done(self._done[:done])
+                    self.ledger.add_failed(self._failed[:failed])
+                    self.ledger.drop_failed(self._succeeded_keys[:succeeded])
+                    self.ledger.put("results_offset", offset)
+                    self.ledger.put("usage", usage)
+                    self.ledger.commit()
+                except BaseException as e:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.ledger.rollback()
+                    if not isinstance(e, sqlite3.Error):
+                        raise
+                    self.fail(e)
+                    return
+                del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
 
     def _sync_files(self) -> None:
-        os.fsync(self._results)
-        os.fsync(self._errors)
+        os.fsync(self._results.fd)
+        os.fsync(self._errors.fd)
+
+    async def settle(self) -> None:
+        """Before the run ends: write what arrived but could not be written, line by line
+        (a line may fit where a batch did not, and a full disk may have room again), then
+        bring the index up to date."""
+        waiting, self.unwritten = self.unwritten, []
+        for outcome in waiting:
+            with contextlib.suppress(OSError):
+                self.write([outcome])
+        await self.checkpoint()
+
+    @property
+    def behind(self) -> bool:
+        """Whether the files hold lines of this run that the index does not."""
+        return not self._trusted or bool(self._done or self._failed or self._succeeded_keys)
+
+    @property
+    def results_kept(self) -> int:
+        """Results in results.jsonl now, indexed or not."""
+        return self.ledger.done_count + len(self._done)
+
+    @property
+    def answers_lost(self) -> int:
+        """Answers that arrived but are in no file: they will be asked for again."""
+        return sum(isinstance(o, Success) for o in self.unwritten)
 
     def close(self) -> None:
-        os.close(self._results)
-        os.close(self._errors)
+        try:
+            self._results.close()
+        finally:
+            self._errors.close()
+
+    def _failures_now(self) -> Iterator[bytes]:
+        """The index's failures, and those it does not hold yet; none of an id that has
+        succeeded since, in input order."""
+        waiting = {key: (line, record) for key, line, _, record in self._failed}
+        gone = set(self._succeeded_keys) | waiting.keys()
+        listed = ((line, key, record) for line, key, record in self.ledger.failures() if key not in gone)
+        mine = sorted((line, key, record) for key, (line, record) in waiting.items())
+        for _, _, record in heapq.merge(listed, mine):
+            yield record
 
     def rewrite_errors(self) -> int:
         """errors.jsonl := what is failed now, in input order (atomically)."""
-        os.close(self._errors)
         count = 0
+        path = self.folder / ERRORS
         tmp = self.folder / f".{ERRORS}.tmp"
-        with tmp.open("wb") as f:
-            for record in self.ledger.failures():
-                f.write(record)
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / ERRORS)
-        self._errors = _open_append(self.folder / ERRORS)
-        self._errors_size = os.fstat(self._errors).st_size
+        try:
+            with tmp.open("wb") as f:
+                for record in self._failures_now():
+                    f.write(record)
+                    count += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        try:
+            fresh = _File(path)
+        except BaseException:
+            self._errors.torn = True  # it holds the file just replaced: what it took is lost
+            raise
+        old, self._errors = self._errors, fresh
+        old.close()
         return count

@@ -28,7 +28,8 @@ from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.reader import LineParser, ReadCounts, feed
 from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
-from pipeline.output.folder import LEDGER, lock_folder, move_aside, open_job, open_run_mark, reconcile
+from pipeline.output.device import unwritable
+from pipeline.output.folder import open_run_mark, opened, reconcile
 from pipeline.output.ledger import OPEN_RUN, Ledger
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import MARGIN, RateFinder
@@ -38,7 +39,7 @@ from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
 from pipeline.run.host import Host
 from pipeline.run.progress import Progress
-from pipeline.run.summary import EXIT_OK, EXIT_STOPPED, Summary, exit_status
+from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Summary, exit_status
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
@@ -65,32 +66,8 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
     check_input(settings.input)
     api_key = _check_key(settings)
     raise_open_files(settings.concurrency)
-    try:
-        settings.folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SettingsError(f"cannot create the output folder {settings.folder}: {e.strerror}") from None
-    with lock_folder(settings.folder):
-        if settings.fresh:
-            move_aside(settings.folder)
-        try:
-            ledger = open_job(settings.folder, settings.fingerprint())
-        except sqlite3.Error as e:
-            raise RunStopped(
-                f"cannot open {settings.folder / LEDGER} ({e}); is the folder writable? Moving the "
-                "file aside rebuilds it from results.jsonl",
-                code="output_unwritable",
-            ) from None
-        try:
-            return await _run(settings, ledger, api_key, host or Host())
-        except OSError as e:  # the output folder: full, read-only, gone
-            raise RunStopped(
-                f"cannot write to {settings.folder} ({e.strerror or e}); fix that, then run the "
-                "same command again: what was written is kept",
-                code="output_unwritable",
-            ) from None
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                ledger.close()
+    with opened(settings.folder, settings.fingerprint(), fresh=bool(settings.fresh)) as ledger:
+        return await _run(settings, ledger, api_key, host or Host())
 
 
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
@@ -133,7 +110,12 @@ class Run:
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
         self.writer = Writer(settings.folder, ledger, self.books, self.redact)
-        self.writer.rewrite_errors()
+        try:
+            self.writer.rewrite_errors()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            raise
         self.counts = ReadCounts()
         self.control = Control(grace=settings.grace)
         # Exact token counts load a 45 MB vocabulary: only where a token budget needs them.
@@ -242,14 +224,19 @@ class Run:
                 )
             except RunStopped as e:  # the input cannot be read on
                 self.control.stop(e)
+            except sqlite3.Error as e:  # the ledger's note of the ids read: a full disk, a failing one
+                with contextlib.suppress(sqlite3.Error):
+                    self.ledger.rollback()
+                self.writer.fail(e)
 
-    def _broken(self, error: OSError) -> None:
-        self.control.stop(
-            RunStopped(
-                f"cannot write to {self.settings.folder} ({error.strerror or error}); free some space "
-                "or fix the folder, then run the same command again: what was written is kept",
-                code="output_unwritable",
-            )
+    def _broken(self, error: BaseException) -> None:
+        self.control.stop(RunStopped(unwritable(self.settings.folder, error), code="output_unwritable"))
+
+    def _unwritable_note(self, error: BaseException) -> str:
+        """How a run that could not write its folder ends: what it kept, and what it lost."""
+        writer = self.writer
+        return unwritable(
+            self.settings.folder, error, kept=writer.results_kept, unwritten=writer.answers_lost
         )
 
     async def _count_total(self) -> None:
@@ -259,16 +246,27 @@ class Run:
     async def close(self) -> int:
         """Write everything down; returns how many lines errors.jsonl lists now."""
         self.progress.close()
-        await self.writer.checkpoint()
-        if self.counts.finished:
-            self.ledger.forget_stale(self.counts.read)
+        writer = self.writer
         try:
-            failed_now = self.writer.rewrite_errors()
-        except OSError as e:  # the folder is full: the ledger still knows what failed
-            self.writer.broken = self.writer.broken or e
-            failed_now = self.ledger.count_failed()
-        self.writer.close()
-        return failed_now
+            await writer.settle()
+            # Not after a failed write: a rollback may have taken back ids the reader noted.
+            if self.counts.finished and writer.broken is None:
+                try:
+                    self.ledger.forget_stale(self.counts.read)
+                except sqlite3.Error as e:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.ledger.rollback()
+                    writer.fail(e)
+            try:
+                return writer.rewrite_errors()
+            except (OSError, sqlite3.Error) as e:  # the folder is full: the ledger still knows
+                writer.fail(e)
+                with contextlib.suppress(sqlite3.Error):
+                    return self.ledger.count_failed()
+                return self.ledger.failed_count
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
 
     def finish(self, failed_now: int) -> Summary:
         settings, control, counts, usage = self.settings, self.control, self.counts, self.usage
@@ -296,6 +294,8 @@ class Run:
             )
         elif code == EXIT_OK and counts.finished and requests == counts.skipped:
             note = f"nothing left to do: all {requests:,} lines were done by earlier runs into this folder"
+        if self.writer.broken is not None and code != EXIT_INTERRUPTED:
+            code, note = EXIT_STOPPED, self._unwritable_note(self.writer.broken)
         note = self.redact.text(note)
         record: dict[str, Any] = {
             "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
@@ -317,11 +317,17 @@ class Run:
             record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
         usage.timeline.finish()
         usage.runs.append(record)
-        self.ledger.put("usage", usage.state())
-        self.ledger.put(OPEN_RUN, None)
-        self.ledger.commit()
+        try:
+            self.ledger.put("usage", self._usage_to_keep())
+            self.ledger.put(OPEN_RUN, None)
+            self.ledger.commit()
+        except sqlite3.Error as e:
+            self.writer.fail(e)
+            if code != EXIT_INTERRUPTED:
+                code, note = EXIT_STOPPED, self._unwritable_note(self.writer.broken or e)
+                record.update(exit=code, note=note)
         state = {
-            "succeeded": self.ledger.done_count,
+            "succeeded": self.writer.results_kept,
             "failed": failed_now,
             "pending": pending,
             "lines": total,
@@ -337,7 +343,7 @@ class Run:
             # The run's record says how it ended, so the next report tells the same story.
             record.update(exit=code, note=note)
             with contextlib.suppress(sqlite3.Error):
-                self.ledger.put("usage", usage.state())
+                self.ledger.put("usage", self._usage_to_keep())
                 self.ledger.commit()
         return Summary(
             exit_code=code,
@@ -351,6 +357,16 @@ class Run:
             usage=doc,
             own_model=self.parser.own_model,
         )
+
+    def _usage_to_keep(self) -> dict[str, Any]:
+        """The usage to commit with the run's record. When the index lacks lines this run
+        wrote (a checkpoint failed), the usage committed with the index, which the next run's
+        repair adds those lines to: committing ours would count them twice."""
+        if not self.writer.behind:
+            return self.usage.state()
+        kept = Usage.from_state(self.ledger.get("usage"))
+        kept.runs = self.usage.runs
+        return kept.state()
 
 
 def loop_options() -> dict[str, Any]:
