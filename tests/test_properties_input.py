@@ -29,7 +29,7 @@ from pipeline.input.images import encode
 from pipeline.input.reader import LineParser, ReadCounts, read_requests
 from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
-from pipeline.output.writer import _error_line, _result_line
+from pipeline.output.lines import error_line, result_line
 from pipeline.settings import build
 from tests.strategies import deep, dumps, sometimes
 
@@ -225,7 +225,7 @@ def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
         assert item.line == 7
         assert isinstance(item.message, str)
         assert 0 < len(item.message) < 1000, "a message names what is wrong, it does not quote the line"
-        line = _error_line(item)  # what errors.jsonl gets
+        line = error_line(item)  # what errors.jsonl gets
         assert b"\n" not in line[:-1]
         json.loads(line)
         return item
@@ -236,7 +236,7 @@ def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
         with contextlib.suppress(InputError):
             encode(image)  # what the worker does just before the first attempt
     reply = Reply(body={"choices": []}, raw=None)
-    line = _result_line(Success(request=item, reply=reply, attempts=1))  # what results.jsonl gets
+    line = result_line(Success(request=item, reply=reply, attempts=1))  # what results.jsonl gets
     assert b"\n" not in line[:-1]
     json.loads(line)
     return item

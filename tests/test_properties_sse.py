@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pipeline.account.usage import answer_tokens
 from pipeline.errors import RequestError
 from pipeline.job import Reply, Request, Success
-from pipeline.output.writer import _result_line
+from pipeline.output.lines import result_line
 from pipeline.send.sse import assemble
 from tests.strategies import deep, dumps, sometimes
 
@@ -255,5 +255,5 @@ def test_any_stream_is_a_completion_or_a_typed_error(pieces: list[bytes]) -> Non
     # What the run does with it: count its tokens, write its line.
     answer_tokens(body)
     request = Request(custom_id="a", line=1, payload=b"{}")
-    line = _result_line(Success(request=request, reply=Reply(body=body, raw=None), attempts=1))
+    line = result_line(Success(request=request, reply=Reply(body=body, raw=None), attempts=1))
     assert orjson.loads(line)["response"]["body"]["choices"]
