@@ -223,10 +223,9 @@ class SharedPacer(Pacer):
             at = max(at, self._tokens_from)
         return at
 
-    def _take(self, tokens: int, start: float) -> None:
+    def _take(self, tokens: int, start: float) -> int:
         if self.alone:
-            super()._take(tokens, start)
-            return
+            return super()._take(tokens, start)
         if self.shared and self._slots:
             self._last_start = self._slots.popleft()
             if self._solo_until:
@@ -237,8 +236,10 @@ class SharedPacer(Pacer):
                     self._next_request = max(self._next_request, start) + 1.0 / share
             if len(self._slots) < self._lease() / 2:
                 self._ask(starts=True)  # the next lease before this one runs out
-        if self.given_tokens and tokens:
-            self._tokens -= tokens
+        if not (self.given_tokens and tokens):
+            return 0
+        self._tokens -= tokens
+        return tokens
 
     def _lease(self) -> int:
         """Starts to ask for at once: a tenth of a second of the account's rate, split among
