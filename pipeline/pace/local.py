@@ -3,7 +3,8 @@
 Two budgets, each a virtual clock in the manner of GCRA (the ATM Forum's generic cell rate
 algorithm): `_next_request` is the earliest time the next request may start, and advances by
 one interval per start; `_next_token` does the same in token units, advanced by each
-request's reserved estimate and moved back or forth by `settle` once the real usage is known.
+request's reserved estimate, and by `settle` once the server's count is known: further for an
+answer that used more, back for a request it did not count (the gate's rule, `pipeline.pace.gate`).
 A request waits until both clocks and any pool-wide pause allow it.
 
 Waiting is by awaiting: waiters sit in one FIFO queue and one loop timer, set for the exact
