@@ -395,6 +395,6 @@ class SharedPacer(Pacer):
             self.say(f"pipeline: the shared limit's store {self.shown} is back; pacing together again")
 
     def _described(self) -> str:
-        if not self.shared:
-            return "no pace found yet"
-        return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
+        n, paces = max(self.members, 1), ((self.shared, "requests"), (self.given_tokens, "tokens"))
+        said = [f"{r * 60 / n:,.0f} {what} a minute of {r * 60:,.0f}" for r, what in paces if r]
+        return "; ".join(said) or "no pace found yet"
