@@ -171,7 +171,7 @@ async def test_a_token_limit_stated_while_requests_wait_is_reserved_for_them(clo
     await asyncio.sleep(0)
     pacer.set_token_rate(1000)
     t0 = clock.now
-    await clock.run(pacer, waiting)  # type: ignore[arg-type]
+    await clock.run(pacer, waiting)
     assert [first.reserved, *(w.result().reserved for w in waiting)] == [0, 500, 500]
     assert clock.now - t0 == pytest.approx(0.6)  # 0.1 apart, then the tokens of the first
 
