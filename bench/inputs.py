@@ -9,7 +9,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.mock.server import completion
+from pipeline.input.tokens import TokenEstimator, max_completion_tokens
+from pipeline.mock.limits import charged_tokens
 
 MODEL = "bench/model"
 MAX_TOKENS = 64
@@ -97,12 +98,25 @@ def input_ids(path: Path) -> set[str]:
     return {str(doc["custom_id"]) for doc in _lines(path)}
 
 
-def mean_token_cost(path: Path, sample: int = 2000) -> float:
-    """Tokens the mock's --tpm limit counts per request: what its answer uses (prompt +
-    completion), as the mock computes it."""
-    total = count = 0
+def mean_token_cost(path: Path, sample: int = 2000, *, count_as: str = "usage") -> float:
+    """Tokens the mock's --tpm limit counts per request, counted its `count_as` way: what the
+    answer uses (prompt + completion), or the prompt and max_tokens on arrival."""
+    total = count = 0.0
     for doc in _lines(path):
-        total += completion(doc, cost=False)["usage"]["total_tokens"]
+        total += charged_tokens(doc, count=count_as)
+        count += 1
+        if count == sample:
+            break
+    return total / max(count, 1)
+
+
+def mean_reservation(path: Path, sample: int = 2000) -> float:
+    """Tokens pipeline reserves of a token limit per request: its prompt estimate (exact, as
+    with --tpm) and max_tokens."""
+    estimator = TokenEstimator()
+    total = count = 0.0
+    for doc in _lines(path):
+        total += estimator.prompt_tokens(doc) + max_completion_tokens(doc)
         count += 1
         if count == sample:
             break

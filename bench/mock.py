@@ -38,6 +38,7 @@ class MockFlags:
     stall_rate: float = 0.0
     rpm: float | None = None
     tpm: float | None = None
+    tpm_count: str = "usage"  # or "arrival": the prompt and max_tokens, as OpenAI counts
     limit_style: str = "second"
     ratelimit_headers: bool = False
 
@@ -62,7 +63,7 @@ class MockFlags:
         if self.rpm:
             out += ["--rpm", f"{self.rpm:g}"]
         if self.tpm:
-            out += ["--tpm", f"{self.tpm:g}"]
+            out += ["--tpm", f"{self.tpm:g}", "--tpm-count", self.tpm_count]
         if self.ratelimit_headers:
             out.append("--ratelimit-headers")
         return out
@@ -91,7 +92,10 @@ class MockFlags:
             style = {"second": "counted per second", "minute": "counted per minute", "bucket": "a bucket"}
             parts.append(f"limit {self.rpm:g}/min, {style.get(self.limit_style, self.limit_style)}")
         if self.tpm:
-            parts.append(f"--tpm {self.tpm:g}")
+            counted = (
+                "on arrival (prompt + max_tokens)" if self.tpm_count == "arrival" else "as answers use them"
+            )
+            parts.append(f"--tpm {self.tpm:g} counted {counted}")
         return ", ".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""The pacer on a fake clock: even spacing, first come first served, settle, pause."""
+"""The pacer on a fake clock: even spacing, first come first served, settle, pause; and what a
+request's token reservation becomes at the gate."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import itertools
 
 import pytest
 
-from pipeline.pace.local import Pacer
+from pipeline.pace.finder import RateFinder
+from pipeline.pace.gate import Gate
+from pipeline.pace.local import Pacer, Window
+from pipeline.send.status import http_error
 
 
 class FakeClock:
@@ -122,6 +126,54 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_queue(clock: FakeClock) -
     t0 = clock.now
     await clock.run(pacer, [task])
     assert started == [pytest.approx(t0 + 1.0)]
+
+
+def _gate(pacer: Pacer) -> Gate:
+    window = Window(16)
+    return Gate(pacer, window, RateFinder(pacer, window))
+
+
+@pytest.mark.parametrize(
+    ("end", "kept"),
+    [
+        ("answered", True),  # using 100 of its 500: a server counting on arrival counted 500
+        ("refused", True),  # counted nothing, but the server is full: not into it again at once
+        ("bad request", False),  # answered, not counted
+        ("never sent", False),
+    ],
+)
+async def test_what_a_request_reserved_comes_back_only_when_it_was_not_counted(
+    clock: FakeClock, end: str, kept: bool
+) -> None:
+    pacer = Pacer(token_rate=1000)
+    gate = _gate(pacer)
+    t0 = clock.now
+    slot = await gate.enter(500)  # a prompt and max_tokens: 500
+    if end == "never sent":
+        slot.unused()
+    else:
+        slot.go()
+    if end == "answered":
+        slot.answered(0.1, None, 100)
+    elif end != "never sent":
+        slot.failed(http_error(429 if end == "refused" else 400, "no"))
+    [(_, t)] = await starts(clock, pacer, [500])
+    assert t - t0 == pytest.approx(0.5 if kept else 0.0)
+
+
+async def test_a_token_limit_stated_while_requests_wait_is_reserved_for_them(clock: FakeClock) -> None:
+    # The first answer's headers state the limit while the next requests wait their turn:
+    # they go within it, not around it (each reserved nothing, decided before it waited).
+    pacer = Pacer(request_rate=10)
+    gate = _gate(pacer)
+    first = await gate.enter(500)
+    waiting = [asyncio.ensure_future(gate.enter(500)) for _ in range(2)]
+    await asyncio.sleep(0)
+    pacer.set_token_rate(1000)
+    t0 = clock.now
+    await clock.run(pacer, waiting)
+    assert [first.reserved, *(w.result().reserved for w in waiting)] == [0, 500, 500]
+    assert clock.now - t0 == pytest.approx(0.6)  # 0.1 apart, then the tokens of the first
 
 
 async def test_the_reader_waits_for_half_the_buffer_to_be_taken() -> None:

@@ -43,6 +43,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         return python
 
     try:
+        # A token limit bounds the rate: no ramp of starts besides it (it held tokens back
+        # while it ran, then let them go at once), as in one process.
+        tokens = await both("a token limit given, no rate: no ramp", given_tokens=500.0, want_tokens=100.0)
+        assert (tokens.booting, tokens.rate, tokens.start) == (False, 0.0, -1.0)
+        assert tokens.token_start > 0
         await both("boot: the ramp's rate, one start leased", want=1)
         cs = int(time.time() * 100)
         # Sent well over half the ramp's rate, but one was refused: no doubling.

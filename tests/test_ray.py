@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.pace.store import account_key
 from pipeline.settings import check_base_url
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
+from tests.test_shared_limit import TOKENS, token_bodies, token_share
 
 KEY_ENV = "LUMENFALL_API_KEY"
 RATE = 60.0  # requests a second the mock allows
@@ -227,6 +228,25 @@ async def test_four_shards_find_an_unstated_limit_together(
     # the suite running on the same two cores (the bench's 3,000 requests: 0.5 %).
     assert refused <= 600 * 0.05, refused
     assert steady(accepted) >= RATE * 0.85, accepted
+
+
+async def test_four_shards_hold_one_token_limit_counted_on_arrival(
+    ray_cluster: RayCluster, mock, tmp_path: Path
+) -> None:
+    """--tpm is the account's, leased from the pace actor as starts are (the shared pace
+    zeroed its token rate: nothing reserved tokens)."""
+    n = 400
+    src = write_jsonl(tmp_path / "in.jsonl", token_bodies(n))
+    tpm = ["--tpm", f"{TOKENS * 60:g}"]
+    async with mock(tpm=TOKENS * 60, tpm_count="arrival", latency=0.02, api_key=FAKE_KEY) as (url, server):
+        proc = await ray_run(url, src, tmp_path / "out", ray_cluster.address, *tpm)
+        _, err = await proc.communicate()
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert proc.returncode == 0, err.decode()[-2000:]
+    exactly_once(tmp_path / "out", n)
+    assert refused <= n * 0.005, (refused, accepted)
+    assert token_share(accepted) >= 0.95, accepted
 
 
 def pipeline_usage(folder: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import redis.asyncio as redis
 
 import pipeline
 from pipeline.errors import SettingsError
+from pipeline.pace.lease import TokenLeases
 from pipeline.pace.shared import SharedPacer
 from pipeline.pace.store import Store, account_key
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
@@ -116,6 +117,22 @@ async def _through_an_outage(pacers: list[SharedPacer], store: RedisServer) -> C
     finally:
         store.stop()
     return Counter(int(at) for at in seen if at < 6)
+
+
+async def test_a_process_that_joins_keeps_the_limit_the_account_found(redis_server: RedisServer) -> None:
+    # A shard started late (or again, after its node died) published "none found" on its
+    # first call: the account's limit was forgotten and every process ramped up again.
+    account = account_key("http://x/v1", FAKE_KEY)
+    store = Store(redis_server.url, account)
+    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
+    try:
+        await store.call("found-it", **call, found=RATE, pause_for=0.0)
+        joining = SharedPacer(partial(Store, redis_server.url, account), redis_server.url, say=lambda _: None)
+        assert len(await _starts([joining], 0.5)) >= RATE * 0.5 * 0.8
+        after = await store.call("found-it", **call, found=None, pause_for=0.0)
+    finally:
+        await store.close()
+    assert (after.rate, after.booting) == (RATE, False)
 
 
 async def test_a_store_that_goes_away_leaves_each_process_its_share(tmp_path: Path) -> None:
@@ -291,3 +308,84 @@ def merge_ids(out: Path) -> list[str]:
 
     merge(out)
     return [r["custom_id"] for r in read_jsonl(out / "results.jsonl")]
+
+
+# -- one token limit --------------------------------------------------------------------------
+
+TOKENS = 4000.0  # tokens a second the server allows (240,000 a minute), counted on arrival:
+CHARGE = 50  # a 10-token prompt and max_tokens 40 (answers use less): 80 requests a second
+
+
+def token_bodies(n: int) -> list[dict[str, Any]]:
+    """Requests the server charges CHARGE tokens each, as pipeline estimates them."""
+    return [
+        {
+            "custom_id": f"job-{i}",
+            "model": "test/model",
+            "max_tokens": CHARGE - 10,
+            "messages": [{"role": "user", "content": f"question {i:03d}"}],
+        }
+        for i in range(n)
+    ]
+
+
+def token_share(accepted: dict[int, int]) -> float:
+    """The share of the token limit the server counted a second (it counts by wall-clock
+    second), past the first (the processes start) and before the last."""
+    seconds = [accepted[s] for s in sorted(accepted)][1:-1]
+    return sum(seconds) * CHARGE / len(seconds) / TOKENS
+
+
+def test_leased_tokens_go_at_the_accounts_rate_and_late_ones_are_gone() -> None:
+    leases = TokenLeases()
+    leases.rate = 100.0  # the account's tokens a second
+    assert leases.ready_at(50, 10.0) is None  # none in hand: ask the store
+    leases.add(10.0, 80)  # the account's tokens of 10.0 to 10.8...
+    leases.add(11.0, 80)  # ...and of 11.0 to 11.8 (another process has those between)
+    leases.take(50, 10.0)
+    # 30 left of the first, 20 of the second: 20 that are not due before 11.0
+    assert leases.ready_at(50, 10.0) == pytest.approx(10.7)
+    leases.take(50, 10.7)
+    assert leases.held == pytest.approx(60)
+    assert leases.ready_at(50, 11.25) == pytest.approx(11.2)
+    # Unused, a lease's tokens are gone LATE after their time: spent then, they would add
+    # to the stretch of another process.
+    assert leases.ready_at(50, 11.8) is None  # 10 left: those of 11.7 to 11.8
+    assert leases.held == pytest.approx(10)
+    assert leases.ready_at(10, 11.9) is None
+    leases.give_back(50, 12.0)  # a request never sent
+    assert leases.ready_at(50, 12.0) == 12.0
+    leases.charge(70)  # an answer that used 70 more than it reserved: 20 owed
+    assert leases.ready_at(1, 12.0) is None
+    leases.add(12.2, 100)
+    assert leases.held == pytest.approx(80)
+    assert leases.ready_at(80, 12.2) == pytest.approx(12.4)  # the owed 20 came first
+
+
+@pytest.mark.parametrize("stated", ["--tpm", "headers"])
+async def test_four_shards_hold_one_token_limit_counted_on_arrival(
+    mock, redis_server: RedisServer, tmp_path: Path, stated: str
+) -> None:
+    """The token limit given (--tpm), or stated only in x-ratelimit-* headers, is the
+    account's: leased as starts are. The shared pace zeroed its token rate (and ignored one
+    stated), so nothing reserved tokens: 2 to 5 % answered 429."""
+    n = 400
+    src = write_jsonl(tmp_path / "in.jsonl", token_bodies(n))
+    out = tmp_path / "out"
+    given = ["--tpm", f"{TOKENS * 60:g}"] if stated == "--tpm" else []
+    headers = stated == "headers"
+    async with mock(tpm=TOKENS * 60, tpm_count="arrival", ratelimit_headers=headers, latency=0.02) as (
+        url,
+        server,
+    ):
+        procs = [
+            await start(url, src, out, "--shard", f"{k}/4", "--shared-limit", redis_server.url, *given)
+            for k in range(1, 5)
+        ]
+        results = [await proc.communicate() for proc in procs]
+        accepted = dict(server.state.accepted_per_second)
+        refused = sum(server.state.refused_per_second.values())
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [r[1][-300:] for r in results]
+    assert sorted(merge_ids(out)) == sorted(f"job-{i}" for i in range(n))  # exactly once
+    assert refused <= n * 0.005, (refused, accepted)
+    assert token_share(accepted) >= 0.95, accepted

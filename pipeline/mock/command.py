@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from pipeline.mock.limits import STYLES
+from pipeline.mock.limits import COUNTS, STYLES
 
 EXIT_USAGE = 2
 
@@ -72,6 +72,13 @@ def add_mock_command(sub: Any) -> None:
     mock.add_argument("--rpm", type=float, help="enforce requests per minute (see --limit-style)")
     mock.add_argument("--tpm", type=float, help="enforce tokens per minute (per window)")
     mock.add_argument(
+        "--tpm-count",
+        choices=COUNTS,
+        default="usage",
+        help="how --tpm counts a request: usage: the tokens its answer uses (default); arrival: "
+        "its prompt and max_tokens (times n), charged when it arrives, as OpenAI documents",
+    )
+    mock.add_argument(
         "--limit-style",
         choices=STYLES,
         default="second",
@@ -111,6 +118,7 @@ def run_mock(args: argparse.Namespace) -> int:
         cut_stream_rate=args.cut_rate,
         rpm=args.rpm,
         tpm=args.tpm,
+        tpm_count=args.tpm_count,
         ratelimit_headers=args.ratelimit_headers,
         unknown_models=tuple(args.unknown_model),
         cost=not args.no_cost,

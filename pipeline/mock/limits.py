@@ -8,6 +8,11 @@
   only, as OpenAI's do, when the next request would fit ("Please try again in 71ms").
 - `quota`: so many requests, then nothing until midnight UTC (a daily quota spent).
 
+A token limit counts either what the answer uses (`usage`: prompt + completion, as a server
+that settles its count when the answer is made), or, as OpenAI documents its own (`arrival`),
+the prompt and all the request may use (`max_tokens` times `n`), charged when it arrives
+whatever the answer then uses (`charged_tokens`).
+
 Every limit is checked on arrival, before the answer is made: a refusal comes back at once,
 while an answer takes as long as the model does.
 """
@@ -17,7 +22,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from pipeline.mock.answers import completion, estimate_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +60,7 @@ class Window:
         wait = max((self.index + 1) * self.length - now, 0.001)
         if self.requests is not None and self.used_requests + 1 > self.requests:
             return Refusal(wait, "Rate limit reached for requests")
-        # Tokens count as the answer uses them (prompt + completion): the accounting a client
-        # settles its reservations against. A lone request bigger than a window still goes.
+        # Tokens as `charged_tokens` counts them. A lone request bigger than a window still goes.
         if self.tokens is not None and self.used_tokens + tokens > self.tokens and self.used_tokens > 0:
             return Refusal(wait, "Rate limit reached for tokens")
         self.used_requests += 1
@@ -115,6 +121,20 @@ class Quota:
 
 
 STYLES = ("second", "minute", "bucket")
+COUNTS = ("usage", "arrival")  # how a token limit counts a request (see the module's text)
+ANSWER_MAX = 64  # tokens a mock answer may use when the request sets no max_tokens
+
+
+def charged_tokens(body: dict[str, Any], *, count: str) -> float:
+    """What a request counts against a token limit, counted the `count` way."""
+    if count == "usage":
+        return float(completion(body, cost=False)["usage"]["total_tokens"])
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or ANSWER_MAX
+    n = body.get("n") or 1
+    try:
+        return float(estimate_tokens(body) + int(limit) * max(int(n), 1))
+    except (TypeError, ValueError):
+        return float(estimate_tokens(body) + ANSWER_MAX)
 
 
 def make_limits(*, style: str, rpm: float | None, tpm: float | None, quota: int | None) -> list[Limit]:

@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 
 from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
-from pipeline.mock.limits import Limit, Window, make_limits
+from pipeline.mock.limits import Limit, Window, charged_tokens, make_limits
 from pipeline.send.client import raise_open_files
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
@@ -61,7 +61,8 @@ class MockConfig:
     think: float = 0.0  # seconds a stream sends only keep-alive comments before its first chunk
     chunk_delay: float = 0.0  # seconds between a stream's chunks: a long answer still arriving
     rpm: float | None = None  # requests per minute, counted as `limit_style` says
-    tpm: float | None = None  # tokens per minute (prompt + completion), per window
+    tpm: float | None = None  # tokens per minute, per window, counted as `tpm_count` says
+    tpm_count: str = "usage"  # "usage" or "arrival" (pipeline.mock.limits.charged_tokens)
     limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock.limits)
     quota: int | None = None  # requests, then every one refused until midnight UTC
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
@@ -160,7 +161,7 @@ class MockServer:
         """A 429 when this request is over a limit (counted on arrival), else None."""
         st = self.state
         now = time.time()
-        tokens = completion(body, cost=False)["usage"]["total_tokens"] if self.config.tpm else 0.0
+        tokens = charged_tokens(body, count=self.config.tpm_count) if self.config.tpm else 0.0
         for limit in st.limits:
             refusal = limit.admit(now, tokens)
             if refusal is not None:

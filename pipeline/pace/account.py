@@ -80,7 +80,7 @@ class AccountPace:
                     paused = f["paused"] = full_resume
         if rate <= 0:
             rate = f.get("found", 0.0)
-        if rate <= 0 and given <= 0:
+        if rate <= 0 and given <= 0 and given_tokens <= 0:
             # The ramp of the Redis script: doubling every quarter second while nothing is
             # refused and the account sends at half its rate at least, not within half a
             # second of a pause.

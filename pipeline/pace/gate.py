@@ -42,7 +42,10 @@ class Slot:
     def answered(self, latency: float, headers: Mapping[str, str] | None, used_tokens: int) -> None:
         gate = self._gate
         gate.window.release()
-        gate.pacer.settle(self.reserved, used_tokens)
+        # What it reserved is what a server counts on arrival (its prompt and max_tokens, as
+        # OpenAI documents it), whatever the answer then used: none of it comes back, or the
+        # next requests would go over such a limit. Only more than reserved is added.
+        gate.pacer.settle(self.reserved, max(used_tokens, self.reserved))
         gate.finder.success(self.ticket, latency)
         if headers:
             gate.finder.headers(headers)
@@ -50,11 +53,15 @@ class Slot:
     def failed(self, error: RequestError) -> None:
         gate = self._gate
         gate.window.release()
-        # A request the server refused is not counted against its token budget.
-        gate.pacer.settle(self.reserved, 0 if isinstance(error, HTTPStatusError) else self.reserved)
+        meaning = signal(error)
+        # An error the server answered was not counted against its token budget, but a
+        # refusal keeps its tokens all the same: the server is full, and handed back they
+        # would send the next request into the same refusal at once. One that got no answer
+        # may have been counted.
+        counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
+        gate.pacer.settle(self.reserved, self.reserved if counted else 0)
         if error.limits:
             gate.finder.headers(error.limits)
-        meaning = signal(error)
         if meaning is Signal.PUSHBACK:
             gate.finder.pushback(self.ticket, error.retry_after, error.message)
         elif meaning is Signal.FAILURE:
@@ -72,10 +79,9 @@ class Gate:
     async def enter(self, tokens: int) -> Slot:
         """Wait for a slot in flight, then for a start time (a slot first, so that a paced
         start is not spent waiting for a slot). `tokens`: the request's token estimate."""
-        reserved = tokens if self.pacer.token_rate else 0
         await self.window.acquire()
         try:
-            await self.pacer.acquire(reserved)
+            reserved = await self.pacer.acquire(tokens)
         except BaseException:
             self.window.release()
             raise

@@ -3,7 +3,8 @@
 Two budgets, each a virtual clock in the manner of GCRA (the ATM Forum's generic cell rate
 algorithm): `_next_request` is the earliest time the next request may start, and advances by
 one interval per start; `_next_token` does the same in token units, advanced by each
-request's reserved estimate and moved back or forth by `settle` once the real usage is known.
+request's reserved estimate, and by `settle` once the server's count is known: further for an
+answer that used more, back for a request it did not count (the gate's rule, `pipeline.pace.gate`).
 A request waits until both clocks and any pool-wide pause allow it.
 
 Waiting is by awaiting: waiters sit in one FIFO queue and one loop timer, set for the exact
@@ -32,7 +33,7 @@ class Pacer:
         self._next_request = 0.0
         self._next_token = 0.0
         self._paused_until = 0.0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future[int]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.waits = 0  # acquires that had to queue: tells whether the pacer is what binds
@@ -88,36 +89,39 @@ class Pacer:
             at = max(at, self._next_token)
         return at
 
-    def _take(self, tokens: int, start: float) -> None:
+    def _take(self, tokens: int, start: float) -> int:
         """Book a start at `start`: the scheduled instant, not when a late timer ran, so
-        timer lateness does not add up into a lower rate."""
+        timer lateness does not add up into a lower rate. Returns the tokens booked."""
         if self._request_interval:
             self._next_request = max(self._next_request, start) + self._request_interval
         if self._token_rate and tokens:
             self._next_token = max(self._next_token, start) + tokens / self._token_rate
+            return tokens
+        return 0
 
-    async def acquire(self, tokens: int = 0) -> None:
-        """Wait for this request's turn; `tokens` is its reserved estimate."""
+    async def acquire(self, tokens: int = 0) -> int:
+        """Wait for this request's turn; `tokens` is its estimate. Returns the tokens reserved
+        for it: its estimate if a token pace is in force when it starts (one the server
+        states may become known while it waits), else none."""
         if (self._free and not self._paused_until) or self._closed:
-            return
+            return 0
         now = self._now()
         if self._paused_until and self._paused_until <= now and not self._waiters:
             self._paused_until = 0.0
         if not self._waiters and self._ready_at(tokens) <= now:
-            self._take(tokens, now)
-            return
+            return self._take(tokens, now)
         assert self._loop is not None
         self.waits += 1
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[int] = self._loop.create_future()
         self._waiters.append((tokens, future))
         if len(self._waiters) == 1:
             self._reschedule()
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # Released, then cancelled before it could start: hand the turn back.
-                self.settle(tokens, 0)
+                self.settle(future.result(), 0)
             raise
         finally:
             if self._waiters and self._waiters[0][1] is future:
@@ -137,8 +141,7 @@ class Pacer:
             if at > now:
                 break
             self._waiters.popleft()
-            self._take(tokens, at)
-            future.set_result(None)
+            future.set_result(self._take(tokens, at))
         self._reschedule()
 
     def _reschedule(self) -> None:
@@ -160,7 +163,7 @@ class Pacer:
         while self._waiters:
             _, future = self._waiters.popleft()
             if not future.done():
-                future.set_result(None)
+                future.set_result(0)
         self._reschedule()
 
     # -- feedback ------------------------------------------------------------------------------

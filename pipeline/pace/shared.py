@@ -8,7 +8,7 @@ The pacer of `local` with its start times leased from a store that every process
   The process spends its starts evenly over that stretch. Stretches never overlap, so the
   processes together start exactly `rate` requests a second, however many they are; a lease
   is a tenth of a second of the account's rate, so a call to the store costs nothing next to
-  the requests it covers. Tokens (`--tpm`) are leased the same way.
+  the requests it covers. Tokens, given or stated, likewise (`pipeline.pace.lease`).
 - **A limit found once.** With `--rpm`/`--tpm` the rate is the account's, as given. Without,
   each process's rate finder watches its own requests for the moments the server is full,
   and the limit is read at those moments from what the whole account sent
@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import anyio
 
+from pipeline.pace.lease import LATE, TokenLeases
 from pipeline.pace.local import Pacer
 from pipeline.pace.reading import LAG, AccountCapacity, Moment
 from pipeline.pace.store import AccountStore, StoreAway
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
-LATE = 0.1  # seconds a leased start may still be used after its time
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 SYNC_UNPACED = 0.02  # the same while no pace is known
 SYNC_GAP = 0.005  # seconds at least between two calls
@@ -86,8 +86,7 @@ class SharedPacer(Pacer):
         self.alone = False  # the store is away: paced locally at our share
         self._pid = f"{socket.gethostname()}:{os.getpid()}"
         self._slots: deque[float] = deque()  # leased start times, on the loop's clock
-        self._tokens = 0.0  # leased tokens in hand
-        self._tokens_from = 0.0
+        self._leases = TokenLeases()  # leased tokens in hand
         self._want = 0  # starts wanted from the store now
         self._want_tokens = 0.0
         self._found: float | None = None  # a found rate to publish (-1 when none)
@@ -99,22 +98,20 @@ class SharedPacer(Pacer):
         self._on_full: Callable[[float, bool], None] | None = None
         self._full_seen: float | None = None  # the account's last full moment we know of
         self._watch_until = 0.0  # in step quickly till then: the server was full lately
-        self._booting = not self.given  # no limit given or found yet: the account ramps up
+        self._booting = not (self.given or self.given_tokens)  # no limit known: the account ramps up
         self._resume_at = 0.0  # back from going alone: no leased start before this
         self._last_start = 0.0  # the last leased start used
-        self._solo_until = 0.0  # just back: leased starts no faster than alone till then
+        self._solo_until = 0.0  # just back: no faster than alone till then
         self._wake = asyncio.Event()
         super().__init__(request_rate=request_rate, token_rate=token_rate)
         self._free = False  # given or not, every start is leased (before a limit is found, at the ramp's)
 
-    # -- what the rate finder and the gate see: this process's scale ---------------------------
+    # -- what the rate finder and the gate see: the account's rates ----------------------------
 
     def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
-        if not hasattr(self, "shared"):  # the base class, setting up
-            super().set_rates(request_rate=request_rate, token_rate=token_rate)
-            return
-        if not self.given:
-            found = request_rate or 0.0  # the account's: readings are of the account
+        self.given_tokens = token_rate or 0.0  # given, or stated by the server (set_token_rate)
+        if not self.given and request_rate and request_rate != self.shared:
+            found = request_rate  # the account's: readings are of the account
             if self.shared and found > self.shared and not self.leads and not self._booting:
                 return  # the process whose reading is in force probes for all, or N would climb N times as fast
             self._found = self.shared = found
@@ -129,8 +126,11 @@ class SharedPacer(Pacer):
 
     @property
     def request_rate(self) -> float | None:
-        rate = self.shared if hasattr(self, "shared") else 0.0
-        return rate or (1.0 / self._request_interval if self._request_interval else None)
+        return self.shared or None
+
+    @property
+    def token_rate(self) -> float | None:
+        return self.given_tokens or None
 
     # -- the account's send log, and readings from it ------------------------------------------
 
@@ -177,23 +177,21 @@ class SharedPacer(Pacer):
     def settle(self, reserved: int, used: int) -> None:
         if self.alone or not self.given_tokens:
             super().settle(reserved, used)
-        elif used < reserved:
-            self._tokens += reserved - used  # back in hand, for our next requests
+        elif used < reserved:  # not sent, or not counted: in hand again for our next requests
+            self._leases.give_back(reserved - used, self._now())
             self._reschedule()
+        elif used > reserved:
+            self._leases.charge(used - reserved)
 
     # -- the local pacer's clocks, fed by leases ----------------------------------------------
 
     def _apply(self) -> None:
-        """Local pacing as the shared state says: leases when the store is there, else our
-        share of the last shared rate."""
-        if self.alone:
-            share = self.shared / max(self.members, 1) if self.shared else 0.0
-            tokens = self.given_tokens / max(self.members, 1) if self.given_tokens else 0.0
-            self._request_interval = 1.0 / share if share else 0.0
-            self._token_rate = tokens
-        else:
-            self._request_interval = 0.0
-            self._token_rate = 0.0
+        """The local clocks at our share of the account's pace: what we go at alone, and no
+        faster just back (`_solo_until`); while the store is there, leases pace us."""
+        share = self.shared / max(self.members, 1)
+        self._request_interval = 1.0 / share if share else 0.0
+        self._token_rate = self.given_tokens / max(self.members, 1)
+        self._leases.rate = self.given_tokens
         self._free = not (self.shared or self.given_tokens or (self._booting and not self.alone))
         self._reschedule()
 
@@ -214,36 +212,39 @@ class SharedPacer(Pacer):
                 self._ask(starts=True)
                 return math.inf
             at = max(at, self._slots[0])
-            if self._solo_until:
-                at = max(at, self._next_request)
         if self.given_tokens and tokens:
-            if self._tokens < tokens:
+            ready = self._leases.ready_at(tokens, self._now())
+            if ready is None:
                 self._ask(tokens=tokens)
                 return math.inf
-            at = max(at, self._tokens_from)
+            at = max(at, ready)
+        if self._solo_until:
+            at = max(at, super()._ready_at(tokens))
         return at
 
-    def _take(self, tokens: int, start: float) -> None:
+    def _take(self, tokens: int, start: float) -> int:
         if self.alone:
-            super()._take(tokens, start)
-            return
+            return super()._take(tokens, start)
+        if self._solo_until:
+            if start > self._solo_until:
+                self._solo_until = 0.0
+            else:
+                super()._take(tokens, start)
         if self.shared and self._slots:
             self._last_start = self._slots.popleft()
-            if self._solo_until:
-                if start > self._solo_until:
-                    self._solo_until = 0.0
-                else:
-                    share = self.shared / max(self.members, 1)
-                    self._next_request = max(self._next_request, start) + 1.0 / share
             if len(self._slots) < self._lease() / 2:
                 self._ask(starts=True)  # the next lease before this one runs out
-        if self.given_tokens and tokens:
-            self._tokens -= tokens
+        if not (self.given_tokens and tokens):
+            return 0
+        self._leases.take(tokens, start)
+        if self._leases.held < tokens:
+            self._ask(tokens=tokens)  # the next lease before these run out
+        return tokens
 
     def _lease(self) -> int:
-        """Starts to ask for at once: a tenth of a second of the account's rate, split among
-        the processes, so that together they hold a tenth of a second ahead, not N tenths
-        (what a process that ends holds is lost to the others)."""
+        """Starts to ask for at once (and tokens, likewise): a tenth of a second of the
+        account's rate, split among the processes, so that together they hold a tenth of a
+        second ahead, not N tenths (what a process that ends holds is lost to the others)."""
         if not self.shared:
             return 1 if self._booting else 0
         return max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1)))
@@ -252,7 +253,7 @@ class SharedPacer(Pacer):
         if starts and not self._want:
             self._want = self._lease()
         if tokens and not self._want_tokens:
-            self._want_tokens = max(tokens, self.given_tokens * LEASE_SECONDS)
+            self._want_tokens = max(tokens, self.given_tokens * LEASE_SECONDS / max(self.members, 1))
         self._wake.set()
 
     # -- the store -------------------------------------------------------------------------------
@@ -351,8 +352,7 @@ class SharedPacer(Pacer):
             first = r.start + offset
             self._slots.extend(first + i / r.rate for i in range(r.granted))
         if r.token_start >= 0:
-            self._tokens += want_tokens
-            self._tokens_from = r.token_start + offset
+            self._leases.add(r.token_start + offset, want_tokens)
         self._apply()
 
     async def _read(self, store: AccountStore, loop: asyncio.AbstractEventLoop) -> None:
@@ -368,7 +368,7 @@ class SharedPacer(Pacer):
         if not self.alone:
             self.alone = True
             self._slots.clear()
-            self._tokens = 0.0
+            self._leases.clear()
             # The local clocks start now: left at their last use, they would let every
             # waiter go at once to catch up.
             now = self._now()
@@ -395,6 +395,6 @@ class SharedPacer(Pacer):
             self.say(f"pipeline: the shared limit's store {self.shown} is back; pacing together again")
 
     def _described(self) -> str:
-        if not self.shared:
-            return "no pace found yet"
-        return f"{self.shared * 60 / max(self.members, 1):,.0f} requests a minute of {self.shared * 60:,.0f}"
+        n, paces = max(self.members, 1), ((self.shared, "requests"), (self.given_tokens, "tokens"))
+        said = [f"{r * 60 / n:,.0f} {what} a minute of {r * 60:,.0f}" for r, what in paces if r]
+        return "; ".join(said) or "no pace found yet"

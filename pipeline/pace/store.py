@@ -114,11 +114,12 @@ if given <= 0 then
   end
 end
 if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
-if rate <= 0 and given <= 0 then
-  -- No limit given and none found yet: the account ramps up as one, from a few starts a
-  -- second, doubling every quarter second while nothing is refused and the account sends
-  -- at half the ramp's rate at least (processes still starting send little of it), and not
-  -- before the limit the refusals tell is read: half a second after a pause.
+if rate <= 0 and given <= 0 and given_tokens <= 0 then
+  -- No limit given (a token limit bounds the rate too) and none found yet: the account
+  -- ramps up as one, from a few starts a second, doubling every quarter second while nothing
+  -- is refused and the account sends at half the ramp's rate at least (processes still
+  -- starting send little of it), and not before the limit the refusals tell is read: half a
+  -- second after a pause.
   booting = 1
   rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[9])
   local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
