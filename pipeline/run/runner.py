@@ -18,6 +18,7 @@ import datetime as dt
 import sqlite3
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -44,7 +45,7 @@ from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
-from pipeline.settings import Settings, is_loopback
+from pipeline.settings import Settings, is_loopback, redacted
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -52,7 +53,14 @@ def _check_key(settings: Settings) -> str | None:
     if key is None and not is_loopback(settings.base_url):
         raise SettingsError(
             f"no API key: set the environment variable {settings.api_key_env} "
-            f"(or name another one with --api-key-env) to the key for {settings.base_url}"
+            f"(or name another one with --api-key-env) to the key for {redacted(settings.base_url)}"
+        )
+    if key is not None and urlsplit(settings.base_url).username is not None:
+        # Both would be the Authorization header, which aiohttp refuses (a crash, before).
+        raise SettingsError(
+            f"--base-url {redacted(settings.base_url)} holds a user and password, and the API key is "
+            f"set too ({settings.api_key_env}): the request can carry only one of them; take the "
+            "credentials out of the URL, or unset the key for an endpoint that wants the URL's"
         )
     return key
 
