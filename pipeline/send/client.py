@@ -28,7 +28,7 @@ from pipeline.errors import (
 )
 from pipeline.job import Reply, Request
 from pipeline.send.sse import StreamAssembler
-from pipeline.send.status import http_error, provider_error
+from pipeline.send.status import empty_answer, http_error, provider_error
 
 RATE_HEADERS = (
     "x-ratelimit-limit-requests",
@@ -124,7 +124,7 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
             f"provider error inside a 200 answer: {message}", code=code, body=body, request_id=request_id
         )
     choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if not isinstance(choices, list):
         raise MalformedResponse(
             "the answer is not a chat completion: no choices", body=body, request_id=request_id
         )
@@ -137,6 +137,9 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
             raise provider_error(
                 "a choice finished with an error", code=None, body=body, request_id=request_id
             )
+    empty = empty_answer(body, request_id=request_id)
+    if empty is not None:
+        raise empty
     return body
 
 

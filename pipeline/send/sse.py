@@ -3,7 +3,8 @@
 Pure functions of the bytes received, so the client only moves bytes and this module can be
 tested on its own. Deltas are joined per choice: strings are concatenated (content, refusal,
 reasoning), lists extended (logprobs, reasoning details), tool calls joined by their index.
-A stream is whole only when every choice has a finish_reason and `[DONE]` arrived.
+A stream is whole only when every choice has a finish_reason and `[DONE]` arrived (so every
+choice is an answer by `status.empty_answer`'s rule), and an answer only when it has a choice.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedResponse, ProviderError
+from pipeline.errors import EmptyAnswer, MalformedResponse, ProviderError
 from pipeline.send.status import provider_error
 
 DONE = b"[DONE]"
@@ -162,19 +163,24 @@ class StreamAssembler:
         return first
 
     def completion(self) -> dict[str, Any]:
-        """The assembled body; a stream cut short is a `MalformedResponse`."""
+        """The assembled body; a stream cut short is a `MalformedResponse`, one without an
+        answer an `EmptyAnswer`. Either carries what arrived when the stream reported usage,
+        so that what was billed is counted."""
         self.close()
-        if not self.done:
-            raise MalformedResponse("the stream ended before [DONE]; the reply is incomplete")
-        if not self.choices:
-            raise MalformedResponse("the stream ended without any choice")
-        unfinished = [i for i, c in self.choices.items() if not c["finish_reason"]]
-        if unfinished:
-            raise MalformedResponse(f"the stream ended without a finish_reason for choice {unfinished[0]}")
         body: dict[str, Any] = {**self.top, "object": "chat.completion"}
         body["choices"] = [self.choices[i] for i in sorted(self.choices)]
         if self.usage is not None:
             body["usage"] = self.usage
+        arrived = body if self.usage is not None else None
+        if not self.done:
+            raise MalformedResponse("the stream ended before [DONE]; the reply is incomplete", body=arrived)
+        if not self.choices:
+            raise EmptyAnswer("the stream ended without any choice", body=arrived)
+        unfinished = [i for i, c in self.choices.items() if not c["finish_reason"]]
+        if unfinished:
+            raise MalformedResponse(
+                f"the stream ended without a finish_reason for choice {unfinished[0]}", body=arrived
+            )
         return body
 
 

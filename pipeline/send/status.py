@@ -13,6 +13,8 @@
                      model is wrong: after a few, the run stops, naming both
     other 4xx        the request is wrong: it fails, with the server's message
     an error in a 200  read as its numeric code where it gives one (an upstream 429 is "later")
+    an empty 200     no choices, or a choice with nothing in it and no finish_reason (a gateway
+                     while a model starts cold): transient, each retry spending an attempt
 
 Errors are built here from what the client read, so that every error carries its meaning
 (`transient`, `refusal`, `quota_spent`) and the worker, the retry policy and the rate finder
@@ -24,7 +26,13 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pipeline.errors import HTTPStatusError, ProviderError, RequestError, RunStopped
+from pipeline.errors import (
+    EmptyAnswer,
+    HTTPStatusError,
+    ProviderError,
+    RequestError,
+    RunStopped,
+)
 
 TRANSIENT = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 OVERLOADED = 503
@@ -68,6 +76,38 @@ def provider_error(message: str, *, code: Any, body: Any, request_id: str | None
         error.transient = code in TRANSIENT
     error.refusal = code == 429  # "later", from upstream
     return error
+
+
+def empty_answer(body: dict[str, Any], *, request_id: str | None = None) -> EmptyAnswer | None:
+    """A chat completion that holds no answer: no choices, or a choice that neither says
+    why it ended nor holds anything. One empty choice of n makes the answer as incomplete as
+    a stream that ends without one choice's finish_reason: it is asked for again, whole."""
+    choices = body.get("choices")
+    if not choices:
+        return EmptyAnswer("the answer is empty: no choices", body=body, request_id=request_id)
+    for index, choice in enumerate(choices):
+        if isinstance(choice, dict) and not _answers(choice):
+            return EmptyAnswer(
+                f"the answer is empty: choice {index} has no content, tool call or refusal, and no "
+                "finish_reason",
+                body=body,
+                request_id=request_id,
+            )
+    return None
+
+
+def _answers(choice: dict[str, Any]) -> bool:
+    """Whether a choice is an answer: it says why it ended (content "" with "stop" is one,
+    and so is nothing with "length": a reasoning model that spent every token thinking), or
+    it holds something (content, a tool call, a refusal, audio, images)."""
+    if choice.get("finish_reason"):
+        return True
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return False
+    return any(
+        message.get(key) for key in ("content", "tool_calls", "function_call", "refusal", "audio", "images")
+    )
 
 
 def _says(body: Any, code: str) -> bool:

@@ -21,7 +21,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.account.books import Books
-from pipeline.account.usage import answer_tokens
+from pipeline.account.usage import answer_tokens, reports_usage
 from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
 from pipeline.input.images import encode
 from pipeline.input.reader import input_failure
@@ -147,22 +147,25 @@ class Worker:
 
     async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
         attempts = invalid = 0
+        billed = False  # an answer thrown away reported usage
 
         async def attempt() -> tuple[Reply, Any]:
-            nonlocal attempts, invalid
-            if invalid:
+            nonlocal attempts, invalid, billed
+            if billed:
                 # The answer thrown away was billed: another try must still fit the cap.
                 self._stop_if(self.books.covers_another_answer())
             try:
                 reply = await self._attempt(request)
-            except RequestError:
+            except RequestError as e:
                 attempts += 1  # sent, and failed
+                billed = billed or reports_usage(e.body)
                 raise
             attempts += 1
             try:
                 parsed = self._judge(reply, request)
             except InvalidOutput as e:
                 invalid += 1
+                billed = True
                 e.transient = self.verdict is not None and invalid < self.verdict.max_attempts
                 raise
             return reply, parsed
@@ -224,6 +227,9 @@ class Worker:
         except RequestError as e:
             slot.failed(e)
             self.books.attempt(answer_key(e))  # account
+            stop = self.books.thrown_away(e.body, request)  # billed, though no result comes of it
+            if stop is not None:
+                self.control.stop(stop)
             raise
         finally:
             control.in_flight -= 1
