@@ -81,7 +81,8 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
     p.add_argument(
         "--give-up-after",
         type=_positive_float,
-        help="seconds of nothing but 429s before the run stops with exit 3, to resume later (default 600)",
+        help="seconds of nothing but 429s, or of an endpoint failing every request, before the run "
+        "stops with exit 3, to resume later (default 600)",
     )
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"

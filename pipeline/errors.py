@@ -66,6 +66,7 @@ class RequestError(PipelineError):
     code = "request_error"
     transient = True
     refusal = False  # a 429: the server asks for later, and no attempt is spent on it
+    outage = False  # failed while the endpoint as a whole was down: no attempt spent either
     quota_spent = False  # a 429 that says the account has no credit left
 
     def __init__(

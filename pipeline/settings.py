@@ -54,7 +54,7 @@ class Settings:
     # done, so only a total can bound it, and it must fit a long reasoning answer.
     timeout: float = 600.0
     idle_timeout: float = 60.0  # seconds a stream may send nothing before it counts as stalled
-    give_up_after: float = 600.0  # seconds of nothing but refusals before the run stops (exit 3)
+    give_up_after: float = 600.0  # seconds of only refusals, or only failures, before exit 3
     max_cost: float | None = None
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False

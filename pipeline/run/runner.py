@@ -161,6 +161,7 @@ class Run:
             tpm_given=token_rate is not None,
             give_up=settings.give_up_after,
             stop=self.control.stop,
+            say=self.progress.say,
         )
         self.gate = Gate(self.pacer, self.window, self.finder)
         self.usage.timeline.sample(self._sample)

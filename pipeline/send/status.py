@@ -4,7 +4,9 @@
                      Except: `insufficient_quota` (no credit left) stops the run like a 402,
                      and "request too large" fails the request (no waiting lets it through).
     408 409 425      transient: retried, each retry spending an attempt
-    500 502 504
+    500 502 504      transient; when every request out fails so (or with a 503, a connection
+                     refused or reset, a timeout), nothing answering between, the endpoint is
+                     down: no attempt is spent while it is (`pipeline.pace.outage`)
     503              transient, and the server says it is overloaded: counted like a refusal
     401, 402         stop the run at once (key refused; no credit), resumable (exit 3)
     403              a streak of them, nothing succeeding between, stops the run (key refused);
@@ -27,10 +29,12 @@ from enum import Enum
 from typing import Any
 
 from pipeline.errors import (
+    ConnectionDropped,
     EmptyAnswer,
     HTTPStatusError,
     ProviderError,
     RequestError,
+    RequestTimeout,
     RunStopped,
 )
 
@@ -133,13 +137,22 @@ class Signal(Enum):
 
     PUSHBACK = "the server asks for later: full, or overloaded"
     FAILURE = "the endpoint failed: an outage, if most do"
-    ANSWERED = "the endpoint is fine; the request was at fault"
+    ANSWERED = "the endpoint answered; the request, or that one answer, was at fault"
+
+
+def endpoint_failed(error: RequestError) -> bool:
+    """The endpoint itself failed the request: no connection, no answer in time, a 5xx. When
+    every request out fails so, it is down (`pipeline.pace.outage`). A 200 that is empty,
+    malformed or holds an error is an answer: the endpoint is up, that answer was wrong."""
+    if isinstance(error, ConnectionDropped | RequestTimeout):
+        return True
+    return isinstance(error, HTTPStatusError) and error.status is not None and error.status >= 500
 
 
 def signal(error: RequestError) -> Signal:
     if error.refusal or (isinstance(error, HTTPStatusError) and error.status == OVERLOADED):
         return Signal.PUSHBACK
-    return Signal.FAILURE if error.transient else Signal.ANSWERED
+    return Signal.FAILURE if endpoint_failed(error) else Signal.ANSWERED
 
 
 def answer_key(error: RequestError) -> str:
