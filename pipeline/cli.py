@@ -107,8 +107,8 @@ EXIT_STATUSES = """exit status:
   1    some requests ended failed: see OUT/errors.jsonl; running again tries them again
   2    the command, the job file or the input is wrong; nothing was sent
   3    stopped early for a person to act (key refused, credits or budget spent, the endpoint
-       refusing everything or answering 404 only, the folder unwritable): fix that, then run
-       the same command again to resume
+       refusing or failing everything, a wrong --base-url path, the folder unwritable): fix
+       that, then run the same command again to resume
   70   a bug in pipeline: what was written is safe, and running again resumes
   130  interrupted (Ctrl-C): run the same command again to resume"""
 

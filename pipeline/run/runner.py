@@ -41,6 +41,7 @@ from pipeline.run.host import Host
 from pipeline.run.progress import Progress
 from pipeline.run.summary import EXIT_OK, EXIT_STOPPED, Summary, exit_status
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
+from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
@@ -193,10 +194,11 @@ class Run:
 
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
+        judge = Judge(NotFound(client.url, client.models, lambda: control.in_flight, self.progress.say))
         worker = Worker(
             gate=self.gate,
             client=client,
-            judge=Judge(client.url),
+            judge=judge,
             retry=self.retry,
             books=self.books,
             control=control,
@@ -225,7 +227,7 @@ class Run:
                     # Stopping wakes whatever waits to send, so that it finds out at once.
                     # (A budget's wait for a model's cost ends with the request that learns it,
                     # which is in flight or in a backoff that stopping ends too.)
-                    control.on_stop += [crew.wake_all, self.gate.wake_all]
+                    control.on_stop += [crew.wake_all, self.gate.wake_all, judge.not_found.wake_all]
                     for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()

@@ -11,8 +11,10 @@
     401, 402         stop the run at once (key refused; no credit), resumable (exit 3)
     403              a streak of them, nothing succeeding between, stops the run (key refused);
                      one that refuses the content (a moderation flag) fails that request only
-    404              fails the request; when every answer so far was a 404, the URL or the
-                     model is wrong: after a few, the run stops, naming both
+    404              fails the request when it names a model not served (later lines of that
+                     model fail unsent); a 404 that says nothing of a model, when nothing says
+                     the path is right (an answer, GET /models), stops the run: the URL is
+                     wrong (`pipeline.send.notfound`)
     other 4xx        the request is wrong: it fails, with the server's message
     an error in a 200  read as its numeric code where it gives one (an upstream 429 is "later")
     an empty 200     no choices, or a choice with nothing in it and no finish_reason (a gateway
@@ -32,16 +34,18 @@ from pipeline.errors import (
     ConnectionDropped,
     EmptyAnswer,
     HTTPStatusError,
+    MalformedResponse,
     ProviderError,
     RequestError,
     RequestTimeout,
     RunStopped,
 )
+from pipeline.send.notfound import NotFound
 
 TRANSIENT = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 OVERLOADED = 503
 # A 403 can be about one request (a moderation refusal) or about the key; only a streak of
-# them, with nothing succeeding in between, says the key is refused. So for 404s and the URL.
+# them, with nothing succeeding in between, says the key is refused.
 STREAK = 5
 
 
@@ -163,18 +167,29 @@ def answer_key(error: RequestError) -> str:
 class Judge:
     """Whether a request's final error is its own, or the whole run's: then the run stops."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.succeeded = False  # any answer in this run
+    def __init__(self, not_found: NotFound) -> None:
+        self.not_found = not_found  # what the 404s say: a model gone, or the URL wrong
         self.forbidden = 0  # 403s in a row
-        self.not_found = 0  # 404s while nothing has succeeded
-        self.models: set[str] = set()  # the models the 404s asked for
 
     def success(self) -> None:
-        self.succeeded = True
         self.forbidden = 0
+        self.not_found.reached()
 
-    def stops_run(self, error: RequestError, model: str) -> RunStopped | None:
+    def failed(self, error: RequestError) -> None:
+        """An attempt failed: a 200 that held no result still says the path is right."""
+        if isinstance(error, MalformedResponse | ProviderError):
+            self.not_found.reached()
+
+    def ended(self) -> None:
+        """An attempt ended (`Control.in_flight` is down by one)."""
+        self.not_found.ended()
+
+    def gone(self, model: str) -> str | None:
+        """What the server said of `model` when it does not serve it: its lines fail unsent."""
+        return self.not_found.gone.get(model) if self.not_found.gone else None
+
+    async def stops_run(self, error: RequestError, model: str) -> RunStopped | None:
+        """Raises `Undecided` when the run stopped before a 404 could be judged."""
         status = error.status if isinstance(error, HTTPStatusError) else None
         if error.quota_spent or status == 402:
             return RunStopped(
@@ -190,16 +205,6 @@ class Judge:
                 "environment variable named by api_key_env, then run the same command again to resume",
                 code="key_rejected",
             )
-        if status == 404 and not self.succeeded:
-            self.not_found += 1
-            self.models.add(model)
-            if self.not_found >= STREAK:
-                models = ", ".join(sorted(self.models)[:3])
-                return RunStopped(
-                    f"every answer so far is HTTP 404 Not Found from POST {self.url} (model "
-                    f"{models}; the last said {error.message!r}): check --base-url (most servers want the path that ends in /v1, "
-                    "without /chat/completions) and the model name; then run the same command "
-                    "again to resume",
-                    code="not_found",
-                )
+        if status == 404 and isinstance(error, HTTPStatusError):
+            return await self.not_found.judge(error, model)
         return None
