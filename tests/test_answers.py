@@ -130,6 +130,7 @@ async def test_empty_answers_are_asked_again_and_every_billed_token_is_counted(
         ({"message": {"content": "hi"}}, True),  # some servers leave finish_reason out
         ({"message": {"content": None, "tool_calls": [{"id": "t"}]}}, True),
         ({"message": {"content": None, "refusal": "I can't"}}, True),
+        ({"text": "hi"}, True),  # a completion's shape, as some servers answer
     ],
 )
 def test_what_a_choice_must_hold_to_be_an_answer(choice: dict[str, Any], kept: bool) -> None:

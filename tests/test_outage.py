@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 import pipeline
-from pipeline.errors import EmptyAnswer, RequestError, RequestTimeout
+from pipeline.errors import ConnectionDropped, EmptyAnswer, RequestError, RequestTimeout
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
 from pipeline.pace.local import Pacer, Window
@@ -114,8 +114,8 @@ class Clock:
 
 
 async def test_a_wall_of_503s_or_timeouts_is_an_outage_and_any_answer_ends_it() -> None:
-    pacer, window = Pacer(), Window(64, start=64)
-    gate = Gate(pacer, window, RateFinder(pacer, window, clock=Clock()))
+    pacer, window, clock = Pacer(), Window(64, start=64), Clock()
+    gate = Gate(pacer, window, RateFinder(pacer, window, clock=clock))
 
     async def go() -> Slot:
         # The gate without its pacer: the pauses are not waited out here (nor a cut window).
@@ -132,9 +132,13 @@ async def test_a_wall_of_503s_or_timeouts_is_an_outage_and_any_answer_ends_it() 
     # A 200 that holds no answer is an answer: however many, the endpoint is up, and each
     # spends its attempt.
     assert not any([await attempt(EmptyAnswer("empty")) for _ in range(20)])
-    # Every request of one model fails while another model's are out, slower: no outage.
+    # Every request of one model fails while another model's are out, slower: no outage...
     slow = [await go() for _ in range(3)]
     assert not any([await attempt(http_error(502, "upstream down")) for _ in range(30)])
+    # ...unless nothing but failures comes back for half a minute (packets dropped: the
+    # requests out hang, the new ones time out connecting).
+    clock.now += 30.0
+    assert await attempt(ConnectionDropped("cannot connect within 30s"))
     for slot in slow:
         slot.answered(1.0, None, 0)
     for make in (

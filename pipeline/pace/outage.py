@@ -3,8 +3,10 @@
 A connection refused or reset, a timeout, a 5xx: one of them is one request's bad luck, and
 the retry policy spends an attempt of that request on it. The endpoint is down when every
 request that was out when such a failure came back has failed since, nothing answering in
-between, `MIN` failures at least (when the endpoint goes, every request in flight fails).
-Then no request is at fault, and until something answers again:
+between, `MIN` failures at least (when the endpoint goes, every request in flight fails); or
+when failures alone have come back for `QUIET` seconds (a network that drops packets: new
+connections time out, while the requests out before hang until their own timeout). Then no
+request is at fault, and until something answers again:
 
 - the pool pauses, for a second and then twice as long each time a probe finds it still down
   (up to ten seconds); after each pause only `PROBES` requests go at a time (the in-flight
@@ -35,6 +37,7 @@ from pipeline.run.progress import duration
 # failing too): of an endpoint failing 8 % of requests, five in a row come once in 300,000
 # answers, and only with at most one request out at a time.
 MIN = 5
+QUIET = 30.0  # seconds of failures, nothing answering, that say it is down all the same
 PAUSE, MAX_PAUSE = 1.0, 10.0  # seconds between probes, doubling while it stays down
 PROBES = 2  # requests in flight at a time while it is down
 
@@ -97,7 +100,7 @@ class Outage:
             if ticket >= self._probes_from:  # a probe, sent after the last pause began
                 self._still_down(now, message)
             return True
-        if self._streak >= MIN and self._failed_before >= self._outstanding:
+        if self._streak >= MIN and (self._failed_before >= self._outstanding or now - self._first >= QUIET):
             self.down = True
             self.outages += 1
             self._since = self._first

@@ -107,8 +107,8 @@ def empty_answer(body: dict[str, Any], *, request_id: str | None = None) -> Empt
 def _answers(choice: dict[str, Any]) -> bool:
     """Whether a choice is an answer: it says why it ended (content "" with "stop" is one,
     and so is nothing with "length": a reasoning model that spent every token thinking), or
-    it holds something (content, a tool call, a refusal, audio, images)."""
-    if choice.get("finish_reason"):
+    it holds something (content, a tool call, a refusal, audio, images; a completion's text)."""
+    if choice.get("finish_reason") or choice.get("text"):
         return True
     message = choice.get("message")
     if not isinstance(message, dict):
