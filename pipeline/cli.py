@@ -83,7 +83,8 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
     p.add_argument(
         "--give-up-after",
         type=_positive_float,
-        help="seconds of nothing but 429s before the run stops with exit 3, to resume later (default 600)",
+        help="seconds of nothing but 429s, or of an endpoint failing every request, before the run "
+        "stops with exit 3, to resume later (default 600)",
     )
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"
@@ -108,8 +109,8 @@ EXIT_STATUSES = """exit status:
   1    some requests ended failed: see OUT/errors.jsonl; running again tries them again
   2    the command, the job file or the input is wrong; nothing was sent
   3    stopped early for a person to act (key refused, credits or budget spent, the endpoint
-       refusing everything or answering 404 only, the folder unwritable): fix that, then run
-       the same command again to resume
+       refusing or failing everything, a wrong --base-url path, the folder unwritable): fix
+       that, then run the same command again to resume
   70   a bug in pipeline: what was written is safe, and running again resumes
   130  interrupted (Ctrl-C): run the same command again to resume"""
 

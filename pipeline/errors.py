@@ -10,6 +10,8 @@
         ├── ProviderError      an `error` object inside a 200 body or a stream chunk,
         │                      or a choice that finished with reason "error"
         ├── MalformedResponse  a body that is not a chat completion; a stream cut short
+        │   └── EmptyAnswer    a chat completion without an answer: no choices, or a choice
+        │                      with no content, tool call or refusal and no finish_reason
         ├── InvalidOutput      a completion whose content breaks the job's contract
         │                      (a verdict that is not valid JSON for its schema)
         ├── RequestTimeout     no complete answer within the per-request timeout
@@ -17,7 +19,8 @@
 
 Errors are mapped where the answer arrives (`client`, `verdict`), with the meaning of each
 status given by `pipeline.send.status`; everything above them handles only this tree. Each carries what the retry policy and the error file need:
-`code` (a short stable name), `status`, `retry_after` and the server's `body`.
+`code` (a short stable name), `status`, `retry_after` and the server's `body` (whose `usage`,
+when it reports any, counts as spent: an answer thrown away is billed all the same).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class RequestError(PipelineError):
     code = "request_error"
     transient = True
     refusal = False  # a 429: the server asks for later, and no attempt is spent on it
+    outage = False  # failed while the endpoint as a whole was down: no attempt spent either
     quota_spent = False  # a 429 that says the account has no credit left
 
     def __init__(
@@ -102,6 +106,13 @@ class ProviderError(RequestError):
 
 class MalformedResponse(RequestError):
     code = "malformed_response"
+
+
+class EmptyAnswer(MalformedResponse):
+    """A 200 that holds no answer (a gateway's reply while a model starts cold): retried, and
+    its usage, when it reports any, counted as spent."""
+
+    code = "empty_answer"
 
 
 class InvalidOutput(RequestError):

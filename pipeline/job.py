@@ -66,10 +66,11 @@ class Failure:
     metadata: Any = None
     model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    unsent: bool = False  # a request failed without being sent (its model is gone): not the input's fault
 
     @property
     def is_input_error(self) -> bool:
-        return self.attempts == 0
+        return self.attempts == 0 and not self.unsent
 
 
 Outcome = Success | Failure

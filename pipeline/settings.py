@@ -54,7 +54,7 @@ class Settings:
     # done, so only a total can bound it, and it must fit a long reasoning answer.
     timeout: float = 600.0
     idle_timeout: float = 60.0  # seconds a stream may send nothing before it counts as stalled
-    give_up_after: float = 600.0  # seconds of nothing but refusals before the run stops (exit 3)
+    give_up_after: float = 600.0  # seconds of only refusals, or only failures, before exit 3
     max_cost: float | None = None
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
@@ -198,15 +198,20 @@ def _check_prices(where: str, raw: Mapping[str, Any]) -> dict[str, Price]:
 
 
 def check_base_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an IPv6 host without its closing bracket
+        raise SettingsError(f"base URL {redacted(url)!r} cannot be read as a URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SettingsError(
-            f"base URL {url!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
+            f"base URL {redacted(url)!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
         )
     try:
         parts.port  # noqa: B018 -- raises on a port that is not a number from 0 to 65535
     except ValueError:
-        raise SettingsError(f"base URL {url!r} has a port that is not a number from 1 to 65535") from None
+        raise SettingsError(
+            f"base URL {redacted(url)!r} has a port that is not a number from 1 to 65535"
+        ) from None
     return url.rstrip("/")
 
 
@@ -221,15 +226,18 @@ def check_store_url(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """A URL fit to print: its password (and a user's token) replaced."""
-    parts = urlsplit(url)
-    if parts.password is None and not parts.username:
+    """A URL fit to print: its password (and a user's token) replaced. Any URL, even one
+    that is not valid (a port that is no number): it is printed to say what is wrong."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the URL given"  # not even split: say nothing of it
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.password is not None else "***@"
-    return parts._replace(netloc=user + host).geturl()
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***@" if colon else "***@"
+    return parts._replace(netloc=shown + host).geturl()
 
 
 def is_loopback(url: str) -> bool:

@@ -512,24 +512,23 @@ def test_reset_durations() -> None:
 
 
 async def test_an_outage_pauses_the_pool_longer_while_it_lasts() -> None:
-    f, pacer, _, clock = finder()
+    f, pacer, window, clock = finder()
     serve(f, clock, [], seconds=1, offered=100)
     loop = asyncio.get_running_loop()
-    for _ in range(300):  # the endpoint goes down: within a window, most answers fail
+    size = window.size
+    for _ in range(300):  # the endpoint goes down: failures in a row
         clock.now += 0.01
-        f.failure(f.sent())
-        if f.outages:
+        if f.failure(f.sent()):
             break
     assert f.outages == 1
     assert pacer.paused_until == pytest.approx(loop.time() + 1.0, abs=0.1)
-    for _ in range(30):  # still down after the pause
-        clock.now += 0.01
-        f.failure(f.sent())
-        if f.outages == 2:
-            break
-    assert f.outages == 2
+    assert window.size == 2  # then a couple of probes at a time, not the whole window
+    clock.now += 1.0
+    assert f.failure(f.sent())  # a probe: still down
     assert pacer.paused_until == pytest.approx(loop.time() + 2.0, abs=0.1)
     assert pacer.request_rate is None  # an outage is not a rate limit
+    f.success(f.sent())  # up again: the window as it was
+    assert (f.outage.down, window.size) == (False, size)
 
 
 async def test_scattered_server_errors_pause_nothing() -> None:

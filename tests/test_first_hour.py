@@ -174,15 +174,18 @@ def test_every_flag_of_every_command_has_a_line_of_help() -> None:
                 assert action.help, f"pipeline {name} {'/'.join(action.option_strings) or action.dest}"
 
 
-async def test_an_endpoint_answering_only_404_stops_early_naming_url_and_model(mock, tmp_path: Path) -> None:
+async def test_a_model_the_server_does_not_serve_fails_its_lines_without_sending_them(
+    mock, tmp_path: Path
+) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(300, model="vendor/no-such-model"))
-    async with mock(unknown_models=("vendor/no-such-model",)) as (url, _):
+    async with mock(unknown_models=("vendor/no-such-model",)) as (url, server):
         code, out, err = await run_into(url, src, tmp_path / "o", "--concurrency", "4")
-    assert code == 3
-    assert f"POST {url}/chat/completions" in out + err
-    assert "vendor/no-such-model" in out + err
-    assert "--base-url" in out + err
-    assert len(read_jsonl(tmp_path / "o/errors.jsonl")) < 20  # stopped, not 300 lines failed one by one
+    assert code == 1
+    assert (out + err).count("the server does not serve model vendor/no-such-model") == 1  # said once
+    errors = read_jsonl(tmp_path / "o/errors.jsonl")
+    assert len(errors) == 300
+    assert all("vendor/no-such-model" in e["error"]["message"] for e in errors)
+    assert len(server.state.received) < 20  # the rest failed without being sent
 
 
 async def test_404s_for_one_model_among_answers_fail_only_its_lines(mock, make_settings) -> None:

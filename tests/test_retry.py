@@ -339,7 +339,7 @@ async def test_a_retry_after_no_wait_can_be_read_from_is_not_a_crash_nor_a_storm
     import pipeline
     from pipeline.mock.answers import completion
     from pipeline.send import retry
-    from tests.scripted import scripted
+    from tests.scripted import answering
 
     waits: list[tuple[float | None, float]] = []
     real = retry.refusal_wait
@@ -362,7 +362,7 @@ async def test_a_retry_after_no_wait_can_be_read_from_is_not_a_crash_nor_a_storm
         {"custom_id": f"r{i}", "model": "m", "messages": [{"role": "user", "content": str(i)}]}
         for i in range(4)
     ]
-    async with scripted(answer) as url:
+    async with answering(answer) as url:
         summary = await pipeline.run(make_settings(url, rows, backoff_base=0.01, backoff_max=0.05))
     assert summary.exit_code == 0
     assert summary.succeeded == 4
@@ -380,7 +380,7 @@ async def test_a_retry_after_in_epoch_milliseconds_is_waited_until(make_settings
     import pipeline
     from pipeline.mock.answers import completion
     from pipeline.send import retry
-    from tests.scripted import scripted
+    from tests.scripted import answering
 
     waits: list[float | None] = []
     real = retry.refusal_wait
@@ -403,7 +403,7 @@ async def test_a_retry_after_in_epoch_milliseconds_is_waited_until(make_settings
         {"custom_id": f"r{i}", "model": "m", "messages": [{"role": "user", "content": str(i)}]}
         for i in range(4)
     ]
-    async with scripted(answer) as url:
+    async with answering(answer) as url:
         summary = await pipeline.run(make_settings(url, rows))
     assert (summary.exit_code, summary.succeeded) == (0, 4)
     assert len(waits) == 4

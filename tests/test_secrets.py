@@ -1,10 +1,16 @@
 """The API key leaves the process only in the Authorization header: never in a file, a
-report, a log line or an error message, even when a server echoes it back."""
+report, a log line or an error message, even when a server echoes it back. Nor does the
+password of a URL (`--base-url http://user:password@...`) appear in any message."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+import pipeline as package
+from pipeline.errors import SettingsError
+from pipeline.settings import build
 from tests.conftest import FAKE_KEY, bodies, write_jsonl
 from tests.test_cli import pipeline
 
@@ -53,3 +59,22 @@ async def test_quiet_and_progress_lines_hold_no_key(mock, tmp_path: Path) -> Non
         )
     assert code == 0
     assert_nowhere(out, stdout, stderr)
+
+
+def test_no_settings_message_shows_a_urls_password(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("{}\n")
+    for url in ("ftp://someone:hunter2secret@host/v1", "http://someone:hunter2secret@host:99999/v1"):
+        with pytest.raises(SettingsError) as caught:
+            build(input=src, base_url=url)
+        assert "hunter2secret" not in str(caught.value)
+        assert "someone:***@" in str(caught.value)
+
+
+async def test_a_url_with_a_password_and_an_api_key_is_refused_not_a_crash(make_settings, server) -> None:
+    url, _ = server
+    settings = make_settings(url.replace("http://", "http://someone:hunter2secret@"), bodies(2))
+    with pytest.raises(SettingsError) as caught:
+        await package.run(settings)
+    assert "hunter2secret" not in str(caught.value)
+    assert "LUMENFALL_API_KEY" in str(caught.value)

@@ -137,7 +137,7 @@ async def test_a_streamed_answer_of_megabytes_on_one_line_arrives(make_settings,
 
     import pipeline
     from tests.conftest import read_jsonl
-    from tests.scripted import scripted
+    from tests.scripted import answering
 
     content = "x" * 3_000_000
 
@@ -155,7 +155,7 @@ async def test_a_streamed_answer_of_megabytes_on_one_line_arrives(make_settings,
     rows = [
         {"custom_id": "big", "model": "m", "stream": True, "messages": [{"role": "user", "content": "draw"}]}
     ]
-    async with scripted(answer) as url:
+    async with answering(answer) as url:
         summary = await pipeline.run(make_settings(url, rows))
     assert summary.exit_code == 0
     [result] = read_jsonl(tmp_path / "out/results.jsonl")

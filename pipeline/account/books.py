@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
-from pipeline.account.usage import Usage, answer_tokens
+from pipeline.account.usage import Usage, answer_tokens, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
 from pipeline.settings import Price
@@ -88,6 +88,15 @@ class Books:
     def discarded(self, body: dict[str, Any], request: Request) -> None:
         """An answer paid for but not kept (a verdict that broke the job's schema)."""
         self._price(self.usage.add_discarded(body, request.model), body, request.model)
+
+    def thrown_away(self, body: Any, request: Request) -> RunStopped | None:
+        """An attempt that ended in an error whose body reports usage (an empty answer, a
+        malformed one, an error inside a 200): billed though not kept, so counted as spent
+        and held to the cap; a `RunStopped` as `billed` says."""
+        if not reports_usage(body):
+            return None
+        self.discarded(body, request)
+        return self.billed(body, request)
 
     # -- the writer, once an outcome is in the files -----------------------------------------
 

@@ -20,7 +20,7 @@ from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
 MESSAGES = 5  # the commonest messages kept for each failure code
-__all__ = ["Histogram", "ModelUsage", "Usage", "answer_tokens"]
+__all__ = ["Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
 
 
 @dataclass
@@ -60,6 +60,17 @@ def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
     return prompt, completion, _int(usage.get("total_tokens")) or prompt + completion
 
 
+def reports_usage(body: Any) -> bool:
+    """Whether a body says it used tokens or cost something: an answer thrown away (empty,
+    malformed, an error inside a 200) may, and is billed all the same."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return False
+    cost = usage.get("cost")
+    costs = isinstance(cost, int | float) and not isinstance(cost, bool) and cost > 0
+    return costs or answer_tokens(body)[2] > 0
+
+
 @dataclass
 class Usage:
     models: dict[str, ModelUsage] = field(default_factory=dict)
@@ -70,7 +81,7 @@ class Usage:
     verdicts: Counter[str] = field(default_factory=Counter)
     attempts: int = 0
     retries: int = 0
-    discarded: int = 0  # answers paid for but not kept (invalid verdicts), in the totals
+    discarded: int = 0  # answers paid for but not kept (invalid verdicts, empty or broken), in the totals
     images: int = 0  # local images read and sent (each attempt sends the same bytes again)
     image_bytes_read: int = 0  # their size on disk
     image_bytes_sent: int = 0  # their size as sent, before base64
@@ -139,8 +150,8 @@ class Usage:
         m.priced += 1
 
     def add_discarded(self, body: dict[str, Any], requested: str | None) -> tuple[str, float | None]:
-        """An answer paid for but not kept (a verdict that broke the schema): its tokens and
-        cost count, though it is no result."""
+        """An answer paid for but not kept (a verdict that broke the schema, an empty or broken
+        answer that reported usage): its tokens and cost count, though it is no result."""
         self.discarded += 1
         return self.add_body(body, requested)
 

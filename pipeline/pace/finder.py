@@ -27,11 +27,10 @@ refusals drive everything here, and answers are never waited for:
   requests, but the moments the server is full are seen, and the limit read, from what
   the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
 
-When nearly every answer is a transient failure (5xx, dropped connections, timeouts; a 400 or a
-404 says nothing about the endpoint's health), the endpoint is down rather than busy: the pool
-pauses, for one second and then twice as long each time the outage persists (up to a
-minute), so that each request's few quick retries are spread over the outage instead of being
-spent in its first seconds.
+When every request out fails, and the endpoint is at fault (5xx, dropped connections,
+timeouts; a 400 or a 404 says nothing about the endpoint's health), it is down rather than
+busy: the pool pauses and probes with a few requests, and no attempt is spent until it answers
+again (`pipeline.pace.outage`).
 
 When the server lets nothing through for long, the run stops (`pipeline.pace.giveup`).
 
@@ -51,6 +50,7 @@ from pipeline.pace.capacity import Capacity
 from pipeline.pace.giveup import GiveUp
 from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
+from pipeline.pace.outage import Outage
 from pipeline.pace.sendlog import SendLog
 from pipeline.send.waits import parse_duration, per_minute, spent
 
@@ -68,8 +68,6 @@ HOLD = 0.97  # the pace, as a share of the known limit
 STEP = 0.002  # growth a second while probing (doubling every SETTLE seconds of it, when quick)
 SETTLE = 10.0  # seconds at the new pace after a change, before probing again
 WAIT = 1.0  # seconds to wait when a refusal does not say
-OUTAGE_SHARE, OUTAGE_MIN = 0.8, 10  # nearly every answer failed: the endpoint is down
-OUTAGE_PAUSE, OUTAGE_MAX = 1.0, 60.0
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
 MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
@@ -93,6 +91,7 @@ class RateFinder:
         give_up: float = GIVE_UP,
         stop: Callable[[RunStopped], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.pacer = pacer
         self.window = window
@@ -103,6 +102,7 @@ class RateFinder:
         self.log = SendLog()
         self.capacity = Capacity(self.log)
         self.giving = GiveUp(self.log, give_up, stop)
+        self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.latency = LatencyWatch(clock)
@@ -111,10 +111,7 @@ class RateFinder:
         self._epoch_start = clock()
         self._ok = [0] * BUCKETS
         self._back = [0] * BUCKETS
-        self._fail = [0] * BUCKETS
         self._all = [0] * BUCKETS
-        self.outages = 0
-        self._outage_pause = OUTAGE_PAUSE
         self._bucket = 0
         self._next_step = 0.0
         self._probe_after = 0.0
@@ -133,7 +130,7 @@ class RateFinder:
         if bucket != self._bucket:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
-                self._ok[i] = self._back[i] = self._fail[i] = self._all[i] = 0
+                self._ok[i] = self._back[i] = self._all[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
@@ -147,12 +144,13 @@ class RateFinder:
         self._hold_spent = False
         self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
-            self._ok[j] = self._back[j] = self._fail[j] = self._all[j] = 0
+            self._ok[j] = self._back[j] = self._all[j] = 0
 
     def sent(self) -> int:
         """A request leaves now; returns its ticket, for its answer to bring back."""
         now = self.clock()
         self.pacer.sent(now)
+        self.outage.sent()
         return self.log.send(now)
 
     # -- answers -------------------------------------------------------------------------------
@@ -163,6 +161,7 @@ class RateFinder:
             self.latency.add(latency, self.window.in_flight)
         now = self.clock()
         self.giving.accepted()
+        self.outage.answered()
         if ticket < self.epoch:
             return
         i = self._slot(now)
@@ -175,27 +174,22 @@ class RateFinder:
             self._probe(now)
 
     def answered(self, ticket: int) -> None:
-        """An answer that says nothing about the endpoint (a 400 for a bad request)."""
+        """An answer that says nothing about the rate (a 400 for a bad request), but that the
+        endpoint is up."""
+        self.outage.answered()
         if ticket >= self.epoch:
             self._all[self._slot(self.clock())] += 1
 
-    def failure(self, ticket: int) -> None:
-        """A transient failure: a 500, a dropped connection, a timeout..."""
-        if ticket < self.epoch:
-            return
-        now = self.clock()
-        i = self._slot(now)
-        self._fail[i] += 1
-        self._all[i] += 1
-        failed = sum(self._fail)
-        if failed >= OUTAGE_MIN and failed >= OUTAGE_SHARE * sum(self._all):
-            if sum(self._ok) == 0 and self.outages:
-                self._outage_pause = min(self._outage_pause * 2, OUTAGE_MAX)  # still down
-            else:
-                self._outage_pause = OUTAGE_PAUSE
-            self.outages += 1
-            self.pacer.pause(self._outage_pause)
-            self._new_epoch(now + self._outage_pause)
+    def failure(self, ticket: int, message: str = "") -> bool:
+        """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
+        whether it is down as a whole, so that the failure spends no attempt."""
+        if ticket >= self.epoch:
+            self._all[self._slot(self.clock())] += 1
+        return self.outage.failed(ticket, message)
+
+    @property
+    def outages(self) -> int:
+        return self.outage.outages
 
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pipeline.errors import HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
-from pipeline.send.status import Signal, signal
+from pipeline.send.status import Signal, endpoint_failed, signal
 
 
 class Slot:
@@ -64,10 +64,13 @@ class Slot:
             gate.finder.headers(error.limits)
         if meaning is Signal.PUSHBACK:
             gate.finder.pushback(self.ticket, error.retry_after, error.message)
-        elif meaning is Signal.FAILURE:
-            gate.finder.failure(self.ticket)
-        else:
+        elif meaning is Signal.ANSWERED:
             gate.finder.answered(self.ticket)  # the request's fault, not the endpoint's
+        if endpoint_failed(error):  # a 503 too: overloaded, or down
+            # Down as a whole, no request is at fault: the retry sends it again, spending nothing.
+            error.outage = gate.finder.failure(self.ticket, error.message)
+        elif error.refusal:
+            gate.finder.outage.answered()  # a 429 is an answer: the endpoint is up
 
 
 class Gate:

@@ -315,6 +315,18 @@ class Window(Slots):
         self.size = self.threshold = float(self.ceiling)
         self._wake()
 
+    def cut(self, size: float) -> tuple[float, float]:
+        """Hold the window at `size` at most (the endpoint is down: a few probes at a time);
+        returns what it was, for `restore`."""
+        before = (self.size, self.threshold)
+        self.size = self.threshold = min(size, self.size)
+        return before
+
+    def restore(self, before: tuple[float, float]) -> None:
+        """The endpoint answers again: the window as it was before the cut."""
+        self.size, self.threshold = max(before[0], self.size), max(before[1], self.threshold)
+        self._wake()
+
     def shrink(self, keep: float = 0.5) -> None:
         """The server pushed back: cut the window (by half unless told) and grow slowly
         from there."""

@@ -148,8 +148,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["discarded"]:
         out += [
             "",
-            f"{doc['discarded']:,} answer(s) broke the verdict schema and were discarded: they were paid "
-            "for, so their tokens and cost are in the totals above.",
+            f"{doc['discarded']:,} answer(s) were thrown away (they broke the verdict schema, or came "
+            "empty or broken): they were paid for, so their tokens and cost are in the totals above.",
         ]
     images = doc["images"]
     if images["count"]:

@@ -18,6 +18,7 @@ import datetime as dt
 import sqlite3
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -41,11 +42,12 @@ from pipeline.run.host import Host
 from pipeline.run.progress import Progress
 from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Summary, exit_status
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
+from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
-from pipeline.settings import Settings, is_loopback
+from pipeline.settings import Settings, is_loopback, redacted
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -53,7 +55,14 @@ def _check_key(settings: Settings) -> str | None:
     if key is None and not is_loopback(settings.base_url):
         raise SettingsError(
             f"no API key: set the environment variable {settings.api_key_env} "
-            f"(or name another one with --api-key-env) to the key for {settings.base_url}"
+            f"(or name another one with --api-key-env) to the key for {redacted(settings.base_url)}"
+        )
+    if key is not None and urlsplit(settings.base_url).username is not None:
+        # Both would be the Authorization header, which aiohttp refuses (a crash, before).
+        raise SettingsError(
+            f"--base-url {redacted(settings.base_url)} holds a user and password, and the API key is "
+            f"set too ({settings.api_key_env}): the request can carry only one of them; take the "
+            "credentials out of the URL, or unset the key for an endpoint that wants the URL's"
         )
     return key
 
@@ -138,6 +147,7 @@ class Run:
             tpm_given=token_rate is not None,
             give_up=settings.give_up_after,
             stop=self.control.stop,
+            say=self.progress.say,
         )
         self.gate = Gate(self.pacer, self.window, self.finder)
         self.usage.timeline.sample(self._sample)
@@ -169,10 +179,11 @@ class Run:
 
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
+        judge = Judge(NotFound(client.url, client.models, lambda: control.in_flight, self.progress.say))
         worker = Worker(
             gate=self.gate,
             client=client,
-            judge=Judge(client.url),
+            judge=judge,
             retry=self.retry,
             books=self.books,
             control=control,
@@ -201,7 +212,7 @@ class Run:
                     # Stopping wakes whatever waits to send, so that it finds out at once.
                     # (A budget's wait for a model's cost ends with the request that learns it,
                     # which is in flight or in a backoff that stopping ends too.)
-                    control.on_stop += [crew.wake_all, self.gate.wake_all]
+                    control.on_stop += [crew.wake_all, self.gate.wake_all, judge.not_found.wake_all]
                     for _ in range(2 * settings.concurrency):
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()

@@ -28,7 +28,7 @@ from pipeline.errors import (
 from pipeline.job import Reply, Request
 from pipeline.quote import brief
 from pipeline.send.sse import assemble
-from pipeline.send.status import http_error, provider_error
+from pipeline.send.status import empty_answer, http_error, provider_error
 from pipeline.send.waits import retry_after, said_wait
 
 RATE_HEADERS = (
@@ -40,6 +40,7 @@ RATE_HEADERS = (
     "x-ratelimit-reset-tokens",
 )
 CONNECT_TIMEOUT = 30.0  # seconds
+MODELS_TIMEOUT = 5.0  # seconds for GET /models, asked once when a 404 says nothing
 _ERROR_TEXT_LIMIT = 2000
 _BIG_BODY = 1 << 20
 _SLICE = 256 * 1024
@@ -98,7 +99,7 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
             f"provider error inside a 200 answer: {message}", code=code, body=body, request_id=request_id
         )
     choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if not isinstance(choices, list):
         raise MalformedResponse(
             "the answer is not a chat completion: no choices", body=body, request_id=request_id
         )
@@ -111,6 +112,9 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
             raise provider_error(
                 "a choice finished with an error", code=None, body=body, request_id=request_id
             )
+    empty = empty_answer(body, request_id=request_id)
+    if empty is not None:
+        raise empty
     return body
 
 
@@ -148,6 +152,7 @@ class Client:
     ) -> None:
         self._session = session
         self.url = f"{base_url}/chat/completions"
+        self._models_url = f"{base_url}/models"
         self._idle = idle_timeout
         # An answer that is not streamed arrives whole at the end: only a total can bound it.
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
@@ -211,6 +216,28 @@ class Client:
             latency=latency,
             limits=limits,
         )
+
+    async def models(self) -> list[str] | None:
+        """The ids of GET {base_url}/models (`pipeline.send.notfound` asks, once a run, when a
+        404 says nothing): a server that answers it with a list knows its path is right. None
+        when it gives no list: another status, not JSON, no answer within MODELS_TIMEOUT."""
+        timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT)
+        try:
+            async with self._session.get(self._models_url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    return None
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        # OpenAI's shape is {"object": "list", "data": [{"id": ...}]}; some list bare.
+        data = body.get("data", body.get("models")) if isinstance(body, dict) else body
+        if not isinstance(data, list):
+            return None
+        return [str(m.get("id") or m.get("name")) if isinstance(m, dict) else str(m) for m in data]
 
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, started: float, request_id: str | None

@@ -9,7 +9,9 @@ both bounded; the total counts the coming sleep, so no attempt starts past the d
 A refusal (429) is not an error: it means "later", so it spends neither an attempt nor the
 total time. The request waits what the server asks (or backs off when it does not say) and
 is sent again; only a server that lets nothing through for long stops the run (the rate
-finder's `give_up`), and no request fails because it was asked to wait.
+finder's `give_up`), and no request fails because it was asked to wait. Nor does a failure
+while the endpoint as a whole is down (`error.outage`, `pipeline.pace.outage`) spend either:
+the request goes again at once, and waits at the gate for the endpoint to answer.
 """
 
 from __future__ import annotations
@@ -124,10 +126,20 @@ class RetryPolicy:
         an aggregator cannot serve for now): then it fails, to be tried by the next run."""
         refusals = 0
         first = 0.0
+        down = 0.0  # when the last attempt failed in an outage: the time since is the outage's
         while True:
             try:
                 return await fn()
             except RequestError as e:
+                if down:
+                    refused[0] += time.monotonic() - down
+                    down = 0.0
+                if e.outage:
+                    # The endpoint is down (`pipeline.pace.outage`): the request goes again at
+                    # once, and the gate holds it until a probe gets through; only the run gives
+                    # up on an outage.
+                    down = time.monotonic()
+                    continue
                 if not e.refusal:
                     raise
                 refusals += 1

@@ -3,11 +3,13 @@
 Pure functions of the bytes received, so the client only moves bytes and this module can be
 tested on its own. Deltas are joined per choice: strings are concatenated (content, refusal,
 reasoning), lists extended (logprobs, reasoning details), tool calls joined by their index.
-A stream is whole only when every choice has a finish_reason and `[DONE]` arrived.
+A stream is whole only when every choice has a finish_reason and `[DONE]` arrived (so every
+choice is an answer by `status.empty_answer`'s rule), and an answer only when it has a choice.
 
 `assemble` is what the client calls: whatever the stream holds, it returns a completion or
 raises an error of `pipeline.errors` (a stream cut short or of shapes no server should send
-is a `MalformedResponse`; an error the stream carried, a `ProviderError`).
+is a `MalformedResponse`; one without an answer an `EmptyAnswer`; an error the stream
+carried, a `ProviderError`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedResponse, ProviderError, RequestError
+from pipeline.errors import EmptyAnswer, MalformedResponse, ProviderError, RequestError
 from pipeline.quote import brief, quote
 from pipeline.send.status import provider_error
 
@@ -168,19 +170,24 @@ class StreamAssembler:
         return first
 
     def completion(self) -> dict[str, Any]:
-        """The assembled body; a stream cut short is a `MalformedResponse`."""
+        """The assembled body; a stream cut short is a `MalformedResponse`, one without an
+        answer an `EmptyAnswer`. Either carries what arrived when the stream reported usage,
+        so that what was billed is counted."""
         self.close()
-        if not self.done:
-            raise MalformedResponse("the stream ended before [DONE]; the reply is incomplete")
-        if not self.choices:
-            raise MalformedResponse("the stream ended without any choice")
-        unfinished = [i for i, c in self.choices.items() if not c["finish_reason"]]
-        if unfinished:
-            raise MalformedResponse(f"the stream ended without a finish_reason for choice {unfinished[0]}")
         body: dict[str, Any] = {**self.top, "object": "chat.completion"}
         body["choices"] = [self.choices[i] for i in sorted(self.choices)]
         if self.usage is not None:
             body["usage"] = self.usage
+        arrived = body if self.usage is not None else None
+        if not self.done:
+            raise MalformedResponse("the stream ended before [DONE]; the reply is incomplete", body=arrived)
+        if not self.choices:
+            raise EmptyAnswer("the stream ended without any choice", body=arrived)
+        unfinished = [i for i, c in self.choices.items() if not c["finish_reason"]]
+        if unfinished:
+            raise MalformedResponse(
+                f"the stream ended without a finish_reason for choice {unfinished[0]}", body=arrived
+            )
         try:
             orjson.dumps(body)
         except TypeError:  # (its chunks were read by orjson: only nesting past its 254 levels)

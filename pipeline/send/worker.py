@@ -21,7 +21,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.account.books import Books
-from pipeline.account.usage import answer_tokens
+from pipeline.account.usage import answer_tokens, reports_usage
 from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
 from pipeline.input.images import encode
 from pipeline.input.reader import input_failure
@@ -29,6 +29,7 @@ from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.pace.gate import Gate
 from pipeline.run.control import READ_AHEAD_BYTES, Control, Crew, Refill, Seat
 from pipeline.send.client import Client
+from pipeline.send.notfound import Undecided
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge, answer_key
 from pipeline.send.verdict import Verdict
@@ -136,6 +137,9 @@ class Worker:
             failure = await self._fill(request)
             if failure is not None:
                 return failure
+        said = self.judge.gone(request.model)
+        if said is not None:
+            return self._unsent(request, said)
         held = await self.books.reserve(request)
         if isinstance(held, RunStopped):
             self.control.stop(held)
@@ -147,22 +151,25 @@ class Worker:
 
     async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
         attempts = invalid = 0
+        billed = False  # an answer thrown away reported usage
 
         async def attempt() -> tuple[Reply, Any]:
-            nonlocal attempts, invalid
-            if invalid:
+            nonlocal attempts, invalid, billed
+            if billed:
                 # The answer thrown away was billed: another try must still fit the cap.
                 self._stop_if(self.books.covers_another_answer())
             try:
                 reply = await self._attempt(request)
-            except RequestError:
+            except RequestError as e:
                 attempts += 1  # sent, and failed
+                billed = billed or reports_usage(e.body)
                 raise
             attempts += 1
             try:
                 parsed = self._judge(reply, request)
             except InvalidOutput as e:
                 invalid += 1
+                billed = True
                 e.transient = self.verdict is not None and invalid < self.verdict.max_attempts
                 raise
             return reply, parsed
@@ -172,7 +179,10 @@ class Worker:
         except Abandoned:
             return None
         except RequestError as e:
-            stop = self.judge.stops_run(e, request.model)
+            try:
+                stop = await self.judge.stops_run(e, request.model)
+            except Undecided:
+                return None
             if stop is not None:
                 self.control.stop(stop)
                 return None
@@ -190,6 +200,19 @@ class Worker:
             )
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+
+    def _unsent(self, request: Request, said: str) -> Failure:
+        """A line of a model the server said it does not serve: failed without a request, to
+        be tried again by the next run like any failure."""
+        return Failure(
+            line=request.line,
+            code="model_not_found",
+            message=f"not sent: the server does not serve model {request.model} (it answered: {said})",
+            custom_id=request.custom_id,
+            metadata=request.metadata,
+            model=request.model,
+            unsent=True,
+        )
 
     async def _fill(self, request: Request) -> Failure | None:
         """Read, size and encode the request's local images, in threads, into its payload:
@@ -223,10 +246,15 @@ class Worker:
             reply = await self.client.complete(request)  # send
         except RequestError as e:
             slot.failed(e)
+            self.judge.failed(e)
             self.books.attempt(answer_key(e))  # account
+            stop = self.books.thrown_away(e.body, request)  # billed, though no result comes of it
+            if stop is not None:
+                self.control.stop(stop)
             raise
         finally:
             control.in_flight -= 1
+            self.judge.ended()  # a verdict on 404s may wait for nothing to be in flight
         slot.answered(reply.latency, reply.limits, answer_tokens(reply.body)[2])
         self.judge.success()
         stop = self.books.billed(reply.body, request)  # account: billed, kept or not

@@ -1,0 +1,149 @@
+"""When the endpoint as a whole fails: pause, probe with a few, and let nobody's attempt pay.
+
+A connection refused or reset, a timeout, a 5xx: one of them is one request's bad luck, and
+the retry policy spends an attempt of that request on it. The endpoint is down when every
+request that was out when such a failure came back has failed since, nothing answering in
+between, `MIN` failures at least (when the endpoint goes, every request in flight fails); or
+when failures alone have come back for `QUIET` seconds (a network that drops packets: new
+connections time out, while the requests out before hang until their own timeout). Then no
+request is at fault, and until something answers again:
+
+- the pool pauses, for a second and then twice as long each time a probe finds it still down
+  (up to ten seconds); after each pause only `PROBES` requests go at a time (the in-flight
+  window is cut to that, and given back as it was once the endpoint answers), so an outage
+  costs a couple of requests every few seconds, not the whole window each time;
+- a failure spends no attempt: it is marked `outage`, and the retry policy sends it again as
+  it does a refusal, the gate holding it until a probe gets through;
+- once the endpoint has failed so for `give_up` seconds (--give-up-after), the run stops
+  (exit 3, resumable), saying for how long; the last pause ends then, so that it is said on
+  time.
+
+An answer of any other kind (a success, a 429, a 400) says the endpoint is up. One request
+that fails while others succeed (a poison request that always gets a 500), or every request of
+one model while another model's are out and answer later (an aggregator's upstream down), is
+no outage, and spends its attempts as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.errors import RunStopped
+from pipeline.pace.local import Pacer, Window
+from pipeline.pace.sendlog import SendLog
+from pipeline.run.progress import duration
+
+# Failures in a row, at least, that say the endpoint is down (with every request that was out
+# failing too): of an endpoint failing 8 % of requests, five in a row come once in 300,000
+# answers, and only with at most one request out at a time.
+MIN = 5
+QUIET = 30.0  # seconds of failures, nothing answering, that say it is down all the same
+PAUSE, MAX_PAUSE = 1.0, 10.0  # seconds between probes, doubling while it stays down
+PROBES = 2  # requests in flight at a time while it is down
+
+
+class Outage:
+    def __init__(
+        self,
+        pacer: Pacer,
+        window: Window,
+        log: SendLog,
+        *,
+        give_up: float,
+        stop: Callable[[RunStopped], None] | None,
+        clock: Callable[[], float],
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pacer = pacer
+        self.window = window
+        self.log = log
+        self.give_up = give_up
+        self.stop = stop
+        self.clock = clock
+        self.say = say
+        self.down = False
+        self.outages = 0  # times the endpoint went down in this run
+        self.pauses = 0  # pauses taken for it
+        self._since = 0.0  # when it went down: its first failure in a row
+        self._first = 0.0
+        self._pause = PAUSE
+        self._probes_from = 0  # requests sent from here on left after the last pause began
+        self._window: tuple[float, float] = (0.0, 0.0)  # the window's size before, to give back
+        self.out = 0  # requests sent and not answered yet
+        self._streak = 0  # failures since the last answer
+        self._before = 0  # the first request sent after the streak's first failure came back
+        self._outstanding = 0  # requests out then
+        self._failed_before = 0  # of those, failed since
+
+    def sent(self) -> None:
+        self.out += 1
+
+    def answered(self) -> None:
+        """An answer that is not a failure of the endpoint's: it is up."""
+        self.out -= 1
+        self._streak = 0
+        if self.down:
+            self._up()
+
+    def failed(self, ticket: int, message: str) -> bool:
+        """The endpoint failed the request `ticket` (connection, timeout, 5xx); returns whether
+        it is down, so that the failure spends no attempt."""
+        now = self.clock()
+        self.out -= 1
+        self._streak += 1
+        if self._streak == 1:
+            self._first = now
+            self._before, self._outstanding, self._failed_before = self.log.next, self.out, 0
+        elif ticket < self._before:
+            self._failed_before += 1
+        if self.down:
+            if ticket >= self._probes_from:  # a probe, sent after the last pause began
+                self._still_down(now, message)
+            return True
+        if self._streak >= MIN and (self._failed_before >= self._outstanding or now - self._first >= QUIET):
+            self.down = True
+            self.outages += 1
+            self._since = self._first
+            self._pause = PAUSE
+            self._window = self.window.cut(PROBES)
+            self._hold(now)
+            if self.say is not None:
+                self.say(
+                    f"pipeline: the endpoint fails every request ({message}): pausing, then probing "
+                    f"with {PROBES} requests at a time; none spends an attempt until it answers again"
+                )
+            return True
+        return False
+
+    def _still_down(self, now: float, message: str) -> None:
+        if now - self._since >= self.give_up:
+            self._give_up(now, message)
+            return
+        self._pause = min(self._pause * 2, MAX_PAUSE)
+        self._hold(now)
+
+    def _hold(self, now: float) -> None:
+        """Pause the pool; the next requests to leave are the probes."""
+        left = self._since + self.give_up - now
+        self.pacer.pause(max(min(self._pause, left), 0.0))
+        self.pauses += 1
+        self._probes_from = self.log.next
+
+    def _up(self) -> None:
+        self.down = False
+        self.window.restore(self._window)
+        if self.say is not None:
+            self.say(f"pipeline: the endpoint answers again, after {duration(self.clock() - self._since)}")
+
+    def _give_up(self, now: float, message: str) -> None:
+        if self.stop is None:
+            return
+        self.stop(
+            RunStopped(
+                f"the endpoint has failed every request for {duration(now - self._since)} (the "
+                f"last: {message}): it is down, or unreachable from here; run the same command "
+                "again to resume once it answers",
+                code="endpoint_down",
+            )
+        )
+        self.stop = None  # once
