@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -35,7 +36,7 @@ from pipeline.output.ledger import Ledger
 from pipeline.report import markdown as markdown_module
 from pipeline.settings import Settings, build
 from tests.conftest import FAKE_KEY
-from tests.inject import FAULTS, INJECTOR, Site, cancelling, installed
+from tests.inject import INJECTOR, Site, cancelling, faults, installed
 
 SITES_AT_LEAST = 150  # a recorder that finds too few is broken, not lucky
 CANCELLED = -1  # the command's caller cancelled it
@@ -291,6 +292,16 @@ def kept_aside(world: World, template: Path) -> list[str]:
     return problems
 
 
+def kept_as_said(message: str, folder: Path) -> list[str]:
+    """A stop that says how many results it kept says what the folder holds: the next run
+    keeps every whole line of results.jsonl, no fewer (it would seem lost) and no more."""
+    said = re.search(r"([\d,]+) results? kept there", message)
+    if said is None:
+        return []
+    kept, held = int(said.group(1).replace(",", "")), len(whole(folder / "results.jsonl"))
+    return [] if kept == held else [f"the stop says {kept} results kept, results.jsonl holds {held}"]
+
+
 def results_now(folder: Path) -> set[str]:
     return {r["custom_id"] for r in whole(folder / "results.jsonl")}
 
@@ -344,6 +355,7 @@ async def instance(scenario: Scenario, base: World, template: Path, *targets: Ta
             problems.append(f"{label}: exit {code}: {message}")
         if code == 3 and str(world.root) not in message:
             problems.append(f"{label}: a stop that does not name the folder: {message}")
+        problems += [f"{label}: {p}" for p in kept_as_said(message, scenario.final(world))]
         # Done once it finished after the faults fired (or twice with them never reached).
         if code in (0, 1) and attempt > (fired_in or 0):
             break
@@ -385,14 +397,14 @@ async def exercise(
     after: dict[Site, Target] = {}  # a site only a fault's way reaches, and that fault
     for site, count in sorted(clean.items()):
         for nth in sorted({1, (count + 1) // 2}):
-            for fault in FAULTS:
+            for fault in faults(site):
                 for other in await go((site, nth, fault)) - reached.keys():
                     if not (scenario.new_sites_only and other in done):
                         after.setdefault(other, (site, nth, fault))
     # The writes made while handling a failure (a cut back, a rollback...) fail in turn too.
     tally.after[scenario.name] = len(after)
     for site, first in sorted(after.items()):
-        for fault in FAULTS:
+        for fault in faults(site):
             await go(first, (site, 1, fault))
     done.update(clean, after)
 
@@ -467,6 +479,27 @@ def test_a_commit_that_fails_commits_nothing_then_or_later(tmp_path: Path, rolle
         ledger.add_done(["d"])
         assert committed(path) == ["a"]
         ledger.close(commit=False)
+
+
+def test_a_commit_that_holds_though_sqlite_says_it_failed_is_counted_as_held(tmp_path: Path) -> None:
+    # SQLite's temporary store full: COMMIT writes the index whole, then fails on the store.
+    path = tmp_path / "ledger.sqlite"
+    with installed() as injector:
+        ledger = Ledger(path)
+        ledger.add_done(["a"])
+        ledger.commit()
+        commit = next(site for site in injector.hits if site.op == "sqlite COMMIT")
+        ledger.add_done(["b", "c"])
+        injector.arm((commit, 1, "landed"))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            ledger.commit()
+        injector.disarm()
+        assert committed(path) == ["a", "b", "c"]
+        assert (ledger.landed, ledger.done_count) == (True, 3)  # not 1: "b" and "c" are kept
+        ledger.add_done(["d"])
+        ledger.commit()
+        assert (ledger.landed, ledger.done_count, committed(path)) == (False, 4, ["a", "b", "c", "d"])
+        ledger.close()
 
 
 def committed(path: Path) -> list[str]:

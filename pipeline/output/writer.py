@@ -231,6 +231,8 @@ class Writer:
                         self.ledger.rollback()
                     if not isinstance(e, sqlite3.Error):
                         raise
+                    if self.ledger.landed:  # the index holds them: counted twice if kept queued
+                        del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
                     self.fail(e)
                     return
                 del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
