@@ -125,7 +125,7 @@ def test_the_filesystem_of_a_folder_is_named_from_the_mount_table(tmp_path: Path
         assert mount_of(tmp_path / "small" / "not" / "made") == mount_of(tmp_path / "small")
 
 
-async def test_a_merge_on_a_filesystem_without_locks_is_refused_naming_it(
+async def test_a_merge_or_a_report_on_a_filesystem_without_locks_is_refused_naming_it(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
@@ -142,6 +142,13 @@ async def test_a_merge_on_a_filesystem_without_locks_is_refused_naming_it(
     assert f"cannot lock {out}: its filesystem (" in err
     assert "use a folder on a local disk for --output" in err
     assert not (out / "results.jsonl").exists()
+    # pipeline report locks too (to know no run or merge writes there): the same refusal, not
+    # "cannot write ...; fix that (a disk failing?)" and exit 3
+    for folder in (out, out / "shard-1-of-2"):
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"pipeline report: error: cannot lock {folder}: its filesystem (" in err
+        assert "use a folder on a local disk for --output" in err
 
 
 async def test_a_full_sqlite_temporary_folder_is_named_and_what_was_kept_is_counted_right(
