@@ -108,7 +108,15 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
     when the caller knows (else it is looked at)."""
     shard = ShardFolder(path, k, n)
     if not (path / LEDGER).exists():
-        shard.problem = "has no ledger.sqlite: it never ran"
+        if (path / RESULTS).exists() or (path / ERRORS).exists():
+            # Moved or deleted: a run rebuilds it from results.jsonl (and tries again the lines
+            # that had failed, which only the ledger listed).
+            results, _ = _lines(path / RESULTS) if (path / RESULTS).exists() else (0, True)
+            shard.problem = (
+                f"has lost its ledger.sqlite (results.jsonl holds {results:,} lines): {shard.again()}"
+            )
+        else:
+            shard.problem = f"has no ledger.sqlite: it never ran; {shard.again()}"
         return shard
     ledger = Ledger(path / LEDGER)
     try:
