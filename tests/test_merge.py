@@ -213,6 +213,19 @@ async def test_a_shard_whose_ledger_is_gone_is_refused_with_the_command_that_reb
     assert_exactly_once(out, every)
 
 
+def test_a_partial_merge_does_not_say_nothing_is_pending(finished: tuple[Path, set[str]]) -> None:
+    # Shard 2 never finished a run (killed in its first, or not run yet): a partial merge said
+    # "0 pending", in its line and in usage.json, of a job with half its lines not done.
+    out, _ = finished
+    (out / "shard-2-of-2/ledger.sqlite").unlink()
+    (out / "shard-2-of-2/results.jsonl").unlink()
+    (out / "shard-2-of-2/errors.jsonl").unlink()
+    partial = merge(out, partial=True)
+    assert partial.pending is None
+    assert "failures, an unknown number pending (" in str(partial)
+    assert orjson.loads((out / "usage.json").read_bytes())["requests"]["pending"] is None
+
+
 @pytest.fixture
 def pause_first_merge(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
     """A merge in the thread named "first" stops at its first fsync (it holds its locks by

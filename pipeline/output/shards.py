@@ -175,14 +175,18 @@ def find_shards(out: Path) -> list[ShardFolder]:
     return found
 
 
-def added(shards: list[ShardFolder]) -> tuple[Usage, int, int | None]:
+def added(shards: list[ShardFolder]) -> tuple[Usage, int | None, int | None]:
     """The shards' usage added up (every run labelled by its shard, in the order they
-    started), the lines they left pending, and the input's lines."""
+    started), the lines they left pending, and the input's lines. Pending is not known (None)
+    when a shard is not among them or never finished a run (a partial merge): 0 would say
+    the job is done."""
     usage = Usage()
     for shard in shards:
         usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
     usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
-    pending = sum(int(last.get("pending") or 0) for last in lasts)
-    lines = max((last.get("lines") or 0 for last in lasts), default=0) or None
+    lasts = {s.k: s.usage.runs[-1] for s in shards if s.usage.runs}
+    left = [n for last in lasts.values() if isinstance(n := last.get("pending"), int)]
+    every = bool(shards) and set(lasts) == set(range(1, shards[0].n + 1)) and len(left) == len(lasts)
+    pending = sum(left) if every else None
+    lines = max((last.get("lines") or 0 for last in lasts.values()), default=0) or None
     return usage, pending, lines
