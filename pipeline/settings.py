@@ -201,12 +201,14 @@ def check_base_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise SettingsError(
-            f"base URL {url!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
+            f"base URL {redacted(url)!r} is not an http(s) URL; pass one like --base-url {DEFAULT_BASE_URL}"
         )
     try:
         parts.port  # noqa: B018 -- raises on a port that is not a number from 0 to 65535
     except ValueError:
-        raise SettingsError(f"base URL {url!r} has a port that is not a number from 1 to 65535") from None
+        raise SettingsError(
+            f"base URL {redacted(url)!r} has a port that is not a number from 1 to 65535"
+        ) from None
     return url.rstrip("/")
 
 
@@ -225,9 +227,7 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None and not parts.username:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: a port out of range must not raise here
     user = f"{parts.username}:***@" if parts.password is not None else "***@"
     return parts._replace(netloc=user + host).geturl()
 

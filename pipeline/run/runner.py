@@ -18,6 +18,7 @@ import datetime as dt
 import sqlite3
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -45,7 +46,7 @@ from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
-from pipeline.settings import Settings, is_loopback
+from pipeline.settings import Settings, is_loopback, redacted
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -53,7 +54,15 @@ def _check_key(settings: Settings) -> str | None:
     if key is None and not is_loopback(settings.base_url):
         raise SettingsError(
             f"no API key: set the environment variable {settings.api_key_env} "
-            f"(or name another one with --api-key-env) to the key for {settings.base_url}"
+            f"(or name another one with --api-key-env) to the key for {redacted(settings.base_url)}"
+        )
+    parts = urlsplit(settings.base_url)
+    if key is not None and (parts.username or parts.password):
+        # aiohttp would send them in the Authorization header the key goes in, and refuse
+        # every request (a ValueError in each: exit 70).
+        raise SettingsError(
+            f"the base URL {redacted(settings.base_url)} holds a user and password, which would go "
+            "in the Authorization header that carries the API key: take them out of --base-url"
         )
     return key
 
@@ -172,7 +181,7 @@ class Run:
         worker = Worker(
             gate=self.gate,
             client=client,
-            judge=Judge(client.url),
+            judge=Judge(redacted(client.url)),  # it names the URL in a stop message
             retry=self.retry,
             books=self.books,
             control=control,
