@@ -538,3 +538,46 @@ async def test_answers_that_arrive_after_a_failed_write_are_written_before_the_r
     assert set(written) == answered  # the batch that failed, and what came after, are all there
     assert f"{len(written)} results kept there" in summary.message
     assert "could not be written" not in summary.message.split("kept there")[1]
+
+
+async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch goes in part way, then the disk fails, and so does the cut back: the whole lines
+    # that went in stay, and the next run keeps them. The stop said "0 results kept" and
+    # counted them among the answers to be asked for again.
+    real = writer_module._append
+    failed = False
+
+    def half_then_fail(fd: int, data: bytes, size: int) -> int:
+        nonlocal failed
+        if failed or data.count(b"\n") < 3:
+            return real(fd, data, size)
+        failed = True
+        os.write(fd, data[: len(data) * 2 // 3])  # a line or more, and a torn one
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # and the cut back failed too
+
+    monkeypatch.setattr(writer_module, "_append", half_then_fail)
+    rows = [
+        {"custom_id": f"job-{i}", "model": "m", "messages": [{"role": "user", "content": f"q job-{i}"}]}
+        for i in range(200)
+    ]
+    out = tmp_path / "out"
+    async with mock(latency=0.005) as (url, server):
+        summary = await pipeline.run(make_settings(url, rows, concurrency=16))
+        assert failed
+        kept = results_now(out)
+        assert summary.exit_code == 3
+        assert kept_as_said(summary.message, out) == []
+        lost = re.search(r"; (\d+) answers? arrived but could not be written", summary.message)
+        asked_first = len(server.state.received)
+        assert asked_first == len(kept) + (int(lost.group(1)) if lost else 0)
+        monkeypatch.setattr(writer_module, "_append", real)
+        again = await pipeline.run(make_settings(url, rows, concurrency=16))
+        asked_again = {b["messages"][0]["content"].split()[-1] for b in server.state.received[asked_first:]}
+    assert again.exit_code == 0
+    assert not asked_again & kept
+    assert len(asked_again) == 200 - len(kept)
+    written = [r["custom_id"] for r in whole(out / "results.jsonl")]
+    assert sorted(written) == sorted(r["custom_id"] for r in rows)
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n")
