@@ -302,6 +302,22 @@ def kept_as_said(message: str, folder: Path) -> list[str]:
     return [] if kept == held else [f"the stop says {kept} results kept, results.jsonl holds {held}"]
 
 
+def lost_as_said(world: World, message: str, folder: Path) -> list[str]:
+    """A stop that says how many answers arrived but could not be written says how many of
+    this run's answers are in no file: those the next run asks for again."""
+    if "results kept there" not in message:
+        return []
+    said = re.search(r"; ([\d,]+) answers? arrived but could not be written", message)
+    lost = int(said.group(1).replace(",", "")) if said else 0
+    tag_of = {x.key: x.tag for x in world.lines}
+    held = {tag_of.get(custom_id) for custom_id in results_now(folder)}
+    _, _, answered = world.endpoint.runs[-1]
+    missing = [tag for tag in answered if tag not in held]
+    return (
+        [] if len(missing) == lost else [f"the stop says {lost} answers lost, {len(missing)} are in no file"]
+    )
+
+
 def results_now(folder: Path) -> set[str]:
     return {r["custom_id"] for r in whole(folder / "results.jsonl")}
 
@@ -356,6 +372,7 @@ async def instance(scenario: Scenario, base: World, template: Path, *targets: Ta
         if code == 3 and str(world.root) not in message:
             problems.append(f"{label}: a stop that does not name the folder: {message}")
         problems += [f"{label}: {p}" for p in kept_as_said(message, scenario.final(world))]
+        problems += [f"{label}: {p}" for p in lost_as_said(world, message, scenario.final(world))]
         # Done once it finished after the faults fired (or twice with them never reached).
         if code in (0, 1) and attempt > (fired_in or 0):
             break
