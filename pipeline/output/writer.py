@@ -87,7 +87,7 @@ class _File:
                 raise
             if now != self.size:
                 self.torn = True
-                whole = data[: now - self.size].rfind(b"\n") + 1
+                whole = data[: max(now - self.size, 0)].rfind(b"\n") + 1
                 self.kept = data[:whole].count(b"\n")
                 self.size += whole  # the torn rest is past it, for the next run to cut
             raise
