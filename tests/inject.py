@@ -11,6 +11,10 @@ later is found and failed without a new test.
 Faults: an OSError with EIO, one with ENOSPC (a write then goes short first, as a full disk
 does), both as SQLite raises them on its own calls; and a cancellation, the run's caller
 cancelling it at that very point (the caller's scope is cancelled and CancelledError raised).
+A COMMIT may also fail "landed" (`LANDED`): the ledger's own changes are committed, and then
+"database or disk is full" is raised all the same, the transaction still open. SQLite does
+that when its temporary store (the per-run `seen` ids, in SQLITE_TMPDIR, TMPDIR or /var/tmp)
+fills up: a transaction over a WAL database and the temporary one is not atomic across the two.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ PACKAGE = str(Path(pipeline.__file__).parent) + os.sep
 MOCK = PACKAGE + "mock" + os.sep
 DEPTH = 2  # frames of pipeline/ that tell one site from another: the call and its caller
 FAULTS = ("EIO", "ENOSPC", "cancel")
+LANDED = {"sqlite COMMIT": ("landed",)}  # faults only some operations have, by operation
+
+
+def faults(site: Site) -> tuple[str, ...]:
+    """The faults a site is failed with in turn."""
+    return FAULTS + LANDED.get(site.op, ())
+
+
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
@@ -243,6 +255,10 @@ class FaultyConnection(sqlite3.Connection):
             return
         if verb == "sqlite COMMIT" and fault == "EIO" and self.in_transaction:
             super().execute("ROLLBACK")
+        if fault == "landed":
+            super().execute("COMMIT")  # the database's own part is committed...
+            super().execute("BEGIN")  # ...the temporary store's is not, and stays open
+            fault = "ENOSPC"
         INJECTOR.raise_sqlite(fault)
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:

@@ -125,7 +125,7 @@ def test_the_filesystem_of_a_folder_is_named_from_the_mount_table(tmp_path: Path
         assert mount_of(tmp_path / "small" / "not" / "made") == mount_of(tmp_path / "small")
 
 
-async def test_a_merge_on_a_filesystem_without_locks_is_refused_naming_it(
+async def test_a_merge_or_a_report_on_a_filesystem_without_locks_is_refused_naming_it(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
@@ -142,3 +142,50 @@ async def test_a_merge_on_a_filesystem_without_locks_is_refused_naming_it(
     assert f"cannot lock {out}: its filesystem (" in err
     assert "use a folder on a local disk for --output" in err
     assert not (out / "results.jsonl").exists()
+    # pipeline report locks too (to know no run or merge writes there): the same refusal, not
+    # "cannot write ...; fix that (a disk failing?)" and exit 3
+    for folder in (out, out / "shard-1-of-2"):
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"pipeline report: error: cannot lock {folder}: its filesystem (" in err
+        assert "use a folder on a local disk for --output" in err
+
+
+async def test_a_full_sqlite_temporary_folder_is_named_and_what_was_kept_is_counted_right(
+    mock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ids a run has read (to find duplicates) are in SQLite's temporary store, which is in
+    # SQLITE_TMPDIR, TMPDIR or /var/tmp, not in the output folder. When that fills up, the stop
+    # named the output folder and its device, with gigabytes free, and said "make room there";
+    # and SQLite, failing a COMMIT on its temporary store after writing the index whole, left
+    # the run counting half the results it had kept.
+    n = 3000
+    rows = [{**row, "custom_id": f"{i:05d}-" + "x" * 500} for i, row in enumerate(bodies(n))]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    temp = tmp_path / "sqlite-temp"
+    with tmpfs(temp, "64k"):
+        monkeypatch.setenv("SQLITE_TMPDIR", str(temp))
+        async with mock() as (url, server):
+            proc = await start(url, src, out, "--concurrency", "16")
+            said, err = await proc.communicate()
+            assert proc.returncode == 3, (said, err)
+            asked_first = len(server.state.received)
+            line = said.decode().strip()
+            kept_first = {r["custom_id"] for r in whole_lines(out / "results.jsonl")}
+            assert f"cannot write to {out} (database or disk is full; " in line
+            assert f"SQLite keeps its temporary files in {temp} (tmpfs mounted at {temp}, " in line
+            assert "or set SQLITE_TMPDIR to a folder with room, then run the same command again" in line
+            assert f": {len(kept_first):,} results kept there" in line
+            assert 0 < len(kept_first) < n
+
+            monkeypatch.setenv("SQLITE_TMPDIR", str(tmp_path))
+            proc = await start(url, src, out)
+            said, err = await proc.communicate()
+            assert proc.returncode == 0, (said, err)
+            asked_again = [b["messages"][0]["content"] for b in server.state.received[asked_first:]]
+    ids = Counter(r["custom_id"] for r in whole_lines(out / "results.jsonl"))
+    assert len(ids) == n
+    assert max(ids.values()) == 1
+    questions = {f"question {i}": row["custom_id"] for i, row in enumerate(rows)}
+    assert not {questions[q] for q in asked_again} & kept_first

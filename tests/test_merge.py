@@ -188,6 +188,44 @@ def test_a_shard_whose_results_were_cut_short_is_refused_by_name(finished: tuple
     assert f"run `pipeline run JOB --shard 2/2 --output {out}` again" in str(refused.value)
 
 
+async def test_a_shard_whose_ledger_is_gone_is_refused_with_the_command_that_rebuilds_it(
+    mock, make_settings, finished: tuple[Path, set[str]]
+) -> None:
+    # Deleted or not copied along: merge said "has no ledger.sqlite: it never ran" of a folder
+    # holding results, and named no command. A run rebuilds the index from results.jsonl.
+    out, every = finished
+    shard = out / "shard-2-of-2"
+    held = len(read_jsonl(shard / "results.jsonl"))
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (shard / name).unlink(missing_ok=True)
+    with pytest.raises(SettingsError) as refused:
+        merge(out)
+    assert f"shard 2 of 2 has lost its ledger.sqlite (results.jsonl holds {held:,} lines): " in str(
+        refused.value
+    )
+    assert f"run `pipeline run JOB --shard 2/2 --output {out}` again" in str(refused.value)
+    async with mock(record=False) as (url, _):
+        summary = await pipeline.run(
+            make_settings(url, input=out.parent / "in.jsonl", output=out, shard="2/2")
+        )
+    assert (summary.exit_code, summary.skipped) == (0, held)  # what it held is not asked for again
+    merge(out)
+    assert_exactly_once(out, every)
+
+
+def test_a_partial_merge_does_not_say_nothing_is_pending(finished: tuple[Path, set[str]]) -> None:
+    # Shard 2 never finished a run (killed in its first, or not run yet): a partial merge said
+    # "0 pending", in its line and in usage.json, of a job with half its lines not done.
+    out, _ = finished
+    (out / "shard-2-of-2/ledger.sqlite").unlink()
+    (out / "shard-2-of-2/results.jsonl").unlink()
+    (out / "shard-2-of-2/errors.jsonl").unlink()
+    partial = merge(out, partial=True)
+    assert partial.pending is None
+    assert "failures, an unknown number pending (" in str(partial)
+    assert orjson.loads((out / "usage.json").read_bytes())["requests"]["pending"] is None
+
+
 @pytest.fixture
 def pause_first_merge(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
     """A merge in the thread named "first" stops at its first fsync (it holds its locks by

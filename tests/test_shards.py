@@ -10,11 +10,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import SettingsError
+from pipeline.input.reader import stable_id
 from pipeline.input.shard import Shard, parse_shard
 from pipeline.output.ledger import Ledger
 from pipeline.output.merge import merge
@@ -71,6 +73,46 @@ async def test_four_shards_merged_equal_one_process(mock, make_settings, tmp_pat
     assert len(usage_merged["runs"]) == 4
     assert {r["shard"] for r in usage_merged["runs"]} == {"1/4", "2/4", "3/4", "4/4"}
     assert merge(out).results == 83  # safe to run again
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a line without custom_id is numbered base-2, base-3... against the ids its own shard "
+    "has read, so an explicit custom_id of that shape (one taken from an earlier output) read by "
+    "another shard collides: two results for one id, and the merge drops one (paid, lost). "
+    "Fixes: every shard notes every line's id (its seen table N times larger), or an id shaped "
+    "line-<hash>-<n> belongs to the shard of line-<hash> (moves such ids between shards mid-job)",
+)
+async def test_a_custom_id_shaped_like_a_copy_of_an_unnamed_line_merges_as_one_process(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    unnamed = [
+        {"model": "test/model", "messages": [{"role": "user", "content": f"again {i}"}]} for i in range(64)
+    ]
+
+    def copy_name(body: dict[str, Any]) -> str:
+        return stable_id(orjson.dumps(body)) + "-2"
+
+    # Unnamed lines whose derived id and second copy's fall in different shards of 2.
+    one, two = [r for r in unnamed if Shard(1, 2).owns(copy_name(r)) != Shard(1, 2).owns(copy_name(r)[:-2])][
+        :2
+    ]
+    named = [
+        {"custom_id": copy_name(r), "model": "test/model", "messages": [{"role": "user", "content": "named"}]}
+        for r in (one, two)
+    ]
+    # Named before the copies: one process numbers them base, base-3. Named after: base,
+    # base-2, and the named line is an input error (its id is already used).
+    src = write_jsonl(tmp_path / "in.jsonl", [named[0], one, one, two, two, named[1]])
+    out = tmp_path / "sharded"
+    async with mock() as (url, _):
+        await pipeline.run(make_settings(url, input=src, output=tmp_path / "one"))
+        for k in (1, 2):
+            await pipeline.run(make_settings(url, input=src, output=out, shard=f"{k}/2"))
+    merged = merge(out)
+    assert merged.dropped == {}
+    assert sorted(by_id(out / "results.jsonl")) == sorted(by_id(tmp_path / "one/results.jsonl"))
+    assert read_jsonl(out / "errors.jsonl") == read_jsonl(tmp_path / "one/errors.jsonl")
 
 
 def read_jsonl_doc(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import sqlite3
 import time
@@ -35,7 +36,7 @@ from pipeline.output.ledger import Ledger
 from pipeline.report import markdown as markdown_module
 from pipeline.settings import Settings, build
 from tests.conftest import FAKE_KEY
-from tests.inject import FAULTS, INJECTOR, Site, cancelling, installed
+from tests.inject import INJECTOR, Site, cancelling, faults, installed
 
 SITES_AT_LEAST = 150  # a recorder that finds too few is broken, not lucky
 CANCELLED = -1  # the command's caller cancelled it
@@ -291,6 +292,32 @@ def kept_aside(world: World, template: Path) -> list[str]:
     return problems
 
 
+def kept_as_said(message: str, folder: Path) -> list[str]:
+    """A stop that says how many results it kept says what the folder holds: the next run
+    keeps every whole line of results.jsonl, no fewer (it would seem lost) and no more."""
+    said = re.search(r"([\d,]+) results? kept there", message)
+    if said is None:
+        return []
+    kept, held = int(said.group(1).replace(",", "")), len(whole(folder / "results.jsonl"))
+    return [] if kept == held else [f"the stop says {kept} results kept, results.jsonl holds {held}"]
+
+
+def lost_as_said(world: World, message: str, folder: Path) -> list[str]:
+    """A stop that says how many answers arrived but could not be written says how many of
+    this run's answers are in no file: those the next run asks for again."""
+    if "results kept there" not in message:
+        return []
+    said = re.search(r"; ([\d,]+) answers? arrived but could not be written", message)
+    lost = int(said.group(1).replace(",", "")) if said else 0
+    tag_of = {x.key: x.tag for x in world.lines}
+    held = {tag_of.get(custom_id) for custom_id in results_now(folder)}
+    _, _, answered = world.endpoint.runs[-1]
+    missing = [tag for tag in answered if tag not in held]
+    return (
+        [] if len(missing) == lost else [f"the stop says {lost} answers lost, {len(missing)} are in no file"]
+    )
+
+
 def results_now(folder: Path) -> set[str]:
     return {r["custom_id"] for r in whole(folder / "results.jsonl")}
 
@@ -344,6 +371,8 @@ async def instance(scenario: Scenario, base: World, template: Path, *targets: Ta
             problems.append(f"{label}: exit {code}: {message}")
         if code == 3 and str(world.root) not in message:
             problems.append(f"{label}: a stop that does not name the folder: {message}")
+        problems += [f"{label}: {p}" for p in kept_as_said(message, scenario.final(world))]
+        problems += [f"{label}: {p}" for p in lost_as_said(world, message, scenario.final(world))]
         # Done once it finished after the faults fired (or twice with them never reached).
         if code in (0, 1) and attempt > (fired_in or 0):
             break
@@ -385,14 +414,14 @@ async def exercise(
     after: dict[Site, Target] = {}  # a site only a fault's way reaches, and that fault
     for site, count in sorted(clean.items()):
         for nth in sorted({1, (count + 1) // 2}):
-            for fault in FAULTS:
+            for fault in faults(site):
                 for other in await go((site, nth, fault)) - reached.keys():
                     if not (scenario.new_sites_only and other in done):
                         after.setdefault(other, (site, nth, fault))
     # The writes made while handling a failure (a cut back, a rollback...) fail in turn too.
     tally.after[scenario.name] = len(after)
     for site, first in sorted(after.items()):
-        for fault in FAULTS:
+        for fault in faults(site):
             await go(first, (site, 1, fault))
     done.update(clean, after)
 
@@ -469,6 +498,27 @@ def test_a_commit_that_fails_commits_nothing_then_or_later(tmp_path: Path, rolle
         ledger.close(commit=False)
 
 
+def test_a_commit_that_holds_though_sqlite_says_it_failed_is_counted_as_held(tmp_path: Path) -> None:
+    # SQLite's temporary store full: COMMIT writes the index whole, then fails on the store.
+    path = tmp_path / "ledger.sqlite"
+    with installed() as injector:
+        ledger = Ledger(path)
+        ledger.add_done(["a"])
+        ledger.commit()
+        commit = next(site for site in injector.hits if site.op == "sqlite COMMIT")
+        ledger.add_done(["b", "c"])
+        injector.arm((commit, 1, "landed"))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            ledger.commit()
+        injector.disarm()
+        assert committed(path) == ["a", "b", "c"]
+        assert (ledger.landed, ledger.done_count) == (True, 3)  # not 1: "b" and "c" are kept
+        ledger.add_done(["d"])
+        ledger.commit()
+        assert (ledger.landed, ledger.done_count, committed(path)) == (False, 4, ["a", "b", "c", "d"])
+        ledger.close()
+
+
 def committed(path: Path) -> list[str]:
     """The done ids another connection sees."""
     other = sqlite3.connect(path)
@@ -505,3 +555,46 @@ async def test_answers_that_arrive_after_a_failed_write_are_written_before_the_r
     assert set(written) == answered  # the batch that failed, and what came after, are all there
     assert f"{len(written)} results kept there" in summary.message
     assert "could not be written" not in summary.message.split("kept there")[1]
+
+
+async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch goes in part way, then the disk fails, and so does the cut back: the whole lines
+    # that went in stay, and the next run keeps them. The stop said "0 results kept" and
+    # counted them among the answers to be asked for again.
+    real = writer_module._append
+    failed = False
+
+    def half_then_fail(fd: int, data: bytes, size: int) -> int:
+        nonlocal failed
+        if failed or data.count(b"\n") < 3:
+            return real(fd, data, size)
+        failed = True
+        os.write(fd, data[: len(data) * 2 // 3])  # a line or more, and a torn one
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # and the cut back failed too
+
+    monkeypatch.setattr(writer_module, "_append", half_then_fail)
+    rows = [
+        {"custom_id": f"job-{i}", "model": "m", "messages": [{"role": "user", "content": f"q job-{i}"}]}
+        for i in range(200)
+    ]
+    out = tmp_path / "out"
+    async with mock(latency=0.005) as (url, server):
+        summary = await pipeline.run(make_settings(url, rows, concurrency=16))
+        assert failed
+        kept = results_now(out)
+        assert summary.exit_code == 3
+        assert kept_as_said(summary.message, out) == []
+        lost = re.search(r"; (\d+) answers? arrived but could not be written", summary.message)
+        asked_first = len(server.state.received)
+        assert asked_first == len(kept) + (int(lost.group(1)) if lost else 0)
+        monkeypatch.setattr(writer_module, "_append", real)
+        again = await pipeline.run(make_settings(url, rows, concurrency=16))
+        asked_again = {b["messages"][0]["content"].split()[-1] for b in server.state.received[asked_first:]}
+    assert again.exit_code == 0
+    assert not asked_again & kept
+    assert len(asked_again) == 200 - len(kept)
+    written = [r["custom_id"] for r in whole(out / "results.jsonl")]
+    assert sorted(written) == sorted(r["custom_id"] for r in rows)
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n")

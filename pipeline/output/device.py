@@ -97,6 +97,36 @@ def reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def sqlite_temp_folder() -> Path | None:
+    """Where SQLite keeps its temporary files (a run's `seen` ids, big sorts): the first of
+    SQLITE_TMPDIR, TMPDIR, /var/tmp, /usr/tmp, /tmp and the working folder that is a folder
+    it may write to, as its Unix VFS picks it (it reads the two variables as it starts)."""
+    for candidate in (
+        os.environ.get("SQLITE_TMPDIR"),
+        os.environ.get("TMPDIR"),
+        "/var/tmp",
+        "/usr/tmp",
+        "/tmp",
+        ".",
+    ):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def _temp_elsewhere(folder: Path, error: BaseException) -> Path | None:
+    """SQLite's temporary folder, when SQLite says a disk is full and that folder is on
+    another device than `folder`: the full one may be either."""
+    if not (isinstance(error, sqlite3.Error) and is_full(error)):
+        return None
+    temp = sqlite_temp_folder()
+    try:
+        elsewhere = temp is not None and os.stat(temp).st_dev != os.stat(_existing(folder)).st_dev
+    except OSError:
+        return None
+    return temp if elsewhere else None
+
+
 def unwritable(
     folder: Path,
     error: BaseException,
@@ -113,6 +143,12 @@ def unwritable(
         said += (
             f"; {unwritten:,} answer{'s' if unwritten != 1 else ''} arrived but could not be written "
             "(they will be asked for again)"
+        )
+    temp = _temp_elsewhere(folder, error)
+    if temp is not None:
+        return said + (
+            f"; SQLite keeps its temporary files in {temp} ({device(temp)}): make room there or in "
+            f"{folder}, or set SQLITE_TMPDIR to a folder with room, then run the same command again {again}"
         )
     if is_full(error):
         return said + f"; make room there, then run the same command again {again}"

@@ -19,10 +19,17 @@ Nothing is committed but by `commit`, whole: a step that fails part way is rolle
 (`rollback`), and no write ever runs outside a transaction, even after SQLite rolled one back
 by itself (it may, after an I/O error or a full disk). Else a done id could be committed
 without the offset that goes with it, and `reconcile` would then cut its line as a copy.
+
+One commit fails and holds all the same: the `seen` ids live in SQLite's temporary store
+(SQLITE_TMPDIR, TMPDIR or /var/tmp, not the folder), and a transaction over a WAL database
+and that store is atomic in each, not across the two. When the store is full, COMMIT writes
+the index whole, then fails on the store: `landed` says so, and the counts are what was
+committed (the run still stops: the ids it read since the last commit are forgotten).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,6 +38,7 @@ from typing import Any
 import orjson
 
 OPEN_RUN = "open_run"  # meta: the run that began and has not ended (when, where, its prices)
+_COMMITS = "commits"  # meta: how many commits were made, each counting itself
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;
@@ -49,10 +57,12 @@ class Ledger:
             self._prepare()
             self.done_count = self._count("done")
             self.failed_count = self._count("failed")
+            self._serial = int(self.get(_COMMITS) or 0)  # commits made: how one that failed is known to hold
         except BaseException:
             self._db.close()  # left open, it would keep a write lock in a long-lived process
             raise
         self._committed_done = self.done_count
+        self.landed = False  # the last commit failed, yet the index's part of it holds (see above)
 
     def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -83,14 +93,22 @@ class Ledger:
             self._db.close()
 
     def commit(self) -> None:
-        """Commit all since the last commit, or (raising) nothing of it."""
+        """Commit all since the last commit, or (raising) nothing of it; or, raising too, all
+        of the index but not the temporary store, which `landed` then says. The next write
+        begins the next transaction (`_begun`): once COMMIT has returned, nothing can undo it."""
+        serial, pending = self._serial + 1, self.done_count
+        self.landed = False
         try:
+            self.put(_COMMITS, serial)
             self._db.execute("COMMIT")
-            self._committed_done = self.done_count
-            self._db.execute("BEGIN")
         except BaseException:
             self.rollback()
+            with contextlib.suppress(sqlite3.Error):
+                self.landed = self.get(_COMMITS) == serial
+            if self.landed:
+                self._serial, self.done_count, self._committed_done = serial, pending, pending
             raise
+        self._serial, self._committed_done = serial, pending
 
     def rollback(self) -> None:
         """Forget all since the last commit. Should even that fail, the connection is closed
@@ -99,7 +117,6 @@ class Ledger:
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            self._db.execute("BEGIN")
         except BaseException:
             self._db.close()
             raise

@@ -54,7 +54,7 @@ class Merged:
     shards: int
     results: int
     errors: int
-    pending: int
+    pending: int | None  # None: not known (a partial merge without some shard)
     missing: list[str]  # what a partial merge left out
     repaired: list[str] = field(default_factory=list)  # shards a killed run left, repaired first
     dropped: dict[str, int] = field(default_factory=dict)  # lines left out, by why
@@ -62,7 +62,8 @@ class Merged:
     def __str__(self) -> str:
         line = (
             f"Merged {self.shards} shard(s) into {self.folder}/: {self.results:,} results, {self.errors:,} "
-            f"failures, {self.pending:,} pending (results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
+            f"failures, {'an unknown number' if self.pending is None else f'{self.pending:,}'} pending "
+            "(results.jsonl, errors.jsonl, usage.json, report.md, report.html)"
         )
         if self.dropped:
             why = ", ".join(f"{reason}: {n:,}" for reason, n in self.dropped.items())

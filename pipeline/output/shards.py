@@ -108,7 +108,15 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
     when the caller knows (else it is looked at)."""
     shard = ShardFolder(path, k, n)
     if not (path / LEDGER).exists():
-        shard.problem = "has no ledger.sqlite: it never ran"
+        if (path / RESULTS).exists() or (path / ERRORS).exists():
+            # Moved or deleted: a run rebuilds it from results.jsonl (and tries again the lines
+            # that had failed, which only the ledger listed).
+            results, _ = _lines(path / RESULTS) if (path / RESULTS).exists() else (0, True)
+            shard.problem = (
+                f"has lost its ledger.sqlite (results.jsonl holds {results:,} lines): {shard.again()}"
+            )
+        else:
+            shard.problem = f"has no ledger.sqlite: it never ran; {shard.again()}"
         return shard
     ledger = Ledger(path / LEDGER)
     try:
@@ -167,14 +175,18 @@ def find_shards(out: Path) -> list[ShardFolder]:
     return found
 
 
-def added(shards: list[ShardFolder]) -> tuple[Usage, int, int | None]:
+def added(shards: list[ShardFolder]) -> tuple[Usage, int | None, int | None]:
     """The shards' usage added up (every run labelled by its shard, in the order they
-    started), the lines they left pending, and the input's lines."""
+    started), the lines they left pending, and the input's lines. Pending is not known (None)
+    when a shard is not among them or never finished a run (a partial merge): 0 would say
+    the job is done."""
     usage = Usage()
     for shard in shards:
         usage.add(shard.usage, label=f"{shard.k}/{shard.n}")
     usage.runs.sort(key=lambda r: str(r.get("started", "")))
-    lasts = [s.usage.runs[-1] for s in shards if s.usage.runs]
-    pending = sum(int(last.get("pending") or 0) for last in lasts)
-    lines = max((last.get("lines") or 0 for last in lasts), default=0) or None
+    lasts = {s.k: s.usage.runs[-1] for s in shards if s.usage.runs}
+    left = [n for last in lasts.values() if isinstance(n := last.get("pending"), int)]
+    every = bool(shards) and set(lasts) == set(range(1, shards[0].n + 1)) and len(left) == len(lasts)
+    pending = sum(left) if every else None
+    lines = max((last.get("lines") or 0 for last in lasts.values()), default=0) or None
     return usage, pending, lines

@@ -69,17 +69,27 @@ class _File:
             os.close(self.fd)
             raise
         self.torn = False  # a failed append left bytes it could not cut: append no more
+        self.kept = 0  # after an append that failed: its whole lines the file holds all the same
 
     def append(self, data: bytes) -> None:
+        """Append whole lines; raises if they could not all go, `kept` then saying how many
+        of them the file holds (the cut back failed too: the next run keeps them)."""
+        self.kept = 0
         if self.torn:
             raise OSError(f"a failed write left bytes that could not be cut from descriptor {self.fd}")
         try:
             self.size = _append(self.fd, data, self.size)
         except OSError:
             try:
-                self.torn = os.fstat(self.fd).st_size != self.size
+                now = os.fstat(self.fd).st_size
             except OSError:
+                self.torn = True  # how much went in is not known: none of it is counted
+                raise
+            if now != self.size:
                 self.torn = True
+                whole = data[: max(now - self.size, 0)].rfind(b"\n") + 1
+                self.kept = data[:whole].count(b"\n")
+                self.size += whole  # the torn rest is past it, for the next run to cut
             raise
 
     def close(self) -> None:
@@ -134,17 +144,24 @@ class Writer:
             if successes:
                 self._write_successes(successes)
         except OSError:
-            self.unwritten += outcomes
+            self.unwritten += [*successes[self._results.kept :], *failures]
             raise
         try:
             if failures:
                 self._write_failures(failures)
         except OSError:
-            self.unwritten += failures
+            self.unwritten += failures[self._errors.kept :]
             raise
 
     def _write_successes(self, successes: list[Success]) -> None:
-        self._results.append(b"".join(self.redact(result_line(s)) for s in successes))
+        try:
+            self._results.append(b"".join(self.redact(result_line(s)) for s in successes))
+        except OSError:
+            self._succeeded(successes[: self._results.kept])
+            raise
+        self._succeeded(successes)
+
+    def _succeeded(self, successes: list[Success]) -> None:
         for success in successes:
             self.books.kept(success)
             self._done.append(success.request.custom_id)
@@ -154,7 +171,15 @@ class Writer:
 
     def _write_failures(self, failures: list[Failure]) -> None:
         lines = [self.redact(error_line(f)) for f in failures]
-        self._errors.append(b"".join(lines))
+        try:
+            self._errors.append(b"".join(lines))
+        except OSError:
+            kept = self._errors.kept
+            self._listed(failures[:kept], lines[:kept])
+            raise
+        self._listed(failures, lines)
+
+    def _listed(self, failures: list[Failure], lines: list[bytes]) -> None:
         for failure, line in zip(failures, lines, strict=True):
             self.books.failed(failure)
             kind = "input" if failure.is_input_error else "request"
@@ -231,6 +256,8 @@ class Writer:
                         self.ledger.rollback()
                     if not isinstance(e, sqlite3.Error):
                         raise
+                    if self.ledger.landed:  # the index holds them: counted twice if kept queued
+                        del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
                     self.fail(e)
                     return
                 del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
