@@ -74,8 +74,11 @@ system-deps:
 	  fi; \
 	done
 
+# Two workers, a file each at a time (a module's fixtures, a Ray cluster, stay in one worker);
+# then the tests marked `alone`, which measure a limit across many processes, on their own.
 test: check system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not alone"
+	$(BIN)/pytest -q -m alone
 
 # Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
