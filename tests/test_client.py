@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections import Counter
 
+import orjson
 import pytest
+from aiohttp import web
 
+import pipeline
 from pipeline.errors import MalformedResponse, ProviderError
+from pipeline.mock.server import completion
 from pipeline.send.client import check_completion, retry_after, said_wait
+from tests.conftest import bodies, read_jsonl
+from tests.scripted import json, scripted
 
 
 def test_retry_after_in_seconds_milliseconds_and_http_dates() -> None:
@@ -57,3 +64,35 @@ async def test_a_body_of_megabytes_arrives_whole(mock, make_settings) -> None:
         summary = await pipeline.run(make_settings(url, rows))
         assert summary.succeeded == 1
         assert server.state.received[0]["messages"][0]["content"] == text
+
+
+async def test_answers_nested_deep_are_asked_again_and_never_kept_unreadable(make_settings) -> None:
+    """A 200 whose error is nested a thousand deep ended the run (RecursionError, exit 70); one
+    whose answer is was copied into a results line nested past what a reader reads back, so
+    the next run's repair cut it and bought it again, on every run."""
+    deep = b"[" * 1_000 + b'"x"' + b"]" * 1_000  # (orjson writes at most 254 levels)
+    tries: Counter[str] = Counter()
+
+    def raw(text: bytes) -> web.Response:
+        return web.Response(body=text, content_type="application/json")
+
+    async def gateway(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        said = body["messages"][0]["content"]
+        tries[said] += 1
+        if tries[said] == 1:
+            return raw(b'{"error": {"code": 500, "message": ' + deep + b"}}")
+        if tries[said] == 2:
+            return raw(orjson.dumps(completion(body))[:-1] + b', "system_fingerprint": ' + deep + b"}")
+        return json(completion(body))
+
+    async with scripted(gateway) as server:
+        settings = make_settings(server.url, bodies(3), max_attempts=3)
+        first = await pipeline.run(settings)
+        again = await pipeline.run(settings)
+    assert (first.exit_code, first.succeeded) == (0, 3)
+    assert (again.exit_code, again.skipped, again.succeeded) == (0, 3, 0)  # nothing bought again
+    assert set(tries.values()) == {3}
+    kept = read_jsonl(settings.folder / "results.jsonl")
+    assert len(kept) == 3
+    assert not any(isinstance(r["response"]["body"].get("system_fingerprint"), list) for r in kept)

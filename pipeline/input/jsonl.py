@@ -82,11 +82,16 @@ def parse(raw: bytes) -> tuple[Any, bool]:
         if e.msg.startswith("depth limit exceeded"):
             raise TooDeep() from None
         raise
-    # Only a line with that many brackets can nest that deep: most are never walked.
-    many = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
-    if many and isinstance(value, dict | list) and _deeper(value, MAX_DEPTH):
+    if too_deep(raw, value):
         raise TooDeep()
     return value, slow
+
+
+def too_deep(raw: bytes, value: Any) -> bool:
+    """Whether `value`, read from `raw`, nests more than `MAX_DEPTH` levels. Only a text with
+    that many brackets can nest that deep: most are never walked."""
+    many = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+    return many and isinstance(value, dict | list) and _deeper(value, MAX_DEPTH)
 
 
 def _encodable(value: Any) -> Any:

@@ -25,6 +25,7 @@ from pipeline.errors import (
     RunStopped,
     SettingsError,
 )
+from pipeline.input.jsonl import too_deep
 from pipeline.job import Reply, Request
 from pipeline.quote import brief
 from pipeline.send.sse import assemble
@@ -93,7 +94,7 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
         raise MalformedResponse("the answer is not a JSON object", body=body, request_id=request_id)
     error = body.get("error")
     if error:
-        message = error.get("message") if isinstance(error, dict) else str(error)
+        message = brief(error.get("message") if isinstance(error, dict) else error)
         code = error.get("code") if isinstance(error, dict) else None
         raise provider_error(
             f"provider error inside a 200 answer: {message}", code=code, body=body, request_id=request_id
@@ -206,6 +207,10 @@ class Client:
             raise MalformedResponse(
                 f"the answer is not JSON: {text!r}", body=text, request_id=request_id
             ) from None
+        if too_deep(raw, body):
+            # Copied into its results line it would nest past what a reader reads back: the
+            # next run's repair would cut it, and buy it again. (A stream: `sse.completion`.)
+            raise MalformedResponse("the answer is nested too deep to be kept", request_id=request_id)
         check_completion(body, request_id=request_id)
         # The body's own bytes go to results.jsonl untouched when they fit on one line.
         one_line = b"\n" not in raw and b"\r" not in raw
