@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import caption, cluster, real, scenarios, shards
+from bench import caption, cluster, killed, real, scenarios, shards
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -25,6 +25,7 @@ SCENARIOS: dict[str, Scenario] = {
     **caption.SCENARIOS,
     **shards.SCENARIOS,
     **cluster.SCENARIOS,
+    **killed.SCENARIOS,
 }
 
 
