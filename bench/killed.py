@@ -12,10 +12,11 @@ once the job is done.
 
 Checked after every kill: no shard folder holds a whole result line twice for one id; no
 merged file (when there is one) holds an id twice, or as both a result and an error. At the
-end: the merged files account for every input line exactly once. The mock's own count of
-answers given twice (one answer a request, bought again) is shown: an answer in flight when
-its shard is killed is lost with it and bought again, which is the price of a kill, not a
-fault; anything already written must never be asked for again.
+end: the merged files account for every input line exactly once, and no answer already
+written was bought again: the mock's count of answers per request is read after every kill,
+and a request whose result a shard held then must have no answer after. Answers bought twice
+are shown too: one in flight when its shard is killed is lost with it and bought again, the
+price of a kill, not a fault.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from bench.mock import PIPELINE, MockFlags, running_mock
 from bench.report import Check, ScenarioResult
 from bench.scenarios import Done, Options
 from pipeline.cluster.shard import MARK
+from pipeline.mock.answers import job_key
 
 KILLS = 20
 AT_MERGE = 5  # of them, the last ones: just after the merge began
@@ -62,6 +64,8 @@ class Kill:
     exited_first: int | None  # the command ended before the kill (its exit status)
     shard_twice: int  # ids with two whole result lines in one shard folder, after the kill
     merged_twice: int  # ids twice in the merged files (or both a result and an error)
+    written: set[str] = field(default_factory=set)  # ids with a whole result line in a shard
+    answers: dict[str, int] = field(default_factory=dict)  # the mock's answers by job key, then
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Outcome:
     lost: int = 0
     extra: int = 0
     answered_twice: int = 0
+    bought_again: int = 0  # written after a kill, answered again later
     attempts: int = 0
     wall: float = 0.0
 
@@ -121,12 +126,24 @@ def _ids(path: Path) -> Iterator[str]:
                 yield orjson.loads(line)["custom_id"]
 
 
-def _shard_twice(out: Path) -> int:
-    twice = 0
+def _shards(out: Path) -> tuple[int, set[str]]:
+    """Ids with two whole result lines in one shard folder, and the ids with one."""
+    twice, written = 0, set()
     for folder in out.glob("shard-*-of-*"):
         counts = Counter(_ids(folder / "results.jsonl"))
         twice += sum(1 for c in counts.values() if c > 1)
-    return twice
+        written |= counts.keys()
+    return twice, written
+
+
+def _keys(source: Path) -> dict[str, str]:
+    """The mock's key of each input line's request (`job_key`), to its custom_id."""
+    keys = {}
+    with source.open("rb") as f:
+        for line in f:
+            body = orjson.loads(line)
+            keys[job_key(body)] = body["custom_id"]
+    return keys
 
 
 def _merged(out: Path) -> tuple[Counter[str], Counter[str]]:
@@ -207,7 +224,9 @@ def _run(opts: Options, rng: random.Random) -> Outcome:
                 if exited is None:
                     proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 PID`
                 proc.wait()
-                kill = Kill(k, at, phase, exited, _shard_twice(out), _merged_twice(out))
+                shard_twice, written = _shards(out)
+                answers = mock.stats(jobs=True).get("answered_by_job", {})
+                kill = Kill(k, at, phase, exited, shard_twice, _merged_twice(out), written, answers)
                 got.kills.append(kill)
                 print(
                     f"[bench] killed: kill {k} at {at:.2f} s ({phase})"
@@ -222,7 +241,7 @@ def _run(opts: Options, rng: random.Random) -> Outcome:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            stats = mock.stats()
+            stats = mock.stats(jobs=True)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     got.wall = time.monotonic() - began
@@ -234,6 +253,16 @@ def _run(opts: Options, rng: random.Random) -> Outcome:
     got.lost = len(expected - results.keys() - errors.keys())
     got.extra = len((results.keys() | errors.keys()) - expected)
     got.answered_twice = int(stats.get("answered_twice", 0))
+    final: dict[str, int] = stats.get("answered_by_job", {})
+    ids = _keys(source)
+    again = set()
+    for kill in got.kills:
+        again |= {
+            ids[key]
+            for key, n in final.items()
+            if n > kill.answers.get(key, 0) and ids.get(key) in kill.written
+        }
+    got.bought_again = len(again)
     got.attempts = sum(stats.get("statuses", {}).values())
     return got
 
@@ -273,6 +302,12 @@ def killed(opts: Options, done: Done) -> ScenarioResult:
         ),
         Check("input lines lost (neither a result nor an error)", f"{got.lost:,}", "0", got.lost == 0),
         Check("ids in the output that are not in the input", f"{got.extra:,}", "0", got.extra == 0),
+        Check(
+            "results written before a kill, answered again after it (bought twice)",
+            f"{got.bought_again:,}",
+            "0",
+            got.bought_again == 0,
+        ),
         Check(
             "answers the mock gave twice for one request (in flight when killed: bought again)",
             f"{got.answered_twice:,} of {got.attempts:,} attempts",

@@ -108,8 +108,9 @@ class Mock:
     def __post_init__(self) -> None:
         self.stats_url = self.url.removesuffix("/v1") + "/mock/stats"
 
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.stats_url, timeout=10) as response:
+    def stats(self, *, jobs: bool = False) -> dict[str, Any]:
+        """The mock's counters; `jobs`: with every job's answers by its key (`job_key`)."""
+        with urllib.request.urlopen(self.stats_url + ("?jobs=1" if jobs else ""), timeout=10) as response:
             doc: dict[str, Any] = orjson.loads(response.read())
         return doc
 

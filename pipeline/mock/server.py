@@ -151,7 +151,10 @@ class MockServer:
         return app
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.state.stats()), content_type="application/json")
+        stats = self.state.stats()
+        if "jobs" in request.query:  # every job's answers, by its key (`answers.job_key`)
+            stats["answered_by_job"] = dict(self.state.answered)
+        return web.Response(body=orjson.dumps(stats), content_type="application/json")
 
     async def models(self, request: web.Request) -> web.Response:
         data = {"object": "list", "data": [{"id": "mock/default", "object": "model"}]}
