@@ -18,8 +18,9 @@ from typing import Any
 from pipeline.account.books import Books
 from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
-from pipeline.output.folder import ERRORS, LEDGER, RESULTS, mark_prices, repair
+from pipeline.output.folder import ERRORS, LEDGER, RESULTS
 from pipeline.output.ledger import OPEN_RUN, Ledger
+from pipeline.output.repair import mark_prices, repair
 
 _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 RUNNING = "is running now"
@@ -149,7 +150,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
 
 
 def repair_shard(shard: ShardFolder) -> str:
-    """`folder.repair` on a shard whose last run was killed (the caller holds its lock);
+    """`repair.repair` on a shard whose last run was killed (the caller holds its lock);
     returns what was done, in a phrase."""
     ledger = Ledger(shard.path / LEDGER)
     try:

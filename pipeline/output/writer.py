@@ -6,7 +6,7 @@
                         from the ledger so that a job that later succeeds is no longer listed
     OUT/ledger.sqlite   the index of both (see `pipeline.output.ledger`)
 
-A crash can tear at most the last line of results.jsonl; `folder.reconcile` repairs it (and
+A crash can tear at most the last line of results.jsonl; `repair.reconcile` repairs it (and
 any line the index has not seen) before a run starts, so no result is read twice or lost.
 Results come in the order they finish, not in input order: `custom_id` ties each to its line.
 

@@ -30,8 +30,9 @@ from pipeline.input.reader import LineParser, ReadCounts, feed
 from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
 from pipeline.output.device import unwritable
-from pipeline.output.folder import open_run_mark, opened, reconcile
+from pipeline.output.folder import opened
 from pipeline.output.ledger import OPEN_RUN, Ledger
+from pipeline.output.repair import open_run_mark, reconcile
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import MARGIN, RateFinder
 from pipeline.pace.gate import Gate
