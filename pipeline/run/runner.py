@@ -41,7 +41,15 @@ from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
 from pipeline.run.host import Host
 from pipeline.run.progress import Progress
-from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, Summary, exit_status
+from pipeline.run.summary import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    Summary,
+    exit_status,
+    nothing_to_do,
+    pending_lines,
+)
 from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
 from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
@@ -287,25 +295,13 @@ class Run:
             counts.total = counts.read if counts.finished else count_lines(settings.input)
         delta = usage.outcomes - self.before
         total = counts.total
-        pending: int | None = 0
-        if not (counts.finished and control.dispatching):
-            accounted = counts.empty + counts.skipped + counts.elsewhere + self.writer.written
-            if total is not None:
-                pending = max(total - accounted, 0)
-            elif not counts.finished:
-                pending = None  # a pipe not read to its end: how much is left is not known
+        pending = pending_lines(counts, control, self.writer.written)
         code, note = exit_status(
             control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
         )
-        requests = counts.read - counts.empty - counts.elsewhere
-        if code == EXIT_OK and counts.finished and counts.read == counts.empty:
-            note = f"nothing to do: {settings.input} has no lines (it is empty); nothing was sent"
-        elif code == EXIT_OK and counts.finished and requests == 0:
-            note = (
-                f"nothing to do in shard {settings.shard}: the {counts.elsewhere:,} lines are other shards'"
-            )
-        elif code == EXIT_OK and counts.finished and requests == counts.skipped:
-            note = f"nothing left to do: all {requests:,} lines were done by earlier runs into this folder"
+        idle = nothing_to_do(counts, source=settings.input, shard=settings.shard)
+        if code == EXIT_OK and idle is not None:
+            note = idle
         if self.writer.broken is not None and code != EXIT_INTERRUPTED:
             code, note = EXIT_STOPPED, self._unwritable_note(self.writer.broken)
         note = self.redact.text(note)

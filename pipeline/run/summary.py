@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.input.reader import ReadCounts
 from pipeline.run.control import Control
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -50,3 +51,29 @@ def exit_status(
     if failed_now:
         return EXIT_FAILURES, f"{failed_now:,} line(s) failed: see {errors_file}"
     return EXIT_OK, "every request succeeded"
+
+
+def pending_lines(counts: ReadCounts, control: Control, written: int) -> int | None:
+    """Lines left to do: none once the input was read to its end while dispatching; else the
+    lines not accounted for; None for a pipe not read to its end (how much is left is not
+    known). `written`: the outcomes this run wrote."""
+    if counts.finished and control.dispatching:
+        return 0
+    accounted = counts.empty + counts.skipped + counts.elsewhere + written
+    if counts.total is not None:
+        return max(counts.total - accounted, 0)
+    return None if not counts.finished else 0
+
+
+def nothing_to_do(counts: ReadCounts, *, source: Path, shard: object) -> str | None:
+    """The line of a run that found nothing to send, and why; None when it had work."""
+    if not counts.finished:
+        return None
+    requests = counts.read - counts.empty - counts.elsewhere
+    if counts.read == counts.empty:
+        return f"nothing to do: {source} has no lines (it is empty); nothing was sent"
+    if requests == 0:
+        return f"nothing to do in shard {shard}: the {counts.elsewhere:,} lines are other shards'"
+    if requests == counts.skipped:
+        return f"nothing left to do: all {requests:,} lines were done by earlier runs into this folder"
+    return None
