@@ -161,8 +161,9 @@ def _top(out: Path) -> dict[str, float]:
     found = {}
     if out.exists():
         for entry in out.iterdir():
-            # Not the shards' folders, nor the token the driver writes as it starts.
-            if not entry.name.startswith(("shard-", MARK)):
+            # Not the shards' folders, nor what the driver writes as it starts: its token
+            # (MARK) and the nodes' probes (.pipeline-probe-*).
+            if not entry.name.startswith(("shard-", MARK, ".pipeline-probe-")):
                 with suppress(FileNotFoundError):
                     found[entry.name] = entry.stat().st_mtime
     return found

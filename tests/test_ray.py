@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -561,3 +562,16 @@ def test_a_plain_run_never_imports_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_probes_a_killed_driver_left_are_swept_and_a_running_checks_are_not(tmp_path: Path) -> None:
+    from pipeline.cluster.nodes import PROBE, PROBE_TIMEOUT, sweep_probes
+
+    old, fresh = tmp_path / f"{PROBE}aaaa", tmp_path / f"{PROBE}bbbb-node"
+    for probe in (old, fresh):
+        probe.write_text("token")
+    then = time.time() - 3 * PROBE_TIMEOUT  # a driver killed during its check, long ago
+    os.utime(old, (then, then))
+    assert sweep_probes(tmp_path) == 1
+    assert not old.exists()
+    assert fresh.exists()  # another driver's check, under way now

@@ -18,6 +18,22 @@ from typing import Any
 from pipeline.errors import SettingsError
 
 PROBE_TIMEOUT = 120.0  # seconds for every node's probe to come back (a busy cluster queues them)
+PROBE = ".pipeline-probe-"
+
+
+def sweep_probes(out: Path, *, now: float | None = None) -> int:
+    """Remove the probes a killed driver left in OUT (a check's own are gone within
+    PROBE_TIMEOUT, so an older one is nobody's); returns how many."""
+    now = time.time() if now is None else now
+    swept = 0
+    for leftover in out.glob(f"{PROBE}*"):
+        try:
+            if now - leftover.stat().st_mtime > 2 * PROBE_TIMEOUT:
+                leftover.unlink()
+                swept += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: litter, not harm
+    return swept
 
 
 def _probe(out: str, token: str, input_path: str, key_env: str) -> dict[str, Any]:
@@ -28,12 +44,12 @@ def _probe(out: str, token: str, input_path: str, key_env: str) -> dict[str, Any
     folder = Path(out)
     seen: bool
     try:
-        seen = (folder / f".pipeline-probe-{token}").read_text() == token
+        seen = (folder / f"{PROBE}{token}").read_text() == token
     except OSError:
         seen = False
     wrote = None
     try:
-        (folder / f".pipeline-probe-{token}-{node}").write_text(token)
+        (folder / f"{PROBE}{token}-{node}").write_text(token)
     except OSError as e:
         wrote = e.strerror or type(e).__name__
     return {
@@ -59,8 +75,9 @@ def check_nodes(out: Path, input_path: Path, key_env: str, *, need_key: bool, cp
         raise SettingsError(
             "the Ray cluster has no live node with CPUs to run shards on; `ray status` shows it"
         )
+    sweep_probes(out)
     token = secrets.token_hex(8)
-    mine = out / f".pipeline-probe-{token}"
+    mine = out / f"{PROBE}{token}"
     mine.write_text(token)
     probe: Any = ray.remote(_probe)
     refs = [
@@ -93,7 +110,7 @@ def check_nodes(out: Path, input_path: Path, key_env: str, *, need_key: bool, cp
     problems = []
     for a in answers:
         node = f"node {a['host']} ({a['node'][:8]})"
-        theirs = out / f".pipeline-probe-{token}-{a['node']}"
+        theirs = out / f"{PROBE}{token}-{a['node']}"
         back = theirs.exists()
         theirs.unlink(missing_ok=True)
         if a["wrote"] is not None:
