@@ -353,3 +353,41 @@ def test_a_merge_that_cannot_write_stops_and_keeps_no_half_file(
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [".lock", ".merge.lock"]
     assert main(["merge", str(out)]) == 0  # once there is room
     assert_exactly_once(out, every)
+
+
+class Killed(BaseException):
+    """The merge's process killed at this point (nothing after it runs)."""
+
+
+async def test_a_merge_killed_between_its_two_files_leaves_no_id_both(
+    finished: tuple[Path, set[str]], mock, make_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Merged once with failures; the shards run again and their failures come right; the
+    # next merge is killed between replacing the one file and the other (the kill bench's
+    # merge kills found 36 ids both a result and an error so: the new results beside the
+    # earlier errors). Whichever comes first, OUT must not hold an id both.
+    out, every = finished
+    assert merge(out).errors > 0
+    src = out.parent / "in.jsonl"  # the job's input, as `finished` wrote it
+    async with mock(record=False) as (url, _):
+        for k in (1, 2):
+            await pipeline.run(make_settings(url, input=src, output=out, shard=f"{k}/2"))
+    replace, renamed = os.replace, []
+
+    def killed_at_the_second(source: Any, target: Any) -> None:
+        if Path(target).name in ("results.jsonl", "errors.jsonl") and Path(target).parent == out:
+            renamed.append(Path(target).name)
+            if len(renamed) == 2:
+                raise Killed
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second)
+    with pytest.raises(Killed):
+        merge(out)
+    monkeypatch.setattr(os, "replace", replace)
+    done, failed = ids(out / "results.jsonl"), request_errors(out / "errors.jsonl")
+    assert set(done) & set(failed) == set()
+    assert max(done.values()) == 1
+    merge(out)  # and merged again, whole
+    assert_exactly_once(out, every)
+    assert read_jsonl(out / "errors.jsonl") == []

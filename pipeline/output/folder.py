@@ -53,6 +53,15 @@ def remove(path: Path) -> None:
 def write_lines(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> int:
     """Replace `path` whole or not at all with `lines`, streamed (a temporary file named for
     its writer, synced, then renamed); returns how many."""
+    with staged(path, lines, suffix=suffix) as count:
+        return count
+
+
+@contextlib.contextmanager
+def staged(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> Iterator[int]:
+    """`write_lines`, with the rename held back until the block ends (and not done if it
+    raises): files that must agree are replaced in the order that keeps them agreeing, should
+    the process be killed between two renames."""
     tmp = path.with_name(f".{path.name}.{suffix}")
     count = 0
     try:
@@ -62,11 +71,11 @@ def write_lines(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> i
                 count += 1
             f.flush()
             os.fsync(f.fileno())
+        yield count
         os.replace(tmp, path)
     except BaseException:
         remove(tmp)  # a full disk keeps no half copy of a big file
         raise
-    return count
 
 
 def aside(folder: Path) -> Path:
