@@ -224,3 +224,50 @@ def test_what_a_404_says(model: str, body: Any, said: Said) -> None:
     raw = body.encode() if isinstance(body, str) else orjson.dumps(body)
     parsed, message = _error_body(raw)
     assert read_404(http_error(404, message, body=parsed), model) is said
+
+
+@pytest.mark.parametrize("failing", ["a few 500s", "an outage"])
+async def test_a_404_saying_nothing_waits_for_requests_that_failed_for_now(
+    failing: str, make_settings, tmp_path: Path
+) -> None:
+    # No /models, 404s that name no model: the other model's requests decide. Those that fail
+    # for now (a 500 retried, an outage's pause) still may answer: nothing being in flight for
+    # a moment between their attempts is no verdict (it stopped the run, exit 3, "check
+    # --base-url", though the next attempt answered).
+    failures = Counter[str]()
+    broken = anyio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            return web.Response(status=404, text="Not Found")
+        body = await request.json()
+        if body["model"] == GONE:
+            if not broken.is_set():
+                broken.set()
+                tg.start_soon(recover)
+            return web.Response(status=404, body=b"")
+        await anyio.sleep(0.05)
+        if failing == "a few 500s" and failures["500"] < 3:
+            failures["500"] += 1
+            return json({"error": {"message": "oops"}}, status=500)
+        if failing == "an outage" and not back.is_set():
+            failures["reset"] += 1
+            assert request.transport is not None
+            request.transport.abort()
+        return answer(body)
+
+    back = anyio.Event()
+
+    async def recover() -> None:
+        await anyio.sleep(0.3)
+        back.set()
+
+    rows = [{**row, "model": GONE if i < 5 else GOOD} for i, row in enumerate(bodies(40))]
+    async with scripted(handler) as s, anyio.create_task_group() as tg:
+        summary = await pipeline.run(make_settings(s.url, rows, concurrency=8))
+    assert summary.exit_code == 1, summary.message
+    assert failures
+    assert summary.succeeded == 35
+    assert sorted(e["custom_id"] for e in read_jsonl(tmp_path / "out/errors.jsonl")) == [
+        f"job-{i}" for i in range(5)
+    ]
