@@ -18,6 +18,7 @@ import orjson
 
 from pipeline import __version__
 from pipeline.errors import (
+    CannotConnect,
     ConnectionDropped,
     HTTPStatusError,
     MalformedResponse,
@@ -182,7 +183,7 @@ class Client:
                 # (a server that ignores stream: true answers with one JSON body: read as such)
                 raw = await resp.read()
         except aiohttp.ConnectionTimeoutError:
-            raise ConnectionDropped(f"cannot connect within {CONNECT_TIMEOUT:g}s") from None
+            raise CannotConnect(f"cannot connect within {CONNECT_TIMEOUT:g}s") from None
         except TimeoutError:
             if request.stream:
                 raise ConnectionDropped(
@@ -190,9 +191,7 @@ class Client:
                 ) from None
             raise RequestTimeout("no complete answer within the timeout (--timeout)") from None
         except aiohttp.ClientConnectorError as e:
-            raise ConnectionDropped(
-                f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}"
-            ) from None
+            raise CannotConnect(f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}") from None
         except aiohttp.ClientPayloadError:
             raise ConnectionDropped("the connection closed in the middle of the answer") from None
         except aiohttp.ServerDisconnectedError:

@@ -242,7 +242,7 @@ class Worker:
         if not control.dispatching:
             slot.unused()
             raise Abandoned
-        slot.go()
+        slot.go(request.custom_id)
         self.books.started()
         control.in_flight += 1
         try:
