@@ -271,3 +271,24 @@ async def test_a_404_saying_nothing_waits_for_requests_that_failed_for_now(
     assert sorted(e["custom_id"] for e in read_jsonl(tmp_path / "out/errors.jsonl")) == [
         f"job-{i}" for i in range(5)
     ]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        b'{"data": [{"id": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",  # str() of it: RecursionError
+        b'{"data": [{"id": null}, 7, {"name": {"x": 1}}]}',
+    ],
+)
+async def test_a_models_list_of_odd_names_still_says_the_path_is_right(
+    listing: bytes, make_settings, tmp_path: Path
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            return web.Response(body=listing, content_type="application/json")
+        return web.Response(status=404, body=b"")
+
+    async with scripted(handler) as s:
+        summary = await pipeline.run(make_settings(s.url, bodies(3, model=GONE), concurrency=2))
+    assert summary.exit_code == 1, summary.message  # a list: the path is right, the lines fail
+    assert len(read_jsonl(tmp_path / "out/errors.jsonl")) == 3

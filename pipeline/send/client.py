@@ -241,7 +241,10 @@ class Client:
         data = body.get("data", body.get("models")) if isinstance(body, dict) else body
         if not isinstance(data, list):
             return None
-        return [str(m.get("id") or m.get("name")) if isinstance(m, dict) else str(m) for m in data]
+        # Only names that are text: str() of whatever else a server lists can raise (a value
+        # nested a thousand deep, RecursionError; a number of 5,000 digits, ValueError).
+        named = ((m.get("id") or m.get("name")) if isinstance(m, dict) else m for m in data)
+        return [name for name in named if isinstance(name, str)]
 
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, started: float, request_id: str | None
