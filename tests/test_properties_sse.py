@@ -8,6 +8,11 @@ thousand deep), comments and other fields, CRLF, [DONE] or not, any bytes at all
 pieces at random, as a network delivers them, and read the way the client reads them (an
 aiohttp StreamReader, as it arrives, into `sse.assemble`). A completion must also be one
 the run can keep: its tokens read and its line of results.jsonl written.
+
+An answer not streamed likewise: any JSON body of a 200 is a completion the run keeps, or an
+error of `pipeline.errors` whose usage, when it reports any, the books count (a body thrown
+away may hold anything: counting it took len() of its choices, and `"choices": true` ended
+the run).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from aiohttp.base_protocol import BaseProtocol
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from pipeline.account.usage import answer_tokens
+from pipeline.account.books import Books
+from pipeline.account.usage import Usage, answer_tokens
 from pipeline.errors import RequestError
+from pipeline.input.jsonl import too_deep
 from pipeline.job import Reply, Request, Success
 from pipeline.output.lines import result_line
+from pipeline.send.client import check_completion
 from pipeline.send.sse import assemble
+from pipeline.settings import Price
 from tests.strategies import deep, dumps, sometimes
 
 READ_BUFFER = 1 << 10  # the client's is 1 MiB; small here, so that a line longer is reached
@@ -257,3 +266,49 @@ def test_any_stream_is_a_completion_or_a_typed_error(pieces: list[bytes]) -> Non
     request = Request(custom_id="a", line=1, payload=b"{}")
     line = result_line(Success(request=request, reply=Reply(body=body, raw=None), attempts=1))
     assert orjson.loads(line)["response"]["body"]["choices"]
+
+
+# -- answers not streamed -------------------------------------------------------------------------
+
+MESSAGE_CHOICE = sometimes(
+    ODD,
+    st.fixed_dictionaries(
+        {"index": INDEX, "message": DELTA, "finish_reason": FINISH},
+        optional={"logprobs": LOGPROBS, "text": ODD},
+    ),
+)
+BODY = st.fixed_dictionaries(
+    # (a scalar now and then: ODD alone is mostly text or nesting)
+    {"choices": sometimes(st.one_of(SCALAR, ODD), st.lists(MESSAGE_CHOICE, max_size=3), one_in=6)},
+    optional={
+        "id": sometimes(ODD, st.just("chatcmpl-1")),
+        "model": sometimes(ODD, st.just("m")),
+        "usage": sometimes(ODD, st.fixed_dictionaries({"total_tokens": st.integers(1, 100)}), one_in=3),
+        "error": sometimes(ERROR, st.none(), one_in=10),
+    },
+)
+
+
+@given(st.one_of(BODY, ODD))
+def test_any_answer_not_streamed_is_kept_or_a_typed_error_and_counted(value: Any) -> None:
+    raw = _data(value)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # nested past what orjson reads: the client says so itself
+        return
+    if too_deep(raw, body):  # so does it of one nested past what a results line can hold
+        return
+    books = Books(Usage(), {"m": Price(prompt=1.0, completion=2.0)})
+    books.open_budget(10.0)
+    request = Request(custom_id="a", line=1, payload=b"{}", model="m")
+    try:
+        check_completion(body)
+    except RequestError as e:
+        event(f"{type(e).__name__}")
+        books.thrown_away(e.body, request)  # what the worker does with what it reported
+        return
+    event("a completion")
+    books.billed(body, request)
+    success = Success(request=request, reply=Reply(body=body, raw=None), attempts=1)
+    books.kept(success)
+    orjson.loads(result_line(success))
