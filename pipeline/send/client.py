@@ -72,10 +72,15 @@ def error_for(
 
 
 def _error_body(raw: bytes) -> tuple[Any, str]:
-    """The server's error body (parsed when it is JSON) and a one-line message from it."""
+    """The server's error body (parsed when it is JSON) and a one-line message from it. A
+    body nested too deep is kept as text: read whole, str() of its parts raised RecursionError
+    (a 429's code, a 404's type, a 403's message), and its line of errors.jsonl could not be
+    written, each ending the run."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        body = None
+    if body is None or too_deep(raw, body):
         text = raw[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")
         return text, " ".join(text.split())[:300]
     message = None
