@@ -31,7 +31,7 @@ from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.lines import error_line, result_line
 from pipeline.settings import build
-from tests.strategies import deep, dumps, sometimes
+from tests.strategies import deep, dumps, runs_stack, sometimes
 
 # -- the folder the lines read from ---------------------------------------------------------
 
@@ -249,17 +249,20 @@ def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
 
 
 @given(RAW)
+@runs_stack
 def test_any_bytes_are_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["plain"], raw)
     read_one(place["records"], raw)
 
 
 @given(lines_of(ANY))
+@runs_stack
 def test_any_json_value_is_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["plain"], raw)
 
 
 @given(st.one_of(lines_of(BODY), lines_of(BATCH)))
+@runs_stack
 def test_any_body_or_batch_line_is_a_request_or_one_input_error(
     place: dict[str, LineParser], raw: bytes
 ) -> None:
@@ -268,6 +271,7 @@ def test_any_body_or_batch_line_is_a_request_or_one_input_error(
 
 
 @given(lines_of(RECORD))
+@runs_stack
 def test_any_record_is_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["records"], raw)
 

@@ -35,7 +35,7 @@ from pipeline.output.lines import result_line
 from pipeline.send.client import check_completion
 from pipeline.send.sse import assemble
 from pipeline.settings import Price
-from tests.strategies import deep, dumps, sometimes
+from tests.strategies import deep, dumps, runs_stack, sometimes
 
 READ_BUFFER = 1 << 10  # the client's is 1 MiB; small here, so that a line longer is reached
 
@@ -245,6 +245,7 @@ async def read(pieces: list[bytes]) -> dict[str, Any]:
 
 
 @given(streams())
+@runs_stack
 def test_any_stream_is_a_completion_or_a_typed_error(pieces: list[bytes]) -> None:
     try:
         body = asyncio.run(read(pieces))
@@ -290,6 +291,7 @@ BODY = st.fixed_dictionaries(
 
 
 @given(st.one_of(BODY, ODD))
+@runs_stack
 def test_any_answer_not_streamed_is_kept_or_a_typed_error_and_counted(value: Any) -> None:
     raw = _data(value)
     try:
