@@ -16,6 +16,7 @@
         │                      (a verdict that is not valid JSON for its schema)
         ├── RequestTimeout     no complete answer within the per-request timeout
         └── ConnectionDropped  the connection failed or closed before the answer was whole
+            └── CannotConnect  no connection was made: the request never reached the server
 
 Errors are mapped where the answer arrives (`client`, `verdict`), with the meaning of each
 status given by `pipeline.send.status`; everything above them handles only this tree. Each carries what the retry policy and the error file need:
@@ -125,3 +126,8 @@ class RequestTimeout(RequestError):
 
 class ConnectionDropped(RequestError):
     code = "connection_error"
+
+
+class CannotConnect(ConnectionDropped):
+    """Refused, unresolved, or not connected in time: whatever the endpoint's trouble, it is
+    not the request's (`pipeline.pace.outage` needs no other request failing to say so)."""

@@ -5,13 +5,37 @@ parsers' limits; and strategies that are mostly well formed, odd now and then.""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hypothesis import strategies as st
 
 _DEEP = re.compile(rb'"@deep:(\d+):(list|dict)@"')
+RUN_RECURSION_LIMIT = 1000  # Python's, which a run keeps
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def runs_stack(test: F) -> F:
+    """Run a property's body under the recursion limit a run has (put it under `@given`).
+    Hypothesis raises the limit by about two thousand frames while a test runs, for its own
+    machinery: under it, a value nested a thousand deep that ends a run with RecursionError
+    (str() of a 404's error code) passes. (The test's own frames are a few dozen more than a
+    worker's: the property is a little stricter than a run, never looser.)"""
+
+    @functools.wraps(test)
+    def under_the_runs_limit(*args: Any, **kwargs: Any) -> Any:
+        raised = sys.getrecursionlimit()
+        sys.setrecursionlimit(RUN_RECURSION_LIMIT)
+        try:
+            return test(*args, **kwargs)
+        finally:
+            sys.setrecursionlimit(raised)
+
+    return under_the_runs_limit  # type: ignore[return-value]
 
 
 def deep(depth: int, kind: str = "list") -> str:

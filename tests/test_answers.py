@@ -140,3 +140,21 @@ def test_what_a_choice_must_hold_to_be_an_answer(choice: dict[str, Any], kept: b
     else:
         with pytest.raises(EmptyAnswer):
             check_completion(body)
+
+
+@pytest.mark.parametrize("choices", [True, 7])
+async def test_a_broken_answer_that_reports_usage_is_counted_not_a_crash(
+    choices: Any, make_settings, tmp_path: Path
+) -> None:
+    # Counting what it reported took len() of its choices: True or 7 raised TypeError in the
+    # worker, and the run ended exit 70 ('internal error').
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return json({"id": "x", "choices": choices, "usage": USAGE})
+
+    async with scripted(handler) as server:
+        summary = await pipeline.run(make_settings(server.url, bodies(2), max_attempts=2))
+    assert summary.exit_code == 1, summary.message
+    errors = read_jsonl(tmp_path / "out/errors.jsonl")
+    assert [e["error"]["code"] for e in errors] == ["malformed_response"] * 2
+    usage = orjson.loads((tmp_path / "out/usage.json").read_bytes())
+    assert usage["tokens"]["total_tokens"] == 4 * USAGE["total_tokens"]  # billed, all four

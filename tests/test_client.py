@@ -96,3 +96,30 @@ async def test_answers_nested_deep_are_asked_again_and_never_kept_unreadable(mak
     kept = read_jsonl(settings.folder / "results.jsonl")
     assert len(kept) == 3
     assert not any(isinstance(r["response"]["body"].get("system_fingerprint"), list) for r in kept)
+
+
+DEEP = b"[" * 1000 + b"]" * 1000
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "exit_code"),
+    [
+        (400, b'{"error": {"message": "bad", "param": ' + DEEP + b"}}", 1),  # errors.jsonl unwritable
+        (429, b'{"error": {"code": ' + DEEP + b"}}", 3),  # is it insufficient_quota?
+        (404, b'{"error": {"type": ' + DEEP + b"}}", 3),  # does it say the model is gone?
+        (403, b'{"error": {"message": ' + DEEP + b"}}", 1),  # does it refuse the content?
+    ],
+)
+async def test_an_error_body_nested_a_thousand_deep_is_kept_as_text(
+    status: int, raw: bytes, exit_code: int, make_settings, tmp_path
+) -> None:
+    # Read whole, what the run asks of it raised RecursionError (str() of its parts, or the
+    # line of errors.jsonl), and the run ended exit 70.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+    async with scripted(handler) as server:
+        summary = await pipeline.run(make_settings(server.url, bodies(2), give_up_after=0.5))
+    assert summary.exit_code == exit_code, summary.message
+    for error in read_jsonl(tmp_path / "out/errors.jsonl"):
+        assert isinstance(error["response"]["body"], str)

@@ -224,3 +224,95 @@ def test_what_a_404_says(model: str, body: Any, said: Said) -> None:
     raw = body.encode() if isinstance(body, str) else orjson.dumps(body)
     parsed, message = _error_body(raw)
     assert read_404(http_error(404, message, body=parsed), model) is said
+
+
+@pytest.mark.parametrize("failing", ["a few 500s", "an outage"])
+async def test_a_404_saying_nothing_waits_for_requests_that_failed_for_now(
+    failing: str, make_settings, tmp_path: Path
+) -> None:
+    # No /models, 404s that name no model: the other model's requests decide. Those that fail
+    # for now (a 500 retried, an outage's pause) still may answer: nothing being in flight for
+    # a moment between their attempts is no verdict (it stopped the run, exit 3, "check
+    # --base-url", though the next attempt answered).
+    failures = Counter[str]()
+    broken = anyio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            return web.Response(status=404, text="Not Found")
+        body = await request.json()
+        if body["model"] == GONE:
+            if not broken.is_set():
+                broken.set()
+                tg.start_soon(recover)
+            return web.Response(status=404, body=b"")
+        await anyio.sleep(0.05)
+        if failing == "a few 500s" and failures["500"] < 3:
+            failures["500"] += 1
+            return json({"error": {"message": "oops"}}, status=500)
+        if failing == "an outage" and not back.is_set():
+            failures["reset"] += 1
+            assert request.transport is not None
+            request.transport.abort()
+        return answer(body)
+
+    back = anyio.Event()
+
+    async def recover() -> None:
+        await anyio.sleep(0.3)
+        back.set()
+
+    rows = [{**row, "model": GONE if i < 5 else GOOD} for i, row in enumerate(bodies(40))]
+    async with scripted(handler) as s, anyio.create_task_group() as tg:
+        summary = await pipeline.run(make_settings(s.url, rows, concurrency=8))
+    assert summary.exit_code == 1, summary.message
+    assert failures
+    assert summary.succeeded == 35
+    assert sorted(e["custom_id"] for e in read_jsonl(tmp_path / "out/errors.jsonl")) == [
+        f"job-{i}" for i in range(5)
+    ]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        b'{"data": [{"id": ' + b"[" * 1000 + b"]" * 1000 + b"}]}",  # str() of it: RecursionError
+        b'{"data": [{"id": null}, 7, {"name": {"x": 1}}]}',
+    ],
+)
+async def test_a_models_list_of_odd_names_still_says_the_path_is_right(
+    listing: bytes, make_settings, tmp_path: Path
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            return web.Response(body=listing, content_type="application/json")
+        return web.Response(status=404, body=b"")
+
+    async with scripted(handler) as s:
+        summary = await pipeline.run(make_settings(s.url, bodies(3, model=GONE), concurrency=2))
+    assert summary.exit_code == 1, summary.message  # a list: the path is right, the lines fail
+    assert len(read_jsonl(tmp_path / "out/errors.jsonl")) == 3
+
+
+@pytest.mark.parametrize("empty", ["", None])
+async def test_a_line_whose_model_is_empty_goes_as_the_jobs_model(
+    empty: str | None, make_settings, tmp_path: Path
+) -> None:
+    # Sent with "model": "" while it counted as the job's model's line, its 404 ("The model ``
+    # does not exist", vLLM's words) marked the job's model gone: 47 lines of 50 failed.
+    sent = Counter[Any]()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        sent[body.get("model")] += 1
+        if not body.get("model"):
+            said = f"The model `{body.get('model') or ''}` does not exist."
+            return json({"object": "error", "message": said, "type": "NotFoundError"}, status=404)
+        return answer(body)
+
+    rows = [{key: value for key, value in row.items() if key != "model"} for row in bodies(50)]
+    rows[0]["model"] = empty
+    async with scripted(handler) as s:
+        summary = await pipeline.run(make_settings(s.url, rows, model=GOOD, concurrency=4))
+    assert (summary.exit_code, summary.succeeded) == (0, 50), summary.message
+    assert sent == {GOOD: 50}

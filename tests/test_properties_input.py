@@ -31,7 +31,7 @@ from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.lines import error_line, result_line
 from pipeline.settings import build
-from tests.strategies import deep, dumps, sometimes
+from tests.strategies import deep, dumps, runs_stack, sometimes
 
 # -- the folder the lines read from ---------------------------------------------------------
 
@@ -140,7 +140,8 @@ WHOLE = sometimes(WILD, st.integers(min_value=1, max_value=2**70))  # a whole nu
 BODY = st.fixed_dictionaries(
     {"messages": sometimes(WILD, st.lists(MESSAGE, min_size=1, max_size=3))},
     optional={
-        "model": sometimes(WILD, st.just("m")),
+        # (an empty or null model is none: the job's, or no model at all)
+        "model": sometimes(st.one_of(WILD, st.sampled_from(["", None])), st.just("m")),
         "max_tokens": WHOLE,
         "max_completion_tokens": WHOLE,
         "n": WHOLE,
@@ -194,8 +195,9 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LineParser]:
     )
     flags = {"input": str(root / "in.jsonl"), "output": str(root / "out"), "model": "default/m"}
     plain = LineParser(build(None, **flags), exact_tokens=True)
+    bare = LineParser(build(None, **{**flags, "model": None}))  # no model but what lines name
     records = LineParser(build(job, input=str(images / "in.jsonl"), output=str(root / "out")))
-    return {"plain": plain, "records": records}
+    return {"plain": plain, "bare": bare, "records": records}
 
 
 def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
@@ -230,7 +232,11 @@ def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
         json.loads(line)
         return item
     assert isinstance(item, Request)
-    jsonl.loads(item.payload)  # the body the server gets is JSON
+    sent = jsonl.loads(item.payload)  # the body the server gets is JSON
+    # ...naming the model the run counts it under (a 404 for it marks that model gone), or
+    # none, when OpenRouter's fallback list names it
+    assert sent.get("model", item.model) == item.model
+    assert item.model
     assert item.prompt_tokens >= 0
     for image in item.images or ():
         with contextlib.suppress(InputError):
@@ -243,24 +249,29 @@ def read_one(parser: LineParser, raw: bytes) -> Request | Failure | None:
 
 
 @given(RAW)
+@runs_stack
 def test_any_bytes_are_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["plain"], raw)
     read_one(place["records"], raw)
 
 
 @given(lines_of(ANY))
+@runs_stack
 def test_any_json_value_is_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["plain"], raw)
 
 
 @given(st.one_of(lines_of(BODY), lines_of(BATCH)))
+@runs_stack
 def test_any_body_or_batch_line_is_a_request_or_one_input_error(
     place: dict[str, LineParser], raw: bytes
 ) -> None:
     read_one(place["plain"], raw)
+    read_one(place["bare"], raw)
 
 
 @given(lines_of(RECORD))
+@runs_stack
 def test_any_record_is_a_request_or_one_input_error(place: dict[str, LineParser], raw: bytes) -> None:
     read_one(place["records"], raw)
 

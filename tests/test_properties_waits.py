@@ -23,7 +23,7 @@ from pipeline.pace.finder import MAX_PAUSE, RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.send.client import RATE_HEADERS, error_for, rate_headers
 from pipeline.send.waits import DAY, parse_duration, retry_after, said_wait
-from tests.strategies import deep, dumps
+from tests.strategies import deep, dumps, runs_stack
 
 NOW = 1_750_000_000.0  # the wall clock, in epoch seconds, for every example
 
@@ -172,6 +172,7 @@ def sane_wait(wait: float | None) -> None:
 
 
 @given(headers())
+@runs_stack
 def test_any_header_values_give_a_wait_from_0_to_a_day_or_none(found: CIMultiDict[str]) -> None:
     sane_wait(retry_after(found, now=NOW))
     for kind in ("requests", "tokens"):
@@ -179,6 +180,7 @@ def test_any_header_values_give_a_wait_from_0_to_a_day_or_none(found: CIMultiDic
 
 
 @given(MESSAGE)
+@runs_stack
 def test_any_message_gives_a_wait_from_0_to_a_day_or_none(message: str) -> None:
     sane_wait(said_wait(message))
 
@@ -218,6 +220,7 @@ class WatchedPacer(Pacer):
 
 
 @given(st.lists(st.tuples(st.sampled_from([429, 503, 500]), headers(), RAW), min_size=1, max_size=8))
+@runs_stack
 def test_any_refusals_keep_the_pace_finite_and_positive(
     refusals: list[tuple[int, CIMultiDict[str], bytes]],
 ) -> None:

@@ -15,8 +15,9 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.lease import TokenLeases
-from pipeline.pace.shared import SharedPacer
-from pipeline.pace.store import Store, account_key
+from pipeline.pace.shared import MAX_LEASE, SharedPacer
+from pipeline.pace.store import Reply, Store, account_key
+from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 
@@ -390,3 +391,50 @@ async def test_four_shards_hold_one_token_limit_counted_on_arrival(
     assert sorted(merge_ids(out)) == sorted(f"job-{i}" for i in range(n))  # exactly once
     assert refused <= n * 0.005, (refused, accepted)
     assert token_share(accepted) >= 0.95, accepted
+
+
+class CountingStore:
+    """A store that grants at most ten starts a call, at the account's clock, and notes how
+    many were asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    async def check(self) -> None:
+        pass
+
+    async def call(self, pid: str, *, want: int, given: float, **_: Any) -> Reply:
+        self.asked.append(want)
+        now = asyncio.get_running_loop().time()
+        granted = min(want, 10)
+        return Reply(now, given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
+
+    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+        return 0, 0, None
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rpm", [1e15, 9223372036854775807.0])
+async def test_a_rate_far_past_any_server_leases_no_more_than_a_tenth_of_a_second_of_the_ramps_top(
+    rpm: float,
+) -> None:
+    # --rpm 1e15 (or a gateway's "unlimited" stated as 2**63 - 1): a lease of a tenth of a
+    # second of it was 10**16 starts, a float each, asked for at once: gigabytes in seconds.
+    store = CountingStore()
+    pacer = SharedPacer(lambda: store, "memory", request_rate=rpm / 60, say=lambda _: None)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pacer.run)
+        with anyio.fail_after(5):
+            for _ in range(50):
+                await pacer.acquire()
+        tg.cancel_scope.cancel()
+    assert store.asked
+    assert max(store.asked) <= MAX_LEASE
+
+
+@pytest.mark.parametrize("said", ["2147483647", "9223372036854775807", "1e308"])
+def test_a_limit_stated_as_unlimited_is_no_limit(said: str) -> None:
+    assert per_minute(said) is None
+    assert per_minute(f"{said}, 500") == 500

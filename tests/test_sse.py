@@ -165,8 +165,10 @@ async def test_a_streamed_answer_of_megabytes_on_one_line_arrives(make_settings,
 async def test_odd_chunks_are_said_short_and_never_a_crash() -> None:
     deep = b"[" * 900 + b"]" * 900
     for bad, message in (
-        (b'{"choices": [{"index": ' + deep + b"}]}", "an index that is not a small number"),
-        (b'{"error": {"message": ' + deep + b', "code": 502}}', "provider error"),
+        # (an error so deep, kept, was a line of errors.jsonl no one could write: exit 70)
+        (b'{"choices": [{"index": ' + deep + b"}]}", "nested too deep"),
+        (b'{"error": {"message": ' + deep + b', "code": 502}}', "nested too deep"),
+        (b'{"choices": [{"index": "' + b"9" * 5000 + b'"}]}', "an index that is not a small number"),
         (
             b'{"choices": [{"delta": {"tool_calls": "x"}}]}\n\ndata: {"choices": [{"delta": {"tool_calls": [{}]}}]}',
             "not a chat completion chunk: AttributeError",
@@ -185,3 +187,37 @@ async def test_an_answer_nested_too_deep_to_write_again_is_malformed() -> None:
         await assemble(
             pieces(*event(chunk({"content": "x"})), b"data: " + end + b"\n\n", b"data: [DONE]\n\n")
         )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"error": {"message": "x", "code": 400, "param": ' + b"[" * 1000 + b"]" * 1000 + b"}}",
+        b'{"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "error", "error": '
+        b'{"code": 400, "param": ' + b"[" * 1000 + b"]" * 1000 + b"}}]}",
+    ],
+)
+async def test_a_streamed_error_nested_a_thousand_deep_fails_its_line(
+    bad: bytes, make_settings, tmp_path
+) -> None:
+    # Its chunk went whole into the line of errors.jsonl, which could not be written
+    # (RecursionError): the run ended exit 70.
+    from aiohttp import web
+
+    import pipeline
+    from tests.conftest import bodies, read_jsonl
+    from tests.scripted import answering
+
+    async def answer(request: web.Request, body: dict) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + bad + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    rows = [{**row, "stream": True} for row in bodies(2)]
+    async with answering(answer) as url:
+        summary = await pipeline.run(make_settings(url, rows, max_attempts=2))
+    assert summary.exit_code == 1, summary.message
+    assert [e["error"]["code"] for e in read_jsonl(tmp_path / "out/errors.jsonl")] == [
+        "malformed_response"
+    ] * 2

@@ -109,7 +109,10 @@ class Usage:
         if m is None:
             m = self.models[name] = ModelUsage()
         m.requests += 1
-        m.choices += len(body.get("choices") or ())
+        choices = body.get("choices")
+        m.choices += (
+            len(choices) if isinstance(choices, list) else 0
+        )  # (a body thrown away may hold anything)
         prompt, completion, total = answer_tokens(body)
         m.prompt_tokens += prompt
         m.completion_tokens += completion

@@ -175,6 +175,11 @@ class LineParser:
         own = body.get("model")
         if own and own != self.default_model:
             self.own_model += 1
+        if not own and "model" in body:
+            # An empty or null model names none: the job's is sent (sent as it was, while the
+            # line counted as the job's model's, a 404 for it said the job's model was gone,
+            # and every other line of that model failed unsent).
+            body = {key: value for key, value in body.items() if key != "model"}
         if self.defaults:
             body = {**self.defaults, **body}
         model = body.get("model") or self.default_model

@@ -180,12 +180,12 @@ class RateFinder:
         if ticket >= self.epoch:
             self._all[self._slot(self.clock())] += 1
 
-    def failure(self, ticket: int, message: str = "") -> bool:
+    def failure(self, ticket: int, message: str = "", *, who: object = None, connected: bool = True) -> bool:
         """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
         whether it is down as a whole, so that the failure spends no attempt."""
         if ticket >= self.epoch:
             self._all[self._slot(self.clock())] += 1
-        return self.outage.failed(ticket, message)
+        return self.outage.failed(ticket, message, who=who, connected=connected)
 
     @property
     def outages(self) -> int:

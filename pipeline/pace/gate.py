@@ -2,7 +2,8 @@
 start time, and tells the gate how its attempt ended, so that the pace learns from it.
 
     slot = await gate.enter(tokens)     a slot in the window, then the pacer's start time
-    slot.go()                           the attempt leaves now (or slot.unused(): it does not)
+    slot.go(who)                        the attempt of request `who` leaves now (or
+                                        slot.unused(): it does not)
     slot.answered(latency, headers, used_tokens)   or   slot.failed(error)
 
 This is the seam a shared pace (one limit for several processes) plugs into: another gate
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.errors import HTTPStatusError, RequestError
+from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.send.status import Signal, endpoint_failed, signal
@@ -23,15 +24,17 @@ from pipeline.send.status import Signal, endpoint_failed, signal
 class Slot:
     """One attempt's place: held from its start until its answer (or error) is in."""
 
-    __slots__ = ("_gate", "reserved", "ticket")
+    __slots__ = ("_gate", "reserved", "ticket", "who")
 
     def __init__(self, gate: Gate, reserved: int) -> None:
         self._gate = gate
         self.reserved = reserved  # tokens held back for it by a token pace
         self.ticket = 0  # its place in the send order, for the rate finder
+        self.who: object = None  # the request it is an attempt of (None: one of its own)
 
-    def go(self) -> None:
+    def go(self, who: object = None) -> None:
         self.ticket = self._gate.finder.sent()
+        self.who = who
 
     def unused(self) -> None:
         """The run stopped before the attempt was sent."""
@@ -68,7 +71,9 @@ class Slot:
             gate.finder.answered(self.ticket)  # the request's fault, not the endpoint's
         if endpoint_failed(error):  # a 503 too: overloaded, or down
             # Down as a whole, no request is at fault: the retry sends it again, spending nothing.
-            error.outage = gate.finder.failure(self.ticket, error.message)
+            error.outage = gate.finder.failure(
+                self.ticket, error.message, who=self.who, connected=not isinstance(error, CannotConnect)
+            )
         elif error.refusal:
             gate.finder.outage.answered()  # a 429 is an answer: the endpoint is up
 

@@ -5,8 +5,12 @@ the retry policy spends an attempt of that request on it. The endpoint is down w
 request that was out when such a failure came back has failed since, nothing answering in
 between, `MIN` failures at least (when the endpoint goes, every request in flight fails); or
 when failures alone have come back for `QUIET` seconds (a network that drops packets: new
-connections time out, while the requests out before hang until their own timeout). Then no
-request is at fault, and until something answers again:
+connections time out, while the requests out before hang until their own timeout). Those
+failures must come from `MIN` requests at least, unless the last could not even connect: a
+request that fails alone, again and again, with nothing else out (the last of a run, or the
+only one of a job), is a poison request as much as a sign of an outage, and taken for one
+(taken for an outage, it was never failed: the run stopped after --give-up-after, on every
+resume). Then no request is at fault, and until something answers again:
 
 - the pool pauses, for a second and then twice as long each time a probe finds it still down
   (up to ten seconds); after each pause only `PROBES` requests go at a time (the in-flight
@@ -74,6 +78,7 @@ class Outage:
         self._before = 0  # the first request sent after the streak's first failure came back
         self._outstanding = 0  # requests out then
         self._failed_before = 0  # of those, failed since
+        self._who: set[object] = set()  # the requests that failed in the streak (MIN at most)
 
     def sent(self) -> None:
         self.out += 1
@@ -85,22 +90,31 @@ class Outage:
         if self.down:
             self._up()
 
-    def failed(self, ticket: int, message: str) -> bool:
-        """The endpoint failed the request `ticket` (connection, timeout, 5xx); returns whether
-        it is down, so that the failure spends no attempt."""
+    def failed(self, ticket: int, message: str, *, who: object = None, connected: bool = True) -> bool:
+        """The endpoint failed the attempt `ticket` (connection, timeout, 5xx) of the request
+        `who` (by default one of its own); `connected`: False when no connection was made.
+        Returns whether the endpoint is down, so that the failure spends no attempt."""
         now = self.clock()
         self.out -= 1
         self._streak += 1
         if self._streak == 1:
             self._first = now
             self._before, self._outstanding, self._failed_before = self.log.next, self.out, 0
+            self._who.clear()
         elif ticket < self._before:
             self._failed_before += 1
+        if len(self._who) < MIN:
+            self._who.add(ticket if who is None else who)
         if self.down:
             if ticket >= self._probes_from:  # a probe, sent after the last pause began
                 self._still_down(now, message)
             return True
-        if self._streak >= MIN and (self._failed_before >= self._outstanding or now - self._first >= QUIET):
+        nobody = len(self._who) >= MIN or not connected  # no one request's fault
+        if (
+            self._streak >= MIN
+            and nobody
+            and (self._failed_before >= self._outstanding or now - self._first >= QUIET)
+        ):
             self.down = True
             self.outages += 1
             self._since = self._first

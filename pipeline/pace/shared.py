@@ -44,6 +44,11 @@ from pipeline.pace.reading import LAG, AccountCapacity, Moment
 from pipeline.pace.store import AccountStore, StoreAway
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease
+# Starts in one lease at most: a tenth of a second at 100,000 a second (the ramp's top). A rate
+# given or stated far past what a server serves (x-ratelimit-limit-requests: 2**63 - 1, a
+# gateway's "unlimited"; --rpm 1e12) asked for 10**16 starts at once, each a float in memory:
+# gigabytes in seconds, the loop held.
+MAX_LEASE = 10_000
 SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
 SYNC_UNPACED = 0.02  # the same while no pace is known
 SYNC_GAP = 0.005  # seconds at least between two calls
@@ -247,7 +252,7 @@ class SharedPacer(Pacer):
         second ahead, not N tenths (what a process that ends holds is lost to the others)."""
         if not self.shared:
             return 1 if self._booting else 0
-        return max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1)))
+        return min(max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1))), MAX_LEASE)
 
     def _ask(self, *, starts: bool = False, tokens: float = 0.0) -> None:
         if starts and not self._want:

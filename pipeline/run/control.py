@@ -30,6 +30,7 @@ class Control:
         self.stopped: RunStopped | None = None
         self.interrupted = False
         self.in_flight = 0  # requests sent and not yet answered
+        self.in_hand = 0  # requests a worker holds, from its reservation to its outcome
         self.work_scope: anyio.CancelScope | None = None
         self.on_stop: list[Callable[[], None]] = []  # wake whatever waits to send
         self._napping: set[asyncio.Future[None]] = set()

@@ -188,7 +188,7 @@ class Run:
 
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
-        judge = Judge(NotFound(client.url, client.models, lambda: control.in_flight, self.progress.say))
+        judge = Judge(NotFound(client.url, client.models, lambda: control.in_hand, self.progress.say))
         worker = Worker(
             gate=self.gate,
             client=client,

@@ -18,6 +18,7 @@ import orjson
 
 from pipeline import __version__
 from pipeline.errors import (
+    CannotConnect,
     ConnectionDropped,
     HTTPStatusError,
     MalformedResponse,
@@ -71,10 +72,15 @@ def error_for(
 
 
 def _error_body(raw: bytes) -> tuple[Any, str]:
-    """The server's error body (parsed when it is JSON) and a one-line message from it."""
+    """The server's error body (parsed when it is JSON) and a one-line message from it. A
+    body nested too deep is kept as text: read whole, str() of its parts raised RecursionError
+    (a 429's code, a 404's type, a 403's message), and its line of errors.jsonl could not be
+    written, each ending the run."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        body = None
+    if body is None or too_deep(raw, body):
         text = raw[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")
         return text, " ".join(text.split())[:300]
     message = None
@@ -182,7 +188,7 @@ class Client:
                 # (a server that ignores stream: true answers with one JSON body: read as such)
                 raw = await resp.read()
         except aiohttp.ConnectionTimeoutError:
-            raise ConnectionDropped(f"cannot connect within {CONNECT_TIMEOUT:g}s") from None
+            raise CannotConnect(f"cannot connect within {CONNECT_TIMEOUT:g}s") from None
         except TimeoutError:
             if request.stream:
                 raise ConnectionDropped(
@@ -190,9 +196,7 @@ class Client:
                 ) from None
             raise RequestTimeout("no complete answer within the timeout (--timeout)") from None
         except aiohttp.ClientConnectorError as e:
-            raise ConnectionDropped(
-                f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}"
-            ) from None
+            raise CannotConnect(f"cannot connect to {e.host}:{e.port}: {e.os_error.strerror or e}") from None
         except aiohttp.ClientPayloadError:
             raise ConnectionDropped("the connection closed in the middle of the answer") from None
         except aiohttp.ServerDisconnectedError:
@@ -242,7 +246,10 @@ class Client:
         data = body.get("data", body.get("models")) if isinstance(body, dict) else body
         if not isinstance(data, list):
             return None
-        return [str(m.get("id") or m.get("name")) if isinstance(m, dict) else str(m) for m in data]
+        # Only names that are text: str() of whatever else a server lists can raise (a value
+        # nested a thousand deep, RecursionError; a number of 5,000 digits, ValueError).
+        named = ((m.get("id") or m.get("name")) if isinstance(m, dict) else m for m in data)
+        return [name for name in named if isinstance(name, str)]
 
     async def _read_stream(
         self, resp: aiohttp.ClientResponse, started: float, request_id: str | None

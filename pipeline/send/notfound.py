@@ -16,10 +16,13 @@ milliseconds, an answer in seconds):
   `{"detail": "Not Found"}`, an empty body). Unless the path is known to be right already (an
   answer came from it, or a 404 spoke of a model), the endpoint is asked, once a run: GET
   {base_url}/models. A list: the path is right, the line fails, and a model the list lacks
-  is gone. No list (a wrong path, or a server without one): the requests in flight decide:
-  the line waits until one of them answers (the path is right, and the line fails), or none
-  is left in flight, every one a 404 too: then the run stops (exit 3, resumable) naming the
-  URL, the models and what the server said. Only a server that names no model in its 404s,
+  is gone. No list (a wrong path, or a server without one): the other requests decide:
+  the line waits until one of them answers (the path is right, and the line fails), or every
+  request the workers hold is such a 404 waiting too: then the run stops (exit 3, resumable)
+  naming the URL, the models and what the server said. A request that failed for now (a 5xx,
+  a reset, an outage's pause, a backoff) is still in hand: it may answer yet, so it does not
+  let the run stop (nothing being in flight for a moment did, and one 500 then stopped a run
+  whose other model answered a moment later). Only a server that names no model in its 404s,
   has no /models, and is asked for nothing but the gone model at first, is taken for a wrong
   URL; the same command resumes it.
 """
@@ -99,12 +102,12 @@ class NotFound:
         self,
         url: str,
         models: Callable[[], Awaitable[list[str] | None]],
-        in_flight: Callable[[], int],
+        in_hand: Callable[[], int],
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
         self._models = models  # GET {base_url}/models: the ids listed, or None
-        self._in_flight = in_flight
+        self._in_hand = in_hand  # requests the workers hold, these waiting ones too
         self._say = say
         self.gone: dict[str, str] = {}  # model -> what the server said of it
         self.right = False  # the path is known to be right
@@ -124,7 +127,7 @@ class NotFound:
             self._verdict.set()
 
     def ended(self) -> None:
-        """An attempt ended: with nothing left in flight, a verdict may be due."""
+        """A request ended: with nothing in hand but 404s waiting, a verdict may be due."""
         if self._waiting:
             self._check()
 
@@ -183,7 +186,7 @@ class NotFound:
             self.reached()
 
     def _check(self) -> None:
-        if self._asked and not self.right and not self._stopped and self._in_flight() == 0:
+        if self._asked and not self.right and not self._stopped and self._in_hand() <= self._waiting:
             self._wrong = True
             self._verdict.set()
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from pipeline.errors import EmptyAnswer, MalformedResponse, ProviderError, RequestError
+from pipeline.input.jsonl import too_deep
 from pipeline.quote import brief, quote
 from pipeline.send.status import provider_error
 
@@ -121,6 +122,10 @@ class StreamAssembler:
             raise MalformedResponse(f"a streamed chunk is not JSON: {data[:200]!r}") from None
         if not isinstance(chunk, dict):
             raise MalformedResponse("a streamed chunk is not a JSON object")
+        if too_deep(data, chunk):
+            # An error it carried would go whole into errors.jsonl, a line no one could write
+            # (RecursionError, exit 70); an answer, into results.jsonl, likewise.
+            raise MalformedResponse("a streamed chunk is nested too deep to be kept")
         return self.feed(chunk)
 
     def feed(self, chunk: dict[str, Any]) -> bool:

@@ -181,7 +181,7 @@ class Judge:
             self.not_found.reached()
 
     def ended(self) -> None:
-        """An attempt ended (`Control.in_flight` is down by one)."""
+        """A request ended (`Control.in_hand` is down by one)."""
         self.not_found.ended()
 
     def gone(self, model: str) -> str | None:

@@ -4,7 +4,8 @@ made sane on the way, so that nothing after has to doubt them:
 
 - a wait is a finite number of seconds from 0 to a day (`DAY`), or None: not said, or said so
   that no wait can be read from it (then the retry policy's own backoff decides);
-- a stated limit is a finite count a minute, at least one, or None (ignored).
+- a stated limit is a count a minute, at least one and under a billion, or None (ignored: a
+  billion or more is a gateway's way of saying "unlimited").
 
 What gateways send, and what it is taken to mean:
 
@@ -34,6 +35,9 @@ from collections.abc import Callable, Mapping
 
 DAY = 86_400.0  # seconds: the longest wait a server can ask for
 YEAR = 365 * DAY  # a number this close to now is a moment, not a number of seconds
+# A limit a minute this high is a way of saying none (2**31 - 1, 2**63 - 1: a gateway's
+# "unlimited"); the highest any provider states is far lower (OpenAI's: 150 million tokens).
+UNLIMITED = 1e9
 _UNITS = r"(?:milliseconds?|ms|hours?|hrs?|h|minutes?|mins?|m|seconds?|secs?|s)"
 _PART = re.compile(rf"(\d+(?:\.\d+)?)\s*({_UNITS})", re.IGNORECASE)
 _DURATION = re.compile(rf"(?:\d+(?:\.\d+)?\s*{_UNITS}\s*)+", re.IGNORECASE)
@@ -159,11 +163,13 @@ def said_wait(message: str) -> float | None:
 
 
 def per_minute(value: str | None) -> float | None:
-    """A limit a server states (x-ratelimit-limit-*, a count a minute): at least one and
-    finite, else None; of several joined by commas, the tightest."""
+    """A limit a server states (x-ratelimit-limit-*, a count a minute): at least one and at
+    most `UNLIMITED`, else None; of several joined by commas, the tightest."""
     if value is None:
         return None
-    counts = [n for part in value.split(",") if (n := _number(part.strip())) is not None and n >= 1]
+    counts = [
+        n for part in value.split(",") if (n := _number(part.strip())) is not None and 1 <= n < UNLIMITED
+    ]
     return min(counts, default=None)
 
 

@@ -144,10 +144,13 @@ class Worker:
         if isinstance(held, RunStopped):
             self.control.stop(held)
             return None
+        self.control.in_hand += 1
         try:
             return await self._process(request, seat)
         finally:
+            self.control.in_hand -= 1
             self.books.release(held)
+            self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
 
     async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
         attempts = invalid = 0
@@ -239,7 +242,7 @@ class Worker:
         if not control.dispatching:
             slot.unused()
             raise Abandoned
-        slot.go()
+        slot.go(request.custom_id)
         self.books.started()
         control.in_flight += 1
         try:
@@ -254,7 +257,6 @@ class Worker:
             raise
         finally:
             control.in_flight -= 1
-            self.judge.ended()  # a verdict on 404s may wait for nothing to be in flight
         slot.answered(reply.latency, reply.limits, answer_tokens(reply.body)[2])
         self.judge.success()
         stop = self.books.billed(reply.body, request)  # account: billed, kept or not
