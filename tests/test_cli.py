@@ -100,10 +100,14 @@ async def test_an_unreachable_endpoint_exits_3_without_a_traceback(tmp_path: Pat
     src = write_jsonl(tmp_path / "in.jsonl", bodies(3))
     url = f"http://127.0.0.1:{free_port()}/v1"
     code, out, err = await pipeline(
-        "run", "--input", str(src), "--output", str(tmp_path / "o"), "--base-url", url
+        "run", "--input", str(src), "--output", str(tmp_path / "o"), "--base-url", url, "--give-up-after", "1"
     )
     assert code == 3
-    assert "cannot reach 127.0.0.1" in out + err
+    # Tried again for a while first (an outage as a run starts is waited for as a later one),
+    # and said at once, so that a wrong port is not a silent wait.
+    assert "cannot reach 127.0.0.1" in err
+    assert "trying again for up to 1s" in err
+    assert "tried for 1s); check --base-url and the network" in out + err
     assert "Traceback" not in err
 
 

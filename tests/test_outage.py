@@ -9,7 +9,6 @@ from pathlib import Path
 
 import anyio
 import orjson
-import pytest
 from aiohttp import web
 
 import pipeline
@@ -184,12 +183,6 @@ async def test_refused_connections_are_an_outage_even_for_a_request_alone(
     assert len(read_jsonl(tmp_path / "out/results.jsonl")) == n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_reachable stops the run at once (exit 3) when the endpoint refuses connections "
-    "at the start: an outage a second old then is a stop, one a second later a pause; waiting "
-    "would make a wrong port wait --give-up-after too: for the lead to decide",
-)
 async def test_a_run_started_during_an_outage_waits_for_the_endpoint(make_settings, tmp_path: Path) -> None:
     endpoint = Endpoint(after=-1)
     async with scripted(endpoint) as server, anyio.create_task_group() as tg:

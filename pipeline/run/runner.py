@@ -50,7 +50,7 @@ from pipeline.run.summary import (
     nothing_to_do,
     pending_lines,
 )
-from pipeline.send.client import Client, check_reachable, open_client, raise_open_files
+from pipeline.send.client import START_PATIENCE, Client, check_reachable, open_client, raise_open_files
 from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
@@ -91,7 +91,9 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
     job = Run(settings, ledger, api_key, host)
     try:
-        await check_reachable(settings.base_url)
+        # An outage as the run starts is waited for a while, as one later is (a pause).
+        patience = min(settings.give_up_after, START_PATIENCE)
+        await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.pacer.check()
         async with open_client(
             settings.base_url,

@@ -6,8 +6,9 @@ cancellation. The API key goes into the Authorization header and nowhere else.
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ RATE_HEADERS = (
     "x-ratelimit-reset-tokens",
 )
 CONNECT_TIMEOUT = 30.0  # seconds
+START_PATIENCE = 30.0  # seconds an endpoint that cannot be reached as a run starts is tried for
 MODELS_TIMEOUT = 5.0  # seconds for GET /models, asked once when a 404 says nothing
 _ERROR_TEXT_LIMIT = 2000
 _BIG_BODY = 1 << 20
@@ -323,23 +325,47 @@ def raise_open_files(concurrency: int | None = None) -> None:
             ) from None
 
 
-async def check_reachable(base_url: str, *, connect_timeout: float = 10.0) -> None:
-    """Fail fast, before any job is sent, when the endpoint's host cannot be reached."""
+async def check_reachable(
+    base_url: str,
+    *,
+    connect_timeout: float = 10.0,
+    patience: float = 0.0,
+    say: Callable[[str], None] | None = None,
+) -> None:
+    """Before any job is sent: can the endpoint's host be reached? A name that does not
+    resolve stops the run at once; a host that refuses or does not answer is tried again for
+    `patience` seconds, since an outage as the run starts is as likely as one a second later,
+    which the run waits out (a wrong port costs that long: it is said at once)."""
     parts = urlsplit(base_url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with anyio.fail_after(connect_timeout):
-            stream = await anyio.connect_tcp(host, port)
-            await stream.aclose()
-    except TimeoutError:
-        raise RunStopped(
-            f"cannot reach {host}:{port} within {connect_timeout:.0f}s; check --base-url and the network",
-            code="unreachable",
-        ) from None
-    except OSError as e:
-        reason = e.strerror or str(e) or type(e).__name__
-        raise RunStopped(
-            f"cannot reach {host}:{port} ({reason}); check --base-url and the network",
-            code="unreachable",
-        ) from None
+    deadline = time.monotonic() + patience
+    pause = 0.5
+    while True:
+        try:
+            with anyio.fail_after(connect_timeout):
+                stream = await anyio.connect_tcp(host, port)
+                await stream.aclose()
+            return
+        except (TimeoutError, OSError) as e:
+            reason = (
+                f"no answer within {connect_timeout:.0f}s"
+                if isinstance(e, TimeoutError)
+                else e.strerror or str(e) or type(e).__name__
+            )
+            if isinstance(e, socket.gaierror) or time.monotonic() + pause > deadline:
+                tried = (
+                    f", tried for {patience:.0f}s"
+                    if patience >= 1 and not isinstance(e, socket.gaierror)
+                    else ""
+                )
+                raise RunStopped(
+                    f"cannot reach {host}:{port} ({reason}{tried}); check --base-url and the network",
+                    code="unreachable",
+                ) from None
+            if say is not None and pause == 0.5:
+                say(
+                    f"pipeline: cannot reach {host}:{port} ({reason}); trying again for up to {patience:.0f}s"
+                )
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 5.0)
