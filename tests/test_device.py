@@ -47,6 +47,16 @@ def tmpfs(path: Path, size: str) -> Iterator[None]:
             subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+def resumed_once(out: Path, every: list[str], asked_again: list[str], kept_first: set[str]) -> None:
+    """Every line a result once after the resume, and nothing kept before it bought again
+    (`asked_again`: the questions the resume sent; line i asks "question i")."""
+    ids = Counter(r["custom_id"] for r in whole_lines(out / "results.jsonl"))
+    assert set(ids) == set(every)
+    assert max(ids.values()) == 1
+    questions = {f"question {i}": custom_id for i, custom_id in enumerate(every)}
+    assert not {questions[q] for q in asked_again} & kept_first
+
+
 async def test_a_full_disk_is_a_stop_and_the_same_command_resumes_once_there_is_room(
     mock, tmp_path: Path
 ) -> None:
@@ -83,11 +93,7 @@ async def test_a_full_disk_is_a_stop_and_the_same_command_resumes_once_there_is_
             said, err = await proc.communicate()
             assert proc.returncode == 0, (said, err)
             asked_again = [b["messages"][0]["content"] for b in server.state.received[asked_first:]]
-        ids = Counter(r["custom_id"] for r in whole_lines(out / "results.jsonl"))
-    assert len(ids) == n
-    assert max(ids.values()) == 1
-    questions = {f"question {i}": f"job-{i}" for i in range(n)}
-    assert not {questions[q] for q in asked_again} & kept_first  # nothing kept was bought twice
+        resumed_once(out, [f"job-{i}" for i in range(n)], asked_again, kept_first)  # (still mounted)
     assert len(asked_again) == n - len(kept_first)
 
 
@@ -184,8 +190,4 @@ async def test_a_full_sqlite_temporary_folder_is_named_and_what_was_kept_is_coun
             said, err = await proc.communicate()
             assert proc.returncode == 0, (said, err)
             asked_again = [b["messages"][0]["content"] for b in server.state.received[asked_first:]]
-    ids = Counter(r["custom_id"] for r in whole_lines(out / "results.jsonl"))
-    assert len(ids) == n
-    assert max(ids.values()) == 1
-    questions = {f"question {i}": row["custom_id"] for i, row in enumerate(rows)}
-    assert not {questions[q] for q in asked_again} & kept_first
+    resumed_once(out, [row["custom_id"] for row in rows], asked_again, kept_first)
