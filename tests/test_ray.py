@@ -26,6 +26,10 @@ from pipeline.settings import check_base_url
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_shared_limit import TOKENS, token_bodies, token_share
 
+# A cluster of three nodes and four shards measuring one shared limit: beside another test
+# file on a 2-core machine, a share read 86 % where 90 % is asked (once, in a clean clone).
+pytestmark = pytest.mark.alone
+
 KEY_ENV = "LUMENFALL_API_KEY"
 RATE = 60.0  # requests a second the mock allows
 
