@@ -32,6 +32,7 @@ from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.reader import stable_id
 from pipeline.mock.server import MockConfig, MockServer
 from pipeline.output import writer as writer_module
+from pipeline.output.folder import write_lines
 from pipeline.output.ledger import Ledger
 from pipeline.report import markdown as markdown_module
 from pipeline.settings import Settings, build
@@ -598,3 +599,42 @@ async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
     written = [r["custom_id"] for r in whole(out / "results.jsonl")]
     assert sorted(written) == sorted(r["custom_id"] for r in rows)
     assert (out / "results.jsonl").read_bytes().endswith(b"\n")
+
+
+def test_a_rewrite_that_fails_mid_way_lets_go_of_the_ledger_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # errors.jsonl is rewritten from the ledger's cursor. A write failing mid-way left that
+    # cursor open for as long as the error lived (its traceback holds the lines being read),
+    # so closing the ledger left its connection open, holding its lock: the next run in the
+    # same process (a notebook, an Airflow worker) stopped on "database is locked", every time
+    # (the fault harness found it: an EIO there, then a cancellation while the run ended).
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    ledger.add_failed([(f"id-{i}", i, "request", b"{}\n") for i in range(3)])
+    ledger.commit()
+    ledger.put("usage", {})  # a run's transaction, open
+    real_open = Path.open
+
+    class FailsSecondWrite(io.BufferedWriter):
+        def write(self, data: Any) -> int:
+            self.writes = getattr(self, "writes", 0) + 1
+            if self.writes == 2:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().write(data)
+
+    def opened(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "wb":
+            return FailsSecondWrite(io.FileIO(self, "w"))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", opened)
+    with pytest.raises(OSError, match="Input/output error") as failed:  # (kept alive, as a run keeps it)
+        write_lines(tmp_path / "errors.jsonl", (record for _, _, record in ledger.failures()))
+    monkeypatch.undo()
+    ledger.close(commit=False)
+    again = Ledger(path)
+    again.put("usage", {"runs": []})
+    again.commit()  # "database is locked" while the first connection lingered
+    again.close()
+    assert failed.value.errno == errno.EIO

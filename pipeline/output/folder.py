@@ -76,6 +76,13 @@ def staged(path: Path, lines: Iterable[bytes], *, suffix: str = "tmp") -> Iterat
     except BaseException:
         remove(tmp)  # a full disk keeps no half copy of a big file
         raise
+    finally:
+        # Lines read from an index (a cursor of the ledger) let go of it now: kept alive by
+        # the error's traceback, an open cursor made closing the ledger leave its connection
+        # open, holding its lock, and the next run in this process found "database is locked".
+        close = getattr(lines, "close", None)
+        if close is not None:
+            close()
 
 
 def aside(folder: Path) -> Path:
