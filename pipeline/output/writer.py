@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.account.books import Books
 from pipeline.job import Failure, Outcome, Success
-from pipeline.output.folder import ERRORS, RESULTS
+from pipeline.output.folder import ERRORS, RESULTS, write_lines
 from pipeline.output.ledger import Ledger
 from pipeline.output.lines import Redactor as Redactor
 from pipeline.output.lines import error_line, failure_key, result_line
@@ -309,21 +309,8 @@ class Writer:
 
     def rewrite_errors(self) -> int:
         """errors.jsonl := what is failed now, in input order (atomically)."""
-        count = 0
         path = self.folder / ERRORS
-        tmp = self.folder / f".{ERRORS}.tmp"
-        try:
-            with tmp.open("wb") as f:
-                for record in self._failures_now():
-                    f.write(record)
-                    count += 1
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
+        count = write_lines(path, self._failures_now())
         try:
             fresh = _File(path)
         except BaseException:
