@@ -42,6 +42,9 @@ import pipeline
 PACKAGE = str(Path(pipeline.__file__).parent) + os.sep
 MOCK = PACKAGE + "mock" + os.sep
 DEPTH = 2  # frames of pipeline/ that tell one site from another: the call and its caller
+# Helpers every writer of a whole file goes through: their frames are named in a site but do
+# not count in its DEPTH, so that each caller of them is a site of its own.
+HELPERS = {("output/folder.py", name) for name in ("staged", "write_lines", "atomic_write")}
 FAULTS = ("EIO", "ENOSPC", "cancel")
 LANDED = {"sqlite COMMIT": ("landed",)}  # faults only some operations have, by operation
 
@@ -87,10 +90,13 @@ class Injector:
     def _site(self, op: str) -> Site | None:
         where: list[str] = []
         frame = sys._getframe(2)
-        while frame is not None and len(where) < DEPTH:
+        counted = 0
+        while frame is not None and counted < DEPTH:
             name = frame.f_code.co_filename
             if name.startswith(PACKAGE) and not name.startswith(MOCK):
-                where.append(f"{name[len(PACKAGE) :]}:{frame.f_lineno} {frame.f_code.co_name}")
+                module = name[len(PACKAGE) :]
+                where.append(f"{module}:{frame.f_lineno} {frame.f_code.co_name}")
+                counted += (module, frame.f_code.co_name) not in HELPERS
             frame = frame.f_back
         return Site(op, tuple(where)) if where else None
 
