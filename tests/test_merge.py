@@ -160,7 +160,7 @@ def test_an_id_twice_in_the_shards_is_merged_once_and_said(finished: tuple[Path,
     with (two / "results.jsonl").open("ab") as f:
         f.write(again)
     ledger = Ledger(one / "ledger.sqlite")
-    listed_twice = next(row for row in ledger.failed_rows() if row[2] == "request")
+    listed_twice = next(row for row in ledger.failures() if row[2] == "request")
     ledger.close()
     ledger = Ledger(two / "ledger.sqlite")
     ledger.put("results_offset", (two / "results.jsonl").stat().st_size)

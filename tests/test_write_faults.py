@@ -630,7 +630,7 @@ def test_a_rewrite_that_fails_mid_way_lets_go_of_the_ledger_it_read(
 
     monkeypatch.setattr(Path, "open", opened)
     with pytest.raises(OSError, match="Input/output error") as failed:  # (kept alive, as a run keeps it)
-        write_lines(tmp_path / "errors.jsonl", (record for _, _, record in ledger.failures()))
+        write_lines(tmp_path / "errors.jsonl", (record for *_, record in ledger.failures()))
     monkeypatch.undo()
     ledger.close(commit=False)
     again = Ledger(path)

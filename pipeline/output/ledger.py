@@ -209,13 +209,9 @@ class Ledger:
         self.failed_count = self._count("failed")
         return self.failed_count
 
-    def failures(self) -> Iterator[tuple[int, str, bytes]]:
-        """The error lines errors.jsonl should hold now, in input order: (line, key, record)."""
-        for line, key, record in self._db.execute("SELECT line, key, record FROM failed ORDER BY line, key"):
-            yield int(line), str(key), bytes(record)
-
-    def failed_rows(self) -> Iterator[tuple[int, str, str, bytes]]:
-        """The same, with each line's number, key (see `writer.failure_key`) and kind."""
+    def failures(self) -> Iterator[tuple[int, str, str, bytes]]:
+        """The error lines errors.jsonl should hold now, in input order, each with its line's
+        number, key (see `lines.failure_key`) and kind: (line, key, kind, record)."""
         for line, key, kind, record in self._db.execute(
             "SELECT line, key, kind, record FROM failed ORDER BY line, key"
         ):

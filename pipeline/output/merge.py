@@ -175,7 +175,7 @@ def _errors(shards: list[ShardFolder], index: IdIndex, dropped: Counter[str]) ->
     result is left out (the result wins), and so is a second failure of one key."""
     with contextlib.ExitStack() as opened:
         ledgers = [opened.enter_context(contextlib.closing(Ledger(s.path / LEDGER))) for s in shards]
-        for _line, key, kind, record in heapq.merge(*(ledger.failed_rows() for ledger in ledgers)):
+        for _line, key, kind, record in heapq.merge(*(ledger.failures() for ledger in ledgers)):
             if kind == "request" and index.has_result(key):
                 dropped["failures of ids that are results"] += 1
             elif not index.first_failure(key):

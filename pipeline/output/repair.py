@@ -102,7 +102,7 @@ def repair(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int, int]:
     from the ledger (what is failed now: a killed run had rewritten it, then appended). The
     run is no longer open. Returns (lines indexed, lines cut, failures listed)."""
     indexed, cut = reconcile(folder, ledger, books)
-    listed = write_lines(folder / ERRORS, (record for _, _, record in ledger.failures()), suffix="repair")
+    listed = write_lines(folder / ERRORS, (record for *_, record in ledger.failures()), suffix="repair")
     ledger.put(OPEN_RUN, None)
     ledger.commit()
     return indexed, cut, listed

@@ -302,7 +302,7 @@ class Writer:
         succeeded since, in input order."""
         waiting = {key: (line, record) for key, line, _, record in self._failed}
         gone = set(self._succeeded_keys) | waiting.keys()
-        listed = ((line, key, record) for line, key, record in self.ledger.failures() if key not in gone)
+        listed = ((line, key, record) for line, key, _, record in self.ledger.failures() if key not in gone)
         mine = sorted((line, key, record) for key, (line, record) in waiting.items())
         for _, _, record in heapq.merge(listed, mine):
             yield record
