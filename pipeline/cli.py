@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
-from pipeline.output.device import NO_LOCKS, no_locks, unwritable
+from pipeline.output.device import unwritable
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
@@ -328,9 +328,6 @@ def _report(out: Path) -> int:
         print(f"pipeline report: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, sqlite3.Error) as e:
-        if isinstance(e, OSError) and e.errno in NO_LOCKS:  # to tell whether a run writes there
-            print(f"pipeline report: error: {no_locks(out, e)}", file=sys.stderr)
-            return EXIT_USAGE
         print(f"pipeline report: stopped: {unwritable(out, e, again='to redraw them')}", file=sys.stderr)
         return EXIT_STOPPED
     except RunStopped as e:

@@ -36,8 +36,17 @@ from typing import BinaryIO
 import orjson
 
 from pipeline.errors import FolderBusy, RunStopped, SettingsError
-from pipeline.output.device import NO_LOCKS, no_locks, unwritable
-from pipeline.output.folder import ERRORS, LEDGER, RESULTS, differences, lock_folder, staged, write_lines
+from pipeline.output.device import unwritable
+from pipeline.output.folder import (
+    ERRORS,
+    LEDGER,
+    RESULTS,
+    differences,
+    lock_folder,
+    staged,
+    take_lock,
+    write_lines,
+)
 from pipeline.output.ids import IdIndex
 from pipeline.output.ledger import Ledger
 from pipeline.output.shards import RUNNING, ShardFolder, added, read_shard, repair_shard, shard_folders
@@ -86,9 +95,7 @@ def merging(out: Path, say: Callable[[str], None] = _say) -> Iterator[None]:
     """OUT's merge lock (another merge's is waited for) and its run lock (a run holding it is
     refused): each merge alone in OUT, with its temporary files, and no run writing there."""
     with (out / MERGE_LOCK).open("a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take_lock(f, out):
             say(f"pipeline merge: waiting for another merge of {out} ({_holder(out / MERGE_LOCK)}) to end")
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # a merge takes seconds to minutes: wait
         f.seek(0)
@@ -224,12 +231,10 @@ def merge(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say
 
 
 def merge_or_stop(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say) -> Merged:
-    """`merge`, with a folder that fails it said as the errors commands end on: one that
-    cannot be written stops (`RunStopped`, exit 3: merge again once it can), one whose
-    filesystem gives no locks is wrong (`SettingsError`, exit 2)."""
+    """`merge`, with a folder that cannot be written said as a stop (`RunStopped`, exit 3:
+    merge again once it can). (One whose filesystem gives no locks is refused as the locks are
+    taken, `folder.take_lock`: exit 2.)"""
     try:
         return merge(out, partial=partial, say=say)
     except (OSError, sqlite3.Error) as e:  # each file is replaced whole: nothing half written
-        if isinstance(e, OSError) and e.errno in NO_LOCKS:  # a shard's lock, or OUT's
-            raise SettingsError(no_locks(out, e)) from None
         raise RunStopped(unwritable(out, e, again="to merge"), code="output_unwritable") from None

@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.account.books import Books
 from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
-from pipeline.output.folder import ERRORS, LEDGER, RESULTS
+from pipeline.output.folder import ERRORS, LEDGER, RESULTS, take_lock
 from pipeline.output.ledger import OPEN_RUN, Ledger
 from pipeline.output.repair import mark_prices, repair
 
@@ -54,9 +54,7 @@ def running(folder: Path) -> bool:
     if not lock.exists():
         return False
     with lock.open("a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take_lock(f, folder):
             return True
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     return False
