@@ -84,7 +84,7 @@ def _error_body(raw: bytes) -> tuple[Any, str]:
         body = None
     if body is None or too_deep(raw, body):
         text = raw[:_ERROR_TEXT_LIMIT].decode("utf-8", "replace")
-        return text, " ".join(text.split())[:300]
+        return text, brief(text)
     message = None
     if isinstance(body, dict):
         error = body.get("error")
