@@ -215,7 +215,7 @@ class Client:
             ) from None
         if too_deep(raw, body):
             # Copied into its results line it would nest past what a reader reads back: the
-            # next run's repair would cut it, and buy it again. (A stream: `sse.completion`.)
+            # next run's repair would cut it, and buy it again. (A stream: each chunk, in `sse`.)
             raise MalformedResponse("the answer is nested too deep to be kept", request_id=request_id)
         check_completion(body, request_id=request_id)
         # The body's own bytes go to results.jsonl untouched when they fit on one line.
