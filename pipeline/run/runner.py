@@ -40,6 +40,7 @@ from pipeline.pace.local import Window
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
 from pipeline.run.host import Host
+from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
@@ -50,7 +51,7 @@ from pipeline.run.summary import (
     nothing_to_do,
     pending_lines,
 )
-from pipeline.send.client import START_PATIENCE, Client, check_reachable, open_client, raise_open_files
+from pipeline.send.client import Client, open_client
 from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
