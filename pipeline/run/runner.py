@@ -26,7 +26,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from pipeline.account.books import Books
 from pipeline.account.usage import Usage
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.input.reader import LineParser, ReadCounts, feed
+from pipeline.input.line import LineParser
+from pipeline.input.reader import ReadCounts, feed
 from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
 from pipeline.output.device import unwritable
