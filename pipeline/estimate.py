@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.account.cost import money, price_for, priced
-from pipeline.input.reader import LineParser, ReadCounts, read_requests
+from pipeline.input.line import LineParser
+from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure

@@ -26,7 +26,8 @@ from PIL import Image
 from pipeline.errors import InputError
 from pipeline.input import jsonl
 from pipeline.input.images import encode
-from pipeline.input.reader import LineParser, ReadCounts, read_requests
+from pipeline.input.line import LineParser
+from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.lines import error_line, result_line

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.errors import InputError, SettingsError
 from pipeline.input import jsonl
-from pipeline.input.reader import LineParser, stable_id
+from pipeline.input.line import LineParser
+from pipeline.input.reader import stable_id
 from pipeline.input.source import count_lines, lines
 from pipeline.job import Request
 from pipeline.settings import build

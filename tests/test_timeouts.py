@@ -12,7 +12,7 @@ import orjson
 
 import pipeline
 from pipeline.mock.answers import job_key
-from pipeline.send.client import raise_open_files
+from pipeline.run.preflight import raise_open_files
 from tests.conftest import bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 

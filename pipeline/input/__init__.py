@@ -1,2 +1,3 @@
-"""From input lines to requests: the file or pipe (`reader`, `pipe`), the three line shapes,
-records through a job's template (`template`), token estimates (`tokens`), JSON (`jsonl`)."""
+"""From input lines to requests: the file or pipe (`reader`, `pipe`), one line in any of the
+three shapes (`line`), records through a job's template (`template`), token estimates
+(`tokens`), JSON (`jsonl`)."""

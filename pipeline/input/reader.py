@@ -1,9 +1,8 @@
 """Stream the input file, one line at a time, into requests or input errors.
 
-Three line shapes are accepted (DESIGN.md): an OpenAI Batch API line, a bare request body,
-or, when the job has a `[template]`, a record rendered through it. Every body parameter is
-passed on untouched, unknown ones too. A line without an id gets one derived from its bytes,
-so the same line gets the same id on every run (the n-th identical line gets a `-n` suffix).
+Each line is made a request by `pipeline.input.line`. A line without an id gets one derived
+from its bytes, so the same line gets the same id on every run (the n-th identical line gets
+a `-n` suffix).
 """
 
 from __future__ import annotations
@@ -18,214 +17,16 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.errors import InputError
-from pipeline.input import jsonl
-from pipeline.input.body import check_body, type_name
-from pipeline.input.images import Pending
+from pipeline.input.line import LineParser, Parsed
 from pipeline.input.pipe import PipeLines, is_pipe
 from pipeline.input.shard import Shard
 from pipeline.input.source import lines
-from pipeline.input.template import Place, Template, compile_template
-from pipeline.input.tokens import TokenEstimator, max_completion_tokens
 from pipeline.job import Failure, Outcome, Request
 from pipeline.output.ledger import Ledger
 from pipeline.quote import quote
 from pipeline.run.control import Refill
-from pipeline.settings import Settings
 
-BATCH_URL = "/v1/chat/completions"
 YIELD_EVERY = 64  # lines: a refill of the request buffer does not hold the loop for long
-
-
-@dataclass(slots=True)
-class Parsed:
-    """A line turned into a body, before ids are checked against the run's ledger."""
-
-    body: dict[str, Any] | None  # None until `render` builds it (a record)
-    custom_id: str | None
-    metadata: Any
-    render: Callable[[], tuple[dict[str, Any], list[Pending]]] | None = None
-
-
-def _as_id(value: Any) -> str | None:
-    """An id as a line may write it (a whole number stands for its digits); None if it is not one."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    return value if isinstance(value, str) and value else None
-
-
-class LineParser:
-    """Turns one raw input line into a `Request`, or raises `InputError`."""
-
-    def __init__(self, settings: Settings, *, exact_tokens: bool = False, every_token: bool = False) -> None:
-        self.defaults = dict(settings.request)
-        self.default_model = settings.default_model
-        self.template: Template | None = None
-        if settings.template is not None:
-            self.template = compile_template(settings.template, where=str(settings.job_file))
-        self.base = settings.input.parent
-        # Images must stay under the catalogue's folder: the input's, or the job's image_root.
-        self.image_root = self.base
-        if self.template is not None and self.template.image_root is not None:
-            where = settings.job_file.parent if settings.job_file is not None else Path()
-            self.image_root = where / Path(self.template.image_root).expanduser()
-        self.max_line_bytes = settings.max_line_bytes
-        self.estimator = TokenEstimator(exact=exact_tokens, every=every_token)
-        self.own_model = 0  # lines that name a model of their own, not the job's
-        self.shard = settings.shard
-
-    def _shape(self, obj: dict[str, Any]) -> Parsed:
-        if self.template is not None:
-            template, base, root = self.template, self.base, self.image_root
-
-            def named(error: InputError) -> InputError:
-                name = template.name(obj)
-                if name is not None:
-                    error.message = f"record {quote(name)}: {error.message}"
-                error.metadata = obj
-                return error
-
-            def render() -> tuple[dict[str, Any], list[Pending]]:
-                place = Place(base, root)
-                try:
-                    return {"messages": template.messages_of(obj, place)}, place.images
-                except InputError as e:
-                    raise named(e) from None
-
-            try:
-                custom_id = template.id_of(obj)
-            except InputError as e:
-                raise named(e) from None
-            return Parsed(None, custom_id, obj, render)
-        if "body" in obj and ("url" in obj or "method" in obj or "custom_id" in obj):
-            url = obj.get("url")
-            if url != BATCH_URL:
-                raise InputError(
-                    f"Batch line for url {quote(url)}; only {BATCH_URL} is supported", field="url"
-                )
-            method = obj.get("method", "POST")
-            if method != "POST":
-                raise InputError(
-                    f"Batch line with method {quote(method)}; only POST is supported", field="method"
-                )
-            body = obj["body"]
-            if not isinstance(body, dict):
-                raise InputError(f"'body' is {type_name(body)}; it must be a request object", field="body")
-            check_body(body, "body.")
-            return Parsed(body, obj.get("custom_id"), obj.get("metadata"))
-        if "messages" not in obj:
-            raise InputError(
-                "no 'messages': a line must be a request body, an OpenAI Batch line, "
-                "or a record for a job file with a [template]",
-                field="messages",
-            )
-        check_body(obj)
-        custom_id = obj.pop("custom_id", None)
-        return Parsed(obj, custom_id, obj.get("metadata"))
-
-    def parse(self, raw: bytes) -> Parsed:
-        try:
-            return self._parse(raw)
-        except InputError:
-            raise
-        except Exception as e:
-            raise _unforeseen(e) from e
-
-    def request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
-        try:
-            return self._request(parsed, custom_id=custom_id, line=line)
-        except InputError:
-            raise
-        except Exception as e:
-            raise _unforeseen(e) from e
-
-    def _parse(self, raw: bytes) -> Parsed:
-        obj = jsonl.load_line(raw)
-        if not isinstance(obj, dict):
-            raise InputError(f"line is {type_name(obj)}, not a JSON object", code="not_object")
-        try:
-            parsed = self._shape(obj)
-        except InputError as e:
-            e.custom_id = self._named_id(obj)  # so errors.jsonl ties the bad line to its id
-            raise
-        if parsed.custom_id is not None:
-            custom_id = _as_id(parsed.custom_id)
-            if custom_id is None:
-                raise InputError(
-                    f"custom_id must be a non-empty string, not {quote(parsed.custom_id)}", field="custom_id"
-                )
-            parsed.custom_id = custom_id
-        return parsed
-
-    def _named_id(self, obj: dict[str, Any]) -> str | None:
-        """The id a line names, read as leniently as can be: for a line that is bad anyway."""
-        named: Any = obj.get("custom_id")
-        if self.template is not None:
-            try:
-                named = self.template.id_of(obj)
-            except InputError:
-                return None
-        return _as_id(named)
-
-    def _request(self, parsed: Parsed, *, custom_id: str, line: int) -> Request:
-        body = parsed.body
-        images: list[Pending] = []
-        if body is None:
-            assert parsed.render is not None
-            body, images = parsed.render()
-        own = body.get("model")
-        if own and own != self.default_model:
-            self.own_model += 1
-        if not own and "model" in body:
-            # An empty or null model names none: the job's is sent (sent as it was, while the
-            # line counted as the job's model's, a 404 for it said the job's model was gone,
-            # and every other line of that model failed unsent).
-            body = {key: value for key, value in body.items() if key != "model"}
-        if self.defaults:
-            body = {**self.defaults, **body}
-        model = body.get("model") or self.default_model
-        fallbacks = body.get("models")
-        if not model and isinstance(fallbacks, list) and fallbacks and isinstance(fallbacks[0], str):
-            model = fallbacks[0]  # OpenRouter's fallback list stands in for a model
-        elif not model:
-            raise InputError(
-                'no model: add "model" to the line, or set model in the job file or with --model',
-                field="model",
-            )
-        elif "model" not in body:
-            body = {"model": model, **body}
-        stream = body.get("stream") is True
-        if stream:
-            options = body.get("stream_options")
-            if not isinstance(options, dict) or "include_usage" not in options:
-                # Without it a streamed reply carries no usage, and the run cannot be costed.
-                body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
-        request = Request(
-            custom_id=custom_id,
-            line=line,
-            payload=jsonl.dumps(body),
-            metadata=parsed.metadata,
-            model=str(model),
-            stream=stream,
-        )
-        if images:
-            request.images = images
-        request.prompt_tokens = self.estimator.prompt_tokens(
-            body, {image.marker.decode(): image.tokens for image in images} if images else None
-        )
-        request.max_completion_tokens = max_completion_tokens(body)
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        request.bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        return request
-
-
-def _unforeseen(error: Exception) -> InputError:
-    """What no check above foresaw is still one line's failure, not the end of the run (and
-    of every run after it, reading the same line): said as what it is, a bug to report."""
-    return InputError(
-        f"the reader failed on this line ({type(error).__name__}: {quote(str(error))}); "
-        "the run goes on without it; this is a bug in pipeline worth reporting, with the line",
-        code="reader_error",
-    )
 
 
 def stable_id(raw: bytes) -> str:

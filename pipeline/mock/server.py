@@ -32,7 +32,7 @@ from aiohttp import web
 
 from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
 from pipeline.mock.limits import Limit, Window, charged_tokens, make_limits
-from pipeline.send.client import raise_open_files
+from pipeline.run.preflight import raise_open_files
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
 

@@ -26,7 +26,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from pipeline.account.books import Books
 from pipeline.account.usage import Usage
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.input.reader import LineParser, ReadCounts, feed
+from pipeline.input.line import LineParser
+from pipeline.input.reader import ReadCounts, feed
 from pipeline.input.source import check_input, count_lines
 from pipeline.job import Outcome, Request
 from pipeline.output.device import unwritable
@@ -40,6 +41,7 @@ from pipeline.pace.local import Window
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Control, Crew, Refill
 from pipeline.run.host import Host
+from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
@@ -50,7 +52,7 @@ from pipeline.run.summary import (
     nothing_to_do,
     pending_lines,
 )
-from pipeline.send.client import START_PATIENCE, Client, check_reachable, open_client, raise_open_files
+from pipeline.send.client import Client, open_client
 from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
