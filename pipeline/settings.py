@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.errors import SettingsError
+from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
 
@@ -280,6 +280,14 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         request.pop("model", None)  # the flag beats the job file (a line's own model beats both)
     if "messages" in request:
         raise SettingsError(f"{where}: [request] cannot set 'messages'; they come from each line")
+    # The defaults go into every body after the line is checked: checked here, once, as a
+    # line's own fields are, they are a settings error, not a crash on every line.
+    from pipeline.input.body import check_body
+
+    try:
+        check_body({**request, "messages": [{"role": "user"}]}, "[request] ")
+    except InputError as e:
+        raise SettingsError(f"{where}: {e.message}") from None
     values["request"] = MappingProxyType(request)
     values["warnings"] = tuple(
         f"{where}: [request] '{key}' is not a parameter the API knows; did you mean '{near}'? "

@@ -81,3 +81,25 @@ def test_the_key_is_not_kept_in_settings(tmp_path: Path, monkeypatch: pytest.Mon
     s = build(input="a", output="b", api_key_env="MY_KEY")
     assert s.api_key() == "sk-very-secret-value-123"
     assert "sk-very-secret" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("request_table", "said"),
+    [
+        ('stream_options = "x"', "'[request] stream_options' must be an object, not 'x'"),
+        ('max_tokens = "60"', "'[request] max_tokens' must be a whole number, not '60'"),
+        ("stream = 1", "'[request] stream' must be true or false, not 1"),
+    ],
+)
+def test_request_defaults_of_a_wrong_type_are_a_settings_error(
+    tmp_path: Path, request_table: str, said: str
+) -> None:
+    # Merged into every body after the line is checked, they crashed every line that met them
+    # ("reader_error ... a bug in pipeline"): now the job file is refused, naming the key.
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "hi"}], "stream": true}\n')
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "in.jsonl"\n[request]\n{request_table}\n')
+    with pytest.raises(SettingsError) as refused:
+        build(job)
+    assert said in str(refused.value)
