@@ -1,2 +1,4 @@
-"""The output folder: results and errors files (`writer`), the folder's lock, fresh start and
-repair after a crash (`folder`), the index of ids done (`ledger`)."""
+"""The output folder: results and errors files (`writer`, their lines in `lines`), the folder's
+lock and fresh start (`folder`), the repair after a crash (`repair`), the index of ids done
+(`ledger`), what to say when it cannot be written (`device`), shards merged (`merge`,
+`shards`, `ids`)."""
