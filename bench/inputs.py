@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,29 +98,28 @@ def input_ids(path: Path) -> set[str]:
     return {str(doc["custom_id"]) for doc in _lines(path)}
 
 
-def mean_token_cost(path: Path, sample: int = 2000, *, count_as: str = "usage") -> float:
-    """Tokens the mock's --tpm limit counts per request, counted its `count_as` way: what the
-    answer uses (prompt + completion), or the prompt and max_tokens on arrival."""
+def _mean(path: Path, tokens: Callable[[dict[str, Any]], float], sample: int) -> float:
+    """The mean of `tokens` over the first `sample` requests of the input."""
     total = count = 0.0
     for doc in _lines(path):
-        total += charged_tokens(doc, count=count_as)
+        total += tokens(doc)
         count += 1
         if count == sample:
             break
     return total / max(count, 1)
+
+
+def mean_token_cost(path: Path, sample: int = 2000, *, count_as: str = "usage") -> float:
+    """Tokens the mock's --tpm limit counts per request, counted its `count_as` way: what the
+    answer uses (prompt + completion), or the prompt and max_tokens on arrival."""
+    return _mean(path, lambda doc: charged_tokens(doc, count=count_as), sample)
 
 
 def mean_reservation(path: Path, sample: int = 2000) -> float:
     """Tokens pipeline reserves of a token limit per request: its prompt estimate (exact, as
     with --tpm) and max_tokens."""
     estimator = TokenEstimator()
-    total = count = 0.0
-    for doc in _lines(path):
-        total += estimator.prompt_tokens(doc) + max_completion_tokens(doc)
-        count += 1
-        if count == sample:
-            break
-    return total / max(count, 1)
+    return _mean(path, lambda doc: estimator.prompt_tokens(doc) + max_completion_tokens(doc), sample)
 
 
 def _completion(doc: dict[str, Any]) -> dict[str, Any] | None:

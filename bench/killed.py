@@ -37,10 +37,12 @@ from pathlib import Path
 
 import orjson
 
+from bench.cluster import _env
 from bench.inputs import input_file, input_ids
 from bench.mock import PIPELINE, MockFlags, running_mock
 from bench.report import Check, ScenarioResult
 from bench.scenarios import Done, Options
+from pipeline.cluster.nodes import PROBE
 from pipeline.cluster.shard import MARK
 from pipeline.mock.answers import job_key
 
@@ -52,7 +54,6 @@ SHARDS = 4
 RUN_WINDOW = (1.0, 12.0)  # seconds after the start: when a kill during the run falls
 MERGE_WINDOW = 0.3  # seconds after the merge began: when a kill at the merge falls
 RUN_TIMEOUT = 600.0
-FAKE_KEY = "bench-fake-key"
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -82,11 +83,6 @@ class Outcome:
     bought_again: int = 0  # written after a kill, answered again later
     attempts: int = 0
     wall: float = 0.0
-
-
-def _env(tmp: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return env | {"LUMENFALL_API_KEY": FAKE_KEY, "RAY_TMPDIR": tmp}
 
 
 @contextmanager
@@ -126,12 +122,17 @@ def _ids(path: Path) -> Iterator[str]:
                 yield orjson.loads(line)["custom_id"]
 
 
+def _repeated(counts: Counter[str]) -> int:
+    """Ids counted more than once."""
+    return sum(1 for c in counts.values() if c > 1)
+
+
 def _shards(out: Path) -> tuple[int, set[str]]:
     """Ids with two whole result lines in one shard folder, and the ids with one."""
     twice, written = 0, set()
     for folder in out.glob("shard-*-of-*"):
         counts = Counter(_ids(folder / "results.jsonl"))
-        twice += sum(1 for c in counts.values() if c > 1)
+        twice += _repeated(counts)
         written |= counts.keys()
     return twice, written
 
@@ -150,10 +151,13 @@ def _merged(out: Path) -> tuple[Counter[str], Counter[str]]:
     return Counter(_ids(out / "results.jsonl")), Counter(_ids(out / "errors.jsonl"))
 
 
+def _twice(results: Counter[str], errors: Counter[str]) -> tuple[int, int]:
+    """Ids twice in one of the merged files, and ids both a result and an error."""
+    return _repeated(results) + _repeated(errors), len(results.keys() & errors.keys())
+
+
 def _merged_twice(out: Path) -> int:
-    results, errors = _merged(out)
-    twice = sum(1 for c in results.values() if c > 1) + sum(1 for c in errors.values() if c > 1)
-    return twice + len(results.keys() & errors.keys())
+    return sum(_twice(*_merged(out)))
 
 
 def _top(out: Path) -> dict[str, float]:
@@ -163,7 +167,7 @@ def _top(out: Path) -> dict[str, float]:
         for entry in out.iterdir():
             # Not the shards' folders, nor what the driver writes as it starts: its token
             # (MARK) and the nodes' probes (.pipeline-probe-*).
-            if not entry.name.startswith(("shard-", MARK, ".pipeline-probe-")):
+            if not entry.name.startswith(("shard-", MARK, PROBE)):
                 with suppress(FileNotFoundError):
                     found[entry.name] = entry.stat().st_mtime
     return found
@@ -198,7 +202,7 @@ def _run(opts: Options, rng: random.Random) -> Outcome:
     n = max(SHARDS * 10, round(REQUESTS * opts.scale))
     source = input_file(opts.out / "inputs", n)
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay short
-    env = _env(ray_tmp)
+    env = _env(RAY_TMPDIR=ray_tmp)
     began = time.monotonic()
     try:
         flags = MockFlags(latency_ms=200, jitter_ms=800, fail_rate=0.1, rpm=RPM)
@@ -249,8 +253,7 @@ def _run(opts: Options, rng: random.Random) -> Outcome:
     results, errors = _merged(out)
     expected = input_ids(source)
     got.results, got.errors = len(results), len(errors)
-    got.twice = sum(1 for c in results.values() if c > 1) + sum(1 for c in errors.values() if c > 1)
-    got.both = len(results.keys() & errors.keys())
+    got.twice, got.both = _twice(results, errors)
     got.lost = len(expected - results.keys() - errors.keys())
     got.extra = len((results.keys() | errors.keys()) - expected)
     got.answered_twice = int(stats.get("answered_twice", 0))

@@ -305,10 +305,11 @@ def tpm(opts: Options, done: Done) -> ScenarioResult:
     load = os.getloadavg()
     input = input_file(opts.out / "inputs", opts.rate_requests)
     reserved = mean_reservation(input)
+    costs = {count: mean_token_cost(input, count_as=count) for count in ("arrival", "usage")}
     runs, limits, checks = [], {}, []
     for count, naive in (("arrival", True), ("usage", False)):
         flags = MockFlags(latency_ms=LATENCY_MS, tpm=TPM, tpm_count=count)
-        cost = mean_token_cost(input, count_as=count)
+        cost = costs[count]
         given = Client(name=f"pipeline --tpm {TPM:g}, {count}", kind="pipeline", tpm=TPM)
         for client in (given, NAIVE) if naive else (given,):
             runs.append(_run(f"tpm-{count}", opts, client, input, flags))
@@ -319,7 +320,7 @@ def tpm(opts: Options, done: Done) -> ScenarioResult:
         f"{opts.rate_requests:,} requests, concurrency {opts.concurrency}, mock: latency {LATENCY_MS:g} ms, "
         f"--tpm {TPM:g} counted per second on arrival (prompt + max_tokens), then as answers use them"
     )
-    charged, used = mean_token_cost(input, count_as="arrival"), mean_token_cost(input, count_as="usage")
+    charged, used = costs["arrival"], costs["usage"]
     notes = [
         f"limit: {TPM / 60:,.0f} tokens a second; the mock counts a request {charged:.1f} on arrival"
         f" (a prompt at 4 characters a token), its answer uses {used:.1f}: {TPM / 60 / charged:.1f} or"

@@ -14,6 +14,7 @@ import orjson
 
 PRICE_PROMPT = 0.50  # dollars per million tokens
 PRICE_COMPLETION = 1.50
+ANSWER_MAX = 64  # tokens an answer may use when the request sets no max_tokens
 WORDS = [
     "calm",
     "quiet",
@@ -59,6 +60,11 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     return len(text_of(messages)) // 4 + 4 * count + 3
 
 
+def answer_limit(body: dict[str, Any]) -> Any:
+    """The most tokens an answer to `body` may use, as the request sets it (unchecked)."""
+    return body.get("max_completion_tokens") or body.get("max_tokens") or ANSWER_MAX
+
+
 def _instance(schema: Any, h: int, path: str = "") -> Any:
     """A value that satisfies a (simple) JSON schema, chosen deterministically from `h`."""
     if not isinstance(schema, dict):
@@ -98,8 +104,7 @@ def _content(body: dict[str, Any], h: int, index: int) -> tuple[str, int]:
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
         text = orjson.dumps({"answer": WORDS[h % len(WORDS)]}).decode()
         return text, max(len(text) // 4, 1)
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 64
-    n_words = max(1, min(int(limit), 12 + (h + index) % 24))
+    n_words = max(1, min(int(answer_limit(body)), 12 + (h + index) % 24))
     words = [WORDS[(h + i * 7 + index) % len(WORDS)] for i in range(n_words)]
     text = " ".join(words).capitalize() + "."
     stops = body.get("stop")

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.mock.answers import completion, estimate_tokens
+from pipeline.mock.answers import ANSWER_MAX, answer_limit, completion, estimate_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,17 +122,15 @@ class Quota:
 
 STYLES = ("second", "minute", "bucket")
 COUNTS = ("usage", "arrival")  # how a token limit counts a request (see the module's text)
-ANSWER_MAX = 64  # tokens a mock answer may use when the request sets no max_tokens
 
 
 def charged_tokens(body: dict[str, Any], *, count: str) -> float:
     """What a request counts against a token limit, counted the `count` way."""
     if count == "usage":
         return float(completion(body, cost=False)["usage"]["total_tokens"])
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or ANSWER_MAX
     n = body.get("n") or 1
     try:
-        return float(estimate_tokens(body) + int(limit) * max(int(n), 1))
+        return float(estimate_tokens(body) + int(answer_limit(body)) * max(int(n), 1))
     except (TypeError, ValueError):
         return float(estimate_tokens(body) + ANSWER_MAX)
 

@@ -67,9 +67,7 @@ class Outage:
         self.say = say
         self.down = False
         self.outages = 0  # times the endpoint went down in this run
-        self.pauses = 0  # pauses taken for it
-        self._since = 0.0  # when it went down: its first failure in a row
-        self._first = 0.0
+        self._since = 0.0  # the streak's first failure: when it went down, once it is
         self._pause = PAUSE
         self._probes_from = 0  # requests sent from here on left after the last pause began
         self._window: tuple[float, float] = (0.0, 0.0)  # the window's size before, to give back
@@ -98,7 +96,7 @@ class Outage:
         self.out -= 1
         self._streak += 1
         if self._streak == 1:
-            self._first = now
+            self._since = now
             self._before, self._outstanding, self._failed_before = self.log.next, self.out, 0
             self._who.clear()
         elif ticket < self._before:
@@ -113,11 +111,10 @@ class Outage:
         if (
             self._streak >= MIN
             and nobody
-            and (self._failed_before >= self._outstanding or now - self._first >= QUIET)
+            and (self._failed_before >= self._outstanding or now - self._since >= QUIET)
         ):
             self.down = True
             self.outages += 1
-            self._since = self._first
             self._pause = PAUSE
             self._window = self.window.cut(PROBES)
             self._hold(now)
@@ -140,7 +137,6 @@ class Outage:
         """Pause the pool; the next requests to leave are the probes."""
         left = self._since + self.give_up - now
         self.pacer.pause(max(min(self._pause, left), 0.0))
-        self.pauses += 1
         self._probes_from = self.log.next
 
     def _up(self) -> None:

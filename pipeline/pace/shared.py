@@ -109,7 +109,6 @@ class SharedPacer(Pacer):
         self._solo_until = 0.0  # just back: no faster than alone till then
         self._wake = asyncio.Event()
         super().__init__(request_rate=request_rate, token_rate=token_rate)
-        self._free = False  # given or not, every start is leased (before a limit is found, at the ramp's)
 
     # -- what the rate finder and the gate see: the account's rates ----------------------------
 
@@ -197,6 +196,7 @@ class SharedPacer(Pacer):
         self._request_interval = 1.0 / share if share else 0.0
         self._token_rate = self.given_tokens / max(self.members, 1)
         self._leases.rate = self.given_tokens
+        # Given or not, every start is leased (before a limit is found, at the ramp's).
         self._free = not (self.shared or self.given_tokens or (self._booting and not self.alone))
         self._reschedule()
 
@@ -377,10 +377,9 @@ class SharedPacer(Pacer):
             # The local clocks start now: left at their last use, they would let every
             # waiter go at once to catch up.
             now = self._now()
-            share = self.shared / max(self.members, 1)
-            gap = 1.0 / share if share else 0.0
-            # Alone, the next start keeps its distance from the last leased one.
-            self._next_request = max(self._next_request, now, self._last_start + gap)
+            # Alone, the next start keeps its distance from the last leased one (`_apply`
+            # keeps the interval at our share).
+            self._next_request = max(self._next_request, now, self._last_start + self._request_interval)
             self._next_token = max(self._next_token, now)
             self.say(
                 f"pipeline: the shared limit's store {self.shown} cannot be reached "
