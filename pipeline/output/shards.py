@@ -70,9 +70,11 @@ def shard_folders(out: Path) -> list[tuple[Path, int, int]]:
     return found
 
 
-def _lines(path: Path) -> tuple[int, bool]:
-    """How many lines a file holds, and whether its last one is whole."""
+def lines_in(path: Path) -> tuple[int, bool]:
+    """How many lines a file holds (none: no file), and whether its last one is whole."""
     count, last = 0, b"\n"
+    if not path.exists():
+        return count, True
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             count += chunk.count(b"\n")
@@ -93,7 +95,7 @@ def _killed(path: Path, ledger: Ledger) -> str | None:
     size = _size(path / RESULTS)
     if size > offset:
         return f"its results.jsonl is {size:,} bytes where its index ends at {offset:,} (a run killed?)"
-    lines, whole = _lines(path / ERRORS) if (path / ERRORS).exists() else (0, True)
+    lines, whole = lines_in(path / ERRORS)
     if (lines, whole) != (ledger.failed_count, True):
         return (
             f"its errors.jsonl holds {lines:,} lines{'' if whole else ' and a torn one'} where its "
@@ -110,7 +112,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
         if (path / RESULTS).exists() or (path / ERRORS).exists():
             # Moved or deleted: a run rebuilds it from results.jsonl (and tries again the lines
             # that had failed, which only the ledger listed).
-            results, _ = _lines(path / RESULTS) if (path / RESULTS).exists() else (0, True)
+            results, _ = lines_in(path / RESULTS)
             shard.problem = (
                 f"has lost its ledger.sqlite (results.jsonl holds {results:,} lines): {shard.again()}"
             )

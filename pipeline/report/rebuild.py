@@ -14,19 +14,9 @@ from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.output.merge import merging
-from pipeline.output.shards import added, find_shards, running, shard_folders
+from pipeline.output.shards import added, find_shards, lines_in, running, shard_folders
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
-
-
-def _lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    count = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-    return count
 
 
 def _folder(out: Path) -> tuple[Usage, dict[str, Any]]:
@@ -40,8 +30,8 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any]]:
         ledger.close()
     last = usage.runs[-1] if usage.runs else {}
     state = {
-        "succeeded": _lines(out / "results.jsonl"),
-        "failed": _lines(out / "errors.jsonl"),
+        "succeeded": lines_in(out / "results.jsonl")[0],
+        "failed": lines_in(out / "errors.jsonl")[0],
         "pending": last.get("pending"),
         "lines": last.get("lines"),
     }
@@ -63,8 +53,8 @@ def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
     usage, pending, lines = added(shards)
     folders = [out] if (out / "results.jsonl").exists() else [s.path for s in shards]
     state = {
-        "succeeded": sum(_lines(f / "results.jsonl") for f in folders),
-        "failed": sum(_lines(f / "errors.jsonl") for f in folders),
+        "succeeded": sum(lines_in(f / "results.jsonl")[0] for f in folders),
+        "failed": sum(lines_in(f / "errors.jsonl")[0] for f in folders),
         "pending": pending,
         "lines": lines,
     }
