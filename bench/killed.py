@@ -129,7 +129,7 @@ def _repeated(counts: Counter[str]) -> int:
 
 def _shards(out: Path) -> tuple[int, set[str]]:
     """Ids with two whole result lines in one shard folder, and the ids with one."""
-    twice, written = 0, set()
+    twice, written = 0, set[str]()
     for folder in out.glob("shard-*-of-*"):
         counts = Counter(_ids(folder / "results.jsonl"))
         twice += _repeated(counts)
