@@ -1,6 +1,6 @@
-"""Limits that move: a rise nobody states is found within half a minute, and probing for a
-rise that did not happen costs a refusal or two a minute; on a simulated server and a fake
-clock (`tests.simulated`), minutes of traffic in milliseconds."""
+"""Limits that move: a rise nobody states is found within half a minute, a drop within two
+seconds, and probing for a rise that did not happen costs a refusal or two a minute; on a
+simulated server and a fake clock (`tests.simulated`), minutes of traffic in milliseconds."""
 
 from __future__ import annotations
 
@@ -50,6 +50,36 @@ def test_probing_a_steady_limit_costs_a_refusal_or_two_a_minute(limit: int, most
     served = simulate(f, clock, [per_second(limit)], seconds=300)
     assert served.refusals(1060, 1300) <= most
     assert served.rate(1060, 1300) >= 0.96 * limit
+
+
+def test_a_drop_after_a_rise_is_followed_within_two_seconds() -> None:
+    f, clock = finder()
+    limit = per_second(20)
+
+    def rise() -> None:
+        limit.requests = 50
+
+    def drop() -> None:
+        limit.requests = 20
+
+    served = simulate(f, clock, [limit], seconds=115, changes=[(60, rise), (100, drop)])
+    assert all(18 <= rate <= 20 for rate in each_second(served, 1100, range(2, 15)))
+
+
+def test_a_limit_read_again_then_full_is_read_from_one_moment() -> None:
+    # A limit a probe raised is a guess: the first refusal at its pace reads it again, with
+    # no pause. When that refusal is the first of a run (the limit fell), the run is the same
+    # moment the server was full, not a second one with nothing let through between them.
+    f, clock = finder()
+    limit = per_second(50)
+    simulate(f, clock, [limit], seconds=20)
+    f.capacity.sure = False
+
+    def drop() -> None:
+        limit.requests = 20
+
+    served = simulate(f, clock, [limit], seconds=15, changes=[(3, drop)])
+    assert all(18 <= rate <= 20 for rate in each_second(served, 1023, range(2, 12)))
 
 
 def test_a_buckets_savings_passed_for_a_rise_cost_little() -> None:
