@@ -104,6 +104,7 @@ class Admission:
         self.refused_per_second: Counter[int] = Counter()
         self.accepted: dict[str, Counter[int]] = {}  # by model, by second
         self.refused: Counter[str] = Counter()  # by model
+        self.span: dict[str, tuple[float, float]] = {}  # by model: its first and last accepted
 
     @property
     def window(self) -> Window | None:
@@ -141,6 +142,7 @@ class Admission:
             admitted.append(limit)
         self.accepted_per_second[int(now)] += 1
         self.accepted.setdefault(model, Counter())[int(now)] += 1
+        self.span[model] = (self.span.get(model, (now, now))[0], now)
         return None
 
     def stats(self) -> dict[str, Any]:
@@ -149,6 +151,8 @@ class Admission:
                 "accepted": sum(seconds.values()),
                 "refused": self.refused[model],
                 "accepted_per_second": {str(k): v for k, v in sorted(seconds.items())},
+                "first_accepted": self.span[model][0],
+                "last_accepted": self.span[model][1],
             }
             for model, seconds in self.accepted.items()
             if model
@@ -156,6 +160,7 @@ class Admission:
         for model, refused in self.refused.items():
             if model and model not in models:
                 models[model] = {"accepted": 0, "refused": refused, "accepted_per_second": {}}
+                models[model] |= {"first_accepted": None, "last_accepted": None}
         return {
             "first_request": self.first,
             "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
