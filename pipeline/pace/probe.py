@@ -13,22 +13,24 @@ loss was seen:
 It starts at the pace the finder holds (HOLD of the limit, t = 0), flattens as it reaches
 the limit (t = K) and lingers there, so that a probe of a limit that did not move crosses it
 slowly, by a percent or two, and is refused for a request or two; past it, the longer
-nothing is refused, the faster it climbs (about 16 % a second at most), so that a limit that
+nothing is refused, the faster it climbs (18 % a second at most), so that a limit that
 rose 2.5 times is reached in a quarter of a minute.
 
 A refusal above the limit known sends the pace back to it at once (the finder's doing), and
-the next probe waits: SETTLE seconds at least, and at least EVERY requests, so that a
-steady limit costs a refusal or two a minute at 3,000 a minute (at most one in EVERY of
-the requests at low rates), and a rise is found within SETTLE + K + 11 seconds at 20 a
-second and more. A bucket that refills continuously lets a probe through on what the pace
-under its refill left in it, then refuses: the finder raises the limit to what got through
-and reads it again at the first refusal.
+the next probe waits: SETTLE seconds at least, and EVERY requests for each refusal the probe
+cost (its own, and those in the TAIL seconds after: the rest of a server's second, a bucket
+read again), so that probing spends about one request in EVERY at most: a refusal or two a
+minute at 3,000 a minute. A rise is found within SETTLE + K + 11 seconds at 20 a second and
+more, a refusal costing no more than SETTLE seconds there. A bucket that refills
+continuously lets a probe through on what the pace under its refill left in it, then
+refuses: the finder takes what got through for the limit, and reads it again at the first
+refusal at that pace.
 """
 
 from __future__ import annotations
 
 SETTLE = 10.0  # seconds at a pace before probing above it
-EVERY = 200  # requests at least between two probes: at most one refusal in 200 spent probing
+EVERY = 200  # requests the next probe waits for each refusal the last one cost
 K = 3.0  # seconds for the probe to reach the limit known from the pace held under it
 MAX_STEP = 1.5  # seconds of the curve a call may advance (the pace did not bind in between)
 TAIL = 2.0  # seconds after a refused probe whose refusals it is charged for
@@ -47,10 +49,6 @@ class Probe:
         self._tail = 0.0  # refusals until then are the last probe's
         self._every = 0.0  # seconds of EVERY requests at the pace it went back to
 
-    @property
-    def probing(self) -> bool:
-        return self._base is not None
-
     def settle(self, now: float) -> None:
         """A new pace: hold it SETTLE seconds (or as a refused probe said) before probing."""
         self.after = max(self.after, now + SETTLE)
@@ -59,9 +57,8 @@ class Probe:
     def refused(self, now: float, rate: float) -> None:
         """A probe above the limit was refused; the pace goes back to `rate`, and stays
         there for SETTLE seconds, and EVERY requests for each refusal the probe cost."""
-        if (
-            self._base is not None
-        ):  # in requests at the pace held before it (a bucket's savings pass for more)
+        if self._base is not None:
+            # Requests at the pace held before it: a bucket's savings may have passed for more.
             rate = min(rate, self._base * self.hold)
         self._base = None
         self._tail = now + TAIL
