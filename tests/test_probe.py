@@ -42,6 +42,28 @@ def test_a_limit_that_rises_is_used_within_half_a_minute(
     assert served.share_refused <= 0.01
 
 
+def test_a_probe_refused_past_a_risen_limit_reads_the_servers_second() -> None:
+    # The probe passes 50 a second in the middle of one of the server's seconds, which then
+    # fills. The second before the refusal holds the end of the one before too (56 let
+    # through); the server's own, up to when it says it has room again, holds its 50.
+    f, clock = finder()
+    limit = per_second(20)
+    found: list[float] = []
+    pace = f.pacer.set_request_rate
+
+    def rise() -> None:
+        limit.requests = 50
+
+    def paced(rate: float | None) -> None:
+        found.append(f.limit or 0.0)
+        pace(rate)
+
+    f.pacer.set_request_rate = paced  # type: ignore[method-assign]
+    served = simulate(f, clock, [limit], seconds=100, changes=[(60, rise)])
+    assert next(read for read in found if read > 21) == 50
+    assert served.refusals(1060, 1100) <= 3
+
+
 @pytest.mark.parametrize(("limit", "most"), [(50, 5 * 4), (10, 10 * 60 * 4 // EVERY)])
 def test_probing_a_steady_limit_costs_a_refusal_or_two_a_minute(limit: int, most: int) -> None:
     # Four minutes after the first: at most 5 refusals a minute at 3,000 a minute, and at

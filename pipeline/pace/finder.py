@@ -286,15 +286,15 @@ class RateFinder:
         # it counted is the one before that, not the one before the refusal, which spans two
         # of its seconds and reads too high. Until then it refuses whatever is sent: the
         # pool waits, or the refusals make a run that reads that too-high second.
-        short = wait is not None and wait < 1.0
-        count, _ = self.log.accepted(at + wait - 1.0 if wait is not None and short else at - 1.0, ticket)
+        rest = wait if wait is not None and wait < 1.0 else 0.0
+        count, _ = self.log.accepted(at + rest - 1.0, ticket)
         if min(count, current) > self.limit:
             self.limit = min(float(count), current)
             self.capacity.sure = False
         hold = self.limit * HOLD
         self.pacer.set_request_rate(hold)
-        if wait is not None and short:
-            self.pacer.pause(wait)
+        if rest:
+            self.pacer.pause(rest)
         self.probe.refused(now, hold)
         self.cuts += 1
         self._new_epoch(now)
