@@ -4,6 +4,8 @@ its wait. The mock's limits read a fake clock here, so nothing waits."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -47,12 +49,12 @@ class Client:
 
 
 @pytest.fixture
-async def client(mock: Any) -> Any:
-    """`async with client(**mock_config) as (send, server)`, the mock on a fake clock `.clock`."""
-    from contextlib import asynccontextmanager
+def client(mock: Any) -> Callable[..., AbstractAsyncContextManager[tuple[Client, Any]]]:
+    """`async with client(**mock_config) as (c, server)`: the mock, on a fake clock unless
+    `clock=` is given, and a client of it."""
 
     @asynccontextmanager
-    async def started(**config: Any) -> Any:
+    async def started(**config: Any) -> AsyncIterator[tuple[Client, Any]]:
         config.setdefault("clock", Clock())
         async with mock(record=False, **config) as (url, server), aiohttp.ClientSession() as session:
             yield Client(url, session), server
