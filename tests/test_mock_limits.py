@@ -89,6 +89,20 @@ async def test_a_models_limit_refuses_its_requests_only_and_names_the_model(clie
     assert stats["models"][PAID]["refused"] == 2
 
 
+async def test_a_limit_under_one_a_second_counted_per_second_lets_one_through_every_few(
+    client: Any,
+) -> None:
+    # OpenRouter's :free models allow 20 a minute: one request every third second.
+    clock = Clock(999.0)
+    async with client(model_rpm={FREE: 20}, clock=clock) as (c, server):
+        for _ in range(9):
+            clock.now += 1
+            await c.statuses(2, FREE)
+        stats = server.state.stats()
+    assert stats["models"][FREE]["accepted"] == 3
+    assert set(stats["models"][FREE]["accepted_per_second"].values()) == {1}
+
+
 async def test_a_request_the_account_refuses_does_not_count_against_its_model(client: Any) -> None:
     # One request a minute for the account, two for FREE, each a bucket holding a minute.
     async with client(rpm=1, model_rpm={FREE: 2}, limit_style="bucket") as (c, _):
