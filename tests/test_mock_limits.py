@@ -4,6 +4,8 @@ its wait. The mock's limits read a fake clock here, so nothing waits."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -47,12 +49,12 @@ class Client:
 
 
 @pytest.fixture
-async def client(mock: Any) -> Any:
-    """`async with client(**mock_config) as (send, server)`, the mock on a fake clock `.clock`."""
-    from contextlib import asynccontextmanager
+def client(mock: Any) -> Callable[..., AbstractAsyncContextManager[tuple[Client, Any]]]:
+    """`async with client(**mock_config) as (c, server)`: the mock, on a fake clock unless
+    `clock=` is given, and a client of it."""
 
     @asynccontextmanager
-    async def started(**config: Any) -> Any:
+    async def started(**config: Any) -> AsyncIterator[tuple[Client, Any]]:
         config.setdefault("clock", Clock())
         async with mock(record=False, **config) as (url, server), aiohttp.ClientSession() as session:
             yield Client(url, session), server
@@ -85,6 +87,20 @@ async def test_a_models_limit_refuses_its_requests_only_and_names_the_model(clie
     }
     assert stats["models"][PAID]["accepted"] == 8
     assert stats["models"][PAID]["refused"] == 2
+
+
+async def test_a_limit_under_one_a_second_counted_per_second_lets_one_through_every_few(
+    client: Any,
+) -> None:
+    # OpenRouter's :free models allow 20 a minute: one request every third second.
+    clock = Clock(999.0)
+    async with client(model_rpm={FREE: 20}, clock=clock) as (c, server):
+        for _ in range(9):
+            clock.now += 1
+            await c.statuses(2, FREE)
+        stats = server.state.stats()
+    assert stats["models"][FREE]["accepted"] == 3
+    assert set(stats["models"][FREE]["accepted_per_second"].values()) == {1}
 
 
 async def test_a_request_the_account_refuses_does_not_count_against_its_model(client: Any) -> None:

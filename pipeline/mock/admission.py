@@ -117,8 +117,9 @@ class Admission:
         while self.changes and self.changes[0][1] <= now - self.first:
             model, _, rpm = self.changes.pop(0)
             limits = self.models.get(model, []) if model else self.account
-            if limits and isinstance(limits[0], Window | Bucket):  # the first counts requests
-                limits[0].set_rpm(rpm)
+            first = limits[0] if limits else None  # make_limits puts the one counting requests first
+            if isinstance(first, Window) or (isinstance(first, Bucket) and first.kind == "requests"):
+                first.set_rpm(rpm)
 
     def admit(self, body: dict[str, Any]) -> tuple[str, dict[str, str]] | None:
         """None when the request may go; else the 429's message and headers."""

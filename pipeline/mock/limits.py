@@ -22,6 +22,7 @@ answer is made: a refusal comes back at once, while an answer takes as long as t
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,7 +68,7 @@ class Window:
     def admit(self, now: float, tokens: float) -> Refusal | None:
         self._roll(now)
         wait = max((self.index + 1) * self.length - now, 0.001)
-        if self.requests is not None and self.used_requests + 1 > self.requests:
+        if self.requests is not None and self.used_requests + 1 > self._allowed():
             return Refusal(wait, f"Rate limit reached for {self.scope}requests")
         # Tokens as `charged_tokens` counts them. A lone request bigger than a window still goes.
         if self.tokens is not None and self.used_tokens + tokens > self.tokens and self.used_tokens > 0:
@@ -75,6 +76,14 @@ class Window:
         self.used_requests += 1
         self.used_tokens += tokens
         return None
+
+    def _allowed(self) -> float:
+        """Requests this window lets through: a fraction a window (20 a minute counted per
+        second) is spread over the windows, one every third second, rather than none at all."""
+        r = self.requests or 0.0
+        if r == int(r):
+            return r
+        return math.floor((self.index + 1) * r) - math.floor(self.index * r)
 
     def undo(self, tokens: float) -> None:
         self.used_requests -= 1
