@@ -146,12 +146,22 @@ class RateFinder:
         for j in range(BUCKETS):
             self._ok[j] = self._back[j] = self._all[j] = 0
 
-    def sent(self) -> int:
-        """A request leaves now; returns its ticket, for its answer to bring back."""
+    def sent(self, tag: int = 0) -> int:
+        """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
+        answer to bring back."""
         now = self.clock()
         self.pacer.sent(now)
         self.outage.sent()
-        return self.log.send(now)
+        return self.log.send(now, tag)
+
+    def forget(self) -> None:
+        """The limit read here was one model's, which has a scope of its own now: back to the
+        pace given or stated (none, else), and no pause, as if its refusals had not come."""
+        self.limit = None
+        self.capacity = Capacity(self.log)
+        self.pacer.set_request_rate(self.ceiling)
+        self.pacer.unpause()
+        self._new_epoch(self.clock())
 
     # -- answers -------------------------------------------------------------------------------
 

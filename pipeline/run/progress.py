@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any, Never, TextIO
 import anyio
 
 from pipeline.account.cost import money
+from pipeline.quote import quote
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from pipeline.account.timeline import Paces
     from pipeline.account.usage import Usage
     from pipeline.input.reader import ReadCounts
     from pipeline.job import Failure
@@ -63,6 +65,7 @@ class Progress:
         self.started = time.monotonic()
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
+        self.paces: Paces | None = None  # the same, for each model with a pace of its own
         self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
@@ -125,6 +128,14 @@ class Progress:
             _, rate, kind, _ = self.sample()
             if rate:
                 pace = f"pace {rate * 60:,.0f}/min ({kind})"
+        scoped = self.paces() if self.paces is not None else {}
+        if any(rate for rate, _, _ in scoped.values()):
+            models = [
+                f"pace {rate * 60:,.0f}/min ({kind}) for {quote(model)}"
+                for model, (rate, kind, _) in scoped.items()
+                if rate
+            ]
+            pace = "; ".join([*models, f"account {pace.removeprefix('pace ')}"])
         refused = self.usage.timeline.recent("429", 60.0)
         return f"{pace}, {refused:,} 429s in the last minute"
 
