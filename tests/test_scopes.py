@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as redis
 from aiohttp import web
 
 from pipeline.mock.limits import Window
 from pipeline.run.runner import run
-from tests.conftest import read_jsonl
+from tests.conftest import RedisServer, read_jsonl, write_jsonl
 from tests.scripted import answer, json, scripted
+from tests.test_crash import start
 
 FREE, PAID = "v/free:free", "v/paid"
 
@@ -114,3 +117,35 @@ async def test_a_models_limit_given_in_the_job_file_paces_it_from_the_start(
     free_done = server.answered[FREE]
     assert max(server.answered[PAID]) < free_done[len(free_done) // 2]
     assert {kind for _, kind in _paces(usage, FREE)} == {"given"}
+
+
+async def test_shards_share_a_models_limit_under_a_key_of_its_own(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    server = TwoModels(per_second=20, latency=0.02)
+    src = write_jsonl(tmp_path / "in.jsonl", lines(free=80, paid=160))
+    job = tmp_path / "job.toml"
+    job.write_text(f'[limits."{FREE}"]\nrpm = 1200\n')
+    out = tmp_path / "out"
+    async with scripted(server) as endpoint:
+        procs = [
+            await start(
+                endpoint.url, src, out, str(job), "--shard", f"{k}/2", "--shared-limit", redis_server.url
+            )
+            for k in (1, 2)
+        ]
+        said = [await proc.communicate() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-300:] for _, err in said]
+    assert len(server.answered[FREE]) == 80
+    assert sum(len(read_jsonl(out / f"shard-{k}-of-2/results.jsonl")) for k in (1, 2)) == 240
+    # (A few refusals as the run starts: the account's shared pace, not yet known, holds the
+    # model's first starts back until its first lease, then lets them go together.)
+    assert server.refused[FREE] <= 12
+    client: Any = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = [k.decode() for k in await client.keys("*")]
+    finally:
+        await client.aclose()
+    digest = hashlib.sha256(FREE.encode()).hexdigest()[:16]
+    assert any(f":{digest}" in key for key in keys)  # the model's scope: a key of its own...
+    assert not any("free" in key for key in keys)  # ...named by a hash

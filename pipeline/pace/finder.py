@@ -113,6 +113,9 @@ class RateFinder:
         self._back = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self._bucket = 0
+        # Refused and answered since the pace changed: the sliding window holds too few
+        # answers at a slow pace (a model's 2 a second) to tell a limit read too high.
+        self._tally = [0, 0]
         self._next_step = 0.0
         self._probe_after = 0.0
         self._reread_after = 0.0
@@ -145,6 +148,7 @@ class RateFinder:
         self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
             self._ok[j] = self._back[j] = self._all[j] = 0
+        self._tally = [0, 0]
 
     def sent(self, tag: int = 0) -> int:
         """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
@@ -177,6 +181,7 @@ class RateFinder:
         i = self._slot(now)
         self._ok[i] += 1
         self._all[i] += 1
+        self._tally[1] += 1
         if now >= self._next_step:
             self._next_step = now + 1.0
             self._lapse_hold(now)
@@ -216,6 +221,8 @@ class RateFinder:
         back, total = sum(self._back), sum(self._all)  # before this one
         self._back[i] += 1
         self._all[i] += 1
+        self._tally[0] += 1
+        self._tally[1] += 1
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
@@ -277,6 +284,8 @@ class RateFinder:
             self._new_epoch(now)
             return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
+        refused, answered = self._tally
+        many = many or (refused >= READ_MIN and refused >= READ_SHARE * answered)
         if self.capacity.sure and not many:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
