@@ -149,3 +149,22 @@ async def test_shards_share_a_models_limit_under_a_key_of_its_own(
     digest = hashlib.sha256(FREE.encode()).hexdigest()[:16]
     assert any(f":{digest}" in key for key in keys)  # the model's scope: a key of its own...
     assert not any("free" in key for key in keys)  # ...named by a hash
+
+
+async def test_a_model_waiting_for_its_pace_holds_up_no_other_models_lines(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """The slow model's lines come first, more than there are workers: each worker would
+    take one and wait for its pace, and the other model's lines behind them as long."""
+    server = TwoModels(per_second=10, latency=0.02)
+    rows = lines(free=24, paid=24)
+    rows.sort(key=lambda row: row["model"] != FREE)  # the free model's 24 lines first
+    rows += [{**row, "custom_id": f"p{i}"} for i, row in enumerate(lines(free=1, paid=137)[1:])]
+    job = tmp_path / "job.toml"
+    job.write_text(f'[limits."{FREE}"]\nrpm = 600\n')
+    async with scripted(server) as endpoint:
+        summary = await run(make_settings(endpoint.url, rows, concurrency=8, job=job))
+    assert summary.exit_code == 0
+    free_done = server.answered[FREE]
+    assert len(free_done) == 24
+    assert max(server.answered[PAID]) < free_done[10]  # 160 paid lines while 10 free ones go

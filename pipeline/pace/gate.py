@@ -15,12 +15,20 @@ waiting for its model's pace holds no slot in flight: the other models' requests
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.send.status import Signal, endpoint_failed, signal
+
+
+class Seat(Protocol):
+    """A worker's place in the crew (`pipeline.run.control.Seat`)."""
+
+    def step_out(self) -> bool: ...
+    def rejoin(self) -> None: ...
 
 
 class Slot:
@@ -123,20 +131,25 @@ class Gate:
         self.finder = finder
         self.scopes = scopes or Scopes(finder)
 
-    async def enter(self, tokens: int, model: str | None = None) -> Slot:
+    async def enter(self, tokens: int, model: str | None = None, seat: Seat | None = None) -> Slot:
         """Wait for the model's pace, if it has one, then for a slot in flight, then for the
         account's start time (a slot before the account's pace, so that a paced start is not
         spent waiting for a slot; the model's before the slot, so that a request held back by
-        its model holds no slot the others could use). `tokens`: the request's estimate."""
+        its model holds no slot the others could use, nor its worker's `seat` in the crew).
+        `tokens`: the request's estimate."""
         scopes = self.scopes
         scope = scopes.by_model.get(model) if model is not None and scopes.by_model else None
         held = 0
         if scope is not None:
+            stepped = seat is not None and seat.step_out()
             scope.waiting += 1
             try:
                 held = await scope.pacer.acquire(tokens)
             finally:
                 scope.waiting -= 1
+                if stepped:
+                    assert seat is not None
+                    seat.rejoin()
         try:
             await self.window.acquire()
             try:

@@ -161,7 +161,11 @@ class Scopes:
         """Whether enough requests of `model` wait for its scope's pace: a worker takes the
         next request instead, so that one slow model does not hold every worker."""
         scope = self.by_model.get(model) if model is not None and self.by_model else None
-        return scope is not None and scope.waiting >= max(WAITING, scope.pacer.request_rate or 0.0)
+        if scope is None:
+            return False
+        # Never more than a quarter of --concurrency: workers, too, are for the other models.
+        most = min(max(WAITING, scope.pacer.request_rate or 0.0), self.account.window.ceiling / 4)
+        return scope.waiting >= max(most, 1)
 
     def paces(self) -> dict[str, tuple[float | None, str | None, float | None]]:
         """Each model scope's pace (`pace_of`), by model."""

@@ -190,6 +190,15 @@ class Seat:
         """A retry's wait, spent out of the crew (and cut short if the run stops)."""
         self.give_up()
         await self.control.nap(seconds)
+        self.rejoin()
+
+    def step_out(self) -> bool:
+        """Out of the crew for a wait (its model's pace), as for a backoff; whether it was in."""
+        held = self.held
+        self.give_up()
+        return held
+
+    def rejoin(self) -> None:
         self.crew.rejoin()
         self.held = True
 

@@ -185,7 +185,7 @@ class Worker:
                 # The answer thrown away was billed: another try must still fit the cap.
                 self._stop_if(self.books.covers_another_answer())
             try:
-                reply = await self._attempt(request)
+                reply = await self._attempt(request, seat)
             except RequestError as e:
                 attempts += 1  # sent, and failed
                 billed = billed or reports_usage(e.body)
@@ -256,12 +256,12 @@ class Worker:
         request.payload = payload
         return None
 
-    async def _attempt(self, request: Request) -> Reply:
+    async def _attempt(self, request: Request, seat: Seat | None = None) -> Reply:
         """Pace, send, and account for one attempt; the answer, or the error it ended with."""
         control = self.control
         if not control.dispatching:
             raise Abandoned
-        slot = await self.gate.enter(request.token_estimate, request.model)  # pace
+        slot = await self.gate.enter(request.token_estimate, request.model, seat)  # pace
         if not control.dispatching:
             slot.unused()
             raise Abandoned
