@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -83,7 +85,7 @@ async def test_a_model_refused_while_others_go_through_gets_a_pace_of_its_own(
 ) -> None:
     server = TwoModels(per_second=10, latency=0.05)
     rows = lines(free=40, paid=400)
-    usage = await _run(server, make_settings, tmp_path, rows)
+    usage = await _run(server, make_settings, tmp_path, rows, progress_interval=1.0)
     # The paid model's lines are not held to the free model's limit: all done while most of
     # the free model's were still to go (at its 10 a second they take four seconds; held
     # to it, the paid model's would take forty).
@@ -99,6 +101,10 @@ async def test_a_model_refused_while_others_go_through_gets_a_pace_of_its_own(
     assert len(free_done) / (free_done[-1] - free_done[0]) >= 7.0  # 40 lines at 10 a second
     said = capsys.readouterr().err
     assert said.count(f"'{FREE}' is refused while other models' requests go through") == 1
+    assert re.search(f"pace [0-9,]+/min \\(found\\) for '{re.escape(FREE)}'; account unpaced", said)
+    page = (tmp_path / "out" / "report.html").read_text()
+    charts = [base64.b64decode(src).decode() for src in re.findall(r"base64,([^\"]*)", page)]
+    assert any(f"pace for {FREE}" in chart for chart in charts)  # drawn beside the account's
     # Found at a few refusals' cost, and the account's pace not cut for them.
     assert server.refused[FREE] <= 20
     assert usage["runs"][-1]["models_paced_at_rpm"][FREE] <= 600
