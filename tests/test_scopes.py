@@ -29,8 +29,9 @@ class TwoModels:
     """A server that allows FREE `per_second` requests a wall-clock second (as the mock's
     limits count by default) and PAID as many as come, each answered after `latency`."""
 
-    def __init__(self, per_second: int, latency: float) -> None:
+    def __init__(self, per_second: int, latency: float, *, limited: tuple[str, ...] = (FREE,)) -> None:
         self.window = Window(length=1.0, requests=per_second, tokens=None)
+        self.limited = limited  # the models the window counts (both: the account's limit)
         self.latency = latency
         self.answered: dict[str, list[float]] = {FREE: [], PAID: []}
         self.refused: Counter[str] = Counter()
@@ -38,7 +39,7 @@ class TwoModels:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         model = body["model"]
-        if model == FREE:
+        if model in self.limited:
             refusal = self.window.admit(time.time(), 0)
             if refusal is not None:
                 self.refused[model] += 1
@@ -174,3 +175,14 @@ async def test_a_model_waiting_for_its_pace_holds_up_no_other_models_lines(
     free_done = server.answered[FREE]
     assert len(free_done) == 24
     assert max(server.answered[PAID]) < free_done[10]  # 160 paid lines while 10 free ones go
+
+
+async def test_an_account_limit_met_by_two_models_stays_the_accounts(
+    make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = TwoModels(per_second=40, latency=0.02, limited=(FREE, PAID))
+    usage = await _run(server, make_settings, tmp_path, lines(free=60, paid=180))
+    assert "is refused while other models" not in capsys.readouterr().err  # no model to blame
+    assert "models_paced_at_rpm" not in usage["runs"][-1]
+    assert 0.5 * 40 * 60 <= usage["runs"][-1]["paced_at_rpm"] <= 40 * 60  # found for the account
+    assert sum(server.refused.values()) <= 30, (server.refused, usage["runs"][-1])

@@ -137,9 +137,11 @@ class Scopes:
         log = self.account.log
         run, between, around = log.run_of(ticket, tag)
         if run < RUN or between < THROUGH:
-            # Others went through around it: one model's limit, maybe, not yet a run of it
-            # (or an upstream's scattered refusal); either way the account's pace stays.
-            return not around
+            # Alone among others that went through (in the account's send order too): one
+            # model's limit, maybe, not yet a run of it (or an upstream's scattered refusal);
+            # either way not the account's to react to. Beside another refusal, it may be.
+            first, last = log.run(ticket)
+            return not around or last > first
         scope = self._add(model, None, None)
         scope.moved = log.move(tag, scope.finder.log)
         if self._blame <= {tag}:
