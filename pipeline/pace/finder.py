@@ -113,8 +113,9 @@ class RateFinder:
         self._back = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self._bucket = 0
-        # Refused and answered since the pace changed: the sliding window holds too few
-        # answers at a slow pace (a model's 2 a second) to tell a limit read too high.
+        # Refused and answered since the limit was read: the sliding window holds too few
+        # answers at a slow pace (a model's 2 a second) to tell a limit read too high, and
+        # the probes' steps back (each a new epoch) come sooner than enough of them.
         self._tally = [0, 0]
         self._next_step = 0.0
         self._probe_after = 0.0
@@ -148,7 +149,6 @@ class RateFinder:
         self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
             self._ok[j] = self._back[j] = self._all[j] = 0
-        self._tally = [0, 0]
 
     def sent(self, tag: int = 0) -> int:
         """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
@@ -162,6 +162,7 @@ class RateFinder:
         """The limit read here was one model's, which has a scope of its own now: back to the
         pace given or stated (none, else), and no pause, as if its refusals had not come."""
         self.limit = None
+        self._tally = [0, 0]
         self.capacity = Capacity(self.log)
         self.pacer.set_request_rate(self.ceiling)
         self.pacer.unpause()
@@ -259,6 +260,7 @@ class RateFinder:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.window.open()  # the pace bounds the rate from here
         else:
@@ -305,6 +307,7 @@ class RateFinder:
         self._quick = not sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
             self._new_epoch(self.clock())
