@@ -174,7 +174,7 @@ class Run:
         )
         self.gate = Gate(self.pacer, self.window, self.finder, scopes)
         self.usage.timeline.sample(self._sample, scopes.paces)
-        self.progress.sample, self.progress.paces = self._sample, scopes.paces
+        self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
         self.books.open_budget(settings.max_cost)
         self.verdict = None
