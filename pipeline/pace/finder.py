@@ -114,6 +114,10 @@ class RateFinder:
         self._back = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self._bucket = 0
+        # Refused and answered since the limit was read: the sliding window holds too few
+        # answers at a slow pace (a model's 2 a second) to tell a limit read too high, and
+        # the probes' steps back (each a new epoch) come sooner than enough of them.
+        self._tally = [0, 0]
         self._next_step = 0.0
         self.probe = Probe(HOLD)
         self._reread_after = 0.0
@@ -146,12 +150,23 @@ class RateFinder:
         for j in range(BUCKETS):
             self._ok[j] = self._back[j] = self._all[j] = 0
 
-    def sent(self) -> int:
-        """A request leaves now; returns its ticket, for its answer to bring back."""
+    def sent(self, tag: int = 0) -> int:
+        """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
+        answer to bring back."""
         now = self.clock()
         self.pacer.sent(now)
         self.outage.sent()
-        return self.log.send(now)
+        return self.log.send(now, tag)
+
+    def forget(self) -> None:
+        """The limit read here was one model's, which has a scope of its own now: back to the
+        pace given or stated (none, else), and no pause, as if its refusals had not come."""
+        self.limit = None
+        self._tally = [0, 0]
+        self.capacity = Capacity(self.log)
+        self.pacer.set_request_rate(self.ceiling)
+        self.pacer.unpause()
+        self._new_epoch(self.clock())
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -167,6 +182,7 @@ class RateFinder:
         i = self._slot(now)
         self._ok[i] += 1
         self._all[i] += 1
+        self._tally[1] += 1
         if now >= self._next_step:
             self._next_step = now + 1.0
             self._lapse_hold(now)
@@ -207,6 +223,8 @@ class RateFinder:
         back, total = sum(self._back), sum(self._all)  # before this one
         self._back[i] += 1
         self._all[i] += 1
+        self._tally[0] += 1
+        self._tally[1] += 1
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
@@ -242,6 +260,7 @@ class RateFinder:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.window.open()  # the pace bounds the rate from here
         else:
@@ -262,6 +281,8 @@ class RateFinder:
             self._probed_past(now, ticket, current, wait)
             return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
+        refused, answered = self._tally
+        many = many or (refused >= READ_MIN and refused >= READ_SHARE * answered)
         if self.capacity.sure and not many:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
@@ -304,6 +325,7 @@ class RateFinder:
         self.capacity.sure = sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
             self._new_epoch(self.clock())
