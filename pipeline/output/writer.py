@@ -154,8 +154,12 @@ class Writer:
             raise
 
     def _write_successes(self, successes: list[Success]) -> None:
+        # The lines' ids from one read of the system's randomness, not one read (a system
+        # call) a line.
+        ids = os.urandom(12 * len(successes)).hex()
+        lines = (self.redact(result_line(s, ids[24 * i : 24 * i + 24])) for i, s in enumerate(successes))
         try:
-            self._results.append(b"".join(self.redact(result_line(s)) for s in successes))
+            self._results.append(b"".join(lines))
         except OSError:
             self._succeeded(successes[: self._results.kept])
             raise
