@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
-from pipeline.account.usage import Usage, answer_tokens, reports_usage
+from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
 from pipeline.settings import Price
@@ -116,11 +116,9 @@ class Books:
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def _price(self, counted: tuple[str, float | None], body: dict[str, Any], requested: str | None) -> None:
-        """An answer just counted (`counted`: the model it was counted under and the cost the
-        server reported): cost it from the price table where the server did not."""
-        name, reported = counted
-        prompt, completion, _ = answer_tokens(body)
+    def _price(self, counted: Counted, body: dict[str, Any], requested: str | None) -> None:
+        """An answer just counted: cost it from the price table where the server did not."""
+        name, reported, prompt, completion = counted
         if reported is not None:
             self.usage.timeline.spent(prompt, completion, reported)
             return
