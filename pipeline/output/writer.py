@@ -166,11 +166,11 @@ class Writer:
         self._succeeded(successes)
 
     def _succeeded(self, successes: list[Success]) -> None:
-        for success in successes:
-            self.books.kept(success)
-            self._done.append(success.request.custom_id)
-            if self.ledger.failed_count:
-                self._succeeded_keys.append(success.request.custom_id)
+        self.books.kept(successes)
+        ids = [success.request.custom_id for success in successes]
+        self._done += ids
+        if self.ledger.failed_count:
+            self._succeeded_keys += ids
         self.written += len(successes)
 
     def _write_failures(self, failures: list[Failure]) -> None:
