@@ -59,8 +59,16 @@ def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return 0, 0, 0
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-    return prompt, completion, _int(usage.get("total_tokens")) or prompt + completion
+    # (_int written out: every answer comes here twice)
+    prompt, completion, total = (
+        usage.get("prompt_tokens"),
+        usage.get("completion_tokens"),
+        usage.get("total_tokens"),
+    )
+    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
+    completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+    total = total if isinstance(total, int) and not isinstance(total, bool) else 0
+    return prompt, completion, total or prompt + completion
 
 
 def reports_usage(body: Any) -> bool:
