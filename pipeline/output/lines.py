@@ -29,7 +29,7 @@ def result_line(success: Success, line_id: str | None = None) -> bytes:
     if success.request.metadata is not None:
         line["metadata"] = success.request.metadata
     try:
-        return orjson.dumps(line) + b"\n"
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)  # (no copy to add it)
     except TypeError:
         line["response"]["body"] = reply.body
         return jsonl.dumps(line) + b"\n"
