@@ -29,6 +29,8 @@ MAX_POINTS = 1000  # intervals a run keeps at most
 
 # What an interval holds, by short keys (a run's stretch is saved at every checkpoint).
 SUMS = ("started", "tokens_in", "tokens_out", "cost", "latency_n")
+# A result as the timeline counts it: tokens in and out, cost (None: not known), latency, ttft.
+Spent = tuple[int, int, float | None, float, float | None]
 # In flight, the pace in force (requests a second), where it comes from, and the limit it keeps to.
 Sample = Callable[[], tuple[int, float | None, str | None, float | None]]
 # The same pace, limit and where they come from for each model with a pace of its own.
@@ -192,13 +194,22 @@ class Timeline:
             if cost:
                 point["cost"] += cost
 
-    def took(self, latency: float, ttft: float | None) -> None:
+    def kept(self, results: Iterable[Spent]) -> None:
+        """Results written at one moment: what each used and cost (as `spent` counts it), and
+        how long it took, for the interval's percentiles."""
         point = self._point()
-        if point is not None and self.run is not None:
+        if point is None or self.run is None:
+            return
+        latency, ttft = self.run._latency, self.run._ttft
+        for tokens_in, tokens_out, cost, seconds, first in results:
+            point["tokens_in"] += tokens_in
+            point["tokens_out"] += tokens_out
+            if cost:
+                point["cost"] += cost
             point["latency_n"] += 1
-            self.run._latency.add(latency)
-            if ttft is not None:
-                self.run._ttft.add(ttft)
+            latency.add(seconds)
+            if first is not None:
+                ttft.add(first)
 
     def recent(self, answer: str, seconds: float) -> int:
         """Answers `answer` in this run's intervals of about the last `seconds`."""

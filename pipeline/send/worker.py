@@ -83,7 +83,7 @@ class Worker:
                 while self.control.dispatching:
                     if self.fill_ahead:
                         seat.give_up()  # seats go to workers whose next request is ready
-                    else:
+                    elif seat.crew.crowded:
                         await seat.make_room()
                     request = await self._next(requests, refill)
                     if request is None:
@@ -163,7 +163,8 @@ class Worker:
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
-        held = await self.books.reserve(request)
+        # (no coroutine made where there is no budget to wait for: most runs have none)
+        held = await self.books.reserve(request) if self.books.budget is not None else None
         if isinstance(held, RunStopped):
             self.control.stop(held)
             return None
