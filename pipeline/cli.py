@@ -8,7 +8,6 @@ resumed; 130 interrupted, and can be resumed; 70 a bug in pipeline (resumable to
 from __future__ import annotations
 
 import argparse
-import difflib
 import gc
 import sqlite3
 import sys
@@ -127,6 +126,8 @@ class _Parser(argparse.ArgumentParser):
         flag = next((x for x in extras if x.startswith("-")), None)
         if flag is None:
             self.error(f"unexpected argument {extras[0]!r}")
+        import difflib  # (only a mistyped flag needs it)
+
         name = flag.split("=", 1)[0]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""

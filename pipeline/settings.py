@@ -10,11 +10,9 @@ A job file is TOML with the same keys as the command line's flags, plus tables:
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -143,6 +141,8 @@ _SETTING_NAMES = {f.name for f in fields(Settings)}
 
 
 def _unknown(where: str, key: str, known: tuple[str, ...]) -> SettingsError:
+    import difflib  # (a run without a mistake in its job file never needs it)
+
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
     return SettingsError(f"{where}: unknown key '{key}'{hint}")
@@ -150,6 +150,8 @@ def _unknown(where: str, key: str, known: tuple[str, ...]) -> SettingsError:
 
 def read_job_file(path: Path) -> dict[str, Any]:
     """Parse and check a job file; relative paths in it are relative to the file."""
+    import tomllib  # (a run given by flags alone, as the bench's, reads no TOML)
+
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)

@@ -43,7 +43,8 @@ class Books:
         self.usage.timeline.started()
 
     def attempt(self, answer: str) -> None:
-        """One attempt ended with `answer`: "200", a status, or an error code."""
+        """One attempt ended with `answer`: a status or an error code (an answer kept, "200",
+        is counted by `answered`, with the others of its batch)."""
         self.usage.answer(answer)
         self.usage.timeline.answer(answer)
 
@@ -100,6 +101,13 @@ class Books:
         return self.billed(body, request)
 
     # -- the writer, once an outcome is in the files -----------------------------------------
+
+    def answered(self, results: int) -> None:
+        """Results the writer took (one batch's, written or not): each the attempt answered
+        "200" that made it, counted here for the batch rather than by each worker as the
+        answer arrived (every one reaches the writer: a worker's send of a result is shielded)."""
+        self.usage.answer("200", results)
+        self.usage.timeline.answer("200", results)
 
     def kept(self, successes: Sequence[Success]) -> None:
         """Results now in the files (one write's): counted, costed, and put on the timeline

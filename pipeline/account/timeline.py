@@ -181,10 +181,10 @@ class Timeline:
         if point is not None:
             point["started"] += 1
 
-    def answer(self, answer: str) -> None:
+    def answer(self, answer: str, attempts: int = 1) -> None:
         point = self._point()
         if point is not None:
-            point["answers"][answer] = point["answers"].get(answer, 0) + 1
+            point["answers"][answer] = point["answers"].get(answer, 0) + attempts
 
     def spent(self, tokens_in: int, tokens_out: int, cost: float | None) -> None:
         point = self._point()

@@ -106,9 +106,9 @@ class Usage:
 
     # -- recording -------------------------------------------------------------------------
 
-    def answer(self, key: str) -> None:
-        self.attempts += 1
-        self.answers[key] += 1
+    def answer(self, key: str, attempts: int = 1) -> None:
+        self.attempts += attempts
+        self.answers[key] += attempts
 
     def add_body(self, body: dict[str, Any], requested: str | None = None) -> Counted:
         """Count a completion's usage; returns it as counted."""

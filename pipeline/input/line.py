@@ -10,17 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError
 from pipeline.input import jsonl
 from pipeline.input.body import check_body, type_name
-from pipeline.input.images import Pending
-from pipeline.input.template import Place, Template, compile_template
 from pipeline.input.tokens import TokenEstimator, max_completion_tokens
 from pipeline.job import Request
 from pipeline.quote import quote
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    # Only a job with a template reads records and local images: imported when one does.
+    from pipeline.input.images import Pending
+    from pipeline.input.template import Template
 
 BATCH_URL = "/v1/chat/completions"
 
@@ -50,6 +53,8 @@ class LineParser:
         self.default_model = settings.default_model
         self.template: Template | None = None
         if settings.template is not None:
+            from pipeline.input.template import compile_template
+
             self.template = compile_template(settings.template, where=str(settings.job_file))
         self.base = settings.input.parent
         # Images must stay under the catalogue's folder: the input's, or the job's image_root.
@@ -64,6 +69,8 @@ class LineParser:
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
+            from pipeline.input.template import Place
+
             template, base, root = self.template, self.base, self.image_root
 
             def named(error: InputError) -> InputError:

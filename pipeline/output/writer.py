@@ -208,6 +208,9 @@ class Writer:
                 with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
+                results = sum(isinstance(o, Success) for o in batch)
+                if results:
+                    self.books.answered(results)  # the attempts that made them (`Books.answered`)
                 if self.broken is not None:
                     # The folder takes no more for now: keep what arrives (bounded by what
                     # was in flight, as nothing new is sent) and drain, so nobody waits on us.

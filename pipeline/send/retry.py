@@ -19,18 +19,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from functools import cached_property
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
-)
 
 from pipeline.errors import RequestError
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState, Retrying
 
 T = TypeVar("T")
 
@@ -72,10 +69,18 @@ class RetryPolicy:
         self._max_attempts = max_attempts
         self._base, self._cap = base, cap
         self._max_refused = max_refused
-        self.policy = Retrying(
+        self._max_time = max_time
+
+    @cached_property
+    def policy(self) -> Retrying:
+        """tenacity's strategies, built at the first failure: a run whose requests all
+        succeed never imports tenacity (3 ms of its start)."""
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
+
+        return Retrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(max_attempts) | stop_before_delay(max_time),
-            wait=backoff(base=base, cap=cap),
+            stop=stop_after_attempt(self._max_attempts) | stop_before_delay(self._max_time),
+            wait=backoff(base=self._base, cap=self._cap),
             reraise=True,
         )
 
@@ -102,6 +107,8 @@ class RetryPolicy:
             if not e.transient or self._max_attempts == 1:
                 raise
             error = e
+        from tenacity import RetryCallState
+
         policy = self.policy
         state = RetryCallState(policy, fn=None, args=(), kwargs={})
         try:

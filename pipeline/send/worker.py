@@ -23,7 +23,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.account.books import Books
 from pipeline.account.usage import answer_tokens, reports_usage
 from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
-from pipeline.input.images import encode
 from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.pace.gate import Gate
@@ -245,6 +244,8 @@ class Worker:
         """Read, size and encode the request's local images, in threads, into its payload:
         as late as can be, so that the read-ahead buffer holds records, not images. A broken
         image fails its line as an input error, and the run goes on."""
+        from pipeline.input.images import encode  # (only a job with local images comes here)
+
         images, request.images = request.images or [], None
         payload = request.payload
         try:
@@ -300,8 +301,7 @@ class Worker:
                 self.books.discarded(reply.body, request)
                 e.body, e.request_id = reply.body, reply.request_id
                 raise
-        self.books.attempt("200")
-        return parsed
+        return parsed  # (its "200" counted by the writer, with the batch it arrives in)
 
     def _stop_if(self, stop: RunStopped | None) -> None:
         if stop is not None:
