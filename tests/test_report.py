@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import re
 import subprocess
 import sys
@@ -242,37 +241,3 @@ def test_latencies_that_differ_by_float_noise_are_drawn() -> None:
     root = Path(__file__).resolve().parents[1]  # where `tests` imports from, whatever the cwd
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_charts_minified_once_a_style_are_the_bytes_pygal_draws(monkeypatch: Any) -> None:
-    """report.html's charts have pygal minify each style's CSS once (`pygal_css`): the page
-    is byte for byte the one pygal's own minifying draws, charts told apart by their ids."""
-    import uuid
-
-    import pygal.graph.base
-    import pygal.svg
-
-    from pipeline.report import pygal_css
-
-    html_report(_doc())  # pygal imported, its minifier wrapped
-    wrapped = pygal.svg.minify_css
-    assert isinstance(wrapped, pygal_css.Minified)
-    doc = _doc()
-    doc["timeline"][0]["points"].append({**doc["timeline"][0]["points"][0], "start": 1_795_000_010.0})
-
-    def draw(minify: Any) -> str:
-        ids = iter(uuid.UUID(int=n * 0x1F2E3D4C5B6A79880123456789ABCDEF % (1 << 128)) for n in range(1, 100))
-        monkeypatch.setattr(pygal.graph.base, "uuid4", lambda: next(ids))
-        monkeypatch.setattr(pygal.svg, "minify_css", minify)
-        return html_report(doc)
-
-    own = draw(wrapped.minify)
-    memo = pygal_css.Minified(wrapped.minify)
-    once = draw(memo)
-    assert once == own
-    assert 0 < len(memo._made) < 3 * len(re.findall("<img", once))  # some minified once for many
-    charts = re.findall(r"data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)", once)
-    ids = [set(re.findall(r"chart-[0-9a-f-]{36}", base64.b64decode(c).decode())) for c in charts]
-    assert len(charts) > 2
-    assert all(len(i) == 1 for i in ids)  # one id a chart
-    assert len(set.union(*ids)) == len(charts)  # and each its own

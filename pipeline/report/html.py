@@ -20,7 +20,6 @@ from typing import Any
 
 from pipeline.account.cost import money
 from pipeline.account.timeline import joined, kind
-from pipeline.report import pygal_css
 
 KINDS = ("success", "429", "5xx", "error", "invalid")
 COLOURS = {"success": "#33aa77", "429": "#ee9944", "5xx": "#cc3333", "error": "#888888", "invalid": "#aa55cc"}
@@ -70,12 +69,10 @@ def _image(chart: Any, title: str) -> str:
 
 def _pygal() -> Any:
     import pygal
-    import pygal.svg
 
     # pygal hooks every later import of the process (for map plugins, not used here), and
     # the hook warns on each: take it out again.
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "PluginImportFixer"]
-    pygal_css.install(pygal.svg)  # each style's CSS minified once, not once a chart
     return pygal
 
 
