@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
+from pipeline.pace.tokens import TokenCount, says_tokens
 from pipeline.send.status import Signal, endpoint_failed, signal
 
 
@@ -45,10 +46,10 @@ class Slot:
     def answered(self, latency: float, headers: Mapping[str, str] | None, used_tokens: int) -> None:
         gate = self._gate
         gate.window.release()
-        # What it reserved is what a server counts on arrival (its prompt and max_tokens, as
-        # OpenAI documents it), whatever the answer then used: none of it comes back, or the
-        # next requests would go over such a limit. Only more than reserved is added.
-        gate.pacer.settle(self.reserved, max(used_tokens, self.reserved))
+        # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
+        gate.pacer.settle(
+            self.reserved, gate.tokens.counted(self.reserved, used_tokens, binding=gate.pacer.holding)
+        )
         gate.finder.success(self.ticket, latency)
         if headers:
             gate.finder.headers(headers)
@@ -63,6 +64,8 @@ class Slot:
         # may have been counted.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
         gate.pacer.settle(self.reserved, self.reserved if counted else 0)
+        if meaning is Signal.PUSHBACK and self.reserved and says_tokens(error.message, error.limits):
+            gate.pacer.settle(0, gate.tokens.refused())
         if error.limits:
             gate.finder.headers(error.limits)
         if meaning is Signal.PUSHBACK:
@@ -79,17 +82,22 @@ class Slot:
 
 
 class Gate:
-    def __init__(self, pacer: Pacer, window: Window, finder: RateFinder) -> None:
+    def __init__(
+        self, pacer: Pacer, window: Window, finder: RateFinder, tokens: TokenCount | None = None
+    ) -> None:
         self.pacer = pacer
         self.window = window
         self.finder = finder
+        # A shared pace does not probe: each of its processes would pay a probe's refusals
+        # on a server that counts on arrival (several: the processes' hand-backs add up).
+        self.tokens = tokens or TokenCount(probe=type(pacer) is Pacer)
 
     async def enter(self, tokens: int) -> Slot:
         """Wait for a slot in flight, then for a start time (a slot first, so that a paced
         start is not spent waiting for a slot). `tokens`: the request's token estimate."""
         await self.window.acquire()
         try:
-            reserved = await self.pacer.acquire(tokens)
+            reserved = await self.pacer.acquire(self.tokens.reserve(tokens))
         except BaseException:
             self.window.release()
             raise
