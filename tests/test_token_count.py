@@ -122,10 +122,10 @@ def test_a_server_that_counts_usage_gets_the_unused_part_back_until_a_flood_says
     assert count.counting is Counting.USAGE
     assert answer(count, clock, 10.0) == 60
     assert count.refused() == 0  # a lone refusal at a pace that should fit: count more
-    assert (count.counting, count.reserve(100), answer(count, clock, 10.1)) == (Counting.USAGE, 102, 62)
+    assert (count.counting, answer(count, clock, 10.1)) == (Counting.USAGE, 62)
     assert [count.refused() for _ in range(FLOOD - 1)][-1] > 0  # a flood: the hand-backs taken back
     assert count.counting is Counting.ARRIVAL
-    assert answer(count, clock, 10.2) == 100
+    assert answer(count, clock, 10.2) == 102
 
 
 def test_a_shared_pace_keeps_reservations_whole() -> None:

@@ -97,7 +97,7 @@ class Gate:
         start is not spent waiting for a slot). `tokens`: the request's token estimate."""
         await self.window.acquire()
         try:
-            reserved = await self.pacer.acquire(self.tokens.reserve(tokens))
+            reserved = await self.pacer.acquire(tokens)
         except BaseException:
             self.window.release()
             raise

@@ -24,8 +24,8 @@ used/reserved of the second kind's. Nothing in an answer says which kind a serve
   pace near the limit spills over one now and then. Each adds `STEP` to every count (at most
   once a second: one full window refuses a few at once), up to `MOST`.
 
-The pacer keeps the clock; this keeps the rules (`reserve`, `counted`, `refused`), which the
-gate applies where a request starts and where its answer or refusal comes back.
+The pacer keeps the clock; this keeps the rules (`counted`, `refused`), which the gate applies
+where a request's answer or refusal comes back.
 """
 
 from __future__ import annotations
@@ -77,10 +77,6 @@ class TokenCount:
         self._refusals: deque[float] = deque()  # when, the last FLOOD
         self._handed: deque[list[float]] = deque()  # [second, tokens] handed back in it
 
-    def reserve(self, estimate: int) -> int:
-        """Tokens to reserve for a request of `estimate` tokens."""
-        return math.ceil(estimate * self.factor) if estimate else 0
-
     def _share(self, now: float) -> float:
         """How much of a reservation's unused part comes back now."""
         if self.counting is Counting.PROBE:
@@ -95,10 +91,13 @@ class TokenCount:
             return 0
         now = self.clock()
         self._learn(now, binding)
-        used = math.ceil(used * self.factor)
-        back = (reserved - used) * self._share(now)
+        # Counting more applies here, not to the reservation: the requests queued at the pace
+        # reserved before a refusal said so, and would go on at the old pace for as long as
+        # the queue takes to drain (15 s at 256 in flight and 16 a second).
+        charged, used = math.ceil(reserved * self.factor), math.ceil(used * self.factor)
+        back = (charged - used) * self._share(now)
         if back <= 0:
-            return max(used, reserved)  # more than reserved: any server counts that much
+            return max(used, charged)  # more than reserved: any server counts that much
         second = math.floor(now)
         if self._handed and self._handed[-1][0] == second:
             self._handed[-1][1] += back
@@ -106,7 +105,7 @@ class TokenCount:
             self._handed.append([second, back])
             while self._handed[0][0] <= second - TAKE_BACK:
                 self._handed.popleft()
-        return reserved - int(back)
+        return charged - int(back)
 
     def _learn(self, now: float, binding: bool) -> None:
         if not binding:
