@@ -95,7 +95,7 @@ class TokenCount:
         # reserved before a refusal said so, and would go on at the old pace for as long as
         # the queue takes to drain (15 s at 256 in flight and 16 a second).
         charged, used = math.ceil(reserved * self.factor), math.ceil(used * self.factor)
-        back = (charged - used) * self._share(now)
+        back = (charged - used) * self._share(now) if used else 0  # no usage stated: none known
         if back <= 0:
             return max(used, charged)  # more than reserved: any server counts that much
         second = math.floor(now)
