@@ -8,7 +8,8 @@ start time, and tells the gate how its attempt ended, so that the pace learns fr
 
 This is the seam a shared pace (one limit for several processes) plugs into: another gate
 with the same three calls. Today's gate is local: the pacer and the window of `local`, with
-the rate finder (`finder`) reading what the server lets through.
+the rate finder (`finder`) reading what the server lets through, and `tokens` learning what
+the server counts of a request's tokens (all it reserved, or what its answer used).
 """
 
 from __future__ import annotations
