@@ -19,14 +19,16 @@ class Request:
     metadata: Any = None
     model: str = ""
     stream: bool = False
-    prompt_tokens: int = 0  # estimate, for rate limits and budgets
+    prompt_tokens: int = 0  # estimate, for budgets
+    charged_prompt: int = 0  # the prompt at four characters a token, as a limiter may count it
     max_completion_tokens: int = 0  # worst case over all choices (`max_tokens` times `n`)
     bounded: bool = True  # the request sets max_tokens (else the worst case is a guess)
     images: list[Pending] | None = None  # local images the payload's markers stand for, unread
 
     @property
     def token_estimate(self) -> int:
-        return self.prompt_tokens + self.max_completion_tokens
+        """What a token limit may count for it: the larger of the two counts of its prompt."""
+        return max(self.prompt_tokens, self.charged_prompt) + self.max_completion_tokens
 
 
 @dataclass(slots=True)

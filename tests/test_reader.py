@@ -245,10 +245,10 @@ def test_a_message_quotes_a_bad_value_short(tmp_path: Path) -> None:
 def test_what_no_check_foresaw_fails_the_line_not_the_run(tmp_path: Path) -> None:
     p = parser(tmp_path, model="m")
 
-    def broken(*_: object) -> int:
+    def broken(*_: object) -> tuple[int, int]:
         raise ZeroDivisionError("an estimate gone wrong")
 
-    p.estimator.prompt_tokens = broken  # type: ignore[method-assign]
+    p.estimator.counts = broken  # type: ignore[method-assign]
     with pytest.raises(InputError, match="ZeroDivisionError: 'an estimate gone wrong'") as e:
         request(p, {"messages": [{"role": "user", "content": "a"}]})
     assert e.value.code == "reader_error"

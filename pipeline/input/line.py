@@ -205,7 +205,7 @@ class LineParser:
         )
         if images:
             request.images = images
-        request.prompt_tokens = self.estimator.prompt_tokens(
+        request.prompt_tokens, request.charged_prompt = self.estimator.counts(
             body, {image.marker.decode(): image.tokens for image in images} if images else None
         )
         request.max_completion_tokens = max_completion_tokens(body)

@@ -102,6 +102,12 @@ class TokenEstimator:
         return len(self._encoding.encode(text, disallowed_special=()))
 
     def prompt_tokens(self, body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> int:
+        return self.counts(body, images)[0]
+
+    def counts(self, body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> tuple[int, int]:
+        """The prompt's tokens, and what a rate limiter that counts four characters a token
+        charges for it (OpenAI's does so on arrival, whatever the tokenizer says: a pace that
+        reserves less than that goes over such a limit)."""
         fixed = chars = 0
         texts: list[str] = []
         for piece in _texts(body, images):
@@ -117,5 +123,5 @@ class TokenEstimator:
             self._sample_tokens += tokens
             if self._sample_chars:
                 self._ratio = self._sample_tokens / self._sample_chars
-            return tokens + fixed
-        return int(chars * self._ratio + 0.5) + fixed
+            return tokens + fixed, chars // 4 + fixed
+        return int(chars * self._ratio + 0.5) + fixed, chars // 4 + fixed

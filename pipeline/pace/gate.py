@@ -10,6 +10,8 @@ and a slot in flight, and tells the gate how its attempt ended, so that its scop
 A scope is the account, or one model (`pipeline.pace.scopes`); each has a pacer (`local`, or
 a shared one) and a rate finder (`finder`) reading what the server lets through. A request
 waiting for its model's pace holds no slot in flight: the other models' requests fly.
+`tokens` (`pipeline.pace.tokens`) learns what the server counts of a request's tokens: all
+it reserved, or what its answer used.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.scopes import Scope, Scopes
+from pipeline.pace.tokens import TokenCount, says_tokens
 from pipeline.send.status import Signal, endpoint_failed, signal
 
 
@@ -77,16 +80,18 @@ class Slot:
     def answered(self, latency: float, headers: Mapping[str, str] | None, used_tokens: int) -> None:
         gate = self._gate
         gate.window.release()
-        # What it reserved is what a server counts on arrival (its prompt and max_tokens, as
-        # OpenAI documents it), whatever the answer then used: none of it comes back, or the
-        # next requests would go over such a limit. Only more than reserved is added.
-        gate.pacer.settle(self.reserved, max(used_tokens, self.reserved))
+        # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
+        gate.pacer.settle(
+            self.reserved, gate.tokens.counted(self.reserved, used_tokens, binding=gate.pacer.holding)
+        )
         gate.finder.success(self.ticket, latency)
         finder = gate.finder
         scope = self._scoped()
         if scope is not None:
             finder = scope.finder
-            scope.pacer.settle(self.held, max(used_tokens, self.held))
+            scope.pacer.settle(
+                self.held, scope.tokens.counted(self.held, used_tokens, binding=scope.pacer.holding)
+            )
             if self.own >= 0:
                 finder.success(self.own, latency)
         if headers:
@@ -105,6 +110,11 @@ class Slot:
         scope = self._scoped()
         if scope is not None:
             scope.pacer.settle(self.held, self.held if counted else 0)
+        if meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits):
+            if self.reserved:
+                gate.pacer.settle(0, gate.tokens.refused())
+            if scope is not None and self.held:
+                scope.pacer.settle(0, scope.tokens.refused())
         if error.limits:
             (gate.finder if scope is None else scope.finder).headers(error.limits)
         if meaning is Signal.PUSHBACK:
@@ -124,12 +134,20 @@ class Slot:
 
 class Gate:
     def __init__(
-        self, pacer: Pacer, window: Window, finder: RateFinder, scopes: Scopes | None = None
+        self,
+        pacer: Pacer,
+        window: Window,
+        finder: RateFinder,
+        scopes: Scopes | None = None,
+        tokens: TokenCount | None = None,
     ) -> None:
         self.pacer = pacer
         self.window = window
         self.finder = finder
         self.scopes = scopes or Scopes(finder)
+        # A shared pace does not probe: each of its processes would pay a probe's refusals
+        # on a server that counts on arrival (several: the processes' hand-backs add up).
+        self.tokens = tokens or TokenCount(probe=type(pacer) is Pacer)
 
     async def enter(self, tokens: int, model: str | None = None, seat: Seat | None = None) -> Slot:
         """Wait for the model's pace, if it has one, then for a slot in flight, then for the

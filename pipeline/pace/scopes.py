@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.pace.finder import MARGIN, RUN, RateFinder
 from pipeline.pace.local import Pacer, Window
+from pipeline.pace.tokens import TokenCount
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Scope:
     model: str
     pacer: Pacer
     finder: RateFinder
+    tokens: TokenCount  # what the server counts of its requests' tokens
     waiting: int = 0  # requests waiting for its pace now
     # The account's tickets of its requests from before it had a scope: their tickets here.
     moved: dict[int, int] = field(default_factory=dict)
@@ -111,7 +113,8 @@ class Scopes:
         )
         if request_rate or token_rate:
             finder.window.open()
-        scope = self.by_model[model] = Scope(model, pacer, finder)
+        # A shared pace does not probe how tokens are counted (`Gate`: each process would pay).
+        scope = self.by_model[model] = Scope(model, pacer, finder, TokenCount(probe=type(pacer) is Pacer))
         if self._start is not None:
             self._start(pacer.run)
         return scope
