@@ -1,0 +1,56 @@
+"""Telling a pace's own overshoot from scattered refusals, by their rhythm.
+
+A limit read a few percent too high (a bucket's savings counted with its refill at the first
+moment it was full, or a limit that fell a little) leaves the pace just above it: the server
+refuses one request now and then, too few to make a run or to pass the share of refusals
+that reads the limit again, and as few as an aggregator's scattered refusals, which must
+never take the pace down. What tells them apart is their rhythm. A pace held evenly above a
+limit is refused at a steady beat, one request in every p / (p - limit) for a bucket, the
+last of each second for a window that counts per second, give or take one; scattered
+refusals come at random, their gaps spread as widely as they are long (geometric). GAPS
+gaps between refusals at one pace, all within SPREAD of their mean (or LEEWAY), happen by
+chance about once in 100,000 checks at 10 % scattered refusals (not once in 200,000 at 5 %;
+once in 1,000 at 20 %, where runs of four already read limits that are not there), and
+within about GAPS / (p - limit) seconds of a pace above its limit.
+
+Each refusal on the beat is a moment the server was full, so what it let through between
+the first and the last of them, over that time, is its rate (`pipeline.pace.capacity`'s
+reading between two moments, with no pause to wait out).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from pipeline.pace.sendlog import SendLog
+
+GAPS = 7  # gaps between refusals that make a beat
+SPREAD = 0.15  # of the mean gap, that the gaps stay within
+LEEWAY = 1  # request the gaps may differ by however short they are
+
+
+class Rhythm:
+    """The refusals at one pace, in send order: `refused` says when they beat steadily."""
+
+    def __init__(self) -> None:
+        self._seqs: list[int] = []
+
+    def restart(self) -> None:
+        """A new pace: its refusals are its own."""
+        self._seqs.clear()
+
+    def refused(self, seq: int, log: SendLog) -> float | None:
+        """Request `seq` was refused, not in a run; returns the rate read over the steady beat
+        it ends (whose refusals are forgotten then, so that the next is heard afresh), or None."""
+        seqs = self._seqs
+        seqs.append(seq)
+        seqs.sort()  # answers do not always come back in send order
+        del seqs[: -(GAPS + 1)]
+        if len(seqs) <= GAPS or not log.kept(seqs[0]):
+            return None
+        gaps = [b - a for a, b in pairwise(seqs)]
+        if max(gaps) - min(gaps) > max(LEEWAY, SPREAD * (seqs[-1] - seqs[0]) / GAPS):
+            return None
+        first, last = seqs[0], seqs[-1]
+        seqs.clear()
+        return log.accepted_between(first, last) / max(log.sent_at(last) - log.sent_at(first), 1e-3)

@@ -1,0 +1,72 @@
+"""A pace held just above a limit is refused at a steady beat, which reads the limit again;
+scattered refusals come at random, and never do; on a simulated server and a fake clock
+(`tests.simulated`)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline.mock.limits import Bucket, Refusal
+from pipeline.pace.finder import RateFinder
+from pipeline.pace.local import Pacer, Window
+from pipeline.pace.rhythm import GAPS, Rhythm
+from pipeline.pace.sendlog import SendLog
+from tests.simulated import Clock, WholeSeconds, simulate
+
+
+class Unsaid:
+    """A limit whose refusals say no wait."""
+
+    def __init__(self, limit: Bucket) -> None:
+        self.limit = limit
+
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        refusal = self.limit.admit(now, tokens)
+        return None if refusal is None else Refusal(None, refusal.message)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("said", ["exact", "seconds", "none"])
+def test_a_buckets_savings_read_as_its_rate_are_read_again(said: str) -> None:
+    # A bucket holding one second of 50 a second: the first moment it is full counts its 50
+    # saved with the refill, and reads 55. The pace just above 50 is refused once in 17
+    # requests, too few to make a run or pass 15 % of answers: 6 % of requests, for good.
+    # Read again, what is left is the probe's (a refusal or two a minute, tests/test_probe.py).
+    clock = Clock()
+    f = RateFinder(Pacer(), Window(256), clock=clock, stop=lambda stopped: None)
+    bucket = Bucket(capacity=50, rate=50)
+    limit = {"exact": bucket, "seconds": WholeSeconds(bucket), "none": Unsaid(bucket)}[said]
+    served = simulate(f, clock, [limit], seconds=60, latency=0.05)
+    since = 1005.0  # past the first moment it was full and the beat that reads it again
+    refused = served.refusals(since, 1060)
+    assert refused / (refused + served.rate(since, 1060) * 55) <= 0.01
+    assert served.rate(since, 1060) >= 0.95 * 50
+
+
+def test_scattered_refusals_make_no_beat() -> None:
+    # One request in ten refused at random (an aggregator's upstreams on a bad day), 20,000
+    # of them: their gaps never line up.
+    draw = random.Random(21)
+    rhythm, log = Rhythm(), SendLog()
+    beats = 0
+    for i in range(200_000):
+        seq = log.send(i / 50)
+        if draw.random() < 0.1:
+            log.refuse(seq)
+            beats += rhythm.refused(seq, log) is not None
+    assert beats == 0
+
+
+def test_a_steady_beat_reads_what_got_through_between_its_refusals() -> None:
+    # 51 a second, refused one in 17 (a bucket of 48 a second), give or take one request.
+    rhythm, log = Rhythm(), SendLog()
+    heard = []
+    beat = {17 * k + (k == 3) for k in range(GAPS + 1)}
+    for i in range(GAPS * 17 + 5):
+        seq = log.send(i / 51)
+        if i in beat:
+            log.refuse(seq)
+            heard.append(rhythm.refused(seq, log))
+    assert heard[:GAPS] == [None] * GAPS
+    assert heard[GAPS] == pytest.approx(48, rel=0.01)
