@@ -13,7 +13,7 @@ from pipeline.pace.finder import RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.rhythm import GAPS, Rhythm
 from pipeline.pace.sendlog import SendLog
-from tests.simulated import Clock, WholeSeconds, simulate
+from tests.simulated import Clock, WholeSeconds, per_second, simulate
 
 
 class Unsaid:
@@ -70,3 +70,31 @@ def test_a_steady_beat_reads_what_got_through_between_its_refusals() -> None:
             heard.append(rhythm.refused(seq, log))
     assert heard[:GAPS] == [None] * GAPS
     assert heard[GAPS] == pytest.approx(48, rel=0.01)
+
+
+class Scattered:
+    """Refuses requests at random, `share` of them (an aggregator's upstreams)."""
+
+    def __init__(self, share: float, seed: int) -> None:
+        self.share = share
+        self.draw = random.Random(seed)
+
+    def admit(self, now: float, tokens: float) -> Refusal | None:
+        return Refusal(1.0, "upstream busy") if self.draw.random() < self.share else None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_scattered_refusals_at_a_known_limit_never_lower_it(seed: int) -> None:
+    # 5 % of requests refused at random on top of 50 a second: a 2 s window of answers holds
+    # 15 % of refusals now and then by chance (which read the limit again, lower each time:
+    # 50 a second went down to 23 in a quarter of an hour); a pace above its limit is refused
+    # that often window after window.
+    clock = Clock()
+    f = RateFinder(Pacer(), Window(256), clock=clock, stop=lambda stopped: None)
+    limits = [per_second(50), Scattered(0.05, seed)]
+    simulate(f, clock, limits, seconds=5)
+    found = f.limit
+    assert found is not None
+    served = simulate(f, clock, limits, seconds=900)
+    assert f.limit >= found
+    assert served.rate(1005, 1905) >= 0.9 * found

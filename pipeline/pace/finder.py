@@ -264,7 +264,7 @@ class RateFinder:
             self._reread(beat, True)
             return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
-        if self.capacity.sure and not many:
+        if not self.rhythm.lasting(now, many) and self.capacity.sure:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
             return

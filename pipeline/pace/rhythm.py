@@ -13,6 +13,14 @@ chance about once in 100,000 checks at 10 % scattered refusals (not once in 200,
 once in 1,000 at 20 %, where runs of four already read limits that are not there), and
 within about GAPS / (p - limit) seconds of a pace above its limit.
 
+Refusals that are many (more than 15 % of the answers in the rate finder's two seconds of
+them) read the limit again too, but only when a later window of answers, apart from the
+first, holds as many: a pace above its limit is refused that often window after window,
+scattered refusals only by chance in one now and then. At 5 % scattered, a window of 80
+answers holds 13 refusals or more once in 6,000, and that alone took a limit of 50 a second
+down to 23 in a quarter of an hour; two such windows in a row, once in 36 million. (At 10 %,
+one window in 15 does, and runs of four come too: refusals that common still lower a limit.)
+
 Each refusal on the beat is a moment the server was full, so what it let through between
 the first and the last of them, over that time, is its rate (`pipeline.pace.capacity`'s
 reading between two moments, with no pause to wait out).
@@ -27,6 +35,7 @@ from pipeline.pace.sendlog import SendLog
 GAPS = 7  # gaps between refusals that make a beat
 SPREAD = 0.15  # of the mean gap, that the gaps stay within
 LEEWAY = 1  # request the gaps may differ by however short they are
+APART = 2.0  # seconds between two windows of answers that share none (the finder's window)
 
 
 class Rhythm:
@@ -34,10 +43,22 @@ class Rhythm:
 
     def __init__(self) -> None:
         self._seqs: list[int] = []
+        self._many_at = -2 * APART  # when refusals were first seen many, in a window of answers
 
     def restart(self) -> None:
         """A new pace: its refusals are its own."""
         self._seqs.clear()
+        self._many_at = -2 * APART
+
+    def lasting(self, now: float, many: bool) -> bool:
+        """Refusals are `many` now: whether they were in a window of answers apart from this
+        one too, APART to twice that ago."""
+        if not many:
+            return False
+        since = now - self._many_at
+        if since > 2 * APART:
+            self._many_at = now  # the first window that says so
+        return APART <= since <= 2 * APART
 
     def refused(self, seq: int, log: SendLog) -> float | None:
         """Request `seq` was refused, not in a run; returns the rate read over the steady beat
