@@ -6,12 +6,13 @@ refuses one request now and then, too few to make a run or to pass the share of 
 that reads the limit again, and as few as an aggregator's scattered refusals, which must
 never take the pace down. What tells them apart is their rhythm. A pace held evenly above a
 limit is refused at a steady beat, one request in every p / (p - limit) for a bucket, the
-last of each second for a window that counts per second, give or take one; scattered
-refusals come at random, their gaps spread as widely as they are long (geometric). GAPS
-gaps between refusals at one pace, all within SPREAD of their mean (or LEEWAY), happen by
-chance about once in 100,000 checks at 10 % scattered refusals (not once in 200,000 at 5 %;
-once in 1,000 at 20 %, where runs of four already read limits that are not there), and
-within about GAPS / (p - limit) seconds of a pace above its limit.
+last of each second for a window that counts per second; scattered refusals come at random,
+their gaps spread as widely as they are long (geometric). GAPS gaps between refusals at one
+pace, all within SPREAD of their mean (or LEEWAY: a client's loop late by a few milliseconds
+moves a refusal by a request or two), happen by chance once in 100,000 checks at 2 % or 5 %
+scattered refusals, once in 5,000 at 10 % (once in 120 at 20 %, where runs of four already
+read limits that are not there), and within about GAPS / (p - limit) seconds of a pace
+above its limit.
 
 Refusals that are many (more than 15 % of the answers in the rate finder's two seconds of
 them) read the limit again too, but only when a later window of answers, apart from the
@@ -33,8 +34,8 @@ from itertools import pairwise
 from pipeline.pace.sendlog import SendLog
 
 GAPS = 7  # gaps between refusals that make a beat
-SPREAD = 0.15  # of the mean gap, that the gaps stay within
-LEEWAY = 1  # request the gaps may differ by however short they are
+SPREAD = 0.3  # of the mean gap, that the gaps stay within
+LEEWAY = 2  # requests the gaps may differ by however short they are (a loop late by a few ms)
 APART = 2.0  # seconds between two windows of answers that share none (the finder's window)
 
 
