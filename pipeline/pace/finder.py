@@ -11,18 +11,15 @@ refusals drive everything here, and answers are never waited for:
 - **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what the
   server let through in the second before; at later ones, what it let through between two
   moments it was full. The pool pauses for the Retry-After, the pace is set at 97 % of the
-  rate read, and the in-flight window opens to --concurrency: the pace bounds the rate, and
-  in flight is whatever the pace and the latency make it. A refusal that comes back after
-  the reading, for a request it counted as let through, is taken out of it.
+  rate read, and the in-flight window opens to --concurrency (the pace bounds the rate). A
+  refusal that comes back after the reading, for a request it counted in, is taken out.
 - **Probing** (`pipeline.pace.probe`). Ten seconds after a change of pace, while the pacer
   is what holds requests back, the pace climbs above the limit known, slowly near it and
   faster the longer nothing is refused, to learn whether the limit rose.
-- **Above a known limit.** A refusal while probing above the pace the limit allows sets it
-  back to that pace, or to what the server let through in its last second if more (the
-  limit rose), with no pause but the rest of a second the server counts. Refusals at that
-  pace read the limit again (at most once in SETTLE seconds) when it was read over less
-  than a second or raised by a probe, or when they are more than 15 % of answers.
-  Scattered refusals never ratchet the pace down.
+- **Above a known limit.** A refused probe sets the pace back (`_probed_past`). Refusals at the
+  limit's pace read it again: at once when they beat steadily, as a pace just above a limit
+  is refused (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over
+  under a second or raised by a probe, or past 15 % of answers. Scattered ones never do.
 - Until a limit is found, requests are not paced at all: one check each, no timer. The
   window (`limits.Window`) grows with time while no refusal comes back, not with answers.
 - **Many processes, one account** (a shared pace): each process still watches its own
@@ -30,11 +27,9 @@ refusals drive everything here, and answers are never waited for:
   the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
 
 When every request out fails, and the endpoint is at fault (5xx, dropped connections,
-timeouts; a 400 or a 404 says nothing about the endpoint's health), it is down rather than
-busy: the pool pauses and probes with a few requests, and no attempt is spent until it answers
-again (`pipeline.pace.outage`).
-
-When the server lets nothing through for long, the run stops (`pipeline.pace.giveup`).
+timeouts; not a 400 or a 404), it is down rather than busy: the pool pauses and probes with a
+few requests, spending no attempt until it answers (`pipeline.pace.outage`). When the server
+lets nothing through for long, the run stops (`pipeline.pace.giveup`).
 
 Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
 stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
@@ -54,6 +49,7 @@ from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.outage import Outage
 from pipeline.pace.probe import SETTLE, Probe
+from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SendLog
 from pipeline.send.waits import parse_duration, per_minute, spent
 
@@ -120,6 +116,7 @@ class RateFinder:
         self._tally = [0, 0]
         self._next_step = 0.0
         self.probe = Probe(HOLD)
+        self.rhythm = Rhythm()
         self._reread_after = 0.0
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
@@ -143,6 +140,7 @@ class RateFinder:
         self.epoch = self.log.next
         self._epoch_start = now
         self.probe.settle(now)
+        self.rhythm.restart()
         # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
         self._end_hold()
         self._hold_spent = False
@@ -280,9 +278,13 @@ class RateFinder:
         if current is not None and current > self.limit * HOLD * 1.0001:
             self._probed_past(now, ticket, current, wait)
             return
+        beat = None if self.pacer.reads_account() else self.rhythm.refused(ticket, self.log)
+        if beat is not None:  # the pace's own overshoot, not scattered refusals
+            self._reread(beat, True)
+            return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
         refused, answered = self._tally
-        many = many or (refused >= READ_MIN and refused >= READ_SHARE * answered)
+        many = self.rhythm.lasting(now, many) or (refused >= READ_MIN and refused >= READ_SHARE * answered)
         if self.capacity.sure and not many:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:

@@ -1,0 +1,78 @@
+"""Telling a pace's own overshoot from scattered refusals, by their rhythm.
+
+A limit read a few percent too high (a bucket's savings counted with its refill at the first
+moment it was full, or a limit that fell a little) leaves the pace just above it: the server
+refuses one request now and then, too few to make a run or to pass the share of refusals
+that reads the limit again, and as few as an aggregator's scattered refusals, which must
+never take the pace down. What tells them apart is their rhythm. A pace held evenly above a
+limit is refused at a steady beat, one request in every p / (p - limit) for a bucket, the
+last of each second for a window that counts per second; scattered refusals come at random,
+their gaps spread as widely as they are long (geometric). GAPS gaps between refusals at one
+pace, all within SPREAD of their mean (or LEEWAY: a client's loop late by a few milliseconds
+moves a refusal by a request or two), happen by chance once in 100,000 checks at 2 % or 5 %
+scattered refusals, once in 5,000 at 10 % (once in 120 at 20 %, where runs of four already
+read limits that are not there), and within about GAPS / (p - limit) seconds of a pace
+above its limit.
+
+Refusals that are many (more than 15 % of the answers in the rate finder's two seconds of
+them) read the limit again too, but only when a later window of answers, apart from the
+first, holds as many: a pace above its limit is refused that often window after window,
+scattered refusals only by chance in one now and then. At 5 % scattered, a window of 80
+answers holds 13 refusals or more once in 6,000, and that alone took a limit of 50 a second
+down to 23 in a quarter of an hour; two such windows in a row, once in 36 million. (At 10 %,
+one window in 15 does, and runs of four come too: refusals that common still lower a limit.)
+
+Each refusal on the beat is a moment the server was full, so what it let through between
+the first and the last of them, over that time, is its rate (`pipeline.pace.capacity`'s
+reading between two moments, with no pause to wait out).
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from pipeline.pace.sendlog import SendLog
+
+GAPS = 7  # gaps between refusals that make a beat
+SPREAD = 0.3  # of the mean gap, that the gaps stay within
+LEEWAY = 2  # requests the gaps may differ by however short they are (a loop late by a few ms)
+APART = 2.0  # seconds between two windows of answers that share none (the finder's window)
+
+
+class Rhythm:
+    """The refusals at one pace, in send order: `refused` says when they beat steadily."""
+
+    def __init__(self) -> None:
+        self._seqs: list[int] = []
+        self._many_at = -2 * APART  # when refusals were first seen many, in a window of answers
+
+    def restart(self) -> None:
+        """A new pace: its refusals are its own."""
+        self._seqs.clear()
+        self._many_at = -2 * APART
+
+    def lasting(self, now: float, many: bool) -> bool:
+        """Refusals are `many` now: whether they were in a window of answers apart from this
+        one too, APART to twice that ago."""
+        if not many:
+            return False
+        since = now - self._many_at
+        if since > 2 * APART:
+            self._many_at = now  # the first window that says so
+        return APART <= since <= 2 * APART
+
+    def refused(self, seq: int, log: SendLog) -> float | None:
+        """Request `seq` was refused, not in a run; returns the rate read over the steady beat
+        it ends (whose refusals are forgotten then, so that the next is heard afresh), or None."""
+        seqs = self._seqs
+        seqs.append(seq)
+        seqs.sort()  # answers do not always come back in send order
+        del seqs[: -(GAPS + 1)]
+        if len(seqs) <= GAPS or not log.kept(seqs[0]):
+            return None
+        gaps = [b - a for a, b in pairwise(seqs)]
+        if max(gaps) - min(gaps) > max(LEEWAY, SPREAD * (seqs[-1] - seqs[0]) / GAPS):
+            return None
+        first, last = seqs[0], seqs[-1]
+        seqs.clear()
+        return log.accepted_between(first, last) / max(log.sent_at(last) - log.sent_at(first), 1e-3)
