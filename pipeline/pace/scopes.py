@@ -82,7 +82,7 @@ class Scopes:
         self.account = account
         self.by_model: dict[str, Scope] = {}
         self.tags: dict[str, int] = {}  # a number for each model seen, for the send log
-        self._blame: set[int] = set()  # the models whose refusals the account's pace was read at
+        self._blame: set[int] = set()  # the models at whose refusals the account's pace was read
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
@@ -144,9 +144,12 @@ class Scopes:
             return not around or last > first
         scope = self._add(model, None, None)
         scope.moved = log.move(tag, scope.finder.log)
-        if self._blame <= {tag}:
+        # Once every model whose refusals the account's pace was read at has a pace of its
+        # own, that pace was theirs: several `:free` models' retries, coming back together,
+        # make runs of refusals in the account's send order that no one of them makes alone.
+        self._blame.discard(tag)
+        if not self._blame:
             self.account.forget()
-            self._blame.clear()
         say = self.account.outage.say
         if say is not None:
             say(
@@ -155,9 +158,13 @@ class Scopes:
             )
         return scope
 
-    def blame(self, model: str | None) -> None:
-        """The account's pace was changed at a refusal of `model`'s."""
-        self._blame.add(self.tag(model))
+    def blame(self, ticket: int, model: str | None) -> None:
+        """The account's pace was changed at the refusal of its request `ticket`, of `model`:
+        each model in that run of refusals (those without a pace of their own) shares the
+        blame."""
+        log = self.account.log
+        scoped = {self.tags[model] for model in self.by_model if model in self.tags}
+        self._blame |= (log.tags(*log.run(ticket)) | {self.tag(model)}) - scoped
 
     def crowded(self, model: str | None) -> bool:
         """Whether enough requests of `model` wait for its scope's pace: a worker takes the
