@@ -1,14 +1,26 @@
-"""Which limit a refusal reads, told from the send order alone: a fake clock, no server."""
+"""Several models on one key: which limit a refusal reads (told from the send order alone, on
+a fake clock), and a model that lets nothing through."""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
 
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.scopes import Scope, Scopes
+from pipeline.run.runner import run
+from tests.conftest import read_jsonl
+from tests.scripted import answer, json, scripted
 from tests.simulated import Clock
 
-PAID = "v/paid"
+PAID, DEAD = "v/paid", "v/dead:free"
 
 
 def _gate() -> tuple[Gate, Clock]:
@@ -60,3 +72,42 @@ async def test_an_account_pace_read_at_several_models_refusals_is_dropped_once_e
         assert isinstance(gate.scopes.by_model.get(model), Scope)
     assert finder.limit is None
     assert finder.pacer.request_rate is None  # the paid model's lines unpaced again
+
+
+async def test_a_model_that_lets_nothing_through_is_given_up_and_the_others_go_on(
+    make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `:free` model whose quota is spent refuses every request: after --give-up-after, its
+    lines fail unsent (the next run tries them again) and the paid model's lines go on,
+    where the whole run used to stop (exit 3) with most of them left to do."""
+    paid: list[float] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["model"] == DEAD:
+            return json(
+                {"error": {"message": "Rate limit exceeded: free-models-per-day", "code": 429}}, status=429
+            )
+        await asyncio.sleep(0.02)
+        paid.append(time.monotonic())
+        return answer(body)
+
+    rows = [
+        {
+            "custom_id": f"r{i}",
+            "model": DEAD if i % 40 == 0 else PAID,
+            "messages": [{"role": "user", "content": "q"}],
+        }
+        for i in range(400)
+    ]
+    job = tmp_path / "job.toml"
+    job.write_text(f'[limits."{DEAD}"]\nrpm = 600\n')
+    async with scripted(handler) as endpoint:
+        settings = make_settings(endpoint.url, rows, concurrency=4, give_up_after=1.0, job=job)
+        summary = await run(settings)
+    assert summary.exit_code == 1  # some lines failed: not stopped (3)
+    assert len(paid) == 390  # every paid line done
+    failed = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert sorted(f["custom_id"] for f in failed) == sorted(f"r{i}" for i in range(0, 400, 40))
+    said = capsys.readouterr().err
+    assert said.count(f"the server refuses every request for {DEAD}") == 1

@@ -15,6 +15,9 @@ against the model its request named:
   forgotten: the other models are not held to one model's limit.
 - A refusal of a model with a scope is its scope's to read; the account's send log notes it
   as not let through, and nothing more.
+- A model that lets nothing through for --give-up-after (or asks to wait longer) is given
+  up, not the run: its lines fail unsent, to be tried again by the next run, and the other
+  models' go on (`refusing`).
 
 Each scope's pace has its home where the account's has it: in this process, or in the store
 the account's processes share (a key of its own: the account's, and a hash of the model).
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import RunStopped
 from pipeline.pace.finder import MARGIN, RUN, RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.quote import quote
@@ -82,6 +86,8 @@ class Scopes:
         self.account = account
         self.by_model: dict[str, Scope] = {}
         self.tags: dict[str, int] = {}  # a number for each model seen, for the send log
+        # Models given up for this run (they let nothing through for long): what was said.
+        self.refusing: dict[str, str] = {}
         self._blame: set[int] = set()  # the models at whose refusals the account's pace was read
         self._pacer_for = pacer_for
         self._start: Start | None = None
@@ -106,7 +112,7 @@ class Scopes:
             ceiling=request_rate,
             tpm_given=token_rate is not None,
             give_up=account.giving.give_up,
-            stop=account.giving.stop,
+            stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
         )
         if request_rate or token_rate:
@@ -115,6 +121,23 @@ class Scopes:
         if self._start is not None:
             self._start(pacer.run)
         return scope
+
+    def _give_up(self, model: str, stopped: RunStopped) -> None:
+        """`model` lets nothing through for long: its lines are left for the next run, and
+        whatever waits for its pace finds out at once; the run goes on with the others."""
+        if model in self.refusing:
+            return
+        said = str(stopped).replace(
+            "the server refuses every request", f"the server refuses every request for {model}"
+        )
+        said = said.removesuffix("; run the same command again then to resume")  # the run goes on
+        self.refusing[model] = said
+        say = self.account.outage.say
+        if say is not None:
+            say(
+                f"pipeline: {said}; its lines fail unsent (the next run tries them again), and the other models' go on"
+            )
+        self.by_model[model].pacer.wake_all()
 
     def start(self, start: Start) -> None:
         """Run each scope's pace (a shared one keeps in step with its store) with `start`, a
