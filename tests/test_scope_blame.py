@@ -74,6 +74,19 @@ async def test_an_account_pace_read_at_several_models_refusals_is_dropped_once_e
     assert finder.pacer.request_rate is None  # the paid model's lines unpaced again
 
 
+async def test_refusals_of_many_models_side_by_side_leave_the_account_unpaced() -> None:
+    """Forty `:free` models with a few lines each, each limited on its own: their retries
+    come back together, refused side by side in the account's send order, one each, while
+    the paid model's requests around them go through. No account limit is read there."""
+    gate, _ = _gate()
+    for k in range(5):
+        _through(gate, _send(gate, PAID, PAID, PAID))
+        _refuse(gate, _send(gate, *(f"m{k}-{i}:free" for i in range(8))))
+    _through(gate, _send(gate, PAID, PAID, PAID))
+    assert gate.finder.cuts == 0
+    assert gate.finder.pacer.request_rate is None
+
+
 async def test_a_model_that_lets_nothing_through_is_given_up_and_the_others_go_on(
     make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -162,9 +162,13 @@ class Scopes:
         if run < RUN or between < THROUGH:
             # Alone among others that went through (in the account's send order too): one
             # model's limit, maybe, not yet a run of it (or an upstream's scattered refusal);
-            # either way not the account's to react to. Beside another refusal, it may be.
+            # either way not the account's to react to. Beside another refusal, it may be,
+            # when its model's own last requests were refused with nothing let through
+            # between them: an account that is full refuses them all. Beside other models'
+            # refusals alone it is not: many `:free` models, each limited on its own, each
+            # with a few lines, are refused side by side while the paid model's go through.
             first, last = log.run(ticket)
-            return not around or last > first
+            return not around or (last > first and run > 1 and between < THROUGH)
         scope = self._add(model, None, None)
         scope.moved = log.move(tag, scope.finder.log)
         # Once every model whose refusals the account's pace was read at has a pace of its
