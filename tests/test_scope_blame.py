@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.scopes import Scope, Scopes
+from pipeline.pace.sendlog import SIZE
 from pipeline.run.runner import run
 from tests.conftest import read_jsonl
 from tests.scripted import answer, json, scripted
@@ -85,6 +87,25 @@ async def test_refusals_of_many_models_side_by_side_leave_the_account_unpaced() 
     _through(gate, _send(gate, PAID, PAID, PAID))
     assert gate.finder.cuts == 0
     assert gate.finder.pacer.request_rate is None
+
+
+async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:
+    """A job naming hundreds of `:free` models, each found limited: each has a scope, whose
+    send log sees its model's requests; a few hundred of them stay within tens of megabytes."""
+    gate, _ = _gate()
+    scopes = gate.scopes
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(16):
+            scope = scopes._add(f"v/m{i}:free", None, None)
+            for _ in range(SIZE):  # its log full of requests sent at its pace
+                scope.finder.sent()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_scope = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / 16
+    assert per_scope < 150_000, per_scope
 
 
 async def test_a_model_that_lets_nothing_through_is_given_up_and_the_others_go_on(

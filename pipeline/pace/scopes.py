@@ -33,12 +33,17 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import RunStopped
 from pipeline.pace.finder import MARGIN, RUN, RateFinder
 from pipeline.pace.local import Pacer, Window
+from pipeline.pace.sendlog import SIZE
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
     from pipeline.settings import ModelLimit
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
+# A model's send log: four times --concurrency (it must outlast what is in flight) and no
+# less than this, where the account's holds SIZE: a job of hundreds of `:free` models, each
+# with a scope, held over half a megabyte for each.
+SCOPE_LOG = 2048
 # Requests waiting for a scope's pace, at least, before a worker sets the next aside (a
 # second of its pace, when that is more): enough to keep its pace busy, and no more.
 WAITING = 4
@@ -114,6 +119,7 @@ class Scopes:
             give_up=account.giving.give_up,
             stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
+            log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
         if request_rate or token_rate:
             finder.window.open()
