@@ -9,6 +9,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -18,7 +19,7 @@ from pipeline.pace.local import Pacer, Window
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
 from pipeline.run.runner import run
-from tests.conftest import read_jsonl
+from tests.conftest import bodies, read_jsonl
 from tests.scripted import answer, json, scripted
 from tests.simulated import Clock
 
@@ -145,3 +146,22 @@ async def test_a_model_that_lets_nothing_through_is_given_up_and_the_others_go_o
     assert sorted(f["custom_id"] for f in failed) == sorted(f"r{i}" for i in range(0, 400, 40))
     said = capsys.readouterr().err
     assert said.count(f"the server refuses every request for {DEAD}") == 1
+
+
+async def test_a_limit_given_for_a_model_no_line_names_is_pointed_out(
+    mock: Any, make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`[limits."vendor/model:free"]` where the lines say `vendor/model-free`: the model meant
+    goes unpaced, and the run says which name no line used (not that it paced it)."""
+    job = tmp_path / "job.toml"
+    job.write_text('[limits."test/model:free"]\nrpm = 60\n')
+    async with mock() as (base_url, _):
+        summary = await run(make_settings(base_url, bodies(20), job=job))
+    assert summary.exit_code == 0
+    said = capsys.readouterr().err
+    assert (
+        "[limits.'test/model:free']: no line of this run named that model (the lines named 'test/model')"
+        in said
+    )
+    usage = orjson.loads((tmp_path / "out" / "usage.json").read_bytes())
+    assert "models_paced_at_rpm" not in usage["runs"][-1]
