@@ -83,7 +83,8 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
         "--give-up-after",
         type=_positive_float,
         help="seconds of nothing but 429s, or of an endpoint failing every request, before the run "
-        "stops with exit 3, to resume later (default 600)",
+        "stops with exit 3, to resume later (default 600); a model paced on its own that lets nothing "
+        "through fails its lines unsent instead, and the others go on",
     )
     p.add_argument(
         "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"

@@ -217,3 +217,15 @@ async def test_the_same_model_by_flag_or_by_job_file_is_the_same_job(mock, tmp_p
         for extra in ([], ["--model", "job/model"]):
             code, _, err = await run_into(url, src, tmp_path / "o", *extra, job=job)
             assert code == 0, err
+
+
+def test_the_progress_line_names_a_few_models_paces_however_many_have_one(tmp_path: Path) -> None:
+    """Forty `:free` models found limited: the line names the slowest three and counts the rest."""
+    settings = build(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o"))
+    progress = Progress(settings, ReadCounts(total=10), _Written(), Usage(), stream=io.StringIO())  # type: ignore[arg-type]
+    paces = {f"vendor/model-{i}:free": (1.0 + i / 100, "found", 1.0) for i in range(40)}
+    progress.paces_of = lambda: paces
+    line = progress.line()
+    assert len(line) < 400
+    assert "for 'vendor/model-0:free'" in line
+    assert "37 more models paced on their own; account unpaced" in line

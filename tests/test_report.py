@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 import sys
@@ -241,3 +242,13 @@ def test_latencies_that_differ_by_float_noise_are_drawn() -> None:
     root = Path(__file__).resolve().parents[1]  # where `tests` imports from, whatever the cwd
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_report_draws_the_slowest_few_models_paces_and_counts_the_rest() -> None:
+    doc = _doc()
+    point = doc["timeline"][0]["points"][0]
+    point["scopes"] = {f"v/m{i}:free": {"pace": 1.0 + i, "pace_kind": "found"} for i in range(40)}
+    page = html_report(doc)
+    charts = "".join(base64.b64decode(src).decode() for src in re.findall(r"base64,([^\"]*)", page))
+    assert set(re.findall(r"pace for (v/m\d+:free)", charts)) == {f"v/m{i}:free" for i in range(4)}
+    assert "36 more models paced" in charts

@@ -50,7 +50,7 @@ from pipeline.pace.local import Pacer, Window
 from pipeline.pace.outage import Outage
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
-from pipeline.pace.sendlog import SendLog
+from pipeline.pace.sendlog import SIZE, SendLog
 from pipeline.send.waits import parse_duration, per_minute, spent
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
@@ -89,6 +89,7 @@ class RateFinder:
         stop: Callable[[RunStopped], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         say: Callable[[str], None] | None = None,
+        log_size: int = SIZE,
     ) -> None:
         self.pacer = pacer
         self.window = window
@@ -96,7 +97,7 @@ class RateFinder:
         self.rpm_given = ceiling is not None
         self.tpm_given = tpm_given
         self.clock = clock
-        self.log = SendLog()
+        self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
         self.giving = GiveUp(self.log, give_up, stop)
         self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)

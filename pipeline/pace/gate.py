@@ -197,7 +197,7 @@ class Gate:
             cuts = finder.cuts
             finder.pushback(slot.ticket, wait, message)
             if finder.cuts != cuts:
-                self.scopes.blame(slot.model)
+                self.scopes.blame(slot.ticket, slot.model)
             return
         finder.log.refuse(slot.ticket)  # not let through; the model's limit to read
         if slot.own >= 0:

@@ -15,6 +15,9 @@ against the model its request named:
   forgotten: the other models are not held to one model's limit.
 - A refusal of a model with a scope is its scope's to read; the account's send log notes it
   as not let through, and nothing more.
+- A model that lets nothing through for --give-up-after (or asks to wait longer) is given
+  up, not the run: its lines fail unsent, to be tried again by the next run, and the other
+  models' go on (`refusing`).
 
 Each scope's pace has its home where the account's has it: in this process, or in the store
 the account's processes share (a key of its own: the account's, and a hash of the model).
@@ -27,8 +30,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import RunStopped
 from pipeline.pace.finder import MARGIN, RUN, RateFinder
 from pipeline.pace.local import Pacer, Window
+from pipeline.pace.sendlog import SIZE
 from pipeline.pace.tokens import TokenCount
 from pipeline.quote import quote
 
@@ -36,6 +41,10 @@ if TYPE_CHECKING:
     from pipeline.settings import ModelLimit
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
+# A model's send log: four times --concurrency (it must outlast what is in flight) and no
+# less than this, where the account's holds SIZE: a job of hundreds of `:free` models, each
+# with a scope, held over half a megabyte for each.
+SCOPE_LOG = 2048
 # Requests waiting for a scope's pace, at least, before a worker sets the next aside (a
 # second of its pace, when that is more): enough to keep its pace busy, and no more.
 WAITING = 4
@@ -84,7 +93,9 @@ class Scopes:
         self.account = account
         self.by_model: dict[str, Scope] = {}
         self.tags: dict[str, int] = {}  # a number for each model seen, for the send log
-        self._blame: set[int] = set()  # the models whose refusals the account's pace was read at
+        # Models given up for this run (they let nothing through for long): what was said.
+        self.refusing: dict[str, str] = {}
+        self._blame: set[int] = set()  # the models at whose refusals the account's pace was read
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
@@ -108,8 +119,9 @@ class Scopes:
             ceiling=request_rate,
             tpm_given=token_rate is not None,
             give_up=account.giving.give_up,
-            stop=account.giving.stop,
+            stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
+            log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
         if request_rate or token_rate:
             finder.window.open()
@@ -118,6 +130,23 @@ class Scopes:
         if self._start is not None:
             self._start(pacer.run)
         return scope
+
+    def _give_up(self, model: str, stopped: RunStopped) -> None:
+        """`model` lets nothing through for long: its lines are left for the next run, and
+        whatever waits for its pace finds out at once; the run goes on with the others."""
+        if model in self.refusing:
+            return
+        said = str(stopped).replace(
+            "the server refuses every request", f"the server refuses every request for {model}"
+        )
+        said = said.removesuffix("; run the same command again then to resume")  # the run goes on
+        self.refusing[model] = said
+        say = self.account.outage.say
+        if say is not None:
+            say(
+                f"pipeline: {said}; its lines fail unsent (the next run tries them again), and the other models' go on"
+            )
+        self.by_model[model].pacer.wake_all()
 
     def start(self, start: Start) -> None:
         """Run each scope's pace (a shared one keeps in step with its store) with `start`, a
@@ -142,14 +171,21 @@ class Scopes:
         if run < RUN or between < THROUGH:
             # Alone among others that went through (in the account's send order too): one
             # model's limit, maybe, not yet a run of it (or an upstream's scattered refusal);
-            # either way not the account's to react to. Beside another refusal, it may be.
+            # either way not the account's to react to. Beside another refusal, it may be,
+            # when its model's own last requests were refused with nothing let through
+            # between them: an account that is full refuses them all. Beside other models'
+            # refusals alone it is not: many `:free` models, each limited on its own, each
+            # with a few lines, are refused side by side while the paid model's go through.
             first, last = log.run(ticket)
-            return not around or last > first
+            return not around or (last > first and run > 1 and between < THROUGH)
         scope = self._add(model, None, None)
         scope.moved = log.move(tag, scope.finder.log)
-        if self._blame <= {tag}:
+        # Once every model whose refusals the account's pace was read at has a pace of its
+        # own, that pace was theirs: several `:free` models' retries, coming back together,
+        # make runs of refusals in the account's send order that no one of them makes alone.
+        self._blame.discard(tag)
+        if not self._blame:
             self.account.forget()
-            self._blame.clear()
         say = self.account.outage.say
         if say is not None:
             say(
@@ -158,9 +194,13 @@ class Scopes:
             )
         return scope
 
-    def blame(self, model: str | None) -> None:
-        """The account's pace was changed at a refusal of `model`'s."""
-        self._blame.add(self.tag(model))
+    def blame(self, ticket: int, model: str | None) -> None:
+        """The account's pace was changed at the refusal of its request `ticket`, of `model`:
+        each model in that run of refusals (those without a pace of their own) shares the
+        blame."""
+        log = self.account.log
+        scoped = {self.tags[model] for model in self.by_model if model in self.tags}
+        self._blame |= (log.tags(*log.run(ticket)) | {self.tag(model)}) - scoped
 
     def crowded(self, model: str | None) -> bool:
         """Whether enough requests of `model` wait for its scope's pace: a worker takes the

@@ -60,6 +60,11 @@ class SendLog:
             last += 1
         return first, last
 
+    def tags(self, first: int, last: int) -> set[int]:
+        """The tags of the requests from `first` to `last` (a run of refusals: whose they were)."""
+        oldest = max(self.next - self._size, 0)
+        return {self._tags[seq & self._mask] for seq in range(max(first, oldest), min(last + 1, self.next))}
+
     def run_of(self, seq: int, tag: int) -> tuple[int, int, int]:
         """The run of refusals `seq` belongs to among the requests of its tag alone (one
         model's, in the order they left); how many requests of other tags sent among them

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
+import math
 import sys
 from typing import Any
 
@@ -141,14 +142,23 @@ def _over_time(length: float, points: list[dict[str, Any]]) -> list[str]:
         if any(values):
             per_kind.append((k, list(values), COLOURS[k]))
     paces = {str(p.get("pace_kind")) for p in points if p.get("pace")}
-    models = sorted({model for p in points for model in p.get("scopes", {})})
+    # The slowest few models, each a line of its own colour: forty would be a tangle; the
+    # rest are counted in the legend (usage.json's timeline holds every one).
+    lowest: dict[str, float] = {}
+    for p in points:
+        for model, scope in p.get("scopes", {}).items():
+            lowest[model] = min(lowest.get(model, math.inf), scope.get("pace") or math.inf)
+    models = sorted(lowest, key=lambda model: (lowest[model], model))[: len(SCOPE_COLOURS)]
+    more = len(lowest) - len(models)
     if paces:
         pace = [p.get("pace") for p in points]
         whose = "the account's pace" if models else "pace in force"
         per_kind.append((f"{whose} ({'/'.join(sorted(paces))})", pace, "#223366"))
     for i, model in enumerate(models):  # each model with a pace of its own
         pace = [p.get("scopes", {}).get(model, {}).get("pace") for p in points]
-        per_kind.append((f"pace for {model}", pace, SCOPE_COLOURS[i % len(SCOPE_COLOURS)]))
+        per_kind.append((f"pace for {model}", pace, SCOPE_COLOURS[i]))
+    if more:  # named in the legend alone, undrawn
+        per_kind.append((f"{more:,} more models paced", [None] * len(points), "#bbbbbb"))
     if any(p.get("limit") for p in points):
         per_kind.append(("limit (given, stated or found)", [p.get("limit") for p in points], "#000000"))
     latency = [

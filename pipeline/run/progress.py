@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 BAR_REFRESH = 0.25  # seconds
+MODELS = 3  # models with a pace of their own named in the progress line
 MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all
 
 
@@ -129,12 +130,16 @@ class Progress:
             if rate:
                 pace = f"pace {rate * 60:,.0f}/min ({kind})"
         scoped = self.paces_of() if self.paces_of is not None else {}
-        if any(rate for rate, _, _ in scoped.values()):
+        paced = sorted((rate, model, kind) for model, (rate, kind, _) in scoped.items() if rate)
+        if paced:
+            # The slowest few by name: forty `:free` models found limited would make a line of
+            # thousands of characters, in the bar and in a log line each minute.
             models = [
                 f"pace {rate * 60:,.0f}/min ({kind}) for {quote(model)}"
-                for model, (rate, kind, _) in scoped.items()
-                if rate
+                for rate, model, kind in paced[:MODELS]
             ]
+            if len(paced) > MODELS:
+                models.append(f"{len(paced) - MODELS:,} more models paced on their own")
             pace = "; ".join([*models, f"account {pace.removeprefix('pace ')}"])
         return pace
 

@@ -39,6 +39,7 @@ from pipeline.pace.finder import MARGIN, RateFinder
 from pipeline.pace.gate import Gate
 from pipeline.pace.local import Window
 from pipeline.pace.scopes import Scopes, pace_of
+from pipeline.quote import quote
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Aside, Control, Crew, Refill
 from pipeline.run.host import Host
@@ -237,9 +238,23 @@ class Run:
                         tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                     requests_recv.close()
                     outcomes_send.close()
+            self._unnamed_limits()
             # Everything that will be written has been sent: let the writer drain, then stop.
             await writer.drained.wait()
             outer.cancel_scope.cancel()
+
+    def _unnamed_limits(self) -> None:
+        """A model's limit given for a model no line of a whole run named is most likely
+        misspelled, and the model meant went unpaced: say so."""
+        seen, counts = self.gate.scopes.tags, self.counts
+        unnamed = [model for model in self.settings.limits if model not in seen]
+        if unnamed and counts.finished and self.control.dispatching and counts.read > counts.skipped:
+            names = ", ".join(f"[limits.{quote(model)}]" for model in unnamed)
+            models = ", ".join(quote(model) for model in list(seen)[:5])
+            self.progress.say(
+                f"pipeline: {names}: no line of this run named that model (the lines named {models}"
+                f"{', ...' if len(seen) > 5 else ''}); is its name spelled as the lines spell it?"
+            )
 
     async def _read(
         self,
@@ -334,7 +349,12 @@ class Run:
         }
         if self.pacer.request_rate is not None:
             record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
-        models = {model: round(rate * 60) for model, (rate, _, _) in self.gate.scopes.paces().items() if rate}
+        scopes = self.gate.scopes
+        models = {
+            model: round(rate * 60)
+            for model, (rate, _, _) in scopes.paces().items()
+            if rate and model in scopes.tags  # a limit given for a model no line named paced nothing
+        }
         if models:
             record["models_paced_at_rpm"] = models
         usage.timeline.finish()

@@ -38,6 +38,10 @@ class Abandoned(Exception):
     """The run stopped dispatching before this attempt could start."""
 
 
+class GivenUp(Exception):
+    """The request's model lets nothing through (`Scopes.refusing`): not sent again this run."""
+
+
 class Worker:
     def __init__(
         self,
@@ -162,6 +166,8 @@ class Worker:
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
+        if self.gate.scopes.refusing and request.model in self.gate.scopes.refusing:
+            return self._refused(request, 0)
         # (no coroutine made where there is no budget to wait for: most runs have none)
         held = await self.books.reserve(request) if self.books.budget is not None else None
         if isinstance(held, RunStopped):
@@ -204,6 +210,8 @@ class Worker:
             reply, parsed = await self.retry.call(attempt, sleep=seat.backoff if seat else self.control.nap)
         except Abandoned:
             return None
+        except GivenUp:
+            return self._refused(request, attempts)
         except RequestError as e:
             try:
                 stop = await self.judge.stops_run(e, request.model)
@@ -240,6 +248,19 @@ class Worker:
             unsent=True,
         )
 
+    def _refused(self, request: Request, attempts: int) -> Failure:
+        """A line of a model given up for this run: failed, to be tried again by the next."""
+        return Failure(
+            line=request.line,
+            code="rate_limited",
+            message=f"not sent: {self.gate.scopes.refusing[request.model]}",
+            custom_id=request.custom_id,
+            attempts=attempts,
+            metadata=request.metadata,
+            model=request.model,
+            unsent=True,
+        )
+
     async def _fill(self, request: Request) -> Failure | None:
         """Read, size and encode the request's local images, in threads, into its payload:
         as late as can be, so that the read-ahead buffer holds records, not images. A broken
@@ -263,10 +284,16 @@ class Worker:
         control = self.control
         if not control.dispatching:
             raise Abandoned
+        refusing = self.gate.scopes.refusing
+        if refusing and request.model in refusing:
+            raise GivenUp
         slot = await self.gate.enter(request.token_estimate, request.model, seat)  # pace
         if not control.dispatching:
             slot.unused()
             raise Abandoned
+        if refusing and request.model in refusing:  # given up while it waited for its pace
+            slot.unused()
+            raise GivenUp
         slot.go(request.custom_id)
         self.books.started()
         control.in_flight += 1

@@ -1,0 +1,167 @@
+"""Several models on one key: which limit a refusal reads (told from the send order alone, on
+a fake clock), and a model that lets nothing through."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from pipeline.pace.finder import RateFinder
+from pipeline.pace.gate import Gate, Slot
+from pipeline.pace.local import Pacer, Window
+from pipeline.pace.scopes import Scope, Scopes
+from pipeline.pace.sendlog import SIZE
+from pipeline.run.runner import run
+from tests.conftest import bodies, read_jsonl
+from tests.scripted import answer, json, scripted
+from tests.simulated import Clock
+
+PAID, DEAD = "v/paid", "v/dead:free"
+
+
+def _gate() -> tuple[Gate, Clock]:
+    clock = Clock()
+    finder = RateFinder(Pacer(), Window(200), clock=clock, stop=lambda stopped: None)
+    return Gate(finder.pacer, finder.window, finder, Scopes(finder)), clock
+
+
+def _send(gate: Gate, *models: str) -> list[Slot]:
+    slots = []
+    for model in models:
+        slot = Slot(gate, 0, model)
+        slot.go()
+        slots.append(slot)
+    return slots
+
+
+def _through(gate: Gate, slots: list[Slot]) -> None:
+    for slot in slots:
+        gate.finder.success(slot.ticket, 0.1)
+
+
+def _refuse(gate: Gate, slots: list[Slot]) -> None:
+    for slot in slots:
+        gate.pushback(slot, None, "429")
+
+
+async def test_an_account_pace_read_at_several_models_refusals_is_dropped_once_each_has_its_own() -> None:
+    """Four `:free` models, each limited on its own, among a paid model's lines: their
+    retries come back together, and twice a run of refusals in the account's send order is
+    made of two of them. The account's pace read there is theirs: once each has a pace of its
+    own, the paid model's lines go unpaced again."""
+    gate, clock = _gate()
+    finder = gate.finder
+    _through(gate, _send(gate, PAID, PAID))
+    _refuse(gate, _send(gate, "a:free", "b:free", "a:free", "b:free"))
+    assert finder.cuts == 1  # read as the account's, for now: two models may meet its limit
+    clock.now += 2.0
+    _through(gate, _send(gate, PAID, PAID))
+    _refuse(gate, _send(gate, "c:free", "d:free", "c:free", "d:free"))
+    assert finder.cuts == 2
+    assert finder.pacer.request_rate is not None  # the paid model held to their limit
+    for model in ("a:free", "b:free", "c:free", "d:free"):
+        clock.now += 2.0
+        for _ in range(4):
+            slots = _send(gate, model, PAID, PAID)
+            _through(gate, slots[1:])
+            _refuse(gate, slots[:1])
+        assert isinstance(gate.scopes.by_model.get(model), Scope)
+    assert finder.limit is None
+    assert finder.pacer.request_rate is None  # the paid model's lines unpaced again
+
+
+async def test_refusals_of_many_models_side_by_side_leave_the_account_unpaced() -> None:
+    """Forty `:free` models with a few lines each, each limited on its own: their retries
+    come back together, refused side by side in the account's send order, one each, while
+    the paid model's requests around them go through. No account limit is read there."""
+    gate, _ = _gate()
+    for k in range(5):
+        _through(gate, _send(gate, PAID, PAID, PAID))
+        _refuse(gate, _send(gate, *(f"m{k}-{i}:free" for i in range(8))))
+    _through(gate, _send(gate, PAID, PAID, PAID))
+    assert gate.finder.cuts == 0
+    assert gate.finder.pacer.request_rate is None
+
+
+async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:
+    """A job naming hundreds of `:free` models, each found limited: each has a scope, whose
+    send log sees its model's requests; a few hundred of them stay within tens of megabytes."""
+    gate, _ = _gate()
+    scopes = gate.scopes
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for i in range(16):
+            scope = scopes._add(f"v/m{i}:free", None, None)
+            for _ in range(SIZE):  # its log full of requests sent at its pace
+                scope.finder.sent()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_scope = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / 16
+    assert per_scope < 150_000, per_scope
+
+
+async def test_a_model_that_lets_nothing_through_is_given_up_and_the_others_go_on(
+    make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `:free` model whose quota is spent refuses every request: after --give-up-after, its
+    lines fail unsent (the next run tries them again) and the paid model's lines go on,
+    where the whole run used to stop (exit 3) with most of them left to do."""
+    paid: list[float] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body["model"] == DEAD:
+            return json(
+                {"error": {"message": "Rate limit exceeded: free-models-per-day", "code": 429}}, status=429
+            )
+        await asyncio.sleep(0.02)
+        paid.append(time.monotonic())
+        return answer(body)
+
+    rows = [
+        {
+            "custom_id": f"r{i}",
+            "model": DEAD if i % 40 == 0 else PAID,
+            "messages": [{"role": "user", "content": "q"}],
+        }
+        for i in range(400)
+    ]
+    job = tmp_path / "job.toml"
+    job.write_text(f'[limits."{DEAD}"]\nrpm = 600\n')
+    async with scripted(handler) as endpoint:
+        settings = make_settings(endpoint.url, rows, concurrency=4, give_up_after=1.0, job=job)
+        summary = await run(settings)
+    assert summary.exit_code == 1  # some lines failed: not stopped (3)
+    assert len(paid) == 390  # every paid line done
+    failed = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert sorted(f["custom_id"] for f in failed) == sorted(f"r{i}" for i in range(0, 400, 40))
+    said = capsys.readouterr().err
+    assert said.count(f"the server refuses every request for {DEAD}") == 1
+
+
+async def test_a_limit_given_for_a_model_no_line_names_is_pointed_out(
+    mock: Any, make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`[limits."vendor/model:free"]` where the lines say `vendor/model-free`: the model meant
+    goes unpaced, and the run says which name no line used (not that it paced it)."""
+    job = tmp_path / "job.toml"
+    job.write_text('[limits."test/model:free"]\nrpm = 60\n')
+    async with mock() as (base_url, _):
+        summary = await run(make_settings(base_url, bodies(20), job=job))
+    assert summary.exit_code == 0
+    said = capsys.readouterr().err
+    assert (
+        "[limits.'test/model:free']: no line of this run named that model (the lines named 'test/model')"
+        in said
+    )
+    usage = orjson.loads((tmp_path / "out" / "usage.json").read_bytes())
+    assert "models_paced_at_rpm" not in usage["runs"][-1]
