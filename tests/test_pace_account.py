@@ -19,7 +19,7 @@ CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (tw
 def _same(redis: Reply, python: Reply, step: str) -> None:
     for field in ("rate", "members", "leads", "booting", "granted"):
         assert getattr(redis, field) == getattr(python, field), (step, field, redis, python)
-    for field in ("start", "token_start", "paused", "full_at", "full_resume"):
+    for field in ("start", "token_start", "paused", "full_at", "full_resume", "reported"):
         a, b = getattr(redis, field), getattr(python, field)
         # A time, or -1 (none), or 0 (never paused): both alike, each against its own clock.
         a, b = (a - redis.now if a > 1 else a), (b - python.now if b > 1 else b)

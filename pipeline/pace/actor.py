@@ -122,6 +122,7 @@ class ActorStore:
         found: float | None,
         pause_for: float,
         log: str = "",
+        holds: bool = False,
     ) -> Reply:
         kwargs = {
             "want": want,
@@ -131,6 +132,7 @@ class ActorStore:
             "found": found,
             "pause_for": pause_for,
             "log": log,
+            "holds": holds,
         }
         reply: Reply = await self._ask("call", pid, kwargs)
         return reply
