@@ -62,6 +62,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         doubled = await both("ramp doubled", pid="b", want=50)
         assert doubled.rate == BOOT_RATE * 2
         assert doubled.granted == math.ceil(doubled.rate * 0.1)  # a tenth of a second, no more
+        # Paused while it ramps: no start is leased. Leased at the ramp's rate, they all went
+        # at once when the pause ended (thousands a second at 16 shards), before a limit was read.
+        on_hold = await both("the ramp paused", pid="b", want=5, pause_for=0.3)
+        assert (on_hold.granted, on_hold.start) == (0, -1.0)
+        await asyncio.sleep(0.3)
         # A run of refusals across the account: full, and every process paused till the
         # earliest time a refusal said the server has room again (two told of one hundredth).
         await asyncio.sleep(0.05)
