@@ -59,6 +59,8 @@ class AccountPace:
         cs_now = math.floor(now * 100)
         boot_at = f.get("boot_at", now)
         told_refusal = self._add(log, now, math.floor(boot_at * 100))
+        if told_refusal:
+            f["refused_at"] = now
         if found is not None:
             f["found"], self.found_by = found, pid
         leads = (self.found_by or pid) == pid
@@ -78,16 +80,16 @@ class AccountPace:
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and given <= 0 and given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second while nothing is
-            # refused and the account sends at half its rate at least, not within half a
-            # second of a pause; no start leased while paused.
+            # The ramp of the Redis script: doubling every quarter second while the account
+            # sends at half its rate at least and nothing was refused for a second, not within
+            # half a second of a pause; no start leased while paused.
             booting = True
             rate = f.get("boot", self.boot_rate)
             if now - boot_at >= 0.25:
-                sent, refused = f.get("boot_sent", 0.0), f.get("boot_refused", 0.0)
-                if paused + 0.5 < now and not refused and sent >= rate * (now - boot_at) / 2:
+                sent, quiet = f.get("boot_sent", 0.0), now - f.get("refused_at", 0.0) >= 1
+                if paused + 0.5 < now and quiet and sent >= rate * (now - boot_at) / 2:
                     rate = min(rate * 2, 100_000.0)
-                boot_at, f["boot_sent"], f["boot_refused"] = now, 0.0, 0.0
+                boot_at, f["boot_sent"] = now, 0.0
             f["boot"], f["boot_at"] = rate, boot_at
             if now < paused:
                 want = 0
@@ -140,7 +142,6 @@ class AccountPace:
                 told_refusal = True
             if room:
                 counts[f"w{cs}"] = min(counts.get(f"w{cs}", room), room)
-            f["boot_refused"] = f.get("boot_refused", 0.0) + refused  # whenever sent: they come back late
             if cs >= boot_from:
                 f["boot_sent"] = f.get("boot_sent", 0.0) + sent
         oldest = int(now) - LOG_TTL

@@ -42,17 +42,18 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_sent', 'boot_refused', 'clock', 'token_clock')
+                         'boot_sent', 'refused_at', 'clock', 'token_clock')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
-local boot_sent, boot_refused = tonumber(state[8] or '0'), tonumber(state[9] or '0')
+local boot_sent, refused_at = tonumber(state[8] or '0'), tonumber(state[9] or '0')
 -- The send log: "hundredth sent refused room" quads, counted under a key a second (room: the
 -- earliest time, in hundredths, that a refusal of a request sent then said the server has
 -- room again; 0: none). What the ramp needs of it is counted as it comes.
-local told_refusal = false
+local told_refusal, written = false, {}
 for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
+  written[log] = true
   if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
   if refused ~= '0' then
     redis.call('HINCRBY', log, 'r' .. cs, refused)
@@ -62,11 +63,13 @@ for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)'
     local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
     redis.call('HSET', log, 'w' .. cs, math.min(was, tonumber(room)))
   end
-  redis.call('EXPIRE', log, ARGV[11])
-  -- Refusals hold the ramp back whenever they were sent: under load they come back late.
-  boot_refused = boot_refused + tonumber(refused)
   if tonumber(cs) >= math.floor(boot_at * 100) then boot_sent = boot_sent + tonumber(sent) end
 end
+if told_refusal then
+  refused_at = now
+  redis.call('HSET', key, 'refused_at', tostring(now))
+end
+for log, _ in pairs(written) do redis.call('EXPIRE', log, ARGV[11]) end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
 local leads = found >= 0 or (state[2] or pid) == pid
 local rate, booting = given, 0
@@ -119,21 +122,22 @@ end
 if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonumber(state[1] or '0') end
 if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- No limit given (a token limit bounds the rate too) and none found yet: the account
-  -- ramps up as one, from a few starts a second, doubling every quarter second while nothing
-  -- is refused and the account sends at half the ramp's rate at least (processes still
-  -- starting send little of it), and not before the limit the refusals tell is read: half a
-  -- second after a pause. No start is leased while the ramp is paused: leased at its rate,
-  -- they would all go at once when the pause ends, thousands a second.
+  -- ramps up as one, from a few starts a second, doubling every quarter second while the
+  -- account sends at half the ramp's rate at least (processes still starting send little of
+  -- it) and nothing was refused for a second (a server counting by the second refuses only
+  -- once its second is full: a quarter without refusals, the ramp ran to 4 and 8 times the
+  -- limit), and not before the limit the refusals tell is read: half a second after a pause.
+  -- No start is leased while the ramp is paused: leased at its rate, they would all go at
+  -- once when the pause ends, thousands a second.
   booting = 1
   rate = tonumber(state[6] or ARGV[9])
   if now - boot_at >= 0.25 then
-    if paused + 0.5 < now and boot_refused == 0 and boot_sent >= rate * (now - boot_at) / 2 then
+    if paused + 0.5 < now and now - refused_at >= 1 and boot_sent >= rate * (now - boot_at) / 2 then
       rate = math.min(rate * 2, 100000)
     end
-    boot_at, boot_sent, boot_refused = now, 0, 0
+    boot_at, boot_sent = now, 0
   end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_sent', tostring(boot_sent),
-             'boot_refused', tostring(boot_refused))
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_sent', tostring(boot_sent))
   if now < paused then want = 0 end
 end
 local start, token_start = -1, -1
