@@ -82,7 +82,7 @@ class AccountPace:
         if rate <= 0 and given <= 0 and given_tokens <= 0:
             # The ramp of the Redis script: doubling every quarter second while the account
             # sends at half its rate at least and nothing was refused for a second, not within
-            # half a second of a pause; no start leased while paused.
+            # half a second of a pause; no start leased till a second after a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
             if now - boot_at >= 0.25:
@@ -91,7 +91,7 @@ class AccountPace:
                     rate = min(rate * 2, 100_000.0)
                 boot_at, f["boot_sent"] = now, 0.0
             f["boot"], f["boot_at"] = rate, boot_at
-            if now < paused:
+            if now < paused + 1:
                 want = 0
         start, token_start = -1.0, -1.0
         if want > 0 and rate > 0:

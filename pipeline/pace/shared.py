@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.pace.lease import LATE, TokenLeases
-from pipeline.pace.local import Pacer
+from pipeline.pace.local import TIMER_SLACK, Pacer
 from pipeline.pace.reading import HUNDREDTH, AccountCapacity, Moment
 from pipeline.pace.store import AccountStore, StoreAway
 
@@ -238,8 +238,11 @@ class SharedPacer(Pacer):
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
-                if at > self._now():
-                    return at  # asked for when the pause ends: the store leases none before
+                # Asked for when the pause ends (the store leases none before), and no start
+                # till then: within the timer's slack of it, a time given here was a start, and
+                # every waiter went at once, unleased.
+                if at > self._now() + TIMER_SLACK:
+                    return at
                 self._ask(starts=True)
                 return math.inf
             at = max(at, self._slots[0])
@@ -289,7 +292,10 @@ class SharedPacer(Pacer):
         if starts and not self._want:
             self._want = self._lease()
         if tokens and not self._want_tokens:
-            self._want_tokens = max(tokens, self.given_tokens * LEASE_SECONDS / max(self.members, 1))
+            # A few requests' worth at least, as starts are leased: one request's at a time,
+            # a start waited a call for its tokens, and was gone by then.
+            share = self.given_tokens * LEASE_SECONDS / max(self.members, 1)
+            self._want_tokens = max(tokens * MIN_LEASE, share)
         self._wake.set()
 
     # -- the store -------------------------------------------------------------------------------

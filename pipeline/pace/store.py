@@ -127,8 +127,10 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- it) and nothing was refused for a second (a server counting by the second refuses only
   -- once its second is full: a quarter without refusals, the ramp ran to 4 and 8 times the
   -- limit), and not before the limit the refusals tell is read: half a second after a pause.
-  -- No start is leased while the ramp is paused: leased at its rate, they would all go at
-  -- once when the pause ends, thousands a second.
+  -- No start is leased while the ramp is paused, nor for a second after (the longest a
+  -- reading waits for every process's log), unless the limit is read by then (the ramp
+  -- ends): leased at its rate, they went at once when the pause ended, thousands a second,
+  -- or at the ramp's rate, four times the limit, till the reading came.
   booting = 1
   rate = tonumber(state[6] or ARGV[9])
   if now - boot_at >= 0.25 then
@@ -138,7 +140,7 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
     boot_at, boot_sent = now, 0
   end
   redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_sent', tostring(boot_sent))
-  if now < paused then want = 0 end
+  if now < paused + 1 then want = 0 end
 end
 local start, token_start = -1, -1
 if want > 0 and rate > 0 then
