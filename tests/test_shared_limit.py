@@ -512,3 +512,22 @@ async def test_a_rate_far_past_any_server_leases_no_more_than_a_tenth_of_a_secon
 def test_a_limit_stated_as_unlimited_is_no_limit(said: str) -> None:
     assert per_minute(said) is None
     assert per_minute(f"{said}, 500") == 500
+
+
+async def test_at_the_end_of_a_pause_no_waiter_goes_without_a_leased_start() -> None:
+    """Within the timer's slack of a pause's end (uvloop's timers fire up to a millisecond
+    early), the end was read as a start: every waiter went at once, none leased (150 to 200
+    refusals at 4 shards and 3,000 a minute)."""
+    store = CountingStore()
+    pacer = SharedPacer(lambda: store, "memory", request_rate=40.0, say=lambda _: None)
+    now = pacer._now()
+    pacer._offset = 0.0
+    pacer._paused_until = now + 0.0005  # the pause ends within the slack
+    waiters = [asyncio.ensure_future(pacer.acquire()) for _ in range(5)]
+    await asyncio.sleep(0)
+    pacer._release()  # the timer, fired a little early
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)  # they wait for their leases
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
