@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import caption, cluster, killed, real, scenarios, shards
+from bench import caption, cluster, killed, real, scenarios, shards, styles
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -22,6 +22,7 @@ OUT = Path(__file__).resolve().parent / "out"
 SCENARIOS: dict[str, Scenario] = {
     **scenarios.SCENARIOS,
     **real.SCENARIOS,
+    **styles.SCENARIOS,
     **caption.SCENARIOS,
     **shards.SCENARIOS,
     **cluster.SCENARIOS,
@@ -66,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
         "--scale",
         type=float,
         default=1.0,
-        help=f"multiply the request counts of {', '.join(real.SCENARIOS)} (0.1: a quick look; default 1)",
+        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models'])}"
+        " (0.1: a quick look; default 1)",
     )
     p.add_argument(
         "--out", type=Path, default=OUT, help="inputs, client outputs and results.json (default bench/out)"

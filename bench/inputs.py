@@ -87,6 +87,32 @@ def input_file(folder: Path, lines: int, *, stream: bool = False) -> Path:
     return path
 
 
+def models_input(folder: Path, counts: tuple[tuple[str, int], ...]) -> Path:
+    """`folder/models-....jsonl`: `counts` lines for each model, the models' lines spread evenly
+    through the file (a job mixing models as it goes), written on first use and reused after."""
+    name = "-".join(f"{model.replace('/', '_').replace(':', '_')}-{n}" for model, n in counts)
+    path = folder / f"models-{name}.jsonl"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    # Each line's place in the file: the k-th of a model's n lines at (k + 0.5) / n.
+    places = sorted(((k + 0.5) / n, model) for model, n in counts for k in range(n))
+    rng = random.Random(len(places))
+    width = max(6, len(str(len(places))))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for n, (_, model) in enumerate(places, start=1):
+            body = {
+                "custom_id": custom_id(n, width),
+                "model": model,
+                "messages": [{"role": "user", "content": _prompt(rng, n)}],
+                "max_tokens": MAX_TOKENS,
+            }
+            out.write(orjson.dumps(body) + b"\n")
+    tmp.replace(path)
+    return path
+
+
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         for line in f:

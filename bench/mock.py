@@ -40,6 +40,10 @@ class MockFlags:
     tpm: float | None = None
     tpm_count: str = "usage"  # or "arrival": the prompt and max_tokens, as OpenAI counts
     limit_style: str = "second"
+    bucket_capacity: float = 60.0  # seconds of its rate a bucket holds
+    wait_said: str | None = None  # how a limit's 429 says its wait (pipeline.mock.admission.WAYS)
+    model_rpm: tuple[tuple[str, float], ...] = ()  # (model, rpm): its own limit, beside --rpm
+    limit_changes: tuple[str, ...] = ()  # as --limit-changes spells each: "[MODEL:]T=RPM,..."
     ratelimit_headers: bool = False
 
     def args(self) -> list[str]:
@@ -59,7 +63,13 @@ class MockFlags:
             out += [f"--{name.replace('_', '-')}", f"{getattr(self, name):g}"]
         if self.latency_max_ms:
             out += ["--latency-max-ms", f"{self.latency_max_ms:g}"]
-        out += ["--limit-style", self.limit_style]
+        out += ["--limit-style", self.limit_style, "--bucket-capacity", f"{self.bucket_capacity:g}"]
+        if self.wait_said:
+            out += ["--wait-said", self.wait_said]
+        for model, rpm in self.model_rpm:
+            out += ["--model-rpm", f"{model}={rpm:g}"]
+        for change in self.limit_changes:
+            out += ["--limit-changes", change]
         if self.rpm:
             out += ["--rpm", f"{self.rpm:g}"]
         if self.tpm:
@@ -88,14 +98,23 @@ class MockFlags:
         parts += [f"{rate:.0%} {name}" for name, rate in faults.items() if rate]
         if self.rate_429:
             parts.append(f"Retry-After {self.retry_after:g} s")
+        style = {
+            "second": "counted per second",
+            "minute": "counted per minute",
+            "bucket": f"a bucket holding {self.bucket_capacity:g} s",
+        }.get(self.limit_style, self.limit_style)
         if self.rpm:
-            style = {"second": "counted per second", "minute": "counted per minute", "bucket": "a bucket"}
-            parts.append(f"limit {self.rpm:g}/min, {style.get(self.limit_style, self.limit_style)}")
+            parts.append(f"limit {self.rpm:g}/min, {style}")
+        parts += [f"{model} limited to {rpm:g}/min" for model, rpm in self.model_rpm]
+        if self.limit_changes:
+            parts.append(f"limit changes {' '.join(self.limit_changes)} (s after the first request=rpm)")
         if self.tpm:
             counted = (
                 "on arrival (prompt + max_tokens)" if self.tpm_count == "arrival" else "as answers use them"
             )
             parts.append(f"--tpm {self.tpm:g} counted {counted}")
+        if self.wait_said and (self.rpm or self.tpm or self.model_rpm):
+            parts.append(f"waits said: {self.wait_said}")
         return ", ".join(parts)
 
 

@@ -3,8 +3,10 @@ compares itself with an earlier one's figures, or runs the reference it needs)."
 
 from __future__ import annotations
 
+import compileall
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +33,8 @@ FAULTS = MockFlags(
 RPM = 3000.0
 TPM = 300_000.0
 RSS_TARGET_MB = 100.0
+CLEAN_PAIRS = 3  # interleaved pipeline / bare pairs in `clean`
+CLEAN_CPU = 1.15  # the most pipeline's CPU per request may be, as a multiple of the bare loop's
 STEADY_NOTE = (
     "steady req/s: the mock's accepted requests a second, first and last (partial) seconds left out;"
     " overall: succeeded / the client's wall time, start-up included"
@@ -154,9 +158,58 @@ def _throughput(name: str, title: str, opts: Options, flags: MockFlags) -> Scena
     return ScenarioResult(name, title, runs, checks, load_before=load)
 
 
+def _byte_compiled() -> None:
+    """pipeline's modules byte-compiled, as an installed package's are: where the environment
+    says not to write bytecode (PYTHONDONTWRITEBYTECODE), every run of a checkout compiled
+    them again, some 60 ms of CPU the bare loop (its few lines) does not pay."""
+    import pipeline
+
+    compileall.compile_dir(Path(pipeline.__file__).parent, quiet=1)
+
+
 def clean(opts: Options, done: Done) -> ScenarioResult:
+    """pipeline's CPU per request against the bare loop's, as the median of CLEAN_PAIRS
+    interleaved pairs (pipeline, bare, pipeline, bare, ...): a machine whose load moves
+    between two runs moves both of a pair, not one side of every comparison."""
     title = f"{opts.requests:,} requests, concurrency {opts.concurrency}, mock: 0 ms, no faults"
-    return _throughput("clean", title, opts, MockFlags())
+    load = os.getloadavg()
+    input = input_file(opts.out / "inputs", opts.requests)
+    _byte_compiled()
+    pairs: list[tuple[ClientRun, ClientRun]] = []
+    for k in range(1, CLEAN_PAIRS + 1):
+        pipe_client = PIPELINE_RUN if k == 1 else Client(name=f"pipeline #{k}", kind="pipeline")
+        bare_client = BARE if k == 1 else Client(name=f"bare aiohttp #{k}", kind="bare")
+        pairs.append(
+            (
+                _run("clean", opts, pipe_client, input, MockFlags()),
+                _run("clean", opts, bare_client, input, MockFlags()),
+            )
+        )
+    naive = _run("clean", opts, NAIVE, input, MockFlags())
+    pipes = [pipe for pipe, _ in pairs]
+
+    def median_of(label: str, ratio: Callable[[ClientRun, ClientRun], float], target: float | None) -> Check:
+        ratios = sorted(ratio(pipe, bare) for pipe, bare in pairs)
+        mid = statistics.median(ratios)
+        shown = ", ".join(f"{r:.2f}" for r in ratios)
+        label = f"pipeline / bare aiohttp, {label} (median of {len(ratios)} pairs: {shown})"
+        if target is None:
+            return Check(label, f"{mid:.2f}x")
+        return Check(label, f"{mid:.2f}x", f"≤ {target:g}x", mid <= target)
+
+    def net(pipe: ClientRun, bare: ClientRun) -> float:
+        return (pipe.net_cpu_ms_per_request or 0.0) / (bare.net_cpu_ms_per_request or 1.0)
+
+    checks = [
+        median_of("CPU per request", lambda p, b: p.cpu_ms_per_request / b.cpu_ms_per_request, CLEAN_CPU),
+        median_of("CPU per request net of start-up", net, None),
+        median_of("wall", lambda p, b: p.measurement.wall / b.measurement.wall, 2.0),
+        *_versus(pipes[0], naive, cpu=None, wall=None),
+        _rss_check(max(pipes, key=_peak)),
+        *(_lost_check(pipe) for pipe in pipes),
+    ]
+    runs = [run for pair in pairs for run in pair] + [naive]
+    return ScenarioResult("clean", title, runs, checks, load_before=load)
 
 
 def latency(opts: Options, done: Done) -> ScenarioResult:

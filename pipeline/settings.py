@@ -2,8 +2,9 @@
 
 A job file is TOML with the same keys as the command line's flags, plus tables:
 `[request]` (defaults merged into every body; a value in the line wins), `[template]`
-(how a record line becomes a request), `[prices]` (dollars per million tokens, per model)
-and `[verdict]` (how a structured reply is checked and counted). Flags override the file.
+(how a record line becomes a request), `[prices]` (dollars per million tokens, per model),
+`[limits]` (a model's own rpm and tpm, where its provider limits models separately) and
+`[verdict]` (how a structured reply is checked and counted). Flags override the file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ class Price:
     completion: float
 
 
+@dataclass(frozen=True, slots=True)
+class ModelLimit:
+    """A model's own limits, per minute (`[limits."vendor/model"]`): a scope of its own, paced
+    beside the account's `--rpm`/`--tpm`."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     input: Path
@@ -66,6 +76,7 @@ class Settings:
     request: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     template: Mapping[str, Any] | None = None
     prices: Mapping[str, Price] = field(default_factory=lambda: EMPTY)
+    limits: Mapping[str, ModelLimit] = field(default_factory=lambda: EMPTY)
     verdict: Mapping[str, Any] | None = None
     job_file: Path | None = None
     progress_interval: float = 60.0  # seconds between log lines when there is no terminal
@@ -126,7 +137,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "shard": (str,),
     "shared_limit": (str,),
 }
-_TABLES = ("request", "template", "prices", "verdict")
+_TABLES = ("request", "template", "prices", "limits", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES
 _SETTING_NAMES = {f.name for f in fields(Settings)}
 
@@ -195,6 +206,23 @@ def _check_prices(where: str, raw: Mapping[str, Any]) -> dict[str, Price]:
             raise SettingsError(f'{where}: [prices."{model}"] prices cannot be negative')
         prices[model] = price
     return prices
+
+
+def _check_limits(where: str, raw: Mapping[str, Any]) -> dict[str, ModelLimit]:
+    limits: dict[str, ModelLimit] = {}
+    for model, entry in raw.items():
+        table = f'{where}: [limits."{model}"]'
+        if not isinstance(entry, dict):
+            raise SettingsError(f"{table} must be a table like {{ rpm = 20, tpm = 40000 }} (per minute)")
+        for key, value in entry.items():
+            if key not in ("rpm", "tpm"):
+                raise _unknown(table, key, ("rpm", "tpm"))
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise SettingsError(f"{table} {key} must be a number above 0, not {value!r}")
+        if not entry:
+            raise SettingsError(f"{table} gives no limit: set rpm, tpm or both")
+        limits[model] = ModelLimit(entry.get("rpm"), entry.get("tpm"))
+    return limits
 
 
 def check_base_url(url: str) -> str:
@@ -275,6 +303,8 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         values["shared_limit"] = check_store_url(str(values["shared_limit"]))
     if "prices" in values:
         values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))
+    if "limits" in values:
+        values["limits"] = MappingProxyType(_check_limits(where, values["limits"]))
     request = dict(values.get("request", {}))
     if flags.get("model") is not None:
         request.pop("model", None)  # the flag beats the job file (a line's own model beats both)

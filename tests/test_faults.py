@@ -110,7 +110,10 @@ async def test_a_daily_quota_spent_stops_the_run_with_when_to_resume(
     mock, make_settings, tmp_path: Path
 ) -> None:
     rows = bodies(100)
-    async with mock(quota=30, latency=0.01) as (url, _):
+    # The quota resets at midnight UTC: within the two minutes before it, the run would wait
+    # for it rather than stop. The mock's clock says noon, whenever the test runs.
+    noon, since = time.time() // 86_400 * 86_400 + 43_200, time.time()
+    async with mock(quota=30, latency=0.01, clock=lambda: noon + time.time() - since) as (url, _):
         began = time.monotonic()
         summary = await pipeline.run(make_settings(url, rows, concurrency=4, max_attempts=2))
         took = time.monotonic() - began

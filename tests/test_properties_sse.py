@@ -340,5 +340,5 @@ def test_any_answer_not_streamed_is_kept_or_a_typed_error_and_counted(value: Any
     event("a completion")
     books.billed(body, request)
     success = Success(request=request, reply=Reply(body=body, raw=None), attempts=1)
-    books.kept(success)
+    books.kept([success])
     orjson.loads(result_line(success))

@@ -295,3 +295,60 @@ def test_estimate_mode_counts_every_prompt_exactly(tmp_path: Path) -> None:
     exact = TokenEstimator(every=True)
     assert every.prompt_tokens(odd) == exact.prompt_tokens(odd)
     assert sampled.prompt_tokens(odd) != exact.prompt_tokens(odd)  # past the sample: a ratio
+
+
+async def test_workers_answered_at_once_find_their_next_line_waiting(tmp_path: Path) -> None:
+    """Workers whose requests are all answered in one pass of the loop (0 ms answers) take a
+    whole refill batch a pass: the reader must put that many in a pass, or each worker waits
+    for its next line and is woken for it alone (a wait costs an event made, set, awaited)."""
+    import anyio
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
+    from pipeline.input.reader import ReadCounts, feed
+    from pipeline.output.ledger import Ledger
+    from pipeline.run.control import Refill
+
+    workers, lines = 256, 4_000
+    (tmp_path / "in.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps({"custom_id": f"r{i}", "model": "m", "messages": [{"role": "user"}]}) + b"\n"
+            for i in range(lines)
+        )
+    )
+    p = parser(tmp_path)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    refill = Refill(workers)
+    requests_send, requests_recv = anyio.create_memory_object_stream[Request](2 * workers)
+    failures_send, failures_recv = anyio.create_memory_object_stream[object](16)
+    waits = taken = 0
+
+    async def worker(stream: MemoryObjectReceiveStream[Request]) -> None:
+        nonlocal waits, taken
+        async with stream:
+            while True:
+                try:
+                    request = stream.receive_nowait()
+                except anyio.WouldBlock:
+                    waits += 1
+                    try:
+                        request = await stream.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
+                refill.taken(len(request.payload))
+                taken += 1
+                await anyio.lowlevel.checkpoint()  # answered at once: in the next pass
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(workers):
+                tg.start_soon(worker, requests_recv.clone())
+            requests_recv.close()
+            failures_recv.close()
+            await feed(tmp_path / "in.jsonl", p, ledger, requests_send, failures_send, ReadCounts(), refill)
+    finally:
+        ledger.close()
+    assert taken == lines
+    # The first pass finds the buffer empty, and the last ones the file read to its end.
+    assert waits <= 3 * workers, f"workers waited for a line {waits:,} times in {lines:,} lines"

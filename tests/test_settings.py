@@ -9,7 +9,7 @@ import pytest
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.estimate import estimate
-from pipeline.settings import build
+from pipeline.settings import ModelLimit, build
 
 
 def job(tmp_path: Path, text: str) -> Path:
@@ -52,12 +52,30 @@ def test_a_typo_in_a_job_file_is_named_with_a_suggestion(tmp_path: Path) -> None
         ('input = "a"\noutput = "b"\n[template]\nmessage = 1\n', "unknown key 'message' in \\[template\\]"),
         ('input = "a"\noutput = "b"\n[template]\nid = "{x}"\n', "needs messages"),
         ('input = "a"\noutput = "b"\n[prices."m"]\nprompt = "cheap"\n', "must be numbers"),
+        (
+            'input = "a"\noutput = "b"\n[limits."v/m"]\nrmp = 20\n',
+            "job.toml: \\[limits.\"v/m\"\\]: unknown key 'rmp' \\(did you mean 'rpm'\\?\\)",
+        ),
+        ('input = "a"\noutput = "b"\n[limits."v/m"]\nrpm = 0\n', "rpm must be a number above 0, not 0"),
+        ('input = "a"\noutput = "b"\n[limits."v/m"]\ntpm = "lots"\n', "tpm must be a number above 0"),
+        ('input = "a"\noutput = "b"\n[limits]\n"v/m" = 20\n', "must be a table like"),
+        ('input = "a"\noutput = "b"\n[limits."v/m"]\n', "gives no limit"),
         ("input = \n", "not valid TOML"),
     ],
 )
 def test_bad_job_files_are_refused_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         build(job(tmp_path, text))
+
+
+def test_a_models_own_limits_are_read_beside_the_accounts(tmp_path: Path) -> None:
+    text = (
+        'input = "a"\noutput = "b"\nrpm = 6000\n[limits."v/free"]\nrpm = 20\n[limits."v/big"]\ntpm = 40000\n'
+    )
+    s = build(job(tmp_path, text))
+    assert s.rpm == 6000  # --rpm stays the account's
+    assert s.limits["v/free"] == ModelLimit(rpm=20)
+    assert s.limits["v/big"] == ModelLimit(tpm=40000)
 
 
 def test_a_run_needs_an_output_folder_and_an_estimate_does_not(tmp_path: Path) -> None:

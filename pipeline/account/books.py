@@ -14,11 +14,12 @@ A result the server did not cost is costed here from the job's price table, whoe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
-from pipeline.account.usage import Usage, answer_tokens, reports_usage
+from pipeline.account.timeline import Spent
+from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
 from pipeline.settings import Price
@@ -100,11 +101,19 @@ class Books:
 
     # -- the writer, once an outcome is in the files -----------------------------------------
 
-    def kept(self, success: Success) -> None:
-        self._price(self.usage.add_success(success), success.reply.body, success.request.model)
-        self.usage.timeline.took(success.reply.latency, success.reply.ttft)
-        if success.label is not None:
-            self.usage.verdicts[success.label] += 1
+    def kept(self, successes: Sequence[Success]) -> None:
+        """Results now in the files (one write's): counted, costed, and put on the timeline
+        at the moment of the write, in one look at its clock."""
+        usage = self.usage
+        spent: list[Spent] = []
+        for success in successes:
+            reply = success.reply
+            name, reported, prompt, completion = usage.add_success(success)
+            cost = reported if reported is not None else self._priced(name, reply.body, success.request.model)
+            spent.append((prompt, completion, cost, reply.latency, reply.ttft))
+            if success.label is not None:
+                usage.verdicts[success.label] += 1
+        usage.timeline.kept(spent)
 
     def failed(self, failure: Failure) -> None:
         self.usage.add_failure(failure, self.redact(failure.message))
@@ -116,20 +125,20 @@ class Books:
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def _price(self, counted: tuple[str, float | None], body: dict[str, Any], requested: str | None) -> None:
-        """An answer just counted (`counted`: the model it was counted under and the cost the
-        server reported): cost it from the price table where the server did not."""
-        name, reported = counted
-        prompt, completion, _ = answer_tokens(body)
-        if reported is not None:
-            self.usage.timeline.spent(prompt, completion, reported)
-            return
+    def _price(self, counted: Counted, body: dict[str, Any], requested: str | None) -> None:
+        """An answer just counted: cost it from the price table where the server did not."""
+        name, reported, prompt, completion = counted
+        cost = reported if reported is not None else self._priced(name, body, requested)
+        self.usage.timeline.spent(prompt, completion, cost)
+
+    def _priced(self, name: str, body: dict[str, Any], requested: str | None) -> float | None:
+        """The cost of an answer the server did not cost, from the price table (counted under
+        `name`); None when the table has no price for it."""
         cost, source = answer_cost(body, self.prices, requested)
-        if cost is not None and source == "price table":
-            self.usage.add_priced(name, cost)
-            self.usage.timeline.spent(prompt, completion, cost)
-        else:
-            self.usage.timeline.spent(prompt, completion, None)
+        if cost is None or source != "price table":
+            return None
+        self.usage.add_priced(name, cost)
+        return cost
 
     def _budget_reached(self) -> RunStopped:
         assert self.budget is not None

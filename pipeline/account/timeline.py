@@ -4,8 +4,9 @@ Every count the books make also goes into the interval of wall-clock time it hap
 requests started, answers by what they were (the same keys as usage's `answers`: "200",
 "429", "503", "timeout", a verdict's code...), tokens in and out, cost, latency and time to
 first token (percentiles of the interval), and, sampled as each interval closes, requests in
-flight and the pace in force (given, stated by the server, or found). So the intervals of a
-run add up exactly to what the books counted in it.
+flight and the pace in force (given, stated by the server, or found): the account's, and each
+model's with a pace of its own (`scopes`, by model). So the intervals of a run add up exactly
+to what the books counted in it.
 
 Intervals are INTERVAL seconds long; a run that has kept MAX_POINTS of them merges them in
 pairs into intervals twice as long, so any run keeps at most that many (a million-line run
@@ -28,8 +29,12 @@ MAX_POINTS = 1000  # intervals a run keeps at most
 
 # What an interval holds, by short keys (a run's stretch is saved at every checkpoint).
 SUMS = ("started", "tokens_in", "tokens_out", "cost", "latency_n")
+# A result as the timeline counts it: tokens in and out, cost (None: not known), latency, ttft.
+Spent = tuple[int, int, float | None, float, float | None]
 # In flight, the pace in force (requests a second), where it comes from, and the limit it keeps to.
 Sample = Callable[[], tuple[int, float | None, str | None, float | None]]
+# The same pace, limit and where they come from for each model with a pace of its own.
+Paces = Callable[[], dict[str, tuple[float | None, str | None, float | None]]]
 
 
 def kind(answer: str) -> str:
@@ -61,6 +66,7 @@ class Stretch:
         self._latency = Histogram()
         self._ttft = Histogram()
         self.sample: Sample | None = None
+        self.paces: Paces | None = None
 
     def at(self, now: float) -> dict[str, Any]:
         index = int((now - self.started) // self.length)
@@ -99,6 +105,14 @@ class Stretch:
                 point["pace_kind"] = pace_kind
             if limit:
                 point["limit"] = limit
+        if self.paces is not None:
+            scopes = {
+                model: {"pace": pace, "pace_kind": pace_kind, **({"limit": limit} if limit else {})}
+                for model, (pace, pace_kind, limit) in self.paces().items()
+                if pace
+            }
+            if scopes:
+                point["scopes"] = scopes
         self._latency, self._ttft = Histogram(), Histogram()
         self._open = None
 
@@ -130,7 +144,7 @@ def _add(into: dict[str, Any], point: dict[str, Any]) -> None:
         into[key] = into.get(key, 0) + point.get(key, 0)
     for answer, n in point["answers"].items():
         into["answers"][answer] = into["answers"].get(answer, 0) + n
-    for key in ("in_flight", "pace", "pace_kind", "limit"):
+    for key in ("in_flight", "pace", "pace_kind", "limit", "scopes"):
         if key in point:
             into[key] = point[key]  # the later sample
 
@@ -147,10 +161,10 @@ class Timeline:
         """This run's stretch starts now."""
         self.run = Stretch(self.clock())
 
-    def sample(self, sample: Sample) -> None:
-        """Where in flight and the pace in force are read, as each interval closes."""
+    def sample(self, sample: Sample, paces: Paces | None = None) -> None:
+        """Where in flight and the paces in force are read, as each interval closes."""
         if self.run is not None:
-            self.run.sample = sample
+            self.run.sample, self.run.paces = sample, paces
 
     def finish(self) -> None:
         """The run ends: its last interval is closed (in flight and the pace noted)."""
@@ -180,13 +194,22 @@ class Timeline:
             if cost:
                 point["cost"] += cost
 
-    def took(self, latency: float, ttft: float | None) -> None:
+    def kept(self, results: Iterable[Spent]) -> None:
+        """Results written at one moment: what each used and cost (as `spent` counts it), and
+        how long it took, for the interval's percentiles."""
         point = self._point()
-        if point is not None and self.run is not None:
+        if point is None or self.run is None:
+            return
+        latency, ttft = self.run._latency, self.run._ttft
+        for tokens_in, tokens_out, cost, seconds, first in results:
+            point["tokens_in"] += tokens_in
+            point["tokens_out"] += tokens_out
+            if cost:
+                point["cost"] += cost
             point["latency_n"] += 1
-            self.run._latency.add(latency)
-            if ttft is not None:
-                self.run._ttft.add(ttft)
+            latency.add(seconds)
+            if first is not None:
+                ttft.add(first)
 
     def recent(self, answer: str, seconds: float) -> int:
         """Answers `answer` in this run's intervals of about the last `seconds`."""

@@ -20,7 +20,10 @@ from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
 MESSAGES = 5  # the commonest messages kept for each failure code
-__all__ = ["Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
+__all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
+# An answer as counted: the model it counts under, the cost the server reported (None: it
+# said none), its prompt and completion tokens (read once, for the books to cost it too).
+Counted = tuple[str, float | None, int, int]
 
 
 @dataclass
@@ -56,8 +59,16 @@ def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return 0, 0, 0
-    prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
-    return prompt, completion, _int(usage.get("total_tokens")) or prompt + completion
+    # (_int written out: every answer comes here twice)
+    prompt, completion, total = (
+        usage.get("prompt_tokens"),
+        usage.get("completion_tokens"),
+        usage.get("total_tokens"),
+    )
+    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
+    completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+    total = total if isinstance(total, int) and not isinstance(total, bool) else 0
+    return prompt, completion, total or prompt + completion
 
 
 def reports_usage(body: Any) -> bool:
@@ -99,8 +110,8 @@ class Usage:
         self.attempts += 1
         self.answers[key] += 1
 
-    def add_body(self, body: dict[str, Any], requested: str | None = None) -> tuple[str, float | None]:
-        """Count a completion's usage; returns the model that answered and its reported cost."""
+    def add_body(self, body: dict[str, Any], requested: str | None = None) -> Counted:
+        """Count a completion's usage; returns it as counted."""
         model = body.get("model") if isinstance(body.get("model"), str) else None
         name = model or requested or "unknown"
         raw_usage = body.get("usage")
@@ -131,9 +142,9 @@ class Usage:
             m.with_cost += 1
         if requested:
             self.requested_models[f"{requested} -> {name}"] += 1
-        return name, reported
+        return name, reported, prompt, completion
 
-    def add_success(self, success: Success) -> tuple[str, float | None]:
+    def add_success(self, success: Success) -> Counted:
         self.outcomes["succeeded"] += 1
         self.retries += max(success.attempts - 1, 0)
         latency = success.reply.latency
@@ -152,7 +163,7 @@ class Usage:
         m.cost_priced += cost
         m.priced += 1
 
-    def add_discarded(self, body: dict[str, Any], requested: str | None) -> tuple[str, float | None]:
+    def add_discarded(self, body: dict[str, Any], requested: str | None) -> Counted:
         """An answer paid for but not kept (a verdict that broke the schema, an empty or broken
         answer that reported usage): its tokens and cost count, though it is no result."""
         self.discarded += 1

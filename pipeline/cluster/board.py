@@ -104,7 +104,10 @@ class Board:
     def _postfix(self) -> str:
         figures = list(self.figures.values())
         paced = [f for f in figures if f["pace"]]
-        pace = f"pace {paced[0]['pace'] * 60:,.0f}/min ({paced[0]['kind']})" if paced else "unpaced"
+        if paced:  # each model's pace beside the account's, as the shards share them
+            pace = paced[0].get("paces") or f"pace {paced[0]['pace'] * 60:,.0f}/min ({paced[0]['kind']})"
+        else:  # a model's may be in force while the account's is not
+            pace = next((f["paces"] for f in figures if f.get("paces") not in (None, "unpaced")), "unpaced")
         costs = [f["cost"] for f in figures if f["cost"] is not None]
         cost = money(sum(costs), unknown="cost not reported") if costs else "cost not reported"
         return (

@@ -27,7 +27,7 @@ import anyio
 
 from pipeline.errors import FolderBusy, RunStopped, SettingsError
 from pipeline.pace.local import Pacer
-from pipeline.run.host import Host
+from pipeline.run.host import Host, scope_key
 from pipeline.run.summary import EXIT_BUG, EXIT_STOPPED, EXIT_USAGE
 from pipeline.settings import build
 
@@ -58,14 +58,15 @@ class ShardHost(Host):
         request_rate: float | None,
         token_rate: float | None,
         say: Callable[[str], None],
+        model: str | None = None,
     ) -> Pacer:
         if settings.shared_limit is not None:
-            return super().pacer(settings, api_key, request_rate, token_rate, say)
+            return super().pacer(settings, api_key, request_rate, token_rate, say, model)
         from pipeline.pace.actor import ActorStore
         from pipeline.pace.shared import SharedPacer
         from pipeline.pace.store import account_key
 
-        account = account_key(settings.base_url, api_key)
+        account = scope_key(account_key(settings.base_url, api_key), model)
         return SharedPacer(
             partial(ActorStore, account, self.home),
             f"(the Ray actor {account})",

@@ -4,7 +4,7 @@ parameters an OpenAI-compatible server knows, so that a job file's near miss is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.errors import InputError
@@ -29,8 +29,61 @@ def type_name(value: Any) -> str:
     return "a string" if isinstance(value, str) else type(value).__name__
 
 
+def _valid_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _valid_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _valid_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _valid_message(value: Any) -> bool:
+    if not isinstance(value, dict) or not isinstance(value.get("role"), str):
+        return False
+    content = value.get("content")
+    return content is None or isinstance(content, str | list)
+
+
+def _valid_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_valid_message(m) for m in value)
+
+
+# What each checked field must be (a field set to null passes, but for messages).
+_VALID: dict[str, Callable[[Any], bool]] = {
+    "messages": _valid_messages,
+    "model": lambda value: isinstance(value, str),
+    **dict.fromkeys(_INT_FIELDS, _valid_int),
+    **dict.fromkeys(_NUMBER_FIELDS, _valid_number),
+    **dict.fromkeys(_BOOL_FIELDS, _valid_bool),
+    "stream_options": lambda value: isinstance(value, dict),
+}
+
+
+def _fine(body: Mapping[str, Any]) -> bool:
+    """Whether `check_body` finds nothing wrong. Most bodies are right: this looks at the
+    few fields a body holds, where the checks that say what is wrong and where look up
+    every field they know, a dozen."""
+    for key, value in body.items():
+        check = _VALID.get(key)
+        if check is None:
+            continue
+        if value is None:
+            if key == "messages":
+                return False
+            continue
+        if not check(value):
+            return False
+    return "messages" in body
+
+
 def check_body(body: Mapping[str, Any], prefix: str = "") -> None:
     """Refuse what the server would refuse for sure, and say which field and why."""
+    if _fine(body):
+        return
     messages = body.get("messages")
     if messages is None:
         raise InputError(

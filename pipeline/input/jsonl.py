@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from typing import Any
 
@@ -23,7 +22,12 @@ import orjson
 
 from pipeline.errors import InputError
 
-_LONG_NUMBER = re.compile(rb"\d{20}")
+_LONG_NUMBER = b"0" * 20
+# Every digit as "0", every other byte as " ": a run of 20 digits is then a plain substring,
+# found in a tenth of the time the regular expression \d{20} took (2.6 us a line of 300
+# bytes, a search tried at every byte).
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_SLICE = 1 << 16  # bytes mapped at a time, so that a big line (images) is not copied whole
 # Far above what any provider accepts (OpenAI's structured outputs: 10 levels), far under
 # what orjson and the standard library can write.
 MAX_DEPTH = 200
@@ -66,12 +70,24 @@ def _deeper(value: Any, limit: int) -> bool:
     return False
 
 
+def _has_long_number(raw: bytes) -> bool:
+    """Whether `raw` holds a run of 20 digits (an integer orjson would read as a float)."""
+    if len(raw) <= _SLICE:
+        return _LONG_NUMBER in raw.translate(_DIGITS)
+    view = memoryview(raw)
+    # Slices overlap by 19 bytes, so that no run is cut in two.
+    return any(
+        _LONG_NUMBER in bytes(view[start : start + _SLICE + 19]).translate(_DIGITS)
+        for start in range(0, len(raw), _SLICE)
+    )
+
+
 def parse(raw: bytes) -> tuple[Any, bool]:
     """One JSON document, and whether it went the slow way (the standard library, which also
     lets through what orjson refuses, such as a lone surrogate escape). Raises ValueError
     (orjson's, json's, or `TooDeep`) when it is not JSON, or nested too deep to write again."""
     try:
-        if _LONG_NUMBER.search(raw) is None:
+        if not _has_long_number(raw):
             value, slow = orjson.loads(raw), False
         else:
             value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)

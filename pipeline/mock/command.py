@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from pipeline.mock.admission import WAYS, Change
 from pipeline.mock.limits import COUNTS, STYLES
 
 EXIT_USAGE = 2
@@ -22,6 +23,39 @@ def _rate(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be a fraction between 0 and 1")
     return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    return value
+
+
+def _model_limit(text: str) -> tuple[str, float]:
+    """MODEL=N (a model's name may hold ':' and '/', as "vendor/model:free" does)."""
+    model, sep, number = text.rpartition("=")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=N")
+    return model, _positive(number)
+
+
+def _changes(text: str) -> list[Change]:
+    """[MODEL:]T=RPM[,T=RPM...]: the account's (or MODEL's) rpm set to RPM at T seconds."""
+    head, _, times = text.rpartition(":") if ":" in text.split("=", 1)[0] else ("", "", text)
+    out: list[Change] = []
+    for part in times.split(","):
+        at, sep, rpm = part.partition("=")
+        try:
+            out.append((head, float(at), _positive(rpm)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not T=RPM") from None
+        if not sep or out[-1][1] < 0:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not T=RPM (T seconds, 0 or more)")
+    return out
 
 
 def add_mock_command(sub: Any) -> None:
@@ -82,8 +116,49 @@ def add_mock_command(sub: Any) -> None:
         "--limit-style",
         choices=STYLES,
         default="second",
-        help="second: rpm/60 per wall-clock second; minute: rpm per wall-clock minute; bucket: a "
-        "minute's quota at once, refilled continuously, each 429 saying 'try again in Nms'",
+        help="second: rpm/60 per wall-clock second; minute: rpm per wall-clock minute; bucket: "
+        "refilled continuously, holding --bucket-capacity seconds of the rate",
+    )
+    mock.add_argument(
+        "--bucket-capacity",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds of its rate a bucket holds (default 60: a minute's quota at once; 1: one second's)",
+    )
+    mock.add_argument(
+        "--model-rpm",
+        type=_model_limit,
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="requests per minute for the requests naming MODEL, counted as --limit-style says, "
+        "besides --rpm (which counts every request); again for more models",
+    )
+    mock.add_argument(
+        "--model-tpm",
+        type=_model_limit,
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="tokens per minute for the requests naming MODEL, counted as --tpm-count says",
+    )
+    mock.add_argument(
+        "--limit-changes",
+        type=_changes,
+        action="append",
+        default=[],
+        metavar="[MODEL:]T=RPM[,T=RPM...]",
+        help="set --rpm (or MODEL's --model-rpm) to RPM at T seconds after the first request; "
+        "again for more scopes (e.g. 40=1200,80=3000)",
+    )
+    mock.add_argument(
+        "--wait-said",
+        choices=WAYS,
+        help="how a limit's 429 says its wait: exact: Retry-After in seconds with ms (the windows' "
+        "default); seconds: Retry-After rounded up to whole seconds; ms: retry-after-ms, and "
+        "Retry-After rounded up; message: 'Please try again in 71ms' in the message only (the "
+        "bucket's default); none: not at all",
     )
     mock.add_argument("--quota", type=int, help="requests, then every one refused until midnight UTC")
     mock.add_argument(
@@ -98,9 +173,22 @@ def add_mock_command(sub: Any) -> None:
     mock.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
 
+def _unlimited(args: argparse.Namespace) -> str | None:
+    """A limit change for a scope that has no request limit to change, if any."""
+    models = dict(args.model_rpm)
+    for model, _, _ in (change for changes in args.limit_changes for change in changes):
+        if (model and model not in models) or (not model and not args.rpm):
+            return f"--limit-changes for {model or 'the account'} needs {'--model-rpm' if model else '--rpm'}"
+    return None
+
+
 def run_mock(args: argparse.Namespace) -> int:
     from pipeline.mock.server import MockConfig, serve
 
+    wrong = _unlimited(args)
+    if wrong is not None:
+        print(f"pipeline mock: {wrong}", file=sys.stderr)
+        return EXIT_USAGE
     config = MockConfig(
         latency=args.latency_ms / 1000,
         jitter=args.jitter_ms / 1000,
@@ -119,6 +207,11 @@ def run_mock(args: argparse.Namespace) -> int:
         rpm=args.rpm,
         tpm=args.tpm,
         tpm_count=args.tpm_count,
+        bucket_capacity=args.bucket_capacity,
+        model_rpm=dict(args.model_rpm),
+        model_tpm=dict(args.model_tpm),
+        limit_changes=tuple(change for changes in args.limit_changes for change in changes),
+        wait_said=args.wait_said,
         ratelimit_headers=args.ratelimit_headers,
         unknown_models=tuple(args.unknown_model),
         cost=not args.no_cost,

@@ -9,8 +9,9 @@ Switches add latency (fixed, jittered, or spread from short answers to long reas
 the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped connections
 (before the answer, or after it was produced, as a real network would), malformed bodies,
 errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
-them (`pipeline.mock.limits`), a key the server refuses, credits that run out. Tests start it
-in-process (`start_mock`); the benchmark reads its counters from `GET /mock/stats`.
+them, the account's and each model's (`pipeline.mock.admission`), a key the server refuses,
+credits that run out. Tests start it in-process (`start_mock`); the benchmark reads its
+counters (`pipeline.mock.state`) from `GET /mock/stats`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ import asyncio
 import logging
 import math
 import random
-import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,90 +29,11 @@ import orjson
 from aiohttp import web
 
 from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
-from pipeline.mock.limits import Limit, Window, charged_tokens, make_limits
+from pipeline.mock.config import BACKLOG, KEEP_ALIVE, MockConfig
+from pipeline.mock.state import MockState
 from pipeline.run.preflight import raise_open_files
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
-
-# aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
-# their connection attempts, and each would wait a second to try again.
-BACKLOG = 4096
-KEEP_ALIVE = 0.2  # seconds between the comments of a stream that is thinking
-
-
-@dataclass
-class MockConfig:
-    latency: float = 0.0  # seconds before answering
-    jitter: float = 0.0  # up to this many seconds more, at random
-    # When set, each job's latency is spread from `latency` to this, evenly on a log scale
-    # (most answers short, a few long), and the same on every try of that job.
-    latency_max: float | None = None
-    refusal_latency: float = 0.0  # seconds before a rate limit's 429
-    fail_rate: float = 0.0  # 500/502/503
-    rate_429: float = 0.0  # scattered 429s, as an upstream provider sends them
-    retry_after: float = 1.0  # seconds, sent with every 429
-    drop_rate: float = 0.0  # connection closed; half before, half after the answer is made
-    malformed_rate: float = 0.0  # 200 with a body that is not a chat completion
-    error_200_rate: float = 0.0  # 200 with an error object
-    cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
-    stall_rate: float = 0.0  # share of jobs whose first stream stops sending but stays open
-    think: float = 0.0  # seconds a stream sends only keep-alive comments before its first chunk
-    chunk_delay: float = 0.0  # seconds between a stream's chunks: a long answer still arriving
-    rpm: float | None = None  # requests per minute, counted as `limit_style` says
-    tpm: float | None = None  # tokens per minute, per window, counted as `tpm_count` says
-    tpm_count: str = "usage"  # "usage" or "arrival" (pipeline.mock.limits.charged_tokens)
-    limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock.limits)
-    quota: int | None = None  # requests, then every one refused until midnight UTC
-    ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
-    api_key: str | None = None  # when set, any other bearer is answered 401
-    credits: int | None = None  # successful answers before every answer is 402
-    unknown_models: tuple[str, ...] = ()  # answered 404 model_not_found, as a server does
-    cost: bool = True  # report usage.cost
-    # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
-    # "malformed", "error200", "cut", "chatty" (content that ignores response_format),
-    # "moderated" (OpenRouter's 403 for flagged input) or "no_quota" (OpenAI's 429 for an
-    # account without credit).
-    script: list[Any] = field(default_factory=list)
-    chatty_when: str | None = None  # every request whose messages contain this is answered "chatty"
-    ignore_stream: bool = False  # answer stream: true with one JSON body, as some servers do
-    record: bool = False  # keep every request body (tests)
-    echo_key: bool = (
-        False  # put the caller's Authorization header in error messages, as a careless server would
-    )
-    seed: int = 0
-
-
-@dataclass
-class MockState:
-    config: MockConfig
-    rng: random.Random
-    received: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    statuses: Counter[str] = field(default_factory=Counter)
-    answered: Counter[str] = field(default_factory=Counter)  # successes per job (by messages)
-    lost_answers: Counter[str] = field(default_factory=Counter)  # made, then the connection dropped
-    limits: list[Limit] = field(default_factory=list)
-    stalled: set[str] = field(default_factory=set)
-    accepted_per_second: Counter[int] = field(default_factory=Counter)
-    refused_per_second: Counter[int] = field(default_factory=Counter)
-    refused_jobs: Counter[str] = field(default_factory=Counter)  # scattered 429s, per job
-    in_flight: int = 0
-    max_in_flight: int = 0
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "statuses": dict(self.statuses),
-            "answered": sum(self.answered.values()),
-            "answered_twice": sum(
-                1 for k, v in self.answered.items() if v > 1 and k not in self.lost_answers
-            ),
-            "lost_answers": sum(self.lost_answers.values()),
-            "accepted_per_second": {str(k): v for k, v in sorted(self.accepted_per_second.items())},
-            "refused_per_second": {str(k): v for k, v in sorted(self.refused_per_second.items())},
-            # the most scattered 429s one job met: the Retry-Afters any client had to wait in a row
-            "most_refusals_of_a_job": max(self.refused_jobs.values(), default=0),
-            "max_in_flight": self.max_in_flight,
-        }
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -139,9 +58,6 @@ class MockServer:
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self.state = MockState(config=config, rng=random.Random(config.seed))
-        self.state.limits = make_limits(
-            style=config.limit_style, rpm=config.rpm, tpm=config.tpm, quota=config.quota
-        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -159,21 +75,6 @@ class MockServer:
     async def models(self, request: web.Request) -> web.Response:
         data = {"object": "list", "data": [{"id": "mock/default", "object": "model"}]}
         return web.Response(body=orjson.dumps(data), content_type="application/json")
-
-    def _refused(self, body: dict[str, Any]) -> web.Response | None:
-        """A 429 when this request is over a limit (counted on arrival), else None."""
-        st = self.state
-        now = time.time()
-        tokens = charged_tokens(body, count=self.config.tpm_count) if self.config.tpm else 0.0
-        for limit in st.limits:
-            refusal = limit.admit(now, tokens)
-            if refusal is not None:
-                st.statuses["429"] += 1
-                st.refused_per_second[int(now)] += 1
-                headers = {"Retry-After": f"{refusal.wait:.3f}"} if refusal.header else None
-                return _error(429, refusal.message, "rate_limit_error", headers)
-        st.accepted_per_second[int(now)] += 1
-        return None
 
     def _latency(self, key: str) -> float:
         cfg = self.config
@@ -237,11 +138,13 @@ class MockServer:
         if cfg.credits is not None and sum(st.answered.values()) >= cfg.credits:
             st.statuses["402"] += 1
             return _error(402, "Insufficient credits", "payment_required")
-        refused = self._refused(body)
+        refused = st.admission.admit(body)
         if refused is not None:
+            st.statuses["429"] += 1
             if cfg.refusal_latency:
                 await asyncio.sleep(cfg.refusal_latency)
-            return refused
+            message, said = refused
+            return _error(429, message, "rate_limit_error", said or None)
         key = job_key(body)
         latency = self._latency(key)
         if latency:
@@ -293,8 +196,8 @@ class MockServer:
         if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in text_of(body["messages"])):
             # A model that ignores the requested format: the answer is billed all the same.
             full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
-        window = next((limit for limit in st.limits if isinstance(limit, Window)), None)
-        headers = window.headers(time.time()) if cfg.ratelimit_headers and window is not None else {}
+        window = st.admission.window
+        headers = window.headers(cfg.clock()) if cfg.ratelimit_headers and window is not None else {}
         headers["x-request-id"] = f"req-{key}"
         if body.get("stream") is True and not cfg.ignore_stream:
             stall = key not in st.stalled and int(key[:8], 16) / 2**32 < cfg.stall_rate

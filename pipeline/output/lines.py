@@ -12,13 +12,14 @@ from pipeline.input import jsonl
 from pipeline.job import Failure, Success
 
 
-def result_line(success: Success) -> bytes:
+def result_line(success: Success, line_id: str | None = None) -> bytes:
+    """`line_id`: the random part of the line's own id (24 hex digits), else drawn here."""
     reply = success.reply
     # The body's own bytes are copied in as they came; parsed and re-encoded only when they
     # span lines or the line must go through the slow, lossless encoder (see `jsonl`).
     body: Any = orjson.Fragment(reply.raw) if reply.raw is not None else reply.body
     line: dict[str, Any] = {
-        "id": "batch_req_" + os.urandom(12).hex(),
+        "id": "batch_req_" + (line_id or os.urandom(12).hex()),
         "custom_id": success.request.custom_id,
         "response": {"status_code": reply.status, "request_id": reply.request_id, "body": body},
         "error": None,
@@ -28,7 +29,7 @@ def result_line(success: Success) -> bytes:
     if success.request.metadata is not None:
         line["metadata"] = success.request.metadata
     try:
-        return orjson.dumps(line) + b"\n"
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)  # (no copy to add it)
     except TypeError:
         line["response"]["body"] = reply.body
         return jsonl.dumps(line) + b"\n"

@@ -154,19 +154,23 @@ class Writer:
             raise
 
     def _write_successes(self, successes: list[Success]) -> None:
+        # The lines' ids from one read of the system's randomness, not one read (a system
+        # call) a line.
+        ids = os.urandom(12 * len(successes)).hex()
+        lines = (self.redact(result_line(s, ids[24 * i : 24 * i + 24])) for i, s in enumerate(successes))
         try:
-            self._results.append(b"".join(self.redact(result_line(s)) for s in successes))
+            self._results.append(b"".join(lines))
         except OSError:
             self._succeeded(successes[: self._results.kept])
             raise
         self._succeeded(successes)
 
     def _succeeded(self, successes: list[Success]) -> None:
-        for success in successes:
-            self.books.kept(success)
-            self._done.append(success.request.custom_id)
-            if self.ledger.failed_count:
-                self._succeeded_keys.append(success.request.custom_id)
+        self.books.kept(successes)
+        ids = [success.request.custom_id for success in successes]
+        self._done += ids
+        if self.ledger.failed_count:
+            self._succeeded_keys += ids
         self.written += len(successes)
 
     def _write_failures(self, failures: list[Failure]) -> None:

@@ -48,6 +48,16 @@ class Capacity:
     def read(self, full: Full) -> float:
         """Requests a second the server lets through, read at the moment `full`."""
         fulls = self._fulls
+        if fulls and self.log.accepted_between(fulls[-1].after, full.seq) == 0:
+            # Nothing got through since the last moment: the server never had room when it
+            # said (or, refused at the pace a limit allows, when the reading assumed). One
+            # moment, with room when this one says: a reading from the first would count
+            # the time it had none.
+            last = fulls.pop()
+            fulls.append(Full(last.at, last.seq, full.resume, full.after))
+            if len(fulls) == 1:
+                return 0.0
+            full = fulls.pop()
         if fulls and full.at - fulls[-1].resume > AGAIN_WITHIN:
             fulls.clear()  # the server had room for a while since: a new stretch
         oldest = self.log.next - self.log.size  # what the send log still holds

@@ -14,13 +14,15 @@ refusals drive everything here, and answers are never waited for:
   rate read, and the in-flight window opens to --concurrency: the pace bounds the rate, and
   in flight is whatever the pace and the latency make it. A refusal that comes back after
   the reading, for a request it counted as let through, is taken out of it.
+- **Probing** (`pipeline.pace.probe`). Ten seconds after a change of pace, while the pacer
+  is what holds requests back, the pace climbs above the limit known, slowly near it and
+  faster the longer nothing is refused, to learn whether the limit rose.
 - **Above a known limit.** A refusal while probing above the pace the limit allows sets it
-  back to that pace, with no pause. Refusals at that pace read the limit again (at most
-  once in SETTLE seconds) when it was read over less than a second, or when they are more
-  than 15 % of answers. Scattered refusals never ratchet the pace down.
-- **Probing.** Ten seconds after a change of pace, while the pacer is what holds requests
-  back, the pace creeps up by 0.2 % a second, to learn whether the limit has risen; after a
-  reading over less than a second, twice as fast every ten seconds nothing is refused.
+  back to that pace, or to what the server let through in its last second if more (the
+  limit rose), with no pause but the rest of a second the server counts. Refusals at that
+  pace read the limit again (at most once in SETTLE seconds) when it was read over less
+  than a second or raised by a probe, or when they are more than 15 % of answers.
+  Scattered refusals never ratchet the pace down.
 - Until a limit is found, requests are not paced at all: one check each, no timer. The
   window (`limits.Window`) grows with time while no refusal comes back, not with answers.
 - **Many processes, one account** (a shared pace): each process still watches its own
@@ -51,6 +53,7 @@ from pipeline.pace.giveup import GiveUp
 from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.outage import Outage
+from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.sendlog import SendLog
 from pipeline.send.waits import parse_duration, per_minute, spent
 
@@ -65,8 +68,6 @@ HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window q
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
-STEP = 0.002  # growth a second while probing (doubling every SETTLE seconds of it, when quick)
-SETTLE = 10.0  # seconds at the new pace after a change, before probing again
 WAIT = 1.0  # seconds to wait when a refusal does not say
 MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
@@ -113,10 +114,13 @@ class RateFinder:
         self._back = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self._bucket = 0
+        # Refused and answered since the limit was read: the sliding window holds too few
+        # answers at a slow pace (a model's 2 a second) to tell a limit read too high, and
+        # the probes' steps back (each a new epoch) come sooner than enough of them.
+        self._tally = [0, 0]
         self._next_step = 0.0
-        self._probe_after = 0.0
+        self.probe = Probe(HOLD)
         self._reread_after = 0.0
-        self._quick = False  # probe quickly: the last reading spanned less than a second
         self._waits = 0
         self._held: tuple[float, float] | None = None  # since when, and the threshold before
         self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
@@ -138,7 +142,7 @@ class RateFinder:
         """Judge the new pace on the answers to what is sent at that pace, not before."""
         self.epoch = self.log.next
         self._epoch_start = now
-        self._probe_after = now + SETTLE
+        self.probe.settle(now)
         # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
         self._end_hold()
         self._hold_spent = False
@@ -146,12 +150,23 @@ class RateFinder:
         for j in range(BUCKETS):
             self._ok[j] = self._back[j] = self._all[j] = 0
 
-    def sent(self) -> int:
-        """A request leaves now; returns its ticket, for its answer to bring back."""
+    def sent(self, tag: int = 0) -> int:
+        """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
+        answer to bring back."""
         now = self.clock()
         self.pacer.sent(now)
         self.outage.sent()
-        return self.log.send(now)
+        return self.log.send(now, tag)
+
+    def forget(self) -> None:
+        """The limit read here was one model's, which has a scope of its own now: back to the
+        pace given or stated (none, else), and no pause, as if its refusals had not come."""
+        self.limit = None
+        self._tally = [0, 0]
+        self.capacity = Capacity(self.log)
+        self.pacer.set_request_rate(self.ceiling)
+        self.pacer.unpause()
+        self._new_epoch(self.clock())
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -167,6 +182,7 @@ class RateFinder:
         i = self._slot(now)
         self._ok[i] += 1
         self._all[i] += 1
+        self._tally[1] += 1
         if now >= self._next_step:
             self._next_step = now + 1.0
             self._lapse_hold(now)
@@ -199,6 +215,7 @@ class RateFinder:
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
+        self.probe.charge(now)
         self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
         if ticket < self.epoch:
             return  # sent before the last change of pace
@@ -206,6 +223,8 @@ class RateFinder:
         back, total = sum(self._back), sum(self._all)  # before this one
         self._back[i] += 1
         self._all[i] += 1
+        self._tally[0] += 1
+        self._tally[1] += 1
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
@@ -221,7 +240,7 @@ class RateFinder:
         if back >= HOLD_MIN and back >= HOLD_SHARE * total:
             self._hold(now)
         if self.limit is not None:
-            self._overshoot(now, ticket, back, total)
+            self._overshoot(now, ticket, wait, back, total)
 
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
@@ -237,11 +256,11 @@ class RateFinder:
         if self.pacer.reads_account():
             self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
-        self._quick = not sure
         if rate >= MIN_RATE:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.window.open()  # the pace bounds the rate from here
         else:
@@ -254,19 +273,16 @@ class RateFinder:
             if self.pacer.request_rate is not None and self.pacer.request_rate > self.limit * HOLD:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
-    def _overshoot(self, now: float, ticket: int, back: int, total: int) -> None:
+    def _overshoot(self, now: float, ticket: int, wait: float | None, back: int, total: int) -> None:
         """Refusals not in a run, while a limit is known."""
         assert self.limit is not None
         current = self.pacer.request_rate
-        hold = self.limit * HOLD
-        if current is not None and current > hold * 1.0001:
-            # Probed past the limit: back under it, no pause (scattered refusals never take
-            # the pace below it).
-            self.pacer.set_request_rate(hold)
-            self.cuts += 1
-            self._new_epoch(now)
+        if current is not None and current > self.limit * HOLD * 1.0001:
+            self._probed_past(now, ticket, current, wait)
             return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
+        refused, answered = self._tally
+        many = many or (refused >= READ_MIN and refused >= READ_SHARE * answered)
         if self.capacity.sure and not many:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
@@ -280,12 +296,36 @@ class RateFinder:
         else:
             self._reread(self.capacity.read(self.capacity.full(ticket, now)), self.capacity.sure)
 
+    def _probed_past(self, now: float, ticket: int, current: float, wait: float | None) -> None:
+        """A probe above the limit was refused: back under it (scattered refusals never take
+        the pace below it), and under what got through in the server's last second, if
+        more: the limit rose that far at least (or a bucket's savings passed for a rise: the
+        limit is a guess then, that the next refusals read again)."""
+        assert self.limit is not None
+        at = self.log.sent_at(ticket)
+        # A server that counts per second has room again when its second ends: the second
+        # it counted is the one before that, not the one before the refusal, which spans two
+        # of its seconds and reads too high. Until then it refuses whatever is sent: the
+        # pool waits, or the refusals make a run that reads that too-high second.
+        rest = wait if wait is not None and wait < 1.0 else 0.0
+        count, _ = self.log.accepted(at + rest - 1.0, ticket)
+        if min(count, current) > self.limit:
+            self.limit = min(float(count), current)
+            self.capacity.sure = False
+        hold = self.limit * HOLD
+        self.pacer.set_request_rate(hold)
+        if rest:
+            self.pacer.pause(rest)
+        self.probe.refused(now, hold)
+        self.cuts += 1
+        self._new_epoch(now)
+
     def _reread(self, rate: float, sure: bool) -> None:
         """The limit read again at its pace: lower than it was read, it is set so."""
         self.capacity.sure = sure
-        self._quick = not sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
+            self._tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
             self._new_epoch(self.clock())
@@ -326,25 +366,11 @@ class RateFinder:
         # (at the end of a job every request left may be waiting, and none comes to wait).
         binding = self.pacer.waits > self._waits or self.pacer.holding
         self._waits = self.pacer.waits
-        rate = self.pacer.request_rate
-        if self.limit is None or rate is None or not binding or now < self._probe_after:
+        if self.limit is None or self.pacer.request_rate is None or not binding:
             return
-        if not any(self._back) and now - self._epoch_start >= 1.0:
-            # Everything got through: the server accepts at least this much, for now. Only
-            # for now: a bucket lets through what a pace under its refill left in it, then
-            # refuses, so a limit raised so is a guess that the first refusal reads again.
-            count, _ = self.log.accepted(now - 1.0, self.log.next)
-            if count > self.limit:
-                self.limit = float(count)
-                self.capacity.sure = False
-        # After a reading over less than a second (maybe too low), quicker the longer nothing
-        # is refused (as CUBIC probes), so that it is not kept for minutes. After a sure one
-        # slowly, only to notice a limit raised: a bucket lets a quick probe through for a
-        # long while on what the pace under its refill left in it, then refuses a burst.
-        if self._quick:
-            rate *= 1 + STEP * 2 ** min((now - self._probe_after) / SETTLE, 4)
-        else:
-            rate *= 1 + STEP
+        rate = self.probe.next(now, self.limit)
+        if rate is None:
+            return
         if self.ceiling is not None:
             rate = min(rate, self.ceiling)
         self.pacer.set_request_rate(rate)

@@ -208,6 +208,11 @@ class Pacer:
             self._paused_until = until
             self._reschedule()
 
+    def unpause(self) -> None:
+        """The pause was another scope's: lift it."""
+        self._paused_until = 0.0
+        self._reschedule()
+
     @property
     def paused_until(self) -> float:
         return self._paused_until

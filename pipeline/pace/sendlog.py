@@ -4,14 +4,16 @@ A rate limit shows in send order, not in the order answers arrive: once a server
 full, every request sent after that is refused until it has room again, a run of refusals,
 while answers to earlier requests may still be arriving seconds later. And what the server
 let through between two moments is the requests sent between them that it did not refuse.
-A ring of fixed size keeps this for the last `SIZE` requests, at the cost of two stores a
-request.
+A ring of fixed size keeps this for the last `SIZE` requests, at the cost of three stores a
+request: the third, the model each named (a small number, its tag), tells one model's limit
+from the account's (`pipeline.pace.scopes`).
 """
 
 from __future__ import annotations
 
 SIZE = 1 << 14  # more than are ever in flight at once, and seconds of history at high rates
 MAX_RUN = 64  # a run this long is long enough: no need to look further
+REACH = 4096  # requests looked through for one model's run among the others'
 
 
 class SendLog:
@@ -20,13 +22,15 @@ class SendLog:
         self._mask = size - 1
         self._times = [0.0] * size
         self._refused = bytearray(size)
+        self._tags = [0] * size
         self.next = 0  # the number the next request sent gets
 
-    def send(self, now: float) -> int:
+    def send(self, now: float, tag: int = 0) -> int:
         seq = self.next
         i = seq & self._mask
         self._times[i] = now
         self._refused[i] = 0
+        self._tags[i] = tag
         self.next = seq + 1
         return seq
 
@@ -55,6 +59,41 @@ class SendLog:
         while last + 1 < self.next and last - seq < MAX_RUN and refused[(last + 1) & mask]:
             last += 1
         return first, last
+
+    def run_of(self, seq: int, tag: int) -> tuple[int, int, int]:
+        """The run of refusals `seq` belongs to among the requests of its tag alone (one
+        model's, in the order they left); how many requests of other tags sent among them
+        went through; and how many sent from the request of its tag before the run to the one
+        after it: a model refused while the others are not."""
+        refused, tags, mask = self._refused, self._tags, self._mask
+        oldest = max(self.next - self._size, 0)
+        run = 1
+        between = around = 0
+        for step in (-1, 1):
+            among, at = 0, seq + step  # others not refused since the last refusal of the tag
+            while oldest <= at < self.next and run < MAX_RUN and abs(at - seq) < REACH:
+                i = at & mask
+                if tags[i] == tag:
+                    if not refused[i]:
+                        break
+                    run, between, among = run + 1, between + among, 0
+                elif not refused[i]:
+                    among += 1
+                    around += 1
+                at += step
+        return run, between, around
+
+    def move(self, tag: int, into: SendLog) -> dict[int, int]:
+        """The requests of `tag` still held, copied into `into` in the same order (their model
+        has a scope of its own from now on): their numbers there, by their numbers here."""
+        numbers: dict[int, int] = {}
+        for seq in range(max(self.next - self._size, 0), self.next):
+            i = seq & self._mask
+            if self._tags[i] == tag:
+                numbers[seq] = into.send(self._times[i])
+                if self._refused[i]:
+                    into.refuse(numbers[seq])
+        return numbers
 
     def accepted_between(self, first: int, before: int) -> int:
         """Requests from `first` up to `before` (excluded) that were not refused (those that

@@ -23,6 +23,7 @@ from pipeline.account.timeline import joined, kind
 
 KINDS = ("success", "429", "5xx", "error", "invalid")
 COLOURS = {"success": "#33aa77", "429": "#ee9944", "5xx": "#cc3333", "error": "#888888", "invalid": "#aa55cc"}
+SCOPE_COLOURS = ("#7755aa", "#aa7722", "#227799", "#995566")  # a pace per model
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -140,9 +141,14 @@ def _over_time(length: float, points: list[dict[str, Any]]) -> list[str]:
         if any(values):
             per_kind.append((k, list(values), COLOURS[k]))
     paces = {str(p.get("pace_kind")) for p in points if p.get("pace")}
+    models = sorted({model for p in points for model in p.get("scopes", {})})
     if paces:
         pace = [p.get("pace") for p in points]
-        per_kind.append((f"pace in force ({'/'.join(sorted(paces))})", pace, "#223366"))
+        whose = "the account's pace" if models else "pace in force"
+        per_kind.append((f"{whose} ({'/'.join(sorted(paces))})", pace, "#223366"))
+    for i, model in enumerate(models):  # each model with a pace of its own
+        pace = [p.get("scopes", {}).get(model, {}).get("pace") for p in points]
+        per_kind.append((f"pace for {model}", pace, SCOPE_COLOURS[i % len(SCOPE_COLOURS)]))
     if any(p.get("limit") for p in points):
         per_kind.append(("limit (given, stated or found)", [p.get("limit") for p in points], "#000000"))
     latency = [

@@ -15,12 +15,17 @@ next.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 
 from pipeline.errors import RunStopped
 from pipeline.pace.local import Slots
+
+if TYPE_CHECKING:
+    from pipeline.job import Request
 
 
 class Control:
@@ -185,5 +190,46 @@ class Seat:
         """A retry's wait, spent out of the crew (and cut short if the run stops)."""
         self.give_up()
         await self.control.nap(seconds)
+        self.rejoin()
+
+    def step_out(self) -> bool:
+        """Out of the crew for a wait (its model's pace), as for a backoff; whether it was in."""
+        held = self.held
+        self.give_up()
+        return held
+
+    def rejoin(self) -> None:
         self.crew.rejoin()
         self.held = True
+
+
+class Aside:
+    """Requests a worker set aside, by model, rather than wait with them: enough requests of
+    their model wait for its pace already (`crowded`), and waiting too the worker would be
+    lost to the other models' requests. At most `most` are held (the rest wait in workers,
+    as every request did before); a worker takes one back once its model has room, or when
+    nothing else is there to take."""
+
+    def __init__(self, crowded: Callable[[str | None], bool], most: int) -> None:
+        self.crowded = crowded
+        self.most = most
+        self.held = 0
+        self._by_model: dict[str | None, deque[Request]] = {}
+
+    def keep(self, request: Request) -> bool:
+        """Set `request` aside if its model is crowded and there is room; whether it was."""
+        if self.held >= self.most or not self.crowded(request.model):
+            return False
+        self._by_model.setdefault(request.model, deque()).append(request)
+        self.held += 1
+        return True
+
+    def ready(self, *, any_model: bool = False) -> Request | None:
+        """A request set aside whose model has room now (or, `any_model`, the first held)."""
+        if not self.held:
+            return None
+        for model, held in self._by_model.items():
+            if held and (any_model or not self.crowded(model)):
+                self.held -= 1
+                return held.popleft()
+        return None

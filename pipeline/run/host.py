@@ -23,6 +23,16 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 
+def scope_key(account: str, model: str | None) -> str:
+    """A scope's name in a shared store: the account's, and for a model a hash of its name
+    (a name is outside text, of any length)."""
+    if model is None:
+        return account
+    import hashlib
+
+    return f"{account}:{hashlib.sha256(model.encode()).hexdigest()[:16]}"
+
+
 class Host:
     """A run in a process of its own."""
 
@@ -33,8 +43,10 @@ class Host:
         request_rate: float | None,
         token_rate: float | None,
         say: Callable[[str], None],
+        model: str | None = None,
     ) -> Pacer:
-        """The run's pacer: its own, or the account's shared one (`--shared-limit`)."""
+        """The pace of a scope (the account's, or `model`'s): the run's own, or shared by the
+        account's processes (`--shared-limit`)."""
         if settings.shared_limit is None:
             return Pacer(request_rate=request_rate, token_rate=token_rate)
         from functools import partial
@@ -44,7 +56,7 @@ class Host:
         from pipeline.settings import redacted
 
         return SharedPacer(
-            partial(Store, settings.shared_limit, account_key(settings.base_url, api_key)),
+            partial(Store, settings.shared_limit, scope_key(account_key(settings.base_url, api_key), model)),
             redacted(settings.shared_limit),
             request_rate=request_rate,
             token_rate=token_rate,

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any, Never, TextIO
 import anyio
 
 from pipeline.account.cost import money
+from pipeline.quote import quote
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from pipeline.account.timeline import Paces
     from pipeline.account.usage import Usage
     from pipeline.input.reader import ReadCounts
     from pipeline.job import Failure
@@ -63,6 +65,7 @@ class Progress:
         self.started = time.monotonic()
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
+        self.paces_of: Paces | None = None  # the same, for each model with a pace of its own
         self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
@@ -115,18 +118,31 @@ class Progress:
             "refused": self.usage.timeline.recent("429", 60.0),
             "pace": rate,
             "kind": kind,
+            "paces": self.paces(),
         }
 
-    def _pace(self) -> str:
-        """The pace in force and the 429s of the last minute: a person watching sees the limit
-        being found."""
+    def paces(self) -> str:
+        """The paces in force: the account's, and each model's with a pace of its own."""
         pace = "unpaced"
         if self.sample is not None:
             _, rate, kind, _ = self.sample()
             if rate:
                 pace = f"pace {rate * 60:,.0f}/min ({kind})"
+        scoped = self.paces_of() if self.paces_of is not None else {}
+        if any(rate for rate, _, _ in scoped.values()):
+            models = [
+                f"pace {rate * 60:,.0f}/min ({kind}) for {quote(model)}"
+                for model, (rate, kind, _) in scoped.items()
+                if rate
+            ]
+            pace = "; ".join([*models, f"account {pace.removeprefix('pace ')}"])
+        return pace
+
+    def _pace(self) -> str:
+        """The paces in force and the 429s of the last minute: a person watching sees the
+        limit being found."""
         refused = self.usage.timeline.recent("429", 60.0)
-        return f"{pace}, {refused:,} 429s in the last minute"
+        return f"{self.paces()}, {refused:,} 429s in the last minute"
 
     def line(self) -> str:
         done, total = self.done(), self.counts.total

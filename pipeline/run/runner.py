@@ -38,8 +38,9 @@ from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import MARGIN, RateFinder
 from pipeline.pace.gate import Gate
 from pipeline.pace.local import Window
+from pipeline.pace.scopes import Scopes, pace_of
 from pipeline.report.markdown import usage_document, write_reports
-from pipeline.run.control import Control, Crew, Refill
+from pipeline.run.control import Aside, Control, Crew, Refill
 from pipeline.run.host import Host
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
@@ -97,6 +98,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.pacer.check()
+        await job.gate.scopes.check()
         async with open_client(
             settings.base_url,
             api_key=api_key,
@@ -141,7 +143,8 @@ class Run:
         self.counts = ReadCounts()
         self.control = Control(grace=settings.grace)
         # Exact token counts load a 45 MB vocabulary: only where a token budget needs them.
-        self.parser = LineParser(settings, exact_tokens=bool(settings.tpm or settings.max_cost))
+        token_limits = settings.tpm or any(limit.tpm for limit in settings.limits.values())
+        self.parser = LineParser(settings, exact_tokens=bool(token_limits or settings.max_cost))
         self.progress = Progress(settings, self.counts, self.writer, self.usage)
         self.writer.on_input_error = self.progress.input_error
         self.writer.on_broken = self._broken
@@ -162,9 +165,16 @@ class Run:
             stop=self.control.stop,
             say=self.progress.say,
         )
-        self.gate = Gate(self.pacer, self.window, self.finder)
-        self.usage.timeline.sample(self._sample)
-        self.progress.sample = self._sample
+        scopes = Scopes(
+            self.finder,
+            limits=settings.limits,
+            pacer_for=lambda model, rate, tokens: host.pacer(
+                settings, api_key, rate, tokens, self.progress.say, model
+            ),
+        )
+        self.gate = Gate(self.pacer, self.window, self.finder, scopes)
+        self.usage.timeline.sample(self._sample, scopes.paces)
+        self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
         self.books.open_budget(settings.max_cost)
         self.verdict = None
@@ -181,14 +191,7 @@ class Run:
     def _sample(self) -> tuple[int, float | None, str | None, float | None]:
         """What the timeline notes as an interval closes: in flight, the pace in force, where
         it comes from, and the limit it keeps under (requests a second)."""
-        rate = self.pacer.request_rate
-        if not rate:
-            return self.control.in_flight, None, None, None
-        if self.settings.rpm:
-            return self.control.in_flight, rate, "given", self.settings.rpm / 60
-        if self.finder.ceiling is not None:
-            return self.control.in_flight, rate, "stated", self.finder.ceiling / MARGIN
-        return self.control.in_flight, rate, "found", self.finder.limit
+        return (self.control.in_flight, *pace_of(self.finder))
 
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
@@ -202,6 +205,9 @@ class Run:
             control=control,
             verdict=self.verdict,
             fill_ahead=self.parser.template is not None and self.parser.template.local_images,
+            # As many set aside as the read-ahead holds: a model paced slowly holds at most so
+            # many more requests in memory.
+            aside=Aside(self.gate.crowded, max(2 * settings.concurrency, 16)),
         )
         size = max(2 * settings.concurrency, 16)
         refill = Refill(size // 2)
@@ -214,6 +220,7 @@ class Run:
             outer.start_soon(self.host.watch, control, self.progress)
             outer.start_soon(self._count_total)
             outer.start_soon(self.pacer.run)  # a shared pace keeps in step with its store
+            self.gate.scopes.start(outer.start_soon)  # and each model's, likewise
             with anyio.CancelScope() as work_scope:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:
@@ -327,6 +334,9 @@ class Run:
         }
         if self.pacer.request_rate is not None:
             record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
+        models = {model: round(rate * 60) for model, (rate, _, _) in self.gate.scopes.paces().items() if rate}
+        if models:
+            record["models_paced_at_rpm"] = models
         usage.timeline.finish()
         usage.runs.append(record)
         try:

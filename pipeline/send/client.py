@@ -106,18 +106,22 @@ def check_completion(body: Any, *, request_id: str | None = None) -> dict[str, A
         raise MalformedResponse(
             "the answer is not a chat completion: no choices", body=body, request_id=request_id
         )
+    ended = bool(choices)  # every choice says why it ended: none is empty (`empty_answer`)
     for choice in choices:
         if not isinstance(choice, dict):
             raise MalformedResponse(
                 "the answer has a choice that is not an object", body=body, request_id=request_id
             )
-        if choice.get("finish_reason") == "error":
+        reason = choice.get("finish_reason")
+        if reason == "error":
             raise provider_error(
                 "a choice finished with an error", code=None, body=body, request_id=request_id
             )
-    empty = empty_answer(body, request_id=request_id)
-    if empty is not None:
-        raise empty
+        ended = ended and bool(reason)
+    if not ended:
+        empty = empty_answer(body, request_id=request_id)
+        if empty is not None:
+            raise empty
     return body
 
 

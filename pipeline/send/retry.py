@@ -87,9 +87,17 @@ class RetryPolicy:
         started = time.monotonic()
         wait = sleep or anyio.sleep
         refused = [0.0]  # seconds spent waiting on refusals: not time spent failing
-        # Most requests succeed at once, and pay for nothing more than this.
+        # Most requests succeed at once, and pay for nothing more than this (called here,
+        # not through _past_refusals: a coroutine less to go through at every wait inside).
         try:
-            return await self._past_refusals(fn, wait, refused)
+            try:
+                return await fn()
+            except RequestError as e:
+                failed = e
+            try:
+                return await self._past_refusals(fn, wait, refused, failed)
+            finally:
+                del failed  # (a cycle through the traceback, as below)
         except RequestError as e:
             if not e.transient or self._max_attempts == 1:
                 raise
@@ -119,18 +127,26 @@ class RetryPolicy:
             del error, state
 
     async def _past_refusals(
-        self, fn: Callable[[], Awaitable[T]], wait: Callable[[float], Awaitable[None]], refused: list[float]
+        self,
+        fn: Callable[[], Awaitable[T]],
+        wait: Callable[[float], Awaitable[None]],
+        refused: list[float],
+        failed: RequestError | None = None,
     ) -> T:
         """One attempt, sent again while the server refuses it, waiting what it asks; for
         `max_refused` seconds at most, as one request may be refused while others go (a model
-        an aggregator cannot serve for now): then it fails, to be tried by the next run."""
+        an aggregator cannot serve for now): then it fails, to be tried by the next run.
+        `failed`: how the attempt already made ended, if one was."""
         refusals = 0
         first = 0.0
         down = 0.0  # when the last attempt failed in an outage: the time since is the outage's
         while True:
             try:
+                if failed is not None:
+                    raise failed
                 return await fn()
             except RequestError as e:
+                failed = None  # handled here as an error of fn() is (and no cycle kept)
                 if down:
                     refused[0] += time.monotonic() - down
                     down = 0.0

@@ -27,7 +27,7 @@ from pipeline.input.images import encode
 from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.pace.gate import Gate
-from pipeline.run.control import READ_AHEAD_BYTES, Control, Crew, Refill, Seat
+from pipeline.run.control import READ_AHEAD_BYTES, Aside, Control, Crew, Refill, Seat
 from pipeline.send.client import Client
 from pipeline.send.notfound import Undecided
 from pipeline.send.retry import RetryPolicy
@@ -51,6 +51,7 @@ class Worker:
         control: Control,
         verdict: Verdict | None = None,
         fill_ahead: bool = False,
+        aside: Aside | None = None,
     ) -> None:
         self.gate = gate
         self.client = client
@@ -63,6 +64,7 @@ class Worker:
         self._image_threads = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self.fill_ahead = fill_ahead  # the job has local images: fill them before a seat
         self._ahead = 0  # bytes of images filled ahead, their workers waiting for a seat
+        self.aside = aside or Aside(gate.crowded, 0)  # requests of a model waiting for its pace
 
     async def run(
         self,
@@ -81,19 +83,11 @@ class Worker:
                 while self.control.dispatching:
                     if self.fill_ahead:
                         seat.give_up()  # seats go to workers whose next request is ready
-                    else:
+                    elif seat.crew.crowded:
                         await seat.make_room()
-                    try:
-                        request = requests.receive_nowait()
-                    except anyio.WouldBlock:
-                        try:
-                            request = await requests.receive()
-                        except anyio.EndOfStream:
-                            break
-                    except anyio.EndOfStream:
+                    request = await self._next(requests, refill)
+                    if request is None:
                         break
-                    if refill is not None:
-                        refill.taken(len(request.payload))
                     outcome: Outcome | None
                     if self.fill_ahead:
                         outcome = await self._ready(request, seat)
@@ -110,6 +104,35 @@ class Worker:
                             await outcomes.send(outcome)
             finally:
                 seat.give_up()
+
+    async def _next(
+        self, requests: MemoryObjectReceiveStream[Request], refill: Refill | None
+    ) -> Request | None:
+        """The next request to work on (None: there are no more). One set aside whose model
+        has room now comes first; else the stream's next, set aside in turn when its model
+        has enough requests waiting for its pace; else, with nothing new to take, one set
+        aside all the same."""
+        aside = self.aside
+        while True:
+            request = aside.ready()
+            if request is not None:
+                return request
+            try:
+                request = requests.receive_nowait()
+            except anyio.WouldBlock:
+                request = aside.ready(any_model=True)
+                if request is not None:
+                    return request
+                try:
+                    request = await requests.receive()
+                except anyio.EndOfStream:
+                    return aside.ready(any_model=True)
+            except anyio.EndOfStream:
+                return aside.ready(any_model=True)
+            if refill is not None:
+                refill.taken(len(request.payload))
+            if not aside.keep(request):
+                return request
 
     async def _ready(self, request: Request, seat: Seat) -> Outcome | None:
         """A request with local images is filled before its worker takes a seat, so that
@@ -140,7 +163,8 @@ class Worker:
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
-        held = await self.books.reserve(request)
+        # (no coroutine made where there is no budget to wait for: most runs have none)
+        held = await self.books.reserve(request) if self.books.budget is not None else None
         if isinstance(held, RunStopped):
             self.control.stop(held)
             return None
@@ -162,7 +186,7 @@ class Worker:
                 # The answer thrown away was billed: another try must still fit the cap.
                 self._stop_if(self.books.covers_another_answer())
             try:
-                reply = await self._attempt(request)
+                reply = await self._attempt(request, seat)
             except RequestError as e:
                 attempts += 1  # sent, and failed
                 billed = billed or reports_usage(e.body)
@@ -233,12 +257,12 @@ class Worker:
         request.payload = payload
         return None
 
-    async def _attempt(self, request: Request) -> Reply:
+    async def _attempt(self, request: Request, seat: Seat | None = None) -> Reply:
         """Pace, send, and account for one attempt; the answer, or the error it ended with."""
         control = self.control
         if not control.dispatching:
             raise Abandoned
-        slot = await self.gate.enter(request.token_estimate)  # pace
+        slot = await self.gate.enter(request.token_estimate, request.model, seat)  # pace
         if not control.dispatching:
             slot.unused()
             raise Abandoned

@@ -1,0 +1,63 @@
+"""What the built-in mock plays: its latency, faults and limits (`pipeline mock`'s flags)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.mock.admission import Change
+
+# aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
+# their connection attempts, and each would wait a second to try again.
+BACKLOG = 4096
+KEEP_ALIVE = 0.2  # seconds between the comments of a stream that is thinking
+
+
+@dataclass
+class MockConfig:
+    latency: float = 0.0  # seconds before answering
+    jitter: float = 0.0  # up to this many seconds more, at random
+    # When set, each job's latency is spread from `latency` to this, evenly on a log scale
+    # (most answers short, a few long), and the same on every try of that job.
+    latency_max: float | None = None
+    refusal_latency: float = 0.0  # seconds before a rate limit's 429
+    fail_rate: float = 0.0  # 500/502/503
+    rate_429: float = 0.0  # scattered 429s, as an upstream provider sends them
+    retry_after: float = 1.0  # seconds, sent with every 429
+    drop_rate: float = 0.0  # connection closed; half before, half after the answer is made
+    malformed_rate: float = 0.0  # 200 with a body that is not a chat completion
+    error_200_rate: float = 0.0  # 200 with an error object
+    cut_stream_rate: float = 0.0  # a stream that stops before [DONE]
+    stall_rate: float = 0.0  # share of jobs whose first stream stops sending but stays open
+    think: float = 0.0  # seconds a stream sends only keep-alive comments before its first chunk
+    chunk_delay: float = 0.0  # seconds between a stream's chunks: a long answer still arriving
+    rpm: float | None = None  # requests per minute, counted as `limit_style` says
+    tpm: float | None = None  # tokens per minute, per window, counted as `tpm_count` says
+    tpm_count: str = "usage"  # "usage" or "arrival" (pipeline.mock.limits.charged_tokens)
+    limit_style: str = "second"  # "second", "minute" or "bucket" (pipeline.mock.limits)
+    bucket_capacity: float = 60.0  # seconds of its rate a bucket holds
+    model_rpm: dict[str, float] = field(default_factory=dict)  # each model's own limits, counted
+    model_tpm: dict[str, float] = field(default_factory=dict)  # for the requests naming it
+    limit_changes: tuple[Change, ...] = ()  # rpm set anew during a run (pipeline.mock.admission)
+    wait_said: str | None = None  # how a 429 says its wait (admission.WAYS); None: the style's way
+    quota: int | None = None  # requests, then every one refused until midnight UTC
+    ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
+    api_key: str | None = None  # when set, any other bearer is answered 401
+    credits: int | None = None  # successful answers before every answer is 402
+    unknown_models: tuple[str, ...] = ()  # answered 404 model_not_found, as a server does
+    cost: bool = True  # report usage.cost
+    # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
+    # "malformed", "error200", "cut", "chatty" (content that ignores response_format),
+    # "moderated" (OpenRouter's 403 for flagged input) or "no_quota" (OpenAI's 429 for an
+    # account without credit).
+    script: list[Any] = field(default_factory=list)
+    chatty_when: str | None = None  # every request whose messages contain this is answered "chatty"
+    ignore_stream: bool = False  # answer stream: true with one JSON body, as some servers do
+    record: bool = False  # keep every request body (tests)
+    echo_key: bool = (
+        False  # put the caller's Authorization header in error messages, as a careless server would
+    )
+    seed: int = 0
+    clock: Callable[[], float] = time.time  # what the limits count by (tests pass a fake one)

@@ -1,0 +1,66 @@
+"""What the built-in mock counted: answers by job, statuses, what its limits let through
+(`GET /mock/stats` serves it; tests read it in-process)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.mock.admission import Admission
+from pipeline.mock.config import MockConfig
+
+
+@dataclass
+class MockState:
+    config: MockConfig
+    rng: random.Random
+    received: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    answered: Counter[str] = field(default_factory=Counter)  # successes per job (by messages)
+    lost_answers: Counter[str] = field(default_factory=Counter)  # made, then the connection dropped
+    admission: Admission = field(init=False)  # the rate limits, and what each let through
+    stalled: set[str] = field(default_factory=set)
+    refused_jobs: Counter[str] = field(default_factory=Counter)  # scattered 429s, per job
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.admission = Admission(
+            style=cfg.limit_style,
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            count=cfg.tpm_count,
+            capacity=cfg.bucket_capacity,
+            quota=cfg.quota,
+            model_rpm=cfg.model_rpm,
+            model_tpm=cfg.model_tpm,
+            changes=cfg.limit_changes,
+            way=cfg.wait_said,
+            clock=cfg.clock,
+        )
+
+    @property
+    def accepted_per_second(self) -> Counter[int]:
+        return self.admission.accepted_per_second
+
+    @property
+    def refused_per_second(self) -> Counter[int]:
+        return self.admission.refused_per_second
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.admission.stats(),
+            "statuses": dict(self.statuses),
+            "answered": sum(self.answered.values()),
+            "answered_twice": sum(
+                1 for k, v in self.answered.items() if v > 1 and k not in self.lost_answers
+            ),
+            "lost_answers": sum(self.lost_answers.values()),
+            # the most scattered 429s one job met: the Retry-Afters any client had to wait in a row
+            "most_refusals_of_a_job": max(self.refused_jobs.values(), default=0),
+            "max_in_flight": self.max_in_flight,
+        }

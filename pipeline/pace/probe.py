@@ -1,0 +1,86 @@
+"""Trying a pace above the limit known, to learn that it rose, at a bounded cost when it did not.
+
+A limit read from refusals holds until the server says otherwise, and a server that raises
+its limit (a tier upgrade, an upstream recovering) says nothing: only a pace above the old
+limit that goes unrefused shows it. So, once a pace has held for a while, the rate finder
+asks the probe for the pace to try, once a second while the pace is what holds requests back.
+The probe's curve is CUBIC's (Ha, Rhee and Xu, "CUBIC: a new TCP-friendly high-speed TCP
+variant", 2008; RFC 9438), with the limit known in the role of the window where the last
+loss was seen:
+
+    rate(t) = limit * (1 + C (t - K)^3),    C = (1 - HOLD) / K^3
+
+It starts at the pace the finder holds (HOLD of the limit, t = 0), flattens as it reaches
+the limit (t = K) and lingers there, so that a probe of a limit that did not move crosses it
+slowly, by a percent or two, and is refused for a request or two; past it, the longer
+nothing is refused, the faster it climbs (18 % a second at most), so that a limit that
+rose 2.5 times is reached in a quarter of a minute.
+
+A refusal above the limit known sends the pace back to it at once (the finder's doing), and
+the next probe waits: SETTLE seconds at least, and EVERY requests for each refusal the probe
+cost (its own, and those in the TAIL seconds after: the rest of a server's second, a bucket
+read again), so that probing spends about one request in EVERY at most: a refusal or two a
+minute at 3,000 a minute. A rise is found within SETTLE + K + 11 seconds at 20 a second and
+more, a refusal costing no more than SETTLE seconds there. A bucket that refills
+continuously lets a probe through on what the pace under its refill left in it, then
+refuses: the finder takes what got through for the limit, and reads it again at the first
+refusal at that pace.
+"""
+
+from __future__ import annotations
+
+SETTLE = 10.0  # seconds at a pace before probing above it
+EVERY = 200  # requests the next probe waits for each refusal the last one cost
+K = 3.0  # seconds for the probe to reach the limit known from the pace held under it
+MAX_STEP = 1.5  # seconds of the curve a call may advance (the pace did not bind in between)
+TAIL = 2.0  # seconds after a refused probe whose refusals it is charged for
+
+
+class Probe:
+    """Given the time and the pace the limit known allows, the pace to try; told when a
+    probe was refused, and when a new pace begins."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold  # the pace, as a share of the limit known
+        self.after = 0.0  # no probing before this time
+        self._base: float | None = None  # the limit when the probe began (None: not probing)
+        self._elapsed = 0.0  # seconds along the curve
+        self._last = 0.0  # when the curve last advanced
+        self._tail = 0.0  # refusals until then are the last probe's
+        self._every = 0.0  # seconds of EVERY requests at the pace it went back to
+
+    def settle(self, now: float) -> None:
+        """A new pace: hold it SETTLE seconds (or as a refused probe said) before probing."""
+        self.after = max(self.after, now + SETTLE)
+        self._base = None
+
+    def refused(self, now: float, rate: float) -> None:
+        """A probe above the limit was refused; the pace goes back to `rate`, and stays
+        there for SETTLE seconds, and EVERY requests for each refusal the probe cost."""
+        if self._base is not None:
+            # Requests at the pace held before it: a bucket's savings may have passed for more.
+            rate = min(rate, self._base * self.hold)
+        self._base = None
+        self._tail = now + TAIL
+        self._every = EVERY / max(rate, 1e-9)
+        self.after = max(self.after, now + max(SETTLE, self._every))
+
+    def charge(self, now: float) -> None:
+        """A refusal came back: if it came soon after a probe was refused (the rest of a
+        server's second, a bucket's savings read as a rise, then read again), the probe
+        cost it too, and the next one waits EVERY requests longer."""
+        if now < self._tail:
+            self.after += self._every
+
+    def next(self, now: float, limit: float) -> float | None:
+        """The pace to try now above the pace `limit` allows (HOLD of it), or None while it
+        should be kept. Called while the pace binds."""
+        if now < self.after:
+            return None
+        if self._base is None:
+            self._base, self._elapsed, self._last = limit, 0.0, now
+        self._elapsed += min(now - self._last, MAX_STEP)
+        self._last = now
+        t = self._elapsed - K
+        curve = self._base * (1 + (1 - self.hold) / K**3 * t**3)
+        return max(curve, limit * self.hold)
