@@ -51,20 +51,26 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await both("boot: the ramp's rate, one start leased", want=1)
         cs = int(time.time() * 100)
         # Sent well over half the ramp's rate, but one was refused: no doubling.
-        await both("sending, one refused", log=_log([(cs - i, 3, int(i == 0), cs + 50) for i in range(20)]))
+        sending = _log([(cs - i, 3, int(i == 0), cs + 50) for i in range(20)])
+        await both("sending, one refused", log=sending, answered=59)
         await asyncio.sleep(0.3)
         held_back = await both("ramp held back")
         assert held_back.rate == BOOT_RATE
         # Sent as much with nothing refused for a quarter second: not yet, the refusal was
         # within the second (a server counting by the second refuses only once it is full).
         cs = int(time.time() * 100)
-        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]), answered=60)
         await asyncio.sleep(0.3)
         assert (await both("ramp held back a second")).rate == BOOT_RATE
-        # A second on: it doubles.
+        # A second on, sent at the ramp's rate but not yet let through (a server, or a
+        # machine, behind: its refusals are late too): held back.
         await asyncio.sleep(0.2)
         cs = int(time.time() * 100)
-        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await both("sent, nothing answered", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await asyncio.sleep(0.3)
+        assert (await both("ramp held back till answered")).rate == BOOT_RATE
+        # Let through: it doubles.
+        await both("answered", answered=60)
         await asyncio.sleep(0.3)
         doubled = await both("ramp doubled", pid="b", want=50)
         assert doubled.rate == BOOT_RATE * 2

@@ -50,6 +50,7 @@ class AccountPace:
         pause_for: float,
         log: str = "",
         holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         now = self.clock()
         if now - self._used > KEY_TTL:
@@ -58,7 +59,7 @@ class AccountPace:
         f = self.fields
         cs_now = math.floor(now * 100)
         boot_at = f.get("boot_at", now)
-        told_refusal = self._add(log, now, math.floor(boot_at * 100))
+        told_refusal = self._add(log, now)
         if told_refusal:
             f["refused_at"] = now
         if found is not None:
@@ -80,17 +81,19 @@ class AccountPace:
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and given <= 0 and given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second while the account
-            # sends at half its rate at least and nothing was refused for a second, not within
-            # half a second of a pause; no start leased till a second after a pause.
+            # The ramp of the Redis script: doubling every quarter second while the account's
+            # requests are let through at half its rate at least and nothing was refused for a
+            # second, not within half a second of a pause; no start leased till a second after
+            # a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
+            ok = f.get("boot_ok", 0.0) + answered
             if now - boot_at >= 0.25:
-                sent, quiet = f.get("boot_sent", 0.0), now - f.get("refused_at", 0.0) >= 1
-                if paused + 0.5 < now and quiet and sent >= rate * (now - boot_at) / 2:
+                quiet = now - f.get("refused_at", 0.0) >= 1
+                if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) / 2:
                     rate = min(rate * 2, 100_000.0)
-                boot_at, f["boot_sent"] = now, 0.0
-            f["boot"], f["boot_at"] = rate, boot_at
+                boot_at, ok = now, 0.0
+            f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
             if now < paused + 1:
                 want = 0
         start, token_start = -1.0, -1.0
@@ -126,12 +129,10 @@ class AccountPace:
         first = min(sent_by) if sent_by else None
         return sum(sent_by.values()), sum(refused_by.values()), (first / 100 if first is not None else None)
 
-    def _add(self, log: str, now: float, boot_from: int) -> bool:
-        """Adds `log` to the send log, and what it sent from hundredth `boot_from` on to what
-        the ramp counts; returns whether it told of a refusal."""
+    def _add(self, log: str, now: float) -> bool:
+        """Adds `log` to the send log; returns whether it told of a refusal."""
         parts = log.split()
         told_refusal = False
-        f = self.fields
         for i in range(0, len(parts) - 3, 4):
             cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
             counts = self.log.setdefault(cs // 100, {})
@@ -142,8 +143,6 @@ class AccountPace:
                 told_refusal = True
             if room:
                 counts[f"w{cs}"] = min(counts.get(f"w{cs}", room), room)
-            if cs >= boot_from:
-                f["boot_sent"] = f.get("boot_sent", 0.0) + sent
         oldest = int(now) - LOG_TTL
         for second in [s for s in self.log if s < oldest]:
             del self.log[second]

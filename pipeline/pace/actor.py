@@ -123,6 +123,7 @@ class ActorStore:
         pause_for: float,
         log: str = "",
         holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         kwargs = {
             "want": want,
@@ -133,6 +134,7 @@ class ActorStore:
             "pause_for": pause_for,
             "log": log,
             "holds": holds,
+            "answered": answered,
         }
         reply: Reply = await self._ask("call", pid, kwargs)
         return reply

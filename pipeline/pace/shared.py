@@ -123,6 +123,7 @@ class SharedPacer(Pacer):
         self._full_seen: float | None = None  # the account's last full moment we know of
         self._resume_seen = -1.0  # and when the server had room again after it (the store's clock)
         self._refusals = False  # the log holds a refusal not yet told
+        self._answered = 0  # requests let through, not yet told
         self._reported = -math.inf  # the store holds every process's send log up to then (its clock)
         self._watch_until = 0.0  # leases are short till then: the server was full lately
         self._booting = not (self.given or self.given_tokens)  # no limit known: the account ramps up
@@ -166,6 +167,9 @@ class SharedPacer(Pacer):
     def sent(self, at: float) -> None:
         if self._offset is not None and len(self._log) < LOG_MAX:
             self._counts(at)[0] += 1
+
+    def answered(self) -> None:
+        self._answered += 1
 
     def refused(self, sent_at: float, resume: float) -> None:
         if self._offset is not None and len(self._log) < LOG_MAX:
@@ -356,6 +360,7 @@ class SharedPacer(Pacer):
         want, want_tokens = self._want, self._want_tokens
         found, pause_for = self._found, self._pause_for
         log, self._log = self._log, {}
+        answered, self._answered = self._answered, 0
         self._refusals = False
         sent_at = loop.time()
         try:
@@ -369,8 +374,10 @@ class SharedPacer(Pacer):
                 pause_for=pause_for,
                 log=" ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items()),
                 holds=bool(self._slots),
+                answered=answered,
             )
         except StoreAway:
+            self._answered += answered
             for h, (n, m, w) in log.items():  # told when the store is back
                 counts = self._log.setdefault(h, [0, 0, 0])
                 counts[0] += n

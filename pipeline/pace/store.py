@@ -38,18 +38,19 @@ local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
 local holds = ARGV[14] == '1'
+local answered = tonumber(ARGV[15])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_sent', 'refused_at', 'clock', 'token_clock')
+                         'boot_ok', 'refused_at', 'clock', 'token_clock')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
-local boot_sent, refused_at = tonumber(state[8] or '0'), tonumber(state[9] or '0')
+local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
 -- The send log: "hundredth sent refused room" quads, counted under a key a second (room: the
 -- earliest time, in hundredths, that a refusal of a request sent then said the server has
--- room again; 0: none). What the ramp needs of it is counted as it comes.
+-- room again; 0: none).
 local told_refusal, written = false, {}
 for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
@@ -63,7 +64,6 @@ for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)'
     local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
     redis.call('HSET', log, 'w' .. cs, math.min(was, tonumber(room)))
   end
-  if tonumber(cs) >= math.floor(boot_at * 100) then boot_sent = boot_sent + tonumber(sent) end
 end
 if told_refusal then
   refused_at = now
@@ -123,8 +123,11 @@ if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonum
 if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- No limit given (a token limit bounds the rate too) and none found yet: the account
   -- ramps up as one, from a few starts a second, doubling every quarter second while the
-  -- account sends at half the ramp's rate at least (processes still starting send little of
-  -- it) and nothing was refused for a second (a server counting by the second refuses only
+  -- account's requests are let through at half the ramp's rate at least, as the processes
+  -- tell their answers (processes still starting send little of it; and what was sent is not
+  -- yet let through: a server, or a machine, that falls behind answers late, and its refusals
+  -- with it: counted as sent, the ramp ran to 16 times a limit of 1,000 a second before the
+  -- first refusal came back, at 16 shards on two cores) and nothing was refused for a second (a server counting by the second refuses only
   -- once its second is full: a quarter without refusals, the ramp ran to 4 and 8 times the
   -- limit), and not before the limit the refusals tell is read: half a second after a pause.
   -- No start is leased while the ramp is paused, nor for a second after (the longest a
@@ -134,12 +137,12 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   booting = 1
   rate = tonumber(state[6] or ARGV[9])
   if now - boot_at >= 0.25 then
-    if paused + 0.5 < now and now - refused_at >= 1 and boot_sent >= rate * (now - boot_at) / 2 then
+    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) / 2 then
       rate = math.min(rate * 2, 100000)
     end
-    boot_at, boot_sent = now, 0
+    boot_at, boot_ok = now, 0
   end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_sent', tostring(boot_sent))
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
   if now < paused + 1 then want = 0 end
 end
 local start, token_start = -1, -1
@@ -252,6 +255,7 @@ class AccountStore(Protocol):
         pause_for: float,
         log: str = "",
         holds: bool = False,
+        answered: int = 0,
     ) -> Reply: ...
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]: ...
@@ -296,10 +300,12 @@ class Store:
         pause_for: float,
         log: str = "",
         holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         """Lease `want` starts and `want_tokens` tokens (either may be 0), publish a rate
         found and a pause, and add `log` ("hundredth sent refused room" quads) to the send log;
-        `holds`: the process still holds leased starts (it may send without calling)."""
+        `holds`: the process still holds leased starts (it may send without calling);
+        `answered`: its requests let through since its last call (the ramp grows on them)."""
         from redis.exceptions import RedisError
 
         keys = [self.account, f"{self.account}:members"]
@@ -314,7 +320,7 @@ class Store:
         ]
         try:
             raw = await self._script(
-                keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, WATCH, RUN, int(holds)]
+                keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, WATCH, RUN, int(holds), answered]
             )
         except (RedisError, OSError) as e:
             raise StoreAway(type(e).__name__) from None
