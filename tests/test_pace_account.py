@@ -19,7 +19,7 @@ CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (tw
 def _same(redis: Reply, python: Reply, step: str) -> None:
     for field in ("rate", "members", "leads", "booting", "granted"):
         assert getattr(redis, field) == getattr(python, field), (step, field, redis, python)
-    for field in ("start", "token_start", "paused", "full_at", "full_resume"):
+    for field in ("start", "token_start", "paused", "full_at", "full_resume", "reported"):
         a, b = getattr(redis, field), getattr(python, field)
         # A time, or -1 (none), or 0 (never paused): both alike, each against its own clock.
         a, b = (a - redis.now if a > 1 else a), (b - python.now if b > 1 else b)
@@ -51,17 +51,35 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await both("boot: the ramp's rate, one start leased", want=1)
         cs = int(time.time() * 100)
         # Sent well over half the ramp's rate, but one was refused: no doubling.
-        await both("sending, one refused", log=_log([(cs - i, 3, int(i == 0), cs + 50) for i in range(20)]))
+        sending = _log([(cs - i, 3, int(i == 0), cs + 50) for i in range(20)])
+        await both("sending, one refused", log=sending, answered=59)
         await asyncio.sleep(0.3)
         held_back = await both("ramp held back")
         assert held_back.rate == BOOT_RATE
-        # Sent as much with nothing refused: a quarter second on, it doubles.
+        # Sent as much with nothing refused for a quarter second: not yet, the refusal was
+        # within the second (a server counting by the second refuses only once it is full).
         cs = int(time.time() * 100)
-        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await both("sending", log=_log([(cs - i, 3, 0, 0) for i in range(20)]), answered=60)
+        await asyncio.sleep(0.3)
+        assert (await both("ramp held back a second")).rate == BOOT_RATE
+        # A second on, sent at the ramp's rate but not yet let through (a server, or a
+        # machine, behind: its refusals are late too): held back.
+        await asyncio.sleep(0.2)
+        cs = int(time.time() * 100)
+        await both("sent, nothing answered", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
+        await asyncio.sleep(0.3)
+        assert (await both("ramp held back till answered")).rate == BOOT_RATE
+        # Let through: it doubles.
+        await both("answered", answered=60)
         await asyncio.sleep(0.3)
         doubled = await both("ramp doubled", pid="b", want=50)
         assert doubled.rate == BOOT_RATE * 2
         assert doubled.granted == math.ceil(doubled.rate * 0.1)  # a tenth of a second, no more
+        # Paused while it ramps: no start is leased. Leased at the ramp's rate, they all went
+        # at once when the pause ended (thousands a second at 16 shards), before a limit was read.
+        on_hold = await both("the ramp paused", pid="b", want=5, pause_for=0.3)
+        assert (on_hold.granted, on_hold.start) == (0, -1.0)
+        await asyncio.sleep(0.3)
         # A run of refusals across the account: full, and every process paused till the
         # earliest time a refusal said the server has room again (two told of one hundredth).
         await asyncio.sleep(0.05)

@@ -33,7 +33,9 @@ class AccountPace:
     def _reset(self) -> None:
         self.fields: dict[str, float] = {}
         self.found_by: str | None = None
-        self.members: dict[str, float] = {}
+        self.members: dict[
+            str, tuple[float, bool]
+        ] = {}  # pid: its last call, and whether it held no starts then
         self.log: _Log = {}
 
     def call(
@@ -47,6 +49,8 @@ class AccountPace:
         found: float | None,
         pause_for: float,
         log: str = "",
+        holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         now = self.clock()
         if now - self._used > KEY_TTL:
@@ -54,14 +58,10 @@ class AccountPace:
         self._used = now
         f = self.fields
         cs_now = math.floor(now * 100)
-        self.members[pid] = now
-        self._add(log, now)
-        seen = 0
-        for member, at in list(self.members.items()):
-            if now - at < 5:
-                seen += 1
-            elif now - at > 60:
-                del self.members[member]
+        boot_at = f.get("boot_at", now)
+        told_refusal = self._add(log, now)
+        if told_refusal:
+            f["refused_at"] = now
         if found is not None:
             f["found"], self.found_by = found, pid
         leads = (self.found_by or pid) == pid
@@ -70,7 +70,7 @@ class AccountPace:
         if pause_for > 0 and now + pause_for > paused:
             paused = f["paused"] = now + pause_for
         full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
-        if given <= 0:
+        if given <= 0 and told_refusal:
             run = self._full_run(cs_now, full_resume)
             if run is not None:
                 first, told = run
@@ -81,27 +81,44 @@ class AccountPace:
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and given <= 0 and given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second while nothing is
-            # refused and the account sends at half its rate at least, not within half a
-            # second of a pause.
+            # The ramp of the Redis script: doubling every quarter second while the account's
+            # requests are let through at half its rate at least and nothing was refused for a
+            # second, not within half a second of a pause; no start leased till a second after
+            # a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
-            at = f.get("boot_at", now)
-            if now - at >= 0.25:
-                sent_by, refused_by, _ = self._logged(math.floor(at * 100), cs_now // 100 * 100 + 99)
-                if paused + 0.5 < now and not refused_by and sum(sent_by.values()) >= rate * (now - at) / 2:
+            ok = f.get("boot_ok", 0.0) + answered
+            if now - boot_at >= 0.25:
+                quiet = now - f.get("refused_at", 0.0) >= 1
+                if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) / 2:
                     rate = min(rate * 2, 100_000.0)
-                at = now
-            f["boot"], f["boot_at"] = rate, at
+                boot_at, ok = now, 0.0
+            f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
+            if now < paused + 1:
+                want = 0
         start, token_start = -1.0, -1.0
         if want > 0 and rate > 0:
             want = min(want, max(1, math.ceil(rate * 0.1)))
             start = max(f.get("clock", 0.0), now, paused)
             f["clock"] = start + want / rate
+        else:
+            want = 0
         if want_tokens > 0 and given_tokens > 0:
             token_start = max(f.get("token_clock", 0.0), now, paused)
             f["token_clock"] = token_start + want_tokens / given_tokens
-        return Reply(now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want)
+        # Processes seen lately, and the time up to which every one of them has told its log.
+        self.members[pid] = (now, not (holds or want > 0))
+        seen, reported = 0, now + 3600
+        for member, (at, idle) in list(self.members.items()):
+            if now - at < 5:
+                seen += 1
+                if not idle:
+                    reported = min(reported, at)
+            elif now - at > 60:
+                del self.members[member]
+        return Reply(
+            now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want, reported
+        )
 
     def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         """What the account sent from `since` to `until`, how much of it was refused, and when
@@ -112,8 +129,10 @@ class AccountPace:
         first = min(sent_by) if sent_by else None
         return sum(sent_by.values()), sum(refused_by.values()), (first / 100 if first is not None else None)
 
-    def _add(self, log: str, now: float) -> None:
+    def _add(self, log: str, now: float) -> bool:
+        """Adds `log` to the send log; returns whether it told of a refusal."""
         parts = log.split()
+        told_refusal = False
         for i in range(0, len(parts) - 3, 4):
             cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
             counts = self.log.setdefault(cs // 100, {})
@@ -121,11 +140,13 @@ class AccountPace:
                 counts[f"s{cs}"] = counts.get(f"s{cs}", 0) + sent
             if refused:
                 counts[f"r{cs}"] = counts.get(f"r{cs}", 0) + refused
+                told_refusal = True
             if room:
                 counts[f"w{cs}"] = min(counts.get(f"w{cs}", room), room)
         oldest = int(now) - LOG_TTL
         for second in [s for s in self.log if s < oldest]:
             del self.log[second]
+        return told_refusal
 
     def _logged(self, since: int, until: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
         """Sent, refused and room by hundredth, from hundredth `since` to `until`, both in."""

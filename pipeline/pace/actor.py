@@ -122,6 +122,8 @@ class ActorStore:
         found: float | None,
         pause_for: float,
         log: str = "",
+        holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         kwargs = {
             "want": want,
@@ -131,6 +133,8 @@ class ActorStore:
             "found": found,
             "pause_for": pause_for,
             "log": log,
+            "holds": holds,
+            "answered": answered,
         }
         reply: Reply = await self._ask("call", pid, kwargs)
         return reply

@@ -176,6 +176,7 @@ class RateFinder:
         now = self.clock()
         self.giving.accepted()
         self.outage.answered()
+        self.pacer.answered()
         if ticket < self.epoch:
             return
         i = self._slot(now)

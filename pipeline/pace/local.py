@@ -183,6 +183,9 @@ class Pacer:
     def sent(self, at: float) -> None:
         """A request left at `at` (a shared pace tells the account's send log)."""
 
+    def answered(self) -> None:
+        """A request was let through (a shared pace's ramp grows on what gets through)."""
+
     def refused(self, sent_at: float, resume: float) -> None:
         """The request that left at `sent_at` was refused, the server having room at `resume`."""
 

@@ -5,11 +5,13 @@ through before the server was full says little of the account's limit, and scali
 share of the answers only adds noise. So a shared pace reads the limit from the account's send
 log in the store (`pipeline.pace.store`), at the moments one of its processes found the server
 full, as `Capacity` reads one process's: at the first moment, what the account sent and was
-not refused in the second before; at later ones, between the time the server said it had room
-again and the next moment it was full, over that time. Times are the store's clock.
+not refused in the second before; at later ones, what it sent after the first moment and was
+not refused, up to the next moment it was full, over the time from when the server said it
+had room again to when it said so next. Times are the store's clock.
 
-A moment is read a little after it is seen (`LAG`), once the other processes have told the
-store what they sent up to it.
+A moment is read once the store holds every process's send log up to it (a process tells
+its log with each call, and one holding no leased starts cannot send without calling), and
+once what was in flight at it has had its answer; or after a while, whatever it holds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pipeline.pace.store import LOG_TTL, AccountStore
 # The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
 # after the moment was refused, and is taken off with the refusals).
 HUNDREDTH = 0.01
-LAG = 0.06  # seconds after a moment before it is read: every process has reported by then (they call every 20 ms then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,10 @@ class AccountCapacity:
             span = moment.at - first if first is not None and first > moment.at - 1.0 else 1.0
             return (sent - refused) / max(span, 1e-2), True
         since = moments[0]
-        sent, refused, _ = await store.read(since.resume, moment.at + HUNDREDTH)
+        # Counted from the first moment on, not from when the server said it had room: every
+        # request sent after it was full and not refused was let through after it had room,
+        # however late it arrived (a server that queues) or how far apart the clocks were.
+        sent, refused, _ = await store.read(since.at + HUNDREDTH, moment.at + HUNDREDTH)
         span = max(moment.resume - since.resume, 1e-2)
         # Nothing through between two moments close together (a bucket refilling a request at
         # a time, taken by another account's request or sent a hundredth late): less than

@@ -7,8 +7,15 @@ The pacer of `local` with its start times leased from a store that every process
   the shared timeline from `max(clock, now)` on, `n / rate` long; the clock moves past it.
   The process spends its starts evenly over that stretch. Stretches never overlap, so the
   processes together start exactly `rate` requests a second, however many they are; a lease
-  is a tenth of a second of the account's rate, so a call to the store costs nothing next to
-  the requests it covers. Tokens, given or stated, likewise (`pipeline.pace.lease`).
+  is a tenth of a second of the account's rate (a fiftieth while it ramps up or was full
+  lately, so that a pause reaches every process soon), and four starts at least, so a call
+  to the store serves several requests at any rate. Tokens, given or stated, likewise
+  (`pipeline.pace.lease`).
+- **A call when there is something to ask or tell**: a lease, a refusal, a rate found, a
+  pause, a reading waiting for the account's log; else one a second, or every 20 ms while the
+  account ramps up or its server was full lately, so that a pause reaches every process at
+  once. What was sent goes with whichever call comes next. The store's script does a few
+  commands a call, and looks back over the send log only when told of a refusal.
 - **A limit found once.** With `--rpm`/`--tpm` the rate is the account's, as given. Without,
   each process's rate finder watches its own requests for the moments the server is full,
   and the limit is read at those moments from what the whole account sent
@@ -39,20 +46,31 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.pace.lease import LATE, TokenLeases
-from pipeline.pace.local import Pacer
-from pipeline.pace.reading import LAG, AccountCapacity, Moment
+from pipeline.pace.local import TIMER_SLACK, Pacer
+from pipeline.pace.reading import HUNDREDTH, AccountCapacity, Moment
 from pipeline.pace.store import AccountStore, StoreAway
 
-LEASE_SECONDS = 0.1  # of the account's rate, in one lease
+LEASE_SECONDS = 0.1  # of the account's rate, in one lease...
+QUICK_LEASE = (
+    0.02  # ...or while it ramps up, or was full lately: a pause then reaches every process this soon
+)
+MIN_LEASE = 4  # starts in a lease at least, once a pace is known: at a low rate, one call for a few requests
 # Starts in one lease at most: a tenth of a second at 100,000 a second (the ramp's top). A rate
 # given or stated far past what a server serves (x-ratelimit-limit-requests: 2**63 - 1, a
 # gateway's "unlimited"; --rpm 1e12) asked for 10**16 starts at once, each a float in memory:
 # gigabytes in seconds, the loop held.
 MAX_LEASE = 10_000
-SYNC_EVERY = 0.1  # seconds between calls to the store when no lease is wanted sooner
-SYNC_UNPACED = 0.02  # the same while no pace is known
+SYNC_IDLE = 1.0  # seconds between calls to the store when nothing is wanted of it sooner
+# The same while the account ramps up, or its server was full lately (WATCH_AFTER): a pause
+# then reaches every process this soon. Told only with a lease, it reached each a lease
+# later, and the starts leased before it went on into the refusals: 20 to 40 refusals where 10
+# were paid at eight shards finding 40 a second.
+SYNC_QUICK = 0.02
 SYNC_GAP = 0.005  # seconds at least between two calls
-WATCH_AFTER = 3.0  # seconds after the server was full that calls are SYNC_UNPACED apart
+WATCH_AFTER = 2.0  # seconds after the server was full that leases are QUICK_LEASE long
+TELL_WITHIN = 0.02  # seconds a refusal waits to be told at most (one of a run the store saw)
+READ_WAIT = 1.0  # seconds a reading waits at most for every process's log up to its moment
+READ_AFTER = 0.2  # seconds at least before a moment is read: what was in flight then has its answer
 RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
@@ -61,7 +79,8 @@ LOG_MAX = 2_000  # hundredths of the send log held while the store is away
 @dataclass(slots=True)
 class _Reading:
     moment: Moment  # on the store's clock
-    due: float  # on ours: when every process has reported up to the moment
+    after: float  # on ours: not read before (what was in flight at the moment has its answer)
+    due: float  # on ours: read then at the latest, every process told up to the moment or not
     then: Callable[[float, bool], None]
 
 
@@ -102,7 +121,11 @@ class SharedPacer(Pacer):
         self._capacity = AccountCapacity()
         self._on_full: Callable[[float, bool], None] | None = None
         self._full_seen: float | None = None  # the account's last full moment we know of
-        self._watch_until = 0.0  # in step quickly till then: the server was full lately
+        self._resume_seen = -1.0  # and when the server had room again after it (the store's clock)
+        self._refusals = False  # the log holds a refusal not yet told
+        self._answered = 0  # requests let through, not yet told
+        self._reported = -math.inf  # the store holds every process's send log up to then (its clock)
+        self._watch_until = 0.0  # leases are short till then: the server was full lately
         self._booting = not (self.given or self.given_tokens)  # no limit known: the account ramps up
         self._resume_at = 0.0  # back from going alone: no leased start before this
         self._last_start = 0.0  # the last leased start used
@@ -145,13 +168,21 @@ class SharedPacer(Pacer):
         if self._offset is not None and len(self._log) < LOG_MAX:
             self._counts(at)[0] += 1
 
+    def answered(self) -> None:
+        self._answered += 1
+
     def refused(self, sent_at: float, resume: float) -> None:
         if self._offset is not None and len(self._log) < LOG_MAX:
             counts = self._counts(sent_at)
             counts[1] += 1
             room = int((resume + self._offset) * 100)
             counts[2] = min(counts[2], room) if counts[2] else room
-        self._wake.set()  # told at once: a run of refusals across the account shows in the store
+            self._refusals = True
+            if sent_at + self._offset >= self._resume_seen:
+                # Told at once: a run of refusals across the account shows in the store. One
+                # of a run the store has seen (sent before the room it told) is no news: told
+                # within TELL_WITHIN, for the readings.
+                self._wake.set()
 
     def watch(self, then: Callable[[float, bool], None]) -> None:
         self._on_full = then
@@ -169,8 +200,11 @@ class SharedPacer(Pacer):
     def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
         if self._offset is None or self.alone:
             return  # alone, the last shared pace holds: there is no account to read
-        moment = Moment(at + self._offset, resume + self._offset)
-        self._readings.append(_Reading(moment, self._now() + LAG, then))
+        # Read up to the refused request, and over the time up to it: its answer may come back
+        # long after (a busy server or machine), and what was sent meanwhile is not counted.
+        moment = Moment(at + self._offset, min(resume, at) + self._offset)
+        now = self._now()
+        self._readings.append(_Reading(moment, now, now + READ_WAIT, then))
         self._wake.set()
 
     def pause(self, seconds: float) -> None:
@@ -214,6 +248,11 @@ class SharedPacer(Pacer):
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
+                # Asked for when the pause ends (the store leases none before), and no start
+                # till then: within the timer's slack of it, a time given here was a start, and
+                # every waiter went at once, unleased.
+                if at > self._now() + TIMER_SLACK:
+                    return at
                 self._ask(starts=True)
                 return math.inf
             at = max(at, self._slots[0])
@@ -249,16 +288,24 @@ class SharedPacer(Pacer):
     def _lease(self) -> int:
         """Starts to ask for at once (and tokens, likewise): a tenth of a second of the
         account's rate, split among the processes, so that together they hold a tenth of a
-        second ahead, not N tenths (what a process that ends holds is lost to the others)."""
+        second ahead, not N tenths (what a process that ends holds is lost to the others); a
+        few starts at least, so that at a low rate a call serves a few requests. While the
+        account ramps up, or was full lately, a fiftieth: a pause reaches every process at its
+        next lease, and what it held at the ramp's rate, or the old pace, goes to the server."""
         if not self.shared:
             return 1 if self._booting else 0
-        return min(max(1, math.ceil(self.shared * LEASE_SECONDS / max(self.members, 1))), MAX_LEASE)
+        quick = self._booting or self._now() < self._watch_until
+        starts = math.ceil(self.shared * (QUICK_LEASE if quick else LEASE_SECONDS) / max(self.members, 1))
+        return min(max(1 if quick else MIN_LEASE, starts), MAX_LEASE)
 
     def _ask(self, *, starts: bool = False, tokens: float = 0.0) -> None:
         if starts and not self._want:
             self._want = self._lease()
         if tokens and not self._want_tokens:
-            self._want_tokens = max(tokens, self.given_tokens * LEASE_SECONDS / max(self.members, 1))
+            # A few requests' worth at least, as starts are leased: one request's at a time,
+            # a start waited a call for its tokens, and was gone by then.
+            share = self.given_tokens * LEASE_SECONDS / max(self.members, 1)
+            self._want_tokens = max(tokens * MIN_LEASE, share)
         self._wake.set()
 
     # -- the store -------------------------------------------------------------------------------
@@ -290,13 +337,19 @@ class SharedPacer(Pacer):
                 except StoreAway as e:
                     self._away(e.reason)
                     continue
-                # Before a pace is known, and for a while after the server was full, a run of
-                # refusals may be under way: a pause must reach every process at once.
-                unsure = self._booting or loop.time() < self._watch_until
-                wait = SYNC_UNPACED if unsure or not self.shared else SYNC_EVERY
-                if self._readings:
-                    wait = min(wait, max(min(r.due for r in self._readings) - loop.time(), 0.0))
-                with anyio.move_on_after(wait):
+                # A call when a lease is wanted, a refusal or a rate or a pause is to be told;
+                # else now and then, to tell what was sent and be seen (often while the account
+                # ramps up or was full lately: SYNC_QUICK). A reading waiting for
+                # the account's log learns how far the store holds it from the calls made for
+                # leases meanwhile (every process's, at any rate), or reads when it has waited
+                # enough: calls of their own to ask, every 20 ms, were most of them at 3,000 a
+                # minute.
+                now = loop.time()
+                quick = self._booting or now < self._watch_until
+                wait = TELL_WITHIN if self._refusals else SYNC_QUICK if quick else SYNC_IDLE
+                for reading in self._readings:
+                    wait = min(wait, (reading.after if now < reading.after else reading.due) - now)
+                with anyio.move_on_after(max(wait, 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
         finally:
@@ -307,6 +360,8 @@ class SharedPacer(Pacer):
         want, want_tokens = self._want, self._want_tokens
         found, pause_for = self._found, self._pause_for
         log, self._log = self._log, {}
+        answered, self._answered = self._answered, 0
+        self._refusals = False
         sent_at = loop.time()
         try:
             r = await store.call(
@@ -318,8 +373,11 @@ class SharedPacer(Pacer):
                 found=found,
                 pause_for=pause_for,
                 log=" ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items()),
+                holds=bool(self._slots),
+                answered=answered,
             )
         except StoreAway:
+            self._answered += answered
             for h, (n, m, w) in log.items():  # told when the store is back
                 counts = self._log.setdefault(h, [0, 0, 0])
                 counts[0] += n
@@ -334,13 +392,17 @@ class SharedPacer(Pacer):
             self._found = None
         if self._pause_for == pause_for:
             self._pause_for = 0.0
+        if self._booting and not r.booting:
+            self._slots.clear()  # leased at the ramp's rate, not at the pace found
         self.leads, self._booting = r.leads, r.booting
+        self._reported = r.reported
         offset = (sent_at + now) / 2 - r.now  # the store's clock on ours
         self._offset = -offset
         if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:
             moment = Moment(r.full_at, r.full_resume)  # seen full by the account: read it
-            self._readings.append(_Reading(moment, now + LAG, self._on_full))
+            self._readings.append(_Reading(moment, now + READ_AFTER, now + READ_WAIT, self._on_full))
         self._full_seen = max(r.full_at, self._full_seen or -1.0)
+        self._resume_seen = max(self._resume_seen, r.full_resume)
         if r.full_at > 0:
             self._watch_until = max(self._watch_until, r.full_resume + offset + WATCH_AFTER)
         self._back()
@@ -361,9 +423,14 @@ class SharedPacer(Pacer):
         self._apply()
 
     async def _read(self, store: AccountStore, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the moments that are due, from the account's send log."""
-        while self._readings and self._readings[0].due <= loop.time():
+        """Read the moments whose log the store holds whole (or that waited long enough),
+        from the account's send log."""
+        while self._readings:
             reading = self._readings[0]
+            now = loop.time()
+            whole = reading.moment.at + HUNDREDTH <= self._reported
+            if now < reading.after or not (whole or now >= reading.due):
+                return
             read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
             self._readings.pop(0)
             if read is not None and not self.alone:

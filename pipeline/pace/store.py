@@ -12,6 +12,7 @@ sent (`read`). Everything expires when unused.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ WATCH = 2.0  # seconds of the account's send log watched for a run of refusals..
 RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
 
 # One call per lease or sync. Times are the store's (TIME), so machines' clocks never meet.
+# Nothing here scans more than the call brings, but for a run of refusals, looked for only when
+# the call tells of a refusal (none, at a pace the server takes): a call costs a few commands.
 _SCRIPT = """
 local key, members = KEYS[1], KEYS[2]
 local pid = ARGV[1]
@@ -34,25 +37,54 @@ local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
+local holds = ARGV[14] == '1'
+local answered = tonumber(ARGV[15])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
-redis.call('HSET', members, pid, tostring(now))
+local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
+                         'boot_ok', 'refused_at', 'clock', 'token_clock')
+local paused = tonumber(state[3] or '0')
+local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
+local boot_at = tonumber(state[7] or tostring(now))
+local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
 -- The send log: "hundredth sent refused room" quads, counted under a key a second (room: the
 -- earliest time, in hundredths, that a refusal of a request sent then said the server has
 -- room again; 0: none).
+local told_refusal, written = false, {}
 for cs, sent, refused, room in string.gmatch(ARGV[10], '(%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
+  written[log] = true
   if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
-  if refused ~= '0' then redis.call('HINCRBY', log, 'r' .. cs, refused) end
+  if refused ~= '0' then
+    redis.call('HINCRBY', log, 'r' .. cs, refused)
+    told_refusal = true
+  end
   if room ~= '0' then
     local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
     redis.call('HSET', log, 'w' .. cs, math.min(was, tonumber(room)))
   end
-  redis.call('EXPIRE', log, ARGV[11])
 end
--- The log from hundredth `from` on: sent, refused and room by hundredth.
-local function logged(from)
+if told_refusal then
+  refused_at = now
+  redis.call('HSET', key, 'refused_at', tostring(now))
+end
+for log, _ in pairs(written) do redis.call('EXPIRE', log, ARGV[11]) end
+if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
+local leads = found >= 0 or (state[2] or pid) == pid
+local rate, booting = given, 0
+if pause_for > 0 and now + pause_for > paused then
+  paused = now + pause_for
+  redis.call('HSET', key, 'paused', tostring(paused))
+end
+if given <= 0 and told_refusal then
+  -- The account's server is full: most of what the account sent since its first refusal of
+  -- the last WATCH seconds was refused (refusals come back in milliseconds, and every process
+  -- tells them at once). Each process sees only its own share of such a run: sixteen of
+  -- them would each take sixteen times as long to see one. The account pauses till the
+  -- earliest time a refusal of the run said the server has room again (a scattered refusal
+  -- among them may ask for longer). Looked for only when a refusal comes in.
+  local from = math.max(cs_now - math.floor(ARGV[12] * 100), math.ceil(full_resume * 100))
   local sent, refused, room = {}, {}, {}
   local kinds = {s = sent, r = refused, w = room}
   for second = math.floor(from / 100), math.floor(cs_now / 100) do
@@ -62,32 +94,6 @@ local function logged(from)
       if cs >= from then kinds[string.sub(counts[i], 1, 1)][cs] = tonumber(counts[i + 1]) end
     end
   end
-  return sent, refused, room
-end
-local seen, all = 0, redis.call('HGETALL', members)
-for i = 1, #all, 2 do
-  local at = tonumber(all[i + 1])
-  if now - at < 5 then seen = seen + 1 elseif now - at > 60 then redis.call('HDEL', members, all[i]) end
-end
-if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
-local leads = (redis.call('HGET', key, 'found_by') or pid) == pid
-local rate, booting = given, 0
-local paused = tonumber(redis.call('HGET', key, 'paused') or '0')
-if pause_for > 0 and now + pause_for > paused then
-  paused = now + pause_for
-  redis.call('HSET', key, 'paused', tostring(paused))
-end
-local full_at = tonumber(redis.call('HGET', key, 'full_at') or '-1')
-local full_resume = tonumber(redis.call('HGET', key, 'full_resume') or '-1')
-if given <= 0 then
-  -- The account's server is full: most of what the account sent since its first refusal of
-  -- the last WATCH seconds was refused (refusals come back in milliseconds, and every process
-  -- tells them at once). Each process sees only its own share of such a run: sixteen of
-  -- them would each take sixteen times as long to see one. The account pauses till the
-  -- earliest time a refusal of the run said the server has room again (a scattered refusal
-  -- among them may ask for longer).
-  local from = math.max(cs_now - math.floor(ARGV[12] * 100), math.ceil(full_resume * 100))
-  local sent, refused, room = logged(from)
   -- Back from the latest hundredth: the earliest one from which on at least RUN requests
   -- were refused, and half of what was sent (a scattered refusal before the run does not
   -- hold it back, nor do refusals that come back slowly fall out of the window).
@@ -113,44 +119,65 @@ if given <= 0 then
     end
   end
 end
-if rate <= 0 then rate = tonumber(redis.call('HGET', key, 'found') or '0') end
+if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonumber(state[1] or '0') end
 if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- No limit given (a token limit bounds the rate too) and none found yet: the account
-  -- ramps up as one, from a few starts a second, doubling every quarter second while nothing
-  -- is refused and the account sends at half the ramp's rate at least (processes still
-  -- starting send little of it), and not before the limit the refusals tell is read: half a
-  -- second after a pause.
+  -- ramps up as one, from a few starts a second, doubling every quarter second while the
+  -- account's requests are let through at half the ramp's rate at least, as the processes
+  -- tell their answers (processes still starting send little of it; and what was sent is not
+  -- yet let through: a server, or a machine, that falls behind answers late, and its refusals
+  -- with it: counted as sent, the ramp ran to 16 times a limit of 1,000 a second before the
+  -- first refusal came back, at 16 shards on two cores) and nothing was refused for a second (a server counting by the second refuses only
+  -- once its second is full: a quarter without refusals, the ramp ran to 4 and 8 times the
+  -- limit), and not before the limit the refusals tell is read: half a second after a pause.
+  -- No start is leased while the ramp is paused, nor for a second after (the longest a
+  -- reading waits for every process's log), unless the limit is read by then (the ramp
+  -- ends): leased at its rate, they went at once when the pause ended, thousands a second,
+  -- or at the ramp's rate, four times the limit, till the reading came.
   booting = 1
-  rate = tonumber(redis.call('HGET', key, 'boot') or ARGV[9])
-  local at = tonumber(redis.call('HGET', key, 'boot_at') or tostring(now))
-  if now - at >= 0.25 then
-    local sent_by, refused_by = logged(math.floor(at * 100))
-    local sent = 0
-    for _, n in pairs(sent_by) do sent = sent + n end
-    if paused + 0.5 < now and next(refused_by) == nil and sent >= rate * (now - at) / 2 then
+  rate = tonumber(state[6] or ARGV[9])
+  if now - boot_at >= 0.25 then
+    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) / 2 then
       rate = math.min(rate * 2, 100000)
     end
-    at = now
+    boot_at, boot_ok = now, 0
   end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(at))
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
+  if now < paused + 1 then want = 0 end
 end
 local start, token_start = -1, -1
 if want > 0 and rate > 0 then
   -- No more than a tenth of a second of the rate in force: a lease sized at a rate since cut
   -- would book the account's clock seconds ahead.
   want = math.min(want, math.max(1, math.ceil(rate * 0.1)))
-  start = math.max(tonumber(redis.call('HGET', key, 'clock') or '0'), now, paused)
+  start = math.max(tonumber(state[10] or '0'), now, paused)
   redis.call('HSET', key, 'clock', tostring(start + want / rate))
+else
+  want = 0
 end
 if want_tokens > 0 and given_tokens > 0 then
-  token_start = math.max(tonumber(redis.call('HGET', key, 'token_clock') or '0'), now, paused)
+  token_start = math.max(tonumber(state[11] or '0'), now, paused)
   redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
+end
+-- The processes seen lately; and the time up to which the store holds the whole account's
+-- send log: a process has told it up to its last call, and for good while it holds no starts
+-- (it cannot send without calling again).
+redis.call('HSET', members, pid, tostring(now) .. ((holds or want > 0) and '' or ' idle'))
+local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
+for i = 1, #all, 2 do
+  local at = tonumber(string.match(all[i + 1], '^[^ ]+'))
+  if now - at < 5 then
+    seen = seen + 1
+    if at < reported and not string.find(all[i + 1], 'idle', 1, true) then reported = at end
+  elseif now - at > 60 then
+    redis.call('HDEL', members, all[i])
+  end
 end
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
         tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
-        tostring(want)}
+        tostring(want), tostring(reported)}
 """
 
 # What the account sent in [from, to), in hundredths, and how much of it was refused; and the
@@ -205,6 +232,9 @@ class Reply:
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
     granted: int  # starts leased (no more than a tenth of a second of the rate)
+    # The store holds every process's send log up to then (a process that holds no starts has
+    # told all it sent): a reading up to then is whole.
+    reported: float = math.inf
 
 
 class AccountStore(Protocol):
@@ -224,6 +254,8 @@ class AccountStore(Protocol):
         found: float | None,
         pause_for: float,
         log: str = "",
+        holds: bool = False,
+        answered: int = 0,
     ) -> Reply: ...
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]: ...
@@ -267,9 +299,13 @@ class Store:
         found: float | None,
         pause_for: float,
         log: str = "",
+        holds: bool = False,
+        answered: int = 0,
     ) -> Reply:
         """Lease `want` starts and `want_tokens` tokens (either may be 0), publish a rate
-        found and a pause, and add `log` ("hundredth sent refused room" quads) to the send log."""
+        found and a pause, and add `log` ("hundredth sent refused room" quads) to the send log;
+        `holds`: the process still holds leased starts (it may send without calling);
+        `answered`: its requests let through since its last call (the ramp grows on them)."""
         from redis.exceptions import RedisError
 
         keys = [self.account, f"{self.account}:members"]
@@ -283,12 +319,25 @@ class Store:
             pause_for,
         ]
         try:
-            raw = await self._script(keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, WATCH, RUN])
+            raw = await self._script(
+                keys=keys, args=[*args, KEY_TTL, BOOT_RATE, log, LOG_TTL, WATCH, RUN, int(holds), answered]
+            )
         except (RedisError, OSError) as e:
             raise StoreAway(type(e).__name__) from None
-        now, rate, start, token_start, paused, members, leads, booting, full_at, full_resume, granted = (
-            float(x) for x in raw
-        )
+        (
+            now,
+            rate,
+            start,
+            token_start,
+            paused,
+            members,
+            leads,
+            booting,
+            full_at,
+            full_resume,
+            granted,
+            reported,
+        ) = (float(x) for x in raw)
         return Reply(
             now,
             rate,
@@ -301,6 +350,7 @@ class Store:
             full_at,
             full_resume,
             int(granted),
+            reported,
         )
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
