@@ -33,14 +33,21 @@ async def interrupt(proc: asyncio.subprocess.Process) -> tuple[float, str]:
 
 
 async def stopped_while_waiting(
-    mock_config: dict, tmp_path: Path, *flags: str, rows: int = 20, settle: float = 1.0
+    mock_config: dict, tmp_path: Path, *flags: str, rows: int = 20, settle: float = 0.5
 ) -> tuple[float, str, int, dict]:
     from pipeline.mock.server import MockConfig, start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(rows))
     out = tmp_path / "out"
-    async with start_mock(MockConfig(**mock_config)) as (url, _):
+    async with start_mock(MockConfig(**mock_config)) as (url, server):
         proc = await start(url, src, out, *flags)
+        # The first answer made, and nothing left at the mock: from then on every request waits
+        # on the client (a pace, a backoff, the budget). A fixed time from the start was not
+        # always enough, on a loaded machine, for the first request to be answered at all.
+        state, began = server.state, time.monotonic()
+        while not (state.statuses and state.in_flight == 0):
+            assert time.monotonic() - began < 30, "the run sent nothing"
+            await asyncio.sleep(0.01)
         await asyncio.sleep(settle)  # long enough to be waiting, far short of the wait
         assert proc.returncode is None
         took, said = await interrupt(proc)
