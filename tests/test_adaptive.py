@@ -32,11 +32,16 @@ class Clock:
 
 
 def finder(
-    *, ceiling: float | None = None, size: int = 256, start: float = 1000.0, give_up: float = 600.0
+    *,
+    ceiling: float | None = None,
+    size: int = 256,
+    start: float = 1000.0,
+    give_up: float = 600.0,
+    window_start: int = 16,
 ) -> tuple[RateFinder, Pacer, Window, Clock]:
     clock = Clock(start)
     pacer = Pacer(request_rate=ceiling)
-    window = Window(size)
+    window = Window(size, start=window_start)
     f = RateFinder(pacer, window, ceiling=ceiling, clock=clock, give_up=give_up, stop=stopped.append)
     return f, pacer, window, clock
 
@@ -216,8 +221,7 @@ async def test_scattered_429s_never_start_pacing() -> None:
 async def test_scattered_429s_early_in_a_run_do_not_leave_the_window_small() -> None:
     # 10 % of answers refused, from the start, as an aggregator's upstreams may: enough to
     # stop the window's quick growth for a while, never a run that cuts anything.
-    f, pacer, _, clock = finder()
-    window = f.window = Window(256, start=16)
+    f, pacer, window, clock = finder()
     serve(f, clock, [Scattered(0.1)], seconds=0.2, offered=500)
     held = window.size
     assert held < 256
@@ -430,8 +434,7 @@ async def test_more_in_flight_that_buys_only_latency_cuts_the_window_once() -> N
 
 
 async def test_a_hold_that_lapses_does_not_undo_a_latency_cut() -> None:
-    f, _, _, clock = finder()
-    window = f.window = Window(1000, start=20)
+    f, _, window, clock = finder(size=1000, window_start=20)
     window.taken = 16
     latencies(f, clock, seconds=1.5, spread=SPREAD)  # slow start; the usual latency is read
     for _ in range(10):  # a few 429s among answers: quick growth stops while a trend may show

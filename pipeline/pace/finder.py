@@ -20,8 +20,7 @@ refusals drive everything here, and answers are never waited for:
   limit's pace read it again: at once when they beat steadily, as a pace just above a limit
   is refused (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over
   under a second or raised by a probe, or past 15 % of answers. Scattered ones never do.
-- Until a limit is found, requests are not paced at all: one check each, no timer. The
-  window (`limits.Window`) grows with time while no refusal comes back, not with answers.
+- Until a limit is found, requests are not paced at all (`pipeline.pace.answers`).
 - **Many processes, one account** (a shared pace): each process still watches its own
   requests, but the moments the server is full are seen, and the limit read, from what
   the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
@@ -31,10 +30,8 @@ timeouts; not a 400 or a 404), it is down rather than busy: the pool pauses and 
 few requests, spending no attempt until it answers (`pipeline.pace.outage`). When the server
 lets nothing through for long, the run stops (`pipeline.pace.giveup`).
 
-Where the server states its limits (`x-ratelimit-*` headers) they are used instead: the
-stated limit becomes the rate, and an exhausted budget pauses the pool until it resets.
-Rising latency at more in flight (a server that queues) gives up a quarter of the window
-(`pipeline.pace.latency`).
+Where the server states its limits (`x-ratelimit-*` headers) they are used instead
+(`pipeline.pace.stated`).
 """
 
 from __future__ import annotations
@@ -43,38 +40,26 @@ import time
 from collections.abc import Callable, Mapping
 
 from pipeline.errors import RunStopped
+from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
 from pipeline.pace.giveup import GiveUp
-from pipeline.pace.latency import LatencyWatch
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.outage import Outage
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
-from pipeline.send.waits import parse_duration, per_minute, spent
+from pipeline.pace.stated import MARGIN, MAX_PAUSE, Stated
 
-BUCKET = 0.1  # seconds per bucket of the sliding window of answers
-BUCKETS = 20  # two seconds of answers
 # Refusals in a row, in send order: the server is full. Of 2 % scattered refusals, three in a
 # row happen about once in 100,000 requests, four once in 6 million; more when scattered
 # refusals are more common, so that they never line up so.
 RUN, RUN_MAX = 4, 7
 COMMON_AFTER = 50  # answers it takes to tell how common scattered refusals are
-HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
-HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
 WAIT = 1.0  # seconds to wait when a refusal does not say
-MARGIN = 0.98  # of a limit the server or the user states
-MAX_PAUSE = 120.0
 MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
 GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
-LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
-
-
-def _per_second(stated: str | None) -> float | None:
-    limit = per_minute(stated)
-    return None if limit is None else limit / 60 * MARGIN
 
 
 class RateFinder:
@@ -94,8 +79,7 @@ class RateFinder:
         self.pacer = pacer
         self.window = window
         self.ceiling = ceiling  # requests a second allowed (by the user or the server)
-        self.rpm_given = ceiling is not None
-        self.tpm_given = tpm_given
+        self.stated = Stated(pacer, window, rpm_given=ceiling is not None, tpm_given=tpm_given)
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
@@ -103,38 +87,19 @@ class RateFinder:
         self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
-        self.latency = LatencyWatch(clock)
-        self.latency_cuts = 0
+        self.answers = Answers(window, clock)
         self.epoch = 0  # the first request sent at the current pace
         self._epoch_start = clock()
-        self._ok = [0] * BUCKETS
-        self._back = [0] * BUCKETS
-        self._all = [0] * BUCKETS
-        self._bucket = 0
-        # Refused and answered since the limit was read: the sliding window holds too few
-        # answers at a slow pace (a model's 2 a second) to tell a limit read too high, and
-        # the probes' steps back (each a new epoch) come sooner than enough of them.
-        self._tally = [0, 0]
-        self._next_step = 0.0
         self.probe = Probe(HOLD)
         self.rhythm = Rhythm()
         self._reread_after = 0.0
         self._waits = 0
-        self._held: tuple[float, float] | None = None  # since when, and the threshold before
-        self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
         if pacer.reads_account():
             pacer.watch(self._read)  # moments any process of the account saw it full
 
-    # -- the sliding window of answers ---------------------------------------------------------
-
-    def _slot(self, now: float) -> int:
-        bucket = int(now / BUCKET)
-        if bucket != self._bucket:
-            for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
-                i = b % BUCKETS
-                self._ok[i] = self._back[i] = self._all[i] = 0
-            self._bucket = bucket
-        return bucket % BUCKETS
+    @property
+    def latency_cuts(self) -> int:
+        return self.answers.latency_cuts
 
     def _new_epoch(self, now: float) -> None:
         """Judge the new pace on the answers to what is sent at that pace, not before."""
@@ -142,12 +107,7 @@ class RateFinder:
         self._epoch_start = now
         self.probe.settle(now)
         self.rhythm.restart()
-        # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
-        self._end_hold()
-        self._hold_spent = False
-        self.latency.restart(now)  # answers from before the change say nothing of it
-        for j in range(BUCKETS):
-            self._ok[j] = self._back[j] = self._all[j] = 0
+        self.answers.restart(now)
 
     def sent(self, tag: int = 0) -> int:
         """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
@@ -161,32 +121,22 @@ class RateFinder:
         """The limit read here was one model's, which has a scope of its own now: back to the
         pace given or stated (none, else), and no pause, as if its refusals had not come."""
         self.limit = None
-        self._tally = [0, 0]
+        self.answers.tally = [0, 0]
         self.capacity = Capacity(self.log)
         self.pacer.set_request_rate(self.ceiling)
         self.pacer.unpause()
         self._new_epoch(self.clock())
 
-    # -- answers -------------------------------------------------------------------------------
-
     def success(self, ticket: int, latency: float | None = None) -> None:
-        self.window.grow()
-        if latency is not None:
-            self.latency.add(latency, self.window.in_flight)
+        self.answers.grow(latency)
         now = self.clock()
         self.giving.accepted()
         self.outage.answered()
         self.pacer.answered()
         if ticket < self.epoch:
             return
-        i = self._slot(now)
-        self._ok[i] += 1
-        self._all[i] += 1
-        self._tally[1] += 1
-        if now >= self._next_step:
-            self._next_step = now + 1.0
-            self._lapse_hold(now)
-            self._read_latency(now)
+        self.answers.ok(now)
+        if self.answers.step(now):
             self._probe(now)
 
     def answered(self, ticket: int) -> None:
@@ -194,13 +144,13 @@ class RateFinder:
         endpoint is up."""
         self.outage.answered()
         if ticket >= self.epoch:
-            self._all[self._slot(self.clock())] += 1
+            self.answers.other(self.clock())
 
     def failure(self, ticket: int, message: str = "", *, who: object = None, connected: bool = True) -> bool:
         """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
         whether it is down as a whole, so that the failure spends no attempt."""
         if ticket >= self.epoch:
-            self._all[self._slot(self.clock())] += 1
+            self.answers.other(self.clock())
         return self.outage.failed(ticket, message, who=who, connected=connected)
 
     @property
@@ -219,12 +169,7 @@ class RateFinder:
         self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
         if ticket < self.epoch:
             return  # sent before the last change of pace
-        i = self._slot(now)
-        back, total = sum(self._back), sum(self._all)  # before this one
-        self._back[i] += 1
-        self._all[i] += 1
-        self._tally[0] += 1
-        self._tally[1] += 1
+        back, total = self.answers.refused(now)  # before this one
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
@@ -237,15 +182,14 @@ class RateFinder:
             self._full(now, first, pause)
             return
         back, total = back + 1, total + 1
-        if back >= HOLD_MIN and back >= HOLD_SHARE * total:
-            self._hold(now)
+        self.answers.hold(now, back, total)
         if self.limit is not None:
             self._overshoot(now, ticket, wait, back, total)
 
     def _full(self, now: float, first: int, pause: float) -> None:
         """A run of refusals: the server is full."""
         self.pacer.pause(pause)
-        self._held = None
+        self.answers.drop_hold()
         self.cuts += 1
         if not self.pacer.reads_account():  # a shared pace's store sees the account full, and reads it
             self._read(self.capacity.read(self.capacity.full(first, now + pause)), self.capacity.sure)
@@ -260,7 +204,7 @@ class RateFinder:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
             self.limit = rate
-            self._tally = [0, 0]
+            self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.window.open()  # the pace bounds the rate from here
         else:
@@ -285,7 +229,7 @@ class RateFinder:
             self._reread(beat, True)
             return
         many = back >= READ_MIN and total >= COMMON_AFTER and back >= READ_SHARE * total
-        refused, answered = self._tally
+        refused, answered = self.answers.tally
         many = self.rhythm.lasting(now, many) or (refused >= READ_MIN and refused >= READ_SHARE * answered)
         if self.capacity.sure and not many:
             return
@@ -329,41 +273,10 @@ class RateFinder:
         self.capacity.sure = sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
-            self._tally = [0, 0]
+            self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
             self.cuts += 1
             self._new_epoch(self.clock())
-
-    def _hold(self, now: float) -> None:
-        """Pushback is more than scattered: a trend may be starting. Stop the window's quick
-        growth until it shows; if none does within the sliding window, the pushback is
-        scattered after all (an aggregator's upstreams), and the quick growth resumes for the
-        rest of the epoch, or a few 429s early in a run would leave its window small."""
-        window = self.window
-        if self._held is None and not self._hold_spent and window.threshold > window.size:
-            self._held = (now, window.threshold)
-            window.hold()
-
-    def _lapse_hold(self, now: float) -> None:
-        if self._held is not None and now - self._held[0] >= HOLD_FOR:
-            self._end_hold()
-            self._hold_spent = True
-
-    def _end_hold(self) -> None:
-        """Quick growth again, from where the hold stopped it."""
-        if self._held is not None:
-            self.window.threshold = max(self.window.threshold, self._held[1])
-            self._held = None
-
-    def _read_latency(self, now: float) -> None:
-        window = self.window
-        # Only while the window holds requests back is the queue ours to shorten.
-        if self.latency.queueing(now) and window.in_flight >= window.size / 2:
-            self._held = None  # a cut for a reason of its own: a lapsing hold must not undo it
-            before = window.size
-            window.shrink(LATENCY_KEEP)
-            if window.size < before:
-                self.latency_cuts += 1
 
     def _probe(self, now: float) -> None:
         # The pacer holds requests back: some had to wait for it since, or some wait now
@@ -380,21 +293,5 @@ class RateFinder:
         self.pacer.set_request_rate(rate)
 
     def headers(self, headers: Mapping[str, str]) -> None:
-        """Use the limits a server states (per minute, as OpenAI states them) where the user
-        gave none; pause when one is used up, until it resets."""
-        if not self.rpm_given:
-            per_second = _per_second(headers.get("x-ratelimit-limit-requests"))
-            if per_second and per_second != self.ceiling:
-                self.ceiling = per_second
-                self.pacer.state_request_rate(per_second)
-                self.window.open()
-        if not self.tpm_given:
-            per_second = _per_second(headers.get("x-ratelimit-limit-tokens"))
-            if per_second and per_second != self.pacer.token_rate:
-                self.pacer.set_token_rate(per_second)
-                self.window.open()
-        for kind in ("requests", "tokens"):
-            if spent(headers.get(f"x-ratelimit-remaining-{kind}")):
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-                if reset:
-                    self.pacer.pause(min(reset, MAX_PAUSE))
+        """The limits a server states, and whether one is used up (`pipeline.pace.stated`)."""
+        self.ceiling = self.stated.read(headers, self.ceiling)

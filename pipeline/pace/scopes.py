@@ -31,9 +31,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import RunStopped
-from pipeline.pace.finder import MARGIN, RUN, RateFinder
+from pipeline.pace.finder import RUN, RateFinder
 from pipeline.pace.local import Pacer, Window
 from pipeline.pace.sendlog import SIZE
+from pipeline.pace.stated import MARGIN
 from pipeline.pace.tokens import TokenCount
 from pipeline.quote import quote
 
@@ -76,7 +77,7 @@ def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]
     if not rate:
         return None, None, None
     if finder.ceiling is not None:
-        return rate, "given" if finder.rpm_given else "stated", finder.ceiling / MARGIN
+        return rate, "given" if finder.stated.rpm_given else "stated", finder.ceiling / MARGIN
     return rate, "found", finder.limit
 
 

@@ -1,0 +1,135 @@
+"""What the answers at the current pace say to the in-flight window.
+
+Until a limit is found, requests are not paced at all: one check each, no timer. The window
+(`limits.Window`) grows with time while no refusal comes back, not with answers. A sliding
+window of the last two seconds' answers tells how common refusals are at the pace in force;
+more than scattered ones hold the window's quick growth until a trend shows. Rising latency
+at more in flight (a server that queues) gives up a quarter of the window
+(`pipeline.pace.latency`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.pace.latency import LatencyWatch
+from pipeline.pace.local import Window
+
+BUCKET = 0.1  # seconds per bucket of the sliding window of answers
+BUCKETS = 20  # two seconds of answers
+HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
+HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
+LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
+
+
+class Answers:
+    """The answers to what was sent at the current pace (an epoch), and what the window does
+    on them: the hold on its quick growth, and the cut for rising latency."""
+
+    def __init__(self, window: Window, clock: Callable[[], float]) -> None:
+        self.window = window
+        self.latency = LatencyWatch(clock)
+        self.latency_cuts = 0
+        self._ok = [0] * BUCKETS
+        self._back = [0] * BUCKETS
+        self._all = [0] * BUCKETS
+        self._bucket = 0
+        self._held: tuple[float, float] | None = None  # since when, and the threshold before
+        self._hold_spent = False  # a hold lapsed in this epoch: the pushback is scattered
+        # Refused and answered since the limit was read: the sliding window holds too few
+        # answers at a slow pace (a model's 2 a second) to tell a limit read too high, and
+        # the probes' steps back (each a new epoch) come sooner than enough of them.
+        self.tally = [0, 0]
+        self._next_step = 0.0
+
+    def _slot(self, now: float) -> int:
+        bucket = int(now / BUCKET)
+        if bucket != self._bucket:
+            for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
+                i = b % BUCKETS
+                self._ok[i] = self._back[i] = self._all[i] = 0
+            self._bucket = bucket
+        return bucket % BUCKETS
+
+    def restart(self, now: float) -> None:
+        """A new pace: judge it on the answers to what is sent at it, not before."""
+        # A hold belongs to the pace it was judged at: end it, and let the new pace have its own.
+        self._end_hold()
+        self._hold_spent = False
+        self.latency.restart(now)  # answers from before the change say nothing of it
+        for j in range(BUCKETS):
+            self._ok[j] = self._back[j] = self._all[j] = 0
+
+    def grow(self, latency: float | None) -> None:
+        """An answer came: the window grows, and its latency is noted."""
+        self.window.grow()
+        if latency is not None:
+            self.latency.add(latency, self.window.in_flight)
+
+    def ok(self, now: float) -> None:
+        """An answer at the current pace."""
+        i = self._slot(now)
+        self._ok[i] += 1
+        self._all[i] += 1
+        self.tally[1] += 1
+
+    def other(self, now: float) -> None:
+        """An answer at the current pace that says nothing about the rate."""
+        self._all[self._slot(now)] += 1
+
+    def refused(self, now: float) -> tuple[int, int]:
+        """A refusal at the current pace; returns the refusals and answers before it."""
+        i = self._slot(now)
+        back, total = sum(self._back), sum(self._all)
+        self._back[i] += 1
+        self._all[i] += 1
+        self.tally[0] += 1
+        self.tally[1] += 1
+        return back, total
+
+    def step(self, now: float) -> bool:
+        """At most once a second of answers: a hold may lapse, and latency may cut the window.
+        Returns whether it stepped (and the finder's probe may step too)."""
+        if now < self._next_step:
+            return False
+        self._next_step = now + 1.0
+        self._lapse_hold(now)
+        self._read_latency(now)
+        return True
+
+    def hold(self, now: float, back: int, total: int) -> None:
+        """Pushback is more than scattered: a trend may be starting. Stop the window's quick
+        growth until it shows; if none does within the sliding window, the pushback is
+        scattered after all (an aggregator's upstreams), and the quick growth resumes for the
+        rest of the epoch, or a few 429s early in a run would leave its window small."""
+        if back < HOLD_MIN or back < HOLD_SHARE * total:
+            return
+        window = self.window
+        if self._held is None and not self._hold_spent and window.threshold > window.size:
+            self._held = (now, window.threshold)
+            window.hold()
+
+    def drop_hold(self) -> None:
+        """The window was cut for a reason of its own: a lapsing hold must not undo it."""
+        self._held = None
+
+    def _lapse_hold(self, now: float) -> None:
+        if self._held is not None and now - self._held[0] >= HOLD_FOR:
+            self._end_hold()
+            self._hold_spent = True
+
+    def _end_hold(self) -> None:
+        """Quick growth again, from where the hold stopped it."""
+        if self._held is not None:
+            self.window.threshold = max(self.window.threshold, self._held[1])
+            self._held = None
+
+    def _read_latency(self, now: float) -> None:
+        window = self.window
+        # Only while the window holds requests back is the queue ours to shorten.
+        if self.latency.queueing(now) and window.in_flight >= window.size / 2:
+            self.drop_hold()
+            before = window.size
+            window.shrink(LATENCY_KEEP)
+            if window.size < before:
+                self.latency_cuts += 1
