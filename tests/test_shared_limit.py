@@ -521,7 +521,7 @@ async def test_at_the_end_of_a_pause_no_waiter_goes_without_a_leased_start() -> 
     store = CountingStore()
     pacer = SharedPacer(lambda: store, "memory", request_rate=40.0, say=lambda _: None)
     now = pacer._now()
-    pacer._offset = 0.0
+    pacer.account_log.offset = 0.0
     pacer._paused_until = now + 0.0005  # the pause ends within the slack
     waiters = [asyncio.ensure_future(pacer.acquire()) for _ in range(5)]
     await asyncio.sleep(0)

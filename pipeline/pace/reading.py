@@ -16,7 +16,10 @@ once what was in flight at it has had its answer; or after a while, whatever it 
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.pace.capacity import AGAIN_WITHIN, MAX_FULLS
@@ -25,6 +28,8 @@ from pipeline.pace.store import LOG_TTL, AccountStore
 # The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
 # after the moment was refused, and is taken off with the refusals).
 HUNDREDTH = 0.01
+READ_WAIT = 1.0  # seconds a reading waits at most for every process's log up to its moment
+READ_AFTER = 0.2  # seconds at least before a moment is read: what was in flight then has its answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +68,48 @@ class AccountCapacity:
         # a time, taken by another account's request or sent a hundredth late): less than
         # one over that time, read as one, not as nothing.
         return max(sent - refused, 1) / span, span >= 1.0
+
+
+@dataclass(slots=True)
+class _Reading:
+    moment: Moment  # on the store's clock
+    after: float  # on ours: not read before (what was in flight at the moment has its answer)
+    due: float  # on ours: read then at the latest, every process told up to the moment or not
+    then: Callable[[float, bool], None]
+
+
+class Readings:
+    """The moments a shared pace was told the account was full, waiting to be read: each
+    once the store holds every process's log up to it and what was in flight has had its
+    answer, or once it has waited READ_WAIT, whatever the store holds."""
+
+    def __init__(self) -> None:
+        self._waiting: list[_Reading] = []
+        self._capacity = AccountCapacity()
+        self.reported = -math.inf  # the store holds every process's send log up to then (its clock)
+
+    def add(
+        self, moment: Moment, now: float, then: Callable[[float, bool], None], *, after: float = 0.0
+    ) -> None:
+        """Read `moment` (the store's clock) no sooner than `after` seconds from `now` (ours)."""
+        self._waiting.append(_Reading(moment, now + after, now + READ_WAIT, then))
+
+    def wait(self, now: float, wait: float) -> float:
+        """Seconds until the next reading may be read, if sooner than `wait`."""
+        for reading in self._waiting:
+            wait = min(wait, (reading.after if now < reading.after else reading.due) - now)
+        return wait
+
+    async def read(self, store: AccountStore, loop: asyncio.AbstractEventLoop, alone: bool) -> None:
+        """Read the moments whose log the store holds whole (or that waited long enough),
+        from the account's send log."""
+        while self._waiting:
+            reading = self._waiting[0]
+            now = loop.time()
+            whole = reading.moment.at + HUNDREDTH <= self.reported
+            if now < reading.after or not (whole or now >= reading.due):
+                return
+            read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
+            self._waiting.pop(0)
+            if read is not None and not alone:
+                reading.then(*read)

@@ -41,13 +41,13 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 
+from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.lease import LATE, TokenLeases
 from pipeline.pace.local import TIMER_SLACK, Pacer
-from pipeline.pace.reading import HUNDREDTH, AccountCapacity, Moment
+from pipeline.pace.reading import READ_AFTER, Moment, Readings
 from pipeline.pace.store import AccountStore, StoreAway
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease...
@@ -69,19 +69,8 @@ SYNC_QUICK = 0.02
 SYNC_GAP = 0.005  # seconds at least between two calls
 WATCH_AFTER = 2.0  # seconds after the server was full that leases are QUICK_LEASE long
 TELL_WITHIN = 0.02  # seconds a refusal waits to be told at most (one of a run the store saw)
-READ_WAIT = 1.0  # seconds a reading waits at most for every process's log up to its moment
-READ_AFTER = 0.2  # seconds at least before a moment is read: what was in flight then has its answer
 RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
-LOG_MAX = 2_000  # hundredths of the send log held while the store is away
-
-
-@dataclass(slots=True)
-class _Reading:
-    moment: Moment  # on the store's clock
-    after: float  # on ours: not read before (what was in flight at the moment has its answer)
-    due: float  # on ours: read then at the latest, every process told up to the moment or not
-    then: Callable[[float, bool], None]
 
 
 class SharedPacer(Pacer):
@@ -115,16 +104,12 @@ class SharedPacer(Pacer):
         self._want_tokens = 0.0
         self._found: float | None = None  # a found rate to publish (-1 when none)
         self._pause_for = 0.0  # a pause to publish
-        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
-        self._offset: float | None = None  # the store's clock on ours, minus ours
-        self._readings: list[_Reading] = []
-        self._capacity = AccountCapacity()
+        self.account_log = AccountLog()  # ours, by the hundredth; and the store's clock on ours
+        self._readings = Readings()
         self._on_full: Callable[[float, bool], None] | None = None
         self._full_seen: float | None = None  # the account's last full moment we know of
         self._resume_seen = -1.0  # and when the server had room again after it (the store's clock)
-        self._refusals = False  # the log holds a refusal not yet told
         self._answered = 0  # requests let through, not yet told
-        self._reported = -math.inf  # the store holds every process's send log up to then (its clock)
         self._watch_until = 0.0  # leases are short till then: the server was full lately
         self._booting = not (self.given or self.given_tokens)  # no limit known: the account ramps up
         self._resume_at = 0.0  # back from going alone: no leased start before this
@@ -165,46 +150,29 @@ class SharedPacer(Pacer):
         return not self.given
 
     def sent(self, at: float) -> None:
-        if self._offset is not None and len(self._log) < LOG_MAX:
-            self._counts(at)[0] += 1
+        self.account_log.sent(at)
 
     def answered(self) -> None:
         self._answered += 1
 
     def refused(self, sent_at: float, resume: float) -> None:
-        if self._offset is not None and len(self._log) < LOG_MAX:
-            counts = self._counts(sent_at)
-            counts[1] += 1
-            room = int((resume + self._offset) * 100)
-            counts[2] = min(counts[2], room) if counts[2] else room
-            self._refusals = True
-            if sent_at + self._offset >= self._resume_seen:
-                # Told at once: a run of refusals across the account shows in the store. One
-                # of a run the store has seen (sent before the room it told) is no news: told
-                # within TELL_WITHIN, for the readings.
-                self._wake.set()
+        at = self.account_log.refused(sent_at, resume)
+        if at is not None and at >= self._resume_seen:
+            # Told at once: a run of refusals across the account shows in the store. One of a
+            # run the store has seen (sent before the room it told) is no news: told within
+            # TELL_WITHIN, for the readings.
+            self._wake.set()
 
     def watch(self, then: Callable[[float, bool], None]) -> None:
         self._on_full = then
 
-    def _counts(self, at: float) -> list[int]:
-        """Sent, refused, and room (the earliest a refusal said the server has room again), of
-        the hundredth of the store's clock that `at` (ours) falls in."""
-        assert self._offset is not None
-        hundredth = int((at + self._offset) * 100)
-        counts = self._log.get(hundredth)
-        if counts is None:
-            counts = self._log[hundredth] = [0, 0, 0]
-        return counts
-
     def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
-        if self._offset is None or self.alone:
+        offset = self.account_log.offset
+        if offset is None or self.alone:
             return  # alone, the last shared pace holds: there is no account to read
         # Read up to the refused request, and over the time up to it: its answer may come back
         # long after (a busy server or machine), and what was sent meanwhile is not counted.
-        moment = Moment(at + self._offset, min(resume, at) + self._offset)
-        now = self._now()
-        self._readings.append(_Reading(moment, now, now + READ_WAIT, then))
+        self._readings.add(Moment(at + offset, min(resume, at) + offset), self._now(), then)
         self._wake.set()
 
     def pause(self, seconds: float) -> None:
@@ -333,7 +301,7 @@ class SharedPacer(Pacer):
                     await anyio.sleep(RETRY_EVERY)
                     continue
                 try:
-                    await self._read(store, loop)
+                    await self._readings.read(store, loop, self.alone)
                 except StoreAway as e:
                     self._away(e.reason)
                     continue
@@ -346,9 +314,8 @@ class SharedPacer(Pacer):
                 # minute.
                 now = loop.time()
                 quick = self._booting or now < self._watch_until
-                wait = TELL_WITHIN if self._refusals else SYNC_QUICK if quick else SYNC_IDLE
-                for reading in self._readings:
-                    wait = min(wait, (reading.after if now < reading.after else reading.due) - now)
+                wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
+                wait = self._readings.wait(now, wait)
                 with anyio.move_on_after(max(wait, 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
@@ -359,9 +326,8 @@ class SharedPacer(Pacer):
         self._wake.clear()
         want, want_tokens = self._want, self._want_tokens
         found, pause_for = self._found, self._pause_for
-        log, self._log = self._log, {}
+        log = self.account_log.take()
         answered, self._answered = self._answered, 0
-        self._refusals = False
         sent_at = loop.time()
         try:
             r = await store.call(
@@ -372,17 +338,13 @@ class SharedPacer(Pacer):
                 given_tokens=self.given_tokens,
                 found=found,
                 pause_for=pause_for,
-                log=" ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items()),
+                log=said(log),
                 holds=bool(self._slots),
                 answered=answered,
             )
         except StoreAway:
             self._answered += answered
-            for h, (n, m, w) in log.items():  # told when the store is back
-                counts = self._log.setdefault(h, [0, 0, 0])
-                counts[0] += n
-                counts[1] += m
-                counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
+            self.account_log.untold(log)  # told when the store is back
             raise
         now = loop.time()
         # Only what was sent is taken off: more may have come while the call was out.
@@ -395,12 +357,12 @@ class SharedPacer(Pacer):
         if self._booting and not r.booting:
             self._slots.clear()  # leased at the ramp's rate, not at the pace found
         self.leads, self._booting = r.leads, r.booting
-        self._reported = r.reported
+        self._readings.reported = r.reported
         offset = (sent_at + now) / 2 - r.now  # the store's clock on ours
-        self._offset = -offset
+        self.account_log.offset = -offset
         if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:
             moment = Moment(r.full_at, r.full_resume)  # seen full by the account: read it
-            self._readings.append(_Reading(moment, now + READ_AFTER, now + READ_WAIT, self._on_full))
+            self._readings.add(moment, now, self._on_full, after=READ_AFTER)
         self._full_seen = max(r.full_at, self._full_seen or -1.0)
         self._resume_seen = max(self._resume_seen, r.full_resume)
         if r.full_at > 0:
@@ -421,20 +383,6 @@ class SharedPacer(Pacer):
         if r.token_start >= 0:
             self._leases.add(r.token_start + offset, want_tokens)
         self._apply()
-
-    async def _read(self, store: AccountStore, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the moments whose log the store holds whole (or that waited long enough),
-        from the account's send log."""
-        while self._readings:
-            reading = self._readings[0]
-            now = loop.time()
-            whole = reading.moment.at + HUNDREDTH <= self._reported
-            if now < reading.after or not (whole or now >= reading.due):
-                return
-            read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
-            self._readings.pop(0)
-            if read is not None and not self.alone:
-                reading.then(*read)
 
     def _away(self, reason: str) -> None:
         if not self.alone:

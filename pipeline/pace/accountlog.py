@@ -1,0 +1,64 @@
+"""One process's part of its account's send log, by the hundredth of the store's clock.
+
+A shared pace tells the store what it sent and what was refused, and when a refusal said the
+server has room again, by the hundredth of a second of the store's clock, with whichever call
+comes next (`pipeline.pace.shared`); the account's limit is read from the log of every
+process (`pipeline.pace.reading`). While the store is away the log is kept, up to LOG_MAX
+hundredths, and told when it is back.
+"""
+
+from __future__ import annotations
+
+LOG_MAX = 2_000  # hundredths of the send log held while the store is away
+
+
+class AccountLog:
+    def __init__(self) -> None:
+        self.offset: float | None = None  # the store's clock on ours, minus ours
+        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
+        self.refusals = False  # the log holds a refusal not yet told
+
+    def sent(self, at: float) -> None:
+        if self.offset is not None and len(self._log) < LOG_MAX:
+            self._counts(at)[0] += 1
+
+    def refused(self, sent_at: float, resume: float) -> float | None:
+        """A request sent at `sent_at` was refused until `resume` (our clock); returns when
+        it was sent on the store's clock, or None when it is not logged."""
+        if self.offset is None or len(self._log) >= LOG_MAX:
+            return None
+        counts = self._counts(sent_at)
+        counts[1] += 1
+        room = int((resume + self.offset) * 100)
+        counts[2] = min(counts[2], room) if counts[2] else room
+        self.refusals = True
+        return sent_at + self.offset
+
+    def _counts(self, at: float) -> list[int]:
+        """Sent, refused, and room (the earliest a refusal said the server has room again), of
+        the hundredth of the store's clock that `at` (ours) falls in."""
+        assert self.offset is not None
+        hundredth = int((at + self.offset) * 100)
+        counts = self._log.get(hundredth)
+        if counts is None:
+            counts = self._log[hundredth] = [0, 0, 0]
+        return counts
+
+    def take(self) -> dict[int, list[int]]:
+        """The log not yet told, to tell the store now."""
+        log, self._log = self._log, {}
+        self.refusals = False
+        return log
+
+    def untold(self, log: dict[int, list[int]]) -> None:
+        """The store could not be told `log`: told when it is back."""
+        for h, (n, m, w) in log.items():
+            counts = self._log.setdefault(h, [0, 0, 0])
+            counts[0] += n
+            counts[1] += m
+            counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
+
+
+def said(log: dict[int, list[int]]) -> str:
+    """The log as the store's script takes it."""
+    return " ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items())
