@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
+from pipeline.pace.window import Window
 from pipeline.send.status import http_error
 
 

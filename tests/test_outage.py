@@ -15,7 +15,8 @@ import pipeline
 from pipeline.errors import ConnectionDropped, EmptyAnswer, RequestError, RequestTimeout
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
+from pipeline.pace.window import Window
 from pipeline.send.status import http_error
 from tests.conftest import bodies, read_jsonl
 from tests.scripted import Scripted, answer, json, scripted

@@ -20,8 +20,9 @@ from multidict import CIMultiDict
 
 from pipeline.errors import RunStopped
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.stated import MAX_PAUSE
+from pipeline.pace.window import Window
 from pipeline.send.client import RATE_HEADERS, error_for, rate_headers
 from pipeline.send.waits import DAY, parse_duration, retry_after, said_wait
 from tests.strategies import deep, dumps, runs_stack

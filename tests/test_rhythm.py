@@ -10,9 +10,10 @@ import pytest
 
 from pipeline.mock.limits import Bucket, Refusal
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.rhythm import GAPS, Rhythm
 from pipeline.pace.sendlog import SendLog
+from pipeline.pace.window import Window
 from tests.simulated import Clock, WholeSeconds, per_second, simulate
 
 

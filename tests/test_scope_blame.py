@@ -15,9 +15,10 @@ from aiohttp import web
 
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
+from pipeline.pace.window import Window
 from pipeline.run.runner import run
 from tests.conftest import bodies, read_jsonl
 from tests.scripted import answer, json, scripted

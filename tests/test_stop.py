@@ -13,7 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
+from pipeline.pace.window import Window
 from pipeline.run.control import Control
 from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, exit_status
 from tests.conftest import bodies, read_jsonl, write_jsonl

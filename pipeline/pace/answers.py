@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.pace.latency import LatencyWatch
-from pipeline.pace.local import Window
+from pipeline.pace.window import Window
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
 BUCKETS = 20  # two seconds of answers

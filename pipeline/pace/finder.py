@@ -43,12 +43,13 @@ from pipeline.errors import RunStopped
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
 from pipeline.pace.giveup import GiveUp
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.outage import Outage
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
 from pipeline.pace.stated import MARGIN, MAX_PAUSE, Stated
+from pipeline.pace.window import Window
 
 # Refusals in a row, in send order: the server is full. Of 2 % scattered refusals, three in a
 # row happen about once in 100,000 requests, four once in 6 million; more when scattered

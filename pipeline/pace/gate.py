@@ -21,9 +21,10 @@ from typing import Protocol
 
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.tokens import TokenCount, says_tokens
+from pipeline.pace.window import Window
 from pipeline.send.status import Signal, endpoint_failed, signal
 
 

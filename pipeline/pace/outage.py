@@ -33,8 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.errors import RunStopped
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.sendlog import SendLog
+from pipeline.pace.window import Window
 from pipeline.run.progress import duration
 
 # Failures in a row, at least, that say the endpoint is down (with every request that was out

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import RunStopped
 from pipeline.pace.finder import RUN, RateFinder
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN
 from pipeline.pace.tokens import TokenCount
+from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:

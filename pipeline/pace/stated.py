@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.pace.local import Pacer, Window
+from pipeline.pace.local import Pacer
+from pipeline.pace.window import Window
 from pipeline.send.waits import parse_duration, per_minute, spent
 
 MARGIN = 0.98  # of a limit the server or the user states

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from pipeline.errors import RunStopped
-from pipeline.pace.local import Slots
+from pipeline.pace.window import Slots
 
 if TYPE_CHECKING:
     from pipeline.job import Request

@@ -37,9 +37,9 @@ from pipeline.output.repair import open_run_mark, reconcile
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
-from pipeline.pace.local import Window
 from pipeline.pace.scopes import Scopes, pace_of
 from pipeline.pace.stated import MARGIN
+from pipeline.pace.window import Window
 from pipeline.quote import quote
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Aside, Control, Crew, Refill
