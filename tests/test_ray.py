@@ -560,7 +560,7 @@ def test_a_plain_run_never_imports_ray() -> None:
     """Ray is an extra: `pipeline run` (and everything it imports) works without it."""
     code = (
         "import sys\n"
-        "import pipeline.cli, pipeline.run.runner, pipeline.run.host, pipeline.pace.shared\n"
+        "import pipeline.cli, pipeline.run.runner, pipeline.run.host, pipeline.pace.leased\n"
         "import pipeline.pace.actor, pipeline.cluster.driver\n"  # even these only name it
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
     )

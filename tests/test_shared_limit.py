@@ -16,8 +16,9 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.lease import TokenLeases
+from pipeline.pace.leased import MAX_LEASE, shared_pacer
+from pipeline.pace.local import Pacer
 from pipeline.pace.reading import AccountCapacity, Moment
-from pipeline.pace.shared import MAX_LEASE, SharedPacer
 from pipeline.pace.store import Reply, Store, account_key
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
@@ -26,13 +27,13 @@ from tests.test_crash import start
 RATE = 40.0  # requests a second for the account
 
 
-async def _starts(pacers: list[SharedPacer], seconds: float) -> list[tuple[int, float]]:
+async def _starts(pacers: list[Pacer], seconds: float) -> list[tuple[int, float]]:
     """Every pacer acquiring as fast as it may for `seconds`: (which, when) of each start."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     seen: list[tuple[int, float]] = []
 
-    async def spend(i: int, pacer: SharedPacer) -> None:
+    async def spend(i: int, pacer: Pacer) -> None:
         while loop.time() - began < seconds:
             await pacer.acquire()
             seen.append((i, loop.time() - began))
@@ -63,7 +64,7 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
     account = account_key("http://x/v1", FAKE_KEY)
     CountedStore.calls = 0
     pacers = [
-        SharedPacer(
+        shared_pacer(
             partial(CountedStore, redis_server.url, account),
             redis_server.url,
             request_rate=RATE,
@@ -72,7 +73,7 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
         for _ in range(4)
     ]
     for pacer in pacers:
-        pacer._pid = f"p{id(pacer)}"  # four processes, as the store sees them
+        pacer.budget._pid = f"p{id(pacer)}"  # four processes, as the store sees them
     starts = await _starts(pacers, 4.0)
     per_second = Counter(int(at) for _, at in starts)
     # Each second holds the account's rate, no more (a lease's worth of slack), not 4x.
@@ -142,7 +143,7 @@ async def test_a_reading_counts_what_got_through_after_the_first_moment_however_
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account
-    pacer = SharedPacer(
+    pacer = shared_pacer(
         partial(Store, redis_server.url, account), redis_server.url, request_rate=RATE, say=lambda _: None
     )
     await _starts([pacer], 0.5)
@@ -160,14 +161,14 @@ async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: R
         await client.aclose()
 
 
-async def _through_an_outage(pacers: list[SharedPacer], store: RedisServer) -> Counter[int]:
+async def _through_an_outage(pacers: list[Pacer], store: RedisServer) -> Counter[int]:
     """Starts a second, every pacer acquiring as fast as it may for 6 s, the store away from
     1.5 s to 3.5 s."""
     loop = asyncio.get_running_loop()
     began = loop.time()
     seen: list[float] = []
 
-    async def spend(pacer: SharedPacer) -> None:
+    async def spend(pacer: Pacer) -> None:
         while loop.time() - began < 6:
             await pacer.acquire()
             seen.append(loop.time() - began)
@@ -202,7 +203,9 @@ async def test_a_process_that_joins_keeps_the_limit_the_account_found(redis_serv
     call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
     try:
         await store.call("found-it", **call, found=RATE, pause_for=0.0)
-        joining = SharedPacer(partial(Store, redis_server.url, account), redis_server.url, say=lambda _: None)
+        joining = shared_pacer(
+            partial(Store, redis_server.url, account), redis_server.url, say=lambda _: None
+        )
         assert len(await _starts([joining], 0.5)) >= RATE * 0.5 * 0.8
         after = await store.call("found-it", **call, found=None, pause_for=0.0)
     finally:
@@ -216,11 +219,11 @@ async def test_a_store_that_goes_away_leaves_each_process_its_share(tmp_path: Pa
     said: list[str] = []
     account = account_key("http://x/v1", FAKE_KEY)
     pacers = [
-        SharedPacer(partial(Store, store.url, account), store.url, request_rate=RATE, say=said.append)
+        shared_pacer(partial(Store, store.url, account), store.url, request_rate=RATE, say=said.append)
         for _ in range(2)
     ]
     for i, pacer in enumerate(pacers):
-        pacer._pid = f"p{i}"
+        pacer.budget._pid = f"p{i}"
     per_second = await _through_an_outage(pacers, store)
     for second in range(1, 6):
         assert per_second[second] <= RATE + 6, per_second  # the limit held, store or not
@@ -239,7 +242,7 @@ async def test_alone_a_shard_takes_its_share_of_the_jobs_shards_not_of_those_the
     store = RedisServer(tmp_path / "redis")
     store.start()
     said: list[str] = []
-    pacer = SharedPacer(
+    pacer = shared_pacer(
         partial(Store, store.url, account_key("http://x/v1", FAKE_KEY)),
         store.url,
         request_rate=RATE,
@@ -497,7 +500,7 @@ async def test_a_rate_far_past_any_server_leases_no_more_than_a_tenth_of_a_secon
     # --rpm 1e15 (or a gateway's "unlimited" stated as 2**63 - 1): a lease of a tenth of a
     # second of it was 10**16 starts, a float each, asked for at once: gigabytes in seconds.
     store = CountingStore()
-    pacer = SharedPacer(lambda: store, "memory", request_rate=rpm / 60, say=lambda _: None)
+    pacer = shared_pacer(lambda: store, "memory", request_rate=rpm / 60, say=lambda _: None)
     async with anyio.create_task_group() as tg:
         tg.start_soon(pacer.run)
         with anyio.fail_after(5):
@@ -519,9 +522,9 @@ async def test_at_the_end_of_a_pause_no_waiter_goes_without_a_leased_start() -> 
     early), the end was read as a start: every waiter went at once, none leased (150 to 200
     refusals at 4 shards and 3,000 a minute)."""
     store = CountingStore()
-    pacer = SharedPacer(lambda: store, "memory", request_rate=40.0, say=lambda _: None)
+    pacer = shared_pacer(lambda: store, "memory", request_rate=40.0, say=lambda _: None)
     now = pacer._now()
-    pacer.account_log.offset = 0.0
+    pacer.budget.account_log.offset = 0.0
     pacer._paused_until = now + 0.0005  # the pause ends within the slack
     waiters = [asyncio.ensure_future(pacer.acquire()) for _ in range(5)]
     await asyncio.sleep(0)

@@ -63,11 +63,11 @@ class ShardHost(Host):
         if settings.shared_limit is not None:
             return super().pacer(settings, api_key, request_rate, token_rate, say, model)
         from pipeline.pace.actor import ActorStore
-        from pipeline.pace.shared import SharedPacer
+        from pipeline.pace.leased import shared_pacer
         from pipeline.pace.store import account_key
 
         account = scope_key(account_key(settings.base_url, api_key), model)
-        return SharedPacer(
+        return shared_pacer(
             partial(ActorStore, account, self.home),
             f"(the Ray actor {account})",
             request_rate=request_rate,

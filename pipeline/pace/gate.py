@@ -148,7 +148,7 @@ class Gate:
         self.scopes = scopes or Scopes(finder)
         # A shared pace does not probe: each of its processes would pay a probe's refusals
         # on a server that counts on arrival (several: the processes' hand-backs add up).
-        self.tokens = tokens or TokenCount(probe=type(pacer) is Pacer)
+        self.tokens = tokens or TokenCount(probe=not pacer.shared)
 
     async def enter(self, tokens: int, model: str | None = None, seat: Seat | None = None) -> Slot:
         """Wait for the model's pace, if it has one, then for a slot in flight, then for the

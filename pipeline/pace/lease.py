@@ -1,4 +1,4 @@
-"""The tokens a process holds of its account's shared token pace (`pipeline.pace.shared`).
+"""The tokens a process holds of its account's shared token pace (`pipeline.pace.leased`).
 
 The store leases tokens as it leases starts: `n` tokens are the stretch of the account's token
 timeline from `start` on, `n / rate` long, and no two processes' stretches overlap. A process

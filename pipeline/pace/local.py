@@ -1,15 +1,18 @@
-"""Pacing: requests start evenly spaced at a rate, first come first served.
+"""A scope's pace: requests start evenly spaced, first come first served.
 
-Two budgets, each a virtual clock in the manner of GCRA (the ATM Forum's generic cell rate
-algorithm): `_next_request` is the earliest time the next request may start, and advances by
-one interval per start; `_next_token` does the same in token units, advanced by each
-request's reserved estimate, and by `settle` once the server's count is known: further for an
-answer that used more, back for a request it did not count (the gate's rule, `pipeline.pace.gate`).
-A request waits until both clocks and any pool-wide pause allow it.
+Waiting is by awaiting: waiters sit in one FIFO queue, and one loop timer, set for the exact
+instant the head may go, releases them (after aiolimiter); the queue keeps big requests from
+being starved by small ones. When the head may go is its budget's to say:
 
-Waiting is by awaiting: waiters sit in one FIFO queue and one loop timer, set for the exact
-instant the head may go, releases them (after aiolimiter). The queue keeps big requests from
-being starved by small ones. With no limit set and no pause, `acquire` costs one check.
+- `LocalBudget`, this process's: two virtual clocks in the manner of GCRA (the ATM Forum's
+  generic cell rate algorithm), the earliest next start, advanced one interval a start, and the
+  same in tokens, advanced by each request's reserved estimate and by `settle` once the
+  server's count is known (further for an answer that used more, back for one not counted);
+- `pipeline.pace.leased.LeasedBudget`: starts and tokens leased from the account's store,
+  shared by its processes (Redis, or a Ray actor).
+
+A pause (a server's Retry-After for the pool) holds every request back, whatever the budget.
+With no limit set and no pause, `acquire` costs one check.
 """
 
 from __future__ import annotations
@@ -18,60 +21,168 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 TIMER_SLACK = 0.001  # seconds
+Then = Callable[[float, bool], None]  # told the account's limit read: (requests a second, sure)
+
+
+class Budget(Protocol):
+    """Where a pace's starts and tokens come from (see the module's text)."""
+
+    @property
+    def free(self) -> bool: ...  # nothing to wait for: no rate, and no lease to wait for
+    @property
+    def reads_account(self) -> bool: ...  # a limit is read from the whole account's log (`read_full`)
+    @property
+    def request_rate(self) -> float | None: ...
+    @property
+    def token_rate(self) -> float | None: ...
+    def attach(self, pace: Pacer) -> None: ...
+    def set_rates(self, request_rate: float | None, token_rate: float | None) -> None: ...
+    def state_request_rate(self, rate: float) -> None: ...
+    def ready_at(self, tokens: int, now: float) -> float: ...  # math.inf: asked for, `reschedule` comes
+    def take(self, tokens: int, start: float) -> int: ...
+    def settle(self, reserved: int, used: int) -> bool: ...  # True: the head may go sooner
+    def paused(self, seconds: float) -> None: ...
+    # The account's send log (a shared budget's; a local one reads its finder's instead).
+    def sent(self, at: float) -> None: ...
+    def answered(self) -> None: ...
+    def refused(self, sent_at: float, resume: float) -> None: ...
+    def watch(self, then: Then) -> None: ...
+    def read_full(self, at: float, resume: float, then: Then) -> None: ...
+    async def check(self) -> None: ...
+    async def run(self) -> None: ...
+
+
+class LocalBudget:
+    """Starts at `request_rate` a second and reserved tokens at `token_rate` (either None: no
+    limit), in this process."""
+
+    reads_account = False
+
+    def __init__(self, request_rate: float | None = None, token_rate: float | None = None) -> None:
+        self.interval = self.tokens_a_second = self.next_request = self.next_token = 0.0
+        self.set_rates(request_rate, token_rate)
+
+    def attach(self, pace: Pacer) -> None:
+        pass
+
+    @property
+    def request_rate(self) -> float | None:
+        return 1.0 / self.interval if self.interval else None
+
+    @property
+    def token_rate(self) -> float | None:
+        return self.tokens_a_second or None
+
+    def set_rates(self, request_rate: float | None, token_rate: float | None) -> None:
+        self.interval = 1.0 / request_rate if request_rate else 0.0
+        self.tokens_a_second = token_rate or 0.0
+        self.free = not request_rate and not token_rate
+
+    def state_request_rate(self, rate: float) -> None:
+        self.set_rates(rate, self.token_rate)
+
+    def ready_at(self, tokens: int, now: float) -> float:
+        at = self.next_request if self.interval else 0.0
+        return max(at, self.next_token) if self.tokens_a_second and tokens else at
+
+    def take(self, tokens: int, start: float) -> int:
+        """Book a start at `start`: the scheduled instant, not when a late timer ran, so
+        timer lateness does not add up into a lower rate. Returns the tokens booked."""
+        if self.interval:
+            self.next_request = max(self.next_request, start) + self.interval
+        if self.tokens_a_second and tokens:
+            self.next_token = max(self.next_token, start) + tokens / self.tokens_a_second
+            return tokens
+        return 0
+
+    def settle(self, reserved: int, used: int) -> bool:
+        if self.tokens_a_second and reserved != used:
+            self.next_token += (used - reserved) / self.tokens_a_second
+        return used < reserved
+
+    def paused(self, seconds: float) -> None:
+        pass
+
+    def sent(self, at: float) -> None:
+        pass
+
+    def answered(self) -> None:
+        pass
+
+    def refused(self, sent_at: float, resume: float) -> None:
+        pass
+
+    def watch(self, then: Then) -> None:
+        pass
+
+    def read_full(self, at: float, resume: float, then: Then) -> None:
+        raise NotImplementedError("only a shared pace reads an account")
+
+    async def check(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
 
 
 class Pacer:
-    """Starts requests at `request_rate` a second and reserved tokens at `token_rate` a
-    second (either may be None: no limit)."""
+    """Starts requests as its budget allows (by default this process's, at `request_rate`
+    requests and `token_rate` tokens a second; either may be None: no limit)."""
 
-    def __init__(self, *, request_rate: float | None = None, token_rate: float | None = None) -> None:
-        self._request_interval = 0.0
-        self._token_rate = 0.0
-        self._next_request = 0.0
-        self._next_token = 0.0
+    def __init__(
+        self,
+        budget: Budget | None = None,
+        *,
+        request_rate: float | None = None,
+        token_rate: float | None = None,
+    ) -> None:
+        self.budget: Budget = budget or LocalBudget(request_rate, token_rate)
         self._paused_until = 0.0
         self._waiters: deque[tuple[int, asyncio.Future[int]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.waits = 0  # acquires that had to queue: tells whether the pacer is what binds
         self._closed = False  # the run stopped: nobody waits any more
-        self.set_rates(request_rate=request_rate, token_rate=token_rate)
+        self.budget.attach(self)
 
     # -- settings ------------------------------------------------------------------------------
 
     def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
-        self._request_interval = 1.0 / request_rate if request_rate else 0.0
-        self._token_rate = token_rate or 0.0
-        self._free = not request_rate and not token_rate
-        self._reschedule()
+        self.budget.set_rates(request_rate, token_rate)
+        self.reschedule()
 
     def set_request_rate(self, rate: float | None) -> None:
         self.set_rates(request_rate=rate, token_rate=self.token_rate)
 
-    def state_request_rate(self, rate: float) -> None:
-        """The rate the server states in its headers: the account's (a shared pace takes it
-        as given, where a rate read from this process's own requests is its share)."""
-        self.set_request_rate(rate)
-
     def set_token_rate(self, rate: float | None) -> None:
         self.set_rates(request_rate=self.request_rate, token_rate=rate)
 
+    def state_request_rate(self, rate: float) -> None:
+        """The rate the server states in its headers: the account's (a shared pace takes it
+        as given, where a rate read from this process's own requests is its share)."""
+        self.budget.state_request_rate(rate)
+        self.reschedule()
+
     @property
     def request_rate(self) -> float | None:
-        return 1.0 / self._request_interval if self._request_interval else None
+        return self.budget.request_rate
 
     @property
     def token_rate(self) -> float | None:
-        return self._token_rate or None
+        return self.budget.token_rate
+
+    @property
+    def shared(self) -> bool:
+        """Whether its budget is shared with other processes (leased from a store)."""
+        return not isinstance(self.budget, LocalBudget)
 
     @property
     def holding(self) -> bool:
         """Whether requests are waiting for their turn now."""
         return bool(self._waiters)
-
-    # -- the loop's clock ----------------------------------------------------------------------
 
     def _now(self) -> float:
         if self._loop is None:
@@ -81,40 +192,28 @@ class Pacer:
     # -- acquiring -----------------------------------------------------------------------------
 
     def _ready_at(self, tokens: int) -> float:
-        at = self._paused_until
-        if self._request_interval:
-            at = max(at, self._next_request)
-        if self._token_rate and tokens:
-            at = max(at, self._next_token)
-        return at
-
-    def _take(self, tokens: int, start: float) -> int:
-        """Book a start at `start`: the scheduled instant, not when a late timer ran, so
-        timer lateness does not add up into a lower rate. Returns the tokens booked."""
-        if self._request_interval:
-            self._next_request = max(self._next_request, start) + self._request_interval
-        if self._token_rate and tokens:
-            self._next_token = max(self._next_token, start) + tokens / self._token_rate
-            return tokens
-        return 0
+        paused, now = self._paused_until, self._now()
+        if paused > now + TIMER_SLACK:
+            return paused  # nothing is asked of the budget before the pause ends
+        return max(paused, self.budget.ready_at(tokens, now))
 
     async def acquire(self, tokens: int = 0) -> int:
         """Wait for this request's turn; `tokens` is its estimate. Returns the tokens reserved
         for it: its estimate if a token pace is in force when it starts (one the server
         states may become known while it waits), else none."""
-        if (self._free and not self._paused_until) or self._closed:
+        if (self.budget.free and not self._paused_until) or self._closed:
             return 0
         now = self._now()
         if self._paused_until and self._paused_until <= now and not self._waiters:
             self._paused_until = 0.0
         if not self._waiters and self._ready_at(tokens) <= now:
-            return self._take(tokens, now)
+            return self.budget.take(tokens, now)
         assert self._loop is not None
         self.waits += 1
         future: asyncio.Future[int] = self._loop.create_future()
         self._waiters.append((tokens, future))
         if len(self._waiters) == 1:
-            self._reschedule()
+            self.reschedule()
         try:
             return await future
         except asyncio.CancelledError:
@@ -124,7 +223,7 @@ class Pacer:
             raise
         finally:
             if self._waiters and self._waiters[0][1] is future:
-                self._reschedule()
+                self.reschedule()
 
     def _release(self) -> None:
         self._timer = None
@@ -140,10 +239,11 @@ class Pacer:
             if at > now:
                 break
             self._waiters.popleft()
-            future.set_result(self._take(tokens, at))
-        self._reschedule()
+            future.set_result(self.budget.take(tokens, at))
+        self.reschedule()
 
-    def _reschedule(self) -> None:
+    def reschedule(self) -> None:
+        """Set the timer for the head of the queue (its budget's rates, leases or pause changed)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -163,58 +263,65 @@ class Pacer:
             _, future = self._waiters.popleft()
             if not future.done():
                 future.set_result(0)
-        self._reschedule()
+        self.reschedule()
 
     # -- feedback ------------------------------------------------------------------------------
 
     def settle(self, reserved: int, used: int) -> None:
         """Correct a token reservation with what the request really used."""
-        if self._token_rate and reserved != used:
-            self._next_token += (used - reserved) / self._token_rate
-            if used < reserved:
-                self._reschedule()
-
-    def reads_account(self) -> bool:
-        """Whether a limit is read from what a whole account sent (a shared pace), not from
-        this process's requests alone: see `read_full`."""
-        return False
-
-    def sent(self, at: float) -> None:
-        """A request left at `at` (a shared pace tells the account's send log)."""
-
-    def answered(self) -> None:
-        """A request was let through (a shared pace's ramp grows on what gets through)."""
-
-    def refused(self, sent_at: float, resume: float) -> None:
-        """The request that left at `sent_at` was refused, the server having room at `resume`."""
-
-    def watch(self, then: Callable[[float, bool], None]) -> None:
-        """Call `then(rate, sure)` with the account's limit, read at every moment its server
-        is seen full (by any of its processes)."""
-
-    def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
-        """The server was full for the request that left at `at`, with room again at
-        `resume`: read the account's limit there, and call `then(rate, sure)` with it."""
-        raise NotImplementedError("only a shared pace reads an account")
-
-    async def check(self) -> None:
-        """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
-
-    async def run(self) -> None:
-        """What the pace does for as long as the run goes (a shared one: keep in step)."""
+        if reserved != used and self.budget.settle(reserved, used):
+            self.reschedule()
 
     def pause(self, seconds: float) -> None:
         """Hold every request back for `seconds` (a server's Retry-After for the pool)."""
-        until = self._now() + seconds
+        self.pause_until(self._now() + seconds)
+        self.budget.paused(seconds)
+
+    def pause_until(self, until: float) -> None:
         if until > self._paused_until:
             self._paused_until = until
-            self._reschedule()
+            self.reschedule()
 
     def unpause(self) -> None:
         """The pause was another scope's: lift it."""
         self._paused_until = 0.0
-        self._reschedule()
+        self.reschedule()
 
     @property
     def paused_until(self) -> float:
         return self._paused_until
+
+    # -- the account's send log, kept by a shared budget (`pipeline.pace.leased`) ----------------
+
+    def reads_account(self) -> bool:
+        """Whether a limit is read from what the whole account sent, not from this process's
+        requests alone: see `read_full`."""
+        return self.budget.reads_account
+
+    def sent(self, at: float) -> None:
+        self.budget.sent(at)
+
+    def answered(self) -> None:
+        self.budget.answered()
+
+    def refused(self, sent_at: float, resume: float) -> None:
+        """The request that left at `sent_at` was refused, the server having room at `resume`."""
+        self.budget.refused(sent_at, resume)
+
+    def watch(self, then: Then) -> None:
+        """Call `then(rate, sure)` with the account's limit, read at every moment its server
+        is seen full (by any of its processes)."""
+        self.budget.watch(then)
+
+    def read_full(self, at: float, resume: float, then: Then) -> None:
+        """The server was full for the request that left at `at`, with room again at
+        `resume`: read the account's limit there, and call `then(rate, sure)` with it."""
+        self.budget.read_full(at, resume, then)
+
+    async def check(self) -> None:
+        """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
+        await self.budget.check()
+
+    async def run(self) -> None:
+        """What the pace does for as long as the run goes (a shared one: keep in step)."""
+        await self.budget.run()

@@ -128,7 +128,7 @@ class Scopes:
         if request_rate or token_rate:
             finder.window.open()
         # A shared pace does not probe how tokens are counted (`Gate`: each process would pay).
-        scope = self.by_model[model] = Scope(model, pacer, finder, TokenCount(probe=type(pacer) is Pacer))
+        scope = self.by_model[model] = Scope(model, pacer, finder, TokenCount(probe=not pacer.shared))
         if self._start is not None:
             self._start(pacer.run)
         return scope

@@ -51,11 +51,11 @@ class Host:
             return Pacer(request_rate=request_rate, token_rate=token_rate)
         from functools import partial
 
-        from pipeline.pace.shared import SharedPacer
+        from pipeline.pace.leased import shared_pacer
         from pipeline.pace.store import Store, account_key
         from pipeline.settings import redacted
 
-        return SharedPacer(
+        return shared_pacer(
             partial(Store, settings.shared_limit, scope_key(account_key(settings.base_url, api_key), model)),
             redacted(settings.shared_limit),
             request_rate=request_rate,

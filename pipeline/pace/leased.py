@@ -1,6 +1,6 @@
 """One pace for every process of an account, through Redis (`--shared-limit redis://...`).
 
-The pacer of `local` with its start times leased from a store that every process shares:
+A `Pacer` whose budget is leased from a store that every process of the account shares:
 
 - **Leases, not a round trip a request.** The store keeps one virtual clock per account in
   the manner of GCRA: a process asks for a lease of `n` starts and is given the stretch of
@@ -46,7 +46,7 @@ import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.lease import LATE, TokenLeases
-from pipeline.pace.local import TIMER_SLACK, Pacer
+from pipeline.pace.local import LocalBudget, Pacer, Then
 from pipeline.pace.reading import READ_AFTER, Moment, Readings
 from pipeline.pace.store import AccountStore, StoreAway
 
@@ -73,8 +73,9 @@ RETRY_EVERY = 0.2  # seconds between attempts to reach a store that went away
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
 
 
-class SharedPacer(Pacer):
-    """A `Pacer` whose starts (and tokens) come from leases of the account's shared pace."""
+class LeasedBudget:
+    """A pace's starts (and tokens), leased from the account's shared pace (see the module's
+    text); alone, while the store is away, a `LocalBudget` at this process's share."""
 
     def __init__(
         self,
@@ -116,11 +117,25 @@ class SharedPacer(Pacer):
         self._last_start = 0.0  # the last leased start used
         self._solo_until = 0.0  # just back: no faster than alone till then
         self._wake = asyncio.Event()
-        super().__init__(request_rate=request_rate, token_rate=token_rate)
+        self.local = LocalBudget()  # at our share: alone, and no faster just back
+        self._pace: Pacer | None = None
+        self.free = False
+        self.set_rates(request_rate, token_rate)
+
+    def attach(self, pace: Pacer) -> None:
+        self._pace = pace
+
+    def _now(self) -> float:
+        assert self._pace is not None
+        return self._pace._now()
+
+    def _reschedule(self) -> None:
+        if self._pace is not None:
+            self._pace.reschedule()
 
     # -- what the rate finder and the gate see: the account's rates ----------------------------
 
-    def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
+    def set_rates(self, request_rate: float | None, token_rate: float | None) -> None:
         self.given_tokens = token_rate or 0.0  # given, or stated by the server (set_token_rate)
         if not self.given and request_rate and request_rate != self.shared:
             found = request_rate  # the account's: readings are of the account
@@ -146,6 +161,7 @@ class SharedPacer(Pacer):
 
     # -- the account's send log, and readings from it ------------------------------------------
 
+    @property
     def reads_account(self) -> bool:
         return not self.given
 
@@ -163,10 +179,10 @@ class SharedPacer(Pacer):
             # TELL_WITHIN, for the readings.
             self._wake.set()
 
-    def watch(self, then: Callable[[float, bool], None]) -> None:
+    def watch(self, then: Then) -> None:
         self._on_full = then
 
-    def read_full(self, at: float, resume: float, then: Callable[[float, bool], None]) -> None:
+    def read_full(self, at: float, resume: float, then: Then) -> None:
         offset = self.account_log.offset
         if offset is None or self.alone:
             return  # alone, the last shared pace holds: there is no account to read
@@ -175,19 +191,18 @@ class SharedPacer(Pacer):
         self._readings.add(Moment(at + offset, min(resume, at) + offset), self._now(), then)
         self._wake.set()
 
-    def pause(self, seconds: float) -> None:
-        super().pause(seconds)
+    def paused(self, seconds: float) -> None:
         self._pause_for = max(self._pause_for, seconds)
         self._wake.set()
 
-    def settle(self, reserved: int, used: int) -> None:
+    def settle(self, reserved: int, used: int) -> bool:
         if self.alone or not self.given_tokens:
-            super().settle(reserved, used)
-        elif used < reserved:  # not sent, or not counted: in hand again for our next requests
+            return self.local.settle(reserved, used)
+        if used < reserved:  # not sent, or not counted: in hand again for our next requests
             self._leases.give_back(reserved - used, self._now())
-            self._reschedule()
-        elif used > reserved:
-            self._leases.charge(used - reserved)
+            return True
+        self._leases.charge(used - reserved)
+        return False
 
     # -- the local pacer's clocks, fed by leases ----------------------------------------------
 
@@ -195,53 +210,49 @@ class SharedPacer(Pacer):
         """The local clocks at our share of the account's pace: what we go at alone, and no
         faster just back (`_solo_until`); while the store is there, leases pace us."""
         share = self.shared / max(self.members, 1)
-        self._request_interval = 1.0 / share if share else 0.0
-        self._token_rate = self.given_tokens / max(self.members, 1)
+        self.local.set_rates(share or None, self.given_tokens / max(self.members, 1) or None)
         self._leases.rate = self.given_tokens
         # Given or not, every start is leased (before a limit is found, at the ramp's).
-        self._free = not (self.shared or self.given_tokens or (self._booting and not self.alone))
+        self.free = not (self.shared or self.given_tokens or (self._booting and not self.alone))
         self._reschedule()
 
-    def _ready_at(self, tokens: int) -> float:
+    def ready_at(self, tokens: int, now: float) -> float:
+        """When the next start may be, of the leases in hand (the pace waits out a pause
+        before asking: the store leases none before it ends)."""
         if self.alone:
-            return super()._ready_at(tokens)
-        at = self._paused_until
+            return self.local.ready_at(tokens, now)
+        at = 0.0
         if self._booting and not self.shared:
             self._ask(starts=True)  # the first call to the store tells the ramp's rate
             return math.inf
         if self.shared:
             # A start left unused is gone: spent late, it would add to another's stretch (a
             # loop a little behind, on a busy machine, may still use it).
-            late = max(self._now() - LATE, self._resume_at)
+            late = max(now - LATE, self._resume_at)
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
-                # Asked for when the pause ends (the store leases none before), and no start
-                # till then: within the timer's slack of it, a time given here was a start, and
-                # every waiter went at once, unleased.
-                if at > self._now() + TIMER_SLACK:
-                    return at
                 self._ask(starts=True)
                 return math.inf
             at = max(at, self._slots[0])
         if self.given_tokens and tokens:
-            ready = self._leases.ready_at(tokens, self._now())
+            ready = self._leases.ready_at(tokens, now)
             if ready is None:
                 self._ask(tokens=tokens)
                 return math.inf
             at = max(at, ready)
         if self._solo_until:
-            at = max(at, super()._ready_at(tokens))
+            at = max(at, self.local.ready_at(tokens, now))
         return at
 
-    def _take(self, tokens: int, start: float) -> int:
+    def take(self, tokens: int, start: float) -> int:
         if self.alone:
-            return super()._take(tokens, start)
+            return self.local.take(tokens, start)
         if self._solo_until:
             if start > self._solo_until:
                 self._solo_until = 0.0
             else:
-                super()._take(tokens, start)
+                self.local.take(tokens, start)
         if self.shared and self._slots:
             self._last_start = self._slots.popleft()
             if len(self._slots) < self._lease() / 2:
@@ -291,7 +302,6 @@ class SharedPacer(Pacer):
         """Keep in step with the store for as long as the run goes (a task of the run)."""
         store = self.store()
         loop = asyncio.get_running_loop()
-        self._loop = loop
         try:
             while True:
                 try:
@@ -371,8 +381,9 @@ class SharedPacer(Pacer):
         self.members = max(r.members, self.processes)
         if not self.given:
             self.shared = r.rate
-        if r.paused + offset > self._paused_until:
-            self._paused_until = r.paused + offset
+        assert self._pace is not None
+        if r.paused + offset > self._pace.paused_until:
+            self._pace.pause_until(r.paused + offset)
             if self._booting:
                 # Starts leased at the ramp's rate ran into the limit: spent when the pause
                 # ends they would all go at once, thousands a second.
@@ -394,8 +405,9 @@ class SharedPacer(Pacer):
             now = self._now()
             # Alone, the next start keeps its distance from the last leased one (`_apply`
             # keeps the interval at our share).
-            self._next_request = max(self._next_request, now, self._last_start + self._request_interval)
-            self._next_token = max(self._next_token, now)
+            local = self.local
+            local.next_request = max(local.next_request, now, self._last_start + local.interval)
+            local.next_token = max(local.next_token, now)
             self.say(
                 f"pipeline: the shared limit's store {self.shown} cannot be reached "
                 f"({reason}); going on alone at a share of the last shared pace "
@@ -409,7 +421,7 @@ class SharedPacer(Pacer):
             # No leased start before the next one going alone would have allowed: a start
             # then would come on top of the last ones made alone. And for a while no faster
             # than alone: the others may not be back yet, and still send their shares alone.
-            self._resume_at = self._next_request
+            self._resume_at = self.local.next_request
             self._solo_until = self._now() + REJOIN
             self.say(f"pipeline: the shared limit's store {self.shown} is back; pacing together again")
 
@@ -417,3 +429,19 @@ class SharedPacer(Pacer):
         n, paces = max(self.members, 1), ((self.shared, "requests"), (self.given_tokens, "tokens"))
         said = [f"{r * 60 / n:,.0f} {what} a minute of {r * 60:,.0f}" for r, what in paces if r]
         return "; ".join(said) or "no pace found yet"
+
+
+def shared_pacer(
+    store: Callable[[], AccountStore],
+    shown: str,
+    *,
+    request_rate: float | None = None,
+    token_rate: float | None = None,
+    processes: int = 1,
+    say: Callable[[str], None] = print,
+) -> Pacer:
+    """A pace whose budget is leased from the account's `store` (`shown` as said to a person)."""
+    budget = LeasedBudget(
+        store, shown, request_rate=request_rate, token_rate=token_rate, processes=processes, say=say
+    )
+    return Pacer(budget)
