@@ -73,7 +73,7 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
         for _ in range(4)
     ]
     for pacer in pacers:
-        pacer.budget._pid = f"p{id(pacer)}"  # four processes, as the store sees them
+        pacer.account._pid = f"p{id(pacer)}"  # four processes, as the store sees them
     starts = await _starts(pacers, 4.0)
     per_second = Counter(int(at) for _, at in starts)
     # Each second holds the account's rate, no more (a lease's worth of slack), not 4x.
@@ -223,7 +223,7 @@ async def test_a_store_that_goes_away_leaves_each_process_its_share(tmp_path: Pa
         for _ in range(2)
     ]
     for i, pacer in enumerate(pacers):
-        pacer.budget._pid = f"p{i}"
+        pacer.account._pid = f"p{i}"
     per_second = await _through_an_outage(pacers, store)
     for second in range(1, 6):
         assert per_second[second] <= RATE + 6, per_second  # the limit held, store or not
@@ -524,7 +524,7 @@ async def test_at_the_end_of_a_pause_no_waiter_goes_without_a_leased_start() -> 
     store = CountingStore()
     pacer = shared_pacer(lambda: store, "memory", request_rate=40.0, say=lambda _: None)
     now = pacer._now()
-    pacer.budget.account_log.offset = 0.0
+    pacer.account.account_log.offset = 0.0
     pacer._paused_until = now + 0.0005  # the pause ends within the slack
     waiters = [asyncio.ensure_future(pacer.acquire()) for _ in range(5)]
     await asyncio.sleep(0)

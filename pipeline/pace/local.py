@@ -21,7 +21,10 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pipeline.pace.link import StoreLink
 
 TIMER_SLACK = 0.001  # seconds
 Then = Callable[[float, bool], None]  # told the account's limit read: (requests a second, sure)
@@ -33,8 +36,6 @@ class Budget(Protocol):
     @property
     def free(self) -> bool: ...  # nothing to wait for: no rate, and no lease to wait for
     @property
-    def reads_account(self) -> bool: ...  # a limit is read from the whole account's log (`read_full`)
-    @property
     def request_rate(self) -> float | None: ...
     @property
     def token_rate(self) -> float | None: ...
@@ -44,22 +45,11 @@ class Budget(Protocol):
     def ready_at(self, tokens: int, now: float) -> float: ...  # math.inf: asked for, `reschedule` comes
     def take(self, tokens: int, start: float) -> int: ...
     def settle(self, reserved: int, used: int) -> bool: ...  # True: the head may go sooner
-    def paused(self, seconds: float) -> None: ...
-    # The account's send log (a shared budget's; a local one reads its finder's instead).
-    def sent(self, at: float) -> None: ...
-    def answered(self) -> None: ...
-    def refused(self, sent_at: float, resume: float) -> None: ...
-    def watch(self, then: Then) -> None: ...
-    def read_full(self, at: float, resume: float, then: Then) -> None: ...
-    async def check(self) -> None: ...
-    async def run(self) -> None: ...
 
 
 class LocalBudget:
     """Starts at `request_rate` a second and reserved tokens at `token_rate` (either None: no
     limit), in this process."""
-
-    reads_account = False
 
     def __init__(self, request_rate: float | None = None, token_rate: float | None = None) -> None:
         self.interval = self.tokens_a_second = self.next_request = self.next_token = 0.0
@@ -103,30 +93,6 @@ class LocalBudget:
             self.next_token += (used - reserved) / self.tokens_a_second
         return used < reserved
 
-    def paused(self, seconds: float) -> None:
-        pass
-
-    def sent(self, at: float) -> None:
-        pass
-
-    def answered(self) -> None:
-        pass
-
-    def refused(self, sent_at: float, resume: float) -> None:
-        pass
-
-    def watch(self, then: Then) -> None:
-        pass
-
-    def read_full(self, at: float, resume: float, then: Then) -> None:
-        raise NotImplementedError("only a shared pace reads an account")
-
-    async def check(self) -> None:
-        pass
-
-    async def run(self) -> None:
-        pass
-
 
 class Pacer:
     """Starts requests as its budget allows (by default this process's, at `request_rate`
@@ -147,6 +113,7 @@ class Pacer:
         self.waits = 0  # acquires that had to queue: tells whether the pacer is what binds
         self._closed = False  # the run stopped: nobody waits any more
         self.budget.attach(self)
+        self.account: StoreLink | None = None  # the account's store, when its processes share the pace
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -177,7 +144,7 @@ class Pacer:
     @property
     def shared(self) -> bool:
         """Whether its budget is shared with other processes (leased from a store)."""
-        return not isinstance(self.budget, LocalBudget)
+        return self.account is not None
 
     @property
     def holding(self) -> bool:
@@ -275,7 +242,8 @@ class Pacer:
     def pause(self, seconds: float) -> None:
         """Hold every request back for `seconds` (a server's Retry-After for the pool)."""
         self.pause_until(self._now() + seconds)
-        self.budget.paused(seconds)
+        if self.account is not None:
+            self.account.paused(seconds)  # the pool's: every process waits it out
 
     def pause_until(self, until: float) -> None:
         if until > self._paused_until:
@@ -291,37 +259,44 @@ class Pacer:
     def paused_until(self) -> float:
         return self._paused_until
 
-    # -- the account's send log, kept by a shared budget (`pipeline.pace.leased`) ----------------
+    # -- the account's send log, kept in its store when the pace is shared (`pipeline.pace.link`)
 
     def reads_account(self) -> bool:
         """Whether a limit is read from what the whole account sent, not from this process's
         requests alone: see `read_full`."""
-        return self.budget.reads_account
+        return self.account is not None and self.account.reads_account
 
     def sent(self, at: float) -> None:
-        self.budget.sent(at)
+        if self.account is not None:
+            self.account.sent(at)
 
     def answered(self) -> None:
-        self.budget.answered()
+        if self.account is not None:
+            self.account.answered()
 
     def refused(self, sent_at: float, resume: float) -> None:
         """The request that left at `sent_at` was refused, the server having room at `resume`."""
-        self.budget.refused(sent_at, resume)
+        if self.account is not None:
+            self.account.refused(sent_at, resume)
 
     def watch(self, then: Then) -> None:
         """Call `then(rate, sure)` with the account's limit, read at every moment its server
         is seen full (by any of its processes)."""
-        self.budget.watch(then)
+        if self.account is not None:
+            self.account.watch(then)
 
     def read_full(self, at: float, resume: float, then: Then) -> None:
         """The server was full for the request that left at `at`, with room again at
         `resume`: read the account's limit there, and call `then(rate, sure)` with it."""
-        self.budget.read_full(at, resume, then)
+        assert self.account is not None, "only a shared pace reads an account"
+        self.account.read_full(at, resume, then)
 
     async def check(self) -> None:
         """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
-        await self.budget.check()
+        if self.account is not None:
+            await self.account.check()
 
     async def run(self) -> None:
         """What the pace does for as long as the run goes (a shared one: keep in step)."""
-        await self.budget.run()
+        if self.account is not None:
+            await self.account.run()
