@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from pipeline import __version__
 from pipeline.account.cost import money
+from pipeline.arguments import positive_float, positive_int
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.mock.command import add_mock_command, run_mock
 from pipeline.output.device import unwritable
@@ -24,26 +25,6 @@ from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
 from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
 
 
 def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
@@ -60,34 +41,34 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
     p.add_argument(
         "--model", help="the model for lines that name none (beats the job file's; a line's own model stays)"
     )
-    p.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (default 64)")
-    p.add_argument("--rpm", type=_positive_float, help="requests per minute the endpoint allows")
-    p.add_argument("--tpm", type=_positive_float, help="tokens per minute the endpoint allows")
+    p.add_argument("--concurrency", type=positive_int, help="requests in flight at most (default 64)")
+    p.add_argument("--rpm", type=positive_float, help="requests per minute the endpoint allows")
+    p.add_argument("--tpm", type=positive_float, help="tokens per minute the endpoint allows")
     p.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         help="attempts per request, first included; a 429 spends none (default 8)",
     )
     p.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         help="seconds an answer that is not streamed may take, whole (default 600: long reasoning "
         "answers send nothing until they are done)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         help="seconds a streamed answer may send nothing before it is cut and sent again (default 60)",
     )
     p.add_argument(
         "--give-up-after",
-        type=_positive_float,
+        type=positive_float,
         help="seconds of nothing but 429s, or of an endpoint failing every request, before the run "
         "stops with exit 3, to resume later (default 600); a model paced on its own that lets nothing "
         "through fails its lines unsent instead, and the others go on",
     )
     p.add_argument(
-        "--max-cost", type=_positive_float, help="stop dispatching before spending more dollars than this"
+        "--max-cost", type=positive_float, help="stop dispatching before spending more dollars than this"
     )
     if shard:
         p.add_argument(
@@ -201,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _job_arguments(cluster, shard=False)
-    cluster.add_argument("--shards", type=_positive_int, required=True, help="how many shards (Ray tasks)")
+    cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
     cluster.add_argument(
         "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
     )
@@ -213,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--cpus-per-shard",
-        type=_positive_float,
+        type=positive_float,
         default=0.25,
         help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from pipeline.arguments import positive_float
 from pipeline.mock.admission import WAYS, Change
 from pipeline.mock.limits import COUNTS, STYLES
 
@@ -25,22 +26,12 @@ def _rate(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
-    return value
-
-
 def _model_limit(text: str) -> tuple[str, float]:
     """MODEL=N (a model's name may hold ':' and '/', as "vendor/model:free" does)."""
     model, sep, number = text.rpartition("=")
     if not sep or not model:
         raise argparse.ArgumentTypeError(f"{text!r} is not MODEL=N")
-    return model, _positive(number)
+    return model, positive_float(number)
 
 
 def _changes(text: str) -> list[Change]:
@@ -50,7 +41,7 @@ def _changes(text: str) -> list[Change]:
     for part in times.split(","):
         at, sep, rpm = part.partition("=")
         try:
-            out.append((head, float(at), _positive(rpm)))
+            out.append((head, float(at), positive_float(rpm)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not T=RPM") from None
         if not sep or out[-1][1] < 0:
@@ -121,7 +112,7 @@ def add_mock_command(sub: Any) -> None:
     )
     mock.add_argument(
         "--bucket-capacity",
-        type=_positive,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="seconds of its rate a bucket holds (default 60: a minute's quota at once; 1: one second's)",
