@@ -13,228 +13,15 @@ import sqlite3
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn
 
-from pipeline import __version__
 from pipeline.account.cost import money
-from pipeline.arguments import positive_float, positive_int
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.mock.command import add_mock_command, run_mock
+from pipeline.mock.command import run_mock
 from pipeline.output.device import unwritable
+from pipeline.parser import Parser, flags_from_args, parser, settings_from_args
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
-from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
-
-
-def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
-    p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
-    p.add_argument(
-        "--input",
-        help="the input file: .jsonl or .jsonl.gz (or a pipe, such as /dev/stdin: read as it comes)",
-    )
-    p.add_argument("--output", help="the output folder; {date} becomes today's date")
-    p.add_argument("--base-url", help=f"the endpoint (default {DEFAULT_BASE_URL})")
-    p.add_argument(
-        "--api-key-env", help=f"the environment variable holding the key (default {DEFAULT_KEY_ENV})"
-    )
-    p.add_argument(
-        "--model", help="the model for lines that name none (beats the job file's; a line's own model stays)"
-    )
-    p.add_argument("--concurrency", type=positive_int, help="requests in flight at most (default 64)")
-    p.add_argument("--rpm", type=positive_float, help="requests per minute the endpoint allows")
-    p.add_argument("--tpm", type=positive_float, help="tokens per minute the endpoint allows")
-    p.add_argument(
-        "--max-attempts",
-        type=positive_int,
-        help="attempts per request, first included; a 429 spends none (default 8)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=positive_float,
-        help="seconds an answer that is not streamed may take, whole (default 600: long reasoning "
-        "answers send nothing until they are done)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=positive_float,
-        help="seconds a streamed answer may send nothing before it is cut and sent again (default 60)",
-    )
-    p.add_argument(
-        "--give-up-after",
-        type=positive_float,
-        help="seconds of nothing but 429s, or of an endpoint failing every request, before the run "
-        "stops with exit 3, to resume later (default 600); a model paced on its own that lets nothing "
-        "through fails its lines unsent instead, and the others go on",
-    )
-    p.add_argument(
-        "--max-cost", type=positive_float, help="stop dispatching before spending more dollars than this"
-    )
-    if shard:
-        p.add_argument(
-            "--shard",
-            metavar="K/N",
-            help="run shard K of N (K from 1): the lines whose id hashes to K, into OUT/shard-K-of-N/; "
-            "join them with pipeline merge OUT",
-        )
-    p.add_argument(
-        "--shared-limit",
-        metavar="redis://HOST:PORT/DB",
-        help="share one pace with every process of the same account through this Redis; "
-        "--rpm and --tpm are then the account's limits",
-    )
-
-
-EXIT_STATUSES = """exit status:
-  0    every request succeeded (or there was nothing to do: an empty input, all done before)
-  1    some requests ended failed: see OUT/errors.jsonl; running again tries them again
-  2    the command, the job file or the input is wrong; nothing was sent
-  3    stopped early for a person to act (key refused, credits or budget spent, the endpoint
-       refusing or failing everything, a wrong --base-url path, the folder unwritable): fix
-       that, then run the same command again to resume
-  70   a bug in pipeline: what was written is safe, and running again resumes
-  130  interrupted (Ctrl-C): run the same command again to resume"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Errors in one line with the next step, not the whole usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
-
-    def unknown(self, extras: list[str]) -> NoReturn:
-        """Name each flag that is not one, with the one most like it."""
-        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        flag = next((x for x in extras if x.startswith("-")), None)
-        if flag is None:
-            self.error(f"unexpected argument {extras[0]!r}")
-        import difflib  # (only a mistyped flag needs it)
-
-        name = flag.split("=", 1)[0]
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        self.error(f"unknown flag {name}{hint}")
-
-
-def parser() -> argparse.ArgumentParser:
-    top = _Parser(
-        prog="pipeline",
-        description="Batches of chat completions, run to the end.",
-        epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("--version", action="version", version=f"pipeline {__version__}")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        help="run a job",
-        description="Run every line of the input; resume where a run stopped.",
-        epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _job_arguments(run)
-    run.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the folder's old files aside"
-    )
-    run.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary (cron)"
-    )
-
-    est = sub.add_parser(
-        "estimate",
-        help="count requests, tokens and cost, sending nothing",
-        description="Read and check every line as run would; count tokens and cost; send nothing.",
-        epilog="exit status: 0 every line is valid; 1 some lines are not (each is named); 2 the "
-        "command or the job file is wrong",
-    )
-    _job_arguments(est)
-
-    merge = sub.add_parser(
-        "merge",
-        help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
-        description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json, "
-        "report.md and report.html, as one process would have written them. Safe to run again.",
-        epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished, running or "
-        "of another job (each named); 3 OUT could not be written (a full disk): merge again once it can",
-    )
-    merge.add_argument("out", type=Path, help="the --output the shards ran with")
-    merge.add_argument(
-        "--partial",
-        action="store_true",
-        help="merge the shards there are, finished or not, and say what is not",
-    )
-    report = sub.add_parser(
-        "report",
-        help="write OUT's usage.json, report.md and report.html again, sending nothing",
-        description="Rebuild the reports of an output folder from what it holds: a finished run, "
-        "an interrupted or killed one, or a merged set of shards.",
-        epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
-    )
-    report.add_argument("out", type=Path, help="the --output a run wrote to")
-    cluster = sub.add_parser(
-        "ray",
-        help="run a job as shards on a Ray cluster, one limit for all, merged at the end",
-        description="Run every line of the input as --shards N Ray tasks (OUT/shard-K-of-N/), one "
-        "pace shared by all (a Ray actor, or --shared-limit), then merge them into OUT/. Run the "
-        "same command again to resume. The API key is read on each node, never sent through Ray.",
-        epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _job_arguments(cluster, shard=False)
-    cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
-    cluster.add_argument(
-        "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
-    )
-    cluster.add_argument(
-        "--max-retries",
-        type=int,
-        default=3,
-        help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
-    )
-    cluster.add_argument(
-        "--cpus-per-shard",
-        type=positive_float,
-        default=0.25,
-        help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
-    )
-    cluster.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the old files aside"
-    )
-    cluster.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
-    )
-    add_mock_command(sub)
-    return top
-
-
-def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key: getattr(args, key, None)
-        for key in (
-            "input",
-            "output",
-            "base_url",
-            "api_key_env",
-            "model",
-            "concurrency",
-            "rpm",
-            "tpm",
-            "max_attempts",
-            "timeout",
-            "idle_timeout",
-            "give_up_after",
-            "max_cost",
-            "shard",
-            "shared_limit",
-            "fresh",
-            "quiet",
-        )
-    }
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return build(args.job, **flags_from_args(args))
 
 
 def _n(value: int | None) -> str:
@@ -338,7 +125,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if extras:
         commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
         command = commands.choices[args.command]
-        assert isinstance(command, _Parser)
+        assert isinstance(command, Parser)
         command.unknown(extras)
     return args
 

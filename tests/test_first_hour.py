@@ -11,8 +11,9 @@ import pytest
 
 import pipeline
 from pipeline.account.usage import Usage
-from pipeline.cli import main, parser
+from pipeline.cli import main
 from pipeline.input.reader import ReadCounts
+from pipeline.parser import parser
 from pipeline.run.progress import Progress
 from pipeline.settings import build
 from tests.conftest import bodies, read_jsonl, write_jsonl

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import parser
+from pipeline.parser import parser
 
 if os.environ.get("CI"):
     import yaml
