@@ -11,7 +11,8 @@ from pipeline import __version__
 from pipeline.arguments import positive_float, positive_int
 from pipeline.mock.command import add_mock_command
 from pipeline.run.summary import EXIT_USAGE
-from pipeline.settings import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, Settings, build
+from pipeline.settings import DEFAULT_KEY_ENV, Settings, build
+from pipeline.urls import DEFAULT_BASE_URL
 
 
 def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:

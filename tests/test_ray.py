@@ -22,7 +22,7 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.pace.store import account_key
-from pipeline.settings import check_base_url
+from pipeline.urls import check_base_url
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_shared_limit import TOKENS, token_bodies, token_share
 

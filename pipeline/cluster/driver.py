@@ -38,7 +38,8 @@ from pipeline.output.shards import shard_folders
 from pipeline.pace.actor import NAMESPACE
 from pipeline.run.progress import duration
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE
-from pipeline.settings import Settings, is_loopback
+from pipeline.settings import Settings
+from pipeline.urls import is_loopback
 
 INSTALL = "pipeline ray needs Ray: pip install 'pipeline[ray]' (make installs it)"
 REACH_TIMEOUT = 10.0  # seconds to reach the cluster's address

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import anyio
 
 from pipeline.errors import SettingsError
-from pipeline.settings import redacted
+from pipeline.urls import redacted
 
 KEY_TTL = 600  # seconds an account's state outlives its last process
 LOG_TTL = 180  # seconds the account's send log is kept, a second to a key

@@ -53,7 +53,7 @@ class Host:
 
         from pipeline.pace.leased import shared_pacer
         from pipeline.pace.store import Store, account_key
-        from pipeline.settings import redacted
+        from pipeline.urls import redacted
 
         return shared_pacer(
             partial(Store, settings.shared_limit, scope_key(account_key(settings.base_url, api_key), model)),

@@ -61,7 +61,8 @@ from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
-from pipeline.settings import Settings, is_loopback, redacted
+from pipeline.settings import Settings
+from pipeline.urls import is_loopback, redacted
 
 
 def _check_key(settings: Settings) -> str | None:

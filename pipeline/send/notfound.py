@@ -37,7 +37,7 @@ from typing import Any
 import anyio
 
 from pipeline.errors import HTTPStatusError, RunStopped
-from pipeline.settings import redacted
+from pipeline.urls import redacted
 
 # Words of a 404 that say the model is not served (matched without case).
 _GONE = re.compile(
