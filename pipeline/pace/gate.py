@@ -81,11 +81,11 @@ class Slot:
         self._gate.window.release()
         if self.made != self._gate.scopes.made:
             self.catch_up()
-        for scope, reserved, ticket in zip(self.scopes, self.reserved, self.tickets, strict=True):
+        for i, scope in enumerate(self.scopes):  # (not zip: its iterators cost more)
             # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
-            pacer = scope.pacer
+            pacer, reserved = scope.pacer, self.reserved[i]
             pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
-            scope.finder.success(ticket, latency)
+            scope.finder.success(self.tickets[i], latency)
         if headers:
             self.scopes[0].finder.headers(headers)  # its model's own limits, where it has a scope
 
@@ -101,12 +101,13 @@ class Slot:
         # may have been counted.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
         tokens = meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits)
-        for scope, reserved, ticket in zip(self.scopes, self.reserved, self.tickets, strict=True):
+        for i, scope in enumerate(self.scopes):
+            reserved = self.reserved[i]
             scope.pacer.settle(reserved, reserved if counted else 0)
             if tokens and reserved:
                 scope.pacer.settle(0, scope.tokens.refused())
             if meaning is Signal.ANSWERED:
-                scope.finder.answered(ticket)  # the request's fault, not the endpoint's
+                scope.finder.answered(self.tickets[i])  # the request's fault, not the endpoint's
         if error.limits:
             self.scopes[0].finder.headers(error.limits)
         if meaning is Signal.PUSHBACK:

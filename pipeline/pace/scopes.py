@@ -175,7 +175,7 @@ class Scopes:
         if len(slot.scopes) == 1 and model is not None and len(self.tags) > 1:
             reader = self._reader(ticket, model)
             slot.catch_up()  # the refusal may have given its model a scope
-        for scope, mine in zip(slot.scopes, slot.tickets, strict=True):
+        for scope, mine in zip(slot.scopes, slot.tickets, strict=False):
             if scope is not reader:
                 scope.finder.log.refuse(mine)
                 continue
