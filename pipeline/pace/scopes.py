@@ -123,6 +123,7 @@ class Scopes:
             clock=account.clock,
             log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
+        finder.giving.model = model
         if request_rate or token_rate:
             finder.window.open()
         scope = self.by_model[model] = _scope(model, finder, self.account)
@@ -137,10 +138,7 @@ class Scopes:
         scope = self.by_model[model]
         if scope.given_up:
             return
-        said = str(stopped).replace(
-            "the server refuses every request", f"the server refuses every request for {model}"
-        )
-        scope.given_up = said.removesuffix("; run the same command again then to resume")  # it goes on
+        scope.given_up = str(stopped)
         self._say(
             f"pipeline: {scope.given_up}; its lines fail unsent (the next run tries them again), "
             "and the other models' go on"
