@@ -28,24 +28,19 @@ class GiveUp:
         self._since = None
 
     def refused(self, now: float, wait: float | None, message: str) -> None:
-        """A refusal came back: stop if nothing got through for `give_up` seconds."""
+        """A refusal came back: stop if the server let nothing through for `give_up` seconds,
+        only refusals answered since then, and not one request sent since (a second ago or
+        more, time enough to be refused) that it has not refused: an answer on its way counts."""
         if self._since is None:
             self._since = (now, self.log.next)
-        elif self._refusing(now):
-            self.now(now, wait, message)
-
-    def _refusing(self, now: float) -> bool:
-        """Whether the server has let nothing through for `give_up` seconds: only refusals
-        answered since then, and not one request sent since (a second ago or more, time
-        enough to be refused) that it has not refused: an answer still on its way counts."""
-        assert self._since is not None
+            return
         since, first = self._since
         if now - since < self.give_up:
-            return False
+            return
         if self.log.accepted_in(first, now - 1.0):
             self._since = (now, self.log.next)  # it did let some through: count afresh
-            return False
-        return True
+        else:
+            self.now(now, wait, message)
 
     def now(self, now: float, wait: float | None, message: str) -> None:
         """The server lets nothing through for long, or says it will not for long: stop."""
