@@ -63,7 +63,7 @@ class Slot:
         scopes = self._gate.scopes
         if self.made != scopes.made:
             self.catch_up()
-        tag, tickets = scopes.tag(self.model), self.tickets
+        tag, tickets = 0 if self.model is None else scopes.tags[self.model], self.tickets
         for scope in self.scopes:
             tickets.append(scope.finder.sent(tag))
         self.who = who

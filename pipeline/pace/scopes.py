@@ -84,6 +84,14 @@ def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]
     return rate, "found", finder.limit
 
 
+class Tags(dict[str, int]):
+    """A number for each model, from 1 in the order they are first seen (0: no model)."""
+
+    def __missing__(self, model: str) -> int:
+        tag = self[model] = len(self) + 1
+        return tag
+
+
 class Scopes:
     """The account's scope and the models', and what tells a model's limit from the account's."""
 
@@ -97,15 +105,12 @@ class Scopes:
         self.account = _scope(None, account)
         self.by_model: dict[str, Scope] = {}
         self.made = 0  # model scopes made: a request that entered before the last looks again
-        self.tags: dict[str, int] = {}  # a number for each model seen, for the send log
+        self.tags = Tags()  # a number for each model seen, for the send log
         self._blame: set[int] = set()  # the models at whose refusals the account's pace was read
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
             self._add(model, _per_second(limit.rpm), _per_second(limit.tpm))
-
-    def tag(self, model: str | None) -> int:
-        return 0 if model is None else self.tags.setdefault(model, len(self.tags) + 1)
 
     def all(self) -> tuple[Scope, ...]:
         return (self.account, *self.by_model.values())
@@ -183,7 +188,8 @@ class Scopes:
                 # Each model in that run of refusals, without a pace of its own, shares the blame.
                 log = scope.finder.log
                 scoped = {self.tags[name] for name in self.by_model if name in self.tags}
-                self._blame |= (log.tags(*log.run(ticket)) | {self.tag(model)}) - scoped
+                tag = 0 if model is None else self.tags[model]
+                self._blame |= (log.tags(*log.run(ticket)) | {tag}) - scoped
 
     def _reader(self, ticket: int, model: str) -> Scope | None:
         tag = self.tags[model]
