@@ -5,14 +5,14 @@ A `Scope` is a pace, the rate finder that reads its limit from its own send orde
 server counts of its requests' tokens; the account's and a model's are of one kind. A request
 passes its `chain`: its model's scope where that has one, then the account's
 (`pipeline.pace.gate`). A model's scope is **given** (`[limits."vendor/model"]`, paced from the
-start as `--rpm`/`--tpm` pace the account) or **found** (`Scopes.refused`): its requests are refused
-four in a row, in the order they left, while other models' sent among them went through. Its
-finder then reads the limit from the model's requests alone, moved there from the account's
-send log, and an account pace read at such models' refusals alone is forgotten. A model that
-lets nothing through for --give-up-after is **given up**, not the run: its lines fail unsent
-(the next run tries them again) and the others go on. Each scope's pace has its home where the
-account's has it: this process, or the shared store (under the account's key and a hash of
-the model).
+start as `--rpm`/`--tpm` pace the account) or **found** (`Scopes.refused`): its requests are
+refused four in a row, in the order they left, while other models' sent among them went
+through. Its finder then reads the limit from the model's requests alone, moved there from the
+account's send log, and an account pace read at such models' refusals alone is forgotten. A
+model that lets nothing through for --give-up-after is **given up**, not the run: its lines
+fail unsent (the next run tries them again) and the others go on. Each scope's pace has its
+home where the account's has it: this process, or the shared store (under the account's key
+and a hash of the model).
 """
 
 from __future__ import annotations
