@@ -48,10 +48,6 @@ PacerFor = Callable[[str | None, float | None, float | None], Pacer]
 Start = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]
 
 
-def _local(model: str | None, request_rate: float | None, token_rate: float | None) -> Pacer:
-    return Pacer(request_rate=request_rate, token_rate=token_rate)
-
-
 @dataclass(eq=False, slots=True)
 class Scope:
     model: str | None  # None: the account
@@ -100,7 +96,7 @@ class Scopes:
         account: RateFinder,
         *,
         limits: Mapping[str, ModelLimit] = MappingProxyType({}),
-        pacer_for: PacerFor = _local,
+        pacer_for: PacerFor = lambda model, rate, tokens: Pacer(request_rate=rate, token_rate=tokens),
     ) -> None:
         self.account = _scope(None, account)
         self.by_model: dict[str, Scope] = {}
@@ -151,8 +147,7 @@ class Scopes:
         scope.pacer.wake_all()
 
     def _say(self, text: str) -> None:
-        say = self.account.finder.outage.say
-        if say is not None:
+        if (say := self.account.finder.outage.say) is not None:
             say(text)
 
     def start(self, start: Start) -> None:
@@ -168,11 +163,9 @@ class Scopes:
             await scope.pacer.check()
 
     def refused(self, slot: Slot, wait: float | None, message: str) -> None:
-        """The server refused the attempt in `slot`: one of its scopes reads the refusal, the
-        others note it as not let through. The reader is its first (its model's, where that
-        has a scope). For a request whose model has none, among other models' requests, the
-        send order tells: a new scope for its model, when it is refused while the others go
-        through; else the account's, or none."""
+        """The server refused the attempt in `slot`: its first scope reads the refusal (its
+        model's, where that has one), the others note it as not let through. Where its model has
+        none, among other models' requests, the send order tells which reads it (`_reader`)."""
         ticket, model = slot.tickets[-1], slot.model
         reader: Scope | None = slot.scopes[0]
         if len(slot.scopes) == 1 and model is not None and len(self.tags) > 1:
@@ -185,13 +178,14 @@ class Scopes:
             cuts = scope.finder.cuts
             scope.finder.pushback(mine, wait, message)
             if scope is self.account and scope.finder.cuts != cuts:
-                # Each model in that run of refusals, without a pace of its own, shares the blame.
-                log = scope.finder.log
+                # Each model in that run of refusals (its own among them), without a pace of its
+                # own, shares the blame.
                 scoped = {self.tags[name] for name in self.by_model if name in self.tags}
-                tag = 0 if model is None else self.tags[model]
-                self._blame |= (log.tags(*log.run(ticket)) | {tag}) - scoped
+                self._blame |= scope.finder.log.tags(*scope.finder.log.run(ticket)) - scoped
 
     def _reader(self, ticket: int, model: str) -> Scope | None:
+        """A new scope for `model`, when it is refused while the others go through; else the
+        account's, or none."""
         tag = self.tags[model]
         log = self.account.finder.log
         run, between, around = log.run_of(ticket, tag)
