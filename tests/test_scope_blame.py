@@ -19,6 +19,8 @@ from pipeline.pace.gate import Gate, GivenUp, Slot
 from pipeline.pace.local import Pacer
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
+from pipeline.pace.stated import MARGIN
+from pipeline.pace.tokens import STEP
 from pipeline.pace.window import Window
 from pipeline.run.runner import run
 from pipeline.send.status import http_error
@@ -139,6 +141,25 @@ async def test_a_request_waiting_for_a_model_given_up_leaves_the_gate_holding_no
     assert gate.window.in_flight == 1  # the first, sent before
     await gate.enter(0, PAID)
     assert gate.window.in_flight == 2
+
+
+async def test_a_models_stated_limit_paces_its_model_and_a_token_refusal_charges_each_scope() -> None:
+    """Headers that come with a model's answer state the model's limit (its scope's, where it
+    has one), not the account's; a refusal of tokens charges back each scope's reservation."""
+    # (token limits high enough that nobody waits for them here)
+    finder = RateFinder(Pacer(token_rate=1e9), Window(8, start=8))
+    gate = Gate(Scopes(finder, limits={FREE: ModelLimit(tpm=6e10)}))
+    scope = gate.scopes.by_model[FREE]
+    slot = await gate.enter(100, FREE)
+    assert slot.reserved == [100, 100]  # in each scope's token pace
+    slot.go()
+    slot.answered(0.1, {"x-ratelimit-limit-requests": "600"}, 40)
+    assert scope.pacer.request_rate == pytest.approx(10 * MARGIN)
+    assert gate.account.pacer.request_rate is None
+    refused = await gate.enter(100, FREE)
+    refused.go()
+    refused.failed(http_error(429, "Rate limit reached for tokens per min"))
+    assert [each.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
 
 
 async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:
