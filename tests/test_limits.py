@@ -11,6 +11,7 @@ import pytest
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
 from pipeline.pace.local import Pacer
+from pipeline.pace.scopes import Scopes
 from pipeline.pace.window import Window
 from pipeline.send.status import http_error
 
@@ -131,7 +132,7 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_queue(clock: FakeClock) -
 
 def _gate(pacer: Pacer) -> Gate:
     window = Window(16)
-    return Gate(pacer, window, RateFinder(pacer, window))
+    return Gate(Scopes(RateFinder(pacer, window)))
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ async def test_a_token_limit_stated_while_requests_wait_is_reserved_for_them(clo
     pacer.set_token_rate(1000)
     t0 = clock.now
     await clock.run(pacer, waiting)
-    assert [first.reserved, *(w.result().reserved for w in waiting)] == [0, 500, 500]
+    assert [first.reserved, *(w.result().reserved for w in waiting)] == [[0], [500], [500]]
     assert clock.now - t0 == pytest.approx(0.6)  # 0.1 apart, then the tokens of the first
 
 

@@ -16,6 +16,7 @@ from pipeline.errors import ConnectionDropped, EmptyAnswer, RequestError, Reques
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
 from pipeline.pace.local import Pacer
+from pipeline.pace.scopes import Scopes
 from pipeline.pace.window import Window
 from pipeline.send.status import http_error
 from tests.conftest import bodies, read_jsonl
@@ -116,13 +117,14 @@ class Clock:
 
 async def test_a_wall_of_503s_or_timeouts_is_an_outage_and_any_answer_ends_it() -> None:
     pacer, window, clock = Pacer(), Window(64, start=64), Clock()
-    gate = Gate(pacer, window, RateFinder(pacer, window, clock=clock))
+    gate = Gate(Scopes(RateFinder(pacer, window, clock=clock)))
 
     async def go() -> Slot:
         # The gate without its pacer: the pauses are not waited out here (nor a cut window).
         assert window.taken < window.size, "the window was cut: the endpoint was taken for down"
         await window.acquire()
-        slot = Slot(gate, 0)
+        slot = Slot(gate, gate.account.chain)
+        slot.reserved.append(0)
         slot.go()
         return slot
 

@@ -4,6 +4,7 @@ a fake clock), and a model that lets nothing through."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -14,29 +15,35 @@ import pytest
 from aiohttp import web
 
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.gate import Gate, Slot
+from pipeline.pace.gate import Gate, GivenUp, Slot
 from pipeline.pace.local import Pacer
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
+from pipeline.pace.stated import MARGIN
+from pipeline.pace.tokens import STEP
 from pipeline.pace.window import Window
 from pipeline.run.runner import run
+from pipeline.send.status import http_error
+from pipeline.settings import ModelLimit
 from tests.conftest import bodies, read_jsonl
 from tests.scripted import answer, json, scripted
 from tests.simulated import Clock
 
-PAID, DEAD = "v/paid", "v/dead:free"
+PAID, DEAD, FREE = "v/paid", "v/dead:free", "v/free:free"
 
 
 def _gate() -> tuple[Gate, Clock]:
     clock = Clock()
     finder = RateFinder(Pacer(), Window(200), clock=clock, stop=lambda stopped: None)
-    return Gate(finder.pacer, finder.window, finder, Scopes(finder)), clock
+    return Gate(Scopes(finder)), clock
 
 
 def _send(gate: Gate, *models: str) -> list[Slot]:
+    """Requests of `models` sent in that order (past the pace and the window: not waited for)."""
     slots = []
     for model in models:
-        slot = Slot(gate, 0, model)
+        slot = Slot(gate, (gate.scopes.by_model.get(model) or gate.account).chain, model)
+        slot.reserved += [0] * len(slot.scopes)
         slot.go()
         slots.append(slot)
     return slots
@@ -44,12 +51,12 @@ def _send(gate: Gate, *models: str) -> list[Slot]:
 
 def _through(gate: Gate, slots: list[Slot]) -> None:
     for slot in slots:
-        gate.finder.success(slot.ticket, 0.1)
+        gate.account.finder.success(slot.tickets[-1], 0.1)
 
 
 def _refuse(gate: Gate, slots: list[Slot]) -> None:
     for slot in slots:
-        gate.pushback(slot, None, "429")
+        slot.failed(http_error(429, "Rate limit exceeded"))
 
 
 async def test_an_account_pace_read_at_several_models_refusals_is_dropped_once_each_has_its_own() -> None:
@@ -58,7 +65,7 @@ async def test_an_account_pace_read_at_several_models_refusals_is_dropped_once_e
     made of two of them. The account's pace read there is theirs: once each has a pace of its
     own, the paid model's lines go unpaced again."""
     gate, clock = _gate()
-    finder = gate.finder
+    finder = gate.account.finder
     _through(gate, _send(gate, PAID, PAID))
     _refuse(gate, _send(gate, "a:free", "b:free", "a:free", "b:free"))
     assert finder.cuts == 1  # read as the account's, for now: two models may meet its limit
@@ -87,8 +94,72 @@ async def test_refusals_of_many_models_side_by_side_leave_the_account_unpaced() 
         _through(gate, _send(gate, PAID, PAID, PAID))
         _refuse(gate, _send(gate, *(f"m{k}-{i}:free" for i in range(8))))
     _through(gate, _send(gate, PAID, PAID, PAID))
-    assert gate.finder.cuts == 0
-    assert gate.finder.pacer.request_rate is None
+    assert gate.account.finder.cuts == 0
+    assert gate.account.finder.pacer.request_rate is None
+
+
+async def test_a_request_out_when_its_model_gets_a_pace_of_its_own_counts_in_that_pace() -> None:
+    """A `:free` model's request already sent, and another waiting to go, when the model's
+    refusals give it a pace of its own: each is that pace's request from then on, so that its
+    refusal is read by the model's pace, at its place in the model's send order, and the
+    account's pace is not cut for it."""
+    gate, _ = _gate()
+    [out] = _send(gate, FREE)
+    entered = Slot(gate, gate.account.chain, FREE)  # past the gate, not yet sent
+    entered.reserved.append(0)
+    for _ in range(4):
+        slots = _send(gate, FREE, PAID, PAID)
+        _through(gate, slots[1:])
+        _refuse(gate, slots[:1])
+    scope = gate.scopes.by_model[FREE]
+    entered.go()
+    _refuse(gate, [out, entered])
+    for slot in (out, entered):
+        assert slot.scopes == (scope, gate.account)
+        assert slot.tickets[0] >= 0
+        assert scope.finder.log.refused(slot.tickets[0])
+        assert gate.account.finder.log.refused(slot.tickets[-1])  # not let through, and no more
+    assert scope.finder.cuts == 1  # its run of four, read at once
+    assert gate.account.finder.cuts == 0
+
+
+async def test_a_request_waiting_for_a_model_given_up_leaves_the_gate_holding_nothing() -> None:
+    """A model that lets nothing through is given up while a request waits for its pace: the
+    request leaves the gate at once, holding no slot in flight, and so does the next; the
+    other models' requests go on."""
+    finder = RateFinder(Pacer(), Window(8, start=8))
+    gate = Gate(Scopes(finder, limits={DEAD: ModelLimit(rpm=1)}))
+    await gate.enter(0, DEAD)
+    waiting = asyncio.ensure_future(gate.enter(0, DEAD))  # a minute from now, at 1 a minute
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.scopes.by_model[DEAD].finder.giving.now(0.0, None, "free-models-per-day")
+    with pytest.raises(GivenUp, match=f"the server refuses every request for {re.escape(DEAD)}"):
+        await waiting
+    with pytest.raises(GivenUp):
+        await gate.enter(0, DEAD)
+    assert gate.window.in_flight == 1  # the first, sent before
+    await gate.enter(0, PAID)
+    assert gate.window.in_flight == 2
+
+
+async def test_a_models_stated_limit_paces_its_model_and_a_token_refusal_charges_each_scope() -> None:
+    """Headers that come with a model's answer state the model's limit (its scope's, where it
+    has one), not the account's; a refusal of tokens charges back each scope's reservation."""
+    # (token limits high enough that nobody waits for them here)
+    finder = RateFinder(Pacer(token_rate=1e9), Window(8, start=8))
+    gate = Gate(Scopes(finder, limits={FREE: ModelLimit(tpm=6e10)}))
+    scope = gate.scopes.by_model[FREE]
+    slot = await gate.enter(100, FREE)
+    assert slot.reserved == [100, 100]  # in each scope's token pace
+    slot.go()
+    slot.answered(0.1, {"x-ratelimit-limit-requests": "600"}, 40)
+    assert scope.pacer.request_rate == pytest.approx(10 * MARGIN)
+    assert gate.account.pacer.request_rate is None
+    refused = await gate.enter(100, FREE)
+    refused.go()
+    refused.failed(http_error(429, "Rate limit reached for tokens per min"))
+    assert [each.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
 
 
 async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:

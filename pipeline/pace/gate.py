@@ -1,214 +1,166 @@
 """The pace's one face to the worker: a request waits at the gate for its scopes' start times
 and a slot in flight, and tells the gate how its attempt ended, so that its scopes learn.
 
-    slot = await gate.enter(tokens, model)   its model's pace (if it has one), then a slot in
-                                             the window, then the account's pace
-    slot.go(who)                        the attempt of request `who` leaves now (or
-                                        slot.unused(): it does not)
+    slot = await gate.enter(tokens, model)   its model's pace (if it has one), a slot in the
+                                             window, the account's pace
+    slot.go(who)                             request `who`'s attempt leaves (or slot.unused())
     slot.answered(latency, headers, used_tokens)   or   slot.failed(error)
 
-A scope is the account, or one model (`pipeline.pace.scopes`); each has a pacer (`local`, or
-a shared one) and a rate finder (`finder`) reading what the server lets through. A request
-waiting for its model's pace holds no slot in flight: the other models' requests fly.
-`tokens` (`pipeline.pace.tokens`) learns what the server counts of a request's tokens: all
-it reserved, or what its answer used.
+A request's scopes (`pipeline.pace.scopes`: each a pace, a rate finder, a token count) are its
+model's, where that has one, then the account's; each hook is one loop over them, one rule for
+each. Not per scope: the window (in flight is bounded once, by the account's) and an outage
+(judged from every request, by the account's finder); whose limit a refusal is, `Scopes.refused`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
-from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer
 from pipeline.pace.scopes import Scope, Scopes
-from pipeline.pace.tokens import TokenCount, says_tokens
-from pipeline.pace.window import Window
+from pipeline.pace.tokens import says_tokens
 from pipeline.send.status import Signal, endpoint_failed, signal
 
+if TYPE_CHECKING:
+    from pipeline.run.control import Seat
 
-class Seat(Protocol):
-    """A worker's place in the crew (`pipeline.run.control.Seat`)."""
 
-    def step_out(self) -> bool: ...
-    def rejoin(self) -> None: ...
+class GivenUp(Exception):
+    """The request's model lets nothing through: it is given up for this run, and its lines
+    fail unsent (the message says why)."""
 
 
 class Slot:
-    """One attempt's place: held from its start until its answer (or error) is in."""
+    """One attempt's place: held from its start until its answer (or error) is in. In each of
+    its `scopes`, the tokens it `reserved` and its ticket (its place in the send order)."""
 
-    __slots__ = ("_gate", "held", "model", "own", "reserved", "scope", "ticket", "who")
+    __slots__ = ("_gate", "made", "model", "reserved", "scopes", "tickets", "who")
 
-    def __init__(
-        self, gate: Gate, reserved: int, model: str | None = None, scope: Scope | None = None, held: int = 0
-    ) -> None:
+    def __init__(self, gate: Gate, scopes: tuple[Scope, ...], model: str | None = None) -> None:
         self._gate = gate
-        self.reserved = reserved  # tokens held back for it by the account's token pace
-        self.ticket = 0  # its place in the send order, for the rate finder
-        self.who: object = None  # the request it is an attempt of (None: one of its own)
+        self.scopes = scopes
         self.model = model
-        self.scope = scope  # its model's, if that has one
-        self.held = held  # tokens held back for it by its model's token pace
-        self.own = -1  # its place in its model's send order
+        self.made = gate.scopes.made  # model scopes made when it entered
+        self.reserved: list[int] = []
+        self.tickets: list[int] = []
+        self.who: object = None  # the request it is an attempt of (None: one of its own)
+
+    def catch_up(self) -> None:
+        """Its model got a scope of its own since the request entered: the request is that
+        scope's too (reserving nothing there; its ticket, once sent, the one its send was moved
+        to: `Scopes.refused`)."""
+        scopes = self._gate.scopes
+        self.made = scopes.made
+        scope = scopes.by_model.get(self.model) if self.model is not None else None
+        if scope is not None and scope.chain is not self.scopes:
+            self.scopes = scope.chain
+            self.reserved = [0, *self.reserved]
+            if self.tickets:
+                self.tickets = [scope.moved.pop(self.tickets[-1], -1), *self.tickets]
 
     def go(self, who: object = None) -> None:
-        gate = self._gate
-        self.ticket = gate.finder.sent(gate.scopes.tag(self.model))
-        if self.scope is None and self.model is not None and gate.scopes.by_model:
-            self.scope = gate.scopes.by_model.get(self.model)  # a scope found while it waited
-        if self.scope is not None:
-            self.own = self.scope.finder.sent()
+        scopes = self._gate.scopes
+        if self.made != scopes.made:
+            self.catch_up()
+        tag, tickets = 0 if self.model is None else scopes.tags[self.model], self.tickets
+        for scope in self.scopes:
+            tickets.append(scope.finder.sent(tag))
         self.who = who
 
-    def _scoped(self) -> Scope | None:
-        """Its model's scope, also one found since it left (its ticket moved there)."""
-        scope = self.scope
-        if scope is None and self.model is not None and self._gate.scopes.by_model:
-            scope = self.scope = self._gate.scopes.by_model.get(self.model)
-            if scope is not None:
-                self.own = scope.moved.pop(self.ticket, -1)
-        return scope
+    def _hand_back(self) -> None:
+        for scope, reserved in zip(self.scopes, self.reserved, strict=False):
+            scope.pacer.settle(reserved, 0)
 
     def unused(self) -> None:
         """The run stopped before the attempt was sent."""
-        gate = self._gate
-        gate.window.release()
-        gate.pacer.settle(self.reserved, 0)
-        if self.scope is not None:
-            self.scope.pacer.settle(self.held, 0)
+        self._gate.window.release()
+        self._hand_back()
 
     def answered(self, latency: float, headers: Mapping[str, str] | None, used_tokens: int) -> None:
-        gate = self._gate
-        gate.window.release()
-        # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
-        gate.pacer.settle(
-            self.reserved, gate.tokens.counted(self.reserved, used_tokens, binding=gate.pacer.holding)
-        )
-        gate.finder.success(self.ticket, latency)
-        finder = gate.finder
-        scope = self._scoped()
-        if scope is not None:
-            finder = scope.finder
-            scope.pacer.settle(
-                self.held, scope.tokens.counted(self.held, used_tokens, binding=scope.pacer.holding)
-            )
-            if self.own >= 0:
-                finder.success(self.own, latency)
+        self._gate.window.release()
+        if self.made != self._gate.scopes.made:
+            self.catch_up()
+        for i, scope in enumerate(self.scopes):  # (not zip: its iterators cost more)
+            # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
+            pacer, reserved = scope.pacer, self.reserved[i]
+            pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
+            scope.finder.success(self.tickets[i], latency)
         if headers:
-            finder.headers(headers)  # a model's own limits, where it has a scope
+            self.scopes[0].finder.headers(headers)  # its model's own limits, where it has a scope
 
     def failed(self, error: RequestError) -> None:
         gate = self._gate
         gate.window.release()
+        if self.made != gate.scopes.made:
+            self.catch_up()
         meaning = signal(error)
         # An error the server answered was not counted against its token budget, but a
         # refusal keeps its tokens all the same: the server is full, and handed back they
         # would send the next request into the same refusal at once. One that got no answer
         # may have been counted.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
-        gate.pacer.settle(self.reserved, self.reserved if counted else 0)
-        scope = self._scoped()
-        if scope is not None:
-            scope.pacer.settle(self.held, self.held if counted else 0)
-        if meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits):
-            if self.reserved:
-                gate.pacer.settle(0, gate.tokens.refused())
-            if scope is not None and self.held:
+        tokens = meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits)
+        for i, scope in enumerate(self.scopes):
+            reserved = self.reserved[i]
+            scope.pacer.settle(reserved, reserved if counted else 0)
+            if tokens and reserved:
                 scope.pacer.settle(0, scope.tokens.refused())
+            if meaning is Signal.ANSWERED:
+                scope.finder.answered(self.tickets[i])  # the request's fault, not the endpoint's
         if error.limits:
-            (gate.finder if scope is None else scope.finder).headers(error.limits)
+            self.scopes[0].finder.headers(error.limits)
         if meaning is Signal.PUSHBACK:
-            gate.pushback(self, error.retry_after, error.message)
-        elif meaning is Signal.ANSWERED:
-            gate.finder.answered(self.ticket)  # the request's fault, not the endpoint's
-            if scope is not None and self.own >= 0:
-                scope.finder.answered(self.own)
+            gate.scopes.refused(self, error.retry_after, error.message)
+        account, ticket = self.scopes[-1].finder, self.tickets[-1]
         if endpoint_failed(error):  # a 503 too: overloaded, or down
             # Down as a whole, no request is at fault: the retry sends it again, spending nothing.
-            error.outage = gate.finder.failure(
-                self.ticket, error.message, who=self.who, connected=not isinstance(error, CannotConnect)
-            )
+            connected = not isinstance(error, CannotConnect)
+            error.outage = account.failure(ticket, error.message, who=self.who, connected=connected)
         elif error.refusal:
-            gate.finder.outage.answered()  # a 429 is an answer: the endpoint is up
+            account.outage.answered()  # a 429 is an answer: the endpoint is up
 
 
 class Gate:
-    def __init__(
-        self,
-        pacer: Pacer,
-        window: Window,
-        finder: RateFinder,
-        scopes: Scopes | None = None,
-        tokens: TokenCount | None = None,
-    ) -> None:
-        self.pacer = pacer
-        self.window = window
-        self.finder = finder
-        self.scopes = scopes or Scopes(finder)
-        # A shared pace does not probe: each of its processes would pay a probe's refusals
-        # on a server that counts on arrival (several: the processes' hand-backs add up).
-        self.tokens = tokens or TokenCount(probe=not pacer.shared)
+    def __init__(self, scopes: Scopes) -> None:
+        self.scopes = scopes
+        self.account = scopes.account
+        self.window = scopes.account.finder.window
+        self.crowded = scopes.crowded
 
     async def enter(self, tokens: int, model: str | None = None, seat: Seat | None = None) -> Slot:
         """Wait for the model's pace, if it has one, then for a slot in flight, then for the
         account's start time (a slot before the account's pace, so that a paced start is not
         spent waiting for a slot; the model's before the slot, so that a request held back by
         its model holds no slot the others could use, nor its worker's `seat` in the crew).
-        `tokens`: the request's estimate."""
-        scopes = self.scopes
-        scope = scopes.by_model.get(model) if model is not None and scopes.by_model else None
-        held = 0
-        if scope is not None:
-            stepped = seat is not None and seat.step_out()
-            scope.waiting += 1
-            try:
-                held = await scope.pacer.acquire(tokens)
-            finally:
-                scope.waiting -= 1
-                if stepped:
-                    assert seat is not None
-                    seat.rejoin()
+        `tokens`: the request's estimate. Raises `GivenUp` if its model was given up."""
+        by_model = self.scopes.by_model
+        scope = by_model.get(model) if by_model and model is not None else None
+        slot = Slot(self, (scope or self.account).chain, model)
         try:
+            for scope in slot.scopes[:-1]:  # its model's
+                stepped = seat is not None and seat.step_out()
+                scope.waiting += 1
+                try:
+                    slot.reserved.append(await scope.pacer.acquire(tokens))
+                finally:
+                    scope.waiting -= 1
+                    if seat is not None and stepped:
+                        seat.rejoin()
+                if scope.given_up:
+                    raise GivenUp(scope.given_up)
             await self.window.acquire()
-            try:
-                reserved = await self.pacer.acquire(tokens)
-            except BaseException:
-                self.window.release()
-                raise
         except BaseException:
-            if scope is not None:
-                scope.pacer.settle(held, 0)
+            slot._hand_back()
             raise
-        return Slot(self, reserved, model, scope, held)
-
-    def pushback(self, slot: Slot, wait: float | None, message: str) -> None:
-        """The server refused the attempt in `slot`: the refusal counts against its model's
-        scope, if it has one or this refusal shows it needs one, else against the account."""
-        scope = slot.scope
-        finder = self.finder
-        if scope is None and slot.model is not None:
-            found = self.scopes.refused(slot.ticket, slot.model)
-            if isinstance(found, Scope):
-                scope, slot.scope, slot.own = found, found, found.moved.pop(slot.ticket, -1)
-            elif not found:
-                finder.log.refuse(slot.ticket)  # not let through, and not the account's limit
-                return
-        if scope is None:
-            cuts = finder.cuts
-            finder.pushback(slot.ticket, wait, message)
-            if finder.cuts != cuts:
-                self.scopes.blame(slot.ticket, slot.model)
-            return
-        finder.log.refuse(slot.ticket)  # not let through; the model's limit to read
-        if slot.own >= 0:
-            scope.finder.pushback(slot.own, wait, message)
-
-    def crowded(self, model: str | None) -> bool:
-        return self.scopes.crowded(model)
+        try:
+            slot.reserved.append(await self.account.pacer.acquire(tokens))
+        except BaseException:
+            slot.unused()
+            raise
+        return slot
 
     def wake_all(self) -> None:
         """The run stops: whatever waits at the gate finds out at once."""
-        self.pacer.wake_all()
         self.window.wake_all()
         self.scopes.wake_all()

@@ -2,7 +2,8 @@
 
 When the server lets nothing through for `give_up` seconds (only refusals since, and not one
 request sent since that it has not refused), or a run of refusals asks to wait longer than
-that (a daily quota spent), the run stops (exit 3) with the time to resume.
+that (a daily quota spent), the run stops (exit 3) with the time to resume; a model's scope
+gives up its model alone (`pipeline.pace.scopes`), and the run goes on.
 """
 
 from __future__ import annotations
@@ -20,30 +21,26 @@ class GiveUp:
         self.log = log
         self.give_up = give_up
         self.stop = stop
+        self.model: str | None = None  # whose requests (None: the account's, the whole run's)
         self._since: tuple[float, int] | None = None  # refused since, and from which request
 
     def accepted(self) -> None:
         self._since = None
 
     def refused(self, now: float, wait: float | None, message: str) -> None:
-        """A refusal came back: stop if nothing got through for `give_up` seconds."""
+        """A refusal came back: stop if the server let nothing through for `give_up` seconds,
+        only refusals answered since then, and not one request sent since (a second ago or
+        more, time enough to be refused) that it has not refused: an answer on its way counts."""
         if self._since is None:
             self._since = (now, self.log.next)
-        elif self._refusing(now):
-            self.now(now, wait, message)
-
-    def _refusing(self, now: float) -> bool:
-        """Whether the server has let nothing through for `give_up` seconds: only refusals
-        answered since then, and not one request sent since (a second ago or more, time
-        enough to be refused) that it has not refused: an answer still on its way counts."""
-        assert self._since is not None
+            return
         since, first = self._since
         if now - since < self.give_up:
-            return False
+            return
         if self.log.accepted_in(first, now - 1.0):
             self._since = (now, self.log.next)  # it did let some through: count afresh
-            return False
-        return True
+        else:
+            self.now(now, wait, message)
 
     def now(self, now: float, wait: float | None, message: str) -> None:
         """The server lets nothing through for long, or says it will not for long: stop."""
@@ -56,10 +53,12 @@ class GiveUp:
             when = f"it asks to wait {duration(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
         else:
             when = "it gives no time"
+        whose = f" for {self.model}" if self.model else ""
+        resume = "" if self.model else "; run the same command again then to resume"
         self.stop(
             RunStopped(
-                f"the server refuses every request{said}, for {duration(refused_for)} so far: a rate "
-                f"limit or quota is spent and {when}; run the same command again then to resume",
+                f"the server refuses every request{whose}{said}, for {duration(refused_for)} so far: "
+                f"a rate limit or quota is spent and {when}{resume}",
                 code="rate_limited",
             )
         )

@@ -1,26 +1,18 @@
-"""A limit belongs to a scope: the account, or one model.
+"""A limit belongs to a scope: the account, or one model (OpenRouter's `:free` models allow 20
+requests a minute, its paid ones have no such cap, on one key).
 
-OpenRouter limits models separately (its `:free` models allow 20 requests a minute, its paid
-ones have no such cap), and a job's lines may name any model. So every request passes its
-account's pace, and its model's too when that model has one of its own; a refusal counts
-against the model its request named:
-
-- **Given.** `[limits."vendor/model"]` in the job file: the model's scope from the start,
-  paced at its rpm and tpm as `--rpm`/`--tpm` pace the account.
-- **Found.** A model whose requests are refused in a run (four in a row, in the order its own
-  requests left) while requests of other models sent among them went through has a limit of
-  its own. It gets a scope, whose rate finder reads that limit as the account's reads one
-  (`pipeline.pace.finder`), from the model's requests alone, moved there from the account's
-  send log. If the account's pace was read from that model's refusals alone, it is
-  forgotten: the other models are not held to one model's limit.
-- A refusal of a model with a scope is its scope's to read; the account's send log notes it
-  as not let through, and nothing more.
-- A model that lets nothing through for --give-up-after (or asks to wait longer) is given
-  up, not the run: its lines fail unsent, to be tried again by the next run, and the other
-  models' go on (`refusing`).
-
-Each scope's pace has its home where the account's has it: in this process, or in the store
-the account's processes share (a key of its own: the account's, and a hash of the model).
+A `Scope` is a pace, the rate finder that reads its limit from its own send order, and what the
+server counts of its requests' tokens; the account's and a model's are of one kind. A request
+passes its `chain`: its model's scope where that has one, then the account's
+(`pipeline.pace.gate`). A model's scope is **given** (`[limits."vendor/model"]`, paced from the
+start as `--rpm`/`--tpm` pace the account) or **found** (`Scopes.refused`): its requests are
+refused four in a row, in the order they left, while other models' sent among them went
+through. Its finder then reads the limit from the model's requests alone, moved there from the
+account's send log, and an account pace read at such models' refusals alone is forgotten. A
+model that lets nothing through for --give-up-after is **given up**, not the run: its lines
+fail unsent (the next run tries them again) and the others go on. Each scope's pace has its
+home where the account's has it: this process, or the shared store (under the account's key
+and a hash of the model).
 """
 
 from __future__ import annotations
@@ -40,14 +32,14 @@ from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
+    from pipeline.pace.gate import Slot
     from pipeline.settings import ModelLimit
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
-# A model's send log: four times --concurrency (it must outlast what is in flight) and no
-# less than this, where the account's holds SIZE: a job of hundreds of `:free` models, each
-# with a scope, held over half a megabyte for each.
+# A model's send log: four times --concurrency (it must outlast what is in flight), at least
+# this; not the account's SIZE: hundreds of `:free` models would hold half a megabyte each.
 SCOPE_LOG = 2048
-# Requests waiting for a scope's pace, at least, before a worker sets the next aside (a
+# Requests waiting for a model's pace, at least, before a worker sets the next aside (a
 # second of its pace, when that is more): enough to keep its pace busy, and no more.
 WAITING = 4
 
@@ -56,19 +48,25 @@ PacerFor = Callable[[str | None, float | None, float | None], Pacer]
 Start = Callable[[Callable[[], Coroutine[Any, Any, None]]], object]
 
 
-def _local(model: str | None, request_rate: float | None, token_rate: float | None) -> Pacer:
-    return Pacer(request_rate=request_rate, token_rate=token_rate)
-
-
 @dataclass(eq=False, slots=True)
 class Scope:
-    model: str
+    model: str | None  # None: the account
     pacer: Pacer
-    finder: RateFinder
+    finder: RateFinder  # its limit, read from its own send order (`finder.log`)
     tokens: TokenCount  # what the server counts of its requests' tokens
+    chain: tuple[Scope, ...] = ()  # the scopes its requests pass: itself, then the account's
     waiting: int = 0  # requests waiting for its pace now
-    # The account's tickets of its requests from before it had a scope: their tickets here.
+    given_up: str = ""  # why its requests are sent no more this run
+    # The account's tickets of its model's requests sent before it was made: theirs here.
     moved: dict[int, int] = field(default_factory=dict)
+
+
+def _scope(model: str | None, finder: RateFinder, account: Scope | None = None) -> Scope:
+    # A shared pace does not probe how tokens are counted: each of its processes would pay a
+    # probe's refusals on a server that counts on arrival (their hand-backs add up).
+    scope = Scope(model, finder.pacer, finder, TokenCount(probe=not finder.pacer.shared))
+    scope.chain = (scope,) if account is None else (scope, account)
+    return scope
 
 
 def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]:
@@ -82,40 +80,41 @@ def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]
     return rate, "found", finder.limit
 
 
+class Tags(dict[str, int]):
+    """A number for each model, from 1 in the order they are first seen (0: no model)."""
+
+    def __missing__(self, model: str) -> int:
+        tag = self[model] = len(self) + 1
+        return tag
+
+
 class Scopes:
-    """The models' scopes beside the account's, and what tells a model's limit from it."""
+    """The account's scope and the models', and what tells a model's limit from the account's."""
 
     def __init__(
         self,
         account: RateFinder,
         *,
         limits: Mapping[str, ModelLimit] = MappingProxyType({}),
-        pacer_for: PacerFor = _local,
+        pacer_for: PacerFor = lambda model, rate, tokens: Pacer(request_rate=rate, token_rate=tokens),
     ) -> None:
-        self.account = account
+        self.account = _scope(None, account)
         self.by_model: dict[str, Scope] = {}
-        self.tags: dict[str, int] = {}  # a number for each model seen, for the send log
-        # Models given up for this run (they let nothing through for long): what was said.
-        self.refusing: dict[str, str] = {}
+        self.made = 0  # model scopes made: a request that entered before the last looks again
+        self.tags = Tags()  # a number for each model seen, for the send log
         self._blame: set[int] = set()  # the models at whose refusals the account's pace was read
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
             self._add(model, _per_second(limit.rpm), _per_second(limit.tpm))
 
-    def tag(self, model: str | None) -> int:
-        if model is None:
-            return 0
-        tag = self.tags.get(model)
-        if tag is None:
-            tag = self.tags[model] = len(self.tags) + 1
-        return tag
+    def all(self) -> tuple[Scope, ...]:
+        return (self.account, *self.by_model.values())
 
     def _add(self, model: str, request_rate: float | None, token_rate: float | None) -> Scope:
-        account = self.account
-        pacer = self._pacer_for(model, request_rate, token_rate)
+        account = self.account.finder
         finder = RateFinder(
-            pacer,
+            self._pacer_for(model, request_rate, token_rate),
             # Its own, never entered: in flight is the account's to bound (`Gate.enter`).
             Window(account.window.ceiling),
             ceiling=request_rate,
@@ -125,84 +124,92 @@ class Scopes:
             clock=account.clock,
             log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
+        finder.giving.model = model
         if request_rate or token_rate:
             finder.window.open()
-        # A shared pace does not probe how tokens are counted (`Gate`: each process would pay).
-        scope = self.by_model[model] = Scope(model, pacer, finder, TokenCount(probe=not pacer.shared))
+        scope = self.by_model[model] = _scope(model, finder, self.account)
+        self.made += 1
         if self._start is not None:
-            self._start(pacer.run)
+            self._start(scope.pacer.run)
         return scope
 
     def _give_up(self, model: str, stopped: RunStopped) -> None:
         """`model` lets nothing through for long: its lines are left for the next run, and
         whatever waits for its pace finds out at once; the run goes on with the others."""
-        if model in self.refusing:
+        scope = self.by_model[model]
+        if scope.given_up:
             return
-        said = str(stopped).replace(
-            "the server refuses every request", f"the server refuses every request for {model}"
+        scope.given_up = str(stopped)
+        self._say(
+            f"pipeline: {scope.given_up}; its lines fail unsent (the next run tries them again), "
+            "and the other models' go on"
         )
-        said = said.removesuffix("; run the same command again then to resume")  # the run goes on
-        self.refusing[model] = said
-        say = self.account.outage.say
-        if say is not None:
-            say(
-                f"pipeline: {said}; its lines fail unsent (the next run tries them again), and the other models' go on"
-            )
-        self.by_model[model].pacer.wake_all()
+        scope.pacer.wake_all()
+
+    def _say(self, text: str) -> None:
+        if (say := self.account.finder.outage.say) is not None:
+            say(text)
 
     def start(self, start: Start) -> None:
         """Run each scope's pace (a shared one keeps in step with its store) with `start`, a
         task group's, from now on."""
         self._start = start
-        for scope in self.by_model.values():
+        for scope in self.all():
             start(scope.pacer.run)
 
     async def check(self) -> None:
-        for scope in self.by_model.values():
+        """Before anything is sent: can each scope's pace work (is its store there)?"""
+        for scope in self.all():
             await scope.pacer.check()
 
-    def refused(self, ticket: int, model: str) -> Scope | bool:
-        """The account's request `ticket`, of `model`, which has no scope, was refused: the
-        model's new scope if that refusal says the limit is the model's own; else whether it
-        is the account's to read (no other model's request went through around it)."""
-        if len(self.tags) < 2:
-            return True  # one model: its limit and the account's are one
+    def refused(self, slot: Slot, wait: float | None, message: str) -> None:
+        """The server refused the attempt in `slot`: its first scope reads the refusal (its
+        model's, where that has one), the others note it as not let through. Where its model has
+        none, among other models' requests, the send order tells which reads it (`_reader`)."""
+        ticket, model = slot.tickets[-1], slot.model
+        reader: Scope | None = slot.scopes[0]
+        if len(slot.scopes) == 1 and model is not None and len(self.tags) > 1:
+            reader = self._reader(ticket, model)
+            slot.catch_up()  # the refusal may have given its model a scope
+        for scope, mine in zip(slot.scopes, slot.tickets, strict=False):
+            if scope is not reader:
+                scope.finder.log.refuse(mine)
+                continue
+            cuts = scope.finder.cuts
+            scope.finder.pushback(mine, wait, message)
+            if scope is self.account and scope.finder.cuts != cuts:
+                # Each model in that run of refusals (its own among them), without a pace of its
+                # own, shares the blame.
+                scoped = {self.tags[name] for name in self.by_model if name in self.tags}
+                self._blame |= scope.finder.log.tags(*scope.finder.log.run(ticket)) - scoped
+
+    def _reader(self, ticket: int, model: str) -> Scope | None:
+        """A new scope for `model`, when it is refused while the others go through; else the
+        account's, or none."""
         tag = self.tags[model]
-        log = self.account.log
+        log = self.account.finder.log
         run, between, around = log.run_of(ticket, tag)
         if run < RUN or between < THROUGH:
-            # Alone among others that went through (in the account's send order too): one
-            # model's limit, maybe, not yet a run of it (or an upstream's scattered refusal);
-            # either way not the account's to react to. Beside another refusal, it may be,
-            # when its model's own last requests were refused with nothing let through
-            # between them: an account that is full refuses them all. Beside other models'
-            # refusals alone it is not: many `:free` models, each limited on its own, each
-            # with a few lines, are refused side by side while the paid model's go through.
+            # Alone among others that went through: one model's limit, maybe, not yet a run of
+            # it (or an upstream's scattered refusal); not the account's. Beside another
+            # refusal it may be, when nothing of its model got through between them (a full
+            # account refuses all); beside other models' refusals alone not: many `:free`
+            # models, each limited on its own, are refused side by side.
             first, last = log.run(ticket)
-            return not around or (last > first and run > 1 and between < THROUGH)
+            return self.account if not around or (last > first and run > 1 and between < THROUGH) else None
         scope = self._add(model, None, None)
         scope.moved = log.move(tag, scope.finder.log)
         # Once every model whose refusals the account's pace was read at has a pace of its
-        # own, that pace was theirs: several `:free` models' retries, coming back together,
-        # make runs of refusals in the account's send order that no one of them makes alone.
+        # own, that pace was theirs (several `:free` models' retries, coming back together,
+        # make runs of refusals in the account's send order that none makes alone).
         self._blame.discard(tag)
         if not self._blame:
-            self.account.forget()
-        say = self.account.outage.say
-        if say is not None:
-            say(
-                f"pipeline: {quote(model)} is refused while other models' requests go through: it is paced "
-                "on its own from now on, at a limit found from its requests alone"
-            )
+            self.account.finder.forget()
+        self._say(
+            f"pipeline: {quote(model)} is refused while other models' requests go through: it is paced "
+            "on its own from now on, at a limit found from its requests alone"
+        )
         return scope
-
-    def blame(self, ticket: int, model: str | None) -> None:
-        """The account's pace was changed at the refusal of its request `ticket`, of `model`:
-        each model in that run of refusals (those without a pace of their own) shares the
-        blame."""
-        log = self.account.log
-        scoped = {self.tags[model] for model in self.by_model if model in self.tags}
-        self._blame |= (log.tags(*log.run(ticket)) | {self.tag(model)}) - scoped
 
     def crowded(self, model: str | None) -> bool:
         """Whether enough requests of `model` wait for its scope's pace: a worker takes the
@@ -211,7 +218,7 @@ class Scopes:
         if scope is None:
             return False
         # Never more than a quarter of --concurrency: workers, too, are for the other models.
-        most = min(max(WAITING, scope.pacer.request_rate or 0.0), self.account.window.ceiling / 4)
+        most = min(max(WAITING, scope.pacer.request_rate or 0.0), self.account.finder.window.ceiling / 4)
         return scope.waiting >= max(most, 1)
 
     def paces(self) -> dict[str, tuple[float | None, str | None, float | None]]:
@@ -219,7 +226,7 @@ class Scopes:
         return {model: pace_of(scope.finder) for model, scope in self.by_model.items()}
 
     def wake_all(self) -> None:
-        for scope in self.by_model.values():
+        for scope in self.all():
             scope.pacer.wake_all()
 
 

@@ -100,7 +100,6 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         # An outage as the run starts is waited for a while, as one later is (a pause).
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
-        await job.pacer.check()
         await job.gate.scopes.check()
         async with open_client(
             settings.base_url,
@@ -175,7 +174,7 @@ class Run:
                 settings, api_key, rate, tokens, self.progress.say, model
             ),
         )
-        self.gate = Gate(self.pacer, self.window, self.finder, scopes)
+        self.gate = Gate(scopes)
         self.usage.timeline.sample(self._sample, scopes.paces)
         self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
@@ -222,8 +221,7 @@ class Run:
             outer.start_soon(self.progress.tick)
             outer.start_soon(self.host.watch, control, self.progress)
             outer.start_soon(self._count_total)
-            outer.start_soon(self.pacer.run)  # a shared pace keeps in step with its store
-            self.gate.scopes.start(outer.start_soon)  # and each model's, likewise
+            self.gate.scopes.start(outer.start_soon)  # a shared pace keeps in step with its store
             with anyio.CancelScope() as work_scope:
                 control.work_scope = work_scope
                 async with anyio.create_task_group() as tg:

@@ -25,7 +25,7 @@ from pipeline.account.usage import answer_tokens, reports_usage
 from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
 from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Reply, Request, Success
-from pipeline.pace.gate import Gate
+from pipeline.pace.gate import Gate, GivenUp
 from pipeline.run.control import READ_AHEAD_BYTES, Aside, Control, Crew, Refill, Seat
 from pipeline.send.client import Client
 from pipeline.send.notfound import Undecided
@@ -36,10 +36,6 @@ from pipeline.send.verdict import Verdict
 
 class Abandoned(Exception):
     """The run stopped dispatching before this attempt could start."""
-
-
-class GivenUp(Exception):
-    """The request's model lets nothing through (`Scopes.refusing`): not sent again this run."""
 
 
 class Worker:
@@ -166,8 +162,6 @@ class Worker:
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
-        if self.gate.scopes.refusing and request.model in self.gate.scopes.refusing:
-            return self._refused(request, 0)
         # (no coroutine made where there is no budget to wait for: most runs have none)
         held = await self.books.reserve(request) if self.books.budget is not None else None
         if isinstance(held, RunStopped):
@@ -210,8 +204,8 @@ class Worker:
             reply, parsed = await self.retry.call(attempt, sleep=seat.backoff if seat else self.control.nap)
         except Abandoned:
             return None
-        except GivenUp:
-            return self._refused(request, attempts)
+        except GivenUp as e:
+            return self._refused(request, attempts, str(e))
         except RequestError as e:
             try:
                 stop = await self.judge.stops_run(e, request.model)
@@ -248,12 +242,12 @@ class Worker:
             unsent=True,
         )
 
-    def _refused(self, request: Request, attempts: int) -> Failure:
+    def _refused(self, request: Request, attempts: int, said: str) -> Failure:
         """A line of a model given up for this run: failed, to be tried again by the next."""
         return Failure(
             line=request.line,
             code="rate_limited",
-            message=f"not sent: {self.gate.scopes.refusing[request.model]}",
+            message=f"not sent: {said}",
             custom_id=request.custom_id,
             attempts=attempts,
             metadata=request.metadata,
@@ -284,16 +278,11 @@ class Worker:
         control = self.control
         if not control.dispatching:
             raise Abandoned
-        refusing = self.gate.scopes.refusing
-        if refusing and request.model in refusing:
-            raise GivenUp
+        # (raises GivenUp when the request's model lets nothing through)
         slot = await self.gate.enter(request.token_estimate, request.model, seat)  # pace
         if not control.dispatching:
             slot.unused()
             raise Abandoned
-        if refusing and request.model in refusing:  # given up while it waited for its pace
-            slot.unused()
-            raise GivenUp
         slot.go(request.custom_id)
         self.books.started()
         control.in_flight += 1
