@@ -86,3 +86,48 @@ async def test_a_lease_that_comes_with_a_pause_long_over_is_not_asked_for_again(
     assert waiter.done()
     asked = await _sync(pacer, store)  # three starts (or requests' tokens) in hand: nothing to ask
     assert (asked["want"], asked["want_tokens"]) == (0, 0)
+
+
+async def test_nothing_is_asked_of_the_store_before_a_pause_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause holds every request back whatever the budget: no lease is asked for while it
+    lasts (the store leases none before its end), tokens no more than starts; the first call
+    after it asks, and the waiter goes on what comes back."""
+    clock = Clock(monkeypatch)
+    store = MemoryStore()
+    pacer = _pacer(store, token_rate=1000.0)
+    pacer.pause(5.0)
+    waiter = asyncio.ensure_future(pacer.acquire(100))
+    await _turns()
+    assert (await _sync(pacer, store))["want_tokens"] == 0  # the old pace asked 400 here
+    clock.now += 5.0
+    await _turns()  # the pause's end: its lease is asked for
+    assert (await _sync(pacer, store))["want_tokens"] == 400
+    await _turns()
+    assert waiter.done()
+
+
+async def test_starts_gone_late_in_a_pause_are_not_told_as_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that holds leased starts may send without calling, so the store waits for
+    its next call before it reads the account's log as whole. Starts gone late in a pause
+    (a Retry-After for the pool) cannot be spent: the old pace dropped them on its next
+    reply (and told the call after), the one pace kept them, and told the store it held
+    starts till the pause ended (the account's readings waited for its calls)."""
+    clock = Clock(monkeypatch)
+    store = MemoryStore()
+    pacer = _pacer(store, request_rate=40.0)
+    first = asyncio.ensure_future(pacer.acquire())
+    await _turns()
+    await _sync(pacer, store)  # four starts leased
+    await _turns()
+    assert first.done()
+    pacer.pause(5.0)
+    waiter = asyncio.ensure_future(pacer.acquire())
+    await _turns()
+    assert (await _sync(pacer, store))["holds"]  # three in hand, due now
+    clock.now += 1.0
+    assert not (await _sync(pacer, store))["holds"]
+    clock.now += 4.0
+    await _turns()
+    await _sync(pacer, store)  # the pause over: its lease
+    await _turns()
+    assert waiter.done()

@@ -212,8 +212,10 @@ class LeasedBudget:
 
     @property
     def holds(self) -> bool:
-        """Whether leased starts are in hand (this process may send without calling)."""
-        return bool(self._slots)
+        """Whether leased starts are in hand that may still be spent (this process may send
+        without calling). Those gone late are dropped when the queue next looks, not while a
+        pause lasts: till then they are no longer held."""
+        return bool(self._slots) and self._slots[-1] >= max(self._now() - LATE, self._resume_at)
 
     def away(self) -> str | None:
         """The store cannot be reached: go on alone; returns what to say the first time."""
