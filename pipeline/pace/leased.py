@@ -212,9 +212,8 @@ class LeasedBudget:
 
     @property
     def holds(self) -> bool:
-        """Whether leased starts are in hand that may still be spent (this process may send
-        without calling). Those gone late are dropped when the queue next looks, not while a
-        pause lasts: till then they are no longer held."""
+        """Whether a leased start is in hand that may still be spent (this process may send
+        without calling): those gone late in a pause are dropped only when it ends."""
         return bool(self._slots) and self._slots[-1] >= max(self._now() - LATE, self._resume_at)
 
     def away(self) -> str | None:

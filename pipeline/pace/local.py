@@ -159,8 +159,7 @@ class Pacer:
     # -- acquiring -----------------------------------------------------------------------------
 
     def _ready_at(self, tokens: int, now: float) -> float:
-        paused = self._paused_until
-        if paused > now + TIMER_SLACK:
+        if (paused := self._paused_until) > now + TIMER_SLACK:
             return paused  # nothing is asked of the budget before the pause ends
         at = self.budget.ready_at(tokens, now)
         return at if at > paused else paused
