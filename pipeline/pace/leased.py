@@ -195,23 +195,26 @@ class LeasedBudget:
         if not self.given:
             self.shared = r.rate
         assert self._pace is not None
-        if r.paused + offset > self._pace.paused_until:
-            self._pace.pause_until(r.paused + offset)
-            if self.booting:
-                # Starts leased at the ramp's rate ran into the limit: spent when the pause
-                # ends they would all go at once, thousands a second.
-                self._slots.clear()
+        paused = r.paused + offset
+        if paused > self._pace.paused_until and self.booting:
+            # Starts leased at the ramp's rate ran into the limit: spent when the pause
+            # ends they would all go at once, thousands a second.
+            self._slots.clear()
         if r.start >= 0 and r.rate > 0:
             first = r.start + offset
             self._slots.extend(first + i / r.rate for i in range(r.granted))
         if r.token_start >= 0:
             self._leases.add(r.token_start + offset, tokens)
+        # Last: the pause wakes the queue, and a pause long over (told with every reply) let
+        # it find no lease yet and ask for another.
+        self._pace.pause_until(paused)
         self._apply()
 
     @property
     def holds(self) -> bool:
-        """Whether leased starts are in hand (this process may send without calling)."""
-        return bool(self._slots)
+        """Whether a leased start is in hand that may still be spent (this process may send
+        without calling): those gone late in a pause are dropped only when it ends."""
+        return bool(self._slots) and self._slots[-1] >= max(self._now() - LATE, self._resume_at)
 
     def away(self) -> str | None:
         """The store cannot be reached: go on alone; returns what to say the first time."""

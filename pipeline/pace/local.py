@@ -158,11 +158,11 @@ class Pacer:
 
     # -- acquiring -----------------------------------------------------------------------------
 
-    def _ready_at(self, tokens: int) -> float:
-        paused, now = self._paused_until, self._now()
-        if paused > now + TIMER_SLACK:
+    def _ready_at(self, tokens: int, now: float) -> float:
+        if (paused := self._paused_until) > now + TIMER_SLACK:
             return paused  # nothing is asked of the budget before the pause ends
-        return max(paused, self.budget.ready_at(tokens, now))
+        at = self.budget.ready_at(tokens, now)
+        return at if at > paused else paused
 
     async def acquire(self, tokens: int = 0) -> int:
         """Wait for this request's turn; `tokens` is its estimate. Returns the tokens reserved
@@ -173,7 +173,7 @@ class Pacer:
         now = self._now()
         if self._paused_until and self._paused_until <= now and not self._waiters:
             self._paused_until = 0.0
-        if not self._waiters and self._ready_at(tokens) <= now:
+        if not self._waiters and self._ready_at(tokens, now) <= now:
             return self.budget.take(tokens, now)
         assert self._loop is not None
         self.waits += 1
@@ -196,14 +196,14 @@ class Pacer:
         self._timer = None
         # uvloop's timers keep milliseconds and may fire that much early: a start due within
         # that is due now, or the timer would be set again and again until the clock catches up.
-        now = self._now() + TIMER_SLACK
+        now = self._now()
         while self._waiters:
             tokens, future = self._waiters[0]
             if future.done():  # cancelled while waiting
                 self._waiters.popleft()
                 continue
-            at = self._ready_at(tokens)
-            if at > now:
+            at = self._ready_at(tokens, now)
+            if at > now + TIMER_SLACK:
                 break
             self._waiters.popleft()
             future.set_result(self.budget.take(tokens, at))
@@ -218,7 +218,7 @@ class Pacer:
             self._waiters.popleft()
         if not self._waiters or self._loop is None:
             return
-        at = self._ready_at(self._waiters[0][0])
+        at = self._ready_at(self._waiters[0][0], self._loop.time())
         if at != math.inf:  # inf: a shared pace waits for its lease, which reschedules
             self._timer = self._loop.call_at(at, self._release)
 

@@ -1,0 +1,133 @@
+"""A shared pace's budget against a store kept in memory: what it asks of the store, and
+when (`pipeline.pace.leased`, `pipeline.pace.link`). The loop's clock stands still unless a
+test moves it, and calls to the store are made by hand (`StoreLink._sync`): a busy machine
+cannot make a leased start late, nor does anything wait on the link's timers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pipeline.pace.leased import shared_pacer
+from pipeline.pace.local import Pacer
+from pipeline.pace.store import Reply
+
+
+class Clock:
+    """The running loop's clock, moved by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: self.now)
+
+
+class MemoryStore:
+    """Leases what is asked, from now (or the pause's end), at the rates given; keeps the
+    account's pause till `paused`. Its clock is the loop's. Notes each call's arguments."""
+
+    def __init__(self, paused: float = 0.0) -> None:
+        self.paused = paused
+        self.calls: list[dict[str, Any]] = []
+
+    async def check(self) -> None:
+        pass
+
+    async def call(self, pid: str, **kwargs: Any) -> Reply:
+        self.calls.append(kwargs)
+        now = asyncio.get_running_loop().time()
+        want, rate, tokens = kwargs["want"], kwargs["given"], kwargs["want_tokens"]
+        start = max(now, self.paused) if want and rate else -1.0
+        token_start = max(now, self.paused) if tokens and kwargs["given_tokens"] else -1.0
+        return Reply(now, rate, start, token_start, self.paused, 1, True, False, -1, -1, want if rate else 0)
+
+    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+        return 0, 0, None
+
+    async def close(self) -> None:
+        pass
+
+
+def _pacer(store: MemoryStore, **rates: float) -> Pacer:
+    return shared_pacer(lambda: store, "memory", say=lambda _: None, **rates)  # type: ignore[arg-type]
+
+
+async def _sync(pacer: Pacer, store: MemoryStore) -> dict[str, Any]:
+    """One call to the store, as the link's loop makes it; returns what it asked."""
+    assert pacer.account is not None
+    await pacer.account._sync(store, asyncio.get_running_loop())
+    return store.calls[-1]
+
+
+async def _turns() -> None:
+    """Let the loop run what is due now (the clock standing still)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("leased", ["starts", "tokens"])
+async def test_a_lease_that_comes_with_a_pause_long_over_is_not_asked_for_again(
+    monkeypatch: pytest.MonkeyPatch, leased: str
+) -> None:
+    """The store tells the account's last pause with every reply, long after it ended. Taken
+    before the starts (or tokens) leased in the same reply, it woke the queue on a budget
+    still empty, which asked the store for a second lease: a call and a lease more than the
+    old pace made, each time the process ran dry after any pause in the account's run."""
+    clock = Clock(monkeypatch)
+    store = MemoryStore(paused=clock.now - 5.0)
+    pacer = _pacer(store, **({"request_rate": 40.0} if leased == "starts" else {"token_rate": 1000.0}))
+    waiter = asyncio.ensure_future(pacer.acquire(100))
+    await _turns()  # queued: its lease is asked for
+    asked = await _sync(pacer, store)
+    # A tenth of a second at 40 a second; four requests' tokens.
+    assert (asked["want"], asked["want_tokens"]) == ((4, 0) if leased == "starts" else (0, 400))
+    await _turns()
+    assert waiter.done()
+    asked = await _sync(pacer, store)  # three starts (or requests' tokens) in hand: nothing to ask
+    assert (asked["want"], asked["want_tokens"]) == (0, 0)
+
+
+async def test_nothing_is_asked_of_the_store_before_a_pause_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause holds every request back whatever the budget: no lease is asked for while it
+    lasts (the store leases none before its end), tokens no more than starts; the first call
+    after it asks, and the waiter goes on what comes back."""
+    clock = Clock(monkeypatch)
+    store = MemoryStore()
+    pacer = _pacer(store, token_rate=1000.0)
+    pacer.pause(5.0)
+    waiter = asyncio.ensure_future(pacer.acquire(100))
+    await _turns()
+    assert (await _sync(pacer, store))["want_tokens"] == 0  # the old pace asked 400 here
+    clock.now += 5.0
+    await _turns()  # the pause's end: its lease is asked for
+    assert (await _sync(pacer, store))["want_tokens"] == 400
+    await _turns()
+    assert waiter.done()
+
+
+async def test_starts_gone_late_in_a_pause_are_not_told_as_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that holds leased starts may send without calling, so the store waits for
+    its next call before it reads the account's log as whole. Starts gone late in a pause
+    (a Retry-After for the pool) cannot be spent: the old pace dropped them on its next
+    reply (and told the call after), the one pace kept them, and told the store it held
+    starts till the pause ended (the account's readings waited for its calls)."""
+    clock = Clock(monkeypatch)
+    store = MemoryStore()
+    pacer = _pacer(store, request_rate=40.0)
+    first = asyncio.ensure_future(pacer.acquire())
+    await _turns()
+    await _sync(pacer, store)  # four starts leased
+    await _turns()
+    assert first.done()
+    pacer.pause(5.0)
+    waiter = asyncio.ensure_future(pacer.acquire())
+    await _turns()
+    assert (await _sync(pacer, store))["holds"]  # three in hand, due now
+    clock.now += 1.0
+    assert not (await _sync(pacer, store))["holds"]
+    clock.now += 4.0
+    await _turns()
+    await _sync(pacer, store)  # the pause over: its lease
+    await _turns()
+    assert waiter.done()
