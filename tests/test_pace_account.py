@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Reply, Store
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, Store
 from tests.conftest import RedisServer
 
 CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (two calls apart)
@@ -33,12 +33,10 @@ def _log(quads: list[tuple[int, int, int, int]]) -> str:
 async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer) -> None:
     store = Store(redis_server.url, "pipeline:pace:replay")
     held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
-    base: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    base |= {"found": None, "pause_for": 0.0}
 
     async def both(step: str, pid: str = "a", **call: Any) -> Reply:
-        redis = await store.call(pid, **(base | call))
-        python = held.call(pid, **(base | call))
+        redis = await store.call(Ask(pid, **call))
+        python = held.call(Ask(pid, **call))
         _same(redis, python, step)
         return python
 
@@ -107,10 +105,8 @@ async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: 
     held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
     cs = int(time.time() * 100)
     log = _log([(cs - i, 10, 4, cs + 100) for i in range(RUN)])
-    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    call |= {"found": None, "pause_for": 0.0, "log": log}
     try:
-        redis, python = await store.call("a", **call), held.call("a", **call)
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
     finally:
         await store.close()
     _same(redis, python, "scattered")

@@ -18,7 +18,7 @@ from pipeline.errors import SettingsError
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.reading import AccountCapacity, Moment
 from pipeline.pace.shared import MAX_LEASE, SharedPacer
-from pipeline.pace.store import Reply, Store, account_key
+from pipeline.pace.store import Ask, Reply, Store, account_key
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -54,9 +54,9 @@ class CountedStore(Store):
 
     calls = 0
 
-    async def call(self, pid: str, **kwargs: Any) -> Reply:
+    async def call(self, ask: Ask) -> Reply:
         CountedStore.calls += 1
-        return await super().call(pid, **kwargs)
+        return await super().call(ask)
 
 
 async def test_four_processes_start_the_accounts_rate_together(redis_server: RedisServer) -> None:
@@ -89,8 +89,6 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
     the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal."""
     store = Store(redis_server.url, account_key("http://x/v1", FAKE_KEY))
     client: Any = redis.Redis.from_url(redis_server.url)
-    call: dict[str, Any] = {"want": 1, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    call |= {"found": 100.0, "pause_for": 0.0}
 
     async def reads() -> int:
         stats = await client.info("commandstats")
@@ -99,10 +97,10 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
     try:
         cs = int(time.time() * 100)
         for i in range(20):
-            await store.call("a", **call, log=f"{cs + i} 5 0 0")
+            await store.call(Ask("a", want=1, found=100.0, log=f"{cs + i} 5 0 0"))
         told = await reads()
         assert told == 20  # the processes seen lately, once a call: no more
-        await store.call("a", **call, log=f"{cs + 20} 5 4 {cs + 100}")
+        await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100}"))
         assert await reads() > told + 1  # a refusal: the log is looked at for a run of them
     finally:
         await store.close()
@@ -199,12 +197,11 @@ async def test_a_process_that_joins_keeps_the_limit_the_account_found(redis_serv
     # first call: the account's limit was forgotten and every process ramped up again.
     account = account_key("http://x/v1", FAKE_KEY)
     store = Store(redis_server.url, account)
-    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
     try:
-        await store.call("found-it", **call, found=RATE, pause_for=0.0)
+        await store.call(Ask("found-it", found=RATE))
         joining = SharedPacer(partial(Store, redis_server.url, account), redis_server.url, say=lambda _: None)
         assert len(await _starts([joining], 0.5)) >= RATE * 0.5 * 0.8
-        after = await store.call("found-it", **call, found=None, pause_for=0.0)
+        after = await store.call(Ask("found-it"))
     finally:
         await store.close()
     assert (after.rate, after.booting) == (RATE, False)
@@ -477,11 +474,11 @@ class CountingStore:
     async def check(self) -> None:
         pass
 
-    async def call(self, pid: str, *, want: int, given: float, **_: Any) -> Reply:
-        self.asked.append(want)
+    async def call(self, ask: Ask) -> Reply:
+        self.asked.append(ask.want)
         now = asyncio.get_running_loop().time()
-        granted = min(want, 10)
-        return Reply(now, given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
+        granted = min(ask.want, 10)
+        return Reply(now, ask.given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         return 0, 0, None

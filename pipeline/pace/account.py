@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import KEY_TTL, LOG_TTL, Reply
+from pipeline.pace.store import KEY_TTL, LOG_TTL, Ask, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" -> count (or room)
 
@@ -33,44 +33,29 @@ class AccountPace:
     def _reset(self) -> None:
         self.fields: dict[str, float] = {}
         self.found_by: str | None = None
-        self.members: dict[
-            str, tuple[float, bool]
-        ] = {}  # pid: its last call, and whether it held no starts then
+        self.members: dict[str, tuple[float, bool]] = {}  # pid: its last call, and whether idle then
         self.log: _Log = {}
 
-    def call(
-        self,
-        pid: str,
-        *,
-        want: int,
-        want_tokens: float,
-        given: float,
-        given_tokens: float,
-        found: float | None,
-        pause_for: float,
-        log: str = "",
-        holds: bool = False,
-        answered: int = 0,
-    ) -> Reply:
-        now = self.clock()
+    def call(self, ask: Ask) -> Reply:
+        a, want, now = ask, ask.want, self.clock()
         if now - self._used > KEY_TTL:
             self._reset()
         self._used = now
         f = self.fields
         cs_now = math.floor(now * 100)
         boot_at = f.get("boot_at", now)
-        told_refusal = self._add(log, now)
+        told_refusal = self._add(a.log, now)
         if told_refusal:
             f["refused_at"] = now
-        if found is not None:
-            f["found"], self.found_by = found, pid
-        leads = (self.found_by or pid) == pid
-        rate, booting = given, False
+        if a.found is not None:
+            f["found"], self.found_by = a.found, a.pid
+        leads = (self.found_by or a.pid) == a.pid
+        rate, booting = a.given, False
         paused = f.get("paused", 0.0)
-        if pause_for > 0 and now + pause_for > paused:
-            paused = f["paused"] = now + pause_for
+        if a.pause_for > 0 and now + a.pause_for > paused:
+            paused = f["paused"] = now + a.pause_for
         full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
-        if given <= 0 and told_refusal:
+        if a.given <= 0 and told_refusal:
             run = self._full_run(cs_now, full_resume)
             if run is not None:
                 first, told = run
@@ -80,14 +65,14 @@ class AccountPace:
                     paused = f["paused"] = full_resume
         if rate <= 0:
             rate = f.get("found", 0.0)
-        if rate <= 0 and given <= 0 and given_tokens <= 0:
+        if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: doubling every quarter second while the account's
             # requests are let through at half its rate at least and nothing was refused for a
             # second, not within half a second of a pause; no start leased till a second after
             # a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
-            ok = f.get("boot_ok", 0.0) + answered
+            ok = f.get("boot_ok", 0.0) + a.answered
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) / 2:
@@ -103,11 +88,11 @@ class AccountPace:
             f["clock"] = start + want / rate
         else:
             want = 0
-        if want_tokens > 0 and given_tokens > 0:
+        if a.want_tokens > 0 and a.given_tokens > 0:
             token_start = max(f.get("token_clock", 0.0), now, paused)
-            f["token_clock"] = token_start + want_tokens / given_tokens
+            f["token_clock"] = token_start + a.want_tokens / a.given_tokens
         # Processes seen lately, and the time up to which every one of them has told its log.
-        self.members[pid] = (now, not (holds or want > 0))
+        self.members[a.pid] = (now, not (a.holds or want > 0))
         seen, reported = 0, now + 3600
         for member, (at, idle) in list(self.members.items()):
             if now - at < 5:

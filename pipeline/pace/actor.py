@@ -21,7 +21,7 @@ import anyio
 
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Reply, StoreAway
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, StoreAway
 
 NAMESPACE = "pipeline"
 CALL_TIMEOUT = 2.0  # seconds, as Redis's socket timeout: a call that takes longer is the store away
@@ -37,8 +37,8 @@ class PaceActor:
     def ping(self) -> bool:
         return True
 
-    def call(self, pid: str, kwargs: dict[str, Any]) -> Reply:
-        return self.pace.call(pid, **kwargs)
+    def call(self, ask: Ask) -> Reply:
+        return self.pace.call(ask)
 
     def read(self, since: float, until: float) -> tuple[int, int, float | None]:
         return self.pace.read(since, until)
@@ -111,32 +111,8 @@ class ActorStore:
                     ) from None
                 await anyio.sleep(0.5)
 
-    async def call(
-        self,
-        pid: str,
-        *,
-        want: int,
-        want_tokens: float,
-        given: float,
-        given_tokens: float,
-        found: float | None,
-        pause_for: float,
-        log: str = "",
-        holds: bool = False,
-        answered: int = 0,
-    ) -> Reply:
-        kwargs = {
-            "want": want,
-            "want_tokens": want_tokens,
-            "given": given,
-            "given_tokens": given_tokens,
-            "found": found,
-            "pause_for": pause_for,
-            "log": log,
-            "holds": holds,
-            "answered": answered,
-        }
-        reply: Reply = await self._ask("call", pid, kwargs)
+    async def call(self, ask: Ask) -> Reply:
+        reply: Reply = await self._ask("call", ask)
         return reply
 
     async def read(self, since: float, until: float) -> tuple[int, int, float | None]:

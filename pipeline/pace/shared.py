@@ -48,7 +48,7 @@ from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.lease import LATE, TokenLeases
 from pipeline.pace.local import TIMER_SLACK, Pacer
 from pipeline.pace.reading import READ_AFTER, Moment, Readings
-from pipeline.pace.store import AccountStore, StoreAway
+from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease...
 QUICK_LEASE = (
@@ -331,16 +331,18 @@ class SharedPacer(Pacer):
         sent_at = loop.time()
         try:
             r = await store.call(
-                self._pid,
-                want=want,
-                want_tokens=want_tokens,
-                given=self.given,
-                given_tokens=self.given_tokens,
-                found=found,
-                pause_for=pause_for,
-                log=said(log),
-                holds=bool(self._slots),
-                answered=answered,
+                Ask(
+                    self._pid,
+                    want=want,
+                    want_tokens=want_tokens,
+                    given=self.given,
+                    given_tokens=self.given_tokens,
+                    found=found,
+                    pause_for=pause_for,
+                    log=said(log),
+                    holds=bool(self._slots),
+                    answered=answered,
+                )
             )
         except StoreAway:
             self._answered += answered
