@@ -9,6 +9,8 @@ import math
 import time
 from typing import Any
 
+import pytest
+
 from pipeline.pace.account import AccountPace
 from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, Store
 from tests.conftest import RedisServer
@@ -111,3 +113,23 @@ async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: 
         await store.close()
     _same(redis, python, "scattered")
     assert python.full_at < 0
+
+
+async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis_server: RedisServer) -> None:
+    """RUN refused in a row, then ten times as many sent and not yet answered (a round trip on
+    busy cores): full at once, not once those were answered; and the room its refusals told,
+    already past when the run is seen, is when the server had room (what got through is read
+    from then), the pause from now."""
+    store = Store(redis_server.url, "pipeline:pace:in-flight")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    cs = int(time.time() * 100)
+    run = [(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]
+    log = _log([*run, *[(cs - 20 + i, 10, 0, 0) for i in range(10)]])
+    try:
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
+    finally:
+        await store.close()
+    _same(redis, python, "in flight")
+    assert python.full_at == pytest.approx((cs - 30) / 100)
+    assert python.full_resume == pytest.approx((cs - 5) / 100)
+    assert python.paused == python.now

@@ -18,7 +18,7 @@ from pipeline.errors import SettingsError
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.reading import AccountCapacity, Moment
 from pipeline.pace.shared import MAX_LEASE, SharedPacer
-from pipeline.pace.store import Ask, Reply, Store, account_key
+from pipeline.pace.store import Ask, Logged, Reply, Store, account_key
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -113,10 +113,10 @@ class LogStore:
     def __init__(self, log: list[tuple[int, bool]]) -> None:
         self.log = log
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+    async def read(self, since: float, until: float) -> Logged:
         sent = [(cs, refused) for cs, refused in self.log if int(since * 100) <= cs < int(until * 100)]
         first = min((cs for cs, _ in sent), default=None)
-        return len(sent), sum(refused for _, refused in sent), None if first is None else first / 100
+        return Logged(len(sent), sum(refused for _, refused in sent), None if first is None else first / 100)
 
 
 async def test_a_reading_counts_what_got_through_after_the_first_moment_however_late_it_arrived() -> None:
@@ -480,8 +480,8 @@ class CountingStore:
         granted = min(ask.want, 10)
         return Reply(now, ask.given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        return 0, 0, None
+    async def read(self, since: float, until: float) -> Logged:
+        return Logged(0, 0, None)
 
     async def close(self) -> None:
         pass

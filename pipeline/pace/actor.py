@@ -21,7 +21,7 @@ import anyio
 
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, StoreAway
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply, StoreAway
 
 NAMESPACE = "pipeline"
 CALL_TIMEOUT = 2.0  # seconds, as Redis's socket timeout: a call that takes longer is the store away
@@ -40,7 +40,7 @@ class PaceActor:
     def call(self, ask: Ask) -> Reply:
         return self.pace.call(ask)
 
-    def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+    def read(self, since: float, until: float) -> Logged:
         return self.pace.read(since, until)
 
 
@@ -115,9 +115,9 @@ class ActorStore:
         reply: Reply = await self._ask("call", ask)
         return reply
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        sent, refused, first = await self._ask("read", since, until)
-        return int(sent), int(refused), first
+    async def read(self, since: float, until: float) -> Logged:
+        logged: Logged = await self._ask("read", since, until)
+        return logged
 
     async def close(self) -> None:
         self._actor = None

@@ -55,19 +55,19 @@ class AccountCapacity:
             moments.popleft()
         moments.append(moment)
         if len(moments) == 1:
-            sent, refused, first = await store.read(moment.at - 1.0, moment.at + HUNDREDTH)
-            span = moment.at - first if first is not None and first > moment.at - 1.0 else 1.0
-            return (sent - refused) / max(span, 1e-2), True
+            got = await store.read(moment.at - 1.0, moment.at + HUNDREDTH)
+            span = moment.at - got.first if got.first is not None and got.first > moment.at - 1.0 else 1.0
+            return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
         # request sent after it was full and not refused was let through after it had room,
         # however late it arrived (a server that queues) or how far apart the clocks were.
-        sent, refused, _ = await store.read(since.at + HUNDREDTH, moment.at + HUNDREDTH)
+        got = await store.read(since.at + HUNDREDTH, moment.at + HUNDREDTH)
         span = max(moment.resume - since.resume, 1e-2)
         # Nothing through between two moments close together (a bucket refilling a request at
         # a time, taken by another account's request or sent a hundredth late): less than
         # one over that time, read as one, not as nothing.
-        return max(sent - refused, 1) / span, span >= 1.0
+        return max(got.sent - got.refused, 1) / span, span >= 1.0
 
 
 @dataclass(slots=True)

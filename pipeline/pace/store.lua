@@ -62,9 +62,11 @@ if given <= 0 and told_refusal then
       if cs >= from then kinds[string.sub(counts[i], 1, 1)][cs] = tonumber(counts[i + 1]) end
     end
   end
-  -- Back from the latest hundredth: the earliest from which on at least `run` requests were
-  -- refused, and half of what was sent (a scattered refusal before the run does not hold it
-  -- back, nor do refusals that come back slowly fall out of the window).
+  -- Back from the latest hundredth refused: the earliest from which on at least `run`
+  -- requests were refused, and half of what was sent (a scattered refusal before the run
+  -- does not hold it back, nor do refusals that come back slowly fall out of the window).
+  -- What was sent after the latest refused is not yet answered: counted, a run was seen two
+  -- round trips after it began (0.9 s on two busy cores), the ramp sending into it.
   local hundredths = {}
   for cs, _ in pairs(sent) do hundredths[#hundredths + 1] = cs end
   for cs, _ in pairs(refused) do if not sent[cs] then hundredths[#hundredths + 1] = cs end end
@@ -72,15 +74,17 @@ if given <= 0 and told_refusal then
   local first, told, n_sent, n_refused, low = nil, nil, 0, 0, nil
   for i = #hundredths, 1, -1 do
     local cs = hundredths[i]
-    n_sent, n_refused = n_sent + (sent[cs] or 0), n_refused + (refused[cs] or 0)
+    if n_refused > 0 or refused[cs] then n_sent, n_refused = n_sent + (sent[cs] or 0), n_refused + (refused[cs] or 0) end
     if room[cs] and (low == nil or room[cs] < low) then low = room[cs] end
     if refused[cs] and n_refused >= run and n_refused * 2 >= n_sent then first, told = cs, low end
   end
   if first then
-    full_at, full_resume = first / 100, math.max((told or 0) / 100, now)
+    -- The room told is when the server had room, though the run is seen later: what was
+    -- let through is read from then on. The pause (and the ramp's hold) runs from now at least.
+    full_at, full_resume = first / 100, told and told / 100 or now
     redis.call('HSET', key, 'full_at', tostring(full_at), 'full_resume', tostring(full_resume))
-    if full_resume > paused then
-      paused = full_resume
+    if math.max(full_resume, now) > paused then
+      paused = math.max(full_resume, now)
       redis.call('HSET', key, 'paused', tostring(paused))
     end
   end
@@ -89,10 +93,10 @@ if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonum
 if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- No limit given (a token limit bounds the rate too) nor found: the account ramps up as one,
   -- doubling every quarter second while
-  -- * its requests are let through (as the processes tell their answers) at half the ramp's
-  --   rate at least (processes still starting send little of it); counted as sent, a server
-  --   or machine behind (its refusals late too) let the ramp run to 16 times a limit of 1,000
-  --   a second at 16 shards on two cores;
+  -- * its requests are let through (as the processes tell their answers) at 3/4 of the
+  --   ramp's rate at least: counted as sent, a server or machine behind (its refusals late
+  --   too) let the ramp run to 16 times a limit of 1,000 a second at 16 shards on two cores;
+  --   at half, to 4 times (doubled at 2,048 a second with 1,080 let through);
   -- * nothing was refused for a second: a server counting by the second refuses only once its
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
   -- * not within half a second of a pause, before the limit its refusals tell is read.
@@ -102,7 +106,7 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   booting = 1
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
-    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) / 2 then
+    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) * 0.75 then
       rate = math.min(rate * 2, 100000)
     end
     boot_at, boot_ok = now, 0

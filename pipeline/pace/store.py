@@ -16,7 +16,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 
@@ -66,6 +66,14 @@ class Reply:
     reported: float = math.inf
 
 
+class Logged(NamedTuple):
+    """The account's send log over a span of the store's clock."""
+
+    sent: int
+    refused: int  # of those sent
+    first: float | None  # when the first of them left (None: none did)
+
+
 _KINDS = (float, float, float, float, float, int, bool, bool, float, float, int, float)  # Reply's
 
 
@@ -77,9 +85,8 @@ class AccountStore(Protocol):
 
     async def call(self, ask: Ask) -> Reply: ...
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        """What the account sent from `since` to `until` (the store's clock): how many, how
-        many of them were refused, and when the first of them left (None: none did)."""
+    async def read(self, since: float, until: float) -> Logged:
+        """The account's log from `since` to `until` (the store's clock)."""
         ...
 
     async def close(self) -> None: ...
@@ -146,10 +153,10 @@ class Store:
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+    async def read(self, since: float, until: float) -> Logged:
         raw = await self._script(self._read, [self.account], [int(since * 100), int(until * 100)])
         sent, refused, first = (int(x) for x in raw)
-        return sent, refused, (first / 100 if first >= 0 else None)
+        return Logged(sent, refused, first / 100 if first >= 0 else None)
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
