@@ -137,6 +137,24 @@ async def test_a_reading_counts_what_got_through_after_the_first_moment_however_
     assert second[0] == pytest.approx(100.0)
 
 
+async def test_a_later_reading_counts_what_was_sent_after_the_refused_one_and_got_through() -> None:
+    """The same server, full at 10.5 and again at 11.94 (room at 11.0 and 12.0). Six requests
+    sent just after the one refused at 11.94 reached it first (on busy cores, requests overtake
+    one another), and were let through: the limit read up to the refused one came out at 94;
+    up to the room the server told (the account paused till then), at 100."""
+    log = [(1000 + i, False) for i in range(0, 50)]
+    log += [(1050 + i, True) for i in range(0, 10)]
+    log += [(1100 + i, False) for i in range(94)] + [(1194, True)]
+    log += [(1195 + i // 2, False) for i in range(6)]  # overtook the refused one
+    log += [(1195 + i // 2, True) for i in range(10)]
+    store: Any = LogStore(log)
+    capacity = AccountCapacity()
+    await capacity.read(store, Moment(10.50, 11.0))
+    second = await capacity.read(store, Moment(11.94, 12.0))
+    assert second is not None
+    assert second[0] == pytest.approx(100.0)
+
+
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account
