@@ -155,6 +155,20 @@ async def test_a_later_reading_counts_what_was_sent_after_the_refused_one_and_go
     assert second[0] == pytest.approx(100.0)
 
 
+async def test_a_first_reading_counts_the_servers_second_not_the_second_before_the_refusal() -> None:
+    """A server that lets 1,000 requests a second through, by the second, under a ramp: 500
+    let through in its second 9, 1,000 in its second 10 by 10.74, when the first refused left;
+    room at 11.0. The second before 10.74 read 1,130 (the end of second 9 with it); the
+    server's second 10 reads 1,000."""
+    log = [(900 + i // 5, False) for i in range(500)]
+    log += [(1000 + i * 74 // 1000, False) for i in range(1000)]
+    log += [(1074 + i // 20, True) for i in range(500)]
+    store: Any = LogStore(log)
+    first = await AccountCapacity().read(store, Moment(10.74, 11.0))
+    assert first is not None
+    assert first[0] == pytest.approx(1000.0)
+
+
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account

@@ -4,7 +4,7 @@ One process of sixteen sees a sixteenth of the account's requests: too little, a
 scaled up, to read the account's limit from. So a shared pace reads it from the account's send
 log in the store (`pipeline.pace.store`), at the moments the server was found full, as
 `Capacity` reads one process's: at the first, what the account sent and was not refused in the
-second before; at later ones, what it sent after the first moment and was not refused, up to
+second before (the server's, when it told its room within a second); at later ones, what it sent after the first moment and was not refused, up to
 this one (`Moment.end`), over the time from the room the server told after the first to the
 room it told after this one. Times are the store's clock.
 
@@ -61,8 +61,11 @@ class AccountCapacity:
             moments.popleft()
         moments.append(moment)
         if len(moments) == 1:
-            got = await store.read(moment.at - 1.0, moment.at + HUNDREDTH)
-            span = moment.at - got.first if got.first is not None and got.first > moment.at - 1.0 else 1.0
+            # The second before the room told, within a second (a server that counts by the
+            # second: its own), else before the refused request.
+            last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
+            got = await store.read(last - 1.0, moment.end)
+            span = moment.at - got.first if got.first is not None and got.first > last - 1.0 else 1.0
             return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
