@@ -69,6 +69,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await both("sent, nothing answered", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
         await asyncio.sleep(0.3)
         assert (await both("ramp held back till answered")).rate == BOOT_RATE
+        # Let through, but under 3/4 of what the ramp allowed (a machine behind, or a server
+        # counting by the second that has not filled yet): held back.
+        await both("a little answered", answered=3)
+        await asyncio.sleep(0.3)
+        assert (await both("ramp held back under 3/4")).rate == BOOT_RATE
         # Let through: it doubles.
         await both("answered", answered=60)
         await asyncio.sleep(0.3)
