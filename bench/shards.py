@@ -4,7 +4,9 @@ processes at once against a mock enforcing 3,000 requests a minute, with the lim
 and max_tokens on arrival (issue 20); and 16 finding a limit of 60,000 a minute together, with
 20 ms answers (issue 21: one Redis for 10,000 requests a second). Then `pipeline merge`. Judged
 on the mock's own count, and on what the store spent: its CPU a request (INFO cpu) and the
-calls made to it a request (INFO commandstats), with the shards' own CPU beside it."""
+calls made to it a request (INFO commandstats), with the shards' own CPU beside it.
+BENCH_SHARDS picks cases by their folder's name, comma-separated: BENCH_SHARDS=16-found-60000
+runs the last alone."""
 
 from __future__ import annotations
 
@@ -134,6 +136,10 @@ def _wait(proc: subprocess.Popen[bytes]) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
+def _folder(case: Case) -> str:
+    return f"{case.shards}-{case.limit}-{case.rpm:g}"
+
+
 def _case(opts: Options, case: Case, requests: int) -> dict[str, Any]:
     given = {
         "rpm": f"--rpm {case.rpm:g}",
@@ -143,7 +149,7 @@ def _case(opts: Options, case: Case, requests: int) -> dict[str, Any]:
     name = f"{case.shards} shards, {given[case.limit]}, {case.latency_ms:g} ms"
     print(f"[bench] shards: {name} on {requests:,} requests ...", file=sys.stderr, flush=True)
     input = input_file(opts.out / "inputs", requests)
-    folder = opts.out / "runs" / "shards" / f"{case.shards}-{case.limit}-{case.rpm:g}"
+    folder = opts.out / "runs" / "shards" / _folder(case)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     if case.limit == "tpm":
@@ -201,6 +207,11 @@ def _case(opts: Options, case: Case, requests: int) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
+    accepted = {int(k): v for k, v in stats.get("accepted_per_second", {}).items()}
+    refused = {int(k): v for k, v in stats.get("refused_per_second", {}).items()}
+    seconds = range(min(accepted | refused, default=0), max(accepted | refused, default=-1) + 1)
+    timeline = " ".join(f"{accepted.get(s, 0)}/{refused.get(s, 0)}" for s in seconds)
+    print(f"[bench]   accepted/refused a second: {timeline}", file=sys.stderr, flush=True)
     return {
         "name": name,
         "limit": per_second,
@@ -222,7 +233,10 @@ def _case(opts: Options, case: Case, requests: int) -> dict[str, Any]:
 def shards(opts: Options, done: Done) -> ScenarioResult:
     load = os.getloadavg()
     checks: list[Check] = []
+    picked = [name for name in os.environ.get("BENCH_SHARDS", "").split(",") if name]
     for case in CASES:
+        if picked and _folder(case) not in picked:
+            continue
         n = max(1, round(case.requests * opts.scale))
         got = _case(opts, case, n)
         limit = got["limit"]

@@ -6,13 +6,14 @@ cannot make a leased start late, nor does anything wait on the link's timers."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 
 from pipeline.pace.leased import shared_pacer
 from pipeline.pace.local import Pacer
-from pipeline.pace.store import Reply
+from pipeline.pace.store import Ask, Logged, Reply
 
 
 class Clock:
@@ -34,7 +35,8 @@ class MemoryStore:
     async def check(self) -> None:
         pass
 
-    async def call(self, pid: str, **kwargs: Any) -> Reply:
+    async def call(self, ask: Ask) -> Reply:
+        kwargs = dataclasses.asdict(ask)
         self.calls.append(kwargs)
         now = asyncio.get_running_loop().time()
         want, rate, tokens = kwargs["want"], kwargs["given"], kwargs["want_tokens"]
@@ -42,8 +44,8 @@ class MemoryStore:
         token_start = max(now, self.paused) if tokens and kwargs["given_tokens"] else -1.0
         return Reply(now, rate, start, token_start, self.paused, 1, True, False, -1, -1, want if rate else 0)
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        return 0, 0, None
+    async def read(self, since: float, until: float) -> Logged:
+        return Logged(0, 0, None)
 
     async def close(self) -> None:
         pass

@@ -9,8 +9,10 @@ import math
 import time
 from typing import Any
 
+import pytest
+
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Reply, Store
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, Store
 from tests.conftest import RedisServer
 
 CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (two calls apart)
@@ -33,12 +35,10 @@ def _log(quads: list[tuple[int, int, int, int]]) -> str:
 async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer) -> None:
     store = Store(redis_server.url, "pipeline:pace:replay")
     held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
-    base: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    base |= {"found": None, "pause_for": 0.0}
 
     async def both(step: str, pid: str = "a", **call: Any) -> Reply:
-        redis = await store.call(pid, **(base | call))
-        python = held.call(pid, **(base | call))
+        redis = await store.call(Ask(pid, **call))
+        python = held.call(Ask(pid, **call))
         _same(redis, python, step)
         return python
 
@@ -69,6 +69,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await both("sent, nothing answered", log=_log([(cs - i, 3, 0, 0) for i in range(20)]))
         await asyncio.sleep(0.3)
         assert (await both("ramp held back till answered")).rate == BOOT_RATE
+        # Let through, but under 3/4 of what the ramp allowed (a machine behind, or a server
+        # counting by the second that has not filled yet): held back.
+        await both("a little answered", answered=3)
+        await asyncio.sleep(0.3)
+        assert (await both("ramp held back under 3/4")).rate == BOOT_RATE
         # Let through: it doubles.
         await both("answered", answered=60)
         await asyncio.sleep(0.3)
@@ -107,11 +112,29 @@ async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: 
     held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
     cs = int(time.time() * 100)
     log = _log([(cs - i, 10, 4, cs + 100) for i in range(RUN)])
-    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    call |= {"found": None, "pause_for": 0.0, "log": log}
     try:
-        redis, python = await store.call("a", **call), held.call("a", **call)
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
     finally:
         await store.close()
     _same(redis, python, "scattered")
     assert python.full_at < 0
+
+
+async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis_server: RedisServer) -> None:
+    """RUN refused in a row, then ten times as many sent and not yet answered (a round trip on
+    busy cores): full at once, not once those were answered; and the room its refusals told,
+    already past when the run is seen, is when the server had room (what got through is read
+    from then), the pause from now."""
+    store = Store(redis_server.url, "pipeline:pace:in-flight")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    cs = int(time.time() * 100)
+    run = [(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]
+    log = _log([*run, *[(cs - 20 + i, 10, 0, 0) for i in range(10)]])
+    try:
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
+    finally:
+        await store.close()
+    _same(redis, python, "in flight")
+    assert python.full_at == pytest.approx((cs - 30) / 100)
+    assert python.full_resume == pytest.approx((cs - 5) / 100)
+    assert python.paused == python.now

@@ -19,7 +19,7 @@ from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
 from pipeline.pace.local import Pacer
 from pipeline.pace.reading import AccountCapacity, Moment
-from pipeline.pace.store import Reply, Store, account_key
+from pipeline.pace.store import Ask, Logged, Reply, Store, account_key
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -55,9 +55,9 @@ class CountedStore(Store):
 
     calls = 0
 
-    async def call(self, pid: str, **kwargs: Any) -> Reply:
+    async def call(self, ask: Ask) -> Reply:
         CountedStore.calls += 1
-        return await super().call(pid, **kwargs)
+        return await super().call(ask)
 
 
 async def test_four_processes_start_the_accounts_rate_together(redis_server: RedisServer) -> None:
@@ -90,8 +90,6 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
     the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal."""
     store = Store(redis_server.url, account_key("http://x/v1", FAKE_KEY))
     client: Any = redis.Redis.from_url(redis_server.url)
-    call: dict[str, Any] = {"want": 1, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
-    call |= {"found": 100.0, "pause_for": 0.0}
 
     async def reads() -> int:
         stats = await client.info("commandstats")
@@ -100,10 +98,10 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
     try:
         cs = int(time.time() * 100)
         for i in range(20):
-            await store.call("a", **call, log=f"{cs + i} 5 0 0")
+            await store.call(Ask("a", want=1, found=100.0, log=f"{cs + i} 5 0 0"))
         told = await reads()
         assert told == 20  # the processes seen lately, once a call: no more
-        await store.call("a", **call, log=f"{cs + 20} 5 4 {cs + 100}")
+        await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100}"))
         assert await reads() > told + 1  # a refusal: the log is looked at for a run of them
     finally:
         await store.close()
@@ -116,10 +114,10 @@ class LogStore:
     def __init__(self, log: list[tuple[int, bool]]) -> None:
         self.log = log
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+    async def read(self, since: float, until: float) -> Logged:
         sent = [(cs, refused) for cs, refused in self.log if int(since * 100) <= cs < int(until * 100)]
         first = min((cs for cs, _ in sent), default=None)
-        return len(sent), sum(refused for _, refused in sent), None if first is None else first / 100
+        return Logged(len(sent), sum(refused for _, refused in sent), None if first is None else first / 100)
 
 
 async def test_a_reading_counts_what_got_through_after_the_first_moment_however_late_it_arrived() -> None:
@@ -138,6 +136,38 @@ async def test_a_reading_counts_what_got_through_after_the_first_moment_however_
     second = await capacity.read(store, Moment(11.60, 12.0))
     assert second is not None
     assert second[0] == pytest.approx(100.0)
+
+
+async def test_a_later_reading_counts_what_was_sent_after_the_refused_one_and_got_through() -> None:
+    """The same server, full at 10.5 and again at 11.94 (room at 11.0 and 12.0). Six requests
+    sent just after the one refused at 11.94 reached it first (on busy cores, requests overtake
+    one another), and were let through: the limit read up to the refused one came out at 94;
+    up to the room the server told (the account paused till then), at 100."""
+    log = [(1000 + i, False) for i in range(0, 50)]
+    log += [(1050 + i, True) for i in range(0, 10)]
+    log += [(1100 + i, False) for i in range(94)] + [(1194, True)]
+    log += [(1195 + i // 2, False) for i in range(6)]  # overtook the refused one
+    log += [(1195 + i // 2, True) for i in range(10)]
+    store: Any = LogStore(log)
+    capacity = AccountCapacity()
+    await capacity.read(store, Moment(10.50, 11.0))
+    second = await capacity.read(store, Moment(11.94, 12.0))
+    assert second is not None
+    assert second[0] == pytest.approx(100.0)
+
+
+async def test_a_first_reading_counts_the_servers_second_not_the_second_before_the_refusal() -> None:
+    """A server that lets 1,000 requests a second through, by the second, under a ramp: 500
+    let through in its second 9, 1,000 in its second 10 by 10.74, when the first refused left;
+    room at 11.0. The second before 10.74 read 1,130 (the end of second 9 with it); the
+    server's second 10 reads 1,000."""
+    log = [(900 + i // 5, False) for i in range(500)]
+    log += [(1000 + i * 74 // 1000, False) for i in range(1000)]
+    log += [(1074 + i // 20, True) for i in range(500)]
+    store: Any = LogStore(log)
+    first = await AccountCapacity().read(store, Moment(10.74, 11.0))
+    assert first is not None
+    assert first[0] == pytest.approx(1000.0)
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
@@ -200,14 +230,13 @@ async def test_a_process_that_joins_keeps_the_limit_the_account_found(redis_serv
     # first call: the account's limit was forgotten and every process ramped up again.
     account = account_key("http://x/v1", FAKE_KEY)
     store = Store(redis_server.url, account)
-    call: dict[str, Any] = {"want": 0, "want_tokens": 0.0, "given": 0.0, "given_tokens": 0.0}
     try:
-        await store.call("found-it", **call, found=RATE, pause_for=0.0)
+        await store.call(Ask("found-it", found=RATE))
         joining = shared_pacer(
             partial(Store, redis_server.url, account), redis_server.url, say=lambda _: None
         )
         assert len(await _starts([joining], 0.5)) >= RATE * 0.5 * 0.8
-        after = await store.call("found-it", **call, found=None, pause_for=0.0)
+        after = await store.call(Ask("found-it"))
     finally:
         await store.close()
     assert (after.rate, after.booting) == (RATE, False)
@@ -480,14 +509,14 @@ class CountingStore:
     async def check(self) -> None:
         pass
 
-    async def call(self, pid: str, *, want: int, given: float, **_: Any) -> Reply:
-        self.asked.append(want)
+    async def call(self, ask: Ask) -> Reply:
+        self.asked.append(ask.want)
         now = asyncio.get_running_loop().time()
-        granted = min(want, 10)
-        return Reply(now, given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
+        granted = min(ask.want, 10)
+        return Reply(now, ask.given, now if granted else -1, -1, 0.0, 1, True, False, -1, -1, granted)
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        return 0, 0, None
+    async def read(self, since: float, until: float) -> Logged:
+        return Logged(0, 0, None)
 
     async def close(self) -> None:
         pass

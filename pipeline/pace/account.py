@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import KEY_TTL, LOG_TTL, Reply
+from pipeline.pace.store import KEY_TTL, LOG_TTL, Ask, Logged, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" -> count (or room)
 
@@ -33,64 +33,49 @@ class AccountPace:
     def _reset(self) -> None:
         self.fields: dict[str, float] = {}
         self.found_by: str | None = None
-        self.members: dict[
-            str, tuple[float, bool]
-        ] = {}  # pid: its last call, and whether it held no starts then
+        self.members: dict[str, tuple[float, bool]] = {}  # pid: its last call, and whether idle then
         self.log: _Log = {}
 
-    def call(
-        self,
-        pid: str,
-        *,
-        want: int,
-        want_tokens: float,
-        given: float,
-        given_tokens: float,
-        found: float | None,
-        pause_for: float,
-        log: str = "",
-        holds: bool = False,
-        answered: int = 0,
-    ) -> Reply:
-        now = self.clock()
+    def call(self, ask: Ask) -> Reply:
+        a, want, now = ask, ask.want, self.clock()
         if now - self._used > KEY_TTL:
             self._reset()
         self._used = now
         f = self.fields
         cs_now = math.floor(now * 100)
         boot_at = f.get("boot_at", now)
-        told_refusal = self._add(log, now)
+        told_refusal = self._add(a.log, now)
         if told_refusal:
             f["refused_at"] = now
-        if found is not None:
-            f["found"], self.found_by = found, pid
-        leads = (self.found_by or pid) == pid
-        rate, booting = given, False
+        if a.found is not None:
+            f["found"], self.found_by = a.found, a.pid
+        leads = (self.found_by or a.pid) == a.pid
+        rate, booting = a.given, False
         paused = f.get("paused", 0.0)
-        if pause_for > 0 and now + pause_for > paused:
-            paused = f["paused"] = now + pause_for
+        if a.pause_for > 0 and now + a.pause_for > paused:
+            paused = f["paused"] = now + a.pause_for
         full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
-        if given <= 0 and told_refusal:
+        if a.given <= 0 and told_refusal:
             run = self._full_run(cs_now, full_resume)
             if run is not None:
                 first, told = run
-                full_at, full_resume = first / 100, max((told or 0) / 100, now)
+                full_at, full_resume = first / 100, told / 100 if told else now
                 f["full_at"], f["full_resume"] = full_at, full_resume
-                if full_resume > paused:
-                    paused = f["paused"] = full_resume
+                if max(full_resume, now) > paused:
+                    paused = f["paused"] = max(full_resume, now)
         if rate <= 0:
             rate = f.get("found", 0.0)
-        if rate <= 0 and given <= 0 and given_tokens <= 0:
+        if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: doubling every quarter second while the account's
-            # requests are let through at half its rate at least and nothing was refused for a
-            # second, not within half a second of a pause; no start leased till a second after
-            # a pause.
+            # requests are let through at 3/4 of its rate at least and nothing was refused for
+            # a second, not within half a second of a pause; no start leased till a second
+            # after a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
-            ok = f.get("boot_ok", 0.0) + answered
+            ok = f.get("boot_ok", 0.0) + a.answered
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1
-                if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) / 2:
+                if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
                     rate = min(rate * 2, 100_000.0)
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
@@ -103,11 +88,11 @@ class AccountPace:
             f["clock"] = start + want / rate
         else:
             want = 0
-        if want_tokens > 0 and given_tokens > 0:
+        if a.want_tokens > 0 and a.given_tokens > 0:
             token_start = max(f.get("token_clock", 0.0), now, paused)
-            f["token_clock"] = token_start + want_tokens / given_tokens
+            f["token_clock"] = token_start + a.want_tokens / a.given_tokens
         # Processes seen lately, and the time up to which every one of them has told its log.
-        self.members[pid] = (now, not (holds or want > 0))
+        self.members[a.pid] = (now, not (a.holds or want > 0))
         seen, reported = 0, now + 3600
         for member, (at, idle) in list(self.members.items()):
             if now - at < 5:
@@ -120,14 +105,13 @@ class AccountPace:
             now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want, reported
         )
 
-    def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        """What the account sent from `since` to `until`, how much of it was refused, and when
-        the first of it left."""
+    def read(self, since: float, until: float) -> Logged:
+        """The account's log from `since` to `until`, as the Redis script reads it."""
         if self.clock() - self._used > KEY_TTL:
             self._reset()
-        sent_by, refused_by, _ = self._logged(int(since * 100), int(until * 100) - 1)
-        first = min(sent_by) if sent_by else None
-        return sum(sent_by.values()), sum(refused_by.values()), (first / 100 if first is not None else None)
+        n = self._logged(int(since * 100), int(until * 100) - 1)
+        first = min(n["s"]) / 100 if n["s"] else None
+        return Logged(sum(n["s"].values()), sum(n["r"].values()), first)
 
     def _add(self, log: str, now: float) -> bool:
         """Adds `log` to the send log; returns whether it told of a refusal."""
@@ -148,28 +132,31 @@ class AccountPace:
             del self.log[second]
         return told_refusal
 
-    def _logged(self, since: int, until: int) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
-        """Sent, refused and room by hundredth, from hundredth `since` to `until`, both in."""
+    def _logged(self, since: int, until: int) -> dict[str, dict[int, int]]:
+        """Sent, refused and room ("s", "r", "w") by hundredth, from hundredth `since` to
+        `until`, both in."""
         kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}}
         for second in range(since // 100, until // 100 + 1):
             for name, n in self.log.get(second, {}).items():
                 cs = int(name[1:])
                 if since <= cs <= until:
                     kinds[name[0]][cs] = n
-        return kinds["s"], kinds["r"], kinds["w"]
+        return kinds
 
     def _full_run(self, cs_now: int, full_resume: float) -> tuple[int, int | None] | None:
         """The latest run of refusals, as the Redis script finds it: back from the latest
-        hundredth, the earliest one from which on at least `run` requests were refused and
-        half of what was sent; with the earliest room again its refusals told."""
+        hundredth refused, the earliest one from which on at least `run` requests were refused
+        and half of what was sent; with the earliest room again its refusals told."""
         since = max(cs_now - math.floor(self.watch * 100), math.ceil(full_resume * 100))
-        sent, refused, room = self._logged(since, cs_now // 100 * 100 + 99)
+        n = self._logged(since, cs_now // 100 * 100 + 99)
+        sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
         low: int | None = None
         found: tuple[int, int | None] | None = None
         for cs in sorted(sent.keys() | refused.keys(), reverse=True):
-            n_sent += sent.get(cs, 0)
-            n_refused += refused.get(cs, 0)
+            if n_refused or cs in refused:  # from the latest refused on: what follows is in flight
+                n_sent += sent.get(cs, 0)
+                n_refused += refused.get(cs, 0)
             if cs in room and (low is None or room[cs] < low):
                 low = room[cs]
             if cs in refused and n_refused >= self.run and n_refused * 2 >= n_sent:

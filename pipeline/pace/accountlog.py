@@ -2,7 +2,7 @@
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
 server has room again, by the hundredth of a second of the store's clock, with whichever call
-comes next (`pipeline.pace.shared`); the account's limit is read from the log of every
+comes next (`pipeline.pace.link`); the account's limit is read from the log of every
 process (`pipeline.pace.reading`). While the store is away the log is kept, up to LOG_MAX
 hundredths, and told when it is back.
 """

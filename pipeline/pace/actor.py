@@ -8,7 +8,7 @@ shard first asked from: workers are the nodes that come and go. It is detached (
 the driver that made it: a driver killed and started again finds the pace where it was) and
 restarted by Ray when it dies (`max_restarts=-1`), or made again on another node when its
 own is gone, its state new either way: the shards go on alone at their share of the last
-pace while it is away (`SharedPacer`'s rule for a store that went away), then rejoin.
+pace while it is away (`LeasedBudget`'s rule for a store that went away), then rejoin.
 It asks for no CPU: it answers one short call at a time, and those calls being
 serial is what makes each one atomic. Importing this module does not import Ray.
 """
@@ -21,7 +21,7 @@ import anyio
 
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Reply, StoreAway
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply, StoreAway
 
 NAMESPACE = "pipeline"
 CALL_TIMEOUT = 2.0  # seconds, as Redis's socket timeout: a call that takes longer is the store away
@@ -37,10 +37,10 @@ class PaceActor:
     def ping(self) -> bool:
         return True
 
-    def call(self, pid: str, kwargs: dict[str, Any]) -> Reply:
-        return self.pace.call(pid, **kwargs)
+    def call(self, ask: Ask) -> Reply:
+        return self.pace.call(ask)
 
-    def read(self, since: float, until: float) -> tuple[int, int, float | None]:
+    def read(self, since: float, until: float) -> Logged:
         return self.pace.read(since, until)
 
 
@@ -111,37 +111,13 @@ class ActorStore:
                     ) from None
                 await anyio.sleep(0.5)
 
-    async def call(
-        self,
-        pid: str,
-        *,
-        want: int,
-        want_tokens: float,
-        given: float,
-        given_tokens: float,
-        found: float | None,
-        pause_for: float,
-        log: str = "",
-        holds: bool = False,
-        answered: int = 0,
-    ) -> Reply:
-        kwargs = {
-            "want": want,
-            "want_tokens": want_tokens,
-            "given": given,
-            "given_tokens": given_tokens,
-            "found": found,
-            "pause_for": pause_for,
-            "log": log,
-            "holds": holds,
-            "answered": answered,
-        }
-        reply: Reply = await self._ask("call", pid, kwargs)
+    async def call(self, ask: Ask) -> Reply:
+        reply: Reply = await self._ask("call", ask)
         return reply
 
-    async def read(self, since: float, until: float) -> tuple[int, int, float | None]:
-        sent, refused, first = await self._ask("read", since, until)
-        return int(sent), int(refused), first
+    async def read(self, since: float, until: float) -> Logged:
+        logged: Logged = await self._ask("read", since, until)
+        return logged
 
     async def close(self) -> None:
         self._actor = None

@@ -28,7 +28,7 @@ import anyio
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.local import Then
 from pipeline.pace.reading import READ_AFTER, Moment, Readings
-from pipeline.pace.store import AccountStore, StoreAway
+from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 if TYPE_CHECKING:
     from pipeline.pace.leased import LeasedBudget
@@ -163,16 +163,18 @@ class StoreLink:
         sent_at = loop.time()
         try:
             r = await store.call(
-                self._pid,
-                want=want,
-                want_tokens=want_tokens,
-                given=budget.given,
-                given_tokens=budget.given_tokens,
-                found=found,
-                pause_for=pause_for,
-                log=said(log),
-                holds=budget.holds,
-                answered=answered,
+                Ask(
+                    self._pid,
+                    want=want,
+                    want_tokens=want_tokens,
+                    given=budget.given,
+                    given_tokens=budget.given_tokens,
+                    found=found,
+                    pause_for=pause_for,
+                    log=said(log),
+                    holds=budget.holds,
+                    answered=answered,
+                )
             )
         except StoreAway:
             self._answered += answered

@@ -1,17 +1,16 @@
 """The account's limit, read from what every process of it sent (a shared pace's `Capacity`).
 
-One process of sixteen sends a sixteenth of the account's requests: what it alone saw go
-through before the server was full says little of the account's limit, and scaling it by its
-share of the answers only adds noise. So a shared pace reads the limit from the account's send
-log in the store (`pipeline.pace.store`), at the moments one of its processes found the server
-full, as `Capacity` reads one process's: at the first moment, what the account sent and was
-not refused in the second before; at later ones, what it sent after the first moment and was
-not refused, up to the next moment it was full, over the time from when the server said it
-had room again to when it said so next. Times are the store's clock.
+One process of sixteen sees a sixteenth of the account's requests: too little, and too noisy
+scaled up, to read the account's limit from. So a shared pace reads it from the account's send
+log in the store (`pipeline.pace.store`), at the moments the server was found full, as
+`Capacity` reads one process's: at the first, what the account sent and was not refused in the
+second before (the server's, when it told its room within a second); at later ones, what it sent after the first moment and was not refused, up to
+this one (`Moment.end`), over the time from the room the server told after the first to the
+room it told after this one. Times are the store's clock.
 
-A moment is read once the store holds every process's send log up to it (a process tells
-its log with each call, and one holding no leased starts cannot send without calling), and
-once what was in flight at it has had its answer; or after a while, whatever it holds.
+A moment is read once the store holds every process's send log up to it (a process tells its
+log with each call, and one holding no leased starts cannot send without calling), and once
+what was in flight at it has had its answer; or after a while, whatever it holds.
 """
 
 from __future__ import annotations
@@ -37,15 +36,22 @@ class Moment:
     at: float  # when the first refused request of the run left (the store's clock)
     resume: float  # when the server said it would take requests again
 
+    @property
+    def end(self) -> float:
+        """Sent up to then and not refused, a request got through before this moment: up to
+        the room told (within a second; the account pauses till then), as sends overtake one
+        another on busy cores (3 % of a second's); with no pause, up to the refused one."""
+        return min(self.resume, self.at + 1.0) if self.resume > self.at else self.at + HUNDREDTH
+
 
 class AccountCapacity:
     def __init__(self) -> None:
         self._moments: deque[Moment] = deque()
 
     async def read(self, store: AccountStore, moment: Moment) -> tuple[float, bool] | None:
-        """Requests a second the account's server lets through, read at `moment`, and whether
-        the reading spans a second at least; None for a moment of the same stretch of
-        refusals as the last one (seen by another process, or by the store)."""
+        """Requests a second the server lets through, read at `moment`, and whether over a
+        second at least; None for a moment of the last one's stretch of refusals (seen by
+        another process, or by the store)."""
         moments = self._moments
         if moments and moment.at < moments[-1].resume:
             return None
@@ -55,19 +61,22 @@ class AccountCapacity:
             moments.popleft()
         moments.append(moment)
         if len(moments) == 1:
-            sent, refused, first = await store.read(moment.at - 1.0, moment.at + HUNDREDTH)
-            span = moment.at - first if first is not None and first > moment.at - 1.0 else 1.0
-            return (sent - refused) / max(span, 1e-2), True
+            # The second before the room told, within a second (a server that counts by the
+            # second: its own), else before the refused request.
+            last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
+            got = await store.read(last - 1.0, moment.end)
+            span = moment.at - got.first if got.first is not None and got.first > last - 1.0 else 1.0
+            return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
         # request sent after it was full and not refused was let through after it had room,
         # however late it arrived (a server that queues) or how far apart the clocks were.
-        sent, refused, _ = await store.read(since.at + HUNDREDTH, moment.at + HUNDREDTH)
+        got = await store.read(since.at + HUNDREDTH, moment.end)
         span = max(moment.resume - since.resume, 1e-2)
         # Nothing through between two moments close together (a bucket refilling a request at
         # a time, taken by another account's request or sent a hundredth late): less than
         # one over that time, read as one, not as nothing.
-        return max(sent - refused, 1) / span, span >= 1.0
+        return max(got.sent - got.refused, 1) / span, span >= 1.0
 
 
 @dataclass(slots=True)
@@ -79,9 +88,8 @@ class _Reading:
 
 
 class Readings:
-    """The moments a shared pace was told the account was full, waiting to be read: each
-    once the store holds every process's log up to it and what was in flight has had its
-    answer, or once it has waited READ_WAIT, whatever the store holds."""
+    """The moments a shared pace was told the account was full, waiting to be read (see the
+    module's text)."""
 
     def __init__(self) -> None:
         self._waiting: list[_Reading] = []
@@ -101,12 +109,11 @@ class Readings:
         return wait
 
     async def read(self, store: AccountStore, loop: asyncio.AbstractEventLoop, alone: bool) -> None:
-        """Read the moments whose log the store holds whole (or that waited long enough),
-        from the account's send log."""
+        """Read the moments whose log the store holds whole, or that waited long enough."""
         while self._waiting:
             reading = self._waiting[0]
             now = loop.time()
-            whole = reading.moment.at + HUNDREDTH <= self.reported
+            whole = reading.moment.end <= self.reported
             if now < reading.after or not (whole or now >= reading.due):
                 return
             read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back

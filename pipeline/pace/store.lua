@@ -1,0 +1,149 @@
+-- The account's shared pace: one call a lease or sync, atomic, on the store's clock (TIME).
+-- KEYS: the account, its members. ARGV: the `Ask`'s fields in order (pid, want, want_tokens,
+-- given, given_tokens, found (-1: none), pause_for, log, holds, answered), then KEY_TTL,
+-- BOOT_RATE, LOG_TTL, WATCH, RUN. Nothing here scans more than the call brings but a run of
+-- refusals, looked for only when the call tells of one: a call costs a few commands.
+local key, members = KEYS[1], KEYS[2]
+local pid = ARGV[1]
+local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
+local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
+local holds, answered = ARGV[9] == '1', tonumber(ARGV[10])
+local ttl, boot_rate, log_ttl, watch, run = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14]), tonumber(ARGV[15])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cs_now = math.floor(now * 100)
+local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
+                         'boot_ok', 'refused_at', 'clock', 'token_clock')
+local paused = tonumber(state[3] or '0')
+local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
+local boot_at = tonumber(state[7] or tostring(now))
+local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
+-- The send log: "hundredth sent refused room" quads, under a key a second (room: the earliest
+-- time, in hundredths, a refusal of a request sent then said the server has room again).
+local told_refusal, written = false, {}
+for cs, sent, refused, room in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+)') do
+  local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
+  written[log] = true
+  if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
+  if refused ~= '0' then
+    redis.call('HINCRBY', log, 'r' .. cs, refused)
+    told_refusal = true
+  end
+  if room ~= '0' then
+    local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
+    redis.call('HSET', log, 'w' .. cs, math.min(was, tonumber(room)))
+  end
+end
+if told_refusal then
+  refused_at = now
+  redis.call('HSET', key, 'refused_at', tostring(now))
+end
+for log, _ in pairs(written) do redis.call('EXPIRE', log, log_ttl) end
+if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
+local leads = found >= 0 or (state[2] or pid) == pid
+local rate, booting = given, 0
+if pause_for > 0 and now + pause_for > paused then
+  paused = now + pause_for
+  redis.call('HSET', key, 'paused', tostring(paused))
+end
+if given <= 0 and told_refusal then
+  -- Full: most of what the account sent since its first refusal of the last `watch` seconds
+  -- was refused. Each process sees only its share of such a run (sixteen would each take
+  -- sixteen times as long): the account pauses till the earliest time a refusal of the run
+  -- said the server has room again (a scattered refusal among them may ask for longer).
+  local from = math.max(cs_now - math.floor(watch * 100), math.ceil(full_resume * 100))
+  local sent, refused, room = {}, {}, {}
+  local kinds = {s = sent, r = refused, w = room}
+  for second = math.floor(from / 100), math.floor(cs_now / 100) do
+    local counts = redis.call('HGETALL', key .. ':log:' .. second)
+    for i = 1, #counts, 2 do
+      local cs = tonumber(string.sub(counts[i], 2))
+      if cs >= from then kinds[string.sub(counts[i], 1, 1)][cs] = tonumber(counts[i + 1]) end
+    end
+  end
+  -- Back from the latest hundredth refused: the earliest from which on at least `run`
+  -- requests were refused, and half of what was sent (a scattered refusal before the run
+  -- does not hold it back, nor do refusals that come back slowly fall out of the window).
+  -- What was sent after the latest refused is not yet answered: counted, a run was seen two
+  -- round trips after it began (0.9 s on two busy cores), the ramp sending into it.
+  local hundredths = {}
+  for cs, _ in pairs(sent) do hundredths[#hundredths + 1] = cs end
+  for cs, _ in pairs(refused) do if not sent[cs] then hundredths[#hundredths + 1] = cs end end
+  table.sort(hundredths)
+  local first, told, n_sent, n_refused, low = nil, nil, 0, 0, nil
+  for i = #hundredths, 1, -1 do
+    local cs = hundredths[i]
+    if n_refused > 0 or refused[cs] then n_sent, n_refused = n_sent + (sent[cs] or 0), n_refused + (refused[cs] or 0) end
+    if room[cs] and (low == nil or room[cs] < low) then low = room[cs] end
+    if refused[cs] and n_refused >= run and n_refused * 2 >= n_sent then first, told = cs, low end
+  end
+  if first then
+    -- The room told is when the server had room, though the run is seen later: what was
+    -- let through is read from then on. The pause (and the ramp's hold) runs from now at least.
+    full_at, full_resume = first / 100, told and told / 100 or now
+    redis.call('HSET', key, 'full_at', tostring(full_at), 'full_resume', tostring(full_resume))
+    if math.max(full_resume, now) > paused then
+      paused = math.max(full_resume, now)
+      redis.call('HSET', key, 'paused', tostring(paused))
+    end
+  end
+end
+if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonumber(state[1] or '0') end
+if rate <= 0 and given <= 0 and given_tokens <= 0 then
+  -- No limit given (a token limit bounds the rate too) nor found: the account ramps up as one,
+  -- doubling every quarter second while
+  -- * its requests are let through (as the processes tell their answers) at 3/4 of the
+  --   ramp's rate at least: counted as sent, a server or machine behind (its refusals late
+  --   too) let the ramp run to 16 times a limit of 1,000 a second at 16 shards on two cores;
+  --   at half, to 4 times (doubled at 2,048 a second with 1,080 let through);
+  -- * nothing was refused for a second: a server counting by the second refuses only once its
+  --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
+  -- * not within half a second of a pause, before the limit its refusals tell is read.
+  -- No start is leased while paused, nor for a second after (the longest a reading waits for
+  -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
+  -- pause ended, thousands a second.
+  booting = 1
+  rate = tonumber(state[6] or boot_rate)
+  if now - boot_at >= 0.25 then
+    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) * 0.75 then
+      rate = math.min(rate * 2, 100000)
+    end
+    boot_at, boot_ok = now, 0
+  end
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
+  if now < paused + 1 then want = 0 end
+end
+local start, token_start = -1, -1
+if want > 0 and rate > 0 then
+  -- A tenth of a second of the rate at most: a lease sized at a rate since cut would book the
+  -- account's clock seconds ahead.
+  want = math.min(want, math.max(1, math.ceil(rate * 0.1)))
+  start = math.max(tonumber(state[10] or '0'), now, paused)
+  redis.call('HSET', key, 'clock', tostring(start + want / rate))
+else
+  want = 0
+end
+if want_tokens > 0 and given_tokens > 0 then
+  token_start = math.max(tonumber(state[11] or '0'), now, paused)
+  redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
+end
+-- The processes seen lately; and up to when the store holds the whole account's send log: a
+-- process has told it up to its last call, and for good while it holds no starts (it cannot
+-- send without calling again).
+redis.call('HSET', members, pid, tostring(now) .. ((holds or want > 0) and '' or ' idle'))
+local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
+for i = 1, #all, 2 do
+  local at = tonumber(string.match(all[i + 1], '^[^ ]+'))
+  if now - at < 5 then
+    seen = seen + 1
+    if at < reported and not string.find(all[i + 1], 'idle', 1, true) then reported = at end
+  elseif now - at > 60 then
+    redis.call('HDEL', members, all[i])
+  end
+end
+redis.call('EXPIRE', key, ttl)
+redis.call('EXPIRE', members, ttl)
+return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
+        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
+        tostring(want), tostring(reported)}

@@ -1,0 +1,15 @@
+-- From hundredth ARGV[1] to ARGV[2] (not in): what the account sent, how much of it was
+-- refused, and the hundredth of the first send (-1: none).
+local from, to = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n, first = {s = 0, r = 0, w = 0}, -1
+for second = math.floor(from / 100), math.floor((to - 1) / 100) do
+  local counts = redis.call('HGETALL', KEYS[1] .. ':log:' .. second)
+  for i = 1, #counts, 2 do
+    local cs, kind = tonumber(string.sub(counts[i], 2)), string.sub(counts[i], 1, 1)
+    if cs >= from and cs < to then
+      n[kind] = n[kind] + tonumber(counts[i + 1])
+      if kind == 's' and (first < 0 or cs < first) then first = cs end
+    end
+  end
+end
+return {n.s, n.r, first}
