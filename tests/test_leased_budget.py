@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import selectors
 from typing import Any
 
+import anyio
 import pytest
 
+from pipeline.pace.account import AccountPace
 from pipeline.pace.leased import shared_pacer
 from pipeline.pace.local import Pacer
-from pipeline.pace.store import Ask, Logged, Reply
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply
 
 
 class Clock:
@@ -133,3 +136,98 @@ async def test_starts_gone_late_in_a_pause_are_not_told_as_held(monkeypatch: pyt
     await _sync(pacer, store)  # the pause over: its lease
     await _turns()
     assert waiter.done()
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Time passes only when nothing is ready: the loop jumps to its next timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if not ready and timeout:
+            self.now += timeout
+        return ready
+
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self.selector = _VirtualSelector()
+        super().__init__(self.selector)
+
+    def time(self) -> float:
+        return self.selector.now
+
+
+class _AccountStore:
+    """The account's pace with its real rules (`AccountPace`), in memory, on the loop's clock;
+    a call takes a few hundred microseconds each way."""
+
+    def __init__(self, pace: AccountPace) -> None:
+        self.pace = pace
+
+    async def check(self) -> None:
+        pass
+
+    async def call(self, ask: Ask) -> Reply:
+        await asyncio.sleep(0.0003)
+        reply = self.pace.call(ask)
+        await asyncio.sleep(0.0003)
+        return reply
+
+    async def read(self, since: float, until: float) -> Logged:
+        return self.pace.read(since, until)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_four_processes_held_by_both_limits_send_at_the_rate_that_binds() -> None:
+    """--rpm 2400 and --tpm 120000 at 50 tokens a request (both bind at 40 a second), four
+    processes: starts and tokens leased apart fell due at different times, each gone late
+    while it waited for the other, and the account sent half its limit (62 of 120 in 3 s)."""
+    loop = _VirtualLoop()
+    pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: loop.time() + 1e6)
+    starts: list[float] = []
+
+    async def process(i: int) -> None:
+        pacer = shared_pacer(
+            lambda: _AccountStore(pace),
+            "memory",
+            request_rate=40.0,
+            token_rate=2000.0,
+            processes=4,
+            say=lambda _: None,
+        )  # type: ignore[arg-type,return-value]
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+
+        async def worker() -> None:
+            while True:
+                reserved = await pacer.acquire(50)
+                starts.append(loop.time())
+                await asyncio.sleep(0.05)
+                pacer.settle(reserved, 50)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pacer.run)
+            for _ in range(8):
+                tg.start_soon(worker)
+            await asyncio.sleep(3.0)
+            tg.cancel_scope.cancel()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(process, i)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    first = min(starts)
+    assert 110 <= len(starts) <= 122  # 40 a second for 3 s, and a lease's worth ahead at most
+    for second in (0, 1, 2):  # never more than the limit in any second
+        assert sum(1 for t in starts if first + second <= t < first + second + 1) <= 41

@@ -82,15 +82,19 @@ class AccountPace:
             if now < paused + 1:
                 want = 0
         start, token_start = -1.0, -1.0
-        if want > 0 and rate > 0:
+        want = want if rate > 0 else 0
+        tokens = a.want_tokens if a.given_tokens > 0 else 0.0
+        # Starts and tokens asked together are leased from one instant, the later clock's.
+        base = max(
+            now, paused, f.get("clock", 0.0) if want else 0.0, f.get("token_clock", 0.0) if tokens else 0.0
+        )
+        if want > 0:
             want = min(want, max(1, math.ceil(rate * 0.1)))
-            start = max(f.get("clock", 0.0), now, paused)
+            start = base
             f["clock"] = start + want / rate
-        else:
-            want = 0
-        if a.want_tokens > 0 and a.given_tokens > 0:
-            token_start = max(f.get("token_clock", 0.0), now, paused)
-            f["token_clock"] = token_start + a.want_tokens / a.given_tokens
+        if tokens > 0:
+            token_start = base
+            f["token_clock"] = token_start + tokens / a.given_tokens
         # Processes seen lately, and the time up to which every one of them has told its log.
         self.members[a.pid] = (now, not (a.holds or want > 0))
         seen, reported = 0, now + 3600

@@ -124,6 +124,8 @@ class LeasedBudget:
             while self._slots and self._slots[0] < late:
                 self._slots.popleft()
             if not self._slots:
+                if self.given_tokens and tokens and self._leases.ready_at(tokens, now) is None:
+                    self._ask_tokens(tokens)  # in the same call: both leased from one instant
                 self.link.ask(self._lease())
                 return math.inf
             at = self._slots[0]

@@ -115,17 +115,23 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   if now < paused + 1 then want = 0 end
 end
 local start, token_start = -1, -1
-if want > 0 and rate > 0 then
+if rate <= 0 then want = 0 end
+if given_tokens <= 0 then want_tokens = 0 end
+-- Starts and tokens asked together are leased from one instant, the later of the two clocks:
+-- leased apart, a process's starts and its tokens fell due at different times, each gone late
+-- while it waited for the other, and the account sent half its limit when both bound.
+local base = math.max(now, paused)
+if want > 0 then base = math.max(base, tonumber(state[10] or '0')) end
+if want_tokens > 0 then base = math.max(base, tonumber(state[11] or '0')) end
+if want > 0 then
   -- A tenth of a second of the rate at most: a lease sized at a rate since cut would book the
   -- account's clock seconds ahead.
   want = math.min(want, math.max(1, math.ceil(rate * 0.1)))
-  start = math.max(tonumber(state[10] or '0'), now, paused)
+  start = base
   redis.call('HSET', key, 'clock', tostring(start + want / rate))
-else
-  want = 0
 end
-if want_tokens > 0 and given_tokens > 0 then
-  token_start = math.max(tonumber(state[11] or '0'), now, paused)
+if want_tokens > 0 then
+  token_start = base
   redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
 end
 -- The processes seen lately; and up to when the store holds the whole account's send log: a
