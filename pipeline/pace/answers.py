@@ -62,7 +62,7 @@ class Answers:
 
     def grow(self, latency: float | None) -> None:
         """An answer came: the window grows, and its latency is noted."""
-        self.window.grow()
+        self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
 

@@ -60,6 +60,7 @@ READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too 
 HOLD = 0.97  # the pace, as a share of the known limit
 WAIT = 1.0  # seconds to wait when a refusal does not say
 MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
+STALL, STALL_MAX = 2.0, 0.05  # a refusal's round trips (seconds at most) to stall for
 GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
 
 
@@ -166,6 +167,8 @@ class RateFinder:
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
+        if self.limit is None:  # start nothing until its fellows in flight show whether it is full
+            self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now)
         self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
         if ticket < self.epoch:
@@ -204,10 +207,13 @@ class RateFinder:
         if rate >= MIN_RATE:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
-            self.limit = rate
+            first, self.limit = self.limit is None, rate
             self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
-            self.window.open()  # the pace bounds the rate from here
+            if first:  # a bucket's savings may pass for a rate: a small window tells soon
+                self.window.restart()
+            else:
+                self.window.open()  # the pace bounds the rate from here
         else:
             self.window.shrink()  # nothing got through to read a limit from: just wait
 
