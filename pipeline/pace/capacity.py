@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pipeline.pace.sendlog import SendLog
 
-AGAIN_WITHIN = 10.0  # seconds: full again sooner than this, and the moments are one stretch
+AGAIN_WITHIN, AGAIN_COUNT = 10.0, 60  # full again sooner, or fewer let through: one stretch
 MAX_FULLS = 64  # moments kept, to read over the first and the last
 
 
@@ -58,7 +58,11 @@ class Capacity:
             if len(fulls) == 1:
                 return 0.0
             full = fulls.pop()
-        if fulls and full.at - fulls[-1].resume > AGAIN_WITHIN:
+        if (
+            fulls
+            and full.at - fulls[-1].resume > AGAIN_WITHIN
+            and self.log.accepted_between(fulls[-1].after, full.seq) > AGAIN_COUNT
+        ):
             fulls.clear()  # the server had room for a while since: a new stretch
         oldest = self.log.next - self.log.size  # what the send log still holds
         while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):

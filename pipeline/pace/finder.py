@@ -59,7 +59,8 @@ COMMON_AFTER = 50  # answers it takes to tell how common scattered refusals are
 READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
 WAIT = 1.0  # seconds to wait when a refusal does not say
-MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
+WAIT_WORTH = 20  # requests at the pace: a refused probe's longer wait costs no more, waited out
+MIN_RATE = 0.01  # requests a second (one in 100 s): less got through, and there is no limit to read
 STALL, STALL_MAX = 2.0, 0.05  # a refusal's round trips (seconds at most) to stall for
 GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
 
@@ -264,11 +265,13 @@ class RateFinder:
         # pool waits, or the refusals make a run that reads that too-high second.
         rest = wait if wait is not None and wait < 1.0 else 0.0
         count, _ = self.log.accepted(at + rest - 1.0, ticket)
-        if min(count, current) > self.limit:
+        if count >= RUN and min(count, current) > self.limit:  # (a request or two: a slow rate's chance)
             self.limit = min(float(count), current)
             self.capacity.sure = False
         hold = self.limit * HOLD
         self.pacer.set_request_rate(hold)
+        if wait is not None and wait * hold <= WAIT_WORTH:  # a slow pace: wait a minute's window out
+            rest = min(wait, MAX_PAUSE)
         if rest:
             self.pacer.pause(rest)
         self.probe.refused(now, hold)

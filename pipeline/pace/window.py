@@ -9,7 +9,7 @@ from collections import deque
 
 RAMP = 0.25  # seconds for the in-flight window to double while nothing is refused
 SPREAD = 2.0  # starts a round trip, per slot, at most while the window grows (TCP's pacing)
-CATCH_UP = 0.002  # seconds of starts a late timer may let go at once
+SLACK = 0.001  # seconds a timer may run early or late (uvloop keeps milliseconds)
 
 
 class Slots:
@@ -123,21 +123,25 @@ class Window(Slots):
         rate = SPREAD * self.size * (back + (math.log(2) / self.ramp if self.ramp > 0 else 0))
         while self._waiters and self.taken < self.size:
             at = max(self._next, self._until)
-            if at > now:
+            if at > now + SLACK:
                 self._spacer = loop.call_at(at, self._spaced)
                 return
             future = self._waiters.popleft()
             if not future.done():
                 self.taken += 1
                 future.set_result(None)
-                self._next = max(self._next, now - CATCH_UP) + 1 / rate
+                # From when it was due, if a timer ran late: lateness does not lower the rate.
+                self._next = (at if at > now - SLACK else now) + 1 / rate
 
     def _spaced(self) -> None:
         self._spacer = None
         self._wake()
 
     def stall(self, seconds: float) -> None:
-        """Start nothing for `seconds`."""
+        """Start nothing for `seconds`, while it grows (at its ceiling, so many scattered
+        refusals might come that it would stand still)."""
+        if self.size >= self.ceiling:
+            return
         try:
             now = asyncio.get_running_loop().time()
         except RuntimeError:  # no loop: nothing waits
