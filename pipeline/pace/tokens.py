@@ -21,8 +21,9 @@ used/reserved of the second kind's. Nothing in an answer says which kind a serve
 - **Counting more.** A lone token refusal at a pace that should fit (reservations kept whole,
   or all handed back on a server counting usage) says the server counts more than is
   reserved: it estimates the prompt its own way, or its windows are coarse enough that a
-  pace near the limit spills over one now and then. Each adds `STEP` to every count (at most
-  once a second: one full window refuses a few at once), up to `MOST`.
+  pace near the limit spills over one now and then. Each adds `STEP` to every count (half
+  that when counting usage, which is the answer's own count; at most once a second: one full
+  window refuses a few at once), up to `MOST`.
 
 The pacer keeps the clock; this keeps the rules (`counted`, `refused`), which the gate applies
 where a request's answer or refusal comes back.
@@ -141,5 +142,6 @@ class TokenCount:
             return int(taken)
         if now - self._bumped >= 1.0:
             self._bumped = now
-            self.factor = min(self.factor + STEP, MOST)
+            # Usage is the answer's own count: a lone refusal is the window's coarseness.
+            self.factor = min(self.factor + STEP / (2 if self.counting is Counting.USAGE else 1), MOST)
         return 0
