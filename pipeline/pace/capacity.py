@@ -1,18 +1,17 @@
 """What a server lets through, read at the moments it was seen full.
 
 A moment the server is full (a run of refusals, or refusals at a pace it should hold) is a
-`Full`: when the first refused request left, and when the server said it would take requests
-again. At the first such moment, what it let through in the second before is its limit, as
-servers count per second at least; a reading that spans two of a server's windows comes out
-too high, and the next moment corrects it. At every later one, the rate is read between the
-first moment kept and this one: the requests not refused from when the server said it had
-room to when it was full again, over that time. Both ends are moments the server was full,
-so whatever it counts in between, it let through exactly those: that holds for fixed windows
-(per second, per minute) and for a bucket that refills continuously, whatever its burst.
+`Full`: when the first refused request left, and when the server said it had room again. At
+the first such moment, what it let through in the second before is its limit (servers count
+per second at least; a reading spanning two of its windows comes out high, and the next
+moment corrects it). At every later one, the rate is read between the first moment kept and
+this one: the requests not refused from when it had room to when it was full again, over
+that time. Both ends are moments it was full, so it let through exactly those, whatever it
+counts: fixed windows (per second, per minute) or a bucket refilled continuously.
 
-The moments are kept while they follow one another (the server full again within
-AGAIN_WITHIN seconds of having room); after a longer stretch with room, the next moment
-starts afresh.
+The moments are kept while they follow one another: full again within AGAIN_WITHIN seconds
+of having room, or with fewer than AGAIN_COUNT let through between (a slow limit's minute).
+After a longer stretch with room, the next moment starts afresh.
 """
 
 from __future__ import annotations

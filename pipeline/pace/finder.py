@@ -1,37 +1,27 @@
-"""Finding a rate limit nobody stated, from the fast signal.
-
-A refusal (429) comes back in milliseconds; an answer from a model takes seconds. So the
-refusals drive everything here, and answers are never waited for:
+"""Finding a rate limit nobody stated, from the fast signal: a refusal (429) comes back in
+milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
 - **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`SendLog`). A run of four (more when
-  scattered refusals are common) says the server is full; scattered 429s, as an
-  aggregator's upstreams send them, almost never line up so, and only delay their own
-  request (by its Retry-After, in the retry policy).
-- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what the
-  server let through in the second before; at later ones, what it let through between two
-  moments it was full. The pool pauses for the Retry-After, the pace is set at 97 % of the
-  rate read, and the in-flight window opens to --concurrency (the pace bounds the rate). A
-  refusal that comes back after the reading, for a request it counted in, is taken out.
-- **Probing** (`pipeline.pace.probe`). Ten seconds after a change of pace, while the pacer
-  is what holds requests back, the pace climbs above the limit known, slowly near it and
-  faster the longer nothing is refused, to learn whether the limit rose.
-- **Above a known limit.** A refused probe sets the pace back (`_probed_past`). Refusals at the
-  limit's pace read it again: at once when they beat steadily, as a pace just above a limit
-  is refused (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over
-  under a second or raised by a probe, or past 15 % of answers. Scattered ones never do.
-- Until a limit is found, requests are not paced at all (`pipeline.pace.answers`).
-- **Many processes, one account** (a shared pace): each process still watches its own
-  requests, but the moments the server is full are seen, and the limit read, from what
-  the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
+  room again: a run of refusals in send order (`SendLog`). A run of four (more when scattered
+  refusals are common) says it is full; an aggregator's scattered 429s almost never line up
+  so, and only delay their own request (by its Retry-After, in the retry policy). While no
+  limit is known, a refusal stalls the growing window until its fellows are back (`Window`).
+- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what it let
+  through in the second before; later, between two moments it was full. The pool pauses for
+  the Retry-After and the pace is set at 97 % of the rate read; the window restarts small at
+  the first reading (a bucket's savings may pass for a rate) and opens at the next.
+  A refusal that comes back after the reading, for a request it counted in, is taken out.
+- **Probing** (`pipeline.pace.probe`): once a pace has held and binds, it climbs above the
+  limit known, to learn whether the limit rose. A refused probe sets it back (`_probed_past`).
+- **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
+  (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over under a
+  second or raised by a probe, or past 15 % of answers. Scattered ones never do.
+- **Many processes, one account** (a shared pace): the moments the server is full are seen,
+  and the limit read, from what the whole account sent (`pipeline.pace.reading`).
 
-When every request out fails, and the endpoint is at fault (5xx, dropped connections,
-timeouts; not a 400 or a 404), it is down rather than busy: the pool pauses and probes with a
-few requests, spending no attempt until it answers (`pipeline.pace.outage`). When the server
-lets nothing through for long, the run stops (`pipeline.pace.giveup`).
-
-Where the server states its limits (`x-ratelimit-*` headers) they are used instead
-(`pipeline.pace.stated`).
+An endpoint that fails every request (5xx, dropped connections, timeouts) is down, not busy
+(`pipeline.pace.outage`); one that lets nothing through for long stops the run
+(`pipeline.pace.giveup`); limits a server states are used instead (`pipeline.pace.stated`).
 """
 
 from __future__ import annotations
@@ -171,11 +161,11 @@ class RateFinder:
         if self.limit is None:  # start nothing until its fellows in flight show whether it is full
             self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now)
-        self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
+        pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
+        self.pacer.refused(self.log.sent_at(ticket), now + pause)
         if ticket < self.epoch:
             return  # sent before the last change of pace
         back, total = self.answers.refused(now)  # before this one
-        pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
         # How common scattered refusals are, from enough answers to tell (not from the first

@@ -70,21 +70,17 @@ class Slots:
 
 
 class Window(Slots):
-    """At most `size` requests in flight. The size starts small and, while it holds requests
-    back, doubles every `ramp` seconds, one request at a time (so never a burst): refusals
-    come back in milliseconds, so time without them is what says more may go, however long
-    the answers take. Each success adds half a request too (a gentler TCP slow start), which
-    is quicker when answers are quick. `hold` ends the quick growth (then one a round trip),
-    `shrink` cuts the window, `open` lifts it to the ceiling once a pace bounds the rate. It
-    never exceeds `ceiling` (--concurrency): a server is never hit with everything at once
-    before it has had time to refuse.
+    """At most `size` requests in flight (never above `ceiling`, --concurrency). It starts
+    small and, while it holds requests back, doubles every `ramp` seconds, one request at a
+    time: refusals come back in milliseconds, so time without them says more may go, however
+    long answers take. Each success adds half a request (a gentler TCP slow start). `hold`
+    ends the quick growth, `shrink` cuts it, `open` lifts it to the ceiling once a pace bounds
+    the rate.
 
-    While it grows, its starts are spread in time, at SPREAD times the rate its answers come
-    back (as TCP paces a window in slow start): answers that come back together would send
-    their successors out together, a clump that grows by half each round trip, and a server
-    that runs out of room in the middle of one refuses the rest of it before the first
-    refusal is back. `stall` holds every start back for a moment (a refusal while no limit
-    is known: until its fellows in flight show whether the server is full)."""
+    While it grows, its starts are spread at SPREAD times the rate its answers come back (as
+    TCP paces slow start): answers back together would send a clump, half as big again each
+    round trip, and a server out of room in the middle of one refuses the rest of it before
+    the first refusal is back. `stall` holds every start back a moment."""
 
     def __init__(self, ceiling: int, *, start: int = 16, ramp: float = RAMP) -> None:
         super().__init__(float(min(start, ceiling)))
@@ -102,15 +98,12 @@ class Window(Slots):
     def in_flight(self) -> int:
         return self.taken
 
-    def _respread(self, now: float) -> None:
-        self._spread = (self._round > 0 and self.size < self.ceiling) or now < self._until
-
     def _wake_spread(self) -> None:
         if not self._waiters:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._respread(now)
+        self._spread = (self._round > 0 and self.size < self.ceiling) or now < self._until
         if not self._spread:
             if self._spacer is not None:
                 self._spacer.cancel()
@@ -138,8 +131,9 @@ class Window(Slots):
         self._wake()
 
     def stall(self, seconds: float) -> None:
-        """Start nothing for `seconds`, while it grows (at its ceiling, so many scattered
-        refusals might come that it would stand still)."""
+        """Start nothing for `seconds` (a refusal with no limit known: until its fellows in
+        flight show whether the server is full); not at the ceiling, where scattered
+        refusals might come so often that it would stand still."""
         if self.size >= self.ceiling:
             return
         try:
