@@ -22,6 +22,8 @@ from pipeline.pace.local import Pacer
 from pipeline.pace.window import Window
 from pipeline.send.waits import parse_duration as parse_reset
 from tests.conftest import bodies, read_jsonl
+from tests.simulated import Clock as SimClock
+from tests.simulated import simulate
 
 
 class Clock:
@@ -360,6 +362,111 @@ async def test_the_window_starts_small_grows_with_answers_and_never_passes_the_c
     assert w.size == 20
     w.open()
     assert w.size == 40
+
+
+class Timers:
+    """The loop's clock and timers, faked: each timer asked for is recorded (with its delay)
+    and never run by the loop; `run_last` moves the clock to it and runs it, so nothing
+    waits on the clock."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.asked: list[tuple[float, asyncio.TimerHandle]] = []
+
+    def __enter__(self) -> Timers:
+        def call_at(when: float, callback, *args, context=None):  # type: ignore[no-untyped-def]
+            handle = asyncio.TimerHandle(when, callback, args, self.loop, context)
+            self.asked.append((when - self.now, handle))
+            return handle
+
+        self.loop.call_at = call_at  # type: ignore[method-assign]
+        self.loop.time = lambda: self.now  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.loop.call_at, self.loop.time
+
+    def run_last(self) -> float:
+        delay, handle = self.asked.pop()
+        self.now = handle.when()
+        handle._run()
+        return delay
+
+
+async def turn() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_answers_that_come_back_together_send_their_successors_spread_in_time() -> None:
+    # A clump of answers would send a clump of requests, half as big again each round trip,
+    # and a bucket that ran dry in the middle of one would refuse all the rest of it.
+    with Timers() as timers:
+        w = Window(256, start=16, ramp=0)
+        for _ in range(16):
+            await w.acquire()
+        waiting = [asyncio.ensure_future(w.acquire()) for _ in range(24)]
+        await turn()
+        for _ in range(16):  # sixteen answers in half a second, back at once
+            w.grow(0.5)
+            w.release()
+        await turn()
+        assert sum(waiter.done() for waiter in waiting) == 1  # not 24 at once
+        delay = timers.run_last()
+        assert 0.5 / (2 * 24) <= delay <= 0.5 / (2 * 16)  # twice the rate a window of 16-24 is answered
+        await turn()
+        assert sum(waiter.done() for waiter in waiting) == 2
+        w.open()  # a pace bounds the rate: no spreading
+        await turn()
+        assert all(waiter.done() for waiter in waiting)
+
+
+async def test_a_refusal_while_no_limit_is_known_stalls_the_window_until_its_fellows_are_back() -> None:
+    f, _, window, clock = finder()
+    with Timers() as timers:
+        for _ in range(16):
+            await window.acquire()
+        waiting = asyncio.ensure_future(window.acquire())
+        ticket = f.sent()
+        clock.now += 0.004  # refused in 4 ms
+        f.pushback(ticket, 0.02)
+        window.release()
+        window.grow()
+        await turn()
+        assert not waiting.done()  # nothing starts before the refusals in flight are back...
+        assert timers.run_last() == pytest.approx(2 * 0.004, rel=0.1)  # ...two of its round trips
+        await turn()
+        assert waiting.done()
+
+
+async def test_a_first_limit_read_restarts_the_window_small_and_the_next_opens_it() -> None:
+    # A bucket that held a minute's quota lets the first second's many through: the pace
+    # read from it is far too fast, and a full window at that pace would be refused whole.
+    f, _, window, clock = finder()
+    window.size = 200.0
+    bucket = Bucket(capacity=600, rate=10)
+    serve(f, clock, [bucket], seconds=0.65, offered=1000)
+    assert f.limit is not None
+    assert f.limit > 100  # the savings, read as a rate
+    assert window.size <= 16  # small...
+    assert window.threshold == 256  # ...and growing quickly
+    serve(f, clock, [bucket], seconds=2, offered=1000)
+    assert f.limit == pytest.approx(10, rel=0.2)
+    assert window.size == 256
+
+
+async def test_a_free_models_twenty_a_minute_is_found_and_kept_with_few_refusals() -> None:
+    # OpenRouter's :free models: 20 requests a minute, counted per minute, answers in a second.
+    clock = SimClock(1000.0)
+    f = RateFinder(Pacer(), Window(64), clock=clock, stop=stopped.append)
+    minute = PerWindow(length=60.0, requests=20, tokens=None)
+    early = simulate(f, clock, [minute], seconds=120, offered=5, latency=1.0)
+    assert f.limit == pytest.approx(20 / 60, rel=0.05)  # not thrown away as too slow to be one
+    assert early.refusals(1000, 1120) <= 8  # two runs of four: its first minute, then its rate
+    later = simulate(f, clock, [minute], seconds=480, offered=5, latency=1.0)
+    assert len(later.refused) <= 2  # a probe
+    assert later.rate(1180, 1600) >= 0.95 * 20 / 60
 
 
 # -- against the mock ----------------------------------------------------------------------------

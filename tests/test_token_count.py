@@ -122,11 +122,12 @@ def test_a_server_that_counts_usage_gets_the_unused_part_back_until_a_flood_says
     assert count.counting is Counting.USAGE
     assert answer(count, clock, 10.0) == 60
     assert answer(count, clock, 10.0, used=0) == 100  # an answer that states no usage keeps it all
-    assert count.refused() == 0  # a lone refusal at a pace that should fit: count more
-    assert (count.counting, answer(count, clock, 10.1)) == (Counting.USAGE, 62)
+    assert count.refused() == 0  # a lone refusal at a pace that should fit: count more...
+    # ...by half a step (usage is the answer's own count: the window's coarseness spilled)
+    assert (count.counting, answer(count, clock, 10.1)) == (Counting.USAGE, 61)
     assert [count.refused() for _ in range(FLOOD - 1)][-1] > 0  # a flood: the hand-backs taken back
     assert count.counting is Counting.ARRIVAL
-    assert answer(count, clock, 10.2) == 102
+    assert answer(count, clock, 10.2) == 101
 
 
 def test_a_shared_pace_keeps_reservations_whole() -> None:

@@ -1,11 +1,9 @@
-"""What the answers at the current pace say to the in-flight window.
+"""What the answers at the current pace say to the in-flight window (`pipeline.pace.window`).
 
-Until a limit is found, requests are not paced at all: one check each, no timer. The window
-(`limits.Window`) grows with time while no refusal comes back, not with answers. A sliding
-window of the last two seconds' answers tells how common refusals are at the pace in force;
-more than scattered ones hold the window's quick growth until a trend shows. Rising latency
-at more in flight (a server that queues) gives up a quarter of the window
-(`pipeline.pace.latency`).
+Until a limit is found, requests are not paced: one check each, no timer. A sliding window of
+the last two seconds' answers tells how common refusals are at the pace in force; more than
+scattered ones hold the window's quick growth until a trend shows. Rising latency at more in
+flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ class Answers:
         self.window = window
         self.latency = LatencyWatch(clock)
         self.latency_cuts = 0
-        self._ok = [0] * BUCKETS
         self._back = [0] * BUCKETS
         self._all = [0] * BUCKETS
         self._bucket = 0
@@ -47,7 +44,7 @@ class Answers:
         if bucket != self._bucket:
             for b in range(max(self._bucket + 1, bucket - BUCKETS + 1), bucket + 1):
                 i = b % BUCKETS
-                self._ok[i] = self._back[i] = self._all[i] = 0
+                self._back[i] = self._all[i] = 0
             self._bucket = bucket
         return bucket % BUCKETS
 
@@ -58,19 +55,17 @@ class Answers:
         self._hold_spent = False
         self.latency.restart(now)  # answers from before the change say nothing of it
         for j in range(BUCKETS):
-            self._ok[j] = self._back[j] = self._all[j] = 0
+            self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
         """An answer came: the window grows, and its latency is noted."""
-        self.window.grow()
+        self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
 
     def ok(self, now: float) -> None:
         """An answer at the current pace."""
-        i = self._slot(now)
-        self._ok[i] += 1
-        self._all[i] += 1
+        self._all[self._slot(now)] += 1
         self.tally[1] += 1
 
     def other(self, now: float) -> None:

@@ -1,18 +1,17 @@
 """What a server lets through, read at the moments it was seen full.
 
 A moment the server is full (a run of refusals, or refusals at a pace it should hold) is a
-`Full`: when the first refused request left, and when the server said it would take requests
-again. At the first such moment, what it let through in the second before is its limit, as
-servers count per second at least; a reading that spans two of a server's windows comes out
-too high, and the next moment corrects it. At every later one, the rate is read between the
-first moment kept and this one: the requests not refused from when the server said it had
-room to when it was full again, over that time. Both ends are moments the server was full,
-so whatever it counts in between, it let through exactly those: that holds for fixed windows
-(per second, per minute) and for a bucket that refills continuously, whatever its burst.
+`Full`: when the first refused request left, and when the server said it had room again. At
+the first such moment, what it let through in the second before is its limit (servers count
+per second at least; a reading spanning two of its windows comes out high, and the next
+moment corrects it). At every later one, the rate is read between the first moment kept and
+this one: the requests not refused from when it had room to when it was full again, over
+that time. Both ends are moments it was full, so it let through exactly those, whatever it
+counts: fixed windows (per second, per minute) or a bucket refilled continuously.
 
-The moments are kept while they follow one another (the server full again within
-AGAIN_WITHIN seconds of having room); after a longer stretch with room, the next moment
-starts afresh.
+The moments are kept while they follow one another: full again within AGAIN_WITHIN seconds
+of having room, or with fewer than AGAIN_COUNT let through between (a slow limit's minute).
+After a longer stretch with room, the next moment starts afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 from pipeline.pace.sendlog import SendLog
 
-AGAIN_WITHIN = 10.0  # seconds: full again sooner than this, and the moments are one stretch
+AGAIN_WITHIN, AGAIN_COUNT = 10.0, 60  # full again sooner, or fewer let through: one stretch
 MAX_FULLS = 64  # moments kept, to read over the first and the last
 
 
@@ -58,7 +57,11 @@ class Capacity:
             if len(fulls) == 1:
                 return 0.0
             full = fulls.pop()
-        if fulls and full.at - fulls[-1].resume > AGAIN_WITHIN:
+        if (
+            fulls
+            and full.at - fulls[-1].resume > AGAIN_WITHIN
+            and self.log.accepted_between(fulls[-1].after, full.seq) > AGAIN_COUNT
+        ):
             fulls.clear()  # the server had room for a while since: a new stretch
         oldest = self.log.next - self.log.size  # what the send log still holds
         while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):

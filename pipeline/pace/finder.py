@@ -1,37 +1,27 @@
-"""Finding a rate limit nobody stated, from the fast signal.
-
-A refusal (429) comes back in milliseconds; an answer from a model takes seconds. So the
-refusals drive everything here, and answers are never waited for:
+"""Finding a rate limit nobody stated, from the fast signal: a refusal (429) comes back in
+milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
 - **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`SendLog`). A run of four (more when
-  scattered refusals are common) says the server is full; scattered 429s, as an
-  aggregator's upstreams send them, almost never line up so, and only delay their own
-  request (by its Retry-After, in the retry policy).
-- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what the
-  server let through in the second before; at later ones, what it let through between two
-  moments it was full. The pool pauses for the Retry-After, the pace is set at 97 % of the
-  rate read, and the in-flight window opens to --concurrency (the pace bounds the rate). A
-  refusal that comes back after the reading, for a request it counted in, is taken out.
-- **Probing** (`pipeline.pace.probe`). Ten seconds after a change of pace, while the pacer
-  is what holds requests back, the pace climbs above the limit known, slowly near it and
-  faster the longer nothing is refused, to learn whether the limit rose.
-- **Above a known limit.** A refused probe sets the pace back (`_probed_past`). Refusals at the
-  limit's pace read it again: at once when they beat steadily, as a pace just above a limit
-  is refused (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over
-  under a second or raised by a probe, or past 15 % of answers. Scattered ones never do.
-- Until a limit is found, requests are not paced at all (`pipeline.pace.answers`).
-- **Many processes, one account** (a shared pace): each process still watches its own
-  requests, but the moments the server is full are seen, and the limit read, from what
-  the whole account sent (`pipeline.pace.reading`), and every process is told the reading.
+  room again: a run of refusals in send order (`SendLog`). A run of four (more when scattered
+  refusals are common) says it is full; an aggregator's scattered 429s almost never line up
+  so, and only delay their own request (by its Retry-After, in the retry policy). While no
+  limit is known, a refusal stalls the growing window until its fellows are back (`Window`).
+- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what it let
+  through in the second before; later, between two moments it was full. The pool pauses for
+  the Retry-After and the pace is set at 97 % of the rate read; the window restarts small at
+  the first reading (a bucket's savings may pass for a rate) and opens at the next.
+  A refusal that comes back after the reading, for a request it counted in, is taken out.
+- **Probing** (`pipeline.pace.probe`): once a pace has held and binds, it climbs above the
+  limit known, to learn whether the limit rose. A refused probe sets it back (`_probed_past`).
+- **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
+  (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over under a
+  second or raised by a probe, or past 15 % of answers. Scattered ones never do.
+- **Many processes, one account** (a shared pace): the moments the server is full are seen,
+  and the limit read, from what the whole account sent (`pipeline.pace.reading`).
 
-When every request out fails, and the endpoint is at fault (5xx, dropped connections,
-timeouts; not a 400 or a 404), it is down rather than busy: the pool pauses and probes with a
-few requests, spending no attempt until it answers (`pipeline.pace.outage`). When the server
-lets nothing through for long, the run stops (`pipeline.pace.giveup`).
-
-Where the server states its limits (`x-ratelimit-*` headers) they are used instead
-(`pipeline.pace.stated`).
+An endpoint that fails every request (5xx, dropped connections, timeouts) is down, not busy
+(`pipeline.pace.outage`); one that lets nothing through for long stops the run
+(`pipeline.pace.giveup`); limits a server states are used instead (`pipeline.pace.stated`).
 """
 
 from __future__ import annotations
@@ -59,7 +49,9 @@ COMMON_AFTER = 50  # answers it takes to tell how common scattered refusals are
 READ_SHARE, READ_MIN = 0.15, 8  # refusals at the limit's pace: it was read too high
 HOLD = 0.97  # the pace, as a share of the known limit
 WAIT = 1.0  # seconds to wait when a refusal does not say
-MIN_RATE = 0.5  # requests a second: less got through, and there is no limit to read
+WAIT_WORTH = 20  # requests at the pace: a refused probe's longer wait costs no more, waited out
+MIN_RATE = 0.01  # requests a second (one in 100 s): less got through, and there is no limit to read
+STALL, STALL_MAX = 2.0, 0.05  # a refusal's round trips (seconds at most) to stall for
 GIVE_UP = 600.0  # seconds of nothing but refusals before the run stops
 
 
@@ -166,12 +158,14 @@ class RateFinder:
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
+        if self.limit is None:  # start nothing until its fellows in flight show whether it is full
+            self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now)
-        self.pacer.refused(self.log.sent_at(ticket), now + min(wait if wait is not None else WAIT, MAX_PAUSE))
+        pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
+        self.pacer.refused(self.log.sent_at(ticket), now + pause)
         if ticket < self.epoch:
             return  # sent before the last change of pace
         back, total = self.answers.refused(now)  # before this one
-        pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
         # How common scattered refusals are, from enough answers to tell (not from the first
@@ -204,10 +198,13 @@ class RateFinder:
         if rate >= MIN_RATE:
             if self.ceiling is not None:
                 rate = min(rate, self.ceiling / MARGIN)
-            self.limit = rate
+            first, self.limit = self.limit is None, rate
             self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
-            self.window.open()  # the pace bounds the rate from here
+            if first:  # a bucket's savings may pass for a rate: a small window tells soon
+                self.window.restart()
+            else:
+                self.window.open()  # the pace bounds the rate from here
         else:
             self.window.shrink()  # nothing got through to read a limit from: just wait
 
@@ -258,11 +255,13 @@ class RateFinder:
         # pool waits, or the refusals make a run that reads that too-high second.
         rest = wait if wait is not None and wait < 1.0 else 0.0
         count, _ = self.log.accepted(at + rest - 1.0, ticket)
-        if min(count, current) > self.limit:
+        if count >= RUN and min(count, current) > self.limit:  # (a request or two: a slow rate's chance)
             self.limit = min(float(count), current)
             self.capacity.sure = False
         hold = self.limit * HOLD
         self.pacer.set_request_rate(hold)
+        if wait is not None and wait * hold <= WAIT_WORTH:  # a slow pace: wait a minute's window out
+            rest = min(wait, MAX_PAUSE)
         if rest:
             self.pacer.pause(rest)
         self.probe.refused(now, hold)

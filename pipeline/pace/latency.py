@@ -1,11 +1,8 @@
 """Rising latency, read as Little's law has it: the sign of a server that queues rather than
-refuses.
-
-An LLM's latency also rises with longer answers or a busier provider, and cutting the window
-then would only cost throughput. So once a second the median latency, the mean number in
-flight and the answers a second are compared with their usual values (moving averages of
-those readings). When more in flight bought no more answers, only twice the latency, twice in
-a row, the extra requests were queueing.
+refuses. An LLM's latency also rises with longer answers or a busier provider, when cutting
+the window would only cost throughput; so once a second the median latency, mean in flight
+and answers a second are compared with their moving averages: more in flight that bought no
+more answers, only twice the latency, twice in a row, was queueing.
 """
 
 from __future__ import annotations

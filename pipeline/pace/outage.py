@@ -1,31 +1,24 @@
 """When the endpoint as a whole fails: pause, probe with a few, and let nobody's attempt pay.
 
-A connection refused or reset, a timeout, a 5xx: one of them is one request's bad luck, and
-the retry policy spends an attempt of that request on it. The endpoint is down when every
-request that was out when such a failure came back has failed since, nothing answering in
-between, `MIN` failures at least (when the endpoint goes, every request in flight fails); or
-when failures alone have come back for `QUIET` seconds (a network that drops packets: new
-connections time out, while the requests out before hang until their own timeout). Those
-failures must come from `MIN` requests at least, unless the last could not even connect: a
-request that fails alone, again and again, with nothing else out (the last of a run, or the
-only one of a job), is a poison request as much as a sign of an outage, and taken for one
-(taken for an outage, it was never failed: the run stopped after --give-up-after, on every
-resume). Then no request is at fault, and until something answers again:
+A connection refused or reset, a timeout, a 5xx: one is one request's bad luck, and spends an
+attempt of it. The endpoint is down when every request out when such a failure came back has
+failed since, nothing answering between, `MIN` failures at least (an endpoint that goes fails
+everything in flight); or when failures alone have come back for `QUIET` seconds (a network
+that drops packets: new connections time out, older requests hang until theirs). They must
+come from `MIN` requests, unless the last could not even connect: one request failing alone,
+again and again, is as likely a poison request, and taken for an outage it would never fail
+(the run would stop after --give-up-after, on every resume). Then, until something answers:
 
-- the pool pauses, for a second and then twice as long each time a probe finds it still down
-  (up to ten seconds); after each pause only `PROBES` requests go at a time (the in-flight
-  window is cut to that, and given back as it was once the endpoint answers), so an outage
-  costs a couple of requests every few seconds, not the whole window each time;
-- a failure spends no attempt: it is marked `outage`, and the retry policy sends it again as
-  it does a refusal, the gate holding it until a probe gets through;
-- once the endpoint has failed so for `give_up` seconds (--give-up-after), the run stops
-  (exit 3, resumable), saying for how long; the last pause ends then, so that it is said on
-  time.
+- the pool pauses a second, twice as long each time a probe finds it still down (up to ten),
+  and only `PROBES` requests go at a time (the window is cut to that, and given back once it
+  answers): an outage costs a couple of requests every few seconds, not the whole window;
+- a failure spends no attempt: marked `outage`, the retry policy sends it again as it does
+  a refusal, the gate holding it until a probe gets through;
+- after `give_up` seconds (--give-up-after) the run stops (exit 3, resumable), on time.
 
-An answer of any other kind (a success, a 429, a 400) says the endpoint is up. One request
-that fails while others succeed (a poison request that always gets a 500), or every request of
-one model while another model's are out and answer later (an aggregator's upstream down), is
-no outage, and spends its attempts as before.
+Any other answer (a success, a 429, a 400) says it is up. One request failing while others
+succeed (a poison request), or one model's while another's answer (an upstream down), is no
+outage, and spends its attempts as before.
 """
 
 from __future__ import annotations

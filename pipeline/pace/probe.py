@@ -1,30 +1,24 @@
 """Trying a pace above the limit known, to learn that it rose, at a bounded cost when it did not.
 
-A limit read from refusals holds until the server says otherwise, and a server that raises
-its limit (a tier upgrade, an upstream recovering) says nothing: only a pace above the old
-limit that goes unrefused shows it. So, once a pace has held for a while, the rate finder
-asks the probe for the pace to try, once a second while the pace is what holds requests back.
-The probe's curve is CUBIC's (Ha, Rhee and Xu, "CUBIC: a new TCP-friendly high-speed TCP
-variant", 2008; RFC 9438), with the limit known in the role of the window where the last
-loss was seen:
+A server that raises its limit (a tier upgrade, an upstream recovering) says nothing: only a
+pace above the old limit that goes unrefused shows it. Once a pace has held a while, the rate
+finder asks the probe for the pace to try, once a second while the pace binds. Its curve is
+CUBIC's (Ha, Rhee and Xu, 2008; RFC 9438), with the limit known as the window of the last loss:
 
     rate(t) = limit * (1 + C (t - K)^3),    C = (1 - HOLD) / K^3
 
-It starts at the pace the finder holds (HOLD of the limit, t = 0), flattens as it reaches
-the limit (t = K) and lingers there, so that a probe of a limit that did not move crosses it
-slowly, by a percent or two, and is refused for a request or two; past it, the longer
-nothing is refused, the faster it climbs (18 % a second at most), so that a limit that
-rose 2.5 times is reached in a quarter of a minute.
+It starts at the pace held (HOLD of the limit, t = 0) and flattens as it reaches the limit
+(t = K), so that a probe of a limit that did not move crosses it slowly and is refused for a
+request or two; past it, the longer nothing is refused, the faster it climbs (18 % a second at
+most): a limit that rose 2.5 times is reached in a quarter of a minute.
 
-A refusal above the limit known sends the pace back to it at once (the finder's doing), and
-the next probe waits: SETTLE seconds at least, and EVERY requests for each refusal the probe
-cost (its own, and those in the TAIL seconds after: the rest of a server's second, a bucket
-read again), so that probing spends about one request in EVERY at most: a refusal or two a
-minute at 3,000 a minute. A rise is found within SETTLE + K + 11 seconds at 20 a second and
-more, a refusal costing no more than SETTLE seconds there. A bucket that refills
-continuously lets a probe through on what the pace under its refill left in it, then
-refuses: the finder takes what got through for the limit, and reads it again at the first
-refusal at that pace.
+A refused probe sends the pace back at once (the finder's doing), and the next one waits
+SETTLE seconds at least and EVERY requests for each refusal it cost (its own and those in the
+TAIL seconds after: the rest of a server's second, a bucket read again): about one request in
+EVERY at most, a refusal or two a minute at 3,000 a minute. A rise is found within SETTLE + K
++ 11 seconds at 20 a second and more. A bucket refilled continuously lets a probe through on
+what the pace under its refill saved, then refuses: the finder takes what got through for the
+limit, and reads it again at the first refusal at that pace.
 """
 
 from __future__ import annotations

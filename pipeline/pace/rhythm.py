@@ -1,30 +1,26 @@
 """Telling a pace's own overshoot from scattered refusals, by their rhythm.
 
-A limit read a few percent too high (a bucket's savings counted with its refill at the first
-moment it was full, or a limit that fell a little) leaves the pace just above it: the server
-refuses one request now and then, too few to make a run or to pass the share of refusals
-that reads the limit again, and as few as an aggregator's scattered refusals, which must
-never take the pace down. What tells them apart is their rhythm. A pace held evenly above a
-limit is refused at a steady beat, one request in every p / (p - limit) for a bucket, the
-last of each second for a window that counts per second; scattered refusals come at random,
-their gaps spread as widely as they are long (geometric). GAPS gaps between refusals at one
-pace, all within SPREAD of their mean (or LEEWAY: a client's loop late by a few milliseconds
-moves a refusal by a request or two), happen by chance once in 100,000 checks at 2 % or 5 %
-scattered refusals, once in 5,000 at 10 % (once in 120 at 20 %, where runs of four already
-read limits that are not there), and within about GAPS / (p - limit) seconds of a pace
-above its limit.
+A limit read a few percent too high (a bucket's savings counted with its refill, or a limit
+that fell a little) leaves the pace just above it: refused now and then, too few for a run
+or for the share that reads the limit again, and as few as an aggregator's scattered
+refusals, which must never take the pace down. Their rhythm tells them apart. A pace held
+evenly above a limit is refused at a steady beat (one in every p / (p - limit) for a bucket,
+the last of each second for a window per second); scattered refusals come at random, their
+gaps as spread as they are long (geometric). GAPS gaps all within SPREAD of their mean (or
+LEEWAY: a loop late by a few ms moves a refusal by a request or two) happen by chance once in
+100,000 checks at 2 % or 5 % scattered, once in 5,000 at 10 % (once in 120 at 20 %, where runs
+of four already read limits that are not there), and within about GAPS / (p - limit) seconds
+of a pace above its limit.
 
-Refusals that are many (more than 15 % of the answers in the rate finder's two seconds of
-them) read the limit again too, but only when a later window of answers, apart from the
-first, holds as many: a pace above its limit is refused that often window after window,
-scattered refusals only by chance in one now and then. At 5 % scattered, a window of 80
-answers holds 13 refusals or more once in 6,000, and that alone took a limit of 50 a second
-down to 23 in a quarter of an hour; two such windows in a row, once in 36 million. (At 10 %,
-one window in 15 does, and runs of four come too: refusals that common still lower a limit.)
+Many refusals (over 15 % of the finder's two seconds of answers) read the limit again only
+when a later window of answers, apart from the first, holds as many: a pace above its limit
+is refused so window after window, scattered refusals by chance in one now and then. At 5 %
+scattered, a window of 80 answers holds 13 or more once in 6,000 (which alone took a limit of
+50 a second down to 23 in a quarter of an hour); two in a row, once in 36 million.
 
-Each refusal on the beat is a moment the server was full, so what it let through between
-the first and the last of them, over that time, is its rate (`pipeline.pace.capacity`'s
-reading between two moments, with no pause to wait out).
+Each refusal on the beat is a moment the server was full, so what it let through between the
+first and the last of them, over that time, is its rate (as `pipeline.pace.capacity` reads
+between two moments, with no pause to wait out).
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
 """How the server counts a request's tokens against its token limit, as the run learns it.
 
-Servers count a request two ways. OpenAI charges its prompt and all its answer may use
-(`max_tokens` times `n`) when it arrives, whatever the answer then uses; others count what the
-answer used. A pace that hands back the unused part of each reservation sends some 1.5x the
-first kind's limit (a 429 storm); one that keeps every reservation whole uses only
-used/reserved of the second kind's. Nothing in an answer says which kind a server is, so:
+OpenAI charges a request's prompt and all its answer may use (`max_tokens` times `n`) when it
+arrives; others count what the answer used. Handing back each reservation's unused part sends
+some 1.5x the first kind's limit (a 429 storm); keeping it whole uses only used/reserved of
+the second kind's. Nothing in an answer says which kind a server is, so:
 
-- **Keep, then probe.** Reservations are kept whole at first: safe on either kind. Once the
-  token pace has held requests back for `PROBE_AFTER` seconds with no token refused, a share
-  of each unused part is handed back, growing to all of it over `RAMP` seconds. On a server
-  that counts on arrival the pace then goes over its limit at once, and the first token
-  refusal (within a second of the ramp's end) ends the probe: reservations are kept whole again, what was handed back is taken
-  back (the server still counts it), and the next probe waits a minute, then longer. On a
-  server that counts usage, the pace stays under its limit until all is handed back.
-- **Usage.** Handing all of it back at a binding pace, `CONFIRM` seconds with no flood of
-  refusals, says the server counts usage: from then on the unused part comes back. A flood
-  (`FLOOD` token refusals within a second) says it was fooled after all (a bucket, or a
-  minute's window, that had room for the probe): reservations are kept whole again, and what
-  was handed back in the last minute is taken back.
-- **Counting more.** A lone token refusal at a pace that should fit (reservations kept whole,
-  or all handed back on a server counting usage) says the server counts more than is
-  reserved: it estimates the prompt its own way, or its windows are coarse enough that a
-  pace near the limit spills over one now and then. Each adds `STEP` to every count (at most
-  once a second: one full window refuses a few at once), up to `MOST`.
+- **Keep, then probe.** Reservations are kept whole at first, safe on either kind. Once the
+  token pace has bound for `PROBE_AFTER` seconds with no token refused, a share of each
+  unused part is handed back, growing to all of it over `RAMP` seconds. On a server counting
+  on arrival the pace goes over at once, and the first token refusal (within a second of the
+  ramp's end) ends the probe: whole again, what was handed back taken back (the server still
+  counts it), the next probe a minute later, then longer.
+- **Usage.** All of it handed back at a binding pace for `CONFIRM` seconds with no flood says
+  the server counts usage: the unused part comes back from then on. A flood (`FLOOD` token
+  refusals within a second) says it was fooled (a bucket, or a minute's window, had room for
+  the probe): whole again, and the last minute's hand-backs taken back.
+- **Counting more.** A lone token refusal at a pace that should fit says the server counts
+  more than is reserved (its own prompt estimate), or its windows are coarse enough that a
+  pace near the limit spills over now and then: each adds `STEP` to every count (half that
+  when counting usage, the answer's own count; once a second at most), up to `MOST`.
 
 The pacer keeps the clock; this keeps the rules (`counted`, `refused`), which the gate applies
 where a request's answer or refusal comes back.
@@ -141,5 +137,6 @@ class TokenCount:
             return int(taken)
         if now - self._bumped >= 1.0:
             self._bumped = now
-            self.factor = min(self.factor + STEP, MOST)
+            # Usage is the answer's own count: a lone refusal is the window's coarseness.
+            self.factor = min(self.factor + STEP / (2 if self.counting is Counting.USAGE else 1), MOST)
         return 0

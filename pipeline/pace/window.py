@@ -8,6 +8,8 @@ import math
 from collections import deque
 
 RAMP = 0.25  # seconds for the in-flight window to double while nothing is refused
+SPREAD = 2.0  # starts a round trip, per slot, at most while the window grows (TCP's pacing)
+SLACK = 0.001  # seconds a timer may run early or late (uvloop keeps milliseconds)
 
 
 class Slots:
@@ -19,14 +21,17 @@ class Slots:
         self.taken = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False  # the run stopped: nobody waits any more
+        self._spread = False  # starts are spaced in time: every one waits its turn
 
     async def acquire(self) -> None:
-        if (self.taken < self.size and not self._waiters) or self._closed:
+        if (self.taken < self.size and not self._waiters and not self._spread) or self._closed:
             self.taken += 1
             return
         self._waiting()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
+        if self._spread:
+            self._wake()
         try:
             await future  # the slot is counted for us when the future is set
         except asyncio.CancelledError:
@@ -42,15 +47,21 @@ class Slots:
         self._wake()
 
     def _wake(self) -> None:
+        if self._spread:
+            self._wake_spread()
+            return
         while self._waiters and self.taken < self.size:
             future = self._waiters.popleft()
             if not future.done():
                 self.taken += 1
                 future.set_result(None)
 
+    def _wake_spread(self) -> None:
+        """Slots with start times (`Window`)."""
+
     def wake_all(self) -> None:
         """The run stopped: let every waiter go and find out, and whoever comes later too."""
-        self._closed = True
+        self._closed, self._spread = True, False
         while self._waiters:
             future = self._waiters.popleft()
             if not future.done():
@@ -59,25 +70,78 @@ class Slots:
 
 
 class Window(Slots):
-    """At most `size` requests in flight. The size starts small and, while it holds requests
-    back, doubles every `ramp` seconds, one request at a time (so never a burst): refusals
-    come back in milliseconds, so time without them is what says more may go, however long
-    the answers take. Each success adds half a request too (a gentler TCP slow start), which
-    is quicker when answers are quick. `hold` ends the quick growth (then one a round trip),
-    `shrink` cuts the window, `open` lifts it to the ceiling once a pace bounds the rate. It
-    never exceeds `ceiling` (--concurrency): a server is never hit with everything at once
-    before it has had time to refuse."""
+    """At most `size` requests in flight (never above `ceiling`, --concurrency). It starts
+    small and, while it holds requests back, doubles every `ramp` seconds, one request at a
+    time: refusals come back in milliseconds, so time without them says more may go, however
+    long answers take. Each success adds half a request (a gentler TCP slow start). `hold`
+    ends the quick growth, `shrink` cuts it, `open` lifts it to the ceiling once a pace bounds
+    the rate.
+
+    While it grows, its starts are spread at SPREAD times the rate its answers come back (as
+    TCP paces slow start): answers back together would send a clump, half as big again each
+    round trip, and a server out of room in the middle of one refuses the rest of it before
+    the first refusal is back. `stall` holds every start back a moment."""
 
     def __init__(self, ceiling: int, *, start: int = 16, ramp: float = RAMP) -> None:
         super().__init__(float(min(start, ceiling)))
+        self.start = self.size
         self.ceiling = ceiling
         self.threshold = float(ceiling)  # quick growth ends here
         self.ramp = ramp
         self._timer: asyncio.TimerHandle | None = None
+        self._round = 0.0  # seconds an answer takes, smoothed (0: none yet)
+        self._next = 0.0  # the loop's time of the next start, while they are spread
+        self._until = 0.0  # ...and of the first after a stall
+        self._spacer: asyncio.TimerHandle | None = None
 
     @property
     def in_flight(self) -> int:
         return self.taken
+
+    def _wake_spread(self) -> None:
+        if not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._spread = (self._round > 0 and self.size < self.ceiling) or now < self._until
+        if not self._spread:
+            if self._spacer is not None:
+                self._spacer.cancel()
+                self._spacer = None
+            self._wake()
+            return
+        if self._spacer is not None:
+            return  # its timer wakes the next
+        back = 1 / self._round if self._round else math.inf
+        rate = SPREAD * self.size * (back + (math.log(2) / self.ramp if self.ramp > 0 else 0))
+        while self._waiters and self.taken < self.size:
+            at = max(self._next, self._until)
+            if at > now + SLACK:
+                self._spacer = loop.call_at(at, self._spaced)
+                return
+            future = self._waiters.popleft()
+            if not future.done():
+                self.taken += 1
+                future.set_result(None)
+                # From when it was due, if a timer ran late: lateness does not lower the rate.
+                self._next = (at if at > now - SLACK else now) + 1 / rate
+
+    def _spaced(self) -> None:
+        self._spacer = None
+        self._wake()
+
+    def stall(self, seconds: float) -> None:
+        """Start nothing for `seconds` (a refusal with no limit known: until its fellows in
+        flight show whether the server is full); not at the ceiling, where scattered
+        refusals might come so often that it would stand still."""
+        if self.size >= self.ceiling:
+            return
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # no loop: nothing waits
+            return
+        self._until = max(self._until, now + seconds)
+        self._spread = True
 
     def _waiting(self) -> None:
         self._ramp_later()  # it binds: grow with time
@@ -95,9 +159,12 @@ class Window(Slots):
         if self._waiters:
             self._ramp_later()
 
-    def grow(self) -> None:
-        """One request succeeded."""
+    def grow(self, latency: float | None = None) -> None:
+        """One request succeeded, its answer taking `latency` seconds."""
         if self.size < self.ceiling:
+            if latency is not None:
+                self._round = latency if not self._round else self._round + (latency - self._round) / 8
+                self._spread = True
             self.size = min(
                 self.size + (0.5 if self.size < self.threshold else 1.0 / self.size), self.ceiling
             )
@@ -110,7 +177,13 @@ class Window(Slots):
     def open(self) -> None:
         """A pace bounds the rate now: let as many fly as it and the latency make."""
         self.size = self.threshold = float(self.ceiling)
+        self._until = 0.0
         self._wake()
+
+    def restart(self) -> None:
+        """A first limit is read, from what may have been a bucket's savings: start small
+        again, spread, and grow quickly, so that the next refusals are few if it was."""
+        self.size, self.threshold, self._until = min(self.start, self.size), float(self.ceiling), 0.0
 
     def cut(self, size: float) -> tuple[float, float]:
         """Hold the window at `size` at most (the endpoint is down: a few probes at a time);
