@@ -18,7 +18,7 @@ from pipeline.errors import RunStopped
 from pipeline.mock.limits import Bucket, Limit, Quota, Refusal
 from pipeline.mock.limits import Window as PerWindow
 from pipeline.pace.finder import HOLD, SETTLE, RateFinder
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.window import Window
 from pipeline.send.waits import parse_duration as parse_reset
 from tests.conftest import bodies, read_jsonl

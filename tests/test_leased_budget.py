@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.pace.account import AccountPace
 from pipeline.pace.leased import shared_pacer
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply
 
 

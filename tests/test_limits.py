@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.scopes import Scopes
 from pipeline.pace.window import Window
 from pipeline.send.status import http_error

@@ -15,7 +15,7 @@ import pipeline
 from pipeline.errors import ConnectionDropped, EmptyAnswer, RequestError, RequestTimeout
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, Slot
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.scopes import Scopes
 from pipeline.pace.window import Window
 from pipeline.send.status import http_error

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.mock.limits import Bucket
 from pipeline.pace.finder import HOLD, RateFinder
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import EVERY, SETTLE, K, Probe
 from pipeline.pace.window import Window
 from tests.simulated import Clock, Served, per_second, simulate

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from pipeline.errors import RunStopped
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.stated import MAX_PAUSE
 from pipeline.pace.window import Window
 from pipeline.send.client import RATE_HEADERS, error_for, rate_headers

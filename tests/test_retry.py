@@ -305,7 +305,7 @@ def test_a_run_of_refusals_that_asks_for_days_stops_the_run_with_a_date() -> Non
     # Four refusals in a row asking for more than the give-up time: a quota spent. With
     # "Retry-After: 1e12" the stop message computed a date 31,000 years away: OverflowError.
     from pipeline.pace.finder import RateFinder
-    from pipeline.pace.local import Pacer
+    from pipeline.pace.pacer import Pacer
     from pipeline.pace.window import Window
 
     class Clock:

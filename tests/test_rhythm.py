@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.mock.limits import Bucket, Refusal
 from pipeline.pace.finder import RateFinder
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.rhythm import GAPS, Rhythm
 from pipeline.pace.sendlog import SendLog
 from pipeline.pace.window import Window

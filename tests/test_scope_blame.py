@@ -16,7 +16,7 @@ from aiohttp import web
 
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, GivenUp, Slot
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN

@@ -17,7 +17,7 @@ import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.reading import AccountCapacity, Moment
 from pipeline.pace.store import Ask, Logged, Reply, Store, account_key
 from pipeline.send.waits import per_minute

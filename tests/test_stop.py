@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.window import Window
 from pipeline.run.control import Control
 from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, exit_status

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from pipeline.errors import FolderBusy, RunStopped, SettingsError
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.run.host import Host, scope_key
 from pipeline.run.summary import EXIT_BUG, EXIT_STOPPED, EXIT_USAGE
 from pipeline.settings import build

@@ -33,8 +33,8 @@ from pipeline.errors import RunStopped
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
 from pipeline.pace.giveup import GiveUp
-from pipeline.pace.local import Pacer
 from pipeline.pace.outage import Outage
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
@@ -87,8 +87,11 @@ class RateFinder:
         self.rhythm = Rhythm()
         self._reread_after = 0.0
         self._waits = 0
-        if pacer.reads_account():
-            pacer.watch(self._read)  # moments any process of the account saw it full
+        # A shared pace's store, where the account's limit is read when none was given.
+        self.account = pacer.account
+        self.reads_account = self.account is not None and self.account.reads_account
+        if self.account is not None and self.reads_account:
+            self.account.watch(self._read)  # moments any process of the account saw it full
 
     @property
     def latency_cuts(self) -> int:
@@ -106,7 +109,8 @@ class RateFinder:
         """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
         answer to bring back."""
         now = self.clock()
-        self.pacer.sent(now)
+        if self.account is not None:
+            self.account.sent(now)
         self.outage.sent()
         return self.log.send(now, tag)
 
@@ -125,7 +129,8 @@ class RateFinder:
         now = self.clock()
         self.giving.accepted()
         self.outage.answered()
-        self.pacer.answered()
+        if self.account is not None:
+            self.account.answered()
         if ticket < self.epoch:
             return
         self.answers.ok(now)
@@ -162,7 +167,8 @@ class RateFinder:
             self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now)
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
-        self.pacer.refused(self.log.sent_at(ticket), now + pause)
+        if self.account is not None:
+            self.account.refused(self.log.sent_at(ticket), now + pause)
         if ticket < self.epoch:
             return  # sent before the last change of pace
         back, total = self.answers.refused(now)  # before this one
@@ -186,13 +192,13 @@ class RateFinder:
         self.pacer.pause(pause)
         self.answers.drop_hold()
         self.cuts += 1
-        if not self.pacer.reads_account():  # a shared pace's store sees the account full, and reads it
+        if not self.reads_account:  # a shared pace's store sees the account full, and reads it
             self._read(self.capacity.read(self.capacity.full(first, now + pause)), self.capacity.sure)
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
         """The limit read at a moment the server was full."""
-        if self.pacer.reads_account():
+        if self.reads_account:
             self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
         if rate >= MIN_RATE:
@@ -222,7 +228,7 @@ class RateFinder:
         if current is not None and current > self.limit * HOLD * 1.0001:
             self._probed_past(now, ticket, current, wait)
             return
-        beat = None if self.pacer.reads_account() else self.rhythm.refused(ticket, self.log)
+        beat = None if self.reads_account else self.rhythm.refused(ticket, self.log)
         if beat is not None:  # the pace's own overshoot, not scattered refusals
             self._reread(beat, True)
             return
@@ -237,8 +243,8 @@ class RateFinder:
         # or too high. What gets through at this pace tells: read up to now (no pause is
         # taken for a refusal not in a run, so none is counted).
         self._reread_after = now + SETTLE
-        if self.pacer.reads_account():
-            self.pacer.read_full(self.log.sent_at(ticket), now, self._reread)
+        if self.account is not None and self.reads_account:
+            self.account.read_full(self.log.sent_at(ticket), now, self._reread)
         else:
             self._reread(self.capacity.read(self.capacity.full(ticket, now)), self.capacity.sure)
 

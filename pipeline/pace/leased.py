@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from pipeline.pace.lease import LATE, TokenLeases
 from pipeline.pace.link import StoreLink
-from pipeline.pace.local import LocalBudget, Pacer
+from pipeline.pace.pacer import LocalBudget, Pacer
 from pipeline.pace.store import AccountStore, Reply
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease...

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
-from pipeline.pace.local import Then
+from pipeline.pace.pacer import Then
 from pipeline.pace.reading import READ_AFTER, Moment, Readings
 from pipeline.pace.store import AccountStore, Ask, StoreAway
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.errors import RunStopped
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SendLog
 from pipeline.pace.window import Window
 from pipeline.run.progress import duration

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import RunStopped
 from pipeline.pace.finder import RUN, RateFinder
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN
 from pipeline.pace.tokens import TokenCount

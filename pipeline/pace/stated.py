@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 from pipeline.pace.window import Window
 from pipeline.send.waits import parse_duration, per_minute, spent
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from pipeline.pace.local import Pacer
+from pipeline.pace.pacer import Pacer
 
 if TYPE_CHECKING:
     from pipeline.run.control import Control

@@ -259,37 +259,7 @@ class Pacer:
     def paused_until(self) -> float:
         return self._paused_until
 
-    # -- the account's send log, kept in its store when the pace is shared (`pipeline.pace.link`)
-
-    def reads_account(self) -> bool:
-        """Whether a limit is read from what the whole account sent, not from this process's
-        requests alone: see `read_full`."""
-        return self.account is not None and self.account.reads_account
-
-    def sent(self, at: float) -> None:
-        if self.account is not None:
-            self.account.sent(at)
-
-    def answered(self) -> None:
-        if self.account is not None:
-            self.account.answered()
-
-    def refused(self, sent_at: float, resume: float) -> None:
-        """The request that left at `sent_at` was refused, the server having room at `resume`."""
-        if self.account is not None:
-            self.account.refused(sent_at, resume)
-
-    def watch(self, then: Then) -> None:
-        """Call `then(rate, sure)` with the account's limit, read at every moment its server
-        is seen full (by any of its processes)."""
-        if self.account is not None:
-            self.account.watch(then)
-
-    def read_full(self, at: float, resume: float, then: Then) -> None:
-        """The server was full for the request that left at `at`, with room again at
-        `resume`: read the account's limit there, and call `then(rate, sure)` with it."""
-        assert self.account is not None, "only a shared pace reads an account"
-        self.account.read_full(at, resume, then)
+    # -- a shared pace's store (`pipeline.pace.link`): the finder tells it the account's log --
 
     async def check(self) -> None:
         """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
