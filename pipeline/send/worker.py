@@ -161,9 +161,10 @@ class Worker:
         aside all the same."""
         aside = self.aside
         while True:
-            request = aside.ready()
-            if request is not None:
-                return request
+            if aside.held:
+                request = aside.ready()
+                if request is not None:
+                    return request
             try:
                 request = requests.receive_nowait()
             except anyio.WouldBlock:
