@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import event, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -263,6 +263,8 @@ def test_any_json_value_is_a_request_or_one_input_error(place: dict[str, LinePar
 
 
 @given(st.one_of(lines_of(BODY), lines_of(BATCH)))
+# A fallback list whose first name is empty names no model: it was sent with none.
+@example(raw=b'{"messages": [{"role": "user"}], "models": [""]}')
 @runs_stack
 def test_any_body_or_batch_line_is_a_request_or_one_input_error(
     place: dict[str, LineParser], raw: bytes

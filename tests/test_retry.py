@@ -75,6 +75,23 @@ async def test_a_client_error_is_not_retried() -> None:
     assert (script.attempts, script.slept) == (1, [])
 
 
+async def test_a_first_attempt_made_by_the_caller_counts_as_one_of_the_attempts() -> None:
+    """The worker makes a request's first attempt itself (`failed`: how it ended): the
+    policy goes on from there, the attempts and the refusals' patience as if it had made it."""
+    script = Script(status(502), status(503))
+    with pytest.raises(HTTPStatusError) as caught:
+        await policy(max_attempts=3).call(script, sleep=script.sleep, failed=status(500))
+    assert script.attempts == 2  # the caller's, then two more: three in all
+    assert caught.value.status == 503
+    refused = Script()
+    assert await policy(max_attempts=1).call(refused, sleep=refused.sleep, failed=status(429, 2.0)) == "ok"
+    assert (refused.attempts, refused.slept) == (1, [2.0])  # a refusal spends no attempt
+    client_error = Script()
+    with pytest.raises(HTTPStatusError):
+        await policy().call(client_error, sleep=client_error.sleep, failed=status(400))
+    assert client_error.attempts == 0
+
+
 async def test_attempts_are_bounded_and_the_last_error_is_raised() -> None:
     script = Script(status(500), status(502), status(503), status(504), status(500))
     with pytest.raises(HTTPStatusError) as caught:

@@ -201,15 +201,21 @@ class Timeline:
         if point is None or self.run is None:
             return
         latency, ttft = self.run._latency, self.run._ttft
-        for tokens_in, tokens_out, cost, seconds, first in results:
-            point["tokens_in"] += tokens_in
-            point["tokens_out"] += tokens_out
+        tokens_in = tokens_out = n = 0
+        spent = point["cost"]  # (added in the same order as one by one: the same float)
+        for prompt, completion, cost, seconds, first in results:
+            tokens_in += prompt
+            tokens_out += completion
             if cost:
-                point["cost"] += cost
-            point["latency_n"] += 1
+                spent += cost
+            n += 1
             latency.add(seconds)
             if first is not None:
                 ttft.add(first)
+        point["tokens_in"] += tokens_in
+        point["tokens_out"] += tokens_out
+        point["cost"] = spent
+        point["latency_n"] += n
 
     def recent(self, answer: str, seconds: float) -> int:
         """Answers `answer` in this run's intervals of about the last `seconds`."""

@@ -19,6 +19,7 @@ from pipeline.account.timeline import Timeline
 from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
+_NUMBER = int | float  # (made once: `int | float` written in a check makes it at every call)
 MESSAGES = 5  # the commonest messages kept for each failure code
 __all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
 # An answer as counted: the model it counts under, the cost the server reported (None: it
@@ -111,23 +112,33 @@ class Usage:
         self.answers[key] += attempts
 
     def add_body(self, body: dict[str, Any], requested: str | None = None) -> Counted:
-        """Count a completion's usage; returns it as counted."""
-        model = body.get("model") if isinstance(body.get("model"), str) else None
-        name = model or requested or "unknown"
-        raw_usage = body.get("usage")
-        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+        """Count a completion's usage; returns it as counted. (Every answer kept comes here:
+        `answer_tokens` and `_int` are written out.)"""
+        model = body.get("model")
+        name = model if isinstance(model, str) and model else requested or "unknown"
         m = self.models.get(name)
         if m is None:
             m = self.models[name] = ModelUsage()
         m.requests += 1
         choices = body.get("choices")
-        m.choices += (
-            len(choices) if isinstance(choices, list) else 0
-        )  # (a body thrown away may hold anything)
-        prompt, completion, total = answer_tokens(body)
+        if isinstance(choices, list):  # (a body thrown away may hold anything)
+            m.choices += len(choices)
+        if requested:
+            self.requested_models[f"{requested} -> {name}"] += 1
+        usage = body.get("usage")
+        if not isinstance(usage, dict):
+            return name, None, 0, 0
+        prompt, completion, total = (
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+            usage.get("total_tokens"),
+        )
+        prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
+        completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+        total = total if isinstance(total, int) and not isinstance(total, bool) else 0
         m.prompt_tokens += prompt
         m.completion_tokens += completion
-        m.total_tokens += total
+        m.total_tokens += total or prompt + completion
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
             m.cached_tokens += _int(details.get("cached_tokens"))
@@ -135,27 +146,25 @@ class Usage:
         if isinstance(details, dict):
             m.reasoning_tokens += _int(details.get("reasoning_tokens"))
         cost = usage.get("cost")
-        reported = None
-        if isinstance(cost, int | float) and not isinstance(cost, bool):
-            reported = float(cost)
-            m.cost_reported += reported
+        if isinstance(cost, _NUMBER) and not isinstance(cost, bool):
+            m.cost_reported += cost
             m.with_cost += 1
-        if requested:
-            self.requested_models[f"{requested} -> {name}"] += 1
-        return name, reported, prompt, completion
+            return name, float(cost), prompt, completion
+        return name, None, prompt, completion
 
     def add_success(self, success: Success) -> Counted:
         self.outcomes["succeeded"] += 1
-        self.retries += max(success.attempts - 1, 0)
-        latency = success.reply.latency
+        if success.attempts > 1:
+            self.retries += success.attempts - 1
+        reply = success.reply
+        latency = reply.latency
         self.latency.add(latency)
-        if len(self.slowest) < SLOWEST or latency > self.slowest[-1][0]:
-            self.slowest = sorted([*self.slowest, (latency, success.request.custom_id)], reverse=True)[
-                :SLOWEST
-            ]
-        if success.reply.ttft is not None:
-            self.ttft.add(success.reply.ttft)
-        return self.add_body(success.reply.body, success.request.model)
+        slowest = self.slowest
+        if len(slowest) < SLOWEST or latency > slowest[-1][0]:
+            self.slowest = sorted([*slowest, (latency, success.request.custom_id)], reverse=True)[:SLOWEST]
+        if reply.ttft is not None:
+            self.ttft.add(reply.ttft)
+        return self.add_body(reply.body, success.request.model)
 
     def add_priced(self, model: str, cost: float) -> None:
         """A result the server did not cost, costed from the job's price table."""

@@ -13,6 +13,10 @@ from pipeline.quote import quote
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _BOOL_FIELDS = ("stream", "logprobs")
+# (made once: `int | float` written in a check makes the union at every call, and every line
+# read is checked)
+_NUMBER = int | float
+_CONTENT = str | list  # type: ignore[type-arg]  # (a check of the type, not a list of anything)
 
 
 def type_name(value: Any) -> str:
@@ -34,7 +38,7 @@ def _valid_int(value: Any) -> bool:
 
 
 def _valid_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
 
 
 def _valid_bool(value: Any) -> bool:
@@ -45,11 +49,12 @@ def _valid_message(value: Any) -> bool:
     if not isinstance(value, dict) or not isinstance(value.get("role"), str):
         return False
     content = value.get("content")
-    return content is None or isinstance(content, str | list)
+    return content is None or isinstance(content, _CONTENT)
 
 
 def _valid_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(_valid_message(m) for m in value)
+    # (map, not a generator: every line read comes here)
+    return isinstance(value, list) and bool(value) and all(map(_valid_message, value))
 
 
 # What each checked field must be (a field set to null passes, but for messages).

@@ -179,9 +179,9 @@ class LineParser:
         if self.defaults:
             body = {**self.defaults, **body}
         model = body.get("model") or self.default_model
-        fallbacks = body.get("models")
-        if not model and isinstance(fallbacks, list) and fallbacks and isinstance(fallbacks[0], str):
-            model = fallbacks[0]  # OpenRouter's fallback list stands in for a model
+        fallbacks = body.get("models") if not model else None
+        if fallbacks and isinstance(fallbacks, list) and isinstance(fallbacks[0], str) and fallbacks[0]:
+            model = fallbacks[0]  # OpenRouter's fallback list stands in for a model (one that names one)
         elif not model:
             raise InputError(
                 'no model: add "model" to the line, or set model in the job file or with --model',

@@ -162,29 +162,28 @@ async def feed(
             if item is None:
                 await (pipe.wait() if pipe is not None else anyio.lowlevel.checkpoint())
                 continue
-            sent = (
-                await _send(requests, item, refill)
-                if isinstance(item, Request)
-                else await _send(failures, item)
-            )
-            if not sent:
-                return
+            # (a request handed over here, not in a coroutine of its own: every line comes here)
+            try:
+                if not isinstance(item, Request):
+                    await _send(failures, item)
+                    continue
+                if refill is not None:
+                    size = len(item.payload)
+                    while not refill.fits(size):
+                        await refill.room(1)  # the buffer holds its bytes' worth: wait for a take
+                    refill.put(size)
+                try:
+                    requests.send_nowait(item)
+                except anyio.WouldBlock:
+                    if refill is not None:
+                        await refill.room()  # until half the buffer is taken: room for a batch
+                    await requests.send(item)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the other side is gone: the run stopped dispatching
 
 
-async def _send(stream: MemoryObjectSendStream[Any], item: Any, refill: Refill | None = None) -> bool:
-    """False when the other side is gone: the run stopped dispatching."""
+async def _send(stream: MemoryObjectSendStream[Outcome], item: Outcome) -> None:
     try:
-        if refill is not None:
-            size = len(item.payload)
-            while not refill.fits(size):
-                await refill.room(1)  # the buffer holds its bytes' worth: wait for a take
-            refill.put(size)
-        try:
-            stream.send_nowait(item)
-        except anyio.WouldBlock:
-            if refill is not None:
-                await refill.room()  # until half the buffer is taken: room for a batch
-            await stream.send(item)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-        return False
-    return True
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)

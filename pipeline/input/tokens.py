@@ -10,7 +10,7 @@ the tokens-per-character ratio those samples measured on this very input. Withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from pipeline.input import jsonl
@@ -35,39 +35,42 @@ class _Encoding(Protocol):
     def encode(self, text: str, *, disallowed_special: Any = ...) -> list[int]: ...
 
 
-def _texts(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> Iterator[str | int]:
-    """Every piece of text the model reads, or a fixed token cost for what is not text
-    (`images`: what an image costs, by its URL, where its size is known)."""
+def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> tuple[int, list[str]]:
+    """Every piece of text the model reads, and the fixed token cost of what is not text
+    (`images`: what an image costs, by its URL, where its size is known). (A list and a sum,
+    not a generator: every line read comes here.)"""
+    fixed = PER_REPLY
+    texts: list[str] = []
     for message in body.get("messages") or ():
         if not isinstance(message, dict):
             continue
-        yield PER_MESSAGE
+        fixed += PER_MESSAGE
         content = message.get("content")
         if isinstance(content, str):
-            yield content
+            texts.append(content)
         elif isinstance(content, list):
             for part in content:
                 if not isinstance(part, dict):
                     continue
                 if isinstance(part.get("text"), str):
-                    yield part["text"]
+                    texts.append(part["text"])
                 elif part.get("type") == "image_url":
                     image = part.get("image_url")
                     known = images.get(image.get("url", "")) if images and isinstance(image, dict) else None
                     if known is not None:
-                        yield known
+                        fixed += known
                         continue
                     low = isinstance(image, dict) and image.get("detail") == "low"
-                    yield IMAGE_LOW if low else IMAGE_HIGH
+                    fixed += IMAGE_LOW if low else IMAGE_HIGH
         for key in ("name", "tool_calls", "tool_call_id"):
             value = message.get(key)
             if value:
-                yield value if isinstance(value, str) else jsonl.dumps(value).decode()
+                texts.append(value if isinstance(value, str) else jsonl.dumps(value).decode())
     for key in ("tools", "functions", "response_format"):
         value = body.get(key)
         if value:
-            yield jsonl.dumps(value).decode()
-    yield PER_REPLY
+            texts.append(jsonl.dumps(value).decode())
+    return fixed, texts
 
 
 def max_completion_tokens(body: Mapping[str, Any], *, default: int = DEFAULT_MAX_COMPLETION) -> int:
@@ -108,14 +111,8 @@ class TokenEstimator:
         """The prompt's tokens, and what a rate limiter that counts four characters a token
         charges for it (OpenAI's does so on arrival, whatever the tokenizer says: a pace that
         reserves less than that goes over such a limit)."""
-        fixed = chars = 0
-        texts: list[str] = []
-        for piece in _texts(body, images):
-            if isinstance(piece, int):
-                fixed += piece
-            else:
-                texts.append(piece)
-                chars += len(piece)
+        fixed, texts = _pieces(body, images)
+        chars = sum(map(len, texts))
         self._seen += 1
         if self.exact and (self.every or self._seen <= EXACT_FIRST or self._seen % SAMPLE_EVERY == 0):
             tokens = sum(self._encode_len(t) for t in texts)

@@ -134,12 +134,14 @@ class Writer:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def write(self, outcomes: list[Outcome]) -> None:
+    def write(self, outcomes: list[Outcome], successes: list[Success] | None = None) -> None:
         """Append the outcomes' lines; only once they are in the files are they counted and
         queued for the index, so a failed write (a full disk) records nothing false. What a
-        failed write did not take is kept in `unwritten`, and the error raised."""
-        successes = [o for o in outcomes if isinstance(o, Success)]
-        failures = [o for o in outcomes if isinstance(o, Failure)]
+        failed write did not take is kept in `unwritten`, and the error raised. `successes`:
+        the outcomes' successes, when the caller has picked them out already."""
+        if successes is None:
+            successes = [o for o in outcomes if isinstance(o, Success)]
+        failures = [] if len(successes) == len(outcomes) else [o for o in outcomes if isinstance(o, Failure)]
         try:
             if successes:
                 self._write_successes(successes)
@@ -208,16 +210,16 @@ class Writer:
                 with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
-                results = sum(isinstance(o, Success) for o in batch)
-                if results:
-                    self.books.answered(results)  # the attempts that made them (`Books.answered`)
+                successes = [o for o in batch if isinstance(o, Success)]
+                if successes:
+                    self.books.answered(len(successes))  # the attempts that made them (`Books.answered`)
                 if self.broken is not None:
                     # The folder takes no more for now: keep what arrives (bounded by what
                     # was in flight, as nothing new is sent) and drain, so nobody waits on us.
                     self.unwritten += batch
                     continue
                 try:
-                    self.write(batch)
+                    self.write(batch, successes)
                 except OSError as e:
                     self.fail(e)
                     continue

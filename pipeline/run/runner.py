@@ -214,7 +214,10 @@ class Run:
         size = max(2 * settings.concurrency, 16)
         refill = Refill(size // 2)
         requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
-        outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](size)
+        # Room for two of the writer's turns: at 0 ms answers, with room for one, 15 % of the
+        # outcomes found it full and their workers waited for the writer (a trip round the
+        # loop and an event each).
+        outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](2 * size)
         async with anyio.create_task_group() as outer:
             outer.start_soon(writer.consume, outcomes_recv)
             outer.start_soon(writer.sync_forever)

@@ -85,20 +85,26 @@ class RetryPolicy:
         )
 
     async def call(
-        self, fn: Callable[[], Awaitable[T]], *, sleep: Callable[[float], Awaitable[None]] | None = None
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        failed: RequestError | None = None,
+        started: float | None = None,
     ) -> T:
         """Run `fn` until it succeeds, fails for good, or the attempts or time run out;
-        the last error is raised as it is. `sleep` waits between attempts."""
-        started = time.monotonic()
+        the last error is raised as it is. `sleep` waits between attempts. `failed`: the
+        first attempt, made by the caller at `started` (time.monotonic), failed so: most
+        requests succeed at once, and their caller pays for no call here."""
+        started = time.monotonic() if started is None else started
         wait = sleep or anyio.sleep
         refused = [0.0]  # seconds spent waiting on refusals: not time spent failing
-        # Most requests succeed at once, and pay for nothing more than this (called here,
-        # not through _past_refusals: a coroutine less to go through at every wait inside).
         try:
-            try:
-                return await fn()
-            except RequestError as e:
-                failed = e
+            if failed is None:
+                try:
+                    return await fn()
+                except RequestError as e:
+                    failed = e
             try:
                 return await self._past_refusals(fn, wait, refused, failed)
             finally:

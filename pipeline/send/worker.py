@@ -15,6 +15,7 @@ A request that ends failed is a `Failure` for the writer; a request the run aban
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import anyio
@@ -36,6 +37,49 @@ from pipeline.send.verdict import Verdict
 
 class Abandoned(Exception):
     """The run stopped dispatching before this attempt could start."""
+
+
+class _Tries:
+    """One request's attempts: how many were sent, how many answers broke the verdict, and
+    whether one thrown away was billed (then another must still fit the budget)."""
+
+    __slots__ = ("billed", "invalid", "request", "seat", "sent", "worker")
+
+    def __init__(self, worker: Worker, request: Request, seat: Seat | None) -> None:
+        self.worker, self.request, self.seat = worker, request, seat
+        self.sent = self.invalid = 0
+        self.billed = False
+
+    async def attempt(self) -> tuple[Reply, Any]:
+        """One more attempt, for the retry policy."""
+        worker = self.worker
+        if self.billed:
+            worker._stop_if(worker.books.covers_another_answer())
+        try:
+            reply = await worker._attempt(self.request, self.seat)
+        except RequestError as e:
+            self.failed(e)
+            raise
+        return reply, self.judged(reply)
+
+    def failed(self, error: RequestError) -> None:
+        """An attempt was sent, and failed."""
+        self.sent += 1
+        self.billed = self.billed or reports_usage(error.body)
+
+    def judged(self, reply: Reply) -> Any:
+        """An attempt was answered: the answer's parsed verdict, or `InvalidOutput`."""
+        self.sent += 1
+        worker = self.worker
+        if worker.verdict is None:
+            return None
+        try:
+            return worker._judge(reply, self.request)
+        except InvalidOutput as e:
+            self.invalid += 1
+            self.billed = True
+            e.transient = worker.verdict is not None and self.invalid < worker.verdict.max_attempts
+            raise
 
 
 class Worker:
@@ -113,9 +157,10 @@ class Worker:
         aside all the same."""
         aside = self.aside
         while True:
-            request = aside.ready()
-            if request is not None:
-                return request
+            if aside.held:
+                request = aside.ready()
+                if request is not None:
+                    return request
             try:
                 request = requests.receive_nowait()
             except anyio.WouldBlock:
@@ -169,43 +214,42 @@ class Worker:
             return None
         self.control.in_hand += 1
         try:
-            return await self._process(request, seat)
+            return await self._tried(request, seat)
         finally:
             self.control.in_hand -= 1
             self.books.release(held)
             self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
 
-    async def _process(self, request: Request, seat: Seat | None) -> Outcome | None:
-        attempts = invalid = 0
-        billed = False  # an answer thrown away reported usage
-
-        async def attempt() -> tuple[Reply, Any]:
-            nonlocal attempts, invalid, billed
-            if billed:
-                # The answer thrown away was billed: another try must still fit the cap.
-                self._stop_if(self.books.covers_another_answer())
+    async def _tried(self, request: Request, seat: Seat | None) -> Outcome | None:
+        """The request's attempts, to its outcome. Most requests succeed at the first: it is
+        made here, and the retry policy is called only for the others (two coroutines less
+        to go through at every wait of the attempt, and none made)."""
+        tries = _Tries(self, request, seat)
+        try:
+            started = time.monotonic()
+            failed: RequestError | None = None
             try:
                 reply = await self._attempt(request, seat)
             except RequestError as e:
-                attempts += 1  # sent, and failed
-                billed = billed or reports_usage(e.body)
-                raise
-            attempts += 1
-            try:
-                parsed = self._judge(reply, request)
-            except InvalidOutput as e:
-                invalid += 1
-                billed = True
-                e.transient = self.verdict is not None and invalid < self.verdict.max_attempts
-                raise
-            return reply, parsed
-
-        try:
-            reply, parsed = await self.retry.call(attempt, sleep=seat.backoff if seat else self.control.nap)
+                tries.failed(e)
+                failed = e
+            else:
+                try:
+                    parsed = tries.judged(reply)
+                except InvalidOutput as e:
+                    failed = e
+            if failed is not None:
+                sleep = seat.backoff if seat else self.control.nap
+                try:
+                    reply, parsed = await self.retry.call(
+                        tries.attempt, sleep=sleep, failed=failed, started=started
+                    )
+                finally:
+                    del failed  # (its traceback holds this frame: a cycle, and the answer's body kept)
         except Abandoned:
             return None
         except GivenUp as e:
-            return self._refused(request, attempts, str(e))
+            return self._refused(request, tries.sent, str(e))
         except RequestError as e:
             try:
                 stop = await self.judge.stops_run(e, request.model)
@@ -222,12 +266,12 @@ class Worker:
                 status=e.status,
                 body=e.body,
                 request_id=e.request_id,
-                attempts=attempts,
+                attempts=tries.sent,
                 metadata=request.metadata,
                 model=request.model,
             )
         label = self.verdict.label(parsed) if self.verdict is not None else None
-        return Success(request=request, reply=reply, attempts=attempts, parsed=parsed, label=label)
+        return Success(request=request, reply=reply, attempts=tries.sent, parsed=parsed, label=label)
 
     def _unsent(self, request: Request, said: str) -> Failure:
         """A line of a model the server said it does not serve: failed without a request, to
