@@ -18,8 +18,11 @@ from pipeline.errors import RunStopped
 from pipeline.mock.limits import Bucket, Limit, Quota, Refusal
 from pipeline.mock.limits import Window as PerWindow
 from pipeline.pace.finder import HOLD, SETTLE, RateFinder
+from pipeline.pace.gate import Gate
 from pipeline.pace.pacer import Pacer
+from pipeline.pace.scopes import Scopes
 from pipeline.pace.window import Window
+from pipeline.send.status import http_error
 from pipeline.send.waits import parse_duration as parse_reset
 from tests.conftest import bodies, read_jsonl
 from tests.simulated import Clock as SimClock
@@ -438,6 +441,27 @@ async def test_a_refusal_while_no_limit_is_known_stalls_the_window_until_its_fel
         assert timers.run_last() == pytest.approx(2 * 0.004, rel=0.1)  # ...two of its round trips
         await turn()
         assert waiting.done()
+
+
+async def test_the_refused_requests_own_slot_waits_out_the_stall_too() -> None:
+    # As the gate tells it: the slot freed by the refusal itself goes to nobody before the
+    # refusals in flight are back (freed first, it went to a waiter at the refusal's instant).
+    f, _, window, clock = finder()
+    gate = Gate(Scopes(f))
+    with Timers() as timers:
+        slots = [await gate.enter(0) for _ in range(16)]
+        for slot in slots:
+            slot.go()
+        waiting = asyncio.ensure_future(gate.enter(0))
+        await turn()
+        clock.now += 0.004  # refused in 4 ms
+        slots[0].failed(http_error(429, "Rate limit exceeded"))
+        await turn()
+        assert not waiting.done()
+        assert timers.run_last() == pytest.approx(2 * 0.004, rel=0.1)
+        await turn()
+        assert waiting.done()
+        assert window.in_flight == 16
 
 
 async def test_a_first_limit_read_restarts_the_window_small_and_the_next_opens_it() -> None:

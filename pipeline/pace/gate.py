@@ -91,7 +91,14 @@ class Slot:
 
     def failed(self, error: RequestError) -> None:
         gate = self._gate
-        gate.window.release()
+        try:
+            self._failed(gate, error)
+        finally:
+            # Its slot freed once the failure is read: a refusal's stall (`Window.stall`) holds
+            # this slot back too, where freed first it went to a waiter at the refusal's instant.
+            gate.window.release()
+
+    def _failed(self, gate: Gate, error: RequestError) -> None:
         if self.made != gate.scopes.made:
             self.catch_up()
         meaning = signal(error)
