@@ -143,6 +143,23 @@ async def test_a_request_waiting_for_a_model_given_up_leaves_the_gate_holding_no
     assert gate.window.in_flight == 2
 
 
+async def test_a_request_past_its_models_pace_when_the_model_is_given_up_is_not_sent() -> None:
+    """Given up while a request of its model waits for a slot in flight (past the model's
+    pace): the request leaves the gate unsent, holding nothing, as it did before the gate
+    raised GivenUp (the worker checked the model again once through the gate)."""
+    finder = RateFinder(Pacer(), Window(1, start=1))
+    gate = Gate(Scopes(finder, limits={DEAD: ModelLimit(rpm=600)}))
+    first = await gate.enter(0, PAID)
+    waiting = asyncio.ensure_future(gate.enter(0, DEAD))  # its pace lets it by; the window not
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    gate.scopes.by_model[DEAD].finder.giving.now(0.0, None, "free-models-per-day")
+    first.unused()
+    with pytest.raises(GivenUp):
+        await waiting
+    assert gate.window.in_flight == 0
+
+
 async def test_a_models_stated_limit_paces_its_model_and_a_token_refusal_charges_each_scope() -> None:
     """Headers that come with a model's answer state the model's limit (its scope's, where it
     has one), not the account's; a refusal of tokens charges back each scope's reservation."""

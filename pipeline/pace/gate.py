@@ -162,6 +162,8 @@ class Gate:
             raise
         try:
             slot.reserved.append(await self.account.pacer.acquire(tokens))
+            if scope is not None and scope.given_up:  # given up while it waited past its pace
+                raise GivenUp(scope.given_up)
         except BaseException:
             slot.unused()
             raise
