@@ -425,6 +425,25 @@ async def test_answers_that_come_back_together_send_their_successors_spread_in_t
         assert all(waiter.done() for waiter in waiting)
 
 
+async def test_starts_spread_in_time_that_the_window_does_not_hold_back_do_not_grow_it() -> None:
+    # Once answers have come back, every start goes through the spread; one that the window
+    # lets through at once did not find it binding, and time alone must not grow it (50 lone
+    # requests made a window of 16 one of 66).
+    with Timers() as timers:
+        w = Window(256, start=16)
+        await w.acquire()
+        w.grow(0.5)
+        w.release()
+        for _ in range(50):  # one at a time, far below the window
+            timers.now += 1.0
+            await w.acquire()
+            await turn()
+            while timers.asked:
+                timers.run_last()
+            w.release()
+        assert w.size == 16.5
+
+
 async def test_a_refusal_while_no_limit_is_known_stalls_the_window_until_its_fellows_are_back() -> None:
     f, _, window, clock = finder()
     with Timers() as timers:

@@ -27,7 +27,8 @@ class Slots:
         if (self.taken < self.size and not self._waiters and not self._spread) or self._closed:
             self.taken += 1
             return
-        self._waiting()
+        if self.taken >= self.size or self._waiters:
+            self._waiting()  # it binds (a start only spread in time does not grow the window)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         if self._spread:
