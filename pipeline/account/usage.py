@@ -58,8 +58,11 @@ def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
     """Prompt, completion and total tokens of an answer, as its `usage` says (0 where it
     says nothing; the total is the sum when it gives none)."""
     usage = body.get("usage")
-    if not isinstance(usage, dict):
-        return 0, 0, 0
+    return _counts(usage) if isinstance(usage, dict) else (0, 0, 0)
+
+
+def _counts(usage: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Prompt, completion and total tokens of a `usage` object (see `answer_tokens`)."""
     # (_int written out: every answer comes here twice)
     prompt, completion, total = (
         usage.get("prompt_tokens"),
@@ -128,17 +131,10 @@ class Usage:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return name, None, 0, 0
-        prompt, completion, total = (
-            usage.get("prompt_tokens"),
-            usage.get("completion_tokens"),
-            usage.get("total_tokens"),
-        )
-        prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
-        completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
-        total = total if isinstance(total, int) and not isinstance(total, bool) else 0
+        prompt, completion, total = _counts(usage)
         m.prompt_tokens += prompt
         m.completion_tokens += completion
-        m.total_tokens += total or prompt + completion
+        m.total_tokens += total
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
             m.cached_tokens += _int(details.get("cached_tokens"))
