@@ -100,14 +100,13 @@ class LeasedBudget:
 
     def _apply(self) -> None:
         """The local clocks at our share of the account's pace: what we go at alone, and no
-        faster just back; while the store is there, leases pace us."""
+        faster just back; while the store is there, leases pace us. (The pacer reschedules its
+        queue after a rate it set; a reply or the store going away, here.)"""
         n = max(self.members, 1)
         self.local.set_rates(self.shared / n or None, self.given_tokens / n or None)
         self._leases.rate = self.given_tokens
         # Given or not, every start is leased (before a limit is found, at the ramp's).
         self.free = not (self.shared or self.given_tokens or (self.booting and not self.alone))
-        if self._pace is not None:
-            self._pace.reschedule()
 
     # -- spending leases -----------------------------------------------------------------------
 
@@ -211,6 +210,7 @@ class LeasedBudget:
         # it find no lease yet and ask for another.
         self._pace.pause_until(paused)
         self._apply()
+        self._pace.reschedule()
 
     @property
     def holds(self) -> bool:
@@ -231,6 +231,8 @@ class LeasedBudget:
         local.next_request = max(local.next_request, now, self._last_start + local.interval)
         local.next_token = max(local.next_token, now)
         self._apply()
+        assert self._pace is not None
+        self._pace.reschedule()
         n, paces = max(self.members, 1), ((self.shared, "requests"), (self.given_tokens, "tokens"))
         said = [f"{r * 60 / n:,.0f} {what} a minute of {r * 60:,.0f}" for r, what in paces if r]
         return "; ".join(said) or "no pace found yet"
