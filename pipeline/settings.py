@@ -1,10 +1,7 @@
 """One frozen `Settings` for a run, built at the edge from a job file and flags.
 
-A job file is TOML with the same keys as the command line's flags, plus tables:
-`[request]` (defaults merged into every body; a value in the line wins), `[template]`
-(how a record line becomes a request), `[prices]` (dollars per million tokens, per model),
-`[limits]` (a model's own rpm and tpm, where its provider limits models separately) and
-`[verdict]` (how a structured reply is checked and counted). Flags override the file.
+The job file (`pipeline.jobfile`) gives the same keys as the command line's flags, plus
+tables; flags override the file.
 """
 
 from __future__ import annotations
@@ -22,27 +19,11 @@ from typing import Any
 from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
+from pipeline.jobfile import ModelLimit, Price, check_limits, check_prices, read_job_file
 from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
 
 DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
 EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """Dollars per million tokens."""
-
-    prompt: float
-    completion: float
-
-
-@dataclass(frozen=True, slots=True)
-class ModelLimit:
-    """A model's own limits, per minute (`[limits."vendor/model"]`): a scope of its own, paced
-    beside the account's `--rpm`/`--tpm`."""
-
-    rpm: float | None = None
-    tpm: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,120 +91,7 @@ class Settings:
         }
 
 
-# Keys a job file may set at the top level, with the type each must have.
-_SCALARS: dict[str, tuple[type, ...]] = {
-    "input": (str,),
-    "output": (str,),
-    "base_url": (str,),
-    "api_key_env": (str,),
-    "model": (str,),
-    "concurrency": (int,),
-    "rpm": (int, float),
-    "tpm": (int, float),
-    "max_attempts": (int,),
-    "max_retry_time": (int, float),
-    "timeout": (int, float),
-    "idle_timeout": (int, float),
-    "give_up_after": (int, float),
-    "max_cost": (int, float),
-    "grace": (int, float),
-    "quiet": (bool,),
-    "backoff_base": (int, float),
-    "backoff_max": (int, float),
-    "max_line_bytes": (int,),
-    "shard": (str,),
-    "shared_limit": (str,),
-}
-_TABLES = ("request", "template", "prices", "limits", "verdict")
-_KNOWN = tuple(_SCALARS) + _TABLES
 _SETTING_NAMES = {f.name for f in fields(Settings)}
-
-
-def _unknown(where: str, key: str, known: tuple[str, ...]) -> SettingsError:
-    import difflib  # (a run without a mistake in its job file never needs it)
-
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
-    return SettingsError(f"{where}: unknown key '{key}'{hint}")
-
-
-def read_job_file(path: Path) -> dict[str, Any]:
-    """Parse and check a job file; relative paths in it are relative to the file."""
-    import tomllib  # (a run given by flags alone, as the bench's, reads no TOML)
-
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise SettingsError(f"{path}: job file not found") from None
-    except OSError as e:
-        raise SettingsError(f"{path}: cannot read the job file: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise SettingsError(f"{path}: not valid TOML: {e}") from None
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in _KNOWN:
-            raise _unknown(str(path), key, _KNOWN)
-        if key in _TABLES:
-            if not isinstance(value, dict):
-                raise SettingsError(f"{path}: '{key}' must be a table, like [{key}]")
-            out[key] = value
-            continue
-        types = _SCALARS[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join(t.__name__ for t in types)
-            raise SettingsError(f"{path}: '{key}' must be {want}, not {value!r}")
-        out[key] = value
-    for key in ("input", "output"):
-        if key in out:
-            out[key] = _relative_to(path.parent, out[key])
-    out["job_file"] = path
-    return out
-
-
-def _relative_to(base: Path, value: str) -> str:
-    expanded = Path(os.path.expanduser(value))
-    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
-
-
-def _check_prices(where: str, raw: Mapping[str, Any]) -> dict[str, Price]:
-    prices: dict[str, Price] = {}
-    for model, entry in raw.items():
-        if not isinstance(entry, dict):
-            raise SettingsError(
-                f"{where}: [prices] '{model}' must be a table like "
-                "{ prompt = 0.5, completion = 1.5 } (dollars per million tokens)"
-            )
-        for key in entry:
-            if key not in ("prompt", "completion"):
-                raise _unknown(f'{where}: [prices."{model}"]', key, ("prompt", "completion"))
-        try:
-            price = Price(float(entry.get("prompt", 0.0)), float(entry.get("completion", 0.0)))
-        except (TypeError, ValueError):
-            raise SettingsError(
-                f'{where}: [prices."{model}"] prompt and completion must be numbers'
-            ) from None
-        if price.prompt < 0 or price.completion < 0:
-            raise SettingsError(f'{where}: [prices."{model}"] prices cannot be negative')
-        prices[model] = price
-    return prices
-
-
-def _check_limits(where: str, raw: Mapping[str, Any]) -> dict[str, ModelLimit]:
-    limits: dict[str, ModelLimit] = {}
-    for model, entry in raw.items():
-        table = f'{where}: [limits."{model}"]'
-        if not isinstance(entry, dict):
-            raise SettingsError(f"{table} must be a table like {{ rpm = 20, tpm = 40000 }} (per minute)")
-        for key, value in entry.items():
-            if key not in ("rpm", "tpm"):
-                raise _unknown(table, key, ("rpm", "tpm"))
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-                raise SettingsError(f"{table} {key} must be a number above 0, not {value!r}")
-        if not entry:
-            raise SettingsError(f"{table} gives no limit: set rpm, tpm or both")
-        limits[model] = ModelLimit(entry.get("rpm"), entry.get("tpm"))
-    return limits
 
 
 def build(job_file: Path | None = None, **flags: Any) -> Settings:
@@ -255,9 +123,9 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if values.get("shared_limit") is not None:
         values["shared_limit"] = check_store_url(str(values["shared_limit"]))
     if "prices" in values:
-        values["prices"] = MappingProxyType(_check_prices(where, values["prices"]))
+        values["prices"] = MappingProxyType(check_prices(where, values["prices"]))
     if "limits" in values:
-        values["limits"] = MappingProxyType(_check_limits(where, values["limits"]))
+        values["limits"] = MappingProxyType(check_limits(where, values["limits"]))
     request = dict(values.get("request", {}))
     if flags.get("model") is not None:
         request.pop("model", None)  # the flag beats the job file (a line's own model beats both)

@@ -20,9 +20,9 @@ from pipeline.account.cost import Budget, answer_cost
 from pipeline.account.usage import Usage
 from pipeline.errors import MalformedResponse, SettingsError
 from pipeline.job import Request
+from pipeline.jobfile import Price
 from pipeline.output import writer as writer_module
 from pipeline.send.sse import StreamAssembler
-from pipeline.settings import Price
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
 

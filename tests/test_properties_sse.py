@@ -31,10 +31,10 @@ from pipeline.account.usage import Usage, answer_tokens
 from pipeline.errors import RequestError
 from pipeline.input.jsonl import too_deep
 from pipeline.job import Failure, Reply, Request, Success
+from pipeline.jobfile import Price
 from pipeline.output.lines import error_line, result_line
 from pipeline.send.client import check_completion
 from pipeline.send.sse import assemble
-from pipeline.settings import Price
 from tests.strategies import deep, dumps, runs_stack, sometimes
 
 READ_BUFFER = 1 << 10  # the client's is 1 MiB; small here, so that a line longer is reached

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from pipeline.jobfile import ModelLimit
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, GivenUp, Slot
 from pipeline.pace.pacer import Pacer
@@ -24,7 +25,6 @@ from pipeline.pace.tokens import STEP
 from pipeline.pace.window import Window
 from pipeline.run.runner import run
 from pipeline.send.status import http_error
-from pipeline.settings import ModelLimit
 from tests.conftest import bodies, read_jsonl
 from tests.scripted import answer, json, scripted
 from tests.simulated import Clock

@@ -9,7 +9,8 @@ import pytest
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.estimate import estimate
-from pipeline.settings import ModelLimit, build
+from pipeline.jobfile import ModelLimit
+from pipeline.settings import build
 
 
 def job(tmp_path: Path, text: str) -> Path:

@@ -22,7 +22,7 @@ from pipeline.account.timeline import Spent
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
-from pipeline.settings import Price
+from pipeline.jobfile import Price
 
 
 class Books:

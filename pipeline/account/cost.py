@@ -23,7 +23,7 @@ import anyio
 
 from pipeline.account.usage import Usage, answer_tokens
 from pipeline.job import Request
-from pipeline.settings import Price
+from pipeline.jobfile import Price
 
 
 def money(value: float | None, *, unknown: str = "not reported") -> str:

@@ -32,8 +32,8 @@ from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
+    from pipeline.jobfile import ModelLimit
     from pipeline.pace.gate import Slot
-    from pipeline.settings import ModelLimit
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
 # A model's send log: four times --concurrency (it must outlast what is in flight), at least
