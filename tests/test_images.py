@@ -202,7 +202,7 @@ def test_sizing_options_are_checked_when_the_job_is_read(tmp_path: Path) -> None
 async def test_records_sharing_a_photo_decode_it_once(
     mock, make_settings, tmp_path: Path, monkeypatch
 ) -> None:
-    from pipeline.input import images
+    from pipeline.input import imagedata as images
 
     (tmp_path / "shared.jpg").write_bytes(jpeg(2000, 1500))
     decoded: list[Path] = []

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.errors import InputError
 from pipeline.input import jsonl
-from pipeline.input.images import encode
+from pipeline.input.imagedata import encode
 from pipeline.input.line import LineParser
 from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.job import Failure, Reply, Request, Success

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import InputError, SettingsError
-from pipeline.input.images import encode
+from pipeline.input.imagedata import encode
 from pipeline.input.template import Place, compile_template
 
 

@@ -303,7 +303,7 @@ class Worker:
         """Read, size and encode the request's local images, in threads, into its payload:
         as late as can be, so that the read-ahead buffer holds records, not images. A broken
         image fails its line as an input error, and the run goes on."""
-        from pipeline.input.images import encode  # (only a job with local images comes here)
+        from pipeline.input.imagedata import encode  # (only a job with local images comes here)
 
         images, request.images = request.images or [], None
         payload = request.payload
