@@ -184,6 +184,17 @@ def test_a_line_nested_a_thousand_levels_deep_is_an_input_error(
     assert e.value.code == "too_deep"
 
 
+def test_the_shortest_text_nested_too_deep_is_found_and_one_level_less_is_not() -> None:
+    # A text too short to hold 201 pairs of brackets is not counted: the shortest that does
+    # (402 bytes) must still be walked.
+    for depth, deep in ((201, True), (200, False)):
+        for opening, closing in ((b"[", b"]"), (b'{"":', b"}")):
+            raw = opening * depth + b"1" + closing * depth
+            assert jsonl.too_deep(raw, orjson.loads(raw)) is deep
+    with pytest.raises(jsonl.TooDeep):
+        jsonl.parse(b"[" * 201 + b"]" * 201)
+
+
 def test_a_line_nested_as_deep_as_can_be_written_again_goes_through(tmp_path: Path) -> None:
     deep: object = 1
     for _ in range(198):

@@ -83,8 +83,9 @@ class Slot:
             self.catch_up()
         for i, scope in enumerate(self.scopes):  # (not zip: its iterators cost more)
             # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
-            pacer, reserved = scope.pacer, self.reserved[i]
-            pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
+            if reserved := self.reserved[i]:  # (none where no token pace is in force: most)
+                pacer = scope.pacer
+                pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
             scope.finder.success(self.tickets[i], latency)
         if headers:
             self.scopes[0].finder.headers(headers)  # its model's own limits, where it has a scope
@@ -102,10 +103,9 @@ class Slot:
         if self.made != gate.scopes.made:
             self.catch_up()
         meaning = signal(error)
-        # An error the server answered was not counted against its token budget, but a
-        # refusal keeps its tokens all the same: the server is full, and handed back they
-        # would send the next request into the same refusal at once. One that got no answer
-        # may have been counted.
+        # An error the server answered was not counted against its token budget, but a refusal
+        # keeps its tokens all the same: the server is full, and handed back they would send
+        # the next request into the same refusal at once. One that got no answer may have been.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
         tokens = meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits)
         for i, scope in enumerate(self.scopes):

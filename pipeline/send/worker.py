@@ -342,7 +342,9 @@ class Worker:
             raise
         finally:
             control.in_flight -= 1
-        slot.answered(reply.latency, reply.limits, answer_tokens(reply.body)[2])
+        # (what it used counts only against tokens reserved: most requests reserve none)
+        used = answer_tokens(reply.body)[2] if any(slot.reserved) else 0
+        slot.answered(reply.latency, reply.limits, used)
         self.judge.success()
         stop = self.books.billed(reply.body, request)  # account: billed, kept or not
         if stop is not None:
