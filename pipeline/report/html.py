@@ -70,15 +70,18 @@ def _image(chart: Any, title: str) -> str:
 
 def _pygal() -> Any:
     if "pygal" not in sys.modules:
-        import importlib_metadata
-
-        # pygal looks for map plugins (not used here) on import, reading every installed
-        # package's metadata: 30 of the 100 million instructions its import took. None, asked then.
-        scan, importlib_metadata.entry_points = importlib_metadata.entry_points, _no_plugins
         try:
-            import pygal  # noqa: F401
-        finally:
-            importlib_metadata.entry_points = scan
+            import importlib_metadata
+        except ImportError:  # a pygal that no longer asks it
+            import pygal
+        else:
+            # pygal looks for map plugins (not used here) on import, reading every installed
+            # package's metadata: 30 of the 100 million instructions its import took. None, asked then.
+            scan, importlib_metadata.entry_points = importlib_metadata.entry_points, _no_plugins
+            try:
+                import pygal  # noqa: F401
+            finally:
+                importlib_metadata.entry_points = scan
     # pygal hooks every later import of the process (for map plugins again), and the hook warns
     # on each: take it out again.
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "PluginImportFixer"]
