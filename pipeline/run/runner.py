@@ -14,7 +14,6 @@ outer task group
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import sqlite3
 import time
 from typing import Any
@@ -41,19 +40,13 @@ from pipeline.pace.scopes import Scopes, pace_of
 from pipeline.pace.stated import MARGIN
 from pipeline.pace.window import Window
 from pipeline.quote import quote
-from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.control import Aside, Control, Crew, Refill
+from pipeline.run.ending import close, finish
 from pipeline.run.host import Host
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
 from pipeline.run.summary import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_STOPPED,
     Summary,
-    exit_status,
-    nothing_to_do,
-    pending_lines,
 )
 from pipeline.send.client import Client, open_client
 from pipeline.send.notfound import NotFound
@@ -112,8 +105,8 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
     except RunStopped as e:
         job.control.stop(e)
     finally:
-        failed_now = await job.close()
-    return job.finish(failed_now)
+        failed_now = await close(job)
+    return finish(job, failed_now)
 
 
 class Run:
@@ -281,137 +274,9 @@ class Run:
     def _broken(self, error: BaseException) -> None:
         self.control.stop(RunStopped(unwritable(self.settings.folder, error), code="output_unwritable"))
 
-    def _unwritable_note(self, error: BaseException) -> str:
-        """How a run that could not write its folder ends: what it kept, and what it lost."""
-        writer = self.writer
-        return unwritable(
-            self.settings.folder, error, kept=writer.results_kept, unwritten=writer.answers_lost
-        )
-
     async def _count_total(self) -> None:
         total = await anyio.to_thread.run_sync(count_lines, self.settings.input, abandon_on_cancel=True)
         self.counts.total = total
-
-    async def close(self) -> int:
-        """Write everything down; returns how many lines errors.jsonl lists now."""
-        self.progress.close()
-        writer = self.writer
-        try:
-            await writer.settle()
-            # Not after a failed write: a rollback may have taken back ids the reader noted.
-            if self.counts.finished and writer.broken is None:
-                try:
-                    self.ledger.forget_stale(self.counts.read)
-                except sqlite3.Error as e:
-                    with contextlib.suppress(sqlite3.Error):
-                        self.ledger.rollback()
-                    writer.fail(e)
-            try:
-                return writer.rewrite_errors()
-            except (OSError, sqlite3.Error) as e:  # the folder is full: the ledger still knows
-                writer.fail(e)
-                with contextlib.suppress(sqlite3.Error):
-                    return self.ledger.count_failed()
-                return self.ledger.failed_count
-        finally:
-            with contextlib.suppress(OSError):
-                writer.close()
-
-    def finish(self, failed_now: int) -> Summary:
-        settings, control, counts, usage = self.settings, self.control, self.counts, self.usage
-        wall = time.time() - self.started
-        if counts.total is None:
-            counts.total = counts.read if counts.finished else count_lines(settings.input)
-        delta = usage.outcomes - self.before
-        total = counts.total
-        pending = pending_lines(counts, control, self.writer.written)
-        code, note = exit_status(
-            control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
-        )
-        idle = nothing_to_do(counts, source=settings.input, shard=settings.shard)
-        if code == EXIT_OK and idle is not None:
-            note = idle
-        if self.writer.broken is not None and code != EXIT_INTERRUPTED:
-            code, note = EXIT_STOPPED, self._unwritable_note(self.writer.broken)
-        note = self.redact.text(note)
-        record: dict[str, Any] = {
-            "started": dt.datetime.fromtimestamp(self.started, dt.UTC).isoformat(timespec="seconds"),
-            "wall_seconds": round(wall, 3),
-            "succeeded": delta.get("succeeded", 0),
-            "failed": delta.get("failed", 0),
-            "invalid_input": delta.get("invalid_input", 0),
-            "skipped": counts.skipped,
-            **({"shard": str(settings.shard), "elsewhere": counts.elsewhere} if settings.shard else {}),
-            "pending": pending,
-            "lines": total,
-            "attempts": usage.attempts - self.attempts_before,
-            "rate_cuts": self.finder.cuts,
-            "latency_cuts": self.finder.latency_cuts,
-            "exit": code,
-            "note": note,
-        }
-        if self.pacer.request_rate is not None:
-            record["paced_at_rpm"] = round(self.pacer.request_rate * 60)
-        scopes = self.gate.scopes
-        models = {
-            model: round(rate * 60)
-            for model, (rate, _, _) in scopes.paces().items()
-            if rate and model in scopes.tags  # a limit given for a model no line named paced nothing
-        }
-        if models:
-            record["models_paced_at_rpm"] = models
-        usage.timeline.finish()
-        usage.runs.append(record)
-        try:
-            self.ledger.put("usage", self._usage_to_keep())
-            self.ledger.put(OPEN_RUN, None)
-            self.ledger.commit()
-        except sqlite3.Error as e:
-            self.writer.fail(e)
-            if code != EXIT_INTERRUPTED:
-                code, note = EXIT_STOPPED, self._unwritable_note(self.writer.broken or e)
-                record.update(exit=code, note=note)
-        state = {
-            "succeeded": self.writer.results_kept,
-            "failed": failed_now,
-            "pending": pending,
-            "lines": total,
-        }
-        doc = usage_document(usage, state=state, folder=settings.folder)
-        try:
-            write_reports(settings.folder, doc, self.redact)
-        except OSError as e:
-            code = EXIT_STOPPED
-            note = (
-                f"{note}; and usage.json, report.md and report.html could not be written ({e.strerror or e})"
-            )
-            # The run's record says how it ended, so the next report tells the same story.
-            record.update(exit=code, note=note)
-            with contextlib.suppress(sqlite3.Error):
-                self.ledger.put("usage", self._usage_to_keep())
-                self.ledger.commit()
-        return Summary(
-            exit_code=code,
-            message=note,
-            output=settings.folder,
-            succeeded=delta.get("succeeded", 0),
-            failed=delta.get("failed", 0),
-            invalid_input=delta.get("invalid_input", 0),
-            skipped=counts.skipped,
-            pending=pending,
-            usage=doc,
-            own_model=self.parser.own_model,
-        )
-
-    def _usage_to_keep(self) -> dict[str, Any]:
-        """The usage to commit with the run's record. When the index lacks lines this run
-        wrote (a checkpoint failed), the usage committed with the index, which the next run's
-        repair adds those lines to: committing ours would count them twice."""
-        if not self.writer.behind:
-            return self.usage.state()
-        kept = Usage.from_state(self.ledger.get("usage"))
-        kept.runs = self.usage.runs
-        return kept.state()
 
 
 def loop_options() -> dict[str, Any]:
