@@ -1,4 +1,4 @@
-"""A run, end to end: the only place that starts tasks.
+"""A run, end to end: the only place that starts tasks (how it ends: `pipeline.run.ending`).
 
 outer task group
 ├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
