@@ -288,12 +288,12 @@ async def test_reports_that_cannot_be_written_end_the_run_with_exit_3_on_record(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.output.ledger import Ledger
-    from pipeline.run import runner
+    from pipeline.run import ending
 
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runner, "write_reports", full_disk)
+    monkeypatch.setattr(ending, "write_reports", full_disk)
     async with mock() as (url, _):
         summary = await pipeline.run(make_settings(url, bodies(20)))
     assert summary.exit_code == 3
