@@ -170,6 +170,24 @@ async def test_a_first_reading_counts_the_servers_second_not_the_second_before_t
     assert first[0] == pytest.approx(1000.0)
 
 
+async def test_a_first_reading_spans_the_whole_second_unless_the_account_began_within_it() -> None:
+    """40 let through a second, by the second, the account sending since second 9: none of
+    second 10's left in its first hundredth. Read from its first send (10.01), over 0.79 s,
+    the limit came out at 51, and eight shards paced into refusals for seconds (up to 27 of 600)."""
+    log = [(900 + i * 5 // 2, False) for i in range(40)]
+    log += [(1001 + i * 2, False) for i in range(40)]  # 10.01 to 10.79
+    log += [(1080 + i, True) for i in range(10)]
+    store: Any = LogStore(log)
+    first = await AccountCapacity().read(store, Moment(10.80, 11.0))
+    assert first is not None
+    assert first[0] == pytest.approx(40.0)
+    # An account that began within the second is read from its first send, as before.
+    store = LogStore(log[40:])
+    began = await AccountCapacity().read(store, Moment(10.80, 11.0))
+    assert began is not None
+    assert began[0] == pytest.approx(40 / 0.79)
+
+
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account

@@ -65,7 +65,16 @@ class AccountCapacity:
             # second: its own), else before the refused request.
             last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
             got = await store.read(last - 1.0, moment.end)
-            span = moment.at - got.first if got.first is not None and got.first > last - 1.0 else 1.0
+            # From its first send only if the account began within that second (sent nothing
+            # in the one before), not whenever none left in its first hundredth: 40 through in
+            # the server's second read as 40 / 0.88 = 45, and the shards paced into refusals.
+            first, span = got.first, 1.0
+            if (
+                first is not None
+                and first > last - 1.0
+                and not (await store.read(last - 2.0, last - 1.0)).sent
+            ):
+                span = moment.at - first
             return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
