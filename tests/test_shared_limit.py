@@ -558,6 +558,23 @@ async def test_a_rate_far_past_any_server_leases_no_more_than_a_tenth_of_a_secon
     assert max(store.asked) <= MAX_LEASE
 
 
+async def test_a_process_asks_for_its_next_lease_only_while_requests_wait_for_it() -> None:
+    """A process asked for the next lease as the one in hand ran low, whether or not a request
+    waited: a shard ended holding the lease it asked for after its last request, lost to the
+    others (eight shards ending one by one sent 30 a second in their last seconds, of 39)."""
+    store = CountingStore()
+    pacer = shared_pacer(lambda: store, "memory", request_rate=RATE, say=lambda _: None)
+    assert pacer.account is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pacer.run)
+        with anyio.fail_after(5):
+            for _ in range(3):  # of a lease of four, one by one: one left, and nobody waits
+                await pacer.acquire()
+        assert pacer.account._want == 0  # the next request asks, if one comes
+        assert [want for want in store.asked if want] == [4]
+        tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("said", ["2147483647", "9223372036854775807", "1e308"])
 def test_a_limit_stated_as_unlimited_is_no_limit(said: str) -> None:
     assert per_minute(said) is None
