@@ -4,9 +4,9 @@ One process of sixteen sees a sixteenth of the account's requests: too little, a
 scaled up, to read the account's limit from. So a shared pace reads it from the account's send
 log in the store (`pipeline.pace.store`), at the moments the server was found full, as
 `Capacity` reads one process's: at the first, what the account sent and was not refused in the
-second before (the server's, when it told its room within a second); at later ones, what it sent after the first moment and was not refused, up to
-this one (`Moment.end`), over the time from the room the server told after the first to the
-room it told after this one. Times are the store's clock.
+second before (the server's, when it told its room within a second); at later ones, what it
+sent after the first moment and was not refused, up to this one (`Moment.end`), over the time
+from the room told after the first to the room told after this one (the store's clock).
 
 A moment is read once the store holds every process's send log up to it (a process tells its
 log with each call, and one holding no leased starts cannot send without calling), and once
@@ -62,19 +62,14 @@ class AccountCapacity:
         moments.append(moment)
         if len(moments) == 1:
             # The second before the room told, within a second (a server that counts by the
-            # second: its own), else before the refused request.
+            # second: its own), else before the refused request (not the second after it too).
             last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
-            got = await store.read(last - 1.0, moment.end)
-            # From its first send only if the account began within that second (sent nothing
-            # in the one before), not whenever none left in its first hundredth: 40 through in
-            # the server's second read as 40 / 0.88 = 45, and the shards paced into refusals.
+            got = await store.read(last - 1.0, last if last > moment.at else moment.at + HUNDREDTH)
+            # From its first send if the account began within that second, not whenever none
+            # left in its first hundredth (40 through read over 0.88 s: 45, and refusals).
             first, span = got.first, 1.0
-            if (
-                first is not None
-                and first > last - 1.0
-                and not (await store.read(last - 2.0, last - 1.0)).sent
-            ):
-                span = moment.at - first
+            if first is not None and first > last - 1.0:
+                span = 1.0 if (await store.read(last - 2.0, last - 1.0)).sent else moment.at - first
             return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
