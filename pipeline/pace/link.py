@@ -145,7 +145,6 @@ class StoreLink:
                 # from the calls made for leases meanwhile, or reads when it has waited enough:
                 # calls of their own to ask, every 20 ms, were most calls at 3,000 a minute.
                 now = loop.time()
-                # (One holding no starts hears of a pause when it asks for some.)
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
                 with anyio.move_on_after(max(self._readings.wait(now, wait), 0.0)):

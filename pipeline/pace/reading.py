@@ -49,9 +49,8 @@ class AccountCapacity:
         self._moments: deque[Moment] = deque()
 
     async def read(self, store: AccountStore, moment: Moment) -> tuple[float, bool] | None:
-        """Requests a second the server lets through, read at `moment`, and whether over a
-        second at least; None for a moment of the last one's stretch of refusals (seen by
-        another process, or by the store)."""
+        """Requests a second the server lets through, read at `moment`, and whether over a second
+        at least; None for a moment of the last one's stretch (seen by another process, or the store)."""
         moments = self._moments
         if moments and moment.at < moments[-1].resume:
             return None
@@ -62,11 +61,10 @@ class AccountCapacity:
         moments.append(moment)
         if len(moments) == 1:
             # The second before the room told, within a second (a server that counts by the
-            # second: its own), else before the refused request (not the second after it too).
+            # second: its own), else before the refused request; from the account's first send
+            # if it began within it (not whenever none left in its first hundredth).
             last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
             got = await store.read(last - 1.0, last if last > moment.at else moment.at + HUNDREDTH)
-            # From its first send if the account began within that second, not whenever none
-            # left in its first hundredth (40 through read over 0.88 s: 45, and refusals).
             first, span = got.first, 1.0
             if first is not None and first > last - 1.0:
                 span = 1.0 if (await store.read(last - 2.0, last - 1.0)).sent else moment.at - first
@@ -77,9 +75,8 @@ class AccountCapacity:
         # however late it arrived (a server that queues) or how far apart the clocks were.
         got = await store.read(since.at + HUNDREDTH, moment.end)
         span = max(moment.resume - since.resume, 1e-2)
-        # Nothing through between two moments close together (a bucket refilling a request at
-        # a time, taken by another account's request or sent a hundredth late): less than
-        # one over that time, read as one, not as nothing.
+        # Nothing through between two moments close together (a bucket refilling one at a time,
+        # taken by another account or sent a hundredth late): read as one, not as nothing.
         return max(got.sent - got.refused, 1) / span, span >= 1.0
 
 
@@ -92,8 +89,7 @@ class _Reading:
 
 
 class Readings:
-    """The moments a shared pace was told the account was full, waiting to be read (see the
-    module's text)."""
+    """The moments the account was seen full, waiting to be read (see the module's text)."""
 
     def __init__(self) -> None:
         self._waiting: list[_Reading] = []
