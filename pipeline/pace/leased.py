@@ -28,9 +28,8 @@ from pipeline.pace.store import AccountStore, Reply
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease...
 QUICK_LEASE = 0.02  # ...or while it ramps up
 MIN_LEASE = 4  # starts in a lease at least, once a pace is known
-# Starts in one lease at most: a tenth of a second at 100,000 a second (the ramp's top). A rate
-# stated far past what a server serves (x-ratelimit-limit-requests: 2**63 - 1; --rpm 1e12)
-# asked for 10**16 starts at once, each a float in memory.
+# Starts in one lease at most (a tenth of a second at the ramp's top, 100,000 a second): a rate
+# stated far past any server's (2**63 - 1; --rpm 1e12) asked for 10**16 starts, a float each.
 MAX_LEASE = 10_000
 WATCH_AFTER = 2.0  # seconds after the server was full that a process holding starts syncs quickly
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
@@ -147,9 +146,8 @@ class LeasedBudget:
                 self.local.take(tokens, start)
         if self.shared and self._slots:
             self._last_start = self._slots.popleft()
-            # The next lease before this one runs out, while requests wait for it: a process
-            # ends holding the lease it asked for after its last request, lost to the others
-            # (eight shards ending one by one sent 30 a second for the last seconds, of 39).
+            # The next lease before this one runs out, while requests wait for it: else a shard
+            # ended holding the lease it asked for after its last request, lost to the others.
             if len(self._slots) < self._lease() / 2 and self._pace is not None and self._pace.holding:
                 self.link.ask(self._lease())
         if not (self.given_tokens and tokens):
@@ -172,11 +170,10 @@ class LeasedBudget:
         """Starts to ask for at once: a tenth of a second of the account's rate, split among
         the processes (so that together they hold a tenth of a second ahead, not N tenths:
         what a process that ends holds is lost to the others); a fiftieth while the account
-        ramps up. (Full lately, a pause reaches a process holding starts by its quick syncs:
-        leases of a fiftieth were a call a request, at 1,000 a second over 16 processes.)"""
-        if not self.shared:
-            return 1 if self.booting else 0
+        ramps up (full lately, quick syncs tell a pause: leases of a start were a call a start)."""
         quick = self.booting
+        if not self.shared:
+            return 1 if quick else 0
         starts = math.ceil(self.shared * (QUICK_LEASE if quick else LEASE_SECONDS) / max(self.members, 1))
         return min(max(1 if quick else MIN_LEASE, starts), MAX_LEASE)
 
