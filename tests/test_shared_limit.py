@@ -170,6 +170,38 @@ async def test_a_first_reading_counts_the_servers_second_not_the_second_before_t
     assert first[0] == pytest.approx(1000.0)
 
 
+async def test_a_first_reading_spans_the_whole_second_unless_the_account_began_within_it() -> None:
+    """40 let through a second, by the second, the account sending since second 9: none of
+    second 10's left in its first hundredth. Read from its first send (10.01), over 0.79 s,
+    the limit came out at 51, and eight shards paced into refusals for seconds (up to 27 of 600)."""
+    log = [(900 + i * 5 // 2, False) for i in range(40)]
+    log += [(1001 + i * 2, False) for i in range(40)]  # 10.01 to 10.79
+    log += [(1080 + i, True) for i in range(10)]
+    store: Any = LogStore(log)
+    first = await AccountCapacity().read(store, Moment(10.80, 11.0))
+    assert first is not None
+    assert first[0] == pytest.approx(40.0)
+    # An account that began within the second is read from its first send, as before.
+    store = LogStore(log[40:])
+    began = await AccountCapacity().read(store, Moment(10.80, 11.0))
+    assert began is not None
+    assert began[0] == pytest.approx(40 / 0.79)
+
+
+async def test_a_first_reading_with_its_room_a_second_away_counts_no_more_than_the_second_before() -> None:
+    """A room told more than a second after the refused request left (a minute's window, or
+    refusals read late on busy cores): the reading counted what was sent and let through up
+    to a second after the refused one too, over one second. Sixteen shards on two busy cores
+    read 1,639 a second where 1,000 were let through."""
+    log = [(950 + i * 5 // 2, False) for i in range(40)]  # 9.50 to 10.47
+    log += [(1050 + i, True) for i in range(10)]  # the run, from 10.50
+    log += [(1060 + i * 3, False) for i in range(30)]  # let through in the server's next second
+    store: Any = LogStore(log)
+    first = await AccountCapacity().read(store, Moment(10.50, 11.9))
+    assert first is not None
+    assert first[0] == pytest.approx(40.0)
+
+
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:
     account = account_key("http://x/v1", FAKE_KEY)
     assert FAKE_KEY not in account
@@ -538,6 +570,23 @@ async def test_a_rate_far_past_any_server_leases_no_more_than_a_tenth_of_a_secon
         tg.cancel_scope.cancel()
     assert store.asked
     assert max(store.asked) <= MAX_LEASE
+
+
+async def test_a_process_asks_for_its_next_lease_only_while_requests_wait_for_it() -> None:
+    """A process asked for the next lease as the one in hand ran low, whether or not a request
+    waited: a shard ended holding the lease it asked for after its last request, lost to the
+    others (eight shards ending one by one sent 30 a second in their last seconds, of 39)."""
+    store = CountingStore()
+    pacer = shared_pacer(lambda: store, "memory", request_rate=RATE, say=lambda _: None)
+    assert pacer.account is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pacer.run)
+        with anyio.fail_after(5):
+            for _ in range(3):  # of a lease of four, one by one: one left, and nobody waits
+                await pacer.acquire()
+        assert pacer.account._want == 0  # the next request asks, if one comes
+        assert [want for want in store.asked if want] == [4]
+        tg.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("said", ["2147483647", "9223372036854775807", "1e308"])

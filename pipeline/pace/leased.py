@@ -6,9 +6,8 @@ the shared timeline from `max(clock, now)` on, `n / rate` long, and spends its s
 over it. Stretches never overlap, so the processes together start `rate` requests a second,
 however many they are. Tokens, given or stated, likewise (`pipeline.pace.lease`). A lease is
 a tenth of a second of the account's rate split among the processes (a fiftieth while it
-ramps up or was full lately, so that a pause reaches every process soon), four starts at
-least, so that a call to the store serves several requests at any rate. The calls are the
-link's (`pipeline.pace.link`).
+ramps up), four starts at least, so that a call to the store serves several requests at any
+rate. The calls are the link's (`pipeline.pace.link`).
 
 The store away, a process goes on alone at its share of the last shared rate (over the
 processes seen, or the job's shards if more), and rejoins when it is back: nothing is lost,
@@ -27,13 +26,12 @@ from pipeline.pace.pacer import LocalBudget, Pacer
 from pipeline.pace.store import AccountStore, Reply
 
 LEASE_SECONDS = 0.1  # of the account's rate, in one lease...
-QUICK_LEASE = 0.02  # ...or while it ramps up, or was full lately
+QUICK_LEASE = 0.02  # ...or while it ramps up
 MIN_LEASE = 4  # starts in a lease at least, once a pace is known
-# Starts in one lease at most: a tenth of a second at 100,000 a second (the ramp's top). A rate
-# stated far past what a server serves (x-ratelimit-limit-requests: 2**63 - 1; --rpm 1e12)
-# asked for 10**16 starts at once, each a float in memory.
+# Starts in one lease at most (a tenth of a second at the ramp's top, 100,000 a second): a rate
+# stated far past any server's (2**63 - 1; --rpm 1e12) asked for 10**16 starts, a float each.
 MAX_LEASE = 10_000
-WATCH_AFTER = 2.0  # seconds after the server was full that leases are QUICK_LEASE long
+WATCH_AFTER = 2.0  # seconds after the server was full that a process holding starts syncs quickly
 REJOIN = 1.0  # seconds after coming back that a process goes no faster than alone
 
 
@@ -53,7 +51,7 @@ class LeasedBudget:
         self.leads = True  # whose reading is in force: it alone probes upward, for all
         self.alone = False  # the store is away: paced locally at our share
         self.booting = not (self.given or self.given_tokens)  # no limit known: the account ramps up
-        self.watch_until = 0.0  # leases are short till then: the server was full lately
+        self.watch_until = 0.0  # quick syncs till then: the server was full lately
         self.local = LocalBudget()  # at our share: alone, and no faster just back
         self._slots: deque[float] = deque()  # leased start times, on the loop's clock
         self._leases = TokenLeases()  # leased tokens in hand
@@ -148,8 +146,10 @@ class LeasedBudget:
                 self.local.take(tokens, start)
         if self.shared and self._slots:
             self._last_start = self._slots.popleft()
-            if len(self._slots) < self._lease() / 2:
-                self.link.ask(self._lease())  # the next lease before this one runs out
+            # The next lease before this one runs out, while requests wait for it: else a shard
+            # ended holding the lease it asked for after its last request, lost to the others.
+            if len(self._slots) < self._lease() / 2 and self._pace is not None and self._pace.holding:
+                self.link.ask(self._lease())
         if not (self.given_tokens and tokens):
             return 0
         self._leases.take(tokens, start)
@@ -170,10 +170,10 @@ class LeasedBudget:
         """Starts to ask for at once: a tenth of a second of the account's rate, split among
         the processes (so that together they hold a tenth of a second ahead, not N tenths:
         what a process that ends holds is lost to the others); a fiftieth while the account
-        ramps up or was full lately, so that a pause reaches every process at its next lease."""
+        ramps up (full lately, quick syncs tell a pause: leases of a start were a call a start)."""
+        quick = self.booting
         if not self.shared:
-            return 1 if self.booting else 0
-        quick = self.booting or self._now() < self.watch_until
+            return 1 if quick else 0
         starts = math.ceil(self.shared * (QUICK_LEASE if quick else LEASE_SECONDS) / max(self.members, 1))
         return min(max(1 if quick else MIN_LEASE, starts), MAX_LEASE)
 

@@ -1,10 +1,10 @@
 """A shared pace's calls to the account's store, and the account's send log it keeps there.
 
 - **A call when there is something to ask or tell**: a lease, a refusal, a rate found, a
-  pause, a reading waiting for the account's log; else one a second, or every 20 ms while the
-  account ramps up or its server was full lately, so that a pause reaches every process at
-  once (told only with a lease, it reached each a lease later, and the starts leased before
-  it went on into the refusals). What was sent goes with whichever call comes next.
+  pause, a reading waiting for the account's log; else one a second, or every 20 ms while it
+  holds starts and the account ramps up or its server was full lately, so that a pause reaches
+  every process at once (told only with a lease, it reached each a lease later, and the starts
+  leased before it went on into the refusals). What was sent goes with the next call.
 - **A limit found once.** Without `--rpm`, each process's rate finder watches its own
   requests for the moments the server is full, and the limit is read at those moments from
   what the whole account sent (`pipeline.pace.reading`): every process tells the store what
@@ -145,7 +145,7 @@ class StoreLink:
                 # from the calls made for leases meanwhile, or reads when it has waited enough:
                 # calls of their own to ask, every 20 ms, were most calls at 3,000 a minute.
                 now = loop.time()
-                quick = self.budget.booting or now < self.budget.watch_until
+                quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
                 with anyio.move_on_after(max(self._readings.wait(now, wait), 0.0)):
                     await self._wake.wait()

@@ -4,9 +4,9 @@ One process of sixteen sees a sixteenth of the account's requests: too little, a
 scaled up, to read the account's limit from. So a shared pace reads it from the account's send
 log in the store (`pipeline.pace.store`), at the moments the server was found full, as
 `Capacity` reads one process's: at the first, what the account sent and was not refused in the
-second before (the server's, when it told its room within a second); at later ones, what it sent after the first moment and was not refused, up to
-this one (`Moment.end`), over the time from the room the server told after the first to the
-room it told after this one. Times are the store's clock.
+second before (the server's, when it told its room within a second); at later ones, what it
+sent after the first moment and was not refused, up to this one (`Moment.end`), over the time
+from the room told after the first to the room told after this one (the store's clock).
 
 A moment is read once the store holds every process's send log up to it (a process tells its
 log with each call, and one holding no leased starts cannot send without calling), and once
@@ -49,9 +49,8 @@ class AccountCapacity:
         self._moments: deque[Moment] = deque()
 
     async def read(self, store: AccountStore, moment: Moment) -> tuple[float, bool] | None:
-        """Requests a second the server lets through, read at `moment`, and whether over a
-        second at least; None for a moment of the last one's stretch of refusals (seen by
-        another process, or by the store)."""
+        """Requests a second the server lets through, read at `moment`, and whether over a second
+        at least; None for a moment of the last one's stretch (seen by another process, or the store)."""
         moments = self._moments
         if moments and moment.at < moments[-1].resume:
             return None
@@ -62,10 +61,13 @@ class AccountCapacity:
         moments.append(moment)
         if len(moments) == 1:
             # The second before the room told, within a second (a server that counts by the
-            # second: its own), else before the refused request.
+            # second: its own), else before the refused request; from the account's first send
+            # if it began within it (not whenever none left in its first hundredth).
             last = moment.resume if moment.at < moment.resume < moment.at + 1.0 else moment.at
-            got = await store.read(last - 1.0, moment.end)
-            span = moment.at - got.first if got.first is not None and got.first > last - 1.0 else 1.0
+            got = await store.read(last - 1.0, last if last > moment.at else moment.at + HUNDREDTH)
+            first, span = got.first, 1.0
+            if first is not None and first > last - 1.0:
+                span = 1.0 if (await store.read(last - 2.0, last - 1.0)).sent else moment.at - first
             return (got.sent - got.refused) / max(span, 1e-2), True
         since = moments[0]
         # Counted from the first moment on, not from when the server said it had room: every
@@ -73,9 +75,8 @@ class AccountCapacity:
         # however late it arrived (a server that queues) or how far apart the clocks were.
         got = await store.read(since.at + HUNDREDTH, moment.end)
         span = max(moment.resume - since.resume, 1e-2)
-        # Nothing through between two moments close together (a bucket refilling a request at
-        # a time, taken by another account's request or sent a hundredth late): less than
-        # one over that time, read as one, not as nothing.
+        # Nothing through between two moments close together (a bucket refilling one at a time,
+        # taken by another account or sent a hundredth late): read as one, not as nothing.
         return max(got.sent - got.refused, 1) / span, span >= 1.0
 
 
@@ -88,8 +89,7 @@ class _Reading:
 
 
 class Readings:
-    """The moments a shared pace was told the account was full, waiting to be read (see the
-    module's text)."""
+    """The moments the account was seen full, waiting to be read (see the module's text)."""
 
     def __init__(self) -> None:
         self._waiting: list[_Reading] = []

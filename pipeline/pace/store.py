@@ -136,20 +136,9 @@ class Store:
             ) from None
 
     async def call(self, ask: Ask) -> Reply:
-        a = ask
-        found = -1 if a.found is None else a.found
-        args = [
-            a.pid,
-            a.want,
-            a.want_tokens,
-            a.given,
-            a.given_tokens,
-            found,
-            a.pause_for,
-            a.log,
-            int(a.holds),
-        ]
-        args += [a.answered, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
+        a, found = ask, -1 if ask.found is None else ask.found
+        args = [a.pid, a.want, a.want_tokens, a.given, a.given_tokens, found, a.pause_for, a.log]
+        args += [int(a.holds), a.answered, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
