@@ -41,20 +41,20 @@ class _Tries:
     """One request's attempts: how many were sent, how many answers broke the verdict, and
     whether one thrown away was billed (then another must still fit the budget)."""
 
-    __slots__ = ("billed", "invalid", "request", "seat", "sent", "worker")
+    __slots__ = ("billed", "invalid", "owner", "request", "seat", "sent")
 
-    def __init__(self, worker: Attempts, request: Request, seat: Seat | None) -> None:
-        self.worker, self.request, self.seat = worker, request, seat
+    def __init__(self, owner: Attempts, request: Request, seat: Seat | None) -> None:
+        self.owner, self.request, self.seat = owner, request, seat
         self.sent = self.invalid = 0
         self.billed = False
 
     async def attempt(self) -> tuple[Reply, Any]:
         """One more attempt, for the retry policy."""
-        worker = self.worker
+        owner = self.owner
         if self.billed:
-            worker._stop_if(worker.books.covers_another_answer())
+            owner._stop_if(owner.books.covers_another_answer())
         try:
-            reply = await worker._attempt(self.request, self.seat)
+            reply = await owner._attempt(self.request, self.seat)
         except RequestError as e:
             self.failed(e)
             raise
@@ -68,15 +68,15 @@ class _Tries:
     def judged(self, reply: Reply) -> Any:
         """An attempt was answered: the answer's parsed verdict, or `InvalidOutput`."""
         self.sent += 1
-        worker = self.worker
-        if worker.verdict is None:
+        owner = self.owner
+        if owner.verdict is None:
             return None
         try:
-            return worker._judge(reply, self.request)
+            return owner._judge(reply, self.request)
         except InvalidOutput as e:
             self.invalid += 1
             self.billed = True
-            e.transient = worker.verdict is not None and self.invalid < worker.verdict.max_attempts
+            e.transient = owner.verdict is not None and self.invalid < owner.verdict.max_attempts
             raise
 
 
