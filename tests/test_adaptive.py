@@ -673,7 +673,7 @@ async def test_an_outage_pauses_the_pool_longer_while_it_lasts() -> None:
         clock.now += 0.01
         if f.failure(f.sent()):
             break
-    assert f.outages == 1
+    assert f.outage.outages == 1
     assert pacer.paused_until == pytest.approx(loop.time() + 1.0, abs=0.1)
     assert window.size == 2  # then a couple of probes at a time, not the whole window
     clock.now += 1.0
@@ -692,7 +692,7 @@ async def test_scattered_server_errors_pause_nothing() -> None:
             f.failure(f.sent())
         else:
             f.success(f.sent())
-    assert f.outages == 0
+    assert f.outage.outages == 0
     assert pacer.paused_until == 0.0
 
 
