@@ -21,6 +21,7 @@ HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then 
 LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
 BLOCK, TIGHT = 8, 2.0  # answers a queue reading takes (HyStart++'s samples a round, RFC 9406)...
 # ...if the longest took at most TIGHT times the quickest: they take about the same time
+RISE_MIN, RISE_MAX = 0.004, 0.016  # HyStart++'s clamps of a rise in latency that is a queue
 
 
 class Answers:
@@ -87,7 +88,8 @@ class Answers:
             self._floor, self._crowd = low, window.in_flight
         if (
             high > TIGHT * low
-            or low <= floor + min(max(floor / 8, 0.004), 0.016)
+            or floor < RISE_MIN  # a server on this machine answering at once: the queue is all ours
+            or low <= floor + min(max(floor / 8, RISE_MIN), RISE_MAX)
             or window.in_flight < CROWD_RISE * self._crowd
             or now < self._cut_until
         ):
