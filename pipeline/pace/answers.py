@@ -3,7 +3,8 @@
 Until a limit is found, requests are not paced: one check each, no timer. A sliding window of
 the last two seconds' answers tells how common refusals are at the pace in force; more than
 scattered ones hold the window's quick growth until a trend shows. Rising latency at more in
-flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`).
+flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`);
+answers of about one length, longer at more in flight, give back the queue at once (`_queued`).
 """
 
 from __future__ import annotations
