@@ -598,6 +598,34 @@ async def test_a_hold_that_lapses_does_not_undo_a_latency_cut() -> None:
     assert window.threshold < 200  # the hold lapsed since, and left the cut as it was
 
 
+async def test_answers_that_queue_at_more_in_flight_give_the_queue_back() -> None:
+    # A minute's bucket runs dry with the window at its ceiling: answers that took 50 ms take
+    # 130 (this process, or the server, reads them late), and a refusal waits as long while
+    # what is sent meanwhile is refused with it.
+    f, _, window, clock = finder(size=256)
+    window.taken = 32
+    latencies(f, clock, seconds=2, spread=[0.05, 0.051])
+    assert window.size > 100  # growing quickly
+    assert window.threshold == 256
+    window.taken = 200
+    latencies(f, clock, seconds=0.1, spread=[0.13, 0.131])
+    # The same answers a second at 50 ms: some 200 * 50 / 130 in flight, and no quick growth.
+    assert window.size < 200 * 0.05 / 0.13 * 1.2
+    assert window.threshold < 200 * 0.05 / 0.13 * 1.2
+    assert f.cuts == 0  # no limit read from latency
+
+
+async def test_a_slower_server_or_answers_of_every_length_give_nothing_back() -> None:
+    # And a server on this machine answering at once: the queue is all this process's turn.
+    for spread, taken in (([0.05, 0.051], 48), (SPREAD, 200), ([0.0005, 0.00051], 200)):
+        f, _, window, clock = finder(size=256)
+        window.taken = 48
+        latencies(f, clock, seconds=2, spread=spread)
+        window.taken = taken  # the same in flight, slower; or more, answers of every length
+        latencies(f, clock, seconds=1, spread=spread, scale=2.6 if spread[0] > 0.001 else 10)
+        assert window.threshold == 256
+
+
 def test_a_cut_never_grows_a_small_window() -> None:
     window = Window(2, start=2)
     window.shrink(0.75)
@@ -673,7 +701,7 @@ async def test_an_outage_pauses_the_pool_longer_while_it_lasts() -> None:
         clock.now += 0.01
         if f.failure(f.sent()):
             break
-    assert f.outages == 1
+    assert f.outage.outages == 1
     assert pacer.paused_until == pytest.approx(loop.time() + 1.0, abs=0.1)
     assert window.size == 2  # then a couple of probes at a time, not the whole window
     clock.now += 1.0
@@ -692,7 +720,7 @@ async def test_scattered_server_errors_pause_nothing() -> None:
             f.failure(f.sent())
         else:
             f.success(f.sent())
-    assert f.outages == 0
+    assert f.outage.outages == 0
     assert pacer.paused_until == 0.0
 
 

@@ -3,14 +3,16 @@
 Until a limit is found, requests are not paced: one check each, no timer. A sliding window of
 the last two seconds' answers tells how common refusals are at the pace in force; more than
 scattered ones hold the window's quick growth until a trend shows. Rising latency at more in
-flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`).
+flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`);
+answers of about one length, longer at more in flight, give back the queue at once (`_queued`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from pipeline.pace.latency import LatencyWatch
+from pipeline.pace.latency import CROWD_RISE, LatencyWatch
 from pipeline.pace.window import Window
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
@@ -18,6 +20,9 @@ BUCKETS = 20  # two seconds of answers
 HOLD_SHARE, HOLD_MIN = 0.05, 3  # more than scattered: stop growing the window quickly...
 HOLD_FOR = BUCKET * BUCKETS  # ...for as long as it takes a trend to show, then grow again
 LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
+BLOCK, TIGHT = 8, 2.0  # answers a queue reading takes (HyStart++'s samples a round, RFC 9406)...
+# ...if the longest took at most TIGHT times the quickest: they take about the same time
+RISE_MIN, RISE_MAX = 0.004, 0.016  # HyStart++'s clamps of a rise in latency that is a queue
 
 
 class Answers:
@@ -26,6 +31,7 @@ class Answers:
 
     def __init__(self, window: Window, clock: Callable[[], float]) -> None:
         self.window = window
+        self.clock = clock
         self.latency = LatencyWatch(clock)
         self.latency_cuts = 0
         self._back = [0] * BUCKETS
@@ -38,6 +44,9 @@ class Answers:
         # the probes' steps back (each a new epoch) come sooner than enough of them.
         self.tally = [0, 0]
         self._next_step = 0.0
+        self._floor, self._crowd = math.inf, 0  # the quickest answer's latency, and in flight then
+        self._block: list[float] = []
+        self._cut_until = 0.0
 
     def _slot(self, now: float) -> int:
         bucket = int(now / BUCKET)
@@ -62,6 +71,35 @@ class Answers:
         self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
+            self._block.append(latency)
+            if len(self._block) >= BLOCK:
+                self._queued()
+
+    def _queued(self) -> None:
+        """Answers that take about the same time, all longer than the quickest by an eighth
+        (4 to 16 ms: HyStart++'s test) at more in flight, waited in a queue: the server's, or
+        this process's loop reading them late (a slower server at the same in flight is not
+        one). A refusal waits there as long, and what is sent meanwhile is refused with it:
+        the window gives back what the queue holds (Little's law: as many answers a second
+        at the quickest latency), and stops growing quickly."""
+        low, high = min(self._block), max(self._block)
+        self._block.clear()
+        window, floor, now = self.window, self._floor, self.clock()
+        if low < floor:
+            self._floor, self._crowd = low, window.in_flight
+        if (
+            high > TIGHT * low
+            or floor < RISE_MIN  # a server on this machine answering at once: the queue is all ours
+            or low <= floor + min(max(floor / 8, RISE_MIN), RISE_MAX)
+            or window.in_flight < CROWD_RISE * self._crowd
+            or now < self._cut_until
+        ):
+            return
+        self._cut_until = now + low  # what was sent since the cut is back by then
+        size = max(window.in_flight * floor / low * 1.125, window.start)
+        if size < window.size:
+            window.cut(size)
+            self.drop_hold()
 
     def ok(self, now: float) -> None:
         """An answer at the current pace."""

@@ -115,8 +115,8 @@ class RateFinder:
         return self.log.send(now, tag)
 
     def forget(self) -> None:
-        """The limit read here was one model's, which has a scope of its own now: back to the
-        pace given or stated (none, else), and no pause, as if its refusals had not come."""
+        """The limit read here was a model's, which has a scope of its own now: the pace given
+        or stated (else none), no pause, as if its refusals had not come."""
         self.limit = None
         self.answers.tally = [0, 0]
         self.capacity = Capacity(self.log)
@@ -151,10 +151,6 @@ class RateFinder:
             self.answers.other(self.clock())
         return self.outage.failed(ticket, message, who=who, connected=connected)
 
-    @property
-    def outages(self) -> int:
-        return self.outage.outages
-
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
@@ -174,8 +170,8 @@ class RateFinder:
         back, total = self.answers.refused(now)  # before this one
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
-        # How common scattered refusals are, from enough answers to tell (not from the first
-        # few, which at a limit hit at once are all refusals).
+        # How common scattered refusals are, from enough answers (the first few, at a limit hit at
+        # once, are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
             if wait is not None and wait >= self.giving.give_up:
@@ -255,10 +251,9 @@ class RateFinder:
         limit is a guess then, that the next refusals read again)."""
         assert self.limit is not None
         at = self.log.sent_at(ticket)
-        # A server that counts per second has room again when its second ends: the second
-        # it counted is the one before that, not the one before the refusal, which spans two
-        # of its seconds and reads too high. Until then it refuses whatever is sent: the
-        # pool waits, or the refusals make a run that reads that too-high second.
+        # A server counting per second has room again when its second ends: the second it
+        # counted is the one before that (the one before the refusal spans two, and reads too
+        # high). Until then it refuses all: the pool waits, or a run would read that second.
         rest = wait if wait is not None and wait < 1.0 else 0.0
         count, _ = self.log.accepted(at + rest - 1.0, ticket)
         if count >= RUN and min(count, current) > self.limit:  # (a request or two: a slow rate's chance)
