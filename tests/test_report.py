@@ -157,7 +157,12 @@ async def test_pipeline_report_on_finished_and_killed_folders(mock, make_setting
     src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     async with mock(latency=0.05) as (url, _):
         killed = await start(url, src, tmp_path / "killed", "--concurrency", "4")
-        await anyio.sleep(1.5)  # past its first checkpoint (every second): the usage as of then
+        results = tmp_path / "killed" / "results.jsonl"
+        with anyio.fail_after(30):  # sending (a start-up on a busy machine can take a second)...
+            # (another process's file: no event crosses to here)
+            while not results.exists() or results.read_bytes().count(b"\n") < 10:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await anyio.sleep(1.5)  # ...and past its first checkpoint (every second): the usage as of then
         killed.kill()
         await killed.wait()
         await pipeline.run(make_settings(url, rows[:30], output=tmp_path / "finished"))
