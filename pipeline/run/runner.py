@@ -48,6 +48,7 @@ from pipeline.run.progress import Progress
 from pipeline.run.summary import (
     Summary,
 )
+from pipeline.send.attempts import Attempts
 from pipeline.send.client import Client, open_client
 from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
@@ -191,7 +192,7 @@ class Run:
     async def dispatch(self, client: Client) -> None:
         settings, control, writer = self.settings, self.control, self.writer
         judge = Judge(NotFound(client.url, client.models, lambda: control.in_hand, self.progress.say))
-        worker = Worker(
+        attempts = Attempts(
             gate=self.gate,
             client=client,
             judge=judge,
@@ -199,6 +200,9 @@ class Run:
             books=self.books,
             control=control,
             verdict=self.verdict,
+        )
+        worker = Worker(
+            attempts,
             fill_ahead=self.parser.template is not None and self.parser.template.local_images,
             # As many set aside as the read-ahead holds: a model paced slowly holds at most so
             # many more requests in memory.

@@ -10,39 +10,19 @@ from __future__ import annotations
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.account.books import Books
 from pipeline.job import Failure, Outcome, Request
-from pipeline.pace.gate import Gate
-from pipeline.run.control import READ_AHEAD_BYTES, Aside, Control, Crew, Refill, Seat
+from pipeline.run.control import READ_AHEAD_BYTES, Aside, Crew, Refill, Seat
 from pipeline.send.attempts import Attempts
-from pipeline.send.client import Client
-from pipeline.send.retry import RetryPolicy
-from pipeline.send.status import Judge
-from pipeline.send.verdict import Verdict
 
 
 class Worker:
-    def __init__(
-        self,
-        *,
-        gate: Gate,
-        client: Client,
-        judge: Judge,
-        retry: RetryPolicy,
-        books: Books,
-        control: Control,
-        verdict: Verdict | None = None,
-        fill_ahead: bool = False,
-        aside: Aside | None = None,
-    ) -> None:
-        self.attempts = Attempts(
-            gate=gate, client=client, judge=judge, retry=retry, books=books, control=control, verdict=verdict
-        )
-        self.process = self.attempts.process
-        self.control = control
+    def __init__(self, attempts: Attempts, *, aside: Aside, fill_ahead: bool = False) -> None:
+        self.attempts = attempts  # one request to its outcome
+        self.process = attempts.process
+        self.control = attempts.control
         self.fill_ahead = fill_ahead  # the job has local images: fill them before a seat
         self._ahead = 0  # bytes of images filled ahead, their workers waiting for a seat
-        self.aside = aside or Aside(gate.crowded, 0)  # requests of a model waiting for its pace
+        self.aside = aside  # requests of a model waiting for its pace
 
     async def run(
         self,
