@@ -60,7 +60,7 @@ _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 @dataclass(frozen=True, order=True)
 class Site:
     op: str
-    where: tuple[str, ...]  # "output/writer.py:46 _append", innermost first
+    where: tuple[str, ...]  # "output/appendfile.py:20 append_whole", innermost first
 
     def __str__(self) -> str:
         return f"{self.op} at {' <- '.join(self.where)}"

@@ -21,7 +21,7 @@ from pipeline.account.usage import Usage
 from pipeline.errors import MalformedResponse, SettingsError
 from pipeline.job import Request
 from pipeline.jobfile import Price
-from pipeline.output import writer as writer_module
+from pipeline.output import appendfile
 from pipeline.send.sse import StreamAssembler
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -123,7 +123,7 @@ async def test_moderation_refusals_do_not_stop_the_run(mock, make_settings, tmp_
 async def test_a_full_disk_stops_the_run_cleanly_and_it_resumes_exactly_once(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = writer_module._append
+    real = appendfile.append_whole
     calls = [0]
 
     def flaky(fd: int, data: bytes, size: int) -> int:
@@ -134,14 +134,14 @@ async def test_a_full_disk_stops_the_run_cleanly_and_it_resumes_exactly_once(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, size)
 
-    monkeypatch.setattr(writer_module, "_append", flaky)
+    monkeypatch.setattr(appendfile, "append_whole", flaky)
     rows = bodies(300)
     async with mock(latency=0.005) as (url, _):
         summary = await pipeline.run(make_settings(url, rows, concurrency=4))
         assert summary.exit_code == 3
         assert "cannot write to" in summary.message
         assert "No space left on device" in summary.message
-        monkeypatch.setattr(writer_module, "_append", real)
+        monkeypatch.setattr(appendfile, "append_whole", real)
         summary = await pipeline.run(make_settings(url, rows))
     assert summary.exit_code == 0
     data = (tmp_path / "out/results.jsonl").read_bytes()
@@ -164,7 +164,7 @@ def test_a_failed_append_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(os, "write", short_then_full)
     with pytest.raises(OSError, match="No space left"):
-        writer_module._append(fd, b"a new line that will not fit\n", 11)
+        appendfile.append_whole(fd, b"a new line that will not fit\n", 11)
     os.close(fd)
     assert path.read_bytes() == b"whole line\n"
 

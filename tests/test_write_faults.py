@@ -31,6 +31,7 @@ from pipeline.cli import _merge
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.reader import stable_id
 from pipeline.mock.server import MockConfig, MockServer
+from pipeline.output import appendfile
 from pipeline.output import writer as writer_module
 from pipeline.output.folder import write_lines
 from pipeline.output.ledger import Ledger
@@ -532,7 +533,7 @@ def committed(path: Path) -> list[str]:
 async def test_answers_that_arrive_after_a_failed_write_are_written_before_the_run_ends(
     mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = writer_module._append
+    real = appendfile.append_whole
     calls = 0
 
     def full_once(fd: int, data: bytes, size: int) -> int:
@@ -542,7 +543,7 @@ async def test_answers_that_arrive_after_a_failed_write_are_written_before_the_r
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # then there is room again
         return real(fd, data, size)
 
-    monkeypatch.setattr(writer_module, "_append", full_once)
+    monkeypatch.setattr(appendfile, "append_whole", full_once)
     rows = [
         {"custom_id": f"job-{i}", "model": "m", "messages": [{"role": "user", "content": f"q job-{i}"}]}
         for i in range(200)
@@ -564,7 +565,7 @@ async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
     # A batch goes in part way, then the disk fails, and so does the cut back: the whole lines
     # that went in stay, and the next run keeps them. The stop said "0 results kept" and
     # counted them among the answers to be asked for again.
-    real = writer_module._append
+    real = appendfile.append_whole
     failed = False
 
     def half_then_fail(fd: int, data: bytes, size: int) -> int:
@@ -575,7 +576,7 @@ async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
         os.write(fd, data[: len(data) * 2 // 3])  # a line or more, and a torn one
         raise OSError(errno.EIO, os.strerror(errno.EIO))  # and the cut back failed too
 
-    monkeypatch.setattr(writer_module, "_append", half_then_fail)
+    monkeypatch.setattr(appendfile, "append_whole", half_then_fail)
     rows = [
         {"custom_id": f"job-{i}", "model": "m", "messages": [{"role": "user", "content": f"q job-{i}"}]}
         for i in range(200)
@@ -590,7 +591,7 @@ async def test_whole_lines_a_failed_append_could_not_cut_are_counted_kept(
         lost = re.search(r"; (\d+) answers? arrived but could not be written", summary.message)
         asked_first = len(server.state.received)
         assert asked_first == len(kept) + (int(lost.group(1)) if lost else 0)
-        monkeypatch.setattr(writer_module, "_append", real)
+        monkeypatch.setattr(appendfile, "append_whole", real)
         again = await pipeline.run(make_settings(url, rows, concurrency=16))
         asked_again = {b["messages"][0]["content"].split()[-1] for b in server.state.received[asked_first:]}
     assert again.exit_code == 0
