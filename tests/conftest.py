@@ -15,7 +15,8 @@ import orjson
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from pipeline.mock.server import MockConfig, MockServer, start_mock
+from pipeline.mock.hosting import start_mock
+from pipeline.mock.server import MockConfig, MockServer
 from pipeline.settings import Settings, build
 
 FAKE_KEY = "sk-test-SECRET-0123456789abcdefXYZ"

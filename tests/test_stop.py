@@ -36,7 +36,8 @@ async def interrupt(proc: asyncio.subprocess.Process) -> tuple[float, str]:
 async def stopped_while_waiting(
     mock_config: dict, tmp_path: Path, *flags: str, rows: int = 20, settle: float = 0.5
 ) -> tuple[float, str, int, dict]:
-    from pipeline.mock.server import MockConfig, start_mock
+    from pipeline.mock.config import MockConfig
+    from pipeline.mock.hosting import start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(rows))
     out = tmp_path / "out"
@@ -102,7 +103,8 @@ async def test_a_stop_while_the_budget_learns_a_models_cost_is_quick(tmp_path: P
 
 
 async def test_a_stop_while_the_reader_waits_on_a_pipe_is_quick(tmp_path: Path) -> None:
-    from pipeline.mock.server import MockConfig, start_mock
+    from pipeline.mock.config import MockConfig
+    from pipeline.mock.hosting import start_mock
 
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
@@ -126,7 +128,8 @@ async def test_a_stop_while_the_reader_waits_on_a_pipe_is_quick(tmp_path: Path) 
 
 
 async def test_the_first_ctrl_c_says_how_many_are_in_flight_and_what_a_second_does(tmp_path: Path) -> None:
-    from pipeline.mock.server import MockConfig, start_mock
+    from pipeline.mock.config import MockConfig
+    from pipeline.mock.hosting import start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
     async with start_mock(MockConfig(latency=30.0)) as (url, _):

@@ -174,7 +174,8 @@ def _unlimited(args: argparse.Namespace) -> str | None:
 
 
 def run_mock(args: argparse.Namespace) -> int:
-    from pipeline.mock.server import MockConfig, serve
+    from pipeline.mock.config import MockConfig
+    from pipeline.mock.hosting import serve
 
     wrong = _unlimited(args)
     if wrong is not None:

@@ -1,39 +1,35 @@
 """The built-in OpenAI-compatible endpoint, for demos, tests and the benchmark.
 
 `pipeline mock --port N` serves `POST /v1/chat/completions` (any prefix) with deterministic
-answers (`pipeline.mock.answers`): the same messages get the same reply. `usage` is realistic (prompt tokens estimated
-from the text, `cost` at $0.50 / $1.50 per million tokens), `stream: true` answers as SSE,
-`n`, `tools`, `logprobs` and `response_format` with a JSON schema are honoured.
+answers (`pipeline.mock.answers`): the same messages get the same reply. `usage` is realistic
+(prompt tokens estimated from the text, `cost` at $0.50 / $1.50 per million tokens), `stream:
+true` answers as SSE, `n`, `tools`, `logprobs` and `response_format` with a JSON schema are
+honoured.
 
 Switches add latency (fixed, jittered, or spread from short answers to long reasoning ones,
 the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped connections
 (before the answer, or after it was produced, as a real network would), malformed bodies,
 errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
 them, the account's and each model's (`pipeline.mock.admission`), a key the server refuses,
-credits that run out. Tests start it in-process (`start_mock`); the benchmark reads its
+credits that run out. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
 counters (`pipeline.mock.state`) from `GET /mock/stats`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
-from pipeline.mock.config import BACKLOG, KEEP_ALIVE, MockConfig
+from pipeline.mock.config import KEEP_ALIVE, MockConfig
 from pipeline.mock.state import MockState
-from pipeline.run.preflight import raise_open_files
 
-__all__ = ["MockConfig", "MockServer", "completion", "job_key", "serve", "start_mock"]
+__all__ = ["MockConfig", "MockServer", "completion", "job_key"]
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -251,55 +247,3 @@ class MockServer:
             st.answered[key] += 1
         await response.write_eof()
         return response
-
-
-def _bound_port(site: web.TCPSite) -> int:
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    return int(sockets[0].getsockname()[1])
-
-
-def _write_port_file(path: str, port: int) -> None:
-    tmp = Path(path + ".tmp")
-    tmp.write_text(str(port))
-    tmp.replace(path)
-
-
-@asynccontextmanager
-async def start_mock(
-    config: MockConfig | None = None, *, port: int = 0
-) -> AsyncIterator[tuple[str, MockServer]]:
-    """Serve the mock on 127.0.0.1 inside the running loop; yields its base URL and itself."""
-    server = MockServer(config or MockConfig())
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, backlog=BACKLOG)
-    await site.start()
-    bound = _bound_port(site)
-    try:
-        yield f"http://127.0.0.1:{bound}/v1", server
-    finally:
-        await runner.cleanup()
-
-
-async def serve(
-    config: MockConfig, *, host: str, port: int, port_file: str | None = None, quiet: bool = False
-) -> None:
-    raise_open_files()  # thousands of connections at once, as clients bring them
-    server = MockServer(config)
-    # A client that hangs up mid-answer (killed, timed out, cancelled) is normal here, not an
-    # error worth a traceback.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=True, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=BACKLOG)
-    await site.start()
-    bound = _bound_port(site)
-    if port_file:
-        _write_port_file(port_file, bound)
-    if not quiet:
-        print(f"mock endpoint listening on http://{host}:{bound}/v1 (Ctrl-C to stop)", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
