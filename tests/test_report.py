@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import anyio
 import orjson
@@ -136,6 +137,20 @@ def test_nothing_from_outside_can_run_in_the_report() -> None:
     # policy forbids scripts and requests besides.
     assert "default-src 'none'" in page
     assert all(src.startswith("data:image/svg+xml;base64,") for src in re.findall(r'src="([^"]*)"', page))
+
+
+def test_every_chart_is_whole_svg_with_outside_names_as_text_and_no_script() -> None:
+    """A chart saved from the page and opened alone is an SVG document of its own: well formed,
+    the names from outside written as its text, nothing to run."""
+    page = html_report(_doc())
+    charts = [base64.b64decode(src) for src in re.findall(r"base64,([^\"]*)", page)]
+    assert len(charts) == 10  # 3 over time; tokens, cost by model and by run; statuses, codes, verdicts
+    for chart in charts:
+        root = ElementTree.fromstring(chart)
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert not [e for e in root.iter() if e.tag.endswith("script")]
+    texts = {e.text for chart in charts for e in ElementTree.fromstring(chart).iter() if e.text}
+    assert HOSTILE[:60] in texts  # a bar's label, as the reader wrote it
 
 
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
