@@ -12,9 +12,11 @@ from xml.etree import ElementTree
 
 import anyio
 import orjson
+import pytest
 
 import pipeline
 from pipeline.report.html import html_report
+from pipeline.report.svg import scale
 from tests.conftest import FAKE_KEY, bodies
 
 CHARTS = (
@@ -151,6 +153,19 @@ def test_every_chart_is_whole_svg_with_outside_names_as_text_and_no_script() -> 
         assert not [e for e in root.iter() if e.tag.endswith("script")]
     texts = {e.text for chart in charts for e in ElementTree.fromstring(chart).iter() if e.text}
     assert HOSTILE[:60] in texts  # a bar's label, as the reader wrote it
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(0.0, 0.0), (0.05282322718449552, 0.05282322718449553), (0.0, 5e-324), (-1e300, 1e300), (3.0, 7.0)],
+)
+def test_a_value_axis_covers_its_values_in_a_few_round_steps(low: float, high: float) -> None:
+    bottom, top, ticks = scale(low, high)
+    assert bottom <= low
+    assert high <= top
+    assert bottom < top
+    assert 3 <= len(ticks) <= 12
+    assert ticks == sorted(ticks)
 
 
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:

@@ -33,12 +33,14 @@ def scale(low: float, high: float) -> tuple[float, float, list[float]]:
     """A value axis over [low, high]: its ends and its ticks, at a round step (1, 2 or 5
     times a power of ten), from zero: a range of float noise (two p50s of 0.05282322718449553
     and ...52, where pygal's scale never ended) is drawn as the one value it is."""
-    low, high = min(low, 0.0), max(high, 0.0)  # counts and rates read from zero
+    # Counts and rates read from zero; beyond 1e300 a value is drawn at the edge (a step
+    # rounded past it would overflow).
+    low, high = max(min(low, 0.0), -1e300), min(max(high, 0.0), 1e300)
     span = high - low
-    if span == 0:  # nothing but zeros
+    if span < 1e-300:  # nothing but zeros
         high = span = 1.0
     raw = span / TICKS
-    power = 10 ** math.floor(math.log10(raw))
+    power = 10.0 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first, last = math.floor(low / step), math.ceil(high / step)
     ticks = [k * step for k in range(first, last + 1)]
