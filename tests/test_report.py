@@ -168,6 +168,15 @@ def test_a_value_axis_covers_its_values_in_a_few_round_steps(low: float, high: f
     assert ticks == sorted(ticks)
 
 
+def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
+    """Written side by side, more than ten times of day overlap on a chart's axis."""
+    doc = _doc()
+    point = doc["timeline"][0]["points"][0]
+    doc["timeline"][0]["points"] = [{**point, "start": point["start"] + 10 * k} for k in range(25)]
+    first = base64.b64decode(re.findall(r"base64,([^\"]*)", html_report(doc))[0]).decode()
+    assert 5 <= len(re.findall(r">\d\d:\d\d:\d\d<", first)) <= 10
+
+
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
     not_one = tmp_path / "nothing"
     not_one.mkdir()

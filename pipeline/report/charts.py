@@ -19,7 +19,7 @@ KINDS = ("success", "429", "5xx", "error", "invalid")
 COLOURS = {"success": "#33aa77", "429": "#ee9944", "5xx": "#cc3333", "error": "#888888", "invalid": "#aa55cc"}
 SCOPE_COLOURS = ("#7755aa", "#aa7722", "#227799", "#995566")  # a pace per model
 WIDTH = 1000
-LABELS = 10  # time labels shown on an axis
+LABELS = 10  # time labels written on an axis, at most
 
 
 def _image(svg: str, title: str) -> str:
@@ -32,7 +32,7 @@ def line(title: str, axis: str, labels: list[str], series: list[tuple[str, list[
         title,
         axis,
         labels,
-        labels[:: max(len(labels) // LABELS, 1)],
+        labels[:: max(-(-len(labels) // LABELS), 1)],  # at most LABELS: written side by side, more overlap
         [(name[:40], values, colour) for name, values, colour in series],
         width=WIDTH,
         height=320,
