@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import anyio
 import orjson
+import pytest
 
 import pipeline
 from pipeline.report.html import html_report
+from pipeline.report.svg import scale
 from tests.conftest import FAKE_KEY, bodies
 
 CHARTS = (
@@ -136,6 +139,42 @@ def test_nothing_from_outside_can_run_in_the_report() -> None:
     # policy forbids scripts and requests besides.
     assert "default-src 'none'" in page
     assert all(src.startswith("data:image/svg+xml;base64,") for src in re.findall(r'src="([^"]*)"', page))
+
+
+def test_every_chart_is_whole_svg_with_outside_names_as_text_and_no_script() -> None:
+    """A chart saved from the page and opened alone is an SVG document of its own: well formed,
+    the names from outside written as its text, nothing to run."""
+    page = html_report(_doc())
+    charts = [base64.b64decode(src) for src in re.findall(r"base64,([^\"]*)", page)]
+    assert len(charts) == 10  # 3 over time; tokens, cost by model and by run; statuses, codes, verdicts
+    for chart in charts:
+        root = ElementTree.fromstring(chart)
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert not [e for e in root.iter() if e.tag.endswith("script")]
+    texts = {e.text for chart in charts for e in ElementTree.fromstring(chart).iter() if e.text}
+    assert HOSTILE[:60] in texts  # a bar's label, as the reader wrote it
+
+
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [(0.0, 0.0), (0.05282322718449552, 0.05282322718449553), (0.0, 5e-324), (-1e300, 1e300), (3.0, 7.0)],
+)
+def test_a_value_axis_covers_its_values_in_a_few_round_steps(low: float, high: float) -> None:
+    bottom, top, ticks = scale(low, high)
+    assert bottom <= low
+    assert high <= top
+    assert bottom < top
+    assert 3 <= len(ticks) <= 12
+    assert ticks == sorted(ticks)
+
+
+def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
+    """Written side by side, more than ten times of day overlap on a chart's axis."""
+    doc = _doc()
+    point = doc["timeline"][0]["points"][0]
+    doc["timeline"][0]["points"] = [{**point, "start": point["start"] + 10 * k} for k in range(25)]
+    first = base64.b64decode(re.findall(r"base64,([^\"]*)", html_report(doc))[0]).decode()
+    assert 5 <= len(re.findall(r">\d\d:\d\d:\d\d<", first)) <= 10
 
 
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
