@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.scopes import Scope, Scopes
-from pipeline.pace.tokens import says_tokens
 from pipeline.send.status import Signal, endpoint_failed, signal
 
 if TYPE_CHECKING:
@@ -82,10 +81,8 @@ class Slot:
         if self.made != self._gate.scopes.made:
             self.catch_up()
         for i, scope in enumerate(self.scopes):  # (not zip: its iterators cost more)
-            # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
             if reserved := self.reserved[i]:  # (none where no token pace is in force: most)
-                pacer = scope.pacer
-                pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
+                scope.pacer.answered(reserved, used_tokens)
             scope.finder.success(self.tickets[i], latency)
         if headers:
             self.scopes[0].finder.headers(headers)  # its model's own limits, where it has a scope
@@ -107,12 +104,9 @@ class Slot:
         # keeps its tokens all the same: the server is full, and handed back they would send
         # the next request into the same refusal at once. One that got no answer may have been.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
-        tokens = meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits)
+        refusal = error if meaning is Signal.PUSHBACK else None
         for i, scope in enumerate(self.scopes):
-            reserved = self.reserved[i]
-            scope.pacer.settle(reserved, reserved if counted else 0)
-            if tokens and reserved:
-                scope.pacer.settle(0, scope.tokens.refused())
+            scope.pacer.failed(self.reserved[i], counted, refusal)
             if meaning is Signal.ANSWERED:
                 scope.finder.answered(self.tickets[i])  # the request's fault, not the endpoint's
         if error.limits:

@@ -23,7 +23,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.pace.tokens import TokenCount, says_tokens
+
 if TYPE_CHECKING:
+    from pipeline.errors import RequestError
     from pipeline.pace.link import StoreLink
 
 TIMER_SLACK = 0.001  # seconds
@@ -114,6 +117,9 @@ class Pacer:
         self._closed = False  # the run stopped: nobody waits any more
         self.budget.attach(self)
         self.account: StoreLink | None = None  # the account's store, when its processes share the pace
+        # What the server counts of a request's tokens. A shared pace does not probe it: each of
+        # its processes would pay a probe's refusals on a server counting on arrival.
+        self.tokens = TokenCount(probe=isinstance(self.budget, LocalBudget))
 
     # -- settings ------------------------------------------------------------------------------
 
@@ -238,6 +244,17 @@ class Pacer:
         """Correct a token reservation with what the request really used."""
         if reserved != used and self.budget.settle(reserved, used):
             self.reschedule()
+
+    def answered(self, reserved: int, used: int) -> None:
+        """A request that reserved `reserved` tokens used `used`: settled as the server counts."""
+        self.settle(reserved, self.tokens.counted(reserved, used, binding=self.holding))
+
+    def failed(self, reserved: int, counted: bool, refusal: RequestError | None = None) -> None:
+        """A request failed: its reservation `counted` by the server, or handed back. A refusal
+        of the token limit's counts again what was handed back too soon (`tokens`)."""
+        self.settle(reserved, reserved if counted else 0)
+        if reserved and refusal is not None and says_tokens(refusal.message, refusal.limits):
+            self.settle(0, self.tokens.refused())
 
     def pause(self, seconds: float) -> None:
         """Hold every request back for `seconds` (a server's Retry-After for the pool)."""

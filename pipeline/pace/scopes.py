@@ -27,13 +27,13 @@ from pipeline.pace.finder import RUN, RateFinder
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN
-from pipeline.pace.tokens import TokenCount
 from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
     from pipeline.jobfile import ModelLimit
     from pipeline.pace.gate import Slot
+    from pipeline.pace.tokens import TokenCount
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
 # A model's send log: four times --concurrency (it must outlast what is in flight), at least
@@ -53,18 +53,19 @@ class Scope:
     model: str | None  # None: the account
     pacer: Pacer
     finder: RateFinder  # its limit, read from its own send order (`finder.log`)
-    tokens: TokenCount  # what the server counts of its requests' tokens
     chain: tuple[Scope, ...] = ()  # the scopes its requests pass: itself, then the account's
     waiting: int = 0  # requests waiting for its pace now
     given_up: str = ""  # why its requests are sent no more this run
     # The account's tickets of its model's requests sent before it was made: theirs here.
     moved: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> TokenCount:
+        return self.pacer.tokens
+
 
 def _scope(model: str | None, finder: RateFinder, account: Scope | None = None) -> Scope:
-    # A shared pace does not probe how tokens are counted: each of its processes would pay a
-    # probe's refusals on a server that counts on arrival (their hand-backs add up).
-    scope = Scope(model, finder.pacer, finder, TokenCount(probe=not finder.pacer.shared))
+    scope = Scope(model, finder.pacer, finder)
     scope.chain = (scope,) if account is None else (scope, account)
     return scope
 
