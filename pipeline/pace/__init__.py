@@ -17,7 +17,7 @@
 A scope's rate finder (`finder`) reads a limit nobody states from the refusals in its send order
 (`sendlog`, `capacity`, `rhythm`, `probe`; `answers` sizes the window), or takes the
 one a server states (`stated`); the account's also judges an endpoint down (`outage`) and a
-server that lets nothing through (`giveup`). `tokens`: how a server counts a token limit. A
+server that lets nothing through (`outage.GiveUp`). `tokens`: how a server counts a token limit. A
 shared pace reads the account's limit from every process's log (`reading`, `accountlog`) and
 spends leased tokens (`lease`).
 """

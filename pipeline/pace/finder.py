@@ -21,7 +21,7 @@ milliseconds, an answer in seconds, so refusals drive everything and answers are
 
 An endpoint that fails every request (5xx, dropped connections, timeouts) is down, not busy
 (`pipeline.pace.outage`); one that lets nothing through for long stops the run
-(`pipeline.pace.giveup`); limits a server states are used instead (`pipeline.pace.stated`).
+(`outage.GiveUp`); limits a server states are used instead (`pipeline.pace.stated`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from collections.abc import Callable, Mapping
 from pipeline.errors import RunStopped
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
-from pipeline.pace.giveup import GiveUp
-from pipeline.pace.outage import Outage
+from pipeline.pace.outage import GiveUp, Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
