@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from pipeline.errors import RunStopped
+from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
 from pipeline.pace.outage import GiveUp, Outage
@@ -37,7 +38,7 @@ from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
-from pipeline.pace.stated import MARGIN, MAX_PAUSE, Stated
+from pipeline.pace.stated import MARGIN, MAX_PAUSE
 from pipeline.pace.window import Window
 
 # Refusals in a row, in send order: the server is full. Of 2 % scattered refusals, three in a
@@ -71,7 +72,7 @@ class RateFinder:
         self.pacer = pacer
         self.window = window
         self.ceiling = ceiling  # requests a second allowed (by the user or the server)
-        self.stated = Stated(pacer, window, rpm_given=ceiling is not None, tpm_given=tpm_given)
+        self.rpm_given, self.tpm_given = ceiling is not None, tpm_given  # the user's come first
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
@@ -294,4 +295,4 @@ class RateFinder:
 
     def headers(self, headers: Mapping[str, str]) -> None:
         """The limits a server states, and whether one is used up (`pipeline.pace.stated`)."""
-        self.ceiling = self.stated.read(headers, self.ceiling)
+        stated.read(self, headers)

@@ -77,7 +77,7 @@ def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]
     if not rate:
         return None, None, None
     if finder.ceiling is not None:
-        return rate, "given" if finder.stated.rpm_given else "stated", finder.ceiling / MARGIN
+        return rate, "given" if finder.rpm_given else "stated", finder.ceiling / MARGIN
     return rate, "found", finder.limit
 
 
