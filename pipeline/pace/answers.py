@@ -1,16 +1,14 @@
-"""What the answers at the current pace say to the in-flight window (`pipeline.pace.window`).
+"""What the answers at the current pace say to the in-flight window (`window`).
 
-Until a limit is found, requests are not paced: one check each, no timer. A sliding window of
-the last two seconds' answers tells how common refusals are at the pace in force; more than
-scattered ones hold the window's quick growth until a trend shows. Rising latency at more in
-flight (a server that queues) gives up a quarter of the window (`LatencyWatch`); answers of
-about one length, longer at more in flight, give back the queue at once (`_queued`).
-
-Rising latency is read as Little's law has it: the sign of a server that queues rather than
-refuses. An LLM's latency also rises with longer answers or a busier provider, when cutting
-the window would only cost throughput; so once a second the median latency, mean in flight
-and answers a second are compared with their moving averages: more in flight that bought no
-more answers, only twice the latency, twice in a row, was queueing.
+Until a limit is found, requests are not paced: one check each, no timer. The last two
+seconds' answers tell how common refusals are at the pace in force; more than scattered ones
+hold the window's quick growth until a trend shows. Answers of about one length, longer at
+more in flight, give back the queue at once (`_queued`). Rising latency at more in flight
+gives up a quarter of the window (`LatencyWatch`, after Little's law): a server that queues
+rather than refuses. An LLM's latency also rises with longer answers or a busier provider,
+where a cut only costs throughput; so once a second the median latency, mean in flight and
+answers a second are held against their moving averages: more in flight that bought no more
+answers, only twice the latency, twice in a row, was queueing.
 """
 
 from __future__ import annotations
@@ -52,8 +50,6 @@ class Reading:
 
 
 class LatencyWatch:
-    """Each second's answers, read against the usual: latency, in flight, answers a second."""
-
     def __init__(self, clock: Callable[[], float]) -> None:
         self.samples: list[float] = []
         self.crowd = 0  # in flight at each answer, summed
@@ -62,7 +58,7 @@ class LatencyWatch:
         self._high = 0
 
     def restart(self, at: float) -> None:
-        """A new pace from `at`: readings start over (the usual values stay)."""
+        """A new pace from `at`: readings start over, the usual values stay."""
         self.samples.clear()
         self.crowd = 0
         self._since = at
@@ -102,9 +98,6 @@ class LatencyWatch:
 
 
 class Answers:
-    """The answers to what was sent at the current pace (an epoch), and what the window does
-    on them: the hold on its quick growth, and the cut for rising latency."""
-
     def __init__(self, window: Window, clock: Callable[[], float]) -> None:
         self.window = window
         self.clock = clock
@@ -143,7 +136,6 @@ class Answers:
             self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
-        """An answer came: the window grows, and its latency is noted."""
         self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
@@ -178,12 +170,11 @@ class Answers:
             self.drop_hold()
 
     def ok(self, now: float) -> None:
-        """An answer at the current pace."""
         self._all[self._slot(now)] += 1
         self.tally[1] += 1
 
     def other(self, now: float) -> None:
-        """An answer at the current pace that says nothing about the rate."""
+        """An answer that says nothing of the rate."""
         self._all[self._slot(now)] += 1
 
     def refused(self, now: float) -> tuple[int, int]:
@@ -197,8 +188,8 @@ class Answers:
         return back, total
 
     def step(self, now: float) -> bool:
-        """At most once a second of answers: a hold may lapse, and latency may cut the window.
-        Returns whether it stepped (and the finder's probe may step too)."""
+        """At most once a second: a hold may lapse, latency may cut the window. Returns
+        whether it stepped (and the finder's probe may step too)."""
         if now < self._next_step:
             return False
         self._next_step = now + 1.0
@@ -207,10 +198,10 @@ class Answers:
         return True
 
     def hold(self, now: float, back: int, total: int) -> None:
-        """Pushback is more than scattered: a trend may be starting. Stop the window's quick
-        growth until it shows; if none does within the sliding window, the pushback is
-        scattered after all (an aggregator's upstreams), and the quick growth resumes for the
-        rest of the epoch, or a few 429s early in a run would leave its window small."""
+        """Pushback more than scattered: stop the window's quick growth until a trend shows.
+        If none does within the sliding window, it was scattered after all (an aggregator's
+        upstreams): quick growth resumes for the rest of the epoch, or a few 429s early in a
+        run would leave the window small."""
         if back < HOLD_MIN or back < HOLD_SHARE * total:
             return
         window = self.window
@@ -228,7 +219,6 @@ class Answers:
             self._hold_spent = True
 
     def _end_hold(self) -> None:
-        """Quick growth again, from where the hold stopped it."""
         if self._held is not None:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None

@@ -1,27 +1,26 @@
-"""Finding a rate limit nobody stated, from the fast signal: a refusal (429) comes back in
+"""Finding a rate limit nobody states, from the fast signal: a refusal (429) comes back in
 milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
 - **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`SendLog`). A run of four (more when scattered
-  refusals are common) says it is full; an aggregator's scattered 429s almost never line up
-  so, and only delay their own request (by its Retry-After, in the retry policy). While no
-  limit is known, a refusal stalls the growing window until its fellows are back (`Window`).
-- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what it let
-  through in the second before; later, between two moments it was full. The pool pauses for
-  the Retry-After and the pace is set at 97 % of the rate read; the window restarts small at
-  the first reading (a bucket's savings may pass for a rate) and opens at the next.
-  A refusal that comes back after the reading, for a request it counted in, is taken out.
-- **Probing** (`pipeline.pace.probe`): once a pace has held and binds, it climbs above the
-  limit known, to learn whether the limit rose. A refused probe sets it back (`_probed_past`).
+  room again: a run of refusals in send order (`sendlog`). A run of four (more when scattered
+  refusals are common) says so; an aggregator's scattered 429s almost never line up so, and
+  only delay their own request. While no limit is known, a refusal stalls the growing window
+  until its fellows are back.
+- **What it lets through** (`capacity`): at the first such moment, what it let through in the
+  second before; later, between two moments it was full. The pool pauses for the Retry-After,
+  the pace is set at 97 % of the rate read, and the window restarts small at the first reading
+  (a bucket's savings may pass for a rate) and opens at the next. A refusal that comes back
+  after the reading, for a request it counted, is taken out.
+- **Probing** (`probe`): a pace that has held and binds climbs above the limit, to learn
+  whether it rose; a refused probe sets it back (`_probed_past`).
 - **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
-  (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over under a
-  second or raised by a probe, or past 15 % of answers. Scattered ones never do.
-- **Many processes, one account** (a shared pace): the moments the server is full are seen,
-  and the limit read, from what the whole account sent (`pipeline.pace.reading`).
+  (`rhythm`); at most once in SETTLE seconds when it was read over under a second or raised by
+  a probe, or past 15 % of answers. Scattered ones never do.
+- **A shared pace** sees the moments the server is full, and reads the limit, from what the
+  whole account sent (`reading`).
 
-An endpoint that fails every request (5xx, dropped connections, timeouts) is down, not busy
-(`pipeline.pace.outage`); one that lets nothing through for long stops the run
-(`outage.GiveUp`); limits a server states are used instead (`pipeline.pace.stated`).
+An endpoint failing every request is down, not busy (`outage`); one that lets nothing through
+for long stops the run (`outage.GiveUp`); limits a server states come first (`stated`).
 """
 
 from __future__ import annotations
@@ -97,8 +96,7 @@ class RateFinder:
     def latency_cuts(self) -> int:
         return self.answers.latency_cuts
 
-    def _new_epoch(self, now: float) -> None:
-        """Judge the new pace on the answers to what is sent at that pace, not before."""
+    def _new_epoch(self, now: float) -> None:  # a new pace is judged on what is sent at it
         self.epoch = self.log.next
         self._epoch_start = now
         self.probe.settle(now)
@@ -106,8 +104,7 @@ class RateFinder:
         self.answers.restart(now)
 
     def sent(self, tag: int = 0) -> int:
-        """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
-        answer to bring back."""
+        """A request (of the model numbered `tag`) leaves now; returns its ticket."""
         now = self.clock()
         if self.account is not None:
             self.account.sent(now)
@@ -138,8 +135,7 @@ class RateFinder:
             self._probe(now)
 
     def answered(self, ticket: int) -> None:
-        """An answer that says nothing about the rate (a 400 for a bad request), but that the
-        endpoint is up."""
+        """An answer that says nothing of the rate (a 400), only that the endpoint is up."""
         self.outage.answered()
         if ticket >= self.epoch:
             self.answers.other(self.clock())
@@ -193,7 +189,6 @@ class RateFinder:
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
-        """The limit read at a moment the server was full."""
         if self.reads_account:
             self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
@@ -218,7 +213,6 @@ class RateFinder:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
     def _overshoot(self, now: float, ticket: int, wait: float | None, back: int, total: int) -> None:
-        """Refusals not in a run, while a limit is known."""
         assert self.limit is not None
         current = self.pacer.request_rate
         if current is not None and current > self.limit * HOLD * 1.0001:
@@ -270,7 +264,7 @@ class RateFinder:
         self._new_epoch(now)
 
     def _reread(self, rate: float, sure: bool) -> None:
-        """The limit read again at its pace: lower than it was read, it is set so."""
+        """The limit read again at its pace: only ever lowered here."""
         self.capacity.sure = sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
@@ -294,5 +288,4 @@ class RateFinder:
         self.pacer.set_request_rate(rate)
 
     def headers(self, headers: Mapping[str, str]) -> None:
-        """The limits a server states, and whether one is used up (`pipeline.pace.stated`)."""
         stated.read(self, headers)
