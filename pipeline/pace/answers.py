@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeline.pace.window import Window
 
@@ -35,18 +35,10 @@ LATENCY_AFTER = 2  # ...in this many readings in a row
 LATENCY_MEMORY = 0.1  # weight of each reading in the usual values (about ten seconds)
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     latency: float  # median, seconds
     crowd: float  # mean in flight
     rate: float  # answers a second
-
-    def toward(self, other: Reading, weight: float) -> Reading:
-        return Reading(
-            self.latency + weight * (other.latency - self.latency),
-            self.crowd + weight * (other.crowd - self.crowd),
-            self.rate + weight * (other.rate - self.rate),
-        )
 
 
 class LatencyWatch:
@@ -81,8 +73,9 @@ class LatencyWatch:
         self.samples.clear()
         self.crowd = 0
         self._since = now
-        usual = self.usual
-        self.usual = reading if usual is None else usual.toward(reading, LATENCY_MEMORY)
+        usual, self.usual = self.usual, reading
+        if usual is not None:  # moving averages
+            self.usual = Reading(*(u + LATENCY_MEMORY * (r - u) for u, r in zip(usual, reading, strict=True)))
         if usual is None or not (
             reading.latency > LATENCY_RISE * usual.latency
             and reading.crowd > CROWD_RISE * usual.crowd
