@@ -135,10 +135,6 @@ class Pacer:
         return self.budget.token_rate
 
     @property
-    def shared(self) -> bool:
-        return self.account is not None
-
-    @property
     def holding(self) -> bool:
         return bool(self._waiters)
 

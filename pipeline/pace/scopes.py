@@ -24,7 +24,7 @@ from pipeline.errors import RunStopped
 from pipeline.pace.finder import RUN, RateFinder
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SIZE
-from pipeline.pace.stated import MARGIN
+from pipeline.pace.stated import MARGIN, per_second
 from pipeline.pace.window import Window
 from pipeline.quote import quote
 
@@ -105,7 +105,7 @@ class Scopes:
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
-            self._add(model, _per_second(limit.rpm), _per_second(limit.tpm))
+            self._add(model, per_second(limit.rpm), per_second(limit.tpm))
 
     def all(self) -> tuple[Scope, ...]:
         return (self.account, *self.by_model.values())
@@ -224,8 +224,3 @@ class Scopes:
     def wake_all(self) -> None:
         for scope in self.all():
             scope.pacer.wake_all()
-
-
-def _per_second(per_minute: float | None) -> float | None:
-    """A limit given per minute, paced a little under (as `--rpm` is)."""
-    return per_minute / 60 * MARGIN if per_minute else None

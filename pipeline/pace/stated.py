@@ -19,9 +19,9 @@ MARGIN = 0.98  # of a limit the server or the user states
 MAX_PAUSE = 120.0
 
 
-def _per_second(stated: str | None) -> float | None:
-    limit = per_minute(stated)
-    return None if limit is None else limit / 60 * MARGIN
+def per_second(limit: float | None) -> float | None:
+    """A limit stated or given per minute, as the pace a second a little under it."""
+    return limit / 60 * MARGIN if limit else None
 
 
 def read(finder: RateFinder, headers: Mapping[str, str]) -> None:
@@ -29,15 +29,15 @@ def read(finder: RateFinder, headers: Mapping[str, str]) -> None:
     none, as the finder's `ceiling` and pace; pause when one is used up, until it resets."""
     pacer, window = finder.pacer, finder.window
     if not finder.rpm_given:
-        per_second = _per_second(headers.get("x-ratelimit-limit-requests"))
-        if per_second and per_second != finder.ceiling:
-            finder.ceiling = per_second
-            pacer.state_request_rate(per_second)
+        rate = per_second(per_minute(headers.get("x-ratelimit-limit-requests")))
+        if rate and rate != finder.ceiling:
+            finder.ceiling = rate
+            pacer.state_request_rate(rate)
             window.open()
     if not finder.tpm_given:
-        per_second = _per_second(headers.get("x-ratelimit-limit-tokens"))
-        if per_second and per_second != pacer.token_rate:
-            pacer.set_token_rate(per_second)
+        rate = per_second(per_minute(headers.get("x-ratelimit-limit-tokens")))
+        if rate and rate != pacer.token_rate:
+            pacer.set_token_rate(rate)
             window.open()
     for kind in ("requests", "tokens"):
         if spent(headers.get(f"x-ratelimit-remaining-{kind}")):
