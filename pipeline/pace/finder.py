@@ -166,8 +166,8 @@ class RateFinder:
         back, total = self.answers.refused(now)  # before this one
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
-        # How common scattered refusals are, from enough answers (the first few, at a limit hit at
-        # once, are all refusals).
+        # How common scattered refusals are (from enough answers: at a limit hit at once, the
+        # first few are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
             if wait is not None and wait >= self.giving.give_up:
@@ -229,9 +229,8 @@ class RateFinder:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
             return
-        # Refusals at the pace the limit allows: it was read over too short a time to be sure,
-        # or too high. What gets through at this pace tells: read up to now (no pause is
-        # taken for a refusal not in a run, so none is counted).
+        # Refusals at the limit's pace: it was read too high, or over too short a time to be
+        # sure. What gets through at this pace tells, read up to now (no pause to count here).
         self._reread_after = now + SETTLE
         if self.account is not None and self.reads_account:
             self.account.read_full(self.log.sent_at(ticket), now, self._reread)
