@@ -1,23 +1,23 @@
 """When a request may start, and what its answer teaches.
 
-    worker ── gate.enter(tokens, model) ─────────────────────────────── the request's scopes:
-                │   its model's scope (where it has one) ─┐             scopes.Scope = a pace,
-                │   the window (in flight: the account's) │ each: Pacer  its finder, its token
-                │   the account's scope ──────────────────┘  (pacer)    count; Scopes: which
-                ▼                                               │        one a refusal is
-    slot.go / answered / failed ── each scope's tokens, finder  │
-                                                                ▼
-                                          budget: LocalBudget (this process: GCRA clocks)
-                                               or LeasedBudget (leased) ── StoreLink (link)
-                                                                       ── AccountStore (store):
-                                                                          Redis (store.lua) or
-                                                                          a Ray actor (actor,
-                                                                          AccountPace: account)
+    worker ── gate.enter(tokens, model)                        pace modules on its way:
+                │   its model's Pacer (where it has a scope) ─┐  pacer
+                │   the Window (in flight: the account's)     │  window
+                │   the account's Pacer ──────────────────────┘  pacer
+                ▼
+    slot.go ── each scope's RateFinder.sent                      finder
+    slot.answered / failed ── each scope's Pacer (its tokens     pacer, finder; a refusal:
+                settled as the server counts) and RateFinder     Scopes.refused (scopes)
+                                                                 says whose it is
+    Pacer.budget: LocalBudget (this process: GCRA clocks)
+               or LeasedBudget (leased) ── StoreLink (link) ── AccountStore (store):
+                                           Redis (store.lua) or a Ray actor (actor,
+                                           AccountPace: account)
 
 A scope's rate finder (`finder`) reads a limit nobody states from the refusals in its send order
-(`sendlog`, `capacity`, `rhythm`, `probe`; `answers` and `latency` size the window), or takes the
-one a server states (`stated`); the account's also judges an endpoint down (`outage`) and a
-server that lets nothing through (`giveup`). `tokens`: how a server counts a token limit. A
-shared pace reads the account's limit from every process's log (`reading`, `accountlog`) and
-spends leased tokens (`lease`).
+(`sendlog`, `capacity`, `rhythm`, `probe`; `answers` sizes the window), or takes the one a
+server states (`stated`); the account's also judges an endpoint down, or one that lets nothing
+through (`outage`). A pacer's `tokens`: how a server counts a token limit. A shared pace reads
+the account's limit from every process's log (`reading`, `accountlog`) and spends leased
+tokens (`lease`).
 """

@@ -1,18 +1,22 @@
-"""What the answers at the current pace say to the in-flight window (`pipeline.pace.window`).
+"""What the answers at the current pace say to the in-flight window (`window`).
 
-Until a limit is found, requests are not paced: one check each, no timer. A sliding window of
-the last two seconds' answers tells how common refusals are at the pace in force; more than
-scattered ones hold the window's quick growth until a trend shows. Rising latency at more in
-flight (a server that queues) gives up a quarter of the window (`pipeline.pace.latency`);
-answers of about one length, longer at more in flight, give back the queue at once (`_queued`).
+Until a limit is found, requests are not paced: one check each, no timer. The last two
+seconds' answers tell how common refusals are at the pace in force; more than scattered ones
+hold the window's quick growth until a trend shows. Answers of about one length, longer at
+more in flight, give back the queue at once (`_queued`). Rising latency at more in flight
+gives up a quarter of the window (`LatencyWatch`, after Little's law): a server that queues
+rather than refuses. An LLM's latency also rises with longer answers or a busier provider,
+where a cut only costs throughput; so once a second the median latency, mean in flight and
+answers a second are held against their moving averages: more in flight that bought no more
+answers, only twice the latency, twice in a row, was queueing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
-from pipeline.pace.latency import CROWD_RISE, LatencyWatch
 from pipeline.pace.window import Window
 
 BUCKET = 0.1  # seconds per bucket of the sliding window of answers
@@ -23,12 +27,70 @@ LATENCY_KEEP = 0.75  # of the window, at a rise in latency that bought nothing
 BLOCK, TIGHT = 8, 2.0  # answers a queue reading takes (HyStart++'s samples a round, RFC 9406)...
 # ...if the longest took at most TIGHT times the quickest: they take about the same time
 RISE_MIN, RISE_MAX = 0.004, 0.016  # HyStart++'s clamps of a rise in latency that is a queue
+LATENCY_SAMPLES = 16  # answers a latency reading needs, at least
+LATENCY_RISE = 2.0  # queueing: latency this many times the usual...
+CROWD_RISE = 1.5  # ...with this many times the usual in flight...
+GAIN_MAX = 1.25  # ...for at most this many times the usual answers a second...
+LATENCY_AFTER = 2  # ...in this many readings in a row
+LATENCY_MEMORY = 0.1  # weight of each reading in the usual values (about ten seconds)
+
+
+class Reading(NamedTuple):
+    latency: float  # median, seconds
+    crowd: float  # mean in flight
+    rate: float  # answers a second
+
+
+class LatencyWatch:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.samples: list[float] = []
+        self.crowd = 0  # in flight at each answer, summed
+        self.usual: Reading | None = None
+        self._since = clock()
+        self._high = 0
+
+    def restart(self, at: float) -> None:
+        """A new pace from `at`: readings start over, the usual values stay."""
+        self.samples.clear()
+        self.crowd = 0
+        self._since = at
+        self._high = 0
+
+    def add(self, latency: float, in_flight: int) -> None:
+        self.samples.append(latency)
+        self.crowd += in_flight
+
+    def queueing(self, now: float) -> bool:
+        """Once a second: did more in flight buy only latency, for long enough?"""
+        if now < self._since:  # answers to what was sent before a pause that is not over
+            self.restart(self._since)
+            return False
+        n = len(self.samples)
+        if n < LATENCY_SAMPLES:
+            return False  # too few to say: keep them for the next reading
+        median = sorted(self.samples)[n // 2]
+        reading = Reading(median, self.crowd / n, n / max(now - self._since, 1e-3))
+        self.samples.clear()
+        self.crowd = 0
+        self._since = now
+        usual, self.usual = self.usual, reading
+        if usual is not None:  # moving averages
+            self.usual = Reading(*(u + LATENCY_MEMORY * (r - u) for u, r in zip(usual, reading, strict=True)))
+        if usual is None or not (
+            reading.latency > LATENCY_RISE * usual.latency
+            and reading.crowd > CROWD_RISE * usual.crowd
+            and reading.rate < GAIN_MAX * usual.rate
+        ):
+            self._high = 0
+            return False
+        self._high += 1
+        if self._high < LATENCY_AFTER:
+            return False
+        self._high = 0
+        return True
 
 
 class Answers:
-    """The answers to what was sent at the current pace (an epoch), and what the window does
-    on them: the hold on its quick growth, and the cut for rising latency."""
-
     def __init__(self, window: Window, clock: Callable[[], float]) -> None:
         self.window = window
         self.clock = clock
@@ -67,7 +129,6 @@ class Answers:
             self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
-        """An answer came: the window grows, and its latency is noted."""
         self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
@@ -102,12 +163,11 @@ class Answers:
             self.drop_hold()
 
     def ok(self, now: float) -> None:
-        """An answer at the current pace."""
         self._all[self._slot(now)] += 1
         self.tally[1] += 1
 
     def other(self, now: float) -> None:
-        """An answer at the current pace that says nothing about the rate."""
+        """An answer that says nothing of the rate."""
         self._all[self._slot(now)] += 1
 
     def refused(self, now: float) -> tuple[int, int]:
@@ -121,8 +181,8 @@ class Answers:
         return back, total
 
     def step(self, now: float) -> bool:
-        """At most once a second of answers: a hold may lapse, and latency may cut the window.
-        Returns whether it stepped (and the finder's probe may step too)."""
+        """At most once a second: a hold may lapse, latency may cut the window. Returns
+        whether it stepped (and the finder's probe may step too)."""
         if now < self._next_step:
             return False
         self._next_step = now + 1.0
@@ -131,10 +191,10 @@ class Answers:
         return True
 
     def hold(self, now: float, back: int, total: int) -> None:
-        """Pushback is more than scattered: a trend may be starting. Stop the window's quick
-        growth until it shows; if none does within the sliding window, the pushback is
-        scattered after all (an aggregator's upstreams), and the quick growth resumes for the
-        rest of the epoch, or a few 429s early in a run would leave its window small."""
+        """Pushback more than scattered: stop the window's quick growth until a trend shows.
+        If none does within the sliding window, it was scattered after all (an aggregator's
+        upstreams): quick growth resumes for the rest of the epoch, or a few 429s early in a
+        run would leave the window small."""
         if back < HOLD_MIN or back < HOLD_SHARE * total:
             return
         window = self.window
@@ -152,7 +212,6 @@ class Answers:
             self._hold_spent = True
 
     def _end_hold(self) -> None:
-        """Quick growth again, from where the hold stopped it."""
         if self._held is not None:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None

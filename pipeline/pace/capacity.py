@@ -2,16 +2,14 @@
 
 A moment the server is full (a run of refusals, or refusals at a pace it should hold) is a
 `Full`: when the first refused request left, and when the server said it had room again. At
-the first such moment, what it let through in the second before is its limit (servers count
-per second at least; a reading spanning two of its windows comes out high, and the next
-moment corrects it). At every later one, the rate is read between the first moment kept and
-this one: the requests not refused from when it had room to when it was full again, over
-that time. Both ends are moments it was full, so it let through exactly those, whatever it
-counts: fixed windows (per second, per minute) or a bucket refilled continuously.
-
-The moments are kept while they follow one another: full again within AGAIN_WITHIN seconds
-of having room, or with fewer than AGAIN_COUNT let through between (a slow limit's minute).
-After a longer stretch with room, the next moment starts afresh.
+the first, what it let through in the second before is its limit (servers count per second at
+least; a reading spanning two of its windows comes out high, and the next moment corrects it).
+At every later one, the rate is read from the first moment kept: the requests not refused
+from when it had room to when it was full again, over that time. Both ends are moments it was
+full, so it let through exactly those, whatever it counts: fixed windows or a bucket refilled
+continuously. Moments are kept while full again within AGAIN_WITHIN seconds of having room, or
+with fewer than AGAIN_COUNT let through between (a slow limit's minute); after a longer
+stretch with room, the next starts afresh.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ class Capacity:
         self._counted: tuple[float, int, float] | None = None  # the last reading: from, before, over
 
     def full(self, seq: int, resume: float) -> Full:
-        """The moment request `seq` found the server full; it has room again at `resume`."""
         return Full(self.log.sent_at(seq), seq, resume, self.log.next)
 
     def read(self, full: Full) -> float:
@@ -81,9 +78,8 @@ class Capacity:
         return count / span
 
     def uncount(self, seq: int) -> float:
-        """A refusal that comes back after the last reading, for a request it counted as let
-        through (answers do not always come back in the order they left): the requests a
-        second to take off that reading, or 0."""
+        """A refusal back after the last reading, for a request it counted as let through
+        (answers come back out of send order): the requests a second to take off it, or 0."""
         counted = self._counted
         if counted is None:
             return 0.0

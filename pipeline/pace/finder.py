@@ -1,27 +1,26 @@
-"""Finding a rate limit nobody stated, from the fast signal: a refusal (429) comes back in
+"""Finding a rate limit nobody states, from the fast signal: a refusal (429) comes back in
 milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
 - **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`SendLog`). A run of four (more when scattered
-  refusals are common) says it is full; an aggregator's scattered 429s almost never line up
-  so, and only delay their own request (by its Retry-After, in the retry policy). While no
-  limit is known, a refusal stalls the growing window until its fellows are back (`Window`).
-- **What it lets through** (`pipeline.pace.capacity`): at the first such moment, what it let
-  through in the second before; later, between two moments it was full. The pool pauses for
-  the Retry-After and the pace is set at 97 % of the rate read; the window restarts small at
-  the first reading (a bucket's savings may pass for a rate) and opens at the next.
-  A refusal that comes back after the reading, for a request it counted in, is taken out.
-- **Probing** (`pipeline.pace.probe`): once a pace has held and binds, it climbs above the
-  limit known, to learn whether the limit rose. A refused probe sets it back (`_probed_past`).
+  room again: a run of refusals in send order (`sendlog`). A run of four (more when scattered
+  refusals are common) says so; an aggregator's scattered 429s almost never line up so, and
+  only delay their own request. While no limit is known, a refusal stalls the growing window
+  until its fellows are back.
+- **What it lets through** (`capacity`): at the first such moment, what it let through in the
+  second before; later, between two moments it was full. The pool pauses for the Retry-After,
+  the pace is set at 97 % of the rate read, and the window restarts small at the first reading
+  (a bucket's savings may pass for a rate) and opens at the next. A refusal that comes back
+  after the reading, for a request it counted, is taken out.
+- **Probing** (`probe`): a pace that has held and binds climbs above the limit, to learn
+  whether it rose; a refused probe sets it back (`_probed_past`).
 - **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
-  (`pipeline.pace.rhythm`); at most once in SETTLE seconds when it was read over under a
-  second or raised by a probe, or past 15 % of answers. Scattered ones never do.
-- **Many processes, one account** (a shared pace): the moments the server is full are seen,
-  and the limit read, from what the whole account sent (`pipeline.pace.reading`).
+  (`rhythm`); at most once in SETTLE seconds when it was read over under a second or raised by
+  a probe, or past 15 % of answers. Scattered ones never do.
+- **A shared pace** sees the moments the server is full, and reads the limit, from what the
+  whole account sent (`reading`).
 
-An endpoint that fails every request (5xx, dropped connections, timeouts) is down, not busy
-(`pipeline.pace.outage`); one that lets nothing through for long stops the run
-(`pipeline.pace.giveup`); limits a server states are used instead (`pipeline.pace.stated`).
+An endpoint failing every request is down, not busy (`outage`); one that lets nothing through
+for long stops the run (`outage.GiveUp`); limits a server states come first (`stated`).
 """
 
 from __future__ import annotations
@@ -30,15 +29,15 @@ import time
 from collections.abc import Callable, Mapping
 
 from pipeline.errors import RunStopped
+from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
-from pipeline.pace.giveup import GiveUp
-from pipeline.pace.outage import Outage
+from pipeline.pace.outage import GiveUp, Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
-from pipeline.pace.stated import MARGIN, MAX_PAUSE, Stated
+from pipeline.pace.stated import MARGIN, MAX_PAUSE
 from pipeline.pace.window import Window
 
 # Refusals in a row, in send order: the server is full. Of 2 % scattered refusals, three in a
@@ -72,7 +71,7 @@ class RateFinder:
         self.pacer = pacer
         self.window = window
         self.ceiling = ceiling  # requests a second allowed (by the user or the server)
-        self.stated = Stated(pacer, window, rpm_given=ceiling is not None, tpm_given=tpm_given)
+        self.rpm_given, self.tpm_given = ceiling is not None, tpm_given  # the user's come first
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
@@ -97,8 +96,7 @@ class RateFinder:
     def latency_cuts(self) -> int:
         return self.answers.latency_cuts
 
-    def _new_epoch(self, now: float) -> None:
-        """Judge the new pace on the answers to what is sent at that pace, not before."""
+    def _new_epoch(self, now: float) -> None:  # a new pace is judged on what is sent at it
         self.epoch = self.log.next
         self._epoch_start = now
         self.probe.settle(now)
@@ -106,8 +104,7 @@ class RateFinder:
         self.answers.restart(now)
 
     def sent(self, tag: int = 0) -> int:
-        """A request (of the model numbered `tag`) leaves now; returns its ticket, for its
-        answer to bring back."""
+        """A request (of the model numbered `tag`) leaves now; returns its ticket."""
         now = self.clock()
         if self.account is not None:
             self.account.sent(now)
@@ -138,8 +135,7 @@ class RateFinder:
             self._probe(now)
 
     def answered(self, ticket: int) -> None:
-        """An answer that says nothing about the rate (a 400 for a bad request), but that the
-        endpoint is up."""
+        """An answer that says nothing of the rate (a 400), only that the endpoint is up."""
         self.outage.answered()
         if ticket >= self.epoch:
             self.answers.other(self.clock())
@@ -170,8 +166,8 @@ class RateFinder:
         back, total = self.answers.refused(now)  # before this one
         first, last = self.log.run(ticket)
         first = max(first, self.epoch)  # a run at the pace in force, not one that began before
-        # How common scattered refusals are, from enough answers (the first few, at a limit hit at
-        # once, are all refusals).
+        # How common scattered refusals are (from enough answers: at a limit hit at once, the
+        # first few are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
             if wait is not None and wait >= self.giving.give_up:
@@ -193,7 +189,6 @@ class RateFinder:
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
-        """The limit read at a moment the server was full."""
         if self.reads_account:
             self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
@@ -218,7 +213,6 @@ class RateFinder:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
     def _overshoot(self, now: float, ticket: int, wait: float | None, back: int, total: int) -> None:
-        """Refusals not in a run, while a limit is known."""
         assert self.limit is not None
         current = self.pacer.request_rate
         if current is not None and current > self.limit * HOLD * 1.0001:
@@ -235,9 +229,8 @@ class RateFinder:
             return
         if now - self._epoch_start < 1.0 or now < self._reread_after:
             return
-        # Refusals at the pace the limit allows: it was read over too short a time to be sure,
-        # or too high. What gets through at this pace tells: read up to now (no pause is
-        # taken for a refusal not in a run, so none is counted).
+        # Refusals at the limit's pace: it was read too high, or over too short a time to be
+        # sure. What gets through at this pace tells, read up to now (no pause to count here).
         self._reread_after = now + SETTLE
         if self.account is not None and self.reads_account:
             self.account.read_full(self.log.sent_at(ticket), now, self._reread)
@@ -270,7 +263,7 @@ class RateFinder:
         self._new_epoch(now)
 
     def _reread(self, rate: float, sure: bool) -> None:
-        """The limit read again at its pace: lower than it was read, it is set so."""
+        """The limit read again at its pace: only ever lowered here."""
         self.capacity.sure = sure
         if self.limit is not None and MIN_RATE <= rate < self.limit:
             self.limit = rate
@@ -294,5 +287,4 @@ class RateFinder:
         self.pacer.set_request_rate(rate)
 
     def headers(self, headers: Mapping[str, str]) -> None:
-        """The limits a server states, and whether one is used up (`pipeline.pace.stated`)."""
-        self.ceiling = self.stated.read(headers, self.ceiling)
+        stated.read(self, headers)

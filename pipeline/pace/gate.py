@@ -1,15 +1,15 @@
 """The pace's one face to the worker: a request waits at the gate for its scopes' start times
-and a slot in flight, and tells the gate how its attempt ended, so that its scopes learn.
+and a slot in flight, and tells it how its attempt ended, so that its scopes learn.
 
-    slot = await gate.enter(tokens, model)   its model's pace (if it has one), a slot in the
-                                             window, the account's pace
+    slot = await gate.enter(tokens, model)   its model's pacer (if it has a scope), the window,
+                                             the account's pacer
     slot.go(who)                             request `who`'s attempt leaves (or slot.unused())
-    slot.answered(latency, headers, used_tokens)   or   slot.failed(error)
+    slot.answered(latency, headers, used_tokens)   or   slot.failed(error): each scope's
+                                             pacer (its tokens) and finder
 
-A request's scopes (`pipeline.pace.scopes`: each a pace, a rate finder, a token count) are its
-model's, where that has one, then the account's; each hook is one loop over them, one rule for
-each. Not per scope: the window (in flight is bounded once, by the account's) and an outage
-(judged from every request, by the account's finder); whose limit a refusal is, `Scopes.refused`.
+A request's scopes are its model's, where it has one, then the account's: each hook is one loop
+over them. Not per scope: the window (in flight is bounded once) and an outage (judged from
+every request by the account's finder); whose limit a refusal is, `Scopes.refused` says.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import CannotConnect, HTTPStatusError, RequestError
 from pipeline.pace.scopes import Scope, Scopes
-from pipeline.pace.tokens import says_tokens
 from pipeline.send.status import Signal, endpoint_failed, signal
 
 if TYPE_CHECKING:
@@ -27,13 +26,12 @@ if TYPE_CHECKING:
 
 
 class GivenUp(Exception):
-    """The request's model lets nothing through: it is given up for this run, and its lines
-    fail unsent (the message says why)."""
+    """The request's model lets nothing through: its lines fail unsent this run."""
 
 
 class Slot:
-    """One attempt's place: held from its start until its answer (or error) is in. In each of
-    its `scopes`, the tokens it `reserved` and its ticket (its place in the send order)."""
+    """One attempt's place, from its start until its answer is in: in each of its `scopes`,
+    the tokens it `reserved` and its ticket (its place in the send order)."""
 
     __slots__ = ("_gate", "made", "model", "reserved", "scopes", "tickets", "who")
 
@@ -47,9 +45,8 @@ class Slot:
         self.who: object = None  # the request it is an attempt of (None: one of its own)
 
     def catch_up(self) -> None:
-        """Its model got a scope of its own since the request entered: the request is that
-        scope's too (reserving nothing there; its ticket, once sent, the one its send was moved
-        to: `Scopes.refused`)."""
+        """Its model got a scope since the request entered: it is that scope's too (reserving
+        nothing there; its ticket, once sent, the one its send was moved to)."""
         scopes = self._gate.scopes
         self.made = scopes.made
         scope = scopes.by_model.get(self.model) if self.model is not None else None
@@ -73,7 +70,6 @@ class Slot:
             scope.pacer.settle(reserved, 0)
 
     def unused(self) -> None:
-        """The run stopped before the attempt was sent."""
         self._gate.window.release()
         self._hand_back()
 
@@ -82,10 +78,8 @@ class Slot:
         if self.made != self._gate.scopes.made:
             self.catch_up()
         for i, scope in enumerate(self.scopes):  # (not zip: its iterators cost more)
-            # What the server counts of it: all it reserved, or only what it used (`pace.tokens`).
             if reserved := self.reserved[i]:  # (none where no token pace is in force: most)
-                pacer = scope.pacer
-                pacer.settle(reserved, scope.tokens.counted(reserved, used_tokens, binding=pacer.holding))
+                scope.pacer.answered(reserved, used_tokens)
             scope.finder.success(self.tickets[i], latency)
         if headers:
             self.scopes[0].finder.headers(headers)  # its model's own limits, where it has a scope
@@ -107,12 +101,9 @@ class Slot:
         # keeps its tokens all the same: the server is full, and handed back they would send
         # the next request into the same refusal at once. One that got no answer may have been.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
-        tokens = meaning is Signal.PUSHBACK and says_tokens(error.message, error.limits)
+        refusal = error if meaning is Signal.PUSHBACK else None
         for i, scope in enumerate(self.scopes):
-            reserved = self.reserved[i]
-            scope.pacer.settle(reserved, reserved if counted else 0)
-            if tokens and reserved:
-                scope.pacer.settle(0, scope.tokens.refused())
+            scope.pacer.failed(self.reserved[i], counted, refusal)
             if meaning is Signal.ANSWERED:
                 scope.finder.answered(self.tickets[i])  # the request's fault, not the endpoint's
         if error.limits:
@@ -170,6 +161,5 @@ class Gate:
         return slot
 
     def wake_all(self) -> None:
-        """The run stops: whatever waits at the gate finds out at once."""
         self.window.wake_all()
         self.scopes.wake_all()

@@ -1,28 +1,27 @@
-"""When the endpoint as a whole fails: pause, probe with a few, and let nobody's attempt pay.
+"""When the endpoint lets nothing through: down (`Outage`), or refusing (`GiveUp`).
 
-A connection refused or reset, a timeout, a 5xx: one is one request's bad luck, and spends an
-attempt of it. The endpoint is down when every request out when such a failure came back has
-failed since, nothing answering between, `MIN` failures at least (an endpoint that goes fails
-everything in flight); or when failures alone have come back for `QUIET` seconds (a network
-that drops packets: new connections time out, older requests hang until theirs). They must
-come from `MIN` requests, unless the last could not even connect: one request failing alone,
-again and again, is as likely a poison request, and taken for an outage it would never fail
-(the run would stop after --give-up-after, on every resume). Then, until something answers:
+A refused connection, a timeout, a 5xx: one is one request's bad luck, and spends an attempt
+of it. The endpoint is down when every request out when such a failure came back has failed
+since, `MIN` at least, nothing answering between (an endpoint that goes fails all in flight);
+or when failures alone have come back for `QUIET` seconds (a network dropping packets: new
+connections time out, older requests hang). They must come from `MIN` requests unless the last
+could not even connect: one request failing again and again is as likely a poison request, and
+taken for an outage it would never fail (the run would stop, on every resume). Until something
+answers, the pool pauses (a second, doubling while probes find it down, up to ten) and only
+`PROBES` requests go at a time: an outage costs a few requests every few seconds, not the
+window. A failure spends no attempt then (marked `outage`, retried as a refusal is), and after
+--give-up-after the run stops (exit 3, resumable). Any other answer (a success, a 429, a 400)
+says it is up; one request failing while others succeed, or one model's while another's
+answer (an upstream down), is no outage.
 
-- the pool pauses a second, twice as long each time a probe finds it still down (up to ten),
-  and only `PROBES` requests go at a time (the window is cut to that, and given back once it
-  answers): an outage costs a couple of requests every few seconds, not the whole window;
-- a failure spends no attempt: marked `outage`, the retry policy sends it again as it does
-  a refusal, the gate holding it until a probe gets through;
-- after `give_up` seconds (--give-up-after) the run stops (exit 3, resumable), on time.
-
-Any other answer (a success, a 429, a 400) says it is up. One request failing while others
-succeed (a poison request), or one model's while another's answer (an upstream down), is no
-outage, and spends its attempts as before.
+A server that lets nothing through for --give-up-after (only refusals, none sent since that it
+has not refused), or asks in a run of refusals to wait longer (a daily quota spent), stops the
+run (exit 3) with the time to resume; a model's scope gives up its model alone (`scopes`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 
 from pipeline.errors import RunStopped
@@ -76,16 +75,14 @@ class Outage:
         self.out += 1
 
     def answered(self) -> None:
-        """An answer that is not a failure of the endpoint's: it is up."""
         self.out -= 1
         self._streak = 0
         if self.down:
             self._up()
 
     def failed(self, ticket: int, message: str, *, who: object = None, connected: bool = True) -> bool:
-        """The endpoint failed the attempt `ticket` (connection, timeout, 5xx) of the request
-        `who` (by default one of its own); `connected`: False when no connection was made.
-        Returns whether the endpoint is down, so that the failure spends no attempt."""
+        """The endpoint failed attempt `ticket` of request `who` (by default its own);
+        `connected`: a connection was made. Returns whether the endpoint is down."""
         now = self.clock()
         self.out -= 1
         self._streak += 1
@@ -128,7 +125,6 @@ class Outage:
         self._hold(now)
 
     def _hold(self, now: float) -> None:
-        """Pause the pool; the next requests to leave are the probes."""
         left = self._since + self.give_up - now
         self.pacer.pause(max(min(self._pause, left), 0.0))
         self._probes_from = self.log.next
@@ -148,6 +144,54 @@ class Outage:
                 f"last: {message}): it is down, or unreachable from here; run the same command "
                 "again to resume once it answers",
                 code="endpoint_down",
+            )
+        )
+        self.stop = None  # once
+
+
+class GiveUp:
+    def __init__(self, log: SendLog, give_up: float, stop: Callable[[RunStopped], None] | None) -> None:
+        self.log = log
+        self.give_up = give_up
+        self.stop = stop
+        self.model: str | None = None  # whose requests (None: the account's, the whole run's)
+        self._since: tuple[float, int] | None = None  # refused since, and from which request
+
+    def accepted(self) -> None:
+        self._since = None
+
+    def refused(self, now: float, wait: float | None, message: str) -> None:
+        """A refusal came back: stop if the server let nothing through for `give_up` seconds,
+        nor any request sent since (a second ago or more, time to be refused): one on its way
+        may be an answer."""
+        if self._since is None:
+            self._since = (now, self.log.next)
+            return
+        since, first = self._since
+        if now - since < self.give_up:
+            return
+        if self.log.accepted_in(first, now - 1.0):
+            self._since = (now, self.log.next)  # it did let some through: count afresh
+        else:
+            self.now(now, wait, message)
+
+    def now(self, now: float, wait: float | None, message: str) -> None:
+        if self.stop is None:
+            return
+        said = f" ({message})" if message else ""
+        refused_for = now - (self._since or (now, 0))[0]
+        if wait is not None and wait >= 1.0:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
+            when = f"it asks to wait {duration(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
+        else:
+            when = "it gives no time"
+        whose = f" for {self.model}" if self.model else ""
+        resume = "" if self.model else "; run the same command again then to resume"
+        self.stop(
+            RunStopped(
+                f"the server refuses every request{whose}{said}, for {duration(refused_for)} so far: "
+                f"a rate limit or quota is spent and {when}{resume}",
+                code="rate_limited",
             )
         )
         self.stop = None  # once

@@ -1,18 +1,11 @@
 """A scope's pace: requests start evenly spaced, first come first served.
 
-Waiting is by awaiting: waiters sit in one FIFO queue, and one loop timer, set for the exact
-instant the head may go, releases them (after aiolimiter); the queue keeps big requests from
-being starved by small ones. When the head may go is its budget's to say:
-
-- `LocalBudget`, this process's: two virtual clocks in the manner of GCRA (the ATM Forum's
-  generic cell rate algorithm), the earliest next start, advanced one interval a start, and the
-  same in tokens, advanced by each request's reserved estimate and by `settle` once the
-  server's count is known (further for an answer that used more, back for one not counted);
-- `pipeline.pace.leased.LeasedBudget`: starts and tokens leased from the account's store,
-  shared by its processes (Redis, or a Ray actor).
-
-A pause (a server's Retry-After for the pool) holds every request back, whatever the budget.
-With no limit set and no pause, `acquire` costs one check.
+Waiters sit in one FIFO queue (so big requests are not starved by small ones), released by
+one loop timer set for the instant the head may go (after aiolimiter). Its budget says when:
+`LocalBudget`, two GCRA virtual clocks (the ATM Forum's generic cell rate algorithm), one in
+starts and one in reserved tokens, corrected by `settle` once the server's count is known; or
+`leased.LeasedBudget`, starts and tokens leased from the account's store. A pause (a server's
+Retry-After for the pool) holds every request back. No limit and no pause: `acquire` is one check.
 """
 
 from __future__ import annotations
@@ -23,7 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from pipeline.pace.tokens import TokenCount, says_tokens
+
 if TYPE_CHECKING:
+    from pipeline.errors import RequestError
     from pipeline.pace.link import StoreLink
 
 TIMER_SLACK = 0.001  # seconds
@@ -48,8 +44,7 @@ class Budget(Protocol):
 
 
 class LocalBudget:
-    """Starts at `request_rate` a second and reserved tokens at `token_rate` (either None: no
-    limit), in this process."""
+    """Starts at `request_rate` and tokens at `token_rate` a second (None: no limit)."""
 
     def __init__(self, request_rate: float | None = None, token_rate: float | None = None) -> None:
         self.interval = self.tokens_a_second = self.next_request = self.next_token = 0.0
@@ -95,9 +90,6 @@ class LocalBudget:
 
 
 class Pacer:
-    """Starts requests as its budget allows (by default this process's, at `request_rate`
-    requests and `token_rate` tokens a second; either may be None: no limit)."""
-
     def __init__(
         self,
         budget: Budget | None = None,
@@ -114,8 +106,9 @@ class Pacer:
         self._closed = False  # the run stopped: nobody waits any more
         self.budget.attach(self)
         self.account: StoreLink | None = None  # the account's store, when its processes share the pace
-
-    # -- settings ------------------------------------------------------------------------------
+        # What the server counts of a request's tokens. A shared pace does not probe it: each of
+        # its processes would pay a probe's refusals on a server counting on arrival.
+        self.tokens = TokenCount(probe=isinstance(self.budget, LocalBudget))
 
     def set_rates(self, *, request_rate: float | None, token_rate: float | None) -> None:
         self.budget.set_rates(request_rate, token_rate)
@@ -128,8 +121,8 @@ class Pacer:
         self.set_rates(request_rate=self.request_rate, token_rate=rate)
 
     def state_request_rate(self, rate: float) -> None:
-        """The rate the server states in its headers: the account's (a shared pace takes it
-        as given, where a rate read from this process's own requests is its share)."""
+        """A rate the server states: the account's (a shared pace takes it whole, where one read
+        from this process's own requests is its share)."""
         self.budget.state_request_rate(rate)
         self.reschedule()
 
@@ -142,21 +135,13 @@ class Pacer:
         return self.budget.token_rate
 
     @property
-    def shared(self) -> bool:
-        """Whether its budget is shared with other processes (leased from a store)."""
-        return self.account is not None
-
-    @property
     def holding(self) -> bool:
-        """Whether requests are waiting for their turn now."""
         return bool(self._waiters)
 
     def _now(self) -> float:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop.time()
-
-    # -- acquiring -----------------------------------------------------------------------------
 
     def _ready_at(self, tokens: int, now: float) -> float:
         if (paused := self._paused_until) > now + TIMER_SLACK:
@@ -165,9 +150,8 @@ class Pacer:
         return at if at > paused else paused
 
     async def acquire(self, tokens: int = 0) -> int:
-        """Wait for this request's turn; `tokens` is its estimate. Returns the tokens reserved
-        for it: its estimate if a token pace is in force when it starts (one the server
-        states may become known while it waits), else none."""
+        """Wait for this request's turn; returns the tokens reserved: its estimate `tokens` if
+        a token pace is in force when it starts (one may be stated while it waits), else none."""
         if (self.budget.free and not self._paused_until) or self._closed:
             return 0
         now = self._now()
@@ -210,7 +194,7 @@ class Pacer:
         self.reschedule()
 
     def reschedule(self) -> None:
-        """Set the timer for the head of the queue (its budget's rates, leases or pause changed)."""
+        """Set the timer for the head of the queue (rates, leases or pause changed)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -223,8 +207,7 @@ class Pacer:
             self._timer = self._loop.call_at(at, self._release)
 
     def wake_all(self) -> None:
-        """The run stopped: let every waiter go and find out (no start is booked), and
-        whoever comes later too."""
+        """The run stopped: every waiter, and whoever comes later, goes unbooked to find out."""
         self._closed = True
         while self._waiters:
             _, future = self._waiters.popleft()
@@ -232,12 +215,21 @@ class Pacer:
                 future.set_result(0)
         self.reschedule()
 
-    # -- feedback ------------------------------------------------------------------------------
-
     def settle(self, reserved: int, used: int) -> None:
         """Correct a token reservation with what the request really used."""
         if reserved != used and self.budget.settle(reserved, used):
             self.reschedule()
+
+    def answered(self, reserved: int, used: int) -> None:
+        """Its answer used `used` tokens: settled as the server counts them (`tokens`)."""
+        self.settle(reserved, self.tokens.counted(reserved, used, binding=self.holding))
+
+    def failed(self, reserved: int, counted: bool, refusal: RequestError | None = None) -> None:
+        """A request failed: its reservation `counted` by the server, or handed back. A refusal
+        of the token limit's counts again what was handed back too soon (`tokens`)."""
+        self.settle(reserved, reserved if counted else 0)
+        if reserved and refusal is not None and says_tokens(refusal.message, refusal.limits):
+            self.settle(0, self.tokens.refused())
 
     def pause(self, seconds: float) -> None:
         """Hold every request back for `seconds` (a server's Retry-After for the pool)."""
@@ -259,14 +251,12 @@ class Pacer:
     def paused_until(self) -> float:
         return self._paused_until
 
-    # -- a shared pace's store (`pipeline.pace.link`): the finder tells it the account's log --
-
     async def check(self) -> None:
-        """Before anything is sent: can this pace work? (A shared one: is its store there?)"""
+        """Before anything is sent: is a shared pace's store there?"""
         if self.account is not None:
             await self.account.check()
 
     async def run(self) -> None:
-        """What the pace does for as long as the run goes (a shared one: keep in step)."""
+        """For as long as the run goes: a shared pace keeps in step with its store."""
         if self.account is not None:
             await self.account.run()

@@ -31,9 +31,6 @@ TAIL = 2.0  # seconds after a refused probe whose refusals it is charged for
 
 
 class Probe:
-    """Given the time and the pace the limit known allows, the pace to try; told when a
-    probe was refused, and when a new pace begins."""
-
     def __init__(self, hold: float) -> None:
         self.hold = hold  # the pace, as a share of the limit known
         self.after = 0.0  # no probing before this time
@@ -49,8 +46,8 @@ class Probe:
         self._base = None
 
     def refused(self, now: float, rate: float) -> None:
-        """A probe above the limit was refused; the pace goes back to `rate`, and stays
-        there for SETTLE seconds, and EVERY requests for each refusal the probe cost."""
+        """A probe was refused; the pace goes back to `rate` for SETTLE seconds, and EVERY
+        requests for each refusal the probe cost."""
         if self._base is not None:
             # Requests at the pace held before it: a bucket's savings may have passed for more.
             rate = min(rate, self._base * self.hold)
@@ -60,15 +57,13 @@ class Probe:
         self.after = max(self.after, now + max(SETTLE, self._every))
 
     def charge(self, now: float) -> None:
-        """A refusal came back: if it came soon after a probe was refused (the rest of a
-        server's second, a bucket's savings read as a rise, then read again), the probe
-        cost it too, and the next one waits EVERY requests longer."""
+        """A refusal came back: soon after a refused probe (the rest of a server's second, a
+        bucket's savings read as a rise), the probe cost it too: the next waits EVERY longer."""
         if now < self._tail:
             self.after += self._every
 
     def next(self, now: float, limit: float) -> float | None:
-        """The pace to try now above the pace `limit` allows (HOLD of it), or None while it
-        should be kept. Called while the pace binds."""
+        """The pace to try now, while the pace binds, above HOLD of `limit` (None: keep it)."""
         if now < self.after:
             return None
         if self._base is None:

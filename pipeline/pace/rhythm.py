@@ -36,20 +36,16 @@ APART = 2.0  # seconds between two windows of answers that share none (the finde
 
 
 class Rhythm:
-    """The refusals at one pace, in send order: `refused` says when they beat steadily."""
-
     def __init__(self) -> None:
         self._seqs: list[int] = []
         self._many_at = -2 * APART  # when refusals were first seen many, in a window of answers
 
     def restart(self) -> None:
-        """A new pace: its refusals are its own."""
         self._seqs.clear()
         self._many_at = -2 * APART
 
     def lasting(self, now: float, many: bool) -> bool:
-        """Refusals are `many` now: whether they were in a window of answers apart from this
-        one too, APART to twice that ago."""
+        """Refusals are `many` now: were they in a window of answers APART to twice that ago?"""
         if not many:
             return False
         since = now - self._many_at

@@ -1,17 +1,15 @@
 """A limit belongs to a scope: the account, or one model (OpenRouter's `:free` models allow 20
-requests a minute, its paid ones have no such cap, on one key).
+requests a minute on a key whose paid ones have no such cap).
 
-A `Scope` is a pace, the rate finder that reads its limit from its own send order, and what the
-server counts of its requests' tokens; the account's and a model's are of one kind. A request
-passes its `chain`: its model's scope where that has one, then the account's
-(`pipeline.pace.gate`). A model's scope is **given** (`[limits."vendor/model"]`, paced from the
-start as `--rpm`/`--tpm` pace the account) or **found** (`Scopes.refused`): its requests are
-refused four in a row, in the order they left, while other models' sent among them went
-through. Its finder then reads the limit from the model's requests alone, moved there from the
-account's send log, and an account pace read at such models' refusals alone is forgotten. A
-model that lets nothing through for --give-up-after is **given up**, not the run: its lines
-fail unsent (the next run tries them again) and the others go on. Each scope's pace has its
-home where the account's has it: this process, or the shared store (under the account's key
+A `Scope` is a pace and the rate finder that reads its limit from its own send order; the
+account's and a model's are of one kind. A request passes its `chain`: its model's scope where
+it has one, then the account's (`gate`). A model's scope is **given** (`[limits."vendor/model"]`,
+paced from the start) or **found** (`Scopes.refused`): its requests refused four in a row, in
+send order, while other models' sent among them went through. Its finder then reads the limit
+from the model's requests alone, moved there from the account's send log, and an account pace
+read at such models' refusals alone is forgotten. A model that lets nothing through for
+--give-up-after is **given up**, not the run: its lines fail unsent and the others go on. A
+scope's pace lives where the account's does: here, or in the shared store (the account's key
 and a hash of the model).
 """
 
@@ -26,14 +24,14 @@ from pipeline.errors import RunStopped
 from pipeline.pace.finder import RUN, RateFinder
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SIZE
-from pipeline.pace.stated import MARGIN
-from pipeline.pace.tokens import TokenCount
+from pipeline.pace.stated import MARGIN, per_second
 from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
     from pipeline.jobfile import ModelLimit
     from pipeline.pace.gate import Slot
+    from pipeline.pace.tokens import TokenCount
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
 # A model's send log: four times --concurrency (it must outlast what is in flight), at least
@@ -53,30 +51,31 @@ class Scope:
     model: str | None  # None: the account
     pacer: Pacer
     finder: RateFinder  # its limit, read from its own send order (`finder.log`)
-    tokens: TokenCount  # what the server counts of its requests' tokens
     chain: tuple[Scope, ...] = ()  # the scopes its requests pass: itself, then the account's
     waiting: int = 0  # requests waiting for its pace now
     given_up: str = ""  # why its requests are sent no more this run
     # The account's tickets of its model's requests sent before it was made: theirs here.
     moved: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def tokens(self) -> TokenCount:
+        return self.pacer.tokens
+
 
 def _scope(model: str | None, finder: RateFinder, account: Scope | None = None) -> Scope:
-    # A shared pace does not probe how tokens are counted: each of its processes would pay a
-    # probe's refusals on a server that counts on arrival (their hand-backs add up).
-    scope = Scope(model, finder.pacer, finder, TokenCount(probe=not finder.pacer.shared))
+    scope = Scope(model, finder.pacer, finder)
     scope.chain = (scope,) if account is None else (scope, account)
     return scope
 
 
 def pace_of(finder: RateFinder) -> tuple[float | None, str | None, float | None]:
-    """A scope's pace in force (requests a second), where it comes from (given, stated by the
-    server, or found), and the limit it keeps under."""
+    """A scope's pace in force (requests a second), whence (given, stated or found), and the
+    limit it keeps under."""
     rate = finder.pacer.request_rate
     if not rate:
         return None, None, None
     if finder.ceiling is not None:
-        return rate, "given" if finder.stated.rpm_given else "stated", finder.ceiling / MARGIN
+        return rate, "given" if finder.rpm_given else "stated", finder.ceiling / MARGIN
     return rate, "found", finder.limit
 
 
@@ -89,7 +88,7 @@ class Tags(dict[str, int]):
 
 
 class Scopes:
-    """The account's scope and the models', and what tells a model's limit from the account's."""
+    """The account's scope and the models', and which a refusal is."""
 
     def __init__(
         self,
@@ -106,7 +105,7 @@ class Scopes:
         self._pacer_for = pacer_for
         self._start: Start | None = None
         for model, limit in limits.items():
-            self._add(model, _per_second(limit.rpm), _per_second(limit.tpm))
+            self._add(model, per_second(limit.rpm), per_second(limit.tpm))
 
     def all(self) -> tuple[Scope, ...]:
         return (self.account, *self.by_model.values())
@@ -134,8 +133,8 @@ class Scopes:
         return scope
 
     def _give_up(self, model: str, stopped: RunStopped) -> None:
-        """`model` lets nothing through for long: its lines are left for the next run, and
-        whatever waits for its pace finds out at once; the run goes on with the others."""
+        """`model` lets nothing through for long: its lines are left for the next run, its
+        waiters told at once; the run goes on with the others."""
         scope = self.by_model[model]
         if scope.given_up:
             return
@@ -151,21 +150,19 @@ class Scopes:
             say(text)
 
     def start(self, start: Start) -> None:
-        """Run each scope's pace (a shared one keeps in step with its store) with `start`, a
-        task group's, from now on."""
+        """Run each scope's pace, now and when made, with `start` (a task group's)."""
         self._start = start
         for scope in self.all():
             start(scope.pacer.run)
 
     async def check(self) -> None:
-        """Before anything is sent: can each scope's pace work (is its store there)?"""
         for scope in self.all():
             await scope.pacer.check()
 
     def refused(self, slot: Slot, wait: float | None, message: str) -> None:
-        """The server refused the attempt in `slot`: its first scope reads the refusal (its
-        model's, where that has one), the others note it as not let through. Where its model has
-        none, among other models' requests, the send order tells which reads it (`_reader`)."""
+        """The server refused the attempt in `slot`: its first scope reads the refusal, the
+        others note it as not let through. Where its model has no scope, among other models'
+        requests, the send order tells which reads it (`_reader`)."""
         ticket, model = slot.tickets[-1], slot.model
         reader: Scope | None = slot.scopes[0]
         if len(slot.scopes) == 1 and model is not None and len(self.tags) > 1:
@@ -222,14 +219,8 @@ class Scopes:
         return scope.waiting >= max(most, 1)
 
     def paces(self) -> dict[str, tuple[float | None, str | None, float | None]]:
-        """Each model scope's pace (`pace_of`), by model."""
         return {model: pace_of(scope.finder) for model, scope in self.by_model.items()}
 
     def wake_all(self) -> None:
         for scope in self.all():
             scope.pacer.wake_all()
-
-
-def _per_second(per_minute: float | None) -> float | None:
-    """A limit given per minute, paced a little under (as `--rpm` is: `runner`)."""
-    return per_minute / 60 * MARGIN if per_minute else None

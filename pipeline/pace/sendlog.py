@@ -1,12 +1,11 @@
 """The last requests sent, in order: when each left and whether the server refused it.
 
 A rate limit shows in send order, not in the order answers arrive: once a server's count is
-full, every request sent after that is refused until it has room again, a run of refusals,
-while answers to earlier requests may still be arriving seconds later. And what the server
-let through between two moments is the requests sent between them that it did not refuse.
-A ring of fixed size keeps this for the last `SIZE` requests, at the cost of three stores a
-request: the third, the model each named (a small number, its tag), tells one model's limit
-from the account's (`pipeline.pace.scopes`).
+full, every request sent after is refused until it has room again (a run of refusals), while
+answers to earlier ones may come seconds later; and what it let through between two moments
+is the requests sent between them it did not refuse. A ring keeps the last `SIZE` requests at
+three stores a request: the third, the model each named (its tag), tells one model's limit
+from the account's (`scopes`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ class SendLog:
         return seq
 
     def kept(self, seq: int) -> bool:
-        """Whether `seq` is still in the ring."""
         return self.next - self._size <= seq < self.next
 
     def sent_at(self, seq: int) -> float:
@@ -89,8 +87,8 @@ class SendLog:
         return run, between, around
 
     def move(self, tag: int, into: SendLog) -> dict[int, int]:
-        """The requests of `tag` still held, copied into `into` in the same order (their model
-        has a scope of its own from now on): their numbers there, by their numbers here."""
+        """The requests of `tag` held, copied in order into `into` (their model's own log from
+        now on): their numbers there, by their numbers here."""
         numbers: dict[int, int] = {}
         for seq in range(max(self.next - self._size, 0), self.next):
             i = seq & self._mask
@@ -101,8 +99,7 @@ class SendLog:
         return numbers
 
     def accepted_between(self, first: int, before: int) -> int:
-        """Requests from `first` up to `before` (excluded) that were not refused (those that
-        have left the ring not counted)."""
+        """Requests from `first` up to `before` (excluded) not refused, of those still held."""
         first = max(first, self.next - self._size, 0)
         refused, mask = self._refused, self._mask
         return sum(1 for seq in range(first, before) if not refused[seq & mask])

@@ -6,22 +6,21 @@ some 1.5x the first kind's limit (a 429 storm); keeping it whole uses only used/
 the second kind's. Nothing in an answer says which kind a server is, so:
 
 - **Keep, then probe.** Reservations are kept whole at first, safe on either kind. Once the
-  token pace has bound for `PROBE_AFTER` seconds with no token refused, a share of each
-  unused part is handed back, growing to all of it over `RAMP` seconds. On a server counting
-  on arrival the pace goes over at once, and the first token refusal (within a second of the
-  ramp's end) ends the probe: whole again, what was handed back taken back (the server still
-  counts it), the next probe a minute later, then longer.
-- **Usage.** All of it handed back at a binding pace for `CONFIRM` seconds with no flood says
-  the server counts usage: the unused part comes back from then on. A flood (`FLOOD` token
-  refusals within a second) says it was fooled (a bucket, or a minute's window, had room for
-  the probe): whole again, and the last minute's hand-backs taken back.
-- **Counting more.** A lone token refusal at a pace that should fit says the server counts
-  more than is reserved (its own prompt estimate), or its windows are coarse enough that a
-  pace near the limit spills over now and then: each adds `STEP` to every count (half that
-  when counting usage, the answer's own count; once a second at most), up to `MOST`.
+  token pace has bound `PROBE_AFTER` seconds with none refused, a share of each unused part is
+  handed back, growing to all of it over `RAMP` seconds. A server counting on arrival is then
+  over at once, and its first token refusal (within a second of the ramp's end) ends the
+  probe: whole again, the hand-backs taken back (it still counts them), the next probe a
+  minute later, then longer.
+- **Usage.** All handed back at a binding pace for `CONFIRM` seconds with no flood says the
+  server counts usage. A flood (`FLOOD` token refusals within a second) says it was fooled (a
+  bucket or a minute's window had room for the probe): whole again, the last minute's
+  hand-backs taken back.
+- **Counting more.** A lone token refusal at a pace that should fit says the server counts more
+  than is reserved (its own prompt estimate), or its windows are coarse enough to spill over
+  now and then: each adds `STEP` to every count (half that when counting usage, the answer's
+  own count; once a second at most), up to `MOST`.
 
-The pacer keeps the clock; this keeps the rules (`counted`, `refused`), which the gate applies
-where a request's answer or refusal comes back.
+The pacer keeps the clock and a `TokenCount` with these rules (`counted`, `refused`).
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class Counting(Enum):
 
 def says_tokens(message: str, headers: Mapping[str, str] | None) -> bool:
     """Whether a refusal is the token limit's: its message says so ("Rate limit reached for
-    ... on tokens per min"), or the server states its tokens spent."""
+    ... on tokens per min"), or its headers."""
     if headers and headers.get("x-ratelimit-remaining-tokens", "").strip() in ("0", "0.0"):
         return True
     return bool(SAYS_TOKENS.search(message))
@@ -80,9 +79,9 @@ class TokenCount:
         return 1.0 if self.counting is Counting.USAGE else 0.0
 
     def counted(self, reserved: int, used: int, *, binding: bool) -> int:
-        """What a request that reserved `reserved` and whose answer used `used` counts against
-        the limit, as far as the run knows; `binding`: the token pace holds requests back now
-        (only then does a refusal, or none, say anything of the limit)."""
+        """What a request that reserved `reserved` and used `used` counts, as far as the run
+        knows; `binding`: the pace holds requests back now (only then does a refusal, or
+        none, say anything of the limit)."""
         if not reserved:
             return 0
         now = self.clock()
@@ -119,7 +118,7 @@ class TokenCount:
 
     def refused(self) -> int:
         """The token limit refused a request; returns the tokens to count again: those handed
-        back on the belief that the server counts usage, when it turns out not to."""
+        back in the belief that the server counts usage, when it does not."""
         now = self.clock()
         self._quiet_since = None
         self._refusals.append(now)

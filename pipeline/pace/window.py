@@ -1,5 +1,5 @@
-"""How many requests may be in flight at once: `Slots`, and the `Window` that grows while
-nothing is refused and is cut when the server pushes back."""
+"""How many requests may be in flight: `Slots`, and the `Window` that grows while nothing is
+refused and is cut when the server pushes back."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ SLACK = 0.001  # seconds a timer may run early or late (uvloop keeps millisecond
 
 
 class Slots:
-    """At most `size` holders at once; the others wait their turn, first come first served,
-    each on a future set when a slot is counted for it (no polling)."""
+    """At most `size` holders at once; the others wait, first come first served, each on a
+    future set when a slot is counted for it."""
 
     def __init__(self, size: float) -> None:
         self.size = size
@@ -40,8 +40,8 @@ class Slots:
                 self.release()
             raise
 
-    def _waiting(self) -> None:
-        """Someone is about to wait for a slot."""
+    def _waiting(self) -> None:  # someone is about to wait for a slot
+        pass
 
     def release(self) -> None:
         self.taken -= 1
@@ -57,11 +57,11 @@ class Slots:
                 self.taken += 1
                 future.set_result(None)
 
-    def _wake_spread(self) -> None:
-        """Slots with start times (`Window`)."""
+    def _wake_spread(self) -> None:  # slots with start times (`Window`)
+        pass
 
     def wake_all(self) -> None:
-        """The run stopped: let every waiter go and find out, and whoever comes later too."""
+        """The run stopped: every waiter, and whoever comes later, goes to find out."""
         self._closed, self._spread = True, False
         while self._waiters:
             future = self._waiters.popleft()
@@ -72,16 +72,12 @@ class Slots:
 
 class Window(Slots):
     """At most `size` requests in flight (never above `ceiling`, --concurrency). It starts
-    small and, while it holds requests back, doubles every `ramp` seconds, one request at a
-    time: refusals come back in milliseconds, so time without them says more may go, however
-    long answers take. Each success adds half a request (a gentler TCP slow start). `hold`
-    ends the quick growth, `shrink` cuts it, `open` lifts it to the ceiling once a pace bounds
-    the rate.
-
-    While it grows, its starts are spread at SPREAD times the rate its answers come back (as
-    TCP paces slow start): answers back together would send a clump, half as big again each
-    round trip, and a server out of room in the middle of one refuses the rest of it before
-    the first refusal is back. `stall` holds every start back a moment."""
+    small and, while it holds requests back, doubles every `ramp` seconds: refusals come back
+    in milliseconds, so time without them says more may go, however long answers take. Each
+    success adds half a request (a gentler TCP slow start). While it grows, starts are spread
+    at SPREAD times the rate answers come back (as TCP paces slow start): answers back
+    together would send a clump, half as big again each round trip, and a server out of room
+    in the middle of one refuses the rest before the first refusal is back."""
 
     def __init__(self, ceiling: int, *, start: int = 16, ramp: float = RAMP) -> None:
         super().__init__(float(min(start, ceiling)))
@@ -132,9 +128,8 @@ class Window(Slots):
         self._wake()
 
     def stall(self, seconds: float) -> None:
-        """Start nothing for `seconds` (a refusal with no limit known: until its fellows in
-        flight show whether the server is full); not at the ceiling, where scattered
-        refusals might come so often that it would stand still."""
+        """Start nothing for `seconds` (until a refusal's fellows show whether the server is
+        full); not at the ceiling, where scattered refusals could keep it standing still."""
         if self.size >= self.ceiling:
             return
         try:
@@ -161,7 +156,6 @@ class Window(Slots):
             self._ramp_later()
 
     def grow(self, latency: float | None = None) -> None:
-        """One request succeeded, its answer taking `latency` seconds."""
         if self.size < self.ceiling:
             if latency is not None:
                 self._round = latency if not self._round else self._round + (latency - self._round) / 8
@@ -176,31 +170,29 @@ class Window(Slots):
         self.threshold = min(self.threshold, self.size)
 
     def open(self) -> None:
-        """A pace bounds the rate now: let as many fly as it and the latency make."""
+        """A pace bounds the rate now: as many fly as it and the latency make."""
         self.size = self.threshold = float(self.ceiling)
         self._until = 0.0
         self._wake()
 
     def restart(self) -> None:
-        """A first limit is read, from what may have been a bucket's savings: start small
-        again, spread, and grow quickly, so that the next refusals are few if it was."""
+        """A first limit read may be a bucket's savings: start small again and grow quickly,
+        so that the next refusals are few if it was."""
         self.size, self.threshold, self._until = min(self.start, self.size), float(self.ceiling), 0.0
 
     def cut(self, size: float) -> tuple[float, float]:
-        """Hold the window at `size` at most (the endpoint is down: a few probes at a time);
-        returns what it was, for `restore`."""
+        """At most `size` (the endpoint is down: a few probes at a time); returns what it
+        was, for `restore`."""
         before = (self.size, self.threshold)
         self.size = self.threshold = min(size, self.size)
         return before
 
     def restore(self, before: tuple[float, float]) -> None:
-        """The endpoint answers again: the window as it was before the cut."""
         self.size, self.threshold = max(before[0], self.size), max(before[1], self.threshold)
         self._wake()
 
     def shrink(self, keep: float = 0.5) -> None:
-        """The server pushed back: cut the window (by half unless told) and grow slowly
-        from there."""
-        # Never below a few (nor, for a window already that small, above where it is).
+        """Cut the window (by half unless told) and grow slowly from there; never below a few
+        (nor, already that small, above where it is)."""
         self.threshold = max(self.size * keep, min(4.0, self.size))
         self.size = self.threshold
