@@ -33,7 +33,7 @@ class AccountPace:
     def _reset(self) -> None:
         self.fields: dict[str, float] = {}
         self.found_by: str | None = None
-        self.members: dict[str, tuple[float, bool]] = {}  # pid: its last call, and whether idle then
+        self.members: dict[str, tuple[float, float]] = {}  # pid: its last call, and told up to then
         self.log: _Log = {}
 
     def call(self, ask: Ask) -> Reply:
@@ -95,14 +95,13 @@ class AccountPace:
         if tokens > 0:
             token_start = base
             f["token_clock"] = token_start + tokens / a.given_tokens
-        # Processes seen lately, and the time up to which every one of them has told its log.
-        self.members[a.pid] = (now, not (a.holds or want > 0))
+        # Processes seen lately, and the time up to which each has told its log and had its answers.
+        upto = now if a.holds or want > 0 else now + 3600
+        self.members[a.pid] = (now, min(upto, a.oldest) if a.oldest >= 0 else upto)
         seen, reported = 0, now + 3600
-        for member, (at, idle) in list(self.members.items()):
+        for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
-                seen += 1
-                if not idle:
-                    reported = min(reported, at)
+                seen, reported = seen + 1, min(reported, upto)
             elif now - at > 60:
                 del self.members[member]
         return Reply(

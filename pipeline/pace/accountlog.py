@@ -3,8 +3,9 @@
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
 server has room again, by the hundredth of a second of the store's clock, with whichever call
 comes next (`pipeline.pace.link`); the account's limit is read from the log of every
-process (`pipeline.pace.reading`). While the store is away the log is kept, up to LOG_MAX
-hundredths, and told when it is back.
+process (`pipeline.pace.reading`), once every answer that may still change it is in: so it also
+keeps its requests not yet answered, to tell the store when the oldest left. While the store is
+away the log is kept, up to LOG_MAX hundredths, and told when it is back.
 """
 
 from __future__ import annotations
@@ -17,14 +18,38 @@ class AccountLog:
         self.offset: float | None = None  # the store's clock on ours, minus ours
         self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
         self.refusals = False  # the log holds a refusal not yet told
+        self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
 
     def sent(self, at: float) -> None:
+        h = int(at * 100)
+        self._out[h] = self._out.get(h, 0) + 1
         if self.offset is not None and len(self._log) < LOG_MAX:
             self._counts(at)[0] += 1
+
+    def answered(self, sent_at: float) -> None:
+        """The answer to a request sent at `sent_at` (ours) is in, a refusal or not."""
+        h = int(sent_at * 100)
+        if (n := self._out.get(h, 0)) > 1:
+            self._out[h] = n - 1
+        elif n:
+            del self._out[h]
+
+    def oldest(self, now: float, within: float) -> float:
+        """When the oldest request sent in the last `within` seconds and not yet answered left,
+        on the store's clock (-1: none). One unanswered for longer is not a refusal on its way
+        (those come back in milliseconds), nor one whose end no answer tells (a 5xx, a model's)."""
+        out, since = self._out, int((now - within) * 100)
+        while out:  # (in the order they were sent)
+            h = next(iter(out))
+            if h >= since:
+                return h / 100 + self.offset if self.offset is not None else -1.0
+            del out[h]
+        return -1.0
 
     def refused(self, sent_at: float, resume: float) -> float | None:
         """A request sent at `sent_at` was refused until `resume` (our clock); returns when
         it was sent on the store's clock, or None when it is not logged."""
+        self.answered(sent_at)
         if self.offset is None or len(self._log) >= LOG_MAX:
             return None
         counts = self._counts(sent_at)

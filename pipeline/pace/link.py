@@ -27,7 +27,7 @@ import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.pacer import Then
-from pipeline.pace.reading import READ_AFTER, Moment, Readings
+from pipeline.pace.reading import READ_WAIT, Moment, Readings
 from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 if TYPE_CHECKING:
@@ -88,8 +88,9 @@ class StoreLink:
     def sent(self, at: float) -> None:
         self.account_log.sent(at)
 
-    def answered(self) -> None:
+    def answered(self, sent_at: float) -> None:
         self._answered += 1
+        self.account_log.answered(sent_at)
 
     def refused(self, sent_at: float, resume: float) -> None:
         at = self.account_log.refused(sent_at, resume)
@@ -108,7 +109,8 @@ class StoreLink:
             return  # alone, the last shared pace holds: there is no account to read
         # Read up to the refused request, and over the time up to it: its answer may come back
         # long after (a busy server or machine), and what was sent meanwhile is not counted.
-        self._readings.add(Moment(at + offset, min(resume, at) + offset), self.budget._now(), then)
+        moment = Moment(at + offset, min(resume, at) + offset)
+        self._readings.add(moment, self.budget._now(), then, after=moment.end - offset)
         self._wake.set()
 
     # -- the calls ------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ class StoreLink:
                     log=said(log),
                     holds=budget.holds,
                     answered=answered,
+                    oldest=self.account_log.oldest(sent_at, READ_WAIT),
                 )
             )
         except StoreAway:
@@ -193,7 +196,7 @@ class StoreLink:
         self.account_log.offset = -offset
         if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:
             moment = Moment(r.full_at, r.full_resume)  # seen full by the account: read it
-            self._readings.add(moment, now, self._on_full, after=READ_AFTER)
+            self._readings.add(moment, now, self._on_full, after=moment.end + offset)
         self._full_seen = max(r.full_at, self._full_seen or -1.0)
         self._resume_seen = max(self._resume_seen, r.full_resume)
         budget.granted(r, offset, want_tokens)

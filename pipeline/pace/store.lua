@@ -1,6 +1,6 @@
 -- The account's shared pace: one call a lease or sync, atomic, on the store's clock (TIME).
 -- KEYS: the account, its members. ARGV: the `Ask`'s fields in order (pid, want, want_tokens,
--- given, given_tokens, found (-1: none), pause_for, log, holds, answered), then KEY_TTL,
+-- given, given_tokens, found (-1: none), pause_for, log, holds, answered, oldest), then KEY_TTL,
 -- BOOT_RATE, LOG_TTL, WATCH, RUN. Nothing here scans more than the call brings but a run of
 -- refusals, looked for only when the call tells of one: a call costs a few commands.
 local key, members = KEYS[1], KEYS[2]
@@ -8,8 +8,8 @@ local pid = ARGV[1]
 local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
-local holds, answered = ARGV[9] == '1', tonumber(ARGV[10])
-local ttl, boot_rate, log_ttl, watch, run = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14]), tonumber(ARGV[15])
+local holds, answered, oldest = ARGV[9] == '1', tonumber(ARGV[10]), tonumber(ARGV[11])
+local ttl, boot_rate, log_ttl, watch, run = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
@@ -134,16 +134,19 @@ if want_tokens > 0 then
   token_start = base
   redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
 end
--- The processes seen lately; and up to when the store holds the whole account's send log: a
--- process has told it up to its last call, and for good while it holds no starts (it cannot
--- send without calling again).
-redis.call('HSET', members, pid, tostring(now) .. ((holds or want > 0) and '' or ' idle'))
+-- The processes seen lately; and up to when the store holds the whole account's send log and
+-- its answers: a process has told what it sent up to its last call (all it sent, while it holds
+-- no starts: it cannot send without calling), and had the answers to what it sent before its
+-- oldest request unanswered.
+local told = (holds or want > 0) and now or now + 3600
+if oldest >= 0 then told = math.min(told, oldest) end
+redis.call('HSET', members, pid, tostring(now) .. ' ' .. tostring(told))
 local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
 for i = 1, #all, 2 do
-  local at = tonumber(string.match(all[i + 1], '^[^ ]+'))
+  local at, upto = string.match(all[i + 1], '(%S+) ?(%S*)')
+  at = tonumber(at)
   if now - at < 5 then
-    seen = seen + 1
-    if at < reported and not string.find(all[i + 1], 'idle', 1, true) then reported = at end
+    seen, reported = seen + 1, math.min(reported, tonumber(upto) or at)
   elseif now - at > 60 then
     redis.call('HDEL', members, all[i])
   end
