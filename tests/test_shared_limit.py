@@ -158,6 +158,24 @@ async def test_a_later_reading_counts_what_was_sent_after_the_refused_one_and_go
     assert second[0] == pytest.approx(100.0)
 
 
+async def test_a_later_reading_is_not_held_down_by_a_stretch_sent_under_the_limit() -> None:
+    """A server letting 100 a second through: full at 10.5 (room at 11.0); then the account
+    sends 50 a second for four seconds (its pace read low, or its machine behind); full again at
+    15.5 and 16.6. Read from the first moment, the limit came out at 67 a second, and paced at,
+    lower at every moment after; read over the last second full, at 100."""
+    log = [(1000 + i, False) for i in range(0, 50)] + [(1050 + i, True) for i in range(10)]
+    log += [(1100 + i * 2, False) for i in range(200)]  # 11.00 to 14.98: 50 a second
+    log += [(1500 + i // 2, False) for i in range(100)] + [(1550 + i, True) for i in range(10)]
+    log += [(1600 + i * 6 // 10, False) for i in range(100)] + [(1660 + i, True) for i in range(10)]
+    store: Any = LogStore(log)
+    capacity = AccountCapacity()
+    await capacity.read(store, Moment(10.50, 11.0))
+    await capacity.read(store, Moment(15.50, 16.0))
+    third = await capacity.read(store, Moment(16.60, 17.0))
+    assert third is not None
+    assert third[0] == pytest.approx(100.0, rel=0.05)
+
+
 async def test_a_first_reading_counts_the_servers_second_not_the_second_before_the_refusal() -> None:
     """A server that lets 1,000 requests a second through, by the second, under a ramp: 500
     let through in its second 9, 1,000 in its second 10 by 10.74, when the first refused left;

@@ -134,12 +134,10 @@ if want_tokens > 0 then
   token_start = base
   redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
 end
--- The processes seen lately; and up to when the store holds the whole account's send log and
--- its answers: a process has told what it sent up to its last call (all it sent, while it holds
--- no starts: it cannot send without calling), and had the answers to what it sent before its
--- oldest request unanswered.
-local told = (holds or want > 0) and now or now + 3600
-if oldest >= 0 then told = math.min(told, oldest) end
+-- The processes seen lately; and up to when the store holds the account's send log and its
+-- answers: a process told its log up to its last call (all of it while it holds no starts: it
+-- cannot send without calling), and had every answer to what it sent before its oldest unanswered.
+local told = math.min((holds or want > 0) and now or now + 3600, oldest >= 0 and oldest or math.huge)
 redis.call('HSET', members, pid, tostring(now) .. ' ' .. tostring(told))
 local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
 for i = 1, #all, 2 do
