@@ -2,10 +2,9 @@
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
 server has room again, by the hundredth of a second of the store's clock, with whichever call
-comes next (`pipeline.pace.link`); the account's limit is read from the log of every
-process (`pipeline.pace.reading`), once every answer that may still change it is in: so it also
-keeps its requests not yet answered, to tell the store when the oldest left. While the store is
-away the log is kept, up to LOG_MAX hundredths, and told when it is back.
+comes next (`pipeline.pace.link`), and when its oldest request unanswered left: the account's
+limit is read from every process's log (`pipeline.pace.reading`) once the answers that may
+change it are in. While the store is away the log is kept, up to LOG_MAX hundredths.
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ class AccountLog:
             del self._out[h]
 
     def oldest(self, now: float, within: float) -> float:
-        """When the oldest request sent in the last `within` seconds and not yet answered left,
-        on the store's clock (-1: none). One unanswered for longer is not a refusal on its way
-        (those come back in milliseconds), nor one whose end no answer tells (a 5xx, a model's)."""
+        """When the oldest request sent in the last `within` seconds and unanswered left, on the
+        store's clock (-1: none). Older, it is no refusal on its way (those take milliseconds), or
+        one whose end is not told here (a 5xx; a refusal another scope reads)."""
         out, since = self._out, int((now - within) * 100)
         while out:  # (in the order they were sent)
             h = next(iter(out))
@@ -63,11 +62,7 @@ class AccountLog:
         """Sent, refused, and room (the earliest a refusal said the server has room again), of
         the hundredth of the store's clock that `at` (ours) falls in."""
         assert self.offset is not None
-        hundredth = int((at + self.offset) * 100)
-        counts = self._log.get(hundredth)
-        if counts is None:
-            counts = self._log[hundredth] = [0, 0, 0]
-        return counts
+        return self._log.setdefault(int((at + self.offset) * 100), [0, 0, 0])
 
     def take(self) -> dict[int, list[int]]:
         """The log not yet told, to tell the store now."""
@@ -79,8 +74,7 @@ class AccountLog:
         """The store could not be told `log`: told when it is back."""
         for h, (n, m, w) in log.items():
             counts = self._log.setdefault(h, [0, 0, 0])
-            counts[0] += n
-            counts[1] += m
+            counts[0], counts[1] = counts[0] + n, counts[1] + m
             counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
 
 

@@ -1,10 +1,11 @@
 """A shared pace's calls to the account's store, and the account's send log it keeps there.
 
 - **A call when there is something to ask or tell**: a lease, a refusal, a rate found, a
-  pause, a reading waiting for the account's log; else one a second, or every 20 ms while it
-  holds starts and the account ramps up or its server was full lately, so that a pause reaches
-  every process at once (told only with a lease, it reached each a lease later, and the starts
-  leased before it went on into the refusals). What was sent goes with the next call.
+  pause, a reading waiting for the account's log (every 20 ms); else one a second, or every
+  20 ms while it holds starts and the account ramps up or its server was full lately, so that a
+  pause reaches every process at once (told only with a lease, it reached each a lease later,
+  and the starts leased before it went on into the refusals). What was sent goes with the
+  next call, and when its oldest request still unanswered left.
 - **A limit found once.** Without `--rpm`, each process's rate finder watches its own
   requests for the moments the server is full, and the limit is read at those moments from
   what the whole account sent (`pipeline.pace.reading`): every process tells the store what
