@@ -89,7 +89,8 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
 
 async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_server: RedisServer) -> None:
     """The script looked back over two seconds of the account's send log on every call (most of
-    the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal."""
+    the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal
+    of a request sent after the last run of them it saw."""
     store = Store(redis_server.url, account_key("http://x/v1", FAKE_KEY))
     client: Any = redis.Redis.from_url(redis_server.url)
 
@@ -105,6 +106,13 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
         assert told == 20  # the processes seen lately, once a call: no more
         await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100}"))
         assert await reads() > told + 1  # a refusal: the log is looked at for a run of them
+        # A run whose room is past, then the rest of it told late: no new run to see there.
+        late = Store(redis_server.url, account_key("http://y/v1", FAKE_KEY))
+        await late.call(Ask("a", want=1, log=f"{cs - 50} 5 4 {cs - 10}"))
+        scanned = await reads()
+        await late.call(Ask("a", want=1, log=f"{cs - 49} 5 5 {cs - 10}"))
+        await late.close()
+        assert await reads() == scanned + 1  # the processes seen lately, no more
     finally:
         await store.close()
         await client.aclose()

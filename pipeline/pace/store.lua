@@ -20,15 +20,18 @@ local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-
 local boot_at = tonumber(state[7] or tostring(now))
 local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
 -- The send log: "hundredth sent refused room" quads, under a key a second (room: the earliest
--- time, in hundredths, a refusal of a request sent then said the server has room again).
-local told_refusal, written = false, {}
+-- time, in hundredths, a refusal of a request sent then said the server has room again). A run
+-- of refusals is looked for (below) from `from` on, past the last one seen: a call telling only
+-- refusals before it (of that run, told late) cannot show a new one, and looks for none.
+local from = math.max(cs_now - math.floor(watch * 100), math.ceil(full_resume * 100))
+local told_refusal, told_new, written = false, false, {}
 for cs, sent, refused, room in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
   written[log] = true
   if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
   if refused ~= '0' then
     redis.call('HINCRBY', log, 'r' .. cs, refused)
-    told_refusal = true
+    told_refusal, told_new = true, told_new or tonumber(cs) >= from
   end
   if room ~= '0' then
     local was = tonumber(redis.call('HGET', log, 'w' .. cs) or room)
@@ -47,12 +50,11 @@ if pause_for > 0 and now + pause_for > paused then
   paused = now + pause_for
   redis.call('HSET', key, 'paused', tostring(paused))
 end
-if given <= 0 and told_refusal then
+if given <= 0 and told_new then
   -- Full: most of what the account sent since its first refusal of the last `watch` seconds
   -- was refused. Each process sees only its share of such a run (sixteen would each take
   -- sixteen times as long): the account pauses till the earliest time a refusal of the run
   -- said the server has room again (a scattered refusal among them may ask for longer).
-  local from = math.max(cs_now - math.floor(watch * 100), math.ceil(full_resume * 100))
   local sent, refused, room = {}, {}, {}
   local kinds = {s = sent, r = refused, w = room}
   for second = math.floor(from / 100), math.floor(cs_now / 100) do
