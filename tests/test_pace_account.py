@@ -102,6 +102,13 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         assert not other.leads
         await both("a pause asked for", pause_for=2.0)
         await both("a stated rate and tokens", given=10.0, given_tokens=500.0, want=5, want_tokens=100.0)
+        # A process whose oldest request unanswered left half a second ago: the store holds the
+        # account's answers up to then, not up to its call (nor up to now, holding no starts).
+        since = time.time() - 0.5
+        waiting = await both("a request unanswered", pid="c", oldest=since)
+        assert waiting.reported == pytest.approx(since, abs=CLOCK)
+        answered = await both("its answer in", pid="c")
+        assert answered.reported > since + 0.4  # the last call of `a`, which holds starts
     finally:
         await store.close()
 

@@ -15,11 +15,13 @@ import redis.asyncio as redis
 
 import pipeline
 from pipeline.errors import SettingsError
+from pipeline.pace.account import AccountPace
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
+from pipeline.pace.link import StoreLink
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.reading import AccountCapacity, Moment
-from pipeline.pace.store import Ask, Logged, Reply, Store, account_key
+from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply, Store, account_key
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -87,7 +89,8 @@ async def test_four_processes_start_the_accounts_rate_together(redis_server: Red
 
 async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_server: RedisServer) -> None:
     """The script looked back over two seconds of the account's send log on every call (most of
-    the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal."""
+    the store's CPU: 136 us a request at 16 shards); now only when a call tells of a refusal
+    of a request sent after the last run of them it saw."""
     store = Store(redis_server.url, account_key("http://x/v1", FAKE_KEY))
     client: Any = redis.Redis.from_url(redis_server.url)
 
@@ -103,6 +106,13 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
         assert told == 20  # the processes seen lately, once a call: no more
         await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100}"))
         assert await reads() > told + 1  # a refusal: the log is looked at for a run of them
+        # A run whose room is past, then the rest of it told late: no new run to see there.
+        late = Store(redis_server.url, account_key("http://y/v1", FAKE_KEY))
+        await late.call(Ask("a", want=1, log=f"{cs - 50} 5 4 {cs - 10}"))
+        scanned = await reads()
+        await late.call(Ask("a", want=1, log=f"{cs - 49} 5 5 {cs - 10}"))
+        await late.close()
+        assert await reads() == scanned + 1  # the processes seen lately, no more
     finally:
         await store.close()
         await client.aclose()
@@ -156,6 +166,24 @@ async def test_a_later_reading_counts_what_was_sent_after_the_refused_one_and_go
     assert second[0] == pytest.approx(100.0)
 
 
+async def test_a_later_reading_is_not_held_down_by_a_stretch_sent_under_the_limit() -> None:
+    """A server letting 100 a second through: full at 10.5 (room at 11.0); then the account
+    sends 50 a second for four seconds (its pace read low, or its machine behind); full again at
+    15.5 and 16.6. Read from the first moment, the limit came out at 67 a second, and paced at,
+    lower at every moment after; read over the last second full, at 100."""
+    log = [(1000 + i, False) for i in range(0, 50)] + [(1050 + i, True) for i in range(10)]
+    log += [(1100 + i * 2, False) for i in range(200)]  # 11.00 to 14.98: 50 a second
+    log += [(1500 + i // 2, False) for i in range(100)] + [(1550 + i, True) for i in range(10)]
+    log += [(1600 + i * 6 // 10, False) for i in range(100)] + [(1660 + i, True) for i in range(10)]
+    store: Any = LogStore(log)
+    capacity = AccountCapacity()
+    await capacity.read(store, Moment(10.50, 11.0))
+    await capacity.read(store, Moment(15.50, 16.0))
+    third = await capacity.read(store, Moment(16.60, 17.0))
+    assert third is not None
+    assert third[0] == pytest.approx(100.0, rel=0.05)
+
+
 async def test_a_first_reading_counts_the_servers_second_not_the_second_before_the_refusal() -> None:
     """A server that lets 1,000 requests a second through, by the second, under a ramp: 500
     let through in its second 9, 1,000 in its second 10 by 10.74, when the first refused left;
@@ -200,6 +228,84 @@ async def test_a_first_reading_with_its_room_a_second_away_counts_no_more_than_t
     first = await AccountCapacity().read(store, Moment(10.50, 11.9))
     assert first is not None
     assert first[0] == pytest.approx(40.0)
+
+
+class Clock:
+    """One fake clock for the store, the processes and their loops: time moves when told."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def time(self) -> float:  # as the loop's
+        return self.now
+
+
+class HeldStore:
+    """An account's store held in this process (the Ray actor's rules), on the fake clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=clock)
+
+    async def call(self, ask: Ask) -> Reply:
+        return self.pace.call(ask)
+
+    async def read(self, since: float, until: float) -> Logged:
+        return self.pace.read(since, until)
+
+
+class Budget:
+    """What a link asks of its pace: a process holding leased starts, no limit given."""
+
+    given = given_tokens = watch_until = 0.0
+    holds, alone, booting = True, False, True
+
+    def granted(self, r: Reply, offset: float, tokens: float) -> None:
+        pass
+
+
+async def test_a_reading_waits_for_the_refusals_of_requests_sent_before_its_moment() -> None:
+    """A server letting 60 through in its second 9, full at 9.60 (room at 10.0). Process `b`
+    sent 20 more before the room whose refusals come back half a second late (busy cores): the
+    store held `b`'s log up to the moment, and the account's limit was read at 80 a second,
+    those 20 counted as let through; read once their answers are in, at 60."""
+    clock = Clock(9.0)
+    store: Any = HeldStore(clock)
+    read: list[tuple[str, float]] = []
+    links = {pid: StoreLink(lambda: store, "memory", lambda _: None) for pid in "ab"}
+    for pid, link in links.items():
+        link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
+        link.watch(partial(lambda pid, rate, sure: read.append((pid, rate)), pid))
+
+    async def sync(pid: str, at: float) -> None:
+        clock.now = at
+        await links[pid]._sync(store, clock)  # type: ignore[arg-type]
+        await links[pid]._readings.read(store, clock, alone=False)  # type: ignore[arg-type]
+
+    a, b = links["a"], links["b"]
+    for pid in "ab":
+        await sync(pid, 9.0)  # the store's clock known (the same as ours)
+    for i in range(60):  # let through
+        a.sent(9.0 + i / 100)
+        a.answered(9.0 + i / 100)
+    for i in range(RUN):  # the run of refusals
+        a.sent(9.6 + i / 100)
+        a.refused(9.6 + i / 100, 10.0)
+    for i in range(20):  # sent before the room, refused: the answers are on their way
+        b.sent(9.7 + i / 100)
+    await sync("b", 10.05)
+    await sync("a", 10.05)  # the account seen full at 9.60: a reading of it waits
+    for at in (10.1, 10.3, 10.45):
+        await sync("b", at)
+        await sync("a", at + 0.01)
+    assert read == []  # b's answers are not in
+    for i in range(20):
+        b.refused(9.7 + i / 100, 10.0)
+    await sync("b", 10.5)
+    await sync("a", 10.51)
+    assert read == [("b", pytest.approx(60.0)), ("a", pytest.approx(60.0))]
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:

@@ -33,7 +33,7 @@ class AccountPace:
     def _reset(self) -> None:
         self.fields: dict[str, float] = {}
         self.found_by: str | None = None
-        self.members: dict[str, tuple[float, bool]] = {}  # pid: its last call, and whether idle then
+        self.members: dict[str, tuple[float, float]] = {}  # pid: its last call, and told up to then
         self.log: _Log = {}
 
     def call(self, ask: Ask) -> Reply:
@@ -44,7 +44,9 @@ class AccountPace:
         f = self.fields
         cs_now = math.floor(now * 100)
         boot_at = f.get("boot_at", now)
-        told_refusal = self._add(a.log, now)
+        full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
+        since = max(cs_now - math.floor(self.watch * 100), math.ceil(full_resume * 100))
+        told_refusal, told_new = self._add(a.log, now, since)  # (a run is looked for from `since`)
         if told_refusal:
             f["refused_at"] = now
         if a.found is not None:
@@ -54,9 +56,8 @@ class AccountPace:
         paused = f.get("paused", 0.0)
         if a.pause_for > 0 and now + a.pause_for > paused:
             paused = f["paused"] = now + a.pause_for
-        full_at, full_resume = f.get("full_at", -1.0), f.get("full_resume", -1.0)
-        if a.given <= 0 and told_refusal:
-            run = self._full_run(cs_now, full_resume)
+        if a.given <= 0 and told_new:
+            run = self._full_run(cs_now, since)
             if run is not None:
                 first, told = run
                 full_at, full_resume = first / 100, told / 100 if told else now
@@ -95,14 +96,13 @@ class AccountPace:
         if tokens > 0:
             token_start = base
             f["token_clock"] = token_start + tokens / a.given_tokens
-        # Processes seen lately, and the time up to which every one of them has told its log.
-        self.members[a.pid] = (now, not (a.holds or want > 0))
+        # Processes seen lately, and the time up to which each has told its log and had its answers.
+        upto = now if a.holds or want > 0 else now + 3600
+        self.members[a.pid] = (now, min(upto, a.oldest) if a.oldest >= 0 else upto)
         seen, reported = 0, now + 3600
-        for member, (at, idle) in list(self.members.items()):
+        for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
-                seen += 1
-                if not idle:
-                    reported = min(reported, at)
+                seen, reported = seen + 1, min(reported, upto)
             elif now - at > 60:
                 del self.members[member]
         return Reply(
@@ -117,10 +117,11 @@ class AccountPace:
         first = min(n["s"]) / 100 if n["s"] else None
         return Logged(sum(n["s"].values()), sum(n["r"].values()), first)
 
-    def _add(self, log: str, now: float) -> bool:
-        """Adds `log` to the send log; returns whether it told of a refusal."""
+    def _add(self, log: str, now: float, since: int) -> tuple[bool, bool]:
+        """Adds `log` to the send log; returns whether it told of a refusal, and of one of a
+        request sent from hundredth `since` on."""
         parts = log.split()
-        told_refusal = False
+        told_refusal = told_new = False
         for i in range(0, len(parts) - 3, 4):
             cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
             counts = self.log.setdefault(cs // 100, {})
@@ -128,13 +129,13 @@ class AccountPace:
                 counts[f"s{cs}"] = counts.get(f"s{cs}", 0) + sent
             if refused:
                 counts[f"r{cs}"] = counts.get(f"r{cs}", 0) + refused
-                told_refusal = True
+                told_refusal, told_new = True, told_new or cs >= since
             if room:
                 counts[f"w{cs}"] = min(counts.get(f"w{cs}", room), room)
         oldest = int(now) - LOG_TTL
         for second in [s for s in self.log if s < oldest]:
             del self.log[second]
-        return told_refusal
+        return told_refusal, told_new
 
     def _logged(self, since: int, until: int) -> dict[str, dict[int, int]]:
         """Sent, refused and room ("s", "r", "w") by hundredth, from hundredth `since` to
@@ -147,11 +148,10 @@ class AccountPace:
                     kinds[name[0]][cs] = n
         return kinds
 
-    def _full_run(self, cs_now: int, full_resume: float) -> tuple[int, int | None] | None:
-        """The latest run of refusals, as the Redis script finds it: back from the latest
-        hundredth refused, the earliest one from which on at least `run` requests were refused
-        and half of what was sent; with the earliest room again its refusals told."""
-        since = max(cs_now - math.floor(self.watch * 100), math.ceil(full_resume * 100))
+    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None] | None:
+        """The latest run of refusals from hundredth `since` on, as the Redis script finds it:
+        back from the latest hundredth refused, the earliest one from which on at least `run`
+        requests were refused and half of what was sent; with the earliest room its refusals told."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0

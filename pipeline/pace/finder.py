@@ -127,7 +127,7 @@ class RateFinder:
         self.giving.accepted()
         self.outage.answered()
         if self.account is not None:
-            self.account.answered()
+            self.account.answered(self.log.sent_at(ticket))
         if ticket < self.epoch:
             return
         self.answers.ok(now)

@@ -1,10 +1,11 @@
 """A shared pace's calls to the account's store, and the account's send log it keeps there.
 
 - **A call when there is something to ask or tell**: a lease, a refusal, a rate found, a
-  pause, a reading waiting for the account's log; else one a second, or every 20 ms while it
-  holds starts and the account ramps up or its server was full lately, so that a pause reaches
-  every process at once (told only with a lease, it reached each a lease later, and the starts
-  leased before it went on into the refusals). What was sent goes with the next call.
+  pause, a reading waiting for the account's log (every 20 ms); else one a second, or every
+  20 ms while it holds starts and the account ramps up or its server was full lately, so that a
+  pause reaches every process at once (told only with a lease, it reached each a lease later,
+  and the starts leased before it went on into the refusals). What was sent goes with the
+  next call, and when its oldest request still unanswered left.
 - **A limit found once.** Without `--rpm`, each process's rate finder watches its own
   requests for the moments the server is full, and the limit is read at those moments from
   what the whole account sent (`pipeline.pace.reading`): every process tells the store what
@@ -27,7 +28,7 @@ import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.pacer import Then
-from pipeline.pace.reading import READ_AFTER, Moment, Readings
+from pipeline.pace.reading import READ_WAIT, Moment, Readings
 from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 if TYPE_CHECKING:
@@ -88,8 +89,9 @@ class StoreLink:
     def sent(self, at: float) -> None:
         self.account_log.sent(at)
 
-    def answered(self) -> None:
+    def answered(self, sent_at: float) -> None:
         self._answered += 1
+        self.account_log.answered(sent_at)
 
     def refused(self, sent_at: float, resume: float) -> None:
         at = self.account_log.refused(sent_at, resume)
@@ -108,7 +110,8 @@ class StoreLink:
             return  # alone, the last shared pace holds: there is no account to read
         # Read up to the refused request, and over the time up to it: its answer may come back
         # long after (a busy server or machine), and what was sent meanwhile is not counted.
-        self._readings.add(Moment(at + offset, min(resume, at) + offset), self.budget._now(), then)
+        moment = Moment(at + offset, min(resume, at) + offset)
+        self._readings.add(moment, self.budget._now(), then, after=moment.end - offset)
         self._wake.set()
 
     # -- the calls ------------------------------------------------------------------------------
@@ -174,6 +177,7 @@ class StoreLink:
                     log=said(log),
                     holds=budget.holds,
                     answered=answered,
+                    oldest=self.account_log.oldest(sent_at, READ_WAIT),
                 )
             )
         except StoreAway:
@@ -193,7 +197,7 @@ class StoreLink:
         self.account_log.offset = -offset
         if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:
             moment = Moment(r.full_at, r.full_resume)  # seen full by the account: read it
-            self._readings.add(moment, now, self._on_full, after=READ_AFTER)
+            self._readings.add(moment, now, self._on_full, after=moment.end + offset)
         self._full_seen = max(r.full_at, self._full_seen or -1.0)
         self._resume_seen = max(self._resume_seen, r.full_resume)
         budget.granted(r, offset, want_tokens)

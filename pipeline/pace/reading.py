@@ -5,12 +5,13 @@ scaled up, to read the account's limit from. So a shared pace reads it from the 
 log in the store (`pipeline.pace.store`), at the moments the server was found full, as
 `Capacity` reads one process's: at the first, what the account sent and was not refused in the
 second before (the server's, when it told its room within a second); at later ones, what it
-sent after the first moment and was not refused, up to this one (`Moment.end`), over the time
-from the room told after the first to the room told after this one (the store's clock).
+sent after an earlier moment (the latest a second or more before) and was not refused, up to
+this one (`Moment.end`), over the time between the rooms told after each (the store's clock).
 
-A moment is read once the store holds every process's send log up to it (a process tells its
-log with each call, and one holding no leased starts cannot send without calling), and once
-what was in flight at it has had its answer; or after a while, whatever it holds.
+A moment is read once the store holds every process's send log up to it (told with each call;
+one holding no leased starts cannot send without calling) and every answer to it (each process
+tells when its oldest request unanswered left: a refusal on its way counted as let through,
+and a reading took 1,891 a second where 1,000 got through); or after READ_WAIT, whatever it holds.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pipeline.pace.store import LOG_TTL, AccountStore
 # The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
 # after the moment was refused, and is taken off with the refusals).
 HUNDREDTH = 0.01
-READ_WAIT = 1.0  # seconds a reading waits at most for every process's log up to its moment
-READ_AFTER = 0.2  # seconds at least before a moment is read: what was in flight then has its answer
+READ_WAIT = 1.0  # seconds a reading waits at most for the account's log and answers up to its moment
+READ_EVERY = 0.02  # seconds between calls that learn whether the store holds them yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +70,13 @@ class AccountCapacity:
             if first is not None and first > last - 1.0:
                 span = 1.0 if (await store.read(last - 2.0, last - 1.0)).sent else moment.at - first
             return (got.sent - got.refused) / max(span, 1e-2), True
-        since = moments[0]
-        # Counted from the first moment on, not from when the server said it had room: every
-        # request sent after it was full and not refused was let through after it had room,
-        # however late it arrived (a server that queues) or how far apart the clocks were.
+        # From the latest moment a second or more before (else the first): from the first, a
+        # stretch sent under the limit (at a pace read low, or a machine behind) counted as the
+        # server's, and each reading paced at came out lower (893, 678, 641, 591 a second where
+        # 1,000 got through). From the moment, not its room: every request sent after the server
+        # was full and not refused got through after it had room, however late it arrived (a
+        # server that queues, clocks apart).
+        since = next((m for m in reversed(moments) if moment.resume - m.resume >= 1.0), moments[0])
         got = await store.read(since.at + HUNDREDTH, moment.end)
         span = max(moment.resume - since.resume, 1e-2)
         # Nothing through between two moments close together (a bucket refilling one at a time,
@@ -83,8 +87,8 @@ class AccountCapacity:
 @dataclass(slots=True)
 class _Reading:
     moment: Moment  # on the store's clock
-    after: float  # on ours: not read before (what was in flight at the moment has its answer)
-    due: float  # on ours: read then at the latest, every process told up to the moment or not
+    after: float  # on ours: not read before (its end has passed)
+    due: float  # on ours: read then at the latest, the store's log whole or not
     then: Callable[[float, bool], None]
 
 
@@ -94,18 +98,16 @@ class Readings:
     def __init__(self) -> None:
         self._waiting: list[_Reading] = []
         self._capacity = AccountCapacity()
-        self.reported = -math.inf  # the store holds every process's send log up to then (its clock)
+        self.reported = -math.inf  # the store holds every process's log and answers up to then (its clock)
 
-    def add(
-        self, moment: Moment, now: float, then: Callable[[float, bool], None], *, after: float = 0.0
-    ) -> None:
-        """Read `moment` (the store's clock) no sooner than `after` seconds from `now` (ours)."""
-        self._waiting.append(_Reading(moment, now + after, now + READ_WAIT, then))
+    def add(self, moment: Moment, now: float, then: Callable[[float, bool], None], *, after: float) -> None:
+        """Read `moment` (the store's clock) once its end has passed, at `after` (ours)."""
+        self._waiting.append(_Reading(moment, after, now + READ_WAIT, then))
 
     def wait(self, now: float, wait: float) -> float:
-        """Seconds until the next reading may be read, if sooner than `wait`."""
-        for reading in self._waiting:
-            wait = min(wait, (reading.after if now < reading.after else reading.due) - now)
+        """Seconds till the store is asked again if a reading is whole, or it is read (`wait` at most)."""
+        for r in self._waiting:
+            wait = min(wait, (min(r.after, r.due) if now < r.after else min(now + READ_EVERY, r.due)) - now)
         return wait
 
     async def read(self, store: AccountStore, loop: asyncio.AbstractEventLoop, alone: bool) -> None:
@@ -114,7 +116,7 @@ class Readings:
             reading = self._waiting[0]
             now = loop.time()
             whole = reading.moment.end <= self.reported
-            if now < reading.after or not (whole or now >= reading.due):
+            if not ((whole and now >= reading.after) or now >= reading.due):
                 return
             read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
             self._waiting.pop(0)

@@ -46,6 +46,7 @@ class Ask:
     log: str = ""
     holds: bool = False  # the process still holds leased starts (it may send without calling)
     answered: int = 0  # its requests let through since its last call (the ramp grows on them)
+    oldest: float = -1.0  # when its oldest request still unanswered left (the store's clock; -1: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +62,8 @@ class Reply:
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
     granted: int  # starts leased (no more than a tenth of a second of the rate)
-    # The store holds every process's send log up to then (a process that holds no starts has
-    # told all it sent): a reading up to then is whole.
+    # The store holds every process's send log up to then, and every answer to it that will
+    # come (a process holding no starts has told all it sent): a reading up to then is whole.
     reported: float = math.inf
 
 
@@ -138,7 +139,7 @@ class Store:
     async def call(self, ask: Ask) -> Reply:
         a, found = ask, -1 if ask.found is None else ask.found
         args = [a.pid, a.want, a.want_tokens, a.given, a.given_tokens, found, a.pause_for, a.log]
-        args += [int(a.holds), a.answered, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
+        args += [int(a.holds), a.answered, a.oldest, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
