@@ -4,6 +4,8 @@ simulated server and a fake clock (`tests.simulated`), minutes of traffic in mil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pipeline.mock.limits import Bucket
@@ -61,6 +63,33 @@ def test_a_rise_soon_after_a_fall_is_used_within_half_a_minute(start: float, ris
     served = simulate(f, clock, [limit], seconds=rises_at + 50, changes=changes)
     assert min(each_second(served, start + rises_at, range(30, 50))) >= 0.9 * 50
     assert served.share_refused <= 0.01
+
+
+class Store:
+    """A shared pace's store, as its finder sees it: the account's limit is read there."""
+
+    reads_account = True
+
+    def watch(self, then: Callable[[float, bool], None]) -> None:
+        self.read = then
+
+    def sent(self, at: float) -> None: ...
+    def answered(self) -> None: ...
+    def refused(self, sent_at: float, resume: float) -> None: ...
+
+
+def test_a_shared_pace_that_falls_just_after_a_refused_probe_is_no_cost_of_it() -> None:
+    clock = Clock(1000.0)
+    pacer, store = Pacer(), Store()
+    pacer.account = store  # type: ignore[assignment]
+    f = RateFinder(pacer, Window(200), clock=clock, stop=lambda stopped: None)
+    store.read(50.0, True)
+    f.probe.refused(clock.now, 48.5)
+    f.probe.charge(clock.now + 0.5, clock.now + 0.4)  # the fall's first refusals, in the tail
+    f.probe.charge(clock.now + 0.6, clock.now + 0.5)
+    clock.now += 1.0
+    store.read(20.0, True)  # where the store saw the account full: the limit fell
+    assert f.probe.after == pytest.approx(clock.now + SETTLE)
 
 
 def test_a_probe_refused_past_a_risen_limit_reads_the_servers_second() -> None:

@@ -189,8 +189,6 @@ class RateFinder:
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
-        if self.reads_account:
-            self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
         if rate >= MIN_RATE:
             if self.ceiling is not None:
@@ -204,6 +202,8 @@ class RateFinder:
                 self.window.open()  # the pace bounds the rate from here
         else:
             self.window.shrink()  # nothing got through to read a limit from: just wait
+        if self.reads_account:  # read where another process (or the store) saw it full
+            self._new_epoch(self.clock())
 
     def _uncount(self, ticket: int) -> None:
         less = self.capacity.uncount(ticket)
