@@ -4,6 +4,8 @@ simulated server and a fake clock (`tests.simulated`), minutes of traffic in mil
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pipeline.mock.limits import Bucket
@@ -41,6 +43,53 @@ def test_a_limit_that_rises_is_used_within_half_a_minute(
     rose = start + rises_at
     assert min(each_second(served, rose, range(30, 60))) >= 0.9 * 50
     assert served.share_refused <= 0.01
+
+
+# The bench's schedule (50 a second, 20 from 20 s, 50 again from 40 s): a probe of the 50 refused
+# within TAIL seconds before the fall was charged the fall's run of refusals (10 s of waiting
+# each at 20 a second) and found the rise 31-39 s after it.
+@pytest.mark.parametrize(("start", "rises_at"), [(1002.941, 40.0), (1001.903, 44.51)])
+def test_a_rise_soon_after_a_fall_is_used_within_half_a_minute(start: float, rises_at: float) -> None:
+    f, clock = finder(start)
+    limit = per_second(50)
+
+    def fall() -> None:
+        limit.requests = 20
+
+    def rise() -> None:
+        limit.requests = 50
+
+    changes = [(20.0, fall), (rises_at, rise)]
+    served = simulate(f, clock, [limit], seconds=rises_at + 50, changes=changes)
+    assert min(each_second(served, start + rises_at, range(30, 50))) >= 0.9 * 50
+    assert served.share_refused <= 0.01
+
+
+class Store:
+    """A shared pace's store, as its finder sees it: the account's limit is read there."""
+
+    reads_account = True
+
+    def watch(self, then: Callable[[float, bool], None]) -> None:
+        self.read = then
+
+    def sent(self, at: float) -> None: ...
+    def answered(self) -> None: ...
+    def refused(self, sent_at: float, resume: float) -> None: ...
+
+
+def test_a_shared_pace_that_falls_just_after_a_refused_probe_is_no_cost_of_it() -> None:
+    clock = Clock(1000.0)
+    pacer, store = Pacer(), Store()
+    pacer.account = store  # type: ignore[assignment]
+    f = RateFinder(pacer, Window(200), clock=clock, stop=lambda stopped: None)
+    store.read(50.0, True)
+    f.probe.refused(clock.now, 48.5)
+    f.probe.charge(clock.now + 0.5, clock.now + 0.4)  # the fall's first refusals, in the tail
+    f.probe.charge(clock.now + 0.6, clock.now + 0.5)
+    clock.now += 1.0
+    store.read(20.0, True)  # where the store saw the account full: the limit fell
+    assert f.probe.after == pytest.approx(clock.now + SETTLE)
 
 
 def test_a_probe_refused_past_a_risen_limit_reads_the_servers_second() -> None:
@@ -116,7 +165,7 @@ def test_a_buckets_savings_passed_for_a_rise_cost_little() -> None:
 
 def test_the_probe_lingers_at_the_limit_then_climbs() -> None:
     probe = Probe(HOLD)
-    probe.settle(0.0)
+    probe.settle(0.0, None)
     assert probe.next(SETTLE - 0.5, 100.0) is None  # settling first
     curve = [probe.next(SETTLE + t, 100.0) or 0.0 for t in range(20)]
     assert curve[0] == pytest.approx(100 * HOLD)
@@ -127,11 +176,26 @@ def test_the_probe_lingers_at_the_limit_then_climbs() -> None:
 
 def test_a_refused_probe_waits_longer_the_more_it_cost() -> None:
     probe = Probe(HOLD)
-    probe.settle(0.0)
+    probe.settle(0.0, None)
     probe.next(SETTLE, 10.0)
     probe.refused(SETTLE + 5, 9.7)
     assert probe.after == pytest.approx(SETTLE + 5 + EVERY / 9.7)  # EVERY requests at 9.7 a second
-    probe.charge(SETTLE + 6)  # the rest of the server's second, refused too
+    probe.charge(SETTLE + 5.1, SETTLE + 4.98)  # in flight when it was refused: the same overshoot
+    assert probe.after == pytest.approx(SETTLE + 5 + EVERY / 9.7)
+    probe.charge(SETTLE + 6, SETTLE + 5.9)  # the rest of the server's second, refused too
     assert probe.after == pytest.approx(SETTLE + 5 + 2 * EVERY / 9.7)
-    probe.charge(SETTLE + 60)  # later refusals are not the probe's
+    probe.charge(SETTLE + 60, SETTLE + 59.9)  # later refusals are not the probe's
     assert probe.after == pytest.approx(SETTLE + 5 + 2 * EVERY / 9.7)
+
+
+def test_a_limit_that_falls_just_after_a_refused_probe_is_not_its_cost() -> None:
+    # The fall's run of refusals comes within the probe's tail; the pace read from it is the
+    # fall's, and the next probe waits SETTLE from it, as after any new pace.
+    probe = Probe(HOLD)
+    probe.settle(0.0, None)
+    probe.next(SETTLE, 50.0)
+    probe.refused(SETTLE + 5, 48.5)
+    for t in (SETTLE + 5.9, SETTLE + 5.92, SETTLE + 5.94, SETTLE + 5.96):
+        probe.charge(t + 0.005, t)
+    probe.settle(SETTLE + 6, 19.4)
+    assert probe.after == pytest.approx(SETTLE + 6 + SETTLE)

@@ -99,7 +99,7 @@ class RateFinder:
     def _new_epoch(self, now: float) -> None:  # a new pace is judged on what is sent at it
         self.epoch = self.log.next
         self._epoch_start = now
-        self.probe.settle(now)
+        self.probe.settle(now, self.pacer.request_rate)
         self.rhythm.restart()
         self.answers.restart(now)
 
@@ -157,7 +157,7 @@ class RateFinder:
         self.log.refuse(ticket)
         if self.limit is None:  # start nothing until its fellows in flight show whether it is full
             self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
-        self.probe.charge(now)
+        self.probe.charge(now, self.log.sent_at(ticket))
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
         if self.account is not None:
             self.account.refused(self.log.sent_at(ticket), now + pause)
@@ -189,8 +189,6 @@ class RateFinder:
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
-        if self.reads_account:
-            self._new_epoch(self.clock())  # read where another process (or the store) saw it full
         self.capacity.sure = sure
         if rate >= MIN_RATE:
             if self.ceiling is not None:
@@ -204,6 +202,8 @@ class RateFinder:
                 self.window.open()  # the pace bounds the rate from here
         else:
             self.window.shrink()  # nothing got through to read a limit from: just wait
+        if self.reads_account:  # read where another process (or the store) saw it full
+            self._new_epoch(self.clock())
 
     def _uncount(self, ticket: int) -> None:
         less = self.capacity.uncount(ticket)

@@ -12,13 +12,13 @@ It starts at the pace held (HOLD of the limit, t = 0) and flattens as it reaches
 request or two; past it, the longer nothing is refused, the faster it climbs (18 % a second at
 most): a limit that rose 2.5 times is reached in a quarter of a minute.
 
-A refused probe sends the pace back at once (the finder's doing), and the next one waits
-SETTLE seconds at least and EVERY requests for each refusal it cost (its own and those in the
-TAIL seconds after: the rest of a server's second, a bucket read again): about one request in
-EVERY at most, a refusal or two a minute at 3,000 a minute. A rise is found within SETTLE + K
-+ 11 seconds at 20 a second and more. A bucket refilled continuously lets a probe through on
-what the pace under its refill saved, then refuses: the finder takes what got through for the
-limit, and reads it again at the first refusal at that pace.
+A refused probe sends the pace back at once (the finder's doing); the next waits SETTLE s at
+least and EVERY requests for each refusal it cost: its own (those in flight with it, as many as
+load delays it, are one overshoot) and those sent in the TAIL seconds after (the rest of a
+server's second; a bucket refilled continuously, that let a probe through on what the pace under
+its refill saved: the finder took that for the limit, and reads it again), unless the pace then
+falls (they were the fall's). About one request in EVERY at most, a refusal or two a minute at
+3,000 a minute; a rise is found within 25 s at 20 a second and more, whatever the probe's phase.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ EVERY = 200  # requests the next probe waits for each refusal the last one cost
 K = 3.0  # seconds for the probe to reach the limit known from the pace held under it
 MAX_STEP = 1.5  # seconds of the curve a call may advance (the pace did not bind in between)
 TAIL = 2.0  # seconds after a refused probe whose refusals it is charged for
+FELL = 0.9  # a pace read under this share of the one a refused probe went back to: a fall
 
 
 class Probe:
@@ -37,30 +38,29 @@ class Probe:
         self._base: float | None = None  # the limit when the probe began (None: not probing)
         self._elapsed = 0.0  # seconds along the curve
         self._last = 0.0  # when the curve last advanced
-        self._tail = 0.0  # refusals until then are the last probe's
-        self._every = 0.0  # seconds of EVERY requests at the pace it went back to
+        self._tail, self._back = 0.0, 0.0  # refusals until then are the last probe's; its pace back
 
-    def settle(self, now: float) -> None:
+    def settle(self, now: float, pace: float | None) -> None:
         """A new pace: hold it SETTLE seconds (or as a refused probe said) before probing."""
+        if pace is not None and pace < FELL * self._back:  # the refusals since were a fall's
+            self.after, self._tail = now, 0.0
         self.after = max(self.after, now + SETTLE)
         self._base = None
 
     def refused(self, now: float, rate: float) -> None:
-        """A probe was refused; the pace goes back to `rate` for SETTLE seconds, and EVERY
-        requests for each refusal the probe cost."""
+        """A probe was refused: the pace goes back to `rate`, or to the one held before it (a
+        bucket's savings may have passed for more), for SETTLE seconds and EVERY requests."""
         if self._base is not None:
-            # Requests at the pace held before it: a bucket's savings may have passed for more.
             rate = min(rate, self._base * self.hold)
         self._base = None
         self._tail = now + TAIL
-        self._every = EVERY / max(rate, 1e-9)
-        self.after = max(self.after, now + max(SETTLE, self._every))
+        self._back = max(rate, 1e-9)
+        self.after = max(self.after, now + max(SETTLE, EVERY / self._back))
 
-    def charge(self, now: float) -> None:
-        """A refusal came back: soon after a refused probe (the rest of a server's second, a
-        bucket's savings read as a rise), the probe cost it too: the next waits EVERY longer."""
-        if now < self._tail:
-            self.after += self._every
+    def charge(self, now: float, sent: float) -> None:
+        """A refusal of a request sent soon after a refused probe: its cost, EVERY requests more."""
+        if self._tail - TAIL <= sent and now < self._tail:
+            self.after += EVERY / self._back
 
     def next(self, now: float, limit: float) -> float | None:
         """The pace to try now, while the pace binds, above HOLD of `limit` (None: keep it)."""
