@@ -8,16 +8,20 @@ No script, no outside reference: every piece of text is escaped where it is writ
 from __future__ import annotations
 
 import math
+import re
 from html import escape
 
 FONT = "system-ui, sans-serif"
 GRID = "#e5e5e5"
 INK = "#333333"
 TICKS = 5  # about so many steps on a value axis
+# What XML 1.0 cannot carry even escaped (a control character in a model's name, a lone
+# surrogate): one in a chart and the browser draws none of it.
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _e(text: str) -> str:
-    return escape(text, quote=True)
+    return escape(NOT_XML.sub("\ufffd", text), quote=True)
 
 
 def _num(value: float) -> str:
