@@ -220,6 +220,21 @@ def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
     assert 5 <= len(re.findall(r">\d\d:\d\d:\d\d<", first)) <= 10
 
 
+def test_a_run_of_two_days_writes_its_times_over_both() -> None:
+    """Times of day repeat after a day: each written where its turn falls, not once only (the
+    second day's axis was left bare)."""
+    doc = _doc()
+    point = doc["timeline"][0]["points"][0]
+    doc["timeline"][0]["points"] = [{**point, "start": point["start"] + 8640 * k} for k in range(20)]
+    first = base64.b64decode(re.findall(r"base64,([^\"]*)", html_report(doc))[0]).decode()
+    xs = [
+        float(x)
+        for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="middle">\d\d:\d\d:\d\d<', first)
+    ]
+    assert len(xs) == 10
+    assert xs == sorted(xs)
+
+
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
     not_one = tmp_path / "nothing"
     not_one.mkdir()

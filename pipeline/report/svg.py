@@ -99,7 +99,8 @@ def line_svg(
     height: int,
     dots: bool,
 ) -> str:
-    """Each series a line over the labels (a None breaks it); only the `major` labels written."""
+    """Each series a line over the labels (a None breaks it); only the `major` labels (some of
+    them, in order) written."""
     legend = _legend([(name, colour) for name, _, colour in series], width)
     left, right, top, bottom = 80.0, width - 30.0, 40.0, height - 40.0 - 18 * len(legend)
     values = [v for _, vs, _ in series for v in vs if v is not None and math.isfinite(v)]
@@ -117,10 +118,11 @@ def line_svg(
         y = y_of(t)
         body.append(f'<line x1="{left:g}" x2="{right:g}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
         body.append(f'<text x="{left - 6:g}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>')
-    shown = set(major)
+    shown = iter(major)  # in turn: a time of day comes again on a run's second day
+    turn = next(shown, None)
     for i, label in enumerate(labels):
-        if label in shown:
-            shown.discard(label)
+        if label == turn:
+            turn = next(shown, None)
             body.append(
                 f'<text x="{left + i * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(label)}</text>'
             )
