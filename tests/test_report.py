@@ -171,7 +171,7 @@ def test_a_value_axis_covers_its_values_in_a_few_round_steps(low: float, high: f
 
 
 NAMES = st.text(max_size=12)
-VALUES = st.floats(allow_nan=True, allow_infinity=True)
+VALUES = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1.7976931348623157e308, -1.7e308])
 
 
 @settings(max_examples=200)
@@ -209,6 +209,7 @@ def test_any_names_and_values_draw_a_well_formed_chart(
     for svg in (lines, bars):
         root = ElementTree.fromstring(svg.encode())
         assert not [e for e in root.iter() if not e.tag.startswith("{http://www.w3.org/2000/svg}")]
+        assert not [v for e in root.iter() for v in e.attrib.values() if re.search("nan|inf", v)]
 
 
 def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:

@@ -107,8 +107,8 @@ def line_svg(
     low, high, ticks = scale(min(values, default=0.0), max(values, default=1.0))
     x_of = (right - left) / max(len(labels) - 1, 1)
 
-    def y_of(v: float) -> float:
-        return bottom - (v - low) / (high - low) * (bottom - top)
+    def y_of(v: float) -> float:  # past the axis's end (1e300), at its end: v - low overflowed
+        return bottom - (min(max(v, low), high) - low) / (high - low) * (bottom - top)
 
     body = [
         f'<text transform="translate(18 {(top + bottom) / 2:g}) rotate(-90)" text-anchor="middle">'
@@ -153,8 +153,8 @@ def bars_svg(
     finite = [v if math.isfinite(v) else 0.0 for v in values]
     low, high, ticks = scale(min(finite, default=0.0), max(finite, default=1.0))
 
-    def x_of(v: float) -> float:
-        return left + (v - low) / (high - low) * (right - left)
+    def x_of(v: float) -> float:  # (as y_of in line_svg)
+        return left + (min(max(v, low), high) - low) / (high - low) * (right - left)
 
     body = [f'<text x="{(left + right) / 2:g}" y="{height - 8:g}" text-anchor="middle">{_e(axis)}</text>']
     for t in ticks:
