@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.pace.account import AccountPace
 from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, Store
@@ -145,3 +147,54 @@ async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis
     assert python.full_at == pytest.approx((cs - 30) / 100)
     assert python.full_resume == pytest.approx((cs - 5) / 100)
     assert python.paused == python.now
+
+
+# One call of a process, its log's hundredths and rooms (-1: none told) from the moment it is
+# made; what it sent lies inside WATCH (the store's clock comes back to four decimals: at
+# WATCH's very edge, the hundredth the two homes start from may differ by that rounding alone).
+CALL = st.fixed_dictionaries(
+    {
+        "pid": st.sampled_from("abc"),
+        "want": st.integers(0, 20),
+        "given": st.sampled_from([0.0, 10.0]),
+        "given_tokens": st.sampled_from([0.0, 500.0]),
+        "found": st.none() | st.sampled_from([5.0, 25.0]),
+        "pause_for": st.sampled_from([0.0, 0.3]),
+        "holds": st.booleans(),
+        "answered": st.integers(0, 50),
+        "oldest": st.none() | st.floats(0.0, 1.5),  # seconds before the call
+        "log": st.lists(
+            st.tuples(st.integers(-190, 5), st.integers(0, 3), st.integers(0, 3), st.integers(-1, 150)),
+            max_size=8,
+        ),
+    }
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(CALL, min_size=1, max_size=6))
+def test_any_calls_get_the_same_answers_from_either_home(
+    redis_server: RedisServer, calls: list[dict[str, Any]]
+) -> None:
+    """Hypothesis over sequences of calls from three processes (logs with runs of refusals,
+    leases, pauses, found rates, oldest requests unanswered): field by field the same replies."""
+
+    async def replay() -> None:
+        store = Store(redis_server.url, f"pipeline:pace:any:{time.monotonic_ns()}")
+        at = [0.0]  # the store's clock at its call, read by the actor's: the same moment in both
+        held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: at[0])
+        try:
+            for i, call in enumerate(calls):
+                now = time.time()
+                cs = int(now * 100)
+                log = _log([(cs + h, n, m, cs + h + w if m and w >= 0 else 0) for h, n, m, w in call["log"]])
+                ago = call["oldest"]
+                fields = {k: v for k, v in call.items() if k not in ("log", "oldest")}
+                ask = Ask(**fields, log=log, oldest=-1.0 if ago is None else now - ago)
+                redis = await store.call(ask)
+                at[0] = redis.now
+                _same(redis, held.call(ask), f"call {i}: {ask}")
+        finally:
+            await store.close()
+
+    asyncio.run(replay())

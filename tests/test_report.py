@@ -13,10 +13,12 @@ from xml.etree import ElementTree
 import anyio
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline
 from pipeline.report.html import html_report
-from pipeline.report.svg import scale
+from pipeline.report.svg import bars_svg, line_svg, scale
 from tests.conftest import FAKE_KEY, bodies
 
 CHARTS = (
@@ -168,6 +170,48 @@ def test_a_value_axis_covers_its_values_in_a_few_round_steps(low: float, high: f
     assert ticks == sorted(ticks)
 
 
+NAMES = st.text(max_size=12)
+VALUES = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1.7976931348623157e308, -1.7e308])
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.tuples(NAMES, st.lists(st.none() | VALUES, max_size=6)), max_size=3),
+    st.lists(NAMES, max_size=6),
+    NAMES,
+)
+def test_any_names_and_values_draw_a_well_formed_chart(
+    series: list[tuple[str, list[float | None]]], labels: list[str], title: str
+) -> None:
+    """Names come from the job file and the server (a model, an error code): whatever their
+    characters, each chart parses alone (a browser shows nothing of an SVG that does not)."""
+    lines = line_svg(
+        title,
+        title,
+        labels,
+        labels[::2],
+        [(name, values, "#000000") for name, values in series],
+        width=1000,
+        height=320,
+        dots=True,
+    )
+    values = [v for _, vs in series for v in vs if v is not None]
+    names = [name for name, _ in series]
+    bars = bars_svg(
+        title,
+        title,
+        names,
+        values[: len(names)] + [0.0] * (len(names) - len(values)),
+        width=1000,
+        height=160,
+        colour="#000000",
+    )
+    for svg in (lines, bars):
+        root = ElementTree.fromstring(svg.encode())
+        assert not [e for e in root.iter() if not e.tag.startswith("{http://www.w3.org/2000/svg}")]
+        assert not [v for e in root.iter() for v in e.attrib.values() if re.search("nan|inf", v)]
+
+
 def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
     """Written side by side, more than ten times of day overlap on a chart's axis."""
     doc = _doc()
@@ -175,6 +219,21 @@ def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
     doc["timeline"][0]["points"] = [{**point, "start": point["start"] + 10 * k} for k in range(25)]
     first = base64.b64decode(re.findall(r"base64,([^\"]*)", html_report(doc))[0]).decode()
     assert 5 <= len(re.findall(r">\d\d:\d\d:\d\d<", first)) <= 10
+
+
+def test_a_run_of_two_days_writes_its_times_over_both() -> None:
+    """Times of day repeat after a day: each written where its turn falls, not once only (the
+    second day's axis was left bare)."""
+    doc = _doc()
+    point = doc["timeline"][0]["points"][0]
+    doc["timeline"][0]["points"] = [{**point, "start": point["start"] + 8640 * k} for k in range(20)]
+    first = base64.b64decode(re.findall(r"base64,([^\"]*)", html_report(doc))[0]).decode()
+    xs = [
+        float(x)
+        for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="middle">\d\d:\d\d:\d\d<', first)
+    ]
+    assert len(xs) == 10
+    assert xs == sorted(xs)
 
 
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:

@@ -16,12 +16,14 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
+from pipeline.pace.finder import RateFinder
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
 from pipeline.pace.link import StoreLink
 from pipeline.pace.pacer import Pacer
-from pipeline.pace.reading import AccountCapacity, Moment
+from pipeline.pace.reading import READ_WAIT, AccountCapacity, Moment
 from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply, Store, account_key
+from pipeline.pace.window import Window
 from pipeline.send.waits import per_minute
 from tests.conftest import FAKE_KEY, RedisServer, bodies, read_jsonl, write_jsonl
 from tests.test_crash import start
@@ -306,6 +308,70 @@ async def test_a_reading_waits_for_the_refusals_of_requests_sent_before_its_mome
     await sync("b", 10.5)
     await sync("a", 10.51)
     assert read == [("b", pytest.approx(60.0)), ("a", pytest.approx(60.0))]
+
+
+async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_than_read_wait() -> None:
+    """`b` dies with 20 requests out, sent before the moment the account was full: its last
+    call's oldest unanswered holds the store's `reported` back for as long as it counts as a
+    member (5 s), but a reading waits READ_WAIT at most, whole or not."""
+    clock = Clock(9.0)
+    store: Any = HeldStore(clock)
+    read: list[float] = []
+    links = {pid: StoreLink(lambda: store, "memory", lambda _: None) for pid in "ab"}
+    for pid, link in links.items():
+        link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
+    links["a"].watch(lambda rate, sure: read.append(rate))
+
+    async def sync(pid: str, at: float) -> None:
+        clock.now = at
+        await links[pid]._sync(store, clock)  # type: ignore[arg-type]
+        await links[pid]._readings.read(store, clock, alone=False)  # type: ignore[arg-type]
+
+    a, b = links["a"], links["b"]
+    for pid in "ab":
+        await sync(pid, 9.0)
+    for i in range(60):
+        a.sent(9.0 + i / 100)
+        a.answered(9.0 + i / 100)
+    for i in range(RUN):
+        a.sent(9.6 + i / 100)
+        a.refused(9.6 + i / 100, 10.0)
+    for i in range(20):
+        b.sent(9.7 + i / 100)
+    await sync("b", 10.05)  # its last call
+    await sync("a", 10.06)  # the account seen full: a reading waits for b's answers
+    for at in (10.5, 11.0):
+        await sync("a", at)
+    assert read == []
+    await sync("a", 10.06 + READ_WAIT)
+    assert read == [pytest.approx(80.0)]  # b's 20, never answered, counted as let through
+
+
+@pytest.mark.parametrize("end", ["a 200", "a 400", "a 500", "a 503 refusal"])
+def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -> None:
+    """A reading of the account's limit waits for the answers to what was sent before its
+    moment (Ask.oldest): a request whose answer is in, let through or not, is not one to wait
+    for. A 400 (a line at fault) or a 500 held every reading for READ_WAIT, a second; a 503
+    refusal, told twice, would let go of another request sent in its hundredth."""
+    clock = Clock(9.0)
+    pacer = shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store")
+    finder = RateFinder(pacer, Window(64), clock=clock)
+    log = pacer.account.account_log  # type: ignore[union-attr]
+    log.offset = 0.0  # the store's clock known (the same as ours)
+    ticket, other = finder.sent(), finder.sent()
+    clock.now = 9.1
+    if end == "a 200":
+        finder.success(ticket, 0.1)
+    elif end == "a 400":
+        finder.answered(ticket)
+    elif end == "a 500":
+        finder.failure(ticket, "500 Internal Server Error")
+    else:  # as the gate tells it: a refusal, and the endpoint's failure
+        finder.pushback(ticket, 1.0, "503 overloaded")
+        finder.failure(ticket, "503 overloaded")
+    assert log.oldest(9.1, READ_WAIT) == 9.0  # the other is out
+    finder.success(other, 0.1)
+    assert log.oldest(9.1, READ_WAIT) == -1.0
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:

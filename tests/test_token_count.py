@@ -13,6 +13,9 @@ import pytest
 import pipeline
 from pipeline.input.line import LineParser
 from pipeline.mock.limits import charged_tokens
+from pipeline.pace.leased import shared_pacer
+from pipeline.pace.pacer import Pacer
+from pipeline.pace.store import Store
 from pipeline.pace.tokens import CONFIRM, FLOOD, PROBE_AFTER, RAMP, Counting, TokenCount
 from pipeline.settings import build
 
@@ -134,3 +137,18 @@ def test_a_shared_pace_keeps_reservations_whole() -> None:
     clock = Clock()
     count = TokenCount(probe=False, clock=clock)
     assert {answer(count, clock, t / 10) for t in range(100)} == {100}
+
+
+def test_a_shared_pacer_keeps_reservations_whole_where_a_local_one_probes() -> None:
+    """Which pace probes is the pacer's to say since the count moved into it: a shared one (the
+    account's or a model's, `Host.pacer`) never does, or each of its processes would pay a
+    probe's refusals on a server counting on arrival."""
+    shared = shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store", token_rate=100.0)
+    local = Pacer(token_rate=100.0)
+    counts = []
+    for pacer in (shared, local):
+        clock = Clock()
+        pacer.tokens.clock = clock
+        counts.append({answer(pacer.tokens, clock, t / 10) for t in range(100)})
+    assert counts[0] == {100}
+    assert counts[1] != {100}  # the local one hands some back: the same clock would show a probe

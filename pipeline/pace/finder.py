@@ -137,12 +137,16 @@ class RateFinder:
     def answered(self, ticket: int) -> None:
         """An answer that says nothing of the rate (a 400), only that the endpoint is up."""
         self.outage.answered()
+        if self.account is not None:  # no refusal can come of it: no reading waits for it
+            self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
 
     def failure(self, ticket: int, message: str = "", *, who: object = None, connected: bool = True) -> bool:
         """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
         whether it is down as a whole, so that the failure spends no attempt."""
+        if self.account is not None and not self.log.refused(ticket):  # (as a 400; a 503 told as refused)
+            self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
         return self.outage.failed(ticket, message, who=who, connected=connected)

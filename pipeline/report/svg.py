@@ -8,16 +8,20 @@ No script, no outside reference: every piece of text is escaped where it is writ
 from __future__ import annotations
 
 import math
+import re
 from html import escape
 
 FONT = "system-ui, sans-serif"
 GRID = "#e5e5e5"
 INK = "#333333"
 TICKS = 5  # about so many steps on a value axis
+# What XML 1.0 cannot carry even escaped (a control character in a model's name, a lone
+# surrogate): one in a chart and the browser draws none of it.
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _e(text: str) -> str:
-    return escape(text, quote=True)
+    return escape(NOT_XML.sub("\ufffd", text), quote=True)
 
 
 def _num(value: float) -> str:
@@ -95,15 +99,16 @@ def line_svg(
     height: int,
     dots: bool,
 ) -> str:
-    """Each series a line over the labels (a None breaks it); only the `major` labels written."""
+    """Each series a line over the labels (a None breaks it); only the `major` labels (some of
+    them, in order) written."""
     legend = _legend([(name, colour) for name, _, colour in series], width)
     left, right, top, bottom = 80.0, width - 30.0, 40.0, height - 40.0 - 18 * len(legend)
     values = [v for _, vs, _ in series for v in vs if v is not None and math.isfinite(v)]
     low, high, ticks = scale(min(values, default=0.0), max(values, default=1.0))
     x_of = (right - left) / max(len(labels) - 1, 1)
 
-    def y_of(v: float) -> float:
-        return bottom - (v - low) / (high - low) * (bottom - top)
+    def y_of(v: float) -> float:  # past the axis's end (1e300), at its end: v - low overflowed
+        return bottom - (min(max(v, low), high) - low) / (high - low) * (bottom - top)
 
     body = [
         f'<text transform="translate(18 {(top + bottom) / 2:g}) rotate(-90)" text-anchor="middle">'
@@ -113,10 +118,11 @@ def line_svg(
         y = y_of(t)
         body.append(f'<line x1="{left:g}" x2="{right:g}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
         body.append(f'<text x="{left - 6:g}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>')
-    shown = set(major)
+    shown = iter(major)  # in turn: a time of day comes again on a run's second day
+    turn = next(shown, None)
     for i, label in enumerate(labels):
-        if label in shown:
-            shown.discard(label)
+        if label == turn:
+            turn = next(shown, None)
             body.append(
                 f'<text x="{left + i * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(label)}</text>'
             )
@@ -147,8 +153,8 @@ def bars_svg(
     finite = [v if math.isfinite(v) else 0.0 for v in values]
     low, high, ticks = scale(min(finite, default=0.0), max(finite, default=1.0))
 
-    def x_of(v: float) -> float:
-        return left + (v - low) / (high - low) * (right - left)
+    def x_of(v: float) -> float:  # (as y_of in line_svg)
+        return left + (min(max(v, low), high) - low) / (high - low) * (right - left)
 
     body = [f'<text x="{(left + right) / 2:g}" y="{height - 8:g}" text-anchor="middle">{_e(axis)}</text>']
     for t in ticks:
