@@ -41,7 +41,7 @@ class MockFlags:
     tpm_count: str = "usage"  # or "arrival": the prompt and max_tokens, as OpenAI counts
     limit_style: str = "second"
     bucket_capacity: float = 60.0  # seconds of its rate a bucket holds
-    wait_said: str | None = None  # how a limit's 429 says its wait (pipeline.mock.admission.WAYS)
+    wait_said: str | None = None  # how a limit's 429 says its wait (pipeline.mock.names.WAYS)
     model_rpm: tuple[tuple[str, float], ...] = ()  # (model, rpm): its own limit, beside --rpm
     limit_changes: tuple[str, ...] = ()  # as --limit-changes spells each: "[MODEL:]T=RPM,..."
     ratelimit_headers: bool = False

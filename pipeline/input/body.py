@@ -4,7 +4,7 @@ parameters an OpenAI-compatible server knows, so that a job file's near miss is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.errors import InputError
@@ -13,9 +13,8 @@ from pipeline.quote import quote
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed")
 _NUMBER_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _BOOL_FIELDS = ("stream", "logprobs")
-# (made once: `int | float` written in a check makes the union at every call, and every line
+# (made once: `str | list` written in a check makes the union at every call, and every line
 # read is checked)
-_NUMBER = int | float
 _CONTENT = str | list  # type: ignore[type-arg]  # (a check of the type, not a list of anything)
 
 
@@ -33,18 +32,6 @@ def type_name(value: Any) -> str:
     return "a string" if isinstance(value, str) else type(value).__name__
 
 
-def _valid_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _valid_number(value: Any) -> bool:
-    return isinstance(value, _NUMBER) and not isinstance(value, bool)
-
-
-def _valid_bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
 def _valid_message(value: Any) -> bool:
     if not isinstance(value, dict) or not isinstance(value.get("role"), str):
         return False
@@ -57,30 +44,29 @@ def _valid_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(map(_valid_message, value))
 
 
-# What each checked field must be (a field set to null passes, but for messages).
-_VALID: dict[str, Callable[[Any], bool]] = {
-    "messages": _valid_messages,
-    "model": lambda value: isinstance(value, str),
-    **dict.fromkeys(_INT_FIELDS, _valid_int),
-    **dict.fromkeys(_NUMBER_FIELDS, _valid_number),
-    **dict.fromkeys(_BOOL_FIELDS, _valid_bool),
-    "stream_options": lambda value: isinstance(value, dict),
+# What each checked field may be, by its exact type: what JSON (and TOML) reads, one look at
+# a set where a check was a call. A subclass (bool, for an int) is left to `check_body`'s
+# checks, which say what is wrong, if anything. A field set to null passes, but messages.
+_TYPES: dict[str, frozenset[type]] = {
+    "model": frozenset({str}),
+    **dict.fromkeys(_INT_FIELDS, frozenset({int})),
+    **dict.fromkeys(_NUMBER_FIELDS, frozenset({int, float})),
+    **dict.fromkeys(_BOOL_FIELDS, frozenset({bool})),
+    "stream_options": frozenset({dict}),
 }
 
 
 def _fine(body: Mapping[str, Any]) -> bool:
-    """Whether `check_body` finds nothing wrong. Most bodies are right: this looks at the
-    few fields a body holds, where the checks that say what is wrong and where look up
-    every field they know, a dozen."""
+    """Whether `check_body` finds nothing wrong (False: it looks closer). Most bodies are
+    right: this looks at the few fields a body holds, where the checks that say what is
+    wrong and where look up every field they know, a dozen."""
     for key, value in body.items():
-        check = _VALID.get(key)
-        if check is None:
-            continue
-        if value is None:
-            if key == "messages":
+        if key == "messages":
+            if not _valid_messages(value):
                 return False
             continue
-        if not check(value):
+        types = _TYPES.get(key)
+        if types is not None and value is not None and type(value) not in types:
             return False
     return "messages" in body
 

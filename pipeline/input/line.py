@@ -195,23 +195,24 @@ class LineParser:
             if not isinstance(options, dict) or "include_usage" not in options:
                 # Without it a streamed reply carries no usage, and the run cannot be costed.
                 body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
-        request = Request(
-            custom_id=custom_id,
-            line=line,
-            payload=jsonl.dumps(body),
-            metadata=parsed.metadata,
-            model=str(model),
-            stream=stream,
-        )
-        if images:
-            request.images = images
-        request.prompt_tokens, request.charged_prompt = self.estimator.counts(
+        prompt, charged = self.estimator.counts(
             body, {image.marker.decode(): image.tokens for image in images} if images else None
         )
-        request.max_completion_tokens = max_completion_tokens(body)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        request.bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-        return request
+        # (built in one call, its fields in order: every line comes here)
+        return Request(
+            custom_id,
+            line,
+            jsonl.dumps(body),
+            parsed.metadata,
+            model if type(model) is str else str(model),
+            stream,
+            prompt,
+            charged,
+            max_completion_tokens(body),
+            isinstance(limit, int) and not isinstance(limit, bool) and limit > 0,
+            images or None,
+        )
 
 
 def _unforeseen(error: Exception) -> InputError:

@@ -29,6 +29,12 @@ IMAGE_LOW = 85
 IMAGE_HIGH = 8 * 170 + 85
 # What a reply may cost when the request sets no max_tokens: budgets must assume something.
 DEFAULT_MAX_COMPLETION = 4096
+# Text a message or a body may hold besides its content: most hold none, so each is looked
+# for only when one of them is there (one look at the keys, where three lookups cost 200 ns).
+_MESSAGE_TEXT = ("name", "tool_calls", "tool_call_id")
+_BODY_TEXT = ("tools", "functions", "response_format")
+_ANY_MESSAGE_TEXT = frozenset(_MESSAGE_TEXT)
+_ANY_BODY_TEXT = frozenset(_BODY_TEXT)
 
 
 class _Encoding(Protocol):
@@ -62,11 +68,15 @@ def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) ->
                         continue
                     low = isinstance(image, dict) and image.get("detail") == "low"
                     fixed += IMAGE_LOW if low else IMAGE_HIGH
-        for key in ("name", "tool_calls", "tool_call_id"):
+        if _ANY_MESSAGE_TEXT.isdisjoint(message):
+            continue
+        for key in _MESSAGE_TEXT:
             value = message.get(key)
             if value:
                 texts.append(value if isinstance(value, str) else jsonl.dumps(value).decode())
-    for key in ("tools", "functions", "response_format"):
+    if _ANY_BODY_TEXT.isdisjoint(body):
+        return fixed, texts
+    for key in _BODY_TEXT:
         value = body.get(key)
         if value:
             texts.append(jsonl.dumps(value).decode())

@@ -9,7 +9,7 @@ Limits move (`--limit-changes`): a request rate set anew for the account or a mo
 seconds after the first request the mock gets (not after it started, so a bench's schedule
 does not depend on how long its client took to start).
 
-A refusal says its wait in one of `WAYS`:
+A refusal says its wait in one of `names.WAYS`:
 - `exact`: `Retry-After` in seconds with milliseconds ("0.071"); a window's way by default;
 - `seconds`: `Retry-After` rounded up to whole seconds ("1"), as most servers send it;
 - `ms`: `retry-after-ms` ("71"), and `Retry-After` rounded up beside it, as OpenAI sends them;
@@ -26,9 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.mock.limits import Bucket, Counted, Quota, Refusal, Window, charged_tokens, make_limits
-
-WAYS = ("exact", "seconds", "ms", "message", "none")
-Change = tuple[str, float, float]  # the model ("" for the account), seconds after the first request, rpm
+from pipeline.mock.names import Change
 
 
 def _ms(wait: float) -> int:

@@ -10,8 +10,7 @@ from typing import Any
 import anyio
 
 from pipeline.arguments import positive_float
-from pipeline.mock.admission import WAYS, Change
-from pipeline.mock.limits import COUNTS, STYLES
+from pipeline.mock.names import COUNTS, STYLES, WAYS, Change
 
 EXIT_USAGE = 2
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.mock.admission import Change
+from pipeline.mock.names import Change
 
 # aiohttp's default (128) is below the concurrency clients bring: the kernel would drop
 # their connection attempts, and each would wait a second to try again.
@@ -41,7 +41,7 @@ class MockConfig:
     model_rpm: dict[str, float] = field(default_factory=dict)  # each model's own limits, counted
     model_tpm: dict[str, float] = field(default_factory=dict)  # for the requests naming it
     limit_changes: tuple[Change, ...] = ()  # rpm set anew during a run (pipeline.mock.admission)
-    wait_said: str | None = None  # how a 429 says its wait (admission.WAYS); None: the style's way
+    wait_said: str | None = None  # how a 429 says its wait (names.WAYS); None: the style's way
     quota: int | None = None  # requests, then every one refused until midnight UTC
     ratelimit_headers: bool = False  # send x-ratelimit-* on every answer
     api_key: str | None = None  # when set, any other bearer is answered 401

@@ -165,10 +165,6 @@ class Quota:
         self.left += 1
 
 
-STYLES = ("second", "minute", "bucket")
-COUNTS = ("usage", "arrival")  # how a token limit counts a request (see the module's text)
-
-
 def charged_tokens(body: dict[str, Any], *, count: str) -> float:
     """What a request counts against a token limit, counted the `count` way."""
     if count == "usage":

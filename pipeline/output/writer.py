@@ -102,9 +102,11 @@ class Writer:
         # The lines' ids from one read of the system's randomness, not one read (a system
         # call) a line.
         ids = os.urandom(12 * len(successes)).hex()
-        lines = (self.redact(result_line(s, ids[24 * i : 24 * i + 24])) for i, s in enumerate(successes))
+        lines = (result_line(s, ids[24 * i : 24 * i + 24]) for i, s in enumerate(successes))
         try:
-            self._results.append(b"".join(lines))
+            # The key out of the batch in one search, not one a line: it holds no line break
+            # (an HTTP header cannot), so no copy of it spans two lines.
+            self._results.append(self.redact(b"".join(lines)))
         except OSError:
             self._succeeded(successes[: self._results.kept])
             raise

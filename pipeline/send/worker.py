@@ -43,7 +43,7 @@ class Worker:
                         seat.give_up()  # seats go to workers whose next request is ready
                     elif seat.crew.crowded:
                         await seat.make_room()
-                    request = await self._next(requests, refill)
+                    request = self._take(requests, refill) or await self._next(requests, refill)
                     if request is None:
                         break
                     outcome: Outcome | None
@@ -62,6 +62,20 @@ class Worker:
                             await outcomes.send(outcome)
             finally:
                 seat.give_up()
+
+    def _take(self, requests: MemoryObjectReceiveStream[Request], refill: Refill | None) -> Request | None:
+        """The stream's next request, when one is waiting there and none is set aside, as for
+        most requests: taken without a coroutine made and awaited (`_next`'s first step, and
+        None where `_next` must go on)."""
+        if self.aside.held:
+            return None
+        try:
+            request = requests.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return None
+        if refill is not None:
+            refill.taken(len(request.payload))
+        return None if self.aside.keep(request) else request
 
     async def _next(
         self, requests: MemoryObjectReceiveStream[Request], refill: Refill | None
