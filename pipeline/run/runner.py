@@ -37,7 +37,7 @@ from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
 from pipeline.pace.scopes import Scopes, pace_of
-from pipeline.pace.stated import MARGIN
+from pipeline.pace.stated import per_second
 from pipeline.pace.window import Window
 from pipeline.quote import quote
 from pipeline.run.control import Aside, Control, Crew, Refill
@@ -146,8 +146,7 @@ class Run:
         self.writer.on_broken = self._broken
         # Pace a little under a stated limit: it absorbs the jitter between our clock and the
         # server's counting window, which would otherwise turn into 429s at its boundaries.
-        request_rate = settings.rpm / 60 * MARGIN if settings.rpm else None
-        token_rate = settings.tpm / 60 * MARGIN if settings.tpm else None
+        request_rate, token_rate = per_second(settings.rpm), per_second(settings.tpm)
         self.pacer = host.pacer(settings, api_key, request_rate, token_rate, self.progress.say)
         self.window = Window(settings.concurrency)
         if request_rate or token_rate:
