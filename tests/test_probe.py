@@ -92,6 +92,22 @@ def test_a_shared_pace_that_falls_just_after_a_refused_probe_is_no_cost_of_it() 
     assert f.probe.after == pytest.approx(clock.now + SETTLE)
 
 
+def test_a_shared_reading_of_nothing_keeps_the_window_growing_slowly() -> None:
+    # Scattered refusals held the window's quick growth; then the store saw the account full
+    # with nothing let through: the window is halved and grows slowly, the hold's end (the
+    # new epoch's) does not give it quick growth back.
+    clock = Clock(1000.0)
+    pacer, store = Pacer(), Store()
+    pacer.account = store  # type: ignore[assignment]
+    window = Window(200)
+    f = RateFinder(pacer, window, clock=clock, stop=lambda stopped: None)
+    window.size = 40.0
+    f.answers.hold(clock.now, 5, 20)
+    assert window.threshold == 40.0  # held
+    store.read(0.0, True)
+    assert window.threshold == window.size == 20.0
+
+
 def test_a_probe_refused_past_a_risen_limit_reads_the_servers_second() -> None:
     # The probe passes 50 a second in the middle of one of the server's seconds, which then
     # fills. The second before the refusal holds the end of the one before too (56 let

@@ -204,8 +204,9 @@ class RateFinder:
                 self.window.restart()
             else:
                 self.window.open()  # the pace bounds the rate from here
-        else:
-            self.window.shrink()  # nothing got through to read a limit from: just wait
+        else:  # nothing got through to read a limit from: just wait (a hold's end must not undo it)
+            self.answers.drop_hold()
+            self.window.shrink()
         if self.reads_account:  # read where another process (or the store) saw it full
             self._new_epoch(self.clock())
 
