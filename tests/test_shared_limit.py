@@ -268,33 +268,47 @@ class Budget:
         pass
 
 
+class TwoProcesses:
+    """Processes `a` and `b` of one account, linked to a store held here, on one fake clock."""
+
+    def __init__(self) -> None:
+        self.clock = Clock(9.0)
+        self.store: Any = HeldStore(self.clock)
+        self.links = {pid: StoreLink(lambda: self.store, "memory", lambda _: None) for pid in "ab"}
+        for pid, link in self.links.items():
+            link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
+
+    async def sync(self, pid: str, at: float) -> None:
+        """`pid` calls the store at `at`, and reads what it may."""
+        self.clock.now = at
+        await self.links[pid]._sync(self.store, self.clock)
+        await self.links[pid]._readings.read(self.store, self.clock, alone=False)
+
+    async def full_at_9_60(self) -> None:
+        """Both known to the store at 9.0 (its clock the same as ours); `a` gets 60 through
+        in the server's second 9, then a run of refusals from 9.60, room told at 10.0."""
+        for pid in "ab":
+            await self.sync(pid, 9.0)
+        a = self.links["a"]
+        for i in range(60):
+            a.sent(9.0 + i / 100)
+            a.answered(9.0 + i / 100)
+        for i in range(RUN):
+            a.sent(9.6 + i / 100)
+            a.refused(9.6 + i / 100, 10.0)
+
+
 async def test_a_reading_waits_for_the_refusals_of_requests_sent_before_its_moment() -> None:
     """A server letting 60 through in its second 9, full at 9.60 (room at 10.0). Process `b`
     sent 20 more before the room whose refusals come back half a second late (busy cores): the
     store held `b`'s log up to the moment, and the account's limit was read at 80 a second,
     those 20 counted as let through; read once their answers are in, at 60."""
-    clock = Clock(9.0)
-    store: Any = HeldStore(clock)
+    account = TwoProcesses()
     read: list[tuple[str, float]] = []
-    links = {pid: StoreLink(lambda: store, "memory", lambda _: None) for pid in "ab"}
-    for pid, link in links.items():
-        link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
+    for pid, link in account.links.items():
         link.watch(partial(lambda pid, rate, sure: read.append((pid, rate)), pid))
-
-    async def sync(pid: str, at: float) -> None:
-        clock.now = at
-        await links[pid]._sync(store, clock)  # type: ignore[arg-type]
-        await links[pid]._readings.read(store, clock, alone=False)  # type: ignore[arg-type]
-
-    a, b = links["a"], links["b"]
-    for pid in "ab":
-        await sync(pid, 9.0)  # the store's clock known (the same as ours)
-    for i in range(60):  # let through
-        a.sent(9.0 + i / 100)
-        a.answered(9.0 + i / 100)
-    for i in range(RUN):  # the run of refusals
-        a.sent(9.6 + i / 100)
-        a.refused(9.6 + i / 100, 10.0)
+    sync, b = account.sync, account.links["b"]
+    await account.full_at_9_60()
     for i in range(20):  # sent before the room, refused: the answers are on their way
         b.sent(9.7 + i / 100)
     await sync("b", 10.05)
@@ -314,28 +328,11 @@ async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_t
     """`b` dies with 20 requests out, sent before the moment the account was full: its last
     call's oldest unanswered holds the store's `reported` back for as long as it counts as a
     member (5 s), but a reading waits READ_WAIT at most, whole or not."""
-    clock = Clock(9.0)
-    store: Any = HeldStore(clock)
+    account = TwoProcesses()
     read: list[float] = []
-    links = {pid: StoreLink(lambda: store, "memory", lambda _: None) for pid in "ab"}
-    for pid, link in links.items():
-        link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
-    links["a"].watch(lambda rate, sure: read.append(rate))
-
-    async def sync(pid: str, at: float) -> None:
-        clock.now = at
-        await links[pid]._sync(store, clock)  # type: ignore[arg-type]
-        await links[pid]._readings.read(store, clock, alone=False)  # type: ignore[arg-type]
-
-    a, b = links["a"], links["b"]
-    for pid in "ab":
-        await sync(pid, 9.0)
-    for i in range(60):
-        a.sent(9.0 + i / 100)
-        a.answered(9.0 + i / 100)
-    for i in range(RUN):
-        a.sent(9.6 + i / 100)
-        a.refused(9.6 + i / 100, 10.0)
+    account.links["a"].watch(lambda rate, sure: read.append(rate))
+    sync, b = account.sync, account.links["b"]
+    await account.full_at_9_60()
     for i in range(20):
         b.sent(9.7 + i / 100)
     await sync("b", 10.05)  # its last call
