@@ -20,7 +20,7 @@ milliseconds, an answer in seconds, so refusals drive everything and answers are
   whole account sent (`reading`).
 
 An endpoint failing every request is down, not busy (`outage`); one that lets nothing through
-for long stops the run (`outage.GiveUp`); limits a server states come first (`stated`).
+for long stops the run (`outage` too); limits a server states come first (`stated`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipeline.errors import RunStopped
 from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
-from pipeline.pace.outage import GiveUp, Outage
+from pipeline.pace.outage import Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
@@ -75,7 +75,6 @@ class RateFinder:
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
-        self.giving = GiveUp(self.log, give_up, stop)
         self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
@@ -124,8 +123,7 @@ class RateFinder:
     def success(self, ticket: int, latency: float | None = None) -> None:
         self.answers.grow(latency)
         now = self.clock()
-        self.giving.accepted()
-        self.outage.answered()
+        self.outage.accepted()
         if self.account is not None:
             self.account.answered(self.log.sent_at(ticket))
         if ticket < self.epoch:
@@ -154,7 +152,7 @@ class RateFinder:
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
-        self.giving.refused(now, wait, message)
+        self.outage.refused(now, wait, message)
         if not self.log.kept(ticket):
             return
         self._uncount(ticket)
@@ -174,8 +172,8 @@ class RateFinder:
         # first few are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
-            if wait is not None and wait >= self.giving.give_up:
-                self.giving.now(now, wait, message)  # a quota spent for hours, not a rate
+            if wait is not None and wait >= self.outage.give_up:
+                self.outage.refusing(now, wait, message)  # a quota spent for hours, not a rate
             self._full(now, first, pause)
             return
         back, total = back + 1, total + 1

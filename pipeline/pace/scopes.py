@@ -118,12 +118,12 @@ class Scopes:
             Window(account.window.ceiling),
             ceiling=request_rate,
             tpm_given=token_rate is not None,
-            give_up=account.giving.give_up,
+            give_up=account.outage.give_up,
             stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
             log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
-        finder.giving.model = model
+        finder.outage.model = model
         if request_rate or token_rate:
             finder.window.open()
         scope = self.by_model[model] = _scope(model, finder, self.account)
