@@ -38,12 +38,10 @@ class Capacity:
         self._fulls: deque[Full] = deque()
         self._counted: tuple[float, int, float] | None = None  # the last reading: from, before, over
 
-    def full(self, seq: int, resume: float) -> Full:
-        return Full(self.log.sent_at(seq), seq, resume, self.log.next)
-
-    def read(self, full: Full) -> float:
-        """Requests a second the server lets through, read at the moment `full`."""
-        fulls = self._fulls
+    def read(self, seq: int, resume: float) -> float:
+        """Requests a second the server lets through, read at the moment it refused request
+        `seq`, to have room again at `resume`."""
+        fulls, full = self._fulls, Full(self.log.sent_at(seq), seq, resume, self.log.next)
         if fulls and self.log.accepted_between(fulls[-1].after, full.seq) == 0:
             # Nothing got through since the last moment: the server never had room when it
             # said (or, refused at the pace a limit allows, when the reading assumed). One

@@ -187,7 +187,7 @@ class RateFinder:
         self.answers.drop_hold()
         self.cuts += 1
         if not self.reads_account:  # a shared pace's store sees the account full, and reads it
-            self._read(self.capacity.read(self.capacity.full(first, now + pause)), self.capacity.sure)
+            self._read(self.capacity.read(first, now + pause), self.capacity.sure)
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
@@ -238,7 +238,7 @@ class RateFinder:
         if self.account is not None and self.reads_account:
             self.account.read_full(self.log.sent_at(ticket), now, self._reread)
         else:
-            self._reread(self.capacity.read(self.capacity.full(ticket, now)), self.capacity.sure)
+            self._reread(self.capacity.read(ticket, now), self.capacity.sure)
 
     def _probed_past(self, now: float, ticket: int, current: float, wait: float | None) -> None:
         """A probe above the limit was refused: back under it (scattered refusals never take
