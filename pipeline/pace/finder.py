@@ -251,7 +251,7 @@ class RateFinder:
         # counted is the one before that (the one before the refusal spans two, and reads too
         # high). Until then it refuses all: the pool waits, or a run would read that second.
         rest = wait if wait is not None and wait < 1.0 else 0.0
-        count, _ = self.log.accepted(at + rest - 1.0, ticket)
+        count = self.log.accepted(self.log.since(at + rest - 1.0, ticket), ticket)
         if count >= RUN and min(count, current) > self.limit:  # (a request or two: a slow rate's chance)
             self.limit = min(float(count), current)
             self.capacity.sure = False

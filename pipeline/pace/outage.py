@@ -165,7 +165,7 @@ class Outage:
         since, first = self._refused
         if now - since < self.give_up:
             return
-        if self.log.accepted_in(first, now - 1.0):
+        if self.log.accepted(first, self.log.since(now - 1.0, self.log.next)):
             self._refused = (now, self.log.next)  # it did let some through: count afresh
         else:
             self.refusing(now, wait, message)
