@@ -176,7 +176,7 @@ async def test_a_models_stated_limit_paces_its_model_and_a_token_refusal_charges
     refused = await gate.enter(100, FREE)
     refused.go()
     refused.failed(http_error(429, "Rate limit reached for tokens per min"))
-    assert [each.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
+    assert [each.pacer.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
 
 
 async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:

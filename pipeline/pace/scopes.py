@@ -31,7 +31,6 @@ from pipeline.quote import quote
 if TYPE_CHECKING:
     from pipeline.jobfile import ModelLimit
     from pipeline.pace.gate import Slot
-    from pipeline.pace.tokens import TokenCount
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
 # A model's send log: four times --concurrency (it must outlast what is in flight), at least
@@ -56,10 +55,6 @@ class Scope:
     given_up: str = ""  # why its requests are sent no more this run
     # The account's tickets of its model's requests sent before it was made: theirs here.
     moved: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> TokenCount:
-        return self.pacer.tokens
 
 
 def _scope(model: str | None, finder: RateFinder, account: Scope | None = None) -> Scope:
