@@ -1,26 +1,17 @@
 """Finding a rate limit nobody states, from the fast signal: a refusal (429) comes back in
 milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
-- **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`sendlog`). A run of four (more when scattered
-  refusals are common) says so; an aggregator's scattered 429s almost never line up so, and
-  only delay their own request. While no limit is known, a refusal stalls the growing window
-  until its fellows are back.
-- **What it lets through** (`capacity`): at the first such moment, what it let through in the
-  second before; later, between two moments it was full. The pool pauses for the Retry-After,
-  the pace is set at 97 % of the rate read, and the window restarts small at the first reading
-  (a bucket's savings may pass for a rate) and opens at the next. A refusal that comes back
-  after the reading, for a request it counted, is taken out.
-- **Probing** (`probe`): a pace that has held and binds climbs above the limit, to learn
-  whether it rose; a refused probe sets it back (`_probed_past`).
-- **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
-  (`rhythm`); at most once in SETTLE seconds when it was read over under a second or raised by
-  a probe, or past 15 % of answers. Scattered ones never do.
-- **A shared pace** sees the moments the server is full, and reads the limit, from what the
-  whole account sent (`reading`).
-
-An endpoint failing every request is down, not busy (`outage`); one that lets nothing through
-for long stops the run (`outage` too); limits a server states come first (`stated`).
+Once a server's count is full, it refuses every request sent after until it has room again: a
+run of refusals in send order (`sendlog`). A run of four (more when scattered refusals are
+common) says so; an aggregator's scattered 429s almost never line up so, and only delay their
+own request. Then the pool pauses for the Retry-After and the pace is set at 97 % of what the
+server let through (`capacity`). A pace that has held and binds climbs above the limit, to
+learn whether it rose (`probe`). Refusals at the limit's pace read it again: at once when they
+beat steadily (`rhythm`); at most once in SETTLE seconds when it was read over under a second
+or raised by a probe, or past 15 % of answers; scattered ones never do. A shared pace reads
+the limit from what the whole account sent (`reading`). An endpoint failing every request is
+down, not busy, and one that lets nothing through for long stops the run (`outage`); limits a
+server states come first (`stated`).
 """
 
 from __future__ import annotations
