@@ -66,7 +66,7 @@ class RateFinder:
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
-        self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)
+        self.outage = Outage(self, give_up, stop, say)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.answers = Answers(window, clock)

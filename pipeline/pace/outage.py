@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipeline.errors import RunStopped
-from pipeline.pace.pacer import Pacer
-from pipeline.pace.sendlog import SendLog
-from pipeline.pace.window import Window
 from pipeline.run.progress import duration
+
+if TYPE_CHECKING:
+    from pipeline.pace.finder import RateFinder
 
 # Failures in a row, at least, that say the endpoint is down (with every request that was out
 # failing too): of an endpoint failing 8 % of requests, five in a row come once in 300,000
@@ -40,25 +41,18 @@ PROBES = 2  # requests in flight at a time while it is down
 
 
 class Outage:
+    """A scope's finder's: its pace paused, its window cut, judged from its send log."""
+
     def __init__(
         self,
-        pacer: Pacer,
-        window: Window,
-        log: SendLog,
-        *,
+        finder: RateFinder,
         give_up: float,
         stop: Callable[[RunStopped], None] | None,
-        clock: Callable[[], float],
-        say: Callable[[str], None] | None = None,
+        say: Callable[[str], None] | None,
     ) -> None:
         self.model: str | None = None  # whose requests it judges refusing (None: the run's)
-        self.pacer = pacer
-        self.window = window
-        self.log = log
-        self.give_up = give_up
-        self.stop = stop
-        self.clock = clock
-        self.say = say
+        self.pacer, self.window, self.log, self.clock = finder.pacer, finder.window, finder.log, finder.clock
+        self.give_up, self.stop, self.say = give_up, stop, say
         self.down = False
         self.outages = 0  # times the endpoint went down in this run
         self._since = 0.0  # the streak's first failure: when it went down, once it is
