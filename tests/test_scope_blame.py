@@ -133,7 +133,7 @@ async def test_a_request_waiting_for_a_model_given_up_leaves_the_gate_holding_no
     waiting = asyncio.ensure_future(gate.enter(0, DEAD))  # a minute from now, at 1 a minute
     await asyncio.sleep(0)
     assert not waiting.done()
-    gate.scopes.by_model[DEAD].finder.giving.now(0.0, None, "free-models-per-day")
+    gate.scopes.by_model[DEAD].finder.outage.refusing(0.0, None, "free-models-per-day")
     with pytest.raises(GivenUp, match=f"the server refuses every request for {re.escape(DEAD)}"):
         await waiting
     with pytest.raises(GivenUp):
@@ -153,7 +153,7 @@ async def test_a_request_past_its_models_pace_when_the_model_is_given_up_is_not_
     waiting = asyncio.ensure_future(gate.enter(0, DEAD))  # its pace lets it by; the window not
     await asyncio.sleep(0)
     assert not waiting.done()
-    gate.scopes.by_model[DEAD].finder.giving.now(0.0, None, "free-models-per-day")
+    gate.scopes.by_model[DEAD].finder.outage.refusing(0.0, None, "free-models-per-day")
     first.unused()
     with pytest.raises(GivenUp):
         await waiting
@@ -176,7 +176,7 @@ async def test_a_models_stated_limit_paces_its_model_and_a_token_refusal_charges
     refused = await gate.enter(100, FREE)
     refused.go()
     refused.failed(http_error(429, "Rate limit reached for tokens per min"))
-    assert [each.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
+    assert [each.pacer.tokens.factor for each in (scope, gate.account)] == [1.0 + STEP] * 2
 
 
 async def test_a_scope_for_each_of_hundreds_of_models_costs_little_memory() -> None:

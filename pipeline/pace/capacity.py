@@ -38,13 +38,11 @@ class Capacity:
         self._fulls: deque[Full] = deque()
         self._counted: tuple[float, int, float] | None = None  # the last reading: from, before, over
 
-    def full(self, seq: int, resume: float) -> Full:
-        return Full(self.log.sent_at(seq), seq, resume, self.log.next)
-
-    def read(self, full: Full) -> float:
-        """Requests a second the server lets through, read at the moment `full`."""
-        fulls = self._fulls
-        if fulls and self.log.accepted_between(fulls[-1].after, full.seq) == 0:
+    def read(self, seq: int, resume: float) -> float:
+        """Requests a second the server lets through, read at the moment it refused request
+        `seq`, to have room again at `resume`."""
+        fulls, full = self._fulls, Full(self.log.sent_at(seq), seq, resume, self.log.next)
+        if fulls and self.log.accepted(fulls[-1].after, full.seq) == 0:
             # Nothing got through since the last moment: the server never had room when it
             # said (or, refused at the pace a limit allows, when the reading assumed). One
             # moment, with room when this one says: a reading from the first would count
@@ -57,21 +55,22 @@ class Capacity:
         if (
             fulls
             and full.at - fulls[-1].resume > AGAIN_WITHIN
-            and self.log.accepted_between(fulls[-1].after, full.seq) > AGAIN_COUNT
+            and self.log.accepted(fulls[-1].after, full.seq) > AGAIN_COUNT
         ):
             fulls.clear()  # the server had room for a while since: a new stretch
-        oldest = self.log.next - self.log.size  # what the send log still holds
-        while fulls and (fulls[0].after < oldest or len(fulls) >= MAX_FULLS):
+        while fulls and (fulls[0].after < self.log.oldest or len(fulls) >= MAX_FULLS):
             fulls.popleft()
         fulls.append(full)
         if len(fulls) == 1:
             self.sure = True
-            count, start = self.log.accepted(full.at - 1.0, full.seq)
-            span = max(full.at - start, 1e-3) if start > full.at - 1.0 else 1.0
+            first = self.log.since(full.at - 1.0, full.seq)
+            wrapped = first == self.log.oldest > 0  # the send log holds less than a second
+            start = self.log.sent_at(first) if wrapped else full.at - 1.0
+            span = max(full.at - start, 1e-3) if wrapped else 1.0
             self._counted = (start, full.seq, span)
-            return count / span
+            return self.log.accepted(first, full.seq) / span
         since = fulls[0]
-        count = self.log.accepted_between(since.after, full.seq)
+        count = self.log.accepted(since.after, full.seq)
         span = max(full.resume - since.resume, 1e-3)
         self.sure = span >= 1.0
         self._counted = (self.log.sent_at(since.after), full.seq, span)

@@ -1,26 +1,17 @@
 """Finding a rate limit nobody states, from the fast signal: a refusal (429) comes back in
 milliseconds, an answer in seconds, so refusals drive everything and answers are never waited for.
 
-- **Full.** Once a server's count is full, every request sent after is refused until it has
-  room again: a run of refusals in send order (`sendlog`). A run of four (more when scattered
-  refusals are common) says so; an aggregator's scattered 429s almost never line up so, and
-  only delay their own request. While no limit is known, a refusal stalls the growing window
-  until its fellows are back.
-- **What it lets through** (`capacity`): at the first such moment, what it let through in the
-  second before; later, between two moments it was full. The pool pauses for the Retry-After,
-  the pace is set at 97 % of the rate read, and the window restarts small at the first reading
-  (a bucket's savings may pass for a rate) and opens at the next. A refusal that comes back
-  after the reading, for a request it counted, is taken out.
-- **Probing** (`probe`): a pace that has held and binds climbs above the limit, to learn
-  whether it rose; a refused probe sets it back (`_probed_past`).
-- **Read again.** Refusals at the limit's pace read it again: at once when they beat steadily
-  (`rhythm`); at most once in SETTLE seconds when it was read over under a second or raised by
-  a probe, or past 15 % of answers. Scattered ones never do.
-- **A shared pace** sees the moments the server is full, and reads the limit, from what the
-  whole account sent (`reading`).
-
-An endpoint failing every request is down, not busy (`outage`); one that lets nothing through
-for long stops the run (`outage.GiveUp`); limits a server states come first (`stated`).
+Once a server's count is full, it refuses every request sent after until it has room again: a
+run of refusals in send order (`sendlog`). A run of four (more when scattered refusals are
+common) says so; an aggregator's scattered 429s almost never line up so, and only delay their
+own request. Then the pool pauses for the Retry-After and the pace is set at 97 % of what the
+server let through (`capacity`). A pace that has held and binds climbs above the limit, to
+learn whether it rose (`probe`). Refusals at the limit's pace read it again: at once when they
+beat steadily (`rhythm`); at most once in SETTLE seconds when it was read over under a second
+or raised by a probe, or past 15 % of answers; scattered ones never do. A shared pace reads
+the limit from what the whole account sent (`reading`). An endpoint failing every request is
+down, not busy, and one that lets nothing through for long stops the run (`outage`); limits a
+server states come first (`stated`).
 """
 
 from __future__ import annotations
@@ -32,7 +23,7 @@ from pipeline.errors import RunStopped
 from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
 from pipeline.pace.capacity import Capacity
-from pipeline.pace.outage import GiveUp, Outage
+from pipeline.pace.outage import Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
 from pipeline.pace.rhythm import Rhythm
@@ -75,8 +66,7 @@ class RateFinder:
         self.clock = clock
         self.log = SendLog(log_size)
         self.capacity = Capacity(self.log)
-        self.giving = GiveUp(self.log, give_up, stop)
-        self.outage = Outage(pacer, window, self.log, give_up=give_up, stop=stop, clock=clock, say=say)
+        self.outage = Outage(self, give_up, stop, say)
         self.limit: float | None = None  # requests a second the server was seen to accept
         self.cuts = 0
         self.answers = Answers(window, clock)
@@ -124,8 +114,7 @@ class RateFinder:
     def success(self, ticket: int, latency: float | None = None) -> None:
         self.answers.grow(latency)
         now = self.clock()
-        self.giving.accepted()
-        self.outage.answered()
+        self.outage.accepted()
         if self.account is not None:
             self.account.answered(self.log.sent_at(ticket))
         if ticket < self.epoch:
@@ -154,7 +143,7 @@ class RateFinder:
     def pushback(self, ticket: int, wait: float | None, message: str = "") -> None:
         """The server refused a request (429, or 503 for overload), asking to wait `wait`."""
         now = self.clock()
-        self.giving.refused(now, wait, message)
+        self.outage.refused(now, wait, message)
         if not self.log.kept(ticket):
             return
         self._uncount(ticket)
@@ -174,8 +163,8 @@ class RateFinder:
         # first few are all refusals).
         common = back / total if total >= COMMON_AFTER else 0.0
         if last - first + 1 >= min(RUN + int(common / HOLD_SHARE), RUN_MAX):
-            if wait is not None and wait >= self.giving.give_up:
-                self.giving.now(now, wait, message)  # a quota spent for hours, not a rate
+            if wait is not None and wait >= self.outage.give_up:
+                self.outage.refusing(now, wait, message)  # a quota spent for hours, not a rate
             self._full(now, first, pause)
             return
         back, total = back + 1, total + 1
@@ -189,7 +178,7 @@ class RateFinder:
         self.answers.drop_hold()
         self.cuts += 1
         if not self.reads_account:  # a shared pace's store sees the account full, and reads it
-            self._read(self.capacity.read(self.capacity.full(first, now + pause)), self.capacity.sure)
+            self._read(self.capacity.read(first, now + pause), self.capacity.sure)
         self._new_epoch(now + pause)
 
     def _read(self, rate: float, sure: bool) -> None:
@@ -240,7 +229,7 @@ class RateFinder:
         if self.account is not None and self.reads_account:
             self.account.read_full(self.log.sent_at(ticket), now, self._reread)
         else:
-            self._reread(self.capacity.read(self.capacity.full(ticket, now)), self.capacity.sure)
+            self._reread(self.capacity.read(ticket, now), self.capacity.sure)
 
     def _probed_past(self, now: float, ticket: int, current: float, wait: float | None) -> None:
         """A probe above the limit was refused: back under it (scattered refusals never take
@@ -253,7 +242,7 @@ class RateFinder:
         # counted is the one before that (the one before the refusal spans two, and reads too
         # high). Until then it refuses all: the pool waits, or a run would read that second.
         rest = wait if wait is not None and wait < 1.0 else 0.0
-        count, _ = self.log.accepted(at + rest - 1.0, ticket)
+        count = self.log.accepted(self.log.since(at + rest - 1.0, ticket), ticket)
         if count >= RUN and min(count, current) > self.limit:  # (a request or two: a slow rate's chance)
             self.limit = min(float(count), current)
             self.capacity.sure = False

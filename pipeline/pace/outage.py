@@ -1,4 +1,4 @@
-"""When the endpoint lets nothing through: down (`Outage`), or refusing (`GiveUp`).
+"""When the endpoint lets nothing through: down, or refusing (one `Outage` a scope).
 
 A refused connection, a timeout, a 5xx: one is one request's bad luck, and spends an attempt
 of it. The endpoint is down when every request out when such a failure came back has failed
@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pipeline.errors import RunStopped
-from pipeline.pace.pacer import Pacer
-from pipeline.pace.sendlog import SendLog
-from pipeline.pace.window import Window
 from pipeline.run.progress import duration
+
+if TYPE_CHECKING:
+    from pipeline.pace.finder import RateFinder
 
 # Failures in a row, at least, that say the endpoint is down (with every request that was out
 # failing too): of an endpoint failing 8 % of requests, five in a row come once in 300,000
@@ -40,24 +41,18 @@ PROBES = 2  # requests in flight at a time while it is down
 
 
 class Outage:
+    """A scope's finder's: its pace paused, its window cut, judged from its send log."""
+
     def __init__(
         self,
-        pacer: Pacer,
-        window: Window,
-        log: SendLog,
-        *,
+        finder: RateFinder,
         give_up: float,
         stop: Callable[[RunStopped], None] | None,
-        clock: Callable[[], float],
-        say: Callable[[str], None] | None = None,
+        say: Callable[[str], None] | None,
     ) -> None:
-        self.pacer = pacer
-        self.window = window
-        self.log = log
-        self.give_up = give_up
-        self.stop = stop
-        self.clock = clock
-        self.say = say
+        self.model: str | None = None  # whose requests it judges refusing (None: the run's)
+        self.pacer, self.window, self.log, self.clock = finder.pacer, finder.window, finder.log, finder.clock
+        self.give_up, self.stop, self.say = give_up, stop, say
         self.down = False
         self.outages = 0  # times the endpoint went down in this run
         self._since = 0.0  # the streak's first failure: when it went down, once it is
@@ -70,6 +65,7 @@ class Outage:
         self._outstanding = 0  # requests out then
         self._failed_before = 0  # of those, failed since
         self._who: set[object] = set()  # the requests that failed in the streak (MIN at most)
+        self._refused: tuple[float, int] | None = None  # refused since, and from which request
 
     def sent(self) -> None:
         self.out += 1
@@ -136,50 +132,42 @@ class Outage:
             self.say(f"pipeline: the endpoint answers again, after {duration(self.clock() - self._since)}")
 
     def _give_up(self, now: float, message: str) -> None:
-        if self.stop is None:
-            return
-        self.stop(
-            RunStopped(
-                f"the endpoint has failed every request for {duration(now - self._since)} (the "
-                f"last: {message}): it is down, or unreachable from here; run the same command "
-                "again to resume once it answers",
-                code="endpoint_down",
-            )
+        self._stop(
+            f"the endpoint has failed every request for {duration(now - self._since)} (the "
+            f"last: {message}): it is down, or unreachable from here; run the same command "
+            "again to resume once it answers",
+            "endpoint_down",
         )
-        self.stop = None  # once
 
-
-class GiveUp:
-    def __init__(self, log: SendLog, give_up: float, stop: Callable[[RunStopped], None] | None) -> None:
-        self.log = log
-        self.give_up = give_up
-        self.stop = stop
-        self.model: str | None = None  # whose requests (None: the account's, the whole run's)
-        self._since: tuple[float, int] | None = None  # refused since, and from which request
+    def _stop(self, text: str, code: str) -> None:
+        if self.stop is not None:
+            self.stop(RunStopped(text, code=code))
+            self.stop = None  # once
 
     def accepted(self) -> None:
-        self._since = None
+        """A request got through: the endpoint is up, and lets some through."""
+        self._refused = None
+        self.answered()
 
     def refused(self, now: float, wait: float | None, message: str) -> None:
         """A refusal came back: stop if the server let nothing through for `give_up` seconds,
         nor any request sent since (a second ago or more, time to be refused): one on its way
         may be an answer."""
-        if self._since is None:
-            self._since = (now, self.log.next)
+        if self._refused is None:
+            self._refused = (now, self.log.next)
             return
-        since, first = self._since
+        since, first = self._refused
         if now - since < self.give_up:
             return
-        if self.log.accepted_in(first, now - 1.0):
-            self._since = (now, self.log.next)  # it did let some through: count afresh
+        if self.log.accepted(first, self.log.since(now - 1.0, self.log.next)):
+            self._refused = (now, self.log.next)  # it did let some through: count afresh
         else:
-            self.now(now, wait, message)
+            self.refusing(now, wait, message)
 
-    def now(self, now: float, wait: float | None, message: str) -> None:
-        if self.stop is None:
-            return
+    def refusing(self, now: float, wait: float | None, message: str) -> None:
+        """The server lets nothing through (for long, or for hours, as it says): stop."""
         said = f" ({message})" if message else ""
-        refused_for = now - (self._since or (now, 0))[0]
+        refused_for = now - (self._refused or (now, 0))[0]
         if wait is not None and wait >= 1.0:
             until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=wait)
             when = f"it asks to wait {duration(wait)}, until {until:%Y-%m-%d %H:%M} UTC"
@@ -187,11 +175,8 @@ class GiveUp:
             when = "it gives no time"
         whose = f" for {self.model}" if self.model else ""
         resume = "" if self.model else "; run the same command again then to resume"
-        self.stop(
-            RunStopped(
-                f"the server refuses every request{whose}{said}, for {duration(refused_for)} so far: "
-                f"a rate limit or quota is spent and {when}{resume}",
-                code="rate_limited",
-            )
+        self._stop(
+            f"the server refuses every request{whose}{said}, for {duration(refused_for)} so far: "
+            f"a rate limit or quota is spent and {when}{resume}",
+            "rate_limited",
         )
-        self.stop = None  # once

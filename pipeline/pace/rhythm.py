@@ -67,4 +67,4 @@ class Rhythm:
             return None
         first, last = seqs[0], seqs[-1]
         seqs.clear()
-        return log.accepted_between(first, last) / max(log.sent_at(last) - log.sent_at(first), 1e-3)
+        return log.accepted(first, last) / max(log.sent_at(last) - log.sent_at(first), 1e-3)

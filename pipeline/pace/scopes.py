@@ -31,7 +31,6 @@ from pipeline.quote import quote
 if TYPE_CHECKING:
     from pipeline.jobfile import ModelLimit
     from pipeline.pace.gate import Slot
-    from pipeline.pace.tokens import TokenCount
 
 THROUGH = 2  # requests of other models that went through among one model's run of refusals
 # A model's send log: four times --concurrency (it must outlast what is in flight), at least
@@ -56,10 +55,6 @@ class Scope:
     given_up: str = ""  # why its requests are sent no more this run
     # The account's tickets of its model's requests sent before it was made: theirs here.
     moved: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def tokens(self) -> TokenCount:
-        return self.pacer.tokens
 
 
 def _scope(model: str | None, finder: RateFinder, account: Scope | None = None) -> Scope:
@@ -118,12 +113,12 @@ class Scopes:
             Window(account.window.ceiling),
             ceiling=request_rate,
             tpm_given=token_rate is not None,
-            give_up=account.giving.give_up,
+            give_up=account.outage.give_up,
             stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
             log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
         )
-        finder.giving.model = model
+        finder.outage.model = model
         if request_rate or token_rate:
             finder.window.open()
         scope = self.by_model[model] = _scope(model, finder, self.account)

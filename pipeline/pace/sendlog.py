@@ -49,7 +49,7 @@ class SendLog:
     def run(self, seq: int) -> tuple[int, int]:
         """The first and last request of the run of refusals `seq` belongs to."""
         refused, mask = self._refused, self._mask
-        oldest = max(self.next - self._size, 0)
+        oldest = self.oldest
         first = seq
         while first > oldest and seq - first < MAX_RUN and refused[(first - 1) & mask]:
             first -= 1
@@ -60,7 +60,7 @@ class SendLog:
 
     def tags(self, first: int, last: int) -> set[int]:
         """The tags of the requests from `first` to `last` (a run of refusals: whose they were)."""
-        oldest = max(self.next - self._size, 0)
+        oldest = self.oldest
         return {self._tags[seq & self._mask] for seq in range(max(first, oldest), min(last + 1, self.next))}
 
     def run_of(self, seq: int, tag: int) -> tuple[int, int, int]:
@@ -69,7 +69,7 @@ class SendLog:
         went through; and how many sent from the request of its tag before the run to the one
         after it: a model refused while the others are not."""
         refused, tags, mask = self._refused, self._tags, self._mask
-        oldest = max(self.next - self._size, 0)
+        oldest = self.oldest
         run = 1
         between = around = 0
         for step in (-1, 1):
@@ -98,41 +98,20 @@ class SendLog:
                     into.refuse(numbers[seq])
         return numbers
 
-    def accepted_between(self, first: int, before: int) -> int:
-        """Requests from `first` up to `before` (excluded) not refused, of those still held."""
-        first = max(first, self.next - self._size, 0)
-        refused, mask = self._refused, self._mask
-        return sum(1 for seq in range(first, before) if not refused[seq & mask])
-
-    def accepted_in(self, first: int, until: float) -> int:
-        """Requests from `first` on, sent before `until`, that were not refused."""
-        first = max(first, self.next - self._size, 0)
-        times, refused, mask = self._times, self._refused, self._mask
-        return sum(
-            1 for seq in range(first, self.next) if times[seq & mask] < until and not refused[seq & mask]
-        )
-
     @property
-    def size(self) -> int:
-        return self._size
+    def oldest(self) -> int:
+        """The first request still held."""
+        return max(self.next - self._size, 0)
 
-    def accepted(self, since: float, before: int) -> tuple[int, float]:
-        """Requests sent from `since` up to request `before` (excluded) that were not refused,
-        and the time the count really starts from (later than `since` when the ring does not
-        reach back that far)."""
-        times, refused, mask = self._times, self._refused, self._mask
-        oldest = max(self.next - self._size, 0)
-        count = 0
-        seq = before - 1
-        start = since
-        while seq >= oldest:
-            i = seq & mask
-            if times[i] < since:
-                break
-            if not refused[i]:
-                count += 1
+    def since(self, at: float, before: int) -> int:
+        """The first request up to `before` sent at `at` or later (or the oldest held):
+        requests leave in the order of their times."""
+        times, mask, seq, oldest = self._times, self._mask, before, self.oldest
+        while seq > oldest and times[(seq - 1) & mask] >= at:
             seq -= 1
-        else:
-            if oldest > 0:  # the ring has wrapped: what came before is gone
-                start = max(times[oldest & mask], since)
-        return count, start
+        return seq
+
+    def accepted(self, first: int, before: int) -> int:
+        """Requests from `first` up to `before` (excluded) not refused, of those still held."""
+        refused, mask = self._refused, self._mask
+        return sum(1 for seq in range(max(first, self.oldest), before) if not refused[seq & mask])

@@ -64,7 +64,6 @@ class TokenCount:
         self.clock = clock
         self.counting = Counting.ARRIVAL
         self.factor = 1.0  # every count times this (`refused`)
-        self.probes = 0  # probes the server refused
         self._wait = PROBE_AFTER if probe else math.inf  # quiet at a binding pace it takes to probe
         self._quiet_since: float | None = None  # since when the pace binds, none refused
         self._probe_start = 0.0
@@ -129,8 +128,7 @@ class TokenCount:
         probing = self.counting is Counting.PROBE and now - self._probe_start < RAMP + WINDOW
         if probing or (flood and self.counting is not Counting.ARRIVAL):
             self.counting = Counting.ARRIVAL
-            self.probes += 1
-            self._wait = PROBE_AGAIN * 2 ** (self.probes - 1)
+            self._wait = max(PROBE_AGAIN, 2 * self._wait)
             taken = sum(tokens for _, tokens in self._handed)
             self._handed.clear()
             return int(taken)

@@ -139,10 +139,7 @@ class Window(Slots):
         self._until = max(self._until, now + seconds)
         self._spread = True
 
-    def _waiting(self) -> None:
-        self._ramp_later()  # it binds: grow with time
-
-    def _ramp_later(self) -> None:
+    def _waiting(self) -> None:  # it binds: grow with time
         if self._timer is None and self.size < self.threshold and self.ramp > 0:
             delay = self.ramp / (self.size * math.log(2))  # exponential: doubles every `ramp`
             self._timer = asyncio.get_running_loop().call_later(delay, self._ramp_step)
@@ -153,7 +150,7 @@ class Window(Slots):
             self.size = min(self.size + 1, self.threshold)
             self._wake()
         if self._waiters:
-            self._ramp_later()
+            self._waiting()
 
     def grow(self, latency: float | None = None) -> None:
         if self.size < self.ceiling:
