@@ -166,6 +166,18 @@ async def test_a_refusal_that_comes_back_late_is_taken_out_of_the_reading() -> N
     assert pacer.request_rate == pytest.approx(49 * HOLD)
 
 
+async def test_requests_sent_at_the_same_instant_a_second_before_the_first_refused_all_count() -> None:
+    # Requests that share a time (a burst within one tick of a coarse clock): when it is the
+    # start of the second read, every one of them is in the second the server counted.
+    f, _, _, clock = finder()
+    for ticket in [f.sent() for _ in range(20)]:
+        f.success(ticket)
+    clock.now += 1.0
+    for ticket in [f.sent() for _ in range(4)]:
+        f.pushback(ticket, 1.0)
+    assert f.limit == 20
+
+
 async def test_a_bucket_with_a_minutes_burst_is_read_from_its_refill() -> None:
     # A minute's quota at once, then one every 0.1 s: the first reading sees the burst, the
     # next ones what the refill lets through.

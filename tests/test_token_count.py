@@ -16,7 +16,7 @@ from pipeline.mock.limits import charged_tokens
 from pipeline.pace.leased import shared_pacer
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.store import Store
-from pipeline.pace.tokens import CONFIRM, FLOOD, PROBE_AFTER, RAMP, Counting, TokenCount
+from pipeline.pace.tokens import CONFIRM, FLOOD, PROBE_AFTER, PROBE_AGAIN, RAMP, Counting, TokenCount
 from pipeline.settings import build
 
 WORDS = [
@@ -115,6 +115,21 @@ def test_a_probe_the_server_refuses_keeps_reservations_whole_and_takes_back_its_
     assert count.counting is Counting.ARRIVAL
     assert answer(count, clock, PROBE_AFTER + RAMP + CONFIRM + 30) == 100  # no probe for a while
     assert count.factor == 1.0  # the probe's refusal says nothing of the pace without it
+
+
+def test_after_a_refused_probe_the_next_waits_a_minute_of_binding_pace_then_two() -> None:
+    clock = Clock()
+    count = TokenCount(clock=clock)
+    at = 0.0
+    for wait in (PROBE_AFTER, PROBE_AGAIN, 2 * PROBE_AGAIN):
+        answer(count, clock, at)  # the pace binds from here, none refused
+        answer(count, clock, at + wait - 0.1)
+        assert count.counting is Counting.ARRIVAL  # reservations still kept whole
+        answer(count, clock, at + wait)
+        assert count.counting is Counting.PROBE
+        clock.now += RAMP / 2
+        count.refused()  # the server counts on arrival
+        at = clock.now - 1000.0 + 1.0
 
 
 def test_a_server_that_counts_usage_gets_the_unused_part_back_until_a_flood_says_otherwise() -> None:
