@@ -1,7 +1,10 @@
 """A client's instructions on one input, counted by valgrind's callgrind: a figure that load
-cannot move (CPU time on this shared machine swings by a third between runs a minute apart,
-more than the change a comparison is there to judge). Only where valgrind is installed, and
-never judged: the CPU-time check stays the one target."""
+moves far less than CPU time (which on this shared machine swings by a third between runs a
+minute apart, more than the change a comparison is there to judge). Not at all steady, though:
+pipeline does some work once a second (a checkpoint, about a million instructions), which a
+run slowed some fifty times by valgrind does fifty times as often, and more on a busy machine;
+its count at 10,000 requests moved by up to 150M (2 %) between runs of the same code. Only
+where valgrind is installed, and never judged: the CPU-time check stays the one target."""
 
 from __future__ import annotations
 
