@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.input.images import Pending
 
 
-@dataclass(slots=True)
+# Plain classes with __slots__, not slots dataclasses: each of those cost about half a
+# millisecond of every run's start to build (its methods generated and compiled, its class
+# made twice), and these four are all a request needs.
+
+
 class Request:
     """One input line, ready to send."""
 
-    custom_id: str
-    line: int
-    payload: bytes  # the body, serialised once and sent as is on every attempt
-    metadata: Any = None
-    model: str = ""
-    stream: bool = False
-    prompt_tokens: int = 0  # estimate, for budgets
-    charged_prompt: int = 0  # the prompt at four characters a token, as a limiter may count it
-    max_completion_tokens: int = 0  # worst case over all choices (`max_tokens` times `n`)
-    bounded: bool = True  # the request sets max_tokens (else the worst case is a guess)
-    images: list[Pending] | None = None  # local images the payload's markers stand for, unread
+    __slots__ = (
+        "bounded",
+        "charged_prompt",
+        "custom_id",
+        "images",
+        "line",
+        "max_completion_tokens",
+        "metadata",
+        "model",
+        "payload",
+        "prompt_tokens",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        custom_id: str,
+        line: int,
+        payload: bytes,  # the body, serialised once and sent as is on every attempt
+        metadata: Any = None,
+        model: str = "",
+        stream: bool = False,
+        prompt_tokens: int = 0,  # estimate, for budgets
+        charged_prompt: int = 0,  # the prompt at four characters a token, as a limiter may count it
+        max_completion_tokens: int = 0,  # worst case over all choices (`max_tokens` times `n`)
+        bounded: bool = True,  # the request sets max_tokens (else the worst case is a guess)
+        images: list[Pending] | None = None,  # local images the payload's markers stand for, unread
+    ) -> None:
+        self.custom_id, self.line, self.payload, self.metadata = custom_id, line, payload, metadata
+        self.model, self.stream, self.prompt_tokens = model, stream, prompt_tokens
+        self.charged_prompt, self.max_completion_tokens = charged_prompt, max_completion_tokens
+        self.bounded, self.images = bounded, images
 
     @property
     def token_estimate(self) -> int:
@@ -31,44 +55,82 @@ class Request:
         return max(self.prompt_tokens, self.charged_prompt) + self.max_completion_tokens
 
 
-@dataclass(slots=True)
 class Reply:
     """A chat completion as it came back from the server."""
 
-    body: dict[str, Any]
-    raw: bytes | None  # the body's bytes when they can be copied to the output untouched
-    status: int = 200
-    request_id: str | None = None
-    latency: float = 0.0
-    ttft: float | None = None  # time to first token, streamed requests only
-    limits: dict[str, str] | None = None  # the x-ratelimit-* headers, when the server sent any
+    __slots__ = ("body", "latency", "limits", "raw", "request_id", "status", "ttft")
+
+    def __init__(
+        self,
+        body: dict[str, Any],
+        raw: bytes | None,  # the body's bytes when they can be copied to the output untouched
+        status: int = 200,
+        request_id: str | None = None,
+        latency: float = 0.0,
+        ttft: float | None = None,  # time to first token, streamed requests only
+        limits: dict[str, str] | None = None,  # the x-ratelimit-* headers, when the server sent any
+    ) -> None:
+        self.body, self.raw, self.status, self.request_id = body, raw, status, request_id
+        self.latency, self.ttft, self.limits = latency, ttft, limits
 
 
-@dataclass(slots=True)
 class Success:
-    request: Request
-    reply: Reply
-    attempts: int
-    parsed: Any = None  # a verdict checked against the job's schema
-    label: str | None = None  # how the report counts that verdict ("flagged: true")
+    __slots__ = ("attempts", "label", "parsed", "reply", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        reply: Reply,
+        attempts: int,
+        parsed: Any = None,  # a verdict checked against the job's schema
+        label: str | None = None,  # how the report counts that verdict ("flagged: true")
+    ) -> None:
+        self.request, self.reply, self.attempts, self.parsed, self.label = (
+            request,
+            reply,
+            attempts,
+            parsed,
+            label,
+        )
 
 
-@dataclass(slots=True)
 class Failure:
     """A request that ended failed, or an input line that could not become one."""
 
-    line: int
-    code: str
-    message: str
-    custom_id: str | None = None
-    status: int | None = None
-    body: Any = None
-    request_id: str | None = None
-    attempts: int = 0
-    metadata: Any = None
-    model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    unsent: bool = False  # a request failed without being sent (its model is gone): not the input's fault
+    __slots__ = (
+        "attempts",
+        "body",
+        "code",
+        "custom_id",
+        "extra",
+        "line",
+        "message",
+        "metadata",
+        "model",
+        "request_id",
+        "status",
+        "unsent",
+    )
+
+    def __init__(
+        self,
+        line: int,
+        code: str,
+        message: str,
+        custom_id: str | None = None,
+        status: int | None = None,
+        body: Any = None,
+        request_id: str | None = None,
+        attempts: int = 0,
+        metadata: Any = None,
+        model: str | None = None,
+        extra: dict[str, Any] | None = None,
+        unsent: bool = False,  # a request failed without being sent (its model is gone): not the input's fault
+    ) -> None:
+        self.line, self.code, self.message, self.custom_id = line, code, message, custom_id
+        self.status, self.body, self.request_id, self.attempts = status, body, request_id, attempts
+        self.metadata, self.model, self.unsent = metadata, model, unsent
+        self.extra: dict[str, Any] = {} if extra is None else extra
 
     @property
     def is_input_error(self) -> bool:

@@ -15,6 +15,8 @@ from pipeline.input.line import LineParser
 from pipeline.input.reader import stable_id
 from pipeline.input.source import count_lines, lines
 from pipeline.job import Request
+from pipeline.output import ledger as ledger_module
+from pipeline.output.ledger import Ledger
 from pipeline.settings import build
 
 
@@ -363,3 +365,29 @@ async def test_workers_answered_at_once_find_their_next_line_waiting(tmp_path: P
     assert taken == lines
     # The first pass finds the buffer empty, and the last ones the file read to its end.
     assert waits <= 3 * workers, f"workers waited for a line {waits:,} times in {lines:,} lines"
+
+
+def test_a_duplicate_id_is_found_whether_its_first_copy_was_noted_in_memory_or_in_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's first ids are noted in a dict, the rest in SQLite (here two, then the rest). A
+    # duplicate is found on either side, and a rollback forgets the ids noted since the last
+    # commit on both, as SQLite alone did.
+    monkeypatch.setattr(ledger_module, "SEEN_IN_MEMORY", 2)
+    for name, kept, lost in [("memory", "a", "b"), ("sqlite", "c", "d")]:
+        ledger = Ledger(tmp_path / f"{name}.sqlite")
+        try:
+            ledger.see("a", 1)
+            if name == "sqlite":
+                assert [ledger.see(custom_id, n) for n, custom_id in enumerate("bc", 2)] == [None, None]
+                assert (ledger.see("a", 4), ledger.see("c", 5)) == (1, 3)
+            ledger.commit()
+            assert ledger.see(lost, 6) is None
+            ledger.rollback()
+            assert (ledger.see(kept, 7), ledger.see(lost, 8), ledger.see(lost, 9)) == (
+                1 if kept == "a" else 3,
+                None,
+                8,
+            )
+        finally:
+            ledger.close()

@@ -106,6 +106,9 @@ class Attempts:
         self._image_threads = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
     async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
+        """The request's attempts, to its outcome. Most requests succeed at the first: it is
+        made here, and the retry policy is called only for the others (no coroutine of its
+        own, nor of the policy's, to go through at every wait of the attempt)."""
         if request.images is not None:
             failure = await self.fill(request)
             if failure is not None:
@@ -119,17 +122,6 @@ class Attempts:
             self.control.stop(held)
             return None
         self.control.in_hand += 1
-        try:
-            return await self._tried(request, seat)
-        finally:
-            self.control.in_hand -= 1
-            self.books.release(held)
-            self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
-
-    async def _tried(self, request: Request, seat: Seat | None) -> Outcome | None:
-        """The request's attempts, to its outcome. Most requests succeed at the first: it is
-        made here, and the retry policy is called only for the others (two coroutines less
-        to go through at every wait of the attempt, and none made)."""
         tries = _Tries(self, request, seat)
         try:
             started = time.monotonic()
@@ -157,27 +149,37 @@ class Attempts:
         except GivenUp as e:
             return self._refused(request, tries.sent, str(e))
         except RequestError as e:
-            try:
-                stop = await self.judge.stops_run(e, request.model)
-            except Undecided:
-                return None
-            if stop is not None:
-                self.control.stop(stop)
-                return None
-            return Failure(
-                line=request.line,
-                code=e.code,
-                message=e.message,
-                custom_id=request.custom_id,
-                status=e.status,
-                body=e.body,
-                request_id=e.request_id,
-                attempts=tries.sent,
-                metadata=request.metadata,
-                model=request.model,
-            )
+            return await self._failed(request, tries, e)
+        finally:
+            self.control.in_hand -= 1
+            if held is not None:
+                self.books.release(held)
+            self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request, reply, tries.sent, parsed, label)  # (positional: half the time of keywords)
+
+    async def _failed(self, request: Request, tries: _Tries, e: RequestError) -> Failure | None:
+        """The request's last attempt failed: its `Failure`, or None where the run stops
+        for it (or stopped before a 404 could be judged)."""
+        try:
+            stop = await self.judge.stops_run(e, request.model)
+        except Undecided:
+            return None
+        if stop is not None:
+            self.control.stop(stop)
+            return None
+        return Failure(
+            line=request.line,
+            code=e.code,
+            message=e.message,
+            custom_id=request.custom_id,
+            status=e.status,
+            body=e.body,
+            request_id=e.request_id,
+            attempts=tries.sent,
+            metadata=request.metadata,
+            model=request.model,
+        )
 
     def _unsent(self, request: Request, said: str) -> Failure:
         """A line of a model the server said it does not serve: failed without a request, to
