@@ -30,8 +30,9 @@ def _same(redis: Reply, python: Reply, step: str) -> None:
         assert math.isclose(a, b, abs_tol=CLOCK), (step, field, redis, python)
 
 
-def _log(quads: list[tuple[int, int, int, int]]) -> str:
-    return " ".join(f"{cs} {s} {r} {w}" for cs, s, r, w in quads)
+def _log(counts: list[tuple[int, ...]]) -> str:
+    """The log's fives (hundredth, sent, refused, room, admitted), admitted 0 where not given."""
+    return " ".join(" ".join(str(n) for n in (*c, 0)[:5]) for c in counts)
 
 
 async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer) -> None:
@@ -104,10 +105,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         assert not other.leads
         await both("a pause asked for", pause_for=2.0)
         await both("a stated rate and tokens", given=10.0, given_tokens=500.0, want=5, want_tokens=100.0)
-        # A process whose oldest request unanswered left half a second ago: the store holds the
-        # account's answers up to then, not up to its call (nor up to now, holding no starts).
+        # A process with requests out, its admissions told up to half a second ago (its answers
+        # take that long): the store holds the account's log up to then, not up to its call
+        # (nor up to now, holding no starts).
         since = time.time() - 0.5
-        waiting = await both("a request unanswered", pid="c", oldest=since)
+        waiting = await both("a request unanswered", pid="c", whole=since)
         assert waiting.reported == pytest.approx(since, abs=CLOCK)
         answered = await both("its answer in", pid="c")
         assert answered.reported > since + 0.4  # the last call of `a`, which holds starts
@@ -162,9 +164,15 @@ CALL = st.fixed_dictionaries(
         "pause_for": st.sampled_from([0.0, 0.3]),
         "holds": st.booleans(),
         "answered": st.integers(0, 50),
-        "oldest": st.none() | st.floats(0.0, 1.5),  # seconds before the call
+        "whole": st.none() | st.floats(0.0, 1.5),  # seconds before the call
         "log": st.lists(
-            st.tuples(st.integers(-190, 5), st.integers(0, 3), st.integers(0, 3), st.integers(-1, 150)),
+            st.tuples(
+                st.integers(-190, 5),
+                st.integers(0, 3),
+                st.integers(0, 3),
+                st.integers(-1, 150),
+                st.integers(0, 3),
+            ),
             max_size=8,
         ),
     }
@@ -177,7 +185,8 @@ def test_any_calls_get_the_same_answers_from_either_home(
     redis_server: RedisServer, calls: list[dict[str, Any]]
 ) -> None:
     """Hypothesis over sequences of calls from three processes (logs with runs of refusals,
-    leases, pauses, found rates, oldest requests unanswered): field by field the same replies."""
+    leases, pauses, found rates, admissions told whole up to a time): field by field the same
+    replies, and the same counts read back from either's log."""
 
     async def replay() -> None:
         store = Store(redis_server.url, f"pipeline:pace:any:{time.monotonic_ns()}")
@@ -187,13 +196,17 @@ def test_any_calls_get_the_same_answers_from_either_home(
             for i, call in enumerate(calls):
                 now = time.time()
                 cs = int(now * 100)
-                log = _log([(cs + h, n, m, cs + h + w if m and w >= 0 else 0) for h, n, m, w in call["log"]])
-                ago = call["oldest"]
-                fields = {k: v for k, v in call.items() if k not in ("log", "oldest")}
-                ask = Ask(**fields, log=log, oldest=-1.0 if ago is None else now - ago)
+                log = _log(
+                    [(cs + h, n, m, cs + h + w if m and w >= 0 else 0, a) for h, n, m, w, a in call["log"]]
+                )
+                ago = call["whole"]
+                fields = {k: v for k, v in call.items() if k not in ("log", "whole")}
+                ask = Ask(**fields, log=log, whole=-1.0 if ago is None else now - ago)
                 redis = await store.call(ask)
                 at[0] = redis.now
                 _same(redis, held.call(ask), f"call {i}: {ask}")
+                span = (now - 2.0, now + 0.1)
+                assert await store.read(*span) == held.read(*span), f"call {i}: {ask}"
         finally:
             await store.close()
 

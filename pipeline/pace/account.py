@@ -2,7 +2,7 @@
 
 The same state and rules as the Redis script of `pipeline.pace.store`, in Python: one call
 leases starts and tokens, publishes a rate found and a pause, and adds to the account's send
-log; `read` counts what the account sent over a span. The process holding it answers one
+log; `read` counts what the account sent, and the server admitted, over a span. The process holding it answers one
 call at a time (an actor's calls are serial), which is what makes each call atomic, as a
 script is in Redis. Its clock is its own `time.time()`, the one clock every caller shares.
 State unused for KEY_TTL is forgotten, as Redis keys expire.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pipeline.pace.store import KEY_TTL, LOG_TTL, Ask, Logged, Reply
 
-_Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" -> count (or room)
+_Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
 
 class AccountPace:
@@ -98,7 +98,7 @@ class AccountPace:
             f["token_clock"] = token_start + tokens / a.given_tokens
         # Processes seen lately, and the time up to which each has told its log and had its answers.
         upto = now if a.holds or want > 0 else now + 3600
-        self.members[a.pid] = (now, min(upto, a.oldest) if a.oldest >= 0 else upto)
+        self.members[a.pid] = (now, min(upto, a.whole) if a.whole >= 0 else upto)
         seen, reported = 0, now + 3600
         for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
@@ -115,18 +115,20 @@ class AccountPace:
             self._reset()
         n = self._logged(int(since * 100), int(until * 100) - 1)
         first = min(n["s"]) / 100 if n["s"] else None
-        return Logged(sum(n["s"].values()), sum(n["r"].values()), first)
+        return Logged(sum(n["s"].values()), sum(n["r"].values()), first, sum(n["a"].values()))
 
     def _add(self, log: str, now: float, since: int) -> tuple[bool, bool]:
         """Adds `log` to the send log; returns whether it told of a refusal, and of one of a
         request sent from hundredth `since` on."""
         parts = log.split()
         told_refusal = told_new = False
-        for i in range(0, len(parts) - 3, 4):
-            cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
+        for i in range(0, len(parts) - 4, 5):
+            cs, sent, refused, room, admitted = (int(x) for x in parts[i : i + 5])
             counts = self.log.setdefault(cs // 100, {})
             if sent:
                 counts[f"s{cs}"] = counts.get(f"s{cs}", 0) + sent
+            if admitted:
+                counts[f"a{cs}"] = counts.get(f"a{cs}", 0) + admitted
             if refused:
                 counts[f"r{cs}"] = counts.get(f"r{cs}", 0) + refused
                 told_refusal, told_new = True, told_new or cs >= since
@@ -138,9 +140,9 @@ class AccountPace:
         return told_refusal, told_new
 
     def _logged(self, since: int, until: int) -> dict[str, dict[int, int]]:
-        """Sent, refused and room ("s", "r", "w") by hundredth, from hundredth `since` to
-        `until`, both in."""
-        kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}}
+        """Sent, refused, room and admitted ("s", "r", "w", "a") by hundredth, from hundredth
+        `since` to `until`, both in."""
+        kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}, "a": {}}
         for second in range(since // 100, until // 100 + 1):
             for name, n in self.log.get(second, {}).items():
                 cs = int(name[1:])

@@ -1,23 +1,35 @@
 """One process's part of its account's send log, by the hundredth of the store's clock.
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
-server has room again, by the hundredth of a second of the store's clock, with whichever call
-comes next (`pipeline.pace.link`), and when its oldest request unanswered left: the account's
-limit is read from every process's log (`pipeline.pace.reading`) once the answers that may
-change it are in. While the store is away the log is kept, up to LOG_MAX hundredths.
+server has room again, by the hundredth a request left; and what got through, by the
+hundredth it was admitted: its answer's, less the least latency of the process's answers
+lately (what the server takes to answer). Sends are logged when a request is handed on, which
+on busy cores is seconds before it leaves (16 shards on two cores: up to 4 s): counted by send,
+a reading came out at 0.4 to 0.8 of what the server let through; by answer, within 10 %. And
+with answers of seconds, counted as answered, a reading at a ramp's first refusal counted what
+an earlier, slower step of it let through. All goes with whichever call comes next
+(`pipeline.pace.link`), with how far the log of admissions is whole: the account's limit is read
+from every process's log (`pipeline.pace.reading`) once the store holds it whole. While the
+store is away the log is kept, up to LOG_MAX hundredths.
 """
 
 from __future__ import annotations
 
+import math
+
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
+FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
+STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
 
 
 class AccountLog:
     def __init__(self) -> None:
         self.offset: float | None = None  # the store's clock on ours, minus ours
-        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
+        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room, admitted]
         self.refusals = False  # the log holds a refusal not yet told
         self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
+        self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
+        self._whole = -math.inf  # admissions are logged from here on (ours)
 
     def sent(self, at: float) -> None:
         h = int(at * 100)
@@ -33,17 +45,33 @@ class AccountLog:
         elif n:
             del self._out[h]
 
-    def oldest(self, now: float, within: float) -> float:
-        """When the oldest request sent in the last `within` seconds and unanswered left, on the
-        store's clock (-1: none). Older, it is no refusal on its way (those take milliseconds), or
-        one whose end is not told here (a 5xx; a refusal another scope reads)."""
-        out, since = self._out, int((now - within) * 100)
-        while out:  # (in the order they were sent)
-            h = next(iter(out))
-            if h >= since:
-                return h / 100 + self.offset if self.offset is not None else -1.0
-            del out[h]
-        return -1.0
+    def admitted(self, sent_at: float, now: float) -> None:
+        """A request sent at `sent_at` was let through, its answer in `now` (both ours)."""
+        self.answered(sent_at)
+        began, least, last = self._floor
+        if now - began >= FLOOR_SPAN:
+            began, least, last = now, math.inf, least
+        self._floor = began, min(least, now - sent_at), last
+        if self.offset is not None and len(self._log) < LOG_MAX:
+            self._counts(max(now - self.floor(now), self._whole))[3] += 1
+
+    def floor(self, now: float) -> float:
+        """The least latency of this process's answers lately (what the server takes); none
+        answered yet, the age of its oldest request out (none has taken less)."""
+        if (least := min(self._floor[1:])) < math.inf:
+            return least
+        out, stale = self._out, int((now - STALE) * 100)
+        while out and next(iter(out)) < stale:  # (in the order they were sent)
+            del out[next(iter(out))]
+        return max(now - next(iter(out)) / 100, 0.0) if out else 0.0
+
+    def whole(self, now: float) -> float:
+        """Up to when (the store's clock) this process's log of admissions is whole at `now`,
+        while it has requests out (-1: none out; what it sends next is logged from its next call)."""
+        if not self._out or self.offset is None:
+            return -1.0
+        self._whole = max(self._whole, now - self.floor(now))
+        return self._whole + self.offset
 
     def refused(self, sent_at: float, resume: float) -> float | None:
         """A request sent at `sent_at` was refused until `resume` (our clock); returns when
@@ -59,10 +87,10 @@ class AccountLog:
         return sent_at + self.offset
 
     def _counts(self, at: float) -> list[int]:
-        """Sent, refused, and room (the earliest a refusal said the server has room again), of
-        the hundredth of the store's clock that `at` (ours) falls in."""
+        """Sent, refused, room (the earliest a refusal said the server has room again) and
+        admitted, of the hundredth of the store's clock that `at` (ours) falls in."""
         assert self.offset is not None
-        return self._log.setdefault(int((at + self.offset) * 100), [0, 0, 0])
+        return self._log.setdefault(int((at + self.offset) * 100), [0, 0, 0, 0])
 
     def take(self) -> dict[int, list[int]]:
         """The log not yet told, to tell the store now."""
@@ -72,12 +100,12 @@ class AccountLog:
 
     def untold(self, log: dict[int, list[int]]) -> None:
         """The store could not be told `log`: told when it is back."""
-        for h, (n, m, w) in log.items():
-            counts = self._log.setdefault(h, [0, 0, 0])
-            counts[0], counts[1] = counts[0] + n, counts[1] + m
+        for h, (n, m, w, a) in log.items():
+            counts = self._log.setdefault(h, [0, 0, 0, 0])
+            counts[0], counts[1], counts[3] = counts[0] + n, counts[1] + m, counts[3] + a
             counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
 
 
 def said(log: dict[int, list[int]]) -> str:
     """The log as the store's script takes it."""
-    return " ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items())
+    return " ".join(f"{h} {n} {m} {w} {a}" for h, (n, m, w, a) in log.items())

@@ -4,12 +4,12 @@
   pause, a reading waiting for the account's log (every 20 ms); else one a second, or every
   20 ms while it holds starts and the account ramps up or its server was full lately, so that a
   pause reaches every process at once (told only with a lease, it reached each a lease later,
-  and the starts leased before it went on into the refusals). What was sent goes with the
-  next call, and when its oldest request still unanswered left.
+  and the starts leased before it went on into the refusals). What was sent and admitted goes
+  with the next call, and up to when what it admitted is whole.
 - **A limit found once.** Without `--rpm`, each process's rate finder watches its own
   requests for the moments the server is full, and the limit is read at those moments from
-  what the whole account sent (`pipeline.pace.reading`): every process tells the store what
-  it sent and what was refused, by the hundredth of a second (`pipeline.pace.accountlog`).
+  what the whole account got through (`pipeline.pace.reading`): every process tells the store
+  what it sent, what was refused and what admitted, by the hundredth (`pipeline.pace.accountlog`).
   Every process paces at the rate read; only the one whose reading is in force probes above
   it, for all. A pause one process is asked for is the pool's: every process waits it out.
 
@@ -28,7 +28,7 @@ import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.pacer import Then
-from pipeline.pace.reading import READ_WAIT, Moment, Readings
+from pipeline.pace.reading import Moment, Readings
 from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 if TYPE_CHECKING:
@@ -90,8 +90,9 @@ class StoreLink:
         self.account_log.sent(at)
 
     def answered(self, sent_at: float) -> None:
+        """A request sent at `sent_at` got through: its answer is in now."""
         self._answered += 1
-        self.account_log.answered(sent_at)
+        self.account_log.admitted(sent_at, self.budget._now())
 
     def refused(self, sent_at: float, resume: float) -> None:
         at = self.account_log.refused(sent_at, resume)
@@ -133,7 +134,8 @@ class StoreLink:
             while True:
                 try:
                     await self._sync(store, loop)
-                    await self._readings.read(store, loop, self.budget.alone)
+                    late = self.account_log.floor(loop.time())
+                    await self._readings.read(store, loop, self.budget.alone, late)
                 except StoreAway as e:
                     said = self.budget.away()
                     if said is not None:
@@ -150,7 +152,8 @@ class StoreLink:
                 now = loop.time()
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
-                with anyio.move_on_after(max(self._readings.wait(now, wait), 0.0)):
+                late = self.account_log.floor(now)
+                with anyio.move_on_after(max(self._readings.wait(now, wait, late), 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
         finally:
@@ -177,7 +180,7 @@ class StoreLink:
                     log=said(log),
                     holds=budget.holds,
                     answered=answered,
-                    oldest=self.account_log.oldest(sent_at, READ_WAIT),
+                    whole=self.account_log.whole(sent_at),
                 )
             )
         except StoreAway:
