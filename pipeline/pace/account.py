@@ -59,15 +59,18 @@ class AccountPace:
         if a.given <= 0 and told_new:
             run = self._full_run(cs_now, since)
             if run is not None:
-                first, told = run
+                first, told, got = run
                 full_at, full_resume = first / 100, told / 100 if told else now
                 f["full_at"], f["full_resume"] = full_at, full_resume
                 if max(full_resume, now) > paused:
                     paused = f["paused"] = max(full_resume, now)
+                if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
+                    # The ramp goes on from what got through in the second before (as told), not its rate.
+                    f["boot"] = max(self.boot_rate, min(f.get("boot", self.boot_rate), got))
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second while the account's
+            # The ramp of the Redis script: doubling every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
             # a second, not within half a second of a pause; no start leased till a second
             # after a pause.
@@ -77,7 +80,7 @@ class AccountPace:
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
-                    rate = min(rate * 2, 100_000.0)
+                    rate, f["clock"] = min(rate * 2, 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
             if now < paused + 1:
@@ -150,15 +153,16 @@ class AccountPace:
                     kinds[name[0]][cs] = n
         return kinds
 
-    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None] | None:
+    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None, int] | None:
         """The latest run of refusals from hundredth `since` on, as the Redis script finds it:
         back from the latest hundredth refused, the earliest one from which on at least `run`
-        requests were refused and half of what was sent; with the earliest room its refusals told."""
+        requests were refused and half of what was sent; with the earliest room its refusals
+        told, and what was admitted in the second before (as told so far)."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
         low: int | None = None
-        found: tuple[int, int | None] | None = None
+        found: tuple[int, int | None, int] | None = None
         for cs in sorted(sent.keys() | refused.keys(), reverse=True):
             if n_refused or cs in refused:  # from the latest refused on: what follows is in flight
                 n_sent += sent.get(cs, 0)
@@ -166,5 +170,10 @@ class AccountPace:
             if cs in room and (low is None or room[cs] < low):
                 low = room[cs]
             if cs in refused and n_refused >= self.run and n_refused * 2 >= n_sent:
-                found = cs, low
+                found = cs, low, 0
+        if found is not None:  # what got through in the second before, as the first reading counts it
+            first, low, _ = found
+            last = low if low is not None and first < low < first + 100 else first
+            end = last if last > first else first + 1
+            found = first, low, sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
         return found
