@@ -294,7 +294,7 @@ class TwoProcesses:
         self.clock.now = at
         link = self.links[pid]
         await link._sync(self.store, self.clock)
-        await link._readings.read(self.store, self.clock, alone=False, late=link.account_log.lag(at))
+        await link._readings.read(self.store, self.clock, alone=False, late=link.account_log.floor(at))
 
     def admitted(self, pid: str, sent_at: float, at: float) -> None:
         """`pid`'s request sent at `sent_at` got through, its answer in at `at`."""
@@ -343,7 +343,7 @@ async def test_a_reading_counts_what_was_admitted_without_waiting_for_refusals_o
 async def test_a_reading_with_answers_of_seconds_counts_what_the_servers_second_admitted() -> None:
     """The same server answering in 2 s, its refusals at once. Counted as answered, its second
     9 admitted none (their answers came from 11.0 on); counted by send, as before, 60 once they
-    had waited a second. By admission (the answer less the median latency of answers, unknown
+    had waited a second. By admission (the answer less the least latency of answers, unknown
     till the first comes: none sent before the oldest out has taken less), 60, once every
     answer up to 10.0 is in: at 12.0, the second before's answers of seconds."""
     account = TwoProcesses()
@@ -369,7 +369,7 @@ async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_t
     """`b` dies with 20 requests out, sent before the moment the account was full and none of
     its answers known: its last call's log of admissions, whole up to its oldest request out,
     holds the store's `reported` back for as long as it counts as a member (5 s), but a reading
-    waits READ_WAIT at most (past the median latency of answers), whole or not."""
+    waits READ_WAIT at most (past the least latency of answers), whole or not."""
     account = TwoProcesses()
     read: list[float] = []
     account.links["a"].watch(lambda rate, sure: read.append(rate))

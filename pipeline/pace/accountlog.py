@@ -2,10 +2,8 @@
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
 server has room again, by the hundredth a request left; and what got through, by the
-hundredth it was admitted: its answer's, less the median latency of the process's answers
-lately (what the server takes to answer, and the process to see it: the least latency instead
-left each answer seen late on busy cores later than its admission, and a ramp's first reading
-counted the end of its faster second before). Sends are logged when a request is handed on, which
+hundredth it was admitted: its answer's, less the least latency of the process's answers
+lately (what the server takes to answer). Sends are logged when a request is handed on, which
 on busy cores is seconds before it leaves (16 shards on two cores: up to 4 s): counted by send,
 a reading came out at 0.4 to 0.8 of what the server let through; by answer, within 10 %. And
 with answers of seconds, counted as answered, a reading at a ramp's first refusal counted what
@@ -18,10 +16,9 @@ store is away the log is kept, up to LOG_MAX hundredths.
 from __future__ import annotations
 
 import math
-from collections import deque
 
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
-LATENCIES = 32  # answers whose median latency is taken
+FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
 STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
 
 
@@ -31,8 +28,7 @@ class AccountLog:
         self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room, admitted]
         self.refusals = False  # the log holds a refusal not yet told
         self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
-        self._latencies: deque[float] = deque(maxlen=LATENCIES)  # of the answers let through lately
-        self._lag = 0.0  # their median
+        self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
         self._whole = -math.inf  # admissions are logged from here on (ours)
 
     def sent(self, at: float) -> None:
@@ -52,17 +48,18 @@ class AccountLog:
     def admitted(self, sent_at: float, now: float) -> None:
         """A request sent at `sent_at` was let through, its answer in `now` (both ours)."""
         self.answered(sent_at)
-        self._latencies.append(now - sent_at)
-        if len(self._latencies) % 4 == 1:  # (a sort of 32 every fourth answer)
-            self._lag = sorted(self._latencies)[len(self._latencies) // 2]
+        began, least, last = self._floor
+        if now - began >= FLOOR_SPAN:
+            began, least, last = now, math.inf, least
+        self._floor = began, min(least, now - sent_at), last
         if self.offset is not None and len(self._log) < LOG_MAX:
-            self._counts(max(now - self._lag, self._whole))[3] += 1
+            self._counts(max(now - self.floor(now), self._whole))[3] += 1
 
-    def lag(self, now: float) -> float:
-        """The median latency of this process's answers lately; none answered yet, the age of
-        its oldest request out (none has taken less)."""
-        if self._latencies:
-            return self._lag
+    def floor(self, now: float) -> float:
+        """The least latency of this process's answers lately (what the server takes); none
+        answered yet, the age of its oldest request out (none has taken less)."""
+        if (least := min(self._floor[1:])) < math.inf:
+            return least
         out, stale = self._out, int((now - STALE) * 100)
         while out and next(iter(out)) < stale:  # (in the order they were sent)
             del out[next(iter(out))]
@@ -73,7 +70,7 @@ class AccountLog:
         while it has requests out (-1: none out; what it sends next is logged from its next call)."""
         if not self._out or self.offset is None:
             return -1.0
-        self._whole = max(self._whole, now - self.lag(now))
+        self._whole = max(self._whole, now - self.floor(now))
         return self._whole + self.offset
 
     def refused(self, sent_at: float, resume: float) -> float | None:

@@ -134,7 +134,7 @@ class StoreLink:
             while True:
                 try:
                     await self._sync(store, loop)
-                    late = self.account_log.lag(loop.time())
+                    late = self.account_log.floor(loop.time())
                     await self._readings.read(store, loop, self.budget.alone, late)
                 except StoreAway as e:
                     said = self.budget.away()
@@ -152,7 +152,7 @@ class StoreLink:
                 now = loop.time()
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
-                late = self.account_log.lag(now)
+                late = self.account_log.floor(now)
                 with anyio.move_on_after(max(self._readings.wait(now, wait, late), 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call

@@ -13,7 +13,7 @@ came out at 0.4 to 0.8 of what the server let through.
 
 A moment is read once the store holds every process's log of admissions up to it (told with
 each call; one holding no leased starts and no request out cannot add to it without calling);
-or after READ_WAIT and the median latency of answers, whatever it holds.
+or after READ_WAIT and the least latency of answers, whatever it holds.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Readings:
 
     def wait(self, now: float, wait: float, late: float) -> float:
         """Seconds till the store is asked again if a reading is whole, or it is read (`wait` at
-        most); `late`: the median latency of answers lately, by which what was admitted up to
+        most); `late`: the least latency of answers lately, by which what was admitted up to
         a moment is told after it."""
         for r in self._waiting:
             after, due = r.after + late, r.due + late
