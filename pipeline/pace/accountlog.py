@@ -1,16 +1,15 @@
-"""One process's part of its account's send log, by the hundredth of the store's clock.
+"""One process's part of its account's log, by the hundredth of the store's clock.
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
-server has room again, by the hundredth a request left; and what got through, by the
-hundredth it was admitted: its answer's, less the least latency of the process's answers
-lately (what the server takes to answer). Sends are logged when a request is handed on, which
-on busy cores is seconds before it leaves (16 shards on two cores: up to 4 s): counted by send,
-a reading came out at 0.4 to 0.8 of what the server let through; by answer, within 10 %. And
-with answers of seconds, counted as answered, a reading at a ramp's first refusal counted what
-an earlier, slower step of it let through. All goes with whichever call comes next
-(`pipeline.pace.link`), with how far the log of admissions is whole: the account's limit is read
-from every process's log (`pipeline.pace.reading`) once the store holds it whole. While the
-store is away the log is kept, up to LOG_MAX hundredths.
+server has room again, by the hundredth a request left; and what got through by the hundredth
+it was admitted: its answer's, less the least latency of the process's answers lately (what
+the server takes). On busy cores a request leaves seconds after it is logged as sent (16
+shards on two cores: up to 4 s), while its answer is seen within tens of milliseconds of the
+server's admission: counted by send, readings came out at 0.4 to 0.8 of what got through.
+It goes with whichever call comes next (`pipeline.pace.link`), with up to when the log of
+admissions is whole; the account's limit is read from every process's log once the store
+holds it whole (`pipeline.pace.reading`). While the store is away it is kept, up to LOG_MAX
+hundredths.
 """
 
 from __future__ import annotations

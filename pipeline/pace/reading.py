@@ -27,12 +27,8 @@ from dataclasses import dataclass
 from pipeline.pace.capacity import AGAIN_WITHIN, MAX_FULLS
 from pipeline.pace.store import LOG_TTL, AccountStore
 
-# The log counts by the hundredth: the one a moment falls in is read too (what was sent in it
-# after the moment was refused, and is taken off with the refusals).
-HUNDREDTH = 0.01
-READ_WAIT = (
-    1.0  # seconds a reading waits at most for the account's log up to its moment, past its answers' latency
-)
+HUNDREDTH = 0.01  # the log counts by the hundredth: the one a moment falls in is read too
+READ_WAIT = 1.0  # seconds a reading waits at most for the account's log, past its answers' latency
 READ_EVERY = 0.02  # seconds between calls that learn whether the store holds them yet
 
 
