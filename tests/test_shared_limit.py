@@ -16,6 +16,7 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
+from pipeline.pace.accountlog import STALE, UNKNOWN, AccountLog
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
@@ -413,6 +414,19 @@ async def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -
     clock.now = 9.2
     finder.success(other, 0.2)
     assert log.whole(9.2) == -1.0
+
+
+def test_a_request_whose_end_is_never_told_holds_no_reading_for_long() -> None:
+    """A refusal another scope reads is never told to the account's log. Before any answer
+    is in, its age is the least an answer can take (a reading waits for it), up to UNKNOWN;
+    after STALE it is let go (the log kept it, and held every reading, for as long as it ran)."""
+    log = AccountLog()
+    log.offset = 0.0
+    log.sent(9.0)
+    assert log.floor(10.0) == pytest.approx(1.0)
+    assert log.floor(9.0 + UNKNOWN * 2) == UNKNOWN
+    assert log.whole(9.0 + UNKNOWN * 2) == pytest.approx(9.0 + UNKNOWN)
+    assert log.whole(9.0 + STALE + 1.0) == -1.0
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:

@@ -19,6 +19,7 @@ import math
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
 FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
 STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
+UNKNOWN = 30.0  # seconds an answer may take at most, as far as a reading waits for it (none answered yet)
 
 
 class AccountLog:
@@ -50,7 +51,7 @@ class AccountLog:
         began, least, last = self._floor
         if now - began >= FLOOR_SPAN:
             began, least, last = now, math.inf, least
-        self._floor = began, min(least, now - sent_at), last
+        self._floor = began, min(least, max(now - sent_at, 0.0)), last
         if self.offset is not None and len(self._log) < LOG_MAX:
             self._counts(max(now - self.floor(now), self._whole))[3] += 1
 
@@ -59,15 +60,15 @@ class AccountLog:
         answered yet, the age of its oldest request out (none has taken less)."""
         if (least := min(self._floor[1:])) < math.inf:
             return least
-        out, stale = self._out, int((now - STALE) * 100)
-        while out and next(iter(out)) < stale:  # (in the order they were sent)
-            del out[next(iter(out))]
-        return max(now - next(iter(out)) / 100, 0.0) if out else 0.0
+        return min(max(now - next(iter(self._out)) / 100, 0.0), UNKNOWN) if self._out else 0.0
 
     def whole(self, now: float) -> float:
         """Up to when (the store's clock) this process's log of admissions is whole at `now`,
         while it has requests out (-1: none out; what it sends next is logged from its next call)."""
-        if not self._out or self.offset is None:
+        out, stale = self._out, int((now - STALE) * 100)
+        while out and next(iter(out)) < stale:  # (in the order they were sent)
+            del out[next(iter(out))]
+        if not out or self.offset is None:
             return -1.0
         self._whole = max(self._whole, now - self.floor(now))
         return self._whole + self.offset
