@@ -236,13 +236,15 @@ def _ramp(limit: int, phase: float, lag: float = 0.0, links: int = 16) -> _Ramp:
     (which begins `phase` into one) and answering in 20 ms; a request reaches it `lag` after it
     left the gate (busy cores). A process calls the store every 20 ms, or 5 ms after its last
     call when it has spent its starts or has a refusal to tell, as the link does, telling its
-    admissions by their answer less the latency; it sends its leased starts when due, and
-    drops those gone 0.1 s late. No reading is taken: the ramp alone."""
+    admissions by their answer less the latency, and the answers to what it sent since it was
+    told the ramp's rate; it sends its leased starts when due, and drops those gone 0.1 s late.
+    No reading is taken: the ramp alone."""
     clock = [1000.0 + phase]
     pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
     slots: list[list[float]] = [[] for _ in range(links)]
     logs: list[dict[int, list[int]]] = [{} for _ in range(links)]
     answered, last_call, told = [0] * links, [-1.0] * links, [False] * links
+    since, told_rate = [0.0] * links, [0.0] * links  # the ramp's rate each was told, and when
     arriving: list[tuple[float, int, int]] = []  # at the server then, process, hundredth sent
     answers: list[tuple[float, int, int, bool]] = []  # due, process, hundredth sent, refused
     through: dict[int, int] = {}  # the server's second: let through
@@ -260,7 +262,7 @@ def _ramp(limit: int, phase: float, lag: float = 0.0, links: int = 16) -> _Ramp:
             if no:
                 counts[1], counts[2], told[i] = counts[1] + 1, (cs // 100 + 1) * 100, True
             else:
-                answered[i] += 1
+                answered[i] += cs / 100 >= since[i] - 0.01  # sent at the rate it was told, as the link counts
                 logs[i].setdefault(int((now - 0.02) * 100), [0, 0, 0, 0])[3] += 1
         answers = [a for a in answers if a[0] > now]
         for i in range(links):
@@ -277,6 +279,8 @@ def _ramp(limit: int, phase: float, lag: float = 0.0, links: int = 16) -> _Ramp:
                 if r.paused <= now < full_at + 1 + lag and full_at < now and not after:
                     after = r.rate
                 rate, paused = r.rate, max(paused, r.paused)
+                if r.rate != told_rate[i]:
+                    told_rate[i], since[i] = r.rate, now
                 if r.full_at > 0:
                     full_at = min(full_at, now)
                 peak = max(peak, rate) if now < full_at else peak

@@ -416,6 +416,26 @@ async def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -
     assert log.whole(9.2) == -1.0
 
 
+async def test_the_ramp_doubles_on_the_answers_to_what_was_sent_at_its_rate() -> None:
+    """The ramp doubles once its requests are let through at 3/4 of its rate: counted with
+    them, answers to requests sent before its last step (late on busy cores) let it double
+    again before that step was answered, and in a model of sixteen processes 0.1 s behind it
+    went twice as far past the limit."""
+    account = TwoProcesses()
+    asks: list[Ask] = []
+    call = account.store.call
+    account.store.call = lambda ask: asks.append(ask) or call(ask)
+    await account.sync("a", 9.0)  # the ramp's rate told: 16 a second
+    account.store.pace.fields["boot"] = 32.0  # it doubled
+    await account.sync("a", 9.3)
+    a = account.links["a"]
+    for sent_at in (9.2, 9.31):
+        a.sent(sent_at)
+        account.admitted("a", sent_at, 9.36)
+    await account.sync("a", 9.4)
+    assert asks[-1].answered == 1  # the one sent at 32 a second
+
+
 def test_a_request_whose_end_is_never_told_holds_no_reading_for_long() -> None:
     """A refusal another scope reads is never told to the account's log. Before any answer
     is in, its age is the least an answer can take (a reading waits for it), up to UNKNOWN;
