@@ -92,10 +92,8 @@ class StoreLink:
         self.account_log.sent(at)
 
     def answered(self, sent_at: float) -> None:
-        """A request sent at `sent_at` got through: its answer is in now. The ramp doubles on
-        those sent at its rate: those sent before, answered late on busy cores (0.1 s behind
-        in a model), let it double again before its last step was answered, and it went twice
-        as far past the limit (519 refused on average at 1,000 a second, 279 so)."""
+        """A request sent at `sent_at` got through. The ramp doubles on those sent at its rate:
+        counting those sent before (late on busy cores), it went twice as far past the limit."""
         if sent_at >= self._rate[1]:
             self._answered += 1
         self.account_log.admitted(sent_at, self.budget._now())
