@@ -15,11 +15,13 @@ hundredths.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
 FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
 STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
 UNKNOWN = 30.0  # seconds an answer may take at most, as far as a reading waits for it (none answered yet)
+WAITS = 16  # latencies kept, of answers let through and of refusals
 
 
 class AccountLog:
@@ -30,6 +32,7 @@ class AccountLog:
         self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
         self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
         self._whole = -math.inf  # admissions are logged from here on (ours)
+        self._waits: tuple[deque[float], deque[float]] = (deque(maxlen=WAITS), deque(maxlen=WAITS))
 
     def sent(self, at: float) -> None:
         h = int(at * 100)
@@ -52,6 +55,7 @@ class AccountLog:
         if now - began >= FLOOR_SPAN:
             began, least, last = now, math.inf, least
         self._floor = began, min(least, max(now - sent_at, 0.0)), last
+        self._waits[0].append(now - sent_at)
         if self.offset is not None and len(self._log) < LOG_MAX:
             self._counts(max(now - self.floor(now), self._whole))[3] += 1
 
@@ -62,21 +66,37 @@ class AccountLog:
             return least
         return min(max(now - next(iter(self._out)) / 100, 0.0), UNKNOWN) if self._out else 0.0
 
-    def whole(self, now: float) -> float:
-        """Up to when (the store's clock) this process's log of admissions is whole at `now`,
-        while it has requests out (-1: none out; what it sends next is logged from its next call)."""
-        out, stale = self._out, int((now - STALE) * 100)
+    @property
+    def by_answer(self) -> bool:
+        """Whether what got through is read by when it was admitted, as answers tell: when the
+        server answers about as fast as it refuses (what a request waits is mostly the way
+        there: busy cores). Else by when it was sent, as before: a model answering in 2 to 30 s
+        tells by its answer little of when it admitted a request (read by admission, a first
+        reading came out at 22 and 2 where 60 got through, at 2 to 4 and 2 to 30 s), and
+        its refusals come back at once."""
+        ok, no = (sorted(waits)[len(waits) // 2] if waits else None for waits in self._waits)
+        return ok is None or ok <= (0.25 if no is None else 2 * no + 0.1)
+
+    def whole(self, now: float, within: float) -> float:
+        """Up to when (the store's clock) this process's log is whole at `now`, while it has
+        requests out (-1: none out; what it sends next is logged from its next call). Read by
+        send, up to its oldest request sent in the last `within` seconds and unanswered: older,
+        it is no refusal on its way (those take milliseconds), or one whose end is not told."""
+        out, stale = self._out, int((now - (STALE if self.by_answer else within)) * 100)
         while out and next(iter(out)) < stale:  # (in the order they were sent)
             del out[next(iter(out))]
         if not out or self.offset is None:
             return -1.0
+        if not self.by_answer:
+            return next(iter(out)) / 100 + self.offset
         self._whole = max(self._whole, now - self.floor(now))
         return self._whole + self.offset
 
-    def refused(self, sent_at: float, resume: float) -> float | None:
-        """A request sent at `sent_at` was refused until `resume` (our clock); returns when
-        it was sent on the store's clock, or None when it is not logged."""
+    def refused(self, sent_at: float, resume: float, now: float) -> float | None:
+        """A request sent at `sent_at` was refused, at `now`, until `resume` (our clock);
+        returns when it was sent on the store's clock, or None when it is not logged."""
         self.answered(sent_at)
+        self._waits[1].append(now - sent_at)
         if self.offset is None or len(self._log) >= LOG_MAX:
             return None
         counts = self._counts(sent_at)

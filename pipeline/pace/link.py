@@ -29,7 +29,7 @@ import anyio
 
 from pipeline.pace.accountlog import AccountLog, said
 from pipeline.pace.pacer import Then
-from pipeline.pace.reading import Moment, Readings
+from pipeline.pace.reading import READ_WAIT, Moment, Readings
 from pipeline.pace.store import AccountStore, Ask, StoreAway
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class StoreLink:
         self.account_log.admitted(sent_at, self.budget._now())
 
     def refused(self, sent_at: float, resume: float) -> None:
-        at = self.account_log.refused(sent_at, resume)
+        at = self.account_log.refused(sent_at, resume, self.budget._now())
         if at is not None and at >= self._resume_seen:
             # Told at once: a run of refusals across the account shows in the store. One of a
             # run the store has seen (sent before the room it told) is no news: told within
@@ -138,8 +138,9 @@ class StoreLink:
             while True:
                 try:
                     await self._sync(store, loop)
-                    late = self.account_log.floor(loop.time())
-                    await self._readings.read(store, loop, self.budget.alone, late)
+                    log = self.account_log
+                    late = log.floor(loop.time()) if log.by_answer else 0.0
+                    await self._readings.read(store, loop, self.budget.alone, late, log.by_answer)
                 except StoreAway as e:
                     said = self.budget.away()
                     if said is not None:
@@ -156,7 +157,7 @@ class StoreLink:
                 now = loop.time()
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
-                late = self.account_log.floor(now)
+                late = self.account_log.floor(now) if self.account_log.by_answer else 0.0
                 with anyio.move_on_after(max(self._readings.wait(now, wait, late), 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
@@ -184,7 +185,7 @@ class StoreLink:
                     log=said(log),
                     holds=budget.holds,
                     answered=answered,
-                    whole=self.account_log.whole(sent_at),
+                    whole=self.account_log.whole(sent_at, READ_WAIT),
                 )
             )
         except StoreAway:

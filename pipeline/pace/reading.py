@@ -48,9 +48,12 @@ class AccountCapacity:
     def __init__(self) -> None:
         self._moments: deque[Moment] = deque()
 
-    async def read(self, store: AccountStore, moment: Moment) -> tuple[float, bool] | None:
+    async def read(
+        self, store: AccountStore, moment: Moment, by_answer: bool = True
+    ) -> tuple[float, bool] | None:
         """Requests a second the server lets through, read at `moment`, and whether over a second
-        at least; None for a moment of the last one's stretch (seen by another process, or the store)."""
+        at least; None for a moment of the last one's stretch (seen by another process, or the
+        store). `by_answer`: what got through counted by admission, else as sent and not refused."""
         moments = self._moments
         if moments and moment.at < moments[-1].resume:
             return None
@@ -68,17 +71,19 @@ class AccountCapacity:
             first, span = got.first, 1.0
             if first is not None and first > last - 1.0:
                 span = 1.0 if (await store.read(last - 2.0, last - 1.0)).sent else moment.at - first
-            return got.admitted / max(span, 1e-2), True
+            return (got.admitted if by_answer else got.sent - got.refused) / max(span, 1e-2), True
         # From the latest moment a second or more before (else the first): from the first, a
         # stretch sent under the limit (at a pace read low, or a machine behind) counted as the
         # server's, and each reading paced at came out lower (893, 678, 641, 591 a second where
         # 1,000 got through).
         since = next((m for m in reversed(moments) if moment.resume - m.resume >= 1.0), moments[0])
-        got = await store.read(since.end, moment.end)
+        # By send, from the moment, not its room: every request sent after the server was full
+        # and not refused got through after it had room, however late it arrived.
+        got = await store.read(since.end if by_answer else since.at + HUNDREDTH, moment.end)
         span = max(moment.resume - since.resume, 1e-2)
         # Nothing through between two moments close together (a bucket refilling one at a time,
         # taken by another account or sent a hundredth late): read as one, not as nothing.
-        return max(got.admitted, 1) / span, span >= 1.0
+        return max(got.admitted if by_answer else got.sent - got.refused, 1) / span, span >= 1.0
 
 
 @dataclass(slots=True)
@@ -111,7 +116,7 @@ class Readings:
         return wait
 
     async def read(
-        self, store: AccountStore, loop: asyncio.AbstractEventLoop, alone: bool, late: float
+        self, store: AccountStore, loop: asyncio.AbstractEventLoop, alone: bool, late: float, by_answer: bool
     ) -> None:
         """Read the moments whose log the store holds whole, or that waited long enough."""
         while self._waiting:
@@ -120,7 +125,9 @@ class Readings:
             whole = reading.moment.end <= self.reported
             if not ((whole and now >= reading.after + late) or now >= reading.due + late):
                 return
-            read = await self._capacity.read(store, reading.moment)  # StoreAway: kept, read when back
+            read = await self._capacity.read(
+                store, reading.moment, by_answer
+            )  # StoreAway: kept, read when back
             self._waiting.pop(0)
             if read is not None and not alone:
                 reading.then(*read)
