@@ -16,7 +16,7 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
-from pipeline.pace.accountlog import STALE, UNKNOWN, AccountLog
+from pipeline.pace.accountlog import STALE, AccountLog
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
@@ -436,16 +436,21 @@ async def test_the_ramp_doubles_on_the_answers_to_what_was_sent_at_its_rate() ->
 
 
 def test_a_request_whose_end_is_never_told_holds_no_reading_for_long() -> None:
-    """A refusal another scope reads is never told to the account's log. Before any answer
-    is in, its age is the least an answer can take (a reading waits for it), up to UNKNOWN;
-    after STALE it is let go (the log kept it, and held every reading, for as long as it ran)."""
+    """A refusal another scope reads is never told to the account's log. Read by admission,
+    the log is whole up to its call less the least latency whatever is out; the request is
+    let go after STALE (the log of requests out kept it, and grew, for as long as the run went).
+    Before any answer, a reading is by send: up to the oldest request out within READ_WAIT."""
     log = AccountLog()
     log.offset = 0.0
     log.sent(9.0)
-    assert log.floor(10.0) == pytest.approx(1.0)
-    assert log.floor(9.0 + UNKNOWN * 2) == UNKNOWN
-    assert log.whole(9.0 + UNKNOWN * 2, READ_WAIT) == pytest.approx(9.0 + UNKNOWN)
-    assert log.whole(9.0 + STALE + 1.0, READ_WAIT) == -1.0
+    assert log.whole(9.5, READ_WAIT) == 9.0
+    assert log.whole(10.5, READ_WAIT) == -1.0  # older than READ_WAIT: no refusal on its way
+    log.sent(10.5)
+    log.sent(10.6)
+    log.admitted(10.6, 10.62)  # the server answers in 20 ms: read by admission
+    assert log.whole(11.0, READ_WAIT) == pytest.approx(10.98)
+    assert log.whole(10.5 + STALE - 1.0, READ_WAIT) == pytest.approx(9.48 + STALE)
+    assert log.whole(10.5 + STALE + 1.0, READ_WAIT) == -1.0
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:

@@ -20,8 +20,8 @@ from collections import deque
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
 FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
 STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
-UNKNOWN = 30.0  # seconds an answer may take at most, as far as a reading waits for it (none answered yet)
-WAITS = 16  # latencies kept, of answers let through and of refusals
+FAST = 0.25  # seconds: a server whose quickest answers take less is read by admission
+REFUSALS = 16  # latencies of refusals kept
 
 
 class AccountLog:
@@ -32,7 +32,7 @@ class AccountLog:
         self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
         self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
         self._whole = -math.inf  # admissions are logged from here on (ours)
-        self._waits: tuple[deque[float], deque[float]] = (deque(maxlen=WAITS), deque(maxlen=WAITS))
+        self._refusals: deque[float] = deque(maxlen=REFUSALS)  # their latencies lately
 
     def sent(self, at: float) -> None:
         h = int(at * 100)
@@ -55,27 +55,24 @@ class AccountLog:
         if now - began >= FLOOR_SPAN:
             began, least, last = now, math.inf, least
         self._floor = began, min(least, max(now - sent_at, 0.0)), last
-        self._waits[0].append(now - sent_at)
         if self.offset is not None and len(self._log) < LOG_MAX:
             self._counts(max(now - self.floor(now), self._whole))[3] += 1
 
     def floor(self, now: float) -> float:
-        """The least latency of this process's answers lately (what the server takes); none
-        answered yet, the age of its oldest request out (none has taken less)."""
-        if (least := min(self._floor[1:])) < math.inf:
-            return least
-        return min(max(now - next(iter(self._out)) / 100, 0.0), UNKNOWN) if self._out else 0.0
+        """The least latency of this process's answers lately: what the server takes (0: none yet)."""
+        least = min(self._floor[1:])
+        return least if least < math.inf else 0.0
 
     @property
     def by_answer(self) -> bool:
         """Whether what got through is read by when it was admitted, as answers tell: when the
-        server answers about as fast as it refuses (what a request waits is mostly the way
-        there: busy cores). Else by when it was sent, as before: a model answering in 2 to 30 s
-        tells by its answer little of when it admitted a request (read by admission, a first
-        reading came out at 22 and 2 where 60 got through, at 2 to 4 and 2 to 30 s), and
-        its refusals come back at once."""
-        ok, no = (sorted(waits)[len(waits) // 2] if waits else None for waits in self._waits)
-        return ok is None or ok <= (0.25 if no is None else 2 * no + 0.1)
+        server answers at once (its quickest answers within FAST), or about as fast as it
+        refuses (busy cores: a request waits on its way there). Else by when it was sent, as
+        before: a model answering in 2 to 30 s tells by its answer little of when it admitted
+        a request (read by admission, a first reading came out at 22 and 2 where 60 got
+        through, at 2 to 4 and 2 to 30 s), and its refusals come back at once."""
+        least, no = min(self._floor[1:]), self._refusals
+        return least < FAST or (bool(no) and least <= 2 * sorted(no)[len(no) // 2] + 0.1)
 
     def whole(self, now: float, within: float) -> float:
         """Up to when (the store's clock) this process's log is whole at `now`, while it has
@@ -96,7 +93,7 @@ class AccountLog:
         """A request sent at `sent_at` was refused, at `now`, until `resume` (our clock);
         returns when it was sent on the store's clock, or None when it is not logged."""
         self.answered(sent_at)
-        self._waits[1].append(now - sent_at)
+        self._refusals.append(now - sent_at)
         if self.offset is None or len(self._log) >= LOG_MAX:
             return None
         counts = self._counts(sent_at)
