@@ -296,7 +296,7 @@ class TwoProcesses:
         link = self.links[pid]
         await link._sync(self.store, self.clock)
         log = link.account_log
-        late = log.floor(at) if log.by_answer else 0.0
+        late = log.floor if log.by_answer else 0.0
         await link._readings.read(self.store, self.clock, alone=False, late=late, by_answer=log.by_answer)
 
     def admitted(self, pid: str, sent_at: float, at: float) -> None:

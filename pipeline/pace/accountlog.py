@@ -56,9 +56,10 @@ class AccountLog:
             began, least, last = now, math.inf, least
         self._floor = began, min(least, max(now - sent_at, 0.0)), last
         if self.offset is not None and len(self._log) < LOG_MAX:
-            self._counts(max(now - self.floor(now), self._whole))[3] += 1
+            self._counts(max(now - self.floor, self._whole))[3] += 1
 
-    def floor(self, now: float) -> float:
+    @property
+    def floor(self) -> float:
         """The least latency of this process's answers lately: what the server takes (0: none yet)."""
         least = min(self._floor[1:])
         return least if least < math.inf else 0.0
@@ -86,7 +87,7 @@ class AccountLog:
             return -1.0
         if not self.by_answer:
             return next(iter(out)) / 100 + self.offset
-        self._whole = max(self._whole, now - self.floor(now))
+        self._whole = max(self._whole, now - self.floor)
         return self._whole + self.offset
 
     def refused(self, sent_at: float, resume: float, now: float) -> float | None:
