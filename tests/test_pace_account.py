@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,8 +30,9 @@ def _same(redis: Reply, python: Reply, step: str) -> None:
         assert math.isclose(a, b, abs_tol=CLOCK), (step, field, redis, python)
 
 
-def _log(quads: list[tuple[int, int, int, int]]) -> str:
-    return " ".join(f"{cs} {s} {r} {w}" for cs, s, r, w in quads)
+def _log(counts: list[tuple[int, ...]]) -> str:
+    """The log's fives (hundredth, sent, refused, room, admitted), admitted 0 where not given."""
+    return " ".join(" ".join(str(n) for n in (*c, 0)[:5]) for c in counts)
 
 
 async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer) -> None:
@@ -92,9 +93,16 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await asyncio.sleep(0.05)
         cs = int(time.time() * 100)
         run = [(cs - 3 + i, 2, 2, cs + 300) for i in range(RUN)] + [(cs - 3, 0, 0, cs + 150)]
-        full = await both("full", pid="b", log=_log(run))
+        got = [
+            (cs - 150, 0, 0, 0, 30),
+            (cs - 90, 0, 0, 0, 16),
+            (cs - 10, 0, 0, 0, 4),
+        ]  # 20 in the second before the run
+        full = await both("full", pid="b", log=_log(run + got))
         assert full.full_at > 0
         assert full.paused >= full.now + 0.5  # the earliest room told: 1.5 s after the run began
+        # The ramp goes on from what got through in the last second, not from its rate.
+        assert (full.booting, full.rate) == (True, 20.0)
         assert (await store.read(run[0][0] / 100, (cs + 5) / 100)) == held.read(
             run[0][0] / 100, (cs + 5) / 100
         )
@@ -104,10 +112,11 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         assert not other.leads
         await both("a pause asked for", pause_for=2.0)
         await both("a stated rate and tokens", given=10.0, given_tokens=500.0, want=5, want_tokens=100.0)
-        # A process whose oldest request unanswered left half a second ago: the store holds the
-        # account's answers up to then, not up to its call (nor up to now, holding no starts).
+        # A process with requests out, its admissions told up to half a second ago (its answers
+        # take that long): the store holds the account's log up to then, not up to its call
+        # (nor up to now, holding no starts).
         since = time.time() - 0.5
-        waiting = await both("a request unanswered", pid="c", oldest=since)
+        waiting = await both("a request unanswered", pid="c", whole=since)
         assert waiting.reported == pytest.approx(since, abs=CLOCK)
         answered = await both("its answer in", pid="c")
         assert answered.reported > since + 0.4  # the last call of `a`, which holds starts
@@ -162,9 +171,15 @@ CALL = st.fixed_dictionaries(
         "pause_for": st.sampled_from([0.0, 0.3]),
         "holds": st.booleans(),
         "answered": st.integers(0, 50),
-        "oldest": st.none() | st.floats(0.0, 1.5),  # seconds before the call
+        "whole": st.none() | st.floats(0.0, 1.5),  # seconds before the call
         "log": st.lists(
-            st.tuples(st.integers(-190, 5), st.integers(0, 3), st.integers(0, 3), st.integers(-1, 150)),
+            st.tuples(
+                st.integers(-190, 5),
+                st.integers(0, 3),
+                st.integers(0, 3),
+                st.integers(-1, 150),
+                st.integers(0, 3),
+            ),
             max_size=8,
         ),
     }
@@ -177,7 +192,8 @@ def test_any_calls_get_the_same_answers_from_either_home(
     redis_server: RedisServer, calls: list[dict[str, Any]]
 ) -> None:
     """Hypothesis over sequences of calls from three processes (logs with runs of refusals,
-    leases, pauses, found rates, oldest requests unanswered): field by field the same replies."""
+    leases, pauses, found rates, admissions told whole up to a time): field by field the same
+    replies, and the same counts read back from either's log."""
 
     async def replay() -> None:
         store = Store(redis_server.url, f"pipeline:pace:any:{time.monotonic_ns()}")
@@ -187,14 +203,111 @@ def test_any_calls_get_the_same_answers_from_either_home(
             for i, call in enumerate(calls):
                 now = time.time()
                 cs = int(now * 100)
-                log = _log([(cs + h, n, m, cs + h + w if m and w >= 0 else 0) for h, n, m, w in call["log"]])
-                ago = call["oldest"]
-                fields = {k: v for k, v in call.items() if k not in ("log", "oldest")}
-                ask = Ask(**fields, log=log, oldest=-1.0 if ago is None else now - ago)
+                log = _log(
+                    [(cs + h, n, m, cs + h + w if m and w >= 0 else 0, a) for h, n, m, w, a in call["log"]]
+                )
+                ago = call["whole"]
+                fields = {k: v for k, v in call.items() if k not in ("log", "whole")}
+                ask = Ask(**fields, log=log, whole=-1.0 if ago is None else now - ago)
                 redis = await store.call(ask)
                 at[0] = redis.now
                 _same(redis, held.call(ask), f"call {i}: {ask}")
+                span = (now - 2.0, now + 0.1)
+                assert await store.read(*span) == held.read(*span), f"call {i}: {ask}"
         finally:
             await store.close()
 
     asyncio.run(replay())
+
+
+# -- the ramp, in a model of sixteen processes (SHARDS2's, with a lag and admissions) ----------
+
+
+class _Ramp(NamedTuple):
+    peak: float  # the ramp's highest rate before the account was seen full
+    refused: int  # requests refused up to a second after that
+    full_by: float  # from the start to the first second of the server letting 90 % of it through
+    after: float  # the ramp's rate when the pause ended (no reading yet)
+
+
+def _ramp(limit: int, phase: float, lag: float = 0.0, links: int = 16) -> _Ramp:
+    """`links` processes ramping up together (no limit given), leasing from the Ray actor's
+    rules on a fake clock, against a server letting `limit` through in each second of its clock
+    (which begins `phase` into one) and answering in 20 ms; a request reaches it `lag` after it
+    left the gate (busy cores). A process calls the store every 20 ms, or 5 ms after its last
+    call when it has spent its starts or has a refusal to tell, as the link does, telling its
+    admissions by their answer less the latency, and the answers to what it sent since it was
+    told the ramp's rate; it sends its leased starts when due, and drops those gone 0.1 s late.
+    No reading is taken: the ramp alone."""
+    clock = [1000.0 + phase]
+    pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
+    slots: list[list[float]] = [[] for _ in range(links)]
+    logs: list[dict[int, list[int]]] = [{} for _ in range(links)]
+    answered, last_call, told = [0] * links, [-1.0] * links, [False] * links
+    since, told_rate = [0.0] * links, [0.0] * links  # the ramp's rate each was told, and when
+    arriving: list[tuple[float, int, int]] = []  # at the server then, process, hundredth sent
+    answers: list[tuple[float, int, int, bool]] = []  # due, process, hundredth sent, refused
+    through: dict[int, int] = {}  # the server's second: let through
+    start, paused, rate, peak, refused, full_at, after = clock[0], 0.0, 0.0, 0.0, 0, math.inf, 0.0
+    while clock[0] < start + 6 and clock[0] < full_at + 1 + lag:
+        now = clock[0]
+        for at, i, cs in [a for a in arriving if a[0] <= now]:
+            no = through.get(int(at), 0) >= limit
+            through[int(at)] = through.get(int(at), 0) + (not no)
+            refused += no
+            answers.append((at + 0.02, i, cs, no))
+        arriving = [a for a in arriving if a[0] > now]
+        for _, i, cs, no in [a for a in answers if a[0] <= now]:
+            counts = logs[i].setdefault(cs, [0, 0, 0, 0])
+            if no:
+                counts[1], counts[2], told[i] = counts[1] + 1, (cs // 100 + 1) * 100, True
+            else:
+                answered[i] += cs / 100 >= since[i] - 0.01  # sent at the rate it was told, as the link counts
+                logs[i].setdefault(int((now - 0.02) * 100), [0, 0, 0, 0])[3] += 1
+        answers = [a for a in answers if a[0] > now]
+        for i in range(links):
+            while slots[i] and slots[i][0] <= now:
+                if slots[i].pop(0) >= now - 0.1 and now >= paused:
+                    cs = int(now * 100)
+                    logs[i].setdefault(cs, [0, 0, 0, 0])[0] += 1
+                    arriving.append((now + lag, i, cs))
+            if now - last_call[i] >= 0.02 or (now - last_call[i] >= 0.005 and (told[i] or not slots[i])):
+                want = 0 if slots[i] else max(1, math.ceil(rate * 0.02 / links))
+                log = _log([(cs, *counts) for cs, counts in logs[i].items()])
+                r = pace.call(Ask(f"p{i}", want=want, log=log, holds=bool(slots[i]), answered=answered[i]))
+                logs[i], answered[i], told[i], last_call[i] = {}, 0, False, now
+                if r.paused <= now < full_at + 1 + lag and full_at < now and not after:
+                    after = r.rate
+                rate, paused = r.rate, max(paused, r.paused)
+                if r.rate != told_rate[i]:
+                    told_rate[i], since[i] = r.rate, now
+                if r.full_at > 0:
+                    full_at = min(full_at, now)
+                peak = max(peak, rate) if now < full_at else peak
+                slots[i] += [r.start + k / r.rate for k in range(r.granted)] if r.start >= 0 else []
+        clock[0] = round(now + 0.005, 3)
+    full_by = min((s for s, n in through.items() if n >= limit * 0.9), default=math.inf)
+    return _Ramp(peak, refused, full_by - start, after)
+
+
+def test_sixteen_processes_ramp_to_a_limit_of_1000_a_second_within_two_seconds() -> None:
+    """The account's clock ran a second ahead of the ramp at 16 a second (each process holding
+    a start), and each doubling came that late: the server let through 90 % of its limit 3.0
+    to 3.9 s from the start (SHARDS2's model). Wherever its second begins. And once the run of
+    refusals is seen, the ramp goes on from what got through (4,096 a second before)."""
+    for phase in (0.0, 0.3, 0.6, 0.9):
+        ramp = _ramp(1000, phase)
+        assert ramp.full_by <= 2.0, (phase, ramp)
+        assert ramp.peak <= 4096, (phase, ramp)  # no further past it than the slow ramp went
+        assert ramp.refused <= 200, (phase, ramp)
+        assert ramp.after <= 1000, (phase, ramp)
+
+
+def test_a_faster_ramp_pays_few_refusals_at_a_low_limit() -> None:
+    """At 50 a second the ramp is over the limit in its first second (6 to 9 refused a second
+    later before it went from now, 7 to 12 since), and goes on at no more than the limit."""
+    for phase in (0.0, 0.3, 0.6, 0.9):
+        ramp = _ramp(50, phase)
+        assert ramp.refused <= 12, (phase, ramp)
+        assert ramp.full_by <= 1.0, (phase, ramp)
+        assert ramp.after <= 50, (phase, ramp)

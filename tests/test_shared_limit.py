@@ -16,6 +16,7 @@ import redis.asyncio as redis
 import pipeline
 from pipeline.errors import SettingsError
 from pipeline.pace.account import AccountPace
+from pipeline.pace.accountlog import STALE, AccountLog
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.lease import TokenLeases
 from pipeline.pace.leased import MAX_LEASE, shared_pacer
@@ -103,16 +104,16 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
     try:
         cs = int(time.time() * 100)
         for i in range(20):
-            await store.call(Ask("a", want=1, found=100.0, log=f"{cs + i} 5 0 0"))
+            await store.call(Ask("a", want=1, found=100.0, log=f"{cs + i} 5 0 0 0"))
         told = await reads()
         assert told == 20  # the processes seen lately, once a call: no more
-        await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100}"))
+        await store.call(Ask("a", want=1, found=100.0, log=f"{cs + 20} 5 4 {cs + 100} 0"))
         assert await reads() > told + 1  # a refusal: the log is looked at for a run of them
         # A run whose room is past, then the rest of it told late: no new run to see there.
         late = Store(redis_server.url, account_key("http://y/v1", FAKE_KEY))
-        await late.call(Ask("a", want=1, log=f"{cs - 50} 5 4 {cs - 10}"))
+        await late.call(Ask("a", want=1, log=f"{cs - 50} 5 4 {cs - 10} 0"))
         scanned = await reads()
-        await late.call(Ask("a", want=1, log=f"{cs - 49} 5 5 {cs - 10}"))
+        await late.call(Ask("a", want=1, log=f"{cs - 49} 5 5 {cs - 10} 0"))
         await late.close()
         assert await reads() == scanned + 1  # the processes seen lately, no more
     finally:
@@ -121,28 +122,36 @@ async def test_a_call_that_tells_no_refusal_does_not_read_the_send_log(redis_ser
 
 
 class LogStore:
-    """A store whose send log is given: (hundredth sent, refused) of each request."""
+    """A store whose log is given: (hundredth sent, refused) of each request, each let through
+    admitted when it was sent unless `admitted` says when (a hundredth each)."""
 
-    def __init__(self, log: list[tuple[int, bool]]) -> None:
+    def __init__(self, log: list[tuple[int, bool]], admitted: list[int] | None = None) -> None:
         self.log = log
+        self.admitted = [cs for cs, refused in log if not refused] if admitted is None else admitted
 
     async def read(self, since: float, until: float) -> Logged:
-        sent = [(cs, refused) for cs, refused in self.log if int(since * 100) <= cs < int(until * 100)]
+        span = range(int(since * 100), int(until * 100))
+        sent = [(cs, refused) for cs, refused in self.log if cs in span]
         first = min((cs for cs, _ in sent), default=None)
-        return Logged(len(sent), sum(refused for _, refused in sent), None if first is None else first / 100)
+        got = sum(cs in span for cs in self.admitted)
+        return Logged(
+            len(sent), sum(refused for _, refused in sent), None if first is None else first / 100, got
+        )
 
 
 async def test_a_reading_counts_what_got_through_after_the_first_moment_however_late_it_arrived() -> None:
     """A server that lets 100 requests a second through, by the second: full at 10.5 (the run
     begins with the request sent then), room at 11.0; full again at 11.5, room at 12.0. 40 of
     those it let through in its second 11 left a little before 11.0 (they arrived after it: a
-    server that queues, or clocks apart): read from 11.0, the limit came out at 60, not 100."""
+    server that queues, or a machine that sends late): counted by send from 11.0, the limit
+    came out at 60, not 100; by admission, 100."""
     log = [(1000 + i, False) for i in range(0, 50)]  # 10.00 to 10.49: 100 a second, let through
     log += [(1050 + i, True) for i in range(0, 10)]  # the run: refused
     log += [(1090 + i // 4, False) for i in range(40)]  # 10.90 to 10.99: arrive after 11.0
     log += [(1100 + i, False) for i in range(60)]  # 11.00 to 11.59
     log += [(1160 + i, True) for i in range(10)]  # full again
-    store: Any = LogStore(log)
+    admitted = [*range(1000, 1050), *(1100 + i // 4 for i in range(40)), *range(1100, 1160)]
+    store: Any = LogStore(log, admitted)
     capacity = AccountCapacity()
     await capacity.read(store, Moment(10.50, 11.0))
     second = await capacity.read(store, Moment(11.60, 12.0))
@@ -264,6 +273,9 @@ class Budget:
     given = given_tokens = watch_until = 0.0
     holds, alone, booting = True, False, True
 
+    def __init__(self, clock: Clock) -> None:
+        self._now = clock
+
     def granted(self, r: Reply, offset: float, tokens: float) -> None:
         pass
 
@@ -276,58 +288,88 @@ class TwoProcesses:
         self.store: Any = HeldStore(self.clock)
         self.links = {pid: StoreLink(lambda: self.store, "memory", lambda _: None) for pid in "ab"}
         for pid, link in self.links.items():
-            link._pid, link.budget = pid, Budget()  # type: ignore[assignment]
+            link._pid, link.budget = pid, Budget(self.clock)  # type: ignore[assignment]
 
     async def sync(self, pid: str, at: float) -> None:
         """`pid` calls the store at `at`, and reads what it may."""
         self.clock.now = at
-        await self.links[pid]._sync(self.store, self.clock)
-        await self.links[pid]._readings.read(self.store, self.clock, alone=False)
+        link = self.links[pid]
+        await link._sync(self.store, self.clock)
+        log = link.account_log
+        late = log.floor if log.by_answer else 0.0
+        await link._readings.read(self.store, self.clock, alone=False, late=late, by_answer=log.by_answer)
 
-    async def full_at_9_60(self) -> None:
+    def admitted(self, pid: str, sent_at: float, at: float) -> None:
+        """`pid`'s request sent at `sent_at` got through, its answer in at `at`."""
+        self.clock.now = at
+        self.links[pid].answered(sent_at)
+
+    async def full_at_9_60(self, latency: float = 0.0) -> None:
         """Both known to the store at 9.0 (its clock the same as ours); `a` gets 60 through
-        in the server's second 9, then a run of refusals from 9.60, room told at 10.0."""
+        in the server's second 9, then a run of refusals from 9.60, room told at 10.0. Its
+        answers take `latency` (given here when 0; else the test's to give), its refusals none."""
         for pid in "ab":
             await self.sync(pid, 9.0)
         a = self.links["a"]
         for i in range(60):
-            a.sent(9.0 + i / 100)
-            a.answered(9.0 + i / 100)
+            self.clock.now = 9.0 + i / 100
+            a.sent(self.clock.now)
+            if not latency:
+                a.answered(self.clock.now)
         for i in range(RUN):
-            a.sent(9.6 + i / 100)
-            a.refused(9.6 + i / 100, 10.0)
+            self.clock.now = 9.6 + i / 100
+            a.sent(self.clock.now)
+            a.refused(self.clock.now, 10.0)
 
 
-async def test_a_reading_waits_for_the_refusals_of_requests_sent_before_its_moment() -> None:
+async def test_a_reading_counts_what_was_admitted_without_waiting_for_refusals_on_their_way() -> None:
     """A server letting 60 through in its second 9, full at 9.60 (room at 10.0). Process `b`
-    sent 20 more before the room whose refusals come back half a second late (busy cores): the
-    store held `b`'s log up to the moment, and the account's limit was read at 80 a second,
-    those 20 counted as let through; read once their answers are in, at 60."""
+    sent 20 more before the room whose refusals come back half a second late (busy cores).
+    Counted by send, the reading waited for their answers (else it took them for let
+    through: 80), and was read at 10.5; counted by admission, they are not in it: 60, at 10.05."""
     account = TwoProcesses()
     read: list[tuple[str, float]] = []
     for pid, link in account.links.items():
         link.watch(partial(lambda pid, rate, sure: read.append((pid, rate)), pid))
     sync, b = account.sync, account.links["b"]
     await account.full_at_9_60()
+    b.sent(8.99)
+    account.admitted("b", 8.99, 9.0)  # its answers take 10 ms: it tells its admissions up to its call
     for i in range(20):  # sent before the room, refused: the answers are on their way
         b.sent(9.7 + i / 100)
     await sync("b", 10.05)
-    await sync("a", 10.05)  # the account seen full at 9.60: a reading of it waits
-    for at in (10.1, 10.3, 10.45):
+    await sync("a", 10.05)  # the account seen full at 9.60: read once the store holds 10.0
+    await sync("b", 10.06)
+    assert sorted(read) == [("a", pytest.approx(60.0)), ("b", pytest.approx(60.0))]
+
+
+@pytest.mark.parametrize("spread", [0.0, 2.0, 28.0])
+async def test_a_reading_with_answers_of_seconds_counts_what_the_servers_second_let_through(
+    spread: float,
+) -> None:
+    """The same server answering in 2 s (2 to 4 s, 2 to 30 s), its refusals at once. Counted
+    by admission, as its answer less the least latency tells, its second 9 let through 60
+    (22, 2): answers that take seconds, more for some, tell little of when the request was
+    admitted. Such a server is read by send, as before: 60 once the refusals are in."""
+    account = TwoProcesses()
+    read: list[float] = []
+    account.links["a"].watch(lambda rate, sure: read.append(rate))
+    sync, latency = account.sync, [2.0 + spread * ((i * 37) % 60) / 59 for i in range(60)]
+    await account.full_at_9_60(latency=2.0)
+    answers = sorted((9.0 + i / 100 + latency[i], 9.0 + i / 100) for i in range(60))
+    for at in (10.05, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0):
+        while answers and answers[0][0] <= at:
+            account.admitted("a", answers[0][1], answers.pop(0)[0])
+        await sync("a", at)
         await sync("b", at)
-        await sync("a", at + 0.01)
-    assert read == []  # b's answers are not in
-    for i in range(20):
-        b.refused(9.7 + i / 100, 10.0)
-    await sync("b", 10.5)
-    await sync("a", 10.51)
-    assert read == [("b", pytest.approx(60.0)), ("a", pytest.approx(60.0))]
+    assert read == [pytest.approx(60.0)]
 
 
 async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_than_read_wait() -> None:
-    """`b` dies with 20 requests out, sent before the moment the account was full: its last
-    call's oldest unanswered holds the store's `reported` back for as long as it counts as a
-    member (5 s), but a reading waits READ_WAIT at most, whole or not."""
+    """`b` dies with 20 requests out, sent before the moment the account was full and none of
+    its answers known: its last call's log of admissions, whole up to its oldest request out,
+    holds the store's `reported` back for as long as it counts as a member (5 s), but a reading
+    waits READ_WAIT at most (past the least latency of answers), whole or not."""
     account = TwoProcesses()
     read: list[float] = []
     account.links["a"].watch(lambda rate, sure: read.append(rate))
@@ -336,18 +378,18 @@ async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_t
     for i in range(20):
         b.sent(9.7 + i / 100)
     await sync("b", 10.05)  # its last call
-    await sync("a", 10.06)  # the account seen full: a reading waits for b's answers
+    await sync("a", 10.06)  # the account seen full: a reading waits for b's log
     for at in (10.5, 11.0):
         await sync("a", at)
     assert read == []
     await sync("a", 10.06 + READ_WAIT)
-    assert read == [pytest.approx(80.0)]  # b's 20, never answered, counted as let through
+    assert read == [pytest.approx(60.0)]  # b's 20, never answered, not admitted
 
 
 @pytest.mark.parametrize("end", ["a 200", "a 400", "a 500", "a 503 refusal"])
-def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -> None:
-    """A reading of the account's limit waits for the answers to what was sent before its
-    moment (Ask.oldest): a request whose answer is in, let through or not, is not one to wait
+async def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -> None:
+    """A reading of the account's limit waits for the admissions of every process up to its
+    moment (Ask.whole): a request whose answer is in, let through or not, is not one to wait
     for. A 400 (a line at fault) or a 500 held every reading for READ_WAIT, a second; a 503
     refusal, told twice, would let go of another request sent in its hundredth."""
     clock = Clock(9.0)
@@ -355,6 +397,7 @@ def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -> None
     finder = RateFinder(pacer, Window(64), clock=clock)
     log = pacer.account.account_log  # type: ignore[union-attr]
     log.offset = 0.0  # the store's clock known (the same as ours)
+    pacer._loop = clock  # type: ignore[assignment]
     ticket, other = finder.sent(), finder.sent()
     clock.now = 9.1
     if end == "a 200":
@@ -366,9 +409,48 @@ def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -> None
     else:  # as the gate tells it: a refusal, and the endpoint's failure
         finder.pushback(ticket, 1.0, "503 overloaded")
         finder.failure(ticket, "503 overloaded")
-    assert log.oldest(9.1, READ_WAIT) == 9.0  # the other is out
-    finder.success(other, 0.1)
-    assert log.oldest(9.1, READ_WAIT) == -1.0
+    assert log.whole(9.1, READ_WAIT) == 9.0  # the other is out: its admission may be logged from 9.0 on
+    clock.now = 9.2
+    finder.success(other, 0.2)
+    assert log.whole(9.2, READ_WAIT) == -1.0
+
+
+async def test_the_ramp_doubles_on_the_answers_to_what_was_sent_at_its_rate() -> None:
+    """The ramp doubles once its requests are let through at 3/4 of its rate: counted with
+    them, answers to requests sent before its last step (late on busy cores) let it double
+    again before that step was answered, and in a model of sixteen processes 0.1 s behind it
+    went twice as far past the limit."""
+    account = TwoProcesses()
+    asks: list[Ask] = []
+    call = account.store.call
+    account.store.call = lambda ask: asks.append(ask) or call(ask)
+    await account.sync("a", 9.0)  # the ramp's rate told: 16 a second
+    account.store.pace.fields["boot"] = 32.0  # it doubled
+    await account.sync("a", 9.3)
+    a = account.links["a"]
+    for sent_at in (9.2, 9.31):
+        a.sent(sent_at)
+        account.admitted("a", sent_at, 9.36)
+    await account.sync("a", 9.4)
+    assert asks[-1].answered == 1  # the one sent at 32 a second
+
+
+def test_a_request_whose_end_is_never_told_holds_no_reading_for_long() -> None:
+    """A refusal another scope reads is never told to the account's log. Read by admission,
+    the log is whole up to its call less the least latency whatever is out; the request is
+    let go after STALE (the log of requests out kept it, and grew, for as long as the run went).
+    Before any answer, a reading is by send: up to the oldest request out within READ_WAIT."""
+    log = AccountLog()
+    log.offset = 0.0
+    log.sent(9.0)
+    assert log.whole(9.5, READ_WAIT) == 9.0
+    assert log.whole(10.5, READ_WAIT) == -1.0  # older than READ_WAIT: no refusal on its way
+    log.sent(10.5)
+    log.sent(10.6)
+    log.admitted(10.6, 10.62)  # the server answers in 20 ms: read by admission
+    assert log.whole(11.0, READ_WAIT) == pytest.approx(10.98)
+    assert log.whole(10.5 + STALE - 1.0, READ_WAIT) == pytest.approx(9.48 + STALE)
+    assert log.whole(10.5 + STALE + 1.0, READ_WAIT) == -1.0
 
 
 async def test_the_key_names_the_account_by_a_hash_never_the_key(redis_server: RedisServer) -> None:

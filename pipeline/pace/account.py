@@ -2,7 +2,7 @@
 
 The same state and rules as the Redis script of `pipeline.pace.store`, in Python: one call
 leases starts and tokens, publishes a rate found and a pause, and adds to the account's send
-log; `read` counts what the account sent over a span. The process holding it answers one
+log; `read` counts what the account sent, and the server admitted, over a span. The process holding it answers one
 call at a time (an actor's calls are serial), which is what makes each call atomic, as a
 script is in Redis. Its clock is its own `time.time()`, the one clock every caller shares.
 State unused for KEY_TTL is forgotten, as Redis keys expire.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from pipeline.pace.store import KEY_TTL, LOG_TTL, Ask, Logged, Reply
 
-_Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" -> count (or room)
+_Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
 
 class AccountPace:
@@ -59,15 +59,18 @@ class AccountPace:
         if a.given <= 0 and told_new:
             run = self._full_run(cs_now, since)
             if run is not None:
-                first, told = run
+                first, told, got = run
                 full_at, full_resume = first / 100, told / 100 if told else now
                 f["full_at"], f["full_resume"] = full_at, full_resume
                 if max(full_resume, now) > paused:
                     paused = f["paused"] = max(full_resume, now)
+                if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
+                    # The ramp goes on from what got through in the second before (as told), not its rate.
+                    f["boot"] = max(self.boot_rate, min(f.get("boot", self.boot_rate), got))
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second while the account's
+            # The ramp of the Redis script: doubling every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
             # a second, not within half a second of a pause; no start leased till a second
             # after a pause.
@@ -77,7 +80,7 @@ class AccountPace:
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
-                    rate = min(rate * 2, 100_000.0)
+                    rate, f["clock"] = min(rate * 2, 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
             if now < paused + 1:
@@ -98,7 +101,7 @@ class AccountPace:
             f["token_clock"] = token_start + tokens / a.given_tokens
         # Processes seen lately, and the time up to which each has told its log and had its answers.
         upto = now if a.holds or want > 0 else now + 3600
-        self.members[a.pid] = (now, min(upto, a.oldest) if a.oldest >= 0 else upto)
+        self.members[a.pid] = (now, min(upto, a.whole) if a.whole >= 0 else upto)
         seen, reported = 0, now + 3600
         for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
@@ -115,18 +118,20 @@ class AccountPace:
             self._reset()
         n = self._logged(int(since * 100), int(until * 100) - 1)
         first = min(n["s"]) / 100 if n["s"] else None
-        return Logged(sum(n["s"].values()), sum(n["r"].values()), first)
+        return Logged(sum(n["s"].values()), sum(n["r"].values()), first, sum(n["a"].values()))
 
     def _add(self, log: str, now: float, since: int) -> tuple[bool, bool]:
         """Adds `log` to the send log; returns whether it told of a refusal, and of one of a
         request sent from hundredth `since` on."""
         parts = log.split()
         told_refusal = told_new = False
-        for i in range(0, len(parts) - 3, 4):
-            cs, sent, refused, room = (int(x) for x in parts[i : i + 4])
+        for i in range(0, len(parts) - 4, 5):
+            cs, sent, refused, room, admitted = (int(x) for x in parts[i : i + 5])
             counts = self.log.setdefault(cs // 100, {})
             if sent:
                 counts[f"s{cs}"] = counts.get(f"s{cs}", 0) + sent
+            if admitted:
+                counts[f"a{cs}"] = counts.get(f"a{cs}", 0) + admitted
             if refused:
                 counts[f"r{cs}"] = counts.get(f"r{cs}", 0) + refused
                 told_refusal, told_new = True, told_new or cs >= since
@@ -138,9 +143,9 @@ class AccountPace:
         return told_refusal, told_new
 
     def _logged(self, since: int, until: int) -> dict[str, dict[int, int]]:
-        """Sent, refused and room ("s", "r", "w") by hundredth, from hundredth `since` to
-        `until`, both in."""
-        kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}}
+        """Sent, refused, room and admitted ("s", "r", "w", "a") by hundredth, from hundredth
+        `since` to `until`, both in."""
+        kinds: dict[str, dict[int, int]] = {"s": {}, "r": {}, "w": {}, "a": {}}
         for second in range(since // 100, until // 100 + 1):
             for name, n in self.log.get(second, {}).items():
                 cs = int(name[1:])
@@ -148,15 +153,16 @@ class AccountPace:
                     kinds[name[0]][cs] = n
         return kinds
 
-    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None] | None:
+    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None, int] | None:
         """The latest run of refusals from hundredth `since` on, as the Redis script finds it:
         back from the latest hundredth refused, the earliest one from which on at least `run`
-        requests were refused and half of what was sent; with the earliest room its refusals told."""
+        requests were refused and half of what was sent; with the earliest room its refusals
+        told, and what was admitted in the second before (as told so far)."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
         low: int | None = None
-        found: tuple[int, int | None] | None = None
+        found: tuple[int, int | None, int] | None = None
         for cs in sorted(sent.keys() | refused.keys(), reverse=True):
             if n_refused or cs in refused:  # from the latest refused on: what follows is in flight
                 n_sent += sent.get(cs, 0)
@@ -164,5 +170,10 @@ class AccountPace:
             if cs in room and (low is None or room[cs] < low):
                 low = room[cs]
             if cs in refused and n_refused >= self.run and n_refused * 2 >= n_sent:
-                found = cs, low
+                found = cs, low, 0
+        if found is not None:  # what got through in the second before, as the first reading counts it
+            first, low, _ = found
+            last = low if low is not None and first < low < first + 100 else first
+            end = last if last > first else first + 1
+            found = first, low, sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
         return found

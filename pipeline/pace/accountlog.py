@@ -1,23 +1,38 @@
-"""One process's part of its account's send log, by the hundredth of the store's clock.
+"""One process's part of its account's log, by the hundredth of the store's clock.
 
 A shared pace tells the store what it sent and what was refused, and when a refusal said the
-server has room again, by the hundredth of a second of the store's clock, with whichever call
-comes next (`pipeline.pace.link`), and when its oldest request unanswered left: the account's
-limit is read from every process's log (`pipeline.pace.reading`) once the answers that may
-change it are in. While the store is away the log is kept, up to LOG_MAX hundredths.
+server has room again, by the hundredth a request left; and what got through by the hundredth
+it was admitted: its answer's, less the least latency of the process's answers lately (what
+the server takes). On busy cores a request leaves seconds after it is logged as sent (16
+shards on two cores: up to 4 s), while its answer is seen within tens of milliseconds of the
+server's admission: counted by send, readings came out at 0.4 to 0.8 of what got through.
+It goes with whichever call comes next (`pipeline.pace.link`), with up to when the log of
+admissions is whole; the account's limit is read from every process's log once the store
+holds it whole (`pipeline.pace.reading`). While the store is away it is kept, up to LOG_MAX
+hundredths.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+
 LOG_MAX = 2_000  # hundredths of the send log held while the store is away
+FLOOR_SPAN = 5.0  # seconds over which the least latency of answers is taken (two spans: the last, this)
+STALE = 600.0  # seconds after which a request unanswered is taken for one whose end is not told here
+FAST = 0.25  # seconds: a server whose quickest answers take less is read by admission
+REFUSALS = 16  # latencies of refusals kept
 
 
 class AccountLog:
     def __init__(self) -> None:
         self.offset: float | None = None  # the store's clock on ours, minus ours
-        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room]
+        self._log: dict[int, list[int]] = {}  # hundredth (the store's clock): [sent, refused, room, admitted]
         self.refusals = False  # the log holds a refusal not yet told
         self._out: dict[int, int] = {}  # hundredth (ours): requests sent then, not yet answered
+        self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
+        self._whole = -math.inf  # admissions are logged from here on (ours)
+        self._refusals: deque[float] = deque(maxlen=REFUSALS)  # their latencies lately
 
     def sent(self, at: float) -> None:
         h = int(at * 100)
@@ -33,22 +48,53 @@ class AccountLog:
         elif n:
             del self._out[h]
 
-    def oldest(self, now: float, within: float) -> float:
-        """When the oldest request sent in the last `within` seconds and unanswered left, on the
-        store's clock (-1: none). Older, it is no refusal on its way (those take milliseconds), or
-        one whose end is not told here (a 5xx; a refusal another scope reads)."""
-        out, since = self._out, int((now - within) * 100)
-        while out:  # (in the order they were sent)
-            h = next(iter(out))
-            if h >= since:
-                return h / 100 + self.offset if self.offset is not None else -1.0
-            del out[h]
-        return -1.0
-
-    def refused(self, sent_at: float, resume: float) -> float | None:
-        """A request sent at `sent_at` was refused until `resume` (our clock); returns when
-        it was sent on the store's clock, or None when it is not logged."""
+    def admitted(self, sent_at: float, now: float) -> None:
+        """A request sent at `sent_at` was let through, its answer in `now` (both ours)."""
         self.answered(sent_at)
+        began, least, last = self._floor
+        if now - began >= FLOOR_SPAN:
+            began, least, last = now, math.inf, least
+        self._floor = began, min(least, max(now - sent_at, 0.0)), last
+        if self.offset is not None and len(self._log) < LOG_MAX:
+            self._counts(max(now - self.floor, self._whole))[3] += 1
+
+    @property
+    def floor(self) -> float:
+        """The least latency of this process's answers lately: what the server takes (0: none yet)."""
+        least = min(self._floor[1:])
+        return least if least < math.inf else 0.0
+
+    @property
+    def by_answer(self) -> bool:
+        """Whether what got through is read by when it was admitted, as answers tell: when the
+        server answers at once (its quickest answers within FAST), or about as fast as it
+        refuses (busy cores: a request waits on its way there). Else by when it was sent, as
+        before: a model answering in 2 to 30 s tells by its answer little of when it admitted
+        a request (read by admission, a first reading came out at 22 and 2 where 60 got
+        through, at 2 to 4 and 2 to 30 s), and its refusals come back at once."""
+        least, no = min(self._floor[1:]), self._refusals
+        return least < FAST or (bool(no) and least <= 2 * sorted(no)[len(no) // 2] + 0.1)
+
+    def whole(self, now: float, within: float) -> float:
+        """Up to when (the store's clock) this process's log is whole at `now`, while it has
+        requests out (-1: none out; what it sends next is logged from its next call). Read by
+        send, up to its oldest request sent in the last `within` seconds and unanswered: older,
+        it is no refusal on its way (those take milliseconds), or one whose end is not told."""
+        out, stale = self._out, int((now - (STALE if self.by_answer else within)) * 100)
+        while out and next(iter(out)) < stale:  # (in the order they were sent)
+            del out[next(iter(out))]
+        if not out or self.offset is None:
+            return -1.0
+        if not self.by_answer:
+            return next(iter(out)) / 100 + self.offset
+        self._whole = max(self._whole, now - self.floor)
+        return self._whole + self.offset
+
+    def refused(self, sent_at: float, resume: float, now: float) -> float | None:
+        """A request sent at `sent_at` was refused, at `now`, until `resume` (our clock);
+        returns when it was sent on the store's clock, or None when it is not logged."""
+        self.answered(sent_at)
+        self._refusals.append(now - sent_at)
         if self.offset is None or len(self._log) >= LOG_MAX:
             return None
         counts = self._counts(sent_at)
@@ -59,10 +105,10 @@ class AccountLog:
         return sent_at + self.offset
 
     def _counts(self, at: float) -> list[int]:
-        """Sent, refused, and room (the earliest a refusal said the server has room again), of
-        the hundredth of the store's clock that `at` (ours) falls in."""
+        """Sent, refused, room (the earliest a refusal said the server has room again) and
+        admitted, of the hundredth of the store's clock that `at` (ours) falls in."""
         assert self.offset is not None
-        return self._log.setdefault(int((at + self.offset) * 100), [0, 0, 0])
+        return self._log.setdefault(int((at + self.offset) * 100), [0, 0, 0, 0])
 
     def take(self) -> dict[int, list[int]]:
         """The log not yet told, to tell the store now."""
@@ -72,12 +118,12 @@ class AccountLog:
 
     def untold(self, log: dict[int, list[int]]) -> None:
         """The store could not be told `log`: told when it is back."""
-        for h, (n, m, w) in log.items():
-            counts = self._log.setdefault(h, [0, 0, 0])
-            counts[0], counts[1] = counts[0] + n, counts[1] + m
+        for h, (n, m, w, a) in log.items():
+            counts = self._log.setdefault(h, [0, 0, 0, 0])
+            counts[0], counts[1], counts[3] = counts[0] + n, counts[1] + m, counts[3] + a
             counts[2] = min(counts[2], w) if counts[2] and w else counts[2] or w
 
 
 def said(log: dict[int, list[int]]) -> str:
     """The log as the store's script takes it."""
-    return " ".join(f"{h} {n} {m} {w}" for h, (n, m, w) in log.items())
+    return " ".join(f"{h} {n} {m} {w} {a}" for h, (n, m, w, a) in log.items())

@@ -4,12 +4,12 @@
   pause, a reading waiting for the account's log (every 20 ms); else one a second, or every
   20 ms while it holds starts and the account ramps up or its server was full lately, so that a
   pause reaches every process at once (told only with a lease, it reached each a lease later,
-  and the starts leased before it went on into the refusals). What was sent goes with the
-  next call, and when its oldest request still unanswered left.
+  and the starts leased before it went on into the refusals). What was sent and admitted goes
+  with the next call, and up to when what it admitted is whole.
 - **A limit found once.** Without `--rpm`, each process's rate finder watches its own
   requests for the moments the server is full, and the limit is read at those moments from
-  what the whole account sent (`pipeline.pace.reading`): every process tells the store what
-  it sent and what was refused, by the hundredth of a second (`pipeline.pace.accountlog`).
+  what the whole account got through (`pipeline.pace.reading`): every process tells the store
+  what it sent, what was refused and what admitted, by the hundredth (`pipeline.pace.accountlog`).
   Every process paces at the rate read; only the one whose reading is in force probes above
   it, for all. A pause one process is asked for is the pool's: every process waits it out.
 
@@ -19,6 +19,7 @@ The key names the account by a hash of the base URL and the API key, never the k
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -58,7 +59,8 @@ class StoreLink:
         self._on_full: Then | None = None
         self._full_seen: float | None = None  # the account's last full moment we know of
         self._resume_seen = -1.0  # and when the server had room again after it (the store's clock)
-        self._answered = 0  # requests let through, not yet told
+        self._answered = 0  # requests let through, not yet told (sent since the rate was told)
+        self._rate = (0.0, -math.inf)  # the account's rate as last told, and since when (ours)
         self._wake = asyncio.Event()
 
     # -- what the pace asks and tells ------------------------------------------------------------
@@ -90,11 +92,14 @@ class StoreLink:
         self.account_log.sent(at)
 
     def answered(self, sent_at: float) -> None:
-        self._answered += 1
-        self.account_log.answered(sent_at)
+        """A request sent at `sent_at` got through. The ramp doubles on those sent at its rate:
+        counting those sent before (late on busy cores), it went twice as far past the limit."""
+        if sent_at >= self._rate[1]:
+            self._answered += 1
+        self.account_log.admitted(sent_at, self.budget._now())
 
     def refused(self, sent_at: float, resume: float) -> None:
-        at = self.account_log.refused(sent_at, resume)
+        at = self.account_log.refused(sent_at, resume, self.budget._now())
         if at is not None and at >= self._resume_seen:
             # Told at once: a run of refusals across the account shows in the store. One of a
             # run the store has seen (sent before the room it told) is no news: told within
@@ -133,7 +138,9 @@ class StoreLink:
             while True:
                 try:
                     await self._sync(store, loop)
-                    await self._readings.read(store, loop, self.budget.alone)
+                    log = self.account_log
+                    late = log.floor if log.by_answer else 0.0
+                    await self._readings.read(store, loop, self.budget.alone, late, log.by_answer)
                 except StoreAway as e:
                     said = self.budget.away()
                     if said is not None:
@@ -150,7 +157,8 @@ class StoreLink:
                 now = loop.time()
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
-                with anyio.move_on_after(max(self._readings.wait(now, wait), 0.0)):
+                late = self.account_log.floor if self.account_log.by_answer else 0.0
+                with anyio.move_on_after(max(self._readings.wait(now, wait, late), 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
         finally:
@@ -177,7 +185,7 @@ class StoreLink:
                     log=said(log),
                     holds=budget.holds,
                     answered=answered,
-                    oldest=self.account_log.oldest(sent_at, READ_WAIT),
+                    whole=self.account_log.whole(sent_at, READ_WAIT),
                 )
             )
         except StoreAway:
@@ -193,6 +201,8 @@ class StoreLink:
         if self._pause_for == pause_for:
             self._pause_for = 0.0
         self._readings.reported = r.reported
+        if r.rate != self._rate[0]:
+            self._rate = (r.rate, now)
         offset = (sent_at + now) / 2 - r.now  # the store's clock on ours
         self.account_log.offset = -offset
         if self._full_seen is not None and r.full_at > self._full_seen and self._on_full is not None:

@@ -1,6 +1,6 @@
 -- The account's shared pace: one call a lease or sync, atomic, on the store's clock (TIME).
 -- KEYS: the account, its members. ARGV: the `Ask`'s fields in order (pid, want, want_tokens,
--- given, given_tokens, found (-1: none), pause_for, log, holds, answered, oldest), then KEY_TTL,
+-- given, given_tokens, found (-1: none), pause_for, log, holds, answered, whole), then KEY_TTL,
 -- BOOT_RATE, LOG_TTL, WATCH, RUN. Nothing here scans more than the call brings but a run of
 -- refusals, looked for only when the call tells of one: a call costs a few commands.
 local key, members = KEYS[1], KEYS[2]
@@ -8,7 +8,7 @@ local pid = ARGV[1]
 local want, want_tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
-local holds, answered, oldest = ARGV[9] == '1', tonumber(ARGV[10]), tonumber(ARGV[11])
+local holds, answered, whole = ARGV[9] == '1', tonumber(ARGV[10]), tonumber(ARGV[11])
 local ttl, boot_rate, log_ttl, watch, run = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -19,16 +19,18 @@ local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
 local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
--- The send log: "hundredth sent refused room" quads, under a key a second (room: the earliest
--- time, in hundredths, a refusal of a request sent then said the server has room again). A run
+-- The send log: "hundredth sent refused room admitted" fives, under a key a second (room: the
+-- earliest time, in hundredths, a refusal of a request sent then said the server has room
+-- again; admitted: let through then, as their answers tell). A run
 -- of refusals is looked for (below) from `from` on, past the last one seen: a call telling only
 -- refusals before it (of that run, told late) cannot show a new one, and looks for none.
 local from = math.max(cs_now - math.floor(watch * 100), math.ceil(full_resume * 100))
 local told_refusal, told_new, written = false, false, {}
-for cs, sent, refused, room in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+)') do
+for cs, sent, refused, room, admitted in string.gmatch(ARGV[8], '(%d+) (%d+) (%d+) (%d+) (%d+)') do
   local log = key .. ':log:' .. math.floor(tonumber(cs) / 100)
   written[log] = true
   if sent ~= '0' then redis.call('HINCRBY', log, 's' .. cs, sent) end
+  if admitted ~= '0' then redis.call('HINCRBY', log, 'a' .. cs, admitted) end
   if refused ~= '0' then
     redis.call('HINCRBY', log, 'r' .. cs, refused)
     told_refusal, told_new = true, told_new or tonumber(cs) >= from
@@ -55,8 +57,8 @@ if given <= 0 and told_new then
   -- was refused. Each process sees only its share of such a run (sixteen would each take
   -- sixteen times as long): the account pauses till the earliest time a refusal of the run
   -- said the server has room again (a scattered refusal among them may ask for longer).
-  local sent, refused, room = {}, {}, {}
-  local kinds = {s = sent, r = refused, w = room}
+  local sent, refused, room, admitted = {}, {}, {}, {}
+  local kinds = {s = sent, r = refused, w = room, a = admitted}
   for second = math.floor(from / 100), math.floor(cs_now / 100) do
     local counts = redis.call('HGETALL', key .. ':log:' .. second)
     for i = 1, #counts, 2 do
@@ -89,6 +91,17 @@ if given <= 0 and told_new then
       paused = math.max(full_resume, now)
       redis.call('HSET', key, 'paused', tostring(paused))
     end
+    if given_tokens <= 0 and (found >= 0 and found or tonumber(state[1] or '0')) <= 0 then
+      -- The ramp goes on from what got through in the second before (as the first reading
+      -- counts it, as told so far), not from its rate: at 16 shards it was two to eight times
+      -- the limit when the run was seen, and went on at it after the pause while no reading
+      -- was in (a second wave of refusals).
+      local last = (told and told > first and told < first + 100) and told or first
+      local got, stop = 0, last > first and last or first + 1
+      for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
+      state[6] = tostring(math.max(tonumber(boot_rate), math.min(tonumber(state[6] or boot_rate), got)))
+      redis.call('HSET', key, 'boot', state[6])
+    end
   end
 end
 if rate <= 0 and found >= 0 then rate = found elseif rate <= 0 then rate = tonumber(state[1] or '0') end
@@ -102,6 +115,9 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- * nothing was refused for a second: a server counting by the second refuses only once its
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
   -- * not within half a second of a pause, before the limit its refusals tell is read.
+  -- A doubled rate goes from now: the account's clock ran ahead of it by the starts its
+  -- processes hold (a second at 16 a second over 16 shards, each holding one), and each
+  -- doubling came that late (SHARDS2's model: 3 to 3.7 s to 90 % of 1,000 a second; 1 to 1.7 s).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
   -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
   -- pause ended, thousands a second.
@@ -109,7 +125,8 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
     if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) * 0.75 then
-      rate = math.min(rate * 2, 100000)
+      rate, state[10] = math.min(rate * 2, 100000), tostring(now)
+      redis.call('HSET', key, 'clock', state[10])
     end
     boot_at, boot_ok = now, 0
   end
@@ -136,10 +153,10 @@ if want_tokens > 0 then
   token_start = base
   redis.call('HSET', key, 'token_clock', tostring(token_start + want_tokens / given_tokens))
 end
--- The processes seen lately; and up to when the store holds the account's send log and its
--- answers: a process told its log up to its last call (all of it while it holds no starts: it
--- cannot send without calling), and had every answer to what it sent before its oldest unanswered.
-local told = math.min((holds or want > 0) and now or now + 3600, oldest >= 0 and oldest or math.huge)
+-- The processes seen lately; and up to when the store holds the account's log whole: a process
+-- told its log up to its last call (all of it while it holds no starts and no request is out: it
+-- cannot send without calling), its admissions up to where it said they are whole.
+local told = math.min((holds or want > 0) and now or now + 3600, whole >= 0 and whole or math.huge)
 redis.call('HSET', members, pid, tostring(now) .. ' ' .. tostring(told))
 local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
 for i = 1, #all, 2 do

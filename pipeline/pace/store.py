@@ -4,9 +4,9 @@ One Lua script a call (`store.lua`: a lease, or a sync when no lease is wanted),
 store, on the store's own clock (TIME), so that the machines' clocks never meet. Under a key
 that names the account by a hash (never the API key) it keeps the virtual clocks of the
 account's starts and tokens, the rate in force (given, found, or a ramp before either), a
-pause, the processes seen lately, and the account's send log: requests sent and refused by the
-hundredth of a second they left in, from every process, so that a limit is read from what the
-whole account sent (`read`). Everything expires when unused. The same rules, in Python, are
+pause, the processes seen lately, and the account's log: requests sent and refused by the
+hundredth of a second they left in, and admitted by the hundredth the server let them through,
+from every process, so that a limit is read from what the whole account got through (`read`). Everything expires when unused. The same rules, in Python, are
 the Ray actor's (`pipeline.pace.account`); a replay test holds the two equal.
 """
 
@@ -34,7 +34,7 @@ RUN = 4  # ...of at least so many, and half what was sent since the first: the s
 class Ask:
     """One call to the account's pace: lease `want` starts and `want_tokens` tokens (either
     may be 0), publish a rate `found` and a pause, and add `log` ("hundredth sent refused
-    room" quads, `pipeline.pace.accountlog`) to the send log."""
+    room admitted" fives, `pipeline.pace.accountlog`) to the account's log."""
 
     pid: str  # the process asking
     want: int = 0
@@ -46,7 +46,7 @@ class Ask:
     log: str = ""
     holds: bool = False  # the process still holds leased starts (it may send without calling)
     answered: int = 0  # its requests let through since its last call (the ramp grows on them)
-    oldest: float = -1.0  # when its oldest request still unanswered left (the store's clock; -1: none)
+    whole: float = -1.0  # its admissions are told up to then (the store's clock; -1: no request out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +62,18 @@ class Reply:
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
     granted: int  # starts leased (no more than a tenth of a second of the rate)
-    # The store holds every process's send log up to then, and every answer to it that will
-    # come (a process holding no starts has told all it sent): a reading up to then is whole.
+    # The store holds every process's log up to then, what it sent and what the server admitted
+    # (a process holding no starts, no request out, has told all): a reading up to then is whole.
     reported: float = math.inf
 
 
 class Logged(NamedTuple):
-    """The account's send log over a span of the store's clock."""
+    """The account's log over a span of the store's clock."""
 
     sent: int
     refused: int  # of those sent
     first: float | None  # when the first of them left (None: none did)
+    admitted: int  # let through in the span (as their answers tell), whenever sent
 
 
 _KINDS = (float, float, float, float, float, int, bool, bool, float, float, int, float)  # Reply's
@@ -139,14 +140,14 @@ class Store:
     async def call(self, ask: Ask) -> Reply:
         a, found = ask, -1 if ask.found is None else ask.found
         args = [a.pid, a.want, a.want_tokens, a.given, a.given_tokens, found, a.pause_for, a.log]
-        args += [int(a.holds), a.answered, a.oldest, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
+        args += [int(a.holds), a.answered, a.whole, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN]
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
     async def read(self, since: float, until: float) -> Logged:
         raw = await self._script(self._read, [self.account], [int(since * 100), int(until * 100)])
-        sent, refused, first = (int(x) for x in raw)
-        return Logged(sent, refused, first / 100 if first >= 0 else None)
+        sent, refused, first, admitted = (int(x) for x in raw)
+        return Logged(sent, refused, first / 100 if first >= 0 else None, admitted)
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError

@@ -1,7 +1,7 @@
 -- From hundredth ARGV[1] to ARGV[2] (not in): what the account sent, how much of it was
--- refused, and the hundredth of the first send (-1: none).
+-- refused, the hundredth of the first send (-1: none), and what the server admitted.
 local from, to = tonumber(ARGV[1]), tonumber(ARGV[2])
-local n, first = {s = 0, r = 0, w = 0}, -1
+local n, first = {s = 0, r = 0, w = 0, a = 0}, -1
 for second = math.floor(from / 100), math.floor((to - 1) / 100) do
   local counts = redis.call('HGETALL', KEYS[1] .. ':log:' .. second)
   for i = 1, #counts, 2 do
@@ -12,4 +12,4 @@ for second = math.floor(from / 100), math.floor((to - 1) / 100) do
     end
   end
 end
-return {n.s, n.r, first}
+return {n.s, n.r, first, n.a}
