@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import re
+import tracemalloc
 from pathlib import Path
 
 import orjson
@@ -391,3 +392,23 @@ def test_a_duplicate_id_is_found_whether_its_first_copy_was_noted_in_memory_or_i
             )
         finally:
             ledger.close()
+
+
+def test_an_id_longer_than_the_ids_held_in_memory_is_not_held_there(tmp_path: Path) -> None:
+    # A run's first ids are held in memory up to SEEN_BYTES of them, so that memory stays
+    # bounded; a line may be 32 MiB, and an id longer than that bound alone was held all the
+    # same, for the whole run. It goes to SQLite (on disk), and is found again there.
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    size = ledger_module.SEEN_BYTES + 1
+    try:
+        tracemalloc.start()
+        try:
+            assert ledger.see("x" * size, 1) is None
+            ledger.commit()
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert held < size // 2, f"{held:,} bytes held after noting an id of {size:,}"
+        assert ledger.see("x" * size, 2) == 1
+    finally:
+        ledger.close()

@@ -11,6 +11,7 @@ import pytest
 
 import pipeline
 from pipeline.errors import SettingsError
+from pipeline.output import ledger
 from tests.conftest import bodies, read_jsonl, write_jsonl
 
 
@@ -159,3 +160,23 @@ async def test_a_second_run_into_a_busy_folder_is_refused(mock, make_settings, t
     async with mock() as (url, _):
         with lock_folder(tmp_path / "out"), pytest.raises(SettingsError, match="another run is writing"):
             await pipeline.run(make_settings(url, bodies(1)))
+
+
+async def test_a_failure_read_again_stays_listed_when_the_run_stops_before_trying_it(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failure of the last run that this run read again but stopped before sending stays in
+    # errors.jsonl; one whose line now holds another id is dropped. A run's first ids are
+    # noted in memory (here one), the rest in SQLite, whose query at the run's end drops the
+    # failures not read again: without the ids in memory joined to it, this run dropped them.
+    monkeypatch.setattr(ledger, "SEEN_IN_MEMORY", 1)
+    rows = bodies(4)
+    async with mock(fail_rate=1.0) as (url, _):
+        first = await pipeline.run(make_settings(url, rows, max_attempts=1))
+    assert first.failed == 4
+    rows[3]["custom_id"] = "another"
+    async with mock(credits=0) as (url, _):  # the first answer is a 402: the run stops
+        second = await pipeline.run(make_settings(url, rows, concurrency=1))
+    assert second.exit_code == 3
+    listed = [r["custom_id"] for r in read_jsonl(tmp_path / "out/errors.jsonl")]
+    assert listed == ["job-0", "job-1", "job-2"]

@@ -41,8 +41,9 @@ import orjson
 OPEN_RUN = "open_run"  # meta: the run that began and has not ended (when, where, its prices)
 _COMMITS = "commits"  # meta: how many commits were made, each counting itself
 # An id noted in SQLite cost 11,000 instructions a line read more than one noted in a dict:
-# a run's first ids are held in a dict instead (about 5 MB at most), the rest go to SQLite,
-# so memory stays bounded whatever the input's size.
+# a run's first ids are held in a dict instead (about 5 MB at most; 9 were every character
+# outside the BMP, 4 bytes each), the rest go to SQLite, so memory stays bounded whatever
+# the input's size.
 SEEN_IN_MEMORY = 32_768
 SEEN_BYTES = 1 << 20  # characters of those ids
 
@@ -173,9 +174,10 @@ class Ledger:
         if earlier is not None:
             return earlier
         if self._in_memory:
-            if len(seen) < SEEN_IN_MEMORY and self._seen_bytes < SEEN_BYTES:
+            size = self._seen_bytes + len(custom_id)  # (one id may be a line's 32 MiB: not here)
+            if len(seen) < SEEN_IN_MEMORY and size <= SEEN_BYTES:
                 seen[custom_id] = line
-                self._seen_bytes += len(custom_id)
+                self._seen_bytes = size
                 self._seen_new.append(custom_id)
                 return None
             self._in_memory = False  # the rest to SQLite: a new id in the dict would miss those
