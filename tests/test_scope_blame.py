@@ -17,10 +17,13 @@ from aiohttp import web
 from pipeline.jobfile import ModelLimit
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate, GivenUp, Slot
+from pipeline.pace.leased import shared_pacer
 from pipeline.pace.pacer import Pacer
+from pipeline.pace.reading import READ_WAIT
 from pipeline.pace.scopes import Scope, Scopes
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN
+from pipeline.pace.store import Store
 from pipeline.pace.tokens import STEP
 from pipeline.pace.window import Window
 from pipeline.run.runner import run
@@ -254,3 +257,25 @@ async def test_a_limit_given_for_a_model_no_line_names_is_pointed_out(
     )
     usage = orjson.loads((tmp_path / "out" / "usage.json").read_bytes())
     assert "models_paced_at_rpm" not in usage["runs"][-1]
+
+
+def test_a_5xx_of_a_model_with_a_scope_of_its_own_is_told_to_its_scope() -> None:
+    """A request of a model with a pace of its own that the endpoint fails (a 500) is told
+    to the model's scope as well as the account's: a shared reading of the model's limit
+    waits for the answers to what it sent, and one never told held every such reading."""
+    clock = Clock(9.0)
+    finder = RateFinder(Pacer(), Window(8, start=8), clock=clock, stop=lambda stopped: None)
+
+    def pacer_for(model: str | None, rate: float | None, tokens: float | None) -> Pacer:
+        return shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store", request_rate=rate)
+
+    gate = Gate(Scopes(finder, limits={FREE: ModelLimit(rpm=600)}, pacer_for=pacer_for))
+    scope = gate.scopes.by_model[FREE]
+    log = scope.pacer.account.account_log  # type: ignore[union-attr]
+    log.offset = 0.0  # the store's clock known (the same as ours)
+    (slot,) = _send(gate, FREE)
+    assert log.whole(9.0, READ_WAIT) != -1.0  # out: a reading of the model's limit waits for it
+    clock.now = 9.1
+    slot.failed(http_error(500, "Internal Server Error"))
+    assert log.whole(9.1, READ_WAIT) == -1.0  # none out
+    assert scope.finder.outage.out == 0

@@ -102,10 +102,13 @@ class Slot:
         # the next request into the same refusal at once. One that got no answer may have been.
         counted = meaning is Signal.PUSHBACK or not isinstance(error, HTTPStatusError)
         refusal = error if meaning is Signal.PUSHBACK else None
+        last = len(self.scopes) - 1
         for i, scope in enumerate(self.scopes):
             scope.pacer.failed(self.reserved[i], counted, refusal)
-            if meaning is Signal.ANSWERED:
-                scope.finder.answered(self.tickets[i])  # the request's fault, not the endpoint's
+            # The request's fault, not the endpoint's; or the endpoint's, which the account
+            # judges (below) and a model's scope is told only as an answer, for its reading.
+            if meaning is Signal.ANSWERED or (meaning is Signal.FAILURE and i < last):
+                scope.finder.answered(self.tickets[i])
         if error.limits:
             self.scopes[0].finder.headers(error.limits)
         if meaning is Signal.PUSHBACK:
