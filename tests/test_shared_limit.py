@@ -365,6 +365,51 @@ async def test_a_reading_with_answers_of_seconds_counts_what_the_servers_second_
     assert read == [pytest.approx(60.0)]
 
 
+async def test_a_few_quick_answers_among_answers_of_seconds_do_not_make_the_reading_by_admission() -> None:
+    """The same server answering one request in ten in 0.1 s (a short completion), the others
+    in 2 to 30 s, its refusals at once. Its quickest answer within FAST made the account's
+    reading by admission, as its answer less 0.1 s tells: read once the quick answers were in,
+    its second 9 let through 6 where 60 got through, and the account was paced at 6 a second.
+    Most of its answers still out, it is read by send: 60."""
+    account = TwoProcesses()
+    read: list[float] = []
+    account.links["a"].watch(lambda rate, sure: read.append(rate))
+    latency = [0.1 if i % 10 == 0 else 2.0 + 28.0 * ((i * 37) % 60) / 59 for i in range(60)]
+    await account.full_at_9_60(latency=2.0)
+    answers = sorted((9.0 + i / 100 + latency[i], 9.0 + i / 100) for i in range(60))
+    for at in (10.05, 10.1, 10.15, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0):
+        while answers and answers[0][0] <= at:
+            account.admitted("a", answers[0][1], answers.pop(0)[0])
+        await account.sync("a", at)
+        await account.sync("b", at)
+    assert read == [pytest.approx(60.0)]
+
+
+async def test_a_model_that_slows_from_20_ms_to_5_s_is_read_by_send_at_once() -> None:
+    """Answers in 20 ms for four seconds, then in 5 s (the least latency lately still 20 ms,
+    for up to two spans): read by admission, as its answer less 20 ms tells, the second its
+    server let 60 through read 0, none of their answers in. Its refusals come back with those
+    60 out: read by send, 60."""
+    account = TwoProcesses()
+    read: list[float] = []
+    account.links["a"].watch(lambda rate, sure: read.append(rate))
+    a = account.links["a"]
+    await account.sync("b", 5.0)
+    for i in range(240):  # 60 a second from 5.0, in 20 ms
+        a.sent(5.0 + i / 60)
+        account.admitted("a", 5.0 + i / 60, 5.02 + i / 60)
+        if i % 6 == 0:
+            await account.sync("a", 5.02 + i / 60)
+    await account.full_at_9_60(latency=5.0)
+    answers = [(9.0 + i / 100 + 5.0, 9.0 + i / 100) for i in range(60)]
+    for at in (9.65, 10.05, 10.1, 10.5, 11.0, 11.05, 12.0, 14.5, 15.0):
+        while answers and answers[0][0] <= at:
+            account.admitted("a", answers[0][1], answers.pop(0)[0])
+        await account.sync("a", at)
+        await account.sync("b", at)
+    assert read == [pytest.approx(60.0)]
+
+
 async def test_a_process_that_dies_with_requests_out_holds_a_reading_no_longer_than_read_wait() -> None:
     """`b` dies with 20 requests out, sent before the moment the account was full and none of
     its answers known: its last call's log of admissions, whole up to its oldest request out,

@@ -33,6 +33,7 @@ class AccountLog:
         self._floor = (0.0, math.inf, math.inf)  # a span began then, its least latency, the last span's
         self._whole = -math.inf  # admissions are logged from here on (ours)
         self._refusals: deque[float] = deque(maxlen=REFUSALS)  # their latencies lately
+        self._slow = False  # the last refusal came back with a request sent well before it out
 
     def sent(self, at: float) -> None:
         h = int(at * 100)
@@ -71,9 +72,13 @@ class AccountLog:
         refuses (busy cores: a request waits on its way there). Else by when it was sent, as
         before: a model answering in 2 to 30 s tells by its answer little of when it admitted
         a request (read by admission, a first reading came out at 22 and 2 where 60 got
-        through, at 2 to 4 and 2 to 30 s), and its refusals come back at once."""
+        through, at 2 to 4 and 2 to 30 s), and its refusals come back at once. Nor when a
+        refusal comes back with requests sent FAST or more before it still out (a server full
+        refuses what comes after what it admitted: those take their time): one quick answer
+        among answers of seconds (a short completion, in first) read 6 where 60 got through."""
         least, no = min(self._floor[1:]), self._refusals
-        return least < FAST or (bool(no) and least <= 2 * sorted(no)[len(no) // 2] + 0.1)
+        quick = least < FAST or (bool(no) and least <= 2 * sorted(no)[len(no) // 2] + 0.1)
+        return quick and not self._slow
 
     def whole(self, now: float, within: float) -> float:
         """Up to when (the store's clock) this process's log is whole at `now`, while it has
@@ -95,6 +100,7 @@ class AccountLog:
         returns when it was sent on the store's clock, or None when it is not logged."""
         self.answered(sent_at)
         self._refusals.append(now - sent_at)
+        self._slow = bool(self._out) and next(iter(self._out)) < int((sent_at - FAST) * 100)
         if self.offset is None or len(self._log) >= LOG_MAX:
             return None
         counts = self._counts(sent_at)
