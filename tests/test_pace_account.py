@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Reply, Store
+from pipeline.pace.store import BOOT_RATE, GROW, RUN, WATCH, Ask, Reply, Store
 from tests.conftest import RedisServer
 
 CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (two calls apart)
@@ -77,12 +77,12 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await both("a little answered", answered=3)
         await asyncio.sleep(0.3)
         assert (await both("ramp held back under 3/4")).rate == BOOT_RATE
-        # Let through: it doubles.
+        # Let through: it grows, to a whole rate (the two homes print a float differently).
         await both("answered", answered=60)
         await asyncio.sleep(0.3)
-        doubled = await both("ramp doubled", pid="b", want=50)
-        assert doubled.rate == BOOT_RATE * 2
-        assert doubled.granted == math.ceil(doubled.rate * 0.1)  # a tenth of a second, no more
+        grown = await both("ramp grown", pid="b", want=50)
+        assert grown.rate == round(BOOT_RATE * GROW)
+        assert grown.granted == math.ceil(grown.rate * 0.1)  # a tenth of a second, no more
         # Paused while it ramps: no start is leased. Leased at the ramp's rate, they all went
         # at once when the pause ended (thousands a second at 16 shards), before a limit was read.
         on_hold = await both("the ramp paused", pid="b", want=5, pause_for=0.3)
@@ -290,24 +290,25 @@ def _ramp(limit: int, phase: float, lag: float = 0.0, links: int = 16) -> _Ramp:
     return _Ramp(peak, refused, full_by - start, after)
 
 
-def test_sixteen_processes_ramp_to_a_limit_of_1000_a_second_within_two_seconds() -> None:
-    """The account's clock ran a second ahead of the ramp at 16 a second (each process holding
-    a start), and each doubling came that late: the server let through 90 % of its limit 3.0
-    to 3.9 s from the start (SHARDS2's model). Wherever its second begins. And once the run of
+# Refusals over four phases of the server's second, and the latest time to 90 % of the limit,
+# by the lag of a request on its way (busy cores): SHARDS3's ramp (from 16 a second, doubling
+# every quarter) paid 479, 796 and 2,179 at 1,000 a second, and at 50 got there by 1.1 s.
+RAMPS = {
+    1000: ((0.0, 360, 2.05), (0.1, 720, 2.75), (0.2, 1700, 3.75)),
+    50: ((0.0, 40, 0.75), (0.1, 125, 0.75), (0.2, 150, 0.75)),
+}
+
+
+@pytest.mark.parametrize("limit", sorted(RAMPS))
+def test_sixteen_processes_ramp_to_the_limit_paying_few_refusals(limit: int) -> None:
+    """Against a server counting by the second, a ramp growing g times a second is about
+    ln g / (1 - 1/g) times the limit when it fills the second, and sends that for a round
+    trip and the telling before its processes stop: from 64 a second growing 6.3 times a
+    second rather than 16 growing 16 times, 30 to 40 % fewer refusals at 1,000 a second, there
+    as soon; at 50 a second sooner. Wherever the server's second begins; once the run of
     refusals is seen, the ramp goes on from what got through (4,096 a second before)."""
-    for phase in (0.0, 0.3, 0.6, 0.9):
-        ramp = _ramp(1000, phase)
-        assert ramp.full_by <= 2.0, (phase, ramp)
-        assert ramp.peak <= 4096, (phase, ramp)  # no further past it than the slow ramp went
-        assert ramp.refused <= 200, (phase, ramp)
-        assert ramp.after <= 1000, (phase, ramp)
-
-
-def test_a_faster_ramp_pays_few_refusals_at_a_low_limit() -> None:
-    """At 50 a second the ramp is over the limit in its first second (6 to 9 refused a second
-    later before it went from now, 7 to 12 since), and goes on at no more than the limit."""
-    for phase in (0.0, 0.3, 0.6, 0.9):
-        ramp = _ramp(50, phase)
-        assert ramp.refused <= 12, (phase, ramp)
-        assert ramp.full_by <= 1.0, (phase, ramp)
-        assert ramp.after <= 50, (phase, ramp)
+    for lag, refusals, by in RAMPS[limit]:
+        ramps = [_ramp(limit, phase, lag) for phase in (0.0, 0.3, 0.6, 0.9)]
+        assert sum(r.refused for r in ramps) <= refusals, (lag, ramps)
+        assert max(r.full_by for r in ramps) <= by, (lag, ramps)
+        assert max(r.after for r in ramps) <= limit, (lag, ramps)

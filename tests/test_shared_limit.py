@@ -461,7 +461,7 @@ async def test_a_request_with_an_answer_of_any_kind_holds_no_reading(end: str) -
 
 
 async def test_the_ramp_doubles_on_the_answers_to_what_was_sent_at_its_rate() -> None:
-    """The ramp doubles once its requests are let through at 3/4 of its rate: counted with
+    """The ramp grows once its requests are let through at 3/4 of its rate: counted with
     them, answers to requests sent before its last step (late on busy cores) let it double
     again before that step was answered, and in a model of sixteen processes 0.1 s behind it
     went twice as far past the limit."""
@@ -469,15 +469,15 @@ async def test_the_ramp_doubles_on_the_answers_to_what_was_sent_at_its_rate() ->
     asks: list[Ask] = []
     call = account.store.call
     account.store.call = lambda ask: asks.append(ask) or call(ask)
-    await account.sync("a", 9.0)  # the ramp's rate told: 16 a second
-    account.store.pace.fields["boot"] = 32.0  # it doubled
+    await account.sync("a", 9.0)  # the ramp's first rate told
+    account.store.pace.fields["boot"] = 128.0  # it grew
     await account.sync("a", 9.3)
     a = account.links["a"]
     for sent_at in (9.2, 9.31):
         a.sent(sent_at)
         account.admitted("a", sent_at, 9.36)
     await account.sync("a", 9.4)
-    assert asks[-1].answered == 1  # the one sent at 32 a second
+    assert asks[-1].answered == 1  # the one sent at its new rate
 
 
 def test_a_request_whose_end_is_never_told_holds_no_reading_for_long() -> None:

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import KEY_TTL, LOG_TTL, Ask, Logged, Reply
+from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, Ask, Logged, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
@@ -66,11 +66,11 @@ class AccountPace:
                     paused = f["paused"] = max(full_resume, now)
                 if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                     # The ramp goes on from what got through in the second before (as told), not its rate.
-                    f["boot"] = max(self.boot_rate, min(f.get("boot", self.boot_rate), got))
+                    f["boot"] = max(self.boot_rate / 4, min(f.get("boot", self.boot_rate), got))
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
-            # The ramp of the Redis script: doubling every quarter second, from now, while the account's
+            # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
             # a second, not within half a second of a pause; no start leased till a second
             # after a pause.
@@ -80,7 +80,7 @@ class AccountPace:
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
-                    rate, f["clock"] = min(rate * 2, 100_000.0), now
+                    rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
             if now < paused + 1:
