@@ -798,6 +798,7 @@ def test_leased_tokens_go_at_the_accounts_rate_and_late_ones_are_gone() -> None:
     assert leases.ready_at(80, 12.2) == pytest.approx(12.4)  # the owed 20 came first
 
 
+@pytest.mark.alone  # four processes measured against a token limit: beside another test, it reads its load
 @pytest.mark.parametrize("stated", ["--tpm", "headers"])
 async def test_four_shards_hold_one_token_limit_counted_on_arrival(
     mock, redis_server: RedisServer, tmp_path: Path, stated: str
