@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -296,13 +297,21 @@ class TwoProcesses:
         link = self.links[pid]
         await link._sync(self.store, self.clock)
         log = link.account_log
-        late = log.floor if log.by_answer else 0.0
-        await link._readings.read(self.store, self.clock, alone=False, late=late, by_answer=log.by_answer)
+        await link._readings.read(self.store, self.clock, alone=False, late=log.late, by_answer=log.by_answer)
 
     def admitted(self, pid: str, sent_at: float, at: float) -> None:
         """`pid`'s request sent at `sent_at` got through, its answer in at `at`."""
         self.clock.now = at
         self.links[pid].answered(sent_at)
+
+    async def answer_and_sync(self, answers: list[tuple[float, float]], times: Iterable[float]) -> None:
+        """At each of `times`, `a` takes the `answers` (answered at, sent at: in order) in by
+        then, and both processes call the store."""
+        for at in times:
+            while answers and answers[0][0] <= at:
+                self.admitted("a", answers[0][1], answers.pop(0)[0])
+            await self.sync("a", at)
+            await self.sync("b", at)
 
     async def full_at_9_60(self, latency: float = 0.0) -> None:
         """Both known to the store at 9.0 (its clock the same as ours); `a` gets 60 through
@@ -354,14 +363,10 @@ async def test_a_reading_with_answers_of_seconds_counts_what_the_servers_second_
     account = TwoProcesses()
     read: list[float] = []
     account.links["a"].watch(lambda rate, sure: read.append(rate))
-    sync, latency = account.sync, [2.0 + spread * ((i * 37) % 60) / 59 for i in range(60)]
+    latency = [2.0 + spread * ((i * 37) % 60) / 59 for i in range(60)]
     await account.full_at_9_60(latency=2.0)
     answers = sorted((9.0 + i / 100 + latency[i], 9.0 + i / 100) for i in range(60))
-    for at in (10.05, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0):
-        while answers and answers[0][0] <= at:
-            account.admitted("a", answers[0][1], answers.pop(0)[0])
-        await sync("a", at)
-        await sync("b", at)
+    await account.answer_and_sync(answers, (10.05, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0))
     assert read == [pytest.approx(60.0)]
 
 
@@ -377,11 +382,7 @@ async def test_a_few_quick_answers_among_answers_of_seconds_do_not_make_the_read
     latency = [0.1 if i % 10 == 0 else 2.0 + 28.0 * ((i * 37) % 60) / 59 for i in range(60)]
     await account.full_at_9_60(latency=2.0)
     answers = sorted((9.0 + i / 100 + latency[i], 9.0 + i / 100) for i in range(60))
-    for at in (10.05, 10.1, 10.15, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0):
-        while answers and answers[0][0] <= at:
-            account.admitted("a", answers[0][1], answers.pop(0)[0])
-        await account.sync("a", at)
-        await account.sync("b", at)
+    await account.answer_and_sync(answers, (10.05, 10.1, 10.15, 10.5, 11.0, 11.05, 11.5, 12.0, 13.0, 31.0))
     assert read == [pytest.approx(60.0)]
 
 
@@ -402,11 +403,7 @@ async def test_a_model_that_slows_from_20_ms_to_5_s_is_read_by_send_at_once() ->
             await account.sync("a", 5.02 + i / 60)
     await account.full_at_9_60(latency=5.0)
     answers = [(9.0 + i / 100 + 5.0, 9.0 + i / 100) for i in range(60)]
-    for at in (9.65, 10.05, 10.1, 10.5, 11.0, 11.05, 12.0, 14.5, 15.0):
-        while answers and answers[0][0] <= at:
-            account.admitted("a", answers[0][1], answers.pop(0)[0])
-        await account.sync("a", at)
-        await account.sync("b", at)
+    await account.answer_and_sync(answers, (9.65, 10.05, 10.1, 10.5, 11.0, 11.05, 12.0, 14.5, 15.0))
     assert read == [pytest.approx(60.0)]
 
 

@@ -66,6 +66,12 @@ class AccountLog:
         return least if least < math.inf else 0.0
 
     @property
+    def late(self) -> float:
+        """How long after the server admitted a request this process logs it: the least
+        latency of its answers where it counts by admission, else none (counted by send)."""
+        return self.floor if self.by_answer else 0.0
+
+    @property
     def by_answer(self) -> bool:
         """Whether what got through is read by when it was admitted, as answers tell: when the
         server answers at once (its quickest answers within FAST), or about as fast as it
@@ -85,12 +91,13 @@ class AccountLog:
         requests out (-1: none out; what it sends next is logged from its next call). Read by
         send, up to its oldest request sent in the last `within` seconds and unanswered: older,
         it is no refusal on its way (those take milliseconds), or one whose end is not told."""
-        out, stale = self._out, int((now - (STALE if self.by_answer else within)) * 100)
+        by_answer = self.by_answer
+        out, stale = self._out, int((now - (STALE if by_answer else within)) * 100)
         while out and next(iter(out)) < stale:  # (in the order they were sent)
             del out[next(iter(out))]
         if not out or self.offset is None:
             return -1.0
-        if not self.by_answer:
+        if not by_answer:
             return next(iter(out)) / 100 + self.offset
         self._whole = max(self._whole, now - self.floor)
         return self._whole + self.offset

@@ -139,8 +139,7 @@ class StoreLink:
                 try:
                     await self._sync(store, loop)
                     log = self.account_log
-                    late = log.floor if log.by_answer else 0.0
-                    await self._readings.read(store, loop, self.budget.alone, late, log.by_answer)
+                    await self._readings.read(store, loop, self.budget.alone, log.late, log.by_answer)
                 except StoreAway as e:
                     said = self.budget.away()
                     if said is not None:
@@ -157,8 +156,7 @@ class StoreLink:
                 now = loop.time()
                 quick = (self.budget.booting or now < self.budget.watch_until) and self.budget.holds
                 wait = TELL_WITHIN if self.account_log.refusals else SYNC_QUICK if quick else SYNC_IDLE
-                late = self.account_log.floor if self.account_log.by_answer else 0.0
-                with anyio.move_on_after(max(self._readings.wait(now, wait, late), 0.0)):
+                with anyio.move_on_after(max(self._readings.wait(now, wait, self.account_log.late), 0.0)):
                     await self._wake.wait()
                 await anyio.sleep(SYNC_GAP)  # what else comes now goes in the same call
         finally:
