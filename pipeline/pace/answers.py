@@ -91,7 +91,7 @@ class LatencyWatch:
 
 
 class Answers:
-    def __init__(self, window: Window, clock: Callable[[], float]) -> None:
+    def __init__(self, window: Window | None, clock: Callable[[], float]) -> None:
         self.window = window
         self.clock = clock
         self.latency = LatencyWatch(clock)
@@ -129,6 +129,8 @@ class Answers:
             self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
+        if self.window is None:  # a model's scope: only the account's window is entered
+            return
         self.window.grow(latency)
         if latency is not None:
             self.latency.add(latency, self.window.in_flight)
@@ -146,6 +148,7 @@ class Answers:
         low, high = min(self._block), max(self._block)
         self._block.clear()
         window, floor, now = self.window, self._floor, self.clock()
+        assert window is not None
         if low < floor:
             self._floor, self._crowd = low, window.in_flight
         if (
@@ -198,6 +201,8 @@ class Answers:
         if back < HOLD_MIN or back < HOLD_SHARE * total:
             return
         window = self.window
+        if window is None:
+            return
         if self._held is None and not self._hold_spent and window.threshold > window.size:
             self._held = (now, window.threshold)
             window.hold()
@@ -212,14 +217,14 @@ class Answers:
             self._hold_spent = True
 
     def _end_hold(self) -> None:
-        if self._held is not None:
+        if self._held is not None and self.window is not None:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None
 
     def _read_latency(self, now: float) -> None:
         window = self.window
         # Only while the window holds requests back is the queue ours to shorten.
-        if self.latency.queueing(now) and window.in_flight >= window.size / 2:
+        if window is not None and self.latency.queueing(now) and window.in_flight >= window.size / 2:
             self.drop_hold()
             before = window.size
             window.shrink(LATENCY_KEEP)

@@ -49,7 +49,7 @@ class RateFinder:
     def __init__(
         self,
         pacer: Pacer,
-        window: Window,
+        window: Window | None,  # None: a model's scope (in flight is the account's to bound)
         *,
         ceiling: float | None = None,
         tpm_given: bool = False,
@@ -148,7 +148,7 @@ class RateFinder:
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
-        if self.limit is None:  # start nothing until its fellows in flight show whether it is full
+        if self.limit is None and self.window is not None:  # start nothing until its fellows show it full
             self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now, self.log.sent_at(ticket))
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
@@ -189,11 +189,11 @@ class RateFinder:
             first, self.limit = self.limit is None, rate
             self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
-            if first:  # a bucket's savings may pass for a rate: a small window tells soon
+            if first and self.window is not None:  # a bucket's savings may pass for it: a small window tells
                 self.window.restart()
-            else:
+            elif self.window is not None:
                 self.window.open()  # the pace bounds the rate from here
-        else:  # nothing got through to read a limit from: just wait (a hold's end must not undo it)
+        elif self.window is not None:  # nothing got through: just wait (a hold's end must not undo it)
             self.answers.drop_hold()
             self.window.shrink()
         if self.reads_account:  # read where another process (or the store) saw it full
