@@ -279,3 +279,27 @@ def test_a_5xx_of_a_model_with_a_scope_of_its_own_is_told_to_its_scope() -> None
     slot.failed(http_error(500, "Internal Server Error"))
     assert log.whole(9.1, READ_WAIT) == -1.0  # none out
     assert scope.finder.outage.out == 0
+
+
+async def test_an_answer_whose_send_the_log_no_longer_holds_is_not_told_with_another_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request out for 30 s while four quick ones went through a send log of four: its
+    place in the log is a later request's. Told to the shared log at that request's time,
+    the slow answer passed for one of 0.1 s, and a model answering in seconds was read by
+    admission (what its answers tell little of: 6 where 60 got through, REVIEW5)."""
+    clock = Clock(9.0)
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", clock)  # the shared log's clock
+    pacer = shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store")
+    finder = RateFinder(pacer, Window(8), clock=clock, log_size=4, stop=lambda stopped: None)
+    log = pacer.account.account_log  # type: ignore[union-attr]
+    slow = finder.sent()
+    clock.now = 38.9
+    quick = [finder.sent() for _ in range(4)]
+    clock.now = 39.0
+    finder.success(slow, 30.0)
+    assert log.floor == 0.0  # no quick answer seen...
+    assert not log.by_answer  # ...so read by send
+    for ticket in quick:
+        finder.success(ticket, 0.1)
+    assert log.floor == pytest.approx(0.1)

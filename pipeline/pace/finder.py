@@ -115,7 +115,7 @@ class RateFinder:
         self.answers.grow(latency)
         now = self.clock()
         self.outage.accepted()
-        if self.account is not None:
+        if self.account is not None and self.log.kept(ticket):  # (else its time is another's)
             self.account.answered(self.log.sent_at(ticket))
         if ticket < self.epoch:
             return
@@ -126,7 +126,7 @@ class RateFinder:
     def answered(self, ticket: int) -> None:
         """An answer that says nothing of the rate (a 400), only that the endpoint is up."""
         self.outage.answered()
-        if self.account is not None:  # no refusal can come of it: no reading waits for it
+        if self.account is not None and self.log.kept(ticket):  # no refusal can come of it: no reading waits
             self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
@@ -134,7 +134,8 @@ class RateFinder:
     def failure(self, ticket: int, message: str = "", *, who: object = None, connected: bool = True) -> bool:
         """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
         whether it is down as a whole, so that the failure spends no attempt."""
-        if self.account is not None and not self.log.refused(ticket):  # (as a 400; a 503 told as refused)
+        # As a 400 (a 503 is told as refused), where the log still holds its time.
+        if self.account is not None and self.log.kept(ticket) and not self.log.refused(ticket):
             self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
