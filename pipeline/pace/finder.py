@@ -7,7 +7,7 @@ common) says so; an aggregator's scattered 429s almost never line up so, and onl
 own request. Then the pool pauses for the Retry-After and the pace is set at 97 % of what the
 server let through (`capacity`). A pace that has held and binds climbs above the limit, to
 learn whether it rose (`probe`). Refusals at the limit's pace read it again: at once when they
-beat steadily (`rhythm`); at most once in SETTLE seconds when it was read over under a second
+beat steadily (`Rhythm`); at most once in SETTLE seconds when it was read over under a second
 or raised by a probe, or past 15 % of answers; scattered ones never do. A shared pace reads
 the limit from what the whole account sent (`reading`). An endpoint failing every request is
 down, not busy, and one that lets nothing through for long stops the run (`outage`); limits a
@@ -22,11 +22,10 @@ from collections.abc import Callable, Mapping
 from pipeline.errors import RunStopped
 from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
-from pipeline.pace.capacity import Capacity
+from pipeline.pace.capacity import Capacity, Rhythm
 from pipeline.pace.outage import Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
-from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
 from pipeline.pace.stated import MARGIN, MAX_PAUSE
 from pipeline.pace.window import Window
