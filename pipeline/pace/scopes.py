@@ -127,10 +127,8 @@ class Scopes:
 
     def _give_up(self, model: str, stopped: RunStopped) -> None:
         """`model` lets nothing through for long: its lines are left for the next run, its
-        waiters told at once; the run goes on with the others."""
+        waiters told at once; the run goes on with the others. (Told once: its `Outage`.)"""
         scope = self.by_model[model]
-        if scope.given_up:
-            return
         scope.given_up = str(stopped)
         self._say(
             f"pipeline: {scope.given_up}; its lines fail unsent (the next run tries them again), "
