@@ -129,16 +129,17 @@ class Answers:
             self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
-        if self.window is None:  # a model's scope: only the account's window is entered
+        window = self.window
+        if window is None:  # a model's scope: only the account's window is entered
             return
-        self.window.grow(latency)
+        window.grow(latency)
         if latency is not None:
-            self.latency.add(latency, self.window.in_flight)
+            self.latency.add(latency, window.in_flight)
             self._block.append(latency)
             if len(self._block) >= BLOCK:
-                self._queued()
+                self._queued(window)
 
-    def _queued(self) -> None:
+    def _queued(self, window: Window) -> None:
         """Answers that take about the same time, all longer than the quickest by an eighth
         (4 to 16 ms: HyStart++'s test) at more in flight, waited in a queue: the server's, or
         this process's loop reading them late (a slower server at the same in flight is not
@@ -147,8 +148,7 @@ class Answers:
         at the quickest latency), and stops growing quickly."""
         low, high = min(self._block), max(self._block)
         self._block.clear()
-        window, floor, now = self.window, self._floor, self.clock()
-        assert window is not None
+        floor, now = self._floor, self.clock()
         if low < floor:
             self._floor, self._crowd = low, window.in_flight
         if (
