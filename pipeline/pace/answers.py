@@ -1,4 +1,4 @@
-"""What the answers at the current pace say to the in-flight window (`window`).
+"""What the answers at the current pace say to the in-flight window (`window`: the account's alone).
 
 Until a limit is found, requests are not paced: one check each, no timer. The last two
 seconds' answers tell how common refusals are at the pace in force; more than scattered ones
