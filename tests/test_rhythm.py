@@ -9,9 +9,9 @@ import random
 import pytest
 
 from pipeline.mock.limits import Bucket, Refusal
+from pipeline.pace.capacity import GAPS, Rhythm
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.pacer import Pacer
-from pipeline.pace.rhythm import GAPS, Rhythm
 from pipeline.pace.sendlog import SendLog
 from pipeline.pace.window import Window
 from tests.simulated import Clock, WholeSeconds, per_second, simulate

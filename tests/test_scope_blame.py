@@ -279,3 +279,59 @@ def test_a_5xx_of_a_model_with_a_scope_of_its_own_is_told_to_its_scope() -> None
     slot.failed(http_error(500, "Internal Server Error"))
     assert log.whole(9.1, READ_WAIT) == -1.0  # none out
     assert scope.finder.outage.out == 0
+
+
+async def test_an_answer_whose_send_the_log_no_longer_holds_is_not_told_with_another_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request out for 30 s while four quick ones went through a send log of four: its
+    place in the log is a later request's. Told to the shared log at that request's time,
+    the slow answer passed for one of 0.1 s, and a model answering in seconds was read by
+    admission (what its answers tell little of: 6 where 60 got through, REVIEW5)."""
+    clock = Clock(9.0)
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", clock)  # the shared log's clock
+    pacer = shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store")
+    finder = RateFinder(pacer, Window(8), clock=clock, log_size=4, stop=lambda stopped: None)
+    log = pacer.account.account_log  # type: ignore[union-attr]
+    slow = finder.sent()
+    clock.now = 38.9
+    quick = [finder.sent() for _ in range(4)]
+    clock.now = 39.0
+    finder.success(slow, 30.0)
+    assert log.floor == 0.0  # no quick answer seen...
+    assert not log.by_answer  # ...so read by send
+    for ticket in quick:
+        finder.success(ticket, 0.1)
+    assert log.floor == pytest.approx(0.1)
+
+
+async def test_a_refusal_of_a_request_its_models_log_never_held_is_not_read_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model's request sent so long before the model got a (shared) pace of its own that
+    the account's log no longer held it: in the model's log it has no ticket (-1). Read there
+    as one, its refusal was told to the shared log as sent at the time of the log's last
+    slot (0.0, none yet): a refusal of 1,000 s, and the model, answering in 2 s and refused
+    at once, was read by admission."""
+    clock = Clock()
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", clock)  # the shared log's clock
+    finder = RateFinder(Pacer(), Window(200), clock=clock, log_size=16, stop=lambda stopped: None)
+
+    def pacer_for(model: str | None, rate: float | None, tokens: float | None) -> Pacer:
+        return shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store", request_rate=rate)
+
+    gate = Gate(Scopes(finder, pacer_for=pacer_for))
+    [out] = _send(gate, FREE)
+    _through(gate, _send(gate, *[PAID] * 16))  # the account's log of 16 wraps past it
+    for _ in range(4):
+        slots = _send(gate, FREE, PAID, PAID)
+        _through(gate, slots[1:])
+        _refuse(gate, slots[:1])
+    log = gate.scopes.by_model[FREE].pacer.account.account_log  # type: ignore[union-attr]
+    [answered] = _send(gate, FREE)
+    clock.now += 2.0
+    answered.answered(2.0, None, 0)
+    assert not log.by_answer  # answers of 2 s, refusals at once: read by send
+    _refuse(gate, [out])
+    assert out.tickets[0] == -1
+    assert not log.by_answer

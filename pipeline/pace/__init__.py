@@ -15,7 +15,7 @@
                                            AccountPace: account)
 
 A scope's rate finder (`finder`) reads a limit nobody states from the refusals in its send order
-(`sendlog`, `capacity`, `rhythm`, `probe`; `answers` sizes the window), or takes the one a
+(`sendlog`, `capacity`, `probe`; `answers` sizes the window), or takes the one a
 server states (`stated`); its `outage` judges one that lets nothing through (the account's, an
 endpoint down). A pacer's `tokens`: how a server counts a token limit. A shared pace reads
 the account's limit from every process's log (`reading`, `accountlog`) and spends leased

@@ -1,4 +1,4 @@
-"""What the answers at the current pace say to the in-flight window (`window`).
+"""What the answers at the current pace say to the in-flight window (`window`: the account's alone).
 
 Until a limit is found, requests are not paced: one check each, no timer. The last two
 seconds' answers tell how common refusals are at the pace in force; more than scattered ones
@@ -91,7 +91,7 @@ class LatencyWatch:
 
 
 class Answers:
-    def __init__(self, window: Window, clock: Callable[[], float]) -> None:
+    def __init__(self, window: Window | None, clock: Callable[[], float]) -> None:
         self.window = window
         self.clock = clock
         self.latency = LatencyWatch(clock)
@@ -129,14 +129,17 @@ class Answers:
             self._back[j] = self._all[j] = 0
 
     def grow(self, latency: float | None) -> None:
-        self.window.grow(latency)
+        window = self.window
+        if window is None:  # a model's scope: only the account's window is entered
+            return
+        window.grow(latency)
         if latency is not None:
-            self.latency.add(latency, self.window.in_flight)
+            self.latency.add(latency, window.in_flight)
             self._block.append(latency)
             if len(self._block) >= BLOCK:
-                self._queued()
+                self._queued(window)
 
-    def _queued(self) -> None:
+    def _queued(self, window: Window) -> None:
         """Answers that take about the same time, all longer than the quickest by an eighth
         (4 to 16 ms: HyStart++'s test) at more in flight, waited in a queue: the server's, or
         this process's loop reading them late (a slower server at the same in flight is not
@@ -145,7 +148,7 @@ class Answers:
         at the quickest latency), and stops growing quickly."""
         low, high = min(self._block), max(self._block)
         self._block.clear()
-        window, floor, now = self.window, self._floor, self.clock()
+        floor, now = self._floor, self.clock()
         if low < floor:
             self._floor, self._crowd = low, window.in_flight
         if (
@@ -198,6 +201,8 @@ class Answers:
         if back < HOLD_MIN or back < HOLD_SHARE * total:
             return
         window = self.window
+        if window is None:
+            return
         if self._held is None and not self._hold_spent and window.threshold > window.size:
             self._held = (now, window.threshold)
             window.hold()
@@ -212,14 +217,14 @@ class Answers:
             self._hold_spent = True
 
     def _end_hold(self) -> None:
-        if self._held is not None:
+        if self._held is not None and self.window is not None:
             self.window.threshold = max(self.window.threshold, self._held[1])
             self._held = None
 
     def _read_latency(self, now: float) -> None:
         window = self.window
         # Only while the window holds requests back is the queue ours to shorten.
-        if self.latency.queueing(now) and window.in_flight >= window.size / 2:
+        if window is not None and self.latency.queueing(now) and window.in_flight >= window.size / 2:
             self.drop_hold()
             before = window.size
             window.shrink(LATENCY_KEEP)

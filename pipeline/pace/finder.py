@@ -7,7 +7,7 @@ common) says so; an aggregator's scattered 429s almost never line up so, and onl
 own request. Then the pool pauses for the Retry-After and the pace is set at 97 % of what the
 server let through (`capacity`). A pace that has held and binds climbs above the limit, to
 learn whether it rose (`probe`). Refusals at the limit's pace read it again: at once when they
-beat steadily (`rhythm`); at most once in SETTLE seconds when it was read over under a second
+beat steadily (`Rhythm`); at most once in SETTLE seconds when it was read over under a second
 or raised by a probe, or past 15 % of answers; scattered ones never do. A shared pace reads
 the limit from what the whole account sent (`reading`). An endpoint failing every request is
 down, not busy, and one that lets nothing through for long stops the run (`outage`); limits a
@@ -22,11 +22,10 @@ from collections.abc import Callable, Mapping
 from pipeline.errors import RunStopped
 from pipeline.pace import stated
 from pipeline.pace.answers import HOLD_SHARE, Answers
-from pipeline.pace.capacity import Capacity
+from pipeline.pace.capacity import Capacity, Rhythm
 from pipeline.pace.outage import Outage
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.probe import SETTLE, Probe
-from pipeline.pace.rhythm import Rhythm
 from pipeline.pace.sendlog import SIZE, SendLog
 from pipeline.pace.stated import MARGIN, MAX_PAUSE
 from pipeline.pace.window import Window
@@ -49,7 +48,7 @@ class RateFinder:
     def __init__(
         self,
         pacer: Pacer,
-        window: Window,
+        window: Window | None,  # None: a model's scope (in flight is the account's to bound)
         *,
         ceiling: float | None = None,
         tpm_given: bool = False,
@@ -115,7 +114,7 @@ class RateFinder:
         self.answers.grow(latency)
         now = self.clock()
         self.outage.accepted()
-        if self.account is not None:
+        if self.account is not None and self.log.kept(ticket):  # (else its time is another's)
             self.account.answered(self.log.sent_at(ticket))
         if ticket < self.epoch:
             return
@@ -126,7 +125,7 @@ class RateFinder:
     def answered(self, ticket: int) -> None:
         """An answer that says nothing of the rate (a 400), only that the endpoint is up."""
         self.outage.answered()
-        if self.account is not None:  # no refusal can come of it: no reading waits for it
+        if self.account is not None and self.log.kept(ticket):  # no refusal can come of it: no reading waits
             self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
@@ -134,7 +133,8 @@ class RateFinder:
     def failure(self, ticket: int, message: str = "", *, who: object = None, connected: bool = True) -> bool:
         """The endpoint failed a request (a 5xx, a dropped connection, a timeout); returns
         whether it is down as a whole, so that the failure spends no attempt."""
-        if self.account is not None and not self.log.refused(ticket):  # (as a 400; a 503 told as refused)
+        # As a 400 (a 503 is told as refused), where the log still holds its time.
+        if self.account is not None and self.log.kept(ticket) and not self.log.refused(ticket):
             self.account.account_log.answered(self.log.sent_at(ticket))
         if ticket >= self.epoch:
             self.answers.other(self.clock())
@@ -148,7 +148,7 @@ class RateFinder:
             return
         self._uncount(ticket)
         self.log.refuse(ticket)
-        if self.limit is None:  # start nothing until its fellows in flight show whether it is full
+        if self.limit is None and self.window is not None:  # start nothing until its fellows show it full
             self.window.stall(min(STALL * (now - self.log.sent_at(ticket)), STALL_MAX))
         self.probe.charge(now, self.log.sent_at(ticket))
         pause = min(wait if wait is not None else WAIT, MAX_PAUSE)
@@ -189,11 +189,11 @@ class RateFinder:
             first, self.limit = self.limit is None, rate
             self.answers.tally = [0, 0]
             self.pacer.set_request_rate(rate * HOLD)
-            if first:  # a bucket's savings may pass for a rate: a small window tells soon
+            if first and self.window is not None:  # a bucket's savings may pass for it: a small window tells
                 self.window.restart()
-            else:
+            elif self.window is not None:
                 self.window.open()  # the pace bounds the rate from here
-        else:  # nothing got through to read a limit from: just wait (a hold's end must not undo it)
+        elif self.window is not None:  # nothing got through: just wait (a hold's end must not undo it)
             self.answers.drop_hold()
             self.window.shrink()
         if self.reads_account:  # read where another process (or the store) saw it full

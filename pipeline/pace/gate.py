@@ -126,7 +126,7 @@ class Gate:
     def __init__(self, scopes: Scopes) -> None:
         self.scopes = scopes
         self.account = scopes.account
-        self.window = scopes.account.finder.window
+        self.window = scopes.window
         self.crowded = scopes.crowded
 
     async def enter(self, tokens: int, model: str | None = None, seat: Seat | None = None) -> Slot:

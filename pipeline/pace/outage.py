@@ -103,7 +103,8 @@ class Outage:
             self.down = True
             self.outages += 1
             self._pause = PAUSE
-            self._window = self.window.cut(PROBES)
+            if self.window is not None:  # (a model's scope has none, and is never down: the account is)
+                self._window = self.window.cut(PROBES)
             self._hold(now)
             if self.say is not None:
                 self.say(
@@ -127,7 +128,8 @@ class Outage:
 
     def _up(self) -> None:
         self.down = False
-        self.window.restore(self._window)
+        if self.window is not None:
+            self.window.restore(self._window)
         if self.say is not None:
             self.say(f"pipeline: the endpoint answers again, after {duration(self.clock() - self._since)}")
 

@@ -25,7 +25,6 @@ from pipeline.pace.finder import RUN, RateFinder
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.sendlog import SIZE
 from pipeline.pace.stated import MARGIN, per_second
-from pipeline.pace.window import Window
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
@@ -93,6 +92,8 @@ class Scopes:
         pacer_for: PacerFor = lambda model, rate, tokens: Pacer(request_rate=rate, token_rate=tokens),
     ) -> None:
         self.account = _scope(None, account)
+        assert account.window is not None
+        self.window = account.window  # the one a request enters: in flight is bounded once
         self.by_model: dict[str, Scope] = {}
         self.made = 0  # model scopes made: a request that entered before the last looks again
         self.tags = Tags()  # a number for each model seen, for the send log
@@ -106,21 +107,18 @@ class Scopes:
         return (self.account, *self.by_model.values())
 
     def _add(self, model: str, request_rate: float | None, token_rate: float | None) -> Scope:
-        account = self.account.finder
+        account, ceiling = self.account.finder, self.window.ceiling
         finder = RateFinder(
             self._pacer_for(model, request_rate, token_rate),
-            # Its own, never entered: in flight is the account's to bound (`Gate.enter`).
-            Window(account.window.ceiling),
+            None,  # no window: in flight is the account's to bound (`Gate.enter`)
             ceiling=request_rate,
             tpm_given=token_rate is not None,
             give_up=account.outage.give_up,
             stop=lambda stopped: self._give_up(model, stopped),
             clock=account.clock,
-            log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * int(account.window.ceiling) - 1).bit_length())),
+            log_size=min(SIZE, max(SCOPE_LOG, 1 << (4 * ceiling - 1).bit_length())),
         )
         finder.outage.model = model
-        if request_rate or token_rate:
-            finder.window.open()
         scope = self.by_model[model] = _scope(model, finder, self.account)
         self.made += 1
         if self._start is not None:
@@ -129,10 +127,8 @@ class Scopes:
 
     def _give_up(self, model: str, stopped: RunStopped) -> None:
         """`model` lets nothing through for long: its lines are left for the next run, its
-        waiters told at once; the run goes on with the others."""
+        waiters told at once; the run goes on with the others. (Told once: its `Outage`.)"""
         scope = self.by_model[model]
-        if scope.given_up:
-            return
         scope.given_up = str(stopped)
         self._say(
             f"pipeline: {scope.given_up}; its lines fail unsent (the next run tries them again), "
@@ -210,7 +206,7 @@ class Scopes:
         if scope is None:
             return False
         # Never more than a quarter of --concurrency: workers, too, are for the other models.
-        most = min(max(WAITING, scope.pacer.request_rate or 0.0), self.account.finder.window.ceiling / 4)
+        most = min(max(WAITING, scope.pacer.request_rate or 0.0), self.window.ceiling / 4)
         return scope.waiting >= max(most, 1)
 
     def paces(self) -> dict[str, tuple[float | None, str | None, float | None]]:

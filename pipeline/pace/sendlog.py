@@ -34,7 +34,7 @@ class SendLog:
         return seq
 
     def kept(self, seq: int) -> bool:
-        return self.next - self._size <= seq < self.next
+        return self.oldest <= seq < self.next  # (-1: a request the log never held)
 
     def sent_at(self, seq: int) -> float:
         return self._times[seq & self._mask]

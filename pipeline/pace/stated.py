@@ -33,12 +33,14 @@ def read(finder: RateFinder, headers: Mapping[str, str]) -> None:
         if rate and rate != finder.ceiling:
             finder.ceiling = rate
             pacer.state_request_rate(rate)
-            window.open()
+            if window is not None:
+                window.open()
     if not finder.tpm_given:
         rate = per_second(per_minute(headers.get("x-ratelimit-limit-tokens")))
         if rate and rate != pacer.token_rate:
             pacer.set_token_rate(rate)
-            window.open()
+            if window is not None:
+                window.open()
     for kind in ("requests", "tokens"):
         if spent(headers.get(f"x-ratelimit-remaining-{kind}")):
             reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
