@@ -342,6 +342,7 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[LineParser, Li
 
 @given(st.one_of(lines_of(USUAL), lines_of(USUAL_BATCH), lines_of(BODY), lines_of(ANY)))
 @example(raw=b'{"messages": [{"role": "user", "content": "12345678901234567890"}], "seed": 1.5}')
+@example(raw=b'{"messages": [{"role": "user", "content": "a"}], "tools": [{"role": "user", "content": "b"}]}')
 @example(raw=b'{"messages": [{"role": "user", "content": "a"}], "user": 123456789012345678901}')
 @example(
     raw=b'{"custom_id": 7, "body": {"messages": [{"role": "user", "content": ""}]}, "url": '

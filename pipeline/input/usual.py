@@ -25,7 +25,7 @@ from pipeline.input.tokens import BODY_TEXT, PER_MESSAGE, PER_REPLY, Pieces
 BATCH_URL = "/v1/chat/completions"
 _DEEPEST = 8  # levels a parameter may nest for this walk (far under jsonl.MAX_DEPTH)
 _PLAIN = frozenset((str, int, bool, type(None)))
-_MESSAGES: frozenset[type] = frozenset()  # (a rule of its own: compared by identity)
+_MESSAGES = frozenset((list,))  # (a rule of its own, known by identity)
 # What the walk asks of a field by its name, where it asks more than a plain value, a float,
 # or an array or object holding those: the type a checked field must have (null is left to
 # `line`); the text the estimate encodes (tools...) is left to `line` (no type is allowed).
@@ -66,6 +66,8 @@ def _body(body: dict[str, Any]) -> tuple[bool, Pieces] | None:
     for key, value in body.items():
         kind = type(value)
         rule = _RULES.get(key)
+        if kind in _PLAIN and (rule is None or kind in rule):
+            continue  # (most fields: one look)
         if rule is _MESSAGES:
             if kind is not list or not value:
                 return None
@@ -81,8 +83,6 @@ def _body(body: dict[str, Any]) -> tuple[bool, Pieces] | None:
             continue
         if rule is not None and kind not in rule:
             return None
-        if kind in _PLAIN:
-            continue
         if kind is float:
             floats = True
         elif kind is dict or kind is list:
