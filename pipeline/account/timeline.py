@@ -175,9 +175,14 @@ class Timeline:
     # -- what the books count ------------------------------------------------------------------
 
     def started(self) -> None:
-        run = self.run  # (`_point` written out: every attempt comes here)
+        run = self.run
         if run is not None:
-            run.at(self.clock())["started"] += 1
+            # (`at`'s look at the open interval written out: every attempt comes here)
+            now = self.clock()
+            point = run._open
+            if point is None or int((now - run.started) // run.length) != run._index:
+                point = run.at(now)
+            point["started"] += 1
 
     def answer(self, answer: str, attempts: int = 1) -> None:
         point = self._point()

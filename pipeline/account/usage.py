@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.account.histogram import Histogram, bucket
 from pipeline.account.timeline import Timeline
+from pipeline.account.totals import ModelUsage
 from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
@@ -24,64 +25,6 @@ __all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "repo
 # An answer as counted: the model it counts under, the cost the server reported (None: it
 # said none), its prompt and completion tokens (read once, for the books to cost it too).
 Counted = tuple[str, float | None, int, int]
-
-
-_FIELDS = (  # (in the order usage.json keeps them)
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "choices",
-    "cost_reported",
-    "with_cost",
-    "cost_priced",
-    "priced",
-)
-
-
-class ModelUsage:
-    """One model's totals. (A plain class with __slots__: every answer kept adds to one, a
-    slot is quicker to add to than a dataclass's field, and a dataclass cost its build at
-    every run's start.)"""
-
-    __slots__ = _FIELDS
-
-    def __init__(
-        self,
-        requests: int = 0,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        total_tokens: int = 0,
-        cached_tokens: int = 0,
-        reasoning_tokens: int = 0,
-        choices: int = 0,
-        cost_reported: float = 0.0,  # sum of usage.cost where the server reported one
-        with_cost: int = 0,  # results whose cost the server reported
-        cost_priced: float = 0.0,  # from the job's price table, for results the server did not cost
-        priced: int = 0,  # results costed from the price table
-    ) -> None:
-        self.requests, self.prompt_tokens, self.completion_tokens = requests, prompt_tokens, completion_tokens
-        self.total_tokens, self.cached_tokens, self.reasoning_tokens = (
-            total_tokens,
-            cached_tokens,
-            reasoning_tokens,
-        )
-        self.choices, self.cost_reported, self.with_cost = choices, cost_reported, with_cost
-        self.cost_priced, self.priced = cost_priced, priced
-
-    def as_dict(self) -> dict[str, Any]:
-        """Its fields by name, in order (as usage.json keeps them)."""
-        return {name: getattr(self, name) for name in _FIELDS}
-
-    @property
-    def without_cost(self) -> int:
-        return self.requests - self.with_cost - self.priced
-
-    @property
-    def cost(self) -> float:
-        return self.cost_reported + self.cost_priced
 
 
 def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -161,11 +104,9 @@ class Usage:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return name, None, 0, 0
-        prompt, completion, total = (
-            usage.get("prompt_tokens"),
-            usage.get("completion_tokens"),
-            usage.get("total_tokens"),
-        )
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        total = usage.get("total_tokens")
         # (A body is read from JSON: a whole number in it is an int, never a subclass but
         # bool, and one look at its type tells.)
         prompt = prompt if type(prompt) is int else 0
