@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
-from pipeline.account.timeline import Spent
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, Success
@@ -113,15 +112,20 @@ class Books:
         """Results now in the files (one write's): counted, costed, and put on the timeline
         at the moment of the write, in one look at its clock."""
         usage = self.usage
-        spent: list[Spent] = []
+        tokens_in = tokens_out = 0
+        costs: list[float] = []  # (in the order of the results: the timeline adds them so)
         for success in successes:
-            reply = success.reply
-            name, reported, prompt, completion = usage.add_success(success)
-            cost = reported if reported is not None else self._priced(name, reply.body, success.request.model)
-            spent.append((prompt, completion, cost, reply.latency, reply.ttft))
+            body, model = success.reply.body, success.request.model
+            name, reported, prompt, completion = usage.add_body(body, model)
+            cost = reported if reported is not None else self._priced(name, body, model)
+            tokens_in += prompt
+            tokens_out += completion
+            if cost:
+                costs.append(cost)
             if success.label is not None:
                 usage.verdicts[success.label] += 1
-        usage.timeline.kept(spent)
+        latencies, firsts = usage.add_times(successes)
+        usage.timeline.kept(tokens_in, tokens_out, costs, latencies, firsts)
 
     def failed(self, failure: Failure) -> None:
         self.usage.add_failure(failure, self.redact(failure.message))

@@ -29,8 +29,6 @@ MAX_POINTS = 1000  # intervals a run keeps at most
 
 # What an interval holds, by short keys (a run's stretch is saved at every checkpoint).
 SUMS = ("started", "tokens_in", "tokens_out", "cost", "latency_n")
-# A result as the timeline counts it: tokens in and out, cost (None: not known), latency, ttft.
-Spent = tuple[int, int, float | None, float, float | None]
 # In flight, the pace in force (requests a second), where it comes from, and the limit it keeps to.
 Sample = Callable[[], tuple[int, float | None, str | None, float | None]]
 # The same pace, limit and where they come from for each model with a pace of its own.
@@ -177,8 +175,13 @@ class Timeline:
     # -- what the books count ------------------------------------------------------------------
 
     def started(self) -> None:
-        point = self._point()
-        if point is not None:
+        run = self.run
+        if run is not None:
+            # (`at`'s look at the open interval written out: every attempt comes here)
+            now = self.clock()
+            point = run._open
+            if point is None or int((now - run.started) // run.length) != run._index:
+                point = run.at(now)
             point["started"] += 1
 
     def answer(self, answer: str, attempts: int = 1) -> None:
@@ -194,28 +197,24 @@ class Timeline:
             if cost:
                 point["cost"] += cost
 
-    def kept(self, results: Iterable[Spent]) -> None:
-        """Results written at one moment: what each used and cost (as `spent` counts it), and
-        how long it took, for the interval's percentiles."""
+    def kept(
+        self, tokens_in: int, tokens_out: int, costs: list[float], latencies: list[int], firsts: list[int]
+    ) -> None:
+        """Results written at one moment: the tokens they used, what each cost (where known,
+        as `spent` counts it), and the buckets of their latencies and times to first token
+        (`histogram.bucket`), for the interval's percentiles."""
         point = self._point()
         if point is None or self.run is None:
             return
-        latency, ttft = self.run._latency, self.run._ttft
-        tokens_in = tokens_out = n = 0
         spent = point["cost"]  # (added in the same order as one by one: the same float)
-        for prompt, completion, cost, seconds, first in results:
-            tokens_in += prompt
-            tokens_out += completion
-            if cost:
-                spent += cost
-            n += 1
-            latency.add(seconds)
-            if first is not None:
-                ttft.add(first)
+        for cost in costs:
+            spent += cost
         point["tokens_in"] += tokens_in
         point["tokens_out"] += tokens_out
         point["cost"] = spent
-        point["latency_n"] += n
+        point["latency_n"] += len(latencies)
+        self.run._latency.count(latencies)
+        self.run._ttft.count(firsts)
 
     def recent(self, answer: str, seconds: float) -> int:
         """Answers `answer` in this run's intervals of about the last `seconds`."""

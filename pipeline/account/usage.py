@@ -10,48 +10,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.account.histogram import Histogram
+from pipeline.account.histogram import Histogram, bucket
 from pipeline.account.timeline import Timeline
+from pipeline.account.totals import ModelUsage
 from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
-_NUMBER = int | float  # (made once: `int | float` written in a check makes it at every call)
 MESSAGES = 5  # the commonest messages kept for each failure code
 __all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
 # An answer as counted: the model it counts under, the cost the server reported (None: it
 # said none), its prompt and completion tokens (read once, for the books to cost it too).
 Counted = tuple[str, float | None, int, int]
-
-
-@dataclass
-class ModelUsage:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    choices: int = 0
-    cost_reported: float = 0.0  # sum of usage.cost where the server reported one
-    with_cost: int = 0  # results whose cost the server reported
-    cost_priced: float = 0.0  # from the job's price table, for results the server did not cost
-    priced: int = 0  # results costed from the price table
-
-    @property
-    def without_cost(self) -> int:
-        return self.requests - self.with_cost - self.priced
-
-    @property
-    def cost(self) -> float:
-        return self.cost_reported + self.cost_priced
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -63,7 +36,7 @@ def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def _counts(usage: Mapping[str, Any]) -> tuple[int, int, int]:
     """Prompt, completion and total tokens of a `usage` object (see `answer_tokens`)."""
-    # (_int written out: every answer comes here twice)
+    # (each whole number checked where it is read: every answer comes here)
     prompt, completion, total = (
         usage.get("prompt_tokens"),
         usage.get("completion_tokens"),
@@ -116,7 +89,7 @@ class Usage:
 
     def add_body(self, body: dict[str, Any], requested: str | None = None) -> Counted:
         """Count a completion's usage; returns it as counted. (Every answer kept comes here:
-        `answer_tokens` and `_int` are written out.)"""
+        `_counts` is written out.)"""
         model = body.get("model")
         name = model if isinstance(model, str) and model else requested or "unknown"
         m = self.models.get(name)
@@ -131,36 +104,56 @@ class Usage:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return name, None, 0, 0
-        prompt, completion, total = _counts(usage)
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        total = usage.get("total_tokens")
+        # (A body is read from JSON: a whole number in it is an int, never a subclass but
+        # bool, and one look at its type tells.)
+        prompt = prompt if type(prompt) is int else 0
+        completion = completion if type(completion) is int else 0
+        total = total if type(total) is int else 0
         m.prompt_tokens += prompt
         m.completion_tokens += completion
-        m.total_tokens += total
+        m.total_tokens += total or prompt + completion
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
-            m.cached_tokens += _int(details.get("cached_tokens"))
+            value = details.get("cached_tokens")
+            if type(value) is int:
+                m.cached_tokens += value
         details = usage.get("completion_tokens_details")
         if isinstance(details, dict):
-            m.reasoning_tokens += _int(details.get("reasoning_tokens"))
+            value = details.get("reasoning_tokens")
+            if type(value) is int:
+                m.reasoning_tokens += value
         cost = usage.get("cost")
-        if isinstance(cost, _NUMBER) and not isinstance(cost, bool):
+        if type(cost) is float or type(cost) is int:
             m.cost_reported += cost
             m.with_cost += 1
             return name, float(cost), prompt, completion
         return name, None, prompt, completion
 
-    def add_success(self, success: Success) -> Counted:
-        self.outcomes["succeeded"] += 1
-        if success.attempts > 1:
-            self.retries += success.attempts - 1
-        reply = success.reply
-        latency = reply.latency
-        self.latency.add(latency)
+    def add_times(self, successes: Sequence[Success]) -> tuple[list[int], list[int]]:
+        """Successes counted, with their attempts and times (one write's, in one loop: each
+        latency put in its bucket once); the buckets of their latencies and times to first
+        token, for the timeline's histograms."""
+        self.outcomes["succeeded"] += len(successes)
+        latencies: list[int] = []
+        firsts: list[int] = []
         slowest = self.slowest
-        if len(slowest) < SLOWEST or latency > slowest[-1][0]:
-            self.slowest = sorted([*slowest, (latency, success.request.custom_id)], reverse=True)[:SLOWEST]
-        if reply.ttft is not None:
-            self.ttft.add(reply.ttft)
-        return self.add_body(reply.body, success.request.model)
+        for success in successes:
+            if success.attempts > 1:
+                self.retries += success.attempts - 1
+            reply = success.reply
+            latency = reply.latency
+            latencies.append(bucket(latency))
+            if len(slowest) < SLOWEST or latency > slowest[-1][0]:
+                slowest = sorted([*slowest, (latency, success.request.custom_id)], reverse=True)[:SLOWEST]
+            if reply.ttft is not None:
+                firsts.append(bucket(reply.ttft))
+        self.slowest = slowest
+        self.latency.count(latencies)
+        self.ttft.count(firsts)
+        return latencies, firsts
 
     def add_priced(self, model: str, cost: float) -> None:
         """A result the server did not cost, costed from the job's price table."""
@@ -188,7 +181,7 @@ class Usage:
         """Add another folder's totals (a shard's, labelled so in the run list)."""
         for name, theirs in other.models.items():
             mine = self.models.setdefault(name, ModelUsage())
-            for key, value in asdict(theirs).items():
+            for key, value in theirs.as_dict().items():
                 setattr(mine, key, getattr(mine, key) + value)
         for counter in ("outcomes", "answers", "errors", "requested_models", "verdicts"):
             getattr(self, counter).update(getattr(other, counter))
@@ -207,7 +200,7 @@ class Usage:
     def totals(self) -> ModelUsage:
         total = ModelUsage()
         for m in self.models.values():
-            for key, value in asdict(m).items():
+            for key, value in m.as_dict().items():
                 setattr(total, key, getattr(total, key) + value)
         return total
 
@@ -215,7 +208,7 @@ class Usage:
 
     def state(self) -> dict[str, Any]:
         return {
-            "models": {k: asdict(v) for k, v in self.models.items()},
+            "models": {k: v.as_dict() for k, v in self.models.items()},
             "outcomes": dict(self.outcomes),
             "answers": dict(self.answers),
             "errors": dict(self.errors),

@@ -47,7 +47,7 @@ def _valid_messages(value: Any) -> bool:
 # What each checked field may be, by its exact type: what JSON (and TOML) reads, one look at
 # a set where a check was a call. A subclass (bool, for an int) is left to `check_body`'s
 # checks, which say what is wrong, if anything. A field set to null passes, but messages.
-_TYPES: dict[str, frozenset[type]] = {
+FIELD_TYPES: dict[str, frozenset[type]] = {
     "model": frozenset({str}),
     **dict.fromkeys(_INT_FIELDS, frozenset({int})),
     **dict.fromkeys(_NUMBER_FIELDS, frozenset({int, float})),
@@ -65,7 +65,7 @@ def _fine(body: Mapping[str, Any]) -> bool:
             if not _valid_messages(value):
                 return False
             continue
-        types = _TYPES.get(key)
+        types = FIELD_TYPES.get(key)
         if types is not None and value is not None and type(value) not in types:
             return False
     return "messages" in body

@@ -70,7 +70,7 @@ def _deeper(value: Any, limit: int) -> bool:
     return False
 
 
-def _has_long_number(raw: bytes) -> bool:
+def has_long_number(raw: bytes) -> bool:
     """Whether `raw` holds a run of 20 digits (an integer orjson would read as a float)."""
     if len(raw) <= _SLICE:
         return _LONG_NUMBER in raw.translate(_DIGITS)
@@ -87,7 +87,7 @@ def parse(raw: bytes) -> tuple[Any, bool]:
     lets through what orjson refuses, such as a lone surrogate escape). Raises ValueError
     (orjson's, json's, or `TooDeep`) when it is not JSON, or nested too deep to write again."""
     try:
-        if not _has_long_number(raw):
+        if not has_long_number(raw):
             value, slow = orjson.loads(raw), False
         else:
             value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)

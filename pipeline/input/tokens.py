@@ -34,14 +34,16 @@ DEFAULT_MAX_COMPLETION = 4096
 _MESSAGE_TEXT = ("name", "tool_calls", "tool_call_id")
 _BODY_TEXT = ("tools", "functions", "response_format")
 _ANY_MESSAGE_TEXT = frozenset(_MESSAGE_TEXT)
-_ANY_BODY_TEXT = frozenset(_BODY_TEXT)
+BODY_TEXT = frozenset(_BODY_TEXT)
+# What the model reads: the fixed tokens of what is not text, and every piece of text.
+Pieces = tuple[int, list[str]]
 
 
 class _Encoding(Protocol):
     def encode(self, text: str, *, disallowed_special: Any = ...) -> list[int]: ...
 
 
-def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> tuple[int, list[str]]:
+def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> Pieces:
     """Every piece of text the model reads, and the fixed token cost of what is not text
     (`images`: what an image costs, by its URL, where its size is known). (A list and a sum,
     not a generator: every line read comes here.)"""
@@ -74,7 +76,7 @@ def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) ->
             value = message.get(key)
             if value:
                 texts.append(value if isinstance(value, str) else jsonl.dumps(value).decode())
-    if _ANY_BODY_TEXT.isdisjoint(body):
+    if BODY_TEXT.isdisjoint(body):
         return fixed, texts
     for key in _BODY_TEXT:
         value = body.get(key)
@@ -85,13 +87,18 @@ def _pieces(body: Mapping[str, Any], images: Mapping[str, int] | None = None) ->
 
 def max_completion_tokens(body: Mapping[str, Any], *, default: int = DEFAULT_MAX_COMPLETION) -> int:
     """The most tokens the reply can cost: `max_tokens` (or its newer name) times `n`."""
+    return completion_bound(body, default=default)[0]
+
+
+def completion_bound(body: Mapping[str, Any], *, default: int = DEFAULT_MAX_COMPLETION) -> tuple[int, bool]:
+    """`max_completion_tokens`, and whether the body bounds it (sets `max_tokens`, or its
+    newer name): the worst case is a guess where it does not."""
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        limit = default
+    bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         n = 1
-    return limit * n
+    return (limit if bounded else default) * n, bounded
 
 
 class TokenEstimator:
@@ -117,11 +124,14 @@ class TokenEstimator:
     def prompt_tokens(self, body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> int:
         return self.counts(body, images)[0]
 
-    def counts(self, body: Mapping[str, Any], images: Mapping[str, int] | None = None) -> tuple[int, int]:
+    def counts(
+        self, body: Mapping[str, Any], images: Mapping[str, int] | None = None, pieces: Pieces | None = None
+    ) -> tuple[int, int]:
         """The prompt's tokens, and what a rate limiter that counts four characters a token
         charges for it (OpenAI's does so on arrival, whatever the tokenizer says: a pace that
-        reserves less than that goes over such a limit)."""
-        fixed, texts = _pieces(body, images)
+        reserves less than that goes over such a limit). `pieces`: the body's, where they were
+        read already (`pipeline.input.usual`)."""
+        fixed, texts = _pieces(body, images) if pieces is None else pieces
         chars = sum(map(len, texts))
         self._seen += 1
         if self.exact and (self.every or self._seen <= EXACT_FIRST or self._seen % SAMPLE_EVERY == 0):

@@ -203,7 +203,8 @@ class Ledger:
 
     def add_done(self, ids: Iterable[str]) -> int:
         """Index ids as done; returns how many were new."""
-        cur = self._begun().executemany("INSERT OR IGNORE INTO done (id) VALUES (?)", ((i,) for i in ids))
+        # (zip makes each id its row in C, where a generator made it in Python: every result comes here)
+        cur = self._begun().executemany("INSERT OR IGNORE INTO done (id) VALUES (?)", zip(ids))
         added = max(cur.rowcount, 0)
         self.done_count += added
         return added
@@ -219,7 +220,7 @@ class Ledger:
         )
 
     def drop_failed(self, keys: Iterable[str]) -> None:
-        self._begun().executemany("DELETE FROM failed WHERE key = ?", ((k,) for k in keys))
+        self._begun().executemany("DELETE FROM failed WHERE key = ?", zip(keys))
 
     def start_run(self) -> None:
         """Mark every listed failure as stale until this run meets it again."""

@@ -122,21 +122,27 @@ class Attempts:
             self.control.stop(held)
             return None
         self.control.in_hand += 1
-        tries = _Tries(self, request, seat)
+        # (made for the second attempt, or a verdict, where it is needed: most need none)
+        tries: _Tries | None = None
         try:
             started = time.monotonic()
             failed: RequestError | None = None
+            parsed = None
             try:
                 reply = await self._attempt(request, seat)
             except RequestError as e:
+                tries = _Tries(self, request, seat)
                 tries.failed(e)
                 failed = e
             else:
-                try:
-                    parsed = tries.judged(reply)
-                except InvalidOutput as e:
-                    failed = e
+                if self.verdict is not None:
+                    tries = _Tries(self, request, seat)
+                    try:
+                        parsed = tries.judged(reply)
+                    except InvalidOutput as e:
+                        failed = e
             if failed is not None:
+                assert tries is not None  # (made with the failure)
                 sleep = seat.backoff if seat else self.control.nap
                 try:
                     reply, parsed = await self.retry.call(
@@ -147,14 +153,17 @@ class Attempts:
         except Abandoned:
             return None
         except GivenUp as e:
-            return self._refused(request, tries.sent, str(e))
+            return self._refused(request, tries.sent if tries is not None else 0, str(e))
         except RequestError as e:
+            assert tries is not None  # (a RequestError of the first attempt made it)
             return await self._failed(request, tries, e)
         finally:
             self.control.in_hand -= 1
             if held is not None:
                 self.books.release(held)
             self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
+        if tries is None:  # (one attempt, no verdict: most requests)
+            return Success(request, reply, 1)
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request, reply, tries.sent, parsed, label)  # (positional: half the time of keywords)
 
