@@ -155,10 +155,17 @@ def test_bad_lines_say_what_is_wrong(tmp_path: Path, raw: bytes, message: str, f
     assert e.value.field == field
 
 
-def test_integers_beyond_64_bits_still_pass_through(tmp_path: Path) -> None:
-    raw = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed_big": 123456789012345678901234567890}'
+# (the least below -2**63 has 19 digits, and orjson read it as a float: -9.223372036854776e18)
+@pytest.mark.parametrize("number", [123456789012345678901234567890, -9223372036854775809, -(10**19) + 1])
+@pytest.mark.parametrize("text", ["x", "x " * 35_000])  # (a line past 64 KiB is scanned by slices)
+def test_integers_beyond_64_bits_still_pass_through(tmp_path: Path, number: int, text: str) -> None:
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "%s"}], "seed_big": %d}' % (
+        text.encode(),
+        number,
+    )
     r = request(parser(tmp_path), raw)
-    assert sent(r)["seed_big"] == 123456789012345678901234567890
+    assert sent(r)["seed_big"] == number
+    assert type(sent(r)["seed_big"]) is int
 
 
 def test_integers_beyond_64_bits_in_tools_and_response_format_are_estimated(tmp_path: Path) -> None:
