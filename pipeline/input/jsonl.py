@@ -88,13 +88,15 @@ def has_long_number(raw: bytes) -> bool:
     return False
 
 
-def parse(raw: bytes) -> tuple[Any, bool]:
+def parse(raw: bytes, read: Any = None) -> tuple[Any, bool]:
     """One JSON document, and whether it went the slow way (the standard library, which also
     lets through what orjson refuses, such as a lone surrogate escape). Raises ValueError
-    (orjson's, json's, or `TooDeep`) when it is not JSON, or nested too deep to write again."""
+    (orjson's, json's, or `TooDeep`) when it is not JSON, or nested too deep to write again.
+    `read`: orjson's value of `raw` where it was read already (not None), taken unless `raw`
+    holds an integer orjson cannot."""
     try:
         if not has_long_number(raw):
-            value, slow = orjson.loads(raw), False
+            value, slow = orjson.loads(raw) if read is None else read, False
         else:
             value = json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
             slow = True
@@ -130,10 +132,11 @@ def _encodable(value: Any) -> Any:
     return value
 
 
-def load_line(raw: bytes) -> Any:
-    """An input line's JSON value, or the `InputError` that says what is wrong with it."""
+def load_line(raw: bytes, read: Any = None) -> Any:
+    """An input line's JSON value, or the `InputError` that says what is wrong with it (`read`:
+    orjson's value of it, where read already)."""
     try:
-        value, slow = parse(raw)
+        value, slow = parse(raw, read)
         return _encodable(value) if slow else value
     except TooDeep as e:
         raise InputError(f"the line is {e}; flatten it", code="too_deep") from None

@@ -129,9 +129,9 @@ class LineParser:
 
     def parse(self, raw: bytes) -> Parsed:
         try:
-            usual = read_usual(raw) if self.template is None else None
+            usual, value = read_usual(raw) if self.template is None else (None, None)
             if usual is None:
-                return self._parse(raw)
+                return self._parse(raw, value)
             # (most lines: read in one pass, and their Parsed made here, one call fewer)
             body, named, metadata, pieces = usual
             custom_id = str(named) if type(named) is int else named  # (as `_as_id` has it)
@@ -141,8 +141,8 @@ class LineParser:
         except Exception as e:
             raise _unforeseen(e) from e
 
-    def _parse(self, raw: bytes) -> Parsed:
-        obj = jsonl.load_line(raw)
+    def _parse(self, raw: bytes, value: Any = None) -> Parsed:
+        obj = jsonl.load_line(raw, value)
         if not isinstance(obj, dict):
             raise InputError(f"line is {type_name(obj)}, not a JSON object", code="not_object")
         try:
