@@ -336,6 +336,26 @@ def test_token_estimates_count_prompt_and_worst_case_reply(tmp_path: Path) -> No
     assert r.max_completion_tokens == 300
 
 
+@pytest.mark.parametrize("run", ["x" * 20_000, "ACGT" * 5_000, " " * 20_000, "!" * 20_000])
+def test_a_long_run_without_a_break_is_counted_in_pieces_the_tokenizer_takes_quickly(run: str) -> None:
+    """The tokenizer's merges take time growing with the square of a run's length in pure Python:
+    16,000 letters without a space held the event loop 3.5 s. Such a run is encoded in pieces of
+    LONG_RUN, and counts close to what the whole run does."""
+    from pipeline.input.tokens import LONG_RUN, TokenEstimator
+
+    estimator = TokenEstimator(every=True)
+    text = f"a caption: {run} and the end"
+    whole = len(estimator._load().encode(text[:4_000], disallowed_special=()))  # (a part: quick enough)
+    lengths: list[int] = []
+    real = estimator._load().encode
+    with mock.patch.object(
+        estimator._load(), "encode", lambda t, **k: lengths.append(len(t)) or real(t, **k)
+    ):
+        tokens = estimator.counts({"messages": [{"role": "user", "content": text}]})[0]
+    assert max(lengths) <= LONG_RUN + 16 <= 300  # (the text around the run as it is)
+    assert whole * len(text) / 4_000 * 0.9 <= tokens <= whole * len(text) / 4_000 * 1.1 + 20
+
+
 def test_estimate_mode_counts_every_prompt_exactly(tmp_path: Path) -> None:
     from pipeline.input.tokens import EXACT_FIRST, TokenEstimator
 
