@@ -117,8 +117,7 @@ class AccountPace:
         if self.clock() - self._used > KEY_TTL:
             self._reset()
         n = self._logged(int(since * 100), int(until * 100) - 1)
-        first = min(n["s"]) / 100 if n["s"] else None
-        return Logged(sum(n["s"].values()), sum(n["r"].values()), first, sum(n["a"].values()))
+        return Logged(*(sum(n[kind].values()) for kind in "sra"))
 
     def _add(self, log: str, now: float, since: int) -> tuple[bool, bool]:
         """Adds `log` to the send log; returns whether it told of a refusal, and of one of a

@@ -73,7 +73,6 @@ class Logged(NamedTuple):
 
     sent: int
     refused: int  # of those sent
-    first: float | None  # when the first of them left (None: none did)
     admitted: int  # let through in the span (as their answers tell), whenever sent
 
 
@@ -147,8 +146,7 @@ class Store:
 
     async def read(self, since: float, until: float) -> Logged:
         raw = await self._script(self._read, [self.account], [int(since * 100), int(until * 100)])
-        sent, refused, first, admitted = (int(x) for x in raw)
-        return Logged(sent, refused, first / 100 if first >= 0 else None, admitted)
+        return Logged(*(int(x) for x in raw))
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
