@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, Ask, Logged, Reply
+from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, SIT, Ask, Logged, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
@@ -67,20 +67,22 @@ class AccountPace:
                 if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                     # The ramp goes on from what got through in the second before (as told), not its rate.
                     f["boot"] = max(self.boot_rate / 4, min(f.get("boot", self.boot_rate), got))
+                    f["grown_at"] = now
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
-            # a second, not within half a second of a pause; no start leased till a second
-            # after a pause.
+            # a second (or it sat SIT seconds at its rate), not within half a second of a pause;
+            # no start leased till a second after a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
             ok = f.get("boot_ok", 0.0) + a.answered
+            grown_at = f.setdefault("grown_at", now)
             if now - boot_at >= 0.25:
-                quiet = now - f.get("refused_at", 0.0) >= 1
+                quiet = now - f.get("refused_at", 0.0) >= 1 or now - grown_at >= SIT
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
-                    rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
+                    rate, f["clock"], f["grown_at"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now, now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
             if now < paused + 1:
