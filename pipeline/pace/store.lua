@@ -15,12 +15,12 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'grown_at')
+                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
 local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
-local grown_at = tonumber(state[12] or tostring(now))
+local refusing = tonumber(state[12] or '0')  -- refusals told since then, never SIT apart
 -- The send log: "hundredth sent refused room admitted" fives, under a key a second (room: the
 -- earliest time, in hundredths, a refusal of a request sent then said the server has room
 -- again; admitted: let through then, as their answers tell). A run
@@ -43,8 +43,9 @@ for cs, sent, refused, room, admitted in string.gmatch(ARGV[8], '(%d+) (%d+) (%d
   end
 end
 if told_refusal then
+  if now - refused_at >= sit then refusing = now end
   refused_at = now
-  redis.call('HSET', key, 'refused_at', tostring(now))
+  redis.call('HSET', key, 'refused_at', tostring(now), 'refusing', tostring(refusing))
 end
 for log, _ in pairs(written) do redis.call('EXPIRE', log, log_ttl) end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
@@ -103,8 +104,8 @@ if given <= 0 and told_new then
       local got, stop = 0, last > first and last or first + 1
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
-      grown_at = now
-      redis.call('HSET', key, 'boot', state[6])
+      refusing = now
+      redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
     end
   end
 end
@@ -122,9 +123,9 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   --   at half, to 4 times (doubled at 2,048 a second with 1,080 let through);
   -- * nothing was refused for a second: a server counting by the second refuses only once its
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
-  --   or it has not grown for `sit` seconds (nor gone on from a run): a rate a few a second
-  --   over the limit (102 at 100) is refused a few a second, too few for a run, and sat on
-  --   them for the whole run (2 % 429s) where a step more makes a run, and a limit is read;
+  --   or refusals have come for `sit` seconds (since a run, or a gap that long) without a run: a
+  --   rate a few a second over the limit (102 at 100) is refused a few a second, too few for
+  --   a run, and sat on them for the whole run (2 % 429s); a step more makes a run;
   -- * not within half a second of a pause, before the limit its refusals tell is read.
   -- A grown rate goes from now: the account's clock ran ahead of it by the starts its
   -- processes hold (a second at 16 a second over 16 shards, each holding one), and each
@@ -135,15 +136,14 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   booting = 1
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
-    local quiet = now - refused_at >= 1 or now - grown_at >= sit
+    local quiet = now - refused_at >= 1 or now - refusing >= sit
     if paused + 0.5 < now and quiet and boot_ok >= rate * (now - boot_at) * 0.75 then
-      rate, state[10], grown_at = math.min(math.floor(rate * grow + 0.5), 100000), tostring(now), now
+      rate, state[10] = math.min(math.floor(rate * grow + 0.5), 100000), tostring(now)
       redis.call('HSET', key, 'clock', state[10])
     end
     boot_at, boot_ok = now, 0
   end
-  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok),
-             'grown_at', tostring(grown_at))
+  redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
   if now < paused + 1 then want = 0 end
 end
 local start, token_start = -1, -1

@@ -27,7 +27,7 @@ KEY_TTL = 600  # seconds an account's state outlives its last process
 LOG_TTL = 180  # seconds the account's send log is kept, a second to a key
 BOOT_RATE = 64.0  # starts a second for the account before any limit is known, growing...
 GROW = 2 ** (2 / 3)  # ...so much every quarter second (doubling every 3/8 s): see store.lua
-SIT = 2.0  # seconds at one rate after which the ramp grows through refusals too few for a run
+SIT = 2.0  # seconds of refusals too few for a run after which the ramp grows through them
 WATCH = 2.0  # seconds of the account's send log watched for a run of refusals...
 RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
 
