@@ -123,13 +123,11 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   --   at half, to 4 times (doubled at 2,048 a second with 1,080 let through);
   -- * nothing was refused for a second: a server counting by the second refuses only once its
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
-  --   or refusals have come for `sit` seconds (since a run, or a gap that long) without a run: a
-  --   rate a few a second over the limit (102 at 100) is refused a few a second, too few for
-  --   a run, and sat on them for the whole run (2 % 429s); a step more makes a run;
+  --   or refusals came for `sit` s without a run (since one, or a gap that long): 102 a second
+  --   at 100 was refused two a second, too few for a run, for the whole run (2 % 429s);
   -- * not within half a second of a pause, before the limit its refusals tell is read.
-  -- A grown rate goes from now: the account's clock ran ahead of it by the starts its
-  -- processes hold (a second at 16 a second over 16 shards, each holding one), and each
-  -- step came that late (SHARDS2's model: 3 to 3.7 s to 90 % of 1,000 a second; 1 to 1.7 s).
+  -- A grown rate goes from now, not the account's clock (ahead by the starts its processes
+  -- hold: each step came that late; SHARDS2's model: 3 to 3.7 s to 90 % of 1,000/s, 1 to 1.7).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
   -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
   -- pause ended, thousands a second.
