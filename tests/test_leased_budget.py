@@ -48,7 +48,7 @@ class MemoryStore:
         return Reply(now, rate, start, token_start, self.paused, 1, True, False, -1, -1, want if rate else 0)
 
     async def read(self, since: float, until: float) -> Logged:
-        return Logged(0, 0, None)
+        return Logged(0, 0, 0)
 
     async def close(self) -> None:
         pass

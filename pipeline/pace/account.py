@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, Ask, Logged, Reply
+from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, SIT, Ask, Logged, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
@@ -48,6 +48,8 @@ class AccountPace:
         since = max(cs_now - math.floor(self.watch * 100), math.ceil(full_resume * 100))
         told_refusal, told_new = self._add(a.log, now, since)  # (a run is looked for from `since`)
         if told_refusal:
+            if now - f.get("refused_at", 0.0) >= SIT:
+                f["refusing"] = now  # refusals told since then, never SIT apart
             f["refused_at"] = now
         if a.found is not None:
             f["found"], self.found_by = a.found, a.pid
@@ -67,18 +69,19 @@ class AccountPace:
                 if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                     # The ramp goes on from what got through in the second before (as told), not its rate.
                     f["boot"] = max(self.boot_rate / 4, min(f.get("boot", self.boot_rate), got))
+                    f["refusing"] = now
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
-            # a second, not within half a second of a pause; no start leased till a second
-            # after a pause.
+            # a second (or for SIT seconds without a run), not within half a second of a pause;
+            # no start leased till a second after a pause.
             booting = True
             rate = f.get("boot", self.boot_rate)
             ok = f.get("boot_ok", 0.0) + a.answered
             if now - boot_at >= 0.25:
-                quiet = now - f.get("refused_at", 0.0) >= 1
+                quiet = now - f.get("refused_at", 0.0) >= 1 or now - f.get("refusing", 0.0) >= SIT
                 if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
                     rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
                 boot_at, ok = now, 0.0
@@ -117,8 +120,7 @@ class AccountPace:
         if self.clock() - self._used > KEY_TTL:
             self._reset()
         n = self._logged(int(since * 100), int(until * 100) - 1)
-        first = min(n["s"]) / 100 if n["s"] else None
-        return Logged(sum(n["s"].values()), sum(n["r"].values()), first, sum(n["a"].values()))
+        return Logged(*(sum(n[kind].values()) for kind in "sra"))
 
     def _add(self, log: str, now: float, since: int) -> tuple[bool, bool]:
         """Adds `log` to the send log; returns whether it told of a refusal, and of one of a

@@ -1,7 +1,7 @@
 -- The account's shared pace: one call a lease or sync, atomic, on the store's clock (TIME).
 -- KEYS: the account, its members. ARGV: the `Ask`'s fields in order (pid, want, want_tokens,
 -- given, given_tokens, found (-1: none), pause_for, log, holds, answered, whole), then KEY_TTL,
--- BOOT_RATE, LOG_TTL, WATCH, RUN, GROW. Nothing here scans more than the call brings but a run of
+-- BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT. Nothing here scans more than the call brings but a run of
 -- refusals, looked for only when the call tells of one: a call costs a few commands.
 local key, members = KEYS[1], KEYS[2]
 local pid = ARGV[1]
@@ -10,16 +10,17 @@ local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
 local holds, answered, whole = ARGV[9] == '1', tonumber(ARGV[10]), tonumber(ARGV[11])
 local ttl, boot_rate, log_ttl, watch, run = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
-local grow = tonumber(ARGV[17])
+local grow, sit = tonumber(ARGV[17]), tonumber(ARGV[18])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_ok', 'refused_at', 'clock', 'token_clock')
+                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
 local boot_ok, refused_at = tonumber(state[8] or '0') + answered, tonumber(state[9] or '0')
+local refusing = tonumber(state[12] or '0')  -- refusals told since then, never SIT apart
 -- The send log: "hundredth sent refused room admitted" fives, under a key a second (room: the
 -- earliest time, in hundredths, a refusal of a request sent then said the server has room
 -- again; admitted: let through then, as their answers tell). A run
@@ -42,8 +43,9 @@ for cs, sent, refused, room, admitted in string.gmatch(ARGV[8], '(%d+) (%d+) (%d
   end
 end
 if told_refusal then
+  if now - refused_at >= sit then refusing = now end
   refused_at = now
-  redis.call('HSET', key, 'refused_at', tostring(now))
+  redis.call('HSET', key, 'refused_at', tostring(now), 'refusing', tostring(refusing))
 end
 for log, _ in pairs(written) do redis.call('EXPIRE', log, log_ttl) end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
@@ -102,7 +104,8 @@ if given <= 0 and told_new then
       local got, stop = 0, last > first and last or first + 1
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
-      redis.call('HSET', key, 'boot', state[6])
+      refusing = now
+      redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
     end
   end
 end
@@ -120,17 +123,19 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   --   at half, to 4 times (doubled at 2,048 a second with 1,080 let through);
   -- * nothing was refused for a second: a server counting by the second refuses only once its
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
+  --   or refusals came for `sit` s without a run (since one, or a gap that long): 102 a second
+  --   at 100 was refused two a second, too few for a run, for the whole run (2 % 429s);
   -- * not within half a second of a pause, before the limit its refusals tell is read.
-  -- A grown rate goes from now: the account's clock ran ahead of it by the starts its
-  -- processes hold (a second at 16 a second over 16 shards, each holding one), and each
-  -- step came that late (SHARDS2's model: 3 to 3.7 s to 90 % of 1,000 a second; 1 to 1.7 s).
+  -- A grown rate goes from now, not the account's clock (ahead by the starts its processes
+  -- hold: each step came that late; SHARDS2's model: 3 to 3.7 s to 90 % of 1,000/s, 1 to 1.7).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
   -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
   -- pause ended, thousands a second.
   booting = 1
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
-    if paused + 0.5 < now and now - refused_at >= 1 and boot_ok >= rate * (now - boot_at) * 0.75 then
+    local quiet = now - refused_at >= 1 or now - refusing >= sit
+    if paused + 0.5 < now and quiet and boot_ok >= rate * (now - boot_at) * 0.75 then
       rate, state[10] = math.min(math.floor(rate * grow + 0.5), 100000), tostring(now)
       redis.call('HSET', key, 'clock', state[10])
     end

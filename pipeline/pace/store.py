@@ -27,6 +27,7 @@ KEY_TTL = 600  # seconds an account's state outlives its last process
 LOG_TTL = 180  # seconds the account's send log is kept, a second to a key
 BOOT_RATE = 64.0  # starts a second for the account before any limit is known, growing...
 GROW = 2 ** (2 / 3)  # ...so much every quarter second (doubling every 3/8 s): see store.lua
+SIT = 2.0  # seconds of refusals too few for a run after which the ramp grows through them
 WATCH = 2.0  # seconds of the account's send log watched for a run of refusals...
 RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
 
@@ -73,7 +74,6 @@ class Logged(NamedTuple):
 
     sent: int
     refused: int  # of those sent
-    first: float | None  # when the first of them left (None: none did)
     admitted: int  # let through in the span (as their answers tell), whenever sent
 
 
@@ -141,14 +141,13 @@ class Store:
     async def call(self, ask: Ask) -> Reply:
         a, found = ask, -1 if ask.found is None else ask.found
         args = [a.pid, a.want, a.want_tokens, a.given, a.given_tokens, found, a.pause_for, a.log]
-        args += [int(a.holds), a.answered, a.whole, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN, GROW]
+        args += [int(a.holds), a.answered, a.whole, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT]
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
     async def read(self, since: float, until: float) -> Logged:
         raw = await self._script(self._read, [self.account], [int(since * 100), int(until * 100)])
-        sent, refused, first, admitted = (int(x) for x in raw)
-        return Logged(sent, refused, first / 100 if first >= 0 else None, admitted)
+        return Logged(*(int(x) for x in raw))
 
     async def _script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         from redis.exceptions import RedisError
