@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pipeline.pace.account
+import pipeline.pace.store
 from pipeline.pace.account import AccountPace
 from pipeline.pace.store import BOOT_RATE, GROW, RUN, WATCH, Ask, Reply, Store
 from tests.conftest import RedisServer
@@ -156,6 +158,51 @@ async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis
     assert python.full_at == pytest.approx((cs - 30) / 100)
     assert python.full_resume == pytest.approx((cs - 5) / 100)
     assert python.paused == python.now
+
+
+async def test_the_ramp_grows_through_refusals_too_few_for_a_run_after_sit_in_either(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal every 0.2 s, each too few for a run (one of three sent): within the second
+    after one the ramp is held, till they have come for SIT (here 0.8 s); then it grows through
+    them, in the script as in the actor (the Hypothesis replay makes its calls within
+    milliseconds, never a quarter second apart: it never reaches a step of the ramp)."""
+    monkeypatch.setattr(pipeline.pace.store, "SIT", 0.8)
+    monkeypatch.setattr(pipeline.pace.account, "SIT", 0.8)
+    store = Store(redis_server.url, "pipeline:pace:sit")
+    at = [0.0]  # the store's clock at its call, read by the actor's: the same moment in both
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: at[0])
+    rates: list[tuple[float, float]] = []  # the store's clock at each call, the ramp's rate
+    try:
+        for i, wait in enumerate((0.0, 0.2, 0.2, 0.2, 0.35)):  # the ramp's steps at 0.4 and 0.95 s
+            await asyncio.sleep(wait)
+            ask = Ask("a", log=_log([(int(time.time() * 100), 3, 1, 0)]), answered=40)
+            redis = await store.call(ask)
+            at[0] = redis.now
+            _same(redis, held.call(ask), f"call {i}")
+            rates.append((redis.now, redis.rate))
+    finally:
+        await store.close()
+    # (By the store's clock: a call late on busy cores may come SIT after the first, and grow.)
+    assert all(rate == BOOT_RATE for now, rate in rates if now - rates[0][0] < 0.8), rates  # held
+    assert rates[-1][1] > BOOT_RATE, rates  # grown through them
+
+
+def test_a_ramp_held_unconfirmed_is_not_grown_by_its_first_refusals() -> None:
+    """A ramp that sat at its rate for seconds with its answers behind (busy cores) is held by
+    its first refusals as any is, and grows through them only once they have come for SIT: 16
+    shards sat at 1,029 a second so for three seconds, were refused three when their sends caught
+    up, and grew to 1,633 at once (321 and 949 refused in the next two seconds)."""
+    clock = [1000.0]
+    pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
+    rates: list[float] = []
+    for step in range(24):  # a call every quarter second: a refusal (one of three) from 3 s on
+        clock[0] = 1000.0 + step * 0.25
+        refused = step >= 12
+        log = _log([(int(clock[0] * 100), 3, 1, 0)]) if refused else ""
+        rates.append(pace.call(Ask("a", log=log, answered=40 if refused else 0)).rate)
+    assert rates[:20] == [BOOT_RATE] * 20, rates  # held: unanswered, then refused within SIT
+    assert rates[-1] > BOOT_RATE, rates  # refused for SIT: grown through them
 
 
 # One call of a process, its log's hundredths and rooms (-1: none told) from the moment it is

@@ -335,3 +335,27 @@ async def test_a_refusal_of_a_request_its_models_log_never_held_is_not_read_ther
     _refuse(gate, [out])
     assert out.tickets[0] == -1
     assert not log.by_answer
+
+
+def test_a_refusal_of_a_model_with_a_scope_of_its_own_leaves_no_request_out_for_the_account() -> None:
+    """A shared account's log holds what each process has out: a reading by send waits for
+    it, and a refusal of the account's that comes back with a request sent FAST or more before
+    it still out makes its reading by send. A request its model's own scope read the refusal
+    of was never answered there: out for ten minutes, and the account's next refusal, 20 ms
+    answers or not, read its limit by send (0.4 to 0.8 of what got through on busy cores)."""
+    clock = Clock(9.0)
+    pacer = shared_pacer(lambda: Store("redis://127.0.0.1:1", "unused"), "a store")
+    finder = RateFinder(pacer, Window(8, start=8), clock=clock, stop=lambda stopped: None)
+    gate = Gate(Scopes(finder, limits={FREE: ModelLimit(rpm=600)}))
+    assert finder.account is not None
+    log = finder.account.account_log
+    log.offset = 0.0  # the store's clock known (the same as ours)
+    (slot,) = _send(gate, FREE)
+    clock.now = 9.1
+    slot.failed(http_error(429, "Too Many Requests"))  # the model's limit: its scope reads it
+    assert log.whole(9.1, READ_WAIT) == -1.0  # none out
+    # As the account's link tells them: a request of another model let through in 20 ms, then
+    # one refused, sent half a second after the model's.
+    log.admitted(9.1, 9.12)
+    log.refused(9.5, 10.0, 9.52)
+    assert log.by_answer

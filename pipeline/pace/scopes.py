@@ -162,6 +162,8 @@ class Scopes:
         for scope, mine in zip(slot.scopes, slot.tickets, strict=False):
             if scope is not reader:
                 scope.finder.log.refuse(mine)
+                if scope.finder.account is not None:  # answered: its shared log has it out no longer
+                    scope.finder.account.account_log.answered(scope.finder.log.sent_at(mine))
                 continue
             cuts = scope.finder.cuts
             scope.finder.pushback(mine, wait, message)
