@@ -23,9 +23,15 @@ class Slots:
         self._closed = False  # the run stopped: nobody waits any more
         self._spread = False  # starts are spaced in time: every one waits its turn
 
-    async def acquire(self) -> None:
+    def take(self) -> bool:
+        """A slot now if one is free with nobody ahead (most starts), without acquire's coroutine."""
         if (self.taken < self.size and not self._waiters and not self._spread) or self._closed:
             self.taken += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take():
             return
         if self.taken >= self.size or self._waiters:
             self._waiting()  # it binds (a start only spread in time does not grow the window)
