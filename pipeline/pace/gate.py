@@ -151,7 +151,7 @@ class Gate:
                 if scope.given_up:
                     raise GivenUp(scope.given_up)
             if not self.window.take():
-                await self.window.acquire()
+                await self.window.wait()
         except BaseException:
             slot._hand_back()
             raise

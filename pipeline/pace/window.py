@@ -23,16 +23,19 @@ class Slots:
         self._closed = False  # the run stopped: nobody waits any more
         self._spread = False  # starts are spaced in time: every one waits its turn
 
+    async def acquire(self) -> None:
+        if not self.take():
+            await self.wait()
+
     def take(self) -> bool:
-        """A slot now if one is free with nobody ahead (most starts), without acquire's coroutine."""
+        """A slot now if one is free with nobody ahead (most starts), without a coroutine."""
         if (self.taken < self.size and not self._waiters and not self._spread) or self._closed:
             self.taken += 1
             return True
         return False
 
-    async def acquire(self) -> None:
-        if self.take():
-            return
+    async def wait(self) -> None:
+        """A slot in turn, where `take` found none free."""
         if self.taken >= self.size or self._waiters:
             self._waiting()  # it binds (a start only spread in time does not grow the window)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -117,7 +120,8 @@ class Window(Slots):
             return
         if self._spacer is not None:
             return  # its timer wakes the next
-        gap = -1.0  # seconds between starts, worked out at the first (most calls start one)
+        back = 1 / self._round if self._round else math.inf
+        rate = SPREAD * self.size * (back + self._doubling)
         while self._waiters and self.taken < self.size:
             at = self._until if self._until > self._next else self._next
             if at > now + SLACK:
@@ -127,11 +131,8 @@ class Window(Slots):
             if not future.done():
                 self.taken += 1
                 future.set_result(None)
-                if gap < 0:
-                    back = 1 / self._round if self._round else math.inf
-                    gap = 1 / (SPREAD * self.size * (back + self._doubling))
                 # From when it was due, if a timer ran late: lateness does not lower the rate.
-                self._next = (at if at > now - SLACK else now) + gap
+                self._next = (at if at > now - SLACK else now) + 1 / rate
 
     def _spaced(self) -> None:
         self._spacer = None
