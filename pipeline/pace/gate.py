@@ -150,7 +150,8 @@ class Gate:
                         seat.rejoin()
                 if scope.given_up:
                     raise GivenUp(scope.given_up)
-            await self.window.acquire()
+            if not self.window.take():
+                await self.window.wait()
         except BaseException:
             slot._hand_back()
             raise

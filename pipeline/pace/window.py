@@ -24,15 +24,24 @@ class Slots:
         self._spread = False  # starts are spaced in time: every one waits its turn
 
     async def acquire(self) -> None:
+        if not self.take():
+            await self.wait()
+
+    def take(self) -> bool:
+        """A slot now if one is free with nobody ahead (most starts), without a coroutine."""
         if (self.taken < self.size and not self._waiters and not self._spread) or self._closed:
             self.taken += 1
-            return
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """A slot in turn, where `take` found none free."""
         if self.taken >= self.size or self._waiters:
             self._waiting()  # it binds (a start only spread in time does not grow the window)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         if self._spread:
-            self._wake()
+            self._wake_spread()
         try:
             await future  # the slot is counted for us when the future is set
         except asyncio.CancelledError:
@@ -45,7 +54,8 @@ class Slots:
 
     def release(self) -> None:
         self.taken -= 1
-        self._wake()
+        if self._waiters:  # (none: nothing to wake, and most releases; a call the fewer)
+            self._wake()
 
     def _wake(self) -> None:
         if self._spread:
@@ -85,6 +95,7 @@ class Window(Slots):
         self.ceiling = ceiling
         self.threshold = float(ceiling)  # quick growth ends here
         self.ramp = ramp
+        self._doubling = math.log(2) / ramp if ramp > 0 else 0.0  # the ramp's growth a second
         self._timer: asyncio.TimerHandle | None = None
         self._round = 0.0  # seconds an answer takes, smoothed (0: none yet)
         self._next = 0.0  # the loop's time of the next start, while they are spread
@@ -110,9 +121,9 @@ class Window(Slots):
         if self._spacer is not None:
             return  # its timer wakes the next
         back = 1 / self._round if self._round else math.inf
-        rate = SPREAD * self.size * (back + (math.log(2) / self.ramp if self.ramp > 0 else 0))
+        rate = SPREAD * self.size * (back + self._doubling)
         while self._waiters and self.taken < self.size:
-            at = max(self._next, self._until)
+            at = self._until if self._until > self._next else self._next
             if at > now + SLACK:
                 self._spacer = loop.call_at(at, self._spaced)
                 return
@@ -153,14 +164,14 @@ class Window(Slots):
             self._waiting()
 
     def grow(self, latency: float | None = None) -> None:
-        if self.size < self.ceiling:
+        size = self.size
+        if size < self.ceiling:
             if latency is not None:
                 self._round = latency if not self._round else self._round + (latency - self._round) / 8
                 self._spread = True
-            self.size = min(
-                self.size + (0.5 if self.size < self.threshold else 1.0 / self.size), self.ceiling
-            )
-            self._wake()
+            self.size = min(size + (0.5 if size < self.threshold else 1.0 / size), self.ceiling)
+            if self._waiters:
+                self._wake()
 
     def hold(self) -> None:
         """The server pushed back once: stop growing quickly."""
