@@ -35,7 +35,9 @@ class Slots:
         return False
 
     async def wait(self) -> None:
-        """A slot in turn, where `take` found none free."""
+        """A slot in turn, where `take` found none free (and at once if one is, after all)."""
+        if self.take():
+            return
         if self.taken >= self.size or self._waiters:
             self._waiting()  # it binds (a start only spread in time does not grow the window)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
