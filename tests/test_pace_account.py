@@ -166,6 +166,25 @@ async def test_a_steady_share_refused_for_a_second_is_a_full_server_in_either(
     assert long.full_resume == pytest.approx((cs + 50) / 100)
 
 
+async def test_a_run_with_slow_answers_goes_on_from_what_was_sent_before_it_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """40 sent in the second before a run, one of them refused, none told admitted yet (answers
+    of seconds): the ramp goes on from the 39 that got through, in the script as in the actor."""
+    store = Store(redis_server.url, "pipeline:pace:by-send")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    cs = int(time.time() * 100)
+    before = [(cs - 90 + i, 4, int(i == 15), cs - 80) for i in range(0, 50, 5)]  # (one is not a run)
+    log = _log([*before, *[(cs - 20 + i, 1, 1, cs + 150) for i in range(RUN)]])
+    try:
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
+    finally:
+        await store.close()
+    _same(redis, python, "by send")
+    assert python.full_at == pytest.approx((cs - 20) / 100)
+    assert (python.booting, python.rate) == (True, 39.0)
+
+
 async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis_server: RedisServer) -> None:
     """RUN refused in a row, then ten times as many sent and not yet answered (a round trip on
     busy cores): full at once, not once those were answered; and the room its refusals told,
@@ -444,3 +463,13 @@ def test_sixteen_processes_ramp_to_a_bucket_paying_few_refusals(limit: int, answ
     assert all(r.after > 0 for r in ramps), ramps  # seen full: the pause ended
     assert sum(r.refused for r in ramps) <= refusals, ramps
     assert max(r.full_by for r in ramps) <= by, ramps
+
+
+def test_a_ramp_with_slow_answers_goes_on_from_what_got_through_after_a_run() -> None:
+    """With answers of 2 s, nothing sent in the second before a run is told admitted when it
+    is seen: the ramp went on from 16 (a quarter of its first rate) till a reading came. What
+    was sent before the first refused and not refused got through: from that, at the limit."""
+    for limit in (100, 250):
+        for phase in (0.0, 0.5):
+            ramp = _ramp(limit, phase, answer=2.0, horizon=10.0)
+            assert limit * 0.9 <= ramp.after <= limit, ramp
