@@ -161,7 +161,7 @@ class AccountPace:
         requests were refused and half of what was sent; else, refusals for a second or more,
         twice `run` and a SHARE of what was sent since the first: full at the latest. With the
         earliest room its refusals told, and what got through in the second before: admitted
-        as told so far, or sent before the first refused and not refused, whichever is more."""
+        as told so far, or if none is, sent before the first refused and not refused."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
@@ -191,6 +191,6 @@ class AccountPace:
             last = low if low is not None and first < low < first + 100 else first
             end = last if last > first else first + 1
             got = sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
-            sent_got = sum(sent.get(cs, 0) - refused.get(cs, 0) for cs in range(last - 100, first))
-            found = first, low, max(got, sent_got)
+            got = got or sum(sent.get(cs, 0) - refused.get(cs, 0) for cs in range(last - 100, first))
+            found = first, low, got
         return found

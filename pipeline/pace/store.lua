@@ -113,14 +113,15 @@ if given <= 0 and told_new then
       -- the limit when the run was seen, and went on at it after the pause while no reading
       -- was in (a second wave of refusals). At least a quarter of the ramp's first rate (16 a
       -- second, where it began before GROW): from 64, a limit under it would be run past again.
-      -- Or, more, what was sent then before the first refused and not refused: with answers of
-      -- seconds none is told admitted yet, and the ramp went on from 16 till a reading came.
+      -- None told admitted (answers of seconds: the ramp went on from 16 till a reading came):
+      -- what was sent then before the first refused and not refused. Not else: a request
+      -- logged sent and not yet arrived (busy cores) may yet be refused.
       local last = (told and told > first and told < first + 100) and told or first
       local got, stop, by_send = 0, last > first and last or first + 1, 0
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
       for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then by_send = by_send + n end end
       for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then by_send = by_send - n end end
-      got = math.max(got, by_send)
+      if got == 0 then got = by_send end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
       refusing = now
       redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
