@@ -146,22 +146,28 @@ async def test_a_steady_share_refused_for_a_second_is_a_full_server_in_either(
     """A bucket refilled continuously refuses scattered among what it lets through: one of
     three sent every tenth of a second, never a run. Over 0.9 s not yet; over 1.2 s full, at
     the latest refused and the room it told, in the script as in the actor; and a fifth refused
-    as long is not (the ramp grows through it)."""
+    as long is not (the ramp grows through it), nor seven (under twice RUN: a share of a few)."""
     cs = int(time.time() * 100)
     replies = []
-    for key, span, sent in (("short", 90, 3), ("long", 120, 3), ("fifth", 120, 5)):
+    for key, span, sent, every in (
+        ("short", 90, 3, 10),
+        ("long", 120, 3, 10),
+        ("fifth", 120, 5, 10),
+        ("few", 120, 3, 20),
+    ):
         store = Store(redis_server.url, f"pipeline:pace:share:{key}")
         held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
-        log = _log([(cs - span + i, sent, 1, cs - span + i + 50) for i in range(0, span + 1, 10)])
+        log = _log([(cs - span + i, sent, 1, cs - span + i + 50) for i in range(0, span + 1, every)])
         try:
             redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
         finally:
             await store.close()
         _same(redis, python, key)
         replies.append(python)
-    short, long, fifth = replies
+    short, long, fifth, few = replies
     assert short.full_at < 0
     assert fifth.full_at < 0
+    assert few.full_at < 0
     assert long.full_at == pytest.approx(cs / 100)
     assert long.full_resume == pytest.approx((cs + 50) / 100)
 
@@ -267,10 +273,10 @@ CALL = st.fixed_dictionaries(
         "log": st.lists(
             st.tuples(
                 st.integers(-190, 5),
-                st.integers(0, 3),
+                st.integers(0, 3) | st.integers(8, 12),
                 st.integers(0, 3),
                 st.integers(-1, 150),
-                st.integers(0, 3),
+                st.sampled_from([0, 0, 0, 1, 3]),
             ),
             max_size=8,
         ),
