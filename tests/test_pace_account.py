@@ -140,6 +140,57 @@ async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: 
     assert python.full_at < 0
 
 
+async def test_a_steady_share_refused_for_a_second_is_a_full_server_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """A bucket refilled continuously refuses scattered among what it lets through: one of
+    three sent every tenth of a second, never a run. Over 0.9 s not yet; over 1.2 s full, at
+    the latest refused and the room it told, in the script as in the actor; and a fifth refused
+    as long is not (the ramp grows through it), nor seven (under twice RUN: a share of a few)."""
+    cs = int(time.time() * 100)
+    replies = []
+    for key, span, sent, every in (
+        ("short", 90, 3, 10),
+        ("long", 120, 3, 10),
+        ("fifth", 120, 5, 10),
+        ("few", 120, 3, 20),
+    ):
+        store = Store(redis_server.url, f"pipeline:pace:share:{key}")
+        held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+        log = _log([(cs - span + i, sent, 1, cs - span + i + 50) for i in range(0, span + 1, every)])
+        try:
+            redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
+        finally:
+            await store.close()
+        _same(redis, python, key)
+        replies.append(python)
+    short, long, fifth, few = replies
+    assert short.full_at < 0
+    assert fifth.full_at < 0
+    assert few.full_at < 0
+    assert long.full_at == pytest.approx(cs / 100)
+    assert long.full_resume == pytest.approx((cs + 50) / 100)
+
+
+async def test_a_run_with_slow_answers_goes_on_from_what_was_sent_before_it_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """40 sent in the second before a run, one of them refused, none told admitted yet (answers
+    of seconds): the ramp goes on from the 39 that got through, in the script as in the actor."""
+    store = Store(redis_server.url, "pipeline:pace:by-send")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    cs = int(time.time() * 100)
+    before = [(cs - 90 + i, 4, int(i == 15), cs - 80) for i in range(0, 50, 5)]  # (one is not a run)
+    log = _log([*before, *[(cs - 20 + i, 1, 1, cs + 150) for i in range(RUN)]])
+    try:
+        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
+    finally:
+        await store.close()
+    _same(redis, python, "by send")
+    assert python.full_at == pytest.approx((cs - 20) / 100)
+    assert (python.booting, python.rate) == (True, 39.0)
+
+
 async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis_server: RedisServer) -> None:
     """RUN refused in a row, then ten times as many sent and not yet answered (a round trip on
     busy cores): full at once, not once those were answered; and the room its refusals told,
@@ -196,10 +247,10 @@ def test_a_ramp_held_unconfirmed_is_not_grown_by_its_first_refusals() -> None:
     clock = [1000.0]
     pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
     rates: list[float] = []
-    for step in range(24):  # a call every quarter second: a refusal (one of three) from 3 s on
+    for step in range(24):  # a call every quarter second: a refusal (of its 16 sent) from 3 s on
         clock[0] = 1000.0 + step * 0.25
         refused = step >= 12
-        log = _log([(int(clock[0] * 100), 3, 1, 0)]) if refused else ""
+        log = _log([(int(clock[0] * 100), 16, 1, 0)]) if refused else ""
         rates.append(pace.call(Ask("a", log=log, answered=40 if refused else 0)).rate)
     assert rates[:20] == [BOOT_RATE] * 20, rates  # held: unanswered, then refused within SIT
     assert rates[-1] > BOOT_RATE, rates  # refused for SIT: grown through them
@@ -222,10 +273,10 @@ CALL = st.fixed_dictionaries(
         "log": st.lists(
             st.tuples(
                 st.integers(-190, 5),
-                st.integers(0, 3),
+                st.integers(0, 3) | st.integers(8, 12),
                 st.integers(0, 3),
                 st.integers(-1, 150),
-                st.integers(0, 3),
+                st.sampled_from([0, 0, 0, 1, 3]),
             ),
             max_size=8,
         ),
@@ -278,7 +329,13 @@ class _Ramp(NamedTuple):
 
 
 def _ramp(
-    limit: int, phase: float, lag: float = 0.0, links: int = 16, answer: float = 0.02, horizon: float = 6.0
+    limit: int,
+    phase: float,
+    lag: float = 0.0,
+    links: int = 16,
+    answer: float = 0.02,
+    horizon: float = 6.0,
+    bucket: bool = False,
 ) -> _Ramp:
     """`links` processes ramping up together (no limit given), leasing from the Ray actor's
     rules on a fake clock, against a server letting `limit` through in each second of its clock
@@ -287,8 +344,10 @@ def _ramp(
     call when it has spent its starts or has a refusal to tell, as the link does, telling its
     admissions by their answer less the latency, and the answers to what it sent since it was
     told the ramp's rate; it sends its leased starts when due, and drops those gone 0.1 s late.
-    No reading is taken: the ramp alone."""
+    No reading is taken: the ramp alone. `bucket`: the server refills a bucket of a second's
+    capacity continuously (full at the start) instead, as Anthropic documents its limits."""
     clock = [1000.0 + phase]
+    saved = [float(limit), clock[0]]  # the bucket's requests saved, as of then
     pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
     slots: list[list[float]] = [[] for _ in range(links)]
     logs: list[dict[int, list[int]]] = [{} for _ in range(links)]
@@ -301,7 +360,12 @@ def _ramp(
     while clock[0] < start + horizon and clock[0] < full_at + 1 + lag:
         now = clock[0]
         for at, i, cs in [a for a in arriving if a[0] <= now]:
-            no = through.get(int(at), 0) >= limit
+            if bucket:
+                saved[:] = min(limit, saved[0] + (at - saved[1]) * limit), at
+                no = saved[0] < 1
+                saved[0] -= not no
+            else:
+                no = through.get(int(at), 0) >= limit
             through[int(at)] = through.get(int(at), 0) + (not no)
             refused += no
             answers.append((at + (0.02 if no else answer), i, cs, no))
@@ -375,3 +439,43 @@ def test_a_ramp_a_few_a_second_over_the_limit_does_not_sit_on_its_refusals() -> 
         ramp = _ramp(62, phase, answer=2.0, horizon=12.0)
         assert ramp.after > 0, ramp  # seen full: the pause ended
         assert ramp.refused <= 14, ramp
+
+
+# Refusals over two phases of the bucket's refill, and the latest time to 90 % of the limit, by
+# the limit and the latency of answers; 506cd82 paid 1,532 and 1,408 in each phase's 20 s at 250
+# and 1,000 a second with 2 s answers (its ramp sat at 1.6 times the limit, 39 % refused: never a
+# run, never grown, never full).
+BUCKETS = {
+    (60, 0.02): (14, 0.5),
+    (60, 2.0): (12, 0.5),
+    (100, 0.02): (40, 0.5),
+    (100, 2.0): (18, 2.5),
+    (250, 0.02): (55, 1.0),
+    (250, 2.0): (360, 7.0),
+    (1000, 0.02): (200, 1.5),
+    (1000, 2.0): (1400, 14.0),
+}
+
+
+@pytest.mark.parametrize(("limit", "answer"), sorted(BUCKETS))
+def test_sixteen_processes_ramp_to_a_bucket_paying_few_refusals(limit: int, answer: float) -> None:
+    """Against a bucket refilled continuously with a second's capacity, the ramp spends the
+    bucket's savings (up to four times the limit with 20 ms answers, then a run of refusals) or,
+    with answers of seconds, sits a step or two past the limit, a steady share of its requests
+    refused scattered among the admitted: under the 3/4 let through it grows on, never a run.
+    A quarter refused for a second is full too: the ramp goes on from what got through."""
+    ramps = [_ramp(limit, phase, answer=answer, horizon=20.0, bucket=True) for phase in (0.0, 0.5)]
+    refusals, by = BUCKETS[limit, answer]
+    assert all(r.after > 0 for r in ramps), ramps  # seen full: the pause ended
+    assert sum(r.refused for r in ramps) <= refusals, ramps
+    assert max(r.full_by for r in ramps) <= by, ramps
+
+
+def test_a_ramp_with_slow_answers_goes_on_from_what_got_through_after_a_run() -> None:
+    """With answers of 2 s, nothing sent in the second before a run is told admitted when it
+    is seen: the ramp went on from 16 (a quarter of its first rate) till a reading came. What
+    was sent before the first refused and not refused got through: from that, at the limit."""
+    for limit in (100, 250):
+        for phase in (0.0, 0.5):
+            ramp = _ramp(limit, phase, answer=2.0, horizon=10.0)
+            assert limit * 0.9 <= ramp.after <= limit, ramp

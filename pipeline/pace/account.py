@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, SIT, Ask, Logged, Reply
+from pipeline.pace.store import GROW, KEY_TTL, LOG_TTL, SHARE, SIT, Ask, Logged, Reply
 
 _Log = dict[int, dict[str, int]]  # second -> "s1234" / "r1234" / "w1234" / "a1234" -> count (or room)
 
@@ -158,24 +158,39 @@ class AccountPace:
     def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None, int] | None:
         """The latest run of refusals from hundredth `since` on, as the Redis script finds it:
         back from the latest hundredth refused, the earliest one from which on at least `run`
-        requests were refused and half of what was sent; with the earliest room its refusals
-        told, and what was admitted in the second before (as told so far)."""
+        requests were refused and half of what was sent; else, refusals for a second or more,
+        twice `run` and a SHARE of what was sent since the first: full at the latest. With the
+        earliest room its refusals told, and what got through in the second before: admitted
+        as told so far, or if none is, sent before the first refused and not refused."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
         low: int | None = None
         found: tuple[int, int | None, int] | None = None
+        latest, share = -1, (0, 0, 0)  # the latest refused; the earliest, sent and refused from it
         for cs in sorted(sent.keys() | refused.keys(), reverse=True):
             if n_refused or cs in refused:  # from the latest refused on: what follows is in flight
                 n_sent += sent.get(cs, 0)
                 n_refused += refused.get(cs, 0)
             if cs in room and (low is None or room[cs] < low):
                 low = room[cs]
-            if cs in refused and n_refused >= self.run and n_refused * 2 >= n_sent:
-                found = cs, low, 0
+            if cs in refused:
+                latest, share = max(latest, cs), (cs, n_sent, n_refused)
+                if n_refused >= self.run and n_refused * 2 >= n_sent:
+                    found = cs, low, 0
+        first, n_sent, n_refused = share
+        if (
+            found is None
+            and latest - first >= 100
+            and n_refused >= 2 * self.run
+            and n_refused * SHARE >= n_sent
+        ):
+            found = latest, room.get(latest), 0
         if found is not None:  # what got through in the second before, as the first reading counts it
             first, low, _ = found
             last = low if low is not None and first < low < first + 100 else first
             end = last if last > first else first + 1
-            found = first, low, sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
+            got = sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
+            got = got or sum(sent.get(cs, 0) - refused.get(cs, 0) for cs in range(last - 100, first))
+            found = first, low, got
         return found

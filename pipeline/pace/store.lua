@@ -1,7 +1,7 @@
 -- The account's shared pace: one call a lease or sync, atomic, on the store's clock (TIME).
 -- KEYS: the account, its members. ARGV: the `Ask`'s fields in order (pid, want, want_tokens,
 -- given, given_tokens, found (-1: none), pause_for, log, holds, answered, whole), then KEY_TTL,
--- BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT. Nothing here scans more than the call brings but a run of
+-- BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT, SHARE. Nothing here scans more than the call brings but a run of
 -- refusals, looked for only when the call tells of one: a call costs a few commands.
 local key, members = KEYS[1], KEYS[2]
 local pid = ARGV[1]
@@ -10,7 +10,7 @@ local given, given_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
 local found, pause_for = tonumber(ARGV[6]), tonumber(ARGV[7])
 local holds, answered, whole = ARGV[9] == '1', tonumber(ARGV[10]), tonumber(ARGV[11])
 local ttl, boot_rate, log_ttl, watch, run = ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
-local grow, sit = tonumber(ARGV[17]), tonumber(ARGV[18])
+local grow, sit, share = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
@@ -79,11 +79,24 @@ if given <= 0 and told_new then
   for cs, _ in pairs(refused) do if not sent[cs] then hundredths[#hundredths + 1] = cs end end
   table.sort(hundredths)
   local first, told, n_sent, n_refused, low = nil, nil, 0, 0, nil
+  local latest, earliest, s_sent, s_refused = nil, nil, 0, 0
   for i = #hundredths, 1, -1 do
     local cs = hundredths[i]
     if n_refused > 0 or refused[cs] then n_sent, n_refused = n_sent + (sent[cs] or 0), n_refused + (refused[cs] or 0) end
     if room[cs] and (low == nil or room[cs] < low) then low = room[cs] end
-    if refused[cs] and n_refused >= run and n_refused * 2 >= n_sent then first, told = cs, low end
+    if refused[cs] then
+      latest, earliest, s_sent, s_refused = latest or cs, cs, n_sent, n_refused
+      if n_refused >= run and n_refused * 2 >= n_sent then first, told = cs, low end
+    end
+  end
+  -- Or refused for a second or more, twice `run` (a share of a few is chance) and a `share` (a
+  -- quarter) of what was sent since: full at the latest, the limit read from the second before
+  -- (the bucket's savings spent by then). A bucket refilled continuously refuses scattered
+  -- among what it lets through, never a run: at 250 a second with 2 s answers the ramp sat at
+  -- 408, 39 % refused, under the 3/4 let through it grows on; no limit read, 1,500 refusals in
+  -- 20 s. Growing while 3/4 get through, seen full at a quarter refused: no rate sits.
+  if not first and earliest and latest - earliest >= 100 and s_refused >= 2 * run and s_refused * share >= s_sent then
+    first, told = latest, room[latest]
   end
   if first then
     -- The room told is when the server had room, though the run is seen later: what was
@@ -100,9 +113,15 @@ if given <= 0 and told_new then
       -- the limit when the run was seen, and went on at it after the pause while no reading
       -- was in (a second wave of refusals). At least a quarter of the ramp's first rate (16 a
       -- second, where it began before GROW): from 64, a limit under it would be run past again.
+      -- None told admitted (answers of seconds: the ramp went on from 16 till a reading came):
+      -- what was sent then before the first refused and not refused. Not else: a request
+      -- logged sent and not yet arrived (busy cores) may yet be refused.
       local last = (told and told > first and told < first + 100) and told or first
-      local got, stop = 0, last > first and last or first + 1
+      local got, stop, by_send = 0, last > first and last or first + 1, 0
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
+      for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then by_send = by_send + n end end
+      for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then by_send = by_send - n end end
+      if got == 0 then got = by_send end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
       refusing = now
       redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))

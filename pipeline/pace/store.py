@@ -29,7 +29,8 @@ BOOT_RATE = 64.0  # starts a second for the account before any limit is known, g
 GROW = 2 ** (2 / 3)  # ...so much every quarter second (doubling every 3/8 s): see store.lua
 SIT = 2.0  # seconds of refusals too few for a run after which the ramp grows through them
 WATCH = 2.0  # seconds of the account's send log watched for a run of refusals...
-RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full
+RUN = 4  # ...of at least so many, and half what was sent since the first: the server is full;
+SHARE = 4  # or, refused for a second or more, a SHARE (a quarter) of it: see store.lua
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ class Store:
     async def call(self, ask: Ask) -> Reply:
         a, found = ask, -1 if ask.found is None else ask.found
         args = [a.pid, a.want, a.want_tokens, a.given, a.given_tokens, found, a.pause_for, a.log]
-        args += [int(a.holds), a.answered, a.whole, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT]
+        args += [int(a.holds), a.answered, a.whole, KEY_TTL, BOOT_RATE, LOG_TTL, WATCH, RUN, GROW, SIT, SHARE]
         raw = await self._script(self._call, [self.account, f"{self.account}:members"], args)
         return Reply(*(kind(float(x)) for kind, x in zip(_KINDS, raw, strict=True)))
 
