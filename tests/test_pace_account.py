@@ -32,6 +32,19 @@ def _same(redis: Reply, python: Reply, step: str) -> None:
         assert math.isclose(a, b, abs_tol=CLOCK), (step, field, redis, python)
 
 
+async def _both(url: str, key: str, log: str) -> Reply:
+    """One call with `log` to a fresh account in the Redis script and in the actor's rules:
+    both reply alike (`_same`); the actor's reply."""
+    store = Store(url, f"pipeline:pace:{key}")
+    try:
+        redis = await store.call(Ask("a", log=log))
+        python = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN).call(Ask("a", log=log))
+    finally:
+        await store.close()
+    _same(redis, python, key)
+    return python
+
+
 def _log(counts: list[tuple[int, ...]]) -> str:
     """The log's fives (hundredth, sent, refused, room, admitted), admitted 0 where not given."""
     return " ".join(" ".join(str(n) for n in (*c, 0)[:5]) for c in counts)
@@ -128,15 +141,9 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
 
 async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: RedisServer) -> None:
     """At least RUN refused, but under half of what was sent since the first of them."""
-    store = Store(redis_server.url, "pipeline:pace:scattered")
-    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
     cs = int(time.time() * 100)
     log = _log([(cs - i, 10, 4, cs + 100) for i in range(RUN)])
-    try:
-        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
-    finally:
-        await store.close()
-    _same(redis, python, "scattered")
+    python = await _both(redis_server.url, "scattered", log)
     assert python.full_at < 0
 
 
@@ -155,14 +162,8 @@ async def test_a_steady_share_refused_for_a_second_is_a_full_server_in_either(
         ("fifth", 120, 5, 10),
         ("few", 120, 3, 20),
     ):
-        store = Store(redis_server.url, f"pipeline:pace:share:{key}")
-        held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
         log = _log([(cs - span + i, sent, 1, cs - span + i + 50) for i in range(0, span + 1, every)])
-        try:
-            redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
-        finally:
-            await store.close()
-        _same(redis, python, key)
+        python = await _both(redis_server.url, f"share:{key}", log)
         replies.append(python)
     short, long, fifth, few = replies
     assert short.full_at < 0
@@ -177,16 +178,10 @@ async def test_a_run_with_slow_answers_goes_on_from_what_was_sent_before_it_in_e
 ) -> None:
     """40 sent in the second before a run, one of them refused, none told admitted yet (answers
     of seconds): the ramp goes on from the 39 that got through, in the script as in the actor."""
-    store = Store(redis_server.url, "pipeline:pace:by-send")
-    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
     cs = int(time.time() * 100)
     before = [(cs - 90 + i, 4, int(i == 15), cs - 80) for i in range(0, 50, 5)]  # (one is not a run)
     log = _log([*before, *[(cs - 20 + i, 1, 1, cs + 150) for i in range(RUN)]])
-    try:
-        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
-    finally:
-        await store.close()
-    _same(redis, python, "by send")
+    python = await _both(redis_server.url, "by-send", log)
     assert python.full_at == pytest.approx((cs - 20) / 100)
     assert (python.booting, python.rate) == (True, 39.0)
 
@@ -196,16 +191,10 @@ async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis
     busy cores): full at once, not once those were answered; and the room its refusals told,
     already past when the run is seen, is when the server had room (what got through is read
     from then), the pause from now."""
-    store = Store(redis_server.url, "pipeline:pace:in-flight")
-    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
     cs = int(time.time() * 100)
     run = [(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]
     log = _log([*run, *[(cs - 20 + i, 10, 0, 0) for i in range(10)]])
-    try:
-        redis, python = await store.call(Ask("a", log=log)), held.call(Ask("a", log=log))
-    finally:
-        await store.close()
-    _same(redis, python, "in flight")
+    python = await _both(redis_server.url, "in-flight", log)
     assert python.full_at == pytest.approx((cs - 30) / 100)
     assert python.full_resume == pytest.approx((cs - 5) / 100)
     assert python.paused == python.now
