@@ -117,11 +117,12 @@ if given <= 0 and told_new then
       -- what was sent then before the first refused and not refused. Not else: a request
       -- logged sent and not yet arrived (busy cores) may yet be refused.
       local last = (told and told > first and told < first + 100) and told or first
-      local got, stop, by_send = 0, last > first and last or first + 1, 0
+      local got, stop = 0, last > first and last or first + 1
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
-      for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then by_send = by_send + n end end
-      for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then by_send = by_send - n end end
-      if got == 0 then got = by_send end
+      if got == 0 then
+        for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then got = got + n end end
+        for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then got = got - n end end
+      end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
       refusing = now
       redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
