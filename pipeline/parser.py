@@ -9,7 +9,6 @@ from typing import Any, NoReturn
 
 from pipeline import __version__
 from pipeline.arguments import positive_float, positive_int
-from pipeline.mock.command import add_mock_command
 from pipeline.run.summary import EXIT_USAGE
 from pipeline.settings import DEFAULT_KEY_ENV, Settings, build
 from pipeline.urls import DEFAULT_BASE_URL
@@ -104,7 +103,17 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unknown flag {name}{hint}")
 
 
-def parser() -> argparse.ArgumentParser:
+COMMANDS = ("run", "estimate", "merge", "report", "ray", "mock")
+
+
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line. Given the command about to run, only its flags are added; the other
+    commands are named with their line of help, as `pipeline --help` lists them: some 80 flags
+    took 14 million instructions to add, a run's own 20 under 3."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     top = Parser(
         prog="pipeline",
         description="Batches of chat completions, run to the end.",
@@ -121,13 +130,17 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _job_arguments(run)
-    run.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the folder's old files aside"
-    )
-    run.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary (cron)"
-    )
+    if wanted("run"):
+        _job_arguments(run)
+        run.add_argument(
+            "--fresh", action="store_true", default=None, help="start over: move the folder's old files aside"
+        )
+        run.add_argument(
+            "--quiet",
+            action="store_true",
+            default=None,
+            help="no bar: a log line a minute and a summary (cron)",
+        )
 
     est = sub.add_parser(
         "estimate",
@@ -136,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 every line is valid; 1 some lines are not (each is named); 2 the "
         "command or the job file is wrong",
     )
-    _job_arguments(est)
+    if wanted("estimate"):
+        _job_arguments(est)
 
     merge = sub.add_parser(
         "merge",
@@ -146,12 +160,13 @@ def parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished, running or "
         "of another job (each named); 3 OUT could not be written (a full disk): merge again once it can",
     )
-    merge.add_argument("out", type=Path, help="the --output the shards ran with")
-    merge.add_argument(
-        "--partial",
-        action="store_true",
-        help="merge the shards there are, finished or not, and say what is not",
-    )
+    if wanted("merge"):
+        merge.add_argument("out", type=Path, help="the --output the shards ran with")
+        merge.add_argument(
+            "--partial",
+            action="store_true",
+            help="merge the shards there are, finished or not, and say what is not",
+        )
     report = sub.add_parser(
         "report",
         help="write OUT's usage.json, report.md and report.html again, sending nothing",
@@ -159,7 +174,8 @@ def parser() -> argparse.ArgumentParser:
         "an interrupted or killed one, or a merged set of shards.",
         epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
     )
-    report.add_argument("out", type=Path, help="the --output a run wrote to")
+    if wanted("report"):
+        report.add_argument("out", type=Path, help="the --output a run wrote to")
     cluster = sub.add_parser(
         "ray",
         help="run a job as shards on a Ray cluster, one limit for all, merged at the end",
@@ -169,30 +185,40 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _job_arguments(cluster, shard=False)
-    cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
-    cluster.add_argument(
-        "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
+    if wanted("ray"):
+        _job_arguments(cluster, shard=False)
+        cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
+        cluster.add_argument(
+            "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
+        )
+        cluster.add_argument(
+            "--max-retries",
+            type=int,
+            default=3,
+            help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
+        )
+        cluster.add_argument(
+            "--cpus-per-shard",
+            type=positive_float,
+            default=0.25,
+            help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
+        )
+        cluster.add_argument(
+            "--fresh", action="store_true", default=None, help="start over: move the old files aside"
+        )
+        cluster.add_argument(
+            "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
+        )
+    mock = sub.add_parser(
+        "mock",
+        help="serve the built-in OpenAI-compatible endpoint",
+        description="Serve POST /v1/chat/completions with made-up answers, for trying pipeline "
+        "without a key; each flag below plays a fault or a limit a real server has.",
     )
-    cluster.add_argument(
-        "--max-retries",
-        type=int,
-        default=3,
-        help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
-    )
-    cluster.add_argument(
-        "--cpus-per-shard",
-        type=positive_float,
-        default=0.25,
-        help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
-    )
-    cluster.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the old files aside"
-    )
-    cluster.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
-    )
-    add_mock_command(sub)
+    if wanted("mock"):
+        from pipeline.mock.command import add_mock_flags
+
+        add_mock_flags(mock)
     return top
 
 
