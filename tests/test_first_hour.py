@@ -175,7 +175,7 @@ def test_every_flag_of_every_command_has_a_line_of_help() -> None:
                 assert action.help, f"pipeline {name} {'/'.join(action.option_strings) or action.dest}"
 
 
-def test_a_command_builds_its_own_flags_alone_and_reads_them_as_the_whole_parser_does() -> None:
+def test_a_command_builds_its_own_parser_alone_and_reads_its_flags_as_the_whole_parser_does() -> None:
     argvs = [
         ["run", "job.toml", "--input", "in.jsonl", "--rpm", "60", "--quiet", "--shard", "1/2"],
         ["estimate", "--input", "in.jsonl", "--tpm", "1000"],
@@ -191,8 +191,7 @@ def test_a_command_builds_its_own_flags_alone_and_reads_them_as_the_whole_parser
         assert own is not None
         assert whole is not None
         assert own[argv[0]].format_help() == whole[argv[0]].format_help()
-        # The others are named only (their -h alone), for the top level's list.
-        assert [len(c._actions) == 1 for c in own.values()] == [n != argv[0] for n in own]
+        assert list(own) == [argv[0]]  # the others are not built
 
 
 async def test_a_model_the_server_does_not_serve_fails_its_lines_without_sending_them(
