@@ -16,9 +16,8 @@ from pathlib import Path
 
 from pipeline.account.cost import money
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.mock.command import run_mock
 from pipeline.output.device import unwritable
-from pipeline.parser import Parser, flags_from_args, parser, settings_from_args
+from pipeline.parser import COMMANDS, Parser, flags_from_args, parser, settings_from_args
 from pipeline.run.progress import duration
 from pipeline.run.runner import run_sync
 from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, Summary
@@ -120,7 +119,10 @@ def _tune_gc() -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    top = parser()
+    given = sys.argv[1:] if argv is None else argv
+    # The command comes first (the top level's own flags only print and exit): its flags
+    # alone are built. Anything else gets the whole parser, and its error or help.
+    top = parser(given[0] if given and given[0] in COMMANDS else None)
     args, extras = top.parse_known_args(argv)
     if extras:
         commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     _tune_gc()
     if args.command == "mock":
+        from pipeline.mock.command import run_mock
+
         return run_mock(args)
     if args.command == "merge":
         return _merge(args.out, partial=args.partial)

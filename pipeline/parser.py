@@ -9,7 +9,6 @@ from typing import Any, NoReturn
 
 from pipeline import __version__
 from pipeline.arguments import positive_float, positive_int
-from pipeline.mock.command import add_mock_command
 from pipeline.run.summary import EXIT_USAGE
 from pipeline.settings import DEFAULT_KEY_ENV, Settings, build
 from pipeline.urls import DEFAULT_BASE_URL
@@ -104,7 +103,17 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unknown flag {name}{hint}")
 
 
-def parser() -> argparse.ArgumentParser:
+COMMANDS = ("run", "estimate", "merge", "report", "ray", "mock")
+
+
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; given the command about to run, that command alone (its usage, help
+    and errors are the same). Six commands' 80 flags took 14 million instructions to build,
+    callgrind, and a run needs its own 20."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     top = Parser(
         prog="pipeline",
         description="Batches of chat completions, run to the end.",
@@ -114,85 +123,102 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"pipeline {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser(
-        "run",
-        help="run a job",
-        description="Run every line of the input; resume where a run stopped.",
-        epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _job_arguments(run)
-    run.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the folder's old files aside"
-    )
-    run.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary (cron)"
-    )
+    if wanted("run"):
+        run = sub.add_parser(
+            "run",
+            help="run a job",
+            description="Run every line of the input; resume where a run stopped.",
+            epilog=EXIT_STATUSES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _job_arguments(run)
+        run.add_argument(
+            "--fresh", action="store_true", default=None, help="start over: move the folder's old files aside"
+        )
+        run.add_argument(
+            "--quiet",
+            action="store_true",
+            default=None,
+            help="no bar: a log line a minute and a summary (cron)",
+        )
 
-    est = sub.add_parser(
-        "estimate",
-        help="count requests, tokens and cost, sending nothing",
-        description="Read and check every line as run would; count tokens and cost; send nothing.",
-        epilog="exit status: 0 every line is valid; 1 some lines are not (each is named); 2 the "
-        "command or the job file is wrong",
-    )
-    _job_arguments(est)
+    if wanted("estimate"):
+        est = sub.add_parser(
+            "estimate",
+            help="count requests, tokens and cost, sending nothing",
+            description="Read and check every line as run would; count tokens and cost; send nothing.",
+            epilog="exit status: 0 every line is valid; 1 some lines are not (each is named); 2 the "
+            "command or the job file is wrong",
+        )
+        _job_arguments(est)
 
-    merge = sub.add_parser(
-        "merge",
-        help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
-        description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json, "
-        "report.md and report.html, as one process would have written them. Safe to run again.",
-        epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished, running or "
-        "of another job (each named); 3 OUT could not be written (a full disk): merge again once it can",
-    )
-    merge.add_argument("out", type=Path, help="the --output the shards ran with")
-    merge.add_argument(
-        "--partial",
-        action="store_true",
-        help="merge the shards there are, finished or not, and say what is not",
-    )
-    report = sub.add_parser(
-        "report",
-        help="write OUT's usage.json, report.md and report.html again, sending nothing",
-        description="Rebuild the reports of an output folder from what it holds: a finished run, "
-        "an interrupted or killed one, or a merged set of shards.",
-        epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
-    )
-    report.add_argument("out", type=Path, help="the --output a run wrote to")
-    cluster = sub.add_parser(
-        "ray",
-        help="run a job as shards on a Ray cluster, one limit for all, merged at the end",
-        description="Run every line of the input as --shards N Ray tasks (OUT/shard-K-of-N/), one "
-        "pace shared by all (a Ray actor, or --shared-limit), then merge them into OUT/. Run the "
-        "same command again to resume. The API key is read on each node, never sent through Ray.",
-        epilog=EXIT_STATUSES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _job_arguments(cluster, shard=False)
-    cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
-    cluster.add_argument(
-        "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
-    )
-    cluster.add_argument(
-        "--max-retries",
-        type=int,
-        default=3,
-        help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
-    )
-    cluster.add_argument(
-        "--cpus-per-shard",
-        type=positive_float,
-        default=0.25,
-        help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
-    )
-    cluster.add_argument(
-        "--fresh", action="store_true", default=None, help="start over: move the old files aside"
-    )
-    cluster.add_argument(
-        "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
-    )
-    add_mock_command(sub)
+    if wanted("merge"):
+        merge = sub.add_parser(
+            "merge",
+            help="join the shards' folders OUT/shard-K-of-N/ into OUT/",
+            description="Join OUT/shard-K-of-N/ into OUT/results.jsonl, errors.jsonl, usage.json, "
+            "report.md and report.html, as one process would have written them. Safe to run again.",
+            epilog="exit status: 0 merged; 2 nothing to merge, or shards missing, unfinished, running or "
+            "of another job (each named); 3 OUT could not be written (a full disk): merge again once it can",
+        )
+        merge.add_argument("out", type=Path, help="the --output the shards ran with")
+        merge.add_argument(
+            "--partial",
+            action="store_true",
+            help="merge the shards there are, finished or not, and say what is not",
+        )
+    if wanted("report"):
+        report = sub.add_parser(
+            "report",
+            help="write OUT's usage.json, report.md and report.html again, sending nothing",
+            description="Rebuild the reports of an output folder from what it holds: a finished run, "
+            "an interrupted or killed one, or a merged set of shards.",
+            epilog="exit status: 0 written; 2 not an output folder; 3 the folder could not be written",
+        )
+        report.add_argument("out", type=Path, help="the --output a run wrote to")
+    if wanted("ray"):
+        cluster = sub.add_parser(
+            "ray",
+            help="run a job as shards on a Ray cluster, one limit for all, merged at the end",
+            description="Run every line of the input as --shards N Ray tasks (OUT/shard-K-of-N/), one "
+            "pace shared by all (a Ray actor, or --shared-limit), then merge them into OUT/. Run the "
+            "same command again to resume. The API key is read on each node, never sent through Ray.",
+            epilog=EXIT_STATUSES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _job_arguments(cluster, shard=False)
+        cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
+        cluster.add_argument(
+            "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
+        )
+        cluster.add_argument(
+            "--max-retries",
+            type=int,
+            default=3,
+            help="times Ray runs a shard again whose worker or node died; it resumes (default 3)",
+        )
+        cluster.add_argument(
+            "--cpus-per-shard",
+            type=positive_float,
+            default=0.25,
+            help="CPUs Ray sets aside for each shard (default 0.25: a shard mostly waits on the network)",
+        )
+        cluster.add_argument(
+            "--fresh", action="store_true", default=None, help="start over: move the old files aside"
+        )
+        cluster.add_argument(
+            "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
+        )
+    if wanted("mock"):
+        mock = sub.add_parser(
+            "mock",
+            help="serve the built-in OpenAI-compatible endpoint",
+            description="Serve POST /v1/chat/completions with made-up answers, for trying pipeline "
+            "without a key; each flag below plays a fault or a limit a real server has.",
+        )
+        from pipeline.mock.command import add_mock_flags
+
+        add_mock_flags(mock)
     return top
 
 

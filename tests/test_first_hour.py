@@ -175,6 +175,25 @@ def test_every_flag_of_every_command_has_a_line_of_help() -> None:
                 assert action.help, f"pipeline {name} {'/'.join(action.option_strings) or action.dest}"
 
 
+def test_a_command_builds_its_own_parser_alone_and_reads_its_flags_as_the_whole_parser_does() -> None:
+    argvs = [
+        ["run", "job.toml", "--input", "in.jsonl", "--rpm", "60", "--quiet", "--shard", "1/2"],
+        ["estimate", "--input", "in.jsonl", "--tpm", "1000"],
+        ["merge", "o", "--partial"],
+        ["report", "o"],
+        ["ray", "--input", "in.jsonl", "--shards", "3", "--cpus-per-shard", "0.5"],
+        ["mock", "--port", "0", "--rpm", "600"],
+    ]
+    for argv in argvs:
+        assert parser(argv[0]).parse_args(argv) == parser().parse_args(argv)
+        own = next(a for a in parser(argv[0])._actions if a.dest == "command").choices
+        whole = next(a for a in parser()._actions if a.dest == "command").choices
+        assert own is not None
+        assert whole is not None
+        assert own[argv[0]].format_help() == whole[argv[0]].format_help()
+        assert list(own) == [argv[0]]  # the others are not built
+
+
 async def test_a_model_the_server_does_not_serve_fails_its_lines_without_sending_them(
     mock, tmp_path: Path
 ) -> None:

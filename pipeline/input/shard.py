@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeline.errors import SettingsError
 
 
-@dataclass(frozen=True, slots=True)
-class Shard:
+class Shard(NamedTuple):  # (as a frozen dataclass, 2.8 million instructions more of every start)
     k: int  # from 1
     n: int
 

@@ -3,7 +3,6 @@ hold is measured and read past."""
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,8 @@ def open_input(path: Path) -> IO[bytes]:
         raise SettingsError(f"input file {str(path)!r} cannot be read: {e.strerror}") from None
     if f.peek(2)[:2] != b"\x1f\x8b":
         return f
+    import gzip  # (a gzipped input alone needs it)
+
     unzipped = gzip.GzipFile(fileobj=f, mode="rb")
     unzipped.myfileobj = f  # type: ignore[assignment]  # closed with it
     return unzipped  # type: ignore[return-value]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import anyio
 
@@ -48,13 +47,7 @@ def _changes(text: str) -> list[Change]:
     return out
 
 
-def add_mock_command(sub: Any) -> None:
-    mock = sub.add_parser(
-        "mock",
-        help="serve the built-in OpenAI-compatible endpoint",
-        description="Serve POST /v1/chat/completions with made-up answers, for trying pipeline "
-        "without a key; each flag below plays a fault or a limit a real server has.",
-    )
+def add_mock_flags(mock: argparse.ArgumentParser) -> None:
     mock.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     mock.add_argument(
         "--port", type=int, default=8080, help="the port to listen on (default 8080); 0 picks a free one"

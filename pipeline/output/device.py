@@ -10,16 +10,15 @@ import errno
 import os
 import shutil
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # flock(2) on a filesystem that gives no locks: some NFS and FUSE mounts.
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(NamedTuple):  # (as a frozen dataclass, 2.7 million instructions more of every start)
     point: str
     fstype: str
     source: str

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import math
 from typing import Any
 
 from pipeline.account.timeline import kind
-from pipeline.report.svg import bars_svg, line_svg
+from pipeline.report.svg import bars_svg, escape, line_svg
 
 KINDS = ("success", "429", "5xx", "error", "invalid")
 COLOURS = {"success": "#33aa77", "429": "#ee9944", "5xx": "#cc3333", "error": "#888888", "invalid": "#aa55cc"}
@@ -24,7 +23,7 @@ LABELS = 10  # time labels written on an axis, at most
 
 def _image(svg: str, title: str) -> str:
     data = base64.b64encode(svg.encode()).decode()
-    return f'<img alt="{html.escape(title, quote=True)}" src="data:image/svg+xml;base64,{data}">'
+    return f'<img alt="{escape(title)}" src="data:image/svg+xml;base64,{data}">'
 
 
 def line(title: str, axis: str, labels: list[str], series: list[tuple[str, list[float | None], str]]) -> str:

@@ -10,12 +10,12 @@ messages, verdicts, notes) is escaped where it is written.
 from __future__ import annotations
 
 import datetime as dt
-import html
 from typing import Any
 
 from pipeline.account.cost import money
 from pipeline.account.timeline import joined
 from pipeline.report.charts import bars, over_time
+from pipeline.report.svg import escape
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 STYLE = """
@@ -28,7 +28,7 @@ text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return escape(str(value))
 
 
 def _num(value: Any) -> str:

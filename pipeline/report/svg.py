@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from html import escape
 
 FONT = "system-ui, sans-serif"
 GRID = "#e5e5e5"
@@ -19,11 +18,25 @@ TICKS = 5  # about so many steps on a value axis
 # surrogate): one in a chart and the browser draws none of it. Spelt as the few ranges XML
 # leaves out, not as the negation of the ranges it allows: the same characters, compiled in
 # 0.4 ms where the negation took 3.5 ms of every run's start.
-NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+NOT_XML = "[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]"
+
+
+def escape(text: str) -> str:
+    """html.escape(text, quote=True), without its module, which imports html.entities' 2,231
+    names for unescape (7.6 million instructions of every run, under callgrind)."""
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("'", "&#x27;")
+    )
 
 
 def _e(text: str) -> str:
-    return escape(NOT_XML.sub("\ufffd", text), quote=True)
+    # None of NOT_XML's characters is printable (each is Cc, Cs or Cn): the pattern is
+    # compiled (4 million instructions, still) only where a text may hold one.
+    return escape(text if text.isprintable() else re.sub(NOT_XML, "\ufffd", text))
 
 
 def _num(value: float) -> str:

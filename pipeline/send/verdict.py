@@ -18,8 +18,7 @@ with its raw text.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -31,8 +30,7 @@ if TYPE_CHECKING:  # jsonschema takes 30 ms to import: only jobs with a [verdict
 _KEYS = ("field", "max_attempts", "schema")
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):  # (as a frozen dataclass, 2.7 million instructions more of every start)
     validator: Draft202012Validator
     field: str | None
     max_attempts: int
