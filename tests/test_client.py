@@ -98,6 +98,33 @@ async def test_answers_nested_deep_are_asked_again_and_never_kept_unreadable(mak
     assert not any(isinstance(r["response"]["body"].get("system_fingerprint"), list) for r in kept)
 
 
+async def test_answers_written_over_several_lines_are_kept_one_line_each(make_settings) -> None:
+    """A body's bytes are copied into its results line as they came only where they hold no
+    line break: a pretty-printed answer, or one broken by a lone carriage return, is
+    written again on one line."""
+
+    async def gateway(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        said = body["messages"][0]["content"]
+        text = orjson.dumps(completion(body), option=orjson.OPT_INDENT_2)  # broken by \n
+        if said.endswith("1"):
+            text = text.replace(b"\n", b"\r")  # by a lone \r
+        return web.Response(body=text, content_type="application/json")
+
+    async with scripted(gateway) as server:
+        settings = make_settings(server.url, bodies(2))
+        summary = await pipeline.run(settings)
+    assert summary.succeeded == 2
+    lines = (settings.folder / "results.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    assert len(lines) == 3
+    assert all(b"\r" not in line for line in lines)
+    assert (
+        sorted(orjson.loads(line)["response"]["body"]["object"] for line in lines[:2])
+        == ["chat.completion"] * 2
+    )
+
+
 DEEP = b"[" * 1000 + b"]" * 1000
 
 

@@ -70,6 +70,22 @@ async def test_requests_start_evenly_spaced_at_the_rate(clock: FakeClock) -> Non
     assert times[-1] - times[0] == pytest.approx(2.0)
 
 
+async def test_take_starts_a_request_whose_turn_has_come_and_wait_the_next_at_its_turn(
+    clock: FakeClock,
+) -> None:
+    pacer = Pacer(request_rate=10, token_rate=1000)
+    assert pacer.take(200) == 200  # its turn has come: started, its tokens reserved
+    t0 = clock.now
+    assert pacer.take(100) is None  # the next's is 0.2 s away (its tokens' time): not started
+    task = asyncio.ensure_future(pacer.wait(100))
+    await clock.run(pacer, [task])
+    assert task.result() == 100
+    assert clock.now - t0 == pytest.approx(0.2)
+    assert pacer.take(0) is None  # (and the next is spaced after it, not after the refused take)
+    clock.now += 0.1
+    assert pacer.take(0) == 0
+
+
 async def test_big_requests_are_not_starved_by_small_ones(clock: FakeClock) -> None:
     pacer = Pacer(token_rate=1000)  # 1,000 tokens a second
     order = [i for i, _ in await starts(clock, pacer, [100, 5000, 100, 100, 100])]

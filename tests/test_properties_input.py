@@ -29,6 +29,7 @@ from pipeline.input import jsonl
 from pipeline.input.imagedata import encode
 from pipeline.input.line import LineParser
 from pipeline.input.reader import ReadCounts, read_requests
+from pipeline.input.tokens import completion_bound
 from pipeline.input.usual import read_usual
 from pipeline.job import Failure, Reply, Request, Success
 from pipeline.output.ledger import Ledger
@@ -364,3 +365,27 @@ def test_the_usual_lines_one_pass_reads_as_the_four_passes(
 
 def vars_of(estimator: Any) -> dict[str, Any]:
     return {key: value for key, value in vars(estimator).items() if key != "_encoding"}
+
+
+def completion_bound_before(body: dict[str, Any], default: int = 4096) -> tuple[int, bool]:
+    """`tokens.completion_bound` as it was at 8427e57 (the reference)."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        n = 1
+    return (limit if bounded else default) * n, bounded
+
+
+class Whole(int):
+    """An int of another type (an IntEnum, a numpy-like int from a caller's own settings)."""
+
+
+BOUNDS = st.one_of(SCALARS, st.integers(-3, 10).map(Whole))
+
+
+@given(
+    st.fixed_dictionaries({}, optional={"max_tokens": BOUNDS, "max_completion_tokens": BOUNDS, "n": BOUNDS})
+)
+def test_the_completion_bound_reads_as_before(body: dict[str, Any]) -> None:
+    assert completion_bound(body) == completion_bound_before(body)

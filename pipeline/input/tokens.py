@@ -101,11 +101,16 @@ def completion_bound(body: Mapping[str, Any], *, default: int = DEFAULT_MAX_COMP
     """`max_completion_tokens`, and whether the body bounds it (sets `max_tokens`, or its
     newer name): the worst case is a guess where it does not."""
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    bounded = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+    # (an int, as JSON reads a whole number, at one look: every line read comes here)
+    bounded = (type(limit) is int or _whole(limit)) and limit > 0
     n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not (type(n) is int or _whole(n)) or n < 1:
         n = 1
     return (limit if bounded else default) * n, bounded
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TokenEstimator:

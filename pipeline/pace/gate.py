@@ -156,7 +156,10 @@ class Gate:
             slot._hand_back()
             raise
         try:
-            slot.reserved.append(await self.account.pacer.acquire(tokens))
+            pacer = self.account.pacer
+            # (its turn taken without a coroutine where it has come, as for most requests)
+            reserved = pacer.take(tokens)
+            slot.reserved.append(reserved if reserved is not None else await pacer.wait(tokens))
             if scope is not None and scope.given_up:  # given up while it waited past its pace
                 raise GivenUp(scope.given_up)
         except BaseException:

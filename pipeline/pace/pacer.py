@@ -149,9 +149,9 @@ class Pacer:
         at = self.budget.ready_at(tokens, now)
         return at if at > paused else paused
 
-    async def acquire(self, tokens: int = 0) -> int:
-        """Wait for this request's turn; returns the tokens reserved: its estimate `tokens` if
-        a token pace is in force when it starts (one may be stated while it waits), else none."""
+    def take(self, tokens: int = 0) -> int | None:
+        """This request's turn where it has come, with nobody ahead (the tokens reserved, as
+        `acquire` says), without a coroutine made and awaited; None: `acquire`, to wait."""
         if (self.budget.free and not self._paused_until) or self._closed:
             return 0
         now = self._now()
@@ -159,6 +159,16 @@ class Pacer:
             self._paused_until = 0.0
         if not self._waiters and self._ready_at(tokens, now) <= now:
             return self.budget.take(tokens, now)
+        return None
+
+    async def acquire(self, tokens: int = 0) -> int:
+        """Wait for this request's turn; returns the tokens reserved: its estimate `tokens` if
+        a token pace is in force when it starts (one may be stated while it waits), else none."""
+        taken = self.take(tokens)
+        return taken if taken is not None else await self.wait(tokens)
+
+    async def wait(self, tokens: int = 0) -> int:
+        """`acquire` once `take` said None: in the queue, till its turn."""
         assert self._loop is not None
         self.waits += 1
         future: asyncio.Future[int] = self._loop.create_future()

@@ -216,8 +216,10 @@ class Client:
             # next run's repair would cut it, and buy it again. (A stream: each chunk, in `sse`.)
             raise MalformedResponse("the answer is nested too deep to be kept", request_id=request_id)
         check_completion(body, request_id=request_id)
-        # The body's own bytes go to results.jsonl untouched when they fit on one line.
-        one_line = b"\n" not in raw and b"\r" not in raw
+        # The body's own bytes go to results.jsonl untouched when they fit on one line. (find,
+        # not `in`: bytes' `in` first tries its operand as a byte's number, and a failed try
+        # costs an exception made and cleared, 1,000 instructions a look.)
+        one_line = raw.find(b"\n") < 0 and raw.find(b"\r") < 0
         # (its fields in order, positional: half the time of keywords, for every answer)
         return Reply(
             body,
