@@ -5,7 +5,7 @@ one loop timer set for the instant the head may go (after aiolimiter). Its budge
 `LocalBudget`, two GCRA virtual clocks (the ATM Forum's generic cell rate algorithm), one in
 starts and one in reserved tokens, corrected by `settle` once the server's count is known; or
 `leased.LeasedBudget`, starts and tokens leased from the account's store. A pause (a server's
-Retry-After for the pool) holds every request back. No limit and no pause: `acquire` is one check.
+Retry-After for the pool) holds every request back. No limit and no pause: `take` is one check.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class Pacer:
 
     def take(self, tokens: int = 0) -> int | None:
         """This request's turn where it has come, with nobody ahead (the tokens reserved, as
-        `acquire` says), without a coroutine made and awaited; None: `acquire`, to wait."""
+        `acquire` says), without a coroutine made and awaited; None: `wait`, to queue."""
         if (self.budget.free and not self._paused_until) or self._closed:
             return 0
         now = self._now()
