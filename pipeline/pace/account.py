@@ -69,14 +69,14 @@ class AccountPace:
                 if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                     # The ramp goes on from what got through in the second before (as told), not its rate.
                     f["boot"] = max(self.boot_rate / 4, min(f.get("boot", self.boot_rate), got))
-                    f["refusing"] = now
+                    f["refusing"], f["boot_got"] = now, 1.0
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
             # a second (or for SIT seconds without a run), not within half a second of a pause;
-            # no start leased till a second after a pause.
+            # no start leased till a second after a pause, unless a run set it to what got through.
             booting = True
             rate = f.get("boot", self.boot_rate)
             ok = f.get("boot_ok", 0.0) + a.answered
@@ -86,7 +86,7 @@ class AccountPace:
                     rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
-            if now < paused + 1:
+            if now < paused + ("boot_got" not in f):
                 want = 0
         start, token_start = -1.0, -1.0
         want = want if rate > 0 else 0

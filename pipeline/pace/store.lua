@@ -15,7 +15,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing')
+                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing', 'boot_got')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
@@ -124,8 +124,8 @@ if given <= 0 and told_new then
         for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then got = got - n end end
       end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
-      refusing = now
-      redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
+      refusing, state[13] = now, '1'
+      redis.call('HSET', key, 'boot', state[6], 'boot_got', '1', 'refusing', tostring(now))
     end
   end
 end
@@ -149,8 +149,11 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- A grown rate goes from now, not the account's clock (ahead by the starts its processes
   -- hold: each step came that late; SHARDS2's model: 3 to 3.7 s to 90 % of 1,000/s, 1 to 1.7).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
-  -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
-  -- pause ended, thousands a second.
+  -- every process's log) unless the ramp ends, or a run set it to what got through (then it
+  -- grows only on answers): leased at a rate grown past the limit, they went at once when the
+  -- pause ended, thousands a second. Held after a run, the account sent nothing in the
+  -- server's next second when the first reading came later (busy cores), filled the one after
+  -- and was full again: that moment, read over two seconds, half the limit (60 % for 20 s).
   booting = 1
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
@@ -162,7 +165,7 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
     boot_at, boot_ok = now, 0
   end
   redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
-  if now < paused + 1 then want = 0 end
+  if now < paused + (state[13] and 0 or 1) then want = 0 end
 end
 local start, token_start = -1, -1
 if rate <= 0 then want = 0 end
