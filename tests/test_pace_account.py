@@ -214,6 +214,31 @@ async def test_after_a_run_the_ramp_leases_from_the_pauses_end_in_either(redis_s
     assert (python.granted, python.start) == (5, python.now)
 
 
+async def test_the_first_rate_found_leases_from_now_not_the_ramps_clock_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """Starts leased at the ramp's rate book the account's clock ahead; when a rate is found
+    each process drops those it holds (the ramp ended), and the found pace's first starts
+    waited for the clock they had booked: 0.3 s of eight shards at 40 a second, since the ramp
+    leases from the end of its pause. From now, in the script as in the actor."""
+    store = Store(redis_server.url, "pipeline:pace:found-clock")
+    at = [0.0]  # the store's clock at its call, read by the actor's: the same moment in both
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: at[0])
+    replies = []
+    try:
+        for ask in (Ask("a", want=1), Ask("a", want=20), Ask("b", want=20), Ask("a", found=25.0, want=5)):
+            redis = await store.call(ask)
+            at[0] = redis.now
+            replies.append(held.call(ask))
+            _same(redis, replies[-1], str(ask))
+    finally:
+        await store.close()
+    assert replies[2].start > replies[2].now + 0.1  # booked ahead at the ramp's rate
+    found = replies[-1]
+    assert (found.booting, found.granted) == (False, 3)
+    assert found.start == pytest.approx(found.now, abs=CLOCK)
+
+
 async def test_the_ramp_grows_through_refusals_too_few_for_a_run_after_sit_in_either(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

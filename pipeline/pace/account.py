@@ -52,6 +52,8 @@ class AccountPace:
                 f["refusing"] = now  # refusals told since then, never SIT apart
             f["refused_at"] = now
         if a.found is not None:
+            if a.given <= 0 and a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
+                f["clock"] = now  # the ramp's leases end with it: the clock they booked goes from now
             f["found"], self.found_by = a.found, a.pid
         leads = (self.found_by or a.pid) == a.pid
         rate, booting = a.given, False

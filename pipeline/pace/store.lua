@@ -48,6 +48,12 @@ if told_refusal then
   redis.call('HSET', key, 'refused_at', tostring(now), 'refusing', tostring(refusing))
 end
 for log, _ in pairs(written) do redis.call('EXPIRE', log, log_ttl) end
+if found >= 0 and given <= 0 and given_tokens <= 0 and tonumber(state[1] or '0') <= 0 then
+  -- The ramp ends: its leases too (each process drops those it holds when told), and the clock
+  -- they booked goes from now (the found pace's first starts waited 0.3 s at 40 a second).
+  state[10] = tostring(now)
+  redis.call('HSET', key, 'clock', state[10])
+end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
 local leads = found >= 0 or (state[2] or pid) == pid
 local rate, booting = given, 0
