@@ -214,6 +214,21 @@ async def test_after_a_run_the_ramp_leases_from_the_pauses_end_in_either(redis_s
     assert (python.granted, python.start) == (5, python.now)
 
 
+async def test_after_a_run_none_told_admitted_the_ramp_holds_a_second_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """The same run with nothing told admitted yet (answers of seconds): the ramp goes on from
+    the 60 sent in the second before and not refused, which counts refusals not told yet (busy
+    cores) as let through; leased at once at that, it ran past the limit again before a reading
+    came (the model below). Held a second after the pause, as before any run, in either."""
+    cs = int(time.time() * 100)
+    sent = [(cs - 90 + i, 6, 0, 0) for i in range(0, 50, 5)]
+    log = _log([*sent, *[(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]])
+    python = await _both(redis_server.url, "after-run-sent", log, want=5)
+    assert (python.booting, python.rate, python.paused) == (True, 60.0, python.now)
+    assert python.granted == 0
+
+
 async def test_the_first_rate_found_leases_from_now_not_the_ramps_clock_in_either(
     redis_server: RedisServer,
 ) -> None:
@@ -377,12 +392,14 @@ def _ramp(
     horizon: float = 6.0,
     bucket: bool = False,
     past: float = 1.0,
+    spread: float = 0.0,
 ) -> _Ramp:
     """`links` processes ramping up together (no limit given), leasing from the Ray actor's
     rules on a fake clock, against a server letting `limit` through in each second of its clock
     (which begins `phase` into one) and answering in 20 ms; a request reaches it `lag` after it
-    left the gate (busy cores). A process calls the store every 20 ms, or 5 ms after its last
-    call when it has spent its starts or has a refusal to tell, as the link does, telling its
+    left the gate (busy cores), a quarter of the processes' `spread` more, a third of it more,
+    two thirds (cores busy unevenly). A process calls the store every 20 ms, or 5 ms after its
+    last call when it has spent its starts or has a refusal to tell, as the link does, telling its
     admissions by their answer less the latency, and the answers to what it sent since it was
     told the ramp's rate; it sends its leased starts when due, and drops those gone 0.1 s late.
     No reading is taken: the ramp alone, `past` seconds past the first full moment (as when
@@ -427,7 +444,7 @@ def _ramp(
                 if slots[i].pop(0) >= now - 0.1 and now >= paused:
                     cs = int(now * 100)
                     logs[i].setdefault(cs, [0, 0, 0, 0])[0] += 1
-                    arriving.append((now + lag, i, cs))
+                    arriving.append((now + lag + spread * (i % 4) / 3, i, cs))
             if now - last_call[i] >= 0.02 or (now - last_call[i] >= 0.005 and (told[i] or not slots[i])):
                 want = 0 if slots[i] else max(1, math.ceil(rate * 0.02 / links))
                 log = _log([(cs, *counts) for cs, counts in logs[i].items()])
@@ -551,3 +568,14 @@ def test_a_ramp_whose_readings_come_late_goes_on_after_the_pause_and_reads_the_l
         assert ramp.through.get(first + 1, 0) >= 900, ramp.through  # the second after the room
         assert len(ramp.readings) >= 2, ramp.readings
         assert min(ramp.readings) >= 900, ramp.readings
+
+
+def test_a_ramp_set_from_what_was_sent_and_not_refused_holds_after_the_pause() -> None:
+    """250 a second with answers of 2 s, the processes' requests up to 0.4 s apart on their
+    way (busy cores): when the run is seen nothing is told admitted, and what was sent in the
+    second before and not refused counts refusals not told yet: 275 a second. Leased at once
+    at that, a second wave ran into the limit (465 refusals over two phases, where 316 while
+    the ramp held a second after its pause)."""
+    ramps = [_ramp(250, phase, answer=2.0, horizon=14.0, past=3.0, spread=0.4) for phase in (0.0, 0.3)]
+    assert all(r.after > 250 for r in ramps), ramps  # what the hold covers till a reading comes
+    assert sum(r.refused for r in ramps) <= 340, ramps

@@ -125,13 +125,16 @@ if given <= 0 and told_new then
       local last = (told and told > first and told < first + 100) and told or first
       local got, stop = 0, last > first and last or first + 1
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
-      if got == 0 then
+      local told_got = got > 0
+      if not told_got then
         for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then got = got + n end end
         for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then got = got - n end end
       end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
-      refusing, state[13] = now, '1'
-      redis.call('HSET', key, 'boot', state[6], 'boot_got', '1', 'refusing', tostring(now))
+      -- Held after the pause (below) unless told admitted: sent and not refused counts refusals
+      -- not told yet as let through (busy cores), and leased at once ran past the limit again.
+      refusing, state[13] = now, told_got and '1' or '0'
+      redis.call('HSET', key, 'boot', state[6], 'boot_got', state[13], 'refusing', tostring(now))
     end
   end
 end
@@ -156,7 +159,7 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   -- A grown rate goes from now, not the account's clock (ahead by the starts its processes
   -- hold: each step came that late; SHARDS2's model: 3 to 3.7 s to 90 % of 1,000/s, 1 to 1.7).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
-  -- every process's log) unless the ramp ends, or a run set it to what got through (then it
+  -- every process's log) unless the ramp ends, or a run set it to what was told admitted (then it
   -- grows only on answers): leased at a rate grown past the limit, they went at once when the
   -- pause ended, thousands a second. Held after a run, the account sent nothing in the
   -- server's next second when the first reading came later (busy cores), filled the one after
@@ -172,7 +175,7 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
     boot_at, boot_ok = now, 0
   end
   redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
-  if now < paused + (state[13] and 0 or 1) then want = 0 end
+  if now < paused + (state[13] == '1' and 0 or 1) then want = 0 end
 end
 local start, token_start = -1, -1
 if rate <= 0 then want = 0 end
