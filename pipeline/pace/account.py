@@ -77,14 +77,15 @@ class AccountPace:
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
-            # a second (or for SIT seconds without a run), not within a second of a pause;
+            # a second (or for SIT seconds without a run), not within a second of a pause (two after a run);
             # no start leased till a second after a pause, unless a run set it to what was told admitted.
             booting = True
             rate = f.get("boot", self.boot_rate)
             ok = f.get("boot_ok", 0.0) + a.answered
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1 or now - f.get("refusing", 0.0) >= SIT
-                if paused + 1 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
+                settled = paused + 1 + f.get("boot_got", 0.0) < now  # two seconds after a run's pause
+                if settled and quiet and ok >= rate * (now - boot_at) * 0.75:
                     rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
