@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import pipeline.pace.account
 import pipeline.pace.store
 from pipeline.pace.account import AccountPace
-from pipeline.pace.store import BOOT_RATE, GROW, RUN, WATCH, Ask, Reply, Store
+from pipeline.pace.reading import AccountCapacity, Moment
+from pipeline.pace.store import BOOT_RATE, GROW, RUN, WATCH, Ask, Logged, Reply, Store
 from tests.conftest import RedisServer
 
 CLOCK = 0.05  # seconds the two clocks' readings of one moment may differ by (two calls apart)
@@ -32,13 +33,13 @@ def _same(redis: Reply, python: Reply, step: str) -> None:
         assert math.isclose(a, b, abs_tol=CLOCK), (step, field, redis, python)
 
 
-async def _both(url: str, key: str, log: str) -> Reply:
-    """One call with `log` to a fresh account in the Redis script and in the actor's rules:
-    both reply alike (`_same`); the actor's reply."""
+async def _both(url: str, key: str, log: str, want: int = 0) -> Reply:
+    """One call with `log` (asking `want` starts) to a fresh account in the Redis script and in
+    the actor's rules: both reply alike (`_same`); the actor's reply."""
     store = Store(url, f"pipeline:pace:{key}")
     try:
-        redis = await store.call(Ask("a", log=log))
-        python = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN).call(Ask("a", log=log))
+        redis = await store.call(Ask("a", want=want, log=log))
+        python = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN).call(Ask("a", want=want, log=log))
     finally:
         await store.close()
     _same(redis, python, key)
@@ -200,6 +201,59 @@ async def test_a_run_is_seen_before_what_followed_it_is_answered_in_either(redis
     assert python.paused == python.now
 
 
+async def test_after_a_run_the_ramp_leases_from_the_pauses_end_in_either(redis_server: RedisServer) -> None:
+    """A run whose room is past when it is seen (the pause ends now): the ramp goes on from the
+    60 that got through in the second before, and leases at once, in the script as in the
+    actor. It leased nothing for a second more while no reading was in: the account sent
+    nothing in the server's next second when the first reading came later (busy cores)."""
+    cs = int(time.time() * 100)
+    got = [(cs - 90 + i, 0, 0, 0, 6) for i in range(0, 50, 5)]
+    log = _log([*got, *[(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]])
+    python = await _both(redis_server.url, "after-run", log, want=5)
+    assert (python.booting, python.rate, python.paused) == (True, 60.0, python.now)
+    assert (python.granted, python.start) == (5, python.now)
+
+
+async def test_after_a_run_none_told_admitted_the_ramp_holds_a_second_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """The same run with nothing told admitted yet (answers of seconds): the ramp goes on from
+    the 60 sent in the second before and not refused, which counts refusals not told yet (busy
+    cores) as let through; leased at once at that, it ran past the limit again before a reading
+    came (the model below). Held a second after the pause, as before any run, in either."""
+    cs = int(time.time() * 100)
+    sent = [(cs - 90 + i, 6, 0, 0) for i in range(0, 50, 5)]
+    log = _log([*sent, *[(cs - 30 + i, 1, 1, cs - 5) for i in range(RUN)]])
+    python = await _both(redis_server.url, "after-run-sent", log, want=5)
+    assert (python.booting, python.rate, python.paused) == (True, 60.0, python.now)
+    assert python.granted == 0
+
+
+async def test_the_first_rate_found_leases_from_now_not_the_ramps_clock_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """Starts leased at the ramp's rate book the account's clock ahead; when a rate is found
+    each process drops those it holds (the ramp ended), and the found pace's first starts
+    waited for the clock they had booked: 0.3 s of eight shards at 40 a second, since the ramp
+    leases from the end of its pause. From now, in the script as in the actor."""
+    store = Store(redis_server.url, "pipeline:pace:found-clock")
+    at = [0.0]  # the store's clock at its call, read by the actor's: the same moment in both
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: at[0])
+    replies = []
+    try:
+        for ask in (Ask("a", want=1), Ask("a", want=20), Ask("b", want=20), Ask("a", found=25.0, want=5)):
+            redis = await store.call(ask)
+            at[0] = redis.now
+            replies.append(held.call(ask))
+            _same(redis, replies[-1], str(ask))
+    finally:
+        await store.close()
+    assert replies[2].start > replies[2].now + 0.1  # booked ahead at the ramp's rate
+    found = replies[-1]
+    assert (found.booting, found.granted) == (False, 3)
+    assert found.start == pytest.approx(found.now, abs=CLOCK)
+
+
 async def test_the_ramp_grows_through_refusals_too_few_for_a_run_after_sit_in_either(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -243,6 +297,16 @@ def test_a_ramp_held_unconfirmed_is_not_grown_by_its_first_refusals() -> None:
         rates.append(pace.call(Ask("a", log=log, answered=40 if refused else 0)).rate)
     assert rates[:20] == [BOOT_RATE] * 20, rates  # held: unanswered, then refused within SIT
     assert rates[-1] > BOOT_RATE, rates  # refused for SIT: grown through them
+
+
+class HeldStore:
+    """An account's store held here, in the actor's rules (its clock the test's)."""
+
+    def __init__(self, pace: AccountPace) -> None:
+        self.pace = pace
+
+    async def read(self, since: float, until: float) -> Logged:
+        return self.pace.read(since, until)
 
 
 # One call of a process, its log's hundredths and rooms (-1: none told) from the moment it is
@@ -315,6 +379,8 @@ class _Ramp(NamedTuple):
     refused: int  # requests refused up to a second after that
     full_by: float  # from the start to the first second of the server letting 90 % of it through
     after: float  # the ramp's rate when the pause ended (no reading yet)
+    through: dict[int, int]  # the server's second (from the start): let through
+    readings: list[float]  # the limit read at each moment the store saw the account full
 
 
 def _ramp(
@@ -325,16 +391,21 @@ def _ramp(
     answer: float = 0.02,
     horizon: float = 6.0,
     bucket: bool = False,
+    past: float = 1.0,
+    spread: float = 0.0,
 ) -> _Ramp:
     """`links` processes ramping up together (no limit given), leasing from the Ray actor's
     rules on a fake clock, against a server letting `limit` through in each second of its clock
     (which begins `phase` into one) and answering in 20 ms; a request reaches it `lag` after it
-    left the gate (busy cores). A process calls the store every 20 ms, or 5 ms after its last
-    call when it has spent its starts or has a refusal to tell, as the link does, telling its
+    left the gate (busy cores), a quarter of the processes' `spread` more, a third of it more,
+    two thirds (cores busy unevenly). A process calls the store every 20 ms, or 5 ms after its
+    last call when it has spent its starts or has a refusal to tell, as the link does, telling its
     admissions by their answer less the latency, and the answers to what it sent since it was
     told the ramp's rate; it sends its leased starts when due, and drops those gone 0.1 s late.
-    No reading is taken: the ramp alone. `bucket`: the server refills a bucket of a second's
-    capacity continuously (full at the start) instead, as Anthropic documents its limits."""
+    No reading is taken: the ramp alone, `past` seconds past the first full moment (as when
+    every reading comes later: busy cores); each moment is read at the end from the log.
+    `bucket`: the server refills a bucket of a second's capacity continuously (full at the
+    start) instead, as Anthropic documents its limits."""
     clock = [1000.0 + phase]
     saved = [float(limit), clock[0]]  # the bucket's requests saved, as of then
     pace = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock[0])
@@ -346,7 +417,8 @@ def _ramp(
     answers: list[tuple[float, int, int, bool]] = []  # due, process, hundredth sent, refused
     through: dict[int, int] = {}  # the server's second: let through
     start, paused, rate, peak, refused, full_at, after = clock[0], 0.0, 0.0, 0.0, 0, math.inf, 0.0
-    while clock[0] < start + horizon and clock[0] < full_at + 1 + lag:
+    moments: dict[float, Moment] = {}
+    while clock[0] < start + horizon and clock[0] < full_at + past + lag:
         now = clock[0]
         for at, i, cs in [a for a in arriving if a[0] <= now]:
             if bucket:
@@ -372,7 +444,7 @@ def _ramp(
                 if slots[i].pop(0) >= now - 0.1 and now >= paused:
                     cs = int(now * 100)
                     logs[i].setdefault(cs, [0, 0, 0, 0])[0] += 1
-                    arriving.append((now + lag, i, cs))
+                    arriving.append((now + lag + spread * (i % 4) / 3, i, cs))
             if now - last_call[i] >= 0.02 or (now - last_call[i] >= 0.005 and (told[i] or not slots[i])):
                 want = 0 if slots[i] else max(1, math.ceil(rate * 0.02 / links))
                 log = _log([(cs, *counts) for cs, counts in logs[i].items()])
@@ -385,18 +457,27 @@ def _ramp(
                     told_rate[i], since[i] = r.rate, now
                 if r.full_at > 0:
                     full_at = min(full_at, now)
+                    moments[r.full_at] = Moment(r.full_at, r.full_resume)
                 peak = max(peak, rate) if now < full_at else peak
                 slots[i] += [r.start + k / r.rate for k in range(r.granted)] if r.start >= 0 else []
         clock[0] = round(now + 0.005, 3)
     full_by = min((s for s, n in through.items() if n >= limit * 0.9), default=math.inf)
-    return _Ramp(peak, refused, full_by - start, after)
+
+    async def read() -> list[float]:
+        capacity, store = AccountCapacity(), HeldStore(pace)
+        return [r[0] for m in moments.values() if (r := await capacity.read(store, m)) is not None]
+
+    seconds = {int(s - int(start)): n for s, n in through.items()}
+    return _Ramp(peak, refused, full_by - start, after, seconds, asyncio.run(read()))
 
 
 # Refusals over four phases of the server's second, and the latest time to 90 % of the limit,
 # by the lag of a request on its way (busy cores): SHARDS3's ramp (from 16 a second, doubling
-# every quarter) paid 479, 796 and 2,179 at 1,000 a second, and at 50 got there by 1.1 s.
+# every quarter) paid 479, 796 and 2,179 at 1,000 a second, and at 50 got there by 1.1 s. At
+# 0.1, 674 while the ramp held a second after its pause, 758 since it goes on at once: what was
+# on its way when the run was seen lands in that second too (one more run, in one phase of four).
 RAMPS = {
-    1000: ((0.0, 360, 2.05), (0.1, 720, 2.75), (0.2, 1700, 3.75)),
+    1000: ((0.0, 360, 2.05), (0.1, 760, 2.75), (0.2, 1700, 3.75)),
     50: ((0.0, 40, 0.75), (0.1, 125, 0.75), (0.2, 150, 0.75)),
 }
 
@@ -433,15 +514,18 @@ def test_a_ramp_a_few_a_second_over_the_limit_does_not_sit_on_its_refusals() -> 
 # Refusals over two phases of the bucket's refill, and the latest time to 90 % of the limit, by
 # the limit and the latency of answers; 506cd82 paid 1,532 and 1,408 in each phase's 20 s at 250
 # and 1,000 a second with 2 s answers (its ramp sat at 1.6 times the limit, 39 % refused: never a
-# run, never grown, never full).
+# run, never grown, never full). With 20 ms answers what got through before a run is the bucket's
+# savings too (up to twice its refill): a ramp held a second after its pause let the bucket save
+# again and spent that (12 and 176 at 60 and 1,000 a second); going on at once, a second run of
+# refusals sets it again (16 and 304), where no reading comes (in a run, one comes within a second).
 BUCKETS = {
-    (60, 0.02): (14, 0.5),
+    (60, 0.02): (16, 0.5),
     (60, 2.0): (12, 0.5),
     (100, 0.02): (40, 0.5),
     (100, 2.0): (18, 2.5),
     (250, 0.02): (55, 1.0),
     (250, 2.0): (360, 7.0),
-    (1000, 0.02): (200, 1.5),
+    (1000, 0.02): (310, 1.5),
     (1000, 2.0): (1400, 14.0),
 }
 
@@ -468,3 +552,39 @@ def test_a_ramp_with_slow_answers_goes_on_from_what_got_through_after_a_run() ->
         for phase in (0.0, 0.5):
             ramp = _ramp(limit, phase, answer=2.0, horizon=10.0)
             assert limit * 0.9 <= ramp.after <= limit, ramp
+
+
+def test_a_ramp_whose_readings_come_late_goes_on_after_the_pause_and_reads_the_limit() -> None:
+    """The account full at 1,000 a second (20 ms answers), its first reading later than the
+    second after the room (busy cores: READ_DELAY's 1.8 s). The ramp leased nothing for a
+    second after the pause, no reading in: the account sent nothing in the server's next
+    second, went on, filled the one after and was full again; that moment, read from the first
+    one's room over two seconds, read 500 where 1,000 got through (16 shards paced at 487 a
+    second for 20 s: 60 % of the limit). The ramp set from what got through goes on from it
+    when the pause ends: that second full, and every moment reads the limit."""
+    for phase in (0.0, 0.5):
+        ramp = _ramp(1000, phase, past=4.0)  # a second run two seconds after the pause, read too
+        first = min(s for s, n in ramp.through.items() if n >= 1000)
+        assert ramp.through.get(first + 1, 0) >= 900, ramp.through  # the second after the room
+        assert len(ramp.readings) >= 2, ramp.readings
+        assert min(ramp.readings) >= 900, ramp.readings
+
+
+def test_a_ramp_going_on_after_a_run_grows_no_sooner_than_a_reading_is_due() -> None:
+    """A reading of the moment waits up to a second past the room and its answers' latency, on
+    busy cores later (READ_DELAY's 1.8 s). Going on at what got through from the pause's end,
+    the ramp grew a second after it, before that reading, and ran into the limit again: with
+    none in 3 s at 1,000 a second, 172 and 133 refused; 104 and 65 growing two seconds after."""
+    ramps = [_ramp(1000, phase, past=3.0) for phase in (0.0, 0.5)]
+    assert sum(r.refused for r in ramps) <= 200, ramps
+
+
+def test_a_ramp_set_from_what_was_sent_and_not_refused_holds_after_the_pause() -> None:
+    """250 a second with answers of 2 s, the processes' requests up to 0.4 s apart on their
+    way (busy cores): when the run is seen nothing is told admitted, and what was sent in the
+    second before and not refused counts refusals not told yet: 275 a second. Leased at once
+    at that, a second wave ran into the limit (465 refusals over two phases, where 316 while
+    the ramp held a second after its pause)."""
+    ramps = [_ramp(250, phase, answer=2.0, horizon=14.0, past=3.0, spread=0.4) for phase in (0.0, 0.3)]
+    assert all(r.after > 250 for r in ramps), ramps  # what the hold covers till a reading comes
+    assert sum(r.refused for r in ramps) <= 340, ramps

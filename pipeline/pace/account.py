@@ -52,6 +52,8 @@ class AccountPace:
                 f["refusing"] = now  # refusals told since then, never SIT apart
             f["refused_at"] = now
         if a.found is not None:
+            if a.given <= 0 and a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
+                f["clock"] = now  # the ramp's leases end with it: the clock they booked goes from now
             f["found"], self.found_by = a.found, a.pid
         leads = (self.found_by or a.pid) == a.pid
         rate, booting = a.given, False
@@ -61,7 +63,7 @@ class AccountPace:
         if a.given <= 0 and told_new:
             run = self._full_run(cs_now, since)
             if run is not None:
-                first, told, got = run
+                first, told, got, admitted = run
                 full_at, full_resume = first / 100, told / 100 if told else now
                 f["full_at"], f["full_resume"] = full_at, full_resume
                 if max(full_resume, now) > paused:
@@ -69,24 +71,25 @@ class AccountPace:
                 if a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                     # The ramp goes on from what got through in the second before (as told), not its rate.
                     f["boot"] = max(self.boot_rate / 4, min(f.get("boot", self.boot_rate), got))
-                    f["refusing"] = now
+                    f["refusing"], f["boot_got"] = now, float(admitted)  # else held, as the script says
         if rate <= 0:
             rate = f.get("found", 0.0)
         if rate <= 0 and a.given <= 0 and a.given_tokens <= 0:
             # The ramp of the Redis script: growing by GROW every quarter second, from now, while the account's
             # requests are let through at 3/4 of its rate at least and nothing was refused for
-            # a second (or for SIT seconds without a run), not within half a second of a pause;
-            # no start leased till a second after a pause.
+            # a second (or for SIT seconds without a run), not within a second of a pause (two after a run);
+            # no start leased till a second after a pause, unless a run set it to what was told admitted.
             booting = True
             rate = f.get("boot", self.boot_rate)
             ok = f.get("boot_ok", 0.0) + a.answered
             if now - boot_at >= 0.25:
                 quiet = now - f.get("refused_at", 0.0) >= 1 or now - f.get("refusing", 0.0) >= SIT
-                if paused + 0.5 < now and quiet and ok >= rate * (now - boot_at) * 0.75:
+                settled = paused + 1 + f.get("boot_got", 0.0) < now  # two seconds after a run's pause
+                if settled and quiet and ok >= rate * (now - boot_at) * 0.75:
                     rate, f["clock"] = min(math.floor(rate * GROW + 0.5), 100_000.0), now
                 boot_at, ok = now, 0.0
             f["boot"], f["boot_at"], f["boot_ok"] = rate, boot_at, ok
-            if now < paused + 1:
+            if now < paused + (not f.get("boot_got")):
                 want = 0
         start, token_start = -1.0, -1.0
         want = want if rate > 0 else 0
@@ -155,18 +158,18 @@ class AccountPace:
                     kinds[name[0]][cs] = n
         return kinds
 
-    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None, int] | None:
+    def _full_run(self, cs_now: int, since: int) -> tuple[int, int | None, int, bool] | None:
         """The latest run of refusals from hundredth `since` on, as the Redis script finds it:
         back from the latest hundredth refused, the earliest one from which on at least `run`
         requests were refused and half of what was sent; else, refusals for a second or more,
         twice `run` and a SHARE of what was sent since the first: full at the latest. With the
         earliest room its refusals told, and what got through in the second before: admitted
-        as told so far, or if none is, sent before the first refused and not refused."""
+        as told so far, or if none is, sent before the first refused and not refused; and which."""
         n = self._logged(since, cs_now // 100 * 100 + 99)
         sent, refused, room = n["s"], n["r"], n["w"]
         n_sent = n_refused = 0
         low: int | None = None
-        found: tuple[int, int | None, int] | None = None
+        found: tuple[int, int | None, int, bool] | None = None
         latest, share = -1, (0, 0, 0)  # the latest refused; the earliest, sent and refused from it
         for cs in sorted(sent.keys() | refused.keys(), reverse=True):
             if n_refused or cs in refused:  # from the latest refused on: what follows is in flight
@@ -177,7 +180,7 @@ class AccountPace:
             if cs in refused:
                 latest, share = max(latest, cs), (cs, n_sent, n_refused)
                 if n_refused >= self.run and n_refused * 2 >= n_sent:
-                    found = cs, low, 0
+                    found = cs, low, 0, False
         first, n_sent, n_refused = share
         if (
             found is None
@@ -185,12 +188,12 @@ class AccountPace:
             and n_refused >= 2 * self.run
             and n_refused * SHARE >= n_sent
         ):
-            found = latest, room.get(latest), 0
+            found = latest, room.get(latest), 0, False
         if found is not None:  # what got through in the second before, as the first reading counts it
-            first, low, _ = found
+            first, low, _, _ = found
             last = low if low is not None and first < low < first + 100 else first
             end = last if last > first else first + 1
             got = sum(k for cs, k in n["a"].items() if last - 100 <= cs < end)
-            got = got or sum(sent.get(cs, 0) - refused.get(cs, 0) for cs in range(last - 100, first))
-            found = first, low, got
+            sent_got = got or sum(sent.get(cs, 0) - refused.get(cs, 0) for cs in range(last - 100, first))
+            found = first, low, sent_got, got > 0
         return found

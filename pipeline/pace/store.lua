@@ -15,7 +15,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cs_now = math.floor(now * 100)
 local state = redis.call('HMGET', key, 'found', 'found_by', 'paused', 'full_at', 'full_resume', 'boot', 'boot_at',
-                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing')
+                         'boot_ok', 'refused_at', 'clock', 'token_clock', 'refusing', 'boot_got')
 local paused = tonumber(state[3] or '0')
 local full_at, full_resume = tonumber(state[4] or '-1'), tonumber(state[5] or '-1')
 local boot_at = tonumber(state[7] or tostring(now))
@@ -48,6 +48,12 @@ if told_refusal then
   redis.call('HSET', key, 'refused_at', tostring(now), 'refusing', tostring(refusing))
 end
 for log, _ in pairs(written) do redis.call('EXPIRE', log, log_ttl) end
+if found >= 0 and given <= 0 and given_tokens <= 0 and tonumber(state[1] or '0') <= 0 then
+  -- The ramp ends: its leases too (each process drops those it holds when told), and the clock
+  -- they booked goes from now (the found pace's first starts waited 0.3 s at 40 a second).
+  state[10] = tostring(now)
+  redis.call('HSET', key, 'clock', state[10])
+end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
 local leads = found >= 0 or (state[2] or pid) == pid
 local rate, booting = given, 0
@@ -119,13 +125,16 @@ if given <= 0 and told_new then
       local last = (told and told > first and told < first + 100) and told or first
       local got, stop = 0, last > first and last or first + 1
       for cs, n in pairs(admitted) do if cs >= last - 100 and cs < stop then got = got + n end end
-      if got == 0 then
+      local told_got = got > 0
+      if not told_got then
         for cs, n in pairs(sent) do if cs >= last - 100 and cs < first then got = got + n end end
         for cs, n in pairs(refused) do if cs >= last - 100 and cs < first then got = got - n end end
       end
       state[6] = tostring(math.max(tonumber(boot_rate) / 4, math.min(tonumber(state[6] or boot_rate), got)))
-      refusing = now
-      redis.call('HSET', key, 'boot', state[6], 'refusing', tostring(now))
+      -- Held after the pause (below) unless told admitted: sent and not refused counts refusals
+      -- not told yet as let through (busy cores), and leased at once ran past the limit again.
+      refusing, state[13] = now, told_got and '1' or '0'
+      redis.call('HSET', key, 'boot', state[6], 'boot_got', state[13], 'refusing', tostring(now))
     end
   end
 end
@@ -145,24 +154,30 @@ if rate <= 0 and given <= 0 and given_tokens <= 0 then
   --   second is full (a quarter without refusals ran the ramp to 4 and 8 times the limit);
   --   or refusals came for `sit` s without a run (since one, or a gap that long): 102 a second
   --   at 100 was refused two a second, too few for a run, for the whole run (2 % 429s);
-  -- * not within half a second of a pause, before the limit its refusals tell is read.
+  -- * not within a second of a pause, before the limit its refusals tell is read (the hold below
+  --   kept it so, sending nothing: a ramp sent from its pause's end grew past the limit first);
+  --   two after a run set it to what was told admitted: a reading waits a second and its
+  --   answers' latency, later on busy cores (none 3 s on at 1,000 a second: 305 -> 169 refused).
   -- A grown rate goes from now, not the account's clock (ahead by the starts its processes
   -- hold: each step came that late; SHARDS2's model: 3 to 3.7 s to 90 % of 1,000/s, 1 to 1.7).
   -- No start is leased while paused, nor for a second after (the longest a reading waits for
-  -- every process's log) unless the ramp ends: leased at its rate, they went at once when the
-  -- pause ended, thousands a second.
+  -- every process's log) unless the ramp ends, or a run set it to what was told admitted (then it
+  -- grows only on answers): leased at a rate grown past the limit, they went at once when the
+  -- pause ended, thousands a second. Held after a run, the account sent nothing in the
+  -- server's next second when the first reading came later (busy cores), filled the one after
+  -- and was full again: that moment, read over two seconds, half the limit (60 % for 20 s).
   booting = 1
   rate = tonumber(state[6] or boot_rate)
   if now - boot_at >= 0.25 then
     local quiet = now - refused_at >= 1 or now - refusing >= sit
-    if paused + 0.5 < now and quiet and boot_ok >= rate * (now - boot_at) * 0.75 then
+    if paused + 1 + (state[13] == '1' and 1 or 0) < now and quiet and boot_ok >= rate * (now - boot_at) * 0.75 then
       rate, state[10] = math.min(math.floor(rate * grow + 0.5), 100000), tostring(now)
       redis.call('HSET', key, 'clock', state[10])
     end
     boot_at, boot_ok = now, 0
   end
   redis.call('HSET', key, 'boot', tostring(rate), 'boot_at', tostring(boot_at), 'boot_ok', tostring(boot_ok))
-  if now < paused + 1 then want = 0 end
+  if now < paused + (state[13] == '1' and 0 or 1) then want = 0 end
 end
 local start, token_start = -1, -1
 if rate <= 0 then want = 0 end
