@@ -14,9 +14,11 @@ import anyio
 import pytest
 
 from pipeline.pace.account import AccountPace
+from pipeline.pace.finder import RateFinder
 from pipeline.pace.leased import shared_pacer
 from pipeline.pace.pacer import Pacer
 from pipeline.pace.store import BOOT_RATE, RUN, WATCH, Ask, Logged, Reply
+from pipeline.pace.window import Window
 
 
 class Clock:
@@ -52,6 +54,21 @@ class MemoryStore:
 
     async def close(self) -> None:
         pass
+
+
+class _HeldStore(MemoryStore):
+    """The account's pace with its real rules (`AccountPace`), on the loop's clock, at once."""
+
+    def __init__(self, pace: AccountPace) -> None:
+        super().__init__()
+        self.pace = pace
+
+    async def call(self, ask: Ask) -> Reply:
+        self.calls.append(dataclasses.asdict(ask))
+        return self.pace.call(ask)
+
+    async def read(self, since: float, until: float) -> Logged:
+        return self.pace.read(since, until)
 
 
 def _pacer(store: MemoryStore, **rates: float) -> Pacer:
@@ -231,3 +248,38 @@ def test_four_processes_held_by_both_limits_send_at_the_rate_that_binds() -> Non
     assert 110 <= len(starts) <= 122  # 40 a second for 3 s, and a lease's worth ahead at most
     for second in (0, 1, 2):  # never more than the limit in any second
         assert sum(1 for t in starts if first + second <= t < first + second + 1) <= 41
+
+
+async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_down_when_it_probes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every process reads the account's full moments itself, and publishes what it read: one
+    read 430 (its reading taken before the account's log was whole), the others 1,010 after it,
+    and the account went on at 980 a second. Ten seconds on, the low reader's probe (which
+    starts at 97 % of its own limit) told the store 417 as a rate found, every process went to
+    it at once and climbed back along the probe's curve (16 shards: 987 a second for 10 s,
+    then 431, 427, ... 798: 73 % of the limit in one bench run of fifteen)."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    low, high = finders
+    low._read(430.0, True)  # as the link calls it with its reading
+    await _sync(pacers[0], store)
+    high._read(1010.0, True)  # still ramping when it read: its reading goes in after
+    await _sync(pacers[1], store)
+    await _sync(pacers[0], store)
+    assert pacers[0].request_rate == pytest.approx(1010 * 0.97)
+    clock.now += 11.0  # the pace has held SETTLE seconds, and binds: the low reader probes
+    waiter = asyncio.ensure_future(pacers[0].acquire())
+    await _turns()
+    ticket = low.sent()
+    low.success(ticket, 0.02)
+    await _sync(pacers[0], store)
+    await _sync(pacers[1], store)
+    assert (pacers[1].request_rate or 0.0) >= 1010 * 0.97  # the account at the reading in force
+    waiter.cancel()

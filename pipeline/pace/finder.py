@@ -273,6 +273,10 @@ class RateFinder:
         self._waits = self.pacer.waits
         if self.limit is None or self.pacer.request_rate is None or not binding:
             return
+        if self.reads_account and self.account is not None and not self.account.budget.leads:
+            # Another's reading is in force: it probes, for all. Started from this one's, lower, a
+            # probe is under the pace in force, and published took every process down (431 of 987).
+            return
         rate = self.probe.next(now, self.limit)
         if rate is None:
             return
