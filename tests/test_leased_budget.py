@@ -283,3 +283,34 @@ async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_d
     await _sync(pacers[1], store)
     assert (pacers[1].request_rate or 0.0) >= 1010 * 0.97  # the account at the reading in force
     waiter.cancel()
+
+
+async def test_when_the_process_whose_reading_is_in_force_has_ended_another_probes_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the process whose reading is in force probes above it. Its shard done, the store
+    still named it: no other probed again, and a limit that rose was never used (at 970 a
+    second for good). Gone 5 s (not seen, as the processes are counted), another leads."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder in zip(pacers, finders, strict=True):
+        finder._read(1000.0, True)
+        await _sync(pacer, store)
+    await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
+    rates = []
+    for _ in range(30):
+        clock.now += 1.0
+        waiter = asyncio.ensure_future(pacers[0].acquire())  # the pace binds
+        await _turns()
+        finders[0].success(finders[0].sent(), 0.02)
+        await _sync(pacers[0], store)
+        waiter.cancel()
+        rates.append(pacers[0].request_rate or 0.0)
+    assert rates[3] == pytest.approx(970.0)  # p1 still counted: its reading holds
+    assert max(rates) > 1000.0  # then p0 probes: a limit that rose is found

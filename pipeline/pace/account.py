@@ -55,7 +55,9 @@ class AccountPace:
             if a.given <= 0 and a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                 f["clock"] = now  # the ramp's leases end with it: the clock they booked goes from now
             f["found"], self.found_by = a.found, a.pid
-        leads = (self.found_by or a.pid) == a.pid
+        # Whose reading is in force leads; any process once it has not been seen for 5 s.
+        by = self.found_by
+        leads = by is None or by == a.pid or now - self.members.get(by, (-math.inf, 0.0))[0] >= 5
         rate, booting = a.given, False
         paused = f.get("paused", 0.0)
         if a.pause_for > 0 and now + a.pause_for > paused:

@@ -55,7 +55,10 @@ if found >= 0 and given <= 0 and given_tokens <= 0 and tonumber(state[1] or '0')
   redis.call('HSET', key, 'clock', state[10])
 end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
-local leads = found >= 0 or (state[2] or pid) == pid
+-- Whose reading is in force leads (probes upward, for all); any process, once it has not been
+-- seen for 5 s (its shard done): else nobody probed again, and a limit that rose was never used.
+local by = state[2] and redis.call('HGET', members, state[2])
+local leads = found >= 0 or not by or (state[2] or pid) == pid or now - tonumber(string.match(by, '%S+')) >= 5
 local rate, booting = given, 0
 if pause_for > 0 and now + pause_for > paused then
   paused = now + pause_for
