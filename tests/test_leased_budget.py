@@ -285,12 +285,15 @@ async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_d
     waiter.cancel()
 
 
+@pytest.mark.parametrize("low", [1000.0, 430.0])
 async def test_when_the_process_whose_reading_is_in_force_has_ended_another_probes_for_all(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, low: float
 ) -> None:
     """Only the process whose reading is in force probes above it. Its shard done, the store
     still named it: no other probed again, and a limit that rose was never used (at 970 a
-    second for good). Gone 5 s (not seen, as the processes are counted), another leads."""
+    second for good). Gone 5 s (not seen, as the processes are counted), another leads, and
+    probes from the pace in force, not from a lower reading of its own (`low`): from there its
+    probe began under the pace, and took the account down to it."""
     clock = Clock(monkeypatch)
     store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
     pacers = [_pacer(store, processes=2) for _ in range(2)]
@@ -299,8 +302,8 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
         assert pacer.account is not None
         pacer.account._pid = f"p{i}"
         await _sync(pacer, store)
-    for pacer, finder in zip(pacers, finders, strict=True):
-        finder._read(1000.0, True)
+    for pacer, finder, reading in zip(pacers, finders, (low, 1000.0), strict=True):
+        finder._read(reading, True)
         await _sync(pacer, store)
     await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
     rates = []
@@ -313,4 +316,5 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
         waiter.cancel()
         rates.append(pacers[0].request_rate or 0.0)
     assert rates[3] == pytest.approx(970.0)  # p1 still counted: its reading holds
+    assert min(rates) == pytest.approx(970.0)  # never under the pace in force
     assert max(rates) > 1000.0  # then p0 probes: a limit that rose is found

@@ -277,7 +277,10 @@ class RateFinder:
             # Another's reading is in force: it probes, for all. Started from this one's, lower, a
             # probe is under the pace in force, and published took every process down (431 of 987).
             return
-        rate = self.probe.next(now, self.limit)
+        # From the pace in force: a shared one may be another's reading, higher than ours (its
+        # process gone, this one leads): begun from ours, the probe took the account down to it.
+        limit = max(self.limit, self.pacer.request_rate / HOLD) if self.reads_account else self.limit
+        rate = self.probe.next(now, limit)
         if rate is None:
             return
         if self.ceiling is not None:
