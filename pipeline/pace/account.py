@@ -55,9 +55,7 @@ class AccountPace:
             if a.given <= 0 and a.given_tokens <= 0 and f.get("found", 0.0) <= 0:
                 f["clock"] = now  # the ramp's leases end with it: the clock they booked goes from now
             f["found"], self.found_by = a.found, a.pid
-        # Whose reading is in force leads; any process once it has not been seen for 5 s.
-        by = self.found_by
-        leads = by is None or by == a.pid or now - self.members.get(by, (-math.inf, 0.0))[0] >= 5
+        leads = (self.found_by or a.pid) == a.pid
         rate, booting = a.given, False
         paused = f.get("paused", 0.0)
         if a.pause_for > 0 and now + a.pause_for > paused:
@@ -110,12 +108,14 @@ class AccountPace:
         # Processes seen lately, and the time up to which each has told its log and had its answers.
         upto = now if a.holds or want > 0 else now + 3600
         self.members[a.pid] = (now, min(upto, a.whole) if a.whole >= 0 else upto)
-        seen, reported = 0, now + 3600
+        seen, reported, gone = 0, now + 3600, True  # any process leads once it has not been seen for 5 s
         for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
                 seen, reported = seen + 1, min(reported, upto)
+                gone = gone and member != self.found_by  # whose reading is in force: seen, it leads
             elif now - at > 60:
                 del self.members[member]
+        leads = leads or gone
         return Reply(
             now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want, reported
         )

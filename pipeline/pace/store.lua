@@ -55,10 +55,7 @@ if found >= 0 and given <= 0 and given_tokens <= 0 and tonumber(state[1] or '0')
   redis.call('HSET', key, 'clock', state[10])
 end
 if found >= 0 then redis.call('HSET', key, 'found', tostring(found), 'found_by', pid) end
--- Whose reading is in force leads (probes upward, for all); any process, once it has not been
--- seen for 5 s (its shard done): else nobody probed again, and a limit that rose was never used.
-local by = state[2] and redis.call('HGET', members, state[2])
-local leads = found >= 0 or not by or (state[2] or pid) == pid or now - tonumber(string.match(by, '%S+')) >= 5
+local leads = found >= 0 or (state[2] or pid) == pid
 local rate, booting = given, 0
 if pause_for > 0 and now + pause_for > paused then
   paused = now + pause_for
@@ -208,11 +205,15 @@ end
 local told = math.min((holds or want > 0) and now or now + 3600, whole >= 0 and whole or math.huge)
 redis.call('HSET', members, pid, tostring(now) .. ' ' .. tostring(told))
 local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
+-- Whose reading is in force leads (probes upward, for all); any process, once it has not been
+-- seen for 5 s (its shard done): else nobody probed again, and a limit that rose was never used.
+local gone = true
 for i = 1, #all, 2 do
   local at, upto = string.match(all[i + 1], '(%S+) ?(%S*)')
   at = tonumber(at)
   if now - at < 5 then
     seen, reported = seen + 1, math.min(reported, tonumber(upto) or at)
+    if all[i] == state[2] then gone = false end
   elseif now - at > 60 then
     redis.call('HDEL', members, all[i])
   end
@@ -220,5 +221,5 @@ end
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
+        tostring(seen), (leads or gone) and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
         tostring(want), tostring(reported)}
