@@ -285,15 +285,16 @@ async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_d
     waiter.cancel()
 
 
-@pytest.mark.parametrize("low", [1000.0, 430.0])
+@pytest.mark.parametrize("own", [1000.0, 430.0, 1339.0])
 async def test_when_the_process_whose_reading_is_in_force_has_ended_another_probes_for_all(
-    monkeypatch: pytest.MonkeyPatch, low: float
+    monkeypatch: pytest.MonkeyPatch, own: float
 ) -> None:
     """Only the process whose reading is in force probes above it. Its shard done, the store
     still named it: no other probed again, and a limit that rose was never used (at 970 a
     second for good). Gone 5 s (not seen, as the processes are counted), another leads, and
-    probes from the pace in force, not from a lower reading of its own (`low`): from there its
-    probe began under the pace, and took the account down to it."""
+    probes from the pace in force, not from a reading of its own that was not (`own`): from a
+    lower one its probe began under the pace, and took the account down to it; from a higher
+    one, it began 30 % over the limit."""
     clock = Clock(monkeypatch)
     store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
     pacers = [_pacer(store, processes=2) for _ in range(2)]
@@ -302,7 +303,7 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
         assert pacer.account is not None
         pacer.account._pid = f"p{i}"
         await _sync(pacer, store)
-    for pacer, finder, reading in zip(pacers, finders, (low, 1000.0), strict=True):
+    for pacer, finder, reading in zip(pacers, finders, (own, 1000.0), strict=True):
         finder._read(reading, True)
         await _sync(pacer, store)
     await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
@@ -317,4 +318,5 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
         rates.append(pacers[0].request_rate or 0.0)
     assert rates[3] == pytest.approx(970.0)  # p1 still counted: its reading holds
     assert min(rates) == pytest.approx(970.0)  # never under the pace in force
+    assert min(r for r in rates if r > 971.0) < 1000.0  # the probe crosses the limit slowly
     assert max(rates) > 1000.0  # then p0 probes: a limit that rose is found

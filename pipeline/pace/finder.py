@@ -277,9 +277,9 @@ class RateFinder:
             # Another's reading is in force: it probes, for all. Started from this one's, lower, a
             # probe is under the pace in force, and published took every process down (431 of 987).
             return
-        # From the pace in force: a shared one may be another's reading, higher than ours (its
-        # process gone, this one leads): begun from ours, the probe took the account down to it.
-        limit = max(self.limit, self.pacer.request_rate / HOLD) if self.reads_account else self.limit
+        # A shared pace's from the pace in force, which may be another's reading (its process gone,
+        # this one leads): begun from ours, lower, it took the account down; higher, 30 % over.
+        limit = self.pacer.request_rate / HOLD if self.reads_account else self.limit
         rate = self.probe.next(now, limit)
         if rate is None:
             return
