@@ -320,3 +320,36 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
     assert min(rates) == pytest.approx(970.0)  # never under the pace in force
     assert min(r for r in rates if r > 971.0) < 1000.0  # the probe crosses the limit slowly
     assert max(rates) > 1000.0  # then p0 probes: a limit that rose is found
+
+
+async def test_a_refused_probe_of_a_process_that_took_over_goes_back_to_the_pace_in_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process leading since the one whose reading was in force ended probes from the pace in
+    force (1,000 read there, 430 here). Its probe refused, the pace goes back under the limit
+    the probe climbed from, not to this process's own reading: set_rates publishes a lower rate,
+    and every process went to 417 a second."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder, reading in zip(pacers, finders, (430.0, 1000.0), strict=True):
+        finder._read(reading, True)
+        await _sync(pacer, store)
+    await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
+    pacer, finder = pacers[0], finders[0]
+    while (pacer.request_rate or 0.0) <= 1000.0:  # p0 leads, and probes past the limit
+        clock.now += 1.0
+        waiter = asyncio.ensure_future(pacer.acquire())  # the pace binds
+        await _turns()
+        finder.success(finder.sent(), 0.02)
+        await _sync(pacer, store)
+        waiter.cancel()
+        assert clock.now < 1100.0
+    finder.pushback(finder.sent(), None)  # the probe is refused
+    await _sync(pacer, store)
+    assert (pacer.request_rate or 0.0) >= 970.0 * 0.999  # back to the pace in force, not 417

@@ -277,10 +277,12 @@ class RateFinder:
             # Another's reading is in force: it probes, for all. Started from this one's, lower, a
             # probe is under the pace in force, and published took every process down (431 of 987).
             return
-        # A shared pace's from the pace in force, which may be another's reading (its process gone,
-        # this one leads): begun from ours, lower, it took the account down; higher, 30 % over.
-        limit = self.pacer.request_rate / HOLD if self.reads_account else self.limit
-        rate = self.probe.next(now, limit)
+        if self.reads_account and not self.probe.climbing:
+            # A shared pace's limit is the one in force, maybe another's reading (its process gone,
+            # this one leads): from ours, lower, the probe (or its refusal) took the account down
+            # to it (417 of 970); higher, it began 30 % over.
+            self.limit = self.pacer.request_rate / HOLD
+        rate = self.probe.next(now, self.limit)
         if rate is None:
             return
         if self.ceiling is not None:
