@@ -353,3 +353,31 @@ async def test_a_refused_probe_of_a_process_that_took_over_goes_back_to_the_pace
     finder.pushback(finder.sent(), None)  # the probe is refused
     await _sync(pacer, store)
     assert (pacer.request_rate or 0.0) >= 970.0 * 0.999  # back to the pace in force, not 417
+
+
+async def test_a_scattered_refusal_of_a_process_whose_own_reading_was_lower_keeps_the_pace_in_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One process read 430, the other 1,000 after it (in force, its process running). A refusal
+    of the first's, one among its answers, was taken for a probe refused (the pace above its
+    own reading) and sent the pace back under that reading: published, every process at 417."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder, reading in zip(pacers, finders, (430.0, 1000.0), strict=True):
+        finder._read(reading, True)
+        await _sync(pacer, store)
+    await _sync(pacers[0], store)  # p1's reading is in force
+    low = finders[0]
+    for _ in range(60):
+        low.success(low.sent(), 0.02)
+    clock.now += 2.0
+    low.pushback(low.sent(), None)
+    for pacer in pacers:
+        await _sync(pacer, store)
+        assert (pacer.request_rate or 0.0) == pytest.approx(970.0)
