@@ -206,16 +206,7 @@ class RateFinder:
             if self.pacer.request_rate is not None and self.pacer.request_rate > self.limit * HOLD:
                 self.pacer.set_request_rate(self.limit * HOLD)
 
-    def _in_force(self) -> None:
-        """A shared pace's limit is the one in force, maybe another's reading, but while this
-        process's probe climbs: from ours, lower, a probe (this one leading, the other's process
-        gone) or a refusal (scattered; a probe's) took the account down to it (417 of 970);
-        from ours, higher, a probe began 30 % over."""
-        if self.reads_account and not self.probe.climbing and self.pacer.request_rate is not None:
-            self.limit = self.pacer.request_rate / HOLD
-
     def _overshoot(self, now: float, ticket: int, wait: float | None, back: int, total: int) -> None:
-        self._in_force()
         assert self.limit is not None
         current = self.pacer.request_rate
         if current is not None and current > self.limit * HOLD * 1.0001:
@@ -286,7 +277,11 @@ class RateFinder:
             # Another's reading is in force: it probes, for all. Started from this one's, lower, a
             # probe is under the pace in force, and published took every process down (431 of 987).
             return
-        self._in_force()
+        if self.reads_account and not self.probe.climbing:
+            # A shared pace's limit is the one in force, maybe another's reading (its process gone,
+            # this one leads): from ours, lower, the probe (or its refusal) took the account down
+            # to it (417 of 970); higher, it began 30 % over.
+            self.limit = self.pacer.request_rate / HOLD
         rate = self.probe.next(now, self.limit)
         if rate is None:
             return
