@@ -283,3 +283,107 @@ async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_d
     await _sync(pacers[1], store)
     assert (pacers[1].request_rate or 0.0) >= 1010 * 0.97  # the account at the reading in force
     waiter.cancel()
+
+
+@pytest.mark.parametrize("own", [1000.0, 430.0, 1339.0])
+async def test_when_the_process_whose_reading_is_in_force_has_ended_another_probes_for_all(
+    monkeypatch: pytest.MonkeyPatch, own: float
+) -> None:
+    """Only the process whose reading is in force probes above it. Its shard done, the store
+    still named it: no other probed again, and a limit that rose was never used (at 970 a
+    second for good). Gone 5 s (not seen, as the processes are counted), another leads, and
+    probes from the pace in force, not from a reading of its own that was not (`own`): from a
+    lower one its probe began under the pace, and took the account down to it; from a higher
+    one, it began 30 % over the limit."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder, reading in zip(pacers, finders, (own, 1000.0), strict=True):
+        finder._read(reading, True)
+        await _sync(pacer, store)
+    await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
+    rates = []
+    for _ in range(30):
+        clock.now += 1.0
+        waiter = asyncio.ensure_future(pacers[0].acquire())  # the pace binds
+        await _turns()
+        finders[0].success(finders[0].sent(), 0.02)
+        await _sync(pacers[0], store)
+        waiter.cancel()
+        rates.append(pacers[0].request_rate or 0.0)
+    assert rates[3] == pytest.approx(970.0)  # p1 still counted: its reading holds
+    assert min(rates) == pytest.approx(970.0)  # never under the pace in force
+    assert min(r for r in rates if r > 971.0) < 1000.0  # the probe crosses the limit slowly
+    assert max(rates) > 1000.0  # then p0 probes: a limit that rose is found
+
+
+async def test_a_refused_probe_of_a_process_that_took_over_goes_back_to_the_pace_in_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process leading since the one whose reading was in force ended probes from the pace in
+    force (1,000 read there, 430 here). Its probe refused, the pace goes back under the limit
+    the probe climbed from, not to this process's own reading: set_rates publishes a lower rate,
+    and every process went to 417 a second."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder, reading in zip(pacers, finders, (430.0, 1000.0), strict=True):
+        finder._read(reading, True)
+        await _sync(pacer, store)
+    await _sync(pacers[0], store)  # p1's reading is in force; p1 ends, and calls no more
+    pacer, finder = pacers[0], finders[0]
+    while (pacer.request_rate or 0.0) <= 1000.0:  # p0 leads, and probes past the limit
+        clock.now += 1.0
+        waiter = asyncio.ensure_future(pacer.acquire())  # the pace binds
+        await _turns()
+        finder.success(finder.sent(), 0.02)
+        await _sync(pacer, store)
+        waiter.cancel()
+        assert clock.now < 1100.0
+    finder.pushback(finder.sent(), None)  # the probe is refused
+    await _sync(pacer, store)
+    assert (pacer.request_rate or 0.0) >= 970.0 * 0.999  # back to the pace in force, not 417
+
+
+async def test_a_probe_refused_at_another_process_than_the_leader_ends_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every process read 1,000; the leader's probe climbs past it, and the first refusal is
+    another process's (at 16 shards, fifteen of sixteen are): the probe was refused, and the
+    pace goes back under the limit for all, not on up the probe's curve till a run."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    for pacer, finder in zip(pacers, finders, strict=True):
+        finder._read(1000.0, True)
+        await _sync(pacer, store)
+    other, leader = pacers
+    while (leader.request_rate or 0.0) <= 1000.0:  # p1's reading in force: it probes, for all
+        clock.now += 1.0
+        waiter = asyncio.ensure_future(leader.acquire())  # the pace binds
+        await _turns()
+        finders[1].success(finders[1].sent(), 0.02)
+        await _sync(leader, store)
+        await _sync(other, store)
+        waiter.cancel()
+        assert clock.now < 1100.0
+    assert (other.request_rate or 0.0) > 1000.0  # the probe is the account's pace
+    finders[0].pushback(finders[0].sent(), None)  # refused at p0
+    for pacer in pacers:
+        await _sync(pacer, store)
+        assert (pacer.request_rate or 0.0) <= 970.0 * 1.0001

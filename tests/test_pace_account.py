@@ -140,6 +140,28 @@ async def test_the_actors_rules_are_the_redis_scripts(redis_server: RedisServer)
         await store.close()
 
 
+async def test_when_the_process_whose_reading_is_in_force_is_gone_another_leads_in_either(
+    redis_server: RedisServer,
+) -> None:
+    """Only the process whose reading is in force probes above it, for all: once it has not
+    called for 5 s (its shard done), any other leads, or a limit that rose was never used."""
+    store = Store(redis_server.url, f"pipeline:pace:gone:{time.monotonic_ns()}")
+    held = AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN)
+    try:
+        for pid, found in (("a", 25.0), ("b", None)):
+            redis, python = await store.call(Ask(pid, found=found)), held.call(Ask(pid, found=found))
+            _same(redis, python, pid)
+        assert not python.leads  # "a" called a moment ago
+        ago = time.time() - 6.0  # "a" last called 6 s ago
+        await store._client.hset(f"{store.account}:members", "a", f"{ago} {ago}")
+        held.members["a"] = (ago, ago)
+        redis, python = await store.call(Ask("b")), held.call(Ask("b"))
+        _same(redis, python, "gone")
+        assert python.leads
+    finally:
+        await store.close()
+
+
 async def test_scattered_refusals_are_not_a_full_server_in_either(redis_server: RedisServer) -> None:
     """At least RUN refused, but under half of what was sent since the first of them."""
     cs = int(time.time() * 100)

@@ -108,12 +108,14 @@ class AccountPace:
         # Processes seen lately, and the time up to which each has told its log and had its answers.
         upto = now if a.holds or want > 0 else now + 3600
         self.members[a.pid] = (now, min(upto, a.whole) if a.whole >= 0 else upto)
-        seen, reported = 0, now + 3600
+        seen, reported, gone = 0, now + 3600, True  # any process leads once it has not been seen for 5 s
         for member, (at, upto) in list(self.members.items()):
             if now - at < 5:
                 seen, reported = seen + 1, min(reported, upto)
+                gone = gone and member != self.found_by  # whose reading is in force: seen, it leads
             elif now - at > 60:
                 del self.members[member]
+        leads = leads or gone
         return Reply(
             now, rate, start, token_start, paused, seen, leads, booting, full_at, full_resume, want, reported
         )

@@ -62,6 +62,10 @@ class Probe:
         if self._tail - TAIL <= sent and now < self._tail:
             self.after += EVERY / self._back
 
+    @property
+    def climbing(self) -> bool:
+        return self._base is not None  # a probe is under way
+
     def next(self, now: float, limit: float) -> float | None:
         """The pace to try now, while the pace binds, above HOLD of `limit` (None: keep it)."""
         if now < self.after:

@@ -205,11 +205,15 @@ end
 local told = math.min((holds or want > 0) and now or now + 3600, whole >= 0 and whole or math.huge)
 redis.call('HSET', members, pid, tostring(now) .. ' ' .. tostring(told))
 local seen, reported, all = 0, now + 3600, redis.call('HGETALL', members)
+-- Whose reading is in force leads (probes upward, for all); any process, once it has not been
+-- seen for 5 s (its shard done): else nobody probed again, and a limit that rose was never used.
+local gone = true
 for i = 1, #all, 2 do
   local at, upto = string.match(all[i + 1], '(%S+) ?(%S*)')
   at = tonumber(at)
   if now - at < 5 then
     seen, reported = seen + 1, math.min(reported, tonumber(upto) or at)
+    if all[i] == state[2] then gone = false end
   elseif now - at > 60 then
     redis.call('HDEL', members, all[i])
   end
@@ -217,5 +221,5 @@ end
 redis.call('EXPIRE', key, ttl)
 redis.call('EXPIRE', members, ttl)
 return {tostring(now), tostring(rate), tostring(start), tostring(token_start), tostring(paused),
-        tostring(seen), leads and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
+        tostring(seen), (leads or gone) and '1' or '0', tostring(booting), tostring(full_at), tostring(full_resume),
         tostring(want), tostring(reported)}

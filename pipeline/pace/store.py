@@ -60,7 +60,7 @@ class Reply:
     token_start: float
     paused: float  # the account's pause lasts till then
     members: int  # processes seen lately
-    leads: bool  # the rate in force is this process's reading
+    leads: bool  # the rate in force is this process's reading, or of one not seen for 5 s
     booting: bool  # no limit given or found: the rate is the ramp's
     full_at: float  # the account's last run of refusals began with a request sent then (-1: none)
     full_resume: float  # and the server said it had room again then
