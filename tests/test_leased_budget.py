@@ -88,6 +88,22 @@ async def _turns() -> None:
         await asyncio.sleep(0)
 
 
+async def _two_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Clock, _HeldStore, list[Pacer], list[RateFinder]]:
+    """Two processes p0 and p1 of one account, each a shared pacer and its finder, on the
+    account's real rules and a fake clock, each seen by the store once."""
+    clock = Clock(monkeypatch)
+    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
+    pacers = [_pacer(store, processes=2) for _ in range(2)]
+    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
+    for i, pacer in enumerate(pacers):
+        assert pacer.account is not None
+        pacer.account._pid = f"p{i}"
+        await _sync(pacer, store)
+    return clock, store, pacers, finders
+
+
 @pytest.mark.parametrize("leased", ["starts", "tokens"])
 async def test_a_lease_that_comes_with_a_pause_long_over_is_not_asked_for_again(
     monkeypatch: pytest.MonkeyPatch, leased: str
@@ -259,14 +275,7 @@ async def test_a_process_whose_own_reading_was_lower_does_not_pull_the_account_d
     starts at 97 % of its own limit) told the store 417 as a rate found, every process went to
     it at once and climbed back along the probe's curve (16 shards: 987 a second for 10 s,
     then 431, 427, ... 798: 73 % of the limit in one bench run of fifteen)."""
-    clock = Clock(monkeypatch)
-    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
-    pacers = [_pacer(store, processes=2) for _ in range(2)]
-    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
-    for i, pacer in enumerate(pacers):
-        assert pacer.account is not None
-        pacer.account._pid = f"p{i}"
-        await _sync(pacer, store)
+    clock, store, pacers, finders = await _two_processes(monkeypatch)
     low, high = finders
     low._read(430.0, True)  # as the link calls it with its reading
     await _sync(pacers[0], store)
@@ -295,14 +304,7 @@ async def test_when_the_process_whose_reading_is_in_force_has_ended_another_prob
     probes from the pace in force, not from a reading of its own that was not (`own`): from a
     lower one its probe began under the pace, and took the account down to it; from a higher
     one, it began 30 % over the limit."""
-    clock = Clock(monkeypatch)
-    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
-    pacers = [_pacer(store, processes=2) for _ in range(2)]
-    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
-    for i, pacer in enumerate(pacers):
-        assert pacer.account is not None
-        pacer.account._pid = f"p{i}"
-        await _sync(pacer, store)
+    clock, store, pacers, finders = await _two_processes(monkeypatch)
     for pacer, finder, reading in zip(pacers, finders, (own, 1000.0), strict=True):
         finder._read(reading, True)
         await _sync(pacer, store)
@@ -329,14 +331,7 @@ async def test_a_refused_probe_of_a_process_that_took_over_goes_back_to_the_pace
     force (1,000 read there, 430 here). Its probe refused, the pace goes back under the limit
     the probe climbed from, not to this process's own reading: set_rates publishes a lower rate,
     and every process went to 417 a second."""
-    clock = Clock(monkeypatch)
-    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
-    pacers = [_pacer(store, processes=2) for _ in range(2)]
-    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
-    for i, pacer in enumerate(pacers):
-        assert pacer.account is not None
-        pacer.account._pid = f"p{i}"
-        await _sync(pacer, store)
+    clock, store, pacers, finders = await _two_processes(monkeypatch)
     for pacer, finder, reading in zip(pacers, finders, (430.0, 1000.0), strict=True):
         finder._read(reading, True)
         await _sync(pacer, store)
@@ -361,14 +356,7 @@ async def test_a_probe_refused_at_another_process_than_the_leader_ends_for_all(
     """Every process read 1,000; the leader's probe climbs past it, and the first refusal is
     another process's (at 16 shards, fifteen of sixteen are): the probe was refused, and the
     pace goes back under the limit for all, not on up the probe's curve till a run."""
-    clock = Clock(monkeypatch)
-    store = _HeldStore(AccountPace(boot_rate=BOOT_RATE, watch=WATCH, run=RUN, clock=lambda: clock.now))
-    pacers = [_pacer(store, processes=2) for _ in range(2)]
-    finders = [RateFinder(pacer, Window(64), clock=lambda: clock.now) for pacer in pacers]
-    for i, pacer in enumerate(pacers):
-        assert pacer.account is not None
-        pacer.account._pid = f"p{i}"
-        await _sync(pacer, store)
+    clock, store, pacers, finders = await _two_processes(monkeypatch)
     for pacer, finder in zip(pacers, finders, strict=True):
         finder._read(1000.0, True)
         await _sync(pacer, store)
