@@ -1,0 +1,79 @@
+"""What a provider's batch API is to the rest of the tool, whatever shape it speaks.
+
+Two shapes exist (`send.batchfiles`: OpenAI's, a JSONL file uploaded then a batch made of it;
+`send.batchinline`: the inline one, a `requests` array posted with one `model`). Both are
+seen through `BatchApi`; both give their results back as lines of OpenAI's batch output shape
+(`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`), so what
+takes them in (`pipeline.batch`) reads one shape.
+
+A batch is found again after a crash by its tag: a name of ours (`pipeline-<folder>-<n>`)
+sent in the batch's metadata (and in the uploaded file's name), unique to one batch of one
+folder, so that a run killed between creating a batch and noting its id attaches to it
+instead of paying for it twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+# The states a batch moves through (OpenAI's names; the inline shape's are the same).
+RUNNING = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+TAG_KEY = "pipeline_tag"  # the metadata key that carries a batch's tag
+
+
+class BatchCounts(NamedTuple):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class BatchInfo(NamedTuple):
+    """A batch as the provider last described it."""
+
+    id: str
+    status: str  # one of RUNNING or ENDED; anything else is kept as said, and treated as running
+    counts: BatchCounts = BatchCounts()
+    tag: str | None = None  # metadata[TAG_KEY], when the provider keeps metadata
+    model: str | None = None  # the inline shape's one model
+    created_at: float | None = None  # seconds since the epoch, as the provider says
+    output_file: str | None = None  # files shape: where the answers are
+    error_file: str | None = None  # files shape: where the failed lines are
+    errors: tuple[str, ...] = ()  # why a batch failed validation, one line each (with the line number)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+class NoBatchApi(Exception):
+    """The endpoint has no batch API (a 404 on its files or batches path)."""
+
+
+class BatchApi(Protocol):
+    """One endpoint's batch API. Every call raises the error tree's `RequestError`s
+    (`pipeline.errors`: an `HTTPStatusError` for 401, 402, a 429 or 5xx that retries did not
+    outlast, a dropped connection...) and `NoBatchApi` for a 404 on the path."""
+
+    shape: str  # "files" or "inline"
+    max_lines: int  # requests a batch may hold
+    max_bytes: int  # bytes of a batch's requests (the uploaded file, or the posted array)
+
+    async def check(self) -> None:
+        """Raise `NoBatchApi` when the endpoint has none; send nothing that costs."""
+
+    async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
+        """Make a batch of the staged file (OpenAI batch input lines, one model), tagged."""
+
+    async def find(self, tag: str, *, since: float) -> BatchInfo | None:
+        """The batch made with `tag` no earlier than `since` (epoch seconds), or None."""
+
+    async def get(self, batch_id: str) -> BatchInfo: ...
+
+    async def cancel(self, batch_id: str) -> BatchInfo: ...
+
+    def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+        """The ended batch's result lines, answers and failures alike, each one JSON object in
+        OpenAI's batch output shape, streamed (never held whole)."""
