@@ -6,6 +6,7 @@ that prove nothing was paid twice, and a large file kept on disk rather than in 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hashlib
 import tracemalloc
@@ -231,6 +232,19 @@ async def test_a_batch_that_breaks_a_rule_fails_validation_saying_which_line(api
         assert stats["lines_answered"] == 0
 
 
+async def test_a_batch_with_a_bad_line_cancelled_while_validating_ends_cancelled_with_nothing_run(
+    api: Any,
+) -> None:
+    async with api(batch_validating=10) as (client, clock, _):
+        made = await client.submit([line(0), b"not json"])
+        status, doc = await client.call("POST", f"batches/{made['id']}/cancel")
+        assert (status, doc["status"]) == (200, "cancelled")
+        clock.now += 10
+        doc = await client.batch(made["id"])
+        assert (doc["status"], doc["output_file_id"], doc["error_file_id"]) == ("cancelled", None, None)
+        assert (await client.stats())["batch"]["lines_answered"] == 0
+
+
 async def test_lines_fail_at_the_fail_rate_or_by_their_marker_and_a_chatty_answer_is_still_an_answer(
     api: Any,
 ) -> None:
@@ -255,8 +269,11 @@ async def test_lines_fail_at_the_fail_rate_or_by_their_marker_and_a_chatty_answe
 
 async def test_a_line_paid_twice_shows_in_the_counters(api: Any) -> None:
     async with api() as (client, _, _server):
-        for _n in (1, 2):  # the same tag and lines twice: a submission paid twice
-            await client.batch((await client.submit([line(0), line(1)]))["id"])
+        # The same tag and lines twice, at once: a submission paid twice.
+        made = await asyncio.gather(*(client.submit([line(0), line(1)]) for _ in range(2)))
+        assert made[0]["id"] != made[1]["id"]
+        for one in made:
+            await client.batch(one["id"])
         status, _ = await client.call("POST", "chat/completions", json=body(0))
         assert status == 200
         stats = await client.stats()

@@ -16,6 +16,7 @@ inline shape, and the mock's counters (`state.BatchTally`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ class Batches:
         self.config, self.files, self.state = config, files, state
         self.tally = state.batch
         self.batches: dict[str, MockBatch] = {}
+        self.numbers = itertools.count(1)  # not len(batches): two made at once, or one deleted
 
     def limits(self, shape: str) -> tuple[int, int]:
         cfg = self.config
@@ -166,7 +168,7 @@ class Batches:
     ) -> MockBatch:
         """A new batch of the lines at `source` (its own copy), checked as a provider would."""
         cfg = self.config
-        number = len(self.batches) + 1
+        number = next(self.numbers)
         max_lines, max_bytes = self.limits(shape)
         checked = await asyncio.to_thread(
             check_lines,
@@ -226,7 +228,7 @@ class Batches:
             await self.look(batch)
 
     async def _end(self, batch: MockBatch, status: str, done: int) -> Ending:
-        if status == "failed":
+        if batch.checked.errors:  # failed at validation, or cancelled before: no line ran
             return Ending(status)
         cfg = self.config
         stopped = {"expired": "batch_expired", "cancelled": "batch_cancelled"}.get(status)
