@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from pipeline.arguments import positive_float
-from pipeline.mock.names import BATCH_APIS, COUNTS, STYLES, WAYS, Change
+from pipeline.mock.names import COUNTS, STYLES, WAYS, Change
 
 if TYPE_CHECKING:
     from pipeline.mock.config import MockConfig
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 EXIT_USAGE = 2
 
 
-def _rate(text: str) -> float:
+def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -71,22 +71,22 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
         "--refusal-latency-ms", type=float, default=0.0, help="milliseconds before a rate limit's 429"
     )
     mock.add_argument(
-        "--fail-rate", type=_rate, default=0.0, help="fraction answered 500, at random (0 to 1)"
+        "--fail-rate", type=fraction, default=0.0, help="fraction answered 500, at random (0 to 1)"
     )
-    mock.add_argument("--rate-429", type=_rate, default=0.0, help="fraction answered 429 at random")
+    mock.add_argument("--rate-429", type=fraction, default=0.0, help="fraction answered 429 at random")
     mock.add_argument(
         "--retry-after",
         type=float,
         default=1.0,
         help="seconds of the Retry-After sent with each random 429 (default 1)",
     )
-    mock.add_argument("--drop-rate", type=_rate, default=0.0, help="fraction of connections dropped")
-    mock.add_argument("--malformed-rate", type=_rate, default=0.0, help="fraction of malformed 200 bodies")
-    mock.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of errors inside a 200")
-    mock.add_argument("--cut-rate", type=_rate, default=0.0, help="fraction of streams cut short")
+    mock.add_argument("--drop-rate", type=fraction, default=0.0, help="fraction of connections dropped")
+    mock.add_argument("--malformed-rate", type=fraction, default=0.0, help="fraction of malformed 200 bodies")
+    mock.add_argument("--error-rate", type=fraction, default=0.0, help="fraction of errors inside a 200")
+    mock.add_argument("--cut-rate", type=fraction, default=0.0, help="fraction of streams cut short")
     mock.add_argument(
         "--stall-rate",
-        type=_rate,
+        type=fraction,
         default=0.0,
         help="fraction of jobs whose first stream stops after one chunk and stays open",
     )
@@ -156,81 +156,11 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
     )
     mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
     mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
+    from pipeline.mock.batchflags import add_batch_flags
+
     add_batch_flags(mock)
     mock.add_argument("--seed", type=int, default=0, help="seed of the random faults and answers (default 0)")
     mock.add_argument("--quiet", action="store_true", help="print nothing but errors")
-
-
-def add_batch_flags(mock: argparse.ArgumentParser) -> None:
-    mock.add_argument(
-        "--batch-api",
-        choices=BATCH_APIS,
-        default="files",
-        help="the batch API served: files: OpenAI's (upload a JSONL file, make a batch of it; the "
-        "default); inline: OpenRouter's (a requests array posted, results read from the batch); "
-        "none: no batch API, every files and batches path 404",
-    )
-    for name, what in (
-        ("validating", "a batch is validating"),
-        ("seconds", "a batch is in progress, its lines done evenly across them"),
-        ("finalizing", "a batch is finalizing once its lines are done"),
-        ("cancelling", "a batch is cancelling once asked to cancel"),
-    ):
-        mock.add_argument(
-            f"--batch-{name}",
-            type=_seconds,
-            default=0.0,
-            metavar="SECONDS",
-            help=f"seconds {what} (default 0)",
-        )
-    mock.add_argument(
-        "--batch-expire-after",
-        type=_seconds,
-        metavar="SECONDS",
-        help="a batch expires this many seconds after it was made, with the lines done so far answered "
-        "and the rest in its error file as batch_expired",
-    )
-    mock.add_argument(
-        "--batch-fail-rate",
-        type=_rate,
-        default=0.0,
-        help="fraction of a batch's lines answered 500 in its error file, at random (a line whose "
-        "content holds 'fail_me' always fails, with a 400)",
-    )
-    mock.add_argument(
-        "--batch-max-lines",
-        type=_count,
-        metavar="N",
-        help="requests a batch may hold, more fails its validation (default 50,000; inline 5,000)",
-    )
-    mock.add_argument(
-        "--batch-max-bytes", type=_count, metavar="N", help="bytes a batch may hold (default 200 MB)"
-    )
-    mock.add_argument(
-        "--batch-metadata",
-        action=argparse.BooleanOptionalAction,
-        help="batches keep the metadata they are sent (default: files yes, inline no, as OpenRouter)",
-    )
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds are 0 or more")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
 
 
 def _unlimited(args: argparse.Namespace) -> str | None:
@@ -244,6 +174,7 @@ def _unlimited(args: argparse.Namespace) -> str | None:
 
 def mock_config(args: argparse.Namespace) -> MockConfig:
     """What `pipeline mock`'s flags ask the mock to play."""
+    from pipeline.mock.batchflags import batch_options
     from pipeline.mock.config import MockConfig
 
     return MockConfig(
@@ -273,16 +204,7 @@ def mock_config(args: argparse.Namespace) -> MockConfig:
         unknown_models=tuple(args.unknown_model),
         cost=not args.no_cost,
         seed=args.seed,
-        batch_api=args.batch_api,
-        batch_validating=args.batch_validating,
-        batch_seconds=args.batch_seconds,
-        batch_finalizing=args.batch_finalizing,
-        batch_cancelling=args.batch_cancelling,
-        batch_expire_after=args.batch_expire_after,
-        batch_fail_rate=args.batch_fail_rate,
-        batch_max_lines=args.batch_max_lines,
-        batch_max_bytes=args.batch_max_bytes,
-        batch_metadata=args.batch_metadata,
+        **batch_options(args),
     )
 
 
