@@ -286,6 +286,24 @@ async def test_a_line_paid_twice_shows_in_the_counters(api: Any) -> None:
     assert stats["answered"] == 5
 
 
+async def test_a_submission_can_be_refused_as_the_synchronous_path_is(api: Any) -> None:
+    async with api(batch_script=[429, 500], retry_after=7, credits=2) as (client, _, _server):
+        refusals = []
+        for _ in range(2):
+            async with client.session.post(f"{client.url}/files", data={"purpose": "batch"}) as r:
+                refusals.append((r.status, r.headers.get("Retry-After")))
+        assert refusals == [(429, "7"), (500, None)]
+        await client.batch((await client.submit([line(0), line(1)]))["id"])  # spends the credits
+        uploaded = await client.upload(jsonl([line(2)]))
+        status, doc = await client.call(
+            "POST",
+            "batches",
+            json={"input_file_id": uploaded["id"], "endpoint": ENDPOINT, "completion_window": "24h"},
+        )
+        assert (status, doc["error"]["type"]) == (402, "payment_required")
+        assert (await client.stats())["batch"]["submissions_refused"] == {"429": 1, "500": 1, "402": 1}
+
+
 async def test_the_files_api_lists_gets_and_deletes_and_a_batch_keeps_its_own_lines(api: Any) -> None:
     async with api(batch_seconds=10) as (client, clock, _):
         made = await client.submit([line(0)])

@@ -56,6 +56,8 @@ def add_batch_routes(app: web.Application, config: MockConfig, files: FileStore,
             ("DELETE", "files/{file_id}", files.delete),
         ]
     for method, path, handler in routes:
+        if method == "POST" and path in ("files", "batches"):  # what submits
+            handler = api.refusing(handler, paid=path == "batches")
         app.router.add_route(method, PREFIX + path, api.keyed(handler))
 
 
@@ -83,6 +85,23 @@ class BatchRoutes:
             return await handler(request)
 
         return checked
+
+    def refusing(self, handler: Handler, *, paid: bool) -> Handler:
+        """`handler`, after the refusals `batch_script` plays and, where `paid` (making a
+        batch; an upload costs nothing), those of credits run out."""
+
+        async def submitted(request: web.Request) -> web.StreamResponse:
+            cfg, tally = self.config, self.batches.tally
+            action = cfg.batch_script.pop(0) if cfg.batch_script else None
+            if action is not None and action not in (200, "ok"):
+                tally.refused[str(action)] += 1
+                return _refusal(int(action), cfg.retry_after)
+            if paid and cfg.credits is not None and sum(self.batches.state.answered.values()) >= cfg.credits:
+                tally.refused["402"] += 1
+                return error(402, "Insufficient credits", "payment_required")
+            return await handler(request)
+
+        return submitted
 
     def _batch(self, request: web.Request) -> MockBatch | None:
         return self.batches.batches.get(request.match_info["batch_id"])
@@ -220,6 +239,14 @@ class BatchRoutes:
             batch.ending.results.unlink(missing_ok=True)
         batch.source.unlink(missing_ok=True)
         return json({"id": batch.id, "object": "batch.deleted", "deletion": {"openrouter": "deleted"}})
+
+
+def _refusal(status: int, retry_after: float) -> web.Response:
+    kinds = {401: "authentication_error", 402: "payment_required", 429: "rate_limit_error"}
+    refused = error(status, f"mock batch refusal {status}", kinds.get(status, "server_error"))
+    if status in (429, 503):
+        refused.headers["Retry-After"] = f"{retry_after:g}"
+    return refused
 
 
 def _as_line(one: Any, model: str) -> Any:

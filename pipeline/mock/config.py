@@ -72,4 +72,7 @@ class MockConfig:
     batch_fail_rate: float = 0.0  # lines answered 500 in the error file, at random (seeded)
     batch_max_lines: int | None = None  # None: 50,000 (files) or 5,000 (inline), as the providers say
     batch_max_bytes: int | None = None  # None: 200 MB
+    # Answers given first to the calls that submit (upload, create), in order: a status (429
+    # with Retry-After, 500, 401, 402...) or "ok".
+    batch_script: list[Any] = field(default_factory=list)
     batch_metadata: bool | None = None  # a batch keeps its metadata; None: files yes, inline no (OpenRouter)

@@ -21,6 +21,7 @@ class BatchTally:
     by_tag: Counter[str] = field(default_factory=Counter)  # batches made per tag their metadata sent
     failed_validation: int = 0
     cancels: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # uploads and creations refused, by status
     answered: Counter[str] = field(default_factory=Counter)  # answers (200) per custom_id, across batches
     failed_lines: int = 0  # answered with an error status
     never_run: int = 0  # expired or cancelled before their turn
@@ -34,6 +35,7 @@ class BatchTally:
             "tags_twice": sum(1 for n in self.by_tag.values() if n > 1),
             "failed_validation": self.failed_validation,
             "cancels": self.cancels,
+            "submissions_refused": dict(self.refused),
             "lines_answered": sum(self.answered.values()),
             "lines_answered_twice": sum(1 for n in self.answered.values() if n > 1),
             "lines_failed": self.failed_lines,
