@@ -11,7 +11,9 @@ the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped 
 (before the answer, or after it was produced, as a real network would), malformed bodies,
 errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
 them, the account's and each model's (`pipeline.mock.admission`), a key the server refuses,
-credits that run out. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
+credits that run out. It serves a provider's batch APIs too, OpenAI's files shape or
+OpenRouter's inline one (`pipeline.mock.batchroutes`), batches moving on the same clock as the
+limits. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
 counters (`pipeline.mock.state`) from `GET /mock/stats`.
 """
 
