@@ -400,16 +400,40 @@ async def test_the_inline_shape_plays_openrouters_batches(api: Any) -> None:
         assert (await client.call("GET", f"batches/{made['id']}"))[0] == 404
 
 
-async def test_an_inline_batch_of_two_models_fails_validation_with_a_message(api: Any) -> None:
-    requests = [{"custom_id": "a", "body": body(0)}, {"custom_id": "b", "body": body(1, model="other/model")}]
+IMAGE = [
+    {"type": "text", "text": "what is it?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("second", "said"),
+    [
+        (body(1, model="other/model"), "one model"),
+        ({"messages": [{"role": "user", "content": IMAGE}]}, "text-only"),
+    ],
+)
+async def test_an_inline_batch_of_two_models_or_with_an_image_fails_validation_with_a_message(
+    api: Any, second: dict[str, Any], said: str
+) -> None:
+    requests = [{"custom_id": "a", "body": body(0)}, {"custom_id": "b", "body": second}]
     async with api(batch_api="inline") as (client, _, _server):
         status, made = await inline_post(client, inline_body(requests))
         assert status == 202
         doc = await client.batch(made["id"])
     assert doc["status"] == "failed"
     assert "requests[1]" in doc["error"]["message"]
-    assert "one model" in doc["error"]["message"]
+    assert said in doc["error"]["message"]
     assert doc["results"] == []
+
+
+async def test_a_files_batch_takes_images(api: Any) -> None:
+    async with api() as (client, _, _server):
+        made = await client.submit(
+            [line(0), {**line(1), "body": {"model": MODEL, "messages": [{"role": "user", "content": IMAGE}]}}]
+        )
+        doc = await client.batch(made["id"])
+    assert (doc["status"], counts(doc)) == ("completed", (2, 2, 0))
 
 
 @pytest.mark.parametrize("shape", ["none", "inline", "files"])

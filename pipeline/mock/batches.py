@@ -180,6 +180,7 @@ class Batches:
             fail_rate=cfg.batch_fail_rate,
             rng=random.Random(f"{cfg.seed}:batch:{number}"),
             unknown_models=cfg.unknown_models,
+            text_only=shape == "inline",  # OpenRouter's batches take no image, audio or file
         )
         batch = MockBatch(
             id=f"batch_mock{number:08d}",

@@ -60,9 +60,12 @@ def check_lines(
     fail_rate: float,
     rng: random.Random,
     unknown_models: Collection[str],
+    text_only: bool = False,
 ) -> Checked:
     """Read a batch's input (OpenAI batch lines) as a provider validates it. `model`: the
-    batch's one model where the shape names it (inline); else the first line's is the batch's."""
+    batch's one model where the shape names it (inline); else the first line's is the batch's.
+    `text_only`: a request with any other content part (an image...) fails the batch, as
+    OpenRouter's batches are text-only."""
     checked = Checked(bytes=path.stat().st_size, model=model)
     if checked.bytes > max_bytes:
         checked.error(
@@ -82,7 +85,7 @@ def check_lines(
                 )
                 break
             checked.outcomes.append(
-                _check_line(checked, raw, number, endpoint, seen, fail_rate, rng, unknown_models)
+                _check_line(checked, raw, number, endpoint, seen, fail_rate, rng, unknown_models, text_only)
             )
     return checked
 
@@ -96,6 +99,7 @@ def _check_line(
     fail_rate: float,
     rng: random.Random,
     unknown_models: Collection[str],
+    text_only: bool,
 ) -> int:
     draw = rng.random()  # one draw a line, so that a line's fate does not hang on the others'
     try:
@@ -135,11 +139,20 @@ def _check_line(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return NO_MESSAGES
+    kinds = {p.get("type") for m in messages if isinstance(m, dict) for p in _parts(m) if isinstance(p, dict)}
+    if text_only and kinds - {"text"}:
+        message = f"The Batch API is text-only: this request carries {', '.join(sorted(map(str, kinds - {'text'})))}."
+        checked.error("unsupported_content", message, line=number, param="body.messages")
     if model in unknown_models:
         return UNKNOWN_MODEL
     if FAIL_MARKER in text_of(messages):
         return MARKED
     return FAULT if draw < fail_rate else OK
+
+
+def _parts(message: dict[str, Any]) -> list[Any]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []
 
 
 @dataclass
