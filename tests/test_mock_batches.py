@@ -390,8 +390,11 @@ async def test_the_inline_shape_plays_openrouters_batches(api: Any) -> None:
                 break
         assert paged == results
         assert cursor is None
-        bad = base64.urlsafe_b64encode(b"x").decode()
-        assert (await client.call("GET", f"batches/{made['id']}/results", params={"cursor": bad}))[0] == 400
+        for bad in (b"x", b"-5"):
+            cursor = base64.urlsafe_b64encode(bad).decode()
+            assert (await client.call("GET", f"batches/{made['id']}/results", params={"cursor": cursor}))[
+                0
+            ] == 400
         status, listed = await client.call("GET", "batches")
         assert [b["id"] for b in listed["data"]] == [made["id"]]
         assert "results" not in listed["data"][0]

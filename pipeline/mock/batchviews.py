@@ -100,6 +100,8 @@ def page(results: Path | None, *, cursor: str | None, limit: str | None) -> dict
         wanted = min(max(int(limit), 1), MOST_A_PAGE) if limit else PAGE
     except ValueError:
         return None
+    if offset < 0:
+        return None
     data: list[Any] = []
     more = False
     if results is not None:
