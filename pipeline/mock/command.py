@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 
 from pipeline.arguments import positive_float
 from pipeline.mock.names import COUNTS, STYLES, WAYS, Change
 
+if TYPE_CHECKING:
+    from pipeline.mock.config import MockConfig
+
 EXIT_USAGE = 2
 
 
-def _rate(text: str) -> float:
+def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -67,22 +71,22 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
         "--refusal-latency-ms", type=float, default=0.0, help="milliseconds before a rate limit's 429"
     )
     mock.add_argument(
-        "--fail-rate", type=_rate, default=0.0, help="fraction answered 500, at random (0 to 1)"
+        "--fail-rate", type=fraction, default=0.0, help="fraction answered 500, at random (0 to 1)"
     )
-    mock.add_argument("--rate-429", type=_rate, default=0.0, help="fraction answered 429 at random")
+    mock.add_argument("--rate-429", type=fraction, default=0.0, help="fraction answered 429 at random")
     mock.add_argument(
         "--retry-after",
         type=float,
         default=1.0,
         help="seconds of the Retry-After sent with each random 429 (default 1)",
     )
-    mock.add_argument("--drop-rate", type=_rate, default=0.0, help="fraction of connections dropped")
-    mock.add_argument("--malformed-rate", type=_rate, default=0.0, help="fraction of malformed 200 bodies")
-    mock.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of errors inside a 200")
-    mock.add_argument("--cut-rate", type=_rate, default=0.0, help="fraction of streams cut short")
+    mock.add_argument("--drop-rate", type=fraction, default=0.0, help="fraction of connections dropped")
+    mock.add_argument("--malformed-rate", type=fraction, default=0.0, help="fraction of malformed 200 bodies")
+    mock.add_argument("--error-rate", type=fraction, default=0.0, help="fraction of errors inside a 200")
+    mock.add_argument("--cut-rate", type=fraction, default=0.0, help="fraction of streams cut short")
     mock.add_argument(
         "--stall-rate",
-        type=_rate,
+        type=fraction,
         default=0.0,
         help="fraction of jobs whose first stream stops after one chunk and stays open",
     )
@@ -152,6 +156,9 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
     )
     mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
     mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
+    from pipeline.mock.batchflags import add_batch_flags
+
+    add_batch_flags(mock)
     mock.add_argument("--seed", type=int, default=0, help="seed of the random faults and answers (default 0)")
     mock.add_argument("--quiet", action="store_true", help="print nothing but errors")
 
@@ -165,15 +172,12 @@ def _unlimited(args: argparse.Namespace) -> str | None:
     return None
 
 
-def run_mock(args: argparse.Namespace) -> int:
+def mock_config(args: argparse.Namespace) -> MockConfig:
+    """What `pipeline mock`'s flags ask the mock to play."""
+    from pipeline.mock.batchflags import batch_options
     from pipeline.mock.config import MockConfig
-    from pipeline.mock.hosting import serve
 
-    wrong = _unlimited(args)
-    if wrong is not None:
-        print(f"pipeline mock: {wrong}", file=sys.stderr)
-        return EXIT_USAGE
-    config = MockConfig(
+    return MockConfig(
         latency=args.latency_ms / 1000,
         jitter=args.jitter_ms / 1000,
         latency_max=args.latency_max_ms / 1000 if args.latency_max_ms else None,
@@ -200,7 +204,18 @@ def run_mock(args: argparse.Namespace) -> int:
         unknown_models=tuple(args.unknown_model),
         cost=not args.no_cost,
         seed=args.seed,
+        **batch_options(args),
     )
+
+
+def run_mock(args: argparse.Namespace) -> int:
+    from pipeline.mock.hosting import serve
+
+    wrong = _unlimited(args)
+    if wrong is not None:
+        print(f"pipeline mock: {wrong}", file=sys.stderr)
+        return EXIT_USAGE
+    config = mock_config(args)
     from pipeline.run.runner import loop_options
 
     try:

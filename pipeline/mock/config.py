@@ -60,4 +60,19 @@ class MockConfig:
         False  # put the caller's Authorization header in error messages, as a careless server would
     )
     seed: int = 0
-    clock: Callable[[], float] = time.time  # what the limits count by (tests pass a fake one)
+    clock: Callable[[], float] = time.time  # what the limits and batches count by (tests pass a fake one)
+    # The batch APIs (`pipeline.mock.batches`): "files" (OpenAI's), "inline" (OpenRouter's) or
+    # "none" (every files and batches path 404, as at an endpoint without one).
+    batch_api: str = "files"
+    batch_validating: float = 0.0  # seconds a batch is validating
+    batch_seconds: float = 0.0  # seconds it is in progress, its lines done evenly across them
+    batch_finalizing: float = 0.0  # seconds it is finalizing once every line is done
+    batch_cancelling: float = 0.0  # seconds it is cancelling once asked to cancel
+    batch_expire_after: float | None = None  # seconds after its creation, it expires with part done
+    batch_fail_rate: float = 0.0  # lines answered 500 in the error file, at random (seeded)
+    batch_max_lines: int | None = None  # None: 50,000 (files) or 5,000 (inline), as the providers say
+    batch_max_bytes: int | None = None  # None: 200 MB
+    # Answers given first to the calls that submit (upload, create), in order: a status (429
+    # with Retry-After, 500, 401, 402...) or "ok".
+    batch_script: list[Any] = field(default_factory=list)
+    batch_metadata: bool | None = None  # a batch keeps its metadata; None: files yes, inline no (OpenRouter)

@@ -6,5 +6,6 @@ from __future__ import annotations
 
 WAYS = ("exact", "seconds", "ms", "message", "none")  # how a refusal says its wait (`admission`)
 STYLES = ("second", "minute", "bucket")  # how a limit counts over time (`limits`)
+BATCH_APIS = ("files", "inline", "none")  # the batch API served (`batchroutes`)
 COUNTS = ("usage", "arrival")  # how a token limit counts a request (see `limits`)
 Change = tuple[str, float, float]  # the model ("" for the account), seconds after the first request, rpm

@@ -11,7 +11,9 @@ the same for a job on every try) and faults: 5xx, 429 with Retry-After, dropped 
 (before the answer, or after it was produced, as a real network would), malformed bodies,
 errors inside a 200, streams cut short or stalled, rate limits counted as real servers count
 them, the account's and each model's (`pipeline.mock.admission`), a key the server refuses,
-credits that run out. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
+credits that run out. It serves a provider's batch APIs too, OpenAI's files shape or
+OpenRouter's inline one (`pipeline.mock.batchroutes`), batches moving on the same clock as the
+limits. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
 counters (`pipeline.mock.state`) from `GET /mock/stats`.
 """
 
@@ -26,7 +28,10 @@ import orjson
 from aiohttp import web
 
 from pipeline.mock.answers import completion, job_key, stream_chunks, text_of
+from pipeline.mock.batches import Batches
+from pipeline.mock.batchroutes import add_batch_routes
 from pipeline.mock.config import KEEP_ALIVE, MockConfig
+from pipeline.mock.files import FileStore
 from pipeline.mock.state import MockState
 
 __all__ = ["MockConfig", "MockServer", "completion", "job_key"]
@@ -54,15 +59,23 @@ class MockServer:
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self.state = MockState(config=config, rng=random.Random(config.seed))
+        self.files = FileStore(config.clock, self.state.batch)  # on disk, removed when the app stops
+        self.batches = Batches(config, self.files, self.state)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/{prefix:.*}chat/completions", self.chat)
         app.router.add_get("/mock/stats", self.stats)
         app.router.add_get("/{prefix:.*}models", self.models)
+        add_batch_routes(app, self.config, self.files, self.batches)
+        app.on_cleanup.append(self._close)
         return app
 
+    async def _close(self, app: web.Application) -> None:
+        self.files.close()
+
     async def stats(self, request: web.Request) -> web.Response:
+        await self.batches.settle()  # a batch that ended unseen still counts what it answered
         stats = self.state.stats()
         if "jobs" in request.query:  # every job's answers, by its key (`answers.job_key`)
             stats["answered_by_job"] = dict(self.state.answered)

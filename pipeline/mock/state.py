@@ -13,6 +13,37 @@ from pipeline.mock.config import MockConfig
 
 
 @dataclass
+class BatchTally:
+    """What the batch APIs were given and answered (`pipeline.mock.batches`)."""
+
+    files_uploaded: int = 0
+    created: int = 0
+    by_tag: Counter[str] = field(default_factory=Counter)  # batches made per tag their metadata sent
+    failed_validation: int = 0
+    cancels: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # uploads and creations refused, by status
+    answered: Counter[str] = field(default_factory=Counter)  # answers (200) per custom_id, across batches
+    failed_lines: int = 0  # answered with an error status
+    never_run: int = 0  # expired or cancelled before their turn
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "files_uploaded": self.files_uploaded,
+            "batches_created": self.created,
+            "batches_by_tag": dict(self.by_tag),
+            # a tag made into more than one batch: a submission paid twice
+            "tags_twice": sum(1 for n in self.by_tag.values() if n > 1),
+            "failed_validation": self.failed_validation,
+            "cancels": self.cancels,
+            "submissions_refused": dict(self.refused),
+            "lines_answered": sum(self.answered.values()),
+            "lines_answered_twice": sum(1 for n in self.answered.values() if n > 1),
+            "lines_failed": self.failed_lines,
+            "lines_never_run": self.never_run,
+        }
+
+
+@dataclass
 class MockState:
     config: MockConfig
     rng: random.Random
@@ -26,6 +57,7 @@ class MockState:
     refused_jobs: Counter[str] = field(default_factory=Counter)  # scattered 429s, per job
     in_flight: int = 0
     max_in_flight: int = 0
+    batch: BatchTally = field(default_factory=BatchTally)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -63,4 +95,5 @@ class MockState:
             # the most scattered 429s one job met: the Retry-Afters any client had to wait in a row
             "most_refusals_of_a_job": max(self.refused_jobs.values(), default=0),
             "max_in_flight": self.max_in_flight,
+            "batch": self.batch.stats(),
         }
