@@ -1,0 +1,288 @@
+"""The batch client's HTTP, shared by both shapes: one aiohttp session, the Bearer key, every
+answer mapped where it arrives (as the synchronous client maps it: `client.error_for`,
+`status.http_error`), the project's one retry policy (`retry.RetryPolicy`: 429 waits what
+it is told, 5xx and dropped connections back off, 4xx do not retry), a create that is never
+simply sent again, and downloads streamed line by line, resumed where a cut left them.
+
+    404 on a collection path ({base}/files, {base}/batches)   NoBatchApi: no batch API here
+    404 on one object ({base}/batches/ID)                      HTTPStatusError, not retried
+
+The key is in the Authorization header only; whatever a server echoes is redacted from the
+errors made of its answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+
+from pipeline.errors import (
+    CannotConnect,
+    ConnectionDropped,
+    HTTPStatusError,
+    MalformedResponse,
+    RequestError,
+    RequestTimeout,
+)
+from pipeline.output.lines import Redactor
+from pipeline.quote import brief
+from pipeline.send.batchapi import BatchInfo, NoBatchApi
+from pipeline.send.batchwire import LineSplitter, WithoutMember, info_of, too_long_line
+from pipeline.send.client import CONNECT_TIMEOUT, error_for
+from pipeline.send.retry import RetryPolicy
+from pipeline.urls import redacted
+
+# A look or a create answers in seconds; an upload or a download takes what its size takes,
+# and only a silence this long says it stalled.
+QUICK = aiohttp.ClientTimeout(total=120.0, sock_connect=CONNECT_TIMEOUT)
+LONG = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=600.0)
+CHUNK = 1 << 16
+PAGE = 100  # batches a page of a list (OpenAI's most)
+SKEW = 60.0  # seconds: a provider's clock may be this far from ours
+CUTS = 8  # downloads cut this many times in a row with no new line in between: given up
+
+T = TypeVar("T")
+Sleep = Callable[[float], Awaitable[None]]
+Body = Callable[[], Any]  # a request body made fresh for each attempt: a stream is read once
+
+
+def may_have_made(error: RequestError) -> bool:
+    """Whether a create that failed so may have made its batch all the same: the answer was
+    lost (a connection dropped once the request was sent, no answer in time, a body that is
+    not a batch) or the server failed after it may have acted (5xx). Never for a connection
+    that was not made, a 429 (refused before it acted) or another 4xx."""
+    if isinstance(error, CannotConnect):
+        return False
+    if isinstance(error, ConnectionDropped | RequestTimeout | MalformedResponse):
+        return True
+    return isinstance(error, HTTPStatusError) and (error.status or 0) >= 500
+
+
+class BatchHttp:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        api_key: str | None,
+        retry: RetryPolicy,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self._session = session
+        self.base_url = base_url
+        self._redact = Redactor(api_key)
+        self._retry = retry
+        self._sleep = sleep
+
+    def no_api(self, path: str) -> NoBatchApi:
+        return NoBatchApi(
+            f"{redacted(self.base_url)} has no batch API (404 on {path}); --tier sync works with this endpoint"
+        )
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request's JSON answer, tried again as the retry policy says."""
+        return await self._retry.call(lambda: self.once(method, path, **kwargs), sleep=self._sleep)
+
+    async def once(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        body: Body | None = None,
+        headers: Mapping[str, str] | None = None,
+        slow: bool = False,
+        collection: bool = False,
+        without: bytes | None = None,
+    ) -> Any:
+        """One request, its JSON answer or its error. `slow`: an upload, that takes what its
+        size takes; `collection`: the path is a collection's, so a 404 says the endpoint has
+        no batch API; `without`: a top-level member of the answer read past, never held
+        (`batchwire.WithoutMember`)."""
+        data = body() if body is not None else None
+        try:
+            async with self._session.request(
+                method,
+                self.base_url + path,
+                params=params,
+                json=json,
+                data=data,
+                headers=headers,
+                timeout=LONG if slow else QUICK,
+            ) as resp:
+                if resp.status >= 300:
+                    raise self._error(resp, await resp.read(), path, collection)
+                if without is None:
+                    raw = await resp.read()
+                else:
+                    kept = WithoutMember(without)
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        kept.feed(chunk)
+                    raw = kept.joined()
+        except aiohttp.ClientError as e:
+            raise _dropped(e) from None
+        except TimeoutError:
+            raise RequestTimeout(f"no answer to {method} {path} within the timeout") from None
+        try:
+            return orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
+            text = self._redact(raw[:200]).decode("utf-8", "replace")
+            raise MalformedResponse(
+                f"the answer to {method} {path} is not JSON: {text!r}", body=text
+            ) from None
+
+    def _error(self, resp: aiohttp.ClientResponse, raw: bytes, path: str, collection: bool) -> Exception:
+        if resp.status == 404 and collection:
+            return self.no_api(path)
+        return error_for(
+            resp.status, resp.headers, self._redact(raw), request_id=resp.headers.get("x-request-id")
+        )
+
+    async def retry(self, fn: Callable[[], Awaitable[T]]) -> T:
+        return await self._retry.call(fn, sleep=self._sleep)
+
+    async def cancel(self, batch_id: str, get: Callable[[str], Awaitable[BatchInfo]]) -> BatchInfo:
+        """Cancel a batch; one that has ended already (a 409: OpenRouter's answer then) is
+        described as it is. (A 409 is otherwise transient: asked again, it stays a 409.)"""
+
+        async def once() -> BatchInfo:
+            try:
+                return info_of(await self.once("POST", f"/batches/{batch_id}/cancel"))
+            except HTTPStatusError as e:
+                if e.status != 409:
+                    raise
+            return await get(batch_id)
+
+        return await self.retry(once)
+
+    async def listed(self, since: float) -> AsyncIterator[dict[str, Any]]:
+        """The batches made since `since` (epoch seconds, less SKEW), newest first, page by
+        page (`after` the last id of the page before): both shapes list so."""
+        after: str | None = None
+        while True:
+            params = {"limit": str(PAGE)} | ({"after": after} if after else {})
+            page = await self.call("GET", "/batches", params=params, collection=True)
+            data = page.get("data") if isinstance(page, dict) else None
+            if not isinstance(data, list):
+                raise MalformedResponse("the list of batches is not a list", body=brief(str(page)))
+            for obj in data:
+                created = obj.get("created_at") if isinstance(obj, dict) else None
+                if isinstance(created, int | float) and created < since - SKEW:
+                    return  # newest first: the rest are older still
+                if isinstance(obj, dict):
+                    yield obj
+            last = page.get("last_id") or (
+                data[-1].get("id") if data and isinstance(data[-1], dict) else None
+            )
+            if not page.get("has_more") or not isinstance(last, str) or last == after:
+                return
+            after = last
+
+    async def create(
+        self, make: Callable[[], Awaitable[BatchInfo]], find: Callable[[], Awaitable[BatchInfo | None]]
+    ) -> BatchInfo:
+        """A batch made once, however its answers are lost: after a failure that may have made
+        it (`may_have_made`), its tag is looked for before anything is sent again, and a batch
+        found is the answer. Only when none carries the tag is it created again."""
+        unsure = False
+
+        async def attempt() -> BatchInfo:
+            nonlocal unsure
+            if unsure:
+                found = await find()
+                if found is not None:
+                    return found
+            try:
+                return await make()
+            except RequestError as e:
+                unsure = unsure or may_have_made(e)
+                raise
+
+        return await self._retry.call(attempt, sleep=self._sleep)
+
+    async def lines(self, path: str, *, max_line: int) -> AsyncIterator[bytes]:
+        """A file's lines, streamed (never held whole), each whole and given once. A download
+        cut short is asked for again from the end of the last whole line (a Range, or read
+        past where the server ignores it), after the retry policy's wait; a line over
+        `max_line` bytes is read past, and comes as an error line for its id (`too_long_line`)."""
+        done = 0  # bytes of the file through the last whole line given
+        cuts = 0
+        failed: RequestError | None = None
+        while True:
+            resp, skip = await self._retry.call(
+                partial(self._open, path, done), sleep=self._sleep, failed=failed
+            )
+            if resp is None:
+                return  # (416: the cut came after the last byte)
+            before = done
+            split = LineSplitter(max_line)
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    if skip:
+                        chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                    for line, size, head in split.feed(chunk):
+                        done += size
+                        out = line.strip() if line is not None else too_long_line(head, size, max_line)
+                        if out:
+                            yield out
+                for line, size, head in split.end():
+                    done += size
+                    out = line.strip() if line is not None else too_long_line(head, size, max_line)
+                    if out:
+                        yield out
+                return
+            except aiohttp.ClientError as e:
+                failed = _dropped(e)
+            except TimeoutError:
+                failed = RequestTimeout(f"the download of {path} stalled")
+            finally:
+                resp.close()
+            cuts = 0 if done > before else cuts + 1
+            if cuts >= CUTS and failed is not None:
+                raise failed  # (each try got nothing more: the retry policy's waits were spent)
+
+    async def _open(self, path: str, start: int) -> tuple[aiohttp.ClientResponse | None, int]:
+        """The download from byte `start`, and how many bytes of it to read past (all of
+        `start` where the server sent the whole file again)."""
+        # identity: a Range counts the bytes sent, and gzip would make those other bytes
+        headers = {"Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        try:
+            resp = await self._session.get(self.base_url + path, headers=headers, timeout=LONG)
+        except aiohttp.ClientError as e:
+            raise _dropped(e) from None
+        except TimeoutError:
+            raise RequestTimeout(f"no answer to GET {path} within the timeout") from None
+        if resp.status == 416 and start:
+            resp.close()
+            return None, 0
+        if resp.status >= 300:
+            try:
+                raw = await resp.read()
+            except aiohttp.ClientError as e:
+                raise _dropped(e) from None
+            finally:
+                resp.close()
+            raise self._error(resp, raw, path, False)
+        return resp, 0 if resp.status == 206 else start
+
+
+def _dropped(error: aiohttp.ClientError) -> RequestError:
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return CannotConnect(f"cannot connect within {CONNECT_TIMEOUT:g}s")
+    if isinstance(error, aiohttp.ServerTimeoutError):
+        return RequestTimeout("nothing arrived within the timeout")
+    if isinstance(error, aiohttp.ClientConnectorError):
+        reason = error.os_error.strerror or type(error.os_error).__name__
+        return CannotConnect(f"cannot connect to {error.host}:{error.port}: {reason}")
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return ConnectionDropped("the connection closed in the middle of the answer")
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return ConnectionDropped("the server closed the connection before answering")
+    return ConnectionDropped(f"connection failed: {type(error).__name__}")
