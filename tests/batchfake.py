@@ -214,6 +214,8 @@ class FakeBatches:
 
     async def page(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["id"]
+        if self.batches[batch_id]["status"] != "completed":
+            return _error(409, "the batch has no results")  # (OpenRouter keeps none of a cancelled one)
         rows = self.results.get(batch_id, [])
         start = int(request.query.get("cursor", "0"))
         limit = int(request.query.get("limit", "100"))

@@ -182,6 +182,19 @@ async def test_inline_results_from_the_batch_where_there_is_no_results_path(tmp_
     assert got == [answer_line("job-0"), answer_line("job-1")]
 
 
+async def test_inline_a_cancelled_batch_has_no_results_and_cancels_once(tmp_path: Path) -> None:
+    waits = Waits()
+    async with fake_batches("inline") as fake, opened(fake, sleep=waits) as api:
+        info = await api.submit(staged(tmp_path, 2), tag="t", model="test/model", lines=2)
+        assert (await api.cancel(info.id)).status == "cancelling"
+        fake.finish(info.id, "cancelled")
+        ended = await api.cancel(info.id)  # a 409: it has ended
+        got = await collected(api.results(ended))
+    assert ended.status == "cancelled"
+    assert got == []
+    assert waits.seconds == []  # a 409 here is an answer, not a reason to ask again
+
+
 async def test_inline_find_without_metadata_never_guesses_between_two(tmp_path: Path) -> None:
     async with fake_batches("inline", metadata=False) as fake, opened(fake) as api:
         since = time.time()

@@ -147,16 +147,20 @@ class BatchHttp:
         return await self._retry.call(fn, sleep=self._sleep)
 
     async def cancel(self, batch_id: str, get: Callable[[str], Awaitable[BatchInfo]]) -> BatchInfo:
-        """Cancel a batch; one that has ended already (a 409: OpenRouter's answer then) is
-        described as it is. (A 409 is otherwise transient: asked again, it stays a 409.)"""
+        """Cancel a batch. Refused with a 400 or a 409 (OpenRouter's answer to a batch that
+        has ended; OpenAI's is a 400), the batch is looked at: ended, it is described as it
+        is; else the refusal stands. (A 409 is otherwise transient: asked again, it stays.)"""
 
         async def once() -> BatchInfo:
             try:
                 return info_of(await self.once("POST", f"/batches/{batch_id}/cancel"))
             except HTTPStatusError as e:
-                if e.status != 409:
+                if e.status not in (400, 409):
                     raise
-            return await get(batch_id)
+                info = await get(batch_id)
+                if not info.ended:
+                    raise
+                return info
 
         return await self.retry(once)
 

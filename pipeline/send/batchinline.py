@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
@@ -94,18 +96,15 @@ class InlineBatchApi:
         return await self._http.cancel(batch_id, self.get)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
-        """The ended batch's answers, a page at a time from /results; from the batch itself
-        where a gateway has no such path (then held whole: it is how that gateway gives them)."""
+        """The ended batch's answers, a page at a time from /results; where there are none to
+        page (no such path at a gateway, or no rows for a batch that did not complete), those
+        the batch itself holds, if any (then held whole: it is how such a gateway gives them)."""
         if info.status == "failed":
             return  # failed at validation: nothing ran
         cursor: str | None = None
         while True:
-            params = {"limit": str(PAGE)} | ({"cursor": cursor} if cursor else {})
-            try:
-                page = await self._http.call("GET", f"/batches/{info.id}/results", params=params)
-            except HTTPStatusError as e:
-                if e.status != 404 or cursor:
-                    raise
+            page = await self._http.retry(partial(self._page, info.id, cursor))
+            if page is None:
                 async for line in self._inline(info.id):
                     yield line
                 return
@@ -117,6 +116,18 @@ class InlineBatchApi:
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
+
+    async def _page(self, batch_id: str, cursor: str | None) -> Any:
+        """A page of results; None where the first has none to give: a 404 (no /results at
+        this gateway), a 409 or 410 (a batch that did not complete: OpenRouter keeps no rows
+        of a cancelled one). (A 409 is otherwise transient: asked again, it stays a 409.)"""
+        params = {"limit": str(PAGE)} | ({"cursor": cursor} if cursor else {})
+        try:
+            return await self._http.once("GET", f"/batches/{batch_id}/results", params=params)
+        except HTTPStatusError as e:
+            if cursor is None and e.status in (404, 409, 410):
+                return None
+            raise
 
     async def _inline(self, batch_id: str) -> AsyncIterator[bytes]:
         batch = await self._http.call("GET", f"/batches/{batch_id}")
