@@ -146,6 +146,20 @@ async def test_inline_submit_posts_the_requests_after_endpoint_and_model(tmp_pat
     assert body["requests"] == [{"custom_id": s["custom_id"], "body": s["body"]} for s in sent]
 
 
+async def test_inline_metadata_refused_is_sent_no_more(tmp_path: Path) -> None:
+    refusal = {"error": {"message": "Unrecognized key(s) in object: 'metadata'", "code": 400}}
+    async with fake_batches("inline", metadata=False) as fake, opened(fake) as api:
+        fake.fault("create", Fault(status=400, body=refusal))
+        first = await api.submit(staged(tmp_path, 2), tag="a", model="m/one", lines=2)
+        second = await api.submit(staged(tmp_path, 3), tag="b", model="m/one", lines=3)
+        fake.fault("create", Fault(status=400))  # another 400: the batch is wrong, not the field
+        with pytest.raises(HTTPStatusError):
+            await api.submit(staged(tmp_path, 1), tag="c", model="m/one", lines=1)
+    assert [first.id, second.id] == ["batch_0", "batch_1"]
+    assert [b"metadata" in raw for raw in fake.posted] == [False, False]
+    assert sum(seen == "POST /v1/batches" for seen in fake.seen) == 4
+
+
 async def test_inline_reads_a_finished_batch_past_its_results_and_pages_them(tmp_path: Path) -> None:
     async with fake_batches("inline") as fake, opened(fake) as api:
         info = await api.submit(staged(tmp_path, 250), tag="t", model="test/model", lines=250)

@@ -14,8 +14,9 @@ batch. As OpenRouter documents it:
 
 The body is streamed from the staged file, line by line, never held whole; a look at a
 batch reads its status past its `results` (`batchwire.WithoutMember`). The tag goes in
-`metadata` for gateways that keep it (Merge's does; OpenRouter's schema has no such field, and
-a batch is then found by its model, size and time: `batchwire.pick`).
+`metadata` for gateways that keep it (Merge's does; OpenRouter's schema has no such field: a
+400 that names it, and the batch is sent without it from then on). A batch without its tag is
+found by its model, size and time (`batchwire.pick`).
 """
 
 from __future__ import annotations
@@ -56,31 +57,40 @@ class InlineBatchApi:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self._clock = clock
+        self._metadata = True  # sent until the endpoint refuses it
 
     async def check(self) -> None:
         await self._http.call("GET", "/batches", params={"limit": "1"}, collection=True)
 
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
         since = self._clock()
-        head: dict[str, object] = {
-            "endpoint": ENDPOINT,
-            "model": model,
-            "completion_window": WINDOW,
-            "metadata": {TAG_KEY: tag},
-        }
 
         async def make() -> BatchInfo:
-            answer = await self._http.once(
-                "POST",
-                "/batches",
-                body=lambda: _body(staged, head),
-                headers={"Content-Type": "application/json"},
-                slow=True,
-                collection=True,
-            )
-            return info_of(answer)
+            try:
+                return await self._post(staged, model, tag)
+            except HTTPStatusError as e:
+                # OpenRouter's schema has no metadata: an endpoint that refuses the field (a
+                # 400 names it) made nothing, and is sent the batch again without it.
+                if not (self._metadata and e.status == 400 and "metadata" in e.message.lower()):
+                    raise
+            self._metadata = False
+            return await self._post(staged, model, None)
 
         return await self._http.create(make, lambda: self.find(tag, since=since, model=model, lines=lines))
+
+    async def _post(self, staged: Path, model: str, tag: str | None) -> BatchInfo:
+        head: dict[str, object] = {"endpoint": ENDPOINT, "model": model, "completion_window": WINDOW}
+        if tag is not None and self._metadata:
+            head["metadata"] = {TAG_KEY: tag}
+        answer = await self._http.once(
+            "POST",
+            "/batches",
+            body=lambda: _body(staged, head),
+            headers={"Content-Type": "application/json"},
+            slow=True,
+            collection=True,
+        )
+        return info_of(answer)
 
     async def find(
         self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
