@@ -23,6 +23,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     body: Any = None
     drop: str = ""  # "before": the connection closed, nothing done; "after": done, then closed
+    page: bool = False  # a web page (200, HTML), as some servers answer any path
 
 
 def _error(
@@ -98,15 +99,17 @@ class FakeBatches:
     def _route(self, name: str, handler: Any) -> Any:
         async def handle(request: web.Request) -> web.StreamResponse:
             self.seen.append(f"{request.method} {request.path_qs}")
-            files_only = name in ("upload", "files", "content")
-            if self.shape == "none" or (files_only and self.shape != "files"):
-                return _error(404, "Not Found")
-            if name == "results" and not self.results_path:
-                return _error(404, "Not Found")
             fault = self.faults[name].pop(0) if self.faults.get(name) else None
+            files_only = name in ("upload", "files", "content")
+            if fault is None and (self.shape == "none" or (files_only and self.shape != "files")):
+                return _error(404, "Not Found")
+            if fault is None and name == "results" and not self.results_path:
+                return _error(404, "Not Found")
             if fault is not None and fault.drop == "before":
                 await request.read()
                 return await _drop(request)
+            if fault is not None and fault.page:
+                return web.Response(body=b"<html>Welcome</html>", content_type="text/html")
             if fault is not None and fault.status:
                 return _error(fault.status, "scripted", fault.headers, fault.body)
             answer: web.StreamResponse = await handler(request)

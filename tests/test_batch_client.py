@@ -254,6 +254,24 @@ async def test_an_endpoint_without_batches_says_sync_works() -> None:
     assert all(seen.startswith("GET ") for seen in fake.seen)
 
 
+async def test_a_web_page_for_any_path_is_no_batch_api() -> None:
+    waits = Waits()
+    async with fake_batches("inline") as fake:
+        fake.fault("files", Fault(page=True))
+        async with opened(fake, sleep=waits) as api:
+            assert api.shape == "inline"  # (a page at /files, then a list at /batches)
+        fake.fault("files", Fault(page=True))
+        fake.fault("list", Fault(page=True))
+        with pytest.raises(NoBatchApi):
+            async with opened(fake, sleep=waits):
+                pass
+        fake.fault("list", Fault(status=401))
+        with pytest.raises(HTTPStatusError):
+            async with opened(fake, sleep=waits):
+                pass
+    assert waits.seconds == []  # none of it asked again
+
+
 # -- faults on the wire -----------------------------------------------------------------
 
 

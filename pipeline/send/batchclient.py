@@ -2,10 +2,10 @@
 (`batch_api = "files" | "inline"`) or the one the endpoint offers, found by looking (GETs of
 lists, which cost nothing):
 
-    GET {base}/files?purpose=batch answers          files (OpenAI's shape)
-    else GET {base}/batches answers                 inline, unless its batches name an
+    GET {base}/files?purpose=batch lists            files (OpenAI's shape)
+    else GET {base}/batches lists                   inline, unless its batches name an
                                                     input file (then files, all the same)
-    both 404                                        NoBatchApi: "--tier sync works"
+    neither lists (a 404, 405, or no list at all)   NoBatchApi: "--tier sync works"
 
 Any other refusal (401, 403, a 429 or 5xx past the retry policy) is raised as it came, for
 the run to handle as the synchronous path does.
@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 
 from pipeline import __version__
-from pipeline.errors import HTTPStatusError, SettingsError
-from pipeline.send.batchapi import BatchApi, NoBatchApi
+from pipeline.errors import HTTPStatusError, MalformedResponse, SettingsError
+from pipeline.send.batchapi import BatchApi
 from pipeline.send.batchfiles import FilesBatchApi
 from pipeline.send.batchhttp import BatchHttp, Sleep
 from pipeline.send.batchinline import InlineBatchApi
@@ -76,17 +77,30 @@ async def open_batch_api(
 
 async def discover(http: BatchHttp) -> str:
     """Which shape the endpoint offers (see the module's text)."""
-    try:
-        await http.call("GET", "/files", params={"purpose": "batch", "limit": "1"}, collection=True)
+    if await _lists(http, "/files", {"purpose": "batch", "limit": "1"}) is not None:
         return "files"
-    except NoBatchApi:
-        pass
-    except HTTPStatusError as e:
-        if e.status != 405:  # (a files path that lists nothing: not OpenAI's)
-            raise
-    page = await http.call("GET", "/batches", params={"limit": "1"}, collection=True)
-    data = page.get("data") if isinstance(page, dict) else None
-    named = any(
-        isinstance(obj, dict) and "input_file_id" in obj for obj in (data if isinstance(data, list) else ())
-    )
+    page = await _lists(http, "/batches", {"limit": "1"})
+    if page is None:
+        raise http.no_api("/batches", said="no list")
+    named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in page)
     return "files" if named else "inline"
+
+
+async def _lists(http: BatchHttp, path: str, params: dict[str, str]) -> list[Any] | None:
+    """What GET `path` lists, or None where the endpoint has no such list: a 404 or 405, or
+    an answer that is no list (a web page served for any path). Only what says nothing of the
+    path is tried again: a 401 or 403 is raised as it came."""
+
+    async def look() -> list[Any] | None:
+        try:
+            page = await http.once("GET", path, params=params)
+        except HTTPStatusError as e:
+            if e.status in (404, 405):
+                return None
+            raise
+        except MalformedResponse:
+            return None
+        data = page.get("data") if isinstance(page, dict) else None
+        return data if isinstance(data, list) else None
+
+    return await http.retry(look)

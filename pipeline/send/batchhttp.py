@@ -78,9 +78,9 @@ class BatchHttp:
         self._retry = retry
         self._sleep = sleep
 
-    def no_api(self, path: str) -> NoBatchApi:
+    def no_api(self, path: str, *, said: str = "404") -> NoBatchApi:
         return NoBatchApi(
-            f"{redacted(self.base_url)} has no batch API (404 on {path}); --tier sync works with this endpoint"
+            f"{redacted(self.base_url)} has no batch API ({said} on {path}); --tier sync works with this endpoint"
         )
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
