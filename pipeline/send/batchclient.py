@@ -16,12 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import aiohttp
 
 from pipeline import __version__
-from pipeline.errors import HTTPStatusError, MalformedResponse, SettingsError
+from pipeline.errors import SettingsError
 from pipeline.send.batchapi import BatchApi
 from pipeline.send.batchfiles import FilesBatchApi
 from pipeline.send.batchhttp import BatchHttp, Sleep
@@ -77,30 +76,10 @@ async def open_batch_api(
 
 async def discover(http: BatchHttp) -> str:
     """Which shape the endpoint offers (see the module's text)."""
-    if await _lists(http, "/files", {"purpose": "batch", "limit": "1"}) is not None:
+    if await http.lists("/files", {"purpose": "batch", "limit": "1"}) is not None:
         return "files"
-    page = await _lists(http, "/batches", {"limit": "1"})
+    page = await http.lists("/batches", {"limit": "1"})
     if page is None:
-        raise http.no_api("/batches", said="no list")
+        raise http.no_api("/files", "/batches")
     named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in page)
     return "files" if named else "inline"
-
-
-async def _lists(http: BatchHttp, path: str, params: dict[str, str]) -> list[Any] | None:
-    """What GET `path` lists, or None where the endpoint has no such list: a 404 or 405, or
-    an answer that is no list (a web page served for any path). Only what says nothing of the
-    path is tried again: a 401 or 403 is raised as it came."""
-
-    async def look() -> list[Any] | None:
-        try:
-            page = await http.once("GET", path, params=params)
-        except HTTPStatusError as e:
-            if e.status in (404, 405):
-                return None
-            raise
-        except MalformedResponse:
-            return None
-        data = page.get("data") if isinstance(page, dict) else None
-        return data if isinstance(data, list) else None
-
-    return await http.retry(look)

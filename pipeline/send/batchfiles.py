@@ -48,8 +48,7 @@ class FilesBatchApi:
         self._clock = clock
 
     async def check(self) -> None:
-        await self._http.call("GET", "/files", params={"purpose": "batch", "limit": "1"}, collection=True)
-        await self._http.call("GET", "/batches", params={"limit": "1"}, collection=True)
+        await self._http.check("/files", "/batches")
 
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
         since = self._clock()

@@ -78,9 +78,11 @@ class BatchHttp:
         self._retry = retry
         self._sleep = sleep
 
-    def no_api(self, path: str, *, said: str = "404") -> NoBatchApi:
+    def no_api(self, *paths: str) -> NoBatchApi:
+        where = " or ".join(f"GET {path}" for path in paths)
         return NoBatchApi(
-            f"{redacted(self.base_url)} has no batch API ({said} on {path}); --tier sync works with this endpoint"
+            f"{redacted(self.base_url)} has no batch API (404 or no list at {where}); "
+            "--tier sync works with this endpoint"
         )
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -142,6 +144,32 @@ class BatchHttp:
         return error_for(
             resp.status, resp.headers, self._redact(raw), request_id=resp.headers.get("x-request-id")
         )
+
+    async def lists(self, path: str, params: dict[str, str]) -> list[Any] | None:
+        """What GET `path` lists, or None where the endpoint has no such list: a 404 or 405,
+        or an answer that is no list (a web page served for any path). Only what says nothing
+        of the path is tried again: a 401 or 403 is raised as it came."""
+
+        async def look() -> list[Any] | None:
+            try:
+                page = await self.once("GET", path, params=params)
+            except HTTPStatusError as e:
+                if e.status in (404, 405):
+                    return None
+                raise
+            except MalformedResponse:
+                return None
+            data = page.get("data") if isinstance(page, dict) else None
+            return data if isinstance(data, list) else None
+
+        return await self.retry(look)
+
+    async def check(self, *paths: str) -> None:
+        """NoBatchApi unless each path lists (GETs: nothing that costs)."""
+        for path in paths:
+            params = {"purpose": "batch", "limit": "1"} if path == "/files" else {"limit": "1"}
+            if await self.lists(path, params) is None:
+                raise self.no_api(path)
 
     async def retry(self, fn: Callable[[], Awaitable[T]]) -> T:
         return await self._retry.call(fn, sleep=self._sleep)

@@ -60,7 +60,7 @@ class InlineBatchApi:
         self._metadata = True  # sent until the endpoint refuses it
 
     async def check(self) -> None:
-        await self._http.call("GET", "/batches", params={"limit": "1"}, collection=True)
+        await self._http.check("/batches")
 
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
         since = self._clock()
