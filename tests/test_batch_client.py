@@ -289,16 +289,16 @@ async def test_a_create_whose_answer_is_lost_makes_one_batch(tmp_path: Path, sha
     assert sum(seen == "POST /v1/batches" for seen in fake.seen) == 4  # 1 + 3: none sent unlooked
 
 
-async def test_a_429_waits_what_it_is_told_and_a_5xx_backs_off(tmp_path: Path) -> None:
+async def test_a_429_waits_what_it_is_told_and_a_5xx_or_a_drop_backs_off(tmp_path: Path) -> None:
     waits = Waits()
     async with fake_batches("files") as fake, opened(fake, sleep=waits) as api:
         fake.fault("create", Fault(status=429, headers={"Retry-After": "7"}))
         info = await api.submit(staged(tmp_path, 1), tag="t", model="test/model", lines=1)
         assert waits.seconds == [7.0]
-        fake.fault("get", Fault(status=503), Fault(status=500))
+        fake.fault("get", Fault(status=503), Fault(drop="before"), Fault(status=500))
         assert (await api.get(info.id)).id == info.id
     assert len(fake.batches) == 1
-    assert len(waits.seconds) == 3
+    assert len(waits.seconds) == 4
 
 
 @pytest.mark.parametrize("ranges", [True, False])
