@@ -20,6 +20,7 @@ import aiohttp
 from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send.batchdownload import lines
 from pipeline.send.batchhttp import BatchHttp
 from pipeline.send.batchwire import info_of, pick
 
@@ -102,5 +103,5 @@ class FilesBatchApi:
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         for file_id in (info.output_file, info.error_file):
             if file_id:
-                async for line in self._http.lines(f"/files/{file_id}/content", max_line=self._max_line):
+                async for line in lines(self._http, f"/files/{file_id}/content", max_line=self._max_line):
                     yield line

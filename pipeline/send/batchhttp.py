@@ -2,7 +2,7 @@
 answer mapped where it arrives (as the synchronous client maps it: `client.error_for`,
 `status.http_error`), the project's one retry policy (`retry.RetryPolicy`: 429 waits what
 it is told, 5xx and dropped connections back off, 4xx do not retry), a create that is never
-simply sent again, and downloads streamed line by line, resumed where a cut left them.
+simply sent again. (Downloads, resumed where a cut left them: `batchdownload`.)
 
     404 on a collection path ({base}/files, {base}/batches)   NoBatchApi: no batch API here
     404 on one object ({base}/batches/ID)                      HTTPStatusError, not retried
@@ -14,7 +14,6 @@ errors made of its answers.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -31,7 +30,7 @@ from pipeline.errors import (
 from pipeline.output.lines import Redactor
 from pipeline.quote import brief
 from pipeline.send.batchapi import BatchInfo, NoBatchApi
-from pipeline.send.batchwire import LineSplitter, WithoutMember, info_of, too_long_line
+from pipeline.send.batchwire import WithoutMember, info_of
 from pipeline.send.client import CONNECT_TIMEOUT, error_for
 from pipeline.send.retry import RetryPolicy
 from pipeline.urls import redacted
@@ -43,7 +42,6 @@ LONG = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read
 CHUNK = 1 << 16
 PAGE = 100  # batches a page of a list (OpenAI's most)
 SKEW = 60.0  # seconds: a provider's clock may be this far from ours
-CUTS = 8  # downloads cut this many times in a row with no new line in between: given up
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -118,7 +116,7 @@ class BatchHttp:
                 timeout=LONG if slow else QUICK,
             ) as resp:
                 if resp.status >= 300:
-                    raise self._error(resp, await resp.read(), path, collection)
+                    raise self.error(resp, await resp.read(), path, collection)
                 if without is None:
                     raw = await resp.read()
                 else:
@@ -127,7 +125,7 @@ class BatchHttp:
                         kept.feed(chunk)
                     raw = kept.joined()
         except aiohttp.ClientError as e:
-            raise _dropped(e) from None
+            raise dropped(e) from None
         except TimeoutError:
             raise RequestTimeout(f"no answer to {method} {path} within the timeout") from None
         try:
@@ -138,7 +136,13 @@ class BatchHttp:
                 f"the answer to {method} {path} is not JSON: {text!r}", body=text
             ) from None
 
-    def _error(self, resp: aiohttp.ClientResponse, raw: bytes, path: str, collection: bool) -> Exception:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session
+
+    def error(
+        self, resp: aiohttp.ClientResponse, raw: bytes, path: str, collection: bool = False
+    ) -> Exception:
         if resp.status == 404 and collection:
             return self.no_api(path)
         return error_for(
@@ -171,8 +175,9 @@ class BatchHttp:
             if await self.lists(path, params) is None:
                 raise self.no_api(path)
 
-    async def retry(self, fn: Callable[[], Awaitable[T]]) -> T:
-        return await self._retry.call(fn, sleep=self._sleep)
+    async def retry(self, fn: Callable[[], Awaitable[T]], *, failed: RequestError | None = None) -> T:
+        """`fn` as the retry policy tries it; `failed`: how a first try, made already, failed."""
+        return await self._retry.call(fn, sleep=self._sleep, failed=failed)
 
     async def cancel(self, batch_id: str, get: Callable[[str], Awaitable[BatchInfo]]) -> BatchInfo:
         """Cancel a batch. Refused with a 400 or a 409 (OpenRouter's answer to a batch that
@@ -237,75 +242,8 @@ class BatchHttp:
 
         return await self._retry.call(attempt, sleep=self._sleep)
 
-    async def lines(self, path: str, *, max_line: int) -> AsyncIterator[bytes]:
-        """A file's lines, streamed (never held whole), each whole and given once. A download
-        cut short is asked for again from the end of the last whole line (a Range, or read
-        past where the server ignores it), after the retry policy's wait; a line over
-        `max_line` bytes is read past, and comes as an error line for its id (`too_long_line`)."""
-        done = 0  # bytes of the file through the last whole line given
-        cuts = 0
-        failed: RequestError | None = None
-        while True:
-            resp, skip = await self._retry.call(
-                partial(self._open, path, done), sleep=self._sleep, failed=failed
-            )
-            if resp is None:
-                return  # (416: the cut came after the last byte)
-            before = done
-            split = LineSplitter(max_line)
-            try:
-                async for chunk in resp.content.iter_chunked(CHUNK):
-                    if skip:
-                        chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                    for line, size, head in split.feed(chunk):
-                        done += size
-                        out = line.strip() if line is not None else too_long_line(head, size, max_line)
-                        if out:
-                            yield out
-                for line, size, head in split.end():
-                    done += size
-                    out = line.strip() if line is not None else too_long_line(head, size, max_line)
-                    if out:
-                        yield out
-                return
-            except aiohttp.ClientError as e:
-                failed = _dropped(e)
-            except TimeoutError:
-                failed = RequestTimeout(f"the download of {path} stalled")
-            finally:
-                resp.close()
-            cuts = 0 if done > before else cuts + 1
-            if cuts >= CUTS and failed is not None:
-                raise failed  # (each try got nothing more: the retry policy's waits were spent)
 
-    async def _open(self, path: str, start: int) -> tuple[aiohttp.ClientResponse | None, int]:
-        """The download from byte `start`, and how many bytes of it to read past (all of
-        `start` where the server sent the whole file again)."""
-        # identity: a Range counts the bytes sent, and gzip would make those other bytes
-        headers = {"Accept-Encoding": "identity"}
-        if start:
-            headers["Range"] = f"bytes={start}-"
-        try:
-            resp = await self._session.get(self.base_url + path, headers=headers, timeout=LONG)
-        except aiohttp.ClientError as e:
-            raise _dropped(e) from None
-        except TimeoutError:
-            raise RequestTimeout(f"no answer to GET {path} within the timeout") from None
-        if resp.status == 416 and start:
-            resp.close()
-            return None, 0
-        if resp.status >= 300:
-            try:
-                raw = await resp.read()
-            except aiohttp.ClientError as e:
-                raise _dropped(e) from None
-            finally:
-                resp.close()
-            raise self._error(resp, raw, path, False)
-        return resp, 0 if resp.status == 206 else start
-
-
-def _dropped(error: aiohttp.ClientError) -> RequestError:
+def dropped(error: aiohttp.ClientError) -> RequestError:
     if isinstance(error, aiohttp.ConnectionTimeoutError):
         return CannotConnect(f"cannot connect within {CONNECT_TIMEOUT:g}s")
     if isinstance(error, aiohttp.ServerTimeoutError):
