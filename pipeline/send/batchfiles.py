@@ -1,0 +1,107 @@
+"""OpenAI's batch API (also Azure's, Groq's, Together's and others'): the staged JSONL file
+uploaded (`POST {base}/files`, purpose `batch`, streamed from disk), a batch made of it
+(`POST {base}/batches`, tagged in its metadata), and its answers read from its output and
+error files (`GET {base}/files/{id}/content`, line by line).
+
+An upload whose answer is lost is simply made again: the file left behind is an orphan
+that costs nothing, named `<tag>.jsonl`, and OpenAI deletes batch files after 30 days.
+A create is never simply made again (`BatchHttp.create`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from pipeline.errors import MalformedResponse
+from pipeline.quote import brief
+from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send.batchdownload import lines
+from pipeline.send.batchhttp import BatchHttp
+from pipeline.send.batchwire import info_of, pick
+
+ENDPOINT = "/v1/chat/completions"
+WINDOW = "24h"
+MAX_LINES = 50_000  # OpenAI's limits for one batch
+MAX_BYTES = 200 * 1000 * 1000
+
+
+class FilesBatchApi:
+    shape = "files"
+
+    def __init__(
+        self,
+        http: BatchHttp,
+        *,
+        max_lines: int = MAX_LINES,
+        max_bytes: int = MAX_BYTES,
+        max_line: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._http = http
+        self.max_lines = max_lines
+        self.max_bytes = max_bytes
+        self._max_line = max_line
+        self._clock = clock
+
+    async def check(self) -> None:
+        await self._http.check("/files", "/batches")
+
+    async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
+        since = self._clock()
+        file_id = await self._upload(staged, tag)
+        request = {
+            "input_file_id": file_id,
+            "endpoint": ENDPOINT,
+            "completion_window": WINDOW,
+            "metadata": {TAG_KEY: tag},
+        }
+
+        async def make() -> BatchInfo:
+            return info_of(await self._http.once("POST", "/batches", json=request, collection=True))
+
+        return await self._http.create(make, lambda: self.find(tag, since=since))
+
+    async def _upload(self, staged: Path, tag: str) -> str:
+        opened: list[IO[bytes]] = []
+
+        def form() -> aiohttp.FormData:
+            # A file object: aiohttp sends it in blocks as it reads them (200 MB never held).
+            f = staged.open("rb")
+            opened.append(f)
+            data = aiohttp.FormData()
+            data.add_field("purpose", "batch")
+            data.add_field("file", f, filename=f"{tag}.jsonl", content_type="application/jsonl")
+            return data
+
+        try:
+            answer = await self._http.call("POST", "/files", body=form, slow=True, collection=True)
+        finally:
+            for f in opened:
+                f.close()
+        file_id = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(file_id, str) or not file_id:
+            raise MalformedResponse("the answer to the upload names no file", body=brief(str(answer)))
+        return file_id
+
+    async def find(
+        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+    ) -> BatchInfo | None:
+        listed = [obj async for obj in self._http.listed(since)]
+        return pick(listed, tag, model=model, lines=lines)
+
+    async def get(self, batch_id: str) -> BatchInfo:
+        return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
+
+    async def cancel(self, batch_id: str) -> BatchInfo:
+        return await self._http.cancel(batch_id, self.get)
+
+    async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+        for file_id in (info.output_file, info.error_file):
+            if file_id:
+                async for line in lines(self._http, f"/files/{file_id}/content", max_line=self._max_line):
+                    yield line
