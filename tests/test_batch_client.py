@@ -210,15 +210,18 @@ async def test_inline_a_cancelled_batch_has_no_results_and_cancels_once(tmp_path
 
 
 async def test_inline_find_without_metadata_never_guesses_between_two(tmp_path: Path) -> None:
+    # The batches are made by another client (a run since killed, a stranger): this one finds.
     async with fake_batches("inline", metadata=False) as fake, opened(fake) as api:
         since = time.time()
-        first = await api.submit(staged(tmp_path, 2), tag="a", model="m/one", lines=2)
-        await api.submit(staged(tmp_path, 3), tag="b", model="m/one", lines=3)
+        async with opened(fake) as before:
+            first = await before.submit(staged(tmp_path, 2), tag="a", model="m/one", lines=2)
+            await before.submit(staged(tmp_path, 3), tag="b", model="m/one", lines=3)
         found = await api.find("a", since=since, model="m/one", lines=2)
         assert found is not None
         assert found.id == first.id
         assert await api.find("c", since=since, model="m/two", lines=2) is None
-        await api.submit(staged(tmp_path, 2), tag="c", model="m/one", lines=2)
+        async with opened(fake) as stranger:
+            await stranger.submit(staged(tmp_path, 2), tag="c", model="m/one", lines=2)
         with pytest.raises(RunStopped) as caught:
             await api.find("a", since=since, model="m/one", lines=2)
         assert first.id in str(caught.value)

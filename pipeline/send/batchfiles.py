@@ -11,7 +11,7 @@ A create is never simply made again (`BatchHttp.create`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from pathlib import Path
 from typing import IO
 
@@ -22,7 +22,7 @@ from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchdownload import lines
 from pipeline.send.batchhttp import BatchHttp
-from pipeline.send.batchwire import info_of, pick
+from pipeline.send.batchwire import info_of
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
@@ -64,7 +64,7 @@ class FilesBatchApi:
         async def make() -> BatchInfo:
             return info_of(await self._http.once("POST", "/batches", json=request, collection=True))
 
-        return await self._http.create(make, lambda: self.find(tag, since=since))
+        return await self._http.create(tag, make, lambda: self.find(tag, since=since))
 
     async def _upload(self, staged: Path, tag: str) -> str:
         opened: list[IO[bytes]] = []
@@ -89,10 +89,15 @@ class FilesBatchApi:
         return file_id
 
     async def find(
-        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        listed = [obj async for obj in self._http.listed(since)]
-        return pick(listed, tag, model=model, lines=lines)
+        return await self._http.find(tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))

@@ -13,7 +13,7 @@ errors made of its answers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -30,7 +30,7 @@ from pipeline.errors import (
 from pipeline.output.lines import Redactor
 from pipeline.quote import brief
 from pipeline.send.batchapi import BatchInfo, NoBatchApi
-from pipeline.send.batchwire import WithoutMember, info_of
+from pipeline.send.batchwire import WithoutMember, info_of, pick
 from pipeline.send.client import CONNECT_TIMEOUT, error_for
 from pipeline.send.retry import RetryPolicy
 from pipeline.urls import redacted
@@ -75,6 +75,9 @@ class BatchHttp:
         self._redact = Redactor(api_key)
         self._retry = retry
         self._sleep = sleep
+        # The batches this client made or found, by id, with their tags: one is never found
+        # again for another tag (where a provider keeps no tag, a folder's batches look alike).
+        self._tags: dict[str, str] = {}
 
     def no_api(self, *paths: str) -> NoBatchApi:
         where = " or ".join(f"GET {path}" for path in paths)
@@ -220,8 +223,31 @@ class BatchHttp:
                 return
             after = last
 
+    async def find(
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None,
+        lines: int | None,
+        taken: Collection[str] = (),
+    ) -> BatchInfo | None:
+        """`BatchApi.find`, for both shapes: the batches listed since `since`, picked
+        (`batchwire.pick`) among all but those known to be another's."""
+        listed = [obj async for obj in self.listed(since)]
+        others = {batch_id for batch_id, made in self._tags.items() if made != tag}
+        found = pick(listed, tag, model=model, lines=lines, taken=others.union(taken))
+        return found if found is None else self.noted(found, tag)
+
+    def noted(self, info: BatchInfo, tag: str) -> BatchInfo:
+        self._tags[info.id] = tag
+        return info
+
     async def create(
-        self, make: Callable[[], Awaitable[BatchInfo]], find: Callable[[], Awaitable[BatchInfo | None]]
+        self,
+        tag: str,
+        make: Callable[[], Awaitable[BatchInfo]],
+        find: Callable[[], Awaitable[BatchInfo | None]],
     ) -> BatchInfo:
         """A batch made once, however its answers are lost: after a failure that may have made
         it (`may_have_made`), its tag is looked for before anything is sent again, and a batch
@@ -240,7 +266,7 @@ class BatchHttp:
                 unsure = unsure or may_have_made(e)
                 raise
 
-        return await self._retry.call(attempt, sleep=self._sleep)
+        return self.noted(await self._retry.call(attempt, sleep=self._sleep), tag)
 
 
 def dropped(error: aiohttp.ClientError) -> RequestError:

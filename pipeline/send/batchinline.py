@@ -22,7 +22,7 @@ found by its model, size and time (`batchwire.pick`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchhttp import BatchHttp
-from pipeline.send.batchwire import info_of, output_line, pick
+from pipeline.send.batchwire import info_of, output_line
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
@@ -76,7 +76,9 @@ class InlineBatchApi:
             self._metadata = False
             return await self._post(staged, model, None)
 
-        return await self._http.create(make, lambda: self.find(tag, since=since, model=model, lines=lines))
+        return await self._http.create(
+            tag, make, lambda: self.find(tag, since=since, model=model, lines=lines)
+        )
 
     async def _post(self, staged: Path, model: str, tag: str | None) -> BatchInfo:
         head: dict[str, object] = {"endpoint": ENDPOINT, "model": model, "completion_window": WINDOW}
@@ -93,10 +95,15 @@ class InlineBatchApi:
         return info_of(answer)
 
     async def find(
-        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        listed = [obj async for obj in self._http.listed(since)]
-        return pick(listed, tag, model=model, lines=lines)
+        return await self._http.find(tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)

@@ -16,7 +16,7 @@ The two shapes' objects, as the providers document them:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import orjson
@@ -245,12 +245,21 @@ class WithoutMember:
 CLOSED = frozenset({"cancelling", "cancelled", "failed"})
 
 
-def pick(listed: list[dict[str, Any]], tag: str, *, model: str | None, lines: int | None) -> BatchInfo | None:
+def pick(
+    listed: list[dict[str, Any]],
+    tag: str,
+    *,
+    model: str | None,
+    lines: int | None,
+    taken: Collection[str] = (),
+) -> BatchInfo | None:
     """The batch made with `tag`, among those listed (newest first). Where the provider keeps
     metadata, its tag says. Where it keeps none (OpenRouter's batches have no metadata field),
-    a batch is ours when it has the model and the number of requests ours had, and was made
-    in the time listed; two such are never guessed between (`RunStopped`), and one cancelled
-    or failed is not taken (a person cancelled it, or it made nothing)."""
+    a batch is ours when it has the model and the number of requests ours had, was made in
+    the time listed, and is none of those `taken` (another batch's: a folder cut into batches
+    of the most lines a batch takes makes them alike, one after the other); two such are never
+    guessed between (`RunStopped`), and one cancelled or failed is not taken (a person
+    cancelled it, or it made nothing)."""
     for obj in listed:
         metadata = obj.get("metadata")
         if isinstance(metadata, dict) and metadata.get(TAG_KEY) == tag:
@@ -267,6 +276,7 @@ def pick(listed: list[dict[str, Any]], tag: str, *, model: str | None, lines: in
         info
         for info in map(info_of, listed)
         if info.status not in CLOSED
+        and info.id not in taken
         and (model is None or info.model == model)
         and (lines is None or info.counts.total == lines)
     ]

@@ -1,0 +1,72 @@
+"""Paid once, against the built-in mock's batch APIs: where a provider keeps no tag
+(OpenRouter's inline shape), the batches of one folder look alike (one model, cut at the most
+lines a batch takes), and a batch looked for after a lost answer must not be taken for its
+sibling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from pipeline.mock.server import MockServer
+from pipeline.send.batchclient import open_batch_api
+
+MODEL = "test/model"
+Mock = Callable[..., AbstractAsyncContextManager[tuple[str, MockServer]]]
+
+
+async def no_wait(seconds: float) -> None:
+    pass
+
+
+def staged(tmp_path: Path, n: int, first: int = 0) -> Path:
+    path = tmp_path / f"{first}.jsonl"
+    rows = (
+        {
+            "custom_id": f"job-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": f"question {i}"}]},
+        }
+        for i in range(first, first + n)
+    )
+    path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    return path
+
+
+async def stats(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(url.removesuffix("/v1") + "/mock/stats") as r:
+        return dict(await r.json())
+
+
+async def test_a_lost_create_is_not_taken_for_the_batch_made_before_it(mock: Mock, tmp_path: Path) -> None:
+    # The second create is answered with a 500 (it may have made the batch: it did not).
+    async with (
+        mock(batch_api="inline", batch_script=["ok", 500]) as (url, _),
+        open_batch_api(url, None, sleep=no_wait) as api,
+    ):
+        first = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+        second = await api.submit(staged(tmp_path, 3, 3), tag="pipeline-t-1", model=MODEL, lines=3)
+        ended = await api.get(second.id)
+        ids = [orjson.loads(line)["custom_id"] async for line in api.results(ended)]
+        made = (await stats(url))["batch"]["batches_created"]
+    assert second.id != first.id
+    assert made == 2
+    assert sorted(ids) == ["job-3", "job-4", "job-5"]
+
+
+async def test_a_resumed_run_looks_past_the_batches_it_holds(mock: Mock, tmp_path: Path) -> None:
+    async with mock(batch_api="inline") as (url, _):
+        async with open_batch_api(url, None, sleep=no_wait) as killed:
+            first = await killed.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+        # Killed once batch 1 was committed creating, before it was sent: none was made.
+        async with open_batch_api(url, None, sleep=no_wait) as resumed:
+            assert await resumed.find("pipeline-t-1", since=0, model=MODEL, lines=3, taken=[first.id]) is None
+            again = await resumed.find("pipeline-t-0", since=0, model=MODEL, lines=3)
+    assert again is not None
+    assert again.id == first.id
