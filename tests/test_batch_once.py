@@ -15,6 +15,7 @@ import orjson
 
 from pipeline.mock.server import MockServer
 from pipeline.send.batchclient import open_batch_api
+from tests.batchfake import Fault, fake_batches
 
 MODEL = "test/model"
 Mock = Callable[..., AbstractAsyncContextManager[tuple[str, MockServer]]]
@@ -70,3 +71,15 @@ async def test_a_resumed_run_looks_past_the_batches_it_holds(mock: Mock, tmp_pat
             again = await resumed.find("pipeline-t-0", since=0, model=MODEL, lines=3)
     assert again is not None
     assert again.id == first.id
+
+
+async def test_a_lost_create_is_found_by_its_file_where_the_tag_is_not_kept(tmp_path: Path) -> None:
+    # A files-shape provider that lists "metadata": null: the tag is lost, the file is not.
+    async with (
+        fake_batches("files", metadata=False) as fake,
+        open_batch_api(fake.url, None, sleep=no_wait) as api,
+    ):
+        fake.fault("create", Fault(drop="after"))  # made, and the answer lost
+        info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+    assert len(fake.batches) == 1
+    assert info.id == "batch_0"

@@ -11,7 +11,7 @@ A create is never simply made again (`BatchHttp.create`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import IO
 
@@ -64,7 +64,11 @@ class FilesBatchApi:
         async def make() -> BatchInfo:
             return info_of(await self._http.once("POST", "/batches", json=request, collection=True))
 
-        return await self._http.create(tag, make, lambda: self.find(tag, since=since))
+        # Looked for by its file too: a provider may keep no metadata, and list it as null.
+        def find() -> Awaitable[BatchInfo | None]:
+            return self._http.find(tag, since=since, model=None, lines=None, made_of=file_id)
+
+        return await self._http.create(tag, make, find)
 
     async def _upload(self, staged: Path, tag: str) -> str:
         opened: list[IO[bytes]] = []

@@ -231,12 +231,13 @@ class BatchHttp:
         model: str | None,
         lines: int | None,
         taken: Collection[str] = (),
+        made_of: str | None = None,
     ) -> BatchInfo | None:
         """`BatchApi.find`, for both shapes: the batches listed since `since`, picked
         (`batchwire.pick`) among all but those known to be another's."""
         listed = [obj async for obj in self.listed(since)]
         others = {batch_id for batch_id, made in self._tags.items() if made != tag}
-        found = pick(listed, tag, model=model, lines=lines, taken=others.union(taken))
+        found = pick(listed, tag, model=model, lines=lines, taken=others.union(taken), made_of=made_of)
         return found if found is None else self.noted(found, tag)
 
     def noted(self, info: BatchInfo, tag: str) -> BatchInfo:

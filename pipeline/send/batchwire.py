@@ -252,6 +252,7 @@ def pick(
     model: str | None,
     lines: int | None,
     taken: Collection[str] = (),
+    made_of: str | None = None,
 ) -> BatchInfo | None:
     """The batch made with `tag`, among those listed (newest first). Where the provider keeps
     metadata, its tag says. Where it keeps none (OpenRouter's batches have no metadata field),
@@ -259,13 +260,16 @@ def pick(
     the time listed, and is none of those `taken` (another batch's: a folder cut into batches
     of the most lines a batch takes makes them alike, one after the other); two such are never
     guessed between (`RunStopped`), and one cancelled or failed is not taken (a person
-    cancelled it, or it made nothing)."""
+    cancelled it, or it made nothing). `made_of`: the file uploaded for it (files shape),
+    which says it as surely as its tag, kept or not."""
     for obj in listed:
         metadata = obj.get("metadata")
         if isinstance(metadata, dict) and metadata.get(TAG_KEY) == tag:
             return info_of(obj)
-    if any("metadata" in obj for obj in listed) or not listed:
-        return None  # the provider keeps metadata: no tag, no batch of ours
+        if made_of is not None and obj.get("input_file_id") == made_of:
+            return info_of(obj)
+    if made_of is not None or any("metadata" in obj for obj in listed) or not listed:
+        return None  # no batch of our file, or the provider keeps metadata: no tag, no batch of ours
     if model is None and lines is None:
         raise RunStopped(
             f"cannot tell whether batch {tag} was made: the provider keeps no tag, and neither its "
