@@ -69,7 +69,13 @@ class FakeBatches:
 
     def add_file(self, content: bytes) -> str:
         file_id = f"file-{len(self.files)}"
-        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(content), "purpose": "batch"}
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "purpose": "batch",
+        }
         self.content[file_id] = content
         return file_id
 

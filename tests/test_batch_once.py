@@ -5,6 +5,7 @@ sibling."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -80,6 +81,18 @@ async def test_a_lost_create_is_found_by_its_file_where_the_tag_is_not_kept(tmp_
         open_batch_api(fake.url, None, sleep=no_wait) as api,
     ):
         fake.fault("create", Fault(drop="after"))  # made, and the answer lost
+        info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+    assert len(fake.batches) == 1
+    assert info.id == "batch_0"
+
+
+async def test_a_lost_create_is_found_when_our_clock_runs_ahead_of_the_providers(tmp_path: Path) -> None:
+    ahead = lambda: time.time() + 600  # noqa: E731 (a machine ten minutes fast)
+    async with (
+        fake_batches("files") as fake,
+        open_batch_api(fake.url, None, sleep=no_wait, clock=ahead) as api,
+    ):
+        fake.fault("create", Fault(drop="after"))
         info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
     assert len(fake.batches) == 1
     assert info.id == "batch_0"
