@@ -96,3 +96,15 @@ async def test_a_lost_create_is_found_when_our_clock_runs_ahead_of_the_providers
         info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
     assert len(fake.batches) == 1
     assert info.id == "batch_0"
+
+
+async def test_an_inline_lost_create_is_found_when_our_clock_runs_ahead(tmp_path: Path) -> None:
+    ahead = lambda: time.time() + 600  # noqa: E731
+    async with (
+        fake_batches("inline", metadata=False) as fake,
+        open_batch_api(fake.url, None, sleep=no_wait, clock=ahead) as api,
+    ):
+        fake.fault("create", Fault(drop="after"))
+        info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+    assert len(fake.batches) == 1
+    assert info.id == "batch_0"

@@ -61,7 +61,9 @@ async def open_batch_api(
     connector = aiohttp.TCPConnector(limit=8, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers=headers, read_bufsize=1 << 20)
     try:
-        http = BatchHttp(session, base_url, api_key=api_key, retry=retry or batch_retry(), sleep=sleep)
+        http = BatchHttp(
+            session, base_url, api_key=api_key, retry=retry or batch_retry(), sleep=sleep, clock=clock
+        )
         limits = {"max_lines": max_lines, "max_bytes": max_bytes}
         given = {k: v for k, v in limits.items() if v is not None}
         api: BatchApi

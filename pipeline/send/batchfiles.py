@@ -21,6 +21,7 @@ from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchdownload import lines
+from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
 from pipeline.send.batchwire import info_of
 
@@ -69,10 +70,10 @@ class FilesBatchApi:
             return info_of(await self._http.once("POST", "/batches", json=request, collection=True))
 
         # Looked for by its file too: a provider may keep no metadata, and list it as null.
-        def find() -> Awaitable[BatchInfo | None]:
-            return self._http.find(tag, since=since, model=None, lines=None, made_of=file_id)
+        def look() -> Awaitable[BatchInfo | None]:
+            return find(self._http, tag, since=since, model=None, lines=None, made_of=file_id)
 
-        return await self._http.create(tag, make, find)
+        return await self._http.create(tag, make, look)
 
     async def _upload(self, staged: Path, tag: str) -> tuple[str, float | None]:
         """The file's id, and when the provider says it made it."""
@@ -107,7 +108,7 @@ class FilesBatchApi:
         lines: int | None = None,
         taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        return await self._http.find(tag, since=since, model=model, lines=lines, taken=taken)
+        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))

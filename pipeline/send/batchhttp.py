@@ -2,7 +2,8 @@
 answer mapped where it arrives (as the synchronous client maps it: `client.error_for`,
 `status.http_error`), the project's one retry policy (`retry.RetryPolicy`: 429 waits what
 it is told, 5xx and dropped connections back off, 4xx do not retry), a create that is never
-simply sent again. (Downloads, resumed where a cut left them: `batchdownload`.)
+simply sent again. (Downloads, resumed where a cut left them: `batchdownload`; a batch
+found again: `batchfind`.)
 
     404 on a collection path ({base}/files, {base}/batches)   NoBatchApi: no batch API here
     404 on one object ({base}/batches/ID)                      HTTPStatusError, not retried
@@ -13,7 +14,10 @@ errors made of its answers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+import datetime as dt
+import email.utils
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -28,9 +32,8 @@ from pipeline.errors import (
     RequestTimeout,
 )
 from pipeline.output.lines import Redactor
-from pipeline.quote import brief
 from pipeline.send.batchapi import BatchInfo, NoBatchApi
-from pipeline.send.batchwire import WithoutMember, info_of, pick
+from pipeline.send.batchwire import WithoutMember, info_of
 from pipeline.send.client import CONNECT_TIMEOUT, error_for
 from pipeline.send.retry import RetryPolicy
 from pipeline.urls import redacted
@@ -40,8 +43,6 @@ from pipeline.urls import redacted
 QUICK = aiohttp.ClientTimeout(total=120.0, sock_connect=CONNECT_TIMEOUT)
 LONG = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=600.0)
 CHUNK = 1 << 16
-PAGE = 100  # batches a page of a list (OpenAI's most)
-SKEW = 60.0  # seconds: a provider's clock may be this far from ours
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -69,14 +70,17 @@ class BatchHttp:
         api_key: str | None,
         retry: RetryPolicy,
         sleep: Sleep | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._session = session
+        self.clock = clock
         self.base_url = base_url
         self._redact = Redactor(api_key)
         self._retry = retry
         self._sleep = sleep
         # The batches this client made or found, by id, with their tags: one is never found
-        # again for another tag (where a provider keeps no tag, a folder's batches look alike).
+        # again for another tag (`batchfind`: where a provider keeps no tag, a folder's
+        # batches look alike).
         self._tags: dict[str, str] = {}
 
     def no_api(self, *paths: str) -> NoBatchApi:
@@ -102,11 +106,12 @@ class BatchHttp:
         slow: bool = False,
         collection: bool = False,
         without: bytes | None = None,
+        dated: list[float] | None = None,
     ) -> Any:
         """One request, its JSON answer or its error. `slow`: an upload, that takes what its
         size takes; `collection`: the path is a collection's, so a 404 says the endpoint has
         no batch API; `without`: a top-level member of the answer read past, never held
-        (`batchwire.WithoutMember`)."""
+        (`batchwire.WithoutMember`); `dated`: where the answer's Date goes, if it has one."""
         data = body() if body is not None else None
         try:
             async with self._session.request(
@@ -120,6 +125,8 @@ class BatchHttp:
             ) as resp:
                 if resp.status >= 300:
                     raise self.error(resp, await resp.read(), path, collection)
+                if dated is not None:
+                    dated.extend(_date(resp.headers.get("Date")))
                 if without is None:
                     raw = await resp.read()
                 else:
@@ -200,45 +207,9 @@ class BatchHttp:
 
         return await self.retry(once)
 
-    async def listed(self, since: float) -> AsyncIterator[dict[str, Any]]:
-        """The batches made since `since` (epoch seconds, less SKEW), newest first, page by
-        page (`after` the last id of the page before): both shapes list so."""
-        after: str | None = None
-        while True:
-            params = {"limit": str(PAGE)} | ({"after": after} if after else {})
-            page = await self.call("GET", "/batches", params=params, collection=True)
-            data = page.get("data") if isinstance(page, dict) else None
-            if not isinstance(data, list):
-                raise MalformedResponse("the list of batches is not a list", body=brief(str(page)))
-            for obj in data:
-                created = obj.get("created_at") if isinstance(obj, dict) else None
-                if isinstance(created, int | float) and created < since - SKEW:
-                    return  # newest first: the rest are older still
-                if isinstance(obj, dict):
-                    yield obj
-            last = page.get("last_id") or (
-                data[-1].get("id") if data and isinstance(data[-1], dict) else None
-            )
-            if not page.get("has_more") or not isinstance(last, str) or last == after:
-                return
-            after = last
-
-    async def find(
-        self,
-        tag: str,
-        *,
-        since: float,
-        model: str | None,
-        lines: int | None,
-        taken: Collection[str] = (),
-        made_of: str | None = None,
-    ) -> BatchInfo | None:
-        """`BatchApi.find`, for both shapes: the batches listed since `since`, picked
-        (`batchwire.pick`) among all but those known to be another's."""
-        listed = [obj async for obj in self.listed(since)]
-        others = {batch_id for batch_id, made in self._tags.items() if made != tag}
-        found = pick(listed, tag, model=model, lines=lines, taken=others.union(taken), made_of=made_of)
-        return found if found is None else self.noted(found, tag)
+    def others(self, tag: str) -> set[str]:
+        """The batches this client made or found for another tag than `tag`."""
+        return {batch_id for batch_id, made in self._tags.items() if made != tag}
 
     def noted(self, info: BatchInfo, tag: str) -> BatchInfo:
         self._tags[info.id] = tag
@@ -268,6 +239,15 @@ class BatchHttp:
                 raise
 
         return self.noted(await self._retry.call(attempt, sleep=self._sleep), tag)
+
+
+def _date(value: str | None) -> list[float]:
+    """An HTTP Date as epoch seconds: none, or one."""
+    try:
+        when = email.utils.parsedate_to_datetime(value or "")
+    except (TypeError, ValueError, IndexError):
+        return []
+    return [when.replace(tzinfo=when.tzinfo or dt.UTC).timestamp()]
 
 
 def dropped(error: aiohttp.ClientError) -> RequestError:

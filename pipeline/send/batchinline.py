@@ -16,7 +16,7 @@ The body is streamed from the staged file, line by line, never held whole; a loo
 batch reads its status past its `results` (`batchwire.WithoutMember`). The tag goes in
 `metadata` for gateways that keep it (Merge's does; OpenRouter's schema has no such field: a
 400 that names it, and the batch is sent without it from then on). A batch without its tag is
-found by its model, size and time (`batchwire.pick`).
+found by its model, size and time (`batchfind.pick`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
 from pipeline.send.batchwire import info_of, output_line
 
@@ -103,7 +104,7 @@ class InlineBatchApi:
         lines: int | None = None,
         taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        return await self._http.find(tag, since=since, model=model, lines=lines, taken=taken)
+        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)

@@ -16,12 +16,12 @@ The two shapes' objects, as the providers document them:
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedResponse, RunStopped
+from pipeline.errors import MalformedResponse
 from pipeline.input.jsonl import dumps
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchCounts, BatchInfo
@@ -240,56 +240,3 @@ class WithoutMember:
 
     def joined(self) -> bytes:
         return b"".join(self.kept)
-
-
-CLOSED = frozenset({"cancelling", "cancelled", "failed"})
-
-
-def pick(
-    listed: list[dict[str, Any]],
-    tag: str,
-    *,
-    model: str | None,
-    lines: int | None,
-    taken: Collection[str] = (),
-    made_of: str | None = None,
-) -> BatchInfo | None:
-    """The batch made with `tag`, among those listed (newest first). Where the provider keeps
-    metadata, its tag says. Where it keeps none (OpenRouter's batches have no metadata field),
-    a batch is ours when it has the model and the number of requests ours had, was made in
-    the time listed, and is none of those `taken` (another batch's: a folder cut into batches
-    of the most lines a batch takes makes them alike, one after the other); two such are never
-    guessed between (`RunStopped`), and one cancelled or failed is not taken (a person
-    cancelled it, or it made nothing). `made_of`: the file uploaded for it (files shape),
-    which says it as surely as its tag, kept or not."""
-    for obj in listed:
-        metadata = obj.get("metadata")
-        if isinstance(metadata, dict) and metadata.get(TAG_KEY) == tag:
-            return info_of(obj)
-        if made_of is not None and obj.get("input_file_id") == made_of:
-            return info_of(obj)
-    if made_of is not None or any("metadata" in obj for obj in listed) or not listed:
-        return None  # no batch of our file, or the provider keeps metadata: no tag, no batch of ours
-    if model is None and lines is None:
-        raise RunStopped(
-            f"cannot tell whether batch {tag} was made: the provider keeps no tag, and neither its "
-            "model nor its size was given to look for it",
-            code="batch_unknown",
-        )
-    found = [
-        info
-        for info in map(info_of, listed)
-        if info.status not in CLOSED
-        and info.id not in taken
-        and (model is None or info.model == model)
-        and (lines is None or info.counts.total == lines)
-    ]
-    if len(found) > 1:
-        ids = ", ".join(info.id for info in found)
-        raise RunStopped(
-            f"batch {tag} may be any of {ids} (the provider keeps no tag; each has model {model} and "
-            f"{lines} requests, made since the run tried): cancel those that are not this folder's "
-            "with the provider, then run the same command again",
-            code="batch_ambiguous",
-        )
-    return found[0] if found else None
