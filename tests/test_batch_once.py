@@ -13,10 +13,15 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
 
+from pipeline.errors import MalformedResponse
 from pipeline.mock.server import MockServer
+from pipeline.send.batchapi import BatchInfo
 from pipeline.send.batchclient import open_batch_api
 from tests.batchfake import Fault, fake_batches
+from tests.scripted import json, scripted
 
 MODEL = "test/model"
 Mock = Callable[..., AbstractAsyncContextManager[tuple[str, MockServer]]]
@@ -108,3 +113,27 @@ async def test_an_inline_lost_create_is_found_when_our_clock_runs_ahead(tmp_path
         info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
     assert len(fake.batches) == 1
     assert info.id == "batch_0"
+
+
+async def test_a_results_cursor_that_comes_back_gives_no_line_twice() -> None:
+    # A gateway whose second page hands back the first page's cursor (and, the third time,
+    # says it is done): each line must come once, or the reading must stop.
+    pages: list[str | None] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        cursor = request.query.get("cursor")
+        pages.append(cursor)
+        rows = [{"id": f"r{cursor}", "custom_id": f"job-{cursor}", "response": None, "error": None}]
+        more = len(pages) < 3
+        return json({"object": "list", "data": rows, "has_more": more, "next_cursor": "c1" if more else None})
+
+    async with scripted(handle) as server, open_batch_api(server.url, None, "inline", sleep=no_wait) as api:
+        got: list[str] = []
+
+        async def read() -> None:
+            async for line in api.results(BatchInfo(id="batch_1", status="completed")):
+                got.append(orjson.loads(line)["custom_id"])
+
+        with pytest.raises(MalformedResponse):
+            await read()
+    assert got == ["job-None", "job-c1"]

@@ -50,6 +50,7 @@ async def find(
 async def listed(http: BatchHttp, since: float) -> AsyncIterator[dict[str, Any]]:
     """The batches made since `since` (see the module's text), newest first."""
     after: str | None = None
+    read: set[str] = set()
     while True:
         params = {"limit": str(PAGE)} | ({"after": after} if after else {})
         page, behind = await http.retry(partial(_page, http, params))
@@ -64,8 +65,9 @@ async def listed(http: BatchHttp, since: float) -> AsyncIterator[dict[str, Any]]
             if isinstance(obj, dict):
                 yield obj
         last = page.get("last_id") or (data[-1].get("id") if data and isinstance(data[-1], dict) else None)
-        if not page.get("has_more") or not isinstance(last, str) or last == after:
-            return
+        if not page.get("has_more") or not isinstance(last, str) or last in read:
+            return  # (a page that leads back to one read: the list has ended, as far as it goes)
+        read.add(last)
         after = last
 
 

@@ -120,6 +120,7 @@ class InlineBatchApi:
         if info.status == "failed":
             return  # failed at validation: nothing ran
         cursor: str | None = None
+        read: set[str] = set()
         while True:
             page = await self._http.retry(partial(self._page, info.id, cursor))
             if page is None:
@@ -134,6 +135,11 @@ class InlineBatchApi:
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
+            if cursor in read:  # its lines would come again, and again
+                raise MalformedResponse(
+                    f"the results of batch {info.id} give back a cursor already read", body=brief(cursor)
+                )
+            read.add(cursor)
 
     async def _page(self, batch_id: str, cursor: str | None) -> Any:
         """A page of results; None where the first has none to give: a 404 (no /results at
