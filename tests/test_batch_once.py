@@ -1,10 +1,13 @@
-"""Paid once, against the built-in mock's batch APIs: where a provider keeps no tag
-(OpenRouter's inline shape), the batches of one folder look alike (one model, cut at the most
-lines a batch takes), and a batch looked for after a lost answer must not be taken for its
-sibling."""
+"""Paid once and each line once, whatever the provider keeps and however its answers are lost:
+a batch looked for after a lost create is found (its tag not kept, our clock ahead of the
+provider's) and never taken for its sibling (where no tag is kept, a folder's batches look
+alike: one model, cut at the most lines a batch takes); results read from pages whose cursor
+comes back, or from a body cut where no length was said, give no line twice or torn."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -137,3 +140,27 @@ async def test_a_results_cursor_that_comes_back_gives_no_line_twice() -> None:
         with pytest.raises(MalformedResponse):
             await read()
     assert got == ["job-None", "job-c1"]
+
+
+async def test_a_download_without_a_length_cut_mid_line_gives_the_line_whole() -> None:
+    # A body that ends where the connection closes (no Content-Length, not chunked), cut in
+    # the last line: the end of the body is no end of the file.
+    rows = [orjson.dumps({"custom_id": f"job-{i}", "response": {"status_code": 200}}) for i in range(3)]
+    content = b"\n".join(rows) + b"\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        ranged = re.search(rb"(?i)\r\nrange: bytes=(\d+)-", head)
+        if ranged:
+            writer.write(b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\n\r\n")
+            writer.write(content[int(ranged.group(1)) :])
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + content[:-20])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async with server, open_batch_api(url, None, "files", sleep=no_wait) as api:
+        got = [line async for line in api.results(BatchInfo(id="b", status="completed", output_file="f"))]
+    assert got == rows
