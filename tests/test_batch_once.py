@@ -164,3 +164,18 @@ async def test_a_download_without_a_length_cut_mid_line_gives_the_line_whole() -
     async with server, open_batch_api(url, None, "files", sleep=no_wait) as api:
         got = [line async for line in api.results(BatchInfo(id="b", status="completed", output_file="f"))]
     assert got == rows
+
+
+async def test_a_batch_failed_for_the_enqueued_token_limit_says_its_code(tmp_path: Path) -> None:
+    # OpenAI's answer to a batch past the organisation's enqueued tokens: failed, no line named;
+    # the same batch passes once those running end, so the run must be able to tell.
+    said = "Enqueued token limit reached for gpt-4o-mini in organization org-x. Limit: 2,000,000 enqueued tokens."
+    async with fake_batches("files") as fake, open_batch_api(fake.url, None, sleep=no_wait) as api:
+        info = await api.submit(staged(tmp_path, 3), tag="pipeline-t-0", model=MODEL, lines=3)
+        fake.finish(info.id, "failed")
+        fake.batches[info.id]["errors"] = {
+            "object": "list",
+            "data": [{"code": "token_limit_exceeded", "message": said, "param": None, "line": None}],
+        }
+        ended = await api.get(info.id)
+    assert ended.errors == (f"token_limit_exceeded: {said}",)

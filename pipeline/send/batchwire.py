@@ -66,15 +66,19 @@ def info_of(obj: Any) -> BatchInfo:
 
 
 def _errors(obj: dict[str, Any]) -> tuple[str, ...]:
-    """Why a batch failed: OpenAI's `errors.data` (one a line of the input), or the inline
-    shape's one `error.message`."""
+    """Why a batch failed: OpenAI's `errors.data` (one a line of the input, each `code:
+    message`), or the inline shape's one `error.message`. The code is kept: not every failure
+    is the lines' fault (`token_limit_exceeded`: the organisation's enqueued tokens were
+    spent by batches still running, and the same batch passes once they end)."""
     said: list[str] = []
     errors = obj.get("errors")
     data = errors.get("data") if isinstance(errors, dict) else None
     for item in data if isinstance(data, list) else ():
         if isinstance(item, dict):
             where = f"line {item['line']}: " if isinstance(item.get("line"), int) else ""
-            said.append(brief(f"{where}{item.get('message') or item.get('code') or 'invalid'}"))
+            code, message = _text(item.get("code")), _text(item.get("message"))
+            why = f"{code}: {message}" if code and message else code or message or "invalid"
+            said.append(brief(f"{where}{why}"))
     error = obj.get("error")
     if isinstance(error, dict) and error.get("message"):
         said.append(brief(str(error["message"])))
