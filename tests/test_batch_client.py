@@ -275,6 +275,24 @@ async def test_a_web_page_for_any_path_is_no_batch_api() -> None:
     assert waits.seconds == []  # none of it asked again
 
 
+@pytest.mark.parametrize("shape", ["files", "inline"])
+async def test_a_404_to_a_create_where_batches_list_is_about_the_batch(tmp_path: Path, shape: str) -> None:
+    # A gateway's answer to a model it does not batch, or to a file it cannot see yet: the
+    # batch API is there all the same (its list answers), and the run must not say otherwise.
+    missing = {"error": {"message": "Model m/gone not found", "type": "not_found_error"}}
+    async with fake_batches(shape) as fake, opened(fake) as api:
+        fake.fault("create", Fault(status=404, body=missing))
+        with pytest.raises(HTTPStatusError) as caught:
+            await api.submit(staged(tmp_path, 1), tag="t", model="m/gone", lines=1)
+        fake.fault("create", Fault(status=404))
+        fake.fault("list", Fault(status=404))  # nor does the list answer: no batch API
+        with pytest.raises(NoBatchApi):
+            await api.submit(staged(tmp_path, 1), tag="u", model="m/gone", lines=1)
+    assert caught.value.status == 404
+    assert "Model m/gone not found" in caught.value.message
+    assert fake.batches == {}
+
+
 # -- faults on the wire -----------------------------------------------------------------
 
 

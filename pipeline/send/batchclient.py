@@ -23,7 +23,7 @@ from pipeline import __version__
 from pipeline.errors import SettingsError
 from pipeline.send.batchapi import BatchApi
 from pipeline.send.batchfiles import FilesBatchApi
-from pipeline.send.batchhttp import BatchHttp, Sleep
+from pipeline.send.batchhttp import BatchHttp, Sleep, looks
 from pipeline.send.batchinline import InlineBatchApi
 from pipeline.send.retry import RetryPolicy
 
@@ -78,9 +78,9 @@ async def open_batch_api(
 
 async def discover(http: BatchHttp) -> str:
     """Which shape the endpoint offers (see the module's text)."""
-    if await http.lists("/files", {"purpose": "batch", "limit": "1"}) is not None:
+    if await http.lists("/files", looks("/files")) is not None:
         return "files"
-    page = await http.lists("/batches", {"limit": "1"})
+    page = await http.lists("/batches", looks("/batches"))
     if page is None:
         raise http.no_api("/files", "/batches")
     named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in page)

@@ -6,6 +6,8 @@ simply sent again. (Downloads, resumed where a cut left them: `batchdownload`; a
 found again: `batchfind`.)
 
     404 on a collection path ({base}/files, {base}/batches)   NoBatchApi: no batch API here
+      ... to a POST there, where a GET of it lists            HTTPStatusError (what was posted:
+                                                               a model, a file not found)
     404 on one object ({base}/batches/ID)                      HTTPStatusError, not retried
 
 The key is in the Authorization header only; whatever a server echoes is redacted from the
@@ -113,6 +115,7 @@ class BatchHttp:
         no batch API; `without`: a top-level member of the answer read past, never held
         (`batchwire.WithoutMember`); `dated`: where the answer's Date goes, if it has one."""
         data = body() if body is not None else None
+        refused: HTTPStatusError | None = None  # a 404 to a POST on a collection path
         try:
             async with self._session.request(
                 method,
@@ -124,7 +127,12 @@ class BatchHttp:
                 timeout=LONG if slow else QUICK,
             ) as resp:
                 if resp.status >= 300:
-                    raise self.error(resp, await resp.read(), path, collection)
+                    raw = await resp.read()
+                    if resp.status != 404 or not collection or method == "GET":
+                        raise self.error(resp, raw, path, collection)
+                    refused = error_for(
+                        404, resp.headers, self._redact(raw), request_id=resp.headers.get("x-request-id")
+                    )
                 if dated is not None:
                     dated.extend(_date(resp.headers.get("Date")))
                 if without is None:
@@ -138,6 +146,12 @@ class BatchHttp:
             raise dropped(e) from None
         except TimeoutError:
             raise RequestTimeout(f"no answer to {method} {path} within the timeout") from None
+        if refused is not None:
+            # A path that lists is there: its 404 is about what was posted (a model, a file
+            # not found), and only a path that lists nothing says there is no batch API.
+            if await self.lists(path, looks(path)) is None:
+                raise self.no_api(path)
+            raise refused
         try:
             return orjson.loads(raw) if raw.strip() else None
         except orjson.JSONDecodeError:
@@ -181,8 +195,7 @@ class BatchHttp:
     async def check(self, *paths: str) -> None:
         """NoBatchApi unless each path lists (GETs: nothing that costs)."""
         for path in paths:
-            params = {"purpose": "batch", "limit": "1"} if path == "/files" else {"limit": "1"}
-            if await self.lists(path, params) is None:
+            if await self.lists(path, looks(path)) is None:
                 raise self.no_api(path)
 
     async def retry(self, fn: Callable[[], Awaitable[T]], *, failed: RequestError | None = None) -> T:
@@ -239,6 +252,11 @@ class BatchHttp:
                 raise
 
         return self.noted(await self._retry.call(attempt, sleep=self._sleep), tag)
+
+
+def looks(path: str) -> dict[str, str]:
+    """The query of a look at a collection (one item: it costs nothing)."""
+    return {"purpose": "batch", "limit": "1"} if path == "/files" else {"limit": "1"}
 
 
 def _date(value: str | None) -> list[float]:
