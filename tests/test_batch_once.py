@@ -179,3 +179,17 @@ async def test_a_batch_failed_for_the_enqueued_token_limit_says_its_code(tmp_pat
         }
         ended = await api.get(info.id)
     assert ended.errors == (f"token_limit_exceeded: {said}",)
+
+
+async def test_answers_counted_with_no_file_named_are_not_read_as_none(tmp_path: Path) -> None:
+    async with fake_batches("files") as fake, open_batch_api(fake.url, None, sleep=no_wait) as api:
+        info = await api.submit(staged(tmp_path, 2), tag="pipeline-t-0", model=MODEL, lines=2)
+        fake.finish(info.id)  # completed, and no output file named (yet)
+        fake.batches[info.id]["request_counts"] |= {"completed": 2}
+        ended = await api.get(info.id)
+
+        async def read() -> list[bytes]:
+            return [line async for line in api.results(ended)]
+
+        with pytest.raises(MalformedResponse):
+            await read()

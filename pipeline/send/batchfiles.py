@@ -117,6 +117,12 @@ class FilesBatchApi:
         return await self._http.cancel(batch_id, self.get)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+        if info.counts.completed and not info.output_file:
+            # Read as none, its answers would be left undone and sent again: paid twice.
+            raise MalformedResponse(
+                f"batch {info.id} ended {info.status} with {info.counts.completed:,} lines answered "
+                "but names no output file"
+            )
         for file_id in (info.output_file, info.error_file):
             if file_id:
                 async for line in lines(self._http, f"/files/{file_id}/content", max_line=self._max_line):
