@@ -243,6 +243,21 @@ async def test_the_shape_is_the_one_the_endpoint_offers(shape: str) -> None:
     assert all(seen.startswith("GET ") for seen in fake.seen)  # looking costs nothing
 
 
+async def test_openrouter_keeps_files_and_batches_inline(tmp_path: Path) -> None:
+    # OpenRouter lists files (GET /api/v1/files, in a list of its own shape) and makes batches
+    # only of posted requests: taken for OpenAI's shape, every batch would be refused.
+    openrouters = {"_shape": "openrouter", "cursor": None, "data": [], "has_more": False}
+    openais = {"object": "list", "data": [], "has_more": False}
+    async with fake_batches("inline") as fake:
+        fake.fault("files", Fault(status=200, body=openrouters))
+        async with opened(fake) as api:
+            assert api.shape == "inline"
+            await api.submit(staged(tmp_path, 1), tag="t", model="test/model", lines=1)
+        fake.fault("files", Fault(status=200, body=openais))  # files of other purposes
+        async with opened(fake) as api:
+            assert api.shape == "inline"  # its batches name no input file
+
+
 async def test_an_endpoint_without_batches_says_sync_works() -> None:
     async with fake_batches("none") as fake:
         with pytest.raises(NoBatchApi) as caught:

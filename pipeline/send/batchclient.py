@@ -2,9 +2,12 @@
 (`batch_api = "files" | "inline"`) or the one the endpoint offers, found by looking (GETs of
 lists, which cost nothing):
 
-    GET {base}/files?purpose=batch lists            files (OpenAI's shape)
-    else GET {base}/batches lists                   inline, unless its batches name an
-                                                    input file (then files, all the same)
+    GET {base}/batches lists a batch                files if it names an input file
+                                                    (OpenAI's shape), else inline
+    else GET {base}/files?purpose=batch lists       files, unless the list is OpenRouter's
+                                                    own ("_shape": "openrouter": it keeps
+                                                    files, and batches only inline)
+    else GET {base}/batches lists (none yet)        inline
     neither lists (a 404, 405, or no list at all)   NoBatchApi: "--tier sync works"
 
 Any other refusal (401, 403, a 429 or 5xx past the retry policy) is raised as it came, for
@@ -78,10 +81,13 @@ async def open_batch_api(
 
 async def discover(http: BatchHttp) -> str:
     """Which shape the endpoint offers (see the module's text)."""
-    if await http.lists("/files", looks("/files")) is not None:
+    batches = await http.lists("/batches", looks("/batches"))
+    if batches:
+        named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in batches)
+        return "files" if named else "inline"
+    files = await http.listing("/files", looks("/files"))
+    if files is not None and files.get("_shape", "openai") == "openai":
         return "files"
-    page = await http.lists("/batches", looks("/batches"))
-    if page is None:
+    if batches is None:
         raise http.no_api("/files", "/batches")
-    named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in page)
-    return "files" if named else "inline"
+    return "inline"

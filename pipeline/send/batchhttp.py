@@ -174,11 +174,17 @@ class BatchHttp:
         )
 
     async def lists(self, path: str, params: dict[str, str]) -> list[Any] | None:
-        """What GET `path` lists, or None where the endpoint has no such list: a 404 or 405,
-        or an answer that is no list (a web page served for any path). Only what says nothing
-        of the path is tried again: a 401 or 403 is raised as it came."""
+        """What GET `path` lists, or None where the endpoint has no such list."""
+        page = await self.listing(path, params)
+        return None if page is None else page["data"]
 
-        async def look() -> list[Any] | None:
+    async def listing(self, path: str, params: dict[str, str]) -> dict[str, Any] | None:
+        """The page GET `path` answers with its list in `data`, or None where the endpoint has
+        no such list: a 404 or 405, or an answer that is no list (a web page served for any
+        path). Only what says nothing of the path is tried again: a 401 or 403 is raised as
+        it came."""
+
+        async def look() -> dict[str, Any] | None:
             try:
                 page = await self.once("GET", path, params=params)
             except HTTPStatusError as e:
@@ -187,8 +193,8 @@ class BatchHttp:
                 raise
             except MalformedResponse:
                 return None
-            data = page.get("data") if isinstance(page, dict) else None
-            return data if isinstance(data, list) else None
+            listed = isinstance(page, dict) and isinstance(page.get("data"), list)
+            return page if listed else None
 
         return await self.retry(look)
 
