@@ -247,11 +247,14 @@ async def test_openrouter_keeps_files_and_batches_inline(tmp_path: Path) -> None
     # OpenRouter lists files (GET /api/v1/files, in a list of its own shape) and makes batches
     # only of posted requests: taken for OpenAI's shape, every batch would be refused.
     openrouters = {"_shape": "openrouter", "cursor": None, "data": [], "has_more": False}
+    negotiated = {"_shape": "openai", "object": "list", "data": [], "has_more": False}
     openais = {"object": "list", "data": [], "has_more": False}
     async with fake_batches("inline") as fake:
-        fake.fault("files", Fault(status=200, body=openrouters))
-        async with opened(fake) as api:
-            assert api.shape == "inline"
+        for listed in (openrouters, negotiated):  # no batch listed yet: the files say
+            fake.fault("files", Fault(status=200, body=listed))
+            async with opened(fake) as api:
+                assert api.shape == "inline"
+        async with opened(fake, "inline") as api:
             await api.submit(staged(tmp_path, 1), tag="t", model="test/model", lines=1)
         fake.fault("files", Fault(status=200, body=openais))  # files of other purposes
         async with opened(fake) as api:

@@ -5,8 +5,8 @@ lists, which cost nothing):
     GET {base}/batches lists a batch                files if it names an input file
                                                     (OpenAI's shape), else inline
     else GET {base}/files?purpose=batch lists       files, unless the list is OpenRouter's
-                                                    own ("_shape": "openrouter": it keeps
-                                                    files, and batches only inline)
+                                                    (its "_shape" says which of its shapes:
+                                                    it keeps files, and batches only inline)
     else GET {base}/batches lists (none yet)        inline
     neither lists (a 404, 405, or no list at all)   NoBatchApi: "--tier sync works"
 
@@ -86,7 +86,7 @@ async def discover(http: BatchHttp) -> str:
         named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in batches)
         return "files" if named else "inline"
     files = await http.listing("/files", looks("/files"))
-    if files is not None and files.get("_shape", "openai") == "openai":
+    if files is not None and "_shape" not in files:  # (OpenRouter's lists say theirs, whichever)
         return "files"
     if batches is None:
         raise http.no_api("/files", "/batches")
