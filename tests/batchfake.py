@@ -49,7 +49,7 @@ async def _drop(request: web.Request) -> web.StreamResponse:
 class FakeBatches:
     def __init__(self, shape: str, *, metadata: bool = True, results_path: bool = True) -> None:
         self.shape = shape  # "files", "inline" or "none"
-        self.metadata = metadata  # inline: whether batches keep (and list) metadata
+        self.metadata = metadata  # whether batches keep metadata (files: null when not; inline: no field)
         self.results_path = results_path  # inline: whether GET /batches/{id}/results exists
         self.faults: dict[str, list[Fault]] = {}  # route name -> faults, taken in turn
         self.files: dict[str, dict[str, Any]] = {}
@@ -69,7 +69,13 @@ class FakeBatches:
 
     def add_file(self, content: bytes) -> str:
         file_id = f"file-{len(self.files)}"
-        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(content), "purpose": "batch"}
+        self.files[file_id] = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "purpose": "batch",
+        }
         self.content[file_id] = content
         return file_id
 
@@ -177,7 +183,7 @@ class FakeBatches:
                 return _error(400, "no such input file")
             lines = [line for line in self.content[file_id].splitlines() if line.strip()]
             batch |= {"input_file_id": file_id, "output_file_id": None, "error_file_id": None, "errors": None}
-            batch["metadata"] = body.get("metadata")
+            batch["metadata"] = body.get("metadata") if self.metadata else None
         else:
             if raw.find(b'"requests"') < max(raw.find(b'"model"'), raw.find(b'"endpoint"')):
                 return _error(400, "endpoint and model must come before requests")

@@ -210,15 +210,18 @@ async def test_inline_a_cancelled_batch_has_no_results_and_cancels_once(tmp_path
 
 
 async def test_inline_find_without_metadata_never_guesses_between_two(tmp_path: Path) -> None:
+    # The batches are made by another client (a run since killed, a stranger): this one finds.
     async with fake_batches("inline", metadata=False) as fake, opened(fake) as api:
         since = time.time()
-        first = await api.submit(staged(tmp_path, 2), tag="a", model="m/one", lines=2)
-        await api.submit(staged(tmp_path, 3), tag="b", model="m/one", lines=3)
+        async with opened(fake) as before:
+            first = await before.submit(staged(tmp_path, 2), tag="a", model="m/one", lines=2)
+            await before.submit(staged(tmp_path, 3), tag="b", model="m/one", lines=3)
         found = await api.find("a", since=since, model="m/one", lines=2)
         assert found is not None
         assert found.id == first.id
         assert await api.find("c", since=since, model="m/two", lines=2) is None
-        await api.submit(staged(tmp_path, 2), tag="c", model="m/one", lines=2)
+        async with opened(fake) as stranger:
+            await stranger.submit(staged(tmp_path, 2), tag="c", model="m/one", lines=2)
         with pytest.raises(RunStopped) as caught:
             await api.find("a", since=since, model="m/one", lines=2)
         assert first.id in str(caught.value)
@@ -238,6 +241,24 @@ async def test_the_shape_is_the_one_the_endpoint_offers(shape: str) -> None:
         await api.check()
     assert api.shape == shape
     assert all(seen.startswith("GET ") for seen in fake.seen)  # looking costs nothing
+
+
+async def test_openrouter_keeps_files_and_batches_inline(tmp_path: Path) -> None:
+    # OpenRouter lists files (GET /api/v1/files, in a list of its own shape) and makes batches
+    # only of posted requests: taken for OpenAI's shape, every batch would be refused.
+    openrouters = {"_shape": "openrouter", "cursor": None, "data": [], "has_more": False}
+    negotiated = {"_shape": "openai", "object": "list", "data": [], "has_more": False}
+    openais = {"object": "list", "data": [], "has_more": False}
+    async with fake_batches("inline") as fake:
+        for listed in (openrouters, negotiated):  # no batch listed yet: the files say
+            fake.fault("files", Fault(status=200, body=listed))
+            async with opened(fake) as api:
+                assert api.shape == "inline"
+        async with opened(fake, "inline") as api:
+            await api.submit(staged(tmp_path, 1), tag="t", model="test/model", lines=1)
+        fake.fault("files", Fault(status=200, body=openais))  # files of other purposes
+        async with opened(fake) as api:
+            assert api.shape == "inline"  # its batches name no input file
 
 
 async def test_an_endpoint_without_batches_says_sync_works() -> None:
@@ -270,6 +291,24 @@ async def test_a_web_page_for_any_path_is_no_batch_api() -> None:
             async with opened(fake, sleep=waits):
                 pass
     assert waits.seconds == []  # none of it asked again
+
+
+@pytest.mark.parametrize("shape", ["files", "inline"])
+async def test_a_404_to_a_create_where_batches_list_is_about_the_batch(tmp_path: Path, shape: str) -> None:
+    # A gateway's answer to a model it does not batch, or to a file it cannot see yet: the
+    # batch API is there all the same (its list answers), and the run must not say otherwise.
+    missing = {"error": {"message": "Model m/gone not found", "type": "not_found_error"}}
+    async with fake_batches(shape) as fake, opened(fake) as api:
+        fake.fault("create", Fault(status=404, body=missing))
+        with pytest.raises(HTTPStatusError) as caught:
+            await api.submit(staged(tmp_path, 1), tag="t", model="m/gone", lines=1)
+        fake.fault("create", Fault(status=404))
+        fake.fault("list", Fault(status=404))  # nor does the list answer: no batch API
+        with pytest.raises(NoBatchApi):
+            await api.submit(staged(tmp_path, 1), tag="u", model="m/gone", lines=1)
+    assert caught.value.status == 404
+    assert "Model m/gone not found" in caught.value.message
+    assert fake.batches == {}
 
 
 # -- faults on the wire -----------------------------------------------------------------

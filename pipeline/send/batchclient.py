@@ -2,9 +2,12 @@
 (`batch_api = "files" | "inline"`) or the one the endpoint offers, found by looking (GETs of
 lists, which cost nothing):
 
-    GET {base}/files?purpose=batch lists            files (OpenAI's shape)
-    else GET {base}/batches lists                   inline, unless its batches name an
-                                                    input file (then files, all the same)
+    GET {base}/batches lists a batch                files if it names an input file
+                                                    (OpenAI's shape), else inline
+    else GET {base}/files?purpose=batch lists       files, unless the list is OpenRouter's
+                                                    (its "_shape" says which of its shapes:
+                                                    it keeps files, and batches only inline)
+    else GET {base}/batches lists (none yet)        inline
     neither lists (a 404, 405, or no list at all)   NoBatchApi: "--tier sync works"
 
 Any other refusal (401, 403, a 429 or 5xx past the retry policy) is raised as it came, for
@@ -23,7 +26,7 @@ from pipeline import __version__
 from pipeline.errors import SettingsError
 from pipeline.send.batchapi import BatchApi
 from pipeline.send.batchfiles import FilesBatchApi
-from pipeline.send.batchhttp import BatchHttp, Sleep
+from pipeline.send.batchhttp import BatchHttp, Sleep, looks
 from pipeline.send.batchinline import InlineBatchApi
 from pipeline.send.retry import RetryPolicy
 
@@ -61,7 +64,9 @@ async def open_batch_api(
     connector = aiohttp.TCPConnector(limit=8, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, headers=headers, read_bufsize=1 << 20)
     try:
-        http = BatchHttp(session, base_url, api_key=api_key, retry=retry or batch_retry(), sleep=sleep)
+        http = BatchHttp(
+            session, base_url, api_key=api_key, retry=retry or batch_retry(), sleep=sleep, clock=clock
+        )
         limits = {"max_lines": max_lines, "max_bytes": max_bytes}
         given = {k: v for k, v in limits.items() if v is not None}
         api: BatchApi
@@ -76,10 +81,13 @@ async def open_batch_api(
 
 async def discover(http: BatchHttp) -> str:
     """Which shape the endpoint offers (see the module's text)."""
-    if await http.lists("/files", {"purpose": "batch", "limit": "1"}) is not None:
+    batches = await http.lists("/batches", looks("/batches"))
+    if batches:
+        named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in batches)
+        return "files" if named else "inline"
+    files = await http.listing("/files", looks("/files"))
+    if files is not None and "_shape" not in files:  # (OpenRouter's lists say theirs, whichever)
         return "files"
-    page = await http.lists("/batches", {"limit": "1"})
-    if page is None:
+    if batches is None:
         raise http.no_api("/files", "/batches")
-    named = any(isinstance(obj, dict) and "input_file_id" in obj for obj in page)
-    return "files" if named else "inline"
+    return "inline"

@@ -2,8 +2,10 @@
 once, however often the connection is cut. After a cut the file is asked for again from the
 end of the last whole line: with a Range where the server honours it (206), else read past
 to there; the retry policy's backoff between tries, and a download that gets no new line in
-CUTS tries in a row is given up. A line over the bound (the input's, max_line_bytes) is read
-past, never held, and comes as an error line for its id (`batchwire.too_long_line`)."""
+CUTS tries in a row is given up. A last line that no newline ends and that is not whole
+JSON is a cut too (a body that ends where the connection closes says nothing else). A line
+over the bound (the input's, max_line_bytes) is read past, never held, and comes as an
+error line for its id (`batchwire.too_long_line`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 import aiohttp
+import orjson
 
 from pipeline.errors import RequestError, RequestTimeout
 from pipeline.send.batchhttp import LONG, BatchHttp, dropped
@@ -41,6 +44,10 @@ async def lines(http: BatchHttp, path: str, *, max_line: int) -> AsyncIterator[b
                     if out:
                         yield out
             for line, size, head in split.end():
+                if line is not None and not _whole(line):
+                    # A body that ends where the connection closed (no length said) ends
+                    # mid-line when cut: the rest is asked for, as after any other cut.
+                    raise aiohttp.ClientPayloadError("the download ended in the middle of a line")
                 done += size
                 out = line.strip() if line is not None else too_long_line(head, size, max_line)
                 if out:
@@ -55,6 +62,15 @@ async def lines(http: BatchHttp, path: str, *, max_line: int) -> AsyncIterator[b
         cuts = 0 if done > before else cuts + 1
         if cuts >= CUTS and failed is not None:
             raise failed  # (each try got nothing more: the retry policy's waits were spent)
+
+
+def _whole(line: bytes) -> bool:
+    """Whether the file's last line, which no newline ends, is whole."""
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return not line.strip()
+    return True
 
 
 async def _open(http: BatchHttp, path: str, start: int) -> tuple[aiohttp.ClientResponse | None, int]:

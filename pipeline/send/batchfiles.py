@@ -11,7 +11,7 @@ A create is never simply made again (`BatchHttp.create`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import IO
 
@@ -21,8 +21,9 @@ from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchdownload import lines
+from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
-from pipeline.send.batchwire import info_of, pick
+from pipeline.send.batchwire import info_of
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
@@ -53,7 +54,11 @@ class FilesBatchApi:
 
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
         since = self._clock()
-        file_id = await self._upload(staged, tag)
+        file_id, uploaded = await self._upload(staged, tag)
+        if uploaded is not None:
+            # The batch is looked for by the provider's clock where it tells it: a machine's
+            # may run minutes ahead, past the listing's minute of skew.
+            since = min(since, uploaded)
         request = {
             "input_file_id": file_id,
             "endpoint": ENDPOINT,
@@ -64,9 +69,14 @@ class FilesBatchApi:
         async def make() -> BatchInfo:
             return info_of(await self._http.once("POST", "/batches", json=request, collection=True))
 
-        return await self._http.create(make, lambda: self.find(tag, since=since))
+        # Looked for by its file too: a provider may keep no metadata, and list it as null.
+        def look() -> Awaitable[BatchInfo | None]:
+            return find(self._http, tag, since=since, model=None, lines=None, made_of=file_id)
 
-    async def _upload(self, staged: Path, tag: str) -> str:
+        return await self._http.create(tag, make, look)
+
+    async def _upload(self, staged: Path, tag: str) -> tuple[str, float | None]:
+        """The file's id, and when the provider says it made it."""
         opened: list[IO[bytes]] = []
 
         def form() -> aiohttp.FormData:
@@ -86,13 +96,19 @@ class FilesBatchApi:
         file_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(file_id, str) or not file_id:
             raise MalformedResponse("the answer to the upload names no file", body=brief(str(answer)))
-        return file_id
+        made = answer.get("created_at")
+        return file_id, float(made) if isinstance(made, int | float) and not isinstance(made, bool) else None
 
     async def find(
-        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        listed = [obj async for obj in self._http.listed(since)]
-        return pick(listed, tag, model=model, lines=lines)
+        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
@@ -101,6 +117,12 @@ class FilesBatchApi:
         return await self._http.cancel(batch_id, self.get)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+        if info.counts.completed and not info.output_file:
+            # Read as none, its answers would be left undone and sent again: paid twice.
+            raise MalformedResponse(
+                f"batch {info.id} ended {info.status} with {info.counts.completed:,} lines answered "
+                "but names no output file"
+            )
         for file_id in (info.output_file, info.error_file):
             if file_id:
                 async for line in lines(self._http, f"/files/{file_id}/content", max_line=self._max_line):

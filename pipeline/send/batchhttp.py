@@ -2,9 +2,12 @@
 answer mapped where it arrives (as the synchronous client maps it: `client.error_for`,
 `status.http_error`), the project's one retry policy (`retry.RetryPolicy`: 429 waits what
 it is told, 5xx and dropped connections back off, 4xx do not retry), a create that is never
-simply sent again. (Downloads, resumed where a cut left them: `batchdownload`.)
+simply sent again. (Downloads, resumed where a cut left them: `batchdownload`; a batch
+found again: `batchfind`.)
 
     404 on a collection path ({base}/files, {base}/batches)   NoBatchApi: no batch API here
+      ... to a POST there, where a GET of it lists            HTTPStatusError (what was posted:
+                                                               a model, a file not found)
     404 on one object ({base}/batches/ID)                      HTTPStatusError, not retried
 
 The key is in the Authorization header only; whatever a server echoes is redacted from the
@@ -13,7 +16,10 @@ errors made of its answers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import datetime as dt
+import email.utils
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -28,7 +34,6 @@ from pipeline.errors import (
     RequestTimeout,
 )
 from pipeline.output.lines import Redactor
-from pipeline.quote import brief
 from pipeline.send.batchapi import BatchInfo, NoBatchApi
 from pipeline.send.batchwire import WithoutMember, info_of
 from pipeline.send.client import CONNECT_TIMEOUT, error_for
@@ -40,8 +45,6 @@ from pipeline.urls import redacted
 QUICK = aiohttp.ClientTimeout(total=120.0, sock_connect=CONNECT_TIMEOUT)
 LONG = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=600.0)
 CHUNK = 1 << 16
-PAGE = 100  # batches a page of a list (OpenAI's most)
-SKEW = 60.0  # seconds: a provider's clock may be this far from ours
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -69,12 +72,18 @@ class BatchHttp:
         api_key: str | None,
         retry: RetryPolicy,
         sleep: Sleep | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._session = session
+        self.clock = clock
         self.base_url = base_url
         self._redact = Redactor(api_key)
         self._retry = retry
         self._sleep = sleep
+        # The batches this client made or found, by id, with their tags: one is never found
+        # again for another tag (`batchfind`: where a provider keeps no tag, a folder's
+        # batches look alike).
+        self._tags: dict[str, str] = {}
 
     def no_api(self, *paths: str) -> NoBatchApi:
         where = " or ".join(f"GET {path}" for path in paths)
@@ -99,12 +108,14 @@ class BatchHttp:
         slow: bool = False,
         collection: bool = False,
         without: bytes | None = None,
+        dated: list[float] | None = None,
     ) -> Any:
         """One request, its JSON answer or its error. `slow`: an upload, that takes what its
         size takes; `collection`: the path is a collection's, so a 404 says the endpoint has
         no batch API; `without`: a top-level member of the answer read past, never held
-        (`batchwire.WithoutMember`)."""
+        (`batchwire.WithoutMember`); `dated`: where the answer's Date goes, if it has one."""
         data = body() if body is not None else None
+        refused: HTTPStatusError | None = None  # a 404 to a POST on a collection path
         try:
             async with self._session.request(
                 method,
@@ -116,7 +127,14 @@ class BatchHttp:
                 timeout=LONG if slow else QUICK,
             ) as resp:
                 if resp.status >= 300:
-                    raise self.error(resp, await resp.read(), path, collection)
+                    raw = await resp.read()
+                    if resp.status != 404 or not collection or method == "GET":
+                        raise self.error(resp, raw, path, collection)
+                    refused = error_for(
+                        404, resp.headers, self._redact(raw), request_id=resp.headers.get("x-request-id")
+                    )
+                if dated is not None:
+                    dated.extend(_date(resp.headers.get("Date")))
                 if without is None:
                     raw = await resp.read()
                 else:
@@ -128,6 +146,12 @@ class BatchHttp:
             raise dropped(e) from None
         except TimeoutError:
             raise RequestTimeout(f"no answer to {method} {path} within the timeout") from None
+        if refused is not None:
+            # A path that lists is there: its 404 is about what was posted (a model, a file
+            # not found), and only a path that lists nothing says there is no batch API.
+            if await self.lists(path, looks(path)) is None:
+                raise self.no_api(path)
+            raise refused
         try:
             return orjson.loads(raw) if raw.strip() else None
         except orjson.JSONDecodeError:
@@ -150,11 +174,17 @@ class BatchHttp:
         )
 
     async def lists(self, path: str, params: dict[str, str]) -> list[Any] | None:
-        """What GET `path` lists, or None where the endpoint has no such list: a 404 or 405,
-        or an answer that is no list (a web page served for any path). Only what says nothing
-        of the path is tried again: a 401 or 403 is raised as it came."""
+        """What GET `path` lists, or None where the endpoint has no such list."""
+        page = await self.listing(path, params)
+        return None if page is None else page["data"]
 
-        async def look() -> list[Any] | None:
+    async def listing(self, path: str, params: dict[str, str]) -> dict[str, Any] | None:
+        """The page GET `path` answers with its list in `data`, or None where the endpoint has
+        no such list: a 404 or 405, or an answer that is no list (a web page served for any
+        path). Only what says nothing of the path is tried again: a 401 or 403 is raised as
+        it came."""
+
+        async def look() -> dict[str, Any] | None:
             try:
                 page = await self.once("GET", path, params=params)
             except HTTPStatusError as e:
@@ -163,16 +193,15 @@ class BatchHttp:
                 raise
             except MalformedResponse:
                 return None
-            data = page.get("data") if isinstance(page, dict) else None
-            return data if isinstance(data, list) else None
+            listed = isinstance(page, dict) and isinstance(page.get("data"), list)
+            return page if listed else None
 
         return await self.retry(look)
 
     async def check(self, *paths: str) -> None:
         """NoBatchApi unless each path lists (GETs: nothing that costs)."""
         for path in paths:
-            params = {"purpose": "batch", "limit": "1"} if path == "/files" else {"limit": "1"}
-            if await self.lists(path, params) is None:
+            if await self.lists(path, looks(path)) is None:
                 raise self.no_api(path)
 
     async def retry(self, fn: Callable[[], Awaitable[T]], *, failed: RequestError | None = None) -> T:
@@ -197,31 +226,19 @@ class BatchHttp:
 
         return await self.retry(once)
 
-    async def listed(self, since: float) -> AsyncIterator[dict[str, Any]]:
-        """The batches made since `since` (epoch seconds, less SKEW), newest first, page by
-        page (`after` the last id of the page before): both shapes list so."""
-        after: str | None = None
-        while True:
-            params = {"limit": str(PAGE)} | ({"after": after} if after else {})
-            page = await self.call("GET", "/batches", params=params, collection=True)
-            data = page.get("data") if isinstance(page, dict) else None
-            if not isinstance(data, list):
-                raise MalformedResponse("the list of batches is not a list", body=brief(str(page)))
-            for obj in data:
-                created = obj.get("created_at") if isinstance(obj, dict) else None
-                if isinstance(created, int | float) and created < since - SKEW:
-                    return  # newest first: the rest are older still
-                if isinstance(obj, dict):
-                    yield obj
-            last = page.get("last_id") or (
-                data[-1].get("id") if data and isinstance(data[-1], dict) else None
-            )
-            if not page.get("has_more") or not isinstance(last, str) or last == after:
-                return
-            after = last
+    def others(self, tag: str) -> set[str]:
+        """The batches this client made or found for another tag than `tag`."""
+        return {batch_id for batch_id, made in self._tags.items() if made != tag}
+
+    def noted(self, info: BatchInfo, tag: str) -> BatchInfo:
+        self._tags[info.id] = tag
+        return info
 
     async def create(
-        self, make: Callable[[], Awaitable[BatchInfo]], find: Callable[[], Awaitable[BatchInfo | None]]
+        self,
+        tag: str,
+        make: Callable[[], Awaitable[BatchInfo]],
+        find: Callable[[], Awaitable[BatchInfo | None]],
     ) -> BatchInfo:
         """A batch made once, however its answers are lost: after a failure that may have made
         it (`may_have_made`), its tag is looked for before anything is sent again, and a batch
@@ -240,7 +257,21 @@ class BatchHttp:
                 unsure = unsure or may_have_made(e)
                 raise
 
-        return await self._retry.call(attempt, sleep=self._sleep)
+        return self.noted(await self._retry.call(attempt, sleep=self._sleep), tag)
+
+
+def looks(path: str) -> dict[str, str]:
+    """The query of a look at a collection (one item: it costs nothing)."""
+    return {"purpose": "batch", "limit": "1"} if path == "/files" else {"limit": "1"}
+
+
+def _date(value: str | None) -> list[float]:
+    """An HTTP Date as epoch seconds: none, or one."""
+    try:
+        when = email.utils.parsedate_to_datetime(value or "")
+    except (TypeError, ValueError, IndexError):
+        return []
+    return [when.replace(tzinfo=when.tzinfo or dt.UTC).timestamp()]
 
 
 def dropped(error: aiohttp.ClientError) -> RequestError:

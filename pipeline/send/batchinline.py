@@ -16,13 +16,13 @@ The body is streamed from the staged file, line by line, never held whole; a loo
 batch reads its status past its `results` (`batchwire.WithoutMember`). The tag goes in
 `metadata` for gateways that keep it (Merge's does; OpenRouter's schema has no such field: a
 400 that names it, and the batch is sent without it from then on). A batch without its tag is
-found by its model, size and time (`batchwire.pick`).
+found by its model, size and time (`batchfind.pick`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
-from pipeline.send.batchwire import info_of, output_line, pick
+from pipeline.send.batchwire import info_of, output_line
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
@@ -76,7 +77,9 @@ class InlineBatchApi:
             self._metadata = False
             return await self._post(staged, model, None)
 
-        return await self._http.create(make, lambda: self.find(tag, since=since, model=model, lines=lines))
+        return await self._http.create(
+            tag, make, lambda: self.find(tag, since=since, model=model, lines=lines)
+        )
 
     async def _post(self, staged: Path, model: str, tag: str | None) -> BatchInfo:
         head: dict[str, object] = {"endpoint": ENDPOINT, "model": model, "completion_window": WINDOW}
@@ -93,10 +96,15 @@ class InlineBatchApi:
         return info_of(answer)
 
     async def find(
-        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
     ) -> BatchInfo | None:
-        listed = [obj async for obj in self._http.listed(since)]
-        return pick(listed, tag, model=model, lines=lines)
+        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
 
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)
@@ -112,6 +120,7 @@ class InlineBatchApi:
         if info.status == "failed":
             return  # failed at validation: nothing ran
         cursor: str | None = None
+        read: set[str] = set()
         while True:
             page = await self._http.retry(partial(self._page, info.id, cursor))
             if page is None:
@@ -126,6 +135,11 @@ class InlineBatchApi:
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
+            if cursor in read:  # its lines would come again, and again
+                raise MalformedResponse(
+                    f"the results of batch {info.id} give back a cursor already read", body=brief(cursor)
+                )
+            read.add(cursor)
 
     async def _page(self, batch_id: str, cursor: str | None) -> Any:
         """A page of results; None where the first has none to give: a 404 (no /results at

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedResponse, RunStopped
+from pipeline.errors import MalformedResponse
 from pipeline.input.jsonl import dumps
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchCounts, BatchInfo
@@ -66,15 +66,19 @@ def info_of(obj: Any) -> BatchInfo:
 
 
 def _errors(obj: dict[str, Any]) -> tuple[str, ...]:
-    """Why a batch failed: OpenAI's `errors.data` (one a line of the input), or the inline
-    shape's one `error.message`."""
+    """Why a batch failed: OpenAI's `errors.data` (one a line of the input, each `code:
+    message`), or the inline shape's one `error.message`. The code is kept: not every failure
+    is the lines' fault (`token_limit_exceeded`: the organisation's enqueued tokens were
+    spent by batches still running, and the same batch passes once they end)."""
     said: list[str] = []
     errors = obj.get("errors")
     data = errors.get("data") if isinstance(errors, dict) else None
     for item in data if isinstance(data, list) else ():
         if isinstance(item, dict):
             where = f"line {item['line']}: " if isinstance(item.get("line"), int) else ""
-            said.append(brief(f"{where}{item.get('message') or item.get('code') or 'invalid'}"))
+            code, message = _text(item.get("code")), _text(item.get("message"))
+            why = f"{code}: {message}" if code and message else code or message or "invalid"
+            said.append(brief(f"{where}{why}"))
     error = obj.get("error")
     if isinstance(error, dict) and error.get("message"):
         said.append(brief(str(error["message"])))
@@ -240,42 +244,3 @@ class WithoutMember:
 
     def joined(self) -> bytes:
         return b"".join(self.kept)
-
-
-CLOSED = frozenset({"cancelling", "cancelled", "failed"})
-
-
-def pick(listed: list[dict[str, Any]], tag: str, *, model: str | None, lines: int | None) -> BatchInfo | None:
-    """The batch made with `tag`, among those listed (newest first). Where the provider keeps
-    metadata, its tag says. Where it keeps none (OpenRouter's batches have no metadata field),
-    a batch is ours when it has the model and the number of requests ours had, and was made
-    in the time listed; two such are never guessed between (`RunStopped`), and one cancelled
-    or failed is not taken (a person cancelled it, or it made nothing)."""
-    for obj in listed:
-        metadata = obj.get("metadata")
-        if isinstance(metadata, dict) and metadata.get(TAG_KEY) == tag:
-            return info_of(obj)
-    if any("metadata" in obj for obj in listed) or not listed:
-        return None  # the provider keeps metadata: no tag, no batch of ours
-    if model is None and lines is None:
-        raise RunStopped(
-            f"cannot tell whether batch {tag} was made: the provider keeps no tag, and neither its "
-            "model nor its size was given to look for it",
-            code="batch_unknown",
-        )
-    found = [
-        info
-        for info in map(info_of, listed)
-        if info.status not in CLOSED
-        and (model is None or info.model == model)
-        and (lines is None or info.counts.total == lines)
-    ]
-    if len(found) > 1:
-        ids = ", ".join(info.id for info in found)
-        raise RunStopped(
-            f"batch {tag} may be any of {ids} (the provider keeps no tag; each has model {model} and "
-            f"{lines} requests, made since the run tried): cancel those that are not this folder's "
-            "with the provider, then run the same command again",
-            code="batch_ambiguous",
-        )
-    return found[0] if found else None
