@@ -95,14 +95,21 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.gate.scopes.check()
-        async with open_client(
-            settings.base_url,
-            api_key=api_key,
-            concurrency=settings.concurrency,
-            request_timeout=settings.timeout,
-            idle_timeout=settings.idle_timeout,
-        ) as client:
-            await job.dispatch(client)
+        if getattr(settings, "tier", "sync") == "batch":
+            # The middle at half price: batches instead of requests (`pipeline.batch`).
+            from pipeline.batch.dispatch import dispatch_batches
+
+            async with host.batch_api(settings, api_key) as api:
+                await dispatch_batches(job, api)
+        else:
+            async with open_client(
+                settings.base_url,
+                api_key=api_key,
+                concurrency=settings.concurrency,
+                request_timeout=settings.timeout,
+                idle_timeout=settings.idle_timeout,
+            ) as client:
+                await job.dispatch(client)
     except RunStopped as e:
         job.control.stop(e)
     finally:
@@ -168,6 +175,7 @@ class Run:
             ),
         )
         self.gate = Gate(scopes)
+        self.follower: Any = None  # the batch tier's (`pipeline.batch.follow`), when it runs
         self.usage.timeline.sample(self._sample, scopes.paces)
         self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
@@ -259,7 +267,7 @@ class Run:
         self,
         requests: MemoryObjectSendStream[Request],
         failures: MemoryObjectSendStream[Outcome],
-        refill: Refill,
+        refill: Refill | None,
     ) -> None:
         with anyio.CancelScope() as scope:
             self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once

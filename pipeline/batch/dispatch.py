@@ -1,0 +1,168 @@
+"""The middle of a run at `--tier batch`: the same reader, writer, ledger, books and progress as
+a synchronous run; between them, batches instead of requests.
+
+outer task group
+├── writer.consume        the reader's and the stager's failures -> OUT/errors.jsonl
+├── writer.sync_forever
+├── progress.tick         the batches' states and counts, and how long they have waited
+├── host.watch            1st SIGINT/SIGTERM: stop following (the batches go on); 2nd: cancel
+└── work scope
+    └── task group
+        ├── reader.feed   input -> [requests]
+        ├── stage         [requests] -> OUT/batches/<n>.jsonl, staged in the book
+        └── Follower.run  submit, look, take in (results written by the writer), go again
+
+Stopping stops the reader and the following, and leaves the batches running at the provider:
+they go on, and are paid for as they finish; the same command takes them in, and `pipeline
+cancel OUT` cancels them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.account import cost
+from pipeline.batch.book import CREATING, DROPPED, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.follow import Clock, Follower
+from pipeline.batch.intake import Intake
+from pipeline.batch.stage import Files, stage
+from pipeline.errors import SettingsError
+from pipeline.job import Outcome, Request
+from pipeline.jobfile import Price
+from pipeline.send.batchapi import BatchApi, NoBatchApi
+from pipeline.settings import Settings
+from pipeline.urls import redacted
+
+if TYPE_CHECKING:
+    from pipeline.run.runner import Run
+
+DISCOUNT = 0.5  # what providers take off for a batch, where the job's prices say nothing of it
+
+
+def option(settings: Settings, name: str, default: Any) -> Any:
+    """A batch setting (`tier`, `batch_poll`, `batch_api`, `then`): read so, as the settings
+    that carry them are built beside this module (issue 22)."""
+    return getattr(settings, name, default)
+
+
+def batch_prices(settings: Settings) -> Mapping[str, Price]:
+    """The job's prices at the batch tier: `account.cost.tier_price` where it is built, else
+    the synchronous prices at the usual discount."""
+    tier_price = getattr(cost, "tier_price", None)
+    prices: dict[str, Price] = {}
+    for model, price in settings.prices.items():
+        batch = tier_price(settings.prices, model, "batch") if tier_price is not None else None
+        prices[model] = (
+            batch if isinstance(batch, Price) else Price(price.prompt * DISCOUNT, price.completion * DISCOUNT)
+        )
+    return prices
+
+
+async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = None) -> None:
+    settings, control, writer, ledger = run.settings, run.control, run.writer, run.ledger
+    try:
+        await api.check()
+    except NoBatchApi:
+        raise SettingsError(
+            f"{redacted(settings.base_url)} has no batch API (a 404 on its files or batches path); "
+            "nothing was uploaded; --tier sync sends the same job to it now"
+        ) from None
+    clock = clock or run.host.batch_clock or Clock()
+    book = Book(ledger, settings.folder)
+    for n in book.forget_filling():
+        _remove(book, n)
+    for old in book.batches(TAKEN, DROPPED):
+        _remove(book, old.n)
+    ledger.commit()
+    run.books.prices = batch_prices(settings)
+    if run.books.budget is not None:
+        run.books.budget.prices = run.books.prices
+
+    def commit() -> bool:
+        try:
+            ledger.commit()
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                ledger.rollback()
+            writer.fail(e)
+            return False
+        return True
+
+    def files() -> Files:
+        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes)
+
+    intake = Intake(
+        api=api,
+        book=book,
+        ledger=ledger,
+        writer=writer,
+        books=run.books,
+        verdict=run.verdict,
+        max_attempts=settings.max_attempts,
+        files=files,
+        commit=commit,
+        say=run.progress.say,
+    )
+    follower = Follower(
+        api=api,
+        book=book,
+        intake=intake,
+        control=control,
+        clock=clock,
+        poll=float(option(settings, "batch_poll", 30.0)),
+        give_up=settings.give_up_after,
+        commit=commit,
+        say=run.progress.say,
+    )
+    run.follower = follower
+    for batch in book.batches(STAGED, CREATING):
+        follower.queue.append(batch.n)
+    for batch in book.batches(RUNNING):
+        follower.running(batch.n)  # looked at once: it may have ended while no run followed it
+    live = book.in_live if book.any_live() else None
+    run.progress.batches = follower.status
+
+    def staged(n: int) -> bool:
+        if not commit():
+            return False
+        follower.staged(n)
+        return True
+
+    async def stage_all(
+        requests: MemoryObjectReceiveStream[Request], failures: MemoryObjectSendStream[Outcome]
+    ) -> None:
+        batch_files = files()
+        try:
+            await stage(requests, failures, batch_files, books=run.books, live=live, staged=staged)
+        finally:
+            batch_files.abandon()
+            follower.staging_done()
+
+    requests_send, requests_recv = anyio.create_memory_object_stream[Request](64)
+    outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](64)
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(writer.consume, outcomes_recv)
+        outer.start_soon(writer.sync_forever)
+        outer.start_soon(run.progress.tick)
+        outer.start_soon(run.host.watch, control, run.progress)
+        outer.start_soon(run._count_total)
+        with anyio.CancelScope() as work_scope:
+            control.work_scope = work_scope
+            control.on_stop.append(follower.wake)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run._read, requests_send, outcomes_send.clone(), None)
+                tg.start_soon(stage_all, requests_recv, outcomes_send)
+                tg.start_soon(follower.run)
+        await writer.drained.wait()
+        outer.cancel_scope.cancel()
+
+
+def _remove(book: Book, n: int) -> None:
+    with contextlib.suppress(OSError):
+        book.path(n).unlink(missing_ok=True)
