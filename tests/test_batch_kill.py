@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.run.runner import run
 from pipeline.settings import Settings
-from tests.batchfake import FakeBatchApi, FakeHost, Killed, at_batch_tier
 from tests.conftest import bodies, read_jsonl
+from tests.fakebatchapi import FakeBatchApi, FakeHost, Killed, at_batch_tier
 
 # Each line's fate at the n-th batch it is in, and how many batches it must be run in.
 FATES: dict[str, tuple[list[str], int]] = {

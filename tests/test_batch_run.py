@@ -7,8 +7,8 @@ from typing import Any
 
 from pipeline.run.runner import run
 from pipeline.settings import Settings
-from tests.batchfake import FakeBatchApi, FakeHost, at_batch_tier
 from tests.conftest import bodies, read_jsonl
+from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
 
 
 async def test_every_line_lands_once_through_batches_cut_at_the_api_limit(

@@ -52,16 +52,24 @@ def option(settings: Settings, name: str, default: Any) -> Any:
 
 
 def batch_prices(settings: Settings) -> Mapping[str, Price]:
-    """The job's prices at the batch tier: `account.cost.tier_price` where it is built, else
-    the synchronous prices at the usual discount."""
-    tier_price = getattr(cost, "tier_price", None)
-    prices: dict[str, Price] = {}
-    for model, price in settings.prices.items():
-        batch = tier_price(settings.prices, model, "batch") if tier_price is not None else None
-        prices[model] = (
-            batch if isinstance(batch, Price) else Price(price.prompt * DISCOUNT, price.completion * DISCOUNT)
-        )
-    return prices
+    """The job's prices at the batch tier: `account.cost.tier_prices` where it is built (the
+    settings of issue 22, beside this module), else the synchronous prices at the usual share."""
+    tier_prices = getattr(cost, "tier_prices", None)
+    if tier_prices is not None:
+        table: Mapping[str, Price] = tier_prices(settings.prices, "batch")
+        return table
+    return {
+        model: Price(price.prompt * DISCOUNT, price.completion * DISCOUNT)
+        for model, price in settings.prices.items()
+    }
+
+
+def no_batch_api(settings: Settings) -> SettingsError:
+    """A run at --tier batch where the endpoint has no batch API: exit 2, nothing uploaded."""
+    return SettingsError(
+        f"{redacted(settings.base_url)} has no batch API (a 404 on its files or batches path); "
+        "nothing was uploaded; --tier sync sends the same job to it now"
+    )
 
 
 async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = None) -> None:
@@ -69,10 +77,7 @@ async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = Non
     try:
         await api.check()
     except NoBatchApi:
-        raise SettingsError(
-            f"{redacted(settings.base_url)} has no batch API (a 404 on its files or batches path); "
-            "nothing was uploaded; --tier sync sends the same job to it now"
-        ) from None
+        raise no_batch_api(settings) from None
     clock = clock or run.host.batch_clock or Clock()
     book = Book(ledger, settings.folder)
     for n in book.forget_filling():

@@ -13,11 +13,11 @@ import anyio
 
 from pipeline.batch.book import Book
 from pipeline.batch.intake import Intake
-from pipeline.batch.submit import Refused, submit
+from pipeline.batch.submit import Refused, gone, submit
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
 from pipeline.run.control import Control
 from pipeline.run.progress import duration
-from pipeline.send.batchapi import BatchApi, BatchInfo
+from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
 
 LOOK_GAP = 1.0  # seconds between two looks, at least, whatever the number of batches
 RETRY_MOST = 300.0  # seconds between two tries of a submission the provider failed
@@ -172,6 +172,9 @@ class Follower:
         assert batch.batch_id is not None
         try:
             info = await self.api.get(batch.batch_id)
+        except NoBatchApi:
+            self.control.stop(gone())
+            return
         except RequestError as e:
             status = e.status if isinstance(e, HTTPStatusError) else None
             if status in (401, 402, 403):
@@ -186,7 +189,14 @@ class Follower:
         self.seen[n] = info
         if not info.ended:
             return
-        again = await self.intake.take(batch, info)
+        try:
+            again = await self.intake.take(batch, info)
+        except NoBatchApi:
+            self.control.stop(gone())
+            return
+        except RequestError as e:  # its results could not be read: read again at the next look
+            self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
+            return
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]

@@ -57,7 +57,9 @@ async def submit(
             return None
     elif batch.state == CREATING:
         try:
-            found = await api.find(batch.tag, since=at - SKEW)
+            found = await api.find(batch.tag, since=at - SKEW, model=batch.model, lines=batch.lines)
+        except NoBatchApi:
+            raise gone() from None
         except RequestError as e:
             _raise_if_stops(e)
             raise
@@ -66,11 +68,7 @@ async def submit(
     try:
         info = await api.submit(book.path(n), tag=batch.tag, model=batch.model, lines=batch.lines)
     except NoBatchApi:
-        raise RunStopped(
-            "the endpoint's batch API is gone (a 404 on its path): run again with --tier sync, "
-            "or later; the batches made so far are kept",
-            code="no_batch_api",
-        ) from None
+        raise gone() from None
     except RequestError as e:
         _raise_if_stops(e)
         if not e.transient and isinstance(e, HTTPStatusError):
@@ -82,6 +80,14 @@ async def submit(
 def _made(book: Book, n: int, info: BatchInfo, commit: Callable[[], bool]) -> BatchInfo | None:
     book.running(n, info.id, info_state(info))
     return info if commit() else None
+
+
+def gone() -> RunStopped:
+    return RunStopped(
+        "the endpoint's batch API is gone (a 404 on its path): run again later, or with --tier "
+        "sync; the batches made so far are kept",
+        code="no_batch_api",
+    )
 
 
 def _raise_if_stops(error: RequestError) -> None:

@@ -97,10 +97,14 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         await job.gate.scopes.check()
         if getattr(settings, "tier", "sync") == "batch":
             # The middle at half price: batches instead of requests (`pipeline.batch`).
-            from pipeline.batch.dispatch import dispatch_batches
+            from pipeline.batch.dispatch import dispatch_batches, no_batch_api
+            from pipeline.send.batchapi import NoBatchApi
 
-            async with host.batch_api(settings, api_key) as api:
-                await dispatch_batches(job, api)
+            try:
+                async with host.batch_api(settings, api_key) as api:
+                    await dispatch_batches(job, api)
+            except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
+                raise no_batch_api(settings) from None
         else:
             async with open_client(
                 settings.base_url,

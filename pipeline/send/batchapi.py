@@ -67,8 +67,12 @@ class BatchApi(Protocol):
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
         """Make a batch of the staged file (OpenAI batch input lines, one model), tagged."""
 
-    async def find(self, tag: str, *, since: float) -> BatchInfo | None:
-        """The batch made with `tag` no earlier than `since` (epoch seconds), or None."""
+    async def find(
+        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+    ) -> BatchInfo | None:
+        """The batch made with `tag` no earlier than `since` (epoch seconds), or None. Where
+        the provider keeps no metadata (OpenRouter), the batch of `model` with `lines`
+        requests made since then; two such raise `RunStopped` (never guessed between)."""
 
     async def get(self, batch_id: str) -> BatchInfo: ...
 

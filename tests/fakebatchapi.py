@@ -115,7 +115,9 @@ class FakeBatchApi(BatchApi):
         await anyio.lowlevel.checkpoint()
         return info
 
-    async def find(self, tag: str, *, since: float) -> BatchInfo | None:
+    async def find(
+        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+    ) -> BatchInfo | None:
         self._step("find")
         await anyio.lowlevel.checkpoint()
         for batch in self.batches.values():
