@@ -19,7 +19,9 @@ import anyio
 import orjson
 
 from pipeline.batch.follow import Clock
+from pipeline.run.control import Control
 from pipeline.run.host import Host
+from pipeline.run.progress import Progress
 from pipeline.send.batchapi import BatchApi, BatchCounts, BatchInfo
 from pipeline.settings import Settings
 
@@ -82,6 +84,8 @@ class FakeBatchApi(BatchApi):
         self.step_names: list[str] = []
         self.has_api = True
         self.cancelled: list[str] = []
+        self.on_get: Callable[[], None] | None = None  # called at each look (a test interrupts there)
+        self.invalid: tuple[str, ...] = ("line 2: the body is not valid JSON",)  # a failed batch's errors
 
     def _step(self, name: str) -> None:
         self.steps += 1
@@ -127,12 +131,21 @@ class FakeBatchApi(BatchApi):
 
     async def get(self, batch_id: str) -> BatchInfo:
         self._step("get")
+        if self.on_get is not None:
+            self.on_get()
         await anyio.lowlevel.checkpoint()
         batch = self.batches[batch_id]
         batch.looks += 1
         if batch.looks >= self.looks_to_end and not batch.info.ended:
             total = len(batch.lines)
-            batch.info = batch.info._replace(status=self.end_as, counts=BatchCounts(total, total, 0))
+            if self.end_as == "failed":  # at validation: nothing ran
+                batch.info = batch.info._replace(
+                    status="failed", counts=BatchCounts(total), errors=self.invalid
+                )
+                for custom_id, _ in batch.lines:
+                    self.ran[custom_id] -= 1
+            else:
+                batch.info = batch.info._replace(status=self.end_as, counts=BatchCounts(total, total, 0))
         elif not batch.info.ended:
             batch.info = batch.info._replace(status="in_progress")
         return batch.info
@@ -201,6 +214,10 @@ class FakeHost(Host):
     def __init__(self, api: FakeBatchApi) -> None:
         self.api = api
         self.batch_clock = FakeClock()
+        self.control: Control | None = None
+
+    async def watch(self, control: Control, progress: Progress) -> None:
+        self.control = control  # (no signals: a test interrupts through it)
 
     def batch_api(
         self, settings: Settings, api_key: str | None

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from pipeline.errors import SettingsError
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
@@ -24,3 +27,95 @@ async def test_every_line_lands_once_through_batches_cut_at_the_api_limit(
     assert api.made == 4  # 10 lines of one model at 4 a batch, 3 of the other
     assert set(api.ran.values()) == {1}
     assert not list((settings.folder / "batches").iterdir())  # staged files gone once taken
+
+
+async def test_interrupted_leaves_the_batches_running_and_the_same_command_takes_them_in(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(max_lines=2, looks_to_end=3)
+    rows = bodies(4)
+    settings = at_batch_tier(make_settings(server[0], rows))
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    summary = await run(settings, host)
+    assert summary.exit_code == 130, summary.message
+    assert "1 batch left running" in summary.message
+    assert f"pipeline cancel {settings.folder}" in summary.message
+    assert read_jsonl(settings.folder / "results.jsonl") == []
+    assert api.made == 1  # interrupted at its first look, before the second was cut
+    assert api.cancelled == []  # left running: they go on at the provider
+
+    api.on_get = None
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == [
+        r["custom_id"] for r in rows
+    ]
+    assert api.made == 2  # the first attached to, not submitted again
+    assert set(api.ran.values()) == {1}
+
+
+async def test_an_endpoint_without_a_batch_api_is_exit_2_before_anything_is_uploaded(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi()
+    api.has_api = False
+    settings = at_batch_tier(make_settings(server[0], bodies(3)))
+    with pytest.raises(SettingsError, match=r"no batch API.*--tier sync"):
+        await run(settings, FakeHost(api))
+    assert api.made == 0
+    assert api.steps == 0
+
+
+async def test_a_batch_failed_at_validation_fails_its_lines_with_its_errors_and_is_not_sent_again(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(end_as="failed")
+    settings = at_batch_tier(make_settings(server[0], bodies(3)))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    errors = read_jsonl(settings.folder / "errors.jsonl")
+    assert [e["error"]["code"] for e in errors] == ["batch_invalid"] * 3
+    assert "line 2: the body is not valid JSON" in errors[0]["error"]["message"]
+    assert api.made == 1
+
+
+VERDICT_REQUEST = {
+    "response_format": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "v",
+            "schema": {
+                "type": "object",
+                "properties": {"flagged": {"type": "boolean"}},
+                "required": ["flagged"],
+            },
+        },
+    }
+}
+
+
+async def test_an_answer_that_breaks_the_verdict_goes_again_in_a_new_batch(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    def fate(custom_id: str, n: int) -> str:
+        return "not json" if (custom_id, n) == ("job-1", 1) else '{"flagged": false}'
+
+    api = FakeBatchApi(fate=fate)
+    settings = at_batch_tier(
+        make_settings(server[0], bodies(3), request=VERDICT_REQUEST, verdict={"field": "flagged"})
+    )
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    results = read_jsonl(settings.folder / "results.jsonl")
+    assert sorted(r["custom_id"] for r in results) == ["job-0", "job-1", "job-2"]
+    assert all(r["parsed"] == {"flagged": False} for r in results)
+    assert api.ran["job-1"] == 2
+    assert api.made == 2
+    assert summary.usage["discarded"] == 1  # the broken answer was paid for
+    assert summary.usage["verdicts"] == {"flagged: false": 3}

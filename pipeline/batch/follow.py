@@ -229,12 +229,18 @@ class Follower:
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
-        left = len(self.due) + len(self.queue)
-        if left:
+        running, waiting = len(self.due), len(self.queue)
+        if running or waiting:
+            left = []
+            if running:
+                left.append(
+                    f"{running:,} batch{'es' if running != 1 else ''} left running at the provider "
+                    "(they go on, and are paid for as they finish)"
+                )
+            if waiting:
+                left.append(f"{waiting:,} staged and not submitted yet")
             note = (
-                f"{note}; {left:,} batch{'es' if left != 1 else ''} left "
-                f"{'running' if self.due else 'to submit'}: at the provider they go on, and are paid "
-                f"for as they finish; run the same command again to take them in, or "
+                f"{note}; {' and '.join(left)}: run the same command again to take them in, or "
                 f"`pipeline cancel {folder}` to cancel them"
             )
         if self.intake.refused:
