@@ -158,8 +158,11 @@ class FakeBatchApi(BatchApi):
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         batch = self.batches[info.id]
-        for custom_id, body in batch.lines:
+        for index, custom_id_body in enumerate(batch.lines):
+            custom_id, body = custom_id_body
             fate = self.fate(custom_id, batch.tries[custom_id])
+            if info.status == "cancelled" and index >= len(batch.lines) // 2:
+                fate = "cancelled"  # the first half ran before the cancel reached it
             for line in _lines(custom_id, body["model"], fate):
                 self._step("line")
                 await anyio.lowlevel.checkpoint()
@@ -180,6 +183,8 @@ def _lines(custom_id: str, model: str, fate: str) -> list[dict[str, Any]]:
         return [{**ok, "response": {"status_code": int(fate), "request_id": None, "body": error}}]
     if fate == "expired":
         return [{**ok, "response": None, "error": {"code": "batch_expired", "message": "the batch expired"}}]
+    if fate == "cancelled":
+        return [{**ok, "response": None, "error": {"code": "batch_cancelled", "message": "cancelled"}}]
     if fate == "missing":
         return []
     if fate == "stranger":

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
+from pipeline.batch.cancel import cancel_batches
 from pipeline.errors import SettingsError
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
-from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier
 
 
 async def test_every_line_lands_once_through_batches_cut_at_the_api_limit(
@@ -119,3 +120,29 @@ async def test_an_answer_that_breaks_the_verdict_goes_again_in_a_new_batch(
     assert api.made == 2
     assert summary.usage["discarded"] == 1  # the broken answer was paid for
     assert summary.usage["verdicts"] == {"flagged: false": 3}
+
+
+async def test_cancel_cancels_the_running_batches_and_the_next_run_takes_in_what_they_did(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(max_lines=2, looks_to_end=3)
+    settings = at_batch_tier(make_settings(server[0], bodies(2)))
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    assert (await run(settings, host)).exit_code == 130
+    said: list[str] = []
+    status = await cancel_batches(settings.folder, api, clock=FakeClock(), say=said.append)
+    assert status == 0, said
+    assert api.cancelled == ["batch_1"]
+    assert "1 of 1 batch(es) ended" in said[-1]
+
+    api.on_get = None
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert len(read_jsonl(settings.folder / "results.jsonl")) == 2
+    assert api.made == 2  # what the cancelled batch did not run went again
