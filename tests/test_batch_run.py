@@ -146,3 +146,24 @@ async def test_cancel_cancels_the_running_batches_and_the_next_run_takes_in_what
     assert summary.exit_code == 0, summary.message
     assert len(read_jsonl(settings.folder / "results.jsonl")) == 2
     assert api.made == 2  # what the cancelled batch did not run went again
+
+
+async def test_max_cost_is_held_per_batch_before_it_is_submitted(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(max_lines=2)
+    rows = [{**row, "max_tokens": 5} for row in bodies(4)]
+    prices = {"test/model": {"prompt": 1000.0, "completion": 1000.0}}
+    settings = at_batch_tier(make_settings(server[0], rows, prices=prices, max_cost=0.01))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 3, summary.message
+    assert "the budget is reached" in summary.message
+    assert "2 staged and not submitted yet" in summary.message
+    assert api.made == 0  # nothing sent that the cap could not cover
+
+    roomy = at_batch_tier(settings, max_cost=10.0)
+    summary = await run(roomy, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert api.made == 2
+    assert summary.cost is not None
+    assert 0 < summary.cost < 10.0

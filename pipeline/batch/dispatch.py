@@ -113,6 +113,7 @@ async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = Non
         files=files,
         commit=commit,
         say=run.progress.say,
+        wall=clock.wall,
     )
     follower = Follower(
         api=api,
@@ -124,13 +125,17 @@ async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = Non
         give_up=settings.give_up_after,
         commit=commit,
         say=run.progress.say,
+        budget=run.books.budget,
     )
     run.follower = follower
     for batch in book.batches(STAGED, CREATING):
         follower.queue.append(batch.n)
     for batch in book.batches(RUNNING):
         follower.running(batch.n)  # looked at once: it may have ended while no run followed it
+    for batch in book.batches(CREATING, RUNNING):
+        follower.hold(batch, made=True)
     live = book.in_live if book.any_live() else None
+    worst = run.books.budget.worst_case if run.books.budget is not None else None
     run.progress.batches = follower.status
 
     def staged(n: int) -> bool:
@@ -144,7 +149,9 @@ async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = Non
     ) -> None:
         batch_files = files()
         try:
-            await stage(requests, failures, batch_files, books=run.books, live=live, staged=staged)
+            await stage(
+                requests, failures, batch_files, books=run.books, live=live, staged=staged, worst=worst
+            )
         finally:
             batch_files.abandon()
             follower.staging_done()

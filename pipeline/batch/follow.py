@@ -6,12 +6,14 @@ clock a test can fake; a batch staged, or the run stopping, wakes the wait at on
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import anyio
 
-from pipeline.batch.book import Book
+from pipeline.account.cost import Budget, Reservation, money
+from pipeline.batch.book import Batch, Book
 from pipeline.batch.intake import Intake
 from pipeline.batch.submit import Refused, gone, submit
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
@@ -55,7 +57,11 @@ class Follower:
         give_up: float,
         commit: Callable[[], bool],
         say: Callable[[str], None],
+        budget: Budget | None = None,
     ) -> None:
+        self.budget = budget  # --max-cost: each batch's worst case held before it is submitted
+        self.held: dict[int, float] = {}  # n -> what is held for it
+        self.over_budget: list[int] = []  # staged, waiting for a batch running to end
         self.api, self.book, self.intake, self.control, self.clock = api, book, intake, control, clock
         self.poll = max(poll, 0.0)
         self.give_up = give_up
@@ -126,8 +132,54 @@ class Follower:
         if wake.is_set():
             self._wake = anyio.Event()
 
+    def hold(self, batch: Batch, *, made: bool = False) -> bool:
+        """Hold the batch's worst case against --max-cost. False when it does not fit: it
+        waits for a batch running to end (what that one really cost is then known), or,
+        with none running, the run stops; and when what it may cost cannot be told. `made`:
+        a batch made (or maybe made) before this run, held as it was, whatever the cap."""
+        budget = self.budget
+        if budget is None or batch.n in self.held:
+            return True
+        worst = batch.reserved
+        if made:
+            worst = 0.0 if math.isinf(worst) else worst
+        elif math.isinf(worst):
+            self.control.stop(
+                RunStopped(
+                    f"cannot keep to --max-cost: nothing tells what {batch.model} costs at the batch "
+                    f'tier; add [prices."{batch.model}"] prompt = ..., completion = ... (dollars per '
+                    "million tokens) to the job file, then run again to resume",
+                    code="budget_unpriced",
+                )
+            )
+            return False
+        elif budget.spent + budget.reserved + worst > budget.cap:
+            if self.held:
+                return False
+            self.control.stop(
+                RunStopped(
+                    f"the budget is reached: {money(budget.spent)} spent of the {money(budget.cap)} cap, "
+                    f"and batch {batch.n} may cost {money(worst)} (every run into this folder counts); "
+                    "run again with a higher --max-cost to resume",
+                    code="budget_reached",
+                )
+            )
+            return False
+        budget.reserved += worst
+        self.held[batch.n] = worst
+        return True
+
+    def _release(self, n: int) -> None:
+        held = self.held.pop(n, 0.0)
+        if self.budget is not None:
+            self.budget.release(Reservation(held, None))
+        self.queue[:0], self.over_budget = self.over_budget, []  # they may fit now
+
     async def _submit(self, n: int) -> None:
         batch = self.book.batch(n)
+        if not self.hold(batch):
+            self.over_budget.append(n)  # staged still: tried again once a batch running ends
+            return
         try:
             info = await submit(self.api, self.book, batch, now=self.clock.wall, commit=self.commit)
         except Refused as e:
@@ -200,6 +252,7 @@ class Follower:
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]
+        self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
         self.queue += again
@@ -229,7 +282,7 @@ class Follower:
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
-        running, waiting = len(self.due), len(self.queue)
+        running, waiting = len(self.due), len(self.queue) + len(self.over_budget)
         if running or waiting:
             left = []
             if running:

@@ -57,7 +57,9 @@ class Intake:
         files: Callable[[], Files],
         commit: Callable[[], bool],
         say: Callable[[str], None],
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        self.wall = wall  # the clock a batch's submission was dated by
         self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
         self.verdict = verdict
         self.max_attempts = max_attempts
@@ -75,7 +77,8 @@ class Intake:
         when it could not be taken whole (the folder takes no more: the run stops)."""
         db = self.ledger.writing()
         db.execute("DELETE FROM taking")
-        waited = max(time.time() - (batch.at or time.time()), 0.0)
+        now = self.wall()
+        waited = max(now - (batch.at or now), 0.0)  # from its submission: an answer's latency
         invalid = info.status == "failed" and info.counts.completed == 0 and bool(info.errors)
         if invalid:
             self.say(
@@ -101,14 +104,14 @@ class Intake:
             return None
         # (nothing awaited from here to the commit: a checkpoint of the writer meanwhile
         # would commit the new batches staged while this one is not taken yet)
-        for n, lines, size in again:
-            self.book.staged(n, lines=lines, size=size)
+        for n, lines, size, worst in again:
+            self.book.staged(n, lines=lines, size=size, reserved=worst)
         self.book.taken(batch.n)
         if not self.commit():
             return None
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)
-        return [n for n, _, _ in again]
+        return [n for n, *_ in again]
 
     async def drop(self, batch: Batch, code: str, message: str) -> bool:
         """The provider refused the batch itself: every line of it fails with `message` (not
@@ -152,6 +155,8 @@ class Intake:
         if isinstance(response, dict) and response.get("status_code") == 200:
             body = response.get("body")
             request_id = response.get("request_id")
+            if isinstance(body, dict):
+                self.books.billed(body, request)  # against --max-cost: paid, kept or not
             try:
                 checked = check_completion(body, request_id=request_id)
                 parsed = self._judge(checked, request)
@@ -278,7 +283,7 @@ class Intake:
             return False
         return True
 
-    async def _stage_again(self, batch: Batch) -> list[tuple[int, int, int]]:
+    async def _stage_again(self, batch: Batch) -> list[tuple[int, int, int, float]]:
         """The lines to go again, copied from this batch's file into new ones (tries + 1),
         left filling: staged in the commit that takes this batch."""
         db = self.ledger.reading()
@@ -286,6 +291,8 @@ class Intake:
             return []
         files = self.files()
         files.mark_staged = False
+        # (what each line may cost, as the batch's worst case was reckoned: its share of it)
+        share = batch.reserved / batch.lines if batch.lines else 0.0
         with self.book.path(batch.n).open("rb") as f:
             for data in f:
                 custom_id = orjson.loads(data).get("custom_id")
@@ -294,7 +301,9 @@ class Intake:
                     continue
                 listed = self.book.listed(batch.n, custom_id)
                 assert listed is not None
-                await files.put(batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data)
+                await files.put(
+                    batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data, share
+                )
         await files.finish()
         return files.cut
 

@@ -12,6 +12,7 @@ never sent, and its lines are staged again by the next run.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +40,12 @@ def batch_line(custom_id: str, payload: bytes) -> bytes:
 
 
 class _Filling:
-    __slots__ = ("file", "lines", "listing", "n", "size")
+    __slots__ = ("file", "lines", "listing", "n", "size", "worst")
 
     def __init__(self, n: int, file: IO[bytes]) -> None:
         self.n, self.file = n, file
         self.lines = self.size = 0
+        self.worst = 0.0  # what its lines may cost at most (--max-cost); inf: not known
         self.listing: list[tuple[str, int, int, Any]] = []
 
 
@@ -58,16 +60,24 @@ class Files:
         # False: a batch cut is left filling, and noted in `cut` (n, lines, bytes), for a
         # caller that marks it staged in a commit of its own (the lines of a batch taken in).
         self.mark_staged = True
-        self.cut: list[tuple[int, int, int]] = []
+        self.cut: list[tuple[int, int, int, float]] = []
         book.folder.mkdir(parents=True, exist_ok=True)
 
     def fits(self, size: int) -> bool:
         return size <= self.max_bytes
 
     async def put(
-        self, model: str, custom_id: str, line: int, tries: int, metadata: Any, data: bytes
+        self,
+        model: str,
+        custom_id: str,
+        line: int,
+        tries: int,
+        metadata: Any,
+        data: bytes,
+        worst: float | None = 0.0,
     ) -> int | None:
-        """Write one line to its model's file; the number of a batch this cut (full), if any."""
+        """Write one line to its model's file (`worst`: what it may cost at most, None when
+        that cannot be told); the number of a batch this cut (full), if any."""
         filling = self._open.get(model)
         cut: int | None = None
         if filling is not None and (
@@ -81,6 +91,7 @@ class Files:
         filling.file.write(data)
         filling.lines += 1
         filling.size += len(data)
+        filling.worst += math.inf if worst is None else worst
         filling.listing.append((custom_id, line, tries, metadata))
         if len(filling.listing) >= LIST_EVERY:
             self._list(filling)
@@ -111,9 +122,9 @@ class Files:
         await anyio.to_thread.run_sync(_sync_dir, self.book.folder)
         self._list(filling)
         if self.mark_staged:
-            self.book.staged(filling.n, lines=filling.lines, size=filling.size)
+            self.book.staged(filling.n, lines=filling.lines, size=filling.size, reserved=filling.worst)
         else:
-            self.cut.append((filling.n, filling.lines, filling.size))
+            self.cut.append((filling.n, filling.lines, filling.size, filling.worst))
         return filling.n
 
 
@@ -133,10 +144,12 @@ async def stage(
     books: Books,
     live: Callable[[str], bool] | None,
     staged: Callable[[int], bool],
+    worst: Callable[[Request], float | None] | None = None,
 ) -> None:
     """Every request read into a batch file; each batch cut is committed staged and handed on
     (`staged(n)`, which says whether to go on: False once the book could not be committed).
-    `live`: whether an id is in a live batch already (a resumed run's), then not staged."""
+    `live`: whether an id is in a live batch already (a resumed run's), then not staged.
+    `worst`: what a request may cost at most (None: not known), where `--max-cost` holds."""
     async with requests, failures:
         async for request in requests:
             if live is not None and live(request.custom_id):
@@ -150,7 +163,10 @@ async def stage(
             if not files.fits(len(data)):
                 await failures.send(_too_big(request, len(data), files.max_bytes))
                 continue
-            cut = await files.put(request.model, request.custom_id, request.line, 1, request.metadata, data)
+            most = worst(request) if worst is not None else 0.0
+            cut = await files.put(
+                request.model, request.custom_id, request.line, 1, request.metadata, data, most
+            )
             if cut is not None and not staged(cut):
                 return
         for n in await files.finish():
