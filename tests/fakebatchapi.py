@@ -240,6 +240,7 @@ class BatchSettings(Settings):
 
     tier: str = "batch"
     batch_poll: float = 30.0
+    then: str | None = None
 
 
 def at_batch_tier(settings: Settings, **extra: Any) -> Settings:

@@ -167,3 +167,17 @@ async def test_max_cost_is_held_per_batch_before_it_is_submitted(
     assert api.made == 2
     assert summary.cost is not None
     assert 0 < summary.cost < 10.0
+
+
+async def test_then_sync_sends_what_the_batches_left_undone_now(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(fate=lambda custom_id, n: "500" if custom_id == "job-1" else "ok")
+    settings = at_batch_tier(make_settings(server[0], bodies(3), max_attempts=2), then="sync")
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    results = {r["custom_id"]: r for r in read_jsonl(settings.folder / "results.jsonl")}
+    assert sorted(results) == ["job-0", "job-1", "job-2"]
+    assert api.ran["job-1"] == 2  # its two batch attempts, then the synchronous one
+    assert results["job-1"]["response"]["body"]["choices"][0]["message"]["content"] != "answer to job-1"
+    assert [body["messages"][0]["content"] for body in server[1].state.received] == ["question 1"]

@@ -31,11 +31,13 @@ from pipeline.account import cost
 from pipeline.batch.book import CREATING, DROPPED, RUNNING, STAGED, TAKEN, Book
 from pipeline.batch.follow import Clock, Follower
 from pipeline.batch.intake import Intake
+from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage
 from pipeline.errors import SettingsError
 from pipeline.job import Outcome, Request
 from pipeline.jobfile import Price
 from pipeline.send.batchapi import BatchApi, NoBatchApi
+from pipeline.send.client import Client
 from pipeline.settings import Settings
 from pipeline.urls import redacted
 
@@ -72,7 +74,10 @@ def no_batch_api(settings: Settings) -> SettingsError:
     )
 
 
-async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = None) -> None:
+async def dispatch_batches(
+    run: Run, api: BatchApi, *, clock: Clock | None = None, client: Client | None = None
+) -> None:
+    """The batch tier's middle; `client`: `--then sync`'s, for what batches leave undone."""
     settings, control, writer, ledger = run.settings, run.control, run.writer, run.ledger
     try:
         await api.check()
@@ -114,6 +119,7 @@ async def dispatch_batches(run: Run, api: BatchApi, *, clock: Clock | None = Non
         commit=commit,
         say=run.progress.say,
         wall=clock.wall,
+        now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
     )
     follower = Follower(
         api=api,

@@ -26,7 +26,9 @@ from typing import Any
 import orjson
 
 from pipeline.account.books import Books
+from pipeline.batch.again import AGAIN, NOW, send_now, stage_again
 from pipeline.batch.book import Batch, Book, Listed
+from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files
 from pipeline.errors import InvalidOutput, RequestError
 from pipeline.job import Failure, Outcome, Reply, Request, Success
@@ -40,7 +42,6 @@ from pipeline.send.verdict import Verdict
 WRITE_EVERY = 512  # outcomes written at once
 # The codes of a line a batch never ran: not the line's fault.
 NEVER_RAN = frozenset({"batch_expired", "batch_cancelled", "batch_failed", "expired", "cancelled"})
-_AGAIN = 1
 
 
 class Intake:
@@ -58,7 +59,9 @@ class Intake:
         commit: Callable[[], bool],
         say: Callable[[str], None],
         wall: Callable[[], float] = time.time,
+        now: SendNow | None = None,
     ) -> None:
+        self.now = now  # `--then sync`: what has no batch attempt left is sent now
         self.wall = wall  # the clock a batch's submission was dated by
         self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
         self.verdict = verdict
@@ -98,7 +101,11 @@ class Intake:
                 self._again_or_fail(batch, listed, "unanswered", f"the batch ended {info.status} without it")
         if not self._write():
             return None
-        again = await self._stage_again(batch)
+        again = await stage_again(self.book, self.ledger, batch, self.files())
+        if self.now is not None and not await send_now(
+            self.book, self.ledger, batch, self.now, self._write_now
+        ):
+            return None
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -208,6 +215,9 @@ class Intake:
         if e.transient and listed.tries < most:
             self._again(listed)
             return
+        if e.transient and self.now is not None and not isinstance(e, InvalidOutput):
+            self._again(listed, NOW)
+            return
         self._outcomes.append(
             Failure(
                 line=listed.line,
@@ -226,12 +236,14 @@ class Intake:
     def _again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
         if listed.tries < self.max_attempts:
             self._again(listed)
+        elif self.now is not None:
+            self._again(listed, NOW)
         else:
             self._fail(batch, listed, code, _after(message, listed.tries))
 
-    def _again(self, listed: Listed) -> None:
+    def _again(self, listed: Listed, how: int = AGAIN) -> None:
         self.ledger.writing().execute(
-            "INSERT OR REPLACE INTO taking (id, again) VALUES (?, ?)", (listed.custom_id, _AGAIN)
+            "INSERT OR REPLACE INTO taking (id, again) VALUES (?, ?)", (listed.custom_id, how)
         )
 
     def _fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
@@ -267,6 +279,10 @@ class Intake:
 
     # -- writing, and going again ---------------------------------------------------------------
 
+    def _write_now(self, outcomes: list[Outcome]) -> bool:
+        self._outcomes += outcomes
+        return self._write()
+
     def _write(self) -> bool:
         outcomes, self._outcomes = self._outcomes, []
         if not outcomes:
@@ -282,30 +298,6 @@ class Intake:
             self.writer.fail(e)
             return False
         return True
-
-    async def _stage_again(self, batch: Batch) -> list[tuple[int, int, int, float]]:
-        """The lines to go again, copied from this batch's file into new ones (tries + 1),
-        left filling: staged in the commit that takes this batch."""
-        db = self.ledger.reading()
-        if db.execute("SELECT 1 FROM taking WHERE again = ? LIMIT 1", (_AGAIN,)).fetchone() is None:
-            return []
-        files = self.files()
-        files.mark_staged = False
-        # (what each line may cost, as the batch's worst case was reckoned: its share of it)
-        share = batch.reserved / batch.lines if batch.lines else 0.0
-        with self.book.path(batch.n).open("rb") as f:
-            for data in f:
-                custom_id = orjson.loads(data).get("custom_id")
-                row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
-                if row is None or row[0] != _AGAIN:
-                    continue
-                listed = self.book.listed(batch.n, custom_id)
-                assert listed is not None
-                await files.put(
-                    batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data, share
-                )
-        await files.finish()
-        return files.cut
 
 
 def _request(batch: Batch, listed: Listed) -> Request:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -102,23 +103,31 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
 
             try:
                 async with host.batch_api(settings, api_key) as api:
-                    await dispatch_batches(job, api)
+                    if getattr(settings, "then", None) != "sync":
+                        await dispatch_batches(job, api)
+                    else:  # what batches leave undone is sent now, as a synchronous run sends
+                        async with _client(settings, api_key) as client:
+                            await dispatch_batches(job, api, client=client)
             except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
                 raise no_batch_api(settings) from None
         else:
-            async with open_client(
-                settings.base_url,
-                api_key=api_key,
-                concurrency=settings.concurrency,
-                request_timeout=settings.timeout,
-                idle_timeout=settings.idle_timeout,
-            ) as client:
+            async with _client(settings, api_key) as client:
                 await job.dispatch(client)
     except RunStopped as e:
         job.control.stop(e)
     finally:
         failed_now = await close(job)
     return finish(job, failed_now)
+
+
+def _client(settings: Settings, api_key: str | None) -> AbstractAsyncContextManager[Client]:
+    return open_client(
+        settings.base_url,
+        api_key=api_key,
+        concurrency=settings.concurrency,
+        request_timeout=settings.timeout,
+        idle_timeout=settings.idle_timeout,
+    )
 
 
 class Run:
@@ -200,10 +209,11 @@ class Run:
         it comes from, and the limit it keeps under (requests a second)."""
         return (self.control.in_flight, *pace_of(self.finder))
 
-    async def dispatch(self, client: Client) -> None:
-        settings, control, writer = self.settings, self.control, self.writer
+    def attempts(self, client: Client) -> Attempts:
+        """How one request becomes its outcome: pace, send, judge, account, retry."""
+        control = self.control
         judge = Judge(NotFound(client.url, client.models, lambda: control.in_hand, self.progress.say))
-        attempts = Attempts(
+        return Attempts(
             gate=self.gate,
             client=client,
             judge=judge,
@@ -212,6 +222,11 @@ class Run:
             control=control,
             verdict=self.verdict,
         )
+
+    async def dispatch(self, client: Client) -> None:
+        settings, control, writer = self.settings, self.control, self.writer
+        attempts = self.attempts(client)
+        judge = attempts.judge
         worker = Worker(
             attempts,
             fill_ahead=self.parser.template is not None and self.parser.template.local_images,
