@@ -6,14 +6,14 @@ clock a test can fake; a batch staged, or the run stopping, wakes the wait at on
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
 import anyio
 
-from pipeline.account.cost import Budget, Reservation, money
+from pipeline.account.cost import Budget
 from pipeline.batch.book import Batch, Book
+from pipeline.batch.hold import Holds
 from pipeline.batch.intake import Intake
 from pipeline.batch.submit import Refused, gone, submit
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
@@ -59,8 +59,9 @@ class Follower:
         say: Callable[[str], None],
         budget: Budget | None = None,
     ) -> None:
-        self.budget = budget  # --max-cost: each batch's worst case held before it is submitted
-        self.held: dict[int, float] = {}  # n -> what is held for it
+        self.holds = Holds(
+            budget, control.stop
+        )  # --max-cost: each batch's worst case, held before it is submitted
         self.over_budget: list[int] = []  # staged, waiting for a batch running to end
         self.api, self.book, self.intake, self.control, self.clock = api, book, intake, control, clock
         self.poll = max(poll, 0.0)
@@ -133,46 +134,10 @@ class Follower:
             self._wake = anyio.Event()
 
     def hold(self, batch: Batch, *, made: bool = False) -> bool:
-        """Hold the batch's worst case against --max-cost. False when it does not fit: it
-        waits for a batch running to end (what that one really cost is then known), or,
-        with none running, the run stops; and when what it may cost cannot be told. `made`:
-        a batch made (or maybe made) before this run, held as it was, whatever the cap."""
-        budget = self.budget
-        if budget is None or batch.n in self.held:
-            return True
-        worst = batch.reserved
-        if made:
-            worst = 0.0 if math.isinf(worst) else worst
-        elif math.isinf(worst):
-            self.control.stop(
-                RunStopped(
-                    f"cannot keep to --max-cost: nothing tells what {batch.model} costs at the batch "
-                    f'tier; add [prices."{batch.model}"] prompt = ..., completion = ... (dollars per '
-                    "million tokens) to the job file, then run again to resume",
-                    code="budget_unpriced",
-                )
-            )
-            return False
-        elif budget.spent + budget.reserved + worst > budget.cap:
-            if self.held:
-                return False
-            self.control.stop(
-                RunStopped(
-                    f"the budget is reached: {money(budget.spent)} spent of the {money(budget.cap)} cap, "
-                    f"and batch {batch.n} may cost {money(worst)} (every run into this folder counts); "
-                    "run again with a higher --max-cost to resume",
-                    code="budget_reached",
-                )
-            )
-            return False
-        budget.reserved += worst
-        self.held[batch.n] = worst
-        return True
+        return self.holds.hold(batch, made=made)
 
     def _release(self, n: int) -> None:
-        held = self.held.pop(n, 0.0)
-        if self.budget is not None:
-            self.budget.release(Reservation(held, None))
+        self.holds.release(n)
         self.queue[:0], self.over_budget = self.over_budget, []  # they may fit now
 
     async def _submit(self, n: int) -> None:

@@ -162,10 +162,11 @@ class Intake:
         if isinstance(response, dict) and response.get("status_code") == 200:
             body = response.get("body")
             request_id = response.get("request_id")
-            if isinstance(body, dict):
-                self.books.billed(body, request)  # against --max-cost: paid, kept or not
             try:
                 checked = check_completion(body, request_id=request_id)
+                # Against --max-cost, as the synchronous path charges an answer: paid, kept or
+                # not (one that is no completion is charged as thrown away, below).
+                self.books.billed(checked, request)
                 parsed = self._judge(checked, request)
             except RequestError as e:
                 self._failed_answer(batch, listed, e)
