@@ -38,18 +38,21 @@ async def stage_again(
     files.mark_staged = False
     # (what each line may cost, as the batch's worst case was reckoned: its share of it)
     share = batch.reserved / batch.lines if batch.lines else 0.0
-    with book.path(batch.n).open("rb") as f:
-        for data in f:
-            custom_id = orjson.loads(data).get("custom_id")
-            row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
-            if row is None or row[0] != AGAIN:
-                continue
-            listed = book.listed(batch.n, custom_id)
-            assert listed is not None
-            await files.put(
-                batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data, share
-            )
-    await files.finish()
+    try:
+        with book.path(batch.n).open("rb") as f:
+            for data in f:
+                custom_id = orjson.loads(data).get("custom_id")
+                row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
+                if row is None or row[0] != AGAIN:
+                    continue
+                listed = book.listed(batch.n, custom_id)
+                assert listed is not None
+                await files.put(
+                    batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data, share
+                )
+        await files.finish()
+    finally:
+        files.abandon()  # (what a failure left open: left filling, forgotten by the next run)
     return files.cut
 
 

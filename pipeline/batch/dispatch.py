@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -153,14 +153,36 @@ async def dispatch_batches(
     async def stage_all(
         requests: MemoryObjectReceiveStream[Request], failures: MemoryObjectSendStream[Outcome]
     ) -> None:
-        batch_files = files()
+        # (closed whatever happens, even before staging begins: the reader and the writer
+        # wait for them)
+        with requests, failures:
+            try:
+                batch_files = files()
+                try:
+                    await stage(
+                        requests,
+                        failures,
+                        batch_files,
+                        books=run.books,
+                        live=live,
+                        staged=staged,
+                        worst=worst,
+                    )
+                finally:
+                    batch_files.abandon()
+            finally:
+                follower.staging_done()
+
+    async def guarded(task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """A write to the folder that fails (its staged files, its book: a full disk, a
+        failing one) stops the run, resumable, as a write of the writer's does."""
         try:
-            await stage(
-                requests, failures, batch_files, books=run.books, live=live, staged=staged, worst=worst
-            )
-        finally:
-            batch_files.abandon()
-            follower.staging_done()
+            await task(*args)
+        except (OSError, sqlite3.Error) as e:
+            if isinstance(e, sqlite3.Error):
+                with contextlib.suppress(sqlite3.Error):
+                    ledger.rollback()
+            writer.fail(e)
 
     requests_send, requests_recv = anyio.create_memory_object_stream[Request](64)
     outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](64)
@@ -175,8 +197,8 @@ async def dispatch_batches(
             control.on_stop.append(follower.wake)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run._read, requests_send, outcomes_send.clone(), None)
-                tg.start_soon(stage_all, requests_recv, outcomes_send)
-                tg.start_soon(follower.run)
+                tg.start_soon(guarded, stage_all, requests_recv, outcomes_send)
+                tg.start_soon(guarded, follower.run)
         await writer.drained.wait()
         outer.cancel_scope.cancel()
 

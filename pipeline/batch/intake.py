@@ -19,8 +19,9 @@ the lines to go again are found again.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -111,9 +112,10 @@ class Intake:
             return None
         # (nothing awaited from here to the commit: a checkpoint of the writer meanwhile
         # would commit the new batches staged while this one is not taken yet)
-        for n, lines, size, worst in again:
-            self.book.staged(n, lines=lines, size=size, reserved=worst)
-        self.book.taken(batch.n)
+        with self._whole():
+            for n, lines, size, worst in again:
+                self.book.staged(n, lines=lines, size=size, reserved=worst)
+            self.book.taken(batch.n)
         if not self.commit():
             return None
         with contextlib.suppress(OSError):
@@ -134,12 +136,25 @@ class Intake:
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return False
-        self.book.dropped(batch.n)
+        with self._whole():
+            self.book.dropped(batch.n)
         if not self.commit():
             return False
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)
         return True
+
+    @contextlib.contextmanager
+    def _whole(self) -> Iterator[None]:
+        """The book's steps of one change, all or none: a step that fails (or a cancellation
+        there) takes back those before it, which a later commit would have made a half of
+        (new batches of a batch's lines staged, the batch not taken: paid twice)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.ledger.rollback()
+            raise
 
     # -- one line ------------------------------------------------------------------------------
 
