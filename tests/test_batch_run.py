@@ -207,3 +207,22 @@ def test_the_progress_shows_the_batches_states_counts_and_wait() -> None:
     assert follower.status() == (
         "2 batches running; 1 in_progress, 1 validating; 42 of 150 lines answered; waiting 12m05s; 1 to submit"
     )
+
+
+async def test_a_synchronous_run_into_a_folder_with_batches_running_says_they_are_paid_twice(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = FakeBatchApi(looks_to_end=3)
+    sync = make_settings(server[0], bodies(2))
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    assert (await run(at_batch_tier(sync), host)).exit_code == 130
+    capsys.readouterr()
+    summary = await run(sync)
+    assert summary.exit_code == 0, summary.message
+    assert "1 batch(es) of this folder are still at the provider" in capsys.readouterr().err

@@ -228,3 +228,13 @@ def _batch(row: Any) -> Batch:
 def _listed(row: Any) -> Listed:
     custom_id, line, tries, metadata = row
     return Listed(str(custom_id), int(line), int(tries), None if metadata is None else orjson.loads(metadata))
+
+
+def live_batches(ledger: Ledger) -> int:
+    """How many live batches the folder's book holds (0 where it has none): a synchronous run
+    into it says so, since it sends their lines again."""
+    db = ledger.reading()
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
+        return 0
+    marks = ", ".join("?" for _ in LIVE)
+    return int(db.execute(f"SELECT count(*) FROM batches WHERE state IN ({marks})", LIVE).fetchone()[0])

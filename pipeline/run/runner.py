@@ -17,7 +17,7 @@ import contextlib
 import sqlite3
 import time
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -58,6 +58,9 @@ from pipeline.send.verdict import compile_verdict
 from pipeline.send.worker import Worker
 from pipeline.settings import Settings
 from pipeline.urls import is_loopback, redacted
+
+if TYPE_CHECKING:
+    from pipeline.batch.follow import Follower
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -111,6 +114,15 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
             except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
                 raise no_batch_api(settings) from None
         else:
+            from pipeline.batch.book import live_batches
+
+            live = live_batches(job.ledger)
+            if live:
+                job.progress.say(
+                    f"pipeline: {live:,} batch(es) of this folder are still at the provider (--tier batch): "
+                    "their lines are sent again now, and paid twice; run with --tier batch to take them "
+                    f"in, or `pipeline cancel {settings.folder}` first"
+                )
             async with _client(settings, api_key) as client:
                 await job.dispatch(client)
     except RunStopped as e:
@@ -188,7 +200,7 @@ class Run:
             ),
         )
         self.gate = Gate(scopes)
-        self.follower: Any = None  # the batch tier's (`pipeline.batch.follow`), when it runs
+        self.follower: Follower | None = None  # the batch tier's, when it runs
         self.usage.timeline.sample(self._sample, scopes.paces)
         self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
