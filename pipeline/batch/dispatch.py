@@ -33,7 +33,7 @@ from pipeline.batch.follow import Clock, Follower
 from pipeline.batch.intake import Intake
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage
-from pipeline.errors import SettingsError
+from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
 from pipeline.jobfile import Price
 from pipeline.send.batchapi import BatchApi, NoBatchApi
@@ -199,6 +199,10 @@ async def dispatch_batches(
                 tg.start_soon(run._read, requests_send, outcomes_send.clone(), None)
                 tg.start_soon(guarded, stage_all, requests_recv, outcomes_send)
                 tg.start_soon(guarded, follower.run)
+        if control.dispatching and follower.left:  # (never, but a line must not pass for done)
+            control.stop(
+                RunStopped("batches were left untaken: run the same command again", code="batches_left")
+            )
         await writer.drained.wait()
         outer.cancel_scope.cancel()
 

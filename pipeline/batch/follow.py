@@ -59,9 +59,8 @@ class Follower:
         say: Callable[[str], None],
         budget: Budget | None = None,
     ) -> None:
-        self.holds = Holds(
-            budget, control.stop
-        )  # --max-cost: each batch's worst case, held before it is submitted
+        # --max-cost: each batch's worst case, held before it is submitted
+        self.holds = Holds(budget, control.stop)
         self.over_budget: list[int] = []  # staged, waiting for a batch running to end
         self.api, self.book, self.intake, self.control, self.clock = api, book, intake, control, clock
         self.poll = max(poll, 0.0)
@@ -154,14 +153,17 @@ class Follower:
             )
             return
         except RunStopped as e:
+            self.queue.insert(0, n)  # (said as left: the next run submits it, or finds it made)
             self.control.stop(e)
             return
         except RequestError as e:
             self._failed_submit(n, e)
             return
         self.retry_at.pop(n, None)
-        if info is not None:
-            self.running(n, info)
+        if info is None:
+            self.queue.insert(0, n)  # made, its id not noted: the next run finds it
+            return
+        self.running(n, info)
 
     def _failed_submit(self, n: int, error: RequestError) -> None:
         now = self.clock.now()
@@ -244,6 +246,11 @@ class Follower:
         if self.queue:
             parts.append(f"{len(self.queue):,} to submit")
         return "; ".join(parts)
+
+    @property
+    def left(self) -> int:
+        """Batches not taken in: running, or staged and not submitted."""
+        return len(self.due) + len(self.queue) + len(self.over_budget)
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
