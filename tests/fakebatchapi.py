@@ -19,6 +19,7 @@ import anyio
 import orjson
 
 from pipeline.batch.follow import Clock
+from pipeline.errors import ConnectionDropped
 from pipeline.run.control import Control
 from pipeline.run.host import Host
 from pipeline.run.progress import Progress
@@ -84,6 +85,7 @@ class FakeBatchApi(BatchApi):
         self.step_names: list[str] = []
         self.has_api = True
         self.cancelled: list[str] = []
+        self.cut_at: int | None = None  # the download of results drops at this line, once
         self.on_get: Callable[[], None] | None = None  # called at each look (a test interrupts there)
         self.invalid: tuple[str, ...] = ("line 2: the body is not valid JSON",)  # a failed batch's errors
 
@@ -164,6 +166,9 @@ class FakeBatchApi(BatchApi):
             if info.status == "cancelled" and index >= len(batch.lines) // 2:
                 fate = "cancelled"  # the first half ran before the cancel reached it
             for line in _lines(custom_id, body["model"], fate):
+                if self.cut_at is not None and index + 1 == self.cut_at:
+                    self.cut_at = None
+                    raise ConnectionDropped("the download was cut")
                 self._step("line")
                 await anyio.lowlevel.checkpoint()
                 yield orjson.dumps(line)

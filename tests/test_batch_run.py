@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.batch import intake as intake_module
 from pipeline.batch.cancel import cancel_batches
 from pipeline.batch.follow import Follower
 from pipeline.errors import SettingsError
@@ -226,3 +227,19 @@ async def test_a_synchronous_run_into_a_folder_with_batches_running_says_they_ar
     summary = await run(sync)
     assert summary.exit_code == 0, summary.message
     assert "1 batch(es) of this folder are still at the provider" in capsys.readouterr().err
+
+
+async def test_a_download_cut_short_is_taken_again_and_nothing_is_written_twice(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(intake_module, "WRITE_EVERY", 2)  # the first lines written before the cut
+    api = FakeBatchApi()
+    api.cut_at = 4
+    rows = bodies(6)
+    settings = at_batch_tier(make_settings(server[0], rows))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    results = [r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")]
+    assert sorted(results) == sorted(r["custom_id"] for r in rows)  # each once
+    assert api.cut_at is None  # the cut happened
+    assert api.made == 1

@@ -79,6 +79,13 @@ class Intake:
     async def take(self, batch: Batch, info: BatchInfo) -> list[int] | None:
         """Take the ended batch in; the numbers of the batches its lines go again in, or None
         when it could not be taken whole (the folder takes no more: the run stops)."""
+        # What an earlier go at it wrote (its download cut short) indexed first: those ids are
+        # then done, and skipped, rather than written twice; what it had not written yet is
+        # let go, and met again.
+        self._outcomes = []
+        await self.writer.checkpoint()
+        if self.writer.broken is not None:
+            return None
         db = self.ledger.writing()
         db.execute("DELETE FROM taking")
         now = self.wall()
@@ -125,6 +132,7 @@ class Intake:
     async def drop(self, batch: Batch, code: str, message: str) -> bool:
         """The provider refused the batch itself: every line of it fails with `message` (not
         sent again as it is), and the batch is dropped once they are written."""
+        self._outcomes = []
         self.ledger.writing().execute("DELETE FROM taking")
         for listed in self.book.lines_of(batch.n):
             if not self.ledger.is_done(listed.custom_id):
