@@ -233,6 +233,7 @@ async def test_a_download_cut_short_is_taken_again_and_nothing_is_written_twice(
     make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(intake_module, "WRITE_EVERY", 2)  # the first lines written before the cut
+    monkeypatch.setattr(intake_module, "READ_EVERY", 2)
     api = FakeBatchApi()
     api.cut_at = 4
     rows = bodies(6)

@@ -146,6 +146,16 @@ class Book:
         )
         return None if row is None else _listed(row)
 
+    def listed_among(self, n: int, ids: list[str]) -> dict[str, Listed]:
+        """Those of `ids` the batch holds, in one query."""
+        if not ids:
+            return {}
+        marks = ", ".join("?" for _ in ids)
+        rows = self.ledger.reading().execute(
+            f"SELECT id, line, tries, metadata FROM batch_lines WHERE n = ? AND id IN ({marks})", (n, *ids)
+        )
+        return {str(row[0]): _listed(row) for row in rows}
+
     def lines_of(self, n: int) -> Iterator[Listed]:
         for row in self.ledger.reading().execute(
             "SELECT id, line, tries, metadata FROM batch_lines WHERE n = ? ORDER BY line", (n,)

@@ -41,6 +41,7 @@ from pipeline.send.status import answer_key, http_error
 from pipeline.send.verdict import Verdict
 
 WRITE_EVERY = 512  # outcomes written at once
+READ_EVERY = 512  # result lines looked up at once
 # The codes of a line a batch never ran: not the line's fault.
 NEVER_RAN = frozenset({"batch_expired", "batch_cancelled", "batch_failed", "expired", "cancelled"})
 
@@ -97,10 +98,15 @@ class Intake:
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
         else:
+            read: list[bytes] = []
             async for raw in self.api.results(info):
-                self._line(batch, raw, waited)
-                if len(self._outcomes) >= WRITE_EVERY and not self._write():
-                    return None
+                read.append(raw)
+                if len(read) >= READ_EVERY:
+                    self._lines(batch, read, waited)
+                    read = []
+                    if len(self._outcomes) >= WRITE_EVERY and not self._write():
+                        return None
+            self._lines(batch, read, waited)
         for listed in self._unanswered(batch.n):
             if invalid:
                 message = "; ".join(info.errors[:5])
@@ -166,19 +172,43 @@ class Intake:
 
     # -- one line ------------------------------------------------------------------------------
 
-    def _line(self, batch: Batch, raw: bytes, waited: float) -> None:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
-        listed = self.book.listed(batch.n, custom_id) if isinstance(custom_id, str) else None
-        if listed is None or not self._first(listed.custom_id):
-            self.refused += 1
-            self.books.usage.answers["refused"] += 1
-            return
-        if self.ledger.is_done(listed.custom_id):
-            return  # taken in before a crash: written once already
+    def _lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
+        """A run of result lines, their ids looked up at once (three queries a run, not
+        three a line)."""
+        parsed: list[tuple[Any, str | None]] = []
+        for raw in raws:
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+            parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
+        ids = list({custom_id for _, custom_id in parsed if custom_id is not None})
+        listed = self.book.listed_among(batch.n, ids)
+        met = self._among("taking", ids)  # met in an earlier run of this batch's lines
+        done = self._among("done", ids) if self.ledger.done_count else set()
+        first: list[str] = []
+        for obj, custom_id in parsed:
+            one = listed.get(custom_id) if custom_id is not None else None
+            if one is None or one.custom_id in met:
+                self.refused += 1
+                self.books.usage.answers["refused"] += 1
+                continue
+            met.add(one.custom_id)
+            first.append(one.custom_id)
+            if one.custom_id in done:
+                continue  # taken in before a crash: written once already
+            self._line(batch, one, obj, waited)
+        self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
+
+    def _among(self, table: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        marks = ", ".join("?" for _ in ids)
+        rows = self.ledger.reading().execute(f"SELECT id FROM {table} WHERE id IN ({marks})", ids)
+        return {str(custom_id) for (custom_id,) in rows}
+
+    def _line(self, batch: Batch, listed: Listed, obj: Any, waited: float) -> None:
         assert isinstance(obj, dict)
         response, error = obj.get("response"), obj.get("error")
         request = _request(batch, listed)
