@@ -36,7 +36,7 @@ class KillAfterMaking:
         self.api = api
         self.kill = True
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # (the rest of the client, as it is)
         return getattr(self.api, name)
 
     async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:

@@ -136,6 +136,14 @@ class Book:
         )
         return row.fetchone() is not None
 
+    def batch_ids(self, *, but: int) -> list[str]:
+        """The provider's ids of the folder's other batches (finding one again passes them
+        over: a folder's batches are often alike in model and size)."""
+        rows = self.ledger.reading().execute(
+            "SELECT batch_id FROM batches WHERE batch_id IS NOT NULL AND n != ?", (but,)
+        )
+        return [str(batch_id) for (batch_id,) in rows]
+
     def listed(self, n: int, custom_id: str) -> Listed | None:
         row = (
             self.ledger.reading()

@@ -76,7 +76,13 @@ async def cancel_batches(
         ids: dict[int, str] = {}
         for batch in book.batches(CREATING):
             assert batch.at is not None
-            found = await api.find(batch.tag, since=batch.at - SKEW, model=batch.model, lines=batch.lines)
+            found = await api.find(
+                batch.tag,
+                since=batch.at - SKEW,
+                model=batch.model,
+                lines=batch.lines,
+                taken=book.batch_ids(but=batch.n),
+            )
             if found is not None:  # made by a run killed before it noted the id: noted now
                 book.running(batch.n, found.id, info_state(found))
                 ledger.commit()

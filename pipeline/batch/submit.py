@@ -57,7 +57,9 @@ async def submit(
             return None
     elif batch.state == CREATING:
         try:
-            found = await api.find(batch.tag, since=at - SKEW, model=batch.model, lines=batch.lines)
+            found = await api.find(
+                batch.tag, since=at - SKEW, model=batch.model, lines=batch.lines, taken=book.batch_ids(but=n)
+            )
         except NoBatchApi:
             raise gone() from None
         except RequestError as e:

@@ -14,7 +14,7 @@ instead of paying for it twice.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -68,11 +68,20 @@ class BatchApi(Protocol):
         """Make a batch of the staged file (OpenAI batch input lines, one model), tagged."""
 
     async def find(
-        self, tag: str, *, since: float, model: str | None = None, lines: int | None = None
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
     ) -> BatchInfo | None:
         """The batch made with `tag` no earlier than `since` (epoch seconds), or None. Where
         the provider keeps no metadata (OpenRouter), the batch of `model` with `lines`
-        requests made since then; two such raise `RunStopped` (never guessed between)."""
+        requests made since then, but for those `taken` (the ids the caller holds for its
+        other batches: a folder's batches are often alike in model and size) and those this
+        client made or found for another tag; two such raise `RunStopped` (never guessed
+        between)."""
 
     async def get(self, batch_id: str) -> BatchInfo: ...
 
