@@ -85,6 +85,7 @@ class FakeBatchApi(BatchApi):
         self.step_names: list[str] = []
         self.has_api = True
         self.cancelled: list[str] = []
+        self.fail_made: dict[int, tuple[str, ...]] = {}  # batch made n-th -> its errors: failed so
         self.cut_at: int | None = None  # the download of results drops at this line, once
         self.on_get: Callable[[], None] | None = None  # called at each look (a test interrupts there)
         self.invalid: tuple[str, ...] = ("line 2: the body is not valid JSON",)  # a failed batch's errors
@@ -146,10 +147,10 @@ class FakeBatchApi(BatchApi):
         batch.looks += 1
         if batch.looks >= self.looks_to_end and not batch.info.ended:
             total = len(batch.lines)
-            if self.end_as == "failed":  # at validation: nothing ran
-                batch.info = batch.info._replace(
-                    status="failed", counts=BatchCounts(total), errors=self.invalid
-                )
+            made = int(batch_id.rsplit("_", 1)[1])
+            if self.end_as == "failed" or made in self.fail_made:  # at validation: nothing ran
+                errors = self.fail_made.get(made, self.invalid)
+                batch.info = batch.info._replace(status="failed", counts=BatchCounts(total), errors=errors)
                 for custom_id, _ in batch.lines:
                     self.ran[custom_id] -= 1
             else:

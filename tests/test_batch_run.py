@@ -244,3 +244,16 @@ async def test_a_download_cut_short_is_taken_again_and_nothing_is_written_twice(
     assert sorted(results) == sorted(r["custom_id"] for r in rows)  # each once
     assert api.cut_at is None  # the cut happened
     assert api.made == 1
+
+
+async def test_a_batch_refused_for_want_of_room_goes_again_once_a_batch_running_has_ended(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(max_lines=2, looks_to_end=2)
+    api.fail_made = {1: ("token_limit_exceeded: Enqueued token limit reached for m",)}
+    settings = at_batch_tier(make_settings(server[0], bodies(4)))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert len(read_jsonl(settings.folder / "results.jsonl")) == 4
+    assert api.made == 3  # the refused one made again, its lines not failed
+    assert api.ran["job-0"] == 1  # (a batch that failed ran nothing, and is not counted)

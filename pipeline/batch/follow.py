@@ -61,7 +61,8 @@ class Follower:
     ) -> None:
         # --max-cost: each batch's worst case, held before it is submitted
         self.holds = Holds(budget, control.stop)
-        self.over_budget: list[int] = []  # staged, waiting for a batch running to end
+        # staged, waiting for a batch running to end: over the budget, or the provider's room
+        self.over_budget: list[int] = []
         self.api, self.book, self.intake, self.control, self.clock = api, book, intake, control, clock
         self.poll = max(poll, 0.0)
         self.give_up = give_up
@@ -222,7 +223,14 @@ class Follower:
         self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
-        self.queue += again
+        if not self.intake.crowded:
+            self.queue += again
+        elif self.due:
+            self.over_budget += again  # submitted once a batch running ends and makes room
+        else:
+            for m in again:  # none running: the room is the provider's to make, in its time
+                self.retry_at[m] = (self.clock.now() + max(self.poll, RETRY_MOST), self.clock.now())
+            self.queue += again
 
     # -- what a person sees ---------------------------------------------------------------------
 

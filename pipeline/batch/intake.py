@@ -42,6 +42,7 @@ from pipeline.send.verdict import Verdict
 
 WRITE_EVERY = 512  # outcomes written at once
 READ_EVERY = 512  # result lines looked up at once
+CROWDED = "token_limit_exceeded"  # a batch failed for the provider's want of room
 # The codes of a line a batch never ran: not the line's fault.
 NEVER_RAN = frozenset({"batch_expired", "batch_cancelled", "batch_failed", "expired", "cancelled"})
 
@@ -72,6 +73,7 @@ class Intake:
         self.commit = commit
         self.say = say
         self.refused = 0  # result lines refused by this run
+        self.crowded = False  # the batch last taken in failed for want of room, not for its lines
         self._outcomes: list[Outcome] = []
         ledger.writing().execute(
             "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
@@ -92,12 +94,21 @@ class Intake:
         now = self.wall()
         waited = max(now - (batch.at or now), 0.0)  # from its submission: an answer's latency
         invalid = info.status == "failed" and info.counts.completed == 0 and bool(info.errors)
-        if invalid:
+        # Failed for want of room at the provider (OpenAI's enqueued tokens, spent by batches
+        # still running), not for its lines: they go again, once a batch running has ended.
+        self.crowded = invalid and all(CROWDED in error for error in info.errors)
+        invalid = invalid and not self.crowded
+        if self.crowded:
+            self.say(
+                f"pipeline: batch {batch.n} ({info.id}) was refused for now ({info.errors[0]}); its "
+                f"{batch.lines:,} lines go again once a batch running has ended"
+            )
+        elif invalid:
             self.say(
                 f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
-        else:
+        if not (invalid or self.crowded):
             read: list[bytes] = []
             async for raw in self.api.results(info):
                 read.append(raw)
