@@ -22,29 +22,22 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
-
-import orjson
 
 from pipeline.account.books import Books
-from pipeline.batch.again import AGAIN, NOW, send_now, stage_again
+from pipeline.batch.again import send_now, stage_again
 from pipeline.batch.book import Batch, Book, Listed
+from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files
-from pipeline.errors import InvalidOutput, RequestError
-from pipeline.job import Failure, Outcome, Reply, Request, Success
+from pipeline.job import Outcome, Success
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
 from pipeline.send.batchapi import BatchApi, BatchInfo
-from pipeline.send.client import check_completion
-from pipeline.send.status import answer_key, http_error
 from pipeline.send.verdict import Verdict
 
 WRITE_EVERY = 512  # outcomes written at once
 READ_EVERY = 512  # result lines looked up at once
 CROWDED = "token_limit_exceeded"  # a batch failed for the provider's want of room
-# The codes of a line a batch never ran: not the line's fault.
-NEVER_RAN = frozenset({"batch_expired", "batch_cancelled", "batch_failed", "expired", "cancelled"})
 
 
 class Intake:
@@ -72,9 +65,15 @@ class Intake:
         self.files = files
         self.commit = commit
         self.say = say
-        self.refused = 0  # result lines refused by this run
         self.crowded = False  # the batch last taken in failed for want of room, not for its lines
-        self._outcomes: list[Outcome] = []
+        self.judge = LineJudge(
+            book=book,
+            ledger=ledger,
+            books=books,
+            verdict=verdict,
+            max_attempts=max_attempts,
+            now=now is not None,
+        )
         ledger.writing().execute(
             "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
         )
@@ -85,7 +84,7 @@ class Intake:
         # What an earlier go at it wrote (its download cut short) indexed first: those ids are
         # then done, and skipped, rather than written twice; what it had not written yet is
         # let go, and met again.
-        self._outcomes = []
+        self.judge.outcomes = []
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -113,17 +112,19 @@ class Intake:
             async for raw in self.api.results(info):
                 read.append(raw)
                 if len(read) >= READ_EVERY:
-                    self._lines(batch, read, waited)
+                    self.judge.lines(batch, read, waited)
                     read = []
-                    if len(self._outcomes) >= WRITE_EVERY and not self._write():
+                    if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
-            self._lines(batch, read, waited)
+            self.judge.lines(batch, read, waited)
         for listed in self._unanswered(batch.n):
             if invalid:
                 message = "; ".join(info.errors[:5])
-                self._fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
+                self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
             else:
-                self._again_or_fail(batch, listed, "unanswered", f"the batch ended {info.status} without it")
+                self.judge.again_or_fail(
+                    batch, listed, "unanswered", f"the batch ended {info.status} without it"
+                )
         if not self._write():
             return None
         again = await stage_again(self.book, self.ledger, batch, self.files())
@@ -149,12 +150,12 @@ class Intake:
     async def drop(self, batch: Batch, code: str, message: str) -> bool:
         """The provider refused the batch itself: every line of it fails with `message` (not
         sent again as it is), and the batch is dropped once they are written."""
-        self._outcomes = []
+        self.judge.outcomes = []
         self.ledger.writing().execute("DELETE FROM taking")
         for listed in self.book.lines_of(batch.n):
             if not self.ledger.is_done(listed.custom_id):
-                self._fail(batch, listed, code, message)
-            if len(self._outcomes) >= WRITE_EVERY and not self._write():
+                self.judge.fail(batch, listed, code, message)
+            if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                 return False
         if not self._write():
             return False
@@ -168,6 +169,11 @@ class Intake:
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)
         return True
+
+    @property
+    def refused(self) -> int:
+        """Result lines refused by this run (an id not sent in that batch, or sent back twice)."""
+        return self.judge.refused
 
     @contextlib.contextmanager
     def _whole(self) -> Iterator[None]:
@@ -183,148 +189,6 @@ class Intake:
 
     # -- one line ------------------------------------------------------------------------------
 
-    def _lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
-        """A run of result lines, their ids looked up at once (three queries a run, not
-        three a line)."""
-        parsed: list[tuple[Any, str | None]] = []
-        for raw in raws:
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                obj = None
-            custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
-            parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
-        ids = list({custom_id for _, custom_id in parsed if custom_id is not None})
-        listed = self.book.listed_among(batch.n, ids)
-        met = self._among("taking", ids)  # met in an earlier run of this batch's lines
-        done = self._among("done", ids) if self.ledger.done_count else set()
-        first: list[str] = []
-        for obj, custom_id in parsed:
-            one = listed.get(custom_id) if custom_id is not None else None
-            if one is None or one.custom_id in met:
-                self.refused += 1
-                self.books.usage.answers["refused"] += 1
-                continue
-            met.add(one.custom_id)
-            first.append(one.custom_id)
-            if one.custom_id in done:
-                continue  # taken in before a crash: written once already
-            self._line(batch, one, obj, waited)
-        self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
-
-    def _among(self, table: str, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        marks = ", ".join("?" for _ in ids)
-        rows = self.ledger.reading().execute(f"SELECT id FROM {table} WHERE id IN ({marks})", ids)
-        return {str(custom_id) for (custom_id,) in rows}
-
-    def _line(self, batch: Batch, listed: Listed, obj: Any, waited: float) -> None:
-        assert isinstance(obj, dict)
-        response, error = obj.get("response"), obj.get("error")
-        request = _request(batch, listed)
-        if isinstance(response, dict) and response.get("status_code") == 200:
-            body = response.get("body")
-            request_id = response.get("request_id")
-            try:
-                checked = check_completion(body, request_id=request_id)
-                # Against --max-cost, as the synchronous path charges an answer: paid, kept or
-                # not (one that is no completion is charged as thrown away, below).
-                self.books.billed(checked, request)
-                parsed = self._judge(checked, request)
-            except RequestError as e:
-                self._failed_answer(batch, listed, e)
-                return
-            reply = Reply(checked, None, 200, request_id if isinstance(request_id, str) else None, waited)
-            label = self.verdict.label(parsed) if self.verdict is not None else None
-            self._outcomes.append(Success(request, reply, listed.tries, parsed, label))
-            return
-        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-            status = response["status_code"]
-            body = response.get("body")
-            message = _message(body) or f"HTTP {status}"
-            refusal = http_error(status, message, body=body, request_id=response.get("request_id"))
-            self.books.attempt(answer_key(refusal))
-            self._failed_answer(batch, listed, refusal, counted=True)
-            return
-        code = error.get("code") if isinstance(error, dict) else None
-        message = _message({"error": error}) or "the batch did not run this line"
-        if code is None or code in NEVER_RAN:
-            self._again_or_fail(batch, listed, str(code or "unanswered"), message)
-        else:
-            self._fail(batch, listed, str(code), message)
-
-    def _first(self, custom_id: str) -> bool:
-        """Whether this is the batch's first line for the id (a second one is refused)."""
-        cur = self.ledger.writing().execute("INSERT OR IGNORE INTO taking (id) VALUES (?)", (custom_id,))
-        return bool(cur.rowcount)
-
-    def _judge(self, body: dict[str, Any], request: Request) -> Any:
-        if self.verdict is None:
-            return None
-        try:
-            return self.verdict.check(body)
-        except InvalidOutput as e:
-            self.books.discarded(body, request)  # paid for, though no result comes of it
-            e.body = body
-            raise
-
-    def _failed_answer(self, batch: Batch, listed: Listed, e: RequestError, *, counted: bool = False) -> None:
-        if not counted:
-            self.books.attempt(answer_key(e))
-            if not isinstance(e, InvalidOutput):
-                self.books.thrown_away(e.body, _request(batch, listed))
-        most = self.max_attempts
-        if isinstance(e, InvalidOutput) and self.verdict is not None:
-            most = min(most, self.verdict.max_attempts)
-        if e.transient and listed.tries < most:
-            self._again(listed)
-            return
-        if e.transient and self.now is not None and not isinstance(e, InvalidOutput):
-            self._again(listed, NOW)
-            return
-        self._outcomes.append(
-            Failure(
-                line=listed.line,
-                code=e.code,
-                message=_after(e.message, listed.tries),
-                custom_id=listed.custom_id,
-                status=e.status,
-                body=e.body,
-                request_id=e.request_id,
-                attempts=listed.tries,
-                metadata=listed.metadata,
-                model=batch.model,
-            )
-        )
-
-    def _again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
-        if listed.tries < self.max_attempts:
-            self._again(listed)
-        elif self.now is not None:
-            self._again(listed, NOW)
-        else:
-            self._fail(batch, listed, code, _after(message, listed.tries))
-
-    def _again(self, listed: Listed, how: int = AGAIN) -> None:
-        self.ledger.writing().execute(
-            "INSERT OR REPLACE INTO taking (id, again) VALUES (?, ?)", (listed.custom_id, how)
-        )
-
-    def _fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
-        self._outcomes.append(
-            Failure(
-                line=listed.line,
-                code=code,
-                message=message,
-                custom_id=listed.custom_id,
-                attempts=listed.tries,
-                metadata=listed.metadata,
-                model=batch.model,
-                unsent=True,  # not the input's fault: counted as a failed request
-            )
-        )
-
     def _unanswered(self, n: int) -> list[Listed]:
         """The batch's lines it gave no line for (and not done before a crash)."""
         rows = (
@@ -338,18 +202,18 @@ class Intake:
                 continue
             listed = self.book.listed(n, custom_id)
             if listed is not None:
-                self._first(custom_id)
+                self.judge.first(custom_id)
                 unanswered.append(listed)
         return unanswered
 
     # -- writing, and going again ---------------------------------------------------------------
 
     def _write_now(self, outcomes: list[Outcome]) -> bool:
-        self._outcomes += outcomes
+        self.judge.outcomes += outcomes
         return self._write()
 
     def _write(self) -> bool:
-        outcomes, self._outcomes = self._outcomes, []
+        outcomes, self.judge.outcomes = self.judge.outcomes, []
         if not outcomes:
             return self.writer.broken is None
         successes = [o for o in outcomes if isinstance(o, Success)]
@@ -363,18 +227,3 @@ class Intake:
             self.writer.fail(e)
             return False
         return True
-
-
-def _request(batch: Batch, listed: Listed) -> Request:
-    return Request(listed.custom_id, listed.line, b"", listed.metadata, batch.model)
-
-
-def _message(body: Any) -> str | None:
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    return None
-
-
-def _after(message: str, tries: int) -> str:
-    return f"{message} (after {tries} batch{'es' if tries != 1 else ''})"
