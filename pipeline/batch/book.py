@@ -256,3 +256,15 @@ def live_batches(ledger: Ledger) -> int:
         return 0
     marks = ", ".join("?" for _ in LIVE)
     return int(db.execute(f"SELECT count(*) FROM batches WHERE state IN ({marks})", LIVE).fetchone()[0])
+
+
+def live_note(ledger: Ledger, folder: Path) -> str | None:
+    """What a synchronous run into a folder with live batches says before it sends."""
+    live = live_batches(ledger)
+    if not live:
+        return None
+    return (
+        f"pipeline: {live:,} batch(es) of this folder are still at the provider (--tier batch): their "
+        f"lines are sent again now, and paid twice; run with --tier batch to take them in, or "
+        f"`pipeline cancel {folder}` first"
+    )

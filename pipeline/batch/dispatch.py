@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -72,6 +73,25 @@ def no_batch_api(settings: Settings) -> SettingsError:
         f"{redacted(settings.base_url)} has no batch API (a 404 on its files or batches path); "
         "nothing was uploaded; --tier sync sends the same job to it now"
     )
+
+
+async def run_batches(
+    run: Run,
+    api_key: str | None,
+    open_client: Callable[[Settings, str | None], AbstractAsyncContextManager[Client]],
+) -> None:
+    """A run's middle at `--tier batch`: the batch API its host opens (and, `--then sync`, the
+    synchronous client), then `dispatch_batches`."""
+    settings = run.settings
+    try:
+        async with run.host.batch_api(settings, api_key) as api:
+            if option(settings, "then", None) != "sync":
+                await dispatch_batches(run, api)
+            else:  # what batches leave undone is sent now, as a synchronous run sends
+                async with open_client(settings, api_key) as client:
+                    await dispatch_batches(run, api, client=client)
+    except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
+        raise no_batch_api(settings) from None
 
 
 async def dispatch_batches(

@@ -100,29 +100,15 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.gate.scopes.check()
         if getattr(settings, "tier", "sync") == "batch":
-            # The middle at half price: batches instead of requests (`pipeline.batch`).
-            from pipeline.batch.dispatch import dispatch_batches, no_batch_api
-            from pipeline.send.batchapi import NoBatchApi
+            from pipeline.batch.dispatch import run_batches  # the middle at half price
 
-            try:
-                async with host.batch_api(settings, api_key) as api:
-                    if getattr(settings, "then", None) != "sync":
-                        await dispatch_batches(job, api)
-                    else:  # what batches leave undone is sent now, as a synchronous run sends
-                        async with _client(settings, api_key) as client:
-                            await dispatch_batches(job, api, client=client)
-            except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
-                raise no_batch_api(settings) from None
+            await run_batches(job, api_key, _client)
         else:
-            from pipeline.batch.book import live_batches
+            from pipeline.batch.book import live_note  # (batches of the folder left running)
 
-            live = live_batches(job.ledger)
-            if live:
-                job.progress.say(
-                    f"pipeline: {live:,} batch(es) of this folder are still at the provider (--tier batch): "
-                    "their lines are sent again now, and paid twice; run with --tier batch to take them "
-                    f"in, or `pipeline cancel {settings.folder}` first"
-                )
+            note = live_note(job.ledger, settings.folder)
+            if note is not None:
+                job.progress.say(note)
             async with _client(settings, api_key) as client:
                 await job.dispatch(client)
     except RunStopped as e:
