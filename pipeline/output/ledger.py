@@ -149,6 +149,14 @@ class Ledger:
             self._db.execute("BEGIN")
         return self._db
 
+    def writing(self) -> sqlite3.Connection:
+        """The connection, inside the ledger's transaction: for a book that keeps its own
+        tables here (`pipeline.batch.book`), committed or rolled back with the rest."""
+        return self._begun()
+
+    def reading(self) -> sqlite3.Connection:
+        return self._db
+
     # -- meta ------------------------------------------------------------------------------
 
     def get(self, key: str) -> Any:

@@ -78,6 +78,8 @@ def finish(run: Run, failed_now: int) -> Summary:
         note = idle
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
+    if run.follower is not None:  # at --tier batch: what is left running, and refused
+        note = run.follower.amend(note, settings.folder)
     note = run.redact.text(note)
     record: dict[str, Any] = {
         "started": dt.datetime.fromtimestamp(run.started, dt.UTC).isoformat(timespec="seconds"),

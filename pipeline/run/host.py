@@ -11,15 +11,19 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from pipeline.errors import SettingsError
 from pipeline.pace.pacer import Pacer
 
 if TYPE_CHECKING:
+    from pipeline.batch.follow import Clock
     from pipeline.run.control import Control
     from pipeline.run.progress import Progress
+    from pipeline.send.batchapi import BatchApi
     from pipeline.settings import Settings
 
 
@@ -35,6 +39,8 @@ def scope_key(account: str, model: str | None) -> str:
 
 class Host:
     """A run in a process of its own."""
+
+    batch_clock: Clock | None = None  # what the batch tier waits by (None: the real one; tests fake it)
 
     def pacer(
         self,
@@ -63,6 +69,23 @@ class Host:
             processes=settings.shard.n if settings.shard else 1,
             say=say,
         )
+
+    def batch_api(self, settings: Settings, api_key: str | None) -> AbstractAsyncContextManager[BatchApi]:
+        """The endpoint's batch API, for a run at `--tier batch` (`pipeline.batch`): the shape
+        `batch_api` asks for, else the one the endpoint offers."""
+        import importlib
+
+        try:
+            # (the client of both shapes, built beside the batch run in issue 22)
+            client: Any = importlib.import_module("pipeline.send.batchclient")
+        except ModuleNotFoundError:
+            raise SettingsError(
+                "--tier batch: this build has no batch client; run with --tier sync"
+            ) from None
+        opened: AbstractAsyncContextManager[BatchApi] = client.open_batch_api(
+            settings.base_url, api_key, getattr(settings, "batch_api", None)
+        )
+        return opened
 
     async def watch(self, control: Control, progress: Progress) -> None:
         """1st SIGINT/SIGTERM: stop dispatching; 2nd: cancel the work (a task of the run)."""

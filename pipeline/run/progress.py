@@ -67,6 +67,7 @@ class Progress:
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
         self.paces_of: Paces | None = None  # the same, for each model with a pace of its own
+        self.batches: Callable[[], str] | None = None  # at --tier batch: the batches' states, for the pace
         self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
         self._cost_before = usage.totals().cost
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
@@ -146,6 +147,8 @@ class Progress:
     def _pace(self) -> str:
         """The paces in force and the 429s of the last minute: a person watching sees the
         limit being found."""
+        if self.batches is not None:
+            return self.batches()
         refused = self.usage.timeline.recent("429", 60.0)
         return f"{self.paces()}, {refused:,} 429s in the last minute"
 

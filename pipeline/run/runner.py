@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -58,6 +59,9 @@ from pipeline.send.worker import Worker
 from pipeline.settings import Settings
 from pipeline.urls import is_loopback, redacted
 
+if TYPE_CHECKING:
+    from pipeline.batch.follow import Follower
+
 
 def _check_key(settings: Settings) -> str | None:
     key = settings.api_key()
@@ -95,19 +99,33 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.gate.scopes.check()
-        async with open_client(
-            settings.base_url,
-            api_key=api_key,
-            concurrency=settings.concurrency,
-            request_timeout=settings.timeout,
-            idle_timeout=settings.idle_timeout,
-        ) as client:
-            await job.dispatch(client)
+        if getattr(settings, "tier", "sync") == "batch":
+            from pipeline.batch.dispatch import run_batches  # the middle at half price
+
+            await run_batches(job, api_key, _client)
+        else:
+            from pipeline.batch.book import live_note  # (batches of the folder left running)
+
+            note = live_note(job.ledger, settings.folder)
+            if note is not None:
+                job.progress.say(note)
+            async with _client(settings, api_key) as client:
+                await job.dispatch(client)
     except RunStopped as e:
         job.control.stop(e)
     finally:
         failed_now = await close(job)
     return finish(job, failed_now)
+
+
+def _client(settings: Settings, api_key: str | None) -> AbstractAsyncContextManager[Client]:
+    return open_client(
+        settings.base_url,
+        api_key=api_key,
+        concurrency=settings.concurrency,
+        request_timeout=settings.timeout,
+        idle_timeout=settings.idle_timeout,
+    )
 
 
 class Run:
@@ -168,6 +186,7 @@ class Run:
             ),
         )
         self.gate = Gate(scopes)
+        self.follower: Follower | None = None  # the batch tier's, when it runs
         self.usage.timeline.sample(self._sample, scopes.paces)
         self.progress.sample, self.progress.paces_of = self._sample, scopes.paces
         # The budget counts from what the folder holds, repaired: earlier runs count too.
@@ -188,10 +207,11 @@ class Run:
         it comes from, and the limit it keeps under (requests a second)."""
         return (self.control.in_flight, *pace_of(self.finder))
 
-    async def dispatch(self, client: Client) -> None:
-        settings, control, writer = self.settings, self.control, self.writer
+    def attempts(self, client: Client) -> Attempts:
+        """How one request becomes its outcome: pace, send, judge, account, retry."""
+        control = self.control
         judge = Judge(NotFound(client.url, client.models, lambda: control.in_hand, self.progress.say))
-        attempts = Attempts(
+        return Attempts(
             gate=self.gate,
             client=client,
             judge=judge,
@@ -200,6 +220,11 @@ class Run:
             control=control,
             verdict=self.verdict,
         )
+
+    async def dispatch(self, client: Client) -> None:
+        settings, control, writer = self.settings, self.control, self.writer
+        attempts = self.attempts(client)
+        judge = attempts.judge
         worker = Worker(
             attempts,
             fill_ahead=self.parser.template is not None and self.parser.template.local_images,
@@ -259,7 +284,7 @@ class Run:
         self,
         requests: MemoryObjectSendStream[Request],
         failures: MemoryObjectSendStream[Outcome],
-        refill: Refill,
+        refill: Refill | None,
     ) -> None:
         with anyio.CancelScope() as scope:
             self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once

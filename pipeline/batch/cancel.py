@@ -1,0 +1,126 @@
+"""`pipeline cancel OUT`: cancel the folder's batches at the provider, and keep what they did.
+
+Every batch the book has running is cancelled, and so is one it has creating (a run killed
+while making it) once found by its tag. The provider keeps what a cancelled batch finished:
+the next run into the folder (the same command) takes it in, as it takes in any batch that
+ended while no run followed it, and sends what was not run again. Batches staged and never
+submitted cost nothing and stay staged. The book is not changed but for a batch found.
+
+Exit status: 0 every batch ended (cancelled, or done before the cancel reached it); 3 some
+were still cancelling when this stopped waiting, or could not be cancelled (they are said).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from pipeline.batch.book import CREATING, RUNNING, Book
+from pipeline.batch.follow import Clock
+from pipeline.batch.submit import SKEW, info_state
+from pipeline.errors import RequestError, SettingsError
+from pipeline.output.folder import LEDGER
+from pipeline.output.ledger import Ledger
+from pipeline.run.summary import EXIT_OK, EXIT_STOPPED
+from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
+from pipeline.settings import DEFAULT_KEY_ENV
+from pipeline.urls import DEFAULT_BASE_URL, is_loopback, redacted
+
+PATIENCE = 600.0  # seconds to wait for the batches to end once cancelled
+LOOK_EVERY = 5.0
+
+
+def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | None = None) -> int:
+    """The command's work; its exit status."""
+    base_url = base_url or DEFAULT_BASE_URL
+    key_env = api_key_env or DEFAULT_KEY_ENV
+    if not (folder / LEDGER).exists():
+        raise SettingsError(f"{folder} holds no run (no {LEDGER}): nothing to cancel")
+    api_key = os.environ.get(key_env) or None
+    if api_key is None and not is_loopback(base_url):
+        raise SettingsError(
+            f"no API key: set the environment variable {key_env} to the key for {redacted(base_url)}"
+        )
+
+    async def main() -> int:
+        import importlib
+        from typing import Any
+
+        client: Any = importlib.import_module("pipeline.send.batchclient")
+        try:
+            async with client.open_batch_api(base_url, api_key) as api:
+                return await cancel_batches(folder, api)
+        except NoBatchApi:
+            raise SettingsError(f"{redacted(base_url)} has no batch API: nothing to cancel there") from None
+
+    return anyio.run(main)
+
+
+async def cancel_batches(
+    folder: Path,
+    api: BatchApi,
+    *,
+    clock: Clock | None = None,
+    patience: float = PATIENCE,
+    say: Callable[[str], None] | None = None,
+) -> int:
+    clock = clock or Clock()
+    tell = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    ledger = Ledger(folder / LEDGER)
+    try:
+        book = Book(ledger, folder)
+        ids: dict[int, str] = {}
+        for batch in book.batches(CREATING):
+            assert batch.at is not None
+            found = await api.find(
+                batch.tag,
+                since=batch.at - SKEW,
+                model=batch.model,
+                lines=batch.lines,
+                taken=book.batch_ids(but=batch.n),
+            )
+            if found is not None:  # made by a run killed before it noted the id: noted now
+                book.running(batch.n, found.id, info_state(found))
+                ledger.commit()
+                ids[batch.n] = found.id
+        ids.update((batch.n, batch.batch_id) for batch in book.batches(RUNNING) if batch.batch_id)
+    finally:
+        ledger.close()
+    if not ids:
+        tell(f"pipeline cancel: no batch of {folder} is running: nothing to cancel")
+        return EXIT_OK
+    left: dict[int, BatchInfo | None] = {}
+    failed = 0
+    for n, batch_id in sorted(ids.items()):
+        try:
+            left[n] = await api.cancel(batch_id)
+        except RequestError as e:
+            failed += 1
+            tell(f"pipeline cancel: batch {n} ({batch_id}) could not be cancelled: {e.message}")
+    started = clock.now()
+    wake = anyio.Event()  # (never set: the waits are the clock's)
+    while any(info is None or not info.ended for info in left.values()) and clock.now() - started < patience:
+        await clock.wait(LOOK_EVERY, wake)
+        for n, info in left.items():
+            if info is None or not info.ended:
+                try:
+                    left[n] = await api.get(ids[n])
+                except RequestError:
+                    left[n] = None
+    ended = [info for info in left.values() if info is not None and info.ended]
+    done = sum(info.counts.completed for info in ended)
+    tell(
+        f"pipeline cancel: {len(ended):,} of {len(ids):,} batch(es) ended ({done:,} lines answered before "
+        f"the cancel, kept at the provider); the same run command takes them in, and sends what they did not run"
+    )
+    still = len(left) - len(ended)
+    if still or failed:
+        tell(
+            f"pipeline cancel: {still + failed:,} batch(es) not ended yet: run pipeline cancel {folder} again later"
+        )
+        return EXIT_STOPPED
+    return EXIT_OK

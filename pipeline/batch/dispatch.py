@@ -1,0 +1,232 @@
+"""The middle of a run at `--tier batch`: the same reader, writer, ledger, books and progress as
+a synchronous run; between them, batches instead of requests.
+
+outer task group
+├── writer.consume        the reader's and the stager's failures -> OUT/errors.jsonl
+├── writer.sync_forever
+├── progress.tick         the batches' states and counts, and how long they have waited
+├── host.watch            1st SIGINT/SIGTERM: stop following (the batches go on); 2nd: cancel
+└── work scope
+    └── task group
+        ├── reader.feed   input -> [requests]
+        ├── stage         [requests] -> OUT/batches/<n>.jsonl, staged in the book
+        └── Follower.run  submit, look, take in (results written by the writer), go again
+
+Stopping stops the reader and the following, and leaves the batches running at the provider:
+they go on, and are paid for as they finish; the same command takes them in, and `pipeline
+cancel OUT` cancels them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.account import cost
+from pipeline.batch.book import CREATING, DROPPED, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.follow import Clock, Follower
+from pipeline.batch.intake import Intake
+from pipeline.batch.now import SendNow
+from pipeline.batch.stage import Files, stage
+from pipeline.errors import RunStopped, SettingsError
+from pipeline.job import Outcome, Request
+from pipeline.jobfile import Price
+from pipeline.send.batchapi import BatchApi, NoBatchApi
+from pipeline.send.client import Client
+from pipeline.settings import Settings
+from pipeline.urls import redacted
+
+if TYPE_CHECKING:
+    from pipeline.run.runner import Run
+
+DISCOUNT = 0.5  # what providers take off for a batch, where the job's prices say nothing of it
+
+
+def option(settings: Settings, name: str, default: Any) -> Any:
+    """A batch setting (`tier`, `batch_poll`, `batch_api`, `then`): read so, as the settings
+    that carry them are built beside this module (issue 22)."""
+    return getattr(settings, name, default)
+
+
+def batch_prices(settings: Settings) -> Mapping[str, Price]:
+    """The job's prices at the batch tier: `account.cost.tier_prices` where it is built (the
+    settings of issue 22, beside this module), else the synchronous prices at the usual share."""
+    tier_prices = getattr(cost, "tier_prices", None)
+    if tier_prices is not None:
+        table: Mapping[str, Price] = tier_prices(settings.prices, "batch")
+        return table
+    return {
+        model: Price(price.prompt * DISCOUNT, price.completion * DISCOUNT)
+        for model, price in settings.prices.items()
+    }
+
+
+def no_batch_api(settings: Settings) -> SettingsError:
+    """A run at --tier batch where the endpoint has no batch API: exit 2, nothing uploaded."""
+    return SettingsError(
+        f"{redacted(settings.base_url)} has no batch API (a 404 on its files or batches path); "
+        "nothing was uploaded; --tier sync sends the same job to it now"
+    )
+
+
+async def run_batches(
+    run: Run,
+    api_key: str | None,
+    open_client: Callable[[Settings, str | None], AbstractAsyncContextManager[Client]],
+) -> None:
+    """A run's middle at `--tier batch`: the batch API its host opens (and, `--then sync`, the
+    synchronous client), then `dispatch_batches`."""
+    settings = run.settings
+    try:
+        async with run.host.batch_api(settings, api_key) as api:
+            if option(settings, "then", None) != "sync":
+                await dispatch_batches(run, api)
+            else:  # what batches leave undone is sent now, as a synchronous run sends
+                async with open_client(settings, api_key) as client:
+                    await dispatch_batches(run, api, client=client)
+    except NoBatchApi:  # (the shape looked for as the API opens: nothing uploaded yet)
+        raise no_batch_api(settings) from None
+
+
+async def dispatch_batches(
+    run: Run, api: BatchApi, *, clock: Clock | None = None, client: Client | None = None
+) -> None:
+    """The batch tier's middle; `client`: `--then sync`'s, for what batches leave undone."""
+    settings, control, writer, ledger = run.settings, run.control, run.writer, run.ledger
+    try:
+        await api.check()
+    except NoBatchApi:
+        raise no_batch_api(settings) from None
+    clock = clock or run.host.batch_clock or Clock()
+    book = Book(ledger, settings.folder)
+    for n in book.forget_filling():
+        _remove(book, n)
+    for old in book.batches(TAKEN, DROPPED):
+        _remove(book, old.n)
+    ledger.commit()
+    run.books.prices = batch_prices(settings)
+    if run.books.budget is not None:
+        run.books.budget.prices = run.books.prices
+
+    def commit() -> bool:
+        try:
+            ledger.commit()
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                ledger.rollback()
+            writer.fail(e)
+            return False
+        return True
+
+    def files() -> Files:
+        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes)
+
+    intake = Intake(
+        api=api,
+        book=book,
+        ledger=ledger,
+        writer=writer,
+        books=run.books,
+        verdict=run.verdict,
+        max_attempts=settings.max_attempts,
+        files=files,
+        commit=commit,
+        say=run.progress.say,
+        wall=clock.wall,
+        now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
+    )
+    follower = Follower(
+        api=api,
+        book=book,
+        intake=intake,
+        control=control,
+        clock=clock,
+        poll=float(option(settings, "batch_poll", 30.0)),
+        give_up=settings.give_up_after,
+        commit=commit,
+        say=run.progress.say,
+        budget=run.books.budget,
+    )
+    run.follower = follower
+    for batch in book.batches(STAGED, CREATING):
+        follower.queue.append(batch.n)
+    for batch in book.batches(RUNNING):
+        follower.running(batch.n)  # looked at once: it may have ended while no run followed it
+    for batch in book.batches(CREATING, RUNNING):
+        follower.hold(batch, made=True)
+    live = book.in_live if book.any_live() else None
+    worst = run.books.budget.worst_case if run.books.budget is not None else None
+    run.progress.batches = follower.status
+
+    def staged(n: int) -> bool:
+        if not commit():
+            return False
+        follower.staged(n)
+        return True
+
+    async def stage_all(
+        requests: MemoryObjectReceiveStream[Request], failures: MemoryObjectSendStream[Outcome]
+    ) -> None:
+        # (closed whatever happens, even before staging begins: the reader and the writer
+        # wait for them)
+        with requests, failures:
+            try:
+                batch_files = files()
+                try:
+                    await stage(
+                        requests,
+                        failures,
+                        batch_files,
+                        books=run.books,
+                        live=live,
+                        staged=staged,
+                        worst=worst,
+                    )
+                finally:
+                    batch_files.abandon()
+            finally:
+                follower.staging_done()
+
+    async def guarded(task: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """A write to the folder that fails (its staged files, its book: a full disk, a
+        failing one) stops the run, resumable, as a write of the writer's does."""
+        try:
+            await task(*args)
+        except (OSError, sqlite3.Error) as e:
+            if isinstance(e, sqlite3.Error):
+                with contextlib.suppress(sqlite3.Error):
+                    ledger.rollback()
+            writer.fail(e)
+
+    requests_send, requests_recv = anyio.create_memory_object_stream[Request](64)
+    outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](64)
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(writer.consume, outcomes_recv)
+        outer.start_soon(writer.sync_forever)
+        outer.start_soon(run.progress.tick)
+        outer.start_soon(run.host.watch, control, run.progress)
+        outer.start_soon(run._count_total)
+        with anyio.CancelScope() as work_scope:
+            control.work_scope = work_scope
+            control.on_stop.append(follower.wake)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run._read, requests_send, outcomes_send.clone(), None)
+                tg.start_soon(guarded, stage_all, requests_recv, outcomes_send)
+                tg.start_soon(guarded, follower.run)
+        if control.dispatching and follower.left:  # (never, but a line must not pass for done)
+            control.stop(
+                RunStopped("batches were left untaken: run the same command again", code="batches_left")
+            )
+        await writer.drained.wait()
+        outer.cancel_scope.cancel()
+
+
+def _remove(book: Book, n: int) -> None:
+    with contextlib.suppress(OSError):
+        book.path(n).unlink(missing_ok=True)

@@ -1,0 +1,284 @@
+"""Following the folder's batches: each staged one submitted, each running one looked at every
+`batch_poll` seconds (at most one look a second in all, whatever the number of batches), and
+each that ended taken in, its lines to go again submitted in turn. Waits are awaited on a
+clock a test can fake; a batch staged, or the run stopping, wakes the wait at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+
+from pipeline.account.cost import Budget
+from pipeline.batch.book import Batch, Book
+from pipeline.batch.hold import Holds
+from pipeline.batch.intake import Intake
+from pipeline.batch.submit import Refused, gone, submit
+from pipeline.errors import HTTPStatusError, RequestError, RunStopped
+from pipeline.run.control import Control
+from pipeline.run.progress import duration
+from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
+
+LOOK_GAP = 1.0  # seconds between two looks, at least, whatever the number of batches
+RETRY_MOST = 300.0  # seconds between two tries of a submission the provider failed
+
+
+class Clock:
+    """Time as the batch run waits by; tests give a fake one (no test sleeps)."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        """Seconds since the epoch: what a provider dates a batch by."""
+        return time.time()
+
+    async def wait(self, seconds: float | None, wake: anyio.Event) -> None:
+        """`seconds` (None: for ever), or until `wake` is set."""
+        if seconds is None:
+            await wake.wait()
+            return
+        with anyio.move_on_after(seconds):
+            await wake.wait()
+
+
+class Follower:
+    def __init__(
+        self,
+        *,
+        api: BatchApi,
+        book: Book,
+        intake: Intake,
+        control: Control,
+        clock: Clock,
+        poll: float,
+        give_up: float,
+        commit: Callable[[], bool],
+        say: Callable[[str], None],
+        budget: Budget | None = None,
+    ) -> None:
+        # --max-cost: each batch's worst case, held before it is submitted
+        self.holds = Holds(budget, control.stop)
+        # staged, waiting for a batch running to end: over the budget, or the provider's room
+        self.over_budget: list[int] = []
+        self.api, self.book, self.intake, self.control, self.clock = api, book, intake, control, clock
+        self.poll = max(poll, 0.0)
+        self.give_up = give_up
+        self.commit = commit
+        self.say = say
+        self.queue: list[int] = []  # staged or creating: to submit, in order
+        self.retry_at: dict[int, tuple[float, float]] = {}  # n -> (when to try again, failing since)
+        self.due: dict[int, float] = {}  # running: n -> when to look next
+        self.seen: dict[int, BatchInfo] = {}  # running: as last described
+        self.since: dict[int, float] = {}  # running: when we first saw it made (our clock)
+        self.staging = True  # more may be staged
+        self._last_look = -LOOK_GAP
+        self._wake = anyio.Event()
+
+    # -- told by the others ------------------------------------------------------------------
+
+    def staged(self, n: int) -> None:
+        self.queue.append(n)
+        self.wake()
+
+    def staging_done(self) -> None:
+        self.staging = False
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def running(self, n: int, info: BatchInfo | None = None) -> None:
+        self.due[n] = self.clock.now() if info is None else self.clock.now() + self.poll
+        self.since.setdefault(n, self.clock.now())
+        if info is not None:
+            self.seen[n] = info
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        control = self.control
+        while control.dispatching:
+            now = self.clock.now()
+            ready = [n for n in self.queue if self.retry_at.get(n, (0.0, 0.0))[0] <= now]
+            for n in ready:
+                self.queue.remove(n)
+                await self._submit(n)
+                if not control.dispatching:
+                    return
+            if ready:
+                continue
+            times = [self.retry_at[n][0] for n in self.queue if n in self.retry_at]
+            look = min(self.due, key=self.due.__getitem__) if self.due else None
+            if look is not None:
+                times.append(max(self.due[look], self._last_look + LOOK_GAP))
+            if not times:
+                if not self.staging:
+                    return  # every batch taken in, and no more to come
+                await self._sleep(None)
+                continue
+            when = min(times)
+            if when > self.clock.now():
+                await self._sleep(when - self.clock.now())
+                continue
+            if look is not None and max(self.due[look], self._last_look + LOOK_GAP) <= self.clock.now():
+                await self._look(look)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        wake = self._wake
+        if not wake.is_set():
+            await self.clock.wait(seconds, wake)
+        if wake.is_set():
+            self._wake = anyio.Event()
+
+    def hold(self, batch: Batch, *, made: bool = False) -> bool:
+        return self.holds.hold(batch, made=made)
+
+    def _release(self, n: int) -> None:
+        self.holds.release(n)
+        self.queue[:0], self.over_budget = self.over_budget, []  # they may fit now
+
+    async def _submit(self, n: int) -> None:
+        batch = self.book.batch(n)
+        if not self.hold(batch):
+            self.over_budget.append(n)  # staged still: tried again once a batch running ends
+            return
+        try:
+            info = await submit(self.api, self.book, batch, now=self.clock.wall, commit=self.commit)
+        except Refused as e:
+            self.say(f"pipeline: batch {n}: {e.message}; its {batch.lines:,} lines fail")
+            await self.intake.drop(
+                batch, e.error.code if e.error.status is None else str(e.error.status), e.message
+            )
+            return
+        except RunStopped as e:
+            self.queue.insert(0, n)  # (said as left: the next run submits it, or finds it made)
+            self.control.stop(e)
+            return
+        except RequestError as e:
+            self._failed_submit(n, e)
+            return
+        self.retry_at.pop(n, None)
+        if info is None:
+            self.queue.insert(0, n)  # made, its id not noted: the next run finds it
+            return
+        self.running(n, info)
+
+    def _failed_submit(self, n: int, error: RequestError) -> None:
+        now = self.clock.now()
+        _, since = self.retry_at.get(n, (now, now))
+        if now - since >= self.give_up:
+            self.control.stop(
+                RunStopped(
+                    f"the batch API kept failing for {duration(now - since)} ({error.message}); the "
+                    "batches made so far are kept: run the same command again to resume",
+                    code="batch_api_failing",
+                )
+            )
+            return
+        wait = min(max(2 * (now - since), LOOK_GAP), RETRY_MOST)
+        if isinstance(error, HTTPStatusError) and error.retry_after is not None:
+            wait = max(wait, error.retry_after)
+        self.say(f"pipeline: batch {n} not submitted yet ({error.message}); trying again in {duration(wait)}")
+        self.retry_at[n] = (now + wait, since)
+        self.queue.append(n)
+
+    async def _look(self, n: int) -> None:
+        batch = self.book.batch(n)
+        self._last_look = self.clock.now()
+        self.due[n] = self.clock.now() + self.poll
+        assert batch.batch_id is not None
+        try:
+            info = await self.api.get(batch.batch_id)
+        except NoBatchApi:
+            self.control.stop(gone())
+            return
+        except RequestError as e:
+            status = e.status if isinstance(e, HTTPStatusError) else None
+            if status in (401, 402, 403):
+                self.control.stop(
+                    RunStopped(
+                        f"the server refused to show batch {batch.batch_id} ({e.message}); the batches "
+                        "go on at the provider: run the same command again to resume",
+                        code="key_rejected",
+                    )
+                )
+            return  # looked at again at the next poll
+        self.seen[n] = info
+        if not info.ended:
+            return
+        try:
+            again = await self.intake.take(batch, info)
+        except NoBatchApi:
+            self.control.stop(gone())
+            return
+        except RequestError as e:  # its results could not be read: read again at the next look
+            self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
+            return
+        if again is None:
+            return  # the folder took no more: the run stops
+        del self.due[n]
+        self._release(n)
+        self.seen.pop(n, None)
+        self.since.pop(n, None)
+        if not self.intake.crowded:
+            self.queue += again
+        elif self.due:
+            self.over_budget += again  # submitted once a batch running ends and makes room
+        else:
+            for m in again:  # none running: the room is the provider's to make, in its time
+                self.retry_at[m] = (self.clock.now() + max(self.poll, RETRY_MOST), self.clock.now())
+            self.queue += again
+
+    # -- what a person sees ---------------------------------------------------------------------
+
+    def status(self) -> str:
+        states: dict[str, int] = {}
+        answered = total = 0
+        for info in self.seen.values():
+            states[info.status] = states.get(info.status, 0) + 1
+            answered += info.counts.completed + info.counts.failed
+            total += info.counts.total
+        running = len(self.due)
+        if not running and not self.queue:
+            return "no batch running"
+        parts = [f"{running:,} batch{'es' if running != 1 else ''} running"]
+        if states:
+            parts.append(", ".join(f"{count:,} {state}" for state, count in sorted(states.items())))
+        if total:
+            parts.append(f"{answered:,} of {total:,} lines answered")
+        if self.since:
+            parts.append(f"waiting {duration(self.clock.now() - min(self.since.values()))}")
+        if self.queue:
+            parts.append(f"{len(self.queue):,} to submit")
+        return "; ".join(parts)
+
+    @property
+    def left(self) -> int:
+        """Batches not taken in: running, or staged and not submitted."""
+        return len(self.due) + len(self.queue) + len(self.over_budget)
+
+    def amend(self, note: str, folder: object) -> str:
+        """The run's last line, with what it leaves at the provider and what it refused."""
+        running, waiting = len(self.due), len(self.queue) + len(self.over_budget)
+        if running or waiting:
+            left = []
+            if running:
+                left.append(
+                    f"{running:,} batch{'es' if running != 1 else ''} left running at the provider "
+                    "(they go on, and are paid for as they finish)"
+                )
+            if waiting:
+                left.append(f"{waiting:,} staged and not submitted yet")
+            note = (
+                f"{note}; {' and '.join(left)}: run the same command again to take them in, or "
+                f"`pipeline cancel {folder}` to cancel them"
+            )
+        if self.intake.refused:
+            note = (
+                f"{note}; {self.intake.refused:,} result line(s) refused (an id not sent in that "
+                "batch, or sent back twice): not written"
+            )
+        return note

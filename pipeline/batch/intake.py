@@ -1,0 +1,229 @@
+"""Taking an ended batch in: its result lines, streamed, each to exactly one of
+
+    a result     a 200 that is a chat completion keeping the verdict: results.jsonl
+    again        what the synchronous path would try again (429, 5xx, an empty or invalid
+                 answer, a line the batch never ran: expired, cancelled, unanswered), staged
+                 into a new batch from this batch's own file (tries + 1), while it has
+                 tries left (`--max-attempts`, and the verdict's own for invalid answers)
+    a failure    the rest (400...), and what has no tries left: errors.jsonl
+    refused      a line for an id this batch did not hold, or a second one for the same id:
+                 counted (usage.json's answers, "refused"), never written
+
+Exactly once: the outcomes are written by the run's writer, and the batch is committed
+`taken` (with the new batches of its lines to go again) only once the writer has indexed
+them all. A run killed before that takes the batch in again: ids already done are skipped
+silently, failures are listed again under the same key (errors.jsonl holds each once), and
+the lines to go again are found again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+
+from pipeline.account.books import Books
+from pipeline.batch.again import send_now, stage_again
+from pipeline.batch.book import Batch, Book, Listed
+from pipeline.batch.judge import LineJudge
+from pipeline.batch.now import SendNow
+from pipeline.batch.stage import Files
+from pipeline.job import Outcome, Success
+from pipeline.output.ledger import Ledger
+from pipeline.output.writer import Writer
+from pipeline.send.batchapi import BatchApi, BatchInfo
+from pipeline.send.verdict import Verdict
+
+WRITE_EVERY = 512  # outcomes written at once
+READ_EVERY = 512  # result lines looked up at once
+CROWDED = "token_limit_exceeded"  # a batch failed for the provider's want of room
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        api: BatchApi,
+        book: Book,
+        ledger: Ledger,
+        writer: Writer,
+        books: Books,
+        verdict: Verdict | None,
+        max_attempts: int,
+        files: Callable[[], Files],
+        commit: Callable[[], bool],
+        say: Callable[[str], None],
+        wall: Callable[[], float] = time.time,
+        now: SendNow | None = None,
+    ) -> None:
+        self.now = now  # `--then sync`: what has no batch attempt left is sent now
+        self.wall = wall  # the clock a batch's submission was dated by
+        self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
+        self.verdict = verdict
+        self.max_attempts = max_attempts
+        self.files = files
+        self.commit = commit
+        self.say = say
+        self.crowded = False  # the batch last taken in failed for want of room, not for its lines
+        self.judge = LineJudge(
+            book=book,
+            ledger=ledger,
+            books=books,
+            verdict=verdict,
+            max_attempts=max_attempts,
+            now=now is not None,
+        )
+        ledger.writing().execute(
+            "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
+        )
+
+    async def take(self, batch: Batch, info: BatchInfo) -> list[int] | None:
+        """Take the ended batch in; the numbers of the batches its lines go again in, or None
+        when it could not be taken whole (the folder takes no more: the run stops)."""
+        # What an earlier go at it wrote (its download cut short) indexed first: those ids are
+        # then done, and skipped, rather than written twice; what it had not written yet is
+        # let go, and met again.
+        self.judge.outcomes = []
+        await self.writer.checkpoint()
+        if self.writer.broken is not None:
+            return None
+        db = self.ledger.writing()
+        db.execute("DELETE FROM taking")
+        now = self.wall()
+        waited = max(now - (batch.at or now), 0.0)  # from its submission: an answer's latency
+        invalid = info.status == "failed" and info.counts.completed == 0 and bool(info.errors)
+        # Failed for want of room at the provider (OpenAI's enqueued tokens, spent by batches
+        # still running), not for its lines: they go again, once a batch running has ended.
+        self.crowded = invalid and all(CROWDED in error for error in info.errors)
+        invalid = invalid and not self.crowded
+        if self.crowded:
+            self.say(
+                f"pipeline: batch {batch.n} ({info.id}) was refused for now ({info.errors[0]}); its "
+                f"{batch.lines:,} lines go again once a batch running has ended"
+            )
+        elif invalid:
+            self.say(
+                f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
+                f"lines with it: {'; '.join(info.errors[:3])}"
+            )
+        if not (invalid or self.crowded):
+            read: list[bytes] = []
+            async for raw in self.api.results(info):
+                read.append(raw)
+                if len(read) >= READ_EVERY:
+                    self.judge.lines(batch, read, waited)
+                    read = []
+                    if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
+                        return None
+            self.judge.lines(batch, read, waited)
+        for listed in self._unanswered(batch.n):
+            if invalid:
+                message = "; ".join(info.errors[:5])
+                self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
+            else:
+                self.judge.again_or_fail(
+                    batch, listed, "unanswered", f"the batch ended {info.status} without it"
+                )
+        if not self._write():
+            return None
+        again = await stage_again(self.book, self.ledger, batch, self.files())
+        if self.now is not None and not await send_now(
+            self.book, self.ledger, batch, self.now, self._write_now
+        ):
+            return None
+        await self.writer.checkpoint()
+        if self.writer.broken is not None:
+            return None
+        # (nothing awaited from here to the commit: a checkpoint of the writer meanwhile
+        # would commit the new batches staged while this one is not taken yet)
+        with self._whole():
+            for n, lines, size, worst in again:
+                self.book.staged(n, lines=lines, size=size, reserved=worst)
+            self.book.taken(batch.n)
+        if not self.commit():
+            return None
+        with contextlib.suppress(OSError):
+            self.book.path(batch.n).unlink(missing_ok=True)
+        return [n for n, *_ in again]
+
+    async def drop(self, batch: Batch, code: str, message: str) -> bool:
+        """The provider refused the batch itself: every line of it fails with `message` (not
+        sent again as it is), and the batch is dropped once they are written."""
+        self.judge.outcomes = []
+        self.ledger.writing().execute("DELETE FROM taking")
+        for listed in self.book.lines_of(batch.n):
+            if not self.ledger.is_done(listed.custom_id):
+                self.judge.fail(batch, listed, code, message)
+            if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
+                return False
+        if not self._write():
+            return False
+        await self.writer.checkpoint()
+        if self.writer.broken is not None:
+            return False
+        with self._whole():
+            self.book.dropped(batch.n)
+        if not self.commit():
+            return False
+        with contextlib.suppress(OSError):
+            self.book.path(batch.n).unlink(missing_ok=True)
+        return True
+
+    @property
+    def refused(self) -> int:
+        """Result lines refused by this run (an id not sent in that batch, or sent back twice)."""
+        return self.judge.refused
+
+    @contextlib.contextmanager
+    def _whole(self) -> Iterator[None]:
+        """The book's steps of one change, all or none: a step that fails (or a cancellation
+        there) takes back those before it, which a later commit would have made a half of
+        (new batches of a batch's lines staged, the batch not taken: paid twice)."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.ledger.rollback()
+            raise
+
+    # -- one line ------------------------------------------------------------------------------
+
+    def _unanswered(self, n: int) -> list[Listed]:
+        """The batch's lines it gave no line for (and not done before a crash)."""
+        rows = (
+            self.ledger.reading()
+            .execute("SELECT id FROM batch_lines WHERE n = ? AND id NOT IN (SELECT id FROM taking)", (n,))
+            .fetchall()
+        )
+        unanswered = []
+        for (custom_id,) in rows:
+            if self.ledger.is_done(custom_id):
+                continue
+            listed = self.book.listed(n, custom_id)
+            if listed is not None:
+                self.judge.first(custom_id)
+                unanswered.append(listed)
+        return unanswered
+
+    # -- writing, and going again ---------------------------------------------------------------
+
+    def _write_now(self, outcomes: list[Outcome]) -> bool:
+        self.judge.outcomes += outcomes
+        return self._write()
+
+    def _write(self) -> bool:
+        outcomes, self.judge.outcomes = self.judge.outcomes, []
+        if not outcomes:
+            return self.writer.broken is None
+        successes = [o for o in outcomes if isinstance(o, Success)]
+        if successes:
+            self.books.answered(len(successes))
+        if self.writer.broken is not None:
+            return False
+        try:
+            self.writer.write(outcomes, successes)
+        except OSError as e:
+            self.writer.fail(e)
+            return False
+        return True

@@ -1,0 +1,200 @@
+"""What one result line of a batch becomes: a result (a 200 that is a chat completion keeping
+the verdict), a line to go again (what the synchronous path would try again, while it has
+tries left), a failure, or refused (an id the batch did not hold, or a second line for one):
+judged as the synchronous path judges an answer (`check_completion`, the verdict, the
+meaning of a status), and counted in the run's books."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from pipeline.account.books import Books
+from pipeline.batch.again import AGAIN, NOW
+from pipeline.batch.book import Batch, Book, Listed
+from pipeline.errors import InvalidOutput, RequestError
+from pipeline.job import Failure, Outcome, Reply, Request, Success
+from pipeline.output.ledger import Ledger
+from pipeline.send.client import check_completion
+from pipeline.send.status import answer_key, http_error
+from pipeline.send.verdict import Verdict
+
+# The codes of a line a batch never ran: not the line's fault.
+NEVER_RAN = frozenset({"batch_expired", "batch_cancelled", "batch_failed", "expired", "cancelled"})
+
+
+class LineJudge:
+    def __init__(
+        self,
+        *,
+        book: Book,
+        ledger: Ledger,
+        books: Books,
+        verdict: Verdict | None,
+        max_attempts: int,
+        now: bool,
+    ) -> None:
+        self.book, self.ledger, self.books = book, ledger, books
+        self.verdict = verdict
+        self.max_attempts = max_attempts
+        self.now = now  # `--then sync`: what has no batch attempt left is sent now
+        self.refused = 0  # result lines refused by this run
+        self.outcomes: list[Outcome] = []  # judged, to be written
+
+    def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
+        """A run of result lines, their ids looked up at once (three queries a run, not
+        three a line)."""
+        parsed: list[tuple[Any, str | None]] = []
+        for raw in raws:
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                obj = None
+            custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
+            parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
+        ids = list({custom_id for _, custom_id in parsed if custom_id is not None})
+        listed = self.book.listed_among(batch.n, ids)
+        met = self._among("taking", ids)  # met in an earlier run of this batch's lines
+        done = self._among("done", ids) if self.ledger.done_count else set()
+        first: list[str] = []
+        for obj, custom_id in parsed:
+            one = listed.get(custom_id) if custom_id is not None else None
+            if one is None or one.custom_id in met:
+                self.refused += 1
+                self.books.usage.answers["refused"] += 1
+                continue
+            met.add(one.custom_id)
+            first.append(one.custom_id)
+            if one.custom_id in done:
+                continue  # taken in before a crash: written once already
+            self._line(batch, one, obj, waited)
+        self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
+
+    def _among(self, table: str, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        marks = ", ".join("?" for _ in ids)
+        rows = self.ledger.reading().execute(f"SELECT id FROM {table} WHERE id IN ({marks})", ids)
+        return {str(custom_id) for (custom_id,) in rows}
+
+    def _line(self, batch: Batch, listed: Listed, obj: Any, waited: float) -> None:
+        assert isinstance(obj, dict)
+        response, error = obj.get("response"), obj.get("error")
+        request = _request(batch, listed)
+        if isinstance(response, dict) and response.get("status_code") == 200:
+            body = response.get("body")
+            request_id = response.get("request_id")
+            try:
+                checked = check_completion(body, request_id=request_id)
+                # Against --max-cost, as the synchronous path charges an answer: paid, kept or
+                # not (one that is no completion is charged as thrown away, below).
+                self.books.billed(checked, request)
+                parsed = self._judge(checked, request)
+            except RequestError as e:
+                self._failed_answer(batch, listed, e)
+                return
+            reply = Reply(checked, None, 200, request_id if isinstance(request_id, str) else None, waited)
+            label = self.verdict.label(parsed) if self.verdict is not None else None
+            self.outcomes.append(Success(request, reply, listed.tries, parsed, label))
+            return
+        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+            status = response["status_code"]
+            body = response.get("body")
+            message = _message(body) or f"HTTP {status}"
+            refusal = http_error(status, message, body=body, request_id=response.get("request_id"))
+            self.books.attempt(answer_key(refusal))
+            self._failed_answer(batch, listed, refusal, counted=True)
+            return
+        code = error.get("code") if isinstance(error, dict) else None
+        message = _message({"error": error}) or "the batch did not run this line"
+        if code is None or code in NEVER_RAN:
+            self.again_or_fail(batch, listed, str(code or "unanswered"), message)
+        else:
+            self.fail(batch, listed, str(code), message)
+
+    def first(self, custom_id: str) -> bool:
+        """Whether this is the batch's first line for the id (a second one is refused)."""
+        cur = self.ledger.writing().execute("INSERT OR IGNORE INTO taking (id) VALUES (?)", (custom_id,))
+        return bool(cur.rowcount)
+
+    def _judge(self, body: dict[str, Any], request: Request) -> Any:
+        if self.verdict is None:
+            return None
+        try:
+            return self.verdict.check(body)
+        except InvalidOutput as e:
+            self.books.discarded(body, request)  # paid for, though no result comes of it
+            e.body = body
+            raise
+
+    def _failed_answer(self, batch: Batch, listed: Listed, e: RequestError, *, counted: bool = False) -> None:
+        if not counted:
+            self.books.attempt(answer_key(e))
+            if not isinstance(e, InvalidOutput):
+                self.books.thrown_away(e.body, _request(batch, listed))
+        most = self.max_attempts
+        if isinstance(e, InvalidOutput) and self.verdict is not None:
+            most = min(most, self.verdict.max_attempts)
+        if e.transient and listed.tries < most:
+            self._again(listed)
+            return
+        if e.transient and self.now and not isinstance(e, InvalidOutput):
+            self._again(listed, NOW)
+            return
+        self.outcomes.append(
+            Failure(
+                line=listed.line,
+                code=e.code,
+                message=_after(e.message, listed.tries),
+                custom_id=listed.custom_id,
+                status=e.status,
+                body=e.body,
+                request_id=e.request_id,
+                attempts=listed.tries,
+                metadata=listed.metadata,
+                model=batch.model,
+            )
+        )
+
+    def again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
+        if listed.tries < self.max_attempts:
+            self._again(listed)
+        elif self.now:
+            self._again(listed, NOW)
+        else:
+            self.fail(batch, listed, code, _after(message, listed.tries))
+
+    def _again(self, listed: Listed, how: int = AGAIN) -> None:
+        self.ledger.writing().execute(
+            "INSERT OR REPLACE INTO taking (id, again) VALUES (?, ?)", (listed.custom_id, how)
+        )
+
+    def fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
+        self.outcomes.append(
+            Failure(
+                line=listed.line,
+                code=code,
+                message=message,
+                custom_id=listed.custom_id,
+                attempts=listed.tries,
+                metadata=listed.metadata,
+                model=batch.model,
+                unsent=True,  # not the input's fault: counted as a failed request
+            )
+        )
+
+
+def _request(batch: Batch, listed: Listed) -> Request:
+    return Request(listed.custom_id, listed.line, b"", listed.metadata, batch.model)
+
+
+def _message(body: Any) -> str | None:
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return None
+
+
+def _after(message: str, tries: int) -> str:
+    return f"{message} (after {tries} batch{'es' if tries != 1 else ''})"
