@@ -58,6 +58,10 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "max_line_bytes": (int,),
     "shard": (str,),
     "shared_limit": (str,),
+    "tier": (str,),
+    "batch_api": (str,),
+    "then": (str,),
+    "batch_poll": (int, float),
 }
 _TABLES = ("request", "template", "prices", "limits", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES

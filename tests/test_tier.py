@@ -1,0 +1,120 @@
+"""The batch tier as the command line and the job file give it: its keys and flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.errors import SettingsError
+from pipeline.settings import build
+from tests.conftest import bodies, write_jsonl
+
+TOP = 'input = "in.jsonl"\noutput = "out"\n'
+
+
+def job(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(TOP + text)
+    return path
+
+
+# The keys and flags
+
+
+def test_the_tier_is_sync_unless_a_job_file_or_a_flag_says_batch(tmp_path: Path) -> None:
+    plain = build(job(tmp_path, ""))
+    assert (plain.tier, plain.batch_api, plain.then, plain.batch_poll) == ("sync", None, None, 30.0)
+    text = 'tier = "batch"\nbatch_api = "inline"\nthen = "sync"\nbatch_poll = 5\n'
+    s = build(job(tmp_path, text))
+    assert (s.tier, s.batch_api, s.then, s.batch_poll) == ("batch", "inline", "sync", 5)
+    flagged = build(job(tmp_path, text), batch_api="files", batch_poll=0.5)
+    assert (flagged.batch_api, flagged.batch_poll) == ("files", 0.5)
+    # The job file keeps the batch tier's keys for the runs that use it; --tier sync wins.
+    assert build(job(tmp_path, text), tier="sync").tier == "sync"
+
+
+def test_the_flags_reach_the_settings(tmp_path: Path) -> None:
+    from pipeline.cli import _parse
+    from pipeline.parser import settings_from_args
+
+    args = _parse(
+        [
+            *("run", "--input", "in.jsonl", "--tier", "batch", "--batch-api", "inline", "--then", "sync"),
+            *("--batch-poll", "0.25"),
+        ]
+    )
+    s = settings_from_args(args)
+    assert (s.tier, s.batch_api, s.then, s.batch_poll) == ("batch", "inline", "sync", 0.25)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('tier = "Batch"\n', 'job.toml: tier must be "sync" or "batch", not \'Batch\''),
+        ("tier = 1\n", "job.toml: 'tier' must be str, not 1"),
+        ('batch_api = "file"\n', 'job.toml: batch_api must be "files" or "inline", not \'file\''),
+        ('then = "batch"\n', "job.toml: then must be \"sync\", not 'batch'"),
+        ("batch_poll = 0\n", "job.toml: batch_poll must be a number above 0, not 0"),
+        ('batch_poll = "30"\n', "job.toml: 'batch_poll' must be int or float, not '30'"),
+        ('teir = "batch"\n', "unknown key 'teir' \\(did you mean 'tier'\\?\\)"),
+        ("batch_pol = 5\n", "unknown key 'batch_pol' \\(did you mean 'batch_poll'\\?\\)"),
+    ],
+)
+def test_a_wrong_tier_key_is_named_with_what_it_may_be(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build(job(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--then", "sync"], "pipeline: error: --then is for the batch tier: add --tier batch"),
+        (["--batch-api", "inline"], "pipeline: error: --batch-api is for the batch tier"),
+        (["--batch-poll", "5"], "pipeline: error: --batch-poll is for the batch tier"),
+        (["--tier", "bach"], "argument --tier: invalid choice: 'bach'"),
+        (["--tier", "batch", "--then", "later"], "argument --then: invalid choice: 'later'"),
+        (["--tier", "batch", "--batch-poll", "0"], "argument --batch-poll: '0' must be above 0"),
+        (["--tier", "batch", "--batch-pool", "5"], "unknown flag --batch-pool (did you mean --batch-poll?)"),
+    ],
+)
+def test_a_wrong_tier_flag_exits_2_and_says_why(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    said: str,
+) -> None:
+    monkeypatch.delenv("LUMENFALL_API_KEY", raising=False)  # were the flags taken, nothing is sent
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(1))
+    with pytest.raises(SystemExit) as ended:  # argparse's own refusals
+        raise SystemExit(main(["run", "--input", str(src), "--output", str(tmp_path / "o"), *argv]))
+    assert ended.value.code == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_flag_beside_a_job_file_at_the_batch_tier_is_taken(tmp_path: Path) -> None:
+    s = build(job(tmp_path, 'tier = "batch"\n'), then="sync")
+    assert (s.tier, s.then) == ("batch", "sync")
+
+
+def test_the_fingerprint_is_the_same_at_either_tier(tmp_path: Path) -> None:
+    sync = build(job(tmp_path, ""))
+    batch = build(job(tmp_path, 'tier = "batch"\nbatch_api = "files"\nthen = "sync"\nbatch_poll = 2\n'))
+    assert sync.fingerprint() == batch.fingerprint()
+
+
+def test_help_lists_the_tier_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("run", "estimate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        for flag in (
+            "--tier {sync,batch}",
+            "--batch-api {files,inline}",
+            "--then {sync}",
+            "--batch-poll SECONDS",
+        ):
+            assert flag in text
