@@ -134,7 +134,7 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if values.get("shared_limit") is not None:
         values["shared_limit"] = check_store_url(str(values["shared_limit"]))
     if "prices" in values:
-        values["prices"] = MappingProxyType(check_prices(where, values["prices"]))
+        values["prices"] = check_prices(where, values["prices"])  # read-only, with the batch prices
     if "limits" in values:
         values["limits"] = MappingProxyType(check_limits(where, values["limits"]))
     request = dict(values.get("request", {}))
@@ -156,7 +156,7 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         "(it is sent as written)"
         for key in request
         if (near := near_parameter(key)) is not None
-    )
+    ) + _batch_price_warnings(values, where)
     if values.get("template") is not None:
         # Compile once here so that a broken template is a settings error, not N line errors.
         from pipeline.input.template import compile_template
@@ -187,6 +187,22 @@ def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) ->
                 f'{flag} is for the batch tier: add --tier batch (or tier = "batch" in the job '
                 f"file), or leave {flag} out"
             )
+
+
+def _batch_price_warnings(values: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    if values.get("tier") != "batch" or not values.get("prices"):
+        return ()
+    from pipeline.account.cost import unpriced_batches
+
+    models = unpriced_batches(values["prices"])
+    if not models:
+        return ()
+    which = ": costs" if len(models) == len(values["prices"]) else f" for {', '.join(models)}: their costs"
+    return (
+        f"{where}: [prices] says nothing of batches{which} are shown at the synchronous price, an "
+        "upper bound; add batch = 0.5 (the share of each price a batch pays) to [prices], "
+        "or batch_prompt and batch_completion to a model's table",
+    )
 
 
 def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None:

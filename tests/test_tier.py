@@ -1,13 +1,17 @@
-"""The batch tier as the command line and the job file give it: its keys and flags."""
+"""The batch tier as the command line and the job file give it: its keys and flags, and the
+prices a batch pays."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pipeline.account.cost import answer_cost, price_for, tier_price, tier_prices
 from pipeline.cli import main
 from pipeline.errors import SettingsError
+from pipeline.jobfile import Price
 from pipeline.settings import build
 from tests.conftest import bodies, write_jsonl
 
@@ -104,6 +108,89 @@ def test_the_fingerprint_is_the_same_at_either_tier(tmp_path: Path) -> None:
     sync = build(job(tmp_path, ""))
     batch = build(job(tmp_path, 'tier = "batch"\nbatch_api = "files"\nthen = "sync"\nbatch_poll = 2\n'))
     assert sync.fingerprint() == batch.fingerprint()
+
+
+# What a batch pays
+
+PRICED = '[prices."a"]\nprompt = 1.0\ncompletion = 4.0\n[prices."b"]\nprompt = 2.0\ncompletion = 8.0\n'
+
+
+def test_a_batch_share_halves_every_price(tmp_path: Path) -> None:
+    s = build(job(tmp_path, 'tier = "batch"\n[prices]\nbatch = 0.5\n' + PRICED))
+    assert tier_prices(s.prices, "batch") == {"a": Price(0.5, 2.0), "b": Price(1.0, 4.0)}
+    assert dict(tier_prices(s.prices, "sync")) == {"a": Price(1.0, 4.0), "b": Price(2.0, 8.0)}
+    assert dict(s.prices) == {"a": Price(1.0, 4.0), "b": Price(2.0, 8.0)}  # the table as ever
+    assert tier_price(s.prices, "openrouter/b", "batch") == Price(1.0, 4.0)  # its other spelling
+    assert s.warnings == ()
+
+
+def test_a_models_batch_prices_beat_the_share_and_may_stand_alone(tmp_path: Path) -> None:
+    text = (
+        '[prices]\nbatch = 0.5\n[prices."a"]\nprompt = 1.0\ncompletion = 4.0\nbatch_prompt = 0.1\n'
+        'batch_completion = 0.2\n[prices."b"]\nprompt = 2.0\ncompletion = 8.0\n'
+        '[prices."c"]\nbatch_prompt = 3.0\nbatch_completion = 6.0\n'
+    )
+    s = build(job(tmp_path, 'tier = "batch"\n' + text))
+    assert tier_prices(s.prices, "batch") == {
+        "a": Price(0.1, 0.2),
+        "b": Price(1.0, 4.0),
+        "c": Price(3.0, 6.0),
+    }
+    # Priced for batches alone, c has no synchronous price: unknown, never $0.
+    assert price_for(s.prices, "c") is None
+    assert s.warnings == ()
+
+
+def test_a_batch_answer_is_costed_at_the_batch_price_unless_the_server_says(tmp_path: Path) -> None:
+    s = build(job(tmp_path, '[prices]\nbatch = 0.5\n[prices."a"]\nprompt = 1000.0\ncompletion = 1000.0\n'))
+    body: dict[str, Any] = {"model": "a", "usage": {"prompt_tokens": 10, "completion_tokens": 10}}
+    assert answer_cost(body, tier_prices(s.prices, "batch"), "a") == (pytest.approx(0.01), "price table")
+    assert answer_cost(body, tier_prices(s.prices, "sync"), "a") == (pytest.approx(0.02), "price table")
+    body["usage"]["cost"] = 0.003
+    assert answer_cost(body, tier_prices(s.prices, "batch"), "a") == (0.003, "server")
+
+
+def test_prices_that_say_nothing_of_batches_are_an_upper_bound_said_before_the_run(tmp_path: Path) -> None:
+    s = build(job(tmp_path, 'tier = "batch"\n' + PRICED))
+    assert tier_prices(s.prices, "batch") == {"a": Price(1.0, 4.0), "b": Price(2.0, 8.0)}
+    (warning,) = s.warnings
+    assert warning.startswith(f"{tmp_path / 'job.toml'}: [prices] says nothing of batches: costs are shown ")
+    assert "at the synchronous price, an upper bound; add batch = 0.5" in warning
+    # One model priced for batches: the other is named.
+    partly = build(job(tmp_path, 'tier = "batch"\n' + PRICED + "batch_prompt = 1.0\n"))
+    assert [w.split(": ", 1)[1] for w in partly.warnings] == [
+        "[prices] says nothing of batches for a: their costs are shown at the synchronous price, an upper "
+        "bound; add batch = 0.5 (the share of each price a batch pays) to [prices], or batch_prompt and "
+        "batch_completion to a model's table"
+    ]
+    assert build(job(tmp_path, PRICED)).warnings == ()  # the sync tier: nothing to say
+    assert build(job(tmp_path, 'tier = "batch"\n')).warnings == ()  # no [prices]: nothing shown at all
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[prices]\nbatch = 50\n", "\\[prices\\] batch is the share of each price a batch pays, from 0 to 1"),
+        ('[prices]\nbatch = "half"\n', "from 0 to 1 \\(0.5 for half price\\), not 'half'"),
+        (
+            "[prices]\nbacth = 0.5\n",
+            "job.toml: \\[prices\\]: unknown key 'bacth' \\(did you mean 'batch'\\?\\)",
+        ),
+        (
+            '[prices]\n"m" = 0.5\n',
+            "\\[prices\\] 'm' must be a table like .* or batch = 0.5 \\(the share of each price a batch pays\\)",
+        ),
+        (
+            '[prices."m"]\nbatch_prompt = "x"\n',
+            'prices."m"\\] batch_prompt and batch_completion must be numbers',
+        ),
+        ('[prices."m"]\nbatch_completion = -1\n', "prices cannot be negative"),
+        ('[prices."m"]\nbatch_promt = 1\n', "unknown key 'batch_promt' \\(did you mean 'batch_prompt'\\?\\)"),
+    ],
+)
+def test_a_wrong_batch_price_is_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build(job(tmp_path, text))
 
 
 def test_help_lists_the_tier_flags(capsys: pytest.CaptureFixture[str]) -> None:
