@@ -1,16 +1,20 @@
-"""The batch tier as the command line and the job file give it: its keys and flags, and the
-prices a batch pays."""
+"""The batch tier as the command line and the job file give it: its keys and flags, the
+prices a batch pays, and `pipeline estimate --tier batch`."""
 
 from __future__ import annotations
 
+import io
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pipeline.account.cost import answer_cost, price_for, tier_price, tier_prices
+from pipeline.account.cost import answer_cost, money, price_for, tier_price, tier_prices
 from pipeline.cli import main
 from pipeline.errors import SettingsError
+from pipeline.estimate import estimate
 from pipeline.jobfile import Price
 from pipeline.settings import build
 from tests.conftest import bodies, write_jsonl
@@ -191,6 +195,61 @@ def test_prices_that_say_nothing_of_batches_are_an_upper_bound_said_before_the_r
 def test_a_wrong_batch_price_is_named(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         build(job(tmp_path, text))
+
+
+# pipeline estimate --tier batch
+
+
+def _estimated(tmp_path: Path, text: str, *flags: str) -> tuple[int, str, str]:
+    rows = bodies(3, model="a") + [{**b, "max_tokens": 50} for b in bodies(2, model="b", start=3)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    out, err = io.StringIO(), io.StringIO()
+    sys_out, sys_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = main(["estimate", str(job(tmp_path, text)), *flags])
+    finally:
+        sys.stdout, sys.stderr = sys_out, sys_err
+    return code, out.getvalue(), err.getvalue()
+
+
+def _row(out: str, first: str) -> list[str]:
+    """The cells of the table's row that begins with `first` (cells are two spaces apart)."""
+    line = next(line for line in out.splitlines() if line.strip().startswith(first + " "))
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_estimate_at_the_batch_tier_shows_the_batch_price_beside_the_synchronous_one(tmp_path: Path) -> None:
+    text = '[prices]\nbatch = 0.5\n[prices."a"]\nprompt = 1000.0\ncompletion = 1000.0\n'
+    code, out, err = _estimated(tmp_path, text, "--tier", "batch")
+    assert code == 0, err
+    result = estimate(build(job(tmp_path, text)))
+    a = result.models["a"]
+    low, high = a.prompt_tokens / 1000, (a.prompt_tokens + a.completion_tokens) / 1000
+    assert _row(out, "model")[-2:] == ["sync cost", "batch cost"]
+    assert _row(out, "a")[-2:] == [f"{money(low)} to {money(high)}", f"{money(low / 2)} to {money(high / 2)}"]
+    assert _row(out, "b")[-2:] == ["no price", "no price"]
+    assert _row(out, "all")[-2:] == [
+        f"{money(low)} to {money(high)} (priced models only)",
+        f"{money(low / 2)} to {money(high / 2)} (priced models only)",
+    ]
+    assert 'no price for b: add [prices."b"]' in out
+    # The plain estimate is as it was: one cost column.
+    code, plain, _ = _estimated(tmp_path, text)
+    assert _row(plain, "model")[-2:] == ["completion tokens (at most)", "cost"]
+    assert _row(plain, "a")[-1] == f"{money(low)} to {money(high)}"
+    assert "batch cost" not in plain
+
+
+def test_estimate_of_a_batch_job_without_batch_prices_says_its_figure_is_the_sync_price(
+    tmp_path: Path,
+) -> None:
+    text = 'tier = "batch"\n[prices."a"]\nprompt = 1000.0\ncompletion = 1000.0\n'
+    code, out, err = _estimated(tmp_path, text)
+    assert code == 0
+    sync, batch = _row(out, "a")[-2:]
+    assert batch == sync + " (sync price)"
+    assert "[prices] says nothing of batches" in err
 
 
 def test_help_lists_the_tier_flags(capsys: pytest.CaptureFixture[str]) -> None:
