@@ -1,4 +1,4 @@
-"""The command line's parser: what `pipeline run | estimate | merge | report | ray | mock` take,
+"""The command line's parser: what `pipeline run | estimate | merge | report | ray | cancel | mock` take,
 and the flags a run's settings are built from (`pipeline.cli` does what each command says)."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unknown flag {name}{hint}")
 
 
-COMMANDS = ("run", "estimate", "merge", "report", "ray", "mock")
+COMMANDS = ("run", "estimate", "merge", "report", "ray", "cancel", "mock")
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -243,6 +243,20 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
         cluster.add_argument(
             "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
         )
+    if wanted("cancel"):
+        cancel = sub.add_parser(
+            "cancel",
+            help="cancel the batches a --tier batch run left running in OUT",
+            description="Cancel the provider's batches still running for OUT (a --tier batch run that "
+            "stops leaves them running: they are paid for as they go). What they finished is kept.",
+            epilog="exit status: 0 done (or nothing was running); 2 OUT is not an output folder, or the "
+            "job file is wrong; 3 the endpoint refused or could not be reached: run it again",
+        )
+        cancel.add_argument("out", type=Path, help="the --output the run wrote to")
+        cancel.add_argument(
+            "job", nargs="?", type=Path, help="the run's job file, for its base_url and api_key_env"
+        )
+        _endpoint_arguments(cancel)
     if wanted("mock"):
         mock = sub.add_parser(
             "mock",

@@ -120,13 +120,7 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if values.get("output"):
         values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
-    key_env = values.get("api_key_env", DEFAULT_KEY_ENV)
-    if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
-        # Never echo it: someone may have passed the key itself.
-        raise SettingsError(
-            "api_key_env must be the name of an environment variable (letters, digits and _), "
-            "such as LUMENFALL_API_KEY; the key itself goes in that variable"
-        )
+    check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
     _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)
     _check_tier(values, flags, where)
     if isinstance(values.get("shard"), str):
@@ -167,6 +161,17 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
 
         compile_verdict(values["verdict"], values["request"], where=where)
     return Settings(**values)
+
+
+def check_key_env(key_env: Any) -> str:
+    """The name of the variable that holds the key (never the key: it is not echoed)."""
+    if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Never echo it: someone may have passed the key itself.
+        raise SettingsError(
+            "api_key_env must be the name of an environment variable (letters, digits and _), "
+            "such as LUMENFALL_API_KEY; the key itself goes in that variable"
+        )
+    return key_env
 
 
 def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) -> None:

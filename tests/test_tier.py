@@ -1,11 +1,12 @@
-"""The batch tier as the command line and the job file give it: its keys and flags, the
-prices a batch pays, and `pipeline estimate --tier batch`."""
+"""The batch tier as the command line and the job file give it: its keys and flags, the prices a
+batch pays, `pipeline estimate --tier batch`, and `pipeline cancel OUT`'s entry."""
 
 from __future__ import annotations
 
 import io
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline.account.cost import answer_cost, money, price_for, tier_price, tier_prices
 from pipeline.cli import main
-from pipeline.errors import SettingsError
+from pipeline.errors import RunStopped, SettingsError
 from pipeline.estimate import estimate
 from pipeline.jobfile import Price
 from pipeline.settings import build
@@ -252,11 +253,95 @@ def test_estimate_of_a_batch_job_without_batch_prices_says_its_figure_is_the_syn
     assert "[prices] says nothing of batches" in err
 
 
-def test_help_lists_the_tier_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("run", "estimate"):
+# pipeline cancel OUT
+
+
+class FakeCancel:
+    """`pipeline.batch.cancel.cancel_folder` (the batch run's), replaced: the calls it gets, and
+    what it answers (an exit status, or an exception to raise)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Path, str | None, str | None]] = []
+        self.answer: int | BaseException = 0
+
+    def __call__(self, folder: Path, base_url: str | None, api_key_env: str | None) -> int:
+        self.calls.append((folder, base_url, api_key_env))
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+@pytest.fixture
+def cancel(monkeypatch: pytest.MonkeyPatch) -> FakeCancel:
+    fake = FakeCancel()
+    module = types.ModuleType("pipeline.batch.cancel")
+    module.cancel_folder = fake  # type: ignore[attr-defined]
+    package = sys.modules.get("pipeline.batch") or types.ModuleType("pipeline.batch")
+    monkeypatch.setitem(sys.modules, "pipeline.batch", package)
+    monkeypatch.setitem(sys.modules, "pipeline.batch.cancel", module)
+    monkeypatch.setattr(package, "cancel", module, raising=False)
+    return fake
+
+
+def test_cancel_takes_the_folder_and_the_endpoint_from_flags_then_the_job_file(
+    tmp_path: Path, cancel: FakeCancel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    jobfile = job(tmp_path, 'base_url = "http://127.0.0.1:9/v1/"\napi_key_env = "MY_KEY"\n')
+    cancel.answer = 1
+    assert main(["cancel", str(out)]) == 1  # the status cancel_folder says
+    assert main(["cancel", str(out), str(jobfile)]) == 1
+    flags = ["--base-url", "http://localhost:8/v1", "--api-key-env", "K"]
+    assert main(["cancel", str(out), str(jobfile), *flags]) == 1
+    assert cancel.calls == [
+        (out, None, None),  # neither: the batch run's own (the folder's, or the default)
+        (out, "http://127.0.0.1:9/v1", "MY_KEY"),
+        (out, "http://localhost:8/v1", "K"),
+    ]
+    cancel.answer = RunStopped("the key was refused (401)", code="auth")
+    assert main(["cancel", str(out)]) == 3
+    assert "pipeline cancel: stopped: the key was refused (401)" in capsys.readouterr().err
+    cancel.answer = KeyboardInterrupt()
+    assert main(["cancel", str(out)]) == 130
+    assert "pipeline cancel: interrupted; run it again" in capsys.readouterr().err
+    cancel.answer = ValueError("a bug")
+    assert main(["cancel", str(out)]) == 70
+    assert "pipeline cancel: internal error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--base-url", "ftp://x"], "pipeline cancel: error: base URL 'ftp://x' is not an http(s) URL"),
+        (["--api-key-env", "sk-123"], "pipeline cancel: error: api_key_env must be the name of"),
+        (["missing.toml"], "pipeline cancel: error: missing.toml: job file not found"),
+    ],
+)
+def test_cancel_with_a_wrong_endpoint_or_job_file_exits_2_and_calls_nothing(
+    tmp_path: Path,
+    cancel: FakeCancel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    said: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["cancel", "out", *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert "sk-123" not in err  # a key passed for its variable's name is never echoed
+    assert cancel.calls == []
+
+
+def test_help_lists_the_tier_flags_and_the_cancel_command(capsys: pytest.CaptureFixture[str]) -> None:
+    def helped(*argv: str) -> str:
         with pytest.raises(SystemExit):
-            main([command, "--help"])
-        text = capsys.readouterr().out
+            main([*argv, "--help"])
+        return capsys.readouterr().out
+
+    assert "cancel    cancel the batches a --tier batch run left running in OUT" in helped()
+    for command in ("run", "estimate"):
+        text = helped(command)
         for flag in (
             "--tier {sync,batch}",
             "--batch-api {files,inline}",
@@ -264,3 +349,11 @@ def test_help_lists_the_tier_flags(capsys: pytest.CaptureFixture[str]) -> None:
             "--batch-poll SECONDS",
         ):
             assert flag in text
+    assert (
+        "usage: pipeline cancel [-h] [--base-url BASE_URL] [--api-key-env API_KEY_ENV] out [job]"
+        in " ".join(helped("cancel").split())
+    )
+    with pytest.raises(SystemExit) as ended:
+        main(["cancel"])
+    assert ended.value.code == 2
+    assert "the following arguments are required: out" in capsys.readouterr().err
