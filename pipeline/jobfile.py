@@ -15,9 +15,11 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, overload
 
 from pipeline.errors import SettingsError
+
+_T = TypeVar("_T")
 
 
 # NamedTuples: as frozen dataclasses, these two cost every run's start 5 million instructions
@@ -48,6 +50,18 @@ class Prices(Mapping[str, Price]):
 
     def __getitem__(self, model: str) -> Price:
         return self._now[model]
+
+    # Every answer looks its model up (`price_for`, up to three spellings): at dict speed, not
+    # through Mapping's KeyError (0.9 us a miss, measured, where a dict takes 0.24).
+    @overload
+    def get(self, model: str, /) -> Price | None: ...
+    @overload
+    def get(self, model: str, /, default: Price | _T) -> Price | _T: ...
+    def get(self, model: str, /, default: object = None) -> object:
+        return self._now.get(model, default)
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._now
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._now)
