@@ -66,7 +66,7 @@ def tier_prices(prices: Mapping[str, Price], tier: str) -> Mapping[str, Price]:
 
 
 def tier_price(prices: Mapping[str, Price], model: str | None, tier: str) -> Price | None:
-    """The price of `model` at `tier` (once per model: `tier_prices` builds the whole table)."""
+    """The price of `model` at `tier` (for many models, build the table once: `tier_prices`)."""
     return price_for(tier_prices(prices, tier), model)
 
 
