@@ -195,12 +195,24 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
 
 def _price(table: str, entry: Mapping[str, Any], prompt: str, completion: str) -> Price:
     try:
-        price = Price(float(entry.get(prompt, 0.0)), float(entry.get(completion, 0.0)))
-    except (TypeError, ValueError):
+        price = Price(_dollars(entry.get(prompt, 0.0)), _dollars(entry.get(completion, 0.0)))
+    except (TypeError, ValueError, OverflowError):
         raise SettingsError(f"{table} {prompt} and {completion} must be numbers") from None
     if price.prompt < 0 or price.completion < 0:
         raise SettingsError(f"{table} prices cannot be negative")
     return price
+
+
+def _dollars(value: Any) -> float:
+    """A price: a finite number (a numeric string passes, as it always has). A nan would make
+    every cost nan, and a budget never stops on nan (no comparison with it is true); true is
+    no price; -0.0 is 0.0, shown so."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    dollars = float(value)
+    if not math.isfinite(dollars):
+        raise ValueError(value)
+    return dollars + 0.0
 
 
 def _batch_share(where: str, value: Any) -> float:
@@ -209,7 +221,7 @@ def _batch_share(where: str, value: Any) -> float:
             f"{where}: [prices] batch is the share of each price a batch pays, from 0 to 1 "
             f"(0.5 for half price), not {value!r}"
         )
-    return float(value)
+    return float(value) + 0.0  # (-0.0 would show a batch's cost as $-0.0000)
 
 
 def _near(key: str, known: tuple[str, ...]) -> bool:

@@ -1,0 +1,43 @@
+"""`[prices]` read whatever it holds: a price is a finite number of dollars or the job file is
+refused in one line; what a batch pays is never less than the table says (no half of a price
+silently $0); the table survives the trip to a Ray shard whole. Hypothesis writes the tables:
+TOML's values of every kind (nan, inf, integers past a float, booleans, strings, dates, lists,
+tables in tables) under the keys `[prices]` knows and their near misses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.account.cost import money, priced, tier_prices
+from pipeline.errors import SettingsError
+from pipeline.settings import build
+
+TOP = 'input = "in.jsonl"\noutput = "out"\n'
+
+
+def _build(tmp_path: Path, text: str) -> Any:
+    path = tmp_path / "job.toml"
+    path.write_text(TOP + text)
+    return build(path)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nan", "inf", "-inf", "1" + "0" * 400, "true", '"nan"', '"1e400"'],
+)
+@pytest.mark.parametrize("key", ["prompt", "batch_completion"])
+def test_a_price_that_is_no_finite_number_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    # nan made every cost nan, and a budget never stops on nan (no comparison with it is
+    # true); an integer past a float's range was an OverflowError, a crash, not exit 2.
+    with pytest.raises(SettingsError, match=f'job.toml: \\[prices."m"\\] .*{key}.* must be numbers'):
+        _build(tmp_path, f'[prices."m"]\n{key} = {value}\n')
+
+
+def test_minus_zero_is_shown_as_zero(tmp_path: Path) -> None:
+    s = _build(tmp_path, '[prices]\nbatch = -0.0\n[prices."m"]\nprompt = 1.0\ncompletion = 2.0\n')
+    assert money(priced(tier_prices(s.prices, "batch")["m"], 1000, 1000)) == "$0.0000"  # not $-0.0000
+    free = _build(tmp_path, '[prices."m"]\nprompt = -0.0\ncompletion = -0.0\n')
+    assert money(priced(free.prices["m"], 1000, 1000)) == "$0.0000"
