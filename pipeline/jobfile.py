@@ -168,6 +168,7 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
     """`[prices]`: a table per model, and `batch`, the share of each price a batch pays."""
     now: dict[str, Price] = {}
     batch: dict[str, Price] = {}
+    stated: dict[str, dict[str, Any]] = {}  # the tables that state a batch price
     share: float | None = None
     for model, entry in raw.items():
         if model == "batch" and not isinstance(entry, dict):
@@ -189,7 +190,17 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
         if not entry.keys() & {"batch_prompt", "batch_completion"} or entry.keys() & {"prompt", "completion"}:
             now[model] = _price(table, entry, "prompt", "completion")
         if entry.keys() & {"batch_prompt", "batch_completion"}:
-            batch[model] = _price(table, entry, "batch_prompt", "batch_completion")
+            stated[model] = entry
+    # A half of a batch price left out is what a batch pays where the table states none: the
+    # model's price times the share, else its price (an upper bound); never $0 for it. Once the
+    # share is known: `batch = 0.5` may come after a model's table (`m = {...}` inline).
+    factor = 1.0 if share is None else share
+    for model, entry in stated.items():
+        price = now.get(model, Price(0.0, 0.0))
+        implied = {"batch_prompt": price.prompt * factor, "batch_completion": price.completion * factor}
+        batch[model] = _price(
+            f'{where}: [prices."{model}"]', implied | entry, "batch_prompt", "batch_completion"
+        )
     return Prices(now, batch=batch, share=share)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.account.cost import money, priced, tier_prices
 from pipeline.errors import SettingsError
+from pipeline.jobfile import Price, check_prices
 from pipeline.settings import build
 
 TOP = 'input = "in.jsonl"\noutput = "out"\n'
@@ -41,3 +42,21 @@ def test_minus_zero_is_shown_as_zero(tmp_path: Path) -> None:
     assert money(priced(tier_prices(s.prices, "batch")["m"], 1000, 1000)) == "$0.0000"  # not $-0.0000
     free = _build(tmp_path, '[prices."m"]\nprompt = -0.0\ncompletion = -0.0\n')
     assert money(priced(free.prices["m"], 1000, 1000)) == "$0.0000"
+
+
+@pytest.mark.parametrize(("share", "completion"), [("batch = 0.5\n", 10.0), ("", 20.0)])
+def test_a_batch_price_given_for_one_half_takes_the_other_as_a_batch_would(
+    tmp_path: Path, share: str, completion: float
+) -> None:
+    # batch_prompt alone made every completion of a batch free: in usage.json, and to the budget.
+    s = _build(
+        tmp_path,
+        f'tier = "batch"\n[prices]\n{share}[prices."m"]\nprompt = 10.0\ncompletion = 20.0\nbatch_prompt = 1.0\n',
+    )
+    assert tier_prices(s.prices, "batch")["m"] == Price(1.0, completion)
+    assert tier_prices(s.prices, "sync")["m"] == Price(10.0, 20.0)
+
+
+def test_a_share_given_after_a_models_table_is_applied_to_it() -> None:
+    raw = {"m": {"prompt": 2.0, "completion": 4.0, "batch_completion": 1.0}, "batch": 0.25}
+    assert tier_prices(check_prices("job.toml", raw), "batch")["m"] == Price(0.5, 1.0)
