@@ -69,6 +69,13 @@ class Prices(Mapping[str, Price]):
     def __len__(self) -> int:
         return len(self._now)
 
+    def __eq__(self, other: object) -> bool:
+        # Mapping's own compares the prices now alone: two tables that a batch pays apart
+        # would be equal (and so two settings).
+        if isinstance(other, Prices):
+            return (self._now, self.batch, self.share) == (other._now, other.batch, other.share)
+        return super().__eq__(other)
+
     def __repr__(self) -> str:
         return f"Prices({self._now!r}, batch={self.batch!r}, share={self.share!r})"
 

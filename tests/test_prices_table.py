@@ -6,6 +6,7 @@ tables in tables) under the keys `[prices]` knows and their near misses."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,11 @@ def test_a_batch_price_given_for_one_half_takes_the_other_as_a_batch_would(
 def test_a_share_given_after_a_models_table_is_applied_to_it() -> None:
     raw = {"m": {"prompt": 2.0, "completion": 4.0, "batch_completion": 1.0}, "batch": 0.25}
     assert tier_prices(check_prices("job.toml", raw), "batch")["m"] == Price(0.5, 1.0)
+
+
+def test_tables_that_a_batch_pays_apart_are_not_equal() -> None:
+    plain = check_prices("job.toml", {"m": {"prompt": 1.0}})
+    halved = check_prices("job.toml", {"batch": 0.5, "m": {"prompt": 1.0}})
+    assert plain != halved  # (as mappings of the prices now, they were equal)
+    assert plain == {"m": Price(1.0, 0.0)} == check_prices("job.toml", {"m": {"prompt": 1.0}})
+    assert pickle.loads(pickle.dumps(halved)) == halved
