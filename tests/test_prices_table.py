@@ -6,13 +6,17 @@ tables in tables) under the keys `[prices]` knows and their near misses."""
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipeline.account.cost import money, priced, tier_prices
+from pipeline.account.cost import money, priced, tier_prices, unpriced_batches
 from pipeline.errors import SettingsError
 from pipeline.jobfile import Price, check_prices
 from pipeline.settings import build
@@ -69,3 +73,66 @@ def test_tables_that_a_batch_pays_apart_are_not_equal() -> None:
     assert plain != halved  # (as mappings of the prices now, they were equal)
     assert plain == {"m": Price(1.0, 0.0)} == check_prices("job.toml", {"m": {"prompt": 1.0}})
     assert pickle.loads(pickle.dumps(halved)) == halved
+
+
+KEYS = st.one_of(
+    st.sampled_from(
+        [
+            "m",
+            "openrouter/m",
+            "batch",
+            "Batch",
+            "bacth",
+            "prompt",
+            "completion",
+            "batch_prompt",
+            "batch_completion",
+        ]
+    ),
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=6),
+)
+SCALARS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=100),
+    st.integers(min_value=-(10**3), max_value=10**3),
+    st.integers(min_value=300, max_value=400).map(lambda digits: 10**digits),
+    st.booleans(),
+    st.sampled_from(["0.5", " 2 ", "nan", "inf", "-0", "1e400", "", "cheap"]),
+    st.just(dt.date(2024, 1, 1)),
+    st.just(dt.datetime(2024, 1, 1, 12, tzinfo=dt.UTC)),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
+    max_leaves=12,
+)
+# A model's table with the keys it may hold: else nearly every table is refused for a key.
+PRICE = st.dictionaries(
+    st.sampled_from(["prompt", "completion", "batch_prompt", "batch_completion"]), SCALARS
+)
+
+
+@given(st.dictionaries(KEYS, st.one_of(PRICE, PRICE, SCALARS, VALUES), max_size=5))
+def test_any_prices_table_is_read_or_refused_in_one_line(raw: dict[str, Any]) -> None:
+    try:
+        prices = check_prices("job.toml", raw)
+    except SettingsError as e:
+        said = str(e)
+    else:
+        said = None
+    if said is not None:  # one line that names the file and the table
+        assert said.startswith("job.toml: [prices")
+        assert "\n" not in said
+        return
+    now, batch = tier_prices(prices, "sync"), tier_prices(prices, "batch")
+    for price in (*now.values(), *batch.values()):
+        assert all(math.isfinite(half) and math.copysign(1.0, half) == 1.0 for half in price)
+    assert set(now) | set(batch) == {model for model, entry in raw.items() if isinstance(entry, dict)}
+    assert set(now) <= set(batch)  # what a request may cost, a batch may too
+    factor = 1.0 if prices.share is None else prices.share
+    for model, price in now.items():
+        for half, key in enumerate(("batch_prompt", "batch_completion")):
+            if key not in raw[model]:  # a half the table leaves out: as the share (or price) says
+                assert batch[model][half] == price[half] * factor
+    assert set(unpriced_batches(prices)) <= set(now)
+    assert pickle.loads(pickle.dumps(prices)) == prices
