@@ -189,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         for warning in settings.warnings:
             print(f"pipeline: warning: {warning}", file=sys.stderr)
         if args.command == "ray":
+            if settings.tier != "sync":
+                # Its shards build their settings from the job file: each would submit batches
+                # into its own folder, which `pipeline cancel OUT` does not reach.
+                raise SettingsError(
+                    f'{settings.job_file}: tier = "{settings.tier}" is for pipeline run (the provider '
+                    "does a batch's work: it needs no cluster); pipeline ray sends requests: set "
+                    'tier = "sync" to run this job on the cluster'
+                )
             from pipeline.cluster.driver import ray_command
 
             return ray_command(settings, flags_from_args(args), args.job, args)

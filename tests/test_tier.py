@@ -357,3 +357,22 @@ def test_help_lists_the_tier_flags_and_the_cancel_command(capsys: pytest.Capture
         main(["cancel"])
     assert ended.value.code == 2
     assert "the following arguments are required: out" in capsys.readouterr().err
+
+
+def test_ray_refuses_a_job_file_at_the_batch_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ray takes no --tier, but its shards build their settings from the job file: each would
+    # submit batches into its own folder, where pipeline cancel OUT does not look.
+    import pipeline.cluster.driver as driver
+
+    started: list[object] = []
+    monkeypatch.setattr(driver, "ray_command", lambda *args: started.append(args) or 0)
+    jobfile = job(tmp_path, 'tier = "batch"\n')
+    assert main(["ray", str(jobfile), "--shards", "2"]) == 2
+    assert started == []
+    err = capsys.readouterr().err
+    assert f'pipeline: error: {jobfile}: tier = "batch" is for pipeline run' in err
+    assert 'set tier = "sync" to run this job on the cluster' in err
+    assert main(["ray", str(job(tmp_path, "batch_poll = 5\n")), "--shards", "2"]) == 0  # sync: as before
+    assert len(started) == 1
