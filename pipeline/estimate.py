@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -22,6 +23,7 @@ from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
+from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.settings import Settings
@@ -104,6 +106,14 @@ def estimate(settings: Settings) -> Estimate:
     return result
 
 
+def _priced_as(prices: Mapping[str, Price], model: str) -> str | None:
+    """The key of `prices` that prices `model`: `price_for`'s spellings, in its order."""
+    return next(
+        (key for key in (model, model.removeprefix("openrouter/"), f"openrouter/{model}") if key in prices),
+        None,
+    )
+
+
 def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
     out, err = out or sys.stdout, err or sys.stderr  # as they are now, not at import
     settings, counts = result.settings, result.counts
@@ -124,7 +134,7 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
     totals = {tier: [0.0, 0.0] for tier in tiers}
     unpriced: dict[str, list[str]] = {tier: [] for tier in tiers}
     unlimited = 0
-    at_sync_price = unpriced_batches(settings.prices)
+    at_sync_price, batch_prices = unpriced_batches(settings.prices), tier_prices(settings.prices, "batch")
     for model, m in sorted(result.models.items()):
         cells = []
         for tier in tiers:
@@ -135,7 +145,8 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
                 continue
             totals[tier][0] += cost[0]
             totals[tier][1] += cost[1]
-            upper = tier == "batch" and model in at_sync_price  # settings warned of it too
+            # Settings warned of it too; by the key that prices it (openrouter/m is priced as m).
+            upper = tier == "batch" and _priced_as(batch_prices, model) in at_sync_price
             cells.append(f"{money(cost[0])} to {money(cost[1])}" + (" (sync price)" if upper else ""))
         unlimited += m.unlimited
         rows.append((model, f"{m.requests:,}", f"{m.prompt_tokens:,}", f"{m.completion_tokens:,}", *cells))

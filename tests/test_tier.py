@@ -246,10 +246,13 @@ def test_estimate_of_a_batch_job_without_batch_prices_says_its_figure_is_the_syn
     tmp_path: Path,
 ) -> None:
     text = 'tier = "batch"\n[prices."a"]\nprompt = 1000.0\ncompletion = 1000.0\n'
+    # b is priced under its OpenRouter spelling: its figure is the sync price too, and says so.
+    text += '[prices."openrouter/b"]\nprompt = 1.0\ncompletion = 1.0\n'
     code, out, err = _estimated(tmp_path, text)
     assert code == 0
-    sync, batch = _row(out, "a")[-2:]
-    assert batch == sync + " (sync price)"
+    for model in ("a", "b"):
+        sync, batch = _row(out, model)[-2:]
+        assert batch == sync + " (sync price)"
     assert "[prices] says nothing of batches" in err
 
 
