@@ -210,13 +210,20 @@ def _batch_price_warnings(values: Mapping[str, Any], where: str) -> tuple[str, .
     )
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past a float's range (TOML sets no bound)
+        return False
+
+
 def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None:
     def positive(key: str, *, integer: bool = False) -> None:
         value = values.get(key)
         if value is None:
             return
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not ok or not _finite(value) or value <= 0:
             kind = "a whole number" if integer else "a number"
             raise SettingsError(f"{source(key)}: {key} must be {kind} above 0, not {value!r}")
 
@@ -237,5 +244,5 @@ def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None
         positive(key)
     for key in ("backoff_base", "backoff_max"):
         value = values.get(key)
-        if value is not None and (not isinstance(value, int | float) or value < 0):
+        if value is not None and (not isinstance(value, int | float) or not _finite(value) or value < 0):
             raise SettingsError(f"{source(key)}: {key} must be a number of seconds, 0 or more")

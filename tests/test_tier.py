@@ -66,6 +66,7 @@ def test_the_flags_reach_the_settings(tmp_path: Path) -> None:
         ('batch_api = "file"\n', 'job.toml: batch_api must be "files" or "inline", not \'file\''),
         ('then = "batch"\n', "job.toml: then must be \"sync\", not 'batch'"),
         ("batch_poll = 0\n", "job.toml: batch_poll must be a number above 0, not 0"),
+        ("batch_poll = 1" + "0" * 400 + "\n", "job.toml: batch_poll must be a number above 0, not 10"),
         ('batch_poll = "30"\n', "job.toml: 'batch_poll' must be int or float, not '30'"),
         ('teir = "batch"\n', "unknown key 'teir' \\(did you mean 'tier'\\?\\)"),
         ("batch_pol = 5\n", "unknown key 'batch_pol' \\(did you mean 'batch_poll'\\?\\)"),
