@@ -3,7 +3,8 @@ tokens and what they may cost, and send nothing.
 
 Prompt tokens are counted exactly (o200k_base); completion tokens are the most each request
 allows (`max_tokens` times `n`, or 4,096 where it sets no limit). The cost range runs from
-the prompts alone (every reply empty) to every reply at its limit, at the job's `[prices]`.
+the prompts alone (every reply empty) to every reply at its limit, at the job's `[prices]`;
+at `--tier batch`, the batch price beside it (`account.cost.tier_prices`).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import sqlite3
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.account.cost import money, price_for, priced
+from pipeline.account.cost import money, price_for, priced, tier_prices, unpriced_batches
 from pipeline.input.line import LineParser
 from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
+from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.settings import Settings
@@ -48,8 +51,13 @@ class Estimate:
     def requests(self) -> int:
         return sum(m.requests for m in self.models.values())
 
-    def cost_range(self, model: str, m: ModelEstimate) -> tuple[float, float] | None:
-        price = price_for(self.settings.prices, model)
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """The tiers whose cost is shown: the synchronous price, and the batch price beside it."""
+        return ("sync", "batch") if self.settings.tier == "batch" else ("sync",)
+
+    def cost_range(self, model: str, m: ModelEstimate, tier: str = "sync") -> tuple[float, float] | None:
+        price = price_for(tier_prices(self.settings.prices, tier), model)
         if price is None:
             return None
         return priced(price, m.prompt_tokens, 0), priced(price, m.prompt_tokens, m.completion_tokens)
@@ -98,6 +106,14 @@ def estimate(settings: Settings) -> Estimate:
     return result
 
 
+def _priced_as(prices: Mapping[str, Price], model: str) -> str | None:
+    """The key of `prices` that prices `model`: `price_for`'s spellings, in its order."""
+    return next(
+        (key for key in (model, model.removeprefix("openrouter/"), f"openrouter/{model}") if key in prices),
+        None,
+    )
+
+
 def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
     out, err = out or sys.stdout, err or sys.stderr  # as they are now, not at import
     settings, counts = result.settings, result.counts
@@ -112,40 +128,52 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
         f"{counts.empty:,} empty",
         file=out,
     )
-    rows = [("model", "requests", "prompt tokens", "completion tokens (at most)", "cost")]
-    total_low = total_high = 0.0
-    unpriced: list[str] = []
+    tiers = result.tiers
+    headers = ("cost",) if tiers == ("sync",) else ("sync cost", "batch cost")
+    rows = [("model", "requests", "prompt tokens", "completion tokens (at most)", *headers)]
+    totals = {tier: [0.0, 0.0] for tier in tiers}
+    unpriced: dict[str, list[str]] = {tier: [] for tier in tiers}
     unlimited = 0
+    at_sync_price, batch_prices = unpriced_batches(settings.prices), tier_prices(settings.prices, "batch")
     for model, m in sorted(result.models.items()):
-        costs = result.cost_range(model, m)
-        if costs is None:
-            unpriced.append(model)
-            cost = "no price"
-        else:
-            total_low += costs[0]
-            total_high += costs[1]
-            cost = f"{money(costs[0])} to {money(costs[1])}"
+        cells = []
+        for tier in tiers:
+            cost = result.cost_range(model, m, tier)
+            if cost is None:
+                unpriced[tier].append(model)
+                cells.append("no price")
+                continue
+            totals[tier][0] += cost[0]
+            totals[tier][1] += cost[1]
+            # Settings warned of it too; by the key that prices it (openrouter/m is priced as m).
+            upper = tier == "batch" and _priced_as(batch_prices, model) in at_sync_price
+            cells.append(f"{money(cost[0])} to {money(cost[1])}" + (" (sync price)" if upper else ""))
         unlimited += m.unlimited
-        rows.append((model, f"{m.requests:,}", f"{m.prompt_tokens:,}", f"{m.completion_tokens:,}", cost))
+        rows.append((model, f"{m.requests:,}", f"{m.prompt_tokens:,}", f"{m.completion_tokens:,}", *cells))
     if len(result.models) > 1:
         prompt = sum(m.prompt_tokens for m in result.models.values())
         completion = sum(m.completion_tokens for m in result.models.values())
-        cost = f"{money(total_low)} to {money(total_high)}" + (" (priced models only)" if unpriced else "")
-        rows.append(("all", f"{result.requests:,}", f"{prompt:,}", f"{completion:,}", cost))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        cells = [
+            f"{money(totals[tier][0])} to {money(totals[tier][1])}"
+            + (" (priced models only)" if unpriced[tier] else "")
+            for tier in tiers
+        ]
+        rows.append(("all", f"{result.requests:,}", f"{prompt:,}", f"{completion:,}", *cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        cells = (
-            c.ljust(w) if i in (0, 4) else c.rjust(w)
+        aligned = (
+            c.ljust(w) if i == 0 or i >= 4 else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
-        print(("  " + "  ".join(cells)).rstrip(), file=out)
+        print(("  " + "  ".join(aligned)).rstrip(), file=out)
     if unlimited:
         print(
             f"{unlimited:,} requests set no max_tokens: each is counted at {DEFAULT_MAX_COMPLETION:,} completion "
             "tokens at most",
             file=out,
         )
-    for model in unpriced:
+    # A model the run's tier cannot price: at the batch tier, what the batch price lacks.
+    for model in unpriced[tiers[-1]]:
         print(
             f'no price for {model}: add [prices."{model}"] prompt = ..., completion = ... '
             "(dollars per million tokens) to the job file to see its cost",

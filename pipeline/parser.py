@@ -1,4 +1,4 @@
-"""The command line's parser: what `pipeline run | estimate | merge | report | ray | mock` take,
+"""The command line's parser: what `pipeline run | estimate | merge | report | ray | cancel | mock` take,
 and the flags a run's settings are built from (`pipeline.cli` does what each command says)."""
 
 from __future__ import annotations
@@ -10,21 +10,53 @@ from typing import Any, NoReturn
 from pipeline import __version__
 from pipeline.arguments import positive_float, positive_int
 from pipeline.run.summary import EXIT_USAGE
-from pipeline.settings import DEFAULT_KEY_ENV, Settings, build
+from pipeline.settings import CHOICES, DEFAULT_KEY_ENV, TIERS, Settings, build
 from pipeline.urls import DEFAULT_BASE_URL
 
 
-def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
+def _endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", help=f"the endpoint (default {DEFAULT_BASE_URL})")
+    p.add_argument(
+        "--api-key-env", help=f"the environment variable holding the key (default {DEFAULT_KEY_ENV})"
+    )
+
+
+def _tier_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tier",
+        choices=TIERS,
+        help="sync (the default): each line a request, answered now; batch: the lines as the "
+        "provider's batches, at its batch price (about half), answered within 24 hours",
+    )
+    p.add_argument(
+        "--batch-api",
+        choices=CHOICES["batch_api"],
+        help="the batch API's shape: files (OpenAI's: a JSONL file uploaded, then a batch of it) or "
+        "inline (OpenRouter's: the requests in the batch, one model each); default: what the "
+        "endpoint offers",
+    )
+    p.add_argument(
+        "--then",
+        choices=CHOICES["then"],
+        help="with --tier batch: send the lines a batch left undone (expired, cancelled, failed for "
+        "now) as requests, at the synchronous price, rather than in a new batch",
+    )
+    p.add_argument(
+        "--batch-poll",
+        type=positive_float,
+        metavar="SECONDS",
+        help="with --tier batch: seconds between looks at a running batch (default 30)",
+    )
+
+
+def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool = True) -> None:
     p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
     p.add_argument(
         "--input",
         help="the input file: .jsonl or .jsonl.gz (or a pipe, such as /dev/stdin: read as it comes)",
     )
     p.add_argument("--output", help="the output folder; {date} becomes today's date")
-    p.add_argument("--base-url", help=f"the endpoint (default {DEFAULT_BASE_URL})")
-    p.add_argument(
-        "--api-key-env", help=f"the environment variable holding the key (default {DEFAULT_KEY_ENV})"
-    )
+    _endpoint_arguments(p)
     p.add_argument(
         "--model", help="the model for lines that name none (beats the job file's; a line's own model stays)"
     )
@@ -70,6 +102,8 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True) -> None:
         help="share one pace with every process of the same account through this Redis; "
         "--rpm and --tpm are then the account's limits",
     )
+    if tier:
+        _tier_arguments(p)
 
 
 EXIT_STATUSES = """exit status:
@@ -103,7 +137,7 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unknown flag {name}{hint}")
 
 
-COMMANDS = ("run", "estimate", "merge", "report", "ray", "mock")
+COMMANDS = ("run", "estimate", "merge", "report", "ray", "cancel", "mock")
 
 
 def parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -186,7 +220,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             epilog=EXIT_STATUSES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _job_arguments(cluster, shard=False)
+        _job_arguments(cluster, shard=False, tier=False)
         cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
         cluster.add_argument(
             "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"
@@ -209,6 +243,20 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
         cluster.add_argument(
             "--quiet", action="store_true", default=None, help="no bar: a log line a minute and a summary"
         )
+    if wanted("cancel"):
+        cancel = sub.add_parser(
+            "cancel",
+            help="cancel the batches a --tier batch run left running in OUT",
+            description="Cancel the provider's batches still running for OUT (a --tier batch run that "
+            "stops leaves them running: they are paid for as they go). What they finished is kept.",
+            epilog="exit status: 0 done (or nothing was running); 2 OUT is not an output folder, or the "
+            "job file is wrong; 3 the endpoint refused or could not be reached: run it again",
+        )
+        cancel.add_argument("out", type=Path, help="the --output the run wrote to")
+        cancel.add_argument(
+            "job", nargs="?", type=Path, help="the run's job file, for its base_url and api_key_env"
+        )
+        _endpoint_arguments(cancel)
     if wanted("mock"):
         mock = sub.add_parser(
             "mock",
@@ -241,6 +289,10 @@ def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "max_cost",
             "shard",
             "shared_limit",
+            "tier",
+            "batch_api",
+            "then",
+            "batch_poll",
             "fresh",
             "quiet",
         )

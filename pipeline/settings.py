@@ -10,7 +10,7 @@ import datetime as dt
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -24,6 +24,10 @@ from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
 
 DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
 EMPTY: Mapping[str, Any] = MappingProxyType({})
+# The batch tier's keys, and the values each may take (batch_poll: any number above 0).
+TIERS = ("sync", "batch")
+CHOICES: dict[str, tuple[str, ...]] = {"tier": TIERS, "batch_api": ("files", "inline"), "then": ("sync",)}
+BATCH_KEYS = ("batch_api", "then", "batch_poll")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,12 @@ class Settings:
     warnings: tuple[str, ...] = ()  # what looks wrong but may be meant: said before the run
     shard: Shard | None = None  # this process runs one shard of N, into OUT/shard-K-of-N/
     shared_limit: str | None = None  # redis://HOST:PORT/DB: one pace for every process of the account
+    # The tier: "sync" sends requests, "batch" sends them as provider batches at the batch price.
+    # None of the four below is in the fingerprint: a folder may go on at the other tier.
+    tier: str = "sync"
+    batch_api: str | None = None  # "files" or "inline"; None: the shape the endpoint offers
+    then: str | None = None  # "sync": what batches left undone after their attempts is sent now
+    batch_poll: float = 30.0  # seconds between looks at a running batch
 
     @property
     def folder(self) -> Path:
@@ -110,20 +120,15 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if values.get("output"):
         values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
-    key_env = values.get("api_key_env", DEFAULT_KEY_ENV)
-    if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
-        # Never echo it: someone may have passed the key itself.
-        raise SettingsError(
-            "api_key_env must be the name of an environment variable (letters, digits and _), "
-            "such as LUMENFALL_API_KEY; the key itself goes in that variable"
-        )
-    _check_numbers(values)
+    check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
+    _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)
+    _check_tier(values, flags, where)
     if isinstance(values.get("shard"), str):
         values["shard"] = parse_shard(values["shard"])
     if values.get("shared_limit") is not None:
         values["shared_limit"] = check_store_url(str(values["shared_limit"]))
     if "prices" in values:
-        values["prices"] = MappingProxyType(check_prices(where, values["prices"]))
+        values["prices"] = check_prices(where, values["prices"])  # read-only, with the batch prices
     if "limits" in values:
         values["limits"] = MappingProxyType(check_limits(where, values["limits"]))
     request = dict(values.get("request", {}))
@@ -145,7 +150,7 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         "(it is sent as written)"
         for key in request
         if (near := near_parameter(key)) is not None
-    )
+    ) + _batch_price_warnings(values, where)
     if values.get("template") is not None:
         # Compile once here so that a broken template is a settings error, not N line errors.
         from pipeline.input.template import compile_template
@@ -158,15 +163,69 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     return Settings(**values)
 
 
-def _check_numbers(values: dict[str, Any]) -> None:
+def check_key_env(key_env: Any) -> str:
+    """The name of the variable that holds the key (never the key: it is not echoed)."""
+    if not isinstance(key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Never echo it: someone may have passed the key itself.
+        raise SettingsError(
+            "api_key_env must be the name of an environment variable (letters, digits and _), "
+            "such as LUMENFALL_API_KEY; the key itself goes in that variable"
+        )
+    return key_env
+
+
+def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) -> None:
+    for key, choices in CHOICES.items():
+        value = values.get(key)
+        if value is not None and value not in choices:
+            source = "command line" if flags.get(key) is not None else where
+            said = " or ".join(f'"{c}"' for c in choices)
+            raise SettingsError(f"{source}: {key} must be {said}, not {value!r}")
+    if values.get("tier", "sync") == "batch":
+        return
+    # A job file may keep the batch tier's keys for the runs that use it (`--tier batch`); a
+    # flag of the batch tier given to a synchronous run would be silently ignored: refused.
+    for key in BATCH_KEYS:
+        if flags.get(key) is not None:
+            flag = "--" + key.replace("_", "-")
+            raise SettingsError(
+                f'{flag} is for the batch tier: add --tier batch (or tier = "batch" in the job '
+                f"file), or leave {flag} out"
+            )
+
+
+def _batch_price_warnings(values: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    if values.get("tier") != "batch" or not values.get("prices"):
+        return ()
+    from pipeline.account.cost import unpriced_batches
+
+    models = unpriced_batches(values["prices"])
+    if not models:
+        return ()
+    which = ": costs" if len(models) == len(values["prices"]) else f" for {', '.join(models)}: their costs"
+    return (
+        f"{where}: [prices] says nothing of batches{which} are shown at the synchronous price, an "
+        "upper bound; add batch = 0.5 (the share of each price a batch pays) to [prices], "
+        "or batch_prompt and batch_completion to a model's table",
+    )
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past a float's range (TOML sets no bound)
+        return False
+
+
+def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None:
     def positive(key: str, *, integer: bool = False) -> None:
         value = values.get(key)
         if value is None:
             return
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+        if isinstance(value, bool) or not ok or not _finite(value) or value <= 0:
             kind = "a whole number" if integer else "a number"
-            raise SettingsError(f"{key} must be {kind} above 0, not {value!r}")
+            raise SettingsError(f"{source(key)}: {key} must be {kind} above 0, not {value!r}")
 
     positive("concurrency", integer=True)
     positive("max_attempts", integer=True)
@@ -180,9 +239,10 @@ def _check_numbers(values: dict[str, Any]) -> None:
         "max_retry_time",
         "max_cost",
         "grace",
+        "batch_poll",
     ):
         positive(key)
     for key in ("backoff_base", "backoff_max"):
         value = values.get(key)
-        if value is not None and (not isinstance(value, int | float) or value < 0):
-            raise SettingsError(f"{key} must be a number of seconds, 0 or more")
+        if value is not None and (not isinstance(value, int | float) or not _finite(value) or value < 0):
+            raise SettingsError(f"{source(key)}: {key} must be a number of seconds, 0 or more")

@@ -47,6 +47,11 @@ def test_a_typo_in_a_job_file_is_named_with_a_suggestion(tmp_path: Path) -> None
         ('input = "a"\noutput = "b"\nconcurrency = "many"\n', "'concurrency' must be int"),
         ('input = "a"\noutput = "b"\nconcurrency = 0\n', "concurrency must be a whole number above 0"),
         ('input = "a"\noutput = "b"\nrpm = -1\n', "rpm must be a number above 0"),
+        (
+            'input = "a"\noutput = "b"\nconcurrency = 1' + "0" * 400 + "\n",
+            "concurrency must be a whole number",
+        ),
+        ('input = "a"\noutput = "b"\nbackoff_max = nan\n', "backoff_max must be a number of seconds"),
         ('input = "a"\noutput = "b"\nbase_url = "ftp://x"\n', "not an http\\(s\\) URL"),
         ('input = "a"\noutput = "b"\nrequest = 3\n', "'request' must be a table"),
         ('input = "a"\noutput = "b"\n[request]\nmessages = []\n', "cannot set 'messages'"),

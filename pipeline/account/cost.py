@@ -1,8 +1,8 @@
 """What an answer cost, and a budget that stops the run before it costs too much.
 
 A cost comes from the server (`usage.cost`, as OpenRouter reports it) where it says; else
-from the job's `[prices]` table (dollars per million prompt and completion tokens); else it
-is not known, and said to be so.
+from the job's `[prices]` table (dollars per million prompt and completion tokens) at the
+run's tier (`tier_prices`: a batch pays its own price); else it is not known, and said to be so.
 
 The budget (`--max-cost`) covers everything spent into the output folder, every run. Before
 a request is sent it reserves the request's worst case: its estimated prompt plus every
@@ -16,13 +16,14 @@ a time is sent until an answer tells what it costs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import anyio
 
 from pipeline.account.usage import Usage, answer_tokens
 from pipeline.job import Request
-from pipeline.jobfile import Price
+from pipeline.jobfile import Price, Prices
 
 
 def money(value: float | None, *, unknown: str = "not reported") -> str:
@@ -46,6 +47,36 @@ def price_for(prices: Mapping[str, Price], model: str | None) -> Price | None:
     if price is None:
         price = prices.get(f"openrouter/{model}")
     return price
+
+
+def tier_prices(prices: Mapping[str, Price], tier: str) -> Mapping[str, Price]:
+    """The price table a tier pays. At `sync`, `[prices]` as written. At `batch`, each model's
+    batch price where the table states one (`batch_prompt`, `batch_completion`), else its
+    price times the table's `batch` share, else its price: an upper bound, which the settings
+    warn of before such a run (`unpriced_batches`)."""
+    if tier != "batch" or not isinstance(prices, Prices):
+        return prices
+    share = prices.share
+    table = {
+        model: price if share is None else Price(price.prompt * share, price.completion * share)
+        for model, price in prices.items()
+    }
+    table.update(prices.batch)
+    return MappingProxyType(table)
+
+
+def tier_price(prices: Mapping[str, Price], model: str | None, tier: str) -> Price | None:
+    """The price of `model` at `tier` (for many models, build the table once: `tier_prices`)."""
+    return price_for(tier_prices(prices, tier), model)
+
+
+def unpriced_batches(prices: Mapping[str, Price]) -> list[str]:
+    """The models `[prices]` prices now but says nothing of for a batch: a batch tier run
+    shows their cost at the synchronous price."""
+    if isinstance(prices, Prices) and prices.share is not None:
+        return []
+    stated = prices.batch if isinstance(prices, Prices) else {}
+    return [model for model in prices if model not in stated]
 
 
 def priced(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
