@@ -115,7 +115,7 @@ def _report(out: Path) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     """`pipeline cancel OUT [JOB]`: the endpoint and the key's variable from the flags, else the
-    job file; given by neither, None, and `cancel_folder` takes its own default."""
+    job file; given by neither, None, and `cancel_folder` takes what the folder's batch run used."""
     try:
         job = read_job_file(args.job) if args.job is not None else {}
         base_url = args.base_url or job.get("base_url")
@@ -124,8 +124,7 @@ def _cancel(args: argparse.Namespace) -> int:
             base_url = check_base_url(base_url)
         if key_env is not None:
             key_env = check_key_env(key_env)
-        # (BRUN's pipeline.batch, built beside this entry in issue 22: the ignore goes once it lands)
-        from pipeline.batch.cancel import cancel_folder  # type: ignore[import-not-found, unused-ignore]
+        from pipeline.batch.cancel import cancel_folder
 
         status: int = cancel_folder(args.out, base_url, key_env)
         return status

@@ -9,9 +9,10 @@ made, and after it is made but before its id is returned), get, and every result
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,16 +247,5 @@ class FakeHost(Host):
         return opened()
 
 
-@dataclass(frozen=True, kw_only=True)
-class BatchSettings(Settings):
-    """Settings at the batch tier (while the settings that carry it are built beside)."""
-
-    tier: str = "batch"
-    batch_poll: float = 30.0
-    then: str | None = None
-
-
 def at_batch_tier(settings: Settings, **extra: Any) -> Settings:
-    values = {f.name: getattr(settings, f.name) for f in fields(settings)}
-    values.update(tier="batch", **extra)
-    return BatchSettings(**values)
+    return dataclasses.replace(settings, tier="batch", **extra)

@@ -1,8 +1,7 @@
 """The batch tier end to end against the built-in mock's batch APIs, both shapes, through the
 batch client: every line once in the files, and the mock's own counts (GET /mock/stats) show
 that no batch was made twice for a tag and no line answered twice, a kill between making a
-batch and noting its id included. (Skipped where the client or the mock's batch APIs are not
-built: they are built beside this, in issue 22.)"""
+batch and noting its id included."""
 
 from __future__ import annotations
 
@@ -14,17 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pipeline.mock.config import MockConfig
 from pipeline.run.host import Host
 from pipeline.run.runner import run
+from pipeline.send import batchclient
 from pipeline.send.batchapi import BatchApi, BatchInfo
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
 from tests.fakebatchapi import FakeClock, Killed, at_batch_tier
-
-batchclient = pytest.importorskip("pipeline.send.batchclient")
-if "batch_api" not in MockConfig.__dataclass_fields__:
-    pytest.skip("the mock serves no batch API here", allow_module_level=True)
 
 MAX_LINES = 4
 
@@ -57,7 +52,7 @@ class MockHost(Host):
     ) -> contextlib.AbstractAsyncContextManager[BatchApi]:
         @contextlib.asynccontextmanager
         async def opened() -> AsyncIterator[BatchApi]:
-            shape = getattr(settings, "batch_api", None)
+            shape = settings.batch_api
             async with batchclient.open_batch_api(
                 settings.base_url, api_key, shape, max_lines=MAX_LINES
             ) as api:
@@ -106,3 +101,57 @@ async def test_an_endpoint_without_batches_is_exit_2_before_anything_is_uploaded
         settings = at_batch_tier(make_settings(url, bodies(3)))
         with pytest.raises(SettingsError, match=r"no batch API.*--tier sync"):
             await run(settings, MockHost())
+
+
+class InterruptAtFirstLook(MockHost):
+    """A run stopped (as by Ctrl-C) at its first look at a batch, which is left running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.control: Any = None
+
+    async def watch(self, control: Any, progress: Any) -> None:
+        self.control = control
+
+    def batch_api(
+        self, settings: Settings, api_key: str | None
+    ) -> contextlib.AbstractAsyncContextManager[BatchApi]:
+        opened = super().batch_api(settings, api_key)
+        host = self
+
+        class Stopping:
+            def __init__(self, api: BatchApi) -> None:
+                self.api = api
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.api, name)
+
+            async def get(self, batch_id: str) -> BatchInfo:
+                host.control.interrupt()
+                return await self.api.get(batch_id)
+
+        @contextlib.asynccontextmanager
+        async def stopping() -> AsyncIterator[BatchApi]:
+            async with opened as api:
+                yield Stopping(api)  # type: ignore[misc]
+
+        return stopping()
+
+
+async def test_cancel_reaches_the_endpoint_the_folders_batches_went_to_without_being_told(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    from pipeline.batch import cancel
+
+    monkeypatch.setattr(cancel, "LOOK_EVERY", 0.01)
+    async with mock(batch_api="inline", batch_max_lines=MAX_LINES, batch_seconds=3600) as (url, _):
+        settings = at_batch_tier(make_settings(url, bodies(3)), batch_api="inline")
+        summary = await run(settings, InterruptAtFirstLook())
+        assert summary.exit_code == 130, summary.message
+        assert "pipeline cancel" in summary.message
+        # As the note says, no job file and no --base-url: the folder knows where its batches are.
+        status = await anyio.to_thread.run_sync(cancel.cancel_folder, settings.folder)
+        assert status == 0
+        assert (await _stats(url))["cancels"] == 1

@@ -44,6 +44,10 @@ FILLING, STAGED, CREATING, RUNNING, TAKEN, DROPPED = (
 LIVE = (STAGED, CREATING, RUNNING)
 FOLDER = "batches"  # OUT/batches/<n>.jsonl
 _TOKEN = "batch_token"  # meta: this folder's part of every tag
+# meta: where the folder's batches were sent (base URL, the key's variable, the shape), so that
+# `pipeline cancel OUT` reaches them without the job file. No secret: a URL that carries a
+# password is not kept (cancel then asks for --base-url).
+ENDPOINT = "batch_endpoint"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS batches (

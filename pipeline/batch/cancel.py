@@ -16,10 +16,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 
-from pipeline.batch.book import CREATING, RUNNING, Book
+from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Book
 from pipeline.batch.follow import Clock
 from pipeline.batch.submit import SKEW, info_state
 from pipeline.errors import RequestError, SettingsError
@@ -35,11 +36,14 @@ LOOK_EVERY = 5.0
 
 
 def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | None = None) -> int:
-    """The command's work; its exit status."""
-    base_url = base_url or DEFAULT_BASE_URL
-    key_env = api_key_env or DEFAULT_KEY_ENV
+    """The command's work; its exit status. The endpoint and the key's variable not given are
+    the ones the folder's batch run used (its book keeps them), else the defaults."""
     if not (folder / LEDGER).exists():
         raise SettingsError(f"{folder} holds no run (no {LEDGER}): nothing to cancel")
+    used = _endpoint_used(folder)
+    base_url = base_url or used.get("base_url") or DEFAULT_BASE_URL
+    key_env = api_key_env or used.get("api_key_env") or DEFAULT_KEY_ENV
+    shape = used.get("batch_api")
     api_key = os.environ.get(key_env) or None
     if api_key is None and not is_loopback(base_url):
         raise SettingsError(
@@ -47,17 +51,26 @@ def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | 
         )
 
     async def main() -> int:
-        import importlib
-        from typing import Any
+        from pipeline.send.batchclient import open_batch_api
 
-        client: Any = importlib.import_module("pipeline.send.batchclient")
         try:
-            async with client.open_batch_api(base_url, api_key) as api:
+            async with open_batch_api(base_url, api_key, shape if isinstance(shape, str) else None) as api:
                 return await cancel_batches(folder, api)
         except NoBatchApi:
             raise SettingsError(f"{redacted(base_url)} has no batch API: nothing to cancel there") from None
 
     return anyio.run(main)
+
+
+def _endpoint_used(folder: Path) -> dict[str, Any]:
+    ledger = Ledger(folder / LEDGER)
+    try:
+        used = ledger.get(ENDPOINT)
+    finally:
+        ledger.close(commit=False)
+    if not isinstance(used, dict):
+        return {}
+    return {key: value for key, value in used.items() if isinstance(value, str)}
 
 
 async def cancel_batches(

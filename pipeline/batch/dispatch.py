@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.account import cost
-from pipeline.batch.book import CREATING, DROPPED, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, RUNNING, STAGED, TAKEN, Book
 from pipeline.batch.follow import Clock, Follower
 from pipeline.batch.intake import Intake
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request
-from pipeline.jobfile import Price
 from pipeline.send.batchapi import BatchApi, NoBatchApi
 from pipeline.send.client import Client
 from pipeline.settings import Settings
@@ -44,27 +43,6 @@ from pipeline.urls import redacted
 
 if TYPE_CHECKING:
     from pipeline.run.runner import Run
-
-DISCOUNT = 0.5  # what providers take off for a batch, where the job's prices say nothing of it
-
-
-def option(settings: Settings, name: str, default: Any) -> Any:
-    """A batch setting (`tier`, `batch_poll`, `batch_api`, `then`): read so, as the settings
-    that carry them are built beside this module (issue 22)."""
-    return getattr(settings, name, default)
-
-
-def batch_prices(settings: Settings) -> Mapping[str, Price]:
-    """The job's prices at the batch tier: `account.cost.tier_prices` where it is built (the
-    settings of issue 22, beside this module), else the synchronous prices at the usual share."""
-    tier_prices = getattr(cost, "tier_prices", None)
-    if tier_prices is not None:
-        table: Mapping[str, Price] = tier_prices(settings.prices, "batch")
-        return table
-    return {
-        model: Price(price.prompt * DISCOUNT, price.completion * DISCOUNT)
-        for model, price in settings.prices.items()
-    }
 
 
 def no_batch_api(settings: Settings) -> SettingsError:
@@ -85,7 +63,7 @@ async def run_batches(
     settings = run.settings
     try:
         async with run.host.batch_api(settings, api_key) as api:
-            if option(settings, "then", None) != "sync":
+            if settings.then != "sync":
                 await dispatch_batches(run, api)
             else:  # what batches leave undone is sent now, as a synchronous run sends
                 async with open_client(settings, api_key) as client:
@@ -105,14 +83,20 @@ async def dispatch_batches(
         raise no_batch_api(settings) from None
     clock = clock or run.host.batch_clock or Clock()
     book = Book(ledger, settings.folder)
+    has_password = urlsplit(settings.base_url).password is not None
+    ledger.put(
+        ENDPOINT,
+        {
+            "base_url": None if has_password else settings.base_url,
+            "api_key_env": settings.api_key_env,
+            "batch_api": settings.batch_api,
+        },
+    )
     for n in book.forget_filling():
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
     ledger.commit()
-    run.books.prices = batch_prices(settings)
-    if run.books.budget is not None:
-        run.books.budget.prices = run.books.prices
 
     def commit() -> bool:
         try:
@@ -147,7 +131,7 @@ async def dispatch_batches(
         intake=intake,
         control=control,
         clock=clock,
-        poll=float(option(settings, "batch_poll", 30.0)),
+        poll=settings.batch_poll,
         give_up=settings.give_up_after,
         commit=commit,
         say=run.progress.say,

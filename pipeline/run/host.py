@@ -12,11 +12,10 @@ import signal
 import threading
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
-from pipeline.errors import SettingsError
 from pipeline.pace.pacer import Pacer
 
 if TYPE_CHECKING:
@@ -73,17 +72,10 @@ class Host:
     def batch_api(self, settings: Settings, api_key: str | None) -> AbstractAsyncContextManager[BatchApi]:
         """The endpoint's batch API, for a run at `--tier batch` (`pipeline.batch`): the shape
         `batch_api` asks for, else the one the endpoint offers."""
-        import importlib
+        from pipeline.send.batchclient import open_batch_api  # (only a batch run needs it)
 
-        try:
-            # (the client of both shapes, built beside the batch run in issue 22)
-            client: Any = importlib.import_module("pipeline.send.batchclient")
-        except ModuleNotFoundError:
-            raise SettingsError(
-                "--tier batch: this build has no batch client; run with --tier sync"
-            ) from None
-        opened: AbstractAsyncContextManager[BatchApi] = client.open_batch_api(
-            settings.base_url, api_key, getattr(settings, "batch_api", None)
+        opened: AbstractAsyncContextManager[BatchApi] = open_batch_api(
+            settings.base_url, api_key, settings.batch_api
         )
         return opened
 

@@ -24,6 +24,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.account.books import Books
+from pipeline.account.cost import tier_prices
 from pipeline.account.usage import Usage
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.line import LineParser
@@ -99,7 +100,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
         await job.gate.scopes.check()
-        if getattr(settings, "tier", "sync") == "batch":
+        if settings.tier == "batch":
             from pipeline.batch.dispatch import run_batches  # the middle at half price
 
             await run_batches(job, api_key, _client)
@@ -138,12 +139,14 @@ class Run:
         self.started = time.time()
         self.redact = Redactor(api_key)
         self.usage = Usage.from_state(ledger.get("usage"))
-        self.books = Books(self.usage, settings.prices, self.redact.text)
+        # A batch pays the batch price: the books, the budget and the mark a repair costs by.
+        prices = tier_prices(settings.prices, settings.tier)
+        self.books = Books(self.usage, prices, self.redact.text)
         self.usage.timeline.begin()  # this run's stretch: the repair after a crash counts in it too
         reconcile(settings.folder, ledger, self.books)
         # Set before this run writes a line, cleared with its end record: a merge knows a folder
         # whose last run was killed (its files not what the ledger lists) and repairs it first.
-        ledger.put(OPEN_RUN, open_run_mark(self.started, settings.prices))
+        ledger.put(OPEN_RUN, open_run_mark(self.started, prices))
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
