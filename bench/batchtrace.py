@@ -1,0 +1,119 @@
+"""`python -m bench.batchtrace TRACE ARGS...`: `pipeline ARGS...` in this process, as the
+`pipeline` command runs it, with the batch tier's steps timed into TRACE (JSON lines, epoch
+seconds, written at exit): each submission (and the upload inside it, where the shape
+uploads a file), each look at a batch and the status it found, each batch's result lines
+read, and each batch taken in (`Intake.take`, from its first step to its commit). What the
+`batches` scenario splits a run's wall by, from the run's own side of the wire: the mock's
+timestamps are whole seconds, as a provider's are.
+
+The timing wraps the batch API the run's host opens and `Intake.take`, a dozen clock reads a
+batch and a counter a line: nothing the RSS or the wall would show. Where either seam is
+gone (renamed), the run goes on untimed and the trace says why.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+Note = Callable[..., None]
+
+
+class Timed:
+    """A `BatchApi` whose calls the run makes are timed; the rest passes through."""
+
+    def __init__(self, api: Any, note: Note) -> None:
+        self._api, self._note = api, note
+        upload = getattr(api, "_upload", None)
+        if upload is not None:  # the files shape: the upload is the part of a submission that grows
+            api._upload = self._timed(upload, "upload")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+    def _timed(self, call: Callable[..., Any], event: str) -> Callable[..., Any]:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.time()
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                self._note(event=event, began=began, ended=time.time())
+
+        return timed
+
+    async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> Any:
+        began = time.time()
+        info = await self._api.submit(staged, tag=tag, model=model, lines=lines)
+        self._note(event="submit", id=info.id, lines=lines, began=began, ended=time.time())
+        return info
+
+    async def get(self, batch_id: str) -> Any:
+        began = time.time()
+        info = await self._api.get(batch_id)
+        self._note(event="look", id=batch_id, status=info.status, began=began, ended=time.time())
+        return info
+
+    async def results(self, info: Any) -> AsyncIterator[bytes]:
+        began, first, count = time.time(), None, 0
+        async for line in self._api.results(info):
+            if first is None:
+                first = time.time()
+            count += 1
+            yield line
+        self._note(event="results", id=info.id, lines=count, began=began, first=first, ended=time.time())
+
+
+def _patch(note: Note) -> None:
+    from pipeline.batch.intake import Intake
+    from pipeline.run.host import Host
+
+    opened = Host.batch_api
+    take = Intake.take
+
+    def batch_api(self: Host, settings: Any, api_key: str | None) -> AbstractAsyncContextManager[Any]:
+        @asynccontextmanager
+        async def timed() -> AsyncIterator[Any]:
+            async with opened(self, settings, api_key) as api:
+                yield Timed(api, note)
+
+        return timed()
+
+    async def timed_take(self: Intake, batch: Any, info: Any) -> list[int] | None:
+        began = time.time()
+        try:
+            return await take(self, batch, info)
+        finally:
+            note(event="take", n=batch.n, id=info.id, status=info.status, began=began, ended=time.time())
+
+    Host.batch_api = batch_api  # type: ignore[method-assign]
+    Intake.take = timed_take  # type: ignore[method-assign]
+
+
+def main(argv: list[str]) -> int:
+    trace, args = Path(argv[0]), argv[1:]
+    events: list[dict[str, Any]] = [{"event": "start", "at": time.time()}]
+
+    def note(**event: Any) -> None:
+        events.append(event)
+
+    try:
+        _patch(note)
+    except (ImportError, AttributeError) as e:
+        note(event="untimed", why=f"{type(e).__name__}: {e}")
+    from pipeline.cli import main as pipeline
+
+    try:
+        return pipeline(args)
+    finally:
+        note(event="exit", at=time.time())
+        trace.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
