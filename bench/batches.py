@@ -17,7 +17,8 @@ in last (the critical path), from the run's own timing of its steps (`bench.batc
     taking in   `Intake.take`: download, judging, results.jsonl, the books, the commit
     end         from then to the process's exit (usage.json, report.md, report.html)
 
-`--scale` multiplies the line counts (0.1: 1,000 and 10,000 lines).
+`--scale` multiplies the line counts (0.1: 1,000 and 10,000 lines); BENCH_BATCHES picks
+shapes, comma-separated (BENCH_BATCHES=files runs the files shape alone).
 """
 
 from __future__ import annotations
@@ -173,7 +174,10 @@ def batches(opts: Options, done: Done) -> ScenarioResult:
     runs: list[ClientRun] = []
     checks: list[Check] = []
     notes: list[str] = []
+    picked = [name for name in os.environ.get("BENCH_BATCHES", "").split(",") if name]
     for shape in SHAPES:
+        if picked and shape not in picked:
+            continue
         flags = _flags(shape)
         pair: list[tuple[ClientRun, Split | None]] = []
         for lines in (small, large):
