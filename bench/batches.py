@@ -23,6 +23,7 @@ shapes, comma-separated (BENCH_BATCHES=files runs the files shape alone).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class Taken:
     id: str
     lines: int
     made: float  # the create call answered
-    uploaded: float  # seconds its submission took (upload and create)
+    submitted: float  # seconds its submission took (upload and create)
     seen: float  # the look that found it ended began
     answered: float  # ... and got its reply
     began: float  # taking in began (`Intake.take`)
@@ -77,7 +78,7 @@ class Split:
     answering: float
     taking: float
     end: float
-    uploads: float  # the submissions' seconds, all batches (within `before`)
+    submissions: float  # the submissions' seconds, all batches (within `before`)
     batches: list[Taken]
 
     @property
@@ -113,7 +114,7 @@ def _split(events: list[dict[str, Any]], *, wall: float, batch_time: float) -> S
                 id=bid,
                 lines=read["lines"],
                 made=submit["ended"],
-                uploaded=submit["ended"] - submit["began"],
+                submitted=submit["ended"] - submit["began"],
                 seen=look["began"],
                 answered=look["ended"],
                 began=take["began"],
@@ -134,14 +135,14 @@ def _split(events: list[dict[str, Any]], *, wall: float, batch_time: float) -> S
         answering=last.answered - last.seen,
         taking=last.ended - last.answered,
         end=by["exit"]["at"] - last.ended,
-        uploads=sum(e["ended"] - e["began"] for e in submits.values()),
+        submissions=sum(e["ended"] - e["began"] for e in submits.values()),
         batches=sorted(taken, key=lambda t: t.made),
     )
 
 
 def _describe(split: Split) -> str:
     return (
-        f"wall {split.wall:.1f} s = before {split.before:.2f} (submissions {split.uploads:.2f})"
+        f"wall {split.wall:.1f} s = before {split.before:.2f} (submissions {split.submissions:.2f})"
         f" + the mock {split.batch_time:g} + following {split.following:.2f}"
         f" + answering {split.answering:.2f} + taking in {split.taking:.2f} + end {split.end:.2f}"
     )
@@ -153,8 +154,8 @@ def _batch_lines(split: Split) -> str:
     rates = [t.merge_rate() for t in taken]
     return (
         f"{len(taken)} batch{'es' if len(taken) != 1 else ''} of {min(t.lines for t in taken):,} to"
-        f" {max(t.lines for t in taken):,} lines; submission {min(t.uploaded for t in taken):.2f} to"
-        f" {max(t.uploaded for t in taken):.2f} s; found ended {min(waits):.2f} to {max(waits):.2f} s"
+        f" {max(t.lines for t in taken):,} lines; submission {min(t.submitted for t in taken):.2f} to"
+        f" {max(t.submitted for t in taken):.2f} s; found ended {min(waits):.2f} to {max(waits):.2f} s"
         f" after the mock's end; taken in at {min(rates):,.0f} to {max(rates):,.0f} lines/s"
     )
 
@@ -202,6 +203,8 @@ def batches(opts: Options, done: Done) -> ScenarioResult:
                     tally.get("lines_answered_twice") == 0 and tally.get("tags_twice") == 0,
                 ),
             ]
+            if split is not None:  # (results.json keeps it beside the run's other figures)
+                run.said["batch_split"] = dataclasses.asdict(split)
             if split is None:
                 checks.append(Check(f"{client.name}: split of the wall", "not timed (see its trace.jsonl)"))
                 continue
