@@ -10,9 +10,10 @@ The timing wraps the batch API the run's host opens and `Intake.take`, a dozen c
 batch and a counter a line: nothing the RSS or the wall would show. Where either seam is
 gone (renamed), the run goes on untimed and the trace says why.
 
-BENCH_SAMPLE=FILE also samples the process every millisecond of its CPU (SIGPROF) and writes
-to FILE, for the samples taken inside `Intake.take`, each function's share: inclusive, then
-its own (time in C, orjson's or SQLite's, is its caller's own). Where the merge's time goes.
+BENCH_SAMPLE=1 also samples the process every millisecond of its CPU (SIGPROF) and writes
+samples.txt beside TRACE: for the samples taken inside `Intake.take`, each function's share,
+inclusive, then its own (time in C, orjson's or SQLite's, is its caller's own). Where the
+merge's time goes.
 """
 
 from __future__ import annotations
@@ -149,8 +150,7 @@ def main(argv: list[str]) -> int:
         note(event="untimed", why=f"{type(e).__name__}: {e}")
     from pipeline.cli import main as pipeline
 
-    sampled = os.environ.get("BENCH_SAMPLE")
-    sampler = Sampler() if sampled else None
+    sampler = Sampler() if os.environ.get("BENCH_SAMPLE", "0") != "0" else None
     if sampler is not None:
         sampler.start()
     try:
@@ -158,8 +158,8 @@ def main(argv: list[str]) -> int:
     finally:
         note(event="exit", at=time.time())
         trace.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
-        if sampler is not None and sampled:
-            sampler.write(Path(sampled))
+        if sampler is not None:
+            sampler.write(trace.with_name("samples.txt"))
 
 
 if __name__ == "__main__":
