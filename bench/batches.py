@@ -62,6 +62,7 @@ class Taken:
     began: float  # taking in began (`Intake.take`)
     ended: float  # ... and ended: every line in the files, committed
     read: float  # seconds from its first result line read to its last
+    cpu: float  # the process's CPU seconds while it was taken in
 
     def merge_rate(self) -> float:
         return self.lines / max(self.ended - self.began, 1e-9)
@@ -120,6 +121,7 @@ def _split(events: list[dict[str, Any]], *, wall: float, batch_time: float) -> S
                 began=take["began"],
                 ended=take["ended"],
                 read=(read["ended"] - read["first"]) if read["first"] is not None else 0.0,
+                cpu=take.get("cpu", 0.0),
             )
         )
     if not taken:
@@ -152,11 +154,14 @@ def _batch_lines(split: Split) -> str:
     taken = split.batches
     waits = [t.seen - (t.made + split.batch_time) for t in taken]
     rates = [t.merge_rate() for t in taken]
+    cpu = sum(t.cpu for t in taken) / max(sum(t.ended - t.began for t in taken), 1e-9)
+    per_line = 1e6 * sum(t.cpu for t in taken) / max(sum(t.lines for t in taken), 1)
     return (
         f"{len(taken)} batch{'es' if len(taken) != 1 else ''} of {min(t.lines for t in taken):,} to"
         f" {max(t.lines for t in taken):,} lines; submission {min(t.submitted for t in taken):.2f} to"
         f" {max(t.submitted for t in taken):.2f} s; found ended {min(waits):.2f} to {max(waits):.2f} s"
-        f" after the mock's end; taken in at {min(rates):,.0f} to {max(rates):,.0f} lines/s"
+        f" after the mock's end; taken in at {min(rates):,.0f} to {max(rates):,.0f} lines/s, on the CPU"
+        f" {cpu:.0%} of that time ({per_line:.1f} us a line)"
     )
 
 

@@ -10,7 +10,8 @@ The timing wraps the batch API the run's host opens and `Intake.take`, a dozen c
 batch and a counter a line: nothing the RSS or the wall would show. Where either seam is
 gone (renamed), the run goes on untimed and the trace says why.
 
-BENCH_SAMPLE=1 also samples the process every millisecond of its CPU (SIGPROF) and writes
+BENCH_SAMPLE=1 also samples the process on its CPU timer (SIGPROF, asked for every millisecond
+of CPU; the kernel's tick makes it 4 ms at HZ=250) and writes
 samples.txt beside TRACE: for the samples taken inside `Intake.take`, each function's share,
 inclusive, then its own (time in C, orjson's or SQLite's, is its caller's own). Where the
 merge's time goes.
@@ -94,11 +95,12 @@ def _patch(note: Note) -> None:
         return timed()
 
     async def timed_take(self: Intake, batch: Any, info: Any) -> list[int] | None:
-        began = time.time()
+        began, cpu = time.time(), time.process_time()
         try:
             return await take(self, batch, info)
         finally:
-            note(event="take", n=batch.n, id=info.id, status=info.status, began=began, ended=time.time())
+            ended, cpu = time.time(), time.process_time() - cpu  # (the process's, all threads)
+            note(event="take", n=batch.n, id=info.id, status=info.status, began=began, ended=ended, cpu=cpu)
 
     Host.batch_api = batch_api  # type: ignore[method-assign]
     Intake.take = timed_take  # type: ignore[method-assign]
