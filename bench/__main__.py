@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import caption, cluster, killed, real, scenarios, shards, styles
+from bench import batches, caption, cluster, killed, real, scenarios, shards, styles
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Scenario] = {
     **shards.SCENARIOS,
     **cluster.SCENARIOS,
     **killed.SCENARIOS,
+    **batches.SCENARIOS,
 }
 
 
@@ -67,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         "--scale",
         type=float,
         default=1.0,
-        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models'])}"
+        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models', 'batches'])}"
         " (0.1: a quick look; default 1)",
     )
     p.add_argument(

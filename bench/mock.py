@@ -45,6 +45,15 @@ class MockFlags:
     model_rpm: tuple[tuple[str, float], ...] = ()  # (model, rpm): its own limit, beside --rpm
     limit_changes: tuple[str, ...] = ()  # as --limit-changes spells each: "[MODEL:]T=RPM,..."
     ratelimit_headers: bool = False
+    batch_api: str | None = None  # "files" or "inline": the batch API served (None: the default's)
+    batch_validating: float = 0.0  # seconds a batch spends in each state
+    batch_seconds: float = 0.0
+    batch_finalizing: float = 0.0
+
+    @property
+    def batch_time(self) -> float:
+        """Seconds from a batch's creation to its results, at the mock."""
+        return self.batch_validating + self.batch_seconds + self.batch_finalizing
 
     def args(self) -> list[str]:
         out: list[str] = []
@@ -76,6 +85,10 @@ class MockFlags:
             out += ["--tpm", f"{self.tpm:g}", "--tpm-count", self.tpm_count]
         if self.ratelimit_headers:
             out.append("--ratelimit-headers")
+        if self.batch_api:
+            out += ["--batch-api", self.batch_api]
+            for name in ("validating", "seconds", "finalizing"):
+                out += [f"--batch-{name}", f"{getattr(self, f'batch_{name}'):g}"]
         return out
 
     def describe(self) -> str:
@@ -115,6 +128,11 @@ class MockFlags:
             parts.append(f"--tpm {self.tpm:g} counted {counted}")
         if self.wait_said and (self.rpm or self.tpm or self.model_rpm):
             parts.append(f"waits said: {self.wait_said}")
+        if self.batch_api:
+            parts.append(
+                f"{self.batch_api} batches, {self.batch_validating:g} s validating, {self.batch_seconds:g} s"
+                f" in progress, {self.batch_finalizing:g} s finalizing"
+            )
         return ", ".join(parts)
 
 

@@ -30,6 +30,8 @@ class Client:
     rpm: float | None = None  # given to pipeline
     tpm: float | None = None
     flags: tuple[str, ...] = ()  # more of pipeline's flags
+    # pipeline run through bench.batchtrace, its batch tier's steps timed into FOLDER/trace.jsonl
+    traced: bool = False
 
     def command(self, *, input: Path, folder: Path, url: str, concurrency: int) -> list[str]:
         common = ["--input", str(input), "--base-url", url, "--concurrency", str(concurrency)]
@@ -40,7 +42,8 @@ class Client:
         limits = (["--rpm", f"{self.rpm:g}"] if self.rpm else []) + (
             ["--tpm", f"{self.tpm:g}"] if self.tpm else []
         )
-        return [PIPELINE, "run", *common, "--output", str(folder / "output"), *limits, *self.flags, "--quiet"]
+        entry = [sys.executable, "-m", "bench.batchtrace", str(trace(folder))] if self.traced else [PIPELINE]
+        return [*entry, "run", *common, "--output", str(folder / "output"), *limits, *self.flags, "--quiet"]
 
 
 BARE = Client(name="bare aiohttp", kind="bare")
@@ -50,6 +53,10 @@ PIPELINE_RUN = Client(name="pipeline", kind="pipeline")
 
 def results(folder: Path) -> Path:
     return folder / "results.jsonl"
+
+
+def trace(folder: Path) -> Path:
+    return folder / "trace.jsonl"
 
 
 @dataclass
