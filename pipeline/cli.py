@@ -60,6 +60,10 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
         f"{tokens['total_tokens']:,} tokens ({tokens['prompt_tokens']:,} prompt, "
         f"{tokens['completion_tokens']:,} completion), {cost_text}."
     )
+    if doc.get("batches") and doc["runs"] and doc["runs"][-1].get("tier") == "batch":
+        from pipeline.report.batches import batch_sentences
+
+        print(" ".join(batch_sentences(doc["batches"])))
     print(f"Outputs: {summary.output}/ (results.jsonl, errors.jsonl, usage.json, report.md, report.html)")
     if model_flag and summary.own_model:
         print(

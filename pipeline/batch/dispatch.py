@@ -124,6 +124,7 @@ async def dispatch_batches(
         say=run.progress.say,
         wall=clock.wall,
         now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
+        sync_prices=settings.prices,
     )
     follower = Follower(
         api=api,
