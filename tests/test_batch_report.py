@@ -14,8 +14,9 @@ from pipeline.report.batches import batch_sentences
 from pipeline.report.rebuild import rebuild
 from pipeline.run.runner import run
 from pipeline.settings import Settings
-from tests.conftest import bodies
+from tests.conftest import bodies, write_jsonl
 from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+from tests.test_cli import pipeline as pipeline_cli
 
 PRICES = '[prices]\nbatch = 0.5\n[prices."test/model"]\nprompt = 1000.0\ncompletion = 2000.0\n'
 
@@ -126,3 +127,20 @@ def test_the_saving_is_not_told_where_a_models_synchronous_price_is_not_known() 
         "The 2 answers from batches cost $0.5000 at the batch price (what they would have cost "
         "synchronously is not told: [prices] lacks a model's price)."
     )
+
+
+async def test_the_command_ends_saying_what_the_batches_came_to(mock, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(4))
+    job = _job(tmp_path, PRICES)
+    async with mock() as (url, _):
+        common = ["--input", str(src), "--base-url", url, "--tier", "batch", "--batch-poll", "0.1"]
+        code, out, err = await pipeline_cli("run", str(job), *common, "--output", str(tmp_path / "a"))
+        assert code == 0, err
+        assert "At the batch tier: 1 batch made, 4 lines; 1 completed." in out
+        code, out, err = await pipeline_cli(
+            "run", str(job), *common, "--output", str(tmp_path / "b"), "--quiet"
+        )
+        assert code == 0, err
+    # (the mock states each answer's cost, at half its own price; the table's is another)
+    assert "| 1 batch, $" in out
+    assert " saved | " in out

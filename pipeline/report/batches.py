@@ -14,6 +14,16 @@ def _plural(count: int, word: str, plural: str | None = None) -> str:
     return f"{count:,} {word if count == 1 else plural or word + 'es'}"
 
 
+def batch_brief(b: dict[str, Any]) -> str:
+    """The batches in a few words, for the one line of a quiet run's end (a cron log)."""
+    said = [_plural(int(b["made"]), "batch")]
+    if b["running"]:
+        said.append(f"{b['running']:,} still at the provider")
+    if b["saved"] is not None:
+        said.append(f"{money(b['saved'])} saved")
+    return ", ".join(said)
+
+
 def batch_sentences(b: dict[str, Any]) -> list[str]:
     """The batches in a few sentences: how many, how big, how long they waited, what was
     refused or went again, and what the answers cost at the batch price against now."""
