@@ -10,7 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from pipeline.account.usage import Usage
+from pipeline.batch import intake as intake_module
 from pipeline.batch.follow import Follower
 from pipeline.input.reader import ReadCounts
 from pipeline.run.control import Control
@@ -93,6 +96,11 @@ def test_the_bar_moves_with_the_lines_the_provider_answered_and_counts_none_twic
     writer.written += 60
     progress._refresh_bar()
     assert bar.n == 150
+    # Its download cut short there, it waits to be taken again: still counted once.
+    follower.taking = None
+    follower.written_of[1] = 60
+    progress._refresh_bar()
+    assert bar.n == 150
     progress.close()
 
 
@@ -137,3 +145,26 @@ async def test_a_batch_an_earlier_run_submitted_has_waited_since_its_submission(
     summary = await run(settings, second)
     assert summary.exit_code == 0, summary.message
     assert seen[0] == "1 batch submitted; waiting 2h00m"
+
+
+async def test_a_batch_whose_download_was_cut_is_counted_once_until_taken_again(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(intake_module, "WRITE_EVERY", 2)  # the first lines written before the cut
+    monkeypatch.setattr(intake_module, "READ_EVERY", 2)
+    api = FakeBatchApi()
+    api.cut_at = 4
+    settings = at_batch_tier(make_settings(server[0], bodies(6)))
+    host = _Watched(api)
+    done: list[int] = []
+
+    def look() -> None:
+        assert host.progress is not None
+        done.append(host.progress._now())
+
+    api.on_get = look
+    summary = await run(settings, host)
+    assert summary.exit_code == 0, summary.message
+    assert api.cut_at is None  # the cut happened, and the batch was looked at again after it
+    assert len(done) == 2
+    assert done[1] == 6  # its lines written before the cut, and the provider's count of them: once

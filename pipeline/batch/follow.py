@@ -77,6 +77,7 @@ class Follower:
         # earlier run submitted has waited since then, not since this run began
         self.since: dict[int, float] = {}
         self.taking: tuple[int, int] | None = None  # (n, lines written before) while taken in
+        self.written_of: dict[int, int] = {}  # n -> its lines written by a go cut short
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
         self._wake = anyio.Event()
@@ -227,13 +228,17 @@ class Follower:
             self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
             return
         finally:
+            written = self.intake.writer.written - self.taking[1]
             self.taking = None
+            if written:
+                self.written_of[n] = self.written_of.get(n, 0) + written
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]
         self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
+        self.written_of.pop(n, None)
         if not self.intake.crowded:
             self.queue += again
         elif self.due:

@@ -33,12 +33,13 @@ WORDS = {
 
 def answered(follower: Follower) -> int:
     """Lines the provider says are answered (completed or failed) in the batches running, not
-    yet written: the batch being taken in counts what is not written of it yet."""
+    yet written: a batch being taken in (or whose taking in was cut short, to be taken again)
+    counts what is not written of it yet."""
     lines = 0
     for n, info in follower.seen.items():
         if n not in follower.due:
             continue
-        counted = info.counts.completed + info.counts.failed
+        counted = info.counts.completed + info.counts.failed - follower.written_of.get(n, 0)
         if follower.taking is not None and follower.taking[0] == n:
             counted -= follower.intake.writer.written - follower.taking[1]
         lines += max(counted, 0)
