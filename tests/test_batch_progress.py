@@ -115,6 +115,7 @@ def test_the_log_line_without_a_terminal_gives_the_same_figures(tmp_path: Path) 
     clock.t += 7980
     line = progress.line()
     assert line.startswith("pipeline: 200 of 400 done (50%) | 1 batch in progress 80/200; waiting 2h13m |")
+    assert line.endswith("| 0 failed | 0 tokens | $0.0000")  # nothing answered yet: nothing spent
     assert "req/s" not in line  # no rate nor time left drawn from a provider's answering
     assert "left" not in line
 

@@ -80,7 +80,8 @@ class Progress:
         self.paces_of: Paces | None = None  # the same, for each model with a pace of its own
         self.batches: Batches | None = None  # at --tier batch: shown in the pace's place
         self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
-        self._cost_before = usage.totals().cost
+        before = usage.totals()
+        self._cost_before, self._answers_before = before.cost, before.requests
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
 
     def input_error(self, failure: Failure) -> None:
@@ -118,6 +119,8 @@ class Progress:
         total = self.usage.totals()
         failed = self.usage.outcomes.get("failed", 0) + self.usage.outcomes.get("invalid_input", 0)
         cost = total.cost - self._cost_before if (total.with_cost or total.priced) else None
+        if cost is None and total.requests == self._answers_before:
+            cost = 0.0  # nothing answered yet (a batch run waits hours so): nothing spent, not unknown
         return total.total_tokens, failed - self._failed_before, cost
 
     def figures(self) -> dict[str, Any]:
