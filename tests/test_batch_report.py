@@ -4,14 +4,17 @@ the answers cost at the batch price beside the synchronous one (the saving)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from pipeline.report.batches import batch_sentences
 from pipeline.report.rebuild import rebuild
+from pipeline.run import ending
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, write_jsonl
@@ -144,3 +147,16 @@ async def test_the_command_ends_saying_what_the_batches_came_to(mock, tmp_path: 
     # (the mock states each answer's cost, at half its own price; the table's is another)
     assert "| 1 batch, $" in out
     assert " saved | " in out
+
+
+async def test_a_book_that_cannot_be_read_at_the_end_leaves_the_reports_without_batches(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*_: Any, **__: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(ending, "figures", failing)
+    settings = at_batch_tier(make_settings(server[0], bodies(2)))
+    summary = await run(settings, FakeHost(FakeBatchApi()))
+    assert summary.exit_code == 0, summary.message  # the run's own end, not a crash (exit 70)
+    assert "batches" not in orjson.loads((settings.folder / "usage.json").read_bytes())

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from pipeline.account.cost import answer_cost, answering_model, price_for, priced
 from pipeline.account.usage import answer_tokens
 from pipeline.job import Success
@@ -64,8 +66,6 @@ def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
     db = ledger.reading()
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
         return None
-    import orjson
-
     rows = db.execute(
         "SELECT state, batch_id, lines, at, info FROM batches WHERE state != 'filling'"
     ).fetchall()

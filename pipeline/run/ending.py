@@ -126,7 +126,9 @@ def finish(run: Run, failed_now: int) -> Summary:
         "pending": pending,
         "lines": total,
     }
-    batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
+    batches = None
+    with contextlib.suppress(sqlite3.Error):  # (a folder that fails: its reports go without them)
+        batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
     doc = usage_document(usage, state=state, folder=settings.folder, batches=batches)
     try:
         write_reports(settings.folder, doc, run.redact)
