@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.batch import intake as intake_module
 from pipeline.report.batches import batch_sentences
 from pipeline.report.rebuild import rebuild
 from pipeline.run import ending
@@ -160,3 +161,17 @@ async def test_a_book_that_cannot_be_read_at_the_end_leaves_the_reports_without_
     summary = await run(settings, FakeHost(FakeBatchApi()))
     assert summary.exit_code == 0, summary.message  # the run's own end, not a crash (exit 70)
     assert "batches" not in orjson.loads((settings.folder / "usage.json").read_bytes())
+
+
+async def test_a_batch_whose_download_was_cut_counts_every_answer_once(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(intake_module, "WRITE_EVERY", 2)  # the first lines written before the cut
+    monkeypatch.setattr(intake_module, "READ_EVERY", 2)
+    api = FakeBatchApi()
+    api.cut_at = 4
+    settings = at_batch_tier(make_settings(server[0], bodies(6)))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert api.cut_at is None  # the cut happened
+    assert summary.usage["batches"]["answers"] == 6

@@ -63,6 +63,7 @@ class Intake:
     ) -> None:
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
+        self._spent: dict[int, Spent] = {}  # kept across a go cut short: its answers were written
         self.now = now  # `--then sync`: what has no batch attempt left is sent now
         self.wall = wall  # the clock a batch's submission was dated by
         self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
@@ -91,7 +92,7 @@ class Intake:
         # then done, and skipped, rather than written twice; what it had not written yet is
         # let go, and met again.
         self.judge.outcomes = []
-        self.spent = Spent(self.books.prices, self.sync_prices)
+        self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -152,6 +153,7 @@ class Intake:
             self.book.taken(batch.n)
         if not self.commit():
             return None
+        self._spent.pop(batch.n, None)
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)
         return [n for n, *_ in again]
