@@ -5,6 +5,8 @@ and in the log line of a run without one. A fake clock: no test waits."""
 from __future__ import annotations
 
 import io
+import os
+import select
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -169,3 +171,30 @@ async def test_a_batch_whose_download_was_cut_is_counted_once_until_taken_again(
     assert api.cut_at is None  # the cut happened, and the batch was looked at again after it
     assert len(done) == 2
     assert done[1] == 6  # its lines written before the cut, and the provider's count of them: once
+
+
+def test_a_terminal_that_says_no_size_still_gets_a_bar(tmp_path: Path) -> None:
+    """A pty nobody sized (`script`, a CI runner's, `docker exec -t`) says it is 0 by 0: tqdm
+    drew nothing at all there, for the whole run."""
+    master, slave = os.openpty()  # (a new pty: 0 columns, 0 rows)
+    try:
+        with open(slave, "w", closefd=True) as terminal:
+            assert terminal.isatty()
+            assert os.get_terminal_size(terminal.fileno()).columns == 0
+            clock, writer = FakeClock(), _Written()
+            follower = _follower(clock, writer)
+            settings = build(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o"), tier="batch")
+            progress = Progress(settings, ReadCounts(total=300), writer, Usage(), stream=terminal)  # type: ignore[arg-type]
+            progress.batches = follower
+            follower.running(1, BatchInfo("b1", "in_progress", BatchCounts(300, 120, 0)))
+            progress._refresh_bar()
+            progress._refresh_bar()  # (drawn now: tqdm's update draws 0.1 s after the last only)
+            terminal.flush()
+            drawn = b""
+            while b"in progress" not in drawn and select.select([master], [], [], 2)[0]:
+                drawn += os.read(master, 65536)
+            progress.close()
+    finally:
+        os.close(master)
+    assert b"120/300" in drawn
+    assert b"1 batch in progress 120/300" in drawn

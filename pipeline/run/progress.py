@@ -6,6 +6,8 @@ Progress is read from the counters a few times a second (a bar) or once a `progr
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 BAR_REFRESH = 0.25  # seconds
 MODELS = 3  # models with a pace of their own named in the progress line
+FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # a terminal's size where it says none
 MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all
 
 
@@ -39,6 +42,14 @@ class Batches(Protocol):
 
     def answered(self) -> int:
         """Lines the provider says it has answered in them, not yet written."""
+
+
+def _columns(stream: TextIO) -> int | None:
+    """The terminal's width as it says it (0: not set); None where the stream tells none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
 
 
 def duration(seconds: float) -> str:
@@ -73,7 +84,18 @@ class Progress:
             from tqdm import tqdm  # only for a terminal: a nightly run does not import it
 
             unit = "line" if settings.tier == "batch" else "req"
-            self.bar = tqdm(total=None, unit=unit, file=self.stream, dynamic_ncols=True, smoothing=0.05)
+            # A terminal whose size nobody set (a pty: `script`, a CI runner's, `docker exec -t`)
+            # says it is 0 by 0, and tqdm then draws nothing at all: no row is free for a bar.
+            unsized = _columns(self.stream) == 0
+            self.bar = tqdm(
+                total=None,
+                unit=unit,
+                file=self.stream,
+                dynamic_ncols=not unsized,
+                ncols=FALLBACK_COLUMNS if unsized else None,
+                nrows=FALLBACK_ROWS if unsized else None,
+                smoothing=0.05,
+            )
         self.started = time.monotonic()
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
