@@ -40,11 +40,17 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
     cost_text = money(cost["total"], unknown="cost not reported") + (
         f" ({unreported:,} results without a cost)" if unreported and cost["total"] is not None else ""
     )
+    batches = doc.get("batches") if doc["runs"] and doc["runs"][-1].get("tier") == "batch" else None
     if quiet:
+        brief = ""
+        if batches:
+            from pipeline.report.batches import batch_brief
+
+            brief = f" | {batch_brief(batches)}"
         print(
             f"pipeline: exit {summary.exit_code} | {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
             f"{summary.invalid_input:,} invalid, {summary.skipped:,} already done, {_n(summary.pending)} pending | "
-            f"{tokens['total_tokens']:,} tokens | {cost_text} | {duration(wall)} | {summary.output} | "
+            f"{tokens['total_tokens']:,} tokens | {cost_text}{brief} | {duration(wall)} | {summary.output} | "
             f"{summary.message}",
             flush=True,
         )
@@ -60,6 +66,10 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
         f"{tokens['total_tokens']:,} tokens ({tokens['prompt_tokens']:,} prompt, "
         f"{tokens['completion_tokens']:,} completion), {cost_text}."
     )
+    if batches:
+        from pipeline.report.batches import batch_sentences
+
+        print(" ".join(batch_sentences(batches)))
     print(f"Outputs: {summary.output}/ (results.jsonl, errors.jsonl, usage.json, report.md, report.html)")
     if model_flag and summary.own_model:
         print(

@@ -9,11 +9,8 @@ import pytest
 
 from pipeline.batch import intake as intake_module
 from pipeline.batch.cancel import cancel_batches
-from pipeline.batch.follow import Follower
 from pipeline.errors import SettingsError
-from pipeline.run.control import Control
 from pipeline.run.runner import run
-from pipeline.send.batchapi import BatchCounts, BatchInfo
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
 from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier
@@ -185,29 +182,6 @@ async def test_then_sync_sends_what_the_batches_left_undone_now(
     assert api.ran["job-1"] == 2  # its two batch attempts, then the synchronous one
     assert results["job-1"]["response"]["body"]["choices"][0]["message"]["content"] != "answer to job-1"
     assert [body["messages"][0]["content"] for body in server[1].state.received] == ["question 1"]
-
-
-def test_the_progress_shows_the_batches_states_counts_and_wait() -> None:
-    clock = FakeClock()
-    follower = Follower(
-        api=FakeBatchApi(),
-        book=None,  # type: ignore[arg-type]
-        intake=None,  # type: ignore[arg-type]
-        control=Control(),
-        clock=clock,
-        poll=30.0,
-        give_up=600.0,
-        commit=lambda: True,
-        say=print,
-    )
-    assert follower.status() == "no batch running"
-    follower.running(1, BatchInfo("b1", "in_progress", BatchCounts(100, 40, 2)))
-    follower.running(2, BatchInfo("b2", "validating", BatchCounts(50)))
-    follower.queue.append(3)
-    clock.t += 725
-    assert follower.status() == (
-        "2 batches running; 1 in_progress, 1 validating; 42 of 150 lines answered; waiting 12m05s; 1 to submit"
-    )
 
 
 async def test_a_synchronous_run_into_a_folder_with_batches_running_says_they_are_paid_twice(

@@ -2,7 +2,8 @@
 
 Shell blocks run in bash in a copy of the repository's jobs and samples (with the repository's
 `.venv`), against the built-in mock: each `pipeline run` or `estimate` gets `--base-url` to it,
-the only change. `make` lines are checked with `make -n` (`make test` would run this test).
+the only change, but for a run at `--tier batch`, which looks at its batches every 0.2 s
+rather than 30 (the mock's batches end at once: the test would only wait). `make` lines are checked with `make -n` (`make test` would run this test).
 Python blocks run with the default endpoint pointed at the mock. TOML blocks go into a job
 file, which must be valid. `text` blocks are synopses and layouts, read, not run.
 """
@@ -75,6 +76,8 @@ def _pointed(command: str, url: str) -> str:
     command = command.split(" #")[0].rstrip()
     background = command.endswith("&")
     command = command.rstrip("&").rstrip()
+    if "--tier batch" in command and "--batch-poll" not in command:
+        command += " --batch-poll 0.2"
     return f"{command} --base-url {url}" + (" &" if background else "")
 
 

@@ -124,6 +124,7 @@ async def dispatch_batches(
         say=run.progress.say,
         wall=clock.wall,
         now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
+        sync_prices=settings.prices,
     )
     follower = Follower(
         api=api,
@@ -141,12 +142,12 @@ async def dispatch_batches(
     for batch in book.batches(STAGED, CREATING):
         follower.queue.append(batch.n)
     for batch in book.batches(RUNNING):
-        follower.running(batch.n)  # looked at once: it may have ended while no run followed it
+        follower.running(batch.n, at=batch.at)  # looked at once: it may have ended meanwhile
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
     live = book.in_live if book.any_live() else None
     worst = run.books.budget.worst_case if run.books.budget is not None else None
-    run.progress.batches = follower.status
+    run.progress.batches = follower
 
     def staged(n: int) -> bool:
         if not commit():

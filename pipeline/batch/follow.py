@@ -12,6 +12,7 @@ from collections.abc import Callable
 import anyio
 
 from pipeline.account.cost import Budget
+from pipeline.batch import view
 from pipeline.batch.book import Batch, Book
 from pipeline.batch.hold import Holds
 from pipeline.batch.intake import Intake
@@ -72,7 +73,11 @@ class Follower:
         self.retry_at: dict[int, tuple[float, float]] = {}  # n -> (when to try again, failing since)
         self.due: dict[int, float] = {}  # running: n -> when to look next
         self.seen: dict[int, BatchInfo] = {}  # running: as last described
-        self.since: dict[int, float] = {}  # running: when we first saw it made (our clock)
+        # running: when it was submitted (the book's `at`, by the wall clock): a batch an
+        # earlier run submitted has waited since then, not since this run began
+        self.since: dict[int, float] = {}
+        self.taking: tuple[int, int] | None = None  # (n, lines written before) while taken in
+        self.written_of: dict[int, int] = {}  # n -> its lines written by a go cut short
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
         self._wake = anyio.Event()
@@ -90,9 +95,11 @@ class Follower:
     def wake(self) -> None:
         self._wake.set()
 
-    def running(self, n: int, info: BatchInfo | None = None) -> None:
+    def running(self, n: int, info: BatchInfo | None = None, *, at: float | None = None) -> None:
+        """Batch n is made (`info`: as just described; None: to be looked at now), submitted
+        at `at` (epoch seconds; None: now)."""
         self.due[n] = self.clock.now() if info is None else self.clock.now() + self.poll
-        self.since.setdefault(n, self.clock.now())
+        self.since.setdefault(n, self.clock.wall() if at is None else at)
         if info is not None:
             self.seen[n] = info
 
@@ -164,7 +171,7 @@ class Follower:
         if info is None:
             self.queue.insert(0, n)  # made, its id not noted: the next run finds it
             return
-        self.running(n, info)
+        self.running(n, info, at=self.book.batch(n).at)
 
     def _failed_submit(self, n: int, error: RequestError) -> None:
         now = self.clock.now()
@@ -209,6 +216,9 @@ class Follower:
         self.seen[n] = info
         if not info.ended:
             return
+        # (its lines count as the provider's until they are written, then as written: the
+        # progress neither counts them twice nor drops them meanwhile)
+        self.taking = (n, self.intake.writer.written)
         try:
             again = await self.intake.take(batch, info)
         except NoBatchApi:
@@ -217,12 +227,18 @@ class Follower:
         except RequestError as e:  # its results could not be read: read again at the next look
             self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
             return
+        finally:
+            written = self.intake.writer.written - self.taking[1]
+            self.taking = None
+            if written:
+                self.written_of[n] = self.written_of.get(n, 0) + written
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]
         self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
+        self.written_of.pop(n, None)
         if not self.intake.crowded:
             self.queue += again
         elif self.due:
@@ -232,28 +248,13 @@ class Follower:
                 self.retry_at[m] = (self.clock.now() + max(self.poll, RETRY_MOST), self.clock.now())
             self.queue += again
 
-    # -- what a person sees ---------------------------------------------------------------------
+    # -- what a person sees (`pipeline.batch.view`) ------------------------------------------
 
     def status(self) -> str:
-        states: dict[str, int] = {}
-        answered = total = 0
-        for info in self.seen.values():
-            states[info.status] = states.get(info.status, 0) + 1
-            answered += info.counts.completed + info.counts.failed
-            total += info.counts.total
-        running = len(self.due)
-        if not running and not self.queue:
-            return "no batch running"
-        parts = [f"{running:,} batch{'es' if running != 1 else ''} running"]
-        if states:
-            parts.append(", ".join(f"{count:,} {state}" for state, count in sorted(states.items())))
-        if total:
-            parts.append(f"{answered:,} of {total:,} lines answered")
-        if self.since:
-            parts.append(f"waiting {duration(self.clock.now() - min(self.since.values()))}")
-        if self.queue:
-            parts.append(f"{len(self.queue):,} to submit")
-        return "; ".join(parts)
+        return view.status(self)
+
+    def answered(self) -> int:
+        return view.answered(self)
 
     @property
     def left(self) -> int:

@@ -21,15 +21,18 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from pipeline.account.books import Books
-from pipeline.batch.again import send_now, stage_again
+from pipeline.batch.again import NOW, send_now, stage_again
 from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files
+from pipeline.batch.submit import info_state
+from pipeline.batch.tally import TAKEN_AT, Spent
 from pipeline.job import Outcome, Success
+from pipeline.jobfile import Price
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
 from pipeline.send.batchapi import BatchApi, BatchInfo
@@ -56,7 +59,11 @@ class Intake:
         say: Callable[[str], None],
         wall: Callable[[], float] = time.time,
         now: SendNow | None = None,
+        sync_prices: Mapping[str, Price] | None = None,
     ) -> None:
+        self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
+        self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
+        self._spent: dict[int, Spent] = {}  # kept across a go cut short: its answers were written
         self.now = now  # `--then sync`: what has no batch attempt left is sent now
         self.wall = wall  # the clock a batch's submission was dated by
         self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
@@ -85,6 +92,7 @@ class Intake:
         # then done, and skipped, rather than written twice; what it had not written yet is
         # let go, and met again.
         self.judge.outcomes = []
+        self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -140,9 +148,12 @@ class Intake:
         with self._whole():
             for n, lines, size, worst in again:
                 self.book.staged(n, lines=lines, size=size, reserved=worst)
+            # (its figures for the run's end and reports, in the commit that takes it: once)
+            self.book.looked(batch.n, self._figures(info, now, sum(lines for _, lines, _, _ in again)))
             self.book.taken(batch.n)
         if not self.commit():
             return None
+        self._spent.pop(batch.n, None)
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)
         return [n for n, *_ in again]
@@ -208,11 +219,23 @@ class Intake:
 
     # -- writing, and going again ---------------------------------------------------------------
 
+    def _figures(self, info: BatchInfo, taken_at: float, again: int) -> dict[str, object]:
+        row = self.ledger.reading().execute("SELECT count(*) FROM taking WHERE again = ?", (NOW,)).fetchone()
+        return {
+            **info_state(info),
+            TAKEN_AT: taken_at,
+            "again": again,
+            "now": int(row[0]),
+            **self.spent.state(),
+        }
+
     def _write_now(self, outcomes: list[Outcome]) -> bool:
         self.judge.outcomes += outcomes
-        return self._write()
+        return self._write(batch=False)
 
-    def _write(self) -> bool:
+    def _write(self, *, batch: bool = True) -> bool:
+        """Write the outcomes judged; `batch`: they are the batch's answers (not `--then
+        sync`'s), counted in its figures once written."""
         outcomes, self.judge.outcomes = self.judge.outcomes, []
         if not outcomes:
             return self.writer.broken is None
@@ -226,4 +249,6 @@ class Intake:
         except OSError as e:
             self.writer.fail(e)
             return False
+        if batch:
+            self.spent.add(successes)
         return True

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.account.cost import money
 from pipeline.account.timeline import joined
+from pipeline.report.batches import batch_sentences
 from pipeline.report.charts import bars, over_time
 from pipeline.report.svg import escape
 
@@ -63,6 +64,9 @@ def html_report(doc: dict[str, Any]) -> str:
         "<h2>Requests</h2>",
         _table(["state", "lines"], [[k.replace("_", " "), v] for k, v in doc["requests"].items()]),
     ]
+    if doc.get("batches"):
+        parts.append("<h2>Batches</h2>")
+        parts += [f"<p>{_e(said)}</p>" for said in batch_sentences(doc["batches"])]
     parts.append("<h2>Over time</h2>")
     if points:
         parts += over_time(length, points)

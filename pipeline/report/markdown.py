@@ -17,6 +17,7 @@ from pipeline.account.cost import money
 from pipeline.account.usage import ModelUsage, Usage
 from pipeline.output.folder import atomic_write
 from pipeline.output.writer import Redactor
+from pipeline.report.batches import batch_sentences
 from pipeline.report.html import html_report
 
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
@@ -49,8 +50,11 @@ def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def usage_document(usage: Usage, *, state: dict[str, int | None], folder: Path) -> dict[str, Any]:
-    """Everything usage.json holds; `state` counts the folder's lines now (results, errors)."""
+def usage_document(
+    usage: Usage, *, state: dict[str, int | None], folder: Path, batches: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything usage.json holds; `state` counts the folder's lines now (results, errors);
+    `batches`: what the folder's batches came to (`pipeline.batch.tally.figures`)."""
     total = usage.totals()
     wall = sum(float(r.get("wall_seconds", 0.0)) for r in usage.runs)
     succeeded_events = usage.outcomes.get("succeeded", 0)
@@ -93,6 +97,7 @@ def usage_document(usage: Usage, *, state: dict[str, int | None], folder: Path) 
         "error_messages": {
             code: dict(counts.most_common(5)) for code, counts in sorted(usage.messages.items())
         },
+        **({"batches": batches} if batches is not None else {}),
     }
 
 
@@ -142,6 +147,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{cost['requests_not_reported']:,} result(s) came without a cost from the server and no "
             "price in the job's [prices] table: their cost is not reported, not zero.",
         ]
+    if doc.get("batches"):
+        out += ["", "## Batches", "", *(f"{s}  " for s in batch_sentences(doc["batches"]))]
+        out[-1] = out[-1].rstrip()
     out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
     out += [f"| {k} | {v:,} |" for k, v in doc["answers_by_status"].items()]
     out += ["", f"Attempts {doc['attempts']:,}, of which retries {doc['retries']:,}."]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.account.usage import Usage
+from pipeline.batch.tally import figures
 from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
@@ -19,13 +20,15 @@ from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
 
-def _folder(out: Path) -> tuple[Usage, dict[str, Any]]:
-    """A run's folder: its usage as of its last checkpoint, and its lines now."""
+def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
+    """A run's folder: its usage as of its last checkpoint, its lines now, and what its
+    batches came to (None: it made none)."""
     if running(out):
         raise SettingsError(f"a run is writing into {out} now: it writes its reports when it ends")
     ledger = Ledger(out / LEDGER)
     try:
         usage = Usage.from_state(ledger.get("usage"))
+        batches = figures(ledger, refused=usage.answers.get("refused", 0))
     finally:
         ledger.close()
     last = usage.runs[-1] if usage.runs else {}
@@ -35,7 +38,7 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any]]:
         "pending": last.get("pending"),
         "lines": last.get("lines"),
     }
-    return usage, state
+    return usage, state, batches
 
 
 def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
@@ -72,7 +75,7 @@ def rebuild(out: Path) -> dict[str, Any]:
             # A set of shards: its reports are a merge's too, written with the same temporary
             # files, so under the merge's lock (a merge under way is waited for).
             held.enter_context(merging(out))
-        usage, state = _folder(out) if (out / LEDGER).exists() else _shards(out)
-        doc = usage_document(usage, state=state, folder=out)
+        usage, state, batches = _folder(out) if (out / LEDGER).exists() else (*_shards(out), None)
+        doc = usage_document(usage, state=state, folder=out, batches=batches)
         write_reports(out, doc, Redactor(None))
     return doc

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.account.usage import Usage
+from pipeline.batch.tally import figures
 from pipeline.input.source import count_lines
 from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
@@ -96,6 +97,7 @@ def finish(run: Run, failed_now: int) -> Summary:
         "latency_cuts": run.finder.latency_cuts,
         "exit": code,
         "note": note,
+        **({"tier": "batch"} if settings.tier == "batch" else {}),
     }
     if run.pacer.request_rate is not None:
         record["paced_at_rpm"] = round(run.pacer.request_rate * 60)
@@ -124,7 +126,10 @@ def finish(run: Run, failed_now: int) -> Summary:
         "pending": pending,
         "lines": total,
     }
-    doc = usage_document(usage, state=state, folder=settings.folder)
+    batches = None
+    with contextlib.suppress(sqlite3.Error):  # (a folder that fails: its reports go without them)
+        batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
+    doc = usage_document(usage, state=state, folder=settings.folder, batches=batches)
     try:
         write_reports(settings.folder, doc, run.redact)
     except OSError as e:

@@ -6,10 +6,12 @@ Progress is read from the counters a few times a second (a bar) or once a `progr
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Never, TextIO
+from typing import TYPE_CHECKING, Any, Never, Protocol, TextIO
 
 import anyio
 
@@ -28,7 +30,26 @@ if TYPE_CHECKING:
 
 BAR_REFRESH = 0.25  # seconds
 MODELS = 3  # models with a pace of their own named in the progress line
+FALLBACK_COLUMNS, FALLBACK_ROWS = 120, 24  # a terminal's size where it says none
 MAX_NOTICES = 20  # bad input lines named on the terminal; errors.jsonl lists them all
+
+
+class Batches(Protocol):
+    """The batches a run at `--tier batch` follows, as the progress reads them."""
+
+    def status(self) -> str:
+        """Their states, the lines answered of their counts, how long they have waited."""
+
+    def answered(self) -> int:
+        """Lines the provider says it has answered in them, not yet written."""
+
+
+def _columns(stream: TextIO) -> int | None:
+    """The terminal's width as it says it (0: not set); None where the stream tells none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
 
 
 def duration(seconds: float) -> str:
@@ -62,14 +83,27 @@ class Progress:
         if not settings.quiet and self.stream.isatty():
             from tqdm import tqdm  # only for a terminal: a nightly run does not import it
 
-            self.bar = tqdm(total=None, unit="req", file=self.stream, dynamic_ncols=True, smoothing=0.05)
+            unit = "line" if settings.tier == "batch" else "req"
+            # A terminal whose size nobody set (a pty: `script`, a CI runner's, `docker exec -t`)
+            # says it is 0 by 0, and tqdm then draws nothing at all: no row is free for a bar.
+            unsized = _columns(self.stream) == 0
+            self.bar = tqdm(
+                total=None,
+                unit=unit,
+                file=self.stream,
+                dynamic_ncols=not unsized,
+                ncols=FALLBACK_COLUMNS if unsized else None,
+                nrows=FALLBACK_ROWS if unsized else None,
+                smoothing=0.05,
+            )
         self.started = time.monotonic()
         # In flight, and the pace in force with where it comes from (given, stated, found).
         self.sample: Callable[[], tuple[int, float | None, str | None, float | None]] | None = None
         self.paces_of: Paces | None = None  # the same, for each model with a pace of its own
-        self.batches: Callable[[], str] | None = None  # at --tier batch: the batches' states, for the pace
+        self.batches: Batches | None = None  # at --tier batch: shown in the pace's place
         self.heard: list[Callable[[str], None]] = []  # who else hears what is said (a Ray driver)
-        self._cost_before = usage.totals().cost
+        before = usage.totals()
+        self._cost_before, self._answers_before = before.cost, before.requests
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
 
     def input_error(self, failure: Failure) -> None:
@@ -94,12 +128,21 @@ class Progress:
 
     def done(self) -> int:
         c = self.counts
-        return c.empty + c.skipped + c.elsewhere + self.writer.written
+        return c.empty + c.skipped + c.elsewhere + self._now()
+
+    def _now(self) -> int:
+        """This run's lines done: written, and (batches) those the provider says it answered.
+        A batch's lines are its work as soon as they are answered there; the bar of a batch
+        run would otherwise stand still for hours, then jump."""
+        written = self.writer.written
+        return written if self.batches is None else written + self.batches.answered()
 
     def _figures(self) -> tuple[int, int, float | None]:
         total = self.usage.totals()
         failed = self.usage.outcomes.get("failed", 0) + self.usage.outcomes.get("invalid_input", 0)
         cost = total.cost - self._cost_before if (total.with_cost or total.priced) else None
+        if cost is None and total.requests == self._answers_before:
+            cost = 0.0  # nothing answered yet (a batch run waits hours so): nothing spent, not unknown
         return total.total_tokens, failed - self._failed_before, cost
 
     def figures(self) -> dict[str, Any]:
@@ -148,7 +191,7 @@ class Progress:
         """The paces in force and the 429s of the last minute: a person watching sees the
         limit being found."""
         if self.batches is not None:
-            return self.batches()
+            return self.batches.status()
         refused = self.usage.timeline.recent("429", 60.0)
         return f"{self.paces()}, {refused:,} 429s in the last minute"
 
@@ -161,8 +204,13 @@ class Progress:
         eta = ""
         if total and rate > 0 and done < total:
             eta = f" | about {duration((total - done) / rate)} left"
+        pace = f"{rate:,.1f} req/s | "
+        if self.batches is not None:
+            # The provider answers in its own time (a batch validates for an hour, then answers
+            # thousands a minute): a rate and a time left drawn from it would mislead.
+            pace = eta = ""
         return (
-            f"pipeline: {of} | {rate:,.1f} req/s | {self._pace()} | {failed:,} failed | {tokens:,} tokens | "
+            f"pipeline: {of} | {pace}{self._pace()} | {failed:,} failed | {tokens:,} tokens | "
             f"{money(cost, unknown='cost not reported')}{eta}"
         )
 
@@ -181,7 +229,7 @@ class Progress:
         are neither its progress nor its speed, so they leave its total instead."""
         bar, counts = self.bar, self.counts
         assert bar is not None
-        written = self.writer.written
+        written = self._now()
         if counts.total is not None:
             to_do = max(counts.total - counts.skipped - counts.empty - counts.elsewhere, written)
             if bar.total != to_do:
@@ -193,7 +241,10 @@ class Progress:
             f"{money(cost, unknown='cost not reported')}{before}",
             refresh=False,
         )
-        bar.update(written - bar.n)
+        if written != bar.n:
+            bar.update(written - bar.n)
+        else:  # (update draws only on a change: the postfix, the batches' states, moves alone)
+            bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,14 +1,7 @@
-"""A run, end to end: the only place that starts tasks (how it ends: `pipeline.run.ending`).
-
-outer task group
-├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
-├── writer.sync_forever   fsync + index checkpoint every second
-├── progress.tick         the bar or the log lines
-├── host.watch            1st SIGINT/SIGTERM (or the Ray driver): stop dispatching; 2nd: cancel
-└── work scope            (cancelled at the end of the grace period, or at once)
-    └── task group
-        ├── reader.feed   input -> [bounded requests stream]; bad lines -> writer
-        └── N x Worker.run
+"""A run, end to end: the folder opened, the run's state (`Run`), its middle picked by the
+tier, and its end (`pipeline.run.ending`). The middles start the run's tasks, each drawing
+its task tree: requests now (`pipeline.run.dispatch`), or batches at half price
+(`pipeline.batch.dispatch`). Around either, the same reader, writer, books and progress.
 """
 
 from __future__ import annotations
@@ -41,8 +34,8 @@ from pipeline.pace.gate import Gate
 from pipeline.pace.scopes import Scopes, pace_of
 from pipeline.pace.stated import per_second
 from pipeline.pace.window import Window
-from pipeline.quote import quote
-from pipeline.run.control import Aside, Control, Crew, Refill
+from pipeline.run.control import Control, Refill
+from pipeline.run.dispatch import dispatch_requests
 from pipeline.run.ending import close, finish
 from pipeline.run.host import Host
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
@@ -56,7 +49,6 @@ from pipeline.send.notfound import NotFound
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge
 from pipeline.send.verdict import compile_verdict
-from pipeline.send.worker import Worker
 from pipeline.settings import Settings
 from pipeline.urls import is_loopback, redacted
 
@@ -111,7 +103,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
             if note is not None:
                 job.progress.say(note)
             async with _client(settings, api_key) as client:
-                await job.dispatch(client)
+                await dispatch_requests(job, client)
     except RunStopped as e:
         job.control.stop(e)
     finally:
@@ -223,65 +215,6 @@ class Run:
             control=control,
             verdict=self.verdict,
         )
-
-    async def dispatch(self, client: Client) -> None:
-        settings, control, writer = self.settings, self.control, self.writer
-        attempts = self.attempts(client)
-        judge = attempts.judge
-        worker = Worker(
-            attempts,
-            fill_ahead=self.parser.template is not None and self.parser.template.local_images,
-            # As many set aside as the read-ahead holds: a model paced slowly holds at most so
-            # many more requests in memory.
-            aside=Aside(self.gate.crowded, max(2 * settings.concurrency, 16)),
-        )
-        size = max(2 * settings.concurrency, 16)
-        refill = Refill(size // 2)
-        requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
-        # Room for two of the writer's turns: at 0 ms answers, with room for one, 15 % of the
-        # outcomes found it full and their workers waited for the writer (a trip round the
-        # loop and an event each).
-        outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](2 * size)
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(writer.consume, outcomes_recv)
-            outer.start_soon(writer.sync_forever)
-            outer.start_soon(self.progress.tick)
-            outer.start_soon(self.host.watch, control, self.progress)
-            outer.start_soon(self._count_total)
-            self.gate.scopes.start(outer.start_soon)  # a shared pace keeps in step with its store
-            with anyio.CancelScope() as work_scope:
-                control.work_scope = work_scope
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read, requests_send, outcomes_send.clone(), refill)
-                    # Twice as many workers as requests may be in flight, the crew keeping only
-                    # --concurrency of them active: a worker waiting out a retry's backoff
-                    # steps aside for one standing by, so no connection sits idle.
-                    crew = Crew(settings.concurrency)
-                    # Stopping wakes whatever waits to send, so that it finds out at once.
-                    # (A budget's wait for a model's cost ends with the request that learns it,
-                    # which is in flight or in a backoff that stopping ends too.)
-                    control.on_stop += [crew.wake_all, self.gate.wake_all, judge.not_found.wake_all]
-                    for _ in range(2 * settings.concurrency):
-                        tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
-                    requests_recv.close()
-                    outcomes_send.close()
-            self._unnamed_limits()
-            # Everything that will be written has been sent: let the writer drain, then stop.
-            await writer.drained.wait()
-            outer.cancel_scope.cancel()
-
-    def _unnamed_limits(self) -> None:
-        """A model's limit given for a model no line of a whole run named is most likely
-        misspelled, and the model meant went unpaced: say so."""
-        seen, counts = self.gate.scopes.tags, self.counts
-        unnamed = [model for model in self.settings.limits if model not in seen]
-        if unnamed and counts.finished and self.control.dispatching and counts.read > counts.skipped:
-            names = ", ".join(f"[limits.{quote(model)}]" for model in unnamed)
-            models = ", ".join(quote(model) for model in list(seen)[:5])
-            self.progress.say(
-                f"pipeline: {names}: no line of this run named that model (the lines named {models}"
-                f"{', ...' if len(seen) > 5 else ''}); is its name spelled as the lines spell it?"
-            )
 
     async def _read(
         self,

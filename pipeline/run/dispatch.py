@@ -1,0 +1,90 @@
+"""The middle of a run at `--tier sync` (the default): requests sent now, as the reader
+reads them. The batch tier's middle is `pipeline.batch.dispatch`.
+
+outer task group
+├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
+├── writer.sync_forever   fsync + index checkpoint every second
+├── progress.tick         the bar or the log lines
+├── host.watch            1st SIGINT/SIGTERM (or the Ray driver): stop dispatching; 2nd: cancel
+└── work scope            (cancelled at the end of the grace period, or at once)
+    └── task group
+        ├── reader.feed   input -> [bounded requests stream]; bad lines -> writer
+        └── N x Worker.run
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from pipeline.job import Outcome, Request
+from pipeline.quote import quote
+from pipeline.run.control import Aside, Crew, Refill
+from pipeline.send.client import Client
+from pipeline.send.worker import Worker
+
+if TYPE_CHECKING:
+    from pipeline.run.runner import Run
+
+
+async def dispatch_requests(run: Run, client: Client) -> None:
+    """The synchronous middle: the reader feeds the workers, each request sent and judged now."""
+    settings, control, writer = run.settings, run.control, run.writer
+    attempts = run.attempts(client)
+    judge = attempts.judge
+    worker = Worker(
+        attempts,
+        fill_ahead=run.parser.template is not None and run.parser.template.local_images,
+        # As many set aside as the read-ahead holds: a model paced slowly holds at most so
+        # many more requests in memory.
+        aside=Aside(run.gate.crowded, max(2 * settings.concurrency, 16)),
+    )
+    size = max(2 * settings.concurrency, 16)
+    refill = Refill(size // 2)
+    requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
+    # Room for two of the writer's turns: at 0 ms answers, with room for one, 15 % of the
+    # outcomes found it full and their workers waited for the writer (a trip round the
+    # loop and an event each).
+    outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](2 * size)
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(writer.consume, outcomes_recv)
+        outer.start_soon(writer.sync_forever)
+        outer.start_soon(run.progress.tick)
+        outer.start_soon(run.host.watch, control, run.progress)
+        outer.start_soon(run._count_total)
+        run.gate.scopes.start(outer.start_soon)  # a shared pace keeps in step with its store
+        with anyio.CancelScope() as work_scope:
+            control.work_scope = work_scope
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run._read, requests_send, outcomes_send.clone(), refill)
+                # Twice as many workers as requests may be in flight, the crew keeping only
+                # --concurrency of them active: a worker waiting out a retry's backoff
+                # steps aside for one standing by, so no connection sits idle.
+                crew = Crew(settings.concurrency)
+                # Stopping wakes whatever waits to send, so that it finds out at once.
+                # (A budget's wait for a model's cost ends with the request that learns it,
+                # which is in flight or in a backoff that stopping ends too.)
+                control.on_stop += [crew.wake_all, run.gate.wake_all, judge.not_found.wake_all]
+                for _ in range(2 * settings.concurrency):
+                    tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
+                requests_recv.close()
+                outcomes_send.close()
+        _unnamed_limits(run)
+        # Everything that will be written has been sent: let the writer drain, then stop.
+        await writer.drained.wait()
+        outer.cancel_scope.cancel()
+
+
+def _unnamed_limits(run: Run) -> None:
+    """A model's limit given for a model no line of a whole run named is most likely
+    misspelled, and the model meant went unpaced: say so."""
+    seen, counts = run.gate.scopes.tags, run.counts
+    unnamed = [model for model in run.settings.limits if model not in seen]
+    if unnamed and counts.finished and run.control.dispatching and counts.read > counts.skipped:
+        names = ", ".join(f"[limits.{quote(model)}]" for model in unnamed)
+        models = ", ".join(quote(model) for model in list(seen)[:5])
+        run.progress.say(
+            f"pipeline: {names}: no line of this run named that model (the lines named {models}"
+            f"{', ...' if len(seen) > 5 else ''}); is its name spelled as the lines spell it?"
+        )
