@@ -140,6 +140,29 @@ class Book:
         )
         return row.fetchone() is not None
 
+    def follow_live(self) -> bool:
+        """Set aside the ids of the live batches as this run begins (False: there are none),
+        for `followed`. Committed by the caller."""
+        db = self.ledger.writing()
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS followed (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.execute("DELETE FROM followed")
+        marks = ", ".join("?" for _ in LIVE)
+        db.execute(
+            f"INSERT OR IGNORE INTO followed SELECT id FROM batch_lines JOIN batches USING (n) "
+            f"WHERE state IN ({marks})",
+            LIVE,
+        )
+        return db.execute("SELECT 1 FROM followed LIMIT 1").fetchone() is not None
+
+    def followed(self, custom_id: str) -> bool:
+        """Whether the id was in a live batch as this run began: the run's to take in, never
+        to stage again. Not the book as it stands (`in_live`): a batch taken in while the
+        input is still read lets go of its lines, and one of them read after that (a failure,
+        or any line where the reader looks at no index: none was done as the run began)
+        would be staged again, and paid twice."""
+        row = self.ledger.reading().execute("SELECT 1 FROM followed WHERE id = ?", (custom_id,))
+        return row.fetchone() is not None
+
     def batch_ids(self, *, but: int) -> list[str]:
         """The provider's ids of the folder's other batches (finding one again passes them
         over: a folder's batches are often alike in model and size)."""

@@ -96,6 +96,7 @@ async def dispatch_batches(
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
+    live = book.followed if book.follow_live() else None
     ledger.commit()
 
     def commit() -> bool:
@@ -144,7 +145,6 @@ async def dispatch_batches(
         follower.running(batch.n)  # looked at once: it may have ended while no run followed it
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
-    live = book.in_live if book.any_live() else None
     worst = run.books.budget.worst_case if run.books.budget is not None else None
     run.progress.batches = follower.status
 

@@ -1,0 +1,41 @@
+"""What a second reader found by trying to break the batch run, each pinned by a test that
+fails without its fix (the real SIGKILLs are in test_batch_sigkill)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.run.runner import run
+from pipeline.settings import Settings
+from tests.conftest import bodies, read_jsonl, write_jsonl
+from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+
+
+async def test_a_line_of_a_batch_taken_in_while_the_input_is_still_read_is_not_staged_again(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # A batch left running holds the input's last line; the next run takes it in at its first
+    # look, long before the reader comes to that line (the many lines before it are staged
+    # first, a few to a batch). The book has let go of the batch's lines by then: the line
+    # was staged again and paid twice (seen at a real SIGKILL, test_batch_sigkill: 65 lines).
+    last = bodies(1, start=599)
+    settings = at_batch_tier(make_settings(server[0], last))
+    api = FakeBatchApi(max_lines=5, looks_to_end=2)
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    summary = await run(settings, host)
+    assert summary.exit_code == 130, summary.message
+    api.on_get = None
+    write_jsonl(settings.input, bodies(600))  # (the same input file: the same job)
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    ids = [r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")]
+    assert sorted(ids) == sorted(f"job-{i}" for i in range(600))
+    assert api.ran["job-599"] == 1
+    assert set(api.ran.values()) == {1}
