@@ -135,3 +135,54 @@ async def test_a_run_sigkilled_at_each_step_then_run_again_lands_every_line_once
         assert stats["tags_twice"] == 0
         assert stats["lines_answered_twice"] == 0
         assert stats["lines_answered"] == LINES - 1
+
+
+async def test_a_run_sigkilled_while_staging_stages_again_and_sends_each_line_once(
+    mock: Callable[..., Any], tmp_path: Path
+) -> None:
+    # The reader held at a line whose image is a pipe no one writes to (the test opens it, so
+    # it knows when the run is there): lines before it are in the batch file filling.
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "img" / "a.png")
+    pipe = tmp_path / "img" / "held.png"
+    os.mkfifo(pipe)
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[request]\nmodel = "vision/model"\nmax_tokens = 50\n'
+        '[template]\nid = "{asset_id}"\n[[template.messages]]\nrole = "user"\n'
+        'content = [{ type = "text", text = "Alt text for {asset_id}" }, '
+        '{ type = "image", path = "image_path" }]\n'
+    )
+    rows = [{"asset_id": f"a{i}", "image_path": "img/a.png"} for i in range(150)]
+    rows[120]["image_path"] = "img/held.png"
+    data = write_jsonl(tmp_path / "input.jsonl", rows)
+    folder = tmp_path / "out"
+    async with mock(batch_api="files", record=False) as (url, server):
+        command = _command("files", folder, data, url)
+        command.insert(4, str(job))  # (pipeline run JOB ...)
+        process = await anyio.open_process(command, env=_env(), stdout=subprocess.DEVNULL)
+        with anyio.fail_after(PATIENCE):  # (the open returns once the run opens it too)
+            held = await anyio.to_thread.run_sync(os.open, pipe, os.O_WRONLY, abandon_on_cancel=True)
+        try:
+            assert (folder / "batches" / "1.jsonl").exists()  # filling
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        finally:
+            os.close(held)
+        assert process.returncode == -signal.SIGKILL
+        assert server.state.stats()["batch"]["files_uploaded"] == 0
+        pipe.unlink()
+        pipe.write_bytes((tmp_path / "img" / "a.png").read_bytes())
+        finished = await anyio.run_process(command, env=_env(), check=False)
+        assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+        ids = [r["custom_id"] for r in read_jsonl(folder / "results.jsonl")]
+        assert sorted(ids) == sorted(f"a{i}" for i in range(150))
+        assert read_jsonl(folder / "errors.jsonl") == []
+        stats = server.state.stats()["batch"]
+        assert (stats["batches_created"], stats["lines_answered"], stats["lines_answered_twice"]) == (
+            1,
+            150,
+            0,
+        )
