@@ -3,6 +3,7 @@ fails without its fix (the real SIGKILLs are in test_batch_sigkill)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -39,3 +40,32 @@ async def test_a_line_of_a_batch_taken_in_while_the_input_is_still_read_is_not_s
     assert sorted(ids) == sorted(f"job-{i}" for i in range(600))
     assert api.ran["job-599"] == 1
     assert set(api.ran.values()) == {1}
+
+
+async def test_fresh_says_the_batches_it_moves_aside_are_still_paid_for_and_cancel_reaches_them(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: Any
+) -> None:
+    from pipeline.batch.cancel import cancel_batches
+
+    settings = at_batch_tier(make_settings(server[0], bodies(4)))
+    api = FakeBatchApi(max_lines=4, looks_to_end=3)
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    assert (await run(settings, host)).exit_code == 130
+    api.on_get = None
+    capsys.readouterr()
+    summary = await run(dataclasses.replace(settings, fresh=True), FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    (previous,) = settings.folder.glob("previous-*")
+    said = capsys.readouterr().err
+    assert "1 batch(es) of the earlier run are still at the provider" in said
+    assert f"pipeline cancel {previous}" in said
+    assert not list((settings.folder / "batches").iterdir())  # this run's, taken in
+    assert list((previous / "batches").iterdir())  # the earlier run's staged file went aside too
+    assert await cancel_batches(previous, api, say=lambda text: None) == 0
+    assert api.cancelled == ["batch_1"]

@@ -295,3 +295,35 @@ def live_note(ledger: Ledger, folder: Path) -> str | None:
         f"lines are sent again now, and paid twice; run with --tier batch to take them in, or "
         f"`pipeline cancel {folder}` first"
     )
+
+
+def aside_note(previous: Path) -> str | None:
+    """What a run started with --fresh says of the batches the earlier run left at the
+    provider (made, or maybe made): they go on and are paid for, and their book went aside
+    with the rest, where `pipeline cancel` reaches them."""
+    from pipeline.output.folder import LEDGER
+
+    if not (previous / LEDGER).exists():
+        return None
+    ledger = Ledger(previous / LEDGER)
+    try:
+        db = ledger.reading()
+        if (
+            db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone()
+            is None
+        ):
+            return None
+        made = int(
+            db.execute("SELECT count(*) FROM batches WHERE state IN (?, ?)", (CREATING, RUNNING)).fetchone()[
+                0
+            ]
+        )
+    finally:
+        ledger.close(commit=False)
+    if not made:
+        return None
+    return (
+        f"pipeline: --fresh: {made:,} batch(es) of the earlier run are still at the provider, and are "
+        f"paid for as they finish; their book is in {previous}: `pipeline cancel {previous}` cancels "
+        "them (this run sends their lines again)"
+    )

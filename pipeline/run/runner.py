@@ -96,6 +96,12 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
     job = Run(settings, ledger, api_key, host)
     try:
+        if ledger.previous is not None:
+            from pipeline.batch.book import aside_note  # (an earlier run's batches, moved aside)
+
+            note = aside_note(ledger.previous)
+            if note is not None:
+                job.progress.say(note)
         # An outage as the run starts is waited for a while, as one later is (a pause).
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
