@@ -4,9 +4,24 @@ fails without its fix (the real SIGKILLs are in test_batch_sigkill)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.account.books import Books
+from pipeline.account.cost import Price
+from pipeline.account.usage import Usage
+from pipeline.batch.book import Book
+from pipeline.batch.judge import LineJudge
+from pipeline.job import Failure
+from pipeline.output.ledger import Ledger
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl, write_jsonl
@@ -69,3 +84,54 @@ async def test_fresh_says_the_batches_it_moves_aside_are_still_paid_for_and_canc
     assert list((previous / "batches").iterdir())  # the earlier run's staged file went aside too
     assert await cancel_batches(previous, api, say=lambda text: None) == 0
     assert api.cancelled == ["batch_1"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+# Mostly a result line for the batch's id, of any shape inside; now and then any bytes.
+RESULT_LINE = st.one_of(
+    st.binary(max_size=40),
+    st.builds(
+        lambda response, error, extra: json.dumps(
+            {"custom_id": "job-0", "response": response, "error": error, **extra}
+        ).encode(),
+        st.one_of(JSON, st.fixed_dictionaries({"status_code": JSON, "body": JSON, "request_id": JSON})),
+        st.one_of(JSON, st.fixed_dictionaries({"code": JSON, "message": JSON})),
+        st.dictionaries(st.sampled_from(["id", "custom_id"]), JSON, max_size=1),
+    ),
+)
+
+
+@functools.cache
+def _one_line_batch() -> tuple[Ledger, Book, int]:
+    """A book whose batch holds one line, job-0 (one for all examples: a fresh one each costs
+    more than the example)."""
+    ledger = Ledger(Path(tempfile.mkdtemp(prefix="pipeline-judge-")) / "ledger.sqlite")
+    book = Book(ledger, ledger.path.parent)
+    n = book.open("m")
+    book.list_lines(n, [("job-0", 1, 1, None)])
+    book.staged(n, lines=1, size=10)
+    ledger.writing().execute("CREATE TEMP TABLE taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID")
+    ledger.commit()
+    return ledger, book, n
+
+
+@hypothesis.settings(max_examples=200)
+@given(RESULT_LINE)
+def test_any_result_line_is_refused_written_or_sent_again_and_never_ends_the_run(raw: bytes) -> None:
+    ledger, book, n = _one_line_batch()
+    ledger.writing().execute("DELETE FROM taking")
+    books = Books(Usage(), {"m": Price(prompt=1.0, completion=2.0)})
+    judge = LineJudge(book=book, ledger=ledger, books=books, verdict=None, max_attempts=2, now=False)
+    judge.lines(book.batch(n), [raw], 0.0)
+    again = ledger.reading().execute("SELECT again FROM taking WHERE id = 'job-0'").fetchone()
+    fates = [judge.refused == 1, len(judge.outcomes) == 1, again is not None and again[0] is not None]
+    assert fates.count(True) == 1, (raw, fates)
+    if judge.outcomes:
+        outcome = judge.outcomes[0]
+        assert outcome.custom_id == "job-0"
+        if isinstance(outcome, Failure):
+            assert isinstance(outcome.code, str)

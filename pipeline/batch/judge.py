@@ -98,7 +98,7 @@ class LineJudge:
             label = self.verdict.label(parsed) if self.verdict is not None else None
             self.outcomes.append(Success(request, reply, listed.tries, parsed, label))
             return
-        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+        if isinstance(response, dict) and _status(response.get("status_code")):
             status = response["status_code"]
             body = response.get("body")
             message = _message(body) or f"HTTP {status}"
@@ -106,7 +106,7 @@ class LineJudge:
             self.books.attempt(answer_key(refusal))
             self._failed_answer(batch, listed, refusal, counted=True)
             return
-        code = error.get("code") if isinstance(error, dict) else None
+        code = _code(error.get("code")) if isinstance(error, dict) else None
         message = _message({"error": error}) or "the batch did not run this line"
         if code is None or code in NEVER_RAN:
             self.again_or_fail(batch, listed, str(code or "unanswered"), message)
@@ -183,6 +183,22 @@ class LineJudge:
                 unsent=True,  # not the input's fault: counted as a failed request
             )
         )
+
+
+def _code(value: Any) -> str | None:
+    """A result line's error code as text: a provider's own kind (a number, an object) kept
+    as it said it, as far as it can be said."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()[:200]
+    except orjson.JSONEncodeError:  # (nested past what can be written back)
+        return "unknown"
+
+
+def _status(value: Any) -> bool:
+    """Whether a result line's status_code is an HTTP status (not a flag, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599
 
 
 def _request(batch: Batch, listed: Listed) -> Request:
