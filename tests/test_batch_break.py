@@ -7,10 +7,11 @@ import dataclasses
 import functools
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import hypothesis
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,9 +21,11 @@ from pipeline.account.cost import Price
 from pipeline.account.usage import Usage
 from pipeline.batch.book import Book
 from pipeline.batch.judge import LineJudge
+from pipeline.errors import MalformedResponse
 from pipeline.job import Failure
 from pipeline.output.ledger import Ledger
 from pipeline.run.runner import run
+from pipeline.send.batchapi import BatchInfo
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl, write_jsonl
 from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
@@ -135,3 +138,26 @@ def test_any_result_line_is_refused_written_or_sent_again_and_never_ends_the_run
         assert outcome.custom_id == "job-0"
         if isinstance(outcome, Failure):
             assert isinstance(outcome.code, str)
+
+
+async def test_results_that_cannot_be_read_stop_the_run_after_a_while_rather_than_never(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # A gateway whose batch ended failed counting lines answered, and names no output file (the
+    # client refuses to read that as no answers): read again at every look, for ever.
+    class Unreadable(FakeBatchApi):
+        async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+            raise MalformedResponse(
+                f"batch {info.id} ended failed with 2 lines answered but names no output file"
+            )
+            yield b""  # (a generator)
+
+    settings = at_batch_tier(make_settings(server[0], bodies(2), give_up_after=60.0))
+    api = Unreadable()
+    with anyio.fail_after(20):  # (without the bound, the fake clock spins for ever)
+        summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 3, summary.message
+    assert "the results of batch 1 could not be read" in summary.message
+    assert "run the same command again" in summary.message
+    assert api.made == 1
+    assert read_jsonl(settings.folder / "results.jsonl") == []

@@ -73,6 +73,7 @@ class Follower:
         self.due: dict[int, float] = {}  # running: n -> when to look next
         self.seen: dict[int, BatchInfo] = {}  # running: as last described
         self.since: dict[int, float] = {}  # running: when we first saw it made (our clock)
+        self.unread: dict[int, float] = {}  # ended, its results failing to be read: since when
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
         self._wake = anyio.Event()
@@ -215,8 +216,19 @@ class Follower:
             self.control.stop(gone())
             return
         except RequestError as e:  # its results could not be read: read again at the next look
+            since = self.unread.setdefault(n, self.clock.now())
+            if self.clock.now() - since >= self.give_up:  # (as long as a refused submission)
+                self.control.stop(
+                    RunStopped(
+                        f"the results of batch {n} could not be read for {duration(self.clock.now() - since)} "
+                        f"({e.message}); it is kept: run the same command again to take it in",
+                        code="batch_api_failing",
+                    )
+                )
+                return
             self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
             return
+        self.unread.pop(n, None)
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]
