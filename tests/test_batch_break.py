@@ -161,3 +161,33 @@ async def test_results_that_cannot_be_read_stop_the_run_after_a_while_rather_tha
     assert "run the same command again" in summary.message
     assert api.made == 1
     assert read_jsonl(settings.folder / "results.jsonl") == []
+
+
+async def test_lines_with_local_images_fail_alone_where_the_batches_take_none(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # OpenRouter's inline batches are text only: a batch holding one image failed validation,
+    # and every line of it with it, each under every other line's error.
+    from PIL import Image
+
+    from tests.test_batch_mock import MockHost
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[request]\nmodel = "vision/model"\nmax_tokens = 50\n'
+        '[template]\nid = "{asset_id}"\n[[template.messages]]\nrole = "user"\n'
+        'content = [{ type = "text", text = "Alt text for {asset_id}" }, '
+        '{ type = "image", path = "image_path" }]\n'
+    )
+    rows = [{"asset_id": f"a{i}", "image_path": "img/a.png"} for i in range(3)]
+    async with mock(batch_api="inline") as (url, server):
+        settings = at_batch_tier(make_settings(url, rows, job=job), batch_api="inline")
+        summary = await run(settings, MockHost())
+        assert summary.exit_code == 1, summary.message
+        errors = read_jsonl(settings.folder / "errors.jsonl")
+        assert sorted(e["custom_id"] for e in errors) == ["a0", "a1", "a2"]
+        assert {e["error"]["code"] for e in errors} == {"images_not_batched"}
+        assert "--tier sync" in errors[0]["error"]["message"]
+        assert server.state.stats()["batch"]["batches_created"] == 0

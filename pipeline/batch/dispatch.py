@@ -110,7 +110,7 @@ async def dispatch_batches(
         return True
 
     def files() -> Files:
-        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes)
+        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes, text_only=api.shape == "inline")
 
     intake = Intake(
         api=api,
