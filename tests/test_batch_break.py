@@ -191,3 +191,39 @@ async def test_lines_with_local_images_fail_alone_where_the_batches_take_none(
         assert {e["error"]["code"] for e in errors} == {"images_not_batched"}
         assert "--tier sync" in errors[0]["error"]["message"]
         assert server.state.stats()["batch"]["batches_created"] == 0
+
+
+async def test_a_batch_cancelled_while_the_run_follows_it_is_not_submitted_again_by_that_run(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # `pipeline cancel OUT` while a run follows: the run took the cancelled batch in and sent
+    # its undone half again at once, in a new batch, undoing the cancel.
+    settings = at_batch_tier(make_settings(server[0], bodies(4), max_attempts=3))
+    api = FakeBatchApi(looks_to_end=100)
+    looks = 0
+
+    def cancel_at_the_second_look() -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 2:  # (as pipeline cancel does, from another process)
+            batch = api.batches["batch_1"]
+            batch.info = batch.info._replace(status="cancelled")
+
+    api.on_get = cancel_at_the_second_look
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 3, summary.message
+    assert "batch 1 was cancelled while this run followed it" in summary.message
+    assert api.made == 1
+    assert [r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")] == ["job-0", "job-1"]
+    errors = read_jsonl(settings.folder / "errors.jsonl")
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("job-2", "batch_cancelled"),
+        ("job-3", "batch_cancelled"),
+    ]
+    api.on_get, api.looks_to_end = None, 1
+    summary = await run(settings, FakeHost(api))  # the same command: what the cancel stopped
+    assert summary.exit_code == 0, summary.message
+    assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == [
+        f"job-{i}" for i in range(4)
+    ]
+    assert api.made == 2

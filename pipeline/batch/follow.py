@@ -207,11 +207,15 @@ class Follower:
                     )
                 )
             return  # looked at again at the next poll
-        self.seen[n] = info
+        before, self.seen[n] = self.seen.get(n), info
         if not info.ended:
             return
+        # Cancelled while this run followed it (pipeline cancel OUT, or at the provider): a
+        # person wants it stopped. What it did is taken in, nothing of it goes again, and the
+        # run stops (else it would submit again at once what the cancel stopped).
+        halted = info.status == "cancelled" and before is not None
         try:
-            again = await self.intake.take(batch, info)
+            again = await self.intake.take(batch, info, halted=halted)
         except NoBatchApi:
             self.control.stop(gone())
             return
@@ -235,6 +239,15 @@ class Follower:
         self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
+        if halted:
+            self.control.stop(
+                RunStopped(
+                    f"batch {n} was cancelled while this run followed it (pipeline cancel, or at the "
+                    "provider): what it finished is kept; run the same command again to send the rest",
+                    code="batch_cancelled",
+                )
+            )
+            return
         if not self.intake.crowded:
             self.queue += again
         elif self.due:

@@ -41,6 +41,8 @@ class LineJudge:
         self.now = now  # `--then sync`: what has no batch attempt left is sent now
         self.refused = 0  # result lines refused by this run
         self.outcomes: list[Outcome] = []  # judged, to be written
+        # The batch was cancelled while this run followed it: nothing of it goes again now.
+        self.halted = False
 
     def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
         """A run of result lines, their ids looked up at once (three queries a run, not
@@ -136,10 +138,10 @@ class LineJudge:
         most = self.max_attempts
         if isinstance(e, InvalidOutput) and self.verdict is not None:
             most = min(most, self.verdict.max_attempts)
-        if e.transient and listed.tries < most:
+        if e.transient and not self.halted and listed.tries < most:
             self._again(listed)
             return
-        if e.transient and self.now and not isinstance(e, InvalidOutput):
+        if e.transient and self.now and not self.halted and not isinstance(e, InvalidOutput):
             self._again(listed, NOW)
             return
         self.outcomes.append(
@@ -158,7 +160,9 @@ class LineJudge:
         )
 
     def again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
-        if listed.tries < self.max_attempts:
+        if self.halted:
+            self.fail(batch, listed, code, message)
+        elif listed.tries < self.max_attempts:
             self._again(listed)
         elif self.now:
             self._again(listed, NOW)
