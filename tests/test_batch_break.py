@@ -227,3 +227,29 @@ async def test_a_batch_cancelled_while_the_run_follows_it_is_not_submitted_again
         f"job-{i}" for i in range(4)
     ]
     assert api.made == 2
+
+
+async def test_a_run_cancelled_while_a_batch_is_being_made_says_it_may_be_at_the_provider(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # Ctrl-C twice while the call that makes a batch is under way (the batch made, the answer
+    # not back): the run said only "interrupted", nothing of a batch paid for or of cancel.
+    class SlowToAnswer(FakeBatchApi):
+        host: FakeHost
+
+        async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
+            await super().submit(staged, tag=tag, model=model, lines=lines)
+            assert self.host.control is not None
+            self.host.control.interrupt()
+            self.host.control.cancel()
+            await anyio.sleep_forever()
+            raise AssertionError  # (never)
+
+    settings = at_batch_tier(make_settings(server[0], bodies(2)))
+    api = SlowToAnswer()
+    api.host = FakeHost(api)
+    summary = await run(settings, api.host)
+    assert summary.exit_code == 130, summary.message
+    assert api.made == 1
+    assert "1 batch left running at the provider" in summary.message
+    assert f"pipeline cancel {settings.folder}" in summary.message

@@ -69,6 +69,7 @@ class Follower:
         self.commit = commit
         self.say = say
         self.queue: list[int] = []  # staged or creating: to submit, in order
+        self.submitting: set[int] = set()  # being made: the call under way (or cut off by a stop)
         self.retry_at: dict[int, tuple[float, float]] = {}  # n -> (when to try again, failing since)
         self.due: dict[int, float] = {}  # running: n -> when to look next
         self.seen: dict[int, BatchInfo] = {}  # running: as last described
@@ -142,6 +143,13 @@ class Follower:
         self.queue[:0], self.over_budget = self.over_budget, []  # they may fit now
 
     async def _submit(self, n: int) -> None:
+        # Until the call returns, the batch may be made: a run cancelled meanwhile (a second
+        # Ctrl-C, the grace over) counts it among those left at the provider.
+        self.submitting.add(n)
+        await self._submit_one(n)
+        self.submitting.discard(n)
+
+    async def _submit_one(self, n: int) -> None:
         batch = self.book.batch(n)
         if not self.hold(batch):
             self.over_budget.append(n)  # staged still: tried again once a batch running ends
@@ -283,11 +291,11 @@ class Follower:
     @property
     def left(self) -> int:
         """Batches not taken in: running, or staged and not submitted."""
-        return len(self.due) + len(self.queue) + len(self.over_budget)
+        return len(self.due) + len(self.submitting) + len(self.queue) + len(self.over_budget)
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
-        running, waiting = len(self.due), len(self.queue) + len(self.over_budget)
+        running, waiting = len(self.due) + len(self.submitting), len(self.queue) + len(self.over_budget)
         if running or waiting:
             left = []
             if running:
