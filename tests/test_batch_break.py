@@ -253,3 +253,32 @@ async def test_a_run_cancelled_while_a_batch_is_being_made_says_it_may_be_at_the
     assert api.made == 1
     assert "1 batch left running at the provider" in summary.message
     assert f"pipeline cancel {settings.folder}" in summary.message
+
+
+async def test_a_sync_run_between_two_batch_runs_leaves_no_staged_batch_to_pay_its_lines_again(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: Any
+) -> None:
+    # A batch run stopped with one batch running and one staged (never submitted); a sync run
+    # then did every line; the next batch run submitted the staged batch all the same: its
+    # lines paid twice. And the sync run counted the staged batch as one at the provider.
+    sync = make_settings(server[0], bodies(4))
+    settings = at_batch_tier(sync)
+    api = FakeBatchApi(max_lines=2, looks_to_end=3)
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    assert (await run(settings, host)).exit_code == 130
+    api.on_get = None
+    capsys.readouterr()
+    assert (await run(sync)).exit_code == 0
+    assert "1 batch(es) of this folder are still at the provider" in capsys.readouterr().err
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert api.made == 1  # the staged one was not submitted: its lines were done
+    assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == [
+        f"job-{i}" for i in range(4)
+    ]

@@ -250,6 +250,24 @@ class Book:
         db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
         return ns
 
+    def forget_staged_done(self) -> list[int]:
+        """Batches staged and never submitted that hold a line done since (a synchronous run
+        into the folder sent it): forgotten, as filling ones are, so that their lines not done
+        are staged again from the input and the done ones are not paid twice. Returns their
+        numbers, whose files may be removed."""
+        db = self.ledger.writing()
+        ns = [
+            int(n)
+            for (n,) in db.execute(
+                "SELECT DISTINCT n FROM batch_lines JOIN batches USING (n) "
+                "WHERE state = ? AND id IN (SELECT id FROM done)",
+                (STAGED,),
+            )
+        ]
+        db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
+        db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
+        return ns
+
     def _set(self, n: int, assignments: str, *values: Any) -> None:
         self.ledger.writing().execute(f"UPDATE batches SET {assignments} WHERE n = ?", (*values, n))
 
@@ -276,13 +294,15 @@ def _listed(row: Any) -> Listed:
 
 
 def live_batches(ledger: Ledger) -> int:
-    """How many live batches the folder's book holds (0 where it has none): a synchronous run
-    into it says so, since it sends their lines again."""
+    """How many batches of the folder's book are at the provider, made or maybe made (0 where
+    it has none): a synchronous run into it says so, since it sends their lines again. (One
+    staged and never submitted is not: the next batch run stages again what is not done.)"""
     db = ledger.reading()
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
         return 0
-    marks = ", ".join("?" for _ in LIVE)
-    return int(db.execute(f"SELECT count(*) FROM batches WHERE state IN ({marks})", LIVE).fetchone()[0])
+    return int(
+        db.execute("SELECT count(*) FROM batches WHERE state IN (?, ?)", (CREATING, RUNNING)).fetchone()[0]
+    )
 
 
 def live_note(ledger: Ledger, folder: Path) -> str | None:

@@ -92,7 +92,7 @@ async def dispatch_batches(
             "batch_api": settings.batch_api,
         },
     )
-    for n in book.forget_filling():
+    for n in [*book.forget_filling(), *book.forget_staged_done()]:
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
