@@ -97,7 +97,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
     job = Run(settings, ledger, api_key, host)
     try:
         if ledger.previous is not None:
-            from pipeline.batch.book import aside_note  # (an earlier run's batches, moved aside)
+            from pipeline.batch.notes import aside_note  # (an earlier run's batches, moved aside)
 
             note = aside_note(ledger.previous)
             if note is not None:
@@ -111,7 +111,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
 
             await run_batches(job, api_key, _client)
         else:
-            from pipeline.batch.book import live_note  # (batches of the folder left running)
+            from pipeline.batch.notes import live_note  # (batches of the folder left running)
 
             note = live_note(job.ledger, settings.folder)
             if note is not None:
