@@ -282,3 +282,35 @@ async def test_a_sync_run_between_two_batch_runs_leaves_no_staged_batch_to_pay_i
     assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == [
         f"job-{i}" for i in range(4)
     ]
+
+
+async def test_a_batch_found_cancelling_at_the_first_look_was_cancelled_before_and_goes_again(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # pipeline cancel OUT, which stopped waiting while the batch was still cancelling; then the
+    # same run command, which is to send what the cancel stopped, not stop at it.
+    class Cancelling(FakeBatchApi):
+        said: list[str]  # what batch 1 says at this run's looks
+
+        async def get(self, batch_id: str) -> BatchInfo:
+            info = await super().get(batch_id)
+            if batch_id == "batch_1" and self.said:
+                info = info._replace(status=self.said.pop(0))
+                self.batches[batch_id].info = info
+            return info
+
+    settings = at_batch_tier(make_settings(server[0], bodies(4), max_attempts=3))
+    api = Cancelling(looks_to_end=100)
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.said, api.on_get = [], interrupt
+    assert (await run(settings, host)).exit_code == 130
+    api.said, api.on_get, api.looks_to_end = ["cancelling", "cancelled"], None, 1
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert len(read_jsonl(settings.folder / "results.jsonl")) == 4
+    assert api.made == 2  # the half the cancel stopped, sent again

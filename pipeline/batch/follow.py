@@ -74,6 +74,7 @@ class Follower:
         self.due: dict[int, float] = {}  # running: n -> when to look next
         self.seen: dict[int, BatchInfo] = {}  # running: as last described
         self.since: dict[int, float] = {}  # running: when we first saw it made (our clock)
+        self.first_status: dict[int, str] = {}  # running: its status at this run's first sight of it
         self.unread: dict[int, float] = {}  # ended, its results failing to be read: since when
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
@@ -97,6 +98,7 @@ class Follower:
         self.since.setdefault(n, self.clock.now())
         if info is not None:
             self.seen[n] = info
+            self.first_status.setdefault(n, info.status)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -215,13 +217,15 @@ class Follower:
                     )
                 )
             return  # looked at again at the next poll
-        before, self.seen[n] = self.seen.get(n), info
+        self.seen[n] = info
+        first = self.first_status.setdefault(n, info.status)
         if not info.ended:
             return
         # Cancelled while this run followed it (pipeline cancel OUT, or at the provider): a
         # person wants it stopped. What it did is taken in, nothing of it goes again, and the
-        # run stops (else it would submit again at once what the cancel stopped).
-        halted = info.status == "cancelled" and before is not None
+        # run stops (else it would submit again at once what the cancel stopped). One found
+        # cancelling or cancelled at the run's first look was cancelled before: it goes again.
+        halted = info.status == "cancelled" and first not in ("cancelling", "cancelled")
         try:
             again = await self.intake.take(batch, info, halted=halted)
         except NoBatchApi:
@@ -247,6 +251,7 @@ class Follower:
         self._release(n)
         self.seen.pop(n, None)
         self.since.pop(n, None)
+        self.first_status.pop(n, None)
         if halted:
             self.control.stop(
                 RunStopped(
