@@ -140,6 +140,29 @@ class Book:
         )
         return row.fetchone() is not None
 
+    def follow_live(self) -> bool:
+        """Set aside the ids of the live batches as this run begins (False: there are none),
+        for `followed`. Committed by the caller."""
+        db = self.ledger.writing()
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS followed (id TEXT PRIMARY KEY) WITHOUT ROWID")
+        db.execute("DELETE FROM followed")
+        marks = ", ".join("?" for _ in LIVE)
+        db.execute(
+            f"INSERT OR IGNORE INTO followed SELECT id FROM batch_lines JOIN batches USING (n) "
+            f"WHERE state IN ({marks})",
+            LIVE,
+        )
+        return db.execute("SELECT 1 FROM followed LIMIT 1").fetchone() is not None
+
+    def followed(self, custom_id: str) -> bool:
+        """Whether the id was in a live batch as this run began: the run's to take in, never
+        to stage again. Not the book as it stands (`in_live`): a batch taken in while the
+        input is still read lets go of its lines, and one of them read after that (a failure,
+        or any line where the reader looks at no index: none was done as the run began)
+        would be staged again, and paid twice."""
+        row = self.ledger.reading().execute("SELECT 1 FROM followed WHERE id = ?", (custom_id,))
+        return row.fetchone() is not None
+
     def batch_ids(self, *, but: int) -> list[str]:
         """The provider's ids of the folder's other batches (finding one again passes them
         over: a folder's batches are often alike in model and size)."""
@@ -227,6 +250,24 @@ class Book:
         db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
         return ns
 
+    def forget_staged_done(self) -> list[int]:
+        """Batches staged and never submitted that hold a line done since (a synchronous run
+        into the folder sent it): forgotten, as filling ones are, so that their lines not done
+        are staged again from the input and the done ones are not paid twice. Returns their
+        numbers, whose files may be removed."""
+        db = self.ledger.writing()
+        ns = [
+            int(n)
+            for (n,) in db.execute(
+                "SELECT DISTINCT n FROM batch_lines JOIN batches USING (n) "
+                "WHERE state = ? AND id IN (SELECT id FROM done)",
+                (STAGED,),
+            )
+        ]
+        db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
+        db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
+        return ns
+
     def _set(self, n: int, assignments: str, *values: Any) -> None:
         self.ledger.writing().execute(f"UPDATE batches SET {assignments} WHERE n = ?", (*values, n))
 
@@ -250,25 +291,3 @@ def _batch(row: Any) -> Batch:
 def _listed(row: Any) -> Listed:
     custom_id, line, tries, metadata = row
     return Listed(str(custom_id), int(line), int(tries), None if metadata is None else orjson.loads(metadata))
-
-
-def live_batches(ledger: Ledger) -> int:
-    """How many live batches the folder's book holds (0 where it has none): a synchronous run
-    into it says so, since it sends their lines again."""
-    db = ledger.reading()
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
-        return 0
-    marks = ", ".join("?" for _ in LIVE)
-    return int(db.execute(f"SELECT count(*) FROM batches WHERE state IN ({marks})", LIVE).fetchone()[0])
-
-
-def live_note(ledger: Ledger, folder: Path) -> str | None:
-    """What a synchronous run into a folder with live batches says before it sends."""
-    live = live_batches(ledger)
-    if not live:
-        return None
-    return (
-        f"pipeline: {live:,} batch(es) of this folder are still at the provider (--tier batch): their "
-        f"lines are sent again now, and paid twice; run with --tier batch to take them in, or "
-        f"`pipeline cancel {folder}` first"
-    )

@@ -92,10 +92,11 @@ async def dispatch_batches(
             "batch_api": settings.batch_api,
         },
     )
-    for n in book.forget_filling():
+    for n in [*book.forget_filling(), *book.forget_staged_done()]:
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
+    live = book.followed if book.follow_live() else None
     ledger.commit()
 
     def commit() -> bool:
@@ -109,7 +110,7 @@ async def dispatch_batches(
         return True
 
     def files() -> Files:
-        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes)
+        return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes, text_only=api.shape == "inline")
 
     intake = Intake(
         api=api,
@@ -145,7 +146,6 @@ async def dispatch_batches(
         follower.running(batch.n, at=batch.at)  # looked at once: it may have ended meanwhile
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
-    live = book.in_live if book.any_live() else None
     worst = run.books.budget.worst_case if run.books.budget is not None else None
     run.progress.batches = follower
 

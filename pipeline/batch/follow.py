@@ -70,6 +70,7 @@ class Follower:
         self.commit = commit
         self.say = say
         self.queue: list[int] = []  # staged or creating: to submit, in order
+        self.submitting: set[int] = set()  # being made: the call under way (or cut off by a stop)
         self.retry_at: dict[int, tuple[float, float]] = {}  # n -> (when to try again, failing since)
         self.due: dict[int, float] = {}  # running: n -> when to look next
         self.seen: dict[int, BatchInfo] = {}  # running: as last described
@@ -78,6 +79,8 @@ class Follower:
         self.since: dict[int, float] = {}
         self.taking: tuple[int, int] | None = None  # (n, lines written before) while taken in
         self.written_of: dict[int, int] = {}  # n -> its lines written by a go cut short
+        self.first_status: dict[int, str] = {}  # running: its status at this run's first sight of it
+        self.unread: dict[int, float] = {}  # ended, its results failing to be read: since when
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
         self._wake = anyio.Event()
@@ -102,6 +105,7 @@ class Follower:
         self.since.setdefault(n, self.clock.wall() if at is None else at)
         if info is not None:
             self.seen[n] = info
+            self.first_status.setdefault(n, info.status)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -148,6 +152,13 @@ class Follower:
         self.queue[:0], self.over_budget = self.over_budget, []  # they may fit now
 
     async def _submit(self, n: int) -> None:
+        # Until the call returns, the batch may be made: a run cancelled meanwhile (a second
+        # Ctrl-C, the grace over) counts it among those left at the provider.
+        self.submitting.add(n)
+        await self._submit_one(n)
+        self.submitting.discard(n)
+
+    async def _submit_one(self, n: int) -> None:
         batch = self.book.batch(n)
         if not self.hold(batch):
             self.over_budget.append(n)  # staged still: tried again once a batch running ends
@@ -214,17 +225,33 @@ class Follower:
                 )
             return  # looked at again at the next poll
         self.seen[n] = info
+        first = self.first_status.setdefault(n, info.status)
         if not info.ended:
             return
         # (its lines count as the provider's until they are written, then as written: the
         # progress neither counts them twice nor drops them meanwhile)
         self.taking = (n, self.intake.writer.written)
+        # Cancelled while this run followed it (pipeline cancel OUT, or at the provider): a
+        # person wants it stopped. What it did is taken in, nothing of it goes again, and the
+        # run stops (else it would submit again at once what the cancel stopped). One found
+        # cancelling or cancelled at the run's first look was cancelled before: it goes again.
+        halted = info.status == "cancelled" and first not in ("cancelling", "cancelled")
         try:
-            again = await self.intake.take(batch, info)
+            again = await self.intake.take(batch, info, halted=halted)
         except NoBatchApi:
             self.control.stop(gone())
             return
         except RequestError as e:  # its results could not be read: read again at the next look
+            since = self.unread.setdefault(n, self.clock.now())
+            if self.clock.now() - since >= self.give_up:  # (as long as a refused submission)
+                self.control.stop(
+                    RunStopped(
+                        f"the results of batch {n} could not be read for {duration(self.clock.now() - since)} "
+                        f"({e.message}); it is kept: run the same command again to take it in",
+                        code="batch_api_failing",
+                    )
+                )
+                return
             self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
             return
         finally:
@@ -232,6 +259,7 @@ class Follower:
             self.taking = None
             if written:
                 self.written_of[n] = self.written_of.get(n, 0) + written
+        self.unread.pop(n, None)
         if again is None:
             return  # the folder took no more: the run stops
         del self.due[n]
@@ -239,6 +267,16 @@ class Follower:
         self.seen.pop(n, None)
         self.since.pop(n, None)
         self.written_of.pop(n, None)
+        self.first_status.pop(n, None)
+        if halted:
+            self.control.stop(
+                RunStopped(
+                    f"batch {n} was cancelled while this run followed it (pipeline cancel, or at the "
+                    "provider): what it finished is kept; run the same command again to send the rest",
+                    code="batch_cancelled",
+                )
+            )
+            return
         if not self.intake.crowded:
             self.queue += again
         elif self.due:
@@ -259,11 +297,11 @@ class Follower:
     @property
     def left(self) -> int:
         """Batches not taken in: running, or staged and not submitted."""
-        return len(self.due) + len(self.queue) + len(self.over_budget)
+        return len(self.due) + len(self.submitting) + len(self.queue) + len(self.over_budget)
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
-        running, waiting = len(self.due), len(self.queue) + len(self.over_budget)
+        running, waiting = len(self.due) + len(self.submitting), len(self.queue) + len(self.over_budget)
         if running or waiting:
             left = []
             if running:

@@ -85,14 +85,17 @@ class Intake:
             "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
         )
 
-    async def take(self, batch: Batch, info: BatchInfo) -> list[int] | None:
+    async def take(self, batch: Batch, info: BatchInfo, *, halted: bool = False) -> list[int] | None:
         """Take the ended batch in; the numbers of the batches its lines go again in, or None
-        when it could not be taken whole (the folder takes no more: the run stops)."""
+        when it could not be taken whole (the folder takes no more: the run stops). `halted`:
+        cancelled while this run followed it, none of its lines goes again (they fail, unsent,
+        and the next run sends them)."""
         # What an earlier go at it wrote (its download cut short) indexed first: those ids are
         # then done, and skipped, rather than written twice; what it had not written yet is
         # let go, and met again.
         self.judge.outcomes = []
         self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
+        self.judge.halted = halted
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None

@@ -41,6 +41,8 @@ class LineJudge:
         self.now = now  # `--then sync`: what has no batch attempt left is sent now
         self.refused = 0  # result lines refused by this run
         self.outcomes: list[Outcome] = []  # judged, to be written
+        # The batch was cancelled while this run followed it: nothing of it goes again now.
+        self.halted = False
 
     def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
         """A run of result lines, their ids looked up at once (three queries a run, not
@@ -98,7 +100,7 @@ class LineJudge:
             label = self.verdict.label(parsed) if self.verdict is not None else None
             self.outcomes.append(Success(request, reply, listed.tries, parsed, label))
             return
-        if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+        if isinstance(response, dict) and _status(response.get("status_code")):
             status = response["status_code"]
             body = response.get("body")
             message = _message(body) or f"HTTP {status}"
@@ -106,7 +108,7 @@ class LineJudge:
             self.books.attempt(answer_key(refusal))
             self._failed_answer(batch, listed, refusal, counted=True)
             return
-        code = error.get("code") if isinstance(error, dict) else None
+        code = _code(error.get("code")) if isinstance(error, dict) else None
         message = _message({"error": error}) or "the batch did not run this line"
         if code is None or code in NEVER_RAN:
             self.again_or_fail(batch, listed, str(code or "unanswered"), message)
@@ -136,10 +138,10 @@ class LineJudge:
         most = self.max_attempts
         if isinstance(e, InvalidOutput) and self.verdict is not None:
             most = min(most, self.verdict.max_attempts)
-        if e.transient and listed.tries < most:
+        if e.transient and not self.halted and listed.tries < most:
             self._again(listed)
             return
-        if e.transient and self.now and not isinstance(e, InvalidOutput):
+        if e.transient and self.now and not self.halted and not isinstance(e, InvalidOutput):
             self._again(listed, NOW)
             return
         self.outcomes.append(
@@ -158,7 +160,9 @@ class LineJudge:
         )
 
     def again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
-        if listed.tries < self.max_attempts:
+        if self.halted:
+            self.fail(batch, listed, code, message)
+        elif listed.tries < self.max_attempts:
             self._again(listed)
         elif self.now:
             self._again(listed, NOW)
@@ -183,6 +187,22 @@ class LineJudge:
                 unsent=True,  # not the input's fault: counted as a failed request
             )
         )
+
+
+def _code(value: Any) -> str | None:
+    """A result line's error code as text: a provider's own kind (a number, an object) kept
+    as it said it, as far as it can be said."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()[:200]
+    except orjson.JSONEncodeError:  # (nested past what can be written back)
+        return "unknown"
+
+
+def _status(value: Any) -> bool:
+    """Whether a result line's status_code is an HTTP status (not a flag, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599
 
 
 def _request(batch: Batch, listed: Listed) -> Request:

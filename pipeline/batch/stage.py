@@ -52,8 +52,9 @@ class _Filling:
 class Files:
     """Batch files being filled, one per model, cut when full."""
 
-    def __init__(self, book: Book, *, max_lines: int, max_bytes: int) -> None:
+    def __init__(self, book: Book, *, max_lines: int, max_bytes: int, text_only: bool = False) -> None:
         self.book = book
+        self.text_only = text_only  # the batches take no image (OpenRouter's inline ones)
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self._open: dict[str, _Filling] = {}
@@ -154,6 +155,9 @@ async def stage(
         async for request in requests:
             if live is not None and live(request.custom_id):
                 continue  # its batch is followed and taken in as it is
+            if request.images is not None and files.text_only:
+                await failures.send(_no_images(request))
+                continue
             if request.images is not None:
                 failure = await _fill(request, books)
                 if failure is not None:
@@ -189,6 +193,21 @@ async def _fill(request: Request, books: Books) -> Failure | None:
         return input_failure(e, line=request.line, custom_id=request.custom_id, metadata=request.metadata)
     request.payload = payload
     return None
+
+
+def _no_images(request: Request) -> Failure:
+    """A line with images where the batches take none: failed alone, not sent (in a batch, it
+    would fail the validation of the whole batch, and every line of it with it)."""
+    return Failure(
+        line=request.line,
+        code="images_not_batched",
+        message="not sent: the endpoint's inline batch API (OpenRouter's) takes no images; send "
+        "it with --tier sync",
+        custom_id=request.custom_id,
+        metadata=request.metadata,
+        model=request.model,
+        unsent=True,
+    )
 
 
 def _too_big(request: Request, size: int, most: int) -> Failure:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from pipeline.mock import batchhang
 from pipeline.mock.batches import ENDED, ENDPOINT, Batches, MockBatch
 from pipeline.mock.batchviews import files_object, inline_object, page, with_results
 from pipeline.mock.config import MockConfig
@@ -56,9 +57,29 @@ def add_batch_routes(app: web.Application, config: MockConfig, files: FileStore,
             ("DELETE", "files/{file_id}", files.delete),
         ]
     for method, path, handler in routes:
+        handler = held(config, files, batches, method, path, handler)
         if method == "POST" and path in ("files", "batches"):  # what submits
             handler = api.refusing(handler, paid=path == "batches")
         app.router.add_route(method, PREFIX + path, api.keyed(handler))
+
+
+def held(
+    config: MockConfig, files: FileStore, batches: Batches, method: str, path: str, handler: Handler
+) -> Handler:
+    """`handler`, held at the step `batch_hang` names (`pipeline.mock.batchhang`)."""
+    points = {
+        ("POST", "files"): "upload",
+        ("POST", "batches"): "create",
+    }
+    if (method, path) in points:
+        return batchhang.after(config, batches.tally, points[method, path], handler)
+    if (method, path) == ("GET", "batches/{batch_id}"):
+        return batchhang.look_held(config, batches, handler)
+    if path == "files/{file_id}/content":
+        return batchhang.half_content(config, files, handler)
+    if path == "batches/{batch_id}/results":
+        return batchhang.half_results(config, batches, handler)
+    return handler
 
 
 async def _object(request: web.Request) -> dict[str, Any] | web.Response:

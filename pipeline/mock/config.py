@@ -75,4 +75,7 @@ class MockConfig:
     # Answers given first to the calls that submit (upload, create), in order: a status (429
     # with Retry-After, 500, 401, 402...) or "ok".
     batch_script: list[Any] = field(default_factory=list)
+    # Calls held after the mock acted on them, once each, in order (`pipeline.mock.batchhang`):
+    # "upload", "create", "look", "content", "results". Tests kill their client there.
+    batch_hang: list[str] = field(default_factory=list)
     batch_metadata: bool | None = None  # a batch keeps its metadata; None: files yes, inline no (OpenRouter)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ class BatchTally:
     answered: Counter[str] = field(default_factory=Counter)  # answers (200) per custom_id, across batches
     failed_lines: int = 0  # answered with an error status
     never_run: int = 0  # expired or cancelled before their turn
+    hung: Counter[str] = field(default_factory=Counter)  # calls held (`MockConfig.batch_hang`)
+    hanging: asyncio.Event = field(default_factory=asyncio.Event)  # set when one is (tests await it)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -40,6 +43,7 @@ class BatchTally:
             "lines_answered_twice": sum(1 for n in self.answered.values() if n > 1),
             "lines_failed": self.failed_lines,
             "lines_never_run": self.never_run,
+            "hung": dict(self.hung),
         }
 
 

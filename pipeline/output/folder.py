@@ -3,7 +3,8 @@ holds (a different job is refused, naming what differs), and files replaced whol
 all. (The repair after a crash: `pipeline.output.repair`.)
 
     OUT/.lock           held while a run writes here; a second run into the folder is refused
-    OUT/previous-<time> where `--fresh` moves an earlier run's files
+    OUT/previous-<time> where `--fresh` moves an earlier run's files (its ledger, with the book
+                        of its batches still at the provider: `pipeline cancel` reaches them there)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ OUR_FILES = (
     LEDGER,
     LEDGER + "-wal",
     LEDGER + "-shm",
+    "batches",  # the batch tier's staged files (`pipeline.batch.book`), which its book names
 )
 
 
@@ -175,9 +177,9 @@ def opened(folder: Path, fingerprint: dict[str, Any], *, fresh: bool = False) ->
         raise SettingsError(f"cannot create the output folder {folder}: {e.strerror}") from None
     with lock_folder(folder):
         try:
-            if fresh:
-                move_aside(folder)
+            previous = move_aside(folder) if fresh else None
             ledger = open_job(folder, fingerprint)
+            ledger.previous = previous
         except sqlite3.DatabaseError as e:
             if is_full(e) or "I/O" in str(e):
                 raise stopped(folder, e) from None

@@ -74,6 +74,7 @@ class Ledger:
         self._in_memory = True  # no id of this run has gone to SQLite yet
         self._seen_new: list[str] = []  # those noted since the last commit, which a rollback forgets
         self.landed = False  # the last commit failed, yet the index's part of it holds (see above)
+        self.previous: Path | None = None  # where --fresh moved the folder's earlier files
 
     def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -88,6 +88,12 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
 async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
     job = Run(settings, ledger, api_key, host)
     try:
+        if ledger.previous is not None:
+            from pipeline.batch.notes import aside_note  # (an earlier run's batches, moved aside)
+
+            note = aside_note(ledger.previous)
+            if note is not None:
+                job.progress.say(note)
         # An outage as the run starts is waited for a while, as one later is (a pause).
         patience = min(settings.give_up_after, START_PATIENCE)
         await check_reachable(settings.base_url, patience=patience, say=job.progress.say)
@@ -97,7 +103,7 @@ async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Ho
 
             await run_batches(job, api_key, _client)
         else:
-            from pipeline.batch.book import live_note  # (batches of the folder left running)
+            from pipeline.batch.notes import live_note  # (batches of the folder left running)
 
             note = live_note(job.ledger, settings.folder)
             if note is not None:
