@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from pipeline.batch import intake as intake_module
+from pipeline.output.merge import merge
 from pipeline.report.batches import batch_sentences
 from pipeline.report.rebuild import rebuild
 from pipeline.run import ending
@@ -175,3 +176,27 @@ async def test_a_batch_whose_download_was_cut_counts_every_answer_once(
     assert summary.exit_code == 0, summary.message
     assert api.cut_at is None  # the cut happened
     assert summary.usage["batches"]["answers"] == 6
+
+
+async def test_a_merge_of_shards_joins_their_batches(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    api = FakeBatchApi(max_lines=2)
+    out = tmp_path / "out"
+    made = 0
+    for k in (1, 2):
+        settings = at_batch_tier(
+            make_settings(server[0], bodies(8), job=_job(tmp_path, PRICES), shard=f"{k}/2")
+        )
+        summary = await run(settings, FakeHost(api))
+        assert summary.exit_code == 0, summary.message
+        made += summary.usage["batches"]["made"]
+    assert made >= 4  # 8 lines, 2 a batch
+    merged = merge(out)
+    assert merged.results == 8
+    batches = orjson.loads((out / "usage.json").read_bytes())["batches"]
+    assert (batches["made"], batches["lines"], batches["answers"]) == (made, 8, 8)
+    assert abs(batches["saved"] - 8 * 0.009) < 1e-9
+    assert "## Batches" in (out / "report.md").read_text()
+    # `pipeline report OUT` draws the same of the shards, merged or not
+    assert rebuild(out)["batches"] == batches

@@ -9,7 +9,9 @@ are summed from the book (`figures`), which `pipeline report OUT` reads as the r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,6 +20,7 @@ from pipeline.account.cost import answer_cost, answering_model, price_for, price
 from pipeline.account.usage import answer_tokens
 from pipeline.job import Success
 from pipeline.jobfile import Price
+from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.send.batchapi import ENDED
 
@@ -60,15 +63,20 @@ class Spent:
         }
 
 
-def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
-    """usage.json's `batches`: the folder's batches summed from its book (None: it has none).
-    `refused`: result lines refused (an id not sent in that batch, or sent back twice)."""
+def _rows(ledger: Ledger) -> list[Any]:
     db = ledger.reading()
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
-        return None
-    rows = db.execute(
+        return []
+    return db.execute(
         "SELECT state, batch_id, lines, at, info FROM batches WHERE state != 'filling'"
     ).fetchall()
+
+
+def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
+    """usage.json's `batches`: the folder's batches summed from its book (None: it has none);
+    several books (a merge of shards, each with its own) are summed as one.
+    `refused`: result lines refused (an id not sent in that batch, or sent back twice)."""
+    rows = [row for ledger in ledgers for row in _rows(ledger)]
     if not rows:
         return None
     made = [row for row in rows if row[1] is not None]
@@ -121,3 +129,15 @@ def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
         "sync_cost": sync,
         "saved": round(sync - cost, 10) if sync is not None and cost is not None else None,
     }
+
+
+def shards_figures(folders: Sequence[Path], *, refused: int = 0) -> dict[str, Any] | None:
+    """`figures` of a set of shards' folders, their books summed (`pipeline merge`, and
+    `pipeline report OUT` of shards): each shard's batches are in its own book."""
+    with contextlib.ExitStack() as opened:
+        ledgers = [
+            opened.enter_context(contextlib.closing(Ledger(folder / LEDGER)))
+            for folder in folders
+            if (folder / LEDGER).exists()
+        ]
+        return figures(*ledgers, refused=refused)
