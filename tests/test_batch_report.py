@@ -4,6 +4,7 @@ the answers cost at the batch price beside the synchronous one (the saving)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from pipeline.batch import intake as intake_module
 from pipeline.output.merge import merge
 from pipeline.report.batches import batch_sentences
+from pipeline.report.markdown import markdown
 from pipeline.report.rebuild import rebuild
 from pipeline.run import ending
 from pipeline.run.runner import run
@@ -200,3 +202,29 @@ async def test_a_merge_of_shards_joins_their_batches(
     assert "## Batches" in (out / "report.md").read_text()
     # `pipeline report OUT` draws the same of the shards, merged or not
     assert rebuild(out)["batches"] == batches
+
+
+async def test_outside_text_never_breaks_a_table_of_report_md(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    """A model's name, a provider's error code, a verdict and a run's note are outside text:
+    a `|` or a line break in one gave its row more cells than the table has."""
+    odd = "gw|model\\x\nnext"
+    api = FakeBatchApi(fate=lambda custom_id, n: "400" if custom_id == "job-1" else "ok")
+    settings = at_batch_tier(make_settings(server[0], bodies(3, model=odd), max_attempts=1))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    doc = orjson.loads((settings.folder / "usage.json").read_bytes())
+    doc["errors_by_code"][odd] = 1
+    doc["verdicts"][odd] = 1
+    doc["runs"][-1]["note"] = odd
+    text = markdown(doc)
+    # models, asked -> answered (twice), codes, verdicts, the note
+    assert text.count("gw\\|model\\\\x next") == 6
+    rows = 0
+    for table in re.findall(r"(?m)(?:^\|.*\n)+", text):
+        lines = table.splitlines()
+        widths = {len(re.split(r"(?<!\\)\|", line)) for line in lines}
+        assert len(widths) == 1, table
+        rows += len(lines)
+    assert rows > 20
