@@ -228,3 +228,37 @@ async def test_outside_text_never_breaks_a_table_of_report_md(
         assert len(widths) == 1, table
         rows += len(lines)
     assert rows > 20
+
+
+def test_a_cost_known_of_some_answers_only_is_not_said_to_be_the_whole() -> None:
+    batches = {
+        "made": 1,
+        "lines": 4,
+        "lines_per_batch": {"min": 4, "mean": 4.0, "max": 4},
+        "running": 0,
+        "staged": 0,
+        "ended": {"completed": 1},
+        "refused_by_provider": 0,
+        "waited_seconds": {"min": 60.0, "median": 60.0, "max": 60.0},
+        "lines_again": 0,
+        "lines_sent_now": 0,
+        "result_lines_refused": 0,
+        "answers": 4,
+        "answers_costed": 4,
+        "cost": None,
+        "sync_cost": None,
+        "saved": None,
+    }
+    # Nothing tells a cost: it is said unknown, not "cost not reported at the batch price".
+    assert batch_sentences(batches)[-1] == (
+        "The 4 answers from batches: their cost at the batch price is not reported (neither the "
+        "server nor [prices] tells it), not zero (what they would have cost synchronously is not "
+        "told: [prices] lacks a model's price)."
+    )
+    # The server stated the cost of 3 answers of 4: $0.3 is not what the 4 cost.
+    batches.update(answers_costed=3, cost=0.3)
+    assert batch_sentences(batches)[-1] == (
+        "The 4 answers from batches cost $0.3000 at the batch price and more: 1 of them came "
+        "without a cost and with no price in [prices] (what they would have cost synchronously is "
+        "not told: [prices] lacks a model's price)."
+    )

@@ -125,9 +125,13 @@ def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
         "lines_sent_now": int(sums["now"]),
         "result_lines_refused": refused,
         "answers": answers,
+        "answers_costed": int(sums["costed"]),
         "cost": cost,
         "sync_cost": sync,
-        "saved": round(sync - cost, 10) if sync is not None and cost is not None else None,
+        # (and only where every answer's cost is known: a part of it would pass for a saving)
+        "saved": round(sync - cost, 10)
+        if sync is not None and cost is not None and sums["costed"] == answers
+        else None,
     }
 
 
