@@ -262,3 +262,22 @@ def test_a_cost_known_of_some_answers_only_is_not_said_to_be_the_whole() -> None
         "without a cost and with no price in [prices] (what they would have cost synchronously is "
         "not told: [prices] lacks a model's price)."
     )
+
+
+async def test_a_batch_whose_submission_was_cut_is_not_said_unsubmitted(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    """Killed after the provider made the batch and before its id was noted: `pipeline report
+    OUT` said it was staged, not submitted yet, while it ran at the provider, paid for."""
+    api = FakeBatchApi()
+    api.die_at = 2  # (1: the call that makes it; 2: made, its id not returned yet)
+    settings = at_batch_tier(make_settings(server[0], bodies(3)))
+    with pytest.raises(BaseException) as info:  # noqa: PT011 -- a kill, by any path out
+        await run(settings, FakeHost(api))
+    assert "submitted" in repr(info.value)  # (the step it was killed at)
+    assert api.made == 1
+    batches = rebuild(settings.folder)["batches"]
+    assert (batches["staged"], batches["submitting"]) == (0, 1)
+    said = batch_sentences(batches)[0]
+    assert "not submitted" not in said
+    assert "1 batch being submitted when a run stopped, perhaps made at the provider" in said

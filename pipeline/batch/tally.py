@@ -113,7 +113,10 @@ def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
             "max": max(sizes, default=0),
         },
         "running": sum(1 for row in made if row[0] in ("creating", "running")),
-        "staged": sum(1 for row in rows if row[0] == "staged" or (row[0] == "creating" and row[1] is None)),
+        "staged": sum(1 for row in rows if row[0] == "staged"),
+        # Marked creating before the call that makes them, and no id noted after it: a run
+        # stopped (killed) there; made or not, the next run finds out (by their tag).
+        "submitting": sum(1 for row in rows if row[0] == "creating" and row[1] is None),
         "ended": dict(sorted(ended.items())),
         "refused_by_provider": sum(1 for row in rows if row[0] == "dropped" and row[1] is None),
         "waited_seconds": {

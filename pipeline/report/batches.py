@@ -40,6 +40,11 @@ def batch_sentences(b: dict[str, Any]) -> list[str]:
         left.append(f"{_plural(b['running'], 'batch')} still at the provider")
     if b["staged"]:
         left.append(f"{_plural(b['staged'], 'batch')} staged, not submitted yet")
+    if b.get("submitting"):  # (absent from a usage.json an earlier version wrote)
+        left.append(
+            f"{_plural(b['submitting'], 'batch')} being submitted when a run stopped, perhaps made at "
+            "the provider (the next run looks for it there before submitting it)"
+        )
     said.append(first + (f"; {', '.join(left)}" if left else "") + ".")
     waited = b["waited_seconds"]
     if waited["max"] is not None:
