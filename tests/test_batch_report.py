@@ -281,3 +281,19 @@ async def test_a_batch_whose_submission_was_cut_is_not_said_unsubmitted(
     said = batch_sentences(batches)[0]
     assert "not submitted" not in said
     assert "1 batch being submitted when a run stopped, perhaps made at the provider" in said
+
+
+async def test_no_saving_is_told_where_prices_give_no_batch_price(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    """A `[prices]` table that says nothing of batches costs their answers at the synchronous
+    price, an upper bound: the report said '$0.0000 saved (0%)', where the saving is not known."""
+    job = _job(tmp_path, '[prices."test/model"]\nprompt = 1000.0\ncompletion = 2000.0\n')
+    settings = at_batch_tier(make_settings(server[0], bodies(4), job=job))
+    summary = await run(settings, FakeHost(FakeBatchApi()))
+    assert summary.exit_code == 0, summary.message
+    batches = summary.usage["batches"]
+    assert (batches["answers_at_sync_price"], batches["saved"]) == (4, None)
+    said = batch_sentences(batches)[-1]
+    assert said.startswith("The 4 answers from batches cost at most $0.0720 at the batch price (4 of them")
+    assert "saved" not in said

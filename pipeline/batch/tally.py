@@ -35,19 +35,26 @@ class Spent:
     def __init__(self, batch_prices: Mapping[str, Price], sync_prices: Mapping[str, Price]) -> None:
         self.batch_prices, self.sync_prices = batch_prices, sync_prices
         self.answers = self.costed = self.sync_priced = 0
+        self.bounded = 0  # answers costed at the synchronous price: no batch price known
         self.cost = self.sync_cost = 0.0
 
     def add(self, successes: Sequence[Success]) -> None:
         for success in successes:
             body, model = success.reply.body, success.request.model
             self.answers += 1
-            cost, _ = answer_cost(body, self.batch_prices, model)
-            if cost is not None:
-                self.cost += cost
-                self.costed += 1
+            cost, source = answer_cost(body, self.batch_prices, model)
             price = price_for(self.sync_prices, answering_model(body, model)) or price_for(
                 self.sync_prices, model
             )
+            if cost is not None:
+                self.cost += cost
+                self.costed += 1
+                # A model `[prices]` gives no batch price is costed at its synchronous one, the
+                # very entry (`tier_prices`): an upper bound, which tells no saving.
+                batch = price_for(self.batch_prices, answering_model(body, model)) or price_for(
+                    self.batch_prices, model
+                )
+                self.bounded += source == "price table" and batch is not None and batch is price
             if price is not None:
                 prompt, completion, _ = answer_tokens(body)
                 self.sync_cost += priced(price, prompt, completion)
@@ -58,6 +65,7 @@ class Spent:
             "answers": self.answers,
             "cost": self.cost,
             "costed": self.costed,
+            "bounded": self.bounded,
             "sync_cost": self.sync_cost,
             "sync_priced": self.sync_priced,
         }
@@ -83,7 +91,9 @@ def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
     sizes = [int(row[2] or 0) for row in made]
     ended: dict[str, int] = {}
     waits: list[float] = []
-    sums = dict.fromkeys(("again", "now", "answers", "cost", "costed", "sync_cost", "sync_priced"), 0.0)
+    sums = dict.fromkeys(
+        ("again", "now", "answers", "cost", "costed", "bounded", "sync_cost", "sync_priced"), 0.0
+    )
     for state, _, _, at, raw in made:
         info = orjson.loads(raw) if raw is not None else {}
         if state in ("taken", "dropped"):
@@ -129,11 +139,12 @@ def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
         "result_lines_refused": refused,
         "answers": answers,
         "answers_costed": int(sums["costed"]),
+        "answers_at_sync_price": int(sums["bounded"]),
         "cost": cost,
         "sync_cost": sync,
         # (and only where every answer's cost is known: a part of it would pass for a saving)
         "saved": round(sync - cost, 10)
-        if sync is not None and cost is not None and sums["costed"] == answers
+        if sync is not None and cost is not None and sums["costed"] == answers and not sums["bounded"]
         else None,
     }
 
