@@ -250,13 +250,23 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             description="Cancel the provider's batches still running for OUT (a --tier batch run that "
             "stops leaves them running: they are paid for as they go). What they finished is kept.",
             epilog="exit status: 0 done (or nothing was running); 2 OUT is not an output folder, or the "
-            "job file is wrong; 3 the endpoint refused or could not be reached: run it again",
+            "job file is wrong; 3 the endpoint refused or could not be reached, or a batch was still "
+            "cancelling when it stopped waiting: run it again",
         )
         cancel.add_argument("out", type=Path, help="the --output the run wrote to")
         cancel.add_argument(
             "job", nargs="?", type=Path, help="the run's job file, for its base_url and api_key_env"
         )
-        _endpoint_arguments(cancel)
+        # (their defaults are the folder's: what its batch run used, which its book keeps)
+        cancel.add_argument(
+            "--base-url",
+            help=f"the endpoint (default: the one OUT's batch run used, else {DEFAULT_BASE_URL})",
+        )
+        cancel.add_argument(
+            "--api-key-env",
+            help="the environment variable holding the key (default: the one OUT's batch run used, "
+            f"else {DEFAULT_KEY_ENV})",
+        )
     if wanted("mock"):
         mock = sub.add_parser(
             "mock",

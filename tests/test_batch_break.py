@@ -314,3 +314,28 @@ async def test_a_batch_found_cancelling_at_the_first_look_was_cancelled_before_a
     assert summary.exit_code == 0, summary.message
     assert len(read_jsonl(settings.folder / "results.jsonl")) == 4
     assert api.made == 2  # the half the cancel stopped, sent again
+
+
+async def test_lines_with_image_urls_go_in_batches_apart_where_the_batches_are_text_only(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # An image given as a URL goes in an inline batch as written; the mock (as OpenRouter's
+    # docs have said) takes none, and failed the whole batch: the text lines with it.
+    from tests.test_batch_mock import MockHost
+
+    pictured = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    rows = bodies(4)
+    for row in rows[1::2]:  # job-1, job-3
+        row["messages"][0]["content"] = [{"type": "text", "text": "what is it?"}, pictured]
+    rows[0]["messages"][0]["content"] = 'a text that quotes "image_url" and "file"'
+    async with mock(batch_api="inline") as (url, server):
+        settings = at_batch_tier(make_settings(url, rows, max_attempts=1), batch_api="inline")
+        summary = await run(settings, MockHost())
+        assert summary.exit_code == 1, summary.message
+        assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == [
+            "job-0",
+            "job-2",
+        ]
+        errors = read_jsonl(settings.folder / "errors.jsonl")
+        assert sorted(e["custom_id"] for e in errors) == ["job-1", "job-3"]
+        assert server.state.stats()["batch"]["batches_created"] == 2

@@ -155,3 +155,23 @@ async def test_cancel_reaches_the_endpoint_the_folders_batches_went_to_without_b
         status = await anyio.to_thread.run_sync(cancel.cancel_folder, settings.folder)
         assert status == 0
         assert (await _stats(url))["cancels"] == 1
+
+
+async def test_cancel_of_a_folder_of_shards_cancels_every_shards_batches(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards run at the batch tier each keep their batches in their own folder: `pipeline
+    cancel OUT` said OUT held no run, nothing to cancel, while the shards' batches ran on."""
+    import anyio
+
+    from pipeline.batch import cancel
+
+    monkeypatch.setattr(cancel, "LOOK_EVERY", 0.01)
+    async with mock(batch_seconds=3600) as (url, _):
+        for k in (1, 2):
+            settings = at_batch_tier(make_settings(url, bodies(6), shard=f"{k}/2"))
+            summary = await run(settings, InterruptAtFirstLook())
+            assert summary.exit_code == 130, summary.message
+        status = await anyio.to_thread.run_sync(cancel.cancel_folder, settings.folder.parent)
+        assert status == 0
+        assert (await _stats(url))["cancels"] == 2

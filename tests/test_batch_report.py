@@ -4,6 +4,7 @@ the answers cost at the batch price beside the synchronous one (the saving)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,9 @@ import orjson
 import pytest
 
 from pipeline.batch import intake as intake_module
+from pipeline.output.merge import merge
 from pipeline.report.batches import batch_sentences
+from pipeline.report.markdown import markdown
 from pipeline.report.rebuild import rebuild
 from pipeline.run import ending
 from pipeline.run.runner import run
@@ -175,3 +178,122 @@ async def test_a_batch_whose_download_was_cut_counts_every_answer_once(
     assert summary.exit_code == 0, summary.message
     assert api.cut_at is None  # the cut happened
     assert summary.usage["batches"]["answers"] == 6
+
+
+async def test_a_merge_of_shards_joins_their_batches(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    api = FakeBatchApi(max_lines=2)
+    out = tmp_path / "out"
+    made = 0
+    for k in (1, 2):
+        settings = at_batch_tier(
+            make_settings(server[0], bodies(8), job=_job(tmp_path, PRICES), shard=f"{k}/2")
+        )
+        summary = await run(settings, FakeHost(api))
+        assert summary.exit_code == 0, summary.message
+        made += summary.usage["batches"]["made"]
+    assert made >= 4  # 8 lines, 2 a batch
+    merged = merge(out)
+    assert merged.results == 8
+    batches = orjson.loads((out / "usage.json").read_bytes())["batches"]
+    assert (batches["made"], batches["lines"], batches["answers"]) == (made, 8, 8)
+    assert abs(batches["saved"] - 8 * 0.009) < 1e-9
+    assert "## Batches" in (out / "report.md").read_text()
+    # `pipeline report OUT` draws the same of the shards, merged or not
+    assert rebuild(out)["batches"] == batches
+
+
+async def test_outside_text_never_breaks_a_table_of_report_md(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    """A model's name, a provider's error code, a verdict and a run's note are outside text:
+    a `|` or a line break in one gave its row more cells than the table has."""
+    odd = "gw|model\\x\nnext"
+    api = FakeBatchApi(fate=lambda custom_id, n: "400" if custom_id == "job-1" else "ok")
+    settings = at_batch_tier(make_settings(server[0], bodies(3, model=odd), max_attempts=1))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    doc = orjson.loads((settings.folder / "usage.json").read_bytes())
+    doc["errors_by_code"][odd] = 1
+    doc["verdicts"][odd] = 1
+    doc["runs"][-1]["note"] = odd
+    text = markdown(doc)
+    # models, asked -> answered (twice), codes, verdicts, the note
+    assert text.count("gw\\|model\\\\x next") == 6
+    rows = 0
+    for table in re.findall(r"(?m)(?:^\|.*\n)+", text):
+        lines = table.splitlines()
+        widths = {len(re.split(r"(?<!\\)\|", line)) for line in lines}
+        assert len(widths) == 1, table
+        rows += len(lines)
+    assert rows > 20
+
+
+def test_a_cost_known_of_some_answers_only_is_not_said_to_be_the_whole() -> None:
+    batches = {
+        "made": 1,
+        "lines": 4,
+        "lines_per_batch": {"min": 4, "mean": 4.0, "max": 4},
+        "running": 0,
+        "staged": 0,
+        "ended": {"completed": 1},
+        "refused_by_provider": 0,
+        "waited_seconds": {"min": 60.0, "median": 60.0, "max": 60.0},
+        "lines_again": 0,
+        "lines_sent_now": 0,
+        "result_lines_refused": 0,
+        "answers": 4,
+        "answers_costed": 4,
+        "cost": None,
+        "sync_cost": None,
+        "saved": None,
+    }
+    # Nothing tells a cost: it is said unknown, not "cost not reported at the batch price".
+    assert batch_sentences(batches)[-1] == (
+        "The 4 answers from batches: their cost at the batch price is not reported (neither the "
+        "server nor [prices] tells it), not zero (what they would have cost synchronously is not "
+        "told: [prices] lacks a model's price)."
+    )
+    # The server stated the cost of 3 answers of 4: $0.3 is not what the 4 cost.
+    batches.update(answers_costed=3, cost=0.3)
+    assert batch_sentences(batches)[-1] == (
+        "The 4 answers from batches cost $0.3000 at the batch price and more: 1 of them came "
+        "without a cost and with no price in [prices] (what they would have cost synchronously is "
+        "not told: [prices] lacks a model's price)."
+    )
+
+
+async def test_a_batch_whose_submission_was_cut_is_not_said_unsubmitted(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    """Killed after the provider made the batch and before its id was noted: `pipeline report
+    OUT` said it was staged, not submitted yet, while it ran at the provider, paid for."""
+    api = FakeBatchApi()
+    api.die_at = 2  # (1: the call that makes it; 2: made, its id not returned yet)
+    settings = at_batch_tier(make_settings(server[0], bodies(3)))
+    with pytest.raises(BaseException) as info:  # noqa: PT011 -- a kill, by any path out
+        await run(settings, FakeHost(api))
+    assert "submitted" in repr(info.value)  # (the step it was killed at)
+    assert api.made == 1
+    batches = rebuild(settings.folder)["batches"]
+    assert (batches["staged"], batches["submitting"]) == (0, 1)
+    said = batch_sentences(batches)[0]
+    assert "not submitted" not in said
+    assert "1 batch being submitted when a run stopped, perhaps made at the provider" in said
+
+
+async def test_no_saving_is_told_where_prices_give_no_batch_price(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    """A `[prices]` table that says nothing of batches costs their answers at the synchronous
+    price, an upper bound: the report said '$0.0000 saved (0%)', where the saving is not known."""
+    job = _job(tmp_path, '[prices."test/model"]\nprompt = 1000.0\ncompletion = 2000.0\n')
+    settings = at_batch_tier(make_settings(server[0], bodies(4), job=job))
+    summary = await run(settings, FakeHost(FakeBatchApi()))
+    assert summary.exit_code == 0, summary.message
+    batches = summary.usage["batches"]
+    assert (batches["answers_at_sync_price"], batches["saved"]) == (4, None)
+    said = batch_sentences(batches)[-1]
+    assert said.startswith("The 4 answers from batches cost at most $0.0720 at the batch price (4 of them")
+    assert "saved" not in said

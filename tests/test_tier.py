@@ -357,6 +357,10 @@ def test_help_lists_the_tier_flags_and_the_cancel_command(capsys: pytest.Capture
         "usage: pipeline cancel [-h] [--base-url BASE_URL] [--api-key-env API_KEY_ENV] out [job]"
         in " ".join(helped("cancel").split())
     )
+    # Given neither, cancel reaches the endpoint the folder's batches went to, as it says.
+    assert "the endpoint (default: the one OUT's batch run used, else https://" in " ".join(
+        helped("cancel").split()
+    )
     with pytest.raises(SystemExit) as ended:
         main(["cancel"])
     assert ended.value.code == 2

@@ -14,7 +14,7 @@ import orjson
 
 from pipeline.batch.book import Batch, Book
 from pipeline.batch.now import SendNow
-from pipeline.batch.stage import Files
+from pipeline.batch.stage import Files, pictured
 from pipeline.job import Outcome, Request
 from pipeline.output.ledger import Ledger
 
@@ -48,7 +48,14 @@ async def stage_again(
                 listed = book.listed(batch.n, custom_id)
                 assert listed is not None
                 await files.put(
-                    batch.model, custom_id, listed.line, listed.tries + 1, listed.metadata, data, share
+                    batch.model,
+                    custom_id,
+                    listed.line,
+                    listed.tries + 1,
+                    listed.metadata,
+                    data,
+                    share,
+                    apart=files.text_only and pictured(data),  # (kept apart again, as staged)
                 )
         await files.finish()
     finally:

@@ -26,6 +26,7 @@ from pipeline.batch.submit import SKEW, info_state
 from pipeline.errors import RequestError, SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
+from pipeline.output.shards import shard_folders
 from pipeline.run.summary import EXIT_OK, EXIT_STOPPED
 from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
 from pipeline.settings import DEFAULT_KEY_ENV
@@ -37,8 +38,15 @@ LOOK_EVERY = 5.0
 
 def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | None = None) -> int:
     """The command's work; its exit status. The endpoint and the key's variable not given are
-    the ones the folder's batch run used (its book keeps them), else the defaults."""
+    the ones the folder's batch run used (its book keeps them), else the defaults. A folder of
+    shards (OUT/shard-K-of-N/, each run with --shard and its own book) has each shard's
+    batches cancelled; the status is the worst of theirs."""
     if not (folder / LEDGER).exists():
+        shards = [path for path, _, _ in shard_folders(folder)] if folder.is_dir() else []
+        shards = [path for path in shards if (path / LEDGER).exists()]
+        if shards:
+            # (each says what it cancelled, under its own name)
+            return max(cancel_folder(path, base_url, api_key_env) for path in shards)
         raise SettingsError(f"{folder} holds no run (no {LEDGER}): nothing to cancel")
     used = _endpoint_used(folder)
     base_url = base_url or used.get("base_url") or DEFAULT_BASE_URL

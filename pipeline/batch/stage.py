@@ -34,6 +34,20 @@ _BODY = b',"method":"POST","url":"' + URL.encode() + b'","body":'
 LIST_EVERY = 1024  # lines listed in the book at once
 
 
+# Content parts other than text, as a request's JSON spells their type. (Inside a string
+# value, a quote is escaped: `"image_url"` there reads `\"image_url\"`, which this is not.)
+_PICTURED = (b'"image_url"', b'"input_audio"', b'"file"', b'"video_url"')
+
+
+def pictured(payload: bytes) -> bool:
+    """Whether a request carries an image (given by URL), audio, a file or a video. Where the
+    batches are text only (OpenRouter's docs have said so; elsewhere, that URL images pass
+    where the provider the batch routes to fetches them), a batch holding one fails validation
+    whole: such lines go in batches of their own, so that a refusal fails them alone, not the
+    text lines they were with."""
+    return any(kind in payload for kind in _PICTURED)
+
+
 def batch_line(custom_id: str, payload: bytes) -> bytes:
     """OpenAI's batch input line for a request (its payload copied in as it is)."""
     return b"".join((_HEAD, orjson.dumps(custom_id), _BODY, payload, b"}\n"))
@@ -57,7 +71,7 @@ class Files:
         self.text_only = text_only  # the batches take no image (OpenRouter's inline ones)
         self.max_lines = max_lines
         self.max_bytes = max_bytes
-        self._open: dict[str, _Filling] = {}
+        self._open: dict[tuple[str, bool], _Filling] = {}  # (model, apart) -> its file
         # False: a batch cut is left filling, and noted in `cut` (n, lines, bytes), for a
         # caller that marks it staged in a commit of its own (the lines of a batch taken in).
         self.mark_staged = True
@@ -76,19 +90,23 @@ class Files:
         metadata: Any,
         data: bytes,
         worst: float | None = 0.0,
+        *,
+        apart: bool = False,
     ) -> int | None:
         """Write one line to its model's file (`worst`: what it may cost at most, None when
-        that cannot be told); the number of a batch this cut (full), if any."""
-        filling = self._open.get(model)
+        that cannot be told); the number of a batch this cut (full), if any. `apart`: in a
+        file of its model's kept for such lines (`pictured`)."""
+        key = (model, apart)
+        filling = self._open.get(key)
         cut: int | None = None
         if filling is not None and (
             filling.lines >= self.max_lines or filling.size + len(data) > self.max_bytes
         ):
-            cut = await self._close(model)
+            cut = await self._close(key)
             filling = None
         if filling is None:
             n = self.book.open(model)
-            filling = self._open[model] = _Filling(n, self.book.path(n).open("wb"))
+            filling = self._open[key] = _Filling(n, self.book.path(n).open("wb"))
         filling.file.write(data)
         filling.lines += 1
         filling.size += len(data)
@@ -100,7 +118,7 @@ class Files:
 
     async def finish(self) -> list[int]:
         """Cut every file still open (the end of the input); their numbers, in order."""
-        return [await self._close(model) for model in list(self._open)]
+        return [await self._close(key) for key in list(self._open)]
 
     def abandon(self) -> None:
         """Close the files without staging them (a stop): they stay filling, to be forgotten."""
@@ -113,8 +131,8 @@ class Files:
         self.book.list_lines(filling.n, filling.listing)
         filling.listing = []
 
-    async def _close(self, model: str) -> int:
-        filling = self._open.pop(model)
+    async def _close(self, key: tuple[str, bool]) -> int:
+        filling = self._open.pop(key)
         try:
             filling.file.flush()
             await anyio.to_thread.run_sync(os.fsync, filling.file.fileno())
@@ -169,7 +187,14 @@ async def stage(
                 continue
             most = worst(request) if worst is not None else 0.0
             cut = await files.put(
-                request.model, request.custom_id, request.line, 1, request.metadata, data, most
+                request.model,
+                request.custom_id,
+                request.line,
+                1,
+                request.metadata,
+                data,
+                most,
+                apart=files.text_only and pictured(request.payload),
             )
             if cut is not None and not staged(cut):
                 return

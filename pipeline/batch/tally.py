@@ -9,7 +9,9 @@ are summed from the book (`figures`), which `pipeline report OUT` reads as the r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,6 +20,7 @@ from pipeline.account.cost import answer_cost, answering_model, price_for, price
 from pipeline.account.usage import answer_tokens
 from pipeline.job import Success
 from pipeline.jobfile import Price
+from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.send.batchapi import ENDED
 
@@ -32,19 +35,26 @@ class Spent:
     def __init__(self, batch_prices: Mapping[str, Price], sync_prices: Mapping[str, Price]) -> None:
         self.batch_prices, self.sync_prices = batch_prices, sync_prices
         self.answers = self.costed = self.sync_priced = 0
+        self.bounded = 0  # answers costed at the synchronous price: no batch price known
         self.cost = self.sync_cost = 0.0
 
     def add(self, successes: Sequence[Success]) -> None:
         for success in successes:
             body, model = success.reply.body, success.request.model
             self.answers += 1
-            cost, _ = answer_cost(body, self.batch_prices, model)
-            if cost is not None:
-                self.cost += cost
-                self.costed += 1
+            cost, source = answer_cost(body, self.batch_prices, model)
             price = price_for(self.sync_prices, answering_model(body, model)) or price_for(
                 self.sync_prices, model
             )
+            if cost is not None:
+                self.cost += cost
+                self.costed += 1
+                # A model `[prices]` gives no batch price is costed at its synchronous one, the
+                # very entry (`tier_prices`): an upper bound, which tells no saving.
+                batch = price_for(self.batch_prices, answering_model(body, model)) or price_for(
+                    self.batch_prices, model
+                )
+                self.bounded += source == "price table" and batch is not None and batch is price
             if price is not None:
                 prompt, completion, _ = answer_tokens(body)
                 self.sync_cost += priced(price, prompt, completion)
@@ -55,27 +65,35 @@ class Spent:
             "answers": self.answers,
             "cost": self.cost,
             "costed": self.costed,
+            "bounded": self.bounded,
             "sync_cost": self.sync_cost,
             "sync_priced": self.sync_priced,
         }
 
 
-def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
-    """usage.json's `batches`: the folder's batches summed from its book (None: it has none).
-    `refused`: result lines refused (an id not sent in that batch, or sent back twice)."""
+def _rows(ledger: Ledger) -> list[Any]:
     db = ledger.reading()
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
-        return None
-    rows = db.execute(
+        return []
+    return db.execute(
         "SELECT state, batch_id, lines, at, info FROM batches WHERE state != 'filling'"
     ).fetchall()
+
+
+def figures(*ledgers: Ledger, refused: int = 0) -> dict[str, Any] | None:
+    """usage.json's `batches`: the folder's batches summed from its book (None: it has none);
+    several books (a merge of shards, each with its own) are summed as one.
+    `refused`: result lines refused (an id not sent in that batch, or sent back twice)."""
+    rows = [row for ledger in ledgers for row in _rows(ledger)]
     if not rows:
         return None
     made = [row for row in rows if row[1] is not None]
     sizes = [int(row[2] or 0) for row in made]
     ended: dict[str, int] = {}
     waits: list[float] = []
-    sums = dict.fromkeys(("again", "now", "answers", "cost", "costed", "sync_cost", "sync_priced"), 0.0)
+    sums = dict.fromkeys(
+        ("again", "now", "answers", "cost", "costed", "bounded", "sync_cost", "sync_priced"), 0.0
+    )
     for state, _, _, at, raw in made:
         info = orjson.loads(raw) if raw is not None else {}
         if state in ("taken", "dropped"):
@@ -105,7 +123,10 @@ def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
             "max": max(sizes, default=0),
         },
         "running": sum(1 for row in made if row[0] in ("creating", "running")),
-        "staged": sum(1 for row in rows if row[0] == "staged" or (row[0] == "creating" and row[1] is None)),
+        "staged": sum(1 for row in rows if row[0] == "staged"),
+        # Marked creating before the call that makes them, and no id noted after it: a run
+        # stopped (killed) there; made or not, the next run finds out (by their tag).
+        "submitting": sum(1 for row in rows if row[0] == "creating" and row[1] is None),
         "ended": dict(sorted(ended.items())),
         "refused_by_provider": sum(1 for row in rows if row[0] == "dropped" and row[1] is None),
         "waited_seconds": {
@@ -117,7 +138,24 @@ def figures(ledger: Ledger, *, refused: int = 0) -> dict[str, Any] | None:
         "lines_sent_now": int(sums["now"]),
         "result_lines_refused": refused,
         "answers": answers,
+        "answers_costed": int(sums["costed"]),
+        "answers_at_sync_price": int(sums["bounded"]),
         "cost": cost,
         "sync_cost": sync,
-        "saved": round(sync - cost, 10) if sync is not None and cost is not None else None,
+        # (and only where every answer's cost is known: a part of it would pass for a saving)
+        "saved": round(sync - cost, 10)
+        if sync is not None and cost is not None and sums["costed"] == answers and not sums["bounded"]
+        else None,
     }
+
+
+def shards_figures(folders: Sequence[Path], *, refused: int = 0) -> dict[str, Any] | None:
+    """`figures` of a set of shards' folders, their books summed (`pipeline merge`, and
+    `pipeline report OUT` of shards): each shard's batches are in its own book."""
+    with contextlib.ExitStack() as opened:
+        ledgers = [
+            opened.enter_context(contextlib.closing(Ledger(folder / LEDGER)))
+            for folder in folders
+            if (folder / LEDGER).exists()
+        ]
+        return figures(*ledgers, refused=refused)

@@ -35,6 +35,7 @@ from typing import BinaryIO
 
 import orjson
 
+from pipeline.batch.tally import shards_figures
 from pipeline.errors import FolderBusy, RunStopped, SettingsError
 from pipeline.output.device import unwritable
 from pipeline.output.folder import (
@@ -226,7 +227,8 @@ def merge(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say
             index.close()
         usage, pending, lines = added(shards)
         state = {"succeeded": results, "failed": errors, "pending": pending, "lines": lines}
-        write_reports(out, usage_document(usage, state=state, folder=out), Redactor(None))
+        batches = shards_figures([s.path for s in shards], refused=usage.answers.get("refused", 0))
+        write_reports(out, usage_document(usage, state=state, folder=out, batches=batches), Redactor(None))
     return Merged(out, len(shards), results, errors, pending, problems, repaired, dict(dropped))
 
 

@@ -40,6 +40,11 @@ def batch_sentences(b: dict[str, Any]) -> list[str]:
         left.append(f"{_plural(b['running'], 'batch')} still at the provider")
     if b["staged"]:
         left.append(f"{_plural(b['staged'], 'batch')} staged, not submitted yet")
+    if b.get("submitting"):  # (absent from a usage.json an earlier version wrote)
+        left.append(
+            f"{_plural(b['submitting'], 'batch')} being submitted when a run stopped, perhaps made at "
+            "the provider (the next run looks for it there before submitting it)"
+        )
     said.append(first + (f"; {', '.join(left)}" if left else "") + ".")
     waited = b["waited_seconds"]
     if waited["max"] is not None:
@@ -69,8 +74,26 @@ def batch_sentences(b: dict[str, Any]) -> list[str]:
         said.append(text[0].upper() + text[1:] + ".")
     answers, cost, sync = int(b["answers"]), b["cost"], b["sync_cost"]
     if answers:
-        spent = f"The {answers:,} answers from batches cost {money(cost)} at the batch price"
-        if sync is not None and cost is not None:
+        # (`answers_costed`, `answers_at_sync_price`: absent from a usage.json an earlier
+        # version wrote, where every answer was costed, at the batch price)
+        uncosted = answers - int(b.get("answers_costed", answers)) if cost is not None else 0
+        bounded = int(b.get("answers_at_sync_price", 0)) if cost is not None else 0
+        if cost is None:
+            spent = (
+                f"The {answers:,} answers from batches: their cost at the batch price is not reported "
+                "(neither the server nor [prices] tells it), not zero"
+            )
+        else:
+            most = "at most " if bounded and not uncosted else ""
+            spent = f"The {answers:,} answers from batches cost {most}{money(cost)} at the batch price"
+            if uncosted:
+                spent += f" and more: {uncosted:,} of them came without a cost and with no price in [prices]"
+        if bounded:
+            spent += (
+                f" ({bounded:,} of them at the synchronous price: [prices] gives their model no batch "
+                "price, so no saving is told; add batch = 0.5 to [prices])"
+            )
+        elif sync is not None and cost is not None and not uncosted:
             saved = b["saved"]
             share = f" ({saved / sync:.0%})" if sync > 0 else ""
             spent += (

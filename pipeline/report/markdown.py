@@ -101,6 +101,13 @@ def usage_document(
     }
 
 
+def _cell(value: Any) -> str:
+    """Text for a table's cell, whatever it holds: a model's name, an error code, a verdict or
+    a run's note come from the server and the job, and a `|` in one (or a line break) split its
+    row into more cells than the table has, shifting every figure after it."""
+    return " ".join(str(value).replace("\\", "\\\\").replace("|", "\\|").split())
+
+
 def _n(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else ("–" if value is None else str(value))
 
@@ -117,7 +124,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| state | lines |",
         "|---|---:|",
-        *(f"| {k.replace('_', ' ')} | {_n(v)} |" for k, v in req.items()),
+        *(f"| {_cell(k.replace('_', ' '))} | {_n(v)} |" for k, v in req.items()),
         "",
         "## Tokens and cost",
         "",
@@ -130,9 +137,9 @@ def markdown(doc: dict[str, Any]) -> str:
         if c["requests_not_reported"]:
             source += f" ({c['requests_not_reported']:,} not reported)"
         out.append(
-            f"| {name} | {m['requests']:,} | "
+            f"| {_cell(name)} | {m['requests']:,} | "
             + " | ".join(f"{m[k]:,}" for k in TOKEN_KEYS)
-            + f" | {money(c['total'])} | {source} |"
+            + f" | {money(c['total'])} | {_cell(source)} |"
         )
     t = doc["tokens"]
     out.append(
@@ -151,7 +158,7 @@ def markdown(doc: dict[str, Any]) -> str:
         out += ["", "## Batches", "", *(f"{s}  " for s in batch_sentences(doc["batches"]))]
         out[-1] = out[-1].rstrip()
     out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
-    out += [f"| {k} | {v:,} |" for k, v in doc["answers_by_status"].items()]
+    out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["answers_by_status"].items()]
     out += ["", f"Attempts {doc['attempts']:,}, of which retries {doc['retries']:,}."]
     if doc["discarded"]:
         out += [
@@ -170,10 +177,10 @@ def markdown(doc: dict[str, Any]) -> str:
         ]
     if doc["errors_by_code"]:
         out += ["", "## Failures by code", "", "| code | count |", "|---|---:|"]
-        out += [f"| {k} | {v:,} |" for k, v in doc["errors_by_code"].items()]
+        out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["errors_by_code"].items()]
     if doc["verdicts"]:
         out += ["", "## Verdicts", "", "| verdict | count |", "|---|---:|"]
-        out += [f"| {k} | {v:,} |" for k, v in doc["verdicts"].items()]
+        out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["verdicts"].items()]
     if len(doc["requested_models"]) > 0:
         out += [
             "",
@@ -182,7 +189,7 @@ def markdown(doc: dict[str, Any]) -> str:
             "| asked -> answered | requests |",
             "|---|---:|",
         ]
-        out += [f"| {k} | {v:,} |" for k, v in doc["requested_models"].items()]
+        out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["requested_models"].items()]
     lat, ttft = doc["latency_seconds"], doc["ttft_seconds"]
     out += [
         "",
@@ -208,9 +215,9 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for r in doc["runs"]:
         out.append(
-            f"| {r.get('started', '')} | {r.get('wall_seconds', 0):,} | {r.get('succeeded', 0):,} | "
+            f"| {_cell(r.get('started', ''))} | {r.get('wall_seconds', 0):,} | {r.get('succeeded', 0):,} | "
             f"{r.get('failed', 0):,} | {r.get('invalid_input', 0):,} | {r.get('attempts', 0):,} | "
-            f"{r.get('exit', '')} | {r.get('note', '')} |"
+            f"{_cell(r.get('exit', ''))} | {_cell(r.get('note', ''))} |"
         )
     return "\n".join(out) + "\n"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.account.usage import Usage
-from pipeline.batch.tally import figures
+from pipeline.batch.tally import figures, shards_figures
 from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
@@ -41,8 +41,9 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
     return usage, state, batches
 
 
-def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
-    """A set of shards: their usage added, their lines counted as the merge counts them."""
+def _shards(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
+    """A set of shards: their usage added, their lines counted as the merge counts them, and
+    what their batches came to, their books summed."""
     found = find_shards(out) if any(out.glob("shard-*-of-*")) else []
     shards = [s for s in found if s.job is not None]
     if not shards:
@@ -61,7 +62,8 @@ def _shards(out: Path) -> tuple[Usage, dict[str, Any]]:
         "pending": pending,
         "lines": lines,
     }
-    return usage, state
+    batches = shards_figures([s.path for s in shards], refused=usage.answers.get("refused", 0))
+    return usage, state, batches
 
 
 def rebuild(out: Path) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def rebuild(out: Path) -> dict[str, Any]:
             # A set of shards: its reports are a merge's too, written with the same temporary
             # files, so under the merge's lock (a merge under way is waited for).
             held.enter_context(merging(out))
-        usage, state, batches = _folder(out) if (out / LEDGER).exists() else (*_shards(out), None)
+        usage, state, batches = _folder(out) if (out / LEDGER).exists() else _shards(out)
         doc = usage_document(usage, state=state, folder=out, batches=batches)
         write_reports(out, doc, Redactor(None))
     return doc
