@@ -48,6 +48,14 @@ class BatchInfo(NamedTuple):
         return self.status in ENDED
 
 
+class BatchPage(NamedTuple):
+    """One page of the endpoint's list of batches, newest first (`BatchApi.page`)."""
+
+    batches: tuple[BatchInfo, ...]  # those the list describes as fully as `get` would
+    after: str | None  # the next page's cursor; None: the list ends here
+    oldest: float | None  # when the page's last batch was made (epoch seconds), where said
+
+
 class NoBatchApi(Exception):
     """The endpoint has no batch API (a 404 on its files or batches path)."""
 
@@ -84,6 +92,14 @@ class BatchApi(Protocol):
         between)."""
 
     async def get(self, batch_id: str) -> BatchInfo: ...
+
+    async def page(self, after: str | None = None) -> BatchPage | None:
+        """A page of the endpoint's batches, newest first, from `after` (a cursor of the page
+        before): one call, that looks at many running batches at once (a follower of twenty
+        would otherwise look at each every twenty seconds). A batch the list describes less
+        fully than `get` (an ended one without what taking it in needs) is left out, and is
+        looked at alone. None: this API lists nothing usable (each batch is looked at alone)."""
+        return None
 
     async def cancel(self, batch_id: str) -> BatchInfo: ...
 

@@ -30,7 +30,8 @@ from typing import Any
 from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
-from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send import batchlist
+from pipeline.send.batchapi import TAG_KEY, BatchInfo, BatchPage
 from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
 from pipeline.send.batchwire import info_of, output_line
@@ -109,6 +110,9 @@ class InlineBatchApi:
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)
         return info_of(await self._http.call("GET", f"/batches/{batch_id}", without=b"results"))
+
+    async def page(self, after: str | None = None) -> BatchPage | None:
+        return await batchlist.page(self._http, after, files=False)
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self._http.cancel(batch_id, self.get)
