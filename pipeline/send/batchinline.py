@@ -40,7 +40,7 @@ ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
 MAX_LINES = 5_000  # OpenRouter's limits for one batch
 MAX_BYTES = 200 * 1000 * 1000
-PAGE = 100  # results a page: what a page holds is held at once
+PAGE = 1_000  # results a page (OpenRouter's most): what a page holds is held at once
 _BLOCK = 1 << 16
 
 
