@@ -43,8 +43,8 @@ class LineJudge:
         self.outcomes: list[Outcome] = []  # judged, to be written
 
     def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
-        """A run of result lines, their ids looked up at once (three queries a run, not
-        three a line)."""
+        """A run of result lines, their ids looked up at once (one query a run, not three a
+        line)."""
         parsed: list[tuple[Any, str | None]] = []
         for raw in raws:
             try:
@@ -54,9 +54,8 @@ class LineJudge:
             custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
             parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
         ids = list({custom_id for _, custom_id in parsed if custom_id is not None})
-        listed = self.book.listed_among(batch.n, ids)
-        met = self._among("taking", ids)  # met in an earlier run of this batch's lines
-        done = self._among("done", ids) if self.ledger.done_count else set()
+        # met: in an earlier run of this batch's lines
+        listed, met, done = self.book.looked_up(batch.n, ids, done=bool(self.ledger.done_count))
         first: list[str] = []
         for obj, custom_id in parsed:
             one = listed.get(custom_id) if custom_id is not None else None
@@ -70,13 +69,6 @@ class LineJudge:
                 continue  # taken in before a crash: written once already
             self._line(batch, one, obj, waited)
         self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
-
-    def _among(self, table: str, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        marks = ", ".join("?" for _ in ids)
-        rows = self.ledger.reading().execute(f"SELECT id FROM {table} WHERE id IN ({marks})", ids)
-        return {str(custom_id) for (custom_id,) in rows}
 
     def _line(self, batch: Batch, listed: Listed, obj: Any, waited: float) -> None:
         assert isinstance(obj, dict)
