@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import HTTPStatusError, RunStopped
-from pipeline.send.batchapi import TAG_KEY, BatchApi, BatchInfo, NoBatchApi
+from pipeline.input.jsonl import dumps
+from pipeline.send.batchapi import TAG_KEY, BatchApi, BatchInfo, NoBatchApi, ResultLine
 from pipeline.send.batchclient import open_batch_api
 from pipeline.send.batchwire import LineSplitter, WithoutMember
 from tests.batchfake import FakeBatches, Fault, fake_batches
@@ -66,8 +67,9 @@ def answer_line(custom_id: str, text: str = "ok") -> bytes:
     )
 
 
-async def collected(lines: AsyncIterator[bytes]) -> list[bytes]:
-    return [line async for line in lines]
+async def collected(lines: AsyncIterator[ResultLine]) -> list[bytes]:
+    """The lines as bytes (the inline shape gives them parsed, as it read them)."""
+    return [line if isinstance(line, bytes) else dumps(line) async for line in lines]
 
 
 # -- files shape ------------------------------------------------------------------------

@@ -13,24 +13,27 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+T = TypeVar("T")
+
 
 @asynccontextmanager
 async def read_ahead(
-    lines: AsyncIterator[bytes], *, per: int, runs: int = 4
-) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+    lines: AsyncIterator[T], *, per: int, runs: int = 4
+) -> AsyncIterator[AsyncIterator[list[T]]]:
     """The lines, in runs of `per`, read ahead (see the module's text). A failure to read (a
     `RequestError`: the download cut past its retries) is raised where the runs are read, once
     those read before it have been given: as reading the lines themselves would raise it."""
-    send, receive = anyio.create_memory_object_stream[list[bytes]](runs)
+    send, receive = anyio.create_memory_object_stream[list[T]](runs)
     failed: list[Exception] = []
 
     async def read() -> None:
         with send:
-            run: list[bytes] = []
+            run: list[T] = []
             try:
                 async for line in lines:
                     run.append(line)
@@ -61,16 +64,16 @@ async def read_ahead(
         raise raised
 
 
-class _Runs:
+class _Runs(Generic[T]):
     """The runs as they come, then the reader's failure, if it had one."""
 
-    def __init__(self, receive: MemoryObjectReceiveStream[list[bytes]], failed: list[Exception]) -> None:
+    def __init__(self, receive: MemoryObjectReceiveStream[list[T]], failed: list[Exception]) -> None:
         self._receive, self._failed = receive, failed
 
-    def __aiter__(self) -> _Runs:
+    def __aiter__(self) -> _Runs[T]:
         return self
 
-    async def __anext__(self) -> list[bytes]:
+    async def __anext__(self) -> list[T]:
         try:
             return await self._receive.receive()
         except anyio.EndOfStream:

@@ -16,6 +16,7 @@ from pipeline.batch.book import Batch, Book, Listed
 from pipeline.errors import InvalidOutput, RequestError
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.output.ledger import Ledger
+from pipeline.send.batchapi import ResultLine
 from pipeline.send.client import check_completion
 from pipeline.send.status import answer_key, http_error
 from pipeline.send.verdict import Verdict
@@ -42,15 +43,18 @@ class LineJudge:
         self.refused = 0  # result lines refused by this run
         self.outcomes: list[Outcome] = []  # judged, to be written
 
-    def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
+    def lines(self, batch: Batch, raws: list[ResultLine], waited: float) -> None:
         """A run of result lines, their ids looked up at once (one query a run, not three a
         line)."""
         parsed: list[tuple[Any, str | None]] = []
         for raw in raws:
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                obj = None
+            if isinstance(raw, dict):
+                obj: Any = raw
+            else:
+                try:
+                    obj = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    obj = None
             custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
             parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
         ids = list({custom_id for _, custom_id in parsed if custom_id is not None})

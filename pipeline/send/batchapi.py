@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # The states a batch moves through (OpenAI's names; the inline shape's are the same).
 RUNNING = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
 TAG_KEY = "pipeline_tag"  # the metadata key that carries a batch's tag
+
+
+# A result line: its bytes, or its object parsed already (`BatchApi.results`).
+ResultLine = bytes | dict[str, Any]
 
 
 class BatchCounts(NamedTuple):
@@ -103,6 +107,7 @@ class BatchApi(Protocol):
 
     async def cancel(self, batch_id: str) -> BatchInfo: ...
 
-    def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+    def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's result lines, answers and failures alike, each one JSON object in
-        OpenAI's batch output shape, streamed (never held whole)."""
+        OpenAI's batch output shape, streamed (never held whole): its bytes, or the object
+        where the API parsed it already (a page of the inline shape's results)."""
