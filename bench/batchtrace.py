@@ -1,8 +1,8 @@
 """`python -m bench.batchtrace TRACE ARGS...`: `pipeline ARGS...` in this process, as the
 `pipeline` command runs it, with the batch tier's steps timed into TRACE (JSON lines, epoch
 seconds, written at exit): each submission (and the upload inside it, where the shape
-uploads a file), each look at a batch and the status it found, each batch's result lines
-read, and each batch taken in (`Intake.take`, from its first step to its commit). What the
+uploads a file), each look at a batch and the status it found (alone, or on a page of the
+list of batches), each batch's result lines read, and each batch taken in (`Intake.take`, from its first step to its commit). What the
 `batches` scenario splits a run's wall by, from the run's own side of the wire: the mock's
 timestamps are whole seconds, as a provider's are.
 
@@ -68,6 +68,15 @@ class Timed:
         info = await self._api.get(batch_id)
         self._note(event="look", id=batch_id, status=info.status, began=began, ended=time.time())
         return info
+
+    async def page(self, after: str | None = None) -> Any:
+        """A look at many batches at once: a look at each it shows."""
+        began = time.time()
+        page = await self._api.page(after)
+        ended = time.time()
+        for info in page.batches if page is not None else ():
+            self._note(event="look", id=info.id, status=info.status, began=began, ended=ended)
+        return page
 
     async def results(self, info: Any) -> AsyncIterator[bytes]:
         began, first, count = time.time(), None, 0

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.errors import HTTPStatusError, RunStopped
-from pipeline.send.batchapi import TAG_KEY, BatchApi, BatchInfo, NoBatchApi
+from pipeline.input.jsonl import dumps
+from pipeline.send.batchapi import TAG_KEY, BatchApi, BatchInfo, NoBatchApi, ResultLine
 from pipeline.send.batchclient import open_batch_api
 from pipeline.send.batchwire import LineSplitter, WithoutMember
 from tests.batchfake import FakeBatches, Fault, fake_batches
@@ -66,8 +67,9 @@ def answer_line(custom_id: str, text: str = "ok") -> bytes:
     )
 
 
-async def collected(lines: AsyncIterator[bytes]) -> list[bytes]:
-    return [line async for line in lines]
+async def collected(lines: AsyncIterator[ResultLine]) -> list[bytes]:
+    """The lines as bytes (the inline shape gives them parsed, as it read them)."""
+    return [line if isinstance(line, bytes) else dumps(line) async for line in lines]
 
 
 # -- files shape ------------------------------------------------------------------------
@@ -162,13 +164,13 @@ async def test_inline_metadata_refused_is_sent_no_more(tmp_path: Path) -> None:
 
 async def test_inline_reads_a_finished_batch_past_its_results_and_pages_them(tmp_path: Path) -> None:
     async with fake_batches("inline") as fake, opened(fake) as api:
-        info = await api.submit(staged(tmp_path, 250), tag="t", model="test/model", lines=250)
+        info = await api.submit(staged(tmp_path, 2500), tag="t", model="test/model", lines=2500)
         tricky = 'a text with "results": [ and } ] { \\" in it'
-        rows = [orjson.loads(answer_line(f"job-{i}", tricky)) for i in range(249)]
+        rows = [orjson.loads(answer_line(f"job-{i}", tricky)) for i in range(2499)]
         rows.append(
             {
                 "id": "r",
-                "custom_id": "job-249",
+                "custom_id": "job-2499",
                 "response": None,
                 "error": {"message": "no", "type": "server_error"},
             }
@@ -177,13 +179,13 @@ async def test_inline_reads_a_finished_batch_past_its_results_and_pages_them(tmp
         fake.finish(info.id)
         ended = await api.get(info.id)
         got = [orjson.loads(line) for line in await collected(api.results(ended))]
-    assert (ended.status, ended.counts.total) == ("completed", 250)
-    assert got[:249] == rows[:249]
-    assert got[249]["error"] == {"message": "no", "type": "server_error", "code": "server_error"}
-    assert [s for s in fake.seen if "/results" in s] == [
-        f"GET /v1/batches/{info.id}/results?limit=100",
-        f"GET /v1/batches/{info.id}/results?limit=100&cursor=100",
-        f"GET /v1/batches/{info.id}/results?limit=100&cursor=200",
+    assert (ended.status, ended.counts.total) == ("completed", 2500)
+    assert got[:2499] == rows[:2499]
+    assert got[2499]["error"] == {"message": "no", "type": "server_error", "code": "server_error"}
+    assert [s for s in fake.seen if "/results" in s] == [  # pages of 1,000: OpenRouter's most
+        f"GET /v1/batches/{info.id}/results?limit=1000",
+        f"GET /v1/batches/{info.id}/results?limit=1000&cursor=1000",
+        f"GET /v1/batches/{info.id}/results?limit=1000&cursor=2000",
     ]
 
 

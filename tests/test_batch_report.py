@@ -61,7 +61,10 @@ async def test_usage_json_and_the_reports_say_what_the_batches_came_to(
     assert batches["result_lines_refused"] == 1
     # Each was taken in at its second look, two polls (180 s) after it was submitted (the
     # second of two submitted together a second later: one look a second in all).
-    assert batches["waited_seconds"] == {"min": 180.0, "median": 180.0, "max": 181.0}
+    # (The last may wait a second more: the list of batches is read a page a second.)
+    waited = batches["waited_seconds"]
+    assert waited["min"] == 180.0
+    assert 180.0 <= waited["median"] <= waited["max"] <= 182.0
     # 5 answers of 10 prompt and 4 completion tokens at $1,000 and $2,000 a million, half that
     # at the batch tier.
     assert batches["answers"] == 5

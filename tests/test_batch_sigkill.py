@@ -25,6 +25,7 @@ from tests.conftest import bodies, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 1100  # over two of the intake's runs of 512: half a result file is part taken in
+PART = 511  # lines written before a kill in the results: one of the intake's runs of 512
 PATIENCE = 30.0  # seconds a step may take to come on this shared machine, at most
 
 # The steps each run is killed at, in turn (the last run goes to the end), by shape: held
@@ -77,9 +78,19 @@ def _book(folder: Path) -> list[tuple[str, str | None]]:
         db.close()
 
 
-async def _killed_at(process: Process, server: Any, step: str) -> None:
-    """Wait until the mock holds the step's call (a run that ends first is a failure), then
-    SIGKILL the run."""
+async def _written(results: Path, lines: int) -> None:
+    """Until another process has written `lines` lines to `results` (its file: there is no
+    event to await, so it is looked at)."""
+    while True:
+        if len(read_jsonl(results)) >= lines:
+            return
+        await anyio.sleep(0.02)
+
+
+async def _killed_at(process: Process, server: Any, step: str, results: Path) -> None:
+    """Wait until the mock holds the step's call (a run that ends first is a failure), and at
+    a step of the results until part of them is written (the run reads ahead of what it
+    writes: the held call may come before a line is), then SIGKILL the run."""
     tally = server.state.batch
     async with anyio.create_task_group() as tg:
 
@@ -90,6 +101,8 @@ async def _killed_at(process: Process, server: Any, step: str) -> None:
         tg.start_soon(ends)
         with anyio.fail_after(PATIENCE):
             await tally.hanging.wait()
+            if step in ("content", "results"):
+                await _written(results, PART)
         process.send_signal(signal.SIGKILL)
         tg.cancel_scope.cancel()
     await process.wait()
@@ -112,10 +125,10 @@ async def test_a_run_sigkilled_at_each_step_then_run_again_lands_every_line_once
             server.state.batch.hanging = anyio.Event()
             server.config.batch_hang = [step]
             process = await anyio.open_process(command, env=_env(), stdout=subprocess.DEVNULL)
-            await _killed_at(process, server, step)
+            await _killed_at(process, server, step, folder / "results.jsonl")
             states.append((step, _book(folder)))
             if step in ("content", "results"):  # part taken in: written, committed or not
-                assert len(read_jsonl(folder / "results.jsonl")) >= 511  # (one of the intake's runs)
+                assert len(read_jsonl(folder / "results.jsonl")) >= PART
         assert server.state.batch.hung == dict.fromkeys(STEPS[shape], 1)
         # What the kills left in the book: the batch committed creating before the call that
         # made it, its id unknown; found by its tag, then running.

@@ -181,15 +181,35 @@ class Book:
         )
         return None if row is None else _listed(row)
 
-    def listed_among(self, n: int, ids: list[str]) -> dict[str, Listed]:
-        """Those of `ids` the batch holds, in one query."""
+    def looked_up(
+        self, n: int, ids: list[str], *, done: bool
+    ) -> tuple[dict[str, Listed], set[str], set[str]]:
+        """Those of `ids` the batch holds, and of those, the ids in the `taking` table (met in
+        a run of this batch's lines before) and, where `done`, those done: one query for all
+        three, where three a run of lines cost a fifth of taking a batch in."""
         if not ids:
-            return {}
+            return {}, set(), set()
         marks = ", ".join("?" for _ in ids)
+        finished = "EXISTS (SELECT 1 FROM done WHERE done.id = b.id)" if done else "0"
         rows = self.ledger.reading().execute(
-            f"SELECT id, line, tries, metadata FROM batch_lines WHERE n = ? AND id IN ({marks})", (n, *ids)
+            "SELECT b.id, b.line, b.tries, b.metadata, "
+            f"EXISTS (SELECT 1 FROM taking WHERE taking.id = b.id), {finished} "
+            f"FROM batch_lines b WHERE b.n = ? AND b.id IN ({marks})",
+            (n, *ids),
         )
-        return {str(row[0]): _listed(row) for row in rows}
+        listed: dict[str, Listed] = {}
+        met: set[str] = set()
+        ended: set[str] = set()
+        for custom_id, line, tries, metadata, taking, is_done in rows:
+            # (TEXT and INTEGER columns come back as str and int)
+            listed[custom_id] = Listed(
+                custom_id, line, tries, None if metadata is None else orjson.loads(metadata)
+            )
+            if taking:
+                met.add(custom_id)
+            if is_done:
+                ended.add(custom_id)
+        return listed, met, ended
 
     def lines_of(self, n: int) -> Iterator[Listed]:
         for row in self.ledger.reading().execute(

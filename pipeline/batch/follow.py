@@ -13,10 +13,11 @@ import anyio
 
 from pipeline.account.cost import Budget
 from pipeline.batch import view
-from pipeline.batch.book import Batch, Book
+from pipeline.batch.book import RUNNING, Batch, Book
 from pipeline.batch.hold import Holds
 from pipeline.batch.intake import Intake
 from pipeline.batch.submit import Refused, gone, submit
+from pipeline.batch.sweep import Sweep
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
 from pipeline.run.control import Control
 from pipeline.run.progress import duration
@@ -84,6 +85,7 @@ class Follower:
         self.staging = True  # more may be staged
         self._last_look = -LOOK_GAP
         self._wake = anyio.Event()
+        self.sweep = Sweep(api)  # many running batches looked at in one call
 
     # -- told by the others ------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class Follower:
                 await self._sleep(when - self.clock.now())
                 continue
             if look is not None and max(self.due[look], self._last_look + LOOK_GAP) <= self.clock.now():
-                await self._look(look)
+                await self._look_due(look)
 
     async def _sleep(self, seconds: float | None) -> None:
         wake = self._wake
@@ -203,6 +205,35 @@ class Follower:
         self.retry_at[n] = (now + wait, since)
         self.queue.append(n)
 
+    async def _look_due(self, n: int) -> None:
+        """Batch n is due: looked at alone, or with every running batch a page of the list shows
+        (`sweep`)."""
+        if not self.sweep.wants(n, len(self.due)):
+            self.sweep.alone.discard(n)
+            await self._look(n)
+            return
+        batches = {b.batch_id: b for b in self.book.batches(RUNNING) if b.n in self.due and b.batch_id}
+        due = {b.n for b in batches.values() if self.due[b.n] <= self.clock.now()}
+        self._last_look = self.clock.now()
+        try:
+            found = await self.sweep.look(
+                {i: b.n for i, b in batches.items()},
+                due,
+                {b.n: b.at for b in batches.values()},
+                now=self._last_look,
+            )
+        except NoBatchApi:
+            self.control.stop(gone())
+            return
+        except RequestError as e:
+            self._unseen("the list of batches", e)
+            self.due[n] = self.clock.now() + self.poll
+            return
+        for m, info in (found or {}).items():
+            if m in self.due and self.control.dispatching:
+                self.due[m] = self.sweep.began + self.poll
+                await self._seen(self.book.batch(m), info)
+
     async def _look(self, n: int) -> None:
         batch = self.book.batch(n)
         self._last_look = self.clock.now()
@@ -214,16 +245,24 @@ class Follower:
             self.control.stop(gone())
             return
         except RequestError as e:
-            status = e.status if isinstance(e, HTTPStatusError) else None
-            if status in (401, 402, 403):
-                self.control.stop(
-                    RunStopped(
-                        f"the server refused to show batch {batch.batch_id} ({e.message}); the batches "
-                        "go on at the provider: run the same command again to resume",
-                        code="key_rejected",
-                    )
-                )
+            self._unseen(f"batch {batch.batch_id}", e)
             return  # looked at again at the next poll
+        await self._seen(batch, info)
+
+    def _unseen(self, what: str, e: RequestError) -> None:
+        status = e.status if isinstance(e, HTTPStatusError) else None
+        if status in (401, 402, 403):
+            self.control.stop(
+                RunStopped(
+                    f"the server refused to show {what} ({e.message}); the batches "
+                    "go on at the provider: run the same command again to resume",
+                    code="key_rejected",
+                )
+            )
+
+    async def _seen(self, batch: Batch, info: BatchInfo) -> None:
+        """A look at batch n found it so: an ended one is taken in."""
+        n = batch.n
         self.seen[n] = info
         first = self.first_status.setdefault(n, info.status)
         if not info.ended:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from pipeline.account.books import Books
 from pipeline.batch.again import NOW, send_now, stage_again
+from pipeline.batch.ahead import read_ahead
 from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
@@ -119,15 +120,11 @@ class Intake:
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
         if not (invalid or self.crowded):
-            read: list[bytes] = []
-            async for raw in self.api.results(info):
-                read.append(raw)
-                if len(read) >= READ_EVERY:
+            async with read_ahead(self.api.results(info), per=READ_EVERY) as runs:
+                async for read in runs:
                     self.judge.lines(batch, read, waited)
-                    read = []
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
-            self.judge.lines(batch, read, waited)
         for listed in self._unanswered(batch.n):
             if invalid:
                 message = "; ".join(info.errors[:5])

@@ -16,6 +16,7 @@ from pipeline.batch.book import Batch, Book, Listed
 from pipeline.errors import InvalidOutput, RequestError
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.output.ledger import Ledger
+from pipeline.send.batchapi import ResultLine
 from pipeline.send.client import check_completion
 from pipeline.send.status import answer_key, http_error
 from pipeline.send.verdict import Verdict
@@ -44,21 +45,23 @@ class LineJudge:
         # The batch was cancelled while this run followed it: nothing of it goes again now.
         self.halted = False
 
-    def lines(self, batch: Batch, raws: list[bytes], waited: float) -> None:
-        """A run of result lines, their ids looked up at once (three queries a run, not
-        three a line)."""
+    def lines(self, batch: Batch, raws: list[ResultLine], waited: float) -> None:
+        """A run of result lines, their ids looked up at once (one query a run, not three a
+        line)."""
         parsed: list[tuple[Any, str | None]] = []
         for raw in raws:
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                obj = None
+            if isinstance(raw, dict):
+                obj: Any = raw
+            else:
+                try:
+                    obj = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    obj = None
             custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
             parsed.append((obj, custom_id if isinstance(custom_id, str) else None))
         ids = list({custom_id for _, custom_id in parsed if custom_id is not None})
-        listed = self.book.listed_among(batch.n, ids)
-        met = self._among("taking", ids)  # met in an earlier run of this batch's lines
-        done = self._among("done", ids) if self.ledger.done_count else set()
+        # met: in an earlier run of this batch's lines
+        listed, met, done = self.book.looked_up(batch.n, ids, done=bool(self.ledger.done_count))
         first: list[str] = []
         for obj, custom_id in parsed:
             one = listed.get(custom_id) if custom_id is not None else None
@@ -72,13 +75,6 @@ class LineJudge:
                 continue  # taken in before a crash: written once already
             self._line(batch, one, obj, waited)
         self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
-
-    def _among(self, table: str, ids: list[str]) -> set[str]:
-        if not ids:
-            return set()
-        marks = ", ".join("?" for _ in ids)
-        rows = self.ledger.reading().execute(f"SELECT id FROM {table} WHERE id IN ({marks})", ids)
-        return {str(custom_id) for (custom_id,) in rows}
 
     def _line(self, batch: Batch, listed: Listed, obj: Any, waited: float) -> None:
         assert isinstance(obj, dict)

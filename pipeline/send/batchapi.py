@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 # The states a batch moves through (OpenAI's names; the inline shape's are the same).
 RUNNING = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
 TAG_KEY = "pipeline_tag"  # the metadata key that carries a batch's tag
+
+
+# A result line: its bytes, or its object parsed already (`BatchApi.results`).
+ResultLine = bytes | dict[str, Any]
 
 
 class BatchCounts(NamedTuple):
@@ -46,6 +50,14 @@ class BatchInfo(NamedTuple):
     @property
     def ended(self) -> bool:
         return self.status in ENDED
+
+
+class BatchPage(NamedTuple):
+    """One page of the endpoint's list of batches, newest first (`BatchApi.page`)."""
+
+    batches: tuple[BatchInfo, ...]  # those the list describes as fully as `get` would
+    after: str | None  # the next page's cursor; None: the list ends here
+    oldest: float | None  # when the page's last batch was made (epoch seconds), where said
 
 
 class NoBatchApi(Exception):
@@ -85,8 +97,17 @@ class BatchApi(Protocol):
 
     async def get(self, batch_id: str) -> BatchInfo: ...
 
+    async def page(self, after: str | None = None) -> BatchPage | None:
+        """A page of the endpoint's batches, newest first, from `after` (a cursor of the page
+        before): one call, that looks at many running batches at once (a follower of twenty
+        would otherwise look at each every twenty seconds). A batch the list describes less
+        fully than `get` (an ended one without what taking it in needs) is left out, and is
+        looked at alone. None: this API lists nothing usable (each batch is looked at alone)."""
+        return None
+
     async def cancel(self, batch_id: str) -> BatchInfo: ...
 
-    def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+    def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's result lines, answers and failures alike, each one JSON object in
-        OpenAI's batch output shape, streamed (never held whole)."""
+        OpenAI's batch output shape, streamed (never held whole): its bytes, or the object
+        where the API parsed it already (a page of the inline shape's results)."""

@@ -19,7 +19,8 @@ import aiohttp
 
 from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
-from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send import batchlist
+from pipeline.send.batchapi import TAG_KEY, BatchInfo, BatchPage
 from pipeline.send.batchdownload import lines
 from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
@@ -112,6 +113,9 @@ class FilesBatchApi:
 
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
+
+    async def page(self, after: str | None = None) -> BatchPage | None:
+        return await batchlist.page(self._http, after, files=True)
 
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self._http.cancel(batch_id, self.get)

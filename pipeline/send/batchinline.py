@@ -30,16 +30,17 @@ from typing import Any
 from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
-from pipeline.send.batchapi import TAG_KEY, BatchInfo
+from pipeline.send import batchlist
+from pipeline.send.batchapi import TAG_KEY, BatchInfo, BatchPage, ResultLine
 from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
-from pipeline.send.batchwire import info_of, output_line
+from pipeline.send.batchwire import info_of, output_item
 
 ENDPOINT = "/v1/chat/completions"
 WINDOW = "24h"
 MAX_LINES = 5_000  # OpenRouter's limits for one batch
 MAX_BYTES = 200 * 1000 * 1000
-PAGE = 100  # results a page: what a page holds is held at once
+PAGE = 1_000  # results a page (OpenRouter's most): what a page holds is held at once
 _BLOCK = 1 << 16
 
 
@@ -110,10 +111,13 @@ class InlineBatchApi:
         # (read past its `results`: a finished batch holds every answer there)
         return info_of(await self._http.call("GET", f"/batches/{batch_id}", without=b"results"))
 
+    async def page(self, after: str | None = None) -> BatchPage | None:
+        return await batchlist.page(self._http, after, files=False)
+
     async def cancel(self, batch_id: str) -> BatchInfo:
         return await self._http.cancel(batch_id, self.get)
 
-    async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
+    async def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's answers, a page at a time from /results; where there are none to
         page (no such path at a gateway, or no rows for a batch that did not complete), those
         the batch itself holds, if any (then held whole: it is how such a gateway gives them)."""
@@ -131,7 +135,7 @@ class InlineBatchApi:
             if not isinstance(data, list):
                 raise MalformedResponse("a page of results is not a list", body=brief(str(page)))
             for item in data:
-                yield output_line(item)
+                yield output_item(item)
             cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(cursor, str) or not cursor:
                 return
@@ -153,11 +157,11 @@ class InlineBatchApi:
                 return None
             raise
 
-    async def _inline(self, batch_id: str) -> AsyncIterator[bytes]:
+    async def _inline(self, batch_id: str) -> AsyncIterator[ResultLine]:
         batch = await self._http.call("GET", f"/batches/{batch_id}")
         results = batch.get("results") if isinstance(batch, dict) else None
         for item in results if isinstance(results, list) else ():
-            yield output_line(item)
+            yield output_item(item)
 
 
 async def _body(staged: Path, head: dict[str, object]) -> AsyncIterator[bytes]:

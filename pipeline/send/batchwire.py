@@ -86,8 +86,15 @@ def _errors(obj: dict[str, Any]) -> tuple[str, ...]:
 
 
 def output_line(item: Any) -> bytes:
-    """An inline batch's result as a line of OpenAI's batch output shape. OpenRouter's is that
-    shape already, but for its error object's keys (`message`, `type`, `param`: no `code`)."""
+    """An inline batch's result as a line of OpenAI's batch output shape (`output_item`)."""
+    return dumps(output_item(item))
+
+
+def output_item(item: Any) -> dict[str, Any]:
+    """An inline batch's result as an object of OpenAI's batch output shape, parsed already
+    (a page of results is read whole: its lines are not encoded to be parsed again).
+    OpenRouter's is that shape already, but for its error object's keys (`message`, `type`,
+    `param`: no `code`)."""
     if not isinstance(item, dict):
         item = {
             "custom_id": None,
@@ -100,13 +107,12 @@ def output_line(item: Any) -> bytes:
         error = {**error, "code": code, "message": str(error.get("message") or code)}
     elif error is not None:
         error = {"code": "batch_error", "message": brief(str(error))}
-    line = {
+    return {
         "id": item.get("id"),
         "custom_id": item.get("custom_id"),
         "response": item.get("response"),
         "error": error,
     }
-    return dumps(line)
 
 
 _CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*("(?:[^"\\]|\\.)*")')
