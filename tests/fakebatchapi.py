@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import orjson
 
-from pipeline.batch.follow import Clock
+from pipeline.batch.clock import Clock
 from pipeline.errors import ConnectionDropped
 from pipeline.run.control import Control
 from pipeline.run.host import Host

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Book
-from pipeline.batch.follow import Clock
+from pipeline.batch.clock import Clock
 from pipeline.batch.submit import SKEW, info_state
 from pipeline.errors import RequestError, SettingsError
 from pipeline.output.folder import LEDGER

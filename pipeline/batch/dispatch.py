@@ -30,7 +30,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, RUNNING, STAGED, TAKEN, Book
-from pipeline.batch.follow import Clock, Follower
+from pipeline.batch.clock import Clock
+from pipeline.batch.follow import Follower
 from pipeline.batch.intake import Intake
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage

@@ -6,44 +6,24 @@ clock a test can fake; a batch staged, or the run stopping, wakes the wait at on
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import anyio
 
 from pipeline.account.cost import Budget
-from pipeline.batch import view
+from pipeline.batch import stops, view
 from pipeline.batch.book import RUNNING, Batch, Book
+from pipeline.batch.clock import Clock
 from pipeline.batch.hold import Holds
 from pipeline.batch.intake import Intake
-from pipeline.batch.submit import Refused, gone, submit
+from pipeline.batch.submit import RETRY_MOST, Refused, gone, next_try, submit
 from pipeline.batch.sweep import Sweep
-from pipeline.errors import HTTPStatusError, RequestError, RunStopped
+from pipeline.errors import RequestError, RunStopped
 from pipeline.run.control import Control
 from pipeline.run.progress import duration
 from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
 
 LOOK_GAP = 1.0  # seconds between two looks, at least, whatever the number of batches
-RETRY_MOST = 300.0  # seconds between two tries of a submission the provider failed
-
-
-class Clock:
-    """Time as the batch run waits by; tests give a fake one (no test sleeps)."""
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        """Seconds since the epoch: what a provider dates a batch by."""
-        return time.time()
-
-    async def wait(self, seconds: float | None, wake: anyio.Event) -> None:
-        """`seconds` (None: for ever), or until `wake` is set."""
-        if seconds is None:
-            await wake.wait()
-            return
-        with anyio.move_on_after(seconds):
-            await wake.wait()
 
 
 class Follower:
@@ -189,18 +169,10 @@ class Follower:
     def _failed_submit(self, n: int, error: RequestError) -> None:
         now = self.clock.now()
         _, since = self.retry_at.get(n, (now, now))
-        if now - since >= self.give_up:
-            self.control.stop(
-                RunStopped(
-                    f"the batch API kept failing for {duration(now - since)} ({error.message}); the "
-                    "batches made so far are kept: run the same command again to resume",
-                    code="batch_api_failing",
-                )
-            )
+        wait = next_try(error, failing=now - since, give_up=self.give_up)
+        if isinstance(wait, RunStopped):
+            self.control.stop(wait)
             return
-        wait = min(max(2 * (now - since), LOOK_GAP), RETRY_MOST)
-        if isinstance(error, HTTPStatusError) and error.retry_after is not None:
-            wait = max(wait, error.retry_after)
         self.say(f"pipeline: batch {n} not submitted yet ({error.message}); trying again in {duration(wait)}")
         self.retry_at[n] = (now + wait, since)
         self.queue.append(n)
@@ -250,15 +222,9 @@ class Follower:
         await self._seen(batch, info)
 
     def _unseen(self, what: str, e: RequestError) -> None:
-        status = e.status if isinstance(e, HTTPStatusError) else None
-        if status in (401, 402, 403):
-            self.control.stop(
-                RunStopped(
-                    f"the server refused to show {what} ({e.message}); the batches "
-                    "go on at the provider: run the same command again to resume",
-                    code="key_rejected",
-                )
-            )
+        stop = stops.not_shown(what, e)
+        if stop is not None:
+            self.control.stop(stop)
 
     async def _seen(self, batch: Batch, info: BatchInfo) -> None:
         """A look at batch n found it so: an ended one is taken in."""
@@ -283,13 +249,7 @@ class Follower:
         except RequestError as e:  # its results could not be read: read again at the next look
             since = self.unread.setdefault(n, self.clock.now())
             if self.clock.now() - since >= self.give_up:  # (as long as a refused submission)
-                self.control.stop(
-                    RunStopped(
-                        f"the results of batch {n} could not be read for {duration(self.clock.now() - since)} "
-                        f"({e.message}); it is kept: run the same command again to take it in",
-                        code="batch_api_failing",
-                    )
-                )
+                self.control.stop(stops.unread(n, self.clock.now() - since, e))
                 return
             self.say(f"pipeline: the results of batch {n} could not be read ({e.message}); trying again")
             return
@@ -308,13 +268,7 @@ class Follower:
         self.written_of.pop(n, None)
         self.first_status.pop(n, None)
         if halted:
-            self.control.stop(
-                RunStopped(
-                    f"batch {n} was cancelled while this run followed it (pipeline cancel, or at the "
-                    "provider): what it finished is kept; run the same command again to send the rest",
-                    code="batch_cancelled",
-                )
-            )
+            self.control.stop(stops.cancelled_while_followed(n))
             return
         if not self.intake.crowded:
             self.queue += again
@@ -340,23 +294,4 @@ class Follower:
 
     def amend(self, note: str, folder: object) -> str:
         """The run's last line, with what it leaves at the provider and what it refused."""
-        running, waiting = len(self.due) + len(self.submitting), len(self.queue) + len(self.over_budget)
-        if running or waiting:
-            left = []
-            if running:
-                left.append(
-                    f"{running:,} batch{'es' if running != 1 else ''} left running at the provider "
-                    "(they go on, and are paid for as they finish)"
-                )
-            if waiting:
-                left.append(f"{waiting:,} staged and not submitted yet")
-            note = (
-                f"{note}; {' and '.join(left)}: run the same command again to take them in, or "
-                f"`pipeline cancel {folder}` to cancel them"
-            )
-        if self.intake.refused:
-            note = (
-                f"{note}; {self.intake.refused:,} result line(s) refused (an id not sent in that "
-                "batch, or sent back twice): not written"
-            )
-        return note
+        return view.amend(self, note, folder)

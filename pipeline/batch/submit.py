@@ -19,11 +19,13 @@ from typing import Any
 
 from pipeline.batch.book import CREATING, STAGED, Batch, Book
 from pipeline.errors import HTTPStatusError, RequestError, RunStopped
+from pipeline.run.progress import duration
 from pipeline.send.batchapi import BatchApi, BatchInfo, NoBatchApi
 
 # A provider's clock and ours may differ: a batch is looked for from a little before the
 # moment we noted (its tag alone tells it; `since` only narrows the search).
 SKEW = 600.0
+RETRY_MOST = 300.0  # seconds between two tries of a submission the provider failed
 
 
 class Refused(Exception):
@@ -82,6 +84,22 @@ async def submit(
 def _made(book: Book, n: int, info: BatchInfo, commit: Callable[[], bool]) -> BatchInfo | None:
     book.running(n, info.id, info_state(info))
     return info if commit() else None
+
+
+def next_try(error: RequestError, *, failing: float, give_up: float) -> float | RunStopped:
+    """Seconds until a submission the provider failed is tried again (doubling with how long
+    it has failed, at least a second, at most RETRY_MOST, never before its Retry-After), or
+    the stop once it has failed for `give_up` seconds."""
+    if failing >= give_up:
+        return RunStopped(
+            f"the batch API kept failing for {duration(failing)} ({error.message}); the "
+            "batches made so far are kept: run the same command again to resume",
+            code="batch_api_failing",
+        )
+    wait = min(max(2 * failing, 1.0), RETRY_MOST)
+    if isinstance(error, HTTPStatusError) and error.retry_after is not None:
+        wait = max(wait, error.retry_after)
+    return wait
 
 
 def gone() -> RunStopped:

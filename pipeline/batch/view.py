@@ -84,3 +84,30 @@ def status(follower: Follower) -> str:
     if held:
         parts.append(f"{held:,} held until a batch ends")
     return "; ".join(parts)
+
+
+def amend(follower: Follower, note: str, folder: object) -> str:
+    """The run's last line, with what the run leaves at the provider and what it refused."""
+    running, waiting = (
+        len(follower.due) + len(follower.submitting),
+        len(follower.queue) + len(follower.over_budget),
+    )
+    if running or waiting:
+        left = []
+        if running:
+            left.append(
+                f"{running:,} batch{'es' if running != 1 else ''} left running at the provider "
+                "(they go on, and are paid for as they finish)"
+            )
+        if waiting:
+            left.append(f"{waiting:,} staged and not submitted yet")
+        note = (
+            f"{note}; {' and '.join(left)}: run the same command again to take them in, or "
+            f"`pipeline cancel {folder}` to cancel them"
+        )
+    if follower.intake.refused:
+        note = (
+            f"{note}; {follower.intake.refused:,} result line(s) refused (an id not sent in that "
+            "batch, or sent back twice): not written"
+        )
+    return note

@@ -19,7 +19,7 @@ import anyio
 from pipeline.pace.pacer import Pacer
 
 if TYPE_CHECKING:
-    from pipeline.batch.follow import Clock
+    from pipeline.batch.clock import Clock
     from pipeline.run.control import Control
     from pipeline.run.progress import Progress
     from pipeline.send.batchapi import BatchApi
