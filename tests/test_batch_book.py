@@ -13,7 +13,8 @@ def test_a_batch_moves_through_its_states_and_only_commits_stay(tmp_path: Path) 
     book = Book(ledger, tmp_path)
     n = book.open("m")
     book.list_lines(n, [("a", 1, 1, {"k": 1}), ("b", 2, 1, None)])
-    assert not book.in_live("a")  # filling is not live: a killed run stages it again
+    assert not book.follow_live()  # filling is not live: a killed run stages it again
+    assert not book.followed("a")
     book.staged(n, lines=2, size=100)
     book.creating(n, 12.5)
     ledger.commit()
@@ -27,15 +28,17 @@ def test_a_batch_moves_through_its_states_and_only_commits_stay(tmp_path: Path) 
     assert book.tag(n) == tag  # the same folder tags alike on every run
     (batch,) = book.batches(*LIVE)
     assert (batch.state, batch.at, batch.batch_id) == (CREATING, 12.5, None)
-    assert book.in_live("a")
-    assert not book.in_live("c")
+    assert book.follow_live()  # the run that begins now takes "a" in: it never stages it again
+    assert book.followed("a")
+    assert not book.followed("c")
     assert book.listed(n, "a") == ("a", 1, 1, {"k": 1})
     assert [line.custom_id for line in book.lines_of(n)] == ["a", "b"]
     book.running(n, "batch_1", {"status": "in_progress"})
     book.taken(n)
     ledger.commit()
     assert book.batch(n).state == TAKEN
-    assert not book.in_live("a")
+    assert not book.follow_live()  # nothing live for the next run to set aside
+    assert not book.followed("a")
     assert book.listed(n, "a") is None
     assert book.open("m") == n + 1
     assert {STAGED, RUNNING} <= set(LIVE)

@@ -127,19 +127,6 @@ class Book:
         )
         return _batch(row)
 
-    def any_live(self) -> bool:
-        marks = ", ".join("?" for _ in LIVE)
-        row = self.ledger.reading().execute(f"SELECT 1 FROM batches WHERE state IN ({marks}) LIMIT 1", LIVE)
-        return row.fetchone() is not None
-
-    def in_live(self, custom_id: str) -> bool:
-        """Whether the id is a line of a live batch (a resumed run does not stage it again)."""
-        row = self.ledger.reading().execute(
-            "SELECT 1 FROM batch_lines JOIN batches USING (n) WHERE id = ? AND state IN (?, ?, ?) LIMIT 1",
-            (custom_id, *LIVE),
-        )
-        return row.fetchone() is not None
-
     def follow_live(self) -> bool:
         """Set aside the ids of the live batches as this run begins (False: there are none),
         for `followed`. Committed by the caller."""
@@ -156,7 +143,7 @@ class Book:
 
     def followed(self, custom_id: str) -> bool:
         """Whether the id was in a live batch as this run began: the run's to take in, never
-        to stage again. Not the book as it stands (`in_live`): a batch taken in while the
+        to stage again. Not the book as it stands: a batch taken in while the
         input is still read lets go of its lines, and one of them read after that (a failure,
         or any line where the reader looks at no index: none was done as the run began)
         would be staged again, and paid twice."""

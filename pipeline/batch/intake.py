@@ -4,7 +4,8 @@
     again        what the synchronous path would try again (429, 5xx, an empty or invalid
                  answer, a line the batch never ran: expired, cancelled, unanswered), staged
                  into a new batch from this batch's own file (tries + 1), while it has
-                 tries left (`--max-attempts`, and the verdict's own for invalid answers)
+                 tries left (`--max-attempts`, and the verdict's own for invalid answers);
+                 with `--then sync`, sent now as requests instead
     a failure    the rest (400...), and what has no tries left: errors.jsonl
     refused      a line for an id this batch did not hold, or a second one for the same id:
                  counted (usage.json's answers, "refused"), never written
@@ -65,7 +66,7 @@ class Intake:
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
         self._spent: dict[int, Spent] = {}  # kept across a go cut short: its answers were written
-        self.now = now  # `--then sync`: what has no batch attempt left is sent now
+        self.now = now  # `--then sync`: what a batch left undone is sent now, not batched again
         self.wall = wall  # the clock a batch's submission was dated by
         self.api, self.book, self.ledger, self.writer, self.books = api, book, ledger, writer, books
         self.verdict = verdict

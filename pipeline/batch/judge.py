@@ -39,7 +39,7 @@ class LineJudge:
         self.book, self.ledger, self.books = book, ledger, books
         self.verdict = verdict
         self.max_attempts = max_attempts
-        self.now = now  # `--then sync`: what has no batch attempt left is sent now
+        self.now = now  # `--then sync`: what a batch left undone is sent now, not batched again
         self.refused = 0  # result lines refused by this run
         self.outcomes: list[Outcome] = []  # judged, to be written
         # The batch was cancelled while this run followed it: nothing of it goes again now.
@@ -134,11 +134,9 @@ class LineJudge:
         most = self.max_attempts
         if isinstance(e, InvalidOutput) and self.verdict is not None:
             most = min(most, self.verdict.max_attempts)
-        if e.transient and not self.halted and listed.tries < most:
-            self._again(listed)
-            return
-        if e.transient and self.now and not self.halted and not isinstance(e, InvalidOutput):
-            self._again(listed, NOW)
+        if e.transient and not self.halted and (self.now or listed.tries < most):
+            # `--then sync`: sent now, at once, where it would wait a new batch's day
+            self._again(listed, NOW if self.now else AGAIN)
             return
         self.outcomes.append(
             Failure(
@@ -158,10 +156,10 @@ class LineJudge:
     def again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
         if self.halted:
             self.fail(batch, listed, code, message)
+        elif self.now:
+            self._again(listed, NOW)  # `--then sync`: at once, where it would wait a new batch
         elif listed.tries < self.max_attempts:
             self._again(listed)
-        elif self.now:
-            self._again(listed, NOW)
         else:
             self.fail(batch, listed, code, _after(message, listed.tries))
 
