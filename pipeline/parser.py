@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from pipeline import __version__
 from pipeline.arguments import positive_float, positive_int
 from pipeline.run.summary import EXIT_USAGE
-from pipeline.settings import CHOICES, DEFAULT_KEY_ENV, TIERS, Settings, build
+from pipeline.settings import CHOICES, DEFAULT_KEY_ENV, SETTING_NAMES, TIERS, Settings, build
 from pipeline.urls import DEFAULT_BASE_URL
 
 
@@ -281,32 +281,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key: getattr(args, key, None)
-        for key in (
-            "input",
-            "output",
-            "base_url",
-            "api_key_env",
-            "model",
-            "concurrency",
-            "rpm",
-            "tpm",
-            "max_attempts",
-            "timeout",
-            "idle_timeout",
-            "give_up_after",
-            "max_cost",
-            "shard",
-            "shared_limit",
-            "tier",
-            "batch_api",
-            "then",
-            "batch_poll",
-            "fresh",
-            "quiet",
-        )
-    }
+    """The flags a command took, by the settings' names (build takes None as not given)."""
+    return {name: getattr(args, name) for name in SETTING_NAMES if hasattr(args, name)}
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -101,14 +101,14 @@ class Settings:
         }
 
 
-_SETTING_NAMES = {f.name for f in fields(Settings)}
+SETTING_NAMES = {f.name for f in fields(Settings)}
 
 
 def build(job_file: Path | None = None, **flags: Any) -> Settings:
     """Settings from an optional job file and flags (a flag set to None is not given)."""
     values: dict[str, Any] = read_job_file(job_file) if job_file is not None else {}
     for key, value in flags.items():
-        if key not in _SETTING_NAMES:
+        if key not in SETTING_NAMES:
             raise SettingsError(f"unknown setting '{key}'")
         if value is not None:
             values[key] = value
