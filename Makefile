@@ -74,10 +74,12 @@ system-deps:
 	  fi; \
 	done
 
-# Two workers, a file each at a time (a module's fixtures, a Ray cluster, stay in one worker);
-# then the tests marked `alone`, which measure a limit across many processes, on their own.
+# Three workers on two cores, a file each at a time (a module's fixtures stay in one worker):
+# more than half of these tests' time is waiting (a server's pace, a timeout, a batch's
+# poll), not CPU (289 s of tests, 136 s of CPU), so a third worker takes 151 s down to about
+# 110; then the tests marked `alone`, which measure a limit across many processes, on their own.
 test: check system-deps
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not alone"
+	$(BIN)/pytest -q -n 3 --dist loadfile -m "not alone"
 	$(BIN)/pytest -q -m alone
 
 # Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
