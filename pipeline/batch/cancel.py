@@ -53,7 +53,7 @@ def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | 
         # The run's URL carried a secret and was not kept: the default endpoint is not where
         # the batches went, and the key the run used is not to be sent there.
         raise SettingsError(
-            f"{folder}'s batches went to a base URL with a password, which the folder does not "
+            f"{folder}'s batches went to a base URL with credentials in it, which the folder does not "
             "keep: pass it again with --base-url"
         )
     base_url = base_url or used.get("base_url") or DEFAULT_BASE_URL
