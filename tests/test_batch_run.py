@@ -123,6 +123,21 @@ async def test_an_answer_that_breaks_the_verdict_goes_again_in_a_new_batch(
     assert summary.usage["verdicts"] == {"flagged: false": 3}
 
 
+async def test_then_sync_pays_no_answer_more_than_the_verdict_allows(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # [verdict] max_attempts = 1: one answer that breaks it is the last paid for, at any tier.
+    api = FakeBatchApi(fate=lambda custom_id, n: "not json" if custom_id == "job-1" else '{"flagged": false}')
+    verdict = {"field": "flagged", "max_attempts": 1}
+    settings = at_batch_tier(
+        make_settings(server[0], bodies(3), request=VERDICT_REQUEST, verdict=verdict), then="sync"
+    )
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    assert [e["custom_id"] for e in read_jsonl(settings.folder / "errors.jsonl")] == ["job-1"]
+    assert server[1].state.received == []  # not sent again as a request
+
+
 async def test_cancel_cancels_the_running_batches_and_the_next_run_takes_in_what_they_did(
     make_settings: Callable[..., Settings], server: tuple[str, Any]
 ) -> None:

@@ -49,6 +49,13 @@ def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | 
             return max(cancel_folder(path, base_url, api_key_env) for path in shards)
         raise SettingsError(f"{folder} holds no run (no {LEDGER}): nothing to cancel")
     used = _endpoint_used(folder)
+    if base_url is None and used and "base_url" not in used:
+        # The run's URL carried a secret and was not kept: the default endpoint is not where
+        # the batches went, and the key the run used is not to be sent there.
+        raise SettingsError(
+            f"{folder}'s batches went to a base URL with credentials in it, which the folder does not "
+            "keep: pass it again with --base-url"
+        )
     base_url = base_url or used.get("base_url") or DEFAULT_BASE_URL
     key_env = api_key_env or used.get("api_key_env") or DEFAULT_KEY_ENV
     shape = used.get("batch_api")

@@ -24,7 +24,6 @@ import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -84,11 +83,13 @@ async def dispatch_batches(
         raise no_batch_api(settings) from None
     clock = clock or run.host.batch_clock or Clock()
     book = Book(ledger, settings.folder)
-    has_password = urlsplit(settings.base_url).password is not None
+    # A URL carrying a secret (a password, or a user's token alone: what `redacted` hides) is
+    # not kept: the ledger is no place for it; cancel then asks for --base-url.
+    secret = redacted(settings.base_url) != settings.base_url
     ledger.put(
         ENDPOINT,
         {
-            "base_url": None if has_password else settings.base_url,
+            "base_url": None if secret else settings.base_url,
             "api_key_env": settings.api_key_env,
             "batch_api": settings.batch_api,
         },

@@ -132,9 +132,11 @@ class LineJudge:
             if not isinstance(e, InvalidOutput):
                 self.books.thrown_away(e.body, _request(batch, listed))
         most = self.max_attempts
+        spent = False  # the verdict's own bound, which `--then sync` honours too: no answer more
         if isinstance(e, InvalidOutput) and self.verdict is not None:
             most = min(most, self.verdict.max_attempts)
-        if e.transient and not self.halted and (self.now or listed.tries < most):
+            spent = listed.tries >= self.verdict.max_attempts
+        if e.transient and not self.halted and not spent and (self.now or listed.tries < most):
             # `--then sync`: sent now, at once, where it would wait a new batch's day
             self._again(listed, NOW if self.now else AGAIN)
             return

@@ -27,7 +27,7 @@ from pipeline.job import Outcome, Request
 from pipeline.output.device import unwritable
 from pipeline.output.folder import opened
 from pipeline.output.ledger import OPEN_RUN, Ledger
-from pipeline.output.repair import open_run_mark, reconcile
+from pipeline.output.repair import mark_prices, open_run_mark, reconcile
 from pipeline.output.writer import Redactor, Writer
 from pipeline.pace.finder import RateFinder
 from pipeline.pace.gate import Gate
@@ -141,7 +141,12 @@ class Run:
         prices = tier_prices(settings.prices, settings.tier)
         self.books = Books(self.usage, prices, self.redact.text)
         self.usage.timeline.begin()  # this run's stretch: the repair after a crash counts in it too
-        reconcile(settings.folder, ledger, self.books)
+        # What a killed run left unindexed is costed at its prices (its mark keeps them), as
+        # merge repairs it: a batch run's answers at the batch price though this run is sync.
+        killed = mark_prices(ledger.get(OPEN_RUN))
+        reconcile(
+            settings.folder, ledger, Books(self.usage, killed, self.redact.text) if killed else self.books
+        )
         # Set before this run writes a line, cleared with its end record: a merge knows a folder
         # whose last run was killed (its files not what the ledger lists) and repairs it first.
         ledger.put(OPEN_RUN, open_run_mark(self.started, prices))
