@@ -55,6 +55,13 @@ class Request:
         return max(self.prompt_tokens, self.charged_prompt) + self.max_completion_tokens
 
 
+class SentNow(Request):
+    """A line a batch left undone, sent as a request (`--then sync`): bought at the
+    synchronous price, where the run's other answers are at the batch price."""
+
+    __slots__ = ()
+
+
 class Reply:
     """A chat completion as it came back from the server."""
 

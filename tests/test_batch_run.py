@@ -248,3 +248,23 @@ async def test_a_batch_refused_for_want_of_room_goes_again_once_a_batch_running_
     assert len(read_jsonl(settings.folder / "results.jsonl")) == 4
     assert api.made == 3  # the refused one made again, its lines not failed
     assert api.ran["job-0"] == 1  # (a batch that failed ran nothing, and is not counted)
+
+
+async def test_then_sync_answers_are_costed_at_the_synchronous_price_the_batches_at_theirs(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings]
+) -> None:
+    # Neither the batches nor the requests state a cost: the price table tells, at the tier
+    # each answer was bought at.
+    api = FakeBatchApi(fate=lambda custom_id, n: "500" if custom_id == "job-1" else "ok")
+    prices = {"test/model": {"prompt": 1000.0, "completion": 2000.0}, "batch": 0.5}
+    async with mock(cost=False) as (url, _):
+        settings = at_batch_tier(make_settings(url, bodies(3), prices=prices), then="sync")
+        summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    expected = 0.0
+    for result in read_jsonl(settings.folder / "results.jsonl"):
+        used = result["response"]["body"]["usage"]
+        full = (used["prompt_tokens"] * 1000.0 + used["completion_tokens"] * 2000.0) / 1e6
+        expected += full if result["custom_id"] == "job-1" else full / 2  # job-1: sent now
+    assert summary.cost is not None
+    assert abs(summary.cost - expected) < 1e-9, (summary.cost, expected)

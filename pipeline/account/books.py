@@ -20,14 +20,22 @@ from typing import Any
 from pipeline.account.cost import Budget, Reservation, answer_cost, money
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
-from pipeline.job import Failure, Request, Success
+from pipeline.job import Failure, Request, SentNow, Success
 from pipeline.jobfile import Price
 
 
 class Books:
-    def __init__(self, usage: Usage, prices: Mapping[str, Price], redact: Callable[[str], str] = str) -> None:
+    def __init__(
+        self,
+        usage: Usage,
+        prices: Mapping[str, Price],
+        redact: Callable[[str], str] = str,
+        now_prices: Mapping[str, Price] | None = None,
+    ) -> None:
         self.usage = usage
-        self.prices = prices
+        self.prices = prices  # the run's tier's
+        # At the batch tier, what the lines sent now (`SentNow`: --then sync) were bought at.
+        self.now_prices = now_prices
         self.redact = redact  # the API key out of what is kept (a failure's message, as echoed)
         self.budget: Budget | None = None
 
@@ -52,7 +60,7 @@ class Books:
         fit, None when there is no cap."""
         if self.budget is None:
             return None
-        reservation = await self.budget.reserve(request)
+        reservation = await self.budget.reserve(request, self._prices_of(request))
         return self._budget_reached() if reservation is None else reservation
 
     def release(self, reservation: Reservation | None) -> None:
@@ -69,7 +77,10 @@ class Books:
     def billed(self, body: dict[str, Any], request: Request) -> RunStopped | None:
         """An answer the server will bill, counted against the cap; a `RunStopped` when its
         cost cannot be told, so that the cap cannot be kept."""
-        if self.budget is None or self.budget.charge(body, request.model) is not None:
+        if (
+            self.budget is None
+            or self.budget.charge(body, request.model, self._prices_of(request)) is not None
+        ):
             return None
         model = body.get("model") or request.model
         return RunStopped(
@@ -114,10 +125,17 @@ class Books:
         usage = self.usage
         tokens_in = tokens_out = 0
         costs: list[float] = []  # (in the order of the results: the timeline adds them so)
+        now = self.now_prices
         for success in successes:
-            body, model = success.reply.body, success.request.model
+            request = success.request
+            body, model = success.reply.body, request.model
             name, reported, prompt, completion = usage.add_body(body, model)
-            cost = reported if reported is not None else self._priced(name, body, model)
+            if reported is not None:
+                cost: float | None = reported
+            elif now is not None and type(request) is SentNow:
+                cost = self._priced(name, body, model, now)
+            else:
+                cost = self._priced(name, body, model)
             tokens_in += prompt
             tokens_out += completion
             if cost:
@@ -143,10 +161,20 @@ class Books:
         cost = reported if reported is not None else self._priced(name, body, requested)
         self.usage.timeline.spent(prompt, completion, cost)
 
-    def _priced(self, name: str, body: dict[str, Any], requested: str | None) -> float | None:
+    def _prices_of(self, request: Request) -> Mapping[str, Price]:
+        now = self.now_prices
+        return now if now is not None and type(request) is SentNow else self.prices
+
+    def _priced(
+        self,
+        name: str,
+        body: dict[str, Any],
+        requested: str | None,
+        prices: Mapping[str, Price] | None = None,
+    ) -> float | None:
         """The cost of an answer the server did not cost, from the price table (counted under
         `name`); None when the table has no price for it."""
-        cost, source = answer_cost(body, self.prices, requested)
+        cost, source = answer_cost(body, self.prices if prices is None else prices, requested)
         if cost is None or source != "price table":
             return None
         self.usage.add_priced(name, cost)

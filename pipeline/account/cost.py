@@ -150,22 +150,25 @@ class Budget:
             if answered in self._rates and asked not in self._rates:
                 self._rates[asked] = self._rates[answered]
 
-    def worst_case(self, request: Request) -> float | None:
-        """The most `request` can cost, or None when nothing tells yet."""
+    def worst_case(self, request: Request, prices: Mapping[str, Price] | None = None) -> float | None:
+        """The most `request` can cost (at `prices`, else the budget's), or None when nothing
+        tells yet."""
         completion = request.max_completion_tokens
         rate = self._rates.get(request.model)
         if not request.bounded and rate is not None:
             # No max_tokens: allow twice the longest answer this model gave so far.
             completion = max(completion, 2 * rate.longest)
-        price = price_for(self.prices, request.model)
+        price = price_for(self.prices if prices is None else prices, request.model)
         if price is not None:
             return priced(price, request.prompt_tokens, completion)
         per_token = rate.per_token if rate is not None else None
         return None if per_token is None else per_token * (request.prompt_tokens + completion)
 
-    async def reserve(self, request: Request) -> Reservation | None:
+    async def reserve(
+        self, request: Request, prices: Mapping[str, Price] | None = None
+    ) -> Reservation | None:
         """Hold back the request's worst case; None when that would pass the cap."""
-        while (worst := self.worst_case(request)) is None:
+        while (worst := self.worst_case(request, prices)) is None:
             learning = self._blind.get(request.model)
             if learning is None:
                 # Nothing tells what this model costs yet: send one of its requests alone,
@@ -190,9 +193,11 @@ class Budget:
             if learning is not None:
                 learning.set()
 
-    def charge(self, body: Mapping[str, Any], requested: str | None) -> float | None:
+    def charge(
+        self, body: Mapping[str, Any], requested: str | None, prices: Mapping[str, Price] | None = None
+    ) -> float | None:
         """Count an answer the server will bill; returns its cost where it can be told."""
-        cost, _ = answer_cost(body, self.prices, requested)
+        cost, _ = answer_cost(body, self.prices if prices is None else prices, requested)
         prompt, completion, _ = answer_tokens(body)
         names = {requested, answering_model(body, requested)} - {None}
         rates = [self._rates.setdefault(name, _Rate()) for name in names if name]

@@ -15,7 +15,7 @@ import orjson
 from pipeline.batch.book import Batch, Book
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, pictured
-from pipeline.job import Outcome, Request
+from pipeline.job import Outcome, Request, SentNow
 from pipeline.output.ledger import Ledger
 
 AGAIN, NOW = 1, 2  # `taking.again`: in a new batch; sent now
@@ -89,7 +89,7 @@ async def send_now(
             body = line["body"]
             stream = isinstance(body, dict) and body.get("stream") is True
             requests.append(
-                Request(custom_id, listed.line, orjson.dumps(body), listed.metadata, batch.model, stream)
+                SentNow(custom_id, listed.line, orjson.dumps(body), listed.metadata, batch.model, stream)
             )
             if len(requests) >= SEND_EVERY and not await send():
                 return False

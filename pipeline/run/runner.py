@@ -139,7 +139,8 @@ class Run:
         self.usage = Usage.from_state(ledger.get("usage"))
         # A batch pays the batch price: the books, the budget and the mark a repair costs by.
         prices = tier_prices(settings.prices, settings.tier)
-        self.books = Books(self.usage, prices, self.redact.text)
+        now_prices = settings.prices if settings.tier == "batch" else None  # (--then sync's)
+        self.books = Books(self.usage, prices, self.redact.text, now_prices)
         self.usage.timeline.begin()  # this run's stretch: the repair after a crash counts in it too
         # What a killed run left unindexed is costed at its prices (its mark keeps them), as
         # merge repairs it: a batch run's answers at the batch price though this run is sync.
