@@ -11,7 +11,7 @@ A create is never simply made again (`BatchHttp.create`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
@@ -19,11 +19,11 @@ import aiohttp
 
 from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
-from pipeline.send import batchlist
-from pipeline.send.batchapi import TAG_KEY, BatchInfo, BatchPage
+from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchdownload import lines
 from pipeline.send.batchfind import find
 from pipeline.send.batchhttp import BatchHttp
+from pipeline.send.batchshape import Shape
 from pipeline.send.batchwire import info_of
 
 ENDPOINT = "/v1/chat/completions"
@@ -32,7 +32,7 @@ MAX_LINES = 50_000  # OpenAI's limits for one batch
 MAX_BYTES = 200 * 1000 * 1000
 
 
-class FilesBatchApi:
+class FilesBatchApi(Shape):
     shape = "files"
 
     def __init__(
@@ -44,11 +44,8 @@ class FilesBatchApi:
         max_line: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._http = http
-        self.max_lines = max_lines
-        self.max_bytes = max_bytes
+        super().__init__(http, max_lines=max_lines, max_bytes=max_bytes, clock=clock)
         self._max_line = max_line
-        self._clock = clock
 
     async def check(self) -> None:
         await self._http.check("/files", "/batches")
@@ -100,25 +97,8 @@ class FilesBatchApi:
         made = answer.get("created_at")
         return file_id, float(made) if isinstance(made, int | float) and not isinstance(made, bool) else None
 
-    async def find(
-        self,
-        tag: str,
-        *,
-        since: float,
-        model: str | None = None,
-        lines: int | None = None,
-        taken: Collection[str] = (),
-    ) -> BatchInfo | None:
-        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
-
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
-
-    async def page(self, after: str | None = None) -> BatchPage | None:
-        return await batchlist.page(self._http, after, files=True)
-
-    async def cancel(self, batch_id: str) -> BatchInfo:
-        return await self._http.cancel(batch_id, self.get)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         if info.counts.completed and not info.output_file:

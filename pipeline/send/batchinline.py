@@ -22,7 +22,7 @@ found by its model, size and time (`batchfind.pick`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,9 @@ from typing import Any
 from pipeline.errors import HTTPStatusError, MalformedResponse
 from pipeline.input.jsonl import dumps, loads
 from pipeline.quote import brief
-from pipeline.send import batchlist
-from pipeline.send.batchapi import TAG_KEY, BatchInfo, BatchPage, ResultLine
-from pipeline.send.batchfind import find
+from pipeline.send.batchapi import TAG_KEY, BatchInfo, ResultLine
 from pipeline.send.batchhttp import BatchHttp
+from pipeline.send.batchshape import Shape
 from pipeline.send.batchwire import info_of, output_item
 
 ENDPOINT = "/v1/chat/completions"
@@ -44,7 +43,7 @@ PAGE = 1_000  # results a page (OpenRouter's most): what a page holds is held at
 _BLOCK = 1 << 16
 
 
-class InlineBatchApi:
+class InlineBatchApi(Shape):
     shape = "inline"
 
     def __init__(
@@ -55,10 +54,7 @@ class InlineBatchApi:
         max_bytes: int = MAX_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._http = http
-        self.max_lines = max_lines
-        self.max_bytes = max_bytes
-        self._clock = clock
+        super().__init__(http, max_lines=max_lines, max_bytes=max_bytes, clock=clock)
         self._metadata = True  # sent until the endpoint refuses it
 
     async def check(self) -> None:
@@ -96,26 +92,9 @@ class InlineBatchApi:
         )
         return info_of(answer)
 
-    async def find(
-        self,
-        tag: str,
-        *,
-        since: float,
-        model: str | None = None,
-        lines: int | None = None,
-        taken: Collection[str] = (),
-    ) -> BatchInfo | None:
-        return await find(self._http, tag, since=since, model=model, lines=lines, taken=taken)
-
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)
         return info_of(await self._http.call("GET", f"/batches/{batch_id}", without=b"results"))
-
-    async def page(self, after: str | None = None) -> BatchPage | None:
-        return await batchlist.page(self._http, after, files=False)
-
-    async def cancel(self, batch_id: str) -> BatchInfo:
-        return await self._http.cancel(batch_id, self.get)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's answers, a page at a time from /results; where there are none to
