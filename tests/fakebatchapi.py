@@ -249,3 +249,15 @@ class FakeHost(Host):
 
 def at_batch_tier(settings: Settings, **extra: Any) -> Settings:
     return dataclasses.replace(settings, tier="batch", **extra)
+
+
+def stopping_at_a_look(api: FakeBatchApi) -> FakeHost:
+    """A host whose run is interrupted (as by Ctrl-C) at its next look at a batch."""
+    host = FakeHost(api)
+
+    def interrupt() -> None:
+        assert host.control is not None
+        host.control.interrupt()
+
+    api.on_get = interrupt
+    return host

@@ -28,7 +28,7 @@ from pipeline.run.runner import run
 from pipeline.send.batchapi import BatchInfo
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl, write_jsonl
-from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier, stopping_at_a_look
 
 
 async def test_a_line_of_a_batch_taken_in_while_the_input_is_still_read_is_not_staged_again(
@@ -41,13 +41,7 @@ async def test_a_line_of_a_batch_taken_in_while_the_input_is_still_read_is_not_s
     last = bodies(1, start=599)
     settings = at_batch_tier(make_settings(server[0], last))
     api = FakeBatchApi(max_lines=5, looks_to_end=2)
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     summary = await run(settings, host)
     assert summary.exit_code == 130, summary.message
     api.on_get = None
@@ -67,13 +61,7 @@ async def test_fresh_says_the_batches_it_moves_aside_are_still_paid_for_and_canc
 
     settings = at_batch_tier(make_settings(server[0], bodies(4)))
     api = FakeBatchApi(max_lines=4, looks_to_end=3)
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     assert (await run(settings, host)).exit_code == 130
     api.on_get = None
     capsys.readouterr()
@@ -264,13 +252,7 @@ async def test_a_sync_run_between_two_batch_runs_leaves_no_staged_batch_to_pay_i
     sync = make_settings(server[0], bodies(4))
     settings = at_batch_tier(sync)
     api = FakeBatchApi(max_lines=2, looks_to_end=3)
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     assert (await run(settings, host)).exit_code == 130
     api.on_get = None
     capsys.readouterr()

@@ -24,7 +24,7 @@ from pipeline.run.runner import run
 from pipeline.send.batchapi import BatchCounts, BatchInfo
 from pipeline.settings import Settings, build
 from tests.conftest import bodies
-from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier
+from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier, stopping_at_a_look
 
 
 class _Terminal(io.StringIO):
@@ -127,13 +127,7 @@ async def test_a_batch_an_earlier_run_submitted_has_waited_since_its_submission(
 ) -> None:
     api = FakeBatchApi(looks_to_end=3)
     settings = at_batch_tier(make_settings(server[0], bodies(3)))
-    first = FakeHost(api)
-
-    def interrupt() -> None:
-        assert first.control is not None
-        first.control.interrupt()
-
-    api.on_get = interrupt
+    first = stopping_at_a_look(api)
     assert (await run(settings, first)).exit_code == 130
     second = _Watched(api)
     second.batch_clock.t += 2 * 3600  # the next morning's run, two hours on

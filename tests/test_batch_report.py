@@ -22,7 +22,7 @@ from pipeline.run import ending
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, write_jsonl
-from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier, stopping_at_a_look
 from tests.test_cli import pipeline as pipeline_cli
 
 PRICES = '[prices]\nbatch = 0.5\n[prices."test/model"]\nprompt = 1000.0\ncompletion = 2000.0\n'
@@ -92,13 +92,7 @@ async def test_a_run_stopped_with_batches_running_says_they_are_still_at_the_pro
 ) -> None:
     api = FakeBatchApi(looks_to_end=3)
     settings = at_batch_tier(make_settings(server[0], bodies(4)))
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     summary = await run(settings, host)
     assert summary.exit_code == 130
     batches = summary.usage["batches"]

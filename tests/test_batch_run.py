@@ -13,7 +13,7 @@ from pipeline.errors import SettingsError
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
-from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier
+from tests.fakebatchapi import FakeBatchApi, FakeClock, FakeHost, at_batch_tier, stopping_at_a_look
 
 
 async def test_every_line_lands_once_through_batches_cut_at_the_api_limit(
@@ -37,13 +37,7 @@ async def test_interrupted_leaves_the_batches_running_and_the_same_command_takes
     api = FakeBatchApi(max_lines=2, looks_to_end=3)
     rows = bodies(4)
     settings = at_batch_tier(make_settings(server[0], rows))
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     summary = await run(settings, host)
     assert summary.exit_code == 130, summary.message
     assert "1 batch left running" in summary.message
@@ -143,13 +137,7 @@ async def test_cancel_cancels_the_running_batches_and_the_next_run_takes_in_what
 ) -> None:
     api = FakeBatchApi(max_lines=2, looks_to_end=3)
     settings = at_batch_tier(make_settings(server[0], bodies(2)))
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     assert (await run(settings, host)).exit_code == 130
     said: list[str] = []
     status = await cancel_batches(settings.folder, api, clock=FakeClock(), say=said.append)
@@ -206,13 +194,7 @@ async def test_a_synchronous_run_into_a_folder_with_batches_running_says_they_ar
 ) -> None:
     api = FakeBatchApi(looks_to_end=3)
     sync = make_settings(server[0], bodies(2))
-    host = FakeHost(api)
-
-    def interrupt() -> None:
-        assert host.control is not None
-        host.control.interrupt()
-
-    api.on_get = interrupt
+    host = stopping_at_a_look(api)
     assert (await run(at_batch_tier(sync), host)).exit_code == 130
     capsys.readouterr()
     summary = await run(sync)
