@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipeline.arguments import positive_int
 from pipeline.mock.command import fraction
 from pipeline.mock.names import BATCH_APIS
 
@@ -50,12 +51,12 @@ def add_batch_flags(mock: argparse.ArgumentParser) -> None:
     )
     mock.add_argument(
         "--batch-max-lines",
-        type=_count,
+        type=positive_int,
         metavar="N",
         help="requests a batch may hold, more fails its validation (default 50,000; inline 5,000)",
     )
     mock.add_argument(
-        "--batch-max-bytes", type=_count, metavar="N", help="bytes a batch may hold (default 200 MB)"
+        "--batch-max-bytes", type=positive_int, metavar="N", help="bytes a batch may hold (default 200 MB)"
     )
     mock.add_argument(
         "--batch-metadata",
@@ -71,16 +72,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds are 0 or more")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
     return value
 
 
