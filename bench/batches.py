@@ -167,7 +167,9 @@ def _batch_lines(split: Split) -> str:
 
 def _merge(split: Split) -> tuple[float, float]:
     """Lines a second taken in, over the run's batches: from `take`'s start to its commit, and
-    from the first result line read to the last (the merge proper: download, judging, writing)."""
+    from the first result line read to the last: the reader's pace, not the merge's (lines are
+    read ahead of their judging and writing, by up to four runs of 512 and a page: the whole
+    take is the figure)."""
     lines = sum(t.lines for t in split.batches)
     whole = sum(t.ended - t.began for t in split.batches)
     read = sum(t.read for t in split.batches)
@@ -251,7 +253,9 @@ def batches(opts: Options, done: Done) -> ScenarioResult:
         " reply, the mock writing the batch's answers (a provider has them ready); taking in: download,"
         " judging, results.jsonl, the books, the commit; end: usage.json and the reports, to exit",
         "merged: lines over the seconds of `Intake.take` (download to commit), all the run's batches;"
-        " in brackets, over the seconds from each batch's first result line read to its last",
+        " in brackets, over the seconds from each batch's first result line read to its last (the"
+        " reader's pace: it reads up to four runs of 512 lines and a page ahead of the judging and"
+        " writing, so this is not the merge)",
         f"load average after: {', '.join(f'{x:.2f}' for x in after)}",
     ]
     return ScenarioResult("batches", title, runs, checks, notes, load_before=load)

@@ -103,10 +103,10 @@ def _patch(note: Note) -> None:
 
         return timed()
 
-    async def timed_take(self: Intake, batch: Any, info: Any) -> list[int] | None:
+    async def timed_take(self: Intake, batch: Any, info: Any, **how: Any) -> list[int] | None:
         began, cpu = time.time(), time.process_time()
         try:
-            return await take(self, batch, info)
+            return await take(self, batch, info, **how)
         finally:
             ended, cpu = time.time(), time.process_time() - cpu  # (the process's, all threads)
             note(event="take", n=batch.n, id=info.id, status=info.status, began=began, ended=ended, cpu=cpu)

@@ -76,3 +76,22 @@ async def test_the_judges_own_failure_is_raised_as_it_came() -> None:
 
     with pytest.raises(KeyError):  # (not in a group of the reader task's)
         await judge()
+
+
+async def test_the_next_page_is_asked_for_as_soon_as_a_page_is_in() -> None:
+    """A page of results in hand is put into runs at once and the next page asked for, while
+    the judge takes the first run: the next page comes while this one is judged, not after."""
+    asked: list[int] = []
+
+    async def pages() -> AsyncIterator[bytes]:
+        for page in range(4):
+            asked.append(page)
+            await anyio.lowlevel.checkpoint()  # (the page's request, answered)
+            for i in range(10):
+                yield b"%d" % (10 * page + i)
+
+    async with read_ahead(pages(), per=5, runs=4) as runs:
+        first = await runs.__anext__()
+        assert asked == [0, 1]  # the first run judged while the second page is on its way
+        rest = [run async for run in runs]
+    assert [line for run in [first, *rest] for line in run] == [b"%d" % i for i in range(40)]

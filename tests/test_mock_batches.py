@@ -390,7 +390,7 @@ async def test_the_inline_shape_plays_openrouters_batches(api: Any) -> None:
                 break
         assert paged == results
         assert cursor is None
-        for bad in (b"x", b"-5"):
+        for bad in (b"x", b"-5", b"5", b"99"):  # not a number, negative, past the end
             cursor = base64.urlsafe_b64encode(bad).decode()
             assert (await client.call("GET", f"batches/{made['id']}/results", params={"cursor": cursor}))[
                 0

@@ -10,7 +10,7 @@ lines done when asked, then cancelled. Tests move a fake clock instead of sleepi
 
 Once a look finds it ended, its lines are answered to disk (`batchlines.answer_lines`, in a
 worker thread, once): the output and error files of OpenAI's shape, or the results of the
-inline shape, and the mock's counters (`state.BatchTally`).
+inline shape (indexed, `batchpages`), and the mock's counters (`state.BatchTally`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.mock.batchlines import Answered, Checked, answer_lines, check_lines
+from pipeline.mock.batchpages import Pages
 from pipeline.mock.config import MockConfig
 from pipeline.mock.files import FileStore
 from pipeline.mock.state import MockState
@@ -42,7 +43,7 @@ class Ending:
     status: str
     output_file_id: str | None = None
     error_file_id: str | None = None
-    results: Path | None = None
+    results: Pages | None = None
     usage: dict[str, float] | None = None
 
 
@@ -253,8 +254,8 @@ class Batches:
         self.state.answered.update(
             answered.keys
         )  # so that a line paid in a batch and again synchronously shows
-        if inline:
-            return Ending(status, results=out_path, usage=answered.usage)
+        if inline:  # (indexed by line, in a worker thread too: a provider serves pages from an index)
+            return Ending(status, results=await asyncio.to_thread(Pages, out_path), usage=answered.usage)
         name = batch.id.removeprefix("batch_")
         output = self.files.add(out_id, out_path, filename=f"{name}_output.jsonl", purpose="batch_output")
         errors = self.files.add(err_id, err_path, filename=f"{name}_error.jsonl", purpose="batch_output")

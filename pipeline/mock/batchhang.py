@@ -20,12 +20,12 @@ until the client goes or the server stops.
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from pipeline.mock.batches import Batches
+from pipeline.mock.batchpages import line_of
 from pipeline.mock.config import MockConfig
 from pipeline.mock.files import FileStore
 from pipeline.mock.state import BatchTally
@@ -110,14 +110,11 @@ def half_results(config: MockConfig, batches: Batches, handler: Handler) -> Hand
     async def results(request: web.Request) -> web.StreamResponse:
         cursor = request.query.get("cursor")
         if cursor and config.batch_hang and config.batch_hang[0] == "results":
-            try:
-                offset = int(base64.urlsafe_b64decode(cursor.encode()).decode())
-            except ValueError:
-                offset = 0
+            line = line_of(cursor) or 0
             batch = batches.batches.get(request.match_info["batch_id"])
             ending = batch.ending if batch is not None else None
-            size = ending.results.stat().st_size if ending is not None and ending.results else None
-            if size is not None and offset >= size // 2 and due(config, "results"):
+            pages = ending.results if ending is not None else None
+            if pages is not None and line >= pages.lines // 2 and due(config, "results"):
                 await hold(batches.tally, "results")
         return await handler(request)
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from pipeline.mock import batchhang
 from pipeline.mock.batches import ENDED, ENDPOINT, Batches, MockBatch
-from pipeline.mock.batchviews import files_object, inline_object, page, with_results
+from pipeline.mock.batchviews import files_object, inline_object, with_results
 from pipeline.mock.config import MockConfig
 from pipeline.mock.files import FileStore, error, json
 
@@ -135,7 +135,8 @@ class BatchRoutes:
         if not self.inline:
             return json(files_object(batch, status, done))
         results = batch.ending.results if batch.ending else None
-        return await with_results(request, inline_object(batch, status, done), results)
+        path = results.path if results is not None else None
+        return await with_results(request, inline_object(batch, status, done), path)
 
     async def create_files(self, request: web.Request) -> web.Response:
         body = await _object(request)
@@ -241,12 +242,13 @@ class BatchRoutes:
         status, _ = await self.batches.look(batch)
         if status not in ENDED:
             return error(409, f"The batch is {status}: its results come once it has ended")
-        found = page(
-            batch.ending.results if batch.ending else None,
-            cursor=request.query.get("cursor"),
-            limit=request.query.get("limit"),
-        )
-        return error(400, "Invalid 'cursor' or 'limit'", param="cursor") if found is None else json(found)
+        results = batch.ending.results if batch.ending else None
+        if results is None:  # (failed at validation: nothing ran)
+            return json({"object": "list", "data": [], "has_more": False, "next_cursor": None})
+        found = results.page(cursor=request.query.get("cursor"), limit=request.query.get("limit"))
+        if found is None:
+            return error(400, "Invalid 'cursor' or 'limit'", param="cursor")
+        return web.Response(body=found, content_type="application/json")
 
     async def delete(self, request: web.Request) -> web.Response:
         batch = self._batch(request)
@@ -257,7 +259,7 @@ class BatchRoutes:
             return error(409, f"The batch is {status}: only an ended batch can be deleted")
         del self.batches.batches[batch.id]
         if batch.ending is not None and batch.ending.results is not None:
-            batch.ending.results.unlink(missing_ok=True)
+            batch.ending.results.path.unlink(missing_ok=True)
         batch.source.unlink(missing_ok=True)
         return json({"id": batch.id, "object": "batch.deleted", "deletion": {"openrouter": "deleted"}})
 

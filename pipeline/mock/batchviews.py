@@ -1,12 +1,11 @@
 """How the mock's batches look on the wire: OpenAI's batch object (the files shape) and
 OpenRouter's (the inline shape: its results in the batch once ended, or a page at a time).
 
-An inline batch's results are streamed from disk into the answer (never built whole), as are
-their pages."""
+An inline batch's results are streamed from disk into the answer (never built whole); its
+pages are `batchpages`'."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ import orjson
 from aiohttp import web
 
 from pipeline.mock.batches import ENDED, MockBatch
-
-PAGE, MOST_A_PAGE = 100, 1000  # results a page by default, and at most (OpenRouter: 1 to 1,000)
 
 
 def files_object(batch: MockBatch, status: str, done: int) -> dict[str, Any]:
@@ -91,25 +88,3 @@ async def with_results(request: web.Request, doc: dict[str, Any], results: Path 
     await response.write(b"]}")
     await response.write_eof()
     return response
-
-
-def page(results: Path | None, *, cursor: str | None, limit: str | None) -> dict[str, Any] | None:
-    """A page of an ended batch's results; None for a cursor that is not ours."""
-    try:
-        offset = int(base64.urlsafe_b64decode(cursor.encode()).decode()) if cursor else 0
-        wanted = min(max(int(limit), 1), MOST_A_PAGE) if limit else PAGE
-    except ValueError:
-        return None
-    if offset < 0:
-        return None
-    data: list[Any] = []
-    more = False
-    if results is not None:
-        with results.open("rb") as lines:
-            lines.seek(offset)
-            while len(data) < wanted and (line := lines.readline()):
-                data.append(orjson.loads(line))
-            offset = lines.tell()
-            more = bool(lines.read(1))
-    after = base64.urlsafe_b64encode(str(offset).encode()).decode() if more else None
-    return {"object": "list", "data": data, "has_more": more, "next_cursor": after}
