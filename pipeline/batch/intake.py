@@ -2,7 +2,8 @@
 
     a result     a 200 that is a chat completion keeping the verdict: results.jsonl
     again        what the synchronous path would try again (429, 5xx, an empty or invalid
-                 answer, a line the batch never ran: expired, cancelled, unanswered), staged
+                 answer, a line the batch never ran: expired, cancelled, unanswered, or held
+                 back by the lines its validation named, `pipeline.batch.flawed`), staged
                  into a new batch from this batch's own file (tries + 1), while it has
                  tries left (`--max-attempts`, and the verdict's own for invalid answers);
                  with `--then sync`, sent now as requests instead
@@ -25,7 +26,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from pipeline.account.books import Books
-from pipeline.batch.again import NOW, send_now, stage_again
+from pipeline.batch import flawed
+from pipeline.batch.again import NOW, TAKING, send_now, stage_again
 from pipeline.batch.ahead import read_ahead
 from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.judge import LineJudge
@@ -83,9 +85,7 @@ class Intake:
             max_attempts=max_attempts,
             now=now is not None,
         )
-        ledger.writing().execute(
-            "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
-        )
+        ledger.writing().execute(TAKING)
 
     async def take(self, batch: Batch, info: BatchInfo, *, halted: bool = False) -> list[int] | None:
         """Take the ended batch in; the numbers of the batches its lines go again in, or None
@@ -115,6 +115,12 @@ class Intake:
                 f"pipeline: batch {batch.n} ({info.id}) was refused for now ({info.errors[0]}); its "
                 f"{batch.lines:,} lines go again once a batch running has ended"
             )
+        named = flawed.named(self.book.path(batch.n), info.flaws) if invalid else None
+        if named is not None:
+            self.say(
+                f"pipeline: batch {batch.n} ({info.id}) failed validation at {len(named):,} of its "
+                f"{batch.lines:,} lines ({'; '.join(info.errors[:3])}): they fail, the others go again"
+            )
         elif invalid:
             self.say(
                 f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
@@ -127,7 +133,19 @@ class Intake:
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
         for listed in self._unanswered(batch.n):
-            if invalid:
+            if named is not None:
+                flaws = named.get(listed.custom_id)
+                if flaws is not None:
+                    self.judge.flawed(batch, listed, flaws)
+                else:  # never run, for others' flaws
+                    message = "; ".join(info.errors[:3])
+                    self.judge.again_or_fail(
+                        batch,
+                        listed,
+                        "batch_invalid",
+                        f"the batch failed validation at other lines: {message}",
+                    )
+            elif invalid:
                 message = "; ".join(info.errors[:5])
                 self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
             else:

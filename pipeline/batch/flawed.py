@@ -1,0 +1,48 @@
+"""A batch that failed validation (status `failed`, nothing run, `errors`): the lines its
+errors name, read back from the batch's staged file (the very file uploaded, so its line
+positions are the provider's). OpenAI's `errors.data[].line` counts the file's lines from 1
+(a file of one line that is no JSON is `line: 1`; the mock counts so too).
+
+Each line named fails with its own error; the batch's other lines were never run and go
+again, as the lines of an expired batch do. Where an error names no line (the inline shape's
+one `error.message`, a file-wide error such as a file too large) or a line the file does not
+have, what the errors blame cannot be told apart: every line fails with the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from pipeline.send.batchapi import Flaw
+
+
+def named(path: Path, flaws: Sequence[Flaw]) -> dict[str, list[Flaw]] | None:
+    """The ids of the lines the flaws name, each with its flaws (a line may break more than
+    one rule); None where they do not all name a line of the file."""
+    wanted: dict[int, list[Flaw]] = {}
+    for flaw in flaws:
+        if flaw.line is None or flaw.line < 1:
+            return None
+        wanted.setdefault(flaw.line, []).append(flaw)
+    if not wanted:
+        return None
+    last = max(wanted)
+    found: dict[str, list[Flaw]] = {}
+    met = 0
+    try:
+        with path.open("rb") as f:
+            for number, data in enumerate(f, 1):
+                if number in wanted:
+                    custom_id = orjson.loads(data).get("custom_id")
+                    if not isinstance(custom_id, str):
+                        return None
+                    found.setdefault(custom_id, []).extend(wanted[number])
+                    met += 1
+                if number >= last:
+                    break
+    except (OSError, orjson.JSONDecodeError, AttributeError):
+        return None  # (the file is ours, and whole: not met but by a hand on the folder)
+    return found if met == len(wanted) else None
