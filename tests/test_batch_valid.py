@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.batch import flawed
 from pipeline.batch.flawed import named
+from pipeline.mock import batchlines
 from pipeline.run.runner import run
 from pipeline.send.batchapi import Flaw
 from pipeline.send.batchwire import info_of
@@ -48,11 +50,12 @@ async def test_a_batch_failed_at_validation_fails_the_line_named_and_sends_the_o
 
 
 async def test_then_sync_sends_the_lines_a_batch_failed_at_validation_did_not_name_now(
-    make_settings: Callable[..., Settings], server: tuple[str, Any]
+    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     api = FakeBatchApi(fate=_invalid("job-0"))
-    settings = at_batch_tier(make_settings(server[0], bodies(3), max_attempts=1), then="sync")
+    settings = at_batch_tier(make_settings(server[0], bodies(3), max_attempts=1, quiet=False), then="sync")
     summary = await run(settings, FakeHost(api))
+    assert "they fail; the other 2 are sent now (--then sync)" in capsys.readouterr().err
     assert summary.exit_code == 1, summary.message
     assert [e["custom_id"] for e in read_jsonl(settings.folder / "errors.jsonl")] == ["job-0"]
     assert len(read_jsonl(settings.folder / "results.jsonl")) == 2
@@ -166,3 +169,82 @@ async def test_then_sync_counts_the_batch_answer_that_broke_the_verdict_against_
     assert [(e["custom_id"], e["attempts"]) for e in errors] == [("job-1", 2)]
     assert len(server.state.received) == 1  # the batch's answer and one more broke it: the bound
     assert summary.usage["discarded"] == 2
+
+
+# -- lines held back by others' flaws spend no try -----------------------------------------------
+
+
+async def test_lines_a_batch_held_back_for_another_lines_flaw_go_again_though_max_attempts_is_one(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    api = FakeBatchApi(fate=_invalid("job-1"))
+    settings = at_batch_tier(make_settings(server[0], bodies(4), max_attempts=1, quiet=False))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    assert [e["custom_id"] for e in read_jsonl(settings.folder / "errors.jsonl")] == ["job-1"]
+    results = read_jsonl(settings.folder / "results.jsonl")
+    assert sorted(r["custom_id"] for r in results) == ["job-0", "job-2", "job-3"]
+    assert api.ran == {"job-0": 1, "job-1": 0, "job-2": 1, "job-3": 1}
+    assert summary.usage["retries"] == 0  # each ran once: none was tried again
+    said = capsys.readouterr().err
+    assert "failed validation at 1 of its 4 lines" in said
+    assert "they fail; the other 3 go again in a new batch" in said
+
+
+async def test_a_provider_that_names_only_its_first_errors_fails_each_flawed_line_and_no_other(
+    mock: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batchlines, "MAX_ERRORS", 1)  # (OpenAI lists so many, and no more)
+    rows = bodies(4)
+    for row in rows[0], rows[2]:
+        row["messages"][0]["content"] += " invalid_me"
+    async with mock(batch_max_lines=MAX_LINES) as (url, _):
+        # Three batches: the first names job-0; the second (its three others) job-2.
+        settings = at_batch_tier(make_settings(url, rows, max_attempts=2))
+        summary = await run(settings, MockHost())
+    assert summary.exit_code == 1, summary.message
+    errors = read_jsonl(settings.folder / "errors.jsonl")
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("job-0", "invalid_request"),
+        ("job-2", "invalid_request"),
+    ]
+    assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == ["job-1", "job-3"]
+    assert summary.usage["retries"] == 0
+
+
+async def test_an_inline_batchs_error_numbers_blame_no_line_alone(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    # (a gateway of the inline shape may number its requests, from 0 or from 1: not told)
+    api = FakeBatchApi(fate=_invalid("job-1"))
+    api.shape = "inline"
+    settings = at_batch_tier(make_settings(server[0], bodies(3)), batch_api="inline")
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    errors = read_jsonl(settings.folder / "errors.jsonl")
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("job-0", "batch_invalid"),
+        ("job-1", "batch_invalid"),
+        ("job-2", "batch_invalid"),
+    ]
+    assert "line 2: invalid_request: job-1 is invalid" in errors[0]["error"]["message"]
+
+
+async def test_lines_held_back_by_a_flood_of_flaws_spend_a_try_as_an_expired_batchs_do(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flawed, "MANY", 1)  # (a provider that names a hundred lines may name no more)
+    api = FakeBatchApi(fate=_invalid("job-1"))
+    settings = at_batch_tier(make_settings(server[0], bodies(3), max_attempts=1))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    errors = {e["custom_id"]: e for e in read_jsonl(settings.folder / "errors.jsonl")}
+    assert {k: e["error"]["code"] for k, e in errors.items()} == {
+        "job-0": "batch_invalid",
+        "job-1": "invalid_request",
+        "job-2": "batch_invalid",
+    }
+    assert errors["job-0"]["error"]["message"].endswith("(after 1 batch)")
+    assert api.made == 1

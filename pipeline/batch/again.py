@@ -47,7 +47,7 @@ async def stage_again(
         with book.path(batch.n).open("rb") as f:
             for data in f:
                 custom_id = orjson.loads(data).get("custom_id")
-                row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
+                row = db.execute("SELECT again, spent FROM taking WHERE id = ?", (custom_id,)).fetchone()
                 if row is None or row[0] != AGAIN:
                     continue
                 listed = book.listed(batch.n, custom_id)
@@ -56,7 +56,7 @@ async def stage_again(
                     batch.model,
                     custom_id,
                     listed.line,
-                    listed.tries + 1,
+                    row[1] + 1,  # (tries spent, and the new batch's)
                     listed.metadata,
                     data,
                     share,

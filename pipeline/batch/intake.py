@@ -115,13 +115,11 @@ class Intake:
                 f"pipeline: batch {batch.n} ({info.id}) was refused for now ({info.errors[0]}); its "
                 f"{batch.lines:,} lines go again once a batch running has ended"
             )
-        named = flawed.named(self.book.path(batch.n), info.flaws) if invalid else None
-        if named is not None:
-            self.say(
-                f"pipeline: batch {batch.n} ({info.id}) failed validation at {len(named):,} of its "
-                f"{batch.lines:,} lines ({'; '.join(info.errors[:3])}): they fail, the others go again"
-            )
-        elif invalid:
+        # (only a file has lines: the inline shape's requests are posted, and a number its
+        # errors might give counts what it does not say; then no line is blamed alone)
+        filed = invalid and self.api.shape == "files"
+        named = flawed.named(self.book.path(batch.n), info.flaws) if filed else None
+        if invalid and named is None:
             self.say(
                 f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
                 f"lines with it: {'; '.join(info.errors[:3])}"
@@ -132,19 +130,19 @@ class Intake:
                     self.judge.lines(batch, read, waited)
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
+        held = 0  # lines never run for others' flaws
         for listed in self._unanswered(batch.n):
             if named is not None:
                 flaws = named.get(listed.custom_id)
                 if flaws is not None:
                     self.judge.flawed(batch, listed, flaws)
-                else:  # never run, for others' flaws
-                    message = "; ".join(info.errors[:3])
-                    self.judge.again_or_fail(
-                        batch,
-                        listed,
-                        "batch_invalid",
-                        f"the batch failed validation at other lines: {message}",
-                    )
+                else:
+                    held += 1
+                    message = f"the batch failed validation at other lines: {'; '.join(info.errors[:3])}"
+                    if len(named) < flawed.MANY:
+                        self.judge.held(batch, listed, message)
+                    else:
+                        self.judge.again_or_fail(batch, listed, "batch_invalid", message)
             elif invalid:
                 message = "; ".join(info.errors[:5])
                 self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
@@ -152,6 +150,8 @@ class Intake:
                 self.judge.again_or_fail(
                     batch, listed, "unanswered", f"the batch ended {info.status} without it"
                 )
+        if named is not None:
+            self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
         again = await stage_again(self.book, self.ledger, batch, self.files())
@@ -235,6 +235,19 @@ class Intake:
                 self.judge.first(custom_id)
                 unanswered.append(listed)
         return unanswered
+
+    def _flawed(self, batch: Batch, info: BatchInfo, named: int, held: int) -> str:
+        said = (
+            f"pipeline: batch {batch.n} ({info.id}) failed validation at {named:,} of its {batch.lines:,} "
+            f"lines ({'; '.join(info.errors[:3])}): they fail"
+        )
+        if held and self.judge.halted:
+            return f"{said}, and the other {held:,} with them (the batch was cancelled)"
+        if held:
+            how = "are sent now (--then sync)" if self.now is not None else "go again in a new batch"
+            spent = "" if named >= flawed.MANY else ", their tries not spent"
+            return f"{said}; the other {held:,} {how}{spent}"
+        return said
 
     # -- writing, and going again ---------------------------------------------------------------
 

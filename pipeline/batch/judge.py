@@ -139,12 +139,10 @@ class LineJudge:
         if verdict is not None:
             most = min(most, verdict.max_attempts)
         if e.transient and not self.halted and listed.tries < most:
-            if self.now:  # `--then sync`: sent now, at once, where it would wait a new batch's day
-                # (the book keeps no count of a line's broken answers: each batch's, counted so)
-                broke = listed.tries if verdict is not None else 0
-                self._again(listed, NOW, spent=listed.tries, broke=broke)
-            else:
-                self._again(listed)
+            # (`--then sync`: sent now, at once, where it would wait a new batch's day; the book
+            # keeps no count of a line's broken answers: each batch's, counted so)
+            broke = listed.tries if verdict is not None and self.now else 0
+            self._again(listed, NOW if self.now else AGAIN, spent=listed.tries, broke=broke)
             return
         self.outcomes.append(
             Failure(
@@ -171,12 +169,24 @@ class LineJudge:
         elif self.now and listed.tries - 1 < self.max_attempts:
             self._again(listed, NOW, spent=listed.tries - 1)
         elif not self.now and listed.tries < self.max_attempts:
-            self._again(listed)
+            self._again(listed, AGAIN, spent=listed.tries)
         else:
             self.fail(batch, listed, code, _after(message, listed.tries))
 
-    def _again(self, listed: Listed, how: int = AGAIN, *, spent: int = 0, broke: int = 0) -> None:
-        """`spent`, `broke`: a line sent now's tries so far, and answers that broke the verdict."""
+    def held(self, batch: Batch, listed: Listed, message: str) -> None:
+        """A line the batch never ran for a few other lines' flaws (`pipeline.batch.flawed`):
+        no fault of its own nor of the batch's time, so this batch spent none of its tries:
+        it goes again as it came, in a new batch or, `--then sync`, now. Bounded all the same:
+        every such batch fails the lines it names, so fewer go again each time."""
+        if self.halted:
+            self.fail(batch, listed, "batch_invalid", message)
+        else:
+            self._again(listed, NOW if self.now else AGAIN, spent=listed.tries - 1)
+
+    def _again(self, listed: Listed, how: int, *, spent: int, broke: int = 0) -> None:
+        """`spent`: the tries the line has spent so far (a new batch lists it at one more, a
+        request sent now counts on from them); `broke`: of those, answers that broke the
+        verdict."""
         self.ledger.writing().execute(
             "INSERT OR REPLACE INTO taking (id, again, spent, broke) VALUES (?, ?, ?, ?)",
             (listed.custom_id, how, spent, broke),
