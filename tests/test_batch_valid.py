@@ -248,3 +248,22 @@ async def test_lines_held_back_by_a_flood_of_flaws_spend_a_try_as_an_expired_bat
     }
     assert errors["job-0"]["error"]["message"].endswith("(after 1 batch)")
     assert api.made == 1
+
+
+async def test_then_sync_counts_the_batch_try_of_a_line_not_sent_now_for_its_models_404(
+    mock: Callable[..., Any], make_settings: Callable[..., Settings]
+) -> None:
+    api = FakeBatchApi(fate=lambda custom_id, n: "500")
+    async with mock(unknown_models=("gone/model",)) as (url, _):
+        rows = bodies(3, model="gone/model")
+        settings = at_batch_tier(make_settings(url, rows, concurrency=1, max_attempts=3), then="sync")
+        summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 1, summary.message
+    errors = read_jsonl(settings.folder / "errors.jsonl")
+    # job-0: its batch's 500, then the 404 that said the model is gone; the others, their
+    # batch's 500 alone (not sent now)
+    assert [(e["custom_id"], e["error"]["code"], e["attempts"]) for e in errors] == [
+        ("job-0", "http_error", 2),
+        ("job-1", "model_not_found", 1),
+        ("job-2", "model_not_found", 1),
+    ]

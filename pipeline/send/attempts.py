@@ -46,7 +46,7 @@ class _Tries:
     def __init__(self, owner: Attempts, request: Request, seat: Seat | None) -> None:
         self.owner, self.request, self.seat = owner, request, seat
         # A line a batch left undone (`--then sync`) counts on from the tries its batches spent.
-        self.sent, self.invalid = (request.spent, request.broke) if type(request) is SentNow else (0, 0)
+        self.sent, self.invalid = _spent(request), request.broke if type(request) is SentNow else 0
         self.before = self.sent  # tries spent before this request's
         self.billed = False
 
@@ -155,7 +155,7 @@ class Attempts:
         except Abandoned:
             return None
         except GivenUp as e:
-            return self._refused(request, tries.sent if tries is not None else 0, str(e))
+            return self._refused(request, tries.sent if tries is not None else _spent(request), str(e))
         except RequestError as e:
             assert tries is not None  # (a RequestError of the first attempt made it)
             return await self._failed(request, tries, e)
@@ -200,6 +200,7 @@ class Attempts:
             code="model_not_found",
             message=f"not sent: the server does not serve model {request.model} (it answered: {said})",
             custom_id=request.custom_id,
+            attempts=_spent(request),
             metadata=request.metadata,
             model=request.model,
             unsent=True,
@@ -288,3 +289,9 @@ class Attempts:
         if stop is not None:
             self.control.stop(stop)
             raise Abandoned
+
+
+def _spent(request: Request) -> int:
+    """The tries a request's line spent before it was sent now: in batches, where `--then
+    sync` sends what a batch left undone (`SentNow.spent`); none for any other request."""
+    return request.spent if type(request) is SentNow else 0
