@@ -235,7 +235,7 @@ async def test_an_inline_batchs_error_numbers_blame_no_line_alone(
 async def test_lines_held_back_by_a_flood_of_flaws_spend_a_try_as_an_expired_batchs_do(
     make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(flawed, "MANY", 1)  # (a provider that names a hundred lines may name no more)
+    monkeypatch.setattr(flawed, "MANY", 1)  # (a provider that lists a hundred errors may list no more)
     api = FakeBatchApi(fate=_invalid("job-1"))
     settings = at_batch_tier(make_settings(server[0], bodies(3), max_attempts=1))
     summary = await run(settings, FakeHost(api))

@@ -5,10 +5,10 @@ positions are the provider's). OpenAI's `errors.data[].line` counts the file's l
 
 Each line named fails with its own error; the batch's other lines were never run and go
 again, spending no try (each such batch fails the lines it names: fewer go each time), but
-for a batch that named MANY, whose lines go again as an expired batch's do. Where an error
-names no line (the inline shape's one `error.message`, a file-wide error such as a file too
-large) or a line the file does not have, what the errors blame cannot be told apart: every
-line fails with the batch.
+for a batch with MANY errors, whose other lines go again as an expired batch's do. Where an
+error names no line (the inline shape's one `error.message`, a file-wide error such as a
+file too large) or a line the file does not have, what the errors blame cannot be told
+apart: every line fails with the batch.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import orjson
 
 from pipeline.send.batchapi import Flaw
 
-# Lines named at once from which the errors may be a provider's first ones only, and every
-# line at fault: the others then spend a try in going again, as an expired batch's do, so that
-# a file flawed throughout is not sent back a hundred lines shorter each time without end.
+# Errors listed at once from which they may be a provider's first ones only, and every line
+# at fault: the others then spend a try in going again, as an expired batch's do, so that a
+# file flawed throughout is not sent back a hundred lines shorter each time without end.
 MANY = 100
 
 

@@ -139,7 +139,7 @@ class Intake:
                 else:
                     held += 1
                     message = f"the batch failed validation at other lines: {'; '.join(info.errors[:3])}"
-                    if len(named) < flawed.MANY:
+                    if len(info.flaws) < flawed.MANY:
                         self.judge.held(batch, listed, message)
                     else:
                         self.judge.again_or_fail(batch, listed, "batch_invalid", message)
@@ -245,7 +245,7 @@ class Intake:
             return f"{said}, and the other {held:,} with them (the batch was cancelled)"
         if held:
             how = "are sent now (--then sync)" if self.now is not None else "go again in a new batch"
-            spent = "" if named >= flawed.MANY else ", their tries not spent"
+            spent = "" if len(info.flaws) >= flawed.MANY else ", their tries not spent"
             return f"{said}; the other {held:,} {how}{spent}"
         return said
 
