@@ -267,3 +267,17 @@ async def test_then_sync_counts_the_batch_try_of_a_line_not_sent_now_for_its_mod
         ("job-1", "model_not_found", 1),
         ("job-2", "model_not_found", 1),
     ]
+
+
+def test_a_file_the_provider_cut_at_what_some_readers_end_a_line_at_has_its_lines_unblamed(
+    tmp_path: Path,
+) -> None:
+    staged = tmp_path / "1.jsonl"
+    for mark in ("\u2028", "\u2029", "\x85"):
+        # (raw in a JSON string, as orjson writes it: Python's splitlines ends a line there,
+        # and a provider reading so finds a line that is no JSON, and numbers the rest apart)
+        staged.write_bytes(f'{{"custom_id": "a", "body": "one{mark}two"}}\n{{"custom_id": "b"}}\n'.encode())
+        cut = Flaw("invalid_json_line", "This line is not parseable as valid JSON.", None, 2)
+        assert named(staged, [cut]) is None
+        flaw = Flaw("invalid_request", "bad", "body", 2)  # (no line cut: counted as ours)
+        assert named(staged, [flaw]) == {"b": [flaw]}

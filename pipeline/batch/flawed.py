@@ -20,6 +20,13 @@ import orjson
 
 from pipeline.send.batchapi import Flaw
 
+# What a JSON string may hold raw that some readers take for the end of a line (Python's
+# `str.splitlines`: U+2028, U+2029, NEL). Every line of the file is JSON, ours: a provider that
+# says one is not (`invalid_json_line`), past a line holding one of these, cut it there, and
+# numbered the lines after it otherwise.
+_BREAKS = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
+_NOT_JSON = "invalid_json_line"
+
 # Errors listed at once from which they may be a provider's first ones only, and every line
 # at fault: the others then spend a try in going again, as an expired batch's do, so that a
 # file flawed throughout is not sent back a hundred lines shorter each time without end.
@@ -28,7 +35,8 @@ MANY = 100
 
 def named(path: Path, flaws: Sequence[Flaw]) -> dict[str, list[Flaw]] | None:
     """The ids of the lines the flaws name, each with its flaws (a line may break more than
-    one rule); None where they do not all name a line of the file."""
+    one rule); None where they do not all name a line of the file, or may have been counted
+    otherwise (`_BREAKS`)."""
     wanted: dict[int, list[Flaw]] = {}
     for flaw in flaws:
         if flaw.line is None or flaw.line < 1:
@@ -37,11 +45,14 @@ def named(path: Path, flaws: Sequence[Flaw]) -> dict[str, list[Flaw]] | None:
     if not wanted:
         return None
     last = max(wanted)
+    cut = any(flaw.code == _NOT_JSON for flaw in flaws)  # (then its numbers may not be ours)
     found: dict[str, list[Flaw]] = {}
     met = 0
     try:
         with path.open("rb") as f:
             for number, data in enumerate(f, 1):
+                if cut and number < last and any(mark in data for mark in _BREAKS):
+                    return None
                 if number in wanted:
                     custom_id = orjson.loads(data).get("custom_id")
                     if not isinstance(custom_id, str):
