@@ -57,9 +57,26 @@ class Request:
 
 class SentNow(Request):
     """A line a batch left undone, sent as a request (`--then sync`): bought at the
-    synchronous price, where the run's other answers are at the batch price."""
+    synchronous price, where the run's other answers are at the batch price. Its attempts
+    count on from the tries its batches spent (`--max-attempts` bounds them all, and the
+    verdict's own bound the answers that broke it)."""
 
-    __slots__ = ()
+    __slots__ = ("broke", "spent")
+
+    def __init__(
+        self,
+        custom_id: str,
+        line: int,
+        payload: bytes,
+        metadata: Any,
+        model: str,
+        stream: bool,
+        *,
+        spent: int = 0,  # tries spent in batches
+        broke: int = 0,  # of those, answers that broke the verdict
+    ) -> None:
+        super().__init__(custom_id, line, payload, metadata, model, stream)
+        self.spent, self.broke = spent, broke
 
 
 class Reply:

@@ -24,7 +24,8 @@ from pipeline.errors import ConnectionDropped
 from pipeline.run.control import Control
 from pipeline.run.host import Host
 from pipeline.run.progress import Progress
-from pipeline.send.batchapi import BatchApi, BatchCounts, BatchInfo
+from pipeline.send.batchapi import BatchApi, BatchCounts, BatchInfo, Flaw
+from pipeline.send.batchwire import one_line
 from pipeline.settings import Settings
 
 
@@ -49,8 +50,9 @@ def answer(custom_id: str, model: str, content: str | None = None) -> dict[str, 
 
 
 # A line's fate at the n-th batch it is in: "ok", "500", "400", "expired", "missing",
-# "stranger" (ok, plus a line for an id never sent), "twice" (ok, sent back twice), or any
-# other text: an ok answer whose content is that text.
+# "stranger" (ok, plus a line for an id never sent), "twice" (ok, sent back twice), "invalid"
+# (its batch fails validation, an error naming its line), or any other text: an ok answer
+# whose content is that text.
 Fate = Callable[[str, int], str]
 
 
@@ -149,9 +151,16 @@ class FakeBatchApi(BatchApi):
         if batch.looks >= self.looks_to_end and not batch.info.ended:
             total = len(batch.lines)
             made = int(batch_id.rsplit("_", 1)[1])
-            if self.end_as == "failed" or made in self.fail_made:  # at validation: nothing ran
-                errors = self.fail_made.get(made, self.invalid)
-                batch.info = batch.info._replace(status="failed", counts=BatchCounts(total), errors=errors)
+            flaws = tuple(
+                Flaw("invalid_request", f"{custom_id} is invalid", "body", number)
+                for number, (custom_id, _) in enumerate(batch.lines, 1)
+                if self.fate(custom_id, batch.tries[custom_id]) == "invalid"
+            )
+            if self.end_as == "failed" or made in self.fail_made or flaws:  # at validation: nothing ran
+                errors = tuple(one_line(flaw) for flaw in flaws) or self.fail_made.get(made, self.invalid)
+                batch.info = batch.info._replace(
+                    status="failed", counts=BatchCounts(total), errors=errors, flaws=flaws
+                )
                 for custom_id, _ in batch.lines:
                     self.ran[custom_id] -= 1
             else:

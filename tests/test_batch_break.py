@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pipeline.account.books import Books
 from pipeline.account.cost import Price
 from pipeline.account.usage import Usage
+from pipeline.batch.again import TAKING
 from pipeline.batch.book import Book
 from pipeline.batch.judge import LineJudge
 from pipeline.errors import MalformedResponse
@@ -105,7 +106,7 @@ def _one_line_batch() -> tuple[Ledger, Book, int]:
     n = book.open("m")
     book.list_lines(n, [("job-0", 1, 1, None)])
     book.staged(n, lines=1, size=10)
-    ledger.writing().execute("CREATE TEMP TABLE taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID")
+    ledger.writing().execute(TAKING)
     ledger.commit()
     return ledger, book, n
 

@@ -19,6 +19,8 @@ from tests.fakebatchapi import FakeBatchApi, FakeHost, Killed, at_batch_tier
 
 # Each line's fate at the n-th batch it is in, and how many batches it must be run in.
 FATES: dict[str, tuple[list[str], int]] = {
+    # Its batch fails validation, naming it: it fails, never run; job-1 and job-2 go again.
+    "job-0": (["invalid"], 0),
     "job-1": (["500", "ok"], 2),  # a server error: again, in a new batch
     "job-2": (["expired", "ok"], 2),  # a batch that expired before it: again
     "job-3": (["400"], 1),  # a request the server refuses: a failure, never again
@@ -44,8 +46,10 @@ def _check(folder: Path, rows: list[dict[str, Any]], api: FakeBatchApi, *, runs:
     errors = read_jsonl(folder / "errors.jsonl")
     ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
     assert sorted(ids) == sorted(r["custom_id"] for r in rows)
-    assert [e["custom_id"] for e in errors] == ["job-3"]
-    assert errors[0]["response"]["status_code"] == 400
+    failed = {e["custom_id"]: e for e in errors}
+    assert sorted(failed) == ["job-0", "job-3"]
+    assert failed["job-0"]["error"]["code"] == "invalid_request"
+    assert failed["job-3"]["response"]["status_code"] == 400
     for row in rows:
         custom_id = row["custom_id"]
         if custom_id == "job-3":
@@ -60,6 +64,7 @@ async def test_a_kill_at_every_step_leaves_every_line_once_and_nothing_paid_twic
     make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
 ) -> None:
     rows = bodies(7) + bodies(3, model="other/model", start=7)
+    # (3: job-6 needs three batches; one with job-0 in it spends none of its tries)
     settings = at_batch_tier(make_settings(server[0], rows, max_attempts=3))
     clean = FakeBatchApi(max_lines=3, fate=fate)
     summary = await run(settings, FakeHost(clean))

@@ -3,7 +3,8 @@ batch's own staged file (no second read of the input, images inlined already), e
 into new batches (tries + 1), or, `--then sync`, sent now (`pipeline.batch.now`).
 
 Which lines: those `taking` (the intake's temporary table, one row per line of the batch met)
-marks AGAIN or NOW.
+marks AGAIN or NOW; one sent now with the tries its batches spent (`spent`), and of those the
+answers that broke the verdict (`broke`), which its requests' attempts count on from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from pipeline.job import Outcome, Request, SentNow
 from pipeline.output.ledger import Ledger
 
 AGAIN, NOW = 1, 2  # `taking.again`: in a new batch; sent now
+TAKING = (
+    "CREATE TEMP TABLE IF NOT EXISTS taking "
+    "(id TEXT PRIMARY KEY, again INTEGER, spent INTEGER, broke INTEGER) WITHOUT ROWID"
+)
 SEND_EVERY = 1024  # lines sent now at once, at most
 
 
@@ -42,7 +47,7 @@ async def stage_again(
         with book.path(batch.n).open("rb") as f:
             for data in f:
                 custom_id = orjson.loads(data).get("custom_id")
-                row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
+                row = db.execute("SELECT again, spent FROM taking WHERE id = ?", (custom_id,)).fetchone()
                 if row is None or row[0] != AGAIN:
                     continue
                 listed = book.listed(batch.n, custom_id)
@@ -51,7 +56,7 @@ async def stage_again(
                     batch.model,
                     custom_id,
                     listed.line,
-                    listed.tries + 1,
+                    row[1] + 1,  # (tries spent, and the new batch's)
                     listed.metadata,
                     data,
                     share,
@@ -82,14 +87,26 @@ async def send_now(
         for data in f:
             line = orjson.loads(data)
             custom_id = line.get("custom_id")
-            row = db.execute("SELECT again FROM taking WHERE id = ?", (custom_id,)).fetchone()
+            row = db.execute("SELECT again, spent, broke FROM taking WHERE id = ?", (custom_id,)).fetchone()
             listed = book.listed(batch.n, custom_id) if row is not None and row[0] == NOW else None
             if listed is None:
                 continue
             body = line["body"]
             stream = isinstance(body, dict) and body.get("stream") is True
+            payload = orjson.dumps(body)
+            # (the tries its batches spent, counted on from)
+            spent, broke = row[1] or 0, row[2] or 0
             requests.append(
-                SentNow(custom_id, listed.line, orjson.dumps(body), listed.metadata, batch.model, stream)
+                SentNow(
+                    custom_id,
+                    listed.line,
+                    payload,
+                    listed.metadata,
+                    batch.model,
+                    stream,
+                    spent=spent,
+                    broke=broke,
+                )
             )
             if len(requests) >= SEND_EVERY and not await send():
                 return False

@@ -2,7 +2,8 @@
 
     a result     a 200 that is a chat completion keeping the verdict: results.jsonl
     again        what the synchronous path would try again (429, 5xx, an empty or invalid
-                 answer, a line the batch never ran: expired, cancelled, unanswered), staged
+                 answer, a line the batch never ran: expired, cancelled, unanswered, or held
+                 back by the lines its validation named, `pipeline.batch.flawed`), staged
                  into a new batch from this batch's own file (tries + 1), while it has
                  tries left (`--max-attempts`, and the verdict's own for invalid answers);
                  with `--then sync`, sent now as requests instead
@@ -25,7 +26,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 from pipeline.account.books import Books
-from pipeline.batch.again import NOW, send_now, stage_again
+from pipeline.batch import flawed
+from pipeline.batch.again import NOW, TAKING, send_now, stage_again
 from pipeline.batch.ahead import read_ahead
 from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.judge import LineJudge
@@ -83,9 +85,7 @@ class Intake:
             max_attempts=max_attempts,
             now=now is not None,
         )
-        ledger.writing().execute(
-            "CREATE TEMP TABLE IF NOT EXISTS taking (id TEXT PRIMARY KEY, again INTEGER) WITHOUT ROWID"
-        )
+        ledger.writing().execute(TAKING)
 
     async def take(self, batch: Batch, info: BatchInfo, *, halted: bool = False) -> list[int] | None:
         """Take the ended batch in; the numbers of the batches its lines go again in, or None
@@ -115,7 +115,11 @@ class Intake:
                 f"pipeline: batch {batch.n} ({info.id}) was refused for now ({info.errors[0]}); its "
                 f"{batch.lines:,} lines go again once a batch running has ended"
             )
-        elif invalid:
+        # (only a file has lines: the inline shape's requests are posted, and a number its
+        # errors might give counts what it does not say; then no line is blamed alone)
+        filed = invalid and self.api.shape == "files"
+        named = flawed.named(self.book.path(batch.n), info.flaws) if filed else None
+        if invalid and named is None:
             self.say(
                 f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
                 f"lines with it: {'; '.join(info.errors[:3])}"
@@ -126,14 +130,28 @@ class Intake:
                     self.judge.lines(batch, read, waited)
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
+        held = 0  # lines never run for others' flaws
         for listed in self._unanswered(batch.n):
-            if invalid:
+            if named is not None:
+                flaws = named.get(listed.custom_id)
+                if flaws is not None:
+                    self.judge.flawed(batch, listed, flaws)
+                else:
+                    held += 1
+                    message = f"the batch failed validation at other lines: {'; '.join(info.errors[:3])}"
+                    if len(info.flaws) < flawed.MANY:
+                        self.judge.held(batch, listed, message)
+                    else:
+                        self.judge.again_or_fail(batch, listed, "batch_invalid", message)
+            elif invalid:
                 message = "; ".join(info.errors[:5])
                 self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
             else:
                 self.judge.again_or_fail(
                     batch, listed, "unanswered", f"the batch ended {info.status} without it"
                 )
+        if named is not None:
+            self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
         again = await stage_again(self.book, self.ledger, batch, self.files())
@@ -217,6 +235,19 @@ class Intake:
                 self.judge.first(custom_id)
                 unanswered.append(listed)
         return unanswered
+
+    def _flawed(self, batch: Batch, info: BatchInfo, named: int, held: int) -> str:
+        said = (
+            f"pipeline: batch {batch.n} ({info.id}) failed validation at {named:,} of its {batch.lines:,} "
+            f"lines ({'; '.join(info.errors[:3])}): they fail"
+        )
+        if held and self.judge.halted:
+            return f"{said}, and the other {held:,} with them (the batch was cancelled)"
+        if held:
+            how = "are sent now (--then sync)" if self.now is not None else "go again in a new batch"
+            spent = "" if len(info.flaws) >= flawed.MANY else ", their tries not spent"
+            return f"{said}; the other {held:,} {how}{spent}"
+        return said
 
     # -- writing, and going again ---------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pipeline.batch.book import Batch, Book, Listed
 from pipeline.errors import InvalidOutput, RequestError
 from pipeline.job import Failure, Outcome, Reply, Request, Success
 from pipeline.output.ledger import Ledger
-from pipeline.send.batchapi import ResultLine
+from pipeline.send.batchapi import Flaw, ResultLine
 from pipeline.send.client import check_completion
 from pipeline.send.status import answer_key, http_error
 from pipeline.send.verdict import Verdict
@@ -131,14 +131,18 @@ class LineJudge:
             self.books.attempt(answer_key(e))
             if not isinstance(e, InvalidOutput):
                 self.books.thrown_away(e.body, _request(batch, listed))
+        # --max-attempts and the verdict's own bound count every try the line was sent in,
+        # batch and request alike: one with none left fails, `--then sync` or not (a request
+        # sent now starts from those spent, `SentNow.spent`).
         most = self.max_attempts
-        spent = False  # the verdict's own bound, which `--then sync` honours too: no answer more
-        if isinstance(e, InvalidOutput) and self.verdict is not None:
-            most = min(most, self.verdict.max_attempts)
-            spent = listed.tries >= self.verdict.max_attempts
-        if e.transient and not self.halted and not spent and (self.now or listed.tries < most):
-            # `--then sync`: sent now, at once, where it would wait a new batch's day
-            self._again(listed, NOW if self.now else AGAIN)
+        verdict = self.verdict if isinstance(e, InvalidOutput) else None
+        if verdict is not None:
+            most = min(most, verdict.max_attempts)
+        if e.transient and not self.halted and listed.tries < most:
+            # (`--then sync`: sent now, at once, where it would wait a new batch's day; the book
+            # keeps no count of a line's broken answers: each batch's, counted so)
+            broke = listed.tries if verdict is not None and self.now else 0
+            self._again(listed, NOW if self.now else AGAIN, spent=listed.tries, broke=broke)
             return
         self.outcomes.append(
             Failure(
@@ -156,18 +160,36 @@ class LineJudge:
         )
 
     def again_or_fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
+        """A line the batch never ran (expired, cancelled, unanswered, or kept from running by
+        other lines' flaws): again, while it has tries left. `--then sync` sends it now, at
+        once, where it would wait a new batch: this batch spent none of its tries (nothing was
+        paid), the batches before it did."""
         if self.halted:
             self.fail(batch, listed, code, message)
-        elif self.now:
-            self._again(listed, NOW)  # `--then sync`: at once, where it would wait a new batch
-        elif listed.tries < self.max_attempts:
-            self._again(listed)
+        elif self.now and listed.tries - 1 < self.max_attempts:
+            self._again(listed, NOW, spent=listed.tries - 1)
+        elif not self.now and listed.tries < self.max_attempts:
+            self._again(listed, AGAIN, spent=listed.tries)
         else:
             self.fail(batch, listed, code, _after(message, listed.tries))
 
-    def _again(self, listed: Listed, how: int = AGAIN) -> None:
+    def held(self, batch: Batch, listed: Listed, message: str) -> None:
+        """A line the batch never ran for a few other lines' flaws (`pipeline.batch.flawed`):
+        no fault of its own nor of the batch's time, so this batch spent none of its tries:
+        it goes again as it came, in a new batch or, `--then sync`, now. Bounded all the same:
+        every such batch fails the lines it names, so fewer go again each time."""
+        if self.halted:
+            self.fail(batch, listed, "batch_invalid", message)
+        else:
+            self._again(listed, NOW if self.now else AGAIN, spent=listed.tries - 1)
+
+    def _again(self, listed: Listed, how: int, *, spent: int, broke: int = 0) -> None:
+        """`spent`: the tries the line has spent so far (a new batch lists it at one more, a
+        request sent now counts on from them); `broke`: of those, answers that broke the
+        verdict."""
         self.ledger.writing().execute(
-            "INSERT OR REPLACE INTO taking (id, again) VALUES (?, ?)", (listed.custom_id, how)
+            "INSERT OR REPLACE INTO taking (id, again, spent, broke) VALUES (?, ?, ?, ?)",
+            (listed.custom_id, how, spent, broke),
         )
 
     def fail(self, batch: Batch, listed: Listed, code: str, message: str) -> None:
@@ -181,6 +203,25 @@ class LineJudge:
                 metadata=listed.metadata,
                 model=batch.model,
                 unsent=True,  # not the input's fault: counted as a failed request
+            )
+        )
+
+    def flawed(self, batch: Batch, listed: Listed, flaws: list[Flaw]) -> None:
+        """A line the batch's validation named (`pipeline.batch.flawed`): failed with its own
+        error, as the provider said it (its code, message and param)."""
+        first = flaws[0]
+        message = "; ".join(dict.fromkeys(flaw.message for flaw in flaws))
+        self.outcomes.append(
+            Failure(
+                line=listed.line,
+                code=first.code or "batch_invalid",
+                message=f"{message} (the batch failed validation at this line, {first.line} of its file)",
+                custom_id=listed.custom_id,
+                attempts=listed.tries,
+                metadata=listed.metadata,
+                model=batch.model,
+                extra={"param": first.param},
+                unsent=True,  # never run: not the input's fault as the reader tells it
             )
         )
 

@@ -1,8 +1,9 @@
-"""`--then sync`: the lines a batch left undone once their batch attempts are spent are sent
-now, through the synchronous path's own attempts (pace, send, judge, account, retry), rather
-than failed. Their outcomes are written with the batch they came from, which is taken only
-once they all are: a run stopped while they go takes that batch in again, and sends again
-only what is not done."""
+"""`--then sync`: the lines a batch left undone are sent now, through the synchronous path's
+own attempts (pace, send, judge, account, retry), rather than in a new batch, their attempts
+counted on from the tries their batches spent (`SentNow.spent`: `--max-attempts` bounds them
+all; a line with none left is failed by the judge, not sent). Their outcomes are written with
+the batch they came from, which is taken only once they all are: a run stopped while they go
+takes that batch in again, and sends again only what is not done."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ def info_state(info: BatchInfo) -> dict[str, Any]:
     state = info._asdict()
     state["counts"] = list(info.counts)
     state["errors"] = list(info.errors)
+    del state["flaws"]  # (the errors say them; each line's own is in errors.jsonl)
     return state
 
 

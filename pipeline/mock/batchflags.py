@@ -47,7 +47,8 @@ def add_batch_flags(mock: argparse.ArgumentParser) -> None:
         type=fraction,
         default=0.0,
         help="fraction of a batch's lines answered 500 in its error file, at random (a line whose "
-        "content holds 'fail_me' always fails, with a 400)",
+        "content holds 'fail_me' always fails, with a 400; one that holds 'invalid_me' fails its "
+        "batch's validation, named by line)",
     )
     mock.add_argument(
         "--batch-max-lines",

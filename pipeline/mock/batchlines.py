@@ -21,6 +21,7 @@ from pipeline.mock.answers import completion, job_key, text_of
 # How a line will end, decided when the batch is made (one byte a line).
 OK, FAULT, MARKED, NO_MESSAGES, UNKNOWN_MODEL = range(5)
 FAIL_MARKER = "fail_me"  # a line whose content holds it always fails, with a 400: tests pick lines so
+INVALID_MARKER = "invalid_me"  # a line whose content holds it fails its batch's validation, named
 DISCOUNT = 0.5  # a batch's answers cost half the synchronous price
 MAX_ERRORS = 100  # validation errors listed; past that a provider has said enough
 _FAILURES = {
@@ -143,9 +144,13 @@ def _check_line(
     if text_only and kinds - {"text"}:
         message = f"The Batch API is text-only: this request carries {', '.join(sorted(map(str, kinds - {'text'})))}."
         checked.error("unsupported_content", message, line=number, param="body.messages")
+    text = text_of(messages)
+    if INVALID_MARKER in text:
+        message = f"The request's content holds {INVALID_MARKER!r}, which this mock refuses."
+        checked.error("invalid_request", message, line=number, param="body.messages")
     if model in unknown_models:
         return UNKNOWN_MODEL
-    if FAIL_MARKER in text_of(messages):
+    if FAIL_MARKER in text:
         return MARKED
     return FAULT if draw < fail_rate else OK
 

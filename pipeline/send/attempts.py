@@ -23,7 +23,7 @@ from pipeline.account.books import Books
 from pipeline.account.usage import answer_tokens, reports_usage
 from pipeline.errors import InputError, InvalidOutput, RequestError, RunStopped
 from pipeline.input.reader import input_failure
-from pipeline.job import Failure, Outcome, Reply, Request, Success
+from pipeline.job import Failure, Outcome, Reply, Request, SentNow, Success
 from pipeline.pace.gate import Gate, GivenUp
 from pipeline.run.control import Control, Seat
 from pipeline.send.client import Client
@@ -41,11 +41,13 @@ class _Tries:
     """One request's attempts: how many were sent, how many answers broke the verdict, and
     whether one thrown away was billed (then another must still fit the budget)."""
 
-    __slots__ = ("billed", "invalid", "owner", "request", "seat", "sent")
+    __slots__ = ("before", "billed", "invalid", "owner", "request", "seat", "sent")
 
     def __init__(self, owner: Attempts, request: Request, seat: Seat | None) -> None:
         self.owner, self.request, self.seat = owner, request, seat
-        self.sent = self.invalid = 0
+        # A line a batch left undone (`--then sync`) counts on from the tries its batches spent.
+        self.sent, self.invalid = _spent(request), request.broke if type(request) is SentNow else 0
+        self.before = self.sent  # tries spent before this request's
         self.billed = False
 
     async def attempt(self) -> tuple[Reply, Any]:
@@ -146,14 +148,14 @@ class Attempts:
                 sleep = seat.backoff if seat else self.control.nap
                 try:
                     reply, parsed = await self.retry.call(
-                        tries.attempt, sleep=sleep, failed=failed, started=started
+                        tries.attempt, sleep=sleep, failed=failed, started=started, spent=tries.before
                     )
                 finally:
                     del failed  # (its traceback holds this frame: a cycle, and the answer's body kept)
         except Abandoned:
             return None
         except GivenUp as e:
-            return self._refused(request, tries.sent if tries is not None else 0, str(e))
+            return self._refused(request, tries.sent if tries is not None else _spent(request), str(e))
         except RequestError as e:
             assert tries is not None  # (a RequestError of the first attempt made it)
             return await self._failed(request, tries, e)
@@ -163,7 +165,7 @@ class Attempts:
                 self.books.release(held)
             self.judge.ended()  # a 404's verdict may wait for every other request in hand to end
         if tries is None:  # (one attempt, no verdict: most requests)
-            return Success(request, reply, 1)
+            return Success(request, reply, 1 if type(request) is not SentNow else 1 + request.spent)
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request, reply, tries.sent, parsed, label)  # (positional: half the time of keywords)
 
@@ -198,6 +200,7 @@ class Attempts:
             code="model_not_found",
             message=f"not sent: the server does not serve model {request.model} (it answered: {said})",
             custom_id=request.custom_id,
+            attempts=_spent(request),
             metadata=request.metadata,
             model=request.model,
             unsent=True,
@@ -286,3 +289,9 @@ class Attempts:
         if stop is not None:
             self.control.stop(stop)
             raise Abandoned
+
+
+def _spent(request: Request) -> int:
+    """The tries a request's line spent before it was sent now: in batches, where `--then
+    sync` sends what a batch left undone (`SentNow.spent`); none for any other request."""
+    return request.spent if type(request) is SentNow else 0

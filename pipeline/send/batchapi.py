@@ -34,6 +34,17 @@ class BatchCounts(NamedTuple):
     failed: int = 0
 
 
+class Flaw(NamedTuple):
+    """One reason a batch failed validation, as the provider gave it: OpenAI's `errors.data[]`
+    item (`line`: of the uploaded file, 1 for its first), or the inline shape's one
+    `error.message` (no line)."""
+
+    code: str | None
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
 class BatchInfo(NamedTuple):
     """A batch as the provider last described it."""
 
@@ -46,6 +57,7 @@ class BatchInfo(NamedTuple):
     output_file: str | None = None  # files shape: where the answers are
     error_file: str | None = None  # files shape: where the failed lines are
     errors: tuple[str, ...] = ()  # why a batch failed validation, one line each (with the line number)
+    flaws: tuple[Flaw, ...] = ()  # the same, each as given: which line, what code, what param
 
     @property
     def ended(self) -> bool:

@@ -24,7 +24,7 @@ import orjson
 from pipeline.errors import MalformedResponse
 from pipeline.input.jsonl import dumps
 from pipeline.quote import brief
-from pipeline.send.batchapi import TAG_KEY, BatchCounts, BatchInfo
+from pipeline.send.batchapi import TAG_KEY, BatchCounts, BatchInfo, Flaw
 
 HEAD = 1 << 16  # bytes kept of a line too long to keep: enough to name it
 
@@ -50,6 +50,7 @@ def info_of(obj: Any) -> BatchInfo:
         n = BatchCounts()
     metadata = obj.get("metadata")
     created = obj.get("created_at")
+    flaws = _errors(obj)
     return BatchInfo(
         id=obj["id"],
         status=obj["status"],
@@ -61,28 +62,48 @@ def info_of(obj: Any) -> BatchInfo:
         else None,
         output_file=_text(obj.get("output_file_id")),
         error_file=_text(obj.get("error_file_id")),
-        errors=_errors(obj),
+        errors=tuple(one_line(flaw) for flaw in flaws),
+        flaws=flaws,
     )
 
 
-def _errors(obj: dict[str, Any]) -> tuple[str, ...]:
-    """Why a batch failed: OpenAI's `errors.data` (one a line of the input, each `code:
-    message`), or the inline shape's one `error.message`. The code is kept: not every failure
-    is the lines' fault (`token_limit_exceeded`: the organisation's enqueued tokens were
-    spent by batches still running, and the same batch passes once they end)."""
-    said: list[str] = []
+def _errors(obj: dict[str, Any]) -> tuple[Flaw, ...]:
+    """Why a batch failed: OpenAI's `errors.data` (one a line of the input, each with its
+    `code`, `message`, `param` and `line`), or the inline shape's one `error.message`. The
+    code is kept: not every failure is the lines' fault (`token_limit_exceeded`: the
+    organisation's enqueued tokens were spent by batches still running, and the same batch
+    passes once they end)."""
+    flaws: list[Flaw] = []
     errors = obj.get("errors")
     data = errors.get("data") if isinstance(errors, dict) else None
     for item in data if isinstance(data, list) else ():
         if isinstance(item, dict):
-            where = f"line {item['line']}: " if isinstance(item.get("line"), int) else ""
-            code, message = _text(item.get("code")), _text(item.get("message"))
-            why = f"{code}: {message}" if code and message else code or message or "invalid"
-            said.append(brief(f"{where}{why}"))
+            line = item.get("line")
+            code, message = _brief(item.get("code")), _brief(item.get("message"))
+            flaws.append(
+                Flaw(
+                    code and code[:200],
+                    message or code or "invalid",
+                    _brief(item.get("param")),
+                    line if isinstance(line, int) and not isinstance(line, bool) else None,
+                )
+            )
     error = obj.get("error")
     if isinstance(error, dict) and error.get("message"):
-        said.append(brief(str(error["message"])))
-    return tuple(said)
+        flaws.append(Flaw(None, brief(str(error["message"])) or "invalid"))
+    return tuple(flaws)
+
+
+def _brief(value: Any) -> str | None:
+    """A text a provider gave, on one line and bounded; None for none, or no text."""
+    return (brief(value) or None) if isinstance(value, str) else None
+
+
+def one_line(flaw: Flaw) -> str:
+    """A flaw in one line of text: `line 2: code: message`."""
+    where = f"line {flaw.line}: " if flaw.line is not None else ""
+    why = f"{flaw.code}: {flaw.message}" if flaw.code and flaw.code != flaw.message else flaw.message
+    return brief(f"{where}{why}")
 
 
 def output_line(item: Any) -> bytes:

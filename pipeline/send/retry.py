@@ -91,11 +91,14 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]] | None = None,
         failed: RequestError | None = None,
         started: float | None = None,
+        spent: int = 0,
     ) -> T:
         """Run `fn` until it succeeds, fails for good, or the attempts or time run out;
         the last error is raised as it is. `sleep` waits between attempts. `failed`: the
         first attempt, made by the caller at `started` (time.monotonic), failed so: most
-        requests succeed at once, and their caller pays for no call here."""
+        requests succeed at once, and their caller pays for no call here. `spent`: attempts
+        made before this call's first (in batches, by a line `--then sync` sends now): they
+        count against the attempts allowed."""
         started = time.monotonic() if started is None else started
         wait = sleep or anyio.sleep
         refused = [0.0]  # seconds spent waiting on refusals: not time spent failing
@@ -110,13 +113,14 @@ class RetryPolicy:
             finally:
                 del failed  # (a cycle through the traceback, as below)
         except RequestError as e:
-            if not e.transient or self._max_attempts == 1:
+            if not e.transient or self._max_attempts <= 1 + spent:
                 raise
             error = e
         from tenacity import RetryCallState
 
         policy = self.policy
         state = RetryCallState(policy, fn=None, args=(), kwargs={})
+        state.attempt_number += spent
         try:
             while True:
                 # As tenacity's own loop: should this be retried, after how long, or is it over.
