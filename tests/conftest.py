@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -28,6 +29,16 @@ FAKE_KEY = "sk-test-SECRET-0123456789abcdefXYZ"
 hypothesis_settings.register_profile("ci", max_examples=500, derandomize=True, database=None, deadline=None)
 hypothesis_settings.register_profile("dev", max_examples=500, deadline=None)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+async def until(holds: Callable[[], bool], *, within: float = 60.0) -> None:
+    """Until `holds()` (what a server counted: it signals nothing a test could await), looked
+    at every 10 ms. Where a test slept a second for a process to be under way, that process
+    may take longer to start on a busy machine, or much less on a quiet one."""
+    deadline = time.monotonic() + within
+    while not holds():
+        assert time.monotonic() < deadline, f"not so within {within:g}s"
+        await asyncio.sleep(0.01)
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
