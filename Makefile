@@ -74,13 +74,23 @@ system-deps:
 	  fi; \
 	done
 
-# Three workers on two cores, a file each at a time (a module's fixtures stay in one worker):
-# more than half of these tests' time is waiting (a server's pace, a timeout, a batch's
-# poll), not CPU (289 s of tests, 136 s of CPU), so a third worker takes 151 s down to about
-# 110; then the tests marked `alone`, which measure a limit across many processes, on their own.
-test: check system-deps
-	$(BIN)/pytest -q -n 3 --dist loadfile -m "not alone"
-	$(BIN)/pytest -q -m alone
+# The tests' folders (tmp_path) in memory where the system has a tmpfs for it: the fault, kill
+# and resume tests write, fsync, rename and open thousands of small files and SQLite commits,
+# and what they prove is what a process does, not a disk (test_write_faults: 39 s on the
+# disk, 32 on tmpfs).
+TEST_TMPDIR := $(firstword $(wildcard /dev/shm) $(TMPDIR) /tmp)
+
+# The install and the checks beside system-deps (apt-get): neither waits for the other. Then
+# three workers on two cores, a file each at a time (a module's fixtures stay in one worker),
+# the longest files first (tests/conftest.py orders them; xdist's own order is by how many
+# tests a file holds): more than half of these tests' time is waiting (a server's pace, a
+# timeout, a batch's poll), not CPU (289 s of tests, 136 s of CPU), so a third worker takes
+# 151 s down to about 110; then the tests marked `alone`, which measure a limit across many
+# processes, on their own.
+test:
+	@$(MAKE) --no-print-directory -j2 check system-deps
+	TMPDIR=$(TEST_TMPDIR) $(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not alone"
+	TMPDIR=$(TEST_TMPDIR) $(BIN)/pytest -q -m alone
 
 # Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -28,6 +30,44 @@ FAKE_KEY = "sk-test-SECRET-0123456789abcdefXYZ"
 hypothesis_settings.register_profile("ci", max_examples=500, derandomize=True, database=None, deadline=None)
 hypothesis_settings.register_profile("dev", max_examples=500, deadline=None)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+# The files that take longest (`--durations`, summed by file), longest first: collected first,
+# so that `make test` (--dist loadfile --no-loadscope-reorder: a file to a worker, in this
+# order) starts them first, and no long one starts near the end to run on by itself. The rest
+# follow by how many tests they hold, as xdist orders them. By xdist's order alone, the
+# longest file (test_write_faults, 54 s) started at 60 % of the way.
+FIRST = (
+    "test_write_faults.py",
+    "test_shared_limit.py",
+    "test_ray_stops.py",
+    "test_report.py",
+    "test_properties_input.py",
+    "test_scopes.py",
+    "test_crash.py",
+    "test_readme.py",
+    "test_pace_account.py",
+    "test_adaptive.py",
+    "test_token_count.py",
+    "test_batch_faults.py",
+    "test_timeouts.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    held = Counter(item.path.name for item in items)
+    items.sort(key=lambda item: (rank.get(item.path.name, len(FIRST)), -held[item.path.name]))
+
+
+async def until(holds: Callable[[], bool], *, within: float = 60.0) -> None:
+    """Until `holds()` (what a server counted: it signals nothing a test could await), looked
+    at every 10 ms. Where a test slept a second for a process to be under way, that process
+    may take longer to start on a busy machine, or much less on a quiet one."""
+    deadline = time.monotonic() + within
+    while not holds():
+        assert time.monotonic() < deadline, f"not so within {within:g}s"
+        await asyncio.sleep(0.01)
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:

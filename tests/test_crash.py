@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
+from tests.conftest import FAKE_KEY, bodies, read_jsonl, until, write_jsonl
 
 
 async def start(
@@ -87,7 +87,7 @@ async def test_sigint_finishes_what_is_in_flight_and_exits_130(mock, tmp_path: P
     out = tmp_path / "out"
     async with mock(latency=0.3, record=False) as (url, server):
         proc = await start(url, src, out, "--concurrency", "8")
-        await asyncio.sleep(1.0)
+        await until(lambda: sum(server.state.answered.values()) >= 8)  # under way, answers written
         proc.send_signal(signal.SIGINT)
         stdout, stderr = await proc.communicate()
         assert proc.returncode == 130, stderr.decode()
@@ -108,9 +108,9 @@ async def test_sigint_finishes_what_is_in_flight_and_exits_130(mock, tmp_path: P
 
 async def test_sigterm_is_an_interrupt_too(mock, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(100))
-    async with mock(latency=0.2, record=False) as (url, _):
+    async with mock(latency=0.2, record=False) as (url, server):
         proc = await start(url, src, tmp_path / "out", "--concurrency", "4")
-        await asyncio.sleep(0.8)
+        await until(lambda: server.state.in_flight > 0)  # under way: it listens for signals
         proc.send_signal(signal.SIGTERM)
         await proc.communicate()
     assert proc.returncode == 130
@@ -119,9 +119,9 @@ async def test_sigterm_is_an_interrupt_too(mock, tmp_path: Path) -> None:
 async def test_a_second_sigint_cancels_what_is_in_flight_at_once(mock, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
     out = tmp_path / "out"
-    async with mock(latency=30.0, record=False) as (url, _server):
+    async with mock(latency=30.0, record=False) as (url, server):
         proc = await start(url, src, out, "--concurrency", "4")
-        await asyncio.sleep(1.0)
+        await until(lambda: server.state.in_flight == 4)
         proc.send_signal(signal.SIGINT)
         await asyncio.sleep(0.5)
         assert proc.returncode is None  # waiting for the four in flight

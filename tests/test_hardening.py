@@ -23,7 +23,7 @@ from pipeline.job import Request
 from pipeline.jobfile import Price
 from pipeline.output import appendfile
 from pipeline.send.sse import StreamAssembler
-from tests.conftest import FAKE_KEY, bodies, read_jsonl, write_jsonl
+from tests.conftest import FAKE_KEY, bodies, read_jsonl, until, write_jsonl
 from tests.test_crash import start
 
 
@@ -274,9 +274,9 @@ async def test_a_server_that_ignores_stream_true_still_gives_a_result(
 
 async def test_an_interrupt_does_not_wait_for_retries_to_wake(mock, tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", bodies(40))
-    async with mock(rate_429=1.0, retry_after=30.0, record=False) as (url, _):
+    async with mock(rate_429=1.0, retry_after=30.0, record=False) as (url, server):
         proc = await start(url, src, tmp_path / "out", "--concurrency", "4")
-        await asyncio.sleep(1.5)
+        await until(lambda: server.state.statuses["429"] >= 1)  # a retry waits 30 s
         began = time.monotonic()
         proc.send_signal(signal.SIGINT)
         await proc.communicate()

@@ -17,7 +17,7 @@ from pipeline.pace.pacer import Pacer
 from pipeline.pace.window import Window
 from pipeline.run.control import Control
 from pipeline.run.summary import EXIT_INTERRUPTED, EXIT_OK, exit_status
-from tests.conftest import bodies, read_jsonl, write_jsonl
+from tests.conftest import bodies, read_jsonl, until, write_jsonl
 from tests.test_crash import start
 
 QUICK = 2.0  # seconds a stop may take with nothing in flight
@@ -132,9 +132,9 @@ async def test_the_first_ctrl_c_says_how_many_are_in_flight_and_what_a_second_do
     from pipeline.mock.hosting import start_mock
 
     src = write_jsonl(tmp_path / "in.jsonl", bodies(20))
-    async with start_mock(MockConfig(latency=30.0)) as (url, _):
+    async with start_mock(MockConfig(latency=30.0)) as (url, server):
         proc = await start(url, src, tmp_path / "out", "--concurrency", "4")
-        await asyncio.sleep(1.0)
+        await until(lambda: server.state.in_flight == 4)
         assert proc.stderr is not None
         proc.send_signal(signal.SIGINT)
         said = (await asyncio.wait_for(proc.stderr.readline(), timeout=QUICK)).decode()
