@@ -74,12 +74,6 @@ system-deps:
 	  fi; \
 	done
 
-# The tests' folders (tmp_path) in memory where the system has a tmpfs for it: the fault, kill
-# and resume tests write, fsync, rename and open thousands of small files and SQLite commits,
-# and what they prove is what a process does, not a disk (test_write_faults: 39 s on the
-# disk, 32 on tmpfs).
-TEST_TMPDIR := $(firstword $(wildcard /dev/shm) $(TMPDIR) /tmp)
-
 # The install and the checks beside system-deps (apt-get): neither waits for the other. Then
 # three workers on two cores, a file each at a time (a module's fixtures stay in one worker),
 # the longest files first (tests/conftest.py orders them; xdist's own order is by how many
@@ -89,8 +83,8 @@ TEST_TMPDIR := $(firstword $(wildcard /dev/shm) $(TMPDIR) /tmp)
 # processes, on their own.
 test:
 	@$(MAKE) --no-print-directory -j2 check system-deps
-	TMPDIR=$(TEST_TMPDIR) $(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not alone"
-	TMPDIR=$(TEST_TMPDIR) $(BIN)/pytest -q -m alone
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not alone"
+	$(BIN)/pytest -q -m alone
 
 # Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt
