@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import re
+import sqlite3
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import pytest
 
 import pipeline
 from pipeline.cli import _merge, main
-from pipeline.output.device import Mount, device, mount_of
+from pipeline.output.device import Mount, device, mount_of, unwritable
 from tests.conftest import bodies, write_jsonl
 from tests.test_crash import start, whole_lines
 
@@ -191,3 +192,30 @@ async def test_a_full_sqlite_temporary_folder_is_named_and_what_was_kept_is_coun
             assert proc.returncode == 0, (said, err)
             asked_again = [b["messages"][0]["content"] for b in server.state.received[asked_first:]]
     resumed_once(out, [row["custom_id"] for row in rows], asked_again, kept_first)
+
+
+def test_sqlite_full_where_only_the_folder_is_out_of_room_names_the_folder_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite says "database or disk is full" for its own file in the folder as for its
+    # temporary store elsewhere. Where the folder's device is the one with no room left, the
+    # stop says to make room there, not to look at a temporary folder with gigabytes free (a
+    # full disk's stop read either way, by which of the two SQLite met first).
+    disk = tmp_path / "disk"
+    roomy = tmp_path / "temp"
+    roomy.mkdir()
+    monkeypatch.setenv("SQLITE_TMPDIR", str(roomy))
+    full = sqlite3.OperationalError("database or disk is full")
+    with tmpfs(disk, "1m"):
+        out = disk / "out"
+        out.mkdir()
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as f:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        line = unwritable(out, full, kept=12)
+    assert f"cannot write to {out} (database or disk is full; tmpfs mounted at {disk}" in line
+    assert line.endswith(
+        ": 12 results kept there; make room there, then run the same command again to resume"
+    )
+    assert "SQLite keeps its temporary files" not in line

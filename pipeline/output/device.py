@@ -121,9 +121,18 @@ def _temp_elsewhere(folder: Path, error: BaseException) -> Path | None:
     temp = sqlite_temp_folder()
     try:
         elsewhere = temp is not None and os.stat(temp).st_dev != os.stat(_existing(folder)).st_dev
+        # Unless the folder's device is the one out of room and the other is not.
+        if elsewhere and temp is not None and _spent(folder) and not _spent(temp):
+            return None
     except OSError:
         return None
     return temp if elsewhere else None
+
+
+def _spent(path: Path) -> bool:
+    """Whether the device of `path` has next to no room left (under 1 MiB, or 0.1 %)."""
+    usage = shutil.disk_usage(_existing(path))
+    return usage.free < max(1 << 20, usage.total // 1000)
 
 
 def unwritable(
