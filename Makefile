@@ -92,7 +92,7 @@ $(BENCH_STAMP): $(STAMP) bench/requirements.txt
 	@touch $@
 
 # make bench [SCENARIOS=clean,rpm] [BENCH_ARGS="--requests 2000 --rate-requests 600 --lines 200000"]
-# Scenarios: clean latency faults rpm tpm memory slow unstated bucket stall caption shards cluster killed batches (all by default);
+# Scenarios: clean latency faults rpm tpm memory slow unstated bucket stall caption shards cluster killed batches prefix (all by default);
 # figures in bench/out/results.json. BENCH_ARGS="--scale 0.1" shrinks the last four.
 SCENARIOS ?=
 BENCH_ARGS ?=

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import batches, caption, cluster, killed, real, scenarios, shards, styles
+from bench import batches, caption, cluster, killed, prefix, real, scenarios, shards, styles
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -28,6 +28,7 @@ SCENARIOS: dict[str, Scenario] = {
     **cluster.SCENARIOS,
     **killed.SCENARIOS,
     **batches.SCENARIOS,
+    **prefix.SCENARIOS,
 }
 
 
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         "--scale",
         type=float,
         default=1.0,
-        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models', 'batches'])}"
+        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models', 'batches', 'prefix'])}"
         " (0.1: a quick look; default 1)",
     )
     p.add_argument(

@@ -49,6 +49,8 @@ class MockFlags:
     batch_validating: float = 0.0  # seconds a batch spends in each state
     batch_seconds: float = 0.0
     batch_finalizing: float = 0.0
+    prefix_cache: int = 0  # prefixes a model the mock's prompt cache keeps (0: off)
+    prefix_cache_ttl: float = 300.0  # seconds each is kept after its last use
 
     @property
     def batch_time(self) -> float:
@@ -85,6 +87,13 @@ class MockFlags:
             out += ["--tpm", f"{self.tpm:g}", "--tpm-count", self.tpm_count]
         if self.ratelimit_headers:
             out.append("--ratelimit-headers")
+        if self.prefix_cache:
+            out += [
+                "--prefix-cache",
+                str(self.prefix_cache),
+                "--prefix-cache-ttl",
+                f"{self.prefix_cache_ttl:g}",
+            ]
         if self.batch_api:
             out += ["--batch-api", self.batch_api]
             for name in ("validating", "seconds", "finalizing"):
@@ -128,6 +137,10 @@ class MockFlags:
             parts.append(f"--tpm {self.tpm:g} counted {counted}")
         if self.wait_said and (self.rpm or self.tpm or self.model_rpm):
             parts.append(f"waits said: {self.wait_said}")
+        if self.prefix_cache:
+            parts.append(
+                f"a prompt cache of {self.prefix_cache} prefixes a model, each kept {self.prefix_cache_ttl:g} s"
+            )
         if self.batch_api:
             parts.append(
                 f"{self.batch_api} batches, {self.batch_validating:g} s validating, {self.batch_seconds:g} s"

@@ -2,7 +2,8 @@
 completion, with realistic `usage` (prompt tokens estimated from the text, `cost` at $0.50 /
 $1.50 per million tokens) and honouring `n`, `tools`, `logprobs`, `stop`, `response_format`
 (a value that satisfies the JSON schema), OpenRouter's `models` fallbacks, and streaming (the
-same answer cut into chunks)."""
+same answer cut into chunks). With the prefix cache on (`pipeline.mock.prefixcache`), the prompt
+tokens it served are reported as cached, and cost a quarter."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from typing import Any
 
 import orjson
 
+from pipeline.mock.prefixcache import Served
+
 PRICE_PROMPT = 0.50  # dollars per million tokens
 PRICE_COMPLETION = 1.50
+CACHED_PRICE = 0.25  # of the prompt price, for a cached prompt token (OpenAI's older models; OpenRouter)
+WRITTEN_PRICE = 1.25  # of the prompt price, for a prompt token written to the cache (Anthropic's)
 ANSWER_MAX = 64  # tokens an answer may use when the request sets no max_tokens
 WORDS = [
     "calm",
@@ -132,8 +137,10 @@ def _tool_call(body: dict[str, Any], h: int) -> dict[str, Any] | None:
     }
 
 
-def completion(body: dict[str, Any], *, cost: bool = True) -> dict[str, Any]:
-    """The deterministic chat completion the mock answers `body` with."""
+def completion(body: dict[str, Any], *, cost: bool = True, cache: Served | None = None) -> dict[str, Any]:
+    """The deterministic chat completion the mock answers `body` with; `cache`: what the prefix
+    cache served it (None: the cache is off, and one request in four says half its prompt was
+    cached, at the full price)."""
     h = int(job_key(body), 16)
     n = body["n"] if isinstance(body.get("n"), int) and body["n"] > 0 else 1
     model = body.get("model")
@@ -173,15 +180,22 @@ def completion(body: dict[str, Any], *, cost: bool = True) -> dict[str, Any]:
             }
         choices.append(choice)
     prompt_tokens = estimate_tokens(body)
+    if cache is None:
+        details = {"cached_tokens": prompt_tokens // 2 if h % 4 == 0 else 0}
+        prompt_price = prompt_tokens * PRICE_PROMPT
+    else:
+        details = {"cached_tokens": cache.cached, "cache_write_tokens": cache.written}
+        fresh = prompt_tokens - cache.cached - cache.written
+        prompt_price = (fresh + cache.cached * CACHED_PRICE + cache.written * WRITTEN_PRICE) * PRICE_PROMPT
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": prompt_tokens // 2 if h % 4 == 0 else 0},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
     if cost:
-        usage["cost"] = round((prompt_tokens * PRICE_PROMPT + completion_tokens * PRICE_COMPLETION) / 1e6, 10)
+        usage["cost"] = round((prompt_price + completion_tokens * PRICE_COMPLETION) / 1e6, 10)
     return {
         "id": f"chatcmpl-mock{h % 10**12:012d}",
         "object": "chat.completion",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from pipeline.arguments import positive_float
+from pipeline.arguments import positive_float, positive_int
 from pipeline.mock.names import COUNTS, STYLES, WAYS, Change
 
 if TYPE_CHECKING:
@@ -156,6 +156,29 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
     )
     mock.add_argument("--ratelimit-headers", action="store_true", help="send x-ratelimit-* headers")
     mock.add_argument("--no-cost", action="store_true", help="leave usage.cost out")
+    mock.add_argument(
+        "--prefix-cache",
+        type=positive_int,
+        metavar="N",
+        help="keep a provider's prompt cache: N prefixes a model (messages before the last, or up to "
+        "a cache_control marker), least recently used dropped first; cached tokens reported in "
+        "usage.prompt_tokens_details and costed at a quarter. Off: one answer in four says half "
+        "its prompt was cached",
+    )
+    mock.add_argument(
+        "--prefix-cache-ttl",
+        type=positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds a prefix is kept after its last use (default 300)",
+    )
+    mock.add_argument(
+        "--prefix-cache-min-tokens",
+        type=positive_int,
+        default=1024,
+        metavar="TOKENS",
+        help="the fewest tokens a prefix is cached and read from (default 1024, as OpenAI's)",
+    )
     from pipeline.mock.batchflags import add_batch_flags
 
     add_batch_flags(mock)
@@ -203,6 +226,9 @@ def mock_config(args: argparse.Namespace) -> MockConfig:
         ratelimit_headers=args.ratelimit_headers,
         unknown_models=tuple(args.unknown_model),
         cost=not args.no_cost,
+        prefix_cache=args.prefix_cache or 0,
+        prefix_cache_ttl=args.prefix_cache_ttl,
+        prefix_cache_min_tokens=args.prefix_cache_min_tokens,
         seed=args.seed,
         **batch_options(args),
     )

@@ -48,6 +48,12 @@ class MockConfig:
     credits: int | None = None  # successful answers before every answer is 402
     unknown_models: tuple[str, ...] = ()  # answered 404 model_not_found, as a server does
     cost: bool = True  # report usage.cost
+    # A provider's prompt cache (`pipeline.mock.prefixcache`): this many prefixes a model (0: off,
+    # and one answer in four says half its prompt was cached), each kept this many seconds after
+    # its last use, read only from this many tokens on.
+    prefix_cache: int = 0
+    prefix_cache_ttl: float = 300.0
+    prefix_cache_min_tokens: int = 1024
     # Actions taken first, in order: a status (429, 500...), "ok", "timeout", "drop",
     # "malformed", "error200", "cut", "chatty" (content that ignores response_format),
     # "moderated" (OpenRouter's 403 for flagged input) or "no_quota" (OpenAI's 429 for an
@@ -60,7 +66,9 @@ class MockConfig:
         False  # put the caller's Authorization header in error messages, as a careless server would
     )
     seed: int = 0
-    clock: Callable[[], float] = time.time  # what the limits and batches count by (tests pass a fake one)
+    clock: Callable[[], float] = (
+        time.time
+    )  # what the limits, batches and prefix cache count by (tests pass a fake one)
     # The batch APIs (`pipeline.mock.batches`): "files" (OpenAI's), "inline" (OpenRouter's) or
     # "none" (every files and batches path 404, as at an endpoint without one).
     batch_api: str = "files"

@@ -13,8 +13,9 @@ errors inside a 200, streams cut short or stalled, rate limits counted as real s
 them, the account's and each model's (`pipeline.mock.admission`), a key the server refuses,
 credits that run out. It serves a provider's batch APIs too, OpenAI's files shape or
 OpenRouter's inline one (`pipeline.mock.batchroutes`), batches moving on the same clock as the
-limits. Tests start it in-process (`pipeline.mock.hosting`); the benchmark reads its
-counters (`pipeline.mock.state`) from `GET /mock/stats`.
+limits, and can keep a provider's prompt cache (`pipeline.mock.prefixcache`). Tests start it
+in-process (`pipeline.mock.hosting`); the benchmark reads its counters (`pipeline.mock.state`:
+statuses, what the limits let through, the tokens served and cached) from `GET /mock/stats`.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ class MockServer:
             st.statuses["error200"] += 1
             err = {"error": {"message": "upstream provider overloaded", "code": 502}}
             return web.Response(body=orjson.dumps(err), content_type="application/json")
-        full = completion(body, cost=cfg.cost)
+        cache = st.prefix_cache.serve(body) if st.prefix_cache is not None else None
+        full = completion(body, cost=cfg.cost, cache=cache)
         if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in text_of(body["messages"])):
             # A model that ignores the requested format: the answer is billed all the same.
             full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
@@ -215,6 +217,7 @@ class MockServer:
             return await self._stream(request, body, full, headers, key, cut=action == "cut", stall=stall)
         st.statuses["200"] += 1
         st.answered[key] += 1
+        st.delivered(full["usage"])
         return web.Response(body=orjson.dumps(full), content_type="application/json", headers=headers)
 
     async def _stream(
@@ -258,5 +261,6 @@ class MockServer:
             await response.write(b"data: [DONE]\n\n")
             st.statuses["200"] += 1
             st.answered[key] += 1
+            st.delivered(full["usage"])
         await response.write_eof()
         return response

@@ -11,6 +11,9 @@ from typing import Any
 
 from pipeline.mock.admission import Admission
 from pipeline.mock.config import MockConfig
+from pipeline.mock.prefixcache import PrefixCache
+
+SERVED = ("prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens", "cost")
 
 
 @dataclass
@@ -62,9 +65,22 @@ class MockState:
     in_flight: int = 0
     max_in_flight: int = 0
     batch: BatchTally = field(default_factory=BatchTally)
+    prefix_cache: PrefixCache | None = field(init=False)
+    # the usage of the answers delivered (SERVED): what a bench reads the share cached from
+    served: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SERVED, 0))
 
     def __post_init__(self) -> None:
         cfg = self.config
+        self.prefix_cache = (
+            PrefixCache(
+                size=cfg.prefix_cache,
+                ttl=cfg.prefix_cache_ttl,
+                min_tokens=cfg.prefix_cache_min_tokens,
+                clock=cfg.clock,
+            )
+            if cfg.prefix_cache
+            else None
+        )
         self.admission = Admission(
             style=cfg.limit_style,
             rpm=cfg.rpm,
@@ -78,6 +94,13 @@ class MockState:
             way=cfg.wait_said,
             clock=cfg.clock,
         )
+
+    def delivered(self, usage: dict[str, Any]) -> None:
+        """Count an answer's usage as served."""
+        details = usage.get("prompt_tokens_details") or {}
+        for name in SERVED:
+            value = usage.get(name, details.get(name, 0))
+            self.served[name] += value if isinstance(value, int | float) else 0
 
     @property
     def accepted_per_second(self) -> Counter[int]:
@@ -99,5 +122,6 @@ class MockState:
             # the most scattered 429s one job met: the Retry-Afters any client had to wait in a row
             "most_refusals_of_a_job": max(self.refused_jobs.values(), default=0),
             "max_in_flight": self.max_in_flight,
+            "served": {k: round(v, 10) if k == "cost" else int(v) for k, v in self.served.items()},
             "batch": self.batch.stats(),
         }

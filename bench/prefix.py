@@ -1,0 +1,154 @@
+"""Lines that share long prefixes (issue 23, point 3): 10,000 lines in random order over 50
+system prompts of about 2,000 tokens (fixed few-shot text), each with a short question, against
+the mock keeping a provider's prompt cache (`pipeline mock --prefix-cache 8 --prefix-cache-ttl
+300`: 8 prefixes, each 5 minutes after its last use, the least recently used dropped first).
+Judged: the share of prompt tokens the mock served from its cache, and the dollars (cached
+tokens at a quarter of the prompt price), in input order now; later with the lines that share
+a prefix sent close together."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import orjson
+
+from bench.mock import MockFlags
+from bench.report import Check, ScenarioResult
+from bench.runs import PIPELINE_RUN, ClientRun
+from bench.scenarios import Done, Options, _lost_check, _run, _slug
+from pipeline.mock.answers import CACHED_PRICE, PRICE_PROMPT
+from pipeline.mock.prefixcache import PrefixCache, blocks
+
+LINES = 10_000
+PROMPTS = 50
+PROMPT_TOKENS = 2_000  # each system prompt's, about
+KEPT = 8
+TTL = 300.0
+LATENCY_MS = 20.0
+MODEL = "bench/model"
+SHARE_SLACK = 0.02  # the measured share may stray this far from an LRU's C/N
+_LABELS = ("billing", "bug", "account", "feature", "outage", "refund", "security", "praise")
+_WORDS = (
+    "cannot",
+    "log",
+    "in",
+    "charged",
+    "twice",
+    "page",
+    "slow",
+    "export",
+    "broken",
+    "thanks",
+    "since",
+    "update",
+)
+
+
+def _system(i: int) -> str:
+    """A fixed few-shot prompt of about PROMPT_TOKENS tokens (4 characters a token), its own."""
+    rng = random.Random(i)
+    lines = [f"You are support triage assistant #{i}. Label each ticket with one of: {', '.join(_LABELS)}."]
+    n = 0
+    while sum(len(line) + 1 for line in lines) < 4 * PROMPT_TOKENS:
+        n += 1
+        ticket = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14)))
+        lines.append(f"Example {n}: {ticket} -> {rng.choice(_LABELS)}")
+    return "\n".join(lines)
+
+
+def _inputs(out: Path, lines: int) -> Path:
+    path = out / "inputs" / "prefix" / f"lines-{lines}-prompts-{PROMPTS}.jsonl"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    systems = [_system(i) for i in range(PROMPTS)]
+    rng = random.Random(23)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        for n in range(lines):
+            question = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 12)))
+            body = {
+                "custom_id": f"t-{n:06d}",
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": systems[rng.randrange(PROMPTS)]},
+                    {"role": "user", "content": f"Ticket {n}: {question}"},
+                ],
+                "max_tokens": 16,
+            }
+            f.write(orjson.dumps(body) + b"\n")
+    tmp.replace(path)
+    return path
+
+
+def _replayed(path: Path) -> tuple[float, float]:
+    """The cached share the mock's cache gives the input sent one line at a time in its order,
+    and the share an LRU's C/N of the shared prefixes' tokens comes to."""
+    cache = PrefixCache(size=KEPT, ttl=TTL, min_tokens=1024, clock=lambda: 0.0)
+    prompt = cached = shared = 0
+    with path.open("rb") as f:
+        for line in f:
+            body = orjson.loads(line)
+            chain = blocks(body)
+            prompt += chain[-1].tokens + 3  # estimate_tokens: the blocks' tokens and 3
+            shared += chain[0].tokens
+            cached += cache.serve(body).cached
+    return cached / prompt, KEPT / PROMPTS * shared / prompt
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def prefix(opts: Options, done: Done) -> ScenarioResult:
+    load = os.getloadavg()
+    lines = max(int(LINES * opts.scale), PROMPTS * 10)
+    path = _inputs(opts.out, lines)
+    flags = MockFlags(latency_ms=LATENCY_MS, prefix_cache=KEPT, prefix_cache_ttl=TTL)
+    runs: list[ClientRun] = [_run("prefix", opts, PIPELINE_RUN, path, flags)]
+    in_order, lru = _replayed(path)
+    checks: list[Check] = []
+    for run in runs:
+        served = run.mock.get("served", {})
+        prompt, cached = served.get("prompt_tokens", 0), served.get("cached_tokens", 0)
+        share = cached / max(prompt, 1)
+        dollars = float(served.get("cost", 0.0))
+        uncached = dollars + cached * (1 - CACHED_PRICE) * PRICE_PROMPT / 1e6
+        usage = opts.out / "runs" / "prefix" / _slug(run.client) / "output" / "usage.json"
+        reported = orjson.loads(usage.read_bytes())["cost"]["total"] if usage.exists() else None
+        name = run.client.name
+        checks += [
+            Check(
+                f"{name}: prompt tokens served from the mock's cache",
+                f"{_pct(share)} of {prompt:,}",
+                f"{_pct(lru)} ± {SHARE_SLACK:.0%} (an LRU of {KEPT} of {PROMPTS} prefixes)",
+                abs(share - lru) <= SHARE_SLACK,
+            ),
+            Check(
+                f"{name}: dollars (cached at a quarter) / with nothing cached",
+                f"${dollars:.4f} / ${uncached:.4f} ({_pct(1 - dollars / uncached if uncached else 0)} saved)",
+            ),
+            Check(
+                f"{name}: dollars its usage.json reports / the mock's",
+                "-" if reported is None else f"${reported:.4f} / ${dollars:.4f}",
+                "equal",
+                reported is not None and abs(reported - dollars) < 1e-6,
+            ),
+            _lost_check(run),
+        ]
+    checks.append(Check("the input replayed one line at a time through the mock's cache", _pct(in_order)))
+    title = (
+        f"{lines:,} lines in random order over {PROMPTS} system prompts of about {PROMPT_TOKENS:,} tokens, "
+        f"mock: {flags.describe()}"
+    )
+    notes = [
+        f"with every prefix equally likely, an LRU of {KEPT} holds the next line's prefix {KEPT} times in "
+        f"{PROMPTS} ({KEPT / PROMPTS:.0%}): the cached share is that of the system prompts' tokens",
+        "sending the lines that share a prefix close together is not built yet: input order only",
+    ]
+    return ScenarioResult("prefix", title, runs=runs, checks=checks, notes=notes, load_before=load)
+
+
+SCENARIOS = {"prefix": prefix}

@@ -1,0 +1,202 @@
+"""The mock's prompt cache (`pipeline mock --prefix-cache N`) behaves as a provider's: a long
+shared prefix is read from it by the next request, a few prefixes a model are kept, the least
+recently used dropped first, each for its ttl on the mock's clock; what it served is in the
+answer's usage, priced at a quarter, and in the mock's stats."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.mock.answers import PRICE_PROMPT, completion, estimate_tokens
+from pipeline.mock.command import add_mock_flags, mock_config
+from pipeline.mock.prefixcache import PrefixCache, Served
+from tests.simulated import Clock
+
+LONG = 1200  # tokens of a system prompt: over the 1,024 cached at least
+
+
+def system(n: int, tokens: int = LONG) -> dict[str, Any]:
+    return {"role": "system", "content": f"Instructions {n:03d}. " + "x" * (4 * tokens - 20)}
+
+
+def body(n: int, question: str = "what?", **more: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [system(n), {"role": "user", "content": question}], **more}
+
+
+def cache(size: int = 3, clock: Clock | None = None, min_tokens: int = 1024) -> PrefixCache:
+    return PrefixCache(size=size, ttl=300.0, min_tokens=min_tokens, clock=clock or Clock())
+
+
+def test_the_second_request_with_the_same_long_system_prompt_reads_it_from_the_cache() -> None:
+    c = cache()
+    assert c.serve(body(1, "first")) == Served(0, 0)
+    second = c.serve(body(1, "second"))
+    assert second.cached == estimate_tokens({"messages": [system(1)]}) - 3  # the system message's share
+    assert second.cached >= LONG
+    assert c.serve(body(2, "other")) == Served(0, 0)  # another system prompt: not cached yet
+    short = {"model": "m", "messages": [system(3, tokens=500), {"role": "user", "content": "a"}]}
+    assert c.serve(short) == c.serve(short) == Served(0, 0)  # under 1,024 tokens: never cached
+
+
+def test_a_prefix_is_dropped_after_n_others_and_a_read_keeps_it() -> None:
+    c = cache(size=3)
+    for n in (1, 2, 3):
+        c.serve(body(n))
+    assert c.serve(body(1)).cached > 0  # read: now the most recently used
+    c.serve(body(4))  # drops 2, the least recently used
+    assert c.serve(body(3)).cached > 0
+    assert c.serve(body(1)).cached > 0
+    assert c.serve(body(2)).cached == 0
+    assert c.kept("m") == 3
+    for n in (5, 6, 7):  # three others after 1's last use
+        c.serve(body(n))
+    assert c.serve(body(1)).cached == 0
+    # A read alone (the instructions sent with nothing after them: nothing to write) keeps it too.
+    c.serve(body(8))
+    assert c.serve({"model": "m", "messages": [system(7)]}).cached > 0
+    c.serve(body(9))  # drops 1, not 7
+    assert c.serve(body(7)).cached > 0
+
+
+def test_a_prefix_expires_its_ttl_after_its_last_use_on_the_mocks_clock() -> None:
+    clock = Clock()
+    c = cache(clock=clock)
+    c.serve(body(1))
+    clock.now += 299
+    assert c.serve(body(1)).cached > 0  # used again: kept 300 s from now
+    clock.now += 299
+    assert c.serve(body(1)).cached > 0
+    clock.now += 300
+    assert c.kept("m") == 0
+    assert c.serve(body(1)).cached == 0
+
+
+def test_models_and_prompt_cache_keys_keep_their_own_prefixes() -> None:
+    c = cache(size=1)
+    c.serve(body(1))
+    c.serve(body(1) | {"model": "other"})  # another model's room: the first is kept
+    assert c.serve(body(1)).cached > 0
+    c.serve(body(1, prompt_cache_key="k"))
+    assert c.serve(body(1, prompt_cache_key="k")).cached > 0
+    assert c.serve(body(1, prompt_cache_key="j")).cached == 0  # another key routes elsewhere
+
+
+def test_tools_lead_the_prompt_and_the_last_message_is_not_kept() -> None:
+    c = cache()
+    tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    c.serve(body(1, tools=tool))
+    assert c.serve(body(1)).cached == 0  # the same messages, without the tools: another prefix
+    assert c.serve(body(1, tools=tool)).cached > 0
+    # A long question alone: nothing before it to keep, so asked again it is not read.
+    alone = {"model": "m", "messages": [{"role": "user", "content": "y" * 8000}]}
+    assert c.serve(alone) == c.serve(alone) == Served(0, 0)
+
+
+def test_cache_control_writes_the_prefix_up_to_the_marker_and_says_so() -> None:
+    c = cache()
+    marked = {
+        "type": "text",
+        "text": "Instructions 001. " + "x" * 4800,
+        "cache_control": {"type": "ephemeral"},
+    }
+    first = {
+        "model": "m",
+        "messages": [{"role": "system", "content": [marked]}, {"role": "user", "content": "a"}],
+    }
+    written = c.serve(first)
+    assert written.cached == 0
+    assert written.written >= LONG
+    again = c.serve(first | {"messages": [*first["messages"][:1], {"role": "user", "content": "b"}]})
+    assert again == Served(written.written, 0)
+    # The marker is not part of the prefix: the same text unmarked reads it too.
+    plain = {"model": "m", "messages": [{"role": "system", "content": [{"type": "text", "text": marked["text"]}]},
+                                        {"role": "user", "content": "c"}]}  # fmt: skip
+    assert c.serve(plain).cached == written.written
+
+
+def test_the_cost_charges_cached_tokens_at_a_quarter_and_written_at_five_quarters() -> None:
+    request = body(1)
+    full = completion(request)["usage"]
+    cached = completion(request, cache=Served(1000, 0))["usage"]
+    written = completion(request, cache=Served(0, 1000))["usage"]
+    assert cached["prompt_tokens_details"] == {"cached_tokens": 1000, "cache_write_tokens": 0}
+    assert full["cost"] - cached["cost"] == pytest.approx(1000 * 0.75 * PRICE_PROMPT / 1e6)
+    assert written["cost"] - full["cost"] == pytest.approx(1000 * 0.25 * PRICE_PROMPT / 1e6)
+
+
+text = st.text(alphabet="ab ", max_size=60)
+part = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, text),
+    st.builds(lambda u: {"type": "image_url", "image_url": {"url": u}}, st.sampled_from(["a.png", "b.png"])),
+    st.builds(lambda t: {"type": "text", "text": t, "cache_control": {"type": "ephemeral"}}, text),
+)
+message = st.builds(
+    lambda role, content: {"role": role, "content": content},
+    st.sampled_from(["system", "user", "assistant"]),
+    st.one_of(text, st.lists(part, max_size=3), st.none()),
+)
+request = st.fixed_dictionaries(
+    {"model": st.sampled_from(["m", "n"]), "messages": st.lists(message, min_size=1, max_size=5)},
+    optional={"prompt_cache_key": st.sampled_from(["k", "j"]), "tools": st.just([{"type": "function"}])},
+)
+
+
+@settings(max_examples=200)  # each example a few dozen requests
+@given(st.lists(st.tuples(request, st.floats(0, 20)), max_size=30), st.integers(1, 4), st.integers(1, 30))
+def test_the_cache_never_reports_more_than_the_prompt(
+    requests: list[tuple[dict[str, Any], float]], size: int, min_tokens: int
+) -> None:
+    clock = Clock()
+    c = PrefixCache(size=size, ttl=15.0, min_tokens=min_tokens, clock=clock)
+    for sent, later in requests:
+        clock.now += later
+        served = c.serve(sent)
+        prompt = estimate_tokens(sent)
+        assert served.cached >= 0
+        assert served.written >= 0
+        assert served.cached + served.written <= prompt
+        assert served.cached == 0 or served.cached >= min_tokens
+        assert c.kept(sent["model"]) <= size
+        assert completion(sent, cache=served)["usage"]["cost"] > 0
+
+
+async def test_through_http_the_answer_and_the_stats_say_what_was_cached(mock: Any) -> None:
+    async with mock(prefix_cache=8, clock=Clock()) as (url, _), aiohttp.ClientSession() as session:
+        usages = []
+        for question in ("one", "two", "three"):
+            async with session.post(f"{url}/chat/completions", json=body(7, question)) as r:
+                usages.append((await r.json())["usage"])
+        async with session.get(url.removesuffix("/v1") + "/mock/stats") as r:
+            served = (await r.json())["served"]
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert cached[0] == 0
+    assert cached[1] == cached[2] >= LONG
+    assert served["prompt_tokens"] == sum(u["prompt_tokens"] for u in usages)
+    assert served["cached_tokens"] == sum(cached)
+    assert served["cost"] == pytest.approx(sum(u["cost"] for u in usages))
+    assert usages[1]["cost"] < usages[0]["cost"]
+
+
+async def test_without_the_flag_the_answers_are_as_before(mock: Any) -> None:
+    async with mock() as (url, _), aiohttp.ClientSession() as session:
+        for question in ("one", "two"):
+            async with session.post(f"{url}/chat/completions", json=body(7, question)) as r:
+                usage = (await r.json())["usage"]
+            assert usage == completion(body(7, question))["usage"]
+            assert "cache_write_tokens" not in usage["prompt_tokens_details"]
+
+
+def test_the_flags_set_the_cache() -> None:
+    parser = argparse.ArgumentParser()
+    add_mock_flags(parser)
+    config = mock_config(parser.parse_args(["--prefix-cache", "8", "--prefix-cache-ttl", "60"]))
+    assert (config.prefix_cache, config.prefix_cache_ttl, config.prefix_cache_min_tokens) == (8, 60.0, 1024)
+    assert mock_config(parser.parse_args([])).prefix_cache == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefix-cache", "0"])
