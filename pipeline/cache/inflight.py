@@ -1,0 +1,73 @@
+"""Within one run, identical requests in flight at once are sent once (issue 23, point 2).
+
+The first request of a key is sent; one of the same key that comes while it is in flight
+waits for it, by awaiting its event (no polling), and takes its outcome when that outcome can
+be shared (an answer); when it cannot (a failure, or the run abandoned the first), the first
+waiter to wake is sent itself, and the others wait for that one in turn. So a key is in flight
+once at most, and a failure is never handed to a request that was not sent.
+
+Generic over the outcome, so that the worker's types stay its own: the caller says which
+outcomes may be shared, and turns a shared one into its request's (marked reused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("done", "outcome", "waiting")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.outcome: T | None = None  # set when shareable
+        self.waiting = 0
+
+
+class Inflight(Generic[T]):
+    """The keys in flight now, each with what its waiters await."""
+
+    def __init__(self, shareable: Callable[[T | None], bool] = lambda outcome: outcome is not None) -> None:
+        self._flights: dict[bytes, _Flight[T]] = {}
+        self._shareable = shareable
+        self.shared = 0  # outcomes handed to a waiter, in all
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def waiting(self, key: bytes) -> int:
+        """How many requests wait on the one of `key` in flight."""
+        flight = self._flights.get(key)
+        return 0 if flight is None else flight.waiting
+
+    async def once(self, key: bytes, send: Callable[[], Awaitable[T | None]]) -> tuple[T | None, bool]:
+        """`send()`'s outcome, or that of a request of the same key in flight now; with
+        whether it is another's (shared). Cancelled while waiting, nothing is sent; cancelled
+        while sending, the waiters are woken and one of them is sent."""
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            flight.waiting += 1
+            try:
+                await flight.done.wait()
+            finally:
+                flight.waiting -= 1
+            if flight.outcome is not None:
+                self.shared += 1
+                return flight.outcome, True
+        flight = self._flights[key] = _Flight()
+        outcome: T | None = None
+        try:
+            outcome = await send()
+        finally:
+            del self._flights[key]
+            if self._shareable(outcome):
+                flight.outcome = outcome
+            flight.done.set()
+        return outcome, False
