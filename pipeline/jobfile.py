@@ -115,6 +115,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "batch_api": (str,),
     "then": (str,),
     "batch_poll": (int, float),
+    "batch_keep_files": (bool,),
 }
 _TABLES = ("request", "template", "prices", "limits", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES

@@ -67,11 +67,14 @@ class Settings:
     shard: Shard | None = None  # this process runs one shard of N, into OUT/shard-K-of-N/
     shared_limit: str | None = None  # redis://HOST:PORT/DB: one pace for every process of the account
     # The tier: "sync" sends requests, "batch" sends them as provider batches at the batch price.
-    # None of the four below is in the fingerprint: a folder may go on at the other tier.
+    # None of the batch keys below is in the fingerprint: a folder may go on at the other tier.
     tier: str = "sync"
     batch_api: str | None = None  # "files" or "inline"; None: the shape the endpoint offers
     then: str | None = None  # "sync": what batches left undone after their attempts is sent now
     batch_poll: float = 30.0  # seconds between looks at a running batch
+    # What a batch taken in left at the provider (its files, or the inline batch) is deleted
+    # (`pipeline.batch.clear`); true: kept there, for those who audit at the provider
+    batch_keep_files: bool = False
 
     @property
     def folder(self) -> Path:

@@ -86,6 +86,7 @@ class FakeBatchApi(BatchApi):
         self.step_names: list[str] = []
         self.has_api = True
         self.cancelled: list[str] = []
+        self.cleared: list[str] = []  # batches whose leavings were deleted, in order
         self.fail_made: dict[int, tuple[str, ...]] = {}  # batch made n-th -> its errors: failed so
         self.cut_at: int | None = None  # the download of results drops at this line, once
         self.on_get: Callable[[], None] | None = None  # called at each look (a test interrupts there)
@@ -165,6 +166,11 @@ class FakeBatchApi(BatchApi):
         batch = self.batches[batch_id]
         batch.info = batch.info._replace(status="cancelled")
         return batch.info
+
+    async def clear(self, batch_id: str, files: Collection[str]) -> None:
+        self._step("clear")
+        await anyio.lowlevel.checkpoint()
+        self.cleared.append(batch_id)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         batch = self.batches[info.id]

@@ -62,7 +62,9 @@ class Intake:
         wall: Callable[[], float] = time.time,
         now: SendNow | None = None,
         sync_prices: Mapping[str, Price] | None = None,
+        taken: Callable[[int], None] | None = None,
     ) -> None:
+        self.taken = taken  # told each batch committed taken: what it left is deleted (`clear`)
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
         self._spent: dict[int, Spent] = {}  # kept across a go cut short: its answers were written
@@ -154,6 +156,8 @@ class Intake:
             self.book.taken(batch.n)
         if not self.commit():
             return None
+        if self.taken is not None:
+            self.taken(batch.n)
         self._spent.pop(batch.n, None)
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)

@@ -1,0 +1,85 @@
+"""Deleting what a batch taken in left at the provider: its prompts and answers are the
+user's data (a nightly job would leave them there for ever, and fill the organisation's file
+storage), and nothing of the run needs them once the batch is taken in.
+
+    files shape    its input, output and error files (`DELETE {base}/files/{id}`)
+    inline shape   the batch, its requests and results with it (OpenRouter's
+                   `DELETE {base}/batches/{id}`)
+
+Only once the batch is committed `taken`: a run killed before that takes it in again, from
+its output file. A run killed between that commit and the deletes leaves the batch taken and
+not cleared (its info does not say CLEARED): the next run into the folder, or `pipeline
+cancel OUT`, clears it. A delete that fails (a 5xx past the retry policy, a 403) never fails
+the run: it is said once, and the next run tries again. `batch_keep_files = true` keeps
+everything, for those who audit at the provider.
+
+The deletes go on beside the following (`Clearer.run`, fed as batches are taken in): a slow
+or failing delete holds up no look at a running batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from pipeline.batch.book import TAKEN, Batch, Book
+from pipeline.errors import RequestError
+from pipeline.send.batchapi import BatchApi
+
+CLEARED = "cleared"  # (an info key of ours: what the taken batch left at the provider is deleted)
+FILES = ("input_file", "output_file", "error_file")  # the info keys that name its files
+
+
+def uncleared(book: Book) -> list[Batch]:
+    """The folder's batches taken in whose leavings at the provider are not deleted yet."""
+    return [b for b in book.batches(TAKEN) if b.batch_id and not (b.info or {}).get(CLEARED)]
+
+
+async def clear(api: BatchApi, book: Book, n: int) -> RequestError | None:
+    """Delete what batch n left at the provider, and note it (committed by the caller); the
+    error where a delete failed (nothing is noted: the next run tries again)."""
+    batch = book.batch(n)
+    info = batch.info or {}
+    if batch.batch_id is None or info.get(CLEARED):
+        return None
+    files = [file_id for key in FILES if isinstance(file_id := info.get(key), str) and file_id]
+    try:
+        await api.clear(batch.batch_id, files)
+    except RequestError as e:
+        return e
+    book.looked(n, {**info, CLEARED: True})
+    return None
+
+
+def not_cleared(n: int, error: RequestError) -> str:
+    """The one line said of a run's deletes that failed."""
+    return (
+        f"pipeline: what batch {n} left at the provider (its requests and answers) could not be "
+        f"deleted ({error.message}); it stays there for now, and the next run into the folder tries "
+        "again (batch_keep_files = true keeps such files on purpose)"
+    )
+
+
+class Clearer:
+    """The run's deletes, one batch after another, as batches are taken in."""
+
+    def __init__(
+        self, api: BatchApi, book: Book, *, commit: Callable[[], bool], say: Callable[[str], None]
+    ) -> None:
+        self.api, self.book, self.commit, self.say = api, book, commit, say
+        self.failed = 0  # batches whose deletes failed this run
+        self.stopped = False  # the folder took no more: the run stops, and the next clears
+
+    async def run(self, taken: MemoryObjectReceiveStream[int]) -> None:
+        async with taken:
+            async for n in taken:  # (read to the end: the stream's senders never wait)
+                if self.stopped:
+                    continue
+                error = await clear(self.api, self.book, n)
+                if error is None:
+                    self.stopped = not self.commit()
+                    continue
+                if not self.failed:
+                    self.say(not_cleared(n, error))
+                self.failed += 1
