@@ -47,6 +47,14 @@ def _tier_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --tier batch: seconds between looks at a running batch (default 30)",
     )
+    for what, most in (("lines", "requests"), ("bytes", "bytes")):
+        p.add_argument(
+            f"--batch-max-{what}",
+            type=positive_int,
+            metavar="N",
+            help=f"with --tier batch: {most} a batch holds at most, where the provider allows fewer "
+            "than the shape's own limit (default: the shape's: 50,000 and 200 MB, or 5,000 inline)",
+        )
 
 
 def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool = True) -> None:
