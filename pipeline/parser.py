@@ -256,7 +256,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             "cancel",
             help="cancel the batches a --tier batch run left running in OUT",
             description="Cancel the provider's batches still running for OUT (a --tier batch run that "
-            "stops leaves them running: they are paid for as they go). What they finished is kept.",
+            "stops leaves them running: they are paid for as they go). What they finished is kept. While "
+            "a run still uses OUT, its batches are cancelled and that run takes in what they did, then stops.",
             epilog="exit status: 0 done (or nothing was running); 2 OUT is not an output folder, or the "
             "job file is wrong; 3 the endpoint refused or could not be reached, or a batch was still "
             "cancelling when it stopped waiting: run it again",

@@ -123,6 +123,7 @@ async def test_a_delete_that_fails_is_one_warning_and_the_run_ends_well(
 ) -> None:
     class Forbidden(FakeBatchApi):
         async def clear(self, batch_id: str, files: Collection[str]) -> None:
+            self.cleared.append(batch_id)
             raise HTTPStatusError("403 the key may not delete files", status=403)
 
     api = Forbidden(max_lines=2)
@@ -134,6 +135,7 @@ async def test_a_delete_that_fails_is_one_warning_and_the_run_ends_well(
     assert len(said) == 1, said  # three batches, one line
     assert "403 the key may not delete files" in said[0]
     assert "the next run into the folder tries again" in said[0]
+    assert api.cleared == ["batch_1"]  # no more asked of a provider that refuses (nor waited for)
     assert _cleared(settings) == [False, False, False]
 
 

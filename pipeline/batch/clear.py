@@ -10,8 +10,9 @@ Only once the batch is committed `taken`: a run killed before that takes it in a
 its output file. A run killed between that commit and the deletes leaves the batch taken and
 not cleared (its info does not say CLEARED): the next run into the folder, or `pipeline
 cancel OUT`, clears it. A delete that fails (a 5xx past the retry policy, a 403) never fails
-the run: it is said once, and the next run tries again. `batch_keep_files = true` keeps
-everything, for those who audit at the provider.
+the run: it is said once, no more is deleted in this run (a provider failing its deletes
+would hold the run's end a retry policy's minutes for every file), and the next run tries
+again. `batch_keep_files = true` keeps everything, for those who audit at the provider.
 
 The deletes go on beside the following (`Clearer.run`, fed as batches are taken in): a slow
 or failing delete holds up no look at a running batch.
@@ -56,8 +57,8 @@ def not_cleared(n: int, error: RequestError) -> str:
     """The one line said of a run's deletes that failed."""
     return (
         f"pipeline: what batch {n} left at the provider (its requests and answers) could not be "
-        f"deleted ({error.message}); it stays there for now, and the next run into the folder tries "
-        "again (batch_keep_files = true keeps such files on purpose)"
+        f"deleted ({error.message}); no more is deleted now, and the next run into the folder tries "
+        "again (batch_keep_files = true keeps it all there on purpose)"
     )
 
 
@@ -68,8 +69,8 @@ class Clearer:
         self, api: BatchApi, book: Book, *, commit: Callable[[], bool], say: Callable[[str], None]
     ) -> None:
         self.api, self.book, self.commit, self.say = api, book, commit, say
-        self.failed = 0  # batches whose deletes failed this run
-        self.stopped = False  # the folder took no more: the run stops, and the next clears
+        # A delete failed, or the folder took no more: the rest is the next run's to clear.
+        self.stopped = False
 
     async def run(self, taken: MemoryObjectReceiveStream[int]) -> None:
         async with taken:
@@ -77,9 +78,6 @@ class Clearer:
                 if self.stopped:
                     continue
                 error = await clear(self.api, self.book, n)
-                if error is None:
-                    self.stopped = not self.commit()
-                    continue
-                if not self.failed:
+                if error is not None:
                     self.say(not_cleared(n, error))
-                self.failed += 1
+                self.stopped = error is not None or not self.commit()

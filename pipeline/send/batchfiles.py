@@ -18,7 +18,7 @@ from typing import IO
 
 import aiohttp
 
-from pipeline.errors import MalformedResponse, RequestError
+from pipeline.errors import MalformedResponse
 from pipeline.quote import brief
 from pipeline.send.batchapi import TAG_KEY, BatchInfo
 from pipeline.send.batchdownload import lines
@@ -102,15 +102,8 @@ class FilesBatchApi(Shape):
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
 
     async def clear(self, batch_id: str, files: Collection[str]) -> None:
-        """Each file deleted, whatever another's delete met: the first failure is raised."""
-        failed: RequestError | None = None
-        for file_id in dict.fromkeys(files):
-            try:
-                await self._http.delete(f"/files/{file_id}")
-            except RequestError as e:
-                failed = failed or e
-        if failed is not None:
-            raise failed
+        for file_id in dict.fromkeys(files):  # (a failure stops it: the next run tries again)
+            await self._http.delete(f"/files/{file_id}")
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         if info.counts.completed and not info.output_file:
