@@ -6,9 +6,11 @@ the next run, or to `pipeline cancel`; a delete that fails never fails the run; 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from pipeline.batch.book import Book
@@ -18,6 +20,7 @@ from pipeline.errors import HTTPStatusError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.run.runner import run
+from pipeline.send.batchapi import BatchInfo
 from pipeline.send.batchclient import open_batch_api
 from pipeline.settings import Settings
 from tests.conftest import bodies, read_jsonl
@@ -157,3 +160,81 @@ async def test_the_client_deletes_each_file_and_a_file_gone_already_is_no_failur
         await api.clear(info.id, files)
         assert (await _stats(url))["files_alive"] == 0
         await api.clear(info.id, files)  # 404s: gone already
+
+
+class _NoTags(FakeBatchApi):
+    """A provider that keeps no tag (OpenRouter's batches have no metadata): a batch made by a
+    run killed before it noted the id is found by its model and size (`batchfind.pick`), and
+    may be another folder's (a shard's, another nightly job's) of the same model and size."""
+
+    async def find(
+        self,
+        tag: str,
+        *,
+        since: float,
+        model: str | None = None,
+        lines: int | None = None,
+        taken: Collection[str] = (),
+    ) -> BatchInfo | None:
+        self._step("find")
+        for batch in self.batches.values():
+            info = batch.info
+            if info.id not in taken and info.model == model and len(batch.lines) == lines:
+                return info
+        return None
+
+
+async def test_a_batch_found_by_its_size_that_held_anothers_lines_is_not_deleted(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    api = _NoTags(max_lines=2)
+    settings = at_batch_tier(make_settings(server[0], bodies(2)))
+    api.die_at = 1  # killed making its batch, before the provider had it
+    with pytest.raises(BaseException) as killed:  # noqa: PT011 -- a kill, by any path out
+        await run(settings, FakeHost(api))
+    assert "submit" in repr(killed.value)
+    # Meanwhile another folder's run made a batch alike: the same model, two lines.
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_bytes(
+        b"".join(
+            orjson.dumps({"custom_id": f"theirs-{i}", "body": row}) + b"\n" for i, row in enumerate(bodies(2))
+        )
+    )
+    await api.submit(theirs, tag="pipeline-theirs-1", model=bodies(1)[0]["model"], lines=2)
+
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")) == ["job-0", "job-1"]
+    assert "2 result line(s) refused" in summary.message  # theirs, taken for ours and refused
+    assert api.cleared == ["batch_2"]  # ours; theirs (batch_1) left to them, not deleted under them
+    await run(settings, FakeHost(api))
+    assert api.cleared == ["batch_2"]  # nor by a later run
+
+
+async def test_a_run_interrupted_deletes_no_more_and_leaves_the_rest_to_the_next_run(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    class Refusing(FakeBatchApi):
+        refuse = True
+
+        async def clear(self, batch_id: str, files: Collection[str]) -> None:
+            if self.refuse:
+                raise HTTPStatusError("503 deletes are down", status=503)
+            await super().clear(batch_id, files)
+
+    api = Refusing(max_lines=2)
+    settings = at_batch_tier(make_settings(server[0], bodies(8)))
+    assert (await run(settings, FakeHost(api))).exit_code == 0
+    assert _cleared(settings) == [False] * 4  # (a folder of four batches to clear)
+    api.refuse = False
+    host = FakeHost(api)
+
+    async def interrupted(batch_id: str, files: Collection[str]) -> None:
+        assert host.control is not None
+        host.control.interrupt()  # Ctrl-C, at the first delete of the next run
+        await FakeBatchApi.clear(api, batch_id, files)
+
+    api.clear = interrupted  # type: ignore[method-assign]
+    await run(settings, host)
+    assert api.cleared == ["batch_1"]  # it was all four: a stopped run went on deleting
+    assert _cleared(settings) == [True, False, False, False]

@@ -6,7 +6,9 @@ the next run into the folder (the same command) takes it in, as it takes in any 
 ended while no run followed it, and sends what was not run again. Batches staged and never
 submitted cost nothing and stay staged. The book is not changed but for a batch found, and
 batches taken in whose leavings at the provider a killed run did not delete are cleared
-(`pipeline.batch.clear`, unless the run kept them: `batch_keep_files`).
+(`pipeline.batch.clear`, unless the run kept them: `batch_keep_files`), once the running
+ones are cancelled. A batch deleted at the provider while this waits (a run took it in, at
+the inline shape) has ended.
 
 The book is written under the folder's lock, as a run writes it. While a run holds the
 folder (the nightly run still going), cancel writes nothing: it reads the book as it stands
@@ -36,7 +38,7 @@ from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Batch, Book
 from pipeline.batch.clear import clear, not_cleared, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.submit import SKEW, info_state
-from pipeline.errors import FolderBusy, RequestError, SettingsError
+from pipeline.errors import FolderBusy, HTTPStatusError, RequestError, SettingsError
 from pipeline.output.folder import LEDGER, lock_folder
 from pipeline.output.ledger import Ledger
 from pipeline.output.shards import shard_folders
@@ -144,8 +146,10 @@ async def cancel_batches(
                 "cancelled at the provider, and that run takes in what they did, then stops"
             )
             ids, _ = await _found(api, _book_as_is(folder))
+            held_here = False
         else:
-            ids = await _noted(folder, api, tell)
+            ids = await _noted(folder, api)
+            held_here = True
         left: dict[int, BatchInfo | None] = {}
         failed = 0
         for n, batch_id in sorted(ids.items()):
@@ -154,6 +158,10 @@ async def cancel_batches(
             except RequestError as e:
                 failed += 1
                 tell(f"pipeline cancel: batch {n} ({batch_id}) could not be cancelled: {e.message}")
+        if held_here:
+            # After the cancels: a provider failing its deletes holds one for the retry
+            # policy's minutes, while the batches running would go on being paid for.
+            await _clear_taken(folder, api, tell)
     # (the folder let go of: a run may begin while the batches end)
     if not ids:
         tell(f"pipeline cancel: no batch of {folder} is running: nothing to cancel")
@@ -161,21 +169,31 @@ async def cancel_batches(
 
     started = clock.now()
     wake = anyio.Event()  # (never set: the waits are the clock's)
-    while any(info is None or not info.ended for info in left.values()) and clock.now() - started < patience:
+    gone: set[int] = set()  # taken in by a run meanwhile, and deleted (the inline shape's)
+    while (
+        any(n not in gone and (info is None or not info.ended) for n, info in left.items())
+        and clock.now() - started < patience
+    ):
         await clock.wait(LOOK_EVERY, wake)
         for n, info in left.items():
-            if info is None or not info.ended:
+            if n not in gone and (info is None or not info.ended):
                 try:
                     left[n] = await api.get(ids[n])
+                except HTTPStatusError as e:
+                    left[n] = None
+                    if e.status == 404:  # (a batch running is never deleted: it ended)
+                        gone.add(n)
                 except RequestError:
                     left[n] = None
     ended = [info for info in left.values() if info is not None and info.ended]
     done = sum(info.counts.completed for info in ended)
     tell(
-        f"pipeline cancel: {len(ended):,} of {len(ids):,} batch(es) ended ({done:,} lines answered before "
-        f"the cancel, kept at the provider); the same run command takes them in, and sends what they did not run"
+        f"pipeline cancel: {len(ended) + len(gone):,} of {len(ids):,} batch(es) ended ({done:,} lines "
+        "answered before the cancel, kept at the provider); the same run command takes them in, and sends "
+        "what they did not run"
+        + (f" ({len(gone):,} taken in already by a run, and deleted at the provider)" if gone else "")
     )
-    still = len(left) - len(ended)
+    still = len(left) - len(ended) - len(gone)
     if still or failed:
         tell(
             f"pipeline cancel: {still + failed:,} batch(es) not ended yet: run pipeline cancel {folder} again later"
@@ -202,9 +220,8 @@ async def _found(api: BatchApi, batches: list[Batch]) -> tuple[dict[int, str], d
     return ids, made
 
 
-async def _noted(folder: Path, api: BatchApi, tell: Callable[[str], None]) -> dict[int, str]:
-    """`_found`, under the folder's lock: a creating batch found is noted running; and what
-    batches taken in left at the provider is deleted, where a killed run did not."""
+async def _noted(folder: Path, api: BatchApi) -> dict[int, str]:
+    """`_found`, under the folder's lock: a creating batch found is noted running."""
     ledger = Ledger(folder / LEDGER)
     try:
         book = Book(ledger, folder)
@@ -212,21 +229,32 @@ async def _noted(folder: Path, api: BatchApi, tell: Callable[[str], None]) -> di
         for n, found in made.items():  # made by a run killed before it noted the id: noted now
             book.running(n, found.id, info_state(found))
             ledger.commit()
-        used = ledger.get(ENDPOINT)
-        if not (isinstance(used, dict) and used.get("keep_files") is True):
-            cleared = 0
-            for batch in uncleared(book):
-                error = await clear(api, book, batch.n)
-                if error is not None:
-                    tell(not_cleared(batch.n, error).replace("pipeline:", "pipeline cancel:", 1))
-                    break
-                ledger.commit()
-                cleared += 1
-            if cleared:
-                tell(f"pipeline cancel: deleted what {cleared:,} batch(es) taken in left at the provider")
     finally:
         ledger.close()
     return ids
+
+
+async def _clear_taken(folder: Path, api: BatchApi, tell: Callable[[str], None]) -> None:
+    """Under the folder's lock: what batches taken in left at the provider is deleted, where a
+    killed run did not (and the run did not keep it: `batch_keep_files`)."""
+    ledger = Ledger(folder / LEDGER)
+    try:
+        book = Book(ledger, folder)
+        used = ledger.get(ENDPOINT)
+        if isinstance(used, dict) and used.get("keep_files") is True:
+            return
+        cleared = 0
+        for batch in uncleared(book):
+            error = await clear(api, book, batch.n)
+            if error is not None:
+                tell(not_cleared(batch.n, error).replace("pipeline:", "pipeline cancel:", 1))
+                break
+            ledger.commit()
+            cleared += 1
+        if cleared:
+            tell(f"pipeline cancel: deleted what {cleared:,} batch(es) taken in left at the provider")
+    finally:
+        ledger.close()
 
 
 def _holder(folder: Path) -> str:

@@ -12,7 +12,8 @@ not cleared (its info does not say CLEARED): the next run into the folder, or `p
 cancel OUT`, clears it. A delete that fails (a 5xx past the retry policy, a 403) never fails
 the run: it is said once, no more is deleted in this run (a provider failing its deletes
 would hold the run's end a retry policy's minutes for every file), and the next run tries
-again. `batch_keep_files = true` keeps everything, for those who audit at the provider.
+again. `batch_keep_files = true` keeps everything, for those who audit at the provider. A
+batch that answered ids it was not given is never deleted: it may be another's (`STRANGERS`).
 
 The deletes go on beside the following (`Clearer.run`, fed as batches are taken in): a slow
 or failing delete holds up no look at a running batch.
@@ -30,11 +31,20 @@ from pipeline.send.batchapi import BatchApi
 
 CLEARED = "cleared"  # (an info key of ours: what the taken batch left at the provider is deleted)
 FILES = ("input_file", "output_file", "error_file")  # the info keys that name its files
+# An info key of the intake's: result lines for ids the batch was not given. Such a batch may
+# be another's (a shard's, another job's), found by its model and size after a run was killed
+# making ours, where the provider keeps no tag (`batchfind.pick`): it is left at the provider,
+# where its owner still needs it.
+STRANGERS = "strangers"
 
 
 def uncleared(book: Book) -> list[Batch]:
     """The folder's batches taken in whose leavings at the provider are not deleted yet."""
-    return [b for b in book.batches(TAKEN) if b.batch_id and not (b.info or {}).get(CLEARED)]
+    return [b for b in book.batches(TAKEN) if b.batch_id and not _kept(b.info or {})]
+
+
+def _kept(info: dict[str, object]) -> bool:
+    return bool(info.get(CLEARED) or info.get(STRANGERS))
 
 
 async def clear(api: BatchApi, book: Book, n: int) -> RequestError | None:
@@ -42,7 +52,7 @@ async def clear(api: BatchApi, book: Book, n: int) -> RequestError | None:
     error where a delete failed (nothing is noted: the next run tries again)."""
     batch = book.batch(n)
     info = batch.info or {}
-    if batch.batch_id is None or info.get(CLEARED):
+    if batch.batch_id is None or _kept(info):
         return None
     files = [file_id for key in FILES if isinstance(file_id := info.get(key), str) and file_id]
     try:
@@ -63,19 +73,27 @@ def not_cleared(n: int, error: RequestError) -> str:
 
 
 class Clearer:
-    """The run's deletes, one batch after another, as batches are taken in."""
+    """The run's deletes, one batch after another, as batches are taken in, while the run goes
+    on: stopped (Ctrl-C, a refused key, the budget), it deletes no more, and the next run does
+    the rest (a folder from before deletes has every batch it took in to clear)."""
 
     def __init__(
-        self, api: BatchApi, book: Book, *, commit: Callable[[], bool], say: Callable[[str], None]
+        self,
+        api: BatchApi,
+        book: Book,
+        *,
+        commit: Callable[[], bool],
+        say: Callable[[str], None],
+        going: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.api, self.book, self.commit, self.say = api, book, commit, say
+        self.api, self.book, self.commit, self.say, self.going = api, book, commit, say, going
         # A delete failed, or the folder took no more: the rest is the next run's to clear.
         self.stopped = False
 
     async def run(self, taken: MemoryObjectReceiveStream[int]) -> None:
         async with taken:
             async for n in taken:  # (read to the end: the stream's senders never wait)
-                if self.stopped:
+                if self.stopped or not self.going():
                     continue
                 error = await clear(self.api, self.book, n)
                 if error is not None:

@@ -119,7 +119,7 @@ async def dispatch_batches(
     def files() -> Files:
         return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes, text_only=api.shape == "inline")
 
-    clearer = Clearer(api, book, commit=commit, say=run.progress.say)
+    clearer = Clearer(api, book, commit=commit, say=run.progress.say, going=lambda: control.dispatching)
     intake = Intake(
         api=api,
         book=book,

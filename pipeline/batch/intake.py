@@ -28,6 +28,7 @@ from pipeline.account.books import Books
 from pipeline.batch.again import NOW, send_now, stage_again
 from pipeline.batch.ahead import read_ahead
 from pipeline.batch.book import Batch, Book, Listed
+from pipeline.batch.clear import STRANGERS
 from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files
@@ -100,6 +101,7 @@ class Intake:
         self.judge.outcomes = []
         self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
         self.judge.halted = halted
+        strangers = self.judge.strangers
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -152,11 +154,15 @@ class Intake:
             for n, lines, size, worst in again:
                 self.book.staged(n, lines=lines, size=size, reserved=worst)
             # (its figures for the run's end and reports, in the commit that takes it: once)
-            self.book.looked(batch.n, self._figures(info, now, sum(lines for _, lines, _, _ in again)))
+            figures = self._figures(info, now, sum(lines for _, lines, _, _ in again))
+            # Answers for ids it was not given: it may be another's, found by its model and
+            # size where the provider keeps no tag; not ours to delete (`clear`).
+            figures[STRANGERS] = self.judge.strangers - strangers
+            self.book.looked(batch.n, figures)
             self.book.taken(batch.n)
         if not self.commit():
             return None
-        if self.taken is not None:
+        if self.taken is not None and not figures[STRANGERS]:
             self.taken(batch.n)
         self._spent.pop(batch.n, None)
         with contextlib.suppress(OSError):
