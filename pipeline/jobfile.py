@@ -115,6 +115,9 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "batch_api": (str,),
     "then": (str,),
     "batch_poll": (int, float),
+    "batch_max_lines": (int,),
+    "batch_max_bytes": (int,),
+    "batch_keep_files": (bool,),
 }
 _TABLES = ("request", "template", "prices", "limits", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES

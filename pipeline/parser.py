@@ -47,6 +47,14 @@ def _tier_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with --tier batch: seconds between looks at a running batch (default 30)",
     )
+    for what, most in (("lines", "requests"), ("bytes", "bytes")):
+        p.add_argument(
+            f"--batch-max-{what}",
+            type=positive_int,
+            metavar="N",
+            help=f"with --tier batch: {most} a batch holds at most, where the provider allows fewer "
+            "than the shape's own limit (default: the shape's: 50,000 and 200 MB, or 5,000 inline)",
+        )
 
 
 def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool = True) -> None:
@@ -248,7 +256,8 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             "cancel",
             help="cancel the batches a --tier batch run left running in OUT",
             description="Cancel the provider's batches still running for OUT (a --tier batch run that "
-            "stops leaves them running: they are paid for as they go). What they finished is kept.",
+            "stops leaves them running: they are paid for as they go). What they finished is kept. While "
+            "a run still uses OUT, its batches are cancelled and that run takes in what they did, then stops.",
             epilog="exit status: 0 done (or nothing was running); 2 OUT is not an output folder, or the "
             "job file is wrong; 3 the endpoint refused or could not be reached, or a batch was still "
             "cancelling when it stopped waiting: run it again",

@@ -27,7 +27,7 @@ EMPTY: Mapping[str, Any] = MappingProxyType({})
 # The batch tier's keys, and the values each may take (batch_poll: any number above 0).
 TIERS = ("sync", "batch")
 CHOICES: dict[str, tuple[str, ...]] = {"tier": TIERS, "batch_api": ("files", "inline"), "then": ("sync",)}
-BATCH_KEYS = ("batch_api", "then", "batch_poll")
+BATCH_KEYS = ("batch_api", "then", "batch_poll", "batch_max_lines", "batch_max_bytes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,11 +67,18 @@ class Settings:
     shard: Shard | None = None  # this process runs one shard of N, into OUT/shard-K-of-N/
     shared_limit: str | None = None  # redis://HOST:PORT/DB: one pace for every process of the account
     # The tier: "sync" sends requests, "batch" sends them as provider batches at the batch price.
-    # None of the four below is in the fingerprint: a folder may go on at the other tier.
+    # None of the batch keys below is in the fingerprint: a folder may go on at the other tier.
     tier: str = "sync"
     batch_api: str | None = None  # "files" or "inline"; None: the shape the endpoint offers
     then: str | None = None  # "sync": what batches left undone after their attempts is sent now
     batch_poll: float = 30.0  # seconds between looks at a running batch
+    # A batch's most requests and bytes where the provider's are below the shape's own
+    # (Azure's, Groq's, a gateway's); None: the shape's (`send.batchclient` refuses more)
+    batch_max_lines: int | None = None
+    batch_max_bytes: int | None = None
+    # What a batch taken in left at the provider (its files, or the inline batch) is deleted
+    # (`pipeline.batch.clear`); true: kept there, for those who audit at the provider
+    batch_keep_files: bool = False
 
     @property
     def folder(self) -> Path:
@@ -230,6 +237,8 @@ def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None
     positive("concurrency", integer=True)
     positive("max_attempts", integer=True)
     positive("max_line_bytes", integer=True)
+    positive("batch_max_lines", integer=True)
+    positive("batch_max_bytes", integer=True)
     for key in (
         "rpm",
         "tpm",

@@ -100,6 +100,8 @@ class FakeBatches:
         r.add_get("/v1/batches/{id}", self._route("get", self.get))
         r.add_get("/v1/batches/{id}/results", self._route("results", self.page))
         r.add_post("/v1/batches/{id}/cancel", self._route("cancel", self.cancel))
+        r.add_delete("/v1/files/{id}", self._route("delete", self.delete))
+        r.add_delete("/v1/batches/{id}", self._route("delete", self.delete))
         return app
 
     def _route(self, name: str, handler: Any) -> Any:
@@ -245,6 +247,12 @@ class FakeBatches:
             return _error(409, "the batch has ended")
         batch["status"] = "cancelling"
         return json(batch)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        kept = self.files if request.path.startswith("/v1/files/") else self.batches
+        if kept.pop(request.match_info["id"], None) is None:
+            return _error(404, "No such object")
+        return json({"id": request.match_info["id"], "deleted": True})
 
 
 @asynccontextmanager

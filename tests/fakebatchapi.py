@@ -88,6 +88,7 @@ class FakeBatchApi(BatchApi):
         self.step_names: list[str] = []
         self.has_api = True
         self.cancelled: list[str] = []
+        self.cleared: list[str] = []  # batches whose leavings were deleted, in order
         self.fail_made: dict[int, tuple[str, ...]] = {}  # batch made n-th -> its errors: failed so
         self.cut_at: int | None = None  # the download of results drops at this line, once
         self.on_get: Callable[[], None] | None = None  # called at each look (a test interrupts there)
@@ -175,6 +176,11 @@ class FakeBatchApi(BatchApi):
         batch.info = batch.info._replace(status="cancelled")
         return batch.info
 
+    async def clear(self, batch_id: str, files: Collection[str]) -> None:
+        self._step("clear")
+        await anyio.lowlevel.checkpoint()
+        self.cleared.append(batch_id)
+
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         batch = self.batches[info.id]
         for index, custom_id_body in enumerate(batch.lines):
@@ -218,10 +224,12 @@ def _lines(custom_id: str, model: str, fate: str) -> list[dict[str, Any]]:
 
 
 class FakeClock(Clock):
-    """Time that moves only when the batch run waits for it."""
+    """Time that moves only when the batch run waits for it; not at all while `held()` (a
+    wait is then for its wake alone)."""
 
     def __init__(self) -> None:
         self.t = 1000.0
+        self.held: Callable[[], bool] = lambda: False
 
     def now(self) -> float:
         return self.t
@@ -230,7 +238,7 @@ class FakeClock(Clock):
         return 1.7e9 + self.t
 
     async def wait(self, seconds: float | None, wake: anyio.Event) -> None:
-        if seconds is None:
+        if seconds is None or self.held():
             await wake.wait()
             return
         self.t += seconds
@@ -242,9 +250,16 @@ class FakeHost(Host):
         self.api = api
         self.batch_clock = FakeClock()
         self.control: Control | None = None
+        self.progress: Progress | None = None
 
     async def watch(self, control: Control, progress: Progress) -> None:
         self.control = control  # (no signals: a test interrupts through it)
+        self.progress = progress
+
+    def staging(self) -> bool:
+        """Whether the run's input is still being staged (its follower's `staging`)."""
+        batches = self.progress.batches if self.progress is not None else None
+        return batches is None or bool(getattr(batches, "staging", False))
 
     def batch_api(
         self, settings: Settings, api_key: str | None

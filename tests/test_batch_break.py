@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import hypothesis
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from pipeline.account.cost import Price
 from pipeline.account.usage import Usage
 from pipeline.batch.again import TAKING
 from pipeline.batch.book import Book
+from pipeline.batch.follow import Follower
 from pipeline.batch.judge import LineJudge
 from pipeline.errors import MalformedResponse
 from pipeline.job import Failure
@@ -245,17 +247,36 @@ async def test_a_run_cancelled_while_a_batch_is_being_made_says_it_may_be_at_the
 
 
 async def test_a_sync_run_between_two_batch_runs_leaves_no_staged_batch_to_pay_its_lines_again(
-    make_settings: Callable[..., Settings], server: tuple[str, Any], capsys: Any
+    make_settings: Callable[..., Settings],
+    server: tuple[str, Any],
+    capsys: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A batch run stopped with one batch running and one staged (never submitted); a sync run
     # then did every line; the next batch run submitted the staged batch all the same: its
     # lines paid twice. And the sync run counted the staged batch as one at the provider.
     sync = make_settings(server[0], bodies(4))
     settings = at_batch_tier(sync)
-    api = FakeBatchApi(max_lines=2, looks_to_end=3)
-    host = stopping_at_a_look(api)
+    staged = anyio.Event()
+    staging_done = Follower.staging_done
+    monkeypatch.setattr(Follower, "staging_done", lambda self: (staging_done(self), staged.set()))
+
+    class Stopped(FakeBatchApi):
+        """Interrupted (Ctrl-C) as its first batch is made, once the second is staged: an
+        interrupt at the first look found the second made too, under load (the stager's
+        speed against the follower's)."""
+
+        async def submit(self, staged_file: Path, *, tag: str, model: str, lines: int) -> BatchInfo:
+            await staged.wait()
+            info = await super().submit(staged_file, tag=tag, model=model, lines=lines)
+            assert host.control is not None
+            host.control.interrupt()
+            return info
+
+    api = Stopped(max_lines=2, looks_to_end=3)
+    host = FakeHost(api)
     assert (await run(settings, host)).exit_code == 130
-    api.on_get = None
+    assert api.made == 1
     capsys.readouterr()
     assert (await run(sync)).exit_code == 0
     assert "1 batch(es) of this folder are still at the provider" in capsys.readouterr().err

@@ -428,3 +428,25 @@ def test_lines_come_whole_whatever_the_chunks(lines: list[bytes], cuts: list[int
         got += [(line, size) for line, size, _ in split.feed(raw[at : at + size])]
         at += size
     assert got == [(line + b"\n" if len(line) < 20 else None, len(line) + 1) for line in lines]
+
+
+@pytest.mark.parametrize("shape", ["files", "inline"])
+async def test_a_delete_is_tried_again_as_the_retry_policy_says_and_a_refusal_is_raised_at_once(
+    tmp_path: Path, shape: str
+) -> None:
+    async with fake_batches(shape) as fake, opened(fake, shape) as api:
+        info = await api.submit(staged(tmp_path, 1), tag="t-1", model="test/model", lines=1)
+        fake.finish(info.id, output=answer_line("job-0"))
+        info = await api.get(info.id)
+        files = [f for f in (info.input_file, info.output_file) if f]
+        assert len(files) == (2 if shape == "files" else 0)
+        fake.fault("delete", Fault(status=503), Fault(drop="before"))
+        await api.clear(info.id, files)
+        assert not (fake.files.keys() & set(files)) if shape == "files" else info.id not in fake.batches
+        await api.clear(info.id, files)  # gone already: 404s, no failure
+        deletes = [seen for seen in fake.seen if seen.startswith("DELETE")]
+        assert len(deletes) == (2 + 2 + 2 if shape == "files" else 3 + 1)
+        fake.fault("delete", Fault(status=403))
+        with pytest.raises(HTTPStatusError) as refused:
+            await api.clear(info.id, files or ["file-x"])
+        assert refused.value.status == 403

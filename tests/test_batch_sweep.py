@@ -4,6 +4,7 @@ client's page, both shapes, against a batch API of the test's own."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,10 @@ async def _followed(
     api = TimedApi(clock, takes=1000.0, **options)
     host = FakeHost(api)
     host.batch_clock = clock
+    # Time stands still until the input is staged whole: staged at the machine's speed (slow
+    # under load) while the follower's fake seconds ran on, each batch ran alone, its looks
+    # each its own, and a test of twenty running at once failed one time in twenty.
+    clock.held = host.staging
     rows = bodies(lines)
     settings = at_batch_tier(make_settings(url, rows), batch_poll=2.0)
     summary = await run(settings, host)
@@ -127,3 +132,24 @@ async def test_a_page_describes_the_batches_as_a_look_at_each_would(tmp_path: Pa
     assert (first.batches[1].status, first.batches[1].counts.total) == ("completed", 2)
     assert first.after is None  # the list ends there
     assert [info.id for info in second.batches] == [made[0].id]
+
+
+@pytest.mark.parametrize(("takes", "seen"), [(2.0, 2.0), (10.0, 16.0), (3600.0, 3602.0)])
+async def test_a_batch_is_first_looked_at_soon_and_then_a_poll_apart(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], takes: float, seen: float
+) -> None:
+    # One that fails validation in 2 s, or is done in 10, was first looked at 30 s after its
+    # submission (the poll); looked at as long as it has run, it is seen at 2 s, or 16.
+    clock = FakeClock()
+    api = TimedApi(clock, takes=takes)
+    host = FakeHost(api)
+    host.batch_clock = clock
+    settings = at_batch_tier(make_settings(server[0], bodies(1)), batch_poll=30.0)
+    summary = await run(settings, host)
+    assert summary.exit_code == 0, summary.message
+    made = api.made_at["batch_1"]
+    looks = [t - made for t in api.call_times]
+    assert looks[-1] == pytest.approx(seen)
+    if takes > 60:  # steady: a poll apart once it has run a poll, as many looks as before
+        assert looks[:5] == pytest.approx([2.0, 4.0, 8.0, 16.0, 32.0])
+        assert {round(b - a, 6) for a, b in itertools.pairwise(looks[4:])} == {30.0}

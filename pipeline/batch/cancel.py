@@ -4,7 +4,18 @@ Every batch the book has running is cancelled, and so is one it has creating (a 
 while making it) once found by its tag. The provider keeps what a cancelled batch finished:
 the next run into the folder (the same command) takes it in, as it takes in any batch that
 ended while no run followed it, and sends what was not run again. Batches staged and never
-submitted cost nothing and stay staged. The book is not changed but for a batch found.
+submitted cost nothing and stay staged. The book is not changed but for a batch found, and
+batches taken in whose leavings at the provider a killed run did not delete are cleared
+(`pipeline.batch.clear`, unless the run kept them: `batch_keep_files`), once the running
+ones are cancelled. A batch deleted at the provider while this waits (a run took it in, at
+the inline shape) has ended.
+
+The book is written under the folder's lock, as a run writes it. While a run holds the
+folder (the nightly run still going), cancel writes nothing: it reads the book as it stands
+and cancels its running batches at the provider, which is what a person running it then
+wants; the run sees them cancelled at its next look, takes in what they did, and stops
+(`follow`: cancelled while followed). A batch the run is making at that moment is cancelled
+if the provider has it already, else said to run cancel again.
 
 Exit status: 0 every batch ended (cancelled, or done before the cancel reached it); 3 some
 were still cancelling when this stopped waiting, or could not be cancelled (they are said).
@@ -12,19 +23,23 @@ were still cancelling when this stopped waiting, or could not be cancelled (they
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 
-from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Book
+from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Batch, Book
+from pipeline.batch.clear import clear, not_cleared, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.submit import SKEW, info_state
-from pipeline.errors import RequestError, SettingsError
-from pipeline.output.folder import LEDGER
+from pipeline.errors import FolderBusy, HTTPStatusError, RequestError, SettingsError
+from pipeline.output.folder import LEDGER, lock_folder
 from pipeline.output.ledger import Ledger
 from pipeline.output.shards import shard_folders
 from pipeline.run.summary import EXIT_OK, EXIT_STOPPED
@@ -78,14 +93,37 @@ def cancel_folder(folder: Path, base_url: str | None = None, api_key_env: str | 
 
 
 def _endpoint_used(folder: Path) -> dict[str, Any]:
-    ledger = Ledger(folder / LEDGER)
-    try:
-        used = ledger.get(ENDPOINT)
-    finally:
-        ledger.close(commit=False)
+    with _reading(folder) as db:
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (ENDPOINT,)).fetchone()
+        except sqlite3.Error:
+            return {}
+    used = orjson.loads(row[0]) if row is not None else None
     if not isinstance(used, dict):
         return {}
     return {key: value for key, value in used.items() if isinstance(value, str)}
+
+
+@contextlib.contextmanager
+def _reading(folder: Path) -> Iterator[sqlite3.Connection]:
+    """The folder's ledger, read only: a run may be writing it (nothing here takes its lock)."""
+    db = sqlite3.connect(f"{(folder / LEDGER).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _book_as_is(folder: Path) -> list[Batch]:
+    """The folder's batches as its book says now, read while a run holds the folder."""
+    with _reading(folder) as db:
+        try:
+            rows = db.execute(
+                "SELECT n, tag, model, state, batch_id, lines, bytes, reserved, at, NULL FROM batches ORDER BY n"
+            ).fetchall()
+        except sqlite3.Error:  # (no batches table: a folder of synchronous runs only)
+            return []
+    return [Batch(*row) for row in rows]
 
 
 async def cancel_batches(
@@ -98,57 +136,129 @@ async def cancel_batches(
 ) -> int:
     clock = clock or Clock()
     tell = say or (lambda text: print(text, file=sys.stderr, flush=True))
-    ledger = Ledger(folder / LEDGER)
-    try:
-        book = Book(ledger, folder)
-        ids: dict[int, str] = {}
-        for batch in book.batches(CREATING):
-            assert batch.at is not None
-            found = await api.find(
-                batch.tag,
-                since=batch.at - SKEW,
-                model=batch.model,
-                lines=batch.lines,
-                taken=book.batch_ids(but=batch.n),
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(lock_folder(folder))
+        except FolderBusy:
+            holder = _holder(folder)
+            tell(
+                f"pipeline cancel: a run is using {folder} now ({holder}): its running batches are "
+                "cancelled at the provider, and that run takes in what they did, then stops"
             )
-            if found is not None:  # made by a run killed before it noted the id: noted now
-                book.running(batch.n, found.id, info_state(found))
-                ledger.commit()
-                ids[batch.n] = found.id
-        ids.update((batch.n, batch.batch_id) for batch in book.batches(RUNNING) if batch.batch_id)
-    finally:
-        ledger.close()
+            ids, _ = await _found(api, _book_as_is(folder))
+            held_here = False
+        else:
+            ids = await _noted(folder, api)
+            held_here = True
+        left: dict[int, BatchInfo | None] = {}
+        failed = 0
+        for n, batch_id in sorted(ids.items()):
+            try:
+                left[n] = await api.cancel(batch_id)
+            except RequestError as e:
+                failed += 1
+                tell(f"pipeline cancel: batch {n} ({batch_id}) could not be cancelled: {e.message}")
+        if held_here:
+            # After the cancels: a provider failing its deletes holds one for the retry
+            # policy's minutes, while the batches running would go on being paid for.
+            await _clear_taken(folder, api, tell)
+    # (the folder let go of: a run may begin while the batches end)
     if not ids:
         tell(f"pipeline cancel: no batch of {folder} is running: nothing to cancel")
         return EXIT_OK
-    left: dict[int, BatchInfo | None] = {}
-    failed = 0
-    for n, batch_id in sorted(ids.items()):
-        try:
-            left[n] = await api.cancel(batch_id)
-        except RequestError as e:
-            failed += 1
-            tell(f"pipeline cancel: batch {n} ({batch_id}) could not be cancelled: {e.message}")
+
     started = clock.now()
     wake = anyio.Event()  # (never set: the waits are the clock's)
-    while any(info is None or not info.ended for info in left.values()) and clock.now() - started < patience:
+    gone: set[int] = set()  # taken in by a run meanwhile, and deleted (the inline shape's)
+    while (
+        any(n not in gone and (info is None or not info.ended) for n, info in left.items())
+        and clock.now() - started < patience
+    ):
         await clock.wait(LOOK_EVERY, wake)
         for n, info in left.items():
-            if info is None or not info.ended:
+            if n not in gone and (info is None or not info.ended):
                 try:
                     left[n] = await api.get(ids[n])
+                except HTTPStatusError as e:
+                    left[n] = None
+                    if e.status == 404:  # (a batch running is never deleted: it ended)
+                        gone.add(n)
                 except RequestError:
                     left[n] = None
     ended = [info for info in left.values() if info is not None and info.ended]
     done = sum(info.counts.completed for info in ended)
     tell(
-        f"pipeline cancel: {len(ended):,} of {len(ids):,} batch(es) ended ({done:,} lines answered before "
-        f"the cancel, kept at the provider); the same run command takes them in, and sends what they did not run"
+        f"pipeline cancel: {len(ended) + len(gone):,} of {len(ids):,} batch(es) ended ({done:,} lines "
+        "answered before the cancel, kept at the provider); the same run command takes them in, and sends "
+        "what they did not run"
+        + (f" ({len(gone):,} taken in already by a run, and deleted at the provider)" if gone else "")
     )
-    still = len(left) - len(ended)
+    still = len(left) - len(ended) - len(gone)
     if still or failed:
         tell(
             f"pipeline cancel: {still + failed:,} batch(es) not ended yet: run pipeline cancel {folder} again later"
         )
         return EXIT_STOPPED
     return EXIT_OK
+
+
+async def _found(api: BatchApi, batches: list[Batch]) -> tuple[dict[int, str], dict[int, BatchInfo]]:
+    """The running batches' ids, with those of the creating ones the provider has (found by
+    their tags), and those found, as described."""
+    ids: dict[int, str] = {}
+    made: dict[int, BatchInfo] = {}
+    for batch in batches:
+        if batch.state == CREATING and batch.at is not None:
+            others = [b.batch_id for b in batches if b.batch_id and b.n != batch.n]
+            found = await api.find(
+                batch.tag, since=batch.at - SKEW, model=batch.model, lines=batch.lines, taken=others
+            )
+            if found is not None:
+                ids[batch.n], made[batch.n] = found.id, found
+        elif batch.state == RUNNING and batch.batch_id:
+            ids[batch.n] = batch.batch_id
+    return ids, made
+
+
+async def _noted(folder: Path, api: BatchApi) -> dict[int, str]:
+    """`_found`, under the folder's lock: a creating batch found is noted running."""
+    ledger = Ledger(folder / LEDGER)
+    try:
+        book = Book(ledger, folder)
+        ids, made = await _found(api, book.batches(CREATING, RUNNING))
+        for n, found in made.items():  # made by a run killed before it noted the id: noted now
+            book.running(n, found.id, info_state(found))
+            ledger.commit()
+    finally:
+        ledger.close()
+    return ids
+
+
+async def _clear_taken(folder: Path, api: BatchApi, tell: Callable[[str], None]) -> None:
+    """Under the folder's lock: what batches taken in left at the provider is deleted, where a
+    killed run did not (and the run did not keep it: `batch_keep_files`)."""
+    ledger = Ledger(folder / LEDGER)
+    try:
+        book = Book(ledger, folder)
+        used = ledger.get(ENDPOINT)
+        if isinstance(used, dict) and used.get("keep_files") is True:
+            return
+        cleared = 0
+        for batch in uncleared(book):
+            error = await clear(api, book, batch.n)
+            if error is not None:
+                tell(not_cleared(batch.n, error).replace("pipeline:", "pipeline cancel:", 1))
+                break
+            ledger.commit()
+            cleared += 1
+        if cleared:
+            tell(f"pipeline cancel: deleted what {cleared:,} batch(es) taken in left at the provider")
+    finally:
+        ledger.close()
+
+
+def _holder(folder: Path) -> str:
+    try:
+        return (folder / ".lock").read_text().strip() or "another process"
+    except OSError:
+        return "another process"

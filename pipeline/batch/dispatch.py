@@ -10,7 +10,8 @@ outer task group
     └── task group
         ├── reader.feed   input -> [requests]
         ├── stage         [requests] -> OUT/batches/<n>.jsonl, staged in the book
-        └── Follower.run  submit, look, take in (results written by the writer), go again
+        ├── Follower.run  submit, look, take in (results written by the writer), go again
+        └── Clearer.run   what each batch taken in left at the provider, deleted
 
 Stopping stops the reader and the following, and leaves the batches running at the provider:
 they go on, and are paid for as they finish; the same command takes them in, and `pipeline
@@ -20,15 +21,18 @@ cancel OUT` cancels them.
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.clear import Clearer, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.follow import Follower
 from pipeline.batch.intake import Intake
@@ -92,6 +96,7 @@ async def dispatch_batches(
             "base_url": None if secret else settings.base_url,
             "api_key_env": settings.api_key_env,
             "batch_api": settings.batch_api,
+            "keep_files": settings.batch_keep_files,  # (pipeline cancel clears as the run would)
         },
     )
     for n in [*book.forget_filling(), *book.forget_staged_done()]:
@@ -114,6 +119,7 @@ async def dispatch_batches(
     def files() -> Files:
         return Files(book, max_lines=api.max_lines, max_bytes=api.max_bytes, text_only=api.shape == "inline")
 
+    clearer = Clearer(api, book, commit=commit, say=run.progress.say, going=lambda: control.dispatching)
     intake = Intake(
         api=api,
         book=book,
@@ -180,6 +186,10 @@ async def dispatch_batches(
             finally:
                 follower.staging_done()
 
+    async def follow() -> None:
+        with taken_send:  # (the last batch taken in: the clearer ends once it is cleared)
+            await follower.run()
+
     async def guarded(task: Callable[..., Awaitable[None]], *args: Any) -> None:
         """A write to the folder that fails (its staged files, its book: a full disk, a
         failing one) stops the run, resumable, as a write of the writer's does."""
@@ -191,6 +201,14 @@ async def dispatch_batches(
                     ledger.rollback()
             writer.fail(e)
 
+    # Batches taken in: what they left at the provider deleted beside the following, those an
+    # earlier run took in and did not clear first.
+    left = [] if settings.batch_keep_files else [batch.n for batch in uncleared(book)]
+    taken_send, taken_recv = anyio.create_memory_object_stream[int](math.inf)
+    for n in left:
+        taken_send.send_nowait(n)
+    if not settings.batch_keep_files:
+        intake.taken = partial(_send, taken_send)
     requests_send, requests_recv = anyio.create_memory_object_stream[Request](64)
     outcomes_send, outcomes_recv = anyio.create_memory_object_stream[Outcome](64)
     async with anyio.create_task_group() as outer:
@@ -205,13 +223,19 @@ async def dispatch_batches(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run._read, requests_send, outcomes_send.clone(), None)
                 tg.start_soon(guarded, stage_all, requests_recv, outcomes_send)
-                tg.start_soon(guarded, follower.run)
+                tg.start_soon(guarded, follow)
+                tg.start_soon(guarded, clearer.run, taken_recv)
         if control.dispatching and follower.left:  # (never, but a line must not pass for done)
             control.stop(
                 RunStopped("batches were left untaken: run the same command again", code="batches_left")
             )
         await writer.drained.wait()
         outer.cancel_scope.cancel()
+
+
+def _send(stream: MemoryObjectSendStream[int], n: int) -> None:
+    with contextlib.suppress(anyio.BrokenResourceError):  # (the clearer stopped: the next run clears)
+        stream.send_nowait(n)
 
 
 def _remove(book: Book, n: int) -> None:

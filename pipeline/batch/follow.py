@@ -2,6 +2,7 @@
 `batch_poll` seconds (at most one look a second in all, whatever the number of batches), and
 each that ended taken in, its lines to go again submitted in turn. Waits are awaited on a
 clock a test can fake; a batch staged, or the run stopping, wakes the wait at once.
+A batch just submitted is looked at sooner (`clock.next_look`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import anyio
 from pipeline.account.cost import Budget
 from pipeline.batch import stops, view
 from pipeline.batch.book import RUNNING, Batch, Book
-from pipeline.batch.clock import Clock
+from pipeline.batch.clock import Clock, next_look
 from pipeline.batch.hold import Holds
 from pipeline.batch.intake import Intake
 from pipeline.batch.submit import RETRY_MOST, Refused, gone, next_try, submit
@@ -83,11 +84,14 @@ class Follower:
     def running(self, n: int, info: BatchInfo | None = None, *, at: float | None = None) -> None:
         """Batch n is made (`info`: as just described; None: to be looked at now), submitted
         at `at` (epoch seconds; None: now)."""
-        self.due[n] = self.clock.now() if info is None else self.clock.now() + self.poll
         self.since.setdefault(n, self.clock.wall() if at is None else at)
+        self.due[n] = self.clock.now() if info is None else self.clock.now() + self._gap(n)
         if info is not None:
             self.seen[n] = info
             self.first_status.setdefault(n, info.status)
+
+    def _gap(self, n: int) -> float:
+        return next_look(self.clock.wall() - self.since.get(n, self.clock.wall()), self.poll)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -203,13 +207,13 @@ class Follower:
             return
         for m, info in (found or {}).items():
             if m in self.due and self.control.dispatching:
-                self.due[m] = self.sweep.began + self.poll
+                self.due[m] = self.sweep.began + self._gap(m)
                 await self._seen(self.book.batch(m), info)
 
     async def _look(self, n: int) -> None:
         batch = self.book.batch(n)
         self._last_look = self.clock.now()
-        self.due[n] = self.clock.now() + self.poll
+        self.due[n] = self.clock.now() + self._gap(n)
         assert batch.batch_id is not None
         try:
             info = await self.api.get(batch.batch_id)

@@ -30,6 +30,7 @@ from pipeline.batch import flawed
 from pipeline.batch.again import NOW, TAKING, send_now, stage_again
 from pipeline.batch.ahead import read_ahead
 from pipeline.batch.book import Batch, Book, Listed
+from pipeline.batch.clear import STRANGERS
 from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files
@@ -64,7 +65,9 @@ class Intake:
         wall: Callable[[], float] = time.time,
         now: SendNow | None = None,
         sync_prices: Mapping[str, Price] | None = None,
+        taken: Callable[[int], None] | None = None,
     ) -> None:
+        self.taken = taken  # told each batch committed taken: what it left is deleted (`clear`)
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
         self._spent: dict[int, Spent] = {}  # kept across a go cut short: its answers were written
@@ -98,6 +101,7 @@ class Intake:
         self.judge.outcomes = []
         self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
         self.judge.halted = halted
+        strangers = self.judge.strangers
         await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
@@ -168,10 +172,16 @@ class Intake:
             for n, lines, size, worst in again:
                 self.book.staged(n, lines=lines, size=size, reserved=worst)
             # (its figures for the run's end and reports, in the commit that takes it: once)
-            self.book.looked(batch.n, self._figures(info, now, sum(lines for _, lines, _, _ in again)))
+            figures = self._figures(info, now, sum(lines for _, lines, _, _ in again))
+            # Answers for ids it was not given: it may be another's, found by its model and
+            # size where the provider keeps no tag; not ours to delete (`clear`).
+            figures[STRANGERS] = self.judge.strangers - strangers
+            self.book.looked(batch.n, figures)
             self.book.taken(batch.n)
         if not self.commit():
             return None
+        if self.taken is not None and not figures[STRANGERS]:
+            self.taken(batch.n)
         self._spent.pop(batch.n, None)
         with contextlib.suppress(OSError):
             self.book.path(batch.n).unlink(missing_ok=True)

@@ -41,6 +41,7 @@ class LineJudge:
         self.max_attempts = max_attempts
         self.now = now  # `--then sync`: what a batch left undone is sent now, not batched again
         self.refused = 0  # result lines refused by this run
+        self.strangers = 0  # of those, lines for an id their batch did not hold
         self.outcomes: list[Outcome] = []  # judged, to be written
         # The batch was cancelled while this run followed it: nothing of it goes again now.
         self.halted = False
@@ -67,6 +68,7 @@ class LineJudge:
             one = listed.get(custom_id) if custom_id is not None else None
             if one is None or one.custom_id in met:
                 self.refused += 1
+                self.strangers += one is None
                 self.books.usage.answers["refused"] += 1
                 continue
             met.add(one.custom_id)

@@ -257,15 +257,10 @@ class Batches:
         if inline:  # (indexed by line, in a worker thread too: a provider serves pages from an index)
             return Ending(status, results=await asyncio.to_thread(Pages, out_path), usage=answered.usage)
         name = batch.id.removeprefix("batch_")
-        output = self.files.add(out_id, out_path, filename=f"{name}_output.jsonl", purpose="batch_output")
-        errors = self.files.add(err_id, err_path, filename=f"{name}_error.jsonl", purpose="batch_output")
-        # OpenAI names no file that would be empty.
-        return Ending(
-            status,
-            output_file_id=output.id if output.bytes else None,
-            error_file_id=errors.id if errors.bytes else None,
-            usage=answered.usage,
-        )
+        # OpenAI makes no file that would be empty (and names none).
+        output = self.files.kept(out_id, out_path, filename=f"{name}_output.jsonl", purpose="batch_output")
+        errors = self.files.kept(err_id, err_path, filename=f"{name}_error.jsonl", purpose="batch_output")
+        return Ending(status, output_file_id=output, error_file_id=errors, usage=answered.usage)
 
 
 def _write(

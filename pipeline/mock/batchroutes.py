@@ -258,6 +258,7 @@ class BatchRoutes:
         if status not in ENDED:
             return error(409, f"The batch is {status}: only an ended batch can be deleted")
         del self.batches.batches[batch.id]
+        self.batches.tally.deleted += 1
         if batch.ending is not None and batch.ending.results is not None:
             batch.ending.results.path.unlink(missing_ok=True)
         batch.source.unlink(missing_ok=True)

@@ -81,7 +81,15 @@ class FileStore:
     def add(self, file_id: str, path: Path, *, filename: str, purpose: str) -> MockFile:
         made = MockFile(file_id, filename, purpose, path.stat().st_size, int(self.clock()), path)
         self.files[file_id] = made
+        self.tally.files_alive = len(self.files)
         return made
+
+    def kept(self, file_id: str, path: Path, *, filename: str, purpose: str) -> str | None:
+        """A batch's output or error file, made only where it holds a line: its id, or None."""
+        if not path.stat().st_size:
+            path.unlink(missing_ok=True)
+            return None
+        return self.add(file_id, path, filename=filename, purpose=purpose).id
 
     def close(self) -> None:
         if self._folder is not None:
@@ -140,5 +148,6 @@ class FileStore:
         found = self.files.pop(request.match_info["file_id"], None)
         if found is None:
             return error(404, f"No such File object: {request.match_info['file_id']}", param="id")
+        self.tally.files_alive = len(self.files)
         found.path.unlink(missing_ok=True)
         return json({"id": found.id, "object": "file", "deleted": True})

@@ -21,10 +21,12 @@ class BatchTally:
     """What the batch APIs were given and answered (`pipeline.mock.batches`)."""
 
     files_uploaded: int = 0
+    files_alive: int = 0  # uploaded or made, and not deleted: what a run leaves at the provider
     created: int = 0
     by_tag: Counter[str] = field(default_factory=Counter)  # batches made per tag their metadata sent
     failed_validation: int = 0
     cancels: int = 0
+    deleted: int = 0  # batches deleted (the inline shape's DELETE batches/{id})
     refused: Counter[str] = field(default_factory=Counter)  # uploads and creations refused, by status
     answered: Counter[str] = field(default_factory=Counter)  # answers (200) per custom_id, across batches
     failed_lines: int = 0  # answered with an error status
@@ -35,12 +37,15 @@ class BatchTally:
     def stats(self) -> dict[str, Any]:
         return {
             "files_uploaded": self.files_uploaded,
+            "files_alive": self.files_alive,
             "batches_created": self.created,
             "batches_by_tag": dict(self.by_tag),
             # a tag made into more than one batch: a submission paid twice
             "tags_twice": sum(1 for n in self.by_tag.values() if n > 1),
             "failed_validation": self.failed_validation,
             "cancels": self.cancels,
+            # made and not deleted: what a run leaves at the provider (inline shape)
+            "batches_alive": self.created - self.deleted,
             "submissions_refused": dict(self.refused),
             "lines_answered": sum(self.answered.values()),
             "lines_answered_twice": sum(1 for n in self.answered.values() if n > 1),

@@ -75,7 +75,11 @@ class Host:
         from pipeline.send.batchclient import open_batch_api  # (only a batch run needs it)
 
         opened: AbstractAsyncContextManager[BatchApi] = open_batch_api(
-            settings.base_url, api_key, settings.batch_api
+            settings.base_url,
+            api_key,
+            settings.batch_api,
+            max_lines=settings.batch_max_lines,
+            max_bytes=settings.batch_max_bytes,
         )
         return opened
 

@@ -54,6 +54,7 @@ class BatchInfo(NamedTuple):
     tag: str | None = None  # metadata[TAG_KEY], when the provider keeps metadata
     model: str | None = None  # the inline shape's one model
     created_at: float | None = None  # seconds since the epoch, as the provider says
+    input_file: str | None = None  # files shape: the uploaded requests
     output_file: str | None = None  # files shape: where the answers are
     error_file: str | None = None  # files shape: where the failed lines are
     errors: tuple[str, ...] = ()  # why a batch failed validation, one line each (with the line number)
@@ -118,6 +119,12 @@ class BatchApi(Protocol):
         return None
 
     async def cancel(self, batch_id: str) -> BatchInfo: ...
+
+    async def clear(self, batch_id: str, files: Collection[str]) -> None:
+        """Delete what a batch taken in left at the provider (the user's prompts and answers):
+        at the files shape its `files` (input, output, error: `DELETE {base}/files/{id}`), at
+        the inline shape the batch itself, with its requests and results (OpenRouter's
+        `DELETE {base}/batches/{id}`, once ended). What is gone already (a 404) is fine."""
 
     def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's result lines, answers and failures alike, each one JSON object in

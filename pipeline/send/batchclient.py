@@ -67,16 +67,30 @@ async def open_batch_api(
         http = BatchHttp(
             session, base_url, api_key=api_key, retry=retry or batch_retry(), sleep=sleep, clock=clock
         )
-        limits = {"max_lines": max_lines, "max_bytes": max_bytes}
-        given = {k: v for k, v in limits.items() if v is not None}
         api: BatchApi
         if (shape or await discover(http)) == "files":
-            api = FilesBatchApi(http, max_line=max_line_bytes, clock=clock, **given)
+            api = FilesBatchApi(http, max_line=max_line_bytes, clock=clock)
         else:
-            api = InlineBatchApi(http, clock=clock, **given)
+            api = InlineBatchApi(http, clock=clock)
+        api.max_lines = within(api, "batch_max_lines", max_lines, api.max_lines)
+        api.max_bytes = within(api, "batch_max_bytes", max_bytes, api.max_bytes)
         yield api
     finally:
         await session.close()
+
+
+def within(api: BatchApi, key: str, given: int | None, most: int) -> int:
+    """A batch's limit as set (`batch_max_lines`, `batch_max_bytes`), else the shape's own.
+    More than the shape's own is refused before anything is uploaded: a batch over the
+    provider's limit fails whole, and a setting quietly lowered is one nobody meant."""
+    if given is None:
+        return most
+    if given > most:
+        raise SettingsError(
+            f"{key} is {given:,}, above the {api.shape} batch API's own limit of {most:,} a batch: "
+            f"set it to {most:,} or less, or leave it out"
+        )
+    return given
 
 
 async def discover(http: BatchHttp) -> str:

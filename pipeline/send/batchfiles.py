@@ -4,14 +4,15 @@ uploaded (`POST {base}/files`, purpose `batch`, streamed from disk), a batch mad
 error files (`GET {base}/files/{id}/content`, line by line).
 
 An upload whose answer is lost is simply made again: the file left behind is an orphan
-that costs nothing, named `<tag>.jsonl`, and OpenAI deletes batch files after 30 days.
-A create is never simply made again (`BatchHttp.create`).
+that costs nothing, named `<tag>.jsonl`. A create is never simply made again
+(`BatchHttp.create`). A batch taken in has its three files deleted (`clear`,
+`pipeline.batch.clear`): the prompts and answers are the user's, not the provider's to keep.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import IO
 
@@ -99,6 +100,10 @@ class FilesBatchApi(Shape):
 
     async def get(self, batch_id: str) -> BatchInfo:
         return info_of(await self._http.call("GET", f"/batches/{batch_id}"))
+
+    async def clear(self, batch_id: str, files: Collection[str]) -> None:
+        for file_id in dict.fromkeys(files):  # (a failure stops it: the next run tries again)
+            await self._http.delete(f"/files/{file_id}")
 
     async def results(self, info: BatchInfo) -> AsyncIterator[bytes]:
         if info.counts.completed and not info.output_file:

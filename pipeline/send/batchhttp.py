@@ -226,6 +226,18 @@ class BatchHttp:
 
         return await self.retry(once)
 
+    async def delete(self, path: str) -> None:
+        """DELETE `path`, as the retry policy tries it; one not found (a 404) is gone already."""
+
+        async def once() -> None:
+            try:
+                await self.once("DELETE", path)
+            except HTTPStatusError as e:
+                if e.status != 404:
+                    raise
+
+        await self.retry(once)
+
     def others(self, tag: str) -> set[str]:
         """The batches this client made or found for another tag than `tag`."""
         return {batch_id for batch_id, made in self._tags.items() if made != tag}

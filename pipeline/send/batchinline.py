@@ -22,7 +22,7 @@ found by its model, size and time (`batchfind.pick`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,9 @@ class InlineBatchApi(Shape):
     async def get(self, batch_id: str) -> BatchInfo:
         # (read past its `results`: a finished batch holds every answer there)
         return info_of(await self._http.call("GET", f"/batches/{batch_id}", without=b"results"))
+
+    async def clear(self, batch_id: str, files: Collection[str]) -> None:
+        await self._http.delete(f"/batches/{batch_id}")  # (no files: the batch holds them)
 
     async def results(self, info: BatchInfo) -> AsyncIterator[ResultLine]:
         """The ended batch's answers, a page at a time from /results; where there are none to

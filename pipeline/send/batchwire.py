@@ -60,6 +60,7 @@ def info_of(obj: Any) -> BatchInfo:
         created_at=float(created)
         if isinstance(created, int | float) and not isinstance(created, bool)
         else None,
+        input_file=_text(obj.get("input_file_id")),
         output_file=_text(obj.get("output_file_id")),
         error_file=_text(obj.get("error_file_id")),
         errors=tuple(one_line(flaw) for flaw in flaws),
