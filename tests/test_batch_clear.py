@@ -5,6 +5,7 @@ the next run, or to `pipeline cancel`; a delete that fails never fails the run; 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,41 @@ async def test_a_run_interrupted_deletes_no_more_and_leaves_the_rest_to_the_next
     await run(settings, host)
     assert api.cleared == ["batch_1"]  # it was all four: a stopped run went on deleting
     assert _cleared(settings) == [True, False, False, False]
+
+
+async def test_what_the_provider_acts_on_is_on_the_disk_before_it_is_told(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ledger commits without syncing its log (a power cut may forget the last commits,
+    # which is safe for results: they are asked again). Not so for a batch about to be made
+    # (forgotten, it is made and paid twice) or deleted (forgotten as taken, its results are
+    # looked for in files gone): the log is on the disk before each such call.
+    events: list[str] = []
+    fsync = os.fsync
+
+    def synced(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(LEDGER + "-wal"):
+            events.append("log synced")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    api = FakeBatchApi(max_lines=2)
+    step = api._step
+
+    def told(name: str) -> None:
+        events.append(name)
+        step(name)
+
+    monkeypatch.setattr(api, "_step", told)
+    settings = at_batch_tier(make_settings(server[0], bodies(3)))
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    shown = " ".join(events)
+    made = [i for i, event in enumerate(events) if event == "submit"]
+    cleared = [i for i, event in enumerate(events) if event == "clear"]
+    assert len(made) == len(cleared) == 2, shown
+    for i in made:  # its `creating` commit, just before
+        assert events[i - 1] == "log synced", shown
+    for i in cleared:  # its `taken` commit, after its lines were read
+        read = max(j for j, event in enumerate(events[:i]) if event == "line")
+        assert "log synced" in events[read:i], shown

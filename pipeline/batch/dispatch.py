@@ -107,9 +107,13 @@ async def dispatch_batches(
     ledger.commit()
 
     def commit() -> bool:
+        # Each of these commits comes before the provider is told (a batch made, its files
+        # deleted): synced, so that a power cut cannot forget one the provider acted on (a
+        # batch made twice and paid twice; results read back from files deleted). A few a batch.
         try:
             ledger.commit()
-        except sqlite3.Error as e:
+            ledger.flush()
+        except (sqlite3.Error, OSError) as e:
             with contextlib.suppress(sqlite3.Error):
                 ledger.rollback()
             writer.fail(e)

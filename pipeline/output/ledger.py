@@ -31,6 +31,7 @@ committed (the run still stops: the ids it read since the last commit are forgot
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -129,6 +130,19 @@ class Ledger:
             raise
         self._serial, self._committed_done = serial, pending
         self._seen_new.clear()
+
+    def flush(self) -> None:
+        """What is committed made to outlast a power cut: the WAL synced to the disk (NORMAL
+        leaves that to a checkpoint). For the commits that something outside the folder acts on
+        at once: a batch about to be made at the provider, or about to be deleted there."""
+        try:
+            fd = os.open(self.path.with_name(self.path.name + "-wal"), os.O_RDONLY)
+        except FileNotFoundError:
+            return  # (no WAL: every commit is in the file already)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def rollback(self) -> None:
         """Forget all since the last commit. Should even that fail, the connection is closed
