@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from pipeline.batch.cancel import cancel_batches
-from pipeline.errors import HTTPStatusError
+from pipeline.errors import HTTPStatusError, RunStopped
 from pipeline.output.folder import LEDGER, lock_folder
 from pipeline.run.runner import run
 from pipeline.run.summary import Summary
@@ -158,3 +158,17 @@ async def test_cancel_counts_a_batch_the_run_took_in_and_deleted_as_ended(
     assert api.cancelled == ["batch_1"]
     assert "1 of 1 batch(es) ended" in said[-1], said
     assert not any("not ended yet" in line for line in said)
+
+
+async def test_a_ledger_that_cannot_be_read_beside_a_run_is_a_stop_not_nothing_to_cancel(
+    make_settings: Callable[..., Settings], server: tuple[str, Any]
+) -> None:
+    api = FakeBatchApi(max_lines=2, looks_to_end=3)
+    settings = at_batch_tier(make_settings(server[0], bodies(2)))
+    assert (await run(settings, stopping_at_a_look(api))).exit_code == 130
+    (settings.folder / LEDGER).write_bytes(b"not a database, as a disk failing gives" * 100)
+    with lock_folder(settings.folder), pytest.raises(RunStopped) as stopped:
+        await cancel_batches(settings.folder, api, clock=FakeClock(), say=lambda _: None)
+    assert f"cannot read {settings.folder / LEDGER} (file is not a database)" in str(stopped.value)
+    assert "nothing was cancelled: run the same command again" in str(stopped.value)
+    assert api.cancelled == []

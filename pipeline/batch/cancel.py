@@ -38,7 +38,7 @@ from pipeline.batch.book import CREATING, ENDPOINT, RUNNING, Batch, Book
 from pipeline.batch.clear import clear, not_cleared, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.submit import SKEW, info_state
-from pipeline.errors import FolderBusy, HTTPStatusError, RequestError, SettingsError
+from pipeline.errors import FolderBusy, HTTPStatusError, RequestError, RunStopped, SettingsError
 from pipeline.output.folder import LEDGER, lock_folder
 from pipeline.output.ledger import Ledger
 from pipeline.output.shards import shard_folders
@@ -96,7 +96,8 @@ def _endpoint_used(folder: Path) -> dict[str, Any]:
     with _reading(folder) as db:
         try:
             row = db.execute("SELECT value FROM meta WHERE key = ?", (ENDPOINT,)).fetchone()
-        except sqlite3.Error:
+        except sqlite3.Error as e:
+            _unreadable(folder, e)
             return {}
     used = orjson.loads(row[0]) if row is not None else None
     if not isinstance(used, dict):
@@ -114,6 +115,18 @@ def _reading(folder: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
+def _unreadable(folder: Path, error: sqlite3.Error) -> None:
+    """An error reading the ledger a run holds, unless it is only a table the folder's runs
+    never made: a stop, never "nothing to cancel" (exit 0 with the batches still running)."""
+    if isinstance(error, sqlite3.OperationalError) and str(error).startswith("no such table"):
+        return
+    raise RunStopped(
+        f"cannot read {folder / LEDGER} ({error}) while a run holds the folder; nothing was cancelled: "
+        "run the same command again",
+        code="ledger_unreadable",
+    )
+
+
 def _book_as_is(folder: Path) -> list[Batch]:
     """The folder's batches as its book says now, read while a run holds the folder."""
     with _reading(folder) as db:
@@ -121,8 +134,9 @@ def _book_as_is(folder: Path) -> list[Batch]:
             rows = db.execute(
                 "SELECT n, tag, model, state, batch_id, lines, bytes, reserved, at, NULL FROM batches ORDER BY n"
             ).fetchall()
-        except sqlite3.Error:  # (no batches table: a folder of synchronous runs only)
-            return []
+        except sqlite3.Error as e:
+            _unreadable(folder, e)
+            return []  # (no batches table: a folder of synchronous runs only)
     return [Batch(*row) for row in rows]
 
 
