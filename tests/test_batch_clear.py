@@ -6,6 +6,7 @@ the next run, or to `pipeline cancel`; a delete that fails never fails the run; 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,35 @@ async def test_what_the_provider_acts_on_is_on_the_disk_before_it_is_told(
     for i in cleared:  # its `taken` commit, after its lines were read
         read = max(j for j, event in enumerate(events[:i]) if event == "line")
         assert "log synced" in events[read:i], shown
+
+
+async def test_a_delete_the_provider_keeps_failing_is_given_up_within_a_minute_of_tries() -> None:
+    # Housekeeping the next run does again: the run's end does not wait out the retries of a
+    # look (eight tries, up to fifteen minutes) on a provider failing its deletes.
+    from aiohttp import web
+
+    asked: list[float] = []
+    waited: list[float] = []
+
+    async def failing(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        return web.json_response({"error": {"message": "try later"}}, status=503)
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+
+    app = web.Application()
+    app.router.add_delete("/v1/files/{id}", failing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with open_batch_api(f"http://127.0.0.1:{port}/v1", None, "files", sleep=sleep) as api:
+            with pytest.raises(HTTPStatusError):
+                await api.clear("batch_1", ["file-1"])
+    finally:
+        await runner.cleanup()
+    assert len(asked) == 3
+    assert sum(waited) <= 60

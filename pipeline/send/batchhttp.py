@@ -44,6 +44,10 @@ from pipeline.urls import redacted
 # and only a silence this long says it stalled.
 QUICK = aiohttp.ClientTimeout(total=120.0, sock_connect=CONNECT_TIMEOUT)
 LONG = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=600.0)
+# A delete is housekeeping that the next run does again if this one cannot: the run's end
+# waits on it for a minute at most (three tries of 20 s, where a look's retries take up to 15).
+BRIEF = aiohttp.ClientTimeout(total=20.0, sock_connect=CONNECT_TIMEOUT)
+DELETES = RetryPolicy(max_attempts=3, max_time=60.0, base=1.0, cap=10.0, max_refused=60.0)
 CHUNK = 1 << 16
 
 T = TypeVar("T")
@@ -106,6 +110,7 @@ class BatchHttp:
         body: Body | None = None,
         headers: Mapping[str, str] | None = None,
         slow: bool = False,
+        brief: bool = False,
         collection: bool = False,
         without: bytes | None = None,
         dated: list[float] | None = None,
@@ -124,7 +129,7 @@ class BatchHttp:
                 json=json,
                 data=data,
                 headers=headers,
-                timeout=LONG if slow else QUICK,
+                timeout=LONG if slow else BRIEF if brief else QUICK,
             ) as resp:
                 if resp.status >= 300:
                     raw = await resp.read()
@@ -227,16 +232,17 @@ class BatchHttp:
         return await self.retry(once)
 
     async def delete(self, path: str) -> None:
-        """DELETE `path`, as the retry policy tries it; one not found (a 404) is gone already."""
+        """DELETE `path`, as the retry policy tries it, within a minute (`DELETES`); one not
+        found (a 404) is gone already."""
 
         async def once() -> None:
             try:
-                await self.once("DELETE", path)
+                await self.once("DELETE", path, brief=True)
             except HTTPStatusError as e:
                 if e.status != 404:
                     raise
 
-        await self.retry(once)
+        await DELETES.call(once, sleep=self._sleep)
 
     def others(self, tag: str) -> set[str]:
         """The batches this client made or found for another tag than `tag`."""
