@@ -239,8 +239,8 @@ def _too_big(request: Request, size: int, most: int) -> Failure:
     return Failure(
         line=request.line,
         code="too_large_for_batch",
-        message=f"not sent: the request is {size:,} bytes as a batch line, over the batch API's "
-        f"{most:,}; send it with --tier sync",
+        message=f"not sent: the request is {size:,} bytes as a batch line, over a batch's "
+        f"{most:,} (the batch API's, or batch_max_bytes); send it with --tier sync",
         custom_id=request.custom_id,
         metadata=request.metadata,
         model=request.model,
