@@ -40,6 +40,10 @@ class Inflight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def __contains__(self, key: bytes) -> bool:
+        """Whether a request of `key` is in flight now (one more would wait for it)."""
+        return key in self._flights
+
     def waiting(self, key: bytes) -> int:
         """How many requests wait on the one of `key` in flight."""
         flight = self._flights.get(key)

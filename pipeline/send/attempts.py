@@ -29,6 +29,7 @@ from pipeline.run.control import Control, Seat
 from pipeline.send.client import Client
 from pipeline.send.notfound import Undecided
 from pipeline.send.retry import RetryPolicy
+from pipeline.send.reuse import Reuse
 from pipeline.send.status import Judge, answer_key
 from pipeline.send.verdict import Verdict
 
@@ -96,7 +97,9 @@ class Attempts:
         books: Books,
         control: Control,
         verdict: Verdict | None = None,
+        reuse: Reuse | None = None,
     ) -> None:
+        self.reuse = reuse  # the answer cache, where the run has one
         self.gate = gate
         self.client = client
         self.judge = judge
@@ -115,6 +118,11 @@ class Attempts:
             failure = await self.fill(request)
             if failure is not None:
                 return failure
+        if self.reuse is not None:
+            return await self.reuse.process(request, seat, self.verdict, self._sent)
+        return await self._sent(request, seat)
+
+    async def _sent(self, request: Request, seat: Seat | None) -> Outcome | None:
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
