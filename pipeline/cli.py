@@ -42,6 +42,11 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
     )
     batches = doc.get("batches") if doc["runs"] and doc["runs"][-1].get("tier") == "batch" else None
     reused = f" ({summary.reused:,} reused)" if summary.reused else ""
+    kept = doc.get("reused") or {}
+    if kept.get("requests"):
+        if not doc["models"]:  # every result reused: nothing paid, which is known
+            cost_text = money(0.0)
+        cost_text += f", {money(kept['cost_not_spent'])} not spent (answers reused)"
     if quiet:
         brief = ""
         if batches:

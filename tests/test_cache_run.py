@@ -194,9 +194,11 @@ async def test_kill_9_while_reusing_then_resume_gives_every_line_once(mock, tmp_
         assert 0 < len(ids) < n
         assert max(ids.values()) == 1
         proc = await start(url, src, out, "--cache", cache, "--concurrency", "32")
-        _, stderr = await proc.communicate()
+        stdout, stderr = await proc.communicate()
         assert proc.returncode == 0, stderr.decode()
         sent = server.state.statuses["200"]
+    assert b" reused)" in stdout
+    assert b"not spent (answers reused)" in stdout
     lines = read_jsonl(out / "results.jsonl")
     ids = Counter(r["custom_id"] for r in lines)
     assert sorted(ids) == sorted(f"job-{i}" for i in range(n))

@@ -64,7 +64,8 @@ async def close(run: Run) -> int:
         with contextlib.suppress(OSError):
             writer.close()
         if run.reuse is not None:
-            await anyio.to_thread.run_sync(run.reuse.close)  # the answers queued, kept
+            with anyio.CancelScope(shield=True):  # (a second Ctrl-C too: the answers queued, kept)
+                await anyio.to_thread.run_sync(run.reuse.close)
 
 
 def finish(run: Run, failed_now: int) -> Summary:
