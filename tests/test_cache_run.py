@@ -211,3 +211,32 @@ async def test_kill_9_while_reusing_then_resume_gives_every_line_once(mock, tmp_
     usage = _usage(out)
     assert usage["reused"]["requests"] == reused
     assert usage["requests"]["succeeded"] == n
+
+
+def test_a_job_file_names_the_cache_relative_to_itself(tmp_path: Path) -> None:
+    from pipeline.settings import build
+
+    job = tmp_path / "jobs" / "nightly.toml"
+    job.parent.mkdir()
+    job.write_text('input = "in.jsonl"\ncache = "../answers"\ncache_max_gb = 2\n')
+    settings = build(job)
+    assert settings.cache == tmp_path / "answers"
+    assert settings.cache_max_gb == 2
+    assert build(job, cache=str(tmp_path / "elsewhere")).cache == tmp_path / "elsewhere"
+
+
+async def test_a_request_waiting_for_its_twin_leaves_its_seat_to_another(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    # Two seats: the first line is sent, its twins wait for its answer out of the crew, and
+    # the different last line takes a free seat and is sent beside the first.
+    rows = [
+        *_same(3),
+        {"custom_id": "other", "model": "test/model", "messages": [{"role": "user", "content": "x"}]},
+    ]
+    async with mock(latency=0.3) as (url, server):
+        summary = await pipeline.run(make_settings(url, rows, cache=str(tmp_path / "cache"), concurrency=2))
+        assert len(server.state.received) == 2
+        assert server.state.max_in_flight == 2
+    assert summary.succeeded == 4
+    assert summary.reused == 2
