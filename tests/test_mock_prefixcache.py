@@ -6,6 +6,9 @@ answer's usage, priced at a quarter, and in the mock's stats."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
+import random
 from typing import Any
 
 import aiohttp
@@ -87,15 +90,119 @@ def test_models_and_prompt_cache_keys_keep_their_own_prefixes() -> None:
     assert c.serve(body(1, prompt_cache_key="j")).cached == 0  # another key routes elsewhere
 
 
-def test_tools_lead_the_prompt_and_the_last_message_is_not_kept() -> None:
+def test_tools_lead_the_prompt_and_a_prompt_of_one_message_is_kept_whole() -> None:
     c = cache()
     tool = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     c.serve(body(1, tools=tool))
     assert c.serve(body(1)).cached == 0  # the same messages, without the tools: another prefix
     assert c.serve(body(1, tools=tool)).cached > 0
-    # A long question alone: nothing before it to keep, so asked again it is not read.
+    # A long prompt of one message, sent again: OpenAI keeps the whole prompt it processed.
     alone = {"model": "m", "messages": [{"role": "user", "content": "y" * 8000}]}
-    assert c.serve(alone) == c.serve(alone) == Served(0, 0)
+    assert c.serve(alone) == Served(0, 0)
+    assert c.serve(alone).cached == 2004
+
+
+def test_a_prefix_may_end_inside_a_message_at_a_part() -> None:
+    """Anthropic's usual shape: one user message, the document marked, then the question; and
+    the same photo asked about in two languages, behind a long system prompt."""
+    c = cache()
+    document = {"type": "text", "text": "Contract. " + "x" * 4800, "cache_control": {"type": "ephemeral"}}
+
+    def ask(question: str) -> dict[str, Any]:
+        parts = [document, {"type": "text", "text": question}]
+        return {"model": "m", "messages": [{"role": "user", "content": parts}]}
+
+    first = c.serve(ask("Who signs?"))
+    assert first.cached == 0
+    assert first.written >= LONG
+    assert c.serve(ask("When does it end?")) == Served(first.written, 0)
+    photo = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+    def caption(language: str) -> dict[str, Any]:
+        question = {"type": "text", "text": f"Caption this in {language}."}
+        return {"model": "m", "messages": [system(2), {"role": "user", "content": [photo, question]}]}
+
+    c.serve(caption("French"))
+    french = c.serve(caption("French")).cached  # all of it, the question too
+    # the system prompt, then the user message's role (4) and the photo (no tokens in the mock)
+    assert french > c.serve(caption("German")).cached == estimate_tokens({"messages": [system(2)]}) - 3 + 4
+
+
+def test_unique_middles_do_not_crowd_out_other_prompts() -> None:
+    """Lines of [instructions, their own document, a question]: each keeps its prompt, and all
+    of one system prompt's share its one place, so the other system prompts stay."""
+    c = cache(size=2)
+    c.serve(body(1))
+    c.serve(body(2))
+    for n in range(3):
+        doc = {"role": "user", "content": f"Document {n}: " + "y" * 400}
+        c.serve({"model": "m", "messages": [system(1), doc, {"role": "user", "content": "sum up"}]})
+    assert c.serve(body(2)).cached > 0
+
+
+def test_requests_sent_together_with_a_new_prefix_all_miss_it() -> None:
+    """A prefix is cached once a request has processed it: those that arrived before its answer
+    miss it, and with markers each pays its write, as Anthropic charges."""
+    c = cache()
+    together = [c.read(body(1, str(n))) for n in range(3)]
+    assert [c.write(r) for r in together] == [Served(0, 0)] * 3
+    assert c.serve(body(1, "after")).cached >= LONG
+    marked = {"type": "text", "text": "Rules. " + "x" * 4800, "cache_control": {"type": "ephemeral"}}
+    asks = [{"model": "m", "messages": [{"role": "system", "content": [marked]}, {"role": "user", "content": q}]}
+            for q in "ab"]  # fmt: skip
+    readings = [c.read(a) for a in asks]
+    written = [c.write(r) for r in readings]
+    assert written[0] == written[1]
+    assert written[0].cached == 0
+    assert written[0].written >= LONG
+
+
+async def test_through_http_two_requests_at_once_with_a_new_prefix_both_miss(mock: Any) -> None:
+    async with (
+        mock(prefix_cache=8, latency=0.1, clock=Clock()) as (url, _),
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def send(question: str) -> int:
+            async with session.post(f"{url}/chat/completions", json=body(5, question)) as r:
+                return int((await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+        assert await asyncio.gather(send("one"), send("two")) == [0, 0]
+        assert await send("three") >= LONG
+
+
+def _lines(count: int, prompts: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [body(rng.randrange(prompts), f"question {n}") for n in range(count)]
+
+
+def _cached(c: PrefixCache, lines: list[dict[str, Any]], wave: int = 1) -> int:
+    """The prompt tokens cached, the lines sent `wave` at a time (each wave arriving before any
+    of its answers)."""
+    cached = 0
+    for i in range(0, len(lines), wave):
+        cached += sum(c.write(r).cached for r in [c.read(b) for b in lines[i : i + wave]])
+    return cached
+
+
+def test_the_target_is_reachable_by_grouping_and_sending_a_groups_first_line_alone() -> None:
+    """Issue 23's scenario (8 kept of 50 system prompts) at 2,000 lines: input order gets about
+    8/50 of the system prompts' tokens; the lines grouped by prompt and sent one at a time, all
+    but each group's first; grouped but sent 32 at once, each group's first wave misses, unless
+    its first line goes alone and the rest follow its answer."""
+    lines = _lines(2000, 50, seed=23)
+    prompt = sum(estimate_tokens(b) for b in lines)
+    system_share = estimate_tokens({"messages": [system(0)]}) / estimate_tokens(lines[0])
+    assert _cached(cache(size=8), lines) / prompt == pytest.approx(8 / 50 * system_share, abs=0.03)
+    grouped = sorted(lines, key=lambda b: str(b["messages"][0]["content"]))
+    assert _cached(cache(size=8), grouped) / prompt == pytest.approx(1 - 50 / 2000, abs=0.01)
+    assert _cached(cache(size=8), grouped, wave=32) / prompt < 0.7
+    c = cache(size=8)
+    warmed = 0
+    for _, group in itertools.groupby(grouped, key=lambda b: str(b["messages"][0]["content"])):
+        first, *rest = group
+        warmed += c.serve(first).cached + _cached(c, rest, wave=32)
+    assert warmed / prompt >= 0.9
 
 
 def test_cache_control_writes_the_prefix_up_to_the_marker_and_says_so() -> None:
