@@ -41,9 +41,9 @@ The rule here:
 Not modelled: OpenAI's 128-token granularity (blocks are whole texts or parts), its overflow of
 a busy prefix to other machines (so a `prompt_cache_key` here only partitions, never helps), a
 cache hit's shorter latency, images' tokens (the mock counts none, so an image alone never
-makes a prefix long enough), and the batch APIs (their lines are answered without it). The cost
-the mock states charges cached tokens at a quarter of the prompt price and written ones at
-1.25x (`answers.completion`).
+makes a prefix long enough), and the batch APIs (their lines are answered without it, and say
+so: none of their prompt cached). The cost the mock states charges cached tokens at a quarter
+of the prompt price and written ones at 1.25x (`answers.completion`).
 """
 
 from __future__ import annotations
