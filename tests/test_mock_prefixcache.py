@@ -128,6 +128,19 @@ def test_a_prefix_may_end_inside_a_message_at_a_part() -> None:
     assert french > c.serve(caption("German")).cached == estimate_tokens({"messages": [system(2)]}) - 3 + 4
 
 
+def test_a_text_and_the_same_text_as_a_marked_part_are_one_prefix() -> None:
+    """Lines sent plainly warm the cache for lines the tool marks for Anthropic (their text put in
+    a part with `cache_control`): the tokens are the same."""
+    c = cache()
+    c.serve(body(1, "plain"))
+    marked = [{"type": "text", "text": system(1)["content"], "cache_control": {"type": "ephemeral"}}]
+    served = c.serve(
+        {"model": "m", "messages": [{"role": "system", "content": marked}, {"role": "user", "content": "b"}]}
+    )
+    assert served.cached == estimate_tokens({"messages": [system(1)]}) - 3
+    assert served.written == 0
+
+
 def test_unique_middles_do_not_crowd_out_other_prompts() -> None:
     """Lines of [instructions, their own document, a question]: each keeps its prompt, and all
     of one system prompt's share its one place, so the other system prompts stay."""

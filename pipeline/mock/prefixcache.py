@@ -15,9 +15,9 @@ What it stands in for:
 The rule here:
 - A prompt is a chain of blocks: first, when the body has `tools`, `tool_choice` or
   `response_format`, one block of them (no tokens: `answers.estimate_tokens` counts none for
-  them, but a prefix matches only with the same ones); then a message's text as one block, or
-  its list of parts as one block a part (an image, a document, then the question that varies:
-  a prefix may end inside a message, as both providers' do), the first with the message's role
+  them, but a prefix matches only with the same ones); then one block a part of each message
+  (a text alone is one text part, as both providers read it; an image, a document, then the
+  question that varies: a prefix may end inside a message, as theirs do), the first with its role
   and 4 tokens, each its text's tokens as `estimate_tokens` counts them (len // 4; an image
   none), its identity without `cache_control` markers. Each block is hashed with every block
   before it and with `prompt_cache_key` (so the same key routes to the same prefixes, and a
@@ -97,14 +97,14 @@ def _pieces(message: Any) -> list[tuple[bytes, int, bool]]:
     head = {k: v for k, v in message.items() if k not in (MARKER, "content")}
     marked = MARKER in message
     content = message.get("content")
+    if isinstance(content, str):  # the same as one text part (both providers read it so)
+        content = [{"type": "text", "text": content}]
     parts: list[Any] = content if isinstance(content, list) and content else [content]
     out = []
     for i, part in enumerate(parts):
         plain = {k: v for k, v in part.items() if k != MARKER} if isinstance(part, dict) else part
         identity = {"head": head, "part": plain} if i == 0 else {"part": plain}
-        tokens = (4 if i == 0 else 0) + (
-            len(content) // 4 if isinstance(content, str) else _text_tokens(part)
-        )
+        tokens = (4 if i == 0 else 0) + _text_tokens(part)
         out.append(
             (
                 (b"m" if i == 0 else b"p") + orjson.dumps(identity, option=orjson.OPT_SORT_KEYS),
