@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline.mock.answers import PRICE_PROMPT, completion, estimate_tokens
 from pipeline.mock.command import add_mock_flags, mock_config
-from pipeline.mock.prefixcache import PrefixCache, Served
+from pipeline.mock.prefixcache import MODELS_KEPT, PrefixCache, Served
 from tests.simulated import Clock
 
 LONG = 1200  # tokens of a system prompt: over the 1,024 cached at least
@@ -88,6 +88,18 @@ def test_models_and_prompt_cache_keys_keep_their_own_prefixes() -> None:
     c.serve(body(1, prompt_cache_key="k"))
     assert c.serve(body(1, prompt_cache_key="k")).cached > 0
     assert c.serve(body(1, prompt_cache_key="j")).cached == 0  # another key routes elsewhere
+
+
+def test_many_models_at_once_hold_a_bounded_cache() -> None:
+    """A client naming a new model on every line: the mock keeps the prefixes of the last
+    MODELS_KEPT models asked (where it kept every model's for their ttl, and looked through all
+    of them for each new name: minutes of CPU and unbounded memory over a few thousand names)."""
+    c = cache()
+    for i in range(MODELS_KEPT + 50):
+        c.serve(body(1) | {"model": f"m{i}"})
+    assert sum(c.kept(f"m{i}") for i in range(MODELS_KEPT + 50)) == MODELS_KEPT
+    assert c.serve(body(1) | {"model": f"m{MODELS_KEPT + 49}"}).cached > 0  # the latest keep theirs
+    assert c.serve(body(1) | {"model": "m0"}).cached == 0
 
 
 def test_tools_lead_the_prompt_and_a_prompt_of_one_message_is_kept_whole() -> None:

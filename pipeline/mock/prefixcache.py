@@ -58,7 +58,9 @@ import orjson
 
 LEADING = ("tools", "tool_choice", "response_format")  # what sits before the messages of a prompt
 MARKER = "cache_control"
-MODELS_SWEPT = 64  # models held before those with nothing fresh are forgotten
+# Models held at most (so that the mock's memory and time stay bounded, whatever the names a
+# client sends), the least recently asked forgetting its prefixes first.
+MODELS_KEPT = 256
 
 
 class Served(NamedTuple):
@@ -162,7 +164,8 @@ class PrefixCache:
 
     def __init__(self, *, size: int, ttl: float, min_tokens: int, clock: Callable[[], float]) -> None:
         self.size, self.ttl, self.min_tokens, self.clock = size, ttl, min_tokens, clock
-        self._models: dict[str, OrderedDict[bytes, _Kept]] = {}  # by the prefix's last block's hash
+        # by model, least recently asked first; then by the prefix's last block's hash
+        self._models: OrderedDict[str, OrderedDict[bytes, _Kept]] = OrderedDict()
 
     def kept(self, model: str) -> int:
         """Prefixes held for `model` now."""
@@ -170,11 +173,13 @@ class PrefixCache:
         return sum(1 for p in self._models.get(model, {}).values() if now - p.used < self.ttl)
 
     def _fresh(self, model: str, now: float) -> OrderedDict[bytes, _Kept]:
-        if model not in self._models and len(self._models) >= MODELS_SWEPT:
-            for name in list(self._models):  # many models named: forget those whose prefixes expired
-                if not self._fresh(name, now):
-                    del self._models[name]
-        kept = self._models.setdefault(model, OrderedDict())
+        kept = self._models.get(model)
+        if kept is None:
+            if len(self._models) >= MODELS_KEPT:  # the model least recently asked forgets its prefixes
+                self._models.popitem(last=False)
+            kept = self._models[model] = OrderedDict()
+        else:
+            self._models.move_to_end(model)
         for key in [k for k, p in kept.items() if now - p.used >= self.ttl]:
             del kept[key]
         return kept
