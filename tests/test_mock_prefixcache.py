@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline.mock.answers import PRICE_PROMPT, completion, estimate_tokens
 from pipeline.mock.command import add_mock_flags, mock_config
-from pipeline.mock.prefixcache import MODELS_KEPT, PrefixCache, Served
+from pipeline.mock.prefixcache import MODELS_KEPT, PrefixCache, Reading, Served
 from tests.simulated import Clock
 
 LONG = 1200  # tokens of a system prompt: over the 1,024 cached at least
@@ -280,15 +280,21 @@ request = st.fixed_dictionaries(
 
 
 @settings(max_examples=200)  # each example a few dozen requests
-@given(st.lists(st.tuples(request, st.floats(0, 20)), max_size=30), st.integers(1, 4), st.integers(1, 30))
+@given(
+    st.lists(st.tuples(request, st.floats(0, 20), st.integers(0, 3)), max_size=30),
+    st.integers(1, 4),
+    st.integers(1, 30),
+)
 def test_the_cache_never_reports_more_than_the_prompt(
-    requests: list[tuple[dict[str, Any], float]], size: int, min_tokens: int
+    requests: list[tuple[dict[str, Any], float, int]], size: int, min_tokens: int
 ) -> None:
+    """Whatever the prompts, and however many requests arrive before an earlier one's answer."""
     clock = Clock()
     c = PrefixCache(size=size, ttl=15.0, min_tokens=min_tokens, clock=clock)
-    for sent, later in requests:
-        clock.now += later
-        served = c.serve(sent)
+    pending: list[tuple[int, dict[str, Any], Reading]] = []  # (arrivals left before its answer, ...)
+
+    def answer(sent: dict[str, Any], reading: Reading) -> None:
+        served = c.write(reading)
         prompt = estimate_tokens(sent)
         assert served.cached >= 0
         assert served.written >= 0
@@ -296,6 +302,16 @@ def test_the_cache_never_reports_more_than_the_prompt(
         assert served.cached == 0 or served.cached >= min_tokens
         assert c.kept(sent["model"]) <= size
         assert completion(sent, cache=served)["usage"]["cost"] > 0
+
+    for sent, later, overlap in requests:
+        clock.now += later
+        pending.append((overlap, sent, c.read(sent)))
+        for item in [p for p in pending if p[0] == 0]:
+            pending.remove(item)
+            answer(item[1], item[2])
+        pending = [(left - 1, b, r) for left, b, r in pending]
+    for _, sent, reading in pending:
+        answer(sent, reading)
 
 
 async def test_through_http_the_answer_and_the_stats_say_what_was_cached(mock: Any) -> None:
