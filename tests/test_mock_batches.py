@@ -267,6 +267,19 @@ async def test_lines_fail_at_the_fail_rate_or_by_their_marker_and_a_chatty_answe
     assert chatty["response"]["body"]["choices"][0]["message"]["content"].startswith("Sure!")
 
 
+async def test_with_the_prompt_cache_on_a_batch_line_claims_no_cached_tokens(api: Any) -> None:
+    """The mock's batches do not use its prompt cache (`--prefix-cache`): a line's usage says none
+    of its prompt was cached, where one in four said half, at a price that did not discount it."""
+    async with api(prefix_cache=8) as (client, _, _server):
+        made = await client.submit([line(i) for i in range(12)])
+        doc = await client.batch(made["id"])
+        out = await client.lines(doc["output_file_id"])
+    details = [x["response"]["body"]["usage"]["prompt_tokens_details"] for x in out]
+    assert len(details) == 12
+    assert {d["cached_tokens"] for d in details} == {0}
+    assert any(completion(body(i))["usage"]["prompt_tokens_details"]["cached_tokens"] for i in range(12))
+
+
 async def test_a_line_paid_twice_shows_in_the_counters(api: Any) -> None:
     async with api() as (client, _, _server):
         # The same tag and lines twice, at once: a submission paid twice.

@@ -247,6 +247,7 @@ class Batches:
             inline=inline,
             cost=cfg.cost,
             chatty_when=cfg.chatty_when,
+            uncached=bool(cfg.prefix_cache),
         )
         self.tally.answered.update(answered.custom_ids)
         self.tally.failed_lines += answered.failed
@@ -273,6 +274,7 @@ def _write(
     inline: bool,
     cost: bool,
     chatty_when: str | None,
+    uncached: bool,
 ) -> Answered:
     name = str(batch.number)
     lines, outcomes = batch.source, batch.checked.outcomes
@@ -282,6 +284,7 @@ def _write(
         "inline": inline,
         "cost": cost,
         "chatty_when": chatty_when,
+        "uncached": uncached,
     }
     with out_path.open("wb") as out:
         if err_path == out_path:

@@ -17,6 +17,7 @@ from typing import IO, Any
 import orjson
 
 from pipeline.mock.answers import completion, job_key, text_of
+from pipeline.mock.prefixcache import Served
 
 # How a line will end, decided when the batch is made (one byte a line).
 OK, FAULT, MARKED, NO_MESSAGES, UNKNOWN_MODEL = range(5)
@@ -183,6 +184,7 @@ def answer_lines(
     inline: bool,
     cost: bool,
     chatty_when: str | None,
+    uncached: bool,
 ) -> Answered:
     """Write the first `done` lines' answers (200s to `out`, failures to `err`) and the rest as
     never run (`stopped`: "batch_expired" or "batch_cancelled") to `err`."""
@@ -221,7 +223,7 @@ def answer_lines(
                 answered.failed += 1
                 err.write(orjson.dumps(row) + b"\n")
             else:
-                full = _answer(body, cost=cost, chatty_when=chatty_when)
+                full = _answer(body, cost=cost, chatty_when=chatty_when, uncached=uncached)
                 key = job_key(body)
                 row |= {
                     "response": {"status_code": 200, "request_id": f"req-{key}", "body": full},
@@ -243,9 +245,11 @@ def _never_run(code: str, message: str, inline: bool) -> dict[str, Any]:
     return {"message": message, "type": code, "param": None} if inline else {"code": code, "message": message}
 
 
-def _answer(body: dict[str, Any], *, cost: bool, chatty_when: str | None) -> dict[str, Any]:
-    """The synchronous mock's answer, at the batch price."""
-    full = completion(body, cost=cost)
+def _answer(body: dict[str, Any], *, cost: bool, chatty_when: str | None, uncached: bool) -> dict[str, Any]:
+    """The synchronous mock's answer, at the batch price; `uncached`: the mock keeps a prompt
+    cache, which its batches do not use, so a line says none of its prompt was cached (where,
+    without one, one answer in four says half, as the synchronous mock's do)."""
+    full = completion(body, cost=cost, cache=Served(0, 0) if uncached else None)
     if chatty_when and chatty_when in text_of(body["messages"]):
         full["choices"][0]["message"]["content"] = "Sure! Here is my verdict: it looks fine to me."
     usage = full["usage"]

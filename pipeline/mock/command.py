@@ -160,8 +160,9 @@ def add_mock_flags(mock: argparse.ArgumentParser) -> None:
         "--prefix-cache",
         type=positive_int,
         metavar="N",
-        help="keep a provider's prompt cache: N prefixes a model (messages before the last, or up to "
-        "a cache_control marker), least recently used dropped first; cached tokens reported in "
+        help="keep a provider's prompt cache: N prefixes a model (the whole prompt, or up to the last "
+        "cache_control marker; read as a request arrives, written when its answer is made), least "
+        "recently used dropped first; cached tokens reported in "
         "usage.prompt_tokens_details and costed at a quarter. Off: one answer in four says half "
         "its prompt was cached",
     )

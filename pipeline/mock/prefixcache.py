@@ -15,30 +15,35 @@ What it stands in for:
 The rule here:
 - A prompt is a chain of blocks: first, when the body has `tools`, `tool_choice` or
   `response_format`, one block of them (no tokens: `answers.estimate_tokens` counts none for
-  them, but a prefix matches only with the same ones); then one block a message, its text's
-  tokens as `estimate_tokens` counts them (len // 4, and 4 a message), its identity the whole
-  message (role, text, image URLs or data) without its `cache_control` markers. Each block is
-  hashed with every block before it and with `prompt_cache_key` (so the same key routes to the
-  same prefixes, and a different key to others; all keys share the model's places): a prefix
-  is known by its last block's hash, and nothing of the text is kept.
+  them, but a prefix matches only with the same ones); then one block a part of each message
+  (a text alone is one text part, as both providers read it; an image, a document, then the
+  question that varies: a prefix may end inside a message, as theirs do), the first with its role
+  and 4 tokens, each its text's tokens as `estimate_tokens` counts them (len // 4; an image
+  none), its identity without `cache_control` markers. Each block is hashed with every block
+  before it and with `prompt_cache_key` (so the same key routes to the same prefixes, and a
+  different key to others; all keys share the model's places): a prefix is known by its last
+  block's hash, and nothing of the text is kept.
 - The cache holds, per model, at most `size` prefixes, each dropped `ttl` seconds after its last
   use, the least recently used dropped first when a new one needs the room.
-- Read: the request's cached tokens are the tokens of its longest leading run of blocks that a
-  kept prefix starts with, if at least `min_tokens` (else 0). The prefix read counts as used.
-- Write: what a provider would keep for the next caller. Without markers, every block but the
-  last message (the shared instructions, few-shot examples, earlier turns; the last message is
-  the part that varies); with markers, the blocks up to the last marked one. Stored if at
-  least `min_tokens`: a prefix already held (whole, or as the start of a longer one) is only
-  refreshed; a new one replaces the kept prefixes it extends. With markers, a new prefix's
-  tokens beyond those read are reported as written (`cache_write_tokens`); without, 0.
-- Read and write happen together when the answer is made, on the mock's clock (`config.clock`:
-  tests move a fake one).
+- Read, when the request arrives: its cached tokens are the tokens of its longest leading run of
+  blocks that a kept prefix starts with, if at least `min_tokens` (else 0). The prefix read
+  counts as used.
+- Write, when the answer is made (so that requests sent together with the same new prefix all
+  miss it, as at both providers: a prefix is cached once a request has processed it): without
+  markers, the whole prompt, as OpenAI keeps it; with markers, the blocks up to the last marked
+  one. Stored if at least `min_tokens`: a prefix already held (whole, or as the start of a
+  longer one) is only refreshed; a new one takes the place of the kept prefixes it extends or
+  shares a cacheable start with (one place a shared system prompt, whatever follows it). With
+  markers, the tokens up to the last one beyond those read are reported as written
+  (`cache_write_tokens`), by every request that did not read them; without, 0.
+- On the mock's clock (`config.clock`: tests move a fake one).
 
-Not modelled: OpenAI's 128-token granularity (blocks are whole messages), its overflow of a
-busy prefix to other machines (so a `prompt_cache_key` here only partitions, never helps), a
-cache hit's shorter latency, and the batch APIs (their lines are answered without it). The cost
-the mock states charges cached tokens at a quarter of the prompt price and written ones at
-1.25x (`answers.completion`).
+Not modelled: OpenAI's 128-token granularity (blocks are whole texts or parts), its overflow of
+a busy prefix to other machines (so a `prompt_cache_key` here only partitions, never helps), a
+cache hit's shorter latency, images' tokens (the mock counts none, so an image alone never
+makes a prefix long enough), and the batch APIs (their lines are answered without it, and say
+so: none of their prompt cached). The cost the mock states charges cached tokens at a quarter
+of the prompt price and written ones at 1.25x (`answers.completion`).
 """
 
 from __future__ import annotations
@@ -53,7 +58,9 @@ import orjson
 
 LEADING = ("tools", "tool_choice", "response_format")  # what sits before the messages of a prompt
 MARKER = "cache_control"
-MODELS_SWEPT = 64  # models held before those with nothing fresh are forgotten
+# Models held at most (so that the mock's memory and time stay bounded, whatever the names a
+# client sends), the least recently asked forgetting its prefixes first.
+MODELS_KEPT = 256
 
 
 class Served(NamedTuple):
@@ -69,61 +76,81 @@ class Block(NamedTuple):
     marked: bool  # a cache_control breakpoint on it
 
 
-def _unmarked(value: Any) -> tuple[Any, bool]:
-    """`value` (a message or a part) without its cache_control markers, and whether it had any."""
-    if not isinstance(value, dict):
-        return value, False
-    marked = MARKER in value
-    out = {k: v for k, v in value.items() if k != MARKER}
-    content = out.get("content")
-    if isinstance(content, list):
-        parts = [_unmarked(p) for p in content]
-        out["content"] = [p for p, _ in parts]
-        marked = marked or any(m for _, m in parts)
-    return out, marked
+class Reading(NamedTuple):
+    """What a request read from the cache when it arrived, for `PrefixCache.write` to finish."""
+
+    model: str
+    chain: list[Block]
+    cached: int
 
 
-def _tokens(message: Any) -> int:
-    """The message's share of `answers.estimate_tokens`: never more, so the cached tokens of a
-    prompt never exceed its prompt tokens."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        pieces = [content]
-    elif isinstance(content, list):
-        pieces = [p.get("text", "") for p in content if isinstance(p, dict)]
-    else:
-        pieces = []
-    text = " ".join(p for p in pieces if isinstance(p, str))
-    return len(text) // 4 + 4
+def _text_tokens(part: Any) -> int:
+    text = part.get("text") if isinstance(part, dict) else None
+    return len(text) // 4 if isinstance(text, str) else 0
+
+
+def _pieces(message: Any) -> list[tuple[bytes, int, bool]]:
+    """A message's blocks, each (what identifies it, its tokens, marked): one for a text, one a
+    part for a list of parts, the first with the message's role and other fields (and its 4
+    tokens). Their tokens add up to no more than the message's share of
+    `answers.estimate_tokens`, so the cached tokens of a prompt never exceed its prompt tokens."""
+    if not isinstance(message, dict):
+        return [(b"m" + orjson.dumps(message, option=orjson.OPT_SORT_KEYS), 4, False)]
+    head = {k: v for k, v in message.items() if k not in (MARKER, "content")}
+    marked = MARKER in message
+    content = message.get("content")
+    if isinstance(content, str):  # the same as one text part (both providers read it so)
+        content = [{"type": "text", "text": content}]
+    parts: list[Any] = content if isinstance(content, list) and content else [content]
+    out = []
+    for i, part in enumerate(parts):
+        plain = {k: v for k, v in part.items() if k != MARKER} if isinstance(part, dict) else part
+        identity = {"head": head, "part": plain} if i == 0 else {"part": plain}
+        tokens = (4 if i == 0 else 0) + _text_tokens(part)
+        out.append(
+            (
+                (b"m" if i == 0 else b"p") + orjson.dumps(identity, option=orjson.OPT_SORT_KEYS),
+                tokens,
+                isinstance(part, dict) and MARKER in part,
+            )
+        )
+    if marked:  # a marker on the message: its last part ends the prefix
+        last = out[-1]
+        out[-1] = (last[0], last[1], True)
+    return out
+
+
+def _hash(key: bytes, piece: bytes) -> bytes:
+    return hashlib.blake2b(key + piece, digest_size=16).digest()
 
 
 def blocks(body: dict[str, Any]) -> list[Block]:
     """The request's prompt as a chain of blocks (see the module's docstring)."""
     route = body.get("prompt_cache_key")
-    key = hashlib.blake2b(orjson.dumps(route if isinstance(route, str) else None), digest_size=16).digest()
+    key = _hash(b"", orjson.dumps(route if isinstance(route, str) else None))
     chain: list[Block] = []
     leading = {k: body[k] for k in LEADING if k in body}
     if leading:
-        key = hashlib.blake2b(
-            key + orjson.dumps(leading, option=orjson.OPT_SORT_KEYS), digest_size=16
-        ).digest()
+        key = _hash(key, b"t" + orjson.dumps(leading, option=orjson.OPT_SORT_KEYS))
         chain.append(Block(key, 0, False))
     tokens = 0
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
-        plain, marked = _unmarked(message)
-        key = hashlib.blake2b(key + orjson.dumps(plain, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
-        tokens += _tokens(message)
-        chain.append(Block(key, tokens, marked))
+        for piece, piece_tokens, marked in _pieces(message):
+            key = _hash(key, piece)
+            tokens += piece_tokens
+            chain.append(Block(key, tokens, marked))
     return chain
 
 
 def _stored(chain: list[Block]) -> list[Block]:
-    """The leading blocks a provider keeps for the next caller."""
+    """The leading blocks a provider keeps for the next caller: up to the last marker, or the
+    whole prompt (OpenAI's cache holds the prefix of the prompt it processed, its last message
+    too)."""
     last_marked = max((i for i, b in enumerate(chain) if b.marked), default=None)
     if last_marked is not None:
         return chain[: last_marked + 1]
-    return chain[:-1]
+    return chain
 
 
 @dataclass
@@ -137,7 +164,8 @@ class PrefixCache:
 
     def __init__(self, *, size: int, ttl: float, min_tokens: int, clock: Callable[[], float]) -> None:
         self.size, self.ttl, self.min_tokens, self.clock = size, ttl, min_tokens, clock
-        self._models: dict[str, OrderedDict[bytes, _Kept]] = {}  # by the prefix's last block's hash
+        # by model, least recently asked first; then by the prefix's last block's hash
+        self._models: OrderedDict[str, OrderedDict[bytes, _Kept]] = OrderedDict()
 
     def kept(self, model: str) -> int:
         """Prefixes held for `model` now."""
@@ -145,11 +173,13 @@ class PrefixCache:
         return sum(1 for p in self._models.get(model, {}).values() if now - p.used < self.ttl)
 
     def _fresh(self, model: str, now: float) -> OrderedDict[bytes, _Kept]:
-        if model not in self._models and len(self._models) >= MODELS_SWEPT:
-            for name in list(self._models):  # many models named: forget those whose prefixes expired
-                if not self._fresh(name, now):
-                    del self._models[name]
-        kept = self._models.setdefault(model, OrderedDict())
+        kept = self._models.get(model)
+        if kept is None:
+            if len(self._models) >= MODELS_KEPT:  # the model least recently asked forgets its prefixes
+                self._models.popitem(last=False)
+            kept = self._models[model] = OrderedDict()
+        else:
+            self._models.move_to_end(model)
         for key in [k for k, p in kept.items() if now - p.used >= self.ttl]:
             del kept[key]
         return kept
@@ -158,7 +188,13 @@ class PrefixCache:
         kept[key].used = now
         kept.move_to_end(key)
 
-    def serve(self, body: dict[str, Any]) -> Served:
+    def _done(self, model: str, kept: OrderedDict[bytes, _Kept]) -> None:
+        if not kept:
+            self._models.pop(model, None)  # a model seen once holds nothing after its prefixes expire
+
+    def read(self, body: dict[str, Any]) -> Reading:
+        """On the request's arrival: the tokens of its longest leading run of blocks a kept prefix
+        starts with, if at least `min_tokens` (else 0); the prefix read counts as used."""
         now = self.clock()
         chain = blocks(body)
         model = str(body.get("model"))
@@ -172,8 +208,16 @@ class PrefixCache:
             cached = 0
         else:
             self._use(kept, read, now)
+        self._done(model, kept)
+        return Reading(model, chain, cached)
+
+    def write(self, reading: Reading) -> Served:
+        """When the answer is made: keep the request's prefix for the next caller (a request that
+        arrived meanwhile did not find it), and say what it read and wrote."""
+        now = self.clock()
+        kept = self._fresh(reading.model, now)
         written = 0
-        stored = _stored(chain)
+        stored = _stored(reading.chain)
         if stored and stored[-1].tokens >= self.min_tokens:
             last = stored[-1].key
             holder = next((k for k, p in kept.items() if last in p.keys), None)
@@ -181,13 +225,19 @@ class PrefixCache:
                 self._use(kept, holder, now)
             else:
                 keys = frozenset(b.key for b in stored)
-                for key in [k for k in kept if k in keys]:  # prefixes this one extends
+                shared = {b.key for b in stored if b.tokens >= self.min_tokens}
+                # One place a shared start: the prefixes this one extends, or that begin with a
+                # cacheable run it begins with too, give it theirs (their other tails are lost).
+                for key in [k for k, p in kept.items() if k in keys or p.keys & shared]:
                     del kept[key]
                 kept[last] = _Kept(keys, now)
                 while len(kept) > self.size:
                     kept.popitem(last=False)
-                if stored[-1].marked:
-                    written = stored[-1].tokens - cached
-        if not kept:
-            del self._models[model]  # a model seen once holds nothing after its prefixes expire
-        return Served(cached, written)
+            if stored[-1].marked and stored[-1].tokens > reading.cached:
+                written = stored[-1].tokens - reading.cached
+        self._done(reading.model, kept)
+        return Served(reading.cached, written)
+
+    def serve(self, body: dict[str, Any]) -> Served:
+        """A request read and written at once (an answer made the moment it arrives)."""
+        return self.write(self.read(body))

@@ -155,6 +155,9 @@ class MockServer:
                 await asyncio.sleep(cfg.refusal_latency)
             message, said = refused
             return _error(429, message, "rate_limit_error", said or None)
+        # The prompt cache is read as the request arrives and written once its answer is made:
+        # a request sent beside another with the same new prefix misses it.
+        reading = st.prefix_cache.read(body) if st.prefix_cache is not None else None
         key = job_key(body)
         latency = self._latency(key)
         if latency:
@@ -202,7 +205,9 @@ class MockServer:
             st.statuses["error200"] += 1
             err = {"error": {"message": "upstream provider overloaded", "code": 502}}
             return web.Response(body=orjson.dumps(err), content_type="application/json")
-        cache = st.prefix_cache.serve(body) if st.prefix_cache is not None else None
+        cache = (
+            st.prefix_cache.write(reading) if st.prefix_cache is not None and reading is not None else None
+        )
         full = completion(body, cost=cfg.cost, cache=cache)
         if action == "chatty" or (cfg.chatty_when and cfg.chatty_when in text_of(body["messages"])):
             # A model that ignores the requested format: the answer is billed all the same.
