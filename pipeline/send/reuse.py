@@ -106,8 +106,9 @@ class Reuse:
         try:
             body = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
-            return None
+            body = None
         if not isinstance(body, dict):
+            self.cache.reject(key)
             return None
         reply = Reply(body, answer.body)
         parsed: Any = None
@@ -116,6 +117,7 @@ class Reuse:
             try:
                 parsed = verdict.check(body)
             except InvalidOutput:
+                self.cache.reject(key)  # (the answer sent now, if it keeps the verdict, replaces it)
                 return None
             label = verdict.label(parsed)
         return Success(request, reply, 0, parsed, label, True)
