@@ -240,3 +240,42 @@ async def test_a_request_waiting_for_its_twin_leaves_its_seat_to_another(
         assert server.state.max_in_flight == 2
     assert summary.succeeded == 4
     assert summary.reused == 2
+
+
+async def test_a_kept_answer_the_verdict_fails_is_replaced_by_the_one_sent_for_it(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache")
+    async with mock(script=["chatty"] * 4) as (url, server):  # (prose where JSON was asked)
+        first = await pipeline.run(make_settings(url, bodies(4), cache=cache, request=VERDICT_REQUEST))
+        assert first.exit_code == 0
+        judged = {"request": VERDICT_REQUEST, "verdict": {"max_attempts": 1}}
+        second = await pipeline.run(
+            make_settings(url, bodies(4), cache=cache, output=tmp_path / "b", **judged)
+        )
+        assert second.exit_code == 0
+        assert second.reused == 0
+        assert len(server.state.received) == 8  # the kept prose failed the verdict: sent again
+        third = await pipeline.run(
+            make_settings(url, bodies(4), cache=cache, output=tmp_path / "c", **judged)
+        )
+        # The answers the second run bought were kept in place of the prose, where they were
+        # ignored (the first answer of a key stayed) and every later run bought them again.
+        assert len(server.state.received) == 8
+    assert third.reused == 4
+
+
+async def test_twins_of_a_request_that_keeps_failing_are_sent_at_once(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    # Six identical lines every one of which the server refuses: the first is sent, then the
+    # second (the first's failure is handed to no one), then, the key failing, the other four
+    # together, where one by one six lines took six round trips (a thousand, a thousand).
+    async with mock(latency=0.2, script=[400] * 6) as (url, server):
+        summary = await pipeline.run(
+            make_settings(url, _same(6), cache=str(tmp_path / "cache"), max_attempts=1)
+        )
+        assert len(server.state.received) == 6
+        assert server.state.max_in_flight == 4
+    assert summary.failed == 6
+    assert len(read_jsonl(tmp_path / "out/errors.jsonl")) == 6
