@@ -134,6 +134,11 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         values["cache"] = Path(os.path.expanduser(str(values["cache"])))
     else:
         values.pop("cache", None)
+        if flags.get("cache_max_gb") is not None:  # (a job file may keep it for the runs with one)
+            raise SettingsError(
+                "command line: --cache-max-gb bounds the answer cache, and this run has none: "
+                'give --cache DIR too (or cache = "DIR" in the job file)'
+            )
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
     check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
     _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)

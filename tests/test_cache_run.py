@@ -225,6 +225,20 @@ def test_a_job_file_names_the_cache_relative_to_itself(tmp_path: Path) -> None:
     assert build(job, cache=str(tmp_path / "elsewhere")).cache == tmp_path / "elsewhere"
 
 
+def test_a_cache_bound_without_a_cache_is_refused_in_one_line(tmp_path: Path) -> None:
+    import pytest
+
+    from pipeline.errors import SettingsError
+    from pipeline.settings import build
+
+    # It would be ignored: the user believes answers are kept, and none are.
+    with pytest.raises(SettingsError, match=r"--cache-max-gb bounds the answer cache.*give --cache DIR"):
+        build(input=str(tmp_path / "in.jsonl"), cache_max_gb=2.0)
+    assert (
+        build(input=str(tmp_path / "in.jsonl"), cache_max_gb=2.0, cache=str(tmp_path / "c")).cache_max_gb == 2
+    )
+
+
 async def test_a_request_waiting_for_its_twin_leaves_its_seat_to_another(
     mock, make_settings, tmp_path: Path
 ) -> None:
