@@ -4,6 +4,7 @@ its bound, the least recently used out first; and a broken cache never fails a r
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,65 @@ def test_a_busy_database_keeps_the_queue_for_the_next_flush(
     cache.close()
     assert AnswerCache(tmp_path).get(k(1)) is not None
     assert warned == []
+
+
+def test_a_damaged_answer_is_a_miss_not_another_body(tmp_path: Path) -> None:
+    cache = AnswerCache(tmp_path)
+    cache.put(k(1), Answer(body(1), "m", None))
+    cache.close()
+    with sqlite3.connect(tmp_path / FILE) as db:
+        (kept,) = db.execute("SELECT body FROM answers").fetchone()
+        db.execute("UPDATE answers SET body = ?", (kept[:2] + bytes([kept[2] ^ 4]) + kept[3:],))
+    cache = AnswerCache(tmp_path)
+    assert cache.get(k(1)) is None  # (sent again)
+    cache.close()
+
+
+@pytest.mark.parametrize("oldest", ["shorter", "longer"])
+def test_over_its_bound_it_evicts_to_the_low_mark_and_no_further(tmp_path: Path, oldest: str) -> None:
+    # Answers of mixed lengths: 2,000 short ones and 15 long ones, the first kind put first.
+    clock = Clock()
+    rng = random.Random(3)
+    short = [rng.randbytes(40) for _ in range(2000)]
+    long = [rng.randbytes(40_000) for _ in range(15)]
+    bound = 1_000_000
+    cache = AnswerCache(tmp_path, max_gb=bound / 1e9, clock=clock)
+    first, then = (short, long) if oldest == "shorter" else (long, short)
+    for n, batch in enumerate((first, then)):
+        for i, kept in enumerate(batch):
+            cache.put(k(f"{n}-{i}"), Answer(kept, "m", None))
+            if i % 100 == 99 or n == 0 or len(batch) < 100:
+                cache.flush()
+                clock.now += 60
+    cache.flush()
+    bytes_, total, rows, count = sums(tmp_path / FILE)
+    assert (bytes_, rows) == (total, count)
+    assert 0.85 * bound <= bytes_ <= bound  # (it cut the cache to a quarter, or a tenth, of it)
+    cache.close()
+
+
+def test_an_answer_bigger_than_the_bound_is_not_kept_and_evicts_nothing(tmp_path: Path) -> None:
+    clock = Clock()
+    bound = 500_000
+    cache = AnswerCache(tmp_path, max_gb=bound / 1e9, clock=clock)
+    for i in range(100):
+        cache.put(k(i), Answer(body(i), "m", None))
+    cache.flush()
+    clock.now += 60
+    before = cache.totals()
+    huge = random.Random(1).randbytes(bound)
+    cache.put(k("huge"), Answer(huge, "m", None))
+    cache.flush()
+    assert cache.totals() == before  # (every other answer was evicted for it, then it too)
+    assert cache.get(k("huge")) is None
+    assert all(cache.get(k(i)) is not None for i in range(100))
+    cache.close()
+
+
+def test_answers_queued_when_the_clock_goes_back_are_still_flushed_soon(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = AnswerCache(tmp_path, clock=clock)
+    clock.now -= 3600  # (the system clock set back an hour)
+    cache.put(k(1), Answer(body(1), "m", None))
+    assert cache.due  # (it waited for the hour to come round again)
+    cache.close()

@@ -17,7 +17,8 @@ writes the queue in one transaction, with executemany, and the uses noted by `ge
 time is refreshed at most once a minute); `synchronous=NORMAL`, as the ledger: a commit costs
 no fsync (only a WAL checkpoint does, every few MB), and what a power cut loses is only
 answers not kept, never a damaged file. Over the bound, a flush deletes the oldest rows until
-the total is 10 % under it (at most `_EVICT_MOST` rows a flush: each transaction stays short).
+the total is 10 % under it (at most `_EVICT_MOST` rows a flush: each transaction stays short);
+an answer bigger than that is not kept.
 
 The cache never fails a run: a file that is damaged, not a database, of a newer format, or on
 a disk that cannot be written turns it off with one warning line saying where and what to do
@@ -26,8 +27,9 @@ a disk that cannot be written turns it off with one warning line saying where an
 
 Measured (20,000 answers, one core of a loaded 2-core machine): 22,500 puts a second for
 bodies of 820 bytes (flush 42 µs an answer, most of it packing), 8,800 for 2,285 bytes; a hit
-13 to 21 µs (read, unpack); 422 and 1,464 bytes of file an answer. The file holds no prompt:
-only the hash of each request, and the answer.
+13 to 21 µs (read, unpack); 422 and 1,464 bytes of file an answer (before the ten bytes a body
+of zlib's check, `pipeline.cache.pack`). The file holds no prompt: only the hash of each
+request, and the answer.
 """
 
 from __future__ import annotations
@@ -201,9 +203,13 @@ class AnswerCache:
 
     @property
     def due(self) -> bool:
-        """Whether a flush is wanted now: a batch queued, or answers queued a second."""
+        """Whether a flush is wanted now: a batch queued, or answers queued a second (or
+        since a time the clock has gone back past: else they waited for it to come round)."""
         queued = len(self._queue)
-        return queued >= FLUSH_ROWS or (queued > 0 and self._clock() - self._last_flush >= FLUSH_EVERY)
+        if queued >= FLUSH_ROWS:
+            return True
+        since = self._clock() - self._last_flush
+        return queued > 0 and (since >= FLUSH_EVERY or since < 0)
 
     def flush(self) -> None:
         """Write what is queued in one short transaction; over the bound, evict. A busy
@@ -223,10 +229,14 @@ class AnswerCache:
         self, db: sqlite3.Connection, answers: dict[bytes, Answer], touched: dict[int, None], used: int
     ) -> None:
         rows = []
+        # An answer that alone fills the bound to its low mark is not kept: it would evict every
+        # other answer, then itself.
+        most = None if self.max_bytes is None else int(self.max_bytes * _LOW_WATER)
         for key, (body, model, cost, tier, paid) in answers.items():
             kept, how = pack(body)  # (before the transaction: it holds other writers back)
             size = int((len(kept) + len(model) + ROW_BYTES) * _FILL)
-            rows.append((_id(key), key, kept, how, model, cost, tier, paid, used, size))
+            if most is None or size <= most:
+                rows.append((_id(key), key, kept, how, model, cost, tier, paid, used, size))
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_PUT, rows)
@@ -248,19 +258,24 @@ class AnswerCache:
                     self._queue = {**answers, **self._queue}
 
     def _evict(self, db: sqlite3.Connection, bound: int) -> None:
-        """Delete the least recently used rows until the total is under the low water mark,
-        as many at a time as the mean row size says (no more than `_EVICT_MOST` a flush)."""
-        total, rows = db.execute(_TOTALS).fetchone()
-        deleted = 0
-        while total > bound and rows > 0 and deleted < _EVICT_MOST:
-            over = total - int(bound * _LOW_WATER)
-            batch = min(-(-over * rows // total), _EVICT_MOST - deleted)
-            db.execute(
-                "DELETE FROM answers WHERE id IN (SELECT id FROM answers ORDER BY used LIMIT ?)", (batch,)
-            )
-            deleted += batch
-            total, rows = db.execute(_TOTALS).fetchone()
-            bound = int(bound * _LOW_WATER)  # (the next batches go down to the low mark)
+        """Over the bound, delete the least recently used rows, their sizes summed, until the
+        total is at the low water mark (no more than `_EVICT_MOST` a flush). Counted, not
+        estimated from the mean row: the oldest answers may be much shorter than the newest
+        (each batch then missed, and the target fell 10 % a batch: a cache 0.3 % over its
+        bound was cut to a quarter of it) or much longer (one batch took far too many)."""
+        total, _ = db.execute(_TOTALS).fetchone()
+        if total <= bound:
+            return
+        over = total - int(bound * _LOW_WATER)
+        doomed: list[tuple[int]] = []
+        oldest = db.execute("SELECT id, size FROM answers ORDER BY used LIMIT ?", (_EVICT_MOST,))
+        for id_, size in oldest:
+            doomed.append((id_,))
+            over -= size
+            if over <= 0:
+                break
+        oldest.close()
+        db.executemany("DELETE FROM answers WHERE id = ?", doomed)
 
     def totals(self) -> tuple[int, int]:
         """Bytes counted against the bound, and answers kept (0, 0 when off)."""
