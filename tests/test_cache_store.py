@@ -296,3 +296,21 @@ def test_answers_queued_when_the_clock_goes_back_are_still_flushed_soon(tmp_path
     cache.put(k(1), Answer(body(1), "m", None))
     assert cache.due  # (it waited for the hour to come round again)
     cache.close()
+
+
+def test_answers_bought_after_the_clock_went_back_are_not_the_first_evicted(tmp_path: Path) -> None:
+    clock = Clock()
+    same = body(0)
+    probe = AnswerCache(tmp_path / "probe", clock=clock)
+    probe.put(k(0), Answer(same, "m", None))
+    probe.close()
+    per_answer = sums(tmp_path / "probe" / FILE)[0]
+    cache = AnswerCache(tmp_path / "c", max_gb=(30.5 * per_answer) / 1e9, clock=clock)
+    order = ["before", "after", *(f"then-{i}" for i in range(29))]
+    for n, name in enumerate(order):
+        cache.put(k(name), Answer(same, "m", None))
+        cache.flush()
+        clock.now += -3600 if n == 0 else 60  # (the system clock set back an hour, once)
+    kept = [name for name in order if cache.get(k(name)) is not None]
+    assert kept == order[4:]  # the four oldest out, in the order they were bought
+    cache.close()

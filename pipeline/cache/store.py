@@ -5,8 +5,9 @@ that names DIR, bounded by `max_gb`, the least recently used out first.
               whole key (an id two keys share is a miss, never the other's answer), the body
               packed (`pipeline.cache.pack`), the model asked, what it cost when bought and at
               which tier, when it was bought, when it was last used (unix ms, so that flushes a
-              moment apart are told apart; written at most once a minute), and the
-              bytes it counts for against the bound
+              moment apart are told apart; written at most once a minute; never before the
+              newest use kept, whatever the clock says), and the bytes it counts for
+              against the bound
     meta      the format, and the running total of bytes and rows, kept by triggers in the
               transaction that inserts or deletes: no SUM over the table, whoever wrote
 
@@ -17,8 +18,7 @@ writes the queue in one transaction, with executemany, and the uses noted by `ge
 time is refreshed at most once a minute); `synchronous=NORMAL`, as the ledger: a commit costs
 no fsync (only a WAL checkpoint does, every few MB), and what a power cut loses is only
 answers not kept, never a damaged file. Over the bound, a flush deletes the oldest rows until
-the total is 10 % under it (at most `_EVICT_MOST` rows a flush: each transaction stays short);
-an answer bigger than that is not kept.
+the total is 10 % under it (`pipeline.cache.evict`); an answer bigger than that is not kept.
 
 The cache never fails a run: a file that is damaged, not a database, of a newer format, or on
 a disk that cannot be written turns it off with one warning line saying where and what to do
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.cache.broken import NewerFormat, code_of, warning
+from pipeline.cache.evict import evict, largest
 from pipeline.cache.pack import pack, unpack
 
 FILE = "answers.sqlite"
@@ -58,8 +59,6 @@ TOUCH_EVERY = 60  # seconds: a row's time of use is written at most this often
 # bytes a row on disk where a body of 818 bytes packs into 237, 1,465 where 2,273 into 959.
 ROW_BYTES = 45
 _FILL = 1.44
-_LOW_WATER = 0.9  # an eviction brings the total this far under the bound
-_EVICT_MOST = 4096  # rows a flush may delete
 BUSY_MS = 10_000
 
 _SCHEMA = f"""
@@ -83,7 +82,10 @@ END;
 COMMIT;
 """
 _GET = "SELECT key, body, packed, model, cost, tier, paid, used FROM answers WHERE id = ?"
-_PUT = "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_PUT = (
+    "INSERT OR IGNORE INTO answers (id, key, body, packed, model, cost, tier, paid, size, used)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _TOTALS = "SELECT (SELECT value FROM meta WHERE name = 'bytes'), (SELECT value FROM meta WHERE name = 'rows')"
 
 
@@ -229,21 +231,24 @@ class AnswerCache:
         self, db: sqlite3.Connection, answers: dict[bytes, Answer], touched: dict[int, None], used: int
     ) -> None:
         rows = []
-        # An answer that alone fills the bound to its low mark is not kept: it would evict every
-        # other answer, then itself.
-        most = None if self.max_bytes is None else int(self.max_bytes * _LOW_WATER)
+        most = None if self.max_bytes is None else largest(self.max_bytes)
         for key, (body, model, cost, tier, paid) in answers.items():
             kept, how = pack(body)  # (before the transaction: it holds other writers back)
             size = int((len(kept) + len(model) + ROW_BYTES) * _FILL)
             if most is None or size <= most:
-                rows.append((_id(key), key, kept, how, model, cost, tier, paid, used, size))
+                rows.append((_id(key), key, kept, how, model, cost, tier, paid, size))
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(_PUT, rows)
+            # Never before the newest use kept: a clock set back (or another process's, ahead)
+            # made the answers bought since look the oldest, the first evicted.
+            (newest,) = db.execute("SELECT max(used) FROM answers").fetchone()
+            if newest is not None and newest >= used:
+                used = newest + 1
+            db.executemany(_PUT, ((*row, used) for row in rows))
             if touched:
                 db.executemany("UPDATE answers SET used = ? WHERE id = ?", ((used, id_) for id_ in touched))
             if self.max_bytes is not None:
-                self._evict(db, self.max_bytes)
+                evict(db, self.max_bytes)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -256,26 +261,6 @@ class AnswerCache:
             elif len(self._queue) < _QUEUE_MOST:  # (past that, dropped: it is only a cache)
                 with self._lock:
                     self._queue = {**answers, **self._queue}
-
-    def _evict(self, db: sqlite3.Connection, bound: int) -> None:
-        """Over the bound, delete the least recently used rows, their sizes summed, until the
-        total is at the low water mark (no more than `_EVICT_MOST` a flush). Counted, not
-        estimated from the mean row: the oldest answers may be much shorter than the newest
-        (each batch then missed, and the target fell 10 % a batch: a cache 0.3 % over its
-        bound was cut to a quarter of it) or much longer (one batch took far too many)."""
-        total, _ = db.execute(_TOTALS).fetchone()
-        if total <= bound:
-            return
-        over = total - int(bound * _LOW_WATER)
-        doomed: list[tuple[int]] = []
-        oldest = db.execute("SELECT id, size FROM answers ORDER BY used LIMIT ?", (_EVICT_MOST,))
-        for id_, size in oldest:
-            doomed.append((id_,))
-            over -= size
-            if over <= 0:
-                break
-        oldest.close()
-        db.executemany("DELETE FROM answers WHERE id = ?", doomed)
 
     def totals(self) -> tuple[int, int]:
         """Bytes counted against the bound, and answers kept (0, 0 when off)."""
