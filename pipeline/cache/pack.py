@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import zlib
 
-PRIMED = 1  # a zlib stream, window 2**15, primed with `_DICTIONARY`
+# 0 and 1, the first build's (kept as it came; bare deflate), are read no more: a miss. And
+# that build reads a 2 as a miss, where it would have read this stream as bare deflate.
+PRIMED = 2  # a zlib stream, window 2**15, primed with `_DICTIONARY`
 
 # What a completion body says whatever the answer (OpenAI's shape and OpenRouter's), most
 # common last: deflate finds the nearest match first.
