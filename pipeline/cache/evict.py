@@ -27,17 +27,20 @@ def largest(bound: int) -> int:
 
 def evict(db: sqlite3.Connection, bound: int) -> None:
     """In `db`'s open write transaction: over `bound`, delete the least recently used rows
-    until the total is at the low mark, or `MOST` rows are gone."""
+    until the total is at the low mark, or `MOST` rows are gone. Once under the bound, a row
+    whose going would take the total past the low mark is kept, and the eviction ends there:
+    the mark is slack for the next flushes, not worth a long answer (six short ones 1 byte
+    short of it took a 3,700-byte one with them)."""
     (total,) = db.execute(_BYTES).fetchone()
     if total <= bound:
         return
-    over = total - int(bound * LOW_WATER)
+    low = int(bound * LOW_WATER)
     doomed: list[tuple[int]] = []
     oldest = db.execute(_OLDEST, (MOST,))
     for id_, size in oldest:
+        if total <= low or (total <= bound and total - size < low):
+            break  # (under the bound, a row that would take the total past the low mark stays)
         doomed.append((id_,))
-        over -= size
-        if over <= 0:
-            break
+        total -= size
     oldest.close()
     db.executemany("DELETE FROM answers WHERE id = ?", doomed)
