@@ -154,3 +154,17 @@ def test_property_a_body_and_its_keys_reordered_share_a_key(body: dict[str, Any]
     # (made as the reader makes a payload: integers past 64 bits the lossless way)
     assert request_key(jsonl.dumps(shuffled)) == request_key(jsonl.dumps(body))
     assert len(request_key(jsonl.dumps(body))) == 32
+
+
+def test_a_payload_nested_deeper_than_orjson_writes_has_a_key() -> None:
+    # A JSON schema from the job file is not bounded by the reader's depth: the payload is
+    # written the standard library's way past orjson's 255 levels, and so must its key be.
+    def nested(depth: int) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "string"}
+        for _ in range(depth):
+            schema = {"type": "array", "items": schema}
+        return {**BASE, "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+
+    deep, deeper = jsonl.dumps(nested(300)), jsonl.dumps(nested(301))
+    assert request_key(deep) != request_key(deeper)  # (it raised orjson's TypeError: a run's crash)
+    assert request_key(deep) == request_key(jsonl.dumps(reordered(nested(300), random.Random(2))))

@@ -19,7 +19,7 @@ SHARDS = 4
 EACH = 150  # answers of its own a shard puts, and as many of the keys all shards share
 
 CHILD = r"""
-import hashlib, sys
+import hashlib, sys, time
 from pathlib import Path
 from pipeline.cache.store import Answer, AnswerCache
 
@@ -42,8 +42,9 @@ for start in range(0, each, 10):
     cache.flush()  # (the queue is empty now: what get finds, it reads from the file)
     own_read += sum(cache.get(k(f"own-{me}-{i}")) is not None for i in range(start, start + 10))
     shared_read += sum(cache.get(k(f"shared-{i}")) is not None for i in range(each))
+done = time.time()  # (its last write committed)
 cache.close()
-print(own_read, shared_read, len(warned), warned, flush=True)
+print(own_read, shared_read, done, len(warned), warned, flush=True)
 """
 
 
@@ -85,8 +86,8 @@ def test_shards_share_one_cache_at_once(tmp_path: Path, bounded: bool) -> None:
     for child in children:
         out, err = child.communicate(timeout=120)
         assert child.returncode == 0, err.decode()
-        reports.append(out.decode().split(maxsplit=3))
-    assert all(warned == "0" for _, _, warned, _ in reports), reports
+        reports.append(out.decode().split(maxsplit=4))
+    assert all(warned == "0" for _, _, _, warned, _ in reports), reports
 
     with sqlite3.connect(folder / FILE) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -97,7 +98,7 @@ def test_shards_share_one_cache_at_once(tmp_path: Path, bounded: bool) -> None:
     cache = AnswerCache(folder)
     if not bounded:
         assert rows == SHARDS * EACH + EACH  # every answer, a shared key once
-        assert all(int(own) == EACH for own, _, _, _ in reports)  # each read back its own at once
+        assert all(int(own) == EACH for own, _, _, _, _ in reports)  # each read back its own at once
         for i in range(EACH):
             shared = cache.get(k(f"shared-{i}"))
             assert shared is not None
@@ -105,6 +106,10 @@ def test_shards_share_one_cache_at_once(tmp_path: Path, bounded: bool) -> None:
     else:
         assert bytes_ <= bound
         assert rows < SHARDS * EACH  # (evicted, by whichever shard was writing)
-        newest = [cache.get(k(f"own-{me}-{EACH - 1}")) for me in range(SHARDS)]
-        assert all(answer is not None for answer in newest)
+        assert bytes_ >= 0.85 * bound  # (evicted to the low mark, not far past it)
+        # The newest answers stay: those of the shard that wrote last. (Not every shard's
+        # newest: one that finished early may have written before as many bytes as the
+        # bound holds came from the others, and its newest is then rightly among the oldest.)
+        last = max(range(SHARDS), key=lambda me: float(reports[me][2]))
+        assert cache.get(k(f"own-{last}-{EACH - 1}")) is not None
     cache.close()

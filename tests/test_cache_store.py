@@ -4,14 +4,19 @@ its bound, the least recently used out first; and a broken cache never fails a r
 from __future__ import annotations
 
 import hashlib
+import random
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.cache import store as store_module
+from pipeline.cache.pack import pack
 from pipeline.cache.store import FILE, Answer, AnswerCache
 
 
@@ -233,3 +238,140 @@ def test_a_busy_database_keeps_the_queue_for_the_next_flush(
     cache.close()
     assert AnswerCache(tmp_path).get(k(1)) is not None
     assert warned == []
+
+
+def test_a_damaged_answer_is_a_miss_not_another_body(tmp_path: Path) -> None:
+    cache = AnswerCache(tmp_path)
+    cache.put(k(1), Answer(body(1), "m", None))
+    cache.close()
+    with sqlite3.connect(tmp_path / FILE) as db:
+        (kept,) = db.execute("SELECT body FROM answers").fetchone()
+        db.execute("UPDATE answers SET body = ?", (kept[:2] + bytes([kept[2] ^ 4]) + kept[3:],))
+    cache = AnswerCache(tmp_path)
+    assert cache.get(k(1)) is None  # (sent again)
+    cache.close()
+
+
+@pytest.mark.parametrize("oldest", ["shorter", "longer"])
+def test_over_its_bound_it_evicts_to_the_low_mark_and_no_further(tmp_path: Path, oldest: str) -> None:
+    # Answers of mixed lengths: 2,000 short ones and 15 long ones, the first kind put first.
+    clock = Clock()
+    rng = random.Random(3)
+    short = [rng.randbytes(40) for _ in range(2000)]
+    long = [rng.randbytes(40_000) for _ in range(15)]
+    bound = 1_000_000
+    cache = AnswerCache(tmp_path, max_gb=bound / 1e9, clock=clock)
+    first, then = (short, long) if oldest == "shorter" else (long, short)
+    for n, batch in enumerate((first, then)):
+        for i, kept in enumerate(batch):
+            cache.put(k(f"{n}-{i}"), Answer(kept, "m", None))
+            if i % 100 == 99 or n == 0 or len(batch) < 100:
+                cache.flush()
+                clock.now += 60
+    cache.flush()
+    bytes_, total, rows, count = sums(tmp_path / FILE)
+    assert (bytes_, rows) == (total, count)
+    assert 0.85 * bound <= bytes_ <= bound  # (it cut the cache to a quarter, or a tenth, of it)
+    cache.close()
+
+
+def test_under_the_bound_a_long_answer_is_not_evicted_to_reach_the_low_mark(tmp_path: Path) -> None:
+    # Six short answers, a long one, then one that takes the total just over the bound: the
+    # six short ones going leave it under the bound, one byte over the low mark.
+    clock = Clock()
+    rng = random.Random(8)
+    cache = AnswerCache(tmp_path, max_gb=5000 / 1e9, clock=clock)
+    for i, length in enumerate([1, 1, 1, 1, 1, 1, 2551, 453]):
+        cache.put(k(i), Answer(rng.randbytes(length), "m", None))
+        cache.flush()
+        clock.now += 60
+    assert [i for i in range(8) if cache.get(k(i)) is not None] == [6, 7]  # (the long one went too)
+    assert cache.totals()[0] > 4000
+    cache.close()
+
+
+def test_an_answer_bigger_than_the_bound_is_not_kept_and_evicts_nothing(tmp_path: Path) -> None:
+    clock = Clock()
+    bound = 500_000
+    cache = AnswerCache(tmp_path, max_gb=bound / 1e9, clock=clock)
+    for i in range(100):
+        cache.put(k(i), Answer(body(i), "m", None))
+    cache.flush()
+    clock.now += 60
+    before = cache.totals()
+    huge = random.Random(1).randbytes(bound)
+    cache.put(k("huge"), Answer(huge, "m", None))
+    cache.flush()
+    assert cache.totals() == before  # (every other answer was evicted for it, then it too)
+    assert cache.get(k("huge")) is None
+    assert all(cache.get(k(i)) is not None for i in range(100))
+    cache.close()
+
+
+def test_answers_queued_when_the_clock_goes_back_are_still_flushed_soon(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = AnswerCache(tmp_path, clock=clock)
+    clock.now -= 3600  # (the system clock set back an hour)
+    cache.put(k(1), Answer(body(1), "m", None))
+    assert cache.due  # (it waited for the hour to come round again)
+    cache.close()
+
+
+def test_answers_bought_after_the_clock_went_back_are_not_the_first_evicted(tmp_path: Path) -> None:
+    clock = Clock()
+    same = body(0)
+    probe = AnswerCache(tmp_path / "probe", clock=clock)
+    probe.put(k(0), Answer(same, "m", None))
+    probe.close()
+    per_answer = sums(tmp_path / "probe" / FILE)[0]
+    cache = AnswerCache(tmp_path / "c", max_gb=(30.5 * per_answer) / 1e9, clock=clock)
+    order = ["before", "after", *(f"then-{i}" for i in range(29))]
+    for n, name in enumerate(order):
+        cache.put(k(name), Answer(same, "m", None))
+        cache.flush()
+        clock.now += -3600 if n == 0 else 60  # (the system clock set back an hour, once)
+    kept = [name for name in order if cache.get(k(name)) is not None]
+    assert kept == order[3:]  # the three oldest out, in the order they were bought
+    cache.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30_000), min_size=1, max_size=40),
+    bound=st.integers(5_000, 200_000),
+    per_flush=st.integers(1, 5),
+)
+def test_property_the_bound_holds_the_newest_and_evicts_no_more_than_it_must(
+    lengths: list[int], bound: int, per_flush: int
+) -> None:
+    clock = Clock()
+    rng = random.Random(len(lengths))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / FILE
+        cache = AnswerCache(Path(folder), max_gb=bound / 1e9, clock=clock)
+        counts: list[int] = []  # in put order, what each answer counts for (0: too big to keep)
+        before = 0  # the total after the last flush
+        for i, length in enumerate(lengths):
+            answer = rng.randbytes(length)
+            count = int((len(pack(answer)[0]) + len("m") + store_module.ROW_BYTES) * store_module._FILL)
+            counts.append(count if count <= 0.9 * bound else 0)
+            cache.put(k(i), Answer(answer, "m", None))
+            if i % per_flush < per_flush - 1 and i < len(lengths) - 1:
+                continue
+            cache.flush()
+            clock.now += 60
+            with sqlite3.connect(path) as db:  # (not `get`: a use would change the order)
+                kept = [j for j in range(i + 1) if db.execute(_KEPT, (k(j),)).fetchone()]
+            bytes_, total, rows, n = sums(path)
+            assert (bytes_, rows) == (total, n)
+            assert bytes_ <= bound
+            if kept:  # the newest kept, the rest out (a flush's answers are alike in age)
+                first = kept[0] // per_flush
+                assert set(kept) >= {j for j in range(i + 1) if j // per_flush > first and counts[j]}
+            came = before + sum(counts[i - i % per_flush : i + 1])
+            assert bytes_ >= min(came, 0.9 * bound - max(counts))  # (no more out than it must)
+            before = bytes_
+        cache.close()
+
+
+_KEPT = "SELECT 1 FROM answers WHERE key = ?"

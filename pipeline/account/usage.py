@@ -144,12 +144,15 @@ class Usage:
         latencies: list[int] = []
         firsts: list[int] = []
         slowest = self.slowest
+        last, last_bucket = -1.0, 0  # (a batch's answers share one latency: bucketed once)
         for success in successes:
             if success.attempts > 1:
                 self.retries += success.attempts - 1
             reply = success.reply
             latency = reply.latency
-            latencies.append(bucket(latency))
+            if latency != last:
+                last, last_bucket = latency, bucket(latency)
+            latencies.append(last_bucket)
             if len(slowest) < SLOWEST or latency > slowest[-1][0]:
                 slowest = sorted([*slowest, (latency, success.request.custom_id)], reverse=True)[:SLOWEST]
             if reply.ttft is not None:

@@ -102,7 +102,8 @@ class Intake:
         self.spent = self._spent.setdefault(batch.n, Spent(self.books.prices, self.sync_prices))
         self.judge.halted = halted
         strangers = self.judge.strangers
-        await self.writer.checkpoint()
+        if self.writer.behind:  # (else a sync and a commit for nothing, at every batch)
+            await self.writer.checkpoint()
         if self.writer.broken is not None:
             return None
         db = self.ledger.writing()

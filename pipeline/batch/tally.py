@@ -39,22 +39,25 @@ class Spent:
         self.cost = self.sync_cost = 0.0
 
     def add(self, successes: Sequence[Success]) -> None:
+        batch_prices, sync_prices = self.batch_prices, self.sync_prices
         for success in successes:
             body, model = success.reply.body, success.request.model
             self.answers += 1
-            cost, source = answer_cost(body, self.batch_prices, model)
-            price = price_for(self.sync_prices, answering_model(body, model)) or price_for(
-                self.sync_prices, model
-            )
+            cost, source = answer_cost(body, batch_prices, model)
+            # (the tables looked at only where they hold something: every answer comes here)
+            price: Price | None = None
+            if sync_prices:
+                answering = answering_model(body, model)
+                price = price_for(sync_prices, answering) or price_for(sync_prices, model)
             if cost is not None:
                 self.cost += cost
                 self.costed += 1
                 # A model `[prices]` gives no batch price is costed at its synchronous one, the
                 # very entry (`tier_prices`): an upper bound, which tells no saving.
-                batch = price_for(self.batch_prices, answering_model(body, model)) or price_for(
-                    self.batch_prices, model
-                )
-                self.bounded += source == "price table" and batch is not None and batch is price
+                if source == "price table" and price is not None:
+                    answering = answering_model(body, model)
+                    batch = price_for(batch_prices, answering) or price_for(batch_prices, model)
+                    self.bounded += batch is price
             if price is not None:
                 prompt, completion, _ = answer_tokens(body)
                 self.sync_cost += priced(price, prompt, completion)

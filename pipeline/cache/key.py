@@ -71,12 +71,16 @@ def request_key(payload: bytes, *, scope: str = "") -> bytes:
             del body[name]
     if _MARKER in payload:
         _drop_cache_control(body)
+    canonical = b""
+    if not slow:
+        try:
+            canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # (orjson writes 255 levels at most, where it reads 1,024)
+            slow = True
     if slow:
         canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(
             "utf-8", "surrogatepass"
         )
-    else:
-        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
     digest = hashlib.sha256(_VERSION)
     digest.update(scope.encode())
     digest.update(b"\0")

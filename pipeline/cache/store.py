@@ -5,8 +5,9 @@ that names DIR, bounded by `max_gb`, the least recently used out first.
               whole key (an id two keys share is a miss, never the other's answer), the body
               packed (`pipeline.cache.pack`), the model asked, what it cost when bought and at
               which tier, when it was bought, when it was last used (unix ms, so that flushes a
-              moment apart are told apart; written at most once a minute), and the
-              bytes it counts for against the bound
+              moment apart are told apart; written at most once a minute; never before the
+              newest use kept, whatever the clock says), and the bytes it counts for
+              against the bound
     meta      the format, and the running total of bytes and rows, kept by triggers in the
               transaction that inserts or deletes: no SUM over the table, whoever wrote
 
@@ -17,7 +18,7 @@ writes the queue in one transaction, with executemany, and the uses noted by `ge
 time is refreshed at most once a minute); `synchronous=NORMAL`, as the ledger: a commit costs
 no fsync (only a WAL checkpoint does, every few MB), and what a power cut loses is only
 answers not kept, never a damaged file. Over the bound, a flush deletes the oldest rows until
-the total is 10 % under it (at most `_EVICT_MOST` rows a flush: each transaction stays short).
+the total is 10 % under it (`pipeline.cache.evict`); an answer bigger than that is not kept.
 
 The cache never fails a run: a file that is damaged, not a database, of a newer format, or on
 a disk that cannot be written turns it off with one warning line saying where and what to do
@@ -26,8 +27,9 @@ a disk that cannot be written turns it off with one warning line saying where an
 
 Measured (20,000 answers, one core of a loaded 2-core machine): 22,500 puts a second for
 bodies of 820 bytes (flush 42 µs an answer, most of it packing), 8,800 for 2,285 bytes; a hit
-13 to 21 µs (read, unpack); 422 and 1,464 bytes of file an answer. The file holds no prompt:
-only the hash of each request, and the answer.
+13 to 21 µs (read, unpack); 422 and 1,464 bytes of file an answer (before the ten bytes a body
+of zlib's check, `pipeline.cache.pack`). The file holds no prompt: only the hash of each
+request, and the answer.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.cache.broken import NewerFormat, code_of, warning
+from pipeline.cache.evict import evict, largest
 from pipeline.cache.pack import pack, unpack
 
 FILE = "answers.sqlite"
@@ -56,8 +59,6 @@ TOUCH_EVERY = 60  # seconds: a row's time of use is written at most this often
 # bytes a row on disk where a body of 818 bytes packs into 237, 1,465 where 2,273 into 959.
 ROW_BYTES = 45
 _FILL = 1.44
-_LOW_WATER = 0.9  # an eviction brings the total this far under the bound
-_EVICT_MOST = 4096  # rows a flush may delete
 BUSY_MS = 10_000
 
 _SCHEMA = f"""
@@ -81,7 +82,10 @@ END;
 COMMIT;
 """
 _GET = "SELECT key, body, packed, model, cost, tier, paid, used FROM answers WHERE id = ?"
-_PUT = "INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_PUT = (
+    "INSERT OR IGNORE INTO answers (id, key, body, packed, model, cost, tier, paid, size, used)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _TOTALS = "SELECT (SELECT value FROM meta WHERE name = 'bytes'), (SELECT value FROM meta WHERE name = 'rows')"
 
 
@@ -215,9 +219,13 @@ class AnswerCache:
 
     @property
     def due(self) -> bool:
-        """Whether a flush is wanted now: a batch queued, or answers queued a second."""
+        """Whether a flush is wanted now: a batch queued, or answers queued a second (or
+        since a time the clock has gone back past: else they waited for it to come round)."""
         queued = len(self._queue)
-        return queued >= FLUSH_ROWS or (queued > 0 and self._clock() - self._last_flush >= FLUSH_EVERY)
+        if queued >= FLUSH_ROWS:
+            return True
+        since = self._clock() - self._last_flush
+        return queued > 0 and (since >= FLUSH_EVERY or since < 0)
 
     def flush(self) -> None:
         """Write what is queued in one short transaction; over the bound, evict. A busy
@@ -244,21 +252,28 @@ class AnswerCache:
         replacing: list[bytes],
     ) -> None:
         rows = []
+        most = None if self.max_bytes is None else largest(self.max_bytes)
         for key, (body, model, cost, tier, paid) in answers.items():
             kept, how = pack(body)  # (before the transaction: it holds other writers back)
             size = int((len(kept) + len(model) + ROW_BYTES) * _FILL)
-            rows.append((_id(key), key, kept, how, model, cost, tier, paid, used, size))
+            if most is None or size <= most:
+                rows.append((_id(key), key, kept, how, model, cost, tier, paid, size))
         try:
             db.execute("BEGIN IMMEDIATE")
             if replacing:  # (deleted, not INSERT OR REPLACE: the trigger then counts the bytes freed)
                 db.executemany(
                     "DELETE FROM answers WHERE id = ? AND key = ?", ((_id(k), k) for k in replacing)
                 )
-            db.executemany(_PUT, rows)
+            # Never before the newest use kept: a clock set back (or another process's, ahead)
+            # made the answers bought since look the oldest, the first evicted.
+            (newest,) = db.execute("SELECT max(used) FROM answers").fetchone()
+            if newest is not None and newest >= used:
+                used = newest + 1
+            db.executemany(_PUT, ((*row, used) for row in rows))
             if touched:
                 db.executemany("UPDATE answers SET used = ? WHERE id = ?", ((used, id_) for id_ in touched))
             if self.max_bytes is not None:
-                self._evict(db, self.max_bytes)
+                evict(db, self.max_bytes)
             db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -272,21 +287,6 @@ class AnswerCache:
                 with self._lock:
                     self._queue = {**answers, **self._queue}
                     self._rejected.update(replacing)
-
-    def _evict(self, db: sqlite3.Connection, bound: int) -> None:
-        """Delete the least recently used rows until the total is under the low water mark,
-        as many at a time as the mean row size says (no more than `_EVICT_MOST` a flush)."""
-        total, rows = db.execute(_TOTALS).fetchone()
-        deleted = 0
-        while total > bound and rows > 0 and deleted < _EVICT_MOST:
-            over = total - int(bound * _LOW_WATER)
-            batch = min(-(-over * rows // total), _EVICT_MOST - deleted)
-            db.execute(
-                "DELETE FROM answers WHERE id IN (SELECT id FROM answers ORDER BY used LIMIT ?)", (batch,)
-            )
-            deleted += batch
-            total, rows = db.execute(_TOTALS).fetchone()
-            bound = int(bound * _LOW_WATER)  # (the next batches go down to the low mark)
 
     def totals(self) -> tuple[int, int]:
         """Bytes counted against the bound, and answers kept (0, 0 when off)."""

@@ -116,7 +116,10 @@ def output_item(item: Any) -> dict[str, Any]:
     """An inline batch's result as an object of OpenAI's batch output shape, parsed already
     (a page of results is read whole: its lines are not encoded to be parsed again).
     OpenRouter's is that shape already, but for its error object's keys (`message`, `type`,
-    `param`: no `code`)."""
+    `param`: no `code`); one without an error is given as it came, not copied (what is read
+    of it is its `custom_id` and `response`: a copy a line was 4 % of taking a batch in)."""
+    if isinstance(item, dict) and item.get("error") is None:
+        return item
     if not isinstance(item, dict):
         item = {
             "custom_id": None,
