@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -29,9 +29,11 @@ from pipeline.run.control import Control, Seat
 from pipeline.send.client import Client
 from pipeline.send.notfound import Undecided
 from pipeline.send.retry import RetryPolicy
-from pipeline.send.reuse import Reuse
 from pipeline.send.status import Judge, answer_key
 from pipeline.send.verdict import Verdict
+
+if TYPE_CHECKING:  # (imported by the runner where a run has a cache: runs without one skip it)
+    from pipeline.send.reuse import Reuse
 
 
 class Abandoned(Exception):
