@@ -51,6 +51,7 @@ class MockFlags:
     batch_finalizing: float = 0.0
     prefix_cache: int = 0  # prefixes a model the mock's prompt cache keeps (0: off)
     prefix_cache_ttl: float = 300.0  # seconds each is kept after its last use
+    port: int = 0  # 0: one the system gives; a fixed one keeps the base URL (the answer cache's scope)
 
     @property
     def batch_time(self) -> float:
@@ -175,7 +176,16 @@ def running_mock(flags: MockFlags, *, log: Path) -> Iterator[Mock]:
     mid-request, as a killed client does)."""
     with tempfile.TemporaryDirectory(prefix="bench-mock-") as tmp, log.open("wb") as out:
         port_file = Path(tmp) / "port"
-        cmd = [PIPELINE, "mock", "--port", "0", "--port-file", str(port_file), "--quiet", *flags.args()]
+        cmd = [
+            PIPELINE,
+            "mock",
+            "--port",
+            str(flags.port),
+            "--port-file",
+            str(port_file),
+            "--quiet",
+            *flags.args(),
+        ]
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         try:
             # The mock announces itself only through the port file, so look for it; a

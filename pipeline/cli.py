@@ -41,6 +41,12 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
         f" ({unreported:,} results without a cost)" if unreported and cost["total"] is not None else ""
     )
     batches = doc.get("batches") if doc["runs"] and doc["runs"][-1].get("tier") == "batch" else None
+    reused = f" ({summary.reused:,} reused)" if summary.reused else ""
+    kept = doc.get("reused") or {}
+    if kept.get("requests"):
+        if not doc["models"]:  # every result reused: nothing paid, which is known
+            cost_text = money(0.0)
+        cost_text += f", {money(kept['cost_not_spent'])} not spent (answers reused)"
     if quiet:
         brief = ""
         if batches:
@@ -48,7 +54,7 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
 
             brief = f" | {batch_brief(batches)}"
         print(
-            f"pipeline: exit {summary.exit_code} | {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
+            f"pipeline: exit {summary.exit_code} | {summary.succeeded:,} succeeded{reused}, {summary.failed:,} failed, "
             f"{summary.invalid_input:,} invalid, {summary.skipped:,} already done, {_n(summary.pending)} pending | "
             f"{tokens['total_tokens']:,} tokens | {cost_text}{brief} | {duration(wall)} | {summary.output} | "
             f"{summary.message}",
@@ -56,7 +62,7 @@ def _print_summary(summary: Summary, *, quiet: bool, model_flag: bool = False) -
         )
         return
     print(
-        f"\nThis run: {summary.succeeded:,} succeeded, {summary.failed:,} failed, "
+        f"\nThis run: {summary.succeeded:,} succeeded{reused}, {summary.failed:,} failed, "
         f"{summary.invalid_input:,} invalid input lines, {summary.skipped:,} already done, "
         f"{_n(summary.pending)} pending, in {duration(wall)}."
     )

@@ -172,6 +172,12 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
             "tokens at most",
             file=out,
         )
+    if settings.cache is not None:
+        print(
+            f"with --cache {settings.cache}, a request answered before is taken from there, not sent: "
+            "the figures above count every request, an upper bound",
+            file=out,
+        )
     # A model the run's tier cannot price: at the batch tier, what the batch price lacks.
     for model in unpriced[tiers[-1]]:
         print(

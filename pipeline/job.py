@@ -99,7 +99,7 @@ class Reply:
 
 
 class Success:
-    __slots__ = ("attempts", "label", "parsed", "reply", "request")
+    __slots__ = ("attempts", "label", "parsed", "reply", "request", "reused")
 
     def __init__(
         self,
@@ -108,6 +108,7 @@ class Success:
         attempts: int,
         parsed: Any = None,  # a verdict checked against the job's schema
         label: str | None = None,  # how the report counts that verdict ("flagged: true")
+        reused: bool = False,  # the answer cache's, or another request's in flight: not sent, not paid
     ) -> None:
         self.request, self.reply, self.attempts, self.parsed, self.label = (
             request,
@@ -116,6 +117,7 @@ class Success:
             parsed,
             label,
         )
+        self.reused = reused
 
 
 class Failure:

@@ -104,6 +104,8 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "idle_timeout": (int, float),
     "give_up_after": (int, float),
     "max_cost": (int, float),
+    "cache": (str,),
+    "cache_max_gb": (int, float),
     "grace": (int, float),
     "quiet": (bool,),
     "backoff_base": (int, float),
@@ -158,7 +160,7 @@ def read_job_file(path: Path) -> dict[str, Any]:
             want = " or ".join(t.__name__ for t in types)
             raise SettingsError(f"{path}: '{key}' must be {want}, not {value!r}")
         out[key] = value
-    for key in ("input", "output"):
+    for key in ("input", "output", "cache"):
         if key in out:
             out[key] = _relative_to(path.parent, out[key])
     out["job_file"] = path

@@ -97,6 +97,18 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool
     p.add_argument(
         "--max-cost", type=positive_float, help="stop dispatching before spending more dollars than this"
     )
+    p.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="keep every answer in DIR and take a request's answer from there when the same request "
+        "(model, parameters, messages, images) was answered before, by any run: not sent, not paid, "
+        'marked "reused"; leave it off where a temperature should give a new answer each time',
+    )
+    p.add_argument(
+        "--cache-max-gb",
+        type=positive_float,
+        help="the answer cache's size at most, in GB; the answers used longest ago go first (default: no bound)",
+    )
     if shard:
         p.add_argument(
             "--shard",

@@ -48,6 +48,10 @@ class Settings:
     idle_timeout: float = 60.0  # seconds a stream may send nothing before it counts as stalled
     give_up_after: float = 600.0  # seconds of only refusals, or only failures, before exit 3
     max_cost: float | None = None
+    # The answer cache (`pipeline.cache`): answers kept in DIR, reused by any later run. Not in
+    # the fingerprint: a folder may go on with or without it.
+    cache: Path | None = None
+    cache_max_gb: float | None = None
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
     quiet: bool = False
@@ -126,6 +130,15 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     values["input"] = Path(os.path.expanduser(str(values["input"])))
     if values.get("output"):
         values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
+    if values.get("cache"):
+        values["cache"] = Path(os.path.expanduser(str(values["cache"])))
+    else:
+        values.pop("cache", None)
+        if flags.get("cache_max_gb") is not None:  # (a job file may keep it for the runs with one)
+            raise SettingsError(
+                "command line: --cache-max-gb bounds the answer cache, and this run has none: "
+                'give --cache DIR too (or cache = "DIR" in the job file)'
+            )
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
     check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
     _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)
@@ -189,6 +202,11 @@ def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) ->
             said = " or ".join(f'"{c}"' for c in choices)
             raise SettingsError(f"{source}: {key} must be {said}, not {value!r}")
     if values.get("tier", "sync") == "batch":
+        if values.get("cache") is not None:
+            raise SettingsError(
+                f"{'command line' if flags.get('cache') is not None else where}: the answer cache works "
+                "with --tier sync for now: leave cache out of a batch run, or run it at --tier sync"
+            )
         return
     # A job file may keep the batch tier's keys for the runs that use it (`--tier batch`); a
     # flag of the batch tier given to a synchronous run would be silently ignored: refused.
@@ -247,6 +265,7 @@ def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None
         "give_up_after",
         "max_retry_time",
         "max_cost",
+        "cache_max_gb",
         "grace",
         "batch_poll",
     ):

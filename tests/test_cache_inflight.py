@@ -141,3 +141,30 @@ async def test_a_send_that_raises_wakes_the_waiters(error: type[Exception]) -> N
         gate.set()
     assert calls == ["first", "second"]
     assert results == [("answer", False)]
+
+
+async def test_a_key_failing_twice_sends_its_waiters_at_once() -> None:
+    inflight: Inflight[str] = Inflight(shareable=lambda outcome: outcome != "failed")
+    sender = Sender()
+    sender.answers = ["failed"] * 5
+    results: dict[str, tuple[str | None, bool]] = {}
+
+    async def one(name: str) -> None:
+        results[name] = await inflight.once(KEY, sender.send(name))
+
+    async with anyio.create_task_group() as tg:
+        for name in ("1", "2", "3", "4", "5"):
+            tg.start_soon(one, name)
+        await anyio.wait_all_tasks_blocked()
+        assert sender.sent == ["1"]
+        sender.go.set()
+        sender.go = anyio.Event()  # (the second is held: sent alone)
+        await anyio.wait_all_tasks_blocked()
+        assert sender.sent == ["1", "2"]
+        held, sender.go = sender.go, anyio.Event()  # (the rest are held too: are they all sent?)
+        held.set()
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(sender.sent) == ["1", "2", "3", "4", "5"]  # the rest at once, not one by one
+        sender.go.set()
+    assert all(result == ("failed", False) for result in results.values())
+    assert len(inflight) == 0

@@ -126,7 +126,11 @@ class Books:
         tokens_in = tokens_out = 0
         costs: list[float] = []  # (in the order of the results: the timeline adds them so)
         now = self.now_prices
-        for success in successes:
+        sent: Sequence[Success] = successes
+        if any(success.reused for success in successes):
+            sent = [success for success in successes if not success.reused]
+            self._reused([success for success in successes if success.reused])
+        for success in sent:
             request = success.request
             body, model = success.reply.body, request.model
             name, reported, prompt, completion = usage.add_body(body, model)
@@ -142,8 +146,19 @@ class Books:
                 costs.append(cost)
             if success.label is not None:
                 usage.verdicts[success.label] += 1
-        latencies, firsts = usage.add_times(successes)
+        latencies, firsts = usage.add_times(sent)
         usage.timeline.kept(tokens_in, tokens_out, costs, latencies, firsts)
+
+    def _reused(self, successes: Sequence[Success]) -> None:
+        """Results taken from the answer cache (or another request's in flight): done, not
+        paid; counted apart, with the dollars they would have cost (the server's cost kept in
+        the answer, else the job's prices), and no tokens, latency or spending of this run."""
+        usage = self.usage
+        usage.outcomes["succeeded"] += len(successes)
+        for success in successes:
+            self._reuse_cost(success.reply.body, success.request.model)
+            if success.label is not None:
+                usage.verdicts[success.label] += 1
 
     def failed(self, failure: Failure) -> None:
         self.usage.add_failure(failure, self.redact(failure.message))
@@ -154,6 +169,21 @@ class Books:
         self._price(self.usage.add_body(body), body, None)
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
+
+    def recovered_reused(self, body: dict[str, Any], *, count_outcome: bool) -> None:
+        """A result line marked reused: counted as reused, not as paid."""
+        self._reuse_cost(body, None)
+        if count_outcome:
+            self.usage.outcomes["succeeded"] += 1
+
+    def _reuse_cost(self, body: dict[str, Any], requested: str | None) -> None:
+        usage = self.usage
+        usage.reused += 1
+        cost, _ = answer_cost(body, self.prices, requested)
+        if cost is not None:
+            usage.reused_cost += cost
+        else:
+            usage.reused_unpriced += 1
 
     def _price(self, counted: Counted, body: dict[str, Any], requested: str | None) -> None:
         """An answer just counted: cost it from the price table where the server did not."""

@@ -72,6 +72,9 @@ class Usage:
         self.retries = 0
         self.discarded = 0  # answers paid for but not kept (invalid verdicts, empty or broken), in the totals
         self.images = 0  # local images read and sent (each attempt sends the same bytes again)
+        self.reused = 0  # results taken from the answer cache, or shared in flight: not paid
+        self.reused_cost = 0.0  # the dollars those would have cost (not spent)
+        self.reused_unpriced = 0  # of those, whose cost was not known
         self.image_bytes_read = 0  # their size on disk
         self.image_bytes_sent = 0  # their size as sent, before base64
         self.latency = Histogram()
@@ -189,7 +192,17 @@ class Usage:
                 setattr(mine, key, getattr(mine, key) + value)
         for counter in ("outcomes", "answers", "errors", "requested_models", "verdicts"):
             getattr(self, counter).update(getattr(other, counter))
-        for total in ("attempts", "retries", "discarded", "images", "image_bytes_read", "image_bytes_sent"):
+        for total in (
+            "attempts",
+            "retries",
+            "discarded",
+            "images",
+            "image_bytes_read",
+            "image_bytes_sent",
+            "reused",
+            "reused_cost",
+            "reused_unpriced",
+        ):
             setattr(self, total, getattr(self, total) + getattr(other, total))
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
@@ -224,6 +237,9 @@ class Usage:
             "images": self.images,
             "image_bytes_read": self.image_bytes_read,
             "image_bytes_sent": self.image_bytes_sent,
+            "reused": self.reused,
+            "reused_cost": self.reused_cost,
+            "reused_unpriced": self.reused_unpriced,
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
@@ -251,6 +267,9 @@ class Usage:
         usage.images = int(state.get("images", 0))
         usage.image_bytes_read = int(state.get("image_bytes_read", 0))
         usage.image_bytes_sent = int(state.get("image_bytes_sent", 0))
+        usage.reused = int(state.get("reused", 0))
+        usage.reused_cost = float(state.get("reused_cost", 0.0))
+        usage.reused_unpriced = int(state.get("reused_unpriced", 0))
         usage.latency = Histogram.from_state(state.get("latency"))
         usage.ttft = Histogram.from_state(state.get("ttft"))
         usage.runs = list(state.get("runs", []))

@@ -128,6 +128,9 @@ class AnswerCache:
         self._queue: dict[bytes, Answer] = {}
         self._writing: dict[bytes, Answer] = {}  # taken by a flush, not yet committed: still seen
         self._touched: dict[int, None] = {}  # ids `get` found, their time of use to refresh
+        # Keys whose kept answer is no good (unreadable, or failing a caller's check): the
+        # next answer put for one replaces it, where it would be ignored and bought every run.
+        self._rejected: set[bytes] = set()
         self._last_flush = clock()
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
@@ -168,14 +171,15 @@ class AnswerCache:
 
     def get(self, key: bytes) -> Answer | None:
         """The answer kept under `key`, or None."""
-        if self._reader is None:
+        reader = self._reader  # (once: a flush in another thread may turn the cache off)
+        if reader is None:
             return None
         answer = self._queue.get(key) or self._writing.get(key)
         if answer is not None:
             return answer
         id_ = _id(key)
         try:
-            row = self._reader.execute(_GET, (id_,)).fetchone()
+            row = reader.execute(_GET, (id_,)).fetchone()
         except sqlite3.Error as e:
             self._off(e)
             return None
@@ -185,20 +189,30 @@ class AnswerCache:
         try:
             body = unpack(kept, how)
         except ValueError:
+            self.reject(key)
             return None  # (one row a newer version packed, or damaged: a miss, sent again)
         if self._clock() - used / 1000 >= TOUCH_EVERY:
             with self._lock:
                 self._touched[id_] = None
         return Answer(body, model, cost, tier, paid)
 
+    def reject(self, key: bytes) -> None:
+        """The answer kept under `key` is no good: the next `put` of it replaces it."""
+        with self._lock:
+            self._rejected.add(key)
+
     def put(self, key: bytes, answer: Answer) -> None:
-        """Queue `answer` to be kept under `key` (the first answer put for a key stays)."""
+        """Queue `answer` to be kept under `key` (the first answer put for a key stays, unless
+        the kept one was rejected)."""
         if self._writer is None:
             return
         if not answer.paid:
             answer = answer._replace(paid=self._clock())
         with self._lock:
-            self._queue.setdefault(key, answer)
+            if key in self._rejected:
+                self._queue[key] = answer
+            else:
+                self._queue.setdefault(key, answer)
             full = len(self._queue) >= _QUEUE_MOST
         if full:
             self.flush()
@@ -220,15 +234,22 @@ class AnswerCache:
             with self._lock:
                 self._writing, self._queue = self._queue, {}
                 touched, self._touched = self._touched, {}
+                replacing = [key for key in self._writing if key in self._rejected]
+                self._rejected.difference_update(replacing)
             self._last_flush = now = self._clock()
             try:
                 if self._writer is not None and (self._writing or touched):
-                    self._write(self._writer, self._writing, touched, int(now * 1000))
+                    self._write(self._writer, self._writing, touched, int(now * 1000), replacing)
             finally:
                 self._writing = {}
 
     def _write(
-        self, db: sqlite3.Connection, answers: dict[bytes, Answer], touched: dict[int, None], used: int
+        self,
+        db: sqlite3.Connection,
+        answers: dict[bytes, Answer],
+        touched: dict[int, None],
+        used: int,
+        replacing: list[bytes],
     ) -> None:
         rows = []
         most = None if self.max_bytes is None else largest(self.max_bytes)
@@ -239,6 +260,10 @@ class AnswerCache:
                 rows.append((_id(key), key, kept, how, model, cost, tier, paid, size))
         try:
             db.execute("BEGIN IMMEDIATE")
+            if replacing:  # (deleted, not INSERT OR REPLACE: the trigger then counts the bytes freed)
+                db.executemany(
+                    "DELETE FROM answers WHERE id = ? AND key = ?", ((_id(k), k) for k in replacing)
+                )
             # Never before the newest use kept: a clock set back (or another process's, ahead)
             # made the answers bought since look the oldest, the first evicted.
             (newest,) = db.execute("SELECT max(used) FROM answers").fetchone()
@@ -261,6 +286,7 @@ class AnswerCache:
             elif len(self._queue) < _QUEUE_MOST:  # (past that, dropped: it is only a cache)
                 with self._lock:
                     self._queue = {**answers, **self._queue}
+                    self._rejected.update(replacing)
 
     def totals(self) -> tuple[int, int]:
         """Bytes counted against the bound, and answers kept (0, 0 when off)."""

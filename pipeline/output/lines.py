@@ -24,6 +24,8 @@ def result_line(success: Success, line_id: str | None = None) -> bytes:
         "response": {"status_code": reply.status, "request_id": reply.request_id, "body": body},
         "error": None,
     }
+    if success.reused:
+        line["reused"] = True  # taken from the answer cache, or shared in flight: not paid again
     if success.parsed is not None:
         line["parsed"] = success.parsed
     if success.request.metadata is not None:

@@ -62,6 +62,7 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
         # The file is shorter than what the index covers: rebuild the index from it.
         ledger.clear_done()
         books.usage.models.clear()
+        books.usage.reused, books.usage.reused_cost, books.usage.reused_unpriced = 0, 0.0, 0
         offset = 0
     indexed = 0
     bad: list[tuple[int, int]] = []
@@ -77,7 +78,11 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
                     continue
                 indexed += 1
                 ledger.drop_failed([obj["custom_id"]])
-                books.recovered(obj["response"]["body"], count_outcome=not rebuild)
+                body = obj["response"]["body"]
+                if obj.get("reused") is True:  # taken from the answer cache: not paid
+                    books.recovered_reused(body, count_outcome=not rebuild)
+                else:
+                    books.recovered(body, count_outcome=not rebuild)
     if bad:
         _cut(path, bad)
     ledger.put("results_offset", path.stat().st_size if path.exists() else 0)

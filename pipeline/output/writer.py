@@ -24,7 +24,7 @@ import heapq
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -74,6 +74,7 @@ class Writer:
         self._lock = anyio.Lock()
         self.drained = anyio.Event()  # set once every sender has closed and all is written
         self._last_sync = time.monotonic()
+        self.also: Callable[[], Awaitable[None]] | None = None  # at each checkpoint: the answer cache's flush
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -156,8 +157,10 @@ class Writer:
                     while len(batch) < 1024:
                         batch.append(outcomes.receive_nowait())
                 successes = [o for o in batch if isinstance(o, Success)]
-                if successes:
-                    self.books.answered(len(successes))  # the attempts that made them (`Books.answered`)
+                # the attempts that made them (`Books.answered`); a reused answer made none
+                sent = len(successes) - sum(s.reused for s in successes) if successes else 0
+                if sent:
+                    self.books.answered(sent)
                 if self.broken is not None:
                     # The folder takes no more for now: keep what arrives (bounded by what
                     # was in flight, as nothing new is sent) and drain, so nobody waits on us.
@@ -215,6 +218,8 @@ class Writer:
                     self.fail(e)
                     return
                 del self._done[:done], self._succeeded_keys[:succeeded], self._failed[:failed]
+            if self.also is not None:
+                await self.also()
 
     def _sync_files(self) -> None:
         os.fsync(self._results.fd)

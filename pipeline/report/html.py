@@ -109,6 +109,12 @@ def html_report(doc: dict[str, Any]) -> str:
         )
     )
     parts.append("<h2>Answers and failures</h2>")
+    reused = doc.get("reused") or {}
+    if reused.get("requests"):
+        parts.append(
+            f"<p class='note'>{reused['requests']:,} result(s) reused from the answer cache, not sent: "
+            f"{money(reused['cost_not_spent'])} not spent (in no cost above, which counts what was paid).</p>"
+        )
     answers = doc["answers_by_status"]
     if answers:
         parts.append(

@@ -81,6 +81,13 @@ def usage_document(
         "attempts": usage.attempts,
         "retries": usage.retries,
         "discarded": usage.discarded,
+        # Results taken from the answer cache (or from a request of the same key in flight):
+        # not sent, not paid, so in none of the figures above; what they would have cost.
+        "reused": {
+            "requests": usage.reused,
+            "cost_not_spent": round(usage.reused_cost, 6),
+            "requests_not_priced": usage.reused_unpriced,
+        },
         "images": {
             "count": usage.images,
             "bytes_read": usage.image_bytes_read,
@@ -165,6 +172,16 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             f"{doc['discarded']:,} answer(s) were thrown away (they broke the verdict schema, or came "
             "empty or broken): they were paid for, so their tokens and cost are in the totals above.",
+        ]
+    reused = doc.get("reused") or {}
+    if reused.get("requests"):
+        unpriced = reused["requests_not_priced"]
+        out += [
+            "",
+            f"{reused['requests']:,} result(s) were reused from the answer cache, not sent: "
+            f"{money(reused['cost_not_spent'])} not spent"
+            + (f" ({unpriced:,} of them of unknown cost)" if unpriced else "")
+            + ". They are in no figure above, which counts what was paid.",
         ]
     images = doc["images"]
     if images["count"]:

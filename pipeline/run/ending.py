@@ -11,6 +11,8 @@ import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from pipeline.account.usage import Usage
 from pipeline.batch.tally import figures
 from pipeline.input.source import count_lines
@@ -61,6 +63,9 @@ async def close(run: Run) -> int:
     finally:
         with contextlib.suppress(OSError):
             writer.close()
+        if run.reuse is not None:
+            with anyio.CancelScope(shield=True):  # (a second Ctrl-C too: the answers queued, kept)
+                await anyio.to_thread.run_sync(run.reuse.close)
 
 
 def finish(run: Run, failed_now: int) -> Summary:
@@ -93,6 +98,7 @@ def finish(run: Run, failed_now: int) -> Summary:
         "pending": pending,
         "lines": total,
         "attempts": usage.attempts - run.attempts_before,
+        **({"reused": usage.reused - run.reused_before} if usage.reused > run.reused_before else {}),
         "rate_cuts": run.finder.cuts,
         "latency_cuts": run.finder.latency_cuts,
         "exit": code,
@@ -151,6 +157,7 @@ def finish(run: Run, failed_now: int) -> Summary:
         pending=pending,
         usage=doc,
         own_model=run.parser.own_model,
+        reused=usage.reused - run.reused_before,
     )
 
 

@@ -105,6 +105,12 @@ class Progress:
         before = usage.totals()
         self._cost_before, self._answers_before = before.cost, before.requests
         self._failed_before = usage.outcomes.get("failed", 0) + usage.outcomes.get("invalid_input", 0)
+        self._reused_before = usage.reused
+
+    def _reused(self) -> str:
+        """This run's results taken from the answer cache, where there are any."""
+        reused = self.usage.reused - self._reused_before
+        return f", {reused:,} reused" if reused else ""
 
     def input_error(self, failure: Failure) -> None:
         """Say where a bad line is, as `file:line: what is wrong`, for the first few."""
@@ -210,7 +216,7 @@ class Progress:
             # thousands a minute): a rate and a time left drawn from it would mislead.
             pace = eta = ""
         return (
-            f"pipeline: {of} | {pace}{self._pace()} | {failed:,} failed | {tokens:,} tokens | "
+            f"pipeline: {of}{self._reused()} | {pace}{self._pace()} | {failed:,} failed | {tokens:,} tokens | "
             f"{money(cost, unknown='cost not reported')}{eta}"
         )
 
@@ -237,7 +243,7 @@ class Progress:
         tokens, failed, cost = self._figures()
         before = f", {counts.skipped:,} done before" if counts.skipped else ""
         bar.set_postfix_str(
-            f"{self._pace()}, {tokens:,} tokens, {failed:,} failed, "
+            f"{self._pace()}, {tokens:,} tokens, {failed:,} failed{self._reused()}, "
             f"{money(cost, unknown='cost not reported')}{before}",
             refresh=False,
         )

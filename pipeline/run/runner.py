@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -54,6 +55,7 @@ from pipeline.urls import is_loopback, redacted
 
 if TYPE_CHECKING:
     from pipeline.batch.follow import Follower
+    from pipeline.send.reuse import Reuse
 
 
 def _check_key(settings: Settings) -> str | None:
@@ -154,6 +156,7 @@ class Run:
         ledger.start_run()
         self.before = self.usage.outcomes.copy()
         self.attempts_before = self.usage.attempts
+        self.reused_before = self.usage.reused
         self.writer = Writer(settings.folder, ledger, self.books, self.redact)
         try:
             self.writer.rewrite_errors()
@@ -201,6 +204,9 @@ class Run:
         self.verdict = None
         if settings.verdict is not None:
             self.verdict = compile_verdict(settings.verdict, settings.request, where=str(settings.job_file))
+        self.reuse = _reuse(settings, prices, self.progress.say)
+        if self.reuse is not None:
+            self.writer.also = self.reuse.flush_if_due
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             max_time=settings.max_retry_time,
@@ -226,6 +232,7 @@ class Run:
             books=self.books,
             control=control,
             verdict=self.verdict,
+            reuse=self.reuse,
         )
 
     async def _read(
@@ -253,6 +260,17 @@ class Run:
     async def _count_total(self) -> None:
         total = await anyio.to_thread.run_sync(count_lines, self.settings.input, abandon_on_cancel=True)
         self.counts.total = total
+
+
+def _reuse(settings: Settings, prices: Any, warn: Callable[[str], None]) -> Reuse | None:
+    """The answer cache, where the job names one (scoped by the endpoint: answers kept
+    against one server are never served for another's requests)."""
+    if settings.cache is None or settings.tier != "sync":
+        return None
+    from pipeline.send.reuse import Reuse
+
+    scope = redacted(settings.base_url).rstrip("/")
+    return Reuse(settings.cache, scope=scope, prices=prices, max_gb=settings.cache_max_gb, warn=warn)
 
 
 def loop_options() -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Summary:
     pending: int | None  # lines left to do (interrupted or stopped); None: not known (a pipe)
     usage: dict[str, Any]
     own_model: int = 0  # lines that named a model of their own, which a job's model does not change
+    reused: int = 0  # of those succeeded, taken from the answer cache: not sent, not paid
 
     @property
     def cost(self) -> float | None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -31,6 +32,9 @@ from pipeline.send.notfound import Undecided
 from pipeline.send.retry import RetryPolicy
 from pipeline.send.status import Judge, answer_key
 from pipeline.send.verdict import Verdict
+
+if TYPE_CHECKING:  # (imported by the runner where a run has a cache: runs without one skip it)
+    from pipeline.send.reuse import Reuse
 
 
 class Abandoned(Exception):
@@ -96,7 +100,9 @@ class Attempts:
         books: Books,
         control: Control,
         verdict: Verdict | None = None,
+        reuse: Reuse | None = None,
     ) -> None:
+        self.reuse = reuse  # the answer cache, where the run has one
         self.gate = gate
         self.client = client
         self.judge = judge
@@ -107,14 +113,19 @@ class Attempts:
         # Decoding and resizing images: a few threads, as many as there are cores to run them.
         self._image_threads = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
 
-    async def process(self, request: Request, seat: Seat | None = None) -> Outcome | None:
+    async def process(self, request: Request, seat: Seat | None = None, ask: bool = True) -> Outcome | None:
         """The request's attempts, to its outcome. Most requests succeed at the first: it is
         made here, and the retry policy is called only for the others (no coroutine of its
-        own, nor of the policy's, to go through at every wait of the attempt)."""
-        if request.images is not None:
-            failure = await self.fill(request)
-            if failure is not None:
-                return failure
+        own, nor of the policy's, to go through at every wait of the attempt). `ask`: False
+        where the answer cache was asked already and sends it (`_sent`: one coroutine a
+        request, with a cache or without)."""
+        if ask:
+            if request.images is not None:
+                failure = await self.fill(request)
+                if failure is not None:
+                    return failure
+            if self.reuse is not None:
+                return await self.reuse.process(request, seat, self.verdict, self._sent)
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)
@@ -168,6 +179,10 @@ class Attempts:
             return Success(request, reply, 1 if type(request) is not SentNow else 1 + request.spent)
         label = self.verdict.label(parsed) if self.verdict is not None else None
         return Success(request, reply, tries.sent, parsed, label)  # (positional: half the time of keywords)
+
+    def _sent(self, request: Request, seat: Seat | None) -> Awaitable[Outcome | None]:
+        """The request sent, the answer cache asked already (a kept answer, or one in flight)."""
+        return self.process(request, seat, False)
 
     async def _failed(self, request: Request, tries: _Tries, e: RequestError) -> Failure | None:
         """The request's last attempt failed: its `Failure`, or None where the run stops
