@@ -24,6 +24,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from pipeline.account.books import Books
 from pipeline.batch import flawed
@@ -42,6 +43,9 @@ from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
 from pipeline.send.batchapi import BatchApi, BatchInfo
 from pipeline.send.verdict import Verdict
+
+if TYPE_CHECKING:
+    from pipeline.batch.keep import Keep
 
 WRITE_EVERY = 512  # outcomes written at once
 READ_EVERY = 512  # result lines looked up at once
@@ -66,7 +70,9 @@ class Intake:
         now: SendNow | None = None,
         sync_prices: Mapping[str, Price] | None = None,
         taken: Callable[[int], None] | None = None,
+        keep: Keep | None = None,
     ) -> None:
+        self.keep = keep  # `--cache DIR`: the answers brought, kept there (`pipeline.batch.keep`)
         self.taken = taken  # told each batch committed taken: what it left is deleted (`clear`)
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
@@ -130,6 +136,8 @@ class Intake:
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
         if not (invalid or self.crowded):
+            if self.keep is not None:
+                await self.keep.read(self.book.path(batch.n))
             async with read_ahead(self.api.results(info), per=READ_EVERY) as runs:
                 async for read in runs:
                     self.judge.lines(batch, read, waited)
@@ -294,4 +302,6 @@ class Intake:
             return False
         if batch:
             self.spent.add(successes)
+            if self.keep is not None:
+                self.keep.put(successes)
         return True

@@ -1,0 +1,169 @@
+"""The answer cache at the batch tier (issue 23, point 2): a line whose answer the cache holds
+is written as reused and never staged; the answers batches bring are kept at the batch price,
+which is what a later run says it did not spend; exactly once holds through a kill at every
+step, and through a death at the cache's write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.cache.store import AnswerCache
+from pipeline.run.runner import run
+from pipeline.settings import Settings
+from tests.conftest import bodies, read_jsonl
+from tests.fakebatchapi import FakeBatchApi, FakeHost, Killed, at_batch_tier
+
+# The fake's answers report 10 prompt and 4 completion tokens, and no cost: the table's.
+PRICES = {"test/model": {"prompt": 1.0, "completion": 1.0, "batch_prompt": 0.5, "batch_completion": 0.5}}
+BATCH_COST = 14 * 0.5 / 1e6  # an answer, at the batch price
+SYNC_COST = 14 * 1.0 / 1e6
+
+
+def _usage(folder: Path) -> dict[str, Any]:
+    return orjson.loads((folder / "usage.json").read_bytes())
+
+
+def _bodies(folder: Path) -> dict[str, Any]:
+    return {r["custom_id"]: r["response"]["body"] for r in read_jsonl(folder / "results.jsonl")}
+
+
+async def test_a_second_batch_run_stages_nothing_and_says_the_batch_price_not_spent(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache")
+    first = at_batch_tier(make_settings(server[0], bodies(6), cache=cache, prices=PRICES))
+    api = FakeBatchApi(max_lines=4)
+    summary = await run(first, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert api.made == 2
+    held = AnswerCache(tmp_path / "cache")  # the first run filled it, at the batch price
+    assert held.totals()[1] == 6
+    held.close()
+    paid = _usage(first.folder)["cost"]["total"]
+    assert paid == pytest.approx(6 * BATCH_COST)
+
+    again = at_batch_tier(first, output=tmp_path / "again")
+    api2 = FakeBatchApi(max_lines=4)
+    summary = await run(again, FakeHost(api2))
+    assert summary.exit_code == 0, summary.message
+    assert api2.made == 0
+    assert not api2.ran
+    assert summary.succeeded == summary.reused == 6
+    results = read_jsonl(again.folder / "results.jsonl")
+    assert all(r["reused"] is True for r in results)
+    assert _bodies(again.folder) == _bodies(first.folder)
+    usage = _usage(again.folder)
+    assert usage["reused"]["requests"] == 6
+    assert usage["reused"]["cost_not_spent"] == pytest.approx(paid)
+    assert usage["cost"]["total"] in (0, None)
+
+    # A synchronous run reusing them says what they cost: the batch price, not its own.
+    sync = make_settings(server[0], bodies(6), cache=cache, prices=PRICES, output=tmp_path / "sync")
+    summary = await run(sync)
+    assert summary.exit_code == 0, summary.message
+    assert not server[1].state.received
+    assert _usage(sync.folder)["reused"]["cost_not_spent"] == pytest.approx(paid)
+
+
+async def test_only_the_lines_the_cache_lacks_are_staged(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache")
+    half = make_settings(server[0], bodies(2), cache=cache, prices=PRICES, output=tmp_path / "sync")
+    assert (await run(half)).exit_code == 0  # job-0 and job-1 bought now, at the sync price
+    whole = at_batch_tier(
+        make_settings(server[0], bodies(4), cache=cache, prices=PRICES, output=tmp_path / "batch")
+    )
+    api = FakeBatchApi()
+    summary = await run(whole, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert sorted(api.ran) == ["job-2", "job-3"]
+    results = {r["custom_id"]: r for r in read_jsonl(whole.folder / "results.jsonl")}
+    assert sorted(results) == [f"job-{i}" for i in range(4)]
+    assert [c for c, r in sorted(results.items()) if r.get("reused")] == ["job-0", "job-1"]
+    usage = _usage(whole.folder)
+    # (what the synchronous run paid, as usage.json rounds it: to the micro-dollar)
+    sync_paid = _usage(half.folder)["cost"]["total"]
+    assert usage["reused"]["cost_not_spent"] == pytest.approx(sync_paid, abs=1e-6)
+    assert usage["cost"]["total"] == pytest.approx(2 * BATCH_COST)
+
+
+def _killed(error: BaseException) -> bool:
+    if isinstance(error, Killed):
+        return True
+    return isinstance(error, BaseExceptionGroup) and any(_killed(e) for e in error.exceptions)
+
+
+def _fate(custom_id: str, n: int) -> str:
+    return "500" if custom_id == "job-1" and n == 1 else "ok"  # job-1 goes again in a new batch
+
+
+async def test_a_kill_at_every_step_with_a_cache_leaves_every_line_once_and_nothing_paid_twice(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    rows = bodies(5)
+    base = at_batch_tier(make_settings(server[0], rows, max_attempts=3, prices=PRICES))
+    clean = FakeBatchApi(max_lines=2, fate=_fate)
+    assert (await run(at_batch_tier(base, cache=tmp_path / "c0"), FakeHost(clean))).exit_code == 0
+    steps = clean.steps
+    assert steps > 8
+    for k in range(1, steps + 1):
+        cache = tmp_path / f"cache-{k}"
+        settings = at_batch_tier(base, output=tmp_path / f"out-{k}", cache=cache)
+        api = FakeBatchApi(max_lines=2, fate=_fate)
+        api.die_at = k
+        with pytest.raises(BaseException) as info:  # noqa: PT011 -- a kill, by any path out
+            await run(settings, FakeHost(api))
+        assert _killed(info.value), info.value
+        summary = await run(settings, FakeHost(api))
+        where = f"killed at step {k} ({api.step_names[k - 1]})"
+        assert summary.exit_code == 0, (where, summary.message)
+        ids = [r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl")]
+        assert sorted(ids) == [f"job-{i}" for i in range(5)], where
+        assert api.ran == {"job-0": 1, "job-1": 2, "job-2": 1, "job-3": 1, "job-4": 1}, where
+        # What the cache kept is what the folder holds: another folder reuses it, and buys
+        # only what it lacks (nothing, as no process died for real between the two writes).
+        third = at_batch_tier(settings, output=tmp_path / f"more-{k}")
+        api3 = FakeBatchApi(max_lines=2)
+        assert (await run(third, FakeHost(api3))).exit_code == 0, where
+        assert _bodies(third.folder) == _bodies(settings.folder), where
+        assert not api3.ran, where
+
+
+async def test_a_death_at_the_caches_write_loses_and_doubles_nothing(
+    make_settings: Callable[..., Settings],
+    server: tuple[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The process dies as the cache is written, after the batch's answers are committed: as
+    # kill -9 there would, nothing queued reaches the file.
+    def die(self: AnswerCache) -> None:
+        self._queue.clear()
+        raise Killed("the cache's write")
+
+    settings = at_batch_tier(
+        make_settings(server[0], bodies(4), cache=str(tmp_path / "cache"), prices=PRICES)
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(AnswerCache, "flush", die)
+        with pytest.raises(BaseException) as info:  # noqa: PT011 -- a kill, by any path out
+            await run(settings, FakeHost(FakeBatchApi()))
+        assert _killed(info.value), info.value
+    api = FakeBatchApi()
+    summary = await run(settings, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert not api.ran  # every line was done: nothing staged again
+    ids = sorted(r["custom_id"] for r in read_jsonl(settings.folder / "results.jsonl"))
+    assert ids == [f"job-{i}" for i in range(4)]
+    # The answers never reached the cache: another folder buys them, once.
+    other = at_batch_tier(settings, output=tmp_path / "other")
+    api2 = FakeBatchApi()
+    assert (await run(other, FakeHost(api2))).exit_code == 0
+    assert sorted(api2.ran) == ids
+    assert set(api2.ran.values()) == {1}
