@@ -1,0 +1,113 @@
+"""`pipeline estimate --cache DIR` (issue 23, point 2): the requests whose answer the cache
+holds now, counted exactly as a run would take them, and what they cost when bought, off the
+estimate; read only (a read-only cache folder too), and a missing one said."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.estimate import estimate, print_estimate
+from pipeline.run.runner import run
+from pipeline.settings import Settings
+from tests.conftest import bodies, read_jsonl, write_jsonl
+
+PRICES = {"test/model": {"prompt": 1.0, "completion": 2.0}}
+
+
+async def _half_cached(
+    make_settings: Callable[..., Settings], url: str, tmp_path: Path
+) -> tuple[Path, float]:
+    """A cache holding the answers of job-0..job-4 of ten lines; what they cost."""
+    cache = tmp_path / "cache"
+    first = make_settings(url, bodies(5), cache=str(cache), prices=PRICES, output=tmp_path / "first")
+    assert (await run(first)).exit_code == 0
+    paid = orjson.loads((first.folder / "usage.json").read_bytes())["cost"]["total"]
+    return cache, paid
+
+
+def _estimate(settings: Settings) -> tuple[Any, str]:
+    out = io.StringIO()
+    result = estimate(settings)
+    print_estimate(result, out=out, err=io.StringIO())
+    return result, out.getvalue()
+
+
+async def test_the_lines_the_cache_answers_are_counted_apart_and_what_they_cost(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    cache, paid = await _half_cached(make_settings, server[0], tmp_path)
+    rows = bodies(10)
+    rows[1] = {**rows[1], "temperature": 0.5}  # another request than the one answered: sent
+    settings = make_settings(server[0], rows, cache=str(cache), prices=PRICES, output=tmp_path / "next")
+    result, said = _estimate(settings)
+    assert result.cached.hits == 4
+    assert result.requests == 6  # the rest, the only ones costed
+    costs = {
+        r["custom_id"]: r["response"]["body"]["usage"]["cost"]
+        for r in read_jsonl(tmp_path / "first/results.jsonl")
+    }
+    assert sum(costs.values()) == pytest.approx(paid)
+    assert result.cached.cost == pytest.approx(paid - costs["job-1"])  # what they cost when bought
+    assert "4 requests have their answer there" in said
+    assert "the other 6" in said
+    assert "10 lines: 6 requests to send" in said
+    # Against another endpoint, none is an answer: a run there would send them all.
+    elsewhere = make_settings("http://127.0.0.1:9/v1", rows, cache=str(cache), prices=PRICES)
+    assert _estimate(elsewhere)[0].cached.hits == 0
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` and its files as no process may change them (root too: immutable)."""
+    paths = [*folder.iterdir(), folder]
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    locked: list[Path] = []
+    try:
+        if os.geteuid() == 0:
+            if shutil.which("chattr") is None:
+                pytest.skip("root, and no chattr to make the folder read-only for root")
+            for path in paths:
+                done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+                if done.returncode != 0:
+                    pytest.skip(f"chattr +i failed here: {done.stderr.decode().strip()}")
+                locked.append(path)
+        yield
+    finally:
+        for path in locked:
+            subprocess.run(["chattr", "-i", str(path)], check=False)
+        for path in paths:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+async def test_a_read_only_cache_is_read_and_left_as_it_was(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    cache, _ = await _half_cached(make_settings, server[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    settings = make_settings(server[0], bodies(10), cache=str(cache), prices=PRICES, output=tmp_path / "next")
+    with _read_only(cache):
+        result, said = _estimate(settings)
+    assert result.cached.hits == 5, said
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+
+
+async def test_a_missing_cache_folder_is_said_and_every_request_counted(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(3))
+    settings = make_settings("http://127.0.0.1:9/v1", input=src, cache=str(tmp_path / "nowhere"))
+    result, said = _estimate(settings)
+    assert result.requests == 3
+    assert f"--cache: no folder {tmp_path / 'nowhere'}" in said
+    assert not (tmp_path / "nowhere").exists()  # not made
