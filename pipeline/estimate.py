@@ -136,8 +136,8 @@ def _cached(cached: Peek, rest: int) -> str:
     unknown = f" ({cached.unpriced:,} of them of no known cost)" if cached.unpriced else ""
     return (
         f"--cache {cached.folder}: {cached.hits:,} requests have their answer there, taken, not sent: "
-        f"{money(cached.cost)} not to be spent (what they cost when bought){unknown}; the figures "
-        f"above are the other {rest:,}"
+        f"{money(cached.cost)} not to be spent (what they cost when bought){unknown}; "
+        + (f"the figures above are the other {rest:,}" if rest else "nothing else is to be sent")
     )
 
 
