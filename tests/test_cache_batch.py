@@ -9,9 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from pipeline.batch.keep import _line
+from pipeline.batch.stage import batch_line
+from pipeline.cache.key import request_key
 from pipeline.cache.store import AnswerCache
 from pipeline.run.runner import run
 from pipeline.settings import Settings
@@ -195,3 +201,24 @@ async def test_a_death_at_the_caches_write_loses_and_doubles_nothing(
     assert (await run(other, FakeHost(api2))).exit_code == 0
     assert sorted(api2.ran) == ids
     assert set(api2.ran.values()) == {1}
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@hypothesis.settings(max_examples=100)
+@given(
+    custom_id=st.text(max_size=40) | st.just(',"method":"POST","url":"/v1/chat/completions","body":{}}'),
+    body=st.dictionaries(st.text(max_size=8), _JSON, max_size=4),
+)
+def test_a_staged_line_gives_back_its_id_and_the_key_of_its_payload(
+    custom_id: str, body: dict[str, Any]
+) -> None:
+    # The key an answer is kept under at intake is the one a later run looks the line up by.
+    payload = orjson.dumps({"model": "m", **body})
+    assert _line(batch_line(custom_id, payload)) == (custom_id, payload)
+    assert request_key(orjson.dumps(orjson.loads(payload))) == request_key(payload)
