@@ -143,6 +143,8 @@ class Intake:
                     self.judge.lines(batch, read, waited)
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
+                    if self.keep is not None:
+                        await self.keep.reuse.flush_if_due()
         held = 0  # lines never run for others' flaws
         for listed in self._unanswered(batch.n):
             if named is not None:

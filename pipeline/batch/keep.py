@@ -5,7 +5,8 @@ Each answer is kept under the key of its request as staged: read back from the b
 file (OUT/batches/<n>.jsonl, kept until the batch is taken in), where the payload sits as it
 was sent, local images inlined. The keys are made once a batch, in a thread, before its
 results are read; the answers are queued as the intake writes them, and written to the cache
-by the writer's checkpoint, after the ledger's commit of them (`Reuse.flush_if_due`).
+in a thread as they come (`Reuse.flush_if_due`: a batch of 50,000 answers would otherwise
+fill the queue, which then flushes itself in the event loop).
 
 Only a source of answers: the ledger alone says what is done. Killed before the cache is
 written, the answers are not kept (a later run pays for them again); kept and the run killed
