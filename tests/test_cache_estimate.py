@@ -111,3 +111,40 @@ async def test_a_missing_cache_folder_is_said_and_every_request_counted(
     assert result.requests == 3
     assert f"--cache: no folder {tmp_path / 'nowhere'}" in said
     assert not (tmp_path / "nowhere").exists()  # not made
+
+
+async def test_a_line_with_a_local_image_is_found_by_its_bytes_as_sent_at_every_tier(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier
+    from tests.test_images import job, jpeg
+
+    (tmp_path / "a.jpg").write_bytes(jpeg(3000, 2000))  # resized as sent: the key is of what is sent
+    (tmp_path / "b.jpg").write_bytes(jpeg(2000, 3000))
+    rows = [{"asset_id": "a", "image_path": "a.jpg"}, {"asset_id": "b", "image_path": "b.jpg"}]
+    cache = str(tmp_path / "cache")
+    first = make_settings(
+        server[0],
+        job=job(tmp_path, max_side=1024),
+        input=write_jsonl(tmp_path / "one.jsonl", rows[:1]),
+        cache=cache,
+    )
+    assert (await run(first)).exit_code == 0
+    both = make_settings(
+        server[0],
+        job=job(tmp_path, max_side=1024),
+        input=write_jsonl(tmp_path / "two.jsonl", rows),
+        cache=cache,
+        output=tmp_path / "both",
+    )
+    result, said = _estimate(both)
+    assert result.cached.hits == 1, said
+    assert result.requests == 1
+    api = FakeBatchApi()
+    summary = await run(at_batch_tier(both), FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert list(api.ran) == ["b"]  # a's answer taken from the cache, its image inlined as the run sent it
+    assert summary.reused == 1
+    # The same path, other bytes: another request.
+    (tmp_path / "a.jpg").write_bytes(jpeg(3000, 2001))
+    assert _estimate(both)[0].cached.hits == 0
