@@ -99,6 +99,8 @@ async def test_a_read_only_cache_is_read_and_left_as_it_was(
     with _read_only(cache):
         result, said = _estimate(settings)
     assert result.cached.hits == 5, said
+    assert "5 requests have their answer there" in said
+    assert "cannot be read" not in said
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
 
 
@@ -148,3 +150,59 @@ async def test_a_line_with_a_local_image_is_found_by_its_bytes_as_sent_at_every_
     # The same path, other bytes: another request.
     (tmp_path / "a.jpg").write_bytes(jpeg(3000, 2001))
     assert _estimate(both)[0].cached.hits == 0
+
+
+async def test_an_estimate_leaves_no_file_beside_a_cache_no_process_has_open(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    # A read-only connection to a WAL file makes its -wal and -shm files and cannot remove
+    # them: made by `sudo pipeline estimate`, root's, they would turn the owner's cache off.
+    cache, _ = await _half_cached(make_settings, server[0], tmp_path)
+    before = sorted(p.name for p in cache.iterdir())
+    assert before == ["answers.sqlite"]  # (the run closed it: its WAL checkpointed, gone)
+    settings = make_settings(server[0], bodies(10), cache=str(cache), prices=PRICES, output=tmp_path / "next")
+    result, said = _estimate(settings)
+    assert result.cached.hits == 5, said
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
+async def test_a_cache_of_another_format_is_said_and_counts_nothing(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    import sqlite3
+
+    cache, _ = await _half_cached(make_settings, server[0], tmp_path)
+    with contextlib.closing(sqlite3.connect(cache / "answers.sqlite")) as db:
+        db.execute("UPDATE meta SET value = 99 WHERE name = 'format'")
+        db.commit()
+    settings = make_settings(server[0], bodies(10), cache=str(cache), prices=PRICES, output=tmp_path / "next")
+    result, said = _estimate(settings)
+    # A run would not use it (`AnswerCache` turns itself off): all ten are to be sent.
+    assert result.cached.hits == 0
+    assert result.requests == 10
+    assert "format 99" in said, said
+    summary = await run(settings)
+    assert summary.reused == 0
+
+
+async def test_a_run_reuses_a_read_only_cache_as_the_estimate_said(
+    make_settings: Callable[..., Settings],
+    server: tuple[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The estimate counts a read-only cache's answers as not to be spent: a run takes them
+    # (and keeps none), where it turned the cache off and bought all ten.
+    cache, _ = await _half_cached(make_settings, server[0], tmp_path)
+    sent = len(server[1].state.received)
+    settings = make_settings(server[0], bodies(10), cache=str(cache), prices=PRICES, output=tmp_path / "next")
+    with _read_only(cache):
+        assert _estimate(settings)[0].cached.hits == 5
+        capsys.readouterr()
+        summary = await run(settings)
+    assert summary.exit_code == 0, summary.message
+    assert summary.reused == 5
+    assert len(server[1].state.received) - sent == 5
+    said = capsys.readouterr().err
+    assert said.count("warning: answer cache") == 1, said
+    assert "answers can no longer be kept" in said

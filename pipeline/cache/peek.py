@@ -17,9 +17,11 @@ from pathlib import Path
 
 import orjson
 
+from pipeline.cache.broken import NewerFormat
 from pipeline.cache.key import request_key
 from pipeline.cache.pack import unpack
-from pipeline.cache.store import _GET, FILE, _id
+from pipeline.cache.readonly import open_read_only
+from pipeline.cache.store import _GET, FILE, FORMAT, _id
 from pipeline.errors import InputError, InvalidOutput
 from pipeline.job import Request
 from pipeline.send.verdict import Verdict
@@ -43,19 +45,11 @@ class Peek:
         if not path.is_file():
             self.note = f"{self.folder} holds no {FILE} yet: no answer is kept, every request is counted"
             return None
-        uri = path.absolute().as_uri()
-        # Read-only; where even that cannot open it (a WAL file in a folder this process may
-        # not write, whose shared-memory file is gone), as a file nobody changes meanwhile.
-        for how in ("?mode=ro", "?immutable=1"):
-            db: sqlite3.Connection | None = None
-            try:
-                db = sqlite3.connect(uri + how, uri=True, check_same_thread=False)
-                db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
-                return db
-            except sqlite3.Error as e:
-                if db is not None:
-                    db.close()
-                self.note = f"{path} cannot be read ({e}): every request is counted"
+        try:
+            return open_read_only(path, FORMAT)
+        except (sqlite3.Error, NewerFormat) as e:
+            what = f"made by another pipeline: {e}" if isinstance(e, NewerFormat) else str(e)
+            self.note = f"{path} cannot be read ({what}): every request is counted"
         return None
 
     def held(self, request: Request) -> bool:
