@@ -222,3 +222,41 @@ def test_a_staged_line_gives_back_its_id_and_the_key_of_its_payload(
     payload = orjson.dumps({"model": "m", **body})
     assert _line(batch_line(custom_id, payload)) == (custom_id, payload)
     assert request_key(orjson.dumps(orjson.loads(payload))) == request_key(payload)
+
+
+async def test_a_line_with_a_local_image_whose_answer_is_kept_is_reused_where_batches_take_no_image(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    # OpenRouter's inline batches take no image: such a line fails unsent, unless the cache
+    # holds its answer (bought by a synchronous run), which it takes, as the estimate says.
+    from pipeline.estimate import estimate
+    from tests.conftest import write_jsonl
+    from tests.test_images import job, jpeg
+
+    (tmp_path / "a.jpg").write_bytes(jpeg(64, 48))
+    (tmp_path / "b.jpg").write_bytes(jpeg(48, 64))
+    rows = [{"asset_id": "a", "image_path": "a.jpg"}, {"asset_id": "b", "image_path": "b.jpg"}]
+    cache = str(tmp_path / "cache")
+    sync = make_settings(
+        server[0], job=job(tmp_path), input=write_jsonl(tmp_path / "one.jsonl", rows[:1]), cache=cache
+    )
+    assert (await run(sync)).exit_code == 0
+    both = at_batch_tier(
+        make_settings(
+            server[0],
+            job=job(tmp_path),
+            input=write_jsonl(tmp_path / "two.jsonl", rows),
+            cache=cache,
+            output=tmp_path / "batch",
+        )
+    )
+    cached = estimate(both).cached
+    assert cached is not None
+    assert cached.hits == 1
+    api = FakeBatchApi()
+    api.shape = "inline"
+    summary = await run(both, FakeHost(api))
+    assert not api.ran
+    assert summary.reused == 1
+    assert [r["custom_id"] for r in read_jsonl(both.folder / "results.jsonl")] == ["a"]
+    assert [e["error"]["code"] for e in read_jsonl(both.folder / "errors.jsonl")] == ["images_not_batched"]

@@ -169,6 +169,8 @@ class Intake:
             self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
+        if self.keep is not None:
+            self.keep.done()  # (its answers all queued: the batch's keys let go)
         again = await stage_again(self.book, self.ledger, batch, self.files())
         if self.now is not None and not await send_now(
             self.book, self.ledger, batch, self.now, self._write_now

@@ -176,7 +176,10 @@ async def stage(
         async for request in requests:
             if live is not None and live(request.custom_id):
                 continue  # its batch is followed and taken in as it is
-            if request.images is not None and files.text_only:
+            # (a line with local images where the batches take none: failed, unless the
+            # answer cache holds its answer, looked up with them inlined as a run sends them)
+            unbatched = request.images is not None and files.text_only
+            if unbatched and kept is None:
                 await failures.send(_no_images(request))
                 continue
             if request.images is not None:
@@ -188,6 +191,9 @@ async def stage(
                 hit = kept(request)
                 if hit is not None:
                     await failures.send(hit)
+                    continue
+                if unbatched:
+                    await failures.send(_no_images(request))
                     continue
             data = batch_line(request.custom_id, request.payload)
             if not files.fits(len(data)):
