@@ -260,3 +260,32 @@ async def test_a_line_with_a_local_image_whose_answer_is_kept_is_reused_where_ba
     assert summary.reused == 1
     assert [r["custom_id"] for r in read_jsonl(both.folder / "results.jsonl")] == ["a"]
     assert [e["error"]["code"] for e in read_jsonl(both.folder / "errors.jsonl")] == ["images_not_batched"]
+
+
+async def test_a_repair_counts_a_reused_line_at_what_it_cost_when_bought(
+    make_settings: Callable[..., Settings], mock: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Bought by a synchronous run, reused by a batch run that is then killed before its
+    # index holds them: the repair read them back at the batch run's (batch) prices, half.
+    import time
+
+    from pipeline.output.folder import LEDGER
+    from pipeline.output.ledger import OPEN_RUN, Ledger
+    from pipeline.output.repair import open_run_mark
+
+    async with mock(cost=False) as (url, _):  # (no cost told: the table's, at each tier)
+        cache = str(tmp_path / "cache")
+        sync = make_settings(url, bodies(2), prices=PRICES, cache=cache, output=tmp_path / "sync")
+        paid = (await run(sync)).usage["cost"]["total"]
+        assert paid > 0
+        batch = at_batch_tier(make_settings(url, bodies(2), prices=PRICES, cache=cache))
+        assert (await run(batch, FakeHost(FakeBatchApi()))).reused == 2
+        ledger = Ledger(batch.folder / LEDGER)  # as a kill leaves it: open, its index rebuilt
+        ledger.put(OPEN_RUN, open_run_mark(time.time(), {}))
+        ledger.put("results_offset", 0)
+        ledger.close(commit=True)
+        summary = await run(batch, FakeHost(FakeBatchApi()))
+    assert summary.exit_code == 0, summary.message
+    assert summary.usage["reused"]["cost_not_spent"] == pytest.approx(paid, abs=1e-6)
+    costs = [r["cost_not_spent"] for r in read_jsonl(batch.folder / "results.jsonl")]
+    assert sum(costs) == pytest.approx(paid, abs=1e-6)

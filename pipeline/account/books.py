@@ -172,9 +172,12 @@ class Books:
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def recovered_reused(self, body: dict[str, Any], *, count_outcome: bool) -> None:
-        """A result line marked reused: counted as reused, not as paid."""
-        self._reuse_cost(body, None)
+    def recovered_reused(
+        self, body: dict[str, Any], *, count_outcome: bool, bought: float | None = None
+    ) -> None:
+        """A result line marked reused: counted as reused, not as paid, at what it cost when
+        bought (the line's `cost_not_spent`), else at the prices of the run that wrote it."""
+        self._reuse_cost(body, None, bought)
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
