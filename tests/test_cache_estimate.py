@@ -206,3 +206,14 @@ async def test_a_run_reuses_a_read_only_cache_as_the_estimate_said(
     said = capsys.readouterr().err
     assert said.count("warning: answer cache") == 1, said
     assert "answers can no longer be kept" in said
+
+
+async def test_a_cache_path_that_is_a_file_is_said_unreadable_not_missing(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    (tmp_path / "answers").write_text("a file, where the cache folder should be")
+    src = write_jsonl(tmp_path / "in.jsonl", bodies(3))
+    settings = make_settings("http://127.0.0.1:9/v1", input=src, cache=str(tmp_path / "answers"))
+    result, said = _estimate(settings)
+    assert result.requests == 3
+    assert "cannot be read (Not a directory)" in said, said

@@ -1,8 +1,8 @@
 """The answer cache read only, for `pipeline estimate --cache DIR`: which requests a run would
 take from it now, and what those answers cost when bought (what the run would say it did not
-spend). Never writes, never evicts, never marks an answer used: opened read-only (a cache on
-a read-only disk too), and a cache that cannot be read is a note, the estimate counting every
-request as sent.
+spend). Never writes, never evicts, never marks an answer used, leaves no file beside it:
+opened read-only (`pipeline.cache.readonly`: a cache on a read-only disk too), and a cache
+that cannot be read is a note, the estimate counting every request as sent.
 
 A request is looked up as a run looks it up: its key made from the payload with its local
 images read and inlined (`imagedata.encode`, as the run sends them) and the endpoint's scope;
@@ -39,11 +39,16 @@ class Peek:
         self._db = self._open(folder / FILE)
 
     def _open(self, path: Path) -> sqlite3.Connection | None:
-        if not self.folder.is_dir():
-            self.note = f"no folder {self.folder}: no answer is kept there yet, every request is counted"
+        try:
+            path.stat()  # (not is_file: a folder this process may not read is no missing one)
+        except FileNotFoundError:
+            if not self.folder.exists():
+                self.note = f"no folder {self.folder}: no answer is kept there yet, every request is counted"
+            else:
+                self.note = f"{self.folder} holds no {FILE} yet: no answer is kept, every request is counted"
             return None
-        if not path.is_file():
-            self.note = f"{self.folder} holds no {FILE} yet: no answer is kept, every request is counted"
+        except OSError as e:
+            self.note = f"{path} cannot be read ({e.strerror or e}): every request is counted"
             return None
         try:
             return open_read_only(path, FORMAT)
