@@ -99,7 +99,7 @@ class Reply:
 
 
 class Success:
-    __slots__ = ("attempts", "label", "parsed", "reply", "request", "reused")
+    __slots__ = ("attempts", "bought", "label", "parsed", "reply", "request", "reused")
 
     def __init__(
         self,
@@ -109,6 +109,7 @@ class Success:
         parsed: Any = None,  # a verdict checked against the job's schema
         label: str | None = None,  # how the report counts that verdict ("flagged: true")
         reused: bool = False,  # the answer cache's, or another request's in flight: not sent, not paid
+        bought: float | None = None,  # a reused answer's cost when bought, as the cache kept it
     ) -> None:
         self.request, self.reply, self.attempts, self.parsed, self.label = (
             request,
@@ -117,7 +118,7 @@ class Success:
             parsed,
             label,
         )
-        self.reused = reused
+        self.reused, self.bought = reused, bought
 
 
 class Failure:

@@ -202,11 +202,6 @@ def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) ->
             said = " or ".join(f'"{c}"' for c in choices)
             raise SettingsError(f"{source}: {key} must be {said}, not {value!r}")
     if values.get("tier", "sync") == "batch":
-        if values.get("cache") is not None:
-            raise SettingsError(
-                f"{'command line' if flags.get('cache') is not None else where}: the answer cache works "
-                "with --tier sync for now: leave cache out of a batch run, or run it at --tier sync"
-            )
         return
     # A job file may keep the batch tier's keys for the runs that use it (`--tier batch`); a
     # flag of the batch tier given to a synchronous run would be silently ignored: refused.

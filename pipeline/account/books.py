@@ -151,12 +151,14 @@ class Books:
 
     def _reused(self, successes: Sequence[Success]) -> None:
         """Results taken from the answer cache (or another request's in flight): done, not
-        paid; counted apart, with the dollars they would have cost (the server's cost kept in
-        the answer, else the job's prices), and no tokens, latency or spending of this run."""
+        paid; counted apart, with the dollars they cost when bought (as the cache kept them:
+        an answer a batch bought at half price is not said to save the synchronous price),
+        else at the job's prices, and no tokens, latency or spending of this run."""
         usage = self.usage
         usage.outcomes["succeeded"] += len(successes)
         for success in successes:
-            self._reuse_cost(success.reply.body, success.request.model)
+            request = success.request
+            self._reuse_cost(success.reply.body, request.model, success.bought, self._prices_of(request))
             if success.label is not None:
                 usage.verdicts[success.label] += 1
 
@@ -170,16 +172,25 @@ class Books:
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def recovered_reused(self, body: dict[str, Any], *, count_outcome: bool) -> None:
-        """A result line marked reused: counted as reused, not as paid."""
-        self._reuse_cost(body, None)
+    def recovered_reused(
+        self, body: dict[str, Any], *, count_outcome: bool, bought: float | None = None
+    ) -> None:
+        """A result line marked reused: counted as reused, not as paid, at what it cost when
+        bought (the line's `cost_not_spent`), else at the prices of the run that wrote it."""
+        self._reuse_cost(body, None, bought)
         if count_outcome:
             self.usage.outcomes["succeeded"] += 1
 
-    def _reuse_cost(self, body: dict[str, Any], requested: str | None) -> None:
+    def _reuse_cost(
+        self,
+        body: dict[str, Any],
+        requested: str | None,
+        bought: float | None = None,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
         usage = self.usage
         usage.reused += 1
-        cost, _ = answer_cost(body, self.prices, requested)
+        cost = bought if bought is not None else answer_cost(body, prices or self.prices, requested)[0]
         if cost is not None:
             usage.reused_cost += cost
         else:
