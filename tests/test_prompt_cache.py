@@ -315,3 +315,36 @@ def test_the_flag_turns_it_on_and_the_job_file_key_too(tmp_path: Path) -> None:
     assert settings_from_args(args).prompt_cache is True
     args = parser("run").parse_args(["run", "--input", "in.jsonl", "--output", "out"])
     assert settings_from_args(args).prompt_cache is False
+
+
+ANY = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.just("z" * 5000),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["type", "text", "cache_control", "image_url", "url"]), inner, max_size=3
+        )
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["system", "user"])}, optional={"content": ANY, "cache_control": ANY}
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from([CLAUDE, "gpt-4o"]),
+    st.dictionaries(st.sampled_from(["tools", "response_format", "prompt_cache_key"]), ANY, max_size=2),
+)
+def test_property_any_body_a_line_may_hold_is_marked_or_left_never_a_crash(
+    messages: list[dict[str, Any]], model: str, more: dict[str, Any]
+) -> None:
+    body = {"model": model, "messages": messages, **more}
+    before = copy.deepcopy(body)
+    marked = mark(body, model)
+    assert body == before
+    assert prefix_key(marked) == prefix_key(body)

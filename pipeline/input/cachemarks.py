@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.input.prefix import MARKER, MIN_TOKENS, Block, Images, Prefix, shared_prefix
+from pipeline.input.prefix import MARKER, MIN_TOKENS, Block, Images, prefix_blocks, shared_prefix
 
 BREAKPOINTS = 4  # cache_control markers one Anthropic request may hold
 KEY = "prompt_cache_key"
@@ -38,8 +38,8 @@ def mark(body: dict[str, Any], model: str, images: Images | None = None) -> dict
     """`body` with the markers its provider needs to cache its shared prefix (a new dict
     where it changes: the line's own objects are left as they are)."""
     if explicit(model):
-        prefix = shared_prefix(body, model, images)
-        return body if prefix is None else _marked(body, prefix)
+        found = prefix_blocks(body, images)
+        return body if found is None else _marked(body, found[1])
     if KEY in body:
         return body
     key = shared_prefix(body, model, images)
@@ -71,11 +71,11 @@ def _bears(message: Mapping[str, Any], block: Block) -> bool | None:
     return MARKER in part or (MARKER in message and block.part == len(content) - 1)
 
 
-def _marked(body: dict[str, Any], prefix: Prefix) -> dict[str, Any]:
+def _marked(body: dict[str, Any], blocks: list[Block]) -> dict[str, Any]:
     if _markers(body) >= BREAKPOINTS:
         return body
     messages = body["messages"]
-    for block in reversed(prefix.blocks):
+    for block in reversed(blocks):
         if block.tokens < MIN_TOKENS:
             return body
         message = messages[block.message]

@@ -14,7 +14,8 @@ Its key hashes the model and the prefix's blocks as the model reads them: withou
 its file (its data URL is filled in later; `images`) rather than by its place in the line.
 
     prefix_key(body)      the key, or None when the body has no long shared prefix
-    shared_prefix(body)   the key and where the prefix's blocks are (for `input.cachemarks`)
+    shared_prefix(body)   the key and where the prefix's blocks are
+    prefix_blocks(body)   where they are, without the key (for `input.cachemarks`)
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class Prefix(NamedTuple):
     blocks: list[Block]  # the prefix's message blocks in order (the last ends it; may be none)
 
 
+def _dumps(value: Any) -> bytes:
+    """`value` as JSON, keys sorted; what orjson cannot write (an integer past 64 bits, a
+    nesting past 255 levels, as a line may hold) the standard library's way."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        import json
+
+        return json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
+
+
 def _part_tokens(part: Any, images: Images | None) -> int:
     if not isinstance(part, dict):
         return 0
@@ -61,12 +73,12 @@ def _part_tokens(part: Any, images: Images | None) -> int:
         if images and isinstance(url, str) and url in images:
             return images[url][1]
         return IMAGE_LOW if isinstance(image, dict) and image.get("detail") == "low" else IMAGE_HIGH
-    return len(orjson.dumps(part)) // 4
+    return len(_dumps(part)) // 4
 
 
 def _blocks(body: Mapping[str, Any], images: Images | None) -> tuple[int, list[Block]]:
     """The tokens of the leading block (0: none), and the messages' blocks."""
-    leading = sum(len(orjson.dumps(body[k])) // 4 for k in LEADING if k in body)
+    leading = sum(len(_dumps(body[k])) // 4 for k in LEADING if k in body)
     out: list[Block] = []
     tokens = leading
     messages = body.get("messages")
@@ -81,7 +93,7 @@ def _blocks(body: Mapping[str, Any], images: Images | None) -> tuple[int, list[B
             if isinstance(content, str):
                 tokens += len(content) // 4
             elif isinstance(message, dict) and message.get("tool_calls"):
-                tokens += len(orjson.dumps(message["tool_calls"])) // 4
+                tokens += len(_dumps(message["tool_calls"])) // 4
             out.append(Block(i, None, tokens))
     return leading, out
 
@@ -100,6 +112,20 @@ def _identity(part: Any, images: Images | None) -> Any:
     return part
 
 
+def prefix_blocks(
+    body: Mapping[str, Any], images: Images | None = None, *, min_tokens: int = MIN_TOKENS
+) -> tuple[int, list[Block]] | None:
+    """The tokens of the body's leading block (0: none) and its prefix's message blocks, when
+    the prefix is at least `min_tokens` long (None: it is not, or there is none)."""
+    leading, blocks = _blocks(body, images)
+    chain = blocks[:-1] if blocks else []
+    if not leading and not chain:
+        return None
+    if (chain[-1].tokens if chain else leading) < min_tokens:
+        return None
+    return leading, chain
+
+
 def shared_prefix(
     body: Mapping[str, Any],
     model: str | None = None,
@@ -109,31 +135,27 @@ def shared_prefix(
 ) -> Prefix | None:
     """The body's shared prefix (see the module's docstring), when at least `min_tokens` long;
     `model`: the one the request goes to (else the body's)."""
-    leading, blocks = _blocks(body, images)
-    chain = blocks[:-1] if blocks else []
-    if not leading and not chain:
+    found = prefix_blocks(body, images, min_tokens=min_tokens)
+    if found is None:
         return None
-    if (chain[-1].tokens if chain else leading) < min_tokens:
-        return None
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(orjson.dumps(model if model is not None else body.get("model")))
+    leading, chain = found
+    digest = hashlib.sha256()  # (quicker than BLAKE2b here: CPUs have SHA instructions)
+    digest.update(_dumps(model if model is not None else body.get("model")))
     if leading:
-        digest.update(
-            b"t" + orjson.dumps({k: body[k] for k in LEADING if k in body}, option=orjson.OPT_SORT_KEYS)
-        )
+        digest.update(b"t" + _dumps({k: body[k] for k in LEADING if k in body}))
     messages = body["messages"] if chain else []
     for block in chain:
         message = messages[block.message]
         if block.part is None or block.part == 0:
             head = {k: v for k, v in message.items() if k != MARKER and k != "content"}
-            digest.update(b"m" + orjson.dumps(head, option=orjson.OPT_SORT_KEYS))
+            digest.update(b"m" + _dumps(head))
         content = message.get("content")
         if block.part is not None:
             part = content[block.part]
         else:  # (a string is read as its one text part: marked, it becomes that)
             part = {"type": "text", "text": content} if isinstance(content, str) else content
-        digest.update(b"p" + orjson.dumps(_identity(part, images), option=orjson.OPT_SORT_KEYS))
-    return Prefix(digest.hexdigest(), chain)
+        digest.update(b"p" + _dumps(_identity(part, images)))
+    return Prefix(digest.hexdigest()[:16], chain)
 
 
 def prefix_key(body: Mapping[str, Any], model: str | None = None, images: Images | None = None) -> str | None:
