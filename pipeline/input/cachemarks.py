@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.input.prefix import MARKER, MIN_TOKENS, Block, Images, prefix_blocks, shared_prefix
+from pipeline.jobfile import anthropic
 
 BREAKPOINTS = 4  # cache_control markers one Anthropic request may hold
 KEY = "prompt_cache_key"
@@ -28,16 +29,10 @@ KEY = "prompt_cache_key"
 _MARKABLE = ("text", "image_url", "file")
 
 
-def explicit(model: str) -> bool:
-    """Whether the model caches only what is marked (Anthropic's)."""
-    name = model.lower()
-    return "claude" in name or name.removeprefix("openrouter/").startswith("anthropic")
-
-
 def mark(body: dict[str, Any], model: str, images: Images | None = None) -> dict[str, Any]:
     """`body` with the markers its provider needs to cache its shared prefix (a new dict
     where it changes: the line's own objects are left as they are)."""
-    if explicit(model):
+    if anthropic(model):  # (its models cache only what is marked)
         found = prefix_blocks(body, images)
         return body if found is None else _marked(body, found[1])
     if KEY in body:

@@ -146,11 +146,14 @@ def shared_prefix(
     messages = body["messages"] if chain else []
     for block in chain:
         message = messages[block.message]
+        if not isinstance(message, dict):  # (a checked line's never is: its role is there)
+            digest.update(b"m" + _dumps(message))
+            continue
         if block.part is None or block.part == 0:
             head = {k: v for k, v in message.items() if k != MARKER and k != "content"}
             digest.update(b"m" + _dumps(head))
         content = message.get("content")
-        if block.part is not None:
+        if block.part is not None and isinstance(content, list):
             part = content[block.part]
         else:  # (a string is read as its one text part: marked, it becomes that)
             part = {"type": "text", "text": content} if isinstance(content, str) else content
