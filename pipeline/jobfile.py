@@ -239,15 +239,32 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
     # share is known: `batch = 0.5` may come after a model's table (`m = {...}` inline).
     factor = 1.0 if share is None else share
     for model, entry in stated.items():
-        price = now.get(model, Price(0.0, 0.0)).scaled(factor)
-        implied = dict(zip(_BATCH_KEYS, price, strict=True))
-        batch[model] = _price(
+        sync = now.get(model, Price(0.0, 0.0))
+        implied = dict(zip(_BATCH_KEYS, sync.scaled(factor), strict=True))
+        price = _price(
             f'{where}: [prices."{model}"]',
             {k: v for k, v in implied.items() if v is not None} | entry,
             model,
             _BATCH_KEYS,
         )
+        batch[model] = _cache_prices_follow(price, sync, entry)
     return Prices(now, batch=batch, share=share)
+
+
+def _cache_prices_follow(batch: Price, sync: Price, entry: Mapping[str, Any]) -> Price:
+    """A batch's cached and write prices left out, as the same share of its prompt price as
+    at the synchronous tier (Anthropic's batch reads at a tenth of its batch prompt price and
+    writes at 1.25x it, as synchronously): a stated `batch_prompt` of half the prompt price
+    with no `batch = 0.5` priced a batch's writes at the full synchronous 1.25x, 2.5 times
+    its batch prompt price."""
+    if sync.prompt <= 0:
+        return batch
+    ratio = batch.prompt / sync.prompt
+    if "batch_cached" not in entry and sync.cached is not None:
+        batch = batch._replace(cached=sync.cached * ratio)
+    if "batch_cache_write" not in entry and sync.cache_write is not None:
+        batch = batch._replace(cache_write=sync.cache_write * ratio)
+    return batch
 
 
 def _price(table: str, entry: Mapping[str, Any], model: str, keys: tuple[str, ...]) -> Price:

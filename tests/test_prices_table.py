@@ -109,7 +109,16 @@ VALUES = st.recursive(
 # A model's table with the keys it may hold: else nearly every table is refused for a key.
 PRICE = st.dictionaries(
     st.sampled_from(
-        ["prompt", "completion", "cached", "cache_write", "batch_prompt", "batch_completion", "batch_cached"]
+        [
+            "prompt",
+            "completion",
+            "cached",
+            "cache_write",
+            "batch_prompt",
+            "batch_completion",
+            "batch_cached",
+            "batch_cache_write",
+        ]
     ),
     SCALARS,
 )
@@ -136,8 +145,13 @@ def test_any_prices_table_is_read_or_refused_in_one_line(raw: dict[str, Any]) ->
     assert set(now) <= set(batch)  # what a request may cost, a batch may too
     factor = 1.0 if prices.share is None else prices.share
     for model, price in now.items():
-        for half, key in enumerate(("batch_prompt", "batch_completion", "batch_cached")):
+        for half, key in enumerate(("batch_prompt", "batch_completion")):
             if key not in raw[model]:  # a half the table leaves out: as the share (or price) says
-                assert batch[model][half] == (None if price[half] is None else price[half] * factor)
+                assert batch[model][half] == price[half] * factor
+        # a cached or write price left out: the same share of the batch's prompt price as now
+        ratio = batch[model].prompt / price.prompt if price.prompt else factor
+        for half, key in ((2, "batch_cached"), (3, "batch_cache_write")):
+            if key not in raw[model] and price[half] is not None:
+                assert batch[model][half] == pytest.approx(price[half] * ratio)
     assert set(unpriced_batches(prices)) <= set(now)
     assert pickle.loads(pickle.dumps(prices)) == prices

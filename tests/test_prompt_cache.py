@@ -233,6 +233,19 @@ def test_cached_and_written_tokens_are_priced_at_their_own_prices_anthropic_writ
     assert tier_prices(half, "batch")[CLAUDE] == Price(1.5, 7.5, 0.15, 1.875)
 
 
+def test_a_stated_batch_prompt_price_carries_the_cached_and_write_prices_down_with_it() -> None:
+    # Anthropic's batch: half of every price, its writes 1.25x and its reads a tenth of the
+    # batch prompt price; a table that states the batch's prompt price, and no `batch` share,
+    # priced a batch's writes at the synchronous $3.75 (2.5x its $1.50) and reads at $0.30.
+    from pipeline.account.cost import tier_prices
+
+    entry = {"prompt": 3, "completion": 15, "cached": 0.3, "batch_prompt": 1.5, "batch_completion": 7.5}
+    batch = tier_prices(check_prices("job.toml", {CLAUDE: entry}), "batch")[CLAUDE]
+    assert batch == Price(1.5, 7.5, 0.15, 1.875)
+    stated = tier_prices(check_prices("job.toml", {CLAUDE: {**entry, "batch_cache_write": 2}}), "batch")
+    assert stated[CLAUDE] == Price(1.5, 7.5, 0.15, 2.0)  # (one the table states is kept)
+
+
 def test_old_usage_states_load_and_merged_shards_add_the_new_counts() -> None:
     old = {"models": {CLAUDE: {"requests": 2, "prompt_tokens": 10, "cached_tokens": 4}}}
     usage = Usage.from_state(old)
