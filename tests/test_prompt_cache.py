@@ -246,6 +246,20 @@ def test_a_stated_batch_prompt_price_carries_the_cached_and_write_prices_down_wi
     assert stated[CLAUDE] == Price(1.5, 7.5, 0.15, 2.0)  # (one the table states is kept)
 
 
+def test_a_budget_holds_back_what_a_request_costs_when_it_writes_its_whole_prompt() -> None:
+    # A claude request whose prompt is all written to the cache costs 1.25x its prompt: a
+    # budget that held back its prompt at the prompt price let in-flight requests pass the cap.
+    from pipeline.account.cost import Budget
+    from pipeline.job import Request
+
+    prices = check_prices("job.toml", {CLAUDE: {"prompt": 3, "completion": 15}})
+    request = Request("a", 1, b"{}", None, CLAUDE, False, 10_000, 10_000, 100, True, None)
+    written = {**_answer(0, 10_000), "usage": {**_answer(0, 10_000)["usage"], "completion_tokens": 100}}
+    cost, _ = answer_cost(written, prices, CLAUDE)
+    assert cost == pytest.approx((10_000 * 3.75 + 100 * 15) / 1e6)
+    assert Budget(1.0, Usage(), prices).worst_case(request) == pytest.approx(cost)
+
+
 def test_old_usage_states_load_and_merged_shards_add_the_new_counts() -> None:
     old = {"models": {CLAUDE: {"requests": 2, "prompt_tokens": 10, "cached_tokens": 4}}}
     usage = Usage.from_state(old)

@@ -181,7 +181,11 @@ class Budget:
             completion = max(completion, 2 * rate.longest)
         price = price_for(self.prices if prices is None else prices, request.model)
         if price is not None:
-            return priced(price, request.prompt_tokens, completion)
+            # (its whole prompt may be written to the provider's prompt cache, at Anthropic
+            # above the prompt price: the worst case)
+            write = price.cache_write
+            written = request.prompt_tokens if write is not None and write > price.prompt else 0
+            return priced(price, request.prompt_tokens, completion, 0, written)
         per_token = rate.per_token if rate is not None else None
         return None if per_token is None else per_token * (request.prompt_tokens + completion)
 
