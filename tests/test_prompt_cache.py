@@ -287,8 +287,25 @@ def test_a_run_with_no_cached_token_shows_nothing_new(tmp_path: Path) -> None:
     usage.add_cache(CLAUDE, None, 0.0)
     said = markdown(usage_document(usage, state={"results": 2}, folder=tmp_path))
     assert "## Prompt cache" in said
-    assert f"| {CLAUDE} | 10,000 | 8,000 | 80.0% | 0 | not known | – |" in said
+    assert f"| {CLAUDE} | 10,000 | 8,000 | 80.0% | 0 | not known | – | not known |" in said
     assert "1 answer(s) read from the cache of a model [prices] gives no `cached` price" in said
+
+
+def test_a_cache_written_and_seldom_read_shows_its_net_loss_signed(tmp_path: Path) -> None:
+    from pipeline.account.books import Books
+    from pipeline.job import Reply, Request, Success
+
+    prices = check_prices("job.toml", {CLAUDE: {"prompt": 3, "completion": 15, "cached": 0.3}})
+    usage = Usage()
+    books = Books(usage, prices)
+    request = Request("a", 1, b"{}", None, CLAUDE, False, 10_000, 10_000, 100, True, None)
+    # two lines wrote 9,000 tokens each, one read 1,000 of them: $0.0135 extra, $0.0027 saved
+    answers = [_answer(0, 9000), _answer(0, 9000), _answer(1000, 0)]
+    books.kept([Success(request, Reply(body, None), 1) for body in answers])
+    said = markdown(usage_document(usage, state={"results": 3}, folder=tmp_path))
+    assert f"| {CLAUDE} | 30,000 | 1,000 | 3.3% | 18,000 | $0.0027 | $0.0135 | -$0.0108 |" in said
+    assert "The prompt cache cost $0.0108 more than it saved" in said
+    assert "$-" not in said
 
 
 # -- end to end, on the mock's prompt cache ------------------------------------------------------

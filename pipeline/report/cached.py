@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.account.cost import money
 
-HEAD = ["model", "prompt", "cached", "share cached", "written", "saved", "writes' extra"]
+HEAD = ["model", "prompt", "cached", "share cached", "written", "saved", "writes' extra", "net saved"]
 
 
 def _cached(figures: dict[str, Any]) -> bool:
@@ -30,8 +30,24 @@ def _dollars(value: float, tokens: int, unknown: int) -> str:
     if not tokens:
         return "–"
     if unknown:
-        return f"{money(value)} + {unknown:,} not known" if value else "not known"
-    return money(value)
+        return f"{_signed(value)} + {unknown:,} not known" if value else "not known"
+    return _signed(value)
+
+
+def _signed(value: float) -> str:
+    """Dollars, a loss with its sign ahead (-$0.0010, not $-0.0010)."""
+    return "-" + money(-value) if value < 0 else money(value)
+
+
+def _net(cache: dict[str, Any]) -> float | None:
+    """What the cache saved less what its writes cost above the prompt price (None: one of
+    them is not known, or neither was made)."""
+    read, written = cache["cached_tokens"], cache["cache_write_tokens"]
+    if not (read or written) or (read and cache.get("answers_not_priced")):
+        return None
+    if written and cache.get("writes_not_priced"):
+        return None
+    return float(cache["saved"]) - float(cache["write_extra"])
 
 
 def cache_rows(doc: dict[str, Any]) -> list[list[Any]]:
@@ -57,6 +73,7 @@ def cache_rows(doc: dict[str, Any]) -> list[list[Any]]:
                 _dollars(
                     cache["write_extra"], cache["cache_write_tokens"], cache.get("writes_not_priced", 0)
                 ),
+                "not known" if (net := _net(cache)) is None else _signed(net),
             ]
         )
     return rows
@@ -67,9 +84,16 @@ def cache_notes(doc: dict[str, Any]) -> list[str]:
     cache = doc.get("prompt_cache") or {}
     out = [
         "Saved: the cached tokens at the prompt price, less at the [prices] `cached` price; writes' "
-        "extra: the written tokens at the `cache_write` price, less at the prompt price. Both by the "
-        "job's [prices]; the cost above is what was spent, with them."
+        "extra: the written tokens at the `cache_write` price, less at the prompt price; net saved: "
+        "the one less the other. By the job's [prices]; the cost above is what was spent, with them."
     ]
+    net = _net(cache) if cache else None
+    if net is not None and net < 0:
+        out.append(
+            f"The prompt cache cost {_signed(-net)} more than it saved: what was written to it was "
+            "read too seldom (lines of one prefix sent minutes apart, or a prefix no other line "
+            "shares); without prompt_cache, or with such lines sent together, it would not."
+        )
     unknown = cache.get("answers_not_priced") or 0
     if unknown:
         out.append(
