@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pipeline.account.cost import Budget, Reservation, answer_cost, cache_figures, money, price_for
+from pipeline.account.cost import Budget, Reservation, answer_cost, cache_figures, money, price_for, priced
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, SentNow, Success
@@ -137,8 +137,12 @@ class Books:
             prices = now if now is not None and type(request) is SentNow else None
             if reported is not None:
                 cost: float | None = reported
-            else:
-                cost = self._priced(name, body, model, prices)
+            else:  # (priced from the tokens just counted: `answer_cost` would read them again)
+                table = self.prices if prices is None else prices
+                price = price_for(table, name) or price_for(table, model)
+                cost = None if price is None else priced(price, prompt, completion, cached, written)
+                if cost is not None:
+                    usage.add_priced(name, cost)
             if cached or written:
                 self._cache(name, model, cached, written, prices)
             tokens_in += prompt
