@@ -16,12 +16,14 @@ import pipeline
 from pipeline.account.cost import answer_cost
 from pipeline.account.usage import Usage
 from pipeline.cache.key import request_key
-from pipeline.input.cachemarks import mark
+from pipeline.input.cachemarks import Marks, mark
 from pipeline.input.prefix import prefix_key
 from pipeline.jobfile import Price, check_prices
+from pipeline.mock.prefixcache import PrefixCache, Served
 from pipeline.report.html import html_report
 from pipeline.report.markdown import markdown, usage_document
 from tests.conftest import write_jsonl
+from tests.simulated import Clock
 
 CLAUDE = "anthropic/claude-sonnet-4"
 EPHEMERAL = {"type": "ephemeral"}
@@ -134,6 +136,59 @@ def test_a_local_image_counts_by_its_file_not_its_place_in_the_line() -> None:
     assert prefix_key(photo("in French"), images=cat) != prefix_key(photo("in French"), images=dog)
 
 
+# -- a run's lines, marked where an earlier line's prefix ran as far (`Marks`) ---------------
+
+
+def prefilled(n: int) -> dict[str, Any]:
+    """A line whose own part is not its last block: its document, then a prefill."""
+    document = {"role": "user", "content": f"Document {n}. " + "y" * 2000}
+    return {"model": CLAUDE, "messages": [system(1), document, {"role": "assistant", "content": "{"}]}
+
+
+def test_prefilled_lines_write_their_shared_system_prompt_once_not_each_its_own_document() -> None:
+    def served(marker: Any) -> list[Served]:
+        cache = PrefixCache(size=8, ttl=300.0, min_tokens=1024, clock=Clock())
+        return [cache.serve(marker(prefilled(n), CLAUDE)) for n in range(6)]
+
+    # One line at a time, each marked its document (its prefix's last block): each wrote it,
+    # with the system prompt, at 1.25x, and none read anything.
+    assert all(s.cached == 0 and s.written > 1500 for s in served(mark))
+    # A run's lines: the first goes unmarked, the second writes the system prompt, the rest read it.
+    first, second, *rest = served(Marks())
+    assert first == Served(0, 0)
+    assert second.cached == 0
+    assert 1500 <= second.written < 1600
+    assert rest == [Served(second.written, 0)] * 4
+
+
+def test_a_prefix_no_other_line_shares_is_never_marked_one_that_others_share_is() -> None:
+    def unique(n: int) -> dict[str, Any]:  # a short instruction, then the line's own long document
+        parts = [
+            {"type": "text", "text": f"Document {n}. " + "y" * 8000},
+            {"type": "text", "text": "Sum up."},
+        ]
+        return {"model": CLAUDE, "messages": [system(1, 100), {"role": "user", "content": parts}]}
+
+    marks = Marks()
+    assert all(marks(body, CLAUDE) is body for body in map(unique, range(5)))
+
+    def photo(language: str) -> dict[str, Any]:
+        parts = [
+            {"type": "image_url", "image_url": {"url": "pipeline-image:abc:0"}},
+            {"type": "text", "text": language},
+        ]
+        return {"model": CLAUDE, "messages": [{"role": "user", "content": parts}]}
+
+    cat = {"pipeline-image:abc:0": ("cat.png", 1500)}
+    marked = [marks(photo(language), CLAUDE, cat) for language in ("French", "German", "Dutch")]
+    assert "cache_control" not in orjson.dumps(marked[0]).decode()
+    assert [m["messages"][0]["content"][0].get("cache_control") for m in marked[1:]] == [EPHEMERAL] * 2
+    small = Marks(size=3)
+    for n in range(10):
+        small(line(n, model=CLAUDE), CLAUDE)
+    assert len(small.seen) == 3  # (a bounded memory)
+
+
 TEXT = st.text(alphabet="ab c", max_size=12).map(lambda t: t * 300)
 PART = st.one_of(
     st.builds(lambda t: {"type": "text", "text": t}, TEXT),
@@ -192,6 +247,19 @@ def test_property_a_marked_body_differs_only_by_markers_and_keeps_its_answer_key
         assert orjson.dumps(marked).count(b"cache_control") <= 4
     assert request_key(orjson.dumps(marked)) == request_key(orjson.dumps(body))
     assert prefix_key(marked) == prefix_key(body)
+
+
+@given(st.lists(BODY, min_size=1, max_size=4))
+def test_property_a_run_s_marks_differ_from_its_lines_only_by_markers(bodies: list[dict[str, Any]]) -> None:
+    marks = Marks()
+    for body in [*bodies, *bodies]:
+        before = copy.deepcopy(body)
+        marked = marks(body, body["model"])
+        assert body == before
+        assert _added(marked, body) <= 1
+        assert request_key(orjson.dumps(marked)) == request_key(orjson.dumps(body))
+        if marked != body and "prompt_cache_key" not in marked:  # a breakpoint: never past four
+            assert orjson.dumps(marked).count(b"cache_control") <= 4
 
 
 # -- counted and priced -------------------------------------------------------------------------

@@ -13,17 +13,32 @@
 
 Only the body changes, and only by these markers: the answer cache's key leaves them out
 (`cache.key`). A body without a long shared prefix (`input.prefix`) is sent as it is.
+
+A run marks through `Marks`, which remembers the prefixes of the lines before (the last
+`SEEN`): an Anthropic line is marked at the longest block of its prefix that an earlier line
+had too, and not at all when none had. A prefix is shared or not by other lines, which one
+line cannot tell; a marker on one that no other line has is written at 1.25x and never read.
+A line's own last block is not always what varies: `[system, user, assistant "{"]` (a
+prefill) ends its prefix on the user's question, `[user: [document, question]]` on the
+document; marked there, every line paid a quarter more for its prompt and read nothing.
+The first line of a prefix goes unmarked (at the prompt price, not the write's), the second
+writes it, the rest read it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.input.prefix import MARKER, MIN_TOKENS, Block, Images, prefix_blocks, shared_prefix
+import orjson
+
+from pipeline.input.prefix import LEADING, MARKER, MIN_TOKENS, Block, Images, prefix_blocks, shared_prefix
 from pipeline.jobfile import anthropic
 
 BREAKPOINTS = 4  # cache_control markers one Anthropic request may hold
+SEEN = 1 << 16  # prefixes `Marks` remembers (16 bytes each), the least recently seen dropped
 KEY = "prompt_cache_key"
 # Parts Anthropic (through OpenRouter) lets bear a marker: text, an image, a document.
 _MARKABLE = ("text", "image_url", "file")
@@ -39,6 +54,74 @@ def mark(body: dict[str, Any], model: str, images: Images | None = None) -> dict
         return body
     key = shared_prefix(body, model, images)
     return body if key is None else {**body, KEY: key.key}
+
+
+class Marks:
+    """`mark` for a run's lines, in order: an Anthropic line's marker only where an earlier
+    line's prefix ran as far (see the module's docstring)."""
+
+    def __init__(self, size: int = SEEN) -> None:
+        self.size = size
+        self.seen: dict[bytes, None] = {}  # (in the order last seen: the oldest first out)
+
+    def __call__(self, body: dict[str, Any], model: str, images: Images | None = None) -> dict[str, Any]:
+        if not anthropic(model):
+            return mark(body, model, images)
+        found = prefix_blocks(body, images)
+        if found is None:
+            return body
+        blocks = found[1]
+        seen, shared = self.seen, set()
+        for i, digest in enumerate(_digests(body, blocks, model, images)):
+            if digest in seen:
+                del seen[digest]
+                shared.add(i)
+            seen[digest] = None
+        while len(seen) > self.size:
+            del seen[next(iter(seen))]
+        return _marked(body, blocks, shared)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # (an integer past 64 bits, a nesting past 255 levels)
+        return json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
+
+
+def _digests(body: Mapping[str, Any], blocks: list[Block], model: str, images: Images | None) -> list[bytes]:
+    """Each block's prefix (the model, the leading block, every block to it), hashed as the
+    model reads it: without markers, a string content as its one text part, a local image by
+    its file."""
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass"))
+    leading = {k: body[k] for k in LEADING if k in body}
+    if leading:
+        digest.update(b"t" + _dumps(leading))
+    out = []
+    messages = body["messages"] if blocks else []
+    for block in blocks:
+        message = messages[block.message]
+        content = message.get("content") if isinstance(message, dict) else message
+        if block.part is None or block.part == 0:
+            head = (
+                message
+                if not isinstance(message, dict)
+                else {k: v for k, v in message.items() if k != MARKER and k != "content"}
+            )
+            digest.update(b"m" + _dumps(head))
+        if block.part is not None and isinstance(content, list):
+            part = content[block.part]
+        else:
+            part = {"type": "text", "text": content} if isinstance(content, str) else content
+        if isinstance(part, dict):
+            part = {k: v for k, v in part.items() if k != MARKER}
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if images and isinstance(image, dict) and isinstance(url, str) and url in images:
+                part["image_url"] = {**image, "url": "file:" + images[url][0]}
+        digest.update(b"p" + _dumps(part))
+        out.append(digest.copy().digest()[:16])
+    return out
 
 
 def _markers(body: Mapping[str, Any]) -> int:
@@ -66,11 +149,14 @@ def _bears(message: Mapping[str, Any], block: Block) -> bool | None:
     return MARKER in part or (MARKER in message and block.part == len(content) - 1)
 
 
-def _marked(body: dict[str, Any], blocks: list[Block]) -> dict[str, Any]:
+def _marked(body: dict[str, Any], blocks: list[Block], shared: set[int] | None = None) -> dict[str, Any]:
+    """The body marked on the last of its prefix's blocks that may bear a marker (of those
+    in `shared`, where given), unless the line marked one of them itself."""
     if _markers(body) >= BREAKPOINTS:
         return body
     messages = body["messages"]
-    for block in reversed(blocks):
+    for i in range(len(blocks) - 1, -1, -1):
+        block = blocks[i]
         if block.tokens < MIN_TOKENS:
             return body
         message = messages[block.message]
@@ -79,6 +165,8 @@ def _marked(body: dict[str, Any], blocks: list[Block]) -> dict[str, Any]:
             continue
         if bears:
             return body
+        if shared is not None and i not in shared:
+            continue
         content = message["content"]
         ephemeral = {"type": "ephemeral"}
         if block.part is None:

@@ -77,9 +77,9 @@ class LineParser:
         self.shard = settings.shard
         self.mark: Callable[..., dict[str, Any]] | None = None
         if settings.prompt_cache:  # (only a job with prompt_cache imports the marking)
-            from pipeline.input.cachemarks import mark
+            from pipeline.input.cachemarks import Marks
 
-            self.mark = mark
+            self.mark = Marks()
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
