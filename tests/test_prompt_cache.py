@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline
@@ -234,6 +234,7 @@ def _added(marked: dict[str, Any], body: dict[str, Any]) -> int:
     return added
 
 
+@settings(max_examples=100)  # (bodies of some thousands of characters, hashed twice)
 @given(BODY)
 def test_property_a_marked_body_differs_only_by_markers_and_keeps_its_answer_key(
     body: dict[str, Any],
@@ -249,6 +250,7 @@ def test_property_a_marked_body_differs_only_by_markers_and_keeps_its_answer_key
     assert prefix_key(marked) == prefix_key(body)
 
 
+@settings(max_examples=100)  # (each example up to eight lines of some thousands of characters)
 @given(st.lists(BODY, min_size=1, max_size=4))
 def test_property_a_run_s_marks_differ_from_its_lines_only_by_markers(bodies: list[dict[str, Any]]) -> None:
     marks = Marks()
@@ -441,6 +443,7 @@ ANY = st.recursive(
 )
 
 
+@settings(max_examples=150)
 @given(
     st.lists(
         st.fixed_dictionaries(
