@@ -171,6 +171,16 @@ def test_a_prefix_no_other_line_shares_is_never_marked_one_that_others_share_is(
 
     marks = Marks()
     assert all(marks(body, CLAUDE) is body for body in map(unique, range(5)))
+    # nor keyed for OpenAI: a key of its own would route each line apart from the others
+    assert all(marks(body, "gpt-4o") is body for body in map(unique, range(5)))
+    keys = [marks({**prefilled(n), "model": "gpt-4o"}, "gpt-4o").get("prompt_cache_key") for n in range(4)]
+    assert keys[0] is None
+    assert keys[1] == keys[2] == keys[3] is not None  # (the system prompt's, not each document's)
+    tools = [{"type": "function", "function": {"name": "f", "description": "z" * 6000}}]
+    alone = [{"model": "gpt-4o", "tools": tools, "messages": [{"role": "user", "content": q}]} for q in "abc"]
+    first, *rest = [marks(body, "gpt-4o").get("prompt_cache_key") for body in alone]
+    assert first is None
+    assert rest[0] == rest[1] is not None  # (the tools alone make the prefix)
 
     def photo(language: str) -> dict[str, Any]:
         parts = [

@@ -15,14 +15,15 @@ Only the body changes, and only by these markers: the answer cache's key leaves 
 (`cache.key`). A body without a long shared prefix (`input.prefix`) is sent as it is.
 
 A run marks through `Marks`, which remembers the prefixes of the lines before (the last
-`SEEN`): an Anthropic line is marked at the longest block of its prefix that an earlier line
-had too, and not at all when none had. A prefix is shared or not by other lines, which one
+`SEEN`): a line is marked at the longest block of its prefix that an earlier line had too
+(for other models, keyed by that prefix), and not at all when none had. A prefix is shared or not by other lines, which one
 line cannot tell; a marker on one that no other line has is written at 1.25x and never read.
 A line's own last block is not always what varies: `[system, user, assistant "{"]` (a
 prefill) ends its prefix on the user's question, `[user: [document, question]]` on the
 document; marked there, every line paid a quarter more for its prompt and read nothing.
 The first line of a prefix goes unmarked (at the prompt price, not the write's), the second
-writes it, the rest read it.
+writes it, the rest read it. At OpenAI, a key of its own routes a line apart from the lines
+that share its start, which it would meet with no key.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def mark(body: dict[str, Any], model: str, images: Images | None = None) -> dict
 
 
 class Marks:
-    """`mark` for a run's lines, in order: an Anthropic line's marker only where an earlier
+    """`mark` for a run's lines, in order: a line's marker (or key) only where an earlier
     line's prefix ran as far (see the module's docstring)."""
 
     def __init__(self, size: int = SEEN) -> None:
@@ -65,21 +66,34 @@ class Marks:
         self.seen: dict[bytes, None] = {}  # (in the order last seen: the oldest first out)
 
     def __call__(self, body: dict[str, Any], model: str, images: Images | None = None) -> dict[str, Any]:
-        if not anthropic(model):
-            return mark(body, model, images)
+        own = anthropic(model)
+        if not own and KEY in body:
+            return body
         found = prefix_blocks(body, images)
         if found is None:
             return body
-        blocks = found[1]
+        leading, blocks = found
         seen, shared = self.seen, set()
-        for i, digest in enumerate(_digests(body, blocks, model, images)):
+        digests = _digests(body, blocks, model, images)  # (the leading block's last, at -1)
+        for i, digest in enumerate(digests):
+            if digest is None:
+                continue
             if digest in seen:
                 del seen[digest]
-                shared.add(i)
+                shared.add(i if i < len(blocks) else -1)
             seen[digest] = None
         while len(seen) > self.size:
             del seen[next(iter(seen))]
-        return _marked(body, blocks, shared)
+        if own:
+            return _marked(body, blocks, shared)
+        # A key no other line has would route the line apart from those that share its start
+        # (OpenAI routes by the key with the prompt's start): the longest prefix seen before.
+        for i in range(len(blocks) - 1, -1, -1):
+            if blocks[i].tokens < MIN_TOKENS:
+                break
+            if i in shared:
+                return {**body, KEY: _hex(digests[i])}
+        return {**body, KEY: _hex(digests[-1])} if leading >= MIN_TOKENS and -1 in shared else body
 
 
 def _dumps(value: Any) -> bytes:
@@ -89,15 +103,23 @@ def _dumps(value: Any) -> bytes:
         return json.dumps(value, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
 
 
-def _digests(body: Mapping[str, Any], blocks: list[Block], model: str, images: Images | None) -> list[bytes]:
+def _hex(digest: bytes | None) -> str:
+    return "" if digest is None else digest[:8].hex()
+
+
+def _digests(
+    body: Mapping[str, Any], blocks: list[Block], model: str, images: Images | None
+) -> list[bytes | None]:
     """Each block's prefix (the model, the leading block, every block to it), hashed as the
     model reads it: without markers, a string content as its one text part, a local image by
-    its file."""
+    its file; and last, the leading block's alone (None: the body has none)."""
     digest = hashlib.sha256(model.encode("utf-8", "surrogatepass"))
     leading = {k: body[k] for k in LEADING if k in body}
+    lead = None
     if leading:
         digest.update(b"t" + _dumps(leading))
-    out = []
+        lead = digest.copy().digest()[:16]
+    out: list[bytes | None] = []
     messages = body["messages"] if blocks else []
     for block in blocks:
         message = messages[block.message]
@@ -121,6 +143,7 @@ def _digests(body: Mapping[str, Any], blocks: list[Block], model: str, images: I
                 part["image_url"] = {**image, "url": "file:" + images[url][0]}
         digest.update(b"p" + _dumps(part))
         out.append(digest.copy().digest()[:16])
+    out.append(lead)
     return out
 
 
