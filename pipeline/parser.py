@@ -109,6 +109,13 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool
         type=positive_float,
         help="the answer cache's size at most, in GB; the answers used longest ago go first (default: no bound)",
     )
+    p.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        default=None,
+        help="mark requests that share a long prefix (1,024 tokens or more) for the provider's prompt "
+        "cache: cache_control on it for Anthropic's models, prompt_cache_key for the others",
+    )
     if shard:
         p.add_argument(
             "--shard",

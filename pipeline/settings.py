@@ -52,6 +52,9 @@ class Settings:
     # the fingerprint: a folder may go on with or without it.
     cache: Path | None = None
     cache_max_gb: float | None = None
+    # Markers for the provider's prompt cache on requests with a long shared prefix
+    # (`pipeline.input.cachemarks`). Not in the fingerprint: they change no answer.
+    prompt_cache: bool = False
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
     quiet: bool = False

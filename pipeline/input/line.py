@@ -75,6 +75,11 @@ class LineParser:
         self.pieces_hold = BODY_TEXT.isdisjoint(self.defaults)
         self.own_model = 0  # lines that name a model of their own, not the job's
         self.shard = settings.shard
+        self.mark: Callable[..., dict[str, Any]] | None = None
+        if settings.prompt_cache:  # (only a job with prompt_cache imports the marking)
+            from pipeline.input.cachemarks import Marks
+
+            self.mark = Marks()
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -204,6 +209,12 @@ class LineParser:
                 if not isinstance(options, dict) or "include_usage" not in options:
                     # Without it a streamed reply carries no usage, and the run cannot be costed.
                     body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+            if self.mark is not None:
+                body = self.mark(
+                    body,
+                    model if type(model) is str else str(model),
+                    {p.marker.decode(): (str(p.path), p.tokens) for p in images} if images else None,
+                )
             prompt, charged = self.estimator.counts(
                 body,
                 {image.marker.decode(): image.tokens for image in images} if images else None,
