@@ -24,7 +24,7 @@ from pipeline.output.folder import ERRORS, RESULTS, remove, write_lines
 from pipeline.output.ledger import OPEN_RUN, Ledger
 
 
-def _valid_result(raw: bytes) -> dict[str, Any] | None:
+def valid_result(raw: bytes) -> dict[str, Any] | None:
     """A whole, well-formed result line, parsed; None for anything torn."""
     if not raw.endswith(b"\n"):
         return None
@@ -45,8 +45,13 @@ def reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
     and cut out torn or duplicate lines. Returns (lines indexed, lines removed). All of it is
     committed at once or none of it: indexed ids without the offset that covers their lines
     would make the next repair cut those lines as copies."""
+    from pipeline.output.supersede import compact, resume  # (redone lines' old answers moved)
+
     try:
-        return _reconcile(folder, ledger, books)
+        resume(folder, ledger)  # before: a compaction killed after its rename left the file shorter
+        found = _reconcile(folder, ledger, books)
+        compact(folder, ledger)  # the old answers of ids a killed redo run answered anew
+        return found
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             ledger.rollback()
@@ -72,7 +77,7 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
             pos = offset
             for raw in f:
                 start, pos = pos, pos + len(raw)
-                obj = _valid_result(raw)
+                obj = valid_result(raw)
                 if obj is None or not ledger.add_done([obj["custom_id"]]):
                     bad.append((start, pos))
                     continue
@@ -84,7 +89,7 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
                 else:
                     books.recovered(body, count_outcome=not rebuild)
     if bad:
-        _cut(path, bad)
+        cut_ranges(path, bad)
     ledger.put("results_offset", path.stat().st_size if path.exists() else 0)
     ledger.put("usage", books.usage.state())
     ledger.commit()
@@ -123,7 +128,7 @@ def mark_prices(mark: Any) -> dict[str, Price]:
     }
 
 
-def _cut(path: Path, bad: list[tuple[int, int]]) -> None:
+def cut_ranges(path: Path, bad: list[tuple[int, int]]) -> None:
     """Remove the byte ranges `bad` from the file, so that a crash at any moment leaves
     either the old file or the new one, never a file missing good lines."""
     size = path.stat().st_size

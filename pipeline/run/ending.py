@@ -19,6 +19,8 @@ from pipeline.input.source import count_lines
 from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
 from pipeline.report.markdown import usage_document, write_reports
+from pipeline.run.redoing import settle as settle_redo
+from pipeline.run.redoing import waiting_note
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
 def _unwritable_note(run: Run, error: BaseException) -> str:
     """How a run that could not write its folder ends: what it kept, and what it lost."""
     writer = run.writer
-    return unwritable(run.settings.folder, error, kept=writer.results_kept, unwritten=writer.answers_lost)
+    old, _ = waiting_note(run)  # (the older answers of redone lines, not moved out yet)
+    kept = writer.results_kept + old
+    return unwritable(run.settings.folder, error, kept=kept, unwritten=writer.answers_lost)
 
 
 async def close(run: Run) -> int:
@@ -53,6 +57,7 @@ async def close(run: Run) -> int:
                 with contextlib.suppress(sqlite3.Error):
                     run.ledger.rollback()
                 writer.fail(e)
+        settle_redo(run)  # the older answers of lines answered anew: to superseded.jsonl
         try:
             return writer.rewrite_errors()
         except (OSError, sqlite3.Error) as e:  # the folder is full: the ledger still knows
@@ -84,6 +89,9 @@ def finish(run: Run, failed_now: int) -> Summary:
         note = idle
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
+    old, waiting = waiting_note(run)
+    if waiting is not None:
+        note = f"{note}; {waiting}"
     if run.follower is not None:  # at --tier batch: what is left running, and refused
         note = run.follower.amend(note, settings.folder)
     note = run.redact.text(note)
@@ -127,7 +135,7 @@ def finish(run: Run, failed_now: int) -> Summary:
             code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken or e)
             record.update(exit=code, note=note)
     state = {
-        "succeeded": run.writer.results_kept,
+        "succeeded": run.writer.results_kept + old,
         "failed": failed_now,
         "pending": pending,
         "lines": total,
