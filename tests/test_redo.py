@@ -330,3 +330,28 @@ async def test_shards_redone_then_merged_give_one_line_per_id_even_where_the_mov
     assert not any(_cut(r) for r in results)
     moved = [r for k in (1, 2) for r in read_jsonl(out / f"shard-{k}-of-2/superseded.jsonl")]
     assert sorted(r["custom_id"] for r in moved) == cut
+
+
+def _schema_request(*fields: str) -> dict[str, Any]:
+    properties = {name: {"type": "string"} for name in fields}
+    schema = {"type": "object", "properties": properties, "required": list(fields)}
+    return {"response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": schema}}}
+
+
+async def test_a_redo_of_invalid_sends_the_results_a_changed_schema_fails(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    rows = bodies(4)
+    async with mock() as (url, server):
+        await pipeline.run(make_settings(url, rows, request=_schema_request("label"), verdict={}))
+        # A field added to the schema: the answers kept fail it now.
+        newer = _schema_request("label", "reason")
+        before = len(server.state.received)
+        summary = await pipeline.run(make_settings(url, request=newer, verdict={}, redo="invalid"))
+        assert len(server.state.received) - before == 4
+    assert summary.exit_code == 0
+    results = read_jsonl(tmp_path / "out/results.jsonl")
+    assert len(results) == 4
+    assert all(set(r["parsed"]) == {"label", "reason"} for r in results)
+    assert len(read_jsonl(tmp_path / "out/superseded.jsonl")) == 4
+    assert _usage(tmp_path / "out")["redo"]["reasons"] == {"invalid": 4}
