@@ -148,6 +148,11 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if isinstance(values.get("redo"), str):
         from pipeline.output.redo import parse_redo
 
+        if values.get("fresh"):
+            raise SettingsError(
+                "command line: --redo sends some lines of the folder again and --fresh all of them "
+                "(its old files moved aside): give one of the two"
+            )
         values["redo"] = parse_redo(values["redo"])
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
     check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))

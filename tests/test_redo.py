@@ -16,12 +16,14 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import SettingsError
 from pipeline.estimate import estimate, print_estimate
-from pipeline.output.redo import parse_redo
+from pipeline.output.redo import parse_redo, read_ids
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, until
 from tests.scripted import json, scripted
 
@@ -355,3 +357,40 @@ async def test_a_redo_of_invalid_sends_the_results_a_changed_schema_fails(
     assert all(set(r["parsed"]) == {"label", "reason"} for r in results)
     assert len(read_jsonl(tmp_path / "out/superseded.jsonl")) == 4
     assert _usage(tmp_path / "out")["redo"]["reasons"] == {"invalid": 4}
+
+
+def test_redo_and_fresh_together_are_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "in.jsonl").write_text("")
+    code = main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output",
+            str(tmp_path),
+            "--redo",
+            "length",
+            "--fresh",
+        ]
+    )
+    assert code == 2
+    assert "give one of the two" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=20).map(str.encode)), max_size=12))
+def test_an_ids_file_gives_its_ids_or_one_clear_error(tmp_path_factory: Any, lines: list[bytes]) -> None:
+    path = tmp_path_factory.mktemp("ids") / "ids.txt"
+    data = b"\n".join(lines)
+    path.write_bytes(data)
+    error: str | None = None
+    try:
+        ids = read_ids(path)
+    except SettingsError as e:
+        error = str(e)
+    if error is not None:  # one line, naming the file and the line
+        assert error.startswith(f"--redo ids:{path}:")
+        assert "\n" not in error
+        return
+    assert all(isinstance(i, str) for i in ids)
+    assert len(ids) == sum(bool(line.strip()) for line in data.splitlines())  # one id a line
