@@ -394,3 +394,32 @@ def test_an_ids_file_gives_its_ids_or_one_clear_error(tmp_path_factory: Any, lin
         return
     assert all(isinstance(i, str) for i in ids)
     assert len(ids) == sum(bool(line.strip()) for line in data.splitlines())  # one id a line
+
+
+async def test_a_ledger_lost_while_old_and_new_answers_are_both_in_results_keeps_the_new_one(
+    mock, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index deleted after a redo killed before its move: the rebuild from results.jsonl
+    keeps the newer answer of each id and moves the older to superseded.jsonl (both paid)."""
+    from pipeline.run import redoing
+
+    out = tmp_path / "out"
+    async with mock() as (url, _):
+        first, cut = await _first(url, make_settings, n=12)
+        monkeypatch.setattr(redoing, "compact", lambda folder, ledger: 0)  # (killed before the move)
+        await pipeline.run(make_settings(url, request=LONG, prices=PRICES, redo="length"))
+        monkeypatch.undo()
+        paid = _usage(out)["cost"]["total"]
+        (out / "ledger.sqlite").unlink()
+        again = await pipeline.run(make_settings(url, request=LONG, prices=PRICES))
+        assert _usage(out)["cost"]["total"] == pytest.approx(paid)  # both answers still counted
+        (out / "ledger.sqlite").unlink()  # and once more, the older ones in superseded.jsonl now
+        assert (await pipeline.run(make_settings(url, request=LONG, prices=PRICES))).exit_code == 0
+        assert _usage(out)["cost"]["total"] == pytest.approx(paid)
+    assert again.exit_code == 0
+    results = read_jsonl(out / "results.jsonl")
+    assert Counter(r["custom_id"] for r in results) == Counter(r["custom_id"] for r in first)
+    assert not any(_cut(r) for r in results)  # the newer answers, paid for, kept
+    old = {r["custom_id"]: r for r in first}
+    assert sorted(r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")) == sorted(cut)
+    assert all(r == old[r["custom_id"]] for r in read_jsonl(out / "superseded.jsonl"))

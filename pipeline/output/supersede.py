@@ -79,15 +79,16 @@ def old_lines(folder: Path, ledger: Ledger) -> int:
     return counts.get(0, 0) + (0 if rewritten else counts.get(1, 0))
 
 
-def _locate(results: Path, ids: set[str]) -> dict[str, tuple[int, int]]:
+def locate(results: Path, ids: set[str]) -> dict[str, tuple[int, int]]:
     """Where the older line of each id is: its first of two or more (one alone is its answer)."""
     first: dict[str, tuple[int, int]] = {}
     again: set[str] = set()
+    few = [i.encode() for i in ids] if len(ids) <= 8 else None  # (else every line is parsed)
     with results.open("rb") as f:
         pos = 0
         for raw in f:
             start, pos = pos, pos + len(raw)
-            obj = valid_result(raw) if any(i.encode() in raw for i in ids) else None
+            obj = valid_result(raw) if few is None or any(i in raw for i in few) else None
             if obj is None or obj["custom_id"] not in ids:
                 continue
             if obj["custom_id"] in first:
@@ -123,13 +124,29 @@ def _compact(folder: Path, ledger: Ledger, results: Path) -> int:
     with results.open("rb") as f:
         bad = {row[0] for row in owed if _line_of(f, *row) is None}
     if bad:  # not where the row says (never so, but for a file rebuilt): looked for
-        found = _locate(results, bad)
+        found = locate(results, bad)
         db.executemany("UPDATE redo SET start = ?, length = ? WHERE id = ?", ((*found[i], i) for i in found))
         db.executemany("DELETE FROM redo WHERE id = ?", ((i,) for i in bad - found.keys()))
     db.execute("UPDATE redo SET planned = 1 WHERE id IN (SELECT id FROM done)")
     ledger.put(PLAN, {"superseded": _size(folder / SUPERSEDED), "results": size})
     ledger.commit()
     return resume(folder, ledger)
+
+
+def supersede_older(folder: Path, ledger: Ledger, ids: set[str]) -> set[str]:
+    """The first line of each id that results.jsonl holds more than once moved out, as a redo's
+    older answer is (the index that knew of the redo lost): returns the ids still held twice."""
+    where = locate(folder / RESULTS, ids)
+    if not where:
+        return set()
+    db = ledger.writing()
+    db.execute(TABLE)
+    db.executemany(
+        "INSERT OR REPLACE INTO redo (id, reason, start, length) VALUES (?, 'rebuilt', ?, ?)",
+        ((i, start, length) for i, (start, length) in where.items()),
+    )
+    ledger.commit()
+    return set(where) if compact(folder, ledger) else set()
 
 
 def resume(folder: Path, ledger: Ledger) -> int:
