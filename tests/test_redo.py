@@ -216,7 +216,10 @@ async def test_a_redo_that_fails_keeps_the_old_answer_and_a_later_run_tries_agai
     errors = read_jsonl(out / "errors.jsonl")
     assert sorted(e["custom_id"] for e in errors) == sorted(cut)
     assert all("earlier answer stays" in e["error"]["kept"] for e in errors)
-    assert _usage(out)["requests"]["succeeded"] == len(first)
+    requests = _usage(out)["requests"]  # every line once: a result (the earlier answer), not a failure
+    assert requests["succeeded"] == requests["lines"] == len(first)
+    assert (requests["kept_after_failed_redo"], requests["failed"], requests["pending"]) == (len(cut), 0, 0)
+    assert "a redo that failed keeps it there" in (out / "report.md").read_text()
     async with mock() as (url, server):
         done = await pipeline.run(make_settings(url, request=LONG, prices=PRICES))
         assert len(server.state.received) == len(cut)

@@ -246,6 +246,18 @@ def waiting_count(db: sqlite3.Connection) -> int:
     return int(row[0])
 
 
+def failed_count(db: sqlite3.Connection) -> int:
+    """Of the ids waiting for a redo, those whose request failed (errors.jsonl lists them)."""
+    try:
+        row = db.execute(
+            "SELECT count(*) FROM failed WHERE kind = 'request' AND key IN "
+            "(SELECT id FROM redo WHERE id NOT IN (SELECT id FROM done))"
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return int(row[0])
+
+
 def is_redone(db: sqlite3.Connection, custom_id: str) -> bool:
     """Whether a redo chose this id (its answer must be new: not the answer cache's)."""
     try:

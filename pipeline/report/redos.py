@@ -30,11 +30,12 @@ def redo_sentences(figures: dict[str, Any]) -> list[str]:
     why = ", ".join(f"{reason} {n:,}" for reason, n in figures["reasons"].items()) or "none chosen"
     unpriced = figures["superseded_not_priced"]
     said = [
-        f"{figures['lines']:,} line(s) were sent again by --redo ({why}). The answers they replaced "
-        f"cost {money(figures['superseded_cost'])}"
+        f"{figures['lines']:,} line(s) were chosen by --redo to go again ({why}). The answers they "
+        f"replace cost {money(figures['superseded_cost'])}"
         + (f" ({unpriced:,} of unknown cost)" if unpriced else "")
-        + ": paid for, they are kept in superseded.jsonl and counted in the figures above, beside "
-        "the new ones; results.jsonl holds one answer per line."
+        + ": paid for, each is counted in the figures above beside its new one, and moves to "
+        "superseded.jsonl once that is in results.jsonl (a redo that failed keeps it there); "
+        "results.jsonl holds one answer per line."
     ]
     for run in figures["runs"]:
         changes = "; ".join(run.get("changes") or []) or "no change to the job"

@@ -19,6 +19,7 @@ from pipeline.input.source import count_lines
 from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
 from pipeline.report.markdown import usage_document, write_reports
+from pipeline.run.redoing import kept as redo_kept
 from pipeline.run.redoing import settle as settle_redo
 from pipeline.run.redoing import waiting_note
 from pipeline.run.summary import (
@@ -89,7 +90,7 @@ def finish(run: Run, failed_now: int) -> Summary:
         note = idle
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
-    old, waiting = waiting_note(run)
+    _, waiting = waiting_note(run)
     if waiting is not None:
         note = f"{note}; {waiting}"
     if run.follower is not None:  # at --tier batch: what is left running, and refused
@@ -134,10 +135,13 @@ def finish(run: Run, failed_now: int) -> Summary:
         if code != EXIT_INTERRUPTED:
             code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken or e)
             record.update(exit=code, note=note)
+    # An id a redo chose keeps its earlier answer until the new one comes: a result, once.
+    left, failed_kept = redo_kept(run)
     state = {
-        "succeeded": run.writer.results_kept + old,
-        "failed": failed_now,
-        "pending": pending,
+        "succeeded": run.writer.results_kept + left,
+        **({"kept_after_failed_redo": failed_kept} if failed_kept else {}),
+        "failed": failed_now - failed_kept,
+        "pending": None if pending is None else max(pending - (left - failed_kept), 0),
         "lines": total,
     }
     batches = None

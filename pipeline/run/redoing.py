@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.account.usage import Usage
-from pipeline.output.redo import TABLE, chosen_before, is_redone, select, waiting_count
+from pipeline.output.redo import TABLE, chosen_before, failed_count, is_redone, select, waiting_count
 from pipeline.output.supersede import compact, old_lines
 
 if TYPE_CHECKING:
@@ -97,3 +97,12 @@ def waiting_note(run: Run) -> tuple[int, str | None]:
         )
         return old, note if waiting else None
     return 0, None
+
+
+def kept(run: Run) -> tuple[int, int]:
+    """The ids a redo chose that keep their earlier answer (no new one yet), and of them those
+    whose request failed: each is one result, neither a failure nor pending."""
+    with contextlib.suppress(sqlite3.Error):
+        db = run.ledger.reading()
+        return waiting_count(db), failed_count(db)
+    return 0, 0
