@@ -24,6 +24,7 @@ from pipeline.cli import main
 from pipeline.errors import SettingsError
 from pipeline.estimate import estimate, print_estimate
 from pipeline.output.redo import parse_redo, read_ids
+from pipeline.report.rebuild import rebuild
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, until
 from tests.scripted import json, scripted
 
@@ -220,6 +221,7 @@ async def test_a_redo_that_fails_keeps_the_old_answer_and_a_later_run_tries_agai
     assert requests["succeeded"] == requests["lines"] == len(first)
     assert (requests["kept_after_failed_redo"], requests["failed"], requests["pending"]) == (len(cut), 0, 0)
     assert "a redo that failed keeps it there" in (out / "report.md").read_text()
+    assert rebuild(out)["requests"] == requests  # pipeline report: the same count
     async with mock() as (url, server):
         done = await pipeline.run(make_settings(url, request=LONG, prices=PRICES))
         assert len(server.state.received) == len(cut)
