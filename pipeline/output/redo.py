@@ -201,7 +201,8 @@ def select(
                 obj = valid_result(raw)
                 if obj is None or not counted(obj["custom_id"]):
                     continue
-                known.add(obj["custom_id"])
+                if obj["custom_id"] in redo.ids:  # (only those: a million ids held is 100 MB)
+                    known.add(obj["custom_id"])
                 reason = _why(obj, redo, verdict)
                 if reason is None:
                     continue
@@ -217,7 +218,8 @@ def select(
     for key, kind, record in failures:
         if kind != "request":
             continue
-        known.add(key)
+        if key in redo.ids:
+            known.add(key)
         if "failed" in redo.reasons:
             chosen.reasons["failed"] += 1
         elif "invalid" in redo.reasons and b'"invalid_output"' in record:
