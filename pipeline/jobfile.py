@@ -174,6 +174,11 @@ def read_job_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: not valid TOML: {e}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "redo":
+            raise SettingsError(
+                f"{path}: redo is a flag only (--redo WHAT): kept in a job file, it would send "
+                "those lines again at every run"
+            )
         if key not in _KNOWN:
             raise unknown_key(str(path), key, _KNOWN)
         if key in _TABLES:

@@ -50,6 +50,7 @@ class Usage:
         self.latency = Histogram()
         self.ttft = Histogram()
         self.runs: list[dict[str, Any]] = []
+        self.redos: list[dict[str, Any]] = []  # each --redo: what it chose, why, what changed
         self.run_started = time.time()
         self.timeline = Timeline()
         self.slowest: list[tuple[float, str]] = []  # (latency, custom_id), slowest first
@@ -204,6 +205,7 @@ class Usage:
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
         self.runs += [{**run, "shard": label} for run in other.runs]
+        self.redos += [{**redo, "shard": label} for redo in other.redos]
         self.timeline.add(other.timeline.state(), label)
         self.slowest = sorted([*self.slowest, *other.slowest], reverse=True)[:SLOWEST]
         for code, counts in other.messages.items():
@@ -240,6 +242,7 @@ class Usage:
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
+            **({"redos": self.redos} if self.redos else {}),
             "timeline": self.timeline.state(),
             "slowest": [list(s) for s in self.slowest],
             "messages": {
@@ -270,6 +273,7 @@ class Usage:
         usage.latency = Histogram.from_state(state.get("latency"))
         usage.ttft = Histogram.from_state(state.get("ttft"))
         usage.runs = list(state.get("runs", []))
+        usage.redos = list(state.get("redos", []))
         usage.timeline = Timeline(list(state.get("timeline", [])))
         usage.slowest = [(float(s), str(i)) for s, i in state.get("slowest", [])]
         usage.messages = {code: Counter(m) for code, m in state.get("messages", {}).items()}

@@ -114,6 +114,11 @@ def html_report(doc: dict[str, Any]) -> str:
             numeric_from=1,
         )
     )
+    if doc.get("redo"):
+        from pipeline.report.redos import redo_sentences
+
+        parts.append("<h2>Redone</h2>")
+        parts += [f"<p class='note'>{escape(s)}</p>" for s in redo_sentences(doc["redo"])]
     parts.append("<h2>Answers and failures</h2>")
     reused = doc.get("reused") or {}
     if reused.get("requests"):

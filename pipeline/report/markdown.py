@@ -20,6 +20,7 @@ from pipeline.output.writer import Redactor
 from pipeline.report.batches import batch_sentences
 from pipeline.report.cached import cache_section
 from pipeline.report.html import html_report
+from pipeline.report.redos import redo_figures, redo_sentences
 
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -121,6 +122,7 @@ def usage_document(
             code: dict(counts.most_common(5)) for code, counts in sorted(usage.messages.items())
         },
         **({"batches": batches} if batches is not None else {}),
+        **({"redo": redo} if (redo := redo_figures(usage.redos)) is not None else {}),
     }
 
 
@@ -180,6 +182,9 @@ def markdown(doc: dict[str, Any]) -> str:
     out += cache_section(doc)
     if doc.get("batches"):
         out += ["", "## Batches", "", *(f"{s}  " for s in batch_sentences(doc["batches"]))]
+        out[-1] = out[-1].rstrip()
+    if doc.get("redo"):
+        out += ["", "## Redone", "", *(f"{_cell(s)}  " for s in redo_sentences(doc["redo"]))]
         out[-1] = out[-1].rstrip()
     out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
     out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["answers_by_status"].items()]
