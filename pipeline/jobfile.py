@@ -108,6 +108,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "cache_max_gb": (int, float),
     "grace": (int, float),
     "quiet": (bool,),
+    "reorder": (bool,),
     "backoff_base": (int, float),
     "backoff_max": (int, float),
     "max_line_bytes": (int,),

@@ -52,6 +52,9 @@ class Settings:
     # the fingerprint: a folder may go on with or without it.
     cache: Path | None = None
     cache_max_gb: float | None = None
+    # Lines that share a long prefix are sent close together, for the provider's prompt cache
+    # (`pipeline.run.grouping`): only their order changes. Not in the fingerprint.
+    reorder: bool = True
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
     quiet: bool = False
