@@ -70,6 +70,7 @@ def test_a_failed_leader_has_the_next_line_lead_alone() -> None:
     a, b, c = (_request(n, b"k") for n in range(3))
     for request in (a, b, c):
         pool.add(request)
+    assert pool.take_all() == [a]
     grouping.done(a, failed=True)
     assert pool.take_all() == [a, b]  # b leads in a's stead; c still waits
     grouping.done(b, failed=False)

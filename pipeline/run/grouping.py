@@ -94,7 +94,7 @@ class Grouping:
             state = self._keys[key] = _Key()
             state.leader = request
             state.out = 1
-            self._send(request, state)
+            self._send(request, state)  # (in input order, as a line alone would go)
             return
         if state.open and state.leader is None and not state.held and state.sent < self.per_turn:
             state.out += 1
@@ -202,7 +202,7 @@ class Grouping:
         self._unhold(request)
         state.out += 1
         state.sent += 1
-        self._send(request, state)
+        self._send(request, state, lead=True)
 
     def _unhold(self, request: Request) -> None:
         self.held -= 1
@@ -215,11 +215,17 @@ class Grouping:
         if future is not None and not future.done():
             future.set_result(None)
 
-    def _send(self, request: Request, state: _Key) -> None:
-        if not self.offer(request):
+    def _send(self, request: Request, state: _Key, *, lead: bool = False) -> None:
+        """To a worker waiting, or into `ready`: a turn's leader first in line, since its key's
+        other lines wait for its answer (and the pool, at the start of a turn, with them)."""
+        if self.offer(request):
+            return
+        if lead:
+            self.ready.appendleft(request)
+        else:
             self.ready.append(request)
-            self.held_bytes += len(request.payload)
-            state.queued += 1
+        self.held_bytes += len(request.payload)
+        state.queued += 1
 
     def full(self, size: int) -> bool:
         """Whether a line of `size` payload bytes finds the hold full."""
