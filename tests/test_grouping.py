@@ -301,3 +301,20 @@ async def test_a_run_over_a_few_system_prompts_reads_most_of_them_from_the_provi
     print(shares)
     assert shares[False] < 0.35
     assert shares[True] > 0.75
+
+
+async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_sends_each_once(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    rows = [_line(n, PROMPTS, rng) for n in range(LINES)]
+    prices = {"test/model": {"prompt": 1.0, "completion": 2.0}}
+    async with mock(prefix_cache=8, latency=0.005) as (url, server):
+        stopped = await pipeline.run(make_settings(url, rows, max_cost=0.05, prices=prices, concurrency=8))
+        again = await pipeline.run(make_settings(url, rows, prices=prices, concurrency=8))
+        sent = sorted(body["messages"][-1]["content"] for body in server.state.received)
+    assert 0 < stopped.succeeded < LINES  # the budget stopped it with lines still held
+    assert stopped.succeeded + again.succeeded == LINES
+    assert sent == sorted(f"Ticket {n}" for n in range(LINES))  # each sent once, over both runs
+    results = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert sorted(r["custom_id"] for r in results) == sorted(row["custom_id"] for row in rows)
