@@ -13,7 +13,9 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
 - Keys take turns at sending their held lines, at most `most_open` at a time (so that the few
   prefixes a provider keeps are not pushed out by others between a leader's answer and its
   followers' arrival): a key whose leader answered while that many have a turn waits for one,
-  oldest first, and then leads again with one line alone (its prefix may be gone by then). A
+  oldest first, and then leads again with one line alone (its prefix may be gone by then),
+  unless a line of it was among the last `most_open` answered. With workers about to wait for
+  lack of lines, up to `most_open_idle` keys have a turn (`more`). A
   turn's lines read later go at once too, up to `per_turn` lines a turn, so that no key keeps
   a turn for ever. A turn ends once every line it released is in a worker's hands (not
   answered: the next key's leader overlaps the followers' round trip, so the pool never waits
@@ -39,9 +41,10 @@ from collections.abc import Callable
 
 from pipeline.job import Request
 
+# Turns at a time: the mock keeps 8 prefixes a model, and a provider's machine a few; the keys
+# whose lines are in flight touch theirs too (bench prefix, answers in 1 s: with up to 6 turns
+# at once, 78 % of the prompt tokens were cached; 10, 49 %; 16, 16 %, as in input order).
 MOST_OPEN = 3
-
-
 MOST_OPEN_IDLE = 6  # turns at a time at most, where workers would wait for lack of lines
 PER_TURN = 256
 HOLD = 4096  # lines held at most (or 16 a worker, where more)
