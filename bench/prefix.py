@@ -146,7 +146,9 @@ def prefix(opts: Options, done: Done) -> ScenarioResult:
         dollars = float(served.get("cost", 0.0))
         uncached = dollars + cached * (1 - CACHED_PRICE) * PRICE_PROMPT / 1e6
         usage = opts.out / "runs" / "prefix" / _slug(run.client) / "output" / "usage.json"
-        reported = orjson.loads(usage.read_bytes())["cost"]["total"] if usage.exists() else None
+        doc = orjson.loads(usage.read_bytes()) if usage.exists() else {}
+        reported = doc["cost"]["total"] if doc else None
+        said = (doc.get("prompt_cache") or {}).get("share_cached")  # the share its report gives
         name = run.client.name
         if run.client is IN_ORDER:
             share_check = Check(
@@ -173,6 +175,12 @@ def prefix(opts: Options, done: Done) -> ScenarioResult:
                 "-" if reported is None else f"${reported:.4f} / ${dollars:.4f}",
                 "equal",
                 reported is not None and abs(reported - dollars) < 1e-6,
+            ),
+            Check(
+                f"{name}: share cached its usage.json and report.md give / the mock's",
+                "-" if said is None else f"{_pct(said)} / {_pct(share)}",
+                "equal",
+                said is not None and abs(said - share) < 1e-4,
             ),
             _lost_check(run),
             Check(

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from pipeline.account.cost import money, price_for, priced, tier_prices, unpriced_batches
 from pipeline.input.line import LineParser
@@ -27,6 +27,9 @@ from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.cache.peek import Peek
 
 MAX_LISTED = 20
 
@@ -46,6 +49,7 @@ class Estimate:
     models: dict[str, ModelEstimate] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     invalid: int = 0
+    cached: Peek | None = None  # `--cache DIR`: the requests it answers, not counted above
 
     @property
     def requests(self) -> int:
@@ -82,6 +86,7 @@ def estimate(settings: Settings) -> Estimate:
             return False
         return done.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
 
+    cached = result.cached = _peek(settings)
     with tempfile.TemporaryDirectory(prefix="pipeline-estimate-") as scratch:
         ledger = Ledger(Path(scratch) / "ids.sqlite")  # the ids seen, on disk as in a run
         try:
@@ -94,6 +99,8 @@ def estimate(settings: Settings) -> Estimate:
                     if len(result.failures) < MAX_LISTED:
                         result.failures.append(item)
                     continue
+                if cached is not None and cached.held(item):
+                    continue
                 m = result.models.setdefault(item.model, ModelEstimate())
                 m.requests += 1
                 m.prompt_tokens += item.prompt_tokens
@@ -103,7 +110,35 @@ def estimate(settings: Settings) -> Estimate:
             ledger.close()
             if done is not None:
                 done.close()
+            if cached is not None:
+                cached.close()
     return result
+
+
+def _peek(settings: Settings) -> Peek | None:
+    """The answer cache, read only, where the job names one."""
+    if settings.cache is None:
+        return None
+    from pipeline.cache.peek import Peek
+    from pipeline.send.reuse import scope_of
+    from pipeline.send.verdict import compile_verdict
+
+    verdict = None
+    if settings.verdict is not None:
+        verdict = compile_verdict(settings.verdict, settings.request, where=str(settings.job_file))
+    return Peek(settings.cache, scope=scope_of(settings.base_url), verdict=verdict)
+
+
+def _cached(cached: Peek, rest: int) -> str:
+    """What the answer cache takes off the estimate."""
+    if cached.note is not None:
+        return f"--cache: {cached.note}"
+    unknown = f" ({cached.unpriced:,} of them of no known cost)" if cached.unpriced else ""
+    return (
+        f"--cache {cached.folder}: {cached.hits:,} requests have their answer there, taken, not sent: "
+        f"{money(cached.cost)} not to be spent (what they cost when bought){unknown}; "
+        + (f"the figures above are the other {rest:,}" if rest else "nothing else is to be sent")
+    )
 
 
 def _priced_as(prices: Mapping[str, Price], model: str) -> str | None:
@@ -172,12 +207,8 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
             "tokens at most",
             file=out,
         )
-    if settings.cache is not None:
-        print(
-            f"with --cache {settings.cache}, a request answered before is taken from there, not sent: "
-            "the figures above count every request, an upper bound",
-            file=out,
-        )
+    if result.cached is not None:
+        print(_cached(result.cached, result.requests), file=out)
     # A model the run's tier cannot price: at the batch tier, what the batch price lacks.
     for model in unpriced[tiers[-1]]:
         print(

@@ -44,7 +44,7 @@ class Request:
         max_completion_tokens: int = 0,  # worst case over all choices (`max_tokens` times `n`)
         bounded: bool = True,  # the request sets max_tokens (else the worst case is a guess)
         images: list[Pending] | None = None,  # local images the payload's markers stand for, unread
-        prefix: bytes | None = None,  # its long prefix's key, to be sent beside its kin (`input.prefix`)
+        prefix: str | None = None,  # its long prefix's key, to be sent beside its kin (`input.prefix`)
     ) -> None:
         self.custom_id, self.line, self.payload, self.metadata = custom_id, line, payload, metadata
         self.prefix = prefix
@@ -102,7 +102,7 @@ class Reply:
 
 
 class Success:
-    __slots__ = ("attempts", "label", "parsed", "reply", "request", "reused")
+    __slots__ = ("attempts", "bought", "label", "parsed", "reply", "request", "reused")
 
     def __init__(
         self,
@@ -112,6 +112,7 @@ class Success:
         parsed: Any = None,  # a verdict checked against the job's schema
         label: str | None = None,  # how the report counts that verdict ("flagged: true")
         reused: bool = False,  # the answer cache's, or another request's in flight: not sent, not paid
+        bought: float | None = None,  # a reused answer's cost when bought, as the cache kept it
     ) -> None:
         self.request, self.reply, self.attempts, self.parsed, self.label = (
             request,
@@ -120,7 +121,7 @@ class Success:
             parsed,
             label,
         )
-        self.reused = reused
+        self.reused, self.bought = reused, bought
 
 
 class Failure:

@@ -118,6 +118,13 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool
         "or more: a system prompt, an image) are sent close together, its first line alone, so that the "
         "provider's prompt cache holds it for the rest (job file: reorder = false)",
     )
+    p.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        default=None,
+        help="mark requests that share a long prefix (1,024 tokens or more) for the provider's prompt "
+        "cache: cache_control on it for Anthropic's models, prompt_cache_key for the others",
+    )
     if shard:
         p.add_argument(
             "--shard",

@@ -55,6 +55,9 @@ class Settings:
     # Lines that share a long prefix are sent close together, for the provider's prompt cache
     # (`pipeline.run.grouping`): only their order changes. Not in the fingerprint.
     reorder: bool = True
+    # Markers for the provider's prompt cache on requests with a long shared prefix
+    # (`pipeline.input.cachemarks`). Not in the fingerprint: they change no answer.
+    prompt_cache: bool = False
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
     quiet: bool = False
@@ -205,11 +208,6 @@ def _check_tier(values: dict[str, Any], flags: Mapping[str, Any], where: str) ->
             said = " or ".join(f'"{c}"' for c in choices)
             raise SettingsError(f"{source}: {key} must be {said}, not {value!r}")
     if values.get("tier", "sync") == "batch":
-        if values.get("cache") is not None:
-            raise SettingsError(
-                f"{'command line' if flags.get('cache') is not None else where}: the answer cache works "
-                "with --tier sync for now: leave cache out of a batch run, or run it at --tier sync"
-            )
         return
     # A job file may keep the batch tier's keys for the runs that use it (`--tier batch`); a
     # flag of the batch tier given to a synchronous run would be silently ignored: refused.

@@ -132,13 +132,10 @@ async def test_a_damaged_cache_is_one_warning_and_the_run_goes_on(
     ]
 
 
-async def test_a_batch_run_with_a_cache_is_refused_in_one_line(make_settings, tmp_path: Path) -> None:
-    import pytest
-
-    from pipeline.errors import SettingsError
-
-    with pytest.raises(SettingsError, match="cache works with --tier sync for now"):
-        make_settings("http://127.0.0.1:9", bodies(1), cache=str(tmp_path / "c"), tier="batch")
+async def test_a_batch_run_takes_a_cache_too(make_settings, tmp_path: Path) -> None:
+    # (what it does with it: tests/test_cache_batch.py)
+    settings = make_settings("http://127.0.0.1:9", bodies(1), cache=str(tmp_path / "c"), tier="batch")
+    assert settings.cache == tmp_path / "c"
 
 
 async def test_two_shard_processes_share_one_cache_and_lose_or_double_nothing(mock, tmp_path: Path) -> None:

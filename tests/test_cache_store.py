@@ -182,7 +182,9 @@ def test_a_folder_it_cannot_write_is_one_warning(tmp_path: Path, monkeypatch: py
     AnswerCache(tmp_path).close()
     connect = sqlite3.connect
 
-    def read_only(path: Path, **kw: Any) -> sqlite3.Connection:
+    def read_only(path: Path | str, **kw: Any) -> sqlite3.Connection:
+        if kw.pop("uri", False):  # (the cache opened to be read only, by a URI of its own)
+            return connect(path, uri=True, **kw)
         return connect(f"file:{path}?mode=ro", uri=True, **kw)
 
     monkeypatch.setattr(store_module.sqlite3, "connect", read_only)

@@ -22,7 +22,7 @@ from tests.conftest import read_jsonl
 SYSTEM = "You label tickets. " + "x" * (4 * MIN_TOKENS)
 
 
-def _request(n: int, key: bytes | None) -> Request:
+def _request(n: int, key: str | None) -> Request:
     return Request(f"r{n}", n, b"{}", prefix=key)
 
 
@@ -54,7 +54,7 @@ class Pool:
 def test_a_prefix_first_line_goes_alone_and_the_rest_once_its_answer_is_in() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
-    a, b, c = (_request(n, b"k") for n in range(3))
+    a, b, c = (_request(n, "k") for n in range(3))
     for request in (a, b, c):
         pool.add(request)
     assert pool.take_all() == [a]  # b and c wait for a's answer
@@ -67,7 +67,7 @@ def test_a_prefix_first_line_goes_alone_and_the_rest_once_its_answer_is_in() -> 
 def test_a_failed_leader_has_the_next_line_lead_alone() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
-    a, b, c = (_request(n, b"k") for n in range(3))
+    a, b, c = (_request(n, "k") for n in range(3))
     for request in (a, b, c):
         pool.add(request)
     assert pool.take_all() == [a]
@@ -80,7 +80,7 @@ def test_a_failed_leader_has_the_next_line_lead_alone() -> None:
 def test_lines_released_go_straight_to_workers_waiting() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
-    a, b, c = (_request(n, b"k") for n in range(3))
+    a, b, c = (_request(n, "k") for n in range(3))
     for request in (a, b, c):
         pool.add(request)
     assert pool.take_all() == [a]
@@ -93,7 +93,7 @@ def test_lines_released_go_straight_to_workers_waiting() -> None:
 def test_a_few_prefixes_take_turns_the_others_wait_and_lead_again() -> None:
     grouping = Grouping(most=100, max_bytes=10**6, most_open=2, most_open_idle=2)
     pool = Pool(grouping)
-    keys = [bytes([k]) for k in range(4)]
+    keys = [str(k) for k in range(4)]
     lines = {key: [_request(10 * k + i, key) for i in range(3)] for k, key in enumerate(keys)}
     for i in range(3):
         for key in keys:
@@ -116,8 +116,8 @@ def test_a_few_prefixes_take_turns_the_others_wait_and_lead_again() -> None:
 def test_a_turn_ends_when_its_lines_are_taken_and_the_next_prefix_begins() -> None:
     grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1)
     pool = Pool(grouping)
-    a = [_request(i, b"a") for i in range(3)]
-    b = [_request(10 + i, b"b") for i in range(3)]
+    a = [_request(i, "a") for i in range(3)]
+    b = [_request(10 + i, "b") for i in range(3)]
     for request in (a[0], b[0], a[1], a[2], b[1], b[2]):
         pool.add(request)
     assert pool.take_all() == [a[0], b[0]]
@@ -134,8 +134,8 @@ def test_a_turn_ends_when_its_lines_are_taken_and_the_next_prefix_begins() -> No
 def test_a_prefix_answered_long_ago_leads_again_alone() -> None:
     grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1)
     pool = Pool(grouping)
-    old, new = [_request(i, b"old") for i in range(3)], [_request(10 + i, b"new") for i in range(2)]
-    others = [_request(20 + i, bytes([i])) for i in range(3)]
+    old, new = [_request(i, "old") for i in range(3)], [_request(10 + i, "new") for i in range(2)]
+    others = [_request(20 + i, str(i)) for i in range(3)]
     for request in (old[0], new[0], old[1], old[2], new[1], *others):
         pool.add(request)
     grouping.done(old[0], failed=False)  # old: its turn, but ...
@@ -151,7 +151,7 @@ def test_a_prefix_answered_long_ago_leads_again_alone() -> None:
 async def test_the_end_of_the_input_waits_for_every_held_line_to_go() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
-    a, b = _request(0, b"k"), _request(1, b"k")
+    a, b = _request(0, "k"), _request(1, "k")
     pool.add(a)
     pool.add(b)
     drained = asyncio.ensure_future(grouping.drain())
@@ -165,7 +165,7 @@ async def test_the_end_of_the_input_waits_for_every_held_line_to_go() -> None:
 async def test_a_full_hold_has_the_reader_wait_for_room_and_stopping_ends_the_wait() -> None:
     grouping = Grouping(most=2, max_bytes=10**6)
     pool = Pool(grouping)
-    lines = [_request(n, b"k") for n in range(3)]
+    lines = [_request(n, "k") for n in range(3)]
     for request in lines:
         pool.add(request)
     assert grouping.full(2)
@@ -175,8 +175,8 @@ async def test_a_full_hold_has_the_reader_wait_for_room_and_stopping_ends_the_wa
     grouping.done(lines[0], failed=False)
     assert pool.take_all() == lines  # (lines released and not yet taken count as held)
     await room
-    grouping.add(_request(5, b"z"))
-    grouping.add(_request(6, b"z"))
+    grouping.add(_request(5, "z"))
+    grouping.add(_request(6, "z"))
     waiting = asyncio.ensure_future(grouping.drain())
     await asyncio.sleep(0)
     grouping.stop()  # the run stopped: the held line stays to do
@@ -197,7 +197,7 @@ def test_every_request_is_given_out_exactly_once_whatever_the_answers(
     rng = random.Random(seed)
     grouping = Grouping(most=most, max_bytes=10**6, most_open=most_open, most_open_idle=most_open + 1)
     pool = Pool(grouping)
-    requests = [_request(n, None if k is None else bytes([k])) for n, k in enumerate(keys)]
+    requests = [_request(n, None if k is None else str(k)) for n, k in enumerate(keys)]
     pending = list(requests)
     in_flight: list[Request] = []
 

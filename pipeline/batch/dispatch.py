@@ -46,6 +46,7 @@ from pipeline.settings import Settings
 from pipeline.urls import redacted
 
 if TYPE_CHECKING:
+    from pipeline.batch.keep import Keep
     from pipeline.run.runner import Run
 
 
@@ -138,6 +139,7 @@ async def dispatch_batches(
         wall=clock.wall,
         now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
         sync_prices=settings.prices,
+        keep=_keep(run),
     )
     follower = Follower(
         api=api,
@@ -159,6 +161,8 @@ async def dispatch_batches(
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
     worst = run.books.budget.worst_case if run.books.budget is not None else None
+    reuse = run.reuse
+    kept = None if reuse is None else (lambda request: reuse.taken(request, reuse.key(request), run.verdict))
     run.progress.batches = follower
 
     def staged(n: int) -> bool:
@@ -184,6 +188,7 @@ async def dispatch_batches(
                         live=live,
                         staged=staged,
                         worst=worst,
+                        kept=kept,
                     )
                 finally:
                     batch_files.abandon()
@@ -235,6 +240,15 @@ async def dispatch_batches(
             )
         await writer.drained.wait()
         outer.cancel_scope.cancel()
+
+
+def _keep(run: Run) -> Keep | None:
+    """Where the run has an answer cache: the answers its batches bring, kept there."""
+    if run.reuse is None:
+        return None
+    from pipeline.batch.keep import Keep  # (the cache's modules: only for a run with one)
+
+    return Keep(run.reuse)
 
 
 def _send(stream: MemoryObjectSendStream[int], n: int) -> None:

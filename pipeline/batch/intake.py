@@ -24,6 +24,7 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from pipeline.account.books import Books
 from pipeline.batch import flawed
@@ -42,6 +43,9 @@ from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
 from pipeline.send.batchapi import BatchApi, BatchInfo
 from pipeline.send.verdict import Verdict
+
+if TYPE_CHECKING:
+    from pipeline.batch.keep import Keep
 
 WRITE_EVERY = 512  # outcomes written at once
 READ_EVERY = 512  # result lines looked up at once
@@ -66,7 +70,9 @@ class Intake:
         now: SendNow | None = None,
         sync_prices: Mapping[str, Price] | None = None,
         taken: Callable[[int], None] | None = None,
+        keep: Keep | None = None,
     ) -> None:
+        self.keep = keep  # `--cache DIR`: the answers brought, kept there (`pipeline.batch.keep`)
         self.taken = taken  # told each batch committed taken: what it left is deleted (`clear`)
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
         self.spent = Spent(books.prices, self.sync_prices)  # the batch being taken in's answers
@@ -130,11 +136,15 @@ class Intake:
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
         if not (invalid or self.crowded):
+            if self.keep is not None:
+                await self.keep.read(self.book.path(batch.n))
             async with read_ahead(self.api.results(info), per=READ_EVERY) as runs:
                 async for read in runs:
                     self.judge.lines(batch, read, waited)
                     if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
                         return None
+                    if self.keep is not None:
+                        await self.keep.reuse.flush_if_due()
         held = 0  # lines never run for others' flaws
         for listed in self._unanswered(batch.n):
             if named is not None:
@@ -159,6 +169,8 @@ class Intake:
             self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
+        if self.keep is not None:
+            self.keep.done()  # (its answers all queued: the batch's keys let go)
         again = await stage_again(self.book, self.ledger, batch, self.files())
         if self.now is not None and not await send_now(
             self.book, self.ledger, batch, self.now, self._write_now
@@ -294,4 +306,6 @@ class Intake:
             return False
         if batch:
             self.spent.add(successes)
+            if self.keep is not None:
+                self.keep.put(successes)
         return True

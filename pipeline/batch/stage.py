@@ -26,7 +26,7 @@ from pipeline.account.books import Books
 from pipeline.batch.book import Book
 from pipeline.errors import InputError
 from pipeline.input.reader import input_failure
-from pipeline.job import Failure, Outcome, Request
+from pipeline.job import Failure, Outcome, Request, Success
 
 URL = "/v1/chat/completions"
 _HEAD = b'{"custom_id":'
@@ -164,22 +164,36 @@ async def stage(
     live: Callable[[str], bool] | None,
     staged: Callable[[int], bool],
     worst: Callable[[Request], float | None] | None = None,
+    kept: Callable[[Request], Success | None] | None = None,
 ) -> None:
     """Every request read into a batch file; each batch cut is committed staged and handed on
     (`staged(n)`, which says whether to go on: False once the book could not be committed).
     `live`: whether an id is in a live batch already (a resumed run's), then not staged.
-    `worst`: what a request may cost at most (None: not known), where `--max-cost` holds."""
+    `worst`: what a request may cost at most (None: not known), where `--max-cost` holds.
+    `kept`: the request's answer from the answer cache (its images inlined first, as sent),
+    then written as reused by the writer (`failures` carries every outcome), not staged."""
     async with requests, failures:
         async for request in requests:
             if live is not None and live(request.custom_id):
                 continue  # its batch is followed and taken in as it is
-            if request.images is not None and files.text_only:
+            # (a line with local images where the batches take none: failed, unless the
+            # answer cache holds its answer, looked up with them inlined as a run sends them)
+            unbatched = request.images is not None and files.text_only
+            if unbatched and kept is None:
                 await failures.send(_no_images(request))
                 continue
             if request.images is not None:
                 failure = await _fill(request, books)
                 if failure is not None:
                     await failures.send(failure)
+                    continue
+            if kept is not None:
+                hit = kept(request)
+                if hit is not None:
+                    await failures.send(hit)
+                    continue
+                if unbatched:
+                    await failures.send(_no_images(request))
                     continue
             data = batch_line(request.custom_id, request.payload)
             if not files.fits(len(data)):

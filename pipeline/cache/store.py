@@ -20,10 +20,11 @@ no fsync (only a WAL checkpoint does, every few MB), and what a power cut loses 
 answers not kept, never a damaged file. Over the bound, a flush deletes the oldest rows until
 the total is 10 % under it (`pipeline.cache.evict`); an answer bigger than that is not kept.
 
-The cache never fails a run: a file that is damaged, not a database, of a newer format, or on
-a disk that cannot be written turns it off with one warning line saying where and what to do
-(`pipeline.cache.broken`), and the run goes on sending every request. A write that fails later
-(a full disk) stops the keeping only: answers already kept are still reused.
+The cache never fails a run: a file that is damaged, not a database, or of a newer format
+turns it off with one warning line saying where and what to do (`pipeline.cache.broken`), and
+the run goes on sending every request. One this process cannot write (a read-only folder or
+disk), and a write that fails later (a full disk), stop the keeping only: answers already
+kept are still reused (`pipeline.cache.readonly`).
 
 Measured (20,000 answers, one core of a loaded 2-core machine): 22,500 puts a second for
 bodies of 820 bytes (flush 42 µs an answer, most of it packing), 8,800 for 2,285 bytes; a hit
@@ -46,6 +47,7 @@ from typing import NamedTuple
 from pipeline.cache.broken import NewerFormat, code_of, warning
 from pipeline.cache.evict import evict, largest
 from pipeline.cache.pack import pack, unpack
+from pipeline.cache.readonly import reading
 
 FILE = "answers.sqlite"
 FORMAT = 1
@@ -144,7 +146,14 @@ class AnswerCache:
                 raise NewerFormat(found, FORMAT)
             self._reader = self._connect()
         except (OSError, sqlite3.Error, NewerFormat) as e:
-            self._off(e)
+            # A cache this process may not write (a read-only folder or disk) is still read:
+            # its answers taken, none kept (as `pipeline estimate --cache` counts them).
+            reader = None if isinstance(e, NewerFormat) else reading(self.path, FORMAT)
+            if reader is None:
+                self._off(e)
+            else:
+                self._off(e, writing_only=True)
+                self._reader = reader
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_MS / 1000)

@@ -79,6 +79,11 @@ class LineParser:
         # Lines that share a long prefix are sent close together (`run.grouping`): the key of
         # each line's prefix, where its prompt is long enough to have one.
         self.prefixes = settings.reorder and settings.tier == "sync"
+        self.mark: Callable[..., dict[str, Any]] | None = None
+        if settings.prompt_cache:  # (only a job with prompt_cache imports the marking)
+            from pipeline.input.cachemarks import Marks
+
+            self.mark = Marks()
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -208,6 +213,12 @@ class LineParser:
                 if not isinstance(options, dict) or "include_usage" not in options:
                     # Without it a streamed reply carries no usage, and the run cannot be costed.
                     body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+            if self.mark is not None:
+                body = self.mark(
+                    body,
+                    model if type(model) is str else str(model),
+                    {p.marker.decode(): (str(p.path), p.tokens) for p in images} if images else None,
+                )
             prompt, charged = self.estimator.counts(
                 body,
                 {image.marker.decode(): image.tokens for image in images} if images else None,
@@ -216,11 +227,7 @@ class LineParser:
             most, bounded = completion_bound(body)
             prefix = None
             if self.prefixes and max(prompt, charged) >= MIN_TOKENS:
-                local = (
-                    {im.marker.decode(): (f"{im.path}|{im.sizing}", im.tokens) for im in images}
-                    if images
-                    else None
-                )
+                local = {im.marker.decode(): (str(im.path), im.tokens) for im in images} if images else None
                 prefix = prefix_key(body, model if type(model) is str else str(model), local)
             # (built in one call, its fields in order: every line comes here)
             return Request(

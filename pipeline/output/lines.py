@@ -26,6 +26,8 @@ def result_line(success: Success, line_id: str | None = None) -> bytes:
     }
     if success.reused:
         line["reused"] = True  # taken from the answer cache, or shared in flight: not paid again
+        if success.bought is not None:  # (the cache's: what it cost when bought, for a repair too)
+            line["cost_not_spent"] = success.bought
     if success.parsed is not None:
         line["parsed"] = success.parsed
     if success.request.metadata is not None:

@@ -80,7 +80,10 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
                 ledger.drop_failed([obj["custom_id"]])
                 body = obj["response"]["body"]
                 if obj.get("reused") is True:  # taken from the answer cache: not paid
-                    books.recovered_reused(body, count_outcome=not rebuild)
+                    bought = obj.get("cost_not_spent")  # (what it cost when bought, where known)
+                    if not isinstance(bought, int | float) or isinstance(bought, bool):
+                        bought = None
+                    books.recovered_reused(body, count_outcome=not rebuild, bought=bought)
                 else:
                     books.recovered(body, count_outcome=not rebuild)
     if bad:

@@ -80,13 +80,13 @@ class Grouping:
         # Hands a released request to a worker waiting for one; False where none waits.
         self.offer: Callable[[Request], bool] = lambda _: False
         self.stopped = False
-        self._keys: dict[bytes, _Key] = {}
+        self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
-        self._waiting: OrderedDict[bytes, _Key] = OrderedDict()  # keys with lines held, no turn
+        self._waiting: OrderedDict[str, _Key] = OrderedDict()  # keys with lines held, no turn
         self._changed: asyncio.Future[None] | None = None
         # The keys answered last, most recent last: one of them is most likely still cached,
         # and its turn needs no leader.
-        self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self._recent: OrderedDict[str, None] = OrderedDict()
 
     def add(self, request: Request) -> None:
         """The reader's, for a request with a prefix key: it goes now, or is held."""
@@ -150,11 +150,11 @@ class Grouping:
                     self._waiting[key] = state
         self._forget(key, state)
 
-    def _forget(self, key: bytes, state: _Key) -> None:
+    def _forget(self, key: str, state: _Key) -> None:
         if not state.out and state.leader is None and not state.open and not state.held:
             self._keys.pop(key, None)
 
-    def _release(self, key: bytes, state: _Key) -> None:
+    def _release(self, key: str, state: _Key) -> None:
         """A turn's leader answered: its held lines go (up to `per_turn`)."""
         while state.held and state.sent < self.per_turn:
             request = state.held.popleft()
@@ -165,7 +165,7 @@ class Grouping:
         if not state.queued:
             self._end_turn(key, state)
 
-    def _end_turn(self, key: bytes | None, state: _Key) -> None:
+    def _end_turn(self, key: str | None, state: _Key) -> None:
         assert key is not None
         state.open = False
         self._open -= 1

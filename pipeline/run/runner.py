@@ -274,12 +274,18 @@ class Run:
 def _reuse(settings: Settings, prices: Any, warn: Callable[[str], None]) -> Reuse | None:
     """The answer cache, where the job names one (scoped by the endpoint: answers kept
     against one server are never served for another's requests)."""
-    if settings.cache is None or settings.tier != "sync":
+    if settings.cache is None:
         return None
-    from pipeline.send.reuse import Reuse
+    from pipeline.send.reuse import Reuse, scope_of
 
-    scope = redacted(settings.base_url).rstrip("/")
-    return Reuse(settings.cache, scope=scope, prices=prices, max_gb=settings.cache_max_gb, warn=warn)
+    return Reuse(
+        settings.cache,
+        scope=scope_of(settings.base_url),
+        prices=prices,
+        now_prices=settings.prices if settings.tier == "batch" else None,
+        max_gb=settings.cache_max_gb,
+        warn=warn,
+    )
 
 
 def loop_options() -> dict[str, Any]:

@@ -5,11 +5,14 @@
     taken   a kept answer as the request's `Success`, marked reused, when it still keeps the
             job's verdict (one that fails it is sent again, as if never kept)
     shared  another request's answer in flight now, as this request's `Success`, reused
-    keep    an answer that passed the verdict, queued for the cache (the writer's
-            checkpoint flushes it: `flush_if_due`)
+    keep    an answer that passed the verdict, queued for the cache with what it cost, at
+            the tier that bought it (the writer's checkpoint flushes it: `flush_if_due`)
 
 A reused result is neither sent nor paid: the writer counts it as reused, with the dollars it
-cost when bought (`Books.kept`), apart from what this run paid.
+cost when bought (`Books.kept`), apart from what this run paid. At the batch tier, the same
+cache is asked before a line is staged (`pipeline.batch.stage`), and the answers batches
+bring are kept at the batch price (`pipeline.batch.intake`); `--then sync`'s requests come
+through `process`, kept at the synchronous price.
 """
 
 from __future__ import annotations
@@ -27,10 +30,17 @@ from pipeline.cache.key import request_key
 from pipeline.cache.store import Answer, AnswerCache
 from pipeline.errors import InvalidOutput
 from pipeline.input import jsonl
-from pipeline.job import Outcome, Reply, Request, Success
+from pipeline.job import Outcome, Reply, Request, SentNow, Success
 from pipeline.jobfile import Price
 from pipeline.run.control import Seat
 from pipeline.send.verdict import Verdict
+from pipeline.urls import redacted
+
+
+def scope_of(base_url: str) -> str:
+    """What answers are kept under beside the request: the endpoint, its secrets out (answers
+    kept against one server are never served for another's requests)."""
+    return redacted(base_url).rstrip("/")
 
 
 def _shareable(outcome: Outcome | None) -> bool:
@@ -46,12 +56,14 @@ class Reuse:
         *,
         scope: str,
         prices: Mapping[str, Price],
+        now_prices: Mapping[str, Price] | None = None,
         max_gb: float | None = None,
         warn: Callable[[str], None],
     ) -> None:
         self.cache = AnswerCache(folder, max_gb=max_gb, warn=warn)
         self.scope = scope
-        self.prices = prices
+        self.prices = prices  # the run's tier's
+        self.now_prices = now_prices  # at the batch tier, the synchronous ones (`SentNow`)
         self.inflight: Inflight[Outcome] = Inflight(_shareable)
 
     async def process(
@@ -120,7 +132,7 @@ class Reuse:
                 self.cache.reject(key)  # (the answer sent now, if it keeps the verdict, replaces it)
                 return None
             label = verdict.label(parsed)
-        return Success(request, reply, 0, parsed, label, True)
+        return Success(request, reply, 0, parsed, label, True, answer.cost)
 
     @staticmethod
     def shared(request: Request, outcome: Outcome) -> Success:
@@ -128,11 +140,16 @@ class Reuse:
         assert isinstance(outcome, Success)
         return Success(request, outcome.reply, 0, outcome.parsed, outcome.label, True)
 
-    def keep(self, key: bytes, success: Success) -> None:
-        """Queue an answer sent now (it kept the verdict) to be kept."""
-        reply, model = success.reply, success.request.model or ""
-        cost, _ = answer_cost(reply.body, self.prices, success.request.model)
-        self.cache.put(key, Answer(reply.raw or jsonl.dumps(reply.body), model, cost))
+    def keep(self, key: bytes, success: Success, *, tier: str = "sync") -> None:
+        """Queue an answer bought now (it kept the verdict) to be kept, with what it cost:
+        `tier` "batch", an answer a batch brought, at the run's (batch) prices."""
+        request = success.request
+        reply, model = success.reply, request.model or ""
+        prices = self.prices
+        if self.now_prices is not None and type(request) is SentNow:  # (--then sync's: bought now)
+            prices, tier = self.now_prices, "sync"
+        cost, _ = answer_cost(reply.body, prices, request.model)
+        self.cache.put(key, Answer(reply.raw or jsonl.dumps(reply.body), model, cost, tier))
 
     async def flush_if_due(self) -> None:
         """Write the queued answers, in a thread (another process may hold the file a moment)."""
