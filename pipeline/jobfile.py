@@ -134,6 +134,7 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "prompt_cache": (bool,),
     "grace": (int, float),
     "quiet": (bool,),
+    "reorder": (bool,),
     "backoff_base": (int, float),
     "backoff_max": (int, float),
     "max_line_bytes": (int,),

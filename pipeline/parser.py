@@ -112,6 +112,15 @@ def _job_arguments(
         help="the answer cache's size at most, in GB; the answers used longest ago go first (default: no bound)",
     )
     p.add_argument(
+        "--no-reorder",
+        dest="reorder",
+        action="store_false",
+        default=None,
+        help="send the lines in input order; by default the lines that share a long prefix (1,024 tokens "
+        "or more: a system prompt, an image) are sent close together, its first line alone, so that the "
+        "provider's prompt cache holds it for the rest (job file: reorder = false)",
+    )
+    p.add_argument(
         "--prompt-cache",
         action="store_true",
         default=None,

@@ -55,6 +55,9 @@ class Settings:
     # the fingerprint: a folder may go on with or without it.
     cache: Path | None = None
     cache_max_gb: float | None = None
+    # Lines that share a long prefix are sent close together, for the provider's prompt cache
+    # (`pipeline.run.grouping`): only their order changes. Not in the fingerprint.
+    reorder: bool = True
     # Markers for the provider's prompt cache on requests with a long shared prefix
     # (`pipeline.input.cachemarks`). Not in the fingerprint: they change no answer.
     prompt_cache: bool = False

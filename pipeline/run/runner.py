@@ -56,6 +56,7 @@ from pipeline.urls import is_loopback, redacted
 
 if TYPE_CHECKING:
     from pipeline.batch.follow import Follower
+    from pipeline.run.grouping import Grouping
     from pipeline.send.reuse import Reuse
 
 
@@ -248,12 +249,20 @@ class Run:
         requests: MemoryObjectSendStream[Request],
         failures: MemoryObjectSendStream[Outcome],
         refill: Refill | None,
+        grouping: Grouping | None = None,
     ) -> None:
         with anyio.CancelScope() as scope:
             self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once
             try:
                 await feed(
-                    self.settings.input, self.parser, self.ledger, requests, failures, self.counts, refill
+                    self.settings.input,
+                    self.parser,
+                    self.ledger,
+                    requests,
+                    failures,
+                    self.counts,
+                    refill,
+                    grouping,
                 )
             except RunStopped as e:  # the input cannot be read on
                 self.control.stop(e)
