@@ -220,8 +220,11 @@ async def test_a_redo_that_fails_keeps_the_old_answer_and_a_later_run_tries_agai
     requests = _usage(out)["requests"]  # every line once: a result (the earlier answer), not a failure
     assert requests["succeeded"] == requests["lines"] == len(first)
     assert (requests["kept_after_failed_redo"], requests["failed"], requests["pending"]) == (len(cut), 0, 0)
+    assert _usage(out)["outcomes"]["succeeded"] == len(first)  # (it read 4 of 12)
     assert "a redo that failed keeps it there" in (out / "report.md").read_text()
-    assert rebuild(out)["requests"] == requests  # pipeline report: the same count
+    rebuilt = rebuild(out)
+    assert rebuilt["requests"] == requests  # pipeline report: the same count
+    assert rebuilt["outcomes"]["succeeded"] == len(first)
     async with mock() as (url, server):
         done = await pipeline.run(make_settings(url, request=LONG, prices=PRICES))
         assert len(server.state.received) == len(cut)

@@ -147,7 +147,7 @@ def finish(run: Run, failed_now: int) -> Summary:
     batches = None
     with contextlib.suppress(sqlite3.Error):  # (a folder that fails: its reports go without them)
         batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
-    doc = usage_document(usage, state=state, folder=settings.folder, batches=batches)
+    doc = usage_document(usage, state=state, folder=settings.folder, batches=batches, held=left)
     try:
         write_reports(settings.folder, doc, run.redact)
     except OSError as e:
