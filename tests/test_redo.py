@@ -431,3 +431,29 @@ async def test_a_ledger_lost_while_old_and_new_answers_are_both_in_results_keeps
     old = {r["custom_id"]: r for r in first}
     assert sorted(r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")) == sorted(cut)
     assert all(r == old[r["custom_id"]] for r in read_jsonl(out / "superseded.jsonl"))
+
+
+async def test_a_redo_stopped_part_way_counts_the_lines_it_did_not_send_as_results_everywhere(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """Stopped by its budget with chosen lines not sent: they keep their earlier answers, so
+    no place counts them pending (the summary, the run's record, usage.json, pipeline report)."""
+    out = tmp_path / "out"
+    ids = tmp_path / "ids.txt"
+    async with mock() as (url, server):
+        first, _ = await _first(url, make_settings, n=12)
+        ids.write_text("".join(f"{r['custom_id']}\n" for r in first))
+        spent = _usage(out)["cost"]["total"]
+        before = len(server.state.received)
+        stopped = await pipeline.run(
+            make_settings(
+                url, request=SHORT, prices=PRICES, redo=f"ids:{ids}", max_cost=spent * 1.3, concurrency=1
+            )
+        )
+        sent = len(server.state.received) - before
+    assert stopped.exit_code == 3
+    assert 0 < sent < len(first)
+    usage = _usage(out)
+    assert stopped.pending == usage["runs"][-1]["pending"] == usage["requests"]["pending"] == 0
+    assert usage["requests"]["succeeded"] == len(first)
+    assert rebuild(out)["requests"]["pending"] == 0  # pipeline report: from the run's record

@@ -85,6 +85,12 @@ def finish(run: Run, failed_now: int) -> Summary:
     code, note = exit_status(
         control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
     )
+    # An id a redo chose keeps its earlier answer until the new one comes: a result, once,
+    # so not pending where the run stopped before sending it (every place says the same:
+    # the summary, the run's record that pipeline report reads, usage.json).
+    left, failed_kept = redo_kept(run)
+    if pending is not None:
+        pending = max(pending - (left - failed_kept), 0)
     idle = nothing_to_do(counts, source=settings.input, shard=settings.shard)
     if code == EXIT_OK and idle is not None:
         note = idle
@@ -135,13 +141,11 @@ def finish(run: Run, failed_now: int) -> Summary:
         if code != EXIT_INTERRUPTED:
             code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken or e)
             record.update(exit=code, note=note)
-    # An id a redo chose keeps its earlier answer until the new one comes: a result, once.
-    left, failed_kept = redo_kept(run)
     state = {
         "succeeded": run.writer.results_kept + left,
         **({"kept_after_failed_redo": failed_kept} if failed_kept else {}),
         "failed": failed_now - failed_kept,
-        "pending": None if pending is None else max(pending - (left - failed_kept), 0),
+        "pending": pending,
         "lines": total,
     }
     batches = None
