@@ -457,3 +457,32 @@ async def test_a_redo_stopped_part_way_counts_the_lines_it_did_not_send_as_resul
     assert stopped.pending == usage["runs"][-1]["pending"] == usage["requests"]["pending"] == 0
     assert usage["requests"]["succeeded"] == len(first)
     assert rebuild(out)["requests"]["pending"] == 0  # pipeline report: from the run's record
+
+
+async def test_a_chosen_id_the_changed_input_no_longer_has_keeps_its_answer_and_is_released_once(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """The input rewritten under its name without job-1, which --redo ids:FILE chose: once the
+    input was read whole, job-1 keeps its earlier answer and no later run waits for it."""
+    out, ids = tmp_path / "out", tmp_path / "ids.txt"
+    ids.write_text("job-0\njob-1\n")
+    async with mock() as (url, server):
+        await pipeline.run(make_settings(url, bodies(4)))
+        first = read_jsonl(out / "results.jsonl")
+        (tmp_path / "input.jsonl").write_bytes(
+            b"".join(orjson.dumps(b) + b"\n" for b in bodies(4) if b["custom_id"] != "job-1")
+        )
+        before = len(server.state.received)
+        redone = await pipeline.run(make_settings(url, redo=f"ids:{ids}"))
+        assert len(server.state.received) - before == 1  # job-0
+        again = await pipeline.run(make_settings(url))
+        assert len(server.state.received) - before == 1
+    assert redone.exit_code == again.exit_code == 0
+    assert "1 line(s) a --redo chose are no longer in" in redone.message
+    assert "got no new answer" not in redone.message
+    assert again.message == "nothing left to do: all 3 lines were done by earlier runs into this folder"
+    results = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert sorted(results) == ["job-0", "job-1", "job-2", "job-3"]
+    assert results["job-1"] == next(r for r in first if r["custom_id"] == "job-1")  # kept
+    assert [r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")] == ["job-0"]
+    assert _usage(out)["requests"]["succeeded"] == 4

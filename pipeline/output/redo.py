@@ -30,6 +30,7 @@ from pipeline.errors import InvalidOutput, SettingsError
 
 if TYPE_CHECKING:
     from pipeline.jobfile import Price
+    from pipeline.output.ledger import Ledger
     from pipeline.send.verdict import Verdict
 
 REASONS = ("length", "filter", "invalid", "failed")
@@ -258,6 +259,22 @@ def failed_count(db: sqlite3.Connection) -> int:
     except sqlite3.OperationalError:
         return 0
     return int(row[0])
+
+
+def release_unread(ledger: Ledger) -> int:
+    """Once the whole input was read: the ids a redo chose that no line brings any more (the
+    input changed under its name) keep their earlier answer, done again, their redo dropped
+    (else every run waits for them); how many. Committed by the caller."""
+    db = ledger.writing()
+    try:
+        waiting = [row[0] for row in db.execute("SELECT id FROM redo WHERE id NOT IN (SELECT id FROM done)")]
+    except sqlite3.OperationalError:  # (no redo ever: no table)
+        return 0
+    gone = ledger.unseen(waiting)
+    if gone:
+        db.executemany("DELETE FROM redo WHERE id = ?", zip(gone))
+        ledger.add_done(gone)
+    return len(gone)
 
 
 def is_redone(db: sqlite3.Connection, custom_id: str) -> bool:

@@ -20,8 +20,9 @@ from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.redoing import kept as redo_kept
+from pipeline.run.redoing import release as release_redo
+from pipeline.run.redoing import released_note, waiting_note
 from pipeline.run.redoing import settle as settle_redo
-from pipeline.run.redoing import waiting_note
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -54,6 +55,7 @@ async def close(run: Run) -> int:
         if run.counts.finished and writer.broken is None:
             try:
                 run.ledger.forget_stale(run.counts.read)
+                release_redo(run)  # (the ids a redo chose that the input lost)
             except sqlite3.Error as e:
                 with contextlib.suppress(sqlite3.Error):
                     run.ledger.rollback()
@@ -97,8 +99,9 @@ def finish(run: Run, failed_now: int) -> Summary:
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
     _, waiting = waiting_note(run)
-    if waiting is not None:
-        note = f"{note}; {waiting}"
+    for said in (released_note(run), waiting):
+        if said is not None:
+            note = f"{note}; {said}"
     if run.follower is not None:  # at --tier batch: what is left running, and refused
         note = run.follower.amend(note, settings.folder)
     note = run.redact.text(note)

@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.account.usage import Usage
-from pipeline.output.redo import TABLE, chosen_before, failed_count, is_redone, select, waiting_count
+from pipeline.output.redo import (
+    TABLE,
+    chosen_before,
+    failed_count,
+    is_redone,
+    release_unread,
+    select,
+    waiting_count,
+)
 from pipeline.output.supersede import compact, old_lines
 
 if TYPE_CHECKING:
@@ -83,6 +91,26 @@ def settle(run: Run) -> None:
         compact(run.settings.folder, run.ledger)
     except (OSError, sqlite3.Error) as e:
         writer.fail(e)
+
+
+def release(run: Run) -> None:
+    """Once the whole input was read: the ids a redo chose that the input no longer has keep
+    their earlier answer, and no run waits for them any more. Not at the batch tier, where
+    such a line may still be in a batch, whose answer replaces the older one when it comes."""
+    if run.settings.tier == "batch":
+        return
+    run.released = release_unread(run.ledger)
+    if run.released:
+        run.ledger.commit()
+
+
+def released_note(run: Run) -> str | None:
+    if not run.released:
+        return None
+    return (
+        f"{run.released:,} line(s) a --redo chose are no longer in {run.settings.input}: they keep "
+        "their earlier answer in results.jsonl and are not sent again"
+    )
 
 
 def waiting_note(run: Run) -> tuple[int, str | None]:
