@@ -486,3 +486,22 @@ async def test_a_chosen_id_the_changed_input_no_longer_has_keeps_its_answer_and_
     assert results["job-1"] == next(r for r in first if r["custom_id"] == "job-1")  # kept
     assert [r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")] == ["job-0"]
     assert _usage(out)["requests"]["succeeded"] == 4
+
+
+async def test_a_shard_warns_only_of_its_own_ids_that_an_ids_file_names_and_it_does_not_hold(
+    mock, make_settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.input.shard import parse_shard
+
+    mine = parse_shard("1/2").owns
+    lost = next(f"nope-{i}" for i in range(100) if mine(f"nope-{i}"))  # this shard's, held nowhere
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"job-{i}\n" for i in range(8)) + f"{lost}\n")
+    async with mock() as (url, _):
+        await pipeline.run(make_settings(url, bodies(8), shard="1/2"))
+        capsys.readouterr()
+        summary = await pipeline.run(make_settings(url, shard="1/2", redo=f"ids:{ids}"))
+    assert summary.exit_code == 0
+    assert 0 < summary.succeeded < 8  # its own ids, sent again
+    err = capsys.readouterr().err
+    assert f"1 id(s) are in no result or failure of this folder ({lost})" in err  # not shard 2's

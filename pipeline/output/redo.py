@@ -180,9 +180,11 @@ def select(
     failures: Iterable[tuple[str, str, bytes]],
     verdict: Verdict | None,
     prices: Mapping[str, Price],
+    mine: Callable[[str], bool] | None = None,
 ) -> Selection:
     """The lines of `redo` in a folder: results.jsonl's up to `end` whose id `counted` (done,
-    not waiting for a redo already), and the failures (key, kind, error line) it lists."""
+    not waiting for a redo already), and the failures (key, kind, error line) it lists. `mine`:
+    a shard's ids (the file's others are other shards', not unknown)."""
     from pipeline.account.cost import answer_cost
     from pipeline.output.repair import valid_result
 
@@ -228,7 +230,9 @@ def select(
         elif key in redo.ids:
             chosen.reasons["ids"] += 1
     if redo.ids:
-        unknown = sorted(redo.ids - known - {row[0] for row in chosen.rows})
+        unknown = sorted(
+            i for i in redo.ids - known - {row[0] for row in chosen.rows} if mine is None or mine(i)
+        )
         chosen.unknown, chosen.unknown_count = unknown[:SHOWN_UNKNOWN], len(unknown)
     return chosen
 

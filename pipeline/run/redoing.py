@@ -48,6 +48,7 @@ def choose(settings: Settings, ledger: Ledger, usage: Usage, started: float) -> 
         failures=((key, kind, record) for _, key, kind, record in ledger.failures()),
         verdict=verdict,
         prices=settings.prices,
+        mine=None if settings.shard is None else settings.shard.owns,
     )
     db.executemany("INSERT OR REPLACE INTO redo (id, reason, start, length) VALUES (?, ?, ?, ?)", chosen.rows)
     ledger.drop_done(row[0] for row in chosen.rows)
