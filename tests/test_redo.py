@@ -505,3 +505,31 @@ async def test_a_shard_warns_only_of_its_own_ids_that_an_ids_file_names_and_it_d
     assert 0 < summary.succeeded < 8  # its own ids, sent again
     err = capsys.readouterr().err
     assert f"1 id(s) are in no result or failure of this folder ({lost})" in err  # not shard 2's
+
+
+async def test_a_redo_at_the_batch_tier_that_changes_the_job_stages_again_and_says_what_runs_on_the_old_one(
+    make_settings, server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lines in a batch at the provider are answered with the job they were made with: said,
+    with the way out; lines staged and not submitted are staged again with the new job."""
+    from pipeline.run.runner import run
+    from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier, stopping_at_a_look
+
+    api = FakeBatchApi(max_lines=4, looks_to_end=2)
+    settings = at_batch_tier(make_settings(server[0], bodies(6), request=SHORT))
+    # Stopped at its first look: job-0..3 in a batch running, job-4 and job-5 staged.
+    assert (await run(settings, stopping_at_a_look(api))).exit_code == 130
+    ids = tmp_path / "ids.txt"
+    ids.write_text("job-0\n")
+    capsys.readouterr()
+    again = at_batch_tier(make_settings(server[0], request=LONG, redo=f"ids:{ids}"))
+    assert (await run(again, FakeHost(api))).exit_code == 0
+    err = capsys.readouterr().err
+    assert "--redo: the job changed (request.max_tokens was 20, now 60)" in err
+    assert (
+        "--redo at the batch tier: 4 line(s) in batches at the provider are answered with the job as it "
+        f"was (`pipeline cancel {settings.folder}` first: those not run yet go again with the new one)"
+    ) in err
+    sent = {c: body["max_tokens"] for b in api.batches.values() for c, body in b.lines}
+    assert sent == {"job-0": 20, "job-1": 20, "job-2": 20, "job-3": 20, "job-4": 60, "job-5": 60}
+    assert len(read_jsonl(settings.folder / "results.jsonl")) == 6

@@ -275,6 +275,16 @@ class Book:
         db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
         return ns
 
+    def forget_staged(self) -> list[int]:
+        """Every batch staged and never submitted, forgotten as filling ones are: a --redo run
+        changed the job, and their lines are staged again with it (they cost nothing yet).
+        Returns their numbers, whose files may be removed."""
+        db = self.ledger.writing()
+        ns = [int(n) for (n,) in db.execute("SELECT n FROM batches WHERE state = ?", (STAGED,))]
+        db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
+        db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
+        return ns
+
     def _set(self, n: int, assignments: str, *values: Any) -> None:
         self.ledger.writing().execute(f"UPDATE batches SET {assignments} WHERE n = ?", (*values, n))
 

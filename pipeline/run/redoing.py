@@ -62,6 +62,10 @@ def choose(settings: Settings, ledger: Ledger, usage: Usage, started: float) -> 
     said = [w for w in [chosen.warning(redo)] if w]
     if ledger.changes:
         said.append(f"--redo: the job changed ({'; '.join(ledger.changes)}); recorded in usage.json")
+        if settings.tier == "batch":
+            from pipeline.batch.notes import changed_note
+
+            said += [n for n in [changed_note(ledger, settings.folder)] if n]
     if chosen.lines:
         why = ", ".join(f"{reason} {n:,}" for reason, n in chosen.reasons.items())
         said.append(
