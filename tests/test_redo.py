@@ -533,3 +533,35 @@ async def test_a_redo_at_the_batch_tier_that_changes_the_job_stages_again_and_sa
     sent = {c: body["max_tokens"] for b in api.batches.values() for c, body in b.lines}
     assert sent == {"job-0": 20, "job-1": 20, "job-2": 20, "job-3": 20, "job-4": 60, "job-5": 60}
     assert len(read_jsonl(settings.folder / "results.jsonl")) == 6
+
+
+async def test_a_lost_ledger_with_three_answers_of_an_id_moves_each_older_one_once_and_counts_them_all(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """results.jsonl with four lines of job-0 (answers 1, 2, 2 again, 3: redos whose index was
+    lost) and no ledger: the rebuild keeps answer 3, moves 1 and 2 out once each, cuts the copy
+    of 2, and counts the cost of 1, 2 and 3."""
+    out = tmp_path / "out"
+    async with mock() as (url, _):
+        await pipeline.run(make_settings(url, bodies(3), prices=PRICES))
+        paid = _usage(out)["cost"]["total"]
+        lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+        one = next(raw for raw in lines if b'"job-0"' in raw)
+
+        def answer(n: int) -> bytes:
+            obj = orjson.loads(one)
+            obj["response"]["body"]["choices"][0]["message"]["content"] = f"answer {n}"
+            obj["response"]["body"]["usage"]["cost"] = 0.001 * n
+            return orjson.dumps(obj) + b"\n"
+
+        with (out / "results.jsonl").open("ab") as f:
+            f.write(answer(2) + answer(2) + answer(3))
+        (out / "ledger.sqlite").unlink()
+        again = await pipeline.run(make_settings(url, prices=PRICES))
+    assert again.exit_code == 0
+    results = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert len(read_jsonl(out / "results.jsonl")) == len(results) == 3
+    assert results["job-0"]["response"]["body"]["choices"][0]["message"]["content"] == "answer 3"
+    assert [r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")] == ["job-0", "job-0"]
+    assert (out / "superseded.jsonl").read_bytes() == one + answer(2)
+    assert _usage(out)["cost"]["total"] == pytest.approx(paid + 0.002 + 0.003)
