@@ -181,6 +181,7 @@ def _redo(settings: Settings, done: sqlite3.Connection) -> Selection:
         failures=failures,
         verdict=verdict,
         prices=settings.prices,
+        mine=None if settings.shard is None else settings.shard.owns,
     )
 
 

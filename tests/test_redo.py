@@ -220,8 +220,11 @@ async def test_a_redo_that_fails_keeps_the_old_answer_and_a_later_run_tries_agai
     requests = _usage(out)["requests"]  # every line once: a result (the earlier answer), not a failure
     assert requests["succeeded"] == requests["lines"] == len(first)
     assert (requests["kept_after_failed_redo"], requests["failed"], requests["pending"]) == (len(cut), 0, 0)
+    assert _usage(out)["outcomes"]["succeeded"] == len(first)  # (it read 4 of 12)
     assert "a redo that failed keeps it there" in (out / "report.md").read_text()
-    assert rebuild(out)["requests"] == requests  # pipeline report: the same count
+    rebuilt = rebuild(out)
+    assert rebuilt["requests"] == requests  # pipeline report: the same count
+    assert rebuilt["outcomes"]["succeeded"] == len(first)
     async with mock() as (url, server):
         done = await pipeline.run(make_settings(url, request=LONG, prices=PRICES))
         assert len(server.state.received) == len(cut)
@@ -428,3 +431,137 @@ async def test_a_ledger_lost_while_old_and_new_answers_are_both_in_results_keeps
     old = {r["custom_id"]: r for r in first}
     assert sorted(r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")) == sorted(cut)
     assert all(r == old[r["custom_id"]] for r in read_jsonl(out / "superseded.jsonl"))
+
+
+async def test_a_redo_stopped_part_way_counts_the_lines_it_did_not_send_as_results_everywhere(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """Stopped by its budget with chosen lines not sent: they keep their earlier answers, so
+    no place counts them pending (the summary, the run's record, usage.json, pipeline report)."""
+    out = tmp_path / "out"
+    ids = tmp_path / "ids.txt"
+    async with mock() as (url, server):
+        first, _ = await _first(url, make_settings, n=12)
+        ids.write_text("".join(f"{r['custom_id']}\n" for r in first))
+        spent = _usage(out)["cost"]["total"]
+        before = len(server.state.received)
+        stopped = await pipeline.run(
+            make_settings(
+                url, request=SHORT, prices=PRICES, redo=f"ids:{ids}", max_cost=spent * 1.3, concurrency=1
+            )
+        )
+        sent = len(server.state.received) - before
+    assert stopped.exit_code == 3
+    assert 0 < sent < len(first)
+    usage = _usage(out)
+    assert stopped.pending == usage["runs"][-1]["pending"] == usage["requests"]["pending"] == 0
+    assert usage["requests"]["succeeded"] == len(first)
+    assert rebuild(out)["requests"]["pending"] == 0  # pipeline report: from the run's record
+
+
+async def test_a_chosen_id_the_changed_input_no_longer_has_keeps_its_answer_and_is_released_once(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """The input rewritten under its name without job-1, which --redo ids:FILE chose: once the
+    input was read whole, job-1 keeps its earlier answer and no later run waits for it."""
+    out, ids = tmp_path / "out", tmp_path / "ids.txt"
+    ids.write_text("job-0\njob-1\n")
+    async with mock() as (url, server):
+        await pipeline.run(make_settings(url, bodies(4)))
+        first = read_jsonl(out / "results.jsonl")
+        (tmp_path / "input.jsonl").write_bytes(
+            b"".join(orjson.dumps(b) + b"\n" for b in bodies(4) if b["custom_id"] != "job-1")
+        )
+        before = len(server.state.received)
+        redone = await pipeline.run(make_settings(url, redo=f"ids:{ids}"))
+        assert len(server.state.received) - before == 1  # job-0
+        again = await pipeline.run(make_settings(url))
+        assert len(server.state.received) - before == 1
+    assert redone.exit_code == again.exit_code == 0
+    assert "1 line(s) a --redo chose are no longer in" in redone.message
+    assert "got no new answer" not in redone.message
+    assert again.message == "nothing left to do: all 3 lines were done by earlier runs into this folder"
+    results = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert sorted(results) == ["job-0", "job-1", "job-2", "job-3"]
+    assert results["job-1"] == next(r for r in first if r["custom_id"] == "job-1")  # kept
+    assert [r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")] == ["job-0"]
+    assert _usage(out)["requests"]["succeeded"] == 4
+
+
+async def test_a_shard_warns_only_of_its_own_ids_that_an_ids_file_names_and_it_does_not_hold(
+    mock, make_settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.input.shard import parse_shard
+
+    mine = parse_shard("1/2").owns
+    lost = next(f"nope-{i}" for i in range(100) if mine(f"nope-{i}"))  # this shard's, held nowhere
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"job-{i}\n" for i in range(8)) + f"{lost}\n")
+    async with mock() as (url, _):
+        await pipeline.run(make_settings(url, bodies(8), shard="1/2"))
+        capsys.readouterr()
+        summary = await pipeline.run(make_settings(url, shard="1/2", redo=f"ids:{ids}"))
+    assert summary.exit_code == 0
+    assert 0 < summary.succeeded < 8  # its own ids, sent again
+    err = capsys.readouterr().err
+    assert f"1 id(s) are in no result or failure of this folder ({lost})" in err  # not shard 2's
+
+
+async def test_a_redo_at_the_batch_tier_that_changes_the_job_stages_again_and_says_what_runs_on_the_old_one(
+    make_settings, server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lines in a batch at the provider are answered with the job they were made with: said,
+    with the way out; lines staged and not submitted are staged again with the new job."""
+    from pipeline.run.runner import run
+    from tests.fakebatchapi import FakeBatchApi, FakeHost, at_batch_tier, stopping_at_a_look
+
+    api = FakeBatchApi(max_lines=4, looks_to_end=2)
+    settings = at_batch_tier(make_settings(server[0], bodies(6), request=SHORT))
+    # Stopped at its first look: job-0..3 in a batch running, job-4 and job-5 staged.
+    assert (await run(settings, stopping_at_a_look(api))).exit_code == 130
+    ids = tmp_path / "ids.txt"
+    ids.write_text("job-0\n")
+    capsys.readouterr()
+    again = at_batch_tier(make_settings(server[0], request=LONG, redo=f"ids:{ids}"))
+    assert (await run(again, FakeHost(api))).exit_code == 0
+    err = capsys.readouterr().err
+    assert "--redo: the job changed (request.max_tokens was 20, now 60)" in err
+    assert (
+        "--redo at the batch tier: 4 line(s) in batches at the provider are answered with the job as it "
+        f"was (`pipeline cancel {settings.folder}` first: those not run yet go again with the new one)"
+    ) in err
+    sent = {c: body["max_tokens"] for b in api.batches.values() for c, body in b.lines}
+    assert sent == {"job-0": 20, "job-1": 20, "job-2": 20, "job-3": 20, "job-4": 60, "job-5": 60}
+    assert len(read_jsonl(settings.folder / "results.jsonl")) == 6
+
+
+async def test_a_lost_ledger_with_three_answers_of_an_id_moves_each_older_one_once_and_counts_them_all(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """results.jsonl with four lines of job-0 (answers 1, 2, 2 again, 3: redos whose index was
+    lost) and no ledger: the rebuild keeps answer 3, moves 1 and 2 out once each, cuts the copy
+    of 2, and counts the cost of 1, 2 and 3."""
+    out = tmp_path / "out"
+    async with mock() as (url, _):
+        await pipeline.run(make_settings(url, bodies(3), prices=PRICES))
+        paid = _usage(out)["cost"]["total"]
+        lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+        one = next(raw for raw in lines if b'"job-0"' in raw)
+
+        def answer(n: int) -> bytes:
+            obj = orjson.loads(one)
+            obj["response"]["body"]["choices"][0]["message"]["content"] = f"answer {n}"
+            obj["response"]["body"]["usage"]["cost"] = 0.001 * n
+            return orjson.dumps(obj) + b"\n"
+
+        with (out / "results.jsonl").open("ab") as f:
+            f.write(answer(2) + answer(2) + answer(3))
+        (out / "ledger.sqlite").unlink()
+        again = await pipeline.run(make_settings(url, prices=PRICES))
+    assert again.exit_code == 0
+    results = {r["custom_id"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert len(read_jsonl(out / "results.jsonl")) == len(results) == 3
+    assert results["job-0"]["response"]["body"]["choices"][0]["message"]["content"] == "answer 3"
+    assert [r["custom_id"] for r in read_jsonl(out / "superseded.jsonl")] == ["job-0", "job-0"]
+    assert (out / "superseded.jsonl").read_bytes() == one + answer(2)
+    assert _usage(out)["cost"]["total"] == pytest.approx(paid + 0.002 + 0.003)

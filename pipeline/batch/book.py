@@ -251,11 +251,7 @@ class Book:
     def forget_filling(self) -> list[int]:
         """Batches a killed run left filling: never sent, so forgotten (their lines are not
         live, and are staged again). Returns their numbers, whose files may be removed."""
-        db = self.ledger.writing()
-        ns = [int(n) for (n,) in db.execute("SELECT n FROM batches WHERE state = ?", (FILLING,))]
-        db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
-        db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
-        return ns
+        return self._forget(FILLING)
 
     def forget_staged_done(self) -> list[int]:
         """Batches staged and never submitted that hold a line done since (a synchronous run
@@ -271,6 +267,19 @@ class Book:
                 (STAGED,),
             )
         ]
+        db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
+        db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
+        return ns
+
+    def forget_staged(self) -> list[int]:
+        """Every batch staged and never submitted, forgotten as filling ones are: a --redo run
+        changed the job, and their lines are staged again with it (they cost nothing yet).
+        Returns their numbers, whose files may be removed."""
+        return self._forget(STAGED)
+
+    def _forget(self, state: str) -> list[int]:
+        db = self.ledger.writing()
+        ns = [int(n) for (n,) in db.execute("SELECT n FROM batches WHERE state = ?", (state,))]
         db.executemany("DELETE FROM batch_lines WHERE n = ?", ((n,) for n in ns))
         db.executemany("DELETE FROM batches WHERE n = ?", ((n,) for n in ns))
         return ns

@@ -100,7 +100,8 @@ async def dispatch_batches(
             "keep_files": settings.batch_keep_files,  # (pipeline cancel clears as the run would)
         },
     )
-    for n in [*book.forget_filling(), *book.forget_staged_done()]:
+    restage = book.forget_staged() if ledger.changes else []  # (a --redo changed the job)
+    for n in [*book.forget_filling(), *book.forget_staged_done(), *restage]:
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)

@@ -23,6 +23,25 @@ def live_batches(ledger: Ledger) -> int:
     )
 
 
+def changed_note(ledger: Ledger, folder: Path) -> str | None:
+    """What a --redo run at the batch tier that changed the job says of the lines in batches
+    at the provider: made with the job as it was, they are answered so (None: there are
+    none). `pipeline cancel` stops them: the lines not run yet go again, made anew. (Batches
+    staged and not submitted are made again with the new job: `Book.forget_staged`.)"""
+    db = ledger.reading()
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'batches'").fetchone() is None:
+        return None
+    sent = db.execute(
+        "SELECT coalesce(sum(lines), 0) FROM batches WHERE state IN (?, ?)", (CREATING, RUNNING)
+    ).fetchone()[0]
+    if not sent:
+        return None
+    return (
+        f"--redo at the batch tier: {int(sent):,} line(s) in batches at the provider are answered with "
+        f"the job as it was (`pipeline cancel {folder}` first: those not run yet go again with the new one)"
+    )
+
+
 def live_note(ledger: Ledger, folder: Path) -> str | None:
     """What a synchronous run into a folder with live batches says before it sends."""
     live = live_batches(ledger)

@@ -211,6 +211,18 @@ class Ledger:
         row = self._db.execute("SELECT line FROM seen WHERE id = ?", (custom_id,)).fetchone()
         return int(row[0])
 
+    def unseen(self, ids: Iterable[str]) -> list[str]:
+        """Of `ids`, those no line read in this run brought."""
+        return [
+            i
+            for i in ids
+            if i not in self._seen
+            and (
+                self._in_memory
+                or self._db.execute("SELECT 1 FROM seen WHERE id = ?", (i,)).fetchone() is None
+            )
+        ]
+
     def see_copy(self, base: str, line: int) -> str:
         """The id of a line that brings none: `base` (from its bytes), or `base-n` for the
         n-th identical line, the same on every run since lines come in the same order."""

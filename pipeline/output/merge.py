@@ -228,7 +228,10 @@ def merge(out: Path, *, partial: bool = False, say: Callable[[str], None] = _say
         usage, pending, lines = added(shards)
         state = {"succeeded": results, "failed": errors, "pending": pending, "lines": lines}
         batches = shards_figures([s.path for s in shards], refused=usage.answers.get("refused", 0))
-        write_reports(out, usage_document(usage, state=state, folder=out, batches=batches), Redactor(None))
+        doc = usage_document(
+            usage, state=state, folder=out, batches=batches, held=sum(s.held for s in shards)
+        )
+        write_reports(out, doc, Redactor(None))
     return Merged(out, len(shards), results, errors, pending, problems, repaired, dict(dropped))
 
 

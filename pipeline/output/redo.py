@@ -30,6 +30,7 @@ from pipeline.errors import InvalidOutput, SettingsError
 
 if TYPE_CHECKING:
     from pipeline.jobfile import Price
+    from pipeline.output.ledger import Ledger
     from pipeline.send.verdict import Verdict
 
 REASONS = ("length", "filter", "invalid", "failed")
@@ -179,9 +180,11 @@ def select(
     failures: Iterable[tuple[str, str, bytes]],
     verdict: Verdict | None,
     prices: Mapping[str, Price],
+    mine: Callable[[str], bool] | None = None,
 ) -> Selection:
     """The lines of `redo` in a folder: results.jsonl's up to `end` whose id `counted` (done,
-    not waiting for a redo already), and the failures (key, kind, error line) it lists."""
+    not waiting for a redo already), and the failures (key, kind, error line) it lists. `mine`:
+    a shard's ids (the file's others are other shards', not unknown)."""
     from pipeline.account.cost import answer_cost
     from pipeline.output.repair import valid_result
 
@@ -227,7 +230,9 @@ def select(
         elif key in redo.ids:
             chosen.reasons["ids"] += 1
     if redo.ids:
-        unknown = sorted(redo.ids - known - {row[0] for row in chosen.rows})
+        unknown = sorted(
+            i for i in redo.ids - known - {row[0] for row in chosen.rows} if mine is None or mine(i)
+        )
         chosen.unknown, chosen.unknown_count = unknown[:SHOWN_UNKNOWN], len(unknown)
     return chosen
 
@@ -258,6 +263,22 @@ def failed_count(db: sqlite3.Connection) -> int:
     except sqlite3.OperationalError:
         return 0
     return int(row[0])
+
+
+def release_unread(ledger: Ledger) -> int:
+    """Once the whole input was read: the ids a redo chose that no line brings any more (the
+    input changed under its name) keep their earlier answer, done again, their redo dropped
+    (else every run waits for them); how many. Committed by the caller."""
+    db = ledger.writing()
+    try:
+        waiting = [row[0] for row in db.execute("SELECT id FROM redo WHERE id NOT IN (SELECT id FROM done)")]
+    except sqlite3.OperationalError:  # (no redo ever: no table)
+        return 0
+    gone = ledger.unseen(waiting)
+    if gone:
+        db.executemany("DELETE FROM redo WHERE id = ?", zip(gone))
+        ledger.add_done(gone)
+    return len(gone)
 
 
 def is_redone(db: sqlite3.Connection, custom_id: str) -> bool:

@@ -78,7 +78,7 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books, newer: set[str]) -> t
         _count_superseded(folder, books)
     indexed = 0
     bad: list[tuple[int, int]] = []
-    again: dict[str, tuple[int, bytes]] = {}  # (the last line of an id indexed already)
+    again: dict[str, list[tuple[int, bytes]]] = {}  # (the later lines of an id indexed already)
     if size > offset:
         with path.open("rb") as f:
             f.seek(offset)
@@ -90,7 +90,7 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books, newer: set[str]) -> t
                     bad.append((start, pos))
                     continue
                 if not ledger.add_done([obj["custom_id"]]):
-                    again[obj["custom_id"]] = (start, raw)
+                    again.setdefault(obj["custom_id"], []).append((start, raw))
                     continue
                 indexed += 1
                 ledger.drop_failed([obj["custom_id"]])
@@ -126,29 +126,34 @@ def _count_superseded(folder: Path, books: Books) -> None:
 
 
 def _answered_anew(
-    path: Path, again: dict[str, tuple[int, bytes]], books: Books, newer: set[str]
+    path: Path, again: dict[str, list[tuple[int, bytes]]], books: Books, newer: set[str]
 ) -> list[tuple[int, int]]:
-    """The lines of ids indexed already: a copy of the id's first line is cut (written twice);
-    a different answer is a redo's whose index was lost (or deleted): paid, counted, and kept
-    as the newer (the ids in `newer`). Returns the ranges to cut."""
+    """The later lines of ids indexed already: a copy of one of the id's lines before it is cut
+    (written twice); a different answer is a redo's whose index was lost (or deleted): paid,
+    counted, and kept, the last as the newest (the ids in `newer`; each earlier one moves out
+    once). Returns the ranges to cut."""
     from pipeline.output.supersede import locate
 
     first = locate(path, set(again))
     cut: list[tuple[int, int]] = []
     with path.open("rb") as f:
-        for custom_id, (start, raw) in again.items():
+        for custom_id, lines in again.items():
             where = first.get(custom_id)
-            if where is not None and where[0] != start:
+            kept: set[bytes] = set()
+            if where is not None:
                 f.seek(where[0])
-                if f.read(where[1]) != raw:
-                    newer.add(custom_id)
-                    obj = orjson.loads(raw)
-                    if obj.get("reused") is True:
-                        books.recovered_reused(obj["response"]["body"], count_outcome=False)
-                    else:
-                        books.recovered(obj["response"]["body"], count_outcome=False)
+                kept.add(f.read(where[1]))
+            for start, raw in lines:
+                if where is None or where[0] == start or raw in kept:
+                    cut.append((start, start + len(raw)))
                     continue
-            cut.append((start, start + len(raw)))
+                kept.add(raw)
+                newer.add(custom_id)
+                obj = orjson.loads(raw)
+                if obj.get("reused") is True:
+                    books.recovered_reused(obj["response"]["body"], count_outcome=False)
+                else:
+                    books.recovered(obj["response"]["body"], count_outcome=False)
     return cut
 
 

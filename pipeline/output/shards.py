@@ -20,6 +20,7 @@ from pipeline.account.usage import Usage
 from pipeline.errors import SettingsError
 from pipeline.output.folder import ERRORS, LEDGER, RESULTS, take_lock
 from pipeline.output.ledger import OPEN_RUN, Ledger
+from pipeline.output.redo import waiting_count
 from pipeline.output.repair import mark_prices, repair
 from pipeline.output.supersede import PLAN, owed
 
@@ -36,6 +37,7 @@ class ShardFolder:
     usage: Usage = field(default_factory=Usage)
     problem: str | None = None  # why it cannot be merged as finished
     killed: str | None = None  # how its last run was found not to have ended, when it was
+    held: int = 0  # ids a redo chose that keep their earlier answer (`redo.waiting_count`)
 
     @property
     def name(self) -> str:
@@ -131,6 +133,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
             shard.killed = _killed(path, ledger)
         offset = int(ledger.get("results_offset") or 0)
         planned = ledger.get(PLAN) is not None  # (a compaction killed after its rename: shorter)
+        shard.held = waiting_count(ledger.reading())
     finally:
         ledger.close()
     runs = shard.usage.runs

@@ -66,13 +66,23 @@ def _seconds(value: float | None) -> float | None:
 
 
 def usage_document(
-    usage: Usage, *, state: dict[str, int | None], folder: Path, batches: dict[str, Any] | None = None
+    usage: Usage,
+    *,
+    state: dict[str, int | None],
+    folder: Path,
+    batches: dict[str, Any] | None = None,
+    held: int = 0,
 ) -> dict[str, Any]:
     """Everything usage.json holds; `state` counts the folder's lines now (results, errors);
-    `batches`: what the folder's batches came to (`pipeline.batch.tally.figures`)."""
+    `batches`: what the folder's batches came to (`pipeline.batch.tally.figures`); `held`: the
+    ids a redo chose that keep their earlier answer (no new one yet), which the run that chose
+    them took out of the successes: still results, each once."""
     total = usage.totals()
     wall = sum(float(r.get("wall_seconds", 0.0)) for r in usage.runs)
-    succeeded_events = usage.outcomes.get("succeeded", 0)
+    outcomes = dict(usage.outcomes)
+    if held:
+        outcomes["succeeded"] = outcomes.get("succeeded", 0) + held
+    succeeded_events = outcomes.get("succeeded", 0)
     return {
         "folder": str(folder),
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -91,7 +101,7 @@ def usage_document(
             for name, m in sorted(usage.models.items())
         },
         "requested_models": dict(sorted(usage.requested_models.items())),
-        "outcomes": dict(usage.outcomes),
+        "outcomes": outcomes,
         "answers_by_status": dict(sorted(usage.answers.items())),
         "errors_by_code": dict(sorted(usage.errors.items())),
         "verdicts": dict(sorted(usage.verdicts.items())),

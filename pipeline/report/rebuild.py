@@ -15,15 +15,15 @@ from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.output.merge import merging
-from pipeline.output.redo import failed_count
+from pipeline.output.redo import failed_count, waiting_count
 from pipeline.output.shards import added, find_shards, lines_in, running, shard_folders
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
 
 
-def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
-    """A run's folder: its usage as of its last checkpoint, its lines now, and what its
-    batches came to (None: it made none)."""
+def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None, int]:
+    """A run's folder: its usage as of its last checkpoint, its lines now, what its batches
+    came to (None: it made none), and the ids a redo chose that keep their earlier answer."""
     if running(out):
         raise SettingsError(f"a run is writing into {out} now: it writes its reports when it ends")
     ledger = Ledger(out / LEDGER)
@@ -31,6 +31,7 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
         usage = Usage.from_state(ledger.get("usage"))
         batches = figures(ledger, refused=usage.answers.get("refused", 0))
         kept = failed_count(ledger.reading())  # (a failed redo's ids: results, listed in errors.jsonl)
+        held = waiting_count(ledger.reading())
     finally:
         ledger.close()
     last = usage.runs[-1] if usage.runs else {}
@@ -41,10 +42,10 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
         "pending": last.get("pending"),
         "lines": last.get("lines"),
     }
-    return usage, state, batches
+    return usage, state, batches, held
 
 
-def _shards(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
+def _shards(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None, int]:
     """A set of shards: their usage added, their lines counted as the merge counts them, and
     what their batches came to, their books summed."""
     found = find_shards(out) if any(out.glob("shard-*-of-*")) else []
@@ -66,7 +67,7 @@ def _shards(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
         "lines": lines,
     }
     batches = shards_figures([s.path for s in shards], refused=usage.answers.get("refused", 0))
-    return usage, state, batches
+    return usage, state, batches, sum(s.held for s in shards)
 
 
 def rebuild(out: Path) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def rebuild(out: Path) -> dict[str, Any]:
             # A set of shards: its reports are a merge's too, written with the same temporary
             # files, so under the merge's lock (a merge under way is waited for).
             held.enter_context(merging(out))
-        usage, state, batches = _folder(out) if (out / LEDGER).exists() else _shards(out)
-        doc = usage_document(usage, state=state, folder=out, batches=batches)
+        usage, state, batches, waiting = _folder(out) if (out / LEDGER).exists() else _shards(out)
+        doc = usage_document(usage, state=state, folder=out, batches=batches, held=waiting)
         write_reports(out, doc, Redactor(None))
     return doc

@@ -20,8 +20,9 @@ from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
 from pipeline.report.markdown import usage_document, write_reports
 from pipeline.run.redoing import kept as redo_kept
+from pipeline.run.redoing import release as release_redo
+from pipeline.run.redoing import released_note, waiting_note
 from pipeline.run.redoing import settle as settle_redo
-from pipeline.run.redoing import waiting_note
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -54,6 +55,7 @@ async def close(run: Run) -> int:
         if run.counts.finished and writer.broken is None:
             try:
                 run.ledger.forget_stale(run.counts.read)
+                release_redo(run)  # (the ids a redo chose that the input lost)
             except sqlite3.Error as e:
                 with contextlib.suppress(sqlite3.Error):
                     run.ledger.rollback()
@@ -85,14 +87,21 @@ def finish(run: Run, failed_now: int) -> Summary:
     code, note = exit_status(
         control, pending=pending, failed_now=failed_now, errors_file=settings.folder / "errors.jsonl"
     )
+    # An id a redo chose keeps its earlier answer until the new one comes: a result, once,
+    # so not pending where the run stopped before sending it (every place says the same:
+    # the summary, the run's record that pipeline report reads, usage.json).
+    left, failed_kept = redo_kept(run)
+    if pending is not None:
+        pending = max(pending - (left - failed_kept), 0)
     idle = nothing_to_do(counts, source=settings.input, shard=settings.shard)
     if code == EXIT_OK and idle is not None:
         note = idle
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
     _, waiting = waiting_note(run)
-    if waiting is not None:
-        note = f"{note}; {waiting}"
+    for said in (released_note(run), waiting):
+        if said is not None:
+            note = f"{note}; {said}"
     if run.follower is not None:  # at --tier batch: what is left running, and refused
         note = run.follower.amend(note, settings.folder)
     note = run.redact.text(note)
@@ -135,19 +144,17 @@ def finish(run: Run, failed_now: int) -> Summary:
         if code != EXIT_INTERRUPTED:
             code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken or e)
             record.update(exit=code, note=note)
-    # An id a redo chose keeps its earlier answer until the new one comes: a result, once.
-    left, failed_kept = redo_kept(run)
     state = {
         "succeeded": run.writer.results_kept + left,
         **({"kept_after_failed_redo": failed_kept} if failed_kept else {}),
         "failed": failed_now - failed_kept,
-        "pending": None if pending is None else max(pending - (left - failed_kept), 0),
+        "pending": pending,
         "lines": total,
     }
     batches = None
     with contextlib.suppress(sqlite3.Error):  # (a folder that fails: its reports go without them)
         batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
-    doc = usage_document(usage, state=state, folder=settings.folder, batches=batches)
+    doc = usage_document(usage, state=state, folder=settings.folder, batches=batches, held=left)
     try:
         write_reports(settings.folder, doc, run.redact)
     except OSError as e:

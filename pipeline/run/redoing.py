@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.account.usage import Usage
-from pipeline.output.redo import TABLE, chosen_before, failed_count, is_redone, select, waiting_count
+from pipeline.output.redo import (
+    TABLE,
+    chosen_before,
+    failed_count,
+    is_redone,
+    release_unread,
+    select,
+    waiting_count,
+)
 from pipeline.output.supersede import compact, old_lines
 
 if TYPE_CHECKING:
@@ -40,6 +48,7 @@ def choose(settings: Settings, ledger: Ledger, usage: Usage, started: float) -> 
         failures=((key, kind, record) for _, key, kind, record in ledger.failures()),
         verdict=verdict,
         prices=settings.prices,
+        mine=None if settings.shard is None else settings.shard.owns,
     )
     db.executemany("INSERT OR REPLACE INTO redo (id, reason, start, length) VALUES (?, ?, ?, ?)", chosen.rows)
     ledger.drop_done(row[0] for row in chosen.rows)
@@ -53,6 +62,10 @@ def choose(settings: Settings, ledger: Ledger, usage: Usage, started: float) -> 
     said = [w for w in [chosen.warning(redo)] if w]
     if ledger.changes:
         said.append(f"--redo: the job changed ({'; '.join(ledger.changes)}); recorded in usage.json")
+        if settings.tier == "batch":
+            from pipeline.batch.notes import changed_note
+
+            said += [n for n in [changed_note(ledger, settings.folder)] if n]
     if chosen.lines:
         why = ", ".join(f"{reason} {n:,}" for reason, n in chosen.reasons.items())
         said.append(
@@ -83,6 +96,26 @@ def settle(run: Run) -> None:
         compact(run.settings.folder, run.ledger)
     except (OSError, sqlite3.Error) as e:
         writer.fail(e)
+
+
+def release(run: Run) -> None:
+    """Once the whole input was read: the ids a redo chose that the input no longer has keep
+    their earlier answer, and no run waits for them any more. Not at the batch tier, where
+    such a line may still be in a batch, whose answer replaces the older one when it comes."""
+    if run.settings.tier == "batch":
+        return
+    run.released = release_unread(run.ledger)
+    if run.released:
+        run.ledger.commit()
+
+
+def released_note(run: Run) -> str | None:
+    if not run.released:
+        return None
+    return (
+        f"{run.released:,} line(s) a --redo chose are no longer in {run.settings.input}: they keep "
+        "their earlier answer in results.jsonl and are not sent again"
+    )
 
 
 def waiting_note(run: Run) -> tuple[int, str | None]:

@@ -177,6 +177,7 @@ class Run:
         for line in said:
             self.progress.say(line)
         self.fresh = fresh_ids(ledger)  # the lines a redo chose: answers sent, not reused
+        self.released = 0  # ids a redo chose that the input no longer has (`redoing.release`)
         self.writer.redone = self.fresh
         self.writer.on_input_error = self.progress.input_error
         self.writer.on_broken = self._broken
