@@ -38,8 +38,9 @@ from pipeline.batch.follow import Follower
 from pipeline.batch.intake import Intake
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage
+from pipeline.batch.twins import Twins
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.job import Outcome, Request
+from pipeline.job import Outcome, Request, Success
 from pipeline.send.batchapi import BatchApi, NoBatchApi
 from pipeline.send.client import Client
 from pipeline.settings import Settings
@@ -48,6 +49,8 @@ from pipeline.urls import redacted
 if TYPE_CHECKING:
     from pipeline.batch.keep import Keep
     from pipeline.run.runner import Run
+    from pipeline.send.reuse import Reuse
+    from pipeline.send.verdict import Verdict
 
 
 def no_batch_api(settings: Settings) -> SettingsError:
@@ -104,7 +107,10 @@ async def dispatch_batches(
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
-    live = book.followed if book.follow_live() else None
+    live_ones = book.follow_live()
+    scope = reuse.scope if (reuse := run.reuse) is not None else redacted(settings.base_url).rstrip("/")
+    twins = Twins(book, scope=scope)  # (always: a run without a cache answers the twins an earlier one left)
+    live = book.followed if twins.sweep() or live_ones else None
     ledger.commit()
 
     def commit() -> bool:
@@ -140,6 +146,7 @@ async def dispatch_batches(
         now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
         sync_prices=settings.prices,
         keep=_keep(run),
+        twins=twins,
     )
     follower = Follower(
         api=api,
@@ -161,8 +168,7 @@ async def dispatch_batches(
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
     worst = run.books.budget.worst_case if run.books.budget is not None else None
-    reuse = run.reuse
-    kept = None if reuse is None else (lambda request: reuse.taken(request, reuse.key(request), run.verdict))
+    kept = None if reuse is None else partial(_kept, reuse, run.verdict)
     run.progress.batches = follower
 
     def staged(n: int) -> bool:
@@ -189,6 +195,7 @@ async def dispatch_batches(
                         staged=staged,
                         worst=worst,
                         kept=kept,
+                        twins=None if reuse is None else twins,
                     )
                 finally:
                     batch_files.abandon()
@@ -249,6 +256,11 @@ def _keep(run: Run) -> Keep | None:
     from pipeline.batch.keep import Keep  # (the cache's modules: only for a run with one)
 
     return Keep(run.reuse)
+
+
+def _kept(reuse: Reuse, verdict: Verdict | None, request: Request) -> tuple[bytes, Success | None]:
+    key = reuse.key(request)
+    return key, reuse.taken(request, key, verdict)
 
 
 def _send(stream: MemoryObjectSendStream[int], n: int) -> None:

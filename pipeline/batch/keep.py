@@ -33,11 +33,14 @@ class Keep:
         self.reuse = reuse
         self.keys: dict[str, bytes] = {}  # the batch being taken in's: custom_id -> key
 
-    async def read(self, staged: Path) -> None:
-        """The keys of the lines of the batch file `staged` (none where it cannot be read)."""
+    async def read(self, staged: Path, keys: dict[str, bytes] | None = None) -> None:
+        """The keys of the lines of the batch file `staged` (none where it cannot be read);
+        `keys`: those read already (the batch has twins, `pipeline.batch.twins`)."""
         self.keys = {}
         if self.reuse.cache.keeping:
-            self.keys = await anyio.to_thread.run_sync(keys_of, staged, self.reuse.scope)
+            if not keys:
+                keys = await anyio.to_thread.run_sync(keys_of, staged, self.reuse.scope)
+            self.keys = keys
 
     def put(self, successes: Sequence[Success]) -> None:
         """Queue the answers written (each kept the verdict) to be kept."""
