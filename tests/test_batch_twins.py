@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.batch import twins
 from pipeline.run.runner import run
 from pipeline.settings import Settings
 from tests.conftest import read_jsonl, write_jsonl
@@ -42,8 +43,12 @@ def _ended(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 async def test_fifty_lines_of_five_requests_are_staged_five_and_paid_five(
-    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+    make_settings: Callable[..., Settings],
+    server: tuple[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(twins, "PRUNE_AT", 2)  # (the leaders of batches taken in let go, often)
     rows = _rows([i % 5 for i in range(50)])
     settings = at_batch_tier(make_settings(server[0], rows, cache=str(tmp_path / "c"), prices=PRICES))
     api = FakeBatchApi(max_lines=4)

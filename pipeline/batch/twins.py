@@ -45,6 +45,9 @@ SCHEMA = (
 )
 
 
+PRUNE_AT = 4096
+
+
 class Twins:
     """The leaders staged by this run, and their twins listed in the book."""
 
@@ -53,6 +56,7 @@ class Twins:
         self.scope = scope  # what the keys are scoped by (`Reuse.scope`)
         self._leaders: dict[int, int] = {}  # 8 bytes of a key -> its leader's batch
         self._closing: set[int] = set()  # batches being taken in: no twin joins them now
+        self._prune_at = PRUNE_AT  # leaders remembered, past which those of closed batches go
         db = book.ledger.writing()
         db.execute(SCHEMA)
 
@@ -84,12 +88,14 @@ class Twins:
     def lead(self, key: bytes, n: int) -> None:
         """A line of `key` staged in batch `n`: it leads the twins that come after it."""
         self._leaders[_short(key)] = n
+        if len(self._leaders) >= self._prune_at:  # (amortized: not a pass at every batch taken)
+            self._leaders = {k: m for k, m in self._leaders.items() if m not in self._closing}
+            self._prune_at = 2 * len(self._leaders) + PRUNE_AT
 
     def closing(self, n: int) -> None:
         """Batch `n` is being taken in: its leaders lead no more twins (a later one of their
         key is staged, unless the cache holds the answer by then)."""
         self._closing.add(n)
-        self._leaders = {k: m for k, m in self._leaders.items() if m != n}
 
     def of(self, n: int) -> list[tuple[Listed, bytes]]:
         """The twins listed with batch `n`, with their keys."""
