@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, LIVE, RUNNING, STAGED, TAKEN, Book
 from pipeline.batch.clear import Clearer, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.follow import Follower
@@ -184,6 +184,8 @@ async def dispatch_batches(
         # wait for them)
         with requests, failures:
             try:
+                if reuse is not None and live is not None:
+                    await twins.seed(batch.n for batch in book.batches(*LIVE))
                 batch_files = files()
                 try:
                     await stage(

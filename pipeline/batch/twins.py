@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import anyio
 import orjson
 
 from pipeline.batch.book import LIVE, Book, Listed
@@ -71,6 +72,17 @@ class Twins:
         )
         db.execute("INSERT OR IGNORE INTO followed SELECT id FROM batch_twins")
         return db.execute("SELECT 1 FROM batch_twins LIMIT 1").fetchone() is not None
+
+    async def seed(self, ns: Iterable[int]) -> None:
+        """The lines of the live batches an earlier run staged lead too: a run killed before
+        it read all the input stages none of their twins it reads now (read back from the
+        batches' files, in a thread)."""
+        from pipeline.batch.keep import keys_of  # (the cache's modules: only for a run with one)
+
+        for n in ns:
+            keys = await anyio.to_thread.run_sync(keys_of, self.book.path(n), self.scope)
+            for key in keys.values():
+                self.lead(key, n)
 
     def attach(self, key: bytes, request: Request) -> bool:
         """List the request as a twin of the leader of `key` staged by this run, whose batch
