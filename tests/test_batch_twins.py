@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline.batch import twins
 from pipeline.run.runner import run
+from pipeline.send.status import http_error
 from pipeline.settings import Settings
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakebatchapi import FakeBatchApi, FakeHost, Killed, at_batch_tier
@@ -108,6 +109,39 @@ async def test_a_leader_that_fails_leaves_its_twins_answered_once(
         assert [c for c, r in sorted(results.items()) if r.get("reused")] == ["job-1", "job-2", "job-3"]
     else:
         assert "job-0" in errors
+
+
+class _Refusing(FakeBatchApi):
+    """A provider that refuses the first batch made (a 400 at its creation)."""
+
+    async def submit(self, staged: Path, *, tag: str, model: str, lines: int) -> Any:
+        if not self.made:
+            self.made = -1
+            raise http_error(400, "the batch is refused")
+        return await super().submit(staged, tag=tag, model=model, lines=lines)
+
+
+async def test_a_batch_refused_fails_its_twins_with_its_lines_once(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    rows = _rows([0, 1, 0, 1])
+    settings = at_batch_tier(make_settings(server[0], rows, cache=str(tmp_path / "c"), prices=PRICES))
+    api = _Refusing(max_lines=10)
+    await run(settings, FakeHost(api))
+    results, errors = _ended(settings.folder)
+    assert not results
+    assert sorted(errors) == [f"job-{i}" for i in range(4)]  # the twins with their leaders
+    assert all("refused" in e["error"]["message"] for e in errors.values())
+    assert not api.ran
+
+    # Sent again by the next run (failed unsent), the twins wait for their leaders again.
+    again = _Refusing(max_lines=10)
+    again.made = -1  # (this one refuses nothing)
+    summary = await run(settings, FakeHost(again))
+    assert summary.exit_code == 0, summary.message
+    results, errors = _ended(settings.folder)
+    assert sorted(results) == [f"job-{i}" for i in range(4)]
+    assert dict(again.ran) == {"job-0": 1, "job-1": 1}
 
 
 def _killed(error: BaseException) -> bool:

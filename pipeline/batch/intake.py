@@ -21,6 +21,7 @@ the lines to go again are found again.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -223,7 +224,7 @@ class Intake:
         twins = [twin for twin, _ in self.twins.of(batch.n)] if self.twins is not None else []
         if self.twins is not None:
             self.twins.closing(batch.n)
-        for listed in [*self.book.lines_of(batch.n), *twins]:
+        for listed in itertools.chain(self.book.lines_of(batch.n), twins):
             if not self.ledger.is_done(listed.custom_id):
                 self.judge.fail(batch, listed, code, message)
             if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
