@@ -69,6 +69,9 @@ async def test_fifty_lines_of_five_requests_are_staged_five_and_paid_five(
     assert usage["cost"]["total"] == pytest.approx(5 * BATCH_COST)
     assert usage["reused"]["requests"] == 45
     assert usage["reused"]["cost_not_spent"] == pytest.approx(45 * BATCH_COST)
+    # (the answers brought, and the tries that brought them: a reused one made none)
+    assert usage["answers_by_status"] == {"200": 5}
+    assert usage["attempts"] == 5
 
 
 @pytest.mark.parametrize(

@@ -316,8 +316,9 @@ class Intake:
         if not outcomes:
             return self.writer.broken is None
         successes = [o for o in outcomes if isinstance(o, Success)]
-        if successes:
-            self.books.answered(len(successes))
+        sent = len(successes) - sum(s.reused for s in successes)  # (a reused answer made no attempt)
+        if sent:
+            self.books.answered(sent)
         if self.writer.broken is not None:
             return False
         try:
