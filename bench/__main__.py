@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import batches, cache, caption, cluster, killed, prefix, real, scenarios, shards, styles
+from bench import batches, cache, caption, cluster, killed, prefix, real, redo, scenarios, shards, styles
 from bench.report import ScenarioResult, show, write_json
 from bench.runs import ROOT
 from bench.scenarios import Options, Scenario
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, Scenario] = {
     **batches.SCENARIOS,
     **prefix.SCENARIOS,
     **cache.SCENARIOS,
+    **redo.SCENARIOS,
 }
 
 
@@ -70,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
         "--scale",
         type=float,
         default=1.0,
-        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models', 'batches', 'prefix', 'cache'])}"
+        help=f"multiply the request counts of {', '.join([*real.SCENARIOS, 'styles', 'models', 'batches', 'prefix', 'cache', 'redo'])}"
         " (0.1: a quick look; default 1)",
     )
     p.add_argument(

@@ -17,19 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import orjson
+
 from pipeline.account.cost import money, price_for, priced, tier_prices, unpriced_batches
+from pipeline.errors import SettingsError
 from pipeline.input.line import LineParser
 from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
 from pipeline.jobfile import Price
-from pipeline.output.folder import LEDGER
+from pipeline.output.folder import LEDGER, RESULTS
 from pipeline.output.ledger import Ledger
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     from pipeline.cache.peek import Peek
+    from pipeline.output.redo import Selection
 
 MAX_LISTED = 20
 
@@ -50,6 +54,7 @@ class Estimate:
     failures: list[Failure] = field(default_factory=list)
     invalid: int = 0
     cached: Peek | None = None  # `--cache DIR`: the requests it answers, not counted above
+    redo: Selection | None = None  # with --redo: what it would send again
 
     @property
     def requests(self) -> int:
@@ -79,10 +84,19 @@ def estimate(settings: Settings) -> Estimate:
     check_input(settings.input)
     result = Estimate(settings)
     parser = LineParser(settings, every_token=True)
-    done = _done_in(settings.output) if settings.output is not None else None
+    done = _done_in(settings.folder) if settings.output is not None else None
+    again: set[str] = set()
+    if settings.redo is not None:
+        if done is None:
+            raise SettingsError(
+                f"--redo sends again lines of a folder a run wrote: {settings.output or 'no --output'} "
+                "holds none; give the run's --output"
+            )
+        result.redo = _redo(settings, done)
+        again = {row[0] for row in result.redo.rows}
 
     def is_done(custom_id: str) -> bool:
-        if done is None:
+        if done is None or custom_id in again:
             return False
         return done.execute("SELECT 1 FROM done WHERE id = ?", (custom_id,)).fetchone() is not None
 
@@ -99,7 +113,8 @@ def estimate(settings: Settings) -> Estimate:
                     if len(result.failures) < MAX_LISTED:
                         result.failures.append(item)
                     continue
-                if cached is not None and cached.held(item):
+                # (a line sent again is sent, whatever the cache holds: a run asks it nothing)
+                if cached is not None and item.custom_id not in again and cached.held(item):
                     continue
                 m = result.models.setdefault(item.model, ModelEstimate())
                 m.requests += 1
@@ -141,6 +156,34 @@ def _cached(cached: Peek, rest: int) -> str:
     )
 
 
+def _redo(settings: Settings, done: sqlite3.Connection) -> Selection:
+    """What `--redo` would choose in the folder, read only (as a run would, but for an index
+    a killed run left behind its file: the lines it has not seen are not chosen)."""
+    from pipeline.output.redo import chosen_before, select
+
+    assert settings.redo is not None
+    verdict = None
+    if settings.verdict is not None:
+        from pipeline.send.verdict import compile_verdict
+
+        verdict = compile_verdict(settings.verdict, settings.request, where=str(settings.job_file))
+    row = done.execute("SELECT value FROM meta WHERE key = 'results_offset'").fetchone()
+    offset = int(orjson.loads(row[0]) or 0) if row else 0
+    before = chosen_before(done)
+    failures = (
+        (str(k), str(kind), bytes(r)) for k, kind, r in done.execute("SELECT key, kind, record FROM failed")
+    )
+    return select(
+        settings.folder / RESULTS,
+        offset,
+        settings.redo,
+        counted=lambda custom_id: custom_id not in before,
+        failures=failures,
+        verdict=verdict,
+        prices=settings.prices,
+    )
+
+
 def _priced_as(prices: Mapping[str, Price], model: str) -> str | None:
     """The key of `prices` that prices `model`: `price_for`'s spellings, in its order."""
     return next(
@@ -156,6 +199,22 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
         print(f"{settings.input}:{failure.line}: {failure.message}", file=err)
     if result.invalid > len(result.failures):
         print(f"{settings.input}: {result.invalid - len(result.failures):,} more invalid lines", file=err)
+    if result.redo is not None and settings.redo is not None:
+        chosen = result.redo
+        warning = chosen.warning(settings.redo)
+        if warning:
+            print(f"pipeline: warning: {warning}", file=err)
+        why = ", ".join(f"{reason} {n:,}" for reason, n in chosen.reasons.items())
+        print(
+            f"--redo {settings.redo.what}: {chosen.lines:,} line(s) would go again"
+            + (
+                f" ({why}); the answers they replace cost {money(chosen.superseded_cost)}"
+                if chosen.lines
+                else ""
+            )
+            + "; the requests below count them, at the settings given now",
+            file=out,
+        )
     print(
         f"{settings.input}: {counts.read:,} lines: {result.requests:,} requests to send, "
         + (f"{counts.skipped:,} already done in {settings.output}, " if settings.output is not None else "")

@@ -26,6 +26,7 @@ class Request:
         "metadata",
         "model",
         "payload",
+        "prefix",
         "prompt_tokens",
         "stream",
     )
@@ -43,8 +44,10 @@ class Request:
         max_completion_tokens: int = 0,  # worst case over all choices (`max_tokens` times `n`)
         bounded: bool = True,  # the request sets max_tokens (else the worst case is a guess)
         images: list[Pending] | None = None,  # local images the payload's markers stand for, unread
+        prefix: str | None = None,  # its long prefix's key, to be sent beside its kin (`input.prefix`)
     ) -> None:
         self.custom_id, self.line, self.payload, self.metadata = custom_id, line, payload, metadata
+        self.prefix = prefix
         self.model, self.stream, self.prompt_tokens = model, stream, prompt_tokens
         self.charged_prompt, self.max_completion_tokens = charged_prompt, max_completion_tokens
         self.bounded, self.images = bounded, images

@@ -25,10 +25,35 @@ _T = TypeVar("_T")
 # NamedTuples: as frozen dataclasses, these two cost every run's start 5 million instructions
 # more (callgrind).
 class Price(NamedTuple):
-    """Dollars per million tokens."""
+    """Dollars per million tokens. A prompt token read from the provider's prompt cache costs
+    `cached`, one written to it `cache_write`; None: the prompt price (for `cached`, an upper
+    bound: the reports say the saving is not known)."""
 
     prompt: float
     completion: float
+    cached: float | None = None
+    cache_write: float | None = None
+
+    def scaled(self, share: float) -> Price:
+        """Every price times `share` (what a batch pays of it)."""
+        cached, write = self.cached, self.cache_write
+        return Price(
+            self.prompt * share,
+            self.completion * share,
+            None if cached is None else cached * share,
+            None if write is None else write * share,
+        )
+
+
+# Anthropic's writes to its prompt cache cost 1.25x the prompt price (5 minutes, all its
+# models); a model of its that `[prices]` gives no `cache_write` is priced so, never below.
+ANTHROPIC_WRITE = 1.25
+
+
+def anthropic(model: str) -> bool:
+    """Whether the model is Anthropic's (by its name, as OpenRouter or Anthropic spell it)."""
+    name = model.lower()
+    return "claude" in name or name.removeprefix("openrouter/").startswith("anthropic")
 
 
 class Prices(Mapping[str, Price]):
@@ -106,8 +131,10 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "max_cost": (int, float),
     "cache": (str,),
     "cache_max_gb": (int, float),
+    "prompt_cache": (bool,),
     "grace": (int, float),
     "quiet": (bool,),
+    "reorder": (bool,),
     "backoff_base": (int, float),
     "backoff_max": (int, float),
     "max_line_bytes": (int,),
@@ -148,6 +175,11 @@ def read_job_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: not valid TOML: {e}") from None
     out: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "redo":
+            raise SettingsError(
+                f"{path}: redo is a flag only (--redo WHAT): kept in a job file, it would send "
+                "those lines again at every run"
+            )
         if key not in _KNOWN:
             raise unknown_key(str(path), key, _KNOWN)
         if key in _TABLES:
@@ -172,7 +204,12 @@ def _relative_to(base: Path, value: str) -> str:
     return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
 
 
-_PRICE_KEYS = ("prompt", "completion", "batch_prompt", "batch_completion")
+_PRICE_KEYS = (
+    "prompt", "completion", "cached", "cache_write",
+    "batch_prompt", "batch_completion", "batch_cached", "batch_cache_write",
+)  # fmt: skip
+_BATCH_KEYS = ("batch_prompt", "batch_completion", "batch_cached", "batch_cache_write")
+_NOW_KEYS = ("prompt", "completion", "cached", "cache_write")
 _A_PRICE = "{ prompt = 0.5, completion = 1.5 } (dollars per million tokens)"
 
 
@@ -200,7 +237,7 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
         # A table of batch prices alone prices the batch tier only: the synchronous tier has
         # no price for the model (shown as unknown, never as $0).
         if not entry.keys() & {"batch_prompt", "batch_completion"} or entry.keys() & {"prompt", "completion"}:
-            now[model] = _price(table, entry, "prompt", "completion")
+            now[model] = _price(table, entry, model, _NOW_KEYS)
         if entry.keys() & {"batch_prompt", "batch_completion"}:
             stated[model] = entry
     # A half of a batch price left out is what a batch pays where the table states none: the
@@ -208,21 +245,52 @@ def check_prices(where: str, raw: Mapping[str, Any]) -> Prices:
     # share is known: `batch = 0.5` may come after a model's table (`m = {...}` inline).
     factor = 1.0 if share is None else share
     for model, entry in stated.items():
-        price = now.get(model, Price(0.0, 0.0))
-        implied = {"batch_prompt": price.prompt * factor, "batch_completion": price.completion * factor}
-        batch[model] = _price(
-            f'{where}: [prices."{model}"]', implied | entry, "batch_prompt", "batch_completion"
+        sync = now.get(model, Price(0.0, 0.0))
+        implied = dict(zip(_BATCH_KEYS, sync.scaled(factor), strict=True))
+        price = _price(
+            f'{where}: [prices."{model}"]',
+            {k: v for k, v in implied.items() if v is not None} | entry,
+            model,
+            _BATCH_KEYS,
         )
+        batch[model] = _cache_prices_follow(price, sync, entry)
     return Prices(now, batch=batch, share=share)
 
 
-def _price(table: str, entry: Mapping[str, Any], prompt: str, completion: str) -> Price:
+def _cache_prices_follow(batch: Price, sync: Price, entry: Mapping[str, Any]) -> Price:
+    """A batch's cached and write prices left out, as the same share of its prompt price as
+    at the synchronous tier (Anthropic's batch reads at a tenth of its batch prompt price and
+    writes at 1.25x it, as synchronously): a stated `batch_prompt` of half the prompt price
+    with no `batch = 0.5` priced a batch's writes at the full synchronous 1.25x, 2.5 times
+    its batch prompt price."""
+    if sync.prompt <= 0:
+        return batch
+    ratio = batch.prompt / sync.prompt
+    if "batch_cached" not in entry and sync.cached is not None:
+        batch = batch._replace(cached=sync.cached * ratio)
+    if "batch_cache_write" not in entry and sync.cache_write is not None:
+        batch = batch._replace(cache_write=sync.cache_write * ratio)
+    return batch
+
+
+def _price(table: str, entry: Mapping[str, Any], model: str, keys: tuple[str, ...]) -> Price:
+    prompt, completion, cached, write = keys
     try:
-        price = Price(_dollars(entry.get(prompt, 0.0)), _dollars(entry.get(completion, 0.0)))
+        price = Price(
+            _dollars(entry.get(prompt, 0.0)),
+            _dollars(entry.get(completion, 0.0)),
+            _dollars(entry[cached]) if cached in entry else None,
+            _dollars(entry[write]) if write in entry else None,
+        )
     except (TypeError, ValueError, OverflowError):
-        raise SettingsError(f"{table} {prompt} and {completion} must be numbers") from None
-    if price.prompt < 0 or price.completion < 0:
+        said = f"{prompt} and {completion}"
+        if cached in entry or write in entry:
+            said = f"{prompt}, {completion}, {cached} and {write}"
+        raise SettingsError(f"{table} {said} must be numbers") from None
+    if any(value is not None and value < 0 for value in price):
         raise SettingsError(f"{table} prices cannot be negative")
+    if price.cache_write is None and anthropic(model):
+        price = price._replace(cache_write=price.prompt * ANTHROPIC_WRITE)
     return price
 
 

@@ -57,7 +57,9 @@ def _tier_arguments(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool = True) -> None:
+def _job_arguments(
+    p: argparse.ArgumentParser, *, shard: bool = True, tier: bool = True, redo: bool = True
+) -> None:
     p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
     p.add_argument(
         "--input",
@@ -109,6 +111,31 @@ def _job_arguments(p: argparse.ArgumentParser, *, shard: bool = True, tier: bool
         type=positive_float,
         help="the answer cache's size at most, in GB; the answers used longest ago go first (default: no bound)",
     )
+    p.add_argument(
+        "--no-reorder",
+        dest="reorder",
+        action="store_false",
+        default=None,
+        help="send the lines in input order; by default the lines that share a long prefix (1,024 tokens "
+        "or more: a system prompt, an image) are sent close together, its first line alone, so that the "
+        "provider's prompt cache holds it for the rest (job file: reorder = false)",
+    )
+    p.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        default=None,
+        help="mark requests that share a long prefix (1,024 tokens or more) for the provider's prompt "
+        "cache: cache_control on it for Anthropic's models, prompt_cache_key for the others",
+    )
+    if redo:
+        p.add_argument(
+            "--redo",
+            metavar="WHAT",
+            help="send again the lines of OUT that need it, the request defaults free to change for them: "
+            "a comma list of length (answers cut by max_tokens), filter (content_filter), invalid (failing "
+            "the verdict now), failed (errors.jsonl), ids:FILE (one custom_id a line); the older answers "
+            "move to OUT/superseded.jsonl",
+        )
     if shard:
         p.add_argument(
             "--shard",
@@ -240,7 +267,7 @@ def parser(command: str | None = None) -> argparse.ArgumentParser:
             epilog=EXIT_STATUSES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _job_arguments(cluster, shard=False, tier=False)
+        _job_arguments(cluster, shard=False, tier=False, redo=False)
         cluster.add_argument("--shards", type=positive_int, required=True, help="how many shards (Ray tasks)")
         cluster.add_argument(
             "--address", help="the cluster (default RAY_ADDRESS; with neither, a local one is started)"

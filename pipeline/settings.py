@@ -14,13 +14,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
 from pipeline.jobfile import ModelLimit, Price, check_limits, check_prices, read_job_file
 from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
+
+if TYPE_CHECKING:
+    from pipeline.output.redo import Redo
 
 DEFAULT_KEY_ENV = "LUMENFALL_API_KEY"
 EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -52,6 +55,12 @@ class Settings:
     # the fingerprint: a folder may go on with or without it.
     cache: Path | None = None
     cache_max_gb: float | None = None
+    # Lines that share a long prefix are sent close together, for the provider's prompt cache
+    # (`pipeline.run.grouping`): only their order changes. Not in the fingerprint.
+    reorder: bool = True
+    # Markers for the provider's prompt cache on requests with a long shared prefix
+    # (`pipeline.input.cachemarks`). Not in the fingerprint: they change no answer.
+    prompt_cache: bool = False
     grace: float = 30.0  # seconds in-flight requests get after the first interrupt
     fresh: bool = False
     quiet: bool = False
@@ -83,6 +92,9 @@ class Settings:
     # What a batch taken in left at the provider (its files, or the inline batch) is deleted
     # (`pipeline.batch.clear`); true: kept there, for those who audit at the provider
     batch_keep_files: bool = False
+    # `--redo WHAT` (`pipeline.output.redo`): lines of the folder sent again, the request
+    # defaults free to change for them. A flag only, and not in the fingerprint.
+    redo: Redo | None = None
 
     @property
     def folder(self) -> Path:
@@ -139,6 +151,15 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
                 "command line: --cache-max-gb bounds the answer cache, and this run has none: "
                 'give --cache DIR too (or cache = "DIR" in the job file)'
             )
+    if isinstance(values.get("redo"), str):
+        from pipeline.output.redo import parse_redo
+
+        if values.get("fresh"):
+            raise SettingsError(
+                "command line: --redo sends some lines of the folder again and --fresh all of them "
+                "(its old files moved aside): give one of the two"
+            )
+        values["redo"] = parse_redo(values["redo"])
     values["base_url"] = check_base_url(str(values.get("base_url", DEFAULT_BASE_URL)))
     check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
     _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)

@@ -108,7 +108,19 @@ VALUES = st.recursive(
 )
 # A model's table with the keys it may hold: else nearly every table is refused for a key.
 PRICE = st.dictionaries(
-    st.sampled_from(["prompt", "completion", "batch_prompt", "batch_completion"]), SCALARS
+    st.sampled_from(
+        [
+            "prompt",
+            "completion",
+            "cached",
+            "cache_write",
+            "batch_prompt",
+            "batch_completion",
+            "batch_cached",
+            "batch_cache_write",
+        ]
+    ),
+    SCALARS,
 )
 
 
@@ -126,7 +138,9 @@ def test_any_prices_table_is_read_or_refused_in_one_line(raw: dict[str, Any]) ->
         return
     now, batch = tier_prices(prices, "sync"), tier_prices(prices, "batch")
     for price in (*now.values(), *batch.values()):
-        assert all(math.isfinite(half) and math.copysign(1.0, half) == 1.0 for half in price)
+        assert all(
+            math.isfinite(half) and math.copysign(1.0, half) == 1.0 for half in price if half is not None
+        )
     assert set(now) | set(batch) == {model for model, entry in raw.items() if isinstance(entry, dict)}
     assert set(now) <= set(batch)  # what a request may cost, a batch may too
     factor = 1.0 if prices.share is None else prices.share
@@ -134,5 +148,10 @@ def test_any_prices_table_is_read_or_refused_in_one_line(raw: dict[str, Any]) ->
         for half, key in enumerate(("batch_prompt", "batch_completion")):
             if key not in raw[model]:  # a half the table leaves out: as the share (or price) says
                 assert batch[model][half] == price[half] * factor
+        # a cached or write price left out: the same share of the batch's prompt price as now
+        ratio = batch[model].prompt / price.prompt if price.prompt else factor
+        for half, key in ((2, "batch_cached"), (3, "batch_cache_write")):
+            if key not in raw[model] and price[half] is not None:
+                assert batch[model][half] == pytest.approx(price[half] * ratio)
     assert set(unpriced_batches(prices)) <= set(now)
     assert pickle.loads(pickle.dumps(prices)) == prices

@@ -160,6 +160,7 @@ class Scenario:
     lines: int = 20
     again: bool = False  # the command asks for everything again (--fresh): nothing to hold it to
     new_sites_only: bool = False  # fail only the sites the scenarios before it did not reach
+    redo: bool = False  # the command asks again for lines results.jsonl holds (--redo)
 
 
 async def prepare_fresh(world: World) -> None:
@@ -217,12 +218,44 @@ async def merge_command(world: World) -> tuple[int, str]:
     return code, said.getvalue()
 
 
+async def prepare_redo(world: World) -> None:
+    """A folder whose answers were cut short (max_tokens 20: most of the mock's)."""
+    world.write_input(world.lines)
+    world.endpoint.begin("prepare")
+    code, message = await run_command(world, request={"max_tokens": 20})
+    assert code == 1, message
+
+
+async def redo_command(world: World) -> tuple[int, str]:
+    return await run_command(world, request={"max_tokens": 60}, redo="length")
+
+
+def cut_short(result: dict[str, Any]) -> bool:
+    return any(c.get("finish_reason") == "length" for c in result["response"]["body"]["choices"])
+
+
+def superseded_once(world: World, template: Path) -> list[str]:
+    """A redo's end: each answer cut short before is in superseded.jsonl once, as it stood,
+    and results.jsonl holds its new answer."""
+    before = (template / "out/results.jsonl").read_bytes().splitlines(keepends=True)
+    cut = sorted(raw for raw in before if cut_short(orjson.loads(raw)))
+    path = world.out / "superseded.jsonl"
+    moved = sorted(path.read_bytes().splitlines(keepends=True)) if path.exists() else []
+    problems = (
+        [] if moved == cut else [f"superseded.jsonl holds {len(moved)} lines, not the {len(cut)} replaced"]
+    )
+    still = sorted(r["custom_id"] for r in whole(world.out / "results.jsonl") if cut_short(r))
+    return problems + ([f"results.jsonl still holds the old answers of {still}"] if still else [])
+
+
 SCENARIOS = [
     Scenario("fresh", prepare_fresh, run_command, lambda w: w.out),
     Scenario("resume", prepare_resume, run_command, lambda w: w.out),
     # Moving the old files aside, then a run like the fresh one: only the moving is new.
     Scenario("--fresh", prepare_done, fresh_command, lambda w: w.out, again=True, new_sites_only=True),
     Scenario("merge", prepare_shards, merge_command, lambda w: w.out),
+    # Lines chosen, sent again, their older answers moved out: only the redo's own writes.
+    Scenario("--redo", prepare_redo, redo_command, lambda w: w.out, lines=10, redo=True, new_sites_only=True),
 ]
 
 # -- what must hold ------------------------------------------------------------------------------
@@ -384,6 +417,8 @@ async def instance(scenario: Scenario, base: World, template: Path, *targets: Ta
     problems += exactly_once(world, scenario.final(world))
     if scenario.again:
         problems += kept_aside(world, template)
+    elif scenario.redo:
+        problems += superseded_once(world, template)
     else:
         problems += bought_twice(world, kept)
     return [f"{scenario.name}, {shown(targets)}: {p}" for p in problems]

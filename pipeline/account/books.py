@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pipeline.account.cost import Budget, Reservation, answer_cost, money
+from pipeline.account.cost import Budget, Reservation, answer_cost, cache_figures, money, price_for, priced
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, SentNow, Success
@@ -133,13 +133,18 @@ class Books:
         for success in sent:
             request = success.request
             body, model = success.reply.body, request.model
-            name, reported, prompt, completion = usage.add_body(body, model)
+            name, reported, prompt, completion, cached, written = usage.add_body(body, model)
+            prices = now if now is not None and type(request) is SentNow else None
             if reported is not None:
                 cost: float | None = reported
-            elif now is not None and type(request) is SentNow:
-                cost = self._priced(name, body, model, now)
-            else:
-                cost = self._priced(name, body, model)
+            else:  # (priced from the tokens just counted: `answer_cost` would read them again)
+                table = self.prices if prices is None else prices
+                price = price_for(table, name) or price_for(table, model)
+                cost = None if price is None else priced(price, prompt, completion, cached, written)
+                if cost is not None:
+                    usage.add_priced(name, cost)
+            if cached or written:
+                self._cache(name, model, cached, written, prices)
             tokens_in += prompt
             tokens_out += completion
             if cost:
@@ -198,9 +203,27 @@ class Books:
 
     def _price(self, counted: Counted, body: dict[str, Any], requested: str | None) -> None:
         """An answer just counted: cost it from the price table where the server did not."""
-        name, reported, prompt, completion = counted
+        name, reported, prompt, completion, cached, written = counted
         cost = reported if reported is not None else self._priced(name, body, requested)
+        if cached or written:
+            self._cache(name, requested, cached, written)
         self.usage.timeline.spent(prompt, completion, cost)
+
+    def _cache(
+        self,
+        name: str,
+        requested: str | None,
+        cached: int,
+        written: int,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
+        """An answer that read from or wrote to the provider's prompt cache: what that saved,
+        and what its writes cost above the prompt price, by the price table (the server's
+        cost, where it states one, holds them already: the table tells them apart)."""
+        table = self.prices if prices is None else prices
+        price = price_for(table, name) or price_for(table, requested)
+        saved, extra = cache_figures(price, cached, written) if price is not None else (None, None)
+        self.usage.add_cache(name, saved if cached else 0.0, extra if written else 0.0)
 
     def _prices_of(self, request: Request) -> Mapping[str, Price]:
         now = self.now_prices

@@ -1,8 +1,10 @@
 """What an answer cost, and a budget that stops the run before it costs too much.
 
 A cost comes from the server (`usage.cost`, as OpenRouter reports it) where it says; else
-from the job's `[prices]` table (dollars per million prompt and completion tokens) at the
-run's tier (`tier_prices`: a batch pays its own price); else it is not known, and said to be so.
+from the job's `[prices]` table (dollars per million prompt and completion tokens, and prompt
+tokens read from or written to the provider's prompt cache at their own `cached` and
+`cache_write` prices) at the run's tier (`tier_prices`: a batch pays its own price); else it
+is not known, and said to be so.
 
 The budget (`--max-cost`) covers everything spent into the output folder, every run. Before
 a request is sent it reserves the request's worst case: its estimated prompt plus every
@@ -21,7 +23,7 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from pipeline.account.usage import Usage, answer_tokens
+from pipeline.account.usage import Usage, answer_tokens, cache_tokens
 from pipeline.job import Request
 from pipeline.jobfile import Price, Prices
 
@@ -57,10 +59,7 @@ def tier_prices(prices: Mapping[str, Price], tier: str) -> Mapping[str, Price]:
     if tier != "batch" or not isinstance(prices, Prices):
         return prices
     share = prices.share
-    table = {
-        model: price if share is None else Price(price.prompt * share, price.completion * share)
-        for model, price in prices.items()
-    }
+    table = {model: price if share is None else price.scaled(share) for model, price in prices.items()}
     table.update(prices.batch)
     return MappingProxyType(table)
 
@@ -79,8 +78,29 @@ def unpriced_batches(prices: Mapping[str, Price]) -> list[str]:
     return [model for model in prices if model not in stated]
 
 
-def priced(price: Price, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
+def priced(
+    price: Price, prompt_tokens: int, completion_tokens: int, cached: int = 0, written: int = 0
+) -> float:
+    """What `price` makes of an answer's tokens: of its prompt, `cached` read from the
+    provider's prompt cache and `written` to it (each in the prompt's count, as
+    `usage.prompt_tokens_details` has them) at their own prices."""
+    if not (cached or written):
+        return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
+    cached = min(cached, prompt_tokens)
+    written = min(written, prompt_tokens - cached)
+    read_price = price.prompt if price.cached is None else price.cached
+    write_price = price.prompt if price.cache_write is None else price.cache_write
+    prompt = (prompt_tokens - cached - written) * price.prompt + cached * read_price + written * write_price
+    return (prompt + completion_tokens * price.completion) / 1e6
+
+
+def cache_figures(price: Price, cached: int, written: int) -> tuple[float | None, float]:
+    """What the prompt cache saved on an answer (its cached tokens at the prompt price, less at
+    the cached price; None: `price` states no cached price, so it cannot tell), and what its
+    written tokens cost above the prompt price."""
+    saved = None if price.cached is None else cached * (price.prompt - price.cached) / 1e6
+    write_price = price.prompt if price.cache_write is None else price.cache_write
+    return saved, written * (write_price - price.prompt) / 1e6
 
 
 def answering_model(body: Mapping[str, Any], requested: str | None) -> str | None:
@@ -102,7 +122,8 @@ def answer_cost(
     if price is None:
         return None, None
     prompt, completion, _ = answer_tokens(body)
-    return priced(price, prompt, completion), "price table"
+    cached, written = cache_tokens(usage) if isinstance(usage, dict) else (0, 0)
+    return priced(price, prompt, completion, cached, written), "price table"
 
 
 # A NamedTuple and a plain class: as dataclasses, these two cost every run's start 2.4
@@ -160,7 +181,11 @@ class Budget:
             completion = max(completion, 2 * rate.longest)
         price = price_for(self.prices if prices is None else prices, request.model)
         if price is not None:
-            return priced(price, request.prompt_tokens, completion)
+            # (its whole prompt may be written to the provider's prompt cache, at Anthropic
+            # above the prompt price: the worst case)
+            write = price.cache_write
+            written = request.prompt_tokens if write is not None and write > price.prompt else 0
+            return priced(price, request.prompt_tokens, completion, 0, written)
         per_token = rate.per_token if rate is not None else None
         return None if per_token is None else per_token * (request.prompt_tokens + completion)
 

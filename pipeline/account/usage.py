@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from pipeline.account.answered import answer_tokens, cache_tokens, reports_usage
 from pipeline.account.histogram import Histogram, bucket
 from pipeline.account.timeline import Timeline
 from pipeline.account.totals import ModelUsage
@@ -20,42 +21,11 @@ from pipeline.job import Failure, Success
 
 SLOWEST = 10  # the slowest requests kept, by id
 MESSAGES = 5  # the commonest messages kept for each failure code
-__all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "reports_usage"]
+__all__ = ["Counted", "Histogram", "ModelUsage", "Usage", "answer_tokens", "cache_tokens", "reports_usage"]
 # An answer as counted: the model it counts under, the cost the server reported (None: it
-# said none), its prompt and completion tokens (read once, for the books to cost it too).
-Counted = tuple[str, float | None, int, int]
-
-
-def answer_tokens(body: Mapping[str, Any]) -> tuple[int, int, int]:
-    """Prompt, completion and total tokens of an answer, as its `usage` says (0 where it
-    says nothing; the total is the sum when it gives none)."""
-    usage = body.get("usage")
-    return _counts(usage) if isinstance(usage, dict) else (0, 0, 0)
-
-
-def _counts(usage: Mapping[str, Any]) -> tuple[int, int, int]:
-    """Prompt, completion and total tokens of a `usage` object (see `answer_tokens`)."""
-    # (each whole number checked where it is read: every answer comes here)
-    prompt, completion, total = (
-        usage.get("prompt_tokens"),
-        usage.get("completion_tokens"),
-        usage.get("total_tokens"),
-    )
-    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
-    completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
-    total = total if isinstance(total, int) and not isinstance(total, bool) else 0
-    return prompt, completion, total or prompt + completion
-
-
-def reports_usage(body: Any) -> bool:
-    """Whether a body says it used tokens or cost something: an answer thrown away (empty,
-    malformed, an error inside a 200) may, and is billed all the same."""
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return False
-    cost = usage.get("cost")
-    costs = isinstance(cost, int | float) and not isinstance(cost, bool) and cost > 0
-    return costs or answer_tokens(body)[2] > 0
+# said none), its prompt and completion tokens, and of its prompt those read from the
+# provider's prompt cache and written to it (read once, for the books to cost it too).
+Counted = tuple[str, float | None, int, int, int, int]
 
 
 class Usage:
@@ -80,6 +50,7 @@ class Usage:
         self.latency = Histogram()
         self.ttft = Histogram()
         self.runs: list[dict[str, Any]] = []
+        self.redos: list[dict[str, Any]] = []  # each --redo: what it chose, why, what changed
         self.run_started = time.time()
         self.timeline = Timeline()
         self.slowest: list[tuple[float, str]] = []  # (latency, custom_id), slowest first
@@ -107,7 +78,7 @@ class Usage:
             self.requested_models[f"{requested} -> {name}"] += 1
         usage = body.get("usage")
         if not isinstance(usage, dict):
-            return name, None, 0, 0
+            return name, None, 0, 0, 0, 0
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         total = usage.get("total_tokens")
@@ -119,11 +90,24 @@ class Usage:
         m.prompt_tokens += prompt
         m.completion_tokens += completion
         m.total_tokens += total or prompt + completion
+        # (`cache_tokens` written out, Anthropic's own names looked for only where they may add)
         details = usage.get("prompt_tokens_details")
+        cached = written = 0
         if isinstance(details, dict):
             value = details.get("cached_tokens")
-            if type(value) is int:
-                m.cached_tokens += value
+            if type(value) is int and value > 0:
+                cached = value
+            value = details.get("cache_write_tokens")
+            if type(value) is int and value > 0:
+                written = value
+        if (not written and "cache_creation_input_tokens" in usage) or (
+            not cached and "cache_read_input_tokens" in usage
+        ):
+            cached, written = cache_tokens(usage)
+        if cached:
+            m.cached_tokens += cached
+        if written:
+            m.cache_write_tokens += written
         details = usage.get("completion_tokens_details")
         if isinstance(details, dict):
             value = details.get("reasoning_tokens")
@@ -133,8 +117,8 @@ class Usage:
         if type(cost) is float or type(cost) is int:
             m.cost_reported += cost
             m.with_cost += 1
-            return name, float(cost), prompt, completion
-        return name, None, prompt, completion
+            return name, float(cost), prompt, completion, cached, written
+        return name, None, prompt, completion, cached, written
 
     def add_times(self, successes: Sequence[Success]) -> tuple[list[int], list[int]]:
         """Successes counted, with their attempts and times (one write's, in one loop: each
@@ -167,6 +151,20 @@ class Usage:
         m = self.models[model]
         m.cost_priced += cost
         m.priced += 1
+
+    def add_cache(self, model: str, saved: float | None, extra: float | None) -> None:
+        """What the prompt cache saved on an answer counted under `model` (0.0: it read
+        nothing), and what its writes cost above the prompt price (0.0: it wrote nothing), as
+        the job's prices tell (None: they cannot)."""
+        m = self.models[model]
+        if saved is None:
+            m.cache_unpriced += 1
+        else:
+            m.cache_saved += saved
+        if extra is None:
+            m.cache_write_unpriced += 1
+        else:
+            m.cache_write_extra += extra
 
     def add_discarded(self, body: dict[str, Any], requested: str | None) -> Counted:
         """An answer paid for but not kept (a verdict that broke the schema, an empty or broken
@@ -207,6 +205,7 @@ class Usage:
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
         self.runs += [{**run, "shard": label} for run in other.runs]
+        self.redos += [{**redo, "shard": label} for redo in other.redos]
         self.timeline.add(other.timeline.state(), label)
         self.slowest = sorted([*self.slowest, *other.slowest], reverse=True)[:SLOWEST]
         for code, counts in other.messages.items():
@@ -243,6 +242,7 @@ class Usage:
             "latency": self.latency.state(),
             "ttft": self.ttft.state(),
             "runs": self.runs,
+            **({"redos": self.redos} if self.redos else {}),
             "timeline": self.timeline.state(),
             "slowest": [list(s) for s in self.slowest],
             "messages": {
@@ -273,6 +273,7 @@ class Usage:
         usage.latency = Histogram.from_state(state.get("latency"))
         usage.ttft = Histogram.from_state(state.get("ttft"))
         usage.runs = list(state.get("runs", []))
+        usage.redos = list(state.get("redos", []))
         usage.timeline = Timeline(list(state.get("timeline", [])))
         usage.slowest = [(float(s), str(i)) for s, i in state.get("slowest", [])]
         usage.messages = {code: Counter(m) for code, m in state.get("messages", {}).items()}

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from pipeline.account.cost import answer_cost, answering_model, price_for, priced
-from pipeline.account.usage import answer_tokens
+from pipeline.account.usage import answer_tokens, cache_tokens
 from pipeline.job import Success
 from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER
@@ -60,7 +60,9 @@ class Spent:
                     self.bounded += batch is price
             if price is not None:
                 prompt, completion, _ = answer_tokens(body)
-                self.sync_cost += priced(price, prompt, completion)
+                usage = body.get("usage")
+                cached, written = cache_tokens(usage) if isinstance(usage, dict) else (0, 0)
+                self.sync_cost += priced(price, prompt, completion, cached, written)
                 self.sync_priced += 1
 
     def state(self) -> dict[str, Any]:

@@ -21,6 +21,9 @@ which change how an answer is carried or recorded, never what it says:
                                is dropped from messages, their content parts and tools only
                                (elsewhere, a JSON schema's property may bear the name)
 
+and a message's content that is one text part alone counts as that text (the same prompt to
+the model, and how `prompt_cache` marks a string content: a list of one marked part).
+
 A number is kept as written after parsing: `temperature: 1` and `1.0` are two keys (a miss,
 never a wrong answer). An integer beyond 64 bits, which orjson reads as a float (two such
 integers a float apart would then share a key), sends the payload the standard library's
@@ -71,6 +74,7 @@ def request_key(payload: bytes, *, scope: str = "") -> bytes:
             del body[name]
     if _MARKER in payload:
         _drop_cache_control(body)
+    _one_part_as_text(body)
     canonical = b""
     if not slow:
         try:
@@ -101,6 +105,18 @@ def _has_big_float(body: dict[str, Any]) -> bool:
             elif kind is float and (child >= _BIG or child <= -_BIG):
                 return True
     return False
+
+
+def _one_part_as_text(body: dict[str, Any]) -> None:
+    messages = body.get("messages")
+    for message in messages if type(messages) is list else ():
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is list and len(content) == 1:
+            part = content[0]
+            if type(part) is dict and len(part) == 2 and part.get("type") == "text":
+                text = part.get("text")
+                if type(text) is str:
+                    message["content"] = text
 
 
 def _drop_cache_control(body: dict[str, Any]) -> None:

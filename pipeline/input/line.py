@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError
 from pipeline.input import jsonl
 from pipeline.input.body import check_body, type_name
+from pipeline.input.prefix import MIN_TOKENS, prefix_key
 from pipeline.input.tokens import BODY_TEXT, Pieces, TokenEstimator, completion_bound
 from pipeline.input.usual import BATCH_URL, read_usual
 from pipeline.job import Request
@@ -75,6 +76,14 @@ class LineParser:
         self.pieces_hold = BODY_TEXT.isdisjoint(self.defaults)
         self.own_model = 0  # lines that name a model of their own, not the job's
         self.shard = settings.shard
+        # Lines that share a long prefix are sent close together (`run.grouping`): the key of
+        # each line's prefix, where its prompt is long enough to have one.
+        self.prefixes = settings.reorder and settings.tier == "sync"
+        self.mark: Callable[..., dict[str, Any]] | None = None
+        if settings.prompt_cache:  # (only a job with prompt_cache imports the marking)
+            from pipeline.input.cachemarks import Marks
+
+            self.mark = Marks()
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -204,12 +213,22 @@ class LineParser:
                 if not isinstance(options, dict) or "include_usage" not in options:
                     # Without it a streamed reply carries no usage, and the run cannot be costed.
                     body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+            if self.mark is not None:
+                body = self.mark(
+                    body,
+                    model if type(model) is str else str(model),
+                    {p.marker.decode(): (str(p.path), p.tokens) for p in images} if images else None,
+                )
             prompt, charged = self.estimator.counts(
                 body,
                 {image.marker.decode(): image.tokens for image in images} if images else None,
                 parsed.pieces if self.pieces_hold else None,
             )
             most, bounded = completion_bound(body)
+            prefix = None
+            if self.prefixes and max(prompt, charged) >= MIN_TOKENS:
+                local = {im.marker.decode(): (str(im.path), im.tokens) for im in images} if images else None
+                prefix = prefix_key(body, model if type(model) is str else str(model), local)
             # (built in one call, its fields in order: every line comes here)
             return Request(
                 custom_id,
@@ -223,6 +242,7 @@ class LineParser:
                 most,
                 bounded,
                 images or None,
+                prefix,
             )
         except InputError:
             raise

@@ -24,6 +24,7 @@ from pipeline.job import Failure, Outcome, Request
 from pipeline.output.ledger import Ledger
 from pipeline.quote import quote
 from pipeline.run.control import Refill
+from pipeline.run.grouping import Grouping
 
 YIELD_EVERY = 64  # lines: a long stretch of skipped lines does not hold the loop for long
 # A refill of the request buffer yields once a refill batch (see `feed`), up to this many lines:
@@ -151,10 +152,12 @@ async def feed(
     failures: MemoryObjectSendStream[Outcome],
     counts: ReadCounts,
     refill: Refill | None = None,
+    grouping: Grouping | None = None,
 ) -> None:
     """Send every line still to do to the workers, and every bad line to the writer.
     Stops early when the receiving side closes (the run stopped dispatching). With `refill`,
-    a full request buffer is topped up by halves (see `Refill`)."""
+    a full request buffer is topped up by halves (see `Refill`). With `grouping`, lines that
+    share a long prefix are held there and go with their kin (see `run.grouping`)."""
     pipe = PipeLines(lambda: lines(path, max_bytes=parser.max_line_bytes)) if is_pipe(path) else None
     # One pass of the loop may take a whole batch (every request in flight answered at
     # once): a reader that yields sooner leaves the workers an empty buffer, each then
@@ -173,6 +176,11 @@ async def feed(
                 if not isinstance(item, Request):
                     await _send(failures, item)
                     continue
+                if grouping is not None and item.prefix is not None:
+                    if grouping.full(len(item.payload)):
+                        await grouping.room(len(item.payload))
+                    grouping.add(item)  # (it goes with its kin, handed to a worker from there)
+                    continue
                 if refill is not None:
                     size = len(item.payload)
                     while not refill.fits(size):
@@ -186,6 +194,8 @@ async def feed(
                     await requests.send(item)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return  # the other side is gone: the run stopped dispatching
+        if grouping is not None:
+            await grouping.drain()  # the held lines go before the workers learn the input ended
 
 
 async def _send(stream: MemoryObjectSendStream[Outcome], item: Outcome) -> None:

@@ -109,7 +109,7 @@ def _content(body: dict[str, Any], h: int, index: int) -> tuple[str, int]:
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
         text = orjson.dumps({"answer": WORDS[h % len(WORDS)]}).decode()
         return text, max(len(text) // 4, 1)
-    n_words = max(1, min(int(answer_limit(body)), 12 + (h + index) % 24))
+    n_words = max(1, min(int(answer_limit(body)), _natural(h, index)))
     words = [WORDS[(h + i * 7 + index) % len(WORDS)] for i in range(n_words)]
     text = " ".join(words).capitalize() + "."
     stops = body.get("stop")
@@ -117,6 +117,21 @@ def _content(body: dict[str, Any], h: int, index: int) -> tuple[str, int]:
         if isinstance(stop, str) and stop and stop in text:
             text = text[: text.index(stop)]
     return text, n_words
+
+
+def _natural(h: int, index: int) -> int:
+    """The words a plain answer would take with no limit."""
+    return 12 + (h + index) % 24
+
+
+def _cut(body: dict[str, Any], h: int, index: int) -> bool:
+    """Whether a plain answer was cut by the request's limit (finish_reason "length"), as a
+    server says of an answer that ran into max_tokens."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+        return False
+    limit = answer_limit(body)
+    return isinstance(limit, int) and not isinstance(limit, bool) and limit < _natural(h, index)
 
 
 def _tool_call(body: dict[str, Any], h: int) -> dict[str, Any] | None:
@@ -164,7 +179,7 @@ def completion(body: dict[str, Any], *, cost: bool = True, cache: Served | None 
             text, tokens = _content(body, h, i)
             message["content"] = text
             completion_tokens += tokens
-            reason = "stop"
+            reason = "length" if _cut(body, h, i) else "stop"
         choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": reason}
         if body.get("logprobs") and message.get("content"):
             top = body.get("top_logprobs") or 0

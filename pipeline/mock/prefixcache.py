@@ -36,6 +36,10 @@ The rule here:
   shares a cacheable start with (one place a shared system prompt, whatever follows it). With
   markers, the tokens up to the last one beyond those read are reported as written
   (`cache_write_tokens`), by every request that did not read them; without, 0.
+- Anthropic's models (`jobfile.anthropic`) cache only at markers: a request with none reads
+  and writes nothing; one with markers reads only a prefix written before, whole (its entry
+  ends at a marked block of the request: the lookback to earlier blocks finds entries, not
+  the leading runs of longer ones), and each written prefix is an entry of its own.
 - On the mock's clock (`config.clock`: tests move a fake one).
 
 Not modelled: OpenAI's 128-token granularity (blocks are whole texts or parts), its overflow of
@@ -55,6 +59,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
+
+from pipeline.jobfile import anthropic
 
 LEADING = ("tools", "tool_choice", "response_format")  # what sits before the messages of a prompt
 MARKER = "cache_control"
@@ -200,7 +206,11 @@ class PrefixCache:
         model = str(body.get("model"))
         kept = self._fresh(model, now)
         cached, read = 0, None
-        for key, prefix in kept.items():
+        if anthropic(model):  # (an entry read whole, only by a request with a marker)
+            ends = _stored(chain) if any(b.marked for b in chain) else []
+            read = next((b.key for b in reversed(ends) if b.key in kept), None)
+            cached = next(b.tokens for b in chain if b.key == read) if read is not None else 0
+        for key, prefix in kept.items() if not anthropic(model) else ():
             match = next((b.tokens for b in reversed(chain) if b.key in prefix.keys), 0)
             if match > cached:
                 cached, read = match, key
@@ -217,10 +227,13 @@ class PrefixCache:
         now = self.clock()
         kept = self._fresh(reading.model, now)
         written = 0
-        stored = _stored(reading.chain)
+        own = anthropic(reading.model)  # (its entries its own, and none without a marker)
+        stored = _stored(reading.chain) if not own or any(b.marked for b in reading.chain) else []
         if stored and stored[-1].tokens >= self.min_tokens:
             last = stored[-1].key
-            holder = next((k for k, p in kept.items() if last in p.keys), None)
+            holder = last if own and last in kept else None
+            if not own:
+                holder = next((k for k, p in kept.items() if last in p.keys), None)
             if holder is not None:
                 self._use(kept, holder, now)
             else:
@@ -228,7 +241,7 @@ class PrefixCache:
                 shared = {b.key for b in stored if b.tokens >= self.min_tokens}
                 # One place a shared start: the prefixes this one extends, or that begin with a
                 # cacheable run it begins with too, give it theirs (their other tails are lost).
-                for key in [k for k, p in kept.items() if k in keys or p.keys & shared]:
+                for key in [k for k, p in kept.items() if k in keys or p.keys & shared] if not own else ():
                     del kept[key]
                 kept[last] = _Kept(keys, now)
                 while len(kept) > self.size:

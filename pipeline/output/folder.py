@@ -164,7 +164,9 @@ def stopped(folder: Path, error: OSError | sqlite3.Error) -> RunStopped:
 
 
 @contextlib.contextmanager
-def opened(folder: Path, fingerprint: dict[str, Any], *, fresh: bool = False) -> Iterator[Ledger]:
+def opened(
+    folder: Path, fingerprint: dict[str, Any], *, fresh: bool = False, redo: bool = False
+) -> Iterator[Ledger]:
     """The folder of a run: made, locked, its old files moved aside when `fresh`, its index
     opened for this job. A write that fails here or in the run inside (OSError, sqlite3.Error)
     is a stop naming the folder and its device; what a failure left half done in the index
@@ -178,7 +180,7 @@ def opened(folder: Path, fingerprint: dict[str, Any], *, fresh: bool = False) ->
     with lock_folder(folder):
         try:
             previous = move_aside(folder) if fresh else None
-            ledger = open_job(folder, fingerprint)
+            ledger = open_job(folder, fingerprint, redo=redo)
             ledger.previous = previous
         except sqlite3.DatabaseError as e:
             if is_full(e) or "I/O" in str(e):
@@ -220,9 +222,11 @@ def differences(old: Any, new: Any, where: str = "") -> list[str]:
     return [f"{where} was {_shown(old)}, now {_shown(new)}"]
 
 
-def open_job(folder: Path, fingerprint: dict[str, Any]) -> Ledger:
+def open_job(folder: Path, fingerprint: dict[str, Any], *, redo: bool = False) -> Ledger:
     """The folder's index, for this job: a folder that holds another job's outputs is refused,
-    naming what differs, so that two jobs' results never mix."""
+    naming what differs, so that two jobs' results never mix. With `redo`, the request
+    defaults may change (the same input and shard): `ledger.changes` says how, and the run
+    records the new job with the lines it chose (`pipeline.output.redo`)."""
     ledger = Ledger(folder / LEDGER)
     try:
         recorded = ledger.get("job")
@@ -238,12 +242,24 @@ def open_job(folder: Path, fingerprint: dict[str, Any]) -> Ledger:
         # Folders made before the model left `request` (it is the fingerprint's `model`).
         recorded["request"] = {k: v for k, v in recorded["request"].items() if k != "model"}
     if recorded != fingerprint:
-        with contextlib.suppress(sqlite3.Error):
-            ledger.close(commit=False)
         changed = differences(recorded, fingerprint)
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        fixed = isinstance(recorded, dict) and all(
+            recorded.get(key) == fingerprint.get(key) for key in ("input", "shard")
+        )
+        if redo and fixed:
+            ledger.changes = changed
+            return ledger
+        with contextlib.suppress(sqlite3.Error):
+            ledger.close(commit=False)
+        if redo:
+            raise SettingsError(
+                f"{folder} holds the outputs of another input ({shown}): --redo sends lines of the same "
+                "input and shard again; run with --fresh to start over there, or choose another --output"
+            )
         raise SettingsError(
-            f"{folder} holds the outputs of a different job ({shown}); run with --fresh to start "
-            "over there (old files are moved aside), or choose another --output"
+            f"{folder} holds the outputs of a different job ({shown}); run with --redo WHAT to send "
+            "again only the lines that need it (length, filter, invalid, failed, ids:FILE) under the new "
+            "settings, --fresh to start over there (old files are moved aside), or choose another --output"
         )
     return ledger

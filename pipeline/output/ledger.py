@@ -76,6 +76,7 @@ class Ledger:
         self._seen_new: list[str] = []  # those noted since the last commit, which a rollback forgets
         self.landed = False  # the last commit failed, yet the index's part of it holds (see above)
         self.previous: Path | None = None  # where --fresh moved the folder's earlier files
+        self.changes: list[str] = []  # how a --redo run's job differs from the one recorded
 
     def _prepare(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -231,6 +232,13 @@ class Ledger:
         added = max(cur.rowcount, 0)
         self.done_count += added
         return added
+
+    def drop_done(self, ids: Iterable[str]) -> int:
+        """Take ids out of `done` (lines to send again: `pipeline.output.redo`); how many were."""
+        cur = self._begun().executemany("DELETE FROM done WHERE id = ?", zip(ids))
+        dropped = max(cur.rowcount, 0)
+        self.done_count -= dropped
+        return dropped
 
     def clear_done(self) -> None:
         self._begun().execute("DELETE FROM done")

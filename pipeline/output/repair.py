@@ -24,7 +24,7 @@ from pipeline.output.folder import ERRORS, RESULTS, remove, write_lines
 from pipeline.output.ledger import OPEN_RUN, Ledger
 
 
-def _valid_result(raw: bytes) -> dict[str, Any] | None:
+def valid_result(raw: bytes) -> dict[str, Any] | None:
     """A whole, well-formed result line, parsed; None for anything torn."""
     if not raw.endswith(b"\n"):
         return None
@@ -45,15 +45,25 @@ def reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
     and cut out torn or duplicate lines. Returns (lines indexed, lines removed). All of it is
     committed at once or none of it: indexed ids without the offset that covers their lines
     would make the next repair cut those lines as copies."""
+    from pipeline.output.supersede import compact, resume, supersede_older
+
     try:
-        return _reconcile(folder, ledger, books)
+        resume(folder, ledger)  # before: a compaction killed after its rename left the file shorter
+        newer: set[str] = set()
+        found = _reconcile(folder, ledger, books, newer)
+        compact(folder, ledger)  # the old answers of ids a killed redo run answered anew
+        while newer:  # (ids answered anew an index lost knew of: the newest kept, the older moved)
+            newer = supersede_older(folder, ledger, newer)
+        return found
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             ledger.rollback()
         raise
 
 
-def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
+def _reconcile(folder: Path, ledger: Ledger, books: Books, newer: set[str]) -> tuple[int, int]:
+    """`newer` gets the ids with two different answers (a redo's, its index lost): both kept
+    for now; a copy of the same line is cut."""
     path = folder / RESULTS
     offset = int(ledger.get("results_offset") or 0)
     size = path.stat().st_size if path.exists() else 0
@@ -64,17 +74,23 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
         books.usage.models.clear()
         books.usage.reused, books.usage.reused_cost, books.usage.reused_unpriced = 0, 0.0, 0
         offset = 0
+    if offset == 0:  # (an index begun again, or deleted: what redos replaced counted again)
+        _count_superseded(folder, books)
     indexed = 0
     bad: list[tuple[int, int]] = []
+    again: dict[str, tuple[int, bytes]] = {}  # (the last line of an id indexed already)
     if size > offset:
         with path.open("rb") as f:
             f.seek(offset)
             pos = offset
             for raw in f:
                 start, pos = pos, pos + len(raw)
-                obj = _valid_result(raw)
-                if obj is None or not ledger.add_done([obj["custom_id"]]):
+                obj = valid_result(raw)
+                if obj is None:
                     bad.append((start, pos))
+                    continue
+                if not ledger.add_done([obj["custom_id"]]):
+                    again[obj["custom_id"]] = (start, raw)
                     continue
                 indexed += 1
                 ledger.drop_failed([obj["custom_id"]])
@@ -86,12 +102,54 @@ def _reconcile(folder: Path, ledger: Ledger, books: Books) -> tuple[int, int]:
                     books.recovered_reused(body, count_outcome=not rebuild, bought=bought)
                 else:
                     books.recovered(body, count_outcome=not rebuild)
+    if again:
+        bad.extend(_answered_anew(path, again, books, newer))
     if bad:
-        _cut(path, bad)
+        cut_ranges(path, sorted(bad))
     ledger.put("results_offset", path.stat().st_size if path.exists() else 0)
     ledger.put("usage", books.usage.state())
     ledger.commit()
     return indexed, len(bad)
+
+
+def _count_superseded(folder: Path, books: Books) -> None:
+    """The answers redos replaced, paid for: counted again where the index is rebuilt."""
+    from pipeline.output.supersede import SUPERSEDED
+
+    if not (folder / SUPERSEDED).exists():
+        return
+    with (folder / SUPERSEDED).open("rb") as f:
+        for raw in f:
+            obj = valid_result(raw)
+            if obj is not None and obj.get("reused") is not True:
+                books.recovered(obj["response"]["body"], count_outcome=False)
+
+
+def _answered_anew(
+    path: Path, again: dict[str, tuple[int, bytes]], books: Books, newer: set[str]
+) -> list[tuple[int, int]]:
+    """The lines of ids indexed already: a copy of the id's first line is cut (written twice);
+    a different answer is a redo's whose index was lost (or deleted): paid, counted, and kept
+    as the newer (the ids in `newer`). Returns the ranges to cut."""
+    from pipeline.output.supersede import locate
+
+    first = locate(path, set(again))
+    cut: list[tuple[int, int]] = []
+    with path.open("rb") as f:
+        for custom_id, (start, raw) in again.items():
+            where = first.get(custom_id)
+            if where is not None and where[0] != start:
+                f.seek(where[0])
+                if f.read(where[1]) != raw:
+                    newer.add(custom_id)
+                    obj = orjson.loads(raw)
+                    if obj.get("reused") is True:
+                        books.recovered_reused(obj["response"]["body"], count_outcome=False)
+                    else:
+                        books.recovered(obj["response"]["body"], count_outcome=False)
+                    continue
+            cut.append((start, start + len(raw)))
+    return cut
 
 
 def open_run_mark(started: float, prices: Mapping[str, Price]) -> dict[str, Any]:
@@ -126,7 +184,7 @@ def mark_prices(mark: Any) -> dict[str, Price]:
     }
 
 
-def _cut(path: Path, bad: list[tuple[int, int]]) -> None:
+def cut_ranges(path: Path, bad: list[tuple[int, int]]) -> None:
     """Remove the byte ranges `bad` from the file, so that a crash at any moment leaves
     either the old file or the new one, never a file missing good lines."""
     size = path.stat().st_size

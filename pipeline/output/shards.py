@@ -21,6 +21,7 @@ from pipeline.errors import SettingsError
 from pipeline.output.folder import ERRORS, LEDGER, RESULTS, take_lock
 from pipeline.output.ledger import OPEN_RUN, Ledger
 from pipeline.output.repair import mark_prices, repair
+from pipeline.output.supersede import PLAN, owed
 
 _SHARD = re.compile(r"shard-(\d+)-of-(\d+)")
 RUNNING = "is running now"
@@ -91,6 +92,8 @@ def _killed(path: Path, ledger: Ledger) -> str | None:
     mark = ledger.get(OPEN_RUN)
     if isinstance(mark, dict):
         return f"its last run, started {mark.get('started')} by {mark.get('by')}, did not end (killed?)"
+    if owed(ledger):
+        return "its results.jsonl still holds the older answers of redone lines (a run stopped?)"
     offset = int(ledger.get("results_offset") or 0)
     size = _size(path / RESULTS)
     if size > offset:
@@ -127,6 +130,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
         if not busy:
             shard.killed = _killed(path, ledger)
         offset = int(ledger.get("results_offset") or 0)
+        planned = ledger.get(PLAN) is not None  # (a compaction killed after its rename: shorter)
     finally:
         ledger.close()
     runs = shard.usage.runs
@@ -139,7 +143,7 @@ def read_shard(path: Path, k: int, n: int, *, busy: bool | None = None) -> Shard
         pending = last.get("pending")
         left = f"{pending:,} lines pending" if isinstance(pending, int) else "lines pending"
         shard.problem = f"is unfinished ({left}, exit {last.get('exit')}): {shard.again()}"
-    elif _size(path / RESULTS) < offset:
+    elif _size(path / RESULTS) < offset and not planned:
         # Cut by someone: a repair would forget the results gone, and the lines they answered
         # would be neither results nor failures. A run sends them again.
         shard.problem = (

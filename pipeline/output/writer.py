@@ -51,6 +51,7 @@ class Writer:
     ) -> None:
         self.on_input_error: Callable[[Failure], None] | None = None  # to tell the user at once
         self.on_broken: Callable[[BaseException], None] | None = None  # the folder took no more
+        self.redone: Callable[[str], bool] | None = None  # ids a --redo chose (their old answer kept)
         self.broken: OSError | sqlite3.Error | None = None  # the first write that failed
         self.folder = folder
         self.ledger = ledger
@@ -122,6 +123,10 @@ class Writer:
         self.written += len(successes)
 
     def _write_failures(self, failures: list[Failure]) -> None:
+        if self.redone is not None:
+            for f in failures:
+                if f.custom_id is not None and not f.is_input_error and self.redone(f.custom_id):
+                    f.extra["kept"] = "the earlier answer stays in results.jsonl; a later run tries again"
         lines = [self.redact(error_line(f)) for f in failures]
         try:
             self._errors.append(b"".join(lines))

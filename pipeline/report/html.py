@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.account.cost import money
 from pipeline.account.timeline import joined
 from pipeline.report.batches import batch_sentences
+from pipeline.report.cached import HEAD, cache_notes, cache_rows
 from pipeline.report.charts import bars, over_time
 from pipeline.report.svg import escape
 
@@ -95,6 +96,11 @@ def html_report(doc: dict[str, Any]) -> str:
             ],
         )
     )
+    cached = cache_rows(doc)
+    if cached:
+        parts.append("<h3>Prompt cache</h3>")
+        parts.append(_table(HEAD, cached))
+        parts += [f"<p class='note'>{_e(note)}</p>" for note in cache_notes(doc)]
     runs = _by_run(doc, stretches)
     parts.append("<h2>Tokens and cost by run</h2>")
     if runs:
@@ -108,6 +114,11 @@ def html_report(doc: dict[str, Any]) -> str:
             numeric_from=1,
         )
     )
+    if doc.get("redo"):
+        from pipeline.report.redos import redo_sentences
+
+        parts.append("<h2>Redone</h2>")
+        parts += [f"<p class='note'>{escape(s)}</p>" for s in redo_sentences(doc["redo"])]
     parts.append("<h2>Answers and failures</h2>")
     reused = doc.get("reused") or {}
     if reused.get("requests"):

@@ -18,7 +18,9 @@ from pipeline.account.usage import ModelUsage, Usage
 from pipeline.output.folder import atomic_write
 from pipeline.output.writer import Redactor
 from pipeline.report.batches import batch_sentences
+from pipeline.report.cached import cache_section
 from pipeline.report.html import html_report
+from pipeline.report.redos import redo_figures, redo_sentences
 
 TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
@@ -32,6 +34,19 @@ def _cost(m: ModelUsage) -> dict[str, Any]:
         "requests_priced": m.priced,
         "requests_not_reported": m.without_cost,
         "source": _source(m),
+    }
+
+
+def _prompt_cache(m: ModelUsage) -> dict[str, Any]:
+    """What the provider's prompt cache did for a model's answers (see `cache_section`)."""
+    return {
+        "cached_tokens": m.cached_tokens,
+        "cache_write_tokens": m.cache_write_tokens,
+        "share_cached": round(m.cached_tokens / m.prompt_tokens, 4) if m.prompt_tokens else None,
+        "saved": round(m.cache_saved, 10),
+        "write_extra": round(m.cache_write_extra, 10),
+        "answers_not_priced": m.cache_unpriced,  # read, and the saving is not known
+        "writes_not_priced": m.cache_write_unpriced,  # wrote, and the extra is not known
     }
 
 
@@ -62,14 +77,16 @@ def usage_document(
         "folder": str(folder),
         "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "requests": state,
-        "tokens": {k: getattr(total, k) for k in TOKEN_KEYS},
+        "tokens": {k: getattr(total, k) for k in (*TOKEN_KEYS, "cache_write_tokens")},
         "cost": _cost(total),
+        "prompt_cache": _prompt_cache(total),
         "models": {
             name: {
                 "requests": m.requests,
                 "choices": m.choices,
-                **{k: getattr(m, k) for k in TOKEN_KEYS},
+                **{k: getattr(m, k) for k in (*TOKEN_KEYS, "cache_write_tokens")},
                 "cost": _cost(m),
+                "prompt_cache": _prompt_cache(m),
             }
             for name, m in sorted(usage.models.items())
         },
@@ -105,6 +122,7 @@ def usage_document(
             code: dict(counts.most_common(5)) for code, counts in sorted(usage.messages.items())
         },
         **({"batches": batches} if batches is not None else {}),
+        **({"redo": redo} if (redo := redo_figures(usage.redos)) is not None else {}),
     }
 
 
@@ -161,8 +179,12 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{cost['requests_not_reported']:,} result(s) came without a cost from the server and no "
             "price in the job's [prices] table: their cost is not reported, not zero.",
         ]
+    out += cache_section(doc)
     if doc.get("batches"):
         out += ["", "## Batches", "", *(f"{s}  " for s in batch_sentences(doc["batches"]))]
+        out[-1] = out[-1].rstrip()
+    if doc.get("redo"):
+        out += ["", "## Redone", "", *(f"{_cell(s)}  " for s in redo_sentences(doc["redo"]))]
         out[-1] = out[-1].rstrip()
     out += ["", "## Answers", "", "| answer | count |", "|---|---:|"]
     out += [f"| {_cell(k)} | {v:,} |" for k, v in doc["answers_by_status"].items()]

@@ -15,6 +15,7 @@ from pipeline.errors import SettingsError
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
 from pipeline.output.merge import merging
+from pipeline.output.redo import failed_count
 from pipeline.output.shards import added, find_shards, lines_in, running, shard_folders
 from pipeline.output.writer import Redactor
 from pipeline.report.markdown import usage_document, write_reports
@@ -29,12 +30,14 @@ def _folder(out: Path) -> tuple[Usage, dict[str, Any], dict[str, Any] | None]:
     try:
         usage = Usage.from_state(ledger.get("usage"))
         batches = figures(ledger, refused=usage.answers.get("refused", 0))
+        kept = failed_count(ledger.reading())  # (a failed redo's ids: results, listed in errors.jsonl)
     finally:
         ledger.close()
     last = usage.runs[-1] if usage.runs else {}
     state = {
         "succeeded": lines_in(out / "results.jsonl")[0],
-        "failed": lines_in(out / "errors.jsonl")[0],
+        **({"kept_after_failed_redo": kept} if kept else {}),
+        "failed": lines_in(out / "errors.jsonl")[0] - kept,
         "pending": last.get("pending"),
         "lines": last.get("lines"),
     }

@@ -8,19 +8,23 @@ outer task group
 ├── host.watch            1st SIGINT/SIGTERM (or the Ray driver): stop dispatching; 2nd: cancel
 └── work scope            (cancelled at the end of the grace period, or at once)
     └── task group
-        ├── reader.feed   input -> [bounded requests stream]; bad lines -> writer
+        ├── reader.feed   input -> [grouping: lines of a long prefix held, see run.grouping]
+        │                 -> [bounded requests stream]; bad lines -> writer
         └── N x Worker.run
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.job import Outcome, Request
 from pipeline.quote import quote
-from pipeline.run.control import Aside, Crew, Refill
+from pipeline.run.control import READ_AHEAD_BYTES, Aside, Crew, Refill
+from pipeline.run.grouping import HOLD, Grouping
 from pipeline.send.client import Client
 from pipeline.send.worker import Worker
 
@@ -43,6 +47,14 @@ async def dispatch_requests(run: Run, client: Client) -> None:
     size = max(2 * settings.concurrency, 16)
     refill = Refill(size // 2)
     requests_send, requests_recv = anyio.create_memory_object_stream[Request](size)
+    grouping = None
+    if run.parser.prefixes:
+        # The hold is the read-ahead window lines of a prefix gather in: many lines, its bytes
+        # bounded as the workers' buffer's are.
+        grouping = worker.grouping = Grouping(
+            most=max(HOLD, 16 * settings.concurrency), max_bytes=READ_AHEAD_BYTES
+        )
+        grouping.offer = partial(_offer, requests_send, refill)
     # Room for two of the writer's turns: at 0 ms answers, with room for one, 15 % of the
     # outcomes found it full and their workers waited for the writer (a trip round the
     # loop and an event each).
@@ -57,7 +69,7 @@ async def dispatch_requests(run: Run, client: Client) -> None:
         with anyio.CancelScope() as work_scope:
             control.work_scope = work_scope
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run._read, requests_send, outcomes_send.clone(), refill)
+                tg.start_soon(run._read, requests_send, outcomes_send.clone(), refill, grouping)
                 # Twice as many workers as requests may be in flight, the crew keeping only
                 # --concurrency of them active: a worker waiting out a retry's backoff
                 # steps aside for one standing by, so no connection sits idle.
@@ -66,6 +78,8 @@ async def dispatch_requests(run: Run, client: Client) -> None:
                 # (A budget's wait for a model's cost ends with the request that learns it,
                 # which is in flight or in a backoff that stopping ends too.)
                 control.on_stop += [crew.wake_all, run.gate.wake_all, judge.not_found.wake_all]
+                if grouping is not None:
+                    control.on_stop.append(grouping.stop)
                 for _ in range(2 * settings.concurrency):
                     tg.start_soon(worker.run, requests_recv.clone(), outcomes_send.clone(), crew, refill)
                 requests_recv.close()
@@ -74,6 +88,19 @@ async def dispatch_requests(run: Run, client: Client) -> None:
         # Everything that will be written has been sent: let the writer drain, then stop.
         await writer.drained.wait()
         outer.cancel_scope.cancel()
+
+
+def _offer(requests: MemoryObjectSendStream[Request], refill: Refill, request: Request) -> bool:
+    """Hand `request` to a worker waiting for one, if one is (else it waits in the grouping's
+    `ready`, which workers look at first)."""
+    if not requests.statistics().tasks_waiting_receive:
+        return False
+    try:
+        requests.send_nowait(request)
+    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        return False
+    refill.put(len(request.payload))
+    return True
 
 
 def _unnamed_limits(run: Run) -> None:

@@ -19,6 +19,9 @@ from pipeline.input.source import count_lines
 from pipeline.output.device import unwritable
 from pipeline.output.ledger import OPEN_RUN
 from pipeline.report.markdown import usage_document, write_reports
+from pipeline.run.redoing import kept as redo_kept
+from pipeline.run.redoing import settle as settle_redo
+from pipeline.run.redoing import waiting_note
 from pipeline.run.summary import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -36,7 +39,9 @@ if TYPE_CHECKING:
 def _unwritable_note(run: Run, error: BaseException) -> str:
     """How a run that could not write its folder ends: what it kept, and what it lost."""
     writer = run.writer
-    return unwritable(run.settings.folder, error, kept=writer.results_kept, unwritten=writer.answers_lost)
+    old, _ = waiting_note(run)  # (the older answers of redone lines, not moved out yet)
+    kept = writer.results_kept + old
+    return unwritable(run.settings.folder, error, kept=kept, unwritten=writer.answers_lost)
 
 
 async def close(run: Run) -> int:
@@ -53,6 +58,7 @@ async def close(run: Run) -> int:
                 with contextlib.suppress(sqlite3.Error):
                     run.ledger.rollback()
                 writer.fail(e)
+        settle_redo(run)  # the older answers of lines answered anew: to superseded.jsonl
         try:
             return writer.rewrite_errors()
         except (OSError, sqlite3.Error) as e:  # the folder is full: the ledger still knows
@@ -84,6 +90,9 @@ def finish(run: Run, failed_now: int) -> Summary:
         note = idle
     if run.writer.broken is not None and code != EXIT_INTERRUPTED:
         code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken)
+    _, waiting = waiting_note(run)
+    if waiting is not None:
+        note = f"{note}; {waiting}"
     if run.follower is not None:  # at --tier batch: what is left running, and refused
         note = run.follower.amend(note, settings.folder)
     note = run.redact.text(note)
@@ -126,10 +135,13 @@ def finish(run: Run, failed_now: int) -> Summary:
         if code != EXIT_INTERRUPTED:
             code, note = EXIT_STOPPED, _unwritable_note(run, run.writer.broken or e)
             record.update(exit=code, note=note)
+    # An id a redo chose keeps its earlier answer until the new one comes: a result, once.
+    left, failed_kept = redo_kept(run)
     state = {
-        "succeeded": run.writer.results_kept,
-        "failed": failed_now,
-        "pending": pending,
+        "succeeded": run.writer.results_kept + left,
+        **({"kept_after_failed_redo": failed_kept} if failed_kept else {}),
+        "failed": failed_now - failed_kept,
+        "pending": None if pending is None else max(pending - (left - failed_kept), 0),
         "lines": total,
     }
     batches = None

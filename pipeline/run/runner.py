@@ -41,6 +41,7 @@ from pipeline.run.ending import close, finish
 from pipeline.run.host import Host
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
+from pipeline.run.redoing import choose, fresh_ids
 from pipeline.run.summary import (
     Summary,
 )
@@ -55,6 +56,7 @@ from pipeline.urls import is_loopback, redacted
 
 if TYPE_CHECKING:
     from pipeline.batch.follow import Follower
+    from pipeline.run.grouping import Grouping
     from pipeline.send.reuse import Reuse
 
 
@@ -83,7 +85,8 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
     check_input(settings.input)
     api_key = _check_key(settings)
     raise_open_files(settings.concurrency)
-    with opened(settings.folder, settings.fingerprint(), fresh=bool(settings.fresh)) as ledger:
+    redo = settings.redo is not None
+    with opened(settings.folder, settings.fingerprint(), fresh=bool(settings.fresh), redo=redo) as ledger:
         return await _run(settings, ledger, api_key, host or Host())
 
 
@@ -150,6 +153,7 @@ class Run:
         reconcile(
             settings.folder, ledger, Books(self.usage, killed, self.redact.text) if killed else self.books
         )
+        said = choose(settings, ledger, self.usage, self.started)  # (--redo: before anything is sent)
         # Set before this run writes a line, cleared with its end record: a merge knows a folder
         # whose last run was killed (its files not what the ledger lists) and repairs it first.
         ledger.put(OPEN_RUN, open_run_mark(self.started, prices))
@@ -170,6 +174,10 @@ class Run:
         token_limits = settings.tpm or any(limit.tpm for limit in settings.limits.values())
         self.parser = LineParser(settings, exact_tokens=bool(token_limits or settings.max_cost))
         self.progress = Progress(settings, self.counts, self.writer, self.usage)
+        for line in said:
+            self.progress.say(line)
+        self.fresh = fresh_ids(ledger)  # the lines a redo chose: answers sent, not reused
+        self.writer.redone = self.fresh
         self.writer.on_input_error = self.progress.input_error
         self.writer.on_broken = self._broken
         # Pace a little under a stated limit: it absorbs the jitter between our clock and the
@@ -233,6 +241,7 @@ class Run:
             control=control,
             verdict=self.verdict,
             reuse=self.reuse,
+            fresh=self.fresh,
         )
 
     async def _read(
@@ -240,12 +249,20 @@ class Run:
         requests: MemoryObjectSendStream[Request],
         failures: MemoryObjectSendStream[Outcome],
         refill: Refill | None,
+        grouping: Grouping | None = None,
     ) -> None:
         with anyio.CancelScope() as scope:
             self.control.on_stop.append(scope.cancel)  # stopping the run stops the reader at once
             try:
                 await feed(
-                    self.settings.input, self.parser, self.ledger, requests, failures, self.counts, refill
+                    self.settings.input,
+                    self.parser,
+                    self.ledger,
+                    requests,
+                    failures,
+                    self.counts,
+                    refill,
+                    grouping,
                 )
             except RunStopped as e:  # the input cannot be read on
                 self.control.stop(e)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -101,8 +101,10 @@ class Attempts:
         control: Control,
         verdict: Verdict | None = None,
         reuse: Reuse | None = None,
+        fresh: Callable[[str], bool] | None = None,
     ) -> None:
         self.reuse = reuse  # the answer cache, where the run has one
+        self.fresh = fresh  # the ids a --redo chose: a new answer asked for, not the cache's
         self.gate = gate
         self.client = client
         self.judge = judge
@@ -125,7 +127,8 @@ class Attempts:
                 if failure is not None:
                     return failure
             if self.reuse is not None:
-                return await self.reuse.process(request, seat, self.verdict, self._sent)
+                read = self.fresh is None or not self.fresh(request.custom_id)
+                return await self.reuse.process(request, seat, self.verdict, self._sent, read=read)
         said = self.judge.gone(request.model)
         if said is not None:
             return self._unsent(request, said)

@@ -72,11 +72,20 @@ class Reuse:
         seat: Seat | None,
         verdict: Verdict | None,
         sent: Callable[[Request, Seat | None], Awaitable[Outcome | None]],
+        *,
+        read: bool = True,
     ) -> Outcome | None:
         """The kept answer of the same request (the key made after the images are filled in);
         else the answer of the same request in flight now, waited for out of the crew; else
-        the request `sent`, its answer kept (it passed the verdict, or it would have failed)."""
+        the request `sent`, its answer kept (it passed the verdict, or it would have failed).
+        `read` False: a new answer is wanted (a --redo): sent, and kept in place of the old."""
         key = self.key(request)
+        if not read:
+            outcome = await sent(request, seat)
+            if isinstance(outcome, Success):
+                self.cache.reject(key)  # (the newer answer replaces the kept one)
+                self.keep(key, outcome)
+            return outcome
         hit = self.taken(request, key, verdict)
         if hit is not None:
             return hit

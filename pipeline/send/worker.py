@@ -1,18 +1,25 @@
 """A worker takes requests one at a time, from the reader's stream or from those set aside
 while their model's pace is full, takes a seat in the crew (--concurrency of them active), has
 each turned into exactly one outcome (`pipeline.send.attempts`), and hands it to the writer.
+Lines that share a long prefix come held back by `run.grouping`, released by their kin's
+answers into its `ready`, taken before the stream's.
 A request the run abandoned (interrupted, key rejected, budget reached) produces nothing and
 stays to do for the next run.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.job import Failure, Outcome, Request
+from pipeline.job import Failure, Outcome, Request, Success
 from pipeline.run.control import READ_AHEAD_BYTES, Aside, Crew, Refill, Seat
 from pipeline.send.attempts import Attempts
+
+if TYPE_CHECKING:
+    from pipeline.run.grouping import Grouping
 
 
 class Worker:
@@ -23,6 +30,7 @@ class Worker:
         self.fill_ahead = fill_ahead  # the job has local images: fill them before a seat
         self._ahead = 0  # bytes of images filled ahead, their workers waiting for a seat
         self.aside = aside  # requests of a model waiting for its pace
+        self.grouping: Grouping | None = None  # lines held to go with their kin (a long prefix)
 
     async def run(
         self,
@@ -51,6 +59,8 @@ class Worker:
                         outcome = await self._ready(request, seat)
                     else:
                         outcome = await self.process(request, seat)
+                    if request.prefix is not None and self.grouping is not None:
+                        self.grouping.done(request, failed=not isinstance(outcome, Success))
                     request.payload = b""  # sent for good: let a big body (images) go
                     if outcome is None:
                         continue
@@ -69,6 +79,10 @@ class Worker:
         None where `_next` must go on)."""
         if self.aside.held:
             return None
+        grouping = self.grouping
+        if grouping is not None and grouping.ready:
+            request = grouping.take()  # (released by its kin's answer: first in line)
+            return None if self.aside.keep(request) else request
         try:
             request = requests.receive_nowait()
         except (anyio.WouldBlock, anyio.EndOfStream):
@@ -84,18 +98,25 @@ class Worker:
         has room now comes first; else the stream's next, set aside in turn when its model
         has enough requests waiting for its pace; else, with nothing new to take, one set
         aside all the same."""
-        aside = self.aside
+        aside, grouping = self.aside, self.grouping
         while True:
             if aside.held:
                 request = aside.ready()
                 if request is not None:
                     return request
+            if grouping is not None and grouping.ready:
+                request = grouping.take()
+                if not aside.keep(request):
+                    return request
+                continue
             try:
                 request = requests.receive_nowait()
             except anyio.WouldBlock:
                 request = aside.ready(any_model=True)
                 if request is not None:
                     return request
+                if grouping is not None and grouping.more():
+                    continue  # a key's turn began rather than this worker waiting
                 try:
                     request = await requests.receive()
                 except anyio.EndOfStream:
