@@ -237,3 +237,33 @@ async def test_every_line_of_any_keys_and_leader_fates_ends_once(
     for key in set(keys):
         run_by = {custom_id for custom_id in api.ran if keys[int(custom_id.removeprefix("job-"))] == key}
         assert len(run_by) == 1 or fates[key] == "400", (key, run_by)
+
+
+async def test_a_redo_at_the_batch_tier_sends_its_lines_though_the_cache_or_a_twin_has_their_answer(
+    make_settings: Callable[..., Settings], server: tuple[str, Any], tmp_path: Path
+) -> None:
+    rows = _rows([0, 0, 0, 1])
+    cache = str(tmp_path / "c")
+    settings = at_batch_tier(make_settings(server[0], rows, cache=cache, prices=PRICES))
+    assert (await run(settings, FakeHost(FakeBatchApi(max_lines=10)))).exit_code == 0
+    ids = tmp_path / "ids.txt"
+    ids.write_text("job-1\njob-2\njob-3\n")  # two twins and a leader: new answers asked for
+    api = FakeBatchApi(max_lines=10)
+    redo = at_batch_tier(
+        make_settings(server[0], cache=cache, prices=PRICES, redo=f"ids:{ids}", input=settings.input)
+    )
+    summary = await run(redo, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert dict(api.ran) == {"job-1": 1, "job-2": 1, "job-3": 1}  # (each sent: none the cache's)
+    results, _ = _ended(settings.folder)
+    assert [c for c, r in sorted(results.items()) if r.get("reused")] == []
+    # The new answer replaced the kept one: a later run into another folder takes it.
+    later = at_batch_tier(
+        make_settings(server[0], _rows([0]), cache=cache, prices=PRICES, output=tmp_path / "later")
+    )
+    assert (await run(later, FakeHost(FakeBatchApi()))).reused == 1
+    (answer,) = read_jsonl(tmp_path / "later" / "results.jsonl")
+    assert answer["response"]["body"]["choices"][0]["message"]["content"] in (
+        "answer to job-1",
+        "answer to job-2",
+    )

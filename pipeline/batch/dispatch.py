@@ -168,7 +168,7 @@ async def dispatch_batches(
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
     worst = run.books.budget.worst_case if run.books.budget is not None else None
-    kept = None if reuse is None else partial(_kept, reuse, run.verdict)
+    kept = None if reuse is None else partial(_kept, reuse, run.verdict, run.fresh)
     run.progress.batches = follower
 
     def staged(n: int) -> bool:
@@ -257,10 +257,16 @@ def _keep(run: Run) -> Keep | None:
         return None
     from pipeline.batch.keep import Keep  # (the cache's modules: only for a run with one)
 
-    return Keep(run.reuse)
+    return Keep(run.reuse, run.fresh)
 
 
-def _kept(reuse: Reuse, verdict: Verdict | None, request: Request) -> tuple[bytes, Success | None]:
+def _kept(
+    reuse: Reuse, verdict: Verdict | None, fresh: Callable[[str], bool] | None, request: Request
+) -> tuple[bytes | None, Success | None]:
+    """The request's key and its kept answer; neither for a line a --redo chose: a new answer
+    is asked for (staged, as the synchronous tier sends it: not the cache's, nor a twin's)."""
+    if fresh is not None and fresh(request.custom_id):
+        return None, None
     key = reuse.key(request)
     return key, reuse.taken(request, key, verdict)
 

@@ -16,7 +16,7 @@ is not done, as without a cache: a line of a live batch is never looked up, nor 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -29,8 +29,9 @@ from pipeline.send.reuse import Reuse
 
 
 class Keep:
-    def __init__(self, reuse: Reuse) -> None:
+    def __init__(self, reuse: Reuse, fresh: Callable[[str], bool] | None = None) -> None:
         self.reuse = reuse
+        self.fresh = fresh  # the ids a --redo chose: their new answer replaces the kept one
         self.keys: dict[str, bytes] = {}  # the batch being taken in's: custom_id -> key
 
     async def read(self, staged: Path, keys: dict[str, bytes] | None = None) -> None:
@@ -47,6 +48,8 @@ class Keep:
         for success in successes:
             key = self.keys.get(success.request.custom_id)
             if key is not None:
+                if self.fresh is not None and self.fresh(success.request.custom_id):
+                    self.reuse.cache.reject(key)
                 self.reuse.keep(key, success, tier="batch")
 
     def done(self) -> None:

@@ -167,7 +167,7 @@ async def stage(
     live: Callable[[str], bool] | None,
     staged: Callable[[int], bool],
     worst: Callable[[Request], float | None] | None = None,
-    kept: Callable[[Request], tuple[bytes, Success | None]] | None = None,
+    kept: Callable[[Request], tuple[bytes | None, Success | None]] | None = None,
     twins: Twins | None = None,
 ) -> None:
     """Every request read into a batch file; each batch cut is committed staged and handed on
@@ -176,7 +176,7 @@ async def stage(
     `worst`: what a request may cost at most (None: not known), where `--max-cost` holds.
     `kept`: the request's answer from the answer cache (its images inlined first, as sent),
     then written as reused by the writer (`failures` carries every outcome), not staged; with
-    its key. `twins`: a request of the same key as one staged before it and not taken in yet
+    its key (None: a line a --redo chose, neither looked up nor twinned). `twins`: a request of the same key as one staged before it and not taken in yet
     is listed as its twin, not staged (`pipeline.batch.twins`)."""
     async with requests, failures:
         async for request in requests:
@@ -199,7 +199,7 @@ async def stage(
                 if hit is not None:
                     await failures.send(hit)
                     continue
-                if twins is not None and not unbatched and twins.attach(key, request):
+                if twins is not None and key is not None and not unbatched and twins.attach(key, request):
                     continue
                 if unbatched:
                     await failures.send(_no_images(request))
