@@ -182,8 +182,8 @@ async def test_a_kill_at_every_step_with_twins_leaves_every_line_once_and_nothin
         results, _ = _ended(settings.folder)
         assert sorted(results) == [f"job-{i}" for i in range(5)], where
         # Nothing run twice but job-0 (its fate: again), and no twin run: one read by the
-        # second run waits for its leader in the first run's batch. (A real SIGKILL between a
-        # leader's answer written and its twin's, the cache's queue lost, runs the twin.)
+        # second run waits for its leader in the first run's batch. (A kill between a
+        # leader's answer written and the batch taken: the test after this one.)
         assert {c: api.ran[c] for c in led} == {c: clean.ran[c] for c in led}, where
         assert not any(api.ran[c] for c in twinned), where
 
@@ -267,3 +267,46 @@ async def test_a_redo_at_the_batch_tier_sends_its_lines_though_the_cache_or_a_tw
         "answer to job-1",
         "answer to job-2",
     )
+
+
+@pytest.mark.parametrize("cache", ["other", None])
+async def test_twins_of_a_leader_written_before_a_kill_take_its_answer_from_the_batch_not_a_new_one(
+    make_settings: Callable[..., Settings],
+    server: tuple[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cache: str | None,
+) -> None:
+    from pipeline.batch.intake import Intake
+    from pipeline.batch.paired import Paired
+
+    intakes: list[Intake] = []
+    made = Intake.__init__
+
+    def keeping(self: Intake, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        intakes.append(self)
+
+    async def killed(self: Paired, batch: Any) -> Any:
+        # The leader's answer written and committed done (the writer's checkpoint runs on its
+        # own as a long batch is read), then SIGKILL: the answers the cache had queued, lost.
+        await intakes[-1].writer.checkpoint()
+        raise Killed
+
+    monkeypatch.setattr(Intake, "__init__", keeping)
+    monkeypatch.setattr(Paired, "answer", killed)
+    rows = _rows([0, 0, 0, 1])
+    settings = at_batch_tier(make_settings(server[0], rows, cache=str(tmp_path / "c"), prices=PRICES))
+    api = FakeBatchApi(max_lines=10)
+    with pytest.raises(BaseException) as info:  # noqa: PT011 -- a kill, by any path out
+        await run(settings, FakeHost(api))
+    assert _killed(info.value), info.value
+    monkeypatch.undo()
+    resumed = at_batch_tier(settings, cache=None if cache is None else tmp_path / cache)
+    summary = await run(resumed, FakeHost(api))
+    assert summary.exit_code == 0, summary.message
+    assert dict(api.ran) == {"job-0": 1, "job-3": 1}  # (the twins: not paid for)
+    results, errors = _ended(settings.folder)
+    assert not errors
+    assert [c for c, r in sorted(results.items()) if r.get("reused")] == ["job-1", "job-2"]
+    assert results["job-2"]["response"]["body"]["choices"][0]["message"]["content"] == "answer to job-0"

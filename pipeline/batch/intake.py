@@ -145,6 +145,7 @@ class Intake:
         if self.twins is not None:
             await paired.begin(batch.n)
         self.paired = paired
+        self.judge.seen = paired.seen if paired.leading else None
         if not (invalid or self.crowded):
             if self.keep is not None:
                 await self.keep.read(self.book.path(batch.n), paired.keys or None)

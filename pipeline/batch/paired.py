@@ -4,20 +4,22 @@ halted), or set to follow its leader into the batch it goes again in, or to go i
 
 Its leaders' answers are kept as the intake writes them (`written`), so that no answer is
 read back; where an earlier go at the batch wrote one (a run killed before the batch was
-committed taken), the answer cache is asked, and a twin it cannot answer goes itself.
+committed taken), it is judged again from the batch's results as they are read again
+(`seen`: a SIGKILL loses the answers the cache had queued); only where the batch's results
+do not hold it is the answer cache asked, and a twin it cannot answer goes itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from pipeline.account.cost import answer_cost
 from pipeline.batch.again import AGAIN
 from pipeline.batch.book import Batch, Book, Listed
-from pipeline.batch.judge import LineJudge
+from pipeline.batch.judge import LineJudge, answered
 from pipeline.job import Request, Success
 from pipeline.jobfile import Price
 
@@ -52,6 +54,20 @@ class Paired:
             await self._read(n)
             wanted = {key for _, key in self._early}
             self._leading = {custom_id for custom_id, key in self.keys.items() if key in wanted}
+
+    @property
+    def leading(self) -> bool:
+        """Whether the batch has lines that lead twins."""
+        return bool(self._leading)
+
+    def seen(self, batch: Batch, listed: Listed, obj: Any) -> None:
+        """A result line of an id an earlier go at the batch wrote (killed before the batch
+        was taken): a leader's answer is read from it again, as that go wrote it, where the
+        cache may not hold it (the answers it had queued are lost with the process)."""
+        if listed.custom_id in self._leading and listed.custom_id not in self._answers:
+            answer = answered(batch, listed, obj, self.judge.verdict)
+            if answer is not None:
+                self._answers[listed.custom_id] = answer
 
     def written(self, successes: Sequence[Success]) -> None:
         if self._leading:
@@ -103,8 +119,8 @@ class Paired:
         self.keys = await anyio.to_thread.run_sync(keys_of, self.book.path(n), self.twins.scope)
 
     def _reused(self, twin: Listed, key: bytes, answer: Success | None, batch: Batch) -> Success | None:
-        """The leader's answer as the twin's, at what it cost (the batch price); where an
-        earlier go at the batch wrote it, the cache's, if it holds it."""
+        """The leader's answer as the twin's, at what it cost (the batch price); where the
+        batch's results did not give it, the cache's, if it holds it."""
         request = Request(twin.custom_id, twin.line, b"", twin.metadata, batch.model)
         if answer is None:
             if self.keep is None:

@@ -17,9 +17,10 @@ and that batch, taken in, answers it (`pipeline.batch.intake`):
 
 All of it in the commit that takes the batch: a twin is never both staged and reused, and a
 run killed before that commit finds its twins listed still, followed with their batch (a
-twin is never read again from the input and staged while its batch is live). The answer
-cache is only a source: a leader's answer written by an earlier go at the batch (a kill) is
-looked for there, and when it is not found, the twin goes itself.
+twin is never read again from the input and staged while its batch is live). A leader's
+answer written by an earlier go at the batch (a kill) is taken from the batch's results,
+read again (else from the answer cache, only a source); when it is not found, the twin goes
+itself.
 
 Why listed, not left pending in the input for a later staging round: the input is read once
 a run, so a twin not listed anywhere would be left undone until the next run.
