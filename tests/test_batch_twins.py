@@ -287,7 +287,7 @@ async def test_twins_of_a_leader_written_before_a_kill_take_its_answer_from_the_
         made(self, *args, **kwargs)
         intakes.append(self)
 
-    async def killed(self: Paired, batch: Any) -> Any:
+    async def killed(self: Paired, *args: Any) -> Any:
         # The leader's answer written and committed done (the writer's checkpoint runs on its
         # own as a long batch is read), then SIGKILL: the answers the cache had queued, lost.
         await intakes[-1].writer.checkpoint()

@@ -25,6 +25,7 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pipeline.account.books import Books
@@ -180,7 +181,13 @@ class Intake:
             self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
-        loose, moves = await paired.answer(batch) if self.twins is not None else ({}, [])
+        loose: dict[str, list[Listed]] = {}
+        moves: list[tuple[str, str, bytes]] = []
+        if self.twins is not None:
+            answered = await paired.answer(batch, partial(self._write, batch=False), WRITE_EVERY)
+            if answered is None:
+                return None
+            loose, moves = answered
         if not self._write(batch=False):
             return None
         if self.keep is not None:
@@ -222,9 +229,10 @@ class Intake:
         sent again as it is), and the batch is dropped once they are written."""
         self.judge.outcomes = []
         self.ledger.writing().execute("DELETE FROM taking")
-        twins = [twin for twin, _ in self.twins.of(batch.n)] if self.twins is not None else []
+        twins: Iterator[Listed] = iter(())
         if self.twins is not None:
             self.twins.closing(batch.n)
+            twins = (twin for twin, _ in self.twins.of(batch.n))
         for listed in itertools.chain(self.book.lines_of(batch.n), twins):
             if not self.ledger.is_done(listed.custom_id):
                 self.judge.fail(batch, listed, code, message)

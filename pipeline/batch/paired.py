@@ -11,7 +11,7 @@ do not hold it is the answer cache asked, and a twin it cannot answer goes itsel
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -41,7 +41,7 @@ class Paired:
         self.twins, self.book, self.judge, self.keep = twins, book, judge, keep
         self.prices = prices or {}
         self.keys: dict[str, bytes] = {}  # the batch's lines' keys, where it has twins
-        self._early: list[tuple[Listed, bytes]] = []  # its twins as its intake began
+        self._early = 0  # how many twins it had as its intake began
         self._leading: set[str] = set()  # its lines that lead twins
         self._answers: dict[str, Success] = {}  # their answers, as written
 
@@ -49,10 +49,10 @@ class Paired:
         """The twins listed with batch `n` and the keys of its lines, read back from its file;
         its leaders set aside, so that their answers are kept as written."""
         assert self.twins is not None
-        self._early = self.twins.of(n)
+        self._early = self.twins.count(n)
         if self._early:
             await self._read(n)
-            wanted = {key for _, key in self._early}
+            wanted = self.twins.keys(n)
             self._leading = {custom_id for custom_id, key in self.keys.items() if key in wanted}
 
     @property
@@ -75,22 +75,27 @@ class Paired:
                 (s.request.custom_id, s) for s in successes if s.request.custom_id in self._leading
             )
 
-    async def answer(self, batch: Batch) -> tuple[dict[str, list[Listed]], list[tuple[str, str, bytes]]]:
-        """Each twin answered or failed (the judge's outcomes, to be written), or set to go
-        itself (returned: leader -> its twins), or to follow its leader (returned: twin,
-        leader, key). From here on, no twin joins the batch; those that joined as it was
-        taken in find their leader's answer in the cache, or go themselves."""
+    async def answer(
+        self, batch: Batch, write: Callable[[], bool], every: int
+    ) -> tuple[dict[str, list[Listed]], list[tuple[str, str, bytes]]] | None:
+        """Each twin answered or failed (the judge's outcomes, written `every` so many), or
+        set to go itself (returned: leader -> its twins), or to follow its leader (returned:
+        twin, leader, key); None where a write failed. From here on, no twin joins the
+        batch; those that joined as it was taken in find their leader's answer in the cache,
+        or go themselves."""
         assert self.twins is not None
         self.twins.closing(batch.n)
-        twins = self.twins.of(batch.n)
-        if len(twins) > len(self._early):
+        if self.twins.count(batch.n) > self._early:
             await self._read(batch.n)
+        twins = self.twins.of(batch.n)
         leaders = {key: custom_id for custom_id, key in self.keys.items()}
         loose: dict[str, list[Listed]] = {}
         moves: list[tuple[str, str, bytes]] = []
         ledger, judge = self.book.ledger, self.judge
         db = ledger.reading()
         for twin, key in twins:
+            if len(judge.outcomes) >= every and not write():
+                return None
             if ledger.is_done(twin.custom_id):
                 continue  # (answered by a go at this batch cut short)
             leader = leaders.get(key)

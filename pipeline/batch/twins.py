@@ -33,7 +33,7 @@ chance in 10^19 a pair) fails unsent, and the next run sends it: never answered 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import anyio
 import orjson
@@ -110,15 +110,28 @@ class Twins:
         key is staged, unless the cache holds the answer by then)."""
         self._closing.add(n)
 
-    def of(self, n: int) -> list[tuple[Listed, bytes]]:
-        """The twins listed with batch `n`, with their keys."""
+    def of(self, n: int) -> Iterator[tuple[Listed, bytes]]:
+        """The twins listed with batch `n`, with their keys, read as they are taken (a batch
+        may have a million: a spam text's)."""
         rows = self.book.ledger.reading().execute(
             "SELECT id, line, metadata, key FROM batch_twins WHERE n = ? ORDER BY line", (n,)
         )
-        return [
-            (Listed(str(cid), int(line), 0, None if meta is None else orjson.loads(meta)), bytes(key))
-            for cid, line, meta, key in rows
-        ]
+        for cid, line, meta, key in rows:
+            yield Listed(str(cid), int(line), 0, None if meta is None else orjson.loads(meta)), bytes(key)
+
+    def count(self, n: int) -> int:
+        """How many twins are listed with batch `n`."""
+        row = (
+            self.book.ledger.reading()
+            .execute("SELECT count(*) FROM batch_twins WHERE n = ?", (n,))
+            .fetchone()
+        )
+        return int(row[0])
+
+    def keys(self, n: int) -> set[bytes]:
+        """The keys the twins listed with batch `n` wait for."""
+        rows = self.book.ledger.reading().execute("SELECT DISTINCT key FROM batch_twins WHERE n = ?", (n,))
+        return {bytes(key) for (key,) in rows}
 
     def follow(self, n: int, moves: Iterable[tuple[str, str, bytes]]) -> None:
         """Twins of batch `n` moved to the batch their leader goes again in (twin, leader,
