@@ -9,13 +9,13 @@ answers that broke the verdict (`broke`), which its requests' attempts count on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import orjson
 
-from pipeline.batch.book import Batch, Book
+from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.now import SendNow
-from pipeline.batch.stage import Files, pictured
+from pipeline.batch.stage import Files, batch_line, pictured
 from pipeline.job import Outcome, Request, SentNow
 from pipeline.output.ledger import Ledger
 
@@ -33,11 +33,13 @@ def marked(ledger: Ledger, how: int) -> bool:
 
 
 async def stage_again(
-    book: Book, ledger: Ledger, batch: Batch, files: Files
+    book: Book, ledger: Ledger, batch: Batch, files: Files, loose: Mapping[str, list[Listed]]
 ) -> list[tuple[int, int, int, float]]:
     """The lines to go again, copied into new batch files, left filling: (n, lines, bytes,
-    worst case) of each, to be staged in the commit that takes this batch."""
-    if not marked(ledger, AGAIN):
+    worst case) of each, to be staged in the commit that takes this batch. `loose`: twins
+    to go themselves (`pipeline.batch.twins`), by their leader's id: a copy of its line
+    each, under their own id, at their first try."""
+    if not marked(ledger, AGAIN) and not loose:
         return []
     db = ledger.reading()
     files.mark_staged = False
@@ -46,7 +48,19 @@ async def stage_again(
     try:
         with book.path(batch.n).open("rb") as f:
             for data in f:
-                custom_id = orjson.loads(data).get("custom_id")
+                obj = orjson.loads(data)
+                custom_id = obj.get("custom_id")
+                for twin in loose.get(custom_id, ()):
+                    await files.put(
+                        batch.model,
+                        twin.custom_id,
+                        twin.line,
+                        1,
+                        twin.metadata,
+                        batch_line(twin.custom_id, orjson.dumps(obj["body"])),
+                        share,
+                        apart=files.text_only and pictured(data),
+                    )
                 row = db.execute("SELECT again, spent FROM taking WHERE id = ?", (custom_id,)).fetchone()
                 if row is None or row[0] != AGAIN:
                     continue
@@ -69,11 +83,17 @@ async def stage_again(
 
 
 async def send_now(
-    book: Book, ledger: Ledger, batch: Batch, now: SendNow, write: Callable[[list[Outcome]], bool]
+    book: Book,
+    ledger: Ledger,
+    batch: Batch,
+    now: SendNow,
+    write: Callable[[list[Outcome]], bool],
+    loose: Mapping[str, list[Listed]],
 ) -> bool:
     """The lines marked to be sent now, a run of them at a time, their outcomes written;
-    False when the run stopped before all were done (then the batch is not taken)."""
-    if not marked(ledger, NOW):
+    False when the run stopped before all were done (then the batch is not taken). `loose`:
+    twins sent now too, as themselves (the synchronous tier's sharing sends each key once)."""
+    if not marked(ledger, NOW) and not loose:
         return True
     db = ledger.reading()
     requests: list[Request] = []
@@ -87,13 +107,19 @@ async def send_now(
         for data in f:
             line = orjson.loads(data)
             custom_id = line.get("custom_id")
-            row = db.execute("SELECT again, spent, broke FROM taking WHERE id = ?", (custom_id,)).fetchone()
-            listed = book.listed(batch.n, custom_id) if row is not None and row[0] == NOW else None
-            if listed is None:
-                continue
             body = line["body"]
             stream = isinstance(body, dict) and body.get("stream") is True
             payload = orjson.dumps(body)
+            for twin in loose.get(custom_id, ()):
+                requests.append(
+                    SentNow(twin.custom_id, twin.line, payload, twin.metadata, batch.model, stream)
+                )
+            row = db.execute("SELECT again, spent, broke FROM taking WHERE id = ?", (custom_id,)).fetchone()
+            listed = book.listed(batch.n, custom_id) if row is not None and row[0] == NOW else None
+            if listed is None:
+                if len(requests) >= SEND_EVERY and not await send():
+                    return False
+                continue
             # (the tries its batches spent, counted on from)
             spent, broke = row[1] or 0, row[2] or 0
             requests.append(

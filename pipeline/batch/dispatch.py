@@ -31,15 +31,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, RUNNING, STAGED, TAKEN, Book
+from pipeline.batch.book import CREATING, DROPPED, ENDPOINT, LIVE, RUNNING, STAGED, TAKEN, Book
 from pipeline.batch.clear import Clearer, uncleared
 from pipeline.batch.clock import Clock
 from pipeline.batch.follow import Follower
 from pipeline.batch.intake import Intake
 from pipeline.batch.now import SendNow
 from pipeline.batch.stage import Files, stage
+from pipeline.batch.twins import Twins
 from pipeline.errors import RunStopped, SettingsError
-from pipeline.job import Outcome, Request
+from pipeline.job import Outcome, Request, Success
 from pipeline.send.batchapi import BatchApi, NoBatchApi
 from pipeline.send.client import Client
 from pipeline.settings import Settings
@@ -48,6 +49,8 @@ from pipeline.urls import redacted
 if TYPE_CHECKING:
     from pipeline.batch.keep import Keep
     from pipeline.run.runner import Run
+    from pipeline.send.reuse import Reuse
+    from pipeline.send.verdict import Verdict
 
 
 def no_batch_api(settings: Settings) -> SettingsError:
@@ -105,7 +108,10 @@ async def dispatch_batches(
         _remove(book, n)
     for old in book.batches(TAKEN, DROPPED):
         _remove(book, old.n)
-    live = book.followed if book.follow_live() else None
+    live_ones = book.follow_live()
+    scope = reuse.scope if (reuse := run.reuse) is not None else redacted(settings.base_url).rstrip("/")
+    twins = Twins(book, scope=scope)  # (always: a run without a cache answers the twins an earlier one left)
+    live = book.followed if twins.sweep() or live_ones else None
     ledger.commit()
 
     def commit() -> bool:
@@ -141,6 +147,7 @@ async def dispatch_batches(
         now=SendNow(run.attempts(client), concurrency=settings.concurrency) if client is not None else None,
         sync_prices=settings.prices,
         keep=_keep(run),
+        twins=twins,
     )
     follower = Follower(
         api=api,
@@ -162,8 +169,7 @@ async def dispatch_batches(
     for batch in book.batches(CREATING, RUNNING):
         follower.hold(batch, made=True)
     worst = run.books.budget.worst_case if run.books.budget is not None else None
-    reuse = run.reuse
-    kept = None if reuse is None else (lambda request: reuse.taken(request, reuse.key(request), run.verdict))
+    kept = None if reuse is None else partial(_kept, reuse, run.verdict, run.fresh)
     run.progress.batches = follower
 
     def staged(n: int) -> bool:
@@ -179,6 +185,8 @@ async def dispatch_batches(
         # wait for them)
         with requests, failures:
             try:
+                if reuse is not None and live is not None:
+                    await twins.seed(batch.n for batch in book.batches(*LIVE))
                 batch_files = files()
                 try:
                     await stage(
@@ -190,6 +198,7 @@ async def dispatch_batches(
                         staged=staged,
                         worst=worst,
                         kept=kept,
+                        twins=None if reuse is None else twins,
                     )
                 finally:
                     batch_files.abandon()
@@ -249,7 +258,18 @@ def _keep(run: Run) -> Keep | None:
         return None
     from pipeline.batch.keep import Keep  # (the cache's modules: only for a run with one)
 
-    return Keep(run.reuse)
+    return Keep(run.reuse, run.fresh)
+
+
+def _kept(
+    reuse: Reuse, verdict: Verdict | None, fresh: Callable[[str], bool] | None, request: Request
+) -> tuple[bytes | None, Success | None]:
+    """The request's key and its kept answer; neither for a line a --redo chose: a new answer
+    is asked for (staged, as the synchronous tier sends it: not the cache's, nor a twin's)."""
+    if fresh is not None and fresh(request.custom_id):
+        return None, None
+    key = reuse.key(request)
+    return key, reuse.taken(request, key, verdict)
 
 
 def _send(stream: MemoryObjectSendStream[int], n: int) -> None:

@@ -21,9 +21,11 @@ the lines to go again are found again.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pipeline.account.books import Books
@@ -34,6 +36,7 @@ from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.clear import STRANGERS
 from pipeline.batch.judge import LineJudge
 from pipeline.batch.now import SendNow
+from pipeline.batch.paired import Paired
 from pipeline.batch.stage import Files
 from pipeline.batch.submit import info_state
 from pipeline.batch.tally import TAKEN_AT, Spent
@@ -46,6 +49,7 @@ from pipeline.send.verdict import Verdict
 
 if TYPE_CHECKING:
     from pipeline.batch.keep import Keep
+    from pipeline.batch.twins import Twins
 
 WRITE_EVERY = 512  # outcomes written at once
 READ_EVERY = 512  # result lines looked up at once
@@ -71,7 +75,9 @@ class Intake:
         sync_prices: Mapping[str, Price] | None = None,
         taken: Callable[[int], None] | None = None,
         keep: Keep | None = None,
+        twins: Twins | None = None,
     ) -> None:
+        self.twins = twins  # lines answered with their leader's (`pipeline.batch.twins`)
         self.keep = keep  # `--cache DIR`: the answers brought, kept there (`pipeline.batch.keep`)
         self.taken = taken  # told each batch committed taken: what it left is deleted (`clear`)
         self.sync_prices = sync_prices or {}  # what the same answers cost now: the saving told
@@ -95,6 +101,7 @@ class Intake:
             now=now is not None,
         )
         ledger.writing().execute(TAKING)
+        self.paired = Paired(None, book, self.judge)
 
     async def take(self, batch: Batch, info: BatchInfo, *, halted: bool = False) -> list[int] | None:
         """Take the ended batch in; the numbers of the batches its lines go again in, or None
@@ -135,9 +142,14 @@ class Intake:
                 f"pipeline: batch {batch.n} ({info.id}) failed validation, and its {batch.lines:,} "
                 f"lines with it: {'; '.join(info.errors[:3])}"
             )
+        paired = Paired(self.twins, self.book, self.judge, keep=self.keep, prices=self.books.prices)
+        if self.twins is not None:
+            await paired.begin(batch.n)
+        self.paired = paired
+        self.judge.seen = paired.seen if paired.leading else None
         if not (invalid or self.crowded):
             if self.keep is not None:
-                await self.keep.read(self.book.path(batch.n))
+                await self.keep.read(self.book.path(batch.n), paired.keys or None)
             async with read_ahead(self.api.results(info), per=READ_EVERY) as runs:
                 async for read in runs:
                     self.judge.lines(batch, read, waited)
@@ -169,11 +181,20 @@ class Intake:
             self.say(self._flawed(batch, info, len(named), held))
         if not self._write():
             return None
+        loose: dict[str, list[Listed]] = {}
+        moves: list[tuple[str, str, bytes]] = []
+        if self.twins is not None:
+            answered = await paired.answer(batch, partial(self._write, batch=False), WRITE_EVERY)
+            if answered is None:
+                return None
+            loose, moves = answered
+        if not self._write(batch=False):
+            return None
         if self.keep is not None:
             self.keep.done()  # (its answers all queued: the batch's keys let go)
-        again = await stage_again(self.book, self.ledger, batch, self.files())
+        again = await stage_again(self.book, self.ledger, batch, self.files(), {} if self.now else loose)
         if self.now is not None and not await send_now(
-            self.book, self.ledger, batch, self.now, self._write_now
+            self.book, self.ledger, batch, self.now, self._write_now, loose
         ):
             return None
         await self.writer.checkpoint()
@@ -184,6 +205,9 @@ class Intake:
         with self._whole():
             for n, lines, size, worst in again:
                 self.book.staged(n, lines=lines, size=size, reserved=worst)
+            if self.twins is not None:
+                self.twins.follow(batch.n, moves)  # (into the batches just staged)
+                self.twins.let_go(batch.n)
             # (its figures for the run's end and reports, in the commit that takes it: once)
             figures = self._figures(info, now, sum(lines for _, lines, _, _ in again))
             # Answers for ids it was not given: it may be another's, found by its model and
@@ -205,7 +229,11 @@ class Intake:
         sent again as it is), and the batch is dropped once they are written."""
         self.judge.outcomes = []
         self.ledger.writing().execute("DELETE FROM taking")
-        for listed in self.book.lines_of(batch.n):
+        twins: Iterator[Listed] = iter(())
+        if self.twins is not None:
+            self.twins.closing(batch.n)
+            twins = (twin for twin, _ in self.twins.of(batch.n))
+        for listed in itertools.chain(self.book.lines_of(batch.n), twins):
             if not self.ledger.is_done(listed.custom_id):
                 self.judge.fail(batch, listed, code, message)
             if len(self.judge.outcomes) >= WRITE_EVERY and not self._write():
@@ -217,6 +245,8 @@ class Intake:
             return False
         with self._whole():
             self.book.dropped(batch.n)
+            if self.twins is not None:
+                self.twins.let_go(batch.n)
         if not self.commit():
             return False
         with contextlib.suppress(OSError):
@@ -295,8 +325,9 @@ class Intake:
         if not outcomes:
             return self.writer.broken is None
         successes = [o for o in outcomes if isinstance(o, Success)]
-        if successes:
-            self.books.answered(len(successes))
+        sent = len(successes) - sum(s.reused for s in successes)  # (a reused answer made no attempt)
+        if sent:
+            self.books.answered(sent)
         if self.writer.broken is not None:
             return False
         try:
@@ -308,4 +339,5 @@ class Intake:
             self.spent.add(successes)
             if self.keep is not None:
                 self.keep.put(successes)
+            self.paired.written(successes)
         return True

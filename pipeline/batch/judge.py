@@ -6,6 +6,7 @@ meaning of a status), and counted in the run's books."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -45,6 +46,9 @@ class LineJudge:
         self.outcomes: list[Outcome] = []  # judged, to be written
         # The batch was cancelled while this run followed it: nothing of it goes again now.
         self.halted = False
+        # Told each result line of an id written before (an earlier go at the batch, killed
+        # before it was taken): a leader's answer, for its twins (`pipeline.batch.paired`).
+        self.seen: Callable[[Batch, Listed, Any], None] | None = None
 
     def lines(self, batch: Batch, raws: list[ResultLine], waited: float) -> None:
         """A run of result lines, their ids looked up at once (one query a run, not three a
@@ -74,6 +78,8 @@ class LineJudge:
             met.add(one.custom_id)
             first.append(one.custom_id)
             if one.custom_id in done:
+                if self.seen is not None:
+                    self.seen(batch, one, obj)
                 continue  # taken in before a crash: written once already
             self._line(batch, one, obj, waited)
         self.ledger.writing().executemany("INSERT OR IGNORE INTO taking (id) VALUES (?)", zip(first))
@@ -242,6 +248,23 @@ def _code(value: Any) -> str | None:
 def _status(value: Any) -> bool:
     """Whether a result line's status_code is an HTTP status (not a flag, not a count)."""
     return isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599
+
+
+def answered(batch: Batch, listed: Listed, obj: Any, verdict: Verdict | None) -> Success | None:
+    """The line's answer as a result (a 200 that is a chat completion keeping the verdict),
+    judged as `LineJudge` judges it, nothing counted; None where it is no such answer."""
+    response = obj.get("response") if isinstance(obj, dict) else None
+    if not isinstance(response, dict) or response.get("status_code") != 200:
+        return None
+    request_id = response.get("request_id")
+    try:
+        checked = check_completion(response.get("body"), request_id=request_id)
+        parsed = None if verdict is None else verdict.check(checked)
+    except RequestError:
+        return None
+    reply = Reply(checked, None, 200, request_id if isinstance(request_id, str) else None, 0.0)
+    label = verdict.label(parsed) if verdict is not None else None
+    return Success(_request(batch, listed), reply, listed.tries, parsed, label)
 
 
 def _request(batch: Batch, listed: Listed) -> Request:

@@ -16,7 +16,7 @@ is not done, as without a cache: a line of a live batch is never looked up, nor 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -29,21 +29,27 @@ from pipeline.send.reuse import Reuse
 
 
 class Keep:
-    def __init__(self, reuse: Reuse) -> None:
+    def __init__(self, reuse: Reuse, fresh: Callable[[str], bool] | None = None) -> None:
         self.reuse = reuse
+        self.fresh = fresh  # the ids a --redo chose: their new answer replaces the kept one
         self.keys: dict[str, bytes] = {}  # the batch being taken in's: custom_id -> key
 
-    async def read(self, staged: Path) -> None:
-        """The keys of the lines of the batch file `staged` (none where it cannot be read)."""
+    async def read(self, staged: Path, keys: dict[str, bytes] | None = None) -> None:
+        """The keys of the lines of the batch file `staged` (none where it cannot be read);
+        `keys`: those read already (the batch has twins, `pipeline.batch.twins`)."""
         self.keys = {}
         if self.reuse.cache.keeping:
-            self.keys = await anyio.to_thread.run_sync(keys_of, staged, self.reuse.scope)
+            if not keys:
+                keys = await anyio.to_thread.run_sync(keys_of, staged, self.reuse.scope)
+            self.keys = keys
 
     def put(self, successes: Sequence[Success]) -> None:
         """Queue the answers written (each kept the verdict) to be kept."""
         for success in successes:
             key = self.keys.get(success.request.custom_id)
             if key is not None:
+                if self.fresh is not None and self.fresh(success.request.custom_id):
+                    self.reuse.cache.reject(key)
                 self.reuse.keep(key, success, tier="batch")
 
     def done(self) -> None:

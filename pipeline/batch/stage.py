@@ -24,6 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.account.books import Books
 from pipeline.batch.book import Book
+from pipeline.batch.twins import Twins
 from pipeline.errors import InputError
 from pipeline.input.reader import input_failure
 from pipeline.job import Failure, Outcome, Request, Success
@@ -76,6 +77,7 @@ class Files:
         # caller that marks it staged in a commit of its own (the lines of a batch taken in).
         self.mark_staged = True
         self.cut: list[tuple[int, int, int, float]] = []
+        self.last = 0  # the batch the last line put went in
         book.folder.mkdir(parents=True, exist_ok=True)
 
     def fits(self, size: int) -> bool:
@@ -112,6 +114,7 @@ class Files:
         filling.size += len(data)
         filling.worst += math.inf if worst is None else worst
         filling.listing.append((custom_id, line, tries, metadata))
+        self.last = filling.n
         if len(filling.listing) >= LIST_EVERY:
             self._list(filling)
         return cut
@@ -164,14 +167,17 @@ async def stage(
     live: Callable[[str], bool] | None,
     staged: Callable[[int], bool],
     worst: Callable[[Request], float | None] | None = None,
-    kept: Callable[[Request], Success | None] | None = None,
+    kept: Callable[[Request], tuple[bytes | None, Success | None]] | None = None,
+    twins: Twins | None = None,
 ) -> None:
     """Every request read into a batch file; each batch cut is committed staged and handed on
     (`staged(n)`, which says whether to go on: False once the book could not be committed).
     `live`: whether an id is in a live batch already (a resumed run's), then not staged.
     `worst`: what a request may cost at most (None: not known), where `--max-cost` holds.
     `kept`: the request's answer from the answer cache (its images inlined first, as sent),
-    then written as reused by the writer (`failures` carries every outcome), not staged."""
+    then written as reused by the writer (`failures` carries every outcome), not staged; with
+    its key (None: a line a --redo chose, neither looked up nor twinned). `twins`: a request of the same key as one staged before it and not taken in yet
+    is listed as its twin, not staged (`pipeline.batch.twins`)."""
     async with requests, failures:
         async for request in requests:
             if live is not None and live(request.custom_id):
@@ -187,10 +193,13 @@ async def stage(
                 if failure is not None:
                     await failures.send(failure)
                     continue
+            key = None
             if kept is not None:
-                hit = kept(request)
+                key, hit = kept(request)
                 if hit is not None:
                     await failures.send(hit)
+                    continue
+                if twins is not None and key is not None and not unbatched and twins.attach(key, request):
                     continue
                 if unbatched:
                     await failures.send(_no_images(request))
@@ -210,6 +219,8 @@ async def stage(
                 most,
                 apart=files.text_only and pictured(request.payload),
             )
+            if twins is not None and key is not None:
+                twins.lead(key, files.last)
             if cut is not None and not staged(cut):
                 return
         for n in await files.finish():
