@@ -34,6 +34,7 @@ class Pool:
         self.waiting = waiting  # workers waiting on the buffer (`offer` succeeds for so many)
         self.given: list[Request] = []
         grouping.offer = self._offer
+        grouping.idle = lambda: self.waiting > 0
 
     def _offer(self, request: Request) -> bool:
         if not self.waiting:
@@ -318,3 +319,71 @@ async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_
     assert sent == sorted(f"Ticket {n}" for n in range(LINES))  # each sent once, over both runs
     results = read_jsonl(tmp_path / "out" / "results.jsonl")
     assert sorted(r["custom_id"] for r in results) == sorted(row["custom_id"] for row in rows)
+
+
+def test_a_worker_that_would_wait_gets_a_held_line_and_a_line_read_then_is_not_held() -> None:
+    grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1)
+    pool = Pool(grouping)
+    lines = {key: [_request(10 * k + i, key) for i in range(3)] for k, key in enumerate("abc")}
+    for i in range(3):
+        for key in "abc":
+            pool.add(lines[key][i])
+    assert pool.take_all() == [lines[key][0] for key in "abc"]  # the leaders, in flight
+    grouping.done(lines["a"][0], failed=False)  # a's turn: its lines go
+    pool.take_all()
+    # b's and c's leaders are still in flight, one turn at a time: their lines wait, but a
+    # worker about to wait for lack of lines takes one all the same, until none is held.
+    while grouping.held:
+        assert grouping.more()
+        pool.take_all()
+    assert not grouping.more()
+    assert sorted(r.line for r in pool.given) == sorted(r.line for rs in lines.values() for r in rs)
+    # A line read while a worker waits goes to it, though its prefix's leader is in flight.
+    late = _request(99, "b")
+    pool.waiting = 1
+    pool.add(late)
+    assert pool.given[-1] is late
+    assert grouping.held == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 6), min_size=1, max_size=60),
+    seed=st.integers(0, 2**32),
+    workers=st.integers(1, 8),
+    most_open=st.integers(1, 3),
+)
+def test_property_no_worker_waits_while_a_line_is_held(
+    keys: list[int], seed: int, workers: int, most_open: int
+) -> None:
+    """Workers answer in any order; whenever one would wait for lack of lines (nothing in
+    `ready`, `more` found nothing), nothing is held."""
+    rng = random.Random(seed)
+    grouping = Grouping(most=1000, max_bytes=10**6, most_open=most_open, most_open_idle=most_open)
+    pool = Pool(grouping)
+    pending = [_request(n, str(k)) for n, k in enumerate(keys)]
+    in_flight: list[Request] = []
+
+    def work() -> None:
+        """Every idle worker takes a line: a released one, else one `more` gives; else it waits."""
+        pool.waiting = 0
+        while len(in_flight) < workers:
+            if not grouping.ready and not grouping.more():
+                assert grouping.held == 0  # a worker waits: nothing may be held
+                pool.waiting = workers - len(in_flight)
+                return
+            in_flight.append(grouping.take())
+        pool.waiting = 0
+
+    while pending or in_flight or grouping.held:
+        if pending and rng.random() < 0.6:
+            pool.add(pending.pop(0))
+            in_flight += pool.given  # (handed to a waiting worker)
+            pool.given.clear()
+        elif in_flight:
+            grouping.done(in_flight.pop(rng.randrange(len(in_flight))), failed=rng.random() < 0.2)
+            in_flight += pool.given
+            pool.given.clear()
+        assert not (pool.waiting and grouping.held)  # (lines held with a worker waiting)
+        work()
+    assert not grouping._keys

@@ -47,6 +47,9 @@ from pipeline.job import Request
 MOST_OPEN = 3
 MOST_OPEN_IDLE = 6  # turns at a time at most, where workers would wait for lack of lines
 PER_TURN = 256
+# Prefixes a provider likely still holds: those of the keys answered last (the mock keeps 8 a
+# model). A worker that would wait takes a held line of one of them first (`_spill`).
+WARM = 8
 HOLD = 4096  # lines held at most (or 16 a worker, where more)
 
 
@@ -79,6 +82,7 @@ class Grouping:
         self.ready: deque[Request] = deque()  # released, for the next worker to take
         # Hands a released request to a worker waiting for one; False where none waits.
         self.offer: Callable[[Request], bool] = lambda _: False
+        self.idle: Callable[[], bool] = lambda: False  # whether a worker waits on the buffer
         self.stopped = False
         self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
@@ -87,6 +91,8 @@ class Grouping:
         # The keys answered last, most recent last: one of them is most likely still cached,
         # and its turn needs no leader.
         self._recent: OrderedDict[str, None] = OrderedDict()
+        self._warm: OrderedDict[str, None] = OrderedDict()  # the last `WARM` keys answered
+        self._leading: dict[str, _Key] = {}  # keys whose leader is in flight
 
     def add(self, request: Request) -> None:
         """The reader's, for a request with a prefix key: it goes now, or is held."""
@@ -97,12 +103,16 @@ class Grouping:
             state = self._keys[key] = _Key()
             state.leader = request
             state.out = 1
+            self._leading[key] = state
             self._send(request, state)  # (in input order, as a line alone would go)
             return
         if state.open and state.leader is None and not state.held and state.sent < self.per_turn:
             state.out += 1
             state.sent += 1
             self._send(request, state)
+            return
+        if self.offer(request):  # a worker waits: held, the line would cost it time, not cache
+            state.out += 1
             return
         state.held.append(request)
         self.held += 1
@@ -135,10 +145,16 @@ class Grouping:
         recent.move_to_end(key)
         if len(recent) > self.most_open:
             recent.popitem(last=False)
+        warm = self._warm
+        warm[key] = None
+        warm.move_to_end(key)
+        if len(warm) > WARM:
+            warm.popitem(last=False)
         if request is state.leader:
             state.leader = None
+            del self._leading[key]
             if failed and state.held:
-                self._lead(state)  # the next line leads in its stead
+                self._lead(key, state)  # the next line leads in its stead
             elif state.open:
                 self._release(key, state)
             elif state.held:
@@ -149,6 +165,9 @@ class Grouping:
                 else:
                     self._waiting[key] = state
         self._forget(key, state)
+        # Workers that found nothing to do wait on the buffer: lines held now go to them.
+        while self.held and not self.ready and self.idle() and self.more():
+            pass
 
     def _forget(self, key: str, state: _Key) -> None:
         if not state.out and state.leader is None and not state.open and not state.held:
@@ -184,9 +203,37 @@ class Grouping:
         `most_open_idle` at a time, rather than the pool waiting for the turns' leaders (a
         round trip of seconds at real models); whether one began (its leader in `ready`, or
         handed to a waiting worker)."""
-        if not self._waiting or self._open >= self.most_open_idle:
+        if self._waiting and self._open < self.most_open_idle:
+            self._turn()
+            return True
+        return self._spill()
+
+    def _spill(self) -> bool:
+        """A worker would wait while lines are held: one goes now rather than the worker idle,
+        cold at worst (as in input order, never worse), chosen to push out the fewest prefixes
+        cached: of a key waiting for a turn among the `WARM` answered last (the latest first:
+        its prefix the likeliest still cached), else of a key whose leader is in flight (its
+        prefix is being written), else of the key waiting that was answered last."""
+        if not self.held or self.ready:  # (lines in `ready`: no worker need wait)
             return False
-        self._turn()
+        waiting = self._waiting
+        key = next((k for k in reversed(self._warm) if k in waiting), None)
+        state = None if key is None else waiting[key]
+        if state is None:
+            state = next((state for state in self._leading.values() if state.held), None)
+        if state is None and waiting:
+            key = next(reversed(waiting))
+            state = waiting[key]
+        if state is None:  # (a turn's lines past `per_turn`, its last ones not yet taken)
+            state = next((state for state in self._keys.values() if state.held), None)
+            if state is None:
+                return False
+        if key is not None and len(state.held) == 1:
+            del waiting[key]  # (a key waits while it has lines held)
+        request = state.held.popleft()
+        self._unhold(request)
+        state.out += 1
+        self._send(request, state)
         return True
 
     def _turn(self) -> None:
@@ -198,10 +245,11 @@ class Grouping:
         if key in self._recent:
             self._release(key, state)
         else:
-            self._lead(state)
+            self._lead(key, state)
 
-    def _lead(self, state: _Key) -> None:
+    def _lead(self, key: str, state: _Key) -> None:
         request = state.leader = state.held.popleft()
+        self._leading[key] = state
         self._unhold(request)
         state.out += 1
         state.sent += 1
