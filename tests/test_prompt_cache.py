@@ -504,3 +504,14 @@ async def test_a_claude_job_grouped_writes_each_prefix_once_and_the_rest_read(
     reads = [i for i, d in details.items() if d["cached_tokens"]]
     assert writes == ["p2", "p3"]  # each prompt's first marked line, once
     assert len(reads) == 16  # every line after it
+
+
+async def test_a_claude_job_without_prompt_cache_goes_in_input_order(
+    mock: Any, make_settings: Any, tmp_path: Path
+) -> None:
+    # Unmarked, Anthropic's models cache nothing: holding a line for its kin would gain nothing.
+    rows = [{"custom_id": f"p{i}", **line(i % 2, f"question {i}")} for i in range(8)]
+    async with mock(prefix_cache=8) as (url, server):
+        await pipeline.run(make_settings(url, rows, concurrency=1))
+        sent = [body["messages"][-1]["content"] for body in server.state.received]
+    assert sent == [f"question {i}" for i in range(8)]
