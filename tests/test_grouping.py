@@ -77,6 +77,31 @@ def test_a_failed_leader_has_the_next_line_lead_alone() -> None:
     assert pool.take_all() == [a, b, c]
 
 
+def test_a_prefix_whose_leaders_keep_failing_has_its_lines_go_together_not_one_at_a_time() -> None:
+    # (A parameter its model refuses: every line fails alike. One at a time, 100 lines at
+    # 20 ms took 3.6 s with 8 workers, a job of 10,000 at real latencies, a day.)
+    grouping = Grouping(most=100, max_bytes=10**6)
+    pool = Pool(grouping)
+    lines = [_request(n, "k") for n in range(10)]
+    for request in lines:
+        pool.add(request)
+    assert pool.take_all() == lines[:1]
+    grouping.done(lines[0], failed=True)
+    assert pool.take_all() == lines[:2]  # one failure may be the line's own: the next leads
+    grouping.done(lines[1], failed=True)
+    assert pool.take_all() == lines  # two in a row: the rest go, as they would have
+    for request in lines[2:-1]:
+        grouping.done(request, failed=True)
+    others = [_request(n, f"other{n}") for n in range(3)]  # answered since: k's turn is not recent
+    for request in others:
+        pool.add(request)
+        grouping.done(request, failed=False)
+    later = [_request(n, "k") for n in range(10, 14)]
+    for request in later:
+        pool.add(request)
+    assert pool.take_all() == lines + others + later  # its next turn needs no leader either
+
+
 def test_lines_released_go_straight_to_workers_waiting() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
