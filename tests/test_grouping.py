@@ -343,3 +343,64 @@ async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_
     assert sent == sorted(f"Ticket {n}" for n in range(LINES))  # each sent once, over both runs
     results = read_jsonl(tmp_path / "out" / "results.jsonl")
     assert sorted(r["custom_id"] for r in results) == sorted(row["custom_id"] for row in rows)
+
+
+_TEXT = st.text(max_size=20)
+_PART = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, _TEXT),
+    st.builds(lambda u: {"type": "image_url", "image_url": {"url": f"https://x/{u}.png"}}, _TEXT),
+)
+_MESSAGE = st.builds(
+    lambda role, content: {"role": role, "content": content},
+    st.sampled_from(["system", "user", "assistant", "developer"]),
+    st.one_of(_TEXT, st.lists(_PART, min_size=1, max_size=3)),
+)
+
+
+def _changed(message: dict[str, Any], how: int) -> dict[str, Any]:
+    """`message` changed as a line's prefix may differ from another's."""
+    content = message["content"]
+    if how == 0:  # its text (or image) one character longer
+        if isinstance(content, str):
+            return {**message, "content": content + "!"}
+        part = content[0]
+        if part["type"] == "text":
+            part = {**part, "text": part["text"] + "!"}
+        else:
+            part = {**part, "image_url": {"url": part["image_url"]["url"] + "!"}}
+        return {**message, "content": [part, *content[1:]]}
+    if how == 1:
+        return {**message, "role": "tool" if message["role"] != "tool" else "user"}
+    return {**message, "name": "someone"}
+
+
+@settings(max_examples=150)
+@given(
+    lead=st.lists(_MESSAGE, max_size=3),
+    own=st.lists(_TEXT | st.lists(_PART, min_size=1, max_size=1), min_size=2, max_size=2),  # one block
+    where=st.integers(0, 3),
+    how=st.integers(0, 4),
+)
+def test_property_the_same_prefix_is_the_same_key_and_any_change_to_it_another(
+    lead: list[dict[str, Any]], own: list[Any], where: int, how: int
+) -> None:
+    """Lines that differ only in their own last part share a key; lines whose prefixes differ
+    (a character, a role, a message more, a name, the model, the tools) never do."""
+    prefix = [{"role": "system", "content": SYSTEM}, *lead]
+
+    def key(messages: list[dict[str, Any]], model: str = "m", **more: Any) -> str | None:
+        return prefix_key({"messages": messages, **more}, model)
+
+    one = key([*prefix, {"role": "user", "content": own[0]}])
+    assert one is not None
+    assert key([*prefix, {"role": "user", "content": own[1]}]) == one
+    last = {"role": "user", "content": own[0]}
+    if how <= 2:
+        i = where % len(prefix)
+        other = key([*prefix[:i], _changed(prefix[i], how), *prefix[i + 1 :], last])
+    elif how == 3:
+        other = key([*prefix[: where + 1], {"role": "user", "content": "more"}, *prefix[where + 1 :], last])
+    else:
+        other = key([*prefix, last], model="m2") if where % 2 else key([*prefix, last], tools=[{"t": where}])
+    assert other is not None
+    assert other != one
