@@ -102,6 +102,19 @@ def test_a_prefix_whose_leaders_keep_failing_has_its_lines_go_together_not_one_a
     assert pool.take_all() == lines + others + later  # its next turn needs no leader either
 
 
+def test_a_leader_answered_from_the_answer_cache_has_the_next_line_lead_alone() -> None:
+    grouping = Grouping(most=100, max_bytes=10**6)
+    pool = Pool(grouping)
+    lines = [_request(n, "k") for n in range(4)]
+    for request in lines:
+        pool.add(request)
+    assert pool.take_all() == lines[:1]
+    grouping.done(lines[0], failed=False, reused=True)  # never sent: the provider has no prefix
+    assert pool.take_all() == lines[:2]
+    grouping.done(lines[1], failed=False)
+    assert pool.take_all() == lines
+
+
 def test_lines_released_go_straight_to_workers_waiting() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
@@ -326,6 +339,35 @@ async def test_a_run_over_a_few_system_prompts_reads_most_of_them_from_the_provi
     print(shares)
     assert shares[False] < 0.35
     assert shares[True] > 0.75
+
+
+async def test_a_prefix_whose_first_line_the_answer_cache_holds_still_has_its_new_lines_cached(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """A nightly job: each prompt's first line answered last night, kept in the answer cache,
+    the rest new. Released all at once after the kept answer, they all missed the provider's
+    cache (0 % of their prompt tokens cached); one leading alone first, most of them read it."""
+    rng = random.Random(7)
+    prompts = 4
+    first = [_line(n, prompts, rng) for n in range(prompts)]
+    for n, row in enumerate(first):  # one line a prompt, each prompt's first
+        row["messages"][0]["content"] = f"Assistant {n}. " + "Label the ticket. " * 300
+    new = [_line(n, prompts, rng) for n in range(prompts, 50 * prompts)]
+    night = [0.0]  # the mock's clock: a day passes between the runs, its prompt cache forgets
+    async with mock(prefix_cache=8, latency=0.005, clock=lambda: night[0]) as (url, server):
+        cache = tmp_path / "cache"
+        await pipeline.run(make_settings(url, first, output=tmp_path / "night1", cache=cache, concurrency=8))
+        before, served = len(server.state.received), dict(server.state.served)
+        night[0] += 86_400
+        summary = await pipeline.run(
+            make_settings(url, first + new, output=tmp_path / "night2", cache=cache, concurrency=64)
+        )
+        sent = sorted(body["messages"][-1]["content"] for body in server.state.received[before:])
+        cached, prompt = (server.state.served[k] - served[k] for k in ("cached_tokens", "prompt_tokens"))
+    assert summary.succeeded == len(first) + len(new)
+    assert summary.reused == len(first)
+    assert sent == sorted(row["messages"][-1]["content"] for row in new)  # each new line sent once
+    assert cached / prompt > 0.9  # (released at once after the kept answer: 80 %)
 
 
 async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_sends_each_once(

@@ -8,10 +8,10 @@ one at a time, 98 %. But lines of a new prefix sent at once all miss it (32 at o
 between the reader and the workers, by the key of each line's prefix (`input.prefix`):
 
 - A key's first line goes at once (a line alone, or the leader of those to come). Lines of its
-  key read while it is in flight are held, and go once its answer is in (any outcome: a failed
-  leader has the next held line lead in its stead, up to `FAILING` leaders failed in a row:
-  then its lines fail alike, a 400 for every line, and go as they would have, not one at a
-  time).
+  key read while it is in flight are held, and go once its answer is in (any outcome). A
+  failed leader has the next held line lead in its stead, up to `FAILING` leaders failed in a
+  row: then its lines fail alike, a 400 each, and go as they would have, not one at a time.
+  So does a leader answered from the answer cache: never sent, it warmed no prompt cache.
 - Keys take turns at sending their held lines, at most `most_open` at a time (so that the few
   prefixes a provider keeps are not pushed out by others between a leader's answer and its
   followers' arrival): a key whose leader answered while that many have a turn waits for one,
@@ -130,22 +130,26 @@ class Grouping:
                 self._end_turn(request.prefix, state)
         return request
 
-    def done(self, request: Request, *, failed: bool) -> None:
-        """A worker's, once a request with a prefix key has its outcome (or was abandoned)."""
+    def done(self, request: Request, *, failed: bool, reused: bool = False) -> None:
+        """A worker's, once a request with a prefix key has its outcome (or was abandoned);
+        `reused`: its answer came from the answer cache (or an identical request's), so that it
+        was never sent and warmed no prompt cache."""
         key = request.prefix
         state = self._keys.get(key) if key is not None else None
         if key is None or state is None:
             return
         state.out -= 1
-        recent = self._recent
-        recent[key] = None
-        recent.move_to_end(key)
-        if len(recent) > self.most_open:
-            recent.popitem(last=False)
+        if not reused:
+            recent = self._recent
+            recent[key] = None
+            recent.move_to_end(key)
+            if len(recent) > self.most_open:
+                recent.popitem(last=False)
         if request is state.leader:
             state.leader = None
-            state.failed = state.failed + 1 if failed else 0
-            if failed and state.held and state.failed < FAILING:
+            if not reused:
+                state.failed = state.failed + 1 if failed else 0
+            if state.held and (reused or (failed and state.failed < FAILING)):
                 self._lead(state)  # the next line leads in its stead
             elif state.open:
                 self._release(key, state)
