@@ -22,7 +22,7 @@ from pipeline.jobfile import Price, check_prices
 from pipeline.mock.prefixcache import PrefixCache, Served
 from pipeline.report.html import html_report
 from pipeline.report.markdown import markdown, usage_document
-from tests.conftest import write_jsonl
+from tests.conftest import read_jsonl, write_jsonl
 from tests.simulated import Clock
 
 CLAUDE = "anthropic/claude-sonnet-4"
@@ -473,3 +473,45 @@ def test_property_any_body_a_line_may_hold_is_marked_or_left_never_a_crash(
     marked = mark(body, model)
     assert body == before
     assert prefix_key(marked) == prefix_key(body)
+
+
+async def test_a_claude_job_grouped_writes_each_prefix_once_and_the_rest_read(
+    mock: Any, make_settings: Any, tmp_path: Path
+) -> None:
+    # Two long system prompts, ten lines each, read together, short lines keeping the workers
+    # busy around them. A prefix's first line goes unmarked (it writes nothing): the second,
+    # the first marked, goes alone and writes; the rest, held for its answer, read. (Held for
+    # the unmarked first line's answer, the rest went at once after it, and each wrote.)
+    def short(n: int) -> dict[str, Any]:
+        return {"custom_id": f"s{n}", "model": CLAUDE, "messages": [{"role": "user", "content": "hi"}]}
+
+    rows = [short(n) for n in range(8)]
+    rows += [{"custom_id": f"p{i}", **line(i % 2, f"question {i}")} for i in range(20)]
+    rows += [short(n) for n in range(8, 208)]
+    job = tmp_path / "job.toml"
+    job.write_text("prompt_cache = true\n")
+    async with mock(prefix_cache=8, latency=0.01) as (url, _server):
+        summary = await pipeline.run(
+            make_settings(url, job=job, input=write_jsonl(tmp_path / "in.jsonl", rows), concurrency=4)
+        )
+    assert summary.succeeded == len(rows)
+    details = {
+        r["custom_id"]: r["response"]["body"]["usage"]["prompt_tokens_details"]
+        for r in read_jsonl(tmp_path / "out" / "results.jsonl")
+        if r["custom_id"].startswith("p")
+    }
+    writes = sorted(i for i, d in details.items() if d["cache_write_tokens"])
+    reads = [i for i, d in details.items() if d["cached_tokens"]]
+    assert writes == ["p2", "p3"]  # each prompt's first marked line, once
+    assert len(reads) == 16  # every line after it
+
+
+async def test_a_claude_job_without_prompt_cache_goes_in_input_order(
+    mock: Any, make_settings: Any, tmp_path: Path
+) -> None:
+    # Unmarked, Anthropic's models cache nothing: holding a line for its kin would gain nothing.
+    rows = [{"custom_id": f"p{i}", **line(i % 2, f"question {i}")} for i in range(8)]
+    async with mock(prefix_cache=8) as (url, server):
+        await pipeline.run(make_settings(url, rows, concurrency=1))
+        sent = [body["messages"][-1]["content"] for body in server.state.received]
+    assert sent == [f"question {i}" for i in range(8)]

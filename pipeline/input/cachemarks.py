@@ -50,7 +50,7 @@ def mark(body: dict[str, Any], model: str, images: Images | None = None) -> dict
     where it changes: the line's own objects are left as they are)."""
     if anthropic(model):  # (its models cache only what is marked)
         found = prefix_blocks(body, images)
-        return body if found is None else _marked(body, found[1])
+        return body if found is None else _marked(body, found[1])[0]
     if KEY in body:
         return body
     key = shared_prefix(body, model, images)
@@ -66,15 +66,25 @@ class Marks:
         self.seen: dict[bytes, None] = {}  # (in the order last seen: the oldest first out)
 
     def __call__(self, body: dict[str, Any], model: str, images: Images | None = None) -> dict[str, Any]:
+        return self.keyed(body, model, images)[0]
+
+    def keyed(
+        self, body: dict[str, Any], model: str, images: Images | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The body marked, and the key of its shared prefix for `run.grouping` (as
+        `input.prefix.prefix_key`'s, computed once): None where the line has no long shared
+        prefix, or, at Anthropic, bears no marker on it (it can neither write nor read the
+        cache: holding it to go with its kin would gain nothing)."""
         own = anthropic(model)
-        if not own and KEY in body:
-            return body
         found = prefix_blocks(body, images)
         if found is None:
-            return body
+            return body, None
         leading, blocks = found
-        seen, shared = self.seen, set()
         digests = _digests(body, blocks, model, images)  # (the leading block's last, at -1)
+        key = _hex(digests[-2] if blocks else digests[-1])
+        if not own and KEY in body:
+            return body, key
+        seen, shared = self.seen, set()
         for i, digest in enumerate(digests):
             if digest is None:
                 continue
@@ -85,15 +95,18 @@ class Marks:
         while len(seen) > self.size:
             del seen[next(iter(seen))]
         if own:
-            return _marked(body, blocks, shared)
+            body, marked = _marked(body, blocks, shared)
+            return body, key if marked else None
         # A key no other line has would route the line apart from those that share its start
         # (OpenAI routes by the key with the prompt's start): the longest prefix seen before.
         for i in range(len(blocks) - 1, -1, -1):
             if blocks[i].tokens < MIN_TOKENS:
                 break
             if i in shared:
-                return {**body, KEY: _hex(digests[i])}
-        return {**body, KEY: _hex(digests[-1])} if leading >= MIN_TOKENS and -1 in shared else body
+                return {**body, KEY: _hex(digests[i])}, key
+        if leading >= MIN_TOKENS and -1 in shared:
+            return {**body, KEY: _hex(digests[-1])}, key
+        return body, key
 
 
 def _dumps(value: Any) -> bytes:
@@ -172,22 +185,25 @@ def _bears(message: Mapping[str, Any], block: Block) -> bool | None:
     return MARKER in part or (MARKER in message and block.part == len(content) - 1)
 
 
-def _marked(body: dict[str, Any], blocks: list[Block], shared: set[int] | None = None) -> dict[str, Any]:
+def _marked(
+    body: dict[str, Any], blocks: list[Block], shared: set[int] | None = None
+) -> tuple[dict[str, Any], bool]:
     """The body marked on the last of its prefix's blocks that may bear a marker (of those
-    in `shared`, where given), unless the line marked one of them itself."""
+    in `shared`, where given), unless the line marked one of them itself; and whether its
+    prefix bears a marker now (the line's own or this one)."""
     if _markers(body) >= BREAKPOINTS:
-        return body
+        return body, True
     messages = body["messages"]
     for i in range(len(blocks) - 1, -1, -1):
         block = blocks[i]
         if block.tokens < MIN_TOKENS:
-            return body
+            return body, False
         message = messages[block.message]
         bears = _bears(message, block)
         if bears is None:
             continue
         if bears:
-            return body
+            return body, True
         if shared is not None and i not in shared:
             continue
         content = message["content"]
@@ -199,5 +215,5 @@ def _marked(body: dict[str, Any], blocks: list[Block], shared: set[int] | None =
             parts[block.part] = {**parts[block.part], MARKER: ephemeral}
         messages = list(messages)
         messages[block.message] = {**message, "content": parts}
-        return {**body, "messages": messages}
-    return body
+        return {**body, "messages": messages}, True
+    return body, False

@@ -18,6 +18,7 @@ from pipeline.input.prefix import MIN_TOKENS, prefix_key
 from pipeline.input.tokens import BODY_TEXT, Pieces, TokenEstimator, completion_bound
 from pipeline.input.usual import BATCH_URL, read_usual
 from pipeline.job import Request
+from pipeline.jobfile import anthropic
 from pipeline.quote import quote
 from pipeline.settings import Settings
 
@@ -79,11 +80,11 @@ class LineParser:
         # Lines that share a long prefix are sent close together (`run.grouping`): the key of
         # each line's prefix, where its prompt is long enough to have one.
         self.prefixes = settings.reorder and settings.tier == "sync"
-        self.mark: Callable[..., dict[str, Any]] | None = None
+        self.mark: Callable[..., tuple[dict[str, Any], str | None]] | None = None
         if settings.prompt_cache:  # (only a job with prompt_cache imports the marking)
             from pipeline.input.cachemarks import Marks
 
-            self.mark = Marks()
+            self.mark = Marks().keyed
 
     def _shape(self, obj: dict[str, Any]) -> Parsed:
         if self.template is not None:
@@ -213,8 +214,10 @@ class LineParser:
                 if not isinstance(options, dict) or "include_usage" not in options:
                     # Without it a streamed reply carries no usage, and the run cannot be costed.
                     body = {**body, "stream_options": {**(options or {}), "include_usage": True}}
+            prefix = None
             if self.mark is not None:
-                body = self.mark(
+                # (marking finds the shared prefix, and keys it for the grouping: once)
+                body, prefix = self.mark(
                     body,
                     model if type(model) is str else str(model),
                     {p.marker.decode(): (str(p.path), p.tokens) for p in images} if images else None,
@@ -225,10 +228,15 @@ class LineParser:
                 parsed.pieces if self.pieces_hold else None,
             )
             most, bounded = completion_bound(body)
-            prefix = None
-            if self.prefixes and max(prompt, charged) >= MIN_TOKENS:
-                local = {im.marker.decode(): (str(im.path), im.tokens) for im in images} if images else None
-                prefix = prefix_key(body, model if type(model) is str else str(model), local)
+            if not self.prefixes:
+                prefix = None
+            elif self.mark is None and max(prompt, charged) >= MIN_TOKENS:
+                name = model if type(model) is str else str(model)
+                if not anthropic(name):  # (unmarked, its models cache nothing: no use holding it)
+                    local = (
+                        {im.marker.decode(): (str(im.path), im.tokens) for im in images} if images else None
+                    )
+                    prefix = prefix_key(body, name, local)
             # (built in one call, its fields in order: every line comes here)
             return Request(
                 custom_id,

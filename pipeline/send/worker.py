@@ -60,7 +60,10 @@ class Worker:
                     else:
                         outcome = await self.process(request, seat)
                     if request.prefix is not None and self.grouping is not None:
-                        self.grouping.done(request, failed=not isinstance(outcome, Success))
+                        if isinstance(outcome, Success):
+                            self.grouping.done(request, failed=False, reused=outcome.reused)
+                        else:
+                            self.grouping.done(request, failed=True)
                     request.payload = b""  # sent for good: let a big body (images) go
                     if outcome is None:
                         continue
