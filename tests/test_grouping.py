@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -369,6 +370,27 @@ async def test_a_prefix_whose_first_line_the_answer_cache_holds_still_has_its_ne
     assert summary.reused == len(first)
     assert sent == sorted(row["messages"][-1]["content"] for row in new)  # each new line sent once
     assert cached / prompt > 0.9  # (released at once after the kept answer: 80 %)
+
+
+async def test_a_second_run_whose_answers_all_come_from_the_answer_cache_ends(
+    mock, make_settings, tmp_path: Path
+) -> None:
+    """Answered from the cache, a line is done without a wait: lines released then went into
+    `ready` while the workers were between looking at it and waiting on the buffer, and
+    stayed there, the run stopped for good (63 of 300 lines done)."""
+    rng = random.Random(11)
+    rows = [_line(n, 2, rng) for n in range(300)]
+    async with mock() as (url, server):
+        cache = tmp_path / "cache"
+        first = await pipeline.run(
+            make_settings(url, rows, output=tmp_path / "a", cache=cache, concurrency=32)
+        )
+        with anyio.fail_after(60):  # (without the bound, a stopped run waits for ever)
+            again = await pipeline.run(
+                make_settings(url, rows, output=tmp_path / "b", cache=cache, concurrency=32)
+            )
+    assert first.succeeded == again.succeeded == again.reused == len(rows)
+    assert len(server.state.received) == len(rows)  # sent once, by the first run
 
 
 async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_sends_each_once(

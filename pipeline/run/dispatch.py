@@ -92,9 +92,14 @@ async def dispatch_requests(run: Run, client: Client) -> None:
 
 
 def _offer(requests: MemoryObjectSendStream[Request], refill: Refill, request: Request) -> bool:
-    """Hand `request` to a worker waiting for one, if one is (else it waits in the grouping's
-    `ready`, which workers look at first)."""
-    if not requests.statistics().tasks_waiting_receive:
+    """Hand `request` to a worker waiting for one, if one is, or into the buffer while it is
+    empty (else it waits in the grouping's `ready`, which workers look at first). A worker about
+    to wait is not yet counted as waiting: the stream's `receive` yields once before it looks
+    at the buffer and waits, and a line put into `ready` meanwhile was left there with every
+    worker waiting on an empty buffer (a run whose prefixes' answers all came from the answer
+    cache stopped for good, 63 lines of 300 done)."""
+    stats = requests.statistics()
+    if not stats.tasks_waiting_receive and stats.current_buffer_used:
         return False
     try:
         requests.send_nowait(request)

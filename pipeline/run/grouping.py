@@ -36,9 +36,9 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
   every held line has gone (`drain`). Held lines of a run that stops stay to do: holding only
   changes the order.
 
-Released lines are handed straight to workers waiting on the buffer (`offer`, the buffer's
-sending side); where none waits, they go into `ready`, which workers take from before the
-buffer. Everything here runs in the event loop; only the reader's `room` and `drain` await.
+Released lines are handed straight to workers waiting on the buffer, or put into the buffer
+while it is empty (`offer`, the buffer's sending side: a worker about to wait may not be
+counted as waiting yet); else they go into `ready`, which workers take from before the buffer. Everything here runs in the event loop; only the reader's `room` and `drain` await.
 """
 
 from __future__ import annotations
