@@ -41,9 +41,9 @@ from pipeline.batch.stage import Files
 from pipeline.batch.submit import info_state
 from pipeline.batch.tally import TAKEN_AT, Spent
 from pipeline.job import Outcome, Success
-from pipeline.jobfile import Price
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
+from pipeline.prices import Price
 from pipeline.send.batchapi import BatchApi, BatchInfo
 from pipeline.send.verdict import Verdict
 
