@@ -26,9 +26,9 @@ from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
-from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER, RESULTS
 from pipeline.output.ledger import Ledger
+from pipeline.prices import Price
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
-from pipeline.jobfile import ModelLimit, Price, check_limits, check_prices, read_job_file
+from pipeline.jobfile import ModelLimit, check_limits, read_job_file
+from pipeline.prices import Price, check_prices
 from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from pipeline.account.cost import Budget, answer_cost
 from pipeline.account.usage import Usage
 from pipeline.errors import MalformedResponse, SettingsError
 from pipeline.job import Request
-from pipeline.jobfile import Price
 from pipeline.output import appendfile
+from pipeline.prices import Price
 from pipeline.send.sse import StreamAssembler
 from tests.conftest import FAKE_KEY, bodies, read_jsonl, until, write_jsonl
 from tests.test_crash import start

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pipeline.account.cost import money, priced, tier_prices, unpriced_batches
 from pipeline.errors import SettingsError
-from pipeline.jobfile import Price, check_prices
+from pipeline.prices import Price, check_prices
 from pipeline.settings import build
 
 TOP = 'input = "in.jsonl"\noutput = "out"\n'

@@ -18,8 +18,8 @@ from pipeline.account.usage import Usage
 from pipeline.cache.key import request_key
 from pipeline.input.cachemarks import Marks, mark
 from pipeline.input.prefix import prefix_key
-from pipeline.jobfile import Price, check_prices
 from pipeline.mock.prefixcache import PrefixCache, Served
+from pipeline.prices import Price, check_prices
 from pipeline.report.html import html_report
 from pipeline.report.markdown import markdown, usage_document
 from tests.conftest import read_jsonl, write_jsonl

@@ -31,8 +31,8 @@ from pipeline.account.usage import Usage, answer_tokens
 from pipeline.errors import RequestError
 from pipeline.input.jsonl import too_deep
 from pipeline.job import Failure, Reply, Request, Success
-from pipeline.jobfile import Price
 from pipeline.output.lines import error_line, result_line
+from pipeline.prices import Price
 from pipeline.send.client import check_completion
 from pipeline.send.sse import assemble
 from tests.strategies import deep, dumps, runs_stack, sometimes

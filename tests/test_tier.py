@@ -16,7 +16,7 @@ from pipeline.account.cost import answer_cost, money, price_for, tier_price, tie
 from pipeline.cli import main
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.estimate import estimate
-from pipeline.jobfile import Price
+from pipeline.prices import Price
 from pipeline.settings import build
 from tests.conftest import bodies, write_jsonl
 

@@ -21,7 +21,7 @@ from pipeline.account.cost import Budget, Reservation, answer_cost, cache_figure
 from pipeline.account.usage import Counted, Usage, reports_usage
 from pipeline.errors import RunStopped
 from pipeline.job import Failure, Request, SentNow, Success
-from pipeline.jobfile import Price
+from pipeline.prices import Price
 
 
 class Books:

@@ -25,7 +25,7 @@ import anyio
 
 from pipeline.account.usage import Usage, answer_tokens, cache_tokens
 from pipeline.job import Request
-from pipeline.jobfile import Price, Prices
+from pipeline.prices import Price, Prices
 
 
 def money(value: float | None, *, unknown: str = "not reported") -> str:

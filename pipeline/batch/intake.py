@@ -3,7 +3,8 @@
     a result     a 200 that is a chat completion keeping the verdict: results.jsonl
     again        what the synchronous path would try again (429, 5xx, an empty or invalid
                  answer, a line the batch never ran: expired, cancelled, unanswered, or held
-                 back by the lines its validation named, `pipeline.batch.flawed`), staged
+                 back by the lines its validation named, `pipeline.batch.flawed`; these
+                 judged in `pipeline.batch.unanswered`), staged
                  into a new batch from this batch's own file (tries + 1), while it has
                  tries left (`--max-attempts`, and the verdict's own for invalid answers);
                  with `--then sync`, sent now as requests instead
@@ -40,10 +41,11 @@ from pipeline.batch.paired import Paired
 from pipeline.batch.stage import Files
 from pipeline.batch.submit import info_state
 from pipeline.batch.tally import TAKEN_AT, Spent
+from pipeline.batch.unanswered import flawed_said, judge_unanswered, unanswered
 from pipeline.job import Outcome, Success
-from pipeline.jobfile import Price
 from pipeline.output.ledger import Ledger
 from pipeline.output.writer import Writer
+from pipeline.prices import Price
 from pipeline.send.batchapi import BatchApi, BatchInfo
 from pipeline.send.verdict import Verdict
 
@@ -157,28 +159,12 @@ class Intake:
                         return None
                     if self.keep is not None:
                         await self.keep.reuse.flush_if_due()
-        held = 0  # lines never run for others' flaws
-        for listed in self._unanswered(batch.n):
-            if named is not None:
-                flaws = named.get(listed.custom_id)
-                if flaws is not None:
-                    self.judge.flawed(batch, listed, flaws)
-                else:
-                    held += 1
-                    message = f"the batch failed validation at other lines: {'; '.join(info.errors[:3])}"
-                    if len(info.flaws) < flawed.MANY:
-                        self.judge.held(batch, listed, message)
-                    else:
-                        self.judge.again_or_fail(batch, listed, "batch_invalid", message)
-            elif invalid:
-                message = "; ".join(info.errors[:5])
-                self.judge.fail(batch, listed, "batch_invalid", f"the batch failed validation: {message}")
-            else:
-                self.judge.again_or_fail(
-                    batch, listed, "unanswered", f"the batch ended {info.status} without it"
-                )
+        left = unanswered(self.ledger, self.book, self.judge, batch.n)
+        held = judge_unanswered(self.judge, batch, info, left, named=named, invalid=invalid)
         if named is not None:
-            self.say(self._flawed(batch, info, len(named), held))
+            self.say(
+                flawed_said(batch, info, len(named), held, halted=self.judge.halted, now=self.now is not None)
+            )
         if not self._write():
             return None
         loose: dict[str, list[Listed]] = {}
@@ -269,38 +255,6 @@ class Intake:
             with contextlib.suppress(sqlite3.Error):
                 self.ledger.rollback()
             raise
-
-    # -- one line ------------------------------------------------------------------------------
-
-    def _unanswered(self, n: int) -> list[Listed]:
-        """The batch's lines it gave no line for (and not done before a crash)."""
-        rows = (
-            self.ledger.reading()
-            .execute("SELECT id FROM batch_lines WHERE n = ? AND id NOT IN (SELECT id FROM taking)", (n,))
-            .fetchall()
-        )
-        unanswered = []
-        for (custom_id,) in rows:
-            if self.ledger.is_done(custom_id):
-                continue
-            listed = self.book.listed(n, custom_id)
-            if listed is not None:
-                self.judge.first(custom_id)
-                unanswered.append(listed)
-        return unanswered
-
-    def _flawed(self, batch: Batch, info: BatchInfo, named: int, held: int) -> str:
-        said = (
-            f"pipeline: batch {batch.n} ({info.id}) failed validation at {named:,} of its {batch.lines:,} "
-            f"lines ({'; '.join(info.errors[:3])}): they fail"
-        )
-        if held and self.judge.halted:
-            return f"{said}, and the other {held:,} with them (the batch was cancelled)"
-        if held:
-            how = "are sent now (--then sync)" if self.now is not None else "go again in a new batch"
-            spent = "" if len(info.flaws) >= flawed.MANY else ", their tries not spent"
-            return f"{said}; the other {held:,} {how}{spent}"
-        return said
 
     # -- writing, and going again ---------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pipeline.batch.again import AGAIN
 from pipeline.batch.book import Batch, Book, Listed
 from pipeline.batch.judge import LineJudge, answered
 from pipeline.job import Request, Success
-from pipeline.jobfile import Price
+from pipeline.prices import Price
 
 if TYPE_CHECKING:
     from pipeline.batch.keep import Keep

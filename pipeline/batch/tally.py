@@ -19,9 +19,9 @@ import orjson
 from pipeline.account.cost import answer_cost, answering_model, price_for, priced
 from pipeline.account.usage import answer_tokens, cache_tokens
 from pipeline.job import Success
-from pipeline.jobfile import Price
 from pipeline.output.folder import LEDGER
 from pipeline.output.ledger import Ledger
+from pipeline.prices import Price
 from pipeline.send.batchapi import ENDED
 
 TAKEN_AT = "taken_at"  # (an info key of ours: when the batch was taken in, epoch seconds)

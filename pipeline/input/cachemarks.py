@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 
 from pipeline.input.prefix import LEADING, MARKER, MIN_TOKENS, Block, Images, prefix_blocks, shared_prefix
-from pipeline.jobfile import anthropic
+from pipeline.prices import anthropic
 
 BREAKPOINTS = 4  # cache_control markers one Anthropic request may hold
 SEEN = 1 << 16  # prefixes `Marks` remembers (16 bytes each), the least recently seen dropped

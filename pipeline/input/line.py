@@ -18,7 +18,7 @@ from pipeline.input.prefix import MIN_TOKENS, prefix_key
 from pipeline.input.tokens import BODY_TEXT, Pieces, TokenEstimator, completion_bound
 from pipeline.input.usual import BATCH_URL, read_usual
 from pipeline.job import Request
-from pipeline.jobfile import anthropic
+from pipeline.prices import anthropic
 from pipeline.quote import quote
 from pipeline.settings import Settings
 

@@ -36,7 +36,7 @@ The rule here:
   shares a cacheable start with (one place a shared system prompt, whatever follows it). With
   markers, the tokens up to the last one beyond those read are reported as written
   (`cache_write_tokens`), by every request that did not read them; without, 0.
-- Anthropic's models (`jobfile.anthropic`) cache only at markers: a request with none reads
+- Anthropic's models (`prices.anthropic`) cache only at markers: a request with none reads
   and writes nothing; one with markers reads only a prefix written before, whole (its entry
   ends at a marked block of the request: the lookback to earlier blocks finds entries, not
   the leading runs of longer ones), and each written prefix is an entry of its own.
@@ -60,7 +60,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from pipeline.jobfile import anthropic
+from pipeline.prices import anthropic
 
 LEADING = ("tools", "tool_choice", "response_format")  # what sits before the messages of a prompt
 MARKER = "cache_control"

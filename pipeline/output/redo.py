@@ -29,8 +29,8 @@ import orjson
 from pipeline.errors import InvalidOutput, SettingsError
 
 if TYPE_CHECKING:
-    from pipeline.jobfile import Price
     from pipeline.output.ledger import Ledger
+    from pipeline.prices import Price
     from pipeline.send.verdict import Verdict
 
 REASONS = ("length", "filter", "invalid", "failed")

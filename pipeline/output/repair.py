@@ -19,9 +19,9 @@ from typing import Any
 import orjson
 
 from pipeline.account.books import Books
-from pipeline.jobfile import Price
 from pipeline.output.folder import ERRORS, RESULTS, remove, write_lines
 from pipeline.output.ledger import OPEN_RUN, Ledger
+from pipeline.prices import Price
 
 
 def valid_result(raw: bytes) -> dict[str, Any] | None:

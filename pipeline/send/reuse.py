@@ -31,7 +31,7 @@ from pipeline.cache.store import Answer, AnswerCache
 from pipeline.errors import InvalidOutput
 from pipeline.input import jsonl
 from pipeline.job import Outcome, Reply, Request, SentNow, Success
-from pipeline.jobfile import Price
+from pipeline.prices import Price
 from pipeline.run.control import Seat
 from pipeline.send.verdict import Verdict
 from pipeline.urls import redacted
