@@ -224,7 +224,8 @@ def prefix(opts: Options, done: Done) -> ScenarioResult:
         "the mock reads its cache as a request arrives and writes it when the answer is made, as providers "
         "do: lines of a new prefix sent at once all miss it, so a group's first line must go alone",
         "grouped: a prefix's first line goes alone, the lines of its prefix read meanwhile wait for its answer, "
-        "then go together; a few prefixes take turns at once (run.grouping)",
+        "then go together; a few prefixes take turns at once (run.grouping), the next one's first line sent "
+        "once fewer lines are left to take than the workers take in a round trip",
         "a worker that would wait for lack of lines takes a held line all the same (of a prefix answered "
         "last, else one being written): at answers in seconds, fewer lines find their prefix cached than at "
         "20 ms, and the run is no slower than input order",

@@ -188,6 +188,30 @@ def test_a_prefix_answered_long_ago_leads_again_alone() -> None:
     assert pool.take_all() == [new[1]]
 
 
+def test_the_next_prefix_leads_while_the_lines_of_a_turn_run_short_not_once_they_are_taken() -> None:
+    # Workers take `ahead` lines in a leader's round trip: with fewer than that left to take,
+    # the next prefix's leader goes now, so that its answer is in when they are taken (else
+    # the workers wait for it, or take its held lines cold).
+    grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=2, ahead=2)
+    pool = Pool(grouping)
+    a, b = [_request(i, "a") for i in range(4)], [_request(10 + i, "b") for i in range(3)]
+    for request in (a[0], b[0], a[1], a[2], a[3], b[1], b[2]):
+        pool.add(request)
+    assert pool.take_all() == [a[0], b[0]]
+    grouping.done(a[0], failed=False)  # a's turn: its three lines go
+    grouping.done(b[0], failed=False)  # b waits for a turn
+    assert grouping.take() is a[1]
+    grouping.done(a[1], failed=False)  # (a answered last: b's prefix may be gone, b leads again)
+    assert grouping.take() is a[2]
+    # One line of a's turn left to take: b's leader goes before it, not after.
+    assert list(grouping.ready) == [b[1], a[3]]
+    assert grouping.held == 1
+    assert [grouping.take(), grouping.take()] == [b[1], a[3]]
+    assert not grouping.ready  # b's other line waits for its leader's answer
+    grouping.done(b[1], failed=False)
+    assert list(grouping.ready) == [b[2]]
+
+
 async def test_the_end_of_the_input_waits_for_every_held_line_to_go() -> None:
     grouping = Grouping(most=100, max_bytes=10**6)
     pool = Pool(grouping)
@@ -230,12 +254,15 @@ async def test_a_full_hold_has_the_reader_wait_for_room_and_stopping_ends_the_wa
     seed=st.integers(0, 2**32),
     most=st.integers(1, 8),
     most_open=st.integers(1, 3),
+    ahead=st.integers(0, 6),
 )
 def test_every_request_is_given_out_exactly_once_whatever_the_answers(
-    keys: list[int | None], seed: int, most: int, most_open: int
+    keys: list[int | None], seed: int, most: int, most_open: int, ahead: int
 ) -> None:
     rng = random.Random(seed)
-    grouping = Grouping(most=most, max_bytes=10**6, most_open=most_open, most_open_idle=most_open + 1)
+    grouping = Grouping(
+        most=most, max_bytes=10**6, most_open=most_open, most_open_idle=most_open + 1, ahead=ahead
+    )
     pool = Pool(grouping)
     requests = [_request(n, None if k is None else str(k)) for n, k in enumerate(keys)]
     pending = list(requests)
@@ -441,14 +468,17 @@ def test_a_worker_that_would_wait_gets_a_held_line_and_a_line_read_then_is_not_h
     seed=st.integers(0, 2**32),
     workers=st.integers(1, 8),
     most_open=st.integers(1, 3),
+    ahead=st.integers(0, 8),
 )
 def test_property_no_worker_waits_while_a_line_is_held(
-    keys: list[int], seed: int, workers: int, most_open: int
+    keys: list[int], seed: int, workers: int, most_open: int, ahead: int
 ) -> None:
     """Workers answer in any order; whenever one would wait for lack of lines (nothing in
     `ready`, `more` found nothing), nothing is held."""
     rng = random.Random(seed)
-    grouping = Grouping(most=1000, max_bytes=10**6, most_open=most_open, most_open_idle=most_open)
+    grouping = Grouping(
+        most=1000, max_bytes=10**6, most_open=most_open, most_open_idle=most_open, ahead=ahead
+    )
     pool = Pool(grouping)
     pending = [_request(n, str(k)) for n, k in enumerate(keys)]
     in_flight: list[Request] = []

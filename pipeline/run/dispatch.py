@@ -50,9 +50,12 @@ async def dispatch_requests(run: Run, client: Client) -> None:
     grouping = None
     if run.parser.prefixes:
         # The hold is the read-ahead window lines of a prefix gather in: many lines, its bytes
-        # bounded as the workers' buffer's are.
+        # bounded as the workers' buffer's are. The next prefix leads once fewer lines are left
+        # to take than the pool takes in a round trip.
         grouping = worker.grouping = Grouping(
-            most=max(HOLD, 16 * settings.concurrency), max_bytes=READ_AHEAD_BYTES
+            most=max(HOLD, 16 * settings.concurrency),
+            max_bytes=READ_AHEAD_BYTES,
+            ahead=settings.concurrency,
         )
         grouping.offer = partial(_offer, requests_send, refill)
         grouping.idle = lambda: requests_send.statistics().tasks_waiting_receive > 0
