@@ -28,8 +28,8 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
 - A worker never waits while lines are held: one about to wait for lack of lines takes a held
   line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes to
   it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
-  never wall time (bench prefix, answers in 1 s: ~30 % cached where 15 %, as fast; with
-  workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
+  never wall time (bench prefix, answers in 1 s: 44 % cached where 14 % to 15 %, as fast;
+  with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
 - Lines without a key (no long prefix) never come here: they go as they are read; nor do an
   Anthropic model's lines unmarked (`input.cachemarks`): they write and read no cache.
 - The reader holds lines here and reads on, so the read-ahead window is the hold's size
