@@ -16,6 +16,7 @@ its file (its data URL is filled in later; `images`) rather than by its place in
     prefix_key(body)      the key, or None when the body has no long shared prefix
     shared_prefix(body)   the key and where the prefix's blocks are
     prefix_blocks(body)   where they are, without the key (for `input.cachemarks`)
+    group_key(body)       a key as `prefix_key`'s, quicker, for grouping one process's lines
 """
 
 from __future__ import annotations
@@ -166,3 +167,48 @@ def prefix_key(body: Mapping[str, Any], model: str | None = None, images: Images
     cached prompt), or None when it has none."""
     prefix = shared_prefix(body, model, images)
     return None if prefix is None else prefix.key
+
+
+def _text(part: Any) -> str | None:
+    """The text of a part that is a text alone (a marker aside), else None."""
+    if type(part) is dict and part.get("type") == "text":
+        text = part.get("text")
+        if type(text) is str and all(k in ("type", "text", MARKER) for k in part):
+            return text
+    return None
+
+
+def group_key(body: Mapping[str, Any], model: str | None = None, images: Images | None = None) -> str | None:
+    """A key that lines share when `prefix_key`'s is the same, and differ in when it differs
+    (but for a 64-bit hash's collision, which only has two prefixes' lines sent together), for
+    `run.grouping`: Python's hash of the prefix's texts, where `prefix_key` hashes their JSON
+    with SHA-256 (2 µs a line of 2,000 tokens where 12 µs: a tenth of what grouping took of the
+    run's CPU at 20 ms). It differs from one process to the next: never sent, never kept."""
+    found = prefix_blocks(body, images)
+    if found is None:
+        return None
+    leading, chain = found
+    parts: list[Any] = [model if model is not None else body.get("model")]
+    if leading:
+        parts.append(_dumps({k: body[k] for k in LEADING if k in body}))
+    messages = body["messages"] if chain else []
+    for block in chain:
+        message = messages[block.message]
+        if not isinstance(message, dict):
+            parts.append(_dumps(message))
+            continue
+        head: Any = None
+        if block.part is None or block.part == 0:
+            role = message.get("role")
+            if type(role) is str and all(k in ("role", "content", MARKER) for k in message):
+                head = role
+            else:
+                head = _dumps({k: v for k, v in message.items() if k != MARKER and k != "content"})
+        content = message.get("content")
+        if block.part is not None and isinstance(content, list):
+            part = content[block.part]
+            text = _text(part)
+        else:
+            part, text = content, content if type(content) is str else None
+        parts.append((head, text if text is not None else _dumps(_identity(part, images))))
+    return format(hash(tuple(parts)) & 0xFFFFFFFFFFFFFFFF, "x")

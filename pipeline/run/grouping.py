@@ -25,18 +25,24 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
   a turn for ever. A turn ends once every line it released is in a worker's hands (not
   answered: the next key's leader overlaps the followers' round trip, so the pool never waits
   for one turn's answers before the next turn starts).
-- A worker never waits while lines are held: one about to wait for lack of lines takes a held
-  line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes to
-  it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
-  never wall time (bench prefix, answers in 1 s: 44 % cached where 14 % to 15 %, as fast;
-  with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
+- Where answers take long (leaders answered in `PATIENT` seconds or more, as real models
+  answer), a worker never waits while lines are held: one about to wait for lack of lines takes
+  a held line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes
+  to it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
+  never wall time (bench prefix, answers in 1 s: 44 % cached where 14 % to 15 %, as fast; with
+  workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall). Where leaders
+  answer sooner, a worker waits for one rather than send a line cold (`patient`): each line
+  sent cold writes its prefix in one of the provider's few places, pushing out the prefix of a
+  turn whose lines are on their way (bench prefix, answers in 20 ms, the client's CPU the
+  bottleneck: 95 % cached where 67 % to 80 % with spills, as fast). A worker waits only while
+  a leader is in flight: a turn whose lines are all taken has ended, and the next key's begins.
 - Lines without a key (no long prefix) never come here: they go as they are read; nor do an
   Anthropic model's lines unmarked (`input.cachemarks`): they write and read no cache.
 - The reader holds lines here and reads on, so the read-ahead window is the hold's size
   (`most` lines, `max_bytes` of payload), not the workers' buffer's. With the hold full the
-  reader waits for room (`room`): something held always moves on, each held key waiting for an
-  answer in flight or for a turn that one will end. At the end of the input it waits here until
-  every held line has gone (`drain`). Held lines of a run that stops stay to do: holding only
+  reader waits for room (`room`), an eighth of it: something held always moves on, each held
+  key waiting for an answer in flight or for a turn that one will end. At the end of the input
+  it waits here until every held line has gone (`drain`). Held lines of a run that stops stay to do: holding only
   changes the order.
 
 Released lines are handed straight to workers waiting on the buffer, or put into the buffer
@@ -47,6 +53,7 @@ counted as waiting yet); else they go into `ready`, which workers take from befo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -66,6 +73,12 @@ PER_TURN = 256
 # (bench prefix, answers in 20 ms: WARM 2, 86 % to 90 % cached; 4, 76 % to 86 %; 8, 70 % to 78 %).
 WARM = 2
 HOLD = 4096  # lines held at most (or 16 a worker, where more)
+# Leaders answered in less (on average, lately), a worker waits for one rather than send a line
+# cold (`Grouping.patient`): real models answer in seconds, a worker waiting that long is wall
+# time lost; at 20 ms, a moment, while a cold line pushes a prefix out of the provider's cache.
+PATIENT = 0.5
+# The weight of a leader's round trip in the average (the last few count).
+RECENT = 0.25
 # Leaders of a key failed in a row after which its lines go without one: a key whose every line
 # fails (a parameter its model refuses) was sent one line at a time, 100 lines at 20 ms in 3.6 s
 # with 8 workers.
@@ -73,7 +86,7 @@ FAILING = 2
 
 
 class _Key:
-    __slots__ = ("failed", "held", "leader", "open", "out", "queued", "sent")
+    __slots__ = ("failed", "held", "lead_at", "leader", "open", "out", "queued", "sent")
 
     def __init__(self) -> None:
         self.held: deque[Request] = deque()
@@ -83,6 +96,7 @@ class _Key:
         self.queued = 0  # lines released into `ready`, not yet taken
         self.sent = 0  # lines sent in this turn
         self.failed = 0  # its leaders failed in a row
+        self.lead_at = 0.0  # when its leader went (the grouping's clock)
 
 
 class Grouping:
@@ -95,6 +109,7 @@ class Grouping:
         most_open_idle: int = MOST_OPEN_IDLE,
         per_turn: int = PER_TURN,
         ahead: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.most, self.max_bytes = most, max_bytes
         # Lines the workers take in a leader's round trip, about: the pool's size (each request
@@ -112,12 +127,16 @@ class Grouping:
         self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
         self._waiting: OrderedDict[str, _Key] = OrderedDict()  # keys with lines held, no turn
-        self._changed: asyncio.Future[None] | None = None
+        self._changed: asyncio.Future[None] | None = None  # the reader waits on it (`_change`)
+        self._until: Callable[[], bool] = lambda: True  # ...until this holds
         # The keys answered last, most recent last: one of them is most likely still cached,
         # and its turn needs no leader.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._warm: OrderedDict[str, None] = OrderedDict()  # the last `WARM` keys answered
         self._leading: dict[str, _Key] = {}  # keys whose leader is in flight
+        self.clock = clock
+        # Leaders' round trips, averaged (None: none answered yet)
+        self.round_trip: float | None = None
 
     def add(self, request: Request) -> None:
         """The reader's, for a request with a prefix key: it goes now, or is held."""
@@ -128,6 +147,7 @@ class Grouping:
             state = self._keys[key] = _Key()
             state.leader = request
             state.out = 1
+            state.lead_at = self.clock()
             self._leading[key] = state
             self._send(request, state)  # (in input order, as a line alone would go)
             return
@@ -136,7 +156,7 @@ class Grouping:
             state.sent += 1
             self._send(request, state)
             return
-        if self.offer(request):  # a worker waits: held, the line would cost it time, not cache
+        if not self.patient and self.offer(request):  # (held, it would cost a worker time)
             state.out += 1
             return
         state.held.append(request)
@@ -198,6 +218,9 @@ class Grouping:
             del self._leading[key]
             if not reused:
                 state.failed = state.failed + 1 if failed else 0
+                took = self.clock() - state.lead_at
+                last = self.round_trip
+                self.round_trip = took if last is None else last + RECENT * (took - last)
             if state.held and (reused or (failed and state.failed < FAILING)):
                 self._lead(key, state)  # the next line leads in its stead
             elif state.open:
@@ -253,13 +276,19 @@ class Grouping:
             return True
         return self._spill()
 
+    @property
+    def patient(self) -> bool:
+        """Whether leaders answer so soon that a worker waits for one rather than send a line
+        cold (none answered yet: not)."""
+        return self.round_trip is not None and self.round_trip < PATIENT
+
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,
         cold at worst (as in input order, never worse), chosen to push out the fewest prefixes
         cached: of a key waiting for a turn among the `WARM` answered last (the latest first:
         its prefix the likeliest still cached), else of a key whose leader is in flight (its
         prefix is being written), else of the key waiting that was answered last."""
-        if not self.held or self.ready:  # (lines in `ready`: no worker need wait)
+        if not self.held or self.ready or self.patient:  # (lines in `ready`: no worker need wait)
             return False
         waiting = self._waiting
         key = next((k for k in reversed(self._warm) if k in waiting), None)
@@ -294,6 +323,7 @@ class Grouping:
 
     def _lead(self, key: str, state: _Key) -> None:
         request = state.leader = state.held.popleft()
+        state.lead_at = self.clock()
         self._leading[key] = state
         self._unhold(request)
         state.out += 1
@@ -305,10 +335,11 @@ class Grouping:
         self._room(request)
 
     def _room(self, request: Request) -> None:
-        """`request` leaves the hold or `ready`."""
+        """`request` leaves the hold or `ready`: the reader waiting goes on once what it waits
+        for holds (`_change`)."""
         self.held_bytes -= len(request.payload)
         future = self._changed
-        if future is not None and not future.done():
+        if future is not None and not future.done() and self._until():
             future.set_result(None)
 
     def _send(self, request: Request, state: _Key, *, lead: bool = False) -> None:
@@ -329,14 +360,25 @@ class Grouping:
         return kept >= self.most or (kept > 0 and self.held_bytes + size > self.max_bytes)
 
     async def room(self, size: int) -> None:
-        """The reader's, before it adds a line: wait while the hold is full (or the run stops)."""
+        """The reader's, before it adds a line: wait while the hold is full (or the run stops),
+        and once it was, until an eighth of it is free (`_roomy`): the reader woken at each line
+        taken, to read one more, took more CPU than grouping saved wall time (at 20 ms, 0.3 s
+        in 10,000 lines; the workers' buffer is topped up by halves for the same reason,
+        `run.control.Refill`)."""
         while self.full(size) and not self.stopped:
-            await self._change()
+            await self._change(self._roomy)
+
+    def _roomy(self) -> bool:
+        kept = self.held + len(self.ready)
+        return kept <= self.most - self.most // 8 and self.held_bytes <= self.max_bytes - self.max_bytes // 8
 
     async def drain(self) -> None:
         """The reader's, at the end of the input: wait until nothing is held (or the run stops)."""
         while self.held and not self.stopped:
-            await self._change()
+            await self._change(self._empty)
+
+    def _empty(self) -> bool:
+        return not self.held
 
     def stop(self) -> None:
         """The run stopped dispatching: what is held stays to do."""
@@ -345,7 +387,8 @@ class Grouping:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def _change(self) -> None:
+    async def _change(self, until: Callable[[], bool]) -> None:
+        self._until = until
         self._changed = asyncio.get_running_loop().create_future()
         try:
             await self._changed
