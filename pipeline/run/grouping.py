@@ -122,7 +122,7 @@ class Grouping:
         self.ready: deque[Request] = deque()  # released, for the next worker to take
         # Hands a released request to a worker waiting for one; False where none waits.
         self.offer: Callable[[Request], bool] = lambda _: False
-        self.idle: Callable[[], bool] = lambda: False  # whether a worker waits on the buffer
+        self.idle: Callable[[], int] = lambda: 0  # workers waiting on the buffer
         self.stopped = False
         self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
@@ -278,9 +278,11 @@ class Grouping:
 
     @property
     def patient(self) -> bool:
-        """Whether leaders answer so soon that a worker waits for one rather than send a line
-        cold (none answered yet: not)."""
-        return self.round_trip is not None and self.round_trip < PATIENT
+        """Whether a worker waits for a leader's answer rather than send a line cold: where
+        leaders answer within `PATIENT` (none answered yet: not), while most of the pool is
+        busy (at the start, or with a few lines left, the pool's idle workers are wall time
+        lost: at 20 ms, the first 0.2 s of a run of 3 s answered 37 lines, the leaders)."""
+        return self.round_trip is not None and self.round_trip < PATIENT and 2 * self.idle() < self.ahead
 
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,
