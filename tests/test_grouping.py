@@ -272,7 +272,9 @@ async def test_a_reader_that_found_the_hold_full_goes_on_once_an_eighth_is_free_
 def test_where_leaders_answer_soon_a_worker_waits_for_one_rather_than_send_a_line_cold() -> None:
     # (Answers in 20 ms: a line sent cold writes its prefix in one of the provider's few places,
     # pushing out a prefix whose lines are on their way; waiting for the leader costs a moment.)
-    grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1, ahead=8, clock=_clock(0.01))
+    grouping = Grouping(
+        most=100, max_bytes=10**6, most_open=1, most_open_idle=1, ahead=16, clock=_clock(0.01)
+    )
     pool = Pool(grouping)
     lines = {key: [_request(10 * k + i, key) for i in range(3)] for k, key in enumerate("abc")}
     for i in range(3):
@@ -290,9 +292,9 @@ def test_where_leaders_answer_soon_a_worker_waits_for_one_rather_than_send_a_lin
     pool.waiting = 0
     grouping.done(lines["b"][0], failed=False)
     assert pool.take_all()[5:] == [*lines["b"][1:], late]  # warm, all of them
-    # With most of the pool waiting (the run's start, its end), a worker idle is time lost:
-    # it takes a held line all the same.
-    pool.waiting = 5
+    # With more of the pool waiting (the run's start, its end, answers slower than the pool's
+    # lines last), a worker idle is time lost: it takes a held line all the same.
+    pool.waiting = 2
     assert not grouping.patient
     assert grouping.more()
     assert pool.given[-1] is lines["c"][1]
