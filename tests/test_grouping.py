@@ -644,3 +644,71 @@ def test_property_the_same_prefix_is_the_same_key_and_any_change_to_it_another(
     assert other is not None
     assert other[0] != one[0]
     assert other[1] != one[1]  # (the quick key too)
+
+
+def test_a_leader_out_far_longer_than_leaders_take_is_not_waited_for() -> None:
+    # (Second reader: a leader in a retry's backoff (a 429's Retry-After of a minute), or of a
+    # slow model in a run whose other models answer in 20 ms, keeps up to half the pool idle
+    # for as long: the average of leaders answered says nothing of the one still out.)
+    now = [0.0]
+    grouping = Grouping(
+        most=100, max_bytes=10**6, most_open=1, most_open_idle=1, ahead=8, clock=lambda: now[0]
+    )
+    pool = Pool(grouping)
+    a = [_request(n, "a") for n in range(2)]
+    b = [_request(10 + n, "b") for n in range(3)]
+    for request in (a[0], b[0], a[1], b[1], b[2]):
+        pool.add(request)
+    assert pool.take_all() == [a[0], b[0]]  # the leaders
+    now[0] = 0.02
+    grouping.done(a[0], failed=False)  # answered in 20 ms: a's turn
+    assert pool.take_all()[2:] == [a[1]]
+    grouping.done(a[1], failed=False)
+    now[0] = 120.0  # b's leader is still out, two minutes later
+    pool.waiting = 1  # one worker of 8 waits
+    assert grouping.held == 2
+    assert grouping.more()  # it takes one of b's lines rather than wait on and on
+    assert pool.given[-1] is b[1]
+
+
+_VARIANT_CONTENT: list[Any] = [
+    "hi",
+    [{"type": "text", "text": "hi"}],
+    [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
+    [{"type": "text", "text": "hi", "x": 1}],
+    '{"text":"hi","type":"text","x":1}',  # a text that reads as the part above's JSON
+    [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}],
+    '{"image_url":{"url":"https://x/a.png"},"type":"image_url"}',
+    None,
+    [],
+    [{"type": "text", "text": "hi"}, {"type": "text", "text": "hi"}],
+]
+
+
+def test_the_quick_key_is_equal_exactly_where_the_stable_key_is_over_look_alike_bodies() -> None:
+    """Second reader: every pair of bodies whose one message differs in its content among a few
+    look-alike forms (a string and its one text part, markers on the part, content None or
+    empty, a text that reads as another part's JSON), with and without a `name` or a marker on
+    the message: `group_key` equal exactly where `prefix_key` is (a role that reads as another
+    message's JSON head, '{"name":"n","role":"user"}', collides the same way)."""
+
+    def body(message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": "m",
+            "messages": [{"role": "system", "content": SYSTEM}, message, {"role": "user", "content": "q"}],
+        }
+
+    wrong = []
+    for named, marked in itertools.product((False, True), repeat=2):
+        more = {
+            **({"name": "n"} if named else {}),
+            **({"cache_control": {"type": "ephemeral"}} if marked else {}),
+        }
+        for one, other in itertools.product(_VARIANT_CONTENT, repeat=2):
+            a, b = (
+                body({"role": "user", "content": one, **more}),
+                body({"role": "user", "content": other, **more}),
+            )
+            if (prefix_key(a) == prefix_key(b)) != (group_key(a) == group_key(b)):
+                wrong.append((one, other))
+    assert not wrong
