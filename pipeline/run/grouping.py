@@ -29,13 +29,15 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
   answer), a worker never waits while lines are held: one about to wait for lack of lines takes
   a held line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes
   to it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
-  never wall time (bench prefix, answers in 1 s: 44 % cached where 14 % to 15 %, as fast; with
-  workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall). Where leaders
-  answer sooner, a worker waits for one rather than send a line cold (`patient`): each line
-  sent cold writes its prefix in one of the provider's few places, pushing out the prefix of a
-  turn whose lines are on their way (bench prefix, answers in 20 ms, the client's CPU the
-  bottleneck: 95 % cached where 67 % to 80 % with spills, as fast). A worker waits only while
-  a leader is in flight: a turn whose lines are all taken has ended, and the next key's begins.
+  never wall time (bench prefix, answers in 1 s: 42 % to 45 % cached where 14 % to 15 %, as
+  fast; with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
+  Where leaders answer sooner, none has been out longer, and fewer than an eighth of the pool
+  wait, a worker waits for a leader rather than send a line cold (`patient`): each line sent
+  cold writes its prefix in one of the provider's few places, pushing out the prefix of a turn
+  whose lines are on their way (bench prefix, answers in 20 ms, the client's CPU the
+  bottleneck: 89 % to 93 % cached where 67 % to 80 % with spills, median 0.98x input order's
+  wall). A worker waits only while a leader is in flight: a turn whose lines are all taken has
+  ended, and the next key's begins.
 - Lines without a key (no long prefix) never come here: they go as they are read; nor do an
   Anthropic model's lines unmarked (`input.cachemarks`): they write and read no cache.
 - The reader holds lines here and reads on, so the read-ahead window is the hold's size
@@ -173,6 +175,8 @@ class Grouping:
         key = request.prefix
         state = self._keys.get(key) if key is not None else None
         if state is not None:
+            if request is state.leader:  # (its round trip from now: not its wait in `ready`)
+                state.lead_at = self.clock()
             state.queued -= 1
             if not state.queued and state.open and state.leader is None:
                 self._end_turn(request.prefix, state)
@@ -279,18 +283,24 @@ class Grouping:
     @property
     def patient(self) -> bool:
         """Whether a worker waits for a leader's answer rather than send a line cold: where
-        leaders answer within `PATIENT` (none answered yet: not), while fewer than an eighth of
-        the pool wait (more, and the pool's idle workers are wall time lost: bench prefix at
-        200 ms, with up to half of them waiting, 1.07x input order's wall; an eighth, 0.99x,
-        89 % cached)."""
-        return self.round_trip is not None and self.round_trip < PATIENT and 8 * self.idle() < self.ahead
+        leaders answer within `PATIENT` (none answered yet: not), none in flight has been out
+        longer (one in a retry's backoff, or of a slow model among fast ones, would keep the
+        workers waiting that long), and fewer than an eighth of the pool wait (more, and the
+        pool's idle workers are wall time lost: bench prefix at 200 ms, with up to half of them
+        waiting, 1.07x input order's wall; an eighth, 0.99x, 89 % cached)."""
+        last = self.round_trip
+        if last is None or last >= PATIENT or 8 * self.idle() >= self.ahead:
+            return False
+        oldest = next(iter(self._leading.values()), None)  # (leaders in the order they went)
+        return oldest is None or self.clock() - oldest.lead_at < PATIENT
 
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,
         cold at worst (as in input order, never worse), chosen to push out the fewest prefixes
         cached: of a key waiting for a turn among the `WARM` answered last (the latest first:
         its prefix the likeliest still cached), else of a key whose leader is in flight (its
-        prefix is being written), else of the key waiting that was answered last."""
+        prefix is being written), else of the key waiting that was answered last. None while
+        `patient`: the worker waits for a leader's answer."""
         if not self.held or self.ready or self.patient:  # (lines in `ready`: no worker need wait)
             return False
         waiting = self._waiting
