@@ -25,14 +25,14 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
   a turn for ever. A turn ends once every line it released is in a worker's hands (not
   answered: the next key's leader overlaps the followers' round trip, so the pool never waits
   for one turn's answers before the next turn starts).
-- Where answers take long (leaders answered in `PATIENT` seconds or more, as real models
+- Where answers take long (leaders answered in half a second or more, as real models
   answer), a worker never waits while lines are held: one about to wait for lack of lines takes
   a held line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes
   to it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
   never wall time (bench prefix, answers in 1 s: 42 % to 45 % cached where 14 % to 15 %, as
   fast; with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
   Where leaders answer sooner, none has been out longer, and fewer than an eighth of the pool
-  wait, a worker waits for a leader rather than send a line cold (`patient`): each line sent
+  wait, a worker waits for a leader rather than send a line cold (`run.patience`): each line sent
   cold writes its prefix in one of the provider's few places, pushing out the prefix of a turn
   whose lines are on their way (bench prefix, answers in 20 ms, the client's CPU the
   bottleneck: 89 % to 93 % cached where 67 % to 80 % with spills, median 0.98x input order's
@@ -41,11 +41,9 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
 - Lines without a key (no long prefix) never come here: they go as they are read; nor do an
   Anthropic model's lines unmarked (`input.cachemarks`): they write and read no cache.
 - The reader holds lines here and reads on, so the read-ahead window is the hold's size
-  (`most` lines, `max_bytes` of payload), not the workers' buffer's. With the hold full the
-  reader waits for room (`room`), an eighth of it: something held always moves on, each held
-  key waiting for an answer in flight or for a turn that one will end. At the end of the input
-  it waits here until every held line has gone (`drain`). Held lines of a run that stops stay to do: holding only
-  changes the order.
+  (`run.hold`: `most` lines, `max_bytes` of payload), not the workers' buffer's; with the hold
+  full, it waits for room. At the end of the input it waits here until every held line has gone
+  (`drain`). Held lines of a run that stops stay to do: holding only changes the order.
 
 Released lines are handed straight to workers waiting on the buffer, or put into the buffer
 while it is empty (`offer`, the buffer's sending side: a worker about to wait may not be
@@ -54,12 +52,13 @@ counted as waiting yet); else they go into `ready`, which workers take from befo
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from pipeline.job import Request
+from pipeline.run.hold import Hold
+from pipeline.run.patience import Patience
 
 # Turns at a time: the mock keeps 8 prefixes a model, and a provider's machine a few; the keys
 # whose lines are in flight touch theirs too (bench prefix, answers in 1 s: with up to 6 turns
@@ -75,12 +74,6 @@ PER_TURN = 256
 # (bench prefix, answers in 20 ms: WARM 2, 86 % to 90 % cached; 4, 76 % to 86 %; 8, 70 % to 78 %).
 WARM = 2
 HOLD = 4096  # lines held at most (or 16 a worker, where more)
-# Leaders answered in less (on average, lately), a worker waits for one rather than send a line
-# cold (`Grouping.patient`): real models answer in seconds, a worker waiting that long is wall
-# time lost; at 20 ms, a moment, while a cold line pushes a prefix out of the provider's cache.
-PATIENT = 0.5
-# The weight of a leader's round trip in the average (the last few count).
-RECENT = 0.25
 # Leaders of a key failed in a row after which its lines go without one: a key whose every line
 # fails (a parameter its model refuses) was sent one line at a time, 100 lines at 20 ms in 3.6 s
 # with 8 workers.
@@ -113,32 +106,27 @@ class Grouping:
         ahead: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.most, self.max_bytes = most, max_bytes
+        self.hold = Hold(most, max_bytes)
         # Lines the workers take in a leader's round trip, about: the pool's size (each request
         # in flight is answered within one, and its worker takes the next line). 0: none looked
         # ahead for.
         self.ahead = ahead
         self.most_open, self.most_open_idle, self.per_turn = most_open, most_open_idle, per_turn
         self.held = 0  # lines held here
-        self.held_bytes = 0  # their payload's, and that of the lines in `ready`
         self.ready: deque[Request] = deque()  # released, for the next worker to take
         # Hands a released request to a worker waiting for one; False where none waits.
         self.offer: Callable[[Request], bool] = lambda _: False
         self.idle: Callable[[], int] = lambda: 0  # workers waiting on the buffer
-        self.stopped = False
         self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
         self._waiting: OrderedDict[str, _Key] = OrderedDict()  # keys with lines held, no turn
-        self._changed: asyncio.Future[None] | None = None  # the reader waits on it (`_change`)
-        self._until: Callable[[], bool] = lambda: True  # ...until this holds
         # The keys answered last, most recent last: one of them is most likely still cached,
         # and its turn needs no leader.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._warm: OrderedDict[str, None] = OrderedDict()  # the last `WARM` keys answered
         self._leading: dict[str, _Key] = {}  # keys whose leader is in flight
         self.clock = clock
-        # Leaders' round trips, averaged (None: none answered yet)
-        self.round_trip: float | None = None
+        self.patience = Patience(clock)
 
     def add(self, request: Request) -> None:
         """The reader's, for a request with a prefix key: it goes now, or is held."""
@@ -163,7 +151,7 @@ class Grouping:
             return
         state.held.append(request)
         self.held += 1
-        self.held_bytes += len(request.payload)
+        self.hold.put(len(request.payload))
         if state.leader is None and not state.open and key not in self._waiting:
             self._waiting[key] = state
             self._start()
@@ -171,7 +159,7 @@ class Grouping:
     def take(self) -> Request:
         """A worker's: the next released request."""
         request = self.ready.popleft()
-        self._room(request)
+        self.hold.left(len(request.payload))
         key = request.prefix
         state = self._keys.get(key) if key is not None else None
         if state is not None:
@@ -222,9 +210,7 @@ class Grouping:
             del self._leading[key]
             if not reused:
                 state.failed = state.failed + 1 if failed else 0
-                took = self.clock() - state.lead_at
-                last = self.round_trip
-                self.round_trip = took if last is None else last + RECENT * (took - last)
+                self.patience.answered(state.lead_at)
             if state.held and (reused or (failed and state.failed < FAILING)):
                 self._lead(key, state)  # the next line leads in its stead
             elif state.open:
@@ -282,17 +268,11 @@ class Grouping:
 
     @property
     def patient(self) -> bool:
-        """Whether a worker waits for a leader's answer rather than send a line cold: where
-        leaders answer within `PATIENT` (none answered yet: not), none in flight has been out
-        longer (one in a retry's backoff, or of a slow model among fast ones, would keep the
-        workers waiting that long), and fewer than an eighth of the pool wait (more, and the
-        pool's idle workers are wall time lost: bench prefix at 200 ms, with up to half of them
-        waiting, 1.07x input order's wall; an eighth, 0.99x, 89 % cached)."""
-        last = self.round_trip
-        if last is None or last >= PATIENT or 8 * self.idle() >= self.ahead:
-            return False
+        """Whether a worker waits for a leader's answer rather than send a line cold."""
         oldest = next(iter(self._leading.values()), None)  # (leaders in the order they went)
-        return oldest is None or self.clock() - oldest.lead_at < PATIENT
+        return self.patience.waits(
+            idle=self.idle(), pool=self.ahead, oldest=None if oldest is None else oldest.lead_at
+        )
 
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,
@@ -345,15 +325,7 @@ class Grouping:
 
     def _unhold(self, request: Request) -> None:
         self.held -= 1
-        self._room(request)
-
-    def _room(self, request: Request) -> None:
-        """`request` leaves the hold or `ready`: the reader waiting goes on once what it waits
-        for holds (`_change`)."""
-        self.held_bytes -= len(request.payload)
-        future = self._changed
-        if future is not None and not future.done() and self._until():
-            future.set_result(None)
+        self.hold.left(len(request.payload))
 
     def _send(self, request: Request, state: _Key, *, lead: bool = False) -> None:
         """To a worker waiting, or into `ready`: a turn's leader first in line, since its key's
@@ -364,46 +336,24 @@ class Grouping:
             self.ready.appendleft(request)
         else:
             self.ready.append(request)
-        self.held_bytes += len(request.payload)
+        self.hold.put(len(request.payload))
         state.queued += 1
 
     def full(self, size: int) -> bool:
         """Whether a line of `size` payload bytes finds the hold full."""
-        kept = self.held + len(self.ready)
-        return kept >= self.most or (kept > 0 and self.held_bytes + size > self.max_bytes)
+        return self.hold.full(size)
 
     async def room(self, size: int) -> None:
-        """The reader's, before it adds a line: wait while the hold is full (or the run stops),
-        and once it was, until an eighth of it is free (`_roomy`): the reader woken at each line
-        taken, to read one more, took more CPU than grouping saved wall time (at 20 ms, 0.3 s
-        in 10,000 lines; the workers' buffer is topped up by halves for the same reason,
-        `run.control.Refill`)."""
-        while self.full(size) and not self.stopped:
-            await self._change(self._roomy)
-
-    def _roomy(self) -> bool:
-        kept = self.held + len(self.ready)
-        return kept <= self.most - self.most // 8 and self.held_bytes <= self.max_bytes - self.max_bytes // 8
+        """The reader's, before it adds a line: wait while the hold is full (or the run stops)."""
+        await self.hold.room(size)
 
     async def drain(self) -> None:
         """The reader's, at the end of the input: wait until nothing is held (or the run stops)."""
-        while self.held and not self.stopped:
-            await self._change(self._empty)
+        await self.hold.drain(self._empty)
 
     def _empty(self) -> bool:
         return not self.held
 
     def stop(self) -> None:
         """The run stopped dispatching: what is held stays to do."""
-        self.stopped = True
-        future = self._changed
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    async def _change(self, until: Callable[[], bool]) -> None:
-        self._until = until
-        self._changed = asyncio.get_running_loop().create_future()
-        try:
-            await self._changed
-        finally:
-            self._changed = None
+        self.hold.stop()
