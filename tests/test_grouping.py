@@ -5,17 +5,20 @@ prefix never held; every request given out exactly once, whatever the order of a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pipeline
-from pipeline.input.prefix import MIN_TOKENS, prefix_key
+from pipeline.input.prefix import MIN_TOKENS, group_key, prefix_key
 from pipeline.job import Request
 from pipeline.run.grouping import Grouping
 from tests.conftest import read_jsonl
@@ -35,7 +38,7 @@ class Pool:
         self.waiting = waiting  # workers waiting on the buffer (`offer` succeeds for so many)
         self.given: list[Request] = []
         grouping.offer = self._offer
-        grouping.idle = lambda: self.waiting > 0
+        grouping.idle = lambda: self.waiting
 
     def _offer(self, request: Request) -> bool:
         if not self.waiting:
@@ -248,6 +251,55 @@ async def test_a_full_hold_has_the_reader_wait_for_room_and_stopping_ends_the_wa
     assert grouping.held == 1
 
 
+async def test_a_reader_that_found_the_hold_full_goes_on_once_an_eighth_is_free_not_at_each_line() -> None:
+    # (Woken at each line taken to read one more, the reader cost more CPU than grouping saved
+    # wall time at 20 ms.)
+    grouping = Grouping(most=16, max_bytes=10**6)
+    pool = Pool(grouping)
+    for n in range(16):
+        pool.add(_request(n, f"k{n}"))  # each its own prefix's first line: in `ready`
+    assert grouping.full(2)
+    room = asyncio.ensure_future(grouping.room(2))
+    await asyncio.sleep(0)
+    grouping.take()
+    await asyncio.sleep(0)
+    assert not room.done()  # room for one line: not yet
+    grouping.take()
+    await asyncio.sleep(0)
+    assert room.done()  # 14 of 16 kept: an eighth free
+
+
+def test_where_leaders_answer_soon_a_worker_waits_for_one_rather_than_send_a_line_cold() -> None:
+    # (Answers in 20 ms: a line sent cold writes its prefix in one of the provider's few places,
+    # pushing out a prefix whose lines are on their way; waiting for the leader costs a moment.)
+    grouping = Grouping(
+        most=100, max_bytes=10**6, most_open=1, most_open_idle=1, ahead=16, clock=_clock(0.01)
+    )
+    pool = Pool(grouping)
+    lines = {key: [_request(10 * k + i, key) for i in range(3)] for k, key in enumerate("abc")}
+    for i in range(3):
+        for key in "abc":
+            pool.add(lines[key][i])
+    assert pool.take_all() == [lines[key][0] for key in "abc"]  # the leaders, in flight
+    grouping.done(lines["a"][0], failed=False)  # a's turn: its lines go
+    assert pool.take_all()[3:] == lines["a"][1:]
+    assert grouping.patient
+    assert not grouping.more()  # b's and c's lines wait for their leaders' answers
+    late = _request(99, "b")
+    pool.waiting = 1
+    pool.add(late)  # read while a worker waits: held all the same, behind b's leader
+    assert grouping.held == 5
+    pool.waiting = 0
+    grouping.done(lines["b"][0], failed=False)
+    assert pool.take_all()[5:] == [*lines["b"][1:], late]  # warm, all of them
+    # With more of the pool waiting (the run's start, its end, answers slower than the pool's
+    # lines last), a worker idle is time lost: it takes a held line all the same.
+    pool.waiting = 2
+    assert not grouping.patient
+    assert grouping.more()
+    assert pool.given[-1] is lines["c"][1]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     keys=st.lists(st.integers(0, 4) | st.none(), min_size=1, max_size=40),
@@ -302,7 +354,10 @@ def test_every_request_is_given_out_exactly_once_whatever_the_answers(
     assert grouping._open == 0
 
 
-def test_the_prefix_key_is_the_model_and_everything_before_the_lines_own_part() -> None:
+@pytest.mark.parametrize("prefix_key", [prefix_key, group_key], ids=["prefix_key", "group_key"])
+def test_the_prefix_key_is_the_model_and_everything_before_the_lines_own_part(
+    prefix_key: Callable[..., str | None],
+) -> None:
     def body(question: str, system: str = SYSTEM, **more: Any) -> dict[str, Any]:
         return {
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
@@ -437,8 +492,15 @@ async def test_a_run_stopped_with_lines_held_leaves_them_to_do_and_the_next_run_
     assert sorted(r["custom_id"] for r in results) == sorted(row["custom_id"] for row in rows)
 
 
+def _clock(step: float) -> Callable[[], float]:
+    """A clock that moves `step` seconds each time it is read: every leader's round trip at
+    least that long."""
+    return itertools.count(0.0, step).__next__
+
+
 def test_a_worker_that_would_wait_gets_a_held_line_and_a_line_read_then_is_not_held() -> None:
-    grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1)
+    # (Answers in seconds, as real models give them: a worker waiting is wall time lost.)
+    grouping = Grouping(most=100, max_bytes=10**6, most_open=1, most_open_idle=1, clock=_clock(1.0))
     pool = Pool(grouping)
     lines = {key: [_request(10 * k + i, key) for i in range(3)] for k, key in enumerate("abc")}
     for i in range(3):
@@ -469,16 +531,27 @@ def test_a_worker_that_would_wait_gets_a_held_line_and_a_line_read_then_is_not_h
     workers=st.integers(1, 8),
     most_open=st.integers(1, 3),
     ahead=st.integers(0, 8),
+    step=st.sampled_from([0.01, 1.0]),
 )
 def test_property_no_worker_waits_while_a_line_is_held(
-    keys: list[int], seed: int, workers: int, most_open: int, ahead: int
+    keys: list[int], seed: int, workers: int, most_open: int, ahead: int, step: float
 ) -> None:
     """Workers answer in any order; whenever one would wait for lack of lines (nothing in
-    `ready`, `more` found nothing), nothing is held."""
+    `ready`, `more` found nothing), nothing is held; but where leaders answer quickly, a leader
+    is in flight, whose answer releases lines (and every line goes in the end)."""
     rng = random.Random(seed)
     grouping = Grouping(
-        most=1000, max_bytes=10**6, most_open=most_open, most_open_idle=most_open, ahead=ahead
+        most=1000,
+        max_bytes=10**6,
+        most_open=most_open,
+        most_open_idle=most_open,
+        ahead=ahead,
+        clock=_clock(step),
     )
+
+    def may_wait() -> bool:
+        return grouping.held == 0 or (grouping.patient and bool(grouping._leading))
+
     pool = Pool(grouping)
     pending = [_request(n, str(k)) for n, k in enumerate(keys)]
     in_flight: list[Request] = []
@@ -488,7 +561,7 @@ def test_property_no_worker_waits_while_a_line_is_held(
         pool.waiting = 0
         while len(in_flight) < workers:
             if not grouping.ready and not grouping.more():
-                assert grouping.held == 0  # a worker waits: nothing may be held
+                assert may_wait()  # a worker waits: nothing may be held (or a leader answers soon)
                 pool.waiting = workers - len(in_flight)
                 return
             in_flight.append(grouping.take())
@@ -503,7 +576,7 @@ def test_property_no_worker_waits_while_a_line_is_held(
             grouping.done(in_flight.pop(rng.randrange(len(in_flight))), failed=rng.random() < 0.2)
             in_flight += pool.given
             pool.given.clear()
-        assert not (pool.waiting and grouping.held)  # (lines held with a worker waiting)
+        assert not pool.waiting or may_wait()  # (lines held with a worker waiting)
         work()
     assert not grouping._keys
 
@@ -551,8 +624,11 @@ def test_property_the_same_prefix_is_the_same_key_and_any_change_to_it_another(
     (a character, a role, a message more, a name, the model, the tools) never do."""
     prefix = [{"role": "system", "content": SYSTEM}, *lead]
 
-    def key(messages: list[dict[str, Any]], model: str = "m", **more: Any) -> str | None:
-        return prefix_key({"messages": messages, **more}, model)
+    def key(messages: list[dict[str, Any]], model: str = "m", **more: Any) -> tuple[str, str] | None:
+        body = {"messages": messages, **more}
+        stable, quick = prefix_key(body, model), group_key(body, model)
+        assert (stable is None) == (quick is None)
+        return None if stable is None or quick is None else (stable, quick)
 
     one = key([*prefix, {"role": "user", "content": own[0]}])
     assert one is not None
@@ -566,4 +642,73 @@ def test_property_the_same_prefix_is_the_same_key_and_any_change_to_it_another(
     else:
         other = key([*prefix, last], model="m2") if where % 2 else key([*prefix, last], tools=[{"t": where}])
     assert other is not None
-    assert other != one
+    assert other[0] != one[0]
+    assert other[1] != one[1]  # (the quick key too)
+
+
+def test_a_leader_out_far_longer_than_leaders_take_is_not_waited_for() -> None:
+    # (Second reader: a leader in a retry's backoff (a 429's Retry-After of a minute), or of a
+    # slow model in a run whose other models answer in 20 ms, keeps up to half the pool idle
+    # for as long: the average of leaders answered says nothing of the one still out.)
+    now = [0.0]
+    grouping = Grouping(
+        most=100, max_bytes=10**6, most_open=1, most_open_idle=1, ahead=8, clock=lambda: now[0]
+    )
+    pool = Pool(grouping)
+    a = [_request(n, "a") for n in range(2)]
+    b = [_request(10 + n, "b") for n in range(3)]
+    for request in (a[0], b[0], a[1], b[1], b[2]):
+        pool.add(request)
+    assert pool.take_all() == [a[0], b[0]]  # the leaders
+    now[0] = 0.02
+    grouping.done(a[0], failed=False)  # answered in 20 ms: a's turn
+    assert pool.take_all()[2:] == [a[1]]
+    grouping.done(a[1], failed=False)
+    now[0] = 120.0  # b's leader is still out, two minutes later
+    pool.waiting = 1  # one worker of 8 waits
+    assert grouping.held == 2
+    assert grouping.more()  # it takes one of b's lines rather than wait on and on
+    assert pool.given[-1] is b[1]
+
+
+_VARIANT_CONTENT: list[Any] = [
+    "hi",
+    [{"type": "text", "text": "hi"}],
+    [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
+    [{"type": "text", "text": "hi", "x": 1}],
+    '{"text":"hi","type":"text","x":1}',  # a text that reads as the part above's JSON
+    [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}],
+    '{"image_url":{"url":"https://x/a.png"},"type":"image_url"}',
+    None,
+    [],
+    [{"type": "text", "text": "hi"}, {"type": "text", "text": "hi"}],
+]
+
+
+def test_the_quick_key_is_equal_exactly_where_the_stable_key_is_over_look_alike_bodies() -> None:
+    """Second reader: every pair of bodies whose one message differs in its content among a few
+    look-alike forms (a string and its one text part, markers on the part, content None or
+    empty, a text that reads as another part's JSON), with and without a `name` or a marker on
+    the message: `group_key` equal exactly where `prefix_key` is (a role that reads as another
+    message's JSON head, '{"name":"n","role":"user"}', collides the same way)."""
+
+    def body(message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": "m",
+            "messages": [{"role": "system", "content": SYSTEM}, message, {"role": "user", "content": "q"}],
+        }
+
+    wrong = []
+    for named, marked in itertools.product((False, True), repeat=2):
+        more = {
+            **({"name": "n"} if named else {}),
+            **({"cache_control": {"type": "ephemeral"}} if marked else {}),
+        }
+        for one, other in itertools.product(_VARIANT_CONTENT, repeat=2):
+            a, b = (
+                body({"role": "user", "content": one, **more}),
+                body({"role": "user", "content": other, **more}),
+            )
+            if (prefix_key(a) == prefix_key(b)) != (group_key(a) == group_key(b)):
+                wrong.append((one, other))
+    assert not wrong

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError
 from pipeline.input import jsonl
 from pipeline.input.body import check_body, type_name
-from pipeline.input.prefix import MIN_TOKENS, prefix_key
+from pipeline.input.prefix import MIN_TOKENS, group_key
 from pipeline.input.tokens import BODY_TEXT, Pieces, TokenEstimator, completion_bound
 from pipeline.input.usual import BATCH_URL, read_usual
 from pipeline.job import Request
@@ -236,7 +236,7 @@ class LineParser:
                     local = (
                         {im.marker.decode(): (str(im.path), im.tokens) for im in images} if images else None
                     )
-                    prefix = prefix_key(body, name, local)
+                    prefix = group_key(body, name, local)
             # (built in one call, its fields in order: every line comes here)
             return Request(
                 custom_id,

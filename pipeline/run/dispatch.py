@@ -58,7 +58,7 @@ async def dispatch_requests(run: Run, client: Client) -> None:
             ahead=settings.concurrency,
         )
         grouping.offer = partial(_offer, requests_send, refill)
-        grouping.idle = lambda: requests_send.statistics().tasks_waiting_receive > 0
+        grouping.idle = lambda: requests_send.statistics().tasks_waiting_receive
     # Room for two of the writer's turns: at 0 ms answers, with room for one, 15 % of the
     # outcomes found it full and their workers waited for the writer (a trip round the
     # loop and an event each).

@@ -25,19 +25,25 @@ between the reader and the workers, by the key of each line's prefix (`input.pre
   a turn for ever. A turn ends once every line it released is in a worker's hands (not
   answered: the next key's leader overlaps the followers' round trip, so the pool never waits
   for one turn's answers before the next turn starts).
-- A worker never waits while lines are held: one about to wait for lack of lines takes a held
-  line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes to
-  it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
-  never wall time (bench prefix, answers in 1 s: 44 % cached where 14 % to 15 %, as fast;
-  with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
+- Where answers take long (leaders answered in half a second or more, as real models
+  answer), a worker never waits while lines are held: one about to wait for lack of lines takes
+  a held line all the same (`more`: a turn, else `_spill`), and a line read while one waits goes
+  to it. Such a line may find its prefix cold, as in input order: grouping adds cached tokens,
+  never wall time (bench prefix, answers in 1 s: 42 % to 45 % cached where 14 % to 15 %, as
+  fast; with workers left to wait for leaders, 78 % but 1.16x to 1.25x input order's wall).
+  Where leaders answer sooner, none has been out longer, and fewer than an eighth of the pool
+  wait, a worker waits for a leader rather than send a line cold (`run.patience`): each line sent
+  cold writes its prefix in one of the provider's few places, pushing out the prefix of a turn
+  whose lines are on their way (bench prefix, answers in 20 ms, the client's CPU the
+  bottleneck: 89 % to 93 % cached where 67 % to 80 % with spills, median 0.98x input order's
+  wall). A worker waits only while a leader is in flight: a turn whose lines are all taken has
+  ended, and the next key's begins.
 - Lines without a key (no long prefix) never come here: they go as they are read; nor do an
   Anthropic model's lines unmarked (`input.cachemarks`): they write and read no cache.
 - The reader holds lines here and reads on, so the read-ahead window is the hold's size
-  (`most` lines, `max_bytes` of payload), not the workers' buffer's. With the hold full the
-  reader waits for room (`room`): something held always moves on, each held key waiting for an
-  answer in flight or for a turn that one will end. At the end of the input it waits here until
-  every held line has gone (`drain`). Held lines of a run that stops stay to do: holding only
-  changes the order.
+  (`run.hold`: `most` lines, `max_bytes` of payload), not the workers' buffer's; with the hold
+  full, it waits for room. At the end of the input it waits here until every held line has gone
+  (`drain`). Held lines of a run that stops stay to do: holding only changes the order.
 
 Released lines are handed straight to workers waiting on the buffer, or put into the buffer
 while it is empty (`offer`, the buffer's sending side: a worker about to wait may not be
@@ -46,11 +52,13 @@ counted as waiting yet); else they go into `ready`, which workers take from befo
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from pipeline.job import Request
+from pipeline.run.hold import Hold
+from pipeline.run.patience import Patience
 
 # Turns at a time: the mock keeps 8 prefixes a model, and a provider's machine a few; the keys
 # whose lines are in flight touch theirs too (bench prefix, answers in 1 s: with up to 6 turns
@@ -73,7 +81,7 @@ FAILING = 2
 
 
 class _Key:
-    __slots__ = ("failed", "held", "leader", "open", "out", "queued", "sent")
+    __slots__ = ("failed", "held", "lead_at", "leader", "open", "out", "queued", "sent")
 
     def __init__(self) -> None:
         self.held: deque[Request] = deque()
@@ -83,6 +91,7 @@ class _Key:
         self.queued = 0  # lines released into `ready`, not yet taken
         self.sent = 0  # lines sent in this turn
         self.failed = 0  # its leaders failed in a row
+        self.lead_at = 0.0  # when its leader went (the grouping's clock)
 
 
 class Grouping:
@@ -95,29 +104,29 @@ class Grouping:
         most_open_idle: int = MOST_OPEN_IDLE,
         per_turn: int = PER_TURN,
         ahead: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.most, self.max_bytes = most, max_bytes
+        self.hold = Hold(most, max_bytes)
         # Lines the workers take in a leader's round trip, about: the pool's size (each request
         # in flight is answered within one, and its worker takes the next line). 0: none looked
         # ahead for.
         self.ahead = ahead
         self.most_open, self.most_open_idle, self.per_turn = most_open, most_open_idle, per_turn
         self.held = 0  # lines held here
-        self.held_bytes = 0  # their payload's, and that of the lines in `ready`
         self.ready: deque[Request] = deque()  # released, for the next worker to take
         # Hands a released request to a worker waiting for one; False where none waits.
         self.offer: Callable[[Request], bool] = lambda _: False
-        self.idle: Callable[[], bool] = lambda: False  # whether a worker waits on the buffer
-        self.stopped = False
+        self.idle: Callable[[], int] = lambda: 0  # workers waiting on the buffer
         self._keys: dict[str, _Key] = {}
         self._open = 0  # keys with a turn
         self._waiting: OrderedDict[str, _Key] = OrderedDict()  # keys with lines held, no turn
-        self._changed: asyncio.Future[None] | None = None
         # The keys answered last, most recent last: one of them is most likely still cached,
         # and its turn needs no leader.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._warm: OrderedDict[str, None] = OrderedDict()  # the last `WARM` keys answered
         self._leading: dict[str, _Key] = {}  # keys whose leader is in flight
+        self.clock = clock
+        self.patience = Patience(clock)
 
     def add(self, request: Request) -> None:
         """The reader's, for a request with a prefix key: it goes now, or is held."""
@@ -128,6 +137,7 @@ class Grouping:
             state = self._keys[key] = _Key()
             state.leader = request
             state.out = 1
+            state.lead_at = self.clock()
             self._leading[key] = state
             self._send(request, state)  # (in input order, as a line alone would go)
             return
@@ -136,12 +146,12 @@ class Grouping:
             state.sent += 1
             self._send(request, state)
             return
-        if self.offer(request):  # a worker waits: held, the line would cost it time, not cache
+        if not self.patient and self.offer(request):  # (held, it would cost a worker time)
             state.out += 1
             return
         state.held.append(request)
         self.held += 1
-        self.held_bytes += len(request.payload)
+        self.hold.put(len(request.payload))
         if state.leader is None and not state.open and key not in self._waiting:
             self._waiting[key] = state
             self._start()
@@ -149,10 +159,12 @@ class Grouping:
     def take(self) -> Request:
         """A worker's: the next released request."""
         request = self.ready.popleft()
-        self._room(request)
+        self.hold.left(len(request.payload))
         key = request.prefix
         state = self._keys.get(key) if key is not None else None
         if state is not None:
+            if request is state.leader:  # (its round trip from now: not its wait in `ready`)
+                state.lead_at = self.clock()
             state.queued -= 1
             if not state.queued and state.open and state.leader is None:
                 self._end_turn(request.prefix, state)
@@ -198,6 +210,7 @@ class Grouping:
             del self._leading[key]
             if not reused:
                 state.failed = state.failed + 1 if failed else 0
+                self.patience.answered(state.lead_at)
             if state.held and (reused or (failed and state.failed < FAILING)):
                 self._lead(key, state)  # the next line leads in its stead
             elif state.open:
@@ -253,13 +266,22 @@ class Grouping:
             return True
         return self._spill()
 
+    @property
+    def patient(self) -> bool:
+        """Whether a worker waits for a leader's answer rather than send a line cold."""
+        oldest = next(iter(self._leading.values()), None)  # (leaders in the order they went)
+        return self.patience.waits(
+            idle=self.idle(), pool=self.ahead, oldest=None if oldest is None else oldest.lead_at
+        )
+
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,
         cold at worst (as in input order, never worse), chosen to push out the fewest prefixes
         cached: of a key waiting for a turn among the `WARM` answered last (the latest first:
         its prefix the likeliest still cached), else of a key whose leader is in flight (its
-        prefix is being written), else of the key waiting that was answered last."""
-        if not self.held or self.ready:  # (lines in `ready`: no worker need wait)
+        prefix is being written), else of the key waiting that was answered last. None while
+        `patient`: the worker waits for a leader's answer."""
+        if not self.held or self.ready or self.patient:  # (lines in `ready`: no worker need wait)
             return False
         waiting = self._waiting
         key = next((k for k in reversed(self._warm) if k in waiting), None)
@@ -294,6 +316,7 @@ class Grouping:
 
     def _lead(self, key: str, state: _Key) -> None:
         request = state.leader = state.held.popleft()
+        state.lead_at = self.clock()
         self._leading[key] = state
         self._unhold(request)
         state.out += 1
@@ -302,14 +325,7 @@ class Grouping:
 
     def _unhold(self, request: Request) -> None:
         self.held -= 1
-        self._room(request)
-
-    def _room(self, request: Request) -> None:
-        """`request` leaves the hold or `ready`."""
-        self.held_bytes -= len(request.payload)
-        future = self._changed
-        if future is not None and not future.done():
-            future.set_result(None)
+        self.hold.left(len(request.payload))
 
     def _send(self, request: Request, state: _Key, *, lead: bool = False) -> None:
         """To a worker waiting, or into `ready`: a turn's leader first in line, since its key's
@@ -320,34 +336,24 @@ class Grouping:
             self.ready.appendleft(request)
         else:
             self.ready.append(request)
-        self.held_bytes += len(request.payload)
+        self.hold.put(len(request.payload))
         state.queued += 1
 
     def full(self, size: int) -> bool:
         """Whether a line of `size` payload bytes finds the hold full."""
-        kept = self.held + len(self.ready)
-        return kept >= self.most or (kept > 0 and self.held_bytes + size > self.max_bytes)
+        return self.hold.full(size)
 
     async def room(self, size: int) -> None:
         """The reader's, before it adds a line: wait while the hold is full (or the run stops)."""
-        while self.full(size) and not self.stopped:
-            await self._change()
+        await self.hold.room(size)
 
     async def drain(self) -> None:
         """The reader's, at the end of the input: wait until nothing is held (or the run stops)."""
-        while self.held and not self.stopped:
-            await self._change()
+        await self.hold.drain(self._empty)
+
+    def _empty(self) -> bool:
+        return not self.held
 
     def stop(self) -> None:
         """The run stopped dispatching: what is held stays to do."""
-        self.stopped = True
-        future = self._changed
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    async def _change(self) -> None:
-        self._changed = asyncio.get_running_loop().create_future()
-        try:
-            await self._changed
-        finally:
-            self._changed = None
+        self.hold.stop()
