@@ -11,7 +11,7 @@ PORT_FILE := .mock.port
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pipeline needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,images,shared,ray]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,images,shared,ray,metrics]'
 	@touch $@
 
 install: $(STAMP)

@@ -62,6 +62,8 @@ _SCALARS: dict[str, tuple[type, ...]] = {
     "batch_max_lines": (int,),
     "batch_max_bytes": (int,),
     "batch_keep_files": (bool,),
+    "metrics_port": (int,),
+    "metrics_host": (str,),
 }
 _TABLES = ("request", "template", "prices", "limits", "verdict")
 _KNOWN = tuple(_SCALARS) + _TABLES

@@ -151,5 +151,18 @@ def job_arguments(
         help="share one pace with every process of the same account through this Redis; "
         "--rpm and --tpm are then the account's limits",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=positive_int,
+        metavar="PORT",
+        help="serve Prometheus metrics at :PORT/metrics while the run goes (needs the metrics extra); "
+        "every process on one machine needs a port of its own (pipeline ray gives shard K PORT+K-1)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="the address the metrics are served on (default: every interface, as a cluster scrapes "
+        "a pod's own IP; 127.0.0.1: this machine only)",
+    )
     if tier:
         _tier_arguments(p)

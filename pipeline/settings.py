@@ -96,6 +96,10 @@ class Settings:
     # `--redo WHAT` (`pipeline.output.redo`): lines of the folder sent again, the request
     # defaults free to change for them. A flag only, and not in the fingerprint.
     redo: Redo | None = None
+    # Prometheus metrics served while the run goes (`pipeline.run.metrics`), on every
+    # interface unless `metrics_host` names one. Not in the fingerprint.
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -165,6 +169,8 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     check_key_env(values.get("api_key_env", DEFAULT_KEY_ENV))
     _check_numbers(values, lambda key: "command line" if flags.get(key) is not None else where)
     _check_tier(values, flags, where)
+    if flags.get("metrics_host") is not None and values.get("metrics_port") is None:
+        raise SettingsError("--metrics-host is where the metrics are served: give --metrics-port too")
     if isinstance(values.get("shard"), str):
         values["shard"] = parse_shard(values["shard"])
     if values.get("shared_limit") is not None:
@@ -274,6 +280,9 @@ def _check_numbers(values: dict[str, Any], source: Callable[[str], str]) -> None
     positive("max_line_bytes", integer=True)
     positive("batch_max_lines", integer=True)
     positive("batch_max_bytes", integer=True)
+    positive("metrics_port", integer=True)
+    if (values.get("metrics_port") or 0) > 65535:
+        raise SettingsError(f"{source('metrics_port')}: metrics_port must be a port, 1 to 65535")
     for key in (
         "rpm",
         "tpm",

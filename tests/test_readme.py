@@ -23,7 +23,7 @@ import pytest
 
 import pipeline.settings
 from pipeline.settings import build
-from tests.conftest import FAKE_KEY
+from tests.conftest import FAKE_KEY, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -143,7 +143,15 @@ def test_the_kubernetes_job_runs_its_shards(
     completions = int(re.search(r"completions: (\d+)", code).group(1))  # type: ignore[union-attr]
     command = found.group(1).replace("/data/", f"{repo_copy}/data/")
     command = re.sub(r"redis://\S+", README_STORE, command)  # the cluster's Redis: ours here
-    commands = [(command, {"JOB_COMPLETION_INDEX": str(i)}) for i in range(completions)]
+    metrics = re.search(r"--metrics-port (\d+)", command)
+    assert metrics, "each shard's metrics"
+    assert f"containerPort: {metrics[1]}" in code
+    assert f'prometheus.io/port: "{metrics[1]}"' in code
+    # (a pod has an IP of its own; the shards here share one: a port each)
+    commands = [
+        (command.replace(metrics[0], f"--metrics-port {_free_port()}"), {"JOB_COMPLETION_INDEX": str(i)})
+        for i in range(completions)
+    ]
     _shards_then_merge(commands, repo_copy, mock_url, redis_server.url, repo_copy / "data/out/nightly")
 
 

@@ -15,6 +15,11 @@ def bucket(seconds: float) -> int:
     return 0 if seconds <= _MIN else int(math.log(seconds / _MIN) / _LOG_GROWTH) + 1
 
 
+def middle(index: int) -> float:
+    """A bucket's time, as a percentile reads it: the geometric middle of the bucket."""
+    return _MIN if index == 0 else float(_MIN * _GROWTH ** (index - 0.5))
+
+
 class Histogram:
     def __init__(self, counts: dict[int, int] | None = None) -> None:
         self.counts: dict[int, int] = counts or {}
@@ -38,10 +43,7 @@ class Histogram:
         for bucket in sorted(self.counts):
             seen += self.counts[bucket]
             if seen >= rank:
-                if bucket == 0:
-                    return _MIN
-                # the geometric middle of the bucket
-                return float(_MIN * _GROWTH ** (bucket - 0.5))
+                return middle(bucket)
         return None
 
     def merge(self, other: Histogram) -> None:

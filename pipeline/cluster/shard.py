@@ -19,6 +19,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,8 @@ def run_shard(
         os.chdir(cwd)  # relative paths in the job file mean what they meant at the driver
     try:
         settings = build(Path(job) if job else None, **{**flags, "shard": f"{k}/{n}"})
+        if settings.metrics_port is not None:  # (shards may share a node: a port each)
+            settings = replace(settings, metrics_port=settings.metrics_port + k - 1)
         host = ShardHost(coordinator, k, home)
         deadline = time.monotonic() + BUSY_WAIT
         while True:

@@ -39,6 +39,7 @@ from pipeline.run.control import Control, Refill
 from pipeline.run.dispatch import dispatch_requests
 from pipeline.run.ending import close, finish
 from pipeline.run.host import Host
+from pipeline.run.metrics import Metrics, serving
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
 from pipeline.run.redoing import choose, fresh_ids
@@ -86,12 +87,17 @@ async def run(settings: Settings, host: Host | None = None) -> Summary:
     api_key = _check_key(settings)
     raise_open_files(settings.concurrency)
     redo = settings.redo is not None
-    with opened(settings.folder, settings.fingerprint(), fresh=bool(settings.fresh), redo=redo) as ledger:
-        return await _run(settings, ledger, api_key, host or Host())
+    async with serving(settings) as metrics:  # (its port taken first: a clash sends nothing)
+        with opened(settings.folder, settings.fingerprint(), fresh=bool(settings.fresh), redo=redo) as ledger:
+            return await _run(settings, ledger, api_key, host or Host(), metrics)
 
 
-async def _run(settings: Settings, ledger: Ledger, api_key: str | None, host: Host) -> Summary:
+async def _run(
+    settings: Settings, ledger: Ledger, api_key: str | None, host: Host, metrics: Metrics | None
+) -> Summary:
     job = Run(settings, ledger, api_key, host)
+    if metrics is not None:
+        metrics.watch(job)
     try:
         if ledger.previous is not None:
             from pipeline.batch.notes import aside_note  # (an earlier run's batches, moved aside)
