@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
-from pipeline.input.stdin import STDIN, is_stdin
+from pipeline.input.stdin import STDIN, STDIN_NAMES, is_stdin
 from pipeline.jobfile import ModelLimit, check_limits, read_job_file
 from pipeline.prices import Price, check_prices
 from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
@@ -142,8 +142,8 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
         raise SettingsError("no input given: pass --input or set input in the job file")
     today = dt.date.today().isoformat()
     raw = str(values["input"])
-    values["input"] = Path(os.path.expanduser(raw))
-    if values["input"] == STDIN and raw != "-":
+    values["input"] = STDIN if raw in STDIN_NAMES else Path(os.path.expanduser(raw))
+    if values["input"] == STDIN and raw not in STDIN_NAMES:
         values["input"] = values["input"].absolute()  # `./-`: a file of that name, not stdin
     if values.get("output"):
         values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))

@@ -110,6 +110,7 @@ def test_dash_in_a_job_file_is_standard_input_and_dot_slash_dash_a_file(
     settings = build(job)
     assert settings.input == STDIN
     assert settings.fingerprint()["input"] == "-"
+    assert build(input="/dev/stdin", output="out").fingerprint()["input"] == "-"  # a resume
     monkeypatch.chdir(tmp_path)
     (tmp_path / "-").write_bytes(jsonl(bodies(3)))
     named = build(input="./-", output="out").input

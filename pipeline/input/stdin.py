@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 STDIN = Path("-")
+# The same, by its device's names: one job whatever the pipe (its /proc/PID/fd/pipe:[N] path
+# is another at every run, and a folder that remembered it could never be resumed).
+STDIN_NAMES = ("-", "/dev/stdin", "/dev/fd/0")
 
 
 def is_stdin(path: Path) -> bool:
