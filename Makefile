@@ -6,15 +6,29 @@ STAMP  := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PORT_FILE := .mock.port
 
-.PHONY: install run test check format bench clean system-deps shards
+.PHONY: install lock run test check format bench clean system-deps shards
 
-$(STAMP): pyproject.toml
+# The exact versions of everything `make` installs (the extras in EXTRAS), so that every
+# machine gets the same environment; pyproject.toml keeps its ranges open for those who
+# import the package. `make lock` renews it: the newest versions in those ranges, for every
+# Python from 3.11 (markers where they differ), after which `make` installs them.
+LOCK   := requirements.lock
+EXTRAS := dev fast shared ray metrics
+
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "pipeline needs Python 3.11 or newer"'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,fast,images,shared,ray,metrics]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; \
+	  echo "make: $(LOCK) lacks what pyproject.toml asks for: make lock"; exit 1; }
 	@touch $@
 
 install: $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile --quiet pyproject.toml $(addprefix --extra ,$(EXTRAS)) \
+	  --universal --python-version 3.11 --upgrade --custom-compile-command "make lock" -o $(LOCK)
 
 # Start the built-in mock endpoint, run the captioning sample against it, stop the mock.
 run: $(STAMP)

@@ -24,6 +24,7 @@ from pipeline.errors import SettingsError
 from pipeline.input.line import LineParser
 from pipeline.input.reader import ReadCounts, read_requests
 from pipeline.input.source import check_input
+from pipeline.input.stdin import named
 from pipeline.input.tokens import DEFAULT_MAX_COMPLETION
 from pipeline.job import Failure
 from pipeline.output.folder import LEDGER, RESULTS
@@ -196,10 +197,11 @@ def _priced_as(prices: Mapping[str, Price], model: str) -> str | None:
 def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO | None = None) -> None:
     out, err = out or sys.stdout, err or sys.stderr  # as they are now, not at import
     settings, counts = result.settings, result.counts
+    source = named(settings.input)
     for failure in result.failures:
-        print(f"{settings.input}:{failure.line}: {failure.message}", file=err)
+        print(f"{source}:{failure.line}: {failure.message}", file=err)
     if result.invalid > len(result.failures):
-        print(f"{settings.input}: {result.invalid - len(result.failures):,} more invalid lines", file=err)
+        print(f"{source}: {result.invalid - len(result.failures):,} more invalid lines", file=err)
     if result.redo is not None and settings.redo is not None:
         chosen = result.redo
         warning = chosen.warning(settings.redo)
@@ -217,7 +219,7 @@ def print_estimate(result: Estimate, *, out: TextIO | None = None, err: TextIO |
             file=out,
         )
     print(
-        f"{settings.input}: {counts.read:,} lines: {result.requests:,} requests to send, "
+        f"{source}: {counts.read:,} lines: {result.requests:,} requests to send, "
         + (f"{counts.skipped:,} already done in {settings.output}, " if settings.output is not None else "")
         + f"{result.invalid:,} invalid, "
         f"{counts.empty:,} empty",

@@ -110,7 +110,7 @@ def read_job_file(path: Path) -> dict[str, Any]:
             raise SettingsError(f"{path}: '{key}' must be {want}, not {value!r}")
         out[key] = value
     for key in ("input", "output", "cache"):
-        if key in out:
+        if key in out and not (key == "input" and out[key] == "-"):  # (standard input)
             out[key] = _relative_to(path.parent, out[key])
     out["job_file"] = path
     return out

@@ -65,7 +65,7 @@ def job_arguments(
     p.add_argument("job", nargs="?", type=Path, help="a job file (TOML); flags override its keys")
     p.add_argument(
         "--input",
-        help="the input file: .jsonl or .jsonl.gz (or a pipe, such as /dev/stdin: read as it comes)",
+        help="the input file: .jsonl or .jsonl.gz (or a pipe; - for standard input: read as it comes)",
     )
     p.add_argument("--output", help="the output folder; {date} becomes today's date")
     _endpoint_arguments(p)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError, SettingsError
 from pipeline.input.body import near_parameter
 from pipeline.input.shard import Shard, parse_shard
+from pipeline.input.stdin import STDIN, STDIN_NAMES, is_stdin
 from pipeline.jobfile import ModelLimit, check_limits, read_job_file
 from pipeline.prices import Price, check_prices
 from pipeline.urls import DEFAULT_BASE_URL, check_base_url, check_store_url
@@ -120,7 +121,7 @@ class Settings:
     def fingerprint(self) -> dict[str, Any]:
         """What makes two runs the same job, so that one may resume the other."""
         return {
-            "input": str(self.input.resolve()),
+            "input": "-" if is_stdin(self.input) else str(self.input.resolve()),
             "model": self.default_model,
             # The model is above, wherever it was set (a flag, [request], the top level).
             "request": {k: v for k, v in self.request.items() if k != "model"},
@@ -144,7 +145,10 @@ def build(job_file: Path | None = None, **flags: Any) -> Settings:
     if not values.get("input"):
         raise SettingsError("no input given: pass --input or set input in the job file")
     today = dt.date.today().isoformat()
-    values["input"] = Path(os.path.expanduser(str(values["input"])))
+    raw = str(values["input"])
+    values["input"] = STDIN if raw in STDIN_NAMES else Path(os.path.expanduser(raw))
+    if values["input"] == STDIN and raw not in STDIN_NAMES:
+        values["input"] = values["input"].absolute()  # `./-`: a file of that name, not stdin
     if values.get("output"):
         values["output"] = Path(os.path.expanduser(str(values["output"]).replace("{date}", today)))
     if values.get("cache"):

@@ -51,6 +51,7 @@ FIRST = (
     "test_token_count.py",
     "test_batch_faults.py",
     "test_timeouts.py",
+    "test_package.py",  # (few tests, so last by xdist's order: a build and a venv, some 10 s)
 )
 
 

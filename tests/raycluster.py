@@ -28,7 +28,7 @@ class RayCluster:
         except ImportError:
             if os.environ.get("CI"):
                 raise
-            pytest.skip("Ray is not installed: pip install 'pipeline[ray]' (make installs it)")
+            pytest.skip("Ray is not installed: pip install 'chat-pipeline[ray]' (make installs it)")
         # Short: Ray's sockets live under it, and a socket's path is 107 bytes at most.
         self.tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self._env = {k: os.environ.get(k) for k in ("RAY_TMPDIR", KEY_ENV)}

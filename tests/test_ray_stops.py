@@ -35,7 +35,7 @@ def test_without_ray_it_says_how_to_install_it(
     src = write_jsonl(tmp_path / "in.jsonl", bodies(2))
     code = main(["ray", "--input", str(src), "--output", str(tmp_path / "out"), "--shards", "2"])
     assert code == 2
-    assert "pip install 'pipeline[ray]'" in capsys.readouterr().err
+    assert "pip install 'chat-pipeline[ray]'" in capsys.readouterr().err
 
 
 async def _accepted(server: Any, n: int) -> None:

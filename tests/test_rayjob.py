@@ -1,6 +1,6 @@
 """deploy/rayjob.yaml, the KubeRay RayJob the README shows: it parses, its entrypoint is a
 command our parser takes, the key comes from a Secret only, every pod shares the output's
-volume, shards go to the workers, and its Ray is the one `pipeline[ray]` pins."""
+volume, shards go to the workers, and its Ray is the one `chat-pipeline[ray]` pins."""
 
 from __future__ import annotations
 

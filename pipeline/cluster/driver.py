@@ -32,6 +32,7 @@ from pipeline.cluster.board import Board, Coordinator
 from pipeline.cluster.nodes import check_nodes
 from pipeline.cluster.shard import MARK, run_shard
 from pipeline.errors import SettingsError
+from pipeline.input.stdin import is_stdin
 from pipeline.output.folder import aside, atomic_write, lock_folder, move_aside
 from pipeline.output.merge import merge_or_stop
 from pipeline.output.shards import shard_folders
@@ -41,7 +42,7 @@ from pipeline.run.summary import EXIT_BUG, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_
 from pipeline.settings import Settings
 from pipeline.urls import is_loopback
 
-INSTALL = "pipeline ray needs Ray: pip install 'pipeline[ray]' (make installs it)"
+INSTALL = "pipeline ray needs Ray: pip install 'chat-pipeline[ray]' (make installs it)"
 REACH_TIMEOUT = 10.0  # seconds to reach the cluster's address
 START_WAIT = 60.0  # seconds before shards that have not started are named
 
@@ -117,6 +118,11 @@ def _other_shards(out: Path, n: int) -> None:
 
 
 def ray_command(settings: Settings, flags: dict[str, Any], job: Path | None, args: Any) -> int:
+    if is_stdin(settings.input):
+        raise SettingsError(
+            "pipeline ray: every shard reads the input on its own node, and standard input (--input -) "
+            "is this process's alone: write the lines to a file on storage every node shares"
+        )
     try:
         import ray
     except ImportError:

@@ -82,8 +82,8 @@ def sizing_of(part: Mapping[str, Any], defaults: Mapping[str, Any], where: str) 
     if sizing.changes and not pillow_available():
         raise SettingsError(
             f"{where}: sizing images (max_side {sizing.max_side}, format {sizing.format}) needs "
-            "Pillow: pip install 'pipeline[images]' (make installs it), or set max_side = 0 to "
-            "send images as they are"
+            "Pillow, a dependency of chat-pipeline missing here (installed with --no-deps?): "
+            "pip install pillow, or set max_side = 0 to send images as they are"
         )
     return sizing
 

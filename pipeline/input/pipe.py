@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.input.stdin import STDIN
+
 QUEUE = 64  # lines read ahead (a line may be megabytes: few)
 _END = object()
 
@@ -73,5 +75,6 @@ class PipeLines:
 
 
 def is_pipe(path: Path) -> bool:
-    """Anything that is not a regular file: a named pipe, /dev/stdin from a pipe..."""
-    return path.exists() and not path.is_file() and not path.is_dir()
+    """Standard input, or anything that is not a regular file: a named pipe, /dev/stdin from
+    a pipe... (read once, by a thread: it may wait for whoever writes into it)."""
+    return path == STDIN or (path.exists() and not path.is_file() and not path.is_dir())

@@ -3,13 +3,16 @@ hold is measured and read past."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
+from io import BufferedReader
 from pathlib import Path
 from typing import IO
 
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.input.pipe import is_pipe
+from pipeline.input.stdin import is_stdin, named
 
 # What reading a plain or gzipped file can raise on bad bytes or a cut-off end.
 READ_ERRORS = (OSError, EOFError, zlib.error)
@@ -18,6 +21,8 @@ READ_ERRORS = (OSError, EOFError, zlib.error)
 def open_input(path: Path) -> IO[bytes]:
     """Open the input for reading, gzip or plain (a pipe too: nothing is read twice); a
     missing or unreadable file is a settings error."""
+    if is_stdin(path):
+        return _unzipped(_stdin())
     try:
         if path.is_dir():
             raise SettingsError(f"input {str(path)!r} is a folder; pass a .jsonl or .jsonl.gz file")
@@ -26,6 +31,18 @@ def open_input(path: Path) -> IO[bytes]:
         raise SettingsError(f"input file {str(path)!r} not found; check --input or the job's input") from None
     except OSError as e:
         raise SettingsError(f"input file {str(path)!r} cannot be read: {e.strerror}") from None
+    return _unzipped(f)
+
+
+def _stdin() -> BufferedReader:
+    """Standard input as bytes, on a descriptor of its own (closing it leaves fd 0 open)."""
+    try:
+        return os.fdopen(os.dup(0), "rb")
+    except OSError:
+        raise SettingsError("--input -: there is no standard input (it is closed)") from None
+
+
+def _unzipped(f: BufferedReader) -> IO[bytes]:
     if f.peek(2)[:2] != b"\x1f\x8b":
         return f
     import gzip  # (a gzipped input alone needs it)
@@ -37,7 +54,19 @@ def open_input(path: Path) -> IO[bytes]:
 
 def check_input(path: Path) -> None:
     """Fail early, as a settings error, on an input that cannot be opened. A pipe is taken
-    on trust: opening it here would take the place of the real reader."""
+    on trust: opening it here would take the place of the real reader. Standard input must be
+    there, and not a terminal (lines typed by hand are not what a run is for)."""
+    if is_stdin(path):
+        try:
+            os.fstat(0)
+        except OSError:
+            raise SettingsError("--input -: there is no standard input (it is closed)") from None
+        if os.isatty(0):
+            raise SettingsError(
+                "--input - reads the lines from standard input, which is a terminal here: pipe "
+                "them in (psql ... | pipeline run --input - ...) or give a file"
+            )
+        return
     if is_pipe(path):
         return
     open_input(path).close()
@@ -46,7 +75,7 @@ def check_input(path: Path) -> None:
 def count_lines(path: Path) -> int | None:
     """Lines in the input, for the progress bar's total; reads in blocks, never whole. None
     for a pipe (it can be read only once) or a file that cannot be read to its end."""
-    if not path.is_file():
+    if is_pipe(path) or not path.is_file():
         return None
     n = 0
     last = b"\n"
@@ -79,7 +108,7 @@ def lines(path: Path, *, max_bytes: int = 1 << 62) -> Iterator[tuple[int, bytes 
         except READ_ERRORS as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise RunStopped(
-                f"cannot read {path} after line {number:,} ({reason}); a .gz file cut short? "
+                f"cannot read {named(path)} after line {number:,} ({reason}); a .gz file cut short? "
                 "Repair or replace the file, then run again: the lines before it are kept",
                 code="input_unreadable",
             ) from None

@@ -122,7 +122,7 @@ class Store:
             import redis.asyncio as redis
         except ImportError:
             raise SettingsError(
-                "--shared-limit needs the Redis client: pip install 'pipeline[shared]' (make installs it)"
+                "--shared-limit needs the Redis client: pip install 'chat-pipeline[shared]' (make installs it)"
             ) from None
         self._client: Any = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._call = self._client.register_script(_lua("store.lua"))

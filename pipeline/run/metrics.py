@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from pipeline.run.runner import Run
     from pipeline.settings import Settings
 
-INSTALL = "--metrics-port needs prometheus_client: pip install 'pipeline[metrics]' (make installs it)"
+INSTALL = "--metrics-port needs prometheus_client: pip install 'chat-pipeline[metrics]' (make installs it)"
 BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)  # seconds
 OUTCOMES = ("succeeded", "failed", "invalid_input")
 

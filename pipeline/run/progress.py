@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Never, Protocol, TextIO
 import anyio
 
 from pipeline.account.cost import money
+from pipeline.input.stdin import named
 from pipeline.quote import quote
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.interval = settings.progress_interval
         self.quiet = settings.quiet
-        self.input = settings.input
+        self.input = named(settings.input)
         self.input_errors = 0
         self.bar: tqdm[Never] | None = None
         if not settings.quiet and self.stream.isatty():

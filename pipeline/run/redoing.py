@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline.account.usage import Usage
+from pipeline.input.stdin import named
 from pipeline.output.redo import (
     TABLE,
     chosen_before,
@@ -113,7 +114,7 @@ def released_note(run: Run) -> str | None:
     if not run.released:
         return None
     return (
-        f"{run.released:,} line(s) a --redo chose are no longer in {run.settings.input}: they keep "
+        f"{run.released:,} line(s) a --redo chose are no longer in {named(run.settings.input)}: they keep "
         "their earlier answer in results.jsonl and are not sent again"
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.input.reader import ReadCounts
+from pipeline.input.stdin import named
 from pipeline.run.control import Control
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -72,7 +73,7 @@ def nothing_to_do(counts: ReadCounts, *, source: Path, shard: object) -> str | N
         return None
     requests = counts.read - counts.empty - counts.elsewhere
     if counts.read == counts.empty:
-        return f"nothing to do: {source} has no lines (it is empty); nothing was sent"
+        return f"nothing to do: {named(source)} has no lines (it is empty); nothing was sent"
     if requests == 0:
         return f"nothing to do in shard {shard}: the {counts.elsewhere:,} lines are other shards'"
     if requests == counts.skipped:
