@@ -153,7 +153,7 @@ async def test_prometheus_client_is_imported_only_for_the_flag(
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
     async with mock() as (url, server):
         assert (await pipeline.run(make_settings(url, bodies(3)))).exit_code == 0
-        with pytest.raises(SettingsError, match=r"pip install 'pipeline\[metrics\]'"):
+        with pytest.raises(SettingsError, match=r"pip install 'chat-pipeline\[metrics\]'"):
             await pipeline.run(
                 make_settings(url, bodies(3), output=tmp_path / "b", metrics_port=_free_port())
             )
