@@ -205,7 +205,7 @@ def _value(text: str) -> Decimal:
 FINITE = st.floats(allow_nan=False, allow_infinity=False)
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(FINITE, FINITE)
 def test_any_value_is_written_in_three_figures_and_read_back(a: float, b: float) -> None:
     """Any float: at most three significant figures, no exponent Python would write (`e+15`),
@@ -220,7 +220,7 @@ def test_any_value_is_written_in_three_figures_and_read_back(a: float, b: float)
         assert _value(rounded(a)) <= _value(rounded(b))
 
 
-@settings(max_examples=300)
+@settings(max_examples=150)
 @given(FINITE, FINITE)
 def test_a_value_axis_is_written_in_rising_round_values(a: float, b: float) -> None:
     _, _, ticks = scale(min(a, b), max(a, b))
