@@ -109,7 +109,7 @@ def _doc() -> dict[str, Any]:
         "timeline": [
             {
                 "started": 1_795_000_000.0,
-                "interval": 10.0,
+                "interval": 1.0,
                 "shard": HOSTILE,
                 "points": [
                     {
@@ -124,7 +124,15 @@ def _doc() -> dict[str, Any]:
                         "in_flight": 0,
                         "pace": 2.0,
                         "pace_kind": HOSTILE,
-                    }
+                    },
+                    {
+                        "start": 1_795_000_001.0,
+                        "started": 0,
+                        "answers": {},
+                        "tokens_in": 0,
+                        "tokens_out": 0,
+                        "cost": 0.0,
+                    },
                 ],
             }
         ],
@@ -190,7 +198,7 @@ def test_any_names_and_values_draw_a_well_formed_chart(
         title,
         title,
         labels,
-        labels[::2],
+        list(range(0, len(labels), 2)),
         [(name, values, "#000000") for name, values in series],
         width=1000,
         height=320,
@@ -237,7 +245,7 @@ def test_a_long_run_writes_at_most_ten_times_under_its_charts() -> None:
 
 
 def test_a_run_of_two_days_writes_its_times_over_both() -> None:
-    """Times of day repeat after a day: each written where its turn falls, not once only (the
+    """Times of day repeat after a day: written over both days, not the first only (the
     second day's axis was left bare)."""
     doc = _doc()
     point = doc["timeline"][0]["points"][0]
@@ -247,8 +255,9 @@ def test_a_run_of_two_days_writes_its_times_over_both() -> None:
         float(x)
         for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="middle">\d\d:\d\d:\d\d<', first)
     ]
-    assert len(xs) == 10
+    assert 5 <= len(xs) <= 10
     assert xs == sorted(xs)
+    assert len([x for x in xs if x > 550]) >= 3  # the second day's half of the axis
 
 
 def test_pipeline_report_redraws_a_folder_and_refuses_what_is_not_one(tmp_path: Path) -> None:
@@ -288,7 +297,9 @@ async def test_pipeline_report_on_finished_and_killed_folders(mock, make_setting
         )
         assert done.returncode == 0, done.stderr
         page = (tmp_path / folder / "report.html").read_text()
-        assert 'alt="Answers a second by kind, and the pace in force"' in page
+        # (30 lines may well be answered within one interval: said in words, not drawn)
+        drawn = 'alt="Answers a second by kind, and the pace in force"' in page
+        assert drawn if folder == "killed" else drawn or "fits in one interval" in page
         assert (tmp_path / folder / "report.md").exists()
 
 

@@ -8,9 +8,11 @@ flight and the pace in force (given, stated by the server, or found): the accoun
 model's with a pace of its own (`scopes`, by model). So the intervals of a run add up exactly
 to what the books counted in it.
 
-Intervals are INTERVAL seconds long; a run that has kept MAX_POINTS of them merges them in
-pairs into intervals twice as long, so any run keeps at most that many (a million-line run
-costs a few hundred kilobytes, whatever its length). Each run is a stretch of its own; the
+Intervals are INTERVAL seconds long (a run of 20 s is drawn in about 20 points); a run that
+has kept MAX_POINTS of them merges them in pairs into intervals twice as long, so any run keeps
+at most that many (a million-line run costs a few hundred kilobytes, whatever its length). An
+interval in which nothing was counted is kept, empty: a stall is drawn as a fall to nothing,
+not closed up as though it never was. Each run is a stretch of its own; the
 stretches are saved with the usage totals at every checkpoint, so a crash loses neither
 more nor less of them than of the totals, and `merge` keeps every shard's stretches,
 joined by time in the report.
@@ -24,7 +26,7 @@ from typing import Any
 
 from pipeline.account.histogram import Histogram
 
-INTERVAL = 10.0  # seconds, to start with
+INTERVAL = 1.0  # seconds, to start with (10 s before: a run shorter than that was one dot)
 MAX_POINTS = 1000  # intervals a run keeps at most
 
 # What an interval holds, by short keys (a run's stretch is saved at every checkpoint).
@@ -55,10 +57,11 @@ def _empty(start: float) -> dict[str, Any]:
 class Stretch:
     """One run's intervals."""
 
-    def __init__(self, started: float, length: float = INTERVAL, points: list[dict[str, Any]] | None = None):
+    def __init__(self, started: float, clock: Callable[[], float] = time.time):
         self.started = started  # wall clock, seconds
-        self.length = length
-        self.points: list[dict[str, Any]] = points or []
+        self.clock = clock
+        self.length = INTERVAL
+        self.points: list[dict[str, Any]] = []
         self._index = -1
         self._open: dict[str, Any] | None = None
         self._latency = Histogram()
@@ -70,19 +73,32 @@ class Stretch:
         index = int((now - self.started) // self.length)
         if index != self._index or self._open is None:
             self.close()
+            if index > self._index + 1:
+                index = self._idle(now, index)
             self._index = index
             self._open = _empty(self.started + index * self.length)
             self.points.append(self._open)
-            if len(self.points) > MAX_POINTS:
+            while len(self.points) > MAX_POINTS:
                 self._coarsen()
         return self._open
+
+    def _idle(self, now: float, index: int) -> int:
+        """The intervals before `index` in which nothing was counted, kept empty (a long stall
+        first makes them longer: it adds at most MAX_POINTS / 2); the index `now` is in, then."""
+        while index - self._index > MAX_POINTS // 2:
+            self._coarsen()
+            index = int((now - self.started) // self.length)
+        noted = self._noted()
+        for k in range(self._index + 1, index):
+            self.points.append({**_empty(self.started + k * self.length), "seconds": self.length, **noted})
+        return index
 
     def snapshot(self) -> None:
         """The open interval's percentiles so far, and the time it covers (it stays open)."""
         point = self._open
         if point is None:
             return
-        point["seconds"] = round(min(max(time.time() - point["start"], 0.001), self.length), 3)
+        point["seconds"] = round(min(max(self.clock() - point["start"], 0.001), self.length), 3)
         if self._latency.n:
             for q in (50, 90, 99):
                 point[f"latency_p{q}"] = self._latency.percentile(q)
@@ -95,6 +111,13 @@ class Stretch:
         if point is None:
             return
         self.snapshot()
+        point.update(self._noted())
+        self._latency, self._ttft = Histogram(), Histogram()
+        self._open = None
+
+    def _noted(self) -> dict[str, Any]:
+        """What is in flight and the paces in force now, as an interval notes them."""
+        point: dict[str, Any] = {}
         if self.sample is not None:
             in_flight, pace, pace_kind, limit = self.sample()
             point["in_flight"] = in_flight
@@ -111,8 +134,7 @@ class Stretch:
             }
             if scopes:
                 point["scopes"] = scopes
-        self._latency, self._ttft = Histogram(), Histogram()
-        self._open = None
+        return point
 
     def _coarsen(self) -> None:
         """Twice as long intervals, merged in pairs (the percentiles by their counts)."""
@@ -125,8 +147,9 @@ class Stretch:
             else:
                 merged.append({**point, "start": start, "answers": dict(point["answers"])})
         self.points = merged
-        self._open = self.points[-1]
-        self._index = int((self._open["start"] - self.started) // self.length)
+        if self._open is not None:  # the open interval is the last, merged or not
+            self._open = merged[-1]
+        self._index = int((merged[-1]["start"] - self.started) // self.length) if merged else -1
 
     def state(self) -> dict[str, Any]:
         return {"started": self.started, "interval": self.length, "points": self.points}
@@ -157,7 +180,7 @@ class Timeline:
 
     def begin(self) -> None:
         """This run's stretch starts now."""
-        self.run = Stretch(self.clock())
+        self.run = Stretch(self.clock(), self.clock)
 
     def sample(self, sample: Sample, paces: Paces | None = None) -> None:
         """Where in flight and the paces in force are read, as each interval closes."""

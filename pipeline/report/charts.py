@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import math
 from typing import Any
 
 from pipeline.account.timeline import kind
+from pipeline.report.figures import figure
 from pipeline.report.svg import bars_svg, escape, line_svg
 
 KINDS = ("success", "429", "5xx", "error", "invalid")
@@ -19,6 +21,10 @@ COLOURS = {"success": "#33aa77", "429": "#ee9944", "5xx": "#cc3333", "error": "#
 SCOPE_COLOURS = ("#7755aa", "#aa7722", "#227799", "#995566")  # a pace per model
 WIDTH = 1000
 LABELS = 10  # time labels written on an axis, at most
+NEVER = (("429", "no 429s"), ("5xx", "no 5xx answers"), ("error", "no errors"))  # said when none came
+LABEL_WIDTH = 64  # pixels a time label takes, with a gap: closer ones overlap
+# Round steps between the times written under a chart (seconds): the first interval of each.
+STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 
 
 def _image(svg: str, title: str) -> str:
@@ -26,21 +32,54 @@ def _image(svg: str, title: str) -> str:
     return f'<img alt="{escape(title)}" src="data:image/svg+xml;base64,{data}">'
 
 
-def line(title: str, axis: str, labels: list[str], series: list[tuple[str, list[float | None], str]]) -> str:
+def said(words: str) -> str:
+    """What a chart with nothing to show says instead: an empty frame reads as a fault."""
+    return f"<p class='note'>{escape(words)}</p>"
+
+
+def _shows(values: list[float | None]) -> bool:
+    return any(v is not None and math.isfinite(v) and v != 0 for v in values)
+
+
+def line(
+    title: str,
+    axis: str,
+    labels: list[str],
+    series: list[tuple[str, list[float | None], str]],
+    *,
+    marked: list[int],
+    unit: str,
+    along: str,
+    empty: str,
+) -> str:
+    if not any(_shows(values) for _, values, _ in series):
+        return said(empty)
     svg = line_svg(
         title,
         axis,
         labels,
-        labels[:: max(-(-len(labels) // LABELS), 1)],  # at most LABELS: written side by side, more overlap
+        marked,
         [(name[:40], values, colour) for name, values, colour in series],
         width=WIDTH,
         height=320,
         dots=len(labels) < 30,
+        unit=unit,
+        along=along,
     )
     return _image(svg, title)
 
 
-def bars(labels: list[str], values: list[float], title: str, axis: str) -> str:
+def bars(
+    labels: list[str],
+    values: list[float],
+    title: str,
+    axis: str,
+    *,
+    unit: str = "",
+    empty: str = "Nothing to draw: every value is zero.",
+) -> str:
+    if not _shows(list(values)):
+        return said(empty)
     svg = bars_svg(
         title,
         axis,
@@ -49,12 +88,72 @@ def bars(labels: list[str], values: list[float], title: str, axis: str) -> str:
         width=WIDTH,
         height=max(160, 34 * len(labels) + 90),
         colour="#446699",
+        unit=unit,
     )
     return _image(svg, title)
 
 
-def over_time(length: float, points: list[dict[str, Any]]) -> list[str]:
-    labels = [dt.datetime.fromtimestamp(p["start"], dt.UTC).strftime("%H:%M:%S") for p in points]
+def local(when: float) -> dt.datetime:
+    """A moment in the local time of the machine drawing the report, its zone attached."""
+    return dt.datetime.fromtimestamp(when, dt.UTC).astimezone()
+
+
+def zone(moment: dt.datetime) -> str:
+    """The zone a local time is in, named: "CET, UTC+01:00" ("UTC" alone where it is UTC)."""
+    offset = moment.strftime("%z")  # +0100
+    utc = "UTC" if offset in ("", "+0000") else f"UTC{offset[:3]}:{offset[3:]}"
+    name = moment.tzname() or ""
+    return utc if not name or name == "UTC" or name[0] in "+-" else f"{name}, {utc}"
+
+
+def marks(starts: list[float], offset: float, length: float) -> list[int]:
+    """Which intervals' times are written: the first in each step of a round length (10 s, a
+    minute, an hour... in local time, `offset` seconds from UTC), the shortest that writes at
+    most LABELS, none so close to the last as to overlap it. A step spans the intervals (of
+    `length`) between two labels at least: a shorter one writes times that are not round."""
+    gap = math.ceil((len(starts) - 1) * LABEL_WIDTH / (WIDTH - 110))
+    for step in STEPS:
+        if step < gap * length:
+            continue
+        chosen: list[int] = []
+        last = None
+        for i, start in enumerate(starts):
+            bucket = (start + offset) // step
+            if bucket != last and (not chosen or i - chosen[-1] >= gap):
+                chosen.append(i)
+                if len(chosen) > LABELS:
+                    break
+            last = bucket
+        else:
+            return chosen
+    return list(range(0, len(starts), max(-(-len(starts) // LABELS), 1)))  # over days: in turn
+
+
+def _listed(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def over_time(
+    length: float, points: list[dict[str, Any]], *, retries: int | None = None, whose: str = "in this run"
+) -> list[str]:
+    """The charts over time (or the words that say why there are none), and what never happened
+    in words: `retries` made in all, `whose` ("in this run") naming the runs drawn."""
+    if len(points) < 2:
+        point = points[0] if points else {"answers": {}}
+        seconds = point.get("seconds") or length
+        answers = sum(point["answers"].values())
+        return [
+            said(
+                f"The run fits in one interval ({figure(seconds, 's')}, {answers:,} answers): "
+                "nothing to draw over time. Its figures are above."
+            )
+        ]
+    times = [local(p["start"]) for p in points]
+    labels = [t.strftime("%H:%M:%S") for t in times]
+    zones = {t.utcoffset(): t for t in times}  # (a change of clocks: two)
+    along = f"local time ({'; '.join(zone(t) for t in zones.values())})"
+    offset = times[0].utcoffset()
+    marked = marks([p["start"] for p in points], offset.total_seconds() if offset else 0.0, length)
     per_kind: list[tuple[str, list[float | None], str]] = []
     for k in KINDS:
         values = [
@@ -74,8 +173,8 @@ def over_time(length: float, points: list[dict[str, Any]]) -> list[str]:
     more = len(lowest) - len(models)
     if paces:
         pace = [p.get("pace") for p in points]
-        whose = "the account's pace" if models else "pace in force"
-        per_kind.append((f"{whose} ({'/'.join(sorted(paces))})", pace, "#223366"))
+        named = "the account's pace" if models else "pace in force"
+        per_kind.append((f"{named} ({'/'.join(sorted(paces))})", pace, "#223366"))
     for i, model in enumerate(models):  # each model with a pace of its own
         pace = [p.get("scopes", {}).get(model, {}).get("pace") for p in points]
         per_kind.append((f"pace for {model}", pace, SCOPE_COLOURS[i]))
@@ -97,8 +196,32 @@ def over_time(length: float, points: list[dict[str, Any]]) -> list[str]:
         ("in flight", [p.get("in_flight") for p in points], "#223366"),
         ("started / s", [p["started"] / (p.get("seconds") or length) for p in points], "#999999"),
     ]
+    seen = {kind(a) for p in points for a, n in p["answers"].items() if n}
+    never = [words for k, words in NEVER if k not in seen]
+    if retries == 0:
+        never.append("no retries")
+    drawn = functools.partial(line, labels=labels, marked=marked, along=along)
     return [
-        line("Answers a second by kind, and the pace in force", "a second", labels, per_kind),
-        line("Latency percentiles and time to first token", "seconds", labels, latency),
-        line("Requests in flight and started", "requests", labels, flying),
+        drawn(
+            title="Answers a second by kind, and the pace in force",
+            axis="answers a second",
+            series=per_kind,
+            unit="/s",
+            empty=f"No answer came back {whose}, and no pace was in force.",
+        ),
+        *([said(f"{_listed(never)[0].upper()}{_listed(never)[1:]} {whose}.")] if never else []),
+        drawn(
+            title="Latency percentiles and time to first token",
+            axis="latency",
+            series=latency,
+            unit="s",
+            empty=f"No latency to draw {whose}: no request was answered with a result.",
+        ),
+        drawn(
+            title="Requests in flight and started",
+            axis="requests",
+            series=flying,
+            unit="",
+            empty=f"No request was sent {whose}.",
+        ),
     ]

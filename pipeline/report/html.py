@@ -16,7 +16,7 @@ from pipeline.account.cost import money
 from pipeline.account.timeline import joined
 from pipeline.report.batches import batch_sentences
 from pipeline.report.cached import HEAD, cache_notes, cache_rows
-from pipeline.report.charts import bars, over_time
+from pipeline.report.charts import bars, local, over_time, zone
 from pipeline.report.svg import escape
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -27,6 +27,14 @@ table{border-collapse:collapse;margin:.5em 0}td,th{padding:.2em .7em;border-bott
 text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
 .note{color:#666}
 """
+NO_TOKENS = "No tokens were counted."
+
+
+def _no_cost(costs: list[float | None]) -> str:
+    """Nothing spent, or nothing known of what was: not the same news."""
+    if all(c is None for c in costs):
+        return "No cost is known: no answer reported one and no price was given."
+    return "Nothing was spent."
 
 
 def _e(value: Any) -> str:
@@ -70,15 +78,20 @@ def html_report(doc: dict[str, Any]) -> str:
         parts += [f"<p>{_e(said)}</p>" for said in batch_sentences(doc["batches"])]
     parts.append("<h2>Over time</h2>")
     if points:
-        parts += over_time(length, points)
+        whose = "in this run" if len(stretches) < 2 else f"in these {len(stretches)} runs"
+        parts += over_time(length, points, retries=doc.get("retries"), whose=whose)
     else:
         parts.append("<p class='note'>No interval was recorded.</p>")
     models = doc["models"]
     parts.append("<h2>Tokens and cost by model</h2>")
     if models:
         names = list(models)
-        parts.append(bars(names, [m["total_tokens"] for m in models.values()], "Tokens by model", "tokens"))
-        parts.append(bars(names, [m["cost"]["total"] or 0.0 for m in models.values()], "Cost by model", "$"))
+        tokens = [m["total_tokens"] for m in models.values()]
+        parts.append(bars(names, tokens, "Tokens by model", "tokens", unit="tokens", empty=NO_TOKENS))
+        costs = [m["cost"]["total"] for m in models.values()]
+        parts.append(
+            bars(names, [c or 0.0 for c in costs], "Cost by model", "cost", unit="$", empty=_no_cost(costs))
+        )
     parts.append(
         _table(
             ["model", "requests", "prompt", "completion", "total", "cost", "cost source"],
@@ -105,8 +118,21 @@ def html_report(doc: dict[str, Any]) -> str:
     parts.append("<h2>Tokens and cost by run</h2>")
     if runs:
         labels = [r[0] for r in runs]
-        parts.append(bars(labels, [r[1] + r[2] for r in runs], "Tokens by run", "tokens"))
-        parts.append(bars(labels, [r[3] for r in runs], "Cost by run", "$"))
+        parts.append(
+            bars(
+                labels, [r[1] + r[2] for r in runs], "Tokens by run", "tokens", unit="tokens", empty=NO_TOKENS
+            )
+        )
+        parts.append(
+            bars(
+                labels,
+                [r[3] for r in runs],
+                "Cost by run",
+                "cost",
+                unit="$",
+                empty=_no_cost([doc["cost"]["total"]]),
+            )
+        )
     parts.append(
         _table(
             ["run", "tokens in", "tokens out", "cost", "exit", "note"],
@@ -182,7 +208,8 @@ def _by_run(
         near = [r for d in (0, -1, 1) for r in records.get(second + d, [])]
         # A merged set labels both by shard; a shard's own folder has its runs labelled only.
         run = next((r for r in near if not shard or str(r.get("shard", "")) == shard), {})
-        when = dt.datetime.fromtimestamp(stretch["started"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        moment = local(stretch["started"])
+        when = f"{moment:%Y-%m-%d %H:%M:%S} {moment.tzname() or zone(moment)}"
         out.append(
             (
                 f"{shard} {when}" if shard else when,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+from pipeline.report.figures import figure
+
 FONT = "system-ui, sans-serif"
 GRID = "#e5e5e5"
 INK = "#333333"
@@ -37,15 +39,6 @@ def _e(text: str) -> str:
     # None of NOT_XML's characters is printable (each is Cc, Cs or Cn): the pattern is
     # compiled (4 million instructions, still) only where a text may hold one.
     return escape(text if text.isprintable() else re.sub(NOT_XML, "\ufffd", text))
-
-
-def _num(value: float) -> str:
-    """A value as an axis or a bar prints it: few digits, no float noise."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e6 or abs(value) < 1e-3:
-        return f"{value:.3g}"
-    return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
 def scale(low: float, high: float) -> tuple[float, float, list[float]]:
@@ -107,17 +100,21 @@ def line_svg(
     title: str,
     axis: str,
     labels: list[str],
-    major: list[str],
+    marked: list[int],
     series: list[tuple[str, list[float | None], str]],
     *,
     width: int,
     height: int,
     dots: bool,
+    unit: str = "",
+    along: str = "",
 ) -> str:
-    """Each series a line over the labels (a None breaks it); only the `major` labels (some of
-    them, in order) written."""
+    """Each series a line over the labels (a None breaks it); only the labels at `marked` (indices,
+    in order) written, values in `unit` on the value axis, `along` under the labels."""
     legend = _legend([(name, colour) for name, _, colour in series], width)
-    left, right, top, bottom = 80.0, width - 30.0, 40.0, height - 40.0 - 18 * len(legend)
+    under = 18 if along else 0  # the line `along` takes
+    left, right, top = 80.0, width - 30.0, 40.0
+    bottom = height - 40.0 - under - 18 * len(legend)
     values = [v for _, vs, _ in series for v in vs if v is not None and math.isfinite(v)]
     low, high, ticks = scale(min(values, default=0.0), max(values, default=1.0))
     x_of = (right - left) / max(len(labels) - 1, 1)
@@ -132,15 +129,16 @@ def line_svg(
     for t in ticks:
         y = y_of(t)
         body.append(f'<line x1="{left:g}" x2="{right:g}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
-        body.append(f'<text x="{left - 6:g}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>')
-    shown = iter(major)  # in turn: a time of day comes again on a run's second day
-    turn = next(shown, None)
-    for i, label in enumerate(labels):
-        if label == turn:
-            turn = next(shown, None)
+        body.append(f'<text x="{left - 6:g}" y="{y + 4:.1f}" text-anchor="end">{_e(figure(t, unit))}</text>')
+    for i in marked:
+        if 0 <= i < len(labels):
             body.append(
-                f'<text x="{left + i * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(label)}</text>'
+                f'<text x="{left + i * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(labels[i])}</text>'
             )
+    if along:
+        body.append(
+            f'<text x="{(left + right) / 2:g}" y="{bottom + 34:g}" text-anchor="middle">{_e(along)}</text>'
+        )
     for _, points, colour in series:
         runs: list[list[str]] = [[]]
         for i, v in enumerate(points):
@@ -156,16 +154,26 @@ def line_svg(
             for run in runs
             if len(run) > 1
         ]
-    body += _drawn(legend, bottom + 40)
+    body += _drawn(legend, bottom + 40 + under)
     return _svg(width, height, title, body)
 
 
 def bars_svg(
-    title: str, axis: str, labels: list[str], values: list[float], *, width: int, height: int, colour: str
+    title: str,
+    axis: str,
+    labels: list[str],
+    values: list[float],
+    *,
+    width: int,
+    height: int,
+    colour: str,
+    unit: str = "",
 ) -> str:
-    """One bar a label, its value written at its end."""
-    left, right, top, bottom = 220.0, width - 90.0, 40.0, height - 40.0
+    """One bar a label, its value written at its end (in full where it is a count), in `unit`."""
     finite = [v if math.isfinite(v) else 0.0 for v in values]
+    said = [figure(v, unit, whole=True) for v in finite]
+    left, top, bottom = 220.0, 40.0, height - 40.0
+    right = width - 20.0 - 7 * max((len(s) for s in said), default=10)  # room for the longest
     low, high, ticks = scale(min(finite, default=0.0), max(finite, default=1.0))
 
     def x_of(v: float) -> float:  # (as y_of in line_svg)
@@ -175,9 +183,11 @@ def bars_svg(
     for t in ticks:
         x = x_of(t)
         body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top:g}" y2="{bottom:g}" stroke="{GRID}"/>')
-        body.append(f'<text x="{x:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_num(t)}</text>')
+        body.append(
+            f'<text x="{x:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(figure(t, unit))}</text>'
+        )
     band = (bottom - top) / max(len(labels), 1)
-    for i, (label, v) in enumerate(zip(labels, finite, strict=True)):
+    for i, (label, v, text) in enumerate(zip(labels, finite, said, strict=True)):
         y, zero = top + i * band, x_of(0.0)
         x0, x1 = sorted((zero, x_of(v)))
         body.append(
@@ -186,5 +196,5 @@ def bars_svg(
         )
         mid = y + band / 2 + 4
         body.append(f'<text x="{left - 8:g}" y="{mid:.1f}" text-anchor="end">{_e(label)}</text>')
-        body.append(f'<text x="{x1 + 6:.1f}" y="{mid:.1f}">{_num(v)}</text>')
+        body.append(f'<text x="{x1 + 6:.1f}" y="{mid:.1f}">{_e(text)}</text>')
     return _svg(width, height, title, body)
