@@ -32,11 +32,13 @@ lock: $(STAMP)
 
 # The demo: the built-in mock, as a real endpoint can be (answers in 1 to 5 s, streamed; a limit
 # of 780 requests a minute it never states, counted per second; 500s, dropped connections,
-# malformed bodies and cut streams, a few percent in all), and jobs/demo.toml, 300 images to
+# malformed bodies and cut streams, a few percent in all; a prompt cache, as providers keep
+# one, of prompts of 16 tokens or more), and jobs/demo.toml, 300 images to
 # caption, run against it with the bar moving: some 30 s, every fault retried away. Its
 # report.html shows the limit found, the retries and the latency over time.
 DEMO_MOCK := --latency-ms 1000 --latency-max-ms 5000 --rpm 780 --wait-said none \
-	--fail-rate 0.02 --drop-rate 0.01 --malformed-rate 0.01 --cut-rate 0.02
+	--fail-rate 0.02 --drop-rate 0.01 --malformed-rate 0.01 --cut-rate 0.02 \
+	--prefix-cache 64 --prefix-cache-min-tokens 16
 run: $(STAMP)
 	@rm -f $(PORT_FILE); rm -rf out/demo; \
 	$(BIN)/pipeline mock --port 0 --port-file $(PORT_FILE) $(DEMO_MOCK) --quiet & mock=$$!; \
