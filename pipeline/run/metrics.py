@@ -204,6 +204,8 @@ async def serving(settings: Settings) -> AsyncIterator[Metrics | None]:
     if port is None:
         yield None
         return
+    if not 1 <= port <= 65535:  # (a ray shard's PORT+K-1: on every interface it would wrap, not fail)
+        raise SettingsError(f"--metrics-port {port}: not a port (1 to 65535)")
     metrics = Metrics()
     from aiohttp import web
 
