@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import anyio
 import pytest
 
+import pipeline
 from pipeline.errors import SettingsError
+from pipeline.input.shard import Shard
 from pipeline.run.metrics import serving
 from pipeline.settings import build
+from tests.conftest import _free_port, bodies
+from tests.test_metrics import _scrape, _succeeded
 
 
 @pytest.mark.parametrize("port", [65536, 70000])
@@ -19,3 +28,31 @@ async def test_a_ray_shards_port_past_65535_is_refused_not_wrapped(port: int) ->
     with pytest.raises(SettingsError, match=f"--metrics-port {port}: not a port"):
         async with serving(settings):
             pass
+
+
+async def test_a_shards_lines_done_are_its_own(mock, make_settings, tmp_path: Path) -> None:
+    # Each pod of the README's indexed Job serves its own figures; a dashboard adds them up.
+    # Another shard's lines are not done by this one: they are the other pod's to count.
+    shard = Shard(1, 2)
+    rows: list[dict[str, Any]] = bodies(60)
+    rows.sort(key=lambda row: shard.owns(row["custom_id"]))  # (the other shard's lines first)
+    others = sum(not shard.owns(row["custom_id"]) for row in rows)
+    assert others > 10
+    port = _free_port()
+    summaries: list[pipeline.Summary] = []
+    async with mock(latency=0.02) as (url, _), anyio.create_task_group() as tg:
+        settings = make_settings(url, rows, shard="1/2", concurrency=2, metrics_port=port)
+
+        async def go() -> None:
+            summaries.append(await pipeline.run(settings))
+
+        tg.start_soon(go)
+        while True:
+            assert not summaries, "the run ended before it was scraped"
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                _, scrape, _ = await _scrape(port)
+                if _succeeded(scrape) >= 5:
+                    break
+            await anyio.sleep(0.01)
+    ended = sum(value for (name, _), value in scrape.items() if name == "pipeline_results_total")
+    assert scrape["pipeline_lines_done", ()] == ended  # (a fresh folder: the lines ended are the done)
