@@ -189,7 +189,7 @@ def _fake_run(usage: Usage) -> Any:
         finder=unpaced,
         gate=SimpleNamespace(scopes=SimpleNamespace(paces=dict)),
         progress=SimpleNamespace(done=lambda: 7),
-        counts=SimpleNamespace(total=None),
+        counts=SimpleNamespace(total=None, elsewhere=0),
     )
 
 

@@ -25,7 +25,7 @@ pending are the folder's, as the bar's "N of M done" are.
     pipeline_limit_requests_per_second{scope}        the limit it keeps under (given, stated or found)
     pipeline_request_duration_seconds                histogram: a result's latency, from send to its whole answer
     pipeline_time_to_first_token_seconds             histogram: a streamed result's first token
-    pipeline_lines_done, pipeline_lines_pending      the input's lines (pending once the input is counted)
+    pipeline_lines_done, pipeline_lines_pending      the input's lines, a shard's own (pending once counted)
     process_*                                        CPU, memory, open files of the process
 
 A scope's pace and limit are absent while it is unpaced. The histograms' buckets (0.1 s to
@@ -167,7 +167,9 @@ class RunCollector:
             buckets, total = _buckets(histogram, before_counts)
             yield Histogrammed(name, what, buckets=buckets, sum_value=total)
         done, lines = run.progress.done(), run.counts.total
-        yield Gauge("pipeline_lines_done", "Lines of the input done, by this run or before", value=done)
+        # (a shard's: the bar counts the other shards' lines as done, a pod of a cluster does not)
+        own = done - run.counts.elsewhere
+        yield Gauge("pipeline_lines_done", "Lines of the input done, by this run or before", value=own)
         if lines is not None:
             yield Gauge(
                 "pipeline_lines_pending", "Lines of the input not yet done", value=max(lines - done, 0)
@@ -204,6 +206,8 @@ async def serving(settings: Settings) -> AsyncIterator[Metrics | None]:
     if port is None:
         yield None
         return
+    if not 1 <= port <= 65535:  # (a ray shard's PORT+K-1: on every interface it would wrap, not fail)
+        raise SettingsError(f"--metrics-port {port}: not a port (1 to 65535)")
     metrics = Metrics()
     from aiohttp import web
 
