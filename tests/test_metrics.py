@@ -111,8 +111,10 @@ async def test_a_scrape_mid_run_shows_the_run_moving(mock, make_settings, tmp_pa
         assert last[key] > first[key] > 0, key
     assert last["pipeline_lines_pending", ()] == lines - last["pipeline_lines_done", ()]
     assert 0 <= last["pipeline_requests_in_flight", ()] <= 4
-    assert last["pipeline_limit_requests_per_second", (("scope", "account"),)] == pytest.approx(500)
-    assert 0 < last["pipeline_pace_requests_per_second", (("scope", "account"),)] <= 500
+    assert last["pipeline_limit_requests_per_second", (("model", ""), ("scope", "account"))] == pytest.approx(
+        500
+    )
+    assert 0 < last["pipeline_pace_requests_per_second", (("model", ""), ("scope", "account"))] <= 500
     # Every result's latency is in the histogram, read at the same moment; the streamed ones' first token.
     assert last["pipeline_request_duration_seconds_count", ()] == _succeeded(last)
     assert last["pipeline_request_duration_seconds_bucket", (("le", "+Inf"),)] == _succeeded(last)

@@ -60,7 +60,6 @@ async def test_a_shards_lines_done_are_its_own(mock, make_settings, tmp_path: Pa
     assert scrape["pipeline_lines_done", ()] == ended  # (a fresh folder: the lines ended are the done)
 
 
-@pytest.mark.xfail(strict=True, reason="a model named account takes the account's label (left to the lead)")
 def test_a_model_named_account_keeps_the_accounts_pace_apart() -> None:
     # A model paced on its own is labelled by its name; one named "account" took the
     # account's sample: the account's pace was no longer served.

@@ -21,8 +21,8 @@ pending are the folder's, as the bar's "N of M done" are.
     pipeline_tokens_total{direction}                 "in" (prompt) and "out" (completion)
     pipeline_cost_usd_total                          dollars, as reported or priced (uncosted answers not in it)
     pipeline_requests_in_flight                      sent and not yet answered
-    pipeline_pace_requests_per_second{scope}         the pace in force: "account", or a model paced on its own
-    pipeline_limit_requests_per_second{scope}        the limit it keeps under (given, stated or found)
+    pipeline_pace_requests_per_second{scope,model}   the pace in force: scope "account" (model ""), or "model"
+    pipeline_limit_requests_per_second{scope,model}  the limit it keeps under (given, stated or found)
     pipeline_request_duration_seconds                histogram: a result's latency, from send to its whole answer
     pipeline_time_to_first_token_seconds             histogram: a streamed result's first token
     pipeline_lines_done, pipeline_lines_pending      the input's lines, a shard's own (pending once counted)
@@ -145,14 +145,17 @@ class RunCollector:
         yield Gauge(
             "pipeline_requests_in_flight", "Requests sent and not yet answered", value=run.control.in_flight
         )
-        paces = {"account": pace_of(run.finder), **run.gate.scopes.paces()}
-        pace = Gauge("pipeline_pace_requests_per_second", "The pace in force, by scope", labels=["scope"])
-        limit = Gauge("pipeline_limit_requests_per_second", "The limit a pace keeps under", labels=["scope"])
-        for scope, (rate, _, keeps) in paces.items():
+        # (the account's apart from the models': a model may be named "account")
+        paces = [(("account", ""), pace_of(run.finder))]
+        paces += [(("model", model), paced) for model, paced in run.gate.scopes.paces().items()]
+        labels = ["scope", "model"]
+        pace = Gauge("pipeline_pace_requests_per_second", "The pace in force, by scope", labels=labels)
+        limit = Gauge("pipeline_limit_requests_per_second", "The limit a pace keeps under", labels=labels)
+        for scope, (rate, _, keeps) in paces:
             if rate:
-                pace.add_metric([scope], rate)
+                pace.add_metric(list(scope), rate)
             if keeps:
-                limit.add_metric([scope], keeps)
+                limit.add_metric(list(scope), keeps)
         yield pace
         yield limit
         for name, what, histogram, before_counts in (
