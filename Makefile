@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml $(LOCK)
 
 install: $(STAMP)
 
-lock: $(STAMP)
+# (uv alone, at the lock's version: not the whole lock, which may lack what pyproject.toml
+# gained, and so stop the install that make lock is there to mend)
+$(BIN)/uv:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	uv=$$(sed -n 's/^\(uv==[^ ;]*\).*/\1/p' $(LOCK)); \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check "$${uv:-uv}"
+
+lock: $(BIN)/uv
 	$(BIN)/uv pip compile --quiet pyproject.toml $(addprefix --extra ,$(EXTRAS)) \
 	  --universal --python-version 3.11 --upgrade --custom-compile-command "make lock" -o $(LOCK)
 

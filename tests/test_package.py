@@ -101,15 +101,51 @@ def test_the_wheel_says_its_name_version_and_that_pillow_is_needed(dist: Path) -
     assert "pipeline/pace/store.lua" in names
 
 
-def _fresh_venv(folder: Path) -> Path:
-    """A venv without pip (this one's pip installs into it), this venv's dependencies in reach."""
+def _needed(wheel: Path) -> set[str]:
+    """The distributions a plain install of the wheel brings (its requirements without extras,
+    and theirs), by this venv's copies of them."""
+    from email.parser import Parser
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(f"chat_pipeline-{pipeline.__version__}.dist-info/METADATA").decode()
+    todo = Parser().parsestr(meta).get_all("Requires-Dist") or []
+    found: set[str] = set()
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            dist = distribution(req.name)
+        except PackageNotFoundError:
+            continue  # (pip's --no-index install says so)
+        name = dist.metadata["Name"].lower()
+        if name not in found:
+            found.add(name)
+            todo += dist.requires or []
+    return found
+
+
+def _fresh_venv(folder: Path, wheel: Path) -> Path:
+    """A venv without pip (this one's pip installs into it), with only the dependencies a plain
+    install of the wheel brings in reach: this venv's copies of them, linked (a dependency the
+    wheel forgets to declare is then missing, as on a user's machine)."""
+    from importlib.metadata import distribution
+
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
     deps = folder / "deps"
     deps.mkdir()
     site = Path(sysconfig.get_paths()["purelib"])
-    for entry in site.iterdir():
-        if not entry.name.lower().startswith(OWN) and entry.suffix != ".pth":
-            (deps / entry.name).symlink_to(entry)
+    tops: set[str] = set()
+    for name in _needed(wheel):
+        files = distribution(name).files
+        assert files is not None, f"{name} has no RECORD"
+        tops |= {f.parts[0] for f in files if f.parts and f.parts[0] != ".."}
+    for top in sorted(tops):
+        if (site / top).exists() and not top.lower().startswith(OWN) and not top.endswith(".pth"):
+            (deps / top).symlink_to(site / top)
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     (folder / "lib" / version / "site-packages" / "deps.pth").write_text(f"{deps}\n")
     return folder / "bin"
@@ -130,8 +166,8 @@ async def _run(*args: str, cwd: Path) -> tuple[int, str, str]:
 
 
 async def test_the_wheel_in_a_fresh_venv_runs_the_captioning_sample(dist: Path, mock, tmp_path: Path) -> None:
-    bin_ = _fresh_venv(tmp_path / "venv")
     wheel = _one(dist, "chat_pipeline-*.whl")
+    bin_ = _fresh_venv(tmp_path / "venv", wheel)
     code, out, err = await _run(
         sys.executable, "-m", "pip", "--python", str(bin_ / "python"), "install", "--quiet", "--no-index",
         str(wheel), cwd=tmp_path,

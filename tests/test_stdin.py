@@ -117,3 +117,25 @@ def test_dash_in_a_job_file_is_standard_input_and_dot_slash_dash_a_file(
     assert named == tmp_path / "-"
     assert count_lines(named) == 3
     assert count_lines(STDIN) is None  # (read once, as it comes: never counted ahead)
+
+
+async def test_a_closed_standard_input_is_refused_before_anything_is_sent(mock, tmp_path: Path) -> None:
+    # `<&-`: fd 0 closed when Python starts, so the first file the run opens (the event
+    # loop's own, before the input is checked) takes it: that is not standard input.
+    async with mock() as (url, server):
+        proc = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            'exec "$0" -m pipeline run --input - --output "$1" --base-url "$2" <&-',
+            sys.executable,
+            str(tmp_path / "o"),
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "LUMENFALL_API_KEY": FAKE_KEY},
+        )
+        _, err = await proc.communicate()
+        assert not server.state.received
+    assert proc.returncode == 2, err.decode()
+    assert "--input -: there is no standard input (it is closed)" in err.decode()
+    assert "Traceback" not in err.decode()

@@ -4,6 +4,7 @@ hold is measured and read past."""
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from io import BufferedReader
@@ -34,12 +35,17 @@ def open_input(path: Path) -> IO[bytes]:
     return _unzipped(f)
 
 
+NO_STDIN = "--input -: there is no standard input (it is closed)"
+
+
 def _stdin() -> BufferedReader:
     """Standard input as bytes, on a descriptor of its own (closing it leaves fd 0 open)."""
+    if sys.stdin is None:  # (see check_input)
+        raise SettingsError(NO_STDIN)
     try:
         return os.fdopen(os.dup(0), "rb")
     except OSError:
-        raise SettingsError("--input -: there is no standard input (it is closed)") from None
+        raise SettingsError(NO_STDIN) from None
 
 
 def _unzipped(f: BufferedReader) -> IO[bytes]:
@@ -57,10 +63,14 @@ def check_input(path: Path) -> None:
     on trust: opening it here would take the place of the real reader. Standard input must be
     there, and not a terminal (lines typed by hand are not what a run is for)."""
     if is_stdin(path):
+        # Closed when Python started (`<&-`), fd 0 is taken by the first file opened after,
+        # the event loop's own here: Python then leaves sys.stdin None.
+        if sys.stdin is None:
+            raise SettingsError(NO_STDIN)
         try:
             os.fstat(0)
         except OSError:
-            raise SettingsError("--input -: there is no standard input (it is closed)") from None
+            raise SettingsError(NO_STDIN) from None
         if os.isatty(0):
             raise SettingsError(
                 "--input - reads the lines from standard input, which is a terminal here: pipe "

@@ -314,4 +314,5 @@ def loop_options() -> dict[str, Any]:
 
 def run_sync(settings: Settings) -> Summary:
     """`run` for code that is not async (a script, an Airflow task)."""
+    check_input(settings.input)  # before the loop: a closed fd 0 would be its (uvloop aborts)
     return anyio.run(run, settings, backend="asyncio", backend_options=loop_options())
