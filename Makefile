@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 PORT_FILE := .mock.port
 
-.PHONY: install lock run screenshot test check format bench clean system-deps shards
+.PHONY: install lock run screenshot test check format bench clean system-deps shards warm
 
 # The exact versions of everything `make` installs (the extras in EXTRAS), so that every
 # machine gets the same environment; pyproject.toml keeps its ranges open for those who
@@ -116,10 +116,21 @@ system-deps:
 # timeout, a batch's poll), not CPU (289 s of tests, 136 s of CPU), so a third worker takes
 # 151 s down to about 110; then the tests marked `alone`, which measure a limit across many
 # processes, on their own.
+#
+# Every pytest process rewrites the asserts of every test module it collects (about 4 s of CPU
+# for ours), and keeps the result in tests/__pycache__ only where bytecode may be written:
+# where PYTHONDONTWRITEBYTECODE is set (CI images often set it), each of the three workers and
+# the `alone` phase did it all again, 6 s of CPU each where 2 would do. So the tests run with it
+# unset, and one collection beside the checks writes that cache before the workers start.
+test: export PYTHONDONTWRITEBYTECODE :=
 test:
-	@$(MAKE) --no-print-directory -j2 check system-deps
+	@$(MAKE) --no-print-directory -j3 check system-deps warm
 	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not alone"
 	$(BIN)/pytest -q -m alone
+
+# The tests collected once, for the cache of their rewritten asserts (their run says any error).
+warm: $(STAMP)
+	@$(BIN)/pytest -q --collect-only -p no:cacheprovider >/dev/null 2>&1 || true
 
 # Bench-only dependencies (openai SDK, psutil), into the same venv; the runtime needs none of them.
 $(BENCH_STAMP): $(STAMP) bench/requirements.txt

@@ -66,6 +66,17 @@ class Site:
         return f"{self.op} at {' <- '.join(self.where)}"
 
 
+_UNSEEN = object()
+_MODULES: dict[str, str | None] = {}  # a code's file -> its module in pipeline/, or None
+_SITES: dict[tuple[Any, ...], Site] = {}  # (op, module, line, function, module...) -> its Site
+
+
+def _module(filename: str) -> str | None:
+    if not filename.startswith(PACKAGE) or filename.startswith(MOCK):
+        return None
+    return filename[len(PACKAGE) :]
+
+
 class Injector:
     """Counts the calls at each site; raises the armed faults at the armed calls."""
 
@@ -88,17 +99,28 @@ class Injector:
         self.targets = {}
 
     def _site(self, op: str) -> Site | None:
-        where: list[str] = []
+        # Called at every write, SQLite call and close of the run (hundreds of thousands in
+        # test_write_faults): whose file a frame is of, and each site, is worked out once.
+        key: list[Any] = [op]
         frame = sys._getframe(2)
         counted = 0
         while frame is not None and counted < DEPTH:
-            name = frame.f_code.co_filename
-            if name.startswith(PACKAGE) and not name.startswith(MOCK):
-                module = name[len(PACKAGE) :]
-                where.append(f"{module}:{frame.f_lineno} {frame.f_code.co_name}")
-                counted += (module, frame.f_code.co_name) not in HELPERS
+            code = frame.f_code
+            module = _MODULES.get(code.co_filename, _UNSEEN)
+            if module is _UNSEEN:
+                module = _MODULES[code.co_filename] = _module(code.co_filename)
+            if module is not None:
+                key += (module, frame.f_lineno, code.co_name)
+                counted += (module, code.co_name) not in HELPERS
             frame = frame.f_back
-        return Site(op, tuple(where)) if where else None
+        if len(key) == 1:
+            return None
+        found = tuple(key)
+        site = _SITES.get(found)
+        if site is None:
+            places = zip(found[1::3], found[2::3], found[3::3], strict=True)
+            site = _SITES[found] = Site(op, tuple(f"{m}:{line} {name}" for m, line, name in places))
+        return site
 
     def due(self, op: str, *, short: bool = False) -> str | None:
         """Count this call; the fault to raise now, if it is an armed one. With `short` (a
