@@ -197,8 +197,8 @@ def test_any_names_and_values_draw_a_well_formed_chart(
     lines = line_svg(
         title,
         title,
-        labels,
-        list(range(0, len(labels), 2)),
+        len(labels),
+        [(i / 2, label) for i, label in enumerate(labels)],
         [(name, values, "#000000") for name, values in series],
         width=1000,
         height=320,

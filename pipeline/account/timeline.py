@@ -177,10 +177,12 @@ class Timeline:
         self.earlier: list[dict[str, Any]] = stretches or []  # saved states, as they were
         self.run: Stretch | None = None
         self.clock: Callable[[], float] = time.time
+        self.ended = False  # this run's stretch finished: it gains no interval after
 
     def begin(self) -> None:
         """This run's stretch starts now."""
         self.run = Stretch(self.clock(), self.clock)
+        self.ended = False
 
     def sample(self, sample: Sample, paces: Paces | None = None) -> None:
         """Where in flight and the paces in force are read, as each interval closes."""
@@ -191,6 +193,7 @@ class Timeline:
         """The run ends: its last interval is closed (in flight and the pace noted)."""
         if self.run is not None:
             self.run.close()
+            self.ended = True
 
     def _point(self) -> dict[str, Any] | None:
         return None if self.run is None else self.run.at(self.clock())
@@ -254,8 +257,13 @@ class Timeline:
     # -- saved and read ------------------------------------------------------------------------
 
     def state(self) -> list[dict[str, Any]]:
+        """Every stretch as saved. A run still going has its intervals filled up to now (at a
+        checkpoint, not at each request), so that a stall in progress is saved, and drawn, as
+        the fall to nothing it is; a finished run's end is where it ended."""
         if self.run is None:
             return list(self.earlier)
+        if not self.ended:
+            self.run.at(self.clock())
         self.run.snapshot()  # the open interval's figures so far
         return [*self.earlier, self.run.state()]
 

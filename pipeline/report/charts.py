@@ -44,10 +44,10 @@ def _shows(values: list[float | None]) -> bool:
 def line(
     title: str,
     axis: str,
-    labels: list[str],
+    count: int,
     series: list[tuple[str, list[float | None], str]],
     *,
-    marked: list[int],
+    marked: list[tuple[float, str]],
     unit: str,
     along: str,
     empty: str,
@@ -57,12 +57,12 @@ def line(
     svg = line_svg(
         title,
         axis,
-        labels,
+        count,
         marked,
         [(name[:40], values, colour) for name, values, colour in series],
         width=WIDTH,
         height=320,
-        dots=len(labels) < 30,
+        dots=count < 30,
         unit=unit,
         along=along,
     )
@@ -106,27 +106,34 @@ def zone(moment: dt.datetime) -> str:
     return utc if not name or name == "UTC" or name[0] in "+-" else f"{name}, {utc}"
 
 
-def marks(starts: list[float], offset: float, length: float) -> list[int]:
-    """Which intervals' times are written: the first in each step of a round length (10 s, a
-    minute, an hour... in local time, `offset` seconds from UTC), the shortest that writes at
-    most LABELS, none so close to the last as to overlap it. A step spans the intervals (of
-    `length`) between two labels at least: a shorter one writes times that are not round."""
+def marks(starts: list[float], offset: float, length: float) -> list[tuple[float, float]]:
+    """Which times are written, and where: the first interval's start, then each round time of
+    a step (10 s, a minute, an hour... in local time, `offset` seconds from UTC) placed where it
+    falls in the interval (of `length`) that holds it, as a position counted in intervals (2.5:
+    halfway through the third); the shortest step that writes at most LABELS, none closer to
+    the one before than a label's width. A round time between two runs (in no interval) is
+    written as the start of the interval after it, the time drawn there."""
     gap = math.ceil((len(starts) - 1) * LABEL_WIDTH / (WIDTH - 110))
     for step in STEPS:
         if step < gap * length:
             continue
-        chosen: list[int] = []
-        last = None
-        for i, start in enumerate(starts):
-            bucket = (start + offset) // step
-            if bucket != last and (not chosen or i - chosen[-1] >= gap):
-                chosen.append(i)
+        chosen = [(0.0, starts[0])] if starts else []
+        for i in range(1, len(starts)):
+            bucket = (starts[i] + offset) // step
+            if bucket == (starts[i - 1] + offset) // step:
+                continue
+            moment = bucket * step - offset  # the round time last passed
+            if moment < starts[i - 1] + length:  # in the interval before
+                at = i - 1 + (moment - starts[i - 1]) / length
+            else:  # (in a time between two runs, or at this interval's start)
+                at, moment = float(i), starts[i]
+            if at - chosen[-1][0] >= gap:
+                chosen.append((at, moment))
                 if len(chosen) > LABELS:
                     break
-            last = bucket
         else:
             return chosen
-    return list(range(0, len(starts), max(-(-len(starts) // LABELS), 1)))  # over days: in turn
+    return [(float(i), starts[i]) for i in range(0, len(starts), max(-(-len(starts) // LABELS), 1))]  # days
 
 
 def _listed(words: list[str]) -> str:
@@ -149,11 +156,15 @@ def over_time(
             )
         ]
     times = [local(p["start"]) for p in points]
-    labels = [t.strftime("%H:%M:%S") for t in times]
     zones = {t.utcoffset(): t for t in times}  # (a change of clocks: two)
     along = f"local time ({'; '.join(zone(t) for t in zones.values())})"
     offset = times[0].utcoffset()
-    marked = marks([p["start"] for p in points], offset.total_seconds() if offset else 0.0, length)
+    marked = [
+        (at, local(moment).strftime("%H:%M:%S"))
+        for at, moment in marks(
+            [p["start"] for p in points], offset.total_seconds() if offset else 0.0, length
+        )
+    ]
     per_kind: list[tuple[str, list[float | None], str]] = []
     for k in KINDS:
         values = [
@@ -200,7 +211,7 @@ def over_time(
     never = [words for k, words in NEVER if k not in seen]
     if retries == 0:
         never.append("no retries")
-    drawn = functools.partial(line, labels=labels, marked=marked, along=along)
+    drawn = functools.partial(line, count=len(points), marked=marked, along=along)
     return [
         drawn(
             title="Answers a second by kind, and the pace in force",

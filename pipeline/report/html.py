@@ -10,6 +10,7 @@ messages, verdicts, notes) is escaped where it is written.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from pipeline.account.cost import money
@@ -30,10 +31,17 @@ text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-
 NO_TOKENS = "No tokens were counted."
 
 
-def _no_cost(costs: list[float | None]) -> str:
-    """Nothing spent, or nothing known of what was: not the same news."""
+def _no_cost(costs: list[float | None], unknown: int = 0) -> str:
+    """Nothing spent, nothing known of what was, or nothing spent that is known beside `unknown`
+    requests whose cost nobody knows: not the same news."""
     if all(c is None for c in costs):
         return "No cost is known: no answer reported one and no price was given."
+    if unknown or None in costs:
+        some = f"{unknown:,} request(s)" if unknown else "a model's requests"
+        return (
+            f"No cost was counted, but {some} came without one and no price was given: what was "
+            "spent is not fully known."
+        )
     return "Nothing was spent."
 
 
@@ -89,9 +97,9 @@ def html_report(doc: dict[str, Any]) -> str:
         tokens = [m["total_tokens"] for m in models.values()]
         parts.append(bars(names, tokens, "Tokens by model", "tokens", unit="tokens", empty=NO_TOKENS))
         costs = [m["cost"]["total"] for m in models.values()]
-        parts.append(
-            bars(names, [c or 0.0 for c in costs], "Cost by model", "cost", unit="$", empty=_no_cost(costs))
-        )
+        unknown = sum(m["cost"].get("requests_not_reported") or 0 for m in models.values())
+        drawn = [math.nan if c is None else c for c in costs]  # (its bar says "not known")
+        parts.append(bars(names, drawn, "Cost by model", "cost", unit="$", empty=_no_cost(costs, unknown)))
     parts.append(
         _table(
             ["model", "requests", "prompt", "completion", "total", "cost", "cost source"],
@@ -130,7 +138,7 @@ def html_report(doc: dict[str, Any]) -> str:
                 "Cost by run",
                 "cost",
                 unit="$",
-                empty=_no_cost([doc["cost"]["total"]]),
+                empty=_no_cost([doc["cost"]["total"]], doc["cost"].get("requests_not_reported") or 0),
             )
         )
     parts.append(

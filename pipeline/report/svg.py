@@ -99,8 +99,8 @@ def _drawn(rows: list[list[tuple[float, str, str]]], y: float) -> list[str]:
 def line_svg(
     title: str,
     axis: str,
-    labels: list[str],
-    marked: list[int],
+    count: int,
+    marked: list[tuple[float, str]],
     series: list[tuple[str, list[float | None], str]],
     *,
     width: int,
@@ -109,15 +109,16 @@ def line_svg(
     unit: str = "",
     along: str = "",
 ) -> str:
-    """Each series a line over the labels (a None breaks it); only the labels at `marked` (indices,
-    in order) written, values in `unit` on the value axis, `along` under the labels."""
+    """Each series a line over `count` points (a None breaks it); the labels `marked` written
+    where they fall (each at a position counted in points: 2.5 is halfway from the third to the
+    fourth), values in `unit` on the value axis, `along` under the labels."""
     legend = _legend([(name, colour) for name, _, colour in series], width)
     under = 18 if along else 0  # the line `along` takes
     left, right, top = 80.0, width - 30.0, 40.0
     bottom = height - 40.0 - under - 18 * len(legend)
     values = [v for _, vs, _ in series for v in vs if v is not None and math.isfinite(v)]
     low, high, ticks = scale(min(values, default=0.0), max(values, default=1.0))
-    x_of = (right - left) / max(len(labels) - 1, 1)
+    x_of = (right - left) / max(count - 1, 1)
 
     def y_of(v: float) -> float:  # past the axis's end (1e300), at its end: v - low overflowed
         return bottom - (min(max(v, low), high) - low) / (high - low) * (bottom - top)
@@ -130,10 +131,10 @@ def line_svg(
         y = y_of(t)
         body.append(f'<line x1="{left:g}" x2="{right:g}" y1="{y:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
         body.append(f'<text x="{left - 6:g}" y="{y + 4:.1f}" text-anchor="end">{_e(figure(t, unit))}</text>')
-    for i in marked:
-        if 0 <= i < len(labels):
+    for at, label in marked:
+        if 0 <= at <= count - 1:
             body.append(
-                f'<text x="{left + i * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(labels[i])}</text>'
+                f'<text x="{left + at * x_of:.1f}" y="{bottom + 16:g}" text-anchor="middle">{_e(label)}</text>'
             )
     if along:
         body.append(
@@ -169,9 +170,10 @@ def bars_svg(
     colour: str,
     unit: str = "",
 ) -> str:
-    """One bar a label, its value written at its end (in full where it is a count), in `unit`."""
+    """One bar a label, its value written at its end (in full where it is a count), in `unit`;
+    a value not known (NaN) is no bar, and says so."""
     finite = [v if math.isfinite(v) else 0.0 for v in values]
-    said = [figure(v, unit, whole=True) for v in finite]
+    said = [figure(v, unit, whole=True) if math.isfinite(v) else "not known" for v in values]
     left, top, bottom = 220.0, 40.0, height - 40.0
     right = width - 20.0 - 7 * max((len(s) for s in said), default=10)  # room for the longest
     low, high, ticks = scale(min(finite, default=0.0), max(finite, default=1.0))
