@@ -4,6 +4,7 @@ a synchronous run; between them, batches instead of requests.
 outer task group
 ├── writer.consume        the reader's and the stager's failures -> OUT/errors.jsonl
 ├── writer.sync_forever
+├── LiveReport.follow     OUT/report.html while the batches are followed (see run.live)
 ├── progress.tick         the batches' states and counts, and how long they have waited
 ├── host.watch            1st SIGINT/SIGTERM: stop following (the batches go on); 2nd: cancel
 └── work scope
@@ -41,6 +42,7 @@ from pipeline.batch.stage import Files, stage
 from pipeline.batch.twins import Twins
 from pipeline.errors import RunStopped, SettingsError
 from pipeline.job import Outcome, Request, Success
+from pipeline.run.live import LiveReport
 from pipeline.send.batchapi import BatchApi, NoBatchApi
 from pipeline.send.client import Client
 from pipeline.settings import Settings
@@ -233,6 +235,7 @@ async def dispatch_batches(
     async with anyio.create_task_group() as outer:
         outer.start_soon(writer.consume, outcomes_recv)
         outer.start_soon(writer.sync_forever)
+        outer.start_soon(LiveReport(run).follow)
         outer.start_soon(run.progress.tick)
         outer.start_soon(run.host.watch, control, run.progress)
         outer.start_soon(run._count_total)

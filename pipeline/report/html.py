@@ -26,7 +26,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:.2em .7em;border-bottom:1px solid #eee;
 text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
-.note{color:#666}
+.note{color:#666}.status{font-weight:600}.live{color:#2266aa}
 """
 NO_TOKENS = "No tokens were counted."
 
@@ -68,16 +68,21 @@ def _table(head: list[str], rows: list[list[Any]], numeric_from: int = 1) -> str
     return "".join([*out, "</table>"])
 
 
-def html_report(doc: dict[str, Any]) -> str:
+def html_report(doc: dict[str, Any], *, refresh: int | None = None) -> str:
+    """The page; `refresh`: while the run goes (`pipeline.run.live`), the seconds after which
+    the browser loads it again (a meta refresh: a navigation, which the CSP leaves alone, not
+    a script); None for the page written once the run is over."""
     stretches: list[dict[str, Any]] = doc.get("timeline", [])
     length, points = joined(stretches)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        *([f'<meta http-equiv="refresh" content="{int(refresh)}">'] if refresh is not None else []),
         f"<title>Run report: {_e(doc['folder'])}</title><style>{STYLE}</style></head><body>",
         f"<h1>Run report</h1><p>Folder <code>{_e(doc['folder'])}</code>, updated {_e(doc['updated'])}, "
         f"{len(doc['runs'])} run(s); {_e(money(doc['cost']['total']))} spent "
         f"({_e(doc['cost']['source'])}).</p>",
+        _status(doc, refresh),
         "<h2>Requests</h2>",
         _table(["state", "lines"], [[k.replace("_", " "), v] for k, v in doc["requests"].items()]),
     ]
@@ -194,6 +199,22 @@ def html_report(doc: dict[str, Any]) -> str:
     )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _status(doc: dict[str, Any], refresh: int | None) -> str:
+    """Whether the page is the run's live view or its last word, and as of when (the
+    time of the machine that wrote it, its zone named)."""
+    try:
+        when = dt.datetime.fromisoformat(str(doc["updated"])).astimezone().strftime("%H:%M:%S %Z")
+    except ValueError:
+        when = str(doc["updated"])
+    if refresh is None:
+        return f"<p class='status'>Final: written {_e(when)}; this page no longer reloads.</p>"
+    return (
+        f"<p class='status live'>Running: updated {_e(when)}, reloads every {int(refresh)} s. "
+        "Should that time stop moving while no run ends, the run was stopped without writing its "
+        "end: <code>pipeline report OUT</code> draws the folder's report again.</p>"
+    )
 
 
 def _by_run(

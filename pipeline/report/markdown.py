@@ -72,13 +72,16 @@ def usage_document(
     folder: Path,
     batches: dict[str, Any] | None = None,
     held: int = 0,
+    running: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything usage.json holds; `state` counts the folder's lines now (results, errors);
     `batches`: what the folder's batches came to (`pipeline.batch.tally.figures`); `held`: the
     ids a redo chose that keep their earlier answer (no new one yet), which the run that chose
-    them took out of the successes: still results, each once."""
+    them took out of the successes: still results, each once. `running`: the record of a run
+    still going, as far as it has come (the live report's), listed after the runs ended."""
     total = usage.totals()
-    wall = sum(float(r.get("wall_seconds", 0.0)) for r in usage.runs)
+    runs = usage.runs if running is None else [*usage.runs, running]
+    wall = sum(float(r.get("wall_seconds", 0.0)) for r in runs)
     outcomes = dict(usage.outcomes)
     if held:
         outcomes["succeeded"] = outcomes.get("succeeded", 0) + held
@@ -125,7 +128,7 @@ def usage_document(
         "wall_seconds": round(wall, 3),
         "requests_per_second": round(succeeded_events / wall, 3) if wall else None,
         "tokens_per_second": round(total.total_tokens / wall, 1) if wall else None,
-        "runs": usage.runs,
+        "runs": runs,
         "timeline": usage.timeline.state(),
         "slowest": [list(s) for s in usage.slowest],
         "error_messages": {

@@ -4,6 +4,7 @@ reads them. The batch tier's middle is `pipeline.batch.dispatch`.
 outer task group
 ├── writer.consume        outcomes -> OUT/*  (outlives the work, so nothing paid is lost)
 ├── writer.sync_forever   fsync + index checkpoint every second
+├── LiveReport.follow     OUT/report.html while the run goes (see run.live)
 ├── progress.tick         the bar or the log lines
 ├── host.watch            1st SIGINT/SIGTERM (or the Ray driver): stop dispatching; 2nd: cancel
 └── work scope            (cancelled at the end of the grace period, or at once)
@@ -25,6 +26,7 @@ from pipeline.job import Outcome, Request
 from pipeline.quote import quote
 from pipeline.run.control import READ_AHEAD_BYTES, Aside, Crew, Refill
 from pipeline.run.grouping import HOLD, Grouping
+from pipeline.run.live import LiveReport
 from pipeline.send.client import Client
 from pipeline.send.worker import Worker
 
@@ -66,6 +68,7 @@ async def dispatch_requests(run: Run, client: Client) -> None:
     async with anyio.create_task_group() as outer:
         outer.start_soon(writer.consume, outcomes_recv)
         outer.start_soon(writer.sync_forever)
+        outer.start_soon(LiveReport(run).follow)
         outer.start_soon(run.progress.tick)
         outer.start_soon(run.host.watch, control, run.progress)
         outer.start_soon(run._count_total)
