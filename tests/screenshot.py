@@ -117,7 +117,7 @@ def shoot(report: Path, picture: Path, *, scratch: Path) -> Shot:
         picture=picture,
         stderr=stderr,
         console=[line for line in stderr.splitlines() if "CONSOLE" in line],
-        asked=[asked for asked in trap.asked if not OWN.match(asked)],
+        asked=[asked for asked in trap.asked if asked and not OWN.match(asked)],  # ("": sent nothing)
     )
 
 

@@ -213,3 +213,65 @@ def test_only_the_live_page_reloads_and_its_policy_is_the_same() -> None:
     assert "reloads every 5 s" in running
     assert not REFRESH.search(final)
     assert 'http-equiv="refresh"' not in final
+
+
+async def test_a_redo_run_shows_live_the_results_its_end_would_count(
+    make_settings: Callable[..., Settings], often: None, tmp_path: Path
+) -> None:
+    """A line a redo chose keeps its earlier answer until the new one comes: the final page
+    counts it a result (held), so the live page must not show it gone meanwhile."""
+    import orjson
+
+    gate = Gate()
+    async with scripted(gate.handle) as server:
+        settings = make_settings(server.url, bodies(4), timeout=60.0)
+        await gate.allow(4)
+        assert (await run(settings)).succeeded == 4
+        assert _succeeded((settings.folder / "report.html").read_text()) == 4
+        ids = tmp_path / "redo.txt"
+        lines = (settings.folder / "results.jsonl").read_bytes().splitlines()
+        ids.write_text("".join(orjson.loads(line)["custom_id"] + "\n" for line in lines[:2]))
+        again = make_settings(server.url, redo=f"ids:{ids}", input=settings.input, timeout=60.0)
+        reader = Reader(again.folder / "report.html")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader.read_on)
+            async with anyio.create_task_group() as running:
+                running.start_soon(run, again)
+                await until(lambda: bool(reader.live_counts()), within=30)
+                await gate.allow(6)
+            tg.cancel_scope.cancel()
+    assert _succeeded((again.folder / "report.html").read_text()) == 4
+    assert set(reader.live_counts()) == {4}, reader.live_counts()
+
+
+@pytest.mark.xfail(strict=True, reason="a run that ends in a bug (exit 70) leaves the live page")
+async def test_a_run_that_ends_in_a_bug_leaves_no_page_that_says_it_is_running(
+    make_settings: Callable[..., Settings], often: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """exit 70 skips `finish`, which writes the final page: the last live one stays, saying
+    "Running" and reloading, for ever."""
+    from pipeline.run import runner
+
+    def bug(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(runner, "finish", bug)
+    gate = Gate()
+    async with scripted(gate.handle) as server:
+        settings = make_settings(server.url, bodies(4), timeout=60.0)
+        page = settings.folder / "report.html"
+        await gate.allow(2)
+        raised: list[BaseException] = []
+
+        async def going() -> None:
+            try:
+                await run(settings)
+            except RuntimeError as e:  # (the CLI says it, and exits 70)
+                raised.append(e)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(going)
+            await until(lambda: page.exists() and "Running" in page.read_text(), within=30)
+            await gate.allow(4)
+    assert raised
+    assert not REFRESH.search(page.read_text())

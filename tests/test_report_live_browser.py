@@ -154,7 +154,9 @@ async def test_the_live_report_reloads_itself_in_a_browser_and_shows_the_run_mov
             with anyio.fail_after(60):
                 await _watch(chromium, tmp_path / "profile", trap, gate, page)
     trap.sock.close()
-    assert [asked for asked in trap.asked if not OWN.match(asked)] == []  # the page asked for nothing
+    # The page asked for nothing. (A connection that sent nothing before it closed asked for
+    # nothing either: Chromium opens one to its proxy ahead of need, seen once in 8 runs at -n 2.)
+    assert [asked for asked in trap.asked if asked and not OWN.match(asked)] == []
 
 
 async def _watch(chromium: str, profile: Path, trap: _Trap, gate: Gate, page: Path) -> None:

@@ -31,6 +31,7 @@ from pipeline.batch.tally import figures
 from pipeline.output.folder import write_lines
 from pipeline.report.html import html_report
 from pipeline.report.markdown import usage_document
+from pipeline.run.redoing import kept as redo_kept
 
 if TYPE_CHECKING:
     from pipeline.run.runner import Run
@@ -81,10 +82,16 @@ class LiveReport:
         delta = usage.outcomes - run.before
         failed = delta.get("failed", 0) + delta.get("invalid_input", 0)
         accounted = counts.empty + counts.skipped + counts.elsewhere + writer.written
+        # The ids a redo chose keep their earlier answer until the new one comes: results, as
+        # the run's end counts them (`pipeline.run.ending.finish`), not gone meanwhile.
+        left, failed_kept = redo_kept(run)
+        pending = None if counts.total is None else max(counts.total - accounted - (left - failed_kept), 0)
         state = {
-            "succeeded": writer.results_kept,
-            "failed": failed,  # (this run's: those of earlier runs it has not met again are pending)
-            "pending": None if counts.total is None else max(counts.total - accounted, 0),
+            "succeeded": writer.results_kept + left,
+            **({"kept_after_failed_redo": failed_kept} if failed_kept else {}),
+            # (this run's: those of earlier runs it has not met again are pending)
+            "failed": max(failed - failed_kept, 0),
+            "pending": pending,
             "lines": counts.total,
         }
         record: dict[str, Any] = {
@@ -101,7 +108,9 @@ class LiveReport:
         batches = None
         with contextlib.suppress(sqlite3.Error):
             batches = figures(run.ledger, refused=usage.answers.get("refused", 0))
-        return usage_document(usage, state=state, folder=run.settings.folder, batches=batches, running=record)
+        return usage_document(
+            usage, state=state, folder=run.settings.folder, batches=batches, held=left, running=record
+        )
 
     def _say(self, error: Exception) -> None:
         if self._said:
