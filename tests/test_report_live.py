@@ -244,7 +244,6 @@ async def test_a_redo_run_shows_live_the_results_its_end_would_count(
     assert set(reader.live_counts()) == {4}, reader.live_counts()
 
 
-@pytest.mark.xfail(strict=True, reason="a run that ends in a bug (exit 70) leaves the live page")
 async def test_a_run_that_ends_in_a_bug_leaves_no_page_that_says_it_is_running(
     make_settings: Callable[..., Settings], often: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,3 +274,4 @@ async def test_a_run_that_ends_in_a_bug_leaves_no_page_that_says_it_is_running(
             await gate.allow(4)
     assert raised
     assert not REFRESH.search(page.read_text())
+    assert "Stopped: the run ended in an error" in page.read_text()

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
+import re
 import sqlite3
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +41,12 @@ if TYPE_CHECKING:
 REFRESH = 5.0  # seconds: the first page after so long, the next no sooner, and the page's reload
 SHARE = 0.01  # of the run's wall time, at most, spent drawing and writing the page
 PAGE = "report.html"
+_RELOAD = re.compile(r'<meta http-equiv="refresh" content="\d+">\n?')
+_RUNNING = re.compile(r"<p class='status live'>.*?</p>", re.S)
+STOPPED = (
+    "<p class='status'>Stopped: the run ended in an error before it wrote its end; this page no "
+    "longer reloads. <code>pipeline report OUT</code> draws the folder's report again.</p>"
+)
 
 
 class LiveReport:
@@ -125,3 +133,15 @@ class LiveReport:
             "the run goes on, and writes it at its end"
         )
         self.run.progress.say(self.run.redact.text(said))
+
+
+def abandon(folder: Path) -> None:
+    """The run ends without writing its end (a bug, exit 70; an error of its own end's): its last
+    live page, where one is there, stops reloading and says so, rather than say "Running" for
+    ever. At best: the run is failing already."""
+    path = folder / PAGE
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = path.read_text()
+        if _RELOAD.search(text):
+            text = _RUNNING.sub(STOPPED, _RELOAD.sub("", text, count=1), count=1)
+            write_lines(path, [text.encode()], suffix="live")

@@ -39,6 +39,7 @@ from pipeline.run.control import Control, Refill
 from pipeline.run.dispatch import dispatch_requests
 from pipeline.run.ending import close, finish
 from pipeline.run.host import Host
+from pipeline.run.live import abandon
 from pipeline.run.metrics import Metrics, serving
 from pipeline.run.preflight import START_PATIENCE, check_reachable, raise_open_files
 from pipeline.run.progress import Progress
@@ -98,6 +99,15 @@ async def _run(
     job = Run(settings, ledger, api_key, host)
     if metrics is not None:
         metrics.watch(job)
+    try:
+        return await _go(job, settings, api_key)
+    except BaseException:
+        abandon(settings.folder)  # (its end unwritten: the live page says so, and reloads no more)
+        raise
+
+
+async def _go(job: Run, settings: Settings, api_key: str | None) -> Summary:
+    ledger = job.ledger
     try:
         if ledger.previous is not None:
             from pipeline.batch.notes import aside_note  # (an earlier run's batches, moved aside)
