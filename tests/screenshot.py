@@ -56,6 +56,11 @@ class Trap:
                 self.asked.append(conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace"))
             conn.close()
 
+    def page_asked(self) -> list[str]:
+        """What the page asked the network for: Chromium's own asks to Google aside, and a
+        connection it opened ahead of need and sent nothing on."""
+        return [asked for asked in self.asked if asked and not OWN.match(asked)]
+
 
 @dataclass(frozen=True)
 class Shot:
@@ -117,7 +122,7 @@ def shoot(report: Path, picture: Path, *, scratch: Path) -> Shot:
         picture=picture,
         stderr=stderr,
         console=[line for line in stderr.splitlines() if "CONSOLE" in line],
-        asked=[asked for asked in trap.asked if asked and not OWN.match(asked)],  # ("": sent nothing)
+        asked=trap.page_asked(),
     )
 
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
-import socket
 import subprocess
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,48 +17,20 @@ import pytest
 from pipeline.run import live
 from pipeline.run.runner import run
 from pipeline.settings import Settings
+from tests import screenshot
 from tests.conftest import bodies, until
+from tests.screenshot import Trap
 from tests.scripted import scripted
 from tests.test_report_live import REFRESH, Gate, _succeeded
 
 
 def _chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    binary = screenshot.chromium()
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: make test installs it (apt-get install chromium)")
         pytest.skip("chromium is missing: apt-get install chromium (make test installs it)")
     return binary
-
-
-# Chromium asks Google's servers for the time and for connectivity on its own, whatever the page.
-OWN = re.compile(r"^(GET http://|CONNECT )[^/:]*\.(google|googleapis|gstatic|gvt1)\.com[:/]")
-
-
-class _Trap:
-    """A proxy that answers nothing and counts who tried: every request the page would make
-    (http, https, websockets, DNS prefetch aside) comes here instead."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.asked: list[str] = []  # the first line of each request
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.settimeout(2)
-            with contextlib.suppress(OSError):
-                self.asked.append(conn.recv(4096).split(b"\r\n", 1)[0].decode(errors="replace"))
-            conn.close()
 
 
 class _DevTools:
@@ -95,7 +63,7 @@ class _DevTools:
 
 
 @contextlib.asynccontextmanager
-async def _devtools(chromium: str, profile: Path, trap: _Trap) -> AsyncIterator[_DevTools]:
+async def _devtools(chromium: str, profile: Path, trap: Trap) -> AsyncIterator[_DevTools]:
     process = await anyio.open_process(
         [
             chromium,
@@ -137,7 +105,7 @@ async def test_the_live_report_reloads_itself_in_a_browser_and_shows_the_run_mov
     chromium = _chromium()
     monkeypatch.setattr(live, "REFRESH", 1.0)  # written every second, reloading every second
     gate = Gate()
-    trap = _Trap()
+    trap = Trap()
     async with scripted(gate.handle) as server:
         settings = make_settings(server.url, bodies(10), concurrency=2, timeout=120.0)
         page = settings.folder / "report.html"
@@ -156,10 +124,10 @@ async def test_the_live_report_reloads_itself_in_a_browser_and_shows_the_run_mov
     trap.sock.close()
     # The page asked for nothing. (A connection that sent nothing before it closed asked for
     # nothing either: Chromium opens one to its proxy ahead of need, seen once in 8 runs at -n 2.)
-    assert [asked for asked in trap.asked if asked and not OWN.match(asked)] == []
+    assert trap.page_asked() == []
 
 
-async def _watch(chromium: str, profile: Path, trap: _Trap, gate: Gate, page: Path) -> None:
+async def _watch(chromium: str, profile: Path, trap: Trap, gate: Gate, page: Path) -> None:
     """The page opened once, mid-run, then only reloaded by itself: the count moves, and the
     run's last page stops the reloading."""
     async with _devtools(chromium, profile, trap) as browser:
