@@ -269,10 +269,11 @@ class Grouping:
     @property
     def patient(self) -> bool:
         """Whether a worker waits for a leader's answer rather than send a line cold."""
+        return self.patience.waits(idle=self.idle, pool=self.ahead, oldest=self._oldest_lead)
+
+    def _oldest_lead(self) -> float | None:
         oldest = next(iter(self._leading.values()), None)  # (leaders in the order they went)
-        return self.patience.waits(
-            idle=self.idle(), pool=self.ahead, oldest=None if oldest is None else oldest.lead_at
-        )
+        return None if oldest is None else oldest.lead_at
 
     def _spill(self) -> bool:
         """A worker would wait while lines are held: one goes now rather than the worker idle,

@@ -32,10 +32,12 @@ class Patience:
         last = self.round_trip
         self.round_trip = took if last is None else last + RECENT * (took - last)
 
-    def waits(self, *, idle: int, pool: int, oldest: float | None) -> bool:
-        """Whether a worker waits, with `idle` of the `pool`'s workers waiting and the oldest
-        leader in flight sent at `oldest` (None: none is)."""
+    def waits(self, *, idle: Callable[[], int], pool: int, oldest: Callable[[], float | None]) -> bool:
+        """Whether a worker waits, with `idle()` of the `pool`'s workers waiting and the oldest
+        leader in flight sent at `oldest()` (None: none is). (Asked only where leaders answer
+        soon: at real models' latencies, no more than the average.)"""
         last = self.round_trip
-        if last is None or last >= PATIENT or IDLE_SHARE * idle >= pool:
+        if last is None or last >= PATIENT or IDLE_SHARE * idle() >= pool:
             return False
-        return oldest is None or self.clock() - oldest < PATIENT
+        sent = oldest()
+        return sent is None or self.clock() - sent < PATIENT
