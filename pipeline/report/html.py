@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from typing import Any
 
 from pipeline.account.cost import money
@@ -215,6 +216,24 @@ def _status(doc: dict[str, Any], refresh: int | None) -> str:
         "Should that time stop moving while no run ends, the run was stopped without writing its "
         "end: <code>pipeline report OUT</code> draws the folder's report again.</p>"
     )
+
+
+# A live page's reload and status line, as `html_report` writes them (`stopped_page`).
+_RELOAD = re.compile(r'<meta http-equiv="refresh" content="\d+">\n?')
+_RUNNING = re.compile(r"<p class='status live'>.*?</p>", re.S)
+_STOPPED = (
+    "<p class='status'>Stopped: the run ended in an error before it wrote its end; this page no "
+    "longer reloads. <code>pipeline report OUT</code> draws the folder's report again.</p>"
+)
+
+
+def stopped_page(page: str) -> str | None:
+    """A live page (`html_report(..., refresh=N)`) made the last word of a run that ended
+    without writing its end: no reload, and a status that says so; None for a page that is
+    not live."""
+    if not _RELOAD.search(page):
+        return None
+    return _RUNNING.sub(_STOPPED, _RELOAD.sub("", page, count=1), count=1)
 
 
 def _by_run(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import orjson
 
 from pipeline.batch.tally import figures
 from pipeline.output.folder import write_lines
-from pipeline.report.html import html_report
+from pipeline.report.html import html_report, stopped_page
 from pipeline.report.markdown import usage_document
 from pipeline.run.redoing import kept as redo_kept
 
@@ -41,12 +40,6 @@ if TYPE_CHECKING:
 REFRESH = 5.0  # seconds: the first page after so long, the next no sooner, and the page's reload
 SHARE = 0.01  # of the run's wall time, at most, spent drawing and writing the page
 PAGE = "report.html"
-_RELOAD = re.compile(r'<meta http-equiv="refresh" content="\d+">\n?')
-_RUNNING = re.compile(r"<p class='status live'>.*?</p>", re.S)
-STOPPED = (
-    "<p class='status'>Stopped: the run ended in an error before it wrote its end; this page no "
-    "longer reloads. <code>pipeline report OUT</code> draws the folder's report again.</p>"
-)
 
 
 class LiveReport:
@@ -142,6 +135,6 @@ def abandon(folder: Path) -> None:
     path = folder / PAGE
     with contextlib.suppress(OSError, UnicodeDecodeError):
         text = path.read_text()
-        if _RELOAD.search(text):
-            text = _RUNNING.sub(STOPPED, _RELOAD.sub("", text, count=1), count=1)
-            write_lines(path, [text.encode()], suffix="live")
+        stopped = stopped_page(text)
+        if stopped is not None:
+            write_lines(path, [stopped.encode()], suffix="live")
